@@ -1,0 +1,193 @@
+//! Map names, default sizes and the `#[repr(C)]` keys and values shared with
+//! the eBPF programs. Every struct spells out its padding so the kernel sees
+//! no uninitialised bytes in a key.
+//!
+//! Addresses and ports are kept in network byte order exactly as they appear
+//! on the wire, so the datapath compares and copies them without swapping.
+
+/// Frontends: (VIP, port, protocol) -> service. An entry with port 0 and
+/// protocol 0 marks the VIP itself, so packets that carry no ports
+/// (non-first fragments) can still be recognised as addressed to a Service.
+pub const SERVICES: &str = "SERVICES";
+/// (service id, slot) -> backend.
+pub const BACKENDS: &str = "BACKENDS";
+/// Client flow -> chosen backend (LRU, so it never fills up and stops).
+pub const CT_FORWARD: &str = "CT_FORWARD";
+/// Reply flow -> the frontend to put back as source (LRU).
+pub const CT_REVERSE: &str = "CT_REVERSE";
+/// Per-CPU packet counters indexed by [`crate::counters::Counter`].
+pub const COUNTERS: &str = "COUNTERS";
+
+/// Map sizes used when the agent is not told otherwise.
+pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
+pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
+pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of [`SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// VIP, network byte order.
+    pub addr: [u8; 4],
+    /// Port, network byte order; 0 in the VIP marker entry.
+    pub port: [u8; 2],
+    /// IP protocol number; 0 in the VIP marker entry.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self { addr, port: port.to_be_bytes(), proto, _pad: 0 }
+    }
+
+    /// The marker entry saying "this address is a Service VIP".
+    pub const fn vip_marker(addr: [u8; 4]) -> Self {
+        Self::new(addr, 0, 0)
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Value of [`SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Identifies the backend set in [`BACKENDS`]; stable while the frontend lives.
+    pub id: u32,
+    /// Ready backends in slots `0..backend_count`; 0 means refuse new flows.
+    pub backend_count: u32,
+}
+
+/// Key of [`BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of [`BACKENDS`]: an endpoint address and target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl Backend {
+    pub const fn new(addr: [u8; 4], port: u16) -> Self {
+        Self { addr, port: port.to_be_bytes(), _pad: [0; 2] }
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// A flow as seen in one direction: key of [`CT_FORWARD`] (client -> VIP) and
+/// of [`CT_REVERSE`] (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn new(
+        src_addr: [u8; 4],
+        src_port: [u8; 2],
+        dst_addr: [u8; 4],
+        dst_port: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
+    }
+}
+
+/// Value of [`CT_FORWARD`]: the backend this flow was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardEntry {
+    pub backend: Backend,
+    pub service_id: u32,
+}
+
+/// Value of [`CT_REVERSE`]: the frontend that replies must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseEntry {
+    pub vip: [u8; 4],
+    pub vip_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// The reply direction of a translated flow: what the backend sends back.
+pub const fn reply_key(client: &FlowKey, backend: &Backend) -> FlowKey {
+    FlowKey::new(backend.addr, backend.port, client.src_addr, client.src_port, client.proto)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, and have no implicit padding
+    // (asserted by the layout tests below), so any bit pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ForwardEntry {}
+    unsafe impl aya::Pod for ReverseEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // Sizes equal the sum of the declared fields: nothing left for the
+        // compiler to pad, so keys hash identically in kernel and userspace.
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<BackendKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<ForwardEntry>(), 12);
+        assert_eq!(align_of::<ForwardEntry>(), 4);
+        assert_eq!(size_of::<ReverseEntry>(), 8);
+    }
+
+    #[test]
+    fn ports_are_network_order() {
+        let k = ServiceKey::new([10, 96, 0, 10], 80, PROTO_TCP);
+        assert_eq!(k.port, [0, 80]);
+        assert_eq!(k.port(), 80);
+        assert_eq!(Backend::new([1, 2, 3, 4], 8080).port, [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn reply_key_swaps_client_and_backend() {
+        let fwd = FlowKey::new([10, 0, 0, 9], [0x9c, 0x40], [10, 96, 0, 1], [0, 80], PROTO_TCP);
+        let be = Backend::new([10, 0, 0, 2], 8080);
+        let r = reply_key(&fwd, &be);
+        assert_eq!(r.src_addr, [10, 0, 0, 2]);
+        assert_eq!(r.src_port, [0x1f, 0x90]);
+        assert_eq!(r.dst_addr, [10, 0, 0, 9]);
+        assert_eq!(r.dst_port, [0x9c, 0x40]);
+        assert_eq!(r.proto, PROTO_TCP);
+    }
+}

@@ -1,0 +1,81 @@
+//! Service and conntrack lookups: which way a packet goes.
+//!
+//! As in Cilium's lb/conntrack split: the forward entry remembers the chosen
+//! backend so every packet of a flow goes the same way, and replies are
+//! recognised by their own tuple in the reverse map.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use proxy_common::{
+    maps::{
+        reply_key, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey,
+        PROTO_TCP,
+    },
+    reject::{TCP_ACK, TCP_SYN},
+    select,
+};
+
+use crate::{
+    maps::{BACKENDS, CT_FORWARD, CT_REVERSE, SERVICES},
+    parse::Packet,
+};
+
+pub enum Lookup {
+    /// A backend's reply in a translated flow: put the VIP back.
+    Reply(ReverseEntry),
+    /// To a Service, with the backend the flow is (now) pinned to.
+    ToBackend(Backend),
+    /// A new flow to a Service with no ready endpoints.
+    NoBackend,
+    /// The chosen slot was empty: userspace is mid-update.
+    BackendMissing,
+    NotService,
+}
+
+#[inline(always)]
+pub fn is_vip(addr: [u8; 4]) -> bool {
+    SERVICES.get_ptr(ServiceKey::vip_marker(addr)).is_some()
+}
+
+#[inline(always)]
+pub fn lookup(pkt: &Packet) -> Lookup {
+    let flow = FlowKey::new(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
+
+    if let Some(rev) = CT_REVERSE.get_ptr(flow) {
+        return Lookup::Reply(unsafe { core::ptr::read(rev) });
+    }
+
+    let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
+    let Some(svc) = SERVICES.get_ptr(key) else {
+        return Lookup::NotService;
+    };
+    let svc = unsafe { core::ptr::read(svc) };
+
+    // A SYN opens a new connection even if an old one left the same tuple
+    // behind: choose afresh so a removed endpoint is never reused.
+    let new_connection = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !new_connection {
+        if let Some(fwd) = CT_FORWARD.get_ptr(flow) {
+            let fwd = unsafe { core::ptr::read(fwd) };
+            if fwd.service_id == svc.id {
+                return Lookup::ToBackend(fwd.backend);
+            }
+        }
+    }
+
+    if svc.backend_count == 0 {
+        return Lookup::NoBackend;
+    }
+    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
+    let Some(backend) = BACKENDS.get_ptr(BackendKey { service_id: svc.id, slot }) else {
+        return Lookup::BackendMissing;
+    };
+    let backend = unsafe { core::ptr::read(backend) };
+
+    let fwd = ForwardEntry { backend, service_id: svc.id };
+    let rev = ReverseEntry { vip: pkt.dst, vip_port: pkt.dst_port, _pad: [0; 2] };
+    // If either insert fails the flow still works for this packet; the next
+    // packet simply chooses again.
+    let _ = CT_FORWARD.insert(flow, fwd, 0);
+    let _ = CT_REVERSE.insert(reply_key(&flow, &backend), rev, 0);
+    Lookup::ToBackend(backend)
+}

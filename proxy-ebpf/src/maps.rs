@@ -1,0 +1,32 @@
+//! The maps, sized by defaults the agent overrides at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    counters,
+    maps::{
+        Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue,
+        DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX,
+    },
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+#[map]
+pub static BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+
+#[map]
+pub static CT_FORWARD: LruHashMap<FlowKey, ForwardEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+#[map]
+pub static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);

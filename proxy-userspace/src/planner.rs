@@ -1,0 +1,100 @@
+//! Diffs the programmed model against the desired one into small operations.
+//! It never touches the kernel, so every case is unit-tested.
+
+use crate::model::{Frontend, FrontendKey, Model};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create the frontend, or replace its backend set.
+    Upsert(Frontend),
+    Delete(FrontendKey),
+}
+
+/// Operations that turn `old` into `new`; unchanged frontends produce none.
+pub fn plan(old: &Model, new: &Model) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for key in old.frontends.keys() {
+        if !new.frontends.contains_key(key) {
+            ops.push(Op::Delete(*key));
+        }
+    }
+    for (key, frontend) in &new.frontends {
+        if old.frontends.get(key) != Some(frontend) {
+            ops.push(Op::Upsert(frontend.clone()));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Endpoint, Protocol, ServicePortName};
+
+    fn fe(vip: u8, port: u16, backends: &[u8]) -> Frontend {
+        Frontend {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: format!("svc{vip}"),
+                port: String::new(),
+            },
+            key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
+            backends: backends
+                .iter()
+                .map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 })
+                .collect(),
+        }
+    }
+
+    fn model(frontends: &[Frontend]) -> Model {
+        Model { frontends: frontends.iter().map(|f| (f.key, f.clone())).collect() }
+    }
+
+    #[test]
+    fn empty_to_empty_is_nothing() {
+        assert!(plan(&Model::default(), &Model::default()).is_empty());
+    }
+
+    #[test]
+    fn new_frontends_are_upserted() {
+        let a = fe(1, 80, &[1, 2]);
+        assert_eq!(plan(&Model::default(), &model(&[a.clone()])), vec![Op::Upsert(a)]);
+    }
+
+    #[test]
+    fn unchanged_frontends_are_left_alone() {
+        let m = model(&[fe(1, 80, &[1]), fe(2, 53, &[2, 3])]);
+        assert!(plan(&m, &m.clone()).is_empty());
+    }
+
+    #[test]
+    fn only_the_changed_service_is_touched() {
+        let old = model(&[fe(1, 80, &[1, 2, 3]), fe(2, 80, &[4])]);
+        let new = model(&[fe(1, 80, &[1, 3]), fe(2, 80, &[4])]);
+        assert_eq!(plan(&old, &new), vec![Op::Upsert(fe(1, 80, &[1, 3]))]);
+    }
+
+    #[test]
+    fn removed_frontends_are_deleted_first() {
+        let old = model(&[fe(1, 80, &[1]), fe(2, 80, &[2])]);
+        let new = model(&[fe(2, 80, &[2]), fe(3, 80, &[])]);
+        assert_eq!(plan(&old, &new), vec![Op::Delete(fe(1, 80, &[]).key), Op::Upsert(fe(3, 80, &[]))]);
+    }
+
+    #[test]
+    fn losing_all_endpoints_is_an_upsert_with_none() {
+        let old = model(&[fe(1, 80, &[1])]);
+        let new = model(&[fe(1, 80, &[])]);
+        assert_eq!(plan(&old, &new), vec![Op::Upsert(fe(1, 80, &[]))]);
+    }
+
+    #[test]
+    fn renamed_service_on_same_frontend_is_upserted() {
+        let old = model(&[fe(1, 80, &[1])]);
+        let mut renamed = fe(1, 80, &[1]);
+        renamed.service.name = "other".into();
+        assert_eq!(plan(&old, &model(&[renamed.clone()])), vec![Op::Upsert(renamed)]);
+    }
+}

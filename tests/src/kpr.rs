@@ -1,0 +1,116 @@
+//! The real `kpr` binary, run inside the node namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::Netns;
+
+/// The `kpr` binary: `$KPR_BIN`, else the workspace's debug build (which
+/// `cargo xtask test` builds before running the tests).
+pub fn binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KPR_BIN") {
+        return Ok(p.into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/kpr");
+    if !bin.exists() {
+        bail!("{} not found: build it with `cargo build -p proxy-userspace` or set KPR_BIN", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A running `kpr run`; stopped with SIGINT (as Ctrl-C) on drop.
+pub struct Kpr {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Kpr {
+    /// Starts `kpr run --mode ebpf --source dir:DIR --interfaces ...` in
+    /// `node` and waits for its first sync.
+    pub fn start(node: &Netns, manifests: &Path, interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
+        let bin = binary()?;
+        let log_file = std::fs::File::create(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", node.name()])
+            .arg(&bin)
+            .args(["run", "--mode", "ebpf"])
+            .arg(format!("--source=dir:{}", manifests.display()))
+            .arg(format!("--interfaces={}", interfaces.join(",")))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting kpr")?;
+        let mut kpr = Self { child: Some(child), log: log.to_path_buf() };
+        kpr.wait_for_log("synced", Duration::from_secs(20))?;
+        Ok(kpr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` `count` times.
+    pub fn wait_for_log_count(&mut self, needle: &str, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("kpr exited ({status}) before logging {needle:?}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("kpr did not log {needle:?} within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGINT (what Ctrl-C sends) and waits for the exit.
+    pub fn interrupt(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("kpr already stopped")?;
+        // `ip netns exec` execs kpr, so the child's PID is kpr's own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("kpr did not exit within 10 s of SIGINT:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Kpr {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.interrupt();
+        }
+    }
+}

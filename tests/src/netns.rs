@@ -1,0 +1,95 @@
+//! Network namespaces that delete themselves when dropped.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Runs `ip ARGS...` and fails with its stderr.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run("ip", args)
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd} (is it installed? cargo xtask setup installs it)"))?;
+    if !out.status.success() {
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A unique name prefix per test run: process id plus a counter, short
+/// enough for interface and namespace names.
+pub fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("kpr{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        // A namespace left by a killed earlier run with the same name goes first.
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        let ns = Self { name: name.to_string() };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        ip(&args)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it
+    /// opens live in the namespace for their whole life.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<thread::JoinHandle<T>> {
+        let file = File::open(format!("/run/netns/{}", self.name)).with_context(|| format!("opening namespace {}", self.name))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = thread::spawn(move || {
+            // setns affects only the calling thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            let _ = ready_tx.send(if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+            if rc != 0 {
+                panic!("setns failed");
+            }
+            f()
+        });
+        ready_rx.recv().context("namespace thread died")?.context("entering the namespace")?;
+        Ok(handle)
+    }
+
+    /// Runs `f` inside the namespace and waits for its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its interfaces (and veth peers) too.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}

@@ -1,0 +1,74 @@
+//! A virtual Kubernetes node: a node namespace with a bridge (the pod
+//! network's gateway) and one namespace per pod, joined by veth pairs whose
+//! node-side ends are where kpr attaches. Everything lives in namespaces this
+//! creates: nothing is added to the machine's root namespace.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+
+use crate::netns::{Netns, ip, unique_prefix};
+
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+pub const PREFIX_LEN: u8 = 24;
+const BRIDGE: &str = "cbr0";
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The node-side end of the pod's veth pair.
+    pub host_if: String,
+    pub ns: Netns,
+}
+
+pub struct VirtualNode {
+    // Pods first: dropping them removes their veths before the node goes.
+    pub pods: Vec<Pod>,
+    pub ns: Netns,
+}
+
+impl VirtualNode {
+    /// A node with one pod per `(name, ip)`; IPs must lie in 10.244.0.0/24.
+    pub fn new(pods: &[(&str, Ipv4Addr)]) -> anyhow::Result<Self> {
+        let prefix = unique_prefix();
+        let ns = Netns::new(&format!("{prefix}-node"))?;
+        let n = ns.name().to_string();
+        ip(&["-n", &n, "link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["-n", &n, "addr", "add", &format!("{GATEWAY}/{PREFIX_LEN}"), "dev", BRIDGE])?;
+        ip(&["-n", &n, "link", "set", BRIDGE, "up"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // Translated packets are routed back out of the bridge they came in
+        // on; the redirects the kernel would send for that are noise.
+        for dev in ["all", "default", BRIDGE] {
+            ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+        }
+        let mut node = Self { pods: Vec::new(), ns };
+        for (i, (name, addr)) in pods.iter().enumerate() {
+            node.add_pod(&prefix, i, name, *addr).with_context(|| format!("creating pod {name}"))?;
+        }
+        Ok(node)
+    }
+
+    fn add_pod(&mut self, prefix: &str, index: usize, name: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        let ns = Netns::new(&format!("{prefix}-{name}"))?;
+        let node = self.ns.name().to_string();
+        let host_if = format!("veth{index}");
+        ip(&["-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        ip(&["-n", &node, "link", "set", &host_if, "master", BRIDGE, "up"])?;
+        let p = ns.name().to_string();
+        ip(&["-n", &p, "addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", "eth0"])?;
+        ip(&["-n", &p, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &p, "route", "add", "default", "via", &GATEWAY.to_string()])?;
+        self.pods.push(Pod { name: name.to_string(), ip: addr, host_if, ns });
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The node-side interfaces of all pods, for `kpr run --interfaces`.
+    pub fn interfaces(&self) -> Vec<String> {
+        self.pods.iter().map(|p| p.host_if.clone()).collect()
+    }
+}

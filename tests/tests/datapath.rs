@@ -1,0 +1,280 @@
+//! The datapath program run by the kernel on crafted packets through
+//! BPF_PROG_TEST_RUN: exact rewrites, checksums verified by recomputation,
+//! refusals, and malformed packets left alone or dropped with a counter.
+
+use std::{collections::HashMap as StdMap, net::Ipv4Addr};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use kpr_tests::{
+    packet::{self, Ip, TCP_ACK, TCP_SYN, View, ethernet, tcp_frame, udp_frame},
+    root::require_root,
+};
+use proxy_common::{
+    counters::Counter,
+    maps::{self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ServiceKey, ServiceValue},
+};
+use proxy_userspace::dataplane::ebpf::{self, MapSizes, PROGRAM};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12), Ipv4Addr::new(10, 244, 0, 13)];
+
+struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// The program loaded with: VIP:80/TCP -> backends:8080, VIP:53/UDP ->
+    /// backends:5353 (one backend each unless `n` says more), and an empty
+    /// Service on EMPTY_VIP:80/TCP and :53/UDP.
+    fn new(n: usize) -> Self {
+        let mut ebpf = ebpf::load(MapSizes::default()).expect("load");
+        let prog: &mut SchedClassifier = ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap();
+        prog.load().expect("verifier accepts the program");
+        let mut dp = Self { ebpf };
+        dp.service(VIP, 80, abi::PROTO_TCP, 1, &BACKENDS[..n], 8080);
+        dp.service(VIP, 53, abi::PROTO_UDP, 2, &BACKENDS[..n], 5353);
+        dp.service(EMPTY_VIP, 80, abi::PROTO_TCP, 3, &[], 0);
+        dp.service(EMPTY_VIP, 53, abi::PROTO_UDP, 4, &[], 0);
+        dp
+    }
+
+    fn service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, id: u32, backends: &[Ipv4Addr], target: u16) {
+        let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
+        svcs.insert(ServiceKey::new(vip.octets(), port, proto), ServiceValue { id, backend_count: backends.len() as u32 }, 0).unwrap();
+        svcs.insert(ServiceKey::vip_marker(vip.octets()), ServiceValue { id: 0, backend_count: 0 }, 0).unwrap();
+        let mut bes: HashMap<_, BackendKey, Backend> = HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
+        for (slot, b) in backends.iter().enumerate() {
+            bes.insert(BackendKey { service_id: id, slot: slot as u32 }, Backend::new(b.octets(), target), 0).unwrap();
+        }
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self.ebpf.program(PROGRAM).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; 512];
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(abi::COUNTERS).unwrap()).unwrap();
+        m.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+
+    fn forward_entry(&self, flow: &FlowKey) -> Option<ForwardEntry> {
+        let m: HashMap<_, FlowKey, ForwardEntry> = HashMap::try_from(self.ebpf.map(abi::CT_FORWARD).unwrap()).unwrap();
+        m.get(flow, 0).ok()
+    }
+}
+
+macro_rules! root_or_skip {
+    () => {
+        if !require_root(module_path!()) {
+            return;
+        }
+    };
+}
+
+#[test]
+fn tcp_to_vip_is_translated_exactly() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let frame = tcp_frame((CLIENT, 40000), (VIP, 80), TCP_SYN, b"");
+    let (verdict, out) = dp.run(&frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    let v = View(&out);
+    assert_eq!((v.src(), v.sport()), (CLIENT, 40000), "source untouched");
+    assert_eq!((v.dst(), v.dport()), (BACKENDS[0], 8080), "destination is the endpoint");
+    assert!(v.ip_checksum_ok(), "IP checksum");
+    assert!(v.l4_checksum_ok(), "TCP checksum");
+    // Only the destination address, port and checksums changed.
+    let changed: Vec<usize> = (0..frame.len()).filter(|&i| frame[i] != out[i]).collect();
+    assert!(changed.iter().all(|i| [24, 25, 30, 31, 32, 33, 36, 37, 50, 51].contains(i)), "changed bytes {changed:?}");
+    assert_eq!(dp.counter(Counter::Translated), 1);
+}
+
+#[test]
+fn replies_are_reverse_translated() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    dp.run(&tcp_frame((CLIENT, 40001), (VIP, 80), TCP_SYN, b""));
+    let reply = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40001), TCP_SYN | TCP_ACK, b"");
+    let (verdict, out) = dp.run(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    let v = View(&out);
+    assert_eq!((v.src(), v.sport()), (VIP, 80), "the client sees the VIP as the source");
+    assert_eq!((v.dst(), v.dport()), (CLIENT, 40001));
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_eq!(dp.counter(Counter::ReverseTranslated), 1);
+
+    // A packet from the backend in an unrelated flow is not touched.
+    let other = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40999), TCP_ACK, b"x");
+    assert_eq!(dp.run(&other), (TC_ACT_OK, other.clone()));
+}
+
+#[test]
+fn udp_is_translated_with_and_without_checksum() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let (verdict, out) = dp.run(&udp_frame((CLIENT, 5000), (VIP, 53), b"query"));
+    assert_eq!(verdict, TC_ACT_OK);
+    let v = View(&out);
+    assert_eq!((v.dst(), v.dport()), (BACKENDS[0], 5353));
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_ne!(&v.l4()[6..8], &[0, 0]);
+
+    // UDP checksum 0 means "none" and must stay 0.
+    let ip = Ip::new(CLIENT, VIP, 17);
+    let frame = ethernet(0x0800, &ip.packet(&packet::udp_datagram(&ip, 5001, 53, b"q", false)));
+    let (_, out) = dp.run(&frame);
+    let v = View(&out);
+    assert_eq!((v.dst(), v.dport()), (BACKENDS[0], 5353));
+    assert_eq!(&v.l4()[6..8], &[0, 0], "no checksum stays no checksum");
+    assert!(v.ip_checksum_ok());
+}
+
+#[test]
+fn ip_options_are_respected() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let mut ip = Ip::new(CLIENT, VIP, 6);
+    ip.options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL: IHL 6
+    let frame = ethernet(0x0800, &ip.packet(&packet::tcp_segment(&ip, 40002, 80, 7, TCP_SYN, b"")));
+    let (verdict, out) = dp.run(&frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    let v = View(&out);
+    assert_eq!(v.header_len(), 24);
+    assert_eq!(&out[34..38], &frame[34..38], "options untouched");
+    assert_eq!((v.dst(), v.dport()), (BACKENDS[0], 8080), "ports found after the options");
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+}
+
+#[test]
+fn fragments_to_a_vip_are_dropped_and_others_pass() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    for frag in [0x2000u16, 0x0010] {
+        let mut ip = Ip::new(CLIENT, VIP, 17);
+        ip.frag = frag;
+        let frame = ethernet(0x0800, &ip.packet(&packet::udp_datagram(&ip, 5000, 53, b"part", true)));
+        assert_eq!(dp.run(&frame).0, TC_ACT_SHOT, "fragment {frag:#x} to a VIP");
+        ip.dst = BACKENDS[1];
+        let frame = ethernet(0x0800, &ip.packet(&packet::udp_datagram(&ip, 5000, 53, b"part", true)));
+        assert_eq!(dp.run(&frame), (TC_ACT_OK, frame.clone()), "fragment {frag:#x} elsewhere");
+    }
+    assert_eq!(dp.counter(Counter::DroppedFragment), 2);
+    assert_eq!(dp.counter(Counter::PassedFragment), 2);
+}
+
+#[test]
+fn truncated_and_malformed_packets_are_never_translated() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    // A TCP header cut short: the IP total length leaves 10 bytes for TCP.
+    let ip = Ip::new(CLIENT, VIP, 6);
+    let short = ethernet(0x0800, &ip.packet(&packet::tcp_segment(&ip, 40003, 80, 1, TCP_SYN, b"")[..10]));
+    assert_eq!(dp.run(&short).0, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DroppedTruncated), 1);
+
+    // IHL 4 is invalid: passed untouched for the kernel to drop.
+    let mut bad = tcp_frame((CLIENT, 40004), (VIP, 80), TCP_SYN, b"");
+    bad[14] = 0x44;
+    assert_eq!(dp.run(&bad), (TC_ACT_OK, bad.clone()));
+    // Total length beyond the frame.
+    let mut long = tcp_frame((CLIENT, 40005), (VIP, 80), TCP_SYN, b"");
+    long[16] = 0x05;
+    assert_eq!(dp.run(&long), (TC_ACT_OK, long.clone()));
+    // An IPv4 ethertype carrying something that is not version 4.
+    let mut not_v4 = tcp_frame((CLIENT, 40006), (VIP, 80), TCP_SYN, b"");
+    not_v4[14] = 0x65;
+    assert_eq!(dp.run(&not_v4), (TC_ACT_OK, not_v4.clone()));
+    assert_eq!(dp.counter(Counter::PassedMalformed), 3);
+    assert_eq!(dp.counter(Counter::Translated), 0);
+}
+
+#[test]
+fn non_ipv4_passes_untouched() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let arp = ethernet(0x0806, &[0u8; 28]);
+    assert_eq!(dp.run(&arp), (TC_ACT_OK, arp.clone()));
+    let ipv6 = ethernet(0x86dd, &[0x60; 48]);
+    assert_eq!(dp.run(&ipv6), (TC_ACT_OK, ipv6.clone()));
+    assert_eq!(dp.counter(Counter::PassedNotIpv4), 2);
+}
+
+#[test]
+fn tcp_to_an_empty_service_is_reset() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let frame = tcp_frame((CLIENT, 40006), (EMPTY_VIP, 80), TCP_SYN, b"");
+    let (verdict, out) = dp.run(&frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    assert_eq!(out.len(), 54);
+    assert_eq!(&out[0..6], &packet::POD_MAC, "addressed to the client's MAC");
+    assert_eq!(&out[6..12], &packet::GATEWAY_MAC);
+    let v = View(&out);
+    assert_eq!((v.src(), v.sport()), (EMPTY_VIP, 80));
+    assert_eq!((v.dst(), v.dport()), (CLIENT, 40006));
+    assert_eq!(v.l4()[13], 0x14, "RST|ACK");
+    assert_eq!(u32::from_be_bytes(v.l4()[8..12].try_into().unwrap()), 1001, "acks the SYN");
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_eq!(dp.counter(Counter::RefusedNoBackend), 1);
+}
+
+#[test]
+fn udp_to_an_empty_service_gets_port_unreachable() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let frame = udp_frame((CLIENT, 5002), (EMPTY_VIP, 53), b"a question of some length");
+    let (verdict, out) = dp.run(&frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    let v = View(&out);
+    assert_eq!(v.proto(), 1, "ICMP");
+    assert_eq!((v.src(), v.dst()), (EMPTY_VIP, CLIENT));
+    assert_eq!(&v.l4()[..2], &[3, 3], "destination unreachable, port unreachable");
+    assert_eq!(&v.l4()[8..], &frame[14..42], "quotes the offending IP header and UDP header");
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+}
+
+#[test]
+fn a_flow_sticks_to_its_backend_and_new_flows_spread_evenly() {
+    root_or_skip!();
+    let dp = Datapath::new(3);
+    let mut per_backend: StdMap<Ipv4Addr, u32> = StdMap::new();
+    let flows = 3000u16;
+    for i in 0..flows {
+        let sport = 20000 + i;
+        let (_, out) = dp.run(&tcp_frame((CLIENT, sport), (VIP, 80), TCP_SYN, b""));
+        let chosen = View(&out).dst();
+        *per_backend.entry(chosen).or_default() += 1;
+        if i % 100 == 0 {
+            for _ in 0..5 {
+                let (_, out) = dp.run(&tcp_frame((CLIENT, sport), (VIP, 80), TCP_ACK, b"more"));
+                assert_eq!(View(&out).dst(), chosen, "every packet of a flow goes to the same endpoint");
+            }
+            let key = FlowKey::new(CLIENT.octets(), sport.to_be_bytes(), VIP.octets(), 80u16.to_be_bytes(), 6);
+            assert_eq!(dp.forward_entry(&key).unwrap().backend.addr, chosen.octets());
+        }
+    }
+    // Uniform choice: each of 3 backends near 1000 of 3000 (6 sigma ~ 155).
+    for b in BACKENDS {
+        let n = per_backend.get(&b).copied().unwrap_or(0);
+        assert!((845..=1155).contains(&n), "{per_backend:?}");
+    }
+}
