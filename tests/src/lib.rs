@@ -9,3 +9,4 @@ pub mod packet;
 pub mod root;
 pub mod servers;
 pub mod client;
+pub mod manifests;
