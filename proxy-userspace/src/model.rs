@@ -318,3 +318,170 @@ pub fn build(snapshot: &Snapshot) -> (Model, Vec<Rejection>) {
     }
     (model, rejected)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(yaml: &str) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+            match v.get("kind").and_then(|k| k.as_str()) {
+                Some("Service") => snap.services.push(Sourced { origin: "test".into(), object: serde_yaml::from_value(v).unwrap() }),
+                Some("EndpointSlice") => snap.slices.push(Sourced { origin: "test".into(), object: serde_yaml::from_value(v).unwrap() }),
+                _ => panic!("unexpected document"),
+            }
+        }
+        snap
+    }
+
+    fn frontend<'m>(m: &'m Model, vip: [u8; 4], port: u16, protocol: Protocol) -> &'m Frontend {
+        m.frontends
+            .get(&FrontendKey { vip: vip.into(), port, protocol })
+            .unwrap_or_else(|| panic!("no frontend {vip:?}:{port}; have {:?}", m.frontends.keys()))
+    }
+
+    fn ips(f: &Frontend) -> Vec<String> {
+        f.backends.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
+    }
+
+    const WEB: &str = "
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: web, protocol: TCP}
+  - {name: metrics, port: 9090, targetPort: 9100}
+  - {name: dns, port: 53, protocol: UDP}
+";
+
+    #[test]
+    fn named_target_ports_resolve_through_the_slices() {
+        let snap = objects(&format!("{WEB}---
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}, {{name: metrics, port: 9100}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+- addresses: [10.244.0.11]
+- addresses: [10.244.0.12]
+  conditions: {{ready: true}}
+"));
+        let (m, rejected) = build(&snap);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
+        assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 9090, Protocol::Tcp)), ["10.244.0.11:9100", "10.244.0.12:9100"]);
+        assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 53, Protocol::Udp)), ["10.244.0.11:5353", "10.244.0.12:5353"]);
+        assert_eq!(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp).service.to_string(), "shop/web:http");
+    }
+
+    #[test]
+    fn slices_are_merged_deduplicated_and_only_ready_endpoints_count() {
+        let snap = objects(&format!("{WEB}---
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [10.244.0.11]
+- addresses: [10.244.0.13]
+  conditions: {{ready: false, terminating: true}}
+---
+kind: EndpointSlice
+metadata: {{name: web-2, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [10.244.0.11]
+- addresses: [10.244.0.12]
+---
+kind: EndpointSlice
+metadata: {{name: other, namespace: elsewhere, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [10.244.0.99]
+"));
+        let (m, _) = build(&snap);
+        assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
+    }
+
+    #[test]
+    fn headless_external_name_and_ipv6_are_ignored_quietly() {
+        let snap = objects("
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+---
+kind: Service
+metadata: {name: v6}
+spec: {clusterIP: 'fd00::10', ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
+addressType: IPv6
+endpoints: [{addresses: ['fd00::1']}]
+");
+        let (m, rejected) = build(&snap);
+        assert!(m.frontends.is_empty());
+        assert!(rejected.is_empty(), "{rejected:?}");
+    }
+
+    #[test]
+    fn invalid_parts_are_rejected_with_reasons_and_the_rest_kept() {
+        let snap = objects("
+kind: Service
+metadata: {name: mixed}
+spec:
+  clusterIP: 10.96.0.5
+  ports: [{name: a, port: 80}, {name: s, port: 80, protocol: SCTP}]
+---
+kind: Service
+metadata: {name: noip}
+spec: {ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: badip}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: clash}
+spec: {clusterIP: 10.96.0.5, ports: [{name: a, port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: nolabel}
+addressType: IPv4
+endpoints: []
+---
+kind: EndpointSlice
+metadata: {name: mixed-1, labels: {kubernetes.io/service-name: mixed}}
+addressType: IPv4
+ports: [{name: a, port: 8080}]
+endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.0.7]}]
+");
+        let (m, rejected) = build(&snap);
+        let reasons: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
+        let has = |s: &str| reasons.iter().any(|r| r.contains(s));
+        assert!(has("Service default/mixed: port s: protocol SCTP is not supported"), "{reasons:#?}");
+        assert!(has("Service default/noip: has no spec.clusterIP"), "{reasons:#?}");
+        assert!(has("Service default/badip: spec.clusterIP \"10.96.0.300\" is not an IP address"), "{reasons:#?}");
+        assert!(has("Service default/clash: 10.96.0.5:80/TCP is already used by default/mixed:a"), "{reasons:#?}");
+        assert!(has("EndpointSlice default/nolabel: has no kubernetes.io/service-name label"), "{reasons:#?}");
+        assert!(has("EndpointSlice default/mixed-1: endpoint address \"not-an-ip\""), "{reasons:#?}");
+        assert_eq!(reasons.len(), 6, "{reasons:#?}");
+        assert_eq!(ips(frontend(&m, [10, 96, 0, 5], 80, Protocol::Tcp)), ["10.244.0.7:8080"]);
+        assert_eq!(m.frontends.len(), 1);
+    }
+
+    #[test]
+    fn a_service_without_slices_has_no_backends() {
+        let (m, _) = build(&objects(WEB));
+        assert!(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp).backends.is_empty());
+    }
+}

@@ -10,3 +10,4 @@ pub mod root;
 pub mod servers;
 pub mod client;
 pub mod manifests;
+pub mod demo;

@@ -1,0 +1,197 @@
+//! `cargo xtask demo`: a virtual node built from the demo manifests, kpr
+//! running on it, and real traffic through every Service, reported plainly.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_yaml::Value;
+
+use crate::{client, kpr::Kpr, node::VirtualNode, servers};
+
+const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 0, 200));
+const REQUESTS: usize = 300;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+struct Port {
+    port: u16,
+    protocol: String,
+}
+
+#[derive(Debug)]
+struct DemoService {
+    id: String,
+    vip: Ipv4Addr,
+    ports: Vec<Port>,
+    target_ports: Vec<Port>,
+    endpoints: Vec<(String, Ipv4Addr)>,
+}
+
+fn port_list(v: &Value) -> Vec<Port> {
+    v.as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(Port {
+                port: p.get("port")?.as_u64()? as u16,
+                protocol: p.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_string(),
+            })
+        })
+        .collect()
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
+}
+
+/// The Services of the demo folder with their slices' endpoints and ports.
+fn load(dir: &Path) -> anyhow::Result<Vec<DemoService>> {
+    let mut docs = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        let text = std::fs::read_to_string(f)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            docs.push(serde::Deserialize::deserialize(doc).with_context(|| format!("reading {}", f.display()))?);
+        }
+    }
+    let mut services = Vec::new();
+    for d in docs.iter().filter(|d: &&Value| str_at(d, &["kind"]) == Some("Service")) {
+        let ns = str_at(d, &["metadata", "namespace"]).unwrap_or("default");
+        let name = str_at(d, &["metadata", "name"]).context("Service without a name")?;
+        let vip = str_at(d, &["spec", "clusterIP"]).context("Service without clusterIP")?.parse()?;
+        let mut svc = DemoService {
+            id: format!("{ns}/{name}"),
+            vip,
+            ports: port_list(d.get("spec").and_then(|s| s.get("ports")).unwrap_or(&Value::Null)),
+            target_ports: vec![],
+            endpoints: vec![],
+        };
+        for s in docs.iter().filter(|s| {
+            str_at(s, &["kind"]) == Some("EndpointSlice")
+                && str_at(s, &["metadata", "namespace"]).unwrap_or("default") == ns
+                && str_at(s, &["metadata", "labels", "kubernetes.io/service-name"]) == Some(name)
+        }) {
+            svc.target_ports.extend(port_list(s.get("ports").unwrap_or(&Value::Null)));
+            for ep in s.get("endpoints").and_then(Value::as_sequence).into_iter().flatten() {
+                let ip = ep.get("addresses").and_then(|a| a.get(0)).and_then(Value::as_str).context("endpoint without address")?;
+                let pod = str_at(ep, &["targetRef", "name"]).context("demo endpoints name their pod in targetRef")?;
+                svc.endpoints.push((pod.to_string(), ip.parse()?));
+            }
+        }
+        services.push(svc);
+    }
+    Ok(services)
+}
+
+fn bar(n: usize, total: usize) -> String {
+    "█".repeat((n * 40).div_ceil(total.max(1)))
+}
+
+/// Runs the demo on the manifests in `dir`. `stop` is set on Ctrl-C; the
+/// demo then winds down and everything is removed as it is dropped.
+pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let services = load(dir)?;
+    if services.is_empty() {
+        bail!("no Services in {}", dir.display());
+    }
+    let mut pods: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+    for s in &services {
+        for (pod, ip) in &s.endpoints {
+            pods.insert(pod.clone(), *ip);
+        }
+    }
+    let mut spec: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    spec.push(CLIENT);
+    let node = VirtualNode::new(&spec)?;
+    println!("virtual node {}: bridge 10.244.0.1/24, {} pods, each in its own network namespace", node.ns.name(), spec.len());
+
+    let mut running = Vec::new();
+    for s in &services {
+        for (pod, _) in &s.endpoints {
+            let ns = &node.pod(pod).ns;
+            for p in &s.target_ports {
+                running.push(match p.protocol.as_str() {
+                    "UDP" => servers::udp(ns, p.port, pod)?,
+                    _ => servers::tcp(ns, p.port, pod)?,
+                });
+            }
+        }
+    }
+
+    let log_dir = tempfile::tempdir()?;
+    let log = log_dir.path().join("kpr.log");
+    let mut kpr = Kpr::start(&node.ns, dir, &node.interfaces(), &log)?;
+    println!("kpr attached its TC programs to {} and programmed {} Services from {}\n", node.interfaces().join(", "), services.len(), dir.display());
+
+    let client = &node.pod(CLIENT.0).ns;
+    for s in &services {
+        for p in &s.ports {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let addr = SocketAddr::from((s.vip, p.port));
+            let udp = p.protocol == "UDP";
+            println!("Service {}  {}/{}  {} endpoint(s)", s.id, addr, p.protocol, s.endpoints.len());
+            if s.endpoints.is_empty() {
+                let (took, result) = client.run(move || {
+                    let t = Instant::now();
+                    let r = if udp { client::udp_request(addr, TIMEOUT).map(|_| ()) } else { client::tcp_request(addr, TIMEOUT).map(|_| ()) };
+                    (t.elapsed(), r)
+                })?;
+                match result {
+                    Err(e) => println!("  refused after {:.1} ms: {e} (no ready endpoints)\n", took.as_secs_f64() * 1e3),
+                    Ok(()) => println!("  unexpectedly answered\n"),
+                }
+                continue;
+            }
+            let stop2 = stop.clone();
+            let (hits, errors, took) = client.run(move || {
+                let t = Instant::now();
+                let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+                let mut errors = 0;
+                for _ in 0..REQUESTS {
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = if udp {
+                        client::udp_request(addr, TIMEOUT).map(|(w, _)| w)
+                    } else {
+                        client::tcp_request(addr, TIMEOUT)
+                    };
+                    match r {
+                        Ok(w) => *hits.entry(w).or_default() += 1,
+                        Err(_) => errors += 1,
+                    }
+                }
+                (hits, errors, t.elapsed())
+            })?;
+            let total: usize = hits.values().sum();
+            let what = if udp { "requests" } else { "connections" };
+            for (pod, ip) in &s.endpoints {
+                let n = hits.get(pod).copied().unwrap_or(0);
+                println!("  {pod:<8} {ip:<13} {n:>4} {what}  {}", bar(n, total));
+            }
+            println!("  {total} answered, {errors} failed, in {:.0} ms\n", took.as_secs_f64() * 1e3);
+        }
+    }
+
+    let status = kpr.interrupt()?;
+    println!("kpr stopped ({status}) and detached; its log:");
+    for line in kpr.log().lines() {
+        println!("  {line}");
+    }
+    drop(running);
+    drop(node);
+    println!("\nnamespaces removed; nothing was changed outside them");
+    Ok(())
+}
