@@ -11,3 +11,4 @@ pub mod servers;
 pub mod client;
 pub mod manifests;
 pub mod demo;
+pub mod apiserver;

@@ -1,0 +1,292 @@
+//! The HTTP face of the test API server: the Kubernetes REST paths for the
+//! kinds in `store`, list and watch (chunked JSON event lines, bookmarks,
+//! 410 Gone as an ERROR event), create/replace/patch/delete, and faults.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Query, State},
+    http::{Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{
+    Shared,
+    selector::{FieldSelector, LabelSelector, labels_of},
+    store::{ApiError, Event, EventType, Kind},
+};
+
+/// A parsed resource path.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] => ("v1".to_string(), rest),
+        ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (plural, name, sub) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
+        _ => return None,
+    };
+    Some(Target { kind: Kind::from_path(&gv, plural)?, namespace, name, subresource: sub })
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+fn error(e: ApiError) -> Response {
+    json_response(StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &e.status())
+}
+
+struct Filter {
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn matches(&self, object: &Value) -> bool {
+        let ns = object.pointer("/metadata/namespace").and_then(Value::as_str);
+        self.namespace.as_deref().is_none_or(|n| ns == Some(n)) && self.labels.matches(&labels_of(object)) && self.fields.matches(object)
+    }
+}
+
+pub async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    shared.requests.lock().unwrap().push(format!("{method} {uri}"));
+    if shared.fail_requests.load(Ordering::Relaxed) {
+        return error(ApiError::new(500, "InternalError", "injected failure"));
+    }
+    let Some(target) = parse_path(uri.path()) else {
+        return error(ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({})", uri.path())));
+    };
+    let filter = match (
+        LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str)),
+        FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str)),
+    ) {
+        (Ok(labels), Ok(fields)) => Filter { namespace: target.namespace.clone(), labels, fields },
+        (Err(e), _) | (_, Err(e)) => return error(ApiError::new(400, "BadRequest", e)),
+    };
+    let body_json = || serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::new(400, "BadRequest", e.to_string()));
+    let kind = target.kind;
+    let ns = target.namespace.clone().unwrap_or_default();
+
+    match (method, &target.name) {
+        (Method::GET, None) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => watch(shared, kind, filter, &query),
+        (Method::GET, None) => {
+            let store = shared.store.lock().unwrap();
+            let items: Vec<Value> = store.list(kind, target.namespace.as_deref()).into_iter().filter(|o| filter.matches(o)).collect();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "kind": format!("{}List", kind.name()), "apiVersion": kind.group_version(),
+                    "metadata": {"resourceVersion": store.resource_version().to_string()},
+                    "items": items,
+                }),
+            )
+        }
+        (Method::GET, Some(name)) => match shared.store.lock().unwrap().get(kind, &ns, name) {
+            Ok(o) => json_response(StatusCode::OK, &o),
+            Err(e) => error(e),
+        },
+        (Method::POST, None) => {
+            let result = body_json().and_then(|mut o| {
+                if let Some(n) = &target.namespace {
+                    o["metadata"]["namespace"] = n.clone().into();
+                }
+                shared.store.lock().unwrap().create(kind, o)
+            });
+            match result {
+                Ok(o) => json_response(StatusCode::CREATED, &o),
+                Err(e) => error(e),
+            }
+        }
+        (Method::PUT, Some(_)) => match body_json().and_then(|o| shared.store.lock().unwrap().update(kind, o)) {
+            Ok(o) => json_response(StatusCode::OK, &o),
+            Err(e) => error(e),
+        },
+        (Method::PATCH, Some(name)) => {
+            // JSON merge patch (also how strategic merge patches of the
+            // fields this project writes behave); `status` patches only status.
+            let result = body_json().and_then(|patch| {
+                let mut store = shared.store.lock().unwrap();
+                let mut object = store.get(kind, &ns, name)?;
+                let patch = match target.subresource.as_deref() {
+                    Some("status") => json!({"status": patch.get("status").cloned().unwrap_or(Value::Null)}),
+                    _ => patch,
+                };
+                merge(&mut object, &patch);
+                object["metadata"]["resourceVersion"] = Value::Null;
+                store.update(kind, object)
+            });
+            match result {
+                Ok(o) => json_response(StatusCode::OK, &o),
+                Err(e) => error(e),
+            }
+        }
+        (Method::DELETE, Some(name)) => match shared.store.lock().unwrap().delete(kind, &ns, name) {
+            Ok(o) => json_response(StatusCode::OK, &o),
+            Err(e) => error(e),
+        },
+        (m, _) => error(ApiError::new(405, "MethodNotAllowed", format!("{m} is not supported here"))),
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// What `event` looks like to a watch with `filter`: selector changes turn
+/// modifications into ADDED or DELETED, as the API server's watch cache does.
+fn view(event: &Event, filter: &Filter) -> Option<Value> {
+    let now = filter.matches(&event.object);
+    let type_ = match (event.type_, event.old.as_ref().map(|o| filter.matches(o))) {
+        (EventType::Modified, Some(true)) if now => "MODIFIED",
+        (EventType::Modified, Some(true)) => "DELETED",
+        (EventType::Modified, _) if now => "ADDED",
+        (EventType::Modified, _) => return None,
+        (t, _) if now => t.as_str(),
+        _ => return None,
+    };
+    Some(json!({"type": type_, "object": event.object}))
+}
+
+fn watch(shared: Arc<Shared>, kind: Kind, filter: Filter, query: &HashMap<String, String>) -> Response {
+    let from = query.get("resourceVersion").and_then(|v| v.parse::<u64>().ok());
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let timeout = query.get("timeoutSeconds").and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1024);
+    let start = shared.store.lock().unwrap().watch(kind, from);
+    let mut dropped = shared.drop_watches.subscribe();
+    let bookmark_every = *shared.bookmark_interval.lock().unwrap();
+    let store = shared.clone();
+    tokio::spawn(async move {
+        let mut start = match start {
+            Ok(s) => s,
+            Err(e) => {
+                // A watch from an expired version is answered with an ERROR
+                // event carrying a 410 Status, then closed.
+                let _ = tx.send(Ok(line(&json!({"type": "ERROR", "object": e.status()})))).await;
+                return;
+            }
+        };
+        let mut last_rv = from.unwrap_or(0);
+        for event in &start.backlog {
+            last_rv = last_rv.max(event.rv);
+            if let Some(v) = view(event, &filter)
+                && tx.send(Ok(line(&v))).await.is_err()
+            {
+                return;
+            }
+        }
+        let mut tick = tokio::time::interval(bookmark_every);
+        tick.tick().await;
+        let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                ev = start.live.recv() => match ev {
+                    Ok(event) if event.kind == kind && event.rv > last_rv => {
+                        last_rv = event.rv;
+                        if let Some(v) = view(&event, &filter)
+                            && tx.send(Ok(line(&v))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Lagged or closed: end the watch; the client resumes.
+                    Err(_) => return,
+                },
+                _ = tick.tick(), if bookmarks => {
+                    let rv = store.store.lock().unwrap().resource_version().max(last_rv);
+                    let bookmark = json!({"type": "BOOKMARK", "object": {
+                        "kind": kind.name(), "apiVersion": kind.group_version(),
+                        "metadata": {"resourceVersion": rv.to_string()}}});
+                    if tx.send(Ok(line(&bookmark))).await.is_err() {
+                        return;
+                    }
+                }
+                _ = dropped.changed() => return,
+                _ = &mut deadline => return,
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let t = parse_path("/api/v1/namespaces/default/services/web").unwrap();
+        assert_eq!((t.kind, t.namespace.as_deref(), t.name.as_deref()), (Kind::Service, Some("default"), Some("web")));
+        let t = parse_path("/apis/discovery.k8s.io/v1/endpointslices").unwrap();
+        assert_eq!((t.kind, t.namespace, t.name), (Kind::EndpointSlice, None, None));
+        let t = parse_path("/api/v1/namespaces/ns/pods/p/status").unwrap();
+        assert_eq!(t.subresource.as_deref(), Some("status"));
+        assert!(parse_path("/api/v1/configmaps").is_none());
+        let t = parse_path("/api/v1/nodes/n1").unwrap();
+        assert_eq!((t.kind, t.name.as_deref()), (Kind::Node, Some("n1")));
+    }
+
+    #[test]
+    fn merge_patch() {
+        let mut o = json!({"a": {"b": 1, "c": 2}, "d": [1]});
+        merge(&mut o, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
+        assert_eq!(o, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+}
