@@ -1,6 +1,10 @@
 //! Wiring: source -> model -> planner -> dataplane, until Ctrl-C or SIGTERM.
 
-use std::time::Instant;
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -13,84 +17,283 @@ use crate::{
         Dataplane,
         ebpf::{EbpfDataplane, MapSizes},
     },
-    model::{self, Model, Rejection, Snapshot},
+    metrics::{Metrics, ReasonLabels},
+    model::{self, Model, ModelConfig, Rejection, Snapshot},
     planner,
-    source::{self, SourceSpec},
+    source::{self, Source, SourceSpec},
 };
 
 pub struct RunConfig {
     pub source: SourceSpec,
+    pub kubeconfig: Option<PathBuf>,
     pub interfaces: Vec<String>,
     pub map_sizes: MapSizes,
+    pub model: ModelConfig,
+    /// Syncs are at least this far apart; changes in between are coalesced.
+    pub min_sync_interval: Duration,
 }
 
-/// The programmed state and the reasons last reported, so a sync only logs
-/// what changed.
-struct Syncer<D> {
-    dataplane: D,
+/// Keeps the dataplane equal to the model of the latest snapshot.
+pub struct Syncer<D> {
+    pub dataplane: D,
+    config: ModelConfig,
     programmed: Model,
+    /// Rejections last reported, so each is logged and counted once.
     reported: Vec<Rejection>,
+    metrics: Arc<Metrics>,
 }
 
 impl<D: Dataplane> Syncer<D> {
-    fn sync(&mut self, snapshot: &Snapshot) {
+    pub fn new(dataplane: D, config: ModelConfig, metrics: Arc<Metrics>) -> Self {
+        Self { dataplane, config, programmed: Model::default(), reported: Vec::new(), metrics }
+    }
+
+    pub fn programmed(&self) -> &Model {
+        &self.programmed
+    }
+
+    /// Syncs to `snapshot`; `arrivals` are when the changes it contains came in.
+    pub fn sync(&mut self, snapshot: &Snapshot, arrivals: &[Instant]) {
         let started = Instant::now();
-        let (desired, rejected) = model::build(snapshot);
-        if rejected != self.reported {
-            for r in rejected.iter().filter(|r| !self.reported.contains(r)) {
-                tracing::warn!(origin = %r.origin, object = %r.object, reason = %r.reason, "skipped invalid object");
-            }
-            self.reported = rejected;
+        let (desired, rejected) = model::build(snapshot, &self.config);
+        for r in rejected.iter().filter(|r| !self.reported.contains(r)) {
+            tracing::warn!(origin = %r.origin, object = %r.object, reason = %r.reason, "skipped invalid object");
+            self.metrics.rejected.get_or_create(&ReasonLabels { reason: r.kind.label().to_string() }).inc();
         }
+        self.reported = rejected;
+
         let ops = planner::plan(&self.programmed, &desired);
         let errors = self.dataplane.apply(&ops);
         let mut programmed = desired;
         for e in &errors {
             tracing::error!(frontend = %e.frontend, reason = %e.reason, "could not program frontend; it will be retried on the next change");
-            // Not programmed: keep it out so the next sync tries again.
-            programmed.frontends.remove(&e.frontend);
+            // Not programmed as desired: keep the old state so the next sync tries again.
+            match self.programmed.frontends.get(&e.frontend) {
+                Some(old) => programmed.frontends.insert(e.frontend, old.clone()),
+                None => programmed.frontends.remove(&e.frontend),
+            };
         }
+        let done = Instant::now();
+        self.metrics.sync_duration.observe((done - started).as_secs_f64());
+        for at in arrivals {
+            self.metrics.programming_latency.observe((done - *at).as_secs_f64());
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.metrics.last_sync_timestamp.set(now.as_secs_f64());
         tracing::info!(
             frontends = programmed.frontends.len(),
             backends = programmed.frontends.values().map(|f| f.backends.len()).sum::<usize>(),
             changes = ops.len(),
             failed = errors.len(),
             rejected = self.reported.len(),
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            coalesced = arrivals.len(),
+            duration_ms = (done - started).as_secs_f64() * 1e3,
             "synced"
         );
         self.programmed = programmed;
     }
 }
 
-pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+/// Syncs whenever the source announces changes, at most once per
+/// `min_interval` (a lone change is applied at once), until `stop` resolves.
+pub async fn sync_loop<D: Dataplane>(
+    source: &dyn Source,
+    changes: &mut mpsc::UnboundedReceiver<Instant>,
+    syncer: &mut Syncer<D>,
+    min_interval: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    let mut pending: Vec<Instant> = Vec::new();
+    let mut last_sync: Option<tokio::time::Instant> = None;
+    loop {
+        let next_allowed = last_sync.map_or_else(tokio::time::Instant::now, |t| t + min_interval);
+        tokio::select! {
+            Some(at) = changes.recv() => {
+                pending.push(at);
+                while let Ok(at) = changes.try_recv() {
+                    pending.push(at);
+                }
+            }
+            _ = tokio::time::sleep_until(next_allowed), if !pending.is_empty() && source.ready() => {
+                syncer.sync(&source.snapshot(), &pending);
+                pending.clear();
+                last_sync = Some(tokio::time::Instant::now());
+            }
+            _ = &mut stop => return,
+        }
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
 
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let stop = shutdown_signal().await?;
+    let metrics = Arc::new(Metrics::default());
     let dataplane = EbpfDataplane::attach(&cfg.interfaces, cfg.map_sizes)?;
-    let mut syncer = Syncer { dataplane, programmed: Model::default(), reported: Vec::new() };
+    tracing::info!(node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
+    let mut syncer = Syncer::new(dataplane, cfg.model.clone(), metrics);
 
-    let (tx, mut rx) = mpsc::channel(1);
-    let watcher = match cfg.source {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    let source: Arc<dyn Source> = match cfg.source {
         SourceSpec::Dir(dir) => {
             anyhow::ensure!(dir.is_dir(), "source folder {} does not exist or is not a folder", dir.display());
             tracing::info!(dir = %dir.display(), "watching manifests");
-            tokio::spawn(source::dir::watch(dir, tx))
+            let source = source::dir::DirSource::new(dir);
+            tasks.push(tokio::spawn(source.clone().watch(tx)));
+            source
+        }
+        SourceSpec::Kube => {
+            let client = source::kube::client(cfg.kubeconfig.as_deref()).await?;
+            Arc::new(source::kube::KubeSource::start(client, &cfg.model.label_selector(), tx))
         }
     };
 
-    loop {
-        tokio::select! {
-            Some(snapshot) = rx.recv() => syncer.sync(&snapshot),
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-        }
+    sync_loop(source.as_ref(), &mut rx, &mut syncer, cfg.min_sync_interval, stop).await;
+    for t in tasks {
+        t.abort();
     }
-    watcher.abort();
     if let Ok(counters) = syncer.dataplane.counters() {
         tracing::info!(?counters, "datapath counters at exit");
     }
     drop(syncer);
     tracing::info!("detached from all interfaces; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        dataplane::ApplyError,
+        model::{FrontendKey, Protocol, Sourced},
+        planner::Op,
+    };
+
+    /// Records what it was asked to apply; fails frontends on port 666.
+    #[derive(Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<Op>>>>);
+
+    impl Dataplane for Recorder {
+        fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
+            self.0.lock().unwrap().push(ops.to_vec());
+            ops.iter()
+                .filter_map(|op| match op {
+                    Op::Upsert(f) if f.key.port == 666 => Some(ApplyError { frontend: f.key, reason: "full".into() }),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    struct Fixed(Mutex<Snapshot>);
+
+    impl Source for Fixed {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn snapshot(&self) -> Snapshot {
+            self.0.lock().unwrap().clone()
+        }
+        fn connected(&self) -> bool {
+            true
+        }
+    }
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+            snap.services.push(Sourced::new("test", serde_yaml::from_value(v).unwrap()));
+        }
+        snap
+    }
+
+    const TWO: &str = "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
+                       kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80, protocol: SCTP}]}\n";
+
+    #[test]
+    fn a_sync_records_latency_and_counts_rejections_once() {
+        let metrics = Arc::new(Metrics::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut syncer = Syncer::new(Recorder(log.clone()), ModelConfig::default(), metrics.clone());
+        let snap = snapshot(TWO);
+        let arrived = Instant::now();
+        syncer.sync(&snap, &[arrived, arrived]);
+        syncer.sync(&snap, &[arrived]);
+        let text = metrics.encode();
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_count 3"), "one observation per change:\n{text}");
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"), "{text}");
+        assert!(text.contains("kpr_rejected_objects_total{reason=\"unsupported_protocol\"} 1"), "{text}");
+        let log = log.lock().unwrap();
+        assert_eq!(log[0].len(), 1, "the valid Service was programmed");
+        assert!(log[1].is_empty(), "nothing changed, nothing applied");
+    }
+
+    #[test]
+    fn a_failed_frontend_is_retried_on_the_next_sync() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut syncer = Syncer::new(Recorder(log.clone()), ModelConfig::default(), Arc::new(Metrics::default()));
+        let snap = snapshot("kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 666}]}\n");
+        syncer.sync(&snap, &[]);
+        assert!(syncer.programmed().frontends.is_empty());
+        syncer.sync(&snap, &[]);
+        assert_eq!(log.lock().unwrap()[1].len(), 1, "tried again");
+        let key = FrontendKey { vip: [10, 96, 0, 1].into(), port: 666, protocol: Protocol::Tcp };
+        assert!(!syncer.programmed().frontends.contains_key(&key));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_coalesced_but_a_lone_change_is_not_delayed() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut syncer = Syncer::new(Recorder(log.clone()), ModelConfig::default(), Arc::new(Metrics::default()));
+        let source = Fixed(Mutex::new(snapshot(TWO)));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let start = tokio::time::Instant::now();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let driver = async move {
+            tx.send(Instant::now()).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            for _ in 0..5 {
+                tx.send(Instant::now()).unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            stop_tx.send(()).unwrap();
+        };
+        let syncs = Arc::new(Mutex::new(Vec::new()));
+        let observed = syncs.clone();
+        let watcher = async move {
+            let mut seen = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let n = log.lock().unwrap().len();
+                if n > seen {
+                    observed.lock().unwrap().push(start.elapsed());
+                    seen = n;
+                }
+            }
+        };
+        tokio::select! {
+            _ = async {
+                tokio::join!(driver, sync_loop(&source, &mut rx, &mut syncer, Duration::from_secs(1), async { let _ = stop_rx.await; }));
+            } => {}
+            _ = watcher => {}
+        }
+        let syncs = syncs.lock().unwrap();
+        assert_eq!(syncs.len(), 2, "one sync for the lone change, one for the burst: {syncs:?}");
+        assert!(syncs[0] < Duration::from_millis(10), "the first change was applied at once: {syncs:?}");
+        assert!(syncs[1] >= Duration::from_secs(1), "the burst waited for the interval: {syncs:?}");
+    }
 }

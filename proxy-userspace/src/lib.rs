@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod metrics;
 pub mod model;
 pub mod planner;
 pub mod source;

@@ -5,13 +5,44 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to the proxy it names.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set on the EndpointSlices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// Which Services this proxy serves and where it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Serve only Services whose service-proxy-name label names this proxy;
+    /// without a name, only Services without the label (as kube-proxy does).
+    pub service_proxy_name: Option<String>,
+    /// This node, for topology and traffic policies.
+    pub node_name: String,
+}
+
+impl ModelConfig {
+    /// The label selector kube-proxy uses for Services and EndpointSlices,
+    /// so the API server filters before anything reaches us.
+    pub fn label_selector(&self) -> String {
+        match &self.service_proxy_name {
+            Some(name) => format!("{SERVICE_PROXY_NAME_LABEL}={name},!{HEADLESS_LABEL}"),
+            None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+        }
+    }
+
+    fn serves(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let label = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+        label == self.service_proxy_name.as_ref()
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -36,6 +67,16 @@ impl fmt::Display for Protocol {
             Protocol::Udp => "UDP",
         })
     }
+}
+
+/// The Service type; NodePort and LoadBalancer Services are reached through
+/// their ClusterIP today, and carry their node port and ingress addresses
+/// for the data paths that come later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
 }
 
 /// What the datapath matches on.
@@ -81,13 +122,56 @@ impl fmt::Display for ServicePortName {
 pub struct Frontend {
     pub service: ServicePortName,
     pub key: FrontendKey,
-    /// Ready endpoints, sorted and without duplicates.
+    pub service_type: ServiceType,
+    /// The node port of a NodePort or LoadBalancer Service.
+    pub node_port: Option<u16>,
+    /// Ingress addresses of a LoadBalancer Service (IPv4 only).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// Ready endpoints, sorted and without duplicates: the ones traffic goes to.
     pub backends: Vec<Endpoint>,
+    /// Endpoints shutting down but still serving; kept for traffic-policy
+    /// fallbacks, not programmed.
+    pub terminating: Vec<Endpoint>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
+    pub node_name: String,
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// Why an object (or part of one) was skipped, as a stable metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RejectReason {
+    Unreadable,
+    MissingName,
+    MissingSpec,
+    MissingClusterIp,
+    InvalidClusterIp,
+    UnsupportedProtocol,
+    InvalidPort,
+    FrontendConflict,
+    MissingServiceLabel,
+    InvalidAddressType,
+    InvalidEndpointAddress,
+}
+
+impl RejectReason {
+    pub const fn label(self) -> &'static str {
+        match self {
+            RejectReason::Unreadable => "unreadable",
+            RejectReason::MissingName => "missing_name",
+            RejectReason::MissingSpec => "missing_spec",
+            RejectReason::MissingClusterIp => "missing_cluster_ip",
+            RejectReason::InvalidClusterIp => "invalid_cluster_ip",
+            RejectReason::UnsupportedProtocol => "unsupported_protocol",
+            RejectReason::InvalidPort => "invalid_port",
+            RejectReason::FrontendConflict => "frontend_conflict",
+            RejectReason::MissingServiceLabel => "missing_service_label",
+            RejectReason::InvalidAddressType => "invalid_address_type",
+            RejectReason::InvalidEndpointAddress => "invalid_endpoint_address",
+        }
+    }
 }
 
 /// An object (or part of one) that was skipped, and why.
@@ -97,6 +181,7 @@ pub struct Rejection {
     pub origin: String,
     /// `Kind namespace/name`, or the document's position when it has no name.
     pub object: String,
+    pub kind: RejectReason,
     pub reason: String,
 }
 
@@ -109,8 +194,14 @@ impl fmt::Display for Rejection {
 /// A Kubernetes object and where it was read from.
 #[derive(Clone, Debug)]
 pub struct Sourced<T> {
-    pub origin: String,
-    pub object: T,
+    pub origin: Arc<str>,
+    pub object: Arc<T>,
+}
+
+impl<T> Sourced<T> {
+    pub fn new(origin: impl Into<Arc<str>>, object: T) -> Self {
+        Self { origin: origin.into(), object: Arc::new(object) }
+    }
 }
 
 /// Everything a source currently holds.
@@ -130,38 +221,54 @@ fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
 struct ServicePort {
     name: String,
     key: FrontendKey,
+    node_port: Option<u16>,
 }
 
-/// The frontends of one Service, or why it has none.
+/// The validated parts of a Service, or why it is not ours.
 enum ServiceFrontends {
-    Ports(Vec<ServicePort>),
+    Ports { service_type: ServiceType, load_balancer_ips: Vec<Ipv4Addr>, ports: Vec<ServicePort> },
     /// Headless, ExternalName, IPv6: not ours to program, and not an error.
     Ignored(&'static str),
 }
 
-fn service_frontends(svc: &Service, reject: &mut dyn FnMut(String)) -> ServiceFrontends {
+type Reject<'a> = &'a mut dyn FnMut(RejectReason, String);
+
+fn service_frontends(svc: &Service, reject: Reject) -> ServiceFrontends {
+    let none = ServiceFrontends::Ports { service_type: ServiceType::ClusterIP, load_balancer_ips: vec![], ports: vec![] };
     let Some(spec) = &svc.spec else {
-        reject("has no spec".into());
-        return ServiceFrontends::Ports(vec![]);
+        reject(RejectReason::MissingSpec, "has no spec".into());
+        return none;
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return ServiceFrontends::Ignored("ExternalName");
-    }
+    let service_type = match spec.type_.as_deref() {
+        Some("ExternalName") => return ServiceFrontends::Ignored("ExternalName"),
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        _ => ServiceType::ClusterIP,
+    };
     let vip = match spec.cluster_ip.as_deref() {
         Some("None") => return ServiceFrontends::Ignored("headless"),
         None | Some("") => {
-            reject("has no spec.clusterIP".into());
-            return ServiceFrontends::Ports(vec![]);
+            reject(RejectReason::MissingClusterIp, "has no spec.clusterIP".into());
+            return none;
         }
-        Some(ip) => match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => v4,
-            Ok(std::net::IpAddr::V6(_)) => return ServiceFrontends::Ignored("IPv6"),
+        Some(ip) => match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => v4,
+            Ok(IpAddr::V6(_)) => return ServiceFrontends::Ignored("IPv6 (only IPv4 is programmed)"),
             Err(_) => {
-                reject(format!("spec.clusterIP {ip:?} is not an IP address"));
-                return ServiceFrontends::Ports(vec![]);
+                reject(RejectReason::InvalidClusterIp, format!("spec.clusterIP {ip:?} is not an IP address"));
+                return none;
             }
         },
     };
+    let load_balancer_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok())
+        .collect();
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         let name = p.name.clone().unwrap_or_default();
@@ -170,73 +277,77 @@ fn service_frontends(svc: &Service, reject: &mut dyn FnMut(String)) -> ServiceFr
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                reject(format!("port {label}: protocol {other} is not supported (TCP and UDP are)"));
+                reject(RejectReason::UnsupportedProtocol, format!("port {label}: protocol {other} is not supported (TCP and UDP are)"));
                 continue;
             }
         };
-        let Ok(port) = u16::try_from(p.port).map_err(|_| ()).and_then(|p| if p == 0 { Err(()) } else { Ok(p) }) else {
-            reject(format!("port {label}: {} is not a port number (1-65535)", p.port));
+        let Some(port) = u16::try_from(p.port).ok().filter(|p| *p != 0) else {
+            reject(RejectReason::InvalidPort, format!("port {label}: {} is not a port number (1-65535)", p.port));
             continue;
         };
-        ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol } });
+        let node_port = p.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+        ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol }, node_port });
     }
-    ServiceFrontends::Ports(ports)
+    ServiceFrontends::Ports { service_type, load_balancer_ips, ports }
 }
 
-/// Endpoints of one slice for a Service port: ready addresses with the
-/// slice's port of the same name and protocol.
-fn slice_endpoints(
-    slice: &EndpointSlice,
-    port: &ServicePort,
-    reject: &mut dyn FnMut(String),
-) -> Vec<Endpoint> {
+/// Endpoints of one slice for a Service port, split into ready and
+/// terminating-but-serving, with the slice's port of the same name and protocol.
+fn slice_endpoints(slice: &EndpointSlice, port: &ServicePort, reject: Reject) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    let (mut ready, mut terminating) = (Vec::new(), Vec::new());
     let Some(target) = slice.ports.iter().flatten().find(|p| {
-        p.name.as_deref().unwrap_or("") == port.name
-            && p.protocol.as_deref().unwrap_or("TCP") == port.key.protocol.to_string()
+        p.name.as_deref().unwrap_or("") == port.name && p.protocol.as_deref().unwrap_or("TCP") == port.key.protocol.to_string()
     }) else {
-        return vec![];
+        return (ready, terminating);
     };
-    let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
-    else {
-        reject(format!("port {:?} has no valid port number", port.name));
-        return vec![];
+    let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+        reject(RejectReason::InvalidPort, format!("port {:?} has no valid port number", port.name));
+        return (ready, terminating);
     };
-    let mut out = Vec::new();
-    for ep in &slice.endpoints {
-        // An unset ready condition means ready (EndpointSlice API semantics).
-        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        if !ready {
-            continue;
-        }
-        // Consumers use the first address (the others are deprecated fungible copies).
+    for ep in slice.endpoints.iter().flatten() {
+        let conditions = ep.conditions.as_ref();
+        // Unset conditions mean ready and serving (EndpointSlice API semantics).
+        let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+        let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        // Consumers use the first address (the others are deprecated copies).
         let Some(addr) = ep.addresses.first() else { continue };
-        match addr.parse::<Ipv4Addr>() {
-            Ok(ip) => out.push(Endpoint { ip, port: target_port }),
-            Err(_) => reject(format!("endpoint address {addr:?} is not an IPv4 address")),
+        let ip = match addr.parse::<Ipv4Addr>() {
+            Ok(ip) => ip,
+            Err(_) => {
+                reject(RejectReason::InvalidEndpointAddress, format!("endpoint address {addr:?} is not an IPv4 address"));
+                continue;
+            }
+        };
+        let endpoint = Endpoint { ip, port: target_port };
+        if is_ready {
+            ready.push(endpoint);
+        } else if serving && is_terminating {
+            terminating.push(endpoint);
         }
     }
-    out
+    (ready, terminating)
 }
 
 /// Builds the model from a snapshot; everything skipped is returned with a reason.
-pub fn build(snapshot: &Snapshot) -> (Model, Vec<Rejection>) {
+pub fn build(snapshot: &Snapshot, config: &ModelConfig) -> (Model, Vec<Rejection>) {
     let mut rejected = snapshot.rejected.clone();
-    let mut model = Model::default();
+    let mut model = Model { node_name: config.node_name.clone(), frontends: BTreeMap::new() };
 
     // Slices by (namespace, service name).
-    let mut slices: BTreeMap<(String, String), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
+    let mut slices: BTreeMap<(String, &str), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
     for s in &snapshot.slices {
         let meta = &s.object.metadata;
-        let object = format!(
-            "EndpointSlice {}/{}",
-            namespace_of(meta),
-            meta.name.as_deref().unwrap_or("<unnamed>")
-        );
-        let service = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
-        let Some(service) = service else {
+        let object = || format!("EndpointSlice {}/{}", namespace_of(meta), meta.name.as_deref().unwrap_or("<unnamed>"));
+        let labels = meta.labels.as_ref();
+        if !config.serves(labels) || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+            continue;
+        }
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             rejected.push(Rejection {
-                origin: s.origin.clone(),
-                object,
+                origin: s.origin.to_string(),
+                object: object(),
+                kind: RejectReason::MissingServiceLabel,
                 reason: format!("has no {SERVICE_NAME_LABEL} label"),
             });
             continue;
@@ -244,19 +355,20 @@ pub fn build(snapshot: &Snapshot) -> (Model, Vec<Rejection>) {
         match s.object.address_type.as_str() {
             "IPv4" => {}
             "IPv6" | "FQDN" => {
-                tracing::debug!(%object, address_type = %s.object.address_type, "skipped");
+                tracing::debug!(object = %object(), address_type = %s.object.address_type, "skipped: only IPv4 is programmed");
                 continue;
             }
             other => {
                 rejected.push(Rejection {
-                    origin: s.origin.clone(),
-                    object,
+                    origin: s.origin.to_string(),
+                    object: object(),
+                    kind: RejectReason::InvalidAddressType,
                     reason: format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
                 });
                 continue;
             }
         }
-        slices.entry((namespace_of(meta), service.clone())).or_default().push(s);
+        slices.entry((namespace_of(meta), service.as_str())).or_default().push(s);
     }
 
     for s in &snapshot.services {
@@ -264,55 +376,64 @@ pub fn build(snapshot: &Snapshot) -> (Model, Vec<Rejection>) {
         let namespace = namespace_of(meta);
         let Some(name) = meta.name.clone() else {
             rejected.push(Rejection {
-                origin: s.origin.clone(),
+                origin: s.origin.to_string(),
                 object: "Service <unnamed>".into(),
+                kind: RejectReason::MissingName,
                 reason: "has no metadata.name".into(),
             });
             continue;
         };
+        if !config.serves(meta.labels.as_ref()) {
+            tracing::debug!(service = %format!("{namespace}/{name}"), "belongs to another proxy (service-proxy-name label)");
+            continue;
+        }
         let object = format!("Service {namespace}/{name}");
         let mut reasons = Vec::new();
-        let ports = match service_frontends(&s.object, &mut |r| reasons.push(r)) {
-            ServiceFrontends::Ports(p) => p,
+        let (service_type, load_balancer_ips, ports) = match service_frontends(&s.object, &mut |k, r| reasons.push((k, r))) {
+            ServiceFrontends::Ports { service_type, load_balancer_ips, ports } => (service_type, load_balancer_ips, ports),
             ServiceFrontends::Ignored(why) => {
                 tracing::debug!(%object, why, "not proxied");
-                vec![]
+                (ServiceType::ClusterIP, vec![], vec![])
             }
         };
-        let my_slices = slices.get(&(namespace.clone(), name.clone()));
+        let my_slices = slices.get(&(namespace.clone(), name.as_str()));
         for port in ports {
             let mut backends = BTreeSet::new();
+            let mut terminating = BTreeSet::new();
             for slice in my_slices.into_iter().flatten() {
-                let slice_object = format!(
-                    "EndpointSlice {namespace}/{}",
-                    slice.object.metadata.name.as_deref().unwrap_or("<unnamed>")
-                );
+                let slice_object = format!("EndpointSlice {namespace}/{}", slice.object.metadata.name.as_deref().unwrap_or("<unnamed>"));
                 let mut slice_reasons = Vec::new();
-                backends.extend(slice_endpoints(&slice.object, &port, &mut |r| slice_reasons.push(r)));
-                rejected.extend(slice_reasons.into_iter().map(|reason| Rejection {
-                    origin: slice.origin.clone(),
+                let (ready, term) = slice_endpoints(&slice.object, &port, &mut |k, r| slice_reasons.push((k, r)));
+                backends.extend(ready);
+                terminating.extend(term);
+                rejected.extend(slice_reasons.into_iter().map(|(kind, reason)| Rejection {
+                    origin: slice.origin.to_string(),
                     object: slice_object.clone(),
+                    kind,
                     reason,
                 }));
             }
+            // An address both ready (in one slice) and terminating (in another) is ready.
+            let terminating = terminating.difference(&backends).copied().collect();
             let frontend = Frontend {
-                service: ServicePortName {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    port: port.name.clone(),
-                },
+                service: ServicePortName { namespace: namespace.clone(), name: name.clone(), port: port.name.clone() },
                 key: port.key,
+                service_type,
+                node_port: port.node_port,
+                load_balancer_ips: load_balancer_ips.clone(),
                 backends: backends.into_iter().collect(),
+                terminating,
             };
             if let Some(existing) = model.frontends.get(&port.key) {
-                reasons.push(format!("{} is already used by {}", port.key, existing.service));
+                reasons.push((RejectReason::FrontendConflict, format!("{} is already used by {}", port.key, existing.service)));
                 continue;
             }
             model.frontends.insert(port.key, frontend);
         }
-        rejected.extend(reasons.into_iter().map(|reason| Rejection {
-            origin: s.origin.clone(),
+        rejected.extend(reasons.into_iter().map(|(kind, reason)| Rejection {
+            origin: s.origin.to_string(),
             object: object.clone(),
+            kind,
             reason,
         }));
     }
@@ -328,8 +449,8 @@ mod tests {
         for doc in serde_yaml::Deserializer::from_str(yaml) {
             let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
             match v.get("kind").and_then(|k| k.as_str()) {
-                Some("Service") => snap.services.push(Sourced { origin: "test".into(), object: serde_yaml::from_value(v).unwrap() }),
-                Some("EndpointSlice") => snap.slices.push(Sourced { origin: "test".into(), object: serde_yaml::from_value(v).unwrap() }),
+                Some("Service") => snap.services.push(Sourced::new("test", serde_yaml::from_value(v).unwrap())),
+                Some("EndpointSlice") => snap.slices.push(Sourced::new("test", serde_yaml::from_value(v).unwrap())),
                 _ => panic!("unexpected document"),
             }
         }
@@ -369,7 +490,7 @@ endpoints:
 - addresses: [10.244.0.12]
   conditions: {{ready: true}}
 "));
-        let (m, rejected) = build(&snap);
+        let (m, rejected) = build(&snap, &ModelConfig::default());
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
         assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 9090, Protocol::Tcp)), ["10.244.0.11:9100", "10.244.0.12:9100"]);
@@ -404,7 +525,7 @@ ports: [{{name: http, port: 8080}}]
 endpoints:
 - addresses: [10.244.0.99]
 "));
-        let (m, _) = build(&snap);
+        let (m, _) = build(&snap, &ModelConfig::default());
         assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
     }
 
@@ -428,7 +549,7 @@ metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
 addressType: IPv6
 endpoints: [{addresses: ['fd00::1']}]
 ");
-        let (m, rejected) = build(&snap);
+        let (m, rejected) = build(&snap, &ModelConfig::default());
         assert!(m.frontends.is_empty());
         assert!(rejected.is_empty(), "{rejected:?}");
     }
@@ -465,7 +586,7 @@ addressType: IPv4
 ports: [{name: a, port: 8080}]
 endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.0.7]}]
 ");
-        let (m, rejected) = build(&snap);
+        let (m, rejected) = build(&snap, &ModelConfig::default());
         let reasons: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
         let has = |s: &str| reasons.iter().any(|r| r.contains(s));
         assert!(has("Service default/mixed: port s: protocol SCTP is not supported"), "{reasons:#?}");
@@ -481,7 +602,103 @@ endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.0.7]}]
 
     #[test]
     fn a_service_without_slices_has_no_backends() {
-        let (m, _) = build(&objects(WEB));
+        let (m, _) = build(&objects(WEB), &ModelConfig::default());
         assert!(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp).backends.is_empty());
+    }
+
+    #[test]
+    fn the_service_proxy_name_label_selects_the_proxy() {
+        let yaml = "
+kind: Service
+metadata: {name: mine, labels: {service.kubernetes.io/service-proxy-name: kpr}}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: theirs, labels: {service.kubernetes.io/service-proxy-name: other}}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: unlabelled}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
+";
+        let names = |cfg: &ModelConfig| -> Vec<String> {
+            build(&objects(yaml), cfg).0.frontends.values().map(|f| f.service.name.clone()).collect()
+        };
+        assert_eq!(names(&ModelConfig::default()), ["unlabelled"]);
+        assert_eq!(names(&ModelConfig { service_proxy_name: Some("kpr".into()), ..Default::default() }), ["mine"]);
+        assert_eq!(
+            ModelConfig::default().label_selector(),
+            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+        );
+    }
+
+    #[test]
+    fn node_port_and_load_balancer_services_carry_their_extra_frontends() {
+        let yaml = "
+kind: Service
+metadata: {name: np}
+spec: {type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 80, nodePort: 30080}]}
+---
+kind: Service
+metadata: {name: lb}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.8, ports: [{port: 443, nodePort: 30443}]}
+status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example.com}]}}
+";
+        let cfg = ModelConfig { node_name: "node-1".into(), ..Default::default() };
+        let (m, rejected) = build(&objects(yaml), &cfg);
+        assert!(rejected.is_empty());
+        assert_eq!(m.node_name, "node-1");
+        let np = frontend(&m, [10, 96, 0, 7], 80, Protocol::Tcp);
+        assert_eq!((np.service_type, np.node_port), (ServiceType::NodePort, Some(30080)));
+        let lb = frontend(&m, [10, 96, 0, 8], 443, Protocol::Tcp);
+        assert_eq!(lb.service_type, ServiceType::LoadBalancer);
+        assert_eq!(lb.load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
+    }
+
+    #[test]
+    fn terminating_endpoints_are_kept_apart_from_ready_ones() {
+        let snap = objects(&format!("{WEB}---
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [10.244.0.11]
+  conditions: {{ready: true}}
+- addresses: [10.244.0.12]
+  conditions: {{ready: false, serving: true, terminating: true}}
+- addresses: [10.244.0.13]
+  conditions: {{ready: false, serving: false, terminating: true}}
+- addresses: [10.244.0.14]
+  conditions: {{ready: false}}
+"));
+        let (m, _) = build(&snap, &ModelConfig::default());
+        let f = frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp);
+        assert_eq!(ips(f), ["10.244.0.11:8080"]);
+        assert_eq!(f.terminating, [Endpoint { ip: Ipv4Addr::new(10, 244, 0, 12), port: 8080 }]);
+    }
+
+    #[test]
+    fn headless_slices_and_other_proxies_slices_are_ignored() {
+        let snap = objects(&format!("{WEB}---
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web, service.kubernetes.io/headless: ''}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.0.11]}}]
+"));
+        let (m, rejected) = build(&snap, &ModelConfig::default());
+        assert!(rejected.is_empty());
+        assert!(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp).backends.is_empty());
+    }
+
+    #[test]
+    fn rejections_carry_a_metric_reason() {
+        let (_, rejected) = build(&objects("
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.9, ports: [{port: 9, protocol: SCTP}]}
+"), &ModelConfig::default());
+        assert_eq!(rejected[0].kind.label(), "unsupported_protocol");
     }
 }

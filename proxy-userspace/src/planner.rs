@@ -31,7 +31,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{Endpoint, Protocol, ServicePortName};
+    use crate::model::{Endpoint, Protocol, ServicePortName, ServiceType};
 
     fn fe(vip: u8, port: u16, backends: &[u8]) -> Frontend {
         Frontend {
@@ -41,6 +41,10 @@ mod tests {
                 port: String::new(),
             },
             key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
+            service_type: ServiceType::ClusterIP,
+            node_port: None,
+            load_balancer_ips: vec![],
+            terminating: vec![],
             backends: backends
                 .iter()
                 .map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 })
@@ -49,7 +53,7 @@ mod tests {
     }
 
     fn model(frontends: &[Frontend]) -> Model {
-        Model { frontends: frontends.iter().map(|f| (f.key, f.clone())).collect() }
+        Model { node_name: "n1".into(), frontends: frontends.iter().map(|f| (f.key, f.clone())).collect() }
     }
 
     #[test]

@@ -36,13 +36,19 @@ impl Kpr {
     /// Starts `kpr run --mode ebpf --source dir:DIR --interfaces ...` in
     /// `node` and waits for its first sync.
     pub fn start(node: &Netns, manifests: &Path, interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
+        Self::start_with(node, &[format!("--source=dir:{}", manifests.display())], interfaces, log, "synced")
+    }
+
+    /// Starts `kpr run --mode ebpf ARGS --interfaces ...` in `node` and waits
+    /// until its log shows `ready_line`.
+    pub fn start_with(node: &Netns, args: &[String], interfaces: &[String], log: &Path, ready_line: &str) -> anyhow::Result<Self> {
         let bin = binary()?;
         let log_file = std::fs::File::create(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", node.name()])
             .arg(&bin)
             .args(["run", "--mode", "ebpf"])
-            .arg(format!("--source=dir:{}", manifests.display()))
+            .args(args)
             .arg(format!("--interfaces={}", interfaces.join(",")))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -52,7 +58,7 @@ impl Kpr {
             .spawn()
             .context("starting kpr")?;
         let mut kpr = Self { child: Some(child), log: log.to_path_buf() };
-        kpr.wait_for_log("synced", Duration::from_secs(20))?;
+        kpr.wait_for_log(ready_line, Duration::from_secs(20))?;
         Ok(kpr)
     }
 

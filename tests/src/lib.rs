@@ -12,3 +12,4 @@ pub mod client;
 pub mod manifests;
 pub mod demo;
 pub mod apiserver;
+pub mod objects;

@@ -66,25 +66,34 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<thread::JoinHandle<T>> {
-        let file = File::open(format!("/run/netns/{}", self.name)).with_context(|| format!("opening namespace {}", self.name))?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = thread::spawn(move || {
-            // setns affects only the calling thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            let _ = ready_tx.send(if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
-            if rc != 0 {
-                panic!("setns failed");
-            }
-            f()
-        });
-        ready_rx.recv().context("namespace thread died")?.context("entering the namespace")?;
-        Ok(handle)
+        spawn_in(&self.name, f)
     }
 
     /// Runs `f` inside the namespace and waits for its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))
+        run_in(&self.name, f)
     }
+}
+
+/// [`Netns::run`] by namespace name, for closures that outlive a borrow.
+pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    spawn_in(name, f)?.join().map_err(|_| anyhow::anyhow!("thread in namespace {name} panicked"))
+}
+
+fn spawn_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<thread::JoinHandle<T>> {
+    let file = File::open(format!("/run/netns/{name}")).with_context(|| format!("opening namespace {name}"))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        // setns affects only the calling thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = ready_tx.send(if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+        if rc != 0 {
+            panic!("setns failed");
+        }
+        f()
+    });
+    ready_rx.recv().context("namespace thread died")?.context("entering the namespace")?;
+    Ok(handle)
 }
 
 impl Drop for Netns {

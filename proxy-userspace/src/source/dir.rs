@@ -5,14 +5,19 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
-use crate::model::{Rejection, Snapshot, Sourced};
+use crate::model::{RejectReason, Rejection, Snapshot, Sourced};
+
+use super::{Changes, Source};
 
 /// How often the folder is compared with what was last read. Polling keeps
 /// working on every filesystem and coalesces an editor's burst of writes.
@@ -49,7 +54,7 @@ fn parse(contents: &Contents) -> Snapshot {
                 Ok(serde_yaml::Value::Null) => continue,
                 Ok(v) => v,
                 Err(e) => {
-                    snap.rejected.push(Rejection { origin: origin.clone(), object: position, reason: e.to_string() });
+                    snap.rejected.push(Rejection { origin: origin.clone(), object: position, kind: RejectReason::Unreadable, reason: e.to_string() });
                     // The YAML stream cannot be resumed after a syntax error.
                     break;
                 }
@@ -61,14 +66,14 @@ fn parse(contents: &Contents) -> Snapshot {
             };
             match kind.as_str() {
                 "Service" => match serde_yaml::from_value::<Service>(value.clone()) {
-                    Ok(object) => snap.services.push(Sourced { origin: origin.clone(), object }),
-                    Err(e) => snap.rejected.push(Rejection { origin: origin.clone(), object: named(&value), reason: e.to_string() }),
+                    Ok(object) => snap.services.push(Sourced::new(origin.as_str(), object)),
+                    Err(e) => snap.rejected.push(Rejection { origin: origin.clone(), object: named(&value), kind: RejectReason::Unreadable, reason: e.to_string() }),
                 },
                 "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value.clone()) {
-                    Ok(object) => snap.slices.push(Sourced { origin: origin.clone(), object }),
-                    Err(e) => snap.rejected.push(Rejection { origin: origin.clone(), object: named(&value), reason: e.to_string() }),
+                    Ok(object) => snap.slices.push(Sourced::new(origin.as_str(), object)),
+                    Err(e) => snap.rejected.push(Rejection { origin: origin.clone(), object: named(&value), kind: RejectReason::Unreadable, reason: e.to_string() }),
                 },
-                "" => snap.rejected.push(Rejection { origin: origin.clone(), object: position, reason: "has no kind".into() }),
+                "" => snap.rejected.push(Rejection { origin: origin.clone(), object: position, kind: RejectReason::Unreadable, reason: "has no kind".into() }),
                 other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
             }
         }
@@ -81,30 +86,57 @@ pub fn read(dir: &Path) -> std::io::Result<Snapshot> {
     Ok(parse(&read_contents(dir)?))
 }
 
-/// Sends a snapshot now and after every change, until the receiver is gone.
-/// A folder that cannot be read is reported and retried; the last good
-/// snapshot stays in force meanwhile.
-pub async fn watch(dir: PathBuf, tx: mpsc::Sender<Snapshot>) {
-    let mut last: Option<Contents> = None;
-    let mut reported_error = false;
-    loop {
-        match read_contents(&dir) {
-            Ok(contents) => {
-                reported_error = false;
-                if last.as_ref() != Some(&contents) {
-                    if tx.send(parse(&contents)).await.is_err() {
-                        return;
+/// The folder's latest parsed contents.
+pub struct DirSource {
+    dir: PathBuf,
+    latest: Mutex<Option<Snapshot>>,
+    readable: AtomicBool,
+}
+
+impl DirSource {
+    pub fn new(dir: PathBuf) -> Arc<Self> {
+        Arc::new(Self { dir, latest: Mutex::new(None), readable: AtomicBool::new(true) })
+    }
+
+    /// Polls the folder until `changes` is closed, announcing every change.
+    /// A folder that cannot be read is reported and retried; the last good
+    /// snapshot stays in force meanwhile.
+    pub async fn watch(self: Arc<Self>, changes: Changes) {
+        let mut last: Option<Contents> = None;
+        loop {
+            match read_contents(&self.dir) {
+                Ok(contents) => {
+                    self.readable.store(true, Ordering::Relaxed);
+                    if last.as_ref() != Some(&contents) {
+                        *self.latest.lock().unwrap() = Some(parse(&contents));
+                        last = Some(contents);
+                        if changes.send(Instant::now()).is_err() {
+                            return;
+                        }
                     }
-                    last = Some(contents);
+                }
+                Err(e) => {
+                    if self.readable.swap(false, Ordering::Relaxed) {
+                        tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the manifest folder; keeping what is programmed");
+                    }
                 }
             }
-            Err(e) if !reported_error => {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot read the manifest folder; keeping what is programmed");
-                reported_error = true;
-            }
-            Err(_) => {}
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+impl Source for DirSource {
+    fn ready(&self) -> bool {
+        self.latest.lock().unwrap().is_some()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.latest.lock().unwrap().clone().unwrap_or_default()
+    }
+
+    fn connected(&self) -> bool {
+        self.readable.load(Ordering::Relaxed)
     }
 }
 
@@ -146,11 +178,5 @@ mod tests {
     fn other_kinds_are_ignored() {
         let snap = parse(&contents(&[("cm.yaml", "kind: ConfigMap\nmetadata: {name: x}\n")]));
         assert!(snap.services.is_empty() && snap.rejected.is_empty());
-    }
-
-    #[test]
-    fn source_spec_parses_dir_only() {
-        assert_eq!("dir:/m".parse(), Ok(crate::source::SourceSpec::Dir("/m".into())));
-        assert!("kube".parse::<crate::source::SourceSpec>().is_err());
     }
 }

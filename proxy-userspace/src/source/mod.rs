@@ -1,14 +1,35 @@
-//! Sources turn Kubernetes objects into model snapshots.
+//! Sources turn Kubernetes objects into model snapshots. Each holds its
+//! latest objects and announces every change (with the time it arrived) on
+//! a channel; the agent takes a snapshot when it syncs.
 
 pub mod dir;
+pub mod kube;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Instant};
+
+use tokio::sync::mpsc;
+
+use crate::model::Snapshot;
+
+/// Announces that a source's objects changed, and when the change arrived.
+pub type Changes = mpsc::UnboundedSender<Instant>;
+
+pub trait Source: Send + Sync {
+    /// True once the initial state is complete (every kind listed), so a
+    /// sync never programs Services before their endpoints are known.
+    fn ready(&self) -> bool;
+    fn snapshot(&self) -> Snapshot;
+    /// False while the source is cut off from where its objects come from.
+    fn connected(&self) -> bool;
+}
 
 /// Where Services and EndpointSlices come from, as given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceSpec {
     /// A folder of YAML/JSON manifests, watched for changes.
     Dir(PathBuf),
+    /// A Kubernetes API server (in-cluster config, or `--kubeconfig`).
+    Kube,
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -17,7 +38,21 @@ impl std::str::FromStr for SourceSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(SourceSpec::Dir(path.into())),
-            _ => Err(format!("unknown source {s:?}: expected dir:PATH (a folder of manifests)")),
+            None if s == "kube" => Ok(SourceSpec::Kube),
+            _ => Err(format!("unknown source {s:?}: expected kube or dir:PATH (a folder of manifests)")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_spec_parses() {
+        assert_eq!("dir:/m".parse(), Ok(SourceSpec::Dir("/m".into())));
+        assert_eq!("kube".parse(), Ok(SourceSpec::Kube));
+        assert!("dir:".parse::<SourceSpec>().is_err());
+        assert!("etcd".parse::<SourceSpec>().is_err());
     }
 }

@@ -1,0 +1,68 @@
+//! What the agent measures about itself, with kube-proxy's metric names
+//! where they apply. Observers read these; the sync path only records.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Time to build the model, plan and apply one sync.
+    pub sync_duration: Histogram,
+    /// Time from a change arriving from the source to the dataplane
+    /// reflecting it (kube-proxy's network programming latency).
+    pub programming_latency: Histogram,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    /// Objects skipped by validation, counted when first seen, by reason.
+    pub rejected: Family<ReasonLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let programming_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
+        let rejected = Family::<ReasonLabels, Counter>::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time to program the dataplane in one sync",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from a Service or EndpointSlice change arriving to the dataplane reflecting it",
+            programming_latency.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the dataplane was last synced (Unix time)",
+            last_sync_timestamp.clone(),
+        );
+        registry.register("kpr_rejected_objects", "Objects skipped by validation, by reason", rejected.clone());
+        Self { registry, sync_duration, programming_latency, last_sync_timestamp, rejected }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,241 @@
+//! `kpr run --source kube` end to end: the real kpr binary with the
+//! unmodified kube client, talking over HTTP to the test API server inside
+//! the node's network namespace, and real traffic from a client pod.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kpr_tests::{
+    apiserver::{ApiServer, store::Kind},
+    client::{tcp_request, udp_request},
+    kpr::Kpr,
+    netns::run_in,
+    node::VirtualNode,
+    objects::{service, slice},
+    root::require_root,
+    servers::{self, Server},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const PODS: [(&str, Ipv4Addr); 4] = [
+    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
+    ("web-c", Ipv4Addr::new(10, 244, 0, 13)),
+    ("client", Ipv4Addr::new(10, 244, 0, 100)),
+];
+const A: (&str, Ipv4Addr) = PODS[0];
+const B: (&str, Ipv4Addr) = PODS[1];
+const C: (&str, Ipv4Addr) = PODS[2];
+
+struct Cluster {
+    kpr: Kpr,
+    api: ApiServer,
+    _dir: tempfile::TempDir,
+    _servers: Vec<Server>,
+    node: VirtualNode,
+}
+
+impl Cluster {
+    fn start(extra_args: &[&str]) -> Self {
+        let node = VirtualNode::new(&PODS).expect("virtual node");
+        let mut servers = Vec::new();
+        for (name, _) in &PODS[..3] {
+            servers.push(servers::tcp(&node.pod(name).ns, 8080, name).unwrap());
+            servers.push(servers::udp(&node.pod(name).ns, 5353, name).unwrap());
+        }
+        // The API server listens on the node namespace's loopback, where kpr runs.
+        let ns = node.ns.name().to_string();
+        let api = ApiServer::start(Arc::new(move |port| run_in(&ns, move || TcpListener::bind(("127.0.0.1", port))).expect("netns")))
+            .expect("test API server");
+        api.set_bookmark_interval(Duration::from_millis(500));
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        let mut args = vec!["--source=kube".to_string(), format!("--kubeconfig={}", kubeconfig.display()), "--node-name=node-1".into()];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "serving Services").expect("kpr starts");
+        Self { kpr, api, _dir: dir, _servers: servers, node }
+    }
+
+    /// Which pods answer `n` fresh TCP connections to `vip`:80 (errors as "error: ...").
+    fn who_answers(&self, vip: Ipv4Addr, n: usize) -> BTreeSet<String> {
+        self.node
+            .pod("client")
+            .ns
+            .run(move || {
+                (0..n)
+                    .map(|_| match tcp_request(SocketAddr::from((vip, 80)), Duration::from_secs(2)) {
+                        Ok(w) => w,
+                        Err(e) => format!("error: {}", e.kind()),
+                    })
+                    .collect()
+            })
+            .unwrap()
+    }
+
+    /// Waits until `n` connections are answered by exactly `pods`.
+    fn converges_to(&self, vip: Ipv4Addr, pods: &[&str], timeout: Duration) -> Result<(), String> {
+        let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.who_answers(vip, 30);
+            if got == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("after {timeout:?}: {got:?}, wanted {want:?}\n{}", self.kpr.log()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn refused(&self, vip: Ipv4Addr) -> bool {
+        self.who_answers(vip, 5).iter().all(|w| w.starts_with("error"))
+    }
+}
+
+macro_rules! root_or_skip {
+    () => {
+        if !require_root(module_path!()) {
+            return;
+        }
+    };
+}
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+#[test]
+fn services_and_slices_from_the_api_server_drive_the_dataplane() {
+    root_or_skip!();
+    let c = Cluster::start(&[]);
+    assert!(c.refused(VIP), "nothing is served before the Service exists");
+
+    c.api.create(&service("web", VIP, &[])).unwrap();
+    c.api.create(&slice("web-1", "web", &[A, B])).unwrap();
+    c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
+    let (reply, from) = c.node.pod("client").ns.run(|| udp_request(SocketAddr::from((VIP, 53)), Duration::from_secs(2)).unwrap()).unwrap();
+    assert!(reply.starts_with("web-") && from == SocketAddr::from((VIP, 53)));
+
+    // Scale up through a second slice of the same Service, then down.
+    c.api.create(&slice("web-2", "web", &[C, A])).unwrap();
+    c.converges_to(VIP, &["web-a", "web-b", "web-c"], SETTLE).unwrap();
+    c.api.apply(&slice("web-1", "web", &[])).unwrap();
+    c.api.delete::<EndpointSlice>("default", "web-2").unwrap();
+    c.converges_to(VIP, &["error: connection refused"], SETTLE).unwrap();
+    c.api.apply(&slice("web-1", "web", &[C])).unwrap();
+    c.converges_to(VIP, &["web-c"], SETTLE).unwrap();
+
+    c.api.delete::<Service>("default", "web").unwrap();
+    let deadline = Instant::now() + SETTLE;
+    while !c.refused(VIP) {
+        assert!(Instant::now() < deadline, "a deleted Service still answers:\n{}", c.kpr.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One list per kind, then watches.
+    let requests = c.api.requests();
+    assert!(requests.iter().any(|r| r.contains("/api/v1/services?") && r.contains("labelSelector")), "{requests:#?}");
+    assert!(requests.iter().any(|r| r.contains("endpointslices?") && r.contains("watch=true")), "{requests:#?}");
+}
+
+#[test]
+fn an_api_server_restart_while_endpoints_change_converges_without_stale_backends() {
+    root_or_skip!();
+    let mut c = Cluster::start(&[]);
+    c.api.create(&service("web", VIP, &[])).unwrap();
+    c.api.create(&slice("web-1", "web", &[A, B])).unwrap();
+    c.api.create(&service("other", OTHER_VIP, &[])).unwrap();
+    c.api.create(&slice("other-1", "other", &[C])).unwrap();
+    c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
+    c.converges_to(OTHER_VIP, &["web-c"], SETTLE).unwrap();
+
+    c.api.stop();
+    // While the API server is down: endpoints move, a Service goes away.
+    c.api.apply(&slice("web-1", "web", &[C])).unwrap();
+    c.api.delete::<Service>("default", "other").unwrap();
+    c.api.delete::<EndpointSlice>("default", "other-1").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // What is programmed keeps serving meanwhile.
+    c.converges_to(VIP, &["web-a", "web-b"], Duration::from_secs(1)).unwrap();
+
+    // The restarted server has no watch history: kpr's watches get 410 Gone and re-list.
+    c.api.restart().unwrap();
+    c.converges_to(VIP, &["web-c"], Duration::from_secs(40)).unwrap();
+    let deadline = Instant::now() + SETTLE;
+    while !c.refused(OTHER_VIP) {
+        assert!(Instant::now() < deadline, "a Service deleted during the outage is still served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dropped_watches_and_server_errors_are_survived() {
+    root_or_skip!();
+    let c = Cluster::start(&[]);
+    c.api.create(&service("web", VIP, &[])).unwrap();
+    c.api.create(&slice("web-1", "web", &[A])).unwrap();
+    c.converges_to(VIP, &["web-a"], SETTLE).unwrap();
+
+    c.api.drop_watches();
+    c.api.apply(&slice("web-1", "web", &[B])).unwrap();
+    c.converges_to(VIP, &["web-b"], SETTLE).unwrap();
+
+    c.api.fail_requests(true);
+    c.api.drop_watches();
+    // Let the open streams end (ending them races with new events), so the
+    // change below can only arrive once requests succeed again.
+    std::thread::sleep(Duration::from_millis(500));
+    c.api.apply(&slice("web-1", "web", &[C])).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    c.converges_to(VIP, &["web-b"], Duration::from_secs(1)).unwrap();
+    c.api.fail_requests(false);
+    c.converges_to(VIP, &["web-c"], Duration::from_secs(40)).unwrap();
+}
+
+#[test]
+fn a_malformed_service_beside_a_good_one_leaves_the_good_one_working() {
+    root_or_skip!();
+    let mut c = Cluster::start(&[]);
+    c.api
+        .apply_json(Kind::Service, serde_json::json!({
+            "metadata": {"name": "bad", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.300", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+        }))
+        .unwrap();
+    c.api
+        .apply_json(Kind::Service, serde_json::json!({
+            "metadata": {"name": "sctp", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "s", "port": 9, "protocol": "SCTP"}]}
+        }))
+        .unwrap();
+    c.api.create(&service("web", VIP, &[])).unwrap();
+    c.api.create(&slice("web-1", "web", &[A, B])).unwrap();
+    c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
+    c.kpr.wait_for_log("Service default/sctp", SETTLE).unwrap();
+    let log = c.kpr.log();
+    assert!(log.contains("Service default/bad") && log.contains("is not an IP address"), "{log}");
+    assert_eq!(log.matches("protocol SCTP is not supported").count(), 1, "reported once:\n{log}");
+}
+
+#[test]
+fn services_of_another_proxy_are_left_alone() {
+    root_or_skip!();
+    let c = Cluster::start(&["--service-proxy-name=kpr"]);
+    let label = [("service.kubernetes.io/service-proxy-name", "kpr")];
+    let other = [("service.kubernetes.io/service-proxy-name", "someone-else")];
+    c.api.create(&service("mine", VIP, &label)).unwrap();
+    let mut s = slice("mine-1", "mine", &[A]);
+    s.metadata.labels.as_mut().unwrap().insert(label[0].0.into(), label[0].1.into());
+    c.api.create(&s).unwrap();
+    c.api.create(&service("theirs", OTHER_VIP, &other)).unwrap();
+    let mut s = slice("theirs-1", "theirs", &[B]);
+    s.metadata.labels.as_mut().unwrap().insert(other[0].0.into(), other[0].1.into());
+    c.api.create(&s).unwrap();
+    c.converges_to(VIP, &["web-a"], SETTLE).unwrap();
+    assert!(c.refused(OTHER_VIP), "another proxy's Service is not served");
+}
