@@ -253,7 +253,11 @@ fn service_frontends(svc: &Service, reject: Reject) -> ServiceFrontends {
         }
         Some(ip) => match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) => v4,
-            Ok(IpAddr::V6(_)) => return ServiceFrontends::Ignored("IPv6 (only IPv4 is programmed)"),
+            // Dual-stack with IPv6 first: serve its IPv4 ClusterIP, if any.
+            Ok(IpAddr::V6(_)) => match spec.cluster_ips.iter().flatten().find_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                Some(v4) => v4,
+                None => return ServiceFrontends::Ignored("IPv6 (only IPv4 is programmed)"),
+            },
             Err(_) => {
                 reject(RejectReason::InvalidClusterIp, format!("spec.clusterIP {ip:?} is not an IP address"));
                 return none;
@@ -542,7 +546,7 @@ spec: {type: ExternalName, externalName: example.com}
 ---
 kind: Service
 metadata: {name: v6}
-spec: {clusterIP: 'fd00::10', ports: [{port: 80}]}
+spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10'], ports: [{port: 80}]}
 ---
 kind: EndpointSlice
 metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
@@ -700,5 +704,15 @@ metadata: {name: s}
 spec: {clusterIP: 10.96.0.9, ports: [{port: 9, protocol: SCTP}]}
 "), &ModelConfig::default());
         assert_eq!(rejected[0].kind.label(), "unsupported_protocol");
+    }
+
+    #[test]
+    fn dual_stack_services_are_served_on_their_ipv4_cluster_ip() {
+        let (m, _) = build(&objects("
+kind: Service
+metadata: {name: ds}
+spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.44], ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}
+"), &ModelConfig::default());
+        assert!(m.frontends.contains_key(&FrontendKey { vip: [10, 96, 0, 44].into(), port: 80, protocol: Protocol::Tcp }));
     }
 }
