@@ -16,14 +16,33 @@ use crate::{
     dataplane::{
         Dataplane,
         ebpf::{EbpfDataplane, MapSizes},
+        iptables::{IptablesDataplane, render::RenderConfig},
     },
     metrics::{Metrics, ReasonLabels},
     model::{self, Model, ModelConfig, Rejection, Snapshot},
     planner,
     source::{self, Source, SourceSpec},
+    status::{self, Status},
 };
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// eBPF where the kernel allows it, else iptables (says why).
+    Auto,
+    /// TC eBPF programs on the pod interfaces.
+    Ebpf,
+    /// kube-proxy's iptables rules.
+    Iptables,
+}
+
 pub struct RunConfig {
+    pub mode: Mode,
+    /// Make the eBPF probe fail, to exercise the fallback.
+    pub simulate_ebpf_unavailable: bool,
+    pub iptables: RenderConfig,
+    /// How often iptables mode rewrites every chain instead of only changed ones.
+    pub iptables_full_sync_period: Duration,
+    pub state_dir: PathBuf,
     pub source: SourceSpec,
     pub kubeconfig: Option<PathBuf>,
     pub interfaces: Vec<String>,
@@ -102,6 +121,7 @@ pub async fn sync_loop<D: Dataplane>(
     syncer: &mut Syncer<D>,
     min_interval: Duration,
     stop: impl std::future::Future<Output = ()>,
+    mut after_sync: impl FnMut(&mut Syncer<D>, &dyn Source),
 ) {
     let mut stop = std::pin::pin!(stop);
     let mut pending: Vec<Instant> = Vec::new();
@@ -117,6 +137,7 @@ pub async fn sync_loop<D: Dataplane>(
             }
             _ = tokio::time::sleep_until(next_allowed), if !pending.is_empty() && source.ready() => {
                 syncer.sync(&source.snapshot(), &pending);
+                after_sync(syncer, source);
                 pending.clear();
                 last_sync = Some(tokio::time::Instant::now());
             }
@@ -136,20 +157,61 @@ async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = (
     })
 }
 
+/// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,
+/// verify, attach to every interface) fails. Returns why it fell back.
+fn choose_dataplane(cfg: &RunConfig) -> anyhow::Result<(Box<dyn Dataplane>, Option<String>)> {
+    let iptables = || -> anyhow::Result<Box<dyn Dataplane>> {
+        Ok(Box::new(IptablesDataplane::new(cfg.iptables.clone(), cfg.iptables_full_sync_period)?))
+    };
+    let ebpf = || -> anyhow::Result<Box<dyn Dataplane>> {
+        if cfg.simulate_ebpf_unavailable {
+            anyhow::bail!("eBPF disabled by --simulate-ebpf-unavailable");
+        }
+        Ok(Box::new(EbpfDataplane::attach(&cfg.interfaces, cfg.map_sizes)?))
+    };
+    match cfg.mode {
+        Mode::Ebpf => Ok((ebpf()?, None)),
+        Mode::Iptables => Ok((iptables()?, None)),
+        Mode::Auto => match ebpf() {
+            Ok(dp) => Ok((dp, None)),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!("eBPF unavailable, falling back to iptables mode: {why}");
+                Ok((iptables()?, Some(why)))
+            }
+        },
+    }
+}
+
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let stop = shutdown_signal().await?;
     let metrics = Arc::new(Metrics::default());
-    let dataplane = EbpfDataplane::attach(&cfg.interfaces, cfg.map_sizes)?;
-    tracing::info!(node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
+    let (dataplane, fallback_reason) = choose_dataplane(&cfg)?;
+    tracing::info!(mode = dataplane.mode(), node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let mut syncer = Syncer::new(dataplane, cfg.model.clone(), metrics);
+    let mut status = Status {
+        mode: syncer.dataplane.mode().into(),
+        fallback_reason,
+        pid: std::process::id(),
+        interfaces: cfg.interfaces.clone(),
+        source: match &cfg.source {
+            SourceSpec::Dir(d) => format!("dir:{}", d.display()),
+            SourceSpec::Kube => "kube".into(),
+        },
+        started_at: status::now(),
+        ..Default::default()
+    };
+    if let Err(e) = status.write(&cfg.state_dir) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot write the status file; kpr status will not see this agent");
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = Vec::new();
-    let source: Arc<dyn Source> = match cfg.source {
+    let source: Arc<dyn Source> = match &cfg.source {
         SourceSpec::Dir(dir) => {
             anyhow::ensure!(dir.is_dir(), "source folder {} does not exist or is not a folder", dir.display());
             tracing::info!(dir = %dir.display(), "watching manifests");
-            let source = source::dir::DirSource::new(dir);
+            let source = source::dir::DirSource::new(dir.clone());
             tasks.push(tokio::spawn(source.clone().watch(tx)));
             source
         }
@@ -159,15 +221,35 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     };
 
-    sync_loop(source.as_ref(), &mut rx, &mut syncer, cfg.min_sync_interval, stop).await;
+    let mut taken_over = false;
+    let after_sync = |syncer: &mut Syncer<Box<dyn Dataplane>>, source: &dyn Source| {
+        if !taken_over {
+            // Only now that this dataplane serves, remove the other's leftovers.
+            syncer.dataplane.take_over(&cfg.interfaces);
+            taken_over = true;
+        }
+        status.last_sync_at = Some(status::now());
+        status.source_connected = source.connected();
+        status.frontends = syncer.programmed().frontends.len();
+        status.backends = syncer.programmed().frontends.values().map(|f| f.backends.len()).sum();
+        let _ = status.write(&cfg.state_dir);
+    };
+    sync_loop(source.as_ref(), &mut rx, &mut syncer, cfg.min_sync_interval, stop, after_sync).await;
     for t in tasks {
         t.abort();
     }
-    if let Ok(counters) = syncer.dataplane.counters() {
+    let counters = syncer.dataplane.counters();
+    if !counters.is_empty() {
         tracing::info!(?counters, "datapath counters at exit");
     }
+    let mode = syncer.dataplane.mode();
     drop(syncer);
-    tracing::info!("detached from all interfaces; exiting");
+    match mode {
+        "ebpf" => tracing::info!("detached from all interfaces; exiting"),
+        // As kube-proxy: rules stay in place so Services keep working until
+        // the next start (or `kpr cleanup`).
+        _ => tracing::info!("iptables rules left in place; exiting"),
+    }
     Ok(())
 }
 
@@ -287,7 +369,7 @@ mod tests {
         };
         tokio::select! {
             _ = async {
-                tokio::join!(driver, sync_loop(&source, &mut rx, &mut syncer, Duration::from_secs(1), async { let _ = stop_rx.await; }));
+                tokio::join!(driver, sync_loop(&source, &mut rx, &mut syncer, Duration::from_secs(1), async { let _ = stop_rx.await; }, |_, _| {}));
             } => {}
             _ = watcher => {}
         }

@@ -1,12 +1,14 @@
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use proxy_common::maps as abi;
 use proxy_userspace::{
-    agent::{self, RunConfig},
-    dataplane::ebpf::MapSizes,
+    agent::{self, Mode, RunConfig},
+    dataplane::{cleanup, ebpf::MapSizes, iptables::render::RenderConfig},
     model::ModelConfig,
     source::SourceSpec,
+    status::{self, Status},
 };
 
 /// kpr: Service VIPs to pods, in the kernel.
@@ -17,12 +19,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Mode {
-    /// TC eBPF programs on the pod interfaces.
-    Ebpf,
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
@@ -31,7 +27,7 @@ fn hostname() -> String {
 enum Command {
     /// Run the proxy: program the dataplane and keep it in sync with the source.
     Run {
-        #[arg(long, value_enum, default_value = "ebpf")]
+        #[arg(long, value_enum, default_value = "auto")]
         mode: Mode,
         /// Where Services and EndpointSlices come from: `kube` (the API
         /// server) or `dir:PATH` (a folder of manifests).
@@ -53,6 +49,12 @@ enum Command {
         /// Node-side pod interfaces to attach to, comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         interfaces: Vec<String>,
+        /// Pod network (iptables mode): traffic to a VIP from outside it is masqueraded.
+        #[arg(long)]
+        cluster_cidr: Option<String>,
+        /// iptables mode rewrites every chain this often (other syncs rewrite only changed Services).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        iptables_full_sync_period: Duration,
         /// Capacity of the service map (frontends plus one entry per VIP).
         #[arg(long, default_value_t = abi::DEFAULT_SERVICES_MAX)]
         max_services: u32,
@@ -62,7 +64,47 @@ enum Command {
         /// Capacity of each connection-tracking map (LRU: oldest flows are evicted).
         #[arg(long, default_value_t = abi::DEFAULT_CONNTRACK_MAX)]
         max_flows: u32,
+        /// Where the agent writes its status for `kpr status`.
+        #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Make the eBPF probe fail (to exercise the iptables fallback).
+        #[arg(long, hide = true)]
+        simulate_ebpf_unavailable: bool,
     },
+    /// Show the running agent's mode, interfaces and last sync.
+    Status {
+        #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything kpr installed, in either mode: iptables chains and
+    /// jumps (both backends), attached programs, pinned maps.
+    Cleanup {
+        /// Interfaces to detach from (default: every interface).
+        #[arg(long, value_delimiter = ',')]
+        interfaces: Option<Vec<String>>,
+    },
+}
+
+fn print_status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
+    let s = Status::read(&state_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let age = |t: f64| format!("{:.1}s ago", (status::now() - t).max(0.0));
+    println!("agent:      pid {} ({})", s.pid, if s.running() { "running" } else { "not running" });
+    println!("mode:       {}", s.mode);
+    if let Some(why) = &s.fallback_reason {
+        println!("            (fell back from eBPF: {why})");
+    }
+    println!("interfaces: {}", s.interfaces.join(", "));
+    println!("source:     {} ({})", s.source, if s.source_connected { "connected" } else { "disconnected" });
+    println!("last sync:  {}", s.last_sync_at.map_or("never".into(), age));
+    println!("services:   {} frontends, {} backends", s.frontends, s.backends);
+    Ok(())
 }
 
 #[tokio::main]
@@ -73,18 +115,27 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run {
-            mode: Mode::Ebpf,
+            mode,
             source,
             kubeconfig,
             service_proxy_name,
             node_name,
             min_sync_interval,
             interfaces,
+            cluster_cidr,
+            iptables_full_sync_period,
             max_services,
             max_backends,
             max_flows,
+            state_dir,
+            simulate_ebpf_unavailable,
         } => {
             agent::run(RunConfig {
+                mode,
+                simulate_ebpf_unavailable,
+                iptables: RenderConfig { cluster_cidr },
+                iptables_full_sync_period,
+                state_dir,
                 source,
                 kubeconfig,
                 interfaces,
@@ -93,6 +144,14 @@ async fn main() -> anyhow::Result<()> {
                 min_sync_interval,
             })
             .await
+        }
+        Command::Status { state_dir, json } => print_status(state_dir, json),
+        Command::Cleanup { interfaces } => {
+            let interfaces = interfaces.unwrap_or_else(cleanup::all_interfaces);
+            let tables = cleanup::remove_iptables().context("removing iptables rules")?;
+            let programs = cleanup::remove_ebpf(&interfaces);
+            println!("removed kpr's iptables rules from {tables} backend(s) and {programs} eBPF attachment(s)");
+            Ok(())
         }
     }
 }

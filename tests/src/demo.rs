@@ -130,7 +130,7 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let log_dir = tempfile::tempdir()?;
     let log = log_dir.path().join("kpr.log");
-    let mut kpr = Kpr::start(&node.ns, dir, &node.interfaces(), &log)?;
+    let mut kpr = Kpr::start(&node.ns, crate::kpr::Mode::Ebpf, dir, &node.interfaces(), &log)?;
     println!("kpr attached its TC programs to {} and programmed {} Services from {}\n", node.interfaces().join(", "), services.len(), dir.display());
 
     let client = &node.pod(CLIENT.0).ns;

@@ -10,6 +10,19 @@ use anyhow::{Context as _, bail};
 
 use crate::netns::Netns;
 
+/// Where a kpr logging to `log` keeps its status file.
+pub fn state_dir(log: &Path) -> PathBuf {
+    log.parent().unwrap_or(Path::new(".")).join("state")
+}
+
+/// Runs `kpr ARGS` (status, cleanup, ...) inside `node` and returns stdout.
+pub fn command(node: &Netns, args: &[&str]) -> anyhow::Result<String> {
+    let bin = binary()?;
+    let mut cmd = vec![bin.to_str().context("binary path")?];
+    cmd.extend_from_slice(args);
+    node.output(&cmd)
+}
+
 /// The `kpr` binary: `$KPR_BIN`, else the workspace's debug build (which
 /// `cargo xtask test` builds before running the tests).
 pub fn binary() -> anyhow::Result<PathBuf> {
@@ -26,6 +39,22 @@ pub fn binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The dataplane a test runs kpr with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
+}
+
+impl Mode {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "--mode=ebpf",
+            Mode::Iptables => "--mode=iptables",
+        }
+    }
+}
+
 /// A running `kpr run`; stopped with SIGINT (as Ctrl-C) on drop.
 pub struct Kpr {
     child: Option<Child>,
@@ -33,22 +62,24 @@ pub struct Kpr {
 }
 
 impl Kpr {
-    /// Starts `kpr run --mode ebpf --source dir:DIR --interfaces ...` in
+    /// Starts `kpr run --mode MODE --source dir:DIR --interfaces ...` in
     /// `node` and waits for its first sync.
-    pub fn start(node: &Netns, manifests: &Path, interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
-        Self::start_with(node, &[format!("--source=dir:{}", manifests.display())], interfaces, log, "synced")
+    pub fn start(node: &Netns, mode: Mode, manifests: &Path, interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
+        let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+        Self::start_with(node, &args, interfaces, log, "synced")
     }
 
-    /// Starts `kpr run --mode ebpf ARGS --interfaces ...` in `node` and waits
-    /// until its log shows `ready_line`.
+    /// Starts `kpr run ARGS --interfaces ...` in `node` and waits until its
+    /// log shows `ready_line`. Its status goes to `state/` beside the log.
     pub fn start_with(node: &Netns, args: &[String], interfaces: &[String], log: &Path, ready_line: &str) -> anyhow::Result<Self> {
         let bin = binary()?;
         let log_file = std::fs::File::create(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", node.name()])
             .arg(&bin)
-            .args(["run", "--mode", "ebpf"])
+            .arg("run")
             .args(args)
+            .arg(format!("--state-dir={}", state_dir(log).display()))
             .arg(format!("--interfaces={}", interfaces.join(",")))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")

@@ -56,6 +56,15 @@ impl Netns {
         ip(&args)
     }
 
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn output(&self, cmd: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(cmd).output()?;
+        if !out.status.success() {
+            bail!("{} failed: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
     }

@@ -36,6 +36,15 @@ impl VirtualNode {
         ip(&["-n", &n, "link", "add", BRIDGE, "type", "bridge"])?;
         ip(&["-n", &n, "addr", "add", &format!("{GATEWAY}/{PREFIX_LEN}"), "dev", BRIDGE])?;
         ip(&["-n", &n, "link", "set", BRIDGE, "up"])?;
+        // Like a real node, it has a default route (here into a veth whose
+        // far end drops everything), so traffic to a VIP nobody serves is
+        // forwarded into the filter rules rather than refused by routing.
+        ip(&["-n", &n, "link", "add", "uplink", "type", "veth", "peer", "name", "upstream"])?;
+        ip(&["-n", &n, "addr", "add", "192.168.255.1/24", "dev", "uplink"])?;
+        ip(&["-n", &n, "link", "set", "uplink", "up"])?;
+        ip(&["-n", &n, "link", "set", "upstream", "up"])?;
+        ip(&["-n", &n, "neigh", "add", "192.168.255.254", "lladdr", "02:00:00:00:ff:fe", "dev", "uplink", "nud", "permanent"])?;
+        ip(&["-n", &n, "route", "add", "default", "via", "192.168.255.254"])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         // Translated packets are routed back out of the bridge they came in
         // on; the redirects the kernel would send for that are noise.

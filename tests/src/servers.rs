@@ -6,7 +6,12 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     os::fd::{AsRawFd, RawFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use crate::netns::Netns;
@@ -14,15 +19,19 @@ use crate::netns::Netns;
 /// A running server; dropping it closes the socket and ends its thread.
 pub struct Server {
     fd: RawFd,
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     // Keeps the socket open as long as the guard lives.
-    _socket: std::sync::Arc<dyn Send + Sync>,
+    _socket: Arc<dyn Send + Sync>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // shutdown() wakes a thread blocked in accept() or recv_from().
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        self.stop.store(true, Ordering::Relaxed);
+        // shutdown() wakes a thread blocked in accept(); the UDP loop polls `stop`.
+        if self.fd >= 0 {
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -32,7 +41,7 @@ impl Drop for Server {
 /// Serves TCP on 0.0.0.0:`port` in `ns`; each line read is answered with `reply`.
 pub fn tcp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
     let listener = ns.run(move || TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
-    let listener = std::sync::Arc::new(listener);
+    let listener = Arc::new(listener);
     let fd = listener.as_raw_fd();
     let reply = format!("{reply}\n");
     let l = listener.clone();
@@ -52,25 +61,30 @@ pub fn tcp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
             });
         }
     });
-    Ok(Server { fd, thread: Some(thread), _socket: listener })
+    Ok(Server { fd, stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
 }
 
 /// Serves UDP on 0.0.0.0:`port` in `ns`; each datagram is answered with `reply`.
 pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
     let socket = ns.run(move || UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
-    let socket = std::sync::Arc::new(socket);
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let socket = Arc::new(socket);
     let fd = socket.as_raw_fd();
     let reply = reply.as_bytes().to_vec();
     let s = socket.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     let thread = std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
-        // After shutdown() recv_from returns 0 bytes; no client sends empty datagrams.
-        while let Ok((n, peer)) = s.recv_from(&mut buf) {
-            if n == 0 {
-                break;
+        while !stopped.load(Ordering::Relaxed) {
+            match s.recv_from(&mut buf) {
+                Ok((_, peer)) => {
+                    let _ = s.send_to(&reply, peer);
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break,
             }
-            let _ = s.send_to(&reply, peer);
         }
     });
-    Ok(Server { fd, thread: Some(thread), _socket: socket })
+    Ok(Server { fd: -1, stop, thread: Some(thread), _socket: socket })
 }

@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use kpr_tests::{
     client::{request_on, tcp_request, udp_request},
-    kpr::Kpr,
+    kpr::{Kpr, Mode},
     manifests::{web_service, write},
     node::VirtualNode,
     root::require_root,
@@ -39,8 +39,8 @@ struct Cluster {
 
 impl Cluster {
     /// The node, servers on web-a/b/c, the `web` Service over all three,
-    /// the `empty` Service with none, and kpr running.
-    fn start() -> Self {
+    /// the `empty` Service with none, and kpr running in `mode`.
+    fn start(mode: Mode) -> Self {
         let node = VirtualNode::new(&PODS).expect("virtual node");
         let mut servers = Vec::new();
         for (name, _) in &PODS[..3] {
@@ -52,7 +52,7 @@ impl Cluster {
         write(dir.path(), "web.yaml", &web_service("web", WEB_VIP, &PODS[..3])).unwrap();
         write(dir.path(), "empty.yaml", &web_service("empty", EMPTY_VIP, &[])).unwrap();
         let log = dir.path().join("kpr.log.txt");
-        let kpr = Kpr::start(&node.ns, dir.path(), &node.interfaces(), &log).expect("kpr starts");
+        let kpr = Kpr::start(&node.ns, mode, dir.path(), &node.interfaces(), &log).expect("kpr starts");
         Self { kpr, dir, _servers: servers, node }
     }
 
@@ -74,10 +74,29 @@ macro_rules! root_or_skip {
     };
 }
 
-#[test]
-fn clusterip_reaches_every_pod_over_tcp_and_udp() {
+/// Each test runs once per dataplane, from the same code: the modes must be
+/// interchangeable from a client's point of view.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $name() { super::$name(super::Mode::Ebpf) })*
+        }
+        mod iptables {
+            $(#[test] fn $name() { super::$name(super::Mode::Iptables) })*
+        }
+    };
+}
+
+in_both_modes!(
+    clusterip_reaches_every_pod_over_tcp_and_udp,
+    removing_an_endpoint_stops_new_connections_within_a_second,
+    a_service_without_endpoints_is_refused_at_once,
+    invalid_objects_are_reported_and_skipped,
+);
+
+fn clusterip_reaches_every_pod_over_tcp_and_udp(mode: Mode) {
     root_or_skip!();
-    let c = Cluster::start();
+    let c = Cluster::start(mode);
 
     let tcp: BTreeMap<String, u32> = c.from_client(|| {
         let mut hits = BTreeMap::new();
@@ -108,10 +127,9 @@ fn clusterip_reaches_every_pod_over_tcp_and_udp() {
     assert_eq!(peer, web(80));
 }
 
-#[test]
-fn removing_an_endpoint_stops_new_connections_within_a_second() {
+fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
     root_or_skip!();
-    let mut c = Cluster::start();
+    let mut c = Cluster::start(mode);
 
     // Long-lived connections, some to each pod.
     let mut established: Vec<(TcpStream, String)> = c.from_client(|| {
@@ -144,10 +162,9 @@ fn removing_an_endpoint_stops_new_connections_within_a_second() {
     c.kpr.wait_for_log_count("synced", 2, TIMEOUT).unwrap();
 }
 
-#[test]
-fn a_service_without_endpoints_is_refused_at_once() {
+fn a_service_without_endpoints_is_refused_at_once(mode: Mode) {
     root_or_skip!();
-    let c = Cluster::start();
+    let c = Cluster::start(mode);
     let (tcp, udp) = c.from_client(|| {
         let tcp = TcpStream::connect_timeout(&SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(5));
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -161,10 +178,9 @@ fn a_service_without_endpoints_is_refused_at_once() {
     assert_eq!(udp.unwrap_err().kind(), ErrorKind::ConnectionRefused, "UDP gets port unreachable, not a timeout");
 }
 
-#[test]
-fn invalid_objects_are_reported_and_skipped() {
+fn invalid_objects_are_reported_and_skipped(mode: Mode) {
     root_or_skip!();
-    let mut c = Cluster::start();
+    let mut c = Cluster::start(mode);
     let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: sctp-svc}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{port: 9, protocol: SCTP}]\n---\n\
                apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: \"not a list\"}\n";
     write(c.dir.path(), "bad.yaml", bad).unwrap();
@@ -180,7 +196,7 @@ fn invalid_objects_are_reported_and_skipped() {
 #[test]
 fn ctrl_c_detaches_from_every_interface() {
     root_or_skip!();
-    let mut c = Cluster::start();
+    let mut c = Cluster::start(Mode::Ebpf);
     let attached = |c: &Cluster| -> usize {
         let ifaces = c.node.interfaces();
         c.node.ns.run(move || {

@@ -13,7 +13,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kpr_tests::{
     apiserver::{ApiServer, store::Kind},
     client::{tcp_request, udp_request},
-    kpr::Kpr,
+    kpr::{Kpr, Mode},
     netns::run_in,
     node::VirtualNode,
     objects::{service, slice},
@@ -42,7 +42,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(extra_args: &[&str]) -> Self {
+    fn start(mode: Mode, extra_args: &[&str]) -> Self {
         let node = VirtualNode::new(&PODS).expect("virtual node");
         let mut servers = Vec::new();
         for (name, _) in &PODS[..3] {
@@ -57,7 +57,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
-        let mut args = vec!["--source=kube".to_string(), format!("--kubeconfig={}", kubeconfig.display()), "--node-name=node-1".into()];
+        let mut args = vec![mode.arg().to_string(), "--source=kube".to_string(), format!("--kubeconfig={}", kubeconfig.display()), "--node-name=node-1".into()];
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "serving Services").expect("kpr starts");
         Self { kpr, api, _dir: dir, _servers: servers, node }
@@ -65,12 +65,16 @@ impl Cluster {
 
     /// Which pods answer `n` fresh TCP connections to `vip`:80 (errors as "error: ...").
     fn who_answers(&self, vip: Ipv4Addr, n: usize) -> BTreeSet<String> {
+        self.who_answers_within(vip, n, Duration::from_secs(2))
+    }
+
+    fn who_answers_within(&self, vip: Ipv4Addr, n: usize, timeout: Duration) -> BTreeSet<String> {
         self.node
             .pod("client")
             .ns
             .run(move || {
                 (0..n)
-                    .map(|_| match tcp_request(SocketAddr::from((vip, 80)), Duration::from_secs(2)) {
+                    .map(|_| match tcp_request(SocketAddr::from((vip, 80)), timeout) {
                         Ok(w) => w,
                         Err(e) => format!("error: {}", e.kind()),
                     })
@@ -95,8 +99,9 @@ impl Cluster {
         }
     }
 
+    /// No pod answers: refused (no endpoints) or unrouted (no Service).
     fn refused(&self, vip: Ipv4Addr) -> bool {
-        self.who_answers(vip, 5).iter().all(|w| w.starts_with("error"))
+        self.who_answers_within(vip, 3, Duration::from_millis(500)).iter().all(|w| w.starts_with("error"))
     }
 }
 
@@ -108,12 +113,31 @@ macro_rules! root_or_skip {
     };
 }
 
+/// Each test runs once per dataplane, from the same code.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $name() { super::$name(super::Mode::Ebpf) })*
+        }
+        mod iptables {
+            $(#[test] fn $name() { super::$name(super::Mode::Iptables) })*
+        }
+    };
+}
+
+in_both_modes!(
+    services_and_slices_from_the_api_server_drive_the_dataplane,
+    an_api_server_restart_while_endpoints_change_converges_without_stale_backends,
+    dropped_watches_and_server_errors_are_survived,
+    a_malformed_service_beside_a_good_one_leaves_the_good_one_working,
+    services_of_another_proxy_are_left_alone,
+);
+
 const SETTLE: Duration = Duration::from_secs(10);
 
-#[test]
-fn services_and_slices_from_the_api_server_drive_the_dataplane() {
+fn services_and_slices_from_the_api_server_drive_the_dataplane(mode: Mode) {
     root_or_skip!();
-    let c = Cluster::start(&[]);
+    let c = Cluster::start(mode, &[]);
     assert!(c.refused(VIP), "nothing is served before the Service exists");
 
     c.api.create(&service("web", VIP, &[])).unwrap();
@@ -143,10 +167,9 @@ fn services_and_slices_from_the_api_server_drive_the_dataplane() {
     assert!(requests.iter().any(|r| r.contains("endpointslices?") && r.contains("watch=true")), "{requests:#?}");
 }
 
-#[test]
-fn an_api_server_restart_while_endpoints_change_converges_without_stale_backends() {
+fn an_api_server_restart_while_endpoints_change_converges_without_stale_backends(mode: Mode) {
     root_or_skip!();
-    let mut c = Cluster::start(&[]);
+    let mut c = Cluster::start(mode, &[]);
     c.api.create(&service("web", VIP, &[])).unwrap();
     c.api.create(&slice("web-1", "web", &[A, B])).unwrap();
     c.api.create(&service("other", OTHER_VIP, &[])).unwrap();
@@ -173,10 +196,9 @@ fn an_api_server_restart_while_endpoints_change_converges_without_stale_backends
     }
 }
 
-#[test]
-fn dropped_watches_and_server_errors_are_survived() {
+fn dropped_watches_and_server_errors_are_survived(mode: Mode) {
     root_or_skip!();
-    let c = Cluster::start(&[]);
+    let c = Cluster::start(mode, &[]);
     c.api.create(&service("web", VIP, &[])).unwrap();
     c.api.create(&slice("web-1", "web", &[A])).unwrap();
     c.converges_to(VIP, &["web-a"], SETTLE).unwrap();
@@ -197,10 +219,9 @@ fn dropped_watches_and_server_errors_are_survived() {
     c.converges_to(VIP, &["web-c"], Duration::from_secs(40)).unwrap();
 }
 
-#[test]
-fn a_malformed_service_beside_a_good_one_leaves_the_good_one_working() {
+fn a_malformed_service_beside_a_good_one_leaves_the_good_one_working(mode: Mode) {
     root_or_skip!();
-    let mut c = Cluster::start(&[]);
+    let mut c = Cluster::start(mode, &[]);
     c.api
         .apply_json(Kind::Service, serde_json::json!({
             "metadata": {"name": "bad", "namespace": "default"},
@@ -222,10 +243,9 @@ fn a_malformed_service_beside_a_good_one_leaves_the_good_one_working() {
     assert_eq!(log.matches("protocol SCTP is not supported").count(), 1, "reported once:\n{log}");
 }
 
-#[test]
-fn services_of_another_proxy_are_left_alone() {
+fn services_of_another_proxy_are_left_alone(mode: Mode) {
     root_or_skip!();
-    let c = Cluster::start(&["--service-proxy-name=kpr"]);
+    let c = Cluster::start(mode, &["--service-proxy-name=kpr"]);
     let label = [("service.kubernetes.io/service-proxy-name", "kpr")];
     let other = [("service.kubernetes.io/service-proxy-name", "someone-else")];
     c.api.create(&service("mine", VIP, &label)).unwrap();

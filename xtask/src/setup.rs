@@ -13,8 +13,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages: `ip` (iproute2) and `sysctl` (procps) build the
-/// virtual node.
-const PACKAGES: &[&str] = &["iproute2", "procps"];
+/// virtual node; iptables mode needs iptables (both backends) and conntrack.
+const PACKAGES: &[&str] = &["iproute2", "procps", "iptables", "conntrack"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {

@@ -137,17 +137,6 @@ impl EbpfDataplane {
         })
     }
 
-    /// Datapath counters summed over CPUs, by name.
-    pub fn counters(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
-        let mut out = Vec::new();
-        for c in Counter::ALL {
-            let per_cpu = self.counters.get(&(c as u32), 0)?;
-            out.push((c.name(), per_cpu.iter().sum()));
-        }
-        debug_assert_eq!(out.len(), counters::COUNT as usize);
-        Ok(out)
-    }
-
     fn upsert(&mut self, f: &Frontend) -> Result<(), String> {
         let key = service_key(&f.key);
         let new_count = f.backends.len() as u32;
@@ -266,6 +255,26 @@ fn remove_ok<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K
 }
 
 impl Dataplane for EbpfDataplane {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn take_over(&mut self, _interfaces: &[String]) {
+        if let Err(e) = super::cleanup::remove_iptables() {
+            tracing::error!(error = %format!("{e:#}"), "could not remove iptables rules left by iptables mode");
+        }
+    }
+
+    /// Datapath counters summed over CPUs, by name.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let out: Vec<_> = Counter::ALL
+            .iter()
+            .filter_map(|c| Some((c.name(), self.counters.get(&(*c as u32), 0).ok()?.iter().sum())))
+            .collect();
+        debug_assert!(out.len() <= counters::COUNT as usize);
+        out
+    }
+
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
         let mut errors = Vec::new();
         for op in ops {

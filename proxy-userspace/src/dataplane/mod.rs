@@ -1,6 +1,8 @@
 //! Dataplanes apply planner operations to the kernel.
 
+pub mod cleanup;
 pub mod ebpf;
+pub mod iptables;
 
 use crate::{model::FrontendKey, planner::Op};
 
@@ -13,6 +15,35 @@ pub struct ApplyError {
 }
 
 pub trait Dataplane {
+    /// `ebpf` or `iptables`.
+    fn mode(&self) -> &'static str {
+        "test"
+    }
+
     /// Applies `ops` in order. Failures are returned, never stop the others.
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError>;
+
+    /// Called once this dataplane serves (after its first sync): removes
+    /// what the other mode left behind, so two never fight.
+    fn take_over(&mut self, _interfaces: &[String]) {}
+
+    /// Datapath counters by name, where the dataplane keeps any.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
+    fn mode(&self) -> &'static str {
+        (**self).mode()
+    }
+    fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
+        (**self).apply(ops)
+    }
+    fn take_over(&mut self, interfaces: &[String]) {
+        (**self).take_over(interfaces)
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        (**self).counters()
+    }
 }

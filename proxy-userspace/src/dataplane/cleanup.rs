@@ -1,0 +1,55 @@
+//! Removing what kpr installed: iptables chains and jumps (both backends)
+//! and eBPF programs attached by a previous run. Used when a mode takes
+//! over from the other and by `kpr cleanup`.
+
+use aya::programs::{TcAttachType, tc};
+
+use super::{ebpf::PROGRAM, iptables::backend::Backend};
+
+/// Where kpr pins maps (none are pinned yet; removed if present).
+pub const BPFFS_DIR: &str = "/sys/fs/bpf/kpr";
+
+/// Removes kpr's iptables chains and jumps from both backends. Returns how
+/// many backends held some.
+pub fn remove_iptables() -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for backend in Backend::ALL {
+        if backend.has_kpr_rules() {
+            backend.remove_all()?;
+            tracing::info!(backend = backend.name(), "removed kpr's iptables rules");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Every interface of this network namespace.
+pub fn all_interfaces() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Detaches kpr's classifier where it was attached through netlink (kernels
+/// before 6.6; TCX links end with the process that made them) and removes
+/// pinned maps. Returns how many attachments were removed.
+pub fn remove_ebpf(interfaces: &[String]) -> usize {
+    let mut removed = 0;
+    for iface in interfaces {
+        match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM) {
+            Ok(()) => {
+                tracing::info!(%iface, "detached a leftover kpr program");
+                removed += 1;
+            }
+            Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::debug!(%iface, error = %e, "no netlink classifier to detach"),
+        }
+    }
+    if std::path::Path::new(BPFFS_DIR).exists() {
+        match std::fs::remove_dir_all(BPFFS_DIR) {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(dir = BPFFS_DIR, error = %e, "could not remove pinned maps"),
+        }
+    }
+    removed
+}

@@ -1,0 +1,173 @@
+//! Running iptables: which backend (nf_tables or legacy), restore, the jump
+//! rules from the built-in chains, and removing everything kpr wrote.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 2] = [Backend::Nft, Backend::Legacy];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nf_tables",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// `iptables-nft`, `iptables-nft-save`, `iptables-legacy-restore`, ...
+    fn command(self, tool: &str) -> Command {
+        Command::new(match tool {
+            "iptables" => format!("iptables-{}", self.suffix()),
+            other => format!("iptables-{}-{other}", self.suffix()),
+        })
+    }
+
+    /// `iptables-save` output (empty if this backend is unusable).
+    pub fn save(self, table: &str) -> String {
+        self.command("save")
+            .args(["-t", table])
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn rule_count(self) -> usize {
+        ["nat", "filter", "mangle"].iter().map(|t| self.save(t).lines().filter(|l| l.starts_with("-A ")).count()).sum()
+    }
+
+    /// Applies `input` with `iptables-restore --noflush` in one transaction.
+    pub fn restore(self, input: &str) -> anyhow::Result<()> {
+        let mut child = self
+            .command("restore")
+            .args(["--noflush", "--wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running iptables-{}-restore (is the iptables package installed?)", self.suffix()))?;
+        child.stdin.take().unwrap().write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("iptables-{}-restore failed: {}", self.suffix(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    fn iptables(self, args: &[&str]) -> anyhow::Result<bool> {
+        let out = self.command("iptables").arg("--wait").args(args).output().context("running iptables")?;
+        Ok(out.status.success())
+    }
+
+    /// Creates kpr's top-level chains if missing, without touching their
+    /// rules, so the jumps below have a target before the first sync.
+    pub fn ensure_chains(self) -> anyhow::Result<()> {
+        for (table, chain) in [("filter", "KUBE-SERVICES"), ("filter", "KUBE-FORWARD"), ("nat", "KUBE-SERVICES"), ("nat", "KUBE-POSTROUTING"), ("nat", "KUBE-MARK-MASQ")] {
+            // Fails when the chain exists, which is fine.
+            self.iptables(&["-t", table, "-N", chain])?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure each jump from a built-in chain exists once (check, then insert).
+    pub fn ensure_jumps(self) -> anyhow::Result<()> {
+        for (table, chain, rule) in JUMPS {
+            let rule: Vec<&str> = rule.iter().copied().collect();
+            let mut check = vec!["-t", table, "-C", chain];
+            check.extend(&rule);
+            if !self.iptables(&check)? {
+                let mut insert = vec!["-t", table, "-I", chain];
+                insert.extend(&rule);
+                if !self.iptables(&insert)? {
+                    bail!("could not add the jump from {table} {chain} to kpr's chains");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True if this backend holds any chain kpr writes.
+    pub fn has_kpr_rules(self) -> bool {
+        ["nat", "filter"].iter().any(|t| self.save(t).lines().any(|l| OWN_CHAINS.iter().any(|c| l.starts_with(&format!(":{c}"))) || is_service_chain_decl(l)))
+    }
+
+    /// Removes the jump rules and every chain kpr writes, leaving all other
+    /// rules alone.
+    pub fn remove_all(self) -> anyhow::Result<()> {
+        for (table, chain, rule) in JUMPS {
+            let mut delete = vec!["-t", table, "-D", chain];
+            delete.extend(rule.iter().copied());
+            while self.iptables(&delete)? {}
+        }
+        let mut input = String::new();
+        for table in ["filter", "nat"] {
+            let saved = self.save(table);
+            let chains: Vec<&str> = saved
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|c| OWN_CHAINS.contains(c) || c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+                .collect();
+            if chains.is_empty() {
+                continue;
+            }
+            input.push_str(&format!("*{table}\n"));
+            for c in &chains {
+                input.push_str(&format!(":{c} - [0:0]\n"));
+            }
+            for c in &chains {
+                input.push_str(&format!("-X {c}\n"));
+            }
+            input.push_str("COMMIT\n");
+        }
+        if !input.is_empty() {
+            self.restore(&input)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_service_chain_decl(line: &str) -> bool {
+    line.starts_with(":KUBE-SVC-") || line.starts_with(":KUBE-SEP-")
+}
+
+/// The chains kpr owns besides the per-service ones.
+const OWN_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-FORWARD", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
+
+/// Jumps into kpr's chains, as kube-proxy installs them.
+const JUMPS: [(&str, &str, &[&str]); 7] = [
+    ("filter", "INPUT", &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
+    ("filter", "FORWARD", &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
+    ("filter", "OUTPUT", &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
+    ("filter", "FORWARD", &["-m", "comment", "--comment", "kubernetes forwarding rules", "-j", "KUBE-FORWARD"]),
+    ("nat", "PREROUTING", &["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
+    ("nat", "OUTPUT", &["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
+    ("nat", "POSTROUTING", &["-m", "comment", "--comment", "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"]),
+];
+
+/// Chooses the backend as kube-proxy's iptables wrapper does: the one that
+/// already holds rules (the one with more, if both do), else nf_tables.
+pub fn detect() -> Backend {
+    let legacy = Backend::Legacy.rule_count();
+    let nft = Backend::Nft.rule_count();
+    if legacy > nft { Backend::Legacy } else { Backend::Nft }
+}

@@ -1,0 +1,135 @@
+//! The iptables dataplane: kube-proxy's iptables mode, for nodes where eBPF
+//! cannot run, and the baseline kpr is measured against.
+//!
+//! Each sync is one `iptables-restore --noflush` transaction. Like
+//! kube-proxy since 1.28, a sync rewrites only the chains of the Services
+//! that changed (plus the small top-level chains), and a full resync runs
+//! periodically and after any failure.
+
+pub mod backend;
+pub mod render;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use backend::Backend;
+use render::{RenderConfig, Scope, chains_of, render};
+
+use super::{ApplyError, Dataplane};
+use crate::{
+    model::{Frontend, FrontendKey, Protocol},
+    planner::Op,
+};
+
+pub struct IptablesDataplane {
+    backend: Backend,
+    config: RenderConfig,
+    frontends: BTreeMap<FrontendKey, Frontend>,
+    /// kpr's per-service chains present in the kernel (as far as we know).
+    written: BTreeSet<String>,
+    full_sync_period: Duration,
+    last_full_sync: Option<Instant>,
+}
+
+impl IptablesDataplane {
+    /// Picks the backend as kube-proxy does and takes over any chains a
+    /// previous run left (they are rewritten or deleted on the first sync).
+    pub fn new(config: RenderConfig, full_sync_period: Duration) -> anyhow::Result<Self> {
+        let backend = backend::detect();
+        tracing::info!(backend = backend.name(), "iptables mode");
+        let written = backend
+            .save("nat")
+            .lines()
+            .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
+            .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+            .map(String::from)
+            .collect();
+        // Rules a previous run left keep serving until the first sync rewrites them.
+        backend.ensure_chains()?;
+        backend.ensure_jumps()?;
+        Ok(Self { backend, config, frontends: BTreeMap::new(), written, full_sync_period, last_full_sync: None })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn sync(&mut self, changed: &BTreeSet<FrontendKey>) -> anyhow::Result<()> {
+        let full = self.last_full_sync.is_none_or(|t| t.elapsed() >= self.full_sync_period);
+        let wanted: BTreeSet<String> = self.frontends.values().filter(|f| !f.backends.is_empty()).flat_map(chains_of).collect();
+        let stale: BTreeSet<String> = self.written.difference(&wanted).cloned().collect();
+        let scope = if full { Scope::Full } else { Scope::Changed(changed) };
+        let input = render(&self.frontends, scope, &stale, &self.config);
+        let started = Instant::now();
+        self.backend.restore(&input)?;
+        tracing::debug!(full, lines = input.lines().count(), ms = started.elapsed().as_secs_f64() * 1e3, "iptables-restore");
+        self.written = wanted;
+        if full {
+            self.last_full_sync = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// kube-proxy clears conntrack entries of UDP flows to removed
+    /// endpoints, which would otherwise keep being DNATed to them.
+    fn forget_udp_flows(&self, old: &Frontend, new: Option<&Frontend>) {
+        if old.key.protocol != Protocol::Udp {
+            return;
+        }
+        for e in old.backends.iter().filter(|e| new.is_none_or(|n| !n.backends.contains(e))) {
+            let status = Command::new("conntrack")
+                .args(["-D", "-p", "udp", "--orig-dst", &old.key.vip.to_string(), "--dport", &old.key.port.to_string(), "--reply-src", &e.ip.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            if status.is_err() {
+                tracing::warn!("conntrack tool missing: UDP flows to removed endpoints are not cleared");
+                return;
+            }
+        }
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn take_over(&mut self, interfaces: &[String]) {
+        super::cleanup::remove_ebpf(interfaces);
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
+        let before = self.frontends.clone();
+        let mut changed = BTreeSet::new();
+        for op in ops {
+            match op {
+                Op::Upsert(f) => {
+                    changed.insert(f.key);
+                    self.frontends.insert(f.key, f.clone());
+                }
+                Op::Delete(k) => {
+                    changed.insert(*k);
+                    self.frontends.remove(k);
+                }
+            }
+        }
+        if let Err(e) = self.sync(&changed) {
+            // One transaction: nothing of it applied. Retry everything on the
+            // next sync, as a full one.
+            self.frontends = before;
+            self.last_full_sync = None;
+            let reason = format!("{e:#}");
+            return changed.into_iter().map(|frontend| ApplyError { frontend, reason: reason.clone() }).collect();
+        }
+        for k in &changed {
+            if let Some(old) = before.get(k) {
+                self.forget_udp_flows(old, self.frontends.get(k));
+            }
+        }
+        Vec::new()
+    }
+}
