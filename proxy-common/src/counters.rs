@@ -27,10 +27,12 @@ pub enum Counter {
     PassedNotIpv4,
     /// A flow's backend slot vanished between lookups: dropped, the client retries.
     DroppedBackendMissing,
+    /// Translated packets sent straight to the destination pod's interface.
+    Redirected,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 11;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -44,6 +46,7 @@ impl Counter {
         Counter::PassedFragment,
         Counter::PassedNotIpv4,
         Counter::DroppedBackendMissing,
+        Counter::Redirected,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Counter {
             Counter::PassedFragment => "passed_fragment",
             Counter::PassedNotIpv4 => "passed_not_ipv4",
             Counter::DroppedBackendMissing => "dropped_backend_missing",
+            Counter::Redirected => "redirected",
         }
     }
 }

@@ -17,11 +17,17 @@ pub const CT_FORWARD: &str = "CT_FORWARD";
 pub const CT_REVERSE: &str = "CT_REVERSE";
 /// Per-CPU packet counters indexed by [`crate::counters::Counter`].
 pub const COUNTERS: &str = "COUNTERS";
+/// Pod address -> the interface and MAC it was last seen sending from
+/// (learned, LRU). Translated packets to a known pod are redirected straight
+/// to its interface, so the host's routing, bridge and conntrack never see
+/// half of a translated flow.
+pub const NEIGHBORS: &str = "NEIGHBORS";
 
 /// Map sizes used when the agent is not told otherwise.
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+pub const DEFAULT_NEIGHBORS_MAX: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -133,6 +139,15 @@ pub struct ReverseEntry {
     pub _pad: [u8; 2],
 }
 
+/// Value of [`NEIGHBORS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbor {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// The reply direction of a translated flow: what the backend sends back.
 pub const fn reply_key(client: &FlowKey, backend: &Backend) -> FlowKey {
     FlowKey::new(backend.addr, backend.port, client.src_addr, client.src_port, client.proto)
@@ -150,6 +165,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ForwardEntry {}
     unsafe impl aya::Pod for ReverseEntry {}
+    unsafe impl aya::Pod for Neighbor {}
 }
 
 #[cfg(test)]
@@ -169,6 +185,7 @@ mod tests {
         assert_eq!(size_of::<ForwardEntry>(), 12);
         assert_eq!(align_of::<ForwardEntry>(), 4);
         assert_eq!(size_of::<ReverseEntry>(), 8);
+        assert_eq!(size_of::<Neighbor>(), 12);
     }
 
     #[test]

@@ -11,12 +11,14 @@
 mod counters;
 mod lookup;
 mod maps;
+mod neighbor;
 mod parse;
 mod refuse;
 mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
     macros::classifier,
     programs::TcContext,
 };
@@ -34,6 +36,8 @@ pub enum Verdict {
     Drop,
     /// Sent back out of the interface it came in on (a refusal).
     Redirect,
+    /// Sent out of this interface (to the destination pod).
+    RedirectTo(u32),
 }
 
 /// Attached on ingress of the node side of every pod interface: it sees
@@ -44,6 +48,7 @@ pub fn kpr_from_pod(ctx: TcContext) -> i32 {
         Ok(Verdict::Pass) => TC_ACT_OK as i32,
         Ok(Verdict::Drop) => TC_ACT_SHOT as i32,
         Ok(Verdict::Redirect) => refuse::redirect_back(&ctx),
+        Ok(Verdict::RedirectTo(ifindex)) => unsafe { bpf_redirect(ifindex, 0) as i32 },
         // A helper failed half-way through rewriting: the packet may be
         // inconsistent, so it must not go on.
         Err(()) => TC_ACT_SHOT as i32,
@@ -72,19 +77,36 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, ()> {
         }
     };
 
+    neighbor::learn(ctx, pkt.src);
+
     match lookup::lookup(&pkt) {
         Lookup::Reply(rev) => {
             translate::reverse(ctx, &pkt, &rev)?;
-            Ok(count(Counter::ReverseTranslated, Verdict::Pass))
+            count(Counter::ReverseTranslated, ());
+            deliver(ctx, pkt.dst, None)
         }
         Lookup::ToBackend(backend) => {
             translate::forward(ctx, &pkt, &backend)?;
-            Ok(count(Counter::Translated, Verdict::Pass))
+            count(Counter::Translated, ());
+            // Seen from the backend, the packet was routed by the node: it
+            // comes from the gateway MAC the client addressed.
+            let gateway_mac = ctx.load::<[u8; 6]>(0).map_err(|_| ())?;
+            deliver(ctx, backend.addr, Some(gateway_mac))
         }
         Lookup::NoBackend => refuse::refuse(ctx, &pkt),
         Lookup::BackendMissing => Ok(count(Counter::DroppedBackendMissing, Verdict::Drop)),
         Lookup::NotService => Ok(Verdict::Pass),
     }
+}
+
+/// Hands a translated packet to `dst`'s interface when known, else to the
+/// host stack to route.
+#[inline(always)]
+fn deliver(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Verdict, ()> {
+    Ok(match neighbor::readdress(ctx, dst, src_mac)? {
+        Some(ifindex) => count(Counter::Redirected, Verdict::RedirectTo(ifindex)),
+        None => Verdict::Pass,
+    })
 }
 
 #[cfg(not(test))]

@@ -7,8 +7,9 @@ use aya_ebpf::{
 use proxy_common::{
     counters,
     maps::{
-        Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue,
-        DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX,
+        Backend, BackendKey, FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey,
+        ServiceValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX,
+        DEFAULT_SERVICES_MAX,
     },
 };
 
@@ -30,3 +31,7 @@ pub static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+#[map]
+pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> =
+    LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);

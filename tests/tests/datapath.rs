@@ -114,7 +114,8 @@ fn replies_are_reverse_translated() {
     dp.run(&tcp_frame((CLIENT, 40001), (VIP, 80), TCP_SYN, b""));
     let reply = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40001), TCP_SYN | TCP_ACK, b"");
     let (verdict, out) = dp.run(&reply);
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight to the client, whose interface was learned");
+    assert_eq!(&out[0..6], &packet::POD_MAC);
     let v = View(&out);
     assert_eq!((v.src(), v.sport()), (VIP, 80), "the client sees the VIP as the source");
     assert_eq!((v.dst(), v.dport()), (CLIENT, 40001));
@@ -124,6 +125,25 @@ fn replies_are_reverse_translated() {
     // A packet from the backend in an unrelated flow is not touched.
     let other = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40999), TCP_ACK, b"x");
     assert_eq!(dp.run(&other), (TC_ACT_OK, other.clone()));
+}
+
+#[test]
+fn translated_packets_go_straight_to_a_known_pod() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    // Unknown backend: the host routes the translated packet.
+    assert_eq!(dp.run(&tcp_frame((CLIENT, 40100), (VIP, 80), TCP_SYN, b"")).0, TC_ACT_OK);
+    // Once the backend has sent something, its interface and MAC are known.
+    let backend_mac = [0x02, 0, 0, 0, 0, 0x0b];
+    let mut hello = udp_frame((BACKENDS[0], 9999), (CLIENT, 9999), b"hi");
+    hello[6..12].copy_from_slice(&backend_mac);
+    assert_eq!(dp.run(&hello), (TC_ACT_OK, hello.clone()), "learning changes nothing");
+    let (verdict, out) = dp.run(&tcp_frame((CLIENT, 40101), (VIP, 80), TCP_SYN, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &backend_mac, "addressed to the backend");
+    assert_eq!(&out[6..12], &packet::GATEWAY_MAC, "from the gateway, as if routed");
+    assert_eq!(View(&out).dst(), BACKENDS[0]);
+    assert!(dp.counter(Counter::Redirected) >= 1);
 }
 
 #[test]
