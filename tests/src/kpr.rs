@@ -72,6 +72,13 @@ impl Kpr {
     /// Starts `kpr run ARGS --interfaces ...` in `node` and waits until its
     /// log shows `ready_line`. Its status goes to `state/` beside the log.
     pub fn start_with(node: &Netns, args: &[String], interfaces: &[String], log: &Path, ready_line: &str) -> anyhow::Result<Self> {
+        let mut kpr = Self::spawn(node, args, interfaces, log)?;
+        kpr.wait_for_log(ready_line, Duration::from_secs(20))?;
+        Ok(kpr)
+    }
+
+    /// Starts `kpr run ARGS --interfaces ...` in `node` without waiting.
+    pub fn spawn(node: &Netns, args: &[String], interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
         let bin = binary()?;
         let log_file = std::fs::File::create(log)?;
         let child = Command::new("ip")
@@ -88,9 +95,7 @@ impl Kpr {
             .stderr(log_file)
             .spawn()
             .context("starting kpr")?;
-        let mut kpr = Self { child: Some(child), log: log.to_path_buf() };
-        kpr.wait_for_log(ready_line, Duration::from_secs(20))?;
-        Ok(kpr)
+        Ok(Self { child: Some(child), log: log.to_path_buf() })
     }
 
     pub fn log(&self) -> String {

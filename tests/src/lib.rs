@@ -13,3 +13,4 @@ pub mod manifests;
 pub mod demo;
 pub mod apiserver;
 pub mod objects;
+pub mod bench;

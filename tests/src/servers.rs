@@ -69,7 +69,6 @@ pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
     let socket = ns.run(move || UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
     let socket = Arc::new(socket);
-    let fd = socket.as_raw_fd();
     let reply = reply.as_bytes().to_vec();
     let s = socket.clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -87,4 +86,60 @@ pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
         }
     });
     Ok(Server { fd: -1, stop, thread: Some(thread), _socket: socket })
+}
+
+/// Pins the calling thread to `cpu` (benchmarks keep clients and servers
+/// on separate cores).
+pub fn pin_to_cpu(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// A TCP server with `workers` threads sharing one listener, for load
+/// tests: each request line is answered with `reply`; a request of "close"
+/// is answered and the server closes first (so TIME_WAIT lands on the
+/// server, as with HTTP/1.0), anything else keeps the connection open.
+pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<usize>) -> anyhow::Result<Server> {
+    let listener = ns.run(move || TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
+    let listener = Arc::new(listener);
+    let fd = listener.as_raw_fd();
+    let reply = format!("{reply}\n");
+    let mut threads = Vec::new();
+    for _ in 0..workers {
+        let l = listener.clone();
+        let reply = reply.clone();
+        threads.push(std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to_cpu(cpu);
+            }
+            while let Ok((stream, _)) = l.accept() {
+                let _ = stream.set_nodelay(true);
+                let mut writer = match stream.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => continue,
+                };
+                let mut lines = BufReader::new(stream);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match lines.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    if writer.write_all(reply.as_bytes()).is_err() || line.trim_end() == "close" {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    let thread = std::thread::spawn(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    });
+    Ok(Server { fd, stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
 }

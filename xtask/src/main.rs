@@ -28,6 +28,16 @@ enum Task {
         #[arg(long, default_value = "manifests/demo")]
         manifests: PathBuf,
     },
+    /// Benchmark eBPF mode against iptables mode and the pod IP directly,
+    /// at 1 to 50,000 Services; writes target/bench/ (report.md, report.json, plots).
+    Bench {
+        /// A reduced set (N in 1, 1000; short runs), for a quick look or a smoke test.
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Run every test, unit and integration (integration tests need root).
     Test {
         /// Passed on to `cargo test` (e.g. a test name filter).
@@ -65,6 +75,25 @@ fn build_all() -> anyhow::Result<()> {
     cargo(&["build", "--bins"])
 }
 
+/// Runs the benchmark with the release build of kpr.
+fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
+    let release = workspace_root().join("target/release/kpr");
+    // SAFETY: set before any thread is spawned.
+    unsafe { std::env::set_var("KPR_BIN", &release) };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed))?;
+    let cfg = if quick { kpr_tests::bench::Config::quick(out.to_path_buf()) } else { kpr_tests::bench::Config::full(out.to_path_buf()) };
+    let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
+    let report = kpr_tests::bench::run(&cfg, command, stop)?;
+    println!("{}", kpr_tests::bench::report::table(&report));
+    println!("report: {}", out.join("report.md").display());
+    for file in ["report.json", "report.md", "conn_rate.svg"] {
+        anyhow::ensure!(out.join(file).exists(), "the benchmark did not write {file}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
@@ -80,6 +109,14 @@ fn main() -> anyhow::Result<()> {
             let dir = workspace_root().join(manifests);
             kpr_tests::demo::run(&dir, stop)
         }
+        Task::Bench { quick, out } => {
+            if !is_root() {
+                bail!("the benchmark creates network namespaces and loads eBPF programs: run it as root");
+            }
+            setup::run()?;
+            cargo(&["build", "--release", "--bins"])?;
+            bench(quick, &workspace_root().join(out))
+        }
         Task::Test { args } => {
             if !is_root() {
                 if std::env::var_os("CI").is_some() {
@@ -91,7 +128,15 @@ fn main() -> anyhow::Result<()> {
             build_all()?;
             let mut test_args = vec!["test"];
             test_args.extend(args.iter().map(String::as_str));
-            cargo(&test_args)
+            cargo(&test_args)?;
+            if args.is_empty() && is_root() {
+                // Smoke test of the benchmark harness: it must run end to
+                // end; no speed is checked.
+                eprintln!("xtask: smoke-testing the benchmark (cargo xtask bench --quick)");
+                cargo(&["build", "--release", "--bins"])?;
+                bench(true, &workspace_root().join("target/bench-smoke"))?;
+            }
+            Ok(())
         }
     }
 }

@@ -1,9 +1,15 @@
-//! A folder of manifests (YAML, several documents per file, or JSON) holding
-//! Services and EndpointSlices as real k8s-openapi types. The folder is
-//! re-read when any file's content changes.
+//! A folder of manifests holding Services and EndpointSlices as real
+//! k8s-openapi types: YAML (several documents per file) or JSON (one or
+//! more values per file), either possibly a `kind: List`.
+//!
+//! inotify wakes the watcher on every change, and a short poll backs it up
+//! on filesystems without inotify. Only files whose size, mtime or inode
+//! changed are read and parsed again, so a one-object change beside a
+//! 50,000-Service file costs one small parse.
 
 use std::{
     collections::BTreeMap,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -13,68 +19,87 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use notify::Watcher as _;
 use serde::Deserialize;
 
+use super::{Changes, Source};
 use crate::model::{RejectReason, Rejection, Snapshot, Sourced};
 
-use super::{Changes, Source};
-
-/// How often the folder is compared with what was last read. Polling keeps
-/// working on every filesystem and coalesces an editor's burst of writes.
+/// How often the folder is checked when no inotify event arrives.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
-type Contents = BTreeMap<PathBuf, Vec<u8>>;
+/// What identifies a file's content without reading it.
+type Stamp = (u64, i64, i64, u64);
+
+struct FileState {
+    stamp: Stamp,
+    objects: Snapshot,
+}
 
 fn is_manifest(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
-fn read_contents(dir: &Path) -> std::io::Result<Contents> {
-    let mut out = Contents::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_file() && is_manifest(&path) {
-            // A file removed between listing and reading is simply gone.
-            if let Ok(bytes) = std::fs::read(&path) {
-                out.insert(path, bytes);
-            }
-        }
-    }
-    Ok(out)
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino())
 }
 
-/// Parses every document of every file; unreadable documents become rejections.
-fn parse(contents: &Contents) -> Snapshot {
+/// Sorts one decoded document into the snapshot (expanding `kind: List`).
+fn add_document(snap: &mut Snapshot, origin: &Arc<str>, position: &str, value: serde_json::Value) {
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let named = |v: &serde_json::Value| {
+        let name = v.pointer("/metadata/name").and_then(|n| n.as_str());
+        format!("{kind} {} ({position})", name.unwrap_or("<unnamed>"))
+    };
+    let reject = |snap: &mut Snapshot, object: String, reason: String| {
+        snap.rejected.push(Rejection { origin: origin.to_string(), object, kind: RejectReason::Unreadable, reason });
+    };
+    match kind.as_str() {
+        "Service" => match Service::deserialize(&value) {
+            Ok(object) => snap.services.push(Sourced { origin: origin.clone(), object: Arc::new(object) }),
+            Err(e) => reject(snap, named(&value), e.to_string()),
+        },
+        "EndpointSlice" => match EndpointSlice::deserialize(&value) {
+            Ok(object) => snap.slices.push(Sourced { origin: origin.clone(), object: Arc::new(object) }),
+            Err(e) => reject(snap, named(&value), e.to_string()),
+        },
+        "List" | "ServiceList" | "EndpointSliceList" => {
+            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+            for (i, item) in items.into_iter().enumerate() {
+                add_document(snap, origin, &format!("{position}, item {}", i + 1), item);
+            }
+        }
+        "" => reject(snap, position.to_string(), "has no kind".into()),
+        other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
+    }
+}
+
+/// Parses one file; unreadable documents become rejections.
+fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
     let mut snap = Snapshot::default();
-    for (path, bytes) in contents {
-        let origin = path.display().to_string();
-        for (index, doc) in serde_yaml::Deserializer::from_slice(bytes).enumerate() {
-            let position = format!("document {}", index + 1);
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(serde_yaml::Value::Null) => continue,
-                Ok(v) => v,
+    let origin: Arc<str> = path.display().to_string().into();
+    if path.extension().is_some_and(|e| e == "json") {
+        for (index, value) in serde_json::Deserializer::from_slice(bytes).into_iter::<serde_json::Value>().enumerate() {
+            let position = format!("value {}", index + 1);
+            match value {
+                Ok(v) => add_document(&mut snap, &origin, &position, v),
                 Err(e) => {
-                    snap.rejected.push(Rejection { origin: origin.clone(), object: position, kind: RejectReason::Unreadable, reason: e.to_string() });
-                    // The YAML stream cannot be resumed after a syntax error.
+                    snap.rejected.push(Rejection { origin: origin.to_string(), object: position, kind: RejectReason::Unreadable, reason: e.to_string() });
                     break;
                 }
-            };
-            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-            let named = |v: &serde_yaml::Value| {
-                let name = v.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str());
-                format!("{kind} {} ({position})", name.unwrap_or("<unnamed>"))
-            };
-            match kind.as_str() {
-                "Service" => match serde_yaml::from_value::<Service>(value.clone()) {
-                    Ok(object) => snap.services.push(Sourced::new(origin.as_str(), object)),
-                    Err(e) => snap.rejected.push(Rejection { origin: origin.clone(), object: named(&value), kind: RejectReason::Unreadable, reason: e.to_string() }),
-                },
-                "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value.clone()) {
-                    Ok(object) => snap.slices.push(Sourced::new(origin.as_str(), object)),
-                    Err(e) => snap.rejected.push(Rejection { origin: origin.clone(), object: named(&value), kind: RejectReason::Unreadable, reason: e.to_string() }),
-                },
-                "" => snap.rejected.push(Rejection { origin: origin.clone(), object: position, kind: RejectReason::Unreadable, reason: "has no kind".into() }),
-                other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
+            }
+        }
+        return snap;
+    }
+    for (index, doc) in serde_yaml::Deserializer::from_slice(bytes).enumerate() {
+        let position = format!("document {}", index + 1);
+        match serde_json::Value::deserialize(doc) {
+            Ok(serde_json::Value::Null) => {}
+            Ok(v) => add_document(&mut snap, &origin, &position, v),
+            Err(e) => {
+                snap.rejected.push(Rejection { origin: origin.to_string(), object: position, kind: RejectReason::Unreadable, reason: e.to_string() });
+                // The YAML stream cannot be resumed after a syntax error.
+                break;
             }
         }
     }
@@ -83,36 +108,73 @@ fn parse(contents: &Contents) -> Snapshot {
 
 /// Reads the folder once.
 pub fn read(dir: &Path) -> std::io::Result<Snapshot> {
-    Ok(parse(&read_contents(dir)?))
+    let source = DirSource::new(dir.to_path_buf());
+    source.rescan()?;
+    Ok(source.snapshot())
 }
 
-/// The folder's latest parsed contents.
+/// The folder's latest parsed contents, per file.
 pub struct DirSource {
     dir: PathBuf,
-    latest: Mutex<Option<Snapshot>>,
+    files: Mutex<Option<BTreeMap<PathBuf, FileState>>>,
     readable: AtomicBool,
 }
 
 impl DirSource {
     pub fn new(dir: PathBuf) -> Arc<Self> {
-        Arc::new(Self { dir, latest: Mutex::new(None), readable: AtomicBool::new(true) })
+        Arc::new(Self { dir, files: Mutex::new(None), readable: AtomicBool::new(true) })
     }
 
-    /// Polls the folder until `changes` is closed, announcing every change.
+    /// Re-reads files that changed; returns whether anything did.
+    fn rescan(&self) -> std::io::Result<bool> {
+        let mut listed = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            // A file removed between listing and reading is simply gone.
+            if let Ok(meta) = std::fs::metadata(&path)
+                && meta.is_file()
+            {
+                listed.insert(path, stamp(&meta));
+            }
+        }
+        let mut guard = self.files.lock().unwrap();
+        let first = guard.is_none();
+        let files = guard.get_or_insert_with(BTreeMap::new);
+        let before = files.len();
+        files.retain(|p, _| listed.contains_key(p));
+        let mut changed = first || files.len() != before;
+        for (path, st) in listed {
+            if files.get(&path).is_some_and(|f| f.stamp == st) {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            files.insert(path.clone(), FileState { stamp: st, objects: parse_file(&path, &bytes) });
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Watches the folder until `changes` is closed, announcing every change.
     /// A folder that cannot be read is reported and retried; the last good
-    /// snapshot stays in force meanwhile.
+    /// contents stay in force meanwhile.
     pub async fn watch(self: Arc<Self>, changes: Changes) {
-        let mut last: Option<Contents> = None;
+        let (wake_tx, mut wake) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+            let _ = wake_tx.send(());
+        })
+        .and_then(|mut w| w.watch(&self.dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+        if let Err(e) = &watcher {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "no inotify on the manifest folder; polling only");
+        }
         loop {
-            match read_contents(&self.dir) {
-                Ok(contents) => {
+            match self.rescan() {
+                Ok(changed) => {
                     self.readable.store(true, Ordering::Relaxed);
-                    if last.as_ref() != Some(&contents) {
-                        *self.latest.lock().unwrap() = Some(parse(&contents));
-                        last = Some(contents);
-                        if changes.send(Instant::now()).is_err() {
-                            return;
-                        }
+                    if changed && changes.send(Instant::now()).is_err() {
+                        return;
                     }
                 }
                 Err(e) => {
@@ -121,18 +183,31 @@ impl DirSource {
                     }
                 }
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
+            tokio::select! {
+                _ = wake.recv() => {
+                    // Coalesce the burst of events one write makes.
+                    while wake.try_recv().is_ok() {}
+                }
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
         }
     }
 }
 
 impl Source for DirSource {
     fn ready(&self) -> bool {
-        self.latest.lock().unwrap().is_some()
+        self.files.lock().unwrap().is_some()
     }
 
     fn snapshot(&self) -> Snapshot {
-        self.latest.lock().unwrap().clone().unwrap_or_default()
+        let guard = self.files.lock().unwrap();
+        let mut snap = Snapshot::default();
+        for f in guard.iter().flat_map(|m| m.values()) {
+            snap.services.extend(f.objects.services.iter().cloned());
+            snap.slices.extend(f.objects.slices.iter().cloned());
+            snap.rejected.extend(f.objects.rejected.iter().cloned());
+        }
+        snap
     }
 
     fn connected(&self) -> bool {
@@ -144,29 +219,47 @@ impl Source for DirSource {
 mod tests {
     use super::*;
 
-    fn contents(files: &[(&str, &str)]) -> Contents {
-        files.iter().map(|(p, c)| (PathBuf::from(p), c.as_bytes().to_vec())).collect()
+    fn parse(files: &[(&str, &str)]) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (p, c) in files {
+            let s = parse_file(Path::new(p), c.as_bytes());
+            snap.services.extend(s.services);
+            snap.slices.extend(s.slices);
+            snap.rejected.extend(s.rejected);
+        }
+        snap
     }
 
     #[test]
     fn reads_several_documents_per_file() {
-        let snap = parse(&contents(&[(
+        let snap = parse(&[(
             "a.yaml",
             "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\n---\n",
-        )]));
+        )]);
         assert_eq!(snap.services.len(), 1);
         assert_eq!(snap.slices.len(), 1);
         assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
     }
 
     #[test]
+    fn reads_json_values_and_lists() {
+        let snap = parse(&[(
+            "a.json",
+            r#"{"kind": "List", "items": [{"kind": "Service", "metadata": {"name": "a"}, "spec": {"clusterIP": "10.96.0.1"}},
+                                          {"kind": "Service", "metadata": {"name": "b"}, "spec": {"clusterIP": "10.96.0.2"}}]}
+               {"kind": "EndpointSlice", "metadata": {"name": "a-1"}, "addressType": "IPv4"}"#,
+        )]);
+        assert_eq!((snap.services.len(), snap.slices.len()), (2, 1), "{:?}", snap.rejected);
+    }
+
+    #[test]
     fn bad_documents_are_rejected_with_file_and_object() {
-        let snap = parse(&contents(&[
+        let snap = parse(&[
             ("bad.yaml", "kind: Service\nmetadata: {name: broken}\nspec: {ports: 7}\n"),
             ("good.yaml", "kind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 10.96.0.1}\n"),
             ("syntax.yaml", "kind: [unclosed\n"),
-        ]));
+        ]);
         assert_eq!(snap.services.len(), 1, "the good file is still read");
         assert_eq!(snap.rejected.len(), 2);
         assert_eq!(snap.rejected[0].origin, "bad.yaml");
@@ -176,7 +269,24 @@ mod tests {
 
     #[test]
     fn other_kinds_are_ignored() {
-        let snap = parse(&contents(&[("cm.yaml", "kind: ConfigMap\nmetadata: {name: x}\n")]));
+        let snap = parse(&[("cm.yaml", "kind: ConfigMap\nmetadata: {name: x}\n")]);
         assert!(snap.services.is_empty() && snap.rejected.is_empty());
+    }
+
+    #[test]
+    fn only_changed_files_are_read_again() {
+        let dir = std::env::temp_dir().join(format!("kpr-dir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n").unwrap();
+        let source = DirSource::new(dir.clone());
+        assert!(source.rescan().unwrap());
+        assert!(!source.rescan().unwrap(), "nothing changed");
+        std::fs::write(dir.join("b.yaml"), "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n").unwrap();
+        assert!(source.rescan().unwrap());
+        assert_eq!(source.snapshot().services.len(), 2);
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert!(source.rescan().unwrap());
+        assert_eq!(source.snapshot().services.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
