@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod index;
 pub mod metrics;
 pub mod model;
 pub mod planner;

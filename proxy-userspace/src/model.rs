@@ -3,13 +3,18 @@
 //! rejected here with a reason; nothing downstream re-validates.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::{
+    index::{Dirty, Index, ServiceRef},
+    planner::Op,
+};
 
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -134,10 +139,18 @@ pub struct Frontend {
     pub terminating: Vec<Endpoint>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The desired state: every frontend, and which Service owns it.
+#[derive(Default)]
 pub struct Model {
     pub node_name: String,
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+    services: HashMap<ServiceRef, ServiceState>,
+    owner: HashMap<FrontendKey, ServiceRef>,
+    /// Frontends whose deletion failed after their Service went away.
+    orphans: HashSet<FrontendKey>,
+    /// Services that lost a frontend to another one.
+    conflicted: HashSet<ServiceRef>,
+    rejection_count: usize,
 }
 
 /// Why an object (or part of one) was skipped, as a stable metric label.
@@ -333,114 +346,213 @@ fn slice_endpoints(slice: &EndpointSlice, port: &ServicePort, reject: Reject) ->
     (ready, terminating)
 }
 
-/// Builds the model from a snapshot; everything skipped is returned with a reason.
-pub fn build(snapshot: &Snapshot, config: &ModelConfig) -> (Model, Vec<Rejection>) {
-    let mut rejected = snapshot.rejected.clone();
-    let mut model = Model { node_name: config.node_name.clone(), frontends: BTreeMap::new() };
+/// What one Service contributes to the model.
+#[derive(Default)]
+struct ServiceState {
+    keys: Vec<FrontendKey>,
+    rejections: Vec<Rejection>,
+    /// Lost a frontend to another Service: retried when frontends are released.
+    conflicted: bool,
+}
 
-    // Slices by (namespace, service name).
-    let mut slices: BTreeMap<(String, &str), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
-    for s in &snapshot.slices {
-        let meta = &s.object.metadata;
-        let object = || format!("EndpointSlice {}/{}", namespace_of(meta), meta.name.as_deref().unwrap_or("<unnamed>"));
-        let labels = meta.labels.as_ref();
+/// The result of recomputing some Services.
+#[derive(Debug, Default)]
+pub struct Update {
+    pub ops: Vec<Op>,
+    /// Rejections raised now that were not raised before, for logging and counting.
+    pub new_rejections: Vec<Rejection>,
+    /// Each touched frontend as it was before, to put back what the dataplane could not apply.
+    pub before: HashMap<FrontendKey, Option<Frontend>>,
+}
+
+impl Model {
+    pub fn new(node_name: &str) -> Self {
+        Self { node_name: node_name.into(), ..Default::default() }
+    }
+
+    /// Every current rejection of a Service or its slices.
+    pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
+        self.services.values().flat_map(|s| s.rejections.iter())
+    }
+
+    /// How many rejections there are (without walking every Service).
+    pub fn rejection_count(&self) -> usize {
+        self.rejection_count
+    }
+
+    /// Recomputes the `dirty` Services from `index`, keeping everything
+    /// else as it is, and plans the operations that apply the difference.
+    pub fn update(&mut self, index: &Index, dirty: Dirty, config: &ModelConfig) -> Update {
+        let mut keys: Vec<ServiceRef> = match dirty {
+            Dirty::None => vec![],
+            Dirty::All => index.service_keys().chain(self.services.keys()).cloned().collect(),
+            Dirty::Some(set) => set.into_iter().collect(),
+        };
+        keys.sort();
+        keys.dedup();
+        let mut update = Update::default();
+        for key in std::mem::take(&mut self.orphans) {
+            update.before.entry(key).or_insert_with(|| self.frontends.remove(&key));
+        }
+        let mut released = false;
+        for key in &keys {
+            released |= self.recompute(index, key, config, &mut update);
+        }
+        if released {
+            // Frontends were freed: Services that lost a conflict may take them now.
+            let retry: Vec<ServiceRef> = self.conflicted.iter().filter(|k| keys.binary_search(k).is_err()).cloned().collect();
+            for key in &retry {
+                self.recompute(index, key, config, &mut update);
+            }
+        }
+        update.ops = crate::planner::plan(update.before.iter().map(|(k, b)| (*k, b.as_ref(), self.frontends.get(k))));
+        update
+    }
+
+    /// Recomputes one Service; returns whether it released frontends.
+    fn recompute(&mut self, index: &Index, key: &ServiceRef, config: &ModelConfig, update: &mut Update) -> bool {
+        let old = self.services.remove(key).unwrap_or_default();
+        self.rejection_count -= old.rejections.len();
+        self.conflicted.remove(key);
+        for k in &old.keys {
+            let previous = self.frontends.remove(k);
+            update.before.entry(*k).or_insert(previous);
+            self.owner.remove(k);
+        }
+        let (frontends, mut rejections) = match index.service(key) {
+            Some(svc) => compute_service(svc, index.slices_of(key), config),
+            None => (vec![], vec![]),
+        };
+        let mut state = ServiceState::default();
+        for f in frontends {
+            if let Some(other) = self.owner.get(&f.key) {
+                let owner = self.frontends.get(&f.key).map_or_else(|| format!("{}/{}", other.0, other.1), |o| o.service.to_string());
+                rejections.push(Rejection {
+                    origin: index.service(key).map_or_else(String::new, |s| s.origin.to_string()),
+                    object: format!("Service {}/{}", key.0, key.1),
+                    kind: RejectReason::FrontendConflict,
+                    reason: format!("{} is already used by {owner}", f.key),
+                });
+                state.conflicted = true;
+                continue;
+            }
+            update.before.entry(f.key).or_insert_with(|| self.frontends.get(&f.key).cloned());
+            self.owner.insert(f.key, key.clone());
+            state.keys.push(f.key);
+            self.frontends.insert(f.key, f);
+        }
+        update.new_rejections.extend(rejections.iter().filter(|r| !old.rejections.contains(r)).cloned());
+        state.rejections = rejections;
+        if state.conflicted {
+            self.conflicted.insert(key.clone());
+        }
+        if index.service(key).is_some() || !state.rejections.is_empty() {
+            self.rejection_count += state.rejections.len();
+            self.services.insert(key.clone(), state);
+        }
+        !old.keys.is_empty()
+    }
+
+    /// Puts back frontends the dataplane failed to apply, so the next
+    /// update of their Services (marked in `index`) tries again.
+    pub fn revert(&mut self, failed: &[FrontendKey], before: &HashMap<FrontendKey, Option<Frontend>>, index: &mut Index) {
+        for key in failed {
+            match before.get(key).cloned().flatten() {
+                Some(old) => {
+                    self.frontends.insert(*key, old);
+                }
+                None => {
+                    self.frontends.remove(key);
+                }
+            }
+            match self.owner.get(key) {
+                Some(owner) => index.mark(owner.clone()),
+                // Its Service is gone: delete it on the next update.
+                None => {
+                    self.orphans.insert(*key);
+                }
+            }
+        }
+    }
+}
+
+/// The frontends and rejections of one Service and its slices.
+fn compute_service<'a>(s: &Sourced<Service>, slices: impl Iterator<Item = &'a Sourced<EndpointSlice>>, config: &ModelConfig) -> (Vec<Frontend>, Vec<Rejection>) {
+    let mut rejected = Vec::new();
+    let mut frontends = Vec::new();
+    let meta = &s.object.metadata;
+    let namespace = namespace_of(meta);
+    let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
+        rejected.push(Rejection { origin: s.origin.to_string(), object: "Service <unnamed>".into(), kind: RejectReason::MissingName, reason: "has no metadata.name".into() });
+        return (frontends, rejected);
+    };
+    if !config.serves(meta.labels.as_ref()) {
+        tracing::debug!(service = %format!("{namespace}/{name}"), "belongs to another proxy (service-proxy-name label)");
+        return (frontends, rejected);
+    }
+    let object = format!("Service {namespace}/{name}");
+    let mut reasons = Vec::new();
+    let (service_type, load_balancer_ips, ports) = match service_frontends(&s.object, &mut |k, r| reasons.push((k, r))) {
+        ServiceFrontends::Ports { service_type, load_balancer_ips, ports } => (service_type, load_balancer_ips, ports),
+        ServiceFrontends::Ignored(why) => {
+            tracing::debug!(%object, why, "not proxied");
+            (ServiceType::ClusterIP, vec![], vec![])
+        }
+    };
+    // Slices this proxy uses: its own, IPv4.
+    let mut usable = Vec::new();
+    for slice in slices {
+        let smeta = &slice.object.metadata;
+        let labels = smeta.labels.as_ref();
         if !config.serves(labels) || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
             continue;
         }
-        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            rejected.push(Rejection {
-                origin: s.origin.to_string(),
-                object: object(),
-                kind: RejectReason::MissingServiceLabel,
-                reason: format!("has no {SERVICE_NAME_LABEL} label"),
-            });
-            continue;
-        };
-        match s.object.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" | "FQDN" => {
-                tracing::debug!(object = %object(), address_type = %s.object.address_type, "skipped: only IPv4 is programmed");
-                continue;
-            }
-            other => {
-                rejected.push(Rejection {
-                    origin: s.origin.to_string(),
-                    object: object(),
-                    kind: RejectReason::InvalidAddressType,
-                    reason: format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
-                });
-                continue;
-            }
+        let slice_object = format!("EndpointSlice {namespace}/{}", smeta.name.as_deref().unwrap_or("<unnamed>"));
+        match slice.object.address_type.as_str() {
+            "IPv4" => usable.push((slice, slice_object)),
+            "IPv6" | "FQDN" => tracing::debug!(object = %slice_object, address_type = %slice.object.address_type, "skipped: only IPv4 is programmed"),
+            other => rejected.push(Rejection {
+                origin: slice.origin.to_string(),
+                object: slice_object,
+                kind: RejectReason::InvalidAddressType,
+                reason: format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
+            }),
         }
-        slices.entry((namespace_of(meta), service.as_str())).or_default().push(s);
     }
+    for port in ports {
+        let mut backends = BTreeSet::new();
+        let mut terminating = BTreeSet::new();
+        for (slice, slice_object) in &usable {
+            let mut slice_reasons = Vec::new();
+            let (ready, term) = slice_endpoints(&slice.object, &port, &mut |k, r| slice_reasons.push((k, r)));
+            backends.extend(ready);
+            terminating.extend(term);
+            rejected.extend(slice_reasons.into_iter().map(|(kind, reason)| Rejection { origin: slice.origin.to_string(), object: slice_object.clone(), kind, reason }));
+        }
+        // An address both ready (in one slice) and terminating (in another) is ready.
+        let terminating = terminating.difference(&backends).copied().collect();
+        frontends.push(Frontend {
+            service: ServicePortName { namespace: namespace.clone(), name: name.clone(), port: port.name.clone() },
+            key: port.key,
+            service_type,
+            node_port: port.node_port,
+            load_balancer_ips: load_balancer_ips.clone(),
+            backends: backends.into_iter().collect(),
+            terminating,
+        });
+    }
+    rejected.extend(reasons.into_iter().map(|(kind, reason)| Rejection { origin: s.origin.to_string(), object: object.clone(), kind, reason }));
+    (frontends, rejected)
+}
 
-    for s in &snapshot.services {
-        let meta = &s.object.metadata;
-        let namespace = namespace_of(meta);
-        let Some(name) = meta.name.clone() else {
-            rejected.push(Rejection {
-                origin: s.origin.to_string(),
-                object: "Service <unnamed>".into(),
-                kind: RejectReason::MissingName,
-                reason: "has no metadata.name".into(),
-            });
-            continue;
-        };
-        if !config.serves(meta.labels.as_ref()) {
-            tracing::debug!(service = %format!("{namespace}/{name}"), "belongs to another proxy (service-proxy-name label)");
-            continue;
-        }
-        let object = format!("Service {namespace}/{name}");
-        let mut reasons = Vec::new();
-        let (service_type, load_balancer_ips, ports) = match service_frontends(&s.object, &mut |k, r| reasons.push((k, r))) {
-            ServiceFrontends::Ports { service_type, load_balancer_ips, ports } => (service_type, load_balancer_ips, ports),
-            ServiceFrontends::Ignored(why) => {
-                tracing::debug!(%object, why, "not proxied");
-                (ServiceType::ClusterIP, vec![], vec![])
-            }
-        };
-        let my_slices = slices.get(&(namespace.clone(), name.as_str()));
-        for port in ports {
-            let mut backends = BTreeSet::new();
-            let mut terminating = BTreeSet::new();
-            for slice in my_slices.into_iter().flatten() {
-                let slice_object = format!("EndpointSlice {namespace}/{}", slice.object.metadata.name.as_deref().unwrap_or("<unnamed>"));
-                let mut slice_reasons = Vec::new();
-                let (ready, term) = slice_endpoints(&slice.object, &port, &mut |k, r| slice_reasons.push((k, r)));
-                backends.extend(ready);
-                terminating.extend(term);
-                rejected.extend(slice_reasons.into_iter().map(|(kind, reason)| Rejection {
-                    origin: slice.origin.to_string(),
-                    object: slice_object.clone(),
-                    kind,
-                    reason,
-                }));
-            }
-            // An address both ready (in one slice) and terminating (in another) is ready.
-            let terminating = terminating.difference(&backends).copied().collect();
-            let frontend = Frontend {
-                service: ServicePortName { namespace: namespace.clone(), name: name.clone(), port: port.name.clone() },
-                key: port.key,
-                service_type,
-                node_port: port.node_port,
-                load_balancer_ips: load_balancer_ips.clone(),
-                backends: backends.into_iter().collect(),
-                terminating,
-            };
-            if let Some(existing) = model.frontends.get(&port.key) {
-                reasons.push((RejectReason::FrontendConflict, format!("{} is already used by {}", port.key, existing.service)));
-                continue;
-            }
-            model.frontends.insert(port.key, frontend);
-        }
-        rejected.extend(reasons.into_iter().map(|(kind, reason)| Rejection {
-            origin: s.origin.to_string(),
-            object: object.clone(),
-            kind,
-            reason,
-        }));
-    }
+/// Builds a model from a snapshot in one go; everything skipped is returned
+/// with a reason. Services are taken in name order, so of two claiming one
+/// frontend the first by namespace/name keeps it.
+pub fn build(snapshot: &Snapshot, config: &ModelConfig) -> (Model, Vec<Rejection>) {
+    let index = Index::from_snapshot(snapshot);
+    let mut model = Model::new(&config.node_name);
+    model.update(&index, Dirty::All, config);
+    let rejected = index.loose_rejections().chain(model.rejections()).cloned().collect();
     (model, rejected)
 }
 
@@ -576,7 +688,7 @@ metadata: {name: badip}
 spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
 ---
 kind: Service
-metadata: {name: clash}
+metadata: {name: other}
 spec: {clusterIP: 10.96.0.5, ports: [{name: a, port: 80}]}
 ---
 kind: EndpointSlice
@@ -596,7 +708,7 @@ endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.0.7]}]
         assert!(has("Service default/mixed: port s: protocol SCTP is not supported"), "{reasons:#?}");
         assert!(has("Service default/noip: has no spec.clusterIP"), "{reasons:#?}");
         assert!(has("Service default/badip: spec.clusterIP \"10.96.0.300\" is not an IP address"), "{reasons:#?}");
-        assert!(has("Service default/clash: 10.96.0.5:80/TCP is already used by default/mixed:a"), "{reasons:#?}");
+        assert!(has("Service default/other: 10.96.0.5:80/TCP is already used by default/mixed:a"), "{reasons:#?}");
         assert!(has("EndpointSlice default/nolabel: has no kubernetes.io/service-name label"), "{reasons:#?}");
         assert!(has("EndpointSlice default/mixed-1: endpoint address \"not-an-ip\""), "{reasons:#?}");
         assert_eq!(reasons.len(), 6, "{reasons:#?}");

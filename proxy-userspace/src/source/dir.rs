@@ -22,8 +22,11 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use notify::Watcher as _;
 use serde::Deserialize;
 
-use super::{Changes, Source};
-use crate::model::{RejectReason, Rejection, Snapshot, Sourced};
+use super::{Changes, SharedIndex, Source};
+use crate::{
+    index::Index,
+    model::{RejectReason, Rejection, Snapshot, Sourced},
+};
 
 /// How often the folder is checked when no inotify event arrives.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -106,23 +109,40 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
     snap
 }
 
-/// Reads the folder once.
-pub fn read(dir: &Path) -> std::io::Result<Snapshot> {
-    let source = DirSource::new(dir.to_path_buf());
-    source.rescan()?;
-    Ok(source.snapshot())
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
-/// The folder's latest parsed contents, per file.
+/// Takes one file's old objects out of the index and puts its new ones in.
+fn replace_file(index: &mut Index, origin: &str, old: Option<&Snapshot>, new: Option<&Snapshot>) {
+    for s in old.iter().flat_map(|o| &o.services) {
+        let (ns, name) = name_of(&s.object.metadata);
+        index.delete_service(&ns, &name);
+    }
+    for s in old.iter().flat_map(|o| &o.slices) {
+        let (ns, name) = name_of(&s.object.metadata);
+        index.delete_slice(&ns, &name);
+    }
+    for s in new.iter().flat_map(|n| &n.services) {
+        index.apply_service(s.clone());
+    }
+    for s in new.iter().flat_map(|n| &n.slices) {
+        index.apply_slice(s.clone());
+    }
+    index.set_unreadable(origin, new.map(|n| n.rejected.clone()).unwrap_or_default());
+}
+
+/// The folder's latest parsed contents, per file, fed into the index.
 pub struct DirSource {
     dir: PathBuf,
+    index: SharedIndex,
     files: Mutex<Option<BTreeMap<PathBuf, FileState>>>,
     readable: AtomicBool,
 }
 
 impl DirSource {
-    pub fn new(dir: PathBuf) -> Arc<Self> {
-        Arc::new(Self { dir, files: Mutex::new(None), readable: AtomicBool::new(true) })
+    pub fn new(dir: PathBuf, index: SharedIndex) -> Arc<Self> {
+        Arc::new(Self { dir, index, files: Mutex::new(None), readable: AtomicBool::new(true) })
     }
 
     /// Re-reads files that changed; returns whether anything did.
@@ -143,15 +163,22 @@ impl DirSource {
         let mut guard = self.files.lock().unwrap();
         let first = guard.is_none();
         let files = guard.get_or_insert_with(BTreeMap::new);
-        let before = files.len();
-        files.retain(|p, _| listed.contains_key(p));
-        let mut changed = first || files.len() != before;
+        let mut index = self.index.lock().unwrap();
+        let mut changed = first;
+        let gone: Vec<PathBuf> = files.keys().filter(|p| !listed.contains_key(*p)).cloned().collect();
+        for path in gone {
+            let old = files.remove(&path);
+            replace_file(&mut index, &path.display().to_string(), old.as_ref().map(|f| &f.objects), None);
+            changed = true;
+        }
         for (path, st) in listed {
             if files.get(&path).is_some_and(|f| f.stamp == st) {
                 continue;
             }
             let Ok(bytes) = std::fs::read(&path) else { continue };
-            files.insert(path.clone(), FileState { stamp: st, objects: parse_file(&path, &bytes) });
+            let objects = parse_file(&path, &bytes);
+            let old = files.insert(path.clone(), FileState { stamp: st, objects });
+            replace_file(&mut index, &path.display().to_string(), old.as_ref().map(|f| &f.objects), files.get(&path).map(|f| &f.objects));
             changed = true;
         }
         Ok(changed)
@@ -197,17 +224,6 @@ impl DirSource {
 impl Source for DirSource {
     fn ready(&self) -> bool {
         self.files.lock().unwrap().is_some()
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        let guard = self.files.lock().unwrap();
-        let mut snap = Snapshot::default();
-        for f in guard.iter().flat_map(|m| m.values()) {
-            snap.services.extend(f.objects.services.iter().cloned());
-            snap.slices.extend(f.objects.slices.iter().cloned());
-            snap.rejected.extend(f.objects.rejected.iter().cloned());
-        }
-        snap
     }
 
     fn connected(&self) -> bool {
@@ -278,15 +294,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kpr-dir-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n").unwrap();
-        let source = DirSource::new(dir.clone());
+        let index = SharedIndex::default();
+        let source = DirSource::new(dir.clone(), index.clone());
         assert!(source.rescan().unwrap());
         assert!(!source.rescan().unwrap(), "nothing changed");
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::Some([key("a")].into()));
         std::fs::write(dir.join("b.yaml"), "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n").unwrap();
         assert!(source.rescan().unwrap());
-        assert_eq!(source.snapshot().services.len(), 2);
+        assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::Some([key("b")].into()), "only the new file's Service");
+        assert_eq!(index.lock().unwrap().service_count(), 2);
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         assert!(source.rescan().unwrap());
-        assert_eq!(source.snapshot().services.len(), 1);
+        assert_eq!(index.lock().unwrap().service_count(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

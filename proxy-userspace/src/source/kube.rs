@@ -1,10 +1,12 @@
-//! The Kubernetes API server as a source: kube-rs watchers (with backoff)
-//! feeding a reflector store per kind. A dropped watch or 410 Gone leads to
-//! a re-list; the store swaps in the re-listed objects only when the list is
-//! complete, so what is programmed keeps serving meanwhile and whatever
-//! vanished is removed after.
+//! The Kubernetes API server as a source: kube-rs watchers (list, then
+//! watch, with backoff) feeding the index object by object. A dropped watch
+//! or 410 Gone leads to a re-list; its objects are collected until the list
+//! is complete and only then reconciled with the index (changed ones
+//! applied, vanished ones removed), so what is programmed keeps serving
+//! meanwhile and nothing stale survives it.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{
         Arc,
@@ -19,13 +21,13 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
-use super::{Changes, Source};
-use crate::model::{Snapshot, Sourced};
+use super::{Changes, SharedIndex, Source};
+use crate::{index::Index, model::Sourced};
 
 /// A client from `kubeconfig`, or else the in-cluster config (or the
 /// default kubeconfig when run outside a cluster).
@@ -49,35 +51,98 @@ struct KindState {
     healthy: AtomicBool,
 }
 
-pub struct KubeSource {
-    services: reflector::Store<Service>,
-    slices: reflector::Store<EndpointSlice>,
-    service_state: Arc<KindState>,
-    slice_state: Arc<KindState>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
 const ORIGIN: &str = "api";
 
-fn watch<K>(api: Api<K>, selector: &str, changes: Changes, state: Arc<KindState>) -> (reflector::Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().labels(selector)).default_backoff().reflect(writer);
+/// How one kind goes into the index.
+trait Indexed: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+    fn apply(index: &mut Index, object: Sourced<Self>);
+    fn delete(index: &mut Index, namespace: &str, name: &str);
+    fn held(index: &Index) -> Vec<(String, String)>;
+    fn held_version<'a>(index: &'a Index, namespace: &str, name: &str) -> Option<&'a str>;
+}
+
+impl Indexed for Service {
+    fn apply(index: &mut Index, object: Sourced<Self>) {
+        index.apply_service(object);
+    }
+    fn delete(index: &mut Index, namespace: &str, name: &str) {
+        index.delete_service(namespace, name);
+    }
+    fn held(index: &Index) -> Vec<(String, String)> {
+        index.service_names()
+    }
+    fn held_version<'a>(index: &'a Index, namespace: &str, name: &str) -> Option<&'a str> {
+        index.service_version(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+impl Indexed for EndpointSlice {
+    fn apply(index: &mut Index, object: Sourced<Self>) {
+        index.apply_slice(object);
+    }
+    fn delete(index: &mut Index, namespace: &str, name: &str) {
+        index.delete_slice(namespace, name);
+    }
+    fn held(index: &Index) -> Vec<(String, String)> {
+        index.slice_names()
+    }
+    fn held_version<'a>(index: &'a Index, namespace: &str, name: &str) -> Option<&'a str> {
+        index.slice_version(namespace, name)
+    }
+}
+
+fn name_of<K: kube::Resource>(o: &K) -> (String, String) {
+    let meta = o.meta();
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+/// Puts a complete list into the index: new and changed objects applied,
+/// objects it no longer holds deleted.
+fn reconcile<K: Indexed>(index: &mut Index, listed: HashMap<(String, String), K>) {
+    for (ns, name) in K::held(index) {
+        if !listed.contains_key(&(ns.clone(), name.clone())) {
+            K::delete(index, &ns, &name);
+        }
+    }
+    for ((ns, name), object) in listed {
+        let unchanged = object.meta().resource_version.is_some() && <K as Indexed>::held_version(index, &ns, &name) == object.meta().resource_version.as_deref();
+        if !unchanged {
+            K::apply(index, Sourced::new(ORIGIN, object));
+        }
+    }
+}
+
+fn watch<K: Indexed>(api: Api<K>, selector: &str, index: SharedIndex, changes: Changes, state: Arc<KindState>) -> JoinHandle<()> {
+    let stream = watcher(api, watcher::Config::default().labels(selector)).default_backoff();
     let kind = K::kind(&());
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        let mut relist: Option<HashMap<(String, String), K>> = None;
         while let Some(event) = stream.next().await {
             let changed = match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => true,
+                Ok(watcher::Event::Apply(o)) => {
+                    K::apply(&mut index.lock().unwrap(), Sourced::new(ORIGIN, o));
+                    true
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let (ns, name) = name_of(&o);
+                    K::delete(&mut index.lock().unwrap(), &ns, &name);
+                    true
+                }
+                Ok(watcher::Event::Init) => {
+                    relist = Some(HashMap::new());
+                    false
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    relist.get_or_insert_with(HashMap::new).insert(name_of(&o), o);
+                    false
+                }
                 Ok(watcher::Event::InitDone) => {
+                    reconcile(&mut index.lock().unwrap(), relist.take().unwrap_or_default());
                     state.listed.store(true, Ordering::Relaxed);
                     tracing::info!(%kind, "listed");
                     true
                 }
-                // The store keeps the previous objects until InitDone.
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => false,
                 Err(e) => {
                     if state.healthy.swap(false, Ordering::Relaxed) {
                         tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff, programmed state keeps serving");
@@ -94,34 +159,30 @@ where
                 return;
             }
         }
-    });
-    (reader, task)
+    })
+}
+
+pub struct KubeSource {
+    service_state: Arc<KindState>,
+    slice_state: Arc<KindState>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl KubeSource {
     /// Starts watching Services and EndpointSlices matching `selector` in
-    /// all namespaces.
-    pub fn start(client: Client, selector: &str, changes: Changes) -> Self {
+    /// all namespaces, feeding `index`.
+    pub fn start(client: Client, selector: &str, index: SharedIndex, changes: Changes) -> Self {
         let service_state = Arc::new(KindState::default());
         let slice_state = Arc::new(KindState::default());
-        let (services, t1) = watch(Api::<Service>::all(client.clone()), selector, changes.clone(), service_state.clone());
-        let (slices, t2) = watch(Api::<EndpointSlice>::all(client), selector, changes, slice_state.clone());
-        Self { services, slices, service_state, slice_state, tasks: vec![t1, t2] }
+        let t1 = watch(Api::<Service>::all(client.clone()), selector, index.clone(), changes.clone(), service_state.clone());
+        let t2 = watch(Api::<EndpointSlice>::all(client), selector, index, changes, slice_state.clone());
+        Self { service_state, slice_state, tasks: vec![t1, t2] }
     }
 }
 
 impl Source for KubeSource {
     fn ready(&self) -> bool {
         self.service_state.listed.load(Ordering::Relaxed) && self.slice_state.listed.load(Ordering::Relaxed)
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        let origin: Arc<str> = ORIGIN.into();
-        Snapshot {
-            services: self.services.state().into_iter().map(|object| Sourced { origin: origin.clone(), object }).collect(),
-            slices: self.slices.state().into_iter().map(|object| Sourced { origin: origin.clone(), object }).collect(),
-            rejected: vec![],
-        }
     }
 
     fn connected(&self) -> bool {

@@ -1,6 +1,6 @@
-//! Sources turn Kubernetes objects into model snapshots. Each holds its
-//! latest objects and announces every change (with the time it arrived) on
-//! a channel; the agent takes a snapshot when it syncs.
+//! Sources feed Kubernetes objects into the shared [`Index`], object by
+//! object, and announce every change (with the time it arrived) on a
+//! channel; the agent recomputes what changed when it syncs.
 
 pub mod dir;
 pub mod kube;
@@ -9,7 +9,10 @@ use std::{path::PathBuf, time::Instant};
 
 use tokio::sync::mpsc;
 
-use crate::model::Snapshot;
+pub use crate::index::Index;
+
+/// The index a source writes and the agent reads.
+pub type SharedIndex = std::sync::Arc<std::sync::Mutex<Index>>;
 
 /// Announces that a source's objects changed, and when the change arrived.
 pub type Changes = mpsc::UnboundedSender<Instant>;
@@ -18,7 +21,6 @@ pub trait Source: Send + Sync {
     /// True once the initial state is complete (every kind listed), so a
     /// sync never programs Services before their endpoints are known.
     fn ready(&self) -> bool;
-    fn snapshot(&self) -> Snapshot;
     /// False while the source is cut off from where its objects come from.
     fn connected(&self) -> bool;
 }
