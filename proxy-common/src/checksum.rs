@@ -56,16 +56,8 @@ pub fn update16(check: u16, old: u16, new: u16) -> u16 {
 /// [`update16`] for a 32-bit field such as an IPv4 address.
 #[inline(always)]
 pub fn update32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let c = update16(
-        check,
-        u16::from_be_bytes([old[0], old[1]]),
-        u16::from_be_bytes([new[0], new[1]]),
-    );
-    update16(
-        c,
-        u16::from_be_bytes([old[2], old[3]]),
-        u16::from_be_bytes([new[2], new[3]]),
-    )
+    let c = update16(check, u16::from_be_bytes([old[0], old[1]]), u16::from_be_bytes([new[0], new[1]]));
+    update16(c, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
 }
 
 #[cfg(test)]
@@ -74,8 +66,8 @@ mod tests {
 
     // The IPv4 header example from RFC 1071 / Wikipedia: checksum 0xb861.
     const HDR: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
-        0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+        0x00, 0xc7,
     ];
 
     #[test]

@@ -111,13 +111,7 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    pub const fn new(
-        src_addr: [u8; 4],
-        src_port: [u8; 2],
-        dst_addr: [u8; 4],
-        dst_port: [u8; 2],
-        proto: u8,
-    ) -> Self {
+    pub const fn new(src_addr: [u8; 4], src_port: [u8; 2], dst_addr: [u8; 4], dst_port: [u8; 2], proto: u8) -> Self {
         Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
     }
 }

@@ -34,8 +34,8 @@ pub struct TcpSegment {
 fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, total_len: u16, tos: u8) -> [u8; 20] {
     let len = total_len.to_be_bytes();
     let mut h = [
-        0x45, tos, len[0], len[1], 0, 0, 0x40, 0, 64, proto, 0, 0, src[0], src[1], src[2], src[3],
-        dst[0], dst[1], dst[2], dst[3],
+        0x45, tos, len[0], len[1], 0, 0, 0x40, 0, 64, proto, 0, 0, src[0], src[1], src[2], src[3], dst[0], dst[1],
+        dst[2], dst[3],
     ];
     let c = checksum(&h).to_be_bytes();
     h[10] = c[0];
@@ -73,8 +73,26 @@ pub fn tcp_reset(
     let s = seq.to_be_bytes();
     let a = ack.to_be_bytes();
     let mut tcp = [
-        from_port[0], from_port[1], to_port[0], to_port[1], s[0], s[1], s[2], s[3], a[0], a[1],
-        a[2], a[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
+        from_port[0],
+        from_port[1],
+        to_port[0],
+        to_port[1],
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        0x50,
+        flags,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     ];
     let c = finish(add_bytes(pseudo_header_sum(from, to, PROTO_TCP, 20), &tcp)).to_be_bytes();
     tcp[16] = c[0];
@@ -88,11 +106,7 @@ pub fn tcp_reset(
 /// IPv4 + ICMP headers of a port-unreachable error about `quote` (the first
 /// 28 bytes of the offending datagram), sent from `from` to `to`.
 #[inline(always)]
-pub fn icmp_port_unreachable(
-    from: [u8; 4],
-    to: [u8; 4],
-    quote: &[u8; ICMP_QUOTE_LEN],
-) -> [u8; ICMP_HEADERS_LEN] {
+pub fn icmp_port_unreachable(from: [u8; 4], to: [u8; 4], quote: &[u8; ICMP_QUOTE_LEN]) -> [u8; ICMP_HEADERS_LEN] {
     let total = (ICMP_HEADERS_LEN + ICMP_QUOTE_LEN) as u16;
     // TOS 0xc0 (internetwork control) as the kernel's own ICMP errors carry.
     let ip = ipv4_header(from, to, IPPROTO_ICMP, total, 0xc0);
@@ -117,8 +131,7 @@ mod tests {
         let src = [pkt[12], pkt[13], pkt[14], pkt[15]];
         let dst = [pkt[16], pkt[17], pkt[18], pkt[19]];
         let l4 = &pkt[20..];
-        crate::checksum::fold(add_bytes(pseudo_header_sum(src, dst, 6, l4.len() as u16), l4))
-            == 0xffff
+        crate::checksum::fold(add_bytes(pseudo_header_sum(src, dst, 6, l4.len() as u16), l4)) == 0xffff
     }
 
     #[test]

@@ -6,10 +6,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    maps::{
-        reply_key, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey,
-        PROTO_TCP,
-    },
+    maps::{Backend, BackendKey, FlowKey, ForwardEntry, PROTO_TCP, ReverseEntry, ServiceKey, reply_key},
     reject::{TCP_ACK, TCP_SYN},
     select,
 };

@@ -26,7 +26,7 @@ use proxy_common::counters::Counter;
 
 use crate::{
     counters::count,
-    lookup::{is_vip, Lookup},
+    lookup::{Lookup, is_vip},
     parse::Parsed,
 };
 

@@ -7,31 +7,25 @@ use aya_ebpf::{
 use proxy_common::{
     counters,
     maps::{
-        Backend, BackendKey, FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey,
-        ServiceValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX,
-        DEFAULT_SERVICES_MAX,
+        Backend, BackendKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX, DEFAULT_SERVICES_MAX,
+        FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue,
     },
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
 
 #[map]
-pub static BACKENDS: HashMap<BackendKey, Backend> =
-    HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
 
 #[map]
-pub static CT_FORWARD: LruHashMap<FlowKey, ForwardEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+pub static CT_FORWARD: LruHashMap<FlowKey, ForwardEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
 #[map]
-pub static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+pub static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
 
 #[map]
-pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> =
-    LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);
+pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);

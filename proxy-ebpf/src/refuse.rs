@@ -4,7 +4,7 @@
 //! sent back out of the interface it arrived on.
 
 use aya_ebpf::{
-    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_CSUM_LEVEL_RESET, TC_ACT_SHOT},
+    bindings::{BPF_CSUM_LEVEL_RESET, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::{bpf_csum_level, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -12,13 +12,10 @@ use proxy_common::{
     counters::Counter,
     ipv4::{ETH_HLEN, MIN_HLEN},
     maps::PROTO_TCP,
-    reject::{
-        icmp_port_unreachable, tcp_reset, TcpSegment, ICMP_HEADERS_LEN, ICMP_QUOTE_LEN,
-        TCP_RESET_LEN,
-    },
+    reject::{ICMP_HEADERS_LEN, ICMP_QUOTE_LEN, TCP_RESET_LEN, TcpSegment, icmp_port_unreachable, tcp_reset},
 };
 
-use crate::{counters::count, parse::Packet, Verdict};
+use crate::{Verdict, counters::count, parse::Packet};
 
 pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, ()> {
     // The answers are laid out for a 20-byte IP header; a packet with IP

@@ -6,8 +6,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    ipv4::{l4_check_offset, ETH_HLEN},
-    maps::{Backend, ReverseEntry, PROTO_UDP},
+    ipv4::{ETH_HLEN, l4_check_offset},
+    maps::{Backend, PROTO_UDP, ReverseEntry},
 };
 
 use crate::parse::Packet;
@@ -46,8 +46,7 @@ fn rewrite(
 
     let (old_a, new_a) = (u32::from_ne_bytes(old_addr) as u64, u32::from_ne_bytes(new_addr) as u64);
     if old_a != new_a {
-        ctx.l4_csum_replace(check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4).map_err(|_| ())?;
         ctx.l3_csum_replace(IP_CHECK_OFF, old_a, new_a, 4).map_err(|_| ())?;
         ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
     }

@@ -18,8 +18,8 @@ use crate::{
         ebpf::{EbpfDataplane, MapSizes},
         iptables::{IptablesDataplane, render::RenderConfig},
     },
-    metrics::{Metrics, ReasonLabels},
     index::Index,
+    metrics::{Metrics, ReasonLabels},
     model::{Model, ModelConfig, Rejection},
     source::{self, SharedIndex, Source, SourceSpec},
     status::{self, Status},
@@ -322,7 +322,10 @@ mod tests {
         idx.touch_all();
         syncer.sync(&mut idx, &[arrived]);
         let text = metrics.encode();
-        assert!(text.contains("kubeproxy_network_programming_duration_seconds_count 3"), "one observation per change:\n{text}");
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_count 3"),
+            "one observation per change:\n{text}"
+        );
         assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"), "{text}");
         assert!(text.contains("kpr_rejected_objects_total{reason=\"unsupported_protocol\"} 1"), "{text}");
         let log = log.lock().unwrap();

@@ -133,6 +133,7 @@ impl Index {
     /// What changed since the last call.
     pub fn take_dirty(&mut self) -> Dirty {
         if std::mem::take(&mut self.all_dirty) {
+            self.dirty.clear();
             return Dirty::All;
         }
         if self.dirty.is_empty() { Dirty::None } else { Dirty::Some(std::mem::take(&mut self.dirty)) }
@@ -190,7 +191,13 @@ mod tests {
 
     fn slice(name: &str, service: Option<&str>) -> Sourced<EndpointSlice> {
         let labels = service.map(|s| serde_json::json!({SERVICE_NAME_LABEL: s}));
-        Sourced::new("t", serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}, "addressType": "IPv4"})).unwrap())
+        Sourced::new(
+            "t",
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "labels": labels}, "addressType": "IPv4"}),
+            )
+            .unwrap(),
+        )
     }
 
     fn key(n: &str) -> ServiceRef {

@@ -239,7 +239,11 @@ struct ServicePort {
 
 /// The validated parts of a Service, or why it is not ours.
 enum ServiceFrontends {
-    Ports { service_type: ServiceType, load_balancer_ips: Vec<Ipv4Addr>, ports: Vec<ServicePort> },
+    Ports {
+        service_type: ServiceType,
+        load_balancer_ips: Vec<Ipv4Addr>,
+        ports: Vec<ServicePort>,
+    },
     /// Headless, ExternalName, IPv6: not ours to program, and not an error.
     Ignored(&'static str),
 }
@@ -247,7 +251,8 @@ enum ServiceFrontends {
 type Reject<'a> = &'a mut dyn FnMut(RejectReason, String);
 
 fn service_frontends(svc: &Service, reject: Reject) -> ServiceFrontends {
-    let none = ServiceFrontends::Ports { service_type: ServiceType::ClusterIP, load_balancer_ips: vec![], ports: vec![] };
+    let none =
+        ServiceFrontends::Ports { service_type: ServiceType::ClusterIP, load_balancer_ips: vec![], ports: vec![] };
     let Some(spec) = &svc.spec else {
         reject(RejectReason::MissingSpec, "has no spec".into());
         return none;
@@ -294,7 +299,10 @@ fn service_frontends(svc: &Service, reject: Reject) -> ServiceFrontends {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                reject(RejectReason::UnsupportedProtocol, format!("port {label}: protocol {other} is not supported (TCP and UDP are)"));
+                reject(
+                    RejectReason::UnsupportedProtocol,
+                    format!("port {label}: protocol {other} is not supported (TCP and UDP are)"),
+                );
                 continue;
             }
         };
@@ -313,7 +321,8 @@ fn service_frontends(svc: &Service, reject: Reject) -> ServiceFrontends {
 fn slice_endpoints(slice: &EndpointSlice, port: &ServicePort, reject: Reject) -> (Vec<Endpoint>, Vec<Endpoint>) {
     let (mut ready, mut terminating) = (Vec::new(), Vec::new());
     let Some(target) = slice.ports.iter().flatten().find(|p| {
-        p.name.as_deref().unwrap_or("") == port.name && p.protocol.as_deref().unwrap_or("TCP") == port.key.protocol.to_string()
+        p.name.as_deref().unwrap_or("") == port.name
+            && p.protocol.as_deref().unwrap_or("TCP") == port.key.protocol.to_string()
     }) else {
         return (ready, terminating);
     };
@@ -332,7 +341,10 @@ fn slice_endpoints(slice: &EndpointSlice, port: &ServicePort, reject: Reject) ->
         let ip = match addr.parse::<Ipv4Addr>() {
             Ok(ip) => ip,
             Err(_) => {
-                reject(RejectReason::InvalidEndpointAddress, format!("endpoint address {addr:?} is not an IPv4 address"));
+                reject(
+                    RejectReason::InvalidEndpointAddress,
+                    format!("endpoint address {addr:?} is not an IPv4 address"),
+                );
                 continue;
             }
         };
@@ -400,7 +412,8 @@ impl Model {
         }
         if released {
             // Frontends were freed: Services that lost a conflict may take them now.
-            let retry: Vec<ServiceRef> = self.conflicted.iter().filter(|k| keys.binary_search(k).is_err()).cloned().collect();
+            let retry: Vec<ServiceRef> =
+                self.conflicted.iter().filter(|k| keys.binary_search(k).is_err()).cloned().collect();
             for key in &retry {
                 self.recompute(index, key, config, &mut update);
             }
@@ -426,7 +439,10 @@ impl Model {
         let mut state = ServiceState::default();
         for f in frontends {
             if let Some(other) = self.owner.get(&f.key) {
-                let owner = self.frontends.get(&f.key).map_or_else(|| format!("{}/{}", other.0, other.1), |o| o.service.to_string());
+                let owner = self
+                    .frontends
+                    .get(&f.key)
+                    .map_or_else(|| format!("{}/{}", other.0, other.1), |o| o.service.to_string());
                 rejections.push(Rejection {
                     origin: index.service(key).map_or_else(String::new, |s| s.origin.to_string()),
                     object: format!("Service {}/{}", key.0, key.1),
@@ -455,7 +471,12 @@ impl Model {
 
     /// Puts back frontends the dataplane failed to apply, so the next
     /// update of their Services (marked in `index`) tries again.
-    pub fn revert(&mut self, failed: &[FrontendKey], before: &HashMap<FrontendKey, Option<Frontend>>, index: &mut Index) {
+    pub fn revert(
+        &mut self,
+        failed: &[FrontendKey],
+        before: &HashMap<FrontendKey, Option<Frontend>>,
+        index: &mut Index,
+    ) {
         for key in failed {
             match before.get(key).cloned().flatten() {
                 Some(old) => {
@@ -477,13 +498,22 @@ impl Model {
 }
 
 /// The frontends and rejections of one Service and its slices.
-fn compute_service<'a>(s: &Sourced<Service>, slices: impl Iterator<Item = &'a Sourced<EndpointSlice>>, config: &ModelConfig) -> (Vec<Frontend>, Vec<Rejection>) {
+fn compute_service<'a>(
+    s: &Sourced<Service>,
+    slices: impl Iterator<Item = &'a Sourced<EndpointSlice>>,
+    config: &ModelConfig,
+) -> (Vec<Frontend>, Vec<Rejection>) {
     let mut rejected = Vec::new();
     let mut frontends = Vec::new();
     let meta = &s.object.metadata;
     let namespace = namespace_of(meta);
     let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
-        rejected.push(Rejection { origin: s.origin.to_string(), object: "Service <unnamed>".into(), kind: RejectReason::MissingName, reason: "has no metadata.name".into() });
+        rejected.push(Rejection {
+            origin: s.origin.to_string(),
+            object: "Service <unnamed>".into(),
+            kind: RejectReason::MissingName,
+            reason: "has no metadata.name".into(),
+        });
         return (frontends, rejected);
     };
     if !config.serves(meta.labels.as_ref()) {
@@ -492,7 +522,8 @@ fn compute_service<'a>(s: &Sourced<Service>, slices: impl Iterator<Item = &'a So
     }
     let object = format!("Service {namespace}/{name}");
     let mut reasons = Vec::new();
-    let (service_type, load_balancer_ips, ports) = match service_frontends(&s.object, &mut |k, r| reasons.push((k, r))) {
+    let (service_type, load_balancer_ips, ports) = match service_frontends(&s.object, &mut |k, r| reasons.push((k, r)))
+    {
         ServiceFrontends::Ports { service_type, load_balancer_ips, ports } => (service_type, load_balancer_ips, ports),
         ServiceFrontends::Ignored(why) => {
             tracing::debug!(%object, why, "not proxied");
@@ -510,7 +541,9 @@ fn compute_service<'a>(s: &Sourced<Service>, slices: impl Iterator<Item = &'a So
         let slice_object = format!("EndpointSlice {namespace}/{}", smeta.name.as_deref().unwrap_or("<unnamed>"));
         match slice.object.address_type.as_str() {
             "IPv4" => usable.push((slice, slice_object)),
-            "IPv6" | "FQDN" => tracing::debug!(object = %slice_object, address_type = %slice.object.address_type, "skipped: only IPv4 is programmed"),
+            "IPv6" | "FQDN" => {
+                tracing::debug!(object = %slice_object, address_type = %slice.object.address_type, "skipped: only IPv4 is programmed")
+            }
             other => rejected.push(Rejection {
                 origin: slice.origin.to_string(),
                 object: slice_object,
@@ -527,7 +560,12 @@ fn compute_service<'a>(s: &Sourced<Service>, slices: impl Iterator<Item = &'a So
             let (ready, term) = slice_endpoints(&slice.object, &port, &mut |k, r| slice_reasons.push((k, r)));
             backends.extend(ready);
             terminating.extend(term);
-            rejected.extend(slice_reasons.into_iter().map(|(kind, reason)| Rejection { origin: slice.origin.to_string(), object: slice_object.clone(), kind, reason }));
+            rejected.extend(slice_reasons.into_iter().map(|(kind, reason)| Rejection {
+                origin: slice.origin.to_string(),
+                object: slice_object.clone(),
+                kind,
+                reason,
+            }));
         }
         // An address both ready (in one slice) and terminating (in another) is ready.
         let terminating = terminating.difference(&backends).copied().collect();
@@ -541,7 +579,12 @@ fn compute_service<'a>(s: &Sourced<Service>, slices: impl Iterator<Item = &'a So
             terminating,
         });
     }
-    rejected.extend(reasons.into_iter().map(|(kind, reason)| Rejection { origin: s.origin.to_string(), object: object.clone(), kind, reason }));
+    rejected.extend(reasons.into_iter().map(|(kind, reason)| Rejection {
+        origin: s.origin.to_string(),
+        object: object.clone(),
+        kind,
+        reason,
+    }));
     (frontends, rejected)
 }
 
@@ -596,7 +639,8 @@ spec:
 
     #[test]
     fn named_target_ports_resolve_through_the_slices() {
-        let snap = objects(&format!("{WEB}---
+        let snap = objects(&format!(
+            "{WEB}---
 kind: EndpointSlice
 metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
@@ -605,7 +649,8 @@ endpoints:
 - addresses: [10.244.0.11]
 - addresses: [10.244.0.12]
   conditions: {{ready: true}}
-"));
+"
+        ));
         let (m, rejected) = build(&snap, &ModelConfig::default());
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
@@ -616,7 +661,8 @@ endpoints:
 
     #[test]
     fn slices_are_merged_deduplicated_and_only_ready_endpoints_count() {
-        let snap = objects(&format!("{WEB}---
+        let snap = objects(&format!(
+            "{WEB}---
 kind: EndpointSlice
 metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
@@ -640,14 +686,16 @@ addressType: IPv4
 ports: [{{name: http, port: 8080}}]
 endpoints:
 - addresses: [10.244.0.99]
-"));
+"
+        ));
         let (m, _) = build(&snap, &ModelConfig::default());
         assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
     }
 
     #[test]
     fn headless_external_name_and_ipv6_are_ignored_quietly() {
-        let snap = objects("
+        let snap = objects(
+            "
 kind: Service
 metadata: {name: headless}
 spec: {clusterIP: None, ports: [{port: 80}]}
@@ -664,7 +712,8 @@ kind: EndpointSlice
 metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
 addressType: IPv6
 endpoints: [{addresses: ['fd00::1']}]
-");
+",
+        );
         let (m, rejected) = build(&snap, &ModelConfig::default());
         assert!(m.frontends.is_empty());
         assert!(rejected.is_empty(), "{rejected:?}");
@@ -672,7 +721,8 @@ endpoints: [{addresses: ['fd00::1']}]
 
     #[test]
     fn invalid_parts_are_rejected_with_reasons_and_the_rest_kept() {
-        let snap = objects("
+        let snap = objects(
+            "
 kind: Service
 metadata: {name: mixed}
 spec:
@@ -701,7 +751,8 @@ metadata: {name: mixed-1, labels: {kubernetes.io/service-name: mixed}}
 addressType: IPv4
 ports: [{name: a, port: 8080}]
 endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.0.7]}]
-");
+",
+        );
         let (m, rejected) = build(&snap, &ModelConfig::default());
         let reasons: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
         let has = |s: &str| reasons.iter().any(|r| r.contains(s));
@@ -773,7 +824,8 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example.com}]}
 
     #[test]
     fn terminating_endpoints_are_kept_apart_from_ready_ones() {
-        let snap = objects(&format!("{WEB}---
+        let snap = objects(&format!(
+            "{WEB}---
 kind: EndpointSlice
 metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
@@ -787,7 +839,8 @@ endpoints:
   conditions: {{ready: false, serving: false, terminating: true}}
 - addresses: [10.244.0.14]
   conditions: {{ready: false}}
-"));
+"
+        ));
         let (m, _) = build(&snap, &ModelConfig::default());
         let f = frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp);
         assert_eq!(ips(f), ["10.244.0.11:8080"]);
@@ -810,21 +863,35 @@ endpoints: [{{addresses: [10.244.0.11]}}]
 
     #[test]
     fn rejections_carry_a_metric_reason() {
-        let (_, rejected) = build(&objects("
+        let (_, rejected) = build(
+            &objects(
+                "
 kind: Service
 metadata: {name: s}
 spec: {clusterIP: 10.96.0.9, ports: [{port: 9, protocol: SCTP}]}
-"), &ModelConfig::default());
+",
+            ),
+            &ModelConfig::default(),
+        );
         assert_eq!(rejected[0].kind.label(), "unsupported_protocol");
     }
 
     #[test]
     fn dual_stack_services_are_served_on_their_ipv4_cluster_ip() {
-        let (m, _) = build(&objects("
+        let (m, _) = build(
+            &objects(
+                "
 kind: Service
 metadata: {name: ds}
 spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.44], ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}
-"), &ModelConfig::default());
-        assert!(m.frontends.contains_key(&FrontendKey { vip: [10, 96, 0, 44].into(), port: 80, protocol: Protocol::Tcp }));
+",
+            ),
+            &ModelConfig::default(),
+        );
+        assert!(m.frontends.contains_key(&FrontendKey {
+            vip: [10, 96, 0, 44].into(),
+            port: 80,
+            protocol: Protocol::Tcp
+        }));
     }
 }

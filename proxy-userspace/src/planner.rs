@@ -15,7 +15,9 @@ pub enum Op {
 /// Operations for `(key, before, after)` triples: deletions first (so a
 /// frontend moving between Services never exists twice), unchanged
 /// frontends produce none.
-pub fn plan<'a>(changes: impl IntoIterator<Item = (FrontendKey, Option<&'a Frontend>, Option<&'a Frontend>)>) -> Vec<Op> {
+pub fn plan<'a>(
+    changes: impl IntoIterator<Item = (FrontendKey, Option<&'a Frontend>, Option<&'a Frontend>)>,
+) -> Vec<Op> {
     let mut deletes = Vec::new();
     let mut upserts = Vec::new();
     for (key, before, after) in changes {

@@ -46,7 +46,9 @@ impl Status {
 
     pub fn read(state_dir: &Path) -> anyhow::Result<Self> {
         let p = path(state_dir);
-        let bytes = std::fs::read(&p).with_context(|| format!("no status at {}: is kpr running with --state-dir {}?", p.display(), state_dir.display()))?;
+        let bytes = std::fs::read(&p).with_context(|| {
+            format!("no status at {}: is kpr running with --state-dir {}?", p.display(), state_dir.display())
+        })?;
         serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))
     }
 

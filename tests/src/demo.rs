@@ -83,7 +83,11 @@ fn load(dir: &Path) -> anyhow::Result<Vec<DemoService>> {
         }) {
             svc.target_ports.extend(port_list(s.get("ports").unwrap_or(&Value::Null)));
             for ep in s.get("endpoints").and_then(Value::as_sequence).into_iter().flatten() {
-                let ip = ep.get("addresses").and_then(|a| a.get(0)).and_then(Value::as_str).context("endpoint without address")?;
+                let ip = ep
+                    .get("addresses")
+                    .and_then(|a| a.get(0))
+                    .and_then(Value::as_str)
+                    .context("endpoint without address")?;
                 let pod = str_at(ep, &["targetRef", "name"]).context("demo endpoints name their pod in targetRef")?;
                 svc.endpoints.push((pod.to_string(), ip.parse()?));
             }
@@ -113,7 +117,11 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut spec: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     spec.push(CLIENT);
     let node = VirtualNode::new(&spec)?;
-    println!("virtual node {}: bridge 10.244.0.1/24, {} pods, each in its own network namespace", node.ns.name(), spec.len());
+    println!(
+        "virtual node {}: bridge 10.244.0.1/24, {} pods, each in its own network namespace",
+        node.ns.name(),
+        spec.len()
+    );
 
     let mut running = Vec::new();
     for s in &services {
@@ -131,7 +139,12 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let log_dir = tempfile::tempdir()?;
     let log = log_dir.path().join("kpr.log");
     let mut kpr = Kpr::start(&node.ns, crate::kpr::Mode::Ebpf, dir, &node.interfaces(), &log)?;
-    println!("kpr attached its TC programs to {} and programmed {} Services from {}\n", node.interfaces().join(", "), services.len(), dir.display());
+    println!(
+        "kpr attached its TC programs to {} and programmed {} Services from {}\n",
+        node.interfaces().join(", "),
+        services.len(),
+        dir.display()
+    );
 
     let client = &node.pod(CLIENT.0).ns;
     for s in &services {
@@ -145,11 +158,17 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             if s.endpoints.is_empty() {
                 let (took, result) = client.run(move || {
                     let t = Instant::now();
-                    let r = if udp { client::udp_request(addr, TIMEOUT).map(|_| ()) } else { client::tcp_request(addr, TIMEOUT).map(|_| ()) };
+                    let r = if udp {
+                        client::udp_request(addr, TIMEOUT).map(|_| ())
+                    } else {
+                        client::tcp_request(addr, TIMEOUT).map(|_| ())
+                    };
                     (t.elapsed(), r)
                 })?;
                 match result {
-                    Err(e) => println!("  refused after {:.1} ms: {e} (no ready endpoints)\n", took.as_secs_f64() * 1e3),
+                    Err(e) => {
+                        println!("  refused after {:.1} ms: {e} (no ready endpoints)\n", took.as_secs_f64() * 1e3)
+                    }
                     Ok(()) => println!("  unexpectedly answered\n"),
                 }
                 continue;

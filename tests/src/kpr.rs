@@ -64,14 +64,26 @@ pub struct Kpr {
 impl Kpr {
     /// Starts `kpr run --mode MODE --source dir:DIR --interfaces ...` in
     /// `node` and waits for its first sync.
-    pub fn start(node: &Netns, mode: Mode, manifests: &Path, interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
+    pub fn start(
+        node: &Netns,
+        mode: Mode,
+        manifests: &Path,
+        interfaces: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
         Self::start_with(node, &args, interfaces, log, "synced")
     }
 
     /// Starts `kpr run ARGS --interfaces ...` in `node` and waits until its
     /// log shows `ready_line`. Its status goes to `state/` beside the log.
-    pub fn start_with(node: &Netns, args: &[String], interfaces: &[String], log: &Path, ready_line: &str) -> anyhow::Result<Self> {
+    pub fn start_with(
+        node: &Netns,
+        args: &[String],
+        interfaces: &[String],
+        log: &Path,
+        ready_line: &str,
+    ) -> anyhow::Result<Self> {
         let mut kpr = Self::spawn(node, args, interfaces, log)?;
         kpr.wait_for_log(ready_line, Duration::from_secs(20))?;
         Ok(kpr)

@@ -2,15 +2,15 @@
 //! bridge, real TCP/UDP servers inside them, the `kpr` process, and crafted
 //! packets. `cargo xtask demo` builds on the same pieces.
 
+pub mod apiserver;
+pub mod bench;
+pub mod client;
+pub mod demo;
 pub mod kpr;
+pub mod manifests;
 pub mod netns;
 pub mod node;
+pub mod objects;
 pub mod packet;
 pub mod root;
 pub mod servers;
-pub mod client;
-pub mod manifests;
-pub mod demo;
-pub mod apiserver;
-pub mod objects;
-pub mod bench;

@@ -16,7 +16,10 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd} (is it installed? cargo xtask setup installs it)"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} (is it installed? cargo xtask setup installs it)"))?;
     if !out.status.success() {
         bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -89,7 +92,10 @@ pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'sta
     spawn_in(name, f)?.join().map_err(|_| anyhow::anyhow!("thread in namespace {name} panicked"))
 }
 
-fn spawn_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<thread::JoinHandle<T>> {
+fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<thread::JoinHandle<T>> {
     let file = File::open(format!("/run/netns/{name}")).with_context(|| format!("opening namespace {name}"))?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = thread::spawn(move || {

@@ -43,7 +43,19 @@ impl VirtualNode {
         ip(&["-n", &n, "addr", "add", "192.168.255.1/24", "dev", "uplink"])?;
         ip(&["-n", &n, "link", "set", "uplink", "up"])?;
         ip(&["-n", &n, "link", "set", "upstream", "up"])?;
-        ip(&["-n", &n, "neigh", "add", "192.168.255.254", "lladdr", "02:00:00:00:ff:fe", "dev", "uplink", "nud", "permanent"])?;
+        ip(&[
+            "-n",
+            &n,
+            "neigh",
+            "add",
+            "192.168.255.254",
+            "lladdr",
+            "02:00:00:00:ff:fe",
+            "dev",
+            "uplink",
+            "nud",
+            "permanent",
+        ])?;
         ip(&["-n", &n, "route", "add", "default", "via", "192.168.255.254"])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         // Translated packets are routed back out of the bridge they came in

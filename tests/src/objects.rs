@@ -14,7 +14,8 @@ fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: Some("default".into()),
-        labels: (!labels.is_empty()).then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()),
+        labels: (!labels.is_empty())
+            .then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()),
         ..Default::default()
     }
 }
@@ -28,8 +29,20 @@ pub fn service(name: &str, vip: Ipv4Addr, labels: &[(&str, &str)]) -> Service {
             cluster_ip: Some(vip.to_string()),
             cluster_ips: Some(vec![vip.to_string()]),
             ports: Some(vec![
-                ServicePort { name: Some("http".into()), port: 80, target_port: Some(IntOrString::String("http".into())), protocol: Some("TCP".into()), ..Default::default() },
-                ServicePort { name: Some("dns".into()), port: 53, target_port: Some(IntOrString::Int(5353)), protocol: Some("UDP".into()), ..Default::default() },
+                ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    target_port: Some(IntOrString::String("http".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("dns".into()),
+                    port: 53,
+                    target_port: Some(IntOrString::Int(5353)),
+                    protocol: Some("UDP".into()),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         }),
@@ -41,19 +54,44 @@ pub fn service(name: &str, vip: Ipv4Addr, labels: &[(&str, &str)]) -> Service {
 /// ports `http` 8080/TCP and `dns` 5353/UDP.
 pub fn slice(name: &str, service: &str, endpoints: &[(&str, Ipv4Addr)]) -> EndpointSlice {
     EndpointSlice {
-        metadata: meta(name, &[("kubernetes.io/service-name", service), ("endpointslice.kubernetes.io/managed-by", "endpointslice-controller.k8s.io")]),
+        metadata: meta(
+            name,
+            &[
+                ("kubernetes.io/service-name", service),
+                ("endpointslice.kubernetes.io/managed-by", "endpointslice-controller.k8s.io"),
+            ],
+        ),
         address_type: "IPv4".into(),
         ports: Some(vec![
-            EndpointPort { name: Some("http".into()), port: Some(8080), protocol: Some("TCP".into()), ..Default::default() },
-            EndpointPort { name: Some("dns".into()), port: Some(5353), protocol: Some("UDP".into()), ..Default::default() },
+            EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            EndpointPort {
+                name: Some("dns".into()),
+                port: Some(5353),
+                protocol: Some("UDP".into()),
+                ..Default::default()
+            },
         ]),
         endpoints: Some(
             endpoints
                 .iter()
                 .map(|(pod, ip)| Endpoint {
                     addresses: vec![ip.to_string()],
-                    conditions: Some(EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
-                    target_ref: Some(ObjectReference { kind: Some("Pod".into()), name: Some(pod.to_string()), namespace: Some("default".into()), ..Default::default() }),
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(pod.to_string()),
+                        namespace: Some("default".into()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })
                 .collect(),

@@ -146,7 +146,10 @@ impl View<'_> {
         match self.proto() {
             17 if l4[6] == 0 && l4[7] == 0 => true,
             6 | 17 => {
-                fold(add_bytes(pseudo_header_sum(self.src().octets(), self.dst().octets(), self.proto(), l4.len() as u16), l4)) == 0xffff
+                fold(add_bytes(
+                    pseudo_header_sum(self.src().octets(), self.dst().octets(), self.proto(), l4.len() as u16),
+                    l4,
+                )) == 0xffff
             }
             1 => checksum(l4) == 0,
             _ => false,

@@ -11,3 +11,29 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("skipping {test}: needs root");
     false
 }
+
+/// Returns from the calling test when it may not touch the kernel (see
+/// [`require_root`]).
+#[macro_export]
+macro_rules! root_or_skip {
+    () => {
+        if !$crate::root::require_root(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// Declares each listed `fn name(mode: Mode)` as two tests, one per
+/// dataplane, in modules `ebpf` and `iptables`: the same test code must pass
+/// in both, as the modes are interchangeable from a client's point of view.
+#[macro_export]
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $name() { super::$name($crate::kpr::Mode::Ebpf) })*
+        }
+        mod iptables {
+            $(#[test] fn $name() { super::$name($crate::kpr::Mode::Iptables) })*
+        }
+    };
+}

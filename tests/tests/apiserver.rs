@@ -4,12 +4,15 @@
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::{core::v1::{Pod, Service}, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kpr_tests::{
     apiserver::ApiServer,
     netns::{Netns, run_in, unique_prefix},
     objects::{service, slice},
-    root::require_root,
+    root_or_skip,
 };
 use kube::{
     Api, Client, Config,
@@ -29,23 +32,21 @@ where
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let bind_ns = name.clone();
-            let api = ApiServer::start(Arc::new(move |port| run_in(&bind_ns, move || TcpListener::bind(("127.0.0.1", port))).unwrap())).unwrap();
+            let api = ApiServer::start(Arc::new(move |port| {
+                run_in(&bind_ns, move || TcpListener::bind(("127.0.0.1", port))).unwrap()
+            }))
+            .unwrap();
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("kubeconfig");
             api.write_kubeconfig(&path).unwrap();
-            let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(&path).unwrap(), &KubeConfigOptions::default()).await.unwrap();
+            let config =
+                Config::from_custom_kubeconfig(Kubeconfig::read_from(&path).unwrap(), &KubeConfigOptions::default())
+                    .await
+                    .unwrap();
             test(api, Client::try_from(config).unwrap()).await;
         });
     })
     .unwrap();
-}
-
-macro_rules! root_or_skip {
-    () => {
-        if !require_root(module_path!()) {
-            return;
-        }
-    };
 }
 
 #[test]
@@ -78,7 +79,9 @@ fn watches_resume_send_bookmarks_and_expire_with_410() {
         api.create(&slice("s-1", "web", &[("p", [10, 244, 0, 1].into())])).unwrap();
         let wp = WatchParams::default().labels("kubernetes.io/service-name=web").timeout(5);
         let mut stream = slices.watch(&wp, &rv).await.unwrap().boxed();
-        assert!(matches!(stream.try_next().await.unwrap(), Some(WatchEvent::Added(s)) if s.metadata.name.as_deref() == Some("s-1")));
+        assert!(
+            matches!(stream.try_next().await.unwrap(), Some(WatchEvent::Added(s)) if s.metadata.name.as_deref() == Some("s-1"))
+        );
         api.apply(&slice("s-1", "web", &[])).unwrap();
         assert!(matches!(stream.try_next().await.unwrap(), Some(WatchEvent::Modified(_))));
         api.delete::<EndpointSlice>("default", "s-1").unwrap();

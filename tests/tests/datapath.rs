@@ -11,7 +11,7 @@ use aya::{
 };
 use kpr_tests::{
     packet::{self, Ip, TCP_ACK, TCP_SYN, View, ethernet, tcp_frame, udp_frame},
-    root::require_root,
+    root_or_skip,
 };
 use proxy_common::{
     counters::Counter,
@@ -52,9 +52,15 @@ impl Datapath {
     fn service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, id: u32, backends: &[Ipv4Addr], target: u16) {
         let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(self.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
-        svcs.insert(ServiceKey::new(vip.octets(), port, proto), ServiceValue { id, backend_count: backends.len() as u32 }, 0).unwrap();
+        svcs.insert(
+            ServiceKey::new(vip.octets(), port, proto),
+            ServiceValue { id, backend_count: backends.len() as u32 },
+            0,
+        )
+        .unwrap();
         svcs.insert(ServiceKey::vip_marker(vip.octets()), ServiceValue { id: 0, backend_count: 0 }, 0).unwrap();
-        let mut bes: HashMap<_, BackendKey, Backend> = HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
+        let mut bes: HashMap<_, BackendKey, Backend> =
+            HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
         for (slot, b) in backends.iter().enumerate() {
             bes.insert(BackendKey { service_id: id, slot: slot as u32 }, Backend::new(b.octets(), target), 0).unwrap();
         }
@@ -79,14 +85,6 @@ impl Datapath {
         let m: HashMap<_, FlowKey, ForwardEntry> = HashMap::try_from(self.ebpf.map(abi::CT_FORWARD).unwrap()).unwrap();
         m.get(flow, 0).ok()
     }
-}
-
-macro_rules! root_or_skip {
-    () => {
-        if !require_root(module_path!()) {
-            return;
-        }
-    };
 }
 
 #[test]

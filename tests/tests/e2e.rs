@@ -15,7 +15,7 @@ use kpr_tests::{
     kpr::{Kpr, Mode},
     manifests::{web_service, write},
     node::VirtualNode,
-    root::require_root,
+    root_or_skip,
     servers::{self, Server},
 };
 
@@ -66,28 +66,7 @@ fn web(port: u16) -> SocketAddr {
     SocketAddr::from((WEB_VIP, port))
 }
 
-macro_rules! root_or_skip {
-    () => {
-        if !require_root(module_path!()) {
-            return;
-        }
-    };
-}
-
-/// Each test runs once per dataplane, from the same code: the modes must be
-/// interchangeable from a client's point of view.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $name() { super::$name(super::Mode::Ebpf) })*
-        }
-        mod iptables {
-            $(#[test] fn $name() { super::$name(super::Mode::Iptables) })*
-        }
-    };
-}
-
-in_both_modes!(
+kpr_tests::in_both_modes!(
     clusterip_reaches_every_pod_over_tcp_and_udp,
     removing_an_endpoint_stops_new_connections_within_a_second,
     a_service_without_endpoints_is_refused_at_once,
@@ -112,9 +91,7 @@ fn clusterip_reaches_every_pod_over_tcp_and_udp(mode: Mode) {
         assert!(tcp.get(*pod).copied().unwrap_or(0) >= 50, "300 connections over 3 pods: {tcp:?}");
     }
 
-    let udp = c.from_client(|| {
-        (0..30).map(|_| udp_request(web(53), TIMEOUT).expect("UDP reply")).collect::<Vec<_>>()
-    });
+    let udp = c.from_client(|| (0..30).map(|_| udp_request(web(53), TIMEOUT).expect("UDP reply")).collect::<Vec<_>>());
     for (who, from) in &udp {
         assert_eq!(*from, web(53), "the client sees the VIP as the reply source");
         assert!(PODS[..3].iter().any(|(p, _)| p == who), "reply from {who}");
@@ -147,9 +124,7 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
     write(c.dir.path(), "web.yaml", &web_service("web", WEB_VIP, &PODS[..2])).unwrap();
     std::thread::sleep(Duration::from_secs(1));
 
-    let after: Vec<String> = c.from_client(|| {
-        (0..100).map(|_| tcp_request(web(80), TIMEOUT).unwrap()).collect()
-    });
+    let after: Vec<String> = c.from_client(|| (0..100).map(|_| tcp_request(web(80), TIMEOUT).unwrap()).collect());
     assert!(!after.iter().any(|w| w == "web-c"), "a removed endpoint got new connections: {after:?}");
     assert!(after.iter().any(|w| w == "web-a") && after.iter().any(|w| w == "web-b"));
 
@@ -199,10 +174,12 @@ fn ctrl_c_detaches_from_every_interface() {
     let mut c = Cluster::start(Mode::Ebpf);
     let attached = |c: &Cluster| -> usize {
         let ifaces = c.node.interfaces();
-        c.node.ns.run(move || {
-            ifaces.iter().map(|i| SchedClassifier::query_tcx(i, TcAttachType::Ingress).unwrap().1.len()).sum()
-        })
-        .unwrap()
+        c.node
+            .ns
+            .run(move || {
+                ifaces.iter().map(|i| SchedClassifier::query_tcx(i, TcAttachType::Ingress).unwrap().1.len()).sum()
+            })
+            .unwrap()
     };
     assert_eq!(attached(&c), PODS.len(), "one program per pod interface while running");
     let status = c.kpr.interrupt().unwrap();

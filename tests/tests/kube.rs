@@ -17,7 +17,7 @@ use kpr_tests::{
     netns::run_in,
     node::VirtualNode,
     objects::{service, slice},
-    root::require_root,
+    root_or_skip,
     servers::{self, Server},
 };
 
@@ -51,15 +51,23 @@ impl Cluster {
         }
         // The API server listens on the node namespace's loopback, where kpr runs.
         let ns = node.ns.name().to_string();
-        let api = ApiServer::start(Arc::new(move |port| run_in(&ns, move || TcpListener::bind(("127.0.0.1", port))).expect("netns")))
-            .expect("test API server");
+        let api = ApiServer::start(Arc::new(move |port| {
+            run_in(&ns, move || TcpListener::bind(("127.0.0.1", port))).expect("netns")
+        }))
+        .expect("test API server");
         api.set_bookmark_interval(Duration::from_millis(500));
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
-        let mut args = vec![mode.arg().to_string(), "--source=kube".to_string(), format!("--kubeconfig={}", kubeconfig.display()), "--node-name=node-1".into()];
+        let mut args = vec![
+            mode.arg().to_string(),
+            "--source=kube".to_string(),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            "--node-name=node-1".into(),
+        ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
-        let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "serving Services").expect("kpr starts");
+        let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "serving Services")
+            .expect("kpr starts");
         Self { kpr, api, _dir: dir, _servers: servers, node }
     }
 
@@ -105,27 +113,7 @@ impl Cluster {
     }
 }
 
-macro_rules! root_or_skip {
-    () => {
-        if !require_root(module_path!()) {
-            return;
-        }
-    };
-}
-
-/// Each test runs once per dataplane, from the same code.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $name() { super::$name(super::Mode::Ebpf) })*
-        }
-        mod iptables {
-            $(#[test] fn $name() { super::$name(super::Mode::Iptables) })*
-        }
-    };
-}
-
-in_both_modes!(
+kpr_tests::in_both_modes!(
     services_and_slices_from_the_api_server_drive_the_dataplane,
     an_api_server_restart_while_endpoints_change_converges_without_stale_backends,
     dropped_watches_and_server_errors_are_survived,
@@ -143,7 +131,12 @@ fn services_and_slices_from_the_api_server_drive_the_dataplane(mode: Mode) {
     c.api.create(&service("web", VIP, &[])).unwrap();
     c.api.create(&slice("web-1", "web", &[A, B])).unwrap();
     c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
-    let (reply, from) = c.node.pod("client").ns.run(|| udp_request(SocketAddr::from((VIP, 53)), Duration::from_secs(2)).unwrap()).unwrap();
+    let (reply, from) = c
+        .node
+        .pod("client")
+        .ns
+        .run(|| udp_request(SocketAddr::from((VIP, 53)), Duration::from_secs(2)).unwrap())
+        .unwrap();
     assert!(reply.starts_with("web-") && from == SocketAddr::from((VIP, 53)));
 
     // Scale up through a second slice of the same Service, then down.
@@ -223,16 +216,22 @@ fn a_malformed_service_beside_a_good_one_leaves_the_good_one_working(mode: Mode)
     root_or_skip!();
     let mut c = Cluster::start(mode, &[]);
     c.api
-        .apply_json(Kind::Service, serde_json::json!({
-            "metadata": {"name": "bad", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.300", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
-        }))
+        .apply_json(
+            Kind::Service,
+            serde_json::json!({
+                "metadata": {"name": "bad", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.300", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+            }),
+        )
         .unwrap();
     c.api
-        .apply_json(Kind::Service, serde_json::json!({
-            "metadata": {"name": "sctp", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "s", "port": 9, "protocol": "SCTP"}]}
-        }))
+        .apply_json(
+            Kind::Service,
+            serde_json::json!({
+                "metadata": {"name": "sctp", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "s", "port": 9, "protocol": "SCTP"}]}
+            }),
+        )
         .unwrap();
     c.api.create(&service("web", VIP, &[])).unwrap();
     c.api.create(&slice("web-1", "web", &[A, B])).unwrap();

@@ -13,13 +13,16 @@ use kpr_tests::{
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     node::VirtualNode,
-    root::require_root,
+    root_or_skip,
     servers::{self, Server},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const PODS: [(&str, Ipv4Addr); 3] =
-    [("web-a", Ipv4Addr::new(10, 244, 0, 11)), ("web-b", Ipv4Addr::new(10, 244, 0, 12)), ("client", Ipv4Addr::new(10, 244, 0, 100))];
+const PODS: [(&str, Ipv4Addr); 3] = [
+    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
+    ("client", Ipv4Addr::new(10, 244, 0, 100)),
+];
 
 struct Node {
     dir: tempfile::TempDir,
@@ -40,7 +43,8 @@ impl Node {
     fn kpr(&self, args: &[&str]) -> Kpr {
         let mut all = vec![format!("--source=dir:{}", self.dir.path().join("manifests").display())];
         all.extend(args.iter().map(|a| a.to_string()));
-        Kpr::start_with(&self.node.ns, &all, &self.node.interfaces(), &self.dir.path().join("kpr.log"), "synced").unwrap()
+        Kpr::start_with(&self.node.ns, &all, &self.node.interfaces(), &self.dir.path().join("kpr.log"), "synced")
+            .unwrap()
     }
 
     fn answers(&self) -> bool {
@@ -54,11 +58,19 @@ impl Node {
     /// Programs attached on ingress of the pod interfaces.
     fn programs(&self) -> usize {
         let ifaces = self.node.interfaces();
-        self.node.ns.run(move || ifaces.iter().map(|i| SchedClassifier::query_tcx(i, TcAttachType::Ingress).unwrap().1.len()).sum()).unwrap()
+        self.node
+            .ns
+            .run(move || {
+                ifaces.iter().map(|i| SchedClassifier::query_tcx(i, TcAttachType::Ingress).unwrap().1.len()).sum()
+            })
+            .unwrap()
     }
 
     fn save(&self, backend: &str) -> String {
-        ["nat", "filter"].iter().map(|t| self.node.ns.output(&[&format!("iptables-{backend}-save"), "-t", t]).unwrap()).collect()
+        ["nat", "filter"]
+            .iter()
+            .map(|t| self.node.ns.output(&[&format!("iptables-{backend}-save"), "-t", t]).unwrap())
+            .collect()
     }
 
     /// kpr's chains in either backend.
@@ -70,14 +82,6 @@ impl Node {
         let state = kpr::state_dir(&self.dir.path().join("kpr.log"));
         kpr::command(&self.node.ns, &["status", &format!("--state-dir={}", state.display())]).unwrap()
     }
-}
-
-macro_rules! root_or_skip {
-    () => {
-        if !require_root(module_path!()) {
-            return;
-        }
-    };
 }
 
 #[test]
@@ -138,7 +142,12 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
     assert!(n.answers());
     // The take-over happens once eBPF serves, right after its first sync.
     kpr.wait_for_log("removed kpr's iptables rules", Duration::from_secs(10)).unwrap();
-    assert_eq!((n.programs(), n.kpr_chains()), (PODS.len(), 0), "taking over removed iptables mode's rules:\n{}", kpr.log());
+    assert_eq!(
+        (n.programs(), n.kpr_chains()),
+        (PODS.len(), 0),
+        "taking over removed iptables mode's rules:\n{}",
+        kpr.log()
+    );
     assert!(foreign(&n), "other rules untouched:\n{}", n.save("nft"));
 
     let out = kpr::command(&n.node.ns, &["cleanup"]).unwrap();

@@ -83,14 +83,45 @@ fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed))?;
-    let cfg = if quick { kpr_tests::bench::Config::quick(out.to_path_buf()) } else { kpr_tests::bench::Config::full(out.to_path_buf()) };
+    let cfg = if quick {
+        kpr_tests::bench::Config::quick(out.to_path_buf())
+    } else {
+        kpr_tests::bench::Config::full(out.to_path_buf())
+    };
     let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
     let report = kpr_tests::bench::run(&cfg, command, stop)?;
     println!("{}", kpr_tests::bench::report::table(&report));
     println!("report: {}", out.join("report.md").display());
+    if !quick {
+        publish(&report, out)?;
+    }
     for file in ["report.json", "report.md", "conn_rate.svg"] {
         anyhow::ensure!(out.join(file).exists(), "the benchmark did not write {file}");
     }
+    Ok(())
+}
+
+/// A full run becomes docs/benchmarks.md, with its plots in docs/bench/.
+fn publish(report: &kpr_tests::bench::Report, out: &Path) -> anyhow::Result<()> {
+    let docs = workspace_root().join("docs");
+    let plots = docs.join("bench");
+    std::fs::create_dir_all(&plots)?;
+    for entry in std::fs::read_dir(out)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "svg") {
+            std::fs::copy(&path, plots.join(path.file_name().unwrap()))?;
+        }
+    }
+    let body = kpr_tests::bench::report::markdown(report, "bench/");
+    let intro = "# Benchmarks\n\nkpr's eBPF mode against kpr's iptables mode (kube-proxy's rules) and against no proxy at all \
+                 (the pod IP dialled directly), on a virtual node in network namespaces: a client pod, server pods behind \
+                 the measured Service, and N-1 other Services with 2-4 endpoints each. The measured Service sorts last, \
+                 where iptables mode reaches it at the end of KUBE-SERVICES. Client threads run on CPU 0, servers on CPU 1. \
+                 Connection rate: connect, one request and reply, close (TCP_CRR-like). Request latency: one established \
+                 connection (TCP_RR-like). Cold programming: from starting the agent to the measured Service answering. \
+                 One change: from rewriting its EndpointSlice to a probe connection reaching the new endpoint.\n\n";
+    std::fs::write(docs.join("benchmarks.md"), format!("{intro}{body}"))?;
+    println!("published: {}", docs.join("benchmarks.md").display());
     Ok(())
 }
 

@@ -61,7 +61,8 @@ fn rust_src() -> anyhow::Result<()> {
         eprintln!("setup: installing the nightly toolchain");
         run_cmd(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]).unwrap_or_default();
+    let installed =
+        output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]).unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly");
         run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
@@ -84,7 +85,8 @@ fn bpf_linker() -> anyhow::Result<()> {
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     // libLLVM.so.22.1-rust-... -> 22
     let major = so.trim_start_matches("libLLVM.so.").split(['.', '-']).next().unwrap_or("").to_string();
-    let prefix = PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".local/share/kpr-llvm");
+    let prefix =
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".local/share/kpr-llvm");
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
     // What the link step looks for, and what the binary's rpath loads at run time.
@@ -95,7 +97,15 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     run_cmd(
         Command::new("cargo")
-            .args(["+stable", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+            .args([
+                "+stable",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix),
     )?;
@@ -106,13 +116,19 @@ fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
-        .filter(|p| !output("dpkg-query", &["-W", "-f=${Status}", p]).is_some_and(|s| s.contains("install ok installed")))
+        .filter(|p| {
+            !output("dpkg-query", &["-W", "-f=${Status}", p]).is_some_and(|s| s.contains("install ok installed"))
+        })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if unsafe { libc::geteuid() } != 0 {
-        bail!("Debian packages missing: {}; install them as root (apt-get install {})", missing.join(", "), missing.join(" "));
+        bail!(
+            "Debian packages missing: {}; install them as root (apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("setup: installing {}", missing.join(" "));
     run_cmd(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;

@@ -12,8 +12,7 @@ use aya::{
 use proxy_common::{
     counters::{self, Counter},
     maps::{
-        self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey,
-        ServiceValue, reply_key,
+        self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, reply_key,
     },
 };
 
@@ -101,19 +100,17 @@ impl EbpfDataplane {
             bail!("no interfaces given: pass the node-side pod interfaces with --interfaces");
         }
         let mut ebpf = load(sizes)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .context("program missing from the eBPF object")?
-            .try_into()?;
+        let program: &mut SchedClassifier =
+            ebpf.program_mut(PROGRAM).context("program missing from the eBPF object")?.try_into()?;
         program.load().context("the kernel verifier rejected the datapath program")?;
         for iface in interfaces {
             // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
             if let Err(e) = tc::qdisc_add_clsact(iface) {
                 tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
             }
-            program
-                .attach(iface, TcAttachType::Ingress)
-                .with_context(|| format!("attaching to interface {iface:?} (does it exist in this network namespace?)"))?;
+            program.attach(iface, TcAttachType::Ingress).with_context(|| {
+                format!("attaching to interface {iface:?} (does it exist in this network namespace?)")
+            })?;
             tracing::info!(%iface, "datapath attached on ingress");
         }
         let services = take(&mut ebpf, abi::SERVICES)?;

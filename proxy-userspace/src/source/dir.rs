@@ -87,7 +87,12 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
             match value {
                 Ok(v) => add_document(&mut snap, &origin, &position, v),
                 Err(e) => {
-                    snap.rejected.push(Rejection { origin: origin.to_string(), object: position, kind: RejectReason::Unreadable, reason: e.to_string() });
+                    snap.rejected.push(Rejection {
+                        origin: origin.to_string(),
+                        object: position,
+                        kind: RejectReason::Unreadable,
+                        reason: e.to_string(),
+                    });
                     break;
                 }
             }
@@ -100,7 +105,12 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
             Ok(serde_json::Value::Null) => {}
             Ok(v) => add_document(&mut snap, &origin, &position, v),
             Err(e) => {
-                snap.rejected.push(Rejection { origin: origin.to_string(), object: position, kind: RejectReason::Unreadable, reason: e.to_string() });
+                snap.rejected.push(Rejection {
+                    origin: origin.to_string(),
+                    object: position,
+                    kind: RejectReason::Unreadable,
+                    reason: e.to_string(),
+                });
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
@@ -178,7 +188,12 @@ impl DirSource {
             let Ok(bytes) = std::fs::read(&path) else { continue };
             let objects = parse_file(&path, &bytes);
             let old = files.insert(path.clone(), FileState { stamp: st, objects });
-            replace_file(&mut index, &path.display().to_string(), old.as_ref().map(|f| &f.objects), files.get(&path).map(|f| &f.objects));
+            replace_file(
+                &mut index,
+                &path.display().to_string(),
+                old.as_ref().map(|f| &f.objects),
+                files.get(&path).map(|f| &f.objects),
+            );
             changed = true;
         }
         Ok(changed)
@@ -293,16 +308,22 @@ mod tests {
     fn only_changed_files_are_read_again() {
         let dir = std::env::temp_dir().join(format!("kpr-dir-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n").unwrap();
+        std::fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n")
+            .unwrap();
         let index = SharedIndex::default();
         let source = DirSource::new(dir.clone(), index.clone());
         assert!(source.rescan().unwrap());
         assert!(!source.rescan().unwrap(), "nothing changed");
         let key = |n: &str| ("default".to_string(), n.to_string());
         assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::Some([key("a")].into()));
-        std::fs::write(dir.join("b.yaml"), "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n").unwrap();
+        std::fs::write(dir.join("b.yaml"), "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n")
+            .unwrap();
         assert!(source.rescan().unwrap());
-        assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::Some([key("b")].into()), "only the new file's Service");
+        assert_eq!(
+            index.lock().unwrap().take_dirty(),
+            crate::index::Dirty::Some([key("b")].into()),
+            "only the new file's Service"
+        );
         assert_eq!(index.lock().unwrap().service_count(), 2);
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         assert!(source.rescan().unwrap());

@@ -54,7 +54,9 @@ struct KindState {
 const ORIGIN: &str = "api";
 
 /// How one kind goes into the index.
-trait Indexed: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+trait Indexed:
+    kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
     fn apply(index: &mut Index, object: Sourced<Self>);
     fn delete(index: &mut Index, namespace: &str, name: &str);
     fn held(index: &Index) -> Vec<(String, String)>;
@@ -105,14 +107,21 @@ fn reconcile<K: Indexed>(index: &mut Index, listed: HashMap<(String, String), K>
         }
     }
     for ((ns, name), object) in listed {
-        let unchanged = object.meta().resource_version.is_some() && <K as Indexed>::held_version(index, &ns, &name) == object.meta().resource_version.as_deref();
+        let unchanged = object.meta().resource_version.is_some()
+            && <K as Indexed>::held_version(index, &ns, &name) == object.meta().resource_version.as_deref();
         if !unchanged {
             K::apply(index, Sourced::new(ORIGIN, object));
         }
     }
 }
 
-fn watch<K: Indexed>(api: Api<K>, selector: &str, index: SharedIndex, changes: Changes, state: Arc<KindState>) -> JoinHandle<()> {
+fn watch<K: Indexed>(
+    api: Api<K>,
+    selector: &str,
+    index: SharedIndex,
+    changes: Changes,
+    state: Arc<KindState>,
+) -> JoinHandle<()> {
     let stream = watcher(api, watcher::Config::default().labels(selector)).default_backoff();
     let kind = K::kind(&());
     tokio::spawn(async move {
@@ -174,7 +183,8 @@ impl KubeSource {
     pub fn start(client: Client, selector: &str, index: SharedIndex, changes: Changes) -> Self {
         let service_state = Arc::new(KindState::default());
         let slice_state = Arc::new(KindState::default());
-        let t1 = watch(Api::<Service>::all(client.clone()), selector, index.clone(), changes.clone(), service_state.clone());
+        let t1 =
+            watch(Api::<Service>::all(client.clone()), selector, index.clone(), changes.clone(), service_state.clone());
         let t2 = watch(Api::<EndpointSlice>::all(client), selector, index, changes, slice_state.clone());
         Self { service_state, slice_state, tasks: vec![t1, t2] }
     }

@@ -68,7 +68,9 @@ struct Filter {
 impl Filter {
     fn matches(&self, object: &Value) -> bool {
         let ns = object.pointer("/metadata/namespace").and_then(Value::as_str);
-        self.namespace.as_deref().is_none_or(|n| ns == Some(n)) && self.labels.matches(&labels_of(object)) && self.fields.matches(object)
+        self.namespace.as_deref().is_none_or(|n| ns == Some(n))
+            && self.labels.matches(&labels_of(object))
+            && self.fields.matches(object)
     }
 }
 
@@ -84,7 +86,11 @@ pub async fn handle(
         return error(ApiError::new(500, "InternalError", "injected failure"));
     }
     let Some(target) = parse_path(uri.path()) else {
-        return error(ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({})", uri.path())));
+        return error(ApiError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({})", uri.path()),
+        ));
     };
     let filter = match (
         LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str)),
@@ -93,15 +99,19 @@ pub async fn handle(
         (Ok(labels), Ok(fields)) => Filter { namespace: target.namespace.clone(), labels, fields },
         (Err(e), _) | (_, Err(e)) => return error(ApiError::new(400, "BadRequest", e)),
     };
-    let body_json = || serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::new(400, "BadRequest", e.to_string()));
+    let body_json =
+        || serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::new(400, "BadRequest", e.to_string()));
     let kind = target.kind;
     let ns = target.namespace.clone().unwrap_or_default();
 
     match (method, &target.name) {
-        (Method::GET, None) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => watch(shared, kind, filter, &query),
+        (Method::GET, None) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
+            watch(shared, kind, filter, &query)
+        }
         (Method::GET, None) => {
             let store = shared.store.lock().unwrap();
-            let items: Vec<Value> = store.list(kind, target.namespace.as_deref()).into_iter().filter(|o| filter.matches(o)).collect();
+            let items: Vec<Value> =
+                store.list(kind, target.namespace.as_deref()).into_iter().filter(|o| filter.matches(o)).collect();
             json_response(
                 StatusCode::OK,
                 &json!({

@@ -55,7 +55,8 @@ pub struct ApiServer {
 }
 
 fn kind_of<K: Resource>() -> Kind {
-    Kind::from_path(K::API_VERSION, K::URL_PATH_SEGMENT).unwrap_or_else(|| panic!("the test API server does not serve {}", K::KIND))
+    Kind::from_path(K::API_VERSION, K::URL_PATH_SEGMENT)
+        .unwrap_or_else(|| panic!("the test API server does not serve {}", K::KIND))
 }
 
 impl ApiServer {
@@ -168,12 +169,21 @@ impl ApiServer {
     }
 
     pub fn create<K: Resource + Serialize + DeserializeOwned>(&self, object: &K) -> anyhow::Result<K> {
-        let v = self.shared.store.lock().unwrap().create(kind_of::<K>(), Self::to_json(object)).map_err(|e| anyhow::anyhow!(e.message))?;
+        let v = self
+            .shared
+            .store
+            .lock()
+            .unwrap()
+            .create(kind_of::<K>(), Self::to_json(object))
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         Self::from_json(v)
     }
 
     /// Creates or replaces `object`.
-    pub fn apply<K: Resource + Metadata<Ty = ObjectMeta> + Serialize + DeserializeOwned>(&self, object: &K) -> anyhow::Result<K> {
+    pub fn apply<K: Resource + Metadata<Ty = ObjectMeta> + Serialize + DeserializeOwned>(
+        &self,
+        object: &K,
+    ) -> anyhow::Result<K> {
         let mut v = Self::to_json(object);
         // Replace whatever version is stored: the test is the only writer.
         if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
@@ -191,12 +201,23 @@ impl ApiServer {
     }
 
     pub fn delete<K: Resource>(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
-        self.shared.store.lock().unwrap().delete(kind_of::<K>(), namespace, name).map_err(|e| anyhow::anyhow!(e.message))?;
+        self.shared
+            .store
+            .lock()
+            .unwrap()
+            .delete(kind_of::<K>(), namespace, name)
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         Ok(())
     }
 
     pub fn get<K: Resource + DeserializeOwned>(&self, namespace: &str, name: &str) -> anyhow::Result<K> {
-        let v = self.shared.store.lock().unwrap().get(kind_of::<K>(), namespace, name).map_err(|e| anyhow::anyhow!(e.message))?;
+        let v = self
+            .shared
+            .store
+            .lock()
+            .unwrap()
+            .get(kind_of::<K>(), namespace, name)
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         Self::from_json(v)
     }
 }

@@ -41,7 +41,11 @@ fn split_top_level(s: &str) -> Vec<&str> {
 }
 
 fn set_values(s: &str) -> Result<Vec<String>, String> {
-    let inner = s.trim().strip_prefix('(').and_then(|s| s.strip_suffix(')')).ok_or_else(|| format!("expected (values) in {s:?}"))?;
+    let inner = s
+        .trim()
+        .strip_prefix('(')
+        .and_then(|s| s.strip_suffix(')'))
+        .ok_or_else(|| format!("expected (values) in {s:?}"))?;
     Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
 }
 
@@ -130,7 +134,8 @@ mod tests {
 
     #[test]
     fn kube_proxy_selectors() {
-        let s = LabelSelector::parse("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless").unwrap();
+        let s =
+            LabelSelector::parse("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless").unwrap();
         assert!(s.matches(&labels(&[("app", "web")])));
         assert!(!s.matches(&labels(&[("service.kubernetes.io/headless", "")])));
         let s = LabelSelector::parse("service.kubernetes.io/service-proxy-name=kpr").unwrap();

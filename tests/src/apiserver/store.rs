@@ -135,7 +135,15 @@ fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
 impl Store {
     pub fn new(history_limit: usize) -> Self {
         let (tx, _) = broadcast::channel(65_536);
-        Self { rv: 1, objects: BTreeMap::new(), history: VecDeque::new(), oldest_resumable: 0, history_limit, uid: 0, tx }
+        Self {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            oldest_resumable: 0,
+            history_limit,
+            uid: 0,
+            tx,
+        }
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -143,7 +151,9 @@ impl Store {
     }
 
     fn key(kind: Kind, object: &Value) -> Result<Key, ApiError> {
-        let name = meta_str(object, "name").filter(|n| !n.is_empty()).ok_or_else(|| ApiError::new(422, "Invalid", "metadata.name: Required value"))?;
+        let name = meta_str(object, "name")
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::new(422, "Invalid", "metadata.name: Required value"))?;
         let ns = if kind.namespaced() { meta_str(object, "namespace").unwrap_or("default") } else { "" };
         Ok((kind, ns.to_string(), name.to_string()))
     }
@@ -202,7 +212,11 @@ impl Store {
         if let Some(rv) = meta_str(&object, "resourceVersion").filter(|r| !r.is_empty())
             && Some(rv) != meta_str(&old, "resourceVersion")
         {
-            return Err(ApiError::new(409, "Conflict", "the object has been modified; please apply your changes to the latest version"));
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version",
+            ));
         }
         self.stamp(kind, &mut object, Some(&old));
         self.objects.insert(key, object.clone());
@@ -255,7 +269,11 @@ impl Store {
                 .map(|object| Arc::new(Event { rv: self.rv, kind, type_: EventType::Added, old: None, object }))
                 .collect(),
             Some(rv) if rv < self.oldest_resumable => {
-                return Err(ApiError::new(410, "Expired", format!("too old resource version: {rv} ({})", self.oldest_resumable)));
+                return Err(ApiError::new(
+                    410,
+                    "Expired",
+                    format!("too old resource version: {rv} ({})", self.oldest_resumable),
+                ));
             }
             Some(rv) => self.history.iter().filter(|e| e.kind == kind && e.rv > rv).cloned().collect(),
         };

@@ -33,7 +33,15 @@ fn one_connection(addr: SocketAddr) -> std::io::Result<()> {
 /// Connections per second over `duration` from `threads` client threads
 /// (pinned to `cpu`), spreading over `targets` round robin, after `warmup`.
 /// `instances` independent generators run at once and their rates add up.
-pub fn connection_rate(client: &Netns, targets: &[SocketAddr], threads: usize, instances: usize, warmup: Duration, duration: Duration, cpu: usize) -> anyhow::Result<(f64, u64)> {
+pub fn connection_rate(
+    client: &Netns,
+    targets: &[SocketAddr],
+    threads: usize,
+    instances: usize,
+    warmup: Duration,
+    duration: Duration,
+    cpu: usize,
+) -> anyhow::Result<(f64, u64)> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(AtomicBool::new(false));
@@ -49,7 +57,11 @@ pub fn connection_rate(client: &Netns, targets: &[SocketAddr], threads: usize, i
                 let ok = one_connection(targets[i % targets.len()]).is_ok();
                 i += 1;
                 if counting.load(Ordering::Relaxed) {
-                    if ok { done.fetch_add(1, Ordering::Relaxed) } else { errors.fetch_add(1, Ordering::Relaxed) };
+                    if ok {
+                        done.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed)
+                    };
                 }
             }
         })?);
@@ -69,29 +81,34 @@ pub fn connection_rate(client: &Netns, targets: &[SocketAddr], threads: usize, i
 
 /// Latencies (µs) of request/reply round trips on one established
 /// connection for `duration`, after `warmup`.
-pub fn request_latencies(client: &Netns, target: SocketAddr, warmup: Duration, duration: Duration, cpu: usize) -> anyhow::Result<Vec<f64>> {
-    client
-        .run(move || -> anyhow::Result<Vec<f64>> {
-            pin_to_cpu(cpu);
-            let s = TcpStream::connect_timeout(&target, TIMEOUT)?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(TIMEOUT))?;
-            let mut writer = s.try_clone()?;
-            let mut reader = BufReader::new(s);
-            let mut line = String::new();
-            let mut samples = Vec::new();
-            let start = Instant::now();
-            while start.elapsed() < warmup + duration {
-                let t = Instant::now();
-                writer.write_all(b"ping\n")?;
-                line.clear();
-                reader.read_line(&mut line)?;
-                if start.elapsed() >= warmup {
-                    samples.push(t.elapsed().as_secs_f64() * 1e6);
-                }
+pub fn request_latencies(
+    client: &Netns,
+    target: SocketAddr,
+    warmup: Duration,
+    duration: Duration,
+    cpu: usize,
+) -> anyhow::Result<Vec<f64>> {
+    client.run(move || -> anyhow::Result<Vec<f64>> {
+        pin_to_cpu(cpu);
+        let s = TcpStream::connect_timeout(&target, TIMEOUT)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut writer = s.try_clone()?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < warmup + duration {
+            let t = Instant::now();
+            writer.write_all(b"ping\n")?;
+            line.clear();
+            reader.read_line(&mut line)?;
+            if start.elapsed() >= warmup {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
             }
-            Ok(samples)
-        })?
+        }
+        Ok(samples)
+    })?
 }
 
 /// The value at quantile `q` (0..=1) of `samples`.
@@ -103,15 +120,57 @@ pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
     samples[((samples.len() - 1) as f64 * q).round() as usize]
 }
 
+/// Makes `change` from inside the client pod, then polls `target` until a
+/// reply satisfies `ok`; returns the time from just before the change to
+/// that reply. Entering the namespace happens before the clock starts.
+pub fn time_change(
+    client: &Netns,
+    target: SocketAddr,
+    limit: Duration,
+    change: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ok: impl Fn(&str) -> bool + Send + 'static,
+) -> anyhow::Result<Option<Duration>> {
+    client.run(move || -> anyhow::Result<Option<Duration>> {
+        let since = Instant::now();
+        change()?;
+        Ok(poll(target, since, limit, ok))
+    })?
+}
+
+fn poll(target: SocketAddr, since: Instant, limit: Duration, ok: impl Fn(&str) -> bool) -> Option<Duration> {
+    while since.elapsed() < limit {
+        if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(20)) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut line = String::new();
+            if s.write_all(b"close\n").is_ok() && BufReader::new(&s).read_line(&mut line).is_ok() && ok(line.trim_end())
+            {
+                return Some(since.elapsed());
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    None
+}
+
 /// Polls `target` until a reply satisfies `ok`; returns the time from
 /// `since` (taken just before the change being waited for) to that reply.
-pub fn until_answer(client: &Netns, target: SocketAddr, since: Instant, limit: Duration, ok: impl Fn(&str) -> bool + Send + 'static) -> anyhow::Result<Option<Duration>> {
+pub fn until_answer(
+    client: &Netns,
+    target: SocketAddr,
+    since: Instant,
+    limit: Duration,
+    ok: impl Fn(&str) -> bool + Send + 'static,
+) -> anyhow::Result<Option<Duration>> {
     client.run(move || {
         while since.elapsed() < limit {
             if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(20)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
                 let mut line = String::new();
-                if s.write_all(b"close\n").is_ok() && BufReader::new(&s).read_line(&mut line).is_ok() && ok(line.trim_end()) {
+                if s.write_all(b"close\n").is_ok()
+                    && BufReader::new(&s).read_line(&mut line).is_ok()
+                    && ok(line.trim_end())
+                {
                     return Some(since.elapsed());
                 }
             } else {

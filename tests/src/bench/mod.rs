@@ -45,11 +45,27 @@ pub struct Config {
 
 impl Config {
     pub fn full(out: PathBuf) -> Self {
-        Self { quick: false, services: vec![1, 1_000, 10_000, 50_000], warmup: Duration::from_millis(500), duration: Duration::from_secs(3), repetitions: 3, threads: 4, out }
+        Self {
+            quick: false,
+            services: vec![1, 1_000, 10_000, 50_000],
+            warmup: Duration::from_millis(500),
+            duration: Duration::from_secs(3),
+            repetitions: 3,
+            threads: 4,
+            out,
+        }
     }
 
     pub fn quick(out: PathBuf) -> Self {
-        Self { quick: true, services: vec![1, 1_000], warmup: Duration::from_millis(200), duration: Duration::from_millis(700), repetitions: 1, threads: 4, out }
+        Self {
+            quick: true,
+            services: vec![1, 1_000],
+            warmup: Duration::from_millis(200),
+            duration: Duration::from_millis(700),
+            repetitions: 1,
+            threads: 4,
+            out,
+        }
     }
 }
 
@@ -109,6 +125,7 @@ pub struct Report {
     pub duration_s: f64,
     pub repetitions: usize,
     pub threads: usize,
+    pub iptables_backend: String,
     pub generator: GeneratorCheck,
     pub rows: Vec<Row>,
 }
@@ -122,7 +139,12 @@ struct Bench {
 
 impl Bench {
     fn new() -> anyhow::Result<Self> {
-        let mut pods: Vec<(String, Ipv4Addr)> = SERVING.iter().chain([&SPARE]).enumerate().map(|(i, n)| (n.to_string(), Ipv4Addr::new(10, 244, 0, 11 + i as u8))).collect();
+        let mut pods: Vec<(String, Ipv4Addr)> = SERVING
+            .iter()
+            .chain([&SPARE])
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), Ipv4Addr::new(10, 244, 0, 11 + i as u8)))
+            .collect();
         // Separate clients for Service and direct traffic: the servers keep
         // TIME_WAIT state per client address and port, and a client's ISNs
         // depend on the address it dials, so sharing one client between the
@@ -132,6 +154,16 @@ impl Bench {
         pods.push(("direct".into(), Ipv4Addr::new(10, 244, 0, 101)));
         let spec: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
         let node = VirtualNode::new(&spec)?;
+        // A run opens hundreds of thousands of connections; conntrack keeps
+        // each closed one for 120 s, and a full table drops new SYNs. Keep
+        // closed connections for a second only, so the table measures the
+        // proxy, not the benchmark's own history.
+        node.ns.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1")?;
+        // iptables mode runs on the legacy backend: iptables-nft-restore
+        // 1.8.9 took 177 s here to load 10,000 Services (legacy: 2.5 s) and
+        // would not finish 50,000 within the run. One legacy rule makes kpr
+        // choose legacy, as kube-proxy chooses the backend that has rules.
+        node.ns.exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
         for client in ["client", "direct"] {
             let ns = &node.pod(client).ns;
             // Room for tens of thousands of connections a second from one address.
@@ -153,11 +185,18 @@ impl Bench {
         &self.node.pod("direct").ns
     }
 
-    fn traffic(&self, cfg: &Config, client: &crate::netns::Netns, targets: &[SocketAddr], row: &mut Row) -> anyhow::Result<()> {
+    fn traffic(
+        &self,
+        cfg: &Config,
+        client: &crate::netns::Netns,
+        targets: &[SocketAddr],
+        row: &mut Row,
+    ) -> anyhow::Result<()> {
         let mut rates = Vec::new();
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for _ in 0..cfg.repetitions {
-            let (rate, errors) = load::connection_rate(client, targets, cfg.threads, 1, cfg.warmup, cfg.duration, CLIENT_CPU)?;
+            let (rate, errors) =
+                load::connection_rate(client, targets, cfg.threads, 1, cfg.warmup, cfg.duration, CLIENT_CPU)?;
             rates.push(rate);
             row.conn_errors += errors;
             let mut lat = load::request_latencies(client, targets[0], cfg.warmup, cfg.duration, CLIENT_CPU)?;
@@ -196,13 +235,20 @@ fn bpf_maps_mib(pid: u32) -> Option<f64> {
             continue;
         }
         let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()?;
-        bytes += info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        bytes += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
     }
     Some(bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn iptables_rules(node: &VirtualNode) -> usize {
-    ["iptables-nft-save", "iptables-legacy-save"].iter().map(|cmd| node.ns.output(&[cmd]).map(|s| s.lines().filter(|l| l.starts_with("-A ")).count()).unwrap_or(0)).sum()
+    ["iptables-nft-save", "iptables-legacy-save"]
+        .iter()
+        .map(|cmd| node.ns.output(&[cmd]).map(|s| s.lines().filter(|l| l.starts_with("-A ")).count()).unwrap_or(0))
+        .sum()
 }
 
 /// Programs `n` Services with kpr in `mode` and measures it.
@@ -242,17 +288,19 @@ fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::p
     let mut changes = Vec::new();
     for rep in 0..cfg.repetitions {
         for to_spare in [true, false] {
-            let since = Instant::now();
             let eps = if to_spare { vec![spare] } else { bench.endpoints.clone() };
-            workload::write_measured(&manifests, n, &eps)?;
+            let dir = manifests.clone();
+            let change = move || workload::write_measured(&dir, n, &eps);
             let took = if to_spare {
-                load::until_answer(bench.client(), target, since, limit, |w| w == SPARE)?
+                load::time_change(bench.client(), target, limit, change, |w| w == SPARE)?
             } else {
-                load::until_answer(bench.client(), target, since, limit, |w| SERVING.contains(&w))?
+                load::time_change(bench.client(), target, limit, change, |w| SERVING.contains(&w))?
             };
             match took {
                 Some(t) => changes.push(t.as_secs_f64() * 1e3),
-                None => eprintln!("bench: {mode} with {n} Services: a change was not followed within {limit:?} (rep {rep})"),
+                None => {
+                    eprintln!("bench: {mode} with {n} Services: a change was not followed within {limit:?} (rep {rep})")
+                }
             }
         }
     }
@@ -265,11 +313,22 @@ fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::p
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1048576.0)).unwrap_or(0.0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1048576.0)
+        })
+        .unwrap_or(0.0);
     format!("{cpu}, {cores} cores, {mem:.0} GiB, Linux {}", kernel.trim())
 }
 
@@ -277,7 +336,15 @@ fn machine() -> String {
 pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&cfg.out)?;
     let work = tempfile::tempdir()?;
-    let mut report = Report { command: command.into(), machine: machine(), quick: cfg.quick, duration_s: cfg.duration.as_secs_f64(), repetitions: cfg.repetitions, threads: cfg.threads, ..Default::default() };
+    let mut report = Report {
+        command: command.into(),
+        machine: machine(),
+        quick: cfg.quick,
+        duration_s: cfg.duration.as_secs_f64(),
+        repetitions: cfg.repetitions,
+        threads: cfg.threads,
+        ..Default::default()
+    };
     eprintln!("bench: {}", report.machine);
     for &n in &cfg.services {
         if stop.load(Ordering::Relaxed) {
@@ -291,7 +358,16 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
             // A second generator must not raise the direct rate, or the
             // generator, not the node, would be the limit being measured.
             report.generator.one_generator = direct.conn_rate.median;
-            report.generator.two_generators = load::connection_rate(bench.direct_client(), &direct_targets, cfg.threads, 2, cfg.warmup, cfg.duration, CLIENT_CPU)?.0;
+            report.generator.two_generators = load::connection_rate(
+                bench.direct_client(),
+                &direct_targets,
+                cfg.threads,
+                2,
+                cfg.warmup,
+                cfg.duration,
+                CLIENT_CPU,
+            )?
+            .0;
         }
         eprintln!("bench: N={n:>6} direct  {:>9.0} conn/s", direct.conn_rate.median);
         let direct_rate = direct.conn_rate.median;

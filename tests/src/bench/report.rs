@@ -52,12 +52,48 @@ struct Plot {
 }
 
 const PLOTS: [Plot; 7] = [
-    Plot { file: "conn_rate.svg", title: "Connection setup rate", y: "connections/s", log_y: false, value: |r| Some(r.conn_rate.median) },
-    Plot { file: "conn_ratio.svg", title: "Connection setup rate relative to direct", y: "× direct", log_y: false, value: |r| if r.mode == "direct" { Some(1.0) } else { r.conn_ratio } },
-    Plot { file: "rr_p50.svg", title: "Request latency p50 (established connection)", y: "µs", log_y: false, value: |r| Some(r.rr_p50_us.median) },
-    Plot { file: "rr_p99.svg", title: "Request latency p99 (established connection)", y: "µs", log_y: false, value: |r| Some(r.rr_p99_us.median) },
-    Plot { file: "cold_program.svg", title: "Programming all Services from a cold start", y: "ms", log_y: true, value: |r| r.cold_ms },
-    Plot { file: "one_change.svg", title: "One changed EndpointSlice until traffic follows", y: "ms", log_y: true, value: |r| r.change_ms.as_ref().map(|s| s.median) },
+    Plot {
+        file: "conn_rate.svg",
+        title: "Connection setup rate",
+        y: "connections/s",
+        log_y: false,
+        value: |r| Some(r.conn_rate.median),
+    },
+    Plot {
+        file: "conn_ratio.svg",
+        title: "Connection setup rate relative to direct",
+        y: "× direct",
+        log_y: false,
+        value: |r| if r.mode == "direct" { Some(1.0) } else { r.conn_ratio },
+    },
+    Plot {
+        file: "rr_p50.svg",
+        title: "Request latency p50 (established connection)",
+        y: "µs",
+        log_y: false,
+        value: |r| Some(r.rr_p50_us.median),
+    },
+    Plot {
+        file: "rr_p99.svg",
+        title: "Request latency p99 (established connection)",
+        y: "µs",
+        log_y: false,
+        value: |r| Some(r.rr_p99_us.median),
+    },
+    Plot {
+        file: "cold_program.svg",
+        title: "Programming all Services from a cold start",
+        y: "ms",
+        log_y: true,
+        value: |r| r.cold_ms,
+    },
+    Plot {
+        file: "one_change.svg",
+        title: "One changed EndpointSlice until traffic follows",
+        y: "ms",
+        log_y: true,
+        value: |r| r.change_ms.as_ref().map(|s| s.median),
+    },
     Plot { file: "agent_rss.svg", title: "Agent resident memory", y: "MiB", log_y: false, value: |r| r.agent_rss_mib },
 ];
 
@@ -73,7 +109,13 @@ fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
     let series: Vec<(&str, Vec<(f64, f64)>)> = ["direct", "ebpf", "iptables"]
         .iter()
         .map(|m| {
-            let pts = report.rows.iter().filter(|r| r.mode == *m).filter_map(|r| Some(((r.services as f64).max(1.0), (p.value)(r)?))).filter(|(_, y)| y.is_finite() && (!p.log_y || *y > 0.0)).collect();
+            let pts = report
+                .rows
+                .iter()
+                .filter(|r| r.mode == *m)
+                .filter_map(|r| Some(((r.services as f64).max(1.0), (p.value)(r)?)))
+                .filter(|(_, y)| y.is_finite() && (!p.log_y || *y > 0.0))
+                .collect();
             (*m, pts)
         })
         .filter(|(_, pts): &(&str, Vec<(f64, f64)>)| !pts.is_empty())
@@ -97,7 +139,10 @@ fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
             chart.configure_mesh().x_desc("Services installed").y_desc(p.y).draw()?;
             for (mode, pts) in &series {
                 let c = color(mode);
-                chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?.label(*mode).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                    .label(*mode)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
                 chart.draw_series(pts.iter().map(|pt| Circle::new(*pt, 4, c.filled())))?;
             }
             chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
@@ -125,7 +170,11 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
 /// The report as Markdown; plots are linked relative to `plot_dir`.
 pub fn markdown(r: &Report, plot_dir: &str) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "Machine: {}  \nCommand: `{}`  \nEach figure is the median of {} run(s) of {:.1} s ({} concurrent connections for the connection-rate load); spread is min–max.\n", r.machine, r.command, r.repetitions, r.duration_s, r.threads);
+    let _ = writeln!(
+        md,
+        "Machine: {}  \nCommand: `{}`  \nEach figure is the median of {} run(s) of {:.1} s ({} concurrent connections for the connection-rate load); spread is min–max.\n",
+        r.machine, r.command, r.repetitions, r.duration_s, r.threads
+    );
     md.push_str(&table(r));
     let _ = writeln!(
         md,

@@ -64,7 +64,9 @@ impl Backend {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("running iptables-{}-restore (is the iptables package installed?)", self.suffix()))?;
+            .with_context(|| {
+                format!("running iptables-{}-restore (is the iptables package installed?)", self.suffix())
+            })?;
         child.stdin.take().unwrap().write_all(input.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
@@ -81,7 +83,13 @@ impl Backend {
     /// Creates kpr's top-level chains if missing, without touching their
     /// rules, so the jumps below have a target before the first sync.
     pub fn ensure_chains(self) -> anyhow::Result<()> {
-        for (table, chain) in [("filter", "KUBE-SERVICES"), ("filter", "KUBE-FORWARD"), ("nat", "KUBE-SERVICES"), ("nat", "KUBE-POSTROUTING"), ("nat", "KUBE-MARK-MASQ")] {
+        for (table, chain) in [
+            ("filter", "KUBE-SERVICES"),
+            ("filter", "KUBE-FORWARD"),
+            ("nat", "KUBE-SERVICES"),
+            ("nat", "KUBE-POSTROUTING"),
+            ("nat", "KUBE-MARK-MASQ"),
+        ] {
             // Fails when the chain exists, which is fine.
             self.iptables(&["-t", table, "-N", chain])?;
         }
@@ -107,7 +115,11 @@ impl Backend {
 
     /// True if this backend holds any chain kpr writes.
     pub fn has_kpr_rules(self) -> bool {
-        ["nat", "filter"].iter().any(|t| self.save(t).lines().any(|l| OWN_CHAINS.iter().any(|c| l.starts_with(&format!(":{c}"))) || is_service_chain_decl(l)))
+        ["nat", "filter"].iter().any(|t| {
+            self.save(t)
+                .lines()
+                .any(|l| OWN_CHAINS.iter().any(|c| l.starts_with(&format!(":{c}"))) || is_service_chain_decl(l))
+        })
     }
 
     /// Removes the jump rules and every chain kpr writes, leaving all other
@@ -155,9 +167,54 @@ const OWN_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-FORWARD", "KUBE-POSTROUTIN
 
 /// Jumps into kpr's chains, as kube-proxy installs them.
 const JUMPS: [(&str, &str, &[&str]); 7] = [
-    ("filter", "INPUT", &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
-    ("filter", "FORWARD", &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
-    ("filter", "OUTPUT", &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
+    (
+        "filter",
+        "INPUT",
+        &[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    ),
+    (
+        "filter",
+        "FORWARD",
+        &[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        &[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    ),
     ("filter", "FORWARD", &["-m", "comment", "--comment", "kubernetes forwarding rules", "-j", "KUBE-FORWARD"]),
     ("nat", "PREROUTING", &["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
     ("nat", "OUTPUT", &["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),

@@ -59,13 +59,19 @@ impl IptablesDataplane {
 
     fn sync(&mut self, changed: &BTreeSet<FrontendKey>) -> anyhow::Result<()> {
         let full = self.last_full_sync.is_none_or(|t| t.elapsed() >= self.full_sync_period);
-        let wanted: BTreeSet<String> = self.frontends.values().filter(|f| !f.backends.is_empty()).flat_map(chains_of).collect();
+        let wanted: BTreeSet<String> =
+            self.frontends.values().filter(|f| !f.backends.is_empty()).flat_map(chains_of).collect();
         let stale: BTreeSet<String> = self.written.difference(&wanted).cloned().collect();
         let scope = if full { Scope::Full } else { Scope::Changed(changed) };
         let input = render(&self.frontends, scope, &stale, &self.config);
         let started = Instant::now();
         self.backend.restore(&input)?;
-        tracing::debug!(full, lines = input.lines().count(), ms = started.elapsed().as_secs_f64() * 1e3, "iptables-restore");
+        tracing::debug!(
+            full,
+            lines = input.lines().count(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "iptables-restore"
+        );
         self.written = wanted;
         if full {
             self.last_full_sync = Some(Instant::now());
@@ -81,7 +87,17 @@ impl IptablesDataplane {
         }
         for e in old.backends.iter().filter(|e| new.is_none_or(|n| !n.backends.contains(e))) {
             let status = Command::new("conntrack")
-                .args(["-D", "-p", "udp", "--orig-dst", &old.key.vip.to_string(), "--dport", &old.key.port.to_string(), "--reply-src", &e.ip.to_string()])
+                .args([
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    &old.key.vip.to_string(),
+                    "--dport",
+                    &old.key.port.to_string(),
+                    "--reply-src",
+                    &e.ip.to_string(),
+                ])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status();

@@ -73,7 +73,12 @@ fn probability(remaining: usize) -> String {
 /// The iptables-restore input (for `--noflush`) that makes the kernel's
 /// rules equal `frontends` within `scope`; `stale` chains are flushed and
 /// deleted in the same transaction.
-pub fn render(frontends: &BTreeMap<FrontendKey, Frontend>, scope: Scope<'_>, stale: &BTreeSet<String>, cfg: &RenderConfig) -> String {
+pub fn render(
+    frontends: &BTreeMap<FrontendKey, Frontend>,
+    scope: Scope<'_>,
+    stale: &BTreeSet<String>,
+    cfg: &RenderConfig,
+) -> String {
     let writes = |k: &FrontendKey| match &scope {
         Scope::Full => true,
         Scope::Changed(set) => set.contains(k),
@@ -83,10 +88,18 @@ pub fn render(frontends: &BTreeMap<FrontendKey, Frontend>, scope: Scope<'_>, sta
     // filter: REJECT for Services without endpoints, and forwarding accepts.
     out.push_str("*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n");
     for f in frontends.values().filter(|f| f.backends.is_empty()) {
-        let _ = writeln!(out, "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" {} -j REJECT", f.service, match_frontend(f));
+        let _ = writeln!(
+            out,
+            "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" {} -j REJECT",
+            f.service,
+            match_frontend(f)
+        );
     }
     out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
-    let _ = writeln!(out, "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT");
+    let _ = writeln!(
+        out,
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"
+    );
     out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
     out.push_str("COMMIT\n");
 
@@ -94,7 +107,13 @@ pub fn render(frontends: &BTreeMap<FrontendKey, Frontend>, scope: Scope<'_>, sta
     out.push_str("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
     let mut rules = String::new();
     for f in frontends.values().filter(|f| !f.backends.is_empty()) {
-        let _ = writeln!(rules, "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" {} -j {}", f.service, match_frontend(f), service_chain(f));
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" {} -j {}",
+            f.service,
+            match_frontend(f),
+            service_chain(f)
+        );
     }
     for f in frontends.values().filter(|f| writes(&f.key)) {
         if f.backends.is_empty() {
@@ -103,17 +122,34 @@ pub fn render(frontends: &BTreeMap<FrontendKey, Frontend>, scope: Scope<'_>, sta
         let svc = service_chain(f);
         let _ = writeln!(out, ":{svc} - [0:0]");
         if let Some(cidr) = &cfg.cluster_cidr {
-            let _ = writeln!(rules, "-A {svc} -m comment --comment \"{} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ", f.service, match_frontend(f));
+            let _ = writeln!(
+                rules,
+                "-A {svc} -m comment --comment \"{} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ",
+                f.service,
+                match_frontend(f)
+            );
         }
         let n = f.backends.len();
         for (i, e) in f.backends.iter().enumerate() {
             let sep = endpoint_chain(f, e);
             let _ = writeln!(out, ":{sep} - [0:0]");
-            let spread = if i + 1 < n { format!(" -m statistic --mode random --probability {}", probability(n - i)) } else { String::new() };
-            let _ = writeln!(rules, "-A {svc} -m comment --comment \"{} -> {}:{}\"{spread} -j {sep}", f.service, e.ip, e.port);
+            let spread = if i + 1 < n {
+                format!(" -m statistic --mode random --probability {}", probability(n - i))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                rules,
+                "-A {svc} -m comment --comment \"{} -> {}:{}\"{spread} -j {sep}",
+                f.service, e.ip, e.port
+            );
             let p = protocol(f);
             let _ = writeln!(rules, "-A {sep} -m comment --comment {} -s {}/32 -j KUBE-MARK-MASQ", f.service, e.ip);
-            let _ = writeln!(rules, "-A {sep} -m comment --comment {} -m {p} -p {p} -j DNAT --to-destination {}:{}", f.service, e.ip, e.port);
+            let _ = writeln!(
+                rules,
+                "-A {sep} -m comment --comment {} -m {p} -p {p} -j DNAT --to-destination {}:{}",
+                f.service, e.ip, e.port
+            );
         }
     }
     for chain in stale {
@@ -138,7 +174,15 @@ mod tests {
     use super::*;
     use crate::model::{Protocol, ServicePortName, ServiceType};
 
-    fn fe(ns: &str, name: &str, port_name: &str, vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4], u16)]) -> Frontend {
+    fn fe(
+        ns: &str,
+        name: &str,
+        port_name: &str,
+        vip: [u8; 4],
+        port: u16,
+        protocol: Protocol,
+        backends: &[([u8; 4], u16)],
+    ) -> Frontend {
         Frontend {
             service: ServicePortName { namespace: ns.into(), name: name.into(), port: port_name.into() },
             key: FrontendKey { vip: vip.into(), port, protocol },
@@ -156,11 +200,14 @@ mod tests {
 
     /// Compares with `golden/NAME.txt`; `UPDATE_GOLDEN=1` rewrites it.
     fn golden(name: &str, actual: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/dataplane/iptables/golden").join(format!("{name}.txt"));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/dataplane/iptables/golden")
+            .join(format!("{name}.txt"));
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&path, actual).unwrap();
         }
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+        let expected = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
         assert_eq!(actual, expected, "rules differ from {}", path.display());
     }
 
@@ -183,13 +230,17 @@ mod tests {
 
     #[test]
     fn many_endpoints_spread_evenly() {
-        let m = model(vec![fe("default", "web", "http", [10, 96, 0, 10], 80, Protocol::Tcp, &[
-            ([10, 244, 0, 11], 8080),
-            ([10, 244, 0, 12], 8080),
-            ([10, 244, 0, 13], 8080),
-            ([10, 244, 0, 14], 8080),
-        ])]);
-        let rules = render(&m, Scope::Full, &BTreeSet::new(), &RenderConfig { cluster_cidr: Some("10.244.0.0/16".into()) });
+        let m = model(vec![fe(
+            "default",
+            "web",
+            "http",
+            [10, 96, 0, 10],
+            80,
+            Protocol::Tcp,
+            &[([10, 244, 0, 11], 8080), ([10, 244, 0, 12], 8080), ([10, 244, 0, 13], 8080), ([10, 244, 0, 14], 8080)],
+        )]);
+        let rules =
+            render(&m, Scope::Full, &BTreeSet::new(), &RenderConfig { cluster_cidr: Some("10.244.0.0/16".into()) });
         // 1/4, 1/3, 1/2, then the rest: each endpoint gets a quarter.
         for p in ["0.2500000000", "0.3333333333", "0.5000000000"] {
             assert!(rules.contains(&format!("--probability {p}")), "{rules}");
@@ -208,8 +259,24 @@ mod tests {
     #[test]
     fn several_and_named_ports() {
         let m = model(vec![
-            fe("shop", "api", "http", [10, 96, 1, 1], 80, Protocol::Tcp, &[([10, 244, 1, 1], 8080), ([10, 244, 1, 2], 8080)]),
-            fe("shop", "api", "metrics", [10, 96, 1, 1], 9090, Protocol::Tcp, &[([10, 244, 1, 1], 9100), ([10, 244, 1, 2], 9100)]),
+            fe(
+                "shop",
+                "api",
+                "http",
+                [10, 96, 1, 1],
+                80,
+                Protocol::Tcp,
+                &[([10, 244, 1, 1], 8080), ([10, 244, 1, 2], 8080)],
+            ),
+            fe(
+                "shop",
+                "api",
+                "metrics",
+                [10, 96, 1, 1],
+                9090,
+                Protocol::Tcp,
+                &[([10, 244, 1, 1], 9100), ([10, 244, 1, 2], 9100)],
+            ),
             fe("shop", "api", "dns", [10, 96, 1, 1], 53, Protocol::Udp, &[([10, 244, 1, 1], 5353)]),
         ]);
         golden("several_ports", &render(&m, Scope::Full, &BTreeSet::new(), &RenderConfig::default()));
