@@ -23,8 +23,10 @@ pub const COUNTERS: &str = "COUNTERS";
 /// half of a translated flow.
 pub const NEIGHBORS: &str = "NEIGHBORS";
 
-/// Map sizes used when the agent is not told otherwise.
-pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
+/// Map sizes used when the agent is not told otherwise. The service map
+/// holds one entry per frontend plus one per VIP: 131,072 fits 65,536
+/// single-port Services.
+pub const DEFAULT_SERVICES_MAX: u32 = 131_072;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_NEIGHBORS_MAX: u32 = 65_536;

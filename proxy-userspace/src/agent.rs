@@ -78,8 +78,9 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     /// Applies what changed in `index` since the last sync; `arrivals` are
-    /// when those changes came in.
-    pub fn sync(&mut self, index: &mut Index, arrivals: &[Instant]) {
+    /// when those changes came in. Returns false if some frontends could not
+    /// be programmed (they are marked for the next sync).
+    pub fn sync(&mut self, index: &mut Index, arrivals: &[Instant]) -> bool {
         let started = Instant::now();
         let dirty = index.take_dirty();
         let update = self.model.update(index, dirty, &self.config);
@@ -115,8 +116,12 @@ impl<D: Dataplane> Syncer<D> {
             duration_ms = (done - started).as_secs_f64() * 1e3,
             "synced"
         );
+        errors.is_empty()
     }
 }
+
+/// How long to wait before retrying frontends the dataplane refused.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Syncs whenever the source announces changes, at most once per
 /// `min_interval` (a lone change is applied at once), until `stop` resolves.
@@ -133,8 +138,12 @@ pub async fn sync_loop<D: Dataplane>(
     let mut stop = std::pin::pin!(stop);
     let mut pending: Vec<Instant> = Vec::new();
     let mut last_sync: Option<tokio::time::Instant> = None;
+    // Set after a sync the dataplane partly refused: try again then, even
+    // without a new change.
+    let mut retry: Option<tokio::time::Instant> = None;
     loop {
         let next_allowed = last_sync.map_or_else(tokio::time::Instant::now, |t| t + min_interval);
+        let due = if pending.is_empty() { retry.map(|r| r.max(next_allowed)) } else { Some(next_allowed) };
         tokio::select! {
             Some(at) = changes.recv() => {
                 pending.push(at);
@@ -142,11 +151,12 @@ pub async fn sync_loop<D: Dataplane>(
                     pending.push(at);
                 }
             }
-            _ = tokio::time::sleep_until(next_allowed), if !pending.is_empty() && source.ready() => {
-                syncer.sync(&mut index.lock().unwrap(), &pending);
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() && source.ready() => {
+                let ok = syncer.sync(&mut index.lock().unwrap(), &pending);
                 after_sync(syncer, source);
                 pending.clear();
                 last_sync = Some(tokio::time::Instant::now());
+                retry = (!ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
             }
             _ = &mut stop => return,
         }
@@ -338,11 +348,25 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut syncer = Syncer::new(Recorder(log.clone()), ModelConfig::default(), Arc::new(Metrics::default()));
         let mut idx = index("kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 666}]}\n");
-        syncer.sync(&mut idx, &[]);
+        assert!(!syncer.sync(&mut idx, &[]), "reports the failure");
         let key = FrontendKey { vip: [10, 96, 0, 1].into(), port: 666, protocol: Protocol::Tcp };
         assert!(!syncer.programmed().frontends.contains_key(&key), "not counted as programmed");
         syncer.sync(&mut idx, &[]);
         assert_eq!(log.lock().unwrap()[1].len(), 1, "tried again without any new change");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_frontends_are_retried_without_a_new_change() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut syncer = Syncer::new(Recorder(log.clone()), ModelConfig::default(), Arc::new(Metrics::default()));
+        let shared: SharedIndex = Arc::new(Mutex::new(index(
+            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 666}]}\n",
+        )));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(Instant::now()).unwrap();
+        let stop = tokio::time::sleep(RETRY_AFTER * 2 + Duration::from_millis(500));
+        sync_loop(&Ready, &shared, &mut rx, &mut syncer, Duration::ZERO, stop, |_, _| {}).await;
+        assert_eq!(log.lock().unwrap().len(), 3, "the first attempt and one retry per interval");
     }
 
     #[tokio::test(start_paused = true)]

@@ -260,7 +260,13 @@ fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::p
     let mut row = Row { mode: mode.into(), services: n, ..Default::default() };
     let limit = Duration::from_secs(if cfg.quick { 120 } else { 900 });
 
-    let args = [format!("--mode={mode}"), format!("--source=dir:{}", manifests.display())];
+    // Room for every Service and VIP, and a conntrack map sized for the load.
+    let args = [
+        format!("--mode={mode}"),
+        format!("--source=dir:{}", manifests.display()),
+        format!("--max-services={}", 2 * n + 1024),
+        format!("--max-backends={}", (4 * n).max(4096)),
+    ];
     let log = work.join(format!("kpr-{mode}-{n}.log"));
     let started = Instant::now();
     let mut agent = Kpr::spawn(&bench.node.ns, &args, &bench.node.interfaces(), &log)?;
