@@ -1,6 +1,7 @@
 //! Wiring: source -> model -> planner -> dataplane, until Ctrl-C or SIGTERM.
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -13,6 +14,7 @@ use tokio::{
 };
 
 use crate::{
+    api,
     dataplane::{
         Dataplane,
         ebpf::{EbpfDataplane, MapSizes},
@@ -50,6 +52,10 @@ pub struct RunConfig {
     pub model: ModelConfig,
     /// Syncs are at least this far apart; changes in between are coalesced.
     pub min_sync_interval: Duration,
+    pub healthz_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    /// How long the source may be cut off before /healthz says 503.
+    pub healthz_threshold: Duration,
 }
 
 /// Keeps the dataplane equal to the model of the source's objects.
@@ -205,6 +211,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (dataplane, fallback_reason) = choose_dataplane(&cfg)?;
     tracing::info!(mode = dataplane.mode(), node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
+    let health = api::Health::new(cfg.healthz_threshold);
+    let mut servers = vec![
+        api::serve_health(cfg.healthz_address, health.clone()).await?,
+        api::serve_metrics(cfg.metrics_address, metrics.clone(), dataplane.mode(), dataplane.counter_reader()).await?,
+    ];
     let mut syncer = Syncer::new(dataplane, cfg.model.clone(), metrics);
     let mut status = Status {
         mode: syncer.dataplane.mode().into(),
@@ -239,6 +250,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     };
 
+    {
+        // The source's connectivity feeds /healthz even while nothing syncs.
+        let (source, health) = (source.clone(), health.clone());
+        servers.push(tokio::spawn(async move {
+            loop {
+                health.source_connected(source.connected());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }));
+    }
     let mut taken_over = false;
     let after_sync = |syncer: &mut Syncer<Box<dyn Dataplane>>, source: &dyn Source| {
         if !taken_over {
@@ -246,6 +267,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             syncer.dataplane.take_over(&cfg.interfaces);
             taken_over = true;
         }
+        health.synced();
         status.last_sync_at = Some(status::now());
         status.source_connected = source.connected();
         status.frontends = syncer.programmed().frontends.len();
@@ -253,7 +275,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let _ = status.write(&cfg.state_dir);
     };
     sync_loop(source.as_ref(), &index, &mut rx, &mut syncer, cfg.min_sync_interval, stop, after_sync).await;
-    for t in tasks {
+    for t in tasks.into_iter().chain(servers) {
         t.abort();
     }
     let counters = syncer.dataplane.counters();

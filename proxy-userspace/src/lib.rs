@@ -5,6 +5,7 @@
 //! new, and a [`dataplane`] applies the operations. [`agent`] wires them.
 
 pub mod agent;
+pub mod api;
 pub mod dataplane;
 pub mod index;
 pub mod metrics;

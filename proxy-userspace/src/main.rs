@@ -15,8 +15,20 @@ use proxy_userspace::{
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    /// Log level filter (e.g. info, debug, kpr=debug); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn hostname() -> String {
@@ -67,6 +79,15 @@ enum Command {
         /// Where the agent writes its status for `kpr status`.
         #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Where /healthz and /livez are served.
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: std::net::SocketAddr,
+        /// Where /metrics is served (Prometheus text format).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: std::net::SocketAddr,
+        /// /healthz answers 503 once the source has been cut off this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        healthz_threshold: Duration,
         /// Make the eBPF probe fail (to exercise the iptables fallback).
         #[arg(long, hide = true)]
         simulate_ebpf_unavailable: bool,
@@ -109,11 +130,15 @@ fn print_status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    match cli.command {
         Command::Run {
             mode,
             source,
@@ -129,6 +154,9 @@ async fn main() -> anyhow::Result<()> {
             max_flows,
             state_dir,
             simulate_ebpf_unavailable,
+            healthz_bind_address,
+            metrics_bind_address,
+            healthz_threshold,
         } => {
             agent::run(RunConfig {
                 mode,
@@ -142,6 +170,9 @@ async fn main() -> anyhow::Result<()> {
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },
                 model: ModelConfig { service_proxy_name, node_name },
                 min_sync_interval,
+                healthz_address: healthz_bind_address,
+                metrics_address: metrics_bind_address,
+                healthz_threshold,
             })
             .await
         }

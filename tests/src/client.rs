@@ -34,3 +34,22 @@ pub fn udp_request(addr: SocketAddr, timeout: Duration) -> std::io::Result<(Stri
     let (n, from) = socket.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
+
+/// A plain HTTP/1.0 GET; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the first sample line starting with `series` in a
+/// Prometheus text exposition.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+}

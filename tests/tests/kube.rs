@@ -154,8 +154,21 @@ fn services_and_slices_from_the_api_server_drive_the_dataplane(mode: Mode) {
         assert!(Instant::now() < deadline, "a deleted Service still answers:\n{}", c.kpr.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    // One list per kind, then watches.
+    // One list per kind, then watches, all within what the ClusterRole grants.
     let requests = c.api.requests();
+    for r in &requests {
+        let path = r.split_whitespace().nth(1).unwrap().split('?').next().unwrap();
+        let resource = path.rsplit('/').next().unwrap();
+        let group = if path.starts_with("/apis/") { path.split('/').nth(2).unwrap() } else { "" };
+        let verb = if r.contains("watch=true") { "watch" } else { "list" };
+        assert!(r.starts_with("GET "), "kpr only reads: {r}");
+        assert!(
+            proxy_userspace::source::kube::PERMISSIONS
+                .iter()
+                .any(|(g, res, verbs)| *g == group && *res == resource && verbs.contains(&verb)),
+            "{r} is not covered by the ClusterRole"
+        );
+    }
     assert!(requests.iter().any(|r| r.contains("/api/v1/services?") && r.contains("labelSelector")), "{requests:#?}");
     assert!(requests.iter().any(|r| r.contains("endpointslices?") && r.contains("watch=true")), "{requests:#?}");
 }

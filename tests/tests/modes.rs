@@ -10,7 +10,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use kpr_tests::{
     client::tcp_request,
-    kpr::{self, Kpr, Mode},
+    kpr::{self, Kpr},
     manifests::{web_service, write},
     node::VirtualNode,
     root_or_skip,

@@ -242,6 +242,13 @@ impl EbpfDataplane {
     }
 }
 
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
+    let out: Vec<_> =
+        Counter::ALL.iter().filter_map(|c| Some((c.name(), map.get(&(*c as u32), 0).ok()?.iter().sum()))).collect();
+    debug_assert!(out.len() <= counters::COUNT as usize);
+    out
+}
+
 /// Removes `key`; an entry that is already gone is not an error.
 fn remove_ok<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<(), String> {
     match map.remove(key) {
@@ -264,12 +271,15 @@ impl Dataplane for EbpfDataplane {
 
     /// Datapath counters summed over CPUs, by name.
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        let out: Vec<_> = Counter::ALL
-            .iter()
-            .filter_map(|c| Some((c.name(), self.counters.get(&(*c as u32), 0).ok()?.iter().sum())))
-            .collect();
-        debug_assert!(out.len() <= counters::COUNT as usize);
-        out
+        read_counters(&self.counters)
+    }
+
+    fn counter_reader(&self) -> Option<crate::api::CounterReader> {
+        // A second handle on the same map, for the metrics server's task.
+        let id = aya::maps::IterableMap::map(&self.counters).info().ok()?.id();
+        let map =
+            PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(MapData::from_id(id).ok()?)).ok()?;
+        Some(std::sync::Arc::new(move || read_counters(&map)))
     }
 
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {

@@ -31,6 +31,11 @@ pub trait Dataplane {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+
+    /// A reader of the same counters that other tasks (metrics) can keep.
+    fn counter_reader(&self) -> Option<crate::api::CounterReader> {
+        None
+    }
 }
 
 impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
@@ -45,5 +50,8 @@ impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
     }
     fn counters(&self) -> Vec<(&'static str, u64)> {
         (**self).counters()
+    }
+    fn counter_reader(&self) -> Option<crate::api::CounterReader> {
+        (**self).counter_reader()
     }
 }

@@ -29,6 +29,20 @@ use tokio::task::JoinHandle;
 use super::{Changes, SharedIndex, Source};
 use crate::{index::Index, model::Sourced};
 
+/// What kpr may ask of the API server: `(API group, resource, verbs)`. The
+/// ClusterRole in manifests/kpr.yaml grants exactly this (a test checks),
+/// and the kube tests check every request kpr makes is covered. Services and
+/// EndpointSlices are listed and watched; Nodes and Pods are for node-local
+/// traffic policies; Events report what the agent did.
+pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
+    ("", "services", &["get", "list", "watch"]),
+    ("", "nodes", &["get", "list", "watch"]),
+    ("", "pods", &["get", "list", "watch"]),
+    ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"]),
+    ("", "events", &["create", "patch"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
 /// A client from `kubeconfig`, or else the in-cluster config (or the
 /// default kubeconfig when run outside a cluster).
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
@@ -174,8 +188,15 @@ fn watch<K: Indexed>(
 pub struct KubeSource {
     service_state: Arc<KindState>,
     slice_state: Arc<KindState>,
+    /// Whether the API server answered the last probe.
+    reachable: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// How often the API server is probed for `connected()`. Watches carry no
+/// traffic while nothing changes, so they cannot tell a quiet cluster from
+/// a dead server.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl KubeSource {
     /// Starts watching Services and EndpointSlices matching `selector` in
@@ -185,8 +206,21 @@ impl KubeSource {
         let slice_state = Arc::new(KindState::default());
         let t1 =
             watch(Api::<Service>::all(client.clone()), selector, index.clone(), changes.clone(), service_state.clone());
-        let t2 = watch(Api::<EndpointSlice>::all(client), selector, index, changes, slice_state.clone());
-        Self { service_state, slice_state, tasks: vec![t1, t2] }
+        let t2 = watch(Api::<EndpointSlice>::all(client.clone()), selector, index, changes, slice_state.clone());
+        let reachable = Arc::new(AtomicBool::new(false));
+        let probe = {
+            let reachable = reachable.clone();
+            tokio::spawn(async move {
+                loop {
+                    let ok = tokio::time::timeout(PROBE_EVERY * 2, client.apiserver_version())
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                    reachable.store(ok, Ordering::Relaxed);
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+            })
+        };
+        Self { service_state, slice_state, reachable, tasks: vec![t1, t2, probe] }
     }
 }
 
@@ -196,7 +230,7 @@ impl Source for KubeSource {
     }
 
     fn connected(&self) -> bool {
-        self.service_state.healthy.load(Ordering::Relaxed) && self.slice_state.healthy.load(Ordering::Relaxed)
+        self.reachable.load(Ordering::Relaxed)
     }
 }
 

@@ -85,6 +85,12 @@ pub async fn handle(
     if shared.fail_requests.load(Ordering::Relaxed) {
         return error(ApiError::new(500, "InternalError", "injected failure"));
     }
+    if uri.path() == "/version" {
+        return json_response(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0-kpr-test", "platform": "linux/amd64"}),
+        );
+    }
     let Some(target) = parse_path(uri.path()) else {
         return error(ApiError::new(
             404,

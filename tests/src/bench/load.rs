@@ -80,7 +80,8 @@ pub fn connection_rate(
 }
 
 /// Latencies (µs) of request/reply round trips on one established
-/// connection for `duration`, after `warmup`.
+/// connection for `duration`, after `warmup`. Connecting is retried: right
+/// after a connection-rate run a SYN may be lost to the churn it left.
 pub fn request_latencies(
     client: &Netns,
     target: SocketAddr,
@@ -90,7 +91,17 @@ pub fn request_latencies(
 ) -> anyhow::Result<Vec<f64>> {
     client.run(move || -> anyhow::Result<Vec<f64>> {
         pin_to_cpu(cpu);
-        let s = TcpStream::connect_timeout(&target, TIMEOUT)?;
+        let mut attempt = 0;
+        let s = loop {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+                Ok(s) => break s,
+                Err(e) if attempt < 4 => {
+                    attempt += 1;
+                    eprintln!("bench: connecting to {target} for the latency run: {e}; retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(TIMEOUT))?;
         let mut writer = s.try_clone()?;

@@ -199,9 +199,14 @@ impl Bench {
                 load::connection_rate(client, targets, cfg.threads, 1, cfg.warmup, cfg.duration, CLIENT_CPU)?;
             rates.push(rate);
             row.conn_errors += errors;
-            let mut lat = load::request_latencies(client, targets[0], cfg.warmup, cfg.duration, CLIENT_CPU)?;
-            p50.push(load::quantile(&mut lat, 0.5));
-            p99.push(load::quantile(&mut lat, 0.99));
+            // A failed latency run is reported as missing, not fatal.
+            match load::request_latencies(client, targets[0], cfg.warmup, cfg.duration, CLIENT_CPU) {
+                Ok(mut lat) => {
+                    p50.push(load::quantile(&mut lat, 0.5));
+                    p99.push(load::quantile(&mut lat, 0.99));
+                }
+                Err(e) => eprintln!("bench: {} latency run failed: {e:#}", row.mode),
+            }
         }
         row.conn_rate = Stat::of(rates);
         row.rr_p50_us = Stat::of(p50);
