@@ -2,6 +2,7 @@
 //! short packet is an error here, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
+use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     ipv4::{self, ETH_HLEN, ETH_P_IP, MIN_HLEN},
     maps::{PROTO_TCP, PROTO_UDP},
@@ -55,7 +56,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // Bounded for the verifier: IHL is at most 15 words.
     let l4_off = ETH_HLEN + (ip.header_len & 0x3c);
     let l4_len = ip.total_len - ip.header_len;
-    let min_l4 = if ip.proto == PROTO_TCP { 20 } else { 8 };
+    let min_l4 = if ip.proto == PROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
     if l4_len < min_l4 {
         return Parsed::Truncated { dst: ip.dst };
     }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     kpr::{self, Kpr},
@@ -70,7 +70,7 @@ impl Config {
 }
 
 /// Median and spread of repeated measurements.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stat {
     pub median: f64,
     pub min: f64,
@@ -87,7 +87,7 @@ impl Stat {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Row {
     pub mode: String,
     pub services: usize,
@@ -111,13 +111,13 @@ pub struct Row {
     pub agent_cpu_ms: Option<f64>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct GeneratorCheck {
     pub one_generator: f64,
     pub two_generators: f64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub command: String,
     pub machine: String,
