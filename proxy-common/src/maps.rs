@@ -22,6 +22,9 @@ pub const COUNTERS: &str = "COUNTERS";
 /// to its interface, so the host's routing, bridge and conntrack never see
 /// half of a translated flow.
 pub const NEIGHBORS: &str = "NEIGHBORS";
+/// Per-CPU packets and bytes per service id (both directions), sized like
+/// the service map.
+pub const SERVICE_TRAFFIC: &str = "SERVICE_TRAFFIC";
 
 /// Map sizes used when the agent is not told otherwise. The service map
 /// holds one entry per frontend plus one per VIP: 131,072 fits 65,536
@@ -133,6 +136,16 @@ pub struct ReverseEntry {
     pub vip: [u8; 4],
     pub vip_port: [u8; 2],
     pub _pad: [u8; 2],
+    /// The frontend's service id, to count replies as its traffic.
+    pub service_id: u32,
+}
+
+/// Value of [`SERVICE_TRAFFIC`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Value of [`NEIGHBORS`].
@@ -162,6 +175,7 @@ mod pod {
     unsafe impl aya::Pod for ForwardEntry {}
     unsafe impl aya::Pod for ReverseEntry {}
     unsafe impl aya::Pod for Neighbor {}
+    unsafe impl aya::Pod for Traffic {}
 }
 
 #[cfg(test)]
@@ -180,7 +194,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<ForwardEntry>(), 12);
         assert_eq!(align_of::<ForwardEntry>(), 4);
-        assert_eq!(size_of::<ReverseEntry>(), 8);
+        assert_eq!(size_of::<ReverseEntry>(), 12);
+        assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(size_of::<Neighbor>(), 12);
     }
 

@@ -19,8 +19,8 @@ use crate::{
 pub enum Lookup {
     /// A backend's reply in a translated flow: put the VIP back.
     Reply(ReverseEntry),
-    /// To a Service, with the backend the flow is (now) pinned to.
-    ToBackend(Backend),
+    /// To a Service (by id), with the backend the flow is (now) pinned to.
+    ToBackend(Backend, u32),
     /// A new flow to a Service with no ready endpoints.
     NoBackend,
     /// The chosen slot was empty: userspace is mid-update.
@@ -54,7 +54,7 @@ pub fn lookup(pkt: &Packet) -> Lookup {
         if let Some(fwd) = CT_FORWARD.get_ptr(flow) {
             let fwd = unsafe { core::ptr::read(fwd) };
             if fwd.service_id == svc.id {
-                return Lookup::ToBackend(fwd.backend);
+                return Lookup::ToBackend(fwd.backend, svc.id);
             }
         }
     }
@@ -69,10 +69,10 @@ pub fn lookup(pkt: &Packet) -> Lookup {
     let backend = unsafe { core::ptr::read(backend) };
 
     let fwd = ForwardEntry { backend, service_id: svc.id };
-    let rev = ReverseEntry { vip: pkt.dst, vip_port: pkt.dst_port, _pad: [0; 2] };
+    let rev = ReverseEntry { vip: pkt.dst, vip_port: pkt.dst_port, _pad: [0; 2], service_id: svc.id };
     // If either insert fails the flow still works for this packet; the next
     // packet simply chooses again.
     let _ = CT_FORWARD.insert(flow, fwd, 0);
     let _ = CT_REVERSE.insert(reply_key(&flow, &backend), rev, 0);
-    Lookup::ToBackend(backend)
+    Lookup::ToBackend(backend, svc.id)
 }

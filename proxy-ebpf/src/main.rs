@@ -25,7 +25,7 @@ use aya_ebpf::{
 use proxy_common::counters::Counter;
 
 use crate::{
-    counters::count,
+    counters::{count, count_traffic},
     lookup::{Lookup, is_vip},
     parse::Parsed,
 };
@@ -83,11 +83,13 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, ()> {
         Lookup::Reply(rev) => {
             translate::reverse(ctx, &pkt, &rev)?;
             count(Counter::ReverseTranslated, ());
+            count_traffic(rev.service_id, ctx.len());
             deliver(ctx, pkt.dst, None)
         }
-        Lookup::ToBackend(backend) => {
+        Lookup::ToBackend(backend, service_id) => {
             translate::forward(ctx, &pkt, &backend)?;
             count(Counter::Translated, ());
+            count_traffic(service_id, ctx.len());
             // Seen from the backend, the packet was routed by the node: it
             // comes from the gateway MAC the client addressed.
             let gateway_mac = ctx.load::<[u8; 6]>(0).map_err(|_| ())?;

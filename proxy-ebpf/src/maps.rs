@@ -8,7 +8,7 @@ use proxy_common::{
     counters,
     maps::{
         Backend, BackendKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX, DEFAULT_SERVICES_MAX,
-        FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue,
+        FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, Traffic,
     },
 };
 
@@ -29,3 +29,6 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::
 
 #[map]
 pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);
+
+#[map]
+pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_SERVICES_MAX, 0);

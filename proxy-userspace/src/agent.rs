@@ -214,7 +214,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let health = api::Health::new(cfg.healthz_threshold);
     let mut servers = vec![
         api::serve_health(cfg.healthz_address, health.clone()).await?,
-        api::serve_metrics(cfg.metrics_address, metrics.clone(), dataplane.mode(), dataplane.counter_reader()).await?,
+        api::serve_metrics(
+            cfg.metrics_address,
+            metrics.clone(),
+            dataplane.mode(),
+            dataplane.counter_reader(),
+            dataplane.traffic_reader(),
+        )
+        .await?,
     ];
     let mut syncer = Syncer::new(dataplane, cfg.model.clone(), metrics);
     let mut status = Status {

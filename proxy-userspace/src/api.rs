@@ -18,6 +18,18 @@ use crate::metrics::Metrics;
 /// Reads the datapath's counters by name, if the dataplane keeps any.
 pub type CounterReader = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
 
+/// Packets and bytes to and from one Service frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    pub service: String,
+    pub frontend: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Reads per-Service traffic, if the dataplane counts it.
+pub type TrafficReader = Arc<dyn Fn() -> Vec<ServiceTraffic> + Send + Sync>;
+
 /// Whether the dataplane can be trusted to reflect the cluster.
 pub struct Health {
     /// Unix time of the last sync in milliseconds; 0 before the first.
@@ -76,6 +88,7 @@ struct MetricsState {
     metrics: Arc<Metrics>,
     mode: &'static str,
     counters: Option<CounterReader>,
+    traffic: Option<TrafficReader>,
 }
 
 /// The registry's metrics plus the active mode and the datapath counters,
@@ -90,6 +103,24 @@ fn exposition(s: &MetricsState) -> String {
         extra.push_str("# TYPE kpr_datapath_packets counter\n");
         for (reason, n) in read() {
             extra.push_str(&format!("kpr_datapath_packets_total{{reason=\"{reason}\"}} {n}\n"));
+        }
+    }
+    if let Some(read) = &s.traffic {
+        let services = read();
+        for (name, what, value) in [
+            ("kpr_service_packets", "Packets", (|t: &ServiceTraffic| t.packets) as fn(&ServiceTraffic) -> u64),
+            ("kpr_service_bytes", "Bytes", |t: &ServiceTraffic| t.bytes),
+        ] {
+            extra
+                .push_str(&format!("# HELP {name} {what} to and from each Service frontend.\n# TYPE {name} counter\n"));
+            for t in &services {
+                extra.push_str(&format!(
+                    "{name}_total{{service=\"{}\",frontend=\"{}\"}} {}\n",
+                    t.service,
+                    t.frontend,
+                    value(t)
+                ));
+            }
         }
     }
     // OpenMetrics ends with "# EOF"; the extra families go before it.
@@ -115,8 +146,10 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     mode: &'static str,
     counters: Option<CounterReader>,
+    traffic: Option<TrafficReader>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let app = Router::new().route("/metrics", get(self::metrics)).with_state(MetricsState { metrics, mode, counters });
+    let state = MetricsState { metrics, mode, counters, traffic };
+    let app = Router::new().route("/metrics", get(self::metrics)).with_state(state);
     serve(addr, app, "metrics").await
 }
 
@@ -155,10 +188,22 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             mode: "ebpf",
             counters: Some(Arc::new(|| vec![("translated", 7)])),
+            traffic: Some(Arc::new(|| {
+                vec![ServiceTraffic {
+                    service: "default/web:http".into(),
+                    frontend: "10.96.0.10:80/TCP".into(),
+                    packets: 3,
+                    bytes: 180,
+                }]
+            })),
         };
         let text = exposition(&s);
         assert!(text.contains("kpr_mode{mode=\"ebpf\"} 1"));
         assert!(text.contains("kpr_datapath_packets_total{reason=\"translated\"} 7"));
+        assert!(
+            text.contains("kpr_service_bytes_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\"} 180"),
+            "{text}"
+        );
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

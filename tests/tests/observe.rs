@@ -74,6 +74,17 @@ fn metrics_count_the_traffic_sent() {
     assert!(metric(&text, "kubeproxy_network_programming_duration_seconds_count").unwrap() >= 1.0, "{text}");
     assert!(metric(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > 1.7e9);
     assert_eq!(metric(&text, "kpr_mode{mode=\"ebpf\"}"), Some(1.0));
+    // Per Service: both directions of the same connections.
+    let series = "kpr_service_packets_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\"}";
+    let packets = metric(&text, series).unwrap_or_else(|| panic!("no {series}:\n{text}"));
+    assert!(packets >= translated + replies - 1.0 && packets <= translated + translated_before + replies, "{packets}");
+    let bytes =
+        metric(&text, "kpr_service_bytes_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\"}").unwrap();
+    assert!(bytes >= packets * 54.0, "at least a minimal frame per packet: {bytes}");
+    assert!(
+        metric(&text, "kpr_service_packets_total{service=\"default/web:dns\"").is_some(),
+        "every frontend is listed"
+    );
     drop(kpr);
 }
 
@@ -98,8 +109,18 @@ fn healthz_turns_503_while_the_source_is_cut_off_and_200_after() {
         "--healthz-threshold=2s".into(),
     ];
     let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "synced").unwrap();
-    let (status, body) = get(&node, HEALTHZ, "/healthz");
-    assert_eq!(status, 200, "{body}");
+    let wait_for = |want: u16, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (status, body) = get(&node, HEALTHZ, "/healthz");
+            if status == want {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "/healthz stayed {status}, wanted {want}:\n{}", kpr.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let body = wait_for(200, Duration::from_secs(5));
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(
         json["lastUpdated"].as_str().is_some_and(|s| s.ends_with('Z')) && json["currentTime"].is_string(),
@@ -107,17 +128,6 @@ fn healthz_turns_503_while_the_source_is_cut_off_and_200_after() {
     );
 
     api.stop();
-    let wait_for = |want: u16, limit: Duration| {
-        let deadline = Instant::now() + limit;
-        loop {
-            let (status, _) = get(&node, HEALTHZ, "/healthz");
-            if status == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "/healthz stayed {status}, wanted {want}:\n{}", kpr.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
     wait_for(503, Duration::from_secs(15));
     assert_eq!(get(&node, HEALTHZ, "/livez").0, 503);
     api.resume().unwrap();

@@ -1,7 +1,10 @@
 //! The eBPF dataplane: loads the embedded programs, attaches them on ingress
 //! of the pod interfaces and keeps the service maps equal to the model.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -12,7 +15,8 @@ use aya::{
 use proxy_common::{
     counters::{self, Counter},
     maps::{
-        self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, reply_key,
+        self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, Traffic,
+        reply_key,
     },
 };
 
@@ -53,6 +57,7 @@ pub fn load(sizes: MapSizes) -> anyhow::Result<Ebpf> {
         .map_max_entries(abi::BACKENDS, sizes.backends)
         .map_max_entries(abi::CT_FORWARD, sizes.flows)
         .map_max_entries(abi::CT_REVERSE, sizes.flows)
+        .map_max_entries(abi::SERVICE_TRAFFIC, sizes.services)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")
 }
@@ -79,6 +84,9 @@ pub struct EbpfDataplane {
     ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
     counters: PerCpuArray<MapData, u64>,
+    traffic: PerCpuArray<MapData, Traffic>,
+    /// Service id -> (service port name, frontend), for the traffic metrics.
+    names: Arc<Mutex<BTreeMap<u32, (String, String)>>>,
     programmed: BTreeMap<FrontendKey, Programmed>,
     /// Frontends per VIP, to keep the VIP marker entry while any remain.
     vip_users: BTreeMap<std::net::Ipv4Addr, u32>,
@@ -118,6 +126,7 @@ impl EbpfDataplane {
         let ct_forward = take(&mut ebpf, abi::CT_FORWARD)?;
         let ct_reverse = take(&mut ebpf, abi::CT_REVERSE)?;
         let counters = PerCpuArray::try_from(ebpf.take_map(abi::COUNTERS).context("counter map missing")?)?;
+        let traffic = PerCpuArray::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).context("traffic map missing")?)?;
         Ok(Self {
             _ebpf: ebpf,
             services,
@@ -125,6 +134,8 @@ impl EbpfDataplane {
             ct_forward,
             ct_reverse,
             counters,
+            traffic,
+            names: Arc::default(),
             programmed: BTreeMap::new(),
             vip_users: BTreeMap::new(),
             free_ids: Vec::new(),
@@ -176,6 +187,7 @@ impl EbpfDataplane {
         }
         self.backend_slots_used = used_after;
         self.programmed.insert(f.key, Programmed { id, backends: new_count });
+        self.names.lock().unwrap().insert(id, (f.service.to_string(), f.key.to_string()));
         if f.key.protocol == Protocol::Udp {
             let keep: HashSet<Backend> = f.backends.iter().map(backend).collect();
             self.flush_udp_flows(id, &keep);
@@ -191,6 +203,11 @@ impl EbpfDataplane {
         }
         self.backend_slots_used -= p.backends as u64;
         self.free_ids.push(p.id);
+        self.names.lock().unwrap().remove(&p.id);
+        // The id may be reused: its next owner starts from zero.
+        if let Ok(zero) = aya::util::nr_cpus().map(|n| vec![Traffic::default(); n]) {
+            let _ = aya::maps::PerCpuValues::try_from(zero).map(|v| self.traffic.set(p.id, v, 0));
+        }
         self.remove_vip_user(k.vip)?;
         if k.protocol == Protocol::Udp {
             self.flush_udp_flows(p.id, &HashSet::new());
@@ -274,12 +291,30 @@ impl Dataplane for EbpfDataplane {
         read_counters(&self.counters)
     }
 
+    fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
+        let id = aya::maps::IterableMap::map(&self.traffic).info().ok()?.id();
+        let map =
+            PerCpuArray::<MapData, Traffic>::try_from(aya::maps::Map::PerCpuArray(MapData::from_id(id).ok()?)).ok()?;
+        let names = self.names.clone();
+        Some(Arc::new(move || {
+            let names = names.lock().unwrap().clone();
+            names
+                .into_iter()
+                .filter_map(|(id, (service, frontend))| {
+                    let per_cpu = map.get(&id, 0).ok()?;
+                    let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), t| (p + t.packets, b + t.bytes));
+                    Some(crate::api::ServiceTraffic { service, frontend, packets, bytes })
+                })
+                .collect()
+        }))
+    }
+
     fn counter_reader(&self) -> Option<crate::api::CounterReader> {
         // A second handle on the same map, for the metrics server's task.
         let id = aya::maps::IterableMap::map(&self.counters).info().ok()?.id();
         let map =
             PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(MapData::from_id(id).ok()?)).ok()?;
-        Some(std::sync::Arc::new(move || read_counters(&map)))
+        Some(Arc::new(move || read_counters(&map)))
     }
 
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {

@@ -36,6 +36,11 @@ pub trait Dataplane {
     fn counter_reader(&self) -> Option<crate::api::CounterReader> {
         None
     }
+
+    /// A reader of per-Service traffic, where the dataplane counts it.
+    fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
+        None
+    }
 }
 
 impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
@@ -53,5 +58,8 @@ impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
     }
     fn counter_reader(&self) -> Option<crate::api::CounterReader> {
         (**self).counter_reader()
+    }
+    fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
+        (**self).traffic_reader()
     }
 }
