@@ -616,7 +616,7 @@ mod tests {
         snap
     }
 
-    fn frontend<'m>(m: &'m Model, vip: [u8; 4], port: u16, protocol: Protocol) -> &'m Frontend {
+    fn frontend(m: &Model, vip: [u8; 4], port: u16, protocol: Protocol) -> &Frontend {
         m.frontends
             .get(&FrontendKey { vip: vip.into(), port, protocol })
             .unwrap_or_else(|| panic!("no frontend {vip:?}:{port}; have {:?}", m.frontends.keys()))

@@ -70,7 +70,7 @@ mod tests {
     #[test]
     fn new_frontends_are_upserted() {
         let a = fe(1, 80, &[1, 2]);
-        assert_eq!(diff(&BTreeMap::new(), &model(&[a.clone()])), vec![Op::Upsert(a)]);
+        assert_eq!(diff(&BTreeMap::new(), &model(std::slice::from_ref(&a))), vec![Op::Upsert(a)]);
     }
 
     #[test]

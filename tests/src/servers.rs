@@ -18,7 +18,8 @@ use crate::netns::Netns;
 
 /// A running server; dropping it closes the socket and ends its thread.
 pub struct Server {
-    fd: RawFd,
+    /// A TCP listener to shut down (which wakes its accept()); UDP servers poll `stop`.
+    listener: Option<RawFd>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     // Keeps the socket open as long as the guard lives.
@@ -28,9 +29,8 @@ pub struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // shutdown() wakes a thread blocked in accept(); the UDP loop polls `stop`.
-        if self.fd >= 0 {
-            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(fd) = self.listener {
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -61,7 +61,7 @@ pub fn tcp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
             });
         }
     });
-    Ok(Server { fd, stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
+    Ok(Server { listener: Some(fd), stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
 }
 
 /// Serves UDP on 0.0.0.0:`port` in `ns`; each datagram is answered with `reply`.
@@ -85,7 +85,7 @@ pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
             }
         }
     });
-    Ok(Server { fd: -1, stop, thread: Some(thread), _socket: socket })
+    Ok(Server { listener: None, stop, thread: Some(thread), _socket: socket })
 }
 
 /// Pins the calling thread to `cpu` (benchmarks keep clients and servers
@@ -141,5 +141,5 @@ pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<
             let _ = t.join();
         }
     });
-    Ok(Server { fd, stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
+    Ok(Server { listener: Some(fd), stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
 }

@@ -57,7 +57,7 @@ impl Cluster {
     }
 
     /// Runs `f` in the client pod.
-    fn from_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.node.pod("client").ns.run(f).unwrap()
     }
 }
@@ -77,7 +77,7 @@ fn clusterip_reaches_every_pod_over_tcp_and_udp(mode: Mode) {
     root_or_skip!();
     let c = Cluster::start(mode);
 
-    let tcp: BTreeMap<String, u32> = c.from_client(|| {
+    let tcp: BTreeMap<String, u32> = c.in_client(|| {
         let mut hits = BTreeMap::new();
         for i in 0..300 {
             let who = tcp_request(web(80), TIMEOUT).unwrap_or_else(|e| panic!("connection {i}: {e}"));
@@ -91,7 +91,7 @@ fn clusterip_reaches_every_pod_over_tcp_and_udp(mode: Mode) {
         assert!(tcp.get(*pod).copied().unwrap_or(0) >= 50, "300 connections over 3 pods: {tcp:?}");
     }
 
-    let udp = c.from_client(|| (0..30).map(|_| udp_request(web(53), TIMEOUT).expect("UDP reply")).collect::<Vec<_>>());
+    let udp = c.in_client(|| (0..30).map(|_| udp_request(web(53), TIMEOUT).expect("UDP reply")).collect::<Vec<_>>());
     for (who, from) in &udp {
         assert_eq!(*from, web(53), "the client sees the VIP as the reply source");
         assert!(PODS[..3].iter().any(|(p, _)| p == who), "reply from {who}");
@@ -100,7 +100,7 @@ fn clusterip_reaches_every_pod_over_tcp_and_udp(mode: Mode) {
     assert_eq!(seen.len(), 3, "30 UDP requests reach all pods: {seen:?}");
 
     // A TCP connection's peer is the VIP too.
-    let peer = c.from_client(|| TcpStream::connect_timeout(&web(80), TIMEOUT).unwrap().peer_addr().unwrap());
+    let peer = c.in_client(|| TcpStream::connect_timeout(&web(80), TIMEOUT).unwrap().peer_addr().unwrap());
     assert_eq!(peer, web(80));
 }
 
@@ -109,7 +109,7 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
     let mut c = Cluster::start(mode);
 
     // Long-lived connections, some to each pod.
-    let mut established: Vec<(TcpStream, String)> = c.from_client(|| {
+    let mut established: Vec<(TcpStream, String)> = c.in_client(|| {
         (0..30)
             .map(|_| {
                 let mut s = TcpStream::connect_timeout(&web(80), TIMEOUT).unwrap();
@@ -124,7 +124,7 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
     write(c.dir.path(), "web.yaml", &web_service("web", WEB_VIP, &PODS[..2])).unwrap();
     std::thread::sleep(Duration::from_secs(1));
 
-    let after: Vec<String> = c.from_client(|| (0..100).map(|_| tcp_request(web(80), TIMEOUT).unwrap()).collect());
+    let after: Vec<String> = c.in_client(|| (0..100).map(|_| tcp_request(web(80), TIMEOUT).unwrap()).collect());
     assert!(!after.iter().any(|w| w == "web-c"), "a removed endpoint got new connections: {after:?}");
     assert!(after.iter().any(|w| w == "web-a") && after.iter().any(|w| w == "web-b"));
 
@@ -132,7 +132,7 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
         assert_eq!(&request_on(stream).expect("established connection keeps working"), who);
     }
     // UDP follows too: the next datagrams avoid web-c.
-    let udp: Vec<String> = c.from_client(|| (0..20).map(|_| udp_request(web(53), TIMEOUT).unwrap().0).collect());
+    let udp: Vec<String> = c.in_client(|| (0..20).map(|_| udp_request(web(53), TIMEOUT).unwrap().0).collect());
     assert!(!udp.iter().any(|w| w == "web-c"), "{udp:?}");
     c.kpr.wait_for_log_count("synced", 2, TIMEOUT).unwrap();
 }
@@ -140,7 +140,7 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
 fn a_service_without_endpoints_is_refused_at_once(mode: Mode) {
     root_or_skip!();
     let c = Cluster::start(mode);
-    let (tcp, udp) = c.from_client(|| {
+    let (tcp, udp) = c.in_client(|| {
         let tcp = TcpStream::connect_timeout(&SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(5));
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
         socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -164,7 +164,7 @@ fn invalid_objects_are_reported_and_skipped(mode: Mode) {
     assert!(log.contains("bad.yaml"), "names the file:\n{log}");
     assert!(log.contains("Service default/sctp-svc") && log.contains("protocol SCTP is not supported"), "{log}");
     // Everything else keeps working.
-    let who = c.from_client(|| tcp_request(web(80), TIMEOUT).unwrap());
+    let who = c.in_client(|| tcp_request(web(80), TIMEOUT).unwrap());
     assert!(who.starts_with("web-"));
 }
 

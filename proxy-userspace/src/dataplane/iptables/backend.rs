@@ -99,12 +99,11 @@ impl Backend {
     /// Makes sure each jump from a built-in chain exists once (check, then insert).
     pub fn ensure_jumps(self) -> anyhow::Result<()> {
         for (table, chain, rule) in JUMPS {
-            let rule: Vec<&str> = rule.iter().copied().collect();
             let mut check = vec!["-t", table, "-C", chain];
-            check.extend(&rule);
+            check.extend(rule.iter());
             if !self.iptables(&check)? {
                 let mut insert = vec!["-t", table, "-I", chain];
-                insert.extend(&rule);
+                insert.extend(rule.iter());
                 if !self.iptables(&insert)? {
                     bail!("could not add the jump from {table} {chain} to kpr's chains");
                 }
