@@ -151,6 +151,8 @@ pub struct Model {
     /// Services that lost a frontend to another one.
     conflicted: HashSet<ServiceRef>,
     rejection_count: usize,
+    /// Ready endpoints over all frontends, kept as frontends come and go.
+    backend_count: usize,
 }
 
 /// Why an object (or part of one) was skipped, as a stable metric label.
@@ -392,6 +394,24 @@ impl Model {
         self.rejection_count
     }
 
+    /// Ready endpoints over all frontends (without walking them).
+    pub fn backend_count(&self) -> usize {
+        self.backend_count
+    }
+
+    fn insert_frontend(&mut self, f: Frontend) {
+        self.backend_count += f.backends.len();
+        if let Some(old) = self.frontends.insert(f.key, f) {
+            self.backend_count -= old.backends.len();
+        }
+    }
+
+    fn remove_frontend(&mut self, key: &FrontendKey) -> Option<Frontend> {
+        let old = self.frontends.remove(key)?;
+        self.backend_count -= old.backends.len();
+        Some(old)
+    }
+
     /// Recomputes the `dirty` Services from `index`, keeping everything
     /// else as it is, and plans the operations that apply the difference.
     pub fn update(&mut self, index: &Index, dirty: Dirty, config: &ModelConfig) -> Update {
@@ -404,7 +424,7 @@ impl Model {
         keys.dedup();
         let mut update = Update::default();
         for key in std::mem::take(&mut self.orphans) {
-            update.before.entry(key).or_insert_with(|| self.frontends.remove(&key));
+            update.before.entry(key).or_insert_with(|| self.remove_frontend(&key));
         }
         let mut released = false;
         for key in &keys {
@@ -428,7 +448,7 @@ impl Model {
         self.rejection_count -= old.rejections.len();
         self.conflicted.remove(key);
         for k in &old.keys {
-            let previous = self.frontends.remove(k);
+            let previous = self.remove_frontend(k);
             update.before.entry(*k).or_insert(previous);
             self.owner.remove(k);
         }
@@ -455,7 +475,7 @@ impl Model {
             update.before.entry(f.key).or_insert_with(|| self.frontends.get(&f.key).cloned());
             self.owner.insert(f.key, key.clone());
             state.keys.push(f.key);
-            self.frontends.insert(f.key, f);
+            self.insert_frontend(f);
         }
         update.new_rejections.extend(rejections.iter().filter(|r| !old.rejections.contains(r)).cloned());
         state.rejections = rejections;
@@ -480,10 +500,10 @@ impl Model {
         for key in failed {
             match before.get(key).cloned().flatten() {
                 Some(old) => {
-                    self.frontends.insert(*key, old);
+                    self.insert_frontend(old);
                 }
                 None => {
-                    self.frontends.remove(key);
+                    self.remove_frontend(key);
                 }
             }
             match self.owner.get(key) {
@@ -690,6 +710,7 @@ endpoints:
         ));
         let (m, _) = build(&snap, &ModelConfig::default());
         assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp)), ["10.244.0.11:8080", "10.244.0.12:8080"]);
+        assert_eq!(m.backend_count(), 2, "counted as frontends are built");
     }
 
     #[test]

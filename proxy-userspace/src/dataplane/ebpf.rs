@@ -286,11 +286,6 @@ impl Dataplane for EbpfDataplane {
         }
     }
 
-    /// Datapath counters summed over CPUs, by name.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        read_counters(&self.counters)
-    }
-
     fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
         let id = aya::maps::IterableMap::map(&self.traffic).info().ok()?.id();
         let map =

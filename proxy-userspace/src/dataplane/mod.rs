@@ -27,12 +27,8 @@ pub trait Dataplane {
     /// what the other mode left behind, so two never fight.
     fn take_over(&mut self, _interfaces: &[String]) {}
 
-    /// Datapath counters by name, where the dataplane keeps any.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
-
-    /// A reader of the same counters that other tasks (metrics) can keep.
+    /// A reader of the datapath's counters by name, where the dataplane
+    /// keeps any; other tasks (metrics) can hold it.
     fn counter_reader(&self) -> Option<crate::api::CounterReader> {
         None
     }
@@ -52,9 +48,6 @@ impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
     }
     fn take_over(&mut self, interfaces: &[String]) {
         (**self).take_over(interfaces)
-    }
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        (**self).counters()
     }
     fn counter_reader(&self) -> Option<crate::api::CounterReader> {
         (**self).counter_reader()

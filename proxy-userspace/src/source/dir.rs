@@ -47,6 +47,11 @@ fn stamp(meta: &std::fs::Metadata) -> Stamp {
     (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino())
 }
 
+/// A document of `origin` that could not be read as a Kubernetes object.
+fn unreadable(origin: &str, object: String, reason: impl ToString) -> Rejection {
+    Rejection { origin: origin.to_string(), object, kind: RejectReason::Unreadable, reason: reason.to_string() }
+}
+
 /// Sorts one decoded document into the snapshot (expanding `kind: List`).
 fn add_document(snap: &mut Snapshot, origin: &Arc<str>, position: &str, value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
@@ -54,17 +59,14 @@ fn add_document(snap: &mut Snapshot, origin: &Arc<str>, position: &str, value: s
         let name = v.pointer("/metadata/name").and_then(|n| n.as_str());
         format!("{kind} {} ({position})", name.unwrap_or("<unnamed>"))
     };
-    let reject = |snap: &mut Snapshot, object: String, reason: String| {
-        snap.rejected.push(Rejection { origin: origin.to_string(), object, kind: RejectReason::Unreadable, reason });
-    };
     match kind.as_str() {
         "Service" => match Service::deserialize(&value) {
             Ok(object) => snap.services.push(Sourced { origin: origin.clone(), object: Arc::new(object) }),
-            Err(e) => reject(snap, named(&value), e.to_string()),
+            Err(e) => snap.rejected.push(unreadable(origin, named(&value), e)),
         },
         "EndpointSlice" => match EndpointSlice::deserialize(&value) {
             Ok(object) => snap.slices.push(Sourced { origin: origin.clone(), object: Arc::new(object) }),
-            Err(e) => reject(snap, named(&value), e.to_string()),
+            Err(e) => snap.rejected.push(unreadable(origin, named(&value), e)),
         },
         "List" | "ServiceList" | "EndpointSliceList" => {
             let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
@@ -72,7 +74,7 @@ fn add_document(snap: &mut Snapshot, origin: &Arc<str>, position: &str, value: s
                 add_document(snap, origin, &format!("{position}, item {}", i + 1), item);
             }
         }
-        "" => reject(snap, position.to_string(), "has no kind".into()),
+        "" => snap.rejected.push(unreadable(origin, position.to_string(), "has no kind")),
         other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
     }
 }
@@ -87,12 +89,7 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
             match value {
                 Ok(v) => add_document(&mut snap, &origin, &position, v),
                 Err(e) => {
-                    snap.rejected.push(Rejection {
-                        origin: origin.to_string(),
-                        object: position,
-                        kind: RejectReason::Unreadable,
-                        reason: e.to_string(),
-                    });
+                    snap.rejected.push(unreadable(&origin, position, e));
                     break;
                 }
             }
@@ -105,12 +102,7 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
             Ok(serde_json::Value::Null) => {}
             Ok(v) => add_document(&mut snap, &origin, &position, v),
             Err(e) => {
-                snap.rejected.push(Rejection {
-                    origin: origin.to_string(),
-                    object: position,
-                    kind: RejectReason::Unreadable,
-                    reason: e.to_string(),
-                });
+                snap.rejected.push(unreadable(&origin, position, e));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
