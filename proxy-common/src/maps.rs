@@ -25,6 +25,13 @@ pub const NEIGHBORS: &str = "NEIGHBORS";
 /// Per-CPU packets and bytes per service id (both directions), sized like
 /// the service map.
 pub const SERVICE_TRAFFIC: &str = "SERVICE_TRAFFIC";
+/// Per-CPU packets and bytes per (service id, backend), both directions
+/// (LRU, sized like the backend map).
+pub const BACKEND_TRAFFIC: &str = "BACKEND_TRAFFIC";
+
+/// Every map, in the order the inspection commands list them.
+pub const ALL_MAPS: [&str; 8] =
+    [SERVICES, BACKENDS, CT_FORWARD, CT_REVERSE, NEIGHBORS, COUNTERS, SERVICE_TRAFFIC, BACKEND_TRAFFIC];
 
 /// Map sizes used when the agent is not told otherwise. The service map
 /// holds one entry per frontend plus one per VIP: 131,072 fits 65,536
@@ -65,6 +72,15 @@ impl ServiceKey {
     }
 }
 
+/// The Service type a frontend belongs to, kept in [`ServiceValue::kind`] so
+/// the maps describe themselves to inspection tools (as Cilium's service
+/// flags do). The datapath does not read it.
+pub mod kind {
+    pub const CLUSTER_IP: u8 = 0;
+    pub const NODE_PORT: u8 = 1;
+    pub const LOAD_BALANCER: u8 = 2;
+}
+
 /// Value of [`SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +89,17 @@ pub struct ServiceValue {
     pub id: u32,
     /// Ready backends in slots `0..backend_count`; 0 means refuse new flows.
     pub backend_count: u32,
+    /// Terminating endpoints in the slots after the ready ones; never chosen
+    /// for a new flow, listed so operators see them.
+    pub terminating_count: u32,
+    /// One of [`kind`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ServiceValue {
+    /// The value of a VIP marker entry.
+    pub const MARKER: Self = Self { id: 0, backend_count: 0, terminating_count: 0, kind: 0, _pad: [0; 3] };
 }
 
 /// Key of [`BACKENDS`].
@@ -83,18 +110,29 @@ pub struct BackendKey {
     pub slot: u32,
 }
 
+/// [`Backend::state`] of a ready endpoint.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// [`Backend::state`] of an endpoint shutting down but still serving.
+pub const BACKEND_TERMINATING: u8 = 1;
+
 /// Value of [`BACKENDS`]: an endpoint address and target port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     pub addr: [u8; 4],
     pub port: [u8; 2],
-    pub _pad: [u8; 2],
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+    pub _pad: u8,
 }
 
 impl Backend {
     pub const fn new(addr: [u8; 4], port: u16) -> Self {
-        Self { addr, port: port.to_be_bytes(), _pad: [0; 2] }
+        Self { addr, port: port.to_be_bytes(), state: BACKEND_ACTIVE, _pad: 0 }
+    }
+
+    pub const fn terminating(addr: [u8; 4], port: u16) -> Self {
+        Self { addr, port: port.to_be_bytes(), state: BACKEND_TERMINATING, _pad: 0 }
     }
 
     pub const fn port(&self) -> u16 {
@@ -148,6 +186,22 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
+/// Key of [`BACKEND_TRAFFIC`]: a backend as one Service's endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendTrafficKey {
+    pub service_id: u32,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl BackendTrafficKey {
+    pub const fn new(service_id: u32, addr: [u8; 4], port: [u8; 2]) -> Self {
+        Self { service_id, addr, port, _pad: [0; 2] }
+    }
+}
+
 /// Value of [`NEIGHBORS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseEntry {}
     unsafe impl aya::Pod for Neighbor {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for BackendTrafficKey {}
 }
 
 #[cfg(test)]
@@ -188,7 +243,8 @@ mod tests {
         // Sizes equal the sum of the declared fields: nothing left for the
         // compiler to pad, so keys hash identically in kernel and userspace.
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<BackendTrafficKey>(), 12);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);

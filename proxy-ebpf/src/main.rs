@@ -25,7 +25,7 @@ use aya_ebpf::{
 use proxy_common::counters::Counter;
 
 use crate::{
-    counters::{count, count_traffic},
+    counters::{count, count_traffic_via},
     lookup::{Lookup, is_vip},
     parse::Parsed,
 };
@@ -83,13 +83,13 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, ()> {
         Lookup::Reply(rev) => {
             translate::reverse(ctx, &pkt, &rev)?;
             count(Counter::ReverseTranslated, ());
-            count_traffic(rev.service_id, ctx.len());
+            count_traffic_via(rev.service_id, pkt.src, pkt.src_port, ctx.len());
             deliver(ctx, pkt.dst, None)
         }
         Lookup::ToBackend(backend, service_id) => {
             translate::forward(ctx, &pkt, &backend)?;
             count(Counter::Translated, ());
-            count_traffic(service_id, ctx.len());
+            count_traffic_via(service_id, backend.addr, backend.port, ctx.len());
             // Seen from the backend, the packet was routed by the node: it
             // comes from the gateway MAC the client addressed.
             let gateway_mac = ctx.load::<[u8; 6]>(0).map_err(|_| ())?;

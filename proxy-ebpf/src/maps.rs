@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use proxy_common::{
     counters,
     maps::{
-        Backend, BackendKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX, DEFAULT_SERVICES_MAX,
-        FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, Traffic,
+        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX,
+        DEFAULT_SERVICES_MAX, FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, Traffic,
     },
 };
 
@@ -32,3 +32,7 @@ pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entri
 
 #[map]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+#[map]
+pub static BACKEND_TRAFFIC: LruPerCpuHashMap<BackendTrafficKey, Traffic> =
+    LruPerCpuHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);

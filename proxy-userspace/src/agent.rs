@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -14,7 +14,8 @@ use tokio::{
 };
 
 use crate::{
-    api,
+    api::{self, Recent, SyncRecord},
+    dashboard,
     dataplane::{
         Dataplane,
         ebpf::{EbpfDataplane, MapSizes},
@@ -54,6 +55,10 @@ pub struct RunConfig {
     pub min_sync_interval: Duration,
     pub healthz_address: SocketAddr,
     pub metrics_address: SocketAddr,
+    /// Where the dashboard is served, if anywhere.
+    pub dashboard_address: Option<SocketAddr>,
+    /// Where bpffs is mounted; maps are pinned in its `kpr` folder.
+    pub bpf_root: PathBuf,
     /// How long the source may be cut off before /healthz says 503.
     pub healthz_threshold: Duration,
 }
@@ -62,20 +67,32 @@ pub struct RunConfig {
 pub struct Syncer<D> {
     pub dataplane: D,
     config: ModelConfig,
-    model: Model,
+    /// Shared with observers, which only read it.
+    model: Arc<RwLock<Model>>,
     /// Rejections of objects no Service owns, last reported.
     reported_loose: Vec<Rejection>,
     metrics: Arc<Metrics>,
+    recent: Arc<Mutex<Recent>>,
 }
 
 impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, config: ModelConfig, metrics: Arc<Metrics>) -> Self {
-        let model = Model::new(&config.node_name);
-        Self { dataplane, config, model, reported_loose: Vec::new(), metrics }
+        let model = Arc::new(RwLock::new(Model::new(&config.node_name)));
+        Self { dataplane, config, model, reported_loose: Vec::new(), metrics, recent: Arc::default() }
     }
 
-    pub fn programmed(&self) -> &Model {
-        &self.model
+    pub fn programmed(&self) -> RwLockReadGuard<'_, Model> {
+        self.model.read().unwrap()
+    }
+
+    /// The programmed model, for observers.
+    pub fn shared_model(&self) -> Arc<RwLock<Model>> {
+        self.model.clone()
+    }
+
+    /// Recent syncs and current rejections, for observers.
+    pub fn recent(&self) -> Arc<Mutex<Recent>> {
+        self.recent.clone()
     }
 
     fn report(&self, r: &Rejection) {
@@ -88,8 +105,10 @@ impl<D: Dataplane> Syncer<D> {
     /// be programmed (they are marked for the next sync).
     pub fn sync(&mut self, index: &mut Index, arrivals: &[Instant]) -> bool {
         let started = Instant::now();
+        let model = self.model.clone();
+        let mut model = model.write().unwrap();
         let dirty = index.take_dirty();
-        let update = self.model.update(index, dirty, &self.config);
+        let update = model.update(index, dirty, &self.config);
         for r in &update.new_rejections {
             self.report(r);
         }
@@ -104,7 +123,7 @@ impl<D: Dataplane> Syncer<D> {
             tracing::error!(frontend = %e.frontend, reason = %e.reason, "could not program frontend; it will be retried on the next change");
         }
         let failed: Vec<_> = errors.iter().map(|e| e.frontend).collect();
-        self.model.revert(&failed, &update.before, index);
+        model.revert(&failed, &update.before, index);
 
         let done = Instant::now();
         self.metrics.sync_duration.observe((done - started).as_secs_f64());
@@ -113,11 +132,17 @@ impl<D: Dataplane> Syncer<D> {
         }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         self.metrics.last_sync_timestamp.set(now.as_secs_f64());
+        {
+            let mut recent = self.recent.lock().unwrap();
+            let duration_ms = (done - started).as_secs_f64() * 1e3;
+            recent.record(SyncRecord { at: now.as_secs_f64(), duration_ms, changes: update.ops.len() });
+            recent.rejections = model.rejections().chain(&self.reported_loose).cloned().collect();
+        }
         tracing::info!(
-            frontends = self.model.frontends.len(),
+            frontends = model.frontends.len(),
             changes = update.ops.len(),
             failed = errors.len(),
-            rejected = self.model.rejection_count() + self.reported_loose.len(),
+            rejected = model.rejection_count() + self.reported_loose.len(),
             coalesced = arrivals.len(),
             duration_ms = (done - started).as_secs_f64() * 1e3,
             "synced"
@@ -190,7 +215,7 @@ fn choose_dataplane(cfg: &RunConfig) -> anyhow::Result<(Box<dyn Dataplane>, Opti
         if cfg.simulate_ebpf_unavailable {
             anyhow::bail!("eBPF disabled by --simulate-ebpf-unavailable");
         }
-        Ok(Box::new(EbpfDataplane::attach(&cfg.interfaces, cfg.map_sizes)?))
+        Ok(Box::new(EbpfDataplane::attach(&cfg.interfaces, cfg.map_sizes, &cfg.bpf_root)?))
     };
     match cfg.mode {
         Mode::Ebpf => Ok((ebpf()?, None)),
@@ -212,18 +237,23 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (dataplane, fallback_reason) = choose_dataplane(&cfg)?;
     tracing::info!(mode = dataplane.mode(), node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let health = api::Health::new(cfg.healthz_threshold);
+    let maps = dataplane.maps();
+    let mut syncer = Syncer::new(dataplane, cfg.model.clone(), metrics.clone());
+    let observed = api::Observed {
+        mode: syncer.dataplane.mode(),
+        metrics,
+        health: health.clone(),
+        maps: maps.clone(),
+        model: syncer.shared_model(),
+        recent: syncer.recent(),
+    };
     let mut servers = vec![
         api::serve_health(cfg.healthz_address, health.clone()).await?,
-        api::serve_metrics(
-            cfg.metrics_address,
-            metrics.clone(),
-            dataplane.mode(),
-            dataplane.counter_reader(),
-            dataplane.traffic_reader(),
-        )
-        .await?,
+        api::serve_metrics(cfg.metrics_address, observed.clone()).await?,
     ];
-    let mut syncer = Syncer::new(dataplane, cfg.model.clone(), metrics);
+    if let Some(addr) = cfg.dashboard_address {
+        servers.push(dashboard::serve(addr, observed).await?);
+    }
     let mut status = Status {
         mode: syncer.dataplane.mode().into(),
         fallback_reason,
@@ -271,7 +301,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let after_sync = |syncer: &mut Syncer<Box<dyn Dataplane>>, source: &dyn Source| {
         if !taken_over {
             // Only now that this dataplane serves, remove the other's leftovers.
-            syncer.dataplane.take_over(&cfg.interfaces);
+            syncer.dataplane.take_over(&cfg.interfaces, &cfg.bpf_root);
             taken_over = true;
         }
         health.synced();
@@ -285,13 +315,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     for t in tasks.into_iter().chain(servers) {
         t.abort();
     }
-    if let Some(read) = syncer.dataplane.counter_reader() {
-        tracing::info!(counters = ?read(), "datapath counters at exit");
+    if let Some(maps) = &maps {
+        tracing::info!(counters = ?maps.counters(), "datapath counters at exit");
     }
     let mode = syncer.dataplane.mode();
     drop(syncer);
     match mode {
-        "ebpf" => tracing::info!("detached from all interfaces; exiting"),
+        "ebpf" => tracing::info!(
+            pins = %crate::inspect::pin_dir(&cfg.bpf_root).display(),
+            "detached from all interfaces; maps stay pinned for inspection until the next start or `kpr cleanup`; exiting"
+        ),
         // As kube-proxy: rules stay in place so Services keep working until
         // the next start (or `kpr cleanup`).
         _ => tracing::info!("iptables rules left in place; exiting"),

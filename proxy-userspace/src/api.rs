@@ -3,9 +3,10 @@
 //! metrics address. Observers only read.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -13,22 +14,53 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
-use crate::metrics::Metrics;
+use crate::{
+    inspect::{FrontendTraffic, MapFill, Maps},
+    metrics::Metrics,
+    model::{Model, Rejection},
+};
 
-/// Reads the datapath's counters by name, if the dataplane keeps any.
-pub type CounterReader = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+/// How many syncs the dashboard's chart shows.
+pub const RECENT_SYNCS: usize = 60;
 
-/// Packets and bytes to and from one Service frontend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceTraffic {
-    pub service: String,
-    pub frontend: String,
-    pub packets: u64,
-    pub bytes: u64,
+/// One sync, for the dashboard's chart.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SyncRecord {
+    /// Unix time, seconds.
+    pub at: f64,
+    pub duration_ms: f64,
+    pub changes: usize,
 }
 
-/// Reads per-Service traffic, if the dataplane counts it.
-pub type TrafficReader = Arc<dyn Fn() -> Vec<ServiceTraffic> + Send + Sync>;
+/// What the sync loop publishes for observers besides the model.
+#[derive(Default)]
+pub struct Recent {
+    pub syncs: VecDeque<SyncRecord>,
+    /// Every object currently skipped, with its reason.
+    pub rejections: Vec<Rejection>,
+}
+
+impl Recent {
+    pub fn record(&mut self, sync: SyncRecord) {
+        if self.syncs.len() == RECENT_SYNCS {
+            self.syncs.pop_front();
+        }
+        self.syncs.push_back(sync);
+    }
+}
+
+/// What the agent shares with its HTTP servers. Observers only read.
+#[derive(Clone)]
+pub struct Observed {
+    pub mode: &'static str,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// The datapath's maps, in eBPF mode.
+    pub maps: Option<Arc<Maps>>,
+    /// What is programmed (names, types and backends of every frontend).
+    pub model: Arc<RwLock<Model>>,
+    pub recent: Arc<Mutex<Recent>>,
+}
 
 /// Whether the dataplane can be trusted to reflect the cluster.
 pub struct Health {
@@ -83,45 +115,91 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (code, [("content-type", "application/json")], health.body())
 }
 
-#[derive(Clone)]
-struct MetricsState {
-    metrics: Arc<Metrics>,
-    mode: &'static str,
-    counters: Option<CounterReader>,
-    traffic: Option<TrafficReader>,
+/// One Service frontend's traffic with the Service's name.
+pub struct NamedTraffic<'a> {
+    pub service: String,
+    pub traffic: &'a FrontendTraffic,
 }
 
-/// The registry's metrics plus the active mode and the datapath counters,
-/// which live in the kernel and are read at scrape time.
-fn exposition(s: &MetricsState) -> String {
-    let text = s.metrics.encode();
-    let mut extra = String::new();
-    extra.push_str("# HELP kpr_mode The active dataplane.\n# TYPE kpr_mode gauge\n");
-    extra.push_str(&format!("kpr_mode{{mode=\"{}\"}} 1\n", s.mode));
-    if let Some(read) = &s.counters {
-        extra.push_str("# HELP kpr_datapath_packets Packets the datapath handled, by what it did with them.\n");
-        extra.push_str("# TYPE kpr_datapath_packets counter\n");
-        for (reason, n) in read() {
-            extra.push_str(&format!("kpr_datapath_packets_total{{reason=\"{reason}\"}} {n}\n"));
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+}
+
+/// The families read from the datapath at scrape time: counters by reason,
+/// traffic per Service frontend and backend, conntrack entries and map fill.
+pub fn datapath_families(counters: &[(&str, u64)], traffic: &[NamedTraffic], fill: &[MapFill]) -> String {
+    let mut out = String::new();
+    family(&mut out, "kpr_datapath_packets", "counter", "Packets the datapath handled, by what it did with them.");
+    for (reason, n) in counters {
+        out.push_str(&format!("kpr_datapath_packets_total{{reason=\"{reason}\"}} {n}\n"));
+    }
+    for (name, what, bytes) in [("kpr_service_packets", "Packets", false), ("kpr_service_bytes", "Bytes", true)] {
+        family(&mut out, name, "counter", &format!("{what} to and from each Service frontend."));
+        for t in traffic {
+            let v = if bytes { t.traffic.total.bytes } else { t.traffic.total.packets };
+            out.push_str(&format!(
+                "{name}_total{{service=\"{}\",frontend=\"{}\"}} {v}\n",
+                t.service, t.traffic.frontend
+            ));
         }
     }
-    if let Some(read) = &s.traffic {
-        let services = read();
-        for (name, what, value) in [
-            ("kpr_service_packets", "Packets", (|t: &ServiceTraffic| t.packets) as fn(&ServiceTraffic) -> u64),
-            ("kpr_service_bytes", "Bytes", |t: &ServiceTraffic| t.bytes),
-        ] {
-            extra
-                .push_str(&format!("# HELP {name} {what} to and from each Service frontend.\n# TYPE {name} counter\n"));
-            for t in &services {
-                extra.push_str(&format!(
-                    "{name}_total{{service=\"{}\",frontend=\"{}\"}} {}\n",
-                    t.service,
-                    t.frontend,
-                    value(t)
+    for (name, what, bytes) in [("kpr_backend_packets", "Packets", false), ("kpr_backend_bytes", "Bytes", true)] {
+        family(&mut out, name, "counter", &format!("{what} to and from each backend of a Service frontend."));
+        for t in traffic {
+            for (backend, c) in &t.traffic.backends {
+                let v = if bytes { c.bytes } else { c.packets };
+                out.push_str(&format!(
+                    "{name}_total{{service=\"{}\",frontend=\"{}\",backend=\"{backend}\"}} {v}\n",
+                    t.service, t.traffic.frontend
                 ));
             }
         }
+    }
+    family(&mut out, "kpr_conntrack_entries", "gauge", "Flows tracked by the datapath, by direction.");
+    for (map, direction) in [(proxy_common::maps::CT_FORWARD, "forward"), (proxy_common::maps::CT_REVERSE, "reply")] {
+        if let Some(f) = fill.iter().find(|f| f.map == map) {
+            out.push_str(&format!("kpr_conntrack_entries{{direction=\"{direction}\"}} {}\n", f.entries));
+        }
+    }
+    for (name, help, value) in [
+        (
+            "kpr_bpf_map_entries",
+            "Entries in each datapath map.",
+            (|f: &MapFill| f.entries as f64) as fn(&MapFill) -> f64,
+        ),
+        ("kpr_bpf_map_capacity", "Capacity of each datapath map.", |f: &MapFill| f.max_entries as f64),
+        ("kpr_bpf_map_fill_ratio", "Entries over capacity of each datapath map.", |f: &MapFill| f.ratio),
+    ] {
+        family(&mut out, name, "gauge", help);
+        for f in fill {
+            out.push_str(&format!("{name}{{map=\"{}\"}} {}\n", f.map, value(f)));
+        }
+    }
+    out
+}
+
+/// Traffic per frontend, named after the Services the model says own them.
+pub fn named<'a>(model: &Model, traffic: &'a [FrontendTraffic]) -> Vec<NamedTraffic<'a>> {
+    traffic
+        .iter()
+        .map(|t| NamedTraffic {
+            service: model.frontends.get(&t.frontend).map(|f| f.service.to_string()).unwrap_or_default(),
+            traffic: t,
+        })
+        .collect()
+}
+
+/// The registry's metrics plus the active mode and what the datapath's
+/// maps hold, read at scrape time.
+fn exposition(o: &Observed) -> String {
+    let text = o.metrics.encode();
+    let mut extra = String::new();
+    family(&mut extra, "kpr_mode", "gauge", "The active dataplane.");
+    extra.push_str(&format!("kpr_mode{{mode=\"{}\"}} 1\n", o.mode));
+    if let Some(maps) = &o.maps {
+        let traffic = maps.traffic();
+        let named = named(&o.model.read().unwrap(), &traffic);
+        extra.push_str(&datapath_families(&maps.counters(), &named, &maps.fill()));
     }
     // OpenMetrics ends with "# EOF"; the extra families go before it.
     match text.rfind("# EOF") {
@@ -130,8 +208,10 @@ fn exposition(s: &MetricsState) -> String {
     }
 }
 
-async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], exposition(&s))
+async fn metrics(State(o): State<Observed>) -> impl IntoResponse {
+    // Reading the maps is a few syscalls per entry: off the async threads.
+    let text = tokio::task::spawn_blocking(move || exposition(&o)).await.unwrap_or_default();
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 
 /// Serves `/healthz` and `/livez` on `addr`.
@@ -141,19 +221,12 @@ pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Resu
 }
 
 /// Serves `/metrics` on `addr`.
-pub async fn serve_metrics(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    mode: &'static str,
-    counters: Option<CounterReader>,
-    traffic: Option<TrafficReader>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let state = MetricsState { metrics, mode, counters, traffic };
-    let app = Router::new().route("/metrics", get(self::metrics)).with_state(state);
+pub async fn serve_metrics(addr: SocketAddr, observed: Observed) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app = Router::new().route("/metrics", get(self::metrics)).with_state(observed);
     serve(addr, app, "metrics").await
 }
 
-async fn serve(addr: SocketAddr, app: Router, what: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub(crate) async fn serve(addr: SocketAddr, app: Router, what: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the {what} address {addr}: {e}"))?;
@@ -183,27 +256,45 @@ mod tests {
     }
 
     #[test]
-    fn exposition_adds_mode_and_datapath_counters_before_eof() {
-        let s = MetricsState {
-            metrics: Arc::new(Metrics::default()),
-            mode: "ebpf",
-            counters: Some(Arc::new(|| vec![("translated", 7)])),
-            traffic: Some(Arc::new(|| {
-                vec![ServiceTraffic {
-                    service: "default/web:http".into(),
-                    frontend: "10.96.0.10:80/TCP".into(),
-                    packets: 3,
-                    bytes: 180,
-                }]
-            })),
+    fn datapath_families_carry_traffic_conntrack_and_fill() {
+        use crate::{
+            inspect::Counts,
+            model::{FrontendKey, Protocol},
         };
-        let text = exposition(&s);
-        assert!(text.contains("kpr_mode{mode=\"ebpf\"} 1"));
-        assert!(text.contains("kpr_datapath_packets_total{reason=\"translated\"} 7"));
-        assert!(
-            text.contains("kpr_service_bytes_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\"} 180"),
-            "{text}"
+        let traffic = FrontendTraffic {
+            frontend: FrontendKey { vip: [10, 96, 0, 10].into(), port: 80, protocol: Protocol::Tcp },
+            total: Counts { packets: 3, bytes: 180 },
+            backends: [("10.244.0.2:8080".to_string(), Counts { packets: 3, bytes: 180 })].into(),
+        };
+        let fill = [MapFill { map: "CT_FORWARD".into(), entries: 2, max_entries: 8, ratio: 0.25 }];
+        let text = datapath_families(
+            &[("translated", 7)],
+            &[NamedTraffic { service: "default/web:http".into(), traffic: &traffic }],
+            &fill,
         );
+        for line in [
+            "kpr_datapath_packets_total{reason=\"translated\"} 7",
+            "kpr_service_bytes_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\"} 180",
+            "kpr_backend_packets_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\",backend=\"10.244.0.2:8080\"} 3",
+            "kpr_conntrack_entries{direction=\"forward\"} 2",
+            "kpr_bpf_map_fill_ratio{map=\"CT_FORWARD\"} 0.25",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn exposition_adds_the_mode_before_eof() {
+        let o = Observed {
+            mode: "iptables",
+            metrics: Arc::new(Metrics::default()),
+            health: Health::new(Duration::from_secs(1)),
+            maps: None,
+            model: Arc::default(),
+            recent: Arc::default(),
+        };
+        let text = exposition(&o);
+        assert!(text.contains("kpr_mode{mode=\"iptables\"} 1"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

@@ -6,8 +6,10 @@
 
 pub mod agent;
 pub mod api;
+pub mod dashboard;
 pub mod dataplane;
 pub mod index;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod planner;

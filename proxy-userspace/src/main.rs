@@ -6,6 +6,7 @@ use proxy_common::maps as abi;
 use proxy_userspace::{
     agent::{self, Mode, RunConfig},
     dataplane::{cleanup, ebpf::MapSizes, iptables::render::RenderConfig},
+    inspect::{self, Maps},
     model::ModelConfig,
     source::SourceSpec,
     status::{self, Status},
@@ -87,6 +88,12 @@ enum Command {
         /// Where /metrics is served (Prometheus text format).
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: std::net::SocketAddr,
+        /// Serve the dashboard here (e.g. 127.0.0.1:10260); off unless given.
+        #[arg(long)]
+        dashboard_bind_address: Option<std::net::SocketAddr>,
+        /// Where bpffs is mounted: maps are pinned in its kpr/ folder.
+        #[arg(long, default_value = inspect::DEFAULT_BPF_ROOT)]
+        bpf_root: PathBuf,
         /// /healthz answers 503 once the source has been cut off this long.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         healthz_threshold: Duration,
@@ -94,13 +101,34 @@ enum Command {
         #[arg(long, hide = true)]
         simulate_ebpf_unavailable: bool,
     },
-    /// Show the running agent's mode, interfaces and last sync.
+    /// Show the agent's mode, attached programs, map fill, last sync and
+    /// source connectivity.
     Status {
         #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
-        /// Print JSON.
+        #[arg(long, default_value = inspect::DEFAULT_BPF_ROOT)]
+        bpf_root: PathBuf,
+        /// Print JSON (same as -o json).
         #[arg(long)]
         json: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Programmed Services, read from the pinned maps.
+    Service {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Tracked flows and their backends, read from the pinned maps.
+    Conntrack {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Datapath counters, traffic per Service and backend, and map fill,
+    /// read from the pinned maps.
+    Stats {
+        #[command(flatten)]
+        maps: MapsArgs,
     },
     /// Remove everything kpr installed, in either mode: iptables chains and
     /// jumps (both backends), attached programs, pinned maps.
@@ -108,25 +136,132 @@ enum Command {
         /// Interfaces to detach from (default: every interface).
         #[arg(long, value_delimiter = ',')]
         interfaces: Option<Vec<String>>,
+        #[arg(long, default_value = inspect::DEFAULT_BPF_ROOT)]
+        bpf_root: PathBuf,
     },
 }
 
-fn print_status(state_dir: PathBuf, json: bool) -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum ListCommand {
+    /// List them.
+    List {
+        #[command(flatten)]
+        maps: MapsArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct MapsArgs {
+    /// Where bpffs is mounted (the agent's --bpf-root).
+    #[arg(long, default_value = inspect::DEFAULT_BPF_ROOT)]
+    bpf_root: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// What `kpr status` adds to the agent's status file: read from the kernel.
+#[derive(serde::Serialize)]
+struct StatusReport {
+    #[serde(flatten)]
+    agent: Status,
+    agent_running: bool,
+    /// Interface -> the programs attached on its ingress.
+    attached: std::collections::BTreeMap<String, Vec<String>>,
+    maps: Vec<inspect::MapFill>,
+}
+
+fn print_status(state_dir: PathBuf, bpf_root: PathBuf, output: Output) -> anyhow::Result<()> {
     let s = Status::read(&state_dir)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+    let attached = s.interfaces.iter().map(|i| (i.clone(), cleanup::attached_programs(i))).collect();
+    let maps =
+        if s.mode == "ebpf" { Maps::open_pinned(&bpf_root).map(|m| m.fill()).unwrap_or_default() } else { vec![] };
+    let report = StatusReport { agent_running: s.running(), agent: s, attached, maps };
+    if output == Output::Json {
+        return print_json(&report);
     }
+    let s = &report.agent;
     let age = |t: f64| format!("{:.1}s ago", (status::now() - t).max(0.0));
-    println!("agent:      pid {} ({})", s.pid, if s.running() { "running" } else { "not running" });
+    println!("agent:      pid {} ({})", s.pid, if report.agent_running { "running" } else { "not running" });
     println!("mode:       {}", s.mode);
     if let Some(why) = &s.fallback_reason {
         println!("            (fell back from eBPF: {why})");
     }
-    println!("interfaces: {}", s.interfaces.join(", "));
     println!("source:     {} ({})", s.source, if s.source_connected { "connected" } else { "disconnected" });
     println!("last sync:  {}", s.last_sync_at.map_or("never".into(), age));
     println!("services:   {} frontends, {} backends", s.frontends, s.backends);
+    println!("interfaces:");
+    for (iface, programs) in &report.attached {
+        let programs = if programs.is_empty() { "no program attached".to_string() } else { programs.join(", ") };
+        println!("  {iface:<16} ingress: {programs}");
+    }
+    if !report.maps.is_empty() {
+        println!("maps:");
+        for m in &report.maps {
+            println!("  {:<16} {:>8} / {:<8} {:>5.1}%", m.map, m.entries, m.max_entries, m.ratio * 100.0);
+        }
+    }
+    Ok(())
+}
+
+fn print_services(maps: MapsArgs) -> anyhow::Result<()> {
+    let services = Maps::open_pinned(&maps.bpf_root)?.services();
+    if maps.output == Output::Json {
+        return print_json(&services);
+    }
+    println!("{:<24} {:<13} {:>4}  BACKENDS", "FRONTEND", "TYPE", "ID");
+    for s in services {
+        let backends: Vec<String> = s.backends.iter().map(|b| format!("{} ({})", b.address, b.state)).collect();
+        let backends = if backends.is_empty() { "none: new flows refused".to_string() } else { backends.join(", ") };
+        println!("{:<24} {:<13} {:>4}  {backends}", s.frontend, s.service_type, s.id);
+    }
+    Ok(())
+}
+
+fn print_flows(maps: MapsArgs) -> anyhow::Result<()> {
+    let flows = Maps::open_pinned(&maps.bpf_root)?.flows();
+    if maps.output == Output::Json {
+        return print_json(&flows);
+    }
+    println!("{:<5} {:<22} {:<22} {:<22} REPLY", "PROTO", "CLIENT", "FRONTEND", "BACKEND");
+    for f in &flows {
+        let reply = if f.reply_tracked { "tracked" } else { "evicted" };
+        println!("{:<5} {:<22} {:<22} {:<22} {reply}", f.protocol, f.client, f.frontend, f.backend);
+    }
+    println!("{} flow(s)", flows.len());
+    Ok(())
+}
+
+fn print_stats(maps: MapsArgs) -> anyhow::Result<()> {
+    let stats = Maps::open_pinned(&maps.bpf_root)?.stats();
+    if maps.output == Output::Json {
+        return print_json(&stats);
+    }
+    println!("datapath:");
+    for (reason, n) in &stats.datapath {
+        println!("  {reason:<24} {n:>12}");
+    }
+    println!("traffic:");
+    for s in &stats.services {
+        println!("  {:<30} {:>10} packets {:>12} bytes", s.frontend.to_string(), s.total.packets, s.total.bytes);
+        for (backend, c) in &s.backends {
+            println!("    -> {backend:<25} {:>10} packets {:>12} bytes", c.packets, c.bytes);
+        }
+    }
+    println!("maps:");
+    for m in &stats.maps {
+        println!("  {:<16} {:>8} / {:<8} {:>5.1}%", m.map, m.entries, m.max_entries, m.ratio * 100.0);
+    }
     Ok(())
 }
 
@@ -158,6 +293,8 @@ async fn main() -> anyhow::Result<()> {
             simulate_ebpf_unavailable,
             healthz_bind_address,
             metrics_bind_address,
+            dashboard_bind_address,
+            bpf_root,
             healthz_threshold,
         } => {
             agent::run(RunConfig {
@@ -174,15 +311,22 @@ async fn main() -> anyhow::Result<()> {
                 min_sync_interval,
                 healthz_address: healthz_bind_address,
                 metrics_address: metrics_bind_address,
+                dashboard_address: dashboard_bind_address,
+                bpf_root,
                 healthz_threshold,
             })
             .await
         }
-        Command::Status { state_dir, json } => print_status(state_dir, json),
-        Command::Cleanup { interfaces } => {
+        Command::Status { state_dir, bpf_root, json, output } => {
+            print_status(state_dir, bpf_root, if json { Output::Json } else { output })
+        }
+        Command::Service { command: ListCommand::List { maps } } => print_services(maps),
+        Command::Conntrack { command: ListCommand::List { maps } } => print_flows(maps),
+        Command::Stats { maps } => print_stats(maps),
+        Command::Cleanup { interfaces, bpf_root } => {
             let interfaces = interfaces.unwrap_or_else(cleanup::all_interfaces);
             let tables = cleanup::remove_iptables().context("removing iptables rules")?;
-            let programs = cleanup::remove_ebpf(&interfaces);
+            let programs = cleanup::remove_ebpf(&interfaces, &bpf_root);
             println!("removed kpr's iptables rules from {tables} backend(s) and {programs} eBPF attachment(s)");
             Ok(())
         }

@@ -138,7 +138,7 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let log_dir = tempfile::tempdir()?;
     let log = log_dir.path().join("kpr.log");
-    let mut kpr = Kpr::start(&node.ns, crate::kpr::Mode::Ebpf, dir, &node.interfaces(), &log)?;
+    let mut kpr = Kpr::start(&node, crate::kpr::Mode::Ebpf, dir, &log)?;
     println!(
         "kpr attached its TC programs to {} and programmed {} Services from {}\n",
         node.interfaces().join(", "),

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, node::VirtualNode};
 
 /// Where a kpr logging to `log` keeps its status file.
 pub fn state_dir(log: &Path) -> PathBuf {
@@ -64,42 +64,32 @@ pub struct Kpr {
 impl Kpr {
     /// Starts `kpr run --mode MODE --source dir:DIR --interfaces ...` in
     /// `node` and waits for its first sync.
-    pub fn start(
-        node: &Netns,
-        mode: Mode,
-        manifests: &Path,
-        interfaces: &[String],
-        log: &Path,
-    ) -> anyhow::Result<Self> {
+    pub fn start(node: &VirtualNode, mode: Mode, manifests: &Path, log: &Path) -> anyhow::Result<Self> {
         let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
-        Self::start_with(node, &args, interfaces, log, "synced")
+        Self::start_with(node, &args, log, "synced")
     }
 
-    /// Starts `kpr run ARGS --interfaces ...` in `node` and waits until its
+    /// Starts `kpr run ARGS` in `node` (as [`Kpr::spawn`]) and waits until its
     /// log shows `ready_line`. Its status goes to `state/` beside the log.
-    pub fn start_with(
-        node: &Netns,
-        args: &[String],
-        interfaces: &[String],
-        log: &Path,
-        ready_line: &str,
-    ) -> anyhow::Result<Self> {
-        let mut kpr = Self::spawn(node, args, interfaces, log)?;
+    pub fn start_with(node: &VirtualNode, args: &[String], log: &Path, ready_line: &str) -> anyhow::Result<Self> {
+        let mut kpr = Self::spawn(node, args, log)?;
         kpr.wait_for_log(ready_line, Duration::from_secs(20))?;
         Ok(kpr)
     }
 
-    /// Starts `kpr run ARGS --interfaces ...` in `node` without waiting.
-    pub fn spawn(node: &Netns, args: &[String], interfaces: &[String], log: &Path) -> anyhow::Result<Self> {
+    /// Starts `kpr run ARGS` in `node`, attached to its pods' interfaces
+    /// and pinning maps in its bpffs, without waiting.
+    pub fn spawn(node: &VirtualNode, args: &[String], log: &Path) -> anyhow::Result<Self> {
         let bin = binary()?;
         let log_file = std::fs::File::create(log)?;
         let child = Command::new("ip")
-            .args(["netns", "exec", node.name()])
+            .args(["netns", "exec", node.ns.name()])
             .arg(&bin)
             .arg("run")
             .args(args)
             .arg(format!("--state-dir={}", state_dir(log).display()))
-            .arg(format!("--interfaces={}", interfaces.join(",")))
+            .arg(format!("--bpf-root={}", node.bpf_root().display()))
+            .arg(format!("--interfaces={}", node.interfaces().join(",")))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

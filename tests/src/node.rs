@@ -25,6 +25,30 @@ pub struct VirtualNode {
     // Pods first: dropping them removes their veths before the node goes.
     pub pods: Vec<Pod>,
     pub ns: Netns,
+    /// The node's own bpffs, where kpr pins its maps (as /sys/fs/bpf on a
+    /// real node); unmounted last.
+    bpffs: Bpffs,
+}
+
+/// A bpf filesystem mounted on a temporary folder; unmounted on drop.
+struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    fn mount() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("kpr-bpffs-").tempdir()?;
+        crate::netns::run("mount", &["-t", "bpf", "bpf", dir.path().to_str().context("temp path")?])?;
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // Lazily: an agent still starting or stopping keeps its view until it exits.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 impl VirtualNode {
@@ -63,7 +87,7 @@ impl VirtualNode {
         for dev in ["all", "default", BRIDGE] {
             ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
         }
-        let mut node = Self { pods: Vec::new(), ns };
+        let mut node = Self { pods: Vec::new(), ns, bpffs: Bpffs::mount()? };
         for (i, (name, addr)) in pods.iter().enumerate() {
             node.add_pod(&prefix, i, name, *addr).with_context(|| format!("creating pod {name}"))?;
         }
@@ -86,6 +110,11 @@ impl VirtualNode {
 
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Where the node's bpffs is mounted, for `--bpf-root`.
+    pub fn bpf_root(&self) -> &std::path::Path {
+        self.bpffs.dir.path()
     }
 
     /// The node-side interfaces of all pods, for `kpr run --interfaces`.

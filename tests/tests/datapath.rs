@@ -54,11 +54,11 @@ impl Datapath {
             HashMap::try_from(self.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
         svcs.insert(
             ServiceKey::new(vip.octets(), port, proto),
-            ServiceValue { id, backend_count: backends.len() as u32 },
+            ServiceValue { id, backend_count: backends.len() as u32, ..ServiceValue::MARKER },
             0,
         )
         .unwrap();
-        svcs.insert(ServiceKey::vip_marker(vip.octets()), ServiceValue { id: 0, backend_count: 0 }, 0).unwrap();
+        svcs.insert(ServiceKey::vip_marker(vip.octets()), ServiceValue::MARKER, 0).unwrap();
         let mut bes: HashMap<_, BackendKey, Backend> =
             HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
         for (slot, b) in backends.iter().enumerate() {

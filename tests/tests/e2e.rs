@@ -52,7 +52,7 @@ impl Cluster {
         write(dir.path(), "web.yaml", &web_service("web", WEB_VIP, &PODS[..3])).unwrap();
         write(dir.path(), "empty.yaml", &web_service("empty", EMPTY_VIP, &[])).unwrap();
         let log = dir.path().join("kpr.log.txt");
-        let kpr = Kpr::start(&node.ns, mode, dir.path(), &node.interfaces(), &log).expect("kpr starts");
+        let kpr = Kpr::start(&node, mode, dir.path(), &log).expect("kpr starts");
         Self { kpr, dir, _servers: servers, node }
     }
 

@@ -66,8 +66,7 @@ impl Cluster {
             "--node-name=node-1".into(),
         ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
-        let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "serving Services")
-            .expect("kpr starts");
+        let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "serving Services").expect("kpr starts");
         Self { kpr, api, _dir: dir, _servers: servers, node }
     }
 

@@ -43,8 +43,7 @@ impl Node {
     fn kpr(&self, args: &[&str]) -> Kpr {
         let mut all = vec![format!("--source=dir:{}", self.dir.path().join("manifests").display())];
         all.extend(args.iter().map(|a| a.to_string()));
-        Kpr::start_with(&self.node.ns, &all, &self.node.interfaces(), &self.dir.path().join("kpr.log"), "synced")
-            .unwrap()
+        Kpr::start_with(&self.node, &all, &self.dir.path().join("kpr.log"), "synced").unwrap()
     }
 
     fn answers(&self) -> bool {
@@ -125,14 +124,21 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
         s.contains("-A SITE-POLICY -s 192.0.2.0/24 -j DROP") && s.contains("-A FORWARD -j SITE-POLICY")
     };
 
+    let pins = n.node.bpf_root().join("kpr");
     let mut kpr = n.kpr(&["--mode=ebpf"]);
     assert!(n.answers());
     assert_eq!((n.programs(), n.kpr_chains()), (PODS.len(), 0), "ebpf only");
     kpr.interrupt().unwrap();
+    assert!(pins.join("SERVICES").exists(), "maps stay pinned for inspection after eBPF mode exits");
 
     let mut kpr = n.kpr(&["--mode=iptables"]);
     assert!(n.answers());
     assert_eq!(n.programs(), 0, "iptables only");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pins.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!pins.exists(), "iptables mode removed eBPF mode's pinned maps");
     assert!(n.kpr_chains() > 0);
     kpr.interrupt().unwrap();
     // As with kube-proxy, iptables rules outlive the agent and keep serving.

@@ -48,7 +48,7 @@ fn metrics_count_the_traffic_sent() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
     let args = ["--mode=ebpf".to_string(), format!("--source=dir:{}", dir.path().display())];
-    let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "synced").unwrap();
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
 
     let before = get(&node, METRICS, "/metrics").1;
     let translated_before = metric(&before, "kpr_datapath_packets_total{reason=\"translated\"}").unwrap();
@@ -85,6 +85,25 @@ fn metrics_count_the_traffic_sent() {
         metric(&text, "kpr_service_packets_total{service=\"default/web:dns\"").is_some(),
         "every frontend is listed"
     );
+    // Per backend: both pods served, and their shares add up to the Service
+    // (a first packet racing on two CPUs may lose its backend count).
+    let via: Vec<f64> = PODS[..2]
+        .iter()
+        .map(|(_, ip)| {
+            let series = format!(
+                "kpr_backend_packets_total{{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\",backend=\"{ip}:8080\"}}"
+            );
+            metric(&text, &series).unwrap_or_else(|| panic!("no {series}:\n{text}"))
+        })
+        .collect();
+    assert!(via.iter().all(|v| *v > 0.0) && packets - via.iter().sum::<f64>() <= 2.0, "{via:?} of {packets}");
+    // One tracked flow per connection, each way; the maps report their fill.
+    assert_eq!(metric(&text, "kpr_conntrack_entries{direction=\"forward\"}"), Some(connections as f64), "{text}");
+    assert_eq!(metric(&text, "kpr_conntrack_entries{direction=\"reply\"}"), Some(connections as f64));
+    assert_eq!(metric(&text, "kpr_bpf_map_entries{map=\"SERVICES\"}"), Some(3.0), "2 frontends and the VIP marker");
+    assert_eq!(metric(&text, "kpr_bpf_map_capacity{map=\"SERVICES\"}"), Some(131_072.0));
+    let ratio = metric(&text, "kpr_bpf_map_fill_ratio{map=\"CT_FORWARD\"}").unwrap();
+    assert!((ratio - connections as f64 / 262_144.0).abs() < 1e-9, "{ratio}");
     drop(kpr);
 }
 
@@ -108,7 +127,7 @@ fn healthz_turns_503_while_the_source_is_cut_off_and_200_after() {
         format!("--kubeconfig={}", kubeconfig.display()),
         "--healthz-threshold=2s".into(),
     ];
-    let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "synced").unwrap();
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
     let wait_for = |want: u16, limit: Duration| {
         let deadline = Instant::now() + limit;
         loop {
@@ -142,7 +161,7 @@ fn logs_can_be_json() {
     write(dir.path(), "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
     let args =
         ["--mode=ebpf".to_string(), format!("--source=dir:{}", dir.path().display()), "--log-format=json".into()];
-    let kpr = Kpr::start_with(&node.ns, &args, &node.interfaces(), &dir.path().join("kpr.log"), "synced").unwrap();
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
     let log = kpr.log();
     for line in log.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));

@@ -2,12 +2,12 @@
 //! and eBPF programs attached by a previous run. Used when a mode takes
 //! over from the other and by `kpr cleanup`.
 
+use std::path::Path;
+
 use aya::programs::{TcAttachType, tc};
 
 use super::{ebpf::PROGRAM, iptables::backend::Backend};
-
-/// Where kpr pins maps (none are pinned yet; removed if present).
-pub const BPFFS_DIR: &str = "/sys/fs/bpf/kpr";
+use crate::inspect;
 
 /// Removes kpr's iptables chains and jumps from both backends. Returns how
 /// many backends held some.
@@ -32,8 +32,9 @@ pub fn all_interfaces() -> Vec<String> {
 
 /// Detaches kpr's classifier where it was attached through netlink (kernels
 /// before 6.6; TCX links end with the process that made them) and removes
-/// pinned maps. Returns how many attachments were removed.
-pub fn remove_ebpf(interfaces: &[String]) -> usize {
+/// the maps pinned under `bpf_root`. Returns how many attachments and pin
+/// folders were removed.
+pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
     let mut removed = 0;
     for iface in interfaces {
         match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM) {
@@ -45,11 +46,22 @@ pub fn remove_ebpf(interfaces: &[String]) -> usize {
             Err(e) => tracing::debug!(%iface, error = %e, "no netlink classifier to detach"),
         }
     }
-    if std::path::Path::new(BPFFS_DIR).exists() {
-        match std::fs::remove_dir_all(BPFFS_DIR) {
+    let pins = inspect::pin_dir(bpf_root);
+    if pins.exists() {
+        match std::fs::remove_dir_all(&pins) {
             Ok(()) => removed += 1,
-            Err(e) => tracing::warn!(dir = BPFFS_DIR, error = %e, "could not remove pinned maps"),
+            Err(e) => tracing::warn!(dir = %pins.display(), error = %e, "could not remove pinned maps"),
         }
     }
     removed
+}
+
+/// Names of the eBPF programs attached on ingress of `iface`, through TCX
+/// or (kernels before 6.6) a netlink classifier.
+pub fn attached_programs(iface: &str) -> Vec<String> {
+    let name = |info: &aya::programs::ProgramInfo| format!("{} (id {})", info.name_as_str().unwrap_or("?"), info.id());
+    if let Ok((_, programs)) = aya::programs::SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+        return programs.iter().map(name).collect();
+    }
+    Vec::new()
 }

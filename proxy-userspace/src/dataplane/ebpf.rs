@@ -3,26 +3,25 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::{Arc, Mutex},
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TcAttachType, tc},
 };
-use proxy_common::{
-    counters::{self, Counter},
-    maps::{
-        self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, Traffic,
-        reply_key,
-    },
+use proxy_common::maps::{
+    self as abi, Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue,
+    Traffic, kind, reply_key,
 };
 
 use super::{ApplyError, Dataplane};
 use crate::{
-    model::{Endpoint, Frontend, FrontendKey, Protocol},
+    inspect::{self, Maps},
+    model::{Frontend, FrontendKey, Protocol, ServiceType},
     planner::Op,
 };
 
@@ -58,6 +57,7 @@ pub fn load(sizes: MapSizes) -> anyhow::Result<Ebpf> {
         .map_max_entries(abi::CT_FORWARD, sizes.flows)
         .map_max_entries(abi::CT_REVERSE, sizes.flows)
         .map_max_entries(abi::SERVICE_TRAFFIC, sizes.services)
+        .map_max_entries(abi::BACKEND_TRAFFIC, sizes.backends)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")
 }
@@ -66,14 +66,25 @@ fn service_key(k: &FrontendKey) -> ServiceKey {
     ServiceKey::new(k.vip.octets(), k.port, k.protocol.number())
 }
 
-fn backend(e: &Endpoint) -> Backend {
-    Backend::new(e.ip.octets(), e.port)
+/// The backend slots of a frontend: ready endpoints first (the ones new
+/// flows choose from), then terminating ones (listed, never chosen).
+fn slots(f: &Frontend) -> Vec<Backend> {
+    let active = f.backends.iter().map(|e| Backend::new(e.ip.octets(), e.port));
+    active.chain(f.terminating.iter().map(|e| Backend::terminating(e.ip.octets(), e.port))).collect()
+}
+
+fn service_kind(t: ServiceType) -> u8 {
+    match t {
+        ServiceType::ClusterIP => kind::CLUSTER_IP,
+        ServiceType::NodePort => kind::NODE_PORT,
+        ServiceType::LoadBalancer => kind::LOAD_BALANCER,
+    }
 }
 
 /// What is programmed for one frontend.
 struct Programmed {
     id: u32,
-    backends: u32,
+    slots: Vec<Backend>,
 }
 
 pub struct EbpfDataplane {
@@ -83,10 +94,10 @@ pub struct EbpfDataplane {
     backends: HashMap<MapData, BackendKey, Backend>,
     ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
-    counters: PerCpuArray<MapData, u64>,
-    traffic: PerCpuArray<MapData, Traffic>,
-    /// Service id -> (service port name, frontend), for the traffic metrics.
-    names: Arc<Mutex<BTreeMap<u32, (String, String)>>>,
+    service_traffic: PerCpuArray<MapData, Traffic>,
+    backend_traffic: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+    /// The same maps through other handles, for observers (metrics, dashboard).
+    observed: Arc<Maps>,
     programmed: BTreeMap<FrontendKey, Programmed>,
     /// Frontends per VIP, to keep the VIP marker entry while any remain.
     vip_users: BTreeMap<std::net::Ipv4Addr, u32>,
@@ -101,9 +112,38 @@ fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result
     HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// The magic number of a bpf filesystem in `statfs`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Pins every map under `bpf_root`, replacing a previous run's pins (they
+/// name maps no program uses any more). Pins outlive the agent, so the
+/// inspection commands work while it is down.
+fn pin_maps(ebpf: &mut Ebpf, bpf_root: &Path) -> anyhow::Result<PathBuf> {
+    if !is_bpffs(bpf_root) {
+        bail!("{root} is not a bpf filesystem (mount one: mount -t bpf bpf {root})", root = bpf_root.display());
+    }
+    let dir = inspect::pin_dir(bpf_root);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing old pins in {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in abi::ALL_MAPS {
+        let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+        map.pin(dir.join(name)).with_context(|| format!("pinning {name} in {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
 impl EbpfDataplane {
-    /// Loads the programs and attaches them on ingress of each interface.
-    pub fn attach(interfaces: &[String], sizes: MapSizes) -> anyhow::Result<Self> {
+    /// Loads the programs, pins the maps under `bpf_root` and attaches on
+    /// ingress of each interface.
+    pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> anyhow::Result<Self> {
         if interfaces.is_empty() {
             bail!("no interfaces given: pass the node-side pod interfaces with --interfaces");
         }
@@ -121,21 +161,36 @@ impl EbpfDataplane {
             })?;
             tracing::info!(%iface, "datapath attached on ingress");
         }
+        match pin_maps(&mut ebpf, bpf_root) {
+            Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "maps not pinned: kpr service list, conntrack list and stats will not see them"
+            ),
+        }
+        let ids: std::collections::HashMap<&str, u32> =
+            abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
+        let observed = Arc::new(Maps::open(|name| {
+            let id = ids.get(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+            MapData::from_id(*id).with_context(|| format!("opening map {name} by id"))
+        })?);
         let services = take(&mut ebpf, abi::SERVICES)?;
         let backends = take(&mut ebpf, abi::BACKENDS)?;
         let ct_forward = take(&mut ebpf, abi::CT_FORWARD)?;
         let ct_reverse = take(&mut ebpf, abi::CT_REVERSE)?;
-        let counters = PerCpuArray::try_from(ebpf.take_map(abi::COUNTERS).context("counter map missing")?)?;
-        let traffic = PerCpuArray::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).context("traffic map missing")?)?;
+        let service_traffic =
+            PerCpuArray::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).context("traffic map missing")?)?;
+        let backend_traffic =
+            PerCpuHashMap::try_from(ebpf.take_map(abi::BACKEND_TRAFFIC).context("backend traffic map missing")?)?;
         Ok(Self {
             _ebpf: ebpf,
             services,
             backends,
             ct_forward,
             ct_reverse,
-            counters,
-            traffic,
-            names: Arc::default(),
+            service_traffic,
+            backend_traffic,
+            observed,
             programmed: BTreeMap::new(),
             vip_users: BTreeMap::new(),
             free_ids: Vec::new(),
@@ -147,35 +202,61 @@ impl EbpfDataplane {
 
     fn upsert(&mut self, f: &Frontend) -> Result<(), String> {
         let key = service_key(&f.key);
-        let new_count = f.backends.len() as u32;
-        let (id, old_count, is_new) = match self.programmed.get(&f.key) {
-            Some(p) => (p.id, p.backends, false),
+        let new = slots(f);
+        let (id, old, is_new) = match self.programmed.remove(&f.key) {
+            Some(p) => (p.id, p.slots, false),
             None => {
                 if self.programmed.len() as u64 + self.vip_users.len() as u64 + 1 > self.sizes.services as u64 {
                     return Err(format!("service map is full ({} entries): raise --max-services", self.sizes.services));
                 }
-                (self.free_ids.last().copied().unwrap_or(self.next_id), 0, true)
+                (self.free_ids.last().copied().unwrap_or(self.next_id), Vec::new(), true)
             }
         };
-        let used_after = self.backend_slots_used - old_count as u64 + new_count as u64;
+        let result = self.write(f, key, id, &old, &new, is_new);
+        // On failure the old slots stay recorded: what is in the maps is
+        // at most a mix of both, all of it removed by a later delete.
+        let keep = if result.is_ok() || new.len() > old.len() { new } else { old };
+        if result.is_ok() || !is_new {
+            self.programmed.insert(f.key, Programmed { id, slots: keep });
+        }
+        result
+    }
+
+    fn write(
+        &mut self,
+        f: &Frontend,
+        key: ServiceKey,
+        id: u32,
+        old: &[Backend],
+        new: &[Backend],
+        is_new: bool,
+    ) -> Result<(), String> {
+        let used_after = self.backend_slots_used - old.len() as u64 + new.len() as u64;
         if used_after > self.sizes.backends as u64 {
             return Err(format!(
-                "{new_count} endpoints do not fit in the backend map ({} of {} slots used): raise --max-backends",
-                self.backend_slots_used, self.sizes.backends
+                "{} endpoints do not fit in the backend map ({} of {} slots used): raise --max-backends",
+                new.len(),
+                self.backend_slots_used,
+                self.sizes.backends
             ));
         }
         // Fill the slots before publishing the count, and shrink after: a
         // packet reading any count at any time finds a valid backend.
-        for (slot, e) in f.backends.iter().enumerate() {
+        for (slot, b) in new.iter().enumerate() {
             self.backends
-                .insert(BackendKey { service_id: id, slot: slot as u32 }, backend(e), 0)
+                .insert(BackendKey { service_id: id, slot: slot as u32 }, b, 0)
                 .map_err(|e| format!("writing backend slot {slot}: {e}"))?;
         }
-        self.services
-            .insert(key, ServiceValue { id, backend_count: new_count }, 0)
-            .map_err(|e| format!("writing the service entry: {e}"))?;
-        for slot in new_count..old_count {
-            remove_ok(&mut self.backends, &BackendKey { service_id: id, slot })?;
+        let value = ServiceValue {
+            id,
+            backend_count: f.backends.len() as u32,
+            terminating_count: f.terminating.len() as u32,
+            kind: service_kind(f.service_type),
+            _pad: [0; 3],
+        };
+        self.services.insert(key, value, 0).map_err(|e| format!("writing the service entry: {e}"))?;
+        for slot in new.len()..old.len() {
+            remove_ok(&mut self.backends, &BackendKey { service_id: id, slot: slot as u32 })?;
         }
         if is_new {
             if self.free_ids.last() == Some(&id) {
@@ -186,10 +267,10 @@ impl EbpfDataplane {
             self.add_vip_user(f.key.vip)?;
         }
         self.backend_slots_used = used_after;
-        self.programmed.insert(f.key, Programmed { id, backends: new_count });
-        self.names.lock().unwrap().insert(id, (f.service.to_string(), f.key.to_string()));
+        let gone: Vec<Backend> = old.iter().filter(|o| !new.iter().any(|n| same_endpoint(n, o))).copied().collect();
+        self.forget_backend_traffic(id, &gone);
         if f.key.protocol == Protocol::Udp {
-            let keep: HashSet<Backend> = f.backends.iter().map(backend).collect();
+            let keep: HashSet<([u8; 4], [u8; 2])> = new[..f.backends.len()].iter().map(|b| (b.addr, b.port)).collect();
             self.flush_udp_flows(id, &keep);
         }
         Ok(())
@@ -198,16 +279,16 @@ impl EbpfDataplane {
     fn delete(&mut self, k: &FrontendKey) -> Result<(), String> {
         let Some(p) = self.programmed.remove(k) else { return Ok(()) };
         remove_ok(&mut self.services, &service_key(k))?;
-        for slot in 0..p.backends {
-            remove_ok(&mut self.backends, &BackendKey { service_id: p.id, slot })?;
+        for slot in 0..p.slots.len() {
+            remove_ok(&mut self.backends, &BackendKey { service_id: p.id, slot: slot as u32 })?;
         }
-        self.backend_slots_used -= p.backends as u64;
+        self.backend_slots_used -= p.slots.len() as u64;
         self.free_ids.push(p.id);
-        self.names.lock().unwrap().remove(&p.id);
         // The id may be reused: its next owner starts from zero.
         if let Ok(zero) = aya::util::nr_cpus().map(|n| vec![Traffic::default(); n]) {
-            let _ = aya::maps::PerCpuValues::try_from(zero).map(|v| self.traffic.set(p.id, v, 0));
+            let _ = aya::maps::PerCpuValues::try_from(zero).map(|v| self.service_traffic.set(p.id, v, 0));
         }
+        self.forget_backend_traffic(p.id, &p.slots);
         self.remove_vip_user(k.vip)?;
         if k.protocol == Protocol::Udp {
             self.flush_udp_flows(p.id, &HashSet::new());
@@ -215,13 +296,19 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// Drops the traffic counts of backends a frontend no longer has.
+    fn forget_backend_traffic(&mut self, service_id: u32, gone: &[Backend]) {
+        for b in gone {
+            let _ = self.backend_traffic.remove(&BackendTrafficKey::new(service_id, b.addr, b.port));
+        }
+    }
+
     fn add_vip_user(&mut self, vip: std::net::Ipv4Addr) -> Result<(), String> {
         let users = self.vip_users.entry(vip).or_insert(0);
         *users += 1;
         if *users == 1 {
-            let marker = ServiceValue { id: 0, backend_count: 0 };
             self.services
-                .insert(ServiceKey::vip_marker(vip.octets()), marker, 0)
+                .insert(ServiceKey::vip_marker(vip.octets()), ServiceValue::MARKER, 0)
                 .map_err(|e| format!("writing the VIP marker: {e}"))?;
         }
         Ok(())
@@ -238,15 +325,15 @@ impl EbpfDataplane {
     }
 
     /// UDP has no connection end the client would notice, so flows pinned to
-    /// a removed endpoint are forgotten and the next datagram chooses again
-    /// (kube-proxy clears conntrack for the same reason). TCP flows keep
-    /// their backend until they end, as with kube-proxy.
-    fn flush_udp_flows(&mut self, service_id: u32, keep: &HashSet<Backend>) {
+    /// an endpoint no longer ready are forgotten and the next datagram
+    /// chooses again (kube-proxy clears conntrack for the same reason). TCP
+    /// flows keep their backend until they end, as with kube-proxy.
+    fn flush_udp_flows(&mut self, service_id: u32, keep: &HashSet<([u8; 4], [u8; 2])>) {
         let stale: Vec<(FlowKey, Backend)> = self
             .ct_forward
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| v.service_id == service_id && !keep.contains(&v.backend))
+            .filter(|(_, v)| v.service_id == service_id && !keep.contains(&(v.backend.addr, v.backend.port)))
             .map(|(k, v)| (k, v.backend))
             .collect();
         for (flow, be) in &stale {
@@ -259,11 +346,17 @@ impl EbpfDataplane {
     }
 }
 
-fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
-    let out: Vec<_> =
-        Counter::ALL.iter().filter_map(|c| Some((c.name(), map.get(&(*c as u32), 0).ok()?.iter().sum()))).collect();
-    debug_assert!(out.len() <= counters::COUNT as usize);
-    out
+fn map_id(map: &Map) -> Option<u32> {
+    match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::PerCpuLruHashMap(d) => {
+            Some(d.info().ok()?.id())
+        }
+        _ => None,
+    }
+}
+
+fn same_endpoint(a: &Backend, b: &Backend) -> bool {
+    a.addr == b.addr && a.port == b.port
 }
 
 /// Removes `key`; an entry that is already gone is not an error.
@@ -280,36 +373,14 @@ impl Dataplane for EbpfDataplane {
         "ebpf"
     }
 
-    fn take_over(&mut self, _interfaces: &[String]) {
+    fn take_over(&mut self, _interfaces: &[String], _bpf_root: &Path) {
         if let Err(e) = super::cleanup::remove_iptables() {
             tracing::error!(error = %format!("{e:#}"), "could not remove iptables rules left by iptables mode");
         }
     }
 
-    fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
-        let id = aya::maps::IterableMap::map(&self.traffic).info().ok()?.id();
-        let map =
-            PerCpuArray::<MapData, Traffic>::try_from(aya::maps::Map::PerCpuArray(MapData::from_id(id).ok()?)).ok()?;
-        let names = self.names.clone();
-        Some(Arc::new(move || {
-            let names = names.lock().unwrap().clone();
-            names
-                .into_iter()
-                .filter_map(|(id, (service, frontend))| {
-                    let per_cpu = map.get(&id, 0).ok()?;
-                    let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), t| (p + t.packets, b + t.bytes));
-                    Some(crate::api::ServiceTraffic { service, frontend, packets, bytes })
-                })
-                .collect()
-        }))
-    }
-
-    fn counter_reader(&self) -> Option<crate::api::CounterReader> {
-        // A second handle on the same map, for the metrics server's task.
-        let id = aya::maps::IterableMap::map(&self.counters).info().ok()?.id();
-        let map =
-            PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(MapData::from_id(id).ok()?)).ok()?;
-        Some(Arc::new(move || read_counters(&map)))
+    fn maps(&self) -> Option<Arc<Maps>> {
+        Some(self.observed.clone())
     }
 
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {

@@ -4,7 +4,9 @@ pub mod cleanup;
 pub mod ebpf;
 pub mod iptables;
 
-use crate::{model::FrontendKey, planner::Op};
+use std::{path::Path, sync::Arc};
+
+use crate::{inspect::Maps, model::FrontendKey, planner::Op};
 
 /// An operation that could not be applied; the rest of the sync went on.
 #[derive(Debug, thiserror::Error)]
@@ -24,17 +26,13 @@ pub trait Dataplane {
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError>;
 
     /// Called once this dataplane serves (after its first sync): removes
-    /// what the other mode left behind, so two never fight.
-    fn take_over(&mut self, _interfaces: &[String]) {}
+    /// what the other mode left behind (on `interfaces`, pins under
+    /// `bpf_root`), so two never fight.
+    fn take_over(&mut self, _interfaces: &[String], _bpf_root: &Path) {}
 
-    /// A reader of the datapath's counters by name, where the dataplane
-    /// keeps any; other tasks (metrics) can hold it.
-    fn counter_reader(&self) -> Option<crate::api::CounterReader> {
-        None
-    }
-
-    /// A reader of per-Service traffic, where the dataplane counts it.
-    fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
+    /// The datapath's maps, where the dataplane keeps any; observers
+    /// (metrics, dashboard) read counters and traffic through them.
+    fn maps(&self) -> Option<Arc<Maps>> {
         None
     }
 }
@@ -46,13 +44,10 @@ impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
         (**self).apply(ops)
     }
-    fn take_over(&mut self, interfaces: &[String]) {
-        (**self).take_over(interfaces)
+    fn take_over(&mut self, interfaces: &[String], bpf_root: &Path) {
+        (**self).take_over(interfaces, bpf_root)
     }
-    fn counter_reader(&self) -> Option<crate::api::CounterReader> {
-        (**self).counter_reader()
-    }
-    fn traffic_reader(&self) -> Option<crate::api::TrafficReader> {
-        (**self).traffic_reader()
+    fn maps(&self) -> Option<Arc<Maps>> {
+        (**self).maps()
     }
 }

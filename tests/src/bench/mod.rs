@@ -274,7 +274,7 @@ fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::p
     ];
     let log = work.join(format!("kpr-{mode}-{n}.log"));
     let started = Instant::now();
-    let mut agent = Kpr::spawn(&bench.node.ns, &args, &bench.node.interfaces(), &log)?;
+    let mut agent = Kpr::spawn(&bench.node, &args, &log)?;
     let pid = agent.pid().context("agent pid")?;
     let cold = load::until_answer(bench.client(), target, started, limit, |_| true)?;
     let Some(cold) = cold else {

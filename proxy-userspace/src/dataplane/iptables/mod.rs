@@ -114,8 +114,8 @@ impl Dataplane for IptablesDataplane {
         "iptables"
     }
 
-    fn take_over(&mut self, interfaces: &[String]) {
-        super::cleanup::remove_ebpf(interfaces);
+    fn take_over(&mut self, interfaces: &[String], bpf_root: &std::path::Path) {
+        super::cleanup::remove_ebpf(interfaces, bpf_root);
     }
 
     fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {

@@ -1,0 +1,211 @@
+//! The dashboard (`--dashboard-bind-address`): one page, its script and
+//! style embedded in the binary (no CDN), polling `/api/state` once a second.
+//! It shows the mode and health, every Service with its backends and their
+//! traffic, recent sync durations and the objects that were skipped.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use axum::{Json, Router, extract::State, response::IntoResponse, routing::get};
+use serde::Serialize;
+
+use crate::{
+    api::{Observed, SyncRecord},
+    inspect::{self, Counts, FrontendTraffic},
+    model::{Endpoint, Model, Rejection},
+};
+
+const INDEX: &str = include_str!("index.html");
+const SCRIPT: &str = include_str!("app.js");
+const STYLE: &str = include_str!("style.css");
+
+/// The page lists at most this many Services (by name); the total is shown.
+pub const MAX_SERVICES: usize = 500;
+
+#[derive(Debug, Serialize)]
+pub struct DashboardState {
+    pub mode: &'static str,
+    pub healthy: bool,
+    /// Whether traffic counters exist (they do in eBPF mode).
+    pub counters: bool,
+    pub services_total: usize,
+    pub services: Vec<ServiceView>,
+    pub syncs: Vec<SyncRecord>,
+    pub rejected: Vec<RejectedView>,
+    /// Datapath packets by what was done with them.
+    pub datapath: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub frontend: String,
+    #[serde(rename = "type")]
+    pub service_type: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    pub address: String,
+    pub state: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejectedView {
+    pub object: String,
+    pub origin: String,
+    pub reason: String,
+}
+
+/// Joins the model (names, types, backends) with the datapath's traffic.
+pub fn state(
+    o: &Observed,
+    model: &Model,
+    traffic: &[FrontendTraffic],
+    datapath: Vec<(&'static str, u64)>,
+) -> DashboardState {
+    let traffic: BTreeMap<_, _> = traffic.iter().map(|t| (t.frontend, t)).collect();
+    let mut frontends: Vec<_> = model.frontends.values().collect();
+    frontends.sort_by(|a, b| (&a.service, a.key).cmp(&(&b.service, b.key)));
+    let services = frontends
+        .iter()
+        .take(MAX_SERVICES)
+        .map(|f| {
+            let t = traffic.get(&f.key);
+            let backend = |e: &Endpoint, state: &'static str| {
+                let address = inspect::address(e);
+                let c = t.and_then(|t| t.backends.get(&address)).copied().unwrap_or_default();
+                BackendView { address, state, packets: c.packets, bytes: c.bytes }
+            };
+            let total = t.map(|t| t.total).unwrap_or(Counts::default());
+            ServiceView {
+                name: f.service.to_string(),
+                frontend: f.key.to_string(),
+                service_type: format!("{:?}", f.service_type),
+                packets: total.packets,
+                bytes: total.bytes,
+                backends: f
+                    .backends
+                    .iter()
+                    .map(|e| backend(e, "active"))
+                    .chain(f.terminating.iter().map(|e| backend(e, "terminating")))
+                    .collect(),
+            }
+        })
+        .collect();
+    let recent = o.recent.lock().unwrap();
+    DashboardState {
+        mode: o.mode,
+        healthy: o.health.healthy(),
+        counters: o.maps.is_some(),
+        services_total: model.frontends.len(),
+        services,
+        syncs: recent.syncs.iter().cloned().collect(),
+        rejected: recent.rejections.iter().map(rejected).collect(),
+        datapath: datapath.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    }
+}
+
+fn rejected(r: &Rejection) -> RejectedView {
+    RejectedView { object: r.object.clone(), origin: r.origin.clone(), reason: r.reason.clone() }
+}
+
+async fn api_state(State(o): State<Observed>) -> impl IntoResponse {
+    // Reading the maps is a few syscalls per entry: off the async threads.
+    let view = tokio::task::spawn_blocking(move || {
+        let (traffic, datapath) = match &o.maps {
+            Some(maps) => (maps.traffic(), maps.counters()),
+            None => (Vec::new(), Vec::new()),
+        };
+        let model = o.model.read().unwrap();
+        state(&o, &model, &traffic, datapath)
+    })
+    .await;
+    match view {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> impl IntoResponse {
+    ([("content-type", content_type), ("cache-control", "no-cache")], body)
+}
+
+/// Serves the dashboard on `addr`.
+pub async fn serve(addr: SocketAddr, observed: Observed) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app = Router::new()
+        .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
+        .route("/app.js", get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }))
+        .route("/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
+        .route("/api/state", get(api_state))
+        .with_state(observed);
+    crate::api::serve(addr, app, "dashboard").await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, RwLock};
+
+    use super::*;
+    use crate::{
+        api::{Health, Recent},
+        metrics::Metrics,
+        model::{FrontendKey, ModelConfig, Protocol, Snapshot, Sourced},
+    };
+
+    #[test]
+    fn state_joins_names_backends_and_traffic() {
+        let mut snap = Snapshot::default();
+        snap.services.push(Sourced::new(
+            "t",
+            serde_yaml::from_str(
+                "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}",
+            )
+            .unwrap(),
+        ));
+        snap.slices.push(Sourced::new("t", serde_yaml::from_str(
+            "metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3], conditions: {ready: false, serving: true, terminating: true}}]",
+        ).unwrap()));
+        let (model, _) = crate::model::build(&snap, &ModelConfig::default());
+        let key = FrontendKey { vip: [10, 96, 0, 10].into(), port: 80, protocol: Protocol::Tcp };
+        let traffic = [FrontendTraffic {
+            frontend: key,
+            total: Counts { packets: 5, bytes: 500 },
+            backends: [("10.244.0.2:8080".to_string(), Counts { packets: 5, bytes: 500 })].into(),
+        }];
+        let o = Observed {
+            mode: "ebpf",
+            metrics: Arc::new(Metrics::default()),
+            health: Health::new(std::time::Duration::from_secs(1)),
+            maps: None,
+            model: Arc::new(RwLock::new(Model::default())),
+            recent: Arc::new(std::sync::Mutex::new(Recent::default())),
+        };
+        let s = state(&o, &model, &traffic, vec![("translated", 5)]);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["services"][0]["name"], "default/web:http");
+        assert_eq!(v["services"][0]["frontend"], "10.96.0.10:80/TCP");
+        assert_eq!(v["services"][0]["type"], "ClusterIP");
+        assert_eq!(v["services"][0]["packets"], 5);
+        assert_eq!(
+            v["services"][0]["backends"][0],
+            serde_json::json!({"address": "10.244.0.2:8080", "state": "active", "packets": 5, "bytes": 500})
+        );
+        assert_eq!(v["services"][0]["backends"][1]["state"], "terminating");
+        assert_eq!(v["datapath"]["translated"], 5);
+    }
+
+    #[test]
+    fn the_page_uses_no_external_assets() {
+        for asset in [INDEX, SCRIPT, STYLE] {
+            // The SVG namespace is a name, not something fetched.
+            let asset = asset.replace("http://www.w3.org/2000/svg", "");
+            assert!(!asset.contains("http://") && !asset.contains("https://"), "external reference in an asset");
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Reading the datapath's maps. The agent pins them under `--bpf-root`, so
+//! `kpr service list`, `kpr conntrack list`, `kpr stats` and `kpr status`
+//! read the kernel's own state directly, agent running or not; the agent's
+//! metrics and dashboard read the same maps through the same code.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use proxy_common::{
+    counters::Counter,
+    maps::{
+        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, Neighbor,
+        ReverseEntry, ServiceKey, ServiceValue, Traffic, kind,
+    },
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Endpoint, FrontendKey, Protocol};
+
+/// Where bpffs is mounted on a node.
+pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf";
+
+/// kpr's own folder under the bpf root.
+pub fn pin_dir(bpf_root: &Path) -> PathBuf {
+    bpf_root.join("kpr")
+}
+
+/// A programmed frontend as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    /// `VIP:port/PROTOCOL`.
+    pub frontend: String,
+    #[serde(rename = "type")]
+    pub service_type: String,
+    pub id: u32,
+    pub backends: Vec<BackendEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendEntry {
+    /// `IP:port`.
+    pub address: String,
+    /// `active` (chosen for new flows) or `terminating` (kept for flows it has).
+    pub state: String,
+}
+
+/// A tracked client flow and the backend it is pinned to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEntry {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    pub service_id: u32,
+    /// Whether the reply direction is tracked too.
+    pub reply_tracked: bool,
+}
+
+/// How full one map is. Arrays are always full and are not listed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub max_entries: u64,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counts {
+    fn sum(per_cpu: &[Traffic]) -> Self {
+        per_cpu.iter().fold(Self::default(), |c, t| Self { packets: c.packets + t.packets, bytes: c.bytes + t.bytes })
+    }
+}
+
+/// Traffic to and from one frontend, and through each of its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendTraffic {
+    #[serde(serialize_with = "as_text")]
+    pub frontend: FrontendKey,
+    #[serde(flatten)]
+    pub total: Counts,
+    pub backends: BTreeMap<String, Counts>,
+}
+
+fn as_text<S: serde::Serializer>(k: &FrontendKey, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(k)
+}
+
+/// What `kpr stats` prints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stats {
+    /// Packets by what the datapath did with them.
+    pub datapath: BTreeMap<String, u64>,
+    pub services: Vec<FrontendTraffic>,
+    pub maps: Vec<MapFill>,
+}
+
+/// Handles on every datapath map.
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
+    ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
+    neighbors: HashMap<MapData, [u8; 4], Neighbor>,
+    counters: PerCpuArray<MapData, u64>,
+    service_traffic: PerCpuArray<MapData, Traffic>,
+    backend_traffic: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    /// Opens the maps the agent pinned under `bpf_root`.
+    pub fn open_pinned(bpf_root: &Path) -> anyhow::Result<Self> {
+        let dir = pin_dir(bpf_root);
+        if !dir.join(abi::SERVICES).exists() {
+            anyhow::bail!(
+                "no pinned kpr maps in {}: kpr has not run in eBPF mode with --bpf-root {} \
+                 (or runs in iptables mode; `kpr status` tells)",
+                dir.display(),
+                bpf_root.display()
+            );
+        }
+        Self::open(|name| {
+            let path = dir.join(name);
+            MapData::from_pin(&path).with_context(|| format!("opening the pinned map {}", path.display()))
+        })
+    }
+
+    /// Opens each map through `open(name)`.
+    pub fn open(open: impl Fn(&str) -> anyhow::Result<MapData>) -> anyhow::Result<Self> {
+        let get = |name: &str| -> anyhow::Result<Map> {
+            let data = open(name)?;
+            Map::from_map_data(data).with_context(|| format!("map {name} has an unknown type"))
+        };
+        Ok(Self {
+            services: hash(get(abi::SERVICES)?, abi::SERVICES)?,
+            backends: hash(get(abi::BACKENDS)?, abi::BACKENDS)?,
+            ct_forward: hash(get(abi::CT_FORWARD)?, abi::CT_FORWARD)?,
+            ct_reverse: hash(get(abi::CT_REVERSE)?, abi::CT_REVERSE)?,
+            neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
+            counters: PerCpuArray::try_from(get(abi::COUNTERS)?)?,
+            service_traffic: PerCpuArray::try_from(get(abi::SERVICE_TRAFFIC)?)?,
+            backend_traffic: PerCpuHashMap::try_from(get(abi::BACKEND_TRAFFIC)?)?,
+        })
+    }
+
+    /// Frontends by service id (VIP markers left out).
+    fn frontends(&self) -> BTreeMap<u32, (FrontendKey, ServiceValue)> {
+        self.services.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((v.id, (frontend_key(&k)?, v)))).collect()
+    }
+
+    /// Every programmed frontend with its backends, sorted by frontend.
+    pub fn services(&self) -> Vec<ServiceEntry> {
+        let mut out: Vec<(FrontendKey, ServiceEntry)> = self
+            .frontends()
+            .into_values()
+            .map(|(key, v)| {
+                let slots = v.backend_count + v.terminating_count;
+                let backends = (0..slots)
+                    .filter_map(|slot| self.backends.get(&BackendKey { service_id: v.id, slot }, 0).ok())
+                    .map(|b| BackendEntry {
+                        address: endpoint(b.addr, b.port).to_string(),
+                        state: if b.state == BACKEND_TERMINATING { "terminating" } else { "active" }.into(),
+                    })
+                    .collect();
+                let entry = ServiceEntry {
+                    frontend: key.to_string(),
+                    service_type: kind_name(v.kind).into(),
+                    id: v.id,
+                    backends,
+                };
+                (key, entry)
+            })
+            .collect();
+        out.sort_by_key(|(k, _)| *k);
+        out.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// Every tracked client flow, sorted.
+    pub fn flows(&self) -> Vec<FlowEntry> {
+        let mut out: Vec<FlowEntry> = self
+            .ct_forward
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| FlowEntry {
+                protocol: protocol_name(k.proto).into(),
+                client: endpoint(k.src_addr, k.src_port).to_string(),
+                frontend: endpoint(k.dst_addr, k.dst_port).to_string(),
+                backend: endpoint(v.backend.addr, v.backend.port).to_string(),
+                service_id: v.service_id,
+                reply_tracked: self.ct_reverse.get(&abi::reply_key(&k, &v.backend), 0).is_ok(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.frontend, &a.client, &a.protocol).cmp(&(&b.frontend, &b.client, &b.protocol)));
+        out
+    }
+
+    /// The datapath's counters by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .filter_map(|c| Some((c.name(), self.counters.get(&(*c as u32), 0).ok()?.iter().sum())))
+            .collect()
+    }
+
+    /// Traffic per frontend and per backend, sorted by frontend.
+    pub fn traffic(&self) -> Vec<FrontendTraffic> {
+        let frontends = self.frontends();
+        let mut by_id: BTreeMap<u32, FrontendTraffic> = frontends
+            .iter()
+            .map(|(id, (key, _))| {
+                let total = self.service_traffic.get(id, 0).map(|v| Counts::sum(&v)).unwrap_or_default();
+                (*id, FrontendTraffic { frontend: *key, total, backends: BTreeMap::new() })
+            })
+            .collect();
+        for (k, per_cpu) in self.backend_traffic.iter().filter_map(Result::ok) {
+            if let Some(t) = by_id.get_mut(&k.service_id) {
+                t.backends.insert(endpoint(k.addr, k.port).to_string(), Counts::sum(&per_cpu));
+            }
+        }
+        let mut out: Vec<_> = by_id.into_values().collect();
+        out.sort_by_key(|t| t.frontend);
+        out
+    }
+
+    /// Entries in each hash map against its capacity.
+    pub fn fill(&self) -> Vec<MapFill> {
+        fn fill<K: aya::Pod, V: aya::Pod>(name: &str, m: &HashMap<MapData, K, V>) -> Option<MapFill> {
+            let max = aya::maps::IterableMap::map(m).info().ok()?.max_entries() as u64;
+            Some(MapFill::new(name, m.keys().filter(Result::is_ok).count() as u64, max))
+        }
+        let backend_traffic = aya::maps::IterableMap::map(&self.backend_traffic).info().ok().map(|info| {
+            let entries = self.backend_traffic.keys().filter(Result::is_ok).count() as u64;
+            MapFill::new(abi::BACKEND_TRAFFIC, entries, info.max_entries() as u64)
+        });
+        [
+            fill(abi::SERVICES, &self.services),
+            fill(abi::BACKENDS, &self.backends),
+            fill(abi::CT_FORWARD, &self.ct_forward),
+            fill(abi::CT_REVERSE, &self.ct_reverse),
+            fill(abi::NEIGHBORS, &self.neighbors),
+            backend_traffic,
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            datapath: self.counters().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            services: self.traffic(),
+            maps: self.fill(),
+        }
+    }
+}
+
+impl MapFill {
+    fn new(map: &str, entries: u64, max_entries: u64) -> Self {
+        let ratio = if max_entries == 0 { 0.0 } else { entries as f64 / max_entries as f64 };
+        Self { map: map.to_string(), entries, max_entries, ratio }
+    }
+}
+
+fn endpoint(addr: [u8; 4], port: [u8; 2]) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port))
+}
+
+fn frontend_key(k: &ServiceKey) -> Option<FrontendKey> {
+    let protocol = match k.proto {
+        abi::PROTO_TCP => Protocol::Tcp,
+        abi::PROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    Some(FrontendKey { vip: Ipv4Addr::from(k.addr), port: k.port(), protocol })
+}
+
+fn protocol_name(proto: u8) -> &'static str {
+    match proto {
+        abi::PROTO_TCP => "TCP",
+        abi::PROTO_UDP => "UDP",
+        _ => "other",
+    }
+}
+
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        kind::NODE_PORT => "NodePort",
+        kind::LOAD_BALANCER => "LoadBalancer",
+        _ => "ClusterIP",
+    }
+}
+
+/// A backend's `IP:port` as the inspection output writes it.
+pub fn address(e: &Endpoint) -> String {
+    SocketAddrV4::new(e.ip, e.port).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_keys_read_back_as_frontends() {
+        let k = ServiceKey::new([10, 96, 0, 10], 53, abi::PROTO_UDP);
+        assert_eq!(frontend_key(&k).unwrap().to_string(), "10.96.0.10:53/UDP");
+        assert_eq!(frontend_key(&ServiceKey::vip_marker([10, 96, 0, 10])), None, "markers are not frontends");
+        assert_eq!(endpoint([10, 244, 0, 2], 8080u16.to_be_bytes()).to_string(), "10.244.0.2:8080");
+        assert_eq!(kind_name(kind::LOAD_BALANCER), "LoadBalancer");
+        assert_eq!(MapFill::new("X", 1, 4).ratio, 0.25);
+    }
+}
