@@ -3,7 +3,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    io,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
     sync::{
         Arc,
@@ -15,11 +16,15 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_yaml::Value;
 
-use crate::{client, kpr::Kpr, node::VirtualNode, servers};
+use crate::{client, kpr::Kpr, netns::run_in, node::VirtualNode, servers};
 
 const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 0, 200));
 const REQUESTS: usize = 300;
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// Where kpr serves the dashboard inside the node namespace.
+const DASHBOARD: &str = "127.0.0.1:10260";
+/// Where the demo relays it on this machine's loopback (or any free port).
+const RELAY_PORT: u16 = 10260;
 
 #[derive(Debug)]
 struct Port {
@@ -97,6 +102,76 @@ fn load(dir: &Path) -> anyhow::Result<Vec<DemoService>> {
     Ok(services)
 }
 
+/// Relays connections from `listener` to `target` inside namespace `ns`,
+/// until `stop` is set: the dashboard lives in the node namespace, the
+/// user's browser outside it.
+fn relay(listener: TcpListener, ns: String, target: SocketAddr, stop: Arc<AtomicBool>) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    while !stop.load(Ordering::Relaxed) {
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        client.set_nonblocking(false)?;
+        // A socket keeps the namespace it was made in, whichever thread uses it.
+        let Ok(Ok(upstream)) = run_in(&ns, move || TcpStream::connect_timeout(&target, TIMEOUT)) else { continue };
+        for (mut from, mut to) in [(client.try_clone()?, upstream.try_clone()?), (upstream, client)] {
+            std::thread::spawn(move || {
+                let _ = io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Prints where the dashboard and the inspection commands are, and keeps
+/// a request a second flowing to every Service until Ctrl-C, so the
+/// dashboard's counters move.
+fn serve_dashboard(node: &VirtualNode, services: &[DemoService], stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    if stop.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let listener = TcpListener::bind(("127.0.0.1", RELAY_PORT)).or_else(|_| TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    let (ns, target, flag) = (node.ns.name().to_string(), DASHBOARD.parse()?, stop.clone());
+    let relay = std::thread::spawn(move || relay(listener, ns, target, flag));
+    let kpr = crate::kpr::binary()?.canonicalize()?;
+    let root = node.bpf_root().display().to_string();
+    println!("dashboard: http://{addr}/");
+    println!("  (served by kpr in the node namespace at {DASHBOARD}; relayed to this machine's loopback)");
+    println!("inspect the pinned maps:");
+    for what in ["service list", "conntrack list", "stats"] {
+        println!("  ip netns exec {} {} {what} --bpf-root {root}", node.ns.name(), kpr.display());
+    }
+    println!("\nsending one request a second to every Service; press Ctrl-C to stop and clean up\n");
+    let targets: Vec<(SocketAddr, bool)> = services
+        .iter()
+        .filter(|s| !s.endpoints.is_empty())
+        .flat_map(|s| s.ports.iter().map(|p| (SocketAddr::from((s.vip, p.port)), p.protocol == "UDP")))
+        .collect();
+    let client = &node.pod(CLIENT.0).ns;
+    while !stop.load(Ordering::Relaxed) {
+        let targets = targets.clone();
+        client.run(move || {
+            for (addr, udp) in targets {
+                let _ = if udp {
+                    client::udp_request(addr, TIMEOUT).map(drop)
+                } else {
+                    client::tcp_request(addr, TIMEOUT).map(drop)
+                };
+            }
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    relay.join().map_err(|_| anyhow::anyhow!("the dashboard relay panicked"))??;
+    Ok(())
+}
+
 fn bar(n: usize, total: usize) -> String {
     "█".repeat((n * 40).div_ceil(total.max(1)))
 }
@@ -138,7 +213,12 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let log_dir = tempfile::tempdir()?;
     let log = log_dir.path().join("kpr.log");
-    let mut kpr = Kpr::start(&node, crate::kpr::Mode::Ebpf, dir, &log)?;
+    let args = [
+        crate::kpr::Mode::Ebpf.arg().to_string(),
+        format!("--source=dir:{}", dir.display()),
+        format!("--dashboard-bind-address={DASHBOARD}"),
+    ];
+    let mut kpr = Kpr::start_with(&node, &args, &log, "synced")?;
     println!(
         "kpr attached its TC programs to {} and programmed {} Services from {}\n",
         node.interfaces().join(", "),
@@ -203,6 +283,8 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             println!("  {total} answered, {errors} failed, in {:.0} ms\n", took.as_secs_f64() * 1e3);
         }
     }
+
+    serve_dashboard(&node, &services, &stop)?;
 
     let status = kpr.interrupt()?;
     println!("kpr stopped ({status}) and detached; its log:");

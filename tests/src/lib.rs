@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod browser;
 pub mod client;
 pub mod demo;
 pub mod kpr;

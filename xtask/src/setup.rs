@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages: `ip` (iproute2) and `sysctl` (procps) build the
 /// virtual node; iptables mode needs iptables (both backends) and conntrack.
-const PACKAGES: &[&str] = &["iproute2", "procps", "iptables", "conntrack"];
+const PACKAGES: &[&str] = &["iproute2", "procps", "iptables", "conntrack", "chromium", "chromium-driver"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {

@@ -46,15 +46,24 @@ function renderServices(state) {
 }
 
 function renderSyncs(syncs) {
+  // One bar per sync, the tallest filling the chart; newest on the right.
   const svg = $("syncs");
   svg.replaceChildren();
   if (!syncs.length) return;
   const max = Math.max(...syncs.map((s) => s.duration_ms), 0.001);
-  const step = syncs.length > 1 ? 300 / (syncs.length - 1) : 0;
-  const points = syncs.map((s, i) => `${(i * step).toFixed(1)},${(78 - (s.duration_ms / max) * 74).toFixed(1)}`);
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", points.join(" "));
-  svg.appendChild(line);
+  const width = 300 / 60;
+  syncs.forEach((s, i) => {
+    const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    const height = Math.max((s.duration_ms / max) * 76, 1);
+    bar.setAttribute("x", (300 - (syncs.length - i) * width + 0.5).toFixed(1));
+    bar.setAttribute("y", (80 - height).toFixed(1));
+    bar.setAttribute("width", (width - 1).toFixed(1));
+    bar.setAttribute("height", height.toFixed(1));
+    const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+    title.textContent = `${s.duration_ms.toFixed(2)} ms, ${s.changes} change(s)`;
+    bar.appendChild(title);
+    svg.appendChild(bar);
+  });
   const last = syncs[syncs.length - 1];
   $("sync-last").textContent = `(last ${last.duration_ms.toFixed(2)} ms, max ${max.toFixed(2)} ms, ${syncs.length} syncs)`;
 }

@@ -1,0 +1,106 @@
+//! The dashboard in Debian's headless Chromium: it loads without console
+//! errors, shows the Services and their backends, the mode, health, sync
+//! chart and rejected objects, and its counters rise while traffic flows,
+//! without a reload.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use kpr_tests::{
+    browser::Browser,
+    client::tcp_request,
+    kpr::Kpr,
+    manifests::{web_service, write},
+    node::VirtualNode,
+    root_or_skip,
+    servers::{self, Server},
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PODS: [(&str, Ipv4Addr); 3] = [
+    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
+    ("client", Ipv4Addr::new(10, 244, 0, 100)),
+];
+const DASHBOARD: &str = "127.0.0.1:10260";
+const WEB: &str = "10.96.0.10:80/TCP";
+const T: Duration = Duration::from_secs(3);
+
+/// An SCTP Service: skipped, and listed with its reason.
+const UNSUPPORTED: &str = "apiVersion: v1
+kind: Service
+metadata: {name: telco, namespace: default}
+spec: {clusterIP: 10.96.0.40, ports: [{name: sig, port: 3868, protocol: SCTP}]}
+";
+
+fn packets(row: &str) -> String {
+    format!("return Number(document.querySelector('{row} td.packets')?.textContent ?? -1);")
+}
+
+#[test]
+fn the_dashboard_shows_services_and_live_counters_in_chromium() {
+    root_or_skip!();
+    let node = VirtualNode::new(&PODS).unwrap();
+    let _servers: Vec<Server> =
+        PODS[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
+    write(dir.path(), "telco.yaml", UNSUPPORTED).unwrap();
+    let args = [
+        "--mode=ebpf".to_string(),
+        format!("--source=dir:{}", dir.path().display()),
+        format!("--dashboard-bind-address={DASHBOARD}"),
+    ];
+    let _kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+
+    let browser = Browser::start(&node.ns).expect("Chromium starts");
+    browser.goto(&format!("http://{DASHBOARD}/")).unwrap();
+    let web_row = format!("tr.service[data-frontend=\"{WEB}\"]");
+    browser
+        .wait_for(&format!("return !!document.querySelector('{web_row}');"), T, |v| v == true)
+        .expect("the web Service is listed");
+    // Marks this page load: if the page reloaded, the mark would be gone.
+    browser.eval("window.loadedOnce = true; return null;").unwrap();
+
+    let frontends =
+        browser.eval("return [...document.querySelectorAll('tr.service')].map(r => r.dataset.frontend);").unwrap();
+    assert_eq!(frontends, serde_json::json!(["10.96.0.10:53/UDP", WEB]), "both ports of web, nothing else");
+    let backends = browser
+        .eval(&format!(
+            "return [...document.querySelectorAll('tr.backend[data-frontend=\"{WEB}\"]')].map(r => r.dataset.backend + ' ' + r.cells[4].textContent);"
+        ))
+        .unwrap();
+    assert_eq!(backends, serde_json::json!(["10.244.0.11:8080 active", "10.244.0.12:8080 active"]));
+    let text = |id: &str| browser.eval(&format!("return document.getElementById('{id}').textContent;")).unwrap();
+    assert_eq!(text("mode"), "mode: ebpf");
+    assert_eq!(text("health"), "healthy");
+    let rejected = text("rejected");
+    assert!(rejected.as_str().unwrap().contains("telco"), "rejected objects are listed: {rejected}");
+    assert!(rejected.as_str().unwrap().contains("SCTP"), "with their reason: {rejected}");
+    let bars = browser.eval("return document.querySelectorAll('#syncs rect').length;").unwrap();
+    assert!(bars.as_u64().unwrap() >= 1, "the sync chart has a bar per sync");
+
+    let before = browser.eval(&packets(&web_row)).unwrap().as_f64().unwrap();
+    assert_eq!(before, 0.0, "no traffic yet");
+    let connections = 20;
+    node.pod("client")
+        .ns
+        .run(move || (0..connections).for_each(|_| drop(tcp_request(SocketAddr::from((VIP, 80)), T).unwrap())))
+        .unwrap();
+    // Seven packets per connection at least (see the metrics test).
+    let after = browser
+        .wait_for(&packets(&web_row), T, |v| v.as_f64().unwrap_or(0.0) >= 7.0 * connections as f64)
+        .expect("the Service's counter rises");
+    for (_, ip) in &PODS[..2] {
+        let row = format!("tr.backend[data-backend=\"{ip}:8080\"][data-frontend=\"{WEB}\"]");
+        browser.wait_for(&packets(&row), T, |v| v.as_f64().unwrap_or(0.0) > 0.0).expect("each backend's counter rises");
+    }
+    assert_eq!(browser.eval("return window.loadedOnce === true;").unwrap(), Value::Bool(true), "no reload");
+    eprintln!("web packets: {before} -> {after}");
+
+    let errors = browser.console_errors().unwrap();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+}
