@@ -130,6 +130,14 @@ enum Command {
         #[command(flatten)]
         maps: MapsArgs,
     },
+    /// The slim kubelet: run this node's pods on a CRI runtime (containerd).
+    #[command(args_conflicts_with_subcommands = true)]
+    Kubelet {
+        #[command(subcommand)]
+        command: Option<KubeletCommand>,
+        #[command(flatten)]
+        args: KubeletArgs,
+    },
     /// Remove everything kpr installed, in either mode: iptables chains and
     /// jumps (both backends), attached programs, pinned maps.
     Cleanup {
@@ -138,6 +146,59 @@ enum Command {
         interfaces: Option<Vec<String>>,
         #[arg(long, default_value = inspect::DEFAULT_BPF_ROOT)]
         bpf_root: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct KubeletArgs {
+    /// The CRI runtime's socket.
+    #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
+    container_runtime_endpoint: String,
+    /// Where pods come from: `kube` (those bound to --node-name) or
+    /// `dir:PATH` (static pod manifests; status is written beside them).
+    #[arg(long, default_value = "kube")]
+    source: kubelet_cri::run::PodSourceSpec,
+    /// Kubeconfig for `--source kube`; without it the in-cluster config is used.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value_t = hostname())]
+    node_name: String,
+    /// Pod volumes and container logs live here.
+    #[arg(long, default_value = DEFAULT_KUBELET_ROOT)]
+    root_dir: PathBuf,
+    /// Cgroup parent of every pod sandbox.
+    #[arg(long, default_value = "/kubepods")]
+    cgroup_parent: String,
+    /// DNS servers for pods with dnsPolicy ClusterFirst (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    cluster_dns: Vec<String>,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The first restart back-off of a crashing container; it doubles per
+    /// restart up to 30 times this (the kubelet's 10s and 5m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    restart_backoff: Duration,
+    /// How often pods are reconciled.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    sync_frequency: Duration,
+}
+
+const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kpr-kubelet";
+
+#[derive(Subcommand)]
+enum KubeletCommand {
+    /// Print a container's log (the latest instance), as `kubectl logs`.
+    Logs {
+        /// `NAME` or `NAMESPACE/NAME`.
+        pod: String,
+        /// The container (needed when the pod has several).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Keep printing as the container writes.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long, default_value = DEFAULT_KUBELET_ROOT)]
+        root_dir: PathBuf,
     },
 }
 
@@ -323,6 +384,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Service { command: ListCommand::List { maps } } => print_services(maps),
         Command::Conntrack { command: ListCommand::List { maps } } => print_flows(maps),
         Command::Stats { maps } => print_stats(maps),
+        Command::Kubelet { command: Some(KubeletCommand::Logs { pod, container, follow, root_dir }), .. } => {
+            kubelet_cri::run::print_logs(&root_dir, &pod, container.as_deref(), follow)
+        }
+        Command::Kubelet { command: None, args } => {
+            kubelet_cri::run::run(kubelet_cri::run::Config {
+                endpoint: args.container_runtime_endpoint,
+                source: args.source,
+                kubeconfig: args.kubeconfig,
+                node_name: args.node_name,
+                settings: kubelet_cri::spec::Settings {
+                    root_dir: args.root_dir,
+                    cgroup_parent: args.cgroup_parent,
+                    cluster_dns: args.cluster_dns,
+                    cluster_domain: args.cluster_domain,
+                },
+                backoff: args.restart_backoff,
+                sync_period: args.sync_frequency,
+            })
+            .await
+        }
         Command::Cleanup { interfaces, bpf_root } => {
             let interfaces = interfaces.unwrap_or_else(cleanup::all_interfaces);
             let tables = cleanup::remove_iptables().context("removing iptables rules")?;

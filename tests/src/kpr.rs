@@ -100,6 +100,27 @@ impl Kpr {
         Ok(Self { child: Some(child), log: log.to_path_buf() })
     }
 
+    /// Starts `kpr kubelet ARGS` in `ns` and waits for it to say it runs pods.
+    pub fn kubelet(ns: &Netns, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        let bin = binary()?;
+        let log_file = std::fs::File::create(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(&bin)
+            .arg("kubelet")
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting kpr kubelet")?;
+        let mut kubelet = Self { child: Some(child), log: log.to_path_buf() };
+        kubelet.wait_for_log("kubelet running pods", Duration::from_secs(20))?;
+        Ok(kubelet)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod browser;
 pub mod client;
+pub mod containerd;
 pub mod demo;
 pub mod kpr;
 pub mod manifests;

@@ -100,7 +100,13 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("after {timeout:?}: {got:?}, wanted {want:?}\n{}", self.kpr.log()));
+                // What the kernel held, for a failure that does not reproduce.
+                let rules = self.node.ns.output(&["iptables-save"]).unwrap_or_default();
+                let flows = self.node.ns.output(&["conntrack", "-L"]).unwrap_or_default();
+                return Err(format!(
+                    "after {timeout:?}: {got:?}, wanted {want:?}\n{}\n{rules}\n{flows}",
+                    self.kpr.log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -213,11 +213,12 @@ impl EbpfDataplane {
             }
         };
         let result = self.write(f, key, id, &old, &new, is_new);
-        // On failure the old slots stay recorded: what is in the maps is
-        // at most a mix of both, all of it removed by a later delete.
-        let keep = if result.is_ok() || new.len() > old.len() { new } else { old };
-        if result.is_ok() || !is_new {
-            self.programmed.insert(f.key, Programmed { id, slots: keep });
+        // On failure the model reverts this frontend and retries it; until
+        // then it counts as what it was before.
+        match (&result, is_new) {
+            (Ok(()), _) => drop(self.programmed.insert(f.key, Programmed { id, slots: new })),
+            (Err(_), false) => drop(self.programmed.insert(f.key, Programmed { id, slots: old })),
+            (Err(_), true) => {}
         }
         result
     }

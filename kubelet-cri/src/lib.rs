@@ -1,0 +1,17 @@
+//! kpr's slim kubelet: Pods from a source (static manifests or the API
+//! server) run on a CRI runtime (containerd) through its RuntimeService and
+//! ImageService, with their status written back.
+//!
+//! One step per module: [`cri`] (the connection), [`spec`] (Pod -> CRI
+//! configs), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
+//! [`status`] (what to report), [`source`] (where pods come from),
+//! [`logs`] (reading container logs).
+
+pub mod cri;
+pub mod images;
+pub mod kubelet;
+pub mod logs;
+pub mod run;
+pub mod source;
+pub mod spec;
+pub mod status;

@@ -1,0 +1,147 @@
+//! Container logs in the CRI format the runtime writes
+//! (`2016-10-06T00:17:09.669794202Z stdout F text`, `P` for a partial line),
+//! read back for `kpr kubelet logs`.
+
+use std::{
+    io::{BufRead as _, Seek as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+/// One line as the container wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    pub timestamp: String,
+    pub stream: String,
+    pub text: String,
+}
+
+/// Joins partial lines; lines that are not in the format are skipped.
+#[derive(Default)]
+pub struct Parser {
+    partial: Option<LogLine>,
+}
+
+impl Parser {
+    pub fn push(&mut self, raw: &str) -> Option<LogLine> {
+        let mut parts = raw.trim_end_matches('\n').splitn(4, ' ');
+        let (timestamp, stream, tag) = (parts.next()?, parts.next()?, parts.next()?);
+        let text = parts.next().unwrap_or_default();
+        let line = match self.partial.take() {
+            Some(mut p) => {
+                p.text.push_str(text);
+                p
+            }
+            None => LogLine { timestamp: timestamp.into(), stream: stream.into(), text: text.into() },
+        };
+        match tag {
+            "P" => {
+                self.partial = Some(line);
+                None
+            }
+            _ => Some(line),
+        }
+    }
+}
+
+/// The log file of the latest instance of `container` in the pod log
+/// folder `dir` (`CONTAINER/ATTEMPT.log`).
+pub fn latest(dir: &Path, container: &str) -> anyhow::Result<PathBuf> {
+    let folder = dir.join(container);
+    let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(&folder)
+        .with_context(|| format!("no logs for container {container} in {}", dir.display()))?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let attempt = path.file_stem()?.to_str()?.parse().ok()?;
+            Some((attempt, path))
+        })
+        .collect();
+    files.sort();
+    match files.pop() {
+        Some((_, path)) => Ok(path),
+        None => bail!("container {container} has written no logs yet"),
+    }
+}
+
+/// The pod log folder of `namespace/name` under `logs_root` (NS_NAME_UID).
+pub fn pod_dir(logs_root: &Path, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let prefix = format!("{namespace}_{name}_");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(logs_root)
+        .with_context(|| format!("reading {}", logs_root.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    // The newest, if the pod was recreated under a new uid.
+    found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    found.pop().with_context(|| format!("no pod {namespace}/{name} has logs in {}", logs_root.display()))
+}
+
+/// Writes the lines of `file` to `out`; with `follow`, keeps reading as the
+/// container writes, moving on to a newer instance's file when one appears.
+pub fn print(dir: &Path, container: &str, follow: bool, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let mut file = latest(dir, container)?;
+    let mut parser = Parser::default();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let pos = reader.stream_position()?;
+        if reader.read_line(&mut line)? > 0 && line.ends_with('\n') {
+            if let Some(l) = parser.push(&line) {
+                writeln!(out, "{}", l.text)?;
+            }
+            continue;
+        }
+        // At the end (or mid-line): wait for more unless not following.
+        reader.seek(std::io::SeekFrom::Start(pos))?;
+        if !follow {
+            return Ok(());
+        }
+        out.flush()?;
+        let newest = latest(dir, container)?;
+        if newest != file {
+            file = newest;
+            reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_parsed_and_partials_joined() {
+        let mut p = Parser::default();
+        assert_eq!(
+            p.push("2026-01-01T00:00:00.1Z stdout F hello world\n"),
+            Some(LogLine {
+                timestamp: "2026-01-01T00:00:00.1Z".into(),
+                stream: "stdout".into(),
+                text: "hello world".into()
+            })
+        );
+        assert_eq!(p.push("2026-01-01T00:00:00.2Z stderr P par"), None);
+        assert_eq!(p.push("2026-01-01T00:00:00.3Z stderr F tial").unwrap().text, "partial");
+        assert_eq!(p.push("2026-01-01T00:00:00.4Z stdout F ").unwrap().text, "", "an empty line");
+        assert_eq!(p.push("garbage"), None);
+    }
+
+    #[test]
+    fn the_latest_instance_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("app")).unwrap();
+        for (attempt, text) in [(0, "first"), (1, "second"), (10, "eleventh")] {
+            std::fs::write(dir.path().join(format!("app/{attempt}.log")), format!("t stdout F {text}\n")).unwrap();
+        }
+        let mut out = Vec::new();
+        print(dir.path(), "app", false, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "eleventh\n");
+        assert!(print(dir.path(), "other", false, &mut Vec::new()).is_err());
+    }
+}

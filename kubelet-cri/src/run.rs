@@ -1,0 +1,145 @@
+//! `kpr kubelet`: the loop that ties a pod source to the runtime, and
+//! `kpr kubelet logs`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+
+use crate::{
+    kubelet::Kubelet,
+    logs,
+    source::{DirSource, KubeSource},
+    spec::Settings,
+};
+
+/// Where pods come from.
+#[derive(Clone, Debug)]
+pub enum PodSourceSpec {
+    /// Pods bound to this node in the API server.
+    Kube,
+    /// Static pod manifests in a folder.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for PodSourceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kube" => Ok(Self::Kube),
+            _ => match s.strip_prefix("dir:") {
+                Some(p) if !p.is_empty() => Ok(Self::Dir(p.into())),
+                _ => Err(format!("{s:?}: expected `kube` or `dir:PATH`")),
+            },
+        }
+    }
+}
+
+pub struct Config {
+    pub endpoint: String,
+    pub source: PodSourceSpec,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub settings: Settings,
+    /// First restart back-off; doubles up to 30 times this.
+    pub backoff: Duration,
+    pub sync_period: Duration,
+}
+
+/// Runs pods until Ctrl-C or SIGTERM; pods keep running after it exits (a
+/// restarted kubelet adopts them).
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut kubelet = Kubelet::connect(&cfg.endpoint, cfg.settings.clone(), cfg.backoff).await?;
+    enum Source {
+        Dir(DirSource),
+        Kube(KubeSource),
+    }
+    let source = match &cfg.source {
+        PodSourceSpec::Dir(dir) => {
+            anyhow::ensure!(dir.is_dir(), "pod manifest folder {} does not exist", dir.display());
+            Source::Dir(DirSource::new(dir.clone()))
+        }
+        PodSourceSpec::Kube => {
+            let config = match &cfg.kubeconfig {
+                Some(path) => {
+                    let kc = kube::config::Kubeconfig::read_from(path)
+                        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                    kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+                }
+                None => kube::Config::infer().await.context("no kubeconfig given and not running in a cluster")?,
+            };
+            Source::Kube(KubeSource::start(kube::Client::try_from(config)?, &cfg.node_name))
+        }
+    };
+    tracing::info!(node = %cfg.node_name, "kubelet running pods");
+    let mut stop = std::pin::pin!(shutdown());
+    let mut runtime_down = false;
+    loop {
+        let desired = match &source {
+            Source::Dir(d) => d.pods().map_err(|e| tracing::warn!(error = %format!("{e:#}"), "reading pods")).ok(),
+            Source::Kube(k) => k.pods().await,
+        };
+        // Until the source has listed, nothing is deleted.
+        let (pods, complete) = match desired {
+            Some(p) => (p, true),
+            None => (Vec::new(), false),
+        };
+        match kubelet.sync(&pods, complete).await {
+            Ok(statuses) => {
+                if runtime_down {
+                    tracing::info!("container runtime reachable again");
+                    runtime_down = false;
+                }
+                let reports: Vec<_> = pods.into_iter().zip(statuses).collect();
+                match &source {
+                    Source::Dir(d) => d.report(&reports),
+                    Source::Kube(k) => k.report(&reports).await,
+                }
+            }
+            Err(e) if !runtime_down => {
+                tracing::warn!(error = %format!("{e:#}"), "container runtime unreachable; pods keep running, retrying");
+                runtime_down = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.sync_period) => {}
+            _ = &mut stop => break,
+        }
+    }
+    tracing::info!("kubelet stopping; pods keep running and are adopted on the next start");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `kpr kubelet logs POD`: the latest instance's log of `container` (or
+/// the pod's only container).
+pub fn print_logs(root_dir: &std::path::Path, pod: &str, container: Option<&str>, follow: bool) -> anyhow::Result<()> {
+    let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let dir = logs::pod_dir(&root_dir.join("logs"), namespace, name)?;
+    let container = match container {
+        Some(c) => c.to_string(),
+        None => {
+            let mut names: Vec<String> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            match names.as_slice() {
+                [one] => one.clone(),
+                _ => anyhow::bail!("pod {pod} has containers {}: choose one with -c", names.join(", ")),
+            }
+        }
+    };
+    logs::print(&dir, &container, follow, &mut std::io::stdout().lock())
+}

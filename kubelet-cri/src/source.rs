@@ -1,0 +1,257 @@
+//! Where pods come from and where their status goes: static pod manifests
+//! in a folder (status written beside each manifest), or the API server
+//! (pods bound to this node; status through the status subresource).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use sha2::Digest as _;
+
+use crate::{kubelet::DesiredPod, spec::PodId};
+
+/// The status file beside a manifest: `web.yaml` -> `web.yaml.status.json`.
+pub const STATUS_SUFFIX: &str = ".status.json";
+
+pub fn status_path(manifest: &Path) -> PathBuf {
+    let mut name = manifest.as_os_str().to_owned();
+    name.push(STATUS_SUFFIX);
+    name.into()
+}
+
+/// A static pod's uid, as the kubelet makes one: a hash of what the manifest
+/// says, so an edited manifest is a new pod.
+fn static_uid(pod: &Pod) -> String {
+    let digest = sha2::Sha256::digest(serde_json::to_vec(pod).unwrap_or_default());
+    let h: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Static pods from the manifests in a folder.
+pub struct DirSource {
+    dir: PathBuf,
+    /// Problems already logged, so each is said once.
+    reported: Mutex<HashSet<String>>,
+    /// What each status file last held.
+    written: Mutex<HashMap<PathBuf, Vec<u8>>>,
+    origins: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl DirSource {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, reported: Mutex::default(), written: Mutex::default(), origins: Mutex::default() }
+    }
+
+    fn problem(&self, what: String) {
+        if self.reported.lock().unwrap().insert(what.clone()) {
+            tracing::warn!("{what}");
+        }
+    }
+
+    /// Every valid Pod in the folder's `.yaml`, `.yml` and `.json` files
+    /// (status files aside); invalid documents are reported and skipped.
+    pub fn pods(&self) -> anyhow::Result<Vec<DesiredPod>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("reading {}", self.dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                !name.starts_with('.')
+                    && !name.ends_with(STATUS_SUFFIX)
+                    && [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext))
+            })
+            .collect();
+        files.sort();
+        let mut pods = Vec::new();
+        let mut origins = HashMap::new();
+        let mut seen = HashSet::new();
+        for file in files {
+            let Ok(text) = std::fs::read_to_string(&file) else { continue };
+            for (n, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+                let value: serde_yaml::Value = match serde::Deserialize::deserialize(doc) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.problem(format!("{}: document {}: not YAML: {e}", file.display(), n + 1));
+                        break;
+                    }
+                };
+                if value.is_null() || value.get("kind").and_then(|k| k.as_str()) != Some("Pod") {
+                    continue;
+                }
+                let pod: Pod = match serde_yaml::from_value(value) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.problem(format!("{}: document {}: not a valid Pod: {e}", file.display(), n + 1));
+                        continue;
+                    }
+                };
+                let Some(name) = pod.metadata.name.clone() else {
+                    self.problem(format!("{}: document {}: a Pod without a name", file.display(), n + 1));
+                    continue;
+                };
+                let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                if !seen.insert((namespace.clone(), name.clone())) {
+                    self.problem(format!(
+                        "{}: Pod {namespace}/{name} is defined twice; the first one runs",
+                        file.display()
+                    ));
+                    continue;
+                }
+                let uid = pod.metadata.uid.clone().unwrap_or_else(|| static_uid(&pod));
+                origins.insert(uid.clone(), file.clone());
+                pods.push(DesiredPod { id: PodId { namespace, name, uid }, pod });
+            }
+        }
+        *self.origins.lock().unwrap() = origins;
+        Ok(pods)
+    }
+
+    /// Writes each manifest's pods with their status beside it, and removes
+    /// status files whose manifest is gone.
+    pub fn report(&self, statuses: &[(DesiredPod, PodStatus)]) {
+        let origins = self.origins.lock().unwrap().clone();
+        let mut by_file: BTreeMap<PathBuf, Vec<serde_json::Value>> = BTreeMap::new();
+        for (d, status) in statuses {
+            let Some(file) = origins.get(&d.id.uid) else { continue };
+            by_file.entry(status_path(file)).or_default().push(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": d.id.name, "namespace": d.id.namespace, "uid": d.id.uid},
+                "status": status,
+            }));
+        }
+        let mut written = self.written.lock().unwrap();
+        for (path, pods) in &by_file {
+            let bytes = serde_json::to_vec_pretty(pods).unwrap_or_default();
+            if written.get(path) == Some(&bytes) {
+                continue;
+            }
+            let tmp = path.with_extension("tmp");
+            if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, path)) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot write pod status");
+                continue;
+            }
+            written.insert(path.clone(), bytes);
+        }
+        written.retain(|path, _| {
+            let keep = by_file.contains_key(path);
+            if !keep {
+                let _ = std::fs::remove_file(path);
+            }
+            keep
+        });
+    }
+}
+
+/// Pods bound to this node, from the API server.
+pub struct KubeSource {
+    client: kube::Client,
+    store: reflector::Store<Pod>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    written: Mutex<HashMap<String, serde_json::Value>>,
+}
+
+impl KubeSource {
+    /// Watches pods with `spec.nodeName=NODE` (list, then watch, re-listing
+    /// as needed).
+    pub fn start(client: kube::Client, node: &str) -> Self {
+        let api: Api<Pod> = Api::all(client.clone());
+        let (store, writer) = reflector::store();
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ready.clone();
+        let stream = watcher(api, config).default_backoff().reflect(writer).applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(_) => flag.store(true, std::sync::atomic::Ordering::Relaxed),
+                    Err(e) => tracing::warn!(error = %e, "watching pods"),
+                }
+            }
+        });
+        Self { client, store, ready, written: Mutex::default() }
+    }
+
+    /// The pods, once the first list is in (until then, nothing is deleted).
+    pub async fn pods(&self) -> Option<Vec<DesiredPod>> {
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            // An empty list may also be "nothing here yet": wait for the store.
+            if tokio::time::timeout(std::time::Duration::from_millis(100), self.store.wait_until_ready()).await.is_err()
+            {
+                return None;
+            }
+        }
+        Some(
+            self.store
+                .state()
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| {
+                    let id = PodId {
+                        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                        name: p.metadata.name.clone()?,
+                        uid: p.metadata.uid.clone()?,
+                    };
+                    Some(DesiredPod { id, pod: (**p).clone() })
+                })
+                .collect(),
+        )
+    }
+
+    /// Patches each pod's status subresource where it changed.
+    pub async fn report(&self, statuses: &[(DesiredPod, PodStatus)]) {
+        for (d, status) in statuses {
+            let value = serde_json::json!({ "status": status });
+            if self.written.lock().unwrap().get(&d.id.uid) == Some(&value) {
+                continue;
+            }
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &d.id.namespace);
+            match api.patch_status(&d.id.name, &PatchParams::default(), &Patch::Merge(&value)).await {
+                Ok(_) => drop(self.written.lock().unwrap().insert(d.id.uid.clone(), value)),
+                Err(e) => tracing::warn!(pod = %d.id, error = %e, "cannot write pod status"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_pods_are_read_with_stable_uids_and_bad_documents_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let web = "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {containers: [{name: c, image: i}]}\n";
+        std::fs::write(dir.path().join("web.yaml"), web).unwrap();
+        std::fs::write(dir.path().join("bad.yaml"), "kind: Pod\nmetadata: {name: x}\nspec: {containers: 3}\n").unwrap();
+        std::fs::write(dir.path().join("web.yaml.status.json"), "[]").unwrap();
+        let source = DirSource::new(dir.path().into());
+        let pods = source.pods().unwrap();
+        assert_eq!(pods.len(), 1, "the bad document is skipped");
+        assert_eq!((pods[0].id.namespace.as_str(), pods[0].id.name.as_str()), ("default", "web"));
+        assert_eq!(pods[0].id.uid, source.pods().unwrap()[0].id.uid, "the same manifest, the same uid");
+        std::fs::write(dir.path().join("web.yaml"), web.replace("image: i", "image: j")).unwrap();
+        assert_ne!(pods[0].id.uid, source.pods().unwrap()[0].id.uid, "an edited manifest is a new pod");
+
+        let status = PodStatus { phase: Some("Running".into()), ..Default::default() };
+        let pods = source.pods().unwrap();
+        source.report(&[(pods[0].clone(), status)]);
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("web.yaml.status.json")).unwrap()).unwrap();
+        assert_eq!(written[0]["status"]["phase"], "Running");
+        assert_eq!(written[0]["metadata"]["name"], "web");
+        source.report(&[]);
+        assert!(!dir.path().join("web.yaml.status.json").exists(), "a pod's status goes with it");
+    }
+}

@@ -1,0 +1,425 @@
+//! A Pod's spec as CRI configs: the sandbox, then one config per container.
+//! Pure, so every field's translation is tested without a runtime.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use k8s_cri::v1 as cri;
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+/// Labels kpr's kubelet puts on everything it creates: how it finds its own
+/// sandboxes and containers again after a restart (the `io.kubernetes.*`
+/// ones are the kubelet's own, which tools like crictl show).
+pub const MANAGED_BY: &str = "kpr.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "kpr-kubelet";
+pub const POD_NAME: &str = "io.kubernetes.pod.name";
+pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const POD_UID: &str = "io.kubernetes.pod.uid";
+pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
+/// `init` or `app`.
+pub const CONTAINER_KIND: &str = "kpr.io/container-kind";
+/// Annotation: how many times this container was restarted before this instance.
+pub const RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
+
+/// Who a pod is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodId {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for PodId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Node-wide settings that shape every pod.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pod volumes (emptyDir) and logs live under this folder.
+    pub root_dir: PathBuf,
+    /// Cgroup parent of every sandbox.
+    pub cgroup_parent: String,
+    /// Cluster DNS servers for `dnsPolicy: ClusterFirst`; empty: the node's resolv.conf.
+    pub cluster_dns: Vec<String>,
+    pub cluster_domain: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Init,
+    App,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Init => "init",
+            Kind::App => "app",
+        }
+    }
+}
+
+/// Where the pod's emptyDir volumes live.
+pub fn pod_dir(s: &Settings, id: &PodId) -> PathBuf {
+    s.root_dir.join("pods").join(&id.uid)
+}
+
+/// The pod's log folder, as the kubelet's `/var/log/pods/NS_NAME_UID`.
+pub fn log_dir(root_dir: &Path, id: &PodId) -> PathBuf {
+    root_dir.join("logs").join(format!("{}_{}_{}", id.namespace, id.name, id.uid))
+}
+
+/// A container's log file relative to the pod's log folder.
+pub fn log_path(container: &str, attempt: u32) -> String {
+    format!("{container}/{attempt}.log")
+}
+
+fn pod_labels(id: &PodId) -> HashMap<String, String> {
+    HashMap::from([
+        (MANAGED_BY.into(), MANAGED_BY_VALUE.into()),
+        (POD_NAME.into(), id.name.clone()),
+        (POD_NAMESPACE.into(), id.namespace.clone()),
+        (POD_UID.into(), id.uid.clone()),
+    ])
+}
+
+fn host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+}
+
+/// The sandbox for `pod`.
+pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri::PodSandboxConfig {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let host_net = host_network(pod);
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default().into_iter().collect::<HashMap<_, _>>();
+    labels.extend(pod_labels(id));
+    let port_mappings = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.is_some())
+        .map(|p| cri::PortMapping {
+            protocol: match p.protocol.as_deref() {
+                Some("UDP") => cri::Protocol::Udp as i32,
+                Some("SCTP") => cri::Protocol::Sctp as i32,
+                _ => cri::Protocol::Tcp as i32,
+            },
+            container_port: p.container_port,
+            host_port: p.host_port.unwrap_or_default(),
+            host_ip: p.host_ip.clone().unwrap_or_default(),
+        })
+        .collect();
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: id.name.clone(),
+            uid: id.uid.clone(),
+            namespace: id.namespace.clone(),
+            attempt,
+        }),
+        // A host-network sandbox keeps the node's hostname (and must not set one).
+        hostname: if host_net { String::new() } else { spec.hostname.clone().unwrap_or_else(|| id.name.clone()) },
+        log_directory: log_dir(&s.root_dir, id).to_string_lossy().into_owned(),
+        dns_config: dns_config(pod, &id.namespace, s),
+        port_mappings,
+        labels,
+        annotations: pod.metadata.annotations.clone().unwrap_or_default().into_iter().collect(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: s.cgroup_parent.clone(),
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: if host_net { cri::NamespaceMode::Node as i32 } else { cri::NamespaceMode::Pod as i32 },
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// As the kubelet: ClusterFirst uses the cluster DNS (if one is configured),
+/// `None` only the pod's dnsConfig, Default the node's resolv.conf.
+fn dns_config(pod: &Pod, namespace: &str, s: &Settings) -> Option<cri::DnsConfig> {
+    let spec = pod.spec.as_ref()?;
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    let cluster_first = match policy {
+        "ClusterFirst" => !host_network(pod),
+        "ClusterFirstWithHostNet" => true,
+        _ => false,
+    };
+    let mut dns = cri::DnsConfig::default();
+    if cluster_first && !s.cluster_dns.is_empty() {
+        let d = &s.cluster_domain;
+        dns.servers = s.cluster_dns.clone();
+        dns.searches = vec![format!("{namespace}.svc.{d}"), format!("svc.{d}"), d.clone()];
+        dns.options = vec!["ndots:5".into()];
+    } else if policy != "None" && spec.dns_config.is_none() {
+        // The runtime's default: the node's resolv.conf.
+        return None;
+    }
+    if let Some(c) = &spec.dns_config {
+        dns.servers.extend(c.nameservers.iter().flatten().cloned());
+        dns.searches.extend(c.searches.iter().flatten().cloned());
+        for o in c.options.iter().flatten() {
+            let name = o.name.clone().unwrap_or_default();
+            dns.options.push(match &o.value {
+                Some(v) => format!("{name}:{v}"),
+                None => name,
+            });
+        }
+    }
+    Some(dns)
+}
+
+/// Millicores of a CPU quantity (`500m`, `2`, `0.5`).
+pub fn parse_cpu(q: &str) -> anyhow::Result<i64> {
+    let q = q.trim();
+    if let Some(m) = q.strip_suffix('m') {
+        return m.parse().with_context(|| format!("CPU quantity {q:?}"));
+    }
+    let cores: f64 = q.parse().with_context(|| format!("CPU quantity {q:?}"))?;
+    Ok((cores * 1000.0).round() as i64)
+}
+
+/// Bytes of a memory quantity (`128Mi`, `1G`, `1000`, `1.5Gi`).
+pub fn parse_memory(q: &str) -> anyhow::Result<i64> {
+    let q = q.trim();
+    let units: [(&str, f64); 12] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, factor) =
+        units.iter().find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f))).unwrap_or((q, 1.0));
+    let n: f64 = number.parse().with_context(|| format!("memory quantity {q:?}"))?;
+    Ok((n * factor).round() as i64)
+}
+
+fn resources(c: &Container) -> anyhow::Result<Option<cri::LinuxContainerResources>> {
+    let Some(r) = &c.resources else { return Ok(None) };
+    let mut out = cri::LinuxContainerResources::default();
+    if let Some(cpu) = r.limits.as_ref().and_then(|l| l.get("cpu")) {
+        out.cpu_period = 100_000;
+        out.cpu_quota = parse_cpu(&cpu.0)? * 100;
+    }
+    let request = r.requests.as_ref().and_then(|l| l.get("cpu")).or(r.limits.as_ref().and_then(|l| l.get("cpu")));
+    if let Some(cpu) = request {
+        // As the kubelet: 1024 shares per core, at least 2.
+        out.cpu_shares = (parse_cpu(&cpu.0)? * 1024 / 1000).max(2);
+    }
+    if let Some(mem) = r.limits.as_ref().and_then(|l| l.get("memory")) {
+        out.memory_limit_in_bytes = parse_memory(&mem.0)?;
+    }
+    Ok(Some(out))
+}
+
+/// Where each of `c`'s volume mounts comes from on the node.
+fn mounts(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> anyhow::Result<Vec<cri::Mount>> {
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| {
+            let v = volumes.iter().find(|v| v.name == m.name).with_context(|| {
+                format!("container {} mounts volume {:?}, which the pod does not define", c.name, m.name)
+            })?;
+            let host_path = if let Some(h) = &v.host_path {
+                PathBuf::from(&h.path)
+            } else if v.empty_dir.is_some() {
+                empty_dir(s, id, &v.name)
+            } else {
+                bail!("volume {:?}: only hostPath and emptyDir volumes are supported", v.name);
+            };
+            Ok(cri::Mount {
+                container_path: m.mount_path.clone(),
+                host_path: host_path.to_string_lossy().into_owned(),
+                readonly: m.read_only.unwrap_or(false),
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+/// The folder behind an emptyDir volume.
+pub fn empty_dir(s: &Settings, id: &PodId, volume: &str) -> PathBuf {
+    pod_dir(s, id).join("volumes/empty-dir").join(volume)
+}
+
+/// One container of the pod, as its `attempt`th instance.
+pub fn container_config(
+    pod: &Pod,
+    id: &PodId,
+    c: &Container,
+    kind: Kind,
+    attempt: u32,
+    s: &Settings,
+) -> anyhow::Result<cri::ContainerConfig> {
+    let mut envs = Vec::new();
+    for e in c.env.iter().flatten() {
+        if e.value_from.is_some() {
+            bail!("env {:?} uses valueFrom, which is not supported", e.name);
+        }
+        envs.push(cri::KeyValue { key: e.name.clone(), value: e.value.clone().unwrap_or_default() });
+    }
+    let mut labels = pod_labels(id);
+    labels.insert(CONTAINER_NAME.into(), c.name.clone());
+    labels.insert(CONTAINER_KIND.into(), kind.label().into());
+    let image = c.image.clone().with_context(|| format!("container {} has no image", c.name))?;
+    Ok(cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: c.name.clone(), attempt }),
+        image: Some(cri::ImageSpec { image: image.clone(), user_specified_image: image, ..Default::default() }),
+        command: c.command.clone().unwrap_or_default(),
+        args: c.args.clone().unwrap_or_default(),
+        working_dir: c.working_dir.clone().unwrap_or_default(),
+        envs,
+        mounts: mounts(pod, id, c, s)?,
+        labels,
+        annotations: HashMap::from([(RESTART_COUNT.into(), attempt.to_string())]),
+        log_path: log_path(&c.name, attempt),
+        linux: Some(cri::LinuxContainerConfig { resources: resources(c)?, ..Default::default() }),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            root_dir: "/var/lib/kpr-kubelet".into(),
+            cgroup_parent: "/kubepods".into(),
+            cluster_dns: vec!["10.96.0.53".into()],
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn id() -> PodId {
+        PodId { namespace: "default".into(), name: "web".into(), uid: "u1".into() }
+    }
+
+    const WEB: &str = "
+metadata: {name: web, namespace: default, labels: {app: web}, annotations: {note: hi}}
+spec:
+  volumes:
+  - {name: data, emptyDir: {}}
+  - {name: host, hostPath: {path: /srv/www}}
+  containers:
+  - name: httpd
+    image: docker.io/kpr/busybox:test
+    command: [httpd, -f]
+    args: [-p, '8080']
+    workingDir: /www
+    env: [{name: MODE, value: demo}]
+    ports: [{containerPort: 8080, hostPort: 18080}]
+    volumeMounts:
+    - {name: data, mountPath: /data}
+    - {name: host, mountPath: /www, readOnly: true}
+    resources:
+      limits: {cpu: 500m, memory: 64Mi}
+      requests: {cpu: 250m}
+";
+
+    #[test]
+    fn the_sandbox_carries_identity_dns_ports_and_cgroup() {
+        let c = sandbox_config(&pod(WEB), &id(), 2, &settings());
+        let m = c.metadata.unwrap();
+        assert_eq!((m.name.as_str(), m.namespace.as_str(), m.uid.as_str(), m.attempt), ("web", "default", "u1", 2));
+        assert_eq!(c.hostname, "web");
+        assert_eq!(c.labels["app"], "web");
+        assert_eq!(c.labels[MANAGED_BY], MANAGED_BY_VALUE);
+        assert_eq!(c.labels[POD_UID], "u1");
+        assert_eq!(c.annotations["note"], "hi");
+        assert_eq!(c.log_directory, "/var/lib/kpr-kubelet/logs/default_web_u1");
+        let dns = c.dns_config.unwrap();
+        assert_eq!(dns.servers, ["10.96.0.53"]);
+        assert_eq!(dns.searches, ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]);
+        assert_eq!(c.port_mappings[0].host_port, 18080);
+        assert_eq!(c.port_mappings[0].container_port, 8080);
+        let linux = c.linux.unwrap();
+        assert_eq!(linux.cgroup_parent, "/kubepods");
+        assert_eq!(linux.security_context.unwrap().namespace_options.unwrap().network, cri::NamespaceMode::Pod as i32);
+    }
+
+    #[test]
+    fn a_host_network_sandbox_shares_the_node_and_sets_no_hostname() {
+        let p = pod("metadata: {name: h}\nspec: {hostNetwork: true, containers: [{name: c, image: i}]}");
+        let c = sandbox_config(&p, &id(), 0, &settings());
+        assert_eq!(c.hostname, "");
+        let ns = c.linux.unwrap().security_context.unwrap().namespace_options.unwrap();
+        assert_eq!(ns.network, cri::NamespaceMode::Node as i32);
+        assert!(c.dns_config.is_none(), "ClusterFirst on the host network falls back to the node's resolv.conf");
+    }
+
+    #[test]
+    fn a_container_gets_command_env_mounts_limits_and_log_path() {
+        let p = pod(WEB);
+        let spec = p.spec.clone().unwrap();
+        let c = container_config(&p, &id(), &spec.containers[0], Kind::App, 3, &settings()).unwrap();
+        assert_eq!(c.metadata.unwrap().attempt, 3);
+        assert_eq!(c.image.unwrap().image, "docker.io/kpr/busybox:test");
+        assert_eq!(c.command, ["httpd", "-f"]);
+        assert_eq!(c.args, ["-p", "8080"]);
+        assert_eq!(c.working_dir, "/www");
+        assert_eq!(c.envs[0].key, "MODE");
+        assert_eq!(c.mounts[0].host_path, "/var/lib/kpr-kubelet/pods/u1/volumes/empty-dir/data");
+        assert_eq!(c.mounts[0].container_path, "/data");
+        assert_eq!((c.mounts[1].host_path.as_str(), c.mounts[1].readonly), ("/srv/www", true));
+        let r = c.linux.unwrap().resources.unwrap();
+        assert_eq!((r.cpu_period, r.cpu_quota, r.cpu_shares), (100_000, 50_000, 256));
+        assert_eq!(r.memory_limit_in_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.log_path, "httpd/3.log");
+        assert_eq!(c.labels[CONTAINER_NAME], "httpd");
+        assert_eq!(c.labels[CONTAINER_KIND], "app");
+        assert_eq!(c.annotations[RESTART_COUNT], "3");
+    }
+
+    #[test]
+    fn unsupported_volumes_and_env_sources_are_clear_errors() {
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  volumes: [{name: s, secret: {secretName: x}}]\n  containers: [{name: c, image: i, volumeMounts: [{name: s, mountPath: /s}]}]",
+        );
+        let c = &p.spec.clone().unwrap().containers[0];
+        let e = container_config(&p, &id(), c, Kind::App, 0, &settings()).unwrap_err();
+        assert!(e.to_string().contains("only hostPath and emptyDir"), "{e}");
+        let p = pod(
+            "metadata: {name: p}\nspec: {containers: [{name: c, image: i, env: [{name: X, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]}]}",
+        );
+        let c = &p.spec.clone().unwrap().containers[0];
+        let e = container_config(&p, &id(), c, Kind::App, 0, &settings()).unwrap_err();
+        assert!(e.to_string().contains("valueFrom"), "{e}");
+    }
+
+    #[test]
+    fn quantities_parse_as_kubernetes_writes_them() {
+        assert_eq!(parse_cpu("500m").unwrap(), 500);
+        assert_eq!(parse_cpu("2").unwrap(), 2000);
+        assert_eq!(parse_cpu("0.25").unwrap(), 250);
+        assert_eq!(parse_memory("128Mi").unwrap(), 128 << 20);
+        assert_eq!(parse_memory("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_memory("1000").unwrap(), 1000);
+        assert!(parse_memory("lots").is_err());
+    }
+}

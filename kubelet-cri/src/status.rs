@@ -1,0 +1,294 @@
+//! The pod status the kubelet reports, worked out from what the runtime
+//! says about the sandbox and each container's latest instances.
+
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+        ContainerStatus, PodCondition, PodIP, PodStatus,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn of(policy: Option<&str>) -> Self {
+        match policy {
+            Some("OnFailure") => RestartPolicy::OnFailure,
+            Some("Never") => RestartPolicy::Never,
+            _ => RestartPolicy::Always,
+        }
+    }
+
+    /// Whether a container that exited with `code` runs again.
+    pub fn restarts(self, code: i32) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => code != 0,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Created,
+    Running,
+    Exited,
+    Unknown,
+}
+
+/// One instance of a container as the runtime reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub attempt: u32,
+    pub state: State,
+    /// Unix nanoseconds; 0 when not yet.
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    pub image_ref: String,
+}
+
+/// What the kubelet knows of one container of the pod.
+pub struct ContainerView<'a> {
+    pub spec: &'a Container,
+    /// The newest instance, then the one before it.
+    pub latest: Option<&'a Instance>,
+    pub previous: Option<&'a Instance>,
+    /// Why it is not running when the kubelet itself holds it back
+    /// (ErrImagePull, CrashLoopBackOff, ...), with a message.
+    pub waiting: Option<(String, String)>,
+}
+
+pub struct PodView<'a> {
+    pub sandbox_ready: bool,
+    pub pod_ip: Option<String>,
+    pub restart_policy: RestartPolicy,
+    pub init: Vec<ContainerView<'a>>,
+    pub apps: Vec<ContainerView<'a>>,
+    /// Prefix of container ids (`containerd://`).
+    pub runtime: &'a str,
+}
+
+fn time(ns: i64) -> Option<Time> {
+    (ns > 0).then(|| Time(Timestamp::from_nanosecond(ns as i128).unwrap_or(Timestamp::UNIX_EPOCH)))
+}
+
+fn terminated(i: &Instance, runtime: &str) -> ContainerState {
+    let reason = if !i.reason.is_empty() {
+        i.reason.clone()
+    } else if i.exit_code == 0 {
+        "Completed".into()
+    } else {
+        "Error".into()
+    };
+    ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: i.exit_code,
+            reason: Some(reason),
+            message: (!i.message.is_empty()).then(|| i.message.clone()),
+            started_at: time(i.started_at),
+            finished_at: time(i.finished_at),
+            container_id: Some(format!("{runtime}://{}", i.id)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn waiting(reason: &str, message: Option<String>) -> ContainerState {
+    ContainerState {
+        waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message }),
+        ..Default::default()
+    }
+}
+
+fn container_status(v: &ContainerView, not_started_reason: &str, runtime: &str) -> ContainerStatus {
+    let latest = v.latest;
+    let exited = |i: Option<&Instance>| i.filter(|i| i.state == State::Exited).map(|i| terminated(i, runtime));
+    let (state, last_state) = match (&v.waiting, latest) {
+        (Some((reason, message)), _) => (waiting(reason, Some(message.clone())), exited(latest)),
+        (None, Some(i)) if i.state == State::Running => (
+            ContainerState {
+                running: Some(ContainerStateRunning { started_at: time(i.started_at) }),
+                ..Default::default()
+            },
+            exited(v.previous),
+        ),
+        (None, Some(i)) if i.state == State::Exited => (terminated(i, runtime), exited(v.previous)),
+        (None, Some(_)) => (waiting("ContainerCreating", None), exited(v.previous)),
+        (None, None) => (waiting(not_started_reason, None), None),
+    };
+    let running = latest.is_some_and(|i| i.state == State::Running) && v.waiting.is_none();
+    ContainerStatus {
+        name: v.spec.name.clone(),
+        image: v.spec.image.clone().unwrap_or_default(),
+        image_id: latest.map(|i| i.image_ref.clone()).unwrap_or_default(),
+        container_id: latest.map(|i| format!("{runtime}://{}", i.id)),
+        ready: running,
+        started: Some(running),
+        restart_count: latest.map_or(0, |i| i.attempt as i32),
+        state: Some(state),
+        last_state: last_state.or(Some(ContainerState::default())),
+        ..Default::default()
+    }
+}
+
+fn exited_with(v: &ContainerView) -> Option<i32> {
+    v.latest.filter(|i| i.state == State::Exited).map(|i| i.exit_code)
+}
+
+/// The phase as the kubelet computes it.
+pub fn phase(v: &PodView) -> &'static str {
+    let p = v.restart_policy;
+    if v.init.iter().any(|c| exited_with(c).is_some_and(|code| code != 0) && !p.restarts(code_of(c))) {
+        return "Failed";
+    }
+    let initialized = v.init.iter().all(|c| exited_with(c) == Some(0));
+    if !v.sandbox_ready || !initialized {
+        return "Pending";
+    }
+    let (mut running, mut succeeded, mut failed, mut waiting) = (0, 0, 0, 0);
+    for c in &v.apps {
+        match (c.latest.map(|i| i.state), exited_with(c)) {
+            (Some(State::Running), _) => running += 1,
+            (_, Some(0)) if !p.restarts(0) => succeeded += 1,
+            (_, Some(code)) if !p.restarts(code) => failed += 1,
+            // Exited but to be restarted: still running as far as the pod goes.
+            (_, Some(_)) => running += 1,
+            _ => waiting += 1,
+        }
+    }
+    if waiting > 0 && running == 0 && succeeded + failed == 0 {
+        "Pending"
+    } else if running > 0 || waiting > 0 {
+        "Running"
+    } else if failed > 0 {
+        "Failed"
+    } else {
+        "Succeeded"
+    }
+}
+
+fn code_of(c: &ContainerView) -> i32 {
+    exited_with(c).unwrap_or(0)
+}
+
+fn condition(kind: &str, ok: bool) -> PodCondition {
+    PodCondition { type_: kind.into(), status: if ok { "True" } else { "False" }.into(), ..Default::default() }
+}
+
+pub fn pod_status(v: &PodView) -> PodStatus {
+    let initialized = v.init.iter().all(|c| exited_with(c) == Some(0));
+    let init_statuses: Vec<_> = v.init.iter().map(|c| container_status(c, "PodInitializing", v.runtime)).collect();
+    let app_reason = if initialized { "ContainerCreating" } else { "PodInitializing" };
+    let statuses: Vec<_> = v.apps.iter().map(|c| container_status(c, app_reason, v.runtime)).collect();
+    let ready = v.sandbox_ready && initialized && statuses.iter().all(|s| s.ready);
+    PodStatus {
+        phase: Some(phase(v).into()),
+        pod_ip: v.pod_ip.clone(),
+        pod_ips: v.pod_ip.clone().map(|ip| vec![PodIP { ip }]),
+        conditions: Some(vec![
+            condition("PodScheduled", true),
+            condition("PodReadyToStartContainers", v.sandbox_ready),
+            condition("Initialized", initialized),
+            condition("ContainersReady", ready),
+            condition("Ready", ready),
+        ]),
+        init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
+        container_statuses: Some(statuses),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> Container {
+        Container { name: name.into(), image: Some("busybox".into()), ..Default::default() }
+    }
+
+    fn inst(attempt: u32, state: State, exit_code: i32) -> Instance {
+        Instance {
+            id: format!("id{attempt}"),
+            attempt,
+            state,
+            started_at: 1_700_000_000_000_000_000,
+            finished_at: if state == State::Exited { 1_700_000_001_000_000_000 } else { 0 },
+            exit_code,
+            reason: String::new(),
+            message: String::new(),
+            image_ref: "sha256:abc".into(),
+        }
+    }
+
+    fn view<'a>(policy: RestartPolicy, init: Vec<ContainerView<'a>>, apps: Vec<ContainerView<'a>>) -> PodView<'a> {
+        PodView {
+            sandbox_ready: true,
+            pod_ip: Some("10.88.0.5".into()),
+            restart_policy: policy,
+            init,
+            apps,
+            runtime: "containerd",
+        }
+    }
+
+    #[test]
+    fn phases_follow_the_restart_policy() {
+        let (a, b) = (spec("a"), spec("b"));
+        let (run, ok, bad) = (inst(0, State::Running, 0), inst(0, State::Exited, 0), inst(2, State::Exited, 3));
+        let c = |s, i| ContainerView { spec: s, latest: i, previous: None, waiting: None };
+        assert_eq!(phase(&view(RestartPolicy::Always, vec![], vec![c(&a, Some(&run)), c(&b, None)])), "Running");
+        assert_eq!(phase(&view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok)), c(&b, Some(&ok))])), "Succeeded");
+        assert_eq!(phase(&view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok)), c(&b, Some(&bad))])), "Failed");
+        assert_eq!(phase(&view(RestartPolicy::OnFailure, vec![], vec![c(&a, Some(&bad))])), "Running", "will restart");
+        assert_eq!(
+            phase(&view(RestartPolicy::Always, vec![c(&a, Some(&run))], vec![c(&b, None)])),
+            "Pending",
+            "initializing"
+        );
+        assert_eq!(
+            phase(&view(RestartPolicy::Never, vec![c(&a, Some(&bad))], vec![c(&b, None)])),
+            "Failed",
+            "init failed"
+        );
+        assert_eq!(phase(&view(RestartPolicy::Always, vec![], vec![c(&a, None)])), "Pending");
+    }
+
+    #[test]
+    fn container_statuses_carry_state_last_state_and_restarts() {
+        let (a, b) = (spec("a"), spec("b"));
+        let (crashed, before) = (inst(2, State::Exited, 3), inst(1, State::Exited, 3));
+        let backoff = ContainerView {
+            spec: &a,
+            latest: Some(&crashed),
+            previous: Some(&before),
+            waiting: Some(("CrashLoopBackOff".into(), "back-off 20s restarting a".into())),
+        };
+        let running = inst(0, State::Running, 0);
+        let up = ContainerView { spec: &b, latest: Some(&running), previous: None, waiting: None };
+        let s = pod_status(&view(RestartPolicy::Always, vec![], vec![backoff, up]));
+        let cs = s.container_statuses.unwrap();
+        assert_eq!(cs[0].restart_count, 2);
+        assert_eq!(cs[0].state.as_ref().unwrap().waiting.as_ref().unwrap().reason.as_deref(), Some("CrashLoopBackOff"));
+        let last = cs[0].last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+        assert!(!cs[0].ready);
+        assert!(cs[1].ready && cs[1].state.as_ref().unwrap().running.is_some());
+        assert_eq!(cs[1].container_id.as_deref(), Some("containerd://id0"));
+        assert_eq!(s.pod_ip.as_deref(), Some("10.88.0.5"));
+        let ready = s.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False", "one container is not running");
+    }
+}
