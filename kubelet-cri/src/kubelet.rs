@@ -432,6 +432,23 @@ impl Kubelet {
     }
 }
 
+/// Stops and removes every pod this kubelet created (`kpr kubelet reset`,
+/// as `kubeadm reset` does). Returns how many sandboxes went.
+pub async fn reset(endpoint: &str) -> anyhow::Result<usize> {
+    let mut cri = Cri::connect(endpoint).await?;
+    let filter = cri::PodSandboxFilter { label_selector: selector(), ..Default::default() };
+    let sandboxes = cri.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) }).await?;
+    let filter = cri::ContainerFilter { label_selector: selector(), ..Default::default() };
+    let containers = cri.runtime.list_containers(cri::ListContainersRequest { filter: Some(filter) }).await?;
+    let containers = containers.into_inner().containers;
+    let sandboxes = sandboxes.into_inner().items;
+    for s in &sandboxes {
+        let ids = containers.iter().filter(|c| c.pod_sandbox_id == s.id).map(|c| c.id.clone()).collect();
+        remove_pod(cri.clone(), s.id.clone(), ids, 0).await?;
+    }
+    Ok(sandboxes.len())
+}
+
 fn container_ids(by_name: Option<&HashMap<String, Vec<Instance>>>) -> Vec<String> {
     by_name.into_iter().flat_map(|m| m.values().flatten().map(|i| i.id.clone())).collect()
 }

@@ -200,6 +200,11 @@ enum KubeletCommand {
         #[arg(long, default_value = DEFAULT_KUBELET_ROOT)]
         root_dir: PathBuf,
     },
+    /// Stop and remove every pod this kubelet created.
+    Reset {
+        #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
+        container_runtime_endpoint: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -386,6 +391,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Stats { maps } => print_stats(maps),
         Command::Kubelet { command: Some(KubeletCommand::Logs { pod, container, follow, root_dir }), .. } => {
             kubelet_cri::run::print_logs(&root_dir, &pod, container.as_deref(), follow)
+        }
+        Command::Kubelet { command: Some(KubeletCommand::Reset { container_runtime_endpoint }), .. } => {
+            let n = kubelet_cri::kubelet::reset(&container_runtime_endpoint).await?;
+            println!("removed {n} pod sandbox(es)");
+            Ok(())
         }
         Command::Kubelet { command: None, args } => {
             kubelet_cri::run::run(kubelet_cri::run::Config {

@@ -262,21 +262,13 @@ state = "{d}/state"
         Ok(())
     }
 
-    /// Removes every pod sandbox through CRI (so containerd tears down
-    /// their network namespaces and CNI state), with crictl's semantics.
+    /// Removes every pod the kubelet made, through CRI (so containerd tears
+    /// down their network namespaces and CNI state).
     fn remove_all_pods(&self) {
-        let endpoint = self.endpoint();
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        rt.block_on(async move {
-            use k8s_cri::v1 as cri;
-            use kubelet_cri::cri::Cri;
-            let Ok(mut c) = Cri::connect(&endpoint).await else { return };
-            let Ok(list) = c.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await else { return };
-            for s in list.into_inner().items {
-                let _ = c.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: s.id.clone() }).await;
-                let _ = c.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: s.id }).await;
-            }
-        });
+        let endpoint = format!("--container-runtime-endpoint={}", self.endpoint());
+        if let Ok(bin) = crate::kpr::binary() {
+            let _ = Command::new(bin).args(["kubelet", "reset", &endpoint]).output();
+        }
     }
 }
 

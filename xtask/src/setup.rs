@@ -13,8 +13,24 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages: `ip` (iproute2) and `sysctl` (procps) build the
-/// virtual node; iptables mode needs iptables (both backends) and conntrack.
-const PACKAGES: &[&str] = &["iproute2", "procps", "iptables", "conntrack", "chromium", "chromium-driver"];
+/// virtual node; iptables mode needs iptables (both backends) and conntrack;
+/// the dashboard test drives Chromium; the kubelet tests run containerd with
+/// runc and the CNI plugins, busybox-static for images and a local registry;
+/// protoc compiles the CRI protos.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "procps",
+    "iptables",
+    "conntrack",
+    "chromium",
+    "chromium-driver",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "docker-registry",
+    "protobuf-compiler",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
@@ -131,11 +147,24 @@ fn debian_packages() -> anyhow::Result<()> {
         );
     }
     eprintln!("setup: installing {}", missing.join(" "));
-    run_cmd(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    // containerd and docker-registry ship services; the tests start their
+    // own, so none may start on install (Debian's policy-rc.d convention).
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(policy, "#!/bin/sh\n# kpr setup: no service starts while packages install\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run_cmd(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive")).and_then(|()| {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
 }
