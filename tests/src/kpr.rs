@@ -80,34 +80,36 @@ impl Kpr {
     /// Starts `kpr run ARGS` in `node`, attached to its pods' interfaces
     /// and pinning maps in its bpffs, without waiting.
     pub fn spawn(node: &VirtualNode, args: &[String], log: &Path) -> anyhow::Result<Self> {
-        let bin = binary()?;
-        let log_file = std::fs::File::create(log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", node.ns.name()])
-            .arg(&bin)
-            .arg("run")
-            .args(args)
-            .arg(format!("--state-dir={}", state_dir(log).display()))
-            .arg(format!("--bpf-root={}", node.bpf_root().display()))
-            .arg(format!("--interfaces={}", node.interfaces().join(",")))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("starting kpr")?;
-        Ok(Self { child: Some(child), log: log.to_path_buf() })
+        let mut all = args.to_vec();
+        all.push(format!("--bpf-root={}", node.bpf_root().display()));
+        all.push(format!("--interfaces={}", node.interfaces().join(",")));
+        Self::run_in(&node.ns, &all, log)
+    }
+
+    /// Starts `kpr run ARGS` in namespace `ns` without waiting; its status
+    /// goes to `state/` beside the log.
+    pub fn run_in(ns: &Netns, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        let mut all = vec!["run".to_string()];
+        all.extend_from_slice(args);
+        all.push(format!("--state-dir={}", state_dir(log).display()));
+        Self::process(ns, &all, log)
     }
 
     /// Starts `kpr kubelet ARGS` in `ns` and waits for it to say it runs pods.
     pub fn kubelet(ns: &Netns, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        let mut all = vec!["kubelet".to_string()];
+        all.extend_from_slice(args);
+        let mut kubelet = Self::process(ns, &all, log)?;
+        kubelet.wait_for_log("kubelet running pods", Duration::from_secs(20))?;
+        Ok(kubelet)
+    }
+
+    fn process(ns: &Netns, args: &[String], log: &Path) -> anyhow::Result<Self> {
         let bin = binary()?;
         let log_file = std::fs::File::create(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name()])
             .arg(&bin)
-            .arg("kubelet")
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -115,10 +117,8 @@ impl Kpr {
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .context("starting kpr kubelet")?;
-        let mut kubelet = Self { child: Some(child), log: log.to_path_buf() };
-        kubelet.wait_for_log("kubelet running pods", Duration::from_secs(20))?;
-        Ok(kubelet)
+            .with_context(|| format!("starting kpr {}", args[0]))?;
+        Ok(Self { child: Some(child), log: log.to_path_buf() })
     }
 
     pub fn log(&self) -> String {

@@ -21,6 +21,8 @@ use serde_json::Value;
 /// A node namespace, containerd in it, a manifest folder and `kpr kubelet`.
 struct Node {
     kubelet: Option<Kpr>,
+    /// Where pods come from (`--source`, `--kubeconfig`).
+    source: Vec<String>,
     containerd: Containerd,
     manifests: tempfile::TempDir,
     root: tempfile::TempDir,
@@ -28,26 +30,32 @@ struct Node {
 }
 
 impl Node {
+    /// With static pods from the manifest folder.
     fn start() -> Self {
+        let mut node = Self::without_kubelet();
+        node.source = vec![format!("--source=dir:{}", node.manifests.path().display())];
+        node.start_kubelet();
+        node
+    }
+
+    fn without_kubelet() -> Self {
         let ns = Netns::new(&format!("{}-node", unique_prefix())).unwrap();
         ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
         let containerd = Containerd::start(&ns).expect("containerd starts");
         let manifests = tempfile::tempdir().unwrap();
         let root = tempfile::tempdir().unwrap();
-        let mut node = Self { kubelet: None, containerd, manifests, root, ns };
-        node.start_kubelet();
-        node
+        Self { kubelet: None, source: vec![], containerd, manifests, root, ns }
     }
 
     fn start_kubelet(&mut self) {
-        let args = vec![
+        let mut args = self.source.clone();
+        args.extend([
             format!("--container-runtime-endpoint={}", self.containerd.endpoint()),
-            format!("--source=dir:{}", self.manifests.path().display()),
             format!("--root-dir={}", self.root.path().display()),
             format!("--cgroup-parent={}", self.containerd.cgroup_parent),
             "--node-name=node-1".into(),
             "--restart-backoff=1s".into(),
-        ];
+        ]);
         let log = self.root.path().join(format!("kubelet-{}.log", Instant::now().elapsed().as_nanos()));
         self.kubelet = Some(Kpr::kubelet(&self.ns, &args, &log).expect("kpr kubelet starts"));
     }
@@ -201,9 +209,8 @@ fn exit_codes_and_restarts_follow_the_restart_policy_and_crashes_back_off() {
     assert_eq!((t["exitCode"].as_i64(), t["reason"].as_str()), (Some(7), Some("Error")), "{never:#}");
     assert_eq!(app(&never)["restartCount"], 0);
 
-    let retry = node.wait_status("pods.yaml", "retry", Duration::from_secs(60), |s| {
-        app(s)["restartCount"].as_i64() >= Some(1)
-    });
+    let retry =
+        node.wait_status("pods.yaml", "retry", Duration::from_secs(60), |s| app(s)["restartCount"].as_i64() >= Some(1));
     assert_eq!(phase(&retry), "Running", "OnFailure restarts a failure: {retry:#}");
 
     // Always: restarted, with the kubelet's growing back-off in between.
@@ -333,4 +340,160 @@ fn restarting_the_kubelet_or_containerd_keeps_pods_running_and_tracked() {
     assert_eq!(ids(&after), ids(&before), "still the same containers:\n{}", node.log());
     assert_eq!(container(&after, "containerStatuses", "httpd")["restartCount"], 0);
     assert_eq!(sandboxes(&node), count);
+}
+
+const SERVERS: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: NAME, labels: {app: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: httpd
+    image: IMAGE
+    command: [sh, -c, 'mkdir -p /www; hostname > /www/index.html; exec httpd -f -p 8080 -h /www']
+"#;
+
+/// The node-side veths the CNI bridge plugin made, for `kpr run --interfaces`.
+fn cni_veths(ns: &Netns) -> Vec<String> {
+    let out = ns.output(&["ip", "-o", "link", "show", "type", "veth"]).unwrap();
+    out.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
+    root_or_skip!();
+    let node = Node::start();
+    for name in ["web-1", "web-2"] {
+        write(node.manifests.path(), &format!("{name}.yaml"), &manifest(&SERVERS.replace("NAME", name))).unwrap();
+    }
+    let ips: Vec<std::net::Ipv4Addr> = ["web-1", "web-2"]
+        .iter()
+        .map(|name| {
+            let s = node.wait_status(&format!("{name}.yaml"), name, Duration::from_secs(60), |s| {
+                phase(s) == "Running" && s["podIP"].is_string()
+            });
+            s["podIP"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+
+    // A client pod on the same bridge, as the CNI plugin would attach one.
+    let client = Netns::new(&format!("{}-client", unique_prefix())).unwrap();
+    let n = node.ns.name();
+    kpr_tests::netns::ip(&[
+        "-n",
+        n,
+        "link",
+        "add",
+        "vclient",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        client.name(),
+    ])
+    .unwrap();
+    kpr_tests::netns::ip(&["-n", n, "link", "set", "vclient", "master", "cni0", "up"]).unwrap();
+    let c = client.name();
+    kpr_tests::netns::ip(&["-n", c, "addr", "add", "10.88.0.200/24", "dev", "eth0"]).unwrap();
+    kpr_tests::netns::ip(&["-n", c, "link", "set", "eth0", "up"]).unwrap();
+    kpr_tests::netns::ip(&["-n", c, "route", "add", "default", "via", "10.88.0.1"]).unwrap();
+    node.ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+
+    // The Service and its EndpointSlice name the CRI-assigned addresses.
+    let services = tempfile::tempdir().unwrap();
+    let vip = std::net::Ipv4Addr::new(10, 96, 0, 10);
+    let endpoints = [("web-1", ips[0]), ("web-2", ips[1])];
+    write(services.path(), "web.yaml", &kpr_tests::manifests::web_service("web", vip, &endpoints)).unwrap();
+    let args = vec![
+        "--mode=ebpf".to_string(),
+        format!("--source=dir:{}", services.path().display()),
+        format!("--interfaces={}", cni_veths(&node.ns).join(",")),
+        "--healthz-bind-address=127.0.0.1:10256".into(),
+    ];
+    let mut proxy = Kpr::run_in(&node.ns, &args, &services.path().join("kpr.log")).unwrap();
+    proxy.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+
+    let answers = client
+        .run(move || {
+            (0..40)
+                .map(|_| {
+                    http_get(SocketAddr::from((vip, 80)), "/", Duration::from_secs(3)).map(|r| r.1.trim().to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut by_pod = std::collections::BTreeMap::<String, usize>::new();
+    for a in answers {
+        *by_pod.entry(a.unwrap_or_else(|e| format!("error: {e}"))).or_default() += 1;
+    }
+    assert_eq!(
+        by_pod.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "both pods answer the ClusterIP: {by_pod:?}\n{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
+    use k8s_openapi::api::core::v1::Pod;
+    root_or_skip!();
+    let mut node = Node::without_kubelet();
+    let ns = node.ns.name().to_string();
+    let api = kpr_tests::apiserver::ApiServer::start(std::sync::Arc::new(move |port| {
+        kpr_tests::netns::run_in(&ns, move || std::net::TcpListener::bind(("127.0.0.1", port))).expect("netns")
+    }))
+    .unwrap();
+    let pod = |name: &str, node_name: &str| -> Pod {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'echo up; while true; do sleep 1; done']}}\n"
+        ))
+        .unwrap()
+    };
+    api.create(&pod("here", "node-1")).unwrap();
+    api.create(&pod("elsewhere", "node-2")).unwrap();
+    let kubeconfig = node.root.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    node.source = vec!["--source=kube".into(), format!("--kubeconfig={}", kubeconfig.display())];
+    node.start_kubelet();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let p: Pod = api.get("default", "here").unwrap();
+        if let Some(s) = p.status.filter(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no Running status reached the API server:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let c = &status.container_statuses.unwrap()[0];
+    assert!(c.ready && c.container_id.as_deref().unwrap_or_default().starts_with("containerd://"), "{c:?}");
+    let elsewhere: Pod = api.get("default", "elsewhere").unwrap();
+    assert!(elsewhere.status.is_none(), "another node's pod is not run here");
+    let sandboxes = || node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
+    assert_eq!(sandboxes(), 2, "one sandbox and its container");
+    assert_eq!(node.logs("here", "app").trim(), "up");
+
+    api.delete::<Pod>("default", "here").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sandboxes() > 0 {
+        assert!(Instant::now() < deadline, "the deleted pod still runs:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_missing_runtime_is_named_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing.sock");
+    let out = std::process::Command::new(kpr::binary().unwrap())
+        .args(["kubelet", "--source", &format!("dir:{}", dir.path().display())])
+        .arg(format!("--container-runtime-endpoint=unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no container runtime at") && stderr.contains("is containerd running?"), "{stderr}");
 }

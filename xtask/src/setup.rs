@@ -155,14 +155,15 @@ fn debian_packages() -> anyhow::Result<()> {
         std::fs::write(policy, "#!/bin/sh\n# kpr setup: no service starts while packages install\nexit 101\n")?;
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
-    let result = run_cmd(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive")).and_then(|()| {
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    });
+    let result =
+        run_cmd(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive")).and_then(|()| {
+            run_cmd(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+        });
     if own_policy {
         let _ = std::fs::remove_file(policy);
     }
