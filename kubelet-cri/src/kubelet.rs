@@ -31,11 +31,43 @@ pub struct DesiredPod {
     pub pod: Pod,
 }
 
-/// Exponential back-off, as the kubelet's: after a restart, the next one
-/// waits twice as long, up to `cap`.
-struct Backoff {
-    delay: Duration,
-    last: Instant,
+/// Exponential back-off per (pod uid, container), as the kubelet's: after
+/// each attempt the next waits twice as long, from `base` up to 30 times it.
+struct Backoffs {
+    base: Duration,
+    entries: HashMap<(String, String), (Duration, Instant)>,
+}
+
+impl Backoffs {
+    fn new(base: Duration) -> Self {
+        Self { base, entries: HashMap::new() }
+    }
+
+    /// The delay still holding `key` back, if any.
+    fn holding(&self, key: &(String, String)) -> Option<Duration> {
+        self.entries.get(key).filter(|(delay, last)| last.elapsed() < *delay).map(|(delay, _)| *delay)
+    }
+
+    /// Records an attempt now: the next one waits twice as long as the last.
+    fn attempted(&mut self, key: (String, String)) {
+        let delay = self.entries.get(&key).map_or(self.base, |(d, _)| (*d * 2).min(self.base * 30));
+        self.entries.insert(key, (delay, Instant::now()));
+    }
+
+    fn clear(&mut self, key: &(String, String)) {
+        self.entries.remove(key);
+    }
+
+    fn retain(&mut self, wanted: &HashSet<&str>) {
+        self.entries.retain(|(uid, _), _| wanted.contains(uid.as_str()));
+    }
+}
+
+/// The running sandbox a container is started in.
+struct InPod<'a> {
+    d: &'a DesiredPod,
+    sandbox_id: &'a str,
+    sandbox: &'a cri::PodSandboxConfig,
 }
 
 /// What the runtime holds that this kubelet made.
@@ -51,11 +83,10 @@ pub struct Kubelet {
     cri: Cri,
     runtime: String,
     settings: Settings,
-    backoff_base: Duration,
-    /// (pod uid, container) -> crash back-off.
-    crash_backoff: HashMap<(String, String), Backoff>,
-    /// (pod uid, container) -> image pull back-off.
-    pull_backoff: HashMap<(String, String), Backoff>,
+    /// Between restarts of a container that exited.
+    crash_backoff: Backoffs,
+    /// Between pulls of an image that failed.
+    pull_backoff: Backoffs,
     /// (pod uid, container) -> why the kubelet holds it back, this sync.
     waiting: HashMap<(String, String), (String, String)>,
     /// Pods being stopped by a background task.
@@ -95,9 +126,8 @@ impl Kubelet {
             cri,
             runtime: info.name,
             settings,
-            backoff_base,
-            crash_backoff: HashMap::new(),
-            pull_backoff: HashMap::new(),
+            crash_backoff: Backoffs::new(backoff_base),
+            pull_backoff: Backoffs::new(backoff_base),
             waiting: HashMap::new(),
             terminating: Arc::default(),
         })
@@ -140,10 +170,16 @@ impl Kubelet {
     pub async fn sync(&mut self, desired: &[DesiredPod], delete_others: bool) -> anyhow::Result<Vec<PodStatus>> {
         let mut observed = self.observe().await.context("asking the runtime what runs")?;
         self.waiting.clear();
-        let mut statuses = Vec::new();
+        let mut sandbox_ids = Vec::new();
         for d in desired {
             let sandboxes = observed.sandboxes.remove(&d.id.uid).unwrap_or_default();
-            statuses.push(self.sync_pod(d, sandboxes, &observed.containers).await);
+            sandbox_ids.push(self.sync_pod(d, sandboxes, &observed.containers).await);
+        }
+        // What was started just now is reported as the runtime sees it.
+        let now = if sandbox_ids.iter().any(Option::is_some) { self.observe().await? } else { Observed::default() };
+        let mut statuses = Vec::new();
+        for (d, sandbox) in desired.iter().zip(sandbox_ids) {
+            statuses.push(self.pod_status(d, sandbox, &now).await);
         }
         let wanted: HashSet<&str> = desired.iter().map(|d| d.id.uid.as_str()).collect();
         if delete_others {
@@ -153,8 +189,8 @@ impl Kubelet {
                 }
             }
         }
-        self.crash_backoff.retain(|(uid, _), _| wanted.contains(uid.as_str()));
-        self.pull_backoff.retain(|(uid, _), _| wanted.contains(uid.as_str()));
+        self.crash_backoff.retain(&wanted);
+        self.pull_backoff.retain(&wanted);
         Ok(statuses)
     }
 
@@ -163,7 +199,7 @@ impl Kubelet {
         d: &DesiredPod,
         sandboxes: Vec<cri::PodSandbox>,
         containers: &HashMap<String, HashMap<String, Vec<Instance>>>,
-    ) -> PodStatus {
+    ) -> Option<String> {
         let spec = d.pod.spec.clone().unwrap_or_default();
         let policy = RestartPolicy::of(spec.restart_policy.as_deref());
         let ready = sandboxes.first().filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32);
@@ -182,25 +218,26 @@ impl Kubelet {
                     Ok(id) => (id, attempt),
                     Err(e) => {
                         tracing::warn!(pod = %d.id, error = %format!("{e:#}"), "could not start the pod sandbox");
-                        return self.status(d, None, &HashMap::new(), policy);
+                        return None;
                     }
                 }
             }
         };
         let sandbox = self.sandbox_config(d, attempt);
+        let pod = InPod { d, sandbox_id: &sandbox_id, sandbox: &sandbox };
         let empty = HashMap::new();
-        let mut instances = containers.get(&sandbox_id).unwrap_or(&empty).clone();
+        let instances = containers.get(&sandbox_id).unwrap_or(&empty);
 
         let mut initialized = true;
         for c in spec.init_containers.iter().flatten() {
             let latest = instances.get(&c.name).and_then(|l| l.first());
             match latest.map(|i| (i.state, i.exit_code, i.attempt)) {
                 Some((State::Exited, 0, _)) => continue,
-                Some((State::Exited, code, n)) if policy != RestartPolicy::Never || code == 0 => {
-                    self.restart(d, &sandbox_id, &sandbox, c, Kind::Init, n + 1).await
+                Some((State::Exited, _, n)) if policy != RestartPolicy::Never => {
+                    self.restart(&pod, c, Kind::Init, n + 1).await
                 }
                 None => {
-                    self.start(d, &sandbox_id, &sandbox, c, Kind::Init, 0).await;
+                    self.start(&pod, c, Kind::Init, 0).await;
                 }
                 _ => {}
             }
@@ -212,22 +249,22 @@ impl Kubelet {
                 let latest = instances.get(&c.name).and_then(|l| l.first());
                 match latest.map(|i| (i.state, i.exit_code, i.attempt)) {
                     None => {
-                        self.start(d, &sandbox_id, &sandbox, c, Kind::App, 0).await;
+                        self.start(&pod, c, Kind::App, 0).await;
                     }
                     Some((State::Exited, code, n)) if policy.restarts(code) => {
-                        self.restart(d, &sandbox_id, &sandbox, c, Kind::App, n + 1).await
+                        self.restart(&pod, c, Kind::App, n + 1).await
                     }
                     _ => {}
                 }
             }
         }
-        // What was started just now shows up in the next pass; this one
-        // reports what it saw, and the kubelet's reasons for the rest.
-        if let Ok(o) = self.observe().await
-            && let Some(now) = o.containers.get(&sandbox_id)
-        {
-            instances = now.clone();
-        }
+        Some(sandbox_id)
+    }
+
+    /// The status of `d`, whose sandbox (if it has one) is `sandbox`.
+    async fn pod_status(&mut self, d: &DesiredPod, sandbox: Option<String>, observed: &Observed) -> PodStatus {
+        let policy = RestartPolicy::of(d.pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()));
+        let Some(sandbox_id) = sandbox else { return self.status(d, None, &HashMap::new(), policy) };
         let ip = self
             .cri
             .runtime
@@ -238,7 +275,8 @@ impl Kubelet {
             .and_then(|s| s.network)
             .map(|n| n.ip)
             .filter(|ip| !ip.is_empty());
-        self.status(d, Some(ip), &instances, policy)
+        let empty = HashMap::new();
+        self.status(d, Some(ip), observed.containers.get(&sandbox_id).unwrap_or(&empty), policy)
     }
 
     fn status(
@@ -309,57 +347,34 @@ impl Kubelet {
 
     /// Starts instance `attempt` of an exited container, unless its back-off
     /// says wait.
-    async fn restart(
-        &mut self,
-        d: &DesiredPod,
-        sandbox_id: &str,
-        sandbox: &cri::PodSandboxConfig,
-        c: &Container,
-        kind: Kind,
-        attempt: u32,
-    ) {
+    async fn restart(&mut self, pod: &InPod<'_>, c: &Container, kind: Kind, attempt: u32) {
+        let d = pod.d;
         let key = (d.id.uid.clone(), c.name.clone());
-        if let Some(b) = self.crash_backoff.get(&key)
-            && b.last.elapsed() < b.delay
-        {
-            let message = format!("back-off {:?} restarting failed container={} pod={}", b.delay, c.name, d.id);
+        if let Some(delay) = self.crash_backoff.holding(&key) {
+            let message = format!("back-off {delay:?} restarting failed container={} pod={}", c.name, d.id);
             self.waiting.insert(key, ("CrashLoopBackOff".into(), message));
             return;
         }
-        if self.start(d, sandbox_id, sandbox, c, kind, attempt).await {
-            let cap = self.backoff_base * 30;
-            let delay = self.crash_backoff.get(&key).map_or(self.backoff_base, |b| (b.delay * 2).min(cap));
-            self.crash_backoff.insert(key, Backoff { delay, last: Instant::now() });
+        if self.start(pod, c, kind, attempt).await {
+            self.crash_backoff.attempted(key);
         }
     }
 
     /// Pulls (per policy), creates and starts instance `attempt` of `c`.
-    async fn start(
-        &mut self,
-        d: &DesiredPod,
-        sandbox_id: &str,
-        sandbox: &cri::PodSandboxConfig,
-        c: &Container,
-        kind: Kind,
-        attempt: u32,
-    ) -> bool {
+    async fn start(&mut self, pod: &InPod<'_>, c: &Container, kind: Kind, attempt: u32) -> bool {
+        let (d, sandbox_id, sandbox) = (pod.d, pod.sandbox_id, pod.sandbox);
         let key = (d.id.uid.clone(), c.name.clone());
-        if let Some(b) = self.pull_backoff.get(&key)
-            && b.last.elapsed() < b.delay
-        {
-            let message = format!("back-off {:?} pulling image {:?}", b.delay, c.image.as_deref().unwrap_or_default());
-            self.hold(d, c, "ImagePullBackOff", message);
+        let image = c.image.clone().unwrap_or_default();
+        if let Some(delay) = self.pull_backoff.holding(&key) {
+            self.hold(d, c, "ImagePullBackOff", format!("back-off {delay:?} pulling image {image:?}"));
             return false;
         }
-        let image = c.image.clone().unwrap_or_default();
         if let Err(e) = images::ensure(&mut self.cri, &image, images::pull_policy(c), sandbox).await {
-            let cap = self.backoff_base * 30;
-            let delay = self.pull_backoff.get(&key).map_or(self.backoff_base, |b| (b.delay * 2).min(cap));
-            self.pull_backoff.insert(key, Backoff { delay, last: Instant::now() });
+            self.pull_backoff.attempted(key);
             self.hold(d, c, e.reason(), e.to_string());
             return false;
         }
-        self.pull_backoff.remove(&key);
+        self.pull_backoff.clear(&key);
         let config = match spec::container_config(&d.pod, &d.id, c, kind, attempt, &self.settings) {
             Ok(config) => config,
             Err(e) => {

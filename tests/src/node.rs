@@ -10,6 +10,15 @@ use anyhow::Context as _;
 use crate::netns::{Netns, ip, unique_prefix};
 
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+/// The ClusterIP most tests give their `web` Service.
+pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// Two web pods and a client: the node most tests use.
+pub const WEB_AND_CLIENT: [(&str, Ipv4Addr); 3] = [
+    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
+    ("client", Ipv4Addr::new(10, 244, 0, 100)),
+];
 pub const PREFIX_LEN: u8 = 24;
 const BRIDGE: &str = "cbr0";
 

@@ -13,7 +13,7 @@ use kpr_tests::{
     client::tcp_request,
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
-    node::VirtualNode,
+    node::{self, VirtualNode},
     root_or_skip,
     servers::{self, Server},
 };
@@ -23,13 +23,9 @@ use proxy_userspace::{
 };
 use serde_json::Value;
 
-const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const WEB_VIP: Ipv4Addr = node::WEB_VIP;
 const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
-const PODS: [(&str, Ipv4Addr); 3] = [
-    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
-    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
-    ("client", Ipv4Addr::new(10, 244, 0, 100)),
-];
+const PODS: [(&str, Ipv4Addr); 3] = node::WEB_AND_CLIENT;
 const T: Duration = Duration::from_secs(3);
 
 /// A NodePort Service with one ready and one terminating endpoint: the

@@ -13,18 +13,14 @@ use kpr_tests::{
     kpr::Kpr,
     manifests::{web_service, write},
     netns::run_in,
-    node::VirtualNode,
+    node::{self, VirtualNode},
     objects::{service, slice},
     root_or_skip,
     servers::{self, Server},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const PODS: [(&str, Ipv4Addr); 3] = [
-    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
-    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
-    ("client", Ipv4Addr::new(10, 244, 0, 100)),
-];
+const VIP: Ipv4Addr = node::WEB_VIP;
+const PODS: [(&str, Ipv4Addr); 3] = node::WEB_AND_CLIENT;
 const METRICS: &str = "127.0.0.1:10249";
 const HEALTHZ: &str = "127.0.0.1:10256";
 const T: Duration = Duration::from_secs(2);
