@@ -1,10 +1,11 @@
-//! The dashboard in Debian's headless Chromium: it loads without console
-//! errors, shows the Services and their backends, the mode, health, sync
-//! chart and rejected objects, and its counters rise while traffic flows,
-//! without a reload.
+//! The dashboard in Debian's headless Chromium, on the demo's Services: it
+//! loads without console errors, shows every Service and its backends, the
+//! mode, health, sync chart and rejected objects, and its counters rise while
+//! traffic flows, without a reload.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::Path,
     time::Duration,
 };
 
@@ -12,15 +13,23 @@ use kpr_tests::{
     browser::Browser,
     client::tcp_request,
     kpr::Kpr,
-    manifests::{web_service, write},
-    node::{self, VirtualNode},
+    manifests::write,
+    node::VirtualNode,
     root_or_skip,
     servers::{self, Server},
 };
 use serde_json::Value;
 
-const VIP: Ipv4Addr = node::WEB_VIP;
-const PODS: [(&str, Ipv4Addr); 3] = node::WEB_AND_CLIENT;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The pods manifests/demo names, and a client.
+const PODS: [(&str, Ipv4Addr); 6] = [
+    ("web-1", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-2", Ipv4Addr::new(10, 244, 0, 12)),
+    ("web-3", Ipv4Addr::new(10, 244, 0, 13)),
+    ("dns-1", Ipv4Addr::new(10, 244, 0, 21)),
+    ("dns-2", Ipv4Addr::new(10, 244, 0, 22)),
+    ("client", Ipv4Addr::new(10, 244, 0, 200)),
+];
 const DASHBOARD: &str = "127.0.0.1:10260";
 const WEB: &str = "10.96.0.10:80/TCP";
 const T: Duration = Duration::from_secs(3);
@@ -41,9 +50,13 @@ fn the_dashboard_shows_services_and_live_counters_in_chromium() {
     root_or_skip!();
     let node = VirtualNode::new(&PODS).unwrap();
     let _servers: Vec<Server> =
-        PODS[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+        PODS[..3].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    // The demo's manifests, and one object kpr must skip.
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo");
+    for file in ["web.yaml", "dns.yaml", "maintenance.yaml"] {
+        std::fs::copy(demo.join(file), dir.path().join(file)).unwrap();
+    }
     write(dir.path(), "telco.yaml", UNSUPPORTED).unwrap();
     let args = [
         "--mode=ebpf".to_string(),
@@ -61,15 +74,34 @@ fn the_dashboard_shows_services_and_live_counters_in_chromium() {
     // Marks this page load: if the page reloaded, the mark would be gone.
     browser.eval("window.loadedOnce = true; return null;").unwrap();
 
-    let frontends =
-        browser.eval("return [...document.querySelectorAll('tr.service')].map(r => r.dataset.frontend);").unwrap();
-    assert_eq!(frontends, serde_json::json!(["10.96.0.10:53/UDP", WEB]), "both ports of web, nothing else");
-    let backends = browser
-        .eval(&format!(
-            "return [...document.querySelectorAll('tr.backend[data-frontend=\"{WEB}\"]')].map(r => r.dataset.backend + ' ' + r.cells[4].textContent);"
-        ))
+    let rows = browser
+        .eval("return [...document.querySelectorAll('tr.service')].map(r => r.cells[0].textContent + ' ' + r.dataset.frontend);")
         .unwrap();
-    assert_eq!(backends, serde_json::json!(["10.244.0.11:8080 active", "10.244.0.12:8080 active"]));
+    assert_eq!(
+        rows,
+        serde_json::json!([
+            "default/maintenance:http 10.96.0.99:80/TCP",
+            "default/web:http 10.96.0.10:80/TCP",
+            "kube-system/dns:dns 10.96.0.53:53/UDP",
+        ]),
+        "every Service of the demo, by name"
+    );
+    let backends = |frontend: &str| {
+        browser
+            .eval(&format!(
+                "return [...document.querySelectorAll('tr.backend[data-frontend=\"{frontend}\"]')].map(r => r.dataset.backend + ' ' + r.cells[4].textContent);"
+            ))
+            .unwrap()
+    };
+    assert_eq!(
+        backends(WEB),
+        serde_json::json!(["10.244.0.11:8080 active", "10.244.0.12:8080 active", "10.244.0.13:8080 active"])
+    );
+    assert_eq!(
+        backends("10.96.0.53:53/UDP"),
+        serde_json::json!(["10.244.0.21:5353 active", "10.244.0.22:5353 active"])
+    );
+    assert_eq!(backends("10.96.0.99:80/TCP"), serde_json::json!([]), "maintenance has no endpoints");
     let text = |id: &str| browser.eval(&format!("return document.getElementById('{id}').textContent;")).unwrap();
     assert_eq!(text("mode"), "mode: ebpf");
     assert_eq!(text("health"), "healthy");
@@ -90,7 +122,7 @@ fn the_dashboard_shows_services_and_live_counters_in_chromium() {
     let after = browser
         .wait_for(&packets(&web_row), T, |v| v.as_f64().unwrap_or(0.0) >= 7.0 * connections as f64)
         .expect("the Service's counter rises");
-    for (_, ip) in &PODS[..2] {
+    for (_, ip) in &PODS[..3] {
         let row = format!("tr.backend[data-backend=\"{ip}:8080\"][data-frontend=\"{WEB}\"]");
         browser.wait_for(&packets(&row), T, |v| v.as_f64().unwrap_or(0.0) > 0.0).expect("each backend's counter rises");
     }
