@@ -127,7 +127,7 @@ spec:
     volumeMounts: [{name: www, mountPath: /www, readOnly: true}]
   - name: ticker
     image: IMAGE
-    command: [sh, -c, 'trap "exit 0" TERM; echo "ticker up with $GREETING"; while true; do sleep 1; done']
+    command: [sh, -c, 'trap "exit 0" TERM; echo "ticker up with $GREETING"; while true; do sleep 1; echo tick; done']
     env: [{name: GREETING, value: hi}]
 "#;
 
@@ -156,7 +156,34 @@ fn a_pod_with_an_init_container_and_two_app_containers_runs_and_logs() {
     assert_eq!((code, body.trim()), (200, "hello from web"));
 
     assert_eq!(node.logs("web", "setup").trim(), "init done");
-    assert_eq!(node.logs("web", "ticker").trim(), "ticker up with hi");
+    assert!(node.logs("web", "ticker").starts_with("ticker up with hi\n"), "{}", node.logs("web", "ticker"));
+
+    // `-f` keeps printing what the container writes.
+    let mut follow = std::process::Command::new("ip")
+        .args(["netns", "exec", node.ns.name()])
+        .arg(kpr::binary().unwrap())
+        .args(["kubelet", "logs", "default/web", "-c", "ticker", "-f"])
+        .arg(format!("--root-dir={}", node.root.path().display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let before = node.logs("web", "ticker").lines().count();
+    let seen: Vec<String> = (0..before + 2).map_while(|_| rx.recv_timeout(Duration::from_secs(5)).ok()).collect();
+    // `ip netns exec` execs kpr: this PID is kpr's own.
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    assert_eq!(
+        seen.get(before..),
+        Some(&["tick".to_string(), "tick".to_string()][..]),
+        "new lines arrive while following: {seen:?}"
+    );
     assert_eq!(container(&s, "containerStatuses", "ticker")["restartCount"], 0);
 }
 
