@@ -91,6 +91,8 @@ pub struct Kubelet {
     waiting: HashMap<(String, String), (String, String)>,
     /// Pods being stopped by a background task.
     terminating: Arc<Mutex<HashSet<String>>>,
+    /// Uids of the pods that had a sandbox at the last pass.
+    on_node: HashSet<String>,
 }
 
 fn selector() -> HashMap<String, String> {
@@ -130,7 +132,14 @@ impl Kubelet {
             pull_backoff: Backoffs::new(backoff_base),
             waiting: HashMap::new(),
             terminating: Arc::default(),
+            on_node: HashSet::new(),
         })
+    }
+
+    /// Whether pod `uid` still has anything on this node (running, or
+    /// being stopped).
+    pub fn has_pod(&self, uid: &str) -> bool {
+        self.on_node.contains(uid) || self.terminating.lock().unwrap().contains(uid)
     }
 
     async fn observe(&mut self) -> anyhow::Result<Observed> {
@@ -169,6 +178,7 @@ impl Kubelet {
     /// each desired pod's status.
     pub async fn sync(&mut self, desired: &[DesiredPod], delete_others: bool) -> anyhow::Result<Vec<PodStatus>> {
         let mut observed = self.observe().await.context("asking the runtime what runs")?;
+        self.on_node = observed.sandboxes.keys().cloned().collect();
         self.waiting.clear();
         let mut sandbox_ids = Vec::new();
         for d in desired {

@@ -92,7 +92,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let reports: Vec<_> = pods.into_iter().zip(statuses).collect();
                 match &source {
                     Source::Dir(d) => d.report(&reports),
-                    Source::Kube(k) => k.report(&reports).await,
+                    Source::Kube(k) => {
+                        k.report(&reports).await;
+                        if complete {
+                            k.finalize(|uid| kubelet.has_pod(uid)).await;
+                        }
+                    }
                 }
             }
             Err(e) if !runtime_down => {

@@ -13,7 +13,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::{
     Api,
-    api::{Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use sha2::Digest as _;
@@ -159,6 +159,8 @@ pub struct KubeSource {
     store: reflector::Store<Pod>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     written: Mutex<HashMap<String, serde_json::Value>>,
+    /// Uids of deleted pods already handed back to the API server.
+    finalized: Mutex<HashSet<String>>,
 }
 
 impl KubeSource {
@@ -180,7 +182,7 @@ impl KubeSource {
                 }
             }
         });
-        Self { client, store, ready, written: Mutex::default() }
+        Self { client, store, ready, written: Mutex::default(), finalized: Mutex::default() }
     }
 
     /// The pods, once the first list is in (until then, nothing is deleted).
@@ -207,6 +209,39 @@ impl KubeSource {
                 })
                 .collect(),
         )
+    }
+
+    /// Completes the graceful deletion of pods whose containers are gone
+    /// (`has_pod` false): as the kubelet, deletes them with a grace period of
+    /// 0, so the API server removes them.
+    pub async fn finalize(&self, has_pod: impl Fn(&str) -> bool) {
+        let deleting: Vec<_> = self
+            .store
+            .state()
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?, p.metadata.uid.clone()?)))
+            .filter(|(_, _, uid)| !has_pod(uid))
+            .collect();
+        tracing::debug!(pods = ?deleting, "pods to finish deleting");
+        for (namespace, name, uid) in deleting {
+            if !self.finalized.lock().unwrap().insert(uid.clone()) {
+                continue;
+            }
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
+                ..Default::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => tracing::info!(pod = %format!("{namespace}/{name}"), "pod deleted"),
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "cannot finish deleting a pod");
+                    self.finalized.lock().unwrap().remove(&uid);
+                }
+            }
+        }
     }
 
     /// Patches each pod's status subresource where it changed.

@@ -503,12 +503,17 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     assert_eq!(sandboxes(), 2, "one sandbox and its container");
     assert_eq!(node.logs("here", "app").trim(), "up");
 
+    // Deleted as the API server does it: marked, stopped by the kubelet
+    // within its grace period, then removed by the kubelet's final delete.
     api.delete::<Pod>("default", "here").unwrap();
+    let marked: Pod = api.get("default", "here").unwrap();
+    assert!(marked.metadata.deletion_timestamp.is_some(), "a graceful deletion first marks the pod");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sandboxes() > 0 {
-        assert!(Instant::now() < deadline, "the deleted pod still runs:\n{}", node.log());
+    while sandboxes() > 0 || api.get::<Pod>("default", "here").is_ok() {
+        assert!(Instant::now() < deadline, "the deleted pod is still there:\n{}", node.log());
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(node.log().contains("pod deleted"), "{}", node.log());
 }
 
 #[test]

@@ -166,10 +166,17 @@ pub async fn handle(
                 Err(e) => error(e),
             }
         }
-        (Method::DELETE, Some(name)) => match shared.store.lock().unwrap().delete(kind, &ns, name) {
-            Ok(o) => json_response(StatusCode::OK, &o),
-            Err(e) => error(e),
-        },
+        (Method::DELETE, Some(name)) => {
+            // DeleteOptions, in the body or the query.
+            let grace = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|o| o.get("gracePeriodSeconds").and_then(Value::as_i64))
+                .or_else(|| query.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+            match shared.store.lock().unwrap().delete(kind, &ns, name, grace) {
+                Ok(o) => json_response(StatusCode::OK, &o),
+                Err(e) => error(e),
+            }
+        }
         (m, _) => error(ApiError::new(405, "MethodNotAllowed", format!("{m} is not supported here"))),
     }
 }

@@ -205,7 +205,7 @@ impl ApiServer {
             .store
             .lock()
             .unwrap()
-            .delete(kind_of::<K>(), namespace, name)
+            .delete(kind_of::<K>(), namespace, name, None)
             .map_err(|e| anyhow::anyhow!(e.message))?;
         Ok(())
     }

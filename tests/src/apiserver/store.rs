@@ -230,11 +230,35 @@ impl Store {
         if self.objects.contains_key(&key) { self.update(kind, object) } else { self.create(kind, object) }
     }
 
-    pub fn delete(&mut self, kind: Kind, namespace: &str, name: &str) -> Result<Value, ApiError> {
+    /// Deletes an object. A Pod bound to a node is deleted gracefully, as by
+    /// the API server: it gets a deletionTimestamp and stays until its
+    /// kubelet deletes it again with a grace period of 0 (`grace`).
+    pub fn delete(&mut self, kind: Kind, namespace: &str, name: &str, grace: Option<i64>) -> Result<Value, ApiError> {
         let ns = if kind.namespaced() { namespace } else { "" };
-        let Some(mut object) = self.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
+        let key = (kind, ns.to_string(), name.to_string());
+        let Some(existing) = self.objects.get(&key) else {
             return Err(ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", kind.plural())));
         };
+        let bound = existing.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        if kind == Kind::Pod && bound && grace != Some(0) {
+            if existing.pointer("/metadata/deletionTimestamp").is_some() {
+                return Ok(existing.clone());
+            }
+            let old = existing.clone();
+            let mut object = existing.clone();
+            let grace = grace
+                .or_else(|| object.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                .unwrap_or(30);
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            object["metadata"]["deletionTimestamp"] = now.into();
+            object["metadata"]["deletionGracePeriodSeconds"] = grace.into();
+            self.rv += 1;
+            object["metadata"]["resourceVersion"] = self.rv.to_string().into();
+            self.objects.insert(key, object.clone());
+            self.record(kind, EventType::Modified, Some(old), object.clone());
+            return Ok(object);
+        }
+        let mut object = self.objects.remove(&key).expect("checked above");
         self.rv += 1;
         object["metadata"]["resourceVersion"] = self.rv.to_string().into();
         self.record(kind, EventType::Deleted, None, object.clone());
@@ -304,7 +328,7 @@ mod tests {
         let rv_a: u64 = a["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
         assert_eq!(a["metadata"]["namespace"], "default");
         s.create(Kind::Service, svc("b")).unwrap();
-        s.delete(Kind::Service, "default", "a").unwrap();
+        s.delete(Kind::Service, "default", "a", None).unwrap();
         let w = s.watch(Kind::Service, Some(rv_a)).unwrap();
         let types: Vec<_> = w.backlog.iter().map(|e| e.type_).collect();
         assert_eq!(types, [EventType::Added, EventType::Deleted]);
