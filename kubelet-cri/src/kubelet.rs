@@ -254,6 +254,16 @@ impl Kubelet {
             initialized = false;
             break;
         }
+        // As the kubelet, only the newest dead instance of a container is
+        // kept (for its status and logs); older ones are removed.
+        for list in instances.values() {
+            for old in list.iter().filter(|i| i.state == State::Exited).skip(1) {
+                let req = cri::RemoveContainerRequest { container_id: old.id.clone() };
+                if let Err(e) = self.cri.runtime.remove_container(req).await {
+                    tracing::debug!(id = %old.id, error = %e.message(), "removing an old container instance");
+                }
+            }
+        }
         if initialized {
             for c in &spec.containers {
                 let latest = instances.get(&c.name).and_then(|l| l.first());

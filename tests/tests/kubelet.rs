@@ -258,6 +258,11 @@ fn exit_codes_and_restarts_follow_the_restart_policy_and_crashes_back_off() {
         .to_string();
     assert!(message.contains("back-off 8s") || message.contains("back-off 16s"), "{message}");
     assert!(node.logs("crash", "app").starts_with("crashing at"), "the latest instance's log");
+    // Only the newest dead instance of a container is kept: 4 sandboxes,
+    // at most 2 instances for each restarting pod, 1 for each finished one.
+    // (Without that, the 5 instances of `crash` alone would make 12.)
+    let all = node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
+    assert!(all <= 4 + 2 + 2 + 1 + 1, "{all} containers: old instances pile up");
 }
 
 #[test]
