@@ -249,7 +249,8 @@ impl Store {
             let grace = grace
                 .or_else(|| object.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
                 .unwrap_or(30);
-            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let now = k8s_openapi::jiff::Timestamp::from_second(secs as i64).map(|t| t.to_string()).unwrap_or_default();
             object["metadata"]["deletionTimestamp"] = now.into();
             object["metadata"]["deletionGracePeriodSeconds"] = grace.into();
             self.rv += 1;
