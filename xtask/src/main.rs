@@ -21,7 +21,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Make this machine ready: nightly rust-src, bpf-linker, Debian packages.
-    Setup,
+    Setup {
+        /// Only what building needs (rust-src, bpf-linker), not the Debian
+        /// packages the tests and demo run: for image builds.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Run kpr on a virtual node with the Services of manifests/demo and send real traffic.
     Demo {
         /// Folder of Services and EndpointSlices to serve.
@@ -153,7 +158,8 @@ fn publish(report: &kpr_tests::bench::Report, out: &Path) -> anyhow::Result<()> 
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::run(),
+        Task::Setup { toolchain_only: true } => setup::toolchain(),
+        Task::Setup { toolchain_only: false } => setup::run(),
         Task::Demo { manifests } => {
             if !is_root() {
                 bail!("the demo creates network namespaces and loads eBPF programs: run it as root");

@@ -34,11 +34,16 @@ const PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
+    toolchain()?;
+    debian_packages()
+}
+
+/// What building the workspace needs beyond protoc: nightly's rust-src and
+/// bpf-linker.
+pub fn toolchain() -> anyhow::Result<()> {
     add_cargo_bin_to_path();
     rust_src()?;
-    bpf_linker()?;
-    debian_packages()?;
-    Ok(())
+    bpf_linker()
 }
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
