@@ -91,6 +91,10 @@ impl VirtualNode {
         ])?;
         ip(&["-n", &n, "route", "add", "default", "via", "192.168.255.254"])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // iptables mode refuses with REJECT (an ICMP error), which the kernel
+        // rate-limits to about one a second per client: a test probing a
+        // refused Service would wait a second per connection.
+        ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
         // Translated packets are routed back out of the bridge they came in
         // on; the redirects the kernel would send for that are noise.
         for dev in ["all", "default", BRIDGE] {
