@@ -37,7 +37,8 @@ impl std::str::FromStr for PodSourceSpec {
 pub struct Config {
     pub endpoint: String,
     pub source: PodSourceSpec,
-    pub kubeconfig: Option<PathBuf>,
+    /// The API server client, for `PodSourceSpec::Kube`.
+    pub client: Option<kube::Client>,
     pub node_name: String,
     pub settings: Settings,
     /// First restart back-off; doubles up to 30 times this.
@@ -59,15 +60,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Source::Dir(DirSource::new(dir.clone()))
         }
         PodSourceSpec::Kube => {
-            let config = match &cfg.kubeconfig {
-                Some(path) => {
-                    let kc = kube::config::Kubeconfig::read_from(path)
-                        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                    kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-                }
-                None => kube::Config::infer().await.context("no kubeconfig given and not running in a cluster")?,
-            };
-            Source::Kube(KubeSource::start(kube::Client::try_from(config)?, &cfg.node_name))
+            let client = cfg.client.clone().context("pods from the API server need a client")?;
+            Source::Kube(KubeSource::start(client, &cfg.node_name))
         }
     };
     tracing::info!(node = %cfg.node_name, "kubelet running pods");

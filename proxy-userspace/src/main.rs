@@ -400,8 +400,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Kubelet { command: None, args } => {
             kubelet_cri::run::run(kubelet_cri::run::Config {
                 endpoint: args.container_runtime_endpoint,
+                client: match args.source {
+                    kubelet_cri::run::PodSourceSpec::Kube => {
+                        Some(proxy_userspace::source::kube::client(args.kubeconfig.as_deref()).await?)
+                    }
+                    kubelet_cri::run::PodSourceSpec::Dir(_) => None,
+                },
                 source: args.source,
-                kubeconfig: args.kubeconfig,
                 node_name: args.node_name,
                 settings: kubelet_cri::spec::Settings {
                     root_dir: args.root_dir,

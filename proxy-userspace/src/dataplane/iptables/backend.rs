@@ -164,56 +164,25 @@ fn is_service_chain_decl(line: &str) -> bool {
 /// The chains kpr owns besides the per-service ones.
 const OWN_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-FORWARD", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
 
+/// The filter-table jump to KUBE-SERVICES, for new connections only.
+const NEW_SERVICE_PORTALS: &[&str] = &[
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW",
+    "-m",
+    "comment",
+    "--comment",
+    "kubernetes service portals",
+    "-j",
+    "KUBE-SERVICES",
+];
+
 /// Jumps into kpr's chains, as kube-proxy installs them.
 const JUMPS: [(&str, &str, &[&str]); 7] = [
-    (
-        "filter",
-        "INPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
-    (
-        "filter",
-        "FORWARD",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
-    (
-        "filter",
-        "OUTPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
+    ("filter", "INPUT", NEW_SERVICE_PORTALS),
+    ("filter", "FORWARD", NEW_SERVICE_PORTALS),
+    ("filter", "OUTPUT", NEW_SERVICE_PORTALS),
     ("filter", "FORWARD", &["-m", "comment", "--comment", "kubernetes forwarding rules", "-j", "KUBE-FORWARD"]),
     ("nat", "PREROUTING", &["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
     ("nat", "OUTPUT", &["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]),
