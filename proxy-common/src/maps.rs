@@ -85,8 +85,12 @@ pub mod kind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Identifies the backend set in [`BACKENDS`]; stable while the frontend lives.
+    /// Identifies the frontend (its traffic counters and flows); stable while it lives.
     pub id: u32,
+    /// Identifies the backend set in [`BACKENDS`]. A new set is written under
+    /// a fresh id and published by rewriting this entry, so a packet sees
+    /// the old set or the new one, never half of each.
+    pub backend_set: u32,
     /// Ready backends in slots `0..backend_count`; 0 means refuse new flows.
     pub backend_count: u32,
     /// Terminating endpoints in the slots after the ready ones; never chosen
@@ -99,14 +103,16 @@ pub struct ServiceValue {
 
 impl ServiceValue {
     /// The value of a VIP marker entry.
-    pub const MARKER: Self = Self { id: 0, backend_count: 0, terminating_count: 0, kind: 0, _pad: [0; 3] };
+    pub const MARKER: Self =
+        Self { id: 0, backend_set: 0, backend_count: 0, terminating_count: 0, kind: 0, _pad: [0; 3] };
 }
 
 /// Key of [`BACKENDS`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
-    pub service_id: u32,
+    /// [`ServiceValue::backend_set`].
+    pub set: u32,
     pub slot: u32,
 }
 
@@ -243,7 +249,7 @@ mod tests {
         // Sizes equal the sum of the declared fields: nothing left for the
         // compiler to pad, so keys hash identically in kernel and userspace.
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<BackendTrafficKey>(), 12);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);

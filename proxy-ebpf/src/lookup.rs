@@ -63,7 +63,7 @@ pub fn lookup(pkt: &Packet) -> Lookup {
         return Lookup::NoBackend;
     }
     let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
-    let Some(backend) = BACKENDS.get_ptr(BackendKey { service_id: svc.id, slot }) else {
+    let Some(backend) = BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
         return Lookup::BackendMissing;
     };
     let backend = unsafe { core::ptr::read(backend) };

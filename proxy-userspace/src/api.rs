@@ -15,9 +15,11 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
 use crate::{
-    inspect::{FrontendTraffic, MapFill, Maps},
+    dataplane::{DatapathStats, Mode},
+    inspect::{FrontendTraffic, MapFill},
     metrics::Metrics,
-    model::{Model, Rejection},
+    model::Model,
+    rejection::Rejection,
 };
 
 /// How many syncs the dashboard's chart shows.
@@ -52,11 +54,11 @@ impl Recent {
 /// What the agent shares with its HTTP servers. Observers only read.
 #[derive(Clone)]
 pub struct Observed {
-    pub mode: &'static str,
+    pub mode: Mode,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// The datapath's maps, in eBPF mode.
-    pub maps: Option<Arc<Maps>>,
+    /// The datapath's counters, where the dataplane keeps any.
+    pub datapath: Option<Arc<dyn DatapathStats>>,
     /// What is programmed (names, types and backends of every frontend).
     pub model: Arc<RwLock<Model>>,
     pub recent: Arc<Mutex<Recent>>,
@@ -196,10 +198,10 @@ fn exposition(o: &Observed) -> String {
     let mut extra = String::new();
     family(&mut extra, "kpr_mode", "gauge", "The active dataplane.");
     extra.push_str(&format!("kpr_mode{{mode=\"{}\"}} 1\n", o.mode));
-    if let Some(maps) = &o.maps {
-        let traffic = maps.traffic();
+    if let Some(datapath) = &o.datapath {
+        let traffic = datapath.traffic();
         let named = named(&o.model.read().unwrap(), &traffic);
-        extra.push_str(&datapath_families(&maps.counters(), &named, &maps.fill()));
+        extra.push_str(&datapath_families(&datapath.counters(), &named, &datapath.fill()));
     }
     // OpenMetrics ends with "# EOF"; the extra families go before it.
     match text.rfind("# EOF") {
@@ -258,8 +260,8 @@ mod tests {
     #[test]
     fn datapath_families_carry_traffic_conntrack_and_fill() {
         use crate::{
+            frontend::{FrontendKey, Protocol},
             inspect::Counts,
-            model::{FrontendKey, Protocol},
         };
         let traffic = FrontendTraffic {
             frontend: FrontendKey { vip: [10, 96, 0, 10].into(), port: 80, protocol: Protocol::Tcp },
@@ -286,10 +288,10 @@ mod tests {
     #[test]
     fn exposition_adds_the_mode_before_eof() {
         let o = Observed {
-            mode: "iptables",
+            mode: Mode::Iptables,
             metrics: Arc::new(Metrics::default()),
             health: Health::new(Duration::from_secs(1)),
-            maps: None,
+            datapath: None,
             model: Arc::default(),
             recent: Arc::default(),
         };

@@ -20,7 +20,7 @@ use proxy_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Endpoint, FrontendKey, Protocol};
+use crate::frontend::{Endpoint, FrontendKey, Protocol};
 
 /// Where bpffs is mounted on a node.
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf";
@@ -170,7 +170,7 @@ impl Maps {
             .map(|(key, v)| {
                 let slots = v.backend_count + v.terminating_count;
                 let backends = (0..slots)
-                    .filter_map(|slot| self.backends.get(&BackendKey { service_id: v.id, slot }, 0).ok())
+                    .filter_map(|slot| self.backends.get(&BackendKey { set: v.backend_set, slot }, 0).ok())
                     .map(|b| BackendEntry {
                         address: endpoint(b.addr, b.port).to_string(),
                         state: if b.state == BACKEND_TERMINATING { "terminating" } else { "active" }.into(),

@@ -1,17 +1,28 @@
 //! kpr: an eBPF kube-proxy replacement.
 //!
-//! Data flows one way: a [`source`] yields Kubernetes objects, the [`model`]
-//! validates them into frontends and backends, the [`planner`] diffs old and
-//! new, and a [`dataplane`] applies the operations. [`agent`] wires them.
+//! Data flows one way: a [`source`] reads Kubernetes objects, [`validate`]
+//! reduces them to what the proxy uses, the [`index`] holds them, the
+//! [`model`] recomputes the frontends of touched Services, the [`planner`]
+//! turns what changed into operations, and a [`dataplane`] applies them.
+//! [`sync`] runs those steps; [`agent`] wires everything. Leaf types
+//! ([`name`], [`frontend`], [`rejection`]) sit at the bottom; observers
+//! ([`api`], [`dashboard`], [`inspect`], [`status`]) only read.
 
 pub mod agent;
 pub mod api;
 pub mod dashboard;
 pub mod dataplane;
+pub mod frontend;
 pub mod index;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod name;
 pub mod planner;
+pub mod rejection;
 pub mod source;
 pub mod status;
+pub mod sync;
+pub mod takeover;
+pub mod testing;
+pub mod validate;

@@ -4,12 +4,13 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use proxy_common::maps as abi;
 use proxy_userspace::{
-    agent::{self, Mode, RunConfig},
-    dataplane::{cleanup, ebpf::MapSizes, iptables::render::RenderConfig},
+    agent::{self, RequestedMode, RunConfig},
+    dataplane::{ebpf::MapSizes, iptables::render::RenderConfig},
     inspect::{self, Maps},
-    model::ModelConfig,
     source::SourceSpec,
     status::{self, Status},
+    takeover as cleanup,
+    validate::ModelConfig,
 };
 
 /// kpr: Service VIPs to pods, in the kernel.
@@ -43,7 +44,7 @@ enum Command {
     /// Run the proxy: program the dataplane and keep it in sync with the source.
     Run {
         #[arg(long, value_enum, default_value = "auto")]
-        mode: Mode,
+        mode: RequestedMode,
         /// Where Services and EndpointSlices come from: `kube` (the API
         /// server) or `dir:PATH` (a folder of manifests).
         #[arg(long, default_value = "kube")]
@@ -97,9 +98,6 @@ enum Command {
         /// /healthz answers 503 once the source has been cut off this long.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         healthz_threshold: Duration,
-        /// Make the eBPF probe fail (to exercise the iptables fallback).
-        #[arg(long, hide = true)]
-        simulate_ebpf_unavailable: bool,
     },
     /// Show the agent's mode, attached programs, map fill, last sync and
     /// source connectivity.
@@ -356,7 +354,6 @@ async fn main() -> anyhow::Result<()> {
             max_backends,
             max_flows,
             state_dir,
-            simulate_ebpf_unavailable,
             healthz_bind_address,
             metrics_bind_address,
             dashboard_bind_address,
@@ -365,7 +362,6 @@ async fn main() -> anyhow::Result<()> {
         } => {
             agent::run(RunConfig {
                 mode,
-                simulate_ebpf_unavailable,
                 iptables: RenderConfig { cluster_cidr },
                 iptables_full_sync_period,
                 state_dir,

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     /// Objects skipped by validation, counted when first seen, by reason.
     pub rejected: Family<ReasonLabels, Counter>,
+    /// Frontends the dataplane could not program, by kind of failure.
+    pub apply_errors: Family<ReasonLabels, Counter>,
+    /// Set to 1, labelled with the reason, when auto mode fell back from eBPF.
+    pub ebpf_fallback: Family<ReasonLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -37,6 +41,8 @@ impl Default for Metrics {
         let programming_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
         let rejected = Family::<ReasonLabels, Counter>::default();
+        let apply_errors = Family::<ReasonLabels, Counter>::default();
+        let ebpf_fallback = Family::<ReasonLabels, Gauge>::default();
         let mut registry = Registry::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -54,7 +60,25 @@ impl Default for Metrics {
             last_sync_timestamp.clone(),
         );
         registry.register("kpr_rejected_objects", "Objects skipped by validation, by reason", rejected.clone());
-        Self { registry, sync_duration, programming_latency, last_sync_timestamp, rejected }
+        registry.register(
+            "kpr_dataplane_errors",
+            "Frontends the dataplane could not program, by kind of failure",
+            apply_errors.clone(),
+        );
+        registry.register(
+            "kpr_ebpf_fallback",
+            "1 when auto mode fell back from eBPF to iptables, labelled with why",
+            ebpf_fallback.clone(),
+        );
+        Self {
+            registry,
+            sync_duration,
+            programming_latency,
+            last_sync_timestamp,
+            rejected,
+            apply_errors,
+            ebpf_fallback,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Frontend, FrontendKey};
+use crate::frontend::{Change, Frontend, FrontendKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -12,10 +12,14 @@ pub enum Op {
     Delete(FrontendKey),
 }
 
-/// Operations for `(key, before, after)` triples: deletions first (so a
-/// frontend moving between Services never exists twice), unchanged
-/// frontends produce none.
-pub fn plan<'a>(
+/// Operations for the model's changes: deletions first (so a frontend
+/// moving between Services never exists twice), unchanged frontends
+/// produce none.
+pub fn plan(changes: &[Change]) -> Vec<Op> {
+    plan_triples(changes.iter().map(|c| (c.key, c.before.as_ref(), c.after.as_ref())))
+}
+
+fn plan_triples<'a>(
     changes: impl IntoIterator<Item = (FrontendKey, Option<&'a Frontend>, Option<&'a Frontend>)>,
 ) -> Vec<Op> {
     let mut deletes = Vec::new();
@@ -36,7 +40,7 @@ pub fn diff(old: &BTreeMap<FrontendKey, Frontend>, new: &BTreeMap<FrontendKey, F
     let mut keys: Vec<FrontendKey> = old.keys().chain(new.keys()).copied().collect();
     keys.sort();
     keys.dedup();
-    plan(keys.into_iter().map(|k| (k, old.get(&k), new.get(&k))))
+    plan_triples(keys.into_iter().map(|k| (k, old.get(&k), new.get(&k))))
 }
 
 #[cfg(test)]
@@ -44,11 +48,14 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{Endpoint, Protocol, ServicePortName, ServiceType};
+    use crate::{
+        frontend::{Endpoint, Protocol, ServiceType},
+        name::{ObjectName, ServicePortName},
+    };
 
     fn fe(vip: u8, port: u16, backends: &[u8]) -> Frontend {
         Frontend {
-            service: ServicePortName { namespace: "default".into(), name: format!("svc{vip}"), port: String::new() },
+            service: ServicePortName { service: ObjectName::new("default", format!("svc{vip}")), port: String::new() },
             key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
             service_type: ServiceType::ClusterIP,
             node_port: None,
@@ -104,7 +111,7 @@ mod tests {
     fn renamed_service_on_same_frontend_is_upserted() {
         let old = model(&[fe(1, 80, &[1])]);
         let mut renamed = fe(1, 80, &[1]);
-        renamed.service.name = "other".into();
+        renamed.service.service.name = "other".into();
         assert_eq!(diff(&old, &model(&[renamed.clone()])), vec![Op::Upsert(renamed)]);
     }
 }

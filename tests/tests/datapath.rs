@@ -54,7 +54,7 @@ impl Datapath {
             HashMap::try_from(self.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
         svcs.insert(
             ServiceKey::new(vip.octets(), port, proto),
-            ServiceValue { id, backend_count: backends.len() as u32, ..ServiceValue::MARKER },
+            ServiceValue { id, backend_set: id, backend_count: backends.len() as u32, ..ServiceValue::MARKER },
             0,
         )
         .unwrap();
@@ -62,7 +62,7 @@ impl Datapath {
         let mut bes: HashMap<_, BackendKey, Backend> =
             HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
         for (slot, b) in backends.iter().enumerate() {
-            bes.insert(BackendKey { service_id: id, slot: slot as u32 }, Backend::new(b.octets(), target), 0).unwrap();
+            bes.insert(BackendKey { set: id, slot: slot as u32 }, Backend::new(b.octets(), target), 0).unwrap();
         }
     }
 

@@ -18,8 +18,12 @@ use kpr_tests::{
     servers::{self, Server},
 };
 use proxy_userspace::{
+    frontend::Endpoint,
+    index::Snapshot,
     inspect::{BackendEntry, ServiceEntry},
-    model::{self, ModelConfig, Snapshot, Sourced},
+    model,
+    source::dir::parse_file,
+    validate::ModelConfig,
 };
 use serde_json::Value;
 
@@ -55,22 +59,18 @@ endpoints:
 fn expected(dir: &Path) -> Vec<(String, String, Vec<BackendEntry>)> {
     let mut snap = Snapshot::default();
     for file in ["web.yaml", "api.yaml"] {
-        let text = std::fs::read_to_string(dir.join(file)).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-            match v["kind"].as_str() {
-                Some("Service") => snap.services.push(Sourced::new(file, serde_yaml::from_value(v).unwrap())),
-                _ => snap.slices.push(Sourced::new(file, serde_yaml::from_value(v).unwrap())),
-            }
-        }
+        let path = dir.join(file);
+        let parsed = parse_file(&path, &std::fs::read(&path).unwrap(), &ModelConfig::default());
+        snap.objects.extend(parsed.objects);
+        snap.unreadable.extend(parsed.unreadable);
     }
-    let (model, rejected) = model::build(&snap, &ModelConfig::default());
+    let (model, rejected) = model::build(snap);
     assert!(rejected.is_empty(), "{rejected:?}");
     model
         .frontends
         .values()
         .map(|f| {
-            let entry = |e: &model::Endpoint, state: &str| BackendEntry {
+            let entry = |e: &Endpoint, state: &str| BackendEntry {
                 address: format!("{}:{}", e.ip, e.port),
                 state: state.into(),
             };

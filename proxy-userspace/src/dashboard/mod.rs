@@ -10,8 +10,10 @@ use serde::Serialize;
 
 use crate::{
     api::{Observed, SyncRecord},
+    frontend::Endpoint,
     inspect::{self, Counts, FrontendTraffic},
-    model::{Endpoint, Model, Rejection},
+    model::Model,
+    rejection::Rejection,
 };
 
 const INDEX: &str = include_str!("index.html");
@@ -99,9 +101,9 @@ pub fn state(
         .collect();
     let recent = o.recent.lock().unwrap();
     DashboardState {
-        mode: o.mode,
+        mode: o.mode.as_str(),
         healthy: o.health.healthy(),
-        counters: o.maps.is_some(),
+        counters: o.datapath.is_some(),
         services_total: model.frontends.len(),
         services,
         syncs: recent.syncs.iter().cloned().collect(),
@@ -117,8 +119,8 @@ fn rejected(r: &Rejection) -> RejectedView {
 async fn api_state(State(o): State<Observed>) -> impl IntoResponse {
     // Reading the maps is a few syscalls per entry: off the async threads.
     let view = tokio::task::spawn_blocking(move || {
-        let (traffic, datapath) = match &o.maps {
-            Some(maps) => (maps.traffic(), maps.counters()),
+        let (traffic, datapath) = match &o.datapath {
+            Some(d) => (d.traffic(), d.counters()),
             None => (Vec::new(), Vec::new()),
         };
         let model = o.model.read().unwrap();
@@ -153,25 +155,18 @@ mod tests {
     use super::*;
     use crate::{
         api::{Health, Recent},
+        dataplane::Mode,
+        frontend::{FrontendKey, Protocol},
         metrics::Metrics,
-        model::{FrontendKey, ModelConfig, Protocol, Snapshot, Sourced},
     };
 
     #[test]
     fn state_joins_names_backends_and_traffic() {
-        let mut snap = Snapshot::default();
-        snap.services.push(Sourced::new(
-            "t",
-            serde_yaml::from_str(
-                "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}",
-            )
-            .unwrap(),
+        let (model, _) = crate::model::build(crate::testing::objects(
+            "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+             kind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3], conditions: {ready: false, serving: true, terminating: true}}]\n",
         ));
-        snap.slices.push(Sourced::new("t", serde_yaml::from_str(
-            "metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n\
-             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3], conditions: {ready: false, serving: true, terminating: true}}]",
-        ).unwrap()));
-        let (model, _) = crate::model::build(&snap, &ModelConfig::default());
         let key = FrontendKey { vip: [10, 96, 0, 10].into(), port: 80, protocol: Protocol::Tcp };
         let traffic = [FrontendTraffic {
             frontend: key,
@@ -179,10 +174,10 @@ mod tests {
             backends: [("10.244.0.2:8080".to_string(), Counts { packets: 5, bytes: 500 })].into(),
         }];
         let o = Observed {
-            mode: "ebpf",
+            mode: Mode::Ebpf,
             metrics: Arc::new(Metrics::default()),
             health: Health::new(std::time::Duration::from_secs(1)),
-            maps: None,
+            datapath: None,
             model: Arc::new(RwLock::new(Model::default())),
             recent: Arc::new(std::sync::Mutex::new(Recent::default())),
         };

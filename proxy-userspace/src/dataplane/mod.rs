@@ -1,53 +1,78 @@
-//! Dataplanes apply planner operations to the kernel.
+//! Dataplanes apply planner operations to the kernel. The trait speaks the
+//! model's types only: which kernel mechanism sits behind it is the
+//! dataplane's business.
 
-pub mod cleanup;
 pub mod ebpf;
+pub mod error;
 pub mod iptables;
 
-use std::{path::Path, sync::Arc};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use crate::{inspect::Maps, model::FrontendKey, planner::Op};
+pub use error::{ApplyError, DataplaneError};
 
-/// An operation that could not be applied; the rest of the sync went on.
-#[derive(Debug, thiserror::Error)]
-#[error("{frontend}: {reason}")]
-pub struct ApplyError {
-    pub frontend: FrontendKey,
-    pub reason: String,
+use crate::{
+    frontend::{Frontend, FrontendKey},
+    inspect::{FrontendTraffic, MapFill},
+    planner::Op,
+};
+
+/// Which dataplane serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
 }
 
-pub trait Dataplane {
-    /// `ebpf` or `iptables`.
-    fn mode(&self) -> &'static str {
-        "test"
+impl Mode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        }
     }
+}
 
-    /// Applies `ops` in order. Failures are returned, never stop the others.
-    fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError>;
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
-    /// Called once this dataplane serves (after its first sync): removes
-    /// what the other mode left behind (on `interfaces`, pins under
-    /// `bpf_root`), so two never fight.
-    fn take_over(&mut self, _interfaces: &[String], _bpf_root: &Path) {}
+/// The desired state the planner's operations lead to.
+pub type Desired = BTreeMap<FrontendKey, Frontend>;
 
-    /// The datapath's maps, where the dataplane keeps any; observers
-    /// (metrics, dashboard) read counters and traffic through them.
-    fn maps(&self) -> Option<Arc<Maps>> {
+pub trait Dataplane: Send {
+    fn mode(&self) -> Mode;
+
+    /// Applies `ops` in order; `desired` is the whole desired state after
+    /// them (a dataplane that rewrites whole tables renders from it rather
+    /// than keeping a copy). Failures are returned, never stop the others.
+    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError>;
+
+    /// Counters and traffic the datapath keeps, where it keeps any.
+    fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
         None
     }
 }
 
 impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
-    fn mode(&self) -> &'static str {
+    fn mode(&self) -> Mode {
         (**self).mode()
     }
-    fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
-        (**self).apply(ops)
+    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
+        (**self).apply(ops, desired)
     }
-    fn take_over(&mut self, interfaces: &[String], bpf_root: &Path) {
-        (**self).take_over(interfaces, bpf_root)
+    fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
+        (**self).stats()
     }
-    fn maps(&self) -> Option<Arc<Maps>> {
-        (**self).maps()
-    }
+}
+
+/// What observers (metrics, dashboard) read from a datapath that counts.
+pub trait DatapathStats: Send + Sync {
+    /// Packets by what the datapath did with them.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// Traffic per frontend and per backend.
+    fn traffic(&self) -> Vec<FrontendTraffic>;
+    /// How full each table is.
+    fn fill(&self) -> Vec<MapFill>;
 }

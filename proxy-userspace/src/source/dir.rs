@@ -24,8 +24,10 @@ use serde::Deserialize;
 
 use super::{Changes, SharedIndex, Source};
 use crate::{
-    index::Index,
-    model::{RejectReason, Rejection, Snapshot, Sourced},
+    index::{Index, Snapshot},
+    name::ObjectName,
+    rejection::{RejectReason, Rejection},
+    validate::{self, ModelConfig, Object},
 };
 
 /// How often the folder is checked when no inotify event arrives.
@@ -34,9 +36,12 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// What identifies a file's content without reading it.
 type Stamp = (u64, i64, i64, u64);
 
+/// What one file put into the index: only names, so a changed or removed
+/// file's objects can be taken out again (the objects live in the index).
 struct FileState {
     stamp: Stamp,
-    objects: Snapshot,
+    services: Vec<ObjectName>,
+    slices: Vec<ObjectName>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -52,102 +57,132 @@ fn unreadable(origin: &str, object: String, reason: impl ToString) -> Rejection 
     Rejection { origin: origin.to_string(), object, kind: RejectReason::Unreadable, reason: reason.to_string() }
 }
 
-/// Sorts one decoded document into the snapshot (expanding `kind: List`).
-fn add_document(snap: &mut Snapshot, origin: &Arc<str>, position: &str, value: serde_json::Value) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-    let named = |v: &serde_json::Value| {
-        let name = v.pointer("/metadata/name").and_then(|n| n.as_str());
-        format!("{kind} {} ({position})", name.unwrap_or("<unnamed>"))
-    };
-    match kind.as_str() {
-        "Service" => match Service::deserialize(&value) {
-            Ok(object) => snap.services.push(Sourced { origin: origin.clone(), object: Arc::new(object) }),
-            Err(e) => snap.rejected.push(unreadable(origin, named(&value), e)),
-        },
-        "EndpointSlice" => match EndpointSlice::deserialize(&value) {
-            Ok(object) => snap.slices.push(Sourced { origin: origin.clone(), object: Arc::new(object) }),
-            Err(e) => snap.rejected.push(unreadable(origin, named(&value), e)),
-        },
-        "List" | "ServiceList" | "EndpointSliceList" => {
-            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
-            for (i, item) in items.into_iter().enumerate() {
-                add_document(snap, origin, &format!("{position}, item {}", i + 1), item);
+/// Reads documents into validated objects, one at a time, so a large file
+/// never exists as Kubernetes objects all at once.
+struct Reader<'a> {
+    origin: Arc<str>,
+    config: &'a ModelConfig,
+    snapshot: Snapshot,
+}
+
+impl Reader<'_> {
+    /// Sorts one decoded document into the snapshot (expanding `kind: List`).
+    fn add(&mut self, position: &str, value: serde_json::Value) {
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let named = |v: &serde_json::Value| {
+            let name = v.pointer("/metadata/name").and_then(|n| n.as_str());
+            format!("{kind} {} ({position})", name.unwrap_or("<unnamed>"))
+        };
+        let origin = &self.origin;
+        match kind.as_str() {
+            "Service" => match Service::deserialize(&value) {
+                Ok(o) => self.snapshot.objects.push(Object::Service(validate::service(&o, origin, self.config))),
+                Err(e) => self.snapshot.unreadable.push(unreadable(origin, named(&value), e)),
+            },
+            "EndpointSlice" => match EndpointSlice::deserialize(&value) {
+                Ok(o) => self.snapshot.objects.push(Object::Slice(validate::slice(&o, origin, self.config))),
+                Err(e) => self.snapshot.unreadable.push(unreadable(origin, named(&value), e)),
+            },
+            "List" | "ServiceList" | "EndpointSliceList" => {
+                let items = match value {
+                    serde_json::Value::Object(mut map) => match map.remove("items") {
+                        Some(serde_json::Value::Array(items)) => items,
+                        _ => Vec::new(),
+                    },
+                    _ => Vec::new(),
+                };
+                for (i, item) in items.into_iter().enumerate() {
+                    self.add(&format!("{position}, item {}", i + 1), item);
+                }
             }
+            "" => self.snapshot.unreadable.push(unreadable(origin, position.to_string(), "has no kind")),
+            other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
         }
-        "" => snap.rejected.push(unreadable(origin, position.to_string(), "has no kind")),
-        other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
     }
 }
 
-/// Parses one file; unreadable documents become rejections.
-fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
-    let mut snap = Snapshot::default();
-    let origin: Arc<str> = path.display().to_string().into();
+/// Parses one file into validated objects; unreadable documents become
+/// rejections.
+pub fn parse_file(path: &Path, bytes: &[u8], config: &ModelConfig) -> Snapshot {
+    let mut reader = Reader { origin: path.display().to_string().into(), config, snapshot: Snapshot::default() };
     if path.extension().is_some_and(|e| e == "json") {
         for (index, value) in serde_json::Deserializer::from_slice(bytes).into_iter::<serde_json::Value>().enumerate() {
             let position = format!("value {}", index + 1);
             match value {
-                Ok(v) => add_document(&mut snap, &origin, &position, v),
+                Ok(v) => reader.add(&position, v),
                 Err(e) => {
-                    snap.rejected.push(unreadable(&origin, position, e));
+                    let origin = reader.origin.clone();
+                    reader.snapshot.unreadable.push(unreadable(&origin, position, e));
                     break;
                 }
             }
         }
-        return snap;
+        return reader.snapshot;
     }
     for (index, doc) in serde_yaml::Deserializer::from_slice(bytes).enumerate() {
         let position = format!("document {}", index + 1);
         match serde_json::Value::deserialize(doc) {
             Ok(serde_json::Value::Null) => {}
-            Ok(v) => add_document(&mut snap, &origin, &position, v),
+            Ok(v) => reader.add(&position, v),
             Err(e) => {
-                snap.rejected.push(unreadable(&origin, position, e));
+                let origin = reader.origin.clone();
+                reader.snapshot.unreadable.push(unreadable(&origin, position, e));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
         }
     }
-    snap
+    reader.snapshot
 }
 
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+/// Takes one file's old objects out of the index and puts its new ones in;
+/// returns the names the file now holds.
+fn replace_file(index: &mut Index, origin: &str, old: Option<&FileState>, new: Option<Snapshot>) -> FileNames {
+    for name in old.iter().flat_map(|o| &o.services) {
+        index.delete_service(name);
+    }
+    for name in old.iter().flat_map(|o| &o.slices) {
+        index.delete_slice(name);
+    }
+    let mut names = FileNames::default();
+    let Some(new) = new else {
+        index.set_unreadable(origin, Vec::new());
+        return names;
+    };
+    for object in new.objects {
+        match &object {
+            Object::Service(s) => names.services.push(s.name.clone()),
+            Object::Slice(s) => names.slices.push(s.name.clone()),
+        }
+        index.apply(object);
+    }
+    index.set_unreadable(origin, new.unreadable);
+    names
 }
 
-/// Takes one file's old objects out of the index and puts its new ones in.
-fn replace_file(index: &mut Index, origin: &str, old: Option<&Snapshot>, new: Option<&Snapshot>) {
-    for s in old.iter().flat_map(|o| &o.services) {
-        let (ns, name) = name_of(&s.object.metadata);
-        index.delete_service(&ns, &name);
-    }
-    for s in old.iter().flat_map(|o| &o.slices) {
-        let (ns, name) = name_of(&s.object.metadata);
-        index.delete_slice(&ns, &name);
-    }
-    for s in new.iter().flat_map(|n| &n.services) {
-        index.apply_service(s.clone());
-    }
-    for s in new.iter().flat_map(|n| &n.slices) {
-        index.apply_slice(s.clone());
-    }
-    index.set_unreadable(origin, new.map(|n| n.rejected.clone()).unwrap_or_default());
+#[derive(Default)]
+struct FileNames {
+    services: Vec<ObjectName>,
+    slices: Vec<ObjectName>,
 }
 
 /// The folder's latest parsed contents, per file, fed into the index.
 pub struct DirSource {
     dir: PathBuf,
+    config: ModelConfig,
     index: SharedIndex,
     files: Mutex<Option<BTreeMap<PathBuf, FileState>>>,
     readable: AtomicBool,
 }
 
 impl DirSource {
-    pub fn new(dir: PathBuf, index: SharedIndex) -> Arc<Self> {
-        Arc::new(Self { dir, index, files: Mutex::new(None), readable: AtomicBool::new(true) })
+    pub fn new(dir: PathBuf, config: ModelConfig, index: SharedIndex) -> Arc<Self> {
+        Arc::new(Self { dir, config, index, files: Mutex::new(None), readable: AtomicBool::new(true) })
     }
 
-    /// Re-reads files that changed; returns whether anything did.
+    /// Re-reads files that changed; returns whether anything did. Files are
+    /// read and parsed before the index is locked, so the sync loop never
+    /// waits for the disk.
     fn rescan(&self) -> std::io::Result<bool> {
         let mut listed = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -165,27 +200,24 @@ impl DirSource {
         let mut guard = self.files.lock().unwrap();
         let first = guard.is_none();
         let files = guard.get_or_insert_with(BTreeMap::new);
-        let mut index = self.index.lock().unwrap();
         let mut changed = first;
         let gone: Vec<PathBuf> = files.keys().filter(|p| !listed.contains_key(*p)).cloned().collect();
         for path in gone {
             let old = files.remove(&path);
-            replace_file(&mut index, &path.display().to_string(), old.as_ref().map(|f| &f.objects), None);
+            replace_file(&mut self.index.lock().unwrap(), &path.display().to_string(), old.as_ref(), None);
             changed = true;
         }
-        for (path, st) in listed {
-            if files.get(&path).is_some_and(|f| f.stamp == st) {
+        for (path, stamp) in listed {
+            if files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
             let Ok(bytes) = std::fs::read(&path) else { continue };
-            let objects = parse_file(&path, &bytes);
-            let old = files.insert(path.clone(), FileState { stamp: st, objects });
-            replace_file(
-                &mut index,
-                &path.display().to_string(),
-                old.as_ref().map(|f| &f.objects),
-                files.get(&path).map(|f| &f.objects),
-            );
+            let parsed = parse_file(&path, &bytes, &self.config);
+            drop(bytes);
+            let old = files.remove(&path);
+            let names =
+                replace_file(&mut self.index.lock().unwrap(), &path.display().to_string(), old.as_ref(), Some(parsed));
+            files.insert(path, FileState { stamp, services: names.services, slices: names.slices });
             changed = true;
         }
         Ok(changed)
@@ -204,7 +236,12 @@ impl DirSource {
             tracing::warn!(dir = %self.dir.display(), error = %e, "no inotify on the manifest folder; polling only");
         }
         loop {
-            match self.rescan() {
+            // Reading and parsing files blocks: off the async threads.
+            let scanner = self.clone();
+            let scanned = tokio::task::spawn_blocking(move || scanner.rescan())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(format!("the folder scan panicked: {e}"))));
+            match scanned {
                 Ok(changed) => {
                     self.readable.store(true, Ordering::Relaxed);
                     if changed && changes.send(Instant::now()).is_err() {
@@ -242,15 +279,26 @@ impl Source for DirSource {
 mod tests {
     use super::*;
 
-    fn parse(files: &[(&str, &str)]) -> Snapshot {
-        let mut snap = Snapshot::default();
+    /// Services, slices and unreadable documents of the files.
+    struct Parsed {
+        services: Vec<validate::ServiceInfo>,
+        slices: Vec<validate::SliceInfo>,
+        rejected: Vec<Rejection>,
+    }
+
+    fn parse(files: &[(&str, &str)]) -> Parsed {
+        let mut parsed = Parsed { services: vec![], slices: vec![], rejected: vec![] };
         for (p, c) in files {
-            let s = parse_file(Path::new(p), c.as_bytes());
-            snap.services.extend(s.services);
-            snap.slices.extend(s.slices);
-            snap.rejected.extend(s.rejected);
+            let s = parse_file(Path::new(p), c.as_bytes(), &ModelConfig::default());
+            for o in s.objects {
+                match o {
+                    Object::Service(s) => parsed.services.push(s),
+                    Object::Slice(s) => parsed.slices.push(s),
+                }
+            }
+            parsed.rejected.extend(s.unreadable);
         }
-        snap
+        parsed
     }
 
     #[test]
@@ -263,6 +311,7 @@ mod tests {
         assert_eq!(snap.services.len(), 1);
         assert_eq!(snap.slices.len(), 1);
         assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        assert!(snap.services[0].rejections.is_empty() && snap.slices[0].rejections.is_empty());
     }
 
     #[test]
@@ -303,10 +352,10 @@ mod tests {
         std::fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n")
             .unwrap();
         let index = SharedIndex::default();
-        let source = DirSource::new(dir.clone(), index.clone());
+        let source = DirSource::new(dir.clone(), ModelConfig::default(), index.clone());
         assert!(source.rescan().unwrap());
         assert!(!source.rescan().unwrap(), "nothing changed");
-        let key = |n: &str| ("default".to_string(), n.to_string());
+        let key = |n: &str| ObjectName::new("default", n);
         assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::Some([key("a")].into()));
         std::fs::write(dir.join("b.yaml"), "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n")
             .unwrap();

@@ -6,7 +6,6 @@
 //! meanwhile and nothing stale survives it.
 
 use std::{
-    collections::HashMap,
     path::Path,
     sync::{
         Arc,
@@ -26,8 +25,11 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
-use super::{Changes, SharedIndex, Source};
-use crate::{index::Index, model::Sourced};
+use super::{
+    Changes, SharedIndex, Source,
+    reflector::{Applied, Kind, Reflector},
+};
+use crate::validate::ModelConfig;
 
 /// What kpr may ask of the API server: `(API group, resource, verbs)`. The
 /// ClusterRole in manifests/kpr.yaml grants exactly this (a test checks),
@@ -67,105 +69,24 @@ struct KindState {
 
 const ORIGIN: &str = "api";
 
-/// How one kind goes into the index.
-trait Indexed:
-    kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
-{
-    fn apply(index: &mut Index, object: Sourced<Self>);
-    fn delete(index: &mut Index, namespace: &str, name: &str);
-    fn held(index: &Index) -> Vec<(String, String)>;
-    fn held_version<'a>(index: &'a Index, namespace: &str, name: &str) -> Option<&'a str>;
-}
-
-impl Indexed for Service {
-    fn apply(index: &mut Index, object: Sourced<Self>) {
-        index.apply_service(object);
-    }
-    fn delete(index: &mut Index, namespace: &str, name: &str) {
-        index.delete_service(namespace, name);
-    }
-    fn held(index: &Index) -> Vec<(String, String)> {
-        index.service_names()
-    }
-    fn held_version<'a>(index: &'a Index, namespace: &str, name: &str) -> Option<&'a str> {
-        index.service_version(&(namespace.to_string(), name.to_string()))
-    }
-}
-
-impl Indexed for EndpointSlice {
-    fn apply(index: &mut Index, object: Sourced<Self>) {
-        index.apply_slice(object);
-    }
-    fn delete(index: &mut Index, namespace: &str, name: &str) {
-        index.delete_slice(namespace, name);
-    }
-    fn held(index: &Index) -> Vec<(String, String)> {
-        index.slice_names()
-    }
-    fn held_version<'a>(index: &'a Index, namespace: &str, name: &str) -> Option<&'a str> {
-        index.slice_version(namespace, name)
-    }
-}
-
-fn name_of<K: kube::Resource>(o: &K) -> (String, String) {
-    let meta = o.meta();
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
-}
-
-/// Puts a complete list into the index: new and changed objects applied,
-/// objects it no longer holds deleted.
-fn reconcile<K: Indexed>(index: &mut Index, listed: HashMap<(String, String), K>) {
-    for (ns, name) in K::held(index) {
-        if !listed.contains_key(&(ns.clone(), name.clone())) {
-            K::delete(index, &ns, &name);
-        }
-    }
-    for ((ns, name), object) in listed {
-        let unchanged = object.meta().resource_version.is_some()
-            && <K as Indexed>::held_version(index, &ns, &name) == object.meta().resource_version.as_deref();
-        if !unchanged {
-            K::apply(index, Sourced::new(ORIGIN, object));
-        }
-    }
-}
-
-fn watch<K: Indexed>(
+fn watch<K>(
     api: Api<K>,
-    selector: &str,
+    config: &ModelConfig,
     index: SharedIndex,
     changes: Changes,
     state: Arc<KindState>,
-) -> JoinHandle<()> {
-    let stream = watcher(api, watcher::Config::default().labels(selector)).default_backoff();
+) -> JoinHandle<()>
+where
+    K: Kind + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let stream = watcher(api, watcher::Config::default().labels(&config.label_selector())).default_backoff();
     let kind = K::kind(&());
+    let mut reflector = Reflector::new(ORIGIN, config.clone());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut relist: Option<HashMap<(String, String), K>> = None;
         while let Some(event) = stream.next().await {
-            let changed = match event {
-                Ok(watcher::Event::Apply(o)) => {
-                    K::apply(&mut index.lock().unwrap(), Sourced::new(ORIGIN, o));
-                    true
-                }
-                Ok(watcher::Event::Delete(o)) => {
-                    let (ns, name) = name_of(&o);
-                    K::delete(&mut index.lock().unwrap(), &ns, &name);
-                    true
-                }
-                Ok(watcher::Event::Init) => {
-                    relist = Some(HashMap::new());
-                    false
-                }
-                Ok(watcher::Event::InitApply(o)) => {
-                    relist.get_or_insert_with(HashMap::new).insert(name_of(&o), o);
-                    false
-                }
-                Ok(watcher::Event::InitDone) => {
-                    reconcile(&mut index.lock().unwrap(), relist.take().unwrap_or_default());
-                    state.listed.store(true, Ordering::Relaxed);
-                    tracing::info!(%kind, "listed");
-                    true
-                }
+            let event = match event {
+                Ok(event) => event,
                 Err(e) => {
                     if state.healthy.swap(false, Ordering::Relaxed) {
                         tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff, programmed state keeps serving");
@@ -175,10 +96,15 @@ fn watch<K: Indexed>(
                     continue;
                 }
             };
+            let applied = reflector.apply(&mut index.lock().unwrap(), event);
             if !state.healthy.swap(true, Ordering::Relaxed) {
                 tracing::info!(%kind, "watch connected");
             }
-            if changed && changes.send(Instant::now()).is_err() {
+            if applied == Applied::Listed {
+                state.listed.store(true, Ordering::Relaxed);
+                tracing::info!(%kind, "listed");
+            }
+            if applied != Applied::Buffered && changes.send(Instant::now()).is_err() {
                 return;
             }
         }
@@ -199,14 +125,14 @@ pub struct KubeSource {
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl KubeSource {
-    /// Starts watching Services and EndpointSlices matching `selector` in
+    /// Starts watching the Services and EndpointSlices `config` selects in
     /// all namespaces, feeding `index`.
-    pub fn start(client: Client, selector: &str, index: SharedIndex, changes: Changes) -> Self {
+    pub fn start(client: Client, config: &ModelConfig, index: SharedIndex, changes: Changes) -> Self {
         let service_state = Arc::new(KindState::default());
         let slice_state = Arc::new(KindState::default());
         let t1 =
-            watch(Api::<Service>::all(client.clone()), selector, index.clone(), changes.clone(), service_state.clone());
-        let t2 = watch(Api::<EndpointSlice>::all(client.clone()), selector, index, changes, slice_state.clone());
+            watch(Api::<Service>::all(client.clone()), config, index.clone(), changes.clone(), service_state.clone());
+        let t2 = watch(Api::<EndpointSlice>::all(client.clone()), config, index, changes, slice_state.clone());
         let reachable = Arc::new(AtomicBool::new(false));
         let probe = {
             let reachable = reachable.clone();

@@ -4,6 +4,7 @@
 
 pub mod dir;
 pub mod kube;
+pub mod reflector;
 
 use std::{path::PathBuf, time::Instant};
 

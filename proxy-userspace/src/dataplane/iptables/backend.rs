@@ -6,7 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, bail};
+use crate::dataplane::DataplaneError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -56,7 +56,12 @@ impl Backend {
     }
 
     /// Applies `input` with `iptables-restore --noflush` in one transaction.
-    pub fn restore(self, input: &str) -> anyhow::Result<()> {
+    pub fn restore(self, input: &str) -> Result<(), DataplaneError> {
+        let command = format!("iptables-{}-restore", self.suffix());
+        let failed = |e: std::io::Error| DataplaneError::Command {
+            command: command.clone(),
+            reason: format!("{e} (is the iptables package installed?)"),
+        };
         let mut child = self
             .command("restore")
             .args(["--noflush", "--wait"])
@@ -64,25 +69,34 @@ impl Backend {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| {
-                format!("running iptables-{}-restore (is the iptables package installed?)", self.suffix())
-            })?;
-        child.stdin.take().unwrap().write_all(input.as_bytes())?;
-        let out = child.wait_with_output()?;
+            .map_err(failed)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error means it exited early; its status and stderr say why.
+            if let Err(e) = stdin.write_all(input.as_bytes()) {
+                tracing::debug!(error = %e, "iptables-restore closed its input early");
+            }
+        }
+        let out = child.wait_with_output().map_err(failed)?;
         if !out.status.success() {
-            bail!("iptables-{}-restore failed: {}", self.suffix(), String::from_utf8_lossy(&out.stderr).trim());
+            return Err(DataplaneError::IptablesRestore {
+                backend: self.name(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
         Ok(())
     }
 
-    fn iptables(self, args: &[&str]) -> anyhow::Result<bool> {
-        let out = self.command("iptables").arg("--wait").args(args).output().context("running iptables")?;
+    fn iptables(self, args: &[&str]) -> Result<bool, DataplaneError> {
+        let out = self.command("iptables").arg("--wait").args(args).output().map_err(|e| DataplaneError::Command {
+            command: format!("iptables-{}", self.suffix()),
+            reason: e.to_string(),
+        })?;
         Ok(out.status.success())
     }
 
     /// Creates kpr's top-level chains if missing, without touching their
     /// rules, so the jumps below have a target before the first sync.
-    pub fn ensure_chains(self) -> anyhow::Result<()> {
+    pub fn ensure_chains(self) -> Result<(), DataplaneError> {
         for (table, chain) in [
             ("filter", "KUBE-SERVICES"),
             ("filter", "KUBE-FORWARD"),
@@ -97,7 +111,7 @@ impl Backend {
     }
 
     /// Makes sure each jump from a built-in chain exists once (check, then insert).
-    pub fn ensure_jumps(self) -> anyhow::Result<()> {
+    pub fn ensure_jumps(self) -> Result<(), DataplaneError> {
         for (table, chain, rule) in JUMPS {
             let mut check = vec!["-t", table, "-C", chain];
             check.extend(rule.iter());
@@ -105,7 +119,10 @@ impl Backend {
                 let mut insert = vec!["-t", table, "-I", chain];
                 insert.extend(rule.iter());
                 if !self.iptables(&insert)? {
-                    bail!("could not add the jump from {table} {chain} to kpr's chains");
+                    return Err(DataplaneError::Command {
+                        command: format!("iptables -t {table} -I {chain}"),
+                        reason: "could not add the jump to kpr's chains".into(),
+                    });
                 }
             }
         }
@@ -123,7 +140,7 @@ impl Backend {
 
     /// Removes the jump rules and every chain kpr writes, leaving all other
     /// rules alone.
-    pub fn remove_all(self) -> anyhow::Result<()> {
+    pub fn remove_all(self) -> Result<(), DataplaneError> {
         for (table, chain, rule) in JUMPS {
             let mut delete = vec!["-t", table, "-D", chain];
             delete.extend(rule.iter().copied());

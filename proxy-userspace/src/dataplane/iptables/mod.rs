@@ -18,18 +18,20 @@ use std::{
 use backend::Backend;
 use render::{RenderConfig, Scope, chains_of, render};
 
-use super::{ApplyError, Dataplane};
+use super::{ApplyError, Dataplane, DataplaneError, Desired, Mode};
 use crate::{
-    model::{Frontend, FrontendKey, Protocol},
+    frontend::{Frontend, FrontendKey, Protocol},
     planner::Op,
 };
 
 pub struct IptablesDataplane {
     backend: Backend,
     config: RenderConfig,
-    frontends: BTreeMap<FrontendKey, Frontend>,
     /// kpr's per-service chains present in the kernel (as far as we know).
     written: BTreeSet<String>,
+    /// UDP endpoints last written per frontend, to clear conntrack entries
+    /// of the ones that go (the rest of the desired state is the model's).
+    udp_endpoints: BTreeMap<FrontendKey, Vec<crate::frontend::Endpoint>>,
     full_sync_period: Duration,
     last_full_sync: Option<Instant>,
 }
@@ -37,7 +39,7 @@ pub struct IptablesDataplane {
 impl IptablesDataplane {
     /// Picks the backend as kube-proxy does and takes over any chains a
     /// previous run left (they are rewritten or deleted on the first sync).
-    pub fn new(config: RenderConfig, full_sync_period: Duration) -> anyhow::Result<Self> {
+    pub fn new(config: RenderConfig, full_sync_period: Duration) -> Result<Self, DataplaneError> {
         let backend = backend::detect();
         tracing::info!(backend = backend.name(), "iptables mode");
         let written = backend
@@ -50,20 +52,20 @@ impl IptablesDataplane {
         // Rules a previous run left keep serving until the first sync rewrites them.
         backend.ensure_chains()?;
         backend.ensure_jumps()?;
-        Ok(Self { backend, config, frontends: BTreeMap::new(), written, full_sync_period, last_full_sync: None })
+        Ok(Self { backend, config, written, udp_endpoints: BTreeMap::new(), full_sync_period, last_full_sync: None })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
     }
 
-    fn sync(&mut self, changed: &BTreeSet<FrontendKey>) -> anyhow::Result<()> {
+    fn sync(&mut self, desired: &Desired, changed: &BTreeSet<FrontendKey>) -> Result<(), DataplaneError> {
         let full = self.last_full_sync.is_none_or(|t| t.elapsed() >= self.full_sync_period);
         let wanted: BTreeSet<String> =
-            self.frontends.values().filter(|f| !f.backends.is_empty()).flat_map(chains_of).collect();
+            desired.values().filter(|f| !f.backends.is_empty()).flat_map(chains_of).collect();
         let stale: BTreeSet<String> = self.written.difference(&wanted).cloned().collect();
         let scope = if full { Scope::Full } else { Scope::Changed(changed) };
-        let input = render(&self.frontends, scope, &stale, &self.config);
+        let input = render(desired, scope, &stale, &self.config);
         let started = Instant::now();
         self.backend.restore(&input)?;
         tracing::debug!(
@@ -81,20 +83,24 @@ impl IptablesDataplane {
 
     /// kube-proxy clears conntrack entries of UDP flows to removed
     /// endpoints, which would otherwise keep being DNATed to them.
-    fn forget_udp_flows(&self, old: &Frontend, new: Option<&Frontend>) {
-        if old.key.protocol != Protocol::Udp {
+    fn forget_udp_flows(&mut self, key: FrontendKey, now: Option<&Frontend>) {
+        if key.protocol != Protocol::Udp {
             return;
         }
-        for e in old.backends.iter().filter(|e| new.is_none_or(|n| !n.backends.contains(e))) {
+        let old = match now {
+            Some(f) => self.udp_endpoints.insert(key, f.backends.clone()),
+            None => self.udp_endpoints.remove(&key),
+        };
+        for e in old.iter().flatten().filter(|e| now.is_none_or(|n| !n.backends.contains(e))) {
             let status = Command::new("conntrack")
                 .args([
                     "-D",
                     "-p",
                     "udp",
                     "--orig-dst",
-                    &old.key.vip.to_string(),
+                    &key.vip.to_string(),
                     "--dport",
-                    &old.key.port.to_string(),
+                    &key.port.to_string(),
                     "--reply-src",
                     &e.ip.to_string(),
                 ])
@@ -110,41 +116,26 @@ impl IptablesDataplane {
 }
 
 impl Dataplane for IptablesDataplane {
-    fn mode(&self) -> &'static str {
-        "iptables"
+    fn mode(&self) -> Mode {
+        Mode::Iptables
     }
 
-    fn take_over(&mut self, interfaces: &[String], bpf_root: &std::path::Path) {
-        super::cleanup::remove_ebpf(interfaces, bpf_root);
-    }
-
-    fn apply(&mut self, ops: &[Op]) -> Vec<ApplyError> {
-        let before = self.frontends.clone();
-        let mut changed = BTreeSet::new();
-        for op in ops {
-            match op {
-                Op::Upsert(f) => {
-                    changed.insert(f.key);
-                    self.frontends.insert(f.key, f.clone());
-                }
-                Op::Delete(k) => {
-                    changed.insert(*k);
-                    self.frontends.remove(k);
-                }
-            }
-        }
-        if let Err(e) = self.sync(&changed) {
-            // One transaction: nothing of it applied. Retry everything on the
-            // next sync, as a full one.
-            self.frontends = before;
+    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
+        let changed: BTreeSet<FrontendKey> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Upsert(f) => f.key,
+                Op::Delete(k) => *k,
+            })
+            .collect();
+        if let Err(e) = self.sync(desired, &changed) {
+            // One transaction: nothing of it applied. The next sync is a
+            // full one, rendered from the desired state then.
             self.last_full_sync = None;
-            let reason = format!("{e:#}");
-            return changed.into_iter().map(|frontend| ApplyError { frontend, reason: reason.clone() }).collect();
+            return changed.into_iter().map(|frontend| ApplyError { frontend, error: e.clone() }).collect();
         }
-        for k in &changed {
-            if let Some(old) = before.get(k) {
-                self.forget_udp_flows(old, self.frontends.get(k));
-            }
+        for k in changed {
+            self.forget_udp_flows(k, desired.get(&k));
         }
         Vec::new()
     }

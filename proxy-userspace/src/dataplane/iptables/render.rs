@@ -16,7 +16,7 @@ use std::{
 use data_encoding::BASE32;
 use sha2::{Digest, Sha256};
 
-use crate::model::{Endpoint, Frontend, FrontendKey};
+use crate::frontend::{Endpoint, Frontend, FrontendKey};
 
 /// kube-proxy's masquerade mark bit (`--iptables-masquerade-bit` 14).
 pub const MASQ_MARK: &str = "0x4000/0x4000";
@@ -172,7 +172,10 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{Protocol, ServicePortName, ServiceType};
+    use crate::{
+        frontend::{Protocol, ServiceType},
+        name::{ObjectName, ServicePortName},
+    };
 
     fn fe(
         ns: &str,
@@ -184,7 +187,7 @@ mod tests {
         backends: &[([u8; 4], u16)],
     ) -> Frontend {
         Frontend {
-            service: ServicePortName { namespace: ns.into(), name: name.into(), port: port_name.into() },
+            service: ServicePortName { service: ObjectName::new(ns, name), port: port_name.into() },
             key: FrontendKey { vip: vip.into(), port, protocol },
             service_type: ServiceType::ClusterIP,
             node_port: None,

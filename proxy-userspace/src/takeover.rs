@@ -1,17 +1,35 @@
 //! Removing what kpr installed: iptables chains and jumps (both backends)
 //! and eBPF programs attached by a previous run. Used when a mode takes
-//! over from the other and by `kpr cleanup`.
+//! over from the other and by `kpr cleanup`. The only module that knows
+//! both modes: the dataplanes themselves never touch each other's state.
 
 use std::path::Path;
 
 use aya::programs::{TcAttachType, tc};
 
-use super::{ebpf::PROGRAM, iptables::backend::Backend};
-use crate::inspect;
+use crate::{
+    dataplane::{DataplaneError, Mode, ebpf::PROGRAM, iptables::backend::Backend},
+    inspect,
+};
+
+/// Once `mode` serves, removes what the other mode left behind (on
+/// `interfaces`, pins under `bpf_root`), so two never fight.
+pub fn take_over(mode: Mode, interfaces: &[String], bpf_root: &Path) {
+    match mode {
+        Mode::Ebpf => {
+            if let Err(e) = remove_iptables() {
+                tracing::error!(error = %e, "could not remove iptables rules left by iptables mode");
+            }
+        }
+        Mode::Iptables => {
+            remove_ebpf(interfaces, bpf_root);
+        }
+    }
+}
 
 /// Removes kpr's iptables chains and jumps from both backends. Returns how
 /// many backends held some.
-pub fn remove_iptables() -> anyhow::Result<usize> {
+pub fn remove_iptables() -> Result<usize, DataplaneError> {
     let mut removed = 0;
     for backend in Backend::ALL {
         if backend.has_kpr_rules() {

@@ -1,0 +1,119 @@
+//! In-memory stand-ins for the kernel's service tables: [`FakeMaps`] holds
+//! entries with the kernel's capacity rule (a full map refuses a new key,
+//! not an update), [`Faulty`] makes writes fail after a given number, so the
+//! dataplane's bookkeeping is tested on full maps and partial writes.
+
+use std::collections::BTreeMap;
+
+use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue};
+
+use super::maps::{KeepEndpoints, MapIoError, ServiceMaps};
+
+#[derive(Clone, Debug, Default)]
+pub struct FakeMaps {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<BackendKey, Backend>,
+    pub services_max: usize,
+    pub backends_max: usize,
+    /// Frontend ids whose traffic counts were forgotten, in order.
+    pub forgotten_traffic: Vec<u32>,
+}
+
+impl FakeMaps {
+    pub fn new(services_max: usize, backends_max: usize) -> Self {
+        Self { services_max, backends_max, ..Self::default() }
+    }
+
+    /// A frontend's backends as the datapath would read them: the slots of
+    /// its current backend set, ready ones first.
+    pub fn backends_of(&self, value: &ServiceValue) -> Vec<Backend> {
+        (0..value.backend_count + value.terminating_count)
+            .filter_map(|slot| self.backends.get(&BackendKey { set: value.backend_set, slot }).copied())
+            .collect()
+    }
+}
+
+fn insert<K: Ord, V>(map: &mut BTreeMap<K, V>, max: usize, key: K, value: V) -> Result<(), MapIoError> {
+    if !map.contains_key(&key) && map.len() >= max {
+        return Err(MapIoError::Full);
+    }
+    map.insert(key, value);
+    Ok(())
+}
+
+impl ServiceMaps for FakeMaps {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError> {
+        insert(&mut self.services, self.services_max, key, value)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError> {
+        self.services.remove(key);
+        Ok(())
+    }
+
+    fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError> {
+        insert(&mut self.backends, self.backends_max, key, backend)
+    }
+
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError> {
+        self.backends.remove(key);
+        Ok(())
+    }
+
+    fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {
+        if backends.is_none() {
+            self.forgotten_traffic.push(service_id);
+        }
+    }
+
+    fn forget_udp_flows(&mut self, _service_id: u32, _keep: &KeepEndpoints) -> usize {
+        0
+    }
+}
+
+/// Wraps maps so that every write after the first `ok_writes` fails.
+#[derive(Debug)]
+pub struct Faulty<M> {
+    pub inner: M,
+    pub ok_writes: usize,
+}
+
+impl<M> Faulty<M> {
+    fn write(&mut self) -> Result<(), MapIoError> {
+        if self.ok_writes == 0 {
+            return Err(MapIoError::Failed("injected failure".into()));
+        }
+        self.ok_writes -= 1;
+        Ok(())
+    }
+}
+
+impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.set_service(key, value)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.remove_service(key)
+    }
+
+    fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.set_backend(key, backend)
+    }
+
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.remove_backend(key)
+    }
+
+    fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {
+        self.inner.forget_traffic(service_id, backends);
+    }
+
+    fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
+        self.inner.forget_udp_flows(service_id, keep)
+    }
+}

@@ -1,0 +1,194 @@
+//! Loading the embedded programs, attaching them, pinning the maps, and
+//! taking the map handles the dataplane writes through.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{ProgramError, SchedClassifier, TcAttachType, tc},
+};
+use proxy_common::maps as abi;
+
+use super::maps::{AyaMaps, TrafficMaps};
+use crate::{
+    dataplane::{DatapathStats, DataplaneError},
+    inspect::{FrontendTraffic, MapFill, Maps},
+};
+
+/// The compiled programs, built by build.rs with aya-build.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// The classifier attached to every pod interface.
+pub const PROGRAM: &str = "kpr_from_pod";
+
+/// Map capacities, settable at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub flows: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: abi::DEFAULT_SERVICES_MAX,
+            backends: abi::DEFAULT_BACKENDS_MAX,
+            flows: abi::DEFAULT_CONNTRACK_MAX,
+        }
+    }
+}
+
+/// Loads the object with `sizes` applied, without attaching anything.
+pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
+    EbpfLoader::new()
+        .map_max_entries(abi::SERVICES, sizes.services)
+        .map_max_entries(abi::BACKENDS, sizes.backends)
+        .map_max_entries(abi::CT_FORWARD, sizes.flows)
+        .map_max_entries(abi::CT_REVERSE, sizes.flows)
+        .map_max_entries(abi::SERVICE_TRAFFIC, sizes.services)
+        .map_max_entries(abi::BACKEND_TRAFFIC, sizes.backends)
+        .load(EBPF_OBJECT)
+        .map_err(|e| DataplaneError::Load(e.to_string()))
+}
+
+/// What [`attach`] hands the dataplane.
+pub struct Attached {
+    /// Owns the program and its links: dropping it detaches from every interface.
+    pub ebpf: Ebpf,
+    pub maps: AyaMaps,
+    /// The same maps through other handles, for observers.
+    pub observed: Arc<Maps>,
+}
+
+/// The magic number of a bpf filesystem in `statfs`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Pins every map under `bpf_root`, replacing a previous run's pins (they
+/// name maps no program uses any more). Pins outlive the agent, so the
+/// inspection commands work while it is down.
+fn pin_maps(ebpf: &mut Ebpf, bpf_root: &Path) -> Result<PathBuf, String> {
+    if !is_bpffs(bpf_root) {
+        return Err(format!(
+            "{root} is not a bpf filesystem (mount one: mount -t bpf bpf {root})",
+            root = bpf_root.display()
+        ));
+    }
+    let dir = crate::inspect::pin_dir(bpf_root);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing old pins in {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    for name in abi::ALL_MAPS {
+        let map = ebpf.map_mut(name).ok_or_else(|| format!("map {name} missing from the eBPF object"))?;
+        map.pin(dir.join(name)).map_err(|e| format!("pinning {name} in {}: {e}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+fn missing(name: &str) -> DataplaneError {
+    DataplaneError::Load(format!("map {name} missing from the eBPF object, or of an unexpected type"))
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+    HashMap::try_from(ebpf.take_map(name).ok_or_else(|| missing(name))?).map_err(|_| missing(name))
+}
+
+fn map_id(map: &Map) -> Option<u32> {
+    match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::PerCpuLruHashMap(d) => {
+            Some(d.info().ok()?.id())
+        }
+        _ => None,
+    }
+}
+
+/// Why the kernel refused to load a program: a verifier rejection names its log.
+fn load_error(e: ProgramError) -> DataplaneError {
+    match e {
+        ProgramError::LoadError { verifier_log, .. } => {
+            DataplaneError::Verifier { program: PROGRAM, log: verifier_log.to_string() }
+        }
+        other => DataplaneError::Load(other.to_string()),
+    }
+}
+
+/// Loads the programs, pins the maps under `bpf_root` and attaches on
+/// ingress of each interface.
+pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result<Attached, DataplaneError> {
+    if interfaces.is_empty() {
+        return Err(DataplaneError::NoInterfaces);
+    }
+    let mut ebpf = load(sizes)?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| DataplaneError::Load(format!("program {PROGRAM} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|e: ProgramError| DataplaneError::Load(e.to_string()))?;
+    program.load().map_err(load_error)?;
+    for iface in interfaces {
+        // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
+        }
+        program.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
+            program: PROGRAM,
+            interface: iface.clone(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(%iface, "datapath attached on ingress");
+    }
+    match pin_maps(&mut ebpf, bpf_root) {
+        Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
+        Err(e) => {
+            tracing::warn!(error = %e, "maps not pinned: kpr service list, conntrack list and stats will not see them")
+        }
+    }
+    let ids: std::collections::HashMap<&str, u32> =
+        abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
+    let observed = Maps::open(|name| {
+        let id = ids.get(name).ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
+        MapData::from_id(*id).map_err(|e| anyhow::anyhow!("opening map {name} by id: {e}"))
+    })
+    .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
+    let traffic = TrafficMaps::new(
+        PerCpuArray::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?)
+            .map_err(|_| missing(abi::SERVICE_TRAFFIC))?,
+        PerCpuHashMap::try_from(ebpf.take_map(abi::BACKEND_TRAFFIC).ok_or_else(|| missing(abi::BACKEND_TRAFFIC))?)
+            .map_err(|_| missing(abi::BACKEND_TRAFFIC))?,
+    );
+    let maps = AyaMaps {
+        services: take_hash(&mut ebpf, abi::SERVICES)?,
+        backends: take_hash(&mut ebpf, abi::BACKENDS)?,
+        ct_forward: take_hash(&mut ebpf, abi::CT_FORWARD)?,
+        ct_reverse: take_hash(&mut ebpf, abi::CT_REVERSE)?,
+        traffic,
+    };
+    Ok(Attached { ebpf, maps, observed: Arc::new(observed) })
+}
+
+/// Observers read the datapath's counters through the pinned maps.
+impl DatapathStats for Maps {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Maps::counters(self)
+    }
+    fn traffic(&self) -> Vec<FrontendTraffic> {
+        Maps::traffic(self)
+    }
+    fn fill(&self) -> Vec<MapFill> {
+        Maps::fill(self)
+    }
+}

@@ -1,0 +1,143 @@
+//! Writing the service tables, behind a small trait: the kernel's maps
+//! (through aya) in the agent, an in-memory fake (the `fake` module beside this one) in tests,
+//! so id and slot bookkeeping is tested without root.
+
+use std::collections::HashSet;
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use proxy_common::maps::{
+    Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, Traffic,
+    reply_key,
+};
+
+/// Why a map write failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapIoError {
+    /// The map has no room for another entry.
+    #[error("the map is full")]
+    Full,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The endpoints a UDP frontend still has, by (address, port).
+pub type KeepEndpoints = HashSet<([u8; 4], [u8; 2])>;
+
+/// The writes the eBPF dataplane makes. Removing an absent entry is not an
+/// error.
+pub trait ServiceMaps: Send {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError>;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError>;
+    fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError>;
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError>;
+    /// Forgets traffic counts of a frontend (`backends: None`: all of them,
+    /// its id is being freed) or of some of its backends. Best effort: the
+    /// counts are statistics.
+    fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>);
+    /// Forgets the UDP flows of a frontend pinned to endpoints not in
+    /// `keep`, so their next datagram chooses again; returns how many.
+    fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize;
+}
+
+/// Whether a failed insert means the map is full (the kernel answers E2BIG).
+fn io_error(e: MapError) -> MapIoError {
+    match &e {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => MapIoError::Full,
+        _ => MapIoError::Failed(e.to_string()),
+    }
+}
+
+/// Removes `key`; an entry that is already gone is not an error.
+fn remove<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<(), MapIoError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+/// The kernel's maps.
+pub struct AyaMaps {
+    pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub(super) backends: HashMap<MapData, BackendKey, Backend>,
+    pub(super) ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
+    pub(super) ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
+    pub(super) traffic: TrafficMaps,
+}
+
+impl ServiceMaps for AyaMaps {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError> {
+        self.services.insert(key, value, 0).map_err(io_error)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError> {
+        remove(&mut self.services, key)
+    }
+
+    fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError> {
+        self.backends.insert(key, backend, 0).map_err(io_error)
+    }
+
+    fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError> {
+        remove(&mut self.backends, key)
+    }
+
+    fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {
+        self.traffic.forget(service_id, backends);
+    }
+
+    fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
+        let stale: Vec<(FlowKey, Backend)> = self
+            .ct_forward
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.service_id == service_id && !keep.contains(&(v.backend.addr, v.backend.port)))
+            .map(|(k, v)| (k, v.backend))
+            .collect();
+        for (flow, backend) in &stale {
+            // Either entry may have been evicted (LRU) meanwhile; gone is gone.
+            if let Err(e) =
+                remove(&mut self.ct_forward, flow).and(remove(&mut self.ct_reverse, &reply_key(flow, backend)))
+            {
+                tracing::debug!(error = %e, "could not forget a UDP flow");
+            }
+        }
+        stale.len()
+    }
+}
+
+/// The per-frontend and per-backend traffic counters.
+pub struct TrafficMaps {
+    service: PerCpuArray<MapData, Traffic>,
+    backend: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+}
+
+impl TrafficMaps {
+    pub(super) fn new(
+        service: PerCpuArray<MapData, Traffic>,
+        backend: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+    ) -> Self {
+        Self { service, backend }
+    }
+
+    /// Forgets a frontend's counts (`None`: all, its id is being freed and
+    /// its next owner starts from zero) or some of its backends'.
+    pub(super) fn forget(&mut self, service_id: u32, backends: Option<&[Backend]>) {
+        let Some(backends) = backends else {
+            let zeroed = aya::util::nr_cpus()
+                .map_err(|(_, e)| e.to_string())
+                .and_then(|n| aya::maps::PerCpuValues::try_from(vec![Traffic::default(); n]).map_err(|e| e.to_string()))
+                .and_then(|zero| self.service.set(service_id, zero, 0).map_err(|e| e.to_string()));
+            if let Err(e) = zeroed {
+                tracing::debug!(service_id, error = %e, "could not reset traffic counts");
+            }
+            return;
+        };
+        for b in backends {
+            // Counts of an entry never written are already gone.
+            if let Err(e) = self.backend.remove(&BackendTrafficKey::new(service_id, b.addr, b.port)) {
+                tracing::trace!(service_id, error = %e, "no backend traffic to forget");
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The eBPF dataplane: keeps the service tables equal to the model.
+//!
+//! Each frontend has a stable id (its traffic counters and flows) and a
+//! backend set. A changed set is written whole under a fresh set id and
+//! published by rewriting the frontend's entry; the old set is freed only
+//! then. A failure anywhere before publishing leaves the previous set
+//! serving, and the bookkeeping (ids, slot counts) is exactly what the maps
+//! hold, on the real maps and on the fakes the unit tests use.
+
+pub mod fake;
+pub mod load;
+pub mod maps;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+    sync::Arc,
+};
+
+pub use load::{EBPF_OBJECT, MapSizes, PROGRAM, load};
+use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
+use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue, kind};
+
+use super::{ApplyError, DatapathStats, Dataplane, DataplaneError, Desired, Mode};
+use crate::{
+    frontend::{Frontend, FrontendKey, Protocol, ServiceType},
+    planner::Op,
+};
+
+fn service_key(k: &FrontendKey) -> ServiceKey {
+    ServiceKey::new(k.vip.octets(), k.port, k.protocol.number())
+}
+
+/// The backend slots of a frontend: ready endpoints first (the ones new
+/// flows choose from), then terminating ones (listed, never chosen).
+fn slots(f: &Frontend) -> Vec<Backend> {
+    let active = f.backends.iter().map(|e| Backend::new(e.ip.octets(), e.port));
+    active.chain(f.terminating.iter().map(|e| Backend::terminating(e.ip.octets(), e.port))).collect()
+}
+
+fn service_kind(t: ServiceType) -> u8 {
+    match t {
+        ServiceType::ClusterIP => kind::CLUSTER_IP,
+        ServiceType::NodePort => kind::NODE_PORT,
+        ServiceType::LoadBalancer => kind::LOAD_BALANCER,
+    }
+}
+
+/// Hands out small integer ids, reusing freed ones first.
+#[derive(Debug)]
+struct Ids {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Ids {
+    fn new() -> Self {
+        Self { next: 1, free: Vec::new() }
+    }
+
+    fn peek(&self) -> u32 {
+        self.free.last().copied().unwrap_or(self.next)
+    }
+
+    fn take(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.next += 1;
+                self.next - 1
+            }
+        }
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// What is programmed for one frontend.
+#[derive(Debug)]
+struct Programmed {
+    id: u32,
+    set: u32,
+    slots: Vec<Backend>,
+}
+
+/// Backend slots of a freed set that could not be removed: retried on
+/// every apply; the set id is reused only once they are gone.
+#[derive(Debug)]
+struct Leftover {
+    set: u32,
+    slots: Vec<u32>,
+}
+
+pub struct EbpfDataplane<M = AyaMaps> {
+    maps: M,
+    /// Owns the programs and their links: dropping it detaches them.
+    _ebpf: Option<aya::Ebpf>,
+    observed: Option<Arc<crate::inspect::Maps>>,
+    programmed: BTreeMap<FrontendKey, Programmed>,
+    /// Frontends per VIP, to keep the VIP marker entry while any remain.
+    vip_users: BTreeMap<Ipv4Addr, u32>,
+    service_ids: Ids,
+    set_ids: Ids,
+    sizes: MapSizes,
+    /// Slots of live backend sets.
+    slots_used: u64,
+    leftovers: Vec<Leftover>,
+}
+
+fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(MapIoError) -> DataplaneError {
+    move |e| match e {
+        MapIoError::Full => DataplaneError::MapFull { map, capacity, flag },
+        MapIoError::Failed(reason) => DataplaneError::MapWrite { map, reason },
+    }
+}
+
+impl EbpfDataplane<AyaMaps> {
+    /// Loads the programs, pins the maps under `bpf_root` and attaches on
+    /// ingress of each interface.
+    pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
+        let attached = load::attach(interfaces, sizes, bpf_root)?;
+        let mut dataplane = Self::new(attached.maps, sizes);
+        dataplane._ebpf = Some(attached.ebpf);
+        dataplane.observed = Some(attached.observed);
+        Ok(dataplane)
+    }
+}
+
+impl<M: ServiceMaps> EbpfDataplane<M> {
+    /// A dataplane writing through `maps`, which hold nothing yet.
+    pub fn new(maps: M, sizes: MapSizes) -> Self {
+        Self {
+            maps,
+            _ebpf: None,
+            observed: None,
+            programmed: BTreeMap::new(),
+            vip_users: BTreeMap::new(),
+            service_ids: Ids::new(),
+            set_ids: Ids::new(),
+            sizes,
+            slots_used: 0,
+            leftovers: Vec::new(),
+        }
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    fn services_error(&self) -> impl Fn(MapIoError) -> DataplaneError {
+        map_error(proxy_common::maps::SERVICES, self.sizes.services, "--max-services")
+    }
+
+    fn backends_error(&self) -> impl Fn(MapIoError) -> DataplaneError {
+        map_error(proxy_common::maps::BACKENDS, self.sizes.backends, "--max-backends")
+    }
+
+    fn leftover_slots(&self) -> u64 {
+        self.leftovers.iter().map(|l| l.slots.len() as u64).sum()
+    }
+
+    /// Removes the slots of a set no frontend uses; what fails is kept for later.
+    fn free_set(&mut self, set: u32, count: usize) {
+        let mut left = Leftover { set, slots: Vec::new() };
+        for slot in 0..count as u32 {
+            if let Err(e) = self.maps.remove_backend(&BackendKey { set, slot }) {
+                tracing::warn!(set, slot, error = %e, "could not free a backend slot; retrying later");
+                left.slots.push(slot);
+            }
+        }
+        if left.slots.is_empty() {
+            self.set_ids.give_back(set);
+        } else {
+            self.leftovers.push(left);
+        }
+    }
+
+    fn retry_leftovers(&mut self) {
+        for mut left in std::mem::take(&mut self.leftovers) {
+            left.slots.retain(|slot| self.maps.remove_backend(&BackendKey { set: left.set, slot: *slot }).is_err());
+            if left.slots.is_empty() {
+                self.set_ids.give_back(left.set);
+            } else {
+                self.leftovers.push(left);
+            }
+        }
+    }
+
+    fn upsert(&mut self, f: &Frontend) -> Result<(), DataplaneError> {
+        let key = service_key(&f.key);
+        let new = slots(f);
+        let old = self.programmed.get(&f.key).map(|p| (p.id, p.set, p.slots.len()));
+        let new_vip = !self.vip_users.contains_key(&f.key.vip);
+        if old.is_none() {
+            let entries = self.programmed.len() + self.vip_users.len() + 1 + usize::from(new_vip);
+            // Ids index the per-frontend traffic array, sized like the service map.
+            if entries as u64 > self.sizes.services as u64 || self.service_ids.peek() >= self.sizes.services {
+                return Err(self.services_error()(MapIoError::Full));
+            }
+        }
+        // The new set is written beside the old one before the old is freed.
+        if self.slots_used + self.leftover_slots() + new.len() as u64 > self.sizes.backends as u64 {
+            return Err(self.backends_error()(MapIoError::Full));
+        }
+        let set = self.set_ids.take();
+        for (slot, b) in new.iter().enumerate() {
+            if let Err(e) = self.maps.set_backend(BackendKey { set, slot: slot as u32 }, *b) {
+                self.free_set(set, slot);
+                return Err(self.backends_error()(e));
+            }
+        }
+        let id = old.map_or_else(|| self.service_ids.peek(), |(id, ..)| id);
+        let value = ServiceValue {
+            id,
+            backend_set: set,
+            backend_count: f.backends.len() as u32,
+            terminating_count: f.terminating.len() as u32,
+            kind: service_kind(f.service_type),
+            _pad: [0; 3],
+        };
+        if let Err(e) = self.maps.set_service(key, value) {
+            self.free_set(set, new.len());
+            return Err(self.services_error()(e));
+        }
+        if new_vip
+            && let Err(e) = self.maps.set_service(ServiceKey::vip_marker(f.key.vip.octets()), ServiceValue::MARKER)
+        {
+            // Without its marker a VIP's fragments are not recognised: undo.
+            match old {
+                Some((id, old_set, count)) => {
+                    let previous = ServiceValue { backend_set: old_set, backend_count: count as u32, ..value };
+                    if let Err(e) = self.maps.set_service(key, ServiceValue { id, ..previous }) {
+                        tracing::warn!(error = %e, "could not restore a frontend entry");
+                    }
+                }
+                None => {
+                    if let Err(e) = self.maps.remove_service(&key) {
+                        tracing::warn!(error = %e, "could not remove a half-written frontend");
+                    }
+                }
+            }
+            self.free_set(set, new.len());
+            return Err(self.services_error()(e));
+        }
+        // Published: from here on the frontend serves the new set.
+        if new_vip {
+            self.vip_users.insert(f.key.vip, 0);
+        }
+        let gone: Vec<Backend>;
+        match self.programmed.remove(&f.key) {
+            Some(p) => {
+                self.free_set(p.set, p.slots.len());
+                self.slots_used -= p.slots.len() as u64;
+                gone = p
+                    .slots
+                    .iter()
+                    .filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port))
+                    .copied()
+                    .collect();
+            }
+            None => {
+                self.service_ids.take();
+                *self.vip_users.entry(f.key.vip).or_insert(0) += 1;
+                gone = Vec::new();
+            }
+        }
+        self.slots_used += new.len() as u64;
+        self.maps.forget_traffic(id, Some(&gone));
+        if f.key.protocol == Protocol::Udp {
+            let keep: KeepEndpoints = new[..f.backends.len()].iter().map(|b| (b.addr, b.port)).collect();
+            self.forget_udp_flows(id, &keep);
+        }
+        self.programmed.insert(f.key, Programmed { id, set, slots: new });
+        Ok(())
+    }
+
+    fn delete(&mut self, k: &FrontendKey) -> Result<(), DataplaneError> {
+        let Some(p) = self.programmed.get(k) else { return Ok(()) };
+        let (id, set, count) = (p.id, p.set, p.slots.len());
+        self.maps.remove_service(&service_key(k)).map_err(self.services_error())?;
+        self.programmed.remove(k);
+        self.free_set(set, count);
+        self.slots_used -= count as u64;
+        // The id may be reused: its next owner starts from zero.
+        self.maps.forget_traffic(id, None);
+        self.service_ids.give_back(id);
+        if let Some(users) = self.vip_users.get_mut(&k.vip) {
+            *users -= 1;
+            if *users == 0 {
+                self.vip_users.remove(&k.vip);
+                if let Err(e) = self.maps.remove_service(&ServiceKey::vip_marker(k.vip.octets())) {
+                    // Harmless but for fragments to this address, which are dropped.
+                    tracing::warn!(vip = %k.vip, error = %e, "could not remove a VIP marker");
+                }
+            }
+        }
+        if k.protocol == Protocol::Udp {
+            self.forget_udp_flows(id, &HashSet::new());
+        }
+        Ok(())
+    }
+
+    /// UDP has no connection end the client would notice, so flows pinned to
+    /// an endpoint no longer ready are forgotten and the next datagram
+    /// chooses again (kube-proxy clears conntrack for the same reason). TCP
+    /// flows keep their backend until they end, as with kube-proxy.
+    fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) {
+        let n = self.maps.forget_udp_flows(service_id, keep);
+        if n > 0 {
+            tracing::debug!(service_id, flows = n, "forgot UDP flows to removed endpoints");
+        }
+    }
+}
+
+impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
+    fn mode(&self) -> Mode {
+        Mode::Ebpf
+    }
+
+    fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
+        self.observed.clone().map(|m| m as Arc<dyn DatapathStats>)
+    }
+
+    fn apply(&mut self, ops: &[Op], _desired: &Desired) -> Vec<ApplyError> {
+        self.retry_leftovers();
+        let mut errors = Vec::new();
+        for op in ops {
+            let (frontend, result) = match op {
+                Op::Upsert(f) => (f.key, self.upsert(f)),
+                Op::Delete(k) => (*k, self.delete(k)),
+            };
+            if let Err(error) = result {
+                errors.push(ApplyError { frontend, error });
+            }
+        }
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+use super::{
+    fake::{FakeMaps, Faulty},
+    *,
+};
+use crate::{
+    frontend::Endpoint,
+    name::{ObjectName, ServicePortName},
+};
+
+fn fe(vip: u8, port: u16, backends: &[u8]) -> Frontend {
+    Frontend {
+        service: ServicePortName { service: ObjectName::new("default", format!("svc{vip}")), port: String::new() },
+        key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
+        service_type: ServiceType::ClusterIP,
+        node_port: None,
+        load_balancer_ips: vec![],
+        backends: backends.iter().map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 }).collect(),
+        terminating: vec![],
+    }
+}
+
+fn sizes(services: u32, backends: u32) -> MapSizes {
+    MapSizes { services, backends, flows: 16 }
+}
+
+fn upsert<M: ServiceMaps>(dp: &mut EbpfDataplane<M>, f: &Frontend) -> Vec<ApplyError> {
+    dp.apply(&[Op::Upsert(f.clone())], &Desired::new())
+}
+
+/// The backends (last octets) the datapath would read for a frontend.
+fn serving(maps: &FakeMaps, f: &Frontend) -> Vec<u8> {
+    let value = maps.services[&service_key(&f.key)];
+    maps.backends_of(&value).iter().map(|b| b.addr[3]).collect()
+}
+
+#[test]
+fn a_frontend_is_written_with_its_vip_marker_and_removed_with_it() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16));
+    let (a, b) = (fe(1, 80, &[1, 2]), fe(1, 443, &[3]));
+    assert!(upsert(&mut dp, &a).is_empty());
+    assert!(upsert(&mut dp, &b).is_empty());
+    assert_eq!(serving(dp.maps(), &a), [1, 2]);
+    let marker = ServiceKey::vip_marker([10, 96, 0, 1]);
+    assert!(dp.maps().services.contains_key(&marker));
+    dp.apply(&[Op::Delete(a.key)], &Desired::new());
+    assert!(dp.maps().services.contains_key(&marker), "another frontend still uses the VIP");
+    dp.apply(&[Op::Delete(b.key)], &Desired::new());
+    assert!(dp.maps().services.is_empty() && dp.maps().backends.is_empty(), "{:?}", dp.maps());
+}
+
+#[test]
+fn ids_of_deleted_frontends_are_reused_and_their_traffic_forgotten() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16));
+    let (a, b) = (fe(1, 80, &[1]), fe(2, 80, &[2]));
+    upsert(&mut dp, &a);
+    upsert(&mut dp, &b);
+    let id_a = dp.maps().services[&service_key(&a.key)].id;
+    dp.apply(&[Op::Delete(a.key)], &Desired::new());
+    assert_eq!(dp.maps().forgotten_traffic, [id_a]);
+    let c = fe(3, 80, &[3]);
+    upsert(&mut dp, &c);
+    assert_eq!(dp.maps().services[&service_key(&c.key)].id, id_a, "the freed id is taken again");
+}
+
+#[test]
+fn a_changed_backend_set_is_published_under_a_new_set_and_the_old_freed() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16));
+    upsert(&mut dp, &fe(1, 80, &[1, 2, 3]));
+    let before = dp.maps().services[&service_key(&fe(1, 80, &[]).key)];
+    upsert(&mut dp, &fe(1, 80, &[4]));
+    let after = dp.maps().services[&service_key(&fe(1, 80, &[]).key)];
+    assert_eq!(after.id, before.id, "the frontend keeps its id");
+    assert_ne!(after.backend_set, before.backend_set);
+    assert_eq!(serving(dp.maps(), &fe(1, 80, &[])), [4]);
+    assert_eq!(dp.maps().backends.len(), 1, "the old set's slots are gone");
+}
+
+#[test]
+fn a_failed_write_in_the_middle_of_a_rewrite_leaves_the_previous_set_serving() {
+    let mut dp = EbpfDataplane::new(Faulty { inner: FakeMaps::new(16, 16), ok_writes: usize::MAX }, sizes(16, 16));
+    let old = fe(1, 80, &[1, 2]);
+    assert!(upsert(&mut dp, &old).is_empty());
+    // Two of three new slots get written, then writes fail.
+    dp.maps.ok_writes = 2;
+    let errors = upsert(&mut dp, &fe(1, 80, &[5, 6, 7]));
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].error.label(), "map_write");
+    dp.maps.ok_writes = usize::MAX;
+    // The failed set's slots were taken out again once writes work.
+    dp.apply(&[], &Desired::new());
+    assert_eq!(serving(&dp.maps.inner, &old), [1, 2], "the previous set still serves");
+    assert_eq!(dp.maps.inner.backends.len(), 2, "nothing of the failed set is left");
+    assert!(upsert(&mut dp, &fe(1, 80, &[5, 6, 7])).is_empty(), "a retry succeeds");
+    assert_eq!(serving(&dp.maps.inner, &old), [5, 6, 7]);
+}
+
+#[test]
+fn a_failed_publish_leaves_the_previous_set_serving() {
+    let mut dp = EbpfDataplane::new(Faulty { inner: FakeMaps::new(16, 16), ok_writes: usize::MAX }, sizes(16, 16));
+    let old = fe(1, 80, &[1, 2]);
+    upsert(&mut dp, &old);
+    // Both slots are written; the frontend entry is not.
+    dp.maps.ok_writes = 2;
+    assert_eq!(upsert(&mut dp, &fe(1, 80, &[5, 6])).len(), 1);
+    dp.maps.ok_writes = usize::MAX;
+    dp.apply(&[], &Desired::new());
+    assert_eq!(serving(&dp.maps.inner, &old), [1, 2]);
+    assert_eq!(dp.maps.inner.backends.len(), 2);
+}
+
+#[test]
+fn a_full_service_map_refuses_new_frontends_with_a_reason_and_keeps_the_rest() {
+    // Room for one frontend and its VIP marker.
+    let mut dp = EbpfDataplane::new(FakeMaps::new(2, 16), sizes(2, 16));
+    assert!(upsert(&mut dp, &fe(1, 80, &[1])).is_empty());
+    let errors = upsert(&mut dp, &fe(2, 80, &[2]));
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].error.label(), "map_full");
+    assert!(errors[0].to_string().contains("--max-services"), "{}", errors[0]);
+    assert_eq!(dp.maps().services.len(), 2, "nothing of the refused frontend was written");
+    assert_eq!(dp.maps().backends.len(), 1);
+    assert!(upsert(&mut dp, &fe(1, 80, &[1, 3])).is_empty(), "the programmed one can still change");
+}
+
+#[test]
+fn a_backend_set_that_does_not_fit_is_refused_and_the_old_one_kept() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 4), sizes(16, 4));
+    upsert(&mut dp, &fe(1, 80, &[1, 2]));
+    // 2 live + 3 new > 4: the new set cannot be written beside the old.
+    let errors = upsert(&mut dp, &fe(1, 80, &[3, 4, 5]));
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].to_string().contains("--max-backends"), "{}", errors[0]);
+    assert_eq!(serving(dp.maps(), &fe(1, 80, &[])), [1, 2]);
+    assert!(upsert(&mut dp, &fe(1, 80, &[3, 4])).is_empty(), "a set that fits beside the old one is taken");
+}
+
+#[test]
+fn a_kernel_full_answer_is_reported_as_a_full_map() {
+    // The fake holds fewer entries than the configured size, as when another
+    // writer filled the map: the kernel's own refusal is reported as full.
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 1), sizes(16, 16));
+    let errors = upsert(&mut dp, &fe(1, 80, &[1, 2]));
+    assert_eq!(errors[0].error.label(), "map_full");
+    assert!(dp.maps().backends.is_empty() && dp.maps().services.is_empty());
+}
+
+#[test]
+fn terminating_endpoints_follow_the_ready_ones_and_are_counted_apart() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16));
+    let mut f = fe(1, 80, &[1]);
+    f.terminating = vec![Endpoint { ip: Ipv4Addr::new(10, 244, 0, 9), port: 8080 }];
+    upsert(&mut dp, &f);
+    let v = dp.maps().services[&service_key(&f.key)];
+    assert_eq!((v.backend_count, v.terminating_count), (1, 1));
+    assert_eq!(serving(dp.maps(), &f), [1, 9]);
+}

@@ -1,0 +1,55 @@
+//! Why an object (or part of one) was skipped. Bad input is reported with
+//! one of these and skipped; nothing else is lost.
+
+use std::fmt;
+
+/// Why an object (or part of one) was skipped, as a stable metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RejectReason {
+    Unreadable,
+    MissingName,
+    MissingSpec,
+    MissingClusterIp,
+    InvalidClusterIp,
+    UnsupportedProtocol,
+    InvalidPort,
+    FrontendConflict,
+    MissingServiceLabel,
+    InvalidAddressType,
+    InvalidEndpointAddress,
+}
+
+impl RejectReason {
+    pub const fn label(self) -> &'static str {
+        match self {
+            RejectReason::Unreadable => "unreadable",
+            RejectReason::MissingName => "missing_name",
+            RejectReason::MissingSpec => "missing_spec",
+            RejectReason::MissingClusterIp => "missing_cluster_ip",
+            RejectReason::InvalidClusterIp => "invalid_cluster_ip",
+            RejectReason::UnsupportedProtocol => "unsupported_protocol",
+            RejectReason::InvalidPort => "invalid_port",
+            RejectReason::FrontendConflict => "frontend_conflict",
+            RejectReason::MissingServiceLabel => "missing_service_label",
+            RejectReason::InvalidAddressType => "invalid_address_type",
+            RejectReason::InvalidEndpointAddress => "invalid_endpoint_address",
+        }
+    }
+}
+
+/// An object (or part of one) that was skipped, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Where it came from: a file path, or the API server.
+    pub origin: String,
+    /// `Kind namespace/name`, or the document's position when it has no name.
+    pub object: String,
+    pub kind: RejectReason,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.origin, self.object, self.reason)
+    }
+}

@@ -1,0 +1,213 @@
+//! Keeping the dataplane equal to the model of the sources' objects.
+//!
+//! A sync has two steps. [`Syncer::update_model`] runs under the index
+//! lock and is pure computation: the touched Services are recomputed and
+//! the planner turns what changed into operations. [`Syncer::apply`] then
+//! hands them to the dataplane with no lock the watchers need, on a
+//! blocking thread (iptables-restore, conntrack and map writes block).
+//! Frontends the dataplane refused are remembered here and retried.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    api::{Recent, SyncRecord},
+    dataplane::Dataplane,
+    frontend::FrontendKey,
+    index::Index,
+    metrics::{Metrics, ReasonLabels},
+    model::Model,
+    planner::{self, Op},
+    rejection::Rejection,
+    source::{SharedIndex, Source},
+};
+
+/// How long to wait before retrying frontends the dataplane refused.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Keeps the dataplane equal to the model.
+pub struct Syncer<D> {
+    pub dataplane: D,
+    /// Shared with observers, which only read it.
+    model: Arc<RwLock<Model>>,
+    /// Frontends the dataplane refused: programmed again from the desired
+    /// state on every sync until it accepts them.
+    retry: BTreeSet<FrontendKey>,
+    /// Rejections last published, by count, to skip recollecting them.
+    published_rejections: Option<usize>,
+    metrics: Arc<Metrics>,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The first step's result: what the second must apply.
+#[derive(Debug, Default)]
+pub struct Planned {
+    pub ops: Vec<Op>,
+    started: Option<Instant>,
+}
+
+impl<D: Dataplane> Syncer<D> {
+    pub fn new(dataplane: D, metrics: Arc<Metrics>) -> Self {
+        Self {
+            dataplane,
+            model: Arc::default(),
+            retry: BTreeSet::new(),
+            published_rejections: None,
+            metrics,
+            recent: Arc::default(),
+        }
+    }
+
+    /// The desired state (less what is waiting for a retry).
+    pub fn model(&self) -> RwLockReadGuard<'_, Model> {
+        self.model.read().unwrap()
+    }
+
+    /// The model, for observers.
+    pub fn shared_model(&self) -> Arc<RwLock<Model>> {
+        self.model.clone()
+    }
+
+    /// Recent syncs and current rejections, for observers.
+    pub fn recent(&self) -> Arc<Mutex<Recent>> {
+        self.recent.clone()
+    }
+
+    /// Frontends waiting for the dataplane to accept them.
+    pub fn pending_retry(&self) -> &BTreeSet<FrontendKey> {
+        &self.retry
+    }
+
+    fn report(&self, r: &Rejection) {
+        tracing::warn!(origin = %r.origin, object = %r.object, reason = %r.reason, "skipped invalid object");
+        self.metrics.rejected.get_or_create(&ReasonLabels { reason: r.kind.label().to_string() }).inc();
+    }
+
+    /// Step one, under the index lock: recompute what changed in `index`
+    /// and plan the operations, with the refused frontends again.
+    pub fn update_model(&mut self, index: &mut Index) -> Planned {
+        let started = Instant::now();
+        let mut model = self.model.write().unwrap();
+        let dirty = index.take_dirty();
+        let update = model.update(index, dirty);
+        for r in index.take_new_rejections().iter().chain(&update.new_rejections) {
+            self.report(r);
+        }
+        let mut ops = planner::plan(&update.changes);
+        let planned: BTreeSet<FrontendKey> = update.changes.iter().map(|c| c.key).collect();
+        for key in std::mem::take(&mut self.retry).into_iter().filter(|k| !planned.contains(k)) {
+            ops.push(match model.frontends.get(&key) {
+                Some(f) => Op::Upsert(f.clone()),
+                None => Op::Delete(key),
+            });
+        }
+        let count = index.rejection_count() + model.rejection_count();
+        if self.published_rejections != Some(count) || !update.new_rejections.is_empty() {
+            self.recent.lock().unwrap().rejections = index.rejections().chain(model.rejections()).cloned().collect();
+            self.published_rejections = Some(count);
+        }
+        Planned { ops, started: Some(started) }
+    }
+
+    /// Step two, without the index lock: apply `planned`; `arrivals` are
+    /// when the changes came in. Returns false if some frontends could not
+    /// be programmed (they are retried on the next sync).
+    pub fn apply(&mut self, planned: Planned, arrivals: &[Instant]) -> bool {
+        let started = planned.started.unwrap_or_else(Instant::now);
+        let errors = {
+            let model = self.model.read().unwrap();
+            self.dataplane.apply(&planned.ops, &model.frontends)
+        };
+        for e in &errors {
+            tracing::error!(frontend = %e.frontend, kind = e.error.label(), reason = %e.error, "could not program frontend; retrying");
+            self.metrics.apply_errors.get_or_create(&ReasonLabels { reason: e.error.label().to_string() }).inc();
+            self.retry.insert(e.frontend);
+        }
+        let done = Instant::now();
+        self.metrics.sync_duration.observe((done - started).as_secs_f64());
+        for at in arrivals {
+            self.metrics.programming_latency.observe((done - *at).as_secs_f64());
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.metrics.last_sync_timestamp.set(now.as_secs_f64());
+        let duration_ms = (done - started).as_secs_f64() * 1e3;
+        self.recent.lock().unwrap().record(SyncRecord {
+            at: now.as_secs_f64(),
+            duration_ms,
+            changes: planned.ops.len(),
+        });
+        tracing::info!(
+            frontends = self.model().frontends.len(),
+            changes = planned.ops.len(),
+            failed = errors.len(),
+            rejected = self.recent.lock().unwrap().rejections.len(),
+            coalesced = arrivals.len(),
+            duration_ms,
+            "synced"
+        );
+        errors.is_empty()
+    }
+
+    /// Both steps at once (for callers that hold the index themselves).
+    pub fn sync(&mut self, index: &mut Index, arrivals: &[Instant]) -> bool {
+        let planned = self.update_model(index);
+        self.apply(planned, arrivals)
+    }
+}
+
+/// Syncs whenever the source announces changes, at most once per
+/// `min_interval` (a lone change is applied at once), until `stop`
+/// resolves; returns the syncer.
+pub async fn sync_loop<D: Dataplane + 'static>(
+    source: &dyn Source,
+    index: &SharedIndex,
+    changes: &mut mpsc::UnboundedReceiver<Instant>,
+    syncer: Syncer<D>,
+    min_interval: Duration,
+    stop: impl std::future::Future<Output = ()>,
+    mut after_sync: impl FnMut(&mut Syncer<D>, &dyn Source),
+) -> Syncer<D> {
+    let mut stop = std::pin::pin!(stop);
+    let mut syncer = Some(syncer);
+    let mut pending: Vec<Instant> = Vec::new();
+    let mut last_sync: Option<tokio::time::Instant> = None;
+    // Set after a sync the dataplane partly refused: try again then, even
+    // without a new change.
+    let mut retry: Option<tokio::time::Instant> = None;
+    loop {
+        let next_allowed = last_sync.map_or_else(tokio::time::Instant::now, |t| t + min_interval);
+        let due = if pending.is_empty() { retry.map(|r| r.max(next_allowed)) } else { Some(next_allowed) };
+        tokio::select! {
+            Some(at) = changes.recv() => {
+                pending.push(at);
+                while let Ok(at) = changes.try_recv() {
+                    pending.push(at);
+                }
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() && source.ready() => {
+                let mut s = syncer.take().expect("the syncer is back after every sync");
+                let planned = s.update_model(&mut index.lock().unwrap());
+                let arrivals = std::mem::take(&mut pending);
+                let (mut s, ok) = tokio::task::spawn_blocking(move || {
+                    let ok = s.apply(planned, &arrivals);
+                    (s, ok)
+                })
+                .await
+                .expect("applying a sync panicked");
+                after_sync(&mut s, source);
+                syncer = Some(s);
+                last_sync = Some(tokio::time::Instant::now());
+                retry = (!ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
+            }
+            _ = &mut stop => return syncer.take().expect("the syncer is back after every sync"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+//! Kubernetes objects in, validated and reduced to what the proxy uses.
+//!
+//! Every check on a Service or EndpointSlice happens here, once, when the
+//! object arrives; what fails is a [`Rejection`] carried beside the object's
+//! usable rest. Nothing downstream re-validates, and nothing downstream
+//! holds the full Kubernetes object (50,000 Services of k8s-openapi structs
+//! cost hundreds of MiB; their useful part costs a few).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+
+use crate::{
+    frontend::{FrontendKey, Protocol, ServiceType},
+    name::ObjectName,
+    rejection::{RejectReason, Rejection},
+};
+
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to the proxy it names.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set on the EndpointSlices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// Which Services this proxy serves and where it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Serve only Services whose service-proxy-name label names this proxy;
+    /// without a name, only Services without the label (as kube-proxy does).
+    pub service_proxy_name: Option<String>,
+    /// This node, for topology and traffic policies.
+    pub node_name: String,
+}
+
+impl ModelConfig {
+    /// The label selector kube-proxy uses for Services and EndpointSlices,
+    /// so the API server filters before anything reaches us.
+    pub fn label_selector(&self) -> String {
+        match &self.service_proxy_name {
+            Some(name) => format!("{SERVICE_PROXY_NAME_LABEL}={name},!{HEADLESS_LABEL}"),
+            None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+        }
+    }
+
+    fn serves(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let label = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+        label == self.service_proxy_name.as_ref()
+    }
+}
+
+/// One port of a Service, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The port's name; empty when unnamed.
+    pub name: String,
+    pub key: FrontendKey,
+    pub node_port: Option<u16>,
+}
+
+/// A Service as the proxy sees it. Services it does not program (headless,
+/// ExternalName, another proxy's) are held with no ports, so a re-list can
+/// still tell they exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: ObjectName,
+    /// Where it came from: a file path, or the API server.
+    pub origin: Arc<str>,
+    /// `metadata.resourceVersion`, to skip unchanged objects in a re-list.
+    pub version: Option<String>,
+    /// `metadata.creationTimestamp`: of two Services claiming one frontend,
+    /// the older keeps it.
+    pub created: Option<Time>,
+    pub service_type: ServiceType,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    pub rejections: Vec<Rejection>,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// Matches the Service port of the same name (empty: the unnamed port).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An endpoint of an EndpointSlice, its conditions resolved (unset `ready`
+/// means ready; unset `serving` follows `ready`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// An EndpointSlice as the proxy sees it. Slices it does not use (IPv6,
+/// FQDN, headless, another proxy's) are held with no ports or endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub name: ObjectName,
+    pub origin: Arc<str>,
+    pub version: Option<String>,
+    /// The Service it belongs to; `None` without a service-name label.
+    pub service: Option<ObjectName>,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+    pub rejections: Vec<Rejection>,
+}
+
+/// One object read from a source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Service(ServiceInfo),
+    Slice(SliceInfo),
+}
+
+fn rejection(origin: &str, object: &str, kind: RejectReason, reason: String) -> Rejection {
+    Rejection { origin: origin.to_string(), object: object.to_string(), kind, reason }
+}
+
+/// Validates a Service.
+pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> ServiceInfo {
+    let meta = &svc.metadata;
+    let mut info = ServiceInfo {
+        name: ObjectName::of(meta),
+        origin: origin.clone(),
+        version: meta.resource_version.clone(),
+        created: meta.creation_timestamp.clone(),
+        service_type: ServiceType::ClusterIP,
+        load_balancer_ips: Vec::new(),
+        ports: Vec::new(),
+        rejections: Vec::new(),
+    };
+    if info.name.name.is_empty() {
+        let object = "Service <unnamed>";
+        info.rejections.push(rejection(origin, object, RejectReason::MissingName, "has no metadata.name".into()));
+        return info;
+    }
+    if !config.serves(meta.labels.as_ref()) {
+        tracing::debug!(service = %info.name, "belongs to another proxy (service-proxy-name label)");
+        return info;
+    }
+    let object = format!("Service {}", info.name);
+    let mut reject = |kind, reason: String| info.rejections.push(rejection(origin, &object, kind, reason));
+    let Some(spec) = &svc.spec else {
+        reject(RejectReason::MissingSpec, "has no spec".into());
+        return info;
+    };
+    let service_type = match spec.type_.as_deref() {
+        Some("ExternalName") => return ignored(info, "ExternalName"),
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        _ => ServiceType::ClusterIP,
+    };
+    let vip = match spec.cluster_ip.as_deref() {
+        Some("None") => return ignored(info, "headless"),
+        None | Some("") => {
+            reject(RejectReason::MissingClusterIp, "has no spec.clusterIP".into());
+            return info;
+        }
+        Some(ip) => match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => v4,
+            // Dual-stack with IPv6 first: serve its IPv4 ClusterIP, if any.
+            Ok(IpAddr::V6(_)) => match spec.cluster_ips.iter().flatten().find_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                Some(v4) => v4,
+                None => return ignored(info, "IPv6 (only IPv4 is programmed)"),
+            },
+            Err(_) => {
+                reject(RejectReason::InvalidClusterIp, format!("spec.clusterIP {ip:?} is not an IP address"));
+                return info;
+            }
+        },
+    };
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let name = p.name.clone().unwrap_or_default();
+        let label = if name.is_empty() { p.port.to_string() } else { name.clone() };
+        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                reject(
+                    RejectReason::UnsupportedProtocol,
+                    format!("port {label}: protocol {other} is not supported (TCP and UDP are)"),
+                );
+                continue;
+            }
+        };
+        let Some(port) = u16::try_from(p.port).ok().filter(|p| *p != 0) else {
+            reject(RejectReason::InvalidPort, format!("port {label}: {} is not a port number (1-65535)", p.port));
+            continue;
+        };
+        let node_port = p.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+        ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol }, node_port });
+    }
+    info.load_balancer_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok())
+        .collect();
+    info.service_type = service_type;
+    info.ports = ports;
+    info
+}
+
+/// Not ours to program, and not an error.
+fn ignored(info: ServiceInfo, why: &str) -> ServiceInfo {
+    tracing::debug!(service = %info.name, why, "not proxied");
+    info
+}
+
+/// Validates an EndpointSlice.
+pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> SliceInfo {
+    let meta = &slice.metadata;
+    let name = ObjectName::of(meta);
+    let object = format!("EndpointSlice {}", if name.name.is_empty() { "<unnamed>".into() } else { name.to_string() });
+    let labels = meta.labels.as_ref();
+    let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|s| ObjectName::new(&name.namespace, s));
+    let mut info = SliceInfo {
+        name,
+        origin: origin.clone(),
+        version: meta.resource_version.clone(),
+        service,
+        ports: Vec::new(),
+        endpoints: Vec::new(),
+        rejections: Vec::new(),
+    };
+    let mut reject = |kind, reason: String| info.rejections.push(rejection(origin, &object, kind, reason));
+    if info.service.is_none() {
+        reject(RejectReason::MissingServiceLabel, format!("has no {SERVICE_NAME_LABEL} label"));
+        return info;
+    }
+    if !config.serves(labels) || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return info;
+    }
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => {
+            tracing::debug!(%object, address_type = %slice.address_type, "skipped: only IPv4 is programmed");
+            return info;
+        }
+        other => {
+            reject(RejectReason::InvalidAddressType, format!("addressType {other:?} is not IPv4, IPv6 or FQDN"));
+            return info;
+        }
+    }
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            // No Service port of another protocol is programmed to match it.
+            _ => continue,
+        };
+        let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+            reject(RejectReason::InvalidPort, format!("port {name:?} has no valid port number"));
+            continue;
+        };
+        ports.push(SlicePort { name, protocol, port });
+    }
+    let mut endpoints = Vec::new();
+    for ep in slice.endpoints.iter().flatten() {
+        // Consumers use the first address (the others are deprecated copies).
+        let Some(addr) = ep.addresses.first() else { continue };
+        let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+            reject(RejectReason::InvalidEndpointAddress, format!("endpoint address {addr:?} is not an IPv4 address"));
+            continue;
+        };
+        let conditions = ep.conditions.as_ref();
+        // Unset conditions mean ready and serving (EndpointSlice API semantics).
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        endpoints.push(SliceEndpoint {
+            ip,
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        });
+    }
+    info.ports = ports;
+    info.endpoints = endpoints;
+    info
+}
