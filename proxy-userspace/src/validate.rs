@@ -142,8 +142,8 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         rejections: Vec::new(),
     };
     if info.name.name.is_empty() {
-        let object = "Service <unnamed>";
-        info.rejections.push(rejection(origin, object, RejectReason::MissingName, "has no metadata.name".into()));
+        let object = format!("Service {}/<unnamed>", info.name.namespace);
+        info.rejections.push(rejection(origin, &object, RejectReason::MissingName, "has no metadata.name".into()));
         return info;
     }
     if !config.serves(meta.labels.as_ref()) {
