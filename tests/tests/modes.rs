@@ -107,8 +107,7 @@ impl Node {
             .unwrap();
         for (iface, programs) in &mut attached {
             // Without a clsact qdisc there is no ingress hook and nothing to list.
-            let filters =
-                self.node.ns.output(&["tc", "filter", "show", "dev", iface, "ingress"]).unwrap_or_default();
+            let filters = self.node.ns.output(&["tc", "filter", "show", "dev", iface, "ingress"]).unwrap_or_default();
             programs.extend(
                 filters.lines().filter(|l| l.contains(" bpf ") && l.contains("handle")).map(|l| format!("netlink {l}")),
             );
