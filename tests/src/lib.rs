@@ -16,3 +16,4 @@ pub mod objects;
 pub mod packet;
 pub mod root;
 pub mod servers;
+pub mod wait;

@@ -64,8 +64,24 @@ fn lists_and_gets_with_selectors() {
         let named: Api<Service> = Api::namespaced(client.clone(), "default");
         assert_eq!(named.get("b").await.unwrap().spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.2"));
         assert!(named.get("missing").await.is_err());
+        for (name, node) in [("here", "node-1"), ("there", "node-2")] {
+            let pod = serde_json::json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": node, "containers": []},
+            });
+            api.create(&serde_json::from_value::<Pod>(pod).unwrap()).unwrap();
+        }
         let pods: Api<Pod> = Api::all(client);
-        assert!(pods.list(&ListParams::default().fields("spec.nodeName=node-1")).await.unwrap().items.is_empty());
+        let on = |node: &str| {
+            let pods = pods.clone();
+            let selector = format!("spec.nodeName={node}");
+            async move {
+                let list = pods.list(&ListParams::default().fields(&selector)).await.unwrap();
+                list.items.into_iter().map(|p| p.metadata.name.unwrap()).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(on("node-1").await, ["here"]);
+        assert!(on("node-3").await.is_empty());
     });
 }
 

@@ -122,7 +122,8 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
     assert!(established.iter().any(|(_, w)| w == "web-c"), "some connection reached web-c");
 
     write(c.dir.path(), "web.yaml", &web_service("web", WEB_VIP, &PODS[..2])).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // The agent logs a sync once the dataplane holds the change.
+    c.kpr.wait_for_log_count("synced", 2, Duration::from_secs(1)).unwrap();
 
     let after: Vec<String> = c.in_client(|| (0..100).map(|_| tcp_request(web(80), TIMEOUT).unwrap()).collect());
     assert!(!after.iter().any(|w| w == "web-c"), "a removed endpoint got new connections: {after:?}");
@@ -134,12 +135,13 @@ fn removing_an_endpoint_stops_new_connections_within_a_second(mode: Mode) {
     // UDP follows too: the next datagrams avoid web-c.
     let udp: Vec<String> = c.in_client(|| (0..20).map(|_| udp_request(web(53), TIMEOUT).unwrap().0).collect());
     assert!(!udp.iter().any(|w| w == "web-c"), "{udp:?}");
-    c.kpr.wait_for_log_count("synced", 2, TIMEOUT).unwrap();
 }
 
 fn a_service_without_endpoints_is_refused_at_once(mode: Mode) {
     root_or_skip!();
     let c = Cluster::start(mode);
+    // The Service beside it answers: the agent serves what it was given.
+    assert!(c.in_client(|| tcp_request(web(80), TIMEOUT)).unwrap().starts_with("web-"));
     let (tcp, udp) = c.in_client(|| {
         let tcp = TcpStream::connect_timeout(&SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(5));
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();

@@ -175,9 +175,20 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     assert_eq!(status["agent_running"], false);
     assert!(status["attached"][&node.interfaces()[0]].as_array().unwrap().is_empty(), "detached: {status:#}");
 
-    // `kpr cleanup` removes the pins; the commands then say what is wrong.
-    kpr::command(&node.ns, &["cleanup", &format!("--bpf-root={}", node.bpf_root().display())]).unwrap();
+    // `kpr cleanup` removes the pins from the node's bpffs; the commands then say what is wrong.
+    let pins = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(node.bpf_root().join("kpr"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let mut all_maps = proxy_common::maps::ALL_MAPS.map(String::from).to_vec();
+    all_maps.sort();
+    assert_eq!(pins(), all_maps, "every map pinned while the agent is down");
     let root = format!("--bpf-root={}", node.bpf_root().display());
+    kpr::command(&node.ns, &["cleanup", &root]).unwrap();
+    assert!(!node.bpf_root().join("kpr").exists(), "the pin folder is gone: {:?}", pins());
     let err = kpr::command(&node.ns, &["service", "list", &root]).unwrap_err();
     assert!(format!("{err:#}").contains("no pinned kpr maps"), "{err:#}");
 }

@@ -19,6 +19,7 @@ use kpr_tests::{
     objects::{service, slice},
     root_or_skip,
     servers::{self, Server},
+    wait,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -113,8 +114,36 @@ impl Cluster {
     }
 
     /// No pod answers: refused (no endpoints) or unrouted (no Service).
+    /// Only meaningful once another Service was seen answering: then kpr is
+    /// serving what it has, and silence means it does not serve `vip`.
     fn refused(&self, vip: Ipv4Addr) -> bool {
         self.who_answers_within(vip, 3, Duration::from_millis(500)).iter().all(|w| w.starts_with("error"))
+    }
+
+    /// Waits until `vip` is no longer answered.
+    fn stops_answering(&self, vip: Ipv4Addr, timeout: Duration) -> anyhow::Result<()> {
+        let what = format!("{vip} no longer answered");
+        wait::until(
+            &what,
+            timeout,
+            || self.who_answers_within(vip, 3, Duration::from_millis(500)),
+            |got| got.iter().all(|w| w.starts_with("error")),
+        )
+        .map(drop)
+        .map_err(|e| e.context(self.kpr.log()))
+    }
+
+    /// Waits until the API server has been asked for EndpointSlices after
+    /// its `seen` first requests: kpr's slice watch ended and it asked again.
+    fn asks_for_slices_after(&self, seen: usize, timeout: Duration) {
+        let since = || {
+            let all = self.api.requests();
+            all[seen.min(all.len())..].to_vec()
+        };
+        wait::until("kpr asking for EndpointSlices again", timeout, since, |new| {
+            new.iter().any(|r| r.contains("endpointslices"))
+        })
+        .unwrap();
     }
 }
 
@@ -131,6 +160,10 @@ const SETTLE: Duration = Duration::from_secs(10);
 fn services_and_slices_from_the_api_server_drive_the_dataplane(mode: Mode) {
     root_or_skip!();
     let c = Cluster::start(mode, &[]);
+    // Another Service answers first: kpr has listed and serves what it sees.
+    c.api.create(&service("other", OTHER_VIP, &[])).unwrap();
+    c.api.create(&slice("other-1", "other", &[C])).unwrap();
+    c.converges_to(OTHER_VIP, &["web-c"], SETTLE).unwrap();
     assert!(c.refused(VIP), "nothing is served before the Service exists");
 
     c.api.create(&service("web", VIP, &[])).unwrap();
@@ -154,11 +187,8 @@ fn services_and_slices_from_the_api_server_drive_the_dataplane(mode: Mode) {
     c.converges_to(VIP, &["web-c"], SETTLE).unwrap();
 
     c.api.delete::<Service>("default", "web").unwrap();
-    let deadline = Instant::now() + SETTLE;
-    while !c.refused(VIP) {
-        assert!(Instant::now() < deadline, "a deleted Service still answers:\n{}", c.kpr.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.stops_answering(VIP, SETTLE).expect("a deleted Service stops answering");
+    c.converges_to(OTHER_VIP, &["web-c"], SETTLE).expect("the other Service still answers");
     // One list per kind, then watches, all within what the ClusterRole grants.
     let requests = c.api.requests();
     for r in &requests {
@@ -192,23 +222,22 @@ fn an_api_server_restart_while_endpoints_change_converges_without_stale_backends
     c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
     c.converges_to(OTHER_VIP, &["web-c"], SETTLE).unwrap();
 
+    let failures = c.kpr.log().matches("watch failed").count();
     c.api.stop();
     // While the API server is down: endpoints move, a Service goes away.
     c.api.apply(&slice("web-1", "web", &[C])).unwrap();
     c.api.delete::<Service>("default", "other").unwrap();
     c.api.delete::<EndpointSlice>("default", "other-1").unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    // What is programmed keeps serving meanwhile.
-    c.converges_to(VIP, &["web-a", "web-b"], Duration::from_secs(1)).unwrap();
+    // Both watches (Services, EndpointSlices) have failed to reconnect...
+    c.kpr.wait_for_log_count("watch failed", failures + 2, SETTLE).unwrap();
+    // ...and what is programmed keeps serving meanwhile.
+    assert_eq!(c.who_answers(VIP, 30), BTreeSet::from(["web-a".into(), "web-b".into()]), "{}", c.kpr.log());
+    assert_eq!(c.who_answers(OTHER_VIP, 10), BTreeSet::from(["web-c".into()]));
 
     // The restarted server has no watch history: kpr's watches get 410 Gone and re-list.
     c.api.restart().unwrap();
     c.converges_to(VIP, &["web-c"], Duration::from_secs(40)).unwrap();
-    let deadline = Instant::now() + SETTLE;
-    while !c.refused(OTHER_VIP) {
-        assert!(Instant::now() < deadline, "a Service deleted during the outage is still served");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.stops_answering(OTHER_VIP, SETTLE).expect("a Service deleted during the outage stops answering");
 }
 
 fn dropped_watches_and_server_errors_are_survived(mode: Mode) {
@@ -223,13 +252,17 @@ fn dropped_watches_and_server_errors_are_survived(mode: Mode) {
     c.converges_to(VIP, &["web-b"], SETTLE).unwrap();
 
     c.api.fail_requests(true);
+    let seen = c.api.requests().len();
     c.api.drop_watches();
-    // Let the open streams end (ending them races with new events), so the
-    // change below can only arrive once requests succeed again.
-    std::thread::sleep(Duration::from_millis(500));
+    // Once kpr asks for slices again its old stream has ended (ending it
+    // races with new events), so the change below can only arrive once
+    // requests succeed again.
+    c.asks_for_slices_after(seen, SETTLE);
+    let seen = c.api.requests().len();
     c.api.apply(&slice("web-1", "web", &[C])).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    c.converges_to(VIP, &["web-b"], Duration::from_secs(1)).unwrap();
+    // kpr asked after the change and was refused: it keeps what it serves.
+    c.asks_for_slices_after(seen, SETTLE);
+    assert_eq!(c.who_answers(VIP, 30), BTreeSet::from(["web-b".into()]), "{}", c.kpr.log());
     c.api.fail_requests(false);
     c.converges_to(VIP, &["web-c"], Duration::from_secs(40)).unwrap();
 }
@@ -269,13 +302,15 @@ fn services_of_another_proxy_are_left_alone(mode: Mode) {
     let c = Cluster::start(mode, &["--service-proxy-name=kpr"]);
     let label = [("service.kubernetes.io/service-proxy-name", "kpr")];
     let other = [("service.kubernetes.io/service-proxy-name", "someone-else")];
-    c.api.create(&service("mine", VIP, &label)).unwrap();
-    let mut s = slice("mine-1", "mine", &[A]);
-    s.metadata.labels.as_mut().unwrap().insert(label[0].0.into(), label[0].1.into());
-    c.api.create(&s).unwrap();
+    // Theirs first: had kpr taken it, it would be programmed by the time
+    // the later Service of its own answers.
     c.api.create(&service("theirs", OTHER_VIP, &other)).unwrap();
     let mut s = slice("theirs-1", "theirs", &[B]);
     s.metadata.labels.as_mut().unwrap().insert(other[0].0.into(), other[0].1.into());
+    c.api.create(&s).unwrap();
+    c.api.create(&service("mine", VIP, &label)).unwrap();
+    let mut s = slice("mine-1", "mine", &[A]);
+    s.metadata.labels.as_mut().unwrap().insert(label[0].0.into(), label[0].1.into());
     c.api.create(&s).unwrap();
     c.converges_to(VIP, &["web-a"], SETTLE).unwrap();
     assert!(c.refused(OTHER_VIP), "another proxy's Service is not served");

@@ -4,6 +4,7 @@
 //! report their status beside the manifest, and go away when deleted.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -184,7 +185,8 @@ fn a_pod_with_an_init_container_and_two_app_containers_runs_and_logs() {
         Some(&["tick".to_string(), "tick".to_string()][..]),
         "new lines arrive while following: {seen:?}"
     );
-    assert_eq!(container(&s, "containerStatuses", "ticker")["restartCount"], 0);
+    let now = node.wait_status("web.yaml", "web", Duration::from_secs(1), |_| true);
+    assert_eq!(container(&now, "containerStatuses", "ticker")["restartCount"], 0, "{now:#}");
 }
 
 const POLICIES: &str = r#"apiVersion: v1
@@ -320,6 +322,7 @@ fn a_missing_image_reports_errimagepull_while_other_pods_run_and_pull() {
     let _registry = kpr_tests::containerd::Registry::start(&node.ns).expect("registry");
     node.containerd.push("127.0.0.1:5000/kpr/pulled:1", &["/bin/sh"]).expect("push to the local registry");
     let images = node.containerd.ctr("k8s.io", &["images", "ls", "-q"]).unwrap();
+    assert!(images.contains(BUSYBOX_IMAGE), "the listing shows the imported images:\n{images}");
     assert!(!images.contains("kpr/pulled"), "the CRI must pull it itself:\n{images}");
     write(node.manifests.path(), "pods.yaml", &manifest(PULLS)).unwrap();
 
@@ -337,6 +340,29 @@ fn a_missing_image_reports_errimagepull_while_other_pods_run_and_pull() {
     node.wait_status("pods.yaml", "local", Duration::from_secs(30), |s| phase(s) == "Running");
 }
 
+/// A pod added after a restart: once it runs, the kubelet has synced
+/// against what was restarted.
+const WITNESS: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: witness}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'while true; do sleep 1; done']}
+"#;
+
+/// The runtime's tasks as `ctr tasks ls` lists them: container id -> (PID, status).
+fn tasks(node: &Node) -> BTreeMap<String, (String, String)> {
+    let out = node.containerd.ctr("k8s.io", &["tasks", "ls"]).unwrap();
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_string(), (f.next()?.to_string(), f.next()?.to_string())))
+        })
+        .collect()
+}
+
 #[test]
 fn restarting_the_kubelet_or_containerd_keeps_pods_running_and_tracked() {
     root_or_skip!();
@@ -344,34 +370,64 @@ fn restarting_the_kubelet_or_containerd_keeps_pods_running_and_tracked() {
     write(node.manifests.path(), "web.yaml", &manifest(WEB)).unwrap();
     let running = |s: &Value| phase(s) == "Running" && container(s, "containerStatuses", "httpd")["ready"] == true;
     let before = node.wait_status("web.yaml", "web", Duration::from_secs(60), running);
-    let ids = |s: &Value| {
-        s["containerStatuses"].as_array().unwrap().iter().map(|c| c["containerID"].clone()).collect::<Vec<_>>()
+    // What the kubelet reports and what the runtime runs, for comparison
+    // with the same read again after each restart.
+    let reported = |s: &Value| {
+        let containers: Vec<(String, i64)> = s["containerStatuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["containerID"].as_str().unwrap_or_default().to_string(), c["restartCount"].as_i64().unwrap()))
+            .collect();
+        (s["podIP"].as_str().unwrap_or_default().to_string(), containers)
     };
-    let ip = before["podIP"].as_str().unwrap().to_string();
+    let (ip, containers) = reported(&before);
+    assert_eq!(containers.len(), 2, "{before:#}");
+    let running_tasks = tasks(&node);
+    for (id, restarts) in &containers {
+        let id = id.strip_prefix("containerd://").unwrap_or_else(|| panic!("a containerd id: {id}"));
+        assert_eq!(running_tasks.get(id).map(|t| t.1.as_str()), Some("RUNNING"), "{id}: {running_tasks:?}");
+        assert_eq!(*restarts, 0);
+    }
     let serves = |node: &Node| {
         let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
         node.ns.run(move || http_get(addr, "/", Duration::from_secs(3)).map(|r| r.0)).unwrap().ok() == Some(200)
     };
-    let sandboxes = |node: &Node| node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
-    let count = sandboxes(&node);
+    let all_containers = |node: &Node| {
+        let mut ids: Vec<String> =
+            node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().map(String::from).collect();
+        ids.sort();
+        ids
+    };
+    let created = all_containers(&node);
 
-    // The kubelet goes away and comes back: it adopts the pod.
+    // The kubelet goes away and comes back: it adopts the pod. Its status
+    // file goes too, so the status read next can only be the new kubelet's.
     node.kubelet.take().unwrap().interrupt().unwrap();
     assert!(serves(&node), "pods run without the kubelet");
+    std::fs::remove_file(node.manifests.path().join("web.yaml.status.json")).unwrap();
     node.start_kubelet();
-    std::thread::sleep(Duration::from_secs(3));
     let after = node.wait_status("web.yaml", "web", Duration::from_secs(30), running);
-    assert_eq!(ids(&after), ids(&before), "the same containers, adopted:\n{}", node.log());
-    assert_eq!(sandboxes(&node), count, "nothing started twice");
+    assert_eq!(reported(&after), (ip.clone(), containers.clone()), "the same containers, adopted:\n{}", node.log());
+    assert_eq!(tasks(&node), running_tasks, "the same processes: nothing restarted");
+    assert_eq!(all_containers(&node), created, "nothing created twice");
 
     // containerd goes away and comes back: the shims kept the pod running.
     node.containerd.restart().unwrap();
     assert!(serves(&node), "pods run across a containerd restart");
-    std::thread::sleep(Duration::from_secs(3));
-    let after = node.wait_status("web.yaml", "web", Duration::from_secs(30), running);
-    assert_eq!(ids(&after), ids(&before), "still the same containers:\n{}", node.log());
-    assert_eq!(container(&after, "containerStatuses", "httpd")["restartCount"], 0);
-    assert_eq!(sandboxes(&node), count);
+    assert_eq!(tasks(&node), running_tasks, "the restarted containerd finds the same processes");
+    write(node.manifests.path(), "witness.yaml", &manifest(WITNESS)).unwrap();
+    node.wait_status("witness.yaml", "witness", Duration::from_secs(60), |s| phase(s) == "Running");
+    // The sync that started the witness reported web as well.
+    let after = node.wait_status("web.yaml", "web", Duration::from_secs(1), running);
+    assert_eq!(reported(&after), (ip, containers), "still the same containers:\n{}", node.log());
+    let now = tasks(&node);
+    for (id, task) in &running_tasks {
+        assert_eq!(now.get(id), Some(task), "{id} kept its process: {now:?}");
+    }
+    let now = all_containers(&node);
+    assert!(created.iter().all(|id| now.contains(id)), "{created:?} -> {now:?}");
+    assert_eq!(now.len(), created.len() + 2, "only the witness's sandbox and container are new: {now:?}");
 }
 
 const SERVERS: &str = r#"apiVersion: v1

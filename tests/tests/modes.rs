@@ -1,13 +1,21 @@
-//! Mode selection: the fallback from eBPF to iptables, switching modes on
-//! one node (exactly one dataplane each time, foreign rules untouched), the
-//! iptables backend choice, and `kpr cleanup`.
+//! Mode selection: the fallback from eBPF to iptables when the eBPF probe
+//! really fails, switching modes on one node (exactly one dataplane each
+//! time, foreign rules untouched), the iptables backend choice, and
+//! `kpr cleanup`, checked against the node's own bpffs, the programs on its
+//! interfaces and its iptables rules, each seen present before it is seen
+//! gone.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{
+    SchedClassifier, TcAttachType,
+    tc::{self, NlOptions, TcAttachOptions},
+};
 use kpr_tests::{
     client::tcp_request,
     kpr::{self, Kpr},
@@ -15,7 +23,9 @@ use kpr_tests::{
     node::VirtualNode,
     root_or_skip,
     servers::{self, Server},
+    wait,
 };
+use proxy_userspace::dataplane::ebpf::{self as kpr_ebpf, MapSizes, PROGRAM};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PODS: [(&str, Ipv4Addr); 3] = [
@@ -23,6 +33,9 @@ const PODS: [(&str, Ipv4Addr); 3] = [
     ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
     ("client", Ipv4Addr::new(10, 244, 0, 100)),
 ];
+/// An interface the pods have in their own namespaces but the node does not
+/// have in its namespace: attaching there fails for real.
+const ABSENT_IFACE: &str = "eth0";
 
 struct Node {
     dir: tempfile::TempDir,
@@ -40,29 +53,120 @@ impl Node {
         Self { dir, _servers: servers, node }
     }
 
-    fn kpr(&self, args: &[&str]) -> Kpr {
-        let mut all = vec![format!("--source=dir:{}", self.dir.path().join("manifests").display())];
-        all.extend(args.iter().map(|a| a.to_string()));
-        Kpr::start_with(&self.node, &all, &self.dir.path().join("kpr.log"), "synced").unwrap()
+    fn source(&self) -> String {
+        format!("--source=dir:{}", self.dir.path().join("manifests").display())
     }
 
-    fn answers(&self) -> bool {
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("kpr.log")
+    }
+
+    fn kpr(&self, args: &[&str]) -> Kpr {
+        let mut all = vec![self.source()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Kpr::start_with(&self.node, &all, &self.log(), "synced").unwrap()
+    }
+
+    /// How many of `n` fresh connections from the client pod to the VIP get an answer.
+    fn answered(&self, n: usize, timeout: Duration) -> usize {
         self.node
             .pod("client")
             .ns
-            .run(|| (0..10).all(|_| tcp_request(SocketAddr::from((VIP, 80)), Duration::from_secs(2)).is_ok()))
+            .run(move || (0..n).filter(|_| tcp_request(SocketAddr::from((VIP, 80)), timeout).is_ok()).count())
             .unwrap()
     }
 
-    /// Programs attached on ingress of the pod interfaces.
-    fn programs(&self) -> usize {
+    fn answers(&self) -> bool {
+        self.answered(10, Duration::from_secs(2)) == 10
+    }
+
+    /// No connection is answered. Only meaningful where the same client got
+    /// answers before (see each use).
+    fn silent(&self) -> bool {
+        self.answered(3, Duration::from_secs(1)) == 0
+    }
+
+    /// Per pod interface, the programs on its ingress: TCX links (what the
+    /// agent attaches on this kernel) and netlink classifiers (what a kernel
+    /// before 6.6 gets, and what outlives the process that attached it).
+    fn programs(&self) -> BTreeMap<String, Vec<String>> {
+        let ifaces = self.node.interfaces();
+        let mut attached: BTreeMap<String, Vec<String>> = self
+            .node
+            .ns
+            .run(move || {
+                ifaces
+                    .into_iter()
+                    .map(|i| {
+                        let (_, tcx) = SchedClassifier::query_tcx(&i, TcAttachType::Ingress).unwrap();
+                        let names = tcx.iter().map(|p| format!("tcx {}", p.name_as_str().unwrap_or("?"))).collect();
+                        (i, names)
+                    })
+                    .collect()
+            })
+            .unwrap();
+        for (iface, programs) in &mut attached {
+            // Without a clsact qdisc there is no ingress hook and nothing to list.
+            let filters = self.node.ns.output(&["tc", "filter", "show", "dev", iface, "ingress"]).unwrap_or_default();
+            programs.extend(
+                filters.lines().filter(|l| l.contains(" bpf ") && l.contains("handle")).map(|l| format!("netlink {l}")),
+            );
+        }
+        attached
+    }
+
+    fn program_count(&self) -> usize {
+        self.programs().values().map(Vec::len).sum()
+    }
+
+    /// The folder kpr pins its maps in, on the node's bpffs.
+    fn pin_dir(&self) -> PathBuf {
+        self.node.bpf_root().join("kpr")
+    }
+
+    /// The map pins in that folder, sorted; none when the folder is gone.
+    fn pins(&self) -> Vec<String> {
+        let mut pins: Vec<String> = std::fs::read_dir(self.pin_dir())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        pins.sort();
+        pins
+    }
+
+    fn all_map_pins() -> Vec<String> {
+        let mut all: Vec<String> = proxy_common::maps::ALL_MAPS.iter().map(|m| m.to_string()).collect();
+        all.sort();
+        all
+    }
+
+    /// Attaches kpr's classifier on every pod interface through netlink, as
+    /// an agent on a kernel before 6.6 (no TCX) leaves it behind: such an
+    /// attachment outlives its process, and removing it is cleanup's job.
+    fn leave_netlink_classifiers(&self) {
         let ifaces = self.node.interfaces();
         self.node
             .ns
             .run(move || {
-                ifaces.iter().map(|i| SchedClassifier::query_tcx(i, TcAttachType::Ingress).unwrap().1.len()).sum()
+                let mut ebpf = kpr_ebpf::load(MapSizes::default()).unwrap();
+                let program: &mut SchedClassifier = ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap();
+                program.load().unwrap();
+                for iface in &ifaces {
+                    if let Err(e) = tc::qdisc_add_clsact(iface) {
+                        // The agent made one already.
+                        eprintln!("clsact on {iface}: {e}");
+                    }
+                    let options = TcAttachOptions::Netlink(NlOptions::default());
+                    let id = program.attach_with_options(iface, TcAttachType::Ingress, options).unwrap();
+                    // Dropping the link would detach it; the kernel keeps the filter without it.
+                    std::mem::forget(program.take_link(id).unwrap());
+                }
             })
-            .unwrap()
+            .unwrap();
+    }
+
+    fn cleanup(&self) -> String {
+        let root = format!("--bpf-root={}", self.node.bpf_root().display());
+        kpr::command(&self.node.ns, &["cleanup", &root]).unwrap()
     }
 
     fn save(&self, backend: &str) -> String {
@@ -78,7 +182,7 @@ impl Node {
     }
 
     fn status(&self) -> String {
-        let state = kpr::state_dir(&self.dir.path().join("kpr.log"));
+        let state = kpr::state_dir(&self.log());
         kpr::command(&self.node.ns, &["status", &format!("--state-dir={}", state.display())]).unwrap()
     }
 }
@@ -89,7 +193,7 @@ fn auto_mode_uses_ebpf_where_it_can() {
     let n = Node::new();
     let mut kpr = n.kpr(&["--mode=auto"]);
     assert!(n.answers());
-    assert_eq!(n.programs(), PODS.len());
+    assert_eq!(n.program_count(), PODS.len(), "{:?}", n.programs());
     assert_eq!(n.kpr_chains(), 0);
     assert!(n.status().contains("mode:       ebpf"), "{}", n.status());
     kpr.interrupt().unwrap();
@@ -97,18 +201,45 @@ fn auto_mode_uses_ebpf_where_it_can() {
 }
 
 #[test]
-fn auto_mode_falls_back_to_iptables_and_says_why() {
+fn auto_mode_falls_back_to_iptables_when_attaching_fails_and_says_why() {
     root_or_skip!();
     let n = Node::new();
-    let kpr = n.kpr(&["--mode=auto", "--simulate-ebpf-unavailable"]);
+    // The probe's failure is real: the interface is missing where kpr runs.
+    assert!(n.node.ns.output(&["ip", "link", "show", ABSENT_IFACE]).is_err(), "the node has no {ABSENT_IFACE}");
+    n.node.pod("client").ns.output(&["ip", "link", "show", ABSENT_IFACE]).expect("a pod has one");
+    // The pod interfaces come first, so the probe attaches to them before it
+    // fails; the fallback must take those attachments away again.
+    let mut interfaces = n.node.interfaces();
+    interfaces.push(ABSENT_IFACE.into());
+    let args = [
+        "--mode=auto".to_string(),
+        n.source(),
+        format!("--interfaces={}", interfaces.join(",")),
+        format!("--bpf-root={}", n.node.bpf_root().display()),
+    ];
+    let mut kpr = Kpr::run_in(&n.node.ns, &args, &n.log()).unwrap();
+    kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+
     assert!(n.answers(), "Services work through iptables:\n{}", kpr.log());
-    assert_eq!(n.programs(), 0, "no eBPF program attached");
-    assert!(n.save("nft").contains(":KUBE-SERVICES"));
+    assert!(n.save("nft").contains(":KUBE-SERVICES"), "{}", n.save("nft"));
+    assert_eq!(n.program_count(), 0, "no eBPF program stays attached: {:?}", n.programs());
+    assert!(n.pins().is_empty(), "no maps pinned: {:?}", n.pins());
     let log = kpr.log();
-    assert_eq!(log.matches("eBPF unavailable, falling back to iptables mode").count(), 1, "one clear line:\n{log}");
+    let why: Vec<&str> = log.lines().filter(|l| names_absent_iface(l)).collect();
+    assert_eq!(why.len(), 1, "one line says why:\n{log}");
+    assert!(why[0].to_lowercase().contains("attach") && why[0].contains("iptables"), "{}", why[0]);
     assert!(log.contains("mode=\"iptables\"") || log.contains("mode=iptables"), "{log}");
     let status = n.status();
-    assert!(status.contains("mode:       iptables") && status.contains("fell back from eBPF"), "{status}");
+    assert!(status.contains("mode:       iptables"), "{status}");
+    let reason = status.lines().find(|l| l.contains("fell back")).unwrap_or_else(|| panic!("no reason:\n{status}"));
+    assert!(names_absent_iface(reason), "{status}");
+}
+
+/// Whether `text` names [`ABSENT_IFACE`] as a whole word (not inside `veth0`).
+fn names_absent_iface(text: &str) -> bool {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    text.match_indices(ABSENT_IFACE)
+        .any(|(i, _)| !word(text[..i].chars().next_back()) && !word(text[i + ABSENT_IFACE.len()..].chars().next()))
 }
 
 #[test]
@@ -124,21 +255,17 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
         s.contains("-A SITE-POLICY -s 192.0.2.0/24 -j DROP") && s.contains("-A FORWARD -j SITE-POLICY")
     };
 
-    let pins = n.node.bpf_root().join("kpr");
     let mut kpr = n.kpr(&["--mode=ebpf"]);
     assert!(n.answers());
-    assert_eq!((n.programs(), n.kpr_chains()), (PODS.len(), 0), "ebpf only");
+    assert_eq!((n.program_count(), n.kpr_chains()), (PODS.len(), 0), "ebpf only");
     kpr.interrupt().unwrap();
-    assert!(pins.join("SERVICES").exists(), "maps stay pinned for inspection after eBPF mode exits");
+    assert_eq!(n.pins(), Node::all_map_pins(), "maps stay pinned for inspection after eBPF mode exits");
 
     let mut kpr = n.kpr(&["--mode=iptables"]);
     assert!(n.answers());
-    assert_eq!(n.programs(), 0, "iptables only");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while pins.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!pins.exists(), "iptables mode removed eBPF mode's pinned maps");
+    assert_eq!(n.program_count(), 0, "iptables only");
+    wait::until("iptables mode removes eBPF mode's pinned maps", Duration::from_secs(5), || n.pins(), Vec::is_empty)
+        .unwrap();
     assert!(n.kpr_chains() > 0);
     kpr.interrupt().unwrap();
     // As with kube-proxy, iptables rules outlive the agent and keep serving.
@@ -149,23 +276,52 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
     // The take-over happens once eBPF serves, right after its first sync.
     kpr.wait_for_log("removed kpr's iptables rules", Duration::from_secs(10)).unwrap();
     assert_eq!(
-        (n.programs(), n.kpr_chains()),
+        (n.program_count(), n.kpr_chains()),
         (PODS.len(), 0),
         "taking over removed iptables mode's rules:\n{}",
         kpr.log()
     );
     assert!(foreign(&n), "other rules untouched:\n{}", n.save("nft"));
-
-    let out = kpr::command(&n.node.ns, &["cleanup"]).unwrap();
-    assert!(out.contains("removed"), "{out}");
     kpr.interrupt().unwrap();
+
+    // What iptables mode leaves behind, serving until cleanup.
     let mut kpr = n.kpr(&["--mode=iptables"]);
     kpr.interrupt().unwrap();
     assert!(n.kpr_chains() > 0);
-    kpr::command(&n.node.ns, &["cleanup"]).unwrap();
-    assert_eq!((n.programs(), n.kpr_chains()), (0, 0), "cleanup leaves nothing:\n{}", n.save("nft"));
+    assert!(n.answers(), "the rules serve until cleanup");
+    n.cleanup();
+    assert_eq!((n.program_count(), n.kpr_chains()), (0, 0), "cleanup leaves nothing:\n{}", n.save("nft"));
     assert!(foreign(&n), "other rules untouched:\n{}", n.save("nft"));
-    assert!(!n.answers(), "nothing proxies any more");
+    assert!(n.silent(), "nothing proxies any more");
+}
+
+#[test]
+fn cleanup_removes_the_pinned_maps_and_the_programs_an_agent_left() {
+    root_or_skip!();
+    let n = Node::new();
+    let mut kpr = n.kpr(&["--mode=ebpf"]);
+    assert!(n.answers());
+    assert_eq!(n.program_count(), PODS.len(), "{:?}", n.programs());
+    assert_eq!(n.pins(), Node::all_map_pins(), "every map pinned on the node's bpffs");
+    kpr.interrupt().unwrap();
+    // The agent's TCX links end with it; its pins stay.
+    assert_eq!(n.program_count(), 0, "{:?}", n.programs());
+    assert_eq!(n.pins(), Node::all_map_pins());
+
+    n.leave_netlink_classifiers();
+    let before = n.programs();
+    assert!(
+        before.values().all(|p| p.len() == 1 && p[0].starts_with("netlink") && p[0].contains(PROGRAM)),
+        "one leftover classifier per interface: {before:?}"
+    );
+
+    let out = n.cleanup();
+    assert!(!n.pin_dir().exists(), "the pin folder is gone from the node's bpffs: {:?} ({out})", n.pins());
+    assert_eq!(n.program_count(), 0, "every leftover program detached ({out}): {:?}", n.programs());
+    // With nothing pinned, the inspection commands say so.
+    let root = format!("--bpf-root={}", n.node.bpf_root().display());
+    let err = kpr::command(&n.node.ns, &["service", "list", &root]).unwrap_err();
+    assert!(format!("{err:#}").contains("no pinned kpr maps"), "{err:#}");
 }
 
 #[test]
