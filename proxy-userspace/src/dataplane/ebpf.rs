@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, MapError},
     programs::{SchedClassifier, TcAttachType, tc},
 };
 use proxy_common::maps::{
@@ -94,8 +94,8 @@ pub struct EbpfDataplane {
     backends: HashMap<MapData, BackendKey, Backend>,
     ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
-    service_traffic: PerCpuArray<MapData, Traffic>,
-    backend_traffic: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+    service_traffic: Array<MapData, Traffic>,
+    backend_traffic: HashMap<MapData, BackendTrafficKey, Traffic>,
     /// The same maps through other handles, for observers (metrics, dashboard).
     observed: Arc<Maps>,
     programmed: BTreeMap<FrontendKey, Programmed>,
@@ -178,10 +178,8 @@ impl EbpfDataplane {
         let backends = take(&mut ebpf, abi::BACKENDS)?;
         let ct_forward = take(&mut ebpf, abi::CT_FORWARD)?;
         let ct_reverse = take(&mut ebpf, abi::CT_REVERSE)?;
-        let service_traffic =
-            PerCpuArray::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).context("traffic map missing")?)?;
-        let backend_traffic =
-            PerCpuHashMap::try_from(ebpf.take_map(abi::BACKEND_TRAFFIC).context("backend traffic map missing")?)?;
+        let service_traffic = Array::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).context("traffic map missing")?)?;
+        let backend_traffic = take(&mut ebpf, abi::BACKEND_TRAFFIC)?;
         Ok(Self {
             _ebpf: ebpf,
             services,
@@ -286,8 +284,8 @@ impl EbpfDataplane {
         self.backend_slots_used -= p.slots.len() as u64;
         self.free_ids.push(p.id);
         // The id may be reused: its next owner starts from zero.
-        if let Ok(zero) = aya::util::nr_cpus().map(|n| vec![Traffic::default(); n]) {
-            let _ = aya::maps::PerCpuValues::try_from(zero).map(|v| self.service_traffic.set(p.id, v, 0));
+        if let Err(e) = self.service_traffic.set(p.id, Traffic::default(), 0) {
+            tracing::warn!(id = p.id, error = %e, "traffic not reset: the frontend id's next owner inherits it");
         }
         self.forget_backend_traffic(p.id, &p.slots);
         self.remove_vip_user(k.vip)?;
@@ -349,7 +347,7 @@ impl EbpfDataplane {
 
 fn map_id(map: &Map) -> Option<u32> {
     match map {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::PerCpuLruHashMap(d) => {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::PerCpuLruHashMap(d) => {
             Some(d.info().ok()?.id())
         }
         _ => None,
