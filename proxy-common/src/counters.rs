@@ -1,4 +1,9 @@
 //! Indices of the per-CPU packet counters: what the datapath did and why.
+//!
+//! Every packet the datapath drops is counted under exactly one
+//! [`DropReason`], each of which owns one `dropped_*` counter (the idea of
+//! Cilium's drop_reasons.h): the names are also the `reason` label of
+//! `kpr_datapath_packets_total`, so an operator sees why packets vanished.
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,7 +16,7 @@ pub enum Counter {
     /// or ICMP port unreachable.
     RefusedNoBackend,
     /// Packets to a Service without endpoints that could not be answered
-    /// (IP options, other protocols) and were dropped.
+    /// (IP options, a TCP reset) and were dropped.
     DroppedNoBackend,
     /// Fragments addressed to a Service VIP: dropped, since only the first
     /// fragment carries ports and translating it alone would split the datagram.
@@ -29,10 +34,26 @@ pub enum Counter {
     DroppedBackendMissing,
     /// Translated packets sent straight to the destination pod's interface.
     Redirected,
+    /// Reading the packet through the kernel's helper failed: dropped.
+    DroppedLoadFailed,
+    /// Writing a rewritten header into the packet failed: dropped, since it
+    /// may be half rewritten.
+    DroppedStoreFailed,
+    /// A checksum helper failed while translating or answering: dropped,
+    /// since its checksums no longer match its headers.
+    DroppedChecksumFailed,
+    /// Resizing a packet into a refusal (change_tail, adjust_room) failed: dropped.
+    DroppedResizeFailed,
+    /// The kernel refused to redirect the packet to an interface: dropped.
+    DroppedRedirectFailed,
+    /// The conntrack entries of a new flow could not be written: dropped, as
+    /// the flow would switch backends or its replies go untranslated; the
+    /// client retransmits.
+    DroppedConntrackFailed,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 11;
+pub const COUNT: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -47,8 +68,16 @@ impl Counter {
         Counter::PassedNotIpv4,
         Counter::DroppedBackendMissing,
         Counter::Redirected,
+        Counter::DroppedLoadFailed,
+        Counter::DroppedStoreFailed,
+        Counter::DroppedChecksumFailed,
+        Counter::DroppedResizeFailed,
+        Counter::DroppedRedirectFailed,
+        Counter::DroppedConntrackFailed,
     ];
 
+    /// The counter's name, also its metric label: snake_case, and `dropped_`
+    /// exactly for the counters of a [`DropReason`].
     pub const fn name(self) -> &'static str {
         match self {
             Counter::Translated => "translated",
@@ -62,6 +91,60 @@ impl Counter {
             Counter::PassedNotIpv4 => "passed_not_ipv4",
             Counter::DroppedBackendMissing => "dropped_backend_missing",
             Counter::Redirected => "redirected",
+            Counter::DroppedLoadFailed => "dropped_load_failed",
+            Counter::DroppedStoreFailed => "dropped_store_failed",
+            Counter::DroppedChecksumFailed => "dropped_checksum_failed",
+            Counter::DroppedResizeFailed => "dropped_resize_failed",
+            Counter::DroppedRedirectFailed => "dropped_redirect_failed",
+            Counter::DroppedConntrackFailed => "dropped_conntrack_failed",
+        }
+    }
+}
+
+/// Why the datapath drops a packet. The programs' steps return it as their
+/// error; the program wrapper alone counts it and shoots the packet, so no
+/// drop goes uncounted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    NoBackend,
+    Fragment,
+    Truncated,
+    BackendMissing,
+    LoadFailed,
+    StoreFailed,
+    ChecksumFailed,
+    ResizeFailed,
+    RedirectFailed,
+    ConntrackFailed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::NoBackend,
+        DropReason::Fragment,
+        DropReason::Truncated,
+        DropReason::BackendMissing,
+        DropReason::LoadFailed,
+        DropReason::StoreFailed,
+        DropReason::ChecksumFailed,
+        DropReason::ResizeFailed,
+        DropReason::RedirectFailed,
+        DropReason::ConntrackFailed,
+    ];
+
+    /// The counter this reason is counted under.
+    pub const fn counter(self) -> Counter {
+        match self {
+            DropReason::NoBackend => Counter::DroppedNoBackend,
+            DropReason::Fragment => Counter::DroppedFragment,
+            DropReason::Truncated => Counter::DroppedTruncated,
+            DropReason::BackendMissing => Counter::DroppedBackendMissing,
+            DropReason::LoadFailed => Counter::DroppedLoadFailed,
+            DropReason::StoreFailed => Counter::DroppedStoreFailed,
+            DropReason::ChecksumFailed => Counter::DroppedChecksumFailed,
+            DropReason::ResizeFailed => Counter::DroppedResizeFailed,
+            DropReason::RedirectFailed => Counter::DroppedRedirectFailed,
+            DropReason::ConntrackFailed => Counter::DroppedConntrackFailed,
         }
     }
 }
@@ -69,11 +152,30 @@ impl Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::{collections::BTreeSet, vec::Vec};
 
     #[test]
     fn indices_are_dense() {
+        assert_eq!(Counter::ALL.len(), COUNT as usize);
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as u32, i as u32, "{}", c.name());
         }
+    }
+
+    #[test]
+    fn names_are_distinct_snake_case_labels() {
+        let names: BTreeSet<&str> = Counter::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Counter::ALL.len(), "{names:?}");
+        for n in names {
+            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{n}");
+            assert!(!n.starts_with('_') && !n.ends_with('_') && !n.contains("__"), "{n}");
+        }
+    }
+
+    #[test]
+    fn every_dropped_counter_belongs_to_exactly_one_drop_reason() {
+        let owned: Vec<Counter> = DropReason::ALL.iter().map(|r| r.counter()).collect();
+        let dropped: Vec<Counter> = Counter::ALL.into_iter().filter(|c| c.name().starts_with("dropped_")).collect();
+        assert_eq!(owned, dropped, "each reason owns one dropped_* counter and every dropped_* counter has a reason");
     }
 }

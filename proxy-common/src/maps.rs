@@ -15,18 +15,23 @@ pub const BACKENDS: &str = "BACKENDS";
 pub const CT_FORWARD: &str = "CT_FORWARD";
 /// Reply flow -> the frontend to put back as source (LRU).
 pub const CT_REVERSE: &str = "CT_REVERSE";
-/// Per-CPU packet counters indexed by [`crate::counters::Counter`].
+/// Per-CPU packet counters indexed by [`crate::counters::Counter`]: a few
+/// bytes per CPU, so every CPU counts in its own slot without atomics. The
+/// only per-CPU map: sized by capacity, per-CPU maps would grow by megabytes
+/// with every CPU.
 pub const COUNTERS: &str = "COUNTERS";
 /// Pod address -> the interface and MAC it was last seen sending from
 /// (learned, LRU). Translated packets to a known pod are redirected straight
 /// to its interface, so the host's routing, bridge and conntrack never see
 /// half of a translated flow.
 pub const NEIGHBORS: &str = "NEIGHBORS";
-/// Per-CPU packets and bytes per service id (both directions), sized like
-/// the service map.
+/// Packets and bytes per service id (both directions), sized like the
+/// service map. One value shared by all CPUs, updated with atomic adds: a
+/// per-CPU array of this size would cost 2 MiB more for every CPU.
 pub const SERVICE_TRAFFIC: &str = "SERVICE_TRAFFIC";
-/// Per-CPU packets and bytes per (service id, backend), both directions
-/// (LRU, sized like the backend map).
+/// Packets and bytes per (service id, backend), both directions (LRU, sized
+/// like the backend map). Shared by all CPUs and updated with atomic adds,
+/// for the same reason as [`SERVICE_TRAFFIC`].
 pub const BACKEND_TRAFFIC: &str = "BACKEND_TRAFFIC";
 
 /// Every map, in the order the inspection commands list them.
@@ -184,7 +189,8 @@ pub struct ReverseEntry {
     pub service_id: u32,
 }
 
-/// Value of [`SERVICE_TRAFFIC`].
+/// Value of [`SERVICE_TRAFFIC`] and [`BACKEND_TRAFFIC`]. Both fields are
+/// 8-byte aligned, as the datapath's atomic adds require.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -258,6 +264,7 @@ mod tests {
         assert_eq!(align_of::<ForwardEntry>(), 4);
         assert_eq!(size_of::<ReverseEntry>(), 12);
         assert_eq!(size_of::<Traffic>(), 16);
+        assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
         assert_eq!(size_of::<Neighbor>(), 12);
     }
 

@@ -1,3 +1,13 @@
+//! Counting what the datapath does: per-CPU counters by [`Counter`], and
+//! traffic per Service and backend in maps shared by all CPUs.
+//!
+//! The traffic maps are sized by capacity, so per-CPU copies would grow by
+//! megabytes with every CPU; one shared value updated with atomic adds
+//! costs the same on any machine. Traffic is statistics only: a count that
+//! cannot be recorded is lost, and no verdict ever depends on one.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     counters::Counter,
@@ -9,6 +19,8 @@ use crate::maps::{BACKEND_TRAFFIC, COUNTERS, SERVICE_TRAFFIC};
 /// Bumps `counter` and hands `verdict` through, so call sites read as one line.
 #[inline(always)]
 pub fn count<T>(counter: Counter, verdict: T) -> T {
+    // The map holds a slot for every counter (proxy-common checks that the
+    // indices are dense below COUNT), so the lookup always succeeds.
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other writer can race this increment.
         unsafe { *slot += 1 };
@@ -16,15 +28,27 @@ pub fn count<T>(counter: Counter, verdict: T) -> T {
     verdict
 }
 
+/// Adds one packet of `bytes` to a shared traffic value.
+#[inline(always)]
+fn add(t: *mut Traffic, bytes: u32) {
+    // Other CPUs add to the same value at the same time. The intrinsic is
+    // `fetch_add`, which this target's core does not offer (it has no
+    // compare-and-swap); with the old value unused, LLVM emits BPF's atomic
+    // add (`lock *(u64 *)(r + off) += r`). `Traffic` keeps both fields
+    // 8-byte aligned, as that instruction requires.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*t).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*t).bytes, bytes as u64);
+    }
+}
+
 /// Adds one packet of `bytes` to the Service's traffic.
 #[inline(always)]
 pub fn count_traffic(service_id: u32, bytes: u32) {
+    // Only ids beyond the map's size have no slot; userspace never hands
+    // those out, and a miss would only lose statistics.
     if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(service_id) {
-        // Per-CPU slot: no other writer can race these increments.
-        unsafe {
-            (*t).packets += 1;
-            (*t).bytes += bytes as u64;
-        }
+        add(t, bytes);
     }
 }
 
@@ -34,16 +58,17 @@ pub fn count_traffic(service_id: u32, bytes: u32) {
 pub fn count_traffic_via(service_id: u32, addr: [u8; 4], port: [u8; 2], bytes: u32) {
     count_traffic(service_id, bytes);
     let key = BackendTrafficKey::new(service_id, addr, port);
-    match BACKEND_TRAFFIC.get_ptr_mut(key) {
-        // Per-CPU value: no other writer can race these increments.
-        Some(t) => unsafe {
-            (*t).packets += 1;
-            (*t).bytes += bytes as u64;
-        },
-        // A first packet on this CPU; losing a race to another first packet
-        // only loses this one count.
-        None => {
-            let _ = BACKEND_TRAFFIC.insert(key, Traffic { packets: 1, bytes: bytes as u64 }, BPF_NOEXIST as u64);
-        }
+    if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(key) {
+        return add(t, bytes);
+    }
+    // The backend's first packet creates its entry. Another CPU may create
+    // it first; then this packet is added to theirs.
+    if BACKEND_TRAFFIC.insert(key, Traffic { packets: 1, bytes: bytes as u64 }, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // The insert lost that race, so the entry is there now. Should it not be
+    // (the LRU map found no room at once), this packet's count is lost.
+    if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(key) {
+        add(t, bytes);
     }
 }

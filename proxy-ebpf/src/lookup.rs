@@ -6,6 +6,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
+    counters::DropReason,
     maps::{Backend, BackendKey, FlowKey, ForwardEntry, PROTO_TCP, ReverseEntry, ServiceKey, reply_key},
     reject::{TCP_ACK, TCP_SYN},
     select,
@@ -23,8 +24,6 @@ pub enum Lookup {
     ToBackend(Backend, u32),
     /// A new flow to a Service with no ready endpoints.
     NoBackend,
-    /// The chosen slot was empty: userspace is mid-update.
-    BackendMissing,
     NotService,
 }
 
@@ -34,45 +33,51 @@ pub fn is_vip(addr: [u8; 4]) -> bool {
 }
 
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Lookup {
+pub fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
     let flow = FlowKey::new(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
 
     if let Some(rev) = CT_REVERSE.get_ptr(flow) {
-        return Lookup::Reply(unsafe { core::ptr::read(rev) });
+        return Ok(Lookup::Reply(unsafe { core::ptr::read(rev) }));
     }
 
     let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
     let Some(svc) = SERVICES.get_ptr(key) else {
-        return Lookup::NotService;
+        return Ok(Lookup::NotService);
     };
     let svc = unsafe { core::ptr::read(svc) };
 
     // A SYN opens a new connection even if an old one left the same tuple
     // behind: choose afresh so a removed endpoint is never reused.
     let new_connection = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if !new_connection {
-        if let Some(fwd) = CT_FORWARD.get_ptr(flow) {
-            let fwd = unsafe { core::ptr::read(fwd) };
-            if fwd.service_id == svc.id {
-                return Lookup::ToBackend(fwd.backend, svc.id);
-            }
+    if !new_connection && let Some(fwd) = CT_FORWARD.get_ptr(flow) {
+        let fwd = unsafe { core::ptr::read(fwd) };
+        if fwd.service_id == svc.id {
+            return Ok(Lookup::ToBackend(fwd.backend, svc.id));
         }
     }
 
     if svc.backend_count == 0 {
-        return Lookup::NoBackend;
+        return Ok(Lookup::NoBackend);
     }
     let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
+    // An empty slot means userspace is mid-update: the client retries.
     let Some(backend) = BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
-        return Lookup::BackendMissing;
+        return Err(DropReason::BackendMissing);
     };
     let backend = unsafe { core::ptr::read(backend) };
 
     let fwd = ForwardEntry { backend, service_id: svc.id };
     let rev = ReverseEntry { vip: pkt.dst, vip_port: pkt.dst_port, _pad: [0; 2], service_id: svc.id };
-    // If either insert fails the flow still works for this packet; the next
-    // packet simply chooses again.
-    let _ = CT_FORWARD.insert(flow, fwd, 0);
-    let _ = CT_REVERSE.insert(reply_key(&flow, &backend), rev, 0);
-    Lookup::ToBackend(backend, svc.id)
+    // Without its entries the flow's next packet would choose again (another
+    // backend, mid-connection) or its replies would go untranslated, so a
+    // failed insert drops this packet and the client retransmits, as with
+    // Cilium's DROP_CT_CREATE_FAILED. The reply entry goes first: alone it is
+    // harmless, while a forward entry alone would be found and trusted.
+    if CT_REVERSE.insert(reply_key(&flow, &backend), rev, 0).is_err() {
+        return Err(DropReason::ConntrackFailed);
+    }
+    if CT_FORWARD.insert(flow, fwd, 0).is_err() {
+        return Err(DropReason::ConntrackFailed);
+    }
+    Ok(Lookup::ToBackend(backend, svc.id))
 }

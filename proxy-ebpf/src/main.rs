@@ -3,10 +3,16 @@
 //!
 //! One step per module: `parse` (headers and what they say), `lookup`
 //! (services and conntrack), `translate` (NAT and checksums), `refuse`
-//! (answers for Services without endpoints). This file holds only the thin
-//! program wrapper.
+//! (answers for Services without endpoints), `skb` (packet access). Steps
+//! return a [`DropReason`] as their error; this file holds only the thin
+//! program wrapper, which counts every drop under its reason before
+//! shooting the packet.
 #![no_std]
 #![no_main]
+// For `atomic_xadd` (see counters.rs): BPF has no compare-and-swap, so core's
+// atomic types offer no `fetch_add` on this target.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
 mod counters;
 mod lookup;
@@ -14,15 +20,15 @@ mod maps;
 mod neighbor;
 mod parse;
 mod refuse;
+mod skb;
 mod translate;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::counters::Counter;
+use proxy_common::counters::{Counter, DropReason};
 
 use crate::{
     counters::{count, count_traffic_via},
@@ -30,12 +36,11 @@ use crate::{
     parse::Parsed,
 };
 
-/// What to do with a packet, decided by the steps below.
+/// What to do with a packet the datapath keeps; drops are `Err(DropReason)`.
 pub enum Verdict {
     Pass,
-    Drop,
     /// Sent back out of the interface it came in on (a refusal).
-    Redirect,
+    SendBack,
     /// Sent out of this interface (to the destination pod).
     RedirectTo(u32),
 }
@@ -44,42 +49,51 @@ pub enum Verdict {
 /// what pods send, both their requests to VIPs and their replies as backends.
 #[classifier]
 pub fn kpr_from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
-        Ok(Verdict::Pass) => TC_ACT_OK as i32,
-        Ok(Verdict::Drop) => TC_ACT_SHOT as i32,
-        Ok(Verdict::Redirect) => refuse::redirect_back(&ctx),
-        Ok(Verdict::RedirectTo(ifindex)) => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        // A helper failed half-way through rewriting: the packet may be
-        // inconsistent, so it must not go on.
-        Err(()) => TC_ACT_SHOT as i32,
+    match try_from_pod(&ctx).and_then(|verdict| act(&ctx, verdict)) {
+        Ok(action) => action,
+        // The packet may be half rewritten, or must not go on: shoot it,
+        // counted under why.
+        Err(reason) => count(reason.counter(), TC_ACT_SHOT),
     }
 }
 
-fn try_from_pod(ctx: &TcContext) -> Result<Verdict, ()> {
+/// The TC action carrying out `verdict`; redirects are counted once the
+/// kernel has accepted them.
+#[inline(always)]
+fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
+    Ok(match verdict {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::SendBack => {
+            let arrived_on = unsafe { (*ctx.skb.skb).ifindex };
+            count(Counter::RefusedNoBackend, skb::redirect(arrived_on)?)
+        }
+        Verdict::RedirectTo(ifindex) => count(Counter::Redirected, skb::redirect(ifindex)?),
+    })
+}
+
+fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match parse::parse(ctx) {
         Parsed::Flow(pkt) => pkt,
         Parsed::NotIpv4 => return Ok(count(Counter::PassedNotIpv4, Verdict::Pass)),
         Parsed::Malformed => return Ok(count(Counter::PassedMalformed, Verdict::Pass)),
         Parsed::OtherProtocol => return Ok(Verdict::Pass),
         Parsed::Fragment { dst } => {
-            return Ok(if is_vip(dst) {
-                count(Counter::DroppedFragment, Verdict::Drop)
-            } else {
-                count(Counter::PassedFragment, Verdict::Pass)
-            });
+            if is_vip(dst) {
+                return Err(DropReason::Fragment);
+            }
+            return Ok(count(Counter::PassedFragment, Verdict::Pass));
         }
         Parsed::Truncated { dst } => {
-            return Ok(if is_vip(dst) {
-                count(Counter::DroppedTruncated, Verdict::Drop)
-            } else {
-                count(Counter::PassedMalformed, Verdict::Pass)
-            });
+            if is_vip(dst) {
+                return Err(DropReason::Truncated);
+            }
+            return Ok(count(Counter::PassedMalformed, Verdict::Pass));
         }
     };
 
     neighbor::learn(ctx, pkt.src);
 
-    match lookup::lookup(&pkt) {
+    match lookup::lookup(&pkt)? {
         Lookup::Reply(rev) => {
             translate::reverse(ctx, &pkt, &rev)?;
             count(Counter::ReverseTranslated, ());
@@ -87,16 +101,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, ()> {
             deliver(ctx, pkt.dst, None)
         }
         Lookup::ToBackend(backend, service_id) => {
+            // Seen from the backend, the packet was routed by the node: it
+            // comes from the gateway MAC the client addressed. Read before
+            // rewriting, so a failure leaves the packet whole.
+            let gateway_mac: [u8; 6] = skb::load(ctx, 0)?;
             translate::forward(ctx, &pkt, &backend)?;
             count(Counter::Translated, ());
             count_traffic_via(service_id, backend.addr, backend.port, ctx.len());
-            // Seen from the backend, the packet was routed by the node: it
-            // comes from the gateway MAC the client addressed.
-            let gateway_mac = ctx.load::<[u8; 6]>(0).map_err(|_| ())?;
             deliver(ctx, backend.addr, Some(gateway_mac))
         }
         Lookup::NoBackend => refuse::refuse(ctx, &pkt),
-        Lookup::BackendMissing => Ok(count(Counter::DroppedBackendMissing, Verdict::Drop)),
         Lookup::NotService => Ok(Verdict::Pass),
     }
 }
@@ -104,9 +118,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, ()> {
 /// Hands a translated packet to `dst`'s interface when known, else to the
 /// host stack to route.
 #[inline(always)]
-fn deliver(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Verdict, ()> {
+fn deliver(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Verdict, DropReason> {
     Ok(match neighbor::readdress(ctx, dst, src_mac)? {
-        Some(ifindex) => count(Counter::Redirected, Verdict::RedirectTo(ifindex)),
+        Some(ifindex) => Verdict::RedirectTo(ifindex),
         None => Verdict::Pass,
     })
 }

@@ -1,8 +1,10 @@
-//! The maps, sized by defaults the agent overrides at load time.
+//! The maps, sized by defaults the agent overrides at load time. Only the
+//! small counter array is per-CPU: a per-CPU map sized by capacity would
+//! grow by megabytes with every CPU (see proxy-common's maps docs).
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     counters,
@@ -31,8 +33,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::
 pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);
 
 #[map]
-pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+pub static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFAULT_SERVICES_MAX, 0);
 
 #[map]
-pub static BACKEND_TRAFFIC: LruPerCpuHashMap<BackendTrafficKey, Traffic> =
-    LruPerCpuHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+pub static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
+    LruHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);

@@ -9,13 +9,18 @@
 //! skips the bridge and routing on the way.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::maps::Neighbor;
+use proxy_common::{counters::DropReason, maps::Neighbor};
 
-use crate::maps::NEIGHBORS;
+use crate::{maps::NEIGHBORS, skb};
 
 /// Records that `src` sends from this interface with this MAC.
+///
+/// Best effort: no verdict depends on it. Without an entry, packets to `src`
+/// go through the host's routing instead of straight to its interface.
 #[inline(always)]
 pub fn learn(ctx: &TcContext, src: [u8; 4]) {
+    // Cannot fail once the packet parsed (it holds an IPv4 header after the
+    // MAC header); if it did, there would be nothing to learn.
     let Ok(mac) = ctx.load::<[u8; 6]>(6) else { return };
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if let Some(known) = NEIGHBORS.get_ptr(src) {
@@ -24,18 +29,20 @@ pub fn learn(ctx: &TcContext, src: [u8; 4]) {
             return;
         }
     }
+    // An LRU map makes room for the entry; should the insert still fail,
+    // the next packet from `src` tries again.
     let _ = NEIGHBORS.insert(src, Neighbor { ifindex, mac, _pad: [0; 2] }, 0);
 }
 
 /// Readdresses the frame to `dst`'s MAC (from `src_mac`, when given) and
 /// returns the interface to send it out of, if `dst` is a known pod.
 #[inline(always)]
-pub fn readdress(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Option<u32>, ()> {
+pub fn readdress(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Option<u32>, DropReason> {
     let Some(n) = NEIGHBORS.get_ptr(dst) else { return Ok(None) };
     let n = unsafe { core::ptr::read(n) };
-    ctx.store(0, &n.mac, 0).map_err(|_| ())?;
+    skb::store(ctx, 0, &n.mac)?;
     if let Some(mac) = src_mac {
-        ctx.store(6, &mac, 0).map_err(|_| ())?;
+        skb::store(ctx, 6, &mac)?;
     }
     Ok(Some(n.ifindex))
 }

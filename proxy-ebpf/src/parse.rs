@@ -5,7 +5,7 @@ use aya_ebpf::programs::TcContext;
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     ipv4::{self, ETH_HLEN, ETH_P_IP, MIN_HLEN},
-    maps::{PROTO_TCP, PROTO_UDP},
+    maps::PROTO_TCP,
 };
 
 /// A TCP or UDP packet whose ports could be read.
@@ -19,6 +19,8 @@ pub struct Packet {
     pub l4_off: usize,
     /// Bytes of L4 header + payload, from the IP total length.
     pub l4_len: usize,
+    /// Offset of the L4 checksum from the start of the L4 header.
+    pub l4_check_off: usize,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
 }
@@ -47,9 +49,10 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     let Ok(ip) = ipv4::parse(&hdr, available) else {
         return Parsed::Malformed;
     };
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    // Only TCP and UDP have a checksum offset: every other protocol ends here.
+    let Some(l4_check_off) = ipv4::l4_check_offset(ip.proto) else {
         return Parsed::OtherProtocol;
-    }
+    };
     if ip.is_fragment {
         return Parsed::Fragment { dst: ip.dst };
     }
@@ -79,6 +82,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         proto: ip.proto,
         l4_off,
         l4_len,
+        l4_check_off,
         tcp_flags,
     })
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
     counters::Counter,
     maps::{
@@ -76,9 +76,9 @@ pub struct Counts {
     pub bytes: u64,
 }
 
-impl Counts {
-    fn sum(per_cpu: &[Traffic]) -> Self {
-        per_cpu.iter().fold(Self::default(), |c, t| Self { packets: c.packets + t.packets, bytes: c.bytes + t.bytes })
+impl From<Traffic> for Counts {
+    fn from(t: Traffic) -> Self {
+        Self { packets: t.packets, bytes: t.bytes }
     }
 }
 
@@ -112,9 +112,11 @@ pub struct Maps {
     ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
     neighbors: HashMap<MapData, [u8; 4], Neighbor>,
+    /// Per-CPU: summed when read.
     counters: PerCpuArray<MapData, u64>,
-    service_traffic: PerCpuArray<MapData, Traffic>,
-    backend_traffic: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+    /// Shared by all CPUs (atomic adds): read as they are.
+    service_traffic: Array<MapData, Traffic>,
+    backend_traffic: HashMap<MapData, BackendTrafficKey, Traffic>,
 }
 
 fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
@@ -152,8 +154,9 @@ impl Maps {
             ct_reverse: hash(get(abi::CT_REVERSE)?, abi::CT_REVERSE)?,
             neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
             counters: PerCpuArray::try_from(get(abi::COUNTERS)?)?,
-            service_traffic: PerCpuArray::try_from(get(abi::SERVICE_TRAFFIC)?)?,
-            backend_traffic: PerCpuHashMap::try_from(get(abi::BACKEND_TRAFFIC)?)?,
+            service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?)
+                .with_context(|| format!("map {} has an unexpected type", abi::SERVICE_TRAFFIC))?,
+            backend_traffic: hash(get(abi::BACKEND_TRAFFIC)?, abi::BACKEND_TRAFFIC)?,
         })
     }
 
@@ -222,13 +225,13 @@ impl Maps {
         let mut by_id: BTreeMap<u32, FrontendTraffic> = frontends
             .iter()
             .map(|(id, (key, _))| {
-                let total = self.service_traffic.get(id, 0).map(|v| Counts::sum(&v)).unwrap_or_default();
+                let total = self.service_traffic.get(id, 0).map(Counts::from).unwrap_or_default();
                 (*id, FrontendTraffic { frontend: *key, total, backends: BTreeMap::new() })
             })
             .collect();
-        for (k, per_cpu) in self.backend_traffic.iter().filter_map(Result::ok) {
+        for (k, v) in self.backend_traffic.iter().filter_map(Result::ok) {
             if let Some(t) = by_id.get_mut(&k.service_id) {
-                t.backends.insert(endpoint(k.addr, k.port).to_string(), Counts::sum(&per_cpu));
+                t.backends.insert(endpoint(k.addr, k.port).to_string(), Counts::from(v));
             }
         }
         let mut out: Vec<_> = by_id.into_values().collect();
@@ -242,17 +245,13 @@ impl Maps {
             let max = aya::maps::IterableMap::map(m).info().ok()?.max_entries() as u64;
             Some(MapFill::new(name, m.keys().filter(Result::is_ok).count() as u64, max))
         }
-        let backend_traffic = aya::maps::IterableMap::map(&self.backend_traffic).info().ok().map(|info| {
-            let entries = self.backend_traffic.keys().filter(Result::is_ok).count() as u64;
-            MapFill::new(abi::BACKEND_TRAFFIC, entries, info.max_entries() as u64)
-        });
         [
             fill(abi::SERVICES, &self.services),
             fill(abi::BACKENDS, &self.backends),
             fill(abi::CT_FORWARD, &self.ct_forward),
             fill(abi::CT_REVERSE, &self.ct_reverse),
             fill(abi::NEIGHBORS, &self.neighbors),
-            backend_traffic,
+            fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
         ]
         .into_iter()
         .flatten()

@@ -1,12 +1,14 @@
 //! The datapath program run by the kernel on crafted packets through
 //! BPF_PROG_TEST_RUN: exact rewrites, checksums verified by recomputation,
-//! refusals, and malformed packets left alone or dropped with a counter.
+//! refusals, malformed packets left alone or dropped, every drop counted
+//! under its reason, exact traffic counts, and map memory that does not
+//! scale with capacity times CPUs.
 
 use std::{collections::HashMap as StdMap, net::Ipv4Addr};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, Map, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use kpr_tests::{
@@ -14,8 +16,10 @@ use kpr_tests::{
     root_or_skip,
 };
 use proxy_common::{
-    counters::Counter,
-    maps::{self as abi, Backend, BackendKey, FlowKey, ForwardEntry, ServiceKey, ServiceValue},
+    counters::{Counter, DropReason},
+    maps::{
+        self as abi, Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ServiceKey, ServiceValue, Traffic,
+    },
 };
 use proxy_userspace::dataplane::ebpf::{self, MapSizes, PROGRAM};
 
@@ -26,6 +30,9 @@ const TC_ACT_REDIRECT: u32 = 7;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// Not programmed by `Datapath::new`: tests give it their own Service.
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const TCP_RST: u8 = 0x04;
 const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12), Ipv4Addr::new(10, 244, 0, 13)];
 
@@ -79,6 +86,22 @@ impl Datapath {
     fn counter(&self, c: Counter) -> u64 {
         let m: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(abi::COUNTERS).unwrap()).unwrap();
         m.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+
+    /// Packets counted under any drop reason.
+    fn drops(&self) -> u64 {
+        DropReason::ALL.iter().map(|r| self.counter(r.counter())).sum()
+    }
+
+    fn service_traffic(&self, id: u32) -> Traffic {
+        let m: Array<_, Traffic> = Array::try_from(self.ebpf.map(abi::SERVICE_TRAFFIC).unwrap()).unwrap();
+        m.get(&id, 0).unwrap()
+    }
+
+    fn backend_traffic(&self, id: u32, backend: (Ipv4Addr, u16)) -> Option<Traffic> {
+        let m: HashMap<_, BackendTrafficKey, Traffic> =
+            HashMap::try_from(self.ebpf.map(abi::BACKEND_TRAFFIC).unwrap()).unwrap();
+        m.get(&BackendTrafficKey::new(id, backend.0.octets(), backend.1.to_be_bytes()), 0).ok()
     }
 
     fn forward_entry(&self, flow: &FlowKey) -> Option<ForwardEntry> {
@@ -196,6 +219,7 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
     }
     assert_eq!(dp.counter(Counter::DroppedFragment), 2);
     assert_eq!(dp.counter(Counter::PassedFragment), 2);
+    assert_eq!(dp.drops(), 2, "each drop counted under one reason");
 }
 
 #[test]
@@ -207,6 +231,7 @@ fn truncated_and_malformed_packets_are_never_translated() {
     let short = ethernet(0x0800, &ip.packet(&packet::tcp_segment(&ip, 40003, 80, 1, TCP_SYN, b"")[..10]));
     assert_eq!(dp.run(&short).0, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::DroppedTruncated), 1);
+    assert_eq!(dp.drops(), 1, "counted under one reason");
 
     // IHL 4 is invalid: passed untouched for the kernel to drop.
     let mut bad = tcp_frame((CLIENT, 40004), (VIP, 80), TCP_SYN, b"");
@@ -295,4 +320,127 @@ fn a_flow_sticks_to_its_backend_and_new_flows_spread_evenly() {
         let n = per_backend.get(&b).copied().unwrap_or(0);
         assert!((845..=1155).contains(&n), "{per_backend:?}");
     }
+}
+
+#[test]
+fn packets_an_empty_service_cannot_answer_are_dropped_with_their_reason() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    // The answers are laid out for a 20-byte IP header: IP options cannot be answered.
+    let mut ip = Ip::new(CLIENT, EMPTY_VIP, 6);
+    ip.options = vec![0x01, 0x01, 0x01, 0x00];
+    let with_options = ethernet(0x0800, &ip.packet(&packet::tcp_segment(&ip, 40007, 80, 7, TCP_SYN, b"")));
+    assert_eq!(dp.run(&with_options).0, TC_ACT_SHOT);
+    // A reset is never answered.
+    let reset = tcp_frame((CLIENT, 40008), (EMPTY_VIP, 80), TCP_RST, b"");
+    assert_eq!(dp.run(&reset).0, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DroppedNoBackend), 2);
+    assert_eq!(dp.drops(), 2, "counted under no other reason");
+    assert_eq!(dp.counter(Counter::RefusedNoBackend), 0, "nothing was sent back");
+}
+
+#[test]
+fn a_missing_backend_slot_drops_with_its_reason() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    // Userspace mid-update: the Service says one backend, its slot is not written yet.
+    let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(dp.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
+    let key = ServiceKey::new(OTHER_VIP.octets(), 80, abi::PROTO_TCP);
+    svcs.insert(key, ServiceValue { id: 9, backend_count: 1, ..ServiceValue::MARKER }, 0).unwrap();
+    let frame = tcp_frame((CLIENT, 40009), (OTHER_VIP, 80), TCP_SYN, b"");
+    assert_eq!(dp.run(&frame).0, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DroppedBackendMissing), 1);
+    assert_eq!(dp.drops(), 1, "counted under no other reason");
+    let flow = FlowKey::new(CLIENT.octets(), 40009u16.to_be_bytes(), OTHER_VIP.octets(), 80u16.to_be_bytes(), 6);
+    assert_eq!(dp.forward_entry(&flow), None, "no flow is tracked to no backend");
+}
+
+#[test]
+fn traffic_is_counted_per_service_and_backend_in_both_directions() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let syn = tcp_frame((CLIENT, 40010), (VIP, 80), TCP_SYN, b"");
+    let reply = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40010), TCP_SYN | TCP_ACK, b"");
+    let data = tcp_frame((CLIENT, 40010), (VIP, 80), TCP_ACK, b"GET / HTTP/1.0\r\n\r\n");
+    for f in [&syn, &reply, &data] {
+        assert_ne!(dp.run(f).0, TC_ACT_SHOT);
+    }
+    let want = Traffic { packets: 3, bytes: (syn.len() + reply.len() + data.len()) as u64 };
+    assert_eq!(dp.service_traffic(1), want, "the Service counts both directions");
+    assert_eq!(dp.backend_traffic(1, (BACKENDS[0], 8080)), Some(want), "so does the backend serving it");
+    assert_eq!(dp.service_traffic(2), Traffic::default(), "another frontend counts nothing");
+    assert_eq!(dp.backend_traffic(2, (BACKENDS[0], 5353)), None);
+}
+
+#[test]
+fn traffic_counts_stay_exact_when_every_cpu_counts_at_once() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    // A Service whose only backend is its own VIP and port: translating
+    // changes no byte, so the kernel can run the same packet over and over,
+    // and every run counts.
+    dp.service(OTHER_VIP, 80, abi::PROTO_TCP, 9, &[OTHER_VIP], 80);
+    let frame = tcp_frame((CLIENT, 40011), (OTHER_VIP, 80), TCP_ACK, b"x");
+    let cpus = allowed_cpus();
+    assert!(cpus.len() >= 2, "two CPUs are needed to race: allowed {cpus:?}");
+    let runs: u32 = 500_000;
+    let prog: &SchedClassifier = dp.ebpf.program(PROGRAM).unwrap().try_into().unwrap();
+    std::thread::scope(|s| {
+        for &cpu in &cpus {
+            let frame = &frame;
+            s.spawn(move || {
+                pin_to(cpu);
+                let r = prog
+                    .test_run(TestRunOptions { data_in: Some(frame), repeat: runs, ..Default::default() })
+                    .expect("BPF_PROG_TEST_RUN");
+                assert_eq!(r.return_value, TC_ACT_OK);
+            });
+        }
+    });
+    let n = runs as u64 * cpus.len() as u64;
+    let want = Traffic { packets: n, bytes: n * frame.len() as u64 };
+    // Lost updates (a plain read-modify-write racing on another CPU) would
+    // leave these short.
+    assert_eq!(dp.service_traffic(9), want, "Service traffic over {} CPUs", cpus.len());
+    assert_eq!(dp.backend_traffic(9, (OTHER_VIP, 80)), Some(want), "backend traffic over {} CPUs", cpus.len());
+    assert_eq!(dp.counter(Counter::Translated), n, "the per-CPU counters agree");
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    assert!(ok, "sched_getaffinity: {}", std::io::Error::last_os_error());
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Keeps the calling thread on `cpu`.
+fn pin_to(cpu: usize) {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let ok = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } == 0;
+    assert!(ok, "sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn per_cpu_maps_grow_by_less_than_a_mebibyte_per_cpu() {
+    root_or_skip!();
+    let ebpf = ebpf::load(MapSizes::default()).expect("load");
+    // The kernel keeps max_entries values, each rounded up to 8 bytes, for
+    // every possible CPU in a per-CPU map.
+    let mut per_cpu: Vec<(String, u64)> = ebpf
+        .maps()
+        .filter_map(|(name, map)| match map {
+            Map::PerCpuArray(d) | Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) | Map::PerCpuCgroupStorage(d) => {
+                let info = d.info().expect("map info");
+                Some((name.to_string(), info.max_entries() as u64 * (info.value_size() as u64).next_multiple_of(8)))
+            }
+            _ => None,
+        })
+        .collect();
+    per_cpu.sort();
+    assert!(per_cpu.iter().any(|(name, _)| name == abi::COUNTERS), "the counters are per-CPU: {per_cpu:?}");
+    let total: u64 = per_cpu.iter().map(|(_, bytes)| bytes).sum();
+    assert!(total < 1 << 20, "{total} bytes more for every CPU at the default sizes, from {per_cpu:?}");
 }

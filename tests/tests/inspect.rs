@@ -147,8 +147,8 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     let web_packets = web["packets"].as_u64().unwrap();
     assert!(web_packets >= 7 * 10, "SYN, ACK, request, FIN, ACK out, SYN-ACK, reply back per connection: {web}");
     let by_backend: u64 = web["backends"].as_object().unwrap().values().map(|c| c["packets"].as_u64().unwrap()).sum();
-    // A first packet racing on two CPUs may lose its backend count.
-    assert!(web_packets - by_backend <= 2, "backend shares add up to the Service: {web}");
+    // The maps are read one after the other: a late closing packet may land in between.
+    assert!(web_packets.abs_diff(by_backend) <= 2, "backend shares add up to the Service: {web}");
     let fill = |name: &str| stats["maps"].as_array().unwrap().iter().find(|m| m["map"] == name).cloned().unwrap();
     assert_eq!(fill("SERVICES")["entries"], 5, "3 frontends and 2 VIP markers");
     assert_eq!(fill("BACKENDS")["entries"], 6, "2 + 2 for web, 1 active + 1 terminating for api");

@@ -82,7 +82,7 @@ fn metrics_count_the_traffic_sent() {
         "every frontend is listed"
     );
     // Per backend: both pods served, and their shares add up to the Service
-    // (a first packet racing on two CPUs may lose its backend count).
+    // (the maps are read one after the other: a late closing packet may land in between).
     let via: Vec<f64> = PODS[..2]
         .iter()
         .map(|(_, ip)| {
@@ -92,7 +92,7 @@ fn metrics_count_the_traffic_sent() {
             metric(&text, &series).unwrap_or_else(|| panic!("no {series}:\n{text}"))
         })
         .collect();
-    assert!(via.iter().all(|v| *v > 0.0) && packets - via.iter().sum::<f64>() <= 2.0, "{via:?} of {packets}");
+    assert!(via.iter().all(|v| *v > 0.0) && (packets - via.iter().sum::<f64>()).abs() <= 2.0, "{via:?} of {packets}");
     // One tracked flow per connection, each way; the maps report their fill.
     assert_eq!(metric(&text, "kpr_conntrack_entries{direction=\"forward\"}"), Some(connections as f64), "{text}");
     assert_eq!(metric(&text, "kpr_conntrack_entries{direction=\"reply\"}"), Some(connections as f64));

@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData},
     programs::{ProgramError, SchedClassifier, TcAttachType, tc},
 };
 use proxy_common::maps as abi;
@@ -164,11 +164,10 @@ pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result
         MapData::from_id(*id).map_err(|e| anyhow::anyhow!("opening map {name} by id: {e}"))
     })
     .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
+    let service_traffic = ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?;
     let traffic = TrafficMaps::new(
-        PerCpuArray::try_from(ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?)
-            .map_err(|_| missing(abi::SERVICE_TRAFFIC))?,
-        PerCpuHashMap::try_from(ebpf.take_map(abi::BACKEND_TRAFFIC).ok_or_else(|| missing(abi::BACKEND_TRAFFIC))?)
-            .map_err(|_| missing(abi::BACKEND_TRAFFIC))?,
+        Array::try_from(service_traffic).map_err(|_| missing(abi::SERVICE_TRAFFIC))?,
+        take_hash(&mut ebpf, abi::BACKEND_TRAFFIC)?,
     );
     let maps = AyaMaps {
         services: take_hash(&mut ebpf, abi::SERVICES)?,

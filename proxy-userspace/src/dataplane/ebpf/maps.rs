@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use proxy_common::maps::{
     Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, Traffic,
     reply_key,
@@ -108,15 +108,12 @@ impl ServiceMaps for AyaMaps {
 
 /// The per-frontend and per-backend traffic counters.
 pub struct TrafficMaps {
-    service: PerCpuArray<MapData, Traffic>,
-    backend: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
+    service: Array<MapData, Traffic>,
+    backend: HashMap<MapData, BackendTrafficKey, Traffic>,
 }
 
 impl TrafficMaps {
-    pub(super) fn new(
-        service: PerCpuArray<MapData, Traffic>,
-        backend: PerCpuHashMap<MapData, BackendTrafficKey, Traffic>,
-    ) -> Self {
+    pub(super) fn new(service: Array<MapData, Traffic>, backend: HashMap<MapData, BackendTrafficKey, Traffic>) -> Self {
         Self { service, backend }
     }
 
@@ -124,12 +121,8 @@ impl TrafficMaps {
     /// its next owner starts from zero) or some of its backends'.
     pub(super) fn forget(&mut self, service_id: u32, backends: Option<&[Backend]>) {
         let Some(backends) = backends else {
-            let zeroed = aya::util::nr_cpus()
-                .map_err(|(_, e)| e.to_string())
-                .and_then(|n| aya::maps::PerCpuValues::try_from(vec![Traffic::default(); n]).map_err(|e| e.to_string()))
-                .and_then(|zero| self.service.set(service_id, zero, 0).map_err(|e| e.to_string()));
-            if let Err(e) = zeroed {
-                tracing::debug!(service_id, error = %e, "could not reset traffic counts");
+            if let Err(e) = self.service.set(service_id, Traffic::default(), 0) {
+                tracing::warn!(service_id, error = %e, "traffic not reset: the frontend id's next owner inherits it");
             }
             return;
         };
