@@ -402,7 +402,11 @@ impl Kubelet {
                 return false;
             }
         };
-        let _ = std::fs::create_dir_all(std::path::Path::new(&sandbox.log_directory).join(&c.name));
+        let log_dir = std::path::Path::new(&sandbox.log_directory).join(&c.name);
+        if let Err(e) = std::fs::create_dir_all(&log_dir) {
+            // The runtime reports the missing folder when it opens the log.
+            tracing::warn!(dir = %log_dir.display(), error = %e, "cannot create the container log folder");
+        }
         let request = cri::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.into(),
             config: Some(config),
@@ -458,8 +462,14 @@ impl Kubelet {
                 }
             }
             if let Some(id) = id {
-                let _ = std::fs::remove_dir_all(spec::pod_dir(&settings, &id));
-                let _ = std::fs::remove_dir_all(spec::log_dir(&settings.root_dir, &id));
+                for dir in [spec::pod_dir(&settings, &id), spec::log_dir(&settings.root_dir, &id)] {
+                    // Already gone is fine; anything else is only disk space.
+                    if let Err(e) = std::fs::remove_dir_all(&dir)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a pod folder");
+                    }
+                }
             }
             tracing::info!(pod = name.as_deref().unwrap_or(&uid), "pod removed");
             terminating.lock().unwrap().remove(&uid);
@@ -503,7 +513,10 @@ async fn remove_pod(mut cri: Cri, sandbox: String, containers: Vec<String>, grac
     }
     cri.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sandbox.clone() }).await?;
     for id in containers {
-        let _ = cri.runtime.remove_container(cri::RemoveContainerRequest { container_id: id }).await;
+        // Removing the sandbox below removes what is left of its containers.
+        if let Err(e) = cri.runtime.remove_container(cri::RemoveContainerRequest { container_id: id }).await {
+            tracing::debug!(error = %e, "container not removed before its sandbox");
+        }
     }
     cri.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox }).await?;
     Ok(())

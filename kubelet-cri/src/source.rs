@@ -145,8 +145,8 @@ impl DirSource {
         }
         written.retain(|path, _| {
             let keep = by_file.contains_key(path);
-            if !keep {
-                let _ = std::fs::remove_file(path);
+            if !keep && let Err(e) = std::fs::remove_file(path) {
+                tracing::debug!(path = %path.display(), error = %e, "stale status file not removed");
             }
             keep
         });

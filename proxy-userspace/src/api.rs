@@ -234,7 +234,9 @@ pub(crate) async fn serve(addr: SocketAddr, app: Router, what: &str) -> anyhow::
         .map_err(|e| anyhow::anyhow!("binding the {what} address {addr}: {e}"))?;
     tracing::info!(%addr, "serving {what}");
     Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "a server stopped");
+        }
     }))
 }
 

@@ -182,9 +182,11 @@ fn every_scenario_gives_the_expected_maps_and_rejections_in_any_arrival_order() 
         let path = case.join("objects.yaml");
         let parse = || parse_file(&path, &std::fs::read(&path).unwrap(), &config);
         let want = expected(case);
-        for (how, node) in
-            [("all at once", cold(parse())), ("one by one", one_by_one(parse(), false)), ("in reverse", one_by_one(parse(), true))]
-        {
+        for (how, node) in [
+            ("all at once", cold(parse())),
+            ("one by one", one_by_one(parse(), false)),
+            ("in reverse", one_by_one(parse(), true)),
+        ] {
             let got = node.observed();
             if got != want {
                 failures.push(format!(

@@ -148,10 +148,10 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // Ending the session quits Chromium; then the driver itself goes.
         if !self.session.is_empty() {
-            let _ = call(&self.ns, "DELETE", format!("/session/{}", self.session), None);
+            call(&self.ns, "DELETE", format!("/session/{}", self.session), None).ok();
         }
         // `ip netns exec` execs chromedriver, so this PID is the driver's.
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        self.driver.kill().ok();
+        self.driver.wait().ok();
     }
 }

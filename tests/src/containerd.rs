@@ -223,8 +223,8 @@ state = "{d}/state"
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill().ok();
+            child.wait().ok();
         }
     }
 
@@ -267,7 +267,7 @@ state = "{d}/state"
     fn remove_all_pods(&self) {
         let endpoint = format!("--container-runtime-endpoint={}", self.endpoint());
         if let Ok(bin) = crate::kpr::binary() {
-            let _ = Command::new(bin).args(["kubelet", "reset", &endpoint]).output();
+            Command::new(bin).args(["kubelet", "reset", &endpoint]).output().ok();
         }
     }
 }
@@ -290,7 +290,7 @@ fn remove_cgroup(path: &Path) {
             }
         }
     }
-    let _ = std::fs::remove_dir(path);
+    std::fs::remove_dir(path).ok();
 }
 
 impl Drop for Containerd {
@@ -311,7 +311,7 @@ impl Drop for Containerd {
         if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(&self.network) {
-                    let _ = std::fs::remove_file(e.path());
+                    std::fs::remove_file(e.path()).ok();
                 }
             }
         }
@@ -363,7 +363,7 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         // `ip netns exec` execs the registry: this PID is its own.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill().ok();
+        self.child.wait().ok();
     }
 }

@@ -163,8 +163,8 @@ impl Kpr {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                child.kill().ok();
+                child.wait().ok();
                 bail!("kpr did not exit within 10 s of SIGINT:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -175,7 +175,7 @@ impl Kpr {
 impl Drop for Kpr {
     fn drop(&mut self) {
         if self.child.is_some() {
-            let _ = self.interrupt();
+            self.interrupt().ok();
         }
     }
 }

@@ -41,7 +41,7 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         // A namespace left by a killed earlier run with the same name goes first.
-        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "del", name]).ok();
         ip(&["netns", "add", name])?;
         let ns = Self { name: name.to_string() };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
@@ -89,7 +89,7 @@ impl Netns {
 
 /// [`Netns::run`] by namespace name, for closures that outlive a borrow.
 pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-    spawn_in(name, f)?.join().map_err(|_| anyhow::anyhow!("thread in namespace {name} panicked"))
+    spawn_in(name, f)?.join().map_err(|panic| anyhow::anyhow!("thread in namespace {name} panicked: {panic:?}"))
 }
 
 fn spawn_in<T: Send + 'static>(
@@ -101,7 +101,7 @@ fn spawn_in<T: Send + 'static>(
     let handle = thread::spawn(move || {
         // setns affects only the calling thread.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        let _ = ready_tx.send(if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+        ready_tx.send(if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }).ok();
         if rc != 0 {
             panic!("setns failed");
         }
@@ -114,6 +114,6 @@ fn spawn_in<T: Send + 'static>(
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace removes its interfaces (and veth peers) too.
-        let _ = ip(&["netns", "del", &self.name]);
+        ip(&["netns", "del", &self.name]).ok();
     }
 }

@@ -33,7 +33,7 @@ impl Drop for Server {
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            t.join().ok();
         }
     }
 }
@@ -78,7 +78,7 @@ pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
         while !stopped.load(Ordering::Relaxed) {
             match s.recv_from(&mut buf) {
                 Ok((_, peer)) => {
-                    let _ = s.send_to(&reply, peer);
+                    s.send_to(&reply, peer).ok();
                 }
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(_) => break,
@@ -116,7 +116,7 @@ pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<
                 pin_to_cpu(cpu);
             }
             while let Ok((stream, _)) = l.accept() {
-                let _ = stream.set_nodelay(true);
+                stream.set_nodelay(true).ok();
                 let mut writer = match stream.try_clone() {
                     Ok(w) => w,
                     Err(_) => continue,
@@ -138,7 +138,7 @@ pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<
     }
     let thread = std::thread::spawn(move || {
         for t in threads {
-            let _ = t.join();
+            t.join().ok();
         }
     });
     Ok(Server { listener: Some(fd), stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })

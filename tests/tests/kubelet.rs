@@ -172,7 +172,7 @@ fn a_pod_with_an_init_container_and_two_app_containers_runs_and_logs() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            let _ = tx.send(line);
+            tx.send(line).ok();
         }
     });
     let before = node.logs("web", "ticker").lines().count();

@@ -195,6 +195,10 @@ fn main() -> anyhow::Result<()> {
             }
             setup::run()?;
             build_all()?;
+            if args.is_empty() {
+                // The workspace's lint table, with warnings denied.
+                cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            }
             let mut test_args = vec!["test"];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args)?;

@@ -33,16 +33,17 @@ const PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     toolchain()?;
     debian_packages()
 }
 
 /// What building the workspace needs beyond protoc: nightly's rust-src and
 /// bpf-linker.
-pub fn toolchain() -> anyhow::Result<()> {
+pub(crate) fn toolchain() -> anyhow::Result<()> {
     add_cargo_bin_to_path();
     rust_src()?;
+    clippy()?;
     bpf_linker()
 }
 
@@ -91,6 +92,15 @@ fn rust_src() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask test` lints with clippy (the workspace's lint table).
+fn clippy() -> anyhow::Result<()> {
+    if output("cargo", &["clippy", "--version"]).is_none() {
+        eprintln!("setup: adding clippy");
+        run_cmd(Command::new("rustup").args(["component", "add", "clippy"]))?;
+    }
+    Ok(())
+}
+
 fn bpf_linker() -> anyhow::Result<()> {
     // Running it also proves its libLLVM link resolves.
     if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
@@ -113,7 +123,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     // What the link step looks for, and what the binary's rpath loads at run time.
     for name in ["libLLVM.so", so.as_str()] {
         let link = prefix_lib.join(name);
-        let _ = std::fs::remove_file(&link);
+        std::fs::remove_file(&link).ok();
         std::os::unix::fs::symlink(lib.join(&so), &link)?;
     }
     run_cmd(
@@ -170,7 +180,7 @@ fn debian_packages() -> anyhow::Result<()> {
             )
         });
     if own_policy {
-        let _ = std::fs::remove_file(policy);
+        std::fs::remove_file(policy).ok();
     }
     result
 }

@@ -229,7 +229,8 @@ impl DirSource {
     pub async fn watch(self: Arc<Self>, changes: Changes) {
         let (wake_tx, mut wake) = tokio::sync::mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-            let _ = wake_tx.send(());
+            // The watch loop is gone only when the agent stops.
+            wake_tx.send(()).ok();
         })
         .and_then(|mut w| w.watch(&self.dir, notify::RecursiveMode::NonRecursive).map(|()| w));
         if let Err(e) = &watcher {

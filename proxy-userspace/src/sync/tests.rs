@@ -11,7 +11,7 @@ use crate::{
 /// `refuse` is set.
 #[derive(Default)]
 struct Recorder {
-    log: Arc<Mutex<Vec<Vec<Op>>>>,
+    log: Log,
     refuse: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -35,7 +35,10 @@ impl Dataplane for Recorder {
     }
 }
 
-fn recorder() -> (Recorder, Arc<Mutex<Vec<Vec<Op>>>>, Arc<std::sync::atomic::AtomicBool>) {
+/// What a recorder was asked to apply, per sync.
+type Log = Arc<Mutex<Vec<Vec<Op>>>>;
+
+fn recorder() -> (Recorder, Log, Arc<std::sync::atomic::AtomicBool>) {
     let r = Recorder { refuse: Arc::new(true.into()), ..Default::default() };
     let (log, refuse) = (r.log.clone(), r.refuse.clone());
     (r, log, refuse)

@@ -74,7 +74,7 @@ impl Filter {
     }
 }
 
-pub async fn handle(
+pub(super) async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
     uri: Uri,
@@ -237,7 +237,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, filter: Filter, query: &HashMap<String
             Err(e) => {
                 // A watch from an expired version is answered with an ERROR
                 // event carrying a 410 Status, then closed.
-                let _ = tx.send(Ok(line(&json!({"type": "ERROR", "object": e.status()})))).await;
+                tx.send(Ok(line(&json!({"type": "ERROR", "object": e.status()})))).await.ok();
                 return;
             }
         };

@@ -93,7 +93,7 @@ impl ApiServer {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let app = axum::Router::new().fallback(http::handle).with_state(shared);
                 tokio::select! {
-                    r = axum::serve(listener, app) => { let _ = r; }
+                    r = axum::serve(listener, app) => { r.ok(); }
                     _ = stopped => {}
                 }
             });
@@ -120,8 +120,8 @@ impl ApiServer {
     /// Stops serving: open connections are cut and new ones refused.
     pub fn stop(&mut self) {
         if let Some(r) = self.running.take() {
-            let _ = r.shutdown.send(());
-            let _ = r.thread.join();
+            r.shutdown.send(()).ok();
+            r.thread.join().ok();
         }
     }
 

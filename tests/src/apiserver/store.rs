@@ -166,7 +166,7 @@ impl Store {
             self.oldest_resumable = dropped.rv;
         }
         // No receivers is fine: nobody is watching.
-        let _ = self.tx.send(event);
+        self.tx.send(event).ok();
     }
 
     /// Stamps kind, apiVersion, namespace, uid, creation time and a new resourceVersion.

@@ -97,14 +97,18 @@ fn pin_maps(ebpf: &mut Ebpf, bpf_root: &Path) -> Result<PathBuf, String> {
 }
 
 fn missing(name: &str) -> DataplaneError {
-    DataplaneError::Load(format!("map {name} missing from the eBPF object, or of an unexpected type"))
+    DataplaneError::Load(format!("map {name} missing from the eBPF object"))
+}
+
+fn wrong_type(name: &str, e: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Load(format!("map {name} in the eBPF object: {e}"))
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DataplaneError> {
-    HashMap::try_from(ebpf.take_map(name).ok_or_else(|| missing(name))?).map_err(|_| missing(name))
+    HashMap::try_from(ebpf.take_map(name).ok_or_else(|| missing(name))?).map_err(|e| wrong_type(name, e))
 }
 
 fn map_id(map: &Map) -> Option<u32> {
@@ -166,7 +170,7 @@ pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result
     .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
     let service_traffic = ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?;
     let traffic = TrafficMaps::new(
-        Array::try_from(service_traffic).map_err(|_| missing(abi::SERVICE_TRAFFIC))?,
+        Array::try_from(service_traffic).map_err(|e| wrong_type(abi::SERVICE_TRAFFIC, e))?,
         take_hash(&mut ebpf, abi::BACKEND_TRAFFIC)?,
     );
     let maps = AyaMaps {

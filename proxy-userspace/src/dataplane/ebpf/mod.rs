@@ -249,24 +249,18 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if new_vip {
             self.vip_users.insert(f.key.vip, 0);
         }
-        let gone: Vec<Backend>;
-        match self.programmed.remove(&f.key) {
+        let gone: Vec<Backend> = match self.programmed.remove(&f.key) {
             Some(p) => {
                 self.free_set(p.set, p.slots.len());
                 self.slots_used -= p.slots.len() as u64;
-                gone = p
-                    .slots
-                    .iter()
-                    .filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port))
-                    .copied()
-                    .collect();
+                p.slots.into_iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).collect()
             }
             None => {
                 self.service_ids.take();
                 *self.vip_users.entry(f.key.vip).or_insert(0) += 1;
-                gone = Vec::new();
+                Vec::new()
             }
-        }
+        };
         self.slots_used += new.len() as u64;
         self.maps.forget_traffic(id, Some(&gone));
         if f.key.protocol == Protocol::Udp {

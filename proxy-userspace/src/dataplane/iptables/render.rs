@@ -88,18 +88,20 @@ pub fn render(
     // filter: REJECT for Services without endpoints, and forwarding accepts.
     out.push_str("*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n");
     for f in frontends.values().filter(|f| f.backends.is_empty()) {
-        let _ = writeln!(
+        writeln!(
             out,
             "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" {} -j REJECT",
             f.service,
             match_frontend(f)
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
     out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
-    let _ = writeln!(
+    writeln!(
         out,
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"
-    );
+    )
+    .expect("writing to a String cannot fail");
     out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
     out.push_str("COMMIT\n");
 
@@ -107,61 +109,63 @@ pub fn render(
     out.push_str("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
     let mut rules = String::new();
     for f in frontends.values().filter(|f| !f.backends.is_empty()) {
-        let _ = writeln!(
+        writeln!(
             rules,
             "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" {} -j {}",
             f.service,
             match_frontend(f),
             service_chain(f)
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
     for f in frontends.values().filter(|f| writes(&f.key)) {
         if f.backends.is_empty() {
             continue;
         }
         let svc = service_chain(f);
-        let _ = writeln!(out, ":{svc} - [0:0]");
+        writeln!(out, ":{svc} - [0:0]").expect("writing to a String cannot fail");
         if let Some(cidr) = &cfg.cluster_cidr {
-            let _ = writeln!(
+            writeln!(
                 rules,
                 "-A {svc} -m comment --comment \"{} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ",
                 f.service,
                 match_frontend(f)
-            );
+            )
+            .expect("writing to a String cannot fail");
         }
         let n = f.backends.len();
         for (i, e) in f.backends.iter().enumerate() {
             let sep = endpoint_chain(f, e);
-            let _ = writeln!(out, ":{sep} - [0:0]");
+            writeln!(out, ":{sep} - [0:0]").expect("writing to a String cannot fail");
             let spread = if i + 1 < n {
                 format!(" -m statistic --mode random --probability {}", probability(n - i))
             } else {
                 String::new()
             };
-            let _ = writeln!(
-                rules,
-                "-A {svc} -m comment --comment \"{} -> {}:{}\"{spread} -j {sep}",
-                f.service, e.ip, e.port
-            );
+            writeln!(rules, "-A {svc} -m comment --comment \"{} -> {}:{}\"{spread} -j {sep}", f.service, e.ip, e.port)
+                .expect("writing to a String cannot fail");
             let p = protocol(f);
-            let _ = writeln!(rules, "-A {sep} -m comment --comment {} -s {}/32 -j KUBE-MARK-MASQ", f.service, e.ip);
-            let _ = writeln!(
+            writeln!(rules, "-A {sep} -m comment --comment {} -s {}/32 -j KUBE-MARK-MASQ", f.service, e.ip)
+                .expect("writing to a String cannot fail");
+            writeln!(
                 rules,
                 "-A {sep} -m comment --comment {} -m {p} -p {p} -j DNAT --to-destination {}:{}",
                 f.service, e.ip, e.port
-            );
+            )
+            .expect("writing to a String cannot fail");
         }
     }
     for chain in stale {
-        let _ = writeln!(out, ":{chain} - [0:0]");
+        writeln!(out, ":{chain} - [0:0]").expect("writing to a String cannot fail");
     }
     out.push_str(&rules);
-    let _ = writeln!(out, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN");
+    writeln!(out, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN")
+        .expect("writing to a String cannot fail");
     out.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
     out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
     out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
     for chain in stale {
-        let _ = writeln!(out, "-X {chain}");
+        writeln!(out, "-X {chain}").expect("writing to a String cannot fail");
     }
     out.push_str("COMMIT\n");
     out
