@@ -127,8 +127,22 @@ TIME_WAIT state.
 - Cold programming: from starting the agent to the measured Service answering a probe connection.
 - One change: from rewriting the measured Service's EndpointSlice to a probe connection reaching the new \
   endpoint (and back again), as seen from the client.
-- Cost: agent resident memory, the kernel's memlock accounting of the agent's BPF maps, iptables rules on \
-  the node, and the agent's CPU time (with iptables-restore children) from start to programmed.
+- Connection errors: the share of connection attempts that failed (refused, reset, timed out, no reply), over \
+  all connection-rate runs of a row. An attempt counts when it starts inside the measured window, so hanging \
+  connections are counted too.
+- Cost: agent resident memory once programmed (VmRSS) and its peak over the whole measurement (VmHWM), what \
+  the kernel charges for the agent's BPF maps (the `memlock` of each map it holds, each map id once), \
+  iptables rules on the node, and the agent's CPU time (with iptables-restore children) from start to \
+  programmed.
+- Generator check: is the direct line limited by the load generator? Direct traffic from one generator on CPU \
+  0 and from two at once, the second on a CPU of its own if the machine has one, else on CPU 1 beside the \
+  servers, in interleaved runs, with each CPU's busy share. On two CPUs a second generator can only take time \
+  from the servers, so when the first generator's CPU is busy and the rate does not rise the check says it \
+  cannot conclude, and what would settle it.
+
+`cargo xtask bench --quick` (run by `cargo xtask test`) fails when a mode does not answer, when a change is not \
+followed, or when over 1% of a connection-rate run's attempts fail; the full run lists such problems in the \
+report and goes on.
 
 The node shortens conntrack's TIME_WAIT to 1 s: a run opens hundreds of thousands of connections, and a full \
 conntrack table would drop SYNs and measure the benchmark's own history. iptables mode runs on the legacy \

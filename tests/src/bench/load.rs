@@ -1,6 +1,7 @@
 //! Load generators, run inside the client pod: connection setup rate
 //! (TCP_CRR-like) and request latency on established connections
-//! (TCP_RR-like).
+//! (TCP_RR-like). Every connection attempt in a measured window is counted,
+//! failed or not, so a load's error rate is known.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -30,33 +31,95 @@ fn one_connection(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Connections per second over `duration` from `threads` client threads
-/// (pinned to `cpu`), spreading over `targets` round robin, after `warmup`.
-/// `instances` independent generators run at once and their rates add up.
+/// What one connection-rate load saw. Attempts are counted when they start
+/// inside the measured window (and finish, however late), so a load whose
+/// connections hang is not mistaken for an error-free one.
+#[derive(Clone, Debug, Default)]
+pub struct ConnLoad {
+    /// Completed connections per second of the window.
+    pub rate: f64,
+    pub completed: u64,
+    /// Connections that failed: refused, timed out, reset, no reply.
+    pub errors: u64,
+    /// Busy fraction of each CPU (indexed by CPU number) during the window,
+    /// machine-wide: other work on the machine counts as busy.
+    pub cpu_busy: Vec<f64>,
+}
+
+impl ConnLoad {
+    pub fn attempts(&self) -> u64 {
+        self.completed + self.errors
+    }
+
+    /// Failed attempts over all attempts; 0 when nothing was attempted.
+    pub fn error_rate(&self) -> f64 {
+        if self.attempts() == 0 { 0.0 } else { self.errors as f64 / self.attempts() as f64 }
+    }
+}
+
+/// Per-CPU (busy, total) jiffies from /proc/stat, indexed by CPU number.
+fn cpu_times() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    parse_cpu_times(&stat)
+}
+
+fn parse_cpu_times(stat: &str) -> Vec<(u64, u64)> {
+    let mut cpus = Vec::new();
+    for line in stat.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(cpu) = fields.next().and_then(|f| f.strip_prefix("cpu")).and_then(|n| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        let v: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal (guest is inside user).
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        if cpus.len() <= cpu {
+            cpus.resize(cpu + 1, (0, 0));
+        }
+        cpus[cpu] = (total - idle, total);
+    }
+    cpus
+}
+
+fn busy_between(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| {
+            let total = a.1.saturating_sub(b.1);
+            if total == 0 { f64::NAN } else { a.0.saturating_sub(b.0) as f64 / total as f64 }
+        })
+        .collect()
+}
+
+/// Connections per second over `duration` after `warmup`, spreading over
+/// `targets` round robin. One generator of `threads` client threads runs per
+/// entry of `generator_cpus`, pinned to that CPU; their counts add up.
 pub fn connection_rate(
     client: &Netns,
     targets: &[SocketAddr],
     threads: usize,
-    instances: usize,
+    generator_cpus: &[usize],
     warmup: Duration,
     duration: Duration,
-    cpu: usize,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<ConnLoad> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
-    for t in 0..threads * instances {
+    for (t, &cpu) in generator_cpus.iter().flat_map(|cpu| std::iter::repeat_n(cpu, threads)).enumerate() {
         let targets = targets.to_vec();
         let (done, errors, counting, stop) = (done.clone(), errors.clone(), counting.clone(), stop.clone());
         handles.push(client.spawn(move || {
             pin_to_cpu(cpu);
             let mut i = t;
             while !stop.load(Ordering::Relaxed) {
+                let counted = counting.load(Ordering::Relaxed);
                 let ok = one_connection(targets[i % targets.len()]).is_ok();
                 i += 1;
-                if counting.load(Ordering::Relaxed) {
+                if counted {
                     if ok {
                         done.fetch_add(1, Ordering::Relaxed)
                     } else {
@@ -67,16 +130,25 @@ pub fn connection_rate(
         })?);
     }
     std::thread::sleep(warmup);
+    let cpu_before = cpu_times();
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();
     std::thread::sleep(duration);
     counting.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
+    let cpu_busy = busy_between(&cpu_before, &cpu_times());
     stop.store(true, Ordering::Relaxed);
     for h in handles {
-        let _ = h.join();
+        // A panicked client thread would undercount: fail the load instead.
+        h.join().map_err(|_| anyhow::anyhow!("a load generator thread panicked"))?;
     }
-    Ok((done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(), errors.load(Ordering::Relaxed)))
+    let completed = done.load(Ordering::Relaxed);
+    Ok(ConnLoad {
+        rate: completed as f64 / elapsed.as_secs_f64(),
+        completed,
+        errors: errors.load(Ordering::Relaxed),
+        cpu_busy,
+    })
 }
 
 /// Latencies (µs) of request/reply round trips on one established
@@ -202,5 +274,25 @@ mod tests {
         assert_eq!(quantile(&mut v, 0.5), 51.0);
         assert_eq!(quantile(&mut v, 0.99), 99.0);
         assert!(quantile(&mut [], 0.5).is_nan());
+    }
+
+    #[test]
+    fn cpu_busy_counts_everything_but_idle_and_iowait() {
+        let before = parse_cpu_times(
+            "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 10 0 10 70 10 0 0 0 0 0\ncpu1 0 0 0 100 0 0 0 0 0 0\nintr 5\n",
+        );
+        let after = parse_cpu_times("cpu0 40 0 10 120 20 0 10 0 0 0\ncpu1 50 0 0 150 0 0 0 0 0 0\n");
+        assert_eq!(before, vec![(20, 100), (0, 100)]);
+        let busy = busy_between(&before, &after);
+        // cpu0: 40 busy of 100 jiffies; cpu1: 50 of 100.
+        assert_eq!(busy, vec![0.4, 0.5]);
+    }
+
+    #[test]
+    fn a_load_where_nothing_was_attempted_has_no_error_rate() {
+        assert_eq!(ConnLoad::default().error_rate(), 0.0);
+        let l = ConnLoad { completed: 99, errors: 1, ..Default::default() };
+        assert_eq!(l.attempts(), 100);
+        assert_eq!(l.error_rate(), 0.01);
     }
 }

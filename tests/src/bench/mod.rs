@@ -1,6 +1,9 @@
 //! `cargo xtask bench`: kpr's eBPF mode against iptables mode and against
 //! no proxy at all (the pod IP directly), at growing numbers of Services,
-//! on a virtual node in network namespaces.
+//! on a virtual node in network namespaces. Nothing broken passes silently:
+//! a mode that does not answer, a change that is not followed, or a load
+//! with over 1% failed connections ends a strict (`--quick`) run with an
+//! error naming the mode and N, and is listed in the report of any other.
 
 pub mod load;
 pub mod report;
@@ -34,12 +37,22 @@ const SPARE: &str = "ep-4";
 
 pub struct Config {
     pub quick: bool,
+    /// A broken measurement (a mode that does not answer, a change that is
+    /// not followed, connection errors over 1% of a load's attempts) ends
+    /// the run with an error naming the mode and N. Otherwise it is listed
+    /// in the report and the run goes on.
+    pub strict: bool,
     pub services: Vec<usize>,
+    /// The `--mode` values measured at each N, beside the direct line.
+    pub modes: Vec<&'static str>,
     pub warmup: Duration,
     pub duration: Duration,
     pub repetitions: usize,
     /// Concurrent client connections of the connection-rate load.
     pub threads: usize,
+    /// How long a mode may take to answer after the agent starts, and to
+    /// follow one change.
+    pub answer_within: Duration,
     pub out: PathBuf,
 }
 
@@ -47,23 +60,30 @@ impl Config {
     pub fn full(out: PathBuf) -> Self {
         Self {
             quick: false,
+            strict: false,
             services: vec![1, 1_000, 10_000, 50_000],
+            modes: vec!["ebpf", "iptables"],
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
             threads: 4,
+            answer_within: Duration::from_secs(900),
             out,
         }
     }
 
+    /// The smoke test: small N, short runs, and any broken measurement fails.
     pub fn quick(out: PathBuf) -> Self {
         Self {
             quick: true,
+            strict: true,
             services: vec![1, 1_000],
+            modes: vec!["ebpf", "iptables"],
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
             threads: 4,
+            answer_within: Duration::from_secs(120),
             out,
         }
     }
@@ -83,19 +103,29 @@ impl Stat {
             return Self { median: f64::NAN, min: f64::NAN, max: f64::NAN };
         }
         v.sort_by(|a, b| a.total_cmp(b));
-        Self { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
+        let mid = v.len() / 2;
+        // An even count (a change timed there and back) has two middles.
+        let median = if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
+        Self { median, min: v[0], max: v[v.len() - 1] }
     }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Row {
     pub mode: String,
     pub services: usize,
+    /// Endpoints installed over all N Services.
+    pub endpoints: usize,
     /// Connections per second (connect, request, reply, close).
     pub conn_rate: Stat,
     /// `conn_rate` over the direct-pod rate at the same N.
     pub conn_ratio: Option<f64>,
+    /// Failed and attempted connections over all connection-rate runs.
     pub conn_errors: u64,
+    pub conn_attempts: u64,
+    /// The highest share of failed attempts in any one run.
+    pub conn_error_worst: f64,
     /// Request/reply latency on an established connection, microseconds.
     pub rr_p50_us: Stat,
     pub rr_p99_us: Stat,
@@ -103,21 +133,50 @@ pub struct Row {
     pub cold_ms: Option<f64>,
     /// From rewriting one EndpointSlice to traffic reaching the new endpoint.
     pub change_ms: Option<Stat>,
+    /// Agent resident memory once all N Services answer (VmRSS).
     pub agent_rss_mib: Option<f64>,
-    /// Kernel-accounted memory of the agent's BPF maps.
+    /// Agent peak resident memory over the whole measurement (VmHWM).
+    pub agent_peak_mib: Option<f64>,
+    /// What the kernel charges for the agent's BPF maps, each map once.
     pub bpf_maps_mib: Option<f64>,
+    pub bpf_map_count: Option<usize>,
     pub iptables_rules: Option<usize>,
+    /// The iptables backend holding kpr's rules (iptables mode).
+    pub iptables_backend: Option<String>,
     /// CPU time of the agent (and its iptables-restore children) to program all N Services.
     pub agent_cpu_ms: Option<f64>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+impl Row {
+    /// Failed over attempted connections in all connection-rate runs.
+    pub fn conn_error_rate(&self) -> Option<f64> {
+        (self.conn_attempts > 0).then(|| self.conn_errors as f64 / self.conn_attempts as f64)
+    }
+}
+
+/// Is the direct line limited by the load generator? Direct connection
+/// rates from one generator (on the client CPU, as every other load) and
+/// from two at once, the second on another CPU, in interleaved runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GeneratorCheck {
-    pub one_generator: f64,
-    pub two_generators: f64,
+    /// Runs with each number of generators.
+    pub runs: usize,
+    pub one: Stat,
+    pub two: Stat,
+    pub client_cpu: usize,
+    pub server_cpu: usize,
+    /// Where the second generator ran: a CPU of its own if the machine has
+    /// one, else the servers' CPU.
+    pub second_cpu: usize,
+    /// Busy share of the client and server CPUs during the one-generator
+    /// runs (median; machine-wide, so other work counts as busy).
+    pub client_cpu_busy: f64,
+    pub server_cpu_busy: f64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub command: String,
     pub machine: String,
@@ -126,8 +185,52 @@ pub struct Report {
     pub repetitions: usize,
     pub threads: usize,
     pub iptables_backend: String,
-    pub generator: GeneratorCheck,
+    pub generator: Option<GeneratorCheck>,
     pub rows: Vec<Row>,
+    /// Measurements that went wrong (a run that is not strict goes on).
+    pub problems: Vec<String>,
+}
+
+/// At most this share of a load's connection attempts may fail.
+pub const MAX_ERROR_RATE: f64 = 0.01;
+
+/// What went wrong so far; in a strict run the first problem is the error.
+struct Problems {
+    strict: bool,
+    seen: Vec<String>,
+}
+
+impl Problems {
+    fn note(&mut self, what: String) -> anyhow::Result<()> {
+        if self.strict {
+            anyhow::bail!("bench: {what}");
+        }
+        eprintln!("bench: {what} (reported; the run goes on)");
+        self.seen.push(what);
+        Ok(())
+    }
+
+    /// A load fails when nothing completed or over 1% of attempts failed.
+    fn check_load(&mut self, load: &load::ConnLoad, what: &str) -> anyhow::Result<()> {
+        if load.completed == 0 {
+            self.note(format!("{what}: no connection completed ({} failed)", load.errors))
+        } else if load.error_rate() > MAX_ERROR_RATE {
+            self.note(format!(
+                "{what}: {} of {} connections failed ({:.2}%, over the {:.0}% allowed)",
+                load.errors,
+                load.attempts(),
+                load.error_rate() * 100.0,
+                MAX_ERROR_RATE * 100.0
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How a problem names what was measured.
+fn label(mode: &str, n: usize) -> String {
+    format!("{mode} at N={n}")
 }
 
 struct Bench {
@@ -191,21 +294,24 @@ impl Bench {
         client: &crate::netns::Netns,
         targets: &[SocketAddr],
         row: &mut Row,
+        problems: &mut Problems,
     ) -> anyhow::Result<()> {
         let mut rates = Vec::new();
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
-        for _ in 0..cfg.repetitions {
-            let (rate, errors) =
-                load::connection_rate(client, targets, cfg.threads, 1, cfg.warmup, cfg.duration, CLIENT_CPU)?;
-            rates.push(rate);
-            row.conn_errors += errors;
-            // A failed latency run is reported as missing, not fatal.
+        let what = label(&row.mode, row.services);
+        for rep in 1..=cfg.repetitions {
+            let load = load::connection_rate(client, targets, cfg.threads, &[CLIENT_CPU], cfg.warmup, cfg.duration)?;
+            rates.push(load.rate);
+            row.conn_errors += load.errors;
+            row.conn_attempts += load.attempts();
+            row.conn_error_worst = row.conn_error_worst.max(load.error_rate());
+            problems.check_load(&load, &format!("{what}, connection-rate run {rep}"))?;
             match load::request_latencies(client, targets[0], cfg.warmup, cfg.duration, CLIENT_CPU) {
                 Ok(mut lat) => {
                     p50.push(load::quantile(&mut lat, 0.5));
                     p99.push(load::quantile(&mut lat, 0.99));
                 }
-                Err(e) => eprintln!("bench: {} latency run failed: {e:#}", row.mode),
+                Err(e) => problems.note(format!("{what}, latency run {rep} failed: {e:#}"))?,
             }
         }
         row.conn_rate = Stat::of(rates);
@@ -213,6 +319,52 @@ impl Bench {
         row.rr_p99_us = Stat::of(p99);
         Ok(())
     }
+
+    /// Direct traffic from one generator on the client CPU, then from that
+    /// and a second generator on another CPU, in interleaved runs.
+    fn generator_check(
+        &self,
+        cfg: &Config,
+        targets: &[SocketAddr],
+        problems: &mut Problems,
+    ) -> anyhow::Result<GeneratorCheck> {
+        let second_cpu = second_generator_cpu();
+        let (mut one, mut two, mut client_busy, mut server_busy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for rep in 1..=cfg.repetitions {
+            for cpus in [&[CLIENT_CPU][..], &[CLIENT_CPU, second_cpu]] {
+                let load =
+                    load::connection_rate(self.direct_client(), targets, cfg.threads, cpus, cfg.warmup, cfg.duration)?;
+                let what = format!("direct, generator check run {rep} with {} generator(s)", cpus.len());
+                problems.check_load(&load, &what)?;
+                if cpus.len() == 1 {
+                    one.push(load.rate);
+                    client_busy.push(load.cpu_busy.get(CLIENT_CPU).copied().unwrap_or(f64::NAN));
+                    server_busy.push(load.cpu_busy.get(SERVER_CPU).copied().unwrap_or(f64::NAN));
+                } else {
+                    two.push(load.rate);
+                }
+            }
+        }
+        Ok(GeneratorCheck {
+            runs: cfg.repetitions,
+            one: Stat::of(one),
+            two: Stat::of(two),
+            client_cpu: CLIENT_CPU,
+            server_cpu: SERVER_CPU,
+            second_cpu,
+            client_cpu_busy: Stat::of(client_busy).median,
+            server_cpu_busy: Stat::of(server_busy).median,
+        })
+    }
+}
+
+/// A CPU for the second generator that neither the first generator nor the
+/// servers use, if this process may run on one; else the servers' CPU.
+fn second_generator_cpu() -> usize {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    let allowed = |cpu: usize| ok && unsafe { libc::CPU_ISSET(cpu, &set) };
+    (0..libc::CPU_SETSIZE as usize).find(|&c| c != CLIENT_CPU && c != SERVER_CPU && allowed(c)).unwrap_or(SERVER_CPU)
 }
 
 fn proc_stat_cpu_ms(pid: u32) -> Option<f64> {
@@ -225,45 +377,68 @@ fn proc_stat_cpu_ms(pid: u32) -> Option<f64> {
     Some(ticks * 1000.0 / hz)
 }
 
-fn rss_mib(pid: u32) -> Option<f64> {
+/// A memory line of /proc/PID/status (`VmRSS:`, `VmHWM:`), in MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix(field))?.split_whitespace().next()?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
-/// The kernel's memlock accounting of every BPF map the process holds.
-fn bpf_maps_mib(pid: u32) -> Option<f64> {
-    let mut bytes = 0u64;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-        let is_map = std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf-map"));
-        if !is_map {
-            continue;
+/// The id and kernel charge (`memlock:`, bytes) of a BPF map from its
+/// /proc/PID/fdinfo text; None for anything that is not a map.
+fn map_charge(fdinfo: &str) -> Option<(u32, u64)> {
+    let field = |name: &str| fdinfo.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    Some((field("map_id:")?.parse().ok()?, field("memlock:")?.parse().ok()?))
+}
+
+/// Total charge and number of distinct maps among `fdinfos`: a map held
+/// through several descriptors is counted once.
+fn charged_once(fdinfos: impl IntoIterator<Item = String>) -> (u64, usize) {
+    let maps: std::collections::BTreeMap<u32, u64> = fdinfos.into_iter().filter_map(|i| map_charge(&i)).collect();
+    (maps.values().sum(), maps.len())
+}
+
+/// What the kernel charges for the BPF maps the process holds, in MiB, and
+/// how many distinct maps that is.
+fn bpf_maps(pid: u32) -> Option<(f64, usize)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    // A descriptor closed since the listing has no fdinfo: skipped.
+    let infos = fds.flatten().filter_map(|fd| {
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()
+    });
+    let (bytes, maps) = charged_once(infos);
+    Some((bytes as f64 / (1024.0 * 1024.0), maps))
+}
+
+/// kpr's rules on the node (`-A` lines over both backends) and the backend
+/// holding its KUBE-SERVICES chain.
+fn iptables_rules(node: &VirtualNode) -> (usize, Option<String>) {
+    let mut rules = 0;
+    let mut backend = None;
+    for (name, cmd) in [("nft", "iptables-nft-save"), ("legacy", "iptables-legacy-save")] {
+        let saved = node.ns.output(&[cmd]).unwrap_or_default();
+        rules += saved.lines().filter(|l| l.starts_with("-A ")).count();
+        if saved.contains("-A KUBE-SERVICES") {
+            backend = Some(name.to_string());
         }
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()?;
-        bytes += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
     }
-    Some(bytes as f64 / (1024.0 * 1024.0))
+    (rules, backend)
 }
 
-fn iptables_rules(node: &VirtualNode) -> usize {
-    ["iptables-nft-save", "iptables-legacy-save"]
-        .iter()
-        .map(|cmd| node.ns.output(&[cmd]).map(|s| s.lines().filter(|l| l.starts_with("-A ")).count()).unwrap_or(0))
-        .sum()
-}
-
-/// Programs `n` Services with kpr in `mode` and measures it.
-fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::path::Path) -> anyhow::Result<Row> {
+/// Programs `n` Services with kpr in `mode` and measures it. The agent is
+/// stopped and the node cleaned up whatever the outcome.
+fn measure_mode(
+    cfg: &Config,
+    bench: &Bench,
+    mode: &str,
+    n: usize,
+    work: &std::path::Path,
+    problems: &mut Problems,
+) -> anyhow::Result<Row> {
     let manifests = work.join(format!("{mode}-{n}"));
     std::fs::create_dir_all(&manifests)?;
-    let vip = workload::write(&manifests, n, &bench.endpoints)?;
-    let target = SocketAddr::from((vip, 80));
-    let mut row = Row { mode: mode.into(), services: n, ..Default::default() };
-    let limit = Duration::from_secs(if cfg.quick { 120 } else { 900 });
+    workload::write(&manifests, n, &bench.endpoints)?;
+    let mut row = Row { mode: mode.into(), services: n, endpoints: workload::endpoints(n), ..Default::default() };
 
     // Room for every Service and VIP, and a conntrack map sized for the load.
     let args = [
@@ -275,32 +450,55 @@ fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::p
     let log = work.join(format!("kpr-{mode}-{n}.log"));
     let started = Instant::now();
     let mut agent = Kpr::spawn(&bench.node, &args, &log)?;
+    let measured = measure_agent(cfg, bench, &agent, &manifests, started, &mut row, problems);
+    let stopped = agent.interrupt();
+    let cleaned = kpr::command(&bench.node.ns, &["cleanup"]);
+    measured?;
+    stopped.with_context(|| format!("stopping the agent ({})", label(mode, n)))?;
+    cleaned.with_context(|| format!("kpr cleanup after {}", label(mode, n)))?;
+    Ok(row)
+}
+
+/// Measures the running `agent` for `row` (its mode and N); `started` is
+/// when it was started.
+fn measure_agent(
+    cfg: &Config,
+    bench: &Bench,
+    agent: &Kpr,
+    manifests: &std::path::Path,
+    started: Instant,
+    row: &mut Row,
+    problems: &mut Problems,
+) -> anyhow::Result<()> {
+    let (mode, n) = (row.mode.clone(), row.services);
+    let what = label(&mode, n);
+    let target = SocketAddr::from((workload::measured_vip(n), 80));
     let pid = agent.pid().context("agent pid")?;
-    let cold = load::until_answer(bench.client(), target, started, limit, |_| true)?;
-    let Some(cold) = cold else {
-        // Reported as missing rather than ending the whole run.
-        eprintln!("bench: {mode} with {n} Services did not answer within {limit:?}; no figures for it");
-        agent.interrupt()?;
-        kpr::command(&bench.node.ns, &["cleanup"])?;
-        return Ok(row);
+    let limit = cfg.answer_within;
+    let Some(cold) = load::until_answer(bench.client(), target, started, limit, |_| true)? else {
+        return problems.note(format!("{what}: the measured Service did not answer within {limit:?} of starting kpr"));
     };
     row.cold_ms = Some(cold.as_secs_f64() * 1e3);
     row.agent_cpu_ms = proc_stat_cpu_ms(pid);
-    row.agent_rss_mib = rss_mib(pid);
+    row.agent_rss_mib = status_mib(pid, "VmRSS:");
     if mode == "ebpf" {
-        row.bpf_maps_mib = bpf_maps_mib(pid);
+        let maps = bpf_maps(pid);
+        row.bpf_maps_mib = maps.map(|m| m.0);
+        row.bpf_map_count = maps.map(|m| m.1);
     } else {
-        row.iptables_rules = Some(iptables_rules(&bench.node));
+        let (rules, backend) = iptables_rules(&bench.node);
+        row.iptables_rules = Some(rules);
+        row.iptables_backend = backend;
     }
 
-    bench.traffic(cfg, bench.client(), &[target], &mut row)?;
+    bench.traffic(cfg, bench.client(), &[target], row, problems)?;
 
     let spare = bench.spare;
     let mut changes = Vec::new();
-    for rep in 0..cfg.repetitions {
+    for rep in 1..=cfg.repetitions {
         for to_spare in [true, false] {
             let eps = if to_spare { vec![spare] } else { bench.endpoints.clone() };
-            let dir = manifests.clone();
+            let dir = manifests.to_path_buf();
             let change = move || workload::write_measured(&dir, n, &eps);
             let took = if to_spare {
                 load::time_change(bench.client(), target, limit, change, |w| w == SPARE)?
@@ -309,16 +507,17 @@ fn measure_mode(cfg: &Config, bench: &Bench, mode: &str, n: usize, work: &std::p
             };
             match took {
                 Some(t) => changes.push(t.as_secs_f64() * 1e3),
-                None => {
-                    eprintln!("bench: {mode} with {n} Services: a change was not followed within {limit:?} (rep {rep})")
-                }
+                None => problems.note(format!(
+                    "{what}: the change to {} (run {rep}) was not followed within {limit:?}",
+                    if to_spare { "the spare endpoint" } else { "the serving endpoints" }
+                ))?,
             }
         }
     }
     row.change_ms = Some(Stat::of(changes));
-    agent.interrupt()?;
-    kpr::command(&bench.node.ns, &["cleanup"])?;
-    Ok(row)
+    // The high-water mark covers programming, traffic and the changes.
+    row.agent_peak_mib = status_mib(pid, "VmHWM:");
+    Ok(())
 }
 
 fn machine() -> String {
@@ -343,7 +542,8 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem:.0} GiB, Linux {}", kernel.trim())
 }
 
-/// Runs the benchmark and writes the report under `cfg.out`.
+/// Runs the benchmark and writes the report under `cfg.out`. A strict run
+/// returns the first problem as its error, before writing a report.
 pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&cfg.out)?;
     let work = tempfile::tempdir()?;
@@ -356,6 +556,7 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
         threads: cfg.threads,
         ..Default::default()
     };
+    let mut problems = Problems { strict: cfg.strict, seen: Vec::new() };
     eprintln!("bench: {}", report.machine);
     for &n in &cfg.services {
         if stop.load(Ordering::Relaxed) {
@@ -363,32 +564,24 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
         }
         let bench = Bench::new()?;
         let direct_targets: Vec<SocketAddr> = bench.endpoints.iter().map(|ip| SocketAddr::from((*ip, PORT))).collect();
-        let mut direct = Row { mode: "direct".into(), services: n, ..Default::default() };
-        bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct)?;
-        if report.generator.one_generator == 0.0 {
-            // A second generator must not raise the direct rate, or the
-            // generator, not the node, would be the limit being measured.
-            report.generator.one_generator = direct.conn_rate.median;
-            report.generator.two_generators = load::connection_rate(
-                bench.direct_client(),
-                &direct_targets,
-                cfg.threads,
-                2,
-                cfg.warmup,
-                cfg.duration,
-                CLIENT_CPU,
-            )?
-            .0;
+        let mut direct =
+            Row { mode: "direct".into(), services: n, endpoints: workload::endpoints(n), ..Default::default() };
+        bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, &mut problems)?;
+        if report.generator.is_none() {
+            report.generator = Some(bench.generator_check(cfg, &direct_targets, &mut problems)?);
         }
         eprintln!("bench: N={n:>6} direct  {:>9.0} conn/s", direct.conn_rate.median);
         let direct_rate = direct.conn_rate.median;
         report.rows.push(direct);
-        for mode in ["ebpf", "iptables"] {
+        for &mode in &cfg.modes {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let mut row = measure_mode(cfg, &bench, mode, n, work.path())?;
+            let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
             row.conn_ratio = Some(row.conn_rate.median / direct_rate);
+            if let Some(backend) = &row.iptables_backend {
+                report.iptables_backend.clone_from(backend);
+            }
             eprintln!(
                 "bench: N={n:>6} {mode:<8}{:>9.0} conn/s, cold {:.0} ms, change {:.1} ms",
                 row.conn_rate.median,
@@ -398,6 +591,46 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
             report.rows.push(row);
         }
     }
+    report.problems = problems.seen;
     report::write(&report, &cfg.out)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP_FDINFO: &str = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nmap_type:\t1\nkey_size:\t4\nvalue_size:\t8\nmax_entries:\t65536\nmap_flags:\t0x0\nmap_extra:\t0x0\nmemlock:\t1049600\nmap_id:\t42\nfrozen:\t0\n";
+
+    #[test]
+    fn the_median_of_an_even_count_is_between_its_two_middles() {
+        let s = Stat::of(vec![4.0, 1.0, 2.0, 3.0]);
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
+        assert_eq!(Stat::of(vec![3.0, 1.0, 2.0]).median, 2.0);
+        assert!(Stat::of(Vec::new()).median.is_nan());
+    }
+
+    #[test]
+    fn a_map_held_through_several_descriptors_is_charged_once() {
+        let other = MAP_FDINFO.replace("map_id:\t42", "map_id:\t43").replace("1049600", "4096");
+        let prog = "pos:\t0\nflags:\t02000002\nprog_type:\t6\nprog_jited:\t1\nmemlock:\t8192\nprog_id:\t7\n";
+        let infos = [MAP_FDINFO, MAP_FDINFO, &other, prog, "pos:\t0\nflags:\t0\n"].map(String::from);
+        assert_eq!(charged_once(infos), (1049600 + 4096, 2));
+    }
+
+    #[test]
+    fn a_failed_load_is_an_error_in_a_strict_run_and_a_note_otherwise() {
+        let over = load::ConnLoad { completed: 98, errors: 2, ..Default::default() };
+        let within = load::ConnLoad { completed: 99, errors: 1, ..Default::default() };
+        let nothing = load::ConnLoad::default();
+        let mut strict = Problems { strict: true, seen: Vec::new() };
+        assert!(strict.check_load(&within, "ebpf at N=1").is_ok());
+        let err = strict.check_load(&over, "ebpf at N=1").unwrap_err().to_string();
+        assert!(err.contains("ebpf at N=1") && err.contains("2 of 100"), "{err}");
+        assert!(strict.check_load(&nothing, "ebpf at N=1").unwrap_err().to_string().contains("no connection"));
+        let mut lenient = Problems { strict: false, seen: Vec::new() };
+        lenient.check_load(&over, "iptables at N=10000").unwrap();
+        lenient.check_load(&nothing, "iptables at N=10000").unwrap();
+        assert_eq!(lenient.seen.len(), 2);
+    }
 }

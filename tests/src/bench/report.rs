@@ -1,11 +1,13 @@
 //! The benchmark's outputs: a table on stdout, `report.json`, `report.md`
-//! and one SVG plot per metric (each mode against N).
+//! and one SVG plot per metric (each mode against N). Every judgement (targets,
+//! generator check, run-to-run spread) is computed from the report's figures
+//! alone, so republishing from report.json redoes it.
 
 use std::{fmt::Write as _, path::Path};
 
 use plotters::prelude::*;
 
-use super::{Report, Row};
+use super::{GeneratorCheck, MAX_ERROR_RATE, Report, Row, Stat};
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
     match v {
@@ -17,23 +19,25 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
 /// The results as a Markdown table (also printed on stdout).
 pub fn table(r: &Report) -> String {
     let mut t = String::from(
-        "| mode | Services | conn/s (median, min–max) | × direct | RR p50 µs | RR p99 µs | cold program ms | one change ms (median, min–max) | agent RSS MiB | BPF maps MiB | iptables rules | agent CPU ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| mode | Services | conn/s (median, min–max) | × direct | conn errors % | RR p50 µs | RR p99 µs | cold program ms | one change ms (median, min–max) | agent RSS MiB | agent peak MiB | BPF maps MiB | iptables rules | agent CPU ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in &r.rows {
         let _ = writeln!(
             t,
-            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             row.mode,
             row.services,
             row.conn_rate.median,
             row.conn_rate.min,
             row.conn_rate.max,
             fmt(row.conn_ratio, 3),
+            fmt(row.conn_error_rate().map(|e| e * 100.0), 2),
             row.rr_p50_us.median,
             row.rr_p99_us.median,
             fmt(row.cold_ms, 0),
             row.change_ms.as_ref().map_or("–".into(), |s| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max)),
             fmt(row.agent_rss_mib, 1),
+            fmt(row.agent_peak_mib, 1),
             fmt(row.bpf_maps_mib, 1),
             row.iptables_rules.map_or("–".into(), |n| n.to_string()),
             fmt(row.agent_cpu_ms, 0),
@@ -51,7 +55,7 @@ struct Plot {
     value: fn(&Row) -> Option<f64>,
 }
 
-const PLOTS: [Plot; 7] = [
+const PLOTS: [Plot; 8] = [
     Plot {
         file: "conn_rate.svg",
         title: "Connection setup rate",
@@ -95,6 +99,13 @@ const PLOTS: [Plot; 7] = [
         value: |r| r.change_ms.as_ref().map(|s| s.median),
     },
     Plot { file: "agent_rss.svg", title: "Agent resident memory", y: "MiB", log_y: false, value: |r| r.agent_rss_mib },
+    Plot {
+        file: "agent_peak.svg",
+        title: "Agent peak resident memory (VmHWM)",
+        y: "MiB",
+        log_y: false,
+        value: |r| r.agent_peak_mib,
+    },
 ];
 
 fn color(mode: &str) -> RGBColor {
@@ -176,22 +187,15 @@ pub fn markdown(r: &Report, plot_dir: &str) -> String {
         r.machine, r.command, r.iptables_backend, r.repetitions, r.duration_s, r.threads
     );
     md.push_str(&table(r));
-    let gain = r.generator.two_generators / r.generator.one_generator - 1.0;
-    let verdict = if gain < 0.1 {
-        "A second generator does not raise it, so the direct line measures the node, not the load generator."
-            .to_string()
-    } else {
-        format!(
-            "A second generator raises it by {:.0}%: with two cores shared by clients, servers and softirq work, the \
-             direct figure is partly limited by the generator, so ratios within that margin are equal.",
-            gain * 100.0
-        )
-    };
-    let _ = writeln!(
-        md,
-        "\nGenerator check: direct connection rate with one generator {:.0}/s, with two at once {:.0}/s. {verdict}\n",
-        r.generator.one_generator, r.generator.two_generators
-    );
+    let _ = writeln!(md, "\n{}\n", spread(r));
+    let _ = writeln!(md, "Generator check: {}\n", r.generator.as_ref().map_or("not run.".into(), generator_verdict));
+    if !r.problems.is_empty() {
+        md.push_str("Problems in this run (each leaves its figure out or marks it):\n\n");
+        for p in &r.problems {
+            let _ = writeln!(md, "- {p}");
+        }
+        md.push('\n');
+    }
     md.push_str(&targets(r));
     for p in &PLOTS {
         let _ = writeln!(md, "![{}]({plot_dir}{})\n", p.title, p.file);
@@ -241,7 +245,238 @@ pub fn targets(r: &Report) -> String {
             fmt(eb.cold_ms, 0),
             verdict(eb.cold_ms.is_some_and(|c| c < 2000.0))
         );
+        let _ = writeln!(
+            out,
+            "- agent peak memory ≤ 64 MiB at 50,000 Services / 150,000 endpoints in eBPF mode (peak {} MiB with {} \
+             endpoints; {} MiB resident once programmed): {}",
+            fmt(eb.agent_peak_mib, 1),
+            eb.endpoints,
+            fmt(eb.agent_rss_mib, 1),
+            verdict(eb.agent_peak_mib.is_some_and(|m| m <= 64.0))
+        );
+    } else {
+        out.push_str(
+            "- one change under 5 ms, cold programming under 2 s, and agent peak memory ≤ 64 MiB at 50,000 \
+             Services / 150,000 endpoints in eBPF mode: not measured (no 50,000-Service eBPF figures in this run)\n",
+        );
     }
+    let worst = r.rows.iter().max_by(|a, b| a.conn_error_worst.total_cmp(&b.conn_error_worst));
+    let _ = writeln!(
+        out,
+        "- connection errors ≤ {:.0}% of attempts in every connection-rate run (worst {}): {}",
+        MAX_ERROR_RATE * 100.0,
+        match worst {
+            Some(w) if w.conn_error_worst > 0.0 => {
+                format!("{:.2}%, {} at N={}", w.conn_error_worst * 100.0, w.mode, w.services)
+            }
+            Some(_) => "0%: no attempt failed".into(),
+            None => "–".into(),
+        },
+        verdict(worst.is_some_and(|w| w.conn_error_worst <= MAX_ERROR_RATE) && r.problems.is_empty())
+    );
     out.push('\n');
     out
+}
+
+/// (max − min) / median of a repeated figure; None without a usable median.
+fn relative_spread(s: &Stat) -> Option<f64> {
+    let v = (s.max - s.min) / s.median;
+    (s.median > 0.0 && v.is_finite()).then_some(v)
+}
+
+/// A table column of repeated figures: its name and where a row keeps them.
+type Column = (&'static str, fn(&Row) -> Option<&Stat>);
+
+/// The run-to-run spread this run observed: per column of repeated figures,
+/// the largest (max − min) / median over the table's rows.
+pub fn spread(r: &Report) -> String {
+    if r.repetitions < 2 {
+        return "Run-to-run spread: every figure here is a single run, so this run observed none; differences \
+                between single runs are not evidence."
+            .into();
+    }
+    let columns: [Column; 4] = [
+        ("conn/s", |x| Some(&x.conn_rate)),
+        ("RR p50", |x| Some(&x.rr_p50_us)),
+        ("RR p99", |x| Some(&x.rr_p99_us)),
+        ("one change", |x| x.change_ms.as_ref()),
+    ];
+    let mut parts = Vec::new();
+    for (name, stat) in columns {
+        let widest =
+            r.rows.iter().filter_map(|x| Some((relative_spread(stat(x)?)?, x))).max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((v, x)) = widest {
+            parts.push(format!("{name} {:.0}% ({} at N={})", v * 100.0, x.mode, x.services));
+        }
+    }
+    if let Some(g) = &r.generator {
+        for (name, s) in [("generator check, one generator", &g.one), ("two generators", &g.two)] {
+            if let Some(v) = relative_spread(s) {
+                parts.push(format!("{name} {:.0}%", v * 100.0));
+            }
+        }
+    }
+    format!(
+        "Run-to-run spread observed, (max − min) / median over the {} repetitions of a figure (a change is timed \
+         twice per repetition, there and back), the largest in each column: {}. Differences within that spread are \
+         not differences. Cold programming, memory, rules and CPU time are measured once per mode and N.",
+        r.repetitions,
+        if parts.is_empty() { "none measurable".into() } else { parts.join("; ") }
+    )
+}
+
+/// A generator's CPU this busy counts as saturated.
+const BUSY: f64 = 0.9;
+/// A second generator must raise the direct rate this much to count.
+const GAIN: f64 = 0.10;
+
+/// What the generator check shows, from its figures alone (so republishing
+/// redoes it), with the limits of this machine stated.
+pub fn generator_verdict(g: &GeneratorCheck) -> String {
+    let (one, two) = (&g.one, &g.two);
+    if !(one.median > 0.0 && two.median.is_finite()) {
+        return "no figures.".into();
+    }
+    let gain = two.median / one.median - 1.0;
+    let shared = g.second_cpu == g.server_cpu;
+    let place = if shared {
+        format!("CPU {} beside the servers (this machine has no CPU free of both)", g.second_cpu)
+    } else {
+        format!("CPU {}, a CPU of its own", g.second_cpu)
+    };
+    let figures = format!(
+        "direct connection rate with one generator on CPU {} {:.0}/s ({:.0}–{:.0}); with a second generator on {} \
+         {:.0}/s ({:.0}–{:.0}), {:+.0}%. During the one-generator runs CPU {} was {:.0}% busy and the servers' CPU {} \
+         {:.0}% (machine-wide: other work counts as busy).",
+        g.client_cpu,
+        one.median,
+        one.min,
+        one.max,
+        place,
+        two.median,
+        two.min,
+        two.max,
+        gain * 100.0,
+        g.client_cpu,
+        g.client_cpu_busy * 100.0,
+        g.server_cpu,
+        g.server_cpu_busy * 100.0
+    );
+    let verdict = if gain >= GAIN && g.runs < 2 {
+        "Inconclusive: one run each, so the gain cannot be told from run-to-run noise; repeated runs (the full \
+         run repeats each three times) would settle it."
+            .into()
+    } else if gain >= GAIN && two.min > one.max {
+        format!(
+            "Saturated: the second generator raised the rate in every run, so the direct figure is limited by the \
+             load generator (its CPU or its connections), not the node; `× direct` ratios within {:.0}% of 1 do not \
+             tell the modes apart.",
+            gain * 100.0
+        )
+    } else if gain >= GAIN {
+        "Inconclusive: the second generator raised the median, but the runs with one and with two generators \
+         overlap; more repetitions would settle it."
+            .into()
+    } else if !shared {
+        "Not saturated: a second generator with a CPU of its own did not raise the rate, so the direct line \
+         measures the node, not the generator."
+            .into()
+    } else if g.client_cpu_busy < BUSY {
+        format!(
+            "Not saturated: the generator's CPU had {:.0}% idle time to spare and a second generator did not raise \
+             the rate, so the direct line measures the node, not the generator.",
+            (1.0 - g.client_cpu_busy) * 100.0
+        )
+    } else {
+        format!(
+            "Inconclusive: the generator kept CPU {} busy, and the second generator could only take time from the \
+             servers on CPU {}, so no gain cannot tell a saturated generator from a saturated node. Concluding needs \
+             a third CPU for the second generator.",
+            g.client_cpu, g.server_cpu
+        )
+    };
+    let single = if g.runs < 2 && gain < GAIN {
+        " (One run each: a gain smaller than run-to-run noise would be missed.)"
+    } else {
+        ""
+    };
+    format!("{figures} {verdict}{single}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(median: f64, min: f64, max: f64) -> Stat {
+        Stat { median, min, max }
+    }
+
+    fn check(one: Stat, two: Stat, second_cpu: usize, client_busy: f64) -> String {
+        let g = GeneratorCheck {
+            runs: 3,
+            one,
+            two,
+            client_cpu: 0,
+            server_cpu: 1,
+            second_cpu,
+            client_cpu_busy: client_busy,
+            server_cpu_busy: 0.95,
+        };
+        generator_verdict(&g)
+    }
+
+    #[test]
+    fn a_second_generator_that_raises_every_run_shows_saturation() {
+        let v = check(stat(100.0, 95.0, 105.0), stat(130.0, 120.0, 140.0), 1, 1.0);
+        assert!(v.contains("Saturated") && v.contains("+30%"), "{v}");
+    }
+
+    #[test]
+    fn a_gain_seen_in_a_single_run_is_inconclusive() {
+        let g = GeneratorCheck {
+            runs: 1,
+            one: stat(100.0, 100.0, 100.0),
+            two: stat(130.0, 130.0, 130.0),
+            ..Default::default()
+        };
+        let v = generator_verdict(&g);
+        assert!(v.contains("Inconclusive: one run each"), "{v}");
+    }
+
+    #[test]
+    fn a_gain_within_the_spread_is_inconclusive() {
+        let v = check(stat(100.0, 80.0, 125.0), stat(115.0, 110.0, 120.0), 2, 1.0);
+        assert!(v.starts_with("direct") && v.contains("Inconclusive") && v.contains("more repetitions"), "{v}");
+    }
+
+    #[test]
+    fn no_gain_beside_busy_servers_from_a_busy_generator_needs_a_third_cpu() {
+        let v = check(stat(100.0, 95.0, 105.0), stat(98.0, 96.0, 101.0), 1, 0.97);
+        assert!(v.contains("Inconclusive") && v.contains("needs a third CPU"), "{v}");
+        assert!(v.contains("beside the servers"), "{v}");
+    }
+
+    #[test]
+    fn no_gain_is_conclusive_with_a_cpu_of_its_own_or_an_idle_generator() {
+        let own = check(stat(100.0, 95.0, 105.0), stat(98.0, 96.0, 101.0), 2, 0.97);
+        assert!(own.contains("Not saturated") && own.contains("a CPU of its own"), "{own}");
+        let idle = check(stat(100.0, 95.0, 105.0), stat(98.0, 96.0, 101.0), 1, 0.6);
+        assert!(idle.contains("Not saturated") && idle.contains("40% idle"), "{idle}");
+    }
+
+    #[test]
+    fn the_spread_is_the_widest_per_column_and_names_its_row() {
+        let row =
+            |mode: &str, n, conn: Stat| Row { mode: mode.into(), services: n, conn_rate: conn, ..Default::default() };
+        let r = Report {
+            repetitions: 3,
+            rows: vec![row("direct", 1, stat(100.0, 90.0, 110.0)), row("iptables", 10_000, stat(50.0, 10.0, 60.0))],
+            ..Default::default()
+        };
+        let s = spread(&r);
+        assert!(s.contains("conn/s 100% (iptables at N=10000)"), "{s}");
+        assert!(!s.contains("RR p50"), "latency had no figures: {s}");
+        let single = Report { repetitions: 1, ..r };
+        assert!(spread(&single).contains("single run"));
+    }
 }

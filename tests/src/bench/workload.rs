@@ -48,15 +48,25 @@ pub fn write(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<Ip
         fillers.push('\n');
     }
     std::fs::write(dir.join("fillers.json"), fillers)?;
-    let measured = vip(n - 1);
     write_measured(dir, n, endpoints)?;
-    Ok(measured)
+    Ok(measured_vip(n))
+}
+
+/// The measured Service's VIP among `n`: the last.
+pub fn measured_vip(n: usize) -> Ipv4Addr {
+    vip(n - 1)
+}
+
+/// Endpoints installed with `n` Services: the fillers' 2-4 each and the
+/// measured Service's three serving pods.
+pub fn endpoints(n: usize) -> usize {
+    (0..n.saturating_sub(1)).map(|i| 2 + i % 3).sum::<usize>() + 3
 }
 
 /// Rewrites the measured Service's file with `endpoints` (atomically).
 pub fn write_measured(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<()> {
     let name = "measured";
-    let content = format!("{}\n{}\n", service(name, vip(n - 1)), slice(name, endpoints));
+    let content = format!("{}\n{}\n", service(name, measured_vip(n)), slice(name, endpoints));
     crate::manifests::write(dir, "measured.json", &content)
 }
 
@@ -76,5 +86,7 @@ mod tests {
         for l in fillers.lines() {
             serde_json::from_str::<serde_json::Value>(l).unwrap();
         }
+        assert_eq!(fillers.matches("\"addresses\"").count() + 3, endpoints(5));
+        assert_eq!(endpoints(50_000), 149_999, "the 150,000 endpoints of the memory target, give or take");
     }
 }
