@@ -140,7 +140,7 @@ pub fn connection_rate(
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         // A panicked client thread would undercount: fail the load instead.
-        h.join().map_err(|_| anyhow::anyhow!("a load generator thread panicked"))?;
+        h.join().map_err(|panic| anyhow::anyhow!("a load generator thread panicked: {panic:?}"))?;
     }
     let completed = done.load(Ordering::Relaxed);
     Ok(ConnLoad {
@@ -223,7 +223,7 @@ pub fn time_change(
 fn poll(target: SocketAddr, since: Instant, limit: Duration, ok: impl Fn(&str) -> bool) -> Option<Duration> {
     while since.elapsed() < limit {
         if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(20)) {
-            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            s.set_read_timeout(Some(Duration::from_millis(200))).ok();
             let mut line = String::new();
             if s.write_all(b"close\n").is_ok() && BufReader::new(&s).read_line(&mut line).is_ok() && ok(line.trim_end())
             {
@@ -248,7 +248,7 @@ pub fn until_answer(
     client.run(move || {
         while since.elapsed() < limit {
             if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(20)) {
-                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                s.set_read_timeout(Some(Duration::from_millis(200))).ok();
                 let mut line = String::new();
                 if s.write_all(b"close\n").is_ok()
                     && BufReader::new(&s).read_line(&mut line).is_ok()

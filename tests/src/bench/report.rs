@@ -22,7 +22,7 @@ pub fn table(r: &Report) -> String {
         "| mode | Services | conn/s (median, min–max) | × direct | conn errors % | RR p50 µs | RR p99 µs | cold program ms | one change ms (median, min–max) | agent RSS MiB | agent peak MiB | BPF maps MiB | iptables rules | agent CPU ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in &r.rows {
-        let _ = writeln!(
+        writeln!(
             t,
             "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             row.mode,
@@ -41,7 +41,8 @@ pub fn table(r: &Report) -> String {
             fmt(row.bpf_maps_mib, 1),
             row.iptables_rules.map_or("–".into(), |n| n.to_string()),
             fmt(row.agent_cpu_ms, 0),
-        );
+        )
+        .expect("writing to a String cannot fail");
     }
     t
 }
@@ -181,24 +182,25 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
 /// The report as Markdown; plots are linked relative to `plot_dir`.
 pub fn markdown(r: &Report, plot_dir: &str) -> String {
     let mut md = String::new();
-    let _ = writeln!(
+    writeln!(
         md,
         "Machine: {}  \nCommand: `{}`  \niptables mode backend: {}  \nEach figure is the median of {} run(s) of {:.1} s ({} concurrent connections for the connection-rate load); spread is min–max.\n",
         r.machine, r.command, r.iptables_backend, r.repetitions, r.duration_s, r.threads
-    );
+    ).expect("writing to a String cannot fail");
     md.push_str(&table(r));
-    let _ = writeln!(md, "\n{}\n", spread(r));
-    let _ = writeln!(md, "Generator check: {}\n", r.generator.as_ref().map_or("not run.".into(), generator_verdict));
+    writeln!(md, "\n{}\n", spread(r)).expect("writing to a String cannot fail");
+    writeln!(md, "Generator check: {}\n", r.generator.as_ref().map_or("not run.".into(), generator_verdict))
+        .expect("writing to a String cannot fail");
     if !r.problems.is_empty() {
         md.push_str("Problems in this run (each leaves its figure out or marks it):\n\n");
         for p in &r.problems {
-            let _ = writeln!(md, "- {p}");
+            writeln!(md, "- {p}").expect("writing to a String cannot fail");
         }
         md.push('\n');
     }
     md.push_str(&targets(r));
     for p in &PLOTS {
-        let _ = writeln!(md, "![{}]({plot_dir}{})\n", p.title, p.file);
+        writeln!(md, "![{}]({plot_dir}{})\n", p.title, p.file).expect("writing to a String cannot fail");
     }
     md
 }
@@ -215,37 +217,40 @@ pub fn targets(r: &Report) -> String {
         .map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3)))
         .collect();
     let all = r.rows.iter().filter(|x| x.mode == "ebpf").all(|x| x.conn_ratio.is_some_and(|v| v >= 0.95));
-    let _ =
-        writeln!(out, "- eBPF connection rate ≥ 0.95 × direct at every N ({}): {}", ratios.join(", "), verdict(all));
+    writeln!(out, "- eBPF connection rate ≥ 0.95 × direct at every N ({}): {}", ratios.join(", "), verdict(all))
+        .expect("writing to a String cannot fail");
     for n in [10_000, 50_000] {
         if let (Some(ip), Some(eb)) = (row("iptables", n), row("ebpf", n)) {
             let below = ip.conn_rate.max < eb.conn_rate.min;
-            let _ = writeln!(
+            writeln!(
                 out,
                 "- iptables visibly below eBPF at {n} Services ({:.0} vs {:.0} conn/s): {}",
                 ip.conn_rate.median,
                 eb.conn_rate.median,
                 verdict(below)
-            );
+            )
+            .expect("writing to a String cannot fail");
         }
     }
     if let Some(eb) = row("ebpf", 50_000) {
         let change = eb.change_ms.as_ref().map(|s| s.median);
         let ip_change = row("iptables", 50_000).and_then(|x| x.change_ms.as_ref().map(|s| s.median));
-        let _ = writeln!(
+        writeln!(
             out,
             "- one change at 50,000 Services under 5 ms in eBPF ({} ms; iptables {} ms): {}",
             fmt(change, 1),
             fmt(ip_change, 0),
             verdict(change.is_some_and(|c| c < 5.0))
-        );
-        let _ = writeln!(
+        )
+        .expect("writing to a String cannot fail");
+        writeln!(
             out,
             "- cold programming of 50,000 Services under 2 s in eBPF ({} ms): {}",
             fmt(eb.cold_ms, 0),
             verdict(eb.cold_ms.is_some_and(|c| c < 2000.0))
-        );
-        let _ = writeln!(
+        )
+        .expect("writing to a String cannot fail");
+        writeln!(
             out,
             "- agent peak memory ≤ 64 MiB at 50,000 Services / 150,000 endpoints in eBPF mode (peak {} MiB with {} \
              endpoints; {} MiB resident once programmed): {}",
@@ -253,7 +258,8 @@ pub fn targets(r: &Report) -> String {
             eb.endpoints,
             fmt(eb.agent_rss_mib, 1),
             verdict(eb.agent_peak_mib.is_some_and(|m| m <= 64.0))
-        );
+        )
+        .expect("writing to a String cannot fail");
     } else {
         out.push_str(
             "- one change under 5 ms, cold programming under 2 s, and agent peak memory ≤ 64 MiB at 50,000 \
@@ -261,7 +267,7 @@ pub fn targets(r: &Report) -> String {
         );
     }
     let worst = r.rows.iter().max_by(|a, b| a.conn_error_worst.total_cmp(&b.conn_error_worst));
-    let _ = writeln!(
+    writeln!(
         out,
         "- connection errors ≤ {:.0}% of attempts in every connection-rate run (worst {}): {}",
         MAX_ERROR_RATE * 100.0,
@@ -273,7 +279,8 @@ pub fn targets(r: &Report) -> String {
             None => "–".into(),
         },
         verdict(worst.is_some_and(|w| w.conn_error_worst <= MAX_ERROR_RATE) && r.problems.is_empty())
-    );
+    )
+    .expect("writing to a String cannot fail");
     out.push('\n');
     out
 }

@@ -22,7 +22,7 @@ fn slice(name: &str, endpoints: &[Ipv4Addr]) -> String {
         if i > 0 {
             eps.push(',');
         }
-        let _ = write!(eps, r#"{{"addresses":["{e}"],"conditions":{{"ready":true}}}}"#);
+        write!(eps, r#"{{"addresses":["{e}"],"conditions":{{"ready":true}}}}"#).ok();
     }
     format!(
         r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"{name}-1","namespace":"bench","labels":{{"kubernetes.io/service-name":"{name}"}}}},"addressType":"IPv4","ports":[{{"name":"http","port":8080,"protocol":"TCP"}}],"endpoints":[{eps}]}}"#
