@@ -3,19 +3,22 @@
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, bail};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     self as cri, image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::error::{KubeletError, Result, call};
+
 /// The runtime's socket from `unix:///path` (or a bare path).
-pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     match endpoint.strip_prefix("unix://") {
         Some(path) => Ok(path.into()),
         None if endpoint.starts_with('/') => Ok(endpoint.into()),
-        None => bail!("container runtime endpoint {endpoint:?} is not unix:///path/to/socket"),
+        None => {
+            Err(KubeletError::Runtime(format!("container runtime endpoint {endpoint:?} is not unix:///path/to/socket")))
+        }
     }
 }
 
@@ -36,33 +39,45 @@ pub struct RuntimeInfo {
 
 impl Cri {
     /// Connects to `endpoint` (`unix:///run/containerd/containerd.sock`).
-    pub async fn connect(endpoint: &str) -> anyhow::Result<Self> {
+    pub async fn connect(endpoint: &str) -> Result<Self> {
         let path = socket_path(endpoint)?;
         if !path.exists() {
-            bail!("no container runtime at {}: is containerd running? (--container-runtime-endpoint)", path.display());
+            return Err(KubeletError::Runtime(format!(
+                "no container runtime at {}: is containerd running? (--container-runtime-endpoint)",
+                path.display()
+            )));
         }
+        let unreachable = |e: tonic::transport::Error| {
+            KubeletError::Runtime(format!("connecting to the container runtime at {endpoint}: {e}"))
+        };
         // The URI is required by tonic but unused: every connection goes to the socket.
-        let channel = Endpoint::try_from("http://[::]:50051")?
+        let channel = Endpoint::from_static("http://[::]:50051")
             .connect_timeout(Duration::from_secs(5))
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
             }))
             .await
-            .with_context(|| format!("connecting to the container runtime at {endpoint}"))?;
+            .map_err(unreachable)?;
         Ok(Self { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) })
     }
 
     /// `Version`, then `Status`: fails with the runtime's own words unless
     /// both RuntimeReady and NetworkReady hold.
-    pub async fn check(&mut self) -> anyhow::Result<RuntimeInfo> {
+    pub async fn check(&mut self) -> Result<RuntimeInfo> {
         let v = self
             .runtime
             .version(cri::VersionRequest { version: "v1".into() })
             .await
-            .context("the runtime does not answer CRI v1 Version (is its CRI plugin enabled?)")?
+            .map_err(|e| {
+                KubeletError::Runtime(format!(
+                    "the runtime does not answer CRI v1 Version (is its CRI plugin enabled?): {}",
+                    e.message()
+                ))
+            })?
             .into_inner();
-        let status = self.runtime.status(cri::StatusRequest { verbose: false }).await?.into_inner();
+        let status =
+            self.runtime.status(cri::StatusRequest { verbose: false }).await.map_err(call("Status"))?.into_inner();
         let conditions: HashMap<String, cri::RuntimeCondition> = status
             .status
             .map(|s| s.conditions.into_iter().map(|c| (c.r#type.clone(), c)).collect())
@@ -70,13 +85,18 @@ impl Cri {
         for wanted in ["RuntimeReady", "NetworkReady"] {
             match conditions.get(wanted) {
                 Some(c) if c.status => {}
-                Some(c) => bail!(
-                    "container runtime {} is not ready: {wanted} is false: {} {}",
-                    v.runtime_name,
-                    c.reason,
-                    c.message
-                ),
-                None => bail!("container runtime {} does not report {wanted}", v.runtime_name),
+                Some(c) => {
+                    return Err(KubeletError::Runtime(format!(
+                        "container runtime {} is not ready: {wanted} is false: {} {}",
+                        v.runtime_name, c.reason, c.message
+                    )));
+                }
+                None => {
+                    return Err(KubeletError::Runtime(format!(
+                        "container runtime {} does not report {wanted}",
+                        v.runtime_name
+                    )));
+                }
             }
         }
         Ok(RuntimeInfo { name: v.runtime_name, version: v.runtime_version, api_version: v.runtime_api_version })

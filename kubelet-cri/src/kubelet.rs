@@ -9,12 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
 
 use crate::{
     cri::Cri,
+    error::{Result, call, io, io_at},
     images,
     spec::{self, Kind, PodId, Settings},
     status::{self, ContainerView, Instance, PodView, RestartPolicy, State},
@@ -120,7 +120,7 @@ fn instance(s: cri::ContainerStatus) -> Instance {
 
 impl Kubelet {
     /// Connects to the runtime and checks that it is ready.
-    pub async fn connect(endpoint: &str, settings: Settings, backoff_base: Duration) -> anyhow::Result<Self> {
+    pub async fn connect(endpoint: &str, settings: Settings, backoff_base: Duration) -> Result<Self> {
         let mut cri = Cri::connect(endpoint).await?;
         let info = cri.check().await?;
         tracing::info!(runtime = %info.name, version = %info.version, api = %info.api_version, "container runtime ready");
@@ -142,11 +142,16 @@ impl Kubelet {
         self.on_node.contains(uid) || self.terminating.lock().unwrap().contains(uid)
     }
 
-    async fn observe(&mut self) -> anyhow::Result<Observed> {
+    async fn observe(&mut self) -> Result<Observed> {
         let mut o = Observed::default();
         let filter = cri::PodSandboxFilter { label_selector: selector(), ..Default::default() };
-        let sandboxes =
-            self.cri.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) }).await?.into_inner();
+        let sandboxes = self
+            .cri
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) })
+            .await
+            .map_err(call("ListPodSandbox"))?
+            .into_inner();
         for s in sandboxes.items {
             let uid = s.labels.get(spec::POD_UID).cloned().unwrap_or_default();
             o.sandboxes.entry(uid).or_default().push(s);
@@ -155,8 +160,13 @@ impl Kubelet {
             list.sort_by_key(|s| std::cmp::Reverse(s.metadata.as_ref().map_or(0, |m| m.attempt)));
         }
         let filter = cri::ContainerFilter { label_selector: selector(), ..Default::default() };
-        let containers =
-            self.cri.runtime.list_containers(cri::ListContainersRequest { filter: Some(filter) }).await?.into_inner();
+        let containers = self
+            .cri
+            .runtime
+            .list_containers(cri::ListContainersRequest { filter: Some(filter) })
+            .await
+            .map_err(call("ListContainers"))?
+            .into_inner();
         for c in containers.containers {
             let name = c.labels.get(spec::CONTAINER_NAME).cloned().unwrap_or_default();
             let req = cri::ContainerStatusRequest { container_id: c.id.clone(), verbose: false };
@@ -176,8 +186,8 @@ impl Kubelet {
 
     /// One pass: runs what `desired` holds, stops what it does not. Returns
     /// each desired pod's status.
-    pub async fn sync(&mut self, desired: &[DesiredPod], delete_others: bool) -> anyhow::Result<Vec<PodStatus>> {
-        let mut observed = self.observe().await.context("asking the runtime what runs")?;
+    pub async fn sync(&mut self, desired: &[DesiredPod], delete_others: bool) -> Result<Vec<PodStatus>> {
+        let mut observed = self.observe().await?;
         self.on_node = observed.sandboxes.keys().cloned().collect();
         self.waiting.clear();
         let mut sandbox_ids = Vec::new();
@@ -341,19 +351,19 @@ impl Kubelet {
         config
     }
 
-    async fn run_sandbox(&mut self, d: &DesiredPod, attempt: u32) -> anyhow::Result<String> {
+    async fn run_sandbox(&mut self, d: &DesiredPod, attempt: u32) -> Result<String> {
         let config = self.sandbox_config(d, attempt);
-        std::fs::create_dir_all(&config.log_directory).context("creating the pod's log folder")?;
+        std::fs::create_dir_all(&config.log_directory).map_err(io("creating the pod's log folder"))?;
         for v in d.pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).filter(|v| v.empty_dir.is_some()) {
             let dir = spec::empty_dir(&self.settings, &d.id, &v.name);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating emptyDir {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(io_at("creating emptyDir", &dir))?;
         }
         let id = self
             .cri
             .runtime
             .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
             .await
-            .map_err(|e| anyhow::anyhow!("RunPodSandbox: {}", e.message()))?
+            .map_err(call("RunPodSandbox"))?
             .into_inner()
             .pod_sandbox_id;
         tracing::info!(pod = %d.id, sandbox = %id, attempt, "pod sandbox running");
@@ -479,12 +489,20 @@ impl Kubelet {
 
 /// Stops and removes every pod this kubelet created (`kpr kubelet reset`,
 /// as `kubeadm reset` does). Returns how many sandboxes went.
-pub async fn reset(endpoint: &str) -> anyhow::Result<usize> {
+pub async fn reset(endpoint: &str) -> Result<usize> {
     let mut cri = Cri::connect(endpoint).await?;
     let filter = cri::PodSandboxFilter { label_selector: selector(), ..Default::default() };
-    let sandboxes = cri.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) }).await?;
+    let sandboxes = cri
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(filter) })
+        .await
+        .map_err(call("ListPodSandbox"))?;
     let filter = cri::ContainerFilter { label_selector: selector(), ..Default::default() };
-    let containers = cri.runtime.list_containers(cri::ListContainersRequest { filter: Some(filter) }).await?;
+    let containers = cri
+        .runtime
+        .list_containers(cri::ListContainersRequest { filter: Some(filter) })
+        .await
+        .map_err(call("ListContainers"))?;
     let containers = containers.into_inner().containers;
     let sandboxes = sandboxes.into_inner().items;
     for s in &sandboxes {
@@ -500,7 +518,7 @@ fn container_ids(by_name: Option<&HashMap<String, Vec<Instance>>>) -> Vec<String
 
 /// StopContainer (with `grace` seconds) on every container at once, then
 /// StopPodSandbox, RemoveContainer, RemovePodSandbox.
-async fn remove_pod(mut cri: Cri, sandbox: String, containers: Vec<String>, grace: i64) -> anyhow::Result<()> {
+async fn remove_pod(mut cri: Cri, sandbox: String, containers: Vec<String>, grace: i64) -> Result<()> {
     let stops = containers.iter().map(|id| {
         let mut cri = cri.clone();
         let req = cri::StopContainerRequest { container_id: id.clone(), timeout: grace };
@@ -511,13 +529,19 @@ async fn remove_pod(mut cri: Cri, sandbox: String, containers: Vec<String>, grac
             tracing::debug!(error = %e.message(), "stopping a container");
         }
     }
-    cri.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sandbox.clone() }).await?;
+    cri.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sandbox.clone() })
+        .await
+        .map_err(call("StopPodSandbox"))?;
     for id in containers {
         // Removing the sandbox below removes what is left of its containers.
         if let Err(e) = cri.runtime.remove_container(cri::RemoveContainerRequest { container_id: id }).await {
             tracing::debug!(error = %e, "container not removed before its sandbox");
         }
     }
-    cri.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox }).await?;
+    cri.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox })
+        .await
+        .map_err(call("RemovePodSandbox"))?;
     Ok(())
 }

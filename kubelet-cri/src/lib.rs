@@ -5,9 +5,10 @@
 //! One step per module: [`cri`] (the connection), [`spec`] (Pod -> CRI
 //! configs), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
 //! [`status`] (what to report), [`source`] (where pods come from),
-//! [`logs`] (reading container logs).
+//! [`logs`] (reading container logs); [`error`] names what can go wrong.
 
 pub mod cri;
+pub mod error;
 pub mod images;
 pub mod kubelet;
 pub mod logs;

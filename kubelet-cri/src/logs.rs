@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use crate::error::{KubeletError, Result, io, io_at};
 
 /// One line as the container wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,10 +48,10 @@ impl Parser {
 
 /// The log file of the latest instance of `container` in the pod log
 /// folder `dir` (`CONTAINER/ATTEMPT.log`).
-pub fn latest(dir: &Path, container: &str) -> anyhow::Result<PathBuf> {
+pub fn latest(dir: &Path, container: &str) -> Result<PathBuf> {
     let folder = dir.join(container);
     let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(&folder)
-        .with_context(|| format!("no logs for container {container} in {}", dir.display()))?
+        .map_err(|e| KubeletError::NotFound(format!("no logs for container {container} in {}: {e}", dir.display())))?
         .filter_map(|e| {
             let path = e.ok()?.path();
             let attempt = path.file_stem()?.to_str()?.parse().ok()?;
@@ -61,50 +61,52 @@ pub fn latest(dir: &Path, container: &str) -> anyhow::Result<PathBuf> {
     files.sort();
     match files.pop() {
         Some((_, path)) => Ok(path),
-        None => bail!("container {container} has written no logs yet"),
+        None => Err(KubeletError::NotFound(format!("container {container} has written no logs yet"))),
     }
 }
 
 /// The pod log folder of `namespace/name` under `logs_root` (NS_NAME_UID).
-pub fn pod_dir(logs_root: &Path, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
+pub fn pod_dir(logs_root: &Path, namespace: &str, name: &str) -> Result<PathBuf> {
     let prefix = format!("{namespace}_{name}_");
     let mut found: Vec<PathBuf> = std::fs::read_dir(logs_root)
-        .with_context(|| format!("reading {}", logs_root.display()))?
+        .map_err(io_at("reading", logs_root))?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
         .collect();
     // The newest, if the pod was recreated under a new uid.
     found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    found.pop().with_context(|| format!("no pod {namespace}/{name} has logs in {}", logs_root.display()))
+    found
+        .pop()
+        .ok_or_else(|| KubeletError::NotFound(format!("no pod {namespace}/{name} has logs in {}", logs_root.display())))
 }
 
 /// Writes the lines of `file` to `out`; with `follow`, keeps reading as the
 /// container writes, moving on to a newer instance's file when one appears.
-pub fn print(dir: &Path, container: &str, follow: bool, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+pub fn print(dir: &Path, container: &str, follow: bool, out: &mut impl std::io::Write) -> Result<()> {
     let mut file = latest(dir, container)?;
     let mut parser = Parser::default();
-    let mut reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&file).map_err(io_at("opening", &file))?);
     let mut line = String::new();
     loop {
         line.clear();
-        let pos = reader.stream_position()?;
-        if reader.read_line(&mut line)? > 0 && line.ends_with('\n') {
+        let pos = reader.stream_position().map_err(io_at("reading", &file))?;
+        if reader.read_line(&mut line).map_err(io_at("reading", &file))? > 0 && line.ends_with('\n') {
             if let Some(l) = parser.push(&line) {
-                writeln!(out, "{}", l.text)?;
+                writeln!(out, "{}", l.text).map_err(io("writing the log out"))?;
             }
             continue;
         }
         // At the end (or mid-line): wait for more unless not following.
-        reader.seek(std::io::SeekFrom::Start(pos))?;
+        reader.seek(std::io::SeekFrom::Start(pos)).map_err(io_at("reading", &file))?;
         if !follow {
             return Ok(());
         }
-        out.flush()?;
+        out.flush().map_err(io("writing the log out"))?;
         let newest = latest(dir, container)?;
         if newest != file {
             file = newest;
-            reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+            reader = std::io::BufReader::new(std::fs::File::open(&file).map_err(io_at("opening", &file))?);
             continue;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -3,9 +3,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
-
 use crate::{
+    error::{KubeletError, Result, io_at},
     kubelet::Kubelet,
     logs,
     source::{DirSource, KubeSource},
@@ -23,7 +22,7 @@ pub enum PodSourceSpec {
 
 impl std::str::FromStr for PodSourceSpec {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "kube" => Ok(Self::Kube),
             _ => match s.strip_prefix("dir:") {
@@ -48,7 +47,7 @@ pub struct Config {
 
 /// Runs pods until Ctrl-C or SIGTERM; pods keep running after it exits (a
 /// restarted kubelet adopts them).
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config) -> Result<()> {
     let mut kubelet = Kubelet::connect(&cfg.endpoint, cfg.settings.clone(), cfg.backoff).await?;
     enum Source {
         Dir(DirSource),
@@ -56,11 +55,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let source = match &cfg.source {
         PodSourceSpec::Dir(dir) => {
-            anyhow::ensure!(dir.is_dir(), "pod manifest folder {} does not exist", dir.display());
+            if !dir.is_dir() {
+                return Err(KubeletError::Invalid(format!("pod manifest folder {} does not exist", dir.display())));
+            }
             Source::Dir(DirSource::new(dir.clone()))
         }
         PodSourceSpec::Kube => {
-            let client = cfg.client.clone().context("pods from the API server need a client")?;
+            let client = cfg
+                .client
+                .clone()
+                .ok_or_else(|| KubeletError::Invalid("pods from the API server need a client".into()))?;
             Source::Kube(KubeSource::start(client, &cfg.node_name))
         }
     };
@@ -122,13 +126,14 @@ async fn shutdown() {
 
 /// `kpr kubelet logs POD`: the latest instance's log of `container` (or
 /// the pod's only container).
-pub fn print_logs(root_dir: &std::path::Path, pod: &str, container: Option<&str>, follow: bool) -> anyhow::Result<()> {
+pub fn print_logs(root_dir: &std::path::Path, pod: &str, container: Option<&str>, follow: bool) -> Result<()> {
     let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
     let dir = logs::pod_dir(&root_dir.join("logs"), namespace, name)?;
     let container = match container {
         Some(c) => c.to_string(),
         None => {
-            let mut names: Vec<String> = std::fs::read_dir(&dir)?
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .map_err(io_at("reading", &dir))?
                 .filter_map(|e| e.ok())
                 .filter(|e| e.path().is_dir())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -136,7 +141,12 @@ pub fn print_logs(root_dir: &std::path::Path, pod: &str, container: Option<&str>
             names.sort();
             match names.as_slice() {
                 [one] => one.clone(),
-                _ => anyhow::bail!("pod {pod} has containers {}: choose one with -c", names.join(", ")),
+                _ => {
+                    return Err(KubeletError::Invalid(format!(
+                        "pod {pod} has containers {}: choose one with -c",
+                        names.join(", ")
+                    )));
+                }
             }
         }
     };

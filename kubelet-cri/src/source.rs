@@ -8,7 +8,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::{
@@ -17,6 +16,8 @@ use kube::{
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use sha2::Digest as _;
+
+use crate::error::{Result, io_at};
 
 use crate::{kubelet::DesiredPod, spec::PodId};
 
@@ -60,9 +61,9 @@ impl DirSource {
 
     /// Every valid Pod in the folder's `.yaml`, `.yml` and `.json` files
     /// (status files aside); invalid documents are reported and skipped.
-    pub fn pods(&self) -> anyhow::Result<Vec<DesiredPod>> {
+    pub fn pods(&self) -> Result<Vec<DesiredPod>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .with_context(|| format!("reading {}", self.dir.display()))?
+            .map_err(io_at("reading", &self.dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let name = p.file_name().unwrap_or_default().to_string_lossy();

@@ -6,9 +6,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
 use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Container, Pod};
+
+use crate::error::{KubeletError, Result};
 
 /// Labels kpr's kubelet puts on everything it creates: how it finds its own
 /// sandboxes and containers again after a restart (the `io.kubernetes.*`
@@ -181,17 +182,18 @@ fn dns_config(pod: &Pod, namespace: &str, s: &Settings) -> Option<cri::DnsConfig
 }
 
 /// Millicores of a CPU quantity (`500m`, `2`, `0.5`).
-pub fn parse_cpu(q: &str) -> anyhow::Result<i64> {
+pub fn parse_cpu(q: &str) -> Result<i64> {
     let q = q.trim();
+    let invalid = |e: &dyn std::fmt::Display| KubeletError::Invalid(format!("CPU quantity {q:?}: {e}"));
     if let Some(m) = q.strip_suffix('m') {
-        return m.parse().with_context(|| format!("CPU quantity {q:?}"));
+        return m.parse().map_err(|e| invalid(&e));
     }
-    let cores: f64 = q.parse().with_context(|| format!("CPU quantity {q:?}"))?;
+    let cores: f64 = q.parse().map_err(|e| invalid(&e))?;
     Ok((cores * 1000.0).round() as i64)
 }
 
 /// Bytes of a memory quantity (`128Mi`, `1G`, `1000`, `1.5Gi`).
-pub fn parse_memory(q: &str) -> anyhow::Result<i64> {
+pub fn parse_memory(q: &str) -> Result<i64> {
     let q = q.trim();
     let units: [(&str, f64); 12] = [
         ("Ki", 1024.0),
@@ -209,11 +211,11 @@ pub fn parse_memory(q: &str) -> anyhow::Result<i64> {
     ];
     let (number, factor) =
         units.iter().find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f))).unwrap_or((q, 1.0));
-    let n: f64 = number.parse().with_context(|| format!("memory quantity {q:?}"))?;
+    let n: f64 = number.parse().map_err(|e| KubeletError::Invalid(format!("memory quantity {q:?}: {e}")))?;
     Ok((n * factor).round() as i64)
 }
 
-fn resources(c: &Container) -> anyhow::Result<Option<cri::LinuxContainerResources>> {
+fn resources(c: &Container) -> Result<Option<cri::LinuxContainerResources>> {
     let Some(r) = &c.resources else { return Ok(None) };
     let mut out = cri::LinuxContainerResources::default();
     if let Some(cpu) = r.limits.as_ref().and_then(|l| l.get("cpu")) {
@@ -232,21 +234,27 @@ fn resources(c: &Container) -> anyhow::Result<Option<cri::LinuxContainerResource
 }
 
 /// Where each of `c`'s volume mounts comes from on the node.
-fn mounts(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> anyhow::Result<Vec<cri::Mount>> {
+fn mounts(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> Result<Vec<cri::Mount>> {
     let volumes = pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
     c.volume_mounts
         .iter()
         .flatten()
         .map(|m| {
-            let v = volumes.iter().find(|v| v.name == m.name).with_context(|| {
-                format!("container {} mounts volume {:?}, which the pod does not define", c.name, m.name)
+            let v = volumes.iter().find(|v| v.name == m.name).ok_or_else(|| {
+                KubeletError::Invalid(format!(
+                    "container {} mounts volume {:?}, which the pod does not define",
+                    c.name, m.name
+                ))
             })?;
             let host_path = if let Some(h) = &v.host_path {
                 PathBuf::from(&h.path)
             } else if v.empty_dir.is_some() {
                 empty_dir(s, id, &v.name)
             } else {
-                bail!("volume {:?}: only hostPath and emptyDir volumes are supported", v.name);
+                return Err(KubeletError::Invalid(format!(
+                    "volume {:?}: only hostPath and emptyDir volumes are supported",
+                    v.name
+                )));
             };
             Ok(cri::Mount {
                 container_path: m.mount_path.clone(),
@@ -271,18 +279,18 @@ pub fn container_config(
     kind: Kind,
     attempt: u32,
     s: &Settings,
-) -> anyhow::Result<cri::ContainerConfig> {
+) -> Result<cri::ContainerConfig> {
     let mut envs = Vec::new();
     for e in c.env.iter().flatten() {
         if e.value_from.is_some() {
-            bail!("env {:?} uses valueFrom, which is not supported", e.name);
+            return Err(KubeletError::Invalid(format!("env {:?} uses valueFrom, which is not supported", e.name)));
         }
         envs.push(cri::KeyValue { key: e.name.clone(), value: e.value.clone().unwrap_or_default() });
     }
     let mut labels = pod_labels(id);
     labels.insert(CONTAINER_NAME.into(), c.name.clone());
     labels.insert(CONTAINER_KIND.into(), kind.label().into());
-    let image = c.image.clone().with_context(|| format!("container {} has no image", c.name))?;
+    let image = c.image.clone().ok_or_else(|| KubeletError::Invalid(format!("container {} has no image", c.name)))?;
     Ok(cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata { name: c.name.clone(), attempt }),
         image: Some(cri::ImageSpec { image: image.clone(), user_specified_image: image, ..Default::default() }),

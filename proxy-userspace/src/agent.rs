@@ -1,6 +1,7 @@
-//! Wiring: source -> index -> model -> planner -> dataplane, until Ctrl-C
-//! or SIGTERM. The steps live in their own modules; this one only builds
-//! them from the command line and connects them.
+//! Wiring, at the binary's edge: source -> index -> model -> planner ->
+//! dataplane, until Ctrl-C or SIGTERM. The steps live in the library; this
+//! module only builds them from the command line and connects them, so it
+//! alone (with main) reports errors through anyhow.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -10,7 +11,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::{
+use proxy_userspace::{
     api::{self},
     dashboard,
     dataplane::{
@@ -28,7 +29,7 @@ use crate::{
 
 /// The mode asked for on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RequestedMode {
+pub(crate) enum RequestedMode {
     /// eBPF where the kernel allows it, else iptables (says why).
     Auto,
     /// TC eBPF programs on the pod interfaces.
@@ -37,27 +38,27 @@ pub enum RequestedMode {
     Iptables,
 }
 
-pub struct RunConfig {
-    pub mode: RequestedMode,
-    pub iptables: RenderConfig,
+pub(crate) struct RunConfig {
+    pub(crate) mode: RequestedMode,
+    pub(crate) iptables: RenderConfig,
     /// How often iptables mode rewrites every chain instead of only changed ones.
-    pub iptables_full_sync_period: Duration,
-    pub state_dir: PathBuf,
-    pub source: SourceSpec,
-    pub kubeconfig: Option<PathBuf>,
-    pub interfaces: Vec<String>,
-    pub map_sizes: MapSizes,
-    pub model: ModelConfig,
+    pub(crate) iptables_full_sync_period: Duration,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) source: SourceSpec,
+    pub(crate) kubeconfig: Option<PathBuf>,
+    pub(crate) interfaces: Vec<String>,
+    pub(crate) map_sizes: MapSizes,
+    pub(crate) model: ModelConfig,
     /// Syncs are at least this far apart; changes in between are coalesced.
-    pub min_sync_interval: Duration,
-    pub healthz_address: SocketAddr,
-    pub metrics_address: SocketAddr,
+    pub(crate) min_sync_interval: Duration,
+    pub(crate) healthz_address: SocketAddr,
+    pub(crate) metrics_address: SocketAddr,
     /// Where the dashboard is served, if anywhere.
-    pub dashboard_address: Option<SocketAddr>,
+    pub(crate) dashboard_address: Option<SocketAddr>,
     /// Where bpffs is mounted; maps are pinned in its `kpr` folder.
-    pub bpf_root: PathBuf,
+    pub(crate) bpf_root: PathBuf,
     /// How long the source may be cut off before /healthz says 503.
-    pub healthz_threshold: Duration,
+    pub(crate) healthz_threshold: Duration,
 }
 
 async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
@@ -93,10 +94,12 @@ fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<Datap
     }
 }
 
-pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let stop = shutdown_signal().await?;
     let metrics = Arc::new(Metrics::default());
-    let (dataplane, fallback) = choose_dataplane(&cfg).context("starting the dataplane")?;
+    // Loading programs and running iptables block: tell the runtime.
+    let (dataplane, fallback) =
+        tokio::task::block_in_place(|| choose_dataplane(&cfg)).context("starting the dataplane")?;
     if let Some(e) = &fallback {
         metrics.ebpf_fallback.get_or_create(&ReasonLabels { reason: e.label().to_string() }).set(1);
     }
@@ -164,21 +167,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }));
     }
     let mut taken_over = false;
-    let after_sync = |syncer: &mut Syncer<Box<dyn Dataplane>>, source: &dyn Source| {
+    let (interfaces, bpf_root, state_dir) = (cfg.interfaces.clone(), cfg.bpf_root.clone(), cfg.state_dir.clone());
+    let after_sync = move |syncer: &mut Syncer<Box<dyn Dataplane>>, connected: bool| {
         if !taken_over {
             // Only now that this dataplane serves, remove the other's leftovers.
-            takeover::take_over(mode, &cfg.interfaces, &cfg.bpf_root);
+            takeover::take_over(mode, &interfaces, &bpf_root);
             taken_over = true;
         }
         health.synced();
         status.last_sync_at = Some(status::now());
-        status.source_connected = source.connected();
+        status.source_connected = connected;
         let model = syncer.model();
         let waiting = syncer.pending_retry().iter().filter(|k| model.frontends.contains_key(k)).count();
         status.frontends = model.frontends.len() - waiting;
         status.backends = model.backend_count();
         drop(model);
-        if let Err(e) = status.write(&cfg.state_dir) {
+        if let Err(e) = status.write(&state_dir) {
             tracing::debug!(error = %format!("{e:#}"), "status file not updated");
         }
     };
@@ -192,7 +196,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     drop(syncer);
     match mode {
         Mode::Ebpf => tracing::info!(
-            pins = %crate::inspect::pin_dir(&cfg.bpf_root).display(),
+            pins = %proxy_userspace::inspect::pin_dir(&cfg.bpf_root).display(),
             "detached from all interfaces; maps stay pinned for inspection until the next start or `kpr cleanup`; exiting"
         ),
         // As kube-proxy: rules stay in place so Services keep working until

@@ -217,21 +217,33 @@ async fn metrics(State(o): State<Observed>) -> impl IntoResponse {
 }
 
 /// Serves `/healthz` and `/livez` on `addr`.
-pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// A server could not bind its address.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {what} address {addr}: {source} (is another kpr or kube-proxy running?)")]
+pub struct BindError {
+    what: &'static str,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> Result<tokio::task::JoinHandle<()>, BindError> {
     let app = Router::new().route("/healthz", get(healthz)).route("/livez", get(healthz)).with_state(health);
     serve(addr, app, "healthz").await
 }
 
 /// Serves `/metrics` on `addr`.
-pub async fn serve_metrics(addr: SocketAddr, observed: Observed) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve_metrics(addr: SocketAddr, observed: Observed) -> Result<tokio::task::JoinHandle<()>, BindError> {
     let app = Router::new().route("/metrics", get(self::metrics)).with_state(observed);
     serve(addr, app, "metrics").await
 }
 
-pub(crate) async fn serve(addr: SocketAddr, app: Router, what: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the {what} address {addr}: {e}"))?;
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    what: &'static str,
+) -> Result<tokio::task::JoinHandle<()>, BindError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { what, addr, source })?;
     tracing::info!(%addr, "serving {what}");
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -89,10 +89,12 @@ pub struct Frontend {
     pub terminating: Vec<Endpoint>,
 }
 
-/// One frontend as it was and as it is now; `None` where it does not exist.
+/// A frontend that changed: as it was (`None` if it did not exist), and
+/// whether it exists now (then the model holds it). Nothing is copied, so a
+/// cold start of 50,000 frontends costs a few bytes per change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub key: FrontendKey,
-    pub before: Option<Frontend>,
-    pub after: Option<Frontend>,
+    pub before: Option<Box<Frontend>>,
+    pub exists: bool,
 }

@@ -29,11 +29,11 @@ pub struct Snapshot {
     pub unreadable: Vec<Rejection>,
 }
 
-#[derive(Default)]
 pub struct Index {
     services: HashMap<ObjectName, ServiceInfo>,
-    /// Service -> its slices by slice name.
-    slices: HashMap<ObjectName, BTreeMap<String, SliceInfo>>,
+    /// Service -> its slices. A Service has a few (one per 100 endpoints),
+    /// so a small vector beats a map per Service in memory by far.
+    slices: HashMap<ObjectName, Vec<SliceInfo>>,
     /// Slice -> the Service its label names.
     slice_owner: HashMap<ObjectName, ObjectName>,
     /// Slices that name no Service.
@@ -45,6 +45,25 @@ pub struct Index {
     rejection_count: usize,
     dirty: HashSet<ObjectName>,
     all_dirty: bool,
+}
+
+impl Default for Index {
+    /// An empty index; its first [`Index::take_dirty`] says everything, as a
+    /// first sync must recompute all (and a cold start of 50,000 Services
+    /// then keeps no set of 50,000 names).
+    fn default() -> Self {
+        Self {
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_owner: HashMap::new(),
+            unowned: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+            new_rejections: Vec::new(),
+            rejection_count: 0,
+            dirty: HashSet::new(),
+            all_dirty: true,
+        }
+    }
 }
 
 impl Index {
@@ -100,7 +119,7 @@ impl Index {
             return;
         };
         self.slice_owner.insert(s.name.clone(), owner.clone());
-        self.slices.entry(owner.clone()).or_default().insert(s.name.name.clone(), s);
+        self.slices.entry(owner.clone()).or_default().push(s);
         self.touch(owner);
     }
 
@@ -117,7 +136,7 @@ impl Index {
         }
         let owner = self.slice_owner.remove(name)?;
         let set = self.slices.get_mut(&owner)?;
-        let old = set.remove(&name.name);
+        let old = set.iter().position(|s| s.name == *name).map(|at| set.swap_remove(at));
         if set.is_empty() {
             self.slices.remove(&owner);
         }
@@ -155,7 +174,7 @@ impl Index {
     }
 
     pub fn slices_of(&self, key: &ObjectName) -> impl Iterator<Item = &SliceInfo> {
-        self.slices.get(key).into_iter().flat_map(|m| m.values())
+        self.slices.get(key).into_iter().flatten()
     }
 
     pub fn service_keys(&self) -> impl Iterator<Item = &ObjectName> {
@@ -169,7 +188,7 @@ impl Index {
     /// Every rejection of a held object, and every unreadable document.
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
         let services = self.services.values().flat_map(|s| &s.rejections);
-        let slices = self.slices.values().flat_map(|m| m.values()).chain(self.unowned.values());
+        let slices = self.slices.values().flatten().chain(self.unowned.values());
         services.chain(slices.flat_map(|s| &s.rejections)).chain(self.unreadable.values().flatten())
     }
 
@@ -202,7 +221,7 @@ impl Index {
             return s.version.as_deref();
         }
         let owner = self.slice_owner.get(key)?;
-        self.slices.get(owner)?.get(&key.name)?.version.as_deref()
+        self.slices.get(owner)?.iter().find(|s| s.name == *key)?.version.as_deref()
     }
 }
 

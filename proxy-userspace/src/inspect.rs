@@ -9,7 +9,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
     counters::Counter,
@@ -119,43 +118,58 @@ pub struct Maps {
     backend_traffic: HashMap<MapData, BackendTrafficKey, Traffic>,
 }
 
-fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+/// Why the maps could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(
+        "no pinned kpr maps in {dir}: kpr has not run in eBPF mode with --bpf-root {root} \
+         (or runs in iptables mode; `kpr status` tells)"
+    )]
+    NotPinned { dir: PathBuf, root: PathBuf },
+    #[error("opening map {map}: {reason}")]
+    Open { map: String, reason: String },
+    #[error("map {map} has an unexpected type: {source}")]
+    WrongType {
+        map: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+fn wrong_type(map: &str) -> impl FnOnce(aya::maps::MapError) -> InspectError {
+    move |source| InspectError::WrongType { map: map.to_string(), source }
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> Result<HashMap<MapData, K, V>, InspectError> {
+    HashMap::try_from(map).map_err(wrong_type(name))
 }
 
 impl Maps {
     /// Opens the maps the agent pinned under `bpf_root`.
-    pub fn open_pinned(bpf_root: &Path) -> anyhow::Result<Self> {
+    pub fn open_pinned(bpf_root: &Path) -> Result<Self, InspectError> {
         let dir = pin_dir(bpf_root);
         if !dir.join(abi::SERVICES).exists() {
-            anyhow::bail!(
-                "no pinned kpr maps in {}: kpr has not run in eBPF mode with --bpf-root {} \
-                 (or runs in iptables mode; `kpr status` tells)",
-                dir.display(),
-                bpf_root.display()
-            );
+            return Err(InspectError::NotPinned { dir, root: bpf_root.to_path_buf() });
         }
         Self::open(|name| {
             let path = dir.join(name);
-            MapData::from_pin(&path).with_context(|| format!("opening the pinned map {}", path.display()))
+            MapData::from_pin(&path)
+                .map_err(|e| InspectError::Open { map: path.display().to_string(), reason: e.to_string() })
         })
     }
 
     /// Opens each map through `open(name)`.
-    pub fn open(open: impl Fn(&str) -> anyhow::Result<MapData>) -> anyhow::Result<Self> {
-        let get = |name: &str| -> anyhow::Result<Map> {
-            let data = open(name)?;
-            Map::from_map_data(data).with_context(|| format!("map {name} has an unknown type"))
-        };
+    pub fn open(open: impl Fn(&str) -> Result<MapData, InspectError>) -> Result<Self, InspectError> {
+        let get =
+            |name: &str| -> Result<Map, InspectError> { Map::from_map_data(open(name)?).map_err(wrong_type(name)) };
         Ok(Self {
             services: hash(get(abi::SERVICES)?, abi::SERVICES)?,
             backends: hash(get(abi::BACKENDS)?, abi::BACKENDS)?,
             ct_forward: hash(get(abi::CT_FORWARD)?, abi::CT_FORWARD)?,
             ct_reverse: hash(get(abi::CT_REVERSE)?, abi::CT_REVERSE)?,
             neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
-            counters: PerCpuArray::try_from(get(abi::COUNTERS)?)?,
-            service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?)
-                .with_context(|| format!("map {} has an unexpected type", abi::SERVICE_TRAFFIC))?,
+            counters: PerCpuArray::try_from(get(abi::COUNTERS)?).map_err(wrong_type(abi::COUNTERS))?,
+            service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?).map_err(wrong_type(abi::SERVICE_TRAFFIC))?,
             backend_traffic: hash(get(abi::BACKEND_TRAFFIC)?, abi::BACKEND_TRAFFIC)?,
         })
     }

@@ -4,11 +4,10 @@
 //! reduces them to what the proxy uses, the [`index`] holds them, the
 //! [`model`] recomputes the frontends of touched Services, the [`planner`]
 //! turns what changed into operations, and a [`dataplane`] applies them.
-//! [`sync`] runs those steps; [`agent`] wires everything. Leaf types
+//! [`sync`] runs those steps; the binary's `agent` wires everything. Leaf types
 //! ([`name`], [`frontend`], [`rejection`]) sit at the bottom; observers
 //! ([`api`], [`dashboard`], [`inspect`], [`status`]) only read.
 
-pub mod agent;
 pub mod api;
 pub mod dashboard;
 pub mod dataplane;

@@ -1,10 +1,12 @@
+mod agent;
+
 use std::{path::PathBuf, time::Duration};
 
+use agent::{RequestedMode, RunConfig};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use proxy_common::maps as abi;
 use proxy_userspace::{
-    agent::{self, RequestedMode, RunConfig},
     dataplane::{ebpf::MapSizes, iptables::render::RenderConfig},
     inspect::{self, Maps},
     source::SourceSpec,
@@ -384,7 +386,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Conntrack { command: ListCommand::List { maps } } => print_flows(maps),
         Command::Stats { maps } => print_stats(maps),
         Command::Kubelet { command: Some(KubeletCommand::Logs { pod, container, follow, root_dir }), .. } => {
-            kubelet_cri::run::print_logs(&root_dir, &pod, container.as_deref(), follow)
+            Ok(kubelet_cri::run::print_logs(&root_dir, &pod, container.as_deref(), follow)?)
         }
         Command::Kubelet { command: Some(KubeletCommand::Reset { container_runtime_endpoint }), .. } => {
             let n = kubelet_cri::kubelet::reset(&container_runtime_endpoint).await?;
@@ -411,7 +413,8 @@ async fn main() -> anyhow::Result<()> {
                 backoff: args.restart_backoff,
                 sync_period: args.sync_frequency,
             })
-            .await
+            .await?;
+            Ok(())
         }
         Command::Cleanup { interfaces, bpf_root } => {
             let interfaces = interfaces.unwrap_or_else(cleanup::all_interfaces);

@@ -61,7 +61,8 @@ struct Pass<'a> {
     index: &'a Index,
     queue: VecDeque<ObjectName>,
     queued: HashSet<ObjectName>,
-    before: HashMap<FrontendKey, Option<Frontend>>,
+    /// Each touched frontend as it was; boxed, as at a cold start all are `None`.
+    before: HashMap<FrontendKey, Option<Box<Frontend>>>,
     new_rejections: Vec<Rejection>,
     released: bool,
 }
@@ -138,8 +139,8 @@ impl Model {
             .before
             .into_iter()
             .filter_map(|(key, before)| {
-                let after = self.frontends.get(&key);
-                (before.as_ref() != after).then(|| Change { key, before, after: after.cloned() })
+                let now = self.frontends.get(&key);
+                (before.as_deref() != now).then(|| Change { key, before, exists: now.is_some() })
             })
             .collect();
         changes.sort_by_key(|c| c.key);
@@ -161,7 +162,7 @@ impl Model {
         self.conflicted.remove(key);
         for k in &old.keys {
             if self.owner.get(k) == Some(key) {
-                let previous = self.remove_frontend(k);
+                let previous = self.remove_frontend(k).map(Box::new);
                 pass.before.entry(*k).or_insert(previous);
                 self.owner.remove(k);
                 pass.released = true;
@@ -184,11 +185,11 @@ impl Model {
                     continue;
                 }
                 // This Service is older: the frontend is ours, the other recomputes without it.
-                let previous = self.remove_frontend(&f.key);
+                let previous = self.remove_frontend(&f.key).map(Box::new);
                 pass.before.entry(f.key).or_insert(previous);
                 pass.push(other);
             }
-            pass.before.entry(f.key).or_insert_with(|| self.frontends.get(&f.key).cloned());
+            pass.before.entry(f.key).or_insert_with(|| self.frontends.get(&f.key).cloned().map(Box::new));
             self.owner.insert(f.key, key.clone());
             state.keys.push(f.key);
             self.insert_frontend(f);

@@ -5,34 +5,22 @@ use std::collections::BTreeMap;
 
 use crate::frontend::{Change, Frontend, FrontendKey};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What to do with one frontend. An upsert names the frontend only: the
+/// dataplane reads it from the desired state it is handed, so no operation
+/// copies a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Create the frontend, or replace its backend set.
-    Upsert(Frontend),
+    Upsert(FrontendKey),
     Delete(FrontendKey),
 }
 
 /// Operations for the model's changes: deletions first (so a frontend
-/// moving between Services never exists twice), unchanged frontends
-/// produce none.
+/// moving between Services never exists twice).
 pub fn plan(changes: &[Change]) -> Vec<Op> {
-    plan_triples(changes.iter().map(|c| (c.key, c.before.as_ref(), c.after.as_ref())))
-}
-
-fn plan_triples<'a>(
-    changes: impl IntoIterator<Item = (FrontendKey, Option<&'a Frontend>, Option<&'a Frontend>)>,
-) -> Vec<Op> {
-    let mut deletes = Vec::new();
-    let mut upserts = Vec::new();
-    for (key, before, after) in changes {
-        match (before, after) {
-            (Some(_), None) => deletes.push(Op::Delete(key)),
-            (b, Some(a)) if b != Some(a) => upserts.push(Op::Upsert(a.clone())),
-            _ => {}
-        }
-    }
-    deletes.extend(upserts);
-    deletes
+    let deletes = changes.iter().filter(|c| !c.exists && c.before.is_some()).map(|c| Op::Delete(c.key));
+    let upserts = changes.iter().filter(|c| c.exists).map(|c| Op::Upsert(c.key));
+    deletes.chain(upserts).collect()
 }
 
 /// Operations that turn `old` into `new`, comparing every frontend.
@@ -40,30 +28,18 @@ pub fn diff(old: &BTreeMap<FrontendKey, Frontend>, new: &BTreeMap<FrontendKey, F
     let mut keys: Vec<FrontendKey> = old.keys().chain(new.keys()).copied().collect();
     keys.sort();
     keys.dedup();
-    plan_triples(keys.into_iter().map(|k| (k, old.get(&k), new.get(&k))))
+    let changes: Vec<Change> = keys
+        .into_iter()
+        .filter(|k| old.get(k) != new.get(k))
+        .map(|key| Change { key, before: old.get(&key).cloned().map(Box::new), exists: new.contains_key(&key) })
+        .collect();
+    plan(&changes)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
-    use crate::{
-        frontend::{Endpoint, Protocol, ServiceType},
-        name::{ObjectName, ServicePortName},
-    };
-
-    fn fe(vip: u8, port: u16, backends: &[u8]) -> Frontend {
-        Frontend {
-            service: ServicePortName { service: ObjectName::new("default", format!("svc{vip}")), port: String::new() },
-            key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
-            service_type: ServiceType::ClusterIP,
-            node_port: None,
-            load_balancer_ips: vec![],
-            terminating: vec![],
-            backends: backends.iter().map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 }).collect(),
-        }
-    }
+    use crate::testing::frontend as fe;
 
     fn model(frontends: &[Frontend]) -> BTreeMap<FrontendKey, Frontend> {
         frontends.iter().map(|f| (f.key, f.clone())).collect()
@@ -77,7 +53,7 @@ mod tests {
     #[test]
     fn new_frontends_are_upserted() {
         let a = fe(1, 80, &[1, 2]);
-        assert_eq!(diff(&BTreeMap::new(), &model(std::slice::from_ref(&a))), vec![Op::Upsert(a)]);
+        assert_eq!(diff(&BTreeMap::new(), &model(std::slice::from_ref(&a))), vec![Op::Upsert(a.key)]);
     }
 
     #[test]
@@ -90,21 +66,21 @@ mod tests {
     fn only_the_changed_service_is_touched() {
         let old = model(&[fe(1, 80, &[1, 2, 3]), fe(2, 80, &[4])]);
         let new = model(&[fe(1, 80, &[1, 3]), fe(2, 80, &[4])]);
-        assert_eq!(diff(&old, &new), vec![Op::Upsert(fe(1, 80, &[1, 3]))]);
+        assert_eq!(diff(&old, &new), vec![Op::Upsert(fe(1, 80, &[1, 3]).key)]);
     }
 
     #[test]
     fn removed_frontends_are_deleted_first() {
         let old = model(&[fe(1, 80, &[1]), fe(2, 80, &[2])]);
         let new = model(&[fe(2, 80, &[2]), fe(3, 80, &[])]);
-        assert_eq!(diff(&old, &new), vec![Op::Delete(fe(1, 80, &[]).key), Op::Upsert(fe(3, 80, &[]))]);
+        assert_eq!(diff(&old, &new), vec![Op::Delete(fe(1, 80, &[]).key), Op::Upsert(fe(3, 80, &[]).key)]);
     }
 
     #[test]
     fn losing_all_endpoints_is_an_upsert_with_none() {
         let old = model(&[fe(1, 80, &[1])]);
         let new = model(&[fe(1, 80, &[])]);
-        assert_eq!(diff(&old, &new), vec![Op::Upsert(fe(1, 80, &[]))]);
+        assert_eq!(diff(&old, &new), vec![Op::Upsert(fe(1, 80, &[]).key)]);
     }
 
     #[test]
@@ -112,6 +88,6 @@ mod tests {
         let old = model(&[fe(1, 80, &[1])]);
         let mut renamed = fe(1, 80, &[1]);
         renamed.service.service.name = "other".into();
-        assert_eq!(diff(&old, &model(&[renamed.clone()])), vec![Op::Upsert(renamed)]);
+        assert_eq!(diff(&old, &model(&[renamed.clone()])), vec![Op::Upsert(renamed.key)]);
     }
 }

@@ -6,7 +6,6 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_STATE_DIR: &str = "/run/kpr";
@@ -34,22 +33,49 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("status.json")
 }
 
+/// Why the status file could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no status at {path}: is kpr running with --state-dir {state_dir}? ({source})")]
+    Missing {
+        path: PathBuf,
+        state_dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 impl Status {
     /// Writes atomically so a reader never sees half a file.
-    pub fn write(&self, state_dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    pub fn write(&self, state_dir: &Path) -> Result<(), StatusError> {
         let tmp = state_dir.join(".status.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(tmp, path(state_dir))?;
-        Ok(())
+        let failed = |source| StatusError::Write { path: path(state_dir), source };
+        std::fs::create_dir_all(state_dir).map_err(failed)?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| failed(e.into()))?;
+        std::fs::write(&tmp, bytes).map_err(failed)?;
+        std::fs::rename(tmp, path(state_dir)).map_err(failed)
     }
 
-    pub fn read(state_dir: &Path) -> anyhow::Result<Self> {
+    pub fn read(state_dir: &Path) -> Result<Self, StatusError> {
         let p = path(state_dir);
-        let bytes = std::fs::read(&p).with_context(|| {
-            format!("no status at {}: is kpr running with --state-dir {}?", p.display(), state_dir.display())
+        let bytes = std::fs::read(&p).map_err(|source| StatusError::Missing {
+            path: p.clone(),
+            state_dir: state_dir.to_path_buf(),
+            source,
         })?;
-        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))
+        serde_json::from_slice(&bytes).map_err(|source| StatusError::Unreadable { path: p, source })
     }
 
     /// Whether the agent that wrote this is still alive.

@@ -98,13 +98,10 @@ impl<D: Dataplane> Syncer<D> {
         for r in index.take_new_rejections().iter().chain(&update.new_rejections) {
             self.report(r);
         }
-        let mut ops = planner::plan(&update.changes);
         let planned: BTreeSet<FrontendKey> = update.changes.iter().map(|c| c.key).collect();
+        let mut ops = planner::plan(&update.changes);
         for key in std::mem::take(&mut self.retry).into_iter().filter(|k| !planned.contains(k)) {
-            ops.push(match model.frontends.get(&key) {
-                Some(f) => Op::Upsert(f.clone()),
-                None => Op::Delete(key),
-            });
+            ops.push(if model.frontends.contains_key(&key) { Op::Upsert(key) } else { Op::Delete(key) });
         }
         let count = index.rejection_count() + model.rejection_count();
         if self.published_rejections != Some(count) || !update.new_rejections.is_empty() {
@@ -162,18 +159,25 @@ impl<D: Dataplane> Syncer<D> {
 
 /// Syncs whenever the source announces changes, at most once per
 /// `min_interval` (a lone change is applied at once), until `stop`
-/// resolves; returns the syncer.
-pub async fn sync_loop<D: Dataplane + 'static>(
+/// resolves; returns the syncer. `after_sync` runs after each sync on the
+/// same blocking thread as the dataplane (it may run commands too), with
+/// whether the source is connected.
+pub async fn sync_loop<D, F>(
     source: &dyn Source,
     index: &SharedIndex,
     changes: &mut mpsc::UnboundedReceiver<Instant>,
     syncer: Syncer<D>,
     min_interval: Duration,
     stop: impl std::future::Future<Output = ()>,
-    mut after_sync: impl FnMut(&mut Syncer<D>, &dyn Source),
-) -> Syncer<D> {
+    after_sync: F,
+) -> Syncer<D>
+where
+    D: Dataplane + 'static,
+    F: FnMut(&mut Syncer<D>, bool) + Send + 'static,
+{
     let mut stop = std::pin::pin!(stop);
-    let mut syncer = Some(syncer);
+    // Handed to the blocking thread for each sync and back.
+    let mut state = Some((syncer, after_sync));
     let mut pending: Vec<Instant> = Vec::new();
     let mut last_sync: Option<tokio::time::Instant> = None;
     // Set after a sync the dataplane partly refused: try again then, even
@@ -190,21 +194,22 @@ pub async fn sync_loop<D: Dataplane + 'static>(
                 }
             }
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() && source.ready() => {
-                let mut s = syncer.take().expect("the syncer is back after every sync");
+                let (mut s, mut after) = state.take().expect("the syncer is back after every sync");
                 let planned = s.update_model(&mut index.lock().unwrap());
                 let arrivals = std::mem::take(&mut pending);
-                let (mut s, ok) = tokio::task::spawn_blocking(move || {
+                let connected = source.connected();
+                let (s, after, ok) = tokio::task::spawn_blocking(move || {
                     let ok = s.apply(planned, &arrivals);
-                    (s, ok)
+                    after(&mut s, connected);
+                    (s, after, ok)
                 })
                 .await
                 .expect("applying a sync panicked");
-                after_sync(&mut s, source);
-                syncer = Some(s);
+                state = Some((s, after));
                 last_sync = Some(tokio::time::Instant::now());
                 retry = (!ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
             }
-            _ = &mut stop => return syncer.take().expect("the syncer is back after every sync"),
+            _ = &mut stop => return state.take().expect("the syncer is back after every sync").0,
         }
     }
 }

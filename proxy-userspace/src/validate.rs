@@ -60,7 +60,7 @@ impl ModelConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// The port's name; empty when unnamed.
-    pub name: String,
+    pub name: Arc<str>,
     pub key: FrontendKey,
     pub node_port: Option<u16>,
 }
@@ -88,7 +88,7 @@ pub struct ServiceInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
     /// Matches the Service port of the same name (empty: the unnamed port).
-    pub name: String,
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -183,8 +183,8 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
     };
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
-        let name = p.name.clone().unwrap_or_default();
-        let label = if name.is_empty() { p.port.to_string() } else { name.clone() };
+        let name: Arc<str> = p.name.as_deref().unwrap_or_default().into();
+        let label = if name.is_empty() { p.port.to_string() } else { name.to_string() };
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
@@ -229,7 +229,8 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
     let name = ObjectName::of(meta);
     let object = format!("EndpointSlice {}", if name.name.is_empty() { "<unnamed>".into() } else { name.to_string() });
     let labels = meta.labels.as_ref();
-    let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|s| ObjectName::new(&name.namespace, s));
+    let service =
+        labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|s| ObjectName::new(name.namespace.clone(), s.as_str()));
     let mut info = SliceInfo {
         name,
         origin: origin.clone(),
@@ -260,7 +261,7 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
     }
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
-        let name = p.name.clone().unwrap_or_default();
+        let name: Arc<str> = p.name.as_deref().unwrap_or_default().into();
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,

@@ -138,7 +138,7 @@ fn asset(body: &'static str, content_type: &'static str) -> impl IntoResponse {
 }
 
 /// Serves the dashboard on `addr`.
-pub async fn serve(addr: SocketAddr, observed: Observed) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(addr: SocketAddr, observed: Observed) -> Result<tokio::task::JoinHandle<()>, crate::api::BindError> {
     let app = Router::new()
         .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
         .route("/app.js", get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }))

@@ -27,8 +27,12 @@ const TWO: &str = "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0
 #[test]
 fn changes_mark_only_their_service() {
     let mut i = index(TWO);
-    assert_eq!(i.take_dirty(), Dirty::Some([key("a"), key("b")].into()));
+    assert_eq!(i.take_dirty(), Dirty::All, "a new index has everything to compute");
     assert_eq!(i.take_dirty(), Dirty::None);
+    for o in objects(TWO).objects {
+        i.apply(o);
+    }
+    assert_eq!(i.take_dirty(), Dirty::Some([key("a"), key("b")].into()));
     i.apply(slice("a-1", "a"));
     assert_eq!(i.take_dirty(), Dirty::Some([key("a")].into()));
     assert_eq!(i.slices_of(&key("a")).count(), 1);
@@ -37,6 +41,7 @@ fn changes_mark_only_their_service() {
 #[test]
 fn a_slice_moving_between_services_touches_both() {
     let mut i = Index::default();
+    i.take_dirty();
     i.apply(slice("x", "a"));
     i.take_dirty();
     i.apply(slice("x", "b"));

@@ -8,7 +8,7 @@
 //! 50,000-Service file costs one small parse.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{
@@ -62,7 +62,9 @@ fn unreadable(origin: &str, object: String, reason: impl ToString) -> Rejection 
 struct Reader<'a> {
     origin: Arc<str>,
     config: &'a ModelConfig,
-    snapshot: Snapshot,
+    /// Where each validated object goes as soon as it is read.
+    sink: &'a mut dyn FnMut(Object),
+    unreadable: Vec<Rejection>,
 }
 
 impl Reader<'_> {
@@ -76,12 +78,12 @@ impl Reader<'_> {
         let origin = &self.origin;
         match kind.as_str() {
             "Service" => match Service::deserialize(&value) {
-                Ok(o) => self.snapshot.objects.push(Object::Service(validate::service(&o, origin, self.config))),
-                Err(e) => self.snapshot.unreadable.push(unreadable(origin, named(&value), e)),
+                Ok(o) => (self.sink)(Object::Service(validate::service(&o, origin, self.config))),
+                Err(e) => self.unreadable.push(unreadable(origin, named(&value), e)),
             },
             "EndpointSlice" => match EndpointSlice::deserialize(&value) {
-                Ok(o) => self.snapshot.objects.push(Object::Slice(validate::slice(&o, origin, self.config))),
-                Err(e) => self.snapshot.unreadable.push(unreadable(origin, named(&value), e)),
+                Ok(o) => (self.sink)(Object::Slice(validate::slice(&o, origin, self.config))),
+                Err(e) => self.unreadable.push(unreadable(origin, named(&value), e)),
             },
             "List" | "ServiceList" | "EndpointSliceList" => {
                 let items = match value {
@@ -95,7 +97,7 @@ impl Reader<'_> {
                     self.add(&format!("{position}, item {}", i + 1), item);
                 }
             }
-            "" => self.snapshot.unreadable.push(unreadable(origin, position.to_string(), "has no kind")),
+            "" => self.unreadable.push(unreadable(origin, position.to_string(), "has no kind")),
             other => tracing::debug!(%origin, kind = other, "ignoring kind the proxy does not use"),
         }
     }
@@ -104,60 +106,76 @@ impl Reader<'_> {
 /// Parses one file into validated objects; unreadable documents become
 /// rejections.
 pub fn parse_file(path: &Path, bytes: &[u8], config: &ModelConfig) -> Snapshot {
-    let mut reader = Reader { origin: path.display().to_string().into(), config, snapshot: Snapshot::default() };
+    parse(path, bytes, config)
+}
+
+/// [`parse_file`] from a reader.
+pub fn parse(path: &Path, input: impl std::io::Read, config: &ModelConfig) -> Snapshot {
+    let mut objects = Vec::new();
+    let unreadable = parse_each(path, input, config, &mut |o| objects.push(o));
+    Snapshot { objects, unreadable }
+}
+
+/// Reads `input`, handing each validated object to `sink` as soon as it is
+/// read; returns the documents that could not be read. JSON is decoded as
+/// it is read, so a large file never sits in memory whole, neither as text
+/// nor as objects; a YAML stream is read first.
+pub fn parse_each(
+    path: &Path,
+    mut input: impl std::io::Read,
+    config: &ModelConfig,
+    sink: &mut dyn FnMut(Object),
+) -> Vec<Rejection> {
+    let mut reader = Reader { origin: path.display().to_string().into(), config, sink, unreadable: Vec::new() };
     if path.extension().is_some_and(|e| e == "json") {
-        for (index, value) in serde_json::Deserializer::from_slice(bytes).into_iter::<serde_json::Value>().enumerate() {
+        let input = std::io::BufReader::new(input);
+        for (index, value) in serde_json::Deserializer::from_reader(input).into_iter::<serde_json::Value>().enumerate()
+        {
             let position = format!("value {}", index + 1);
             match value {
                 Ok(v) => reader.add(&position, v),
                 Err(e) => {
                     let origin = reader.origin.clone();
-                    reader.snapshot.unreadable.push(unreadable(&origin, position, e));
+                    reader.unreadable.push(unreadable(&origin, position, e));
                     break;
                 }
             }
         }
-        return reader.snapshot;
+        return reader.unreadable;
     }
-    for (index, doc) in serde_yaml::Deserializer::from_slice(bytes).enumerate() {
+    let mut bytes = Vec::new();
+    if let Err(e) = input.read_to_end(&mut bytes) {
+        let origin = reader.origin.clone();
+        reader.unreadable.push(unreadable(&origin, "the file".into(), e));
+        return reader.unreadable;
+    }
+    for (index, doc) in serde_yaml::Deserializer::from_slice(&bytes).enumerate() {
         let position = format!("document {}", index + 1);
         match serde_json::Value::deserialize(doc) {
             Ok(serde_json::Value::Null) => {}
             Ok(v) => reader.add(&position, v),
             Err(e) => {
                 let origin = reader.origin.clone();
-                reader.snapshot.unreadable.push(unreadable(&origin, position, e));
+                reader.unreadable.push(unreadable(&origin, position, e));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
         }
     }
-    reader.snapshot
+    reader.unreadable
 }
 
-/// Takes one file's old objects out of the index and puts its new ones in;
-/// returns the names the file now holds.
-fn replace_file(index: &mut Index, origin: &str, old: Option<&FileState>, new: Option<Snapshot>) -> FileNames {
-    for name in old.iter().flat_map(|o| &o.services) {
+/// Takes out of the index what a file held before and holds no more.
+fn remove_gone(index: &mut Index, old: Option<&FileState>, now: &FileNames) {
+    let Some(old) = old else { return };
+    let services: HashSet<&ObjectName> = now.services.iter().collect();
+    let slices: HashSet<&ObjectName> = now.slices.iter().collect();
+    for name in old.services.iter().filter(|n| !services.contains(n)) {
         index.delete_service(name);
     }
-    for name in old.iter().flat_map(|o| &o.slices) {
+    for name in old.slices.iter().filter(|n| !slices.contains(n)) {
         index.delete_slice(name);
     }
-    let mut names = FileNames::default();
-    let Some(new) = new else {
-        index.set_unreadable(origin, Vec::new());
-        return names;
-    };
-    for object in new.objects {
-        match &object {
-            Object::Service(s) => names.services.push(s.name.clone()),
-            Object::Slice(s) => names.slices.push(s.name.clone()),
-        }
-        index.apply(object);
-    }
-    index.set_unreadable(origin, new.unreadable);
-    names
 }
 
 #[derive(Default)]
@@ -204,19 +222,33 @@ impl DirSource {
         let gone: Vec<PathBuf> = files.keys().filter(|p| !listed.contains_key(*p)).cloned().collect();
         for path in gone {
             let old = files.remove(&path);
-            replace_file(&mut self.index.lock().unwrap(), &path.display().to_string(), old.as_ref(), None);
+            let mut index = self.index.lock().unwrap();
+            remove_gone(&mut index, old.as_ref(), &FileNames::default());
+            index.set_unreadable(&path.display().to_string(), Vec::new());
             changed = true;
         }
         for (path, stamp) in listed {
             if files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let Ok(bytes) = std::fs::read(&path) else { continue };
-            let parsed = parse_file(&path, &bytes, &self.config);
-            drop(bytes);
+            let Ok(file) = std::fs::File::open(&path) else { continue };
+            // Objects go into the index as they are read (replacing their
+            // previous versions in place); what the file no longer holds is
+            // removed after. A sync in between sees some objects already
+            // new, as it would a stream of watch events, never one missing.
+            let mut names = FileNames::default();
+            let unreadable = parse_each(&path, file, &self.config, &mut |object| {
+                match &object {
+                    Object::Service(s) => names.services.push(s.name.clone()),
+                    Object::Slice(s) => names.slices.push(s.name.clone()),
+                }
+                self.index.lock().unwrap().apply(object);
+            });
             let old = files.remove(&path);
-            let names =
-                replace_file(&mut self.index.lock().unwrap(), &path.display().to_string(), old.as_ref(), Some(parsed));
+            let mut index = self.index.lock().unwrap();
+            remove_gone(&mut index, old.as_ref(), &names);
+            index.set_unreadable(&path.display().to_string(), unreadable);
+            drop(index);
             files.insert(path, FileState { stamp, services: names.services, slices: names.slices });
             changed = true;
         }
@@ -357,7 +389,7 @@ mod tests {
         assert!(source.rescan().unwrap());
         assert!(!source.rescan().unwrap(), "nothing changed");
         let key = |n: &str| ObjectName::new("default", n);
-        assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::Some([key("a")].into()));
+        assert_eq!(index.lock().unwrap().take_dirty(), crate::index::Dirty::All, "the first sync computes everything");
         std::fs::write(dir.join("b.yaml"), "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n")
             .unwrap();
         assert!(source.rescan().unwrap());

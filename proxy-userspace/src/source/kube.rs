@@ -14,7 +14,6 @@ use std::{
     time::Instant,
 };
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -45,19 +44,33 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
+/// Why no API client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("using kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no in-cluster config and no usable kubeconfig: pass --kubeconfig ({0})")]
+    NoConfig(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
 /// A client from `kubeconfig`, or else the in-cluster config (or the
 /// default kubeconfig when run outside a cluster).
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
+            let failed = |source| ClientError::Kubeconfig { path: path.to_path_buf(), source };
+            let kc = Kubeconfig::read_from(path).map_err(failed)?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(failed)?
         }
-        None => Config::infer().await.context("no in-cluster config and no usable kubeconfig: pass --kubeconfig")?,
+        None => Config::infer().await.map_err(ClientError::NoConfig)?,
     };
-    Client::try_from(config).context("building the Kubernetes client")
+    Client::try_from(config).map_err(ClientError::Client)
 }
 
 /// Whether a kind has been listed in full and whether its watch is healthy.

@@ -25,8 +25,8 @@ impl Dataplane for Recorder {
         let refuse = self.refuse.load(std::sync::atomic::Ordering::Relaxed);
         ops.iter()
             .filter_map(|op| match op {
-                Op::Upsert(f) if refuse && f.key.port == 666 => Some(ApplyError {
-                    frontend: f.key,
+                Op::Upsert(key) if refuse && key.port == 666 => Some(ApplyError {
+                    frontend: *key,
                     error: DataplaneError::MapFull { map: "SERVICES", capacity: 1, flag: "--max-services" },
                 }),
                 _ => None,
@@ -98,7 +98,7 @@ fn a_refused_frontend_is_retried_from_the_desired_state_until_accepted() {
     assert!(metrics.encode().contains("kpr_dataplane_errors_total{reason=\"map_full\"} 1"));
     refuse.store(false, std::sync::atomic::Ordering::Relaxed);
     assert!(syncer.sync(&mut idx, &[]), "tried again without any new change, and accepted");
-    assert_eq!(log.lock().unwrap()[1], [Op::Upsert(syncer.model().frontends[&key].clone())]);
+    assert_eq!(log.lock().unwrap()[1], [Op::Upsert(key)]);
     assert!(syncer.pending_retry().is_empty());
     assert!(syncer.sync(&mut idx, &[]));
     assert!(log.lock().unwrap()[2].is_empty(), "accepted frontends are not retried");

@@ -164,10 +164,11 @@ pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result
     let ids: std::collections::HashMap<&str, u32> =
         abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
     let observed = Maps::open(|name| {
-        let id = ids.get(name).ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
-        MapData::from_id(*id).map_err(|e| anyhow::anyhow!("opening map {name} by id: {e}"))
+        let open = |reason: String| crate::inspect::InspectError::Open { map: name.to_string(), reason };
+        let id = ids.get(name).ok_or_else(|| open("missing from the eBPF object".into()))?;
+        MapData::from_id(*id).map_err(|e| open(format!("by id: {e}")))
     })
-    .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
+    .map_err(|e| DataplaneError::Load(e.to_string()))?;
     let service_traffic = ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?;
     let traffic = TrafficMaps::new(
         Array::try_from(service_traffic).map_err(|e| wrong_type(abi::SERVICE_TRAFFIC, e))?,

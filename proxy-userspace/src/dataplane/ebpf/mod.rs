@@ -318,12 +318,17 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
         self.observed.clone().map(|m| m as Arc<dyn DatapathStats>)
     }
 
-    fn apply(&mut self, ops: &[Op], _desired: &Desired) -> Vec<ApplyError> {
+    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
         self.retry_leftovers();
         let mut errors = Vec::new();
         for op in ops {
             let (frontend, result) = match op {
-                Op::Upsert(f) => (f.key, self.upsert(f)),
+                Op::Upsert(k) => match desired.get(k) {
+                    Some(f) => (*k, self.upsert(f)),
+                    // The planner upserts only what the model holds; anything
+                    // else is not wanted.
+                    None => (*k, self.delete(k)),
+                },
                 Op::Delete(k) => (*k, self.delete(k)),
             };
             if let Err(error) = result {

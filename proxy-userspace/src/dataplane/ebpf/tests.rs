@@ -2,29 +2,14 @@ use super::{
     fake::{FakeMaps, Faulty},
     *,
 };
-use crate::{
-    frontend::Endpoint,
-    name::{ObjectName, ServicePortName},
-};
-
-fn fe(vip: u8, port: u16, backends: &[u8]) -> Frontend {
-    Frontend {
-        service: ServicePortName { service: ObjectName::new("default", format!("svc{vip}")), port: String::new() },
-        key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
-        service_type: ServiceType::ClusterIP,
-        node_port: None,
-        load_balancer_ips: vec![],
-        backends: backends.iter().map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 }).collect(),
-        terminating: vec![],
-    }
-}
+use crate::{frontend::Endpoint, testing::frontend as fe};
 
 fn sizes(services: u32, backends: u32) -> MapSizes {
     MapSizes { services, backends, flows: 16 }
 }
 
 fn upsert<M: ServiceMaps>(dp: &mut EbpfDataplane<M>, f: &Frontend) -> Vec<ApplyError> {
-    dp.apply(&[Op::Upsert(f.clone())], &Desired::new())
+    dp.apply(&[Op::Upsert(f.key)], &Desired::from([(f.key, f.clone())]))
 }
 
 /// The backends (last octets) the datapath would read for a frontend.

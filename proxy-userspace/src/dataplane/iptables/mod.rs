@@ -124,7 +124,7 @@ impl Dataplane for IptablesDataplane {
         let changed: BTreeSet<FrontendKey> = ops
             .iter()
             .map(|op| match op {
-                Op::Upsert(f) => f.key,
+                Op::Upsert(k) => *k,
                 Op::Delete(k) => *k,
             })
             .collect();
