@@ -119,7 +119,8 @@ impl Index {
             return;
         };
         self.slice_owner.insert(s.name.clone(), owner.clone());
-        self.slices.entry(owner.clone()).or_default().push(s);
+        // Most Services have one slice: room for one, not the four a first push reserves.
+        self.slices.entry(owner.clone()).or_insert_with(|| Vec::with_capacity(1)).push(s);
         self.touch(owner);
     }
 

@@ -213,6 +213,8 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok())
         .collect();
     info.service_type = service_type;
+    // Held for the object's life: no spare capacity.
+    ports.shrink_to_fit();
     info.ports = ports;
     info
 }
@@ -292,6 +294,9 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         });
     }
+    // Held for the object's life: no spare capacity.
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     info.ports = ports;
     info.endpoints = endpoints;
     info
