@@ -18,7 +18,7 @@ use crate::maps::{BACKEND_TRAFFIC, COUNTERS, SERVICE_TRAFFIC};
 
 /// Bumps `counter` and hands `verdict` through, so call sites read as one line.
 #[inline(always)]
-pub fn count<T>(counter: Counter, verdict: T) -> T {
+pub(crate) fn count<T>(counter: Counter, verdict: T) -> T {
     // The map holds a slot for every counter (proxy-common checks that the
     // indices are dense below COUNT), so the lookup always succeeds.
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
@@ -44,7 +44,7 @@ fn add(t: *mut Traffic, bytes: u32) {
 
 /// Adds one packet of `bytes` to the Service's traffic.
 #[inline(always)]
-pub fn count_traffic(service_id: u32, bytes: u32) {
+pub(crate) fn count_traffic(service_id: u32, bytes: u32) {
     // Only ids beyond the map's size have no slot; userspace never hands
     // those out, and a miss would only lose statistics.
     if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(service_id) {
@@ -55,7 +55,7 @@ pub fn count_traffic(service_id: u32, bytes: u32) {
 /// Adds one packet of `bytes` to the Service's traffic and to that of the
 /// backend (`addr`, `port`) serving it.
 #[inline(always)]
-pub fn count_traffic_via(service_id: u32, addr: [u8; 4], port: [u8; 2], bytes: u32) {
+pub(crate) fn count_traffic_via(service_id: u32, addr: [u8; 4], port: [u8; 2], bytes: u32) {
     count_traffic(service_id, bytes);
     let key = BackendTrafficKey::new(service_id, addr, port);
     if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(key) {

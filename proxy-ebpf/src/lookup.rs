@@ -17,7 +17,7 @@ use crate::{
     parse::Packet,
 };
 
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// A backend's reply in a translated flow: put the VIP back.
     Reply(ReverseEntry),
     /// To a Service (by id), with the backend the flow is (now) pinned to.
@@ -28,12 +28,12 @@ pub enum Lookup {
 }
 
 #[inline(always)]
-pub fn is_vip(addr: [u8; 4]) -> bool {
+pub(crate) fn is_vip(addr: [u8; 4]) -> bool {
     SERVICES.get_ptr(ServiceKey::vip_marker(addr)).is_some()
 }
 
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
+pub(crate) fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
     let flow = FlowKey::new(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
 
     if let Some(rev) = CT_REVERSE.get_ptr(flow) {

@@ -48,7 +48,7 @@ pub enum Verdict {
 /// Attached on ingress of the node side of every pod interface: it sees
 /// what pods send, both their requests to VIPs and their replies as backends.
 #[classifier]
-pub fn kpr_from_pod(ctx: TcContext) -> i32 {
+pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
     match try_from_pod(&ctx).and_then(|verdict| act(&ctx, verdict)) {
         Ok(action) => action,
         // The packet may be half rewritten, or must not go on: shoot it,

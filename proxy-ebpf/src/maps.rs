@@ -15,26 +15,28 @@ use proxy_common::{
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
 
 #[map]
-pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+pub(crate) static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
 
 #[map]
-pub static CT_FORWARD: LruHashMap<FlowKey, ForwardEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+pub(crate) static CT_FORWARD: LruHashMap<FlowKey, ForwardEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
 #[map]
-pub static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+pub(crate) static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
 
 #[map]
-pub static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);
+pub(crate) static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);
 
 #[map]
-pub static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+pub(crate) static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFAULT_SERVICES_MAX, 0);
 
 #[map]
-pub static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
+pub(crate) static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
     LruHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);

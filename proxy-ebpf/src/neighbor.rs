@@ -18,7 +18,7 @@ use crate::{maps::NEIGHBORS, skb};
 /// Best effort: no verdict depends on it. Without an entry, packets to `src`
 /// go through the host's routing instead of straight to its interface.
 #[inline(always)]
-pub fn learn(ctx: &TcContext, src: [u8; 4]) {
+pub(crate) fn learn(ctx: &TcContext, src: [u8; 4]) {
     // Cannot fail once the packet parsed (it holds an IPv4 header after the
     // MAC header); if it did, there would be nothing to learn.
     let Ok(mac) = ctx.load::<[u8; 6]>(6) else { return };
@@ -37,7 +37,7 @@ pub fn learn(ctx: &TcContext, src: [u8; 4]) {
 /// Readdresses the frame to `dst`'s MAC (from `src_mac`, when given) and
 /// returns the interface to send it out of, if `dst` is a known pod.
 #[inline(always)]
-pub fn readdress(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Option<u32>, DropReason> {
+pub(crate) fn readdress(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Option<u32>, DropReason> {
     let Some(n) = NEIGHBORS.get_ptr(dst) else { return Ok(None) };
     let n = unsafe { core::ptr::read(n) };
     skb::store(ctx, 0, &n.mac)?;

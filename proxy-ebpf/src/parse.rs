@@ -9,7 +9,7 @@ use proxy_common::{
 };
 
 /// A TCP or UDP packet whose ports could be read.
-pub struct Packet {
+pub(crate) struct Packet {
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub src_port: [u8; 2],
@@ -25,7 +25,7 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
-pub enum Parsed {
+pub(crate) enum Parsed {
     Flow(Packet),
     NotIpv4,
     Malformed,
@@ -35,7 +35,7 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
+pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else {
         return Parsed::Malformed;
     };

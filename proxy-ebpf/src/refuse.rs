@@ -14,7 +14,7 @@ use proxy_common::{
 
 use crate::{Verdict, parse::Packet, skb};
 
-pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReason> {
+pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReason> {
     // The answers are laid out for a 20-byte IP header; a packet with IP
     // options to an empty Service is dropped instead.
     if pkt.l4_off != ETH_HLEN + MIN_HLEN {

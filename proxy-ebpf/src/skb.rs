@@ -10,43 +10,49 @@ use aya_ebpf::{
 use proxy_common::counters::DropReason;
 
 #[inline(always)]
-pub fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, DropReason> {
+pub(crate) fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, DropReason> {
     ctx.load(offset).or(Err(DropReason::LoadFailed))
 }
 
 #[inline(always)]
-pub fn store<T>(ctx: &TcContext, offset: usize, v: &T) -> Result<(), DropReason> {
+pub(crate) fn store<T>(ctx: &TcContext, offset: usize, v: &T) -> Result<(), DropReason> {
     ctx.store(offset, v, 0).or(Err(DropReason::StoreFailed))
 }
 
 #[inline(always)]
-pub fn l3_csum_replace(ctx: &TcContext, offset: usize, from: u64, to: u64, size: u64) -> Result<(), DropReason> {
+pub(crate) fn l3_csum_replace(ctx: &TcContext, offset: usize, from: u64, to: u64, size: u64) -> Result<(), DropReason> {
     ctx.l3_csum_replace(offset, from, to, size).or(Err(DropReason::ChecksumFailed))
 }
 
 #[inline(always)]
-pub fn l4_csum_replace(ctx: &TcContext, offset: usize, from: u64, to: u64, flags: u64) -> Result<(), DropReason> {
+pub(crate) fn l4_csum_replace(
+    ctx: &TcContext,
+    offset: usize,
+    from: u64,
+    to: u64,
+    flags: u64,
+) -> Result<(), DropReason> {
     ctx.l4_csum_replace(offset, from, to, flags).or(Err(DropReason::ChecksumFailed))
 }
 
 /// Makes the receiver verify the checksums rather than trust offload state
 /// left by the packet's earlier contents.
 #[inline(always)]
-pub fn reset_csum_level(ctx: &TcContext) -> Result<(), DropReason> {
+pub(crate) fn reset_csum_level(ctx: &TcContext) -> Result<(), DropReason> {
     let ret = unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_RESET as u64) };
     if ret < 0 { Err(DropReason::ChecksumFailed) } else { Ok(()) }
 }
 
 /// Cuts or extends the packet to `len` bytes from the MAC header on.
 #[inline(always)]
-pub fn change_tail(ctx: &TcContext, len: usize) -> Result<(), DropReason> {
+pub(crate) fn change_tail(ctx: &TcContext, len: usize) -> Result<(), DropReason> {
     let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
     if ret == 0 { Ok(()) } else { Err(DropReason::ResizeFailed) }
 }
 
 /// Opens `len` bytes of room after the MAC header.
 #[inline(always)]
-pub fn grow_after_mac(ctx: &TcContext, len: i32) -> Result<(), DropReason> {
+pub(crate) fn grow_after_mac(ctx: &TcContext, len: i32) -> Result<(), DropReason> {
     ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, 0).or(Err(DropReason::ResizeFailed))
 }
 
@@ -54,7 +60,7 @@ pub fn grow_after_mac(ctx: &TcContext, len: i32) -> Result<(), DropReason> {
 /// this gives. An unknown interface is found only after that, by the kernel,
 /// which then drops the packet in its own accounting.
 #[inline(always)]
-pub fn redirect(ifindex: u32) -> Result<i32, DropReason> {
+pub(crate) fn redirect(ifindex: u32) -> Result<i32, DropReason> {
     let action = unsafe { bpf_redirect(ifindex, 0) };
     if action == TC_ACT_REDIRECT as i64 { Ok(action as i32) } else { Err(DropReason::RedirectFailed) }
 }

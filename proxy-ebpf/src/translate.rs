@@ -20,13 +20,13 @@ const IP_DST_OFF: usize = ETH_HLEN + 16;
 
 /// Client -> VIP:port becomes client -> backend:target port.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, backend: &Backend) -> Result<(), DropReason> {
+pub(crate) fn forward(ctx: &TcContext, pkt: &Packet, backend: &Backend) -> Result<(), DropReason> {
     rewrite(ctx, pkt, IP_DST_OFF, pkt.dst, backend.addr, 2, pkt.dst_port, backend.port)
 }
 
 /// Backend:target port -> client becomes VIP:port -> client.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, pkt: &Packet, rev: &ReverseEntry) -> Result<(), DropReason> {
+pub(crate) fn reverse(ctx: &TcContext, pkt: &Packet, rev: &ReverseEntry) -> Result<(), DropReason> {
     rewrite(ctx, pkt, IP_SRC_OFF, pkt.src, rev.vip, 0, pkt.src_port, rev.vip_port)
 }
 

@@ -63,7 +63,7 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    /// The desired state (less what is waiting for a retry).
+    /// The desired state; what the dataplane refused is in [`Syncer::pending_retry`].
     pub fn model(&self) -> RwLockReadGuard<'_, Model> {
         self.model.read().unwrap()
     }
