@@ -73,7 +73,6 @@ impl Index {
             index.apply(object);
         }
         index.set_unreadable("", snapshot.unreadable);
-        index.all_dirty = true;
         index
     }
 

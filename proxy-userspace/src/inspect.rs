@@ -292,7 +292,8 @@ fn endpoint(addr: [u8; 4], port: [u8; 2]) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port))
 }
 
-fn frontend_key(k: &ServiceKey) -> Option<FrontendKey> {
+/// The frontend a service-map key names; `None` for a VIP marker.
+pub fn frontend_key(k: &ServiceKey) -> Option<FrontendKey> {
     let protocol = match k.proto {
         abi::PROTO_TCP => Protocol::Tcp,
         abi::PROTO_UDP => Protocol::Udp,

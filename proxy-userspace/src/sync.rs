@@ -95,16 +95,19 @@ impl<D: Dataplane> Syncer<D> {
         let mut model = self.model.write().unwrap();
         let dirty = index.take_dirty();
         let update = model.update(index, dirty);
-        for r in index.take_new_rejections().iter().chain(&update.new_rejections) {
+        let new_rejections: Vec<Rejection> =
+            index.take_new_rejections().into_iter().chain(update.new_rejections).collect();
+        for r in &new_rejections {
             self.report(r);
         }
-        let planned: BTreeSet<FrontendKey> = update.changes.iter().map(|c| c.key).collect();
         let mut ops = planner::plan(&update.changes);
-        for key in std::mem::take(&mut self.retry).into_iter().filter(|k| !planned.contains(k)) {
+        // The changes are sorted by key: a refused frontend that changed again is planned already.
+        let planned = |k: &FrontendKey| update.changes.binary_search_by_key(k, |c| c.key).is_ok();
+        for key in std::mem::take(&mut self.retry).into_iter().filter(|k| !planned(k)) {
             ops.push(if model.frontends.contains_key(&key) { Op::Upsert(key) } else { Op::Delete(key) });
         }
         let count = index.rejection_count() + model.rejection_count();
-        if self.published_rejections != Some(count) || !update.new_rejections.is_empty() {
+        if self.published_rejections != Some(count) || !new_rejections.is_empty() {
             self.recent.lock().unwrap().rejections = index.rejections().chain(model.rejections()).cloned().collect();
             self.published_rejections = Some(count);
         }

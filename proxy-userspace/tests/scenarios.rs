@@ -16,15 +16,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use proxy_common::maps::{BACKEND_TERMINATING, ServiceKey, ServiceValue};
+use proxy_common::maps::{BACKEND_TERMINATING, ServiceValue};
 use proxy_userspace::{
     dataplane::{
         Dataplane,
         ebpf::{EbpfDataplane, MapSizes, fake::FakeMaps},
         iptables::render::{RenderConfig, Scope, render},
     },
-    frontend::{FrontendKey, Protocol, ServiceType},
+    frontend::{FrontendKey, ServiceType},
     index::{Index, Snapshot},
+    inspect::frontend_key,
     model::Model,
     planner,
     source::dir::parse_file,
@@ -130,15 +131,6 @@ impl Node {
 
 fn port_text(p: Option<u16>) -> String {
     p.map_or_else(String::new, |p| p.to_string())
-}
-
-fn frontend_key(k: &ServiceKey) -> Option<FrontendKey> {
-    let protocol = match k.proto {
-        6 => Protocol::Tcp,
-        17 => Protocol::Udp,
-        _ => return None,
-    };
-    Some(FrontendKey { vip: Ipv4Addr::from(k.addr), port: k.port(), protocol })
 }
 
 fn cold(snapshot: Snapshot) -> Node {
