@@ -40,8 +40,7 @@ type Stamp = (u64, i64, i64, u64);
 /// file's objects can be taken out again (the objects live in the index).
 struct FileState {
     stamp: Stamp,
-    services: Vec<ObjectName>,
-    slices: Vec<ObjectName>,
+    names: FileNames,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -167,7 +166,7 @@ pub fn parse_each(
 
 /// Takes out of the index what a file held before and holds no more.
 fn remove_gone(index: &mut Index, old: Option<&FileState>, now: &FileNames) {
-    let Some(old) = old else { return };
+    let Some(old) = old.map(|f| &f.names) else { return };
     let services: HashSet<&ObjectName> = now.services.iter().collect();
     let slices: HashSet<&ObjectName> = now.slices.iter().collect();
     for name in old.services.iter().filter(|n| !services.contains(n)) {
@@ -178,6 +177,7 @@ fn remove_gone(index: &mut Index, old: Option<&FileState>, now: &FileNames) {
     }
 }
 
+/// The objects one file holds, by name.
 #[derive(Default)]
 struct FileNames {
     services: Vec<ObjectName>,
@@ -198,9 +198,9 @@ impl DirSource {
         Arc::new(Self { dir, config, index, files: Mutex::new(None), readable: AtomicBool::new(true) })
     }
 
-    /// Re-reads files that changed; returns whether anything did. Files are
-    /// read and parsed before the index is locked, so the sync loop never
-    /// waits for the disk.
+    /// Re-reads files that changed; returns whether anything did. The index
+    /// is locked for one object at a time, never while the disk is read, so
+    /// the sync loop never waits for the disk.
     fn rescan(&self) -> std::io::Result<bool> {
         let mut listed = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -249,7 +249,7 @@ impl DirSource {
             remove_gone(&mut index, old.as_ref(), &names);
             index.set_unreadable(&path.display().to_string(), unreadable);
             drop(index);
-            files.insert(path, FileState { stamp, services: names.services, slices: names.slices });
+            files.insert(path, FileState { stamp, names });
             changed = true;
         }
         Ok(changed)

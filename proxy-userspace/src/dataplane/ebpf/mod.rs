@@ -192,9 +192,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     fn upsert(&mut self, f: &Frontend) -> Result<(), DataplaneError> {
         let key = service_key(&f.key);
         let new = slots(f);
-        let old = self.programmed.get(&f.key).map(|p| (p.id, p.set, p.slots.len()));
+        let old_id = self.programmed.get(&f.key).map(|p| p.id);
         let new_vip = !self.vip_users.contains_key(&f.key.vip);
-        if old.is_none() {
+        if old_id.is_none() {
             let entries = self.programmed.len() + self.vip_users.len() + 1 + usize::from(new_vip);
             // Ids index the per-frontend traffic array, sized like the service map.
             if entries as u64 > self.sizes.services as u64 || self.service_ids.peek() >= self.sizes.services {
@@ -212,7 +212,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 return Err(self.backends_error()(e));
             }
         }
-        let id = old.map_or_else(|| self.service_ids.peek(), |(id, ..)| id);
+        let id = old_id.unwrap_or_else(|| self.service_ids.peek());
         let value = ServiceValue {
             id,
             backend_set: set,
@@ -229,26 +229,14 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             && let Err(e) = self.maps.set_service(ServiceKey::vip_marker(f.key.vip.octets()), ServiceValue::MARKER)
         {
             // Without its marker a VIP's fragments are not recognised: undo.
-            match old {
-                Some((id, old_set, count)) => {
-                    let previous = ServiceValue { backend_set: old_set, backend_count: count as u32, ..value };
-                    if let Err(e) = self.maps.set_service(key, ServiceValue { id, ..previous }) {
-                        tracing::warn!(error = %e, "could not restore a frontend entry");
-                    }
-                }
-                None => {
-                    if let Err(e) = self.maps.remove_service(&key) {
-                        tracing::warn!(error = %e, "could not remove a half-written frontend");
-                    }
-                }
+            // A VIP without a marker has no frontend yet, so this one is new.
+            if let Err(e) = self.maps.remove_service(&key) {
+                tracing::warn!(error = %e, "could not remove a half-written frontend");
             }
             self.free_set(set, new.len());
             return Err(self.services_error()(e));
         }
         // Published: from here on the frontend serves the new set.
-        if new_vip {
-            self.vip_users.insert(f.key.vip, 0);
-        }
         let gone: Vec<Backend> = match self.programmed.remove(&f.key) {
             Some(p) => {
                 self.free_set(p.set, p.slots.len());
