@@ -81,12 +81,12 @@ pub struct Frontend {
     /// The node port of a NodePort or LoadBalancer Service.
     pub node_port: Option<u16>,
     /// Ingress addresses of a LoadBalancer Service (IPv4 only).
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Box<[Ipv4Addr]>,
     /// Ready endpoints, sorted and without duplicates: the ones traffic goes to.
-    pub backends: Vec<Endpoint>,
+    pub backends: Box<[Endpoint]>,
     /// Endpoints shutting down but still serving; kept for traffic-policy
     /// fallbacks, not chosen for new flows.
-    pub terminating: Vec<Endpoint>,
+    pub terminating: Box<[Endpoint]>,
 }
 
 /// A frontend that changed: as it was (`None` if it did not exist), and

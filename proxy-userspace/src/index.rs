@@ -29,11 +29,19 @@ pub struct Snapshot {
     pub unreadable: Vec<Rejection>,
 }
 
+/// What the index holds under one Service name: the Service once it has
+/// arrived, and the slices naming it (which may arrive first). One map for
+/// both keeps one key and one table slot per Service.
+#[derive(Default)]
+struct Entry {
+    service: Option<ServiceInfo>,
+    /// A Service has a few slices (one per 100 endpoints), so a small
+    /// vector beats a map per Service in memory by far.
+    slices: Vec<SliceInfo>,
+}
+
 pub struct Index {
-    services: HashMap<ObjectName, ServiceInfo>,
-    /// Service -> its slices. A Service has a few (one per 100 endpoints),
-    /// so a small vector beats a map per Service in memory by far.
-    slices: HashMap<ObjectName, Vec<SliceInfo>>,
+    services: HashMap<ObjectName, Entry>,
     /// Slice -> the Service its label names.
     slice_owner: HashMap<ObjectName, ObjectName>,
     /// Slices that name no Service.
@@ -54,7 +62,6 @@ impl Default for Index {
     fn default() -> Self {
         Self {
             services: HashMap::new(),
-            slices: HashMap::new(),
             slice_owner: HashMap::new(),
             unowned: BTreeMap::new(),
             unreadable: BTreeMap::new(),
@@ -95,31 +102,44 @@ impl Index {
         }
     }
 
-    pub fn apply_service(&mut self, s: ServiceInfo) {
+    /// The held copy of `name` if there is one, so every holder shares it.
+    fn shared(&self, name: ObjectName) -> ObjectName {
+        self.services.get_key_value(&name).map_or(name, |(k, _)| k.clone())
+    }
+
+    pub fn apply_service(&mut self, mut s: ServiceInfo) {
+        s.name = self.shared(s.name);
         let key = s.name.clone();
-        let old = self.services.remove(&key);
+        let old = self.services.get_mut(&key).and_then(|e| e.service.take());
         self.account(old.as_ref().map_or(&[], |o| &o.rejections), &s.rejections);
-        self.services.insert(key.clone(), s);
+        self.services.entry(key.clone()).or_default().service = Some(s);
         self.touch(key);
     }
 
     pub fn delete_service(&mut self, name: &ObjectName) {
-        if let Some(old) = self.services.remove(name) {
-            self.account(&old.rejections, &[]);
-            self.touch(name.clone());
+        let Some(entry) = self.services.get_mut(name) else { return };
+        let Some(old) = entry.service.take() else { return };
+        if entry.slices.is_empty() {
+            self.services.remove(name);
         }
+        self.account(&old.rejections, &[]);
+        self.touch(name.clone());
     }
 
-    pub fn apply_slice(&mut self, s: SliceInfo) {
+    pub fn apply_slice(&mut self, mut s: SliceInfo) {
         let old = self.remove_slice(&s.name);
         self.account(old.as_ref().map_or(&[], |o| &o.rejections), &s.rejections);
-        let Some(owner) = s.service.clone() else {
+        let Some(owner) = s.service.take() else {
             self.unowned.insert(s.name.clone(), s);
             return;
         };
+        let owner = self.shared(owner);
+        s.service = Some(owner.clone());
         self.slice_owner.insert(s.name.clone(), owner.clone());
+        let slices = &mut self.services.entry(owner.clone()).or_default().slices;
         // Most Services have one slice: room for one, not the four a first push reserves.
-        self.slices.entry(owner.clone()).or_insert_with(|| Vec::with_capacity(1)).push(s);
+        slices.reserve_exact(1);
+        slices.push(s);
         self.touch(owner);
     }
 
@@ -135,10 +155,10 @@ impl Index {
             return Some(old);
         }
         let owner = self.slice_owner.remove(name)?;
-        let set = self.slices.get_mut(&owner)?;
-        let old = set.iter().position(|s| s.name == *name).map(|at| set.swap_remove(at));
-        if set.is_empty() {
-            self.slices.remove(&owner);
+        let entry = self.services.get_mut(&owner)?;
+        let old = entry.slices.iter().position(|s| s.name == *name).map(|at| entry.slices.swap_remove(at));
+        if entry.slices.is_empty() && entry.service.is_none() {
+            self.services.remove(&owner);
         }
         self.touch(owner);
         old
@@ -170,25 +190,29 @@ impl Index {
     }
 
     pub fn service(&self, key: &ObjectName) -> Option<&ServiceInfo> {
-        self.services.get(key)
+        self.services.get(key)?.service.as_ref()
     }
 
     pub fn slices_of(&self, key: &ObjectName) -> impl Iterator<Item = &SliceInfo> {
-        self.slices.get(key).into_iter().flatten()
+        self.services.get(key).into_iter().flat_map(|e| &e.slices)
+    }
+
+    fn held_services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values().filter_map(|e| e.service.as_ref())
     }
 
     pub fn service_keys(&self) -> impl Iterator<Item = &ObjectName> {
-        self.services.keys()
+        self.held_services().map(|s| &s.name)
     }
 
     pub fn service_count(&self) -> usize {
-        self.services.len()
+        self.held_services().count()
     }
 
     /// Every rejection of a held object, and every unreadable document.
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
-        let services = self.services.values().flat_map(|s| &s.rejections);
-        let slices = self.slices.values().flatten().chain(self.unowned.values());
+        let services = self.held_services().flat_map(|s| &s.rejections);
+        let slices = self.services.values().flat_map(|e| &e.slices).chain(self.unowned.values());
         services.chain(slices.flat_map(|s| &s.rejections)).chain(self.unreadable.values().flatten())
     }
 
@@ -204,7 +228,7 @@ impl Index {
 
     /// Names of every Service and slice held, for a re-list to find what vanished.
     pub fn service_names(&self) -> Vec<ObjectName> {
-        self.services.keys().cloned().collect()
+        self.service_keys().cloned().collect()
     }
 
     pub fn slice_names(&self) -> Vec<ObjectName> {
@@ -213,7 +237,7 @@ impl Index {
 
     /// The resourceVersion of a held Service, to skip unchanged objects in a re-list.
     pub fn service_version(&self, key: &ObjectName) -> Option<&str> {
-        self.services.get(key)?.version.as_deref()
+        self.service(key)?.version.as_deref()
     }
 
     pub fn slice_version(&self, key: &ObjectName) -> Option<&str> {
@@ -221,7 +245,7 @@ impl Index {
             return s.version.as_deref();
         }
         let owner = self.slice_owner.get(key)?;
-        self.slices.get(owner)?.iter().find(|s| s.name == *key)?.version.as_deref()
+        self.slices_of(owner).find(|s| s.name == *key)?.version.as_deref()
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use smallvec::SmallVec;
 
 use crate::{
     frontend::{Change, Endpoint, Frontend, FrontendKey},
@@ -19,22 +19,16 @@ use crate::{
     validate::{ServiceInfo, SliceInfo},
 };
 
-/// What one Service contributes to the model.
-#[derive(Default)]
-struct ServiceState {
-    keys: Vec<FrontendKey>,
-    /// Frontends it lost to an older Service.
-    rejections: Vec<Rejection>,
-}
-
-/// The desired state: every frontend, and which Service owns it.
+/// The desired state: every frontend (each names the Service owning it).
 #[derive(Default)]
 pub struct Model {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
-    services: HashMap<ObjectName, ServiceState>,
-    owner: HashMap<FrontendKey, ObjectName>,
-    /// Services that lost a frontend to another one: retried when frontends are released.
-    conflicted: HashSet<ObjectName>,
+    /// The frontends each Service asked for when last computed, to find
+    /// what it held once it changes or goes.
+    services: HashMap<ObjectName, SmallVec<[FrontendKey; 1]>>,
+    /// Services that lost frontends to older ones, with why: retried when
+    /// frontends are released.
+    conflicts: HashMap<ObjectName, Vec<Rejection>>,
     rejection_count: usize,
     /// Ready endpoints over all frontends, kept as frontends come and go.
     backend_count: usize,
@@ -50,10 +44,10 @@ pub struct Update {
 }
 
 /// Of two Services claiming one frontend, the one that sorts first keeps it.
-type Rank = (Option<Time>, ObjectName);
+type Rank = (Option<i64>, ObjectName);
 
 fn rank(index: &Index, name: &ObjectName) -> Rank {
-    (index.service(name).and_then(|s| s.created.clone()), name.clone())
+    (index.service(name).and_then(|s| s.created), name.clone())
 }
 
 /// Work for one [`Model::update`].
@@ -78,7 +72,7 @@ impl Pass<'_> {
 impl Model {
     /// Conflicts between Services (validation rejections live in the index).
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
-        self.services.values().flat_map(|s| s.rejections.iter())
+        self.conflicts.values().flatten()
     }
 
     pub fn rejection_count(&self) -> usize {
@@ -127,8 +121,7 @@ impl Model {
         self.drain(&mut pass);
         if pass.released {
             // Frontends were freed: Services that lost a conflict may take them now.
-            let mut retry: Vec<ObjectName> =
-                self.conflicted.iter().filter(|k| !pass.queued.contains(*k)).cloned().collect();
+            let mut retry: Vec<ObjectName> = self.conflicts.keys().cloned().collect();
             retry.sort();
             for key in retry {
                 pass.push(key);
@@ -156,50 +149,57 @@ impl Model {
 
     /// Recomputes one Service, taking frontends from younger Services that
     /// hold them (they are queued to be recomputed as losers).
+    fn owner(&self, key: &FrontendKey) -> Option<&ObjectName> {
+        self.frontends.get(key).map(|f| &f.service.service)
+    }
+
     fn recompute(&mut self, key: &ObjectName, pass: &mut Pass<'_>) {
-        let old = self.services.remove(key).unwrap_or_default();
-        self.rejection_count -= old.rejections.len();
-        self.conflicted.remove(key);
-        for k in &old.keys {
-            if self.owner.get(k) == Some(key) {
+        let old_keys = self.services.remove(key).unwrap_or_default();
+        let old_rejections = self.conflicts.remove(key).unwrap_or_default();
+        self.rejection_count -= old_rejections.len();
+        for k in &old_keys {
+            if self.owner(k) == Some(key) {
                 let previous = self.remove_frontend(k).map(Box::new);
                 pass.before.entry(*k).or_insert(previous);
-                self.owner.remove(k);
                 pass.released = true;
             }
         }
         let Some(info) = pass.index.service(key) else { return };
         let mine = rank(pass.index, key);
-        let mut state = ServiceState::default();
+        let mut keys = SmallVec::with_capacity(info.ports.len());
+        let mut rejections = Vec::new();
         let slices: Vec<&SliceInfo> = pass.index.slices_of(key).collect();
         for f in frontends(info, &slices) {
-            if let Some(other) = self.owner.get(&f.key).cloned() {
-                if rank(pass.index, &other) < mine {
-                    let owner = self.frontends.get(&f.key).map_or_else(|| other.to_string(), |o| o.service.to_string());
-                    state.rejections.push(Rejection {
+            if let Some(other) = self.frontends.get(&f.key) {
+                let other = other.service.clone();
+                if other.service == *key {
+                    // The same frontend twice in one Service: the first port keeps it.
+                    continue;
+                }
+                if rank(pass.index, &other.service) < mine {
+                    rejections.push(Rejection {
                         origin: info.origin.to_string(),
                         object: format!("Service {key}"),
                         kind: RejectReason::FrontendConflict,
-                        reason: format!("{} is already used by {owner}, an older Service", f.key),
+                        reason: format!("{} is already used by {other}, an older Service", f.key),
                     });
                     continue;
                 }
                 // This Service is older: the frontend is ours, the other recomputes without it.
                 let previous = self.remove_frontend(&f.key).map(Box::new);
                 pass.before.entry(f.key).or_insert(previous);
-                pass.push(other);
+                pass.push(other.service);
             }
-            pass.before.entry(f.key).or_insert_with(|| self.frontends.get(&f.key).cloned().map(Box::new));
-            self.owner.insert(f.key, key.clone());
-            state.keys.push(f.key);
+            pass.before.entry(f.key).or_insert(None);
+            keys.push(f.key);
             self.insert_frontend(f);
         }
-        pass.new_rejections.extend(state.rejections.iter().filter(|r| !old.rejections.contains(r)).cloned());
-        if !state.rejections.is_empty() {
-            self.conflicted.insert(key.clone());
+        pass.new_rejections.extend(rejections.iter().filter(|r| !old_rejections.contains(r)).cloned());
+        self.rejection_count += rejections.len();
+        if !rejections.is_empty() {
+            self.conflicts.insert(key.clone(), rejections);
         }
-        self.rejection_count += state.rejections.len();
-        self.services.insert(key.clone(), state);
+        self.services.insert(key.clone(), keys);
     }
 }
 

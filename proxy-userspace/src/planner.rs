@@ -87,7 +87,7 @@ mod tests {
     fn renamed_service_on_same_frontend_is_upserted() {
         let old = model(&[fe(1, 80, &[1])]);
         let mut renamed = fe(1, 80, &[1]);
-        renamed.service.service.name = "other".into();
+        renamed.service.service = crate::name::ObjectName::new("default", "other");
         assert_eq!(diff(&old, &model(&[renamed.clone()])), vec![Op::Upsert(renamed.key)]);
     }
 }

@@ -25,12 +25,12 @@ pub fn objects_with(yaml: &str, config: &ModelConfig) -> Snapshot {
 /// with ready endpoints `10.244.0.B:8080`.
 pub fn frontend(vip: u8, port: u16, backends: &[u8]) -> Frontend {
     Frontend {
-        service: ServicePortName { service: ObjectName::new("default", format!("svc{vip}")), port: "".into() },
+        service: ServicePortName { service: ObjectName::new("default", &format!("svc{vip}")), port: "".into() },
         key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
         service_type: ServiceType::ClusterIP,
         node_port: None,
-        load_balancer_ips: vec![],
+        load_balancer_ips: Box::default(),
         backends: backends.iter().map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 }).collect(),
-        terminating: vec![],
+        terminating: Box::default(),
     }
 }

@@ -12,14 +12,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::Time,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use smallvec::SmallVec;
 
 use crate::{
     frontend::{FrontendKey, Protocol, ServiceType},
-    name::ObjectName,
+    name::{self, ObjectName},
     rejection::{RejectReason, Rejection},
 };
 
@@ -74,13 +72,16 @@ pub struct ServiceInfo {
     /// Where it came from: a file path, or the API server.
     pub origin: Arc<str>,
     /// `metadata.resourceVersion`, to skip unchanged objects in a re-list.
-    pub version: Option<String>,
-    /// `metadata.creationTimestamp`: of two Services claiming one frontend,
-    /// the older keeps it.
-    pub created: Option<Time>,
+    pub version: Option<Box<str>>,
+    /// `metadata.creationTimestamp` in seconds (its precision): of two
+    /// Services claiming one frontend, the older keeps it.
+    pub created: Option<i64>,
     pub service_type: ServiceType,
-    pub load_balancer_ips: Vec<Ipv4Addr>,
-    pub ports: Vec<ServicePort>,
+    // Boxed slices, not vectors: held for the object's life, a word each
+    // smaller and never with spare capacity.
+    pub load_balancer_ips: Box<[Ipv4Addr]>,
+    /// Most Services have one port: held inline, without an allocation.
+    pub ports: SmallVec<[ServicePort; 1]>,
     pub rejections: Vec<Rejection>,
 }
 
@@ -109,11 +110,11 @@ pub struct SliceEndpoint {
 pub struct SliceInfo {
     pub name: ObjectName,
     pub origin: Arc<str>,
-    pub version: Option<String>,
+    pub version: Option<Box<str>>,
     /// The Service it belongs to; `None` without a service-name label.
     pub service: Option<ObjectName>,
-    pub ports: Vec<SlicePort>,
-    pub endpoints: Vec<SliceEndpoint>,
+    pub ports: SmallVec<[SlicePort; 1]>,
+    pub endpoints: Box<[SliceEndpoint]>,
     pub rejections: Vec<Rejection>,
 }
 
@@ -134,15 +135,15 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
     let mut info = ServiceInfo {
         name: ObjectName::of(meta),
         origin: origin.clone(),
-        version: meta.resource_version.clone(),
-        created: meta.creation_timestamp.clone(),
+        version: meta.resource_version.as_deref().map(Box::from),
+        created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
         service_type: ServiceType::ClusterIP,
-        load_balancer_ips: Vec::new(),
-        ports: Vec::new(),
+        load_balancer_ips: Box::default(),
+        ports: SmallVec::new(),
         rejections: Vec::new(),
     };
-    if info.name.name.is_empty() {
-        let object = format!("Service {}/<unnamed>", info.name.namespace);
+    if info.name.name().is_empty() {
+        let object = format!("Service {}/<unnamed>", info.name.namespace());
         info.rejections.push(rejection(origin, &object, RejectReason::MissingName, "has no metadata.name".into()));
         return info;
     }
@@ -181,9 +182,9 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
             }
         },
     };
-    let mut ports = Vec::new();
+    let mut ports = SmallVec::new();
     for p in spec.ports.iter().flatten() {
-        let name: Arc<str> = p.name.as_deref().unwrap_or_default().into();
+        let name = name::port_name(p.name.as_deref().unwrap_or_default());
         let label = if name.is_empty() { p.port.to_string() } else { name.to_string() };
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
@@ -213,7 +214,6 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok())
         .collect();
     info.service_type = service_type;
-    // Held for the object's life: no spare capacity.
     ports.shrink_to_fit();
     info.ports = ports;
     info
@@ -229,17 +229,17 @@ fn ignored(info: ServiceInfo, why: &str) -> ServiceInfo {
 pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> SliceInfo {
     let meta = &slice.metadata;
     let name = ObjectName::of(meta);
-    let object = format!("EndpointSlice {}", if name.name.is_empty() { "<unnamed>".into() } else { name.to_string() });
+    let object =
+        format!("EndpointSlice {}", if name.name().is_empty() { "<unnamed>".into() } else { name.to_string() });
     let labels = meta.labels.as_ref();
-    let service =
-        labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|s| ObjectName::new(name.namespace.clone(), s.as_str()));
+    let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|s| name.sibling(s));
     let mut info = SliceInfo {
         name,
         origin: origin.clone(),
-        version: meta.resource_version.clone(),
+        version: meta.resource_version.as_deref().map(Box::from),
         service,
-        ports: Vec::new(),
-        endpoints: Vec::new(),
+        ports: SmallVec::new(),
+        endpoints: Box::default(),
         rejections: Vec::new(),
     };
     let mut reject = |kind, reason: String| info.rejections.push(rejection(origin, &object, kind, reason));
@@ -261,9 +261,9 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             return info;
         }
     }
-    let mut ports = Vec::new();
+    let mut ports = SmallVec::new();
     for p in slice.ports.iter().flatten() {
-        let name: Arc<str> = p.name.as_deref().unwrap_or_default().into();
+        let name = name::port_name(p.name.as_deref().unwrap_or_default());
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
@@ -294,10 +294,8 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         });
     }
-    // Held for the object's life: no spare capacity.
     ports.shrink_to_fit();
-    endpoints.shrink_to_fit();
     info.ports = ports;
-    info.endpoints = endpoints;
+    info.endpoints = endpoints.into_boxed_slice();
     info
 }

@@ -93,3 +93,19 @@ fn unreadable_documents_are_replaced_per_origin() {
     assert_eq!(i.rejections().cloned().collect::<Vec<_>>(), [r("b.yaml")]);
     assert_eq!(i.rejection_count(), 1);
 }
+
+#[test]
+fn a_service_and_its_slices_come_and_go_in_any_order_sharing_one_name() {
+    let mut i = Index::default();
+    i.apply(slice("a-1", "a"));
+    assert_eq!((i.service_count(), i.slices_of(&key("a")).count()), (0, 1), "a slice may come first");
+    i.apply(objects(TWO).objects.remove(0));
+    let held = i.service(&key("a")).unwrap();
+    let owner = i.slices_of(&key("a")).next().unwrap().service.clone().unwrap();
+    assert!(owner.shares(&held.name), "the Service takes the name its slice brought");
+    i.delete_service(&key("a"));
+    assert_eq!((i.service_count(), i.slices_of(&key("a")).count()), (0, 1), "the slice outlives its Service");
+    assert_eq!(i.service_names(), Vec::<ObjectName>::new());
+    i.delete_slice(&key("a-1"));
+    assert!(i.services.is_empty(), "nothing is left under the name");
+}

@@ -184,7 +184,7 @@ metadata: {name: unlabelled}
 spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
 ";
     let names = |cfg: &ModelConfig| -> Vec<String> {
-        build(objects_with(yaml, cfg)).0.frontends.values().map(|f| f.service.service.name.to_string()).collect()
+        build(objects_with(yaml, cfg)).0.frontends.values().map(|f| f.service.service.name().to_string()).collect()
     };
     assert_eq!(names(&ModelConfig::default()), ["unlabelled"]);
     assert_eq!(names(&ModelConfig { service_proxy_name: Some("kpr".into()), ..Default::default() }), ["mine"]);
@@ -212,7 +212,7 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example.com}]}
     assert_eq!((np.service_type, np.node_port), (ServiceType::NodePort, Some(30080)));
     let lb = frontend(&m, [10, 96, 0, 8], 443, Protocol::Tcp);
     assert_eq!(lb.service_type, ServiceType::LoadBalancer);
-    assert_eq!(lb.load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
+    assert_eq!(*lb.load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
 }
 
 #[test]
@@ -237,7 +237,7 @@ endpoints:
     let (m, _) = build(snap);
     let f = frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp);
     assert_eq!(ips(f), ["10.244.0.11:8080"]);
-    assert_eq!(f.terminating, [Endpoint { ip: Ipv4Addr::new(10, 244, 0, 12), port: 8080 }]);
+    assert_eq!(*f.terminating, [Endpoint { ip: Ipv4Addr::new(10, 244, 0, 12), port: 8080 }]);
 }
 
 #[test]
@@ -353,4 +353,23 @@ fn an_update_returns_only_what_changed() {
     assert!(gone.changes.iter().all(|c| !c.exists));
     assert!(model.frontends.is_empty());
     assert_eq!(model.backend_count(), 0);
+}
+
+#[test]
+fn a_port_listed_twice_in_one_service_is_one_frontend_of_its_first_port() {
+    let snap = objects(
+        "
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: a, port: 80}
+  - {name: b, port: 80}
+",
+    );
+    let (m, rejected) = build(snap);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(m.frontends.len(), 1);
+    assert_eq!(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp).service.to_string(), "shop/web:a");
 }

@@ -249,6 +249,9 @@ impl DirSource {
             remove_gone(&mut index, old.as_ref(), &names);
             index.set_unreadable(&path.display().to_string(), unreadable);
             drop(index);
+            // Held until the file changes: no spare capacity.
+            names.services.shrink_to_fit();
+            names.slices.shrink_to_fit();
             files.insert(path, FileState { stamp, names });
             changed = true;
         }

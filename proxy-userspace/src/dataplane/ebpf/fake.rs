@@ -17,6 +17,8 @@ pub struct FakeMaps {
     pub backends_max: usize,
     /// Frontend ids whose traffic counts were forgotten, in order.
     pub forgotten_traffic: Vec<u32>,
+    /// Backends whose traffic counts were forgotten, with their frontend id.
+    pub forgotten_backends: Vec<(u32, Backend)>,
 }
 
 impl FakeMaps {
@@ -60,9 +62,14 @@ impl ServiceMaps for FakeMaps {
         Ok(())
     }
 
+    fn backend(&self, key: &BackendKey) -> Option<Backend> {
+        self.backends.get(key).copied()
+    }
+
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {
-        if backends.is_none() {
-            self.forgotten_traffic.push(service_id);
+        match backends {
+            None => self.forgotten_traffic.push(service_id),
+            Some(gone) => self.forgotten_backends.extend(gone.iter().map(|b| (service_id, *b))),
         }
     }
 
@@ -107,6 +114,10 @@ impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError> {
         self.write()?;
         self.inner.remove_backend(key)
+    }
+
+    fn backend(&self, key: &BackendKey) -> Option<Backend> {
+        self.inner.backend(key)
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

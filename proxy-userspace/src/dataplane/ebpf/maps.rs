@@ -30,6 +30,8 @@ pub trait ServiceMaps: Send {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError>;
     fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError>;
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError>;
+    /// A backend slot as written (`None` if absent or unreadable).
+    fn backend(&self, key: &BackendKey) -> Option<Backend>;
     /// Forgets traffic counts of a frontend (`backends: None`: all of them,
     /// its id is being freed) or of some of its backends. Best effort: the
     /// counts are statistics.
@@ -80,6 +82,10 @@ impl ServiceMaps for AyaMaps {
 
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError> {
         remove(&mut self.backends, key)
+    }
+
+    fn backend(&self, key: &BackendKey) -> Option<Backend> {
+        self.backends.get(key, 0).ok()
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

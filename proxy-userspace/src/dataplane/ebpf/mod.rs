@@ -78,12 +78,14 @@ impl Ids {
     }
 }
 
-/// What is programmed for one frontend.
+/// What is programmed for one frontend. The slots themselves are only in
+/// the backend map (read back when the set is replaced): at 50,000
+/// frontends a copy here cost megabytes.
 #[derive(Debug)]
 struct Programmed {
     id: u32,
     set: u32,
-    slots: Vec<Backend>,
+    slots: u32,
 }
 
 /// Backend slots of a freed set that could not be removed: retried on
@@ -239,9 +241,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         // Published: from here on the frontend serves the new set.
         let gone: Vec<Backend> = match self.programmed.remove(&f.key) {
             Some(p) => {
-                self.free_set(p.set, p.slots.len());
-                self.slots_used -= p.slots.len() as u64;
-                p.slots.into_iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).collect()
+                let old: Vec<Backend> =
+                    (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
+                self.free_set(p.set, p.slots as usize);
+                self.slots_used -= u64::from(p.slots);
+                old.into_iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).collect()
             }
             None => {
                 self.service_ids.take();
@@ -255,13 +259,13 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             let keep: KeepEndpoints = new[..f.backends.len()].iter().map(|b| (b.addr, b.port)).collect();
             self.forget_udp_flows(id, &keep);
         }
-        self.programmed.insert(f.key, Programmed { id, set, slots: new });
+        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32 });
         Ok(())
     }
 
     fn delete(&mut self, k: &FrontendKey) -> Result<(), DataplaneError> {
         let Some(p) = self.programmed.get(k) else { return Ok(()) };
-        let (id, set, count) = (p.id, p.set, p.slots.len());
+        let (id, set, count) = (p.id, p.set, p.slots as usize);
         self.maps.remove_service(&service_key(k)).map_err(self.services_error())?;
         self.programmed.remove(k);
         self.free_set(set, count);

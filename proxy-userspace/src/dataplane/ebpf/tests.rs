@@ -61,6 +61,16 @@ fn a_changed_backend_set_is_published_under_a_new_set_and_the_old_freed() {
 }
 
 #[test]
+fn only_removed_backends_have_their_traffic_forgotten() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16));
+    upsert(&mut dp, &fe(1, 80, &[1, 2, 3]));
+    let id = dp.maps().services[&service_key(&fe(1, 80, &[]).key)].id;
+    upsert(&mut dp, &fe(1, 80, &[2, 4]));
+    let forgotten: Vec<(u32, u8)> = dp.maps().forgotten_backends.iter().map(|(id, b)| (*id, b.addr[3])).collect();
+    assert_eq!(forgotten, [(id, 1), (id, 3)], "read back from the old set, the kept one left alone");
+}
+
+#[test]
 fn a_failed_write_in_the_middle_of_a_rewrite_leaves_the_previous_set_serving() {
     let mut dp = EbpfDataplane::new(Faulty { inner: FakeMaps::new(16, 16), ok_writes: usize::MAX }, sizes(16, 16));
     let old = fe(1, 80, &[1, 2]);
@@ -133,7 +143,7 @@ fn a_kernel_full_answer_is_reported_as_a_full_map() {
 fn terminating_endpoints_follow_the_ready_ones_and_are_counted_apart() {
     let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16));
     let mut f = fe(1, 80, &[1]);
-    f.terminating = vec![Endpoint { ip: Ipv4Addr::new(10, 244, 0, 9), port: 8080 }];
+    f.terminating = Box::new([Endpoint { ip: Ipv4Addr::new(10, 244, 0, 9), port: 8080 }]);
     upsert(&mut dp, &f);
     let v = dp.maps().services[&service_key(&f.key)];
     assert_eq!((v.backend_count, v.terminating_count), (1, 1));

@@ -31,7 +31,7 @@ pub struct IptablesDataplane {
     written: BTreeSet<String>,
     /// UDP endpoints last written per frontend, to clear conntrack entries
     /// of the ones that go (the rest of the desired state is the model's).
-    udp_endpoints: BTreeMap<FrontendKey, Vec<crate::frontend::Endpoint>>,
+    udp_endpoints: BTreeMap<FrontendKey, Box<[crate::frontend::Endpoint]>>,
     full_sync_period: Duration,
     last_full_sync: Option<Instant>,
 }

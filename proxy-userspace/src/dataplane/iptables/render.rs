@@ -195,9 +195,9 @@ mod tests {
             key: FrontendKey { vip: vip.into(), port, protocol },
             service_type: ServiceType::ClusterIP,
             node_port: None,
-            load_balancer_ips: vec![],
+            load_balancer_ips: Box::default(),
             backends: backends.iter().map(|(ip, port)| Endpoint { ip: Ipv4Addr::from(*ip), port: *port }).collect(),
-            terminating: vec![],
+            terminating: Box::default(),
         }
     }
 

@@ -14,7 +14,7 @@ fn name(n: &str) -> ObjectName {
 }
 
 fn names(index: &Index) -> Vec<String> {
-    let mut v: Vec<String> = index.service_names().iter().map(|n| n.name.to_string()).collect();
+    let mut v: Vec<String> = index.service_names().iter().map(|n| n.name().to_string()).collect();
     v.sort();
     v
 }
