@@ -50,10 +50,19 @@ pub enum Counter {
     /// the flow would switch backends or its replies go untranslated; the
     /// client retransmits.
     DroppedConntrackFailed,
+    /// Sockets connecting or sending to a VIP given a backend (socket-level
+    /// load balancing: no per-packet work follows).
+    SocketTranslated,
+    /// Addresses shown to an application as the VIP instead of the backend
+    /// (`recvmsg`, `getpeername`).
+    SocketReverseTranslated,
+    /// Connects and sends to a Service without ready endpoints, failed with
+    /// ECONNREFUSED.
+    SocketRefusedNoBackend,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 17;
+pub const COUNT: u32 = 20;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -74,6 +83,9 @@ impl Counter {
         Counter::DroppedResizeFailed,
         Counter::DroppedRedirectFailed,
         Counter::DroppedConntrackFailed,
+        Counter::SocketTranslated,
+        Counter::SocketReverseTranslated,
+        Counter::SocketRefusedNoBackend,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -97,6 +109,9 @@ impl Counter {
             Counter::DroppedResizeFailed => "dropped_resize_failed",
             Counter::DroppedRedirectFailed => "dropped_redirect_failed",
             Counter::DroppedConntrackFailed => "dropped_conntrack_failed",
+            Counter::SocketTranslated => "socket_translated",
+            Counter::SocketReverseTranslated => "socket_reverse_translated",
+            Counter::SocketRefusedNoBackend => "socket_refused_no_backend",
         }
     }
 }

@@ -34,9 +34,28 @@ pub const SERVICE_TRAFFIC: &str = "SERVICE_TRAFFIC";
 /// for the same reason as [`SERVICE_TRAFFIC`].
 pub const BACKEND_TRAFFIC: &str = "BACKEND_TRAFFIC";
 
+/// Socket-level load balancing: (socket, VIP, port, protocol) -> the
+/// backend an unconnected UDP socket was given, so its later datagrams to
+/// the same Service go to the same backend (LRU, sized like conntrack).
+pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
+/// Socket-level load balancing: (socket, backend, port, protocol) -> the
+/// frontend the application addressed, which `recvmsg` and `getpeername`
+/// show instead of the backend (LRU, sized like conntrack).
+pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
+
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 8] =
-    [SERVICES, BACKENDS, CT_FORWARD, CT_REVERSE, NEIGHBORS, COUNTERS, SERVICE_TRAFFIC, BACKEND_TRAFFIC];
+pub const ALL_MAPS: [&str; 10] = [
+    SERVICES,
+    BACKENDS,
+    CT_FORWARD,
+    CT_REVERSE,
+    SOCK_AFFINITY,
+    SOCK_REVERSE,
+    NEIGHBORS,
+    COUNTERS,
+    SERVICE_TRAFFIC,
+    BACKEND_TRAFFIC,
+];
 
 /// Map sizes used when the agent is not told otherwise. The service map
 /// holds one entry per frontend plus one per VIP: 131,072 fits 65,536
@@ -223,6 +242,25 @@ pub struct Neighbor {
     pub _pad: [u8; 2],
 }
 
+/// Key of [`SOCK_AFFINITY`] (the frontend a socket addressed) and of
+/// [`SOCK_REVERSE`] (the backend it was given): one socket, one address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// The kernel's socket cookie: unique while the socket lives, never reused.
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl SockKey {
+    pub const fn new(cookie: u64, addr: [u8; 4], port: [u8; 2], proto: u8) -> Self {
+        Self { cookie, addr, port, proto, _pad: 0 }
+    }
+}
+
 /// The reply direction of a translated flow: what the backend sends back.
 pub const fn reply_key(client: &FlowKey, backend: &Backend) -> FlowKey {
     FlowKey::new(backend.addr, backend.port, client.src_addr, client.src_port, client.proto)
@@ -243,6 +281,7 @@ mod pod {
     unsafe impl aya::Pod for Neighbor {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendTrafficKey {}
+    unsafe impl aya::Pod for SockKey {}
 }
 
 #[cfg(test)]
@@ -266,6 +305,7 @@ mod tests {
         assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
         assert_eq!(size_of::<Neighbor>(), 12);
+        assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     counters::DropReason,
-    maps::{Backend, BackendKey, FlowKey, ForwardEntry, PROTO_TCP, ReverseEntry, ServiceKey, reply_key},
+    maps::{Backend, BackendKey, FlowKey, ForwardEntry, PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, reply_key},
     reject::{TCP_ACK, TCP_SYN},
     select,
 };
@@ -32,6 +32,24 @@ pub(crate) fn is_vip(addr: [u8; 4]) -> bool {
     SERVICES.get_ptr(ServiceKey::vip_marker(addr)).is_some()
 }
 
+/// The frontend `key` names, if it is a Service.
+#[inline(always)]
+pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
+    SERVICES.get_ptr(*key).map(|svc| unsafe { core::ptr::read(svc) })
+}
+
+/// A ready backend of `svc` (which has some) for a new flow, uniformly at random.
+#[inline(always)]
+pub(crate) fn choose(svc: &ServiceValue) -> Result<Backend, DropReason> {
+    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
+    // Sets are published whole (see the agent's dataplane), so a missing
+    // slot is a bug or a map edited by hand: the flow is refused, counted.
+    match BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }) {
+        Some(backend) => Ok(unsafe { core::ptr::read(backend) }),
+        None => Err(DropReason::BackendMissing),
+    }
+}
+
 #[inline(always)]
 pub(crate) fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
     let flow = FlowKey::new(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
@@ -41,10 +59,9 @@ pub(crate) fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
     }
 
     let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
-    let Some(svc) = SERVICES.get_ptr(key) else {
+    let Some(svc) = service(&key) else {
         return Ok(Lookup::NotService);
     };
-    let svc = unsafe { core::ptr::read(svc) };
 
     // A SYN opens a new connection even if an old one left the same tuple
     // behind: choose afresh so a removed endpoint is never reused.
@@ -59,12 +76,7 @@ pub(crate) fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
     if svc.backend_count == 0 {
         return Ok(Lookup::NoBackend);
     }
-    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
-    // An empty slot means userspace is mid-update: the client retries.
-    let Some(backend) = BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
-        return Err(DropReason::BackendMissing);
-    };
-    let backend = unsafe { core::ptr::read(backend) };
+    let backend = choose(&svc)?;
 
     let fwd = ForwardEntry { backend, service_id: svc.id };
     let rev = ReverseEntry { vip: pkt.dst, vip_port: pkt.dst_port, _pad: [0; 2], service_id: svc.id };

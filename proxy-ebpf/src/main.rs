@@ -1,5 +1,7 @@
-//! kpr's datapath: TC programs on the node side of pod interfaces that
-//! translate Service VIPs to endpoints and replies back.
+//! kpr's datapath: cgroup socket hooks that give sockets a Service's
+//! backend when they connect or send (`sock`), and TC programs on the node
+//! side of pod interfaces that translate Service VIPs to endpoints per
+//! packet and replies back.
 //!
 //! One step per module: `parse` (headers and what they say), `lookup`
 //! (services and conntrack), `translate` (NAT and checksums), `refuse`
@@ -21,6 +23,7 @@ mod neighbor;
 mod parse;
 mod refuse;
 mod skb;
+mod sock;
 mod translate;
 
 use aya_ebpf::{

@@ -10,7 +10,8 @@ use proxy_common::{
     counters,
     maps::{
         Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX,
-        DEFAULT_SERVICES_MAX, FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, Traffic,
+        DEFAULT_SERVICES_MAX, FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, SockKey,
+        Traffic,
     },
 };
 
@@ -40,3 +41,11 @@ pub(crate) static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFA
 #[map]
 pub(crate) static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
     LruHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+
+#[map]
+pub(crate) static SOCK_AFFINITY: LruHashMap<SockKey, ForwardEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+#[map]
+pub(crate) static SOCK_REVERSE: LruHashMap<SockKey, ReverseEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);

@@ -16,7 +16,7 @@ use proxy_userspace::{
     dashboard,
     dataplane::{
         Dataplane, DataplaneError, Mode,
-        ebpf::{EbpfDataplane, MapSizes},
+        ebpf::{EbpfDataplane, MapSizes, Targets, cgroup},
         iptables::{IptablesDataplane, render::RenderConfig},
     },
     metrics::{Metrics, ReasonLabels},
@@ -47,6 +47,10 @@ pub(crate) struct RunConfig {
     pub(crate) source: SourceSpec,
     pub(crate) kubeconfig: Option<PathBuf>,
     pub(crate) interfaces: Vec<String>,
+    /// Socket-level load balancing in eBPF mode, on `cgroup_root`.
+    pub(crate) socket_lb: bool,
+    /// Where the socket hooks attach; found from the mounts when unset.
+    pub(crate) cgroup_root: Option<PathBuf>,
     pub(crate) map_sizes: MapSizes,
     pub(crate) model: ModelConfig,
     /// Syncs are at least this far apart; changes in between are coalesced.
@@ -72,6 +76,24 @@ async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = (
     })
 }
 
+/// Where eBPF mode attaches: the socket hooks on the cgroup unless turned
+/// off (without a cgroup v2 mount they are off, said in the log), the
+/// per-packet path on the interfaces given.
+fn ebpf_targets(cfg: &RunConfig) -> Targets {
+    let cgroup = match (&cfg.cgroup_root, cfg.socket_lb) {
+        (_, false) => None,
+        (Some(root), true) => Some(root.clone()),
+        (None, true) => {
+            let found = cgroup::find_root();
+            if found.is_none() {
+                tracing::warn!("socket-level load balancing is off: no cgroup v2 mount found (pass --cgroup-root)");
+            }
+            found
+        }
+    };
+    Targets { interfaces: cfg.interfaces.clone(), cgroup }
+}
+
 /// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,
 /// verify, attach to every interface) fails. Returns why it fell back.
 fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<DataplaneError>), DataplaneError> {
@@ -79,7 +101,7 @@ fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<Datap
         Ok(Box::new(IptablesDataplane::new(cfg.iptables.clone(), cfg.iptables_full_sync_period)?))
     };
     let ebpf = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        Ok(Box::new(EbpfDataplane::attach(&cfg.interfaces, cfg.map_sizes, &cfg.bpf_root)?))
+        Ok(Box::new(EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?))
     };
     match cfg.mode {
         RequestedMode::Ebpf => Ok((ebpf()?, None)),

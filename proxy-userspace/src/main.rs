@@ -62,9 +62,21 @@ enum Command {
         /// (e.g. 1s). A lone change is applied at once.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         min_sync_interval: Duration,
-        /// Node-side pod interfaces to attach to, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Node-side pod interfaces to attach the per-packet path to, comma
+        /// separated (eBPF mode). Without them, socket-level load balancing
+        /// alone serves the node.
+        #[arg(long, value_delimiter = ',')]
         interfaces: Vec<String>,
+        /// Socket-level load balancing (eBPF mode): connects and sends to a
+        /// VIP from any process under --cgroup-root get a backend before any
+        /// packet exists. Off: only the per-packet path on --interfaces.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        socket_lb: bool,
+        /// The cgroup v2 directory whose processes socket-level load balancing
+        /// serves (default: the cgroup v2 mount in /proc/self/mountinfo, e.g.
+        /// /sys/fs/cgroup or /sys/fs/cgroup/unified).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
         /// Pod network (iptables mode): traffic to a VIP from outside it is masqueraded.
         #[arg(long)]
         cluster_cidr: Option<String>,
@@ -370,6 +382,8 @@ async fn run() -> anyhow::Result<()> {
             node_name,
             min_sync_interval,
             interfaces,
+            socket_lb,
+            cgroup_root,
             cluster_cidr,
             iptables_full_sync_period,
             max_services,
@@ -390,6 +404,8 @@ async fn run() -> anyhow::Result<()> {
                 source,
                 kubeconfig,
                 interfaces,
+                socket_lb,
+                cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },
                 model: ModelConfig { service_proxy_name, node_name },
                 min_sync_interval,

@@ -53,3 +53,32 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Res
 pub fn metric(exposition: &str, series: &str) -> Option<f64> {
     exposition.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
 }
+
+/// What a `kpr-probe` process saw: the reply and the peer as the
+/// application sees it, or the error.
+#[derive(Debug, serde::Deserialize)]
+pub struct Probe {
+    pub reply: Option<String>,
+    pub peer: Option<String>,
+    pub error: Option<String>,
+    pub errno: Option<i32>,
+}
+
+/// Runs `kpr-probe KIND ADDR` (the binary at `bin`; tests pass
+/// `env!("CARGO_BIN_EXE_kpr-probe")`) in `ns` as a process of `cgroup`.
+pub fn probe(
+    bin: &std::path::Path,
+    ns: &crate::netns::Netns,
+    cgroup: &crate::cgroup::Cgroup,
+    kind: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<Probe> {
+    use anyhow::Context as _;
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).arg(bin).arg(kind).arg(addr.to_string());
+    cgroup.place(&mut cmd)?;
+    let out = cmd.output().context("running kpr-probe")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!("kpr-probe said {:?} ({})", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}

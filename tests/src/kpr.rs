@@ -77,12 +77,13 @@ impl Kpr {
         Ok(kpr)
     }
 
-    /// Starts `kpr run ARGS` in `node`, attached to its pods' interfaces
-    /// and pinning maps in its bpffs, without waiting.
+    /// Starts `kpr run ARGS` in `node`, attached to its pods' interfaces and
+    /// its cgroup and pinning maps in its bpffs, without waiting.
     pub fn spawn(node: &VirtualNode, args: &[String], log: &Path) -> anyhow::Result<Self> {
         let mut all = args.to_vec();
         all.push(format!("--bpf-root={}", node.bpf_root().display()));
         all.push(format!("--interfaces={}", node.interfaces().join(",")));
+        all.push(format!("--cgroup-root={}", node.cgroup.path_for_agent().display()));
         Self::run_in(&node.ns, &all, log)
     }
 

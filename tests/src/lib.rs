@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod browser;
+pub mod cgroup;
 pub mod client;
 pub mod containerd;
 pub mod demo;

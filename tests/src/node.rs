@@ -7,7 +7,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
 
-use crate::netns::{Netns, ip, unique_prefix};
+use crate::{
+    cgroup::Cgroup,
+    netns::{Netns, ip, unique_prefix},
+};
 
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
@@ -34,6 +37,8 @@ pub struct VirtualNode {
     // Pods first: dropping them removes their veths before the node goes.
     pub pods: Vec<Pod>,
     pub ns: Netns,
+    /// The node's cgroup: kpr's socket hooks serve the processes placed in it.
+    pub cgroup: Cgroup,
     /// The node's own bpffs, where kpr pins its maps (as /sys/fs/bpf on a
     /// real node); unmounted last.
     bpffs: Bpffs,
@@ -100,7 +105,8 @@ impl VirtualNode {
         for dev in ["all", "default", BRIDGE] {
             ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
         }
-        let mut node = Self { pods: Vec::new(), ns, bpffs: Bpffs::mount()? };
+        let cgroup = Cgroup::new(&format!("{prefix}-node"))?;
+        let mut node = Self { pods: Vec::new(), ns, cgroup, bpffs: Bpffs::mount()? };
         for (i, (name, addr)) in pods.iter().enumerate() {
             node.add_pod(&prefix, i, name, *addr).with_context(|| format!("creating pod {name}"))?;
         }

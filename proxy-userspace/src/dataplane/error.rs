@@ -9,12 +9,13 @@ pub enum DataplaneError {
     Load(String),
     #[error("the kernel verifier rejected program {program}: {log}")]
     Verifier { program: &'static str, log: String },
-    #[error("no interfaces given: pass the node-side pod interfaces with --interfaces")]
-    NoInterfaces,
     #[error(
-        "attaching {program} to interface {interface:?} failed (does it exist in this network namespace?): {reason}"
+        "nothing to attach to: socket-level load balancing is off (--socket-lb=false, or no cgroup v2 mount found) \
+         and no --interfaces were given"
     )]
-    Attach { program: &'static str, interface: String, reason: String },
+    NothingToAttach,
+    #[error("attaching {program} to {target} failed: {reason}")]
+    Attach { program: &'static str, target: String, reason: String },
     #[error("the {map} map is full ({capacity} entries): raise {flag}")]
     MapFull { map: &'static str, capacity: u32, flag: &'static str },
     #[error("writing the {map} map failed: {reason}")]
@@ -31,7 +32,7 @@ impl DataplaneError {
         match self {
             DataplaneError::Load(_) => "load",
             DataplaneError::Verifier { .. } => "verifier",
-            DataplaneError::NoInterfaces => "no_interfaces",
+            DataplaneError::NothingToAttach => "nothing_to_attach",
             DataplaneError::Attach { .. } => "attach",
             DataplaneError::MapFull { .. } => "map_full",
             DataplaneError::MapWrite { .. } => "map_write",

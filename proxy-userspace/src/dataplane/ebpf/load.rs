@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc},
 };
 use proxy_common::maps as abi;
 
@@ -24,6 +24,19 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The classifier attached to every pod interface.
 pub const PROGRAM: &str = "kpr_from_pod";
+
+/// The socket hooks attached to the cgroup (socket-level load balancing).
+pub const SOCKET_PROGRAMS: [&str; 4] =
+    ["kpr_sock_connect4", "kpr_sock_sendmsg4", "kpr_sock_recvmsg4", "kpr_sock_getpeername4"];
+
+/// Where the programs attach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    /// Interfaces whose ingress gets the per-packet classifier.
+    pub interfaces: Vec<String>,
+    /// The cgroup v2 directory whose processes get socket-level load balancing.
+    pub cgroup: Option<PathBuf>,
+}
 
 /// Map capacities, settable at load time.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +63,8 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
         .map_max_entries(abi::BACKENDS, sizes.backends)
         .map_max_entries(abi::CT_FORWARD, sizes.flows)
         .map_max_entries(abi::CT_REVERSE, sizes.flows)
+        .map_max_entries(abi::SOCK_AFFINITY, sizes.flows)
+        .map_max_entries(abi::SOCK_REVERSE, sizes.flows)
         .map_max_entries(abi::SERVICE_TRAFFIC, sizes.services)
         .map_max_entries(abi::BACKEND_TRAFFIC, sizes.backends)
         .load(EBPF_OBJECT)
@@ -120,37 +135,77 @@ fn map_id(map: &Map) -> Option<u32> {
     }
 }
 
-/// Why the kernel refused to load a program: a verifier rejection names its log.
-fn load_error(e: ProgramError) -> DataplaneError {
-    match e {
+/// Why the kernel refused to load `program`: a verifier rejection names its log.
+fn load_error(program: &'static str) -> impl Fn(ProgramError) -> DataplaneError {
+    move |e| match e {
         ProgramError::LoadError { verifier_log, .. } => {
-            DataplaneError::Verifier { program: PROGRAM, log: verifier_log.to_string() }
+            DataplaneError::Verifier { program, log: verifier_log.to_string() }
         }
         other => DataplaneError::Load(other.to_string()),
     }
 }
 
-/// Loads the programs, pins the maps under `bpf_root` and attaches on
-/// ingress of each interface.
-pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result<Attached, DataplaneError> {
-    if interfaces.is_empty() {
-        return Err(DataplaneError::NoInterfaces);
+/// The program `name` of the object, as type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Load(format!("program {name} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|e: ProgramError| DataplaneError::Load(e.to_string()))
+}
+
+/// `e` with the errors beneath it (aya's syscall errors keep the errno there).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+/// Attaches the socket hooks to `cgroup` beside any other programs there.
+fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneError> {
+    let attach_error = |program, reason: String| DataplaneError::Attach {
+        program,
+        target: format!("cgroup {}", cgroup.display()),
+        reason,
+    };
+    let dir = std::fs::File::open(cgroup).map_err(|e| attach_error(SOCKET_PROGRAMS[0], e.to_string()))?;
+    for name in SOCKET_PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
+        hook.load().map_err(load_error(name))?;
+        // A link (what aya makes on this kernel) takes no attach flags and
+        // always runs beside other programs on the cgroup.
+        hook.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_error(name, with_sources(&e)))?;
+    }
+    tracing::info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
+    Ok(())
+}
+
+/// Loads the programs, attaches them to `targets`, pins the maps under
+/// `bpf_root` and hands over the map handles.
+pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Attached, DataplaneError> {
+    if targets.interfaces.is_empty() && targets.cgroup.is_none() {
+        return Err(DataplaneError::NothingToAttach);
     }
     let mut ebpf = load(sizes)?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(PROGRAM)
-        .ok_or_else(|| DataplaneError::Load(format!("program {PROGRAM} missing from the eBPF object")))?
-        .try_into()
-        .map_err(|e: ProgramError| DataplaneError::Load(e.to_string()))?;
-    program.load().map_err(load_error)?;
-    for iface in interfaces {
+    if let Some(cgroup) = &targets.cgroup {
+        attach_socket_hooks(&mut ebpf, cgroup)?;
+    }
+    let classifier: &mut SchedClassifier = program(&mut ebpf, PROGRAM)?;
+    classifier.load().map_err(load_error(PROGRAM))?;
+    for iface in &targets.interfaces {
         // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
         }
-        program.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
+        classifier.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
             program: PROGRAM,
-            interface: iface.clone(),
+            target: format!("interface {iface:?} (does it exist in this network namespace?)"),
             reason: e.to_string(),
         })?;
         tracing::info!(%iface, "datapath attached on ingress");
@@ -179,6 +234,7 @@ pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result
         backends: take_hash(&mut ebpf, abi::BACKENDS)?,
         ct_forward: take_hash(&mut ebpf, abi::CT_FORWARD)?,
         ct_reverse: take_hash(&mut ebpf, abi::CT_REVERSE)?,
+        sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         traffic,
     };
     Ok(Attached { ebpf, maps, observed: Arc::new(observed) })

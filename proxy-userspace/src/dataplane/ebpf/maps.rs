@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use proxy_common::maps::{
-    Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, Traffic,
-    reply_key,
+    Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, SockKey,
+    Traffic, reply_key,
 };
 
 /// Why a map write failed.
@@ -64,6 +64,7 @@ pub struct AyaMaps {
     pub(super) backends: HashMap<MapData, BackendKey, Backend>,
     pub(super) ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     pub(super) ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
+    pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
     pub(super) traffic: TrafficMaps,
 }
 
@@ -108,7 +109,20 @@ impl ServiceMaps for AyaMaps {
                 tracing::debug!(error = %e, "could not forget a UDP flow");
             }
         }
-        stale.len()
+        // Unconnected UDP sockets keep their backend per frontend: they choose again too.
+        let stale_sockets: Vec<SockKey> = self
+            .sock_affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.service_id == service_id && !keep.contains(&(v.backend.addr, v.backend.port)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale_sockets {
+            if let Err(e) = remove(&mut self.sock_affinity, key) {
+                tracing::debug!(error = %e, "could not forget a socket's backend");
+            }
+        }
+        stale.len() + stale_sockets.len()
     }
 }
 

@@ -7,6 +7,7 @@
 //! serving, and the bookkeeping (ids, slot counts) is exactly what the maps
 //! hold, on the real maps and on the fakes the unit tests use.
 
+pub mod cgroup;
 pub mod fake;
 pub mod load;
 pub mod maps;
@@ -18,7 +19,7 @@ use std::{
     sync::Arc,
 };
 
-pub use load::{EBPF_OBJECT, MapSizes, PROGRAM, load};
+pub use load::{EBPF_OBJECT, MapSizes, PROGRAM, SOCKET_PROGRAMS, Targets, load};
 use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
 use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue, kind};
 
@@ -120,10 +121,9 @@ fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(Ma
 }
 
 impl EbpfDataplane<AyaMaps> {
-    /// Loads the programs, pins the maps under `bpf_root` and attaches on
-    /// ingress of each interface.
-    pub fn attach(interfaces: &[String], sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
-        let attached = load::attach(interfaces, sizes, bpf_root)?;
+    /// Loads the programs, attaches them to `targets` and pins the maps under `bpf_root`.
+    pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
+        let attached = load::attach(targets, sizes, bpf_root)?;
         let mut dataplane = Self::new(attached.maps, sizes);
         dataplane._ebpf = Some(attached.ebpf);
         dataplane.observed = Some(attached.observed);

@@ -1,0 +1,153 @@
+//! Socket-level load balancing (as Cilium's bpf_sock.c): cgroup hooks give
+//! a socket that connects or sends to a Service VIP one of its backends
+//! before any packet exists, so nothing is translated per packet afterwards,
+//! in any network namespace and whatever the CNI. Where the application
+//! looks at its peer again (`recvmsg` on UDP, `getpeername`), it sees the
+//! VIP it addressed.
+//!
+//! A connected socket chooses once. An unconnected UDP socket chooses on its
+//! first datagram to a frontend and keeps that backend ([`SOCK_AFFINITY`]),
+//! as the per-packet conntrack keeps a flow's; the agent forgets the choice
+//! when the backend leaves.
+
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    counters::{Counter, DropReason},
+    maps::{ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey, SockKey},
+};
+
+use crate::{
+    counters::count,
+    lookup,
+    maps::{SOCK_AFFINITY, SOCK_REVERSE},
+};
+
+/// What the hook tells the kernel: go on (with the address as rewritten), or fail the call.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+/// Why a connect or send to a VIP fails; the call returns the errno.
+enum Refusal {
+    /// No ready endpoint: ECONNREFUSED at once, as kube-proxy's REJECT rule.
+    NoBackend,
+    Drop(DropReason),
+}
+
+const ECONNREFUSED: i32 = 111;
+const ENOBUFS: i32 = 105;
+
+/// A TCP or UDP socket connecting: the backend replaces the VIP for good.
+#[cgroup_sock_addr(connect4)]
+pub(crate) fn kpr_sock_connect4(ctx: SockAddrContext) -> i32 {
+    finish(translate(&ctx, false))
+}
+
+/// An unconnected UDP socket sending to an address.
+#[cgroup_sock_addr(sendmsg4)]
+pub(crate) fn kpr_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    finish(translate(&ctx, true))
+}
+
+/// A UDP datagram received: its source shown as the VIP the socket addressed.
+#[cgroup_sock_addr(recvmsg4)]
+pub(crate) fn kpr_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    show_frontend(&ctx);
+    ALLOW
+}
+
+/// `getpeername` of a connected socket: the VIP, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub(crate) fn kpr_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    show_frontend(&ctx);
+    ALLOW
+}
+
+/// The hook's return value for a translation's outcome; a refusal sets the
+/// errno the call fails with, counted under why.
+#[inline(always)]
+fn finish(result: Result<(), Refusal>) -> i32 {
+    let (counter, errno) = match result {
+        Ok(()) => return ALLOW,
+        Err(Refusal::NoBackend) => (Counter::SocketRefusedNoBackend, ECONNREFUSED),
+        Err(Refusal::Drop(reason)) => (reason.counter(), ENOBUFS),
+    };
+    count(counter, ());
+    // Without the errno the call fails with EPERM, which still fails it.
+    unsafe { bpf_set_retval(-errno) };
+    REJECT
+}
+
+/// The protocol of the socket behind `ctx`, if the datapath serves it.
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> Option<u8> {
+    match unsafe { (*ctx.sock_addr).protocol } {
+        6 => Some(PROTO_TCP),
+        17 => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+/// The address the application passed, as it is on the wire.
+#[inline(always)]
+fn user_address(ctx: &SockAddrContext) -> ([u8; 4], [u8; 2]) {
+    let sa = unsafe { &*ctx.sock_addr };
+    // Both fields hold network byte order: the IPv4 address in all four
+    // bytes, the port in the low two (as the kernel stores them).
+    (sa.user_ip4.to_ne_bytes(), (sa.user_port as u16).to_ne_bytes())
+}
+
+#[inline(always)]
+fn set_user_address(ctx: &SockAddrContext, addr: [u8; 4], port: [u8; 2]) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_ip4 = u32::from_ne_bytes(addr);
+    sa.user_port = u16::from_ne_bytes(port) as u32;
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, unconnected: bool) -> Result<(), Refusal> {
+    let Some(proto) = protocol(ctx) else { return Ok(()) };
+    let (vip, vip_port) = user_address(ctx);
+    let Some(svc) = lookup::service(&ServiceKey { addr: vip, port: vip_port, proto, _pad: 0 }) else {
+        return Ok(());
+    };
+    if svc.backend_count == 0 {
+        return Err(Refusal::NoBackend);
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let affinity = SockKey::new(cookie, vip, vip_port, proto);
+    let kept = if unconnected { SOCK_AFFINITY.get_ptr(affinity).map(|e| unsafe { core::ptr::read(e) }) } else { None };
+    let backend = match kept {
+        Some(e) if e.service_id == svc.id => e.backend,
+        _ => {
+            let backend = lookup::choose(&svc).map_err(Refusal::Drop)?;
+            if unconnected && SOCK_AFFINITY.insert(affinity, ForwardEntry { backend, service_id: svc.id }, 0).is_err() {
+                return Err(Refusal::Drop(DropReason::ConntrackFailed));
+            }
+            backend
+        }
+    };
+    // Written before the address is: a reply can only come once it is used.
+    let reverse = ReverseEntry { vip, vip_port, _pad: [0; 2], service_id: svc.id };
+    if SOCK_REVERSE.insert(SockKey::new(cookie, backend.addr, backend.port, proto), reverse, 0).is_err() {
+        return Err(Refusal::Drop(DropReason::ConntrackFailed));
+    }
+    set_user_address(ctx, backend.addr, backend.port);
+    count(Counter::SocketTranslated, ());
+    Ok(())
+}
+
+#[inline(always)]
+fn show_frontend(ctx: &SockAddrContext) {
+    let Some(proto) = protocol(ctx) else { return };
+    let (addr, port) = user_address(ctx);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(rev) = SOCK_REVERSE.get_ptr(SockKey::new(cookie, addr, port, proto)) {
+        let rev = unsafe { core::ptr::read(rev) };
+        set_user_address(ctx, rev.vip, rev.vip_port);
+        count(Counter::SocketReverseTranslated, ());
+    }
+}

@@ -1,0 +1,65 @@
+//! A client the socket-level tests start as its own process, so it can be
+//! placed in a node's cgroup (hooks act on processes, not threads): one
+//! request to ADDR, one JSON line on stdout saying what the application saw.
+//!
+//! `kpr-probe tcp|udp|udp-connected ADDR`: `tcp` connects and sends a line,
+//! `udp` sends a datagram from an unconnected socket, `udp-connected`
+//! connects a UDP socket first. The line holds the reply and the peer as
+//! the application sees it (`getpeername`, or the datagram's source), or the
+//! error with its errno.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn tcp(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    Ok((line.trim_end().to_string(), peer))
+}
+
+fn udp(addr: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    let mut buf = [0u8; 512];
+    if connected {
+        socket.connect(addr)?;
+        let peer = socket.peer_addr()?;
+        socket.send(b"hello")?;
+        let n = socket.recv(&mut buf)?;
+        return Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), peer));
+    }
+    socket.send_to(b"hello", addr)?;
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(kind), Some(addr)) = (args.first(), args.get(1).and_then(|a| a.parse::<SocketAddr>().ok())) else {
+        eprintln!("usage: kpr-probe tcp|udp|udp-connected ADDR");
+        std::process::exit(2);
+    };
+    let result = match kind.as_str() {
+        "tcp" => tcp(addr),
+        "udp" => udp(addr, false),
+        "udp-connected" => udp(addr, true),
+        other => {
+            eprintln!("unknown probe {other}");
+            std::process::exit(2);
+        }
+    };
+    let line = match result {
+        Ok((reply, peer)) => serde_json::json!({"reply": reply, "peer": peer.to_string()}),
+        Err(e) => serde_json::json!({"error": e.to_string(), "errno": e.raw_os_error()}),
+    };
+    println!("{line}");
+}

@@ -1,0 +1,77 @@
+//! A cgroup v2 directory of its own per virtual node: kpr attaches its
+//! socket hooks there, and the processes a test places in it (node
+//! processes, pods) are the ones served, while the machine's own processes
+//! are not touched. Removed on drop (it is empty by then: its processes
+//! are the test's short-lived clients).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+/// Where the cgroup v2 hierarchy is mounted for this process.
+fn hierarchy() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .filter_map(|l| l.split_once(" - "))
+        .filter(|(_, after)| after.starts_with("cgroup2 "))
+        .find_map(|(before, _)| before.split_whitespace().nth(4).map(PathBuf::from))
+        .context("no cgroup v2 mount (the socket-level tests need one)")
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let path = hierarchy()?.join(name);
+        // A cgroup left by a killed earlier run with the same name goes first.
+        std::fs::remove_dir(&path).ok();
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// The path as a process in another mount namespace sees it: kpr runs
+    /// under `ip netns exec`, which mounts a fresh /sys without the cgroup
+    /// hierarchy, while /proc still reaches this process's view of it.
+    pub fn path_for_agent(&self) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", std::process::id())).join(self.path.strip_prefix("/").unwrap_or(&self.path))
+    }
+
+    /// Makes `command` start inside this cgroup (before it runs anything).
+    pub fn place(&self, command: &mut Command) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt as _;
+        let procs = std::ffi::CString::new(self.path.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        // SAFETY: between fork and exec the child makes only the raw
+        // open/write/close calls (no allocation, async-signal-safe).
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written == 1 { Ok(()) } else { Err(error) }
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its processes may take a moment to be reaped after exiting.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Node processes, hostNetwork pods and pods under the node's cgroup reach
+//! ClusterIPs, in both modes: each client is a process of its own (hooks
+//! act on processes) placed in the node's cgroup. In eBPF mode the socket
+//! hooks give it a backend at connect or send time; in iptables mode the
+//! nat OUTPUT jump does. Either way the application sees the VIP as its
+//! peer, a Service without endpoints is refused at once, and a backend pod
+//! reaching its own Service (hairpin) gets an answer.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use kpr_tests::{
+    client::{Probe, probe},
+    kpr::{self, Kpr, Mode},
+    manifests::{web_service, write},
+    netns::Netns,
+    node::VirtualNode,
+    root_or_skip, servers, wait,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A Service with no endpoints.
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const PODS: [(&str, Ipv4Addr); 3] = [
+    ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
+    ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
+    ("client", Ipv4Addr::new(10, 244, 0, 100)),
+];
+const PROBE: &str = env!("CARGO_BIN_EXE_kpr-probe");
+
+fn run(node: &VirtualNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
+    probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
+}
+
+/// The answer to `kind` at `addr` from `ns`, asserting the application saw
+/// the VIP as its peer; waits for the first answer (kpr may still be
+/// programming).
+fn answer(node: &VirtualNode, ns: &Netns, kind: &str, addr: SocketAddr) -> String {
+    let p = wait::until(
+        &format!("an answer to {kind} {addr}"),
+        Duration::from_secs(10),
+        || run(node, ns, kind, addr),
+        |p| p.reply.is_some(),
+    )
+    .unwrap();
+    assert_eq!(p.peer.as_deref(), Some(addr.to_string().as_str()), "{kind}: the peer shown is the VIP: {p:?}");
+    p.reply.unwrap()
+}
+
+fn node_processes_and_pods_under_the_cgroup_reach_cluster_ips(mode: Mode) {
+    root_or_skip!();
+    let node = VirtualNode::new(&PODS).unwrap();
+    let _servers: Vec<_> = PODS[..2]
+        .iter()
+        .flat_map(|(n, _)| {
+            let ns = &node.pod(n).ns;
+            [servers::tcp(ns, 8080, n).unwrap(), servers::udp(ns, 5353, n).unwrap()]
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
+    write(&manifests, "empty.yaml", &web_service("empty", EMPTY_VIP, &[])).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+    let _kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+
+    let web = |port| SocketAddr::from((VIP, port));
+    let backends = ["web-a", "web-b"];
+    // A node process (as a hostNetwork pod is): TCP, unconnected and connected UDP.
+    for kind in ["tcp", "udp", "udp-connected"] {
+        let port = if kind == "tcp" { 80 } else { 53 };
+        let reply = answer(&node, &node.ns, kind, web(port));
+        assert!(backends.contains(&reply.as_str()), "{kind}: {reply}");
+    }
+    // Every backend is reached from the node.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(answer(&node, &node.ns, "tcp", web(80)));
+    }
+    assert_eq!(seen.len(), 2, "both backends answer node processes: {seen:?}");
+    // A pod, and a backend reaching its own Service (hairpin).
+    for pod in ["client", "web-a"] {
+        let reply = answer(&node, &node.pod(pod).ns, "tcp", web(80));
+        assert!(backends.contains(&reply.as_str()), "{pod}: {reply}");
+    }
+    // No endpoints: refused at once, from the node and from a pod.
+    for ns in [&node.ns, &node.pod("client").ns] {
+        let started = std::time::Instant::now();
+        let p = run(&node, ns, "tcp", SocketAddr::from((EMPTY_VIP, 80)));
+        assert_eq!(p.errno, Some(libc::ECONNREFUSED), "{p:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "refused at once: {:?}", started.elapsed());
+    }
+    if mode == Mode::Ebpf {
+        // The socket hooks did it, not the per-packet path.
+        let stats = datapath_stats(&node);
+        assert!(stats["socket_translated"].as_u64().unwrap() >= 45, "{stats:#}");
+        assert!(stats["socket_reverse_translated"].as_u64().unwrap() >= 2, "recvmsg and getpeername: {stats:#}");
+        assert_eq!(stats["socket_refused_no_backend"], 2, "{stats:#}");
+        assert_eq!(stats["translated"], 0, "no packet needed translating: {stats:#}");
+    }
+}
+
+/// The eBPF datapath's counters, by name (`kpr stats`).
+fn datapath_stats(node: &VirtualNode) -> serde_json::Value {
+    let root = format!("--bpf-root={}", node.bpf_root().display());
+    let out = kpr::command(&node.ns, &["stats", "-o", "json", &root]).unwrap();
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["datapath"].clone()
+}
+
+kpr_tests::in_both_modes!(node_processes_and_pods_under_the_cgroup_reach_cluster_ips);
