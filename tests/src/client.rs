@@ -82,3 +82,54 @@ pub fn probe(
         format!("kpr-probe said {:?} ({})", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     })
 }
+
+/// A `kpr-probe udp-held` process: a UDP client that stays connected and
+/// asks again on the same socket when told to. Killed on drop.
+pub struct HeldUdp {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl HeldUdp {
+    /// Starts it in `ns` as a process of `cgroup`; returns it with its first answer.
+    pub fn start(
+        bin: &std::path::Path,
+        ns: &crate::netns::Netns,
+        cgroup: &crate::cgroup::Cgroup,
+        addr: SocketAddr,
+    ) -> anyhow::Result<(Self, Probe)> {
+        use anyhow::Context as _;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()]).arg(bin).arg("udp-held").arg(addr.to_string());
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        cgroup.place(&mut cmd)?;
+        let mut child = cmd.spawn().context("starting kpr-probe")?;
+        let stdout = child.stdout.take().context("probe stdout")?;
+        let mut held = Self { child, lines: BufReader::new(stdout).lines() };
+        let first = held.next()?;
+        Ok((held, first))
+    }
+
+    fn next(&mut self) -> anyhow::Result<Probe> {
+        use anyhow::Context as _;
+        let line = self.lines.next().context("the probe ended")??;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Asks again on the same socket.
+    pub fn ask(&mut self) -> anyhow::Result<Probe> {
+        use anyhow::Context as _;
+        let stdin = self.child.stdin.as_mut().context("probe stdin")?;
+        stdin.write_all(b"again\n")?;
+        stdin.flush()?;
+        self.next()
+    }
+}
+
+impl Drop for HeldUdp {
+    fn drop(&mut self) {
+        // Our own child, by its handle.
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}

@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Probe, probe},
+    client::{HeldUdp, Probe, probe},
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     netns::Netns,
@@ -50,25 +50,45 @@ fn answer(node: &VirtualNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Strin
     p.reply.unwrap()
 }
 
+fn web(port: u16) -> SocketAddr {
+    SocketAddr::from((VIP, port))
+}
+
+/// A node whose two web pods serve TCP 8080 and UDP 5353, with kpr running
+/// on Services `web` (both pods) and `empty` (none).
+struct Setup {
+    kpr: Kpr,
+    manifests: std::path::PathBuf,
+    _servers: Vec<servers::Server>,
+    node: VirtualNode,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(mode: Mode) -> Self {
+        let node = VirtualNode::new(&PODS).unwrap();
+        let servers = PODS[..2]
+            .iter()
+            .flat_map(|(n, _)| {
+                let ns = &node.pod(n).ns;
+                [servers::tcp(ns, 8080, n).unwrap(), servers::udp(ns, 5353, n).unwrap()]
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
+        write(&manifests, "empty.yaml", &web_service("empty", EMPTY_VIP, &[])).unwrap();
+        let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+        let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+        Self { kpr, manifests, _servers: servers, node, _dir: dir }
+    }
+}
+
 fn node_processes_and_pods_under_the_cgroup_reach_cluster_ips(mode: Mode) {
     root_or_skip!();
-    let node = VirtualNode::new(&PODS).unwrap();
-    let _servers: Vec<_> = PODS[..2]
-        .iter()
-        .flat_map(|(n, _)| {
-            let ns = &node.pod(n).ns;
-            [servers::tcp(ns, 8080, n).unwrap(), servers::udp(ns, 5353, n).unwrap()]
-        })
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..2])).unwrap();
-    write(&manifests, "empty.yaml", &web_service("empty", EMPTY_VIP, &[])).unwrap();
-    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
-    let _kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
-
-    let web = |port| SocketAddr::from((VIP, port));
+    let setup = Setup::new(mode);
+    let node = &setup.node;
     let backends = ["web-a", "web-b"];
     // A node process (as a hostNetwork pod is): TCP, unconnected and connected UDP.
     for kind in ["tcp", "udp", "udp-connected"] {
@@ -111,4 +131,38 @@ fn datapath_stats(node: &VirtualNode) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(&out).unwrap()["datapath"].clone()
 }
 
-kpr_tests::in_both_modes!(node_processes_and_pods_under_the_cgroup_reach_cluster_ips);
+/// A connected UDP client whose backend leaves the Service is never left
+/// talking to it, nor to silence: its next request fails at once (eBPF mode
+/// ends the socket) or reaches the remaining backend (iptables mode forgets
+/// the conntrack entry, as kube-proxy does).
+fn a_connected_udp_client_of_a_removed_backend_is_not_left_with_it(mode: Mode) {
+    root_or_skip!();
+    let mut setup = Setup::new(mode);
+    let node = &setup.node;
+    answer(node, &node.ns, "udp-connected", web(53));
+    let (mut held, first) = HeldUdp::start(Path::new(PROBE), &node.ns, &node.cgroup, web(53)).unwrap();
+    let talking_to = first.reply.clone().unwrap_or_else(|| panic!("the held client got no first answer: {first:?}"));
+    let remaining: Vec<_> = PODS[..2].iter().copied().filter(|(n, _)| *n != talking_to).collect();
+    let synced = setup.kpr.log().matches("synced").count();
+    write(&setup.manifests, "web.yaml", &web_service("web", VIP, &remaining)).unwrap();
+    setup.kpr.wait_for_log_count("synced", synced + 1, Duration::from_secs(10)).unwrap();
+
+    let again = held.ask().unwrap();
+    match (&again.reply, again.errno) {
+        (Some(reply), _) => assert_eq!(reply, remaining[0].0, "never the removed backend: {again:?}"),
+        // An ended socket is disconnected: a client waiting in recv gets
+        // ECONNABORTED, one that sends next gets EDESTADDRREQ.
+        (None, Some(errno)) => assert!(
+            [libc::ECONNABORTED, libc::EDESTADDRREQ, libc::ECONNREFUSED].contains(&errno),
+            "an error at once, not a timeout: {again:?}"
+        ),
+        _ => panic!("{again:?}"),
+    }
+    // A new client is served by the remaining backend.
+    assert_eq!(answer(node, &node.ns, "udp-connected", web(53)), remaining[0].0);
+}
+
+kpr_tests::in_both_modes!(
+    node_processes_and_pods_under_the_cgroup_reach_cluster_ips,
+    a_connected_udp_client_of_a_removed_backend_is_not_left_with_it,
+);

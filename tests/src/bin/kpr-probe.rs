@@ -2,11 +2,13 @@
 //! placed in a node's cgroup (hooks act on processes, not threads): one
 //! request to ADDR, one JSON line on stdout saying what the application saw.
 //!
-//! `kpr-probe tcp|udp|udp-connected ADDR`: `tcp` connects and sends a line,
-//! `udp` sends a datagram from an unconnected socket, `udp-connected`
-//! connects a UDP socket first. The line holds the reply and the peer as
-//! the application sees it (`getpeername`, or the datagram's source), or the
-//! error with its errno.
+//! `kpr-probe tcp|udp|udp-connected|udp-held ADDR`: `tcp` connects and
+//! sends a line, `udp` sends a datagram from an unconnected socket,
+//! `udp-connected` connects a UDP socket first. The line holds the reply and
+//! the peer as the application sees it (`getpeername`, or the datagram's
+//! source), or the error with its errno. `udp-held` is `udp-connected` that
+//! then asks again on the same socket each time a line arrives on stdin,
+//! printing a line per answer: a client that stays connected.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -42,6 +44,34 @@ fn udp(addr: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
+/// One exchange on a connected UDP socket.
+fn exchange(socket: &UdpSocket) -> std::io::Result<(String, SocketAddr)> {
+    let mut buf = [0u8; 512];
+    socket.send(b"hello")?;
+    let n = socket.recv(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), socket.peer_addr()?))
+}
+
+fn print(result: std::io::Result<(String, SocketAddr)>) {
+    let line = match result {
+        Ok((reply, peer)) => serde_json::json!({"reply": reply, "peer": peer.to_string()}),
+        Err(e) => serde_json::json!({"error": e.to_string(), "errno": e.raw_os_error()}),
+    };
+    println!("{line}");
+}
+
+fn held(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(addr)?;
+    print(exchange(&socket));
+    for line in std::io::stdin().lines() {
+        line?;
+        print(exchange(&socket));
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(kind), Some(addr)) = (args.first(), args.get(1).and_then(|a| a.parse::<SocketAddr>().ok())) else {
@@ -52,14 +82,17 @@ fn main() {
         "tcp" => tcp(addr),
         "udp" => udp(addr, false),
         "udp-connected" => udp(addr, true),
+        "udp-held" => {
+            if let Err(e) = held(addr) {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+            return;
+        }
         other => {
             eprintln!("unknown probe {other}");
             std::process::exit(2);
         }
     };
-    let line = match result {
-        Ok((reply, peer)) => serde_json::json!({"reply": reply, "peer": peer.to_string()}),
-        Err(e) => serde_json::json!({"error": e.to_string(), "errno": e.raw_os_error()}),
-    };
-    println!("{line}");
+    print(result);
 }

@@ -235,6 +235,8 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         ct_forward: take_hash(&mut ebpf, abi::CT_FORWARD)?,
         ct_reverse: take_hash(&mut ebpf, abi::CT_REVERSE)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
+        sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,
+        cgroup: targets.cgroup.clone(),
         traffic,
     };
     Ok(Attached { ebpf, maps, observed: Arc::new(observed) })

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use proxy_common::maps::{
-    Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ReverseEntry, ServiceKey, ServiceValue, SockKey,
-    Traffic, reply_key,
+    Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, PROTO_UDP, ReverseEntry, ServiceKey, ServiceValue,
+    SockKey, Traffic, reply_key,
 };
 
 /// Why a map write failed.
@@ -37,7 +37,8 @@ pub trait ServiceMaps: Send {
     /// counts are statistics.
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>);
     /// Forgets the UDP flows of a frontend pinned to endpoints not in
-    /// `keep`, so their next datagram chooses again; returns how many.
+    /// `keep`, so their next datagram chooses again, and ends the UDP
+    /// sockets connected to those endpoints; returns how many.
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize;
 }
 
@@ -65,6 +66,9 @@ pub struct AyaMaps {
     pub(super) ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     pub(super) ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
+    pub(super) sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
+    /// Where the socket hooks serve processes, if they are on.
+    pub(super) cgroup: Option<std::path::PathBuf>,
     pub(super) traffic: TrafficMaps,
 }
 
@@ -122,7 +126,23 @@ impl ServiceMaps for AyaMaps {
                 tracing::debug!(error = %e, "could not forget a socket's backend");
             }
         }
-        stale.len() + stale_sockets.len()
+        // Connected UDP sockets cannot choose again: they are ended.
+        let ended = match &self.cgroup {
+            Some(cgroup) => {
+                let pinned: HashSet<super::sock_destroy::Pinned> = self
+                    .sock_reverse
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(k, v)| {
+                        k.proto == PROTO_UDP && v.service_id == service_id && !keep.contains(&(k.addr, k.port))
+                    })
+                    .map(|(k, _)| (k.cookie, k.addr, k.port))
+                    .collect();
+                super::sock_destroy::destroy(cgroup, &pinned)
+            }
+            None => 0,
+        };
+        stale.len() + stale_sockets.len() + ended
     }
 }
 

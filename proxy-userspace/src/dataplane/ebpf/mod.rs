@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod fake;
 pub mod load;
 pub mod maps;
+pub mod sock_destroy;
 
 use std::{
     collections::{BTreeMap, HashSet},
