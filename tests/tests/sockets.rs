@@ -93,30 +93,30 @@ fn node_processes_and_pods_under_the_cgroup_reach_cluster_ips(mode: Mode) {
     // A node process (as a hostNetwork pod is): TCP, unconnected and connected UDP.
     for kind in ["tcp", "udp", "udp-connected"] {
         let port = if kind == "tcp" { 80 } else { 53 };
-        let reply = answer(&node, &node.ns, kind, web(port));
+        let reply = answer(node, &node.ns, kind, web(port));
         assert!(backends.contains(&reply.as_str()), "{kind}: {reply}");
     }
     // Every backend is reached from the node.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
-        seen.insert(answer(&node, &node.ns, "tcp", web(80)));
+        seen.insert(answer(node, &node.ns, "tcp", web(80)));
     }
     assert_eq!(seen.len(), 2, "both backends answer node processes: {seen:?}");
     // A pod, and a backend reaching its own Service (hairpin).
     for pod in ["client", "web-a"] {
-        let reply = answer(&node, &node.pod(pod).ns, "tcp", web(80));
+        let reply = answer(node, &node.pod(pod).ns, "tcp", web(80));
         assert!(backends.contains(&reply.as_str()), "{pod}: {reply}");
     }
     // No endpoints: refused at once, from the node and from a pod.
     for ns in [&node.ns, &node.pod("client").ns] {
         let started = std::time::Instant::now();
-        let p = run(&node, ns, "tcp", SocketAddr::from((EMPTY_VIP, 80)));
+        let p = run(node, ns, "tcp", SocketAddr::from((EMPTY_VIP, 80)));
         assert_eq!(p.errno, Some(libc::ECONNREFUSED), "{p:?}");
         assert!(started.elapsed() < Duration::from_secs(2), "refused at once: {:?}", started.elapsed());
     }
     if mode == Mode::Ebpf {
         // The socket hooks did it, not the per-packet path.
-        let stats = datapath_stats(&node);
+        let stats = datapath_stats(node);
         assert!(stats["socket_translated"].as_u64().unwrap() >= 45, "{stats:#}");
         assert!(stats["socket_reverse_translated"].as_u64().unwrap() >= 2, "recvmsg and getpeername: {stats:#}");
         assert_eq!(stats["socket_refused_no_backend"], 2, "{stats:#}");
