@@ -32,7 +32,7 @@ use proxy_userspace::{
 pub(crate) enum RequestedMode {
     /// eBPF where the kernel allows it, else iptables (says why).
     Auto,
-    /// TC eBPF programs on the pod interfaces.
+    /// Socket hooks on the cgroup, TC programs on the pod interfaces.
     Ebpf,
     /// kube-proxy's iptables rules.
     Iptables,

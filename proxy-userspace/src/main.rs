@@ -403,7 +403,8 @@ async fn run() -> anyhow::Result<()> {
                 state_dir,
                 source,
                 kubeconfig,
-                interfaces,
+                // `--interfaces=` (as an empty ConfigMap value gives) lists none.
+                interfaces: interfaces.into_iter().filter(|i| !i.is_empty()).collect(),
                 socket_lb,
                 cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },
