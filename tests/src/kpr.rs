@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{netns::Netns, node::VirtualNode};
+use crate::{cgroup::Cgroup, netns::Netns, node::VirtualNode};
 
 /// Where a kpr logging to `log` keeps its status file.
 pub fn state_dir(log: &Path) -> PathBuf {
@@ -80,11 +80,24 @@ impl Kpr {
     /// Starts `kpr run ARGS` in `node`, attached to its pods' interfaces and
     /// its cgroup and pinning maps in its bpffs, without waiting.
     pub fn spawn(node: &VirtualNode, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &node.interfaces(), args, log)
+    }
+
+    /// Starts `kpr run ARGS` in namespace `ns` with its bpffs at `bpf_root`,
+    /// its socket hooks on `cgroup` and its per-packet path on `interfaces`.
+    pub fn spawn_on(
+        ns: &Netns,
+        bpf_root: &Path,
+        cgroup: &Cgroup,
+        interfaces: &[String],
+        args: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let mut all = args.to_vec();
-        all.push(format!("--bpf-root={}", node.bpf_root().display()));
-        all.push(format!("--interfaces={}", node.interfaces().join(",")));
-        all.push(format!("--cgroup-root={}", node.cgroup.path_for_agent().display()));
-        Self::run_in(&node.ns, &all, log)
+        all.push(format!("--bpf-root={}", bpf_root.display()));
+        all.push(format!("--interfaces={}", interfaces.join(",")));
+        all.push(format!("--cgroup-root={}", cgroup.path_for_agent().display()));
+        Self::run_in(ns, &all, log)
     }
 
     /// Starts `kpr run ARGS` in namespace `ns` without waiting; its status

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod browser;
 pub mod cgroup;
 pub mod client;
+pub mod cluster;
 pub mod containerd;
 pub mod demo;
 pub mod kpr;

@@ -45,15 +45,21 @@ pub struct VirtualNode {
 }
 
 /// A bpf filesystem mounted on a temporary folder; unmounted on drop.
-struct Bpffs {
+pub struct Bpffs {
     dir: tempfile::TempDir,
 }
 
 impl Bpffs {
-    fn mount() -> anyhow::Result<Self> {
+    pub fn mount() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("kpr-bpffs-").tempdir()?;
         crate::netns::run("mount", &["-t", "bpf", "bpf", dir.path().to_str().context("temp path")?])?;
         Ok(Self { dir })
+    }
+}
+
+impl Bpffs {
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
     }
 }
 

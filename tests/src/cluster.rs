@@ -1,0 +1,215 @@
+//! A virtual cluster: several node namespaces joined by an underlay (a
+//! bridge in a namespace of its own), each node with its own pod CIDR
+//! (10.244.N.0/24), pods, bpffs and cgroup, wired in one of the common CNI
+//! shapes so a Service's backends can sit on any node. Everything lives in
+//! namespaces this creates; all of it goes on drop.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+
+use crate::{
+    cgroup::Cgroup,
+    netns::{Netns, ip, unique_prefix},
+    node::{Bpffs, Pod},
+};
+
+/// How pods are connected, after the CNIs that wire them so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// A bridge per node; pod CIDRs routed over the underlay (flannel host-gw).
+    HostGw,
+    /// A bridge per node; pod CIDRs reached through a VXLAN overlay (flannel vxlan).
+    Vxlan,
+    /// No bridge: a veth per pod with a /32 route to it, proxy ARP for its
+    /// gateway (Calico, kindnet); pod CIDRs routed over the underlay.
+    Routed,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 3] = [Shape::HostGw, Shape::Vxlan, Shape::Routed];
+}
+
+const UNDERLAY_PREFIX: [u8; 3] = [192, 168, 100];
+const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+const BRIDGE: &str = "cbr0";
+/// The gateway pods of the routed shape use; answered by proxy ARP.
+const ROUTED_GATEWAY: &str = "169.254.1.1";
+
+pub struct ClusterNode {
+    // Pods first: dropping them removes their veths before the node goes.
+    pub pods: Vec<Pod>,
+    pub name: String,
+    pub index: u8,
+    pub ns: Netns,
+    pub cgroup: Cgroup,
+    bpffs: Bpffs,
+}
+
+impl ClusterNode {
+    /// The node's address on the underlay.
+    pub fn address(&self) -> Ipv4Addr {
+        underlay_ip(self.index)
+    }
+
+    pub fn bpf_root(&self) -> &std::path::Path {
+        self.bpffs.path()
+    }
+
+    /// The node-side interfaces of its pods.
+    pub fn interfaces(&self) -> Vec<String> {
+        self.pods.iter().map(|p| p.host_if.clone()).collect()
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
+    }
+}
+
+pub struct Cluster {
+    pub shape: Shape,
+    pub nodes: Vec<ClusterNode>,
+    prefix: String,
+    // Dropped last: the nodes' uplinks end there.
+    _underlay: Netns,
+}
+
+fn underlay_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(UNDERLAY_PREFIX[0], UNDERLAY_PREFIX[1], UNDERLAY_PREFIX[2], 10 + index)
+}
+
+/// The address of pod `host` on node `index`.
+pub fn pod_ip(index: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, index, host)
+}
+
+fn vtep_mac(index: u8) -> String {
+    format!("02:00:00:00:01:{:02x}", index + 1)
+}
+
+impl Cluster {
+    /// `nodes` nodes wired as `shape`, without pods.
+    pub fn new(shape: Shape, nodes: u8) -> anyhow::Result<Self> {
+        let prefix = unique_prefix();
+        let underlay = Netns::new(&format!("{prefix}-ul"))?;
+        let ul = underlay.name().to_string();
+        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        // The underlay's router: the nodes' default gateway, and where
+        // traffic from outside the cluster comes from.
+        ip(&["-n", &ul, "addr", "add", &format!("{ROUTER}/24"), "dev", "br0"])?;
+        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        let mut cluster = Self { shape, nodes: Vec::new(), prefix, _underlay: underlay };
+        for index in 0..nodes {
+            let node = cluster.add_node(index, &ul).with_context(|| format!("creating node {index}"))?;
+            cluster.nodes.push(node);
+        }
+        for node in &cluster.nodes {
+            cluster.route_pod_cidrs(node)?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_node(&self, index: u8, ul: &str) -> anyhow::Result<ClusterNode> {
+        let name = format!("node{index}");
+        let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
+        let n = ns.name().to_string();
+        let port = format!("ul{index}");
+        ip(&["-n", ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
+        ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", &n, "addr", "add", &format!("{}/24", underlay_ip(index)), "dev", "eth0"])?;
+        ip(&["-n", &n, "link", "set", "eth0", "up"])?;
+        // Like a real node, a default route: traffic to a VIP is routed
+        // (and so translated) rather than refused as unreachable.
+        ip(&["-n", &n, "route", "add", "default", "via", &ROUTER.to_string()])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // iptables mode refuses with ICMP errors, which are rate-limited by default.
+        ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
+        let gateway = pod_ip(index, 1);
+        match self.shape {
+            Shape::HostGw | Shape::Vxlan => {
+                ip(&["-n", &n, "link", "add", BRIDGE, "type", "bridge"])?;
+                ip(&["-n", &n, "addr", "add", &format!("{gateway}/24"), "dev", BRIDGE])?;
+                ip(&["-n", &n, "link", "set", BRIDGE, "up"])?;
+                for dev in ["all", "default", BRIDGE] {
+                    ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+                }
+            }
+            Shape::Routed => {}
+        }
+        if self.shape == Shape::Vxlan {
+            let local = underlay_ip(index).to_string();
+            ip(&["-n", &n, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", &local, "dev", "eth0"])?;
+            ip(&["-n", &n, "link", "set", "flannel.1", "address", &vtep_mac(index)])?;
+            // The overlay takes 50 bytes of the underlay's MTU.
+            ip(&["-n", &n, "link", "set", "flannel.1", "mtu", "1450", "up"])?;
+            ip(&["-n", &n, "addr", "add", &format!("{}/32", pod_ip(index, 0)), "dev", "flannel.1"])?;
+        }
+        let cgroup = Cgroup::new(&format!("{}-{name}", self.prefix))?;
+        Ok(ClusterNode { pods: Vec::new(), name, index, ns, cgroup, bpffs: Bpffs::mount()? })
+    }
+
+    /// Routes from `node` to every other node's pod CIDR.
+    fn route_pod_cidrs(&self, node: &ClusterNode) -> anyhow::Result<()> {
+        let n = node.ns.name();
+        for other in self.nodes.iter().filter(|o| o.index != node.index) {
+            let cidr = format!("10.244.{}.0/24", other.index);
+            match self.shape {
+                Shape::HostGw | Shape::Routed => {
+                    ip(&["-n", n, "route", "add", &cidr, "via", &other.address().to_string()])?;
+                }
+                Shape::Vxlan => {
+                    let vtep = pod_ip(other.index, 0).to_string();
+                    let mac = vtep_mac(other.index);
+                    ip(&["-n", n, "route", "add", &cidr, "via", &vtep, "dev", "flannel.1", "onlink"])?;
+                    ip(&["-n", n, "neigh", "add", &vtep, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
+                    crate::netns::run(
+                        "bridge",
+                        &["-n", n, "fdb", "append", &mac, "dev", "flannel.1", "dst", &other.address().to_string()],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, index: u8) -> &ClusterNode {
+        &self.nodes[index as usize]
+    }
+
+    /// Adds pod `name` with address 10.244.NODE.HOST to node `node`.
+    pub fn add_pod(&mut self, node: u8, name: &str, host: u8) -> anyhow::Result<&Pod> {
+        let shape = self.shape;
+        let prefix = self.prefix.clone();
+        let node = &mut self.nodes[node as usize];
+        let ns = Netns::new(&format!("{prefix}-{}-{name}", node.index))?;
+        let n = node.ns.name().to_string();
+        let host_if = format!("veth{}", node.pods.len());
+        let addr = pod_ip(node.index, host);
+        let p = ns.name().to_string();
+        ip(&["-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &p])?;
+        ip(&["-n", &p, "link", "set", "eth0", "up"])?;
+        match shape {
+            Shape::HostGw | Shape::Vxlan => {
+                ip(&["-n", &n, "link", "set", &host_if, "master", BRIDGE, "up"])?;
+                ip(&["-n", &p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                if shape == Shape::Vxlan {
+                    ip(&["-n", &p, "link", "set", "eth0", "mtu", "1450"])?;
+                }
+                ip(&["-n", &p, "route", "add", "default", "via", &pod_ip(node.index, 1).to_string()])?;
+            }
+            Shape::Routed => {
+                ip(&["-n", &n, "link", "set", &host_if, "up"])?;
+                // The node answers ARP for the pod's gateway (it routes
+                // everywhere else), at once.
+                node.ns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+                node.ns.sysctl(&format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0")?;
+                ip(&["-n", &n, "route", "add", &format!("{addr}/32"), "dev", &host_if])?;
+                ip(&["-n", &p, "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+                ip(&["-n", &p, "route", "add", ROUTED_GATEWAY, "dev", "eth0", "scope", "link"])?;
+                ip(&["-n", &p, "route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
+            }
+        }
+        node.pods.push(Pod { name: name.to_string(), ip: addr, host_if, ns });
+        Ok(node.pods.last().expect("just pushed"))
+    }
+}

@@ -1,0 +1,136 @@
+//! The multi-node suite: three nodes on an underlay, in each CNI shape and
+//! both modes, kpr running on every node. Clients on node 0 (a pod and a
+//! node process, each a process in the node's cgroup) reach Services whose
+//! backends run on other nodes or on a mix of nodes, over TCP and UDP, and
+//! see the VIP as their peer; pods created after kpr started are served as
+//! clients and as backends.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use kpr_tests::{
+    client::{Probe, probe},
+    cluster::{Cluster, ClusterNode, Shape},
+    kpr::{Kpr, Mode},
+    manifests::{web_service, write},
+    netns::Netns,
+    root_or_skip,
+    servers::{self, Server},
+    wait,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_kpr-probe");
+/// Backends all on node 1.
+const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// Backends on every node.
+const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+
+fn run(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
+    probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
+}
+
+/// The answer to `kind` at `addr` from `ns` on `node`, once there is one;
+/// asserts the application saw the VIP as its peer.
+fn answer(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> String {
+    let p = wait::until(
+        &format!("an answer to {kind} {addr} on {}", node.name),
+        Duration::from_secs(10),
+        || run(node, ns, kind, addr),
+        |p| p.reply.is_some(),
+    )
+    .unwrap();
+    assert_eq!(p.peer.as_deref(), Some(addr.to_string().as_str()), "{kind}: the peer shown is the VIP: {p:?}");
+    p.reply.unwrap()
+}
+
+/// Serves TCP 8080 and UDP 5353 in `ns`, answering `name`.
+fn serve(ns: &Netns, name: &str) -> [Server; 2] {
+    [servers::tcp(ns, 8080, name).unwrap(), servers::udp(ns, 5353, name).unwrap()]
+}
+
+fn serves_services_across_nodes(mode: Mode, shape: Shape) {
+    root_or_skip!();
+    let mut cluster = Cluster::new(shape, 3).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    cluster.add_pod(0, "web-0", 11).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    cluster.add_pod(2, "web-2", 11).unwrap();
+    let mut servers: Vec<Server> = Vec::new();
+    for (node, pod) in [(0, "web-0"), (1, "web-1"), (2, "web-2")] {
+        servers.extend(serve(&cluster.node(node).pod(pod).ns, pod));
+    }
+    let endpoints = |pods: &[(u8, &'static str)]| -> Vec<(&'static str, Ipv4Addr)> {
+        pods.iter().map(|(n, p)| (*p, cluster.node(*n).pod(p).ip)).collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "remote.yaml", &web_service("remote", REMOTE_VIP, &endpoints(&[(1, "web-1")]))).unwrap();
+    let spread = [(0, "web-0"), (1, "web-1"), (2, "web-2")];
+    write(&manifests, "spread.yaml", &web_service("spread", SPREAD_VIP, &endpoints(&spread))).unwrap();
+
+    let source = format!("--source=dir:{}", manifests.display());
+    let agents: Vec<Kpr> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let logs = dir.path().join(&node.name);
+            std::fs::create_dir(&logs).unwrap();
+            let args = [mode.arg().to_string(), source.clone(), format!("--node-name={}", node.name)];
+            let log = logs.join("kpr.log");
+            let mut kpr =
+                Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &node.interfaces(), &args, &log).unwrap();
+            kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+            kpr
+        })
+        .collect();
+
+    let node0 = cluster.node(0);
+    let client = &node0.pod("client").ns;
+    // Backends all on another node: TCP, unconnected and connected UDP, from a pod and from the node.
+    for ns in [client, &node0.ns] {
+        assert_eq!(answer(node0, ns, "tcp", SocketAddr::from((REMOTE_VIP, 80))), "web-1");
+        assert_eq!(answer(node0, ns, "udp", SocketAddr::from((REMOTE_VIP, 53))), "web-1");
+        assert_eq!(answer(node0, ns, "udp-connected", SocketAddr::from((REMOTE_VIP, 53))), "web-1");
+    }
+    // Backends on every node: each is reached.
+    let reached: BTreeSet<String> =
+        (0..40).map(|_| answer(node0, client, "tcp", SocketAddr::from((SPREAD_VIP, 80)))).collect();
+    assert_eq!(reached, ["web-0", "web-1", "web-2"].map(String::from).into(), "every backend answers");
+
+    // A pod created after kpr started, as a backend (node 2) and as a client (node 1).
+    cluster.add_pod(2, "late", 12).unwrap();
+    servers.extend(serve(&cluster.node(2).pod("late").ns, "late"));
+    write(&manifests, "remote.yaml", &web_service("remote", REMOTE_VIP, &[("late", cluster.node(2).pod("late").ip)]))
+        .unwrap();
+    cluster.add_pod(1, "late-client", 100).unwrap();
+    let node1 = cluster.node(1);
+    let late_client = &node1.pod("late-client").ns;
+    wait::until(
+        "the new backend serving the new client",
+        Duration::from_secs(10),
+        || run(node1, late_client, "tcp", SocketAddr::from((REMOTE_VIP, 80))).reply,
+        |r| r.as_deref() == Some("late"),
+    )
+    .unwrap();
+    assert_eq!(answer(node1, late_client, "udp", SocketAddr::from((REMOTE_VIP, 53))), "late");
+    drop(agents);
+}
+
+fn host_gw(mode: Mode) {
+    serves_services_across_nodes(mode, Shape::HostGw);
+}
+
+fn vxlan(mode: Mode) {
+    serves_services_across_nodes(mode, Shape::Vxlan);
+}
+
+fn routed(mode: Mode) {
+    serves_services_across_nodes(mode, Shape::Routed);
+}
+
+kpr_tests::in_both_modes!(host_gw, vxlan, routed);
