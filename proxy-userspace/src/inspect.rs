@@ -14,7 +14,7 @@ use proxy_common::{
     counters::Counter,
     maps::{
         self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, Neighbor,
-        ReverseEntry, ServiceKey, ServiceValue, Traffic, kind,
+        ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic, kind,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -48,10 +48,14 @@ pub struct BackendEntry {
     pub state: String,
 }
 
-/// A tracked client flow and the backend it is pinned to.
+/// A translated flow and the backend it is pinned to: a client flow the
+/// per-packet path tracks, or a socket the socket hooks gave a backend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEntry {
+    /// `packet` (per-packet conntrack) or `socket` (socket-level).
+    pub path: String,
     pub protocol: String,
+    /// The client's address (per-packet) or `socket COOKIE`.
     pub client: String,
     pub frontend: String,
     pub backend: String,
@@ -110,6 +114,7 @@ pub struct Maps {
     backends: HashMap<MapData, BackendKey, Backend>,
     ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
     ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
+    sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
     neighbors: HashMap<MapData, [u8; 4], Neighbor>,
     /// Per-CPU: summed when read.
     counters: PerCpuArray<MapData, u64>,
@@ -167,6 +172,7 @@ impl Maps {
             backends: hash(get(abi::BACKENDS)?, abi::BACKENDS)?,
             ct_forward: hash(get(abi::CT_FORWARD)?, abi::CT_FORWARD)?,
             ct_reverse: hash(get(abi::CT_REVERSE)?, abi::CT_REVERSE)?,
+            sock_reverse: hash(get(abi::SOCK_REVERSE)?, abi::SOCK_REVERSE)?,
             neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
             counters: PerCpuArray::try_from(get(abi::COUNTERS)?).map_err(wrong_type(abi::COUNTERS))?,
             service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?).map_err(wrong_type(abi::SERVICE_TRAFFIC))?,
@@ -213,6 +219,7 @@ impl Maps {
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| FlowEntry {
+                path: "packet".into(),
                 protocol: protocol_name(k.proto).into(),
                 client: endpoint(k.src_addr, k.src_port).to_string(),
                 frontend: endpoint(k.dst_addr, k.dst_port).to_string(),
@@ -221,6 +228,17 @@ impl Maps {
                 reply_tracked: self.ct_reverse.get(&abi::reply_key(&k, &v.backend), 0).is_ok(),
             })
             .collect();
+        // Sockets: the reverse entry is what the hooks keep (their replies
+        // need no tracking: the socket addresses the backend itself).
+        out.extend(self.sock_reverse.iter().filter_map(Result::ok).map(|(k, v)| FlowEntry {
+            path: "socket".into(),
+            protocol: protocol_name(k.proto).into(),
+            client: format!("socket {}", k.cookie),
+            frontend: endpoint(v.vip, v.vip_port).to_string(),
+            backend: endpoint(k.addr, k.port).to_string(),
+            service_id: v.service_id,
+            reply_tracked: true,
+        }));
         out.sort_by(|a, b| (&a.frontend, &a.client, &a.protocol).cmp(&(&b.frontend, &b.client, &b.protocol)));
         out
     }

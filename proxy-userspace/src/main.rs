@@ -309,10 +309,14 @@ fn print_flows(maps: MapsArgs) -> anyhow::Result<()> {
     if maps.output == Output::Json {
         return print_json(&flows);
     }
-    println!("{:<5} {:<22} {:<22} {:<22} REPLY", "PROTO", "CLIENT", "FRONTEND", "BACKEND");
+    println!("{:<6} {:<5} {:<26} {:<22} {:<22} REPLY", "PATH", "PROTO", "CLIENT", "FRONTEND", "BACKEND");
     for f in &flows {
-        let reply = if f.reply_tracked { "tracked" } else { "evicted" };
-        println!("{:<5} {:<22} {:<22} {:<22} {reply}", f.protocol, f.client, f.frontend, f.backend);
+        let reply = match (f.path.as_str(), f.reply_tracked) {
+            ("socket", _) => "-",
+            (_, true) => "tracked",
+            (_, false) => "evicted",
+        };
+        println!("{:<6} {:<5} {:<26} {:<22} {:<22} {reply}", f.path, f.protocol, f.client, f.frontend, f.backend);
     }
     println!("{} flow(s)", flows.len());
     Ok(())

@@ -64,6 +64,37 @@ impl Cgroup {
     }
 }
 
+/// This process's membership of a [`Cgroup`]; it goes back to the cgroup
+/// it came from on drop.
+pub struct Member {
+    previous: PathBuf,
+}
+
+impl Cgroup {
+    /// Moves this whole process (every thread) into the cgroup, so its own
+    /// connections are served by hooks there. Only for a process doing
+    /// nothing else meanwhile, as the benchmark.
+    pub fn enter(&self) -> anyhow::Result<Member> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let relative = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("this process is in no cgroup v2 (no 0:: line in /proc/self/cgroup)")?;
+        let previous = hierarchy()?.join(relative.trim_start_matches('/'));
+        std::fs::write(self.path.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("entering cgroup {}", self.path.display()))?;
+        Ok(Member { previous })
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(self.previous.join("cgroup.procs"), std::process::id().to_string()) {
+            eprintln!("could not move back to cgroup {}: {e}", self.previous.display());
+        }
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // Its processes may take a moment to be reaped after exiting.

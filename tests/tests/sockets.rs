@@ -121,6 +121,16 @@ fn node_processes_and_pods_under_the_cgroup_reach_cluster_ips(mode: Mode) {
         assert!(stats["socket_reverse_translated"].as_u64().unwrap() >= 2, "recvmsg and getpeername: {stats:#}");
         assert_eq!(stats["socket_refused_no_backend"], 2, "{stats:#}");
         assert_eq!(stats["translated"], 0, "no packet needed translating: {stats:#}");
+        // `kpr conntrack list` shows the sockets and the backends they were given.
+        let root = format!("--bpf-root={}", node.bpf_root().display());
+        let out = kpr::command(&node.ns, &["conntrack", "list", "-o", "json", &root]).unwrap();
+        let flows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let sockets: Vec<_> =
+            flows.iter().filter(|f| f["path"] == "socket" && f["frontend"] == "10.96.0.10:80").collect();
+        assert!(sockets.len() >= 40, "{out}");
+        assert!(
+            sockets.iter().all(|f| ["10.244.0.11:8080", "10.244.0.12:8080"].contains(&f["backend"].as_str().unwrap()))
+        );
     }
 }
 

@@ -43,7 +43,10 @@ pub struct Config {
     /// in the report and the run goes on.
     pub strict: bool,
     pub services: Vec<usize>,
-    /// The `--mode` values measured at each N, beside the direct line.
+    /// The dataplanes measured at each N, beside the direct line: `--mode`
+    /// values, where `ebpf` is the per-packet path alone
+    /// (`--socket-lb=false`) and `ebpf-socket` the socket hooks with the
+    /// load generator under the node's cgroup.
     pub modes: Vec<&'static str>,
     pub warmup: Duration,
     pub duration: Duration,
@@ -62,7 +65,7 @@ impl Config {
             quick: false,
             strict: false,
             services: vec![1, 1_000, 10_000, 50_000],
-            modes: vec!["ebpf", "iptables"],
+            modes: vec!["ebpf-socket", "ebpf", "iptables"],
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
@@ -78,7 +81,7 @@ impl Config {
             quick: true,
             strict: true,
             services: vec![1, 1_000],
-            modes: vec!["ebpf", "iptables"],
+            modes: vec!["ebpf-socket", "ebpf", "iptables"],
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
@@ -441,16 +444,24 @@ fn measure_mode(
     let mut row = Row { mode: mode.into(), services: n, endpoints: workload::endpoints(n), ..Default::default() };
 
     // Room for every Service and VIP, and a conntrack map sized for the load.
-    let args = [
-        format!("--mode={mode}"),
+    let mut args = vec![
         format!("--source=dir:{}", manifests.display()),
         format!("--max-services={}", 2 * n + 1024),
         format!("--max-backends={}", (4 * n).max(4096)),
     ];
+    args.extend(match mode {
+        "ebpf-socket" => vec!["--mode=ebpf".to_string()],
+        "ebpf" => vec!["--mode=ebpf".to_string(), "--socket-lb=false".to_string()],
+        other => vec![format!("--mode={other}")],
+    });
+    // The socket hooks serve only processes in the node's cgroup: the load
+    // generator (this process) joins it for the measurement.
+    let member = if mode == "ebpf-socket" { Some(bench.node.cgroup.enter()?) } else { None };
     let log = work.join(format!("kpr-{mode}-{n}.log"));
     let started = Instant::now();
     let mut agent = Kpr::spawn(&bench.node, &args, &log)?;
     let measured = measure_agent(cfg, bench, &agent, &manifests, started, &mut row, problems);
+    drop(member);
     let stopped = agent.interrupt();
     let cleaned = kpr::command(&bench.node.ns, &["cleanup"]);
     measured?;
@@ -481,7 +492,7 @@ fn measure_agent(
     row.cold_ms = Some(cold.as_secs_f64() * 1e3);
     row.agent_cpu_ms = proc_stat_cpu_ms(pid);
     row.agent_rss_mib = status_mib(pid, "VmRSS:");
-    if mode == "ebpf" {
+    if mode.starts_with("ebpf") {
         let maps = bpf_maps(pid);
         row.bpf_maps_mib = maps.map(|m| m.0);
         row.bpf_map_count = maps.map(|m| m.1);
