@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: a virtual node built from the demo manifests, kpr
-//! running on it, and real traffic through every Service, reported plainly.
+//! running on it, and real traffic through every Service, reported plainly;
+//! then two nodes and a Service whose pods run on the other one.
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +18,8 @@ use anyhow::{Context as _, bail};
 use serde_yaml::Value;
 
 use crate::{client, kpr::Kpr, netns::run_in, node::VirtualNode, servers};
+
+mod cross_node;
 
 const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 0, 200));
 const REQUESTS: usize = 300;
@@ -283,6 +286,10 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
             println!("  {total} answered, {errors} failed, in {:.0} ms\n", took.as_secs_f64() * 1e3);
         }
+    }
+
+    if !stop.load(Ordering::Relaxed) {
+        cross_node::run(REQUESTS, &stop)?;
     }
 
     serve_dashboard(&node, &services, &stop)?;

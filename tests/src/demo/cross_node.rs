@@ -1,0 +1,93 @@
+//! The demo's second part: two nodes on an underlay (pod CIDRs routed
+//! between them, as flannel host-gw does), kpr on each, and a Service whose
+//! pods all run on the other node than its client.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    client,
+    cluster::{Cluster, Shape},
+    kpr::{Kpr, Mode},
+    manifests::{web_service, write},
+    servers,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const PODS: [(&str, u8); 2] = [("far-a", 11), ("far-b", 12)];
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+pub(super) fn run(requests: usize, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    let mut cluster = Cluster::new(Shape::HostGw, 2)?;
+    cluster.add_pod(0, "client", 100)?;
+    for (name, host) in PODS {
+        cluster.add_pod(1, name, host)?;
+    }
+    let mut running = Vec::new();
+    let mut endpoints = Vec::new();
+    for (name, _) in PODS {
+        let pod = cluster.node(1).pod(name);
+        running.push(servers::tcp(&pod.ns, 8080, name)?);
+        endpoints.push((name, pod.ip));
+    }
+    let dir = tempfile::tempdir()?;
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests)?;
+    write(&manifests, "far.yaml", &web_service("far", VIP, &endpoints))?;
+    println!(
+        "two nodes on an underlay ({} and {}), pod CIDRs 10.244.0.0/24 and 10.244.1.0/24 routed between them;",
+        cluster.node(0).address(),
+        cluster.node(1).address()
+    );
+    println!("Service default/far {VIP}:80 has its pods on node1, the client runs on node0\n");
+
+    let mut agents = Vec::new();
+    for node in &cluster.nodes {
+        let log = dir.path().join(format!("kpr-{}.log", node.name));
+        let args = [Mode::Ebpf.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+        let mut kpr = Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &[], &args, Path::new(&log))?;
+        kpr.wait_for_log("synced", Duration::from_secs(20))?;
+        agents.push(kpr);
+    }
+    println!("kpr runs on both nodes with socket-level load balancing only (no --interfaces)");
+
+    // The client's connections come from this process: in node0's cgroup,
+    // the socket hooks there give them a backend.
+    let member = cluster.node(0).cgroup.enter()?;
+    let addr = SocketAddr::from((VIP, 80));
+    let stop = stop.clone();
+    let (hits, errors, took) = cluster.node(0).pod("client").ns.run(move || {
+        let t = Instant::now();
+        let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+        let mut errors = 0;
+        for _ in 0..requests {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match client::tcp_request(addr, TIMEOUT) {
+                Ok(w) => *hits.entry(w).or_default() += 1,
+                Err(_) => errors += 1,
+            }
+        }
+        (hits, errors, t.elapsed())
+    })?;
+    drop(member);
+    let total: usize = hits.values().sum();
+    println!("Service default/far  {addr}/TCP  2 endpoint(s) on node1, client on node0");
+    for (name, ip) in &endpoints {
+        let n = hits.get(*name).copied().unwrap_or(0);
+        println!("  {name:<8} {ip:<13} {n:>4} connections  {}", super::bar(n, total));
+    }
+    println!("  {total} answered, {errors} failed, in {:.0} ms\n", took.as_secs_f64() * 1e3);
+    drop(agents);
+    drop(running);
+    Ok(())
+}
