@@ -16,7 +16,7 @@ use proxy_userspace::{
     dashboard,
     dataplane::{
         Dataplane, DataplaneError, Mode,
-        ebpf::{EbpfDataplane, MapSizes, Targets, cgroup},
+        ebpf::{EbpfDataplane, MapSizes, Targets, cgroup, links},
         iptables::{IptablesDataplane, render::RenderConfig},
     },
     metrics::{Metrics, ReasonLabels},
@@ -162,6 +162,12 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
+    if mode == Mode::Ebpf && !cfg.interfaces.is_empty() {
+        // A link appearing or going is a change to program, as an object is.
+        if let Err(e) = links::watch(tx.clone()) {
+            tracing::warn!(error = %e, "no link events: interfaces that appear later are not attached");
+        }
+    }
     let index = SharedIndex::default();
     let mut tasks = Vec::new();
     let source: Arc<dyn Source> = match &cfg.source {

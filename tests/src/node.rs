@@ -39,6 +39,8 @@ pub struct VirtualNode {
     pub ns: Netns,
     /// The node's cgroup: kpr's socket hooks serve the processes placed in it.
     pub cgroup: Cgroup,
+    /// Names this node's namespaces begin with.
+    prefix: String,
     /// The node's own bpffs, where kpr pins its maps (as /sys/fs/bpf on a
     /// real node); unmounted last.
     bpffs: Bpffs,
@@ -112,17 +114,18 @@ impl VirtualNode {
             ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
         }
         let cgroup = Cgroup::new(&format!("{prefix}-node"))?;
-        let mut node = Self { pods: Vec::new(), ns, cgroup, bpffs: Bpffs::mount()? };
-        for (i, (name, addr)) in pods.iter().enumerate() {
-            node.add_pod(&prefix, i, name, *addr).with_context(|| format!("creating pod {name}"))?;
+        let mut node = Self { pods: Vec::new(), ns, cgroup, prefix, bpffs: Bpffs::mount()? };
+        for (name, addr) in pods {
+            node.add_pod(name, *addr).with_context(|| format!("creating pod {name}"))?;
         }
         Ok(node)
     }
 
-    fn add_pod(&mut self, prefix: &str, index: usize, name: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
-        let ns = Netns::new(&format!("{prefix}-{name}"))?;
+    /// Adds pod `name` at `addr` (in 10.244.0.0/24), on the next `vethN`.
+    pub fn add_pod(&mut self, name: &str, addr: Ipv4Addr) -> anyhow::Result<&Pod> {
+        let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let node = self.ns.name().to_string();
-        let host_if = format!("veth{index}");
+        let host_if = format!("veth{}", self.pods.len());
         ip(&["-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
         ip(&["-n", &node, "link", "set", &host_if, "master", BRIDGE, "up"])?;
         let p = ns.name().to_string();
@@ -130,7 +133,7 @@ impl VirtualNode {
         ip(&["-n", &p, "link", "set", "eth0", "up"])?;
         ip(&["-n", &p, "route", "add", "default", "via", &GATEWAY.to_string()])?;
         self.pods.push(Pod { name: name.to_string(), ip: addr, host_if, ns });
-        Ok(())
+        Ok(self.pods.last().expect("just pushed"))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

@@ -2,6 +2,7 @@
 //! taking the map handles the dataplane writes through.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -13,7 +14,10 @@ use aya::{
 };
 use proxy_common::maps as abi;
 
-use super::maps::{AyaMaps, TrafficMaps};
+use super::{
+    links,
+    maps::{AyaMaps, TrafficMaps},
+};
 use crate::{
     dataplane::{DatapathStats, DataplaneError},
     inspect::{FrontendTraffic, MapFill, Maps},
@@ -75,6 +79,8 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
 pub struct Attached {
     /// Owns the program and its links: dropping it detaches from every interface.
     pub ebpf: Ebpf,
+    /// The interfaces the classifier is on, by name, with their index.
+    pub interfaces: BTreeMap<String, u32>,
     pub maps: AyaMaps,
     /// The same maps through other handles, for observers.
     pub observed: Arc<Maps>,
@@ -198,17 +204,21 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     }
     let classifier: &mut SchedClassifier = program(&mut ebpf, PROGRAM)?;
     classifier.load().map_err(load_error(PROGRAM))?;
-    for iface in &targets.interfaces {
-        // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
+    // A plain name must be there; a pattern may match nothing yet.
+    let present = links::interfaces();
+    for name in targets.interfaces.iter().filter(|i| !links::is_pattern(i)) {
+        if !present.contains_key(name) {
+            return Err(DataplaneError::Attach {
+                program: PROGRAM,
+                target: format!("interface {name:?}"),
+                reason: "no such interface in this network namespace".into(),
+            });
         }
-        classifier.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
-            program: PROGRAM,
-            target: format!("interface {iface:?} (does it exist in this network namespace?)"),
-            reason: e.to_string(),
-        })?;
-        tracing::info!(%iface, "datapath attached on ingress");
+    }
+    let mut interfaces = BTreeMap::new();
+    for (name, index) in links::selected(&targets.interfaces, &present) {
+        attach_classifier(&mut ebpf, name)?;
+        interfaces.insert(name.to_string(), index);
     }
     match pin_maps(&mut ebpf, bpf_root) {
         Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
@@ -239,7 +249,23 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup: targets.cgroup.clone(),
         traffic,
     };
-    Ok(Attached { ebpf, maps, observed: Arc::new(observed) })
+    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed) })
+}
+
+/// Attaches the (loaded) classifier on ingress of `iface`.
+pub fn attach_classifier(ebpf: &mut Ebpf, iface: &str) -> Result<(), DataplaneError> {
+    let classifier: &mut SchedClassifier = program(ebpf, PROGRAM)?;
+    // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
+    }
+    classifier.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
+        program: PROGRAM,
+        target: format!("interface {iface:?}"),
+        reason: with_sources(&e),
+    })?;
+    tracing::info!(%iface, "datapath attached on ingress");
+    Ok(())
 }
 
 /// Observers read the datapath's counters through the pinned maps.

@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod fake;
+pub mod links;
 pub mod load;
 pub mod maps;
 pub mod sock_destroy;
@@ -101,7 +102,13 @@ struct Leftover {
 pub struct EbpfDataplane<M = AyaMaps> {
     maps: M,
     /// Owns the programs and their links: dropping it detaches them.
-    _ebpf: Option<aya::Ebpf>,
+    ebpf: Option<aya::Ebpf>,
+    /// `--interfaces`: names and patterns the per-packet path follows.
+    interface_patterns: Vec<String>,
+    /// Interfaces the classifier is on (name -> index), and ones that
+    /// refused it (not tried again until they are recreated).
+    attached: BTreeMap<String, u32>,
+    refused: BTreeMap<String, u32>,
     observed: Option<Arc<crate::inspect::Maps>>,
     programmed: BTreeMap<FrontendKey, Programmed>,
     /// Frontends per VIP, to keep the VIP marker entry while any remain.
@@ -126,7 +133,9 @@ impl EbpfDataplane<AyaMaps> {
     pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
         let attached = load::attach(targets, sizes, bpf_root)?;
         let mut dataplane = Self::new(attached.maps, sizes);
-        dataplane._ebpf = Some(attached.ebpf);
+        dataplane.ebpf = Some(attached.ebpf);
+        dataplane.interface_patterns.clone_from(&targets.interfaces);
+        dataplane.attached = attached.interfaces;
         dataplane.observed = Some(attached.observed);
         Ok(dataplane)
     }
@@ -137,7 +146,10 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     pub fn new(maps: M, sizes: MapSizes) -> Self {
         Self {
             maps,
-            _ebpf: None,
+            ebpf: None,
+            interface_patterns: Vec::new(),
+            attached: BTreeMap::new(),
+            refused: BTreeMap::new(),
             observed: None,
             programmed: BTreeMap::new(),
             vip_users: BTreeMap::new(),
@@ -290,6 +302,38 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         Ok(())
     }
 
+    /// Attaches the classifier to interfaces that appeared and match
+    /// `--interfaces`; forgets the ones that went (their attachment went
+    /// with them).
+    fn follow_interfaces(&mut self) {
+        let Some(ebpf) = self.ebpf.as_mut() else { return };
+        if self.interface_patterns.is_empty() {
+            return;
+        }
+        let present = links::interfaces();
+        let still_there = |name: &String, index: &mut u32| present.get(name) == Some(index);
+        self.attached.retain(|name, index| {
+            let kept = still_there(name, index);
+            if !kept {
+                tracing::info!(iface = %name, "interface gone; forgotten");
+            }
+            kept
+        });
+        self.refused.retain(still_there);
+        for (name, index) in links::selected(&self.interface_patterns, &present) {
+            if self.attached.contains_key(name) || self.refused.contains_key(name) {
+                continue;
+            }
+            match load::attach_classifier(ebpf, name) {
+                Ok(()) => self.attached.insert(name.to_string(), index),
+                Err(e) => {
+                    tracing::warn!(iface = %name, error = %e, "interface matches --interfaces but refused the datapath");
+                    self.refused.insert(name.to_string(), index)
+                }
+            };
+        }
+    }
+
     /// UDP has no connection end the client would notice, so flows pinned to
     /// an endpoint no longer ready are forgotten and the next datagram
     /// chooses again (kube-proxy clears conntrack for the same reason). TCP
@@ -312,6 +356,7 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
+        self.follow_interfaces();
         self.retry_leftovers();
         let mut errors = Vec::new();
         for op in ops {

@@ -1,0 +1,130 @@
+//! Which interfaces get the per-packet path: `--interfaces` takes names and
+//! shell-style patterns (`veth*`, `cali*`, `lxc*`, `cni0`). Interfaces that
+//! match are attached when they appear (a netlink link event wakes the
+//! agent, which looks again) and forgotten when they go. A plain name must
+//! exist at start; a pattern may match nothing yet.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+/// Whether `pattern` has glob characters (else it names one interface).
+pub fn is_pattern(pattern: &str) -> bool {
+    pattern.contains(['*', '?'])
+}
+
+/// Shell-style matching: `*` any run of characters, `?` any one.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// The interfaces of this network namespace, by name, with their index.
+pub fn interfaces() -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut at = list;
+        while (*at).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*at).if_name).to_string_lossy().into_owned();
+            out.insert(name, (*at).if_index);
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// The interfaces `patterns` select among `present`.
+pub fn selected<'a>(patterns: &[String], present: &'a BTreeMap<String, u32>) -> Vec<(&'a str, u32)> {
+    present
+        .iter()
+        .filter(|(name, _)| patterns.iter().any(|p| matches(p, name)))
+        .map(|(name, index)| (name.as_str(), *index))
+        .collect()
+}
+
+/// Opens a netlink socket that receives link events of this namespace.
+fn link_events() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket calls; the descriptor is owned from here on.
+    unsafe {
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        let len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+        if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Wakes up now and then to see whether the agent still listens.
+        let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        let size = std::mem::size_of::<libc::timeval>() as u32;
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size);
+        Ok(fd)
+    }
+}
+
+/// Announces every link change of this namespace on `changes` (from a
+/// thread of its own) until the receiver is gone.
+pub fn watch(changes: tokio::sync::mpsc::UnboundedSender<Instant>) -> std::io::Result<()> {
+    let fd = link_events()?;
+    std::thread::Builder::new().name("kpr-links".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        while !changes.is_closed() {
+            // SAFETY: the kernel writes at most buf.len() bytes into buf.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                // The event itself is not read: the dataplane looks at the links again.
+                if changes.send(Instant::now()).is_err() {
+                    return;
+                }
+            } else if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
+                    tracing::warn!(error = %e, "link events lost; new interfaces are attached on the next change");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_as_in_a_shell() {
+        assert!(matches("veth*", "veth0") && matches("veth*", "veth") && matches("cni0", "cni0"));
+        assert!(matches("lxc*", "lxc1234abcd") && matches("eth?", "eth1") && matches("*", "anything"));
+        assert!(!matches("veth*", "eth0") && !matches("cni0", "cni01") && !matches("eth?", "eth10"));
+        assert!(is_pattern("cali*") && !is_pattern("cbr0"));
+    }
+
+    #[test]
+    fn selection_keeps_the_interfaces_some_pattern_matches() {
+        let present: BTreeMap<String, u32> =
+            [("lo", 1), ("eth0", 2), ("veth0", 3), ("veth1", 4), ("cni0", 5)].map(|(n, i)| (n.to_string(), i)).into();
+        let chosen = selected(&["veth*".into(), "cni0".into()], &present);
+        assert_eq!(chosen, [("cni0", 5), ("veth0", 3), ("veth1", 4)]);
+    }
+}
