@@ -47,6 +47,9 @@ pub(crate) struct RunConfig {
     pub(crate) source: SourceSpec,
     pub(crate) kubeconfig: Option<PathBuf>,
     pub(crate) interfaces: Vec<String>,
+    /// Where replies from other nodes arrive (the per-packet path attaches
+    /// there too); `None`: the interfaces of the default routes.
+    pub(crate) devices: Option<Vec<String>>,
     /// Socket-level load balancing in eBPF mode, on `cgroup_root`.
     pub(crate) socket_lb: bool,
     /// Where the socket hooks attach; found from the mounts when unset.
@@ -78,7 +81,7 @@ async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = (
 
 /// Where eBPF mode attaches: the socket hooks on the cgroup unless turned
 /// off (without a cgroup v2 mount they are off, said in the log), the
-/// per-packet path on the interfaces given.
+/// per-packet path on the interfaces given and the node's devices.
 fn ebpf_targets(cfg: &RunConfig) -> Targets {
     let cgroup = match (&cfg.cgroup_root, cfg.socket_lb) {
         (_, false) => None,
@@ -91,7 +94,15 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
             found
         }
     };
-    Targets { interfaces: cfg.interfaces.clone(), cgroup }
+    // The per-packet path also sits where replies from other nodes arrive.
+    let mut interfaces = cfg.interfaces.clone();
+    if !interfaces.is_empty() {
+        let devices = cfg.devices.clone().unwrap_or_else(|| {
+            links::default_route_interfaces(&std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+        });
+        interfaces.extend(devices.into_iter().filter(|d| !interfaces.contains(d)).collect::<Vec<_>>());
+    }
+    Targets { interfaces, cgroup }
 }
 
 /// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,

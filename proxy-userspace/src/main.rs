@@ -67,6 +67,12 @@ enum Command {
         /// alone serves the node.
         #[arg(long, value_delimiter = ',')]
         interfaces: Vec<String>,
+        /// The node's devices (names or patterns, comma separated), where
+        /// replies from backends on other nodes arrive: the per-packet path
+        /// translates them back there. Default: the interfaces holding the
+        /// default routes. Used with --interfaces.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
         /// Socket-level load balancing (eBPF mode): connects and sends to a
         /// VIP from any process under --cgroup-root get a backend before any
         /// packet exists. Off: only the per-packet path on --interfaces.
@@ -386,6 +392,7 @@ async fn run() -> anyhow::Result<()> {
             node_name,
             min_sync_interval,
             interfaces,
+            devices,
             socket_lb,
             cgroup_root,
             cluster_cidr,
@@ -409,6 +416,7 @@ async fn run() -> anyhow::Result<()> {
                 kubeconfig,
                 // `--interfaces=` (as an empty ConfigMap value gives) lists none.
                 interfaces: interfaces.into_iter().filter(|i| !i.is_empty()).collect(),
+                devices: devices.map(|d| d.into_iter().filter(|i| !i.is_empty()).collect()),
                 socket_lb,
                 cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },

@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Probe, probe},
+    client::{Probe, probe, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape},
     kpr::{Kpr, Mode},
     manifests::{web_service, write},
@@ -121,6 +121,52 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     drop(agents);
 }
 
+/// The per-packet path alone (socket hooks off, clients outside the
+/// cgroup): requests are translated on the client's pod interface, replies
+/// from the other node on the device they arrive on.
+fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
+    root_or_skip!();
+    let mut cluster = Cluster::new(shape, 2).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    cluster.add_pod(1, "web-2", 12).unwrap();
+    let mut servers: Vec<Server> = Vec::new();
+    for pod in ["web-1", "web-2"] {
+        servers.extend(serve(&cluster.node(1).pod(pod).ns, pod));
+    }
+    let endpoints: Vec<_> = ["web-1", "web-2"].map(|p| (p, cluster.node(1).pod(p).ip)).into();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "remote.yaml", &web_service("remote", REMOTE_VIP, &endpoints)).unwrap();
+    // Replies from the other node arrive on the uplink, or on the overlay's device.
+    let devices = if shape == Shape::Vxlan { "--devices=eth0,flannel.1" } else { "--devices=eth0" };
+    let _agents: Vec<Kpr> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let args = [
+                mode.arg().to_string(),
+                format!("--source=dir:{}", manifests.display()),
+                "--socket-lb=false".into(),
+                devices.into(),
+            ];
+            let log = dir.path().join(format!("kpr-{}.log", node.name));
+            let mut kpr =
+                Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &["veth*".into()], &args, &log).unwrap();
+            kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+            kpr
+        })
+        .collect();
+    let client = &cluster.node(0).pod("client").ns;
+    let (tcp, udp) = (SocketAddr::from((REMOTE_VIP, 80)), SocketAddr::from((REMOTE_VIP, 53)));
+    let reached: BTreeSet<String> =
+        client.run(move || (0..30).filter_map(|_| tcp_request(tcp, Duration::from_secs(2)).ok()).collect()).unwrap();
+    assert_eq!(reached, ["web-1", "web-2"].map(String::from).into(), "both backends on the other node answer");
+    let (reply, from) = client.run(move || udp_request(udp, Duration::from_secs(2))).unwrap().unwrap();
+    assert!(["web-1", "web-2"].contains(&reply.as_str()) && from == udp, "{reply} from {from}");
+}
+
 fn host_gw(mode: Mode) {
     serves_services_across_nodes(mode, Shape::HostGw);
 }
@@ -133,4 +179,16 @@ fn routed(mode: Mode) {
     serves_services_across_nodes(mode, Shape::Routed);
 }
 
-kpr_tests::in_both_modes!(host_gw, vxlan, routed);
+fn host_gw_per_packet(mode: Mode) {
+    serves_across_nodes_per_packet(mode, Shape::HostGw);
+}
+
+fn vxlan_per_packet(mode: Mode) {
+    serves_across_nodes_per_packet(mode, Shape::Vxlan);
+}
+
+fn routed_per_packet(mode: Mode) {
+    serves_across_nodes_per_packet(mode, Shape::Routed);
+}
+
+kpr_tests::in_both_modes!(host_gw, vxlan, routed, host_gw_per_packet, vxlan_per_packet, routed_per_packet);

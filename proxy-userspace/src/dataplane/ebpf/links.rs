@@ -58,6 +58,22 @@ pub fn selected<'a>(patterns: &[String], present: &'a BTreeMap<String, u32>) -> 
         .collect()
 }
 
+/// The interfaces holding a default route in `route` (the text of
+/// `/proc/net/route`): where replies from other nodes arrive.
+pub fn default_route_interfaces(route: &str) -> Vec<String> {
+    let mut out: Vec<String> = route
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+        })
+        .collect();
+    out.dedup();
+    out
+}
+
 /// Opens a netlink socket that receives link events of this namespace.
 fn link_events() -> std::io::Result<OwnedFd> {
     // SAFETY: plain socket calls; the descriptor is owned from here on.
@@ -118,6 +134,18 @@ mod tests {
         assert!(matches("lxc*", "lxc1234abcd") && matches("eth?", "eth1") && matches("*", "anything"));
         assert!(!matches("veth*", "eth0") && !matches("cni0", "cni01") && !matches("eth?", "eth10"));
         assert!(is_pattern("cali*") && !is_pattern("cbr0"));
+    }
+
+    #[test]
+    fn devices_default_to_the_interfaces_of_default_routes() {
+        let route = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0164A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t0064A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+cbr0\t0000F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+";
+        assert_eq!(default_route_interfaces(route), ["eth0"]);
+        assert!(default_route_interfaces("Iface\tDestination\n").is_empty());
     }
 
     #[test]
