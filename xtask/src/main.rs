@@ -113,13 +113,16 @@ fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
 /// numbers can be read and reproduced.
 const BENCH_INTRO: &str = "# Benchmarks
 
-kpr's eBPF mode against kpr's iptables mode (kube-proxy's rules) and against no proxy at all (the pod IPs \
-dialled directly), on a virtual node in network namespaces: a client pod, three server pods behind the measured \
+kpr's eBPF mode, on its two paths, against kpr's iptables mode (kube-proxy's rules) and against no proxy at all \
+(the pod IPs dialled directly): `ebpf-socket` is socket-level load balancing alone (the socket hooks on the \
+node's cgroup, with the load generator in it, and no per-packet program), `ebpf` the per-packet path alone (TC \
+on the pod interfaces, `--socket-lb=false`). On a virtual node in network namespaces: a client pod, three \
+server pods behind the measured \
 Service (a fourth takes over in the one-change test), and N-1 other Services with 2-4 endpoints each. The \
 measured Service's VIP sorts last, where iptables mode reaches it at the end of KUBE-SERVICES. Services come \
 from `--source dir:` (JSON manifests; the measured Service in its own file). Client threads run on CPU 0, \
-servers on CPU 1; Service and direct traffic come from two client pods so neither trips over the other's \
-TIME_WAIT state.
+servers on CPU 1; VIP traffic, direct traffic and socket-level traffic (which dials the pod IPs) come from \
+three client pods so none trips over another's TIME_WAIT state.
 
 - Connection rate: connect, one request and reply, server closes, client closes (TCP_CRR-like), from 4 \
   concurrent connections; `× direct` is the ratio to the direct rate at the same N.

@@ -256,8 +256,11 @@ impl Bench {
         // depend on the address it dials, so sharing one client between the
         // VIP and the pod IPs would make each load trip over the other's
         // TIME_WAITs.
+        // Socket-level load balancing dials the pod IPs too, with the ISNs
+        // of those addresses: it has a client of its own for the same reason.
         pods.push(("client".into(), Ipv4Addr::new(10, 244, 0, 100)));
         pods.push(("direct".into(), Ipv4Addr::new(10, 244, 0, 101)));
+        pods.push(("socket-client".into(), Ipv4Addr::new(10, 244, 0, 102)));
         let spec: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
         let node = VirtualNode::new(&spec)?;
         // A run opens hundreds of thousands of connections; conntrack keeps
@@ -270,7 +273,7 @@ impl Bench {
         // would not finish 50,000 within the run. One legacy rule makes kpr
         // choose legacy, as kube-proxy chooses the backend that has rules.
         node.ns.exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
-        for client in ["client", "direct"] {
+        for client in ["client", "direct", "socket-client"] {
             let ns = &node.pod(client).ns;
             // Room for tens of thousands of connections a second from one address.
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
@@ -283,8 +286,9 @@ impl Bench {
         Ok(Self { endpoints: pods[..3].iter().map(|p| p.1).collect(), spare: pods[3].1, node, _servers: running })
     }
 
-    fn client(&self) -> &crate::netns::Netns {
-        &self.node.pod("client").ns
+    /// The client a mode's load comes from (see [`Bench::new`]).
+    fn client(&self, mode: &str) -> &crate::netns::Netns {
+        &self.node.pod(if mode == "ebpf-socket" { "socket-client" } else { "client" }).ns
     }
 
     fn direct_client(&self) -> &crate::netns::Netns {
@@ -459,7 +463,11 @@ fn measure_mode(
     let member = if mode == "ebpf-socket" { Some(bench.node.cgroup.enter()?) } else { None };
     let log = work.join(format!("kpr-{mode}-{n}.log"));
     let started = Instant::now();
-    let mut agent = Kpr::spawn(&bench.node, &args, &log)?;
+    let node = &bench.node;
+    // The socket row is socket-level load balancing alone, as the DaemonSet
+    // runs by default: no per-packet program on the pod interfaces.
+    let interfaces = if mode == "ebpf-socket" { Vec::new() } else { node.interfaces() };
+    let mut agent = Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &interfaces, &args, &log)?;
     let measured = measure_agent(cfg, bench, &agent, &manifests, started, &mut row, problems);
     drop(member);
     let stopped = agent.interrupt();
@@ -486,7 +494,7 @@ fn measure_agent(
     let target = SocketAddr::from((workload::measured_vip(n), 80));
     let pid = agent.pid().context("agent pid")?;
     let limit = cfg.answer_within;
-    let Some(cold) = load::until_answer(bench.client(), target, started, limit, |_| true)? else {
+    let Some(cold) = load::until_answer(bench.client(&mode), target, started, limit, |_| true)? else {
         return problems.note(format!("{what}: the measured Service did not answer within {limit:?} of starting kpr"));
     };
     row.cold_ms = Some(cold.as_secs_f64() * 1e3);
@@ -502,7 +510,7 @@ fn measure_agent(
         row.iptables_backend = backend;
     }
 
-    bench.traffic(cfg, bench.client(), &[target], row, problems)?;
+    bench.traffic(cfg, bench.client(&mode), &[target], row, problems)?;
 
     let spare = bench.spare;
     let mut changes = Vec::new();
@@ -512,9 +520,9 @@ fn measure_agent(
             let dir = manifests.to_path_buf();
             let change = move || workload::write_measured(&dir, n, &eps);
             let took = if to_spare {
-                load::time_change(bench.client(), target, limit, change, |w| w == SPARE)?
+                load::time_change(bench.client(&mode), target, limit, change, |w| w == SPARE)?
             } else {
-                load::time_change(bench.client(), target, limit, change, |w| SERVING.contains(&w))?
+                load::time_change(bench.client(&mode), target, limit, change, |w| SERVING.contains(&w))?
             };
             match took {
                 Some(t) => changes.push(t.as_secs_f64() * 1e3),
