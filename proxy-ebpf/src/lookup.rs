@@ -42,8 +42,10 @@ pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
 #[inline(always)]
 pub(crate) fn choose(svc: &ServiceValue) -> Result<Backend, DropReason> {
     let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
-    // Sets are published whole (see the agent's dataplane), so a missing
-    // slot is a bug or a map edited by hand: the flow is refused, counted.
+    // A set is written whole before it is published, but a program that
+    // read the frontend just before a newer set replaced it may find the
+    // old set's slots already freed: the flow is refused, counted, and
+    // the client retries.
     match BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }) {
         Some(backend) => Ok(unsafe { core::ptr::read(backend) }),
         None => Err(DropReason::BackendMissing),

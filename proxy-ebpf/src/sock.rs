@@ -3,7 +3,8 @@
 //! before any packet exists, so nothing is translated per packet afterwards,
 //! in any network namespace and whatever the CNI. Where the application
 //! looks at its peer again (`recvmsg` on UDP, `getpeername`), it sees the
-//! VIP it addressed.
+//! VIP it addressed. IPv6 sockets reaching IPv4 Services through
+//! IPv4-mapped addresses (dual-stack sockets) are served the same way.
 //!
 //! A connected socket chooses once. An unconnected UDP socket chooses on its
 //! first datagram to a frontend and keeps that backend ([`SOCK_AFFINITY`]),
@@ -40,29 +41,61 @@ enum Refusal {
 const ECONNREFUSED: i32 = 111;
 const ENOBUFS: i32 = 105;
 
+/// Where the address lives in the hook's context: an IPv4 socket's, or an
+/// IPv6 socket's when it holds an IPv4-mapped address (`::ffff:a.b.c.d`,
+/// what dual-stack sockets such as Java's use to reach IPv4 Services).
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6Mapped,
+}
+
 /// A TCP or UDP socket connecting: the backend replaces the VIP for good.
 #[cgroup_sock_addr(connect4)]
 pub(crate) fn kpr_sock_connect4(ctx: SockAddrContext) -> i32 {
-    finish(translate(&ctx, false))
+    finish(translate(&ctx, Family::V4, false))
 }
 
 /// An unconnected UDP socket sending to an address.
 #[cgroup_sock_addr(sendmsg4)]
 pub(crate) fn kpr_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    finish(translate(&ctx, true))
+    finish(translate(&ctx, Family::V4, true))
 }
 
 /// A UDP datagram received: its source shown as the VIP the socket addressed.
 #[cgroup_sock_addr(recvmsg4)]
 pub(crate) fn kpr_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    show_frontend(&ctx);
+    show_frontend(&ctx, Family::V4);
     ALLOW
 }
 
 /// `getpeername` of a connected socket: the VIP, not the backend.
 #[cgroup_sock_addr(getpeername4)]
 pub(crate) fn kpr_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    show_frontend(&ctx);
+    show_frontend(&ctx, Family::V4);
+    ALLOW
+}
+
+/// The same four for IPv6 sockets addressing IPv4 Services through mapped addresses.
+#[cgroup_sock_addr(connect6)]
+pub(crate) fn kpr_sock_connect6(ctx: SockAddrContext) -> i32 {
+    finish(translate(&ctx, Family::V6Mapped, false))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub(crate) fn kpr_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    finish(translate(&ctx, Family::V6Mapped, true))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub(crate) fn kpr_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    show_frontend(&ctx, Family::V6Mapped);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub(crate) fn kpr_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    show_frontend(&ctx, Family::V6Mapped);
     ALLOW
 }
 
@@ -91,26 +124,42 @@ fn protocol(ctx: &SockAddrContext) -> Option<u8> {
     }
 }
 
-/// The address the application passed, as it is on the wire.
+/// The IPv4 address and port the application passed, as they are on the
+/// wire; `None` for an IPv6 address that is not IPv4-mapped.
 #[inline(always)]
-fn user_address(ctx: &SockAddrContext) -> ([u8; 4], [u8; 2]) {
-    let sa = unsafe { &*ctx.sock_addr };
-    // Both fields hold network byte order: the IPv4 address in all four
-    // bytes, the port in the low two (as the kernel stores them).
-    (sa.user_ip4.to_ne_bytes(), (sa.user_port as u16).to_ne_bytes())
+fn user_address(ctx: &SockAddrContext, family: Family) -> Option<([u8; 4], [u8; 2])> {
+    let sa = ctx.sock_addr;
+    // The fields hold network byte order: an IPv4 address in all four bytes
+    // of its word, the port in the low two (as the kernel stores them).
+    // Each is read with one 4-byte load, as the verifier wants.
+    let port = (unsafe { core::ptr::read_volatile(&raw const (*sa).user_port) } as u16).to_ne_bytes();
+    match family {
+        Family::V4 => Some((unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip4) }.to_ne_bytes(), port)),
+        Family::V6Mapped => {
+            let word = |i: usize| unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip6[i]) };
+            let mapped = word(0) == 0 && word(1) == 0 && word(2).to_ne_bytes() == [0, 0, 0xff, 0xff];
+            mapped.then(|| (word(3).to_ne_bytes(), port))
+        }
+    }
 }
 
 #[inline(always)]
-fn set_user_address(ctx: &SockAddrContext, addr: [u8; 4], port: [u8; 2]) {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    sa.user_ip4 = u32::from_ne_bytes(addr);
-    sa.user_port = u16::from_ne_bytes(port) as u32;
+fn set_user_address(ctx: &SockAddrContext, family: Family, addr: [u8; 4], port: [u8; 2]) {
+    let sa = ctx.sock_addr;
+    unsafe {
+        match family {
+            Family::V4 => core::ptr::write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes(addr)),
+            // The mapped prefix stays: only the IPv4 part changes.
+            Family::V6Mapped => core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], u32::from_ne_bytes(addr)),
+        }
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u16::from_ne_bytes(port) as u32);
+    }
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, unconnected: bool) -> Result<(), Refusal> {
+fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result<(), Refusal> {
     let Some(proto) = protocol(ctx) else { return Ok(()) };
-    let (vip, vip_port) = user_address(ctx);
+    let Some((vip, vip_port)) = user_address(ctx, family) else { return Ok(()) };
     let Some(svc) = lookup::service(&ServiceKey { addr: vip, port: vip_port, proto, _pad: 0 }) else {
         return Ok(());
     };
@@ -135,19 +184,19 @@ fn translate(ctx: &SockAddrContext, unconnected: bool) -> Result<(), Refusal> {
     if SOCK_REVERSE.insert(SockKey::new(cookie, backend.addr, backend.port, proto), reverse, 0).is_err() {
         return Err(Refusal::Drop(DropReason::ConntrackFailed));
     }
-    set_user_address(ctx, backend.addr, backend.port);
+    set_user_address(ctx, family, backend.addr, backend.port);
     count(Counter::SocketTranslated, ());
     Ok(())
 }
 
 #[inline(always)]
-fn show_frontend(ctx: &SockAddrContext) {
+fn show_frontend(ctx: &SockAddrContext, family: Family) {
     let Some(proto) = protocol(ctx) else { return };
-    let (addr, port) = user_address(ctx);
+    let Some((addr, port)) = user_address(ctx, family) else { return };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if let Some(rev) = SOCK_REVERSE.get_ptr(SockKey::new(cookie, addr, port, proto)) {
         let rev = unsafe { core::ptr::read(rev) };
-        set_user_address(ctx, rev.vip, rev.vip_port);
+        set_user_address(ctx, family, rev.vip, rev.vip_port);
         count(Counter::SocketReverseTranslated, ());
     }
 }

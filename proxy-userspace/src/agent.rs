@@ -206,11 +206,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }));
     }
     let mut taken_over = false;
-    let (interfaces, bpf_root, state_dir) = (cfg.interfaces.clone(), cfg.bpf_root.clone(), cfg.state_dir.clone());
+    let (bpf_root, state_dir) = (cfg.bpf_root.clone(), cfg.state_dir.clone());
     let after_sync = move |syncer: &mut Syncer<Box<dyn Dataplane>>, connected: bool| {
         if !taken_over {
             // Only now that this dataplane serves, remove the other's leftovers.
-            takeover::take_over(mode, &interfaces, &bpf_root);
+            takeover::take_over(mode, &bpf_root);
             taken_over = true;
         }
         health.synced();

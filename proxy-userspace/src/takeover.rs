@@ -12,9 +12,9 @@ use crate::{
     inspect,
 };
 
-/// Once `mode` serves, removes what the other mode left behind (on
-/// `interfaces`, pins under `bpf_root`), so two never fight.
-pub fn take_over(mode: Mode, interfaces: &[String], bpf_root: &Path) {
+/// Once `mode` serves, removes what the other mode left behind (on every
+/// interface of this namespace, pins under `bpf_root`), so two never fight.
+pub fn take_over(mode: Mode, bpf_root: &Path) {
     match mode {
         Mode::Ebpf => {
             if let Err(e) = remove_iptables() {
@@ -22,7 +22,8 @@ pub fn take_over(mode: Mode, interfaces: &[String], bpf_root: &Path) {
             }
         }
         Mode::Iptables => {
-            remove_ebpf(interfaces, bpf_root);
+            // Every interface: the eBPF run may have followed patterns and devices.
+            remove_ebpf(&all_interfaces(), bpf_root);
         }
     }
 }

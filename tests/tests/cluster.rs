@@ -15,7 +15,7 @@ use std::{
 use kpr_tests::{
     client::{Probe, probe, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape},
-    kpr::{Kpr, Mode},
+    kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     netns::Netns,
     root_or_skip,
@@ -101,6 +101,15 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     let reached: BTreeSet<String> =
         (0..40).map(|_| answer(node0, client, "tcp", SocketAddr::from((SPREAD_VIP, 80)))).collect();
     assert_eq!(reached, ["web-0", "web-1", "web-2"].map(String::from).into(), "every backend answers");
+    if mode == Mode::Ebpf {
+        // The socket hooks did it: the per-packet path on the client's
+        // interface never saw a packet to a VIP.
+        let root = format!("--bpf-root={}", node0.bpf_root().display());
+        let out = kpr::command(&node0.ns, &["stats", "-o", "json", &root]).unwrap();
+        let stats = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["datapath"];
+        assert!(stats["socket_translated"].as_u64().unwrap() >= 46, "{stats:#}");
+        assert_eq!(stats["translated"], 0, "{stats:#}");
+    }
 
     // A pod created after kpr started, as a backend (node 2) and as a client (node 1).
     cluster.add_pod(2, "late", 12).unwrap();

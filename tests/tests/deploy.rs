@@ -65,12 +65,15 @@ fn the_daemonset_runs_on_every_linux_node_with_only_the_capabilities_it_needs() 
     assert_eq!(spec.update_strategy.unwrap().type_.as_deref(), Some("RollingUpdate"));
     let pod = spec.template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true));
+    // Ending UDP sockets pinned to removed backends visits the pods' network
+    // namespaces through the host's /proc.
+    assert_eq!(pod.host_pid, Some(true));
     assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
     assert!(pod.tolerations.unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
     let c = &pod.containers[0];
     let caps = c.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
     let added: BTreeSet<&str> = caps.add.as_ref().unwrap().iter().map(String::as_str).collect();
-    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]));
+    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]));
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
     assert_ne!(c.security_context.as_ref().unwrap().privileged, Some(true));
     let mounts: BTreeSet<&str> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();

@@ -8,7 +8,9 @@
 //! the peer as the application sees it (`getpeername`, or the datagram's
 //! source), or the error with its errno. `udp-held` is `udp-connected` that
 //! then asks again on the same socket each time a line arrives on stdin,
-//! printing a line per answer: a client that stays connected.
+//! printing a line per answer: a client that stays connected. An IPv6 ADDR
+//! (such as `[::ffff:10.96.0.10]:80`) makes an IPv6 socket, as dual-stack
+//! applications have.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -28,8 +30,13 @@ fn tcp(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     Ok((line.trim_end().to_string(), peer))
 }
 
+/// A UDP socket of `addr`'s family (an IPv6 one for an IPv4-mapped address).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })
+}
+
 fn udp(addr: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     let mut buf = [0u8; 512];
     if connected {
@@ -61,7 +68,7 @@ fn print(result: std::io::Result<(String, SocketAddr)>) {
 }
 
 fn held(addr: SocketAddr) -> std::io::Result<()> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.connect(addr)?;
     print(exchange(&socket));

@@ -29,14 +29,15 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
-/// The interfaces of this network namespace, by name, with their index.
-pub fn interfaces() -> BTreeMap<String, u32> {
+/// The interfaces of this network namespace, by name, with their index;
+/// `None` if they cannot be listed.
+pub fn interfaces() -> Option<BTreeMap<String, u32>> {
     let mut out = BTreeMap::new();
     // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
     unsafe {
         let list = libc::if_nameindex();
         if list.is_null() {
-            return out;
+            return None;
         }
         let mut at = list;
         while (*at).if_index != 0 {
@@ -46,7 +47,7 @@ pub fn interfaces() -> BTreeMap<String, u32> {
         }
         libc::if_freenameindex(list);
     }
-    out
+    Some(out)
 }
 
 /// The interfaces `patterns` select among `present`.
@@ -107,17 +108,25 @@ pub fn watch(changes: tokio::sync::mpsc::UnboundedSender<Instant>) -> std::io::R
         while !changes.is_closed() {
             // SAFETY: the kernel writes at most buf.len() bytes into buf.
             let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 {
-                // The event itself is not read: the dataplane looks at the links again.
-                if changes.send(Instant::now()).is_err() {
-                    return;
-                }
-            } else if n < 0 {
+            let changed = if n > 0 {
+                // The event itself is not read: the dataplane looks at all links again.
+                true
+            } else {
                 let e = std::io::Error::last_os_error();
-                if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
-                    tracing::warn!(error = %e, "link events lost; new interfaces are attached on the next change");
-                    std::thread::sleep(Duration::from_secs(1));
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN | libc::EINTR) => false,
+                    // Events were dropped (a burst overflowed the socket):
+                    // looking at all links again makes up for them.
+                    Some(libc::ENOBUFS) => true,
+                    _ => {
+                        tracing::warn!(error = %e, "reading link events failed; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                        true
+                    }
                 }
+            };
+            if changed && changes.send(Instant::now()).is_err() {
+                return;
             }
         }
     })?;

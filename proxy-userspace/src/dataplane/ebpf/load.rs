@@ -10,7 +10,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId,
+    },
 };
 use proxy_common::maps as abi;
 
@@ -30,8 +32,16 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROGRAM: &str = "kpr_from_pod";
 
 /// The socket hooks attached to the cgroup (socket-level load balancing).
-pub const SOCKET_PROGRAMS: [&str; 4] =
-    ["kpr_sock_connect4", "kpr_sock_sendmsg4", "kpr_sock_recvmsg4", "kpr_sock_getpeername4"];
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "kpr_sock_connect4",
+    "kpr_sock_sendmsg4",
+    "kpr_sock_recvmsg4",
+    "kpr_sock_getpeername4",
+    "kpr_sock_connect6",
+    "kpr_sock_sendmsg6",
+    "kpr_sock_recvmsg6",
+    "kpr_sock_getpeername6",
+];
 
 /// Where the programs attach.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,8 +89,8 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
 pub struct Attached {
     /// Owns the program and its links: dropping it detaches from every interface.
     pub ebpf: Ebpf,
-    /// The interfaces the classifier is on, by name, with their index.
-    pub interfaces: BTreeMap<String, u32>,
+    /// The interfaces the classifier is on, by name, with their index and link.
+    pub interfaces: BTreeMap<String, (u32, SchedClassifierLinkId)>,
     pub maps: AyaMaps,
     /// The same maps through other handles, for observers.
     pub observed: Arc<Maps>,
@@ -181,9 +191,13 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneEr
         reason,
     };
     let dir = std::fs::File::open(cgroup).map_err(|e| attach_error(SOCKET_PROGRAMS[0], e.to_string()))?;
+    // All load (the verifier's say) before any attaches: none runs without the others.
     for name in SOCKET_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(ebpf, name)?;
         hook.load().map_err(load_error(name))?;
+    }
+    for name in SOCKET_PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
         // A link (what aya makes on this kernel) takes no attach flags and
         // always runs beside other programs on the cgroup.
         hook.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_error(name, with_sources(&e)))?;
@@ -199,13 +213,22 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         return Err(DataplaneError::NothingToAttach);
     }
     let mut ebpf = load(sizes)?;
-    if let Some(cgroup) = &targets.cgroup {
-        attach_socket_hooks(&mut ebpf, cgroup)?;
+    let mut cgroup = None;
+    if let Some(root) = &targets.cgroup {
+        match attach_socket_hooks(&mut ebpf, root) {
+            Ok(()) => cgroup = Some(root.clone()),
+            // Older kernels (before 6.1) refuse the hooks; the per-packet path still serves.
+            Err(e) if !targets.interfaces.is_empty() => {
+                tracing::warn!(error = %e, "socket-level load balancing unavailable; the per-packet path serves alone")
+            }
+            Err(e) => return Err(e),
+        }
     }
     let classifier: &mut SchedClassifier = program(&mut ebpf, PROGRAM)?;
     classifier.load().map_err(load_error(PROGRAM))?;
     // A plain name must be there; a pattern may match nothing yet.
-    let present = links::interfaces();
+    let present =
+        links::interfaces().ok_or_else(|| DataplaneError::Load("cannot list this namespace's interfaces".into()))?;
     for name in targets.interfaces.iter().filter(|i| !links::is_pattern(i)) {
         if !present.contains_key(name) {
             return Err(DataplaneError::Attach {
@@ -217,8 +240,8 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     }
     let mut interfaces = BTreeMap::new();
     for (name, index) in links::selected(&targets.interfaces, &present) {
-        attach_classifier(&mut ebpf, name)?;
-        interfaces.insert(name.to_string(), index);
+        let link = attach_classifier(&mut ebpf, name)?;
+        interfaces.insert(name.to_string(), (index, link));
     }
     match pin_maps(&mut ebpf, bpf_root) {
         Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
@@ -246,26 +269,36 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         ct_reverse: take_hash(&mut ebpf, abi::CT_REVERSE)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,
-        cgroup: targets.cgroup.clone(),
+        cgroup,
         traffic,
     };
     Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed) })
 }
 
 /// Attaches the (loaded) classifier on ingress of `iface`.
-pub fn attach_classifier(ebpf: &mut Ebpf, iface: &str) -> Result<(), DataplaneError> {
+pub fn attach_classifier(ebpf: &mut Ebpf, iface: &str) -> Result<SchedClassifierLinkId, DataplaneError> {
     let classifier: &mut SchedClassifier = program(ebpf, PROGRAM)?;
     // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
     if let Err(e) = tc::qdisc_add_clsact(iface) {
         tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
     }
-    classifier.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
+    let link = classifier.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
         program: PROGRAM,
         target: format!("interface {iface:?}"),
         reason: with_sources(&e),
     })?;
     tracing::info!(%iface, "datapath attached on ingress");
-    Ok(())
+    Ok(link)
+}
+
+/// Lets go of the classifier's link to an interface that is gone (the
+/// kernel dropped the attachment with it; this frees what the agent holds).
+pub fn release_classifier(ebpf: &mut Ebpf, link: SchedClassifierLinkId) {
+    if let Ok(classifier) = program::<SchedClassifier>(ebpf, PROGRAM)
+        && let Err(e) = classifier.detach(link)
+    {
+        tracing::debug!(error = %e, "releasing the link of a gone interface");
+    }
 }
 
 /// Observers read the datapath's counters through the pinned maps.

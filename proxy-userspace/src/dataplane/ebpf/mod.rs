@@ -21,9 +21,10 @@ use std::{
     sync::Arc,
 };
 
+use aya::programs::tc::SchedClassifierLinkId;
 pub use load::{EBPF_OBJECT, MapSizes, PROGRAM, SOCKET_PROGRAMS, Targets, load};
 use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
-use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue, kind};
+use proxy_common::maps::{BACKEND_ACTIVE, Backend, BackendKey, ServiceKey, ServiceValue, kind};
 
 use super::{ApplyError, DatapathStats, Dataplane, DataplaneError, Desired, Mode};
 use crate::{
@@ -105,9 +106,9 @@ pub struct EbpfDataplane<M = AyaMaps> {
     ebpf: Option<aya::Ebpf>,
     /// `--interfaces`: names and patterns the per-packet path follows.
     interface_patterns: Vec<String>,
-    /// Interfaces the classifier is on (name -> index), and ones that
-    /// refused it (not tried again until they are recreated).
-    attached: BTreeMap<String, u32>,
+    /// Interfaces the classifier is on (name -> index and link), and ones
+    /// that refused it (not tried again until they are recreated).
+    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
     refused: BTreeMap<String, u32>,
     observed: Option<Arc<crate::inspect::Maps>>,
     programmed: BTreeMap<FrontendKey, Programmed>,
@@ -252,13 +253,12 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             return Err(self.services_error()(e));
         }
         // Published: from here on the frontend serves the new set.
-        let gone: Vec<Backend> = match self.programmed.remove(&f.key) {
+        let old: Vec<Backend> = match self.programmed.remove(&f.key) {
             Some(p) => {
-                let old: Vec<Backend> =
-                    (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
+                let old = (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
                 self.free_set(p.set, p.slots as usize);
                 self.slots_used -= u64::from(p.slots);
-                old.into_iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).collect()
+                old
             }
             None => {
                 self.service_ids.take();
@@ -267,9 +267,14 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             }
         };
         self.slots_used += new.len() as u64;
+        let gone: Vec<Backend> =
+            old.iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).copied().collect();
         self.maps.forget_traffic(id, Some(&gone));
-        if f.key.protocol == Protocol::Udp {
-            let keep: KeepEndpoints = new[..f.backends.len()].iter().map(|b| (b.addr, b.port)).collect();
+        let keep: KeepEndpoints = new[..f.backends.len()].iter().map(|b| (b.addr, b.port)).collect();
+        // Only an endpoint that stopped being ready leaves flows to forget
+        // (walking the flow maps costs a syscall per entry).
+        let unready = old.iter().any(|o| o.state == BACKEND_ACTIVE && !keep.contains(&(o.addr, o.port)));
+        if f.key.protocol == Protocol::Udp && unready {
             self.forget_udp_flows(id, &keep);
         }
         self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32 });
@@ -310,27 +315,34 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if self.interface_patterns.is_empty() {
             return;
         }
-        let present = links::interfaces();
-        let still_there = |name: &String, index: &mut u32| present.get(name) == Some(index);
-        self.attached.retain(|name, index| {
-            let kept = still_there(name, index);
-            if !kept {
+        // Not listed this time: nothing is judged gone.
+        let Some(present) = links::interfaces() else { return };
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, (index, _))| present.get(*name) != Some(index))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            if let Some((_, link)) = self.attached.remove(&name) {
+                load::release_classifier(ebpf, link);
                 tracing::info!(iface = %name, "interface gone; forgotten");
             }
-            kept
-        });
-        self.refused.retain(still_there);
+        }
+        self.refused.retain(|name, index| present.get(name) == Some(index));
         for (name, index) in links::selected(&self.interface_patterns, &present) {
             if self.attached.contains_key(name) || self.refused.contains_key(name) {
                 continue;
             }
             match load::attach_classifier(ebpf, name) {
-                Ok(()) => self.attached.insert(name.to_string(), index),
+                Ok(link) => {
+                    self.attached.insert(name.to_string(), (index, link));
+                }
                 Err(e) => {
                     tracing::warn!(iface = %name, error = %e, "interface matches --interfaces but refused the datapath");
-                    self.refused.insert(name.to_string(), index)
+                    self.refused.insert(name.to_string(), index);
                 }
-            };
+            }
         }
     }
 

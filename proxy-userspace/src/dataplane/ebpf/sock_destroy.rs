@@ -4,8 +4,8 @@
 //! whole life; for UDP nothing tells it the backend is gone (a client stays
 //! pinned to a deleted DNS pod). As kube-proxy clears such flows from
 //! conntrack, these sockets are ended through inet_diag's SOCK_DESTROY (what
-//! `ss -K` does): the application's next call fails with ECONNABORTED and a
-//! new socket chooses again. Only sockets the hooks translated are touched:
+//! `ss -K` does) and disconnected: a `recv` pending or next fails with
+//! ECONNABORTED, a `send` with EDESTADDRREQ, and a new socket chooses again. Only sockets the hooks translated are touched:
 //! each is named by its cookie in the socket reverse map.
 //!
 //! inet_diag sees one network namespace at a time, so every namespace of a
@@ -141,6 +141,13 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Batch> {
 /// are in `pinned`; returns how many.
 fn destroy_here(pinned: &HashSet<Pinned>) -> std::io::Result<usize> {
     let fd = diag_socket()?;
+    // The kernel answers at once; a wait this long means it will not.
+    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: setsockopt reads a timeval of the given size.
+    unsafe {
+        let size = std::mem::size_of::<libc::timeval>() as u32;
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size);
+    }
     send(&fd, &dump_request())?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut doomed = Vec::new();
@@ -150,8 +157,10 @@ fn destroy_here(pinned: &HashSet<Pinned>) -> std::io::Result<usize> {
             let (addr, port) = s.dst();
             pinned.contains(&(s.cookie(), addr, port))
         }));
-        if batch.done || batch.status.is_some() {
-            break;
+        match batch.status {
+            Some(e) if e < 0 => return Err(std::io::Error::from_raw_os_error(-e)),
+            _ if batch.done || batch.status.is_some() => break,
+            _ => {}
         }
     }
     let mut ended = 0;
@@ -194,6 +203,7 @@ pub fn destroy(cgroup: &Path, pinned: &HashSet<Pinned>) -> usize {
         return 0;
     }
     let mut ended = 0;
+    let mut unvisited = 0;
     for ns in namespaces(cgroup) {
         let visit = std::thread::scope(|s| {
             s.spawn(|| -> std::io::Result<usize> {
@@ -208,9 +218,24 @@ pub fn destroy(cgroup: &Path, pinned: &HashSet<Pinned>) -> usize {
         });
         match visit {
             Ok(Ok(n)) => ended += n,
-            Ok(Err(e)) => tracing::debug!(ns = %ns.display(), error = %e, "could not visit a namespace"),
-            Err(_) => tracing::warn!(ns = %ns.display(), "visiting a namespace panicked"),
+            // A process that exited meanwhile has no namespace left: fine.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(e)) => {
+                unvisited += 1;
+                tracing::debug!(ns = %ns.display(), error = %e, "could not visit a namespace");
+            }
+            Err(_) => {
+                unvisited += 1;
+                tracing::warn!(ns = %ns.display(), "visiting a namespace panicked");
+            }
         }
+    }
+    if unvisited > 0 {
+        // In a container this needs the host's PID namespace and CAP_SYS_PTRACE (see the DaemonSet).
+        tracing::warn!(
+            unvisited,
+            "UDP sockets pinned to removed backends may remain: some network namespaces could not be visited"
+        );
     }
     ended
 }
