@@ -133,3 +133,30 @@ impl Drop for HeldUdp {
         self.child.wait().ok();
     }
 }
+
+/// The answer to a `kpr-probe KIND ADDR` process in `ns` under `cgroup`, once
+/// there is one (kpr may still be programming); fails unless the
+/// application saw `addr` (the VIP) as its peer.
+pub fn probe_answer(
+    bin: &std::path::Path,
+    ns: &crate::netns::Netns,
+    cgroup: &crate::cgroup::Cgroup,
+    kind: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<String> {
+    let p = crate::wait::until(
+        &format!("an answer to {kind} {addr} from {}", ns.name()),
+        Duration::from_secs(10),
+        || {
+            probe(bin, ns, cgroup, kind, addr).unwrap_or_else(|e| Probe {
+                reply: None,
+                peer: None,
+                error: Some(format!("{e:#}")),
+                errno: None,
+            })
+        },
+        |p| p.reply.is_some(),
+    )?;
+    anyhow::ensure!(p.peer == Some(addr.to_string()), "{kind}: the peer shown is not the VIP {addr}: {p:?}");
+    p.reply.ok_or_else(|| anyhow::anyhow!("no reply"))
+}

@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Probe, probe, tcp_request, udp_request},
+    client::{Probe, probe, probe_answer, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape},
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
@@ -33,18 +33,8 @@ fn run(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
     probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
 }
 
-/// The answer to `kind` at `addr` from `ns` on `node`, once there is one;
-/// asserts the application saw the VIP as its peer.
 fn answer(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> String {
-    let p = wait::until(
-        &format!("an answer to {kind} {addr} on {}", node.name),
-        Duration::from_secs(10),
-        || run(node, ns, kind, addr),
-        |p| p.reply.is_some(),
-    )
-    .unwrap();
-    assert_eq!(p.peer.as_deref(), Some(addr.to_string().as_str()), "{kind}: the peer shown is the VIP: {p:?}");
-    p.reply.unwrap()
+    probe_answer(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
 }
 
 /// Serves TCP 8080 and UDP 5353 in `ns`, answering `name`.
@@ -104,9 +94,7 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     if mode == Mode::Ebpf {
         // The socket hooks did it: the per-packet path on the client's
         // interface never saw a packet to a VIP.
-        let root = format!("--bpf-root={}", node0.bpf_root().display());
-        let out = kpr::command(&node0.ns, &["stats", "-o", "json", &root]).unwrap();
-        let stats = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["datapath"];
+        let stats = &kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
         assert!(stats["socket_translated"].as_u64().unwrap() >= 46, "{stats:#}");
         assert_eq!(stats["translated"], 0, "{stats:#}");
     }

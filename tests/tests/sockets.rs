@@ -13,12 +13,12 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{HeldUdp, Probe, probe},
+    client::{HeldUdp, Probe, probe, probe_answer},
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     netns::Netns,
     node::VirtualNode,
-    root_or_skip, servers, wait,
+    root_or_skip, servers,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -35,19 +35,8 @@ fn run(node: &VirtualNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
     probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
 }
 
-/// The answer to `kind` at `addr` from `ns`, asserting the application saw
-/// the VIP as its peer; waits for the first answer (kpr may still be
-/// programming).
 fn answer(node: &VirtualNode, ns: &Netns, kind: &str, addr: SocketAddr) -> String {
-    let p = wait::until(
-        &format!("an answer to {kind} {addr}"),
-        Duration::from_secs(10),
-        || run(node, ns, kind, addr),
-        |p| p.reply.is_some(),
-    )
-    .unwrap();
-    assert_eq!(p.peer.as_deref(), Some(addr.to_string().as_str()), "{kind}: the peer shown is the VIP: {p:?}");
-    p.reply.unwrap()
+    probe_answer(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
 }
 
 fn web(port: u16) -> SocketAddr {
@@ -122,7 +111,7 @@ fn node_processes_and_pods_under_the_cgroup_reach_cluster_ips(mode: Mode) {
     }
     if mode == Mode::Ebpf {
         // The socket hooks did it, not the per-packet path.
-        let stats = datapath_stats(node);
+        let stats = kpr::datapath_stats(&node.ns, node.bpf_root()).unwrap();
         assert!(stats["socket_translated"].as_u64().unwrap() >= 45, "{stats:#}");
         assert!(stats["socket_reverse_translated"].as_u64().unwrap() >= 2, "recvmsg and getpeername: {stats:#}");
         assert_eq!(stats["socket_refused_no_backend"], 2, "{stats:#}");
@@ -138,13 +127,6 @@ fn node_processes_and_pods_under_the_cgroup_reach_cluster_ips(mode: Mode) {
             sockets.iter().all(|f| ["10.244.0.11:8080", "10.244.0.12:8080"].contains(&f["backend"].as_str().unwrap()))
         );
     }
-}
-
-/// The eBPF datapath's counters, by name (`kpr stats`).
-fn datapath_stats(node: &VirtualNode) -> serde_json::Value {
-    let root = format!("--bpf-root={}", node.bpf_root().display());
-    let out = kpr::command(&node.ns, &["stats", "-o", "json", &root]).unwrap();
-    serde_json::from_str::<serde_json::Value>(&out).unwrap()["datapath"].clone()
 }
 
 /// A connected UDP client whose backend leaves the Service is never left
