@@ -3,7 +3,9 @@
 //! Each frontend has a stable id (its traffic counters and flows) and a
 //! backend set. A changed set is written whole under a fresh set id and
 //! published by rewriting the frontend's entry; the old set is freed only
-//! then. A failure anywhere before publishing leaves the previous set
+//! at the next apply, so a program that read the frontend's entry just
+//! before it changed still finds the old set's slots (not freed, nor
+//! refilled with another frontend's backends under a reused set id). A failure anywhere before publishing leaves the previous set
 //! serving, and the bookkeeping (ids, slot counts) is exactly what the maps
 //! hold, on the real maps and on the fakes the unit tests use.
 
@@ -120,6 +122,8 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// Slots of live backend sets.
     slots_used: u64,
     leftovers: Vec<Leftover>,
+    /// Sets unpublished by this apply (set id, slot count): freed at the next.
+    retiring: Vec<(u32, u32)>,
 }
 
 fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(MapIoError) -> DataplaneError {
@@ -159,6 +163,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             sizes,
             slots_used: 0,
             leftovers: Vec::new(),
+            retiring: Vec::new(),
         }
     }
 
@@ -174,8 +179,10 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         map_error(proxy_common::maps::BACKENDS, self.sizes.backends, "--max-backends")
     }
 
+    /// Slots still taken by sets no frontend uses (freeing failed, or not due yet).
     fn leftover_slots(&self) -> u64 {
-        self.leftovers.iter().map(|l| l.slots.len() as u64).sum()
+        let retiring: u64 = self.retiring.iter().map(|(_, count)| u64::from(*count)).sum();
+        self.leftovers.iter().map(|l| l.slots.len() as u64).sum::<u64>() + retiring
     }
 
     /// Removes the slots of a set no frontend uses; what fails is kept for later.
@@ -256,7 +263,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         let old: Vec<Backend> = match self.programmed.remove(&f.key) {
             Some(p) => {
                 let old = (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
-                self.free_set(p.set, p.slots as usize);
+                self.retiring.push((p.set, p.slots));
                 self.slots_used -= u64::from(p.slots);
                 old
             }
@@ -286,7 +293,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         let (id, set, count) = (p.id, p.set, p.slots as usize);
         self.maps.remove_service(&service_key(k)).map_err(self.services_error())?;
         self.programmed.remove(k);
-        self.free_set(set, count);
+        self.retiring.push((set, count as u32));
         self.slots_used -= count as u64;
         // The id may be reused: its next owner starts from zero.
         self.maps.forget_traffic(id, None);
@@ -370,6 +377,10 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
         self.follow_interfaces();
         self.retry_leftovers();
+        // A whole sync has passed since these were unpublished: no program still reads them.
+        for (set, count) in std::mem::take(&mut self.retiring) {
+            self.free_set(set, count as usize);
+        }
         let mut errors = Vec::new();
         for op in ops {
             let (frontend, result) = match op {

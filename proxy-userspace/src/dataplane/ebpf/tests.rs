@@ -30,7 +30,10 @@ fn a_frontend_is_written_with_its_vip_marker_and_removed_with_it() {
     dp.apply(&[Op::Delete(a.key)], &Desired::new());
     assert!(dp.maps().services.contains_key(&marker), "another frontend still uses the VIP");
     dp.apply(&[Op::Delete(b.key)], &Desired::new());
-    assert!(dp.maps().services.is_empty() && dp.maps().backends.is_empty(), "{:?}", dp.maps());
+    assert!(dp.maps().services.is_empty());
+    assert_eq!(dp.maps().backends.len(), 1, "the last set goes at the next apply");
+    dp.apply(&[], &Desired::new());
+    assert!(dp.maps().backends.is_empty(), "{:?}", dp.maps());
 }
 
 #[test]
@@ -57,7 +60,12 @@ fn a_changed_backend_set_is_published_under_a_new_set_and_the_old_freed() {
     assert_eq!(after.id, before.id, "the frontend keeps its id");
     assert_ne!(after.backend_set, before.backend_set);
     assert_eq!(serving(dp.maps(), &fe(1, 80, &[])), [4]);
-    assert_eq!(dp.maps().backends.len(), 1, "the old set's slots are gone");
+    let old = BackendKey { set: before.backend_set, slot: 0 };
+    assert!(dp.maps().backends.contains_key(&old), "a program that read the old entry still finds its set");
+    dp.apply(&[], &Desired::new());
+    assert_eq!(dp.maps().backends.len(), 1, "the old set's slots are gone at the next apply");
+    upsert(&mut dp, &fe(1, 80, &[5]));
+    assert_ne!(dp.maps().services[&service_key(&fe(1, 80, &[]).key)].backend_set, after.backend_set);
 }
 
 #[test]
