@@ -13,8 +13,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
     counters::{Counter, DropReason},
@@ -99,6 +99,60 @@ pub(crate) fn kpr_sock_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// A socket closing: its reverse entry goes with it, rather than staying
+/// until the LRU evicts it (crowding out long-lived sockets' entries). An
+/// unconnected UDP socket's entries (one per backend it sent to) are left
+/// to the LRU: the socket no longer says where it sent.
+#[cgroup_sock(sock_release)]
+pub(crate) fn kpr_sock_release(ctx: SockContext) -> i32 {
+    forget_released(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn forget_released(ctx: &SockContext) {
+    let sk = ctx.sock;
+    let proto = match unsafe { core::ptr::read_volatile(&raw const (*sk).protocol) } {
+        6 => PROTO_TCP,
+        17 => PROTO_UDP,
+        _ => return,
+    };
+    // The peer the socket was connected to: the backend the hooks gave it.
+    let addr = match unsafe { core::ptr::read_volatile(&raw const (*sk).family) } {
+        AF_INET => unsafe { core::ptr::read_volatile(&raw const (*sk).dst_ip4) }.to_ne_bytes(),
+        AF_INET6 => {
+            // Constant offsets, each its own load: the verifier refuses a
+            // context pointer moved by a computed index.
+            let (w0, w1, w2, w3) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+                )
+            };
+            if w0 != 0 || w1 != 0 || w2.to_ne_bytes() != [0, 0, 0xff, 0xff] {
+                return;
+            }
+            w3.to_ne_bytes()
+        }
+        _ => return,
+    };
+    if addr == [0; 4] {
+        return;
+    }
+    // Network byte order, as the field is.
+    let port = unsafe { core::ptr::read_volatile(&raw const (*sk).dst_port) }.to_ne_bytes();
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    // Absent when the hooks never translated this socket: nothing to do.
+    match SOCK_REVERSE.remove(&SockKey::new(cookie, addr, port, proto)) {
+        Ok(()) | Err(_) => {}
+    }
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
 /// The hook's return value for a translation's outcome; a refusal sets the
 /// errno the call fails with, counted under why.
 #[inline(always)]
@@ -136,9 +190,17 @@ fn user_address(ctx: &SockAddrContext, family: Family) -> Option<([u8; 4], [u8; 
     match family {
         Family::V4 => Some((unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip4) }.to_ne_bytes(), port)),
         Family::V6Mapped => {
-            let word = |i: usize| unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip6[i]) };
-            let mapped = word(0) == 0 && word(1) == 0 && word(2).to_ne_bytes() == [0, 0, 0xff, 0xff];
-            mapped.then(|| (word(3).to_ne_bytes(), port))
+            // Constant offsets, each its own load (see forget_released).
+            let (w0, w1, w2, w3) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+                )
+            };
+            let mapped = w0 == 0 && w1 == 0 && w2.to_ne_bytes() == [0, 0, 0xff, 0xff];
+            mapped.then(|| (w3.to_ne_bytes(), port))
         }
     }
 }

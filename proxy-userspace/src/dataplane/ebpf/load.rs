@@ -11,7 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc,
+        tc::SchedClassifierLinkId,
     },
 };
 use proxy_common::maps as abi;
@@ -42,6 +43,9 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
     "kpr_sock_recvmsg6",
     "kpr_sock_getpeername6",
 ];
+
+/// The hook that forgets a closing socket's reverse entry.
+pub const SOCKET_RELEASE_PROGRAM: &str = "kpr_sock_release";
 
 /// Where the programs attach.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -196,12 +200,18 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneEr
         let hook: &mut CgroupSockAddr = program(ebpf, name)?;
         hook.load().map_err(load_error(name))?;
     }
+    let release: &mut CgroupSock = program(ebpf, SOCKET_RELEASE_PROGRAM)?;
+    release.load().map_err(load_error(SOCKET_RELEASE_PROGRAM))?;
+    // A link (what aya makes on this kernel) takes no attach flags and
+    // always runs beside other programs on the cgroup.
     for name in SOCKET_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(ebpf, name)?;
-        // A link (what aya makes on this kernel) takes no attach flags and
-        // always runs beside other programs on the cgroup.
         hook.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_error(name, with_sources(&e)))?;
     }
+    let release: &mut CgroupSock = program(ebpf, SOCKET_RELEASE_PROGRAM)?;
+    release
+        .attach(&dir, CgroupAttachMode::Single)
+        .map_err(|e| attach_error(SOCKET_RELEASE_PROGRAM, with_sources(&e)))?;
     tracing::info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
     Ok(())
 }
