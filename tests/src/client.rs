@@ -83,24 +83,26 @@ pub fn probe(
     })
 }
 
-/// A `kpr-probe udp-held` process: a UDP client that stays connected and
-/// asks again on the same socket when told to. Killed on drop.
-pub struct HeldUdp {
+/// A `kpr-probe udp-held` or `tcp-held` process: a client that stays
+/// connected and asks again on the same socket when told to. Killed on drop.
+pub struct Held {
     child: std::process::Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
-impl HeldUdp {
-    /// Starts it in `ns` as a process of `cgroup`; returns it with its first answer.
+impl Held {
+    /// Starts `kpr-probe KIND ADDR` (`udp-held` or `tcp-held`) in `ns` as a
+    /// process of `cgroup`; returns it with its first answer.
     pub fn start(
         bin: &std::path::Path,
         ns: &crate::netns::Netns,
         cgroup: &crate::cgroup::Cgroup,
+        kind: &str,
         addr: SocketAddr,
     ) -> anyhow::Result<(Self, Probe)> {
         use anyhow::Context as _;
         let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()]).arg(bin).arg("udp-held").arg(addr.to_string());
+        cmd.args(["netns", "exec", ns.name()]).arg(bin).arg(kind).arg(addr.to_string());
         cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
         cgroup.place(&mut cmd)?;
         let mut child = cmd.spawn().context("starting kpr-probe")?;
@@ -126,7 +128,7 @@ impl HeldUdp {
     }
 }
 
-impl Drop for HeldUdp {
+impl Drop for Held {
     fn drop(&mut self) {
         // Our own child, by its handle.
         self.child.kill().ok();

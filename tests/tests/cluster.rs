@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Probe, probe, probe_answer, tcp_request, udp_request},
+    client::{Held, Probe, probe, probe_answer, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape},
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
@@ -98,6 +98,27 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
         assert!(stats["socket_translated"].as_u64().unwrap() >= 46, "{stats:#}");
         assert_eq!(stats["translated"], 0, "{stats:#}");
     }
+
+    // A backend leaves: within a second no new connection reaches it, while
+    // an established connection to another backend goes on.
+    let spread_addr = SocketAddr::from((SPREAD_VIP, 80));
+    let (mut held, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "tcp-held", spread_addr).unwrap();
+    let kept = first.reply.clone().unwrap_or_else(|| panic!("no first answer: {first:?}"));
+    let removed = spread.iter().map(|(_, p)| *p).find(|p| *p != kept).unwrap();
+    let remaining: Vec<_> = spread.iter().copied().filter(|(_, p)| *p != removed).collect();
+    write(&manifests, "spread.yaml", &web_service("spread", SPREAD_VIP, &endpoints(&remaining))).unwrap();
+    wait::until(
+        &format!("no new connection reaching {removed}"),
+        Duration::from_secs(1),
+        || (0..6).map(|_| run(node0, client, "tcp", spread_addr).reply).collect::<Vec<_>>(),
+        |replies| replies.iter().all(|r| r.as_deref().is_some_and(|r| r != removed)),
+    )
+    .unwrap();
+    for _ in 0..10 {
+        assert_ne!(answer(node0, client, "tcp", spread_addr), removed, "the removed backend stays out");
+    }
+    assert_eq!(held.ask().unwrap().reply.as_deref(), Some(kept.as_str()), "the established connection lives");
+    drop(held);
 
     // A pod created after kpr started, as a backend (node 2) and as a client (node 1).
     cluster.add_pod(2, "late", 12).unwrap();

@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{HeldUdp, Probe, probe, probe_answer},
+    client::{Held, Probe, probe, probe_answer},
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     netns::Netns,
@@ -139,7 +139,7 @@ fn a_connected_udp_client_of_a_removed_backend_is_not_left_with_it(mode: Mode) {
     let mut setup = Setup::new(mode);
     let node = &setup.node;
     answer(node, &node.ns, "udp-connected", web(53));
-    let (mut held, first) = HeldUdp::start(Path::new(PROBE), &node.ns, &node.cgroup, web(53)).unwrap();
+    let (mut held, first) = Held::start(Path::new(PROBE), &node.ns, &node.cgroup, "udp-held", web(53)).unwrap();
     let talking_to = first.reply.clone().unwrap_or_else(|| panic!("the held client got no first answer: {first:?}"));
     if mode == Mode::Ebpf {
         // `kpr conntrack list` shows the held socket and the backend it was given.

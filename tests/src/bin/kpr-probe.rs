@@ -8,7 +8,8 @@
 //! the peer as the application sees it (`getpeername`, or the datagram's
 //! source), or the error with its errno. `udp-held` is `udp-connected` that
 //! then asks again on the same socket each time a line arrives on stdin,
-//! printing a line per answer: a client that stays connected. An IPv6 ADDR
+//! printing a line per answer: a client that stays connected; `tcp-held`
+//! the same over one TCP connection. An IPv6 ADDR
 //! (such as `[::ffff:10.96.0.10]:80`) makes an IPv6 socket, as dual-stack
 //! applications have.
 
@@ -79,6 +80,28 @@ fn held(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One request and reply on an established TCP connection.
+fn request(stream: &TcpStream) -> std::io::Result<(String, SocketAddr)> {
+    (&*stream).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+    }
+    Ok((line.trim_end().to_string(), stream.peer_addr()?))
+}
+
+fn tcp_held(addr: SocketAddr) -> std::io::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    print(request(&stream));
+    for line in std::io::stdin().lines() {
+        line?;
+        print(request(&stream));
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(kind), Some(addr)) = (args.first(), args.get(1).and_then(|a| a.parse::<SocketAddr>().ok())) else {
@@ -89,8 +112,9 @@ fn main() {
         "tcp" => tcp(addr),
         "udp" => udp(addr, false),
         "udp-connected" => udp(addr, true),
-        "udp-held" => {
-            if let Err(e) = held(addr) {
+        "udp-held" | "tcp-held" => {
+            let held = if kind == "tcp-held" { tcp_held(addr) } else { held(addr) };
+            if let Err(e) = held {
                 eprintln!("{e}");
                 std::process::exit(1);
             }
