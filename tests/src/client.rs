@@ -64,8 +64,22 @@ pub struct Probe {
     pub errno: Option<i32>,
 }
 
-/// Runs `kpr-probe KIND ADDR` (the binary at `bin`; tests pass
-/// `env!("CARGO_BIN_EXE_kpr-probe")`) in `ns` as a process of `cgroup`.
+/// `kpr-probe KIND ADDR` (the binary at `bin`; tests pass
+/// `env!("CARGO_BIN_EXE_kpr-probe")`) to run in `ns` as a process of `cgroup`.
+fn probe_command(
+    bin: &std::path::Path,
+    ns: &crate::netns::Netns,
+    cgroup: &crate::cgroup::Cgroup,
+    kind: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<std::process::Command> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).arg(bin).arg(kind).arg(addr.to_string());
+    cgroup.place(&mut cmd)?;
+    Ok(cmd)
+}
+
+/// Runs `kpr-probe KIND ADDR` once (see [`probe_command`]) and reads what it saw.
 pub fn probe(
     bin: &std::path::Path,
     ns: &crate::netns::Netns,
@@ -74,10 +88,7 @@ pub fn probe(
     addr: SocketAddr,
 ) -> anyhow::Result<Probe> {
     use anyhow::Context as _;
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", ns.name()]).arg(bin).arg(kind).arg(addr.to_string());
-    cgroup.place(&mut cmd)?;
-    let out = cmd.output().context("running kpr-probe")?;
+    let out = probe_command(bin, ns, cgroup, kind, addr)?.output().context("running kpr-probe")?;
     serde_json::from_slice(&out.stdout).with_context(|| {
         format!("kpr-probe said {:?} ({})", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     })
@@ -101,10 +112,8 @@ impl Held {
         addr: SocketAddr,
     ) -> anyhow::Result<(Self, Probe)> {
         use anyhow::Context as _;
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()]).arg(bin).arg(kind).arg(addr.to_string());
+        let mut cmd = probe_command(bin, ns, cgroup, kind, addr)?;
         cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
-        cgroup.place(&mut cmd)?;
         let mut child = cmd.spawn().context("starting kpr-probe")?;
         let stdout = child.stdout.take().context("probe stdout")?;
         let mut held = Self { child, lines: BufReader::new(stdout).lines() };

@@ -3,18 +3,13 @@
 //! pods all run on the other node than its client.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
 };
 
 use crate::{
-    client,
     cluster::{Cluster, Shape},
     kpr::{Kpr, Mode},
     manifests::{web_service, write},
@@ -23,7 +18,6 @@ use crate::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
 const PODS: [(&str, u8); 2] = [("far-a", 11), ("far-b", 12)];
-const TIMEOUT: Duration = Duration::from_secs(3);
 
 pub(super) fn run(requests: usize, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut cluster = Cluster::new(Shape::HostGw, 2)?;
@@ -63,30 +57,10 @@ pub(super) fn run(requests: usize, stop: &Arc<AtomicBool>) -> anyhow::Result<()>
     // the socket hooks there give them a backend.
     let member = cluster.node(0).cgroup.enter()?;
     let addr = SocketAddr::from((VIP, 80));
-    let stop = stop.clone();
-    let (hits, errors, took) = cluster.node(0).pod("client").ns.run(move || {
-        let t = Instant::now();
-        let mut hits: BTreeMap<String, usize> = BTreeMap::new();
-        let mut errors = 0;
-        for _ in 0..requests {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            match client::tcp_request(addr, TIMEOUT) {
-                Ok(w) => *hits.entry(w).or_default() += 1,
-                Err(_) => errors += 1,
-            }
-        }
-        (hits, errors, t.elapsed())
-    })?;
+    let tally = super::Tally::send(&cluster.node(0).pod("client").ns, addr, false, requests, stop)?;
     drop(member);
-    let total: usize = hits.values().sum();
     println!("Service default/far  {addr}/TCP  2 endpoint(s) on node1, client on node0");
-    for (name, ip) in &endpoints {
-        let n = hits.get(*name).copied().unwrap_or(0);
-        println!("  {name:<8} {ip:<13} {n:>4} connections  {}", super::bar(n, total));
-    }
-    println!("  {total} answered, {errors} failed, in {:.0} ms\n", took.as_secs_f64() * 1e3);
+    tally.print(endpoints.iter().copied(), false);
     drop(agents);
     drop(running);
     Ok(())

@@ -180,6 +180,58 @@ fn bar(n: usize, total: usize) -> String {
     "█".repeat((n * 40).div_ceil(total.max(1)))
 }
 
+/// Which pod answered how many of a run of requests to one Service port.
+struct Tally {
+    hits: BTreeMap<String, usize>,
+    errors: usize,
+    took: Duration,
+}
+
+impl Tally {
+    /// Sends up to `requests` requests (new connections over TCP) to `addr`
+    /// from namespace `ns`, stopping early once `stop` is set.
+    fn send(
+        ns: &crate::netns::Netns,
+        addr: SocketAddr,
+        udp: bool,
+        requests: usize,
+        stop: &Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
+        let stop = stop.clone();
+        ns.run(move || {
+            let t = Instant::now();
+            let mut tally = Tally { hits: BTreeMap::new(), errors: 0, took: Duration::ZERO };
+            for _ in 0..requests {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = if udp {
+                    client::udp_request(addr, TIMEOUT).map(|(w, _)| w)
+                } else {
+                    client::tcp_request(addr, TIMEOUT)
+                };
+                match r {
+                    Ok(w) => *tally.hits.entry(w).or_default() += 1,
+                    Err(_) => tally.errors += 1,
+                }
+            }
+            tally.took = t.elapsed();
+            tally
+        })
+    }
+
+    /// One line per endpoint with its share, then the totals.
+    fn print<'a>(&self, endpoints: impl Iterator<Item = (&'a str, Ipv4Addr)>, udp: bool) {
+        let total: usize = self.hits.values().sum();
+        let what = if udp { "requests" } else { "connections" };
+        for (pod, ip) in endpoints {
+            let n = self.hits.get(pod).copied().unwrap_or(0);
+            println!("  {pod:<8} {ip:<13} {n:>4} {what}  {}", bar(n, total));
+        }
+        println!("  {total} answered, {} failed, in {:.0} ms\n", self.errors, self.took.as_secs_f64() * 1e3);
+    }
+}
+
 /// Runs the demo on the manifests in `dir`. `stop` is set on Ctrl-C; the
 /// demo then winds down and everything is removed as it is dropped.
 pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
@@ -257,34 +309,8 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
                 continue;
             }
-            let stop2 = stop.clone();
-            let (hits, errors, took) = client.run(move || {
-                let t = Instant::now();
-                let mut hits: BTreeMap<String, usize> = BTreeMap::new();
-                let mut errors = 0;
-                for _ in 0..REQUESTS {
-                    if stop2.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let r = if udp {
-                        client::udp_request(addr, TIMEOUT).map(|(w, _)| w)
-                    } else {
-                        client::tcp_request(addr, TIMEOUT)
-                    };
-                    match r {
-                        Ok(w) => *hits.entry(w).or_default() += 1,
-                        Err(_) => errors += 1,
-                    }
-                }
-                (hits, errors, t.elapsed())
-            })?;
-            let total: usize = hits.values().sum();
-            let what = if udp { "requests" } else { "connections" };
-            for (pod, ip) in &s.endpoints {
-                let n = hits.get(pod).copied().unwrap_or(0);
-                println!("  {pod:<8} {ip:<13} {n:>4} {what}  {}", bar(n, total));
-            }
-            println!("  {total} answered, {errors} failed, in {:.0} ms\n", took.as_secs_f64() * 1e3);
+            let tally = Tally::send(client, addr, udp, REQUESTS, &stop)?;
+            tally.print(s.endpoints.iter().map(|(pod, ip)| (pod.as_str(), *ip)), udp);
         }
     }
 

@@ -6,9 +6,11 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
+
+use super::netlink;
 
 /// Whether `pattern` has glob characters (else it names one interface).
 pub fn is_pattern(pattern: &str) -> bool {
@@ -77,13 +79,9 @@ pub fn default_route_interfaces(route: &str) -> Vec<String> {
 
 /// Opens a netlink socket that receives link events of this namespace.
 fn link_events() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain socket calls; the descriptor is owned from here on.
+    let fd = netlink::socket(libc::NETLINK_ROUTE)?;
+    // SAFETY: sockaddr_nl is plain data (zero is valid); bind reads `len` bytes of it.
     unsafe {
-        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
         let mut addr: libc::sockaddr_nl = std::mem::zeroed();
         addr.nl_family = libc::AF_NETLINK as u16;
         addr.nl_groups = libc::RTMGRP_LINK as u32;
@@ -91,12 +89,10 @@ fn link_events() -> std::io::Result<OwnedFd> {
         if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // Wakes up now and then to see whether the agent still listens.
-        let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
-        let size = std::mem::size_of::<libc::timeval>() as u32;
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size);
-        Ok(fd)
     }
+    // Wakes up now and then to see whether the agent still listens.
+    netlink::set_receive_timeout(&fd, Duration::from_secs(1))?;
+    Ok(fd)
 }
 
 /// Announces every link change of this namespace on `changes` (from a

@@ -14,6 +14,7 @@ pub mod fake;
 pub mod links;
 pub mod load;
 pub mod maps;
+mod netlink;
 pub mod sock_destroy;
 
 use std::{

@@ -13,9 +13,11 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
+
+use super::netlink;
 
 /// A socket to end: its cookie and the backend it is connected to.
 pub type Pinned = (u64, [u8; 4], [u8; 2]);
@@ -113,15 +115,6 @@ pub fn parse(buf: &[u8]) -> Batch {
     batch
 }
 
-fn diag_socket() -> std::io::Result<OwnedFd> {
-    // SAFETY: a plain socket(2) call; the descriptor is owned from here on.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn send(fd: &OwnedFd, msg: &[u8]) -> std::io::Result<()> {
     // SAFETY: the buffer outlives the call; the kernel is the destination.
     let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
@@ -140,14 +133,9 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Batch> {
 /// In the calling thread's network namespace: ends the UDP sockets that
 /// are in `pinned`; returns how many.
 fn destroy_here(pinned: &HashSet<Pinned>) -> std::io::Result<usize> {
-    let fd = diag_socket()?;
+    let fd = netlink::socket(libc::NETLINK_SOCK_DIAG)?;
     // The kernel answers at once; a wait this long means it will not.
-    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
-    // SAFETY: setsockopt reads a timeval of the given size.
-    unsafe {
-        let size = std::mem::size_of::<libc::timeval>() as u32;
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size);
-    }
+    netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
     send(&fd, &dump_request())?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut doomed = Vec::new();
