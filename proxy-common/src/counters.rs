@@ -59,10 +59,20 @@ pub enum Counter {
     /// Connects and sends to a Service without ready endpoints, failed with
     /// ECONNREFUSED.
     SocketRefusedNoBackend,
+    /// Reply entries found stale (their flow ended, expired, moved to
+    /// another backend, or the tuple is now used without a Service) and
+    /// removed instead of rewriting a packet.
+    ConntrackStale,
+    /// Reply entries evicted from a live flow and restored by its next packet.
+    ConntrackRestored,
+    /// New flows dropped because every backend tried would give them the
+    /// reply tuple of a live flow to another frontend sharing the backend
+    /// (the same client port to both); the client retries.
+    DroppedConntrackCollision,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 23;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -86,6 +96,9 @@ impl Counter {
         Counter::SocketTranslated,
         Counter::SocketReverseTranslated,
         Counter::SocketRefusedNoBackend,
+        Counter::ConntrackStale,
+        Counter::ConntrackRestored,
+        Counter::DroppedConntrackCollision,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -112,6 +125,9 @@ impl Counter {
             Counter::SocketTranslated => "socket_translated",
             Counter::SocketReverseTranslated => "socket_reverse_translated",
             Counter::SocketRefusedNoBackend => "socket_refused_no_backend",
+            Counter::ConntrackStale => "conntrack_stale",
+            Counter::ConntrackRestored => "conntrack_restored",
+            Counter::DroppedConntrackCollision => "dropped_conntrack_collision",
         }
     }
 }
@@ -131,10 +147,11 @@ pub enum DropReason {
     ResizeFailed,
     RedirectFailed,
     ConntrackFailed,
+    ConntrackCollision,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoBackend,
         DropReason::Fragment,
         DropReason::Truncated,
@@ -145,6 +162,7 @@ impl DropReason {
         DropReason::ResizeFailed,
         DropReason::RedirectFailed,
         DropReason::ConntrackFailed,
+        DropReason::ConntrackCollision,
     ];
 
     /// The counter this reason is counted under.
@@ -160,6 +178,7 @@ impl DropReason {
             DropReason::ResizeFailed => Counter::DroppedResizeFailed,
             DropReason::RedirectFailed => Counter::DroppedRedirectFailed,
             DropReason::ConntrackFailed => Counter::DroppedConntrackFailed,
+            DropReason::ConntrackCollision => Counter::DroppedConntrackCollision,
         }
     }
 }

@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod conntrack;
 pub mod counters;
 pub mod ipv4;
 pub mod maps;

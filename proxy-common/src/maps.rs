@@ -11,10 +11,7 @@
 pub const SERVICES: &str = "SERVICES";
 /// (service id, slot) -> backend.
 pub const BACKENDS: &str = "BACKENDS";
-/// Client flow -> chosen backend (LRU, so it never fills up and stops).
-pub const CT_FORWARD: &str = "CT_FORWARD";
-/// Reply flow -> the frontend to put back as source (LRU).
-pub const CT_REVERSE: &str = "CT_REVERSE";
+pub use crate::conntrack::{CT_ANY, CT_TCP};
 /// Per-CPU packet counters indexed by [`crate::counters::Counter`]: a few
 /// bytes per CPU, so every CPU counts in its own slot without atomics. The
 /// only per-CPU map: sized by capacity, per-CPU maps would grow by megabytes
@@ -47,8 +44,8 @@ pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 pub const ALL_MAPS: [&str; 10] = [
     SERVICES,
     BACKENDS,
-    CT_FORWARD,
-    CT_REVERSE,
+    CT_TCP,
+    CT_ANY,
     SOCK_AFFINITY,
     SOCK_REVERSE,
     NEIGHBORS,
@@ -62,6 +59,8 @@ pub const ALL_MAPS: [&str; 10] = [
 /// single-port Services.
 pub const DEFAULT_SERVICES_MAX: u32 = 131_072;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
+/// Flows the per-packet path and the socket hooks track. [`CT_TCP`] holds
+/// two entries per flow (one per direction), [`CT_ANY`] half as many flows.
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_NEIGHBORS_MAX: u32 = 65_536;
 
@@ -170,26 +169,7 @@ impl Backend {
     }
 }
 
-/// A flow as seen in one direction: key of [`CT_FORWARD`] (client -> VIP) and
-/// of [`CT_REVERSE`] (backend -> client).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
-    pub src_port: [u8; 2],
-    pub dst_port: [u8; 2],
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
-impl FlowKey {
-    pub const fn new(src_addr: [u8; 4], src_port: [u8; 2], dst_addr: [u8; 4], dst_port: [u8; 2], proto: u8) -> Self {
-        Self { src_addr, dst_addr, src_port, dst_port, proto, _pad: [0; 3] }
-    }
-}
-
-/// Value of [`CT_FORWARD`]: the backend this flow was given.
+/// Value of [`SOCK_AFFINITY`]: the backend a socket was given.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ForwardEntry {
@@ -197,7 +177,7 @@ pub struct ForwardEntry {
     pub service_id: u32,
 }
 
-/// Value of [`CT_REVERSE`]: the frontend that replies must appear to come from.
+/// Value of [`SOCK_REVERSE`]: the frontend that replies must appear to come from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReverseEntry {
@@ -261,11 +241,6 @@ impl SockKey {
     }
 }
 
-/// The reply direction of a translated flow: what the backend sends back.
-pub const fn reply_key(client: &FlowKey, backend: &Backend) -> FlowKey {
-    FlowKey::new(backend.addr, backend.port, client.src_addr, client.src_port, client.proto)
-}
-
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -275,7 +250,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ForwardEntry {}
     unsafe impl aya::Pod for ReverseEntry {}
     unsafe impl aya::Pod for Neighbor {}
@@ -298,7 +272,6 @@ mod tests {
         assert_eq!(size_of::<BackendTrafficKey>(), 12);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
-        assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<ForwardEntry>(), 12);
         assert_eq!(align_of::<ForwardEntry>(), 4);
         assert_eq!(size_of::<ReverseEntry>(), 12);
@@ -314,17 +287,5 @@ mod tests {
         assert_eq!(k.port, [0, 80]);
         assert_eq!(k.port(), 80);
         assert_eq!(Backend::new([1, 2, 3, 4], 8080).port, [0x1f, 0x90]);
-    }
-
-    #[test]
-    fn reply_key_swaps_client_and_backend() {
-        let fwd = FlowKey::new([10, 0, 0, 9], [0x9c, 0x40], [10, 96, 0, 1], [0, 80], PROTO_TCP);
-        let be = Backend::new([10, 0, 0, 2], 8080);
-        let r = reply_key(&fwd, &be);
-        assert_eq!(r.src_addr, [10, 0, 0, 2]);
-        assert_eq!(r.src_port, [0x1f, 0x90]);
-        assert_eq!(r.dst_addr, [10, 0, 0, 9]);
-        assert_eq!(r.dst_port, [0x9c, 0x40]);
-        assert_eq!(r.proto, PROTO_TCP);
     }
 }

@@ -4,7 +4,7 @@
 //! packet and replies back.
 //!
 //! One step per module: `parse` (headers and what they say), `lookup`
-//! (services and conntrack), `translate` (NAT and checksums), `refuse`
+//! (services and backend choice), `conntrack` (tracked flows), `translate` (NAT and checksums), `refuse`
 //! (answers for Services without endpoints), `skb` (packet access). Steps
 //! return a [`DropReason`] as their error; this file holds only the thin
 //! program wrapper, which counts every drop under its reason before
@@ -16,6 +16,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
+mod conntrack;
 mod counters;
 mod lookup;
 mod maps;

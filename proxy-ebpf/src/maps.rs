@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
+    conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
         Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX,
-        DEFAULT_SERVICES_MAX, FlowKey, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, SockKey,
-        Traffic,
+        DEFAULT_SERVICES_MAX, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic,
     },
 };
 
@@ -21,13 +21,13 @@ pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_ma
 #[map]
 pub(crate) static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
 
+/// Both directions of every TCP flow: two entries per flow.
 #[map]
-pub(crate) static CT_FORWARD: LruHashMap<FlowKey, ForwardEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+pub(crate) static CT_TCP: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(2 * DEFAULT_CONNTRACK_MAX, 0);
 
+/// Both directions of every other flow, half as many flows as TCP (Cilium's ratio).
 #[map]
-pub(crate) static CT_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+pub(crate) static CT_ANY: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);

@@ -7,9 +7,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
+    conntrack::CtEntry,
     counters::DropReason,
     ipv4::ETH_HLEN,
-    maps::{Backend, PROTO_UDP, ReverseEntry},
+    maps::{Backend, PROTO_UDP},
 };
 
 use crate::{parse::Packet, skb};
@@ -26,8 +27,8 @@ pub(crate) fn forward(ctx: &TcContext, pkt: &Packet, backend: &Backend) -> Resul
 
 /// Backend:target port -> client becomes VIP:port -> client.
 #[inline(always)]
-pub(crate) fn reverse(ctx: &TcContext, pkt: &Packet, rev: &ReverseEntry) -> Result<(), DropReason> {
-    rewrite(ctx, pkt, IP_SRC_OFF, pkt.src, rev.vip, 0, pkt.src_port, rev.vip_port)
+pub(crate) fn reverse(ctx: &TcContext, pkt: &Packet, frontend: &CtEntry) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_SRC_OFF, pkt.src, frontend.addr, 0, pkt.src_port, frontend.port)
 }
 
 #[inline(always)]

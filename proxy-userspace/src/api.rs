@@ -157,10 +157,15 @@ pub fn datapath_families(counters: &[(&str, u64)], traffic: &[NamedTraffic], fil
             }
         }
     }
-    family(&mut out, "kpr_conntrack_entries", "gauge", "Flows tracked by the datapath, by direction.");
-    for (map, direction) in [(proxy_common::maps::CT_FORWARD, "forward"), (proxy_common::maps::CT_REVERSE, "reply")] {
+    family(
+        &mut out,
+        "kpr_conntrack_entries",
+        "gauge",
+        "Entries in the per-packet path's conntrack tables (one per direction of a flow).",
+    );
+    for (map, table) in [(proxy_common::maps::CT_TCP, "tcp"), (proxy_common::maps::CT_ANY, "any")] {
         if let Some(f) = fill.iter().find(|f| f.map == map) {
-            out.push_str(&format!("kpr_conntrack_entries{{direction=\"{direction}\"}} {}\n", f.entries));
+            out.push_str(&format!("kpr_conntrack_entries{{table=\"{table}\"}} {}\n", f.entries));
         }
     }
     for (name, help, value) in [
@@ -282,7 +287,7 @@ mod tests {
             total: Counts { packets: 3, bytes: 180 },
             backends: [("10.244.0.2:8080".to_string(), Counts { packets: 3, bytes: 180 })].into(),
         };
-        let fill = [MapFill { map: "CT_FORWARD".into(), entries: 2, max_entries: 8, ratio: 0.25 }];
+        let fill = [MapFill { map: "CT_TCP".into(), entries: 2, max_entries: 8, ratio: 0.25 }];
         let text = datapath_families(
             &[("translated", 7)],
             &[NamedTraffic { service: "default/web:http".into(), traffic: &traffic }],
@@ -292,8 +297,8 @@ mod tests {
             "kpr_datapath_packets_total{reason=\"translated\"} 7",
             "kpr_service_bytes_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\"} 180",
             "kpr_backend_packets_total{service=\"default/web:http\",frontend=\"10.96.0.10:80/TCP\",backend=\"10.244.0.2:8080\"} 3",
-            "kpr_conntrack_entries{direction=\"forward\"} 2",
-            "kpr_bpf_map_fill_ratio{map=\"CT_FORWARD\"} 0.25",
+            "kpr_conntrack_entries{table=\"tcp\"} 2",
+            "kpr_bpf_map_fill_ratio{map=\"CT_TCP\"} 0.25",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -11,10 +11,11 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
+    conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
     maps::{
-        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, Neighbor,
-        ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic, kind,
+        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, Neighbor, PROTO_TCP, ReverseEntry,
+        ServiceKey, ServiceValue, SockKey, Traffic, kind,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,15 @@ pub struct FlowEntry {
     pub service_id: u32,
     /// Whether the reply direction is tracked too.
     pub reply_tracked: bool,
+    /// Per-packet flows: `syn_sent`, `established` or `closing` (TCP),
+    /// `unreplied` or `replied` (UDP). Sockets: `connected`.
+    pub state: String,
+    /// Per-packet flows: seconds since a packet last matched, and seconds
+    /// left before the entry expires without another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<u32>,
 }
 
 /// How full one map is. Arrays are always full and are not listed.
@@ -112,8 +122,8 @@ pub struct Stats {
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
-    ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
-    ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
+    ct_tcp: HashMap<MapData, FlowKey, CtEntry>,
+    ct_any: HashMap<MapData, FlowKey, CtEntry>,
     sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
     neighbors: HashMap<MapData, [u8; 4], Neighbor>,
     /// Per-CPU: summed when read.
@@ -170,8 +180,8 @@ impl Maps {
         Ok(Self {
             services: hash(get(abi::SERVICES)?, abi::SERVICES)?,
             backends: hash(get(abi::BACKENDS)?, abi::BACKENDS)?,
-            ct_forward: hash(get(abi::CT_FORWARD)?, abi::CT_FORWARD)?,
-            ct_reverse: hash(get(abi::CT_REVERSE)?, abi::CT_REVERSE)?,
+            ct_tcp: hash(get(abi::CT_TCP)?, abi::CT_TCP)?,
+            ct_any: hash(get(abi::CT_ANY)?, abi::CT_ANY)?,
             sock_reverse: hash(get(abi::SOCK_REVERSE)?, abi::SOCK_REVERSE)?,
             neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
             counters: PerCpuArray::try_from(get(abi::COUNTERS)?).map_err(wrong_type(abi::COUNTERS))?,
@@ -214,18 +224,25 @@ impl Maps {
 
     /// Every tracked client flow, sorted.
     pub fn flows(&self) -> Vec<FlowEntry> {
-        let mut out: Vec<FlowEntry> = self
-            .ct_forward
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| FlowEntry {
-                path: "packet".into(),
-                protocol: protocol_name(k.proto).into(),
-                client: endpoint(k.src_addr, k.src_port).to_string(),
-                frontend: endpoint(k.dst_addr, k.dst_port).to_string(),
-                backend: endpoint(v.backend.addr, v.backend.port).to_string(),
-                service_id: v.service_id,
-                reply_tracked: self.ct_reverse.get(&abi::reply_key(&k, &v.backend), 0).is_ok(),
+        let now = crate::clock::monotonic_seconds();
+        let mut out: Vec<FlowEntry> = [&self.ct_tcp, &self.ct_any]
+            .into_iter()
+            .flat_map(|table| {
+                table.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == DIR_SERVICE).map(move |(k, v)| {
+                    let idle = now.saturating_sub(v.last_seen);
+                    FlowEntry {
+                        path: "packet".into(),
+                        protocol: protocol_name(k.proto).into(),
+                        client: endpoint(k.src_addr, k.src_port).to_string(),
+                        frontend: endpoint(k.dst_addr, k.dst_port).to_string(),
+                        backend: endpoint(v.addr, v.port).to_string(),
+                        service_id: v.service_id,
+                        reply_tracked: table.get(&k.reply(v.addr, v.port), 0).is_ok(),
+                        state: flow_state(k.proto, v.state).into(),
+                        idle_seconds: Some(idle),
+                        expires_in: Some(lifetime(k.proto, v.state).saturating_sub(idle)),
+                    }
+                })
             })
             .collect();
         // Sockets: the reverse entry is what the hooks keep (their replies
@@ -238,6 +255,9 @@ impl Maps {
             backend: endpoint(k.addr, k.port).to_string(),
             service_id: v.service_id,
             reply_tracked: true,
+            state: "connected".into(),
+            idle_seconds: None,
+            expires_in: None,
         }));
         out.sort_by(|a, b| (&a.frontend, &a.client, &a.protocol).cmp(&(&b.frontend, &b.client, &b.protocol)));
         out
@@ -280,8 +300,8 @@ impl Maps {
         [
             fill(abi::SERVICES, &self.services),
             fill(abi::BACKENDS, &self.backends),
-            fill(abi::CT_FORWARD, &self.ct_forward),
-            fill(abi::CT_REVERSE, &self.ct_reverse),
+            fill(abi::CT_TCP, &self.ct_tcp),
+            fill(abi::CT_ANY, &self.ct_any),
             fill(abi::NEIGHBORS, &self.neighbors),
             fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
         ]
@@ -303,6 +323,17 @@ impl MapFill {
     fn new(map: &str, entries: u64, max_entries: u64) -> Self {
         let ratio = if max_entries == 0 { 0.0 } else { entries as f64 / max_entries as f64 };
         Self { map: map.to_string(), entries, max_entries, ratio }
+    }
+}
+
+/// A tracked flow's state, named as netfilter names its states.
+fn flow_state(proto: u8, state: u8) -> &'static str {
+    match (proto == PROTO_TCP, state & STATE_CLOSING != 0, state & STATE_REPLIED != 0) {
+        (true, true, _) => "closing",
+        (true, false, true) => "established",
+        (true, false, false) => "syn_sent",
+        (false, _, true) => "replied",
+        (false, _, false) => "unreplied",
     }
 }
 

@@ -9,6 +9,7 @@
 //! ([`api`], [`dashboard`], [`inspect`], [`status`]) only read.
 
 pub mod api;
+pub mod clock;
 pub mod dashboard;
 pub mod dataplane;
 pub mod frontend;

@@ -315,14 +315,21 @@ fn print_flows(maps: MapsArgs) -> anyhow::Result<()> {
     if maps.output == Output::Json {
         return print_json(&flows);
     }
-    println!("{:<6} {:<5} {:<26} {:<22} {:<22} REPLY", "PATH", "PROTO", "CLIENT", "FRONTEND", "BACKEND");
+    println!(
+        "{:<6} {:<5} {:<26} {:<22} {:<22} {:<7} {:<11} EXPIRES",
+        "PATH", "PROTO", "CLIENT", "FRONTEND", "BACKEND", "REPLY", "STATE"
+    );
     for f in &flows {
         let reply = match (f.path.as_str(), f.reply_tracked) {
             ("socket", _) => "-",
             (_, true) => "tracked",
             (_, false) => "evicted",
         };
-        println!("{:<6} {:<5} {:<26} {:<22} {:<22} {reply}", f.path, f.protocol, f.client, f.frontend, f.backend);
+        let expires = f.expires_in.map_or("-".to_string(), |s| format!("{s}s"));
+        println!(
+            "{:<6} {:<5} {:<26} {:<22} {:<22} {reply:<7} {:<11} {expires}",
+            f.path, f.protocol, f.client, f.frontend, f.backend, f.state
+        );
     }
     println!("{} flow(s)", flows.len());
     Ok(())

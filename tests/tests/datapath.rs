@@ -16,12 +16,14 @@ use kpr_tests::{
     root_or_skip,
 };
 use proxy_common::{
+    conntrack::{self as ct, CtEntry, FlowKey},
     counters::{Counter, DropReason},
-    maps::{
-        self as abi, Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, ServiceKey, ServiceValue, Traffic,
-    },
+    maps::{self as abi, Backend, BackendKey, BackendTrafficKey, ServiceKey, ServiceValue, Traffic},
 };
-use proxy_userspace::dataplane::ebpf::{self, MapSizes, PROGRAM};
+use proxy_userspace::{
+    clock::monotonic_seconds,
+    dataplane::ebpf::{self, MapSizes, PROGRAM, conntrack_gc},
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -33,6 +35,7 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// Not programmed by `Datapath::new`: tests give it their own Service.
 const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const TCP_RST: u8 = 0x04;
+const TCP_FIN: u8 = 0x01;
 const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12), Ipv4Addr::new(10, 244, 0, 13)];
 
@@ -107,9 +110,20 @@ impl Datapath {
         m.get(&BackendTrafficKey::new(id, backend.0.octets(), backend.1.to_be_bytes()), 0).ok()
     }
 
-    fn forward_entry(&self, flow: &FlowKey) -> Option<ForwardEntry> {
-        let m: HashMap<_, FlowKey, ForwardEntry> = HashMap::try_from(self.ebpf.map(abi::CT_FORWARD).unwrap()).unwrap();
-        m.get(flow, 0).ok()
+    /// The conntrack entry under `key`, in its protocol's table.
+    fn ct(&self, key: &FlowKey) -> Option<CtEntry> {
+        let m: HashMap<_, FlowKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map(ct::map_for(key.proto)).unwrap()).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    fn ct_table(&mut self, proto: u8) -> HashMap<&mut aya::maps::MapData, FlowKey, CtEntry> {
+        HashMap::try_from(self.ebpf.map_mut(ct::map_for(proto)).unwrap()).unwrap()
+    }
+
+    fn ct_entries(&self, table: &str) -> usize {
+        let m: HashMap<_, FlowKey, CtEntry> = HashMap::try_from(self.ebpf.map(table).unwrap()).unwrap();
+        m.keys().filter(Result::is_ok).count()
     }
 }
 
@@ -314,8 +328,8 @@ fn a_flow_sticks_to_its_backend_and_new_flows_spread_evenly() {
                 let (_, out) = dp.run(&tcp_frame((CLIENT, sport), (VIP, 80), TCP_ACK, b"more"));
                 assert_eq!(View(&out).dst(), chosen, "every packet of a flow goes to the same endpoint");
             }
-            let key = FlowKey::new(CLIENT.octets(), sport.to_be_bytes(), VIP.octets(), 80u16.to_be_bytes(), 6);
-            assert_eq!(dp.forward_entry(&key).unwrap().backend.addr, chosen.octets());
+            let key = FlowKey::service(CLIENT.octets(), sport.to_be_bytes(), VIP.octets(), 80u16.to_be_bytes(), 6);
+            assert_eq!(dp.ct(&key).unwrap().addr, chosen.octets());
         }
     }
     // Uniform choice: each of 3 backends near 1000 of 3000 (6 sigma ~ 155).
@@ -355,8 +369,8 @@ fn a_missing_backend_slot_drops_with_its_reason() {
     assert_eq!(dp.run(&frame).0, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::DroppedBackendMissing), 1);
     assert_eq!(dp.drops(), 1, "counted under no other reason");
-    let flow = FlowKey::new(CLIENT.octets(), 40009u16.to_be_bytes(), OTHER_VIP.octets(), 80u16.to_be_bytes(), 6);
-    assert_eq!(dp.forward_entry(&flow), None, "no flow is tracked to no backend");
+    let flow = FlowKey::service(CLIENT.octets(), 40009u16.to_be_bytes(), OTHER_VIP.octets(), 80u16.to_be_bytes(), 6);
+    assert_eq!(dp.ct(&flow), None, "no flow is tracked to no backend");
 }
 
 #[test]
@@ -408,6 +422,178 @@ fn traffic_counts_stay_exact_when_every_cpu_counts_at_once() {
     assert_eq!(dp.service_traffic(9), want, "Service traffic over {} CPUs", cpus.len());
     assert_eq!(dp.backend_traffic(9, (OTHER_VIP, 80)), Some(want), "backend traffic over {} CPUs", cpus.len());
     assert_eq!(dp.counter(Counter::Translated), n, "the per-CPU counters agree");
+}
+
+fn service_key(sport: u16, vip: Ipv4Addr, port: u16, proto: u8) -> FlowKey {
+    FlowKey::service(CLIENT.octets(), sport.to_be_bytes(), vip.octets(), port.to_be_bytes(), proto)
+}
+
+#[test]
+fn tcp_and_udp_flows_are_tracked_in_their_own_tables_with_their_state() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let before = monotonic_seconds();
+    dp.run(&tcp_frame((CLIENT, 41000), (VIP, 80), TCP_SYN, b""));
+    let key = service_key(41000, VIP, 80, abi::PROTO_TCP);
+    let reply = key.reply(BACKENDS[0].octets(), 8080u16.to_be_bytes());
+    let fwd = dp.ct(&key).expect("service entry");
+    assert_eq!((fwd.addr, fwd.port, fwd.state), (BACKENDS[0].octets(), 8080u16.to_be_bytes(), 0), "syn sent");
+    assert!((before..=monotonic_seconds()).contains(&fwd.last_seen), "last seen now, on the datapath's clock");
+    assert_eq!(
+        dp.ct(&reply).map(|r| (r.addr, r.port)),
+        Some((VIP.octets(), 80u16.to_be_bytes())),
+        "names the frontend"
+    );
+
+    dp.run(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41000), TCP_SYN | TCP_ACK, b""));
+    assert_eq!(dp.ct(&key).unwrap().state, ct::STATE_REPLIED, "established");
+    assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&key).unwrap().state), ct::TCP_ESTABLISHED_LIFETIME);
+    dp.run(&tcp_frame((CLIENT, 41000), (VIP, 80), TCP_ACK | TCP_FIN, b""));
+    assert_eq!(dp.ct(&key).unwrap().state, ct::STATE_REPLIED | ct::STATE_CLOSING, "closing");
+    assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&reply).unwrap().state), ct::TCP_CLOSING_LIFETIME);
+
+    dp.run(&udp_frame((CLIENT, 41000), (VIP, 53), b"q"));
+    let udp = service_key(41000, VIP, 53, abi::PROTO_UDP);
+    assert_eq!(dp.ct(&udp).map(|e| e.addr), Some(BACKENDS[0].octets()));
+    assert_eq!((dp.ct_entries(ct::CT_TCP), dp.ct_entries(ct::CT_ANY)), (2, 2), "one entry per direction, per table");
+}
+
+/// Points frontend `id`'s Service at a new set (id + 100) holding `backends`.
+fn replace_set(dp: &mut Datapath, vip: Ipv4Addr, port: u16, proto: u8, id: u32, backends: &[Ipv4Addr], target: u16) {
+    let set = id + 100;
+    let mut bes: HashMap<_, BackendKey, Backend> = HashMap::try_from(dp.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
+    for (slot, b) in backends.iter().enumerate() {
+        bes.insert(BackendKey { set, slot: slot as u32 }, Backend::new(b.octets(), target), 0).unwrap();
+    }
+    let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(dp.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
+    let value = ServiceValue { id, backend_set: set, backend_count: backends.len() as u32, ..ServiceValue::MARKER };
+    svcs.insert(ServiceKey::new(vip.octets(), port, proto), value, 0).unwrap();
+}
+
+#[test]
+fn a_retransmitted_syn_keeps_its_backend_while_the_backend_exists() {
+    root_or_skip!();
+    let mut dp = Datapath::new(3);
+    let syn = tcp_frame((CLIENT, 41100), (VIP, 80), TCP_SYN, b"");
+    let first = View(&dp.run(&syn).1).dst();
+    for _ in 0..30 {
+        assert_eq!(View(&dp.run(&syn).1).dst(), first, "a retransmission is the same connection");
+    }
+    // The chosen backend leaves: the next retransmission goes elsewhere.
+    let rest: Vec<Ipv4Addr> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
+    replace_set(&mut dp, VIP, 80, abi::PROTO_TCP, 1, &rest, 8080);
+    let moved = View(&dp.run(&syn).1).dst();
+    assert!(rest.contains(&moved), "{moved} is not among {rest:?}");
+
+    // Once answered, a SYN on the same port is a new connection: tracked afresh.
+    let back = tcp_frame((moved, 8080), (CLIENT, 41100), TCP_SYN | TCP_ACK, b"");
+    assert_eq!(View(&dp.run(&back).1).src(), VIP);
+    assert_eq!(dp.ct(&service_key(41100, VIP, 80, abi::PROTO_TCP)).unwrap().state, ct::STATE_REPLIED);
+    dp.run(&syn);
+    assert_eq!(dp.ct(&service_key(41100, VIP, 80, abi::PROTO_TCP)).unwrap().state, 0, "a new connection");
+}
+
+#[test]
+fn a_client_packet_restores_an_evicted_reply_entry() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.run(&tcp_frame((CLIENT, 41200), (VIP, 80), TCP_SYN, b""));
+    let reply = service_key(41200, VIP, 80, abi::PROTO_TCP).reply(BACKENDS[0].octets(), 8080u16.to_be_bytes());
+    dp.ct_table(abi::PROTO_TCP).remove(&reply).unwrap();
+    let (verdict, out) = dp.run(&tcp_frame((CLIENT, 41200), (VIP, 80), TCP_SYN, b""));
+    assert_eq!((verdict, View(&out).dst()), (TC_ACT_OK, BACKENDS[0]));
+    assert!(dp.ct(&reply).is_some(), "restored");
+    assert_eq!(dp.counter(Counter::ConntrackRestored), 1);
+    let (_, out) = dp.run(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41200), TCP_SYN | TCP_ACK, b""));
+    assert_eq!(View(&out).src(), VIP, "the reply is translated again");
+}
+
+#[test]
+fn a_stale_reply_entry_never_rewrites_another_flow() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    // UDP: the client talks to the backend directly on the tuple an earlier
+    // Service flow used; the backend's answer keeps the backend's address.
+    dp.run(&udp_frame((CLIENT, 41300), (VIP, 53), b"via the Service"));
+    let direct = udp_frame((CLIENT, 41300), (BACKENDS[0], 5353), b"direct");
+    assert_eq!(dp.run(&direct), (TC_ACT_OK, direct.clone()), "not to a Service: untouched");
+    let answer = udp_frame((BACKENDS[0], 5353), (CLIENT, 41300), b"answer");
+    assert_eq!(dp.run(&answer), (TC_ACT_OK, answer.clone()), "the direct flow's reply is not rewritten");
+    assert_eq!(dp.counter(Counter::ConntrackStale), 1);
+
+    // TCP: a direct connection's SYN on an old Service flow's tuple.
+    dp.run(&tcp_frame((CLIENT, 41301), (VIP, 80), TCP_SYN, b""));
+    dp.run(&tcp_frame((CLIENT, 41301), (BACKENDS[0], 8080), TCP_SYN, b""));
+    let synack = tcp_frame((BACKENDS[0], 8080), (CLIENT, 41301), TCP_SYN | TCP_ACK, b"");
+    assert_eq!(dp.run(&synack), (TC_ACT_OK, synack.clone()));
+
+    // A reply entry whose flow expired is not trusted either.
+    dp.run(&udp_frame((CLIENT, 41302), (VIP, 53), b"q"));
+    let key = service_key(41302, VIP, 53, abi::PROTO_UDP);
+    let mut old = dp.ct(&key).unwrap();
+    old.last_seen = monotonic_seconds() - ct::NON_TCP_LIFETIME - 5;
+    dp.ct_table(abi::PROTO_UDP).insert(key, old, 0).unwrap();
+    let late = udp_frame((BACKENDS[0], 5353), (CLIENT, 41302), b"late");
+    assert_eq!(dp.run(&late), (TC_ACT_OK, late.clone()));
+    assert_eq!(dp.counter(Counter::ConntrackStale), 3);
+    assert_eq!(dp.drops(), 0);
+}
+
+#[test]
+fn two_frontends_sharing_a_backend_never_share_a_reply_tuple() {
+    root_or_skip!();
+    let mut dp = Datapath::new(2);
+    dp.service(OTHER_VIP, 80, abi::PROTO_TCP, 9, &BACKENDS[..2], 8080);
+    for sport in 41400..41420u16 {
+        let a = View(&dp.run(&tcp_frame((CLIENT, sport), (VIP, 80), TCP_SYN, b"")).1).dst();
+        let b = View(&dp.run(&tcp_frame((CLIENT, sport), (OTHER_VIP, 80), TCP_SYN, b"")).1).dst();
+        assert_ne!(a, b, "the same client port to both frontends: another backend for the second");
+        let (_, out) = dp.run(&tcp_frame((a, 8080), (CLIENT, sport), TCP_SYN | TCP_ACK, b""));
+        assert_eq!(View(&out).src(), VIP);
+        let (_, out) = dp.run(&tcp_frame((b, 8080), (CLIENT, sport), TCP_SYN | TCP_ACK, b""));
+        assert_eq!(View(&out).src(), OTHER_VIP);
+    }
+    // One backend behind both: the second flow cannot be told apart, so it is dropped and counted.
+    dp.service(EMPTY_VIP, 8080, abi::PROTO_TCP, 10, &BACKENDS[..1], 8080);
+    dp.service(Ipv4Addr::new(10, 96, 0, 50), 8080, abi::PROTO_TCP, 11, &BACKENDS[..1], 8080);
+    assert_eq!(View(&dp.run(&tcp_frame((CLIENT, 41500), (EMPTY_VIP, 8080), TCP_SYN, b"")).1).dst(), BACKENDS[0]);
+    let second = tcp_frame((CLIENT, 41500), (Ipv4Addr::new(10, 96, 0, 50), 8080), TCP_SYN, b"");
+    assert_eq!(dp.run(&second).0, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DroppedConntrackCollision), 1);
+    assert_eq!(dp.drops(), 1);
+}
+
+#[test]
+fn expired_flows_choose_again_and_the_collector_removes_them() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.run(&udp_frame((CLIENT, 41600), (VIP, 53), b"old"));
+    dp.run(&udp_frame((CLIENT, 41601), (VIP, 53), b"live"));
+    let old = service_key(41600, VIP, 53, abi::PROTO_UDP);
+    let live = service_key(41601, VIP, 53, abi::PROTO_UDP);
+    let now = monotonic_seconds();
+    let long_ago = now - ct::NON_TCP_LIFETIME - 5;
+    // An expired flow pinned to a backend that has since left: not followed.
+    let gone = CtEntry::new([10, 244, 9, 9], 5353u16.to_be_bytes(), 2, 0, long_ago);
+    dp.ct_table(abi::PROTO_UDP).insert(old, gone, 0).unwrap();
+    let (_, out) = dp.run(&udp_frame((CLIENT, 41600), (VIP, 53), b"again"));
+    assert_eq!(View(&out).dst(), BACKENDS[0], "chose again");
+    assert!(dp.ct(&old).unwrap().last_seen >= now);
+
+    // The collector removes what expired (both directions) and nothing else.
+    let mut expired = dp.ct(&old).unwrap();
+    expired.last_seen = long_ago;
+    let reply = old.reply(BACKENDS[0].octets(), 5353u16.to_be_bytes());
+    let mut expired_reply = dp.ct(&reply).unwrap();
+    expired_reply.last_seen = long_ago;
+    let mut table = dp.ct_table(abi::PROTO_UDP);
+    table.insert(old, expired, 0).unwrap();
+    table.insert(reply, expired_reply, 0).unwrap();
+    let collected = conntrack_gc::collect(&mut table, monotonic_seconds());
+    assert_eq!((collected.seen, collected.removed), (4, 2));
+    assert_eq!((dp.ct(&old), dp.ct(&reply)), (None, None));
+    assert!(dp.ct(&live).is_some());
 }
 
 /// The CPUs this process may run on.

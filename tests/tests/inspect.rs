@@ -132,6 +132,9 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
         assert_eq!(f["protocol"], "TCP");
         assert!(f["client"].as_str().unwrap().starts_with("10.244.0.100:"), "{f}");
         assert_eq!(f["reply_tracked"], true, "{f}");
+        // Closed connections linger for seconds, not the hours of an established one.
+        assert_eq!(f["state"], "closing", "{f}");
+        assert!(f["expires_in"].as_u64().unwrap() <= 10, "{f}");
         match f["frontend"].as_str().unwrap() {
             "10.96.0.10:80" => {
                 assert!(["10.244.0.11:8080", "10.244.0.12:8080"].contains(&f["backend"].as_str().unwrap()))
@@ -152,8 +155,9 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     let fill = |name: &str| stats["maps"].as_array().unwrap().iter().find(|m| m["map"] == name).cloned().unwrap();
     assert_eq!(fill("SERVICES")["entries"], 5, "3 frontends and 2 VIP markers");
     assert_eq!(fill("BACKENDS")["entries"], 6, "2 + 2 for web, 1 active + 1 terminating for api");
-    assert_eq!(fill("CT_FORWARD")["entries"], connections);
-    assert_eq!(fill("CT_FORWARD")["max_entries"], proxy_common::maps::DEFAULT_CONNTRACK_MAX);
+    assert_eq!(fill("CT_TCP")["entries"], 2 * connections, "a service and a reply entry per connection");
+    assert_eq!(fill("CT_TCP")["max_entries"], 2 * proxy_common::maps::DEFAULT_CONNTRACK_MAX);
+    assert_eq!(fill("CT_ANY")["entries"], 0);
 
     let state = format!("--state-dir={}", kpr::state_dir(&log).display());
     let status = json(&node, &["status", &state]);

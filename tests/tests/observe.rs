@@ -93,13 +93,13 @@ fn metrics_count_the_traffic_sent() {
         })
         .collect();
     assert!(via.iter().all(|v| *v > 0.0) && (packets - via.iter().sum::<f64>()).abs() <= 2.0, "{via:?} of {packets}");
-    // One tracked flow per connection, each way; the maps report their fill.
-    assert_eq!(metric(&text, "kpr_conntrack_entries{direction=\"forward\"}"), Some(connections as f64), "{text}");
-    assert_eq!(metric(&text, "kpr_conntrack_entries{direction=\"reply\"}"), Some(connections as f64));
+    // One tracked flow per connection, an entry each way; the maps report their fill.
+    assert_eq!(metric(&text, "kpr_conntrack_entries{table=\"tcp\"}"), Some(2.0 * connections as f64), "{text}");
+    assert_eq!(metric(&text, "kpr_conntrack_entries{table=\"any\"}"), Some(0.0));
     assert_eq!(metric(&text, "kpr_bpf_map_entries{map=\"SERVICES\"}"), Some(3.0), "2 frontends and the VIP marker");
     assert_eq!(metric(&text, "kpr_bpf_map_capacity{map=\"SERVICES\"}"), Some(131_072.0));
-    let ratio = metric(&text, "kpr_bpf_map_fill_ratio{map=\"CT_FORWARD\"}").unwrap();
-    assert!((ratio - connections as f64 / 262_144.0).abs() < 1e-9, "{ratio}");
+    let ratio = metric(&text, "kpr_bpf_map_fill_ratio{map=\"CT_TCP\"}").unwrap();
+    assert!((ratio - 2.0 * connections as f64 / 524_288.0).abs() < 1e-9, "{ratio}");
     drop(kpr);
 }
 

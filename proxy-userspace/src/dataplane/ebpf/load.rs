@@ -18,6 +18,7 @@ use aya::{
 use proxy_common::maps as abi;
 
 use super::{
+    conntrack_gc::Collector,
     links,
     maps::{AyaMaps, TrafficMaps},
 };
@@ -79,8 +80,9 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
     EbpfLoader::new()
         .map_max_entries(abi::SERVICES, sizes.services)
         .map_max_entries(abi::BACKENDS, sizes.backends)
-        .map_max_entries(abi::CT_FORWARD, sizes.flows)
-        .map_max_entries(abi::CT_REVERSE, sizes.flows)
+        // Two entries per TCP flow; half as many other flows.
+        .map_max_entries(abi::CT_TCP, sizes.flows.saturating_mul(2))
+        .map_max_entries(abi::CT_ANY, sizes.flows)
         .map_max_entries(abi::SOCK_AFFINITY, sizes.flows)
         .map_max_entries(abi::SOCK_REVERSE, sizes.flows)
         .map_max_entries(abi::SERVICE_TRAFFIC, sizes.services)
@@ -98,6 +100,8 @@ pub struct Attached {
     pub maps: AyaMaps,
     /// The same maps through other handles, for observers.
     pub observed: Arc<Maps>,
+    /// Removes expired conntrack entries until dropped.
+    pub collector: Collector,
 }
 
 /// The magic number of a bpf filesystem in `statfs`.
@@ -261,12 +265,18 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     }
     let ids: std::collections::HashMap<&str, u32> =
         abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
-    let observed = Maps::open(|name| {
+    let by_id = |name: &str| {
         let open = |reason: String| crate::inspect::InspectError::Open { map: name.to_string(), reason };
         let id = ids.get(name).ok_or_else(|| open("missing from the eBPF object".into()))?;
         MapData::from_id(*id).map_err(|e| open(format!("by id: {e}")))
-    })
-    .map_err(|e| DataplaneError::Load(e.to_string()))?;
+    };
+    let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
+    let conntrack = [abi::CT_TCP, abi::CT_ANY].into_iter().map(|name| {
+        let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
+        HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(name, e))?).map_err(|e| wrong_type(name, e))
+    });
+    let collector = Collector::spawn(conntrack.collect::<Result<_, _>>()?)
+        .map_err(|e| DataplaneError::Load(format!("starting the conntrack collector: {e}")))?;
     let service_traffic = ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?;
     let traffic = TrafficMaps::new(
         Array::try_from(service_traffic).map_err(|e| wrong_type(abi::SERVICE_TRAFFIC, e))?,
@@ -275,14 +285,13 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     let maps = AyaMaps {
         services: take_hash(&mut ebpf, abi::SERVICES)?,
         backends: take_hash(&mut ebpf, abi::BACKENDS)?,
-        ct_forward: take_hash(&mut ebpf, abi::CT_FORWARD)?,
-        ct_reverse: take_hash(&mut ebpf, abi::CT_REVERSE)?,
+        ct_any: take_hash(&mut ebpf, abi::CT_ANY)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,
         cgroup,
         traffic,
     };
-    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed) })
+    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector })
 }
 
 /// Attaches the (loaded) classifier on ingress of `iface`.

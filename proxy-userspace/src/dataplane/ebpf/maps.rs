@@ -5,9 +5,12 @@
 use std::collections::HashSet;
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use proxy_common::maps::{
-    Backend, BackendKey, BackendTrafficKey, FlowKey, ForwardEntry, PROTO_UDP, ReverseEntry, ServiceKey, ServiceValue,
-    SockKey, Traffic, reply_key,
+use proxy_common::{
+    conntrack::{CtEntry, DIR_SERVICE, FlowKey},
+    maps::{
+        Backend, BackendKey, BackendTrafficKey, ForwardEntry, PROTO_UDP, ReverseEntry, ServiceKey, ServiceValue,
+        SockKey, Traffic,
+    },
 };
 
 /// Why a map write failed.
@@ -63,8 +66,8 @@ fn remove<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -
 pub struct AyaMaps {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub(super) backends: HashMap<MapData, BackendKey, Backend>,
-    pub(super) ct_forward: HashMap<MapData, FlowKey, ForwardEntry>,
-    pub(super) ct_reverse: HashMap<MapData, FlowKey, ReverseEntry>,
+    /// The per-packet path's non-TCP flows (TCP flows are never forgotten).
+    pub(super) ct_any: HashMap<MapData, FlowKey, CtEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
     pub(super) sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
     /// Where the socket hooks serve processes, if they are on.
@@ -98,17 +101,21 @@ impl ServiceMaps for AyaMaps {
     }
 
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
-        let stale: Vec<(FlowKey, Backend)> = self
-            .ct_forward
+        let stale: Vec<(FlowKey, CtEntry)> = self
+            .ct_any
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| v.service_id == service_id && !keep.contains(&(v.backend.addr, v.backend.port)))
-            .map(|(k, v)| (k, v.backend))
+            .filter(|(k, v)| {
+                k.dir == DIR_SERVICE
+                    && k.proto == PROTO_UDP
+                    && v.service_id == service_id
+                    && !keep.contains(&(v.addr, v.port))
+            })
             .collect();
         for (flow, backend) in &stale {
             // Either entry may have been evicted (LRU) meanwhile; gone is gone.
             if let Err(e) =
-                remove(&mut self.ct_forward, flow).and(remove(&mut self.ct_reverse, &reply_key(flow, backend)))
+                remove(&mut self.ct_any, flow).and(remove(&mut self.ct_any, &flow.reply(backend.addr, backend.port)))
             {
                 tracing::debug!(error = %e, "could not forget a UDP flow");
             }

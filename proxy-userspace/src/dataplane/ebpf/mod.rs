@@ -10,6 +10,7 @@
 //! hold, on the real maps and on the fakes the unit tests use.
 
 pub mod cgroup;
+pub mod conntrack_gc;
 pub mod fake;
 pub mod links;
 pub mod load;
@@ -114,6 +115,8 @@ pub struct EbpfDataplane<M = AyaMaps> {
     attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
     refused: BTreeMap<String, u32>,
     observed: Option<Arc<crate::inspect::Maps>>,
+    /// Removes expired conntrack entries while the dataplane lives.
+    _collector: Option<conntrack_gc::Collector>,
     programmed: BTreeMap<FrontendKey, Programmed>,
     /// Frontends per VIP, to keep the VIP marker entry while any remain.
     vip_users: BTreeMap<Ipv4Addr, u32>,
@@ -143,6 +146,7 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.interface_patterns.clone_from(&targets.interfaces);
         dataplane.attached = attached.interfaces;
         dataplane.observed = Some(attached.observed);
+        dataplane._collector = Some(attached.collector);
         Ok(dataplane)
     }
 }
@@ -157,6 +161,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             observed: None,
+            _collector: None,
             programmed: BTreeMap::new(),
             vip_users: BTreeMap::new(),
             service_ids: Ids::new(),

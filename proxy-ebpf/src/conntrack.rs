@@ -1,0 +1,202 @@
+//! Connection tracking for the per-packet path: the maps, lifetimes and
+//! states are in proxy-common's `conntrack`, shared with the agent's
+//! garbage collector.
+//!
+//! A flow has a service entry (client -> frontend, naming the backend) and
+//! a reply entry (backend -> client, naming the frontend). The reply entry
+//! is trusted only while the service entry it leads back to is live and
+//! pins the replying backend: an entry left behind by an earlier flow never
+//! rewrites another one.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use proxy_common::{
+    conntrack::{CtEntry, DIR_REPLY, FlowKey, STATE_CLOSING, expired, is_syn, next_state, syn_opens_new_connection},
+    counters::{Counter, DropReason},
+    maps::{BACKEND_ACTIVE, Backend, PROTO_TCP, ServiceValue},
+};
+
+use crate::{
+    counters::count,
+    lookup::backend_at,
+    maps::{CT_ANY, CT_TCP},
+    parse::Packet,
+};
+
+/// Seconds of CLOCK_MONOTONIC, the clock of [`CtEntry::last_seen`].
+#[inline(always)]
+pub(crate) fn now() -> u32 {
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn table(proto: u8) -> &'static LruHashMap<FlowKey, CtEntry> {
+    if proto == PROTO_TCP { &CT_TCP } else { &CT_ANY }
+}
+
+/// Records a packet on an entry; written only when something changed, so
+/// a busy flow does not dirty the entry's cache line on every packet.
+#[inline(always)]
+fn touch(entry: *mut CtEntry, tcp_flags: u8, reply: bool, now: u32) {
+    let e = unsafe { &mut *entry };
+    let state = next_state(e.state, tcp_flags, reply);
+    if e.state != state {
+        e.state = state;
+    }
+    if e.last_seen != now {
+        e.last_seen = now;
+    }
+}
+
+/// If `pkt` is a backend's reply in a live tracked flow: the frontend it
+/// must appear to come from. A reply entry whose flow is gone or moved on
+/// is removed and counted, and the packet is left alone.
+#[inline(always)]
+pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
+    let ct = table(pkt.proto);
+    let key = FlowKey {
+        src_addr: pkt.src,
+        dst_addr: pkt.dst,
+        src_port: pkt.src_port,
+        dst_port: pkt.dst_port,
+        proto: pkt.proto,
+        dir: DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let rev = ct.get_ptr_mut(key)?;
+    let frontend = unsafe { core::ptr::read(rev) };
+    let live = match ct.get_ptr_mut(key.service_of_reply(frontend.addr, frontend.port)) {
+        Some(fwd) => {
+            let f = unsafe { core::ptr::read(fwd) };
+            let live = f.addr == pkt.src
+                && f.port == pkt.src_port
+                && f.service_id == frontend.service_id
+                && !expired(pkt.proto, &f, now);
+            if live {
+                touch(fwd, pkt.tcp_flags, true, now);
+            }
+            live
+        }
+        None => false,
+    };
+    if !live {
+        // Gone already is as good as removed.
+        let _ = ct.remove(&key);
+        return count(Counter::ConntrackStale, None);
+    }
+    touch(rev, pkt.tcp_flags, true, now);
+    Some(frontend)
+}
+
+/// A packet to no Service: if an earlier translated flow left a reply
+/// entry for the tuple this flow's replies will carry, the client now talks
+/// to that backend directly and the entry would rewrite its replies, so it
+/// goes. Checked on a TCP connection's first SYN and on every other packet
+/// of other protocols (which have no first packet).
+#[inline(always)]
+pub(crate) fn forget_direct(pkt: &Packet) {
+    if pkt.proto == PROTO_TCP && !is_syn(pkt.tcp_flags) {
+        return;
+    }
+    let ct = table(pkt.proto);
+    let key = FlowKey {
+        src_addr: pkt.dst,
+        dst_addr: pkt.src,
+        src_port: pkt.dst_port,
+        dst_port: pkt.src_port,
+        proto: pkt.proto,
+        dir: DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if ct.get_ptr(key).is_some() && ct.remove(&key).is_ok() {
+        count(Counter::ConntrackStale, ());
+    }
+}
+
+/// The backend a live tracked flow of `svc` is pinned to. A SYN keeps it
+/// only while it retransmits the first one and the backend is still in the
+/// set (a SYN after an answer or a close is a new connection on a reused
+/// port, which chooses afresh). A reply entry evicted meanwhile is restored.
+#[inline(always)]
+pub(crate) fn pinned(
+    flow: &FlowKey,
+    svc: &ServiceValue,
+    tcp_flags: u8,
+    now: u32,
+) -> Result<Option<Backend>, DropReason> {
+    let ct = table(flow.proto);
+    let Some(fwd) = ct.get_ptr_mut(*flow) else { return Ok(None) };
+    let entry = unsafe { core::ptr::read(fwd) };
+    if entry.service_id != svc.id || expired(flow.proto, &entry, now) {
+        return Ok(None);
+    }
+    if flow.proto == PROTO_TCP
+        && is_syn(tcp_flags)
+        && (syn_opens_new_connection(entry.state) || !still_chosen(svc, &entry))
+    {
+        return Ok(None);
+    }
+    touch(fwd, tcp_flags, false, now);
+    // Both entries age together (the collector judges each by its own).
+    let reply = flow.reply(entry.addr, entry.port);
+    match ct.get_ptr_mut(reply) {
+        Some(rev) => touch(rev, tcp_flags, false, now),
+        None => {
+            // Evicted: without it the replies would go out with the backend's address.
+            let state = next_state(entry.state, tcp_flags, false);
+            let rev = CtEntry { state, ..CtEntry::new(flow.dst_addr, flow.dst_port, svc.id, 0, now) };
+            ct.insert(reply, rev, 0).map_err(|_| DropReason::ConntrackFailed)?;
+            count(Counter::ConntrackRestored, ());
+        }
+    }
+    Ok(Some(Backend { addr: entry.addr, port: entry.port, state: BACKEND_ACTIVE, _pad: 0 }))
+}
+
+/// Whether the flow's backend still sits, ready, in the slot it was chosen from.
+#[inline(always)]
+fn still_chosen(svc: &ServiceValue, entry: &CtEntry) -> bool {
+    entry.slot < svc.backend_count
+        && backend_at(svc, entry.slot).is_some_and(|b| b.addr == entry.addr && b.port == entry.port)
+}
+
+/// Whether a live flow to another frontend holds the reply tuple `flow`
+/// would have with `backend`.
+#[inline(always)]
+pub(crate) fn claimed(flow: &FlowKey, backend: &Backend, now: u32) -> bool {
+    let ct = table(flow.proto);
+    let reply = flow.reply(backend.addr, backend.port);
+    let Some(held) = ct.get_ptr(reply) else { return false };
+    let held = unsafe { core::ptr::read(held) };
+    if held.addr == flow.dst_addr && held.port == flow.dst_port {
+        // This frontend's own earlier flow on the same tuple: replaced.
+        return false;
+    }
+    let Some(other) = ct.get_ptr(reply.service_of_reply(held.addr, held.port)) else { return false };
+    let other = unsafe { core::ptr::read(other) };
+    other.addr == backend.addr
+        && other.port == backend.port
+        && other.state & STATE_CLOSING == 0
+        && !expired(flow.proto, &other, now)
+}
+
+/// Tracks a new flow pinned to `backend` (in `slot`).
+#[inline(always)]
+pub(crate) fn create(
+    flow: &FlowKey,
+    service_id: u32,
+    slot: u32,
+    backend: &Backend,
+    tcp_flags: u8,
+    now: u32,
+) -> Result<(), DropReason> {
+    let ct = table(flow.proto);
+    let state = next_state(0, tcp_flags, false);
+    let fwd = CtEntry { state, ..CtEntry::new(backend.addr, backend.port, service_id, slot, now) };
+    let rev = CtEntry { state, ..CtEntry::new(flow.dst_addr, flow.dst_port, service_id, 0, now) };
+    // Without its entries the flow's next packet would choose again (another
+    // backend, mid-connection) or its replies would go untranslated, so a
+    // failed insert drops this packet and the client retransmits, as with
+    // Cilium's DROP_CT_CREATE_FAILED. The reply entry goes first: alone it is
+    // never trusted, while a service entry alone would be.
+    ct.insert(flow.reply(backend.addr, backend.port), rev, 0).map_err(|_| DropReason::ConntrackFailed)?;
+    ct.insert(*flow, fwd, 0).map_err(|_| DropReason::ConntrackFailed)
+}
