@@ -69,10 +69,13 @@ pub enum Counter {
     /// reply tuple of a live flow to another frontend sharing the backend
     /// (the same client port to both); the client retries.
     DroppedConntrackCollision,
+    /// ICMP errors about a translated flow (port unreachable, fragmentation
+    /// needed, time exceeded) translated like the flow, quote included.
+    IcmpErrorTranslated,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 24;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -99,6 +102,7 @@ impl Counter {
         Counter::ConntrackStale,
         Counter::ConntrackRestored,
         Counter::DroppedConntrackCollision,
+        Counter::IcmpErrorTranslated,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -128,6 +132,7 @@ impl Counter {
             Counter::ConntrackStale => "conntrack_stale",
             Counter::ConntrackRestored => "conntrack_restored",
             Counter::DroppedConntrackCollision => "dropped_conntrack_collision",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 }

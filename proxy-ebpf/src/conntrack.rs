@@ -66,11 +66,7 @@ pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
     let frontend = unsafe { core::ptr::read(rev) };
     let live = match ct.get_ptr_mut(key.service_of_reply(frontend.addr, frontend.port)) {
         Some(fwd) => {
-            let f = unsafe { core::ptr::read(fwd) };
-            let live = f.addr == pkt.src
-                && f.port == pkt.src_port
-                && f.service_id == frontend.service_id
-                && !expired(pkt.proto, &f, now);
+            let live = pins(unsafe { &*fwd }, &key, &frontend, now);
             if live {
                 touch(fwd, pkt.tcp_flags, true, now);
             }
@@ -85,6 +81,33 @@ pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
     }
     touch(rev, pkt.tcp_flags, true, now);
     Some(frontend)
+}
+
+/// Whether service entry `fwd` is live and pins the backend that reply key
+/// `reply` comes from, for the frontend `rev` names.
+#[inline(always)]
+fn pins(fwd: &CtEntry, reply: &FlowKey, rev: &CtEntry, now: u32) -> bool {
+    fwd.addr == reply.src_addr
+        && fwd.port == reply.src_port
+        && fwd.service_id == rev.service_id
+        && !expired(reply.proto, fwd, now)
+}
+
+/// The frontend a live flow's reply tuple `reply` answers for, without
+/// refreshing anything (an ICMP error about the flow is not traffic of it).
+#[inline(always)]
+pub(crate) fn frontend_of(reply: &FlowKey, now: u32) -> Option<CtEntry> {
+    let ct = table(reply.proto);
+    let rev = unsafe { core::ptr::read(ct.get_ptr(*reply)?) };
+    let fwd = unsafe { core::ptr::read(ct.get_ptr(reply.service_of_reply(rev.addr, rev.port))?) };
+    pins(&fwd, reply, &rev, now).then_some(rev)
+}
+
+/// The backend a live flow's service entry `flow` pins, refreshing nothing.
+#[inline(always)]
+pub(crate) fn backend_of(flow: &FlowKey, now: u32) -> Option<CtEntry> {
+    let fwd = unsafe { core::ptr::read(table(flow.proto).get_ptr(*flow)?) };
+    (!expired(flow.proto, &fwd, now)).then_some(fwd)
 }
 
 /// A packet to no Service: if an earlier translated flow left a reply

@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    conntrack::{CtEntry, FlowKey},
+    conntrack::{CtEntry, DIR_REPLY, FlowKey},
     counters::DropReason,
     maps::{Backend, BackendKey, ServiceKey, ServiceValue},
     select,
@@ -14,7 +14,7 @@ use proxy_common::{
 use crate::{
     conntrack,
     maps::{BACKENDS, SERVICES},
-    parse::Packet,
+    parse::{IcmpError, Packet},
 };
 
 pub(crate) enum Lookup {
@@ -58,6 +58,34 @@ pub(crate) fn choose(svc: &ServiceValue) -> Result<(u32, Backend), DropReason> {
     // old set's slots already freed: the flow is refused, counted, and
     // the client retries.
     backend_at(svc, slot).map(|b| (slot, b)).ok_or(DropReason::BackendMissing)
+}
+
+/// Which way an ICMP error about a tracked flow goes.
+pub(crate) enum IcmpLookup {
+    /// To the client, about a packet it sent to the backend: show the frontend.
+    ToClient(CtEntry),
+    /// To the backend, about a reply the client got from the frontend.
+    ToBackend(CtEntry),
+    Unrelated,
+}
+
+#[inline(always)]
+pub(crate) fn icmp_error(err: &IcmpError) -> IcmpLookup {
+    let q = &err.quoted;
+    let now = conntrack::now();
+    // The quote is client -> backend: the flow's reply tuple, reversed.
+    let reply = FlowKey { dir: DIR_REPLY, ..FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto) };
+    if let Some(frontend) = conntrack::frontend_of(&reply, now) {
+        return IcmpLookup::ToClient(frontend);
+    }
+    // The quote is frontend -> client, and the error is addressed to the frontend.
+    if err.dst == q.src
+        && let Some(backend) =
+            conntrack::backend_of(&FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto), now)
+    {
+        return IcmpLookup::ToBackend(backend);
+    }
+    IcmpLookup::Unrelated
 }
 
 #[inline(always)]

@@ -36,8 +36,8 @@ use proxy_common::counters::{Counter, DropReason};
 
 use crate::{
     counters::{count, count_traffic_via},
-    lookup::{Lookup, is_vip},
-    parse::Parsed,
+    lookup::{IcmpLookup, Lookup, is_vip},
+    parse::{IcmpError, Parsed},
 };
 
 /// What to do with a packet the datapath keeps; drops are `Err(DropReason)`.
@@ -78,6 +78,7 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
 fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match parse::parse(ctx) {
         Parsed::Flow(pkt) => pkt,
+        Parsed::IcmpError(err) => return icmp_error(ctx, &err),
         Parsed::NotIpv4 => return Ok(count(Counter::PassedNotIpv4, Verdict::Pass)),
         Parsed::Malformed => return Ok(count(Counter::PassedMalformed, Verdict::Pass)),
         Parsed::OtherProtocol => return Ok(Verdict::Pass),
@@ -116,6 +117,26 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         }
         Lookup::NoBackend => refuse::refuse(ctx, &pkt),
         Lookup::NotService => Ok(Verdict::Pass),
+    }
+}
+
+/// An ICMP error about a translated flow is translated like the flow's
+/// packets, quote included, and goes where they go; any other passes.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, DropReason> {
+    match lookup::icmp_error(err) {
+        IcmpLookup::ToClient(frontend) => {
+            translate::icmp_to_client(ctx, err, &frontend)?;
+            count(Counter::IcmpErrorTranslated, ());
+            deliver(ctx, err.dst, None)
+        }
+        IcmpLookup::ToBackend(backend) => {
+            let gateway_mac: [u8; 6] = skb::load(ctx, 0)?;
+            translate::icmp_to_backend(ctx, err, &backend)?;
+            count(Counter::IcmpErrorTranslated, ());
+            deliver(ctx, backend.addr, Some(gateway_mac))
+        }
+        IcmpLookup::Unrelated => Ok(Verdict::Pass),
     }
 }
 

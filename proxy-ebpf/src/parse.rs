@@ -6,7 +6,13 @@ use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     ipv4::{self, ETH_HLEN, ETH_P_IP, MIN_HLEN},
     maps::PROTO_TCP,
+    reject::{ICMP_DEST_UNREACH, IPPROTO_ICMP},
 };
+
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Type, code, checksum and the 4 bytes before the quote.
+const ICMP_HLEN: usize = 8;
 
 /// A TCP or UDP packet whose ports could be read.
 pub(crate) struct Packet {
@@ -25,13 +31,67 @@ pub(crate) struct Packet {
     pub tcp_flags: u8,
 }
 
+/// The TCP or UDP packet an ICMP error quotes: its 20-byte IP header and ports.
+pub(crate) struct Quoted {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub proto: u8,
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter
+/// problem) about a TCP or UDP packet.
+pub(crate) struct IcmpError {
+    /// The error's own addresses.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Offsets of the ICMP header and of the quoted IP header in the frame.
+    pub icmp_off: usize,
+    pub quoted_off: usize,
+    pub quoted: Quoted,
+}
+
 pub(crate) enum Parsed {
     Flow(Packet),
+    IcmpError(IcmpError),
     NotIpv4,
     Malformed,
     OtherProtocol,
     Fragment { dst: [u8; 4] },
     Truncated { dst: [u8; 4] },
+}
+
+/// The ICMP error at `icmp_off`, if it is one kpr translates: one quoting
+/// the first fragment of a TCP or UDP packet with a plain 20-byte header,
+/// as every Linux and router quote of a Service flow is.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &ipv4::Ipv4Info, icmp_off: usize) -> Option<IcmpError> {
+    let [kind, _code] = ctx.load::<[u8; 2]>(icmp_off).ok()?;
+    if !matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
+        return None;
+    }
+    let quoted_off = icmp_off + ICMP_HLEN;
+    let hdr = ctx.load::<[u8; MIN_HLEN]>(quoted_off).ok()?;
+    let first_fragment = hdr[6] & 0x1f == 0 && hdr[7] == 0;
+    let proto = hdr[9];
+    if hdr[0] != 0x45 || !first_fragment || ipv4::l4_check_offset(proto).is_none() {
+        return None;
+    }
+    let ports = ctx.load::<[u8; 4]>(quoted_off + MIN_HLEN).ok()?;
+    Some(IcmpError {
+        src: ip.src,
+        dst: ip.dst,
+        icmp_off,
+        quoted_off,
+        quoted: Quoted {
+            src: [hdr[12], hdr[13], hdr[14], hdr[15]],
+            dst: [hdr[16], hdr[17], hdr[18], hdr[19]],
+            src_port: [ports[0], ports[1]],
+            dst_port: [ports[2], ports[3]],
+            proto,
+        },
+    })
 }
 
 #[inline(always)]
@@ -49,6 +109,11 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     let Ok(ip) = ipv4::parse(&hdr, available) else {
         return Parsed::Malformed;
     };
+    // Bounded for the verifier: IHL is at most 15 words.
+    let l4_off = ETH_HLEN + (ip.header_len & 0x3c);
+    if ip.proto == IPPROTO_ICMP && !ip.is_fragment {
+        return icmp_error(ctx, &ip, l4_off).map_or(Parsed::OtherProtocol, Parsed::IcmpError);
+    }
     // Only TCP and UDP have a checksum offset: every other protocol ends here.
     let Some(l4_check_off) = ipv4::l4_check_offset(ip.proto) else {
         return Parsed::OtherProtocol;
@@ -56,8 +121,6 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     if ip.is_fragment {
         return Parsed::Fragment { dst: ip.dst };
     }
-    // Bounded for the verifier: IHL is at most 15 words.
-    let l4_off = ETH_HLEN + (ip.header_len & 0x3c);
     let l4_len = ip.total_len - ip.header_len;
     let min_l4 = if ip.proto == PROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
     if l4_len < min_l4 {

@@ -7,13 +7,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
+    checksum::{update16, update32},
     conntrack::CtEntry,
     counters::DropReason,
-    ipv4::ETH_HLEN,
+    ipv4::{ETH_HLEN, MIN_HLEN},
     maps::{Backend, PROTO_UDP},
 };
 
-use crate::{parse::Packet, skb};
+use crate::{
+    parse::{IcmpError, Packet},
+    skb,
+};
 
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -32,7 +36,7 @@ pub(crate) fn reverse(ctx: &TcContext, pkt: &Packet, frontend: &CtEntry) -> Resu
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one field each of the address and port, old and new")]
 fn rewrite(
     ctx: &TcContext,
     pkt: &Packet,
@@ -60,4 +64,83 @@ fn rewrite(
         skb::store(ctx, pkt.l4_off + port_off_in_l4, &new_port)?;
     }
     Ok(())
+}
+
+/// The quoted IP header's source and destination offsets, from its start.
+const QUOTED_SRC: usize = 12;
+const QUOTED_DST: usize = 16;
+
+/// An ICMP error about a packet the client sent to the backend, on its way
+/// to the client: the quote becomes client -> frontend, so the client's
+/// kernel finds the socket it is about, and an error the backend itself
+/// sent comes from the frontend (one from a router on the way keeps the
+/// router's address).
+#[inline(always)]
+pub(crate) fn icmp_to_client(ctx: &TcContext, err: &IcmpError, frontend: &CtEntry) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    rewrite_quote(ctx, err, QUOTED_DST, q.dst, frontend.addr, 2, q.dst_port, frontend.port)?;
+    if err.src == q.dst {
+        rewrite_outer(ctx, IP_SRC_OFF, err.src, frontend.addr)?;
+    }
+    Ok(())
+}
+
+/// An ICMP error about a reply the client got from the frontend, on its way
+/// to the backend that really sent it.
+#[inline(always)]
+pub(crate) fn icmp_to_backend(ctx: &TcContext, err: &IcmpError, backend: &CtEntry) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    rewrite_quote(ctx, err, QUOTED_SRC, q.src, backend.addr, 0, q.src_port, backend.port)?;
+    rewrite_outer(ctx, IP_DST_OFF, err.dst, backend.addr)
+}
+
+/// ICMP has no pseudo-header: an outer address change touches only the IP checksum.
+#[inline(always)]
+fn rewrite_outer(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), DropReason> {
+    skb::l3_csum_replace(ctx, IP_CHECK_OFF, u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64, 4)?;
+    skb::store(ctx, addr_off, &new)
+}
+
+/// Rewrites an address and a port of the quoted packet, with the quoted IP
+/// checksum, the quoted L4 checksum when the quote holds it (as netfilter
+/// does), and the ICMP checksum over all of it. The quoted IP header's
+/// address and checksum change together, which leaves its sum, and so the
+/// ICMP checksum, unchanged; the port and L4 checksum do not.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one field each of the quote's address and port, old and new")]
+fn rewrite_quote(
+    ctx: &TcContext,
+    err: &IcmpError,
+    addr_field: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_field: usize,
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> Result<(), DropReason> {
+    let ip = err.quoted_off;
+    let l4 = ip + MIN_HLEN;
+    let ip_check = u16::from_be_bytes(skb::load(ctx, ip + 10)?);
+    skb::store(ctx, ip + addr_field, &new_addr)?;
+    skb::store(ctx, ip + 10, &update32(ip_check, old_addr, new_addr).to_be_bytes())?;
+
+    let (old_p, new_p) = (u16::from_be_bytes(old_port), u16::from_be_bytes(new_port));
+    let mut icmp_check = update16(u16::from_be_bytes(skb::load(ctx, err.icmp_off + 2)?), old_p, new_p);
+    skb::store(ctx, l4 + port_field, &new_port)?;
+    let udp = err.quoted.proto == PROTO_UDP;
+    let l4_check_off = l4 + if udp { 6 } else { 16 };
+    // A quote cut before the checksum (only 8 bytes are promised) has none to fix.
+    if let Ok(old) = ctx.load::<[u8; 2]>(l4_check_off) {
+        let old = u16::from_be_bytes(old);
+        // UDP's 0 means "no checksum" and stays 0.
+        if !(udp && old == 0) {
+            let mut new = update16(update32(old, old_addr, new_addr), old_p, new_p);
+            if udp && new == 0 {
+                new = 0xffff;
+            }
+            skb::store(ctx, l4_check_off, &new.to_be_bytes())?;
+            icmp_check = update16(icmp_check, old, new);
+        }
+    }
+    skb::store(ctx, err.icmp_off + 2, &icmp_check.to_be_bytes())
 }

@@ -28,6 +28,9 @@ const PROBE: &str = env!("CARGO_BIN_EXE_kpr-probe");
 const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Backends on every node.
 const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// One backend, on node 1, that listens on no port: its kernel refuses.
+const MUTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const ECONNREFUSED: i32 = 111;
 
 fn run(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
     probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
@@ -49,6 +52,7 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     cluster.add_pod(0, "web-0", 11).unwrap();
     cluster.add_pod(1, "web-1", 11).unwrap();
     cluster.add_pod(2, "web-2", 11).unwrap();
+    cluster.add_pod(1, "mute", 13).unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for (node, pod) in [(0, "web-0"), (1, "web-1"), (2, "web-2")] {
         servers.extend(serve(&cluster.node(node).pod(pod).ns, pod));
@@ -62,6 +66,7 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     write(&manifests, "remote.yaml", &web_service("remote", REMOTE_VIP, &endpoints(&[(1, "web-1")]))).unwrap();
     let spread = [(0, "web-0"), (1, "web-1"), (2, "web-2")];
     write(&manifests, "spread.yaml", &web_service("spread", SPREAD_VIP, &endpoints(&spread))).unwrap();
+    write(&manifests, "mute.yaml", &web_service("mute", MUTE_VIP, &endpoints(&[(1, "mute")]))).unwrap();
 
     let source = format!("--source=dir:{}", manifests.display());
     let agents: Vec<Kpr> = cluster
@@ -86,6 +91,11 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
         assert_eq!(answer(node0, ns, "tcp", SocketAddr::from((REMOTE_VIP, 80))), "web-1");
         assert_eq!(answer(node0, ns, "udp", SocketAddr::from((REMOTE_VIP, 53))), "web-1");
         assert_eq!(answer(node0, ns, "udp-connected", SocketAddr::from((REMOTE_VIP, 53))), "web-1");
+    }
+    // A backend whose port is closed: its kernel's refusal reaches the client.
+    for kind in ["tcp", "udp-connected"] {
+        let refused = run(node0, client, kind, SocketAddr::from((MUTE_VIP, if kind == "tcp" { 80 } else { 53 })));
+        assert_eq!(refused.errno, Some(ECONNREFUSED), "{kind}: {refused:?}");
     }
     // Backends on every node: each is reached.
     let reached: BTreeSet<String> =
@@ -148,6 +158,7 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     cluster.add_pod(0, "client", 100).unwrap();
     cluster.add_pod(1, "web-1", 11).unwrap();
     cluster.add_pod(1, "web-2", 12).unwrap();
+    cluster.add_pod(1, "mute", 13).unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for pod in ["web-1", "web-2"] {
         servers.extend(serve(&cluster.node(1).pod(pod).ns, pod));
@@ -157,6 +168,8 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     write(&manifests, "remote.yaml", &web_service("remote", REMOTE_VIP, &endpoints)).unwrap();
+    let mute = [("mute", cluster.node(1).pod("mute").ip)];
+    write(&manifests, "mute.yaml", &web_service("mute", MUTE_VIP, &mute)).unwrap();
     // Replies from the other node arrive on the uplink, or on the overlay's device.
     let devices = if shape == Shape::Vxlan { "--devices=eth0,flannel.1" } else { "--devices=eth0" };
     let _agents: Vec<Kpr> = cluster
@@ -183,6 +196,26 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     assert_eq!(reached, ["web-1", "web-2"].map(String::from).into(), "both backends on the other node answer");
     let (reply, from) = client.run(move || udp_request(udp, Duration::from_secs(2))).unwrap().unwrap();
     assert!(["web-1", "web-2"].contains(&reply.as_str()) && from == udp, "{reply} from {from}");
+
+    // The backend's port is closed: its ICMP port unreachable, translated
+    // quote and all on the uplink, reaches the client's connected socket.
+    let mute = SocketAddr::from((MUTE_VIP, 53));
+    let refusal = client.run(move || connected_udp_error(mute)).unwrap();
+    assert_eq!(refusal, Some(ECONNREFUSED), "the refusal reached the client");
+    if mode == Mode::Ebpf {
+        let node0 = cluster.node(0);
+        let stats = kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
+        assert!(stats["icmp_error_translated"].as_u64().unwrap() >= 1, "{stats:#}");
+    }
+}
+
+/// The errno a connected UDP socket's `recv` fails with after one datagram to `addr`.
+fn connected_udp_error(addr: SocketAddr) -> Option<i32> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    socket.connect(addr).unwrap();
+    socket.send(b"anyone?").unwrap();
+    socket.recv(&mut [0u8; 64]).err().and_then(|e| e.raw_os_error())
 }
 
 fn host_gw(mode: Mode) {

@@ -596,6 +596,67 @@ fn expired_flows_choose_again_and_the_collector_removes_them() {
     assert!(dp.ct(&live).is_some());
 }
 
+/// An ICMP error of `kind` and `code` from `src` to `dst` quoting `quote`
+/// (an IP packet), with its checksum.
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(quote);
+    let check = proxy_common::checksum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    ethernet(0x0800, &Ip::new(src, dst, 1).packet(&icmp))
+}
+
+/// The IP packet of an Ethernet frame.
+fn ip_packet(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+
+#[test]
+fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    // The backend's port is closed: its kernel answers the translated datagram.
+    let sent = udp_frame((CLIENT, 41700), (VIP, 53), b"query");
+    let (_, translated) = dp.run(&sent);
+    let error = icmp_error(BACKENDS[0], CLIENT, 3, 3, ip_packet(&translated));
+    let (verdict, out) = dp.run(&error);
+    assert_ne!(verdict, TC_ACT_SHOT);
+    let v = View(&out);
+    assert_eq!((v.src(), v.dst()), (VIP, CLIENT), "the error comes from the frontend");
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok(), "IP and ICMP checksums");
+    assert_eq!(&v.l4()[8..], ip_packet(&sent), "the quote is what the client sent, checksums included");
+
+    // A router's "fragmentation needed" about a TCP segment, quoting only
+    // the first 8 bytes of its header: the router keeps its address.
+    let router = Ipv4Addr::new(10, 244, 0, 1);
+    let syn = tcp_frame((CLIENT, 41701), (VIP, 80), TCP_SYN, b"");
+    let (_, translated) = dp.run(&syn);
+    let error = icmp_error(router, CLIENT, 3, 4, &ip_packet(&translated)[..28]);
+    let (_, out) = dp.run(&error);
+    let v = View(&out);
+    assert_eq!((v.src(), v.dst()), (router, CLIENT));
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_eq!(&v.l4()[8..], &ip_packet(&syn)[..28]);
+
+    // The client's error about a reply it got from the frontend goes to the backend that sent it.
+    let reply = udp_frame((BACKENDS[0], 5353), (CLIENT, 41700), b"answer");
+    let (_, shown) = dp.run(&reply);
+    let error = icmp_error(CLIENT, VIP, 3, 3, ip_packet(&shown));
+    let (_, out) = dp.run(&error);
+    let v = View(&out);
+    assert_eq!((v.src(), v.dst()), (CLIENT, BACKENDS[0]));
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_eq!(&v.l4()[8..], ip_packet(&reply), "the quote is what the backend sent");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 3);
+
+    // An error about a flow kpr never translated passes untouched.
+    let unrelated =
+        icmp_error(BACKENDS[0], CLIENT, 3, 3, ip_packet(&udp_frame((CLIENT, 41799), (BACKENDS[0], 5353), b"q")));
+    assert_eq!(dp.run(&unrelated), (TC_ACT_OK, unrelated.clone()));
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 3);
+    assert_eq!(dp.drops(), 0);
+}
+
 /// The CPUs this process may run on.
 fn allowed_cpus() -> Vec<usize> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
