@@ -18,15 +18,16 @@ pub enum Counter {
     /// Packets to a Service without endpoints that could not be answered
     /// (IP options, a TCP reset) and were dropped.
     DroppedNoBackend,
-    /// Fragments addressed to a Service VIP: dropped, since only the first
-    /// fragment carries ports and translating it alone would split the datagram.
+    /// Later fragments addressed to a Service VIP whose first fragment was
+    /// not seen (out of order, or its flow gone): dropped, since only the
+    /// first fragment carries the ports that say where the datagram goes.
     DroppedFragment,
     /// Packets to a Service VIP too short to hold their L4 header: dropped.
     DroppedTruncated,
     /// Malformed IPv4 headers (bad version/IHL, truncated): passed to the
     /// kernel untouched, which drops them itself.
     PassedMalformed,
-    /// Fragments not addressed to a Service: passed untouched.
+    /// Later fragments of datagrams kpr did not translate: passed untouched.
     PassedFragment,
     /// Non-IPv4 frames: passed untouched.
     PassedNotIpv4,

@@ -17,8 +17,26 @@ pub struct Ipv4Info {
     pub proto: u8,
     pub src: [u8; 4],
     pub dst: [u8; 4],
-    /// More-fragments set or a non-zero offset.
-    pub is_fragment: bool,
+    pub fragment: Fragment,
+    /// The identification field, which the fragments of one datagram share.
+    pub id: [u8; 2],
+}
+
+/// Which part of a datagram a packet is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment (offset 0, more to come): it carries the L4 header.
+    First,
+    /// A later fragment: payload only, no ports.
+    Later,
+}
+
+impl Ipv4Info {
+    pub const fn is_fragment(&self) -> bool {
+        !matches!(self.fragment, Fragment::Whole)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +72,12 @@ pub fn parse(h: &[u8; MIN_HLEN], available: usize) -> Result<Ipv4Info, HeaderErr
         proto: h[9],
         src: [h[12], h[13], h[14], h[15]],
         dst: [h[16], h[17], h[18], h[19]],
-        is_fragment: more_fragments || offset != 0,
+        fragment: match (more_fragments, offset) {
+            (false, 0) => Fragment::Whole,
+            (true, 0) => Fragment::First,
+            _ => Fragment::Later,
+        },
+        id: [h[4], h[5]],
     })
 }
 
@@ -88,7 +111,7 @@ mod tests {
         let i = parse(&hdr(0x45, 40, 0x4000), 40).unwrap();
         assert_eq!(i.header_len, 20);
         assert_eq!(i.total_len, 40);
-        assert!(!i.is_fragment, "DF alone is not a fragment");
+        assert_eq!(i.fragment, Fragment::Whole, "DF alone is not a fragment");
         assert_eq!(i.dst, [10, 96, 0, 1]);
     }
 
@@ -100,8 +123,10 @@ mod tests {
 
     #[test]
     fn fragments_are_recognised() {
-        assert!(parse(&hdr(0x45, 40, 0x2000), 40).unwrap().is_fragment);
-        assert!(parse(&hdr(0x45, 40, 0x0001), 40).unwrap().is_fragment);
+        assert_eq!(parse(&hdr(0x45, 40, 0x2000), 40).unwrap().fragment, Fragment::First);
+        assert_eq!(parse(&hdr(0x45, 40, 0x2001), 40).unwrap().fragment, Fragment::Later);
+        assert_eq!(parse(&hdr(0x45, 40, 0x0001), 40).unwrap().fragment, Fragment::Later, "the last one");
+        assert!(parse(&hdr(0x45, 40, 0x0001), 40).unwrap().is_fragment());
     }
 
     #[test]

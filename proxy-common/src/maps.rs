@@ -40,14 +40,20 @@ pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 /// show instead of the backend (LRU, sized like conntrack).
 pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 
+/// The ports of a fragmented datagram, learned from its first fragment
+/// (the only one holding the L4 header), so its later fragments are
+/// translated like it (LRU, as Cilium's IPV4_FRAGMENTS).
+pub const FRAGMENTS: &str = "FRAGMENTS";
+
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     SERVICES,
     BACKENDS,
     CT_TCP,
     CT_ANY,
     SOCK_AFFINITY,
     SOCK_REVERSE,
+    FRAGMENTS,
     NEIGHBORS,
     COUNTERS,
     SERVICE_TRAFFIC,
@@ -63,6 +69,9 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 /// two entries per flow (one per direction), [`CT_ANY`] half as many flows.
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_NEIGHBORS_MAX: u32 = 65_536;
+/// Datagrams in flight in pieces at once: fragments are rare on pod
+/// networks, and an entry is needed only until the last piece passed.
+pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -213,6 +222,25 @@ impl BackendTrafficKey {
     }
 }
 
+/// Key of [`FRAGMENTS`]: what the fragments of one datagram share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`FRAGMENTS`]: the datagram's source and destination ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+}
+
 /// Value of [`NEIGHBORS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,6 +284,8 @@ mod pod {
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendTrafficKey {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }
 
 #[cfg(test)]
@@ -279,6 +309,8 @@ mod tests {
         assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
         assert_eq!(size_of::<Neighbor>(), 12);
         assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<FragmentPorts>(), 4);
     }
 
     #[test]

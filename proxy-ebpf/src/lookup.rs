@@ -7,6 +7,7 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     conntrack::{CtEntry, DIR_REPLY, FlowKey},
     counters::DropReason,
+    ipv4::Fragment,
     maps::{Backend, BackendKey, ServiceKey, ServiceValue},
     select,
 };
@@ -95,15 +96,22 @@ pub(crate) fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
         return Ok(Lookup::Reply(frontend));
     }
 
+    let later_fragment = pkt.fragment == Fragment::Later;
     let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
     let Some(svc) = service(&key) else {
-        conntrack::forget_direct(pkt);
+        if !later_fragment {
+            conntrack::forget_direct(pkt);
+        }
         return Ok(Lookup::NotService);
     };
 
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
     if let Some(backend) = conntrack::pinned(&flow, &svc, pkt.tcp_flags, now)? {
         return Ok(Lookup::ToBackend(backend, svc.id));
+    }
+    // The rest of a datagram whose flow is gone: nothing to answer with, nothing to start.
+    if later_fragment {
+        return Err(DropReason::Fragment);
     }
 
     if svc.backend_count == 0 {

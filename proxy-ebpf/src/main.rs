@@ -4,7 +4,8 @@
 //! packet and replies back.
 //!
 //! One step per module: `parse` (headers and what they say), `lookup`
-//! (services and backend choice), `conntrack` (tracked flows), `translate` (NAT and checksums), `refuse`
+//! (services and backend choice), `conntrack` (tracked flows), `fragments`
+//! (the ports of fragmented datagrams), `translate` (NAT and checksums), `refuse`
 //! (answers for Services without endpoints), `skb` (packet access). Steps
 //! return a [`DropReason`] as their error; this file holds only the thin
 //! program wrapper, which counts every drop under its reason before
@@ -18,6 +19,7 @@
 
 mod conntrack;
 mod counters;
+mod fragments;
 mod lookup;
 mod maps;
 mod neighbor;
@@ -32,7 +34,10 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::counters::{Counter, DropReason};
+use proxy_common::{
+    counters::{Counter, DropReason},
+    ipv4::Fragment,
+};
 
 use crate::{
     counters::{count, count_traffic_via},
@@ -101,6 +106,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     match lookup::lookup(&pkt)? {
         Lookup::Reply(rev) => {
             translate::reverse(ctx, &pkt, &rev)?;
+            if pkt.fragment == Fragment::First {
+                fragments::remember(&pkt);
+            }
             count(Counter::ReverseTranslated, ());
             count_traffic_via(rev.service_id, pkt.src, pkt.src_port, ctx.len());
             deliver(ctx, pkt.dst, None)
@@ -111,6 +119,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
             // rewriting, so a failure leaves the packet whole.
             let gateway_mac: [u8; 6] = skb::load(ctx, 0)?;
             translate::forward(ctx, &pkt, &backend)?;
+            if pkt.fragment == Fragment::First {
+                fragments::remember(&pkt);
+            }
             count(Counter::Translated, ());
             count_traffic_via(service_id, backend.addr, backend.port, ctx.len());
             deliver(ctx, backend.addr, Some(gateway_mac))

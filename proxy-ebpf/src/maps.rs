@@ -10,8 +10,9 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_NEIGHBORS_MAX,
-        DEFAULT_SERVICES_MAX, ForwardEntry, Neighbor, ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic,
+        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGMENTS_MAX,
+        DEFAULT_NEIGHBORS_MAX, DEFAULT_SERVICES_MAX, ForwardEntry, FragmentKey, FragmentPorts, Neighbor, ReverseEntry,
+        ServiceKey, ServiceValue, SockKey, Traffic,
     },
 };
 
@@ -41,6 +42,10 @@ pub(crate) static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFA
 #[map]
 pub(crate) static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
     LruHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+
+#[map]
+pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGMENTS_MAX, 0);
 
 #[map]
 pub(crate) static SOCK_AFFINITY: LruHashMap<SockKey, ForwardEntry> =

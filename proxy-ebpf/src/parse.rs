@@ -4,10 +4,12 @@
 use aya_ebpf::programs::TcContext;
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
-    ipv4::{self, ETH_HLEN, ETH_P_IP, MIN_HLEN},
+    ipv4::{self, ETH_HLEN, ETH_P_IP, Fragment, MIN_HLEN},
     maps::PROTO_TCP,
     reject::{ICMP_DEST_UNREACH, IPPROTO_ICMP},
 };
+
+use crate::fragments;
 
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
@@ -27,8 +29,13 @@ pub(crate) struct Packet {
     pub l4_len: usize,
     /// Offset of the L4 checksum from the start of the L4 header.
     pub l4_check_off: usize,
-    /// TCP flags; 0 for UDP.
+    /// TCP flags; 0 for UDP and for later fragments.
     pub tcp_flags: u8,
+    /// A later fragment carries no L4 header: its ports come from its
+    /// first fragment, and only its addresses are rewritten.
+    pub fragment: Fragment,
+    /// The IP id, shared by a datagram's fragments.
+    pub id: [u8; 2],
 }
 
 /// The TCP or UDP packet an ICMP error quotes: its 20-byte IP header and ports.
@@ -111,15 +118,30 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     };
     // Bounded for the verifier: IHL is at most 15 words.
     let l4_off = ETH_HLEN + (ip.header_len & 0x3c);
-    if ip.proto == IPPROTO_ICMP && !ip.is_fragment {
+    if ip.proto == IPPROTO_ICMP && !ip.is_fragment() {
         return icmp_error(ctx, &ip, l4_off).map_or(Parsed::OtherProtocol, Parsed::IcmpError);
     }
     // Only TCP and UDP have a checksum offset: every other protocol ends here.
     let Some(l4_check_off) = ipv4::l4_check_offset(ip.proto) else {
         return Parsed::OtherProtocol;
     };
-    if ip.is_fragment {
-        return Parsed::Fragment { dst: ip.dst };
+    if ip.fragment == Fragment::Later {
+        let Some(ports) = fragments::ports(ip.src, ip.dst, ip.id, ip.proto) else {
+            return Parsed::Fragment { dst: ip.dst };
+        };
+        return Parsed::Flow(Packet {
+            src: ip.src,
+            dst: ip.dst,
+            src_port: ports.src_port,
+            dst_port: ports.dst_port,
+            proto: ip.proto,
+            l4_off,
+            l4_len: ip.total_len - ip.header_len,
+            l4_check_off,
+            tcp_flags: 0,
+            fragment: Fragment::Later,
+            id: ip.id,
+        });
     }
     let l4_len = ip.total_len - ip.header_len;
     let min_l4 = if ip.proto == PROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
@@ -147,5 +169,7 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
         l4_len,
         l4_check_off,
         tcp_flags,
+        fragment: ip.fragment,
+        id: ip.id,
     })
 }

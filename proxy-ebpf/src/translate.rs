@@ -10,7 +10,7 @@ use proxy_common::{
     checksum::{update16, update32},
     conntrack::CtEntry,
     counters::DropReason,
-    ipv4::{ETH_HLEN, MIN_HLEN},
+    ipv4::{ETH_HLEN, Fragment, MIN_HLEN},
     maps::{Backend, PROTO_UDP},
 };
 
@@ -51,11 +51,19 @@ fn rewrite(
     // A UDP checksum of 0 means "none" and must stay 0.
     let mangled = if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
 
+    // A later fragment holds no L4 header: the datagram's checksum and
+    // ports were rewritten in its first fragment.
+    let whole_l4 = pkt.fragment != Fragment::Later;
     let (old_a, new_a) = (u32::from_ne_bytes(old_addr) as u64, u32::from_ne_bytes(new_addr) as u64);
     if old_a != new_a {
-        skb::l4_csum_replace(ctx, check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+        if whole_l4 {
+            skb::l4_csum_replace(ctx, check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+        }
         skb::l3_csum_replace(ctx, IP_CHECK_OFF, old_a, new_a, 4)?;
         skb::store(ctx, addr_off, &new_addr)?;
+    }
+    if !whole_l4 {
+        return Ok(());
     }
 
     let (old_p, new_p) = (u16::from_ne_bytes(old_port) as u64, u16::from_ne_bytes(new_port) as u64);

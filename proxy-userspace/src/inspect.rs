@@ -14,8 +14,8 @@ use proxy_common::{
     conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
     maps::{
-        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, Neighbor, PROTO_TCP, ReverseEntry,
-        ServiceKey, ServiceValue, SockKey, Traffic, kind,
+        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FragmentKey, FragmentPorts, Neighbor,
+        PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic, kind,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -126,6 +126,7 @@ pub struct Maps {
     ct_any: HashMap<MapData, FlowKey, CtEntry>,
     sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
     neighbors: HashMap<MapData, [u8; 4], Neighbor>,
+    fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     /// Per-CPU: summed when read.
     counters: PerCpuArray<MapData, u64>,
     /// Shared by all CPUs (atomic adds): read as they are.
@@ -184,6 +185,7 @@ impl Maps {
             ct_any: hash(get(abi::CT_ANY)?, abi::CT_ANY)?,
             sock_reverse: hash(get(abi::SOCK_REVERSE)?, abi::SOCK_REVERSE)?,
             neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
+            fragments: hash(get(abi::FRAGMENTS)?, abi::FRAGMENTS)?,
             counters: PerCpuArray::try_from(get(abi::COUNTERS)?).map_err(wrong_type(abi::COUNTERS))?,
             service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?).map_err(wrong_type(abi::SERVICE_TRAFFIC))?,
             backend_traffic: hash(get(abi::BACKEND_TRAFFIC)?, abi::BACKEND_TRAFFIC)?,
@@ -303,6 +305,7 @@ impl Maps {
             fill(abi::CT_TCP, &self.ct_tcp),
             fill(abi::CT_ANY, &self.ct_any),
             fill(abi::NEIGHBORS, &self.neighbors),
+            fill(abi::FRAGMENTS, &self.fragments),
             fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
         ]
         .into_iter()

@@ -66,6 +66,17 @@ pub fn tcp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
 
 /// Serves UDP on 0.0.0.0:`port` in `ns`; each datagram is answered with `reply`.
 pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
+    udp_server(ns, port, reply, false)
+}
+
+/// A UDP server on `port` in `ns` answering every datagram with `reply`
+/// followed by the datagram itself: large requests get large answers
+/// (fragmented on the way, both ways).
+pub fn udp_echo(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
+    udp_server(ns, port, reply, true)
+}
+
+fn udp_server(ns: &Netns, port: u16, reply: &str, echo: bool) -> anyhow::Result<Server> {
     let socket = ns.run(move || UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
     let socket = Arc::new(socket);
@@ -74,11 +85,12 @@ pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     let thread = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         while !stopped.load(Ordering::Relaxed) {
             match s.recv_from(&mut buf) {
-                Ok((_, peer)) => {
-                    s.send_to(&reply, peer).ok();
+                Ok((n, peer)) => {
+                    let answer = if echo { [&reply[..], &buf[..n]].concat() } else { reply.clone() };
+                    s.send_to(&answer, peer).ok();
                 }
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(_) => break,

@@ -31,6 +31,8 @@ const SPREAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// One backend, on node 1, that listens on no port: its kernel refuses.
 const MUTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const ECONNREFUSED: i32 = 111;
+/// One backend, on node 1, echoing large UDP datagrams.
+const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 
 fn run(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
     probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
@@ -159,10 +161,12 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     cluster.add_pod(1, "web-1", 11).unwrap();
     cluster.add_pod(1, "web-2", 12).unwrap();
     cluster.add_pod(1, "mute", 13).unwrap();
+    cluster.add_pod(1, "echo", 14).unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for pod in ["web-1", "web-2"] {
         servers.extend(serve(&cluster.node(1).pod(pod).ns, pod));
     }
+    servers.push(servers::udp_echo(&cluster.node(1).pod("echo").ns, 5353, "echo:").unwrap());
     let endpoints: Vec<_> = ["web-1", "web-2"].map(|p| (p, cluster.node(1).pod(p).ip)).into();
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
@@ -170,6 +174,8 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     write(&manifests, "remote.yaml", &web_service("remote", REMOTE_VIP, &endpoints)).unwrap();
     let mute = [("mute", cluster.node(1).pod("mute").ip)];
     write(&manifests, "mute.yaml", &web_service("mute", MUTE_VIP, &mute)).unwrap();
+    let echo = [("echo", cluster.node(1).pod("echo").ip)];
+    write(&manifests, "echo.yaml", &web_service("echo", ECHO_VIP, &echo)).unwrap();
     // Replies from the other node arrive on the uplink, or on the overlay's device.
     let devices = if shape == Shape::Vxlan { "--devices=eth0,flannel.1" } else { "--devices=eth0" };
     let _agents: Vec<Kpr> = cluster
@@ -202,11 +208,32 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     let mute = SocketAddr::from((MUTE_VIP, 53));
     let refusal = client.run(move || connected_udp_error(mute)).unwrap();
     assert_eq!(refusal, Some(ECONNREFUSED), "the refusal reached the client");
+
+    // A datagram larger than the MTU travels in fragments both ways.
+    let echo = SocketAddr::from((ECHO_VIP, 53));
+    let big: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let sent = big.clone();
+    let (answer, from) = client.run(move || connected_udp_exchange(echo, &sent)).unwrap().unwrap();
+    // A connected socket takes datagrams from its peer (the VIP) alone.
+    assert_eq!(from, echo);
+    assert_eq!(answer, [&b"echo:"[..], &big].concat(), "the whole datagram, both ways");
     if mode == Mode::Ebpf {
         let node0 = cluster.node(0);
         let stats = kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
         assert!(stats["icmp_error_translated"].as_u64().unwrap() >= 1, "{stats:#}");
     }
+}
+
+/// One request and its answer on a UDP socket connected to `addr`.
+fn connected_udp_exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.connect(addr)?;
+    socket.send(request)?;
+    let mut buf = vec![0u8; 65536];
+    let n = socket.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok((buf, socket.peer_addr()?))
 }
 
 /// The errno a connected UDP socket's `recv` fails with after one datagram to `addr`.

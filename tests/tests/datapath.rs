@@ -221,22 +221,58 @@ fn ip_options_are_respected() {
     assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
 }
 
+/// `datagram` (an L4 header and payload from `src` to `dst`) in two
+/// fragments, split after `first` bytes (a multiple of 8).
+fn fragmented(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8], first: usize) -> [Vec<u8>; 2] {
+    let mut ip = Ip::new(src, dst, 17);
+    ip.frag = 0x2000;
+    let head = ethernet(0x0800, &ip.packet(&datagram[..first]));
+    ip.frag = (first / 8) as u16;
+    [head, ethernet(0x0800, &ip.packet(&datagram[first..]))]
+}
+
+/// Whether the UDP checksum of the datagram reassembled from `pieces` holds.
+fn reassembled_checksum_ok(pieces: &[Vec<u8>]) -> bool {
+    let (v, l4): (View, Vec<u8>) = (View(&pieces[0]), pieces.iter().flat_map(|p| View(p).l4().to_vec()).collect());
+    let sum = proxy_common::checksum::pseudo_header_sum(v.src().octets(), v.dst().octets(), 17, l4.len() as u16);
+    proxy_common::checksum::fold(proxy_common::checksum::add_bytes(sum, &l4)) == 0xffff
+}
+
 #[test]
-fn fragments_to_a_vip_are_dropped_and_others_pass() {
+fn fragmented_datagrams_are_translated_whole_and_strays_are_dropped() {
     root_or_skip!();
     let dp = Datapath::new(1);
-    for frag in [0x2000u16, 0x0010] {
-        let mut ip = Ip::new(CLIENT, VIP, 17);
-        ip.frag = frag;
-        let frame = ethernet(0x0800, &ip.packet(&packet::udp_datagram(&ip, 5000, 53, b"part", true)));
-        assert_eq!(dp.run(&frame).0, TC_ACT_SHOT, "fragment {frag:#x} to a VIP");
-        ip.dst = BACKENDS[1];
-        let frame = ethernet(0x0800, &ip.packet(&packet::udp_datagram(&ip, 5000, 53, b"part", true)));
-        assert_eq!(dp.run(&frame), (TC_ACT_OK, frame.clone()), "fragment {frag:#x} elsewhere");
+    let payload: Vec<u8> = (0..40u8).collect();
+    let ip = Ip::new(CLIENT, VIP, 17);
+    let request = packet::udp_datagram(&ip, 41800, 53, &payload, true);
+    let pieces = fragmented(CLIENT, VIP, &request, 24);
+    let out: Vec<Vec<u8>> = pieces.iter().map(|f| dp.run(f).1).collect();
+    for o in &out {
+        assert_eq!(View(o).dst(), BACKENDS[0], "every piece goes to the backend");
+        assert!(View(o).ip_checksum_ok());
     }
-    assert_eq!(dp.counter(Counter::DroppedFragment), 2);
-    assert_eq!(dp.counter(Counter::PassedFragment), 2);
-    assert_eq!(dp.drops(), 2, "each drop counted under one reason");
+    assert_eq!(View(&out[0]).dport(), 5353);
+    assert_eq!(View(&out[1]).l4(), View(&pieces[1]).l4(), "a later piece's payload is untouched");
+    assert!(reassembled_checksum_ok(&out), "the datagram's checksum holds for its new addresses");
+
+    // The backend's answer, in pieces: each comes from the frontend.
+    let ip = Ip::new(BACKENDS[0], CLIENT, 17);
+    let answer = packet::udp_datagram(&ip, 5353, 41800, &payload, true);
+    let out: Vec<Vec<u8>> = fragmented(BACKENDS[0], CLIENT, &answer, 16).iter().map(|f| dp.run(f).1).collect();
+    assert!(out.iter().all(|o| View(o).src() == VIP && View(o).ip_checksum_ok()));
+    assert_eq!(View(&out[0]).sport(), 53);
+    assert!(reassembled_checksum_ok(&out));
+
+    // A later piece whose first never passed: to a VIP it cannot be placed
+    // and is dropped; elsewhere it passes.
+    let stray = Ipv4Addr::new(10, 244, 0, 101);
+    let [_, later] = fragmented(stray, VIP, &request, 24);
+    assert_eq!(dp.run(&later).0, TC_ACT_SHOT);
+    let [_, elsewhere] = fragmented(stray, BACKENDS[1], &request, 24);
+    assert_eq!(dp.run(&elsewhere), (TC_ACT_OK, elsewhere.clone()));
+    assert_eq!(dp.counter(Counter::DroppedFragment), 1);
+    assert_eq!(dp.counter(Counter::PassedFragment), 1);
+    assert_eq!(dp.drops(), 1, "each drop counted under one reason");
 }
 
 #[test]
@@ -782,7 +818,10 @@ fn may_be_rewritten(f: &[u8]) -> bool {
     let to_frontend =
         [VIP, EMPTY_VIP].contains(&dst) && matches!((ip[9], ports), (6, Some((_, 80))) | (17, Some((_, 53))));
     let from_backend = BACKENDS.contains(&src) && (matches!(ports, Some((8080 | 5353, _))) || ip[9] == 1);
-    ip[0] >> 4 == 4 && (to_frontend || from_backend)
+    // A later fragment of a datagram whose first fragment was translated: its ports are elsewhere.
+    let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
+    let translatable_piece = later_fragment && ([VIP, EMPTY_VIP].contains(&dst) || BACKENDS.contains(&src));
+    ip[0] >> 4 == 4 && (to_frontend || from_backend || translatable_piece)
 }
 
 #[test]
