@@ -33,8 +33,6 @@ pub enum Counter {
     PassedNotIpv4,
     /// A flow's backend slot vanished between lookups: dropped, the client retries.
     DroppedBackendMissing,
-    /// Translated packets sent straight to the destination pod's interface.
-    Redirected,
     /// Reading the packet through the kernel's helper failed: dropped.
     DroppedLoadFailed,
     /// Writing a rewritten header into the packet failed: dropped, since it
@@ -76,7 +74,7 @@ pub enum Counter {
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 23;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -90,7 +88,6 @@ impl Counter {
         Counter::PassedFragment,
         Counter::PassedNotIpv4,
         Counter::DroppedBackendMissing,
-        Counter::Redirected,
         Counter::DroppedLoadFailed,
         Counter::DroppedStoreFailed,
         Counter::DroppedChecksumFailed,
@@ -120,7 +117,6 @@ impl Counter {
             Counter::PassedFragment => "passed_fragment",
             Counter::PassedNotIpv4 => "passed_not_ipv4",
             Counter::DroppedBackendMissing => "dropped_backend_missing",
-            Counter::Redirected => "redirected",
             Counter::DroppedLoadFailed => "dropped_load_failed",
             Counter::DroppedStoreFailed => "dropped_store_failed",
             Counter::DroppedChecksumFailed => "dropped_checksum_failed",

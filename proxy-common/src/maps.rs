@@ -17,11 +17,6 @@ pub use crate::conntrack::{CT_ANY, CT_TCP};
 /// only per-CPU map: sized by capacity, per-CPU maps would grow by megabytes
 /// with every CPU.
 pub const COUNTERS: &str = "COUNTERS";
-/// Pod address -> the interface and MAC it was last seen sending from
-/// (learned, LRU). Translated packets to a known pod are redirected straight
-/// to its interface, so the host's routing, bridge and conntrack never see
-/// half of a translated flow.
-pub const NEIGHBORS: &str = "NEIGHBORS";
 /// Packets and bytes per service id (both directions), sized like the
 /// service map. One value shared by all CPUs, updated with atomic adds: a
 /// per-CPU array of this size would cost 2 MiB more for every CPU.
@@ -46,7 +41,7 @@ pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 10] = [
     SERVICES,
     BACKENDS,
     CT_TCP,
@@ -54,7 +49,6 @@ pub const ALL_MAPS: [&str; 11] = [
     SOCK_AFFINITY,
     SOCK_REVERSE,
     FRAGMENTS,
-    NEIGHBORS,
     COUNTERS,
     SERVICE_TRAFFIC,
     BACKEND_TRAFFIC,
@@ -68,7 +62,6 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 /// Flows the per-packet path and the socket hooks track. [`CT_TCP`] holds
 /// two entries per flow (one per direction), [`CT_ANY`] half as many flows.
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
-pub const DEFAULT_NEIGHBORS_MAX: u32 = 65_536;
 /// Datagrams in flight in pieces at once: fragments are rare on pod
 /// networks, and an entry is needed only until the last piece passed.
 pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
@@ -241,15 +234,6 @@ pub struct FragmentPorts {
     pub dst_port: [u8; 2],
 }
 
-/// Value of [`NEIGHBORS`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Neighbor {
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    pub _pad: [u8; 2],
-}
-
 /// Key of [`SOCK_AFFINITY`] (the frontend a socket addressed) and of
 /// [`SOCK_REVERSE`] (the backend it was given): one socket, one address.
 #[repr(C)]
@@ -280,7 +264,6 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ForwardEntry {}
     unsafe impl aya::Pod for ReverseEntry {}
-    unsafe impl aya::Pod for Neighbor {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendTrafficKey {}
     unsafe impl aya::Pod for SockKey {}
@@ -307,7 +290,6 @@ mod tests {
         assert_eq!(size_of::<ReverseEntry>(), 12);
         assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
-        assert_eq!(size_of::<Neighbor>(), 12);
         assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentPorts>(), 4);

@@ -19,8 +19,6 @@ use crate::{
 };
 
 pub(crate) enum Lookup {
-    /// A backend's reply in a tracked flow: put the frontend back.
-    Reply(CtEntry),
     /// To a Service (by id), with the backend the flow is (now) pinned to.
     ToBackend(Backend, u32),
     /// A new flow to a Service with no ready endpoints.
@@ -61,41 +59,32 @@ pub(crate) fn choose(svc: &ServiceValue) -> Result<(u32, Backend), DropReason> {
     backend_at(svc, slot).map(|b| (slot, b)).ok_or(DropReason::BackendMissing)
 }
 
-/// Which way an ICMP error about a tracked flow goes.
-pub(crate) enum IcmpLookup {
-    /// To the client, about a packet it sent to the backend: show the frontend.
-    ToClient(CtEntry),
-    /// To the backend, about a reply the client got from the frontend.
-    ToBackend(CtEntry),
-    Unrelated,
-}
-
+/// The frontend an ICMP error about a packet the client sent to a backend
+/// must show: the quote (client -> backend) is the flow's reply tuple, reversed.
 #[inline(always)]
-pub(crate) fn icmp_error(err: &IcmpError) -> IcmpLookup {
+pub(crate) fn icmp_to_client(err: &IcmpError) -> Option<CtEntry> {
     let q = &err.quoted;
-    let now = conntrack::now();
-    // The quote is client -> backend: the flow's reply tuple, reversed.
     let reply = FlowKey { dir: DIR_REPLY, ..FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto) };
-    if let Some(frontend) = conntrack::frontend_of(&reply, now) {
-        return IcmpLookup::ToClient(frontend);
-    }
-    // The quote is frontend -> client, and the error is addressed to the frontend.
-    if err.dst == q.src
-        && let Some(backend) =
-            conntrack::backend_of(&FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto), now)
-    {
-        return IcmpLookup::ToBackend(backend);
-    }
-    IcmpLookup::Unrelated
+    conntrack::frontend_of(&reply, conntrack::now())
 }
 
+/// The backend an ICMP error about a reply the client got from a frontend
+/// goes to: the quote (frontend -> client) is the flow's service tuple,
+/// reversed, and the error is addressed to the frontend.
 #[inline(always)]
-pub(crate) fn lookup(pkt: &Packet) -> Result<Lookup, DropReason> {
-    let now = conntrack::now();
-    if let Some(frontend) = conntrack::reply(pkt, now) {
-        return Ok(Lookup::Reply(frontend));
+pub(crate) fn icmp_to_backend(err: &IcmpError) -> Option<CtEntry> {
+    let q = &err.quoted;
+    if err.dst != q.src {
+        return None;
     }
+    conntrack::backend_of(&FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto), conntrack::now())
+}
 
+/// Where a packet a pod sent goes: to a backend when it is (or starts) a
+/// flow to a Service frontend.
+#[inline(always)]
+pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
+    let now = conntrack::now();
     let later_fragment = pkt.fragment == Fragment::Later;
     let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
     let Some(svc) = service(&key) else {

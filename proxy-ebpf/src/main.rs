@@ -22,7 +22,6 @@ mod counters;
 mod fragments;
 mod lookup;
 mod maps;
-mod neighbor;
 mod parse;
 mod refuse;
 mod skb;
@@ -41,24 +40,41 @@ use proxy_common::{
 
 use crate::{
     counters::{count, count_traffic_via},
-    lookup::{IcmpLookup, Lookup, is_vip},
-    parse::{IcmpError, Parsed},
+    lookup::{Lookup, is_vip},
+    parse::{IcmpError, Packet, Parsed},
 };
 
 /// What to do with a packet the datapath keeps; drops are `Err(DropReason)`.
 pub enum Verdict {
+    /// On its way, rewritten or not, through the node's own routing and netfilter.
     Pass,
     /// Sent back out of the interface it came in on (a refusal).
     SendBack,
-    /// Sent out of this interface (to the destination pod).
-    RedirectTo(u32),
 }
 
-/// Attached on ingress of the node side of every pod interface: it sees
-/// what pods send, both their requests to VIPs and their replies as backends.
+/// Attached on ingress of the node side of every pod interface (and of
+/// `--devices`): it sees what pods send, and translates their requests to
+/// Service frontends before the node routes them.
 #[classifier]
 pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx).and_then(|verdict| act(&ctx, verdict)) {
+    finish(&ctx, try_from_pod(&ctx))
+}
+
+/// Attached on egress of the same interfaces: it sees what the node
+/// delivers to pods, and turns backends' replies back into the frontend's
+/// just before the client gets them. Between the two, the node's routing,
+/// conntrack and FORWARD chain see the flow under its real addresses in
+/// both directions, as with the socket path, so NetworkPolicy rules there
+/// apply and conntrack never finds half a flow.
+#[classifier]
+pub(crate) fn kpr_to_pod(ctx: TcContext) -> i32 {
+    finish(&ctx, try_to_pod(&ctx))
+}
+
+/// The TC action for a step's outcome.
+#[inline(always)]
+fn finish(ctx: &TcContext, outcome: Result<Verdict, DropReason>) -> i32 {
+    match outcome.and_then(|verdict| act(ctx, verdict)) {
         Ok(action) => action,
         // The packet may be half rewritten, or must not go on: shoot it,
         // counted under why.
@@ -66,8 +82,8 @@ pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// The TC action carrying out `verdict`; redirects are counted once the
-/// kernel has accepted them.
+/// The TC action carrying out `verdict`; a refusal is counted once the
+/// kernel has accepted its redirect.
 #[inline(always)]
 fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
     Ok(match verdict {
@@ -76,89 +92,91 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
             let arrived_on = unsafe { (*ctx.skb.skb).ifindex };
             count(Counter::RefusedNoBackend, skb::redirect(arrived_on)?)
         }
-        Verdict::RedirectTo(ifindex) => count(Counter::Redirected, skb::redirect(ifindex)?),
     })
 }
 
-fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    let pkt = match parse::parse(ctx) {
-        Parsed::Flow(pkt) => pkt,
-        Parsed::IcmpError(err) => return icmp_error(ctx, &err),
-        Parsed::NotIpv4 => return Ok(count(Counter::PassedNotIpv4, Verdict::Pass)),
-        Parsed::Malformed => return Ok(count(Counter::PassedMalformed, Verdict::Pass)),
-        Parsed::OtherProtocol => return Ok(Verdict::Pass),
+/// What parsing leaves for a program to look at, the rest decided here.
+enum Seen {
+    Flow(Packet),
+    IcmpError(IcmpError),
+    Done(Verdict),
+}
+
+#[inline(always)]
+fn see(ctx: &TcContext) -> Result<Seen, DropReason> {
+    Ok(match parse::parse(ctx) {
+        Parsed::Flow(pkt) => Seen::Flow(pkt),
+        Parsed::IcmpError(err) => Seen::IcmpError(err),
+        Parsed::NotIpv4 => Seen::Done(count(Counter::PassedNotIpv4, Verdict::Pass)),
+        Parsed::Malformed => Seen::Done(count(Counter::PassedMalformed, Verdict::Pass)),
+        Parsed::OtherProtocol => Seen::Done(Verdict::Pass),
         Parsed::Fragment { dst } => {
             if is_vip(dst) {
                 return Err(DropReason::Fragment);
             }
-            return Ok(count(Counter::PassedFragment, Verdict::Pass));
+            Seen::Done(count(Counter::PassedFragment, Verdict::Pass))
         }
         Parsed::Truncated { dst } => {
             if is_vip(dst) {
                 return Err(DropReason::Truncated);
             }
-            return Ok(count(Counter::PassedMalformed, Verdict::Pass));
+            Seen::Done(count(Counter::PassedMalformed, Verdict::Pass))
         }
-    };
+    })
+}
 
-    neighbor::learn(ctx, pkt.src);
-
-    match lookup::lookup(&pkt)? {
-        Lookup::Reply(rev) => {
-            translate::reverse(ctx, &pkt, &rev)?;
-            if pkt.fragment == Fragment::First {
-                fragments::remember(&pkt);
+fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    let pkt = match see(ctx)? {
+        Seen::Flow(pkt) => pkt,
+        Seen::IcmpError(err) => {
+            // A client's error about a reply it got from a frontend goes to
+            // the backend that sent it.
+            if let Some(backend) = lookup::icmp_to_backend(&err) {
+                translate::icmp_to_backend(ctx, &err, &backend)?;
+                count(Counter::IcmpErrorTranslated, ());
             }
-            count(Counter::ReverseTranslated, ());
-            count_traffic_via(rev.service_id, pkt.src, pkt.src_port, ctx.len());
-            deliver(ctx, pkt.dst, None)
+            return Ok(Verdict::Pass);
         }
+        Seen::Done(verdict) => return Ok(verdict),
+    };
+    match lookup::request(&pkt)? {
         Lookup::ToBackend(backend, service_id) => {
-            // Seen from the backend, the packet was routed by the node: it
-            // comes from the gateway MAC the client addressed. Read before
-            // rewriting, so a failure leaves the packet whole.
-            let gateway_mac: [u8; 6] = skb::load(ctx, 0)?;
             translate::forward(ctx, &pkt, &backend)?;
             if pkt.fragment == Fragment::First {
                 fragments::remember(&pkt);
             }
             count(Counter::Translated, ());
             count_traffic_via(service_id, backend.addr, backend.port, ctx.len());
-            deliver(ctx, backend.addr, Some(gateway_mac))
+            Ok(Verdict::Pass)
         }
         Lookup::NoBackend => refuse::refuse(ctx, &pkt),
         Lookup::NotService => Ok(Verdict::Pass),
     }
 }
 
-/// An ICMP error about a translated flow is translated like the flow's
-/// packets, quote included, and goes where they go; any other passes.
-#[inline(always)]
-fn icmp_error(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, DropReason> {
-    match lookup::icmp_error(err) {
-        IcmpLookup::ToClient(frontend) => {
-            translate::icmp_to_client(ctx, err, &frontend)?;
-            count(Counter::IcmpErrorTranslated, ());
-            deliver(ctx, err.dst, None)
+fn try_to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    let pkt = match see(ctx)? {
+        Seen::Flow(pkt) => pkt,
+        Seen::IcmpError(err) => {
+            // An error about a packet the client sent to a backend shows the frontend.
+            if let Some(frontend) = lookup::icmp_to_client(&err) {
+                translate::icmp_to_client(ctx, &err, &frontend)?;
+                count(Counter::IcmpErrorTranslated, ());
+            }
+            return Ok(Verdict::Pass);
         }
-        IcmpLookup::ToBackend(backend) => {
-            let gateway_mac: [u8; 6] = skb::load(ctx, 0)?;
-            translate::icmp_to_backend(ctx, err, &backend)?;
-            count(Counter::IcmpErrorTranslated, ());
-            deliver(ctx, backend.addr, Some(gateway_mac))
-        }
-        IcmpLookup::Unrelated => Ok(Verdict::Pass),
+        Seen::Done(verdict) => return Ok(verdict),
+    };
+    let Some(frontend) = conntrack::reply(&pkt, conntrack::now()) else {
+        return Ok(Verdict::Pass);
+    };
+    translate::reverse(ctx, &pkt, &frontend)?;
+    if pkt.fragment == Fragment::First {
+        fragments::remember(&pkt);
     }
-}
-
-/// Hands a translated packet to `dst`'s interface when known, else to the
-/// host stack to route.
-#[inline(always)]
-fn deliver(ctx: &TcContext, dst: [u8; 4], src_mac: Option<[u8; 6]>) -> Result<Verdict, DropReason> {
-    Ok(match neighbor::readdress(ctx, dst, src_mac)? {
-        Some(ifindex) => Verdict::RedirectTo(ifindex),
-        None => Verdict::Pass,
-    })
+    count(Counter::ReverseTranslated, ());
+    count_traffic_via(frontend.service_id, pkt.src, pkt.src_port, ctx.len());
+    Ok(Verdict::Pass)
 }
 
 #[cfg(not(test))]

@@ -11,8 +11,8 @@ use proxy_common::{
     counters,
     maps::{
         Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGMENTS_MAX,
-        DEFAULT_NEIGHBORS_MAX, DEFAULT_SERVICES_MAX, ForwardEntry, FragmentKey, FragmentPorts, Neighbor, ReverseEntry,
-        ServiceKey, ServiceValue, SockKey, Traffic,
+        DEFAULT_SERVICES_MAX, ForwardEntry, FragmentKey, FragmentPorts, ReverseEntry, ServiceKey, ServiceValue,
+        SockKey, Traffic,
     },
 };
 
@@ -32,9 +32,6 @@ pub(crate) static CT_ANY: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_en
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
-
-#[map]
-pub(crate) static NEIGHBORS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(DEFAULT_NEIGHBORS_MAX, 0);
 
 #[map]
 pub(crate) static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFAULT_SERVICES_MAX, 0);

@@ -14,7 +14,7 @@ use proxy_common::{
     conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
     maps::{
-        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FragmentKey, FragmentPorts, Neighbor,
+        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FragmentKey, FragmentPorts,
         PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic, kind,
     },
 };
@@ -125,7 +125,6 @@ pub struct Maps {
     ct_tcp: HashMap<MapData, FlowKey, CtEntry>,
     ct_any: HashMap<MapData, FlowKey, CtEntry>,
     sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
-    neighbors: HashMap<MapData, [u8; 4], Neighbor>,
     fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     /// Per-CPU: summed when read.
     counters: PerCpuArray<MapData, u64>,
@@ -184,7 +183,6 @@ impl Maps {
             ct_tcp: hash(get(abi::CT_TCP)?, abi::CT_TCP)?,
             ct_any: hash(get(abi::CT_ANY)?, abi::CT_ANY)?,
             sock_reverse: hash(get(abi::SOCK_REVERSE)?, abi::SOCK_REVERSE)?,
-            neighbors: hash(get(abi::NEIGHBORS)?, abi::NEIGHBORS)?,
             fragments: hash(get(abi::FRAGMENTS)?, abi::FRAGMENTS)?,
             counters: PerCpuArray::try_from(get(abi::COUNTERS)?).map_err(wrong_type(abi::COUNTERS))?,
             service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?).map_err(wrong_type(abi::SERVICE_TRAFFIC))?,
@@ -304,7 +302,6 @@ impl Maps {
             fill(abi::BACKENDS, &self.backends),
             fill(abi::CT_TCP, &self.ct_tcp),
             fill(abi::CT_ANY, &self.ct_any),
-            fill(abi::NEIGHBORS, &self.neighbors),
             fill(abi::FRAGMENTS, &self.fragments),
             fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
         ]

@@ -8,7 +8,7 @@ use std::path::Path;
 use aya::programs::{TcAttachType, tc};
 
 use crate::{
-    dataplane::{DataplaneError, Mode, ebpf::PROGRAM, iptables::backend::Backend},
+    dataplane::{DataplaneError, Mode, ebpf::PACKET_PROGRAMS, iptables::backend::Backend},
     inspect,
 };
 
@@ -56,13 +56,15 @@ pub fn all_interfaces() -> Vec<String> {
 pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
     let mut removed = 0;
     for iface in interfaces {
-        match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM) {
-            Ok(()) => {
-                tracing::info!(%iface, "detached a leftover kpr program");
-                removed += 1;
+        for (program, hook) in PACKET_PROGRAMS {
+            match tc::qdisc_detach_program(iface, hook, program) {
+                Ok(()) => {
+                    tracing::info!(%iface, program, "detached a leftover kpr program");
+                    removed += 1;
+                }
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::debug!(%iface, program, error = %e, "no netlink classifier to detach"),
             }
-            Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::debug!(%iface, error = %e, "no netlink classifier to detach"),
         }
     }
     let pins = inspect::pin_dir(bpf_root);
@@ -75,12 +77,12 @@ pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
     removed
 }
 
-/// Names of the eBPF programs attached on ingress of `iface`, through TCX
-/// or (kernels before 6.6) a netlink classifier.
+/// Names of the eBPF programs attached through TCX on ingress and egress of `iface`.
 pub fn attached_programs(iface: &str) -> Vec<String> {
     let name = |info: &aya::programs::ProgramInfo| format!("{} (id {})", info.name_as_str().unwrap_or("?"), info.id());
-    if let Ok((_, programs)) = aya::programs::SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
-        return programs.iter().map(name).collect();
-    }
-    Vec::new()
+    [TcAttachType::Ingress, TcAttachType::Egress]
+        .into_iter()
+        .filter_map(|hook| aya::programs::SchedClassifier::query_tcx(iface, hook).ok())
+        .flat_map(|(_, programs)| programs.iter().map(name).collect::<Vec<_>>())
+        .collect()
 }

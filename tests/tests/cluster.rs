@@ -18,6 +18,7 @@ use kpr_tests::{
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     netns::Netns,
+    packet::{Ip, udp_datagram},
     root_or_skip,
     servers::{self, Server},
     wait,
@@ -33,6 +34,8 @@ const MUTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const ECONNREFUSED: i32 = 111;
 /// One backend, on node 1, echoing large UDP datagrams.
 const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+/// A backend beside the client on node 0, and web-1 on node 1.
+const NEAR_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 
 fn run(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> Probe {
     probe(Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap()
@@ -162,11 +165,14 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     cluster.add_pod(1, "web-2", 12).unwrap();
     cluster.add_pod(1, "mute", 13).unwrap();
     cluster.add_pod(1, "echo", 14).unwrap();
+    cluster.add_pod(0, "intruder", 101).unwrap();
+    cluster.add_pod(0, "near", 15).unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for pod in ["web-1", "web-2"] {
         servers.extend(serve(&cluster.node(1).pod(pod).ns, pod));
     }
     servers.push(servers::udp_echo(&cluster.node(1).pod("echo").ns, 5353, "echo:").unwrap());
+    servers.extend(serve(&cluster.node(0).pod("near").ns, "near"));
     let endpoints: Vec<_> = ["web-1", "web-2"].map(|p| (p, cluster.node(1).pod(p).ip)).into();
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
@@ -176,6 +182,8 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     write(&manifests, "mute.yaml", &web_service("mute", MUTE_VIP, &mute)).unwrap();
     let echo = [("echo", cluster.node(1).pod("echo").ip)];
     write(&manifests, "echo.yaml", &web_service("echo", ECHO_VIP, &echo)).unwrap();
+    let near = [("near", cluster.node(0).pod("near").ip), ("web-1", cluster.node(1).pod("web-1").ip)];
+    write(&manifests, "near.yaml", &web_service("near", NEAR_VIP, &near)).unwrap();
     // Replies from the other node arrive on the uplink, or on the overlay's device.
     let devices = if shape == Shape::Vxlan { "--devices=eth0,flannel.1" } else { "--devices=eth0" };
     let _agents: Vec<Kpr> = cluster
@@ -217,11 +225,68 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     // A connected socket takes datagrams from its peer (the VIP) alone.
     assert_eq!(from, echo);
     assert_eq!(answer, [&b"echo:"[..], &big].concat(), "the whole datagram, both ways");
+
+    // A pod sending with the client's address diverts none of the client's traffic.
+    let client_ip = cluster.node(0).pod("client").ip;
+    send_spoofed(&cluster.node(0).pod("intruder").ns, (client_ip, 40000), (REMOTE_VIP, 53));
+    let (reply, _) = client.run(move || udp_request(udp, Duration::from_secs(2))).unwrap().unwrap();
+    assert!(["web-1", "web-2"].contains(&reply.as_str()), "{reply}");
+    assert!(client.run(move || tcp_request(tcp, Duration::from_secs(2))).unwrap().is_ok());
+
+    // A NetworkPolicy-like rule in the node's FORWARD chain applies to
+    // Service traffic, to a backend on the client's own node too:
+    // connections that chose `near` fail (the reset reaches the client in
+    // eBPF mode; kube-proxy's rules leave it untranslated, so there the
+    // connection times out), the others are answered by web-1.
+    let near = cluster.node(0).pod("near").ip.to_string();
+    let rule = ["FORWARD", "-d", &near, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"];
+    let tcp = SocketAddr::from((NEAR_VIP, 80));
+    let node0 = &cluster.node(0).ns;
+    node0.exec(&[&["iptables", "-I"][..], &rule].concat()).unwrap();
+    let outcomes: Vec<Result<String, String>> = client
+        .run(move || (0..20).map(|_| tcp_request(tcp, Duration::from_millis(500)).map_err(|e| e.to_string())).collect())
+        .unwrap();
+    node0.exec(&[&["iptables", "-D"][..], &rule].concat()).unwrap();
+    assert!(outcomes.iter().all(|o| o.is_err() || o.as_deref() == Ok("web-1")), "{outcomes:?}");
+    assert!(outcomes.iter().any(Result::is_err), "the rule saw connections to near: {outcomes:?}");
     if mode == Mode::Ebpf {
         let node0 = cluster.node(0);
         let stats = kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
         assert!(stats["icmp_error_translated"].as_u64().unwrap() >= 1, "{stats:#}");
     }
+}
+
+/// Sends, from `ns`, a UDP datagram claiming to come from `claimed`
+/// (a raw socket writes whatever source address it likes).
+fn send_spoofed(ns: &Netns, claimed: (Ipv4Addr, u16), to: (Ipv4Addr, u16)) {
+    let ip = Ip::new(claimed.0, to.0, 17);
+    let packet = ip.packet(&udp_datagram(&ip, claimed.1, to.1, b"not from the client", true));
+    let sent = ns
+        .run(move || {
+            // SAFETY: plain socket calls on a buffer and an address that outlive them.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.0.octets()) },
+                    sin_zero: [0; 8],
+                };
+                let n = libc::sendto(
+                    fd,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                libc::close(fd);
+                n
+            }
+        })
+        .unwrap();
+    assert!(sent > 0, "sendto: {}", std::io::Error::last_os_error());
 }
 
 /// One request and its answer on a UDP socket connected to `addr`.

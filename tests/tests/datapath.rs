@@ -22,7 +22,7 @@ use proxy_common::{
 };
 use proxy_userspace::{
     clock::monotonic_seconds,
-    dataplane::ebpf::{self, MapSizes, PROGRAM, conntrack_gc},
+    dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -49,8 +49,10 @@ impl Datapath {
     /// Service on EMPTY_VIP:80/TCP and :53/UDP.
     fn new(n: usize) -> Self {
         let mut ebpf = ebpf::load(MapSizes::default()).expect("load");
-        let prog: &mut SchedClassifier = ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap();
-        prog.load().expect("verifier accepts the program");
+        for (name, _) in PACKET_PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load().unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
+        }
         let mut dp = Self { ebpf };
         dp.service(VIP, 80, abi::PROTO_TCP, 1, &BACKENDS[..n], 8080);
         dp.service(VIP, 53, abi::PROTO_UDP, 2, &BACKENDS[..n], 5353);
@@ -76,12 +78,18 @@ impl Datapath {
         }
     }
 
+    /// Runs what a pod sent through the ingress program.
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run(frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?}: {e}"))
+        self.try_run(FROM_POD, frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?}: {e}"))
     }
 
-    fn try_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
-        let prog: &SchedClassifier = self.ebpf.program(PROGRAM).unwrap().try_into().unwrap();
+    /// Runs what the node delivers to a pod through the egress program.
+    fn to_pod(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(TO_POD, frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?}: {e}"))
+    }
+
+    fn try_run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 512];
         let r =
             prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })?;
@@ -151,9 +159,8 @@ fn replies_are_reverse_translated() {
     let dp = Datapath::new(1);
     dp.run(&tcp_frame((CLIENT, 40001), (VIP, 80), TCP_SYN, b""));
     let reply = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40001), TCP_SYN | TCP_ACK, b"");
-    let (verdict, out) = dp.run(&reply);
-    assert_eq!(verdict, TC_ACT_REDIRECT, "straight to the client, whose interface was learned");
-    assert_eq!(&out[0..6], &packet::POD_MAC);
+    let (verdict, out) = dp.to_pod(&reply);
+    assert_eq!(verdict, TC_ACT_OK, "on its way to the client, translated just before it");
     let v = View(&out);
     assert_eq!((v.src(), v.sport()), (VIP, 80), "the client sees the VIP as the source");
     assert_eq!((v.dst(), v.dport()), (CLIENT, 40001));
@@ -162,26 +169,7 @@ fn replies_are_reverse_translated() {
 
     // A packet from the backend in an unrelated flow is not touched.
     let other = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40999), TCP_ACK, b"x");
-    assert_eq!(dp.run(&other), (TC_ACT_OK, other.clone()));
-}
-
-#[test]
-fn translated_packets_go_straight_to_a_known_pod() {
-    root_or_skip!();
-    let dp = Datapath::new(1);
-    // Unknown backend: the host routes the translated packet.
-    assert_eq!(dp.run(&tcp_frame((CLIENT, 40100), (VIP, 80), TCP_SYN, b"")).0, TC_ACT_OK);
-    // Once the backend has sent something, its interface and MAC are known.
-    let backend_mac = [0x02, 0, 0, 0, 0, 0x0b];
-    let mut hello = udp_frame((BACKENDS[0], 9999), (CLIENT, 9999), b"hi");
-    hello[6..12].copy_from_slice(&backend_mac);
-    assert_eq!(dp.run(&hello), (TC_ACT_OK, hello.clone()), "learning changes nothing");
-    let (verdict, out) = dp.run(&tcp_frame((CLIENT, 40101), (VIP, 80), TCP_SYN, b""));
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(&out[0..6], &backend_mac, "addressed to the backend");
-    assert_eq!(&out[6..12], &packet::GATEWAY_MAC, "from the gateway, as if routed");
-    assert_eq!(View(&out).dst(), BACKENDS[0]);
-    assert!(dp.counter(Counter::Redirected) >= 1);
+    assert_eq!(dp.to_pod(&other), (TC_ACT_OK, other.clone()));
 }
 
 #[test]
@@ -258,7 +246,7 @@ fn fragmented_datagrams_are_translated_whole_and_strays_are_dropped() {
     // The backend's answer, in pieces: each comes from the frontend.
     let ip = Ip::new(BACKENDS[0], CLIENT, 17);
     let answer = packet::udp_datagram(&ip, 5353, 41800, &payload, true);
-    let out: Vec<Vec<u8>> = fragmented(BACKENDS[0], CLIENT, &answer, 16).iter().map(|f| dp.run(f).1).collect();
+    let out: Vec<Vec<u8>> = fragmented(BACKENDS[0], CLIENT, &answer, 16).iter().map(|f| dp.to_pod(f).1).collect();
     assert!(out.iter().all(|o| View(o).src() == VIP && View(o).ip_checksum_ok()));
     assert_eq!(View(&out[0]).sport(), 53);
     assert!(reassembled_checksum_ok(&out));
@@ -416,9 +404,9 @@ fn traffic_is_counted_per_service_and_backend_in_both_directions() {
     let syn = tcp_frame((CLIENT, 40010), (VIP, 80), TCP_SYN, b"");
     let reply = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40010), TCP_SYN | TCP_ACK, b"");
     let data = tcp_frame((CLIENT, 40010), (VIP, 80), TCP_ACK, b"GET / HTTP/1.0\r\n\r\n");
-    for f in [&syn, &reply, &data] {
-        assert_ne!(dp.run(f).0, TC_ACT_SHOT);
-    }
+    assert_ne!(dp.run(&syn).0, TC_ACT_SHOT);
+    assert_ne!(dp.to_pod(&reply).0, TC_ACT_SHOT);
+    assert_ne!(dp.run(&data).0, TC_ACT_SHOT);
     let want = Traffic { packets: 3, bytes: (syn.len() + reply.len() + data.len()) as u64 };
     assert_eq!(dp.service_traffic(1), want, "the Service counts both directions");
     assert_eq!(dp.backend_traffic(1, (BACKENDS[0], 8080)), Some(want), "so does the backend serving it");
@@ -438,7 +426,7 @@ fn traffic_counts_stay_exact_when_every_cpu_counts_at_once() {
     let cpus = allowed_cpus();
     assert!(cpus.len() >= 2, "two CPUs are needed to race: allowed {cpus:?}");
     let runs: u32 = 500_000;
-    let prog: &SchedClassifier = dp.ebpf.program(PROGRAM).unwrap().try_into().unwrap();
+    let prog: &SchedClassifier = dp.ebpf.program(FROM_POD).unwrap().try_into().unwrap();
     std::thread::scope(|s| {
         for &cpu in &cpus {
             let frame = &frame;
@@ -481,7 +469,7 @@ fn tcp_and_udp_flows_are_tracked_in_their_own_tables_with_their_state() {
         "names the frontend"
     );
 
-    dp.run(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41000), TCP_SYN | TCP_ACK, b""));
+    dp.to_pod(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41000), TCP_SYN | TCP_ACK, b""));
     assert_eq!(dp.ct(&key).unwrap().state, ct::STATE_REPLIED, "established");
     assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&key).unwrap().state), ct::TCP_ESTABLISHED_LIFETIME);
     dp.run(&tcp_frame((CLIENT, 41000), (VIP, 80), TCP_ACK | TCP_FIN, b""));
@@ -524,7 +512,7 @@ fn a_retransmitted_syn_keeps_its_backend_while_the_backend_exists() {
 
     // Once answered, a SYN on the same port is a new connection: tracked afresh.
     let back = tcp_frame((moved, 8080), (CLIENT, 41100), TCP_SYN | TCP_ACK, b"");
-    assert_eq!(View(&dp.run(&back).1).src(), VIP);
+    assert_eq!(View(&dp.to_pod(&back).1).src(), VIP);
     assert_eq!(dp.ct(&service_key(41100, VIP, 80, abi::PROTO_TCP)).unwrap().state, ct::STATE_REPLIED);
     dp.run(&syn);
     assert_eq!(dp.ct(&service_key(41100, VIP, 80, abi::PROTO_TCP)).unwrap().state, 0, "a new connection");
@@ -541,7 +529,7 @@ fn a_client_packet_restores_an_evicted_reply_entry() {
     assert_eq!((verdict, View(&out).dst()), (TC_ACT_OK, BACKENDS[0]));
     assert!(dp.ct(&reply).is_some(), "restored");
     assert_eq!(dp.counter(Counter::ConntrackRestored), 1);
-    let (_, out) = dp.run(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41200), TCP_SYN | TCP_ACK, b""));
+    let (_, out) = dp.to_pod(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41200), TCP_SYN | TCP_ACK, b""));
     assert_eq!(View(&out).src(), VIP, "the reply is translated again");
 }
 
@@ -555,14 +543,14 @@ fn a_stale_reply_entry_never_rewrites_another_flow() {
     let direct = udp_frame((CLIENT, 41300), (BACKENDS[0], 5353), b"direct");
     assert_eq!(dp.run(&direct), (TC_ACT_OK, direct.clone()), "not to a Service: untouched");
     let answer = udp_frame((BACKENDS[0], 5353), (CLIENT, 41300), b"answer");
-    assert_eq!(dp.run(&answer), (TC_ACT_OK, answer.clone()), "the direct flow's reply is not rewritten");
+    assert_eq!(dp.to_pod(&answer), (TC_ACT_OK, answer.clone()), "the direct flow's reply is not rewritten");
     assert_eq!(dp.counter(Counter::ConntrackStale), 1);
 
     // TCP: a direct connection's SYN on an old Service flow's tuple.
     dp.run(&tcp_frame((CLIENT, 41301), (VIP, 80), TCP_SYN, b""));
     dp.run(&tcp_frame((CLIENT, 41301), (BACKENDS[0], 8080), TCP_SYN, b""));
     let synack = tcp_frame((BACKENDS[0], 8080), (CLIENT, 41301), TCP_SYN | TCP_ACK, b"");
-    assert_eq!(dp.run(&synack), (TC_ACT_OK, synack.clone()));
+    assert_eq!(dp.to_pod(&synack), (TC_ACT_OK, synack.clone()));
 
     // A reply entry whose flow expired is not trusted either.
     dp.run(&udp_frame((CLIENT, 41302), (VIP, 53), b"q"));
@@ -571,7 +559,7 @@ fn a_stale_reply_entry_never_rewrites_another_flow() {
     old.last_seen = monotonic_seconds() - ct::NON_TCP_LIFETIME - 5;
     dp.ct_table(abi::PROTO_UDP).insert(key, old, 0).unwrap();
     let late = udp_frame((BACKENDS[0], 5353), (CLIENT, 41302), b"late");
-    assert_eq!(dp.run(&late), (TC_ACT_OK, late.clone()));
+    assert_eq!(dp.to_pod(&late), (TC_ACT_OK, late.clone()));
     assert_eq!(dp.counter(Counter::ConntrackStale), 3);
     assert_eq!(dp.drops(), 0);
 }
@@ -585,9 +573,9 @@ fn two_frontends_sharing_a_backend_never_share_a_reply_tuple() {
         let a = View(&dp.run(&tcp_frame((CLIENT, sport), (VIP, 80), TCP_SYN, b"")).1).dst();
         let b = View(&dp.run(&tcp_frame((CLIENT, sport), (OTHER_VIP, 80), TCP_SYN, b"")).1).dst();
         assert_ne!(a, b, "the same client port to both frontends: another backend for the second");
-        let (_, out) = dp.run(&tcp_frame((a, 8080), (CLIENT, sport), TCP_SYN | TCP_ACK, b""));
+        let (_, out) = dp.to_pod(&tcp_frame((a, 8080), (CLIENT, sport), TCP_SYN | TCP_ACK, b""));
         assert_eq!(View(&out).src(), VIP);
-        let (_, out) = dp.run(&tcp_frame((b, 8080), (CLIENT, sport), TCP_SYN | TCP_ACK, b""));
+        let (_, out) = dp.to_pod(&tcp_frame((b, 8080), (CLIENT, sport), TCP_SYN | TCP_ACK, b""));
         assert_eq!(View(&out).src(), OTHER_VIP);
     }
     // One backend behind both: the second flow cannot be told apart, so it is dropped and counted.
@@ -655,7 +643,7 @@ fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
     let sent = udp_frame((CLIENT, 41700), (VIP, 53), b"query");
     let (_, translated) = dp.run(&sent);
     let error = icmp_error(BACKENDS[0], CLIENT, 3, 3, ip_packet(&translated));
-    let (verdict, out) = dp.run(&error);
+    let (verdict, out) = dp.to_pod(&error);
     assert_ne!(verdict, TC_ACT_SHOT);
     let v = View(&out);
     assert_eq!((v.src(), v.dst()), (VIP, CLIENT), "the error comes from the frontend");
@@ -668,7 +656,7 @@ fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
     let syn = tcp_frame((CLIENT, 41701), (VIP, 80), TCP_SYN, b"");
     let (_, translated) = dp.run(&syn);
     let error = icmp_error(router, CLIENT, 3, 4, &ip_packet(&translated)[..28]);
-    let (_, out) = dp.run(&error);
+    let (_, out) = dp.to_pod(&error);
     let v = View(&out);
     assert_eq!((v.src(), v.dst()), (router, CLIENT));
     assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
@@ -676,7 +664,7 @@ fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
 
     // The client's error about a reply it got from the frontend goes to the backend that sent it.
     let reply = udp_frame((BACKENDS[0], 5353), (CLIENT, 41700), b"answer");
-    let (_, shown) = dp.run(&reply);
+    let (_, shown) = dp.to_pod(&reply);
     let error = icmp_error(CLIENT, VIP, 3, 3, ip_packet(&shown));
     let (_, out) = dp.run(&error);
     let v = View(&out);
@@ -688,7 +676,7 @@ fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
     // An error about a flow kpr never translated passes untouched.
     let unrelated =
         icmp_error(BACKENDS[0], CLIENT, 3, 3, ip_packet(&udp_frame((CLIENT, 41799), (BACKENDS[0], 5353), b"q")));
-    assert_eq!(dp.run(&unrelated), (TC_ACT_OK, unrelated.clone()));
+    assert_eq!(dp.to_pod(&unrelated), (TC_ACT_OK, unrelated.clone()));
     assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 3);
     assert_eq!(dp.drops(), 0);
 }
@@ -837,21 +825,27 @@ fn mutated_frames_are_never_mistranslated_and_every_drop_is_counted() {
         for _ in 0..1 + rng.below(3) {
             mutate(&mut frame, &mut rng);
         }
-        let Ok((verdict, out)) = dp.try_run(&frame) else {
-            // The kernel's test run refuses an IPv4 frame shorter than an IP
-            // header before the program sees it; nothing else may fail.
-            assert!(frame.len() < 14 + 20, "frame {i} (seed {seed:#x}) refused by the test run: {frame:02x?}");
-            continue;
-        };
-        assert!(
-            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&verdict),
-            "frame {i} (seed {seed:#x}): verdict {verdict} for {frame:02x?}"
-        );
-        if verdict == TC_ACT_SHOT {
-            shot += 1;
-        } else if out != frame {
-            rewritten += 1;
-            assert!(may_be_rewritten(&frame), "frame {i} (seed {seed:#x}) rewritten:\n{frame:02x?}\n{out:02x?}");
+        // What a pod sends (ingress) and what the node delivers to one (egress).
+        for program in [FROM_POD, TO_POD] {
+            let Ok((verdict, out)) = dp.try_run(program, &frame) else {
+                // The kernel's test run refuses an IPv4 frame shorter than an IP
+                // header before the program sees it; nothing else may fail.
+                assert!(frame.len() < 14 + 20, "frame {i} (seed {seed:#x}) refused by the test run: {frame:02x?}");
+                continue;
+            };
+            assert!(
+                [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&verdict),
+                "frame {i} (seed {seed:#x}): {program} said {verdict} for {frame:02x?}"
+            );
+            if verdict == TC_ACT_SHOT {
+                shot += 1;
+            } else if out != frame {
+                rewritten += 1;
+                assert!(
+                    may_be_rewritten(&frame),
+                    "frame {i} (seed {seed:#x}) rewritten by {program}:\n{frame:02x?}\n{out:02x?}"
+                );
+            }
         }
     }
     assert_eq!(dp.drops(), shot, "every drop counted under one reason");

@@ -165,7 +165,9 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     assert_eq!(status["agent_running"], true);
     for iface in node.interfaces() {
         let programs = status["attached"][&iface].as_array().unwrap_or_else(|| panic!("{status:#}"));
-        assert!(programs.iter().any(|p| p.as_str().unwrap().starts_with("kpr_from_pod")), "{iface}: {status:#}");
+        for program in ["kpr_from_pod", "kpr_to_pod"] {
+            assert!(programs.iter().any(|p| p.as_str().unwrap().starts_with(program)), "{iface}: {status:#}");
+        }
     }
     assert!(status["maps"].as_array().unwrap().iter().any(|m| m["map"] == "SERVICES" && m["entries"] == 5));
     let text = kpr::command(&node.ns, &["status", &state, &format!("--bpf-root={}", node.bpf_root().display())]);

@@ -54,7 +54,10 @@ fn pods_created_after_kpr_started_are_served(mode: Mode) {
     if mode == Mode::Ebpf {
         let log = kpr.log();
         for iface in ["veth2", "veth3"] {
-            assert!(log.contains(&format!("datapath attached on ingress iface={iface}")), "{iface} attached:\n{log}");
+            assert!(
+                log.contains(&format!("datapath attached on ingress and egress iface={iface}")),
+                "{iface} attached:\n{log}"
+            );
         }
     }
     drop(running);

@@ -25,7 +25,7 @@ use kpr_tests::{
     servers::{self, Server},
     wait,
 };
-use proxy_userspace::dataplane::ebpf::{self as kpr_ebpf, MapSizes, PROGRAM};
+use proxy_userspace::dataplane::ebpf::{self as kpr_ebpf, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PODS: [(&str, Ipv4Addr); 3] = [
@@ -98,19 +98,27 @@ impl Node {
                 ifaces
                     .into_iter()
                     .map(|i| {
-                        let (_, tcx) = SchedClassifier::query_tcx(&i, TcAttachType::Ingress).unwrap();
-                        let names = tcx.iter().map(|p| format!("tcx {}", p.name_as_str().unwrap_or("?"))).collect();
+                        let names = [TcAttachType::Ingress, TcAttachType::Egress]
+                            .into_iter()
+                            .flat_map(|hook| SchedClassifier::query_tcx(&i, hook).unwrap().1)
+                            .map(|p| format!("tcx {}", p.name_as_str().unwrap_or("?")))
+                            .collect();
                         (i, names)
                     })
                     .collect()
             })
             .unwrap();
         for (iface, programs) in &mut attached {
-            // Without a clsact qdisc there is no ingress hook and nothing to list.
-            let filters = self.node.ns.output(&["tc", "filter", "show", "dev", iface, "ingress"]).unwrap_or_default();
-            programs.extend(
-                filters.lines().filter(|l| l.contains(" bpf ") && l.contains("handle")).map(|l| format!("netlink {l}")),
-            );
+            for hook in ["ingress", "egress"] {
+                // Without a clsact qdisc there is no hook and nothing to list.
+                let filters = self.node.ns.output(&["tc", "filter", "show", "dev", iface, hook]).unwrap_or_default();
+                programs.extend(
+                    filters
+                        .lines()
+                        .filter(|l| l.contains(" bpf ") && l.contains("handle"))
+                        .map(|l| format!("netlink {l}")),
+                );
+            }
         }
         attached
     }
@@ -139,7 +147,7 @@ impl Node {
         all
     }
 
-    /// Attaches kpr's classifier on every pod interface through netlink, as
+    /// Attaches kpr's classifiers on every pod interface through netlink, as
     /// an agent on a kernel before 6.6 (no TCX) leaves it behind: such an
     /// attachment outlives its process, and removing it is cleanup's job.
     fn leave_netlink_classifiers(&self) {
@@ -148,17 +156,19 @@ impl Node {
             .ns
             .run(move || {
                 let mut ebpf = kpr_ebpf::load(MapSizes::default()).unwrap();
-                let program: &mut SchedClassifier = ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap();
-                program.load().unwrap();
-                for iface in &ifaces {
-                    if let Err(e) = tc::qdisc_add_clsact(iface) {
-                        // The agent made one already.
-                        eprintln!("clsact on {iface}: {e}");
+                for (name, hook) in PACKET_PROGRAMS {
+                    let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+                    program.load().unwrap();
+                    for iface in &ifaces {
+                        if let Err(e) = tc::qdisc_add_clsact(iface) {
+                            // The agent (or the other program) made one already.
+                            eprintln!("clsact on {iface}: {e}");
+                        }
+                        let options = TcAttachOptions::Netlink(NlOptions::default());
+                        let id = program.attach_with_options(iface, hook, options).unwrap();
+                        // Dropping the link would detach it; the kernel keeps the filter without it.
+                        std::mem::forget(program.take_link(id).unwrap());
                     }
-                    let options = TcAttachOptions::Netlink(NlOptions::default());
-                    let id = program.attach_with_options(iface, TcAttachType::Ingress, options).unwrap();
-                    // Dropping the link would detach it; the kernel keeps the filter without it.
-                    std::mem::forget(program.take_link(id).unwrap());
                 }
             })
             .unwrap();
@@ -193,7 +203,7 @@ fn auto_mode_uses_ebpf_where_it_can() {
     let n = Node::new();
     let mut kpr = n.kpr(&["--mode=auto"]);
     assert!(n.answers());
-    assert_eq!(n.program_count(), PODS.len(), "{:?}", n.programs());
+    assert_eq!(n.program_count(), 2 * PODS.len(), "ingress and egress: {:?}", n.programs());
     assert_eq!(n.kpr_chains(), 0);
     assert!(n.status().contains("mode:       ebpf"), "{}", n.status());
     kpr.interrupt().unwrap();
@@ -257,7 +267,7 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
 
     let mut kpr = n.kpr(&["--mode=ebpf"]);
     assert!(n.answers());
-    assert_eq!((n.program_count(), n.kpr_chains()), (PODS.len(), 0), "ebpf only");
+    assert_eq!((n.program_count(), n.kpr_chains()), (2 * PODS.len(), 0), "ebpf only");
     kpr.interrupt().unwrap();
     assert_eq!(n.pins(), Node::all_map_pins(), "maps stay pinned for inspection after eBPF mode exits");
 
@@ -277,7 +287,7 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
     kpr.wait_for_log("removed kpr's iptables rules", Duration::from_secs(10)).unwrap();
     assert_eq!(
         (n.program_count(), n.kpr_chains()),
-        (PODS.len(), 0),
+        (2 * PODS.len(), 0),
         "taking over removed iptables mode's rules:\n{}",
         kpr.log()
     );
@@ -301,7 +311,7 @@ fn cleanup_removes_the_pinned_maps_and_the_programs_an_agent_left() {
     let n = Node::new();
     let mut kpr = n.kpr(&["--mode=ebpf"]);
     assert!(n.answers());
-    assert_eq!(n.program_count(), PODS.len(), "{:?}", n.programs());
+    assert_eq!(n.program_count(), 2 * PODS.len(), "ingress and egress: {:?}", n.programs());
     assert_eq!(n.pins(), Node::all_map_pins(), "every map pinned on the node's bpffs");
     kpr.interrupt().unwrap();
     // The agent's TCX links end with it; its pins stay.
@@ -311,8 +321,11 @@ fn cleanup_removes_the_pinned_maps_and_the_programs_an_agent_left() {
     n.leave_netlink_classifiers();
     let before = n.programs();
     assert!(
-        before.values().all(|p| p.len() == 1 && p[0].starts_with("netlink") && p[0].contains(PROGRAM)),
-        "one leftover classifier per interface: {before:?}"
+        before.values().all(|p| p.len() == 2
+            && p.iter().all(|p| p.starts_with("netlink"))
+            && p[0].contains(FROM_POD)
+            && p[1].contains(TO_POD)),
+        "two leftover classifiers per interface: {before:?}"
     );
 
     let out = n.cleanup();

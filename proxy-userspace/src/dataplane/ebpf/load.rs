@@ -30,8 +30,16 @@ use crate::{
 /// The compiled programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
-/// The classifier attached to every pod interface.
-pub const PROGRAM: &str = "kpr_from_pod";
+/// The classifier on ingress of every per-packet interface: requests.
+pub const FROM_POD: &str = "kpr_from_pod";
+/// The classifier on egress of the same interfaces: replies.
+pub const TO_POD: &str = "kpr_to_pod";
+/// The per-packet classifiers and the hook each goes on.
+pub const PACKET_PROGRAMS: [(&str, TcAttachType); 2] =
+    [(FROM_POD, TcAttachType::Ingress), (TO_POD, TcAttachType::Egress)];
+
+/// The links of the per-packet classifiers on one interface, as [`PACKET_PROGRAMS`] lists them.
+pub type PacketLinks = [SchedClassifierLinkId; 2];
 
 /// The socket hooks attached to the cgroup (socket-level load balancing).
 pub const SOCKET_PROGRAMS: [&str; 8] = [
@@ -95,8 +103,8 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
 pub struct Attached {
     /// Owns the program and its links: dropping it detaches from every interface.
     pub ebpf: Ebpf,
-    /// The interfaces the classifier is on, by name, with their index and link.
-    pub interfaces: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// The interfaces the classifiers are on, by name, with their index and links.
+    pub interfaces: BTreeMap<String, (u32, PacketLinks)>,
     pub maps: AyaMaps,
     /// The same maps through other handles, for observers.
     pub observed: Arc<Maps>,
@@ -238,15 +246,17 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
             Err(e) => return Err(e),
         }
     }
-    let classifier: &mut SchedClassifier = program(&mut ebpf, PROGRAM)?;
-    classifier.load().map_err(load_error(PROGRAM))?;
+    for (name, _) in PACKET_PROGRAMS {
+        let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+        classifier.load().map_err(load_error(name))?;
+    }
     // A plain name must be there; a pattern may match nothing yet.
     let present =
         links::interfaces().ok_or_else(|| DataplaneError::Load("cannot list this namespace's interfaces".into()))?;
     for name in targets.interfaces.iter().filter(|i| !links::is_pattern(i)) {
         if !present.contains_key(name) {
             return Err(DataplaneError::Attach {
-                program: PROGRAM,
+                program: FROM_POD,
                 target: format!("interface {name:?}"),
                 reason: "no such interface in this network namespace".into(),
             });
@@ -294,29 +304,46 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector })
 }
 
-/// Attaches the (loaded) classifier on ingress of `iface`.
-pub fn attach_classifier(ebpf: &mut Ebpf, iface: &str) -> Result<SchedClassifierLinkId, DataplaneError> {
-    let classifier: &mut SchedClassifier = program(ebpf, PROGRAM)?;
+/// Attaches the (loaded) classifiers on ingress and egress of `iface`: both or neither.
+pub fn attach_classifier(ebpf: &mut Ebpf, iface: &str) -> Result<PacketLinks, DataplaneError> {
     // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
     if let Err(e) = tc::qdisc_add_clsact(iface) {
         tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
     }
-    let link = classifier.attach(iface, TcAttachType::Ingress).map_err(|e| DataplaneError::Attach {
-        program: PROGRAM,
-        target: format!("interface {iface:?}"),
-        reason: with_sources(&e),
-    })?;
-    tracing::info!(%iface, "datapath attached on ingress");
-    Ok(link)
+    let attach = |ebpf: &mut Ebpf, (name, hook): (&'static str, TcAttachType)| {
+        let classifier: &mut SchedClassifier = program(ebpf, name)?;
+        classifier.attach(iface, hook).map_err(|e| DataplaneError::Attach {
+            program: name,
+            target: format!("interface {iface:?}"),
+            reason: with_sources(&e),
+        })
+    };
+    let ingress = attach(ebpf, PACKET_PROGRAMS[0])?;
+    let egress = match attach(ebpf, PACKET_PROGRAMS[1]) {
+        Ok(link) => link,
+        Err(e) => {
+            // Requests translated with no one to translate the replies would break flows.
+            release_program(ebpf, PACKET_PROGRAMS[0].0, ingress);
+            return Err(e);
+        }
+    };
+    tracing::info!(%iface, "datapath attached on ingress and egress");
+    Ok([ingress, egress])
 }
 
-/// Lets go of the classifier's link to an interface that is gone (the
-/// kernel dropped the attachment with it; this frees what the agent holds).
-pub fn release_classifier(ebpf: &mut Ebpf, link: SchedClassifierLinkId) {
-    if let Ok(classifier) = program::<SchedClassifier>(ebpf, PROGRAM)
+/// Lets go of the classifiers' links to an interface that is gone (the
+/// kernel dropped the attachments with it; this frees what the agent holds).
+pub fn release_classifier(ebpf: &mut Ebpf, links: PacketLinks) {
+    for ((name, _), link) in PACKET_PROGRAMS.into_iter().zip(links) {
+        release_program(ebpf, name, link);
+    }
+}
+
+fn release_program(ebpf: &mut Ebpf, name: &'static str, link: SchedClassifierLinkId) {
+    if let Ok(classifier) = program::<SchedClassifier>(ebpf, name)
         && let Err(e) = classifier.detach(link)
     {
-        tracing::debug!(error = %e, "releasing the link of a gone interface");
+        tracing::debug!(program = name, error = %e, "releasing the link of a gone interface");
     }
 }
 

@@ -25,8 +25,8 @@ use std::{
     sync::Arc,
 };
 
-use aya::programs::tc::SchedClassifierLinkId;
-pub use load::{EBPF_OBJECT, MapSizes, PROGRAM, SOCKET_PROGRAMS, Targets, load};
+use load::PacketLinks;
+pub use load::{EBPF_OBJECT, FROM_POD, MapSizes, PACKET_PROGRAMS, SOCKET_PROGRAMS, TO_POD, Targets, load};
 use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
 use proxy_common::maps::{BACKEND_ACTIVE, Backend, BackendKey, ServiceKey, ServiceValue, kind};
 
@@ -110,9 +110,9 @@ pub struct EbpfDataplane<M = AyaMaps> {
     ebpf: Option<aya::Ebpf>,
     /// `--interfaces`: names and patterns the per-packet path follows.
     interface_patterns: Vec<String>,
-    /// Interfaces the classifier is on (name -> index and link), and ones
+    /// Interfaces the classifiers are on (name -> index and links), and ones
     /// that refused it (not tried again until they are recreated).
-    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    attached: BTreeMap<String, (u32, PacketLinks)>,
     refused: BTreeMap<String, u32>,
     observed: Option<Arc<crate::inspect::Maps>>,
     /// Removes expired conntrack entries while the dataplane lives.
