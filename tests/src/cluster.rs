@@ -127,7 +127,9 @@ impl Cluster {
         let gateway = pod_ip(index, 1);
         match self.shape {
             Shape::HostGw | Shape::Vxlan => {
-                ip(&["-n", &n, "link", "add", BRIDGE, "type", "bridge"])?;
+                // A fixed MAC, as the CNI bridge plugin sets one (see VirtualNode).
+                let mac = format!("02:00:0a:f4:{index:02x}:01");
+                ip(&["-n", &n, "link", "add", BRIDGE, "address", &mac, "type", "bridge"])?;
                 ip(&["-n", &n, "addr", "add", &format!("{gateway}/24"), "dev", BRIDGE])?;
                 ip(&["-n", &n, "link", "set", BRIDGE, "up"])?;
                 for dev in ["all", "default", BRIDGE] {

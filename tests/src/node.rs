@@ -79,7 +79,10 @@ impl VirtualNode {
         let prefix = unique_prefix();
         let ns = Netns::new(&format!("{prefix}-node"))?;
         let n = ns.name().to_string();
-        ip(&["-n", &n, "link", "add", BRIDGE, "type", "bridge"])?;
+        // A fixed MAC, as the CNI bridge plugin and Docker set one: otherwise
+        // the bridge takes its lowest port's MAC, which changes as pods come
+        // and go, and pods that cached the gateway's old MAC lose their way.
+        ip(&["-n", &n, "link", "add", BRIDGE, "address", "02:00:0a:f4:00:01", "type", "bridge"])?;
         ip(&["-n", &n, "addr", "add", &format!("{GATEWAY}/{PREFIX_LEN}"), "dev", BRIDGE])?;
         ip(&["-n", &n, "link", "set", BRIDGE, "up"])?;
         // Like a real node, it has a default route (here into a veth whose
