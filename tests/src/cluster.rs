@@ -193,6 +193,8 @@ impl Cluster {
         match shape {
             Shape::HostGw | Shape::Vxlan => {
                 ip(&["-n", &n, "link", "set", &host_if, "master", BRIDGE, "up"])?;
+                // As flannel's and the bridge plugin's hairpinMode (see VirtualNode).
+                ip(&["-n", &n, "link", "set", "dev", &host_if, "type", "bridge_slave", "hairpin", "on"])?;
                 ip(&["-n", &p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
                 if shape == Shape::Vxlan {
                     ip(&["-n", &p, "link", "set", "eth0", "mtu", "1450"])?;

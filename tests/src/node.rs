@@ -131,6 +131,9 @@ impl VirtualNode {
         let host_if = format!("veth{}", self.pods.len());
         ip(&["-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
         ip(&["-n", &node, "link", "set", &host_if, "master", BRIDGE, "up"])?;
+        // As the CNI bridge plugin's hairpinMode: a pod reaching its own
+        // Service gets its packets back through the port they came from.
+        ip(&["-n", &node, "link", "set", "dev", &host_if, "type", "bridge_slave", "hairpin", "on"])?;
         let p = ns.name().to_string();
         ip(&["-n", &p, "addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", "eth0"])?;
         ip(&["-n", &p, "link", "set", "eth0", "up"])?;
