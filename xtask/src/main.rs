@@ -116,8 +116,10 @@ const BENCH_INTRO: &str = "# Benchmarks
 kpr's eBPF mode, on its two paths, against kpr's iptables mode (kube-proxy's rules) and against no proxy at all \
 (the pod IPs dialled directly): `ebpf-socket` is socket-level load balancing alone (the socket hooks on the \
 node's cgroup, with the load generator in it, and no per-packet program), `ebpf` the per-packet path alone (TC \
-on the pod interfaces, `--socket-lb=false`). On a virtual node in network namespaces: a client pod, three \
-server pods behind the measured \
+on the pod interfaces' ingress and egress, `--socket-lb=false`). Each N is measured twice: with the backends \
+on the clients' node (`same node`: one virtual node in network namespaces) and on another node (`other node`: \
+two virtual nodes with routed pod CIDRs over an underlay bridge, flannel host-gw style, kpr running on both as \
+a DaemonSet would, the client node's agent measured). Client pods, three server pods behind the measured \
 Service (a fourth takes over in the one-change test), and N-1 other Services with 2-4 endpoints each. The \
 measured Service's VIP sorts last, where iptables mode reaches it at the end of KUBE-SERVICES. Services come \
 from `--source dir:` (JSON manifests; the measured Service in its own file). Client threads run on CPU 0, \
@@ -147,7 +149,7 @@ three client pods so none trips over another's TIME_WAIT state.
 followed, or when over 1% of a connection-rate run's attempts fail; the full run lists such problems in the \
 report and goes on.
 
-The node shortens conntrack's TIME_WAIT to 1 s: a run opens hundreds of thousands of connections, and a full \
+Each node shortens conntrack's TIME_WAIT to 1 s: a run opens hundreds of thousands of connections, and a full \
 conntrack table would drop SYNs and measure the benchmark's own history. iptables mode runs on the legacy \
 backend: iptables-nft-restore 1.8.9 took 177 s to load 10,000 Services here (legacy: 2.5 s) and does not \
 finish 50,000 within the run; one legacy rule on the node makes kpr choose legacy, as kube-proxy chooses the \

@@ -7,6 +7,7 @@
 
 pub mod load;
 pub mod report;
+pub mod topology;
 pub mod workload;
 
 use std::{
@@ -22,9 +23,11 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use topology::{BenchNode, Nodes, Placement};
+
 use crate::{
     kpr::{self, Kpr},
-    node::VirtualNode,
+    netns::Netns,
     servers::{self, Server},
 };
 
@@ -48,6 +51,8 @@ pub struct Config {
     /// (`--socket-lb=false`) and `ebpf-socket` the socket hooks with the
     /// load generator under the node's cgroup.
     pub modes: Vec<&'static str>,
+    /// Backends beside the clients, on another node, or both.
+    pub placements: Vec<Placement>,
     pub warmup: Duration,
     pub duration: Duration,
     pub repetitions: usize,
@@ -66,6 +71,7 @@ impl Config {
             strict: false,
             services: vec![1, 1_000, 10_000, 50_000],
             modes: vec!["ebpf-socket", "ebpf", "iptables"],
+            placements: vec![Placement::SameNode, Placement::OtherNode],
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
@@ -82,6 +88,7 @@ impl Config {
             strict: true,
             services: vec![1, 1_000],
             modes: vec!["ebpf-socket", "ebpf", "iptables"],
+            placements: vec![Placement::SameNode, Placement::OtherNode],
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
@@ -117,6 +124,8 @@ impl Stat {
 #[serde(default)]
 pub struct Row {
     pub mode: String,
+    /// Where the backends ran, seen from the clients.
+    pub placement: Placement,
     pub services: usize,
     /// Endpoints installed over all N Services.
     pub endpoints: usize,
@@ -232,67 +241,71 @@ impl Problems {
 }
 
 /// How a problem names what was measured.
-fn label(mode: &str, n: usize) -> String {
-    format!("{mode} at N={n}")
+pub(crate) fn label(row: &Row) -> String {
+    match row.placement {
+        Placement::SameNode => format!("{} at N={}", row.mode, row.services),
+        other => format!("{} at N={} (backends on the {})", row.mode, row.services, other.as_str()),
+    }
 }
 
+/// The load generators, by name and host part of their address. Separate
+/// clients for Service and direct traffic: the servers keep TIME_WAIT state
+/// per client address and port, and a client's ISNs depend on the address
+/// it dials, so sharing one client between the VIP and the pod IPs would
+/// make each load trip over the other's TIME_WAITs. Socket-level load
+/// balancing dials the pod IPs too, with the ISNs of those addresses: it
+/// has a client of its own for the same reason.
+const CLIENTS: [(&str, u8); 3] = [("client", 100), ("direct", 101), ("socket-client", 102)];
+
 struct Bench {
-    node: VirtualNode,
+    placement: Placement,
+    // Servers first: they stop before their namespaces go.
     _servers: Vec<Server>,
+    nodes: Nodes,
     endpoints: Vec<Ipv4Addr>,
     spare: Ipv4Addr,
 }
 
 impl Bench {
-    fn new() -> anyhow::Result<Self> {
-        let mut pods: Vec<(String, Ipv4Addr)> = SERVING
-            .iter()
-            .chain([&SPARE])
-            .enumerate()
-            .map(|(i, n)| (n.to_string(), Ipv4Addr::new(10, 244, 0, 11 + i as u8)))
-            .collect();
-        // Separate clients for Service and direct traffic: the servers keep
-        // TIME_WAIT state per client address and port, and a client's ISNs
-        // depend on the address it dials, so sharing one client between the
-        // VIP and the pod IPs would make each load trip over the other's
-        // TIME_WAITs.
-        // Socket-level load balancing dials the pod IPs too, with the ISNs
-        // of those addresses: it has a client of its own for the same reason.
-        pods.push(("client".into(), Ipv4Addr::new(10, 244, 0, 100)));
-        pods.push(("direct".into(), Ipv4Addr::new(10, 244, 0, 101)));
-        pods.push(("socket-client".into(), Ipv4Addr::new(10, 244, 0, 102)));
-        let spec: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
-        let node = VirtualNode::new(&spec)?;
-        // A run opens hundreds of thousands of connections; conntrack keeps
-        // each closed one for 120 s, and a full table drops new SYNs. Keep
-        // closed connections for a second only, so the table measures the
-        // proxy, not the benchmark's own history.
-        node.ns.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1")?;
-        // iptables mode runs on the legacy backend: iptables-nft-restore
-        // 1.8.9 took 177 s here to load 10,000 Services (legacy: 2.5 s) and
-        // would not finish 50,000 within the run. One legacy rule makes kpr
-        // choose legacy, as kube-proxy chooses the backend that has rules.
-        node.ns.exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
-        for client in ["client", "direct", "socket-client"] {
-            let ns = &node.pod(client).ns;
+    fn new(placement: Placement) -> anyhow::Result<Self> {
+        let servers: Vec<(&str, u8)> =
+            SERVING.iter().chain([&SPARE]).enumerate().map(|(i, n)| (*n, 11 + i as u8)).collect();
+        let nodes = Nodes::new(placement, &CLIENTS, &servers)?;
+        for node in nodes.all() {
+            // A run opens hundreds of thousands of connections; conntrack keeps
+            // each closed one for 120 s, and a full table drops new SYNs. Keep
+            // closed connections for a second only, so the table measures the
+            // proxy, not the benchmark's own history.
+            node.ns().sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1")?;
+            // iptables mode runs on the legacy backend: iptables-nft-restore
+            // 1.8.9 took 177 s here to load 10,000 Services (legacy: 2.5 s) and
+            // would not finish 50,000 within the run. One legacy rule makes kpr
+            // choose legacy, as kube-proxy chooses the backend that has rules.
+            node.ns().exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
+        }
+        for (client, _) in CLIENTS {
+            let ns = nodes.client_node().pod_ns(client);
             // Room for tens of thousands of connections a second from one address.
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         }
+        let server_node = nodes.server_node();
         let mut running = Vec::new();
-        for (name, _) in &pods[..4] {
-            running.push(servers::tcp_pool(&node.pod(name).ns, PORT, name, 8, Some(SERVER_CPU))?);
+        for (name, _) in &servers {
+            running.push(servers::tcp_pool(server_node.pod_ns(name), PORT, name, 8, Some(SERVER_CPU))?);
         }
-        Ok(Self { endpoints: pods[..3].iter().map(|p| p.1).collect(), spare: pods[3].1, node, _servers: running })
+        let endpoints = SERVING.iter().map(|n| server_node.pod_ip(n)).collect();
+        let spare = server_node.pod_ip(SPARE);
+        Ok(Self { placement, _servers: running, nodes, endpoints, spare })
     }
 
-    /// The client a mode's load comes from (see [`Bench::new`]).
-    fn client(&self, mode: &str) -> &crate::netns::Netns {
-        &self.node.pod(if mode == "ebpf-socket" { "socket-client" } else { "client" }).ns
+    /// The client a mode's load comes from (see [`CLIENTS`]).
+    fn client(&self, mode: &str) -> &Netns {
+        self.nodes.client_node().pod_ns(if mode == "ebpf-socket" { "socket-client" } else { "client" })
     }
 
-    fn direct_client(&self) -> &crate::netns::Netns {
-        &self.node.pod("direct").ns
+    fn direct_client(&self) -> &Netns {
+        self.nodes.client_node().pod_ns("direct")
     }
 
     fn traffic(
@@ -305,7 +318,7 @@ impl Bench {
     ) -> anyhow::Result<()> {
         let mut rates = Vec::new();
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
-        let what = label(&row.mode, row.services);
+        let what = label(row);
         for rep in 1..=cfg.repetitions {
             let load = load::connection_rate(client, targets, cfg.threads, &[CLIENT_CPU], cfg.warmup, cfg.duration)?;
             rates.push(load.rate);
@@ -419,11 +432,11 @@ fn bpf_maps(pid: u32) -> Option<(f64, usize)> {
 
 /// kpr's rules on the node (`-A` lines over both backends) and the backend
 /// holding its KUBE-SERVICES chain.
-fn iptables_rules(node: &VirtualNode) -> (usize, Option<String>) {
+fn iptables_rules(node: &dyn BenchNode) -> (usize, Option<String>) {
     let mut rules = 0;
     let mut backend = None;
     for (name, cmd) in [("nft", "iptables-nft-save"), ("legacy", "iptables-legacy-save")] {
-        let saved = node.ns.output(&[cmd]).unwrap_or_default();
+        let saved = node.ns().output(&[cmd]).unwrap_or_default();
         rules += saved.lines().filter(|l| l.starts_with("-A ")).count();
         if saved.contains("-A KUBE-SERVICES") {
             backend = Some(name.to_string());
@@ -442,10 +455,12 @@ fn measure_mode(
     work: &std::path::Path,
     problems: &mut Problems,
 ) -> anyhow::Result<Row> {
-    let manifests = work.join(format!("{mode}-{n}"));
+    let placement = bench.placement;
+    let manifests = work.join(format!("{mode}-{n}-{}", placement.as_str().replace(' ', "-")));
     std::fs::create_dir_all(&manifests)?;
     workload::write(&manifests, n, &bench.endpoints)?;
-    let mut row = Row { mode: mode.into(), services: n, endpoints: workload::endpoints(n), ..Default::default() };
+    let mut row =
+        Row { mode: mode.into(), placement, services: n, endpoints: workload::endpoints(n), ..Default::default() };
 
     // Room for every Service and VIP, and a conntrack map sized for the load.
     let mut args = vec![
@@ -460,21 +475,27 @@ fn measure_mode(
     });
     // The socket hooks serve only processes in the node's cgroup: the load
     // generator (this process) joins it for the measurement.
-    let member = if mode == "ebpf-socket" { Some(bench.node.cgroup.enter()?) } else { None };
-    let log = work.join(format!("kpr-{mode}-{n}.log"));
+    let client_node = bench.nodes.client_node();
+    let member = if mode == "ebpf-socket" { Some(client_node.cgroup().enter()?) } else { None };
     let started = Instant::now();
-    let node = &bench.node;
-    // The socket row is socket-level load balancing alone, as the DaemonSet
+    // kpr runs on every node, the client's first (the one measured). The
+    // socket row is socket-level load balancing alone, as the DaemonSet
     // runs by default: no per-packet program on the pod interfaces.
-    let interfaces = if mode == "ebpf-socket" { Vec::new() } else { node.interfaces() };
-    let mut agent = Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &interfaces, &args, &log)?;
-    let measured = measure_agent(cfg, bench, &agent, &manifests, started, &mut row, problems);
+    let mut agents = Vec::new();
+    for (i, node) in bench.nodes.all().into_iter().enumerate() {
+        let log = manifests.with_extension(format!("node{i}.log"));
+        let interfaces = if mode == "ebpf-socket" { Vec::new() } else { node.interfaces() };
+        agents.push(Kpr::spawn_on(node.ns(), node.bpf_root(), node.cgroup(), &interfaces, &args, &log)?);
+    }
+    let measured = measure_agent(cfg, bench, &agents[0], &manifests, started, &mut row, problems);
     drop(member);
-    let stopped = agent.interrupt();
-    let cleaned = kpr::command(&bench.node.ns, &["cleanup"]);
+    let what = label(&row);
+    let stopped: anyhow::Result<Vec<_>> = agents.iter_mut().map(Kpr::interrupt).collect();
+    let cleaned: anyhow::Result<Vec<String>> =
+        bench.nodes.all().into_iter().map(|node| kpr::command(node.ns(), &["cleanup"])).collect();
     measured?;
-    stopped.with_context(|| format!("stopping the agent ({})", label(mode, n)))?;
-    cleaned.with_context(|| format!("kpr cleanup after {}", label(mode, n)))?;
+    stopped.with_context(|| format!("stopping the agents ({what})"))?;
+    cleaned.with_context(|| format!("kpr cleanup after {what}"))?;
     Ok(row)
 }
 
@@ -490,7 +511,7 @@ fn measure_agent(
     problems: &mut Problems,
 ) -> anyhow::Result<()> {
     let (mode, n) = (row.mode.clone(), row.services);
-    let what = label(&mode, n);
+    let what = label(row);
     let target = SocketAddr::from((workload::measured_vip(n), 80));
     let pid = agent.pid().context("agent pid")?;
     let limit = cfg.answer_within;
@@ -505,7 +526,7 @@ fn measure_agent(
         row.bpf_maps_mib = maps.map(|m| m.0);
         row.bpf_map_count = maps.map(|m| m.1);
     } else {
-        let (rules, backend) = iptables_rules(&bench.node);
+        let (rules, backend) = iptables_rules(bench.nodes.client_node());
         row.iptables_rules = Some(rules);
         row.iptables_backend = backend;
     }
@@ -578,36 +599,45 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
     let mut problems = Problems { strict: cfg.strict, seen: Vec::new() };
     eprintln!("bench: {}", report.machine);
     for &n in &cfg.services {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let bench = Bench::new()?;
-        let direct_targets: Vec<SocketAddr> = bench.endpoints.iter().map(|ip| SocketAddr::from((*ip, PORT))).collect();
-        let mut direct =
-            Row { mode: "direct".into(), services: n, endpoints: workload::endpoints(n), ..Default::default() };
-        bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, &mut problems)?;
-        if report.generator.is_none() {
-            report.generator = Some(bench.generator_check(cfg, &direct_targets, &mut problems)?);
-        }
-        eprintln!("bench: N={n:>6} direct  {:>9.0} conn/s", direct.conn_rate.median);
-        let direct_rate = direct.conn_rate.median;
-        report.rows.push(direct);
-        for &mode in &cfg.modes {
+        for &placement in &cfg.placements {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
-            row.conn_ratio = Some(row.conn_rate.median / direct_rate);
-            if let Some(backend) = &row.iptables_backend {
-                report.iptables_backend.clone_from(backend);
+            let bench = Bench::new(placement)?;
+            let direct_targets: Vec<SocketAddr> =
+                bench.endpoints.iter().map(|ip| SocketAddr::from((*ip, PORT))).collect();
+            let mut direct = Row {
+                mode: "direct".into(),
+                placement,
+                services: n,
+                endpoints: workload::endpoints(n),
+                ..Default::default()
+            };
+            bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, &mut problems)?;
+            if report.generator.is_none() {
+                report.generator = Some(bench.generator_check(cfg, &direct_targets, &mut problems)?);
             }
-            eprintln!(
-                "bench: N={n:>6} {mode:<8}{:>9.0} conn/s, cold {:.0} ms, change {:.1} ms",
-                row.conn_rate.median,
-                row.cold_ms.unwrap_or(f64::NAN),
-                row.change_ms.as_ref().map_or(f64::NAN, |s| s.median)
-            );
-            report.rows.push(row);
+            let at = format!("N={n:>6} {:<10}", placement.as_str());
+            eprintln!("bench: {at} direct      {:>9.0} conn/s", direct.conn_rate.median);
+            let direct_rate = direct.conn_rate.median;
+            report.rows.push(direct);
+            for &mode in &cfg.modes {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
+                row.conn_ratio = Some(row.conn_rate.median / direct_rate);
+                if let Some(backend) = &row.iptables_backend {
+                    report.iptables_backend.clone_from(backend);
+                }
+                eprintln!(
+                    "bench: {at} {mode:<11}{:>9.0} conn/s, cold {:.0} ms, change {:.1} ms",
+                    row.conn_rate.median,
+                    row.cold_ms.unwrap_or(f64::NAN),
+                    row.change_ms.as_ref().map_or(f64::NAN, |s| s.median)
+                );
+                report.rows.push(row);
+            }
         }
     }
     report.problems = problems.seen;

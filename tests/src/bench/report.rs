@@ -7,7 +7,7 @@ use std::{fmt::Write as _, path::Path};
 
 use plotters::prelude::*;
 
-use super::{GeneratorCheck, MAX_ERROR_RATE, Report, Row, Stat};
+use super::{GeneratorCheck, MAX_ERROR_RATE, Placement, Report, Row, Stat, label};
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
     match v {
@@ -19,13 +19,14 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
 /// The results as a Markdown table (also printed on stdout).
 pub fn table(r: &Report) -> String {
     let mut t = String::from(
-        "| mode | Services | conn/s (median, min–max) | × direct | conn errors % | RR p50 µs | RR p99 µs | cold program ms | one change ms (median, min–max) | agent RSS MiB | agent peak MiB | BPF maps MiB | iptables rules | agent CPU ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| mode | backends | Services | conn/s (median, min–max) | × direct | conn errors % | RR p50 µs | RR p99 µs | cold program ms | one change ms (median, min–max) | agent RSS MiB | agent peak MiB | BPF maps MiB | iptables rules | agent CPU ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in &r.rows {
         writeln!(
             t,
-            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             row.mode,
+            row.placement.as_str(),
             row.services,
             row.conn_rate.median,
             row.conn_rate.min,
@@ -118,22 +119,49 @@ fn color(mode: &str) -> RGBColor {
     }
 }
 
+/// A plotted line: a mode with its backends placed one way.
+struct Series {
+    mode: &'static str,
+    placement: Placement,
+    points: Vec<(f64, f64)>,
+}
+
+impl Series {
+    fn label(&self) -> String {
+        match self.placement {
+            Placement::SameNode => self.mode.to_string(),
+            other => format!("{} ({})", self.mode, other.as_str()),
+        }
+    }
+
+    /// The mode's color; backends on another node get it paler.
+    fn color(&self) -> RGBColor {
+        let c = color(self.mode);
+        match self.placement {
+            Placement::SameNode => c,
+            Placement::OtherNode => RGBColor(c.0 / 2 + 128, c.1 / 2 + 128, c.2 / 2 + 128),
+        }
+    }
+}
+
 fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
-    let series: Vec<(&str, Vec<(f64, f64)>)> = ["direct", "ebpf-socket", "ebpf", "iptables"]
-        .iter()
-        .map(|m| {
-            let pts = report
+    let modes = ["direct", "ebpf-socket", "ebpf", "iptables"];
+    let series: Vec<Series> = [Placement::SameNode, Placement::OtherNode]
+        .into_iter()
+        .flat_map(|placement| modes.map(|mode| (mode, placement)))
+        .map(|(mode, placement)| {
+            let points = report
                 .rows
                 .iter()
-                .filter(|r| r.mode == *m)
+                .filter(|r| r.mode == mode && r.placement == placement)
                 .filter_map(|r| Some(((r.services as f64).max(1.0), (p.value)(r)?)))
                 .filter(|(_, y)| y.is_finite() && (!p.log_y || *y > 0.0))
                 .collect();
-            (*m, pts)
+            Series { mode, placement, points }
         })
-        .filter(|(_, pts): &(&str, Vec<(f64, f64)>)| !pts.is_empty())
+        .filter(|s| !s.points.is_empty())
         .collect();
-    let ys = series.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.1));
+    let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
     let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));
     if lo > hi {
         return Ok(());
@@ -150,13 +178,13 @@ fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
         ($chart:expr) => {{
             let mut chart = $chart;
             chart.configure_mesh().x_desc("Services installed").y_desc(p.y).draw()?;
-            for (mode, pts) in &series {
-                let c = color(mode);
+            for s in &series {
+                let c = s.color();
                 chart
-                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
-                    .label(*mode)
+                    .draw_series(LineSeries::new(s.points.clone(), c.stroke_width(2)))?
+                    .label(s.label())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-                chart.draw_series(pts.iter().map(|pt| Circle::new(*pt, 4, c.filled())))?;
+                chart.draw_series(s.points.iter().map(|pt| Circle::new(*pt, 4, c.filled())))?;
             }
             chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
         }};
@@ -208,31 +236,32 @@ pub fn markdown(r: &Report, plot_dir: &str) -> String {
 
 /// The targets the project set itself, and whether this run met them.
 pub fn targets(r: &Report) -> String {
-    let row = |mode: &str, n: usize| r.rows.iter().find(|x| x.mode == mode && x.services == n);
+    let row = |mode: &str, n: usize| {
+        r.rows.iter().find(|x| x.mode == mode && x.services == n && x.placement == Placement::SameNode)
+    };
     let verdict = |ok: bool| if ok { "met" } else { "not met" };
     let mut out = String::from("Targets (reported whether met or not):\n\n");
-    let ratios: Vec<String> = r
-        .rows
-        .iter()
-        .filter(|x| x.mode == "ebpf")
-        .map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3)))
-        .collect();
-    let all = r.rows.iter().filter(|x| x.mode == "ebpf").all(|x| x.conn_ratio.is_some_and(|v| v >= 0.95));
-    writeln!(
-        out,
-        "- eBPF per-packet connection rate ≥ 0.95 × direct at every N ({}): {}",
-        ratios.join(", "),
-        verdict(all)
-    )
-    .expect("writing to a String cannot fail");
-    let socket: Vec<&Row> = r.rows.iter().filter(|x| x.mode == "ebpf-socket").collect();
-    if !socket.is_empty() {
-        let ratios: Vec<String> = socket.iter().map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3))).collect();
-        let all = socket.iter().all(|x| x.conn_ratio.is_some_and(|v| v >= 0.98));
+    for (mode, name, target) in [("ebpf", "per-packet", 0.95), ("ebpf-socket", "socket-level", 0.98)] {
+        let rows: Vec<&Row> = r.rows.iter().filter(|x| x.mode == mode).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let ratios: Vec<String> = [Placement::SameNode, Placement::OtherNode]
+            .into_iter()
+            .filter_map(|placement| {
+                let at: Vec<String> = rows
+                    .iter()
+                    .filter(|x| x.placement == placement)
+                    .map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3)))
+                    .collect();
+                (!at.is_empty()).then(|| format!("backends on the {}: {}", placement.as_str(), at.join(", ")))
+            })
+            .collect();
+        let all = rows.iter().all(|x| x.conn_ratio.is_some_and(|v| v >= target));
         writeln!(
             out,
-            "- eBPF socket-level connection rate ≥ 0.98 × direct at every N ({}): {}",
-            ratios.join(", "),
+            "- eBPF {name} connection rate ≥ {target} × direct at every N ({}): {}",
+            ratios.join("; "),
             verdict(all)
         )
         .expect("writing to a String cannot fail");
@@ -291,7 +320,7 @@ pub fn targets(r: &Report) -> String {
         MAX_ERROR_RATE * 100.0,
         match worst {
             Some(w) if w.conn_error_worst > 0.0 => {
-                format!("{:.2}%, {} at N={}", w.conn_error_worst * 100.0, w.mode, w.services)
+                format!("{:.2}%, {}", w.conn_error_worst * 100.0, label(w))
             }
             Some(_) => "0%: no attempt failed".into(),
             None => "–".into(),
@@ -331,7 +360,7 @@ pub fn spread(r: &Report) -> String {
         let widest =
             r.rows.iter().filter_map(|x| Some((relative_spread(stat(x)?)?, x))).max_by(|a, b| a.0.total_cmp(&b.0));
         if let Some((v, x)) = widest {
-            parts.push(format!("{name} {:.0}% ({} at N={})", v * 100.0, x.mode, x.services));
+            parts.push(format!("{name} {:.0}% ({})", v * 100.0, label(x)));
         }
     }
     if let Some(g) = &r.generator {
@@ -503,5 +532,30 @@ mod tests {
         assert!(!s.contains("RR p50"), "latency had no figures: {s}");
         let single = Report { repetitions: 1, ..r };
         assert!(spread(&single).contains("single run"));
+    }
+
+    #[test]
+    fn rows_with_backends_on_another_node_are_told_apart_and_judged_too() {
+        let row = |placement, ratio| Row {
+            mode: "ebpf-socket".into(),
+            placement,
+            services: 1000,
+            conn_ratio: Some(ratio),
+            ..Default::default()
+        };
+        let r =
+            Report { rows: vec![row(Placement::SameNode, 1.01), row(Placement::OtherNode, 0.9)], ..Default::default() };
+        let t = table(&r);
+        assert!(
+            t.contains("| ebpf-socket | same node | 1000 |") && t.contains("| ebpf-socket | other node | 1000 |"),
+            "{t}"
+        );
+        let verdicts = targets(&r);
+        assert!(
+            verdicts
+                .contains("backends on the same node: 1000: 1.010; backends on the other node: 1000: 0.900): not met"),
+            "the other node's miss counts: {verdicts}"
+        );
+        assert_eq!(label(&r.rows[1]), "ebpf-socket at N=1000 (backends on the other node)");
     }
 }
