@@ -47,16 +47,25 @@ pub(crate) fn backend_at(svc: &ServiceValue, slot: u32) -> Option<Backend> {
     BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }).map(|b| unsafe { core::ptr::read(b) })
 }
 
-/// A ready backend of `svc` (which has some) for a new flow, uniformly at
-/// random, with its slot.
+/// A ready slot of `svc` (which has some), uniformly at random.
 #[inline(always)]
-pub(crate) fn choose(svc: &ServiceValue) -> Result<(u32, Backend), DropReason> {
-    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
-    // A set is written whole before it is published, but a program that
-    // read the frontend just before a newer set replaced it may find the
-    // old set's slots already freed: the flow is refused, counted, and
-    // the client retries.
-    backend_at(svc, slot).map(|b| (slot, b)).ok_or(DropReason::BackendMissing)
+fn random_slot(svc: &ServiceValue) -> u32 {
+    select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count)
+}
+
+/// The backend in a slot a new flow chose. A set is written whole before it
+/// is published, but a program that read the frontend just before a newer
+/// set replaced it may find the old set's slots already freed: the flow is
+/// refused, counted, and the client retries.
+#[inline(always)]
+fn chosen(svc: &ServiceValue, slot: u32) -> Result<Backend, DropReason> {
+    backend_at(svc, slot).ok_or(DropReason::BackendMissing)
+}
+
+/// A ready backend of `svc` (which has some) for a new flow, uniformly at random.
+#[inline(always)]
+pub(crate) fn choose(svc: &ServiceValue) -> Result<Backend, DropReason> {
+    chosen(svc, random_slot(svc))
 }
 
 /// The frontend an ICMP error about a packet the client sent to a backend
@@ -106,7 +115,7 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
     if svc.backend_count == 0 {
         return Ok(Lookup::NoBackend);
     }
-    let (first, _) = choose(&svc)?;
+    let first = random_slot(&svc);
     // Two frontends sharing a backend: the same client port to both would
     // give two flows one reply tuple. Another backend avoids it; with none
     // left the packet is dropped, counted, and the client retries.
@@ -115,7 +124,7 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
             break;
         }
         let slot = if first + i >= svc.backend_count { first + i - svc.backend_count } else { first + i };
-        let backend = backend_at(&svc, slot).ok_or(DropReason::BackendMissing)?;
+        let backend = chosen(&svc, slot)?;
         if !conntrack::claimed(&flow, &backend, now) {
             conntrack::create(&flow, svc.id, slot, &backend, pkt.tcp_flags, now)?;
             return Ok(Lookup::ToBackend(backend, svc.id));

@@ -234,7 +234,7 @@ fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result
     let backend = match kept {
         Some(e) if e.service_id == svc.id => e.backend,
         _ => {
-            let (_, backend) = lookup::choose(&svc).map_err(Refusal::Drop)?;
+            let backend = lookup::choose(&svc).map_err(Refusal::Drop)?;
             if unconnected && SOCK_AFFINITY.insert(affinity, ForwardEntry { backend, service_id: svc.id }, 0).is_err() {
                 return Err(Refusal::Drop(DropReason::ConntrackFailed));
             }

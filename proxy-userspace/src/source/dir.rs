@@ -263,9 +263,11 @@ impl DirSource {
     /// contents stay in force meanwhile.
     pub async fn watch(self: Arc<Self>, changes: Changes) {
         let (wake_tx, mut wake) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-            // The watch loop is gone only when the agent stops.
-            wake_tx.send(()).ok();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if wakes(&event) {
+                // The watch loop is gone only when the agent stops.
+                wake_tx.send(()).ok();
+            }
         })
         .and_then(|mut w| w.watch(&self.dir, notify::RecursiveMode::NonRecursive).map(|()| w));
         if let Err(e) = &watcher {
@@ -301,6 +303,21 @@ impl DirSource {
     }
 }
 
+/// Whether a folder event may mean changed manifests. Opening, reading and
+/// closing unwritten are events too (the scan itself lists the folder and
+/// makes some), and waking on them would rescan in a loop, busy forever.
+fn wakes(event: &notify::Result<notify::Event>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event {
+        Ok(e) => match e.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        },
+        Err(_) => true,
+    }
+}
+
 impl Source for DirSource {
     fn ready(&self) -> bool {
         self.files.lock().unwrap().is_some()
@@ -314,6 +331,22 @@ impl Source for DirSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_the_folder_does_not_wake_the_watch_but_changing_it_does() {
+        use notify::{
+            Event, EventKind,
+            event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind},
+        };
+        let event = |kind| Ok(Event::new(kind));
+        assert!(!wakes(&event(EventKind::Access(AccessKind::Open(AccessMode::Any)))));
+        assert!(!wakes(&event(EventKind::Access(AccessKind::Close(AccessMode::Read)))));
+        assert!(wakes(&event(EventKind::Access(AccessKind::Close(AccessMode::Write)))), "a file written");
+        assert!(wakes(&event(EventKind::Create(CreateKind::File))));
+        assert!(wakes(&event(EventKind::Modify(ModifyKind::Any))));
+        assert!(wakes(&event(EventKind::Remove(RemoveKind::File))));
+        assert!(wakes(&Err(notify::Error::generic("overflow"))), "when in doubt, rescan");
+    }
 
     /// Services, slices and unreadable documents of the files.
     struct Parsed {
