@@ -67,17 +67,20 @@ impl FlowKey {
         Self { src_addr, dst_addr, src_port, dst_port, proto, dir: DIR_SERVICE, _pad: [0; 2] }
     }
 
+    /// A reply entry's key: what a backend at `src` sends to a client at `dst`.
+    pub const fn reply_tuple(
+        src_addr: [u8; 4],
+        src_port: [u8; 2],
+        dst_addr: [u8; 4],
+        dst_port: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self { src_addr, dst_addr, src_port, dst_port, proto, dir: DIR_REPLY, _pad: [0; 2] }
+    }
+
     /// The reply entry's key: what `backend` sends back to this service key's client.
     pub const fn reply(&self, backend_addr: [u8; 4], backend_port: [u8; 2]) -> Self {
-        Self {
-            src_addr: backend_addr,
-            dst_addr: self.src_addr,
-            src_port: backend_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-            dir: DIR_REPLY,
-            _pad: [0; 2],
-        }
+        Self::reply_tuple(backend_addr, backend_port, self.src_addr, self.src_port, self.proto)
     }
 
     /// The service entry's key of the flow this reply key answers, the

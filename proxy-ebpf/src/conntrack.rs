@@ -10,7 +10,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use proxy_common::{
-    conntrack::{CtEntry, DIR_REPLY, FlowKey, STATE_CLOSING, expired, is_syn, next_state, syn_opens_new_connection},
+    conntrack::{CtEntry, FlowKey, STATE_CLOSING, expired, is_syn, next_state, syn_opens_new_connection},
     counters::{Counter, DropReason},
     maps::{BACKEND_ACTIVE, Backend, PROTO_TCP, ServiceValue},
 };
@@ -53,15 +53,7 @@ fn touch(entry: *mut CtEntry, tcp_flags: u8, reply: bool, now: u32) {
 #[inline(always)]
 pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
     let ct = table(pkt.proto);
-    let key = FlowKey {
-        src_addr: pkt.src,
-        dst_addr: pkt.dst,
-        src_port: pkt.src_port,
-        dst_port: pkt.dst_port,
-        proto: pkt.proto,
-        dir: DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::reply_tuple(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
     let rev = ct.get_ptr_mut(key)?;
     let frontend = unsafe { core::ptr::read(rev) };
     let live = match ct.get_ptr_mut(key.service_of_reply(frontend.addr, frontend.port)) {
@@ -121,15 +113,7 @@ pub(crate) fn forget_direct(pkt: &Packet) {
         return;
     }
     let ct = table(pkt.proto);
-    let key = FlowKey {
-        src_addr: pkt.dst,
-        dst_addr: pkt.src,
-        src_port: pkt.dst_port,
-        dst_port: pkt.src_port,
-        proto: pkt.proto,
-        dir: DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::reply_tuple(pkt.dst, pkt.dst_port, pkt.src, pkt.src_port, pkt.proto);
     if ct.get_ptr(key).is_some() && ct.remove(&key).is_ok() {
         count(Counter::ConntrackStale, ());
     }

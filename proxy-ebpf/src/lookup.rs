@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    conntrack::{CtEntry, DIR_REPLY, FlowKey},
+    conntrack::{CtEntry, FlowKey},
     counters::DropReason,
     ipv4::Fragment,
     maps::{Backend, BackendKey, ServiceKey, ServiceValue},
@@ -73,7 +73,7 @@ pub(crate) fn choose(svc: &ServiceValue) -> Result<Backend, DropReason> {
 #[inline(always)]
 pub(crate) fn icmp_to_client(err: &IcmpError) -> Option<CtEntry> {
     let q = &err.quoted;
-    let reply = FlowKey { dir: DIR_REPLY, ..FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto) };
+    let reply = FlowKey::reply_tuple(q.dst, q.dst_port, q.src, q.src_port, q.proto);
     conntrack::frontend_of(&reply, conntrack::now())
 }
 
