@@ -94,7 +94,7 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
             found
         }
     };
-    // The per-packet path also sits where replies from other nodes arrive.
+    // The per-packet path also sits on the node's devices, where traffic from outside enters.
     let mut interfaces = cfg.interfaces.clone();
     if !interfaces.is_empty() {
         let devices = cfg.devices.clone().unwrap_or_else(|| {

@@ -68,9 +68,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         interfaces: Vec<String>,
         /// The node's devices (names or patterns, comma separated), where
-        /// replies from backends on other nodes arrive: the per-packet path
-        /// translates them back there. Default: the interfaces holding the
-        /// default routes. Used with --interfaces.
+        /// the per-packet path also translates traffic entering the node
+        /// from outside. Default: the interfaces holding the default
+        /// routes. Used with --interfaces.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
         /// Socket-level load balancing (eBPF mode): connects and sends to a
@@ -258,7 +258,7 @@ struct StatusReport {
     #[serde(flatten)]
     agent: Status,
     agent_running: bool,
-    /// Interface -> the programs attached on its ingress.
+    /// Interface -> the programs attached on its ingress and egress.
     attached: std::collections::BTreeMap<String, Vec<String>>,
     maps: Vec<inspect::MapFill>,
 }
@@ -285,7 +285,7 @@ fn print_status(state_dir: PathBuf, bpf_root: PathBuf, output: Output) -> anyhow
     println!("interfaces:");
     for (iface, programs) in &report.attached {
         let programs = if programs.is_empty() { "no program attached".to_string() } else { programs.join(", ") };
-        println!("  {iface:<16} ingress: {programs}");
+        println!("  {iface:<16} {programs}");
     }
     if !report.maps.is_empty() {
         println!("maps:");

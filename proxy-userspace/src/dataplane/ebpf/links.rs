@@ -62,7 +62,7 @@ pub fn selected<'a>(patterns: &[String], present: &'a BTreeMap<String, u32>) -> 
 }
 
 /// The interfaces holding a default route in `route` (the text of
-/// `/proc/net/route`): where replies from other nodes arrive.
+/// `/proc/net/route`): where traffic from other nodes and outside enters.
 pub fn default_route_interfaces(route: &str) -> Vec<String> {
     let mut out: Vec<String> = route
         .lines()
