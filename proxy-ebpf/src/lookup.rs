@@ -93,7 +93,6 @@ pub(crate) fn icmp_to_backend(err: &IcmpError) -> Option<CtEntry> {
 /// flow to a Service frontend.
 #[inline(always)]
 pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
-    let now = conntrack::now();
     let later_fragment = pkt.fragment == Fragment::Later;
     let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
     let Some(svc) = service(&key) else {
@@ -103,6 +102,8 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
         return Ok(Lookup::NotService);
     };
 
+    // Read only once the packet is to a Service: most packets a pod sends are not.
+    let now = conntrack::now();
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
     if let Some(backend) = conntrack::pinned(&flow, &svc, pkt.tcp_flags, now)? {
         return Ok(Lookup::ToBackend(backend, svc.id));
