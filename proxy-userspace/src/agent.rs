@@ -18,7 +18,10 @@ use proxy_userspace::{
         Dataplane, DataplaneError, Mode,
         ebpf::{EbpfDataplane, MapSizes, Targets, cgroup, links},
         iptables::{IptablesDataplane, render::RenderConfig},
+        node_addresses,
     },
+    frontend::Cidr,
+    healthcheck::HealthServers,
     metrics::{Metrics, ReasonLabels},
     source::{self, SharedIndex, Source, SourceSpec},
     status::{self, Status},
@@ -50,6 +53,8 @@ pub(crate) struct RunConfig {
     /// Where replies from other nodes arrive (the per-packet path attaches
     /// there too); `None`: the interfaces of the default routes.
     pub(crate) devices: Option<Vec<String>>,
+    /// `--nodeport-addresses`: prefixes selecting the node addresses NodePorts answer on.
+    pub(crate) nodeport_addresses: Vec<Cidr>,
     /// Socket-level load balancing in eBPF mode, on `cgroup_root`.
     pub(crate) socket_lb: bool,
     /// Where the socket hooks attach; found from the mounts when unset.
@@ -97,19 +102,26 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
     // The per-packet path also sits on the node's devices, where traffic from outside enters.
     let mut interfaces = cfg.interfaces.clone();
     if !interfaces.is_empty() {
-        let devices = cfg.devices.clone().unwrap_or_else(|| {
-            links::default_route_interfaces(&std::fs::read_to_string("/proc/net/route").unwrap_or_default())
-        });
-        interfaces.extend(devices.into_iter().filter(|d| !interfaces.contains(d)).collect::<Vec<_>>());
+        interfaces.extend(devices(cfg).into_iter().filter(|d| !interfaces.contains(d)).collect::<Vec<_>>());
     }
     Targets { interfaces, cgroup }
+}
+
+/// `--devices`, or the interfaces of the default routes.
+fn devices(cfg: &RunConfig) -> Vec<String> {
+    cfg.devices.clone().unwrap_or_else(|| {
+        links::default_route_interfaces(&std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+    })
 }
 
 /// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,
 /// verify, attach to every interface) fails. Returns why it fell back.
 fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<DataplaneError>), DataplaneError> {
     let iptables = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        Ok(Box::new(IptablesDataplane::new(cfg.iptables.clone(), cfg.iptables_full_sync_period)?))
+        let node_port_addresses = node_addresses::resolve(&cfg.nodeport_addresses, &devices(cfg));
+        tracing::info!(addresses = ?node_port_addresses, "NodePorts answer on");
+        let render = RenderConfig { node_port_addresses, ..cfg.iptables.clone() };
+        Ok(Box::new(IptablesDataplane::new(render, cfg.iptables_full_sync_period)?))
     };
     let ebpf = || -> Result<Box<dyn Dataplane>, DataplaneError> {
         Ok(Box::new(EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?))
@@ -206,6 +218,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }));
     }
     let mut taken_over = false;
+    let mut health_servers = HealthServers::default();
     let (bpf_root, state_dir) = (cfg.bpf_root.clone(), cfg.state_dir.clone());
     let after_sync = move |syncer: &mut Syncer<Box<dyn Dataplane>>, connected: bool| {
         if !taken_over {
@@ -220,6 +233,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let waiting = syncer.pending_retry().iter().filter(|k| model.frontends.contains_key(k)).count();
         status.frontends = model.frontends.len() - waiting;
         status.backends = model.backend_count();
+        health_servers.sync(&model);
         drop(model);
         if let Err(e) = status.write(&state_dir) {
             tracing::debug!(error = %format!("{e:#}"), "status file not updated");

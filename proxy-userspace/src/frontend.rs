@@ -2,7 +2,7 @@
 //! and the endpoints behind it. Plain data at the bottom of the crate:
 //! everything above (model, planner, dataplanes, observers) speaks it.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use crate::name::ServicePortName;
 
@@ -36,9 +36,9 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// The Service type; NodePort and LoadBalancer Services are reached through
-/// their ClusterIP today, and carry their node port and ingress addresses
-/// for the data paths that come later.
+/// The Service type: a NodePort Service is also reached on every node
+/// address at its node port, a LoadBalancer Service also at its ingress
+/// addresses (see [`External`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum ServiceType {
     ClusterIP,
@@ -78,15 +78,96 @@ pub struct Frontend {
     pub service: ServicePortName,
     pub key: FrontendKey,
     pub service_type: ServiceType,
-    /// The node port of a NodePort or LoadBalancer Service.
-    pub node_port: Option<u16>,
-    /// Ingress addresses of a LoadBalancer Service (IPv4 only).
-    pub load_balancer_ips: Box<[Ipv4Addr]>,
+    /// How the Service port is reached from outside the cluster, if it is;
+    /// boxed, as most Services are ClusterIP only.
+    pub external: Option<Box<External>>,
     /// Ready endpoints, sorted and without duplicates: the ones traffic goes to.
     pub backends: Box<[Endpoint]>,
     /// Endpoints shutting down but still serving; kept for traffic-policy
     /// fallbacks, not chosen for new flows.
     pub terminating: Box<[Endpoint]>,
+}
+
+/// The ways into a Service port from outside the cluster, and the policy
+/// for traffic that comes in by them (`externalTrafficPolicy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct External {
+    /// The node port, reached on every node address of `--nodeport-addresses`.
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs`, at the Service port.
+    pub external_ips: Box<[Ipv4Addr]>,
+    /// `status.loadBalancer.ingress[].ip` (except `ipMode: Proxy`), at the Service port.
+    pub load_balancer_ips: Box<[Ipv4Addr]>,
+    /// `spec.loadBalancerSourceRanges`: when set, only these clients reach
+    /// the load balancer addresses; others are dropped.
+    pub source_ranges: Box<[Cidr]>,
+    /// `externalTrafficPolicy: Local`: traffic from outside goes only to
+    /// endpoints on this node, with the client address kept.
+    pub local_only: bool,
+    /// `spec.healthCheckNodePort` of a Local policy Service: where load
+    /// balancers ask whether this node has endpoints.
+    pub health_check_node_port: Option<u16>,
+    /// With `local_only`: this node's ready endpoints, or when it has none
+    /// its serving-terminating ones (kube-proxy's fallback).
+    pub local_backends: Box<[Endpoint]>,
+}
+
+impl External {
+    /// Whether anything reaches the Service port from outside.
+    pub fn is_empty(&self) -> bool {
+        self.node_port.is_none() && self.external_ips.is_empty() && self.load_balancer_ips.is_empty()
+    }
+
+    /// Where external traffic goes: this node's endpoints under a Local
+    /// policy, all ready ones under Cluster.
+    pub fn backends<'a>(&'a self, frontend: &'a Frontend) -> &'a [Endpoint] {
+        if self.local_only { &self.local_backends } else { &frontend.backends }
+    }
+}
+
+/// An IPv4 prefix, as in `loadBalancerSourceRanges` and `--nodeport-addresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    fn mask(&self) -> u32 {
+        if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    /// `a.b.c.d/len`, or a bare address (a /32); the host bits are cleared.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().ok().filter(|l| *l <= 32).ok_or(format!("{s:?}: bad prefix length"))?),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|e| format!("{s:?} is not an IPv4 prefix ({e})"))?;
+        let cidr = Cidr { addr, len };
+        Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & cidr.mask()), len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// A frontend that changed: as it was (`None` if it did not exist), and

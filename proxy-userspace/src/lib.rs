@@ -6,13 +6,15 @@
 //! turns what changed into operations, and a [`dataplane`] applies them.
 //! [`sync`] runs those steps; the binary's `agent` wires everything. Leaf types
 //! ([`name`], [`frontend`], [`rejection`]) sit at the bottom; observers
-//! ([`api`], [`dashboard`], [`inspect`], [`status`]) only read.
+//! ([`api`], [`dashboard`], [`inspect`], [`status`]) only read, and
+//! [`healthcheck`] answers load balancers from the model.
 
 pub mod api;
 pub mod clock;
 pub mod dashboard;
 pub mod dataplane;
 pub mod frontend;
+pub mod healthcheck;
 pub mod index;
 pub mod inspect;
 pub mod metrics;

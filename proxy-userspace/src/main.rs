@@ -73,6 +73,12 @@ enum Command {
         /// routes. Used with --interfaces.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
+        /// Where NodePorts answer, as kube-proxy's flag: IPv4 prefixes,
+        /// comma separated, selecting among the node's addresses;
+        /// `0.0.0.0/0` is every address. Default: the addresses of --devices
+        /// (the node's primary addresses). Localhost never answers.
+        #[arg(long, value_delimiter = ',')]
+        nodeport_addresses: Vec<proxy_userspace::frontend::Cidr>,
         /// Socket-level load balancing (eBPF mode): connects and sends to a
         /// VIP from any process under --cgroup-root get a backend before any
         /// packet exists. Off: only the per-packet path on --interfaces.
@@ -400,6 +406,7 @@ async fn run() -> anyhow::Result<()> {
             min_sync_interval,
             interfaces,
             devices,
+            nodeport_addresses,
             socket_lb,
             cgroup_root,
             cluster_cidr,
@@ -416,7 +423,8 @@ async fn run() -> anyhow::Result<()> {
         } => {
             agent::run(RunConfig {
                 mode,
-                iptables: RenderConfig { cluster_cidr },
+                iptables: RenderConfig { cluster_cidr, ..Default::default() },
+                nodeport_addresses,
                 iptables_full_sync_period,
                 state_dir,
                 source,

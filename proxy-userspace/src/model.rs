@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use smallvec::SmallVec;
 
 use crate::{
-    frontend::{Change, Endpoint, Frontend, FrontendKey},
+    frontend::{Change, Endpoint, External, Frontend, FrontendKey},
     index::{Dirty, Index, Snapshot},
     name::{ObjectName, ServicePortName},
     rejection::{RejectReason, Rejection},
@@ -210,6 +210,7 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
     for port in &info.ports {
         let mut backends = BTreeSet::new();
         let mut terminating = BTreeSet::new();
+        let (mut local, mut local_terminating) = (BTreeSet::new(), BTreeSet::new());
         for slice in slices {
             let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.key.protocol)
             else {
@@ -222,6 +223,11 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
                 } else if ep.serving && ep.terminating {
                     terminating.insert(endpoint);
                 }
+                if ep.local && ep.ready {
+                    local.insert(endpoint);
+                } else if ep.local && ep.serving && ep.terminating {
+                    local_terminating.insert(endpoint);
+                }
             }
         }
         // An address both ready (in one slice) and terminating (in another) is ready.
@@ -230,13 +236,32 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
             service: ServicePortName { service: info.name.clone(), port: port.name.clone() },
             key: port.key,
             service_type: info.service_type,
-            node_port: port.node_port,
-            load_balancer_ips: info.load_balancer_ips.clone(),
+            external: external(info, port, local, local_terminating),
             backends: backends.into_iter().collect(),
             terminating,
         });
     }
     frontends
+}
+
+/// How one port of a Service is reached from outside, if it is.
+fn external(
+    info: &ServiceInfo,
+    port: &crate::validate::ServicePort,
+    local: BTreeSet<Endpoint>,
+    local_terminating: BTreeSet<Endpoint>,
+) -> Option<Box<External>> {
+    let service = info.external.as_deref()?;
+    let mut external = External { node_port: port.node_port, ..service.clone() };
+    if external.is_empty() {
+        return None;
+    }
+    if external.local_only {
+        // kube-proxy: with no ready endpoint here, serving-terminating ones are used.
+        let local = if local.is_empty() { local_terminating.difference(&local).copied().collect() } else { local };
+        external.local_backends = local.into_iter().collect();
+    }
+    Some(Box::new(external))
 }
 
 /// Builds a model from a snapshot in one go; returns it with every rejection.

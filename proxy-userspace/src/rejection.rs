@@ -17,6 +17,8 @@ pub enum RejectReason {
     MissingServiceLabel,
     InvalidAddressType,
     InvalidEndpointAddress,
+    InvalidExternalAddress,
+    InvalidSourceRange,
 }
 
 impl RejectReason {
@@ -33,6 +35,8 @@ impl RejectReason {
             RejectReason::MissingServiceLabel => "missing_service_label",
             RejectReason::InvalidAddressType => "invalid_address_type",
             RejectReason::InvalidEndpointAddress => "invalid_endpoint_address",
+            RejectReason::InvalidExternalAddress => "invalid_external_address",
+            RejectReason::InvalidSourceRange => "invalid_source_range",
         }
     }
 }

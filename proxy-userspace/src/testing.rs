@@ -28,8 +28,7 @@ pub fn frontend(vip: u8, port: u16, backends: &[u8]) -> Frontend {
         service: ServicePortName { service: ObjectName::new("default", &format!("svc{vip}")), port: "".into() },
         key: FrontendKey { vip: Ipv4Addr::new(10, 96, 0, vip), port, protocol: Protocol::Tcp },
         service_type: ServiceType::ClusterIP,
-        node_port: None,
-        load_balancer_ips: Box::default(),
+        external: None,
         backends: backends.iter().map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 }).collect(),
         terminating: Box::default(),
     }

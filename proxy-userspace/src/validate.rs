@@ -16,7 +16,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use smallvec::SmallVec;
 
 use crate::{
-    frontend::{FrontendKey, Protocol, ServiceType},
+    frontend::{Cidr, External, FrontendKey, Protocol, ServiceType},
     name::{self, ObjectName},
     rejection::{RejectReason, Rejection},
 };
@@ -77,9 +77,10 @@ pub struct ServiceInfo {
     /// Services claiming one frontend, the older keeps it.
     pub created: Option<i64>,
     pub service_type: ServiceType,
-    // Boxed slices, not vectors: held for the object's life, a word each
-    // smaller and never with spare capacity.
-    pub load_balancer_ips: Box<[Ipv4Addr]>,
+    /// External addresses, source ranges and traffic policy, for all ports
+    /// (each port's node port is in its [`ServicePort`]); `None` for the
+    /// many Services without any.
+    pub external: Option<Box<External>>,
     /// Most Services have one port: held inline, without an allocation.
     pub ports: SmallVec<[ServicePort; 1]>,
     pub rejections: Vec<Rejection>,
@@ -102,6 +103,8 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// On this node (`nodeName` is `--node-name`).
+    pub local: bool,
 }
 
 /// An EndpointSlice as the proxy sees it. Slices it does not use (IPv6,
@@ -138,7 +141,7 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         version: meta.resource_version.as_deref().map(Box::from),
         created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
         service_type: ServiceType::ClusterIP,
-        load_balancer_ips: Box::default(),
+        external: None,
         ports: SmallVec::new(),
         rejections: Vec::new(),
     };
@@ -201,22 +204,73 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
             reject(RejectReason::InvalidPort, format!("port {label}: {} is not a port number (1-65535)", p.port));
             continue;
         };
-        let node_port = p.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+        // A ClusterIP Service has no node port, whatever the object says.
+        let node_port = p
+            .node_port
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0 && service_type != ServiceType::ClusterIP);
         ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol }, node_port });
     }
-    info.load_balancer_ips = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok())
-        .collect();
+    let mut external = External {
+        external_ips: addresses(
+            spec.external_ips.iter().flatten().map(String::as_str),
+            "spec.externalIPs",
+            &mut reject,
+        ),
+        local_only: spec.external_traffic_policy.as_deref() == Some("Local"),
+        ..External::default()
+    };
+    if service_type == ServiceType::LoadBalancer {
+        // `ipMode: Proxy`: the load balancer proxies to the node itself; kube-proxy programs nothing for it.
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+        let ips = ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy"));
+        external.load_balancer_ips =
+            addresses(ips.filter_map(|i| i.ip.as_deref()), "status.loadBalancer.ingress", &mut reject);
+        let mut ranges = Vec::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            match range.parse::<Cidr>() {
+                Ok(cidr) => ranges.push(cidr),
+                // IPv6 ranges concern IPv6 clients only.
+                Err(_) if range.contains(':') => {}
+                Err(e) => reject(RejectReason::InvalidSourceRange, format!("loadBalancerSourceRanges: {e}; skipped")),
+            }
+        }
+        external.source_ranges = ranges.into();
+    }
+    if external.local_only && service_type != ServiceType::ClusterIP {
+        external.health_check_node_port =
+            spec.health_check_node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+    }
+    if ports.iter().any(|p: &ServicePort| p.node_port.is_some())
+        || !external.external_ips.is_empty()
+        || !external.load_balancer_ips.is_empty()
+    {
+        info.external = Some(Box::new(external));
+    }
     info.service_type = service_type;
     ports.shrink_to_fit();
     info.ports = ports;
     info
+}
+
+/// The IPv4 addresses of `field`; IPv6 ones belong to the other family
+/// and are left out, anything else is rejected and skipped.
+fn addresses<'a>(
+    ips: impl Iterator<Item = &'a str>,
+    field: &str,
+    reject: &mut impl FnMut(RejectReason, String),
+) -> Box<[Ipv4Addr]> {
+    let mut out = Vec::new();
+    for ip in ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => out.push(v4),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => {
+                reject(RejectReason::InvalidExternalAddress, format!("{field}: {ip:?} is not an IP address; skipped"))
+            }
+        }
+    }
+    out.into()
 }
 
 /// Not ours to program, and not an error.
@@ -292,6 +346,7 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             ready,
             serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            local: !config.node_name.is_empty() && ep.node_name.as_deref() == Some(config.node_name.as_str()),
         });
     }
     ports.shrink_to_fit();

@@ -87,12 +87,14 @@ impl Node {
         frontends.sort_by_key(|(k, _)| *k);
         for (key, value) in frontends {
             let f = &self.model.frontends[&key];
+            let node_port = f.external.as_deref().and_then(|e| e.node_port);
             let kind = match f.service_type {
                 ServiceType::ClusterIP => "ClusterIP".to_string(),
-                ServiceType::NodePort => format!("NodePort({})", port_text(f.node_port)),
+                ServiceType::NodePort => format!("NodePort({})", port_text(node_port)),
                 ServiceType::LoadBalancer => {
-                    let mut parts = vec![port_text(f.node_port)];
-                    parts.extend(f.load_balancer_ips.iter().map(Ipv4Addr::to_string));
+                    let mut parts = vec![port_text(node_port)];
+                    let ext = f.external.as_deref();
+                    parts.extend(ext.into_iter().flat_map(|e| e.load_balancer_ips.iter()).map(Ipv4Addr::to_string));
                     format!("LoadBalancer({})", parts.join(","))
                 }
             };
@@ -206,7 +208,7 @@ fn every_scenario_renders_the_expected_iptables_rules() {
             &node.model.frontends,
             Scope::Full,
             &BTreeSet::new(),
-            &RenderConfig { cluster_cidr: Some("10.244.0.0/16".into()) },
+            &RenderConfig { cluster_cidr: Some("10.244.0.0/16".into()), ..Default::default() },
         );
         let file = case.join("expected.iptables");
         if bless {

@@ -5,6 +5,7 @@
 pub mod ebpf;
 pub mod error;
 pub mod iptables;
+pub mod node_addresses;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 

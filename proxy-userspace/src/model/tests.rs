@@ -209,10 +209,57 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example.com}]}
     let (m, rejected) = build(objects(yaml));
     assert!(rejected.is_empty());
     let np = frontend(&m, [10, 96, 0, 7], 80, Protocol::Tcp);
-    assert_eq!((np.service_type, np.node_port), (ServiceType::NodePort, Some(30080)));
+    let ext = np.external.as_deref().unwrap();
+    assert_eq!((np.service_type, ext.node_port, ext.local_only), (ServiceType::NodePort, Some(30080), false));
     let lb = frontend(&m, [10, 96, 0, 8], 443, Protocol::Tcp);
     assert_eq!(lb.service_type, ServiceType::LoadBalancer);
-    assert_eq!(*lb.load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
+    assert_eq!(*lb.external.as_deref().unwrap().load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_this_nodes_endpoints() {
+    let yaml = "
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.8
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  externalIPs: [198.51.100.7, not-an-ip, 2001:db8::7]
+  loadBalancerSourceRanges: [203.0.113.0/25, ' 192.0.2.0/24', 300.0.0.0/8]
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {ip: 192.0.2.11, ipMode: Proxy}]}}
+---
+kind: EndpointSlice
+metadata: {name: lb-1, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.0.11], nodeName: node-a}
+- {addresses: [10.244.1.11], nodeName: node-b}
+- {addresses: [10.244.0.12], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+";
+    let config = ModelConfig { node_name: "node-a".into(), ..Default::default() };
+    let (m, rejected) = build(objects_with(yaml, &config));
+    let reasons: Vec<_> = rejected.iter().map(|r| r.kind).collect();
+    assert_eq!(reasons, [RejectReason::InvalidExternalAddress, RejectReason::InvalidSourceRange], "{rejected:?}");
+    let f = frontend(&m, [10, 96, 0, 8], 80, Protocol::Tcp);
+    let ext = f.external.as_deref().unwrap();
+    assert!(ext.local_only);
+    assert_eq!((ext.node_port, ext.health_check_node_port), (Some(30080), Some(32000)));
+    assert_eq!(*ext.external_ips, [Ipv4Addr::new(198, 51, 100, 7)]);
+    // ipMode Proxy: the load balancer proxies to the node; nothing is programmed for it.
+    assert_eq!(*ext.load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
+    assert_eq!(ext.source_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["203.0.113.0/25", "192.0.2.0/24"]);
+    assert_eq!(ips(f), ["10.244.0.11:8080", "10.244.1.11:8080"]);
+    let local: Vec<String> = ext.local_backends.iter().map(|e| e.to_string()).collect();
+    assert_eq!(local, ["10.244.0.11:8080"], "only this node's ready endpoint");
+
+    // The ready local endpoint leaves: the terminating one still serving stands in.
+    let (m, _) = build(objects_with(&yaml.replace("- {addresses: [10.244.0.11], nodeName: node-a}\n", ""), &config));
+    let ext = frontend(&m, [10, 96, 0, 8], 80, Protocol::Tcp).external.clone().unwrap();
+    assert_eq!(ext.local_backends.iter().map(|e| e.to_string()).collect::<Vec<_>>(), ["10.244.0.12:8080"]);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
+use super::render::{FILTER_CHAINS, NAT_CHAINS, is_service_chain};
 use crate::dataplane::DataplaneError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +98,8 @@ impl Backend {
     /// Creates kpr's top-level chains if missing, without touching their
     /// rules, so the jumps below have a target before the first sync.
     pub fn ensure_chains(self) -> Result<(), DataplaneError> {
-        for (table, chain) in [
-            ("filter", "KUBE-SERVICES"),
-            ("filter", "KUBE-FORWARD"),
-            ("nat", "KUBE-SERVICES"),
-            ("nat", "KUBE-POSTROUTING"),
-            ("nat", "KUBE-MARK-MASQ"),
-        ] {
+        let filter = FILTER_CHAINS.iter().map(|c| ("filter", *c));
+        for (table, chain) in filter.chain(NAT_CHAINS.iter().map(|c| ("nat", *c))) {
             // Fails when the chain exists, which is fine.
             self.iptables(&["-t", table, "-N", chain])?;
         }
@@ -153,7 +149,7 @@ impl Backend {
                 .lines()
                 .filter_map(|l| l.strip_prefix(':'))
                 .filter_map(|l| l.split_whitespace().next())
-                .filter(|c| OWN_CHAINS.contains(c) || c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+                .filter(|c| OWN_CHAINS.contains(c) || is_service_chain(c))
                 .collect();
             if chains.is_empty() {
                 continue;
@@ -175,11 +171,19 @@ impl Backend {
 }
 
 fn is_service_chain_decl(line: &str) -> bool {
-    line.starts_with(":KUBE-SVC-") || line.starts_with(":KUBE-SEP-")
+    line.strip_prefix(':').is_some_and(is_service_chain)
 }
 
 /// The chains kpr owns besides the per-service ones.
-const OWN_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-FORWARD", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
+const OWN_CHAINS: [&str; 7] = [
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-FORWARD",
+    "KUBE-NODEPORTS",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+];
 
 /// The filter-table jump to KUBE-SERVICES, for new connections only.
 const NEW_SERVICE_PORTALS: &[&str] = &[
@@ -195,8 +199,45 @@ const NEW_SERVICE_PORTALS: &[&str] = &[
     "KUBE-SERVICES",
 ];
 
+/// New connections to load balancer IPs checked against source ranges.
+const FIREWALL: &[&str] = &[
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW",
+    "-m",
+    "comment",
+    "--comment",
+    "kubernetes load balancer firewall",
+    "-j",
+    "KUBE-PROXY-FIREWALL",
+];
+/// New connections to external addresses nothing serves.
+const EXTERNAL_SERVICES: &[&str] = &[
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW",
+    "-m",
+    "comment",
+    "--comment",
+    "kubernetes externally-visible service portals",
+    "-j",
+    "KUBE-EXTERNAL-SERVICES",
+];
+
 /// Jumps into kpr's chains, as kube-proxy installs them.
-const JUMPS: [(&str, &str, &[&str]); 7] = [
+const JUMPS: [(&str, &str, &[&str]); 13] = [
+    ("filter", "INPUT", FIREWALL),
+    ("filter", "OUTPUT", FIREWALL),
+    ("filter", "FORWARD", FIREWALL),
+    ("filter", "INPUT", EXTERNAL_SERVICES),
+    ("filter", "FORWARD", EXTERNAL_SERVICES),
+    (
+        "filter",
+        "INPUT",
+        &["-m", "comment", "--comment", "kubernetes health check service ports", "-j", "KUBE-NODEPORTS"],
+    ),
     ("filter", "INPUT", NEW_SERVICE_PORTALS),
     ("filter", "FORWARD", NEW_SERVICE_PORTALS),
     ("filter", "OUTPUT", NEW_SERVICE_PORTALS),

@@ -46,7 +46,7 @@ impl IptablesDataplane {
             .save("nat")
             .lines()
             .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
-            .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+            .filter(|c| render::is_service_chain(c))
             .map(String::from)
             .collect();
         // Rules a previous run left keep serving until the first sync rewrites them.
@@ -61,8 +61,7 @@ impl IptablesDataplane {
 
     fn sync(&mut self, desired: &Desired, changed: &BTreeSet<FrontendKey>) -> Result<(), DataplaneError> {
         let full = self.last_full_sync.is_none_or(|t| t.elapsed() >= self.full_sync_period);
-        let wanted: BTreeSet<String> =
-            desired.values().filter(|f| !f.backends.is_empty()).flat_map(chains_of).collect();
+        let wanted: BTreeSet<String> = desired.values().flat_map(chains_of).collect();
         let stale: BTreeSet<String> = self.written.difference(&wanted).cloned().collect();
         let scope = if full { Scope::Full } else { Scope::Changed(changed) };
         let input = render(desired, scope, &stale, &self.config);

@@ -16,7 +16,12 @@ use std::{
 use data_encoding::BASE32;
 use sha2::{Digest, Sha256};
 
-use crate::frontend::{Endpoint, Frontend, FrontendKey};
+use std::net::Ipv4Addr;
+
+use crate::{
+    dataplane::node_addresses::NodePortAddresses,
+    frontend::{Endpoint, External, Frontend, FrontendKey},
+};
 
 /// kube-proxy's masquerade mark bit (`--iptables-masquerade-bit` 14).
 pub const MASQ_MARK: &str = "0x4000/0x4000";
@@ -29,9 +34,30 @@ fn protocol(f: &Frontend) -> String {
     f.key.protocol.to_string().to_lowercase()
 }
 
-/// `KUBE-SVC-` + hash of "ns/name:port" + protocol, as kube-proxy's servicePortChainName.
+/// kube-proxy's portProtoHash: every per-service-port chain (SVC, EXT, FW,
+/// SVL) is named by the hash of "ns/name:port" + protocol.
+fn port_hash(f: &Frontend) -> String {
+    hash16(&format!("{}{}", f.service, protocol(f)))
+}
+
+/// `KUBE-SVC-`: the Service port's cluster-wide endpoints.
 pub fn service_chain(f: &Frontend) -> String {
-    format!("KUBE-SVC-{}", hash16(&format!("{}{}", f.service, protocol(f))))
+    format!("KUBE-SVC-{}", port_hash(f))
+}
+
+/// `KUBE-EXT-`: traffic to the node port, external IPs and load balancer IPs.
+pub fn external_chain(f: &Frontend) -> String {
+    format!("KUBE-EXT-{}", port_hash(f))
+}
+
+/// `KUBE-FW-`: load balancer traffic checked against the source ranges.
+pub fn firewall_chain(f: &Frontend) -> String {
+    format!("KUBE-FW-{}", port_hash(f))
+}
+
+/// `KUBE-SVL-`: the Service port's endpoints on this node.
+pub fn local_chain(f: &Frontend) -> String {
+    format!("KUBE-SVL-{}", port_hash(f))
 }
 
 /// `KUBE-SEP-` + hash of "ns/name:port" + protocol + "ip:port".
@@ -39,11 +65,80 @@ pub fn endpoint_chain(f: &Frontend, e: &Endpoint) -> String {
     format!("KUBE-SEP-{}", hash16(&format!("{}{}{}:{}", f.service, protocol(f), e.ip, e.port)))
 }
 
+/// Whether a chain name is one of the per-service-port or per-endpoint chains.
+pub fn is_service_chain(name: &str) -> bool {
+    ["KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SVL-"].iter().any(|p| name.starts_with(p))
+}
+
+/// How a frontend is reached from outside, as kube-proxy decides it.
+struct Plan<'a> {
+    f: &'a Frontend,
+    ext: Option<&'a External>,
+    /// Endpoints for external traffic (local ones under a Local policy).
+    external_backends: &'a [Endpoint],
+    /// The chain load balancer IPs jump to: KUBE-FW- with source ranges.
+    uses_firewall: bool,
+}
+
+impl<'a> Plan<'a> {
+    fn of(f: &'a Frontend) -> Self {
+        let ext = f.external.as_deref();
+        let external_backends = ext.map_or(&f.backends[..], |e| e.backends(f));
+        let uses_firewall = !f.backends.is_empty()
+            && ext.is_some_and(|e| !e.load_balancer_ips.is_empty() && !e.source_ranges.is_empty());
+        Self { f, ext, external_backends, uses_firewall }
+    }
+
+    fn has_endpoints(&self) -> bool {
+        !self.f.backends.is_empty()
+    }
+
+    fn uses_external_chain(&self) -> bool {
+        self.has_endpoints() && self.ext.is_some()
+    }
+
+    fn local_policy(&self) -> bool {
+        self.ext.is_some_and(|e| e.local_only)
+    }
+
+    /// The filter target and comment for external traffic nothing serves:
+    /// REJECT without endpoints, DROP with endpoints but none here.
+    fn external_filter(&self) -> (&'static str, String) {
+        if self.has_endpoints() {
+            ("DROP", format!("\"{} has no local endpoints\"", self.f.service))
+        } else {
+            ("REJECT", format!("\"{} has no endpoints\"", self.f.service))
+        }
+    }
+
+    /// The chains this frontend owns in the nat table.
+    fn chains(&self) -> Vec<String> {
+        let f = self.f;
+        let mut chains = Vec::new();
+        if self.has_endpoints() {
+            chains.push(service_chain(f));
+            chains.extend(f.backends.iter().map(|e| endpoint_chain(f, e)));
+        }
+        if self.uses_external_chain() {
+            chains.push(external_chain(f));
+        }
+        if self.uses_firewall {
+            chains.push(firewall_chain(f));
+        }
+        if self.local_policy() && !self.external_backends.is_empty() {
+            chains.push(local_chain(f));
+            // Terminating local endpoints stand in when none is ready: their own chains.
+            chains.extend(
+                self.external_backends.iter().filter(|e| !f.backends.contains(e)).map(|e| endpoint_chain(f, e)),
+            );
+        }
+        chains
+    }
+}
+
 /// Every chain a frontend owns.
 pub fn chains_of(f: &Frontend) -> Vec<String> {
-    let mut chains = vec![service_chain(f)];
-    chains.extend(f.backends.iter().map(|e| endpoint_chain(f, e)));
-    chains
+    Plan::of(f).chains()
 }
 
 #[derive(Clone, Debug, Default)]
@@ -51,6 +146,8 @@ pub struct RenderConfig {
     /// Pod network; traffic to a VIP from outside it is masqueraded
     /// (kube-proxy's `--cluster-cidr` local detector).
     pub cluster_cidr: Option<String>,
+    /// Node addresses NodePorts answer on (`--nodeport-addresses`, resolved).
+    pub node_port_addresses: NodePortAddresses,
 }
 
 /// Which service chains to write.
@@ -62,12 +159,32 @@ pub enum Scope<'a> {
 }
 
 fn match_frontend(f: &Frontend) -> String {
+    match_address(f, f.key.vip, f.key.port)
+}
+
+fn match_address(f: &Frontend, addr: Ipv4Addr, port: u16) -> String {
     let p = protocol(f);
-    format!("-m {p} -p {p} -d {}/32 --dport {}", f.key.vip, f.key.port)
+    format!("-m {p} -p {p} -d {addr}/32 --dport {port}")
 }
 
 fn probability(remaining: usize) -> String {
     format!("{:.10}", 1.0 / remaining as f64)
+}
+
+/// Rules being written, by table: chain declarations apart from rules, as
+/// iptables-restore wants every chain declared before the first rule.
+#[derive(Default)]
+struct Tables {
+    filter: String,
+    nat_chains: String,
+    nat: String,
+}
+
+/// Appends one rule line (`-A ...`).
+macro_rules! rule {
+    ($out:expr, $($arg:tt)*) => {
+        writeln!($out, $($arg)*).expect("writing to a String cannot fail")
+    };
 }
 
 /// The iptables-restore input (for `--noflush`) that makes the kernel's
@@ -83,98 +200,246 @@ pub fn render(
         Scope::Full => true,
         Scope::Changed(set) => set.contains(k),
     };
-    let mut out = String::new();
-
-    // filter: REJECT for Services without endpoints, and forwarding accepts.
-    out.push_str("*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n");
-    for f in frontends.values().filter(|f| f.backends.is_empty()) {
-        writeln!(
-            out,
-            "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" {} -j REJECT",
-            f.service,
-            match_frontend(f)
-        )
-        .expect("writing to a String cannot fail");
+    let mut t = Tables::default();
+    for f in frontends.values() {
+        let plan = Plan::of(f);
+        dispatch(&plan, &mut t);
+        if writes(&f.key) {
+            chains(&plan, cfg, &mut t);
+        }
     }
+    // Last in KUBE-SERVICES: what is left, addressed to the node, may be a node port.
+    let nodeports =
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    match &cfg.node_port_addresses {
+        NodePortAddresses::All => {
+            rule!(t.nat, "-A KUBE-SERVICES {nodeports} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")
+        }
+        NodePortAddresses::Only(addrs) => {
+            for a in addrs.iter().filter(|a| !a.is_loopback()) {
+                rule!(t.nat, "-A KUBE-SERVICES {nodeports} -d {a}/32 -j KUBE-NODEPORTS");
+            }
+        }
+    }
+
+    let mut out = String::new();
+    out.push_str("*filter\n");
+    for chain in FILTER_CHAINS {
+        rule!(out, ":{chain} - [0:0]");
+    }
+    out.push_str(&t.filter);
     out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
-    writeln!(
+    rule!(
         out,
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK} -j ACCEPT"
-    )
-    .expect("writing to a String cannot fail");
+    );
     out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
     out.push_str("COMMIT\n");
 
     // nat: declare every chain written (declaring flushes it), then rules.
-    out.push_str("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
-    let mut rules = String::new();
-    for f in frontends.values().filter(|f| !f.backends.is_empty()) {
-        writeln!(
-            rules,
-            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" {} -j {}",
-            f.service,
-            match_frontend(f),
-            service_chain(f)
-        )
-        .expect("writing to a String cannot fail");
+    out.push_str("*nat\n");
+    for chain in NAT_CHAINS {
+        rule!(out, ":{chain} - [0:0]");
     }
-    for f in frontends.values().filter(|f| writes(&f.key)) {
-        if f.backends.is_empty() {
-            continue;
-        }
-        let svc = service_chain(f);
-        writeln!(out, ":{svc} - [0:0]").expect("writing to a String cannot fail");
-        if let Some(cidr) = &cfg.cluster_cidr {
-            writeln!(
-                rules,
-                "-A {svc} -m comment --comment \"{} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ",
-                f.service,
-                match_frontend(f)
-            )
-            .expect("writing to a String cannot fail");
-        }
-        let n = f.backends.len();
-        for (i, e) in f.backends.iter().enumerate() {
-            let sep = endpoint_chain(f, e);
-            writeln!(out, ":{sep} - [0:0]").expect("writing to a String cannot fail");
-            let spread = if i + 1 < n {
-                format!(" -m statistic --mode random --probability {}", probability(n - i))
-            } else {
-                String::new()
-            };
-            writeln!(rules, "-A {svc} -m comment --comment \"{} -> {}:{}\"{spread} -j {sep}", f.service, e.ip, e.port)
-                .expect("writing to a String cannot fail");
-            let p = protocol(f);
-            writeln!(rules, "-A {sep} -m comment --comment {} -s {}/32 -j KUBE-MARK-MASQ", f.service, e.ip)
-                .expect("writing to a String cannot fail");
-            writeln!(
-                rules,
-                "-A {sep} -m comment --comment {} -m {p} -p {p} -j DNAT --to-destination {}:{}",
-                f.service, e.ip, e.port
-            )
-            .expect("writing to a String cannot fail");
-        }
-    }
+    out.push_str(&t.nat_chains);
     for chain in stale {
-        writeln!(out, ":{chain} - [0:0]").expect("writing to a String cannot fail");
+        rule!(out, ":{chain} - [0:0]");
     }
-    out.push_str(&rules);
-    writeln!(out, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN")
-        .expect("writing to a String cannot fail");
+    out.push_str(&t.nat);
+    rule!(out, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN");
     out.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
     out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
     out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
     for chain in stale {
-        writeln!(out, "-X {chain}").expect("writing to a String cannot fail");
+        rule!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
     out
 }
 
+/// kpr's top-level filter chains, rewritten whole on every sync.
+pub const FILTER_CHAINS: [&str; 5] =
+    ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL"];
+/// kpr's top-level nat chains, rewritten whole on every sync.
+pub const NAT_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
+
+/// The top-level rules of one frontend, written on every sync: how
+/// KUBE-SERVICES and KUBE-NODEPORTS reach its chains, and the filter rules
+/// for what nothing serves.
+fn dispatch(plan: &Plan<'_>, t: &mut Tables) {
+    let f = plan.f;
+    let svc = &f.service;
+    if plan.has_endpoints() {
+        rule!(
+            t.nat,
+            "-A KUBE-SERVICES -m comment --comment \"{svc} cluster IP\" {} -j {}",
+            match_frontend(f),
+            service_chain(f)
+        );
+    } else {
+        rule!(
+            t.filter,
+            "-A KUBE-SERVICES -m comment --comment \"{svc} has no endpoints\" {} -j REJECT",
+            match_frontend(f)
+        );
+    }
+    let Some(ext) = plan.ext else { return };
+    let (target, comment) = plan.external_filter();
+    let serves_outside = !plan.external_backends.is_empty() && plan.has_endpoints();
+    for ip in &ext.external_ips {
+        let m = match_address(f, *ip, f.key.port);
+        if plan.has_endpoints() {
+            rule!(t.nat, "-A KUBE-SERVICES -m comment --comment \"{svc} external IP\" {m} -j {}", external_chain(f));
+        }
+        if !serves_outside {
+            rule!(t.filter, "-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {m} -j {target}");
+        }
+    }
+    let lb_chain = if plan.uses_firewall { firewall_chain(f) } else { external_chain(f) };
+    for ip in &ext.load_balancer_ips {
+        let m = match_address(f, *ip, f.key.port);
+        if plan.has_endpoints() {
+            rule!(t.nat, "-A KUBE-SERVICES -m comment --comment \"{svc} loadbalancer IP\" {m} -j {lb_chain}");
+        }
+        if plan.uses_firewall {
+            rule!(
+                t.filter,
+                "-A KUBE-PROXY-FIREWALL -m comment --comment \"{svc} traffic not accepted by {}\" {m} -j DROP",
+                firewall_chain(f)
+            );
+        }
+    }
+    if !serves_outside {
+        for ip in &ext.load_balancer_ips {
+            let m = match_address(f, *ip, f.key.port);
+            rule!(t.filter, "-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {m} -j {target}");
+        }
+    }
+    let p = protocol(f);
+    if let Some(node_port) = ext.node_port {
+        if plan.has_endpoints() {
+            // NodePorts are not subject to the source ranges (as kube-proxy).
+            rule!(
+                t.nat,
+                "-A KUBE-NODEPORTS -m comment --comment {svc} -m {p} -p {p} --dport {node_port} -j {}",
+                external_chain(f)
+            );
+        }
+        if !serves_outside {
+            rule!(
+                t.filter,
+                "-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} -m addrtype --dst-type LOCAL -m {p} -p {p} --dport {node_port} -j {target}"
+            );
+        }
+    }
+    if let Some(hc) = ext.health_check_node_port {
+        rule!(
+            t.filter,
+            "-A KUBE-NODEPORTS -m comment --comment \"{svc} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"
+        );
+    }
+}
+
+/// The chains one frontend owns, declared and filled.
+fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
+    let f = plan.f;
+    let svc_name = &f.service;
+    for chain in plan.chains() {
+        rule!(t.nat_chains, ":{chain} - [0:0]");
+    }
+    if !plan.has_endpoints() {
+        return;
+    }
+    let svc = service_chain(f);
+    if let Some(cidr) = &cfg.cluster_cidr {
+        rule!(
+            t.nat,
+            "-A {svc} -m comment --comment \"{svc_name} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ",
+            match_frontend(f)
+        );
+    }
+    spread(f, &svc, &f.backends, &mut t.nat);
+    let local = plan.local_policy() && !plan.external_backends.is_empty();
+    if local {
+        spread(f, &local_chain(f), plan.external_backends, &mut t.nat);
+    }
+    let mut endpoints: Vec<&Endpoint> = f.backends.iter().collect();
+    if local {
+        endpoints.extend(plan.external_backends.iter().filter(|e| !f.backends.contains(e)));
+    }
+    let p = protocol(f);
+    for e in endpoints {
+        let sep = endpoint_chain(f, e);
+        rule!(t.nat, "-A {sep} -m comment --comment {svc_name} -s {}/32 -j KUBE-MARK-MASQ", e.ip);
+        rule!(
+            t.nat,
+            "-A {sep} -m comment --comment {svc_name} -m {p} -p {p} -j DNAT --to-destination {}:{}",
+            e.ip,
+            e.port
+        );
+    }
+    if plan.uses_external_chain() {
+        let ext = external_chain(f);
+        if !plan.local_policy() {
+            // Endpoints may be on other nodes: replies must come back through this one.
+            rule!(
+                t.nat,
+                "-A {ext} -m comment --comment \"masquerade traffic for {svc_name} external destinations\" -j KUBE-MARK-MASQ"
+            );
+        } else {
+            // Pods reaching an external address are served like any
+            // in-cluster client (as if out to the load balancer and back).
+            if let Some(cidr) = &cfg.cluster_cidr {
+                rule!(
+                    t.nat,
+                    "-A {ext} -m comment --comment \"pod traffic for {svc_name} external destinations\" -s {cidr} -j {svc}"
+                );
+            }
+            // The node itself: its source would be the external address, so masquerade.
+            rule!(
+                t.nat,
+                "-A {ext} -m comment --comment \"masquerade LOCAL traffic for {svc_name} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"
+            );
+            rule!(
+                t.nat,
+                "-A {ext} -m comment --comment \"route LOCAL traffic for {svc_name} external destinations\" -m addrtype --src-type LOCAL -j {svc}"
+            );
+        }
+        if !plan.external_backends.is_empty() {
+            let policy = if plan.local_policy() { local_chain(f) } else { svc.clone() };
+            rule!(t.nat, "-A {ext} -j {policy}");
+        }
+    }
+    if plan.uses_firewall {
+        let fw = firewall_chain(f);
+        let ext = plan.ext.expect("a firewall needs load balancer IPs");
+        let args = format!("-A {fw} -m comment --comment \"{svc_name} loadbalancer IP\"");
+        for range in &ext.source_ranges {
+            rule!(t.nat, "{args} -s {range} -j {}", external_chain(f));
+        }
+        rule!(
+            t.nat,
+            "-A {fw} -m comment --comment \"other traffic to {svc_name} will be dropped by KUBE-PROXY-FIREWALL\""
+        );
+    }
+}
+
+/// Spreads `chain` evenly over `endpoints`' KUBE-SEP chains.
+fn spread(f: &Frontend, chain: &str, endpoints: &[Endpoint], out: &mut String) {
+    let n = endpoints.len();
+    for (i, e) in endpoints.iter().enumerate() {
+        let sep = endpoint_chain(f, e);
+        let odds = if i + 1 < n {
+            format!(" -m statistic --mode random --probability {}", probability(n - i))
+        } else {
+            String::new()
+        };
+        rule!(out, "-A {chain} -m comment --comment \"{} -> {}:{}\"{odds} -j {sep}", f.service, e.ip, e.port);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
     use crate::{
         frontend::{Protocol, ServiceType},
@@ -194,8 +459,7 @@ mod tests {
             service: ServicePortName { service: ObjectName::new(ns, name), port: port_name.into() },
             key: FrontendKey { vip: vip.into(), port, protocol },
             service_type: ServiceType::ClusterIP,
-            node_port: None,
-            load_balancer_ips: Box::default(),
+            external: None,
             backends: backends.iter().map(|(ip, port)| Endpoint { ip: Ipv4Addr::from(*ip), port: *port }).collect(),
             terminating: Box::default(),
         }
@@ -246,8 +510,12 @@ mod tests {
             Protocol::Tcp,
             &[([10, 244, 0, 11], 8080), ([10, 244, 0, 12], 8080), ([10, 244, 0, 13], 8080), ([10, 244, 0, 14], 8080)],
         )]);
-        let rules =
-            render(&m, Scope::Full, &BTreeSet::new(), &RenderConfig { cluster_cidr: Some("10.244.0.0/16".into()) });
+        let rules = render(
+            &m,
+            Scope::Full,
+            &BTreeSet::new(),
+            &RenderConfig { cluster_cidr: Some("10.244.0.0/16".into()), ..Default::default() },
+        );
         // 1/4, 1/3, 1/2, then the rest: each endpoint gets a quarter.
         for p in ["0.2500000000", "0.3333333333", "0.5000000000"] {
             assert!(rules.contains(&format!("--probability {p}")), "{rules}");
@@ -301,5 +569,149 @@ mod tests {
         assert!(rules.contains(&format!("-j {}", service_chain(&a))), "KUBE-SERVICES still dispatches to them");
         assert!(rules.contains(&format!(":{}", service_chain(&b))));
         golden("partial", &rules);
+    }
+
+    /// Per table: the declared chains, and each chain's rules in order
+    /// (how iptables-save shows them, whatever order they were written in).
+    type Table = (BTreeSet<String>, BTreeMap<String, Vec<String>>);
+
+    fn by_chain(rules: &str) -> BTreeMap<String, Table> {
+        let mut tables: BTreeMap<String, Table> = BTreeMap::new();
+        let mut table = String::new();
+        for line in rules.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(name) = line.strip_prefix('*') {
+                table = name.to_string();
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let chain = decl.split_whitespace().next().unwrap().to_string();
+                tables.entry(table.clone()).or_default().0.insert(chain);
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let chain = rule.split_whitespace().next().unwrap().to_string();
+                tables.entry(table.clone()).or_default().1.entry(chain).or_default().push(line.to_string());
+            }
+        }
+        tables
+    }
+
+    #[test]
+    fn external_access_matches_kube_proxys_own_expected_rules() {
+        // The Services and EndpointSlices of kube-proxy's TestOverallIPTablesRules
+        // (node test-node, pods in 10.0.0.0/8); ns5/svc5 without session affinity.
+        let yaml = "
+kind: Service
+metadata: {name: svc1, namespace: ns1}
+spec: {clusterIP: 172.30.0.41, ports: [{name: p80, port: 80}]}
+---
+kind: Service
+metadata: {name: svc2, namespace: ns2}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.42
+  externalIPs: [192.168.99.22]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30000
+  ports: [{name: p80, port: 80, nodePort: 3001}]
+status: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}
+---
+kind: Service
+metadata: {name: svc3, namespace: ns3}
+spec: {type: NodePort, clusterIP: 172.30.0.43, ports: [{name: p80, port: 80, nodePort: 3003}]}
+---
+kind: Service
+metadata: {name: svc4, namespace: ns4}
+spec: {type: NodePort, clusterIP: 172.30.0.44, externalIPs: [192.168.99.33], ports: [{name: p80, port: 80}]}
+---
+kind: Service
+metadata: {name: svc5, namespace: ns5}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.45
+  externalTrafficPolicy: Cluster
+  healthCheckNodePort: 30000
+  loadBalancerSourceRanges: [' 203.0.113.0/25']
+  ports: [{name: p80, port: 80, nodePort: 3002}]
+status: {loadBalancer: {ingress: [{ip: 5.6.7.8}]}}
+---
+kind: Service
+metadata: {name: svc6, namespace: ns6}
+spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
+";
+        let slice = |ns: &str, svc: &str, endpoints: &str| {
+            format!(
+                "---\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+                 addressType: IPv4\nports: [{{name: p80, port: 80}}]\nendpoints: [{endpoints}]\n"
+            )
+        };
+        let mut all = yaml.to_string();
+        for (ns, svc, eps) in [
+            ("ns1", "svc1", "{addresses: [10.180.0.1]}"),
+            ("ns2", "svc2", "{addresses: [10.180.0.2]}"),
+            ("ns3", "svc3", "{addresses: [10.180.0.3]}"),
+            ("ns4", "svc4", "{addresses: [10.180.0.4]}, {addresses: [10.180.0.5], nodeName: test-node}"),
+            ("ns5", "svc5", "{addresses: [10.180.0.3]}"),
+        ] {
+            all.push_str(&slice(ns, svc, eps));
+        }
+        let config = crate::validate::ModelConfig { node_name: "test-node".into(), ..Default::default() };
+        let (m, rejected) = crate::model::build(crate::testing::objects_with(&all, &config));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let cfg = RenderConfig { cluster_cidr: Some("10.0.0.0/8".into()), ..Default::default() };
+        let ours = render(&m.frontends, Scope::Full, &BTreeSet::new(), &cfg);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/dataplane/iptables/golden/kube_proxy_overall.txt");
+        let theirs = std::fs::read_to_string(path).unwrap();
+        let (ours, theirs) = (by_chain(&ours), by_chain(&theirs));
+        for table in ["filter", "nat"] {
+            assert_eq!(ours[table].0, theirs[table].0, "{table}: declared chains");
+            for (chain, rules) in &theirs[table].1 {
+                assert_eq!(ours[table].1.get(chain), Some(rules), "{table} {chain}");
+            }
+            assert_eq!(ours[table].1.keys().collect::<Vec<_>>(), theirs[table].1.keys().collect::<Vec<_>>(), "{table}");
+        }
+    }
+
+    #[test]
+    fn a_local_policy_with_a_local_endpoint_goes_through_its_own_chain() {
+        // kube-proxy's TestExternalTrafficPolicyLocal: one endpoint here, one elsewhere.
+        let mut f = fe(
+            "ns1",
+            "svc1",
+            "p80",
+            [172, 30, 0, 41],
+            80,
+            Protocol::Tcp,
+            &[([10, 180, 0, 1], 80), ([10, 180, 2, 1], 80)],
+        );
+        f.service_type = ServiceType::LoadBalancer;
+        f.external = Some(Box::new(External {
+            node_port: Some(3001),
+            external_ips: [Ipv4Addr::new(192, 168, 99, 11)].into(),
+            load_balancer_ips: [Ipv4Addr::new(1, 2, 3, 4)].into(),
+            local_only: true,
+            health_check_node_port: Some(30000),
+            local_backends: [Endpoint { ip: Ipv4Addr::new(10, 180, 2, 1), port: 80 }].into(),
+            ..Default::default()
+        }));
+        let cfg = RenderConfig {
+            cluster_cidr: Some("10.0.0.0/8".into()),
+            node_port_addresses: NodePortAddresses::Only(vec![Ipv4Addr::new(192, 168, 0, 2)]),
+        };
+        let rules = render(&model(vec![f]), Scope::Full, &BTreeSet::new(), &cfg);
+        let nat = &by_chain(&rules)["nat"].1;
+        assert_eq!(
+            nat["KUBE-SVL-XPGD46QRK7WJZT7O"],
+            [
+                "-A KUBE-SVL-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.2.1:80\" -j KUBE-SEP-ZX7GRIZKSNUQ3LAJ"
+            ]
+        );
+        assert_eq!(
+            nat["KUBE-EXT-XPGD46QRK7WJZT7O"].last().unwrap(),
+            "-A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVL-XPGD46QRK7WJZT7O"
+        );
+        assert_eq!(
+            nat["KUBE-SERVICES"].last().unwrap(),
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d 192.168.0.2/32 -j KUBE-NODEPORTS"
+        );
+        assert!(!rules.contains("KUBE-EXTERNAL-SERVICES -m"), "served here: nothing dropped\n{rules}");
+        golden("local_policy", &rules);
     }
 }
