@@ -71,7 +71,7 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     prefix: String,
     // Dropped last: the nodes' uplinks end there.
-    _underlay: Netns,
+    underlay: Netns,
 }
 
 fn underlay_ip(index: u8) -> Ipv4Addr {
@@ -98,7 +98,7 @@ impl Cluster {
         // traffic from outside the cluster comes from.
         ip(&["-n", &ul, "addr", "add", &format!("{ROUTER}/24"), "dev", "br0"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
-        let mut cluster = Self { shape, nodes: Vec::new(), prefix, _underlay: underlay };
+        let mut cluster = Self { shape, nodes: Vec::new(), prefix, underlay };
         for index in 0..nodes {
             let node = cluster.add_node(index, &ul).with_context(|| format!("creating node {index}"))?;
             cluster.nodes.push(node);
@@ -172,6 +172,21 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Outside the cluster: the underlay's router, whose address
+    /// ([`Cluster::OUTSIDE`]) is where outside clients come from.
+    pub fn outside(&self) -> &Netns {
+        &self.underlay
+    }
+
+    pub const OUTSIDE: Ipv4Addr = ROUTER;
+
+    /// Routes `addr` (an external or load balancer IP) from outside to node `index`,
+    /// as a load balancer or router announcing it would.
+    pub fn route_from_outside(&self, addr: Ipv4Addr, index: u8) -> anyhow::Result<()> {
+        let via = self.node(index).address().to_string();
+        ip(&["-n", self.underlay.name(), "route", "add", &format!("{addr}/32"), "via", &via])
     }
 
     pub fn node(&self, index: u8) -> &ClusterNode {

@@ -40,14 +40,24 @@ impl Drop for Server {
 
 /// Serves TCP on 0.0.0.0:`port` in `ns`; each line read is answered with `reply`.
 pub fn tcp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
+    tcp_server(ns, port, reply, false)
+}
+
+/// As [`tcp`], the answer followed by a space and the client's address as
+/// the server sees it (is the client's address kept?).
+pub fn tcp_peer(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
+    tcp_server(ns, port, reply, true)
+}
+
+fn tcp_server(ns: &Netns, port: u16, reply: &str, show_peer: bool) -> anyhow::Result<Server> {
     let listener = ns.run(move || TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
     let listener = Arc::new(listener);
     let fd = listener.as_raw_fd();
     let reply = format!("{reply}\n");
     let l = listener.clone();
     let thread = std::thread::spawn(move || {
-        while let Ok((stream, _)) = l.accept() {
-            let reply = reply.clone();
+        while let Ok((stream, peer)) = l.accept() {
+            let reply = if show_peer { format!("{} {}\n", reply.trim_end(), peer.ip()) } else { reply.clone() };
             std::thread::spawn(move || {
                 let mut writer = match stream.try_clone() {
                     Ok(w) => w,

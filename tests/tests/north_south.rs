@@ -1,0 +1,236 @@
+//! Traffic from outside the cluster: NodePort, externalIPs and load
+//! balancer IPs on a two-node cluster, with a client on the underlay's
+//! router (outside every node), kpr running on both nodes. Backends answer
+//! with their name and the client address they saw, so the tests tell
+//! which node served and whether the client's address was kept.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use kpr_tests::{
+    client::{http_get, tcp_request, udp_request},
+    cluster::{Cluster, Shape, pod_ip},
+    kpr::{Kpr, Mode},
+    manifests::write,
+    netns::Netns,
+    root_or_skip,
+    servers::{self, Server},
+    wait,
+};
+
+const ANSWER: Duration = Duration::from_secs(2);
+/// How long a request that must be dropped is given.
+const DROPPED: Duration = Duration::from_millis(800);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const LB_OPEN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const LB_FENCED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
+
+/// A Service of `kind` whose endpoints are `(ip, node)`, with the extra
+/// spec fields given, ports 80/TCP -> 8080 (node port `np`) and 53/UDP -> 5353 (`np` - 1000).
+fn service(name: &str, vip: &str, np: u16, spec: &str, status: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let eps: String =
+        endpoints.iter().map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n")).collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {vip}
+{spec}  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {np}, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: {}, protocol: UDP}}
+{status}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+{eps}",
+        np - 1000
+    )
+}
+
+fn ask(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    ns.run(move || tcp_request(addr, ANSWER)).unwrap()
+}
+
+fn dropped(ns: &Netns, addr: SocketAddr) -> bool {
+    ns.run(move || tcp_request(addr, DROPPED)).unwrap().is_err()
+}
+
+fn health(ns: &Netns, addr: SocketAddr) -> (u16, serde_json::Value) {
+    let (status, body) = ns.run(move || http_get(addr, "/healthz", ANSWER)).unwrap().unwrap();
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body:?}: {e}")))
+}
+
+fn serves_traffic_from_outside(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
+    cluster.add_pod(0, "web-0", 11).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    let mut servers: Vec<Server> = Vec::new();
+    for (node, pod) in [(0, "web-0"), (1, "web-1")] {
+        let ns = &cluster.node(node).pod(pod).ns;
+        servers.push(servers::tcp_peer(ns, 8080, pod).unwrap());
+        servers.push(servers::udp(ns, 5353, pod).unwrap());
+    }
+    let web0 = (cluster.node(0).pod("web-0").ip, "node0");
+    let web1 = (cluster.node(1).pod("web-1").ip, "node1");
+    for addr in [EXTERNAL_IP, LB_OPEN, LB_FENCED] {
+        cluster.route_from_outside(addr, 0).unwrap();
+    }
+    // The outside's network and the pods' (source ranges apply to pods too).
+    let open_ranges = format!("{}/24, 10.244.0.0/16", Cluster::OUTSIDE);
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let files = [
+        // externalTrafficPolicy Cluster, the only backend on node 1.
+        ("cluster.yaml", service("cluster", "10.96.0.20", 30080, "  type: NodePort\n", "", &[web1])),
+        // Local, a backend on each node.
+        (
+            "local.yaml",
+            service(
+                "local",
+                "10.96.0.21",
+                30081,
+                "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32081\n",
+                "",
+                &[web0, web1],
+            ),
+        ),
+        // Local, a backend on node 1 only.
+        (
+            "lonely.yaml",
+            service(
+                "lonely",
+                "10.96.0.22",
+                30082,
+                "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32082\n",
+                "",
+                &[web1],
+            ),
+        ),
+        // An external IP and a load balancer IP open to the outside's range.
+        (
+            "open.yaml",
+            service(
+                "open",
+                "10.96.0.23",
+                30083,
+                &format!(
+                    "  type: LoadBalancer\n  externalIPs: [{EXTERNAL_IP}]\n  loadBalancerSourceRanges: [{open_ranges}]\n"
+                ),
+                &format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_OPEN}}}]}}}}\n"),
+                &[web1],
+            ),
+        ),
+        // A load balancer IP for the pod network only.
+        (
+            "fenced.yaml",
+            service(
+                "fenced",
+                "10.96.0.24",
+                30084,
+                "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.244.0.0/16]\n",
+                &format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_FENCED}}}]}}}}\n"),
+                &[web1],
+            ),
+        ),
+    ];
+    for (file, text) in &files {
+        write(&manifests, file, text).unwrap();
+    }
+    let source = format!("--source=dir:{}", manifests.display());
+    let agents: Vec<Kpr> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let logs = dir.path().join(&node.name);
+            std::fs::create_dir(&logs).unwrap();
+            let args = [
+                mode.arg().to_string(),
+                source.clone(),
+                format!("--node-name={}", node.name),
+                "--cluster-cidr=10.244.0.0/16".to_string(),
+            ];
+            let mut kpr =
+                Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &[], &args, &logs.join("kpr.log")).unwrap();
+            kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+            kpr
+        })
+        .collect();
+
+    let outside = cluster.outside();
+    let (node0, node1) = (cluster.node(0).address(), cluster.node(1).address());
+    let at = |addr: Ipv4Addr, port: u16| SocketAddr::from((addr, port));
+
+    // Cluster policy: either node forwards to the backend on node 1; the
+    // client is source-NATed to the node it came in by (its address toward
+    // the backend), so replies go back that way.
+    assert_eq!(ask(outside, at(node0, 30080)).unwrap(), format!("web-1 {node0}"));
+    assert_eq!(ask(outside, at(node1, 30080)).unwrap(), format!("web-1 {}", pod_ip(1, 1)));
+    // UDP, with the reply from the node port.
+    let (reply, from) = outside.run(move || udp_request(at(node0, 29080), ANSWER)).unwrap().unwrap();
+    assert_eq!((reply.as_str(), from), ("web-1", at(node0, 29080)));
+    // From a pod and from the node itself.
+    let client = &cluster.node(0).pod("client").ns;
+    assert!(ask(client, at(node1, 30080)).unwrap().starts_with("web-1 "));
+    assert!(ask(&cluster.node(0).ns, at(node0, 30080)).unwrap().starts_with("web-1 "));
+
+    // Local policy: each node serves with its own backend, the client's address kept.
+    let outside_ip = Cluster::OUTSIDE;
+    assert_eq!(ask(outside, at(node0, 30081)).unwrap(), format!("web-0 {outside_ip}"));
+    assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
+    // No backend on node 0: dropped there, served on node 1.
+    assert!(dropped(outside, at(node0, 30082)), "a Local policy Service with no endpoint here is dropped");
+    assert_eq!(ask(outside, at(node1, 30082)).unwrap(), format!("web-1 {outside_ip}"));
+    // Load balancers ask each node whether it has endpoints.
+    let (status, body) = health(outside, at(node0, 32081));
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "default", "name": "local"}, "localEndpoints": 1, "serviceProxyHealthy": true})
+    );
+    let (status, body) = health(outside, at(node0, 32082));
+    assert_eq!((status, &body["localEndpoints"]), (503, &serde_json::json!(0)));
+    assert_eq!(health(outside, at(node1, 32082)).0, 200);
+
+    // An external IP and a load balancer IP, from outside and from a pod.
+    assert!(ask(outside, at(EXTERNAL_IP, 80)).unwrap().starts_with("web-1 "));
+    assert!(ask(outside, at(LB_OPEN, 80)).unwrap().starts_with("web-1 "));
+    assert!(ask(client, at(EXTERNAL_IP, 80)).unwrap().starts_with("web-1 "));
+    assert!(ask(client, at(LB_OPEN, 80)).unwrap().starts_with("web-1 "));
+    // Source ranges: the outside is not in the fenced Service's range.
+    assert!(dropped(outside, at(LB_FENCED, 80)), "a client outside loadBalancerSourceRanges is dropped");
+
+    // The backend on node 0 leaves the Local Service: node 0 drops, and says so.
+    write(
+        &manifests,
+        "local.yaml",
+        &files[1].1.replace(&format!("- {{addresses: [\"{}\"], nodeName: node0}}\n", web0.0), ""),
+    )
+    .unwrap();
+    wait::until(
+        "node 0 reporting no local endpoint",
+        Duration::from_secs(5),
+        || health(outside, at(node0, 32081)).0,
+        |s| *s == 503,
+    )
+    .unwrap();
+    assert!(dropped(outside, at(node0, 30081)));
+    assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
+    drop(agents);
+}
+
+// eBPF mode joins when its north-south path lands (XDP and TC on the devices).
+mod iptables {
+    #[test]
+    fn serves_traffic_from_outside() {
+        super::serves_traffic_from_outside(kpr_tests::kpr::Mode::Iptables)
+    }
+}
