@@ -71,10 +71,17 @@ pub enum Counter {
     /// ICMP errors about a translated flow (port unreachable, fragmentation
     /// needed, time exceeded) translated like the flow, quote included.
     IcmpErrorTranslated,
+    /// Packets to a load balancer IP from a client outside the Service's
+    /// `loadBalancerSourceRanges`: dropped, as kube-proxy's firewall does.
+    DroppedSourceRange,
+    /// New flows from outside to a Service with `externalTrafficPolicy:
+    /// Local` and no endpoint on this node: dropped, as kube-proxy does
+    /// (the load balancer's health check steers clients elsewhere).
+    DroppedNoLocalBackend,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 25;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -101,6 +108,8 @@ impl Counter {
         Counter::ConntrackRestored,
         Counter::DroppedConntrackCollision,
         Counter::IcmpErrorTranslated,
+        Counter::DroppedSourceRange,
+        Counter::DroppedNoLocalBackend,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -130,6 +139,8 @@ impl Counter {
             Counter::ConntrackRestored => "conntrack_restored",
             Counter::DroppedConntrackCollision => "dropped_conntrack_collision",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::DroppedSourceRange => "dropped_source_range",
+            Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
         }
     }
 }
@@ -150,10 +161,12 @@ pub enum DropReason {
     RedirectFailed,
     ConntrackFailed,
     ConntrackCollision,
+    SourceRange,
+    NoLocalBackend,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoBackend,
         DropReason::Fragment,
         DropReason::Truncated,
@@ -165,6 +178,8 @@ impl DropReason {
         DropReason::RedirectFailed,
         DropReason::ConntrackFailed,
         DropReason::ConntrackCollision,
+        DropReason::SourceRange,
+        DropReason::NoLocalBackend,
     ];
 
     /// The counter this reason is counted under.
@@ -181,6 +196,8 @@ impl DropReason {
             DropReason::RedirectFailed => Counter::DroppedRedirectFailed,
             DropReason::ConntrackFailed => Counter::DroppedConntrackFailed,
             DropReason::ConntrackCollision => Counter::DroppedConntrackCollision,
+            DropReason::SourceRange => Counter::DroppedSourceRange,
+            DropReason::NoLocalBackend => Counter::DroppedNoLocalBackend,
         }
     }
 }

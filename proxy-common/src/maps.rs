@@ -40,10 +40,15 @@ pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 /// translated like it (LRU, as Cilium's IPV4_FRAGMENTS).
 pub const FRAGMENTS: &str = "FRAGMENTS";
 
+/// `loadBalancerSourceRanges`: (frontend id, client prefix) -> allowed,
+/// an LPM trie consulted for frontends with [`flags::SOURCE_RANGES`].
+pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     SERVICES,
     BACKENDS,
+    SOURCE_RANGES,
     CT_TCP,
     CT_ANY,
     SOCK_AFFINITY,
@@ -65,6 +70,8 @@ pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 /// Datagrams in flight in pieces at once: fragments are rare on pod
 /// networks, and an entry is needed only until the last piece passed.
 pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
+/// Source ranges over all load balancer frontends.
+pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -97,13 +104,63 @@ impl ServiceKey {
     }
 }
 
-/// The Service type a frontend belongs to, kept in [`ServiceValue::kind`] so
-/// the maps describe themselves to inspection tools (as Cilium's service
-/// flags do). The datapath does not read it.
+/// What a frontend is, kept in [`ServiceValue::kind`] so the maps describe
+/// themselves to inspection tools (as Cilium's service flags do): a
+/// ClusterIP frontend says its Service's type, an external frontend which
+/// way in it is. The datapath does not read it.
 pub mod kind {
     pub const CLUSTER_IP: u8 = 0;
     pub const NODE_PORT: u8 = 1;
     pub const LOAD_BALANCER: u8 = 2;
+    /// A node port on one node address.
+    pub const NODE_PORT_ADDRESS: u8 = 3;
+    /// A load balancer ingress IP at the Service port.
+    pub const LOAD_BALANCER_IP: u8 = 4;
+    /// One of `spec.externalIPs` at the Service port.
+    pub const EXTERNAL_IP: u8 = 5;
+
+    /// Whether the frontend is a way in from outside (it shares its
+    /// ClusterIP frontend's id).
+    pub const fn is_external(kind: u8) -> bool {
+        kind >= NODE_PORT_ADDRESS
+    }
+}
+
+/// How a frontend treats traffic, kept in [`ServiceValue::flags`]: the
+/// external frontends (node ports, external IPs, load balancer IPs) differ
+/// from a ClusterIP by these alone.
+pub mod flags {
+    /// Requests are marked ([`MASQUERADE_MARK`]) for the node's masquerade
+    /// rule: external traffic under `externalTrafficPolicy: Cluster`, whose
+    /// backend may be on another node, so its replies must come back through
+    /// this one.
+    pub const MASQUERADE: u8 = 1;
+    /// Only clients in the frontend's [`super::SOURCE_RANGES`] are served; others are dropped.
+    pub const SOURCE_RANGES: u8 = 2;
+    /// With no backend, new flows are dropped rather than refused
+    /// (`externalTrafficPolicy: Local` with endpoints only on other nodes).
+    pub const DROP_WITHOUT_BACKEND: u8 = 4;
+}
+
+/// The packet mark asking the node's masquerade rule to source-NAT a
+/// request (kube-proxy's masquerade bit).
+pub const MASQUERADE_MARK: u32 = 0x4000;
+
+/// Key of [`SOURCE_RANGES`] without the LPM prefix length: the frontend id
+/// (big endian, so a prefix of the key is the id and then the address's
+/// leading bits) and the client address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    pub id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+impl SourceRangeKey {
+    /// The LPM prefix length of a range of `len` bits for one frontend.
+    pub const fn prefix_len(len: u8) -> u32 {
+        32 + len as u32
+    }
 }
 
 /// Value of [`SERVICES`].
@@ -123,13 +180,15 @@ pub struct ServiceValue {
     pub terminating_count: u32,
     /// One of [`kind`].
     pub kind: u8,
-    pub _pad: [u8; 3],
+    /// Any of [`flags`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 
 impl ServiceValue {
     /// The value of a VIP marker entry.
     pub const MARKER: Self =
-        Self { id: 0, backend_set: 0, backend_count: 0, terminating_count: 0, kind: 0, _pad: [0; 3] };
+        Self { id: 0, backend_set: 0, backend_count: 0, terminating_count: 0, kind: 0, flags: 0, _pad: [0; 2] };
 }
 
 /// Key of [`BACKENDS`].
@@ -266,6 +325,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseEntry {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendTrafficKey {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}

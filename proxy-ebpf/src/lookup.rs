@@ -3,27 +3,57 @@
 //! As in Cilium's lb/conntrack split: a tracked flow keeps its backend (see
 //! `conntrack`), and only a new flow to a frontend chooses one.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters::DropReason,
     ipv4::Fragment,
-    maps::{Backend, BackendKey, ServiceKey, ServiceValue},
+    maps::{Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey, flags},
     select,
 };
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, SERVICES},
+    maps::{BACKENDS, SERVICES, SOURCE_RANGES},
     parse::{IcmpError, Packet},
 };
 
 pub(crate) enum Lookup {
-    /// To a Service (by id), with the backend the flow is (now) pinned to.
-    ToBackend(Backend, u32),
+    /// To a Service frontend, with the backend the flow is (now) pinned to.
+    ToBackend(Backend, Frontend),
     /// A new flow to a Service with no ready endpoints.
     NoBackend,
     NotService,
+}
+
+/// What the datapath needs of the frontend a flow goes to.
+#[derive(Clone, Copy)]
+pub(crate) struct Frontend {
+    pub(crate) id: u32,
+    /// [`flags`] of the frontend.
+    pub(crate) flags: u8,
+}
+
+impl Frontend {
+    fn of(svc: &ServiceValue) -> Self {
+        Self { id: svc.id, flags: svc.flags }
+    }
+
+    /// Whether the node must source-NAT the request (see [`flags::MASQUERADE`]).
+    pub(crate) fn masquerade(&self) -> bool {
+        self.flags & flags::MASQUERADE != 0
+    }
+}
+
+/// Whether `client` may reach the frontend `svc`: always, unless it has
+/// source ranges and none holds the client.
+#[inline(always)]
+fn source_allowed(svc: &ServiceValue, client: [u8; 4]) -> bool {
+    if svc.flags & flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { id: svc.id.to_be_bytes(), addr: client });
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// Backends tried for a new flow whose first choice would collide with a
@@ -102,11 +132,16 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
         return Ok(Lookup::NotService);
     };
 
+    if !source_allowed(&svc, pkt.src) {
+        return Err(DropReason::SourceRange);
+    }
+    let frontend = Frontend::of(&svc);
+
     // Read only once the packet is to a Service: most packets a pod sends are not.
     let now = conntrack::now();
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
     if let Some(backend) = conntrack::pinned(&flow, &svc, pkt.tcp_flags, now)? {
-        return Ok(Lookup::ToBackend(backend, svc.id));
+        return Ok(Lookup::ToBackend(backend, frontend));
     }
     // The rest of a datagram whose flow is gone: nothing to answer with, nothing to start.
     if later_fragment {
@@ -114,6 +149,9 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
     }
 
     if svc.backend_count == 0 {
+        if svc.flags & flags::DROP_WITHOUT_BACKEND != 0 {
+            return Err(DropReason::NoLocalBackend);
+        }
         return Ok(Lookup::NoBackend);
     }
     let first = random_slot(&svc);
@@ -128,7 +166,7 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
         let backend = chosen(&svc, slot)?;
         if !conntrack::claimed(&flow, &backend, now) {
             conntrack::create(&flow, svc.id, slot, &backend, pkt.tcp_flags, now)?;
-            return Ok(Lookup::ToBackend(backend, svc.id));
+            return Ok(Lookup::ToBackend(backend, frontend));
         }
     }
     Err(DropReason::ConntrackCollision)

@@ -36,6 +36,7 @@ use aya_ebpf::{
 use proxy_common::{
     counters::{Counter, DropReason},
     ipv4::Fragment,
+    maps::MASQUERADE_MARK,
 };
 
 use crate::{
@@ -140,13 +141,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Seen::Done(verdict) => return Ok(verdict),
     };
     match lookup::request(&pkt)? {
-        Lookup::ToBackend(backend, service_id) => {
+        Lookup::ToBackend(backend, frontend) => {
             translate::forward(ctx, &pkt, &backend)?;
             if pkt.fragment == Fragment::First {
                 fragments::remember(&pkt);
             }
+            if frontend.masquerade() {
+                // The node's masquerade rule source-NATs it, so the backend's
+                // replies come back here to be translated.
+                ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
+            }
             count(Counter::Translated, ());
-            count_traffic_via(service_id, backend.addr, backend.port, ctx.len());
+            count_traffic_via(frontend.id, backend.addr, backend.port, ctx.len());
             Ok(Verdict::Pass)
         }
         Lookup::NoBackend => refuse::refuse(ctx, &pkt),

@@ -4,20 +4,23 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
         Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGMENTS_MAX,
-        DEFAULT_SERVICES_MAX, ForwardEntry, FragmentKey, FragmentPorts, ReverseEntry, ServiceKey, ServiceValue,
-        SockKey, Traffic,
+        DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, ForwardEntry, FragmentKey, FragmentPorts, ReverseEntry,
+        ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic,
     },
 };
 
 #[map]
 pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+#[map]
+pub(crate) static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::with_max_entries(DEFAULT_SOURCE_RANGES_MAX, 0);
 
 #[map]
 pub(crate) static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);

@@ -99,11 +99,10 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
             found
         }
     };
-    // The per-packet path also sits on the node's devices, where traffic from outside enters.
+    // The per-packet path always sits on the node's devices, where traffic
+    // from outside enters (node ports, external and load balancer IPs).
     let mut interfaces = cfg.interfaces.clone();
-    if !interfaces.is_empty() {
-        interfaces.extend(devices(cfg).into_iter().filter(|d| !interfaces.contains(d)).collect::<Vec<_>>());
-    }
+    interfaces.extend(devices(cfg).into_iter().filter(|d| !interfaces.contains(d)).collect::<Vec<_>>());
     Targets { interfaces, cgroup }
 }
 
@@ -117,14 +116,15 @@ fn devices(cfg: &RunConfig) -> Vec<String> {
 /// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,
 /// verify, attach to every interface) fails. Returns why it fell back.
 fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<DataplaneError>), DataplaneError> {
+    let node_port_addresses = node_addresses::resolve(&cfg.nodeport_addresses, &devices(cfg));
+    tracing::info!(addresses = ?node_port_addresses, "node ports answer on");
     let iptables = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        let node_port_addresses = node_addresses::resolve(&cfg.nodeport_addresses, &devices(cfg));
-        tracing::info!(addresses = ?node_port_addresses, "NodePorts answer on");
-        let render = RenderConfig { node_port_addresses, ..cfg.iptables.clone() };
+        let render = RenderConfig { node_port_addresses: node_port_addresses.clone(), ..cfg.iptables.clone() };
         Ok(Box::new(IptablesDataplane::new(render, cfg.iptables_full_sync_period)?))
     };
     let ebpf = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        Ok(Box::new(EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?))
+        let dataplane = EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?;
+        Ok(Box::new(dataplane.with_node_addresses(node_port_addresses.addresses())))
     };
     match cfg.mode {
         RequestedMode::Ebpf => Ok((ebpf()?, None)),

@@ -9,13 +9,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
     conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
     maps::{
         self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FragmentKey, FragmentPorts,
-        PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, Traffic, kind,
+        PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic, flags, kind,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,12 @@ pub struct ServiceEntry {
     #[serde(rename = "type")]
     pub service_type: String,
     pub id: u32,
+    /// External frontends: `Cluster` or `Local` (`externalTrafficPolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Load balancer IPs with `loadBalancerSourceRanges`: the clients let in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
     pub backends: Vec<BackendEntry>,
 }
 
@@ -131,6 +137,7 @@ pub struct Maps {
     /// Shared by all CPUs (atomic adds): read as they are.
     service_traffic: Array<MapData, Traffic>,
     backend_traffic: HashMap<MapData, BackendTrafficKey, Traffic>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 /// Why the maps could not be read.
@@ -187,19 +194,42 @@ impl Maps {
             counters: PerCpuArray::try_from(get(abi::COUNTERS)?).map_err(wrong_type(abi::COUNTERS))?,
             service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?).map_err(wrong_type(abi::SERVICE_TRAFFIC))?,
             backend_traffic: hash(get(abi::BACKEND_TRAFFIC)?, abi::BACKEND_TRAFFIC)?,
+            source_ranges: LpmTrie::try_from(get(abi::SOURCE_RANGES)?).map_err(wrong_type(abi::SOURCE_RANGES))?,
         })
     }
 
-    /// Frontends by service id (VIP markers left out).
+    /// Every frontend (VIP markers left out), external ones included.
+    fn all_frontends(&self) -> Vec<(FrontendKey, ServiceValue)> {
+        self.services.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_key(&k)?, v))).collect()
+    }
+
+    /// ClusterIP frontends by service id (external ones share their id).
     fn frontends(&self) -> BTreeMap<u32, (FrontendKey, ServiceValue)> {
-        self.services.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((v.id, (frontend_key(&k)?, v)))).collect()
+        self.all_frontends()
+            .into_iter()
+            .filter(|(_, v)| !kind::is_external(v.kind))
+            .map(|(k, v)| (v.id, (k, v)))
+            .collect()
+    }
+
+    /// The source ranges written for frontend `id`.
+    fn source_ranges_of(&self, id: u32) -> Vec<String> {
+        let mut ranges: Vec<String> = self
+            .source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().id == id.to_be_bytes())
+            .map(|k| format!("{}/{}", Ipv4Addr::from(k.data().addr), k.prefix_len() - 32))
+            .collect();
+        ranges.sort();
+        ranges
     }
 
     /// Every programmed frontend with its backends, sorted by frontend.
     pub fn services(&self) -> Vec<ServiceEntry> {
         let mut out: Vec<(FrontendKey, ServiceEntry)> = self
-            .frontends()
-            .into_values()
+            .all_frontends()
+            .into_iter()
             .map(|(key, v)| {
                 let slots = v.backend_count + v.terminating_count;
                 let backends = (0..slots)
@@ -209,10 +239,18 @@ impl Maps {
                         state: if b.state == BACKEND_TERMINATING { "terminating" } else { "active" }.into(),
                     })
                     .collect();
+                let external = kind::is_external(v.kind);
+                let local = v.flags & flags::MASQUERADE == 0;
                 let entry = ServiceEntry {
                     frontend: key.to_string(),
                     service_type: kind_name(v.kind).into(),
                     id: v.id,
+                    policy: external.then(|| if local { "Local" } else { "Cluster" }.to_string()),
+                    source_ranges: if v.flags & flags::SOURCE_RANGES != 0 {
+                        self.source_ranges_of(v.id)
+                    } else {
+                        Vec::new()
+                    },
                     backends,
                 };
                 (key, entry)
@@ -363,6 +401,9 @@ fn kind_name(k: u8) -> &'static str {
     match k {
         kind::NODE_PORT => "NodePort",
         kind::LOAD_BALANCER => "LoadBalancer",
+        kind::NODE_PORT_ADDRESS => "node-port",
+        kind::LOAD_BALANCER_IP => "load-balancer-ip",
+        kind::EXTERNAL_IP => "external-ip",
         _ => "ClusterIP",
     }
 }

@@ -307,11 +307,16 @@ fn print_services(maps: MapsArgs) -> anyhow::Result<()> {
     if maps.output == Output::Json {
         return print_json(&services);
     }
-    println!("{:<24} {:<13} {:>4}  BACKENDS", "FRONTEND", "TYPE", "ID");
+    println!("{:<24} {:<16} {:>4}  {:<8} BACKENDS", "FRONTEND", "TYPE", "ID", "POLICY");
     for s in services {
         let backends: Vec<String> = s.backends.iter().map(|b| format!("{} ({})", b.address, b.state)).collect();
-        let backends = if backends.is_empty() { "none: new flows refused".to_string() } else { backends.join(", ") };
-        println!("{:<24} {:<13} {:>4}  {backends}", s.frontend, s.service_type, s.id);
+        let mut backends =
+            if backends.is_empty() { "none: new flows refused".to_string() } else { backends.join(", ") };
+        if !s.source_ranges.is_empty() {
+            backends.push_str(&format!("; only from {}", s.source_ranges.join(", ")));
+        }
+        let policy = s.policy.as_deref().unwrap_or("-");
+        println!("{:<24} {:<16} {:>4}  {policy:<8} {backends}", s.frontend, s.service_type, s.id);
     }
     Ok(())
 }

@@ -8,7 +8,11 @@ use std::path::Path;
 use aya::programs::{TcAttachType, tc};
 
 use crate::{
-    dataplane::{DataplaneError, Mode, ebpf::PACKET_PROGRAMS, iptables::backend::Backend},
+    dataplane::{
+        DataplaneError, Mode,
+        ebpf::{PACKET_PROGRAMS, masquerade},
+        iptables::backend::Backend,
+    },
     inspect,
 };
 
@@ -54,7 +58,7 @@ pub fn all_interfaces() -> Vec<String> {
 /// the maps pinned under `bpf_root`. Returns how many attachments and pin
 /// folders were removed.
 pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
-    let mut removed = 0;
+    let mut removed = masquerade::remove();
     for iface in interfaces {
         for (program, hook) in PACKET_PROGRAMS {
             match tc::qdisc_detach_program(iface, hook, program) {

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use proxy_common::maps::{BACKEND_TERMINATING, ServiceValue};
+use proxy_common::maps::{BACKEND_TERMINATING, ServiceValue, kind};
 use proxy_userspace::{
     dataplane::{
         Dataplane,
@@ -85,18 +85,31 @@ impl Node {
         let mut frontends: Vec<(FrontendKey, &ServiceValue)> =
             maps.services.iter().filter_map(|(k, v)| Some((frontend_key(k)?, v))).collect();
         frontends.sort_by_key(|(k, _)| *k);
+        // External frontends (load balancer and external IPs; node ports
+        // need node addresses, which these tests have none of) share their
+        // ClusterIP frontend's id.
+        let owners: std::collections::HashMap<u32, FrontendKey> =
+            frontends.iter().filter(|(k, _)| self.model.frontends.contains_key(k)).map(|(k, v)| (v.id, *k)).collect();
         for (key, value) in frontends {
-            let f = &self.model.frontends[&key];
+            let (f, external) = match self.model.frontends.get(&key) {
+                Some(f) => (f, None),
+                None => (&self.model.frontends[&owners[&value.id]], Some(value.kind)),
+            };
             let node_port = f.external.as_deref().and_then(|e| e.node_port);
-            let kind = match f.service_type {
-                ServiceType::ClusterIP => "ClusterIP".to_string(),
-                ServiceType::NodePort => format!("NodePort({})", port_text(node_port)),
-                ServiceType::LoadBalancer => {
-                    let mut parts = vec![port_text(node_port)];
-                    let ext = f.external.as_deref();
-                    parts.extend(ext.into_iter().flat_map(|e| e.load_balancer_ips.iter()).map(Ipv4Addr::to_string));
-                    format!("LoadBalancer({})", parts.join(","))
-                }
+            let kind = match (external, f.service_type) {
+                (Some(kind::LOAD_BALANCER_IP), _) => "load-balancer-IP".to_string(),
+                (Some(kind::EXTERNAL_IP), _) => "external-IP".to_string(),
+                (Some(other), _) => format!("external({other})"),
+                (None, t) => match t {
+                    ServiceType::ClusterIP => "ClusterIP".to_string(),
+                    ServiceType::NodePort => format!("NodePort({})", port_text(node_port)),
+                    ServiceType::LoadBalancer => {
+                        let mut parts = vec![port_text(node_port)];
+                        let ext = f.external.as_deref();
+                        parts.extend(ext.into_iter().flat_map(|e| e.load_balancer_ips.iter()).map(Ipv4Addr::to_string));
+                        format!("LoadBalancer({})", parts.join(","))
+                    }
+                },
             };
             let slots = maps.backends_of(value);
             let text = |terminating: bool| -> Vec<String> {

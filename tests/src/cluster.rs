@@ -4,12 +4,13 @@
 //! shapes so a Service's backends can sit on any node. Everything lives in
 //! namespaces this creates; all of it goes on drop.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::Context as _;
 
 use crate::{
     cgroup::Cgroup,
+    kpr::Kpr,
     netns::{Netns, ip, unique_prefix},
     node::{Bpffs, Pod},
 };
@@ -59,6 +60,18 @@ impl ClusterNode {
     /// The node-side interfaces of its pods.
     pub fn interfaces(&self) -> Vec<String> {
         self.pods.iter().map(|p| p.host_if.clone()).collect()
+    }
+
+    /// Starts kpr on this node with `args` and `--node-name`, the
+    /// per-packet path on `interfaces`, logging to `logs/kpr-NODE.log`;
+    /// returns once it has synced.
+    pub fn start_kpr(&self, interfaces: &[String], args: &[String], logs: &Path) -> anyhow::Result<Kpr> {
+        let mut args = args.to_vec();
+        args.push(format!("--node-name={}", self.name));
+        let log = logs.join(format!("kpr-{}.log", self.name));
+        let mut kpr = Kpr::spawn_on(&self.ns, self.bpf_root(), &self.cgroup, interfaces, &args, &log)?;
+        kpr.wait_for_log("synced", Duration::from_secs(20))?;
+        Ok(kpr)
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

@@ -23,6 +23,9 @@ pub const WEB_AND_CLIENT: [(&str, Ipv4Addr); 3] = [
     ("client", Ipv4Addr::new(10, 244, 0, 100)),
 ];
 pub const PREFIX_LEN: u8 = 24;
+/// The node's own address, on its uplink (where the default route goes):
+/// where its node ports answer.
+pub const NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 255, 1);
 const BRIDGE: &str = "cbr0";
 
 pub struct Pod {
@@ -89,7 +92,7 @@ impl VirtualNode {
         // far end drops everything), so traffic to a VIP nobody serves is
         // forwarded into the filter rules rather than refused by routing.
         ip(&["-n", &n, "link", "add", "uplink", "type", "veth", "peer", "name", "upstream"])?;
-        ip(&["-n", &n, "addr", "add", "192.168.255.1/24", "dev", "uplink"])?;
+        ip(&["-n", &n, "addr", "add", &format!("{NODE_ADDRESS}/24"), "dev", "uplink"])?;
         ip(&["-n", &n, "link", "set", "uplink", "up"])?;
         ip(&["-n", &n, "link", "set", "upstream", "up"])?;
         ip(&[

@@ -77,16 +77,7 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     let agents: Vec<Kpr> = cluster
         .nodes
         .iter()
-        .map(|node| {
-            let logs = dir.path().join(&node.name);
-            std::fs::create_dir(&logs).unwrap();
-            let args = [mode.arg().to_string(), source.clone(), format!("--node-name={}", node.name)];
-            let log = logs.join("kpr.log");
-            let mut kpr =
-                Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &node.interfaces(), &args, &log).unwrap();
-            kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
-            kpr
-        })
+        .map(|node| node.start_kpr(&node.interfaces(), &[mode.arg().to_string(), source.clone()], dir.path()).unwrap())
         .collect();
 
     let node0 = cluster.node(0);
@@ -199,11 +190,7 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
                 "--socket-lb=false".into(),
                 devices.into(),
             ];
-            let log = dir.path().join(format!("kpr-{}.log", node.name));
-            let mut kpr =
-                Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &["veth*".into()], &args, &log).unwrap();
-            kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
-            kpr
+            node.start_kpr(&["veth*".into()], &args, dir.path()).unwrap()
         })
         .collect();
     let client = &cluster.node(0).pod("client").ns;

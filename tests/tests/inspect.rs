@@ -18,7 +18,7 @@ use kpr_tests::{
     servers::{self, Server},
 };
 use proxy_userspace::{
-    frontend::Endpoint,
+    frontend::{Endpoint, FrontendKey},
     index::Snapshot,
     inspect::{BackendEntry, ServiceEntry},
     model,
@@ -55,7 +55,8 @@ endpoints:
 ";
 
 /// What `kpr service list` must show for the manifests in `dir`, worked
-/// out from the model the agent builds from them.
+/// out from the model the agent builds from them: each ClusterIP frontend,
+/// and each node port on the node's address.
 fn expected(dir: &Path) -> Vec<(String, String, Vec<BackendEntry>)> {
     let mut snap = Snapshot::default();
     for file in ["web.yaml", "api.yaml"] {
@@ -69,18 +70,22 @@ fn expected(dir: &Path) -> Vec<(String, String, Vec<BackendEntry>)> {
     model
         .frontends
         .values()
-        .map(|f| {
+        .flat_map(|f| {
             let entry = |e: &Endpoint, state: &str| BackendEntry {
                 address: format!("{}:{}", e.ip, e.port),
                 state: state.into(),
             };
-            let backends = f
+            let backends: Vec<BackendEntry> = f
                 .backends
                 .iter()
                 .map(|e| entry(e, "active"))
                 .chain(f.terminating.iter().map(|e| entry(e, "terminating")))
                 .collect();
-            (f.key.to_string(), format!("{:?}", f.service_type), backends)
+            let node_port = f.external.as_deref().and_then(|e| e.node_port).map(|port| {
+                let key = FrontendKey { vip: node::NODE_ADDRESS, port, protocol: f.key.protocol };
+                (key.to_string(), "node-port".to_string(), backends.clone())
+            });
+            std::iter::once((f.key.to_string(), format!("{:?}", f.service_type), backends)).chain(node_port)
         })
         .collect()
 }
@@ -111,7 +116,7 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     let mut agent = Kpr::start(&node, Mode::Ebpf, dir.path(), &log).unwrap();
 
     let want = expected(dir.path());
-    assert_eq!(want.len(), 3, "web http + dns, api http");
+    assert_eq!(want.len(), 4, "web http + dns, api http and its node port");
     assert_eq!(services(&node), want, "kpr service list equals the model");
 
     // Ten connections to web, five to api (its only active backend serves).
@@ -153,7 +158,7 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     // The maps are read one after the other: a late closing packet may land in between.
     assert!(web_packets.abs_diff(by_backend) <= 2, "backend shares add up to the Service: {web}");
     let fill = |name: &str| stats["maps"].as_array().unwrap().iter().find(|m| m["map"] == name).cloned().unwrap();
-    assert_eq!(fill("SERVICES")["entries"], 5, "3 frontends and 2 VIP markers");
+    assert_eq!(fill("SERVICES")["entries"], 6, "3 ClusterIP frontends, 2 VIP markers and api's node port");
     assert_eq!(fill("BACKENDS")["entries"], 6, "2 + 2 for web, 1 active + 1 terminating for api");
     assert_eq!(fill("CT_TCP")["entries"], 2 * connections, "a service and a reply entry per connection");
     assert_eq!(fill("CT_TCP")["max_entries"], 2 * proxy_common::maps::DEFAULT_CONNTRACK_MAX);
@@ -169,7 +174,7 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
             assert!(programs.iter().any(|p| p.as_str().unwrap().starts_with(program)), "{iface}: {status:#}");
         }
     }
-    assert!(status["maps"].as_array().unwrap().iter().any(|m| m["map"] == "SERVICES" && m["entries"] == 5));
+    assert!(status["maps"].as_array().unwrap().iter().any(|m| m["map"] == "SERVICES" && m["entries"] == 6));
     let text = kpr::command(&node.ns, &["status", &state, &format!("--bpf-root={}", node.bpf_root().display())]);
     assert!(text.unwrap().contains("kpr_from_pod"));
 

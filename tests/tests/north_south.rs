@@ -10,8 +10,8 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{http_get, tcp_request, udp_request},
-    cluster::{Cluster, Shape, pod_ip},
+    client::{http_get, probe_answer, tcp_request, udp_request},
+    cluster::{Cluster, ClusterNode, Shape, pod_ip},
     kpr::{Kpr, Mode},
     manifests::write,
     netns::Netns,
@@ -20,6 +20,7 @@ use kpr_tests::{
     wait,
 };
 
+const PROBE: &str = env!("CARGO_BIN_EXE_kpr-probe");
 const ANSWER: Duration = Duration::from_secs(2);
 /// How long a request that must be dropped is given.
 const DROPPED: Duration = Duration::from_millis(800);
@@ -55,6 +56,12 @@ endpoints:
 
 fn ask(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     ns.run(move || tcp_request(addr, ANSWER)).unwrap()
+}
+
+/// A TCP request from a process of `node` (a pod's or the node's own, in
+/// the node's cgroup as every process there is).
+fn ask_on(node: &ClusterNode, ns: &Netns, addr: SocketAddr) -> String {
+    probe_answer(std::path::Path::new(PROBE), ns, &node.cgroup, "tcp", addr).unwrap()
 }
 
 fn dropped(ns: &Netns, addr: SocketAddr) -> bool {
@@ -150,18 +157,8 @@ fn serves_traffic_from_outside(mode: Mode) {
         .nodes
         .iter()
         .map(|node| {
-            let logs = dir.path().join(&node.name);
-            std::fs::create_dir(&logs).unwrap();
-            let args = [
-                mode.arg().to_string(),
-                source.clone(),
-                format!("--node-name={}", node.name),
-                "--cluster-cidr=10.244.0.0/16".to_string(),
-            ];
-            let mut kpr =
-                Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &[], &args, &logs.join("kpr.log")).unwrap();
-            kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
-            kpr
+            let args = [mode.arg().to_string(), source.clone(), "--cluster-cidr=10.244.0.0/16".to_string()];
+            node.start_kpr(&[], &args, dir.path()).unwrap()
         })
         .collect();
 
@@ -178,9 +175,10 @@ fn serves_traffic_from_outside(mode: Mode) {
     let (reply, from) = outside.run(move || udp_request(at(node0, 29080), ANSWER)).unwrap().unwrap();
     assert_eq!((reply.as_str(), from), ("web-1", at(node0, 29080)));
     // From a pod and from the node itself.
-    let client = &cluster.node(0).pod("client").ns;
-    assert!(ask(client, at(node1, 30080)).unwrap().starts_with("web-1 "));
-    assert!(ask(&cluster.node(0).ns, at(node0, 30080)).unwrap().starts_with("web-1 "));
+    let on0 = cluster.node(0);
+    let client = &on0.pod("client").ns;
+    assert!(ask_on(on0, client, at(node1, 30080)).starts_with("web-1 "));
+    assert!(ask_on(on0, &on0.ns, at(node0, 30080)).starts_with("web-1 "));
 
     // Local policy: each node serves with its own backend, the client's address kept.
     let outside_ip = Cluster::OUTSIDE;
@@ -203,8 +201,8 @@ fn serves_traffic_from_outside(mode: Mode) {
     // An external IP and a load balancer IP, from outside and from a pod.
     assert!(ask(outside, at(EXTERNAL_IP, 80)).unwrap().starts_with("web-1 "));
     assert!(ask(outside, at(LB_OPEN, 80)).unwrap().starts_with("web-1 "));
-    assert!(ask(client, at(EXTERNAL_IP, 80)).unwrap().starts_with("web-1 "));
-    assert!(ask(client, at(LB_OPEN, 80)).unwrap().starts_with("web-1 "));
+    assert!(ask_on(on0, client, at(EXTERNAL_IP, 80)).starts_with("web-1 "));
+    assert!(ask_on(on0, client, at(LB_OPEN, 80)).starts_with("web-1 "));
     // Source ranges: the outside is not in the fenced Service's range.
     assert!(dropped(outside, at(LB_FENCED, 80)), "a client outside loadBalancerSourceRanges is dropped");
 
@@ -227,10 +225,4 @@ fn serves_traffic_from_outside(mode: Mode) {
     drop(agents);
 }
 
-// eBPF mode joins when its north-south path lands (XDP and TC on the devices).
-mod iptables {
-    #[test]
-    fn serves_traffic_from_outside() {
-        super::serves_traffic_from_outside(kpr_tests::kpr::Mode::Iptables)
-    }
-}
+kpr_tests::in_both_modes!(serves_traffic_from_outside);

@@ -24,6 +24,23 @@ pub fn resolve(prefixes: &[Cidr], devices: &[String]) -> NodePortAddresses {
     select(prefixes, devices, &local)
 }
 
+impl NodePortAddresses {
+    /// The addresses themselves: for [`NodePortAddresses::All`], every
+    /// non-loopback address the node has now.
+    pub fn addresses(&self) -> Vec<Ipv4Addr> {
+        match self {
+            NodePortAddresses::Only(addrs) => addrs.clone(),
+            NodePortAddresses::All => {
+                let mut all: Vec<Ipv4Addr> =
+                    interface_addresses().into_iter().map(|(_, a)| a).filter(|a| !a.is_loopback()).collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+        }
+    }
+}
+
 /// [`resolve`] on a given list of (interface, address).
 pub fn select(prefixes: &[Cidr], devices: &[String], local: &[(String, Ipv4Addr)]) -> NodePortAddresses {
     if prefixes.iter().any(|p| p.len == 0) {

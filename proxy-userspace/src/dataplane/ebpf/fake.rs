@@ -5,7 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use std::collections::BTreeSet;
+
 use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue};
+
+use crate::frontend::Cidr;
 
 use super::maps::{KeepEndpoints, MapIoError, ServiceMaps};
 
@@ -13,6 +17,8 @@ use super::maps::{KeepEndpoints, MapIoError, ServiceMaps};
 pub struct FakeMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendKey, Backend>,
+    /// (frontend id, range) pairs of the source range map.
+    pub source_ranges: BTreeSet<(u32, Cidr)>,
     pub services_max: usize,
     pub backends_max: usize,
     /// Frontend ids whose traffic counts were forgotten, in order.
@@ -64,6 +70,16 @@ impl ServiceMaps for FakeMaps {
 
     fn backend(&self, key: &BackendKey) -> Option<Backend> {
         self.backends.get(key).copied()
+    }
+
+    fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
+        self.source_ranges.insert((id, range));
+        Ok(())
+    }
+
+    fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
+        self.source_ranges.remove(&(id, range));
+        Ok(())
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {
@@ -118,6 +134,16 @@ impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
 
     fn backend(&self, key: &BackendKey) -> Option<Backend> {
         self.inner.backend(key)
+    }
+
+    fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.set_source_range(id, range)
+    }
+
+    fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.remove_source_range(id, range)
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

@@ -160,9 +160,12 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
 
 fn map_id(map: &Map) -> Option<u32> {
     match map {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::PerCpuLruHashMap(d) => {
-            Some(d.info().ok()?.id())
-        }
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuLruHashMap(d)
+        | Map::LpmTrie(d) => Some(d.info().ok()?.id()),
         _ => None,
     }
 }
@@ -295,6 +298,10 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     let maps = AyaMaps {
         services: take_hash(&mut ebpf, abi::SERVICES)?,
         backends: take_hash(&mut ebpf, abi::BACKENDS)?,
+        source_ranges: {
+            let map = ebpf.take_map(abi::SOURCE_RANGES).ok_or_else(|| missing(abi::SOURCE_RANGES))?;
+            aya::maps::LpmTrie::try_from(map).map_err(|e| wrong_type(abi::SOURCE_RANGES, e))?
+        },
         ct_any: take_hash(&mut ebpf, abi::CT_ANY)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,

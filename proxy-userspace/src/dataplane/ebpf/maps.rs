@@ -4,14 +4,24 @@
 
 use std::collections::HashSet;
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as LpmKey};
 use proxy_common::{
     conntrack::{CtEntry, DIR_SERVICE, FlowKey},
     maps::{
         Backend, BackendKey, BackendTrafficKey, ForwardEntry, PROTO_UDP, ReverseEntry, ServiceKey, ServiceValue,
-        SockKey, Traffic,
+        SockKey, SourceRangeKey, Traffic,
     },
 };
+
+use crate::frontend::Cidr;
+
+/// The LPM key of `range` for frontend `id`.
+pub fn source_range_key(id: u32, range: Cidr) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SourceRangeKey::prefix_len(range.len),
+        SourceRangeKey { id: id.to_be_bytes(), addr: range.addr.octets() },
+    )
+}
 
 /// Why a map write failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +45,9 @@ pub trait ServiceMaps: Send {
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError>;
     /// A backend slot as written (`None` if absent or unreadable).
     fn backend(&self, key: &BackendKey) -> Option<Backend>;
+    /// Lets clients in `range` reach frontend `id` (which has source ranges).
+    fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError>;
+    fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError>;
     /// Forgets traffic counts of a frontend (`backends: None`: all of them,
     /// its id is being freed) or of some of its backends. Best effort: the
     /// counts are statistics.
@@ -66,6 +79,7 @@ fn remove<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -
 pub struct AyaMaps {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub(super) backends: HashMap<MapData, BackendKey, Backend>,
+    pub(super) source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// The per-packet path's non-TCP flows (TCP flows are never forgotten).
     pub(super) ct_any: HashMap<MapData, FlowKey, CtEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
@@ -94,6 +108,18 @@ impl ServiceMaps for AyaMaps {
 
     fn backend(&self, key: &BackendKey) -> Option<Backend> {
         self.backends.get(key, 0).ok()
+    }
+
+    fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
+        self.source_ranges.insert(&source_range_key(id, range), 1, 0).map_err(io_error)
+    }
+
+    fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
+        match self.source_ranges.remove(&source_range_key(id, range)) {
+            Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(io_error(e)),
+        }
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

@@ -15,6 +15,7 @@ pub mod fake;
 pub mod links;
 pub mod load;
 pub mod maps;
+pub mod masquerade;
 mod netlink;
 pub mod sock_destroy;
 
@@ -28,11 +29,11 @@ use std::{
 use load::PacketLinks;
 pub use load::{EBPF_OBJECT, FROM_POD, MapSizes, PACKET_PROGRAMS, SOCKET_PROGRAMS, TO_POD, Targets, load};
 use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
-use proxy_common::maps::{BACKEND_ACTIVE, Backend, BackendKey, ServiceKey, ServiceValue, kind};
+use proxy_common::maps::{BACKEND_ACTIVE, Backend, BackendKey, ServiceKey, ServiceValue, flags, kind};
 
 use super::{ApplyError, DatapathStats, Dataplane, DataplaneError, Desired, Mode};
 use crate::{
-    frontend::{Frontend, FrontendKey, Protocol, ServiceType},
+    frontend::{Cidr, Frontend, FrontendKey, Protocol, ServiceType},
     planner::Op,
 };
 
@@ -53,6 +54,40 @@ fn service_kind(t: ServiceType) -> u8 {
         ServiceType::NodePort => kind::NODE_PORT,
         ServiceType::LoadBalancer => kind::LOAD_BALANCER,
     }
+}
+
+/// One way into a Service port from outside: a SERVICES key of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ExternalEntry {
+    key: ServiceKey,
+    kind: u8,
+    flags: u8,
+}
+
+/// The external frontends of `f`: its node port on each of
+/// `node_addresses`, its external IPs and load balancer IPs at its port,
+/// with how each treats traffic (see [`flags`]).
+fn external_entries(f: &Frontend, node_addresses: &[Ipv4Addr]) -> Vec<ExternalEntry> {
+    let Some(ext) = f.external.as_deref() else { return Vec::new() };
+    let proto = f.key.protocol.number();
+    let mut policy = if ext.local_only { 0 } else { flags::MASQUERADE };
+    if ext.local_only && !f.backends.is_empty() {
+        // Endpoints elsewhere but none here: dropped, as kube-proxy does.
+        policy |= flags::DROP_WITHOUT_BACKEND;
+    }
+    let entry = |addr: &Ipv4Addr, port: u16, kind: u8, flags: u8| ExternalEntry {
+        key: ServiceKey::new(addr.octets(), port, proto),
+        kind,
+        flags,
+    };
+    let mut entries = Vec::new();
+    if let Some(node_port) = ext.node_port {
+        entries.extend(node_addresses.iter().map(|a| entry(a, node_port, kind::NODE_PORT_ADDRESS, policy)));
+    }
+    entries.extend(ext.external_ips.iter().map(|a| entry(a, f.key.port, kind::EXTERNAL_IP, policy)));
+    let fenced = if ext.source_ranges.is_empty() { 0 } else { flags::SOURCE_RANGES };
+    entries.extend(ext.load_balancer_ips.iter().map(|a| entry(a, f.key.port, kind::LOAD_BALANCER_IP, policy | fenced)));
+    entries
 }
 
 /// Hands out small integer ids, reusing freed ones first.
@@ -94,6 +129,12 @@ struct Programmed {
     id: u32,
     set: u32,
     slots: u32,
+    /// The external frontends written for it.
+    external: Vec<ServiceKey>,
+    /// The set of this node's endpoints (set id, slots), under a Local policy.
+    local: Option<(u32, u32)>,
+    /// Source ranges written for it.
+    ranges: Vec<Cidr>,
 }
 
 /// Backend slots of a freed set that could not be removed: retried on
@@ -118,6 +159,8 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// Removes expired conntrack entries while the dataplane lives.
     _collector: Option<conntrack_gc::Collector>,
     programmed: BTreeMap<FrontendKey, Programmed>,
+    /// Where node ports answer (`--nodeport-addresses`, resolved).
+    node_addresses: Vec<Ipv4Addr>,
     /// Frontends per VIP, to keep the VIP marker entry while any remain.
     vip_users: BTreeMap<Ipv4Addr, u32>,
     service_ids: Ids,
@@ -141,6 +184,10 @@ impl EbpfDataplane<AyaMaps> {
     /// Loads the programs, attaches them to `targets` and pins the maps under `bpf_root`.
     pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
         let attached = load::attach(targets, sizes, bpf_root)?;
+        if let Err(e) = masquerade::ensure() {
+            // Node ports under a Cluster policy then reach only backends on this node.
+            tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
+        }
         let mut dataplane = Self::new(attached.maps, sizes);
         dataplane.ebpf = Some(attached.ebpf);
         dataplane.interface_patterns.clone_from(&targets.interfaces);
@@ -163,6 +210,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             observed: None,
             _collector: None,
             programmed: BTreeMap::new(),
+            node_addresses: Vec::new(),
             vip_users: BTreeMap::new(),
             service_ids: Ids::new(),
             set_ids: Ids::new(),
@@ -175,6 +223,12 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
 
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// Serves node ports on `addresses` (frontends written later).
+    pub fn with_node_addresses(mut self, addresses: Vec<Ipv4Addr>) -> Self {
+        self.node_addresses = addresses;
+        self
     }
 
     fn services_error(&self) -> impl Fn(MapIoError) -> DataplaneError {
@@ -218,6 +272,106 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
     }
 
+    /// Writes `backends` as a new set (under a fresh id); nothing is left of
+    /// it if a write fails.
+    fn write_set(&mut self, backends: &[Backend]) -> Result<u32, DataplaneError> {
+        let set = self.set_ids.take();
+        for (slot, b) in backends.iter().enumerate() {
+            if let Err(e) = self.maps.set_backend(BackendKey { set, slot: slot as u32 }, *b) {
+                self.free_set(set, slot);
+                return Err(self.backends_error()(e));
+            }
+        }
+        Ok(set)
+    }
+
+    /// Writes `f`'s external frontends (programmed already under `id` and
+    /// its cluster-wide set) and removes the ones it no longer has: a Local
+    /// policy gets a set of this node's endpoints, published as the
+    /// cluster-wide one was; source ranges are written before the
+    /// frontends that check them.
+    fn upsert_external(&mut self, f: &Frontend) -> Result<(), DataplaneError> {
+        let Some(p) = self.programmed.get(&f.key) else { return Ok(()) };
+        let (id, set) = (p.id, p.set);
+        let wanted = external_entries(f, &self.node_addresses);
+        let ext = f.external.as_deref();
+        let local_only = ext.is_some_and(|e| e.local_only) && !wanted.is_empty();
+        let ranges: Vec<Cidr> = if wanted.iter().any(|e| e.flags & flags::SOURCE_RANGES != 0) {
+            ext.map(|e| e.source_ranges.to_vec()).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for range in &ranges {
+            self.maps.set_source_range(id, *range).map_err(map_error(
+                proxy_common::maps::SOURCE_RANGES,
+                proxy_common::maps::DEFAULT_SOURCE_RANGES_MAX,
+                "(fewer loadBalancerSourceRanges)",
+            ))?;
+        }
+        let local = if local_only {
+            let backends: Vec<Backend> = ext
+                .map_or(&[][..], |e| &e.local_backends)
+                .iter()
+                .map(|e| Backend::new(e.ip.octets(), e.port))
+                .collect();
+            if self.slots_used + self.leftover_slots() + backends.len() as u64 > self.sizes.backends as u64 {
+                return Err(self.backends_error()(MapIoError::Full));
+            }
+            Some((self.write_set(&backends)?, backends.len() as u32))
+        } else {
+            None
+        };
+        let mut written = Vec::new();
+        let mut failed = None;
+        for entry in &wanted {
+            let (backend_set, backend_count, terminating_count) = match local {
+                Some((local_set, slots)) => (local_set, slots, 0),
+                None => (set, f.backends.len() as u32, f.terminating.len() as u32),
+            };
+            let value = ServiceValue {
+                id,
+                backend_set,
+                backend_count,
+                terminating_count,
+                kind: entry.kind,
+                flags: entry.flags,
+                _pad: [0; 2],
+            };
+            match self.maps.set_service(entry.key, value) {
+                Ok(()) => written.push(entry.key),
+                Err(e) => {
+                    failed = Some(self.services_error()(e));
+                    break;
+                }
+            }
+        }
+        let p = self.programmed.get_mut(&f.key).expect("looked up above");
+        let old_external = std::mem::take(&mut p.external);
+        let old_local = std::mem::replace(&mut p.local, local);
+        let old_ranges = std::mem::replace(&mut p.ranges, ranges.clone());
+        // Entries written before a failure are kept (and tracked) with the old ones still wanted.
+        p.external = old_external.iter().filter(|k| wanted.iter().any(|e| e.key == **k)).copied().collect();
+        p.external.extend(written.iter().filter(|k| !old_external.contains(k)));
+        for key in old_external.iter().filter(|k| !wanted.iter().any(|e| e.key == **k)) {
+            if let Err(e) = self.maps.remove_service(key) {
+                tracing::warn!(error = %e, "could not remove an external frontend; it serves until the next change");
+            }
+        }
+        if let Some((old_set, slots)) = old_local {
+            self.retiring.push((old_set, slots));
+            self.slots_used -= u64::from(slots);
+        }
+        if let Some((_, slots)) = local {
+            self.slots_used += u64::from(slots);
+        }
+        for range in old_ranges.iter().filter(|r| !ranges.contains(r)) {
+            if let Err(e) = self.maps.remove_source_range(id, *range) {
+                tracing::warn!(error = %e, "could not remove a source range");
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     fn upsert(&mut self, f: &Frontend) -> Result<(), DataplaneError> {
         let key = service_key(&f.key);
         let new = slots(f);
@@ -234,13 +388,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if self.slots_used + self.leftover_slots() + new.len() as u64 > self.sizes.backends as u64 {
             return Err(self.backends_error()(MapIoError::Full));
         }
-        let set = self.set_ids.take();
-        for (slot, b) in new.iter().enumerate() {
-            if let Err(e) = self.maps.set_backend(BackendKey { set, slot: slot as u32 }, *b) {
-                self.free_set(set, slot);
-                return Err(self.backends_error()(e));
-            }
-        }
+        let set = self.write_set(&new)?;
         let id = old_id.unwrap_or_else(|| self.service_ids.peek());
         let value = ServiceValue {
             id,
@@ -248,7 +396,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             backend_count: f.backends.len() as u32,
             terminating_count: f.terminating.len() as u32,
             kind: service_kind(f.service_type),
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
         };
         if let Err(e) = self.maps.set_service(key, value) {
             self.free_set(set, new.len());
@@ -266,17 +415,17 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             return Err(self.services_error()(e));
         }
         // Published: from here on the frontend serves the new set.
-        let old: Vec<Backend> = match self.programmed.remove(&f.key) {
+        let (old, external, local, ranges) = match self.programmed.remove(&f.key) {
             Some(p) => {
                 let old = (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
                 self.retiring.push((p.set, p.slots));
                 self.slots_used -= u64::from(p.slots);
-                old
+                (old, p.external, p.local, p.ranges)
             }
             None => {
                 self.service_ids.take();
                 *self.vip_users.entry(f.key.vip).or_insert(0) += 1;
-                Vec::new()
+                (Vec::new(), Vec::new(), None, Vec::new())
             }
         };
         self.slots_used += new.len() as u64;
@@ -290,15 +439,28 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if f.key.protocol == Protocol::Udp && unready {
             self.forget_udp_flows(id, &keep);
         }
-        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32 });
-        Ok(())
+        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32, external, local, ranges });
+        self.upsert_external(f)
     }
 
     fn delete(&mut self, k: &FrontendKey) -> Result<(), DataplaneError> {
         let Some(p) = self.programmed.get(k) else { return Ok(()) };
         let (id, set, count) = (p.id, p.set, p.slots as usize);
+        for key in p.external.clone() {
+            self.maps.remove_service(&key).map_err(self.services_error())?;
+            self.programmed.get_mut(k).expect("looked up above").external.retain(|e| *e != key);
+        }
         self.maps.remove_service(&service_key(k)).map_err(self.services_error())?;
-        self.programmed.remove(k);
+        let p = self.programmed.remove(k).expect("looked up above");
+        if let Some((local_set, slots)) = p.local {
+            self.retiring.push((local_set, slots));
+            self.slots_used -= u64::from(slots);
+        }
+        for range in p.ranges {
+            if let Err(e) = self.maps.remove_source_range(id, range) {
+                tracing::warn!(error = %e, "could not remove a source range");
+            }
+        }
         self.retiring.push((set, count as u32));
         self.slots_used -= count as u64;
         // The id may be reused: its next owner starts from zero.

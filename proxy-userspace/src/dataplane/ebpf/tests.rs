@@ -157,3 +157,65 @@ fn terminating_endpoints_follow_the_ready_ones_and_are_counted_apart() {
     assert_eq!((v.backend_count, v.terminating_count), (1, 1));
     assert_eq!(serving(dp.maps(), &f), [1, 9]);
 }
+
+/// `fe` reached from outside: node port 30080, an external IP, a load
+/// balancer IP fenced to 203.0.113.0/25, under `local_only` with `local` (last octets) here.
+fn external(f: Frontend, local_only: bool, local: &[u8]) -> Frontend {
+    let ext = crate::frontend::External {
+        node_port: Some(30080),
+        external_ips: [Ipv4Addr::new(198, 51, 100, 7)].into(),
+        load_balancer_ips: [Ipv4Addr::new(192, 0, 2, 10)].into(),
+        source_ranges: ["203.0.113.0/25".parse().unwrap()].into(),
+        local_only,
+        health_check_node_port: None,
+        local_backends: local.iter().map(|h| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *h), port: 8080 }).collect(),
+    };
+    Frontend { external: Some(Box::new(ext)), ..f }
+}
+
+fn entry(dp: &EbpfDataplane<FakeMaps>, addr: [u8; 4], port: u16) -> ServiceValue {
+    dp.maps().services[&ServiceKey::new(addr, port, proxy_common::maps::PROTO_TCP)]
+}
+
+#[test]
+fn external_frontends_share_the_id_and_carry_their_policy() {
+    let node = Ipv4Addr::new(192, 168, 0, 2);
+    let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16)).with_node_addresses(vec![node]);
+    let cluster = external(fe(1, 80, &[1, 2]), false, &[]);
+    assert!(upsert(&mut dp, &cluster).is_empty());
+    let id = dp.maps().services[&service_key(&cluster.key)].id;
+    let node_port = entry(&dp, node.octets(), 30080);
+    let external_ip = entry(&dp, [198, 51, 100, 7], 80);
+    let lb = entry(&dp, [192, 0, 2, 10], 80);
+    for v in [node_port, external_ip, lb] {
+        assert_eq!((v.id, v.backend_count), (id, 2), "every backend, under the ClusterIP's id");
+        assert_ne!(v.flags & flags::MASQUERADE, 0, "Cluster policy: source-NATed to the node");
+    }
+    assert_eq!(node_port.kind, kind::NODE_PORT_ADDRESS);
+    assert_eq!(lb.flags & flags::SOURCE_RANGES, flags::SOURCE_RANGES, "only the load balancer IP is fenced");
+    assert_eq!(external_ip.flags & flags::SOURCE_RANGES, 0);
+    assert_eq!(dp.maps().source_ranges, [(id, "203.0.113.0/25".parse().unwrap())].into());
+
+    // Local policy: its own set of this node's endpoints, no masquerade, dropped when empty.
+    let local = external(fe(1, 80, &[1, 2]), true, &[2]);
+    assert!(upsert(&mut dp, &local).is_empty());
+    let v = entry(&dp, node.octets(), 30080);
+    assert_eq!(v.flags & flags::MASQUERADE, 0);
+    assert_ne!(v.flags & flags::DROP_WITHOUT_BACKEND, 0);
+    assert_eq!(dp.maps().backends_of(&v).iter().map(|b| b.addr[3]).collect::<Vec<_>>(), [2]);
+    assert_eq!(serving(dp.maps(), &local), [1, 2], "the ClusterIP keeps every endpoint");
+
+    // No longer reached from outside: the external frontends, ranges and local set go.
+    let plain = fe(1, 80, &[1, 2]);
+    assert!(upsert(&mut dp, &plain).is_empty());
+    dp.apply(&[], &Desired::new());
+    assert_eq!(dp.maps().services.len(), 2, "the ClusterIP and its VIP marker: {:?}", dp.maps().services);
+    assert!(dp.maps().source_ranges.is_empty());
+    assert_eq!(dp.maps().backends.len(), 2, "only the ClusterIP's set is left");
+
+    // Deleted with external frontends: nothing is left.
+    upsert(&mut dp, &local);
+    dp.apply(&[Op::Delete(local.key)], &Desired::new());
+    dp.apply(&[], &Desired::new());
+    assert!(dp.maps().services.is_empty() && dp.maps().backends.is_empty() && dp.maps().source_ranges.is_empty());
+}

@@ -87,7 +87,8 @@ impl Backend {
         Ok(())
     }
 
-    fn iptables(self, args: &[&str]) -> Result<bool, DataplaneError> {
+    /// Runs `iptables` of this backend; whether it succeeded.
+    pub(crate) fn iptables(self, args: &[&str]) -> Result<bool, DataplaneError> {
         let out = self.command("iptables").arg("--wait").args(args).output().map_err(|e| DataplaneError::Command {
             command: format!("iptables-{}", self.suffix()),
             reason: e.to_string(),
@@ -185,46 +186,20 @@ const OWN_CHAINS: [&str; 7] = [
     "KUBE-MARK-MASQ",
 ];
 
-/// The filter-table jump to KUBE-SERVICES, for new connections only.
-const NEW_SERVICE_PORTALS: &[&str] = &[
-    "-m",
-    "conntrack",
-    "--ctstate",
-    "NEW",
-    "-m",
-    "comment",
-    "--comment",
-    "kubernetes service portals",
-    "-j",
-    "KUBE-SERVICES",
-];
+/// A jump for new connections only: `-m conntrack --ctstate NEW`, commented.
+macro_rules! new_connections {
+    ($comment:literal, $chain:literal) => {
+        &["-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", $comment, "-j", $chain]
+    };
+}
 
-/// New connections to load balancer IPs checked against source ranges.
-const FIREWALL: &[&str] = &[
-    "-m",
-    "conntrack",
-    "--ctstate",
-    "NEW",
-    "-m",
-    "comment",
-    "--comment",
-    "kubernetes load balancer firewall",
-    "-j",
-    "KUBE-PROXY-FIREWALL",
-];
+/// The filter-table jump to KUBE-SERVICES.
+const NEW_SERVICE_PORTALS: &[&str] = new_connections!("kubernetes service portals", "KUBE-SERVICES");
+/// New connections to load balancer IPs, checked against source ranges.
+const FIREWALL: &[&str] = new_connections!("kubernetes load balancer firewall", "KUBE-PROXY-FIREWALL");
 /// New connections to external addresses nothing serves.
-const EXTERNAL_SERVICES: &[&str] = &[
-    "-m",
-    "conntrack",
-    "--ctstate",
-    "NEW",
-    "-m",
-    "comment",
-    "--comment",
-    "kubernetes externally-visible service portals",
-    "-j",
-    "KUBE-EXTERNAL-SERVICES",
-];
+const EXTERNAL_SERVICES: &[&str] =
+    new_connections!("kubernetes externally-visible service portals", "KUBE-EXTERNAL-SERVICES");
 
 /// Jumps into kpr's chains, as kube-proxy installs them.
 const JUMPS: [(&str, &str, &[&str]); 13] = [

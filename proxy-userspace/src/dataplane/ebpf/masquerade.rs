@@ -1,0 +1,69 @@
+//! The node's masquerade rule for eBPF mode: requests from outside that the
+//! datapath sends to a backend under `externalTrafficPolicy: Cluster` carry
+//! [`MASQUERADE_MARK`], and this rule source-NATs them to the node, so the
+//! backend (perhaps on another node) answers through this one, where the
+//! reply is translated back. Netfilter picks the source ports, so two
+//! clients never share a tuple; the ports stay above the node port range
+//! (30000-32767), so a reply is never taken for a request to a node port.
+
+use proxy_common::maps::MASQUERADE_MARK;
+
+use crate::dataplane::{DataplaneError, iptables::backend::Backend};
+
+const COMMENT: &str = "kpr ebpf: masquerade traffic from outside to Services";
+
+/// The rule's arguments after `-t nat ... POSTROUTING`, per protocol.
+fn rule(protocol: &str) -> Vec<String> {
+    [
+        "-p",
+        protocol,
+        "-m",
+        "mark",
+        "--mark",
+        &format!("{MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x}"),
+        "-m",
+        "comment",
+        "--comment",
+        COMMENT,
+        "-j",
+        "MASQUERADE",
+        "--to-ports",
+        "32768-65535",
+        "--random-fully",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Adds the rule (TCP and UDP) to the backend the node uses, once.
+pub fn ensure() -> Result<(), DataplaneError> {
+    let backend = crate::dataplane::iptables::backend::detect();
+    for protocol in ["tcp", "udp"] {
+        let args = rule(protocol);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if !backend.iptables(&[&["-t", "nat", "-C", "POSTROUTING"][..], &args].concat())?
+            && !backend.iptables(&[&["-t", "nat", "-A", "POSTROUTING"][..], &args].concat())?
+        {
+            return Err(DataplaneError::Command {
+                command: format!("iptables-{} -t nat -A POSTROUTING", backend.name()),
+                reason: "could not add the masquerade rule for traffic from outside".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes the rule from both backends; returns how many rules went.
+pub fn remove() -> usize {
+    let mut removed = 0;
+    for backend in Backend::ALL {
+        for protocol in ["tcp", "udp"] {
+            let args = rule(protocol);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            while backend.iptables(&[&["-t", "nat", "-D", "POSTROUTING"][..], &args].concat()).unwrap_or(false) {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
