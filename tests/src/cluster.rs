@@ -202,6 +202,13 @@ impl Cluster {
         ip(&["-n", self.underlay.name(), "route", "add", &format!("{addr}/32"), "via", &via])
     }
 
+    /// Routes node `index`'s pod CIDR from outside to that node, so an
+    /// outside client can reach its pods directly (a routed pod network).
+    pub fn route_from_outside_to_pods(&self, index: u8) -> anyhow::Result<()> {
+        let via = self.node(index).address().to_string();
+        ip(&["-n", self.underlay.name(), "route", "add", &format!("10.244.{index}.0/24"), "via", &via])
+    }
+
     pub fn node(&self, index: u8) -> &ClusterNode {
         &self.nodes[index as usize]
     }

@@ -71,7 +71,7 @@ impl Config {
             strict: false,
             services: vec![1, 1_000, 10_000, 50_000],
             modes: vec!["ebpf-socket", "ebpf", "iptables"],
-            placements: vec![Placement::SameNode, Placement::OtherNode],
+            placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
@@ -88,7 +88,7 @@ impl Config {
             strict: true,
             services: vec![1, 1_000],
             modes: vec!["ebpf-socket", "ebpf", "iptables"],
-            placements: vec![Placement::SameNode, Placement::OtherNode],
+            placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
@@ -244,6 +244,7 @@ impl Problems {
 pub(crate) fn label(row: &Row) -> String {
     match row.placement {
         Placement::SameNode => format!("{} at N={}", row.mode, row.services),
+        Placement::Outside => format!("{} at N={} (from outside)", row.mode, row.services),
         other => format!("{} at N={} (backends on the {})", row.mode, row.services, other.as_str()),
     }
 }
@@ -283,8 +284,8 @@ impl Bench {
             // choose legacy, as kube-proxy chooses the backend that has rules.
             node.ns().exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
         }
-        for (client, _) in CLIENTS {
-            let ns = nodes.client_node().pod_ns(client);
+        let outside = nodes.outside().filter(|_| placement.outside()).map(|(ns, _)| ns);
+        for ns in CLIENTS.iter().map(|(client, _)| nodes.client_node().pod_ns(client)).chain(outside) {
             // Room for tens of thousands of connections a second from one address.
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -299,12 +300,32 @@ impl Bench {
         Ok(Self { placement, _servers: running, nodes, endpoints, spare })
     }
 
-    /// The client a mode's load comes from (see [`CLIENTS`]).
+    /// Outside the cluster and the node address the load goes to, when the load comes from there.
+    fn outside(&self) -> Option<(&Netns, Ipv4Addr)> {
+        self.nodes.outside().filter(|_| self.placement.outside())
+    }
+
+    /// Where a mode's load goes: the measured Service's VIP, or from outside its node port.
+    fn target(&self, n: usize) -> SocketAddr {
+        match self.outside() {
+            Some((_, node)) => SocketAddr::from((node, workload::NODE_PORT)),
+            None => SocketAddr::from((workload::measured_vip(n), 80)),
+        }
+    }
+
+    /// The client a mode's load comes from (see [`CLIENTS`]); from outside,
+    /// the underlay's router.
     fn client(&self, mode: &str) -> &Netns {
+        if let Some((outside, _)) = self.outside() {
+            return outside;
+        }
         self.nodes.client_node().pod_ns(if mode == "ebpf-socket" { "socket-client" } else { "client" })
     }
 
     fn direct_client(&self) -> &Netns {
+        if let Some((outside, _)) = self.outside() {
+            return outside;
+        }
         self.nodes.client_node().pod_ns("direct")
     }
 
@@ -512,7 +533,7 @@ fn measure_agent(
 ) -> anyhow::Result<()> {
     let (mode, n) = (row.mode.clone(), row.services);
     let what = label(row);
-    let target = SocketAddr::from((workload::measured_vip(n), 80));
+    let target = bench.target(n);
     let pid = agent.pid().context("agent pid")?;
     let limit = cfg.answer_within;
     let Some(cold) = load::until_answer(bench.client(&mode), target, started, limit, |_| true)? else {
@@ -624,6 +645,10 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
             for &mode in &cfg.modes {
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                // From outside, socket-level load balancing has nothing to do.
+                if placement.outside() && mode == "ebpf-socket" {
+                    continue;
                 }
                 let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
                 row.conn_ratio = Some(row.conn_rate.median / direct_rate);

@@ -140,13 +140,14 @@ impl Series {
         match self.placement {
             Placement::SameNode => c,
             Placement::OtherNode => RGBColor(c.0 / 2 + 128, c.1 / 2 + 128, c.2 / 2 + 128),
+            Placement::Outside => RGBColor(c.0 / 2, c.1 / 2, c.2 / 2),
         }
     }
 }
 
 fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
     let modes = ["direct", "ebpf-socket", "ebpf", "iptables"];
-    let series: Vec<Series> = [Placement::SameNode, Placement::OtherNode]
+    let series: Vec<Series> = [Placement::SameNode, Placement::OtherNode, Placement::Outside]
         .into_iter()
         .flat_map(|placement| modes.map(|mode| (mode, placement)))
         .map(|(mode, placement)| {
@@ -242,7 +243,7 @@ pub fn targets(r: &Report) -> String {
     let verdict = |ok: bool| if ok { "met" } else { "not met" };
     let mut out = String::from("Targets (reported whether met or not):\n\n");
     for (mode, name, target) in [("ebpf", "per-packet", 0.95), ("ebpf-socket", "socket-level", 0.98)] {
-        let rows: Vec<&Row> = r.rows.iter().filter(|x| x.mode == mode).collect();
+        let rows: Vec<&Row> = r.rows.iter().filter(|x| x.mode == mode && !x.placement.outside()).collect();
         if rows.is_empty() {
             continue;
         }
@@ -262,6 +263,18 @@ pub fn targets(r: &Report) -> String {
             out,
             "- eBPF {name} connection rate ≥ {target} × direct at every N ({}): {}",
             ratios.join("; "),
+            verdict(all)
+        )
+        .expect("writing to a String cannot fail");
+    }
+    let outside: Vec<&Row> = r.rows.iter().filter(|x| x.mode == "ebpf" && x.placement.outside()).collect();
+    if !outside.is_empty() {
+        let at: Vec<String> = outside.iter().map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3))).collect();
+        let all = outside.iter().all(|x| x.conn_ratio.is_some_and(|v| v >= 0.9));
+        writeln!(
+            out,
+            "- eBPF connection rate from outside through a node port ≥ 0.9 × direct to the pods ({}): {}",
+            at.join(", "),
             verdict(all)
         )
         .expect("writing to a String cannot fail");

@@ -1,7 +1,9 @@
 //! Where the benchmark's pods run: the clients and the Service's backends
 //! on one virtual node, or the backends on a second node of a virtual
 //! cluster (flannel host-gw shape: routed pod CIDRs over an underlay), so
-//! every connection crosses from one node to the other.
+//! every connection crosses from one node to the other, or a client outside
+//! the cluster (on the underlay's router) reaching the backends through a
+//! node port of the other node.
 
 use std::{net::Ipv4Addr, path::Path};
 
@@ -22,6 +24,9 @@ pub enum Placement {
     SameNode,
     #[serde(rename = "other node")]
     OtherNode,
+    /// From outside the cluster through a node port of node 0, the backends on node 1.
+    #[serde(rename = "from outside")]
+    Outside,
 }
 
 impl Placement {
@@ -29,7 +34,13 @@ impl Placement {
         match self {
             Placement::SameNode => "same node",
             Placement::OtherNode => "other node",
+            Placement::Outside => "from outside",
         }
+    }
+
+    /// Whether the load comes from outside the cluster, through a node port.
+    pub const fn outside(self) -> bool {
+        matches!(self, Placement::Outside)
     }
 }
 
@@ -102,13 +113,17 @@ impl Nodes {
                     servers.iter().chain(clients).map(|(n, host)| (*n, Ipv4Addr::new(10, 244, 0, *host))).collect();
                 Nodes::One(VirtualNode::new(&pods)?)
             }
-            Placement::OtherNode => {
+            Placement::OtherNode | Placement::Outside => {
                 let mut cluster = Cluster::new(Shape::HostGw, 2)?;
                 for (name, host) in servers {
                     cluster.add_pod(1, name, *host)?;
                 }
                 for (name, host) in clients {
                     cluster.add_pod(0, name, *host)?;
+                }
+                if placement.outside() {
+                    // Direct traffic from outside goes straight to the pods' node.
+                    cluster.route_from_outside_to_pods(1)?;
                 }
                 Nodes::Two(cluster)
             }
@@ -127,6 +142,15 @@ impl Nodes {
         match self {
             Nodes::One(node) => node,
             Nodes::Two(cluster) => cluster.node(1),
+        }
+    }
+
+    /// Outside the cluster, where the load of [`Placement::Outside`] comes
+    /// from, and the address of the node whose node port it uses.
+    pub fn outside(&self) -> Option<(&Netns, Ipv4Addr)> {
+        match self {
+            Nodes::One(_) => None,
+            Nodes::Two(cluster) => Some((cluster.outside(), cluster.node(0).address())),
         }
     }
 

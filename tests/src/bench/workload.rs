@@ -1,7 +1,7 @@
 //! The Services a benchmark installs: N-1 filler Services with 2-4
 //! endpoints each (addresses nobody answers on), and the measured Service,
 //! whose VIP sorts last so iptables mode reaches it at the end of
-//! KUBE-SERVICES, with real pods behind it.
+//! KUBE-SERVICES, with real pods behind it and a node port.
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
@@ -10,9 +10,16 @@ pub fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
 }
 
-fn service(name: &str, vip: Ipv4Addr) -> String {
+/// The measured Service's node port (loads from outside come through it).
+pub const NODE_PORT: u16 = 30080;
+
+fn service(name: &str, vip: Ipv4Addr, node_port: Option<u16>) -> String {
+    let (kind, node_port) = match node_port {
+        Some(p) => ("NodePort", format!(r#","nodePort":{p}"#)),
+        None => ("ClusterIP", String::new()),
+    };
     format!(
-        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"bench"}},"spec":{{"type":"ClusterIP","clusterIP":"{vip}","ports":[{{"name":"http","port":80,"targetPort":8080,"protocol":"TCP"}}]}}}}"#
+        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"bench"}},"spec":{{"type":"{kind}","clusterIP":"{vip}","ports":[{{"name":"http","port":80,"targetPort":8080,"protocol":"TCP"{node_port}}}]}}}}"#
     )
 }
 
@@ -42,7 +49,7 @@ pub fn write(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<Ip
                 Ipv4Addr::from(next_ep)
             })
             .collect();
-        fillers.push_str(&service(&name, vip(i)));
+        fillers.push_str(&service(&name, vip(i), None));
         fillers.push('\n');
         fillers.push_str(&slice(&name, &eps));
         fillers.push('\n');
@@ -66,7 +73,7 @@ pub fn endpoints(n: usize) -> usize {
 /// Rewrites the measured Service's file with `endpoints` (atomically).
 pub fn write_measured(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<()> {
     let name = "measured";
-    let content = format!("{}\n{}\n", service(name, measured_vip(n)), slice(name, endpoints));
+    let content = format!("{}\n{}\n", service(name, measured_vip(n), Some(NODE_PORT)), slice(name, endpoints));
     crate::manifests::write(dir, "measured.json", &content)
 }
 
