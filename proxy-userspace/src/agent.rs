@@ -99,11 +99,15 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
             found
         }
     };
-    // The per-packet path always sits on the node's devices, where traffic
-    // from outside enters (node ports, external and load balancer IPs).
+    // The per-packet path also sits on the node's devices, where traffic from
+    // outside enters: from the start with --interfaces (replies from other
+    // nodes arrive there), else once a Service is reached from outside.
     let mut interfaces = cfg.interfaces.clone();
-    interfaces.extend(devices(cfg).into_iter().filter(|d| !interfaces.contains(d)).collect::<Vec<_>>());
-    Targets { interfaces, cgroup }
+    let mut devices: Vec<String> = devices(cfg).into_iter().filter(|d| !interfaces.contains(d)).collect();
+    if !interfaces.is_empty() {
+        interfaces.append(&mut devices);
+    }
+    Targets { interfaces, devices, cgroup }
 }
 
 /// `--devices`, or the interfaces of the default routes.

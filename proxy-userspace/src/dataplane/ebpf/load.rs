@@ -59,8 +59,13 @@ pub const SOCKET_RELEASE_PROGRAM: &str = "kpr_sock_release";
 /// Where the programs attach.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Targets {
-    /// Interfaces whose ingress gets the per-packet classifier.
+    /// Interfaces (names or patterns) that get the per-packet classifiers.
     pub interfaces: Vec<String>,
+    /// The node's devices, when they are needed only for traffic from
+    /// outside: attached once a Service is reached from outside (see
+    /// [`super::EbpfDataplane`]), so a node without such Services pays
+    /// nothing per packet on them.
+    pub devices: Vec<String>,
     /// The cgroup v2 directory whose processes get socket-level load balancing.
     pub cgroup: Option<PathBuf>,
 }
@@ -234,7 +239,7 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneEr
 /// Loads the programs, attaches them to `targets`, pins the maps under
 /// `bpf_root` and hands over the map handles.
 pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Attached, DataplaneError> {
-    if targets.interfaces.is_empty() && targets.cgroup.is_none() {
+    if targets.interfaces.is_empty() && targets.devices.is_empty() && targets.cgroup.is_none() {
         return Err(DataplaneError::NothingToAttach);
     }
     let mut ebpf = load(sizes)?;

@@ -151,6 +151,9 @@ pub struct EbpfDataplane<M = AyaMaps> {
     ebpf: Option<aya::Ebpf>,
     /// `--interfaces`: names and patterns the per-packet path follows.
     interface_patterns: Vec<String>,
+    /// The node's devices, attached (joining `interface_patterns`) once a
+    /// frontend is reached from outside.
+    devices: Vec<String>,
     /// Interfaces the classifiers are on (name -> index and links), and ones
     /// that refused it (not tried again until they are recreated).
     attached: BTreeMap<String, (u32, PacketLinks)>,
@@ -191,6 +194,7 @@ impl EbpfDataplane<AyaMaps> {
         let mut dataplane = Self::new(attached.maps, sizes);
         dataplane.ebpf = Some(attached.ebpf);
         dataplane.interface_patterns.clone_from(&targets.interfaces);
+        dataplane.devices.clone_from(&targets.devices);
         dataplane.attached = attached.interfaces;
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
@@ -205,6 +209,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             maps,
             ebpf: None,
             interface_patterns: Vec::new(),
+            devices: Vec::new(),
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             observed: None,
@@ -563,6 +568,12 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
             if let Err(error) = result {
                 errors.push(ApplyError { frontend, error });
             }
+        }
+        if !self.devices.is_empty() && self.programmed.values().any(|p| !p.external.is_empty()) {
+            tracing::info!(devices = ?self.devices, "Services are reached from outside: attaching to the node's devices");
+            let devices = std::mem::take(&mut self.devices);
+            self.interface_patterns.extend(devices);
+            self.follow_interfaces();
         }
         errors
     }
