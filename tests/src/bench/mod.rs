@@ -315,6 +315,12 @@ impl Bench {
         self.nodes.outside().filter(|_| self.placement.outside())
     }
 
+    /// The measured Service's node port, when the load comes from outside
+    /// (otherwise a ClusterIP Service, so nothing on the devices is measured).
+    fn node_port(&self) -> Option<u16> {
+        self.placement.outside().then_some(workload::NODE_PORT)
+    }
+
     /// Where a mode's load goes: the measured Service's VIP, or from outside its node port.
     fn target(&self, n: usize) -> SocketAddr {
         match self.outside() {
@@ -489,7 +495,7 @@ fn measure_mode(
     let placement = bench.placement;
     let manifests = work.join(format!("{mode}-{n}-{}", placement.as_str().replace(' ', "-")));
     std::fs::create_dir_all(&manifests)?;
-    workload::write(&manifests, n, &bench.endpoints)?;
+    workload::write(&manifests, n, &bench.endpoints, bench.node_port())?;
     let mut row =
         Row { mode: mode.into(), placement, services: n, endpoints: workload::endpoints(n), ..Default::default() };
 
@@ -570,7 +576,8 @@ fn measure_agent(
         for to_spare in [true, false] {
             let eps = if to_spare { vec![spare] } else { bench.endpoints.clone() };
             let dir = manifests.to_path_buf();
-            let change = move || workload::write_measured(&dir, n, &eps);
+            let node_port = bench.node_port();
+            let change = move || workload::write_measured(&dir, n, &eps, node_port);
             let took = if to_spare {
                 load::time_change(bench.client(&mode), target, limit, change, |w| w == SPARE)?
             } else {

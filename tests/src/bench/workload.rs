@@ -1,7 +1,8 @@
 //! The Services a benchmark installs: N-1 filler Services with 2-4
 //! endpoints each (addresses nobody answers on), and the measured Service,
 //! whose VIP sorts last so iptables mode reaches it at the end of
-//! KUBE-SERVICES, with real pods behind it and a node port.
+//! KUBE-SERVICES, with real pods behind it (and a node port for loads from
+//! outside).
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
@@ -37,8 +38,9 @@ fn slice(name: &str, endpoints: &[Ipv4Addr]) -> String {
 }
 
 /// Writes `fillers.json` (Services 0..n-1) and `measured.json` (Service
-/// n-1 with `endpoints`) into `dir`; returns the measured VIP.
-pub fn write(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<Ipv4Addr> {
+/// n-1 with `endpoints`, a NodePort Service when `node_port` is given) into
+/// `dir`; returns the measured VIP.
+pub fn write(dir: &Path, n: usize, endpoints: &[Ipv4Addr], node_port: Option<u16>) -> std::io::Result<Ipv4Addr> {
     let mut fillers = String::new();
     let mut next_ep = u32::from(Ipv4Addr::new(10, 245, 0, 1));
     for i in 0..n.saturating_sub(1) {
@@ -55,7 +57,7 @@ pub fn write(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<Ip
         fillers.push('\n');
     }
     std::fs::write(dir.join("fillers.json"), fillers)?;
-    write_measured(dir, n, endpoints)?;
+    write_measured(dir, n, endpoints, node_port)?;
     Ok(measured_vip(n))
 }
 
@@ -71,9 +73,9 @@ pub fn endpoints(n: usize) -> usize {
 }
 
 /// Rewrites the measured Service's file with `endpoints` (atomically).
-pub fn write_measured(dir: &Path, n: usize, endpoints: &[Ipv4Addr]) -> std::io::Result<()> {
+pub fn write_measured(dir: &Path, n: usize, endpoints: &[Ipv4Addr], node_port: Option<u16>) -> std::io::Result<()> {
     let name = "measured";
-    let content = format!("{}\n{}\n", service(name, measured_vip(n), Some(NODE_PORT)), slice(name, endpoints));
+    let content = format!("{}\n{}\n", service(name, measured_vip(n), node_port), slice(name, endpoints));
     crate::manifests::write(dir, "measured.json", &content)
 }
 
@@ -86,7 +88,7 @@ mod tests {
         assert_eq!(vip(0), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(vip(49_999), Ipv4Addr::new(10, 96, 195, 80));
         let dir = tempfile::tempdir().unwrap();
-        let m = write(dir.path(), 5, &[Ipv4Addr::new(10, 244, 0, 11)]).unwrap();
+        let m = write(dir.path(), 5, &[Ipv4Addr::new(10, 244, 0, 11)], None).unwrap();
         assert_eq!(m, vip(4));
         let fillers = std::fs::read_to_string(dir.path().join("fillers.json")).unwrap();
         assert_eq!(fillers.lines().count(), 8, "4 Services and 4 slices");
