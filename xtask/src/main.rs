@@ -119,7 +119,10 @@ node's cgroup, with the load generator in it, and no per-packet program), `ebpf`
 on the pod interfaces' ingress and egress, `--socket-lb=false`). Each N is measured twice: with the backends \
 on the clients' node (`same node`: one virtual node in network namespaces) and on another node (`other node`: \
 two virtual nodes with routed pod CIDRs over an underlay bridge, flannel host-gw style, kpr running on both as \
-a DaemonSet would, the client node's agent measured). Client pods, three server pods behind the measured \
+a DaemonSet would, the client node's agent measured), and a third time (`from outside`) with a client outside \
+the cluster, on the underlay's router, reaching the backends on one node through a node port of the other (the \
+measured Service is then a NodePort Service under the Cluster policy, so the client is source-NATed), against \
+the same client dialling the pods directly; socket-level load balancing has nothing to do there. Client pods, three server pods behind the measured \
 Service (a fourth takes over in the one-change test), and N-1 other Services with 2-4 endpoints each. The \
 measured Service's VIP sorts last, where iptables mode reaches it at the end of KUBE-SERVICES. Services come \
 from `--source dir:` (JSON manifests; the measured Service in its own file). Client threads run on CPU 0, \
@@ -150,7 +153,10 @@ followed, or when over 1% of a connection-rate run's attempts fail; the full run
 report and goes on.
 
 Each node shortens conntrack's TIME_WAIT to 1 s: a run opens hundreds of thousands of connections, and a full \
-conntrack table would drop SYNs and measure the benchmark's own history. iptables mode runs on the legacy \
+conntrack table would drop SYNs and measure the benchmark's own history. The server pods keep no TIME_WAIT \
+sockets (`net.ipv4.tcp_max_tw_buckets=0`, every mode alike): they close first, and a source-NATed client \
+reaches them from ports whose sequence numbers do not rise from one connection on a tuple to the next, so its \
+SYNs would land on TIME_WAITs, be refused and retried a second later. iptables mode runs on the legacy \
 backend: iptables-nft-restore 1.8.9 took 177 s to load 10,000 Services here (legacy: 2.5 s) and does not \
 finish 50,000 within the run; one legacy rule on the node makes kpr choose legacy, as kube-proxy chooses the \
 backend that already has rules.

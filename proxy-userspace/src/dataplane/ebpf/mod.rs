@@ -129,12 +129,26 @@ struct Programmed {
     id: u32,
     set: u32,
     slots: u32,
-    /// The external frontends written for it.
-    external: Vec<ServiceKey>,
+    /// What is written for traffic from outside, if anything (boxed: most
+    /// frontends have none, and at 50,000 frontends every word counts).
+    outside: Option<Box<Outside>>,
+}
+
+/// What is programmed for a frontend's ways in from outside.
+#[derive(Debug, Default)]
+struct Outside {
+    /// The external frontends written.
+    keys: Vec<ServiceKey>,
     /// The set of this node's endpoints (set id, slots), under a Local policy.
     local: Option<(u32, u32)>,
-    /// Source ranges written for it.
+    /// Source ranges written.
     ranges: Vec<Cidr>,
+}
+
+impl Outside {
+    fn boxed(self) -> Option<Box<Self>> {
+        (!self.keys.is_empty() || self.local.is_some() || !self.ranges.is_empty()).then(|| Box::new(self))
+    }
 }
 
 /// Backend slots of a freed set that could not be removed: retried on
@@ -351,17 +365,21 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             }
         }
         let p = self.programmed.get_mut(&f.key).expect("looked up above");
-        let old_external = std::mem::take(&mut p.external);
-        let old_local = std::mem::replace(&mut p.local, local);
-        let old_ranges = std::mem::replace(&mut p.ranges, ranges.clone());
+        let old = p.outside.take().map(|o| *o).unwrap_or_default();
+        let (old_external, old_local, old_ranges) = (old.keys, old.local, old.ranges);
         // Entries written before a failure are kept (and tracked) with the old ones still wanted.
-        p.external = old_external.iter().filter(|k| wanted.iter().any(|e| e.key == **k)).copied().collect();
-        p.external.extend(written.iter().filter(|k| !old_external.contains(k)));
+        let mut keys: Vec<ServiceKey> =
+            old_external.iter().filter(|k| wanted.iter().any(|e| e.key == **k)).copied().collect();
+        keys.extend(written.iter().filter(|k| !old_external.contains(k)));
+        p.outside = Outside { keys, local, ranges: ranges.clone() }.boxed();
         for key in old_external.iter().filter(|k| !wanted.iter().any(|e| e.key == **k)) {
             if let Err(e) = self.maps.remove_service(key) {
                 tracing::warn!(error = %e, "could not remove an external frontend; it serves until the next change");
             }
         }
+        // After a failed write, entries not yet rewritten still name the old
+        // local set until the frontend is retried (within seconds), and the
+        // set is freed only at the next apply.
         if let Some((old_set, slots)) = old_local {
             self.retiring.push((old_set, slots));
             self.slots_used -= u64::from(slots);
@@ -420,17 +438,17 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             return Err(self.services_error()(e));
         }
         // Published: from here on the frontend serves the new set.
-        let (old, external, local, ranges) = match self.programmed.remove(&f.key) {
+        let (old, outside) = match self.programmed.remove(&f.key) {
             Some(p) => {
                 let old = (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
                 self.retiring.push((p.set, p.slots));
                 self.slots_used -= u64::from(p.slots);
-                (old, p.external, p.local, p.ranges)
+                (old, p.outside)
             }
             None => {
                 self.service_ids.take();
                 *self.vip_users.entry(f.key.vip).or_insert(0) += 1;
-                (Vec::new(), Vec::new(), None, Vec::new())
+                (Vec::new(), None)
             }
         };
         self.slots_used += new.len() as u64;
@@ -444,24 +462,28 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if f.key.protocol == Protocol::Udp && unready {
             self.forget_udp_flows(id, &keep);
         }
-        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32, external, local, ranges });
+        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32, outside });
         self.upsert_external(f)
     }
 
     fn delete(&mut self, k: &FrontendKey) -> Result<(), DataplaneError> {
         let Some(p) = self.programmed.get(k) else { return Ok(()) };
         let (id, set, count) = (p.id, p.set, p.slots as usize);
-        for key in p.external.clone() {
+        let keys = p.outside.as_ref().map(|o| o.keys.clone()).unwrap_or_default();
+        for key in keys {
             self.maps.remove_service(&key).map_err(self.services_error())?;
-            self.programmed.get_mut(k).expect("looked up above").external.retain(|e| *e != key);
+            if let Some(o) = self.programmed.get_mut(k).and_then(|p| p.outside.as_mut()) {
+                o.keys.retain(|e| *e != key);
+            }
         }
         self.maps.remove_service(&service_key(k)).map_err(self.services_error())?;
         let p = self.programmed.remove(k).expect("looked up above");
-        if let Some((local_set, slots)) = p.local {
+        let outside = p.outside.map(|o| *o).unwrap_or_default();
+        if let Some((local_set, slots)) = outside.local {
             self.retiring.push((local_set, slots));
             self.slots_used -= u64::from(slots);
         }
-        for range in p.ranges {
+        for range in outside.ranges {
             if let Err(e) = self.maps.remove_source_range(id, range) {
                 tracing::warn!(error = %e, "could not remove a source range");
             }
@@ -569,7 +591,9 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
                 errors.push(ApplyError { frontend, error });
             }
         }
-        if !self.devices.is_empty() && self.programmed.values().any(|p| !p.external.is_empty()) {
+        if !self.devices.is_empty()
+            && self.programmed.values().any(|p| p.outside.as_ref().is_some_and(|o| !o.keys.is_empty()))
+        {
             tracing::info!(devices = ?self.devices, "Services are reached from outside: attaching to the node's devices");
             let devices = std::mem::take(&mut self.devices);
             self.interface_patterns.extend(devices);
