@@ -12,7 +12,7 @@ use std::{
 use kpr_tests::{
     client::{http_get, probe_answer, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape, pod_ip},
-    kpr::{Kpr, Mode},
+    kpr::{self, Kpr, Mode},
     manifests::write,
     netns::Netns,
     root_or_skip,
@@ -223,6 +223,20 @@ fn serves_traffic_from_outside(mode: Mode) {
     assert!(dropped(outside, at(node0, 30081)));
     assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
     drop(agents);
+
+    // `kpr cleanup` leaves no rule of either mode behind (eBPF mode's
+    // masquerade rule included), in either iptables backend.
+    let saved = |node: &ClusterNode| -> String {
+        ["iptables-nft-save", "iptables-legacy-save"].map(|save| node.ns.output(&[save]).unwrap_or_default()).concat()
+    };
+    for node in &cluster.nodes {
+        let before = saved(node);
+        let own = if mode == Mode::Ebpf { "kpr ebpf: masquerade" } else { "KUBE-NODEPORTS" };
+        assert!(before.contains(own), "{}: the agent left its rules in place, as it should:\n{before}", node.name);
+        kpr::command(&node.ns, &["cleanup", &format!("--bpf-root={}", node.bpf_root().display())]).unwrap();
+        let after = saved(node);
+        assert!(!after.contains("KUBE-") && !after.contains("kpr"), "{} after cleanup:\n{after}", node.name);
+    }
 }
 
 kpr_tests::in_both_modes!(serves_traffic_from_outside);
