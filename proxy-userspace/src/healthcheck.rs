@@ -31,7 +31,7 @@ pub struct ServiceHealth {
 /// a Local policy Service counts its local endpoint addresses once.
 pub fn desired(model: &Model) -> BTreeMap<u16, ServiceHealth> {
     let mut addresses: BTreeMap<u16, (ObjectName, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
-    for f in model.frontends.values() {
+    for f in model.health_checked() {
         let Some(ext) = f.external.as_deref() else { continue };
         let Some(port) = ext.health_check_node_port else { continue };
         let entry = addresses.entry(port).or_insert_with(|| (f.service.service.clone(), BTreeSet::new()));

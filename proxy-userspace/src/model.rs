@@ -32,6 +32,9 @@ pub struct Model {
     rejection_count: usize,
     /// Ready endpoints over all frontends, kept as frontends come and go.
     backend_count: usize,
+    /// Frontends with a health check node port, kept as frontends come and
+    /// go, so the health servers follow without walking every frontend.
+    health_checked: BTreeSet<FrontendKey>,
 }
 
 /// The result of recomputing some Services.
@@ -84,8 +87,18 @@ impl Model {
         self.backend_count
     }
 
+    /// Frontends whose Service has a health check node port.
+    pub fn health_checked(&self) -> impl Iterator<Item = &Frontend> {
+        self.health_checked.iter().filter_map(|k| self.frontends.get(k))
+    }
+
     fn insert_frontend(&mut self, f: Frontend) {
         self.backend_count += f.backends.len();
+        if f.external.as_deref().is_some_and(|e| e.health_check_node_port.is_some()) {
+            self.health_checked.insert(f.key);
+        } else {
+            self.health_checked.remove(&f.key);
+        }
         if let Some(old) = self.frontends.insert(f.key, f) {
             self.backend_count -= old.backends.len();
         }
@@ -94,6 +107,7 @@ impl Model {
     fn remove_frontend(&mut self, key: &FrontendKey) -> Option<Frontend> {
         let old = self.frontends.remove(key)?;
         self.backend_count -= old.backends.len();
+        self.health_checked.remove(key);
         Some(old)
     }
 
@@ -258,7 +272,7 @@ fn external(
     }
     if external.local_only {
         // kube-proxy: with no ready endpoint here, serving-terminating ones are used.
-        let local = if local.is_empty() { local_terminating.difference(&local).copied().collect() } else { local };
+        let local = if local.is_empty() { local_terminating } else { local };
         external.local_backends = local.into_iter().collect();
     }
     Some(Box::new(external))

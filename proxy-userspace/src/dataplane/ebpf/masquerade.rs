@@ -12,38 +12,22 @@ use crate::dataplane::{DataplaneError, iptables::backend::Backend};
 
 const COMMENT: &str = "kpr ebpf: masquerade traffic from outside to Services";
 
-/// The rule's arguments after `-t nat ... POSTROUTING`, per protocol.
-fn rule(protocol: &str) -> Vec<String> {
-    [
-        "-p",
-        protocol,
-        "-m",
-        "mark",
-        "--mark",
-        &format!("{MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x}"),
-        "-m",
-        "comment",
-        "--comment",
-        COMMENT,
-        "-j",
-        "MASQUERADE",
-        "--to-ports",
-        "32768-65535",
-        "--random-fully",
-    ]
-    .map(String::from)
-    .to_vec()
+/// Runs `iptables -t nat OP POSTROUTING` on `backend` with the rule for `protocol`.
+fn postrouting(backend: Backend, op: &str, protocol: &str) -> Result<bool, DataplaneError> {
+    let mark = format!("{MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x}");
+    #[rustfmt::skip]
+    let args = [
+        "-t", "nat", op, "POSTROUTING", "-p", protocol, "-m", "mark", "--mark", &mark,
+        "-m", "comment", "--comment", COMMENT, "-j", "MASQUERADE", "--to-ports", "32768-65535", "--random-fully",
+    ];
+    backend.iptables(&args)
 }
 
 /// Adds the rule (TCP and UDP) to the backend the node uses, once.
 pub fn ensure() -> Result<(), DataplaneError> {
     let backend = crate::dataplane::iptables::backend::detect();
     for protocol in ["tcp", "udp"] {
-        let args = rule(protocol);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        if !backend.iptables(&[&["-t", "nat", "-C", "POSTROUTING"][..], &args].concat())?
-            && !backend.iptables(&[&["-t", "nat", "-A", "POSTROUTING"][..], &args].concat())?
-        {
+        if !postrouting(backend, "-C", protocol)? && !postrouting(backend, "-A", protocol)? {
             return Err(DataplaneError::Command {
                 command: format!("iptables-{} -t nat -A POSTROUTING", backend.name()),
                 reason: "could not add the masquerade rule for traffic from outside".into(),
@@ -58,9 +42,7 @@ pub fn remove() -> usize {
     let mut removed = 0;
     for backend in Backend::ALL {
         for protocol in ["tcp", "udp"] {
-            let args = rule(protocol);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            while backend.iptables(&[&["-t", "nat", "-D", "POSTROUTING"][..], &args].concat()).unwrap_or(false) {
+            while postrouting(backend, "-D", protocol).unwrap_or(false) {
                 removed += 1;
             }
         }

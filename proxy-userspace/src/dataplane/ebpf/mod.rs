@@ -311,6 +311,10 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// frontends that check them.
     fn upsert_external(&mut self, f: &Frontend) -> Result<(), DataplaneError> {
         let Some(p) = self.programmed.get(&f.key) else { return Ok(()) };
+        if f.external.is_none() && p.outside.is_none() {
+            // Most frontends: nothing from outside, before or now.
+            return Ok(());
+        }
         let (id, set) = (p.id, p.set);
         let wanted = external_entries(f, &self.node_addresses);
         let ext = f.external.as_deref();
@@ -577,6 +581,7 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
             self.free_set(set, count as usize);
         }
         let mut errors = Vec::new();
+        let mut reached_from_outside = false;
         for op in ops {
             let (frontend, result) = match op {
                 Op::Upsert(k) => match desired.get(k) {
@@ -590,10 +595,12 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
             if let Err(error) = result {
                 errors.push(ApplyError { frontend, error });
             }
+            reached_from_outside |=
+                self.programmed.get(&frontend).is_some_and(|p| p.outside.as_ref().is_some_and(|o| !o.keys.is_empty()));
         }
-        if !self.devices.is_empty()
-            && self.programmed.values().any(|p| p.outside.as_ref().is_some_and(|o| !o.keys.is_empty()))
-        {
+        // Only the frontends written now are looked at (not every one, on
+        // every apply): an earlier one reached from outside attached them then.
+        if !self.devices.is_empty() && reached_from_outside {
             tracing::info!(devices = ?self.devices, "Services are reached from outside: attaching to the node's devices");
             let devices = std::mem::take(&mut self.devices);
             self.interface_patterns.extend(devices);

@@ -308,10 +308,7 @@ fn dispatch(plan: &Plan<'_>, t: &mut Tables) {
                 firewall_chain(f)
             );
         }
-    }
-    if !serves_outside {
-        for ip in &ext.load_balancer_ips {
-            let m = match_address(f, *ip, f.key.port);
+        if !serves_outside {
             rule!(t.filter, "-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {m} -j {target}");
         }
     }
