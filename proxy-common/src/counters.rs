@@ -78,10 +78,22 @@ pub enum Counter {
     /// Local` and no endpoint on this node: dropped, as kube-proxy does
     /// (the load balancer's health check steers clients elsewhere).
     DroppedNoLocalBackend,
+    /// Requests from outside the XDP program translated (and source-NATed)
+    /// and sent back out toward a backend on another node.
+    XdpForwarded,
+    /// Replies to those the XDP program translated back and sent to the client.
+    XdpReplyForwarded,
+    /// New flows from outside the XDP program left to the TC path: no route
+    /// or neighbour to the backend yet, or every source port it tried busy.
+    XdpPassedToStack,
+    /// Packets of a flow the XDP program forwards whose route or neighbour
+    /// to the next hop went away: dropped (the stack cannot take over a
+    /// flow the program source-NATed), the sender retransmits.
+    DroppedNoRoute,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 29;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -110,6 +122,10 @@ impl Counter {
         Counter::IcmpErrorTranslated,
         Counter::DroppedSourceRange,
         Counter::DroppedNoLocalBackend,
+        Counter::XdpForwarded,
+        Counter::XdpReplyForwarded,
+        Counter::XdpPassedToStack,
+        Counter::DroppedNoRoute,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -141,6 +157,10 @@ impl Counter {
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::DroppedSourceRange => "dropped_source_range",
             Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
+            Counter::XdpForwarded => "xdp_forwarded",
+            Counter::XdpReplyForwarded => "xdp_reply_forwarded",
+            Counter::XdpPassedToStack => "xdp_passed_to_stack",
+            Counter::DroppedNoRoute => "dropped_no_route",
         }
     }
 }
@@ -163,10 +183,11 @@ pub enum DropReason {
     ConntrackCollision,
     SourceRange,
     NoLocalBackend,
+    NoRoute,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NoBackend,
         DropReason::Fragment,
         DropReason::Truncated,
@@ -180,6 +201,7 @@ impl DropReason {
         DropReason::ConntrackCollision,
         DropReason::SourceRange,
         DropReason::NoLocalBackend,
+        DropReason::NoRoute,
     ];
 
     /// The counter this reason is counted under.
@@ -198,6 +220,7 @@ impl DropReason {
             DropReason::ConntrackCollision => Counter::DroppedConntrackCollision,
             DropReason::SourceRange => Counter::DroppedSourceRange,
             DropReason::NoLocalBackend => Counter::DroppedNoLocalBackend,
+            DropReason::NoRoute => Counter::DroppedNoRoute,
         }
     }
 }

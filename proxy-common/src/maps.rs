@@ -44,13 +44,33 @@ pub const FRAGMENTS: &str = "FRAGMENTS";
 /// an LPM trie consulted for frontends with [`flags::SOURCE_RANGES`].
 pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 
+/// Traffic from outside that the XDP program forwards to a backend on
+/// another node (`externalTrafficPolicy: Cluster`) is source-NATed to the
+/// node there: the client's flow (its conntrack service key) -> the node
+/// address and port it goes out with (LRU, sized like conntrack).
+pub const NAT_FORWARD: &str = "NAT_FORWARD";
+/// The backend's replies to such a flow (backend -> node address and port,
+/// as a conntrack reply key) -> the client they go back to (LRU).
+pub const NAT_REVERSE: &str = "NAT_REVERSE";
+
+/// Interfaces the XDP program is on (ifindex -> [`hook`] it runs as): the
+/// ones it may redirect a packet to.
+pub const DEVICES: &str = "DEVICES";
+/// What the datapath did on each interface, by hook: (ifindex, [`hook`]) ->
+/// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes).
+pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
+
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 15] = [
     SERVICES,
     BACKENDS,
     SOURCE_RANGES,
     CT_TCP,
     CT_ANY,
+    NAT_FORWARD,
+    NAT_REVERSE,
+    DEVICES,
+    DEVICE_COUNTS,
     SOCK_AFFINITY,
     SOCK_REVERSE,
     FRAGMENTS,
@@ -72,6 +92,14 @@ pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
 /// Source ranges over all load balancer frontends.
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
+/// Interfaces counted per hook in [`DEVICE_COUNTS`] (pod interfaces included).
+pub const DEFAULT_DEVICES_MAX: u32 = 4_096;
+
+/// The source ports the XDP program's source NAT hands out, as the
+/// masquerade rule's `--to-ports 32768-65535`: one flow per (backend, node
+/// address, port) at a time.
+pub const NAT_PORT_MIN: u16 = 32_768;
+pub const NAT_PORT_COUNT: u32 = 32_768;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -145,6 +173,72 @@ pub mod flags {
 /// The packet mark asking the node's masquerade rule to source-NAT a
 /// request (kube-proxy's masquerade bit).
 pub const MASQUERADE_MARK: u32 = 0x4000;
+
+/// Where a program runs on an interface: the `hook` of [`DeviceKey`] and
+/// the value of [`DEVICES`].
+pub mod hook {
+    /// XDP in the driver (native).
+    pub const XDP_NATIVE: u8 = 0;
+    /// XDP on the kernel's generic path (after the driver built an skb).
+    pub const XDP_GENERIC: u8 = 1;
+    pub const TC_INGRESS: u8 = 2;
+    pub const TC_EGRESS: u8 = 3;
+
+    pub const fn name(hook: u8) -> &'static str {
+        match hook {
+            XDP_NATIVE => "xdp_native",
+            XDP_GENERIC => "xdp_generic",
+            TC_INGRESS => "tc_ingress",
+            TC_EGRESS => "tc_egress",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Key of [`DEVICE_COUNTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceKey {
+    pub ifindex: u32,
+    /// One of [`hook`] (XDP is counted under the mode the agent attached it in).
+    pub hook: u8,
+    pub _pad: [u8; 3],
+}
+
+impl DeviceKey {
+    pub const fn new(ifindex: u32, hook: u8) -> Self {
+        Self { ifindex, hook, _pad: [0; 3] }
+    }
+}
+
+/// Value of [`DEVICE_COUNTS`]: packets the hook acted on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    /// Requests translated to a backend.
+    pub translated: u64,
+    /// Replies translated back to the frontend.
+    pub reverse_translated: u64,
+    /// Packets sent on by the program itself (XDP_TX / XDP_REDIRECT), the
+    /// node's stack never seeing them.
+    pub forwarded: u64,
+    pub dropped: u64,
+}
+
+/// Value of [`NAT_FORWARD`] and [`NAT_REVERSE`]: an address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatAddress {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl NatAddress {
+    pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
+        Self { addr, port, _pad: [0; 2] }
+    }
+}
 
 /// Key of [`SOURCE_RANGES`] without the LPM prefix length: the frontend id
 /// (big endian, so a prefix of the key is the id and then the address's
@@ -329,6 +423,9 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
+    unsafe impl aya::Pod for DeviceKey {}
+    unsafe impl aya::Pod for DeviceCounts {}
+    unsafe impl aya::Pod for NatAddress {}
 }
 
 #[cfg(test)]
@@ -353,6 +450,9 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentPorts>(), 4);
+        assert_eq!(size_of::<DeviceKey>(), 8);
+        assert_eq!(size_of::<DeviceCounts>(), 32);
+        assert_eq!(size_of::<NatAddress>(), 8);
     }
 
     #[test]

@@ -11,10 +11,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     counters::Counter,
-    maps::{BackendTrafficKey, Traffic},
+    maps::{BackendTrafficKey, DeviceCounts, DeviceKey, Traffic},
 };
 
-use crate::maps::{BACKEND_TRAFFIC, COUNTERS, SERVICE_TRAFFIC};
+use crate::maps::{BACKEND_TRAFFIC, COUNTERS, DEVICE_COUNTS, SERVICE_TRAFFIC};
 
 /// Bumps `counter` and hands `verdict` through, so call sites read as one line.
 #[inline(always)]
@@ -26,6 +26,43 @@ pub(crate) fn count<T>(counter: Counter, verdict: T) -> T {
         unsafe { *slot += 1 };
     }
     verdict
+}
+
+/// What a hook did with a packet, counted per interface.
+#[derive(Clone, Copy)]
+pub(crate) enum DeviceEvent {
+    Translated,
+    ReverseTranslated,
+    Dropped,
+}
+
+/// Counts `event` on interface `ifindex` under `hook` (see
+/// proxy-common's `hook`); `forwarded` when the program sent the packet on
+/// itself. Per CPU, so plain increments; the interface's first packet on a
+/// CPU creates its entry.
+#[inline(always)]
+pub(crate) fn count_device(ifindex: u32, hook: u8, event: DeviceEvent, forwarded: bool) {
+    let key = DeviceKey::new(ifindex, hook);
+    let Some(c) = DEVICE_COUNTS.get_ptr_mut(key) else {
+        let mut first = DeviceCounts::default();
+        bump(&mut first, event, forwarded);
+        // Full (more interfaces than entries): this packet goes uncounted.
+        let _ = DEVICE_COUNTS.insert(key, first, 0);
+        return;
+    };
+    bump(unsafe { &mut *c }, event, forwarded);
+}
+
+#[inline(always)]
+fn bump(c: &mut DeviceCounts, event: DeviceEvent, forwarded: bool) {
+    match event {
+        DeviceEvent::Translated => c.translated += 1,
+        DeviceEvent::ReverseTranslated => c.reverse_translated += 1,
+        DeviceEvent::Dropped => c.dropped += 1,
+    }
+    if forwarded {
+        c.forwarded += 1;
+    }
 }
 
 /// Adds one packet of `bytes` to a shared traffic value.

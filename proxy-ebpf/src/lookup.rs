@@ -19,11 +19,20 @@ use crate::{
 };
 
 pub(crate) enum Lookup {
-    /// To a Service frontend, with the backend the flow is (now) pinned to.
-    ToBackend(Backend, Frontend),
+    /// To a Service frontend, with the backend the flow is (now) pinned to
+    /// and whether this packet started the flow.
+    ToBackend(Backend, Frontend, Start),
     /// A new flow to a Service with no ready endpoints.
     NoBackend,
     NotService,
+}
+
+/// Whether a packet started its flow (a backend was chosen for it) or
+/// belongs to one tracked already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    New,
+    Tracked,
 }
 
 /// What the datapath needs of the frontend a flow goes to.
@@ -123,15 +132,21 @@ pub(crate) fn icmp_to_backend(err: &IcmpError) -> Option<CtEntry> {
 /// flow to a Service frontend.
 #[inline(always)]
 pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
-    let later_fragment = pkt.fragment == Fragment::Later;
-    let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
-    let Some(svc) = service(&key) else {
-        if !later_fragment {
+    let Some(svc) = service(&ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 }) else {
+        if pkt.fragment != Fragment::Later {
             conntrack::forget_direct(pkt);
         }
         return Ok(Lookup::NotService);
     };
+    to_frontend(pkt, &svc)
+}
 
+/// Where a packet to the frontend `svc` goes: its flow's backend, or one
+/// chosen for a new flow.
+#[inline(always)]
+pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, DropReason> {
+    let later_fragment = pkt.fragment == Fragment::Later;
+    let svc = *svc;
     if !source_allowed(&svc, pkt.src) {
         return Err(DropReason::SourceRange);
     }
@@ -141,7 +156,7 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
     let now = conntrack::now();
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
     if let Some(backend) = conntrack::pinned(&flow, &svc, pkt.tcp_flags, now)? {
-        return Ok(Lookup::ToBackend(backend, frontend));
+        return Ok(Lookup::ToBackend(backend, frontend, Start::Tracked));
     }
     // The rest of a datagram whose flow is gone: nothing to answer with, nothing to start.
     if later_fragment {
@@ -166,7 +181,7 @@ pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
         let backend = chosen(&svc, slot)?;
         if !conntrack::claimed(&flow, &backend, now) {
             conntrack::create(&flow, svc.id, slot, &backend, pkt.tcp_flags, now)?;
-            return Ok(Lookup::ToBackend(backend, frontend));
+            return Ok(Lookup::ToBackend(backend, frontend, Start::New));
         }
     }
     Err(DropReason::ConntrackCollision)

@@ -1,12 +1,15 @@
 //! kpr's datapath: cgroup socket hooks that give sockets a Service's
-//! backend when they connect or send (`sock`), and TC programs on the node
-//! side of pod interfaces that translate Service VIPs to endpoints per
-//! packet and replies back.
+//! backend when they connect or send (`sock`), TC programs on the node
+//! side of pod interfaces and on the node's devices that translate Service
+//! VIPs to endpoints per packet and replies back, and an XDP program on the
+//! devices that forwards traffic from outside to other nodes (`nodeport`).
 //!
 //! One step per module: `parse` (headers and what they say), `lookup`
 //! (services and backend choice), `conntrack` (tracked flows), `fragments`
 //! (the ports of fragmented datagrams), `translate` (NAT and checksums), `refuse`
-//! (answers for Services without endpoints), `skb` (packet access). Steps
+//! (answers for Services without endpoints), `skb` (packet access); for
+//! XDP, `frame` (packet access and rewriting), `fib` (routes), `nat`
+//! (source ports). Steps
 //! return a [`DropReason`] as their error; this file holds only the thin
 //! program wrapper, which counts every drop under its reason before
 //! shooting the packet.
@@ -19,9 +22,13 @@
 
 mod conntrack;
 mod counters;
+mod fib;
 mod fragments;
+mod frame;
 mod lookup;
 mod maps;
+mod nat;
+mod nodeport;
 mod parse;
 mod refuse;
 mod skb;
@@ -29,19 +36,22 @@ mod sock;
 mod translate;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     counters::{Counter, DropReason},
     ipv4::Fragment,
-    maps::MASQUERADE_MARK,
+    maps::{MASQUERADE_MARK, hook},
 };
 
 use crate::{
-    counters::{count, count_traffic_via},
+    counters::{DeviceEvent, count, count_device, count_traffic_via},
     lookup::{Lookup, is_vip},
+    maps::DEVICES,
+    nodeport::Outcome,
     parse::{IcmpError, Packet, Parsed},
 };
 
@@ -58,7 +68,7 @@ pub enum Verdict {
 /// Service frontends before the node routes them.
 #[classifier]
 pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
-    finish(&ctx, try_from_pod(&ctx))
+    finish(&ctx, hook::TC_INGRESS, try_from_pod(&ctx))
 }
 
 /// Attached on egress of the same interfaces: it sees what the node
@@ -69,18 +79,59 @@ pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
 /// apply and conntrack never finds half a flow.
 #[classifier]
 pub(crate) fn kpr_to_pod(ctx: TcContext) -> i32 {
-    finish(&ctx, try_to_pod(&ctx))
+    finish(&ctx, hook::TC_EGRESS, try_to_pod(&ctx))
+}
+
+/// Attached to the node's devices (`--xdp`): forwards traffic from outside
+/// to backends on other nodes without the node's stack (see `nodeport`),
+/// and passes everything else on to the TC program.
+#[xdp]
+pub(crate) fn kpr_xdp(ctx: XdpContext) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let outcome = nodeport::handle(&ctx, ingress);
+    if matches!(outcome, Ok(Outcome::Pass)) {
+        return xdp_action::XDP_PASS;
+    }
+    // The mode the agent attached the program in, counted as its hook.
+    let hook = unsafe { DEVICES.get(&ingress) }.copied().unwrap_or(hook::XDP_NATIVE);
+    match outcome {
+        Ok(Outcome::Forward { ifindex, reply }) => {
+            let event = if reply { DeviceEvent::ReverseTranslated } else { DeviceEvent::Translated };
+            count_device(ingress, hook, event, true);
+            if ifindex == ingress {
+                return xdp_action::XDP_TX;
+            }
+            let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+            if action == xdp_action::XDP_REDIRECT {
+                return action;
+            }
+            count(Counter::DroppedRedirectFailed, xdp_action::XDP_DROP)
+        }
+        Ok(Outcome::Pass) => xdp_action::XDP_PASS,
+        Err(reason) => {
+            count_device(ingress, hook, DeviceEvent::Dropped, false);
+            count(reason.counter(), xdp_action::XDP_DROP)
+        }
+    }
 }
 
 /// The TC action for a step's outcome.
 #[inline(always)]
-fn finish(ctx: &TcContext, outcome: Result<Verdict, DropReason>) -> i32 {
+fn finish(ctx: &TcContext, hook: u8, outcome: Result<Verdict, DropReason>) -> i32 {
     match outcome.and_then(|verdict| act(ctx, verdict)) {
         Ok(action) => action,
         // The packet may be half rewritten, or must not go on: shoot it,
         // counted under why.
-        Err(reason) => count(reason.counter(), TC_ACT_SHOT),
+        Err(reason) => {
+            count_device(ifindex(ctx), hook, DeviceEvent::Dropped, false);
+            count(reason.counter(), TC_ACT_SHOT)
+        }
     }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// The TC action carrying out `verdict`; a refusal is counted once the
@@ -89,10 +140,7 @@ fn finish(ctx: &TcContext, outcome: Result<Verdict, DropReason>) -> i32 {
 fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
     Ok(match verdict {
         Verdict::Pass => TC_ACT_OK,
-        Verdict::SendBack => {
-            let arrived_on = unsafe { (*ctx.skb.skb).ifindex };
-            count(Counter::RefusedNoBackend, skb::redirect(arrived_on)?)
-        }
+        Verdict::SendBack => count(Counter::RefusedNoBackend, skb::redirect(ifindex(ctx))?),
     })
 }
 
@@ -141,7 +189,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Seen::Done(verdict) => return Ok(verdict),
     };
     match lookup::request(&pkt)? {
-        Lookup::ToBackend(backend, frontend) => {
+        Lookup::ToBackend(backend, frontend, _) => {
             translate::forward(ctx, &pkt, &backend)?;
             if pkt.fragment == Fragment::First {
                 fragments::remember(&pkt);
@@ -152,6 +200,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
                 ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
             }
             count(Counter::Translated, ());
+            count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, false);
             count_traffic_via(frontend.id, backend.addr, backend.port, ctx.len());
             Ok(Verdict::Pass)
         }
@@ -181,6 +230,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         fragments::remember(&pkt);
     }
     count(Counter::ReverseTranslated, ());
+    count_device(ifindex(ctx), hook::TC_EGRESS, DeviceEvent::ReverseTranslated, false);
     count_traffic_via(frontend.service_id, pkt.src, pkt.src_port, ctx.len());
     Ok(Verdict::Pass)
 }

@@ -4,15 +4,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_FRAGMENTS_MAX,
-        DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, ForwardEntry, FragmentKey, FragmentPorts, ReverseEntry,
-        ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic,
+        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
+        DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry,
+        FragmentKey, FragmentPorts, NatAddress, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey,
+        Traffic,
     },
 };
 
@@ -54,3 +55,16 @@ pub(crate) static SOCK_AFFINITY: LruHashMap<SockKey, ForwardEntry> =
 #[map]
 pub(crate) static SOCK_REVERSE: LruHashMap<SockKey, ReverseEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+#[map]
+pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatAddress> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+#[map]
+pub(crate) static NAT_REVERSE: LruHashMap<FlowKey, NatAddress> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+#[map]
+pub(crate) static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
+
+#[map]
+pub(crate) static DEVICE_COUNTS: PerCpuHashMap<DeviceKey, DeviceCounts> =
+    PerCpuHashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);

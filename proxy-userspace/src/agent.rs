@@ -16,7 +16,7 @@ use proxy_userspace::{
     dashboard,
     dataplane::{
         Dataplane, DataplaneError, Mode,
-        ebpf::{EbpfDataplane, MapSizes, Targets, cgroup, links},
+        ebpf::{EbpfDataplane, MapSizes, Targets, XdpMode, cgroup, links},
         iptables::{IptablesDataplane, render::RenderConfig},
         node_addresses,
     },
@@ -53,6 +53,8 @@ pub(crate) struct RunConfig {
     /// Where replies from other nodes arrive (the per-packet path attaches
     /// there too); `None`: the interfaces of the default routes.
     pub(crate) devices: Option<Vec<String>>,
+    /// `--xdp`: how traffic from outside is taken on the node's devices.
+    pub(crate) xdp: XdpMode,
     /// `--nodeport-addresses`: prefixes selecting the node addresses NodePorts answer on.
     pub(crate) nodeport_addresses: Vec<Cidr>,
     /// Socket-level load balancing in eBPF mode, on `cgroup_root`.
@@ -103,11 +105,12 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
     // outside enters: from the start with --interfaces (replies from other
     // nodes arrive there), else once a Service is reached from outside.
     let mut interfaces = cfg.interfaces.clone();
-    let mut devices: Vec<String> = devices(cfg).into_iter().filter(|d| !interfaces.contains(d)).collect();
+    let node_devices = devices(cfg);
+    let mut devices: Vec<String> = node_devices.iter().filter(|d| !interfaces.contains(d)).cloned().collect();
     if !interfaces.is_empty() {
         interfaces.append(&mut devices);
     }
-    Targets { interfaces, devices, cgroup }
+    Targets { interfaces, devices, cgroup, node_devices, xdp: cfg.xdp }
 }
 
 /// `--devices`, or the interfaces of the default routes.

@@ -185,6 +185,40 @@ pub fn datapath_families(counters: &[(&str, u64)], traffic: &[NamedTraffic], fil
     out
 }
 
+/// Which path each device takes traffic from outside by (XDP native or
+/// generic, or TC when XDP is off or refused), and what each hook did there.
+pub fn device_families(devices: &[crate::inspect::DeviceStats]) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "kpr_device_path",
+        "gauge",
+        "The path traffic from outside takes on each of the node's devices: xdp_native, xdp_generic or tc.",
+    );
+    for d in devices {
+        if let Some(path) = &d.path {
+            out.push_str(&format!("kpr_device_path{{device=\"{}\",path=\"{path}\"}} 1\n", d.device));
+        }
+    }
+    family(&mut out, "kpr_device_packets", "counter", "Packets each hook acted on, per interface, by what it did.");
+    for d in devices {
+        for (hook, c) in &d.hooks {
+            for (action, n) in [
+                ("translated", c.translated),
+                ("reverse_translated", c.reverse_translated),
+                ("forwarded", c.forwarded),
+                ("dropped", c.dropped),
+            ] {
+                out.push_str(&format!(
+                    "kpr_device_packets_total{{device=\"{}\",hook=\"{hook}\",action=\"{action}\"}} {n}\n",
+                    d.device
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Traffic per frontend, named after the Services the model says own them.
 pub fn named<'a>(model: &Model, traffic: &'a [FrontendTraffic]) -> Vec<NamedTraffic<'a>> {
     traffic
@@ -207,6 +241,7 @@ fn exposition(o: &Observed) -> String {
         let traffic = datapath.traffic();
         let named = named(&o.model.read().unwrap(), &traffic);
         extra.push_str(&datapath_families(&datapath.counters(), &named, &datapath.fill()));
+        extra.push_str(&device_families(&datapath.devices()));
     }
     // OpenMetrics ends with "# EOF"; the extra families go before it.
     match text.rfind("# EOF") {

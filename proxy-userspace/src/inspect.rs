@@ -9,13 +9,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use proxy_common::{
     conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
     maps::{
-        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, FragmentKey, FragmentPorts,
-        PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic, flags, kind,
+        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, DeviceCounts, DeviceKey, FragmentKey,
+        FragmentPorts, PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic, flags,
+        hook, kind,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -115,11 +116,66 @@ fn as_text<S: serde::Serializer>(k: &FrontendKey, s: S) -> Result<S::Ok, S::Erro
     s.collect_str(k)
 }
 
+/// Packets one hook acted on, on one interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookCounts {
+    pub translated: u64,
+    pub reverse_translated: u64,
+    /// Sent on by the program itself (XDP_TX / XDP_REDIRECT).
+    pub forwarded: u64,
+    pub dropped: u64,
+}
+
+impl HookCounts {
+    fn add(&mut self, c: &DeviceCounts) {
+        self.translated += c.translated;
+        self.reverse_translated += c.reverse_translated;
+        self.forwarded += c.forwarded;
+        self.dropped += c.dropped;
+    }
+}
+
+/// One interface the datapath is on: which path takes traffic from outside
+/// there (devices only), and what each hook did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// The interface's name in the agent's network namespace, or `ifindex N`
+    /// once it is gone.
+    pub device: String,
+    pub ifindex: u32,
+    /// For the node's devices: `xdp_native`, `xdp_generic` or `tc` (XDP off
+    /// or refused). None for pod interfaces.
+    pub path: Option<String>,
+    /// By hook: `xdp_native`, `xdp_generic`, `tc_ingress`, `tc_egress`.
+    pub hooks: BTreeMap<String, HookCounts>,
+}
+
+/// The name of interface `ifindex` in this network namespace.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if name.is_null() {
+        return None;
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+/// How [`DeviceStats::path`] names an entry of the devices map.
+pub fn path_name(path: u8) -> &'static str {
+    match path {
+        hook::XDP_NATIVE | hook::XDP_GENERIC => hook::name(path),
+        _ => "tc",
+    }
+}
+
 /// What `kpr stats` prints.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Stats {
     /// Packets by what the datapath did with them.
     pub datapath: BTreeMap<String, u64>,
+    pub devices: Vec<DeviceStats>,
     pub services: Vec<FrontendTraffic>,
     pub maps: Vec<MapFill>,
 }
@@ -138,6 +194,11 @@ pub struct Maps {
     service_traffic: Array<MapData, Traffic>,
     backend_traffic: HashMap<MapData, BackendTrafficKey, Traffic>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// The node's devices: ifindex -> path (see [`path_name`]).
+    devices: HashMap<MapData, u32, u8>,
+    /// Per-CPU: summed when read.
+    device_counts: PerCpuHashMap<MapData, DeviceKey, DeviceCounts>,
+    nat_forward: HashMap<MapData, FlowKey, abi::NatAddress>,
 }
 
 /// Why the maps could not be read.
@@ -195,7 +256,32 @@ impl Maps {
             service_traffic: Array::try_from(get(abi::SERVICE_TRAFFIC)?).map_err(wrong_type(abi::SERVICE_TRAFFIC))?,
             backend_traffic: hash(get(abi::BACKEND_TRAFFIC)?, abi::BACKEND_TRAFFIC)?,
             source_ranges: LpmTrie::try_from(get(abi::SOURCE_RANGES)?).map_err(wrong_type(abi::SOURCE_RANGES))?,
+            devices: hash(get(abi::DEVICES)?, abi::DEVICES)?,
+            device_counts: PerCpuHashMap::try_from(get(abi::DEVICE_COUNTS)?).map_err(wrong_type(abi::DEVICE_COUNTS))?,
+            nat_forward: hash(get(abi::NAT_FORWARD)?, abi::NAT_FORWARD)?,
         })
+    }
+
+    /// Every interface the datapath is on or has counted, by ifindex.
+    pub fn devices(&self) -> Vec<DeviceStats> {
+        fn at(by_index: &mut BTreeMap<u32, DeviceStats>, ifindex: u32) -> &mut DeviceStats {
+            by_index.entry(ifindex).or_insert_with(|| DeviceStats {
+                device: interface_name(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+                ifindex,
+                path: None,
+                hooks: BTreeMap::new(),
+            })
+        }
+        let mut by_index = BTreeMap::new();
+        for (ifindex, path) in self.devices.iter().filter_map(Result::ok) {
+            at(&mut by_index, ifindex).path = Some(path_name(path).to_string());
+        }
+        for (key, per_cpu) in self.device_counts.iter().filter_map(Result::ok) {
+            let mut sum = HookCounts::default();
+            per_cpu.iter().for_each(|c| sum.add(c));
+            at(&mut by_index, key.ifindex).hooks.insert(hook::name(key.hook).to_string(), sum);
+        }
+        by_index.into_values().collect()
     }
 
     /// Every frontend (VIP markers left out), external ones included.
@@ -340,6 +426,7 @@ impl Maps {
             fill(abi::BACKENDS, &self.backends),
             fill(abi::CT_TCP, &self.ct_tcp),
             fill(abi::CT_ANY, &self.ct_any),
+            fill(abi::NAT_FORWARD, &self.nat_forward),
             fill(abi::FRAGMENTS, &self.fragments),
             fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
         ]
@@ -351,6 +438,7 @@ impl Maps {
     pub fn stats(&self) -> Stats {
         Stats {
             datapath: self.counters().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            devices: self.devices(),
             services: self.traffic(),
             maps: self.fill(),
         }

@@ -73,6 +73,13 @@ enum Command {
         /// routes. Used with --interfaces.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
+        /// How traffic from outside is taken on --devices (eBPF mode): XDP in
+        /// the driver (`native`), on the kernel's generic path (`generic`),
+        /// or not at all (`off`: the TC programs alone). Each device falls
+        /// back from native to generic to TC alone, said in the log and in
+        /// the kpr_device_path metric.
+        #[arg(long, value_enum, default_value_t = proxy_userspace::dataplane::ebpf::XdpMode::Native)]
+        xdp: proxy_userspace::dataplane::ebpf::XdpMode,
         /// Where NodePorts answer, as kube-proxy's flag: IPv4 prefixes,
         /// comma separated, selecting among the node's addresses;
         /// `0.0.0.0/0` is every address. Default: the addresses of --devices
@@ -353,7 +360,18 @@ fn print_stats(maps: MapsArgs) -> anyhow::Result<()> {
     }
     println!("datapath:");
     for (reason, n) in &stats.datapath {
-        println!("  {reason:<24} {n:>12}");
+        println!("  {reason:<28} {n:>12}");
+    }
+    println!("devices:");
+    for d in &stats.devices {
+        let path = d.path.as_deref().map(|p| format!(" (outside traffic: {p})")).unwrap_or_default();
+        println!("  {}{path}", d.device);
+        for (hook, c) in &d.hooks {
+            println!(
+                "    {hook:<12} {:>10} translated {:>10} reverse {:>10} forwarded {:>8} dropped",
+                c.translated, c.reverse_translated, c.forwarded, c.dropped
+            );
+        }
     }
     println!("traffic:");
     for s in &stats.services {
@@ -411,6 +429,7 @@ async fn run() -> anyhow::Result<()> {
             min_sync_interval,
             interfaces,
             devices,
+            xdp,
             nodeport_addresses,
             socket_lb,
             cgroup_root,
@@ -437,6 +456,7 @@ async fn run() -> anyhow::Result<()> {
                 // `--interfaces=` (as an empty ConfigMap value gives) lists none.
                 interfaces: interfaces.into_iter().filter(|i| !i.is_empty()).collect(),
                 devices: devices.map(|d| d.into_iter().filter(|i| !i.is_empty()).collect()),
+                xdp,
                 socket_lb,
                 cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },

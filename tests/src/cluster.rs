@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use crate::{
     cgroup::Cgroup,
     kpr::Kpr,
-    netns::{Netns, ip, unique_prefix},
+    netns::{Netns, Offload, ip, unique_prefix},
     node::{Bpffs, Pod},
 };
 
@@ -45,6 +45,8 @@ pub struct ClusterNode {
     pub ns: Netns,
     pub cgroup: Cgroup,
     bpffs: Bpffs,
+    /// The pass program on the underlay's side of the node's wire (see `xdp_pass`).
+    _wire_xdp: std::os::fd::OwnedFd,
 }
 
 impl ClusterNode {
@@ -131,6 +133,15 @@ impl Cluster {
         ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
         ip(&["-n", &n, "addr", "add", &format!("{}/24", underlay_ip(index)), "dev", "eth0"])?;
         ip(&["-n", &n, "link", "set", "eth0", "up"])?;
+        // A wire carries complete checksums both ways, and the underlay's
+        // side takes frames a node's XDP program sends back out (XDP_TX).
+        ns.set_offload("eth0", Offload::TxChecksum, false)?;
+        self.underlay.set_offload(&port, Offload::TxChecksum, false)?;
+        let wire = port.clone();
+        let link = self.underlay.run(move || {
+            let index = unsafe { libc::if_nametoindex(std::ffi::CString::new(wire).unwrap().as_ptr()) };
+            crate::xdp_pass::attach(index)
+        })??;
         // Like a real node, a default route: traffic to a VIP is routed
         // (and so translated) rather than refused as unreachable.
         ip(&["-n", &n, "route", "add", "default", "via", &ROUTER.to_string()])?;
@@ -160,7 +171,7 @@ impl Cluster {
             ip(&["-n", &n, "addr", "add", &format!("{}/32", pod_ip(index, 0)), "dev", "flannel.1"])?;
         }
         let cgroup = Cgroup::new(&format!("{}-{name}", self.prefix))?;
-        Ok(ClusterNode { pods: Vec::new(), name, index, ns, cgroup, bpffs: Bpffs::mount()? })
+        Ok(ClusterNode { pods: Vec::new(), name, index, ns, cgroup, bpffs: Bpffs::mount()?, _wire_xdp: link })
     }
 
     /// Routes from `node` to every other node's pod CIDR.

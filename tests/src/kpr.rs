@@ -23,11 +23,16 @@ pub fn command(node: &Netns, args: &[&str]) -> anyhow::Result<String> {
     node.output(&cmd)
 }
 
-/// The eBPF datapath's counters by name (`kpr stats`), read from the pins under `bpf_root`.
-pub fn datapath_stats(node: &Netns, bpf_root: &Path) -> anyhow::Result<serde_json::Value> {
+/// Everything `kpr stats` says, read from the pins under `bpf_root`.
+pub fn stats(node: &Netns, bpf_root: &Path) -> anyhow::Result<serde_json::Value> {
     let root = format!("--bpf-root={}", bpf_root.display());
     let out = command(node, &["stats", "-o", "json", &root])?;
-    Ok(serde_json::from_str::<serde_json::Value>(&out)?["datapath"].clone())
+    Ok(serde_json::from_str::<serde_json::Value>(&out)?)
+}
+
+/// The eBPF datapath's counters by name (`kpr stats`), read from the pins under `bpf_root`.
+pub fn datapath_stats(node: &Netns, bpf_root: &Path) -> anyhow::Result<serde_json::Value> {
+    Ok(stats(node, bpf_root)?["datapath"].clone())
 }
 
 /// The `kpr` binary: `$KPR_BIN`, else the workspace's debug build (which

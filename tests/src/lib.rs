@@ -19,3 +19,4 @@ pub mod packet;
 pub mod root;
 pub mod servers;
 pub mod wait;
+pub mod xdp_pass;

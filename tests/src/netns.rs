@@ -68,6 +68,15 @@ impl Netns {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Sets an offload of interface `dev` as `ethtool -K` does (the harness
+    /// has no ethtool): `Offload::TxChecksum` off makes what leaves `dev`
+    /// carry complete checksums, as a packet on a real wire does (a veth
+    /// otherwise hands its peer a partial one, which XDP cannot tell).
+    pub fn set_offload(&self, dev: &str, offload: Offload, on: bool) -> anyhow::Result<()> {
+        let dev = dev.to_string();
+        self.run(move || ethtool_set(&dev, offload as u32, on))?.with_context(|| format!("setting {offload:?} on {}", self.name))
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
     }
@@ -116,4 +125,37 @@ impl Drop for Netns {
         // Deleting the namespace removes its interfaces (and veth peers) too.
         ip(&["netns", "del", &self.name]).ok();
     }
+}
+
+/// Offloads [`Netns::set_offload`] sets: their ethtool "set" commands.
+#[derive(Clone, Copy, Debug)]
+pub enum Offload {
+    TxChecksum = 0x17,
+}
+
+/// `ioctl(SIOCETHTOOL)` with a `struct ethtool_value`, in the calling thread's namespace.
+fn ethtool_set(dev: &str, cmd: u32, on: bool) -> anyhow::Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue { cmd, data: u32::from(on) };
+    // SAFETY: ifreq is plain data; the name is NUL-terminated within IFNAMSIZ
+    // and ifru_data points at `value`, alive for the call.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        anyhow::ensure!(dev.len() < libc::IFNAMSIZ, "interface name {dev:?} too long");
+        for (i, b) in dev.bytes().enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&raw mut value).cast();
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, 0x8946, &raw mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        anyhow::ensure!(rc == 0, "SIOCETHTOOL on {dev}: {err}");
+    }
+    Ok(())
 }

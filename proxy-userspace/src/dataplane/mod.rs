@@ -76,4 +76,6 @@ pub trait DatapathStats: Send + Sync {
     fn traffic(&self) -> Vec<FrontendTraffic>;
     /// How full each table is.
     fn fill(&self) -> Vec<MapFill>;
+    /// What the datapath did on each interface, and which path each device takes.
+    fn devices(&self) -> Vec<crate::inspect::DeviceStats>;
 }

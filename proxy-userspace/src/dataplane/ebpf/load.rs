@@ -21,6 +21,7 @@ use super::{
     conntrack_gc::Collector,
     links,
     maps::{AyaMaps, TrafficMaps},
+    xdp::{self, XdpMode},
 };
 use crate::{
     dataplane::{DatapathStats, DataplaneError},
@@ -68,6 +69,11 @@ pub struct Targets {
     pub devices: Vec<String>,
     /// The cgroup v2 directory whose processes get socket-level load balancing.
     pub cgroup: Option<PathBuf>,
+    /// Every one of the node's devices (attached now, in `interfaces`, or
+    /// later, from `devices`): the XDP program goes on these.
+    pub node_devices: Vec<String>,
+    /// `--xdp`.
+    pub xdp: super::xdp::XdpMode,
 }
 
 /// Map capacities, settable at load time.
@@ -115,6 +121,8 @@ pub struct Attached {
     pub observed: Arc<Maps>,
     /// Removes expired conntrack entries until dropped.
     pub collector: Collector,
+    /// The node's devices and XDP on them.
+    pub devices: super::xdp::Devices,
 }
 
 /// The magic number of a bpf filesystem in `statfs`.
@@ -170,13 +178,14 @@ fn map_id(map: &Map) -> Option<u32> {
         | Map::Array(d)
         | Map::PerCpuArray(d)
         | Map::PerCpuLruHashMap(d)
+        | Map::PerCpuHashMap(d)
         | Map::LpmTrie(d) => Some(d.info().ok()?.id()),
         _ => None,
     }
 }
 
 /// Why the kernel refused to load `program`: a verifier rejection names its log.
-fn load_error(program: &'static str) -> impl Fn(ProgramError) -> DataplaneError {
+pub(super) fn load_error(program: &'static str) -> impl Fn(ProgramError) -> DataplaneError {
     move |e| match e {
         ProgramError::LoadError { verifier_log, .. } => {
             DataplaneError::Verifier { program, log: verifier_log.to_string() }
@@ -186,7 +195,7 @@ fn load_error(program: &'static str) -> impl Fn(ProgramError) -> DataplaneError 
 }
 
 /// The program `name` of the object, as type `P`.
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DataplaneError>
+pub(super) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DataplaneError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
@@ -197,7 +206,7 @@ where
 }
 
 /// `e` with the errors beneath it (aya's syscall errors keep the errno there).
-fn with_sources(e: &dyn std::error::Error) -> String {
+pub(super) fn with_sources(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -258,6 +267,25 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
         classifier.load().map_err(load_error(name))?;
     }
+    match pin_maps(&mut ebpf, bpf_root) {
+        Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
+        Err(e) => {
+            tracing::warn!(error = %e, "maps not pinned: kpr service list, conntrack list and stats will not see them")
+        }
+    }
+    let ids: std::collections::HashMap<&str, u32> =
+        abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
+    let by_id = |name: &str| {
+        let open = |reason: String| crate::inspect::InspectError::Open { map: name.to_string(), reason };
+        let id = ids.get(name).ok_or_else(|| open("missing from the eBPF object".into()))?;
+        MapData::from_id(*id).map_err(|e| open(format!("by id: {e}")))
+    };
+    let xdp_mode = if targets.node_devices.is_empty() { XdpMode::Off } else { xdp::load(&mut ebpf, targets.xdp) };
+    let mut devices = xdp::Devices::new(xdp_mode, targets.node_devices.clone(), {
+        let map = by_id(abi::DEVICES).map_err(|e| DataplaneError::Load(e.to_string()))?;
+        HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::DEVICES, e))?)
+            .map_err(|e| wrong_type(abi::DEVICES, e))?
+    });
     // A plain name must be there; a pattern may match nothing yet.
     let present =
         links::interfaces().ok_or_else(|| DataplaneError::Load("cannot list this namespace's interfaces".into()))?;
@@ -274,20 +302,10 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     for (name, index) in links::selected(&targets.interfaces, &present) {
         let link = attach_classifier(&mut ebpf, name)?;
         interfaces.insert(name.to_string(), (index, link));
-    }
-    match pin_maps(&mut ebpf, bpf_root) {
-        Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
-        Err(e) => {
-            tracing::warn!(error = %e, "maps not pinned: kpr service list, conntrack list and stats will not see them")
+        if devices.is_device(name) {
+            devices.attach(&mut ebpf, name, index)?;
         }
     }
-    let ids: std::collections::HashMap<&str, u32> =
-        abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
-    let by_id = |name: &str| {
-        let open = |reason: String| crate::inspect::InspectError::Open { map: name.to_string(), reason };
-        let id = ids.get(name).ok_or_else(|| open("missing from the eBPF object".into()))?;
-        MapData::from_id(*id).map_err(|e| open(format!("by id: {e}")))
-    };
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
     let conntrack = [abi::CT_TCP, abi::CT_ANY].into_iter().map(|name| {
         let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
@@ -313,7 +331,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
-    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector })
+    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector, devices })
 }
 
 /// Attaches the (loaded) classifiers on ingress and egress of `iface`: both or neither.
@@ -369,5 +387,8 @@ impl DatapathStats for Maps {
     }
     fn fill(&self) -> Vec<MapFill> {
         Maps::fill(self)
+    }
+    fn devices(&self) -> Vec<crate::inspect::DeviceStats> {
+        Maps::devices(self)
     }
 }

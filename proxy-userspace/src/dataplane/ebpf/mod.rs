@@ -18,6 +18,7 @@ pub mod maps;
 pub mod masquerade;
 mod netlink;
 pub mod sock_destroy;
+pub mod xdp;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -28,6 +29,7 @@ use std::{
 
 use load::PacketLinks;
 pub use load::{EBPF_OBJECT, FROM_POD, MapSizes, PACKET_PROGRAMS, SOCKET_PROGRAMS, TO_POD, Targets, load};
+pub use xdp::{XDP_PROGRAM, XdpMode};
 use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
 use proxy_common::maps::{BACKEND_ACTIVE, Backend, BackendKey, ServiceKey, ServiceValue, flags, kind};
 
@@ -168,6 +170,8 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// The node's devices, attached (joining `interface_patterns`) once a
     /// frontend is reached from outside.
     devices: Vec<String>,
+    /// The node's devices and XDP on them.
+    node_devices: Option<xdp::Devices>,
     /// Interfaces the classifiers are on (name -> index and links), and ones
     /// that refused it (not tried again until they are recreated).
     attached: BTreeMap<String, (u32, PacketLinks)>,
@@ -210,6 +214,7 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.interface_patterns.clone_from(&targets.interfaces);
         dataplane.devices.clone_from(&targets.devices);
         dataplane.attached = attached.interfaces;
+        dataplane.node_devices = Some(attached.devices);
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
         Ok(dataplane)
@@ -224,6 +229,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             ebpf: None,
             interface_patterns: Vec::new(),
             devices: Vec::new(),
+            node_devices: None,
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             observed: None,
@@ -535,6 +541,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 tracing::info!(iface = %name, "interface gone; forgotten");
             }
         }
+        if let Some(devices) = self.node_devices.as_mut() {
+            devices.forget_gone(ebpf, &present);
+        }
         self.refused.retain(|name, index| present.get(name) == Some(index));
         for (name, index) in links::selected(&self.interface_patterns, &present) {
             if self.attached.contains_key(name) || self.refused.contains_key(name) {
@@ -543,6 +552,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             match load::attach_classifier(ebpf, name) {
                 Ok(link) => {
                     self.attached.insert(name.to_string(), (index, link));
+                    if let Some(devices) = self.node_devices.as_mut().filter(|d| d.is_device(name))
+                        && let Err(e) = devices.attach(ebpf, name, index)
+                    {
+                        tracing::warn!(device = %name, error = %e, "recording the device's path failed");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(iface = %name, error = %e, "interface matches --interfaces but refused the datapath");
