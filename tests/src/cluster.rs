@@ -50,6 +50,12 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// What the underlay's side of the node's wire does with the frames
+    /// the node sends: passes them on (the default) or drops them.
+    pub fn set_wire(&self, verdict: crate::xdp_pass::Verdict) -> anyhow::Result<()> {
+        crate::xdp_pass::set(&self._wire_xdp, verdict)
+    }
+
     /// The node's address on the underlay.
     pub fn address(&self) -> Ipv4Addr {
         underlay_ip(self.index)

@@ -131,6 +131,8 @@ impl Drop for Netns {
 #[derive(Clone, Copy, Debug)]
 pub enum Offload {
     TxChecksum = 0x17,
+    /// On a veth, GRO turned on while the link is up gives it a NAPI queue.
+    Gro = 0x2c,
 }
 
 /// `ioctl(SIOCETHTOOL)` with a `struct ethtool_value`, in the calling thread's namespace.

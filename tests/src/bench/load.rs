@@ -58,7 +58,7 @@ impl ConnLoad {
 }
 
 /// Per-CPU (busy, total) jiffies from /proc/stat, indexed by CPU number.
-fn cpu_times() -> Vec<(u64, u64)> {
+pub(crate) fn cpu_times() -> Vec<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     parse_cpu_times(&stat)
 }
@@ -82,7 +82,7 @@ fn parse_cpu_times(stat: &str) -> Vec<(u64, u64)> {
     cpus
 }
 
-fn busy_between(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+pub(crate) fn busy_between(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
     before
         .iter()
         .zip(after)

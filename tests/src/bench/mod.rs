@@ -6,6 +6,7 @@
 //! error naming the mode and N, and is listed in the report of any other.
 
 pub mod load;
+pub mod packets;
 pub mod report;
 pub mod topology;
 pub mod workload;
@@ -48,11 +49,15 @@ pub struct Config {
     pub services: Vec<usize>,
     /// The dataplanes measured at each N, beside the direct line: `--mode`
     /// values, where `ebpf` is the per-packet path alone
-    /// (`--socket-lb=false`) and `ebpf-socket` the socket hooks with the
-    /// load generator under the node's cgroup.
+    /// (`--socket-lb=false`; from outside, XDP on the node's devices),
+    /// `ebpf-tc` the same with `--xdp=off` (measured from outside only, the
+    /// one place XDP acts) and `ebpf-socket` the socket hooks with the load
+    /// generator under the node's cgroup.
     pub modes: Vec<&'static str>,
     /// Backends beside the clients, on another node, or both.
     pub placements: Vec<Placement>,
+    /// The packet-rate test (see `packets`).
+    pub packet_rate: bool,
     pub warmup: Duration,
     pub duration: Duration,
     pub repetitions: usize,
@@ -70,8 +75,9 @@ impl Config {
             quick: false,
             strict: false,
             services: vec![1, 1_000, 10_000, 50_000],
-            modes: vec!["ebpf-socket", "ebpf", "iptables"],
+            modes: vec!["ebpf-socket", "ebpf", "ebpf-tc", "iptables"],
             placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
+            packet_rate: true,
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
@@ -87,8 +93,9 @@ impl Config {
             quick: true,
             strict: true,
             services: vec![1, 1_000],
-            modes: vec!["ebpf-socket", "ebpf", "iptables"],
+            modes: vec!["ebpf-socket", "ebpf", "ebpf-tc", "iptables"],
             placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
+            packet_rate: true,
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
@@ -199,6 +206,8 @@ pub struct Report {
     pub iptables_backend: String,
     pub generator: Option<GeneratorCheck>,
     pub rows: Vec<Row>,
+    /// Small UDP packets from outside through a node port, per mode.
+    pub packet_rates: Vec<packets::PacketRow>,
     /// Measurements that went wrong (a run that is not strict goes on).
     pub problems: Vec<String>,
 }
@@ -508,6 +517,7 @@ fn measure_mode(
     args.extend(match mode {
         "ebpf-socket" => vec!["--mode=ebpf".to_string()],
         "ebpf" => vec!["--mode=ebpf".to_string(), "--socket-lb=false".to_string()],
+        "ebpf-tc" => vec!["--mode=ebpf".to_string(), "--socket-lb=false".to_string(), "--xdp=off".to_string()],
         other => vec![format!("--mode={other}")],
     });
     // The socket hooks serve only processes in the node's cgroup: the load
@@ -663,8 +673,10 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                // From outside, socket-level load balancing has nothing to do.
-                if placement.outside() && mode == "ebpf-socket" {
+                // From outside, socket-level load balancing has nothing to
+                // do; elsewhere XDP has nothing to do, and ebpf-tc is ebpf.
+                let socket_from_outside = placement.outside() && mode == "ebpf-socket";
+                if socket_from_outside || (!placement.outside() && mode == "ebpf-tc") {
                     continue;
                 }
                 let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
@@ -681,6 +693,9 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
                 report.rows.push(row);
             }
         }
+    }
+    if cfg.packet_rate && !stop.load(Ordering::Relaxed) {
+        report.packet_rates = packets::measure(cfg, work.path())?;
     }
     report.problems = problems.seen;
     report::write(&report, &cfg.out)?;

@@ -114,6 +114,7 @@ fn color(mode: &str) -> RGBColor {
     match mode {
         "ebpf" => RGBColor(0x1f, 0x77, 0xb4),
         "ebpf-socket" => RGBColor(0x94, 0x67, 0xbd),
+        "ebpf-tc" => RGBColor(0x17, 0xbe, 0xcf),
         "iptables" => RGBColor(0xd6, 0x27, 0x28),
         _ => RGBColor(0x2c, 0xa0, 0x2c),
     }
@@ -146,7 +147,7 @@ impl Series {
 }
 
 fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
-    let modes = ["direct", "ebpf-socket", "ebpf", "iptables"];
+    let modes = ["direct", "ebpf-socket", "ebpf", "ebpf-tc", "iptables"];
     let series: Vec<Series> = [Placement::SameNode, Placement::OtherNode, Placement::Outside]
         .into_iter()
         .flat_map(|placement| modes.map(|mode| (mode, placement)))
@@ -219,6 +220,7 @@ pub fn markdown(r: &Report, plot_dir: &str) -> String {
     ).expect("writing to a String cannot fail");
     md.push_str(&table(r));
     writeln!(md, "\n{}\n", spread(r)).expect("writing to a String cannot fail");
+    md.push_str(&packet_table(r));
     writeln!(md, "Generator check: {}\n", r.generator.as_ref().map_or("not run.".into(), generator_verdict))
         .expect("writing to a String cannot fail");
     if !r.problems.is_empty() {
@@ -233,6 +235,39 @@ pub fn markdown(r: &Report, plot_dir: &str) -> String {
         writeln!(md, "![{}]({plot_dir}{})\n", p.title, p.file).expect("writing to a String cannot fail");
     }
     md
+}
+
+/// The packet-rate test's figures, if it ran.
+pub fn packet_table(r: &Report) -> String {
+    if r.packet_rates.is_empty() {
+        return String::new();
+    }
+    let mut t = String::from(
+        "Packet rate from outside through a node port to a backend on another node (60-byte UDP frames, \
+         64 flows; a generator on one CPU, the node's receive path on the other; what the node forwards is \
+         counted on its wire). Where the generator limits the rate, the receiving CPU is not fully busy: \
+         packets per CPU is the forwarded rate over its busy share.\n\n\
+         | mode | forwarded pps (median, min–max) | offered pps | receiving CPU busy | pps per CPU | × iptables (per CPU) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    let iptables = r.packet_rates.iter().find(|p| p.mode == "iptables").map(|p| p.pps_per_cpu.median);
+    for p in &r.packet_rates {
+        writeln!(
+            t,
+            "| {} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0}% | {:.0} | {} |",
+            super::packets::mode_name(&p.mode),
+            p.forwarded_pps.median,
+            p.forwarded_pps.min,
+            p.forwarded_pps.max,
+            p.offered_pps.median,
+            p.receive_cpu_busy.median * 100.0,
+            p.pps_per_cpu.median,
+            fmt(iptables.map(|i| p.pps_per_cpu.median / i), 2),
+        )
+        .expect("writing to a String cannot fail");
+    }
+    t.push('\n');
+    t
 }
 
 /// The targets the project set itself, and whether this run met them.
@@ -276,6 +311,16 @@ pub fn targets(r: &Report) -> String {
             "- eBPF connection rate from outside through a node port ≥ 0.9 × direct to the pods ({}): {}",
             at.join(", "),
             verdict(all)
+        )
+        .expect("writing to a String cannot fail");
+    }
+    let pps = |mode: &str| r.packet_rates.iter().find(|p| p.mode == mode).map(|p| p.pps_per_cpu.median);
+    if let (Some(xdp), Some(ip)) = (pps("ebpf"), pps("iptables")) {
+        writeln!(
+            out,
+            "- XDP packet rate from outside ≥ 3 × iptables mode's, per CPU ({xdp:.0} vs {ip:.0} packets/s, {:.2}×): {}",
+            xdp / ip,
+            verdict(xdp >= 3.0 * ip)
         )
         .expect("writing to a String cannot fail");
     }
