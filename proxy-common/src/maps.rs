@@ -53,8 +53,9 @@ pub const NAT_FORWARD: &str = "NAT_FORWARD";
 /// as a conntrack reply key) -> the client they go back to (LRU).
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
 
-/// Interfaces the XDP program is on (ifindex -> [`hook`] it runs as): the
-/// ones it may redirect a packet to.
+/// The node's devices: ifindex -> the path traffic from outside takes
+/// there, a [`hook`] value (`TC_INGRESS` for the TC programs alone). The
+/// XDP program redirects only to devices it runs on natively.
 pub const DEVICES: &str = "DEVICES";
 /// What the datapath did on each interface, by hook: (ifindex, [`hook`]) ->
 /// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes).

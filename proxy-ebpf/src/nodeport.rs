@@ -9,15 +9,16 @@
 //!
 //! Everything else goes on to the TC program, which shares the conntrack:
 //! a Local policy (the client's address is kept, the backend is here), a
-//! backend on this node, refusals, and new flows whose route or neighbour
-//! is not known yet (the stack resolves it, and the next flow stays in
-//! XDP). A flow stays on the path it started on for its whole life.
+//! backend on this node, refusals, new flows whose route or neighbour is
+//! not known yet (the stack resolves it, and the next flow stays in XDP)
+//! or whose client is not behind a device it can send from. A flow stays on
+//! the path it started on for its whole life.
 
 use aya_ebpf::programs::XdpContext;
 use proxy_common::{
     conntrack::FlowKey,
     counters::{Counter, DropReason},
-    maps::{ServiceKey, kind},
+    maps::{ServiceKey, hook, kind},
 };
 
 use crate::{
@@ -49,11 +50,11 @@ pub(crate) fn handle(ctx: &XdpContext, ingress: u32) -> Result<Outcome, DropReas
 }
 
 /// Whether a packet may be sent out of `ifindex` from XDP: back out of the
-/// device it came in on, or out of another device this program is on (a
-/// redirect to an interface without it may be dropped by its driver).
+/// device it came in on, or out of another device this program runs on
+/// natively (a driver without XDP of its own may drop what is redirected to it).
 #[inline(always)]
 fn may_leave_by(ifindex: u32, ingress: u32) -> bool {
-    ifindex == ingress || unsafe { DEVICES.get(&ifindex) }.is_some()
+    ifindex == ingress || unsafe { DEVICES.get(&ifindex) } == Some(&hook::XDP_NATIVE)
 }
 
 fn request(ctx: &XdpContext, ingress: u32, pkt: &Packet) -> Result<Outcome, DropReason> {
@@ -78,7 +79,14 @@ fn request(ctx: &XdpContext, ingress: u32, pkt: &Packet) -> Result<Outcome, Drop
     let (hop, nat) = match start {
         Start::New => {
             let routed = fib::route(ctx, ingress, pkt.proto, total_len, None, backend.addr)
-                .filter(|(hop, _)| may_leave_by(hop.ifindex, ingress));
+                .filter(|(hop, _)| may_leave_by(hop.ifindex, ingress))
+                // The replies must be able to leave from XDP too: a client
+                // reached another way (a pod of this node whose request came
+                // back through a router) is the stack's.
+                .filter(|_| {
+                    fib::route(ctx, ingress, pkt.proto, total_len, Some(pkt.dst), pkt.src)
+                        .is_some_and(|(hop, _)| may_leave_by(hop.ifindex, ingress))
+                });
             let nat = routed.as_ref().and_then(|(_, node)| nat::allocate(&flow, &backend, *node, conntrack::now()));
             match (routed, nat) {
                 (Some((hop, _)), Some(nat)) => (hop, nat),
