@@ -61,10 +61,18 @@ pub const DEVICES: &str = "DEVICES";
 /// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes).
 pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
 
+/// A frontend reached from outside under `externalTrafficPolicy: Local`
+/// serves outside clients from this node's endpoints (its SERVICES entry),
+/// but pods and the node's own processes from every endpoint, as kube-proxy
+/// does: frontend id -> the cluster-wide [`ServiceValue`] of its Service
+/// port, read by the socket hooks and the TC program on pod interfaces.
+pub const CLUSTER_SCOPE: &str = "CLUSTER_SCOPE";
+
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     SERVICES,
     BACKENDS,
+    CLUSTER_SCOPE,
     SOURCE_RANGES,
     CT_TCP,
     CT_ANY,
@@ -93,6 +101,8 @@ pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
 /// Source ranges over all load balancer frontends.
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
+/// Frontends under a Local policy with their cluster-wide scope ([`CLUSTER_SCOPE`]).
+pub const DEFAULT_CLUSTER_SCOPES_MAX: u32 = 16_384;
 /// Interfaces counted per hook in [`DEVICE_COUNTS`] (pod interfaces included).
 pub const DEFAULT_DEVICES_MAX: u32 = 4_096;
 
@@ -169,6 +179,9 @@ pub mod flags {
     /// With no backend, new flows are dropped rather than refused
     /// (`externalTrafficPolicy: Local` with endpoints only on other nodes).
     pub const DROP_WITHOUT_BACKEND: u8 = 4;
+    /// `externalTrafficPolicy: Local`: the entry's backends are this node's;
+    /// pods and node processes use [`super::CLUSTER_SCOPE`] instead.
+    pub const LOCAL: u8 = 8;
 }
 
 /// The packet mark asking the node's masquerade rule to source-NAT a

@@ -100,9 +100,11 @@ pub(crate) struct Hop {
 }
 
 /// Rewrites `pkt` to go from `src` to `dst` over `hop`, one hop on (TTL
-/// less one), with both checksums updated as RFC 1624 has it. The frame
-/// holds a complete checksum (a driver never hands XDP a partial one), so
-/// plain arithmetic is right; a UDP checksum of 0 ("none") stays 0.
+/// less one), with both checksums updated as RFC 1624 has it. A frame off
+/// a wire holds complete checksums, so plain arithmetic is right (only a
+/// frame a local sender handed a virtual device, seen in generic mode,
+/// could hold a partial one: the node's devices face the wire); a UDP
+/// checksum of 0 ("none") stays 0.
 #[inline(always)]
 pub(crate) fn rewrite(ctx: &XdpContext, pkt: &Packet, src: End, dst: End, hop: &Hop) -> Result<(), DropReason> {
     let [ttl, proto]: [u8; 2] = read(ctx, IP_TTL)?;

@@ -14,7 +14,7 @@ use proxy_common::{
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, SERVICES, SOURCE_RANGES},
+    maps::{BACKENDS, CLUSTER_SCOPE, DEVICES, SERVICES, SOURCE_RANGES},
     parse::{IcmpError, Packet},
 };
 
@@ -80,6 +80,33 @@ pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
     SERVICES.get_ptr(*key).map(|svc| unsafe { core::ptr::read(svc) })
 }
 
+/// The frontend `key` names as a pod or a process of this node sees it
+/// (see [`in_cluster`]).
+#[inline(always)]
+pub(crate) fn service_in_cluster(key: &ServiceKey) -> Option<ServiceValue> {
+    service(key).map(in_cluster)
+}
+
+/// `svc` as a pod or a process of this node sees it: a Local policy's
+/// frontend serves them from every endpoint (kube-proxy's "pod traffic"
+/// and "LOCAL traffic" rules), outside clients from this node's alone.
+#[inline(always)]
+fn in_cluster(svc: ServiceValue) -> ServiceValue {
+    if svc.flags & flags::LOCAL == 0 {
+        return svc;
+    }
+    let Some(cluster) = CLUSTER_SCOPE.get_ptr(svc.id) else { return svc };
+    // The frontend keeps its own id and kind: only the backends change.
+    let cluster = unsafe { core::ptr::read(cluster) };
+    ServiceValue {
+        backend_set: cluster.backend_set,
+        backend_count: cluster.backend_count,
+        terminating_count: cluster.terminating_count,
+        flags: svc.flags & !flags::DROP_WITHOUT_BACKEND,
+        ..svc
+    }
+}
+
 /// The backend in `slot` of `svc`'s set.
 #[inline(always)]
 pub(crate) fn backend_at(svc: &ServiceValue, slot: u32) -> Option<Backend> {
@@ -128,16 +155,21 @@ pub(crate) fn icmp_to_backend(err: &IcmpError) -> Option<CtEntry> {
     conntrack::backend_of(&FlowKey::service(q.dst, q.dst_port, q.src, q.src_port, q.proto), conntrack::now())
 }
 
-/// Where a packet a pod sent goes: to a backend when it is (or starts) a
-/// flow to a Service frontend.
+/// Where a packet that came in on interface `ifindex` goes: to a backend
+/// when it is (or starts) a flow to a Service frontend.
 #[inline(always)]
-pub(crate) fn request(pkt: &Packet) -> Result<Lookup, DropReason> {
-    let Some(svc) = service(&ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 }) else {
+pub(crate) fn request(pkt: &Packet, ifindex: u32) -> Result<Lookup, DropReason> {
+    let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
+    let Some(mut svc) = service(&key) else {
         if pkt.fragment != Fragment::Later {
             conntrack::forget_direct(pkt);
         }
         return Ok(Lookup::NotService);
     };
+    // Every interface but the node's devices is a pod's.
+    if svc.flags & flags::LOCAL != 0 && unsafe { DEVICES.get(&ifindex) }.is_none() {
+        svc = in_cluster(svc);
+    }
     to_frontend(pkt, &svc)
 }
 

@@ -188,7 +188,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         }
         Seen::Done(verdict) => return Ok(verdict),
     };
-    match lookup::request(&pkt)? {
+    match lookup::request(&pkt, ifindex(ctx))? {
         Lookup::ToBackend(backend, frontend, _) => {
             translate::forward(ctx, &pkt, &backend)?;
             if pkt.fragment == Fragment::First {

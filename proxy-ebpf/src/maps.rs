@@ -3,6 +3,7 @@
 //! grow by megabytes with every CPU (see proxy-common's maps docs).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
@@ -10,7 +11,8 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
+        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX,
+        DEFAULT_DEVICES_MAX,
         DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry,
         FragmentKey, FragmentPorts, NatAddress, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey,
         Traffic,
@@ -19,6 +21,11 @@ use proxy_common::{
 
 #[map]
 pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+/// Few entries, so not preallocated (unlike the service map).
+#[map]
+pub(crate) static CLUSTER_SCOPE: HashMap<u32, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_CLUSTER_SCOPES_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub(crate) static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::with_max_entries(DEFAULT_SOURCE_RANGES_MAX, 0);

@@ -18,6 +18,7 @@ use aya_ebpf::programs::XdpContext;
 use proxy_common::{
     conntrack::FlowKey,
     counters::{Counter, DropReason},
+    ipv4::MIN_HLEN,
     maps::{ServiceKey, hook, kind},
 };
 
@@ -75,7 +76,7 @@ fn request(ctx: &XdpContext, ingress: u32, pkt: &Packet) -> Result<Outcome, Drop
         return Ok(Outcome::Pass);
     }
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    let total_len = pkt.l4_len + 20;
+    let total_len = pkt.l4_len + MIN_HLEN;
     let (hop, nat) = match start {
         Start::New => {
             let routed = fib::route(ctx, ingress, pkt.proto, total_len, None, backend.addr)
@@ -107,6 +108,7 @@ fn request(ctx: &XdpContext, ingress: u32, pkt: &Packet) -> Result<Outcome, Drop
             (hop, nat)
         }
     };
+    // A tracked flow's route may have moved to a device XDP cannot send from.
     if !may_leave_by(hop.ifindex, ingress) {
         return Err(DropReason::NoRoute);
     }
@@ -126,7 +128,7 @@ fn reply(ctx: &XdpContext, ingress: u32, pkt: &Packet, key: &FlowKey, client: En
         nat::forget_reply(key);
         return Ok(Outcome::Pass);
     };
-    let total_len = pkt.l4_len + 20;
+    let total_len = pkt.l4_len + MIN_HLEN;
     let hop: Hop = match fib::route(ctx, ingress, pkt.proto, total_len, Some(frontend.addr), client.addr) {
         Some((hop, _)) if may_leave_by(hop.ifindex, ingress) => hop,
         _ => return Err(DropReason::NoRoute),

@@ -222,7 +222,8 @@ fn set_user_address(ctx: &SockAddrContext, family: Family, addr: [u8; 4], port: 
 fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result<(), Refusal> {
     let Some(proto) = protocol(ctx) else { return Ok(()) };
     let Some((vip, vip_port)) = user_address(ctx, family) else { return Ok(()) };
-    let Some(svc) = lookup::service(&ServiceKey { addr: vip, port: vip_port, proto, _pad: 0 }) else {
+    // Sockets are pods' and the node's own: every endpoint serves them.
+    let Some(svc) = lookup::service_in_cluster(&ServiceKey { addr: vip, port: vip_port, proto, _pad: 0 }) else {
         return Ok(());
     };
     if svc.backend_count == 0 {

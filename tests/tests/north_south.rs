@@ -223,6 +223,10 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     // No backend on node 0: dropped there, served on node 1.
     assert!(dropped(outside, at(node0, 30082)), "a Local policy Service with no endpoint here is dropped");
     assert_eq!(ask(outside, at(node1, 30082)).unwrap(), format!("web-1 {outside_ip}"));
+    // Pods and the node's own processes are served by every endpoint, as
+    // with kube-proxy: the Local policy is for traffic from outside.
+    assert!(ask_on(on0, client, at(node0, 30082)).starts_with("web-1 "), "a pod reaching a Local node port");
+    assert!(ask_on(on0, &on0.ns, at(node0, 30082)).starts_with("web-1 "), "the node reaching a Local node port");
     // Load balancers ask each node whether it has endpoints.
     let (status, body) = health(outside, at(node0, 32081));
     assert_eq!(status, 200);

@@ -244,10 +244,14 @@ fn measure_mode(cfg: &Config, mode: &str, work: &Path) -> anyhow::Result<PacketR
             agents.push(agent);
         }
     }
-    // Node 0 learns node 1's MAC now: its wire drops what it sends from here on.
-    let node1_mac = mac(&node1.ns, "eth0")?.map(|b| format!("{b:02x}")).join(":");
-    node0.ns.exec(&["ip", "neigh", "replace", &node1.address().to_string(), "lladdr", &node1_mac, "dev", "eth0", "nud", "permanent"])?;
+    // Node 0 learns its neighbours' MACs now (node 1, the backend's next
+    // hop, and the router, the client's): its wire drops what it sends from
+    // here on, ARP included.
     let outside = cluster.outside();
+    for (addr, ns, dev) in [(node1.address(), &node1.ns, "eth0"), (Cluster::OUTSIDE, outside, "br0")] {
+        let lladdr = mac(ns, dev)?.map(|b| format!("{b:02x}")).join(":");
+        node0.ns.exec(&["ip", "neigh", "replace", &addr.to_string(), "lladdr", &lladdr, "dev", "eth0", "nud", "permanent"])?;
+    }
     let wire = "ul0";
     receive_on(&node0.ns, "eth0", SERVER_CPU)?;
     node0.set_wire(Verdict::Drop)?;

@@ -19,6 +19,8 @@ pub struct FakeMaps {
     pub backends: BTreeMap<BackendKey, Backend>,
     /// (frontend id, range) pairs of the source range map.
     pub source_ranges: BTreeSet<(u32, Cidr)>,
+    /// Frontend id -> cluster-wide scope, under a Local policy.
+    pub cluster_scope: BTreeMap<u32, ServiceValue>,
     pub services_max: usize,
     pub backends_max: usize,
     /// Frontend ids whose traffic counts were forgotten, in order.
@@ -74,6 +76,16 @@ impl ServiceMaps for FakeMaps {
 
     fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
         self.source_ranges.insert((id, range));
+        Ok(())
+    }
+
+    fn set_cluster_scope(&mut self, id: u32, value: ServiceValue) -> Result<(), MapIoError> {
+        self.cluster_scope.insert(id, value);
+        Ok(())
+    }
+
+    fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError> {
+        self.cluster_scope.remove(&id);
         Ok(())
     }
 
@@ -144,6 +156,16 @@ impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
     fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
         self.write()?;
         self.inner.remove_source_range(id, range)
+    }
+
+    fn set_cluster_scope(&mut self, id: u32, value: ServiceValue) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.set_cluster_scope(id, value)
+    }
+
+    fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.remove_cluster_scope(id)
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

@@ -325,6 +325,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
             let map = ebpf.take_map(abi::SOURCE_RANGES).ok_or_else(|| missing(abi::SOURCE_RANGES))?;
             aya::maps::LpmTrie::try_from(map).map_err(|e| wrong_type(abi::SOURCE_RANGES, e))?
         },
+        cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE)?,
         ct_any: take_hash(&mut ebpf, abi::CT_ANY)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,

@@ -48,6 +48,9 @@ pub trait ServiceMaps: Send {
     /// Lets clients in `range` reach frontend `id` (which has source ranges).
     fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError>;
     fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError>;
+    /// The cluster-wide scope of frontend `id`, under a Local policy.
+    fn set_cluster_scope(&mut self, id: u32, value: ServiceValue) -> Result<(), MapIoError>;
+    fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError>;
     /// Forgets traffic counts of a frontend (`backends: None`: all of them,
     /// its id is being freed) or of some of its backends. Best effort: the
     /// counts are statistics.
@@ -80,6 +83,7 @@ pub struct AyaMaps {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub(super) backends: HashMap<MapData, BackendKey, Backend>,
     pub(super) source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub(super) cluster_scope: HashMap<MapData, u32, ServiceValue>,
     /// The per-packet path's non-TCP flows (TCP flows are never forgotten).
     pub(super) ct_any: HashMap<MapData, FlowKey, CtEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
@@ -87,6 +91,15 @@ pub struct AyaMaps {
     /// Where the socket hooks serve processes, if they are on.
     pub(super) cgroup: Option<std::path::PathBuf>,
     pub(super) traffic: TrafficMaps,
+}
+
+/// A removal that found nothing to remove did its job.
+fn absent_is_removed(result: Result<(), MapError>) -> Result<(), MapIoError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(io_error(e)),
+    }
 }
 
 impl ServiceMaps for AyaMaps {
@@ -115,11 +128,15 @@ impl ServiceMaps for AyaMaps {
     }
 
     fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
-        match self.source_ranges.remove(&source_range_key(id, range)) {
-            Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(io_error(e)),
-        }
+        absent_is_removed(self.source_ranges.remove(&source_range_key(id, range)))
+    }
+
+    fn set_cluster_scope(&mut self, id: u32, value: ServiceValue) -> Result<(), MapIoError> {
+        self.cluster_scope.insert(id, value, 0).map_err(io_error)
+    }
+
+    fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError> {
+        absent_is_removed(self.cluster_scope.remove(&id))
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

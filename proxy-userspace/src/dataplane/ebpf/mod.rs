@@ -72,7 +72,7 @@ struct ExternalEntry {
 fn external_entries(f: &Frontend, node_addresses: &[Ipv4Addr]) -> Vec<ExternalEntry> {
     let Some(ext) = f.external.as_deref() else { return Vec::new() };
     let proto = f.key.protocol.number();
-    let mut policy = if ext.local_only { 0 } else { flags::MASQUERADE };
+    let mut policy = if ext.local_only { flags::LOCAL } else { flags::MASQUERADE };
     if ext.local_only && !f.backends.is_empty() {
         // Endpoints elsewhere but none here: dropped, as kube-proxy does.
         policy |= flags::DROP_WITHOUT_BACKEND;
@@ -350,6 +350,25 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         } else {
             None
         };
+        // Pods and node processes reach a Local policy's frontends through
+        // every endpoint: the cluster-wide set, written before the entries
+        // that point there.
+        let scope = ServiceValue {
+            id,
+            backend_set: set,
+            backend_count: f.backends.len() as u32,
+            terminating_count: f.terminating.len() as u32,
+            kind: service_kind(f.service_type),
+            flags: 0,
+            _pad: [0; 2],
+        };
+        if local_only {
+            self.maps.set_cluster_scope(id, scope).map_err(map_error(
+                proxy_common::maps::CLUSTER_SCOPE,
+                proxy_common::maps::DEFAULT_CLUSTER_SCOPES_MAX,
+                "(fewer Services with externalTrafficPolicy: Local)",
+            ))?;
+        }
         let mut written = Vec::new();
         let mut failed = None;
         for entry in &wanted {
@@ -401,6 +420,12 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             if let Err(e) = self.maps.remove_source_range(id, *range) {
                 tracing::warn!(error = %e, "could not remove a source range");
             }
+        }
+        if old_local.is_some()
+            && !local_only
+            && let Err(e) = self.maps.remove_cluster_scope(id)
+        {
+            tracing::warn!(error = %e, "could not remove a cluster-wide scope; unused until the id is reused");
         }
         failed.map_or(Ok(()), Err)
     }
@@ -492,6 +517,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if let Some((local_set, slots)) = outside.local {
             self.retiring.push((local_set, slots));
             self.slots_used -= u64::from(slots);
+            if let Err(e) = self.maps.remove_cluster_scope(id) {
+                tracing::warn!(error = %e, "could not remove a cluster-wide scope; unused until the id is reused");
+            }
         }
         for range in outside.ranges {
             if let Err(e) = self.maps.remove_source_range(id, range) {

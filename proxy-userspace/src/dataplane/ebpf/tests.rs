@@ -204,13 +204,17 @@ fn external_frontends_share_the_id_and_carry_their_policy() {
     assert_ne!(v.flags & flags::DROP_WITHOUT_BACKEND, 0);
     assert_eq!(dp.maps().backends_of(&v).iter().map(|b| b.addr[3]).collect::<Vec<_>>(), [2]);
     assert_eq!(serving(dp.maps(), &local), [1, 2], "the ClusterIP keeps every endpoint");
+    // Pods and node processes reach it through every endpoint.
+    assert_ne!(v.flags & flags::LOCAL, 0);
+    let scope = dp.maps().cluster_scope[&id];
+    assert_eq!(scope, dp.maps().services[&service_key(&local.key)], "the ClusterIP's own backends");
 
     // No longer reached from outside: the external frontends, ranges and local set go.
     let plain = fe(1, 80, &[1, 2]);
     assert!(upsert(&mut dp, &plain).is_empty());
     dp.apply(&[], &Desired::new());
     assert_eq!(dp.maps().services.len(), 2, "the ClusterIP and its VIP marker: {:?}", dp.maps().services);
-    assert!(dp.maps().source_ranges.is_empty());
+    assert!(dp.maps().source_ranges.is_empty() && dp.maps().cluster_scope.is_empty());
     assert_eq!(dp.maps().backends.len(), 2, "only the ClusterIP's set is left");
 
     // Deleted with external frontends: nothing is left.
@@ -218,4 +222,5 @@ fn external_frontends_share_the_id_and_carry_their_policy() {
     dp.apply(&[Op::Delete(local.key)], &Desired::new());
     dp.apply(&[], &Desired::new());
     assert!(dp.maps().services.is_empty() && dp.maps().backends.is_empty() && dp.maps().source_ranges.is_empty());
+    assert!(dp.maps().cluster_scope.is_empty());
 }
