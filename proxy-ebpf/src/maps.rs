@@ -11,11 +11,10 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX,
-        DEFAULT_DEVICES_MAX,
-        DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry,
-        FragmentKey, FragmentPorts, NatAddress, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey,
-        Traffic,
+        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX,
+        DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX,
+        DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey, FragmentPorts, NatAddress,
+        ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic,
     },
 };
 

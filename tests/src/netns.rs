@@ -74,7 +74,8 @@ impl Netns {
     /// otherwise hands its peer a partial one, which XDP cannot tell).
     pub fn set_offload(&self, dev: &str, offload: Offload, on: bool) -> anyhow::Result<()> {
         let dev = dev.to_string();
-        self.run(move || ethtool_set(&dev, offload as u32, on))?.with_context(|| format!("setting {offload:?} on {}", self.name))
+        self.run(move || ethtool_set(&dev, offload as u32, on))?
+            .with_context(|| format!("setting {offload:?} on {}", self.name))
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {

@@ -325,9 +325,10 @@ fn xdp_falls_back_to_generic_where_the_driver_has_no_native_xdp() {
     assert_eq!(path_of("uplink").as_deref(), Some("xdp_native"), "{stats:#}");
     let metrics = SocketAddr::from(([127, 0, 0, 1], 10249));
     let (_, text) = node.ns.run(move || http_get(metrics, "/metrics", ANSWER)).unwrap().unwrap();
-    for line in
-        ["kpr_device_path{device=\"cbr0\",path=\"xdp_generic\"} 1", "kpr_device_path{device=\"uplink\",path=\"xdp_native\"} 1"]
-    {
+    for line in [
+        "kpr_device_path{device=\"cbr0\",path=\"xdp_generic\"} 1",
+        "kpr_device_path{device=\"uplink\",path=\"xdp_native\"} 1",
+    ] {
         assert!(text.contains(line), "{line} in:\n{text}");
     }
 }

@@ -5,20 +5,22 @@
 //! (to the pod address: plain routing, no proxy).
 //!
 //! Only node 0's forwarding is measured. A generator pinned to one CPU
-//! writes prebuilt 60-byte frames straight onto node 0's wire (a packet
-//! socket on the underlay's side of its veth); node 0's receive path runs
-//! in a NAPI thread pinned to the other CPU; what it forwards comes back
-//! over the same wire, where the underlay's XDP program drops it and the
-//! veth counts it. Taking frames off the wire runs on the receiving CPU
-//! too (a NIC's work on real hardware; a thread of its own on the other
-//! CPU cost more in wake-ups than it saved), and a veth copies every frame
-//! a socket made into a page of its own before XDP sees it (a NIC's DMA
-//! lands there directly), so the harness's share of each packet on the
-//! receiving CPU is what a program doing nothing but XDP_TX costs: about
-//! 0.7 µs here, against 0.87 µs for kpr's XDP path and 2.2 µs for iptables. Forwarded packets per second are that count over the
-//! run; the generator may be what limits it (it is for XDP here), so the
-//! receiving CPU's busy share is measured too, and forwarded packets per
-//! second over that share is the rate one CPU would forward at full load.
+//! writes prebuilt 60-byte frames of 64 flows straight onto node 0's wire
+//! (a packet socket on the underlay's side of its veth); node 0's receive
+//! path runs in a NAPI thread pinned to the other CPU; what it forwards
+//! comes back over the same wire, where the underlay's XDP program drops it
+//! and the veth counts it. Forwarded packets per second are that count over
+//! the run. The generator may be what limits it, so the receiving CPU's
+//! busy share is measured too: forwarded packets per second over that
+//! share is the rate one CPU forwards at full load.
+//!
+//! Taking frames off the wire runs on the receiving CPU too (a NIC's work
+//! on real hardware; a thread of its own on the other CPU cost more in
+//! wake-ups than it saved), and a veth copies every frame a socket made
+//! into a page of its own before XDP sees it (a NIC's DMA lands there
+//! directly), so the harness's share of each packet on the receiving CPU
+//! is what a program doing nothing but XDP_TX costs: about 0.7 µs here,
+//! against 0.87 µs for kpr's XDP path and 2.2 µs for iptables.
 
 use std::{
     net::Ipv4Addr,
@@ -250,7 +252,18 @@ fn measure_mode(cfg: &Config, mode: &str, work: &Path) -> anyhow::Result<PacketR
     let outside = cluster.outside();
     for (addr, ns, dev) in [(node1.address(), &node1.ns, "eth0"), (Cluster::OUTSIDE, outside, "br0")] {
         let lladdr = mac(ns, dev)?.map(|b| format!("{b:02x}")).join(":");
-        node0.ns.exec(&["ip", "neigh", "replace", &addr.to_string(), "lladdr", &lladdr, "dev", "eth0", "nud", "permanent"])?;
+        node0.ns.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &lladdr,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
     }
     let wire = "ul0";
     receive_on(&node0.ns, "eth0", SERVER_CPU)?;

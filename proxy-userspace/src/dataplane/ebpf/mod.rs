@@ -29,9 +29,9 @@ use std::{
 
 use load::PacketLinks;
 pub use load::{EBPF_OBJECT, FROM_POD, MapSizes, PACKET_PROGRAMS, SOCKET_PROGRAMS, TO_POD, Targets, load};
-pub use xdp::{XDP_PROGRAM, XdpMode};
 use maps::{AyaMaps, KeepEndpoints, MapIoError, ServiceMaps};
 use proxy_common::maps::{BACKEND_ACTIVE, Backend, BackendKey, ServiceKey, ServiceValue, flags, kind};
+pub use xdp::{XDP_PROGRAM, XdpMode};
 
 use super::{ApplyError, DatapathStats, Dataplane, DataplaneError, Desired, Mode};
 use crate::{

@@ -38,7 +38,9 @@ impl XdpMode {
     /// The attachments to try, in order, with the path each gives.
     fn attempts(self) -> &'static [(aya::programs::XdpMode, u8)] {
         match self {
-            XdpMode::Native => &[(aya::programs::XdpMode::Driver, hook::XDP_NATIVE), (aya::programs::XdpMode::Skb, hook::XDP_GENERIC)],
+            XdpMode::Native => {
+                &[(aya::programs::XdpMode::Driver, hook::XDP_NATIVE), (aya::programs::XdpMode::Skb, hook::XDP_GENERIC)]
+            }
             XdpMode::Generic => &[(aya::programs::XdpMode::Skb, hook::XDP_GENERIC)],
             XdpMode::Off => &[],
         }
@@ -51,7 +53,8 @@ pub fn load(ebpf: &mut Ebpf, mode: XdpMode) -> XdpMode {
     if mode == XdpMode::Off {
         return mode;
     }
-    let loaded = loader::program::<Xdp>(ebpf, XDP_PROGRAM).and_then(|p| p.load().map_err(loader::load_error(XDP_PROGRAM)));
+    let loaded =
+        loader::program::<Xdp>(ebpf, XDP_PROGRAM).and_then(|p| p.load().map_err(loader::load_error(XDP_PROGRAM)));
     match loaded {
         Ok(()) => mode,
         Err(e) => {
@@ -107,10 +110,9 @@ impl Devices {
         let (link, path) = outcome;
         self.attached.insert(name.to_string(), (index, link));
         tracing::info!(device = %name, path = crate::inspect::path_name(path), "traffic from outside enters here");
-        self.paths.insert(index, path, 0).map_err(|e| DataplaneError::MapWrite {
-            map: proxy_common::maps::DEVICES,
-            reason: e.to_string(),
-        })
+        self.paths
+            .insert(index, path, 0)
+            .map_err(|e| DataplaneError::MapWrite { map: proxy_common::maps::DEVICES, reason: e.to_string() })
     }
 
     /// Forgets devices gone from `present` (their XDP went with them).
