@@ -197,6 +197,9 @@ pub mod hook {
     pub const XDP_GENERIC: u8 = 1;
     pub const TC_INGRESS: u8 = 2;
     pub const TC_EGRESS: u8 = 3;
+    /// What the XDP program counts under: it does not know its mode, the
+    /// agent does (the device's [`super::DEVICES`] entry names it).
+    pub const XDP: u8 = 4;
 
     pub const fn name(hook: u8) -> &'static str {
         match hook {
@@ -204,6 +207,7 @@ pub mod hook {
             XDP_GENERIC => "xdp_generic",
             TC_INGRESS => "tc_ingress",
             TC_EGRESS => "tc_egress",
+            XDP => "xdp",
             _ => "unknown",
         }
     }
@@ -214,7 +218,7 @@ pub mod hook {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceKey {
     pub ifindex: u32,
-    /// One of [`hook`] (XDP is counted under the mode the agent attached it in).
+    /// One of [`hook`]: `TC_INGRESS`, `TC_EGRESS` or `XDP`.
     pub hook: u8,
     pub _pad: [u8; 3],
 }

@@ -50,7 +50,6 @@ use proxy_common::{
 use crate::{
     counters::{DeviceEvent, count, count_device, count_traffic_via},
     lookup::{Lookup, is_vip},
-    maps::DEVICES,
     nodeport::Outcome,
     parse::{IcmpError, Packet, Parsed},
 };
@@ -92,8 +91,8 @@ pub(crate) fn kpr_xdp(ctx: XdpContext) -> u32 {
     if matches!(outcome, Ok(Outcome::Pass)) {
         return xdp_action::XDP_PASS;
     }
-    // The mode the agent attached the program in, counted as its hook.
-    let hook = unsafe { DEVICES.get(&ingress) }.copied().unwrap_or(hook::XDP_NATIVE);
+    // Counted as XDP: the agent, which attached it, knows in which mode.
+    let hook = hook::XDP;
     match outcome {
         Ok(Outcome::Forward { ifindex, reply }) => {
             let event = if reply { DeviceEvent::ReverseTranslated } else { DeviceEvent::Translated };

@@ -102,16 +102,13 @@ fn request(ctx: &XdpContext, ingress: u32, pkt: &Packet) -> Result<Outcome, Drop
         Start::Tracked => {
             // A flow the stack carries from its start stays there.
             let Some(nat) = nat::of_flow(&flow) else { return Ok(Outcome::Pass) };
-            let Some((hop, _)) = fib::route(ctx, ingress, pkt.proto, total_len, Some(nat.addr), backend.addr) else {
-                return Err(DropReason::NoRoute);
-            };
-            (hop, nat)
+            // Its route may have gone, or moved to a device XDP cannot send from.
+            match fib::route(ctx, ingress, pkt.proto, total_len, Some(nat.addr), backend.addr) {
+                Some((hop, _)) if may_leave_by(hop.ifindex, ingress) => (hop, nat),
+                _ => return Err(DropReason::NoRoute),
+            }
         }
     };
-    // A tracked flow's route may have moved to a device XDP cannot send from.
-    if !may_leave_by(hop.ifindex, ingress) {
-        return Err(DropReason::NoRoute);
-    }
     let src = End { addr: nat.addr, port: nat.port };
     frame::rewrite(ctx, pkt, src, End { addr: backend.addr, port: backend.port }, &hop)?;
     count(Counter::Translated, ());

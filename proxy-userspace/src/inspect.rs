@@ -279,7 +279,13 @@ impl Maps {
         for (key, per_cpu) in self.device_counts.iter().filter_map(Result::ok) {
             let mut sum = HookCounts::default();
             per_cpu.iter().for_each(|c| sum.add(c));
-            at(&mut by_index, key.ifindex).hooks.insert(hook::name(key.hook).to_string(), sum);
+            let device = at(&mut by_index, key.ifindex);
+            // XDP is named by the mode the agent attached it in.
+            let name = match (key.hook, device.path.as_deref()) {
+                (hook::XDP, Some(path)) if path.starts_with("xdp") => path.to_string(),
+                (other, _) => hook::name(other).to_string(),
+            };
+            device.hooks.insert(name, sum);
         }
         by_index.into_values().collect()
     }

@@ -61,6 +61,20 @@ pub fn selected<'a>(patterns: &[String], present: &'a BTreeMap<String, u32>) -> 
         .collect()
 }
 
+/// Takes out of `attached` (name -> index and what was attached there) the
+/// interfaces gone from `present`, or present under another index (recreated).
+pub fn take_gone<T>(
+    attached: &mut BTreeMap<String, (u32, T)>,
+    present: &BTreeMap<String, u32>,
+) -> Vec<(String, u32, T)> {
+    let gone: Vec<String> = attached
+        .iter()
+        .filter(|(name, (index, _))| present.get(*name) != Some(index))
+        .map(|(n, _)| n.clone())
+        .collect();
+    gone.into_iter().filter_map(|name| attached.remove(&name).map(|(index, t)| (name, index, t))).collect()
+}
+
 /// The interfaces holding a default route in `route` (the text of
 /// `/proc/net/route`): where traffic from other nodes and outside enters.
 pub fn default_route_interfaces(route: &str) -> Vec<String> {
@@ -151,6 +165,16 @@ cbr0\t0000F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
 ";
         assert_eq!(default_route_interfaces(route), ["eth0"]);
         assert!(default_route_interfaces("Iface\tDestination\n").is_empty());
+    }
+
+    #[test]
+    fn interfaces_gone_or_recreated_are_taken_out() {
+        let present: BTreeMap<String, u32> = [("eth0", 2), ("veth1", 9)].map(|(n, i)| (n.to_string(), i)).into();
+        let mut attached: BTreeMap<String, (u32, char)> =
+            [("eth0", (2, 'a')), ("veth0", (3, 'b')), ("veth1", (4, 'c'))].map(|(n, v)| (n.to_string(), v)).into();
+        let gone = take_gone(&mut attached, &present);
+        assert_eq!(gone, [("veth0".to_string(), 3, 'b'), ("veth1".to_string(), 4, 'c')]);
+        assert_eq!(attached.keys().collect::<Vec<_>>(), ["eth0"]);
     }
 
     #[test]

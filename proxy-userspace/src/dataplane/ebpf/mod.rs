@@ -58,6 +58,20 @@ fn service_kind(t: ServiceType) -> u8 {
     }
 }
 
+/// The ClusterIP entry of `f` (frontend `id`, backend set `set`): every
+/// ready endpoint, for anyone. A Local policy's cluster-wide scope is the same.
+fn cluster_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
+    ServiceValue {
+        id,
+        backend_set: set,
+        backend_count: f.backends.len() as u32,
+        terminating_count: f.terminating.len() as u32,
+        kind: service_kind(f.service_type),
+        flags: 0,
+        _pad: [0; 2],
+    }
+}
+
 /// One way into a Service port from outside: a SERVICES key of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ExternalEntry {
@@ -353,17 +367,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         // Pods and node processes reach a Local policy's frontends through
         // every endpoint: the cluster-wide set, written before the entries
         // that point there.
-        let scope = ServiceValue {
-            id,
-            backend_set: set,
-            backend_count: f.backends.len() as u32,
-            terminating_count: f.terminating.len() as u32,
-            kind: service_kind(f.service_type),
-            flags: 0,
-            _pad: [0; 2],
-        };
         if local_only {
-            self.maps.set_cluster_scope(id, scope).map_err(map_error(
+            self.maps.set_cluster_scope(id, cluster_value(f, id, set)).map_err(map_error(
                 proxy_common::maps::CLUSTER_SCOPE,
                 proxy_common::maps::DEFAULT_CLUSTER_SCOPES_MAX,
                 "(fewer Services with externalTrafficPolicy: Local)",
@@ -448,16 +453,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         let set = self.write_set(&new)?;
         let id = old_id.unwrap_or_else(|| self.service_ids.peek());
-        let value = ServiceValue {
-            id,
-            backend_set: set,
-            backend_count: f.backends.len() as u32,
-            terminating_count: f.terminating.len() as u32,
-            kind: service_kind(f.service_type),
-            flags: 0,
-            _pad: [0; 2],
-        };
-        if let Err(e) = self.maps.set_service(key, value) {
+        if let Err(e) = self.maps.set_service(key, cluster_value(f, id, set)) {
             self.free_set(set, new.len());
             return Err(self.services_error()(e));
         }
@@ -557,17 +553,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         // Not listed this time: nothing is judged gone.
         let Some(present) = links::interfaces() else { return };
-        let gone: Vec<String> = self
-            .attached
-            .iter()
-            .filter(|(name, (index, _))| present.get(*name) != Some(index))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in gone {
-            if let Some((_, link)) = self.attached.remove(&name) {
-                load::release_classifier(ebpf, link);
-                tracing::info!(iface = %name, "interface gone; forgotten");
-            }
+        for (name, _, link) in links::take_gone(&mut self.attached, &present) {
+            load::release_classifier(ebpf, link);
+            tracing::info!(iface = %name, "interface gone; forgotten");
         }
         if let Some(devices) = self.node_devices.as_mut() {
             devices.forget_gone(ebpf, &present);

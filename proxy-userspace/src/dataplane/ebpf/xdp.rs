@@ -117,14 +117,7 @@ impl Devices {
 
     /// Forgets devices gone from `present` (their XDP went with them).
     pub fn forget_gone(&mut self, ebpf: &mut Ebpf, present: &BTreeMap<String, u32>) {
-        let gone: Vec<String> = self
-            .attached
-            .iter()
-            .filter(|(name, (index, _))| present.get(*name) != Some(index))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            let Some((index, link)) = self.attached.remove(&name) else { continue };
+        for (name, index, link) in links::take_gone(&mut self.attached, present) {
             if let Some(link) = link
                 && let Ok(program) = loader::program::<Xdp>(ebpf, XDP_PROGRAM)
                 && let Err(e) = program.detach(link)
