@@ -35,6 +35,13 @@ pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 /// show instead of the backend (LRU, sized like conntrack).
 pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 
+/// Socket-level load balancing of a frontend with source ranges: a socket
+/// given one of its backends -> [`SockFence`], so the socket's packets to
+/// that backend are checked against the ranges as they leave (the hooks
+/// that choose run before the kernel picks the socket's source address).
+/// Socket storage: it lives and dies with its socket; not pinned.
+pub const SOCK_FENCE: &str = "SOCK_FENCE";
+
 /// The ports of a fragmented datagram, learned from its first fragment
 /// (the only one holding the L4 header), so its later fragments are
 /// translated like it (LRU, as Cilium's IPV4_FRAGMENTS).
@@ -424,6 +431,18 @@ impl SockKey {
     }
 }
 
+/// Value of [`SOCK_FENCE`]: the frontend whose source ranges a socket's
+/// packets to `addr:port` (`proto`) must come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockFence {
+    pub frontend_id: u32,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -463,6 +482,7 @@ mod tests {
         assert_eq!(size_of::<ForwardEntry>(), 12);
         assert_eq!(align_of::<ForwardEntry>(), 4);
         assert_eq!(size_of::<ReverseEntry>(), 12);
+        assert_eq!(size_of::<SockFence>(), 12);
         assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
         assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);

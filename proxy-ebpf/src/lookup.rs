@@ -58,10 +58,13 @@ impl Frontend {
 /// source ranges and none holds the client.
 #[inline(always)]
 fn source_allowed(svc: &ServiceValue, client: [u8; 4]) -> bool {
-    if svc.flags & flags::SOURCE_RANGES == 0 {
-        return true;
-    }
-    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { id: svc.id.to_be_bytes(), addr: client });
+    svc.flags & flags::SOURCE_RANGES == 0 || in_source_ranges(svc.id, client)
+}
+
+/// Whether one of the source ranges of the frontend `id` holds `client`.
+#[inline(always)]
+pub(crate) fn in_source_ranges(id: u32, client: [u8; 4]) -> bool {
+    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { id: id.to_be_bytes(), addr: client });
     SOURCE_RANGES.get(&key).is_some()
 }
 

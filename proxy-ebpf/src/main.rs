@@ -1,5 +1,6 @@
 //! kpr's datapath: cgroup socket hooks that give sockets a Service's
-//! backend when they connect or send (`sock`), TC programs on the node
+//! backend when they connect or send (`sock`) and check the source ranges
+//! of the frontends that have them as the socket's packets leave (`fence`), TC programs on the node
 //! side of pod interfaces and on the node's devices that translate Service
 //! VIPs to endpoints per packet and replies back, and an XDP program on the
 //! devices that forwards traffic from outside to other nodes (`nodeport`).
@@ -22,6 +23,7 @@
 
 mod conntrack;
 mod counters;
+mod fence;
 mod fib;
 mod fragments;
 mod frame;

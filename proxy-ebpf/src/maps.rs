@@ -4,7 +4,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
@@ -14,7 +15,7 @@ use proxy_common::{
         Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX,
         DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX,
         DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey, FragmentPorts, NatAddress,
-        ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic,
+        ReverseEntry, ServiceKey, ServiceValue, SockFence, SockKey, SourceRangeKey, Traffic,
     },
 };
 
@@ -61,6 +62,10 @@ pub(crate) static SOCK_AFFINITY: LruHashMap<SockKey, ForwardEntry> =
 #[map]
 pub(crate) static SOCK_REVERSE: LruHashMap<SockKey, ReverseEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// Socket storage, so a BTF map (the kernel wants its types).
+#[btf_map]
+pub(crate) static SOCK_FENCE: SkStorage<SockFence> = SkStorage::new();
 
 #[map]
 pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatAddress> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);

@@ -18,13 +18,13 @@ use aya_ebpf::{
 };
 use proxy_common::{
     counters::{Counter, DropReason},
-    maps::{ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey, SockKey},
+    maps::{Backend, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey, SockFence, SockKey, flags},
 };
 
 use crate::{
     counters::count,
     lookup,
-    maps::{SOCK_AFFINITY, SOCK_REVERSE},
+    maps::{SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE},
 };
 
 /// What the hook tells the kernel: go on (with the address as rewritten), or fail the call.
@@ -247,8 +247,27 @@ fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result
     if SOCK_REVERSE.insert(SockKey::new(cookie, backend.addr, backend.port, proto), reverse, 0).is_err() {
         return Err(Refusal::Drop(DropReason::ConntrackFailed));
     }
+    if svc.flags & flags::SOURCE_RANGES != 0 {
+        fence(ctx, svc.id, &backend, proto)?;
+    }
     set_user_address(ctx, family, backend.addr, backend.port);
     count(Counter::SocketTranslated, ());
+    Ok(())
+}
+
+/// Marks the socket as sending to `backend` for the frontend `id`, whose
+/// source ranges it must be in: the kernel chooses the source address only
+/// after this hook, so the check waits for the packets (see `fence`).
+#[inline(always)]
+fn fence(ctx: &SockAddrContext, id: u32, backend: &Backend, proto: u8) -> Result<(), Refusal> {
+    let mut mark = SockFence { frontend_id: id, addr: backend.addr, port: backend.port, proto, _pad: 0 };
+    // The socket's storage, created with `mark` if it had none.
+    let stored = unsafe { SOCK_FENCE.get_or_insert_ptr_mut(ctx, Some(&mut mark)) };
+    if stored.is_null() {
+        // Unchecked would let every source through: refuse instead.
+        return Err(Refusal::Drop(DropReason::ConntrackFailed));
+    }
+    unsafe { core::ptr::write(stored, mark) };
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{http_get, probe_answer, tcp_request, udp_request},
+    client::{http_get, probe, probe_answer, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape, pod_ip},
     kpr::{self, Kpr, Mode},
     manifests::write,
@@ -27,6 +27,8 @@ const DROPPED: Duration = Duration::from_millis(800);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const LB_OPEN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const LB_FENCED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
+/// A load balancer IP open to node 1's pods only.
+const LB_NODE1_PODS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
 /// A Service of `kind` whose endpoints are `(ip, node)`, with the extra
 /// spec fields given, ports 80/TCP -> 8080 (node port `np`) and 53/UDP -> 5353 (`np` - 1000).
@@ -62,6 +64,14 @@ fn ask(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
 /// the node's cgroup as every process there is).
 fn ask_on(node: &ClusterNode, ns: &Netns, addr: SocketAddr) -> String {
     probe_answer(std::path::Path::new(PROBE), ns, &node.cgroup, "tcp", addr).unwrap()
+}
+
+/// Whether a `kind` request (see `kpr-probe`) from a process of `node` goes
+/// unanswered: timed out, neither refused nor failed at once.
+fn dropped_on(node: &ClusterNode, ns: &Netns, kind: &str, addr: SocketAddr) -> bool {
+    const EAGAIN: i32 = 11;
+    let p = probe(std::path::Path::new(PROBE), ns, &node.cgroup, kind, addr).unwrap();
+    p.reply.is_none() && matches!(p.errno, None | Some(EAGAIN))
 }
 
 fn dropped(ns: &Netns, addr: SocketAddr) -> bool {
@@ -105,6 +115,7 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     cluster.add_pod(0, "web-0", 11).unwrap();
     cluster.add_pod(1, "web-1", 11).unwrap();
     cluster.add_pod(0, "client", 100).unwrap();
+    cluster.add_pod(1, "client", 100).unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for (node, pod) in [(0, "web-0"), (1, "web-1")] {
         let ns = &cluster.node(node).pod(pod).ns;
@@ -173,6 +184,18 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
                 30084,
                 "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.244.0.0/16]\n",
                 &format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_FENCED}}}]}}}}\n"),
+                &[web1],
+            ),
+        ),
+        // One open to node 1's pods only.
+        (
+            "node1-pods.yaml",
+            service(
+                "node1-pods",
+                "10.96.0.26",
+                30086,
+                "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.244.1.0/24]\n",
+                &format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_NODE1_PODS}}}]}}}}\n"),
                 &[web1],
             ),
         ),
@@ -245,6 +268,18 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     assert!(ask_on(on0, client, at(LB_OPEN, 80)).starts_with("web-1 "));
     // Source ranges: the outside is not in the fenced Service's range.
     assert!(dropped(outside, at(LB_FENCED, 80)), "a client outside loadBalancerSourceRanges is dropped");
+    // They hold for pods and the node's own processes too (in eBPF mode the
+    // socket hooks choose before the source is known, and the check waits
+    // for the packets): the pod network may reach the fenced Service, the
+    // node's address may not, and a pod outside a range is dropped, over
+    // TCP and UDP.
+    assert!(ask_on(on0, client, at(LB_FENCED, 80)).starts_with("web-1 "), "a pod inside the range");
+    assert!(dropped_on(on0, &on0.ns, "tcp", at(LB_FENCED, 80)), "the node, outside the range");
+    for (kind, port) in [("tcp", 80), ("udp", 53)] {
+        assert!(dropped_on(on0, client, kind, at(LB_NODE1_PODS, port)), "a pod outside the range, {kind}");
+    }
+    let on1 = cluster.node(1);
+    assert!(ask_on(on1, &on1.pod("client").ns, at(LB_NODE1_PODS, 80)).starts_with("web-1 "), "a pod inside it");
 
     // The backend on node 0 leaves the Local Service: node 0 drops, and says so.
     write(

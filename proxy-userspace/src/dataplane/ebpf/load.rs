@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, tc,
-        tc::SchedClassifierLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier,
+        TcAttachType, tc, tc::SchedClassifierLinkId,
     },
 };
 use proxy_common::maps as abi;
@@ -56,6 +56,10 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
 
 /// The hook that forgets a closing socket's reverse entry.
 pub const SOCKET_RELEASE_PROGRAM: &str = "kpr_sock_release";
+
+/// The cgroup's egress check of source ranges the socket hooks cannot make
+/// (they run before the kernel picks a socket's source address).
+pub const SOCKET_EGRESS_PROGRAM: &str = "kpr_sock_egress";
 
 /// Where the programs attach.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -231,6 +235,8 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneEr
     }
     let release: &mut CgroupSock = program(ebpf, SOCKET_RELEASE_PROGRAM)?;
     release.load().map_err(load_error(SOCKET_RELEASE_PROGRAM))?;
+    let egress: &mut CgroupSkb = program(ebpf, SOCKET_EGRESS_PROGRAM)?;
+    egress.load().map_err(load_error(SOCKET_EGRESS_PROGRAM))?;
     // A link (what aya makes on this kernel) takes no attach flags and
     // always runs beside other programs on the cgroup.
     for name in SOCKET_PROGRAMS {
@@ -241,6 +247,10 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneEr
     release
         .attach(&dir, CgroupAttachMode::Single)
         .map_err(|e| attach_error(SOCKET_RELEASE_PROGRAM, with_sources(&e)))?;
+    let egress: &mut CgroupSkb = program(ebpf, SOCKET_EGRESS_PROGRAM)?;
+    egress
+        .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+        .map_err(|e| attach_error(SOCKET_EGRESS_PROGRAM, with_sources(&e)))?;
     tracing::info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
     Ok(())
 }
