@@ -75,6 +75,11 @@ pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
 /// port, read by the socket hooks and the TC program on pod interfaces.
 pub const CLUSTER_SCOPE: &str = "CLUSTER_SCOPE";
 
+/// The version of the maps' layout: their keys, values and what they mean.
+/// Maps pinned by an agent of the same layout are reused by the next start;
+/// any change to a key, a value or its meaning must bump it.
+pub const LAYOUT: u32 = 1;
+
 /// Every map, in the order the inspection commands list them.
 pub const ALL_MAPS: [&str; 16] = [
     SERVICES,

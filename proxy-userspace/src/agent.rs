@@ -229,7 +229,9 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (bpf_root, state_dir) = (cfg.bpf_root.clone(), cfg.state_dir.clone());
     let after_sync = move |syncer: &mut Syncer<Box<dyn Dataplane>>, connected: bool| {
         if !taken_over {
-            // Only now that this dataplane serves, remove the other's leftovers.
+            // Only now that this dataplane serves, remove the other's leftovers
+            // and swap in this run's programs where the previous run's serve.
+            syncer.dataplane.serving();
             takeover::take_over(mode, &bpf_root);
             taken_over = true;
         }
@@ -257,7 +259,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     match mode {
         Mode::Ebpf => tracing::info!(
             pins = %proxy_userspace::inspect::pin_dir(&cfg.bpf_root).display(),
-            "detached from all interfaces; maps stay pinned for inspection until the next start or `kpr cleanup`; exiting"
+            "programs stay attached and maps pinned, so Services keep working until the next start (which takes \
+             them over) or `kpr cleanup`; exiting"
         ),
         // As kube-proxy: rules stay in place so Services keep working until
         // the next start (or `kpr cleanup`).

@@ -26,9 +26,14 @@ use crate::frontend::{Endpoint, FrontendKey, Protocol};
 /// Where bpffs is mounted on a node.
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf";
 
-/// kpr's own folder under the bpf root.
+/// kpr's own folder under the bpf root: everything it pins (`kpr cleanup` removes it).
 pub fn pin_dir(bpf_root: &Path) -> PathBuf {
     bpf_root.join("kpr")
+}
+
+/// Where the maps of this layout ([`proxy_common::maps::LAYOUT`]) are pinned.
+pub fn maps_dir(bpf_root: &Path) -> PathBuf {
+    pin_dir(bpf_root).join(format!("maps-v{}", proxy_common::maps::LAYOUT))
 }
 
 /// A programmed frontend as the maps hold it.
@@ -230,7 +235,7 @@ fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &str) -> Result<HashMap<MapDat
 impl Maps {
     /// Opens the maps the agent pinned under `bpf_root`.
     pub fn open_pinned(bpf_root: &Path) -> Result<Self, InspectError> {
-        let dir = pin_dir(bpf_root);
+        let dir = maps_dir(bpf_root);
         if !dir.join(abi::SERVICES).exists() {
             return Err(InspectError::NotPinned { dir, root: bpf_root.to_path_buf() });
         }

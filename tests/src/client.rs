@@ -171,3 +171,66 @@ pub fn probe_answer(
     anyhow::ensure!(p.peer == Some(addr.to_string()), "{kind}: the peer shown is not the VIP {addr}: {p:?}");
     p.reply.ok_or_else(|| anyhow::anyhow!("no reply"))
 }
+
+/// What a client that kept asking saw: requests answered and failed, with
+/// the first errors.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Tally {
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+}
+
+impl Tally {
+    pub fn count(&mut self, result: std::io::Result<String>) {
+        match result {
+            Ok(_) => self.ok += 1,
+            Err(e) => {
+                self.failed += 1;
+                if self.errors.len() < 5 {
+                    self.errors.push(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// A `kpr-probe tcp-every` process: a new connection and request every
+/// 10 ms from a process of `cgroup` (so the socket hooks serve it). Killed on drop.
+pub struct Repeating {
+    child: Option<std::process::Child>,
+}
+
+impl Repeating {
+    pub fn start(
+        bin: &std::path::Path,
+        ns: &crate::netns::Netns,
+        cgroup: &crate::cgroup::Cgroup,
+        addr: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let mut cmd = probe_command(bin, ns, cgroup, "tcp-every", addr)?;
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        Ok(Self { child: Some(cmd.spawn().context("starting kpr-probe")?) })
+    }
+
+    /// Stops asking; what it saw.
+    pub fn finish(mut self) -> anyhow::Result<Tally> {
+        use anyhow::Context as _;
+        let mut child = self.child.take().context("finished already")?;
+        // Closing stdin tells it to stop.
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("kpr-probe tcp-every said {:?}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+impl Drop for Repeating {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}

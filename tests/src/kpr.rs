@@ -180,9 +180,15 @@ impl Kpr {
 
     /// Sends SIGINT (what Ctrl-C sends) and waits for the exit.
     pub fn interrupt(&mut self) -> anyhow::Result<ExitStatus> {
+        self.stop(libc::SIGINT)
+    }
+
+    /// Sends `signal` (SIGTERM as a DaemonSet's rollout, SIGKILL as the
+    /// OOM killer) and waits for the exit.
+    pub fn stop(&mut self, signal: i32) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("kpr already stopped")?;
         // `ip netns exec` execs kpr, so the child's PID is kpr's own.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -191,7 +197,7 @@ impl Kpr {
             if Instant::now() > deadline {
                 child.kill().ok();
                 child.wait().ok();
-                bail!("kpr did not exit within 10 s of SIGINT:\n{}", self.log());
+                bail!("kpr did not exit within 10 s of signal {signal}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -184,22 +184,35 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     assert_eq!(json(&node, &["conntrack", "list"]).as_array().unwrap().len(), connections);
     let status = json(&node, &["status", &state]);
     assert_eq!(status["agent_running"], false);
-    assert!(status["attached"][&node.interfaces()[0]].as_array().unwrap().is_empty(), "detached: {status:#}");
+    // Its programs stay attached (pinned links), so Services keep working
+    // until the next start takes them over, or `kpr cleanup`.
+    let attached = status["attached"][&node.interfaces()[0]].as_array().unwrap().len();
+    assert_eq!(attached, 2, "still attached: {status:#}");
 
     // `kpr cleanup` removes the pins from the node's bpffs; the commands then say what is wrong.
-    let pins = || -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(node.bpf_root().join("kpr"))
+    let pins = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(node.bpf_root().join("kpr").join(dir))
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         names.sort();
         names
     };
+    let maps_dir = format!("maps-v{}", proxy_common::maps::LAYOUT);
     let mut all_maps = proxy_common::maps::ALL_MAPS.map(String::from).to_vec();
+    all_maps.push(proxy_common::maps::SOCK_FENCE.to_string());
     all_maps.sort();
-    assert_eq!(pins(), all_maps, "every map pinned while the agent is down");
+    assert_eq!(pins(&maps_dir), all_maps, "every map pinned while the agent is down");
+    let links = pins("links");
+    for iface in node.interfaces() {
+        for hook in ["ingress", "egress"] {
+            let pinned = links.iter().any(|l| l.starts_with("tc-") && l.ends_with(&format!("-{iface}-{hook}")));
+            assert!(pinned, "{iface} {hook}: {links:?}");
+        }
+    }
+    assert_eq!(links.iter().filter(|l| l.starts_with("cgroup-")).count(), 10, "the socket hooks: {links:?}");
     let root = format!("--bpf-root={}", node.bpf_root().display());
     kpr::command(&node.ns, &["cleanup", &root]).unwrap();
-    assert!(!node.bpf_root().join("kpr").exists(), "the pin folder is gone: {:?}", pins());
+    assert!(!node.bpf_root().join("kpr").exists(), "the pin folder is gone: {:?}", pins(""));
     let err = kpr::command(&node.ns, &["service", "list", &root]).unwrap_err();
     assert!(format!("{err:#}").contains("no pinned kpr maps"), "{err:#}");
 }

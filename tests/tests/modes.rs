@@ -127,14 +127,15 @@ impl Node {
         self.programs().values().map(Vec::len).sum()
     }
 
-    /// The folder kpr pins its maps in, on the node's bpffs.
+    /// The folder kpr pins its maps and links in, on the node's bpffs.
     fn pin_dir(&self) -> PathBuf {
         self.node.bpf_root().join("kpr")
     }
 
-    /// The map pins in that folder, sorted; none when the folder is gone.
+    /// The map pins of this layout, sorted; none when the folder is gone.
     fn pins(&self) -> Vec<String> {
-        let mut pins: Vec<String> = std::fs::read_dir(self.pin_dir())
+        let maps = self.pin_dir().join(format!("maps-v{}", proxy_common::maps::LAYOUT));
+        let mut pins: Vec<String> = std::fs::read_dir(maps)
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         pins.sort();
@@ -142,7 +143,8 @@ impl Node {
     }
 
     fn all_map_pins() -> Vec<String> {
-        let mut all: Vec<String> = proxy_common::maps::ALL_MAPS.iter().map(|m| m.to_string()).collect();
+        let all = proxy_common::maps::ALL_MAPS.iter().chain([&proxy_common::maps::SOCK_FENCE]);
+        let mut all: Vec<String> = all.map(|m| m.to_string()).collect();
         all.sort();
         all
     }
@@ -269,11 +271,19 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
     assert!(n.answers());
     assert_eq!((n.program_count(), n.kpr_chains()), (2 * PODS.len(), 0), "ebpf only");
     kpr.interrupt().unwrap();
-    assert_eq!(n.pins(), Node::all_map_pins(), "maps stay pinned for inspection after eBPF mode exits");
+    assert_eq!(n.pins(), Node::all_map_pins(), "maps stay pinned after eBPF mode exits");
+    assert_eq!(n.program_count(), 2 * PODS.len(), "and its programs serve on");
 
     let mut kpr = n.kpr(&["--mode=iptables"]);
     assert!(n.answers());
-    assert_eq!(n.program_count(), 0, "iptables only");
+    // Once iptables mode serves (right after its first sync).
+    let detached = wait::until(
+        "iptables mode detaches eBPF mode's programs",
+        Duration::from_secs(5),
+        || n.program_count(),
+        |count| *count == 0,
+    );
+    detached.unwrap();
     wait::until("iptables mode removes eBPF mode's pinned maps", Duration::from_secs(5), || n.pins(), Vec::is_empty)
         .unwrap();
     assert!(n.kpr_chains() > 0);
@@ -314,18 +324,19 @@ fn cleanup_removes_the_pinned_maps_and_the_programs_an_agent_left() {
     assert_eq!(n.program_count(), 2 * PODS.len(), "ingress and egress: {:?}", n.programs());
     assert_eq!(n.pins(), Node::all_map_pins(), "every map pinned on the node's bpffs");
     kpr.interrupt().unwrap();
-    // The agent's TCX links end with it; its pins stay.
-    assert_eq!(n.program_count(), 0, "{:?}", n.programs());
+    // The agent's links are pinned: its programs serve on without it.
+    assert_eq!(n.program_count(), 2 * PODS.len(), "{:?}", n.programs());
     assert_eq!(n.pins(), Node::all_map_pins());
+    assert!(n.answers(), "Services keep working while the agent is down");
 
     n.leave_netlink_classifiers();
     let before = n.programs();
     assert!(
-        before.values().all(|p| p.len() == 2
-            && p.iter().all(|p| p.starts_with("netlink"))
-            && p[0].contains(FROM_POD)
-            && p[1].contains(TO_POD)),
-        "two leftover classifiers per interface: {before:?}"
+        before.values().all(|p| {
+            let netlink: Vec<&String> = p.iter().filter(|p| p.starts_with("netlink")).collect();
+            p.len() == 4 && netlink.len() == 2 && netlink[0].contains(FROM_POD) && netlink[1].contains(TO_POD)
+        }),
+        "the agent's two pinned links and two leftover netlink classifiers per interface: {before:?}"
     );
 
     let out = n.cleanup();

@@ -54,6 +54,10 @@ pub trait Dataplane: Send {
     fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
         None
     }
+
+    /// Called once, after the first sync that followed a complete list:
+    /// this dataplane now serves everything the sources hold.
+    fn serving(&mut self) {}
 }
 
 impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
@@ -65,6 +69,9 @@ impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
     }
     fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
         (**self).stats()
+    }
+    fn serving(&mut self) {
+        (**self).serving()
     }
 }
 

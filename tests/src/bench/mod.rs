@@ -538,8 +538,13 @@ fn measure_mode(
     drop(member);
     let what = label(&row);
     let stopped: anyhow::Result<Vec<_>> = agents.iter_mut().map(Kpr::interrupt).collect();
-    let cleaned: anyhow::Result<Vec<String>> =
-        bench.nodes.all().into_iter().map(|node| kpr::command(node.ns(), &["cleanup"])).collect();
+    // Programs and maps outlive the agent: the next row starts from nothing.
+    let cleaned: anyhow::Result<Vec<String>> = bench
+        .nodes
+        .all()
+        .into_iter()
+        .map(|node| kpr::command(node.ns(), &["cleanup", &format!("--bpf-root={}", node.bpf_root().display())]))
+        .collect();
     measured?;
     stopped.with_context(|| format!("stopping the agents ({what})"))?;
     cleaned.with_context(|| format!("kpr cleanup after {what}"))?;

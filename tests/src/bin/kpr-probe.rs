@@ -9,7 +9,9 @@
 //! source), or the error with its errno. `udp-held` is `udp-connected` that
 //! then asks again on the same socket each time a line arrives on stdin,
 //! printing a line per answer: a client that stays connected; `tcp-held`
-//! the same over one TCP connection. An IPv6 ADDR
+//! the same over one TCP connection. `tcp-every` makes a new connection
+//! and request every 10 ms until stdin closes, then prints how many were
+//! answered and how many failed (with the first errors). An IPv6 ADDR
 //! (such as `[::ffff:10.96.0.10]:80`) makes an IPv6 socket, as dual-stack
 //! applications have.
 
@@ -102,6 +104,32 @@ fn tcp_held(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+fn tcp_every(addr: SocketAddr) {
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            if line.is_err() {
+                break;
+            }
+        }
+        done_tx.send(()).ok();
+    });
+    let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
+    while done.try_recv().is_err() {
+        match tcp(addr) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 5 {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("{}", serde_json::json!({"ok": ok, "failed": failed, "errors": errors}));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(kind), Some(addr)) = (args.first(), args.get(1).and_then(|a| a.parse::<SocketAddr>().ok())) else {
@@ -112,6 +140,7 @@ fn main() {
         "tcp" => tcp(addr),
         "udp" => udp(addr, false),
         "udp-connected" => udp(addr, true),
+        "tcp-every" => return tcp_every(addr),
         "udp-held" | "tcp-held" => {
             let held = if kind == "tcp-held" { tcp_held(addr) } else { held(addr) };
             if let Err(e) = held {

@@ -11,7 +11,7 @@ use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue};
 
 use crate::frontend::Cidr;
 
-use super::maps::{KeepEndpoints, MapIoError, ServiceMaps};
+use super::maps::{KeepEndpoints, MapContents, MapIoError, ServiceMaps};
 
 #[derive(Clone, Debug, Default)]
 pub struct FakeMaps {
@@ -52,6 +52,14 @@ fn insert<K: Ord, V>(map: &mut BTreeMap<K, V>, max: usize, key: K, value: V) -> 
 }
 
 impl ServiceMaps for FakeMaps {
+    fn contents(&self) -> MapContents {
+        MapContents {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.keys().copied().collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
+        }
+    }
+
     fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError> {
         insert(&mut self.services, self.services_max, key, value)
     }
@@ -124,6 +132,10 @@ impl<M> Faulty<M> {
 }
 
 impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
+    fn contents(&self) -> MapContents {
+        self.inner.contents()
+    }
+
     fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError> {
         self.write()?;
         self.inner.set_service(key, value)

@@ -7,12 +7,13 @@ use std::{
     sync::Arc,
 };
 
+use aya::programs::links::FdLink;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier,
-        TcAttachType, tc, tc::SchedClassifierLinkId,
+        TcAttachType, tc,
     },
 };
 use proxy_common::maps as abi;
@@ -21,6 +22,7 @@ use super::{
     conntrack_gc::Collector,
     links,
     maps::{AyaMaps, TrafficMaps},
+    pins::{self, LinkPins},
     xdp::{self, XdpMode},
 };
 use crate::{
@@ -39,8 +41,9 @@ pub const TO_POD: &str = "kpr_to_pod";
 pub const PACKET_PROGRAMS: [(&str, TcAttachType); 2] =
     [(FROM_POD, TcAttachType::Ingress), (TO_POD, TcAttachType::Egress)];
 
-/// The links of the per-packet classifiers on one interface, as [`PACKET_PROGRAMS`] lists them.
-pub type PacketLinks = [SchedClassifierLinkId; 2];
+/// The links of the per-packet classifiers on one interface, as
+/// [`PACKET_PROGRAMS`] lists them: their names in [`LinkPins`].
+pub type PacketLinks = [String; 2];
 
 /// The socket hooks attached to the cgroup (socket-level load balancing).
 pub const SOCKET_PROGRAMS: [&str; 8] = [
@@ -98,20 +101,44 @@ impl Default for MapSizes {
     }
 }
 
+/// The capacity of every map whose size is set at load time.
+fn capacities(sizes: MapSizes) -> [(&'static str, u32); 8] {
+    [
+        (abi::SERVICES, sizes.services),
+        (abi::BACKENDS, sizes.backends),
+        // Two entries per TCP flow; half as many other flows.
+        (abi::CT_TCP, sizes.flows.saturating_mul(2)),
+        (abi::CT_ANY, sizes.flows),
+        (abi::SOCK_AFFINITY, sizes.flows),
+        (abi::SOCK_REVERSE, sizes.flows),
+        (abi::SERVICE_TRAFFIC, sizes.services),
+        (abi::BACKEND_TRAFFIC, sizes.backends),
+    ]
+}
+
+/// The maps pinned (and reused by the next start): every one the
+/// inspection commands read, and the sockets' source-range marks.
+fn pinned_maps() -> impl Iterator<Item = &'static str> {
+    abi::ALL_MAPS.into_iter().chain([abi::SOCK_FENCE])
+}
+
 /// Loads the object with `sizes` applied, without attaching anything.
 pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
-    EbpfLoader::new()
-        .map_max_entries(abi::SERVICES, sizes.services)
-        .map_max_entries(abi::BACKENDS, sizes.backends)
-        // Two entries per TCP flow; half as many other flows.
-        .map_max_entries(abi::CT_TCP, sizes.flows.saturating_mul(2))
-        .map_max_entries(abi::CT_ANY, sizes.flows)
-        .map_max_entries(abi::SOCK_AFFINITY, sizes.flows)
-        .map_max_entries(abi::SOCK_REVERSE, sizes.flows)
-        .map_max_entries(abi::SERVICE_TRAFFIC, sizes.services)
-        .map_max_entries(abi::BACKEND_TRAFFIC, sizes.backends)
-        .load(EBPF_OBJECT)
-        .map_err(|e| DataplaneError::Load(e.to_string()))
+    load_pinned(sizes, None)
+}
+
+/// [`load`], with the maps pinned in `maps_dir` (those pinned there already are reused).
+fn load_pinned(sizes: MapSizes, maps_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    for (name, capacity) in capacities(sizes) {
+        loader.map_max_entries(name, capacity);
+    }
+    let paths: Vec<(&str, PathBuf)> =
+        maps_dir.map(|d| pinned_maps().map(|n| (n, d.join(n))).collect()).unwrap_or_default();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(EBPF_OBJECT).map_err(|e| DataplaneError::Load(e.to_string()))
 }
 
 /// What [`attach`] hands the dataplane.
@@ -127,6 +154,10 @@ pub struct Attached {
     pub collector: Collector,
     /// The node's devices and XDP on them.
     pub devices: super::xdp::Devices,
+    /// Every link, pinned so it outlives the agent.
+    pub pins: LinkPins,
+    /// Whether the maps are a previous run's, programmed already.
+    pub reused: bool,
 }
 
 /// The magic number of a bpf filesystem in `statfs`.
@@ -138,26 +169,24 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
-/// Pins every map under `bpf_root`, replacing a previous run's pins (they
-/// name maps no program uses any more). Pins outlive the agent, so the
-/// inspection commands work while it is down.
-fn pin_maps(ebpf: &mut Ebpf, bpf_root: &Path) -> Result<PathBuf, String> {
+/// Where the maps are pinned, and whether those there are reused: this
+/// layout's, at the sizes asked. `None` without a bpf filesystem at `bpf_root`.
+fn maps_dir(bpf_root: &Path, sizes: MapSizes) -> Option<(PathBuf, bool)> {
     if !is_bpffs(bpf_root) {
-        return Err(format!(
-            "{root} is not a bpf filesystem (mount one: mount -t bpf bpf {root})",
-            root = bpf_root.display()
-        ));
+        tracing::warn!(
+            root = %bpf_root.display(),
+            "not a bpf filesystem (mount one: mount -t bpf bpf DIR): nothing is pinned, so programs detach when \
+             the agent exits and kpr service list, conntrack list and stats do not see the maps"
+        );
+        return None;
     }
-    let dir = crate::inspect::pin_dir(bpf_root);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing old pins in {}: {e}", dir.display()))?;
+    let reused = pins::prepare_maps(bpf_root, &capacities(sizes));
+    let dir = crate::inspect::maps_dir(bpf_root);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "maps not pinned");
+        return None;
     }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    for name in abi::ALL_MAPS {
-        let map = ebpf.map_mut(name).ok_or_else(|| format!("map {name} missing from the eBPF object"))?;
-        map.pin(dir.join(name)).map_err(|e| format!("pinning {name} in {}: {e}", dir.display()))?;
-    }
-    Ok(dir)
+    Some((dir, reused))
 }
 
 fn missing(name: &str) -> DataplaneError {
@@ -220,8 +249,9 @@ pub(super) fn with_sources(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Attaches the socket hooks to `cgroup` beside any other programs there.
-fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneError> {
+/// Attaches the socket hooks to `cgroup` beside any other programs there
+/// (or adopts the previous run's links there).
+fn attach_socket_hooks(ebpf: &mut Ebpf, pins: &mut LinkPins, cgroup: &Path) -> Result<(), DataplaneError> {
     let attach_error = |program, reason: String| DataplaneError::Attach {
         program,
         target: format!("cgroup {}", cgroup.display()),
@@ -239,20 +269,54 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), DataplaneEr
     egress.load().map_err(load_error(SOCKET_EGRESS_PROGRAM))?;
     // A link (what aya makes on this kernel) takes no attach flags and
     // always runs beside other programs on the cgroup.
-    for name in SOCKET_PROGRAMS {
-        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
-        hook.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_error(name, with_sources(&e)))?;
+    let id = pins::cgroup_id(cgroup).map_err(|e| attach_error(SOCKET_PROGRAMS[0], e.to_string()))?;
+    let all = SOCKET_PROGRAMS.into_iter().chain([SOCKET_RELEASE_PROGRAM, SOCKET_EGRESS_PROGRAM]);
+    let names: Vec<(&'static str, String)> = all.map(|name| (name, format!("cgroup-{id}-{name}"))).collect();
+    for (name, pin) in &names {
+        let name = *name;
+        if pins.adopt(pin, name, |info| info.cgroup_id == id) {
+            continue;
+        }
+        let attached = attach_socket_hook(ebpf, &dir, name)
+            .map_err(|e| attach_error(name, with_sources(&e)))
+            .and_then(|l| l.map_err(|e| attach_error(name, format!("not a bpf_link, so it cannot be pinned: {e}"))))
+            .and_then(|link| pins.keep(pin, link));
+        if let Err(e) = attached {
+            // None runs without the others.
+            for (_, pin) in &names {
+                pins.release(pin);
+            }
+            return Err(e);
+        }
     }
-    let release: &mut CgroupSock = program(ebpf, SOCKET_RELEASE_PROGRAM)?;
-    release
-        .attach(&dir, CgroupAttachMode::Single)
-        .map_err(|e| attach_error(SOCKET_RELEASE_PROGRAM, with_sources(&e)))?;
-    let egress: &mut CgroupSkb = program(ebpf, SOCKET_EGRESS_PROGRAM)?;
-    egress
-        .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-        .map_err(|e| attach_error(SOCKET_EGRESS_PROGRAM, with_sources(&e)))?;
     tracing::info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
     Ok(())
+}
+
+/// Attaches the socket hook `name` to the cgroup `dir`; its link, taken from the program.
+fn attach_socket_hook(
+    ebpf: &mut Ebpf,
+    dir: &std::fs::File,
+    name: &'static str,
+) -> Result<Result<FdLink, aya::programs::links::LinkError>, ProgramError> {
+    let program_error = |e: DataplaneError| ProgramError::IOError(std::io::Error::other(e.to_string()));
+    Ok(match name {
+        SOCKET_RELEASE_PROGRAM => {
+            let release: &mut CgroupSock = program(ebpf, name).map_err(program_error)?;
+            let link = release.attach(dir, CgroupAttachMode::Single)?;
+            FdLink::try_from(release.take_link(link)?)
+        }
+        SOCKET_EGRESS_PROGRAM => {
+            let egress: &mut CgroupSkb = program(ebpf, name).map_err(program_error)?;
+            let link = egress.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
+            FdLink::try_from(egress.take_link(link)?)
+        }
+        _ => {
+            let hook: &mut CgroupSockAddr = program(ebpf, name).map_err(program_error)?;
+            let link = hook.attach(dir, CgroupAttachMode::Single)?;
+            FdLink::try_from(hook.take_link(link)?)
+        }
+    })
 }
 
 /// Loads the programs, attaches them to `targets`, pins the maps under
@@ -261,10 +325,29 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     if targets.interfaces.is_empty() && targets.devices.is_empty() && targets.cgroup.is_none() {
         return Err(DataplaneError::NothingToAttach);
     }
-    let mut ebpf = load(sizes)?;
+    // A plain name must be there; a pattern may match nothing yet.
+    let present =
+        links::interfaces().ok_or_else(|| DataplaneError::Load("cannot list this namespace's interfaces".into()))?;
+    for name in targets.interfaces.iter().filter(|i| !links::is_pattern(i)) {
+        if !present.contains_key(name) {
+            return Err(DataplaneError::Attach {
+                program: FROM_POD,
+                target: format!("interface {name:?}"),
+                reason: "no such interface in this network namespace".into(),
+            });
+        }
+    }
+    let pinned = maps_dir(bpf_root, sizes);
+    let reused = pinned.as_ref().is_some_and(|(_, reused)| *reused);
+    let mut ebpf = load_pinned(sizes, pinned.as_ref().map(|(dir, _)| dir.as_path()))?;
+    if let Some((dir, _)) = &pinned {
+        let how = if reused { "reused: flows and programming carry over" } else { "created" };
+        tracing::info!(dir = %dir.display(), "maps pinned, {how}");
+    }
+    let mut pins = LinkPins::new(pinned.is_some().then_some(bpf_root));
     let mut cgroup = None;
     if let Some(root) = &targets.cgroup {
-        match attach_socket_hooks(&mut ebpf, root) {
+        match attach_socket_hooks(&mut ebpf, &mut pins, root) {
             Ok(()) => cgroup = Some(root.clone()),
             // Older kernels (before 6.1) refuse the hooks; the per-packet path still serves.
             Err(e) if !targets.interfaces.is_empty() => {
@@ -276,12 +359,6 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     for (name, _) in PACKET_PROGRAMS {
         let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
         classifier.load().map_err(load_error(name))?;
-    }
-    match pin_maps(&mut ebpf, bpf_root) {
-        Ok(dir) => tracing::info!(dir = %dir.display(), "maps pinned"),
-        Err(e) => {
-            tracing::warn!(error = %e, "maps not pinned: kpr service list, conntrack list and stats will not see them")
-        }
     }
     let ids: std::collections::HashMap<&str, u32> =
         abi::ALL_MAPS.iter().filter_map(|name| Some((*name, map_id(ebpf.map(name)?)?))).collect();
@@ -296,24 +373,12 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::DEVICES, e))?)
             .map_err(|e| wrong_type(abi::DEVICES, e))?
     });
-    // A plain name must be there; a pattern may match nothing yet.
-    let present =
-        links::interfaces().ok_or_else(|| DataplaneError::Load("cannot list this namespace's interfaces".into()))?;
-    for name in targets.interfaces.iter().filter(|i| !links::is_pattern(i)) {
-        if !present.contains_key(name) {
-            return Err(DataplaneError::Attach {
-                program: FROM_POD,
-                target: format!("interface {name:?}"),
-                reason: "no such interface in this network namespace".into(),
-            });
-        }
-    }
     let mut interfaces = BTreeMap::new();
     for (name, index) in links::selected(&targets.interfaces, &present) {
-        let link = attach_classifier(&mut ebpf, name)?;
+        let link = attach_classifier(&mut ebpf, &mut pins, name, index)?;
         interfaces.insert(name.to_string(), (index, link));
         if devices.is_device(name) {
-            devices.attach(&mut ebpf, name, index)?;
+            devices.attach(&mut ebpf, &mut pins, name, index)?;
         }
     }
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
@@ -342,49 +407,57 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
-    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector, devices })
+    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector, devices, pins, reused })
 }
 
-/// Attaches the (loaded) classifiers on ingress and egress of `iface`: both or neither.
-pub fn attach_classifier(ebpf: &mut Ebpf, iface: &str) -> Result<PacketLinks, DataplaneError> {
+/// Attaches the (loaded) classifiers on ingress and egress of `iface`
+/// (index `index`), both or neither, or adopts the previous run's links there.
+pub fn attach_classifier(
+    ebpf: &mut Ebpf,
+    pins: &mut LinkPins,
+    iface: &str,
+    index: u32,
+) -> Result<PacketLinks, DataplaneError> {
     // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
     if let Err(e) = tc::qdisc_add_clsact(iface) {
         tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
     }
-    let attach = |ebpf: &mut Ebpf, (name, hook): (&'static str, TcAttachType)| {
-        let classifier: &mut SchedClassifier = program(ebpf, name)?;
-        classifier.attach(iface, hook).map_err(|e| DataplaneError::Attach {
-            program: name,
+    let names = PACKET_PROGRAMS.map(|(_, hook)| {
+        let hook = if hook == TcAttachType::Ingress { "ingress" } else { "egress" };
+        format!("tc-{index}-{iface}-{hook}")
+    });
+    for ((program_name, hook), pin) in PACKET_PROGRAMS.into_iter().zip(&names) {
+        if pins.adopt(pin, program_name, |info| info.ifindex == index) {
+            continue;
+        }
+        let attach_error = |reason: String| DataplaneError::Attach {
+            program: program_name,
             target: format!("interface {iface:?}"),
-            reason: with_sources(&e),
-        })
-    };
-    let ingress = attach(ebpf, PACKET_PROGRAMS[0])?;
-    let egress = match attach(ebpf, PACKET_PROGRAMS[1]) {
-        Ok(link) => link,
-        Err(e) => {
+            reason,
+        };
+        let attached = program::<SchedClassifier>(ebpf, program_name).and_then(|classifier| {
+            let link = classifier.attach(iface, hook).and_then(|id| classifier.take_link(id));
+            let link = link.map_err(|e| attach_error(with_sources(&e)))?;
+            // Before 6.6 (netlink, not a bpf_link) the filter stays until `kpr cleanup`.
+            FdLink::try_from(link).map_err(|e| attach_error(format!("not a bpf_link, so it cannot be pinned: {e}")))
+        });
+        if let Err(e) = attached.and_then(|link| pins.keep(pin, link)) {
             // Requests translated with no one to translate the replies would break flows.
-            release_program(ebpf, PACKET_PROGRAMS[0].0, ingress);
+            for pin in &names {
+                pins.release(pin);
+            }
             return Err(e);
         }
-    };
-    tracing::info!(%iface, "datapath attached on ingress and egress");
-    Ok([ingress, egress])
-}
-
-/// Lets go of the classifiers' links to an interface that is gone (the
-/// kernel dropped the attachments with it; this frees what the agent holds).
-pub fn release_classifier(ebpf: &mut Ebpf, links: PacketLinks) {
-    for ((name, _), link) in PACKET_PROGRAMS.into_iter().zip(links) {
-        release_program(ebpf, name, link);
     }
+    tracing::info!(%iface, "datapath attached on ingress and egress");
+    Ok(names)
 }
 
-fn release_program(ebpf: &mut Ebpf, name: &'static str, link: SchedClassifierLinkId) {
-    if let Ok(classifier) = program::<SchedClassifier>(ebpf, name)
-        && let Err(e) = classifier.detach(link)
-    {
-        tracing::debug!(program = name, error = %e, "releasing the link of a gone interface");
+/// Detaches the classifiers from an interface that is gone (the kernel
+/// dropped the attachments with it; this unpins what is left).
+pub fn release_classifier(pins: &mut LinkPins, links: &PacketLinks) {
+    for pin in links {
+        pins.release(pin);
     }
 }
 

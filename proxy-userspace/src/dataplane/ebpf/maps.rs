@@ -36,9 +36,20 @@ pub enum MapIoError {
 /// The endpoints a UDP frontend still has, by (address, port).
 pub type KeepEndpoints = HashSet<([u8; 4], [u8; 2])>;
 
+/// What the service tables hold, read back when a restart reuses them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<BackendKey>,
+    /// (frontend id, range) pairs of the source range map.
+    pub source_ranges: Vec<(u32, Cidr)>,
+}
+
 /// The writes the eBPF dataplane makes. Removing an absent entry is not an
 /// error.
 pub trait ServiceMaps: Send {
+    /// Everything written, as the maps hold it (unreadable entries left out).
+    fn contents(&self) -> MapContents;
     fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError>;
     fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError>;
@@ -103,6 +114,19 @@ fn absent_is_removed(result: Result<(), MapError>) -> Result<(), MapIoError> {
 }
 
 impl ServiceMaps for AyaMaps {
+    fn contents(&self) -> MapContents {
+        let range = |key: LpmKey<SourceRangeKey>| {
+            let data = key.data();
+            let len = key.prefix_len().checked_sub(32).and_then(|l| u8::try_from(l).ok())?;
+            Some((u32::from_be_bytes(data.id), Cidr { addr: data.addr.into(), len }))
+        };
+        MapContents {
+            services: self.services.iter().filter_map(Result::ok).collect(),
+            backends: self.backends.keys().filter_map(Result::ok).collect(),
+            source_ranges: self.source_ranges.keys().filter_map(Result::ok).filter_map(range).collect(),
+        }
+    }
+
     fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError> {
         self.services.insert(key, value, 0).map_err(io_error)
     }

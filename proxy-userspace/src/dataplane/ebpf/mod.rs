@@ -9,6 +9,7 @@
 //! serving, and the bookkeeping (ids, slot counts) is exactly what the maps
 //! hold, on the real maps and on the fakes the unit tests use.
 
+mod adopt;
 pub mod cgroup;
 pub mod conntrack_gc;
 pub mod fake;
@@ -17,6 +18,7 @@ pub mod load;
 pub mod maps;
 pub mod masquerade;
 mod netlink;
+pub mod pins;
 pub mod sock_destroy;
 pub mod xdp;
 
@@ -206,6 +208,11 @@ pub struct EbpfDataplane<M = AyaMaps> {
     leftovers: Vec<Leftover>,
     /// Sets unpublished by this apply (set id, slot count): freed at the next.
     retiring: Vec<(u32, u32)>,
+    /// The frontends are a previous run's, taken over (see `adopt`): the
+    /// next apply removes those the desired state does not have.
+    adopted: bool,
+    /// The links of every attach point (see `pins`).
+    pins: pins::LinkPins,
 }
 
 fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(MapIoError) -> DataplaneError {
@@ -224,6 +231,11 @@ impl EbpfDataplane<AyaMaps> {
             tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
         }
         let mut dataplane = Self::new(attached.maps, sizes);
+        if attached.reused {
+            let frontends = dataplane.adopt_programmed();
+            tracing::info!(frontends, "took over the frontends the maps hold; they serve until the first sync");
+        }
+        dataplane.pins = attached.pins;
         dataplane.ebpf = Some(attached.ebpf);
         dataplane.interface_patterns.clone_from(&targets.interfaces);
         dataplane.devices.clone_from(&targets.devices);
@@ -257,6 +269,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             slots_used: 0,
             leftovers: Vec::new(),
             retiring: Vec::new(),
+            adopted: false,
+            pins: pins::LinkPins::new(None),
         }
     }
 
@@ -554,22 +568,22 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         // Not listed this time: nothing is judged gone.
         let Some(present) = links::interfaces() else { return };
         for (name, _, link) in links::take_gone(&mut self.attached, &present) {
-            load::release_classifier(ebpf, link);
+            load::release_classifier(&mut self.pins, &link);
             tracing::info!(iface = %name, "interface gone; forgotten");
         }
         if let Some(devices) = self.node_devices.as_mut() {
-            devices.forget_gone(ebpf, &present);
+            devices.forget_gone(&mut self.pins, &present);
         }
         self.refused.retain(|name, index| present.get(name) == Some(index));
         for (name, index) in links::selected(&self.interface_patterns, &present) {
             if self.attached.contains_key(name) || self.refused.contains_key(name) {
                 continue;
             }
-            match load::attach_classifier(ebpf, name) {
+            match load::attach_classifier(ebpf, &mut self.pins, name, index) {
                 Ok(link) => {
                     self.attached.insert(name.to_string(), (index, link));
                     if let Some(devices) = self.node_devices.as_mut().filter(|d| d.is_device(name))
-                        && let Err(e) = devices.attach(ebpf, name, index)
+                        && let Err(e) = devices.attach(ebpf, &mut self.pins, name, index)
                     {
                         tracing::warn!(device = %name, error = %e, "recording the device's path failed");
                     }
@@ -603,6 +617,20 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
         self.observed.clone().map(|m| m as Arc<dyn DatapathStats>)
     }
 
+    /// The maps are programmed: links a previous run left switch to this
+    /// run's programs, and the ones nothing claimed are detached.
+    fn serving(&mut self) {
+        let Some(ebpf) = self.ebpf.as_ref() else { return };
+        let program_fd = |name: &str| {
+            use std::os::fd::AsFd as _;
+            ebpf.program(name)?.fd().ok()?.as_fd().try_clone_to_owned().ok()
+        };
+        let (switched, removed) = self.pins.commit(program_fd);
+        if switched + removed > 0 {
+            tracing::info!(switched, removed, "links of the previous run switched to this run's programs");
+        }
+    }
+
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
         self.follow_interfaces();
         self.retry_leftovers();
@@ -627,6 +655,11 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
             }
             reached_from_outside |=
                 self.programmed.get(&frontend).is_some_and(|p| p.outside.as_ref().is_some_and(|o| !o.keys.is_empty()));
+        }
+        for frontend in self.adopted_and_gone(desired) {
+            if let Err(error) = self.delete(&frontend) {
+                errors.push(ApplyError { frontend, error });
+            }
         }
         // Only the frontends written now are looked at (not every one, on
         // every apply): an earlier one reached from outside attached them then.

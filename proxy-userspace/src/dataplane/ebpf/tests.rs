@@ -224,3 +224,54 @@ fn external_frontends_share_the_id_and_carry_their_policy() {
     assert!(dp.maps().services.is_empty() && dp.maps().backends.is_empty() && dp.maps().source_ranges.is_empty());
     assert!(dp.maps().cluster_scope.is_empty());
 }
+
+/// A restart reusing the maps: what a previous run programmed, taken over.
+fn restarted(maps: &FakeMaps) -> EbpfDataplane<FakeMaps> {
+    let mut dp =
+        EbpfDataplane::new(maps.clone(), sizes(32, 32)).with_node_addresses(vec![Ipv4Addr::new(192, 168, 1, 2)]);
+    dp.adopt_programmed();
+    dp
+}
+
+#[test]
+fn a_restart_takes_over_the_maps_and_its_first_sync_removes_only_what_is_gone() {
+    let mut before = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32))
+        .with_node_addresses(vec![Ipv4Addr::new(192, 168, 1, 2)]);
+    let (kept, gone) = (external(fe(1, 80, &[1, 2]), true, &[2]), fe(2, 53, &[3]));
+    let desired = Desired::from([(kept.key, kept.clone()), (gone.key, gone.clone())]);
+    assert!(before.apply(&[Op::Upsert(kept.key), Op::Upsert(gone.key)], &desired).is_empty());
+    // A change just before the stop: its old set is still there, unpublished.
+    assert!(upsert(&mut before, &fe(2, 53, &[4])).is_empty());
+    let programmed = before.maps().clone();
+    let kept_id = programmed.services[&service_key(&kept.key)].id;
+
+    let mut after = restarted(&programmed);
+    assert_eq!(after.maps().services, programmed.services, "taking over writes nothing the datapath reads");
+    // The first complete sync: the kept Service only (the other was deleted meanwhile).
+    let desired = Desired::from([(kept.key, kept.clone())]);
+    assert!(after.apply(&[Op::Upsert(kept.key)], &desired).is_empty());
+    after.apply(&[], &desired);
+    let maps = after.maps();
+    assert_eq!(maps.services[&service_key(&kept.key)].id, kept_id, "the frontend keeps its id (and its flows)");
+    assert_eq!(serving(maps, &kept), [1, 2]);
+    assert!(!maps.services.contains_key(&service_key(&gone.key)), "gone from the desired state: removed");
+    assert!(!maps.services.contains_key(&ServiceKey::vip_marker([10, 96, 0, 2])));
+    assert_eq!(maps.source_ranges.len(), 1, "the kept frontend's range stays: {:?}", maps.source_ranges);
+    assert_eq!(maps.cluster_scope.len(), 1);
+    // Every slot left belongs to a set a frontend names: nothing leaked.
+    let named: std::collections::BTreeSet<u32> = maps.services.values().map(|v| v.backend_set).collect();
+    assert!(maps.backends.keys().all(|k| named.contains(&k.set)), "{:?} vs {named:?}", maps.backends);
+    // Ids in use are not handed out again.
+    let new = fe(3, 80, &[5]);
+    assert!(upsert(&mut after, &new).is_empty());
+    assert_ne!(after.maps().services[&service_key(&new.key)].id, kept_id);
+}
+
+#[test]
+fn ids_start_past_the_ones_in_use_and_reuse_the_holes() {
+    let ids = Ids::with_used(&[2, 5].into());
+    let mut ids = ids;
+    assert_eq!([ids.take(), ids.take(), ids.take(), ids.take()], [1, 3, 4, 6]);
+    let mut fresh = Ids::with_used(&Default::default());
+    assert_eq!(fresh.take(), 1);
+}

@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{Xdp, xdp::XdpLinkId},
+    programs::{Xdp, links::FdLink},
 };
 use proxy_common::maps::hook;
 
-use super::{links, load as loader};
+use super::{links, load as loader, pins::LinkPins};
 use crate::dataplane::DataplaneError;
 
 /// The XDP program's name in the object.
@@ -71,8 +71,8 @@ pub struct Devices {
     patterns: Vec<String>,
     /// ifindex -> path (a [`hook`] value; `TC_INGRESS` for TC alone).
     paths: HashMap<MapData, u32, u8>,
-    /// Devices seen, by name: index and the XDP link, if XDP is on them.
-    attached: BTreeMap<String, (u32, Option<XdpLinkId>)>,
+    /// Devices seen, by name: index and the XDP link's name in the pins, if XDP is on them.
+    attached: BTreeMap<String, (u32, Option<String>)>,
 }
 
 impl Devices {
@@ -86,23 +86,43 @@ impl Devices {
     }
 
     /// Puts the XDP program on device `name` (the TC programs are on it
-    /// already), in the best mode it takes, and records the path.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, name: &str, index: u32) -> Result<(), DataplaneError> {
+    /// already), in the best mode it takes, and records the path. A link
+    /// the previous run left on the device in a mode allowed is adopted.
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pins: &mut LinkPins,
+        name: &str,
+        index: u32,
+    ) -> Result<(), DataplaneError> {
         if self.attached.contains_key(name) {
             return Ok(());
         }
-        let mut outcome = (None, hook::TC_INGRESS);
-        for (flags, path) in self.mode.attempts() {
+        let pin = |path: u8| format!("xdp-{index}-{name}-{}", hook::name(path));
+        let adopted = self
+            .mode
+            .attempts()
+            .iter()
+            .map(|(_, path)| (pin(*path), *path))
+            .find(|(pin, _)| pins.adopt(pin, XDP_PROGRAM, |info| info.ifindex == index));
+        let mut outcome = adopted.map_or((None, hook::TC_INGRESS), |(pin, path)| (Some(pin), path));
+        for (flags, path) in self.mode.attempts().iter().filter(|_| outcome.0.is_none()) {
             let program = loader::program::<Xdp>(ebpf, XDP_PROGRAM)?;
-            match program.attach(name, *flags) {
-                Ok(link) => {
-                    outcome = (Some(link), *path);
+            let link = program.attach(name, *flags).and_then(|id| program.take_link(id));
+            let kept = link.map_err(|e| loader::with_sources(&e)).and_then(|link| {
+                let link =
+                    FdLink::try_from(link).map_err(|e| format!("not a bpf_link, so it cannot be pinned: {e}"))?;
+                pins.keep(&pin(*path), link).map_err(|e| e.to_string())
+            });
+            match kept {
+                Ok(()) => {
+                    outcome = (Some(pin(*path)), *path);
                     break;
                 }
                 Err(e) => tracing::warn!(
                     device = %name,
                     path = hook::name(*path),
-                    error = %loader::with_sources(&e),
+                    error = %e,
                     "XDP refused; trying the next path"
                 ),
             }
@@ -116,13 +136,10 @@ impl Devices {
     }
 
     /// Forgets devices gone from `present` (their XDP went with them).
-    pub fn forget_gone(&mut self, ebpf: &mut Ebpf, present: &BTreeMap<String, u32>) {
+    pub fn forget_gone(&mut self, pins: &mut LinkPins, present: &BTreeMap<String, u32>) {
         for (name, index, link) in links::take_gone(&mut self.attached, present) {
-            if let Some(link) = link
-                && let Ok(program) = loader::program::<Xdp>(ebpf, XDP_PROGRAM)
-                && let Err(e) = program.detach(link)
-            {
-                tracing::debug!(device = %name, error = %e, "releasing the XDP link of a gone device");
+            if let Some(link) = link {
+                pins.release(&link);
             }
             // A new interface may get the index: it is written again when attached.
             if let Err(e) = self.paths.remove(&index) {

@@ -1,0 +1,178 @@
+//! The agent restarted under traffic, as a DaemonSet's agent is: killed
+//! (SIGKILL) and started again at once, and stopped (SIGTERM) for 10 s
+//! before starting again. Clients keep making new connections every 10 ms
+//! (from outside through a node port, and from a pod to the ClusterIP,
+//! which the socket hooks serve in eBPF mode) and keep 4 connections open
+//! through the node port, asking on each every 50 ms: none may fail.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use kpr_tests::{
+    client::{Repeating, Tally, tcp_request},
+    cluster::{Cluster, Shape},
+    kpr::{Kpr, Mode},
+    manifests::write,
+    root_or_skip,
+    servers::{self, Server},
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_kpr-probe");
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const NODE_PORT: u16 = 30090;
+/// How long the agent stays stopped (a rollout pulling a new image).
+const DOWN: Duration = Duration::from_secs(10);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn manifest(endpoints: &[Ipv4Addr]) -> String {
+    let eps: String = endpoints.iter().map(|ip| format!("- addresses: [\"{ip}\"]\n")).collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {CLUSTER_IP}
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{eps}"
+    )
+}
+
+/// New connections every 10 ms from `ns`'s thread until `stop`.
+fn every_10ms(ns: &kpr_tests::netns::Netns, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Tally> {
+    let name = ns.name().to_string();
+    std::thread::spawn(move || {
+        kpr_tests::netns::run_in(&name, move || {
+            let mut tally = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                tally.count(tcp_request(addr, TIMEOUT));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            tally
+        })
+        .unwrap()
+    })
+}
+
+/// 4 connections kept open from `ns`, each asked every 50 ms until `stop`.
+fn held(ns: &kpr_tests::netns::Netns, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Tally> {
+    let name = ns.name().to_string();
+    std::thread::spawn(move || {
+        kpr_tests::netns::run_in(&name, move || {
+            let mut streams: Vec<TcpStream> = (0..4)
+                .map(|_| {
+                    let s = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    s
+                })
+                .collect();
+            let mut tally = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                for s in &mut streams {
+                    let asked = s.write_all(b"hello\n").and_then(|()| {
+                        let mut line = String::new();
+                        BufReader::new(&*s).read_line(&mut line)?;
+                        if line.is_empty() {
+                            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+                        }
+                        Ok(line)
+                    });
+                    tally.count(asked);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tally
+        })
+        .unwrap()
+    })
+}
+
+fn keeps_serving_while_the_agent_restarts(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
+    cluster.add_pod(0, "web-0", 11).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    let _servers: Vec<Server> = [(0, "web-0"), (1, "web-1")]
+        .into_iter()
+        .map(|(node, pod)| servers::tcp_peer(&cluster.node(node).pod(pod).ns, 8080, pod).unwrap())
+        .collect();
+    let web = [cluster.node(0).pod("web-0").ip, cluster.node(1).pod("web-1").ip];
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "web.yaml", &manifest(&web)).unwrap();
+    let args = [
+        mode.arg().to_string(),
+        format!("--source=dir:{}", manifests.display()),
+        "--cluster-cidr=10.244.0.0/16".into(),
+    ];
+    let logs = |run: usize| {
+        let logs = dir.path().join(format!("run{run}"));
+        std::fs::create_dir_all(&logs).unwrap();
+        logs
+    };
+    let start = |node: u8, run: usize| cluster.node(node).start_kpr(&[], &args, &logs(run)).unwrap();
+    let mut agents: Vec<Kpr> = (0..2u8).map(|node| start(node, 0)).collect();
+
+    let node0 = cluster.node(0);
+    let node_port = SocketAddr::from((node0.address(), NODE_PORT));
+    // Both backends answer through the node port before the clients start.
+    for _ in 0..20 {
+        tcp_request(node_port, TIMEOUT).ok();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let outside_new = every_10ms(cluster.outside(), node_port, stop.clone());
+    let outside_held = held(cluster.outside(), node_port, stop.clone());
+    let pod = Repeating::start(
+        std::path::Path::new(PROBE),
+        &node0.pod("client").ns,
+        &node0.cgroup,
+        SocketAddr::from((CLUSTER_IP, 80)),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Killed, and straight back.
+    agents[0].stop(libc::SIGKILL).unwrap();
+    agents[0] = start(0, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    // Stopped for a while, then back.
+    agents[0].stop(libc::SIGTERM).unwrap();
+    std::thread::sleep(DOWN);
+    agents[0] = start(0, 2);
+    std::thread::sleep(Duration::from_secs(1));
+
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = [
+        ("new connections from outside", outside_new.join().unwrap()),
+        ("connections held from outside", outside_held.join().unwrap()),
+        ("new connections from a pod", pod.finish().unwrap()),
+    ];
+    let log = agents[0].log();
+    for (what, tally) in &outcomes {
+        // Some 1,200 connections at one per 10 ms over the 13 s or so; a margin for slow machines.
+        assert!(tally.ok > 300, "{what}: only {} answered ({tally:?})", tally.ok);
+        assert_eq!(tally.failed, 0, "{what}: {tally:?}\nagent log:\n{log}");
+    }
+    if mode == Mode::Ebpf {
+        assert!(log.contains("took over the frontends the maps hold"), "the maps were reused:\n{log}");
+        assert!(log.contains("switched to this run's programs"), "the links were taken over:\n{log}");
+    }
+}
+
+kpr_tests::in_both_modes!(keeps_serving_while_the_agent_restarts);
