@@ -191,7 +191,20 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tracing::warn!(error = %format!("{e:#}"), "cannot write the status file; kpr status will not see this agent");
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut arrivals) = mpsc::unbounded_channel::<std::time::Instant>();
+    let (forward, mut rx) = mpsc::unbounded_channel();
+    {
+        // Every change is pending for /livez until a sync applies it.
+        let health = health.clone();
+        servers.push(tokio::spawn(async move {
+            while let Some(at) = arrivals.recv().await {
+                health.queued(at);
+                if forward.send(at).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
     if mode == Mode::Ebpf && !cfg.interfaces.is_empty() {
         // A link appearing or going is a change to program, as an object is.
         if let Err(e) = links::watch(tx.clone()) {

@@ -70,17 +70,40 @@ pub struct Health {
     last_sync_ms: AtomicU64,
     /// Since when the source has been cut off, if it is.
     down_since: Mutex<Option<Instant>>,
+    /// The oldest change not applied yet (the start counts as one, until
+    /// the first sync).
+    oldest_pending: Mutex<Option<Instant>>,
     threshold: Duration,
 }
 
 impl Health {
     pub fn new(threshold: Duration) -> Arc<Self> {
-        Arc::new(Self { last_sync_ms: AtomicU64::new(0), down_since: Mutex::new(None), threshold })
+        Arc::new(Self {
+            last_sync_ms: AtomicU64::new(0),
+            down_since: Mutex::new(None),
+            oldest_pending: Mutex::new(Some(Instant::now())),
+            threshold,
+        })
     }
 
+    /// A change arrived at `at`, to be applied by a coming sync.
+    pub fn queued(&self, at: Instant) {
+        self.oldest_pending.lock().unwrap().get_or_insert(at);
+    }
+
+    /// A sync applied every change queued before it.
     pub fn synced(&self) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_sync_ms.store(now.as_millis() as u64, Ordering::Relaxed);
+        *self.oldest_pending.lock().unwrap() = None;
+    }
+
+    /// As kube-proxy's `/livez`: alive unless a change has waited longer than
+    /// the threshold to be applied (the agent cannot apply what it has). An
+    /// API server away is not the agent's fault: what is programmed keeps
+    /// serving, and restarting the agent would not bring the server back.
+    pub fn alive(&self) -> bool {
+        !self.oldest_pending.lock().unwrap().is_some_and(|t| t.elapsed() > self.threshold)
     }
 
     pub fn source_connected(&self, connected: bool) {
@@ -92,12 +115,13 @@ impl Health {
         }
     }
 
-    /// Healthy once synced, unless the source has been cut off longer than
-    /// the threshold (then what is programmed may be stale).
+    /// Healthy once synced and alive, unless the source has been cut off
+    /// longer than the threshold (then what is programmed may be stale,
+    /// which `/healthz` reports; `/livez` does not).
     pub fn healthy(&self) -> bool {
         let synced = self.last_sync_ms.load(Ordering::Relaxed) > 0;
         let cut_off = self.down_since.lock().unwrap().is_some_and(|t| t.elapsed() > self.threshold);
-        synced && !cut_off
+        synced && self.alive() && !cut_off
     }
 
     fn body(&self) -> String {
@@ -114,6 +138,11 @@ impl Health {
 
 async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let code = if health.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [("content-type", "application/json")], health.body())
+}
+
+async fn livez(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let code = if health.alive() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, [("content-type", "application/json")], health.body())
 }
 
@@ -268,7 +297,7 @@ pub struct BindError {
 }
 
 pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> Result<tokio::task::JoinHandle<()>, BindError> {
-    let app = Router::new().route("/healthz", get(healthz)).route("/livez", get(healthz)).with_state(health);
+    let app = Router::new().route("/healthz", get(healthz)).route("/livez", get(livez)).with_state(health);
     serve(addr, app, "healthz").await
 }
 
@@ -309,6 +338,25 @@ mod tests {
         h.source_connected(true);
         assert!(h.healthy());
         assert!(h.body().contains("lastUpdated") && h.body().contains("currentTime"));
+    }
+
+    #[test]
+    fn alive_unless_a_change_waits_too_long_to_be_applied() {
+        let h = Health::new(Duration::from_millis(50));
+        assert!(h.alive(), "starting");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!h.alive(), "no first sync within the threshold");
+        h.synced();
+        assert!(h.alive());
+        h.source_connected(false);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(h.alive() && !h.healthy(), "the source away: stale, not dead");
+        h.queued(Instant::now());
+        assert!(h.alive(), "a change just queued");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!h.alive(), "a change not applied within the threshold");
+        h.synced();
+        assert!(h.alive());
     }
 
     #[test]

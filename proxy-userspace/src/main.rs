@@ -126,7 +126,8 @@ enum Command {
         /// Where bpffs is mounted: maps are pinned in its kpr/ folder.
         #[arg(long, default_value = inspect::DEFAULT_BPF_ROOT)]
         bpf_root: PathBuf,
-        /// /healthz answers 503 once the source has been cut off this long.
+        /// /healthz answers 503 once the source has been cut off this long, and
+        /// /healthz and /livez once a change has waited this long to be applied.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         healthz_threshold: Duration,
     },

@@ -104,7 +104,7 @@ fn metrics_count_the_traffic_sent() {
 }
 
 #[test]
-fn healthz_turns_503_while_the_source_is_cut_off_and_200_after() {
+fn healthz_turns_503_while_the_source_is_cut_off_and_200_after_while_livez_stays_200() {
     root_or_skip!();
     let (node, _servers) = node();
     let ns = node.ns.name().to_string();
@@ -144,7 +144,9 @@ fn healthz_turns_503_while_the_source_is_cut_off_and_200_after() {
 
     api.stop();
     wait_for(503, Duration::from_secs(15));
-    assert_eq!(get(&node, HEALTHZ, "/livez").0, 503);
+    // Alive all the same, as kube-proxy: what is programmed keeps serving,
+    // and a restart would not bring the API server back.
+    assert_eq!(get(&node, HEALTHZ, "/livez").0, 200);
     api.resume().unwrap();
     wait_for(200, Duration::from_secs(40));
 }

@@ -4,6 +4,11 @@
 //! (from outside through a node port, and from a pod to the ClusterIP,
 //! which the socket hooks serve in eBPF mode) and keep 4 connections open
 //! through the node port, asking on each every 50 ms: none may fail.
+//!
+//! And the API server away while traffic flows: the programmed state
+//! serves on, `/livez` stays 200 (a liveness probe must not restart every
+//! agent of the cluster), and what changed meanwhile is programmed within
+//! 2 s of its return.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -16,10 +21,14 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Repeating, Tally, tcp_request},
+    apiserver::ApiServer,
+    client::{Repeating, Tally, http_get, tcp_request},
     cluster::{Cluster, Shape},
     kpr::{Kpr, Mode},
     manifests::write,
+    netns::run_in,
+    node::{self, VirtualNode},
+    objects::{service, slice},
     root_or_skip,
     servers::{self, Server},
 };
@@ -175,4 +184,79 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
     }
 }
 
-kpr_tests::in_both_modes!(keeps_serving_while_the_agent_restarts);
+/// How long the API server is away: 5 minutes on a real cluster; here long
+/// enough that a watch backing off as client-go does (up to 30 s between
+/// tries) would come back too late, with the health threshold scaled down.
+const OUTAGE: Duration = Duration::from_secs(25);
+const THRESHOLD: &str = "--healthz-threshold=2s";
+
+/// GET `path` on the agent's healthz address in `node`.
+fn health(node: &VirtualNode, path: &'static str) -> u16 {
+    let addr: SocketAddr = "127.0.0.1:10256".parse().unwrap();
+    node.ns.run(move || http_get(addr, path, TIMEOUT).map_or(0, |(status, _)| status)).unwrap()
+}
+
+fn keeps_serving_through_an_api_server_outage(mode: Mode) {
+    root_or_skip!();
+    let pods = node::WEB_AND_CLIENT;
+    let node = VirtualNode::new(&pods).unwrap();
+    let _servers: Vec<Server> =
+        pods[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    let ns = node.ns.name().to_string();
+    let mut api = ApiServer::start(Arc::new(move |port| {
+        run_in(&ns, move || std::net::TcpListener::bind(("127.0.0.1", port))).expect("netns")
+    }))
+    .unwrap();
+    api.create(&service("web", node::WEB_VIP, &[])).unwrap();
+    api.create(&slice("web-1", "web", &pods[..2])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let args = [
+        mode.arg().to_string(),
+        "--source=kube".into(),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        THRESHOLD.into(),
+    ];
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+    let vip = SocketAddr::from((node::WEB_VIP, 80));
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = every_10ms(&node.pod("client").ns, vip, stop.clone());
+
+    api.stop();
+    // Meanwhile web-a leaves the Service.
+    api.apply(&slice("web-1", "web", &pods[1..2])).unwrap();
+    let away = std::time::Instant::now();
+    let mut livez = Vec::new();
+    while away.elapsed() < OUTAGE {
+        livez.push(health(&node, "/livez"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(livez.iter().all(|s| *s == 200), "/livez through the outage: {livez:?}\n{}", kpr.log());
+    assert_eq!(health(&node, "/healthz"), 503, "/healthz reports that the state may be stale");
+
+    api.resume().unwrap();
+    let back = std::time::Instant::now();
+    // Programmed once ten connections in a row reach web-b only.
+    let client = node.pod("client").ns.name().to_string();
+    let converged = run_in(&client, move || {
+        let mut in_a_row = 0;
+        while in_a_row < 10 && back.elapsed() < Duration::from_secs(10) {
+            match tcp_request(vip, TIMEOUT).as_deref() {
+                Ok("web-b") => in_a_row += 1,
+                _ => in_a_row = 0,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        back.elapsed()
+    })
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let tally = traffic.join().unwrap();
+    // The last ten connections took about 0.1 s of it.
+    assert!(converged < Duration::from_millis(2100), "converged {converged:?} after the return:\n{}", kpr.log());
+    assert!(tally.ok > 300, "only {} answered ({tally:?})", tally.ok);
+    assert_eq!(tally.failed, 0, "{tally:?}\n{}", kpr.log());
+}
+
+kpr_tests::in_both_modes!(keeps_serving_while_the_agent_restarts, keeps_serving_through_an_api_server_outage);

@@ -82,6 +82,23 @@ struct KindState {
 
 const ORIGIN: &str = "api";
 
+/// How soon a failed watch is tried again: within 1.2 s, so changes made
+/// while the API server was away are programmed within about a second of
+/// its return (kube-runtime's default backoff waits up to 30 s). A try against a
+/// server that is down costs one refused connection, no more than the
+/// reachability probe sends every second anyway; the jitter spreads the
+/// nodes' re-lists when it comes back.
+fn retry_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        // Jitter adds up to as much again: 0.6 to 1.2 s between tries.
+        .with_max_delay(std::time::Duration::from_millis(600))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 fn watch<K>(
     api: Api<K>,
     config: &ModelConfig,
@@ -92,7 +109,7 @@ fn watch<K>(
 where
     K: Kind + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let stream = watcher(api, watcher::Config::default().labels(&config.label_selector())).default_backoff();
+    let stream = watcher(api, watcher::Config::default().labels(&config.label_selector())).backoff(retry_backoff());
     let kind = K::kind(&());
     let mut reflector = Reflector::new(ORIGIN, config.clone());
     tokio::spawn(async move {

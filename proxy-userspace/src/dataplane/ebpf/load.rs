@@ -424,7 +424,7 @@ pub fn attach_classifier(
     }
     let names = PACKET_PROGRAMS.map(|(_, hook)| {
         let hook = if hook == TcAttachType::Ingress { "ingress" } else { "egress" };
-        format!("tc-{index}-{iface}-{hook}")
+        pins::interface_link("tc", index, iface, hook)
     });
     for ((program_name, hook), pin) in PACKET_PROGRAMS.into_iter().zip(&names) {
         if pins.adopt(pin, program_name, |info| info.ifindex == index) {
@@ -437,11 +437,19 @@ pub fn attach_classifier(
         };
         let attached = program::<SchedClassifier>(ebpf, program_name).and_then(|classifier| {
             let link = classifier.attach(iface, hook).and_then(|id| classifier.take_link(id));
-            let link = link.map_err(|e| attach_error(with_sources(&e)))?;
-            // Before 6.6 (netlink, not a bpf_link) the filter stays until `kpr cleanup`.
-            FdLink::try_from(link).map_err(|e| attach_error(format!("not a bpf_link, so it cannot be pinned: {e}")))
+            link.map_err(|e| attach_error(with_sources(&e)))
         });
-        if let Err(e) = attached.and_then(|link| pins.keep(pin, link)) {
+        let kept = attached.and_then(|link| {
+            if <&FdLink>::try_from(&link).is_err() {
+                // A netlink classifier (before Linux 6.6) is no bpf_link: held
+                // here, it detaches when the agent exits.
+                pins.keep_unpinned(pin, link);
+                return Ok(());
+            }
+            let link = FdLink::try_from(link).map_err(|e| attach_error(e.to_string()))?;
+            pins.keep(pin, link)
+        });
+        if let Err(e) = kept {
             // Requests translated with no one to translate the replies would break flows.
             for pin in &names {
                 pins.release(pin);

@@ -74,8 +74,9 @@ pub fn prepare_maps(bpf_root: &Path, capacities: &[(&str, u32)]) -> bool {
 
 /// One attach point's link as the agent holds it.
 enum Held {
-    /// Not pinned (no bpf filesystem): dropping it detaches the program.
-    Unpinned(#[allow(dead_code, reason = "held for its drop")] FdLink),
+    /// Not pinned (no bpf filesystem, or a netlink classifier before Linux
+    /// 6.6, which is no bpf_link): dropping it detaches the program.
+    Unpinned(#[allow(dead_code, reason = "held for its drop")] Box<dyn std::any::Any + Send>),
     /// Pinned by this run.
     Pinned(#[allow(dead_code, reason = "held for its drop")] PinnedLink),
     /// Pinned by an earlier run, still running its program; switched to
@@ -141,7 +142,7 @@ impl LinkPins {
     /// Keeps `link`, just attached for the attach point `name`, pinned if it can be.
     pub fn keep(&mut self, name: &str, link: FdLink) -> Result<(), DataplaneError> {
         let held = match &self.dir {
-            None => Held::Unpinned(link),
+            None => Held::Unpinned(Box::new(link)),
             Some(dir) => Held::Pinned(link.pin(dir.join(name)).map_err(|e| DataplaneError::Attach {
                 program: "(pin)",
                 target: name.to_string(),
@@ -150,6 +151,12 @@ impl LinkPins {
         };
         self.held.insert(name.to_string(), held);
         Ok(())
+    }
+
+    /// Keeps `link`, which cannot be pinned, for the attach point `name`:
+    /// it detaches when the agent exits.
+    pub fn keep_unpinned(&mut self, name: &str, link: impl Send + 'static) {
+        self.held.insert(name.to_string(), Held::Unpinned(Box::new(link)));
     }
 
     /// Detaches the attach point `name` (its interface is gone, or it failed half-way).
@@ -260,6 +267,13 @@ fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result
     let mut attr = [0u64; 16];
     attr[0] = link.as_raw_fd() as u64 | ((program.as_raw_fd() as u64) << 32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The pin name of the attach point `kind` on interface `iface` (index
+/// `ifindex`), with `what` there: bpffs refuses dots in names (as in
+/// `flannel.1`), and the index keeps the names unique.
+pub fn interface_link(kind: &str, ifindex: u32, iface: &str, what: &str) -> String {
+    format!("{kind}-{ifindex}-{}-{what}", iface.replace('.', "_"))
 }
 
 /// The cgroup id of the cgroup v2 folder `path` (its inode number), as link info gives it.

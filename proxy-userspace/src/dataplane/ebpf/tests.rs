@@ -275,3 +275,8 @@ fn ids_start_past_the_ones_in_use_and_reuse_the_holes() {
     let mut fresh = Ids::with_used(&Default::default());
     assert_eq!(fresh.take(), 1);
 }
+
+#[test]
+fn link_pins_are_named_without_dots() {
+    assert_eq!(pins::interface_link("tc", 4, "flannel.1", "ingress"), "tc-4-flannel_1-ingress");
+}

@@ -98,7 +98,7 @@ impl Devices {
         if self.attached.contains_key(name) {
             return Ok(());
         }
-        let pin = |path: u8| format!("xdp-{index}-{name}-{}", hook::name(path));
+        let pin = |path: u8| super::pins::interface_link("xdp", index, name, hook::name(path));
         let adopted = self
             .mode
             .attempts()
