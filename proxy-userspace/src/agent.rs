@@ -46,6 +46,8 @@ pub(crate) struct RunConfig {
     pub(crate) iptables: RenderConfig,
     /// How often iptables mode rewrites every chain instead of only changed ones.
     pub(crate) iptables_full_sync_period: Duration,
+    /// How often the dataplane is checked for drift.
+    pub(crate) sync_period: Duration,
     pub(crate) state_dir: PathBuf,
     pub(crate) source: SourceSpec,
     pub(crate) kubeconfig: Option<PathBuf>,
@@ -159,7 +161,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(mode = %mode, node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let health = api::Health::new(cfg.healthz_threshold);
     let datapath = dataplane.stats();
-    let syncer = Syncer::new(dataplane, metrics.clone());
+    let syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
     let observed = api::Observed {
         mode,
         metrics,

@@ -102,6 +102,10 @@ enum Command {
         /// iptables mode rewrites every chain this often (other syncs rewrite only changed Services).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         iptables_full_sync_period: Duration,
+        /// How often the dataplane is checked for drift and repaired, in either
+        /// mode: a flushed iptables table, a map entry deleted by someone else.
+        #[arg(long, alias = "iptables-sync-period", default_value = "30s", value_parser = humantime::parse_duration)]
+        sync_period: Duration,
         /// Capacity of the service map (frontends plus one entry per VIP).
         #[arg(long, default_value_t = abi::DEFAULT_SERVICES_MAX)]
         max_services: u32,
@@ -436,6 +440,7 @@ async fn run() -> anyhow::Result<()> {
             cgroup_root,
             cluster_cidr,
             iptables_full_sync_period,
+            sync_period,
             max_services,
             max_backends,
             max_flows,
@@ -451,6 +456,7 @@ async fn run() -> anyhow::Result<()> {
                 iptables: RenderConfig { cluster_cidr, ..Default::default() },
                 nodeport_addresses,
                 iptables_full_sync_period,
+                sync_period,
                 state_dir,
                 source,
                 kubeconfig,

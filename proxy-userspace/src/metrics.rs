@@ -33,6 +33,8 @@ pub struct Metrics {
     pub apply_errors: Family<ReasonLabels, Counter>,
     /// Set to 1, labelled with the reason, when auto mode fell back from eBPF.
     pub ebpf_fallback: Family<ReasonLabels, Gauge>,
+    /// Drift the periodic check found and repaired.
+    pub repairs: Counter,
 }
 
 impl Default for Metrics {
@@ -43,6 +45,7 @@ impl Default for Metrics {
         let rejected = Family::<ReasonLabels, Counter>::default();
         let apply_errors = Family::<ReasonLabels, Counter>::default();
         let ebpf_fallback = Family::<ReasonLabels, Gauge>::default();
+        let repairs = Counter::default();
         let mut registry = Registry::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -70,8 +73,14 @@ impl Default for Metrics {
             "1 when auto mode fell back from eBPF to iptables, labelled with why",
             ebpf_fallback.clone(),
         );
+        registry.register(
+            "kpr_dataplane_repairs",
+            "Things the periodic check found drifted from the desired state (a flushed table, a deleted map entry) and wrote again",
+            repairs.clone(),
+        );
         Self {
             registry,
+            repairs,
             sync_duration,
             programming_latency,
             last_sync_timestamp,

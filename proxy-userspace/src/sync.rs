@@ -42,6 +42,8 @@ pub struct Syncer<D> {
     published_rejections: Option<usize>,
     metrics: Arc<Metrics>,
     recent: Arc<Mutex<Recent>>,
+    /// How often [`Syncer::repair`] runs in [`sync_loop`], if at all.
+    repair_every: Option<Duration>,
 }
 
 /// The first step's result: what the second must apply.
@@ -60,7 +62,27 @@ impl<D: Dataplane> Syncer<D> {
             published_rejections: None,
             metrics,
             recent: Arc::default(),
+            repair_every: None,
         }
+    }
+
+    /// Checks the dataplane for drift every `period` in [`sync_loop`].
+    pub fn with_repairs_every(mut self, period: Duration) -> Self {
+        self.repair_every = Some(period);
+        self
+    }
+
+    /// Repairs whatever drifted from the desired state; returns how much.
+    pub fn repair(&mut self) -> usize {
+        let repaired = {
+            let model = self.model.read().unwrap();
+            self.dataplane.repair(&model.frontends)
+        };
+        if repaired > 0 {
+            tracing::warn!(repaired, "the dataplane had drifted from the desired state; written again");
+            self.metrics.repairs.inc_by(repaired as u64);
+        }
+        repaired
     }
 
     /// The desired state; what the dataplane refused is in [`Syncer::pending_retry`].
@@ -186,6 +208,8 @@ where
     // Set after a sync the dataplane partly refused: try again then, even
     // without a new change.
     let mut retry: Option<tokio::time::Instant> = None;
+    let repair_every = state.as_ref().and_then(|(s, _)| s.repair_every);
+    let mut next_repair = repair_every.map(|p| tokio::time::Instant::now() + p);
     loop {
         let next_allowed = last_sync.map_or_else(tokio::time::Instant::now, |t| t + min_interval);
         let due = if pending.is_empty() { retry.map(|r| r.max(next_allowed)) } else { Some(next_allowed) };
@@ -211,6 +235,18 @@ where
                 state = Some((s, after));
                 last_sync = Some(tokio::time::Instant::now());
                 retry = (!ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
+            }
+            // Only once something was programmed: before, there is nothing to drift.
+            _ = tokio::time::sleep_until(next_repair.unwrap_or_else(tokio::time::Instant::now)), if next_repair.is_some() && last_sync.is_some() => {
+                let (mut s, after) = state.take().expect("the syncer is back after every sync");
+                let s = tokio::task::spawn_blocking(move || {
+                    s.repair();
+                    s
+                })
+                .await
+                .expect("repairing panicked");
+                state = Some((s, after));
+                next_repair = repair_every.map(|p| tokio::time::Instant::now() + p);
             }
             _ = &mut stop => return state.take().expect("the syncer is back after every sync").0,
         }

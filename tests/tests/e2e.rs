@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use kpr_tests::{
     client::{request_on, tcp_request, udp_request},
-    kpr::{Kpr, Mode},
+    kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     node::VirtualNode,
     root_or_skip,
@@ -171,7 +171,7 @@ fn invalid_objects_are_reported_and_skipped(mode: Mode) {
 }
 
 #[test]
-fn ctrl_c_detaches_from_every_interface() {
+fn ctrl_c_leaves_the_programs_serving_until_cleanup() {
     root_or_skip!();
     let mut c = Cluster::start(Mode::Ebpf);
     let attached = |c: &Cluster| -> usize {
@@ -186,6 +186,11 @@ fn ctrl_c_detaches_from_every_interface() {
     assert_eq!(attached(&c), PODS.len(), "one program per pod interface while running");
     let status = c.kpr.interrupt().unwrap();
     assert!(status.success(), "clean exit on SIGINT: {status}\n{}", c.kpr.log());
-    assert_eq!(attached(&c), 0, "nothing left attached after Ctrl-C");
-    assert!(c.kpr.log().contains("detached from all interfaces"));
+    // As kube-proxy's rules do, the datapath outlives the agent.
+    assert_eq!(attached(&c), PODS.len(), "still attached after Ctrl-C");
+    assert!(c.kpr.log().contains("programs stay attached"), "{}", c.kpr.log());
+    assert!(c.in_client(|| tcp_request(web(80), TIMEOUT).unwrap()).starts_with("web-"), "still served");
+    let root = format!("--bpf-root={}", c.node.bpf_root().display());
+    kpr::command(&c.node.ns, &["cleanup", &root]).unwrap();
+    assert_eq!(attached(&c), 0, "nothing left attached after `kpr cleanup`");
 }

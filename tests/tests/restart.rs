@@ -1,6 +1,6 @@
 //! The agent restarted under traffic, as a DaemonSet's agent is: killed
-//! (SIGKILL) and started again at once, and stopped (SIGTERM) for 10 s
-//! before starting again. Clients keep making new connections every 10 ms
+//! (SIGKILL) and started again at once, stopped (SIGTERM) for 10 s before
+//! starting again, and upgraded to a build with another map layout. Clients keep making new connections every 10 ms
 //! (from outside through a node port, and from a pod to the ClusterIP,
 //! which the socket hooks serve in eBPF mode) and keep 4 connections open
 //! through the node port, asking on each every 50 ms: none may fail.
@@ -9,6 +9,9 @@
 //! serves on, `/livez` stays 200 (a liveness probe must not restart every
 //! agent of the cluster), and what changed meanwhile is programmed within
 //! 2 s of its return.
+//!
+//! And someone else disturbing the dataplane (a flushed nat table, a map
+//! entry deleted): repaired within the sync period.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -165,6 +168,17 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
     std::thread::sleep(DOWN);
     agents[0] = start(0, 2);
     std::thread::sleep(Duration::from_secs(1));
+    // An upgrade that changes the map layout: the maps the stopped agent
+    // left look like an older layout's, so the new one starts from fresh
+    // maps and migrates them while the old programs serve.
+    agents[0].stop(libc::SIGTERM).unwrap();
+    if mode == Mode::Ebpf {
+        let pins = node0.bpf_root().join("kpr");
+        let layout = proxy_common::maps::LAYOUT;
+        std::fs::rename(pins.join(format!("maps-v{layout}")), pins.join(format!("maps-v{}", layout - 1))).unwrap();
+    }
+    agents[0] = start(0, 3);
+    std::thread::sleep(Duration::from_secs(1));
 
     stop.store(true, Ordering::Relaxed);
     let outcomes = [
@@ -174,13 +188,14 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
     ];
     let log = agents[0].log();
     for (what, tally) in &outcomes {
-        // Some 1,200 connections at one per 10 ms over the 13 s or so; a margin for slow machines.
+        // Some 1,400 connections at one per 10 ms over the 15 s or so; a margin for slow machines.
         assert!(tally.ok > 300, "{what}: only {} answered ({tally:?})", tally.ok);
         assert_eq!(tally.failed, 0, "{what}: {tally:?}\nagent log:\n{log}");
     }
     if mode == Mode::Ebpf {
         assert!(log.contains("took over the frontends the maps hold"), "the maps were reused:\n{log}");
         assert!(log.contains("switched to this run's programs"), "the links were taken over:\n{log}");
+        assert!(log.contains("migration done"), "the maps were migrated:\n{log}");
     }
 }
 
@@ -259,4 +274,52 @@ fn keeps_serving_through_an_api_server_outage(mode: Mode) {
     assert_eq!(tally.failed, 0, "{tally:?}\n{}", kpr.log());
 }
 
-kpr_tests::in_both_modes!(keeps_serving_while_the_agent_restarts, keeps_serving_through_an_api_server_outage);
+/// Breaks the dataplane as someone else might: flushes the nat table, or
+/// deletes the Service's entry from the pinned service map.
+fn disturb(node: &VirtualNode, mode: Mode) {
+    match mode {
+        Mode::Iptables => {
+            let out = [("iptables-nft", "-F"), ("iptables-legacy", "-F")]
+                .map(|(tool, flag)| node.ns.exec(&[tool, "-t", "nat", flag]));
+            assert!(out.iter().any(Result::is_ok), "{out:?}");
+        }
+        Mode::Ebpf => {
+            let pin = node.bpf_root().join(format!("kpr/maps-v{}/SERVICES", proxy_common::maps::LAYOUT));
+            let map = aya::maps::MapData::from_pin(&pin).unwrap();
+            let mut services: aya::maps::HashMap<_, proxy_common::maps::ServiceKey, proxy_common::maps::ServiceValue> =
+                aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+            services.remove(&proxy_common::maps::ServiceKey::new(node::WEB_VIP.octets(), 80, 6)).unwrap();
+        }
+    }
+}
+
+fn repairs_what_someone_else_breaks(mode: Mode) {
+    root_or_skip!();
+    let pods = node::WEB_AND_CLIENT;
+    let node = VirtualNode::new(&pods).unwrap();
+    let _servers: Vec<Server> =
+        pods[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "web.yaml", &kpr_tests::manifests::web_service("web", node::WEB_VIP, &pods[..2])).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", dir.path().display()), "--sync-period=1s".into()];
+    let mut kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+    let vip = SocketAddr::from((node::WEB_VIP, 80));
+    let ask = || node.pod("client").ns.run(move || tcp_request(vip, Duration::from_millis(500))).unwrap();
+    assert!(ask().is_ok());
+
+    disturb(&node, mode);
+    // The repair count says the check found what the disturbance broke
+    // (asking in between would race the check).
+    kpr.wait_for_log("written again", Duration::from_secs(5)).unwrap();
+    assert!(ask().is_ok(), "repaired:\n{}", kpr.log());
+    let metrics: SocketAddr = "127.0.0.1:10249".parse().unwrap();
+    let (_, text) = node.ns.run(move || http_get(metrics, "/metrics", TIMEOUT)).unwrap().unwrap();
+    let repairs = kpr_tests::client::metric(&text, "kpr_dataplane_repairs_total").unwrap_or(0.0);
+    assert!(repairs >= 1.0, "{text}");
+}
+
+kpr_tests::in_both_modes!(
+    keeps_serving_while_the_agent_restarts,
+    keeps_serving_through_an_api_server_outage,
+    repairs_what_someone_else_breaks
+);

@@ -55,6 +55,13 @@ pub trait Dataplane: Send {
         None
     }
 
+    /// Finds where the kernel's state drifted from what this dataplane
+    /// wrote (a table flushed, an entry deleted by someone else) and writes
+    /// it again from `desired`; returns how many things it repaired.
+    fn repair(&mut self, _desired: &Desired) -> usize {
+        0
+    }
+
     /// Called once, after the first sync that followed a complete list:
     /// this dataplane now serves everything the sources hold.
     fn serving(&mut self) {}
@@ -69,6 +76,9 @@ impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
     }
     fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
         (**self).stats()
+    }
+    fn repair(&mut self, desired: &Desired) -> usize {
+        (**self).repair(desired)
     }
     fn serving(&mut self) {
         (**self).serving()

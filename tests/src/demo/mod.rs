@@ -321,7 +321,9 @@ pub fn run(dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     serve_dashboard(&node, &services, &stop)?;
 
     let status = kpr.interrupt()?;
-    println!("kpr stopped ({status}) and detached; its log:");
+    println!(
+        "kpr stopped ({status}); its programs stay attached (as on a real node, where the next start takes them over) until the node's namespaces and bpf filesystem go below; its log:"
+    );
     for line in kpr.log().lines() {
         println!("  {line}");
     }

@@ -22,7 +22,8 @@ use super::{
     conntrack_gc::Collector,
     links,
     maps::{AyaMaps, TrafficMaps},
-    pins::{self, LinkPins},
+    migrate,
+    pins::{self, LinkPins, PinnedMaps},
     xdp::{self, XdpMode},
 };
 use crate::{
@@ -158,6 +159,8 @@ pub struct Attached {
     pub pins: LinkPins,
     /// Whether the maps are a previous run's, programmed already.
     pub reused: bool,
+    /// The previous run's maps, set aside while they are migrated.
+    pub previous: Option<PathBuf>,
 }
 
 /// The magic number of a bpf filesystem in `statfs`.
@@ -169,9 +172,9 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
-/// Where the maps are pinned, and whether those there are reused: this
-/// layout's, at the sizes asked. `None` without a bpf filesystem at `bpf_root`.
-fn maps_dir(bpf_root: &Path, sizes: MapSizes) -> Option<(PathBuf, bool)> {
+/// Where the maps are pinned, and what was pinned before (see
+/// [`pins::prepare_maps`]). `None` without a bpf filesystem at `bpf_root`.
+fn maps_dir(bpf_root: &Path, sizes: MapSizes) -> Option<(PathBuf, PinnedMaps)> {
     if !is_bpffs(bpf_root) {
         tracing::warn!(
             root = %bpf_root.display(),
@@ -180,13 +183,13 @@ fn maps_dir(bpf_root: &Path, sizes: MapSizes) -> Option<(PathBuf, bool)> {
         );
         return None;
     }
-    let reused = pins::prepare_maps(bpf_root, &capacities(sizes));
+    let found = pins::prepare_maps(bpf_root, &capacities(sizes));
     let dir = crate::inspect::maps_dir(bpf_root);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         tracing::warn!(dir = %dir.display(), error = %e, "maps not pinned");
         return None;
     }
-    Some((dir, reused))
+    Some((dir, found))
 }
 
 fn missing(name: &str) -> DataplaneError {
@@ -338,9 +341,21 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         }
     }
     let pinned = maps_dir(bpf_root, sizes);
-    let reused = pinned.as_ref().is_some_and(|(_, reused)| *reused);
     let mut ebpf = load_pinned(sizes, pinned.as_ref().map(|(dir, _)| dir.as_path()))?;
-    if let Some((dir, _)) = &pinned {
+    let (mut reused, mut previous) = (false, None);
+    if let Some((dir, found)) = &pinned {
+        match found {
+            PinnedMaps::Reusable => reused = true,
+            PinnedMaps::Previous(old) => {
+                let maps: Vec<&str> = pinned_maps().filter(|m| !migrate::SERVICE_MAPS.contains(m)).collect();
+                let services = migrate::copy_maps(old, dir, &migrate::SERVICE_MAPS, true, false);
+                let others = migrate::copy_maps(old, dir, &maps, false, false);
+                tracing::info!(copied = ?services.iter().chain(&others).collect::<Vec<_>>(), "maps migrated from the previous run's");
+                reused = !services.is_empty();
+                previous = Some(old.clone());
+            }
+            PinnedMaps::Nothing => {}
+        }
         let how = if reused { "reused: flows and programming carry over" } else { "created" };
         tracing::info!(dir = %dir.display(), "maps pinned, {how}");
     }
@@ -407,7 +422,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
-    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector, devices, pins, reused })
+    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector, devices, pins, reused, previous })
 }
 
 /// Attaches the (loaded) classifiers on ingress and egress of `iface`

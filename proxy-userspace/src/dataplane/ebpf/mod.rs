@@ -17,8 +17,10 @@ pub mod links;
 pub mod load;
 pub mod maps;
 pub mod masquerade;
+mod migrate;
 mod netlink;
 pub mod pins;
+mod repair;
 pub mod sock_destroy;
 pub mod xdp;
 
@@ -213,6 +215,9 @@ pub struct EbpfDataplane<M = AyaMaps> {
     adopted: bool,
     /// The links of every attach point (see `pins`).
     pins: pins::LinkPins,
+    /// The previous run's maps and where this run's are, while a migration
+    /// waits for the switch (see `migrate`).
+    migrating: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(MapIoError) -> DataplaneError {
@@ -236,6 +241,7 @@ impl EbpfDataplane<AyaMaps> {
             tracing::info!(frontends, "took over the frontends the maps hold; they serve until the first sync");
         }
         dataplane.pins = attached.pins;
+        dataplane.migrating = attached.previous.map(|old| (old, crate::inspect::maps_dir(bpf_root)));
         dataplane.ebpf = Some(attached.ebpf);
         dataplane.interface_patterns.clone_from(&targets.interfaces);
         dataplane.devices.clone_from(&targets.devices);
@@ -271,6 +277,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             retiring: Vec::new(),
             adopted: false,
             pins: pins::LinkPins::new(None),
+            migrating: None,
         }
     }
 
@@ -617,6 +624,10 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
         self.observed.clone().map(|m| m as Arc<dyn DatapathStats>)
     }
 
+    fn repair(&mut self, desired: &Desired) -> usize {
+        self.repair_drift(desired)
+    }
+
     /// The maps are programmed: links a previous run left switch to this
     /// run's programs, and the ones nothing claimed are detached.
     fn serving(&mut self) {
@@ -628,6 +639,14 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
         let (switched, removed) = self.pins.commit(program_fd);
         if switched + removed > 0 {
             tracing::info!(switched, removed, "links of the previous run switched to this run's programs");
+        }
+        if let Some((old, current)) = self.migrating.take() {
+            // What the old programs tracked until the switch.
+            migrate::copy_maps(&old, &current, &migrate::FLOW_MAPS, false, true);
+            match std::fs::remove_dir_all(&old) {
+                Ok(()) => tracing::info!("migration done: the previous run's maps are released"),
+                Err(e) => tracing::warn!(dir = %old.display(), error = %e, "could not remove the previous run's maps"),
+            }
         }
     }
 

@@ -4,8 +4,9 @@
 //! - Maps live in `kpr/maps-v<LAYOUT>/` and are reused by the next start of
 //!   the same layout and sizes (flows, NAT ports and backend sets go on).
 //!   A binary of another layout, or new `--max-*` sizes, starts from fresh
-//!   maps: the old ones are only unpinned, and the programs still attached
-//!   keep using them until they are swapped.
+//!   maps, with the old ones set aside in `kpr/previous/` for `migrate` to
+//!   copy from; the programs still attached keep using them until they are
+//!   swapped.
 //! - Links live in `kpr/links/`, one per attach point, named after it. A
 //!   link pinned by the previous run is adopted: it keeps running the old
 //!   program until the first complete sync has programmed the maps, then
@@ -24,6 +25,8 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 
+use proxy_common::maps::LAYOUT;
+
 use crate::{
     dataplane::DataplaneError,
     inspect::{maps_dir, pin_dir as kpr_dir},
@@ -33,43 +36,111 @@ fn links_dir(bpf_root: &Path) -> PathBuf {
     kpr_dir(bpf_root).join("links")
 }
 
-/// Whether the maps pinned for this layout can be reused: each map named
-/// in `capacities` holds as many entries as asked. Otherwise (or with
-/// another layout's maps there) the pins are removed so the load creates
-/// fresh maps; the programs attached keep theirs until swapped. Pins from
-/// before layouts were versioned (maps directly in `kpr/`) go too.
-pub fn prepare_maps(bpf_root: &Path, capacities: &[(&str, u32)]) -> bool {
+/// What a start finds pinned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinnedMaps {
+    /// Nothing: fresh maps.
+    Nothing,
+    /// This layout's maps at the sizes asked: reused as they are.
+    Reusable,
+    /// Maps of another layout or other sizes, moved to this folder: fresh
+    /// maps are made, and what can be is copied over (see `migrate`).
+    Previous(PathBuf),
+}
+
+/// Where a previous run's maps wait while they are migrated.
+fn previous_dir(bpf_root: &Path) -> PathBuf {
+    kpr_dir(bpf_root).join("previous")
+}
+
+/// Sorts out what is pinned before the load: this layout's maps are
+/// reused when every map named in `capacities` holds as many entries as
+/// asked; otherwise they, or another layout's (the newest), or the loose
+/// pins from before layouts were versioned, are moved to `kpr/previous` to
+/// be migrated. Anything older is removed.
+pub fn prepare_maps(bpf_root: &Path, capacities: &[(&str, u32)]) -> PinnedMaps {
     let kpr = kpr_dir(bpf_root);
     let current = maps_dir(bpf_root);
-    let Ok(entries) = std::fs::read_dir(&kpr) else { return false };
+    let previous = previous_dir(bpf_root);
+    let remove = |path: &Path| {
+        let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+        if let Err(e) = removed {
+            tracing::warn!(pin = %path.display(), error = %e, "could not remove an old pin");
+        }
+    };
+    // A migration that did not finish: its maps are older than what is there now.
+    if previous.exists() {
+        remove(&previous);
+    }
+    let Ok(entries) = std::fs::read_dir(&kpr) else { return PinnedMaps::Nothing };
+    let (mut layouts, mut loose) = (Vec::new(), Vec::new());
     for entry in entries.flatten() {
         let path = entry.path();
         if path == current || path == links_dir(bpf_root) {
             continue;
         }
-        tracing::info!(pin = %path.display(), "removing pinned maps of another layout");
-        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        if let Err(e) = removed {
-            tracing::warn!(pin = %path.display(), error = %e, "could not remove an old pin");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match name.strip_prefix("maps-v").and_then(|v| v.parse::<u32>().ok()) {
+            Some(version) if path.is_dir() => layouts.push((version, path)),
+            _ if !path.is_dir() => loose.push(path),
+            _ => remove(&path),
         }
     }
-    if !current.exists() {
-        return false;
+    let sizes_match = || {
+        capacities.iter().all(|(name, wanted)| {
+            aya::maps::MapInfo::from_pin(current.join(name)).is_ok_and(|info| info.max_entries() == *wanted)
+        })
+    };
+    let moved = |from: &Path| match std::fs::rename(from, &previous) {
+        Ok(()) => PinnedMaps::Previous(previous.clone()),
+        Err(e) => {
+            tracing::warn!(pin = %from.display(), error = %e, "could not set the old maps aside: starting from fresh maps");
+            remove(from);
+            PinnedMaps::Nothing
+        }
+    };
+    layouts.sort();
+    let newest_other = layouts.pop();
+    for (_, path) in &layouts {
+        remove(path);
     }
-    let mismatch = capacities.iter().find_map(|(name, wanted)| {
-        let found = aya::maps::MapInfo::from_pin(current.join(name)).map(|info| info.max_entries());
-        (found.as_ref().ok() != Some(wanted)).then(|| format!("{name}: pinned {found:?}, asked {wanted}"))
-    });
-    match mismatch {
-        None => true,
-        Some(why) => {
-            tracing::warn!(%why, "map sizes changed: starting from fresh maps (tracked flows are forgotten)");
-            if let Err(e) = std::fs::remove_dir_all(&current) {
-                tracing::warn!(dir = %current.display(), error = %e, "could not remove the old maps' pins");
-            }
-            false
+    if current.exists() {
+        for path in newest_other.iter().map(|(_, p)| p).chain(&loose) {
+            remove(path);
+        }
+        if sizes_match() {
+            return PinnedMaps::Reusable;
+        }
+        tracing::info!("map sizes changed: fresh maps, with what fits copied from the old ones");
+        return moved(&current);
+    }
+    if let Some((version, path)) = newest_other {
+        for path in &loose {
+            remove(path);
+        }
+        tracing::info!(
+            from = version,
+            to = LAYOUT,
+            "the map layout changed: fresh maps, with what keeps its format copied"
+        );
+        return moved(&path);
+    }
+    if loose.is_empty() {
+        return PinnedMaps::Nothing;
+    }
+    // Maps pinned directly in kpr/ (before layouts were versioned).
+    if let Err(e) = std::fs::create_dir(&previous) {
+        tracing::warn!(error = %e, "could not set the old maps aside: starting from fresh maps");
+        loose.iter().for_each(|p| remove(p));
+        return PinnedMaps::Nothing;
+    }
+    for path in &loose {
+        let to = previous.join(path.file_name().unwrap_or_default());
+        if std::fs::rename(path, to).is_err() {
+            remove(path);
         }
     }
+    PinnedMaps::Previous(previous)
 }
 
 /// One attach point's link as the agent holds it.
@@ -233,7 +304,8 @@ const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+/// The bpf() system call with a zeroed, bpf_attr-sized buffer.
+pub(super) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a zeroed bpf_attr-sized buffer the command reads and writes.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }

@@ -280,3 +280,32 @@ fn ids_start_past_the_ones_in_use_and_reuse_the_holes() {
 fn link_pins_are_named_without_dots() {
     assert_eq!(pins::interface_link("tc", 4, "flannel.1", "ingress"), "tc-4-flannel_1-ingress");
 }
+
+#[test]
+fn drift_is_written_again_and_strays_removed() {
+    let mut dp = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32));
+    let (a, b) = (fe(1, 80, &[1, 2]), fe(2, 80, &[3]));
+    let desired = Desired::from([(a.key, a.clone()), (b.key, b.clone())]);
+    assert!(dp.apply(&[Op::Upsert(a.key), Op::Upsert(b.key)], &desired).is_empty());
+    assert_eq!(dp.repair(&desired), 0, "nothing drifted");
+    let want = dp.maps().services.clone();
+
+    // Someone deletes a's entry and one of b's slots, adds an entry of their
+    // own and removes b's VIP marker.
+    let maps = &mut dp.maps;
+    maps.services.remove(&service_key(&a.key));
+    let b_set = maps.services[&service_key(&b.key)].backend_set;
+    maps.backends.remove(&BackendKey { set: b_set, slot: 0 });
+    let stray = ServiceKey::new([10, 96, 0, 9], 80, 6);
+    maps.services.insert(stray, ServiceValue { id: 99, ..ServiceValue::MARKER });
+    maps.services.remove(&ServiceKey::vip_marker([10, 96, 0, 2]));
+
+    assert_eq!(dp.repair(&desired), 4, "two frontends, the stray and the marker");
+    assert_eq!(serving(dp.maps(), &a), [1, 2]);
+    assert_eq!(serving(dp.maps(), &b), [3]);
+    assert!(!dp.maps().services.contains_key(&stray));
+    let keys = |m: &std::collections::BTreeMap<ServiceKey, ServiceValue>| m.keys().copied().collect::<Vec<_>>();
+    assert_eq!(keys(&dp.maps().services), keys(&want), "the same frontends and markers as before");
+    assert_eq!(dp.maps().services[&service_key(&a.key)].id, want[&service_key(&a.key)].id, "ids kept");
+    assert_eq!(dp.repair(&desired), 0, "repaired for good");
+}

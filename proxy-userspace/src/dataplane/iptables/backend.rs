@@ -126,6 +126,38 @@ impl Backend {
         Ok(())
     }
 
+    /// Makes sure each table kpr writes has its canary: a chain holding one
+    /// rule, which a flush of the table (`iptables -t nat -F`, a firewall
+    /// reload) takes away with kpr's rules.
+    pub fn ensure_canaries(self) -> Result<(), DataplaneError> {
+        for table in CANARY_TABLES {
+            // Fails when the chain exists, which is fine.
+            self.iptables(&["-t", table, "-N", CANARY])?;
+            let mut check = vec!["-t", table, "-C", CANARY];
+            check.extend(CANARY_RULE);
+            if !self.iptables(&check)? {
+                let mut append = vec!["-t", table, "-A", CANARY];
+                append.extend(CANARY_RULE);
+                if !self.iptables(&append)? {
+                    return Err(DataplaneError::Command {
+                        command: format!("iptables -t {table} -A {CANARY}"),
+                        reason: "could not add the canary rule".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every canary still holds its rule (nothing flushed kpr's tables).
+    pub fn canaries_alive(self) -> bool {
+        CANARY_TABLES.iter().all(|table| {
+            let mut check = vec!["-t", table, "-C", CANARY];
+            check.extend(CANARY_RULE);
+            self.iptables(&check).unwrap_or(false)
+        })
+    }
+
     /// True if this backend holds any chain kpr writes.
     pub fn has_kpr_rules(self) -> bool {
         ["nat", "filter"].iter().any(|t| {
@@ -175,8 +207,16 @@ fn is_service_chain_decl(line: &str) -> bool {
     line.strip_prefix(':').is_some_and(is_service_chain)
 }
 
+/// The chain whose one rule tells whether its table was flushed since kpr
+/// wrote it (kube-proxy's canary is an empty chain, which a flush leaves).
+const CANARY: &str = "KUBE-PROXY-CANARY";
+const CANARY_RULE: [&str; 6] =
+    ["-m", "comment", "--comment", "kpr: a flush of this table removes this rule", "-j", "RETURN"];
+const CANARY_TABLES: [&str; 2] = ["nat", "filter"];
+
 /// The chains kpr owns besides the per-service ones.
-const OWN_CHAINS: [&str; 7] = [
+const OWN_CHAINS: [&str; 8] = [
+    CANARY,
     "KUBE-SERVICES",
     "KUBE-EXTERNAL-SERVICES",
     "KUBE-FORWARD",

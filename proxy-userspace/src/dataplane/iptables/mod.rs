@@ -52,6 +52,7 @@ impl IptablesDataplane {
         // Rules a previous run left keep serving until the first sync rewrites them.
         backend.ensure_chains()?;
         backend.ensure_jumps()?;
+        backend.ensure_canaries()?;
         Ok(Self { backend, config, written, udp_endpoints: BTreeMap::new(), full_sync_period, last_full_sync: None })
     }
 
@@ -117,6 +118,31 @@ impl IptablesDataplane {
 impl Dataplane for IptablesDataplane {
     fn mode(&self) -> Mode {
         Mode::Iptables
+    }
+
+    /// A canary gone means someone flushed a table (or a firewall reloaded):
+    /// the chains, jumps and every Service's rules are written again.
+    fn repair(&mut self, desired: &Desired) -> usize {
+        if self.backend.canaries_alive() {
+            return 0;
+        }
+        let repaired = self
+            .backend
+            .ensure_chains()
+            .and_then(|()| self.backend.ensure_jumps())
+            .and_then(|()| {
+                self.last_full_sync = None;
+                self.sync(desired, &BTreeSet::new())
+            })
+            // Last: a canary alive says the rules were written after the flush.
+            .and_then(|()| self.backend.ensure_canaries());
+        match repaired {
+            Ok(()) => 1,
+            Err(e) => {
+                tracing::error!(error = %e, "could not rewrite the flushed rules; trying again next period");
+                0
+            }
+        }
     }
 
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
