@@ -176,7 +176,8 @@ impl Backend {
             while self.iptables(&delete)? {}
         }
         let mut input = String::new();
-        for table in ["filter", "nat"] {
+        // mangle: kube-proxy's canary, when taking over from it.
+        for table in ["filter", "nat", "mangle"] {
             let saved = self.save(table);
             let chains: Vec<&str> = saved
                 .lines()
