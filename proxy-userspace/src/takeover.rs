@@ -53,10 +53,10 @@ pub fn all_interfaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Detaches kpr's classifier where it was attached through netlink (kernels
-/// before 6.6; TCX links end with the process that made them) and removes
-/// the maps pinned under `bpf_root`. Returns how many attachments and pin
-/// folders were removed.
+/// Detaches kpr's programs: the links pinned under `bpf_root` and the
+/// classifiers attached through netlink (kernels before 6.6), and removes
+/// the maps pinned there. Returns how many attachments and pin folders
+/// were removed.
 pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
     let mut removed = masquerade::remove();
     for iface in interfaces {
@@ -71,6 +71,8 @@ pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
             }
         }
     }
+    // Links first, at once: unpinned only, they would go some milliseconds later.
+    removed += crate::dataplane::ebpf::pins::detach_all(bpf_root);
     let pins = inspect::pin_dir(bpf_root);
     if pins.exists() {
         match std::fs::remove_dir_all(&pins) {

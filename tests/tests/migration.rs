@@ -59,7 +59,9 @@ fn kube_proxy_rules() -> String {
         ("ns5/svc5:p80", 3002, "KUBE-EXT-NUKIZ6OKUXPJNT4C"),
     ] {
         let rule = format!("-A KUBE-NODEPORTS -m comment --comment {svc} -m tcp -p tcp --dport {port} -j {chain}\n");
-        let local = format!("-A KUBE-NODEPORTS -m comment --comment {svc} -m tcp -p tcp -d 127.0.0.0/8 --dport {port} -j {chain}\n");
+        let local = format!(
+            "-A KUBE-NODEPORTS -m comment --comment {svc} -m tcp -p tcp -d 127.0.0.0/8 --dport {port} -j {chain}\n"
+        );
         text = put_back(&text, &rule, &format!("{local}{rule}"));
     }
     // svc5's session affinity.
@@ -185,9 +187,7 @@ fn takes_over(mode: Mode, backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("kube-proxy.rules");
     std::fs::write(&rules, kube_proxy_rules()).unwrap();
-    node.ns
-        .exec(&["sh", "-c", &format!("iptables-{backend}-restore --noflush < {}", rules.display())])
-        .unwrap();
+    node.ns.exec(&["sh", "-c", &format!("iptables-{backend}-restore --noflush < {}", rules.display())]).unwrap();
     let client = node.pod("client").ns.name().to_string();
     let ask = move || kpr_tests::netns::run_in(&client, || tcp_request(SVC1, TIMEOUT)).unwrap();
     assert_eq!(ask().unwrap(), "p1", "kube-proxy's rules serve before kpr starts");
@@ -227,7 +227,9 @@ fn takes_over(mode: Mode, backend: &str) {
 
     let left = saved(&node);
     if mode == Mode::Ebpf {
-        for chain in ["KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-", "KUBE-NODEPORTS", "KUBE-PROXY-CANARY"] {
+        for chain in
+            ["KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-", "KUBE-NODEPORTS", "KUBE-PROXY-CANARY"]
+        {
             assert!(!left.contains(chain), "kube-proxy's {chain} is gone:\n{left}");
         }
     } else {

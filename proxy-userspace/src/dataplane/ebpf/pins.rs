@@ -202,7 +202,7 @@ impl LinkPins {
                     tracing::debug!(link = name, error = %e, "pinned link unreadable");
                 }
                 tracing::info!(link = name, "a pinned link no longer attached where expected: replaced");
-                if let Err(e) = std::fs::remove_file(&path) {
+                if let Err(e) = detach_and_unpin(&path) {
                     tracing::warn!(link = name, error = %e, "could not remove a stale pinned link");
                 }
                 false
@@ -234,7 +234,7 @@ impl LinkPins {
     pub fn release(&mut self, name: &str) {
         if self.held.remove(name).is_some()
             && let Some(dir) = &self.dir
-            && let Err(e) = std::fs::remove_file(dir.join(name))
+            && let Err(e) = detach_and_unpin(&dir.join(name))
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(link = name, error = %e, "could not unpin a link");
@@ -275,7 +275,7 @@ impl LinkPins {
                 if self.held.contains_key(&name) {
                     continue;
                 }
-                match std::fs::remove_file(entry.path()) {
+                match detach_and_unpin(&entry.path()) {
                     Ok(()) => {
                         tracing::info!(link = %name, "detached a link of the previous run no attach point needs");
                         removed += 1;
@@ -300,6 +300,7 @@ pub struct LinkInfo {
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -346,6 +347,27 @@ fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result
 /// `flannel.1`), and the index keeps the names unique.
 pub fn interface_link(kind: &str, ifindex: u32, iface: &str, what: &str) -> String {
     format!("{kind}-{ifindex}-{}-{what}", iface.replace('.', "_"))
+}
+
+/// Detaches the link pinned at `path` now and unpins it. Unpinning alone
+/// releases the link later, from a kernel work queue: the program can
+/// still run for tens of milliseconds, and whoever takes over (iptables
+/// mode, `kpr cleanup`'s caller) would share packets with it.
+pub fn detach_and_unpin(path: &Path) -> std::io::Result<()> {
+    if let Ok(fd) = obj_get(path) {
+        let mut attr = [0u64; 16];
+        attr[0] = fd.as_raw_fd() as u64;
+        if let Err(e) = bpf(BPF_LINK_DETACH, &mut attr) {
+            tracing::debug!(link = %path.display(), error = %e, "link not detached at once; it goes when unpinned");
+        }
+    }
+    std::fs::remove_file(path)
+}
+
+/// Detaches and unpins every link under `bpf_root`; returns how many.
+pub fn detach_all(bpf_root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(links_dir(bpf_root)) else { return 0 };
+    entries.flatten().filter(|e| detach_and_unpin(&e.path()).is_ok()).count()
 }
 
 /// The cgroup id of the cgroup v2 folder `path` (its inode number), as link info gives it.
