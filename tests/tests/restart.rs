@@ -11,7 +11,8 @@
 //! 2 s of its return.
 //!
 //! And someone else disturbing the dataplane (a flushed nat table, a map
-//! entry deleted): repaired within the sync period.
+//! entry deleted): repaired within the sync period. And a UDP client that
+//! sent before kpr started: served once kpr is.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -211,12 +212,18 @@ fn health(node: &VirtualNode, path: &'static str) -> u16 {
     node.ns.run(move || http_get(addr, path, TIMEOUT).map_or(0, |(status, _)| status)).unwrap()
 }
 
+/// The node most tests use: two web pods serving on 8080, and a client.
+fn web_node() -> (VirtualNode, Vec<Server>) {
+    let pods = node::WEB_AND_CLIENT;
+    let node = VirtualNode::new(&pods).unwrap();
+    let servers = pods[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    (node, servers)
+}
+
 fn keeps_serving_through_an_api_server_outage(mode: Mode) {
     root_or_skip!();
     let pods = node::WEB_AND_CLIENT;
-    let node = VirtualNode::new(&pods).unwrap();
-    let _servers: Vec<Server> =
-        pods[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    let (node, _servers) = web_node();
     let ns = node.ns.name().to_string();
     let mut api = ApiServer::start(Arc::new(move |port| {
         run_in(&ns, move || std::net::TcpListener::bind(("127.0.0.1", port))).expect("netns")
@@ -296,9 +303,7 @@ fn disturb(node: &VirtualNode, mode: Mode) {
 fn repairs_what_someone_else_breaks(mode: Mode) {
     root_or_skip!();
     let pods = node::WEB_AND_CLIENT;
-    let node = VirtualNode::new(&pods).unwrap();
-    let _servers: Vec<Server> =
-        pods[..2].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    let (node, _servers) = web_node();
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "web.yaml", &kpr_tests::manifests::web_service("web", node::WEB_VIP, &pods[..2])).unwrap();
     let args = [mode.arg().to_string(), format!("--source=dir:{}", dir.path().display()), "--sync-period=1s".into()];
@@ -318,8 +323,63 @@ fn repairs_what_someone_else_breaks(mode: Mode) {
     assert!(repairs >= 1.0, "{text}");
 }
 
+/// A UDP client that kept sending to a ClusterIP before kpr programmed it
+/// (a node booting, kpr's pod starting late): its first datagrams left
+/// untranslated, and in iptables mode the kernel's conntrack entry for them
+/// would keep every later one untranslated too (the DNS blackhole) unless
+/// kpr clears UDP entries that no endpoint answers, as kube-proxy does.
+fn serves_a_udp_client_that_sent_before_kpr_started(mode: Mode) {
+    root_or_skip!();
+    let pods = node::WEB_AND_CLIENT;
+    let (node, _servers) = web_node();
+    let _udp: Vec<Server> = pods[..2].iter().map(|(n, _)| servers::udp(&node.pod(n).ns, 5353, n).unwrap()).collect();
+    // A node has nat rules before kpr starts (here a CNI's masquerade rule),
+    // so the kernel gives the early datagrams' conntrack entry its NAT
+    // binding, an untranslated one, at once.
+    let masquerade =
+        ["-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/24", "!", "-d", "10.244.0.0/24", "-j", "MASQUERADE"];
+    node.ns.exec(&[&["iptables-nft"][..], &masquerade[..]].concat()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "web.yaml", &kpr_tests::manifests::web_service("web", node::WEB_VIP, &pods[..2])).unwrap();
+    let vip = SocketAddr::from((node::WEB_VIP, 53));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = node.pod("client").ns.name().to_string();
+    let asking = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            run_in(&client, move || {
+                // One socket, one source port: the same conntrack entry throughout.
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket.connect(vip).unwrap();
+                socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                let mut answered = None;
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    socket.send(b"hello").ok();
+                    if socket.recv(&mut buf).is_ok() && answered.is_none() {
+                        answered = Some(std::time::Instant::now());
+                    }
+                }
+                answered
+            })
+            .unwrap()
+        })
+    };
+    // Datagrams go out untranslated for a while.
+    std::thread::sleep(Duration::from_millis(500));
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", dir.path().display())];
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+    let synced = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let answered = asking.join().unwrap();
+    let after = answered.map(|t| t.saturating_duration_since(synced));
+    assert!(after.is_some_and(|d| d < Duration::from_secs(1)), "first answer {after:?} after the sync:\n{}", kpr.log());
+}
+
 kpr_tests::in_both_modes!(
     keeps_serving_while_the_agent_restarts,
     keeps_serving_through_an_api_server_outage,
-    repairs_what_someone_else_breaks
+    repairs_what_someone_else_breaks,
+    serves_a_udp_client_that_sent_before_kpr_started
 );

@@ -2,9 +2,11 @@
 //! model's types only: which kernel mechanism sits behind it is the
 //! dataplane's business.
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod error;
 pub mod iptables;
+mod netlink;
 pub mod node_addresses;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::netlink;
+use crate::dataplane::netlink;
 
 /// Whether `pattern` has glob characters (else it names one interface).
 pub fn is_pattern(pattern: &str) -> bool {

@@ -18,7 +18,6 @@ pub mod load;
 pub mod maps;
 pub mod masquerade;
 mod migrate;
-mod netlink;
 pub mod pins;
 mod repair;
 pub mod sock_destroy;

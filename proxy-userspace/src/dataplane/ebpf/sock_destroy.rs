@@ -17,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::netlink;
+use crate::dataplane::netlink;
 
 /// A socket to end: its cookie and the backend it is connected to.
 pub type Pinned = (u64, [u8; 4], [u8; 2]);

@@ -10,17 +10,20 @@ pub mod backend;
 pub mod render;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    process::Command,
+    collections::{BTreeSet, HashSet},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use backend::Backend;
 use render::{RenderConfig, Scope, chains_of, render};
 
-use super::{ApplyError, Dataplane, DataplaneError, Desired, Mode};
+use super::{
+    ApplyError, Dataplane, DataplaneError, Desired, Mode,
+    conntrack::{self, Serving},
+};
 use crate::{
-    frontend::{Frontend, FrontendKey, Protocol},
+    frontend::{FrontendKey, Protocol},
     planner::Op,
 };
 
@@ -29,9 +32,6 @@ pub struct IptablesDataplane {
     config: RenderConfig,
     /// kpr's per-service chains present in the kernel (as far as we know).
     written: BTreeSet<String>,
-    /// UDP endpoints last written per frontend, to clear conntrack entries
-    /// of the ones that go (the rest of the desired state is the model's).
-    udp_endpoints: BTreeMap<FrontendKey, Box<[crate::frontend::Endpoint]>>,
     full_sync_period: Duration,
     last_full_sync: Option<Instant>,
 }
@@ -53,7 +53,7 @@ impl IptablesDataplane {
         backend.ensure_chains()?;
         backend.ensure_jumps()?;
         backend.ensure_canaries()?;
-        Ok(Self { backend, config, written, udp_endpoints: BTreeMap::new(), full_sync_period, last_full_sync: None })
+        Ok(Self { backend, config, written, full_sync_period, last_full_sync: None })
     }
 
     pub fn backend(&self) -> Backend {
@@ -81,37 +81,30 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    /// kube-proxy clears conntrack entries of UDP flows to removed
-    /// endpoints, which would otherwise keep being DNATed to them.
-    fn forget_udp_flows(&mut self, key: FrontendKey, now: Option<&Frontend>) {
-        if key.protocol != Protocol::Udp {
-            return;
-        }
-        let old = match now {
-            Some(f) => self.udp_endpoints.insert(key, f.backends.clone()),
-            None => self.udp_endpoints.remove(&key),
-        };
-        for e in old.iter().flatten().filter(|e| now.is_none_or(|n| !n.backends.contains(e))) {
-            let status = Command::new("conntrack")
-                .args([
-                    "-D",
-                    "-p",
-                    "udp",
-                    "--orig-dst",
-                    &key.vip.to_string(),
-                    "--dport",
-                    &key.port.to_string(),
-                    "--reply-src",
-                    &e.ip.to_string(),
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            if status.is_err() {
-                tracing::warn!("conntrack tool missing: UDP flows to removed endpoints are not cleared");
-                return;
+    /// The addresses of the UDP frontends in `changed`, each with the
+    /// endpoints that may answer there (none for a frontend deleted).
+    fn serving_udp(&self, desired: &Desired, changed: &BTreeSet<FrontendKey>) -> Serving {
+        let mut serving = Serving::new();
+        let node_addresses = self.config.node_port_addresses.addresses();
+        for key in changed.iter().filter(|k| k.protocol == Protocol::Udp) {
+            let Some(f) = desired.get(key) else {
+                serving.insert((key.vip, key.port), HashSet::new());
+                continue;
+            };
+            let endpoints: HashSet<(Ipv4Addr, u16)> =
+                f.backends.iter().chain(&f.terminating[..]).map(|e| (e.ip, e.port)).collect();
+            let mut addresses = vec![(key.vip, key.port)];
+            if let Some(ext) = f.external.as_deref() {
+                addresses.extend(ext.external_ips.iter().chain(&ext.load_balancer_ips[..]).map(|ip| (*ip, key.port)));
+                if let Some(node_port) = ext.node_port {
+                    addresses.extend(node_addresses.iter().map(|ip| (*ip, node_port)));
+                }
+            }
+            for address in addresses {
+                serving.insert(address, endpoints.clone());
             }
         }
+        serving
     }
 }
 
@@ -159,8 +152,13 @@ impl Dataplane for IptablesDataplane {
             self.last_full_sync = None;
             return changed.into_iter().map(|frontend| ApplyError { frontend, error: e.clone() }).collect();
         }
-        for k in changed {
-            self.forget_udp_flows(k, desired.get(&k));
+        // As kube-proxy after each sync: UDP flows of the changed frontends
+        // answered by anything but a serving endpoint are forgotten, so the
+        // next datagram is translated afresh.
+        match conntrack::clear_stale_udp(&self.serving_udp(desired, &changed)) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(flows = n, "forgot stale UDP flows"),
+            Err(e) => tracing::warn!(error = %e, "could not clear stale UDP conntrack entries"),
         }
         Vec::new()
     }

@@ -1,5 +1,5 @@
-//! The bit of raw netlink the dataplane needs (link events, inet_diag):
-//! opening a socket and bounding how long a read waits.
+//! The bit of raw netlink the dataplanes need (link events, inet_diag,
+//! ctnetlink): opening a socket and bounding how long a read waits.
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -7,7 +7,7 @@ use std::{
 };
 
 /// A netlink socket of `protocol` (e.g. NETLINK_ROUTE), close-on-exec.
-pub(super) fn socket(protocol: libc::c_int) -> std::io::Result<OwnedFd> {
+pub(crate) fn socket(protocol: libc::c_int) -> std::io::Result<OwnedFd> {
     // SAFETY: a plain socket(2) call; the descriptor is owned from here on.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
@@ -17,7 +17,7 @@ pub(super) fn socket(protocol: libc::c_int) -> std::io::Result<OwnedFd> {
 }
 
 /// Makes a read of `fd` give up (EAGAIN) after `wait`.
-pub(super) fn set_receive_timeout(fd: &OwnedFd, wait: Duration) -> std::io::Result<()> {
+pub(crate) fn set_receive_timeout(fd: &OwnedFd, wait: Duration) -> std::io::Result<()> {
     let timeout = libc::timeval { tv_sec: wait.as_secs() as libc::time_t, tv_usec: wait.subsec_micros().into() };
     let size = std::mem::size_of::<libc::timeval>() as u32;
     // SAFETY: setsockopt reads a timeval of the given size.

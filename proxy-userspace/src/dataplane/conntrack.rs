@@ -1,0 +1,329 @@
+//! The kernel's UDP conntrack entries to Services, as kube-proxy cleans
+//! them: UDP has no connection end, so an entry whose replies come from
+//! anything but a serving endpoint of the frontend its client addressed
+//! (an endpoint since removed, or no endpoint at all: the VIP itself,
+//! when a client sent before the rules existed, the DNS blackhole) would
+//! keep steering the client's datagrams there for as long as it sends.
+//! One ctnetlink dump finds them and one batch of deletes removes them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, OwnedFd},
+};
+
+use super::netlink;
+
+/// One UDP flow as conntrack keys it: the client's original tuple and the
+/// source its replies come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpFlow {
+    pub client: (Ipv4Addr, u16),
+    /// Where the client sent (a VIP, node port or external address).
+    pub addressed: (Ipv4Addr, u16),
+    /// Where replies come from: an endpoint after DNAT, else `addressed`.
+    pub replier: (Ipv4Addr, u16),
+}
+
+/// Frontend address and port -> the endpoints that may answer there.
+pub type Serving = HashMap<(Ipv4Addr, u16), HashSet<(Ipv4Addr, u16)>>;
+
+/// The flows to a frontend of `serving` answered by something else.
+pub fn stale<'a>(flows: &'a [UdpFlow], serving: &'a Serving) -> impl Iterator<Item = &'a UdpFlow> {
+    flows.iter().filter(|f| serving.get(&f.addressed).is_some_and(|endpoints| !endpoints.contains(&f.replier)))
+}
+
+const NETLINK_NETFILTER: libc::c_int = 12;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const IPPROTO_UDP: u8 = 17;
+/// Bytes of deletes sent in one write.
+const BATCH: usize = 32 * 1024;
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// A ctnetlink message: the netlink header and the netfilter one (IPv4).
+fn message(kind: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + 4 + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    // nfgenmsg: family, version, resource id.
+    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    m.extend_from_slice(attrs);
+    m
+}
+
+fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(align4(out.len()), 0);
+}
+
+fn nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {
+    attr(out, kind | NLA_F_NESTED, inner);
+}
+
+/// The original tuple of `flow`, as a delete names the entry.
+fn delete_message(flow: &UdpFlow, seq: u32) -> Vec<u8> {
+    let mut ip = Vec::new();
+    attr(&mut ip, CTA_IP_V4_SRC, &flow.client.0.octets());
+    attr(&mut ip, CTA_IP_V4_DST, &flow.addressed.0.octets());
+    let mut proto = Vec::new();
+    attr(&mut proto, CTA_PROTO_NUM, &[IPPROTO_UDP]);
+    attr(&mut proto, CTA_PROTO_SRC_PORT, &flow.client.1.to_be_bytes());
+    attr(&mut proto, CTA_PROTO_DST_PORT, &flow.addressed.1.to_be_bytes());
+    let mut tuple = Vec::new();
+    nested(&mut tuple, CTA_TUPLE_IP, &ip);
+    nested(&mut tuple, CTA_TUPLE_PROTO, &proto);
+    let mut attrs = Vec::new();
+    nested(&mut attrs, CTA_TUPLE_ORIG, &tuple);
+    message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, &attrs)
+}
+
+/// The attributes in `data`: (type without flags, payload).
+fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let payload = &data[4..len];
+        data = &data[align4(len).min(data.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// An address and port.
+type Endpoint = (Ipv4Addr, u16);
+
+/// A tuple's (source, destination, protocol), when IPv4.
+fn tuple(data: &[u8]) -> Option<(Endpoint, Endpoint, u8)> {
+    let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
+    for (kind, payload) in attrs(data) {
+        match kind {
+            CTA_TUPLE_IP => {
+                for (k, p) in attrs(payload) {
+                    let addr = <[u8; 4]>::try_from(p).ok().map(Ipv4Addr::from);
+                    match k {
+                        CTA_IP_V4_SRC => src = addr,
+                        CTA_IP_V4_DST => dst = addr,
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (k, p) in attrs(payload) {
+                    let port = <[u8; 2]>::try_from(p).ok().map(u16::from_be_bytes);
+                    match k {
+                        CTA_PROTO_NUM => proto = p.first().copied(),
+                        CTA_PROTO_SRC_PORT => sport = port,
+                        CTA_PROTO_DST_PORT => dport = port,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(((src?, sport?), (dst?, dport?), proto?))
+}
+
+/// The UDP flow one conntrack message (after its headers) describes.
+fn flow(data: &[u8]) -> Option<UdpFlow> {
+    let (mut orig, mut reply) = (None, None);
+    for (kind, payload) in attrs(data) {
+        match kind {
+            CTA_TUPLE_ORIG => orig = tuple(payload),
+            CTA_TUPLE_REPLY => reply = tuple(payload),
+            _ => {}
+        }
+    }
+    let ((client, addressed, proto), (replier, _, _)) = (orig?, reply?);
+    (proto == IPPROTO_UDP).then_some(UdpFlow { client, addressed, replier })
+}
+
+/// The netlink messages in one read: (type, flags, body after the netlink header).
+fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < 16 || len > buf.len() {
+            return None;
+        }
+        let body = &buf[16..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((kind, body))
+    })
+}
+
+fn send(fd: &OwnedFd, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: a write of an owned buffer to a socket we own.
+    let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn receive<'a>(fd: &OwnedFd, buf: &'a mut [u8]) -> std::io::Result<&'a [u8]> {
+    // SAFETY: a read into an owned buffer of the given length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(&buf[..n as usize]) }
+}
+
+fn open() -> std::io::Result<OwnedFd> {
+    let fd = netlink::socket(NETLINK_NETFILTER)?;
+    netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
+    Ok(fd)
+}
+
+/// Every UDP flow the kernel tracks in this network namespace.
+pub fn udp_flows() -> std::io::Result<Vec<UdpFlow>> {
+    let fd = open()?;
+    send(&fd, &message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, &[]))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut flows = Vec::new();
+    loop {
+        let data = receive(&fd, &mut buf)?;
+        for (kind, body) in messages(data) {
+            match kind {
+                NLMSG_DONE => return Ok(flows),
+                NLMSG_ERROR => {
+                    let errno = body.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    return Err(std::io::Error::from_raw_os_error(-errno));
+                }
+                _ => flows.extend(body.get(4..).and_then(flow)),
+            }
+        }
+    }
+}
+
+/// Deletes the entries of `flows`, many per write; returns how many went
+/// (one already gone is not an error).
+pub fn delete(flows: &[UdpFlow]) -> std::io::Result<usize> {
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    let fd = open()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut deleted = 0;
+    for chunk in flows.chunks(BATCH / 80) {
+        let batch: Vec<u8> = chunk.iter().enumerate().flat_map(|(i, f)| delete_message(f, i as u32 + 1)).collect();
+        send(&fd, &batch)?;
+        let mut acked = 0;
+        while acked < chunk.len() {
+            let data = receive(&fd, &mut buf)?;
+            for (kind, body) in messages(data) {
+                if kind != NLMSG_ERROR {
+                    continue;
+                }
+                acked += 1;
+                let errno = body.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                if errno == 0 {
+                    deleted += 1;
+                }
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Removes the stale UDP entries to the frontends of `serving`; returns how many.
+pub fn clear_stale_udp(serving: &Serving) -> std::io::Result<usize> {
+    if serving.is_empty() {
+        return Ok(0);
+    }
+    let flows = udp_flows()?;
+    let stale: Vec<UdpFlow> = stale(&flows, serving).copied().collect();
+    delete(&stale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow_of(client: [u8; 4], addressed: [u8; 4], replier: [u8; 4]) -> UdpFlow {
+        UdpFlow { client: (client.into(), 40000), addressed: (addressed.into(), 53), replier: (replier.into(), 5353) }
+    }
+
+    #[test]
+    fn a_delete_names_the_original_tuple_and_parses_back() {
+        let f = flow_of([10, 244, 0, 100], [10, 96, 0, 10], [10, 244, 0, 11]);
+        let m = delete_message(&f, 7);
+        let (kind, body) = messages(&m).next().unwrap();
+        assert_eq!(kind, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE);
+        assert_eq!(u32::from_ne_bytes(m[..4].try_into().unwrap()) as usize, m.len());
+        let (orig_kind, orig) = attrs(&body[4..]).next().unwrap();
+        assert_eq!(orig_kind, CTA_TUPLE_ORIG);
+        let (client, addressed, proto) = tuple(orig).unwrap();
+        assert_eq!((client, addressed, proto), (f.client, f.addressed, IPPROTO_UDP));
+    }
+
+    #[test]
+    fn a_dumped_entry_gives_its_client_frontend_and_replier() {
+        let tuple_attrs = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
+            let mut ip = Vec::new();
+            attr(&mut ip, CTA_IP_V4_SRC, &src);
+            attr(&mut ip, CTA_IP_V4_DST, &dst);
+            let mut proto = Vec::new();
+            attr(&mut proto, CTA_PROTO_NUM, &[IPPROTO_UDP]);
+            attr(&mut proto, CTA_PROTO_SRC_PORT, &sport.to_be_bytes());
+            attr(&mut proto, CTA_PROTO_DST_PORT, &dport.to_be_bytes());
+            let mut t = Vec::new();
+            nested(&mut t, CTA_TUPLE_IP, &ip);
+            nested(&mut t, CTA_TUPLE_PROTO, &proto);
+            t
+        };
+        let mut body = Vec::new();
+        nested(&mut body, CTA_TUPLE_ORIG, &tuple_attrs([10, 244, 0, 100], [10, 96, 0, 10], 40000, 53));
+        nested(&mut body, CTA_TUPLE_REPLY, &tuple_attrs([10, 244, 0, 11], [10, 244, 0, 100], 5353, 40000));
+        attr(&mut body, 3, &[0, 0, 0, 8]); // CTA_STATUS, ignored
+        let f = flow(&body).unwrap();
+        assert_eq!(f, flow_of([10, 244, 0, 100], [10, 96, 0, 10], [10, 244, 0, 11]));
+        assert!(flow(&body[..10]).is_none(), "a truncated message is skipped");
+    }
+
+    #[test]
+    fn stale_flows_are_answered_by_anything_but_a_serving_endpoint() {
+        let serving: Serving = HashMap::from([(
+            (Ipv4Addr::new(10, 96, 0, 10), 53),
+            HashSet::from([(Ipv4Addr::new(10, 244, 0, 11), 5353)]),
+        )]);
+        let flows = [
+            flow_of([10, 244, 0, 100], [10, 96, 0, 10], [10, 244, 0, 11]), // served: kept
+            flow_of([10, 244, 0, 101], [10, 96, 0, 10], [10, 244, 0, 12]), // a removed endpoint
+            flow_of([10, 244, 0, 102], [10, 96, 0, 10], [10, 96, 0, 10]),  // never translated
+            flow_of([10, 244, 0, 103], [10, 96, 0, 99], [10, 96, 0, 99]),  // not a frontend here
+        ];
+        let stale: Vec<u8> = stale(&flows, &serving).map(|f| f.client.0.octets()[3]).collect();
+        assert_eq!(stale, [101, 102]);
+    }
+}
