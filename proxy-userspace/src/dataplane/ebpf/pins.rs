@@ -177,11 +177,6 @@ impl LinkPins {
         Self { dir, held: BTreeMap::new(), committed: false }
     }
 
-    /// Whether the attach point `name` has a link, of this run or adopted.
-    pub fn has(&self, name: &str) -> bool {
-        self.held.contains_key(name)
-    }
-
     /// Adopts the pinned link `name` of an earlier run if one is there and
     /// still attached where `check` says it should be (its kernel link info).
     /// Before the first commit only: later the maps are this run's already.
