@@ -195,6 +195,28 @@ impl Tally {
     }
 }
 
+/// A client in `ns` making a new connection and request to `addr` every
+/// 10 ms (each given `timeout`) until `stop`; what it saw.
+pub fn every_10ms(
+    ns: &crate::netns::Netns,
+    addr: SocketAddr,
+    timeout: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Tally> {
+    let name = ns.name().to_string();
+    std::thread::spawn(move || {
+        crate::netns::run_in(&name, move || {
+            let mut tally = Tally::default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tally.count(tcp_request(addr, timeout));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            tally
+        })
+        .expect("entering the client's namespace")
+    })
+}
+
 /// A `kpr-probe tcp-every` process: a new connection and request every
 /// 10 ms from a process of `cgroup` (so the socket hooks serve it). Killed on drop.
 pub struct Repeating {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Tally, tcp_request},
+    client::{every_10ms, tcp_request},
     kpr::{Kpr, Mode},
     manifests::write,
     node::VirtualNode,
@@ -193,17 +193,7 @@ fn takes_over(mode: Mode, backend: &str) {
     assert_eq!(ask().unwrap(), "p1", "kube-proxy's rules serve before kpr starts");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let asking = {
-        let (stop, ask) = (stop.clone(), ask.clone());
-        std::thread::spawn(move || {
-            let mut tally = Tally::default();
-            while !stop.load(Ordering::Relaxed) {
-                tally.count(ask());
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            tally
-        })
-    };
+    let asking = every_10ms(&node.pod("client").ns, SVC1, TIMEOUT, stop.clone());
     let services = dir.path().join("services");
     std::fs::create_dir(&services).unwrap();
     write(&services, "services.yaml", &manifests(&[1])).unwrap();

@@ -26,7 +26,7 @@ use std::{
 
 use kpr_tests::{
     apiserver::ApiServer,
-    client::{Repeating, Tally, http_get, tcp_request},
+    client::{Repeating, Tally, every_10ms, http_get, tcp_request},
     cluster::{Cluster, Shape},
     kpr::{Kpr, Mode},
     manifests::write,
@@ -63,22 +63,6 @@ ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints:
 {eps}"
     )
-}
-
-/// New connections every 10 ms from `ns`'s thread until `stop`.
-fn every_10ms(ns: &kpr_tests::netns::Netns, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Tally> {
-    let name = ns.name().to_string();
-    std::thread::spawn(move || {
-        kpr_tests::netns::run_in(&name, move || {
-            let mut tally = Tally::default();
-            while !stop.load(Ordering::Relaxed) {
-                tally.count(tcp_request(addr, TIMEOUT));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            tally
-        })
-        .unwrap()
-    })
 }
 
 /// 4 connections kept open from `ns`, each asked every 50 ms until `stop`.
@@ -149,7 +133,7 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
         tcp_request(node_port, TIMEOUT).ok();
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let outside_new = every_10ms(cluster.outside(), node_port, stop.clone());
+    let outside_new = every_10ms(cluster.outside(), node_port, TIMEOUT, stop.clone());
     let outside_held = held(cluster.outside(), node_port, stop.clone());
     let pod = Repeating::start(
         std::path::Path::new(PROBE),
@@ -243,7 +227,7 @@ fn keeps_serving_through_an_api_server_outage(mode: Mode) {
     let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
     let vip = SocketAddr::from((node::WEB_VIP, 80));
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = every_10ms(&node.pod("client").ns, vip, stop.clone());
+    let traffic = every_10ms(&node.pod("client").ns, vip, TIMEOUT, stop.clone());
 
     api.stop();
     // Meanwhile web-a leaves the Service.

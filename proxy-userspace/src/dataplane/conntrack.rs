@@ -9,10 +9,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
 };
 
-use super::netlink;
+use super::netlink::{self, HEADER, NLMSG_DONE, NLMSG_ERROR, messages, receive, send};
 
 /// One UDP flow as conntrack keys it: the client's original tuple and the
 /// source its replies come from.
@@ -40,8 +40,6 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -57,13 +55,9 @@ const IPPROTO_UDP: u8 = 17;
 /// Bytes of deletes sent in one write.
 const BATCH: usize = 32 * 1024;
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
 /// A ctnetlink message: the netlink header and the netfilter one (IPv4).
 fn message(kind: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
+    let len = HEADER + 4 + attrs.len();
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
     m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
@@ -80,7 +74,7 @@ fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(payload);
-    out.resize(align4(out.len()), 0);
+    out.resize(out.len().next_multiple_of(4), 0);
 }
 
 fn nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {
@@ -116,7 +110,7 @@ fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
             return None;
         }
         let payload = &data[4..len];
-        data = &data[align4(len).min(data.len())..];
+        data = &data[len.next_multiple_of(4).min(data.len())..];
         Some((kind, payload))
     })
 }
@@ -170,35 +164,6 @@ fn flow(data: &[u8]) -> Option<UdpFlow> {
     (proto == IPPROTO_UDP).then_some(UdpFlow { client, addressed, replier })
 }
 
-/// The netlink messages in one read: (type, flags, body after the netlink header).
-fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 16 {
-            return None;
-        }
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if len < 16 || len > buf.len() {
-            return None;
-        }
-        let body = &buf[16..len];
-        buf = &buf[align4(len).min(buf.len())..];
-        Some((kind, body))
-    })
-}
-
-fn send(fd: &OwnedFd, data: &[u8]) -> std::io::Result<()> {
-    // SAFETY: a write of an owned buffer to a socket we own.
-    let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
-    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
-fn receive<'a>(fd: &OwnedFd, buf: &'a mut [u8]) -> std::io::Result<&'a [u8]> {
-    // SAFETY: a read into an owned buffer of the given length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(&buf[..n as usize]) }
-}
-
 fn open() -> std::io::Result<OwnedFd> {
     let fd = netlink::socket(NETLINK_NETFILTER)?;
     netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
@@ -217,8 +182,7 @@ pub fn udp_flows() -> std::io::Result<Vec<UdpFlow>> {
             match kind {
                 NLMSG_DONE => return Ok(flows),
                 NLMSG_ERROR => {
-                    let errno = body.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    return Err(std::io::Error::from_raw_os_error(-errno));
+                    return Err(std::io::Error::from_raw_os_error(-netlink::error_status(body).unwrap_or(0)));
                 }
                 _ => flows.extend(body.get(4..).and_then(flow)),
             }
@@ -246,8 +210,7 @@ pub fn delete(flows: &[UdpFlow]) -> std::io::Result<usize> {
                     continue;
                 }
                 acked += 1;
-                let errno = body.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                if errno == 0 {
+                if netlink::error_status(body) == Some(0) {
                     deleted += 1;
                 }
             }

@@ -1,5 +1,6 @@
 //! The bit of raw netlink the dataplanes need (link events, inet_diag,
-//! ctnetlink): opening a socket and bounding how long a read waits.
+//! ctnetlink): opening a socket, bounding how long a read waits, sending
+//! and receiving, and walking the messages of one read.
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -25,4 +26,48 @@ pub(crate) fn set_receive_timeout(fd: &OwnedFd, wait: Duration) -> std::io::Resu
         libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size)
     };
     if r != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The netlink header's size (`struct nlmsghdr`).
+pub(crate) const HEADER: usize = 16;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
+
+/// Sends `msg` (one message or several back to back) to the kernel.
+pub(crate) fn send(fd: &OwnedFd, msg: &[u8]) -> std::io::Result<()> {
+    // SAFETY: the buffer outlives the call; the kernel is the destination.
+    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// One read: the bytes the kernel wrote into `buf`.
+pub(crate) fn receive<'a>(fd: &OwnedFd, buf: &'a mut [u8]) -> std::io::Result<&'a [u8]> {
+    // SAFETY: the kernel writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(&buf[..n as usize]) }
+}
+
+/// The messages in one read, as (type, body after the header); what does
+/// not parse ends the walk.
+pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < HEADER {
+            return None;
+        }
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < HEADER || len > buf.len() {
+            return None;
+        }
+        let body = &buf[HEADER..len];
+        // Messages are 4-byte aligned.
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((kind, body))
+    })
+}
+
+/// The status an NLMSG_ERROR body carries: 0 for an acknowledgement, else
+/// a negative errno.
+pub(crate) fn error_status(body: &[u8]) -> Option<i32> {
+    Some(i32::from_ne_bytes(body.get(..4)?.try_into().ok()?))
 }

@@ -17,16 +17,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::dataplane::netlink;
+use crate::dataplane::netlink::{self, HEADER, NLMSG_DONE, NLMSG_ERROR};
 
 /// A socket to end: its cookie and the backend it is connected to.
 pub type Pinned = (u64, [u8; 4], [u8; 2]);
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const HEADER: usize = 16;
 /// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
 const SOCKID: usize = 48;
 /// `struct inet_diag_req_v2`.
@@ -89,19 +86,10 @@ pub struct Batch {
 /// Parses the netlink messages in `buf`; what does not parse ends the batch.
 pub fn parse(buf: &[u8]) -> Batch {
     let mut batch = Batch::default();
-    let mut rest = buf;
-    while rest.len() >= HEADER {
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-        if len < HEADER || len > rest.len() {
-            break;
-        }
-        let body = &rest[HEADER..len];
+    for (kind, body) in netlink::messages(buf) {
         match kind {
             NLMSG_DONE => batch.done = true,
-            NLMSG_ERROR if body.len() >= 4 => {
-                batch.status = Some(i32::from_ne_bytes([body[0], body[1], body[2], body[3]]));
-            }
+            NLMSG_ERROR if body.len() >= 4 => batch.status = netlink::error_status(body),
             SOCK_DIAG_BY_FAMILY if body.len() >= MESSAGE_ID_END => {
                 let mut id = [0; SOCKID];
                 id.copy_from_slice(&body[4..MESSAGE_ID_END]);
@@ -109,25 +97,12 @@ pub fn parse(buf: &[u8]) -> Batch {
             }
             _ => {}
         }
-        // Messages are 4-byte aligned.
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
     }
     batch
 }
 
-fn send(fd: &OwnedFd, msg: &[u8]) -> std::io::Result<()> {
-    // SAFETY: the buffer outlives the call; the kernel is the destination.
-    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
 fn receive(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Batch> {
-    // SAFETY: the kernel writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(parse(&buf[..n as usize]))
+    netlink::receive(fd, buf).map(parse)
 }
 
 /// In the calling thread's network namespace: ends the UDP sockets that
@@ -136,7 +111,7 @@ fn destroy_here(pinned: &HashSet<Pinned>) -> std::io::Result<usize> {
     let fd = netlink::socket(libc::NETLINK_SOCK_DIAG)?;
     // The kernel answers at once; a wait this long means it will not.
     netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
-    send(&fd, &dump_request())?;
+    netlink::send(&fd, &dump_request())?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut doomed = Vec::new();
     loop {
@@ -153,7 +128,7 @@ fn destroy_here(pinned: &HashSet<Pinned>) -> std::io::Result<usize> {
     }
     let mut ended = 0;
     for socket in &doomed {
-        send(&fd, &destroy_request(socket))?;
+        netlink::send(&fd, &destroy_request(socket))?;
         match receive(&fd, &mut buf)?.status {
             Some(0) => ended += 1,
             // Closed meanwhile: nothing left to end.

@@ -85,7 +85,8 @@ impl IptablesDataplane {
     /// endpoints that may answer there (none for a frontend deleted).
     fn serving_udp(&self, desired: &Desired, changed: &BTreeSet<FrontendKey>) -> Serving {
         let mut serving = Serving::new();
-        let node_addresses = self.config.node_port_addresses.addresses();
+        // Listing the node's addresses costs a system call: only when a node port needs them.
+        let mut node_addresses = None;
         for key in changed.iter().filter(|k| k.protocol == Protocol::Udp) {
             let Some(f) = desired.get(key) else {
                 serving.insert((key.vip, key.port), HashSet::new());
@@ -97,7 +98,8 @@ impl IptablesDataplane {
             if let Some(ext) = f.external.as_deref() {
                 addresses.extend(ext.external_ips.iter().chain(&ext.load_balancer_ips[..]).map(|ip| (*ip, key.port)));
                 if let Some(node_port) = ext.node_port {
-                    addresses.extend(node_addresses.iter().map(|ip| (*ip, node_port)));
+                    let node = node_addresses.get_or_insert_with(|| self.config.node_port_addresses.addresses());
+                    addresses.extend(node.iter().map(|ip| (*ip, node_port)));
                 }
             }
             for address in addresses {
