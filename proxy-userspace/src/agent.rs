@@ -242,12 +242,13 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut taken_over = false;
     let mut health_servers = HealthServers::default();
     let (bpf_root, state_dir) = (cfg.bpf_root.clone(), cfg.state_dir.clone());
+    let beside_kube_proxy = cfg.model.service_proxy_name.is_some();
     let after_sync = move |syncer: &mut Syncer<Box<dyn Dataplane>>, connected: bool| {
         if !taken_over {
             // Only now that this dataplane serves, remove the other's leftovers
             // and swap in this run's programs where the previous run's serve.
             syncer.dataplane.serving();
-            takeover::take_over(mode, &bpf_root);
+            takeover::take_over(mode, &bpf_root, beside_kube_proxy);
             taken_over = true;
         }
         health.synced();

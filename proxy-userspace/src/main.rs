@@ -173,7 +173,9 @@ enum Command {
         args: KubeletArgs,
     },
     /// Remove everything kpr installed, in either mode: iptables chains and
-    /// jumps (both backends), attached programs, pinned maps.
+    /// jumps (both backends), attached programs, pinned maps; and what
+    /// kube-proxy left in any mode: its chains, its nftables tables, the
+    /// ipsets and dummy device of IPVS mode.
     Cleanup {
         /// Interfaces to detach from (default: every interface).
         #[arg(long, value_delimiter = ',')]
@@ -518,7 +520,14 @@ async fn run() -> anyhow::Result<()> {
             let interfaces = interfaces.unwrap_or_else(cleanup::all_interfaces);
             let tables = cleanup::remove_iptables().context("removing iptables rules")?;
             let programs = cleanup::remove_ebpf(&interfaces, &bpf_root);
-            println!("removed kpr's iptables rules from {tables} backend(s) and {programs} eBPF attachment(s)");
+            let kube_proxy = proxy_userspace::dataplane::kube_proxy::remove();
+            println!(
+                "removed kpr's and kube-proxy's iptables rules from {tables} backend(s), {programs} eBPF attachment(s), \
+                 {} of kube-proxy's nftables tables, {} of its ipsets and {} dummy device",
+                kube_proxy.nftables_tables,
+                kube_proxy.ipsets,
+                usize::from(kube_proxy.dummy_device)
+            );
             Ok(())
         }
     }

@@ -1,7 +1,8 @@
 //! Removing what kpr installed: iptables chains and jumps (both backends)
-//! and eBPF programs attached by a previous run. Used when a mode takes
-//! over from the other and by `kpr cleanup`. The only module that knows
-//! both modes: the dataplanes themselves never touch each other's state.
+//! and eBPF programs attached by a previous run, and what kube-proxy left
+//! in any of its modes. Used when a mode takes over from the other (or
+//! from kube-proxy) and by `kpr cleanup`. The only module that knows both
+//! modes: the dataplanes themselves never touch each other's state.
 
 use std::path::Path;
 
@@ -12,28 +13,54 @@ use crate::{
         DataplaneError, Mode,
         ebpf::{PACKET_PROGRAMS, masquerade},
         iptables::backend::Backend,
+        kube_proxy,
     },
     inspect,
 };
 
-/// Once `mode` serves, removes what the other mode left behind (on every
-/// interface of this namespace, pins under `bpf_root`), so two never fight.
-pub fn take_over(mode: Mode, bpf_root: &Path) {
+/// Once `mode` serves, removes what the other mode (on every interface of
+/// this namespace, pins under `bpf_root`) and kube-proxy left behind, so
+/// two never fight. Beside kube-proxy (`--service-proxy-name`), its chains,
+/// tables and sets are its own and stay.
+pub fn take_over(mode: Mode, bpf_root: &Path, beside_kube_proxy: bool) {
     match mode {
-        Mode::Ebpf => {
+        Mode::Ebpf if !beside_kube_proxy => {
             if let Err(e) = remove_iptables() {
-                tracing::error!(error = %e, "could not remove iptables rules left by iptables mode");
+                tracing::error!(error = %e, "could not remove iptables rules left by iptables mode or kube-proxy");
             }
         }
+        Mode::Ebpf => {}
         Mode::Iptables => {
             // Every interface: the eBPF run may have followed patterns and devices.
             remove_ebpf(&all_interfaces(), bpf_root);
+            if !beside_kube_proxy {
+                remove_kube_proxy_ipvs_chains();
+            }
+        }
+    }
+    if !beside_kube_proxy {
+        // After the iptables chains: a set still matched by a rule stays.
+        kube_proxy::remove();
+    }
+}
+
+/// The chains of kube-proxy's IPVS mode, which iptables mode does not
+/// write over (the others it shares with kube-proxy's iptables mode).
+fn remove_kube_proxy_ipvs_chains() {
+    for backend in Backend::ALL {
+        match backend.remove_kube_proxy_ipvs_chains() {
+            Ok(true) => tracing::info!(backend = backend.name(), "removed kube-proxy's IPVS-mode chains"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(backend = backend.name(), error = %e, "could not remove kube-proxy's IPVS-mode chains")
+            }
         }
     }
 }
 
-/// Removes kpr's iptables chains and jumps from both backends. Returns how
-/// many backends held some.
+/// Removes kpr's iptables chains and jumps, and kube-proxy's (its iptables
+/// and IPVS modes share them), from both backends. Returns how many
+/// backends held some.
 pub fn remove_iptables() -> Result<usize, DataplaneError> {
     let mut removed = 0;
     for backend in Backend::ALL {

@@ -14,6 +14,8 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages: `ip` (iproute2) and `sysctl` (procps) build the
 /// virtual node; iptables mode needs iptables (both backends) and conntrack;
+/// the migration tests load kube-proxy's nftables rules and IPVS-mode ipsets
+/// with nft and ipset;
 /// the dashboard test drives Chromium; the kubelet tests run containerd with
 /// runc and the CNI plugins, busybox-static for images and a local registry;
 /// protoc compiles the CRI protos.
@@ -22,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "procps",
     "iptables",
     "conntrack",
+    "nftables",
+    "ipset",
     "chromium",
     "chromium-driver",
     "containerd",

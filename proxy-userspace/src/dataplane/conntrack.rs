@@ -12,7 +12,9 @@ use std::{
     os::fd::OwnedFd,
 };
 
-use super::netlink::{self, HEADER, NLMSG_DONE, NLMSG_ERROR, messages, receive, send};
+use super::netlink::{
+    self, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, messages, receive, send,
+};
 
 /// One UDP flow as conntrack keys it: the client's original tuple and the
 /// source its replies come from.
@@ -33,12 +35,9 @@ pub fn stale<'a>(flows: &'a [UdpFlow], serving: &'a Serving) -> impl Iterator<It
     flows.iter().filter(|f| serving.get(&f.addressed).is_some_and(|endpoints| !endpoints.contains(&f.replier)))
 }
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -55,26 +54,10 @@ const IPPROTO_UDP: u8 = 17;
 /// Bytes of deletes sent in one write.
 const BATCH: usize = 32 * 1024;
 
-/// A ctnetlink message: the netlink header and the netfilter one (IPv4).
+/// A ctnetlink message (IPv4).
 fn message(kind: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
-    let len = HEADER + 4 + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family, version, resource id.
-    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
-    m.extend_from_slice(attrs);
-    m
-}
-
-fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(out.len().next_multiple_of(4), 0);
+    let header = netlink::nfgenmsg(libc::AF_INET as u8, 0);
+    netlink::message((NFNL_SUBSYS_CTNETLINK << 8) | kind, flags, seq, &header, attrs)
 }
 
 fn nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {

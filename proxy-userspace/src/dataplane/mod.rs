@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod ebpf;
 pub mod error;
 pub mod iptables;
+pub mod kube_proxy;
 mod netlink;
 pub mod node_addresses;
 

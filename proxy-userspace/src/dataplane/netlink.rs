@@ -1,6 +1,7 @@
 //! The bit of raw netlink the dataplanes need (link events, inet_diag,
-//! ctnetlink): opening a socket, bounding how long a read waits, sending
-//! and receiving, and walking the messages of one read.
+//! ctnetlink, and removing what kube-proxy left): opening a socket,
+//! bounding how long a read waits, building, sending and receiving
+//! messages, and walking the messages of one read.
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -32,6 +33,51 @@ pub(crate) fn set_receive_timeout(fd: &OwnedFd, wait: Duration) -> std::io::Resu
 pub(crate) const HEADER: usize = 16;
 pub(crate) const NLMSG_ERROR: u16 = 2;
 pub(crate) const NLMSG_DONE: u16 = 3;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NETLINK_NETFILTER: libc::c_int = 12;
+
+/// One message: the netlink header, then `header` (the family's fixed
+/// part, e.g. nfgenmsg or ifinfomsg), then `attrs`.
+pub(crate) fn message(kind: u16, flags: u16, seq: u32, header: &[u8], attrs: &[u8]) -> Vec<u8> {
+    let len = HEADER + header.len() + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(header);
+    m.extend_from_slice(attrs);
+    m
+}
+
+/// Appends one attribute (padded to 4 bytes) to `out`.
+pub(crate) fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// The netfilter header (`struct nfgenmsg`): family, version 0, resource id.
+pub(crate) fn nfgenmsg(family: u8, res_id: u16) -> [u8; 4] {
+    let id = res_id.to_be_bytes();
+    [family, 0, id[0], id[1]]
+}
+
+/// Sends `msgs` (requests asking for an acknowledgement) and returns the
+/// status of each of the `count` acknowledgements, in order.
+pub(crate) fn acknowledged(fd: &OwnedFd, msgs: &[u8], count: usize) -> std::io::Result<Vec<i32>> {
+    send(fd, msgs)?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut statuses = Vec::with_capacity(count);
+    while statuses.len() < count {
+        let data = receive(fd, &mut buf)?;
+        statuses.extend(messages(data).filter(|(k, _)| *k == NLMSG_ERROR).map(|(_, b)| error_status(b).unwrap_or(0)));
+    }
+    Ok(statuses)
+}
 
 /// Sends `msg` (one message or several back to back) to the kernel.
 pub(crate) fn send(fd: &OwnedFd, msg: &[u8]) -> std::io::Result<()> {

@@ -158,44 +158,43 @@ impl Backend {
         })
     }
 
-    /// True if this backend holds any chain kpr writes.
+    /// True if this backend holds any chain kpr writes, or one kube-proxy's
+    /// IPVS mode left.
     pub fn has_kpr_rules(self) -> bool {
         ["nat", "filter"].iter().any(|t| {
-            self.save(t)
-                .lines()
-                .any(|l| OWN_CHAINS.iter().any(|c| l.starts_with(&format!(":{c}"))) || is_service_chain_decl(l))
+            let saved = self.save(t);
+            declared(&saved).any(|c| is_own_chain(c) || KUBE_PROXY_IPVS_CHAINS.contains(&c))
         })
     }
 
-    /// Removes the jump rules and every chain kpr writes, leaving all other
-    /// rules alone.
+    /// Removes every chain kpr writes (and those of kube-proxy's IPVS
+    /// mode), with every rule elsewhere that jumps to them, leaving all
+    /// other rules alone.
     pub fn remove_all(self) -> Result<(), DataplaneError> {
-        for (table, chain, rule) in JUMPS {
-            let mut delete = vec!["-t", table, "-D", chain];
-            delete.extend(rule.iter().copied());
-            while self.iptables(&delete)? {}
+        self.remove_chains(|c| is_own_chain(c) || KUBE_PROXY_IPVS_CHAINS.contains(&c))
+    }
+
+    /// Removes the chains only kube-proxy's IPVS mode writes (for iptables
+    /// mode, which writes the others itself); returns whether there were any.
+    pub fn remove_kube_proxy_ipvs_chains(self) -> Result<bool, DataplaneError> {
+        let found =
+            ["nat", "filter"].iter().any(|t| declared(&self.save(t)).any(|c| KUBE_PROXY_IPVS_CHAINS.contains(&c)));
+        if found {
+            self.remove_chains(|c| KUBE_PROXY_IPVS_CHAINS.contains(&c))?;
         }
+        Ok(found)
+    }
+
+    /// Removes the chains `doomed` picks in every table, after deleting each
+    /// rule of another chain that jumps or goes to one of them (whatever its
+    /// comment or matches: kube-proxy's versions wrote them differently), in
+    /// one `iptables-restore` per backend.
+    fn remove_chains(self, doomed: impl Fn(&str) -> bool) -> Result<(), DataplaneError> {
         let mut input = String::new();
         // mangle: kube-proxy's canary, when taking over from it.
         for table in ["filter", "nat", "mangle"] {
             let saved = self.save(table);
-            let chains: Vec<&str> = saved
-                .lines()
-                .filter_map(|l| l.strip_prefix(':'))
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|c| OWN_CHAINS.contains(c) || is_service_chain(c))
-                .collect();
-            if chains.is_empty() {
-                continue;
-            }
-            input.push_str(&format!("*{table}\n"));
-            for c in &chains {
-                input.push_str(&format!(":{c} - [0:0]\n"));
-            }
-            for c in &chains {
-                input.push_str(&format!("-X {c}\n"));
-            }
-            input.push_str("COMMIT\n");
+            input.push_str(&removal(table, &saved, &doomed));
         }
         if !input.is_empty() {
             self.restore(&input)?;
@@ -204,8 +203,46 @@ impl Backend {
     }
 }
 
-fn is_service_chain_decl(line: &str) -> bool {
-    line.strip_prefix(':').is_some_and(is_service_chain)
+/// The chains `saved` (one table's `iptables-save`) declares.
+fn declared(saved: &str) -> impl Iterator<Item = &str> {
+    saved.lines().filter_map(|l| l.strip_prefix(':')).filter_map(|l| l.split_whitespace().next())
+}
+
+fn is_own_chain(chain: &str) -> bool {
+    OWN_CHAINS.contains(&chain) || is_service_chain(chain)
+}
+
+/// `iptables-restore --noflush` input removing the chains of `table` that
+/// `doomed` picks and the rules elsewhere that lead to them; empty if none.
+fn removal(table: &str, saved: &str, doomed: &impl Fn(&str) -> bool) -> String {
+    let chains: Vec<&str> = declared(saved).filter(|c| doomed(c)).collect();
+    if chains.is_empty() {
+        return String::new();
+    }
+    let mut input = format!("*{table}\n");
+    for line in saved.lines() {
+        let Some(rule) = line.strip_prefix("-A ") else { continue };
+        let mut words = rule.split_whitespace();
+        let chain = words.next().unwrap_or_default();
+        let mut words = words.peekable();
+        let mut leads_to_doomed = false;
+        while let Some(w) = words.next() {
+            if (w == "-j" || w == "-g") && words.peek().is_some_and(|t| chains.contains(t)) {
+                leads_to_doomed = true;
+            }
+        }
+        if leads_to_doomed && !chains.contains(&chain) {
+            input.push_str(&format!("-D {rule}\n"));
+        }
+    }
+    for c in &chains {
+        input.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    for c in &chains {
+        input.push_str(&format!("-X {c}\n"));
+    }
+    input.push_str("COMMIT\n");
+    input
 }
 
 /// The chain whose one rule tells whether its table was flushed since kpr
@@ -242,6 +279,10 @@ const FIREWALL: &[&str] = new_connections!("kubernetes load balancer firewall", 
 const EXTERNAL_SERVICES: &[&str] =
     new_connections!("kubernetes externally-visible service portals", "KUBE-EXTERNAL-SERVICES");
 
+/// Chains kube-proxy's IPVS mode writes that kpr does not.
+const KUBE_PROXY_IPVS_CHAINS: [&str; 5] =
+    ["KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER"];
+
 /// Jumps into kpr's chains, as kube-proxy installs them.
 const JUMPS: [(&str, &str, &[&str]); 13] = [
     ("filter", "INPUT", FIREWALL),
@@ -269,4 +310,24 @@ pub fn detect() -> Backend {
     let legacy = Backend::Legacy.rule_count();
     let nft = Backend::Nft.rule_count();
     if legacy > nft { Backend::Legacy } else { Backend::Nft }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removing_chains_deletes_the_rules_leading_to_them_first() {
+        let saved = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-IPVS-FILTER - [0:0]\n:KUBE-FORWARD - [0:0]\n\
+                     -A INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER\n\
+                     -A INPUT -j ACCEPT\n-A KUBE-FORWARD -j KUBE-IPVS-FILTER\n\
+                     -A KUBE-IPVS-FILTER -m set --match-set KUBE-CLUSTER-IP dst,dst -j RETURN\nCOMMIT\n";
+        let input = removal("filter", saved, &|c: &str| KUBE_PROXY_IPVS_CHAINS.contains(&c));
+        assert_eq!(
+            input,
+            "*filter\n-D INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER\n\
+             -D KUBE-FORWARD -j KUBE-IPVS-FILTER\n:KUBE-IPVS-FILTER - [0:0]\n-X KUBE-IPVS-FILTER\nCOMMIT\n"
+        );
+        assert_eq!(removal("filter", saved, &|c: &str| c == "KUBE-NONE"), "");
+    }
 }
