@@ -17,7 +17,10 @@ use proxy_userspace::{
     dataplane::{
         Dataplane, DataplaneError, Mode,
         ebpf::{EbpfDataplane, MapSizes, Targets, XdpMode, cgroup, links},
-        iptables::{IptablesDataplane, render::RenderConfig},
+        iptables::{
+            IptablesDataplane,
+            render::{Chains, RenderConfig},
+        },
         node_addresses,
     },
     frontend::Cidr,
@@ -128,7 +131,9 @@ fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<Datap
     let node_port_addresses = node_addresses::resolve(&cfg.nodeport_addresses, &devices(cfg));
     tracing::info!(addresses = ?node_port_addresses, "node ports answer on");
     let iptables = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        let render = RenderConfig { node_port_addresses: node_port_addresses.clone(), ..cfg.iptables.clone() };
+        // Beside kube-proxy, kube-proxy's chain names stay its own.
+        let chains = if cfg.model.service_proxy_name.is_some() { Chains::Own } else { Chains::KubeProxys };
+        let render = RenderConfig { node_port_addresses: node_port_addresses.clone(), chains, ..cfg.iptables.clone() };
         Ok(Box::new(IptablesDataplane::new(render, cfg.iptables_full_sync_period)?))
     };
     let ebpf = || -> Result<Box<dyn Dataplane>, DataplaneError> {

@@ -7,7 +7,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use proxy_common::maps as abi;
 use proxy_userspace::{
-    dataplane::{ebpf::MapSizes, iptables::render::RenderConfig},
+    dataplane::{
+        ebpf::MapSizes,
+        iptables::render::{Chains, RenderConfig},
+    },
     inspect::{self, Maps},
     source::SourceSpec,
     status::{self, Status},
@@ -518,7 +521,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Cleanup { interfaces, bpf_root } => {
             let interfaces = interfaces.unwrap_or_else(cleanup::all_interfaces);
-            let tables = cleanup::remove_iptables().context("removing iptables rules")?;
+            let mut tables = 0;
+            for chains in [Chains::KubeProxys, Chains::Own] {
+                tables += cleanup::remove_iptables(chains).context("removing iptables rules")?;
+            }
             let programs = cleanup::remove_ebpf(&interfaces, &bpf_root);
             let kube_proxy = proxy_userspace::dataplane::kube_proxy::remove();
             println!(

@@ -12,7 +12,7 @@ use crate::{
     dataplane::{
         DataplaneError, Mode,
         ebpf::{PACKET_PROGRAMS, masquerade},
-        iptables::backend::Backend,
+        iptables::{backend::Backend, render::Chains},
         kube_proxy,
     },
     inspect,
@@ -23,13 +23,13 @@ use crate::{
 /// two never fight. Beside kube-proxy (`--service-proxy-name`), its chains,
 /// tables and sets are its own and stay.
 pub fn take_over(mode: Mode, bpf_root: &Path, beside_kube_proxy: bool) {
+    let chains = if beside_kube_proxy { Chains::Own } else { Chains::KubeProxys };
     match mode {
-        Mode::Ebpf if !beside_kube_proxy => {
-            if let Err(e) = remove_iptables() {
+        Mode::Ebpf => {
+            if let Err(e) = remove_iptables(chains) {
                 tracing::error!(error = %e, "could not remove iptables rules left by iptables mode or kube-proxy");
             }
         }
-        Mode::Ebpf => {}
         Mode::Iptables => {
             // Every interface: the eBPF run may have followed patterns and devices.
             remove_ebpf(&all_interfaces(), bpf_root);
@@ -58,14 +58,14 @@ fn remove_kube_proxy_ipvs_chains() {
     }
 }
 
-/// Removes kpr's iptables chains and jumps, and kube-proxy's (its iptables
-/// and IPVS modes share them), from both backends. Returns how many
-/// backends held some.
-pub fn remove_iptables() -> Result<usize, DataplaneError> {
+/// Removes kpr's iptables chains and jumps under `chains`' names from both
+/// backends (under kube-proxy's, kube-proxy's own go too, with those of
+/// its IPVS mode). Returns how many backends held some.
+pub fn remove_iptables(chains: Chains) -> Result<usize, DataplaneError> {
     let mut removed = 0;
     for backend in Backend::ALL {
-        if backend.has_kpr_rules() {
-            backend.remove_all()?;
+        if backend.has_kpr_rules(chains) {
+            backend.remove_all(chains)?;
             tracing::info!(backend = backend.name(), "removed kpr's iptables rules");
             removed += 1;
         }

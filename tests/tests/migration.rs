@@ -9,7 +9,10 @@
 //!   with): its iptables chains and jumps, ipsets, and the device holding
 //!   the Service addresses (a veth, as this kernel has no dummy driver).
 //!
-//! All addressed to this node's pods, so the first two serve. Then kpr
+//! All addressed to this node's pods, so the first two serve. Beside
+//! kube-proxy (`--service-proxy-name`), kpr serves only the Services
+//! labelled for it and leaves every one of kube-proxy's rules as it was.
+//! Then kpr
 //! starts in either mode on the same Services while a pod asks a ClusterIP
 //! every 10 ms: no request may fail, a later change must sync, and once kpr
 //! serves kube-proxy's leftovers are gone (in iptables mode, the chains it
@@ -430,4 +433,59 @@ fn from_ipvs_mode(mode: Mode) {
     takes_over(mode, KubeProxy::Ipvs);
 }
 
-kpr_tests::in_both_modes!(from_nft, from_legacy, from_nftables_mode, from_ipvs_mode);
+/// kube-proxy's rules, as one sorted list of lines.
+fn kube_proxy_lines(node: &VirtualNode) -> Vec<String> {
+    let mut lines: Vec<String> = saved(node).lines().filter(|l| l.contains("KUBE-")).map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+fn beside_kube_proxy(mode: Mode) {
+    root_or_skip!();
+    let mut pods: Vec<(String, Ipv4Addr)> = (1..=5).map(|n| (format!("p{n}"), pod_ip(n))).collect();
+    pods.push(("client".into(), Ipv4Addr::new(10, 244, 0, 100)));
+    let pods: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    let node = VirtualNode::new(&pods).unwrap();
+    let _servers: Vec<Server> = pods[..5].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 80, n).unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    KubeProxy::Iptables("nft").load(&node, dir.path());
+    let before = kube_proxy_lines(&node);
+
+    // kube-proxy's Services, and one labelled for kpr.
+    let label = "labels: {service.kubernetes.io/service-proxy-name: kpr";
+    let mine = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: mine, namespace: ns7, {label}}}}}\nspec:\n  clusterIP: \
+         172.30.0.47\n  ports: [{{name: p80, port: 80, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\n\
+         kind: EndpointSlice\nmetadata: {{name: mine-1, namespace: ns7, {label}, kubernetes.io/service-name: mine}}}}\n\
+         addressType: IPv4\nports: [{{name: p80, port: 80, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        pod_ip(3)
+    );
+    let services = dir.path().join("services");
+    std::fs::create_dir(&services).unwrap();
+    write(&services, "services.yaml", &(manifests(&[1]) + &mine)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let asking = every_10ms(&node.pod("client").ns, SVC1, TIMEOUT, stop.clone());
+    let args = [
+        mode.arg().to_string(),
+        format!("--source=dir:{}", services.display()),
+        "--service-proxy-name=kpr".to_string(),
+    ];
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+    let client = node.pod("client").ns.name().to_string();
+    let mine_vip = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(172, 30, 0, 47)), 80);
+    let answer = kpr_tests::netns::run_in(&client, move || tcp_request(mine_vip, TIMEOUT)).unwrap();
+    assert_eq!(answer.unwrap(), "p3", "kpr serves the Service labelled for it:\n{}", kpr.log());
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let tally = asking.join().unwrap();
+    assert!(tally.ok > 50 && tally.failed == 0, "kube-proxy's Services are still served: {tally:?}");
+
+    let after = kube_proxy_lines(&node);
+    assert_eq!(before, after, "kube-proxy's rules are untouched:\n{}", kpr.log());
+    if mode == Mode::Iptables {
+        let rules = saved(&node);
+        assert!(rules.contains(":KPR-SERVICES") && rules.contains("-j KPR-SERVICES"), "kpr's own chains:\n{rules}");
+    }
+}
+
+kpr_tests::in_both_modes!(from_nft, from_legacy, from_nftables_mode, from_ipvs_mode, beside_kube_proxy);

@@ -6,7 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use super::render::{FILTER_CHAINS, NAT_CHAINS, is_service_chain};
+use super::render::{Chains, FILTER_CHAINS, NAT_CHAINS, is_service_chain};
 use crate::dataplane::DataplaneError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,23 +98,24 @@ impl Backend {
 
     /// Creates kpr's top-level chains if missing, without touching their
     /// rules, so the jumps below have a target before the first sync.
-    pub fn ensure_chains(self) -> Result<(), DataplaneError> {
+    pub fn ensure_chains(self, chains: Chains) -> Result<(), DataplaneError> {
         let filter = FILTER_CHAINS.iter().map(|c| ("filter", *c));
         for (table, chain) in filter.chain(NAT_CHAINS.iter().map(|c| ("nat", *c))) {
             // Fails when the chain exists, which is fine.
-            self.iptables(&["-t", table, "-N", chain])?;
+            self.iptables(&["-t", table, "-N", &chains.text(chain)])?;
         }
         Ok(())
     }
 
     /// Makes sure each jump from a built-in chain exists once (check, then insert).
-    pub fn ensure_jumps(self) -> Result<(), DataplaneError> {
+    pub fn ensure_jumps(self, chains: Chains) -> Result<(), DataplaneError> {
         for (table, chain, rule) in JUMPS {
+            let rule: Vec<String> = rule.iter().map(|a| chains.text(a).into_owned()).collect();
             let mut check = vec!["-t", table, "-C", chain];
-            check.extend(rule.iter());
+            check.extend(rule.iter().map(String::as_str));
             if !self.iptables(&check)? {
                 let mut insert = vec!["-t", table, "-I", chain];
-                insert.extend(rule.iter());
+                insert.extend(rule.iter().map(String::as_str));
                 if !self.iptables(&insert)? {
                     return Err(DataplaneError::Command {
                         command: format!("iptables -t {table} -I {chain}"),
@@ -129,18 +130,19 @@ impl Backend {
     /// Makes sure each table kpr writes has its canary: a chain holding one
     /// rule, which a flush of the table (`iptables -t nat -F`, a firewall
     /// reload) takes away with kpr's rules.
-    pub fn ensure_canaries(self) -> Result<(), DataplaneError> {
+    pub fn ensure_canaries(self, chains: Chains) -> Result<(), DataplaneError> {
+        let canary = chains.text(CANARY);
         for table in CANARY_TABLES {
             // Fails when the chain exists, which is fine.
-            self.iptables(&["-t", table, "-N", CANARY])?;
-            let mut check = vec!["-t", table, "-C", CANARY];
+            self.iptables(&["-t", table, "-N", &canary])?;
+            let mut check = vec!["-t", table, "-C", &canary];
             check.extend(CANARY_RULE);
             if !self.iptables(&check)? {
-                let mut append = vec!["-t", table, "-A", CANARY];
+                let mut append = vec!["-t", table, "-A", &canary];
                 append.extend(CANARY_RULE);
                 if !self.iptables(&append)? {
                     return Err(DataplaneError::Command {
-                        command: format!("iptables -t {table} -A {CANARY}"),
+                        command: format!("iptables -t {table} -A {canary}"),
                         reason: "could not add the canary rule".into(),
                     });
                 }
@@ -150,28 +152,26 @@ impl Backend {
     }
 
     /// Whether every canary still holds its rule (nothing flushed kpr's tables).
-    pub fn canaries_alive(self) -> bool {
+    pub fn canaries_alive(self, chains: Chains) -> bool {
+        let canary = chains.text(CANARY);
         CANARY_TABLES.iter().all(|table| {
-            let mut check = vec!["-t", table, "-C", CANARY];
+            let mut check = vec!["-t", table, "-C", &canary];
             check.extend(CANARY_RULE);
             self.iptables(&check).unwrap_or(false)
         })
     }
 
-    /// True if this backend holds any chain kpr writes, or one kube-proxy's
-    /// IPVS mode left.
-    pub fn has_kpr_rules(self) -> bool {
-        ["nat", "filter"].iter().any(|t| {
-            let saved = self.save(t);
-            declared(&saved).any(|c| is_own_chain(c) || KUBE_PROXY_IPVS_CHAINS.contains(&c))
-        })
+    /// True if this backend holds any chain kpr writes under `chains`'
+    /// names; with kube-proxy's, also one its IPVS mode left.
+    pub fn has_kpr_rules(self, chains: Chains) -> bool {
+        ["nat", "filter"].iter().any(|t| declared(&self.save(t)).any(|c| removed_with(chains, c)))
     }
 
-    /// Removes every chain kpr writes (and those of kube-proxy's IPVS
-    /// mode), with every rule elsewhere that jumps to them, leaving all
-    /// other rules alone.
-    pub fn remove_all(self) -> Result<(), DataplaneError> {
-        self.remove_chains(|c| is_own_chain(c) || KUBE_PROXY_IPVS_CHAINS.contains(&c))
+    /// Removes every chain kpr writes under `chains`' names (with kube-proxy's,
+    /// also those of its IPVS mode), with every rule elsewhere that jumps to
+    /// them, leaving all other rules alone.
+    pub fn remove_all(self, chains: Chains) -> Result<(), DataplaneError> {
+        self.remove_chains(|c| removed_with(chains, c))
     }
 
     /// Removes the chains only kube-proxy's IPVS mode writes (for iptables
@@ -208,8 +208,11 @@ fn declared(saved: &str) -> impl Iterator<Item = &str> {
     saved.lines().filter_map(|l| l.strip_prefix(':')).filter_map(|l| l.split_whitespace().next())
 }
 
-fn is_own_chain(chain: &str) -> bool {
-    OWN_CHAINS.contains(&chain) || is_service_chain(chain)
+/// Whether `chain` (as the kernel names it) goes when kpr's chains under
+/// `chains`' names are removed.
+fn removed_with(chains: Chains, chain: &str) -> bool {
+    let own = chains.from_kernel(chain).is_some_and(|c| OWN_CHAINS.contains(&c.as_str()) || is_service_chain(&c));
+    own || (chains == Chains::KubeProxys && KUBE_PROXY_IPVS_CHAINS.contains(&chain))
 }
 
 /// `iptables-restore --noflush` input removing the chains of `table` that

@@ -42,17 +42,18 @@ impl IptablesDataplane {
     pub fn new(config: RenderConfig, full_sync_period: Duration) -> Result<Self, DataplaneError> {
         let backend = backend::detect();
         tracing::info!(backend = backend.name(), "iptables mode");
+        let chains = config.chains;
         let written = backend
             .save("nat")
             .lines()
             .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
+            .filter_map(|c| chains.from_kernel(c))
             .filter(|c| render::is_service_chain(c))
-            .map(String::from)
             .collect();
         // Rules a previous run left keep serving until the first sync rewrites them.
-        backend.ensure_chains()?;
-        backend.ensure_jumps()?;
-        backend.ensure_canaries()?;
+        backend.ensure_chains(chains)?;
+        backend.ensure_jumps(chains)?;
+        backend.ensure_canaries(chains)?;
         Ok(Self { backend, config, written, full_sync_period, last_full_sync: None })
     }
 
@@ -118,19 +119,20 @@ impl Dataplane for IptablesDataplane {
     /// A canary gone means someone flushed a table (or a firewall reloaded):
     /// the chains, jumps and every Service's rules are written again.
     fn repair(&mut self, desired: &Desired) -> usize {
-        if self.backend.canaries_alive() {
+        let chains = self.config.chains;
+        if self.backend.canaries_alive(chains) {
             return 0;
         }
         let repaired = self
             .backend
-            .ensure_chains()
-            .and_then(|()| self.backend.ensure_jumps())
+            .ensure_chains(chains)
+            .and_then(|()| self.backend.ensure_jumps(chains))
             .and_then(|()| {
                 self.last_full_sync = None;
                 self.sync(desired, &BTreeSet::new())
             })
             // Last: a canary alive says the rules were written after the flush.
-            .and_then(|()| self.backend.ensure_canaries());
+            .and_then(|()| self.backend.ensure_canaries(chains));
         match repaired {
             Ok(()) => 1,
             Err(e) => {

@@ -65,6 +65,42 @@ pub fn endpoint_chain(f: &Frontend, e: &Endpoint) -> String {
     format!("KUBE-SEP-{}", hash16(&format!("{}{}{}:{}", f.service, protocol(f), e.ip, e.port)))
 }
 
+/// Whose names kpr's chains carry. Rendering always speaks kube-proxy's
+/// names; the kernel sees them through [`Chains::text`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Chains {
+    /// kube-proxy's own (`KUBE-SERVICES`, ...): kpr replaces kube-proxy and
+    /// takes its chains over.
+    #[default]
+    KubeProxys,
+    /// `KPR-SERVICES`, ...: kpr runs beside kube-proxy
+    /// (`--service-proxy-name`) and never touches its chains.
+    Own,
+}
+
+impl Chains {
+    const KUBE: &str = "KUBE-";
+    const OWN: &str = "KPR-";
+
+    /// `text` (rules, a chain name, an argument) as the kernel holds it.
+    pub fn text(self, text: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            Chains::KubeProxys => text.into(),
+            // Only chain names start "KUBE-": comments carry Service names,
+            // which are lowercase.
+            Chains::Own => text.replace(Self::KUBE, Self::OWN).into(),
+        }
+    }
+
+    /// A chain of the kernel's, in rendering's names, if it is one of ours.
+    pub fn from_kernel(self, chain: &str) -> Option<String> {
+        match self {
+            Chains::KubeProxys => chain.starts_with(Self::KUBE).then(|| chain.to_string()),
+            Chains::Own => chain.strip_prefix(Self::OWN).map(|rest| format!("{}{rest}", Self::KUBE)),
+        }
+    }
+}
+
 /// Whether a chain name is one of the per-service-port or per-endpoint chains.
 pub fn is_service_chain(name: &str) -> bool {
     ["KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SVL-"].iter().any(|p| name.starts_with(p))
@@ -148,6 +184,8 @@ pub struct RenderConfig {
     pub cluster_cidr: Option<String>,
     /// Node addresses NodePorts answer on (`--nodeport-addresses`, resolved).
     pub node_port_addresses: NodePortAddresses,
+    /// Whose chain names the rules use.
+    pub chains: Chains,
 }
 
 /// Which service chains to write.
@@ -254,7 +292,10 @@ pub fn render(
         rule!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
-    out
+    match cfg.chains.text(&out) {
+        std::borrow::Cow::Borrowed(_) => out,
+        std::borrow::Cow::Owned(renamed) => renamed,
+    }
 }
 
 /// kpr's top-level filter chains, rewritten whole on every sync.
@@ -651,7 +692,8 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
         let config = crate::validate::ModelConfig { node_name: "test-node".into(), ..Default::default() };
         let (m, rejected) = crate::model::build(crate::testing::objects_with(&all, &config));
         assert!(rejected.is_empty(), "{rejected:?}");
-        let cfg = RenderConfig { cluster_cidr: Some("10.0.0.0/8".into()), ..Default::default() };
+        let cfg_kube = || RenderConfig { cluster_cidr: Some("10.0.0.0/8".into()), ..Default::default() };
+        let cfg = cfg_kube();
         let ours = render(&m.frontends, Scope::Full, &BTreeSet::new(), &cfg);
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("src/dataplane/iptables/golden/kube_proxy_overall.txt");
@@ -664,6 +706,18 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
             }
             assert_eq!(ours[table].1.keys().collect::<Vec<_>>(), theirs[table].1.keys().collect::<Vec<_>>(), "{table}");
         }
+        // Beside kube-proxy: the same rules under kpr's own chain names.
+        let own = render(&m.frontends, Scope::Full, &BTreeSet::new(), &RenderConfig { chains: Chains::Own, ..cfg });
+        assert!(!own.contains("KUBE-"), "{own}");
+        assert_eq!(own.replace("KPR-", "KUBE-"), render(&m.frontends, Scope::Full, &BTreeSet::new(), &cfg_kube()));
+    }
+
+    #[test]
+    fn own_chain_names_map_back_to_rendering_names() {
+        assert_eq!(Chains::Own.from_kernel("KPR-SVC-ABC").as_deref(), Some("KUBE-SVC-ABC"));
+        assert_eq!(Chains::Own.from_kernel("KUBE-SVC-ABC"), None);
+        assert_eq!(Chains::KubeProxys.from_kernel("KUBE-SVC-ABC").as_deref(), Some("KUBE-SVC-ABC"));
+        assert_eq!(Chains::KubeProxys.from_kernel("KPR-SVC-ABC"), None);
     }
 
     #[test]
@@ -691,6 +745,7 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
         let cfg = RenderConfig {
             cluster_cidr: Some("10.0.0.0/8".into()),
             node_port_addresses: NodePortAddresses::Only(vec![Ipv4Addr::new(192, 168, 0, 2)]),
+            ..Default::default()
         };
         let rules = render(&model(vec![f]), Scope::Full, &BTreeSet::new(), &cfg);
         let nat = &by_chain(&rules)["nat"].1;
