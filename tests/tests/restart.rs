@@ -266,7 +266,8 @@ fn keeps_serving_through_an_api_server_outage(mode: Mode) {
 }
 
 /// Breaks the dataplane as someone else might: flushes the nat table, or
-/// deletes the Service's entry from the pinned service map.
+/// deletes the Service's entry from the pinned service map and adds a
+/// stray device.
 fn disturb(node: &VirtualNode, mode: Mode) {
     match mode {
         Mode::Iptables => {
@@ -275,6 +276,10 @@ fn disturb(node: &VirtualNode, mode: Mode) {
             assert!(out.iter().any(Result::is_ok), "{out:?}");
         }
         Mode::Ebpf => {
+            // Marks an interface index that is no device of the node as one
+            // (first: the Service's entry gone is what the test waits for).
+            let mut devices = devices_map(node);
+            devices.insert(STRAY_DEVICE, proxy_common::maps::hook::TC_INGRESS, 0).unwrap();
             let pin = node.bpf_root().join(format!("kpr/maps-v{}/SERVICES", proxy_common::maps::LAYOUT));
             let map = aya::maps::MapData::from_pin(&pin).unwrap();
             let mut services: aya::maps::HashMap<_, proxy_common::maps::ServiceKey, proxy_common::maps::ServiceValue> =
@@ -282,6 +287,16 @@ fn disturb(node: &VirtualNode, mode: Mode) {
             services.remove(&proxy_common::maps::ServiceKey::new(node::WEB_VIP.octets(), 80, 6)).unwrap();
         }
     }
+}
+
+/// An interface index no device has.
+const STRAY_DEVICE: u32 = 9999;
+
+/// The pinned map of the node's devices and the path their traffic takes.
+fn devices_map(node: &VirtualNode) -> aya::maps::HashMap<aya::maps::MapData, u32, u8> {
+    let pin = node.bpf_root().join(format!("kpr/maps-v{}/DEVICES", proxy_common::maps::LAYOUT));
+    let map = aya::maps::MapData::from_pin(&pin).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap()
 }
 
 fn repairs_what_someone_else_breaks(mode: Mode) {
@@ -305,6 +320,9 @@ fn repairs_what_someone_else_breaks(mode: Mode) {
     let (_, text) = node.ns.run(move || http_get(metrics, "/metrics", TIMEOUT)).unwrap().unwrap();
     let repairs = kpr_tests::client::metric(&text, "kpr_dataplane_repairs_total").unwrap_or(0.0);
     assert!(repairs >= 1.0, "{text}");
+    if mode == Mode::Ebpf {
+        assert!(devices_map(&node).get(&STRAY_DEVICE, 0).is_err(), "the stray device path is removed");
+    }
 }
 
 /// A UDP client that kept sending to a ClusterIP before kpr programmed it

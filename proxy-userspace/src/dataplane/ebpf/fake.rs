@@ -57,6 +57,7 @@ impl ServiceMaps for FakeMaps {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.keys().copied().collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
+            cluster_scopes: self.cluster_scope.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 

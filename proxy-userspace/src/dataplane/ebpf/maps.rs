@@ -43,6 +43,8 @@ pub struct MapContents {
     pub backends: Vec<BackendKey>,
     /// (frontend id, range) pairs of the source range map.
     pub source_ranges: Vec<(u32, Cidr)>,
+    /// Frontend id -> cluster-wide scope, under a Local policy.
+    pub cluster_scopes: Vec<(u32, ServiceValue)>,
 }
 
 /// The writes the eBPF dataplane makes. Removing an absent entry is not an
@@ -124,6 +126,7 @@ impl ServiceMaps for AyaMaps {
             services: self.services.iter().filter_map(Result::ok).collect(),
             backends: self.backends.keys().filter_map(Result::ok).collect(),
             source_ranges: self.source_ranges.keys().filter_map(Result::ok).filter_map(range).collect(),
+            cluster_scopes: self.cluster_scope.iter().filter_map(Result::ok).collect(),
         }
     }
 

@@ -624,7 +624,8 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn repair(&mut self, desired: &Desired) -> usize {
-        self.repair_drift(desired)
+        let devices = self.node_devices.as_mut().map_or(0, |d| d.repair());
+        self.repair_drift(desired) + devices
     }
 
     /// The maps are programmed: links a previous run left switch to this

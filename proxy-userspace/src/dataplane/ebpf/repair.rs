@@ -3,27 +3,38 @@
 //! gone wrong) is written again from the desired state, and entries no
 //! frontend owns are removed, so the datapath converges however it was
 //! disturbed, as kube-proxy's periodic resync makes its rules converge.
+//! Every table the dataplane writes is compared: frontends, backend slots,
+//! source ranges, cluster-wide scopes, VIP markers (and, beside this
+//! module, the node devices' paths).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::maps::{BackendKey, ServiceKey, ServiceValue};
 
 use super::{Desired, EbpfDataplane, Programmed, maps::ServiceMaps, service_key};
+use crate::frontend::Cidr;
+
+/// The maps as read for one comparison.
+struct Read {
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    slots: BTreeSet<BackendKey>,
+    ranges: BTreeSet<(u32, Cidr)>,
+    scopes: BTreeMap<u32, ServiceValue>,
+}
 
 /// Whether the maps hold what `p` says was written for its frontend `key`.
-fn intact(
-    p: &Programmed,
-    key: &ServiceKey,
-    services: &BTreeMap<ServiceKey, ServiceValue>,
-    slots: &BTreeSet<BackendKey>,
-) -> bool {
-    let set_whole = |set: u32, count: u32| (0..count).all(|slot| slots.contains(&BackendKey { set, slot }));
-    let entry = services
+fn intact(p: &Programmed, key: &ServiceKey, read: &Read) -> bool {
+    let set_whole = |set: u32, count: u32| (0..count).all(|slot| read.slots.contains(&BackendKey { set, slot }));
+    let entry = read
+        .services
         .get(key)
         .is_some_and(|v| v.id == p.id && v.backend_set == p.set && v.backend_count + v.terminating_count == p.slots);
     let outside = p.outside.as_ref().is_none_or(|o| {
-        o.keys.iter().all(|k| services.get(k).is_some_and(|v| v.id == p.id))
-            && o.local.is_none_or(|(set, count)| set_whole(set, count))
+        o.keys.iter().all(|k| read.services.get(k).is_some_and(|v| v.id == p.id))
+            && o.local.is_none_or(|(set, count)| {
+                set_whole(set, count) && read.scopes.get(&p.id).is_some_and(|s| s.id == p.id && s.backend_set == p.set)
+            })
+            && o.ranges.iter().all(|r| read.ranges.contains(&(p.id, *r)))
     });
     entry && set_whole(p.set, p.slots) && outside
 }
@@ -35,15 +46,26 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// frontends and entries it repaired.
     pub(super) fn repair_drift(&mut self, desired: &Desired) -> usize {
         let contents = self.maps.contents();
-        let services: BTreeMap<ServiceKey, ServiceValue> = contents.services.into_iter().collect();
-        let slots: BTreeSet<BackendKey> = contents.backends.into_iter().collect();
+        let read = Read {
+            services: contents.services.into_iter().collect(),
+            slots: contents.backends.into_iter().collect(),
+            ranges: contents.source_ranges.into_iter().collect(),
+            scopes: contents.cluster_scopes.into_iter().collect(),
+        };
+        let services = &read.services;
         let mut owned: BTreeSet<ServiceKey> = BTreeSet::new();
+        let mut owned_ranges: BTreeSet<(u32, Cidr)> = BTreeSet::new();
+        let mut owned_scopes: BTreeSet<u32> = BTreeSet::new();
         let mut broken = Vec::new();
         for (frontend, p) in &self.programmed {
             let key = service_key(frontend);
             owned.insert(key);
-            owned.extend(p.outside.iter().flat_map(|o| o.keys.iter().copied()));
-            if !intact(p, &key, &services, &slots) {
+            if let Some(o) = &p.outside {
+                owned.extend(o.keys.iter().copied());
+                owned_ranges.extend(o.ranges.iter().map(|r| (p.id, *r)));
+                owned_scopes.extend(o.local.map(|_| p.id));
+            }
+            if !intact(p, &key, &read) {
                 broken.push(*frontend);
             }
         }
@@ -60,6 +82,19 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             match self.maps.remove_service(key) {
                 Ok(()) => repaired += 1,
                 Err(e) => tracing::warn!(error = %e, "could not remove a service entry no frontend owns"),
+            }
+        }
+        // A stray range would let clients through another frontend's fence.
+        for (id, range) in read.ranges.iter().filter(|r| !owned_ranges.contains(r)) {
+            match self.maps.remove_source_range(*id, *range) {
+                Ok(()) => repaired += 1,
+                Err(e) => tracing::warn!(error = %e, "could not remove a source range no frontend owns"),
+            }
+        }
+        for id in read.scopes.keys().filter(|id| !owned_scopes.contains(id)) {
+            match self.maps.remove_cluster_scope(*id) {
+                Ok(()) => repaired += 1,
+                Err(e) => tracing::warn!(error = %e, "could not remove a cluster-wide scope no frontend owns"),
             }
         }
         for frontend in broken {

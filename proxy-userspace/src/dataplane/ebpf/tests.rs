@@ -309,3 +309,27 @@ fn drift_is_written_again_and_strays_removed() {
     assert_eq!(dp.maps().services[&service_key(&a.key)].id, want[&service_key(&a.key)].id, "ids kept");
     assert_eq!(dp.repair(&desired), 0, "repaired for good");
 }
+
+#[test]
+fn drift_of_ranges_and_scopes_is_repaired() {
+    let node = Ipv4Addr::new(192, 168, 0, 2);
+    let mut dp = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32)).with_node_addresses(vec![node]);
+    let local = external(fe(1, 80, &[1, 2]), true, &[2]);
+    let desired = Desired::from([(local.key, local.clone())]);
+    assert!(dp.apply(&[Op::Upsert(local.key)], &desired).is_empty());
+    assert_eq!(dp.repair(&desired), 0, "nothing drifted");
+    let (ranges, scopes) = (dp.maps().source_ranges.clone(), dp.maps().cluster_scope.clone());
+
+    // Someone removes the fence and the cluster-wide scope, and adds a
+    // range and a scope of an id nothing owns.
+    let maps = &mut dp.maps;
+    maps.source_ranges.clear();
+    maps.cluster_scope.clear();
+    maps.source_ranges.insert((77, "0.0.0.0/0".parse().unwrap()));
+    maps.cluster_scope.insert(77, ServiceValue::MARKER);
+
+    assert_eq!(dp.repair(&desired), 3, "the frontend, the stray range and the stray scope");
+    assert_eq!(dp.maps().source_ranges, ranges);
+    assert_eq!(dp.maps().cluster_scope.keys().collect::<Vec<_>>(), scopes.keys().collect::<Vec<_>>());
+    assert_eq!(dp.repair(&desired), 0, "repaired for good");
+}

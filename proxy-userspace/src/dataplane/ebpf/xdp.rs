@@ -71,8 +71,9 @@ pub struct Devices {
     patterns: Vec<String>,
     /// ifindex -> path (a [`hook`] value; `TC_INGRESS` for TC alone).
     paths: HashMap<MapData, u32, u8>,
-    /// Devices seen, by name: index and the XDP link's name in the pins, if XDP is on them.
-    attached: BTreeMap<String, (u32, Option<String>)>,
+    /// Devices seen, by name: index, and the XDP link's name in the pins
+    /// (if XDP is on them) with the path written for them.
+    attached: BTreeMap<String, (u32, (Option<String>, u8))>,
 }
 
 impl Devices {
@@ -128,16 +129,43 @@ impl Devices {
             }
         }
         let (link, path) = outcome;
-        self.attached.insert(name.to_string(), (index, link));
+        self.attached.insert(name.to_string(), (index, (link, path)));
         tracing::info!(device = %name, path = crate::inspect::path_name(path), "traffic from outside enters here");
         self.paths
             .insert(index, path, 0)
             .map_err(|e| DataplaneError::MapWrite { map: proxy_common::maps::DEVICES, reason: e.to_string() })
     }
 
+    /// Drift repair: writes again each device's path that is missing or
+    /// altered, and removes paths of indexes that are not devices (the
+    /// per-packet path would take their traffic for traffic from outside).
+    /// Returns how many entries it repaired.
+    pub fn repair(&mut self) -> usize {
+        let wanted: BTreeMap<u32, u8> = self.attached.values().map(|(index, (_, path))| (*index, *path)).collect();
+        let mut repaired = 0;
+        let present: Vec<(u32, u8)> = self.paths.iter().filter_map(Result::ok).collect();
+        for (index, path) in &present {
+            if !wanted.contains_key(index) {
+                match self.paths.remove(index) {
+                    Ok(()) => repaired += 1,
+                    Err(e) => tracing::warn!(index, error = %e, "could not remove a stray device path"),
+                }
+            } else if wanted[index] != *path {
+                repaired += usize::from(self.paths.insert(index, wanted[index], 0).is_ok());
+            }
+        }
+        for (index, path) in wanted.iter().filter(|(i, _)| !present.iter().any(|(p, _)| p == *i)) {
+            match self.paths.insert(index, path, 0) {
+                Ok(()) => repaired += 1,
+                Err(e) => tracing::warn!(index, error = %e, "could not restore a device path"),
+            }
+        }
+        repaired
+    }
+
     /// Forgets devices gone from `present` (their XDP went with them).
     pub fn forget_gone(&mut self, pins: &mut LinkPins, present: &BTreeMap<String, u32>) {
-        for (name, index, link) in links::take_gone(&mut self.attached, present) {
+        for (name, index, (link, _)) in links::take_gone(&mut self.attached, present) {
             if let Some(link) = link {
                 pins.release(&link);
             }
