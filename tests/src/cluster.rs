@@ -74,10 +74,21 @@ impl ClusterNode {
     /// per-packet path on `interfaces`, logging to `logs/kpr-NODE.log`;
     /// returns once it has synced.
     pub fn start_kpr(&self, interfaces: &[String], args: &[String], logs: &Path) -> anyhow::Result<Kpr> {
+        self.start_kpr_build(&crate::kpr::binary()?, interfaces, args, logs)
+    }
+
+    /// [`ClusterNode::start_kpr`] with the `kpr` binary at `bin` (another build).
+    pub fn start_kpr_build(
+        &self,
+        bin: &Path,
+        interfaces: &[String],
+        args: &[String],
+        logs: &Path,
+    ) -> anyhow::Result<Kpr> {
         let mut args = args.to_vec();
         args.push(format!("--node-name={}", self.name));
         let log = logs.join(format!("kpr-{}.log", self.name));
-        let mut kpr = Kpr::spawn_on(&self.ns, self.bpf_root(), &self.cgroup, interfaces, &args, &log)?;
+        let mut kpr = Kpr::spawn_build(bin, &self.ns, self.bpf_root(), &self.cgroup, interfaces, &args, &log)?;
         kpr.wait_for_log("synced", Duration::from_secs(20))?;
         Ok(kpr)
     }

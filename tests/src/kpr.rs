@@ -41,14 +41,31 @@ pub fn binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("KPR_BIN") {
         return Ok(p.into());
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/kpr");
+    let bin = target_dir().join("debug/kpr");
     if !bin.exists() {
         bail!("{} not found: build it with `cargo build -p proxy-userspace` or set KPR_BIN", bin.display());
     }
     Ok(bin)
+}
+
+/// The previous release's `kpr`, which upgrade tests start from:
+/// `$KPR_PREVIOUS_BIN`, else what `cargo xtask test` builds from the commit
+/// named in `xtask/previous-release`.
+pub fn previous_release() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KPR_PREVIOUS_BIN") {
+        return Ok(p.into());
+    }
+    let bin = target_dir().join("previous-release/kpr");
+    if !bin.exists() {
+        bail!("{} not found: `cargo xtask test` builds it (or set KPR_PREVIOUS_BIN)", bin.display());
+    }
+    Ok(bin)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 /// The dataplane a test runs kpr with.
@@ -105,11 +122,26 @@ impl Kpr {
         args: &[String],
         log: &Path,
     ) -> anyhow::Result<Self> {
-        let mut all = args.to_vec();
+        Self::spawn_build(&binary()?, ns, bpf_root, cgroup, interfaces, args, log)
+    }
+
+    /// [`Kpr::spawn_on`] with the `kpr` binary at `bin` (another build).
+    pub fn spawn_build(
+        bin: &Path,
+        ns: &Netns,
+        bpf_root: &Path,
+        cgroup: &Cgroup,
+        interfaces: &[String],
+        args: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut all = vec!["run".to_string()];
+        all.extend_from_slice(args);
         all.push(format!("--bpf-root={}", bpf_root.display()));
         all.push(format!("--interfaces={}", interfaces.join(",")));
         all.push(format!("--cgroup-root={}", cgroup.path_for_agent().display()));
-        Self::run_in(ns, &all, log)
+        all.push(format!("--state-dir={}", state_dir(log).display()));
+        Self::process_build(bin, ns, &all, log)
     }
 
     /// Starts `kpr run ARGS` in namespace `ns` without waiting; its status
@@ -131,11 +163,14 @@ impl Kpr {
     }
 
     fn process(ns: &Netns, args: &[String], log: &Path) -> anyhow::Result<Self> {
-        let bin = binary()?;
+        Self::process_build(&binary()?, ns, args, log)
+    }
+
+    fn process_build(bin: &Path, ns: &Netns, args: &[String], log: &Path) -> anyhow::Result<Self> {
         let log_file = std::fs::File::create(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name()])
-            .arg(&bin)
+            .arg(bin)
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")

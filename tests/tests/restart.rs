@@ -1,6 +1,8 @@
-//! The agent restarted under traffic, as a DaemonSet's agent is: killed
-//! (SIGKILL) and started again at once, stopped (SIGTERM) for 10 s before
-//! starting again, and upgraded to a build with another map layout. Clients keep making new connections every 10 ms
+//! The agent restarted under traffic, as a DaemonSet's agent is: upgraded
+//! from the previous release's build (both nodes start on it; one is
+//! rolled to this build), killed (SIGKILL) and started again at once,
+//! stopped (SIGTERM) for 10 s before starting again, and upgraded to a
+//! build with another map layout. Clients keep making new connections every 10 ms
 //! (from outside through a node port, and from a pod to the ClusterIP,
 //! which the socket hooks serve in eBPF mode) and keep 4 connections open
 //! through the node port, asking on each every 50 ms: none may fail.
@@ -124,7 +126,10 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
         logs
     };
     let start = |node: u8, run: usize| cluster.node(node).start_kpr(&[], &args, &logs(run)).unwrap();
-    let mut agents: Vec<Kpr> = (0..2u8).map(|node| start(node, 0)).collect();
+    // The cluster runs the previous release.
+    let previous = kpr_tests::kpr::previous_release().unwrap();
+    let start_previous = |node: u8| cluster.node(node).start_kpr_build(&previous, &[], &args, &logs(0)).unwrap();
+    let mut agents: Vec<Kpr> = (0..2u8).map(start_previous).collect();
 
     let node0 = cluster.node(0);
     let node_port = SocketAddr::from((node0.address(), NODE_PORT));
@@ -144,14 +149,21 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
     .unwrap();
     std::thread::sleep(Duration::from_secs(1));
 
+    // Rolled to this build, as a DaemonSet update does it: stopped, then
+    // this build started.
+    let previous_log = agents[0].log();
+    agents[0].stop(libc::SIGTERM).unwrap();
+    agents[0] = start(0, 1);
+    let upgraded_log = agents[0].log();
+    std::thread::sleep(Duration::from_secs(1));
     // Killed, and straight back.
     agents[0].stop(libc::SIGKILL).unwrap();
-    agents[0] = start(0, 1);
+    agents[0] = start(0, 2);
     std::thread::sleep(Duration::from_secs(1));
     // Stopped for a while, then back.
     agents[0].stop(libc::SIGTERM).unwrap();
     std::thread::sleep(DOWN);
-    agents[0] = start(0, 2);
+    agents[0] = start(0, 3);
     std::thread::sleep(Duration::from_secs(1));
     // An upgrade that changes the map layout: the maps the stopped agent
     // left look like an older layout's, so the new one starts from fresh
@@ -162,7 +174,7 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
         let layout = proxy_common::maps::LAYOUT;
         std::fs::rename(pins.join(format!("maps-v{layout}")), pins.join(format!("maps-v{}", layout - 1))).unwrap();
     }
-    agents[0] = start(0, 3);
+    agents[0] = start(0, 4);
     std::thread::sleep(Duration::from_secs(1));
 
     stop.store(true, Ordering::Relaxed);
@@ -178,6 +190,11 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
         assert_eq!(tally.failed, 0, "{what}: {tally:?}\nagent log:\n{log}");
     }
     if mode == Mode::Ebpf {
+        // The upgrade from the previous release took its maps and links over.
+        assert!(
+            upgraded_log.contains("took over the frontends the maps hold") || upgraded_log.contains("migration done"),
+            "the previous release's maps were taken over:\n{previous_log}\n{upgraded_log}"
+        );
         assert!(log.contains("took over the frontends the maps hold"), "the maps were reused:\n{log}");
         assert!(log.contains("switched to this run's programs"), "the links were taken over:\n{log}");
         assert!(log.contains("migration done"), "the maps were migrated:\n{log}");

@@ -1,5 +1,6 @@
 //! Developer and CI entry points: `cargo xtask setup | demo | test`.
 
+mod previous;
 mod setup;
 
 use std::{
@@ -220,6 +221,7 @@ fn main() -> anyhow::Result<()> {
             }
             setup::run()?;
             build_all()?;
+            previous::build(&workspace_root())?;
             if args.is_empty() {
                 // The workspace's lint table, with warnings denied.
                 cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
