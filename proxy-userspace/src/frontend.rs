@@ -81,10 +81,12 @@ pub struct Frontend {
     /// How the Service port is reached from outside the cluster, if it is;
     /// boxed, as most Services are ClusterIP only.
     pub external: Option<Box<External>>,
-    /// Ready endpoints, sorted and without duplicates: the ones traffic goes to.
+    /// The endpoints new connections go to, sorted and without duplicates:
+    /// the ready ones, or when none is ready the serving-and-terminating
+    /// ones (kube-proxy's fallback, KEP-1669).
     pub backends: Box<[Endpoint]>,
-    /// Endpoints shutting down but still serving; kept for traffic-policy
-    /// fallbacks, not chosen for new flows.
+    /// Endpoints shutting down but still serving, when ready ones exist:
+    /// not chosen for new flows; flows already on them carry on.
     pub terminating: Box<[Endpoint]>,
 }
 

@@ -245,14 +245,19 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
             }
         }
         // An address both ready (in one slice) and terminating (in another) is ready.
-        let terminating = terminating.difference(&backends).copied().collect();
+        let mut terminating: BTreeSet<Endpoint> = terminating.difference(&backends).copied().collect();
+        // kube-proxy (KEP-1669): with no ready endpoint, new connections go
+        // to the serving-and-terminating ones rather than being refused.
+        if backends.is_empty() {
+            backends = std::mem::take(&mut terminating);
+        }
         frontends.push(Frontend {
             service: ServicePortName { service: info.name.clone(), port: port.name.clone() },
             key: port.key,
             service_type: info.service_type,
             external: external(info, port, local, local_terminating),
             backends: backends.into_iter().collect(),
-            terminating,
+            terminating: terminating.into_iter().collect(),
         });
     }
     frontends

@@ -96,7 +96,7 @@ pub struct SlicePort {
 }
 
 /// An endpoint of an EndpointSlice, its conditions resolved (unset `ready`
-/// means ready; unset `serving` follows `ready`).
+/// and `serving` mean true, unset `terminating` false).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub ip: Ipv4Addr,
@@ -168,10 +168,9 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
     };
     let vip = match spec.cluster_ip.as_deref() {
         Some("None") => return ignored(info, "headless"),
-        None | Some("") => {
-            reject(RejectReason::MissingClusterIp, "has no spec.clusterIP".into());
-            return info;
-        }
+        // As kube-proxy: nothing to program, and nothing wrong (the API
+        // server allocates one to every Service but ExternalName ones).
+        None | Some("") => return ignored(info, "no spec.clusterIP"),
         Some(ip) => match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) => v4,
             // Dual-stack with IPv6 first: serve its IPv4 ClusterIP, if any.
@@ -339,12 +338,12 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             continue;
         };
         let conditions = ep.conditions.as_ref();
-        // Unset conditions mean ready and serving (EndpointSlice API semantics).
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        // Unset ready and serving count as true, as in kube-proxy's
+        // EndpointSlice cache (the API's consumers' reading).
         endpoints.push(SliceEndpoint {
             ip,
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             local: !config.node_name.is_empty() && ep.node_name.as_deref() == Some(config.node_name.as_str()),
         });
