@@ -20,42 +20,55 @@ const PASS: i32 = 1;
 /// up, so the client sees a drop, as with kube-proxy, rather than an error.
 const DROP_QUIETLY: i32 = 2;
 
+/// The frontend id of a fence no source passes: the socket's frontend has
+/// no endpoint for it (ids start at 1).
+pub(crate) const DROP_ALL: u32 = 0;
+
 #[cgroup_skb(egress)]
 pub(crate) fn kpr_sock_egress(ctx: SkBuffContext) -> i32 {
-    if outside_fence(&ctx) {
-        count(DropReason::SourceRange.counter(), ());
-        return DROP_QUIETLY;
+    match outside_fence(&ctx) {
+        Some(reason) => {
+            count(reason.counter(), ());
+            DROP_QUIETLY
+        }
+        None => PASS,
     }
-    PASS
 }
 
-/// Whether the packet goes to a backend its socket was given for a frontend
-/// whose source ranges do not hold the packet's source.
+/// Why the packet is dropped, if it goes to a backend its socket was given
+/// for a frontend whose source ranges do not hold the packet's source, or
+/// to a frontend with no endpoint for the socket ([`DROP_ALL`]).
 #[inline(always)]
-fn outside_fence(ctx: &SkBuffContext) -> bool {
+fn outside_fence(ctx: &SkBuffContext) -> Option<DropReason> {
     let skb: *mut __sk_buff = ctx.skb.skb;
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return false;
+        return None;
     }
     let map = core::ptr::from_ref(&SOCK_FENCE).cast_mut().cast();
     let fence = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<SockFence>();
     if fence.is_null() {
-        return false;
+        return None;
     }
     let fence = unsafe { core::ptr::read(fence) };
     // An IPv4 packet (IPv4-mapped sockets send IPv4 too); the data starts at its header.
     if unsafe { (*skb).protocol } != u32::from(ETH_P_IP.to_be()) {
-        return false;
+        return None;
     }
     let (Ok(version_ihl), Ok(proto), Ok(src), Ok(dst)) =
         (ctx.load::<u8>(0), ctx.load::<u8>(9), ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16))
     else {
-        return false;
+        return None;
     };
     if dst != fence.addr || proto != fence.proto {
-        return false;
+        return None;
     }
-    let Ok(port) = ctx.load::<[u8; 2]>(usize::from(version_ihl & 0x0f) * 4 + 2) else { return false };
-    port == fence.port && !lookup::in_source_ranges(fence.frontend_id, src)
+    let Ok(port) = ctx.load::<[u8; 2]>(usize::from(version_ihl & 0x0f) * 4 + 2) else { return None };
+    if port != fence.port {
+        return None;
+    }
+    if fence.frontend_id == DROP_ALL {
+        return Some(DropReason::NoLocalBackend);
+    }
+    (!lookup::in_source_ranges(fence.frontend_id, src)).then_some(DropReason::SourceRange)
 }

@@ -227,6 +227,13 @@ fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result
         return Ok(());
     };
     if svc.backend_count == 0 {
+        if svc.flags & flags::DROP_WITHOUT_BACKEND != 0 {
+            // Endpoints elsewhere, none for this node's clients (a Local
+            // internal policy): kube-proxy drops, so the client times out
+            // rather than being refused. The address stays the frontend's
+            // and the socket's packets to it are dropped on egress.
+            return fence(ctx, crate::fence::DROP_ALL, &Backend::new(vip, u16::from_be_bytes(vip_port)), proto);
+        }
         return Err(Refusal::NoBackend);
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };

@@ -88,6 +88,20 @@ pub struct Frontend {
     /// Endpoints shutting down but still serving, when ready ones exist:
     /// not chosen for new flows; flows already on them carry on.
     pub terminating: Box<[Endpoint]>,
+    /// `internalTrafficPolicy: Local`: pods and node processes reach only
+    /// [`Frontend::local_backends`]; with none, their traffic is dropped.
+    pub internal_local: bool,
+    /// When a traffic policy is Local: this node's ready endpoints, or when
+    /// it has none its serving-and-terminating ones (kube-proxy's fallback).
+    pub local_backends: Box<[Endpoint]>,
+}
+
+impl Frontend {
+    /// Where pods and node processes go: this node's endpoints under a
+    /// Local internal policy, every one under Cluster.
+    pub fn internal_backends(&self) -> &[Endpoint] {
+        if self.internal_local { &self.local_backends } else { &self.backends }
+    }
 }
 
 /// The ways into a Service port from outside the cluster, and the policy
@@ -109,9 +123,6 @@ pub struct External {
     /// `spec.healthCheckNodePort` of a Local policy Service: where load
     /// balancers ask whether this node has endpoints.
     pub health_check_node_port: Option<u16>,
-    /// With `local_only`: this node's ready endpoints, or when it has none
-    /// its serving-terminating ones (kube-proxy's fallback).
-    pub local_backends: Box<[Endpoint]>,
 }
 
 impl External {
@@ -123,7 +134,7 @@ impl External {
     /// Where external traffic goes: this node's endpoints under a Local
     /// policy, all ready ones under Cluster.
     pub fn backends<'a>(&'a self, frontend: &'a Frontend) -> &'a [Endpoint] {
-        if self.local_only { &self.local_backends } else { &frontend.backends }
+        if self.local_only { &frontend.local_backends } else { &frontend.backends }
     }
 }
 

@@ -251,36 +251,29 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
         if backends.is_empty() {
             backends = std::mem::take(&mut terminating);
         }
+        let external = external(info, port);
+        let local_policy = info.internal_local || external.as_deref().is_some_and(|e| e.local_only);
+        // The same fallback among this node's endpoints.
+        let local = if local.is_empty() { local_terminating } else { local };
         frontends.push(Frontend {
             service: ServicePortName { service: info.name.clone(), port: port.name.clone() },
             key: port.key,
             service_type: info.service_type,
-            external: external(info, port, local, local_terminating),
+            external,
             backends: backends.into_iter().collect(),
             terminating: terminating.into_iter().collect(),
+            internal_local: info.internal_local,
+            local_backends: if local_policy { local.into_iter().collect() } else { Box::default() },
         });
     }
     frontends
 }
 
 /// How one port of a Service is reached from outside, if it is.
-fn external(
-    info: &ServiceInfo,
-    port: &crate::validate::ServicePort,
-    local: BTreeSet<Endpoint>,
-    local_terminating: BTreeSet<Endpoint>,
-) -> Option<Box<External>> {
+fn external(info: &ServiceInfo, port: &crate::validate::ServicePort) -> Option<Box<External>> {
     let service = info.external.as_deref()?;
-    let mut external = External { node_port: port.node_port, ..service.clone() };
-    if external.is_empty() {
-        return None;
-    }
-    if external.local_only {
-        // kube-proxy: with no ready endpoint here, serving-terminating ones are used.
-        let local = if local.is_empty() { local_terminating } else { local };
-        external.local_backends = local.into_iter().collect();
-    }
-    Some(Box::new(external))
+    let external = External { node_port: port.node_port, ..service.clone() };
+    (!external.is_empty()).then(|| Box::new(external))
 }
 
 /// Builds a model from a snapshot in one go; returns it with every rejection.

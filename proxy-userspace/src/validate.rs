@@ -81,6 +81,8 @@ pub struct ServiceInfo {
     /// (each port's node port is in its [`ServicePort`]); `None` for the
     /// many Services without any.
     pub external: Option<Box<External>>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
     /// Most Services have one port: held inline, without an allocation.
     pub ports: SmallVec<[ServicePort; 1]>,
     pub rejections: Vec<Rejection>,
@@ -142,6 +144,7 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
         service_type: ServiceType::ClusterIP,
         external: None,
+        internal_local: false,
         ports: SmallVec::new(),
         rejections: Vec::new(),
     };
@@ -247,6 +250,7 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         info.external = Some(Box::new(external));
     }
     info.service_type = service_type;
+    info.internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     ports.shrink_to_fit();
     info.ports = ports;
     info

@@ -122,10 +122,15 @@ impl Node {
                 v.into_iter().map(|(ip, port)| format!("{ip}:{port}")).collect()
             };
             let (ready, terminating) = (text(false), text(true));
+            let none = if value.flags & proxy_common::maps::flags::DROP_WITHOUT_BACKEND != 0 {
+                "none, dropped"
+            } else {
+                "none"
+            };
             let mut line = format!(
                 "{key} {kind} {} -> {}",
                 f.service,
-                if ready.is_empty() { "none".to_string() } else { ready.join(" ") }
+                if ready.is_empty() { none.to_string() } else { ready.join(" ") }
             );
             if !terminating.is_empty() {
                 line.push_str(&format!(" terminating {}", terminating.join(" ")));

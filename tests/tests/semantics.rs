@@ -15,7 +15,8 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Repeating, every_10ms, tcp_request},
+    client::{Repeating, every_10ms, probe, probe_answer, tcp_request},
+    cluster::{Cluster, Shape},
     kpr::{Kpr, Mode},
     manifests::write,
     node::VirtualNode,
@@ -145,4 +146,80 @@ fn rolling_update_never_refuses(mode: Mode) {
     }
 }
 
-kpr_tests::in_both_modes!(rolling_update_never_refuses);
+/// A Service `name` at `vip`:80 -> 8080 with `spec` lines, its endpoints
+/// `(ip, node)`.
+fn service_on_nodes(name: &str, vip: &str, spec: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let eps: String =
+        endpoints.iter().map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n\
+         {spec}  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{eps}"
+    )
+}
+
+/// `internalTrafficPolicy: Local`, on two nodes with one endpoint each: a
+/// pod reaches only its own node's endpoint, over both paths; a Service
+/// whose only endpoint is on the other node drops its traffic (the client
+/// times out, as with kube-proxy's DROP, rather than being refused); a
+/// Cluster policy Service beside them spreads over both nodes.
+fn internal_local_policy_keeps_pods_on_their_node(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
+    cluster.add_pod(0, "web-0", 11).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    let _servers: Vec<Server> = [(0, "web-0"), (1, "web-1")]
+        .into_iter()
+        .map(|(node, pod)| servers::tcp(&cluster.node(node).pod(pod).ns, 8080, pod).unwrap())
+        .collect();
+    let (node0, node1) = (cluster.node(0), cluster.node(1));
+    let (web0, web1) = ((node0.pod("web-0").ip, node0.name.as_str()), (node1.pod("web-1").ip, node1.name.as_str()));
+    let local = "  internalTrafficPolicy: Local\n";
+    let manifests = [
+        service_on_nodes("near", "10.96.0.61", local, &[web0, web1]),
+        service_on_nodes("far", "10.96.0.62", local, &[web1]),
+        service_on_nodes("any", "10.96.0.63", "", &[web0, web1]),
+    ]
+    .concat();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("manifests");
+    std::fs::create_dir(&source).unwrap();
+    write(&source, "services.yaml", &manifests).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", source.display())];
+    // On the pods' interfaces too: the per-packet path serves the test's own threads.
+    let start = |n: u8| cluster.node(n).start_kpr(&cluster.node(n).interfaces(), &args, dir.path()).unwrap();
+    let _agents: Vec<Kpr> = (0..2u8).map(start).collect();
+
+    let client = node0.pod("client");
+    let addr = |last: u8| SocketAddr::from((Ipv4Addr::new(10, 96, 0, last), 80));
+    let per_packet = |last: u8| -> BTreeSet<String> {
+        let target = addr(last);
+        client.ns.run(move || (0..20).filter_map(|_| tcp_request(target, TIMEOUT).ok()).collect()).unwrap()
+    };
+    let sockets = |last: u8| -> BTreeSet<String> {
+        (0..10)
+            .map(|_| probe_answer(std::path::Path::new(PROBE), &client.ns, &node0.cgroup, "tcp", addr(last)).unwrap())
+            .collect()
+    };
+    let only_here: BTreeSet<String> = ["web-0".to_string()].into();
+    assert_eq!(per_packet(61), only_here, "per-packet path: this node's endpoint only");
+    assert_eq!(sockets(61), only_here, "socket hooks: this node's endpoint only");
+    let both: BTreeSet<String> = ["web-0".to_string(), "web-1".to_string()].into();
+    assert_eq!(per_packet(63), both, "a Cluster policy Service spreads over both nodes");
+
+    // No endpoint here: dropped, not refused, on both paths.
+    let far = addr(62);
+    let err = client.ns.run(move || tcp_request(far, Duration::from_millis(800))).unwrap().unwrap_err();
+    assert!(
+        matches!(err.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock),
+        "per-packet path: dropped, not refused: {err:?}"
+    );
+    let p = probe(std::path::Path::new(PROBE), &client.ns, &node0.cgroup, "tcp", far).unwrap();
+    const EAGAIN: i32 = 11;
+    assert!(p.reply.is_none() && matches!(p.errno, None | Some(EAGAIN)), "socket hooks: dropped, not refused: {p:?}");
+}
+
+kpr_tests::in_both_modes!(rolling_update_never_refuses, internal_local_policy_keeps_pods_on_their_node);

@@ -56,6 +56,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                     .insert(frontend, Programmed { id: value.id, set: value.backend_set, slots, outside: None });
             }
         }
+        let scopes: BTreeMap<u32, ServiceValue> = contents.cluster_scopes.into_iter().collect();
         let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();
         for (id, range) in contents.source_ranges {
             ranges.entry(id).or_default().push(range);
@@ -67,15 +68,22 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             self.slots_used += u64::from(p.slots);
             *self.vip_users.entry(frontend.vip).or_insert(0) += 1;
             let external = externals.remove(&p.id).unwrap_or_default();
-            // A Local policy's entries name a set of this node's endpoints.
-            let local =
-                external.iter().find(|(_, v)| v.backend_set != p.set).map(|(_, v)| (v.backend_set, v.backend_count));
-            if let Some((set, slots)) = local {
+            let scope = scopes.get(&p.id);
+            // Where the two traffic policies differ, the external entries (or
+            // the cluster-wide scope) name a set of their own.
+            let other = external
+                .iter()
+                .map(|(_, v)| v)
+                .chain(scope)
+                .find(|v| v.backend_set != p.set)
+                .map(|v| (v.backend_set, v.backend_count + v.terminating_count));
+            if let Some((set, slots)) = other {
                 sets.insert(set);
                 self.slots_used += u64::from(slots);
             }
             let keys = external.into_iter().map(|(k, _)| k).collect();
-            p.outside = Outside { keys, local, ranges: ranges.remove(&p.id).unwrap_or_default() }.boxed();
+            let ranges = ranges.remove(&p.id).unwrap_or_default();
+            p.outside = Outside { keys, other, scope: scope.is_some(), ranges }.boxed();
         }
         // What no frontend owns any more serves nothing anyone asked for.
         let orphans = externals.into_values().flatten().map(|(k, _)| k);

@@ -53,6 +53,17 @@ fn slots(f: &Frontend) -> Vec<Backend> {
     active.chain(f.terminating.iter().map(|e| Backend::terminating(e.ip.octets(), e.port))).collect()
 }
 
+/// The slots of the set the ClusterIP entry names: this node's endpoints
+/// under a Local internal policy, else every endpoint.
+fn internal_slots(f: &Frontend) -> Vec<Backend> {
+    if f.internal_local { local_slots(f) } else { slots(f) }
+}
+
+/// This node's endpoints (for a Local policy), all for new flows.
+fn local_slots(f: &Frontend) -> Vec<Backend> {
+    f.local_backends.iter().map(|e| Backend::new(e.ip.octets(), e.port)).collect()
+}
+
 fn service_kind(t: ServiceType) -> u8 {
     match t {
         ServiceType::ClusterIP => kind::CLUSTER_IP,
@@ -72,6 +83,22 @@ fn cluster_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
         kind: service_kind(f.service_type),
         flags: 0,
         _pad: [0; 2],
+    }
+}
+
+/// The ClusterIP entry of `f`, naming `set` (its [`internal_slots`]): under
+/// a Local internal policy, this node's endpoints, and pods' traffic
+/// dropped when it has none while others do (kube-proxy's DROP).
+fn internal_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
+    if !f.internal_local {
+        return cluster_value(f, id, set);
+    }
+    let drop = f.local_backends.is_empty() && !f.backends.is_empty();
+    ServiceValue {
+        backend_count: f.local_backends.len() as u32,
+        terminating_count: 0,
+        flags: if drop { flags::DROP_WITHOUT_BACKEND } else { 0 },
+        ..cluster_value(f, id, set)
     }
 }
 
@@ -158,15 +185,20 @@ struct Programmed {
 struct Outside {
     /// The external frontends written.
     keys: Vec<ServiceKey>,
-    /// The set of this node's endpoints (set id, slots), under a Local policy.
-    local: Option<(u32, u32)>,
+    /// The set (id, slots) external traffic needs besides the ClusterIP's
+    /// when the two policies differ: this node's endpoints under a Local
+    /// external policy, every endpoint under a Local internal one (for
+    /// Cluster external traffic, or pods' short circuit when both are Local).
+    other: Option<(u32, u32)>,
+    /// Whether a cluster-wide scope is written (a Local external policy).
+    scope: bool,
     /// Source ranges written.
     ranges: Vec<Cidr>,
 }
 
 impl Outside {
     fn boxed(self) -> Option<Box<Self>> {
-        (!self.keys.is_empty() || self.local.is_some() || !self.ranges.is_empty()).then(|| Box::new(self))
+        (!self.keys.is_empty() || self.other.is_some() || self.scope || !self.ranges.is_empty()).then(|| Box::new(self))
     }
 }
 
@@ -371,24 +403,33 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 "(fewer loadBalancerSourceRanges)",
             ))?;
         }
-        let local = if local_only {
-            let backends: Vec<Backend> = ext
-                .map_or(&[][..], |e| &e.local_backends)
-                .iter()
-                .map(|e| Backend::new(e.ip.octets(), e.port))
-                .collect();
-            if self.slots_used + self.leftover_slots() + backends.len() as u64 > self.sizes.backends as u64 {
-                return Err(self.backends_error()(MapIoError::Full));
-            }
-            Some((self.write_set(&backends)?, backends.len() as u32))
+        // The ClusterIP's set serves one policy; the other, if it differs
+        // (or pods' short circuit needs every endpoint), gets its own.
+        let other = if wanted.is_empty() {
+            None
+        } else if f.internal_local {
+            Some(slots(f))
+        } else if local_only {
+            Some(local_slots(f))
         } else {
             None
         };
+        let other = match other {
+            Some(backends) => {
+                if self.slots_used + self.leftover_slots() + backends.len() as u64 > self.sizes.backends as u64 {
+                    return Err(self.backends_error()(MapIoError::Full));
+                }
+                Some((self.write_set(&backends)?, backends.len() as u32))
+            }
+            None => None,
+        };
+        let other_set = other.map(|(set, _)| set);
+        let cluster_set = if f.internal_local { other_set } else { Some(set) };
         // Pods and node processes reach a Local policy's frontends through
         // every endpoint: the cluster-wide set, written before the entries
         // that point there.
-        if local_only {
-            self.maps.set_cluster_scope(id, cluster_value(f, id, set)).map_err(map_error(
+        if local_only && let Some(cluster_set) = cluster_set {
+            self.maps.set_cluster_scope(id, cluster_value(f, id, cluster_set)).map_err(map_error(
                 proxy_common::maps::CLUSTER_SCOPE,
                 proxy_common::maps::DEFAULT_CLUSTER_SCOPES_MAX,
                 "(fewer Services with externalTrafficPolicy: Local)",
@@ -397,9 +438,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         let mut written = Vec::new();
         let mut failed = None;
         for entry in &wanted {
-            let (backend_set, backend_count, terminating_count) = match local {
-                Some((local_set, slots)) => (local_set, slots, 0),
-                None => (set, f.backends.len() as u32, f.terminating.len() as u32),
+            let (backend_set, backend_count, terminating_count) = if local_only {
+                let local_set = if f.internal_local { set } else { other_set.unwrap_or(set) };
+                (local_set, f.local_backends.len() as u32, 0)
+            } else {
+                (cluster_set.unwrap_or(set), f.backends.len() as u32, f.terminating.len() as u32)
             };
             let value = ServiceValue {
                 id,
@@ -420,25 +463,25 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         let p = self.programmed.get_mut(&f.key).expect("looked up above");
         let old = p.outside.take().map(|o| *o).unwrap_or_default();
-        let (old_external, old_local, old_ranges) = (old.keys, old.local, old.ranges);
+        let (old_external, old_other, old_ranges) = (old.keys, old.other, old.ranges);
         // Entries written before a failure are kept (and tracked) with the old ones still wanted.
         let mut keys: Vec<ServiceKey> =
             old_external.iter().filter(|k| wanted.iter().any(|e| e.key == **k)).copied().collect();
         keys.extend(written.iter().filter(|k| !old_external.contains(k)));
-        p.outside = Outside { keys, local, ranges: ranges.clone() }.boxed();
+        p.outside = Outside { keys, other, scope: local_only, ranges: ranges.clone() }.boxed();
         for key in old_external.iter().filter(|k| !wanted.iter().any(|e| e.key == **k)) {
             if let Err(e) = self.maps.remove_service(key) {
                 tracing::warn!(error = %e, "could not remove an external frontend; it serves until the next change");
             }
         }
         // After a failed write, entries not yet rewritten still name the old
-        // local set until the frontend is retried (within seconds), and the
-        // set is freed only at the next apply.
-        if let Some((old_set, slots)) = old_local {
+        // set until the frontend is retried (within seconds), and the set is
+        // freed only at the next apply.
+        if let Some((old_set, slots)) = old_other {
             self.retiring.push((old_set, slots));
             self.slots_used -= u64::from(slots);
         }
-        if let Some((_, slots)) = local {
+        if let Some((_, slots)) = other {
             self.slots_used += u64::from(slots);
         }
         for range in old_ranges.iter().filter(|r| !ranges.contains(r)) {
@@ -446,7 +489,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 tracing::warn!(error = %e, "could not remove a source range");
             }
         }
-        if old_local.is_some()
+        if old.scope
             && !local_only
             && let Err(e) = self.maps.remove_cluster_scope(id)
         {
@@ -457,7 +500,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
 
     fn upsert(&mut self, f: &Frontend) -> Result<(), DataplaneError> {
         let key = service_key(&f.key);
-        let new = slots(f);
+        let new = internal_slots(f);
         let old_id = self.programmed.get(&f.key).map(|p| p.id);
         let new_vip = !self.vip_users.contains_key(&f.key.vip);
         if old_id.is_none() {
@@ -473,7 +516,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         let set = self.write_set(&new)?;
         let id = old_id.unwrap_or_else(|| self.service_ids.peek());
-        if let Err(e) = self.maps.set_service(key, cluster_value(f, id, set)) {
+        if let Err(e) = self.maps.set_service(key, internal_value(f, id, set)) {
             self.free_set(set, new.len());
             return Err(self.services_error()(e));
         }
@@ -506,7 +549,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         let gone: Vec<Backend> =
             old.iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).copied().collect();
         self.maps.forget_traffic(id, Some(&gone));
-        let keep: KeepEndpoints = new[..f.backends.len()].iter().map(|b| (b.addr, b.port)).collect();
+        let keep: KeepEndpoints = new.iter().filter(|b| b.state == BACKEND_ACTIVE).map(|b| (b.addr, b.port)).collect();
         // Only an endpoint that stopped being ready leaves flows to forget
         // (walking the flow maps costs a syscall per entry).
         let unready = old.iter().any(|o| o.state == BACKEND_ACTIVE && !keep.contains(&(o.addr, o.port)));
@@ -530,12 +573,14 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         self.maps.remove_service(&service_key(k)).map_err(self.services_error())?;
         let p = self.programmed.remove(k).expect("looked up above");
         let outside = p.outside.map(|o| *o).unwrap_or_default();
-        if let Some((local_set, slots)) = outside.local {
-            self.retiring.push((local_set, slots));
+        if let Some((other_set, slots)) = outside.other {
+            self.retiring.push((other_set, slots));
             self.slots_used -= u64::from(slots);
-            if let Err(e) = self.maps.remove_cluster_scope(id) {
-                tracing::warn!(error = %e, "could not remove a cluster-wide scope; unused until the id is reused");
-            }
+        }
+        if outside.scope
+            && let Err(e) = self.maps.remove_cluster_scope(id)
+        {
+            tracing::warn!(error = %e, "could not remove a cluster-wide scope; unused until the id is reused");
         }
         for range in outside.ranges {
             if let Err(e) = self.maps.remove_source_range(id, range) {

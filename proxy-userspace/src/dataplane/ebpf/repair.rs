@@ -31,9 +31,8 @@ fn intact(p: &Programmed, key: &ServiceKey, read: &Read) -> bool {
         .is_some_and(|v| v.id == p.id && v.backend_set == p.set && v.backend_count + v.terminating_count == p.slots);
     let outside = p.outside.as_ref().is_none_or(|o| {
         o.keys.iter().all(|k| read.services.get(k).is_some_and(|v| v.id == p.id))
-            && o.local.is_none_or(|(set, count)| {
-                set_whole(set, count) && read.scopes.get(&p.id).is_some_and(|s| s.id == p.id && s.backend_set == p.set)
-            })
+            && o.other.is_none_or(|(set, count)| set_whole(set, count))
+            && (!o.scope || read.scopes.get(&p.id).is_some_and(|s| s.id == p.id))
             && o.ranges.iter().all(|r| read.ranges.contains(&(p.id, *r)))
     });
     entry && set_whole(p.set, p.slots) && outside
@@ -63,7 +62,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             if let Some(o) = &p.outside {
                 owned.extend(o.keys.iter().copied());
                 owned_ranges.extend(o.ranges.iter().map(|r| (p.id, *r)));
-                owned_scopes.extend(o.local.map(|_| p.id));
+                owned_scopes.extend(o.scope.then_some(p.id));
             }
             if !intact(p, &key, &read) {
                 broken.push(*frontend);

@@ -168,9 +168,9 @@ fn external(f: Frontend, local_only: bool, local: &[u8]) -> Frontend {
         source_ranges: ["203.0.113.0/25".parse().unwrap()].into(),
         local_only,
         health_check_node_port: None,
-        local_backends: local.iter().map(|h| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *h), port: 8080 }).collect(),
     };
-    Frontend { external: Some(Box::new(ext)), ..f }
+    let local_backends = local.iter().map(|h| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *h), port: 8080 }).collect();
+    Frontend { external: Some(Box::new(ext)), local_backends, ..f }
 }
 
 fn entry(dp: &EbpfDataplane<FakeMaps>, addr: [u8; 4], port: u16) -> ServiceValue {
@@ -332,4 +332,61 @@ fn drift_of_ranges_and_scopes_is_repaired() {
     assert_eq!(dp.maps().source_ranges, ranges);
     assert_eq!(dp.maps().cluster_scope.keys().collect::<Vec<_>>(), scopes.keys().collect::<Vec<_>>());
     assert_eq!(dp.repair(&desired), 0, "repaired for good");
+}
+
+/// `f` with `internalTrafficPolicy: Local` and `local` (last octets) on this node.
+fn internal_local(f: Frontend, local: &[u8]) -> Frontend {
+    let local_backends = local.iter().map(|h| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *h), port: 8080 }).collect();
+    Frontend { internal_local: true, local_backends, ..f }
+}
+
+#[test]
+fn a_local_internal_policy_serves_pods_from_this_node_and_outside_from_every_endpoint() {
+    let node = Ipv4Addr::new(192, 168, 0, 2);
+    let mut dp = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32)).with_node_addresses(vec![node]);
+    // ClusterIP only: this node's endpoint.
+    let plain = internal_local(fe(1, 80, &[1, 2]), &[2]);
+    assert!(upsert(&mut dp, &plain).is_empty());
+    assert_eq!(serving(dp.maps(), &plain), [2]);
+    assert_eq!(dp.maps().services[&service_key(&plain.key)].flags, 0);
+    // None here, some elsewhere: dropped; none at all: refused (no flag).
+    let elsewhere = internal_local(fe(1, 80, &[1, 2]), &[]);
+    assert!(upsert(&mut dp, &elsewhere).is_empty());
+    let v = dp.maps().services[&service_key(&elsewhere.key)];
+    assert_eq!((v.backend_count, v.flags & flags::DROP_WITHOUT_BACKEND), (0, flags::DROP_WITHOUT_BACKEND));
+    let nowhere = internal_local(fe(1, 80, &[]), &[]);
+    assert!(upsert(&mut dp, &nowhere).is_empty());
+    assert_eq!(dp.maps().services[&service_key(&nowhere.key)].flags, 0);
+
+    // External traffic under a Cluster policy: every endpoint.
+    let cluster_outside = internal_local(external(fe(1, 80, &[1, 2]), false, &[]), &[2]);
+    assert!(upsert(&mut dp, &cluster_outside).is_empty());
+    assert_eq!(serving(dp.maps(), &cluster_outside), [2]);
+    let np = entry(&dp, node.octets(), 30080);
+    assert_eq!(dp.maps().backends_of(&np).iter().map(|b| b.addr[3]).collect::<Vec<_>>(), [1, 2]);
+
+    // Both Local: outside clients get this node's endpoints, and pods
+    // reaching an external address every endpoint (kube-proxy's short circuit).
+    let both = internal_local(external(fe(1, 80, &[1, 2]), true, &[2]), &[2]);
+    assert!(upsert(&mut dp, &both).is_empty());
+    let np = entry(&dp, node.octets(), 30080);
+    assert_eq!(dp.maps().backends_of(&np).iter().map(|b| b.addr[3]).collect::<Vec<_>>(), [2]);
+    let id = np.id;
+    let scope = dp.maps().cluster_scope[&id];
+    assert_eq!(dp.maps().backends_of(&scope).iter().map(|b| b.addr[3]).collect::<Vec<_>>(), [1, 2]);
+    let desired = Desired::from([(both.key, both.clone())]);
+    assert_eq!(dp.repair(&desired), 0, "consistent with its own bookkeeping");
+
+    // A restart takes the sets over as they are; nothing leaks afterwards.
+    let programmed = dp.maps().clone();
+    let mut after = restarted(&programmed);
+    assert_eq!(after.repair(&desired), 0, "taken over whole");
+    let plain_again = internal_local(fe(1, 80, &[1, 2]), &[1]);
+    let desired = Desired::from([(plain_again.key, plain_again.clone())]);
+    assert!(after.apply(&[Op::Upsert(plain_again.key)], &desired).is_empty());
+    after.apply(&[], &desired);
+    assert_eq!(serving(after.maps(), &plain_again), [1]);
+    assert!(after.maps().cluster_scope.is_empty());
+    let named: std::collections::BTreeSet<u32> = after.maps().services.values().map(|v| v.backend_set).collect();
+    assert!(after.maps().backends.keys().all(|k| named.contains(&k.set)), "{:?}", after.maps().backends);
 }

@@ -129,12 +129,50 @@ impl<'a> Plan<'a> {
         !self.f.backends.is_empty()
     }
 
+    /// Whether pods and node processes have an endpoint to go to.
+    fn has_internal_endpoints(&self) -> bool {
+        !self.f.internal_backends().is_empty()
+    }
+
     fn uses_external_chain(&self) -> bool {
         self.has_endpoints() && self.ext.is_some()
     }
 
     fn local_policy(&self) -> bool {
         self.ext.is_some_and(|e| e.local_only)
+    }
+
+    /// kube-proxy's `usesClusterPolicyChain`: KUBE-SVC- serves pods under a
+    /// Cluster internal policy, and outside clients (directly, or pods and
+    /// the node through a Local external policy's short circuit).
+    fn uses_cluster_chain(&self) -> bool {
+        self.has_endpoints() && (!self.f.internal_local || self.ext.is_some())
+    }
+
+    /// kube-proxy's `usesLocalPolicyChain`: KUBE-SVL- for a Local policy
+    /// with endpoints here.
+    fn uses_local_chain(&self) -> bool {
+        !self.f.local_backends.is_empty() && (self.f.internal_local || self.local_policy())
+    }
+
+    /// Where pods' and node processes' traffic to the cluster IP goes.
+    fn internal_chain(&self) -> String {
+        if self.f.internal_local { local_chain(self.f) } else { service_chain(self.f) }
+    }
+
+    /// The endpoints with a KUBE-SEP- chain: the cluster-wide ones, then
+    /// this node's that are not among them (terminating stand-ins).
+    fn endpoints(&self) -> Vec<&'a Endpoint> {
+        let f = self.f;
+        let mut endpoints: Vec<&Endpoint> = Vec::new();
+        if self.uses_cluster_chain() {
+            endpoints.extend(f.backends.iter());
+        }
+        if self.uses_local_chain() {
+            let cluster = self.uses_cluster_chain();
+            endpoints.extend(f.local_backends.iter().filter(|e| !cluster || !f.backends.contains(e)));
+        }
+        endpoints
     }
 
     /// The filter target and comment for external traffic nothing serves:
@@ -151,9 +189,11 @@ impl<'a> Plan<'a> {
     fn chains(&self) -> Vec<String> {
         let f = self.f;
         let mut chains = Vec::new();
-        if self.has_endpoints() {
+        let endpoints = self.endpoints();
+        let cluster = if self.uses_cluster_chain() { f.backends.len() } else { 0 };
+        if self.uses_cluster_chain() {
             chains.push(service_chain(f));
-            chains.extend(f.backends.iter().map(|e| endpoint_chain(f, e)));
+            chains.extend(endpoints[..cluster].iter().map(|e| endpoint_chain(f, e)));
         }
         if self.uses_external_chain() {
             chains.push(external_chain(f));
@@ -161,12 +201,11 @@ impl<'a> Plan<'a> {
         if self.uses_firewall {
             chains.push(firewall_chain(f));
         }
-        if self.local_policy() && !self.external_backends.is_empty() {
+        if self.uses_local_chain() {
             chains.push(local_chain(f));
-            // Terminating local endpoints stand in when none is ready: their own chains.
-            chains.extend(
-                self.external_backends.iter().filter(|e| !f.backends.contains(e)).map(|e| endpoint_chain(f, e)),
-            );
+            // Local endpoints without a chain yet (terminating stand-ins, or all
+            // of them when the cluster-wide chain is not used).
+            chains.extend(endpoints[cluster..].iter().map(|e| endpoint_chain(f, e)));
         }
         chains
     }
@@ -310,12 +349,19 @@ pub const NAT_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POST
 fn dispatch(plan: &Plan<'_>, t: &mut Tables) {
     let f = plan.f;
     let svc = &f.service;
-    if plan.has_endpoints() {
+    if plan.has_internal_endpoints() {
         rule!(
             t.nat,
             "-A KUBE-SERVICES -m comment --comment \"{svc} cluster IP\" {} -j {}",
             match_frontend(f),
-            service_chain(f)
+            plan.internal_chain()
+        );
+    } else if plan.has_endpoints() {
+        // A Local internal policy with no endpoint here: dropped, as kube-proxy.
+        rule!(
+            t.filter,
+            "-A KUBE-SERVICES -m comment --comment \"{svc} has no local endpoints\" {} -j DROP",
+            match_frontend(f)
         );
     } else {
         rule!(
@@ -389,24 +435,24 @@ fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
         return;
     }
     let svc = service_chain(f);
-    if let Some(cidr) = &cfg.cluster_cidr {
+    if plan.has_internal_endpoints()
+        && let Some(cidr) = &cfg.cluster_cidr
+    {
         rule!(
             t.nat,
-            "-A {svc} -m comment --comment \"{svc_name} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ",
+            "-A {} -m comment --comment \"{svc_name} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ",
+            plan.internal_chain(),
             match_frontend(f)
         );
     }
-    spread(f, &svc, &f.backends, &mut t.nat);
-    let local = plan.local_policy() && !plan.external_backends.is_empty();
-    if local {
-        spread(f, &local_chain(f), plan.external_backends, &mut t.nat);
+    if plan.uses_cluster_chain() {
+        spread(f, &svc, &f.backends, &mut t.nat);
     }
-    let mut endpoints: Vec<&Endpoint> = f.backends.iter().collect();
-    if local {
-        endpoints.extend(plan.external_backends.iter().filter(|e| !f.backends.contains(e)));
+    if plan.uses_local_chain() {
+        spread(f, &local_chain(f), &f.local_backends, &mut t.nat);
     }
     let p = protocol(f);
-    for e in endpoints {
+    for e in plan.endpoints() {
         let sep = endpoint_chain(f, e);
         rule!(t.nat, "-A {sep} -m comment --comment {svc_name} -s {}/32 -j KUBE-MARK-MASQ", e.ip);
         rule!(
@@ -500,6 +546,8 @@ mod tests {
             external: None,
             backends: backends.iter().map(|(ip, port)| Endpoint { ip: Ipv4Addr::from(*ip), port: *port }).collect(),
             terminating: Box::default(),
+            internal_local: false,
+            local_backends: Box::default(),
         }
     }
 
@@ -739,9 +787,9 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
             load_balancer_ips: [Ipv4Addr::new(1, 2, 3, 4)].into(),
             local_only: true,
             health_check_node_port: Some(30000),
-            local_backends: [Endpoint { ip: Ipv4Addr::new(10, 180, 2, 1), port: 80 }].into(),
             ..Default::default()
         }));
+        f.local_backends = [Endpoint { ip: Ipv4Addr::new(10, 180, 2, 1), port: 80 }].into();
         let cfg = RenderConfig {
             cluster_cidr: Some("10.0.0.0/8".into()),
             node_port_addresses: NodePortAddresses::Only(vec![Ipv4Addr::new(192, 168, 0, 2)]),
