@@ -75,17 +75,28 @@ pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
 /// port, read by the socket hooks and the TC program on pod interfaces.
 pub const CLUSTER_SCOPE: &str = "CLUSTER_SCOPE";
 
+/// `sessionAffinity: ClientIP`: frontend id -> its timeout in seconds
+/// (`sessionAffinityConfig.clientIP.timeoutSeconds`), for frontends with
+/// [`flags::AFFINITY`].
+pub const AFFINITY_TIMEOUTS: &str = "AFFINITY_TIMEOUTS";
+/// `sessionAffinity: ClientIP`: [`AffinityKey`] (frontend, client) -> the
+/// backend the client's last new flow went to and when ([`AffinityEntry`];
+/// LRU, sized like conntrack), as kube-proxy's `-m recent` lists.
+pub const AFFINITY: &str = "AFFINITY";
+
 /// The version of the maps' layout: their keys, values and what they mean.
 /// Maps pinned by an agent of the same layout are reused by the next start;
 /// any change to a key, a value or its meaning must bump it.
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 18] = [
     SERVICES,
     BACKENDS,
     CLUSTER_SCOPE,
     SOURCE_RANGES,
+    AFFINITY_TIMEOUTS,
+    AFFINITY,
     CT_TCP,
     CT_ANY,
     NAT_FORWARD,
@@ -194,6 +205,9 @@ pub mod flags {
     /// `externalTrafficPolicy: Local`: the entry's backends are this node's;
     /// pods and node processes use [`super::CLUSTER_SCOPE`] instead.
     pub const LOCAL: u8 = 8;
+    /// `sessionAffinity: ClientIP`: a client's new flows go to the backend
+    /// its last one went to, within the frontend's [`super::AFFINITY_TIMEOUTS`].
+    pub const AFFINITY: u8 = 16;
 }
 
 /// The packet mark asking the node's masquerade rule to source-NAT a
@@ -436,6 +450,44 @@ impl SockKey {
     }
 }
 
+/// Key of [`AFFINITY`]: a frontend and a client of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub frontend_id: u32,
+    /// What `client` is: [`AffinityKey::ADDRESS`] or [`AffinityKey::NETNS`].
+    pub kind: u32,
+    /// The client's address (per-packet path, network byte order in the
+    /// low four bytes) or its network namespace's cookie (socket path: a
+    /// pod's sockets share one, as its packets share one address).
+    pub client: u64,
+}
+
+impl AffinityKey {
+    pub const ADDRESS: u32 = 0;
+    pub const NETNS: u32 = 1;
+
+    pub const fn address(frontend_id: u32, addr: [u8; 4]) -> Self {
+        Self { frontend_id, kind: Self::ADDRESS, client: u32::from_ne_bytes(addr) as u64 }
+    }
+
+    pub const fn netns(frontend_id: u32, cookie: u64) -> Self {
+        Self { frontend_id, kind: Self::NETNS, client: cookie }
+    }
+}
+
+/// Value of [`AFFINITY`]: the backend, the slot it was in, and when (in
+/// seconds of the kernel's monotonic clock) the client last started a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub slot: u32,
+    pub last: u32,
+}
+
 /// Value of [`SOCK_FENCE`]: the frontend whose source ranges a socket's
 /// packets to `addr:port` (`proto`) must come from.
 #[repr(C)]
@@ -463,6 +515,8 @@ mod pod {
     unsafe impl aya::Pod for BackendTrafficKey {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for DeviceKey {}
@@ -491,6 +545,8 @@ mod tests {
         assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
         assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<AffinityKey>(), 4 + 4 + 8);
+        assert_eq!(size_of::<AffinityEntry>(), 4 + 2 + 2 + 4 + 4);
         assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentPorts>(), 4);
         assert_eq!(size_of::<DeviceKey>(), 8);

@@ -8,13 +8,13 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters::DropReason,
     ipv4::Fragment,
-    maps::{Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey, flags},
+    maps::{AffinityEntry, AffinityKey, Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey, flags},
     select,
 };
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, CLUSTER_SCOPE, DEVICES, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, AFFINITY_TIMEOUTS, BACKENDS, CLUSTER_SCOPE, DEVICES, SERVICES, SOURCE_RANGES},
     parse::{IcmpError, Packet},
 };
 
@@ -137,6 +137,50 @@ pub(crate) fn choose(svc: &ServiceValue) -> Result<Backend, DropReason> {
     chosen(svc, random_slot(svc))
 }
 
+/// Slots searched for a sticky backend that moved when its frontend's set
+/// was rewritten (endpoints come and go around it).
+const AFFINITY_SCAN: u32 = 64;
+
+/// The ready slot holding the backend `client` of `svc` (a frontend with
+/// [`flags::AFFINITY`]) last started a flow with, if that was within the
+/// frontend's timeout and the backend is still ready; else none (choose).
+#[inline(always)]
+pub(crate) fn affine_slot(svc: &ServiceValue, client: &AffinityKey, now: u32) -> Option<u32> {
+    let timeout = unsafe { AFFINITY_TIMEOUTS.get(&svc.id) }.copied()?;
+    let last = unsafe { core::ptr::read(AFFINITY.get_ptr(client)?) };
+    if now.wrapping_sub(last.last) > timeout {
+        return None;
+    }
+    let holds = |slot: u32| backend_at(svc, slot).is_some_and(|b| b.addr == last.addr && b.port == last.port);
+    if last.slot < svc.backend_count && holds(last.slot) {
+        return Some(last.slot);
+    }
+    (0..AFFINITY_SCAN).take_while(|slot| *slot < svc.backend_count).find(|slot| holds(*slot))
+}
+
+/// Records that `client` started a flow with `backend` (in `slot`), as
+/// kube-proxy's `-m recent --set`. A full map evicts the least recent.
+#[inline(always)]
+pub(crate) fn remember(client: &AffinityKey, backend: &Backend, slot: u32, now: u32) {
+    let entry = AffinityEntry { addr: backend.addr, port: backend.port, _pad: [0; 2], slot, last: now };
+    // Best effort: without the entry the next flow chooses afresh.
+    let _ = AFFINITY.insert(client, &entry, 0);
+}
+
+/// A ready backend of `svc` (which has some) for a new flow of `client`:
+/// its sticky one under session affinity, else one at random.
+#[inline(always)]
+pub(crate) fn choose_for(svc: &ServiceValue, client: &AffinityKey) -> Result<Backend, DropReason> {
+    if svc.flags & flags::AFFINITY == 0 {
+        return choose(svc);
+    }
+    let now = conntrack::now();
+    let slot = affine_slot(svc, client, now).unwrap_or_else(|| random_slot(svc));
+    let backend = chosen(svc, slot)?;
+    remember(client, &backend, slot, now);
+    Ok(backend)
+}
+
 /// The frontend an ICMP error about a packet the client sent to a backend
 /// must show: the quote (client -> backend) is the flow's reply tuple, reversed.
 #[inline(always)]
@@ -204,7 +248,10 @@ pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, Dr
         }
         return Ok(Lookup::NoBackend);
     }
-    let first = random_slot(&svc);
+    // Session affinity: the client's sticky backend first.
+    let client = AffinityKey::address(svc.id, pkt.src);
+    let affine = svc.flags & flags::AFFINITY != 0;
+    let first = if affine { affine_slot(&svc, &client, now) } else { None }.unwrap_or_else(|| random_slot(&svc));
     // Two frontends sharing a backend: the same client port to both would
     // give two flows one reply tuple. Another backend avoids it; with none
     // left the packet is dropped, counted, and the client retries.
@@ -216,6 +263,9 @@ pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, Dr
         let backend = chosen(&svc, slot)?;
         if !conntrack::claimed(&flow, &backend, now) {
             conntrack::create(&flow, svc.id, slot, &backend, pkt.tcp_flags, now)?;
+            if affine {
+                remember(&client, &backend, slot, now);
+            }
             return Ok(Lookup::ToBackend(backend, frontend, Start::New));
         }
     }

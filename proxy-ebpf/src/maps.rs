@@ -12,15 +12,25 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX,
-        DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX,
-        DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey, FragmentPorts, NatAddress,
-        ReverseEntry, ServiceKey, ServiceValue, SockFence, SockKey, SourceRangeKey, Traffic,
+        AffinityEntry, AffinityKey, Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX,
+        DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
+        DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
+        FragmentPorts, NatAddress, ReverseEntry, ServiceKey, ServiceValue, SockFence, SockKey, SourceRangeKey, Traffic,
     },
 };
 
 #[map]
 pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+/// Frontend id -> session affinity timeout (seconds), for frontends with it.
+#[map]
+pub(crate) static AFFINITY_TIMEOUTS: HashMap<u32, u32> =
+    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+/// (frontend, client) -> the backend its last new flow went to, and when.
+#[map]
+pub(crate) static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
 /// Few entries, so not preallocated (unlike the service map).
 #[map]

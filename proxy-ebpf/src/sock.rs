@@ -12,13 +12,15 @@
 //! when the backend leaves.
 
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
     counters::{Counter, DropReason},
-    maps::{Backend, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey, SockFence, SockKey, flags},
+    maps::{
+        AffinityKey, Backend, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey, SockFence, SockKey, flags,
+    },
 };
 
 use crate::{
@@ -242,7 +244,11 @@ fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result
     let backend = match kept {
         Some(e) if e.service_id == svc.id => e.backend,
         _ => {
-            let backend = lookup::choose(&svc).map_err(Refusal::Drop)?;
+            // Session affinity's client: the socket's network namespace (a
+            // pod, or the node's own processes), as an address would be.
+            let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+            let client = AffinityKey::netns(svc.id, netns);
+            let backend = lookup::choose_for(&svc, &client).map_err(Refusal::Drop)?;
             if unconnected && SOCK_AFFINITY.insert(affinity, ForwardEntry { backend, service_id: svc.id }, 0).is_err() {
                 return Err(Refusal::Drop(DropReason::ConntrackFailed));
             }

@@ -94,6 +94,10 @@ pub struct Frontend {
     /// When a traffic policy is Local: this node's ready endpoints, or when
     /// it has none its serving-and-terminating ones (kube-proxy's fallback).
     pub local_backends: Box<[Endpoint]>,
+    /// `sessionAffinity: ClientIP`: a client's new connections go to the
+    /// endpoint its last one went to, if within this many seconds
+    /// (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub affinity_timeout: Option<u32>,
 }
 
 impl Frontend {

@@ -264,6 +264,7 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
             terminating: terminating.into_iter().collect(),
             internal_local: info.internal_local,
             local_backends: if local_policy { local.into_iter().collect() } else { Box::default() },
+            affinity_timeout: info.affinity_timeout,
         });
     }
     frontends

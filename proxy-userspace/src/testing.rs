@@ -33,5 +33,6 @@ pub fn frontend(vip: u8, port: u16, backends: &[u8]) -> Frontend {
         terminating: Box::default(),
         internal_local: false,
         local_backends: Box::default(),
+        affinity_timeout: None,
     }
 }

@@ -83,6 +83,8 @@ pub struct ServiceInfo {
     pub external: Option<Box<External>>,
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
     /// Most Services have one port: held inline, without an allocation.
     pub ports: SmallVec<[ServicePort; 1]>,
     pub rejections: Vec<Rejection>,
@@ -145,6 +147,7 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         service_type: ServiceType::ClusterIP,
         external: None,
         internal_local: false,
+        affinity_timeout: None,
         ports: SmallVec::new(),
         rejections: Vec::new(),
     };
@@ -251,6 +254,11 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
     }
     info.service_type = service_type;
     info.internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let configured = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()?.timeout_seconds);
+        // The API server's default, and its bounds (1 s to a day).
+        info.affinity_timeout = Some(configured.filter(|t| (1..=86_400).contains(t)).unwrap_or(10_800) as u32);
+    }
     ports.shrink_to_fit();
     info.ports = ports;
     info

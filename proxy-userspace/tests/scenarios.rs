@@ -135,6 +135,9 @@ impl Node {
             if !terminating.is_empty() {
                 line.push_str(&format!(" terminating {}", terminating.join(" ")));
             }
+            if value.flags & proxy_common::maps::flags::AFFINITY != 0 {
+                line.push_str(&format!(" affinity {}s", maps.affinity[&value.id]));
+            }
             lines.push(line);
         }
         let mut rejected: Vec<String> = self

@@ -2,7 +2,7 @@
 //! - iptables: its own rules for the Services of its
 //!   `TestOverallIPTablesRules` (kpr's golden copy, with the differences
 //!   that copy lists put back: localhost node ports and their localnet
-//!   guard, session affinity), its jumps and its canaries, loaded into one
+//!   guard), its jumps and its canaries, loaded into one
 //!   iptables backend;
 //! - nftables: its `TestOverallNFTablesRules` ruleset, loaded with `nft`;
 //! - IPVS: what its IPVS mode leaves (this kernel has no IPVS to serve
@@ -76,21 +76,6 @@ fn kube_proxy_rules() -> String {
         );
         text = put_back(&text, &rule, &format!("{local}{rule}"));
     }
-    // svc5's session affinity.
-    text = put_back(
-        &text,
-        "--comment ns5/svc5:p80 -m tcp -p tcp -j DNAT",
-        "--comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT",
-    );
-    let affine = "-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment \"ns5/svc5:p80 -> 10.180.0.3:80\"";
-    text = put_back(
-        &text,
-        &format!("{affine} -j KUBE-SEP-I77PXRDZVX7PMWMN\n"),
-        &format!(
-            "{affine} -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN\n\
-             {affine} -j KUBE-SEP-I77PXRDZVX7PMWMN\n"
-        ),
-    );
     // Its jumps from the built-in chains, and its canaries.
     let new = "-m conntrack --ctstate NEW -m comment --comment";
     let filter_jumps = [

@@ -222,4 +222,94 @@ fn internal_local_policy_keeps_pods_on_their_node(mode: Mode) {
     assert!(p.reply.is_none() && matches!(p.errno, None | Some(EAGAIN)), "socket hooks: dropped, not refused: {p:?}");
 }
 
-kpr_tests::in_both_modes!(rolling_update_never_refuses, internal_local_policy_keeps_pods_on_their_node);
+/// Two Services over the same three pods with `sessionAffinity: ClientIP`:
+/// `sticky` (60 s) and `brief` (1 s).
+fn affine(sticky: &[(&str, Ipv4Addr)], brief: &[(&str, Ipv4Addr)]) -> String {
+    let svc = |name: &str, vip: &str, timeout: u32, eps: &[(&str, Ipv4Addr)]| {
+        let eps: String = eps.iter().map(|(_, ip)| format!("- addresses: [\"{ip}\"]\n")).collect();
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
+             clusterIP: {vip}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: \
+             {timeout}}}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{eps}"
+        )
+    };
+    svc("sticky", "10.96.0.64", 60, sticky) + &svc("brief", "10.96.0.65", 1, brief)
+}
+
+/// `sessionAffinity: ClientIP`, as kube-proxy's `-m recent` rules behave:
+/// a client's connections land on one backend (30 in a row, over the
+/// per-packet path from one pod and the socket hooks from another); when
+/// its backend leaves, its next connection goes elsewhere and sticks
+/// there; once the timeout passes without a connection, the choice is made
+/// afresh (seen to change within a few rounds of 3 backends).
+fn session_affinity_keeps_a_client_on_its_backend(mode: Mode) {
+    root_or_skip!();
+    let pods = [
+        ("web-a", Ipv4Addr::new(10, 244, 0, 11)),
+        ("web-b", Ipv4Addr::new(10, 244, 0, 12)),
+        ("web-c", Ipv4Addr::new(10, 244, 0, 13)),
+        ("packets", Ipv4Addr::new(10, 244, 0, 100)),
+        ("sockets", Ipv4Addr::new(10, 244, 0, 101)),
+    ];
+    let node = VirtualNode::new(&pods).unwrap();
+    let _servers: Vec<Server> =
+        pods[..3].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 8080, n).unwrap()).collect();
+    let web = &pods[..3];
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "web.yaml", &affine(web, web)).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+    let mut kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+    let (sticky, brief) = (SocketAddr::from(([10, 96, 0, 64], 80)), SocketAddr::from(([10, 96, 0, 65], 80)));
+    // One answer from each client: the pod whose thread asks (per-packet
+    // path), and a process of the node's cgroup in the other pod (socket hooks).
+    let ask = |client: &str, addr: SocketAddr| -> String {
+        if client == "packets" {
+            node.pod(client).ns.run(move || tcp_request(addr, TIMEOUT)).unwrap().unwrap()
+        } else {
+            probe_answer(std::path::Path::new(PROBE), &node.pod(client).ns, &node.cgroup, "tcp", addr).unwrap()
+        }
+    };
+    let clients = ["packets", "sockets"];
+    let stuck: Vec<String> = clients
+        .iter()
+        .map(|client| {
+            let seen: BTreeSet<String> = (0..30).map(|_| ask(client, sticky)).collect();
+            assert_eq!(seen.len(), 1, "{client}: 30 connections, one backend: {seen:?}\n{}", kpr.log());
+            seen.into_iter().next().unwrap()
+        })
+        .collect();
+
+    // The sticky backends leave: each client moves at once, and sticks again.
+    let left: Vec<(&str, Ipv4Addr)> = web.iter().filter(|(n, _)| !stuck.iter().any(|s| s == n)).copied().collect();
+    let synced = kpr.log().matches(" synced ").count();
+    write(&manifests, "web.yaml", &affine(&left, web)).unwrap();
+    kpr.wait_for_log_count(" synced ", synced + 1, Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for (client, gone) in clients.iter().zip(&stuck) {
+        let seen: BTreeSet<String> = (0..30).map(|_| ask(client, sticky)).collect();
+        assert_eq!(seen.len(), 1, "{client}: sticks to its new backend: {seen:?}");
+        assert!(!seen.contains(gone), "{client}: moved off {gone}, which left: {seen:?}");
+    }
+
+    // Past the timeout, chosen afresh: three backends, so within eight
+    // rounds some other one answers (all the same by chance: 1 in 2,187).
+    for client in clients {
+        let first = ask(client, brief);
+        let changed = (0..8).any(|_| {
+            std::thread::sleep(Duration::from_millis(2100));
+            ask(client, brief) != first
+        });
+        assert!(changed, "{client}: after the timeout the choice is made again\n{}", kpr.log());
+    }
+}
+
+kpr_tests::in_both_modes!(
+    rolling_update_never_refuses,
+    internal_local_policy_keeps_pods_on_their_node,
+    session_affinity_keeps_a_client_on_its_backend
+);

@@ -52,8 +52,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 externals.entry(value.id).or_default().push((key, value));
             } else if let Some(frontend) = frontend_key(&key) {
                 let slots = value.backend_count + value.terminating_count;
-                self.programmed
-                    .insert(frontend, Programmed { id: value.id, set: value.backend_set, slots, outside: None });
+                let affinity = value.flags & proxy_common::maps::flags::AFFINITY != 0;
+                let (id, set) = (value.id, value.backend_set);
+                self.programmed.insert(frontend, Programmed { id, set, slots, affinity, outside: None });
             }
         }
         let scopes: BTreeMap<u32, ServiceValue> = contents.cluster_scopes.into_iter().collect();

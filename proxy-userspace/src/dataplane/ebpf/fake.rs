@@ -21,6 +21,8 @@ pub struct FakeMaps {
     pub source_ranges: BTreeSet<(u32, Cidr)>,
     /// Frontend id -> cluster-wide scope, under a Local policy.
     pub cluster_scope: BTreeMap<u32, ServiceValue>,
+    /// Frontend id -> session affinity timeout.
+    pub affinity: BTreeMap<u32, u32>,
     pub services_max: usize,
     pub backends_max: usize,
     /// Frontend ids whose traffic counts were forgotten, in order.
@@ -58,6 +60,7 @@ impl ServiceMaps for FakeMaps {
             backends: self.backends.keys().copied().collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
             cluster_scopes: self.cluster_scope.iter().map(|(k, v)| (*k, *v)).collect(),
+            affinity_timeouts: self.affinity.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -90,6 +93,16 @@ impl ServiceMaps for FakeMaps {
 
     fn set_cluster_scope(&mut self, id: u32, value: ServiceValue) -> Result<(), MapIoError> {
         self.cluster_scope.insert(id, value);
+        Ok(())
+    }
+
+    fn set_affinity(&mut self, id: u32, timeout: u32) -> Result<(), MapIoError> {
+        self.affinity.insert(id, timeout);
+        Ok(())
+    }
+
+    fn remove_affinity(&mut self, id: u32) -> Result<(), MapIoError> {
+        self.affinity.remove(&id);
         Ok(())
     }
 
@@ -179,6 +192,16 @@ impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
     fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError> {
         self.write()?;
         self.inner.remove_cluster_scope(id)
+    }
+
+    fn set_affinity(&mut self, id: u32, timeout: u32) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.set_affinity(id, timeout)
+    }
+
+    fn remove_affinity(&mut self, id: u32) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.remove_affinity(id)
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

@@ -103,9 +103,11 @@ impl Default for MapSizes {
 }
 
 /// The capacity of every map whose size is set at load time.
-fn capacities(sizes: MapSizes) -> [(&'static str, u32); 8] {
+fn capacities(sizes: MapSizes) -> [(&'static str, u32); 10] {
     [
         (abi::SERVICES, sizes.services),
+        (abi::AFFINITY_TIMEOUTS, sizes.services),
+        (abi::AFFINITY, sizes.flows),
         (abi::BACKENDS, sizes.backends),
         // Two entries per TCP flow; half as many other flows.
         (abi::CT_TCP, sizes.flows.saturating_mul(2)),
@@ -416,6 +418,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
             aya::maps::LpmTrie::try_from(map).map_err(|e| wrong_type(abi::SOURCE_RANGES, e))?
         },
         cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE)?,
+        affinity_timeouts: take_hash(&mut ebpf, abi::AFFINITY_TIMEOUTS)?,
         ct_any: take_hash(&mut ebpf, abi::CT_ANY)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,

@@ -45,6 +45,8 @@ pub struct MapContents {
     pub source_ranges: Vec<(u32, Cidr)>,
     /// Frontend id -> cluster-wide scope, under a Local policy.
     pub cluster_scopes: Vec<(u32, ServiceValue)>,
+    /// Frontend id -> session affinity timeout.
+    pub affinity_timeouts: Vec<(u32, u32)>,
 }
 
 /// The writes the eBPF dataplane makes. Removing an absent entry is not an
@@ -64,6 +66,9 @@ pub trait ServiceMaps: Send {
     /// The cluster-wide scope of frontend `id`, under a Local policy.
     fn set_cluster_scope(&mut self, id: u32, value: ServiceValue) -> Result<(), MapIoError>;
     fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError>;
+    /// Session affinity of frontend `id`: its timeout in seconds.
+    fn set_affinity(&mut self, id: u32, timeout: u32) -> Result<(), MapIoError>;
+    fn remove_affinity(&mut self, id: u32) -> Result<(), MapIoError>;
     /// Forgets traffic counts of a frontend (`backends: None`: all of them,
     /// its id is being freed) or of some of its backends. Best effort: the
     /// counts are statistics.
@@ -97,6 +102,7 @@ pub struct AyaMaps {
     pub(super) backends: HashMap<MapData, BackendKey, Backend>,
     pub(super) source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub(super) cluster_scope: HashMap<MapData, u32, ServiceValue>,
+    pub(super) affinity_timeouts: HashMap<MapData, u32, u32>,
     /// The per-packet path's non-TCP flows (TCP flows are never forgotten).
     pub(super) ct_any: HashMap<MapData, FlowKey, CtEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
@@ -127,6 +133,7 @@ impl ServiceMaps for AyaMaps {
             backends: self.backends.keys().filter_map(Result::ok).collect(),
             source_ranges: self.source_ranges.keys().filter_map(Result::ok).filter_map(range).collect(),
             cluster_scopes: self.cluster_scope.iter().filter_map(Result::ok).collect(),
+            affinity_timeouts: self.affinity_timeouts.iter().filter_map(Result::ok).collect(),
         }
     }
 
@@ -164,6 +171,14 @@ impl ServiceMaps for AyaMaps {
 
     fn remove_cluster_scope(&mut self, id: u32) -> Result<(), MapIoError> {
         absent_is_removed(self.cluster_scope.remove(&id))
+    }
+
+    fn set_affinity(&mut self, id: u32, timeout: u32) -> Result<(), MapIoError> {
+        self.affinity_timeouts.insert(id, timeout, 0).map_err(io_error)
+    }
+
+    fn remove_affinity(&mut self, id: u32) -> Result<(), MapIoError> {
+        absent_is_removed(self.affinity_timeouts.remove(&id))
     }
 
     fn forget_traffic(&mut self, service_id: u32, backends: Option<&[Backend]>) {

@@ -20,7 +20,8 @@ use super::pins::bpf;
 
 /// The maps whose entries the programs add as traffic flows: copied again
 /// after the switch.
-pub(super) const FLOW_MAPS: [&str; 7] = [
+pub(super) const FLOW_MAPS: [&str; 8] = [
+    abi::AFFINITY,
     abi::CT_TCP,
     abi::CT_ANY,
     abi::NAT_FORWARD,
@@ -101,7 +102,8 @@ fn copy_entries(
 
 /// The maps that describe the programmed Services: copied all together or
 /// not at all (a frontend names its backend set and its ranges by id).
-pub(super) const SERVICE_MAPS: [&str; 4] = [abi::SERVICES, abi::BACKENDS, abi::SOURCE_RANGES, abi::CLUSTER_SCOPE];
+pub(super) const SERVICE_MAPS: [&str; 5] =
+    [abi::SERVICES, abi::BACKENDS, abi::SOURCE_RANGES, abi::CLUSTER_SCOPE, abi::AFFINITY_TIMEOUTS];
 
 /// Copies the maps `names` lists from the pins in `previous` to those in
 /// `current`, where their format is unchanged (`together`: all or none of
@@ -115,6 +117,8 @@ pub(super) fn copy_maps<'a>(
 ) -> Vec<&'a str> {
     let pairs: Vec<(&str, Option<(MapInfo, MapInfo)>)> = names
         .iter()
+        // A map the previous run did not have (it came with this one) holds nothing to copy.
+        .filter(|name| previous.join(name).exists())
         .map(|name| {
             let infos = MapInfo::from_pin(previous.join(name)).ok().zip(MapInfo::from_pin(current.join(name)).ok());
             (*name, infos.filter(|(old, new)| same_format(old, new)))

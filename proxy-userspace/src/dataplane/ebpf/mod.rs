@@ -81,9 +81,14 @@ fn cluster_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
         backend_count: f.backends.len() as u32,
         terminating_count: f.terminating.len() as u32,
         kind: service_kind(f.service_type),
-        flags: 0,
+        flags: affinity_flag(f),
         _pad: [0; 2],
     }
+}
+
+/// [`flags::AFFINITY`] for a frontend with session affinity.
+fn affinity_flag(f: &Frontend) -> u8 {
+    if f.affinity_timeout.is_some() { flags::AFFINITY } else { 0 }
 }
 
 /// The ClusterIP entry of `f`, naming `set` (its [`internal_slots`]): under
@@ -97,7 +102,7 @@ fn internal_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
     ServiceValue {
         backend_count: f.local_backends.len() as u32,
         terminating_count: 0,
-        flags: if drop { flags::DROP_WITHOUT_BACKEND } else { 0 },
+        flags: affinity_flag(f) | if drop { flags::DROP_WITHOUT_BACKEND } else { 0 },
         ..cluster_value(f, id, set)
     }
 }
@@ -116,7 +121,7 @@ struct ExternalEntry {
 fn external_entries(f: &Frontend, node_addresses: &[Ipv4Addr]) -> Vec<ExternalEntry> {
     let Some(ext) = f.external.as_deref() else { return Vec::new() };
     let proto = f.key.protocol.number();
-    let mut policy = if ext.local_only { flags::LOCAL } else { flags::MASQUERADE };
+    let mut policy = affinity_flag(f) | if ext.local_only { flags::LOCAL } else { flags::MASQUERADE };
     if ext.local_only && !f.backends.is_empty() {
         // Endpoints elsewhere but none here: dropped, as kube-proxy does.
         policy |= flags::DROP_WITHOUT_BACKEND;
@@ -175,6 +180,8 @@ struct Programmed {
     id: u32,
     set: u32,
     slots: u32,
+    /// Whether a session affinity timeout is written for `id`.
+    affinity: bool,
     /// What is written for traffic from outside, if anything (boxed: most
     /// frontends have none, and at 50,000 frontends every word counts).
     outside: Option<Box<Outside>>,
@@ -516,6 +523,17 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         let set = self.write_set(&new)?;
         let id = old_id.unwrap_or_else(|| self.service_ids.peek());
+        // The timeout before the flag that sends the datapath looking for it.
+        if let Some(timeout) = f.affinity_timeout
+            && let Err(e) = self.maps.set_affinity(id, timeout)
+        {
+            self.free_set(set, new.len());
+            return Err(map_error(
+                proxy_common::maps::AFFINITY_TIMEOUTS,
+                self.sizes.services,
+                "(fewer Services with sessionAffinity)",
+            )(e));
+        }
         if let Err(e) = self.maps.set_service(key, internal_value(f, id, set)) {
             self.free_set(set, new.len());
             return Err(self.services_error()(e));
@@ -532,19 +550,25 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             return Err(self.services_error()(e));
         }
         // Published: from here on the frontend serves the new set.
-        let (old, outside) = match self.programmed.remove(&f.key) {
+        let (old, outside, had_affinity) = match self.programmed.remove(&f.key) {
             Some(p) => {
                 let old = (0..p.slots).filter_map(|slot| self.maps.backend(&BackendKey { set: p.set, slot })).collect();
                 self.retiring.push((p.set, p.slots));
                 self.slots_used -= u64::from(p.slots);
-                (old, p.outside)
+                (old, p.outside, p.affinity)
             }
             None => {
                 self.service_ids.take();
                 *self.vip_users.entry(f.key.vip).or_insert(0) += 1;
-                (Vec::new(), None)
+                (Vec::new(), None, false)
             }
         };
+        if had_affinity
+            && f.affinity_timeout.is_none()
+            && let Err(e) = self.maps.remove_affinity(id)
+        {
+            tracing::warn!(error = %e, "could not remove a session affinity timeout; unused until the id is reused");
+        }
         self.slots_used += new.len() as u64;
         let gone: Vec<Backend> =
             old.iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).copied().collect();
@@ -556,7 +580,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if f.key.protocol == Protocol::Udp && unready {
             self.forget_udp_flows(id, &keep);
         }
-        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32, outside });
+        let affinity = f.affinity_timeout.is_some();
+        self.programmed.insert(f.key, Programmed { id, set, slots: new.len() as u32, affinity, outside });
         self.upsert_external(f)
     }
 
@@ -581,6 +606,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             && let Err(e) = self.maps.remove_cluster_scope(id)
         {
             tracing::warn!(error = %e, "could not remove a cluster-wide scope; unused until the id is reused");
+        }
+        if p.affinity
+            && let Err(e) = self.maps.remove_affinity(id)
+        {
+            tracing::warn!(error = %e, "could not remove a session affinity timeout; unused until the id is reused");
         }
         for range in outside.ranges {
             if let Err(e) = self.maps.remove_source_range(id, range) {

@@ -4,8 +4,8 @@
 //! frontend owns are removed, so the datapath converges however it was
 //! disturbed, as kube-proxy's periodic resync makes its rules converge.
 //! Every table the dataplane writes is compared: frontends, backend slots,
-//! source ranges, cluster-wide scopes, VIP markers (and, beside this
-//! module, the node devices' paths).
+//! source ranges, cluster-wide scopes, session affinity timeouts, VIP
+//! markers (and, beside this module, the node devices' paths).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,6 +20,7 @@ struct Read {
     slots: BTreeSet<BackendKey>,
     ranges: BTreeSet<(u32, Cidr)>,
     scopes: BTreeMap<u32, ServiceValue>,
+    affinity: BTreeMap<u32, u32>,
 }
 
 /// Whether the maps hold what `p` says was written for its frontend `key`.
@@ -35,7 +36,8 @@ fn intact(p: &Programmed, key: &ServiceKey, read: &Read) -> bool {
             && (!o.scope || read.scopes.get(&p.id).is_some_and(|s| s.id == p.id))
             && o.ranges.iter().all(|r| read.ranges.contains(&(p.id, *r)))
     });
-    entry && set_whole(p.set, p.slots) && outside
+    let affinity = !p.affinity || read.affinity.contains_key(&p.id);
+    entry && set_whole(p.set, p.slots) && outside && affinity
 }
 
 impl<M: ServiceMaps> EbpfDataplane<M> {
@@ -50,11 +52,13 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             slots: contents.backends.into_iter().collect(),
             ranges: contents.source_ranges.into_iter().collect(),
             scopes: contents.cluster_scopes.into_iter().collect(),
+            affinity: contents.affinity_timeouts.into_iter().collect(),
         };
         let services = &read.services;
         let mut owned: BTreeSet<ServiceKey> = BTreeSet::new();
         let mut owned_ranges: BTreeSet<(u32, Cidr)> = BTreeSet::new();
         let mut owned_scopes: BTreeSet<u32> = BTreeSet::new();
+        let owned_affinity: BTreeSet<u32> = self.programmed.values().filter(|p| p.affinity).map(|p| p.id).collect();
         let mut broken = Vec::new();
         for (frontend, p) in &self.programmed {
             let key = service_key(frontend);
@@ -88,6 +92,12 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             match self.maps.remove_source_range(*id, *range) {
                 Ok(()) => repaired += 1,
                 Err(e) => tracing::warn!(error = %e, "could not remove a source range no frontend owns"),
+            }
+        }
+        for id in read.affinity.keys().filter(|id| !owned_affinity.contains(id)) {
+            match self.maps.remove_affinity(*id) {
+                Ok(()) => repaired += 1,
+                Err(e) => tracing::warn!(error = %e, "could not remove a session affinity no frontend owns"),
             }
         }
         for id in read.scopes.keys().filter(|id| !owned_scopes.contains(id)) {

@@ -390,3 +390,27 @@ fn a_local_internal_policy_serves_pods_from_this_node_and_outside_from_every_end
     let named: std::collections::BTreeSet<u32> = after.maps().services.values().map(|v| v.backend_set).collect();
     assert!(after.maps().backends.keys().all(|k| named.contains(&k.set)), "{:?}", after.maps().backends);
 }
+
+#[test]
+fn session_affinity_is_written_with_its_frontend_and_removed_with_it() {
+    let node = Ipv4Addr::new(192, 168, 0, 2);
+    let mut dp = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32)).with_node_addresses(vec![node]);
+    let f = Frontend { affinity_timeout: Some(600), ..external(fe(1, 80, &[1, 2]), false, &[]) };
+    assert!(upsert(&mut dp, &f).is_empty());
+    let v = dp.maps().services[&service_key(&f.key)];
+    assert_eq!(v.flags & flags::AFFINITY, flags::AFFINITY);
+    assert_eq!(entry(&dp, node.octets(), 30080).flags & flags::AFFINITY, flags::AFFINITY, "on every way in");
+    assert_eq!(dp.maps().affinity, [(v.id, 600)].into());
+    let desired = Desired::from([(f.key, f.clone())]);
+    dp.maps.affinity.clear();
+    assert_eq!(dp.repair(&desired), 1, "a lost timeout is written again");
+    assert_eq!(dp.maps().affinity, [(v.id, 600)].into());
+    // Turned off: the timeout goes; deleted: nothing is left.
+    let plain = Frontend { affinity_timeout: None, ..f.clone() };
+    assert!(upsert(&mut dp, &plain).is_empty());
+    assert!(dp.maps().affinity.is_empty());
+    assert_eq!(dp.maps().services[&service_key(&f.key)].flags & flags::AFFINITY, 0);
+    assert!(upsert(&mut dp, &f).is_empty());
+    dp.apply(&[Op::Delete(f.key)], &Desired::new());
+    assert!(dp.maps().affinity.is_empty());
+}

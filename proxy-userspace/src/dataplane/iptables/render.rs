@@ -455,9 +455,12 @@ fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
     for e in plan.endpoints() {
         let sep = endpoint_chain(f, e);
         rule!(t.nat, "-A {sep} -m comment --comment {svc_name} -s {}/32 -j KUBE-MARK-MASQ", e.ip);
+        // Session affinity: each new connection's client joins the endpoint's recent list.
+        let recent =
+            if f.affinity_timeout.is_some() { format!(" -m recent --name {sep} --set") } else { String::new() };
         rule!(
             t.nat,
-            "-A {sep} -m comment --comment {svc_name} -m {p} -p {p} -j DNAT --to-destination {}:{}",
+            "-A {sep} -m comment --comment {svc_name}{recent} -m {p} -p {p} -j DNAT --to-destination {}:{}",
             e.ip,
             e.port
         );
@@ -508,8 +511,21 @@ fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
     }
 }
 
-/// Spreads `chain` evenly over `endpoints`' KUBE-SEP chains.
+/// Spreads `chain` evenly over `endpoints`' KUBE-SEP chains; under session
+/// affinity, a client seen within the timeout first goes where it went.
 fn spread(f: &Frontend, chain: &str, endpoints: &[Endpoint], out: &mut String) {
+    if let Some(timeout) = f.affinity_timeout {
+        for e in endpoints {
+            let sep = endpoint_chain(f, e);
+            rule!(
+                out,
+                "-A {chain} -m comment --comment \"{} -> {}:{}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
+                f.service,
+                e.ip,
+                e.port
+            );
+        }
+    }
     let n = endpoints.len();
     for (i, e) in endpoints.iter().enumerate() {
         let sep = endpoint_chain(f, e);
@@ -548,6 +564,7 @@ mod tests {
             terminating: Box::default(),
             internal_local: false,
             local_backends: Box::default(),
+            affinity_timeout: None,
         }
     }
 
@@ -681,7 +698,7 @@ mod tests {
     #[test]
     fn external_access_matches_kube_proxys_own_expected_rules() {
         // The Services and EndpointSlices of kube-proxy's TestOverallIPTablesRules
-        // (node test-node, pods in 10.0.0.0/8); ns5/svc5 without session affinity.
+        // (node test-node, pods in 10.0.0.0/8).
         let yaml = "
 kind: Service
 metadata: {name: svc1, namespace: ns1}
@@ -714,6 +731,8 @@ spec:
   externalTrafficPolicy: Cluster
   healthCheckNodePort: 30000
   loadBalancerSourceRanges: [' 203.0.113.0/25']
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 10800}}
   ports: [{name: p80, port: 80, nodePort: 3002}]
 status: {loadBalancer: {ingress: [{ip: 5.6.7.8}]}}
 ---
