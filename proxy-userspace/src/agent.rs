@@ -45,6 +45,8 @@ pub(crate) enum RequestedMode {
 }
 
 pub(crate) struct RunConfig {
+    /// This node's zone from `--node-labels` (the kube source follows the Node's own).
+    pub(crate) node_zone: Option<String>,
     pub(crate) mode: RequestedMode,
     pub(crate) iptables: RenderConfig,
     /// How often iptables mode rewrites every chain instead of only changed ones.
@@ -219,6 +221,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     let index = SharedIndex::default();
+    index.lock().unwrap().set_zone(cfg.node_zone.as_deref());
     let mut tasks = Vec::new();
     let source: Arc<dyn Source> = match &cfg.source {
         SourceSpec::Dir(dir) => {

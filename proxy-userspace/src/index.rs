@@ -53,6 +53,9 @@ pub struct Index {
     rejection_count: usize,
     dirty: HashSet<ObjectName>,
     all_dirty: bool,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for
+    /// topology-aware routing.
+    zone: Option<std::sync::Arc<str>>,
 }
 
 impl Default for Index {
@@ -69,11 +72,29 @@ impl Default for Index {
             rejection_count: 0,
             dirty: HashSet::new(),
             all_dirty: true,
+            zone: None,
         }
     }
 }
 
 impl Index {
+    /// This node's zone, as its Node's label says.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
+    /// Sets this node's zone; every Service is recomputed if it changed
+    /// (their zone hints now read differently). Returns whether it did.
+    pub fn set_zone(&mut self, zone: Option<&str>) -> bool {
+        if self.zone.as_deref() == zone {
+            return false;
+        }
+        tracing::info!(zone = zone.unwrap_or("(none)"), "this node's zone");
+        self.zone = zone.map(std::sync::Arc::from);
+        self.touch_all();
+        true
+    }
+
     pub fn from_snapshot(snapshot: Snapshot) -> Self {
         let mut index = Self::default();
         for object in snapshot.objects {

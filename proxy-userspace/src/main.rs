@@ -61,6 +61,11 @@ enum Command {
         /// This node's name (default: the hostname).
         #[arg(long, default_value_t = hostname())]
         node_name: String,
+        /// This node's labels, `KEY=VALUE` comma separated, for `--source
+        /// dir` (the kube source reads them from the Node): its
+        /// topology.kubernetes.io/zone places it for topology-aware routing.
+        #[arg(long, value_delimiter = ',')]
+        node_labels: Vec<String>,
         /// Minimum time between syncs; changes in between are applied together
         /// (e.g. 1s). A lone change is applied at once.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -436,6 +441,7 @@ async fn run() -> anyhow::Result<()> {
             kubeconfig,
             service_proxy_name,
             node_name,
+            node_labels,
             min_sync_interval,
             interfaces,
             devices,
@@ -456,8 +462,14 @@ async fn run() -> anyhow::Result<()> {
             bpf_root,
             healthz_threshold,
         } => {
+            let zone = node_labels
+                .iter()
+                .filter_map(|l| l.split_once('='))
+                .find(|(k, _)| *k == proxy_userspace::source::kube::ZONE_LABEL)
+                .map(|(_, v)| v.to_string());
             agent::run(RunConfig {
                 mode,
+                node_zone: zone,
                 iptables: RenderConfig { cluster_cidr, ..Default::default() },
                 nodeport_addresses,
                 iptables_full_sync_period,

@@ -16,7 +16,7 @@ use crate::{
     index::{Dirty, Index, Snapshot},
     name::{ObjectName, ServicePortName},
     rejection::{RejectReason, Rejection},
-    validate::{ServiceInfo, SliceInfo},
+    validate::{ServiceInfo, SliceEndpoint, SliceInfo},
 };
 
 /// The desired state: every frontend (each names the Service owning it).
@@ -183,7 +183,7 @@ impl Model {
         let mut keys = SmallVec::with_capacity(info.ports.len());
         let mut rejections = Vec::new();
         let slices: Vec<&SliceInfo> = pass.index.slices_of(key).collect();
-        for f in frontends(info, &slices) {
+        for f in frontends(info, &slices, pass.index.zone()) {
             if let Some(other) = self.frontends.get(&f.key) {
                 let other = other.service.clone();
                 if other.service == *key {
@@ -217,23 +217,70 @@ impl Model {
     }
 }
 
+/// Which endpoints topology-aware routing keeps for this node, as
+/// kube-proxy decides it from the ready endpoints' hints: those meant for
+/// this node if every one has node hints and one is for it
+/// (`trafficDistribution: PreferSameNode`), else those for this node's zone
+/// if every one has zone hints and one is for it (`PreferClose`, and the
+/// older topology-aware hints), else all of them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology<'a> {
+    All,
+    SameNode,
+    SameZone(&'a str),
+}
+
+impl<'a> Topology<'a> {
+    fn of<'e>(ready: impl Iterator<Item = &'e SliceEndpoint> + Clone, zone: Option<&'a str>) -> Self {
+        let all_node_hints = ready.clone().all(|e| e.for_this_node.is_some());
+        if all_node_hints && ready.clone().any(|e| e.for_this_node == Some(true)) {
+            return Topology::SameNode;
+        }
+        let all_zone_hints = ready.clone().all(|e| e.zones.is_some());
+        match zone {
+            Some(zone) if all_zone_hints && ready.clone().any(|e| in_zone(e, zone)) => Topology::SameZone(zone),
+            _ => Topology::All,
+        }
+    }
+
+    fn keeps(self, e: &SliceEndpoint) -> bool {
+        match self {
+            Topology::All => true,
+            Topology::SameNode => e.for_this_node == Some(true),
+            Topology::SameZone(zone) => in_zone(e, zone),
+        }
+    }
+}
+
+fn in_zone(e: &SliceEndpoint, zone: &str) -> bool {
+    e.zones.as_deref().is_some_and(|zones| zones.iter().any(|z| &**z == zone))
+}
+
 /// The frontends of one Service: per port, the endpoints of every slice
-/// port with the same name and protocol, merged and de-duplicated.
-fn frontends(info: &ServiceInfo, slices: &[&SliceInfo]) -> Vec<Frontend> {
+/// port with the same name and protocol, merged and de-duplicated; this
+/// node in `zone`.
+fn frontends(info: &ServiceInfo, slices: &[&SliceInfo], zone: Option<&str>) -> Vec<Frontend> {
     let mut frontends = Vec::with_capacity(info.ports.len());
     for port in &info.ports {
         let mut backends = BTreeSet::new();
         let mut terminating = BTreeSet::new();
         let (mut local, mut local_terminating) = (BTreeSet::new(), BTreeSet::new());
-        for slice in slices {
-            let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.key.protocol)
-            else {
-                continue;
-            };
+        let targets: Vec<(&SliceInfo, u16)> = slices
+            .iter()
+            .filter_map(|slice| {
+                let target = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.key.protocol)?;
+                Some((*slice, target.port))
+            })
+            .collect();
+        let ready = targets.iter().flat_map(|(slice, _)| slice.endpoints.iter()).filter(|e| e.ready);
+        let topology = Topology::of(ready, zone);
+        for (slice, target) in &targets {
             for ep in &slice.endpoints {
-                let endpoint = Endpoint { ip: ep.ip, port: target.port };
+                let endpoint = Endpoint { ip: ep.ip, port: *target };
                 if ep.ready {
-                    backends.insert(endpoint);
+                    if topology.keeps(ep) {
+                        backends.insert(endpoint);
+                    }
                 } else if ep.serving && ep.terminating {
                     terminating.insert(endpoint);
                 }

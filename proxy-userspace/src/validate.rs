@@ -101,7 +101,7 @@ pub struct SlicePort {
 
 /// An endpoint of an EndpointSlice, its conditions resolved (unset `ready`
 /// and `serving` mean true, unset `terminating` false).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub ip: Ipv4Addr,
     pub ready: bool,
@@ -109,6 +109,10 @@ pub struct SliceEndpoint {
     pub terminating: bool,
     /// On this node (`nodeName` is `--node-name`).
     pub local: bool,
+    /// `hints.forZones`: the zones it is meant for (`None`: no hints).
+    pub zones: Option<Box<[Arc<str>]>>,
+    /// `hints.forNodes`: whether this node is one it is meant for (`None`: no hints).
+    pub for_this_node: Option<bool>,
 }
 
 /// An EndpointSlice as the proxy sees it. Slices it does not use (IPv6,
@@ -358,6 +362,18 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             local: !config.node_name.is_empty() && ep.node_name.as_deref() == Some(config.node_name.as_str()),
+            zones: ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .filter(|z| !z.is_empty())
+                .map(|z| z.iter().map(|z| Arc::from(z.name.as_str())).collect()),
+            for_this_node: ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_nodes.as_ref())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.iter().any(|n| n.name == config.node_name)),
         });
     }
     ports.shrink_to_fit();

@@ -40,17 +40,20 @@ fn cases() -> Vec<PathBuf> {
     cases
 }
 
-fn config(case: &Path) -> ModelConfig {
+/// A case's config.txt: the model's settings and this node's zone.
+fn config(case: &Path) -> (ModelConfig, Option<String>) {
     let mut config = ModelConfig::default();
+    let mut zone = None;
     let text = std::fs::read_to_string(case.join("config.txt")).unwrap_or_default();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         match line.split_once('=') {
             Some(("service-proxy-name", v)) => config.service_proxy_name = Some(v.to_string()),
             Some(("node-name", v)) => config.node_name = v.to_string(),
+            Some(("zone", v)) => zone = Some(v.to_string()),
             _ => panic!("{}: unknown config line {line:?}", case.display()),
         }
     }
-    config
+    (config, zone)
 }
 
 /// The proxy's state after some objects: the model, the eBPF dataplane's
@@ -156,15 +159,17 @@ fn port_text(p: Option<u16>) -> String {
     p.map_or_else(String::new, |p| p.to_string())
 }
 
-fn cold(snapshot: Snapshot) -> Node {
+fn cold(snapshot: Snapshot, zone: Option<&str>) -> Node {
     let mut node = Node::new();
     node.index = Index::from_snapshot(snapshot);
+    node.index.set_zone(zone);
     node.sync();
     node
 }
 
-fn one_by_one(snapshot: Snapshot, reverse: bool) -> Node {
+fn one_by_one(snapshot: Snapshot, reverse: bool, zone: Option<&str>) -> Node {
     let mut node = Node::new();
+    node.index.set_zone(zone);
     node.index.set_unreadable("objects.yaml", snapshot.unreadable);
     let mut objects: Vec<Object> = snapshot.objects;
     if reverse {
@@ -193,14 +198,15 @@ fn every_scenario_gives_the_expected_maps_and_rejections_in_any_arrival_order() 
     assert!(cases.len() >= 25, "the scenario folder holds {} cases", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
-        let config = config(case);
+        let (config, zone) = config(case);
+        let zone = zone.as_deref();
         let path = case.join("objects.yaml");
         let parse = || parse_file(&path, &std::fs::read(&path).unwrap(), &config);
         let want = expected(case);
         for (how, node) in [
-            ("all at once", cold(parse())),
-            ("one by one", one_by_one(parse(), false)),
-            ("in reverse", one_by_one(parse(), true)),
+            ("all at once", cold(parse(), zone)),
+            ("one by one", one_by_one(parse(), false, zone)),
+            ("in reverse", one_by_one(parse(), true, zone)),
         ] {
             let got = node.observed();
             if got != want {
@@ -222,9 +228,9 @@ fn every_scenario_renders_the_expected_iptables_rules() {
     let bless = std::env::var_os("KPR_BLESS").is_some();
     let mut failures = Vec::new();
     for case in cases() {
-        let config = config(&case);
+        let (config, zone) = config(&case);
         let path = case.join("objects.yaml");
-        let node = cold(parse_file(&path, &std::fs::read(&path).unwrap(), &config));
+        let node = cold(parse_file(&path, &std::fs::read(&path).unwrap(), &config), zone.as_deref());
         let rules = render(
             &node.model.frontends,
             Scope::Full,

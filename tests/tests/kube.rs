@@ -153,6 +153,7 @@ kpr_tests::in_both_modes!(
     dropped_watches_and_server_errors_are_survived,
     a_malformed_service_beside_a_good_one_leaves_the_good_one_working,
     services_of_another_proxy_are_left_alone,
+    topology_follows_this_nodes_zone,
 );
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -314,4 +315,40 @@ fn services_of_another_proxy_are_left_alone(mode: Mode) {
     c.api.create(&s).unwrap();
     c.converges_to(VIP, &["web-a"], SETTLE).unwrap();
     assert!(c.refused(OTHER_VIP), "another proxy's Service is not served");
+}
+
+/// This node's Node, in `zone` (`None`: without the zone label).
+fn node_in(zone: Option<&str>) -> serde_json::Value {
+    let labels = match zone {
+        Some(z) => serde_json::json!({"kubernetes.io/hostname": "node-1", "topology.kubernetes.io/zone": z}),
+        None => serde_json::json!({"kubernetes.io/hostname": "node-1"}),
+    };
+    serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": labels}})
+}
+
+/// `trafficDistribution: PreferClose`: with its endpoints hinted for zones
+/// (as the EndpointSlice controller writes them), this node is served by
+/// the endpoint of its own zone, which kpr reads from its Node: when the
+/// Node's zone label changes, the choice follows; without one, every
+/// endpoint serves.
+fn topology_follows_this_nodes_zone(mode: Mode) {
+    root_or_skip!();
+    let c = Cluster::start(mode, &[]);
+    c.api.apply_json(Kind::Node, node_in(Some("zone-a"))).unwrap();
+    let mut web = service("web", VIP, &[]);
+    web.spec.as_mut().unwrap().traffic_distribution = Some("PreferClose".into());
+    c.api.create(&web).unwrap();
+    let mut hinted = slice("web-1", "web", &[A, B]);
+    for (endpoint, zone) in hinted.endpoints.iter_mut().flatten().zip(["zone-a", "zone-b"]) {
+        endpoint.hints = Some(k8s_openapi::api::discovery::v1::EndpointHints {
+            for_zones: Some(vec![k8s_openapi::api::discovery::v1::ForZone { name: zone.into() }]),
+            ..Default::default()
+        });
+    }
+    c.api.create(&hinted).unwrap();
+    c.converges_to(VIP, &["web-a"], SETTLE).unwrap();
+    c.api.apply_json(Kind::Node, node_in(Some("zone-b"))).unwrap();
+    c.converges_to(VIP, &["web-b"], SETTLE).unwrap();
+    c.api.apply_json(Kind::Node, node_in(None)).unwrap();
+    c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
 }

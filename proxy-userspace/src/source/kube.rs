@@ -15,9 +15,12 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
-    Api, Client, Config,
+    Api, Client, Config, ResourceExt as _,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -141,6 +144,33 @@ where
     })
 }
 
+/// The label holding a Node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Follows this node's Node object for its zone (topology-aware routing):
+/// a change recomputes every Service.
+fn watch_node(api: Api<Node>, node_name: &str, index: SharedIndex, changes: Changes) -> JoinHandle<()> {
+    let fields = format!("metadata.name={node_name}");
+    let stream = watcher(api, watcher::Config::default().fields(&fields)).backoff(retry_backoff()).applied_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(node) = stream.next().await {
+            let node = match node {
+                Ok(node) => node,
+                Err(e) => {
+                    tracing::debug!(error = %e, "watching this node's Node: retrying");
+                    continue;
+                }
+            };
+            let zone = node.labels().get(ZONE_LABEL).map(String::as_str);
+            let changed = index.lock().unwrap().set_zone(zone);
+            if changed && changes.send(Instant::now()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 pub struct KubeSource {
     service_state: Arc<KindState>,
     slice_state: Arc<KindState>,
@@ -162,7 +192,17 @@ impl KubeSource {
         let slice_state = Arc::new(KindState::default());
         let t1 =
             watch(Api::<Service>::all(client.clone()), config, index.clone(), changes.clone(), service_state.clone());
-        let t2 = watch(Api::<EndpointSlice>::all(client.clone()), config, index, changes, slice_state.clone());
+        let t2 = watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            config,
+            index.clone(),
+            changes.clone(),
+            slice_state.clone(),
+        );
+        let mut tasks = vec![t1, t2];
+        if !config.node_name.is_empty() {
+            tasks.push(watch_node(Api::<Node>::all(client.clone()), &config.node_name, index, changes));
+        }
         let reachable = Arc::new(AtomicBool::new(false));
         let probe = {
             let reachable = reachable.clone();
@@ -176,7 +216,8 @@ impl KubeSource {
                 }
             })
         };
-        Self { service_state, slice_state, reachable, tasks: vec![t1, t2, probe] }
+        tasks.push(probe);
+        Self { service_state, slice_state, reachable, tasks }
     }
 }
 
