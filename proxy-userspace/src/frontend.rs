@@ -98,6 +98,9 @@ pub struct Frontend {
     /// endpoint its last one went to, if within this many seconds
     /// (`sessionAffinityConfig.clientIP.timeoutSeconds`).
     pub affinity_timeout: Option<u32>,
+    /// The Service port's `appProtocol` (e.g. `kubernetes.io/h2c`), shown
+    /// by inspection; routing does not depend on it, as in kube-proxy.
+    pub app_protocol: Option<std::sync::Arc<str>>,
 }
 
 impl Frontend {

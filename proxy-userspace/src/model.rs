@@ -312,6 +312,7 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo], zone: Option<&str>) -> V
             internal_local: info.internal_local,
             local_backends: if local_policy { local.into_iter().collect() } else { Box::default() },
             affinity_timeout: info.affinity_timeout,
+            app_protocol: port.app_protocol.clone(),
         });
     }
     frontends

@@ -34,5 +34,6 @@ pub fn frontend(vip: u8, port: u16, backends: &[u8]) -> Frontend {
         internal_local: false,
         local_backends: Box::default(),
         affinity_timeout: None,
+        app_protocol: None,
     }
 }

@@ -61,6 +61,8 @@ pub struct ServicePort {
     pub name: Arc<str>,
     pub key: FrontendKey,
     pub node_port: Option<u16>,
+    /// `appProtocol`, carried to inspection (not used for routing, as in kube-proxy).
+    pub app_protocol: Option<Arc<str>>,
 }
 
 /// A Service as the proxy sees it. Services it does not program (headless,
@@ -218,7 +220,8 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
             .node_port
             .and_then(|n| u16::try_from(n).ok())
             .filter(|n| *n != 0 && service_type != ServiceType::ClusterIP);
-        ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol }, node_port });
+        let app_protocol = p.app_protocol.as_deref().map(Arc::from);
+        ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol }, node_port, app_protocol });
     }
     let mut external = External {
         external_ips: addresses(

@@ -20,7 +20,7 @@ function renderServices(state) {
     row.dataset.frontend = s.frontend;
     cell(row, s.name);
     cell(row, s.frontend);
-    cell(row, s.type);
+    cell(row, s.app_protocol ? `${s.type} (${s.app_protocol})` : s.type);
     cell(row, s.backends.length ? `${s.backends.length} backend(s)` : "no endpoints");
     cell(row, "");
     cell(row, state.counters ? s.packets : "–", "num packets");

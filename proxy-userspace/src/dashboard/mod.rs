@@ -43,6 +43,9 @@ pub struct ServiceView {
     pub frontend: String,
     #[serde(rename = "type")]
     pub service_type: String,
+    /// The port's `appProtocol`, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendView>,
@@ -88,6 +91,7 @@ pub fn state(
                 name: f.service.to_string(),
                 frontend: f.key.to_string(),
                 service_type: format!("{:?}", f.service_type),
+                app_protocol: f.app_protocol.as_deref().map(String::from),
                 packets: total.packets,
                 bytes: total.bytes,
                 backends: f
@@ -163,7 +167,7 @@ mod tests {
     #[test]
     fn state_joins_names_backends_and_traffic() {
         let (model, _) = crate::model::build(crate::testing::objects(
-            "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+            "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080, appProtocol: kubernetes.io/h2c}]}\n---\n\
              kind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n\
              ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.0.2]}, {addresses: [10.244.0.3], conditions: {ready: false, serving: true, terminating: true}}]\n",
         ));
@@ -186,6 +190,7 @@ mod tests {
         assert_eq!(v["services"][0]["name"], "default/web:http");
         assert_eq!(v["services"][0]["frontend"], "10.96.0.10:80/TCP");
         assert_eq!(v["services"][0]["type"], "ClusterIP");
+        assert_eq!(v["services"][0]["app_protocol"], "kubernetes.io/h2c");
         assert_eq!(v["services"][0]["packets"], 5);
         assert_eq!(
             v["services"][0]["backends"][0],

@@ -565,6 +565,7 @@ mod tests {
             internal_local: false,
             local_backends: Box::default(),
             affinity_timeout: None,
+            app_protocol: None,
         }
     }
 
