@@ -137,6 +137,8 @@ pub const NAT_PORT_COUNT: u32 = 32_768;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// Served by iptables mode only; the eBPF programs never see its frontends.
+pub const PROTO_SCTP: u8 = 132;
 
 /// Key of [`SERVICES`].
 #[repr(C)]

@@ -220,6 +220,8 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "no link events: interfaces that appear later are not attached");
         }
     }
+    // SCTP: iptables mode serves it; eBPF mode refuses its ports with a reason.
+    let model = ModelConfig { sctp: mode == Mode::Iptables, ..cfg.model.clone() };
     let index = SharedIndex::default();
     index.lock().unwrap().set_zone(cfg.node_zone.as_deref());
     let mut tasks = Vec::new();
@@ -227,13 +229,13 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         SourceSpec::Dir(dir) => {
             anyhow::ensure!(dir.is_dir(), "source folder {} does not exist or is not a folder", dir.display());
             tracing::info!(dir = %dir.display(), "watching manifests");
-            let source = source::dir::DirSource::new(dir.clone(), cfg.model.clone(), index.clone());
+            let source = source::dir::DirSource::new(dir.clone(), model.clone(), index.clone());
             tasks.push(tokio::spawn(source.clone().watch(tx)));
             source
         }
         SourceSpec::Kube => {
             let client = source::kube::client(cfg.kubeconfig.as_deref()).await?;
-            Arc::new(source::kube::KubeSource::start(client, &cfg.model, index.clone(), tx))
+            Arc::new(source::kube::KubeSource::start(client, &model, index.clone(), tx))
         }
     };
 

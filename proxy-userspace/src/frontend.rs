@@ -11,6 +11,8 @@ use crate::name::ServicePortName;
 pub enum Protocol {
     Tcp,
     Udp,
+    /// Served by iptables mode only (see `ModelConfig::sctp`).
+    Sctp,
 }
 
 impl Protocol {
@@ -18,6 +20,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => proxy_common::maps::PROTO_TCP,
             Protocol::Udp => proxy_common::maps::PROTO_UDP,
+            Protocol::Sctp => proxy_common::maps::PROTO_SCTP,
         }
     }
 
@@ -26,6 +29,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         }
     }
 }

@@ -483,6 +483,7 @@ pub fn frontend_key(k: &ServiceKey) -> Option<FrontendKey> {
     let protocol = match k.proto {
         abi::PROTO_TCP => Protocol::Tcp,
         abi::PROTO_UDP => Protocol::Udp,
+        abi::PROTO_SCTP => Protocol::Sctp,
         _ => return None,
     };
     Some(FrontendKey { vip: Ipv4Addr::from(k.addr), port: k.port(), protocol })
@@ -492,6 +493,7 @@ fn protocol_name(proto: u8) -> &'static str {
     match proto {
         abi::PROTO_TCP => "TCP",
         abi::PROTO_UDP => "UDP",
+        abi::PROTO_SCTP => "SCTP",
         _ => "other",
     }
 }

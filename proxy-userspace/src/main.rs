@@ -484,7 +484,8 @@ async fn run() -> anyhow::Result<()> {
                 socket_lb,
                 cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },
-                model: ModelConfig { service_proxy_name, node_name },
+                // `sctp` is set once the mode is known.
+                model: ModelConfig { service_proxy_name, node_name, sctp: false },
                 min_sync_interval,
                 healthz_address: healthz_bind_address,
                 metrics_address: metrics_bind_address,

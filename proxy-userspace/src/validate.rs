@@ -36,6 +36,9 @@ pub struct ModelConfig {
     pub service_proxy_name: Option<String>,
     /// This node, for topology and traffic policies.
     pub node_name: String,
+    /// Whether SCTP ports are served: iptables mode serves them as
+    /// kube-proxy does; eBPF mode refuses them with a reason.
+    pub sctp: bool,
 }
 
 impl ModelConfig {
@@ -203,10 +206,18 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
+            "SCTP" if config.sctp => Protocol::Sctp,
+            "SCTP" => {
+                reject(
+                    RejectReason::UnsupportedProtocol,
+                    format!("port {label}: SCTP is served in iptables mode only (eBPF mode serves TCP and UDP)"),
+                );
+                continue;
+            }
             other => {
                 reject(
                     RejectReason::UnsupportedProtocol,
-                    format!("port {label}: protocol {other} is not supported (TCP and UDP are)"),
+                    format!("port {label}: protocol {other} is not supported (TCP, UDP and SCTP are)"),
                 );
                 continue;
             }
@@ -339,6 +350,7 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
+            "SCTP" if config.sctp => Protocol::Sctp,
             // No Service port of another protocol is programmed to match it.
             _ => continue,
         };

@@ -50,6 +50,7 @@ fn config(case: &Path) -> (ModelConfig, Option<String>) {
             Some(("service-proxy-name", v)) => config.service_proxy_name = Some(v.to_string()),
             Some(("node-name", v)) => config.node_name = v.to_string(),
             Some(("zone", v)) => zone = Some(v.to_string()),
+            Some(("sctp", "served")) => config.sctp = true,
             _ => panic!("{}: unknown config line {line:?}", case.display()),
         }
     }

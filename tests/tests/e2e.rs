@@ -158,13 +158,13 @@ fn a_service_without_endpoints_is_refused_at_once(mode: Mode) {
 fn invalid_objects_are_reported_and_skipped(mode: Mode) {
     root_or_skip!();
     let mut c = Cluster::start(mode);
-    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: sctp-svc}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{port: 9, protocol: SCTP}]\n---\n\
+    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: quic-svc}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{port: 9, protocol: QUIC}]\n---\n\
                apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: \"not a list\"}\n";
     write(c.dir.path(), "bad.yaml", bad).unwrap();
     c.kpr.wait_for_log("Service broken", TIMEOUT).unwrap();
     let log = c.kpr.log();
     assert!(log.contains("bad.yaml"), "names the file:\n{log}");
-    assert!(log.contains("Service default/sctp-svc") && log.contains("protocol SCTP is not supported"), "{log}");
+    assert!(log.contains("Service default/quic-svc") && log.contains("protocol QUIC is not supported"), "{log}");
     // Everything else keeps working.
     let who = c.in_client(|| tcp_request(web(80), TIMEOUT).unwrap());
     assert!(who.starts_with("web-"));

@@ -284,18 +284,18 @@ fn a_malformed_service_beside_a_good_one_leaves_the_good_one_working(mode: Mode)
         .apply_json(
             Kind::Service,
             serde_json::json!({
-                "metadata": {"name": "sctp", "namespace": "default"},
-                "spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "s", "port": 9, "protocol": "SCTP"}]}
+                "metadata": {"name": "quic", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "s", "port": 9, "protocol": "QUIC"}]}
             }),
         )
         .unwrap();
     c.api.create(&service("web", VIP, &[])).unwrap();
     c.api.create(&slice("web-1", "web", &[A, B])).unwrap();
     c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
-    c.kpr.wait_for_log("Service default/sctp", SETTLE).unwrap();
+    c.kpr.wait_for_log("Service default/quic", SETTLE).unwrap();
     let log = c.kpr.log();
     assert!(log.contains("Service default/bad") && log.contains("is not an IP address"), "{log}");
-    assert_eq!(log.matches("protocol SCTP is not supported").count(), 1, "reported once:\n{log}");
+    assert_eq!(log.matches("protocol QUIC is not supported").count(), 1, "reported once:\n{log}");
 }
 
 fn services_of_another_proxy_are_left_alone(mode: Mode) {

@@ -308,8 +308,50 @@ fn session_affinity_keeps_a_client_on_its_backend(mode: Mode) {
     }
 }
 
+/// SCTP ports: iptables mode writes kube-proxy's rules for them (`-m sctp
+/// -p sctp`; this kernel has no SCTP sockets to send traffic with, so the
+/// rules are checked as the kernel holds them); eBPF mode refuses the port
+/// with a reason in its log and rejection count. Either way the Service's
+/// TCP port is served.
+fn sctp_ports_are_served_by_iptables_and_refused_with_a_reason_by_ebpf(mode: Mode) {
+    root_or_skip!();
+    let pods = [("web", Ipv4Addr::new(10, 244, 0, 11)), ("client", Ipv4Addr::new(10, 244, 0, 100))];
+    let node = VirtualNode::new(&pods).unwrap();
+    let _server = servers::tcp(&node.pod("web").ns, 8080, "web").unwrap();
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: diameter, namespace: default}\nspec:\n  \
+                clusterIP: 10.96.0.66\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n  \
+                - {name: sig, port: 3868, protocol: SCTP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                metadata: {name: diameter-1, namespace: default, labels: {kubernetes.io/service-name: diameter}}\n\
+                addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: sig, port: 3868, protocol: SCTP}]\n\
+                endpoints: [{addresses: [10.244.0.11]}]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "diameter.yaml", yaml).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+    let kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
+    let http = SocketAddr::from(([10, 96, 0, 66], 80));
+    let answer = node.pod("client").ns.run(move || tcp_request(http, TIMEOUT)).unwrap();
+    assert_eq!(answer.unwrap(), "web", "the TCP port is served");
+    let log = kpr.log();
+    let nat = node.ns.output(&["iptables-nft-save", "-t", "nat"]).unwrap_or_default();
+    match mode {
+        Mode::Iptables => {
+            assert!(!log.contains("SCTP"), "nothing refused:\n{log}");
+            let dispatch = "-d 10.96.0.66/32 -p sctp -m comment --comment \"default/diameter:sig cluster IP\" -m sctp --dport 3868";
+            assert!(nat.contains(dispatch), "kube-proxy's SCTP dispatch rule:\n{nat}");
+            assert!(nat.contains("-p sctp -m comment --comment \"default/diameter:sig\" -m sctp -j DNAT --to-destination 10.244.0.11:3868"), "{nat}");
+        }
+        Mode::Ebpf => {
+            assert!(log.contains("port sig: SCTP is served in iptables mode only"), "refused with a reason:\n{log}");
+            assert!(log.contains("rejected=1"), "counted:\n{log}");
+        }
+    }
+}
+
 kpr_tests::in_both_modes!(
     rolling_update_never_refuses,
     internal_local_policy_keeps_pods_on_their_node,
-    session_affinity_keeps_a_client_on_its_backend
+    session_affinity_keeps_a_client_on_its_backend,
+    sctp_ports_are_served_by_iptables_and_refused_with_a_reason_by_ebpf
 );

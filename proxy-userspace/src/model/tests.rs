@@ -148,7 +148,7 @@ endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.0.7]}]
     let (m, rejected) = build(snap);
     let reasons: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
     let has = |s: &str| reasons.iter().any(|r| r.contains(s));
-    assert!(has("Service default/mixed: port s: protocol SCTP is not supported"), "{reasons:#?}");
+    assert!(has("Service default/mixed: port s: SCTP is served in iptables mode only"), "{reasons:#?}");
     // Skipped quietly, as kube-proxy does.
     assert!(!has("default/noip"), "{reasons:#?}");
     assert!(has("Service default/badip: spec.clusterIP \"10.96.0.300\" is not an IP address"), "{reasons:#?}");
