@@ -240,7 +240,7 @@ fn affine(sticky: &[(&str, Ipv4Addr)], brief: &[(&str, Ipv4Addr)]) -> String {
 }
 
 /// `sessionAffinity: ClientIP`, as kube-proxy's `-m recent` rules behave:
-/// a client's connections land on one backend (30 in a row, over the
+/// a client's connections land on one backend (50 in a row, over the
 /// per-packet path from one pod and the socket hooks from another); when
 /// its backend leaves, its next connection goes elsewhere and sticks
 /// there; once the timeout passes without a connection, the choice is made
@@ -278,8 +278,8 @@ fn session_affinity_keeps_a_client_on_its_backend(mode: Mode) {
     let stuck: Vec<String> = clients
         .iter()
         .map(|client| {
-            let seen: BTreeSet<String> = (0..30).map(|_| ask(client, sticky)).collect();
-            assert_eq!(seen.len(), 1, "{client}: 30 connections, one backend: {seen:?}\n{}", kpr.log());
+            let seen: BTreeSet<String> = (0..50).map(|_| ask(client, sticky)).collect();
+            assert_eq!(seen.len(), 1, "{client}: 50 connections, one backend: {seen:?}\n{}", kpr.log());
             seen.into_iter().next().unwrap()
         })
         .collect();
