@@ -37,6 +37,10 @@ const BRIDGE: &str = "cbr0";
 /// The gateway pods of the routed shape use; answered by proxy ARP.
 const ROUTED_GATEWAY: &str = "169.254.1.1";
 
+/// A web pod on each of two nodes, and a client beside the first, for
+/// [`Cluster::with_pods`].
+pub const WEB_PAIR: [(u8, &str, u8); 3] = [(0, "web-0", 11), (1, "web-1", 11), (0, "client", 100)];
+
 pub struct ClusterNode {
     // Pods first: dropping them removes their veths before the node goes.
     pub pods: Vec<Pod>,
@@ -239,6 +243,15 @@ impl Cluster {
 
     pub fn node(&self, index: u8) -> &ClusterNode {
         &self.nodes[index as usize]
+    }
+
+    /// A cluster of `nodes` nodes holding `pods`: (node, name, host) each.
+    pub fn with_pods(shape: Shape, nodes: u8, pods: &[(u8, &str, u8)]) -> anyhow::Result<Self> {
+        let mut cluster = Self::new(shape, nodes)?;
+        for (node, name, host) in pods {
+            cluster.add_pod(*node, name, *host)?;
+        }
+        Ok(cluster)
     }
 
     /// Adds pod `name` with address 10.244.NODE.HOST to node `node`.

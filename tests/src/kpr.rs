@@ -38,26 +38,24 @@ pub fn datapath_stats(node: &Netns, bpf_root: &Path) -> anyhow::Result<serde_jso
 /// The `kpr` binary: `$KPR_BIN`, else the workspace's debug build (which
 /// `cargo xtask test` builds before running the tests).
 pub fn binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KPR_BIN") {
-        return Ok(p.into());
-    }
-    let bin = target_dir().join("debug/kpr");
-    if !bin.exists() {
-        bail!("{} not found: build it with `cargo build -p proxy-userspace` or set KPR_BIN", bin.display());
-    }
-    Ok(bin)
+    built("KPR_BIN", "debug/kpr", "build it with `cargo build -p proxy-userspace`")
 }
 
 /// The previous release's `kpr`, which upgrade tests start from:
 /// `$KPR_PREVIOUS_BIN`, else what `cargo xtask test` builds from the commit
 /// named in `xtask/previous-release`.
 pub fn previous_release() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KPR_PREVIOUS_BIN") {
+    built("KPR_PREVIOUS_BIN", "previous-release/kpr", "`cargo xtask test` builds it")
+}
+
+/// The binary `$var` names, else `path` under the target folder.
+fn built(var: &str, path: &str, how: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(p.into());
     }
-    let bin = target_dir().join("previous-release/kpr");
+    let bin = target_dir().join(path);
     if !bin.exists() {
-        bail!("{} not found: `cargo xtask test` builds it (or set KPR_PREVIOUS_BIN)", bin.display());
+        bail!("{} not found: {how} (or set {var})", bin.display());
     }
     Ok(bin)
 }

@@ -328,13 +328,20 @@ fn saved(node: &VirtualNode) -> String {
         .collect()
 }
 
-fn takes_over(mode: Mode, from: KubeProxy) {
-    root_or_skip!();
+/// A node with kube-proxy's five test endpoints as pods p1-p5 (each
+/// answering its name on port 80) and a client pod.
+fn node_with_pods() -> (VirtualNode, Vec<Server>) {
     let mut pods: Vec<(String, Ipv4Addr)> = (1..=5).map(|n| (format!("p{n}"), pod_ip(n))).collect();
     pods.push(("client".into(), Ipv4Addr::new(10, 244, 0, 100)));
     let pods: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let node = VirtualNode::new(&pods).unwrap();
-    let _servers: Vec<Server> = pods[..5].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 80, n).unwrap()).collect();
+    let servers = pods[..5].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 80, n).unwrap()).collect();
+    (node, servers)
+}
+
+fn takes_over(mode: Mode, from: KubeProxy) {
+    root_or_skip!();
+    let (node, _servers) = node_with_pods();
     let dir = tempfile::tempdir().unwrap();
     from.load(&node, dir.path());
     if from != KubeProxy::Iptables("nft") && from != KubeProxy::Iptables("legacy") {
@@ -427,11 +434,7 @@ fn kube_proxy_lines(node: &VirtualNode) -> Vec<String> {
 
 fn beside_kube_proxy(mode: Mode) {
     root_or_skip!();
-    let mut pods: Vec<(String, Ipv4Addr)> = (1..=5).map(|n| (format!("p{n}"), pod_ip(n))).collect();
-    pods.push(("client".into(), Ipv4Addr::new(10, 244, 0, 100)));
-    let pods: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
-    let node = VirtualNode::new(&pods).unwrap();
-    let _servers: Vec<Server> = pods[..5].iter().map(|(n, _)| servers::tcp(&node.pod(n).ns, 80, n).unwrap()).collect();
+    let (node, _servers) = node_with_pods();
     let dir = tempfile::tempdir().unwrap();
     KubeProxy::Iptables("nft").load(&node, dir.path());
     let before = kube_proxy_lines(&node);

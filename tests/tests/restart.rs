@@ -29,7 +29,7 @@ use std::{
 use kpr_tests::{
     apiserver::ApiServer,
     client::{Repeating, Tally, every_10ms, http_get, tcp_request},
-    cluster::{Cluster, Shape},
+    cluster::{Cluster, Shape, WEB_PAIR},
     kpr::{Kpr, Mode},
     manifests::write,
     netns::run_in,
@@ -102,10 +102,7 @@ fn held(ns: &kpr_tests::netns::Netns, addr: SocketAddr, stop: Arc<AtomicBool>) -
 
 fn keeps_serving_while_the_agent_restarts(mode: Mode) {
     root_or_skip!();
-    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
-    cluster.add_pod(0, "web-0", 11).unwrap();
-    cluster.add_pod(1, "web-1", 11).unwrap();
-    cluster.add_pod(0, "client", 100).unwrap();
+    let cluster = Cluster::with_pods(Shape::HostGw, 2, &WEB_PAIR).unwrap();
     let _servers: Vec<Server> = [(0, "web-0"), (1, "web-1")]
         .into_iter()
         .map(|(node, pod)| servers::tcp_peer(&cluster.node(node).pod(pod).ns, 8080, pod).unwrap())

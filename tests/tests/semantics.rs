@@ -16,7 +16,7 @@ use std::{
 
 use kpr_tests::{
     client::{Repeating, every_10ms, probe, probe_answer, tcp_request},
-    cluster::{Cluster, Shape},
+    cluster::{Cluster, Shape, WEB_PAIR},
     kpr::{Kpr, Mode},
     manifests::write,
     node::VirtualNode,
@@ -167,10 +167,7 @@ fn service_on_nodes(name: &str, vip: &str, spec: &str, endpoints: &[(Ipv4Addr, &
 /// Cluster policy Service beside them spreads over both nodes.
 fn internal_local_policy_keeps_pods_on_their_node(mode: Mode) {
     root_or_skip!();
-    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
-    cluster.add_pod(0, "web-0", 11).unwrap();
-    cluster.add_pod(1, "web-1", 11).unwrap();
-    cluster.add_pod(0, "client", 100).unwrap();
+    let cluster = Cluster::with_pods(Shape::HostGw, 2, &WEB_PAIR).unwrap();
     let _servers: Vec<Server> = [(0, "web-0"), (1, "web-1")]
         .into_iter()
         .map(|(node, pod)| servers::tcp(&cluster.node(node).pod(pod).ns, 8080, pod).unwrap())

@@ -81,10 +81,22 @@ fn c_string(name: &str) -> Vec<u8> {
     bytes
 }
 
-fn netfilter_socket() -> std::io::Result<OwnedFd> {
-    let fd = netlink::socket(NETLINK_NETFILTER)?;
+/// A netlink socket of `protocol` whose reads give up after 2 s.
+fn socket(protocol: libc::c_int) -> std::io::Result<OwnedFd> {
+    let fd = netlink::socket(protocol)?;
     netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
     Ok(fd)
+}
+
+/// Sends one request that asks for an acknowledgement: `true` if it did
+/// its work, `false` if the kernel answered `missing` (nothing to remove).
+fn removed(fd: &OwnedFd, request: &[u8], missing: i32) -> std::io::Result<bool> {
+    match netlink::acknowledged(fd, request, 1)?.first() {
+        Some(0) => Ok(true),
+        Some(&e) if -e == missing => Ok(false),
+        Some(&e) => Err(std::io::Error::from_raw_os_error(-e)),
+        None => Ok(false),
+    }
 }
 
 const NFNL_SUBSYS_IPSET: u16 = 6;
@@ -112,15 +124,10 @@ fn delete_table_batch(name: &str, family: u8) -> Vec<u8> {
 
 /// Deletes `ip kube-proxy` and `ip6 kube-proxy`; returns how many existed.
 fn delete_nftables_tables() -> std::io::Result<usize> {
-    let fd = netfilter_socket()?;
+    let fd = socket(NETLINK_NETFILTER)?;
     let mut deleted = 0;
     for family in [NFPROTO_IPV4, NFPROTO_IPV6] {
-        match netlink::acknowledged(&fd, &delete_table_batch(NFTABLES_TABLE, family), 1)?.first() {
-            Some(0) => deleted += 1,
-            Some(&e) if -e == libc::ENOENT => {}
-            Some(&e) => return Err(std::io::Error::from_raw_os_error(-e)),
-            None => {}
-        }
+        deleted += usize::from(removed(&fd, &delete_table_batch(NFTABLES_TABLE, family), libc::ENOENT)?);
     }
     Ok(deleted)
 }
@@ -155,7 +162,7 @@ fn ipvs_set_names() -> impl Iterator<Item = String> {
 /// Destroys kube-proxy's IPVS ipsets; returns how many existed. A set still
 /// matched by some rule stays, with a warning.
 fn destroy_ipsets() -> std::io::Result<usize> {
-    let fd = netfilter_socket()?;
+    let fd = socket(NETLINK_NETFILTER)?;
     let names: Vec<String> = ipvs_set_names().collect();
     let msgs: Vec<u8> = names.iter().enumerate().flat_map(|(i, n)| destroy_set_message(n, i as u32 + 1)).collect();
     let statuses = netlink::acknowledged(&fd, &msgs, names.len())?;
@@ -185,15 +192,9 @@ fn delete_link(name: &str) -> std::io::Result<bool> {
     let mut ifinfo = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
     ifinfo.extend_from_slice(&(index as i32).to_ne_bytes());
     ifinfo.extend_from_slice(&[0; 8]);
-    let fd = netlink::socket(libc::NETLINK_ROUTE)?;
-    netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
+    let fd = socket(libc::NETLINK_ROUTE)?;
     let msg = netlink::message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, &ifinfo, &[]);
-    match netlink::acknowledged(&fd, &msg, 1)?.first() {
-        Some(0) => Ok(true),
-        Some(&e) if -e == libc::ENODEV => Ok(false),
-        Some(&e) => Err(std::io::Error::from_raw_os_error(-e)),
-        None => Ok(false),
-    }
+    removed(&fd, &msg, libc::ENODEV)
 }
 
 #[cfg(test)]
