@@ -3,8 +3,9 @@
 //! [`Model::update`] recomputes the touched Services and returns what
 //! changed; it never talks to a dataplane.
 //!
-//! Two Services claiming one frontend: the older one (by creation
-//! timestamp, then by namespace/name) keeps it, whatever order they
+//! Two Services claiming one frontend, or one external address (external
+//! IP or load balancer IP at a port, or node port): the older one (by
+//! creation timestamp, then by namespace/name) keeps it, whatever order they
 //! arrived in, so a cold start and a stream of changes agree.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -35,6 +36,45 @@ pub struct Model {
     /// Frontends with a health check node port, kept as frontends come and
     /// go, so the health servers follow without walking every frontend.
     health_checked: BTreeSet<FrontendKey>,
+    /// External addresses (see [`external_claims`]) -> the frontend they
+    /// reach, so two Services never claim one.
+    external_owners: HashMap<FrontendKey, FrontendKey>,
+}
+
+/// The addresses a frontend is reached at from outside, as frontend keys:
+/// its external and load balancer IPs at its port, and its node port (on
+/// every node address, so keyed by the unspecified address).
+fn external_claims(f: &Frontend) -> Vec<FrontendKey> {
+    let Some(ext) = f.external.as_deref() else { return Vec::new() };
+    let at = |vip: std::net::Ipv4Addr, port: u16| FrontendKey { vip, port, protocol: f.key.protocol };
+    let addresses = ext.external_ips.iter().chain(&ext.load_balancer_ips[..]).map(|ip| at(*ip, f.key.port));
+    addresses.chain(ext.node_port.map(|np| at(std::net::Ipv4Addr::UNSPECIFIED, np))).collect()
+}
+
+/// How a claim reads in a rejection.
+fn claim_text(claim: &FrontendKey) -> String {
+    if claim.vip.is_unspecified() { format!("node port {}/{}", claim.port, claim.protocol) } else { claim.to_string() }
+}
+
+/// `f` without the external addresses in `lost`.
+fn without_claims(mut f: Frontend, lost: &[FrontendKey]) -> Frontend {
+    let (port, protocol) = (f.key.port, f.key.protocol);
+    if let Some(ext) = f.external.as_deref_mut() {
+        let kept = |ip: &std::net::Ipv4Addr| !lost.contains(&FrontendKey { vip: *ip, port, protocol });
+        ext.external_ips = ext.external_ips.iter().copied().filter(kept).collect();
+        ext.load_balancer_ips = ext.load_balancer_ips.iter().copied().filter(kept).collect();
+        if ext
+            .node_port
+            .is_some_and(|np| lost.contains(&FrontendKey { vip: std::net::Ipv4Addr::UNSPECIFIED, port: np, protocol }))
+        {
+            ext.node_port = None;
+            ext.health_check_node_port = None;
+        }
+    }
+    if f.external.as_deref().is_some_and(External::is_empty) {
+        f.external = None;
+    }
+    f
 }
 
 /// The result of recomputing some Services.
@@ -99,6 +139,9 @@ impl Model {
         } else {
             self.health_checked.remove(&f.key);
         }
+        for claim in external_claims(&f) {
+            self.external_owners.insert(claim, f.key);
+        }
         if let Some(old) = self.frontends.insert(f.key, f) {
             self.backend_count -= old.backends.len();
         }
@@ -108,7 +151,51 @@ impl Model {
         let old = self.frontends.remove(key)?;
         self.backend_count -= old.backends.len();
         self.health_checked.remove(key);
+        for claim in external_claims(&old) {
+            if self.external_owners.get(&claim) == Some(key) {
+                self.external_owners.remove(&claim);
+            }
+        }
         Some(old)
+    }
+
+    /// `f` (of Service `service`, ranked `mine`) without the external
+    /// addresses an older Service's frontend holds, each reported; those a
+    /// younger Service holds are taken, and it is recomputed without them.
+    fn arbitrate_external(
+        &mut self,
+        f: Frontend,
+        service: &ObjectName,
+        mine: &Rank,
+        pass: &mut Pass<'_>,
+        rejections: &mut Vec<Rejection>,
+    ) -> Frontend {
+        // What is lost, by the older frontend holding it.
+        let mut lost: BTreeMap<ServicePortName, Vec<FrontendKey>> = BTreeMap::new();
+        for claim in external_claims(&f) {
+            let Some(owner) = self.external_owners.get(&claim).filter(|o| **o != f.key) else { continue };
+            let Some(other) = self.frontends.get(owner).map(|o| o.service.clone()) else { continue };
+            if other.service == *service {
+                continue;
+            }
+            if rank(pass.index, &other.service) < *mine {
+                lost.entry(other).or_default().push(claim);
+            } else {
+                pass.push(other.service);
+            }
+        }
+        let origin = pass.index.service(service).map(|s| s.origin.to_string()).unwrap_or_default();
+        for (other, claims) in &lost {
+            let claims: Vec<String> = claims.iter().map(claim_text).collect();
+            rejections.push(Rejection {
+                origin: origin.clone(),
+                object: format!("Service {service}"),
+                kind: RejectReason::FrontendConflict,
+                reason: format!("{} of {}: already used by {other}, an older Service", claims.join(", "), f.service),
+            });
+        }
+        let lost: Vec<FrontendKey> = lost.into_values().flatten().collect();
+        if lost.is_empty() { f } else { without_claims(f, &lost) }
     }
 
     /// Recomputes the `dirty` Services from `index`, keeping everything
@@ -204,6 +291,7 @@ impl Model {
                 pass.before.entry(f.key).or_insert(previous);
                 pass.push(other.service);
             }
+            let f = self.arbitrate_external(f, key, &mine, pass, &mut rejections);
             pass.before.entry(f.key).or_insert(None);
             keys.push(f.key);
             self.insert_frontend(f);

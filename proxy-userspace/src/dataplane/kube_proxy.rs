@@ -127,7 +127,12 @@ fn delete_nftables_tables() -> std::io::Result<usize> {
     let fd = socket(NETLINK_NETFILTER)?;
     let mut deleted = 0;
     for family in [NFPROTO_IPV4, NFPROTO_IPV6] {
-        deleted += usize::from(removed(&fd, &delete_table_batch(NFTABLES_TABLE, family), libc::ENOENT)?);
+        match removed(&fd, &delete_table_batch(NFTABLES_TABLE, family), libc::ENOENT) {
+            Ok(done) => deleted += usize::from(done),
+            // No nf_tables in this kernel: no table of kube-proxy's either.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EAFNOSUPPORT)) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(deleted)
 }
@@ -160,20 +165,26 @@ fn ipvs_set_names() -> impl Iterator<Item = String> {
 }
 
 /// Destroys kube-proxy's IPVS ipsets; returns how many existed. A set still
-/// matched by some rule stays, with a warning.
+/// matched by some rule stays, with one warning naming them.
 fn destroy_ipsets() -> std::io::Result<usize> {
     let fd = socket(NETLINK_NETFILTER)?;
     let names: Vec<String> = ipvs_set_names().collect();
     let msgs: Vec<u8> = names.iter().enumerate().flat_map(|(i, n)| destroy_set_message(n, i as u32 + 1)).collect();
     let statuses = netlink::acknowledged(&fd, &msgs, names.len())?;
     let mut destroyed = 0;
+    let mut kept = Vec::new();
     for (name, status) in names.iter().zip(statuses) {
         match -status {
             0 => destroyed += 1,
-            // No such set, or no ipset in this kernel at all.
-            libc::ENOENT | libc::EPROTONOSUPPORT => {}
-            errno => tracing::warn!(set = %name, errno, "could not destroy kube-proxy's ipset (still in use?)"),
+            // No such set, or no ipset in this kernel at all (nfnetlink
+            // answers EINVAL for a subsystem it does not have).
+            libc::ENOENT | libc::EPROTONOSUPPORT | libc::EINVAL => {}
+            _ => kept.push(name.as_str()),
         }
+    }
+    if !kept.is_empty() {
+        // The IPv6 ones are matched by kube-proxy's ip6tables rules, which kpr leaves.
+        tracing::warn!(sets = ?kept, "kube-proxy's ipsets still in use by some rule: left in place");
     }
     Ok(destroyed)
 }

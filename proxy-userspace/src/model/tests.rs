@@ -421,3 +421,41 @@ spec:
     assert_eq!(m.frontends.len(), 1);
     assert_eq!(frontend(&m, [10, 96, 0, 10], 80, Protocol::Tcp).service.to_string(), "shop/web:a");
 }
+
+#[test]
+fn an_external_address_freed_by_the_older_service_goes_to_the_younger() {
+    let yaml = "
+kind: Service
+metadata: {name: young, creationTimestamp: '2026-02-01T00:00:00Z'}
+spec: {type: NodePort, clusterIP: 10.96.0.6, externalIPs: [198.51.100.9], ports: [{port: 80, nodePort: 30009}]}
+---
+kind: Service
+metadata: {name: old, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec: {type: NodePort, clusterIP: 10.96.0.7, externalIPs: [198.51.100.9], ports: [{port: 80, nodePort: 30009}]}
+";
+    let docs = objects(yaml).objects;
+    let (mut index, mut model) = (Index::default(), Model::default());
+    for doc in &docs {
+        index.apply(doc.clone());
+    }
+    let dirty = index.take_dirty();
+    let update = model.update(&index, dirty);
+    let external = |m: &Model, vip: [u8; 4]| frontend(m, vip, 80, Protocol::Tcp).external.clone();
+    assert!(external(&model, [10, 96, 0, 6]).is_none(), "the younger loses its external IP and node port");
+    let old = external(&model, [10, 96, 0, 7]).unwrap();
+    assert_eq!((old.node_port, &*old.external_ips), (Some(30009), &[Ipv4Addr::new(198, 51, 100, 9)][..]));
+    assert_eq!(update.new_rejections.len(), 1, "{:?}", update.new_rejections);
+    let reason = &update.new_rejections[0].reason;
+    assert!(
+        reason.contains("198.51.100.9:80/TCP, node port 30009/TCP of default/young: already used by default/old"),
+        "{reason}"
+    );
+
+    // The older Service goes: the younger takes the addresses over, reported no more.
+    index.delete_service(&ObjectName::new("default", "old"));
+    let dirty = index.take_dirty();
+    model.update(&index, dirty);
+    let young = external(&model, [10, 96, 0, 6]).unwrap();
+    assert_eq!((young.node_port, &*young.external_ips), (Some(30009), &[Ipv4Addr::new(198, 51, 100, 9)][..]));
+    assert_eq!(model.rejection_count(), 0);
+}

@@ -435,12 +435,19 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         // Pods and node processes reach a Local policy's frontends through
         // every endpoint: the cluster-wide set, written before the entries
         // that point there.
-        if local_only && let Some(cluster_set) = cluster_set {
-            self.maps.set_cluster_scope(id, cluster_value(f, id, cluster_set)).map_err(map_error(
+        if local_only
+            && let Some(cluster_set) = cluster_set
+            && let Err(e) = self.maps.set_cluster_scope(id, cluster_value(f, id, cluster_set))
+        {
+            // Nothing names the new set yet: it goes at once.
+            if let Some((set, slots)) = other {
+                self.free_set(set, slots as usize);
+            }
+            return Err(map_error(
                 proxy_common::maps::CLUSTER_SCOPE,
                 proxy_common::maps::DEFAULT_CLUSTER_SCOPES_MAX,
                 "(fewer Services with externalTrafficPolicy: Local)",
-            ))?;
+            )(e));
         }
         let mut written = Vec::new();
         let mut failed = None;
@@ -573,10 +580,16 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         let gone: Vec<Backend> =
             old.iter().filter(|o| !new.iter().any(|n| n.addr == o.addr && n.port == o.port)).copied().collect();
         self.maps.forget_traffic(id, Some(&gone));
-        let keep: KeepEndpoints = new.iter().filter(|b| b.state == BACKEND_ACTIVE).map(|b| (b.addr, b.port)).collect();
+        // Flows of the id may go to any endpoint its entries name: the
+        // ClusterIP's set, and under a Local policy the other one.
+        let keep: KeepEndpoints =
+            f.backends.iter().chain(&f.local_backends[..]).map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
         // Only an endpoint that stopped being ready leaves flows to forget
-        // (walking the flow maps costs a syscall per entry).
-        let unready = old.iter().any(|o| o.state == BACKEND_ACTIVE && !keep.contains(&(o.addr, o.port)));
+        // (walking the flow maps costs a syscall per entry). Under a Local
+        // internal policy the old set shows this node's endpoints only, so
+        // any change is checked.
+        let unready =
+            f.internal_local || old.iter().any(|o| o.state == BACKEND_ACTIVE && !keep.contains(&(o.addr, o.port)));
         if f.key.protocol == Protocol::Udp && unready {
             self.forget_udp_flows(id, &keep);
         }
