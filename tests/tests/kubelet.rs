@@ -574,7 +574,12 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
         assert!(Instant::now() < deadline, "the deleted pod is still there:\n{}", node.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(node.log().contains("pod deleted"), "{}", node.log());
+    // The kubelet logs its final delete once the API server has answered it.
+    let logged = Instant::now() + Duration::from_secs(5);
+    while !node.log().contains("pod deleted") {
+        assert!(Instant::now() < logged, "{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
