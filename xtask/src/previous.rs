@@ -63,6 +63,10 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<()> {
     let status = Command::new(cargo)
         .args(["build", "--package", "proxy-userspace", "--bin", "kpr"])
         .env("CARGO_TARGET_DIR", out.join("target"))
+        // Only the binary is kept: no debug info or incremental state to
+        // fill the disk with.
+        .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only")
+        .env("CARGO_INCREMENTAL", "0")
         .current_dir(&src)
         .status()
         .context("building the previous release")?;
@@ -71,5 +75,8 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<()> {
     }
     std::fs::copy(out.join("target/debug/kpr"), out.join("kpr"))?;
     std::fs::write(&stamp, &commit)?;
+    // The build folder is several GB and the stamp makes it unneeded.
+    std::fs::remove_dir_all(out.join("target")).ok();
+    std::fs::remove_dir_all(&src).ok();
     Ok(())
 }
