@@ -216,6 +216,12 @@ pub mod flags {
 /// request (kube-proxy's masquerade bit).
 pub const MASQUERADE_MARK: u32 = 0x4000;
 
+/// The source address a pod's request to its own Service gets on the
+/// per-packet path when it is chosen as its own backend (hairpin), so its
+/// answer leaves the pod instead of looping inside it. Link-local, never a
+/// pod's or a node's; Cilium's IPV4_LOOPBACK default.
+pub const HAIRPIN_SOURCE: [u8; 4] = [169, 254, 42, 1];
+
 /// Where a program runs on an interface: the `hook` of [`DeviceKey`] and
 /// the value of [`DEVICES`].
 pub mod hook {

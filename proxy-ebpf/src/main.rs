@@ -27,6 +27,7 @@ mod fence;
 mod fib;
 mod fragments;
 mod frame;
+mod hairpin;
 mod lookup;
 mod maps;
 mod nat;
@@ -62,6 +63,9 @@ pub enum Verdict {
     Pass,
     /// Sent back out of the interface it came in on (a refusal).
     SendBack,
+    /// Translated and sent back out of the interface it came in on, to the
+    /// pod that sent it (see `hairpin`).
+    Reflect,
 }
 
 /// Attached on ingress of the node side of every pod interface (and of
@@ -142,6 +146,7 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
     Ok(match verdict {
         Verdict::Pass => TC_ACT_OK,
         Verdict::SendBack => count(Counter::RefusedNoBackend, skb::redirect(ifindex(ctx))?),
+        Verdict::Reflect => skb::redirect(ifindex(ctx))?,
     })
 }
 
@@ -189,21 +194,32 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         }
         Seen::Done(verdict) => return Ok(verdict),
     };
+    if let Some(verdict) = hairpin::reply(ctx, &pkt) {
+        let verdict = verdict?;
+        count(Counter::ReverseTranslated, ());
+        count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
+        return Ok(verdict);
+    }
     match lookup::request(&pkt, ifindex(ctx))? {
         Lookup::ToBackend(backend, frontend, _) => {
             translate::forward(ctx, &pkt, &backend)?;
             if pkt.fragment == Fragment::First {
                 fragments::remember(&pkt);
             }
-            if frontend.masquerade() {
-                // The node's masquerade rule source-NATs it, so the backend's
-                // replies come back here to be translated.
-                ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
-            }
+            let verdict = if hairpin::is_hairpin(&pkt, backend.addr) {
+                hairpin::request(ctx, &pkt)?
+            } else {
+                if frontend.masquerade() {
+                    // The node's masquerade rule source-NATs it, so the backend's
+                    // replies come back here to be translated.
+                    ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
+                }
+                Verdict::Pass
+            };
             count(Counter::Translated, ());
             count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, false);
             count_traffic_via(frontend.id, backend.addr, backend.port, ctx.len());
-            Ok(Verdict::Pass)
+            Ok(verdict)
         }
         Lookup::NoBackend => refuse::refuse(ctx, &pkt),
         Lookup::NotService => Ok(Verdict::Pass),

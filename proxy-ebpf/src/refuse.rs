@@ -20,11 +20,6 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReaso
     if pkt.l4_off != ETH_HLEN + MIN_HLEN {
         return Err(DropReason::NoBackend);
     }
-    let eth: [u8; 12] = skb::load(ctx, 0)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&eth[6..]);
-    swapped[6..].copy_from_slice(&eth[..6]);
-
     if pkt.proto == PROTO_TCP {
         let tcp: [u8; 20] = skb::load(ctx, pkt.l4_off)?;
         let header_len = ((tcp[12] >> 4) as usize) * 4;
@@ -48,7 +43,7 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReaso
         skb::grow_after_mac(ctx, ICMP_HEADERS_LEN as i32)?;
         skb::store(ctx, ETH_HLEN, &headers)?;
     }
-    skb::store(ctx, 0, &swapped)?;
+    skb::swap_macs(ctx)?;
     // The checksums written are complete: make the receiver verify them
     // rather than trust stale offload state of the original packet.
     skb::reset_csum_level(ctx)?;

@@ -64,3 +64,13 @@ pub(crate) fn redirect(ifindex: u32) -> Result<i32, DropReason> {
     let action = unsafe { bpf_redirect(ifindex, 0) };
     if action == TC_ACT_REDIRECT as i64 { Ok(action as i32) } else { Err(DropReason::RedirectFailed) }
 }
+
+/// Swaps the frame's MAC addresses, so it goes back to the host it came from.
+#[inline(always)]
+pub(crate) fn swap_macs(ctx: &TcContext) -> Result<(), DropReason> {
+    let eth: [u8; 12] = load(ctx, 0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    store(ctx, 0, &swapped)
+}

@@ -35,6 +35,18 @@ pub(crate) fn reverse(ctx: &TcContext, pkt: &Packet, frontend: &CtEntry) -> Resu
     rewrite(ctx, pkt, IP_SRC_OFF, pkt.src, frontend.addr, 0, pkt.src_port, frontend.port)
 }
 
+/// Only the source address changes, to `new` (a hairpin request's).
+#[inline(always)]
+pub(crate) fn source_address(ctx: &TcContext, pkt: &Packet, new: [u8; 4]) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_SRC_OFF, pkt.src, new, 0, pkt.src_port, pkt.src_port)
+}
+
+/// Only the destination address changes, to `new` (a hairpin reply's).
+#[inline(always)]
+pub(crate) fn destination_address(ctx: &TcContext, pkt: &Packet, new: [u8; 4]) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_DST_OFF, pkt.dst, new, 2, pkt.dst_port, pkt.dst_port)
+}
+
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "one field each of the address and port, old and new")]
 fn rewrite(

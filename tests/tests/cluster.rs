@@ -223,6 +223,23 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     assert!(["web-1", "web-2"].contains(&reply.as_str()), "{reply}");
     assert!(client.run(move || tcp_request(tcp, Duration::from_secs(2))).unwrap().is_ok());
 
+    // A backend reaching its own Service (hairpin) is answered by itself
+    // too, and every answer comes from the VIP.
+    let near = &cluster.node(0).pod("near").ns;
+    let (tcp, udp) = (SocketAddr::from((NEAR_VIP, 80)), SocketAddr::from((NEAR_VIP, 53)));
+    let reached: BTreeSet<String> = near
+        .run(move || (0..30).map(|_| tcp_request(tcp, Duration::from_secs(2))).collect::<Result<_, _>>())
+        .unwrap()
+        .expect("every TCP request answered");
+    assert_eq!(reached, ["near", "web-1"].map(String::from).into(), "TCP: itself and the other backend answer");
+    let answers: Vec<(String, SocketAddr)> = near
+        .run(move || (0..30).map(|_| udp_request(udp, Duration::from_secs(2))).collect::<Result<_, _>>())
+        .unwrap()
+        .expect("every UDP request answered");
+    assert!(answers.iter().all(|(_, from)| *from == udp), "UDP answers from the VIP: {answers:?}");
+    let reached: BTreeSet<&str> = answers.iter().map(|(reply, _)| reply.as_str()).collect();
+    assert_eq!(reached, ["near", "web-1"].into(), "UDP: itself and the other backend answer");
+
     // A NetworkPolicy-like rule in the node's FORWARD chain applies to
     // Service traffic, to a backend on the client's own node too:
     // connections that chose `near` fail (the reset reaches the client in

@@ -173,6 +173,50 @@ fn replies_are_reverse_translated() {
 }
 
 #[test]
+fn a_pod_that_is_its_own_backend_is_answered_through_the_hairpin_address() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let pod = BACKENDS[0];
+    let hairpin = Ipv4Addr::from(abi::HAIRPIN_SOURCE);
+    let swapped = |out: &[u8], sent: &[u8]| out[..6] == sent[6..12] && out[6..12] == sent[..6];
+    let flows: [(Vec<u8>, u16, Vec<u8>); 2] = [
+        (
+            tcp_frame((pod, 40000), (VIP, 80), TCP_SYN, b""),
+            8080,
+            tcp_frame((pod, 8080), (hairpin, 40000), TCP_SYN | TCP_ACK, b""),
+        ),
+        (udp_frame((pod, 40000), (VIP, 53), b"query"), 5353, udp_frame((pod, 5353), (hairpin, 40000), b"answer")),
+    ];
+    for (request, target, reply) in flows {
+        let (verdict, out) = dp.run(&request);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "straight back to the pod");
+        let v = View(&out);
+        assert_eq!((v.src(), v.sport()), (hairpin, 40000), "from the hairpin address");
+        assert_eq!((v.dst(), v.dport()), (pod, target));
+        assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+        assert!(swapped(&out, &request), "to the pod's MAC address");
+        // The egress program, which then sees it, leaves it alone.
+        assert_eq!(dp.to_pod(&out), (TC_ACT_OK, out.clone()));
+
+        // The pod's answer leaves it for the hairpin address, and goes back as the frontend's.
+        let (verdict, out) = dp.run(&reply);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let v = View(&out);
+        assert_eq!((v.src(), v.sport()), (VIP, View(&request).dport()), "from the frontend");
+        assert_eq!((v.dst(), v.dport()), (pod, 40000));
+        assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+        assert!(swapped(&out, &reply));
+        assert_eq!(dp.to_pod(&out), (TC_ACT_OK, out.clone()));
+    }
+    assert_eq!((dp.counter(Counter::Translated), dp.counter(Counter::ReverseTranslated)), (2, 2));
+
+    // A packet to the hairpin address in no tracked flow is the node's business.
+    let stray = tcp_frame((BACKENDS[1], 8080), (hairpin, 41000), TCP_ACK, b"x");
+    assert_eq!(dp.run(&stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!(dp.drops(), 0);
+}
+
+#[test]
 fn udp_is_translated_with_and_without_checksum() {
     root_or_skip!();
     let dp = Datapath::new(1);

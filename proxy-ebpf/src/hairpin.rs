@@ -1,0 +1,58 @@
+//! A pod reaching its own Service on the per-packet path (hairpin). When
+//! the backend chosen for a pod's request is the pod itself, translating
+//! the destination alone would make its answer loop inside the pod,
+//! never passing here to be translated back. So the request also gets
+//! [`HAIRPIN_SOURCE`] as its source (kube-proxy masquerades these for the
+//! same reason, Cilium uses the same address), and the pod's answer to
+//! that address, which leaves by its default route, is translated back to
+//! frontend -> pod. Both go straight back out of the interface they came
+//! in on, their MAC addresses swapped: the node's stack never sees them,
+//! so no routing or reverse-path filter there has to know the address.
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{conntrack::CtEntry, counters::DropReason, ipv4::Fragment, maps::HAIRPIN_SOURCE};
+
+use crate::{Verdict, conntrack, fragments, parse::Packet, skb, translate};
+
+/// Whether the backend chosen for `pkt` is its own sender.
+#[inline(always)]
+pub(crate) fn is_hairpin(pkt: &Packet, backend: [u8; 4]) -> bool {
+    pkt.src == backend
+}
+
+/// A request already translated to its sender: sent back to it from [`HAIRPIN_SOURCE`].
+#[inline(always)]
+pub(crate) fn request(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReason> {
+    translate::source_address(ctx, pkt, HAIRPIN_SOURCE)?;
+    reflect(ctx)
+}
+
+/// If `pkt` is a pod's answer to a hairpin request: translated back to
+/// frontend -> pod and sent back to it. `None` for every other packet.
+#[inline(always)]
+pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Option<Result<Verdict, DropReason>> {
+    if pkt.dst != HAIRPIN_SOURCE {
+        return None;
+    }
+    // The flow was tracked with the pod as its client.
+    let seen = Packet { dst: pkt.src, ..*pkt };
+    // Not a flow of ours: the node decides what becomes of it.
+    let frontend = conntrack::reply(&seen, conntrack::now())?;
+    Some(translate_reply(ctx, pkt, &frontend))
+}
+
+#[inline(always)]
+fn translate_reply(ctx: &TcContext, pkt: &Packet, frontend: &CtEntry) -> Result<Verdict, DropReason> {
+    if pkt.fragment == Fragment::First {
+        fragments::remember(pkt);
+    }
+    translate::reverse(ctx, pkt, frontend)?;
+    translate::destination_address(ctx, pkt, pkt.src)?;
+    reflect(ctx)
+}
+
+#[inline(always)]
+fn reflect(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    skb::swap_macs(ctx)?;
+    Ok(Verdict::Reflect)
+}
