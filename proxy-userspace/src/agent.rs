@@ -23,9 +23,11 @@ use proxy_userspace::{
         },
         node_addresses,
     },
-    frontend::Cidr,
+    dns::{self, DnsConfig, server::DnsServer, zone::Zone},
+    frontend::{Cidr, DnsCapture, Endpoint},
     healthcheck::HealthServers,
     metrics::{Metrics, ReasonLabels},
+    name::ObjectName,
     source::{self, SharedIndex, Source, SourceSpec},
     status::{self, Status},
     sync::{Syncer, sync_loop},
@@ -80,6 +82,46 @@ pub(crate) struct RunConfig {
     pub(crate) bpf_root: PathBuf,
     /// How long the source may be cut off before /healthz says 503.
     pub(crate) healthz_threshold: Duration,
+    /// The DNS add-on, if it runs.
+    pub(crate) dns: Option<DnsConfig>,
+    /// The cluster DNS Service whose clients on this node the add-on takes.
+    pub(crate) dns_capture: Option<ObjectName>,
+}
+
+/// Probes the DNS add-on every second and leads the cluster DNS Service
+/// `service` to it while it answers (see [`DnsCapture`]), announcing each
+/// switch as a change to sync.
+fn watch_dns_capture(
+    dns: &DnsConfig,
+    service: ObjectName,
+    index: SharedIndex,
+    changes: mpsc::UnboundedSender<std::time::Instant>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let std::net::IpAddr::V4(ip) = dns.listen.ip() else {
+        anyhow::bail!("--dns-capture-service needs an IPv4 --dns-listen address (Services are served over IPv4)");
+    };
+    let to = Endpoint { ip, port: dns.listen.port() };
+    let (listen, domain) = (dns.listen, dns.domain.clone());
+    Ok(tokio::spawn(async move {
+        let mut answering = None;
+        loop {
+            let now = dns::server::probe(listen, &domain, Duration::from_millis(500)).await.is_some();
+            if answering != Some(now) {
+                answering = Some(now);
+                if now {
+                    tracing::info!(%service, to = %to, "DNS capture: this node's clients of the Service reach the add-on");
+                } else {
+                    tracing::warn!(%service, "DNS capture: the add-on does not answer; the Service leads to its endpoints");
+                }
+                let capture = DnsCapture { service: service.clone(), to, answering: now };
+                index.lock().unwrap().set_dns_capture(Some(capture));
+                if changes.send(std::time::Instant::now()).is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }))
 }
 
 async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
@@ -168,14 +210,19 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(mode = %mode, node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let health = api::Health::new(cfg.healthz_threshold);
     let datapath = dataplane.stats();
-    let syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
+    let mut syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
+    let zone = cfg.dns.as_ref().map(|dns| Arc::new(std::sync::RwLock::new(Zone::new(&dns.domain))));
+    if let Some(zone) = &zone {
+        syncer = syncer.with_zone(zone.clone());
+    }
     let observed = api::Observed {
         mode,
-        metrics,
+        metrics: metrics.clone(),
         health: health.clone(),
         datapath: datapath.clone(),
         model: syncer.shared_model(),
         recent: syncer.recent(),
+        zone: zone.clone(),
     };
     let mut servers = vec![
         api::serve_health(cfg.healthz_address, health.clone()).await?,
@@ -183,6 +230,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     ];
     if let Some(addr) = cfg.dashboard_address {
         servers.push(dashboard::serve(addr, observed).await?);
+    }
+    if let (Some(dns), Some(zone)) = (&cfg.dns, &zone) {
+        let server = Arc::new(DnsServer::new(dns, zone.clone(), metrics.dns.clone()));
+        let tasks = server.serve(dns.listen).await.with_context(|| format!("serving DNS on {}", dns.listen))?;
+        servers.extend(tasks);
     }
     let mut status = Status {
         mode: mode.as_str().into(),
@@ -224,6 +276,9 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let model = ModelConfig { sctp: mode == Mode::Iptables, ..cfg.model.clone() };
     let index = SharedIndex::default();
     index.lock().unwrap().set_zone(cfg.node_zone.as_deref());
+    if let (Some(dns), Some(service)) = (&cfg.dns, &cfg.dns_capture) {
+        servers.push(watch_dns_capture(dns, service.clone(), index.clone(), tx.clone())?);
+    }
     let mut tasks = Vec::new();
     let source: Arc<dyn Source> = match &cfg.source {
         SourceSpec::Dir(dir) => {
@@ -274,9 +329,16 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             tracing::debug!(error = %format!("{e:#}"), "status file not updated");
         }
     };
-    let syncer = sync_loop(source.as_ref(), &index, &mut rx, syncer, cfg.min_sync_interval, stop, after_sync).await;
+    let mut syncer = sync_loop(source.as_ref(), &index, &mut rx, syncer, cfg.min_sync_interval, stop, after_sync).await;
     for t in tasks.into_iter().chain(servers) {
         t.abort();
+    }
+    // The DNS add-on stops answering with the agent: its clients go back
+    // to the cluster DNS Service's endpoints before it exits.
+    let released = index.lock().unwrap().set_dns_capture(None);
+    if released {
+        tracing::info!("DNS capture released: the cluster DNS Service leads to its endpoints again");
+        tokio::task::block_in_place(|| syncer.sync(&mut index.lock().unwrap(), &[]));
     }
     if let Some(datapath) = &datapath {
         tracing::info!(counters = ?datapath.counters(), "datapath counters at exit");

@@ -62,6 +62,8 @@ pub struct Observed {
     /// What is programmed (names, types and backends of every frontend).
     pub model: Arc<RwLock<Model>>,
     pub recent: Arc<Mutex<Recent>>,
+    /// The DNS add-on's names, when it runs.
+    pub zone: Option<crate::dns::zone::SharedZone>,
 }
 
 /// Whether the dataplane can be trusted to reflect the cluster.
@@ -396,6 +398,7 @@ mod tests {
             datapath: None,
             model: Arc::default(),
             recent: Arc::default(),
+            zone: None,
         };
         let text = exposition(&o);
         assert!(text.contains("kpr_mode{mode=\"iptables\"} 1"), "{text}");

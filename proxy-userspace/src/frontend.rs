@@ -71,6 +71,21 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// The DNS add-on standing in for the cluster DNS Service on this node
+/// (`--dns-capture-service`): while it answers, that Service's port 53
+/// (UDP and TCP) leads to it alone; when it does not, to the Service's
+/// endpoints as usual.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsCapture {
+    pub service: crate::name::ObjectName,
+    /// The add-on's own address.
+    pub to: Endpoint,
+    pub answering: bool,
+}
+
+/// The port DNS clients use, which a capture takes.
+pub const DNS_PORT: u16 = 53;
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.ip, self.port)

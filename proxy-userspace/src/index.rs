@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::{
+    frontend::DnsCapture,
     name::ObjectName,
     rejection::Rejection,
     validate::{Object, ServiceInfo, SliceInfo},
@@ -56,6 +57,8 @@ pub struct Index {
     /// This node's zone (its `topology.kubernetes.io/zone` label), for
     /// topology-aware routing.
     zone: Option<std::sync::Arc<str>>,
+    /// The DNS add-on standing in for the cluster DNS Service.
+    dns_capture: Option<DnsCapture>,
 }
 
 impl Default for Index {
@@ -73,6 +76,7 @@ impl Default for Index {
             dirty: HashSet::new(),
             all_dirty: true,
             zone: None,
+            dns_capture: None,
         }
     }
 }
@@ -92,6 +96,26 @@ impl Index {
         tracing::info!(zone = zone.unwrap_or("(none)"), "this node's zone");
         self.zone = zone.map(std::sync::Arc::from);
         self.touch_all();
+        true
+    }
+
+    pub fn dns_capture(&self) -> Option<&DnsCapture> {
+        self.dns_capture.as_ref()
+    }
+
+    /// Sets whether and where the DNS add-on takes the cluster DNS
+    /// Service's traffic; the Services concerned are recomputed. Returns
+    /// whether anything changed.
+    pub fn set_dns_capture(&mut self, capture: Option<DnsCapture>) -> bool {
+        if self.dns_capture == capture {
+            return false;
+        }
+        let touched: Vec<ObjectName> =
+            self.dns_capture.iter().chain(capture.iter()).map(|c| c.service.clone()).collect();
+        self.dns_capture = capture;
+        for name in touched {
+            self.touch(name);
+        }
         true
     }
 

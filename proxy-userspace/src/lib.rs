@@ -7,12 +7,14 @@
 //! [`sync`] runs those steps; the binary's `agent` wires everything. Leaf types
 //! ([`name`], [`frontend`], [`rejection`]) sit at the bottom; observers
 //! ([`api`], [`dashboard`], [`inspect`], [`status`]) only read, and
-//! [`healthcheck`] answers load balancers from the model.
+//! [`healthcheck`] answers load balancers from the model. The [`dns`] add-on
+//! answers Service names from the index.
 
 pub mod api;
 pub mod clock;
 pub mod dashboard;
 pub mod dataplane;
+pub mod dns;
 pub mod frontend;
 pub mod healthcheck;
 pub mod index;

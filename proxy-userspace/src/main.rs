@@ -12,6 +12,7 @@ use proxy_userspace::{
         iptables::render::{Chains, RenderConfig},
     },
     inspect::{self, Maps},
+    name::ObjectName,
     source::SourceSpec,
     status::{self, Status},
     takeover as cleanup,
@@ -38,11 +39,48 @@ enum LogFormat {
     Json,
 }
 
+/// `ADDR` or `ADDR:PORT` (IPv6 with a port in brackets); port 53 unless given.
+fn parse_dns_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+        .map_err(|e| format!("{s:?} is not an address (ADDR or ADDR:PORT): {e}"))
+}
+
+/// The DNS add-on's settings; upstreams default to the node's resolv.conf,
+/// without the add-on's own address (which would forward to itself).
+fn dns_config(
+    listen: std::net::SocketAddr,
+    domain: String,
+    upstreams: Vec<std::net::SocketAddr>,
+    ttl: u32,
+    cache_size: usize,
+) -> proxy_userspace::dns::DnsConfig {
+    let upstreams = if upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        proxy_userspace::dns::forward::resolv_conf_servers(&text)
+    } else {
+        upstreams
+    };
+    let upstreams: Vec<_> = upstreams.into_iter().filter(|u| *u != listen).collect();
+    if upstreams.is_empty() {
+        tracing::warn!("the DNS add-on has no upstream server: names outside the cluster get SERVFAIL");
+    }
+    proxy_userspace::dns::DnsConfig {
+        listen,
+        domain,
+        ttl,
+        upstreams,
+        cache_size,
+        upstream_timeout: Duration::from_secs(2),
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start; `run`'s flags are most of the binary's")]
 enum Command {
     /// Run the proxy: program the dataplane and keep it in sync with the source.
     Run {
@@ -142,6 +180,28 @@ enum Command {
         /// /healthz and /livez once a change has waited this long to be applied.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         healthz_threshold: Duration,
+        /// Serve cluster DNS here (`ADDR` or `ADDR:PORT`, port 53 unless
+        /// given), e.g. NodeLocal DNSCache's 169.254.20.10; off unless given.
+        #[arg(long, value_parser = parse_dns_listen)]
+        dns_listen: Option<std::net::SocketAddr>,
+        /// The cluster's DNS domain.
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+        /// Where names outside the cluster are forwarded (`ADDR[:PORT]`,
+        /// comma separated). Default: the nameservers of /etc/resolv.conf.
+        #[arg(long, value_delimiter = ',', value_parser = parse_dns_listen)]
+        dns_upstream: Vec<std::net::SocketAddr>,
+        /// TTL of the cluster's names, in seconds (CoreDNS's default).
+        #[arg(long, default_value_t = 5)]
+        dns_ttl: u32,
+        /// Forwarded answers kept at most.
+        #[arg(long, default_value_t = 10_000)]
+        dns_cache_size: usize,
+        /// `NAMESPACE/NAME` of the cluster DNS Service (e.g. kube-system/kube-dns)
+        /// whose DNS ports this node's clients reach the node's own DNS
+        /// through while it answers, and the Service's endpoints when it does not.
+        #[arg(long, requires = "dns_listen")]
+        dns_capture_service: Option<String>,
     },
     /// Show the agent's mode, attached programs, map fill, last sync and
     /// source connectivity.
@@ -461,7 +521,21 @@ async fn run() -> anyhow::Result<()> {
             dashboard_bind_address,
             bpf_root,
             healthz_threshold,
+            dns_listen,
+            cluster_domain,
+            dns_upstream,
+            dns_ttl,
+            dns_cache_size,
+            dns_capture_service,
         } => {
+            let dns =
+                dns_listen.map(|listen| dns_config(listen, cluster_domain, dns_upstream, dns_ttl, dns_cache_size));
+            let dns_capture = dns_capture_service
+                .map(|s| match s.split_once('/') {
+                    Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok(ObjectName::new(ns, name)),
+                    _ => Err(anyhow::anyhow!("--dns-capture-service {s:?}: expected NAMESPACE/NAME")),
+                })
+                .transpose()?;
             let zone = node_labels
                 .iter()
                 .filter_map(|l| l.split_once('='))
@@ -485,7 +559,9 @@ async fn run() -> anyhow::Result<()> {
                 cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },
                 // `sctp` is set once the mode is known.
-                model: ModelConfig { service_proxy_name, node_name, sctp: false },
+                model: ModelConfig { service_proxy_name, node_name, sctp: false, dns: dns.is_some() },
+                dns,
+                dns_capture,
                 min_sync_interval,
                 healthz_address: healthz_bind_address,
                 metrics_address: metrics_bind_address,

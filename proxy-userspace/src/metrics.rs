@@ -35,6 +35,8 @@ pub struct Metrics {
     pub ebpf_fallback: Family<ReasonLabels, Gauge>,
     /// Drift the periodic check found and repaired.
     pub repairs: Counter,
+    /// The DNS add-on's (zero while it does not run).
+    pub dns: std::sync::Arc<crate::dns::DnsMetrics>,
 }
 
 impl Default for Metrics {
@@ -78,8 +80,11 @@ impl Default for Metrics {
             "Things the periodic check found drifted from the desired state (a flushed table, a deleted map entry) and wrote again",
             repairs.clone(),
         );
+        let dns = std::sync::Arc::new(crate::dns::DnsMetrics::default());
+        dns.register(&mut registry);
         Self {
             registry,
+            dns,
             repairs,
             sync_duration,
             programming_latency,

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use smallvec::SmallVec;
 
 use crate::{
-    frontend::{Change, Endpoint, External, Frontend, FrontendKey},
+    frontend::{Change, DNS_PORT, DnsCapture, Endpoint, External, Frontend, FrontendKey},
     index::{Dirty, Index, Snapshot},
     name::{ObjectName, ServicePortName},
     rejection::{RejectReason, Rejection},
@@ -270,7 +270,7 @@ impl Model {
         let mut keys = SmallVec::with_capacity(info.ports.len());
         let mut rejections = Vec::new();
         let slices: Vec<&SliceInfo> = pass.index.slices_of(key).collect();
-        for f in frontends(info, &slices, pass.index.zone()) {
+        for f in frontends(info, &slices, pass.index.zone(), pass.index.dns_capture()) {
             if let Some(other) = self.frontends.get(&f.key) {
                 let other = other.service.clone();
                 if other.service == *key {
@@ -346,8 +346,14 @@ fn in_zone(e: &SliceEndpoint, zone: &str) -> bool {
 
 /// The frontends of one Service: per port, the endpoints of every slice
 /// port with the same name and protocol, merged and de-duplicated; this
-/// node in `zone`.
-fn frontends(info: &ServiceInfo, slices: &[&SliceInfo], zone: Option<&str>) -> Vec<Frontend> {
+/// node in `zone`; its DNS port led to the DNS add-on if `capture` takes it.
+fn frontends(
+    info: &ServiceInfo,
+    slices: &[&SliceInfo],
+    zone: Option<&str>,
+    capture: Option<&DnsCapture>,
+) -> Vec<Frontend> {
+    let captured = capture.filter(|c| c.answering && c.service == info.name);
     let mut frontends = Vec::with_capacity(info.ports.len());
     for port in &info.ports {
         let mut backends = BTreeSet::new();
@@ -389,7 +395,15 @@ fn frontends(info: &ServiceInfo, slices: &[&SliceInfo], zone: Option<&str>) -> V
         let external = external(info, port);
         let local_policy = info.internal_local || external.as_deref().is_some_and(|e| e.local_only);
         // The same fallback among this node's endpoints.
-        let local = if local.is_empty() { local_terminating } else { local };
+        let mut local = if local.is_empty() { local_terminating } else { local };
+        if let Some(capture) = captured.filter(|_| port.key.port == DNS_PORT) {
+            // The add-on answers on this node: it alone serves the port, whatever the policies.
+            backends = [capture.to].into();
+            terminating.clear();
+            if local_policy {
+                local = [capture.to].into();
+            }
+        }
         frontends.push(Frontend {
             service: ServicePortName { service: info.name.clone(), port: port.name.clone() },
             key: port.key,

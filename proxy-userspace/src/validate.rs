@@ -39,12 +39,20 @@ pub struct ModelConfig {
     /// Whether SCTP ports are served: iptables mode serves them as
     /// kube-proxy does; eBPF mode refuses them with a reason.
     pub sctp: bool,
+    /// Whether the DNS add-on runs: every Service and slice is then
+    /// watched (headless ones and other proxies' too, which DNS names as
+    /// well) and carries what DNS answers with.
+    pub dns: bool,
 }
 
 impl ModelConfig {
     /// The label selector kube-proxy uses for Services and EndpointSlices,
     /// so the API server filters before anything reaches us.
+    /// With DNS on, nothing is filtered: DNS names every Service.
     pub fn label_selector(&self) -> String {
+        if self.dns {
+            return String::new();
+        }
         match &self.service_proxy_name {
             Some(name) => format!("{SERVICE_PROXY_NAME_LABEL}={name},!{HEADLESS_LABEL}"),
             None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
@@ -92,7 +100,53 @@ pub struct ServiceInfo {
     pub affinity_timeout: Option<u32>,
     /// Most Services have one port: held inline, without an allocation.
     pub ports: SmallVec<[ServicePort; 1]>,
+    /// What DNS answers for it; kept only when the DNS add-on runs.
+    pub dns: Option<Box<DnsService>>,
     pub rejections: Vec<Rejection>,
+}
+
+/// What the DNS add-on answers for a Service, under its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsService {
+    pub target: DnsTarget,
+    /// Every port, for SRV records (SCTP included: DNS names it whatever the mode).
+    pub ports: Box<[DnsPort]>,
+}
+
+/// What a Service's name resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsTarget {
+    /// Its ClusterIPs, of both families.
+    ClusterIps(Box<[IpAddr]>),
+    /// `clusterIP: None`: its ready endpoints.
+    Headless,
+    /// `type: ExternalName`: a CNAME to this name (lower case, no final dot).
+    ExternalName(Arc<str>),
+}
+
+/// A named port, as SRV records name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsPort {
+    /// Empty for the unnamed port, which has no SRV record.
+    pub name: Arc<str>,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// What the DNS add-on takes from an EndpointSlice (IPv4 and IPv6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSlice {
+    pub ports: Box<[DnsPort]>,
+    pub endpoints: Box<[DnsEndpoint]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsEndpoint {
+    pub ip: IpAddr,
+    /// `conditions.ready` (unset: true): only ready endpoints are named.
+    pub ready: bool,
+    /// `hostname`, which names it under a headless Service.
+    pub hostname: Option<Arc<str>>,
 }
 
 /// A port of an EndpointSlice.
@@ -131,6 +185,8 @@ pub struct SliceInfo {
     pub service: Option<ObjectName>,
     pub ports: SmallVec<[SlicePort; 1]>,
     pub endpoints: Box<[SliceEndpoint]>,
+    /// What DNS answers with; kept only when the DNS add-on runs.
+    pub dns: Option<Box<DnsSlice>>,
     pub rejections: Vec<Rejection>,
 }
 
@@ -158,12 +214,16 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         internal_local: false,
         affinity_timeout: None,
         ports: SmallVec::new(),
+        dns: None,
         rejections: Vec::new(),
     };
     if info.name.name().is_empty() {
         let object = format!("Service {}/<unnamed>", info.name.namespace());
         info.rejections.push(rejection(origin, &object, RejectReason::MissingName, "has no metadata.name".into()));
         return info;
+    }
+    if config.dns {
+        info.dns = dns_service(svc).map(Box::new);
     }
     if !config.serves(meta.labels.as_ref()) {
         tracing::debug!(service = %info.name, "belongs to another proxy (service-proxy-name label)");
@@ -302,6 +362,88 @@ fn addresses<'a>(
     out.into()
 }
 
+/// The protocol of a port as the API spells it (unset: TCP); `None` for unknown ones.
+fn protocol_of(protocol: Option<&str>) -> Option<Protocol> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+/// What DNS names for a Service: its ClusterIPs (both families), its ready
+/// endpoints if headless, or its external name. `None` when there is
+/// nothing to name (no usable address, no external name): the name is
+/// then unknown to DNS, as to CoreDNS.
+fn dns_service(svc: &Service) -> Option<DnsService> {
+    let spec = svc.spec.as_ref()?;
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(DnsPort {
+                name: name::port_name(p.name.as_deref().unwrap_or_default()),
+                protocol: protocol_of(p.protocol.as_deref())?,
+                port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
+            })
+        })
+        .collect();
+    let target = if spec.type_.as_deref() == Some("ExternalName") {
+        let name = spec.external_name.as_deref()?.trim_end_matches('.').to_ascii_lowercase();
+        if name.is_empty() {
+            return None;
+        }
+        DnsTarget::ExternalName(name.into())
+    } else if spec.cluster_ip.as_deref() == Some("None") {
+        DnsTarget::Headless
+    } else {
+        let listed = spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter());
+        let mut ips: Vec<IpAddr> = listed.filter_map(|ip| ip.parse().ok()).collect();
+        ips.sort();
+        ips.dedup();
+        if ips.is_empty() {
+            return None;
+        }
+        DnsTarget::ClusterIps(ips.into())
+    };
+    Some(DnsService { target, ports })
+}
+
+/// What DNS takes from a slice: its IPv4 or IPv6 endpoints with their
+/// readiness and hostnames, and its ports (FQDN slices name nothing).
+fn dns_slice(slice: &EndpointSlice) -> Option<DnsSlice> {
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        return None;
+    }
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(DnsPort {
+                name: name::port_name(p.name.as_deref().unwrap_or_default()),
+                protocol: protocol_of(p.protocol.as_deref())?,
+                port: p.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)?,
+            })
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|ep| {
+            Some(DnsEndpoint {
+                ip: ep.addresses.first()?.parse().ok()?,
+                ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+                hostname: ep.hostname.as_deref().filter(|h| !h.is_empty()).map(|h| h.to_ascii_lowercase().into()),
+            })
+        })
+        .collect();
+    Some(DnsSlice { ports, endpoints })
+}
+
 /// Not ours to program, and not an error.
 fn ignored(info: ServiceInfo, why: &str) -> ServiceInfo {
     tracing::debug!(service = %info.name, why, "not proxied");
@@ -323,12 +465,16 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
         service,
         ports: SmallVec::new(),
         endpoints: Box::default(),
+        dns: None,
         rejections: Vec::new(),
     };
     let mut reject = |kind, reason: String| info.rejections.push(rejection(origin, &object, kind, reason));
     if info.service.is_none() {
         reject(RejectReason::MissingServiceLabel, format!("has no {SERVICE_NAME_LABEL} label"));
         return info;
+    }
+    if config.dns {
+        info.dns = dns_slice(slice).map(Box::new);
     }
     if !config.serves(labels) || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
         return info;

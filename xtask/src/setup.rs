@@ -34,6 +34,10 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "docker-registry",
     "protobuf-compiler",
+    // The DNS add-on's tests and benchmark: dig, an upstream server, dnsperf.
+    "bind9-dnsutils",
+    "dnsmasq-base",
+    "dnsperf",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -85,6 +85,12 @@ function render(state) {
   renderServices(state);
   renderSyncs(state.syncs);
   renderTable("datapath", Object.entries(state.datapath));
+  if (state.dns) {
+    $("dns-section").hidden = false;
+    renderTable("dns", state.dns.names.map((n) => [n.name, n.kind, n.answers.join(", ")]));
+    $("dns-count").textContent =
+      `(${state.dns.names_total} names, ${state.dns.queries} queries, ${state.dns.cache_hits} cache hits)`;
+  }
   renderTable("rejected", state.rejected.map((r) => [r.object, r.reason]));
   $("rejected-count").textContent = `(${state.rejected.length})`;
 }

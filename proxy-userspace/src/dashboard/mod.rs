@@ -10,10 +10,12 @@ use serde::Serialize;
 
 use crate::{
     api::{Observed, SyncRecord},
+    dns::{DnsMetrics, zone::Zone},
     frontend::Endpoint,
     inspect::{self, Counts, FrontendTraffic},
     model::Model,
     rejection::Rejection,
+    validate::DnsTarget,
 };
 
 const INDEX: &str = include_str!("index.html");
@@ -35,6 +37,43 @@ pub struct DashboardState {
     pub rejected: Vec<RejectedView>,
     /// Datapath packets by what was done with them.
     pub datapath: BTreeMap<String, u64>,
+    /// The DNS add-on's names and counts, when it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DnsView {
+    pub names_total: usize,
+    /// The first [`MAX_SERVICES`] names, in order.
+    pub names: Vec<DnsName>,
+    pub queries: u64,
+    pub cache_hits: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DnsName {
+    pub name: String,
+    pub kind: &'static str,
+    pub answers: Vec<String>,
+}
+
+/// The zone's names as the page lists them, with the add-on's counts.
+fn dns_view(zone: &Zone, metrics: &DnsMetrics) -> DnsView {
+    let names = zone
+        .listing(MAX_SERVICES)
+        .into_iter()
+        .map(|(name, records)| {
+            let (kind, answers) = match &records.target {
+                DnsTarget::ClusterIps(ips) => ("ClusterIP", ips.iter().map(ToString::to_string).collect()),
+                DnsTarget::Headless => ("headless", records.endpoints.iter().map(|e| e.ip.to_string()).collect()),
+                DnsTarget::ExternalName(target) => ("ExternalName", vec![target.to_string()]),
+            };
+            DnsName { name, kind, answers }
+        })
+        .collect();
+    let queries = metrics.requests_total();
+    DnsView { names_total: zone.len(), names, queries, cache_hits: metrics.cache_hits.get() }
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +152,7 @@ pub fn state(
         syncs: recent.syncs.iter().cloned().collect(),
         rejected: recent.rejections.iter().map(rejected).collect(),
         datapath: datapath.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        dns: o.zone.as_ref().map(|zone| dns_view(&zone.read().unwrap(), &o.metrics.dns)),
     }
 }
 
@@ -184,6 +224,7 @@ mod tests {
             datapath: None,
             model: Arc::new(RwLock::new(Model::default())),
             recent: Arc::new(std::sync::Mutex::new(Recent::default())),
+            zone: None,
         };
         let s = state(&o, &model, &traffic, vec![("translated", 5)]);
         let v = serde_json::to_value(&s).unwrap();

@@ -459,3 +459,38 @@ spec: {type: NodePort, clusterIP: 10.96.0.7, externalIPs: [198.51.100.9], ports:
     assert_eq!((young.node_port, &*young.external_ips), (Some(30009), &[Ipv4Addr::new(198, 51, 100, 9)][..]));
     assert_eq!(model.rejection_count(), 0);
 }
+
+#[test]
+fn a_dns_capture_leads_the_dns_port_to_the_add_on_while_it_answers() {
+    let snap = objects(&format!(
+        "{WEB}---
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: dns, port: 5353, protocol: UDP}}, {{name: metrics, port: 9100}}]
+endpoints:
+- addresses: [10.244.0.11]
+"
+    ));
+    let mut index = Index::from_snapshot(snap);
+    let mut m = Model::default();
+    let dirty = index.take_dirty();
+    m.update(&index, dirty);
+    let capture = |answering| DnsCapture {
+        service: ObjectName::new("shop", "web"),
+        to: Endpoint { ip: Ipv4Addr::new(169, 254, 20, 10), port: 53 },
+        answering,
+    };
+    assert!(index.set_dns_capture(Some(capture(true))));
+    let dirty = index.take_dirty();
+    let update = m.update(&index, dirty);
+    assert_eq!(update.changes.len(), 1, "the DNS port alone: {:?}", update.changes);
+    assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 53, Protocol::Udp)), ["169.254.20.10:53"]);
+    assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 9090, Protocol::Tcp)), ["10.244.0.11:9100"], "other ports as before");
+    // The add-on stops answering: the Service's endpoints again.
+    assert!(index.set_dns_capture(Some(capture(false))));
+    let dirty = index.take_dirty();
+    m.update(&index, dirty);
+    assert_eq!(ips(frontend(&m, [10, 96, 0, 10], 53, Protocol::Udp)), ["10.244.0.11:5353"]);
+    assert!(!index.set_dns_capture(Some(capture(false))), "no change, nothing to recompute");
+}

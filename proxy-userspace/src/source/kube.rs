@@ -112,7 +112,10 @@ fn watch<K>(
 where
     K: Kind + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let stream = watcher(api, watcher::Config::default().labels(&config.label_selector())).backoff(retry_backoff());
+    let selector = config.label_selector();
+    let watch_config = watcher::Config::default();
+    let watch_config = if selector.is_empty() { watch_config } else { watch_config.labels(&selector) };
+    let stream = watcher(api, watch_config).backoff(retry_backoff());
     let kind = K::kind(&());
     let mut reflector = Reflector::new(ORIGIN, config.clone());
     tokio::spawn(async move {

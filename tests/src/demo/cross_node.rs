@@ -46,12 +46,26 @@ pub(super) fn run(requests: usize, stop: &Arc<AtomicBool>) -> anyhow::Result<()>
     let mut agents = Vec::new();
     for node in &cluster.nodes {
         let log = dir.path().join(format!("kpr-{}.log", node.name));
-        let args = [Mode::Ebpf.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+        let mut args = vec![Mode::Ebpf.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+        if node.index == 0 {
+            // The DNS add-on, on the client's node.
+            args.push(format!("--dns-listen={}", node.address()));
+        }
         let mut kpr = Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &[], &args, Path::new(&log))?;
         kpr.wait_for_log("synced", Duration::from_secs(20))?;
         agents.push(kpr);
     }
     println!("kpr runs on both nodes with socket-level load balancing only (no --interfaces)");
+    let dns = cluster.node(0).address().to_string();
+    let client_ns = cluster.node(0).pod("client").ns.name().to_string();
+    let name = "far.default.svc.cluster.local";
+    let dig = std::process::Command::new("ip")
+        .args(["netns", "exec", &client_ns, "dig", "+short", "+time=2", "+tries=1", &format!("@{dns}"), name])
+        .output()?;
+    println!(
+        "the client pod resolves {name} with dig through kpr's DNS add-on on node0 ({dns}): {}",
+        String::from_utf8_lossy(&dig.stdout).trim()
+    );
 
     // The client's connections come from this process: in node0's cgroup,
     // the socket hooks there give them a backend.

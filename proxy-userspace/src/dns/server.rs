@@ -1,0 +1,305 @@
+//! The DNS protocol over UDP and TCP: a query is read (hickory-proto),
+//! answered from the zone, the cache or an upstream, and written back,
+//! truncated over UDP when it does not fit (the client then asks over TCP).
+//! Input that is not a query is answered FORMERR when its header can be
+//! read and dropped otherwise, counted either way; nothing in it can stop
+//! the server.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{DNSClass, RecordType},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    task::JoinHandle,
+};
+
+use crate::dns::{
+    DnsConfig, DnsMetrics, ProtocolLabels, RcodeLabels,
+    answer::{self, Answer},
+    cache::Cache,
+    forward::{EDNS_PAYLOAD, Forwarder},
+    zone::SharedZone,
+};
+
+/// The largest UDP answer to a client that did not say (RFC 1035).
+const CLASSIC_UDP: usize = 512;
+/// How long a TCP connection may wait for its next query.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+pub struct DnsServer {
+    zone: SharedZone,
+    forwarder: Forwarder,
+    ttl: u32,
+    metrics: Arc<DnsMetrics>,
+}
+
+/// What a query needs next.
+enum Step {
+    /// Its response, ready.
+    Reply(Message),
+    /// An upstream's answer.
+    Forward(Message),
+    /// The zone's answer, completed with an upstream's for an ExternalName's target.
+    Chase(Message, Answer),
+    /// Nothing: it was not a query.
+    Drop,
+}
+
+fn rcode_label(rcode: ResponseCode) -> String {
+    rcode.to_str().to_ascii_uppercase()
+}
+
+impl DnsServer {
+    pub fn new(config: &DnsConfig, zone: SharedZone, metrics: Arc<DnsMetrics>) -> Self {
+        // Forwarded answers are kept at most an hour, negative ones five minutes.
+        let cache = Cache::new(config.cache_size, Duration::from_secs(3600), Duration::from_secs(300));
+        let forwarder = Forwarder::new(config.upstreams.clone(), cache, config.upstream_timeout, metrics.clone());
+        Self { zone, forwarder, ttl: config.ttl, metrics }
+    }
+
+    /// Serves on `listen` over UDP and TCP until the returned tasks are aborted.
+    pub async fn serve(self: Arc<Self>, listen: SocketAddr) -> std::io::Result<Vec<JoinHandle<()>>> {
+        let udp = Arc::new(UdpSocket::bind(listen).await?);
+        let tcp = TcpListener::bind(listen).await?;
+        tracing::info!(%listen, upstreams = ?self.forwarder.upstreams(), "DNS add-on serving");
+        let server = self.clone();
+        let udp_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65535];
+            loop {
+                let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
+                server.metrics.requests.get_or_create(&ProtocolLabels { protocol: "udp".into() }).inc();
+                match server.start(&buf[..n]) {
+                    Step::Reply(response) => {
+                        let limit = udp_limit(&response);
+                        send(&udp, &server.encode(response, Some(limit)), from).await;
+                    }
+                    Step::Drop => {}
+                    // A round trip upstream must not hold up the other queries.
+                    step => {
+                        let (server, udp) = (server.clone(), udp.clone());
+                        tokio::spawn(async move {
+                            let response = server.finish(step).await;
+                            let limit = udp_limit(&response);
+                            send(&udp, &server.encode(response, Some(limit)), from).await;
+                        });
+                    }
+                }
+            }
+        });
+        let server = self;
+        let tcp_task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = tcp.accept().await else { continue };
+                tokio::spawn(server.clone().serve_tcp(stream));
+            }
+        });
+        Ok(vec![udp_task, tcp_task])
+    }
+
+    async fn serve_tcp(self: Arc<Self>, mut stream: TcpStream) {
+        loop {
+            let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else { return };
+            let mut buf = vec![0u8; len as usize];
+            if stream.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            self.metrics.requests.get_or_create(&ProtocolLabels { protocol: "tcp".into() }).inc();
+            let Some(bytes) = self.respond(&buf, false).await else { continue };
+            let Ok(len) = u16::try_from(bytes.len()) else { continue };
+            if stream.write_all(&[&len.to_be_bytes()[..], &bytes].concat()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The response to the query in `bytes`, encoded (truncated to fit a
+    /// UDP answer when `udp`); `None` when it is dropped.
+    pub async fn respond(&self, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+        let response = match self.start(bytes) {
+            Step::Drop => return None,
+            Step::Reply(response) => response,
+            step => self.finish(step).await,
+        };
+        let limit = udp.then(|| udp_limit(&response));
+        Some(self.encode(response, limit))
+    }
+
+    /// What can be decided without waiting: everything but a round trip upstream.
+    fn start(&self, bytes: &[u8]) -> Step {
+        let request = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(_) => {
+                self.metrics.malformed.inc();
+                return match bytes {
+                    // A header to answer: FORMERR, with the id and opcode it gave.
+                    [a, b, flags, ..] if bytes.len() >= 12 && flags & 0x80 == 0 => {
+                        let mut m =
+                            Message::error_msg(u16::from_be_bytes([*a, *b]), OpCode::Query, ResponseCode::FormErr);
+                        m.metadata.op_code = OpCode::from_u8((flags >> 3) & 0x0f);
+                        Step::Reply(m)
+                    }
+                    _ => Step::Drop,
+                };
+            }
+        };
+        if request.metadata.message_type != MessageType::Query {
+            self.metrics.malformed.inc();
+            return Step::Drop;
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return Step::Reply(reply_to(&request, ResponseCode::NotImp));
+        }
+        let [query] = request.queries.as_slice() else {
+            self.metrics.malformed.inc();
+            return Step::Reply(reply_to(&request, ResponseCode::FormErr));
+        };
+        if matches!(query.query_type, RecordType::AXFR | RecordType::IXFR) {
+            return Step::Reply(reply_to(&request, ResponseCode::Refused));
+        }
+        if matches!(query.query_class, DNSClass::IN | DNSClass::ANY) {
+            let zone = self.zone.read().unwrap();
+            if let Some(found) = answer::answer(&zone, &query.name, query.query_type, self.ttl) {
+                if found.chase.is_some() {
+                    return Step::Chase(request, found);
+                }
+                return Step::Reply(self.authoritative(&request, found, &zone));
+            }
+        }
+        match self.forwarder.cached(query) {
+            Some(cached) => Step::Reply(forwarded(&request, cached)),
+            None => Step::Forward(request),
+        }
+    }
+
+    /// Completes a step that waits for an upstream.
+    async fn finish(&self, step: Step) -> Message {
+        match step {
+            Step::Reply(m) => m,
+            Step::Drop => unreachable!("dropped queries are not finished"),
+            Step::Forward(request) => {
+                let query = &request.queries[0];
+                match self.forwarder.resolve(query).await {
+                    Some(upstream) => forwarded(&request, upstream),
+                    None => reply_to(&request, ResponseCode::ServFail),
+                }
+            }
+            Step::Chase(request, mut found) => {
+                let target = found.chase.take().expect("a chase has a target");
+                let query = Query::query(target, request.queries[0].query_type);
+                let resolved = match self.forwarder.cached(&query) {
+                    Some(hit) => Some(hit),
+                    None => self.forwarder.resolve(&query).await,
+                };
+                found.answers.extend(resolved.map(|r| r.answers).unwrap_or_default());
+                let zone = self.zone.read().unwrap();
+                self.authoritative(&request, found, &zone)
+            }
+        }
+    }
+
+    /// The response carrying the zone's answer, with the zone's SOA when it
+    /// holds no record (NXDOMAIN or NODATA) so resolvers cache that.
+    fn authoritative(&self, request: &Message, found: Answer, zone: &super::zone::Zone) -> Message {
+        let mut m = reply_to(request, found.rcode);
+        m.metadata.authoritative = true;
+        if found.answers.is_empty() {
+            m.authorities.extend(answer::soa(zone, self.ttl));
+        }
+        m.answers = found.answers;
+        m.additionals = found.additionals;
+        m
+    }
+
+    /// The wire form of `response`, counted; cut down to its question with
+    /// TC set when it exceeds `limit` (UDP).
+    fn encode(&self, response: Message, limit: Option<usize>) -> Vec<u8> {
+        self.metrics
+            .responses
+            .get_or_create(&RcodeLabels { rcode: rcode_label(response.metadata.response_code) })
+            .inc();
+        let bytes = match response.to_vec() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not encode a DNS response; answering SERVFAIL");
+                let mut failed = response.truncate();
+                failed.metadata.truncation = false;
+                failed.metadata.response_code = ResponseCode::ServFail;
+                return failed.to_vec().unwrap_or_default();
+            }
+        };
+        match limit {
+            Some(limit) if bytes.len() > limit => response.truncate().to_vec().unwrap_or_default(),
+            _ => bytes,
+        }
+    }
+}
+
+/// Sends a UDP answer; a client gone meanwhile is not the server's concern.
+async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = udp.send_to(bytes, to).await {
+        tracing::debug!(%to, error = %e, "could not send a DNS answer");
+    }
+}
+
+/// The most a UDP response may hold: what the client's EDNS says, within
+/// 512 and the server's own payload size.
+fn udp_limit(response: &Message) -> usize {
+    match &response.edns {
+        Some(edns) => (edns.max_payload() as usize).clamp(CLASSIC_UDP, EDNS_PAYLOAD as usize),
+        None => CLASSIC_UDP,
+    }
+}
+
+/// An empty response to `request` with `rcode`: its id, question and
+/// recursion flag, and EDNS when it used EDNS (carrying its payload size
+/// for [`udp_limit`] until it is replaced by ours on the wire).
+fn reply_to(request: &Message, rcode: ResponseCode) -> Message {
+    let mut m = Message::response(request.metadata.id, request.metadata.op_code);
+    m.metadata.recursion_desired = request.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.metadata.response_code = rcode;
+    m.queries = request.queries.clone();
+    if let Some(asked) = &request.edns {
+        let mut edns = Edns::new();
+        edns.set_max_payload(asked.max_payload().clamp(CLASSIC_UDP as u16, EDNS_PAYLOAD));
+        m.set_edns(edns);
+    }
+    m
+}
+
+/// An upstream's answer, given to the client as the response to its request.
+fn forwarded(request: &Message, upstream: Message) -> Message {
+    let mut m = reply_to(request, upstream.metadata.response_code);
+    m.answers = upstream.answers;
+    m.authorities = upstream.authorities;
+    m.additionals = upstream.additionals;
+    m
+}
+
+/// How long the DNS server takes to answer its own probe, for health checks.
+pub async fn probe(listen: SocketAddr, domain: &str, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut request = Message::query();
+    let name = hickory_proto::rr::Name::from_ascii(format!("dns-version.{domain}.")).ok()?;
+    request.add_query(Query::query(name, RecordType::TXT));
+    let local: SocketAddr = if listen.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
+    let socket = UdpSocket::bind(local).await.ok()?;
+    socket.connect(listen).await.ok()?;
+    socket.send(&request.to_vec().ok()?).await.ok()?;
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(timeout, socket.recv(&mut buf)).await.ok()?.ok()?;
+    let response = Message::from_vec(&buf[..n]).ok()?;
+    (response.metadata.id == request.metadata.id && response.metadata.response_code == ResponseCode::NoError)
+        .then(|| started.elapsed())
+}
+
+#[cfg(test)]
+mod tests;
