@@ -62,6 +62,9 @@ fn the_dashboard_shows_services_and_live_counters_in_chromium() {
         "--mode=ebpf".to_string(),
         format!("--source=dir:{}", dir.path().display()),
         format!("--dashboard-bind-address={DASHBOARD}"),
+        // The DNS add-on, whose names the page lists too.
+        "--dns-listen=127.0.0.1:5300".into(),
+        "--dns-upstream=127.0.0.1:5301".into(),
     ];
     let _kpr = Kpr::start_with(&node, &args, &dir.path().join("kpr.log"), "synced").unwrap();
 
@@ -108,6 +111,20 @@ fn the_dashboard_shows_services_and_live_counters_in_chromium() {
     let rejected = text("rejected");
     assert!(rejected.as_str().unwrap().contains("telco"), "rejected objects are listed: {rejected}");
     assert!(rejected.as_str().unwrap().contains("SCTP"), "with their reason: {rejected}");
+    let names = browser
+        .eval("return [...document.querySelectorAll('#dns tbody tr')].map(r => [...r.cells].map(c => c.textContent).join(' '));")
+        .unwrap();
+    assert_eq!(
+        names,
+        serde_json::json!([
+            "maintenance.default.svc.cluster.local ClusterIP 10.96.0.99",
+            // Not proxied in eBPF mode (SCTP), named all the same.
+            "telco.default.svc.cluster.local ClusterIP 10.96.0.40",
+            "web.default.svc.cluster.local ClusterIP 10.96.0.10",
+            "dns.kube-system.svc.cluster.local ClusterIP 10.96.0.53",
+        ]),
+        "the DNS add-on's names"
+    );
     let bars = browser.eval("return document.querySelectorAll('#syncs rect').length;").unwrap();
     assert!(bars.as_u64().unwrap() >= 1, "the sync chart has a bar per sync");
 

@@ -154,6 +154,7 @@ kpr_tests::in_both_modes!(
     a_malformed_service_beside_a_good_one_leaves_the_good_one_working,
     services_of_another_proxy_are_left_alone,
     topology_follows_this_nodes_zone,
+    dns_names_every_service_the_api_server_holds,
 );
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -351,4 +352,43 @@ fn topology_follows_this_nodes_zone(mode: Mode) {
     c.converges_to(VIP, &["web-b"], SETTLE).unwrap();
     c.api.apply_json(Kind::Node, node_in(None)).unwrap();
     c.converges_to(VIP, &["web-a", "web-b"], SETTLE).unwrap();
+}
+
+/// `dig +short` at the DNS add-on on the node's loopback.
+fn dig(c: &Cluster, args: &[&str]) -> Vec<String> {
+    let out =
+        c.node.ns.output(&[&["dig", "@127.0.0.1", "-p", "5300", "+short", "+time=2", "+tries=1"][..], args].concat());
+    let mut lines: Vec<String> = out.unwrap_or_default().lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+fn dns_names_every_service_the_api_server_holds(mode: Mode) {
+    root_or_skip!();
+    // Proxied beside another proxy: DNS still names every Service.
+    let c = Cluster::start(mode, &["--service-proxy-name=kpr", "--dns-listen=127.0.0.1:5300"]);
+    let other = [("service.kubernetes.io/service-proxy-name", "someone-else")];
+    c.api.create(&service("theirs", OTHER_VIP, &other)).unwrap();
+    // A headless Service: its slices carry the headless label the proxy's own watch leaves out.
+    let mut headless = service("db", VIP, &[]);
+    let spec = headless.spec.as_mut().unwrap();
+    (spec.cluster_ip, spec.cluster_ips) = (Some("None".into()), Some(vec!["None".into()]));
+    c.api.create(&headless).unwrap();
+    let mut s = slice("db-1", "db", &[A, B]);
+    s.metadata.labels.as_mut().unwrap().insert("service.kubernetes.io/headless".into(), String::new());
+    s.endpoints.as_mut().unwrap()[0].hostname = Some("db-0".into());
+    c.api.create(&s).unwrap();
+    let wanted = [OTHER_VIP.to_string()];
+    wait::until("theirs named", SETTLE, || dig(&c, &["theirs.default.svc.cluster.local"]), |a| a == &wanted).unwrap();
+    assert_eq!(dig(&c, &["db.default.svc.cluster.local"]), [A.1.to_string(), B.1.to_string()]);
+    assert_eq!(dig(&c, &["db-0.db.default.svc.cluster.local"]), [A.1.to_string()]);
+    // Deleted in the API server: gone from DNS within a second.
+    c.api.delete::<Service>("default", "theirs").unwrap();
+    wait::until(
+        "theirs gone",
+        Duration::from_secs(1),
+        || dig(&c, &["theirs.default.svc.cluster.local"]),
+        |a| a.is_empty(),
+    )
+    .unwrap();
 }
