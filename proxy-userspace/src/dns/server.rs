@@ -15,6 +15,7 @@ use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{DNSClass, RecordType},
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
@@ -39,6 +40,11 @@ pub struct DnsServer {
     forwarder: Forwarder,
     ttl: u32,
     metrics: Arc<DnsMetrics>,
+    /// The per-query counters, looked up once (a label lookup per query
+    /// would cost more than the rest of an answer).
+    udp_requests: Counter,
+    tcp_requests: Counter,
+    by_rcode: [(ResponseCode, Counter); 6],
 }
 
 /// What a query needs next.
@@ -53,8 +59,9 @@ enum Step {
     Drop,
 }
 
+/// The rcode's mnemonic, as CoreDNS labels it (`NOERROR`, `NXDOMAIN`, ...).
 fn rcode_label(rcode: ResponseCode) -> String {
-    rcode.to_str().to_ascii_uppercase()
+    format!("{rcode:?}").to_ascii_uppercase()
 }
 
 impl DnsServer {
@@ -62,46 +69,94 @@ impl DnsServer {
         // Forwarded answers are kept at most an hour, negative ones five minutes.
         let cache = Cache::new(config.cache_size, Duration::from_secs(3600), Duration::from_secs(300));
         let forwarder = Forwarder::new(config.upstreams.clone(), cache, config.upstream_timeout, metrics.clone());
-        Self { zone, forwarder, ttl: config.ttl, metrics }
+        let requests =
+            |protocol: &str| metrics.requests.get_or_create(&ProtocolLabels { protocol: protocol.into() }).clone();
+        let rcode = |code: ResponseCode| {
+            (code, metrics.responses.get_or_create(&RcodeLabels { rcode: rcode_label(code) }).clone())
+        };
+        Self {
+            zone,
+            forwarder,
+            ttl: config.ttl,
+            udp_requests: requests("udp"),
+            tcp_requests: requests("tcp"),
+            by_rcode: [
+                rcode(ResponseCode::NoError),
+                rcode(ResponseCode::NXDomain),
+                rcode(ResponseCode::ServFail),
+                rcode(ResponseCode::FormErr),
+                rcode(ResponseCode::NotImp),
+                rcode(ResponseCode::Refused),
+            ],
+            metrics,
+        }
     }
 
-    /// Serves on `listen` over UDP and TCP until the returned tasks are aborted.
+    fn count_response(&self, code: ResponseCode) {
+        match self.by_rcode.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => counter.inc(),
+            None => self.metrics.responses.get_or_create(&RcodeLabels { rcode: rcode_label(code) }).inc(),
+        };
+    }
+
+    /// Serves on `listen` over UDP and TCP: TCP until the returned task is
+    /// aborted, UDP until the process exits.
+    ///
+    /// UDP queries are read by a thread of their own with blocking calls:
+    /// an answer from the zone or the cache costs two system calls and no
+    /// wake-up of the runtime, whatever else the agent is doing. Queries
+    /// that wait for an upstream are handed to the runtime.
     pub async fn serve(self: Arc<Self>, listen: SocketAddr) -> std::io::Result<Vec<JoinHandle<()>>> {
-        let udp = Arc::new(UdpSocket::bind(listen).await?);
+        let udp = Arc::new(std::net::UdpSocket::bind(listen)?);
         let tcp = TcpListener::bind(listen).await?;
         tracing::info!(%listen, upstreams = ?self.forwarder.upstreams(), "DNS add-on serving");
-        let server = self.clone();
-        let udp_task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65535];
+        let (server, runtime) = (self.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new().name("dns-udp".into()).spawn(move || server.serve_udp(&udp, &runtime))?;
+        let server = self;
+        let tcp_task = tokio::spawn(async move {
             loop {
-                let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
-                server.metrics.requests.get_or_create(&ProtocolLabels { protocol: "udp".into() }).inc();
-                match server.start(&buf[..n]) {
-                    Step::Reply(response) => {
-                        let limit = udp_limit(&response);
-                        send(&udp, &server.encode(response, Some(limit)), from).await;
-                    }
-                    Step::Drop => {}
-                    // A round trip upstream must not hold up the other queries.
-                    step => {
-                        let (server, udp) = (server.clone(), udp.clone());
-                        tokio::spawn(async move {
-                            let response = server.finish(step).await;
-                            let limit = udp_limit(&response);
-                            send(&udp, &server.encode(response, Some(limit)), from).await;
-                        });
+                match tcp.accept().await {
+                    Ok((stream, _)) => drop(tokio::spawn(server.clone().serve_tcp(stream))),
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin.
+                        tracing::warn!(error = %e, "DNS over TCP: accepting failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }
         });
-        let server = self;
-        let tcp_task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = tcp.accept().await else { continue };
-                tokio::spawn(server.clone().serve_tcp(stream));
+        Ok(vec![tcp_task])
+    }
+
+    fn serve_udp(self: Arc<Self>, udp: &Arc<std::net::UdpSocket>, runtime: &tokio::runtime::Handle) {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let (n, from) = match udp.recv_from(&mut buf) {
+                Ok(received) => received,
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS over UDP: receiving failed");
+                    continue;
+                }
+            };
+            self.udp_requests.inc();
+            match self.start(&buf[..n]) {
+                Step::Reply(response) => send(udp, &self.encode_udp(response), from),
+                Step::Drop => {}
+                // A round trip upstream must not hold up the other queries.
+                step => {
+                    let (server, udp) = (self.clone(), udp.clone());
+                    runtime.spawn(async move {
+                        let response = server.finish(step).await;
+                        send(&udp, &server.encode_udp(response), from);
+                    });
+                }
             }
-        });
-        Ok(vec![udp_task, tcp_task])
+        }
+    }
+
+    fn encode_udp(&self, response: Message) -> Vec<u8> {
+        let limit = udp_limit(&response);
+        self.encode(response, Some(limit))
     }
 
     async fn serve_tcp(self: Arc<Self>, mut stream: TcpStream) {
@@ -111,7 +166,7 @@ impl DnsServer {
             if stream.read_exact(&mut buf).await.is_err() {
                 return;
             }
-            self.metrics.requests.get_or_create(&ProtocolLabels { protocol: "tcp".into() }).inc();
+            self.tcp_requests.inc();
             let Some(bytes) = self.respond(&buf, false).await else { continue };
             let Ok(len) = u16::try_from(bytes.len()) else { continue };
             if stream.write_all(&[&len.to_be_bytes()[..], &bytes].concat()).await.is_err() {
@@ -128,8 +183,7 @@ impl DnsServer {
             Step::Reply(response) => response,
             step => self.finish(step).await,
         };
-        let limit = udp.then(|| udp_limit(&response));
-        Some(self.encode(response, limit))
+        Some(if udp { self.encode_udp(response) } else { self.encode(response, None) })
     }
 
     /// What can be decided without waiting: everything but a round trip upstream.
@@ -221,10 +275,7 @@ impl DnsServer {
     /// The wire form of `response`, counted; cut down to its question with
     /// TC set when it exceeds `limit` (UDP).
     fn encode(&self, response: Message, limit: Option<usize>) -> Vec<u8> {
-        self.metrics
-            .responses
-            .get_or_create(&RcodeLabels { rcode: rcode_label(response.metadata.response_code) })
-            .inc();
+        self.count_response(response.metadata.response_code);
         let bytes = match response.to_vec() {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -242,9 +293,10 @@ impl DnsServer {
     }
 }
 
-/// Sends a UDP answer; a client gone meanwhile is not the server's concern.
-async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    if let Err(e) = udp.send_to(bytes, to).await {
+/// Sends a UDP answer (a datagram send does not wait on the client); a
+/// client gone meanwhile is not the server's concern.
+fn send(udp: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = udp.send_to(bytes, to) {
         tracing::debug!(%to, error = %e, "could not send a DNS answer");
     }
 }

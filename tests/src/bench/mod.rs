@@ -5,6 +5,7 @@
 //! with over 1% failed connections ends a strict (`--quick`) run with an
 //! error naming the mode and N, and is listed in the report of any other.
 
+pub mod dns;
 pub mod load;
 pub mod packets;
 pub mod report;
@@ -58,6 +59,8 @@ pub struct Config {
     pub placements: Vec<Placement>,
     /// The packet-rate test (see `packets`).
     pub packet_rate: bool,
+    /// Numbers of Services the DNS add-on is measured at (see `dns`).
+    pub dns_services: Vec<usize>,
     pub warmup: Duration,
     pub duration: Duration,
     pub repetitions: usize,
@@ -78,6 +81,7 @@ impl Config {
             modes: vec!["ebpf-socket", "ebpf", "ebpf-tc", "iptables"],
             placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
             packet_rate: true,
+            dns_services: vec![1_000, 50_000],
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
@@ -96,6 +100,7 @@ impl Config {
             modes: vec!["ebpf-socket", "ebpf", "ebpf-tc", "iptables"],
             placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
             packet_rate: true,
+            dns_services: vec![1_000],
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
@@ -208,6 +213,10 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Small UDP packets from outside through a node port, per mode.
     pub packet_rates: Vec<packets::PacketRow>,
+    /// The DNS add-on and the reference server under dnsperf.
+    pub dns: Vec<dns::DnsRow>,
+    /// How soon the DNS add-on answered for a new Service.
+    pub dns_changes: Vec<dns::DnsChange>,
     /// Measurements that went wrong (a run that is not strict goes on).
     pub problems: Vec<String>,
 }
@@ -701,6 +710,9 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
     }
     if cfg.packet_rate && !stop.load(Ordering::Relaxed) {
         report.packet_rates = packets::measure(cfg, work.path())?;
+    }
+    if !stop.load(Ordering::Relaxed) {
+        (report.dns, report.dns_changes) = dns::measure(cfg, &cfg.dns_services, work.path(), &mut problems)?;
     }
     report.problems = problems.seen;
     report::write(&report, &cfg.out)?;

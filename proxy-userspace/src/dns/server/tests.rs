@@ -135,3 +135,18 @@ fn no_mutation_of_a_query_makes_the_server_panic() {
         let _ = runtime.block_on(server.respond(&bytes, i % 2 == 0));
     }
 }
+
+#[test]
+fn responses_are_counted_by_rcode_mnemonic() {
+    let server = server();
+    respond(&server, &query("nope.default.svc.cluster.local.", RecordType::A, None), true).unwrap();
+    let text = {
+        let mut registry = prometheus_client::registry::Registry::default();
+        server.metrics.register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    };
+    assert!(text.contains("kpr_dns_responses_total{rcode=\"NXDOMAIN\"} 1"), "{text}");
+    assert!(text.contains("kpr_dns_requests_total"), "{text}");
+}
