@@ -12,12 +12,14 @@
 use aya_ebpf::programs::TcContext;
 use proxy_common::{conntrack::CtEntry, counters::DropReason, ipv4::Fragment, maps::HAIRPIN_SOURCE};
 
-use crate::{Verdict, conntrack, fragments, parse::Packet, skb, translate};
+use crate::{Verdict, conntrack, fragments, lookup, parse::Packet, skb, translate};
 
-/// Whether the backend chosen for `pkt` is its own sender.
+/// Whether the backend chosen for `pkt`, which came in on `ifindex`, is
+/// its own sender: a pod's. (A client outside the node whose address a
+/// backend shares is the node masquerade's business.)
 #[inline(always)]
-pub(crate) fn is_hairpin(pkt: &Packet, backend: [u8; 4]) -> bool {
-    pkt.src == backend
+pub(crate) fn is_hairpin(pkt: &Packet, backend: [u8; 4], ifindex: u32) -> bool {
+    pkt.src == backend && lookup::is_pod_interface(ifindex)
 }
 
 /// A request already translated to its sender: sent back to it from [`HAIRPIN_SOURCE`].
@@ -28,9 +30,10 @@ pub(crate) fn request(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReas
 }
 
 /// If `pkt` is a pod's answer to a hairpin request: translated back to
-/// frontend -> pod and sent back to it. `None` for every other packet.
+/// frontend -> pod and sent back to it, with the frontend it answers for.
+/// `None` for every other packet.
 #[inline(always)]
-pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Option<Result<Verdict, DropReason>> {
+pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Option<Result<(Verdict, CtEntry), DropReason>> {
     if pkt.dst != HAIRPIN_SOURCE {
         return None;
     }
@@ -38,7 +41,7 @@ pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Option<Result<Verdict, Dro
     let seen = Packet { dst: pkt.src, ..*pkt };
     // Not a flow of ours: the node decides what becomes of it.
     let frontend = conntrack::reply(&seen, conntrack::now())?;
-    Some(translate_reply(ctx, pkt, &frontend))
+    Some(translate_reply(ctx, pkt, &frontend).map(|verdict| (verdict, frontend)))
 }
 
 #[inline(always)]

@@ -213,11 +213,16 @@ pub(crate) fn request(pkt: &Packet, ifindex: u32) -> Result<Lookup, DropReason> 
         }
         return Ok(Lookup::NotService);
     };
-    // Every interface but the node's devices is a pod's.
-    if svc.flags & flags::LOCAL != 0 && unsafe { DEVICES.get(&ifindex) }.is_none() {
+    if svc.flags & flags::LOCAL != 0 && is_pod_interface(ifindex) {
         svc = in_cluster(svc);
     }
     to_frontend(pkt, &svc)
+}
+
+/// Every interface but the node's devices is a pod's.
+#[inline(always)]
+pub(crate) fn is_pod_interface(ifindex: u32) -> bool {
+    unsafe { DEVICES.get(&ifindex) }.is_none()
 }
 
 /// Where a packet to the frontend `svc` goes: its flow's backend, or one

@@ -194,10 +194,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         }
         Seen::Done(verdict) => return Ok(verdict),
     };
-    if let Some(verdict) = hairpin::reply(ctx, &pkt) {
-        let verdict = verdict?;
+    if let Some(reflected) = hairpin::reply(ctx, &pkt) {
+        let (verdict, frontend) = reflected?;
         count(Counter::ReverseTranslated, ());
         count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
+        count_traffic_via(frontend.service_id, pkt.src, pkt.src_port, ctx.len());
         return Ok(verdict);
     }
     match lookup::request(&pkt, ifindex(ctx))? {
@@ -206,7 +207,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
             if pkt.fragment == Fragment::First {
                 fragments::remember(&pkt);
             }
-            let verdict = if hairpin::is_hairpin(&pkt, backend.addr) {
+            let verdict = if hairpin::is_hairpin(&pkt, backend.addr, ifindex(ctx)) {
                 hairpin::request(ctx, &pkt)?
             } else {
                 if frontend.masquerade() {

@@ -23,7 +23,11 @@ use proxy_userspace::{
         },
         node_addresses,
     },
-    dns::{self, DnsConfig, server::DnsServer, zone::Zone},
+    dns::{
+        self, DnsConfig,
+        server::DnsServer,
+        zone::{SharedZone, Zone},
+    },
     frontend::{Cidr, DnsCapture, Endpoint},
     healthcheck::HealthServers,
     metrics::{Metrics, ReasonLabels},
@@ -84,28 +88,58 @@ pub(crate) struct RunConfig {
     pub(crate) healthz_threshold: Duration,
     /// The DNS add-on, if it runs.
     pub(crate) dns: Option<DnsConfig>,
-    /// The cluster DNS Service whose clients on this node the add-on takes.
-    pub(crate) dns_capture: Option<ObjectName>,
+}
+
+/// Keeps the DNS add-on's zone current: rebuilds what changed whenever a
+/// change arrives (and at least every second), independently of the
+/// dataplane's syncs, so a name follows its Service within a second even
+/// while a large sync is being applied.
+fn follow_changes_in_dns(
+    zone: SharedZone,
+    index: SharedIndex,
+    source: Arc<dyn Source>,
+    changes: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = changes.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let mut index = index.lock().unwrap();
+            zone.write().unwrap().refresh(&mut index, source.ready());
+        }
+    })
 }
 
 /// Probes the DNS add-on every second and leads the cluster DNS Service
 /// `service` to it while it answers (see [`DnsCapture`]), announcing each
-/// switch as a change to sync.
+/// switch as a change to sync. It is let go after a few probes in a row
+/// go unanswered, so one slow answer (the zone being rebuilt) does not flap it.
 fn watch_dns_capture(
     dns: &DnsConfig,
     service: ObjectName,
     index: SharedIndex,
     changes: mpsc::UnboundedSender<std::time::Instant>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let std::net::IpAddr::V4(ip) = dns.listen.ip() else {
-        anyhow::bail!("--dns-capture-service needs an IPv4 --dns-listen address (Services are served over IPv4)");
+    const MISSES_TO_RELEASE: u32 = 3;
+    let ip = match dns.listen.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_loopback() => ip,
+        other => anyhow::bail!(
+            "--dns-capture-service needs --dns-listen on an IPv4 address of the node that pods can reach (not {other})"
+        ),
     };
     let to = Endpoint { ip, port: dns.listen.port() };
     let (listen, domain) = (dns.listen, dns.domain.clone());
     Ok(tokio::spawn(async move {
-        let mut answering = None;
+        let (mut answering, mut misses) = (None, 0);
         loop {
-            let now = dns::server::probe(listen, &domain, Duration::from_millis(500)).await.is_some();
+            let answered = dns::server::probe(listen, &domain, Duration::from_millis(500)).await.is_some();
+            misses = if answered { 0 } else { misses + 1 };
+            let now = match answering {
+                Some(true) if !answered => misses < MISSES_TO_RELEASE,
+                _ => answered,
+            };
             if answering != Some(now) {
                 answering = Some(now);
                 if now {
@@ -210,11 +244,10 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(mode = %mode, node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let health = api::Health::new(cfg.healthz_threshold);
     let datapath = dataplane.stats();
-    let mut syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
+    let syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
     let zone = cfg.dns.as_ref().map(|dns| Arc::new(std::sync::RwLock::new(Zone::new(&dns.domain))));
-    if let Some(zone) = &zone {
-        syncer = syncer.with_zone(zone.clone());
-    }
+    // Told of every change, as the sync loop is, to keep the zone current on its own.
+    let dns_changes = Arc::new(tokio::sync::Notify::new());
     let observed = api::Observed {
         mode,
         metrics: metrics.clone(),
@@ -257,9 +290,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     {
         // Every change is pending for /livez until a sync applies it.
         let health = health.clone();
+        let dns_changes = dns_changes.clone();
         servers.push(tokio::spawn(async move {
             while let Some(at) = arrivals.recv().await {
                 health.queued(at);
+                dns_changes.notify_one();
                 if forward.send(at).is_err() {
                     break;
                 }
@@ -276,8 +311,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let model = ModelConfig { sctp: mode == Mode::Iptables, ..cfg.model.clone() };
     let index = SharedIndex::default();
     index.lock().unwrap().set_zone(cfg.node_zone.as_deref());
-    if let (Some(dns), Some(service)) = (&cfg.dns, &cfg.dns_capture) {
-        servers.push(watch_dns_capture(dns, service.clone(), index.clone(), tx.clone())?);
+    if zone.is_some() {
+        index.lock().unwrap().track_dns();
+    }
+    if let Some((dns, service)) = cfg.dns.as_ref().and_then(|d| Some((d, d.capture.clone()?))) {
+        servers.push(watch_dns_capture(dns, service, index.clone(), tx.clone())?);
     }
     let mut tasks = Vec::new();
     let source: Arc<dyn Source> = match &cfg.source {
@@ -294,6 +332,9 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     };
 
+    if let Some(zone) = zone.clone() {
+        servers.push(follow_changes_in_dns(zone, index.clone(), source.clone(), dns_changes));
+    }
     {
         // The source's connectivity feeds /healthz even while nothing syncs.
         let (source, health) = (source.clone(), health.clone());

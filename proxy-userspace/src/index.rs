@@ -41,6 +41,36 @@ struct Entry {
     slices: Vec<SliceInfo>,
 }
 
+/// Services touched since a consumer last took them.
+struct Touched {
+    all: bool,
+    names: HashSet<ObjectName>,
+}
+
+impl Default for Touched {
+    /// Everything: a consumer's first take recomputes all (and a cold start
+    /// of 50,000 Services then keeps no set of 50,000 names).
+    fn default() -> Self {
+        Self { all: true, names: HashSet::new() }
+    }
+}
+
+impl Touched {
+    fn touch(&mut self, key: ObjectName) {
+        if !self.all {
+            self.names.insert(key);
+        }
+    }
+
+    fn take(&mut self) -> Dirty {
+        if std::mem::take(&mut self.all) {
+            self.names.clear();
+            return Dirty::All;
+        }
+        if self.names.is_empty() { Dirty::None } else { Dirty::Some(std::mem::take(&mut self.names)) }
+    }
+}
+
 pub struct Index {
     services: HashMap<ObjectName, Entry>,
     /// Slice -> the Service its label names.
@@ -52,8 +82,11 @@ pub struct Index {
     /// Rejections raised since the last [`Index::take_new_rejections`].
     new_rejections: Vec<Rejection>,
     rejection_count: usize,
-    dirty: HashSet<ObjectName>,
-    all_dirty: bool,
+    /// What the model must recompute.
+    dirty: Touched,
+    /// What the DNS zone must rebuild, when the DNS add-on runs: it follows
+    /// changes on its own, not waiting for the dataplane's sync.
+    dns_dirty: Option<Touched>,
     /// This node's zone (its `topology.kubernetes.io/zone` label), for
     /// topology-aware routing.
     zone: Option<std::sync::Arc<str>>,
@@ -73,8 +106,8 @@ impl Default for Index {
             unreadable: BTreeMap::new(),
             new_rejections: Vec::new(),
             rejection_count: 0,
-            dirty: HashSet::new(),
-            all_dirty: true,
+            dirty: Touched::default(),
+            dns_dirty: None,
             zone: None,
             dns_capture: None,
         }
@@ -129,9 +162,10 @@ impl Index {
     }
 
     fn touch(&mut self, key: ObjectName) {
-        if !self.all_dirty {
-            self.dirty.insert(key);
+        if let Some(dns) = &mut self.dns_dirty {
+            dns.touch(key.clone());
         }
+        self.dirty.touch(key);
     }
 
     /// Counts what `old` -> `new` rejections change, noting the new ones.
@@ -221,17 +255,26 @@ impl Index {
 
     /// Marks every Service for recomputation (after a re-list).
     pub fn touch_all(&mut self) {
-        self.all_dirty = true;
-        self.dirty.clear();
+        self.dirty = Touched::default();
+        if let Some(dns) = &mut self.dns_dirty {
+            *dns = Touched::default();
+        }
     }
 
     /// What changed since the last call.
     pub fn take_dirty(&mut self) -> Dirty {
-        if std::mem::take(&mut self.all_dirty) {
-            self.dirty.clear();
-            return Dirty::All;
-        }
-        if self.dirty.is_empty() { Dirty::None } else { Dirty::Some(std::mem::take(&mut self.dirty)) }
+        self.dirty.take()
+    }
+
+    /// Starts tracking what the DNS zone must rebuild (everything, first).
+    pub fn track_dns(&mut self) {
+        self.dns_dirty = Some(Touched::default());
+    }
+
+    /// What changed since the DNS zone last took it ([`Dirty::None`] when
+    /// DNS is not tracked).
+    pub fn take_dns_dirty(&mut self) -> Dirty {
+        self.dns_dirty.as_mut().map_or(Dirty::None, Touched::take)
     }
 
     pub fn service(&self, key: &ObjectName) -> Option<&ServiceInfo> {

@@ -72,6 +72,7 @@ fn dns_config(
         upstreams,
         cache_size,
         upstream_timeout: Duration::from_secs(2),
+        capture: None,
     }
 }
 
@@ -528,14 +529,16 @@ async fn run() -> anyhow::Result<()> {
             dns_cache_size,
             dns_capture_service,
         } => {
-            let dns =
-                dns_listen.map(|listen| dns_config(listen, cluster_domain, dns_upstream, dns_ttl, dns_cache_size));
-            let dns_capture = dns_capture_service
+            let capture = dns_capture_service
                 .map(|s| match s.split_once('/') {
                     Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok(ObjectName::new(ns, name)),
                     _ => Err(anyhow::anyhow!("--dns-capture-service {s:?}: expected NAMESPACE/NAME")),
                 })
                 .transpose()?;
+            let dns = dns_listen.map(|listen| proxy_userspace::dns::DnsConfig {
+                capture,
+                ..dns_config(listen, cluster_domain, dns_upstream, dns_ttl, dns_cache_size)
+            });
             let zone = node_labels
                 .iter()
                 .filter_map(|l| l.split_once('='))
@@ -561,7 +564,6 @@ async fn run() -> anyhow::Result<()> {
                 // `sctp` is set once the mode is known.
                 model: ModelConfig { service_proxy_name, node_name, sctp: false, dns: dns.is_some() },
                 dns,
-                dns_capture,
                 min_sync_interval,
                 healthz_address: healthz_bind_address,
                 metrics_address: metrics_bind_address,

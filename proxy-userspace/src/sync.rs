@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use crate::{
     api::{Recent, SyncRecord},
     dataplane::Dataplane,
-    dns::zone::SharedZone,
     frontend::FrontendKey,
     index::Index,
     metrics::{Metrics, ReasonLabels},
@@ -45,8 +44,6 @@ pub struct Syncer<D> {
     recent: Arc<Mutex<Recent>>,
     /// How often [`Syncer::repair`] runs in [`sync_loop`], if at all.
     repair_every: Option<Duration>,
-    /// The DNS add-on's names, rebuilt for the Services each sync touches.
-    zone: Option<SharedZone>,
 }
 
 /// The first step's result: what the second must apply.
@@ -66,14 +63,7 @@ impl<D: Dataplane> Syncer<D> {
             metrics,
             recent: Arc::default(),
             repair_every: None,
-            zone: None,
         }
-    }
-
-    /// Keeps `zone` (the DNS add-on's names) in step with the model.
-    pub fn with_zone(mut self, zone: SharedZone) -> Self {
-        self.zone = Some(zone);
-        self
     }
 
     /// Checks the dataplane for drift every `period` in [`sync_loop`].
@@ -126,9 +116,6 @@ impl<D: Dataplane> Syncer<D> {
         let started = Instant::now();
         let mut model = self.model.write().unwrap();
         let dirty = index.take_dirty();
-        if let Some(zone) = &self.zone {
-            zone.write().unwrap().update(index, &dirty);
-        }
         let update = model.update(index, dirty);
         let new_rejections: Vec<Rejection> =
             index.take_new_rejections().into_iter().chain(update.new_rejections).collect();

@@ -66,10 +66,28 @@ fn fqdn(name: &str) -> Option<Name> {
     Some(n)
 }
 
-/// The zone's SOA, in the authority section of negative answers (its
+/// The SOA of the zone `qname` is in (the cluster domain, or the reverse
+/// zone of its family), in the authority section of negative answers (its
 /// minimum is the TTL resolvers cache them for).
+pub fn soa_for(zone: &Zone, qname: &Name, ttl: u32) -> Option<Record> {
+    let name = plain(qname);
+    let apex = if name.ends_with("in-addr.arpa") {
+        "in-addr.arpa"
+    } else if name.ends_with("ip6.arpa") {
+        "ip6.arpa"
+    } else {
+        zone.domain()
+    };
+    soa_at(zone, apex, ttl)
+}
+
+/// The cluster domain's SOA.
 pub fn soa(zone: &Zone, ttl: u32) -> Option<Record> {
-    let apex = fqdn(zone.domain())?;
+    soa_at(zone, zone.domain(), ttl)
+}
+
+fn soa_at(zone: &Zone, apex: &str, ttl: u32) -> Option<Record> {
+    let apex = fqdn(apex)?;
     let mname = fqdn(&format!("ns.dns.{}", zone.domain()))?;
     let rname = fqdn(&format!("hostmaster.{}", zone.domain()))?;
     let soa = SOA::new(mname, rname, zone.serial(), 7200, 1800, 86400, ttl);
@@ -173,9 +191,10 @@ fn service_answer(zone: &Zone, svc: &ServiceRecords, qname: &Name, qtype: Record
             // A target inside the zone is answered here; any other is the server's to resolve.
             let inside = plain(&target).ends_with(zone.domain());
             if let Some(inner) = answer_at(zone, &target, qtype, ttl, depth + 1).filter(|_| inside) {
+                // The target's own answer: its records, its rcode, and what it leaves to chase.
                 let mut answers = vec![cname];
                 answers.extend(inner.answers);
-                return Answer { answers, additionals: inner.additionals, ..Answer::default() };
+                return Answer { rcode: inner.rcode, answers, additionals: inner.additionals, chase: inner.chase };
             }
             Answer { answers: vec![cname], chase: Some(target), ..Answer::default() }
         }
@@ -184,6 +203,10 @@ fn service_answer(zone: &Zone, svc: &ServiceRecords, qname: &Name, qtype: Record
 
 /// `<label>.<service>...`: a headless Service's endpoint by hostname (or dashed address).
 fn endpoint_answer(svc: &ServiceRecords, label: &str, qname: &Name, qtype: RecordType, ttl: u32) -> Answer {
+    // `_tcp.<service>...` holds the SRV names below it: it exists, without records.
+    if label.starts_with('_') && declared_ports(svc).any(|p| protocol_label(p.protocol) == label) {
+        return Answer::nodata();
+    }
     if svc.target != DnsTarget::Headless {
         return Answer::nxdomain();
     }
@@ -192,6 +215,11 @@ fn endpoint_answer(svc: &ServiceRecords, label: &str, qname: &Name, qtype: Recor
         return Answer::nxdomain();
     }
     address_answer(&ips, qname, qtype, ttl)
+}
+
+/// Every port the Service or its endpoints declare.
+fn declared_ports(svc: &ServiceRecords) -> impl Iterator<Item = &crate::validate::DnsPort> {
+    svc.ports.iter().chain(svc.endpoints.iter().flat_map(|e| e.ports.iter()))
 }
 
 fn protocol_label(p: Protocol) -> &'static str {
@@ -220,7 +248,7 @@ fn srv_answer(
     let Some(port_name) = port.strip_prefix('_').filter(|p| !p.is_empty()) else { return Answer::nxdomain() };
     let named = |p: &crate::validate::DnsPort| &*p.name == port_name && protocol_label(p.protocol) == proto;
     let service_name = format!("{service}.{ns}.svc.{}", zone.domain());
-    let targets: Vec<(u16, String, Vec<IpAddr>)> = match &svc.target {
+    let mut targets: Vec<(u16, String, Vec<IpAddr>)> = match &svc.target {
         DnsTarget::ClusterIps(ips) => {
             svc.ports.iter().filter(|p| named(p)).map(|p| (p.port, service_name.clone(), ips.to_vec())).collect()
         }
@@ -235,11 +263,21 @@ fn srv_answer(
         DnsTarget::ExternalName(_) => Vec::new(),
     };
     if targets.is_empty() {
-        return Answer::nxdomain();
+        // A port the Service declares, with no ready endpoint behind it: the name exists.
+        return if declared_ports(svc).any(named) { Answer::nodata() } else { Answer::nxdomain() };
     }
     if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
         return Answer::nodata();
     }
+    // A pod in an IPv4 and an IPv6 slice is one target.
+    targets.sort_by(|a, b| (a.1.as_str(), a.0).cmp(&(b.1.as_str(), b.0)));
+    targets.dedup_by(|a, b| {
+        let same = a.0 == b.0 && a.1 == b.1;
+        if same {
+            b.2.append(&mut a.2);
+        }
+        same
+    });
     let weight = (100 / targets.len()).max(1) as u16;
     let mut answer = Answer::default();
     for (port, target, ips) in targets {

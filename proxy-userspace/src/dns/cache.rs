@@ -1,10 +1,10 @@
 //! Forwarded answers, kept for their TTL: positive answers for the
 //! smallest TTL among their records, negative ones (NXDOMAIN, NODATA) for
-//! their SOA's minimum (RFC 2308), each capped. Bounded: when full, expired
-//! entries go first, then the entry closest to expiring.
+//! their SOA's minimum (RFC 2308), each capped. Bounded: when full, the
+//! oldest entry goes (first in, first out: constant work per insert).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -29,6 +29,9 @@ struct Entry {
 
 pub struct Cache {
     entries: HashMap<Question, Entry>,
+    /// Questions in the order they were stored, with when: an entry stored
+    /// again since is found newer than its old place here, and kept.
+    order: VecDeque<(Question, Instant)>,
     capacity: usize,
     max_ttl: Duration,
     max_negative_ttl: Duration,
@@ -36,7 +39,7 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(capacity: usize, max_ttl: Duration, max_negative_ttl: Duration) -> Self {
-        Self { entries: HashMap::new(), capacity, max_ttl, max_negative_ttl }
+        Self { entries: HashMap::new(), order: VecDeque::new(), capacity, max_ttl, max_negative_ttl }
     }
 
     pub fn len(&self) -> usize {
@@ -56,7 +59,8 @@ impl Cache {
         }
         let aged = (now - entry.stored).as_secs() as u32;
         let mut response = entry.response.clone();
-        for record in response.answers.iter_mut().chain(response.authorities.iter_mut()) {
+        let sections = response.answers.iter_mut().chain(response.authorities.iter_mut());
+        for record in sections.chain(response.additionals.iter_mut()) {
             record.ttl = record.ttl.saturating_sub(aged);
         }
         Some(response)
@@ -66,20 +70,23 @@ impl Cache {
     /// must not be kept (SERVFAIL, truncated ones, a TTL of 0).
     pub fn put(&mut self, question: Question, response: &Message, now: Instant) {
         let Some(ttl) = self.lifetime(response) else { return };
-        if ttl.is_zero() {
+        if ttl.is_zero() || self.capacity == 0 {
             return;
         }
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&question) {
-            self.entries.retain(|_, e| e.expires > now);
-            if self.entries.len() >= self.capacity {
-                let soonest = self.entries.iter().min_by_key(|(_, e)| e.expires).map(|(q, _)| q.clone());
-                if let Some(q) = soonest {
-                    self.entries.remove(&q);
-                }
+        while self.entries.len() >= self.capacity && !self.entries.contains_key(&question) {
+            let Some((oldest, stored)) = self.order.pop_front() else { break };
+            if self.entries.get(&oldest).is_some_and(|e| e.stored == stored) {
+                self.entries.remove(&oldest);
             }
         }
+        self.order.push_back((question.clone(), now));
         let entry = Entry { response: response.clone(), stored: now, expires: now + ttl };
         self.entries.insert(question, entry);
+        // Places left by entries stored again: dropped once they outnumber the entries.
+        if self.order.len() > 2 * self.capacity {
+            let entries = &self.entries;
+            self.order.retain(|(q, at)| entries.get(q).is_some_and(|e| e.stored == *at));
+        }
     }
 
     fn lifetime(&self, response: &Message) -> Option<Duration> {
@@ -158,14 +165,17 @@ mod tests {
     }
 
     #[test]
-    fn a_full_cache_drops_what_expires_first() {
+    fn a_full_cache_drops_its_oldest_entry() {
         let mut cache = Cache::new(2, Duration::from_secs(3600), Duration::from_secs(30));
         let t0 = Instant::now();
-        cache.put(question("a"), &answer(10), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        cache.put(question("a"), &answer(100), t0);
         cache.put(question("b"), &answer(100), t0);
-        cache.put(question("c"), &answer(50), t0);
+        // Stored again: now newer than b.
+        cache.put(question("a"), &answer(100), t1);
+        cache.put(question("c"), &answer(100), t1);
         assert_eq!(cache.len(), 2);
-        assert!(cache.get(&question("a"), t0).is_none(), "the soonest to expire made room");
-        assert!(cache.get(&question("b"), t0).is_some() && cache.get(&question("c"), t0).is_some());
+        assert!(cache.get(&question("b"), t1).is_none(), "the oldest made room");
+        assert!(cache.get(&question("a"), t1).is_some() && cache.get(&question("c"), t1).is_some());
     }
 }

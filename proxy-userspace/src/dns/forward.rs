@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, UdpSocket},
@@ -67,12 +67,22 @@ impl Forwarder {
         hit
     }
 
-    /// The upstreams' answer to `query` (cached for next time); `None` when
-    /// none answered.
-    pub async fn resolve(&self, query: &Query) -> Option<Message> {
+    /// The upstreams' answer to `query` (cached for next time), from the
+    /// first upstream not in `excluded` that answers it; one that fails
+    /// (SERVFAIL, REFUSED) passes the question to the next, and its answer
+    /// is given only when none does better. `None` when none answered.
+    pub async fn resolve(&self, query: &Query, excluded: &[std::net::IpAddr]) -> Option<Message> {
         let started = Instant::now();
-        for upstream in (0..ROUNDS).flat_map(|_| self.upstreams.iter()) {
+        let mut failed: Option<Message> = None;
+        let upstreams = self.upstreams.iter().filter(|u| !excluded.contains(&u.ip()));
+        for upstream in upstreams.cycle().take(ROUNDS * self.upstreams.len()) {
             match self.exchange(*upstream, query).await {
+                Ok(response)
+                    if matches!(response.metadata.response_code, ResponseCode::ServFail | ResponseCode::Refused) =>
+                {
+                    self.metrics.upstream_failures.inc();
+                    failed = Some(response);
+                }
                 Ok(response) => {
                     self.metrics.forward_duration.observe(started.elapsed().as_secs_f64());
                     self.cache.lock().unwrap().put(Self::question(query), &response, Instant::now());
@@ -84,7 +94,7 @@ impl Forwarder {
                 }
             }
         }
-        None
+        failed
     }
 
     async fn exchange(&self, upstream: SocketAddr, query: &Query) -> std::io::Result<Message> {
@@ -101,9 +111,18 @@ impl Forwarder {
         if !response.metadata.truncation {
             return Ok(response);
         }
-        tokio::time::timeout(self.timeout, tcp_exchange(upstream, &bytes, &request))
-            .await
-            .map_err(|elapsed| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TCP: {elapsed}")))?
+        match tokio::time::timeout(self.timeout, tcp_exchange(upstream, &bytes, &request)).await {
+            Ok(Ok(whole)) => Ok(whole),
+            // The truncated answer is still an answer: the client may ask over TCP itself.
+            Ok(Err(e)) => {
+                tracing::debug!(%upstream, error = %e, "upstream's TCP answer failed; passing on the truncated one");
+                Ok(response)
+            }
+            Err(elapsed) => {
+                tracing::debug!(%upstream, %elapsed, "upstream's TCP answer timed out; passing on the truncated one");
+                Ok(response)
+            }
+        }
     }
 }
 
@@ -120,7 +139,9 @@ async fn udp_exchange(upstream: SocketAddr, bytes: &[u8], request: &Message) -> 
     let socket = UdpSocket::bind(local).await?;
     socket.connect(upstream).await?;
     socket.send(bytes).await?;
-    let mut buf = vec![0u8; 65535];
+    // What was asked for is at most EDNS_PAYLOAD; anything cut short by
+    // this buffer does not parse and is ignored like any stray datagram.
+    let mut buf = vec![0u8; 4096];
     loop {
         let n = socket.recv(&mut buf).await?;
         // Anything else (a late answer to another query, a forgery) is ignored.

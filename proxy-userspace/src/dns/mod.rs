@@ -16,6 +16,8 @@ pub mod zone;
 
 use std::{net::SocketAddr, time::Duration};
 
+use crate::name::ObjectName;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -39,6 +41,10 @@ pub struct DnsConfig {
     pub cache_size: usize,
     /// How long one upstream is waited for.
     pub upstream_timeout: Duration,
+    /// The cluster DNS Service this node's clients reach the add-on
+    /// through (`--dns-capture-service`): never forwarded to, as that
+    /// would be the add-on itself.
+    pub capture: Option<ObjectName>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,7 +111,7 @@ impl DnsMetrics {
         );
         registry.register(
             "kpr_dns_upstream_failures",
-            "Upstream servers that did not answer a forwarded name in time",
+            "Upstream servers that failed a forwarded name: no answer in time, an unreadable one, SERVFAIL or REFUSED",
             self.upstream_failures.clone(),
         );
         registry.register(

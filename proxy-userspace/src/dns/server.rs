@@ -32,14 +32,19 @@ use crate::dns::{
 
 /// The largest UDP answer to a client that did not say (RFC 1035).
 const CLASSIC_UDP: usize = 512;
-/// How long a TCP connection may wait for its next query.
+/// How long a TCP connection may wait for its next query, and take to send it.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries waiting for an upstream at once; more are answered SERVFAIL
+/// (a flood of unknown names must not exhaust the agent).
+const MAX_FORWARDS: usize = 1024;
 
 pub struct DnsServer {
     zone: SharedZone,
     forwarder: Forwarder,
     ttl: u32,
     metrics: Arc<DnsMetrics>,
+    capture: Option<crate::name::ObjectName>,
+    forwards: Arc<tokio::sync::Semaphore>,
     /// The per-query counters, looked up once (a label lookup per query
     /// would cost more than the rest of an answer).
     udp_requests: Counter,
@@ -60,6 +65,17 @@ enum Step {
 }
 
 /// The rcode's mnemonic, as CoreDNS labels it (`NOERROR`, `NXDOMAIN`, ...).
+impl Step {
+    /// SERVFAIL for a query that cannot wait for an upstream now.
+    fn fail(self) -> Message {
+        match self {
+            Step::Reply(m) => m,
+            Step::Forward(request) | Step::Chase(request, _) => reply_to(&request, ResponseCode::ServFail),
+            Step::Drop => unreachable!("dropped queries are not answered"),
+        }
+    }
+}
+
 fn rcode_label(rcode: ResponseCode) -> String {
     format!("{rcode:?}").to_ascii_uppercase()
 }
@@ -78,6 +94,8 @@ impl DnsServer {
             zone,
             forwarder,
             ttl: config.ttl,
+            capture: config.capture.clone(),
+            forwards: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)),
             udp_requests: requests("udp"),
             tcp_requests: requests("tcp"),
             by_rcode: [
@@ -143,13 +161,17 @@ impl DnsServer {
                 Step::Reply(response) => send(udp, &self.encode_udp(response), from),
                 Step::Drop => {}
                 // A round trip upstream must not hold up the other queries.
-                step => {
-                    let (server, udp) = (self.clone(), udp.clone());
-                    runtime.spawn(async move {
-                        let response = server.finish(step).await;
-                        send(&udp, &server.encode_udp(response), from);
-                    });
-                }
+                step => match self.forwards.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (server, udp) = (self.clone(), udp.clone());
+                        runtime.spawn(async move {
+                            let response = server.finish(step).await;
+                            send(&udp, &server.encode_udp(response), from);
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => send(udp, &self.encode_udp(step.fail()), from),
+                },
             }
         }
     }
@@ -163,7 +185,7 @@ impl DnsServer {
         loop {
             let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else { return };
             let mut buf = vec![0u8; len as usize];
-            if stream.read_exact(&mut buf).await.is_err() {
+            if !matches!(tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await, Ok(Ok(_))) {
                 return;
             }
             self.tcp_requests.inc();
@@ -181,7 +203,10 @@ impl DnsServer {
         let response = match self.start(bytes) {
             Step::Drop => return None,
             Step::Reply(response) => response,
-            step => self.finish(step).await,
+            step => match self.forwards.clone().try_acquire_owned() {
+                Ok(_permit) => self.finish(step).await,
+                Err(_) => step.fail(),
+            },
         };
         Some(if udp { self.encode_udp(response) } else { self.encode(response, None) })
     }
@@ -221,6 +246,10 @@ impl DnsServer {
         if matches!(query.query_class, DNSClass::IN | DNSClass::ANY) {
             let zone = self.zone.read().unwrap();
             if let Some(found) = answer::answer(&zone, &query.name, query.query_type, self.ttl) {
+                if !zone.loaded() {
+                    // Before the first complete list the zone would deny every name.
+                    return Step::Reply(reply_to(&request, ResponseCode::ServFail));
+                }
                 if found.chase.is_some() {
                     return Step::Chase(request, found);
                 }
@@ -240,7 +269,7 @@ impl DnsServer {
             Step::Drop => unreachable!("dropped queries are not finished"),
             Step::Forward(request) => {
                 let query = &request.queries[0];
-                match self.forwarder.resolve(query).await {
+                match self.forwarder.resolve(query, &self.captured_ips()).await {
                     Some(upstream) => forwarded(&request, upstream),
                     None => reply_to(&request, ResponseCode::ServFail),
                 }
@@ -250,22 +279,36 @@ impl DnsServer {
                 let query = Query::query(target, request.queries[0].query_type);
                 let resolved = match self.forwarder.cached(&query) {
                     Some(hit) => Some(hit),
-                    None => self.forwarder.resolve(&query).await,
+                    None => self.forwarder.resolve(&query, &self.captured_ips()).await,
                 };
-                found.answers.extend(resolved.map(|r| r.answers).unwrap_or_default());
+                // The target's rcode is the answer's (NXDOMAIN for a name that does not exist).
+                let Some(resolved) = resolved else { return reply_to(&request, ResponseCode::ServFail) };
+                found.rcode = resolved.metadata.response_code;
+                found.answers.extend(resolved.answers);
                 let zone = self.zone.read().unwrap();
                 self.authoritative(&request, found, &zone)
             }
         }
     }
 
-    /// The response carrying the zone's answer, with the zone's SOA when it
+    /// The addresses of the captured cluster DNS Service: forwarding there
+    /// would be forwarding to the add-on itself.
+    fn captured_ips(&self) -> Vec<std::net::IpAddr> {
+        let Some(name) = &self.capture else { return Vec::new() };
+        let zone = self.zone.read().unwrap();
+        match zone.service(name.namespace(), name.name()).map(|s| &s.target) {
+            Some(crate::validate::DnsTarget::ClusterIps(ips)) => ips.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The response carrying the zone's answer, with its zone's SOA when it
     /// holds no record (NXDOMAIN or NODATA) so resolvers cache that.
     fn authoritative(&self, request: &Message, found: Answer, zone: &super::zone::Zone) -> Message {
         let mut m = reply_to(request, found.rcode);
         m.metadata.authoritative = true;
         if found.answers.is_empty() {
-            m.authorities.extend(answer::soa(zone, self.ttl));
+            m.authorities.extend(answer::soa_for(zone, &request.queries[0].name, self.ttl));
         }
         m.answers = found.answers;
         m.additionals = found.additionals;
@@ -278,6 +321,8 @@ impl DnsServer {
         self.count_response(response.metadata.response_code);
         let bytes = match response.to_vec() {
             Ok(bytes) => bytes,
+            // Too large for any message (65,535 bytes): over UDP, ask for TCP as for any large answer.
+            Err(_) if limit.is_some() => return response.truncate().to_vec().unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(error = %e, "could not encode a DNS response; answering SERVFAIL");
                 let mut failed = response.truncate();
@@ -311,8 +356,9 @@ fn udp_limit(response: &Message) -> usize {
 }
 
 /// An empty response to `request` with `rcode`: its id, question and
-/// recursion flag, and EDNS when it used EDNS (carrying its payload size
-/// for [`udp_limit`] until it is replaced by ours on the wire).
+/// recursion flag, and EDNS when it used EDNS, announcing the lesser of
+/// the client's payload size and ours (which [`udp_limit`] then holds the
+/// answer to).
 fn reply_to(request: &Message, rcode: ResponseCode) -> Message {
     let mut m = Message::response(request.metadata.id, request.metadata.op_code);
     m.metadata.recursion_desired = request.metadata.recursion_desired;

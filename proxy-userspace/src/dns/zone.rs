@@ -1,9 +1,11 @@
 //! The cluster's names as DNS serves them, kept from the index as the
-//! model is: the Services a sync touched are rebuilt, nothing else. One
+//! model is, but on their own schedule (a dataplane sync may take seconds;
+//! a name must not wait for it): the Services touched since the last
+//! update are rebuilt, nothing else. One
 //! entry per Service holds what its name, its endpoints' names and its SRV
 //! records resolve to; a reverse table answers PTR queries. Readers (the
-//! server's tasks) take a read lock per query; a sync takes the write lock
-//! for the Services it rebuilds.
+//! server's UDP thread and TCP tasks) take a read lock per query; a sync
+//! takes the write lock for the Services it rebuilds.
 
 use std::{
     collections::HashMap,
@@ -51,6 +53,9 @@ pub struct Zone {
     reverse: HashMap<IpAddr, Vec<Box<str>>>,
     /// Bumped on every change: the SOA serial.
     serial: u32,
+    /// Whether a complete list has been loaded: before, the zone knows no
+    /// name and must not deny any.
+    loaded: bool,
 }
 
 /// `10.244.1.5` -> `10-244-1-5`; IPv6 colons become dashes too.
@@ -66,6 +71,7 @@ impl Zone {
             namespaces: HashMap::new(),
             reverse: HashMap::new(),
             serial: 1,
+            loaded: false,
         }
     }
 
@@ -75,6 +81,11 @@ impl Zone {
 
     pub fn serial(&self) -> u32 {
         self.serial
+    }
+
+    /// Whether the zone holds every Service (after the first full rebuild).
+    pub fn loaded(&self) -> bool {
+        self.loaded
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceRecords> {
@@ -110,11 +121,22 @@ impl Zone {
         format!("{}.{}.svc.{}", name.name(), name.namespace(), self.domain)
     }
 
+    /// Brings the zone up to date with `index` (which tracks DNS, see
+    /// [`Index::track_dns`]), once the source has listed everything.
+    pub fn refresh(&mut self, index: &mut Index, listed: bool) {
+        if !listed {
+            return;
+        }
+        let dirty = index.take_dns_dirty();
+        self.update(index, &dirty);
+    }
+
     /// Rebuilds the Services `dirty` names (every one for [`Dirty::All`]) from `index`.
     pub fn update(&mut self, index: &Index, dirty: &Dirty) {
         let names: Vec<ObjectName> = match dirty {
             Dirty::None => return,
             Dirty::All => {
+                self.loaded = true;
                 self.services.clear();
                 self.namespaces.clear();
                 self.reverse.clear();

@@ -44,6 +44,10 @@ spec: {type: ExternalName, externalName: web.default.svc.cluster.local}
 kind: Service
 metadata: {name: loop, namespace: default}
 spec: {type: ExternalName, externalName: loop.default.svc.cluster.local}
+---
+kind: Service
+metadata: {name: chain, namespace: default}
+spec: {type: ExternalName, externalName: search.default.svc.cluster.local}
 ";
 
 fn zone() -> Zone {
@@ -126,6 +130,13 @@ fn srv_records_name_the_service_or_each_endpoint() {
     assert_eq!(data(&udp), ["0 100 53 web.default.svc.cluster.local."]);
     let wrong = ask(&zone, "_http._udp.web.default.svc.cluster.local.", RecordType::SRV).unwrap();
     assert_eq!(wrong.rcode, ResponseCode::NXDomain, "the port is TCP");
+    // The name between the Service and its SRV records exists (RFC 8020: not NXDOMAIN).
+    let between = ask(&zone, "_tcp.web.default.svc.cluster.local.", RecordType::A).unwrap();
+    assert_eq!((between.rcode, between.answers.len()), (ResponseCode::NoError, 0));
+    assert_eq!(
+        ask(&zone, "_sctp.web.default.svc.cluster.local.", RecordType::A).unwrap().rcode,
+        ResponseCode::NXDomain
+    );
 
     let headless = ask(&zone, "_pg._tcp.db.data.svc.cluster.local.", RecordType::SRV).unwrap();
     assert_eq!(
@@ -144,6 +155,9 @@ fn ptr_records_name_cluster_ips_and_headless_endpoints() {
     assert_eq!(data(&ask(&zone, v6, RecordType::PTR).unwrap()), ["web.default.svc.cluster.local."]);
     let ep = ask(&zone, "5.1.244.10.in-addr.arpa.", RecordType::PTR).unwrap();
     assert_eq!(data(&ep), ["db-0.db.data.svc.cluster.local."]);
+    // A negative answer about a reverse name carries the reverse zone's SOA.
+    let soa = soa_for(&zone, &Name::from_ascii("10.0.96.10.in-addr.arpa.").unwrap(), 5).unwrap();
+    assert_eq!(soa.name.to_string(), "in-addr.arpa.");
 }
 
 #[test]
@@ -155,6 +169,10 @@ fn external_names_are_cnames_chased_inside_the_zone() {
     let inside = ask(&zone, "alias.default.svc.cluster.local.", RecordType::A).unwrap();
     assert_eq!(data(&inside), ["10.96.0.10", "web.default.svc.cluster.local."]);
     assert_eq!(inside.chase, None);
+    // ExternalName to ExternalName: both CNAMEs, and the last target left to chase.
+    let chain = ask(&zone, "chain.default.svc.cluster.local.", RecordType::A).unwrap();
+    assert_eq!(data(&chain), ["search.default.svc.cluster.local.", "search.example.com."]);
+    assert_eq!(chain.chase, Some(Name::from_ascii("search.example.com.").unwrap()));
     // A Service naming itself ends after a few steps.
     let looped = ask(&zone, "loop.default.svc.cluster.local.", RecordType::A).unwrap();
     assert!(looped.answers.iter().all(|r| matches!(r.data, RData::CNAME(_))));

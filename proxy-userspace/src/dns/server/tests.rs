@@ -32,6 +32,7 @@ fn server() -> DnsServer {
         upstreams: Vec::new(),
         cache_size: 100,
         upstream_timeout: Duration::from_millis(100),
+        capture: None,
     };
     DnsServer::new(&config, Arc::new(RwLock::new(zone)), Arc::default())
 }
@@ -149,4 +150,23 @@ fn responses_are_counted_by_rcode_mnemonic() {
     };
     assert!(text.contains("kpr_dns_responses_total{rcode=\"NXDOMAIN\"} 1"), "{text}");
     assert!(text.contains("kpr_dns_requests_total"), "{text}");
+}
+
+#[test]
+fn cluster_names_are_not_denied_before_the_first_complete_list() {
+    let config = DnsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        ttl: 5,
+        upstreams: Vec::new(),
+        cache_size: 100,
+        upstream_timeout: Duration::from_millis(100),
+        capture: None,
+    };
+    let zone = Arc::new(RwLock::new(Zone::new("cluster.local")));
+    let server = DnsServer::new(&config, zone.clone(), Arc::default());
+    let q = query("web.default.svc.cluster.local.", RecordType::A, None);
+    assert_eq!(respond(&server, &q, true).unwrap().metadata.response_code, ResponseCode::ServFail);
+    zone.write().unwrap().update(&Index::default(), &Dirty::All);
+    assert_eq!(respond(&server, &q, true).unwrap().metadata.response_code, ResponseCode::NXDomain);
 }
