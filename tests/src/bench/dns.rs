@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{CLIENT_CPU, Config, Problems, SERVER_CPU, Stat, workload};
 use crate::{
+    cgroup::Cgroup,
     kpr::Kpr,
     netns::{Netns, unique_prefix},
+    node::Bpffs,
 };
 
 const KPR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
@@ -176,13 +178,13 @@ pub(super) fn measure(
                 "--cache-size=10000".into(),
             ],
         )?;
-        // eBPF mode without its socket hooks or interfaces: the agent's
-        // dataplane is there (maps), but takes nothing from the CPU the
-        // servers share (iptables mode's restore of 50,000 Services would).
+        // eBPF mode, its socket hooks on a cgroup of its own that nothing
+        // runs in: the agent's dataplane is there, but takes nothing from
+        // the CPU the servers share (iptables mode's restore of 50,000
+        // Services takes minutes of it).
+        let (bpffs, cgroup) = (Bpffs::mount()?, Cgroup::new(&format!("{}-dns", unique_prefix()))?);
         let args = [
             "--mode=ebpf".to_string(),
-            "--socket-lb=false".into(),
-            format!("--bpf-root={}", dir.display()),
             format!("--source=dir:{}", manifests.display()),
             format!("--dns-listen={KPR}"),
             format!("--dns-upstream={UPSTREAM}"),
@@ -194,7 +196,7 @@ pub(super) fn measure(
             scope
                 .spawn(|| {
                     crate::servers::pin_to_cpu(SERVER_CPU);
-                    Kpr::run_in(&ns, &args, &log)
+                    Kpr::spawn_on(&ns, bpffs.path(), &cgroup, &[], &args, &log)
                 })
                 .join()
                 .expect("starting kpr panicked")
