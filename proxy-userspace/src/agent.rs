@@ -106,8 +106,10 @@ fn follow_changes_in_dns(
                 () = changes.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
+            // Asked before the index is locked: a source takes its own lock, then the index's.
+            let listed = source.ready();
             let mut index = index.lock().unwrap();
-            zone.write().unwrap().refresh(&mut index, source.ready());
+            zone.write().unwrap().refresh(&mut index, listed);
         }
     })
 }

@@ -372,6 +372,16 @@ fn protocol_of(protocol: Option<&str>) -> Option<Protocol> {
     }
 }
 
+/// A Service's or slice's port as DNS names it; `None` for an unknown
+/// protocol or a number that is no port.
+fn dns_port(name: Option<&str>, protocol: Option<&str>, port: Option<i32>) -> Option<DnsPort> {
+    Some(DnsPort {
+        name: name::port_name(name.unwrap_or_default()),
+        protocol: protocol_of(protocol)?,
+        port: port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)?,
+    })
+}
+
 /// What DNS names for a Service: its ClusterIPs (both families), its ready
 /// endpoints if headless, or its external name. `None` when there is
 /// nothing to name (no usable address, no external name): the name is
@@ -382,13 +392,7 @@ fn dns_service(svc: &Service) -> Option<DnsService> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            Some(DnsPort {
-                name: name::port_name(p.name.as_deref().unwrap_or_default()),
-                protocol: protocol_of(p.protocol.as_deref())?,
-                port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
-            })
-        })
+        .filter_map(|p| dns_port(p.name.as_deref(), p.protocol.as_deref(), Some(p.port)))
         .collect();
     let target = if spec.type_.as_deref() == Some("ExternalName") {
         let name = spec.external_name.as_deref()?.trim_end_matches('.').to_ascii_lowercase();
@@ -421,13 +425,7 @@ fn dns_slice(slice: &EndpointSlice) -> Option<DnsSlice> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            Some(DnsPort {
-                name: name::port_name(p.name.as_deref().unwrap_or_default()),
-                protocol: protocol_of(p.protocol.as_deref())?,
-                port: p.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)?,
-            })
-        })
+        .filter_map(|p| dns_port(p.name.as_deref(), p.protocol.as_deref(), p.port))
         .collect();
     let endpoints = slice
         .endpoints

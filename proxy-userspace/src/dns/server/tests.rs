@@ -10,6 +10,19 @@ use crate::{
     validate::ModelConfig,
 };
 
+/// No upstream: forwarded names end in SERVFAIL at once.
+fn dns_config() -> DnsConfig {
+    DnsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        ttl: 5,
+        upstreams: Vec::new(),
+        cache_size: 100,
+        upstream_timeout: Duration::from_millis(100),
+        capture: None,
+    }
+}
+
 /// A headless Service with 60 endpoints: its A answer needs more than 512 bytes.
 fn server() -> DnsServer {
     let mut yaml = String::from(
@@ -25,15 +38,7 @@ fn server() -> DnsServer {
     let index = Index::from_snapshot(objects_with(&yaml, &config));
     let mut zone = Zone::new("cluster.local");
     zone.update(&index, &Dirty::All);
-    let config = DnsConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        domain: "cluster.local".into(),
-        ttl: 5,
-        upstreams: Vec::new(),
-        cache_size: 100,
-        upstream_timeout: Duration::from_millis(100),
-        capture: None,
-    };
+    let config = dns_config();
     DnsServer::new(&config, Arc::new(RwLock::new(zone)), Arc::default())
 }
 
@@ -154,15 +159,7 @@ fn responses_are_counted_by_rcode_mnemonic() {
 
 #[test]
 fn cluster_names_are_not_denied_before_the_first_complete_list() {
-    let config = DnsConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        domain: "cluster.local".into(),
-        ttl: 5,
-        upstreams: Vec::new(),
-        cache_size: 100,
-        upstream_timeout: Duration::from_millis(100),
-        capture: None,
-    };
+    let config = dns_config();
     let zone = Arc::new(RwLock::new(Zone::new("cluster.local")));
     let server = DnsServer::new(&config, zone.clone(), Arc::default());
     let q = query("web.default.svc.cluster.local.", RecordType::A, None);
