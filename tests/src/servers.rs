@@ -165,3 +165,53 @@ pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<
     });
     Ok(Server { listener: Some(fd), stop: Arc::new(AtomicBool::new(false)), thread: Some(thread), _socket: listener })
 }
+
+/// A dnsmasq (Debian's dnsmasq-base) answering on `addr`:53 in a
+/// namespace, with no configuration but `args`; stopped on drop.
+pub struct Dnsmasq(std::process::Child);
+
+impl Dnsmasq {
+    /// Starts it (on `cpu` alone, if given) and waits until it answers.
+    pub fn start(ns: &Netns, addr: Ipv4Addr, cpu: Option<usize>, args: &[String]) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()]);
+        if let Some(cpu) = cpu {
+            cmd.args(["taskset", "-c", &cpu.to_string()]);
+        }
+        let child = cmd
+            .args(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--user=root"])
+            .args(["--pid-file=", "--bind-interfaces", "--port=53"])
+            .arg(format!("--listen-address={addr}"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (Debian package dnsmasq-base)")?;
+        let server = Self(child);
+        answers_dns(ns, addr, Duration::from_secs(10)).context("dnsmasq answering")?;
+        Ok(server)
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        // Ours, by its handle; gone already is as good.
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// Waits until the DNS server on `server`:53 in `ns` answers anything (an
+/// error code counts).
+pub fn answers_dns(ns: &Netns, server: Ipv4Addr, within: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let out = ns.output(&["dig", &format!("@{server}"), "+time=1", "+tries=1", "ready.probe"]).unwrap_or_default();
+        if out.contains("status: ") {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{server} does not answer DNS after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

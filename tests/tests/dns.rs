@@ -11,7 +11,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -20,7 +20,9 @@ use kpr_tests::{
     kpr::Mode,
     manifests::{web_service, write},
     netns::Netns,
-    root_or_skip, wait,
+    root_or_skip,
+    servers::Dnsmasq,
+    wait,
 };
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -30,37 +32,6 @@ const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const CLUSTER_DNS_ANSWER: &str = "192.0.2.53";
 /// What the upstream answers for example.test and its subdomains.
 const UPSTREAM_ANSWER: &str = "192.0.2.7";
-
-/// A dnsmasq in `ns` on `addr`:53, stopped on drop.
-struct Dnsmasq(Child);
-
-impl Dnsmasq {
-    fn start(ns: &Netns, addr: Ipv4Addr, records: &[String]) -> Self {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name(), "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null"]);
-        cmd.args(["--no-resolv", "--no-hosts", "--user=root", "--pid-file=", "--bind-interfaces", "--port=53"]);
-        cmd.arg(format!("--listen-address={addr}")).arg("--local-ttl=60").args(records);
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting dnsmasq");
-        let server = SocketAddr::from((addr, 53));
-        let probe = ns.name().to_string();
-        wait::until(
-            "dnsmasq answering",
-            Duration::from_secs(5),
-            || dig_in(&probe, None, &[&format!("@{}", server.ip()), "+short", "dnsmasq.probe"]),
-            |out| !out.contains("connection refused") && !out.contains("timed out"),
-        )
-        .unwrap();
-        Self(child)
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        // Ours, by its handle; gone already is as good.
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
 
 /// A pod's resolv.conf, which `ip netns exec` mounts over /etc/resolv.conf
 /// for the namespace's processes; removed on drop.
@@ -178,10 +149,18 @@ fn answers_cluster_names(mode: Mode) {
     let upstream = Dnsmasq::start(
         cluster.outside(),
         Cluster::OUTSIDE,
-        &["--address=/example.test/192.0.2.7".into(), format!("--txt-record=big.example.test,{}", big.join(","))],
-    );
+        None,
+        &[
+            "--no-resolv".into(),
+            "--local-ttl=60".into(),
+            "--address=/example.test/192.0.2.7".into(),
+            format!("--txt-record=big.example.test,{}", big.join(",")),
+        ],
+    )
+    .unwrap();
     let coredns = node1.pod("coredns");
-    let _cluster_dns = Dnsmasq::start(&coredns.ns, coredns.ip, &[format!("--address=/#/{CLUSTER_DNS_ANSWER}")]);
+    let cluster_dns_args = ["--no-resolv".into(), format!("--address=/#/{CLUSTER_DNS_ANSWER}")];
+    let _cluster_dns = Dnsmasq::start(&coredns.ns, coredns.ip, None, &cluster_dns_args).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");

@@ -10,7 +10,7 @@
 use std::{
     net::Ipv4Addr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -23,6 +23,7 @@ use crate::{
     kpr::Kpr,
     netns::{Netns, unique_prefix},
     node::Bpffs,
+    servers::Dnsmasq,
 };
 
 const KPR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
@@ -52,51 +53,9 @@ pub struct DnsChange {
     pub answered_ms: f64,
 }
 
-/// A dnsmasq pinned to the server CPU, stopped on drop.
-struct Dnsmasq(Child);
-
-impl Dnsmasq {
-    fn start(ns: &Netns, addr: Ipv4Addr, extra: &[String]) -> anyhow::Result<Self> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "taskset", "-c", &SERVER_CPU.to_string(), "dnsmasq"])
-            .args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--user=root", "--pid-file="])
-            .args(["--bind-interfaces", "--port=53", "--local-ttl=5"])
-            .arg(format!("--listen-address={addr}"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq (Debian package dnsmasq-base)")?;
-        let server = Self(child);
-        answered(ns, addr, "ready.example.test", Duration::from_secs(10)).context("dnsmasq answering")?;
-        Ok(server)
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        // Ours, by its handle; gone already is as good.
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
-
 /// `dig +short` against `server`; its answer lines.
 fn dig(ns: &Netns, server: Ipv4Addr, name: &str) -> String {
     ns.output(&["dig", &format!("@{server}"), "+short", "+time=1", "+tries=1", name]).unwrap_or_default()
-}
-
-/// Waits until `server` answers anything (an empty answer counts) for `name`.
-fn answered(ns: &Netns, server: Ipv4Addr, name: &str, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let out = ns.output(&["dig", &format!("@{server}"), "+time=1", "+tries=1", name]).unwrap_or_default();
-        if out.contains("status: ") {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{server} does not answer DNS after {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn service_name(i: usize, n: usize) -> String {
@@ -166,13 +125,15 @@ pub(super) fn measure(
         std::fs::create_dir_all(&manifests)?;
         workload::write(&manifests, n, &[Ipv4Addr::new(10, 244, 0, 11)], None)?;
         query_files(&dir, n)?;
-        let _upstream =
-            Dnsmasq::start(&ns, UPSTREAM, &["--no-resolv".into(), "--address=/example.test/192.0.2.7".into()])?;
+        let upstream_args = ["--no-resolv".into(), "--local-ttl=5".into(), "--address=/example.test/192.0.2.7".into()];
+        let _upstream = Dnsmasq::start(&ns, UPSTREAM, Some(SERVER_CPU), &upstream_args)?;
         let _reference = Dnsmasq::start(
             &ns,
             REFERENCE,
+            Some(SERVER_CPU),
             &[
                 "--no-resolv".into(),
+                "--local-ttl=5".into(),
                 format!("--server={UPSTREAM}"),
                 format!("--addn-hosts={}", dir.join("hosts").display()),
                 "--cache-size=10000".into(),
