@@ -91,6 +91,10 @@ fn rolling_update_never_refuses(mode: Mode) {
         ("old", Ipv4Addr::new(10, 244, 0, 11)),
         ("new", Ipv4Addr::new(10, 244, 0, 12)),
         ("client", Ipv4Addr::new(10, 244, 0, 100)),
+        // The socket hooks' client has a pod of its own: a connection it
+        // makes straight to a backend from the same address and port as a
+        // per-packet flow to the VIP would be the same packets on the wire.
+        ("socket-client", Ipv4Addr::new(10, 244, 0, 101)),
     ];
     let node = VirtualNode::new(&pods).unwrap();
     let _servers: Vec<Server> =
@@ -124,7 +128,8 @@ fn rolling_update_never_refuses(mode: Mode) {
     let addr = SocketAddr::from((VIP, 80));
     let stop = Arc::new(AtomicBool::new(false));
     let packets = every_10ms(&node.pod("client").ns, addr, TIMEOUT, stop.clone());
-    let sockets = Repeating::start(std::path::Path::new(PROBE), &node.pod("client").ns, &node.cgroup, addr).unwrap();
+    let sockets =
+        Repeating::start(std::path::Path::new(PROBE), &node.pod("socket-client").ns, &node.cgroup, addr).unwrap();
     for (i, (step, endpoints, want)) in steps.iter().enumerate() {
         if i > 0 {
             // Programmed once a sync follows the write (and the moment
@@ -143,6 +148,13 @@ fn rolling_update_never_refuses(mode: Mode) {
     for (path, tally) in [("per-packet path", packets.join().unwrap()), ("socket hooks", sockets.finish().unwrap())] {
         assert!(tally.ok > 100, "{path}: only {} answered ({tally:?})", tally.ok);
         assert_eq!(tally.failed, 0, "{path}: no connection refused or lost at any step: {tally:?}\n{}", kpr.log());
+    }
+    if mode == Mode::Ebpf {
+        // Only a Service reached from outside under the Cluster policy needs
+        // eBPF mode's masquerade rule; any nat rule would turn on conntrack
+        // for every packet through the node.
+        let rules = ["iptables-nft-save", "iptables-legacy-save"].map(|s| node.ns.output(&[s]).unwrap_or_default());
+        assert!(!rules.concat().contains("kpr ebpf: masquerade"), "ClusterIP Services only:\n{}", rules.concat());
     }
 }
 

@@ -5,10 +5,12 @@
 //!
 //! `zone` keeps the names as the sync rebuilds touched Services, `answer`
 //! turns a question into records (pure), `cache` and `forward` handle
-//! names outside the cluster, `server` speaks the protocol over UDP and TCP.
-//! Messages are read and written by hickory-proto.
+//! names outside the cluster, `server` speaks the protocol over UDP (in
+//! batches, see `batch`) and TCP. Messages are read and written by
+//! hickory-proto.
 
 pub mod answer;
+pub mod batch;
 pub mod cache;
 pub mod forward;
 pub mod server;

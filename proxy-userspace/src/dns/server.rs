@@ -25,6 +25,7 @@ use tokio::{
 use crate::dns::{
     DnsConfig, DnsMetrics, ProtocolLabels, RcodeLabels,
     answer::{self, Answer},
+    batch,
     cache::Cache,
     forward::{EDNS_PAYLOAD, Forwarder},
     zone::SharedZone,
@@ -120,10 +121,11 @@ impl DnsServer {
     /// Serves on `listen` over UDP and TCP: TCP until the returned task is
     /// aborted, UDP until the process exits.
     ///
-    /// UDP queries are read by a thread of their own with blocking calls:
-    /// an answer from the zone or the cache costs two system calls and no
-    /// wake-up of the runtime, whatever else the agent is doing. Queries
-    /// that wait for an upstream are handed to the runtime.
+    /// UDP queries are read by a thread of their own with blocking calls,
+    /// in batches (see `batch`): an answer from the zone or the cache costs
+    /// a share of two system calls and no wake-up of the runtime, whatever
+    /// else the agent is doing. Queries that wait for an upstream are
+    /// handed to the runtime.
     pub async fn serve(self: Arc<Self>, listen: SocketAddr) -> std::io::Result<Vec<JoinHandle<()>>> {
         let udp = Arc::new(std::net::UdpSocket::bind(listen)?);
         let tcp = TcpListener::bind(listen).await?;
@@ -147,32 +149,40 @@ impl DnsServer {
     }
 
     fn serve_udp(self: Arc<Self>, udp: &Arc<std::net::UdpSocket>, runtime: &tokio::runtime::Handle) {
-        let mut buf = vec![0u8; 65535];
+        let mut receiver = batch::Receiver::default();
+        let mut answers = Vec::with_capacity(batch::BATCH);
         loop {
-            let (n, from) = match udp.recv_from(&mut buf) {
-                Ok(received) => received,
-                Err(e) => {
-                    tracing::debug!(error = %e, "DNS over UDP: receiving failed");
-                    continue;
-                }
-            };
-            self.udp_requests.inc();
-            match self.start(&buf[..n]) {
-                Step::Reply(response) => send(udp, &self.encode_udp(response), from),
-                Step::Drop => {}
-                // A round trip upstream must not hold up the other queries.
-                step => match self.forwards.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let (server, udp) = (self.clone(), udp.clone());
-                        runtime.spawn(async move {
-                            let response = server.finish(step).await;
-                            send(&udp, &server.encode_udp(response), from);
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => send(udp, &self.encode_udp(step.fail()), from),
-                },
+            if let Err(e) = receiver.receive(udp) {
+                tracing::debug!(error = %e, "DNS over UDP: receiving failed");
+                continue;
             }
+            for (query, peer) in receiver.queries() {
+                self.udp_requests.inc();
+                let Some(query) = query else {
+                    // Longer than any query: not one.
+                    self.metrics.malformed.inc();
+                    continue;
+                };
+                match self.start(query) {
+                    Step::Reply(response) => answers.push((self.encode_udp(response), peer)),
+                    Step::Drop => {}
+                    // A round trip upstream must not hold up the other queries.
+                    step => match self.forwards.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let Some(from) = peer.socket_addr() else { continue };
+                            let (server, udp) = (self.clone(), udp.clone());
+                            runtime.spawn(async move {
+                                let response = server.finish(step).await;
+                                send(&udp, &server.encode_udp(response), from);
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => answers.push((self.encode_udp(step.fail()), peer)),
+                    },
+                }
+            }
+            batch::send(udp, &mut answers);
+            answers.clear();
         }
     }
 

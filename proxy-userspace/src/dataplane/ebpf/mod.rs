@@ -256,6 +256,11 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// The previous run's maps and where this run's are, while a migration
     /// waits for the switch (see `migrate`).
     migrating: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Whether the node's masquerade rule was asked for. Only a frontend
+    /// from outside under the Cluster policy needs it, and a nat rule turns
+    /// on netfilter's connection tracking for every packet through the
+    /// node: nodes without such a Service are spared that cost.
+    masquerade_asked: bool,
 }
 
 fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(MapIoError) -> DataplaneError {
@@ -269,10 +274,6 @@ impl EbpfDataplane<AyaMaps> {
     /// Loads the programs, attaches them to `targets` and pins the maps under `bpf_root`.
     pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
         let attached = load::attach(targets, sizes, bpf_root)?;
-        if let Err(e) = masquerade::ensure() {
-            // Node ports under a Cluster policy then reach only backends on this node.
-            tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
-        }
         let mut dataplane = Self::new(attached.maps, sizes);
         if attached.reused {
             let frontends = dataplane.adopt_programmed();
@@ -316,6 +317,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             adopted: false,
             pins: pins::LinkPins::new(None),
             migrating: None,
+            masquerade_asked: false,
         }
     }
 
@@ -383,6 +385,19 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         Ok(set)
     }
 
+    /// Adds the node's masquerade rule before the first request is marked
+    /// for it (once; a real dataplane only).
+    fn ask_for_masquerade(&mut self) {
+        if self.masquerade_asked || self.ebpf.is_none() {
+            return;
+        }
+        self.masquerade_asked = true;
+        if let Err(e) = masquerade::ensure() {
+            // Node ports under a Cluster policy then reach only backends on this node.
+            tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
+        }
+    }
+
     /// Writes `f`'s external frontends (programmed already under `id` and
     /// its cluster-wide set) and removes the ones it no longer has: a Local
     /// policy gets a set of this node's endpoints, published as the
@@ -396,6 +411,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         let (id, set) = (p.id, p.set);
         let wanted = external_entries(f, &self.node_addresses);
+        if wanted.iter().any(|e| e.flags & flags::MASQUERADE != 0) {
+            self.ask_for_masquerade();
+        }
         let ext = f.external.as_deref();
         let local_only = ext.is_some_and(|e| e.local_only) && !wanted.is_empty();
         let ranges: Vec<Cidr> = if wanted.iter().any(|e| e.flags & flags::SOURCE_RANGES != 0) {
