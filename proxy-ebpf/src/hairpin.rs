@@ -8,11 +8,22 @@
 //! frontend -> pod. Both go straight back out of the interface they came
 //! in on, their MAC addresses swapped: the node's stack never sees them,
 //! so no routing or reverse-path filter there has to know the address.
+//! The pod's ICMP errors about either direction are translated the same
+//! way, quote included.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{conntrack::CtEntry, counters::DropReason, ipv4::Fragment, maps::HAIRPIN_SOURCE};
+use proxy_common::{
+    conntrack::{CtEntry, FlowKey},
+    counters::DropReason,
+    ipv4::Fragment,
+    maps::HAIRPIN_SOURCE,
+};
 
-use crate::{Verdict, conntrack, fragments, lookup, parse::Packet, skb, translate};
+use crate::{
+    Verdict, conntrack, fragments, lookup,
+    parse::{IcmpError, Packet},
+    skb, translate,
+};
 
 /// Whether the backend chosen for `pkt`, which came in on `ifindex`, is
 /// its own sender: a pod's. (A client outside the node whose address a
@@ -52,6 +63,39 @@ fn translate_reply(ctx: &TcContext, pkt: &Packet, frontend: &CtEntry) -> Result<
     translate::reverse(ctx, pkt, frontend)?;
     translate::destination_address(ctx, pkt, pkt.src)?;
     reflect(ctx)
+}
+
+/// If `err`, which came in on `ifindex`, is a pod's error about a hairpin
+/// flow of its own: translated as the flow's other end (the same pod) knows
+/// the flow, and sent back to it. `None` for every other error.
+#[inline(always)]
+pub(crate) fn icmp_error(ctx: &TcContext, err: &IcmpError, ifindex: u32) -> Option<Result<Verdict, DropReason>> {
+    let q = &err.quoted;
+    let pod = err.src;
+    // Hairpin flows are pods' only; the lookup waits until the addresses say it may be one.
+    let a_pod = || lookup::is_pod_interface(ifindex);
+    if err.dst == HAIRPIN_SOURCE && q.src == HAIRPIN_SOURCE && q.dst == pod && a_pod() {
+        // About a request it got (a closed port, say): the error the pod's
+        // client socket gets is the frontend's, about what it sent there.
+        let reply = FlowKey::reply_tuple(pod, q.dst_port, pod, q.src_port, q.proto);
+        let frontend = conntrack::frontend_of(&reply, conntrack::now())?;
+        return Some(
+            translate::icmp_to_client(ctx, err, &frontend)
+                .and_then(|()| translate::icmp_hairpin_request(ctx, err, pod))
+                .and_then(|()| reflect(ctx)),
+        );
+    }
+    if q.dst == pod && err.dst == q.src && a_pod() {
+        // About a frontend's reply it got, which the pod itself sent as
+        // the backend: the error is the hairpin address's, about that.
+        let backend = lookup::icmp_to_backend(err).filter(|b| b.addr == pod)?;
+        return Some(
+            translate::icmp_to_backend(ctx, err, &backend)
+                .and_then(|()| translate::icmp_hairpin_reply(ctx, err, HAIRPIN_SOURCE))
+                .and_then(|()| reflect(ctx)),
+        );
+    }
+    None
 }
 
 #[inline(always)]

@@ -184,6 +184,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match see(ctx)? {
         Seen::Flow(pkt) => pkt,
         Seen::IcmpError(err) => {
+            if let Some(reflected) = hairpin::icmp_error(ctx, &err, ifindex(ctx)) {
+                return Ok(count(Counter::IcmpErrorTranslated, reflected?));
+            }
             // A client's error about a reply it got from a frontend goes to
             // the backend that sent it.
             if let Some(backend) = lookup::icmp_to_backend(&err) {

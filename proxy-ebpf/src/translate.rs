@@ -114,6 +114,26 @@ pub(crate) fn icmp_to_backend(ctx: &TcContext, err: &IcmpError, backend: &CtEntr
     rewrite_outer(ctx, IP_DST_OFF, err.dst, backend.addr)
 }
 
+/// An ICMP error about a hairpin request, on its way back to the pod it
+/// came from: the quote's source and the error's destination, the hairpin
+/// address, become the pod's.
+#[inline(always)]
+pub(crate) fn icmp_hairpin_request(ctx: &TcContext, err: &IcmpError, pod: [u8; 4]) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    rewrite_quote(ctx, err, QUOTED_SRC, q.src, pod, 0, q.src_port, q.src_port)?;
+    rewrite_outer(ctx, IP_DST_OFF, err.dst, pod)
+}
+
+/// An ICMP error about a hairpin reply, on its way back to the pod that
+/// answered: the quote's destination and the error's source, the pod,
+/// become the hairpin address the pod answered.
+#[inline(always)]
+pub(crate) fn icmp_hairpin_reply(ctx: &TcContext, err: &IcmpError, hairpin: [u8; 4]) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    rewrite_quote(ctx, err, QUOTED_DST, q.dst, hairpin, 2, q.dst_port, q.dst_port)?;
+    rewrite_outer(ctx, IP_SRC_OFF, err.src, hairpin)
+}
+
 /// ICMP has no pseudo-header: an outer address change touches only the IP checksum.
 #[inline(always)]
 fn rewrite_outer(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), DropReason> {

@@ -210,6 +210,30 @@ fn a_pod_that_is_its_own_backend_is_answered_through_the_hairpin_address() {
     }
     assert_eq!((dp.counter(Counter::Translated), dp.counter(Counter::ReverseTranslated)), (2, 2));
 
+    // The pod's ICMP errors about either direction of a hairpin flow go
+    // back to it as the other end knows the flow, quote included.
+    let request = udp_frame((pod, 40100), (VIP, 53), b"query");
+    let (_, delivered) = dp.run(&request);
+    let closed_port = icmp_error(pod, hairpin, 3, 3, ip_packet(&delivered));
+    let (verdict, out) = dp.run(&closed_port);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight back to the pod");
+    let v = View(&out);
+    assert_eq!((v.src(), v.dst()), (VIP, pod), "the frontend's error, to the pod's client socket");
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok(), "IP and ICMP checksums");
+    assert_eq!(&v.l4()[8..], ip_packet(&request), "about what the pod sent to the frontend");
+    assert!(swapped(&out, &closed_port));
+
+    let answer = udp_frame((pod, 5353), (hairpin, 40100), b"answer");
+    let (_, shown) = dp.run(&answer);
+    let gone = icmp_error(pod, VIP, 3, 3, ip_packet(&shown));
+    let (verdict, out) = dp.run(&gone);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let v = View(&out);
+    assert_eq!((v.src(), v.dst()), (hairpin, pod), "the hairpin address's error, to the pod's serving socket");
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_eq!(&v.l4()[8..], ip_packet(&answer), "about what the pod answered");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 2);
+
     // A packet to the hairpin address in no tracked flow is the node's business.
     let stray = tcp_frame((BACKENDS[1], 8080), (hairpin, 41000), TCP_ACK, b"x");
     assert_eq!(dp.run(&stray), (TC_ACT_OK, stray.clone()));
