@@ -66,36 +66,48 @@ fn translate_reply(ctx: &TcContext, pkt: &Packet, frontend: &CtEntry) -> Result<
 }
 
 /// If `err`, which came in on `ifindex`, is a pod's error about a hairpin
-/// flow of its own: translated as the flow's other end (the same pod) knows
-/// the flow, and sent back to it. `None` for every other error.
+/// request it got (a closed port, say): translated to the error its client
+/// socket must see, the frontend's about what it sent there, and sent back
+/// to it. `None` for every other error.
 #[inline(always)]
-pub(crate) fn icmp_error(ctx: &TcContext, err: &IcmpError, ifindex: u32) -> Option<Result<Verdict, DropReason>> {
+pub(crate) fn icmp_error_about_request(
+    ctx: &TcContext,
+    err: &IcmpError,
+    ifindex: u32,
+) -> Option<Result<Verdict, DropReason>> {
     let q = &err.quoted;
     let pod = err.src;
-    // Hairpin flows are pods' only; the lookup waits until the addresses say it may be one.
-    let a_pod = || lookup::is_pod_interface(ifindex);
-    if err.dst == HAIRPIN_SOURCE && q.src == HAIRPIN_SOURCE && q.dst == pod && a_pod() {
-        // About a request it got (a closed port, say): the error the pod's
-        // client socket gets is the frontend's, about what it sent there.
-        let reply = FlowKey::reply_tuple(pod, q.dst_port, pod, q.src_port, q.proto);
-        let frontend = conntrack::frontend_of(&reply, conntrack::now())?;
-        return Some(
-            translate::icmp_to_client(ctx, err, &frontend)
-                .and_then(|()| translate::icmp_hairpin_request(ctx, err, pod))
-                .and_then(|()| reflect(ctx)),
-        );
+    if err.dst != HAIRPIN_SOURCE || q.src != HAIRPIN_SOURCE || q.dst != pod || !lookup::is_pod_interface(ifindex) {
+        return None;
     }
-    if q.dst == pod && err.dst == q.src && a_pod() {
-        // About a frontend's reply it got, which the pod itself sent as
-        // the backend: the error is the hairpin address's, about that.
-        let backend = lookup::icmp_to_backend(err).filter(|b| b.addr == pod)?;
-        return Some(
-            translate::icmp_to_backend(ctx, err, &backend)
-                .and_then(|()| translate::icmp_hairpin_reply(ctx, err, HAIRPIN_SOURCE))
-                .and_then(|()| reflect(ctx)),
-        );
-    }
-    None
+    let reply = FlowKey::reply_tuple(pod, q.dst_port, pod, q.src_port, q.proto);
+    let frontend = conntrack::frontend_of(&reply, conntrack::now())?;
+    Some(
+        translate::icmp_to_client(ctx, err, &frontend)
+            .and_then(|()| translate::icmp_hairpin_request(ctx, err, pod))
+            .and_then(|()| reflect(ctx)),
+    )
+}
+
+/// Whether a client's error about a frontend's reply, which `backend`
+/// sent, is about a hairpin flow: the pod erring is that backend.
+#[inline(always)]
+pub(crate) fn is_own_reply(err: &IcmpError, backend: &CtEntry, ifindex: u32) -> bool {
+    backend.addr == err.src && lookup::is_pod_interface(ifindex)
+}
+
+/// Such an error (see [`is_own_reply`]), translated to the error the pod's
+/// serving socket must see, the hairpin address's about the reply it sent
+/// there, and sent back to it.
+#[inline(always)]
+pub(crate) fn icmp_error_about_reply(
+    ctx: &TcContext,
+    err: &IcmpError,
+    backend: &CtEntry,
+) -> Result<Verdict, DropReason> {
+    translate::icmp_to_backend(ctx, err, backend)?;
+    translate::icmp_hairpin_reply(ctx, err, HAIRPIN_SOURCE)?;
+    reflect(ctx)
 }
 
 #[inline(always)]

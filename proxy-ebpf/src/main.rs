@@ -184,12 +184,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match see(ctx)? {
         Seen::Flow(pkt) => pkt,
         Seen::IcmpError(err) => {
-            if let Some(reflected) = hairpin::icmp_error(ctx, &err, ifindex(ctx)) {
+            if let Some(reflected) = hairpin::icmp_error_about_request(ctx, &err, ifindex(ctx)) {
                 return Ok(count(Counter::IcmpErrorTranslated, reflected?));
             }
             // A client's error about a reply it got from a frontend goes to
-            // the backend that sent it.
+            // the backend that sent it (the client itself, in a hairpin flow).
             if let Some(backend) = lookup::icmp_to_backend(&err) {
+                if hairpin::is_own_reply(&err, &backend, ifindex(ctx)) {
+                    return Ok(count(
+                        Counter::IcmpErrorTranslated,
+                        hairpin::icmp_error_about_reply(ctx, &err, &backend)?,
+                    ));
+                }
                 translate::icmp_to_backend(ctx, &err, &backend)?;
                 count(Counter::IcmpErrorTranslated, ());
             }

@@ -120,6 +120,9 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// How long a [`tcp_pool`] worker waits for a connection's next request.
+const IDLE_CONNECTION: Duration = Duration::from_secs(10);
+
 /// A TCP server with `workers` threads sharing one listener, for load
 /// tests: each request line is answered with `reply`; a request of "close"
 /// is answered and the server closes first (so TIME_WAIT lands on the
@@ -139,6 +142,10 @@ pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<
             }
             while let Ok((stream, _)) = l.accept() {
                 stream.set_nodelay(true).ok();
+                // A client that vanished without a FIN (its translation gone
+                // with the agent of a finished run) must not hold a worker,
+                // nor the server's drop, which waits for every worker.
+                stream.set_read_timeout(Some(IDLE_CONNECTION)).ok();
                 let mut writer = match stream.try_clone() {
                     Ok(w) => w,
                     Err(_) => continue,

@@ -153,7 +153,7 @@ fn rolling_update_never_refuses(mode: Mode) {
         // Only a Service reached from outside under the Cluster policy needs
         // eBPF mode's masquerade rule; any nat rule would turn on conntrack
         // for every packet through the node.
-        let rules = ["iptables-nft-save", "iptables-legacy-save"].map(|s| node.ns.output(&[s]).unwrap_or_default());
+        let rules = ["iptables-nft-save", "iptables-legacy-save"].map(|s| node.ns.output(&[s]).unwrap());
         assert!(!rules.concat().contains("kpr ebpf: masquerade"), "ClusterIP Services only:\n{}", rules.concat());
     }
 }

@@ -104,9 +104,10 @@ impl Receiver {
         Ok(self.received)
     }
 
-    /// The queries of the last receive: their bytes (`None` when cut) and senders.
-    pub fn queries(&self) -> impl Iterator<Item = (Option<&[u8]>, Peer)> {
-        (0..self.received).map(|i| ((!self.cut[i]).then(|| &self.buffers[i][..self.lengths[i]]), self.peers[i]))
+    /// The queries of the last receive: their bytes, whether they were cut
+    /// (longer than [`QUERY_MAX`]: only the start is here), and senders.
+    pub fn queries(&self) -> impl Iterator<Item = (&[u8], bool, Peer)> {
+        (0..self.received).map(|i| (&self.buffers[i][..self.lengths[i]], self.cut[i], self.peers[i]))
     }
 }
 
@@ -138,8 +139,11 @@ pub fn send(socket: &std::net::UdpSocket, answers: &mut [(Vec<u8>, Peer)]) {
         // SAFETY: every header points at a live answer and address.
         let n = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as u32, 0) };
         if n <= 0 {
-            // The first of the rest failed: skip it, send the others.
             let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The first of the rest failed: skip it, send the others.
             tracing::debug!(to = ?rest[0].1.socket_addr(), error = %e, "could not send a DNS answer");
             sent += 1;
         } else {
@@ -165,7 +169,7 @@ mod tests {
         let mut taken = Vec::new();
         while taken.len() < 6 {
             receiver.receive(&server).unwrap();
-            taken.extend(receiver.queries().map(|(q, p)| (q.map(<[u8]>::to_vec), p)));
+            taken.extend(receiver.queries().map(|(q, cut, p)| ((!cut).then(|| q.to_vec()), p)));
         }
         let senders: Vec<SocketAddr> = taken.iter().map(|(_, p)| p.socket_addr().unwrap()).collect();
         for (i, c) in clients.iter().enumerate() {
@@ -195,7 +199,7 @@ mod tests {
         client.send_to(b"q", server.local_addr().unwrap()).unwrap();
         let mut receiver = Receiver::default();
         receiver.receive(&server).unwrap();
-        let (_, peer) = receiver.queries().next().unwrap();
+        let (_, _, peer) = receiver.queries().next().unwrap();
         assert_eq!(peer.socket_addr(), client.local_addr().ok());
     }
 }

@@ -156,14 +156,11 @@ impl DnsServer {
                 tracing::debug!(error = %e, "DNS over UDP: receiving failed");
                 continue;
             }
-            for (query, peer) in receiver.queries() {
+            for (query, cut, peer) in receiver.queries() {
                 self.udp_requests.inc();
-                let Some(query) = query else {
-                    // Longer than any query: not one.
-                    self.metrics.malformed.inc();
-                    continue;
-                };
-                match self.start(query) {
+                // Longer than any query: not one, whatever it starts with.
+                let step = if cut { self.malformed(query) } else { self.start(query) };
+                match step {
                     Step::Reply(response) => answers.push((self.encode_udp(response), peer)),
                     Step::Drop => {}
                     // A round trip upstream must not hold up the other queries.
@@ -223,22 +220,7 @@ impl DnsServer {
 
     /// What can be decided without waiting: everything but a round trip upstream.
     fn start(&self, bytes: &[u8]) -> Step {
-        let request = match Message::from_vec(bytes) {
-            Ok(m) => m,
-            Err(_) => {
-                self.metrics.malformed.inc();
-                return match bytes {
-                    // A header to answer: FORMERR, with the id and opcode it gave.
-                    [a, b, flags, ..] if bytes.len() >= 12 && flags & 0x80 == 0 => {
-                        let mut m =
-                            Message::error_msg(u16::from_be_bytes([*a, *b]), OpCode::Query, ResponseCode::FormErr);
-                        m.metadata.op_code = OpCode::from_u8((flags >> 3) & 0x0f);
-                        Step::Reply(m)
-                    }
-                    _ => Step::Drop,
-                };
-            }
-        };
+        let Ok(request) = Message::from_vec(bytes) else { return self.malformed(bytes) };
         if request.metadata.message_type != MessageType::Query {
             self.metrics.malformed.inc();
             return Step::Drop;
@@ -269,6 +251,20 @@ impl DnsServer {
         match self.forwarder.cached(query) {
             Some(cached) => Step::Reply(forwarded(&request, cached)),
             None => Step::Forward(request),
+        }
+    }
+
+    /// What input that is not a query gets, counted: FORMERR with the id
+    /// and opcode it gave when it has a query's header, else nothing.
+    fn malformed(&self, bytes: &[u8]) -> Step {
+        self.metrics.malformed.inc();
+        match bytes {
+            [a, b, flags, ..] if bytes.len() >= 12 && flags & 0x80 == 0 => {
+                let mut m = Message::error_msg(u16::from_be_bytes([*a, *b]), OpCode::Query, ResponseCode::FormErr);
+                m.metadata.op_code = OpCode::from_u8((flags >> 3) & 0x0f);
+                Step::Reply(m)
+            }
+            _ => Step::Drop,
         }
     }
 

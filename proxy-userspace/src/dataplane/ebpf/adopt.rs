@@ -57,6 +57,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 self.programmed.insert(frontend, Programmed { id, set, slots, affinity, outside: None });
             }
         }
+        // Frontends the taken-over maps send to the masquerade rule serve
+        // before the first sync: the rule must be there for them.
+        if externals.values().flatten().any(|(_, v)| v.flags & proxy_common::maps::flags::MASQUERADE != 0) {
+            self.ask_for_masquerade();
+        }
         let scopes: BTreeMap<u32, ServiceValue> = contents.cluster_scopes.into_iter().collect();
         let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();
         for (id, range) in contents.source_ranges {

@@ -256,11 +256,22 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// The previous run's maps and where this run's are, while a migration
     /// waits for the switch (see `migrate`).
     migrating: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// Whether the node's masquerade rule was asked for. Only a frontend
-    /// from outside under the Cluster policy needs it, and a nat rule turns
-    /// on netfilter's connection tracking for every packet through the
-    /// node: nodes without such a Service are spared that cost.
-    masquerade_asked: bool,
+    /// The node's masquerade rule. Only a frontend from outside under the
+    /// Cluster policy needs it, and a nat rule turns on netfilter's
+    /// connection tracking for every packet through the node: nodes
+    /// without such a Service are spared that cost.
+    masquerade: MasqueradeRule,
+}
+
+/// Where the node's masquerade rule stands (see `masquerade`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MasqueradeRule {
+    /// No frontend has needed it yet.
+    NotNeeded,
+    Added,
+    /// Adding it failed during this apply; the next one tries again (once
+    /// per apply: a node without iptables must not run it per frontend).
+    Failed,
 }
 
 fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(MapIoError) -> DataplaneError {
@@ -275,13 +286,13 @@ impl EbpfDataplane<AyaMaps> {
     pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
         let attached = load::attach(targets, sizes, bpf_root)?;
         let mut dataplane = Self::new(attached.maps, sizes);
+        dataplane.ebpf = Some(attached.ebpf);
         if attached.reused {
             let frontends = dataplane.adopt_programmed();
             tracing::info!(frontends, "took over the frontends the maps hold; they serve until the first sync");
         }
         dataplane.pins = attached.pins;
         dataplane.migrating = attached.previous.map(|old| (old, crate::inspect::maps_dir(bpf_root)));
-        dataplane.ebpf = Some(attached.ebpf);
         dataplane.interface_patterns.clone_from(&targets.interfaces);
         dataplane.devices.clone_from(&targets.devices);
         dataplane.attached = attached.interfaces;
@@ -317,7 +328,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             adopted: false,
             pins: pins::LinkPins::new(None),
             migrating: None,
-            masquerade_asked: false,
+            masquerade: MasqueradeRule::NotNeeded,
         }
     }
 
@@ -386,16 +397,21 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     }
 
     /// Adds the node's masquerade rule before the first request is marked
-    /// for it (once; a real dataplane only).
+    /// for it (a real dataplane only). This runs iptables (up to four calls,
+    /// waiting for the xtables lock) inside the apply that writes the first
+    /// such frontend, once per node's life unless it fails.
     fn ask_for_masquerade(&mut self) {
-        if self.masquerade_asked || self.ebpf.is_none() {
+        if self.masquerade != MasqueradeRule::NotNeeded || self.ebpf.is_none() {
             return;
         }
-        self.masquerade_asked = true;
-        if let Err(e) = masquerade::ensure() {
-            // Node ports under a Cluster policy then reach only backends on this node.
-            tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
-        }
+        self.masquerade = match masquerade::ensure() {
+            Ok(()) => MasqueradeRule::Added,
+            Err(e) => {
+                // Node ports under a Cluster policy then reach only backends on this node.
+                tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
+                MasqueradeRule::Failed
+            }
+        };
     }
 
     /// Writes `f`'s external frontends (programmed already under `id` and
@@ -757,6 +773,9 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
+        if self.masquerade == MasqueradeRule::Failed {
+            self.masquerade = MasqueradeRule::NotNeeded;
+        }
         self.follow_interfaces();
         self.retry_leftovers();
         // A whole sync has passed since these were unpublished: no program still reads them.
