@@ -30,6 +30,7 @@ use proxy_userspace::{
     },
     frontend::{Cidr, DnsCapture, Endpoint},
     healthcheck::HealthServers,
+    index::Dirty,
     metrics::{Metrics, ReasonLabels},
     name::ObjectName,
     source::{self, SharedIndex, Source, SourceSpec},
@@ -106,10 +107,17 @@ fn follow_changes_in_dns(
                 () = changes.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            // Asked before the index is locked: a source takes its own lock, then the index's.
-            let listed = source.ready();
+            // Asked before the index is locked: a source takes its own lock,
+            // then the index's. Before a complete list the zone waits.
+            if !source.ready() {
+                continue;
+            }
             let mut index = index.lock().unwrap();
-            zone.write().unwrap().refresh(&mut index, listed);
+            // The write lock holds queries up: taken only when something changed.
+            let dirty = index.take_dns_dirty();
+            if !matches!(dirty, Dirty::None) {
+                zone.write().unwrap().update(&index, &dirty);
+            }
         }
     })
 }

@@ -3,10 +3,10 @@
 //! Kubernetes DNS specification, and every other name forwarded to the
 //! node's upstream servers with a cache.
 //!
-//! `zone` keeps the names as the sync rebuilds touched Services, `answer`
-//! turns a question into records (pure), `cache` and `forward` handle
-//! names outside the cluster, `server` speaks the protocol over UDP (in
-//! batches, see `batch`) and TCP. Messages are read and written by
+//! `zone` keeps the names, rebuilding the Services each change touches;
+//! `answer` turns a question into records (pure); `cache` and `forward`
+//! handle names outside the cluster; `server` speaks the protocol over UDP
+//! (in batches, see `batch`) and TCP. Messages are read and written by
 //! hickory-proto.
 
 pub mod answer;

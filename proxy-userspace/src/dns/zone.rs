@@ -4,8 +4,8 @@
 //! update are rebuilt, nothing else. One
 //! entry per Service holds what its name, its endpoints' names and its SRV
 //! records resolve to; a reverse table answers PTR queries. Readers (the
-//! server's UDP thread and TCP tasks) take a read lock per query; a sync
-//! takes the write lock for the Services it rebuilds.
+//! server's UDP thread and TCP tasks) take a read lock per query; the
+//! agent's DNS task takes the write lock for the Services it rebuilds.
 
 use std::{
     collections::HashMap,
@@ -19,7 +19,7 @@ use crate::{
     validate::{DnsPort, DnsTarget},
 };
 
-/// The zone, shared between the sync (writer) and the server (readers).
+/// The zone, shared between the agent's DNS task (writer) and the server (readers).
 pub type SharedZone = Arc<RwLock<Zone>>;
 
 /// A ready endpoint as DNS names it.
@@ -119,16 +119,6 @@ impl Zone {
     /// `<service>.<namespace>.svc.<domain>`.
     pub fn service_fqdn(&self, name: &ObjectName) -> String {
         format!("{}.{}.svc.{}", name.name(), name.namespace(), self.domain)
-    }
-
-    /// Brings the zone up to date with `index` (which tracks DNS, see
-    /// [`Index::track_dns`]), once the source has listed everything.
-    pub fn refresh(&mut self, index: &mut Index, listed: bool) {
-        if !listed {
-            return;
-        }
-        let dirty = index.take_dns_dirty();
-        self.update(index, &dirty);
     }
 
     /// Rebuilds the Services `dirty` names (every one for [`Dirty::All`]) from `index`.
