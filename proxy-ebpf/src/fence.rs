@@ -4,7 +4,9 @@
 //! this program, on egress of the same cgroup, checks the source of every
 //! packet the socket sends to that backend and drops those from outside the
 //! ranges, as kube-proxy's firewall chain drops them. A socket without the
-//! mark costs one lookup in its own storage.
+//! mark costs one lookup in its own storage, and a node without such a
+//! frontend runs none of this: the agent attaches the program only once a
+//! frontend asks for a fence.
 
 use aya_ebpf::{
     bindings::__sk_buff, helpers::generated::bpf_sk_storage_get, macros::cgroup_skb, programs::SkBuffContext,

@@ -64,6 +64,29 @@ impl Cgroup {
     }
 }
 
+/// `BPF_CGROUP_INET_EGRESS`: programs run on every packet a cgroup's sockets send.
+pub const INET_EGRESS: u32 = 1;
+
+impl Cgroup {
+    /// How many programs the kernel runs at `attach_type` for this cgroup
+    /// (attached to it directly), as `BPF_PROG_QUERY` reports.
+    pub fn programs_at(&self, attach_type: u32) -> anyhow::Result<u32> {
+        use std::os::fd::AsRawFd as _;
+        let dir = std::fs::File::open(&self.path)?;
+        // union bpf_attr's query: target_fd, attach_type, query_flags,
+        // attach_flags, prog_ids (no buffer: only the count), prog_cnt.
+        let mut attr = [0u32; 16];
+        attr[0] = dir.as_raw_fd() as u32;
+        attr[1] = attach_type;
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        // SAFETY: a zeroed bpf_attr-sized buffer the kernel reads and writes.
+        let r =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+        anyhow::ensure!(r == 0, "BPF_PROG_QUERY on {}: {}", self.path.display(), std::io::Error::last_os_error());
+        Ok(attr[6])
+    }
+}
+
 /// This process's membership of a [`Cgroup`]; it goes back to the cgroup
 /// it came from on drop.
 pub struct Member {

@@ -155,6 +155,10 @@ fn rolling_update_never_refuses(mode: Mode) {
         // for every packet through the node.
         let rules = ["iptables-nft-save", "iptables-legacy-save"].map(|s| node.ns.output(&[s]).unwrap());
         assert!(!rules.concat().contains("kpr ebpf: masquerade"), "ClusterIP Services only:\n{}", rules.concat());
+        // Nor the socket path's egress fence: it would run for every packet
+        // the node's sockets send.
+        let egress = node.cgroup.programs_at(kpr_tests::cgroup::INET_EGRESS).unwrap();
+        assert_eq!(egress, 0, "no frontend needs the socket path's egress fence");
     }
 }
 
@@ -229,6 +233,10 @@ fn internal_local_policy_keeps_pods_on_their_node(mode: Mode) {
     let p = probe(std::path::Path::new(PROBE), &client.ns, &node0.cgroup, "tcp", far).unwrap();
     const EAGAIN: i32 = 11;
     assert!(p.reply.is_none() && matches!(p.errno, None | Some(EAGAIN)), "socket hooks: dropped, not refused: {p:?}");
+    if mode == Mode::Ebpf {
+        // The drop is the egress fence's, attached for `far` alone.
+        assert_eq!(node0.cgroup.programs_at(kpr_tests::cgroup::INET_EGRESS).unwrap(), 1, "the socket path's fence");
+    }
 }
 
 /// Two Services over the same three pods with `sessionAffinity: ClientIP`:

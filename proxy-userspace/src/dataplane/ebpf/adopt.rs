@@ -43,6 +43,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// Returns how many frontends were taken over.
     pub fn adopt_programmed(&mut self) -> usize {
         let contents = self.maps.contents();
+        let entry_flags = contents.services.iter().fold(0, |all, (_, v)| all | v.flags);
         let mut externals: BTreeMap<u32, Vec<(ServiceKey, ServiceValue)>> = BTreeMap::new();
         let mut markers = Vec::new();
         for (key, value) in contents.services {
@@ -57,11 +58,12 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 self.programmed.insert(frontend, Programmed { id, set, slots, affinity, outside: None });
             }
         }
-        // Frontends the taken-over maps send to the masquerade rule serve
-        // before the first sync: the rule must be there for them.
-        if externals.values().flatten().any(|(_, v)| v.flags & proxy_common::maps::flags::MASQUERADE != 0) {
+        // The taken-over frontends serve before the first sync: the
+        // masquerade rule and the socket fence they ask for must be there.
+        if entry_flags & proxy_common::maps::flags::MASQUERADE != 0 {
             self.ask_for_masquerade();
         }
+        self.ask_for_socket_fence(entry_flags);
         let scopes: BTreeMap<u32, ServiceValue> = contents.cluster_scopes.into_iter().collect();
         let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();
         for (id, range) in contents.source_ranges {

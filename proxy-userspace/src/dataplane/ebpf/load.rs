@@ -159,6 +159,9 @@ pub struct Attached {
     pub devices: super::xdp::Devices,
     /// Every link, pinned so it outlives the agent.
     pub pins: LinkPins,
+    /// Whether the socket path's egress fence is attached (the previous
+    /// run's, adopted).
+    pub socket_fence: bool,
     /// Whether the maps are a previous run's, programmed already.
     pub reused: bool,
     /// The previous run's maps, set aside while they are migrated.
@@ -255,8 +258,11 @@ pub(super) fn with_sources(e: &dyn std::error::Error) -> String {
 }
 
 /// Attaches the socket hooks to `cgroup` beside any other programs there
-/// (or adopts the previous run's links there).
-fn attach_socket_hooks(ebpf: &mut Ebpf, pins: &mut LinkPins, cgroup: &Path) -> Result<(), DataplaneError> {
+/// (or adopts the previous run's links there). The egress fence is loaded
+/// but attached only when a frontend needs it ([`attach_socket_fence`]),
+/// or adopted if the previous run had it: it runs for every packet the
+/// cgroup's sockets send. Returns whether the fence is attached.
+fn attach_socket_hooks(ebpf: &mut Ebpf, pins: &mut LinkPins, cgroup: &Path) -> Result<bool, DataplaneError> {
     let attach_error = |program, reason: String| DataplaneError::Attach {
         program,
         target: format!("cgroup {}", cgroup.display()),
@@ -275,8 +281,8 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, pins: &mut LinkPins, cgroup: &Path) -> R
     // A link (what aya makes on this kernel) takes no attach flags and
     // always runs beside other programs on the cgroup.
     let id = pins::cgroup_id(cgroup).map_err(|e| attach_error(SOCKET_PROGRAMS[0], e.to_string()))?;
-    let all = SOCKET_PROGRAMS.into_iter().chain([SOCKET_RELEASE_PROGRAM, SOCKET_EGRESS_PROGRAM]);
-    let names: Vec<(&'static str, String)> = all.map(|name| (name, format!("cgroup-{id}-{name}"))).collect();
+    let all = SOCKET_PROGRAMS.into_iter().chain([SOCKET_RELEASE_PROGRAM]);
+    let names: Vec<(&'static str, String)> = all.map(|name| (name, cgroup_link(id, name))).collect();
     for (name, pin) in &names {
         let name = *name;
         if pins.adopt(pin, name, |info| info.cgroup_id == id) {
@@ -294,7 +300,33 @@ fn attach_socket_hooks(ebpf: &mut Ebpf, pins: &mut LinkPins, cgroup: &Path) -> R
             return Err(e);
         }
     }
+    let fenced =
+        pins.adopt(&cgroup_link(id, SOCKET_EGRESS_PROGRAM), SOCKET_EGRESS_PROGRAM, |info| info.cgroup_id == id);
     tracing::info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
+    Ok(fenced)
+}
+
+/// The pin name of the cgroup link of `program` on the cgroup `id`.
+fn cgroup_link(id: u64, program: &str) -> String {
+    format!("cgroup-{id}-{program}")
+}
+
+/// Attaches the socket path's egress fence (loaded by the socket hooks'
+/// attach) to `cgroup`: from here on every packet the cgroup's sockets
+/// send is checked against the fence its socket may carry.
+pub fn attach_socket_fence(ebpf: &mut Ebpf, pins: &mut LinkPins, cgroup: &Path) -> Result<(), DataplaneError> {
+    let attach_error = |reason: String| DataplaneError::Attach {
+        program: SOCKET_EGRESS_PROGRAM,
+        target: format!("cgroup {}", cgroup.display()),
+        reason,
+    };
+    let dir = std::fs::File::open(cgroup).map_err(|e| attach_error(e.to_string()))?;
+    let id = pins::cgroup_id(cgroup).map_err(|e| attach_error(e.to_string()))?;
+    let link = attach_socket_hook(ebpf, &dir, SOCKET_EGRESS_PROGRAM)
+        .map_err(|e| attach_error(with_sources(&e)))?
+        .map_err(|e| attach_error(format!("not a bpf_link, so it cannot be pinned: {e}")))?;
+    pins.keep(&cgroup_link(id, SOCKET_EGRESS_PROGRAM), link)?;
+    tracing::info!(cgroup = %cgroup.display(), "a frontend needs the socket path's egress fence: attached");
     Ok(())
 }
 
@@ -362,10 +394,10 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         tracing::info!(dir = %dir.display(), "maps pinned, {how}");
     }
     let mut pins = LinkPins::new(pinned.is_some().then_some(bpf_root));
-    let mut cgroup = None;
+    let (mut cgroup, mut socket_fence) = (None, false);
     if let Some(root) = &targets.cgroup {
         match attach_socket_hooks(&mut ebpf, &mut pins, root) {
-            Ok(()) => cgroup = Some(root.clone()),
+            Ok(fenced) => (cgroup, socket_fence) = (Some(root.clone()), fenced),
             // Older kernels (before 6.1) refuse the hooks; the per-packet path still serves.
             Err(e) if !targets.interfaces.is_empty() => {
                 tracing::warn!(error = %e, "socket-level load balancing unavailable; the per-packet path serves alone")
@@ -425,7 +457,18 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
-    Ok(Attached { ebpf, interfaces, maps, observed: Arc::new(observed), collector, devices, pins, reused, previous })
+    Ok(Attached {
+        ebpf,
+        interfaces,
+        maps,
+        observed: Arc::new(observed),
+        collector,
+        devices,
+        pins,
+        socket_fence,
+        reused,
+        previous,
+    })
 }
 
 /// Attaches the (loaded) classifiers on ingress and egress of `iface`

@@ -260,17 +260,26 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// Cluster policy needs it, and a nat rule turns on netfilter's
     /// connection tracking for every packet through the node: nodes
     /// without such a Service are spared that cost.
-    masquerade: MasqueradeRule,
+    masquerade: Attachment,
+    /// The cgroup the socket hooks are on, when socket-level load balancing runs.
+    socket_cgroup: Option<std::path::PathBuf>,
+    /// The socket path's egress fence (see `load::attach_socket_fence`):
+    /// only a frontend with source ranges, or one that drops pods' traffic
+    /// for want of a local endpoint, needs it, and it runs for every packet
+    /// the cgroup's sockets send, so it is attached before the first such
+    /// frontend is written.
+    socket_fence: Attachment,
 }
 
-/// Where the node's masquerade rule stands (see `masquerade`).
+/// Where something the dataplane adds only once a frontend needs it stands
+/// (the masquerade rule, the socket path's egress fence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum MasqueradeRule {
+enum Attachment {
     /// No frontend has needed it yet.
     NotNeeded,
     Added,
     /// Adding it failed during this apply; the next one tries again (once
-    /// per apply: a node without iptables must not run it per frontend).
+    /// per apply: a failing attach must not be retried per frontend).
     Failed,
 }
 
@@ -287,11 +296,15 @@ impl EbpfDataplane<AyaMaps> {
         let attached = load::attach(targets, sizes, bpf_root)?;
         let mut dataplane = Self::new(attached.maps, sizes);
         dataplane.ebpf = Some(attached.ebpf);
+        dataplane.pins = attached.pins;
+        dataplane.socket_cgroup.clone_from(&dataplane.maps.cgroup);
+        if attached.socket_fence {
+            dataplane.socket_fence = Attachment::Added;
+        }
         if attached.reused {
             let frontends = dataplane.adopt_programmed();
             tracing::info!(frontends, "took over the frontends the maps hold; they serve until the first sync");
         }
-        dataplane.pins = attached.pins;
         dataplane.migrating = attached.previous.map(|old| (old, crate::inspect::maps_dir(bpf_root)));
         dataplane.interface_patterns.clone_from(&targets.interfaces);
         dataplane.devices.clone_from(&targets.devices);
@@ -328,7 +341,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             adopted: false,
             pins: pins::LinkPins::new(None),
             migrating: None,
-            masquerade: MasqueradeRule::NotNeeded,
+            masquerade: Attachment::NotNeeded,
+            socket_cgroup: None,
+            socket_fence: Attachment::NotNeeded,
         }
     }
 
@@ -401,15 +416,37 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// waiting for the xtables lock) inside the apply that writes the first
     /// such frontend, once per node's life unless it fails.
     fn ask_for_masquerade(&mut self) {
-        if self.masquerade != MasqueradeRule::NotNeeded || self.ebpf.is_none() {
+        if self.masquerade != Attachment::NotNeeded || self.ebpf.is_none() {
             return;
         }
         self.masquerade = match masquerade::ensure() {
-            Ok(()) => MasqueradeRule::Added,
+            Ok(()) => Attachment::Added,
             Err(e) => {
                 // Node ports under a Cluster policy then reach only backends on this node.
                 tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
-                MasqueradeRule::Failed
+                Attachment::Failed
+            }
+        };
+    }
+
+    /// Attaches the socket path's egress fence before the first frontend
+    /// whose entries ask the socket hooks to fence a socket (`entry_flags`)
+    /// is written: a fence nothing checks would let every source through.
+    /// Attaching failed, the frontend is written all the same (traffic
+    /// from outside is checked on the devices): pods' sockets then go
+    /// unchecked, said in a warning, until an apply attaches it.
+    fn ask_for_socket_fence(&mut self, entry_flags: u8) {
+        if entry_flags & (flags::SOURCE_RANGES | flags::DROP_WITHOUT_BACKEND) == 0
+            || self.socket_fence != Attachment::NotNeeded
+        {
+            return;
+        }
+        let (Some(ebpf), Some(cgroup)) = (self.ebpf.as_mut(), self.socket_cgroup.as_ref()) else { return };
+        self.socket_fence = match load::attach_socket_fence(ebpf, &mut self.pins, cgroup) {
+            Ok(()) => Attachment::Added,
+            Err(e) => {
+                tracing::warn!(error = %e, "socket path's egress fence unavailable: pods' sockets are not held to source ranges or a Local policy's drop");
+                Attachment::Failed
             }
         };
     }
@@ -427,9 +464,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         let (id, set) = (p.id, p.set);
         let wanted = external_entries(f, &self.node_addresses);
-        if wanted.iter().any(|e| e.flags & flags::MASQUERADE != 0) {
+        let entry_flags = wanted.iter().fold(0, |all, e| all | e.flags);
+        if entry_flags & flags::MASQUERADE != 0 {
             self.ask_for_masquerade();
         }
+        self.ask_for_socket_fence(entry_flags);
         let ext = f.external.as_deref();
         let local_only = ext.is_some_and(|e| e.local_only) && !wanted.is_empty();
         let ranges: Vec<Cidr> = if wanted.iter().any(|e| e.flags & flags::SOURCE_RANGES != 0) {
@@ -575,7 +614,9 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 "(fewer Services with sessionAffinity)",
             )(e));
         }
-        if let Err(e) = self.maps.set_service(key, internal_value(f, id, set)) {
+        let value = internal_value(f, id, set);
+        self.ask_for_socket_fence(value.flags);
+        if let Err(e) = self.maps.set_service(key, value) {
             self.free_set(set, new.len());
             return Err(self.services_error()(e));
         }
@@ -773,8 +814,11 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
-        if self.masquerade == MasqueradeRule::Failed {
-            self.masquerade = MasqueradeRule::NotNeeded;
+        if self.masquerade == Attachment::Failed {
+            self.masquerade = Attachment::NotNeeded;
+        }
+        if self.socket_fence == Attachment::Failed {
+            self.socket_fence = Attachment::NotNeeded;
         }
         self.follow_interfaces();
         self.retry_leftovers();
