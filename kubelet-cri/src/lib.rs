@@ -5,13 +5,15 @@
 //! One step per module: [`cri`] (the connection), [`spec`] (Pod -> CRI
 //! configs), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
 //! [`status`] (what to report), [`source`] (where pods come from),
-//! [`logs`] (reading container logs); [`error`] names what can go wrong.
+//! [`logs`] (reading container logs), [`node`] (the Node and its lease);
+//! [`error`] names what can go wrong.
 
 pub mod cri;
 pub mod error;
 pub mod images;
 pub mod kubelet;
 pub mod logs;
+pub mod node;
 pub mod run;
 pub mod source;
 pub mod spec;

@@ -4,9 +4,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
+    cri::Cri,
     error::{KubeletError, Result, io_at},
     kubelet::Kubelet,
     logs,
+    node::{self, Registration},
     source::{DirSource, KubeSource},
     spec::Settings,
 };
@@ -39,6 +41,9 @@ pub struct Config {
     /// The API server client, for `PodSourceSpec::Kube`.
     pub client: Option<kube::Client>,
     pub node_name: String,
+    /// Registers the node and renews its lease (`--register-node`, with pods
+    /// from the API server).
+    pub registration: Option<Registration>,
     pub settings: Settings,
     /// First restart back-off; doubles up to 30 times this.
     pub backoff: Duration,
@@ -65,6 +70,13 @@ pub async fn run(cfg: Config) -> Result<()> {
                 .client
                 .clone()
                 .ok_or_else(|| KubeletError::Invalid("pods from the API server need a client".into()))?;
+            if let Some(reg) = cfg.registration.clone() {
+                // A connection of its own: a hung pod call never delays the heartbeat.
+                match Cri::connect(&cfg.endpoint).await {
+                    Ok(cri) => drop(node::spawn(client.clone(), reg, cri)),
+                    Err(e) => tracing::warn!(error = %e, "the node is not registered: no runtime connection for it"),
+                }
+            }
             Source::Kube(KubeSource::start(client, &cfg.node_name))
         }
     };

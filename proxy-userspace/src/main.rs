@@ -81,7 +81,6 @@ fn hostname() -> String {
 }
 
 #[derive(Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once at start; `run`'s flags are most of the binary's")]
 enum Command {
     /// Run the proxy: program the dataplane and keep it in sync with the source.
     Run {
@@ -286,6 +285,22 @@ struct KubeletArgs {
     /// How often pods are reconciled.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     sync_frequency: Duration,
+    /// Register the node with the API server (`--source kube`) and renew
+    /// its lease in kube-node-lease.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    register_node: bool,
+    /// Labels the node registers with, beside the well-known ones (`key=value`, comma separated).
+    #[arg(long, value_delimiter = ',', value_parser = kubelet_cri::node::parse_label)]
+    node_labels: Vec<(String, String)>,
+    /// Taints the node registers with (`key[=value]:Effect`, comma separated).
+    #[arg(long, value_delimiter = ',', value_parser = kubelet_cri::node::parse_taint)]
+    register_with_taints: Vec<k8s_openapi::api::core::v1::Taint>,
+    /// The node's address (default: the source address of its default route).
+    #[arg(long)]
+    node_ip: Option<std::net::IpAddr>,
+    /// How long the node's lease lasts unrenewed; it is renewed every quarter of it.
+    #[arg(long, default_value_t = 40)]
+    node_lease_duration_seconds: u64,
 }
 
 const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kpr-kubelet";
@@ -596,6 +611,15 @@ async fn run() -> anyhow::Result<()> {
                     }
                     kubelet_cri::run::PodSourceSpec::Dir(_) => None,
                 },
+                registration: (args.register_node && matches!(args.source, kubelet_cri::run::PodSourceSpec::Kube))
+                    .then(|| kubelet_cri::node::Registration {
+                        name: args.node_name.clone(),
+                        labels: args.node_labels.into_iter().collect(),
+                        taints: args.register_with_taints,
+                        address: args.node_ip,
+                        lease_duration: Duration::from_secs(args.node_lease_duration_seconds.max(1)),
+                        root_dir: args.root_dir.clone(),
+                    }),
                 source: args.source,
                 node_name: args.node_name,
                 settings: kubelet_cri::spec::Settings {

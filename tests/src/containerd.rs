@@ -216,7 +216,14 @@ state = "{d}/state"
         self.spawn()
     }
 
-    fn stop(&mut self) {
+    /// Starts containerd again after [`Containerd::stop`].
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.spawn()
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 10 s); running
+    /// containers keep running under their shims.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -524,16 +524,21 @@ fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
     );
 }
 
+/// A test API server on the node's loopback.
+fn api_server_on(node: &Node) -> kpr_tests::apiserver::ApiServer {
+    let ns = node.ns.name().to_string();
+    kpr_tests::apiserver::ApiServer::start(std::sync::Arc::new(move |port| {
+        kpr_tests::netns::run_in(&ns, move || std::net::TcpListener::bind(("127.0.0.1", port))).expect("netns")
+    }))
+    .unwrap()
+}
+
 #[test]
 fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     use k8s_openapi::api::core::v1::Pod;
     root_or_skip!();
     let mut node = Node::without_kubelet();
-    let ns = node.ns.name().to_string();
-    let api = kpr_tests::apiserver::ApiServer::start(std::sync::Arc::new(move |port| {
-        kpr_tests::netns::run_in(&ns, move || std::net::TcpListener::bind(("127.0.0.1", port))).expect("netns")
-    }))
-    .unwrap();
+    let api = api_server_on(&node);
     let pod = |name: &str, node_name: &str| -> Pod {
         serde_yaml::from_str(&format!(
             "metadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'echo up; while true; do sleep 1; done']}}\n"
@@ -580,6 +585,120 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
         assert!(Instant::now() < logged, "{}", node.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The Node's condition `type_`: (status, reason, message, last transition).
+fn node_condition(n: &k8s_openapi::api::core::v1::Node, type_: &str) -> Option<(String, String, String, String)> {
+    let c = n.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_)?;
+    let transition = c.last_transition_time.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+    Some((c.status.clone(), c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default(), transition))
+}
+
+/// Waits up to `within` for node-1 to satisfy `done`; returns it.
+fn wait_node(
+    api: &kpr_tests::apiserver::ApiServer,
+    node: &Node,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&k8s_openapi::api::core::v1::Node) -> bool,
+) -> k8s_openapi::api::core::v1::Node {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(n) = api.get::<k8s_openapi::api::core::v1::Node>("", "node-1")
+            && done(&n)
+        {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{what} within {within:?}:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The node as a cluster needs it: registered with its labels, taints,
+/// addresses, capacity and runtime; its lease in kube-node-lease renewed
+/// every quarter of its duration; Ready false, with the runtime's words,
+/// while containerd is down, and true again once it is back.
+#[test]
+fn the_node_registers_renews_its_lease_and_is_not_ready_without_its_runtime() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    root_or_skip!();
+    let mut node = Node::without_kubelet();
+    let api = api_server_on(&node);
+    let kubeconfig = node.root.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    node.source = vec![
+        "--source=kube".into(),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--node-labels=topology.kubernetes.io/zone=zone-a,tier=web".into(),
+        "--register-with-taints=dedicated=web:NoSchedule".into(),
+        "--node-ip=192.0.2.10".into(),
+        "--node-lease-duration-seconds=4".into(),
+    ];
+    node.start_kubelet();
+
+    let ready = |n: &k8s_openapi::api::core::v1::Node| node_condition(n, "Ready").is_some_and(|c| c.0 == "True");
+    let registered = wait_node(&api, &node, Duration::from_secs(30), "node-1 registered and Ready", ready);
+    let labels = registered.metadata.labels.clone().unwrap_or_default();
+    for (k, v) in [
+        ("kubernetes.io/hostname", "node-1"),
+        ("kubernetes.io/os", "linux"),
+        ("topology.kubernetes.io/zone", "zone-a"),
+        ("tier", "web"),
+    ] {
+        assert_eq!(labels.get(k).map(String::as_str), Some(v), "label {k}: {labels:?}");
+    }
+    let taints = registered.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+    assert_eq!(
+        taints
+            .iter()
+            .map(|t| format!("{}={}:{}", t.key, t.value.as_deref().unwrap_or(""), t.effect))
+            .collect::<Vec<_>>(),
+        ["dedicated=web:NoSchedule"]
+    );
+    let status = registered.status.clone().unwrap();
+    let addresses: Vec<(String, String)> =
+        status.addresses.unwrap_or_default().into_iter().map(|a| (a.type_, a.address)).collect();
+    assert_eq!(addresses, [("InternalIP".into(), "192.0.2.10".into()), ("Hostname".into(), "node-1".into())]);
+    let (capacity, allocatable) = (status.capacity.unwrap_or_default(), status.allocatable.unwrap_or_default());
+    let cpus = std::fs::read_to_string("/proc/cpuinfo").unwrap().lines().filter(|l| l.starts_with("processor")).count();
+    assert_eq!(capacity["cpu"].0, cpus.to_string());
+    assert_eq!(capacity["pods"].0, "110");
+    let kib = |q: &str| q.strip_suffix("Ki").and_then(|n| n.parse::<u64>().ok()).unwrap();
+    assert!(kib(&allocatable["memory"].0) < kib(&capacity["memory"].0), "the eviction threshold is kept out");
+    let info = status.node_info.unwrap();
+    assert!(info.container_runtime_version.starts_with("containerd://"), "{info:?}");
+    assert_eq!(info.kernel_version, std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim());
+    assert_eq!((info.operating_system.as_str(), info.kubelet_version.is_empty()), ("linux", false));
+    for type_ in ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"] {
+        let c = node_condition(&registered, type_).unwrap_or_else(|| panic!("no {type_} condition"));
+        assert!(!c.3.is_empty(), "{type_} has a last transition time");
+    }
+
+    let lease = || api.get::<Lease>("kube-node-lease", "node-1").ok().and_then(|l| Some((l.metadata, l.spec?)));
+    let (meta, spec) = lease().expect("the node's lease");
+    assert_eq!((spec.holder_identity.as_deref(), spec.lease_duration_seconds), (Some("node-1"), Some(4)));
+    let owner = &meta.owner_references.unwrap_or_default()[0];
+    assert_eq!((owner.kind.as_str(), Some(&owner.uid)), ("Node", registered.metadata.uid.as_ref()));
+    let renewed_at = |s: &k8s_openapi::api::coordination::v1::LeaseSpec| s.renew_time.as_ref().map(|t| t.0);
+    let first = renewed_at(&spec).expect("a renew time");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lease().and_then(|(_, s)| renewed_at(&s)) == Some(first) {
+        assert!(Instant::now() < deadline, "the lease is renewed every second (4 s / 4):\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let ready_since = node_condition(&registered, "Ready").unwrap().3;
+    node.containerd.stop();
+    let down = wait_node(&api, &node, Duration::from_secs(15), "Ready false without the runtime", |n| !ready(n));
+    let (_, reason, message, _) = node_condition(&down, "Ready").unwrap();
+    assert_eq!(reason, "KubeletNotReady");
+    assert!(message.contains("container runtime"), "{message}");
+    let renewed = lease().and_then(|(_, s)| renewed_at(&s));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(lease().and_then(|(_, s)| renewed_at(&s)), renewed, "the lease is renewed while the runtime is down");
+    node.containerd.resume().unwrap();
+    let back = wait_node(&api, &node, Duration::from_secs(20), "Ready again with the runtime back", ready);
+    assert_ne!(node_condition(&back, "Ready").unwrap().3, ready_since, "a new transition time");
 }
 
 #[test]

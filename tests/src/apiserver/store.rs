@@ -19,10 +19,11 @@ pub enum Kind {
     Node,
     Pod,
     Event,
+    Lease,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Pod, Kind::Event];
+    pub const ALL: [Kind; 6] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Pod, Kind::Event, Kind::Lease];
 
     pub fn from_path(group_version: &str, plural: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.group_version() == group_version && k.plural() == plural)
@@ -31,6 +32,7 @@ impl Kind {
     pub fn group_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Lease => "coordination.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -42,6 +44,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Pod => "pods",
             Kind::Event => "events",
+            Kind::Lease => "leases",
         }
     }
 
@@ -52,6 +55,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Pod => "Pod",
             Kind::Event => "Event",
+            Kind::Lease => "Lease",
         }
     }
 
