@@ -13,6 +13,7 @@ use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
 
 use crate::{
+    config::{self, ConfigObjects, PodFacts},
     cri::Cri,
     error::{Result, call, io, io_at},
     images,
@@ -68,6 +69,9 @@ struct InPod<'a> {
     d: &'a DesiredPod,
     sandbox_id: &'a str,
     sandbox: &'a cri::PodSandboxConfig,
+    facts: &'a PodFacts,
+    /// Whether the pod's configuration volumes are written, or why not.
+    volumes: &'a std::result::Result<(), String>,
 }
 
 /// What the runtime holds that this kubelet made.
@@ -91,6 +95,11 @@ pub struct Kubelet {
     waiting: HashMap<(String, String), (String, String)>,
     /// Pods being stopped by a background task.
     terminating: Arc<Mutex<HashSet<String>>>,
+    /// The ConfigMaps and Secrets of this pass.
+    objects: ConfigObjects,
+    /// The node's CPUs and memory, for `resourceFieldRef`s without a limit.
+    node_cpus: u32,
+    node_memory: u64,
     /// Uids of the pods that had a sandbox at the last pass.
     on_node: HashSet<String>,
 }
@@ -132,6 +141,9 @@ impl Kubelet {
             pull_backoff: Backoffs::new(backoff_base),
             waiting: HashMap::new(),
             terminating: Arc::default(),
+            objects: ConfigObjects::default(),
+            node_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            node_memory: crate::node::Machine::read(std::path::Path::new("/")).memory,
             on_node: HashSet::new(),
         })
     }
@@ -186,7 +198,13 @@ impl Kubelet {
 
     /// One pass: runs what `desired` holds, stops what it does not. Returns
     /// each desired pod's status.
-    pub async fn sync(&mut self, desired: &[DesiredPod], delete_others: bool) -> Result<Vec<PodStatus>> {
+    pub async fn sync(
+        &mut self,
+        desired: &[DesiredPod],
+        delete_others: bool,
+        objects: &ConfigObjects,
+    ) -> Result<Vec<PodStatus>> {
+        self.objects = objects.clone();
         let mut observed = self.observe().await?;
         self.on_node = observed.sandboxes.keys().cloned().collect();
         self.waiting.clear();
@@ -244,7 +262,12 @@ impl Kubelet {
             }
         };
         let sandbox = self.sandbox_config(d, attempt);
-        let pod = InPod { d, sandbox_id: &sandbox_id, sandbox: &sandbox };
+        let facts = self.facts(&sandbox_id).await;
+        // Configuration volumes follow their objects while the pod runs;
+        // one that cannot be written holds back the containers that start
+        // from now on (a CreateContainerConfigError, at their start).
+        let volumes_written = self.write_config_volumes(d, &facts);
+        let pod = InPod { d, sandbox_id: &sandbox_id, sandbox: &sandbox, facts: &facts, volumes: &volumes_written };
         let empty = HashMap::new();
         let instances = containers.get(&sandbox_id).unwrap_or(&empty);
 
@@ -370,6 +393,40 @@ impl Kubelet {
         Ok(id)
     }
 
+    /// What the pod's fields do not say: its IP (from its sandbox) and the node's.
+    async fn facts(&mut self, sandbox_id: &str) -> PodFacts {
+        let req = cri::PodSandboxStatusRequest { pod_sandbox_id: sandbox_id.into(), verbose: false };
+        let pod_ip = match self.cri.runtime.pod_sandbox_status(req).await {
+            Ok(r) => r.into_inner().status.and_then(|s| s.network).map(|n| n.ip).filter(|ip| !ip.is_empty()),
+            Err(_) => None,
+        };
+        PodFacts {
+            pod_ip,
+            host_ip: self.settings.node_ip.clone(),
+            node_name: self.settings.node_name.clone(),
+            node_cpus: self.node_cpus,
+            node_memory: self.node_memory,
+        }
+    }
+
+    /// Writes the files of `d`'s configuration volumes (only what changed).
+    fn write_config_volumes(&self, d: &DesiredPod, facts: &PodFacts) -> std::result::Result<(), String> {
+        for v in d.pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            let files = match config::volume_files(&d.pod, &d.id, v, &self.objects, facts) {
+                Ok(Some(files)) => files,
+                Ok(None) => continue,
+                Err(e) => return Err(format!("volume {:?}: {e}", v.name)),
+            };
+            let dir = spec::config_dir(&self.settings, &d.id, &v.name);
+            match config::write_atomically(&dir, &files) {
+                Ok(true) => tracing::info!(pod = %d.id, volume = %v.name, "volume files written"),
+                Ok(false) => {}
+                Err(e) => return Err(format!("writing volume {:?} at {}: {e}", v.name, dir.display())),
+            }
+        }
+        Ok(())
+    }
+
     fn hold(&mut self, d: &DesiredPod, c: &Container, reason: &str, message: String) {
         tracing::warn!(pod = %d.id, container = %c.name, reason, %message, "container not started");
         self.waiting.insert((d.id.uid.clone(), c.name.clone()), (reason.into(), message));
@@ -405,7 +462,18 @@ impl Kubelet {
             return false;
         }
         self.pull_backoff.clear(&key);
-        let config = match spec::container_config(&d.pod, &d.id, c, kind, attempt, &self.settings) {
+        let env = match (pod.volumes, config::env(&d.pod, &d.id, c, &self.objects, pod.facts)) {
+            (Err(e), _) => {
+                self.hold(d, c, "CreateContainerConfigError", e.clone());
+                return false;
+            }
+            (_, Err(e)) => {
+                self.hold(d, c, "CreateContainerConfigError", format!("{e:#}"));
+                return false;
+            }
+            (Ok(()), Ok(env)) => env,
+        };
+        let config = match spec::container_config(&d.pod, &d.id, c, kind, attempt, &self.settings, &env) {
             Ok(config) => config,
             Err(e) => {
                 self.hold(d, c, "CreateContainerConfigError", format!("{e:#}"));

@@ -3,11 +3,12 @@
 //! ImageService, with their status written back.
 //!
 //! One step per module: [`cri`] (the connection), [`spec`] (Pod -> CRI
-//! configs), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
+//! configs), [`config`] (environment and configuration volumes), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
 //! [`status`] (what to report), [`source`] (where pods come from),
 //! [`logs`] (reading container logs), [`node`] (the Node and its lease);
 //! [`error`] names what can go wrong.
 
+pub mod config;
 pub mod cri;
 pub mod error;
 pub mod images;

@@ -320,15 +320,17 @@ fn labels(reg: &Registration) -> BTreeMap<String, String> {
     labels
 }
 
-/// The address other nodes reach this one at: `--node-ip`, or the source
-/// address of the default route (no packet is sent to find it).
+/// The source address of the default route: where other nodes reach this
+/// one when `--node-ip` does not say (no packet is sent to find it).
+pub fn default_address() -> Option<IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // TEST-NET-3: only the route to it is looked up.
+    socket.connect("203.0.113.1:9").ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
+}
+
 fn node_address(reg: &Registration) -> Option<IpAddr> {
-    reg.address.or_else(|| {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-        // TEST-NET-3: only the route to it is looked up.
-        socket.connect("203.0.113.1:9").ok()?;
-        Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
-    })
+    reg.address.or_else(default_address)
 }
 
 /// The status written for the node: addresses, capacity, conditions, and

@@ -93,7 +93,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             Some(p) => (p, true),
             None => (Vec::new(), false),
         };
-        match kubelet.sync(&pods, complete).await {
+        let objects = match &source {
+            Source::Dir(d) => d.objects(),
+            Source::Kube(k) => k.objects(&pods),
+        };
+        match kubelet.sync(&pods, complete, &objects).await {
             Ok(statuses) => {
                 if runtime_down {
                     tracing::info!("container runtime reachable again");

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
@@ -19,7 +19,7 @@ use sha2::Digest as _;
 
 use crate::error::{Result, io_at};
 
-use crate::{kubelet::DesiredPod, spec::PodId};
+use crate::{config::ConfigObjects, kubelet::DesiredPod, spec::PodId};
 
 /// The status file beside a manifest: `web.yaml` -> `web.yaml.status.json`.
 pub const STATUS_SUFFIX: &str = ".status.json";
@@ -46,11 +46,24 @@ pub struct DirSource {
     /// What each status file last held.
     written: Mutex<HashMap<PathBuf, Vec<u8>>>,
     origins: Mutex<HashMap<String, PathBuf>>,
+    /// The ConfigMaps and Secrets the last read found beside the pods.
+    objects: Mutex<ConfigObjects>,
 }
 
 impl DirSource {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir, reported: Mutex::default(), written: Mutex::default(), origins: Mutex::default() }
+        Self {
+            dir,
+            reported: Mutex::default(),
+            written: Mutex::default(),
+            origins: Mutex::default(),
+            objects: Mutex::default(),
+        }
+    }
+
+    /// The ConfigMaps and Secrets in the folder, as of the last [`DirSource::pods`].
+    pub fn objects(&self) -> ConfigObjects {
+        self.objects.lock().unwrap().clone()
     }
 
     fn problem(&self, what: String) {
@@ -76,6 +89,7 @@ impl DirSource {
         let mut pods = Vec::new();
         let mut origins = HashMap::new();
         let mut seen = HashSet::new();
+        let mut objects = ConfigObjects::default();
         for file in files {
             let Ok(text) = std::fs::read_to_string(&file) else { continue };
             for (n, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
@@ -86,8 +100,21 @@ impl DirSource {
                         break;
                     }
                 };
-                if value.is_null() || value.get("kind").and_then(|k| k.as_str()) != Some("Pod") {
-                    continue;
+                let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+                match kind.as_str() {
+                    "Pod" => {}
+                    "ConfigMap" | "Secret" => {
+                        let added = if kind == "ConfigMap" {
+                            serde_yaml::from_value::<ConfigMap>(value).map(|cm| objects.add_config_map(&cm))
+                        } else {
+                            serde_yaml::from_value::<Secret>(value).map(|s| objects.add_secret(&s))
+                        };
+                        if let Err(e) = added {
+                            self.problem(format!("{}: document {}: not a valid {kind}: {e}", file.display(), n + 1));
+                        }
+                        continue;
+                    }
+                    _ => continue,
                 }
                 let pod: Pod = match serde_yaml::from_value(value) {
                     Ok(p) => p,
@@ -114,6 +141,7 @@ impl DirSource {
             }
         }
         *self.origins.lock().unwrap() = origins;
+        *self.objects.lock().unwrap() = objects;
         Ok(pods)
     }
 
@@ -154,10 +182,34 @@ impl DirSource {
     }
 }
 
+/// Watches every object of kind `K` into a store (list, then watch,
+/// re-listing as needed).
+fn follow<K>(client: &kube::Client) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(kind = %K::kind(&()), error = %e, "watching");
+            }
+        }
+    });
+    store
+}
+
 /// Pods bound to this node, from the API server.
 pub struct KubeSource {
     client: kube::Client,
     store: reflector::Store<Pod>,
+    config_maps: reflector::Store<ConfigMap>,
+    secrets: reflector::Store<Secret>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     written: Mutex<HashMap<String, serde_json::Value>>,
     /// Uids of deleted pods already handed back to the API server.
@@ -183,7 +235,29 @@ impl KubeSource {
                 }
             }
         });
-        Self { client, store, ready, written: Mutex::default(), finalized: Mutex::default() }
+        let config_maps = follow::<ConfigMap>(&client);
+        let secrets = follow::<Secret>(&client);
+        Self { client, store, config_maps, secrets, ready, written: Mutex::default(), finalized: Mutex::default() }
+    }
+
+    /// The ConfigMaps and Secrets `pods` refer to, as the watches have them
+    /// (a missing one is missing: the container waits with a
+    /// CreateContainerConfigError until it appears).
+    pub fn objects(&self, pods: &[DesiredPod]) -> ConfigObjects {
+        let specs: Vec<Pod> = pods.iter().map(|d| d.pod.clone()).collect();
+        let (cms, secrets) = crate::config::referenced(&specs);
+        let mut objects = ConfigObjects::default();
+        for (ns, name) in cms {
+            if let Some(cm) = self.config_maps.get(&reflector::ObjectRef::new(&name).within(&ns)) {
+                objects.add_config_map(&cm);
+            }
+        }
+        for (ns, name) in secrets {
+            if let Some(s) = self.secrets.get(&reflector::ObjectRef::new(&name).within(&ns)) {
+                objects.add_secret(&s);
+            }
+        }
+        objects
     }
 
     /// The pods, once the first list is in (until then, nothing is deleted).

@@ -49,6 +49,9 @@ pub struct Settings {
     /// Cluster DNS servers for `dnsPolicy: ClusterFirst`; empty: the node's resolv.conf.
     pub cluster_dns: Vec<String>,
     pub cluster_domain: String,
+    /// This node, as pods' `spec.nodeName` and `status.hostIP` fields show it.
+    pub node_name: String,
+    pub node_ip: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,24 +249,45 @@ fn mounts(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> Result<Vec<cri:
                     c.name, m.name
                 ))
             })?;
-            let host_path = if let Some(h) = &v.host_path {
-                PathBuf::from(&h.path)
+            let (host_path, readonly) = if let Some(h) = &v.host_path {
+                (PathBuf::from(&h.path), m.read_only.unwrap_or(false))
             } else if v.empty_dir.is_some() {
-                empty_dir(s, id, &v.name)
+                (empty_dir(s, id, &v.name), m.read_only.unwrap_or(false))
+            } else if is_config_volume(v) {
+                // Always read-only, as the kubelet mounts them.
+                (config_dir(s, id, &v.name), true)
             } else {
                 return Err(KubeletError::Invalid(format!(
-                    "volume {:?}: only hostPath and emptyDir volumes are supported",
+                    "volume {:?}: only hostPath, emptyDir, configMap, secret, downwardAPI and projected volumes are supported",
                     v.name
                 )));
+            };
+            // A subPath mounts one entry of the volume.
+            let host_path = match m.sub_path.as_deref().filter(|p| !p.is_empty()) {
+                Some(sub) if sub.starts_with('/') || sub.split('/').any(|p| p == "..") => {
+                    return Err(KubeletError::Invalid(format!("volume mount {:?}: subPath {sub:?} leaves the volume", m.name)));
+                }
+                Some(sub) => host_path.join(sub),
+                None => host_path,
             };
             Ok(cri::Mount {
                 container_path: m.mount_path.clone(),
                 host_path: host_path.to_string_lossy().into_owned(),
-                readonly: m.read_only.unwrap_or(false),
+                readonly,
                 ..Default::default()
             })
         })
         .collect()
+}
+
+/// Whether `v`'s files come from the API (ConfigMap, Secret, the pod's own fields).
+pub fn is_config_volume(v: &k8s_openapi::api::core::v1::Volume) -> bool {
+    v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some() || v.projected.is_some()
+}
+
+/// The folder behind a configuration volume (see `config::write_atomically`).
+pub fn config_dir(s: &Settings, id: &PodId, volume: &str) -> PathBuf {
+    pod_dir(s, id).join("volumes/config").join(volume)
 }
 
 /// The folder behind an emptyDir volume.
@@ -272,6 +296,8 @@ pub fn empty_dir(s: &Settings, id: &PodId, volume: &str) -> PathBuf {
 }
 
 /// One container of the pod, as its `attempt`th instance.
+/// `env` is the container's environment (see `config::env`); command and
+/// args are expanded against it, as the kubelet does.
 pub fn container_config(
     pod: &Pod,
     id: &PodId,
@@ -279,14 +305,12 @@ pub fn container_config(
     kind: Kind,
     attempt: u32,
     s: &Settings,
+    env: &[(String, String)],
 ) -> Result<cri::ContainerConfig> {
-    let mut envs = Vec::new();
-    for e in c.env.iter().flatten() {
-        if e.value_from.is_some() {
-            return Err(KubeletError::Invalid(format!("env {:?} uses valueFrom, which is not supported", e.name)));
-        }
-        envs.push(cri::KeyValue { key: e.name.clone(), value: e.value.clone().unwrap_or_default() });
-    }
+    let vars: HashMap<String, String> = env.iter().cloned().collect();
+    let expand = |list: &Option<Vec<String>>| -> Vec<String> {
+        list.iter().flatten().map(|a| crate::config::expand(a, &vars)).collect()
+    };
     let mut labels = pod_labels(id);
     labels.insert(CONTAINER_NAME.into(), c.name.clone());
     labels.insert(CONTAINER_KIND.into(), kind.label().into());
@@ -294,10 +318,10 @@ pub fn container_config(
     Ok(cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata { name: c.name.clone(), attempt }),
         image: Some(cri::ImageSpec { image: image.clone(), user_specified_image: image, ..Default::default() }),
-        command: c.command.clone().unwrap_or_default(),
-        args: c.args.clone().unwrap_or_default(),
+        command: expand(&c.command),
+        args: expand(&c.args),
         working_dir: c.working_dir.clone().unwrap_or_default(),
-        envs,
+        envs: crate::config::key_values(env),
         mounts: mounts(pod, id, c, s)?,
         labels,
         annotations: HashMap::from([(RESTART_COUNT.into(), attempt.to_string())]),
@@ -313,6 +337,8 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            node_name: "node-1".into(),
+            node_ip: None,
             root_dir: "/var/lib/kpr-kubelet".into(),
             cgroup_parent: "/kubepods".into(),
             cluster_dns: vec!["10.96.0.53".into()],
@@ -385,7 +411,8 @@ spec:
     fn a_container_gets_command_env_mounts_limits_and_log_path() {
         let p = pod(WEB);
         let spec = p.spec.clone().unwrap();
-        let c = container_config(&p, &id(), &spec.containers[0], Kind::App, 3, &settings()).unwrap();
+        let env = [("MODE".to_string(), "prod".to_string())];
+        let c = container_config(&p, &id(), &spec.containers[0], Kind::App, 3, &settings(), &env).unwrap();
         assert_eq!(c.metadata.unwrap().attempt, 3);
         assert_eq!(c.image.unwrap().image, "docker.io/kpr/busybox:test");
         assert_eq!(c.command, ["httpd", "-f"]);
@@ -405,19 +432,20 @@ spec:
     }
 
     #[test]
-    fn unsupported_volumes_and_env_sources_are_clear_errors() {
+    fn configuration_volumes_mount_read_only_and_others_are_clear_errors() {
         let p = pod(
-            "metadata: {name: p}\nspec:\n  volumes: [{name: s, secret: {secretName: x}}]\n  containers: [{name: c, image: i, volumeMounts: [{name: s, mountPath: /s}]}]",
+            "metadata: {name: p}\nspec:\n  volumes: [{name: s, secret: {secretName: x}}, {name: n, nfs: {server: h, path: /}}]\n  \
+             containers: [{name: c, image: i, command: [echo, '$(GREETING)'], volumeMounts: [{name: s, mountPath: /s, subPath: key}]}]",
         );
-        let c = &p.spec.clone().unwrap().containers[0];
-        let e = container_config(&p, &id(), c, Kind::App, 0, &settings()).unwrap_err();
-        assert!(e.to_string().contains("only hostPath and emptyDir"), "{e}");
-        let p = pod(
-            "metadata: {name: p}\nspec: {containers: [{name: c, image: i, env: [{name: X, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]}]}",
-        );
-        let c = &p.spec.clone().unwrap().containers[0];
-        let e = container_config(&p, &id(), c, Kind::App, 0, &settings()).unwrap_err();
-        assert!(e.to_string().contains("valueFrom"), "{e}");
+        let env = [("GREETING".to_string(), "hi".to_string())];
+        let mut c = p.spec.clone().unwrap().containers[0].clone();
+        let config = container_config(&p, &id(), &c, Kind::App, 0, &settings(), &env).unwrap();
+        assert_eq!(config.command, ["echo", "hi"], "command expanded against the environment");
+        let m = &config.mounts[0];
+        assert_eq!((m.host_path.as_str(), m.readonly), ("/var/lib/kpr-kubelet/pods/u1/volumes/config/s/key", true));
+        c.volume_mounts.as_mut().unwrap()[0].name = "n".into();
+        let e = container_config(&p, &id(), &c, Kind::App, 0, &settings(), &env).unwrap_err();
+        assert!(e.to_string().contains("only hostPath, emptyDir"), "{e}");
     }
 
     #[test]

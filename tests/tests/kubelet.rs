@@ -524,6 +524,96 @@ fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
     );
 }
 
+const CONFIGURED: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: default}
+data: {greeting: GREETING, mode: fast}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: default}
+data: {password: aHVudGVyMg==}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: configured, namespace: default, labels: {app: configured}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - {name: settings, configMap: {name: settings}}
+  - {name: info, downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}}
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'echo "password=$PASSWORD ip=$POD_IP mode=$mode says=$(WORD)"; cat /etc/info/labels; echo; while true; do echo "file=$(cat /etc/settings/greeting)"; sleep 0.3; done']
+    envFrom: [{configMapRef: {name: settings}}]
+    env:
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+    - {name: WORD, value: 'mode-$(mode)'}
+    volumeMounts: [{name: settings, mountPath: /etc/settings}, {name: info, mountPath: /etc/info}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waits, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'echo "late=$LATE"; while true; do sleep 1; done']
+    env: [{name: LATE, valueFrom: {configMapKeyRef: {name: later, key: value}}}]
+"#;
+
+/// ConfigMaps and Secrets beside the pods: a ConfigMap volume (updated in
+/// place when its ConfigMap changes), a downwardAPI volume, a Secret and
+/// the pod's IP as variables, `envFrom` and `$(VAR)` expansion; a pod
+/// whose ConfigMap is missing waits with CreateContainerConfigError and
+/// starts once it appears.
+#[test]
+fn config_maps_and_secrets_reach_pods_as_files_and_variables() {
+    root_or_skip!();
+    let node = Node::start();
+    let configured = |greeting: &str| manifest(CONFIGURED).replace("GREETING", greeting);
+    write(node.manifests.path(), "configured.yaml", &configured("hello")).unwrap();
+    let s = node.wait_status("configured.yaml", "configured", Duration::from_secs(60), |s| phase(s) == "Running");
+    let ip = s["podIP"].as_str().expect("a pod IP").to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.logs("configured", "app").contains("file=hello") {
+        assert!(Instant::now() < deadline, "{}\n{}", node.logs("configured", "app"), node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = node.logs("configured", "app");
+    let mut lines = log.lines();
+    assert_eq!(lines.next(), Some(format!("password=hunter2 ip={ip} mode=fast says=mode-fast").as_str()), "{log}");
+    assert_eq!(lines.next(), Some("app=\"configured\""), "{log}");
+
+    let waiting = node.wait_status("configured.yaml", "waits", Duration::from_secs(10), |s| {
+        container(s, "containerStatuses", "app")["state"]["waiting"]["reason"] == "CreateContainerConfigError"
+    });
+    let message = container(&waiting, "containerStatuses", "app")["state"]["waiting"]["message"].clone();
+    assert_eq!(message, "configmap \"later\" not found", "{waiting:#}");
+
+    // The ConfigMap changes: the file follows while the container runs.
+    write(node.manifests.path(), "configured.yaml", &configured("goodbye")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.logs("configured", "app").contains("file=goodbye") {
+        assert!(Instant::now() < deadline, "the volume follows its ConfigMap:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let later =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: later, namespace: default}\ndata: {value: arrived}\n";
+    write(node.manifests.path(), "later.yaml", later).unwrap();
+    node.wait_status("configured.yaml", "waits", Duration::from_secs(20), |s| phase(s) == "Running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.logs("waits", "app").trim() != "late=arrived" {
+        assert!(Instant::now() < deadline, "{}", node.logs("waits", "app"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = node.wait_status("configured.yaml", "configured", Duration::from_secs(1), |_| true);
+    assert_eq!(container(&s, "containerStatuses", "app")["restartCount"], 0, "updated in place: {s:#}");
+}
+
 /// A test API server on the node's loopback.
 fn api_server_on(node: &Node) -> kpr_tests::apiserver::ApiServer {
     let ns = node.ns.name().to_string();
@@ -539,9 +629,19 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     root_or_skip!();
     let mut node = Node::without_kubelet();
     let api = api_server_on(&node);
+    // Its configuration comes from the API server too.
+    let config_map: k8s_openapi::api::core::v1::ConfigMap =
+        serde_yaml::from_str("metadata: {name: cfg, namespace: default}\ndata: {k: v1}\n").unwrap();
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_yaml::from_str("metadata: {name: token, namespace: default}\nstringData: {value: s3cret}\n").unwrap();
+    api.create(&config_map).unwrap();
+    api.create(&secret).unwrap();
     let pod = |name: &str, node_name: &str| -> Pod {
         serde_yaml::from_str(&format!(
-            "metadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'echo up; while true; do sleep 1; done']}}\n"
+            "metadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 1\n  \
+             volumes: [{{name: cfg, configMap: {{name: cfg}}}}]\n  containers:\n  \
+             - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'echo up $TOKEN $(cat /cfg/k); while true; do sleep 1; done'], \
+             env: [{{name: TOKEN, valueFrom: {{secretKeyRef: {{name: token, key: value}}}}}}], volumeMounts: [{{name: cfg, mountPath: /cfg}}]}}\n"
         ))
         .unwrap()
     };
@@ -567,7 +667,11 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     assert!(elsewhere.status.is_none(), "another node's pod is not run here");
     let sandboxes = || node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
     assert_eq!(sandboxes(), 2, "one sandbox and its container");
-    assert_eq!(node.logs("here", "app").trim(), "up");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.logs("here", "app").trim() != "up s3cret v1" {
+        assert!(Instant::now() < deadline, "{}", node.logs("here", "app"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Deleted as the API server does it: marked, stopped by the kubelet
     // within its grace period, then removed by the kubelet's final delete.

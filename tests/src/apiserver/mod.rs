@@ -1,7 +1,8 @@
 //! A test Kubernetes API server. No kube-apiserver can be installed here, so
 //! tests of the kube source run the unmodified kube client against this: it
 //! speaks the real list/watch protocol over HTTP for Services,
-//! EndpointSlices, Nodes, Pods, Events and Leases, and injects faults on demand.
+//! EndpointSlices, Nodes, Pods, Events, Leases, ConfigMaps and Secrets, and
+//! injects faults on demand.
 //!
 //! The state outlives the HTTP listener, so a test can stop the server
 //! (connections refused), start it again on the same port, and restart it

@@ -20,10 +20,21 @@ pub enum Kind {
     Pod,
     Event,
     Lease,
+    ConfigMap,
+    Secret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Pod, Kind::Event, Kind::Lease];
+    pub const ALL: [Kind; 8] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::Pod,
+        Kind::Event,
+        Kind::Lease,
+        Kind::ConfigMap,
+        Kind::Secret,
+    ];
 
     pub fn from_path(group_version: &str, plural: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.group_version() == group_version && k.plural() == plural)
@@ -45,6 +56,8 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Event => "events",
             Kind::Lease => "leases",
+            Kind::ConfigMap => "configmaps",
+            Kind::Secret => "secrets",
         }
     }
 
@@ -56,6 +69,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Event => "Event",
             Kind::Lease => "Lease",
+            Kind::ConfigMap => "ConfigMap",
+            Kind::Secret => "Secret",
         }
     }
 

@@ -1,0 +1,658 @@
+//! Configuration into pods, as the kubelet puts it there: environment
+//! variables from values (with `$(VAR)` expansion), ConfigMaps, Secrets and
+//! the pod's own fields (`env[].valueFrom`, `envFrom`), and the files of
+//! ConfigMap, Secret, downwardAPI and projected volumes, written the way
+//! the kubelet's atomic writer does (a `..data` link switched in one
+//! rename, so a reader never sees half an update). Pure but for the writer.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    path::Path,
+};
+
+use k8s_cri::v1 as cri;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, KeyToPath, ObjectFieldSelector, Pod, ResourceFieldSelector, Secret, Volume,
+};
+
+use crate::{
+    error::{KubeletError, Result},
+    spec::{PodId, parse_cpu, parse_memory},
+};
+
+/// The ConfigMaps and Secrets pods may refer to, by namespace and name,
+/// as key -> bytes.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigObjects {
+    config_maps: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
+    secrets: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
+}
+
+impl ConfigObjects {
+    pub fn add_config_map(&mut self, cm: &ConfigMap) {
+        let key = (
+            cm.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            cm.metadata.name.clone().unwrap_or_default(),
+        );
+        let mut data: BTreeMap<String, Vec<u8>> =
+            cm.data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        data.extend(cm.binary_data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())));
+        self.config_maps.insert(key, data);
+    }
+
+    /// `stringData` counts too, as the API server folds it into `data`.
+    pub fn add_secret(&mut self, s: &Secret) {
+        let key = (
+            s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            s.metadata.name.clone().unwrap_or_default(),
+        );
+        let mut data: BTreeMap<String, Vec<u8>> =
+            s.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        data.extend(s.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
+        self.secrets.insert(key, data);
+    }
+
+    fn config_map(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, Vec<u8>>> {
+        self.config_maps.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    fn secret(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, Vec<u8>>> {
+        self.secrets.get(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+/// Objects by namespace and name.
+pub type Names = Vec<(String, String)>;
+
+/// The ConfigMaps and Secrets `pods` refer to (volumes, projections, `env`,
+/// `envFrom`), by namespace and name: what a source needs to fetch.
+pub fn referenced(pods: &[Pod]) -> (Names, Names) {
+    let (mut cms, mut secrets) = (Vec::new(), Vec::new());
+    for pod in pods {
+        let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(spec) = &pod.spec else { continue };
+        let mut cm = |name: &str| cms.push((ns.clone(), name.to_string()));
+        let mut secret = |name: &str| secrets.push((ns.clone(), name.to_string()));
+        for v in spec.volumes.iter().flatten() {
+            if let Some(c) = &v.config_map {
+                cm(&c.name);
+            }
+            if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+                secret(name);
+            }
+            for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+                if let Some(c) = &source.config_map {
+                    cm(&c.name);
+                }
+                if let Some(s) = &source.secret {
+                    secret(&s.name);
+                }
+            }
+        }
+        for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            for from in c.env_from.iter().flatten() {
+                if let Some(r) = &from.config_map_ref {
+                    cm(&r.name);
+                }
+                if let Some(r) = &from.secret_ref {
+                    secret(&r.name);
+                }
+            }
+            for from in c.env.iter().flatten().filter_map(|e| e.value_from.as_ref()) {
+                if let Some(r) = &from.config_map_key_ref {
+                    cm(&r.name);
+                }
+                if let Some(r) = &from.secret_key_ref {
+                    secret(&r.name);
+                }
+            }
+        }
+    }
+    cms.sort();
+    cms.dedup();
+    secrets.sort();
+    secrets.dedup();
+    (cms, secrets)
+}
+
+/// What the pod's fields do not say but `fieldRef` may ask for.
+#[derive(Clone, Debug, Default)]
+pub struct PodFacts {
+    pub pod_ip: Option<String>,
+    pub host_ip: Option<String>,
+    pub node_name: String,
+    /// The node's CPUs and memory: what a container without a limit may use.
+    pub node_cpus: u32,
+    pub node_memory: u64,
+}
+
+fn not_found(kind: &str, name: &str) -> KubeletError {
+    KubeletError::Invalid(format!("{kind} \"{name}\" not found"))
+}
+
+fn utf8(kind: &str, name: &str, key: &str, bytes: &[u8]) -> Result<String> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| KubeletError::Invalid(format!("key {key:?} of {kind} \"{name}\" is not UTF-8 text: {e}")))
+}
+
+/// A key of a ConfigMap or Secret; `None` when it (or the object) is
+/// missing and the reference is optional.
+fn key_of(
+    objects: &ConfigObjects,
+    secret: bool,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    optional: bool,
+) -> Result<Option<Vec<u8>>> {
+    let kind = if secret { "secret" } else { "configmap" };
+    let data = if secret { objects.secret(namespace, name) } else { objects.config_map(namespace, name) };
+    match data.map(|d| d.get(key)) {
+        Some(Some(v)) => Ok(Some(v.clone())),
+        _ if optional => Ok(None),
+        Some(None) => Err(KubeletError::Invalid(format!("couldn't find key {key} in {kind} {namespace}/{name}"))),
+        None => Err(not_found(kind, name)),
+    }
+}
+
+/// Replaces `$(NAME)` with `vars[NAME]` where it is defined; `$$` is a
+/// literal `$`; anything else stays as written (the kubelet's expansion).
+pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A C identifier-ish name the kubelet accepts from `envFrom` keys.
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// The pod field `fieldPath` names.
+fn field(pod: &Pod, id: &PodId, facts: &PodFacts, f: &ObjectFieldSelector) -> Result<String> {
+    let path = f.field_path.as_str();
+    let meta = &pod.metadata;
+    let map_key = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix("['"))
+            .and_then(|r| r.strip_suffix("']"))
+            .map(str::to_string)
+    };
+    Ok(match path {
+        "metadata.name" => id.name.clone(),
+        "metadata.namespace" => id.namespace.clone(),
+        "metadata.uid" => id.uid.clone(),
+        "metadata.labels" => format_map(meta.labels.as_ref()),
+        "metadata.annotations" => format_map(meta.annotations.as_ref()),
+        "spec.nodeName" => {
+            pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| facts.node_name.clone())
+        }
+        "spec.serviceAccountName" => {
+            pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into())
+        }
+        "status.podIP" | "status.podIPs" => facts.pod_ip.clone().unwrap_or_default(),
+        "status.hostIP" | "status.hostIPs" => facts.host_ip.clone().unwrap_or_default(),
+        _ => {
+            if let Some(k) = map_key("metadata.labels") {
+                meta.labels.as_ref().and_then(|l| l.get(&k).cloned()).unwrap_or_default()
+            } else if let Some(k) = map_key("metadata.annotations") {
+                meta.annotations.as_ref().and_then(|a| a.get(&k).cloned()).unwrap_or_default()
+            } else {
+                return Err(KubeletError::Invalid(format!("fieldRef {path:?} is not a supported field")));
+            }
+        }
+    })
+}
+
+/// Labels or annotations as the downward API writes them: `key="value"` lines, sorted.
+fn format_map(map: Option<&BTreeMap<String, String>>) -> String {
+    map.into_iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
+}
+
+/// A container's resource (`limits.cpu`, `requests.memory`, ...) in units
+/// of the divisor, rounded up as the kubelet does; a limit not set is the
+/// node's.
+fn resource(pod: &Pod, c: &Container, facts: &PodFacts, r: &ResourceFieldSelector) -> Result<String> {
+    let container = match r.container_name.as_deref() {
+        Some(name) if !name.is_empty() && name != c.name => pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+            .find(|x| x.name == name)
+            .ok_or_else(|| KubeletError::Invalid(format!("resourceFieldRef: no container {name:?}")))?,
+        _ => c,
+    };
+    let (group, what) = r
+        .resource
+        .split_once('.')
+        .ok_or_else(|| KubeletError::Invalid(format!("resourceFieldRef {:?} is not a resource", r.resource)))?;
+    let res = container.resources.as_ref();
+    let quantity = match group {
+        "limits" => res.and_then(|r| r.limits.as_ref()).and_then(|l| l.get(what)),
+        "requests" => res.and_then(|r| r.requests.as_ref()).and_then(|l| l.get(what)),
+        _ => return Err(KubeletError::Invalid(format!("resourceFieldRef {:?} is not a resource", r.resource))),
+    };
+    let divisor = r.divisor.as_ref().map(|d| d.0.as_str()).unwrap_or("1");
+    let up = |n: i64, d: i64| if d <= 0 { n } else { (n + d - 1) / d };
+    Ok(match what {
+        "cpu" => {
+            let millis = match quantity {
+                Some(q) => parse_cpu(&q.0)?,
+                None if group == "limits" => i64::from(facts.node_cpus) * 1000,
+                None => 0,
+            };
+            up(millis, parse_cpu(divisor)?).to_string()
+        }
+        "memory" | "ephemeral-storage" => {
+            let bytes = match quantity {
+                Some(q) => parse_memory(&q.0)?,
+                None if group == "limits" && what == "memory" => facts.node_memory as i64,
+                None => 0,
+            };
+            up(bytes, parse_memory(divisor)?).to_string()
+        }
+        other => return Err(KubeletError::Invalid(format!("resourceFieldRef: resource {other:?} is not supported"))),
+    })
+}
+
+/// The container's environment, as the kubelet builds it: `envFrom`
+/// sources in order (keys that are no variable name skipped), then `env`
+/// in order, each value expanded against the variables before it. The
+/// variables, to expand command and args with.
+pub fn env(
+    pod: &Pod,
+    id: &PodId,
+    c: &Container,
+    objects: &ConfigObjects,
+    facts: &PodFacts,
+) -> Result<Vec<(String, String)>> {
+    let ns = id.namespace.as_str();
+    let mut out: Vec<(String, String)> = Vec::new();
+    fn set(out: &mut Vec<(String, String)>, k: String, v: String) {
+        match out.iter_mut().find(|(n, _)| *n == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        }
+    }
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let (data, kind, name, optional) = if let Some(r) = &from.config_map_ref {
+            (objects.config_map(ns, &r.name), "configmap", r.name.as_str(), r.optional.unwrap_or(false))
+        } else if let Some(r) = &from.secret_ref {
+            (objects.secret(ns, &r.name), "secret", r.name.as_str(), r.optional.unwrap_or(false))
+        } else {
+            continue;
+        };
+        let Some(data) = data else {
+            if optional {
+                continue;
+            }
+            return Err(not_found(kind, name));
+        };
+        for (k, v) in data {
+            let var = format!("{prefix}{k}");
+            if !valid_env_name(&var) {
+                tracing::warn!(pod = %id, container = %c.name, key = %k, "envFrom key is not a valid variable name: skipped");
+                continue;
+            }
+            set(&mut out, var, utf8(kind, name, k, v)?);
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let vars: HashMap<String, String> = out.iter().cloned().collect();
+        let value = match &e.value_from {
+            None => expand(e.value.as_deref().unwrap_or_default(), &vars),
+            Some(from) => {
+                if let Some(r) = &from.config_map_key_ref {
+                    match key_of(objects, false, ns, &r.name, &r.key, r.optional.unwrap_or(false))? {
+                        Some(v) => utf8("configmap", &r.name, &r.key, &v)?,
+                        None => continue,
+                    }
+                } else if let Some(r) = &from.secret_key_ref {
+                    match key_of(objects, true, ns, &r.name, &r.key, r.optional.unwrap_or(false))? {
+                        Some(v) => utf8("secret", &r.name, &r.key, &v)?,
+                        None => continue,
+                    }
+                } else if let Some(f) = &from.field_ref {
+                    field(pod, id, facts, f)?
+                } else if let Some(r) = &from.resource_field_ref {
+                    resource(pod, c, facts, r)?
+                } else {
+                    return Err(KubeletError::Invalid(format!("env {:?}: valueFrom names no source", e.name)));
+                }
+            }
+        };
+        set(&mut out, e.name.clone(), value);
+    }
+    Ok(out)
+}
+
+/// As CRI key-values.
+pub fn key_values(vars: &[(String, String)]) -> Vec<cri::KeyValue> {
+    vars.iter().map(|(k, v)| cri::KeyValue { key: k.clone(), value: v.clone() }).collect()
+}
+
+/// A file of a volume: its bytes and mode.
+pub type Files = BTreeMap<String, (Vec<u8>, i32)>;
+
+/// `items` of `data` (all keys when there are none) at their paths.
+fn project(
+    files: &mut Files,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    mode: i32,
+    what: &str,
+    optional: bool,
+) -> Result<()> {
+    match items {
+        None => files.extend(data.iter().map(|(k, v)| (k.clone(), (v.clone(), mode)))),
+        Some(items) => {
+            for item in items {
+                match data.get(&item.key) {
+                    Some(v) => drop(files.insert(item.path.clone(), (v.clone(), item.mode.unwrap_or(mode)))),
+                    None if optional => {}
+                    None => return Err(KubeletError::Invalid(format!("{what}: no key {:?}", item.key))),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The files of a configuration volume, or `None` for another kind
+/// (emptyDir, hostPath). Missing objects are errors unless optional.
+pub fn volume_files(
+    pod: &Pod,
+    id: &PodId,
+    v: &Volume,
+    objects: &ConfigObjects,
+    facts: &PodFacts,
+) -> Result<Option<Files>> {
+    let ns = id.namespace.as_str();
+    let mut files = Files::new();
+    let config_map = |files: &mut Files, name: &str, items, optional: Option<bool>, mode| -> Result<()> {
+        match objects.config_map(ns, name) {
+            Some(data) => project(files, data, items, mode, &format!("configmap {name}"), optional.unwrap_or(false)),
+            None if optional.unwrap_or(false) => Ok(()),
+            None => Err(not_found("configmap", name)),
+        }
+    };
+    let secret = |files: &mut Files, name: &str, items, optional: Option<bool>, mode| -> Result<()> {
+        match objects.secret(ns, name) {
+            Some(data) => project(files, data, items, mode, &format!("secret {name}"), optional.unwrap_or(false)),
+            None if optional.unwrap_or(false) => Ok(()),
+            None => Err(not_found("secret", name)),
+        }
+    };
+    let downward =
+        |files: &mut Files, items: &[k8s_openapi::api::core::v1::DownwardAPIVolumeFile], mode| -> Result<()> {
+            for item in items {
+                let value = if let Some(f) = &item.field_ref {
+                    field(pod, id, facts, f)?
+                } else if let Some(r) = &item.resource_field_ref {
+                    let first = pod.spec.as_ref().and_then(|s| s.containers.first()).cloned().unwrap_or_default();
+                    resource(pod, &first, facts, r)?
+                } else {
+                    continue;
+                };
+                files.insert(item.path.clone(), (value.into_bytes(), item.mode.unwrap_or(mode)));
+            }
+            Ok(())
+        };
+    if let Some(c) = &v.config_map {
+        config_map(&mut files, &c.name, c.items.as_ref(), c.optional, c.default_mode.unwrap_or(0o644))?;
+    } else if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().unwrap_or_default();
+        secret(&mut files, &name, s.items.as_ref(), s.optional, s.default_mode.unwrap_or(0o644))?;
+    } else if let Some(d) = &v.downward_api {
+        downward(&mut files, d.items.as_deref().unwrap_or_default(), d.default_mode.unwrap_or(0o644))?;
+    } else if let Some(p) = &v.projected {
+        let mode = p.default_mode.unwrap_or(0o644);
+        for source in p.sources.iter().flatten() {
+            if let Some(c) = &source.config_map {
+                config_map(&mut files, &c.name, c.items.as_ref(), c.optional, mode)?;
+            } else if let Some(s) = &source.secret {
+                secret(&mut files, &s.name, s.items.as_ref(), s.optional, mode)?;
+            } else if let Some(d) = &source.downward_api {
+                downward(&mut files, d.items.as_deref().unwrap_or_default(), mode)?;
+            } else if source.service_account_token.is_some() {
+                return Err(KubeletError::Invalid(format!(
+                    "volume {:?}: serviceAccountToken projections are not supported yet",
+                    v.name
+                )));
+            }
+        }
+    } else {
+        return Ok(None);
+    }
+    for path in files.keys() {
+        if path.is_empty() || path.starts_with('/') || path.split('/').any(|p| p == ".." || p.starts_with("..")) {
+            return Err(KubeletError::Invalid(format!("volume {:?}: file path {path:?} is not allowed", v.name)));
+        }
+    }
+    Ok(Some(files))
+}
+
+/// Writes `files` into `dir` as the kubelet's atomic writer does: a new
+/// timestamped folder, `..data` switched to it with one rename, and each
+/// top-level name a link through `..data`. Nothing is written when the
+/// content is the same. Returns whether it changed.
+pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let data_link = dir.join("..data");
+    if let Ok(current) = std::fs::read_link(&data_link) {
+        let current = dir.join(current);
+        let same = files.iter().all(|(path, (bytes, mode))| {
+            let p = current.join(path);
+            std::fs::read(&p).is_ok_and(|b| &b == bytes)
+                && std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode as u32)
+        }) && count_files(&current) == files.len();
+        if same {
+            return Ok(false);
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let name = format!("..{stamp}");
+    let fresh = dir.join(&name);
+    std::fs::create_dir(&fresh)?;
+    for (path, (bytes, mode)) in files {
+        let p = fresh.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, bytes)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode as u32))?;
+    }
+    let old = std::fs::read_link(&data_link).ok();
+    let tmp = dir.join("..data_tmp");
+    // Left by a writer that stopped half-way, if at all.
+    std::fs::remove_file(&tmp).ok();
+    std::os::unix::fs::symlink(&name, &tmp)?;
+    std::fs::rename(&tmp, &data_link)?;
+    // Top-level names point through `..data`; names no longer there go.
+    let tops: std::collections::BTreeSet<&str> = files.keys().filter_map(|p| p.split('/').next()).collect();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if !n.starts_with("..") && !tops.contains(n.as_str()) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    for top in &tops {
+        let link = dir.join(top);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(top), &link)?;
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old))?;
+    }
+    Ok(true)
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn id() -> PodId {
+        PodId { namespace: "default".into(), name: "web".into(), uid: "u1".into() }
+    }
+
+    fn objects() -> ConfigObjects {
+        let mut o = ConfigObjects::default();
+        o.add_config_map(
+            &serde_yaml::from_str(
+                "metadata: {name: settings, namespace: default}\ndata: {mode: fast, level: '3', 'bad key': x}\n",
+            )
+            .unwrap(),
+        );
+        o.add_secret(&serde_yaml::from_str("metadata: {name: creds, namespace: default}\ndata: {password: aHVudGVyMg==}\nstringData: {user: admin}\n").unwrap());
+        o
+    }
+
+    fn facts() -> PodFacts {
+        PodFacts {
+            pod_ip: Some("10.88.0.5".into()),
+            host_ip: Some("192.0.2.10".into()),
+            node_name: "node-1".into(),
+            node_cpus: 4,
+            node_memory: 8 << 30,
+        }
+    }
+
+    #[test]
+    fn variables_expand_against_earlier_ones_and_dollars_escape() {
+        let vars = HashMap::from([("A".to_string(), "x".to_string())]);
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$-$(", &vars), "x-$(B)-$(A)-$-$(");
+    }
+
+    #[test]
+    fn env_comes_from_values_config_maps_secrets_and_the_pod() {
+        let p = pod(
+            "metadata: {name: web, namespace: default, labels: {app: web}}\nspec:\n  containers:\n  - name: c\n    image: i\n    \
+             resources: {limits: {memory: 64Mi}}\n    envFrom: [{configMapRef: {name: settings}, prefix: CFG_}]\n    env:\n    \
+             - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}\n    \
+             - {name: USER, valueFrom: {secretKeyRef: {name: creds, key: user}}}\n    \
+             - {name: MODE, valueFrom: {configMapKeyRef: {name: settings, key: mode}}}\n    \
+             - {name: GREETING, value: 'mode $(MODE) for $(USER)'}\n    \
+             - {name: IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}\n    \
+             - {name: APP, valueFrom: {fieldRef: {fieldPath: \"metadata.labels['app']\"}}}\n    \
+             - {name: MEM_MI, valueFrom: {resourceFieldRef: {resource: limits.memory, divisor: 1Mi}}}\n    \
+             - {name: CPUS, valueFrom: {resourceFieldRef: {resource: limits.cpu}}}\n    \
+             - {name: GONE, valueFrom: {configMapKeyRef: {name: nothing, key: k, optional: true}}}\n",
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let env: BTreeMap<String, String> = env(&p, &id(), c, &objects(), &facts()).unwrap().into_iter().collect();
+        let want: BTreeMap<String, String> = [
+            ("CFG_mode", "fast"),
+            ("CFG_level", "3"),
+            ("PASSWORD", "hunter2"),
+            ("USER", "admin"),
+            ("MODE", "fast"),
+            ("GREETING", "mode fast for admin"),
+            ("IP", "10.88.0.5"),
+            ("APP", "web"),
+            ("MEM_MI", "64"),
+            ("CPUS", "4"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(env, want, "the bad key is skipped, the optional missing one left out");
+    }
+
+    #[test]
+    fn a_missing_object_or_key_is_a_clear_error_unless_optional() {
+        let p = |env: &str| {
+            pod(&format!("metadata: {{name: web}}\nspec: {{containers: [{{name: c, image: i, env: [{env}]}}]}}\n"))
+        };
+        let err = |p: Pod| {
+            env(&p, &id(), &p.spec.clone().unwrap().containers[0], &objects(), &facts()).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(p("{name: X, valueFrom: {configMapKeyRef: {name: nothing, key: k}}}")),
+            "configmap \"nothing\" not found"
+        );
+        assert!(
+            err(p("{name: X, valueFrom: {secretKeyRef: {name: creds, key: nope}}}")).contains("couldn't find key nope")
+        );
+    }
+
+    #[test]
+    fn volumes_project_keys_items_and_pod_fields() {
+        let p = pod(
+            "metadata: {name: web, namespace: default, labels: {app: web, tier: front}}\nspec:\n  containers: [{name: c, image: i}]\n  volumes:\n  \
+             - {name: cfg, configMap: {name: settings, items: [{key: mode, path: conf/mode}]}}\n  \
+             - {name: sec, secret: {secretName: creds, defaultMode: 256}}\n  \
+             - {name: info, downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}}\n  \
+             - {name: all, projected: {sources: [{configMap: {name: settings, items: [{key: level, path: level}]}}, {secret: {name: creds, items: [{key: user, path: user}]}}]}}\n  \
+             - {name: scratch, emptyDir: {}}\n",
+        );
+        let vols = p.spec.clone().unwrap().volumes.unwrap();
+        let files = |i: usize| volume_files(&p, &id(), &vols[i], &objects(), &facts()).unwrap();
+        assert_eq!(files(0).unwrap(), Files::from([("conf/mode".into(), (b"fast".to_vec(), 0o644))]));
+        assert_eq!(files(1).unwrap()["password"], (b"hunter2".to_vec(), 0o400));
+        assert_eq!(files(2).unwrap()["labels"].0, b"app=\"web\"\ntier=\"front\"".to_vec());
+        assert_eq!(files(3).unwrap().keys().collect::<Vec<_>>(), ["level", "user"]);
+        assert!(files(4).is_none(), "not a configuration volume");
+    }
+
+    #[test]
+    fn the_atomic_writer_switches_data_and_drops_what_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("vol");
+        let one = Files::from([("a".into(), (b"1".to_vec(), 0o644)), ("sub/b".into(), (b"2".to_vec(), 0o644))]);
+        assert!(write_atomically(&d, &one).unwrap());
+        assert_eq!(std::fs::read(d.join("a")).unwrap(), b"1");
+        assert_eq!(std::fs::read(d.join("sub/b")).unwrap(), b"2");
+        assert!(!write_atomically(&d, &one).unwrap(), "the same content is not rewritten");
+        let two = Files::from([("a".into(), (b"3".to_vec(), 0o600))]);
+        assert!(write_atomically(&d, &two).unwrap());
+        assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3");
+        assert!(!d.join("sub").exists(), "a name no longer there goes");
+        let generations = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("..1"))
+            .count();
+        assert_eq!(generations, 1, "the old generation is removed");
+    }
+}
