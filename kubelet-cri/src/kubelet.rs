@@ -17,6 +17,7 @@ use crate::{
     cri::Cri,
     error::{Result, call, io, io_at},
     images,
+    probe::{Prober, Verdict},
     spec::{self, Kind, PodId, Settings},
     status::{self, ContainerView, Instance, PodView, RestartPolicy, State},
 };
@@ -95,6 +96,11 @@ pub struct Kubelet {
     waiting: HashMap<(String, String), (String, String)>,
     /// Pods being stopped by a background task.
     terminating: Arc<Mutex<HashSet<String>>>,
+    /// Probes of running containers, and what they said at this pass (by container id).
+    prober: Prober,
+    probed: HashMap<String, Verdict>,
+    /// Containers being stopped for a failed startup or liveness probe.
+    killing: Arc<Mutex<HashSet<String>>>,
     /// The ConfigMaps and Secrets of this pass.
     objects: ConfigObjects,
     /// The node's CPUs and memory, for `resourceFieldRef`s without a limit.
@@ -141,6 +147,9 @@ impl Kubelet {
             pull_backoff: Backoffs::new(backoff_base),
             waiting: HashMap::new(),
             terminating: Arc::default(),
+            prober: Prober::default(),
+            probed: HashMap::new(),
+            killing: Arc::default(),
             objects: ConfigObjects::default(),
             node_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             node_memory: crate::node::Machine::read(std::path::Path::new("/")).memory,
@@ -206,6 +215,15 @@ impl Kubelet {
     ) -> Result<Vec<PodStatus>> {
         self.objects = objects.clone();
         let mut observed = self.observe().await?;
+        let running: HashSet<String> = observed
+            .containers
+            .values()
+            .flat_map(|by_name| by_name.values().filter_map(|l| l.first()))
+            .filter(|i| i.state == State::Running)
+            .map(|i| i.id.clone())
+            .collect();
+        self.prober.retain(&running);
+        self.probed.retain(|id, _| running.contains(id));
         self.on_node = observed.sandboxes.keys().cloned().collect();
         self.waiting.clear();
         let mut sandbox_ids = Vec::new();
@@ -307,6 +325,10 @@ impl Kubelet {
                     Some((State::Exited, code, n)) if policy.restarts(code) => {
                         self.restart(&pod, c, Kind::App, n + 1).await
                     }
+                    Some((State::Running, _, _)) => {
+                        let i = latest.expect("matched");
+                        self.probe(d, c, i, facts.pod_ip.as_deref());
+                    }
                     _ => {}
                 }
             }
@@ -344,14 +366,15 @@ impl Kubelet {
             c: &'a Container,
             instances: &'a HashMap<String, Vec<Instance>>,
             waiting: Option<(String, String)>,
+            probed: &HashMap<String, Verdict>,
         ) -> ContainerView<'a> {
             let list = instances.get(&c.name);
-            ContainerView {
-                spec: c,
-                latest: list.and_then(|l| l.first()),
-                previous: list.and_then(|l| l.get(1)),
-                waiting,
-            }
+            let latest = list.and_then(|l| l.first());
+            // Not probed yet: a startup or readiness probe has not said yes.
+            let unprobed = (c.startup_probe.is_some() || c.readiness_probe.is_some())
+                .then_some((c.startup_probe.is_none(), false));
+            let probed = latest.and_then(|i| probed.get(&i.id)).map(|v| (v.started, v.ready)).or(unprobed);
+            ContainerView { spec: c, latest, previous: list.and_then(|l| l.get(1)), waiting, probed }
         }
         let waiting = |c: &Container| self.waiting.get(&(d.id.uid.clone(), c.name.clone())).cloned();
         let inits: Vec<Container> = spec.init_containers.clone().unwrap_or_default();
@@ -359,8 +382,8 @@ impl Kubelet {
             sandbox_ready: sandbox_ip.is_some(),
             pod_ip: sandbox_ip.flatten(),
             restart_policy: policy,
-            init: inits.iter().map(|c| view(c, instances, waiting(c))).collect(),
-            apps: spec.containers.iter().map(|c| view(c, instances, waiting(c))).collect(),
+            init: inits.iter().map(|c| view(c, instances, waiting(c), &self.probed)).collect(),
+            apps: spec.containers.iter().map(|c| view(c, instances, waiting(c), &self.probed)).collect(),
             runtime: &self.runtime,
         };
         status::pod_status(&pod_view)
@@ -391,6 +414,33 @@ impl Kubelet {
             .pod_sandbox_id;
         tracing::info!(pod = %d.id, sandbox = %id, attempt, "pod sandbox running");
         Ok(id)
+    }
+
+    /// Runs `c`'s probes that are due on its running instance `i`, keeps
+    /// what they say for the status, and has it stopped (in the background,
+    /// with the pod's grace period) when a startup or liveness probe failed
+    /// enough times: the next passes restart it as the pod's policy says.
+    fn probe(&mut self, d: &DesiredPod, c: &Container, i: &Instance, pod_ip: Option<&str>) {
+        if c.startup_probe.is_none() && c.readiness_probe.is_none() && c.liveness_probe.is_none() {
+            return;
+        }
+        let verdict = self.prober.check(&self.cri, c, &i.id, i.started_at, pod_ip);
+        if let Some(why) = &verdict.kill
+            && self.killing.lock().unwrap().insert(i.id.clone())
+        {
+            tracing::info!(pod = %d.id, container = %c.name, reason = %why, "container failed its probe: restarting it");
+            let grace =
+                d.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(DEFAULT_GRACE_SECONDS);
+            let (mut cri, killing, id) = (self.cri.clone(), self.killing.clone(), i.id.clone());
+            tokio::spawn(async move {
+                let req = cri::StopContainerRequest { container_id: id.clone(), timeout: grace };
+                if let Err(e) = cri.runtime.stop_container(req).await {
+                    tracing::warn!(id = %id, error = %e.message(), "stopping a container that failed its probe");
+                }
+                killing.lock().unwrap().remove(&id);
+            });
+        }
+        self.probed.insert(i.id.clone(), verdict);
     }
 
     /// What the pod's fields do not say: its IP (from its sandbox) and the node's.

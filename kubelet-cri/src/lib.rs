@@ -5,7 +5,8 @@
 //! One step per module: [`cri`] (the connection), [`spec`] (Pod -> CRI
 //! configs), [`config`] (environment and configuration volumes), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
 //! [`status`] (what to report), [`source`] (where pods come from),
-//! [`logs`] (reading container logs), [`node`] (the Node and its lease);
+//! [`logs`] (reading container logs), [`node`] (the Node and its lease),
+//! [`probe`] (startup, readiness and liveness probes);
 //! [`error`] names what can go wrong.
 
 pub mod config;
@@ -15,6 +16,7 @@ pub mod images;
 pub mod kubelet;
 pub mod logs;
 pub mod node;
+pub mod probe;
 pub mod run;
 pub mod source;
 pub mod spec;

@@ -68,6 +68,9 @@ pub struct ContainerView<'a> {
     /// Why it is not running when the kubelet itself holds it back
     /// (ErrImagePull, CrashLoopBackOff, ...), with a message.
     pub waiting: Option<(String, String)>,
+    /// What its probes say of the running instance: (started, ready);
+    /// `None` when it has none to say (both follow `running`).
+    pub probed: Option<(bool, bool)>,
 }
 
 pub struct PodView<'a> {
@@ -135,8 +138,8 @@ fn container_status(v: &ContainerView, not_started_reason: &str, runtime: &str) 
         image: v.spec.image.clone().unwrap_or_default(),
         image_id: latest.map(|i| i.image_ref.clone()).unwrap_or_default(),
         container_id: latest.map(|i| format!("{runtime}://{}", i.id)),
-        ready: running,
-        started: Some(running),
+        ready: running && v.probed.is_none_or(|(_, ready)| ready),
+        started: Some(running && v.probed.is_none_or(|(started, _)| started)),
         restart_count: latest.map_or(0, |i| i.attempt as i32),
         state: Some(state),
         last_state: last_state.or(Some(ContainerState::default())),
@@ -248,7 +251,7 @@ mod tests {
     fn phases_follow_the_restart_policy() {
         let (a, b) = (spec("a"), spec("b"));
         let (run, ok, bad) = (inst(0, State::Running, 0), inst(0, State::Exited, 0), inst(2, State::Exited, 3));
-        let c = |s, i| ContainerView { spec: s, latest: i, previous: None, waiting: None };
+        let c = |s, i| ContainerView { spec: s, latest: i, previous: None, waiting: None, probed: None };
         assert_eq!(phase(&view(RestartPolicy::Always, vec![], vec![c(&a, Some(&run)), c(&b, None)])), "Running");
         assert_eq!(phase(&view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok)), c(&b, Some(&ok))])), "Succeeded");
         assert_eq!(phase(&view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok)), c(&b, Some(&bad))])), "Failed");
@@ -275,9 +278,10 @@ mod tests {
             latest: Some(&crashed),
             previous: Some(&before),
             waiting: Some(("CrashLoopBackOff".into(), "back-off 20s restarting a".into())),
+            probed: None,
         };
         let running = inst(0, State::Running, 0);
-        let up = ContainerView { spec: &b, latest: Some(&running), previous: None, waiting: None };
+        let up = ContainerView { spec: &b, latest: Some(&running), previous: None, waiting: None, probed: None };
         let s = pod_status(&view(RestartPolicy::Always, vec![], vec![backoff, up]));
         let cs = s.container_statuses.unwrap();
         assert_eq!(cs[0].restart_count, 2);
@@ -290,5 +294,19 @@ mod tests {
         assert_eq!(s.pod_ip.as_deref(), Some("10.88.0.5"));
         let ready = s.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.status, "False", "one container is not running");
+
+        // Running, but its probes say: started, not ready yet.
+        let probing = ContainerView {
+            spec: &b,
+            latest: Some(&running),
+            previous: None,
+            waiting: None,
+            probed: Some((true, false)),
+        };
+        let s = pod_status(&view(RestartPolicy::Always, vec![], vec![probing]));
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!((cs.ready, cs.started), (false, Some(true)));
+        let ready = s.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False", "a readiness probe holds the pod back");
     }
 }

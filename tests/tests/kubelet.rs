@@ -614,6 +614,73 @@ fn config_maps_and_secrets_reach_pods_as_files_and_variables() {
     assert_eq!(container(&s, "containerStatuses", "app")["restartCount"], 0, "updated in place: {s:#}");
 }
 
+const PROBED: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: slow, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: IMAGE
+    command: [sh, -c, 'mkdir -p /tmp/www; echo ok > /tmp/www/index.html; sleep 3; exec httpd -f -p 8080 -h /tmp/www']
+    ports: [{name: http, containerPort: 8080}]
+    startupProbe: {tcpSocket: {port: 8080}, periodSeconds: 1, failureThreshold: 30}
+    readinessProbe: {httpGet: {path: /index.html, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hangs, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'touch /tmp/alive; sleep 2; rm /tmp/alive; echo hung; sleep 1000']
+    livenessProbe: {exec: {command: [cat, /tmp/alive]}, periodSeconds: 1, failureThreshold: 2}
+"#;
+
+/// Probes as the kubelet runs them: a startup probe (tcpSocket) holds the
+/// container not started until its server listens, a readiness probe
+/// (httpGet on a named port) keeps it and its pod not ready until then; a
+/// liveness probe (exec) that keeps failing has a hung container killed
+/// and restarted.
+#[test]
+fn probes_gate_readiness_and_restart_a_hung_container() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "probed.yaml", &manifest(PROBED)).unwrap();
+    let early = node.wait_status("probed.yaml", "slow", Duration::from_secs(60), |s| phase(s) == "Running");
+    let web = container(&early, "containerStatuses", "web");
+    assert_eq!((web["ready"].as_bool(), web["started"].as_bool()), (Some(false), Some(false)), "{early:#}");
+    let pod_ready =
+        |s: &Value| s["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+    assert!(!pod_ready(&early), "not ready before the server listens: {early:#}");
+    let ready = node.wait_status("probed.yaml", "slow", Duration::from_secs(15), |s| {
+        container(s, "containerStatuses", "web")["ready"] == true
+    });
+    assert!(pod_ready(&ready), "{ready:#}");
+    assert_eq!(container(&ready, "containerStatuses", "web")["started"], true);
+    let ip = ready["podIP"].as_str().unwrap().to_string();
+    let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
+    let (code, _) = node.ns.run(move || http_get(addr, "/index.html", Duration::from_secs(3)).unwrap()).unwrap();
+    assert_eq!(code, 200, "ready means it serves");
+
+    let restarted = node.wait_status("probed.yaml", "hangs", Duration::from_secs(30), |s| {
+        container(s, "containerStatuses", "app")["restartCount"].as_i64() >= Some(1)
+    });
+    let app = container(&restarted, "containerStatuses", "app");
+    assert!(app["lastState"]["terminated"].is_object(), "the hung instance was ended: {restarted:#}");
+    assert!(node.log().contains("Liveness probe failed"), "{}", node.log());
+    assert_eq!(
+        container(
+            &node.wait_status("probed.yaml", "slow", Duration::from_secs(1), |_| true),
+            "containerStatuses",
+            "web"
+        )["restartCount"],
+        0
+    );
+}
+
 /// A test API server on the node's loopback.
 fn api_server_on(node: &Node) -> kpr_tests::apiserver::ApiServer {
     let ns = node.ns.name().to_string();

@@ -1,0 +1,349 @@
+//! Startup, readiness and liveness probes, as the kubelet runs them: exec
+//! (CRI ExecSync), httpGet and tcpSocket against the pod, each with its
+//! initial delay, period, timeout and success/failure thresholds. A probe
+//! runs in a task of its own, so a slow one never holds the pods' loop up;
+//! the loop asks what the probes say of each running container.
+//!
+//! Until a startup probe succeeds the others do not run and the container
+//! is not started; a readiness probe decides `ready` (false until its first
+//! success); a startup or liveness probe that reaches its failure threshold
+//! has the container killed, to be restarted as its pod's policy says.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use k8s_cri::v1 as cri;
+use k8s_openapi::{
+    api::core::v1::{Container, Probe},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::cri::Cri;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Startup,
+    Readiness,
+    Liveness,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Startup => "Startup",
+            Kind::Readiness => "Readiness",
+            Kind::Liveness => "Liveness",
+        }
+    }
+
+    fn of(self, c: &Container) -> Option<&Probe> {
+        match self {
+            Kind::Startup => c.startup_probe.as_ref(),
+            Kind::Readiness => c.readiness_probe.as_ref(),
+            Kind::Liveness => c.liveness_probe.as_ref(),
+        }
+    }
+}
+
+/// One probe of one container instance.
+#[derive(Debug, Default)]
+struct Track {
+    successes: u32,
+    failures: u32,
+    /// Settled by the thresholds; `None` until then.
+    result: Option<bool>,
+    last_run: Option<Instant>,
+    running: bool,
+    /// The last failure's words.
+    message: String,
+}
+
+/// What the probes say of a running container now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub started: bool,
+    pub ready: bool,
+    /// Kill it: why (a startup or liveness probe failed enough times).
+    pub kill: Option<String>,
+}
+
+/// The probes' timing and thresholds, with the API's defaults.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    initial_delay: Duration,
+    period: Duration,
+    timeout: Duration,
+    success_threshold: u32,
+    failure_threshold: u32,
+}
+
+impl Timing {
+    fn of(p: &Probe) -> Self {
+        let secs = |v: Option<i32>, default: i32| Duration::from_secs(v.unwrap_or(default).max(0) as u64);
+        Self {
+            initial_delay: secs(p.initial_delay_seconds, 0),
+            period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+            timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+            success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
+            failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+        }
+    }
+}
+
+/// Where probes run and what they found, by container instance id.
+#[derive(Clone, Default)]
+pub struct Prober {
+    tracks: Arc<Mutex<HashMap<(String, Kind), Track>>>,
+}
+
+impl Prober {
+    /// Starts the probes of the running instance `id` of `c` that are due
+    /// (it started at `started_at`, Unix nanoseconds), and says what they
+    /// have found so far.
+    pub fn check(&self, cri: &Cri, c: &Container, id: &str, started_at: i64, pod_ip: Option<&str>) -> Verdict {
+        let age = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(Duration::from_nanos(started_at.max(0) as u64));
+        let result = |kind: Kind| self.tracks.lock().unwrap().get(&(id.to_string(), kind)).and_then(|t| t.result);
+        let started = match Kind::Startup.of(c) {
+            None => true,
+            Some(p) => {
+                if let Some(why) = self.run_if_due(cri, c, id, Kind::Startup, p, age, pod_ip) {
+                    return Verdict { started: false, ready: false, kill: Some(why) };
+                }
+                result(Kind::Startup) == Some(true)
+            }
+        };
+        if !started {
+            return Verdict::default();
+        }
+        let mut verdict = Verdict { started: true, ready: true, kill: None };
+        if let Some(p) = Kind::Liveness.of(c) {
+            verdict.kill = self.run_if_due(cri, c, id, Kind::Liveness, p, age, pod_ip);
+        }
+        if let Some(p) = Kind::Readiness.of(c) {
+            self.run_if_due(cri, c, id, Kind::Readiness, p, age, pod_ip);
+            verdict.ready = result(Kind::Readiness) == Some(true);
+        }
+        verdict
+    }
+
+    /// Starts the probe if due; returns why to kill the container when a
+    /// startup or liveness probe has failed `failureThreshold` times.
+    #[expect(clippy::too_many_arguments, reason = "one probe's whole context, passed through once")]
+    fn run_if_due(
+        &self,
+        cri: &Cri,
+        c: &Container,
+        id: &str,
+        kind: Kind,
+        probe: &Probe,
+        age: Duration,
+        pod_ip: Option<&str>,
+    ) -> Option<String> {
+        let timing = Timing::of(probe);
+        let key = (id.to_string(), kind);
+        let mut tracks = self.tracks.lock().unwrap();
+        let track = tracks.entry(key.clone()).or_default();
+        if kind != Kind::Readiness && track.result == Some(false) {
+            return Some(format!("{} probe failed: {}", kind.label(), track.message));
+        }
+        let due = age >= timing.initial_delay && track.last_run.is_none_or(|t| t.elapsed() >= timing.period);
+        if !due || track.running {
+            return None;
+        }
+        track.running = true;
+        track.last_run = Some(Instant::now());
+        let (tracks, cri, probe, container, id) =
+            (self.tracks.clone(), cri.clone(), probe.clone(), c.clone(), id.to_string());
+        let pod_ip = pod_ip.map(str::to_string);
+        tokio::spawn(async move {
+            let outcome = run(cri, &container, &id, &probe, timing.timeout, pod_ip.as_deref()).await;
+            let mut tracks = tracks.lock().unwrap();
+            // Forgotten meanwhile: the instance is gone.
+            let Some(track) = tracks.get_mut(&key) else { return };
+            track.running = false;
+            settle(track, &timing, outcome, &container.name, kind);
+        });
+        None
+    }
+
+    /// Forgets the probes of instances not in `live` (stopped or removed).
+    pub fn retain(&self, live: &HashSet<String>) {
+        self.tracks.lock().unwrap().retain(|(id, _), _| live.contains(id));
+    }
+}
+
+/// Counts one outcome toward the thresholds.
+fn settle(track: &mut Track, timing: &Timing, outcome: Result<(), String>, container: &str, kind: Kind) {
+    match outcome {
+        Ok(()) => {
+            track.failures = 0;
+            track.successes += 1;
+            if track.successes >= timing.success_threshold {
+                track.result = Some(true);
+            }
+        }
+        Err(message) => {
+            track.successes = 0;
+            track.failures += 1;
+            tracing::info!(container, probe = kind.label(), failures = track.failures, %message, "probe failed");
+            track.message = message;
+            if track.failures >= timing.failure_threshold {
+                track.result = Some(false);
+            }
+        }
+    }
+}
+
+/// The port a probe names, by number or by the container's port name.
+fn port(c: &Container, p: &IntOrString) -> Result<u16, String> {
+    match p {
+        IntOrString::Int(n) => u16::try_from(*n).map_err(|e| format!("port {n}: {e}")),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+            .and_then(|cp| u16::try_from(cp.container_port).ok())
+            .ok_or_else(|| format!("no container port named {name:?}")),
+    }
+}
+
+/// Runs one probe within `timeout`.
+async fn run(
+    mut cri: Cri,
+    c: &Container,
+    id: &str,
+    p: &Probe,
+    timeout: Duration,
+    pod_ip: Option<&str>,
+) -> Result<(), String> {
+    if let Some(exec) = &p.exec {
+        let req = cri::ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: exec.command.clone().unwrap_or_default(),
+            timeout: timeout.as_secs() as i64,
+        };
+        let r = tokio::time::timeout(timeout + Duration::from_secs(1), cri.runtime.exec_sync(req))
+            .await
+            .map_err(|_elapsed| format!("command timed out after {timeout:?}"))?
+            .map_err(|e| format!("exec: {}", e.message()))?
+            .into_inner();
+        if r.exit_code == 0 {
+            return Ok(());
+        }
+        let out = String::from_utf8_lossy(&[r.stdout, r.stderr].concat()).trim().to_string();
+        return Err(format!("command exited with {}: {out}", r.exit_code));
+    }
+    let host = |h: Option<&String>| h.cloned().or_else(|| pod_ip.map(str::to_string)).ok_or("the pod has no IP yet");
+    if let Some(tcp) = &p.tcp_socket {
+        let addr = (host(tcp.host.as_ref())?, port(c, &tcp.port)?);
+        let what = format!("dial tcp {}:{}", addr.0, addr.1);
+        return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((addr.0.as_str(), addr.1))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: timed out after {timeout:?}")),
+        };
+    }
+    if let Some(http) = &p.http_get {
+        if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
+            return Err("HTTPS probes are not supported yet".into());
+        }
+        let (h, port) = (host(http.host.as_ref())?, port(c, &http.port)?);
+        let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+        let headers: String =
+            http.http_headers.iter().flatten().map(|hd| format!("{}: {}\r\n", hd.name, hd.value)).collect();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {h}:{port}\r\nUser-Agent: kube-probe/1.34\r\nAccept: */*\r\nConnection: close\r\n{headers}\r\n"
+        );
+        let url = format!("http://{h}:{port}{path}");
+        let get = async {
+            let mut stream = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 512];
+            while !head.contains(&b'\n') && head.len() < 4096 {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            Ok::<_, std::io::Error>(head)
+        };
+        let head = match tokio::time::timeout(timeout, get).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => return Err(format!("Get {url:?}: {e}")),
+            Err(_) => return Err(format!("Get {url:?}: timed out after {timeout:?}")),
+        };
+        let line = String::from_utf8_lossy(&head);
+        let code: Option<u16> = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+        return match code {
+            Some(code) if (200..400).contains(&code) => Ok(()),
+            Some(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
+            None => Err(format!("Get {url:?}: not an HTTP answer")),
+        };
+    }
+    if p.grpc.is_some() {
+        return Err("gRPC probes are not supported yet".into());
+    }
+    Err("the probe names no action".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(success: u32, failure: u32) -> Timing {
+        Timing {
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            success_threshold: success,
+            failure_threshold: failure,
+        }
+    }
+
+    #[test]
+    fn thresholds_settle_a_result_and_a_success_resets_the_failures() {
+        let mut t = Track::default();
+        let timing = timing(2, 3);
+        settle(&mut t, &timing, Ok(()), "c", Kind::Readiness);
+        assert_eq!(t.result, None, "one success of two");
+        settle(&mut t, &timing, Ok(()), "c", Kind::Readiness);
+        assert_eq!(t.result, Some(true));
+        for _ in 0..2 {
+            settle(&mut t, &timing, Err("refused".into()), "c", Kind::Readiness);
+        }
+        assert_eq!(t.result, Some(true), "two failures of three");
+        settle(&mut t, &timing, Ok(()), "c", Kind::Readiness);
+        settle(&mut t, &timing, Err("refused".into()), "c", Kind::Readiness);
+        assert_eq!((t.failures, t.result), (1, Some(true)), "a success started the count again");
+        settle(&mut t, &timing, Err("refused".into()), "c", Kind::Readiness);
+        settle(&mut t, &timing, Err("refused again".into()), "c", Kind::Readiness);
+        assert_eq!((t.result, t.message.as_str()), (Some(false), "refused again"));
+    }
+
+    #[test]
+    fn defaults_are_the_apis() {
+        let t = Timing::of(&Probe::default());
+        assert_eq!(
+            (t.period, t.timeout, t.success_threshold, t.failure_threshold),
+            (Duration::from_secs(10), Duration::from_secs(1), 1, 3)
+        );
+    }
+
+    #[test]
+    fn named_ports_resolve_through_the_container() {
+        let c: Container = serde_yaml::from_str("name: c\nports: [{name: http, containerPort: 8080}]\n").unwrap();
+        assert_eq!(port(&c, &IntOrString::String("http".into())), Ok(8080));
+        assert_eq!(port(&c, &IntOrString::Int(9000)), Ok(9000));
+        assert!(port(&c, &IntOrString::String("admin".into())).unwrap_err().contains("admin"));
+    }
+}
