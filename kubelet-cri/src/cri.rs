@@ -37,9 +37,15 @@ pub struct RuntimeInfo {
     pub api_version: String,
 }
 
+/// The kubelet's default `--runtime-request-timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Cri {
     /// Connects to `endpoint` (`unix:///run/containerd/containerd.sock`).
-    pub async fn connect(endpoint: &str) -> Result<Self> {
+    /// Every RuntimeService call fails after `request_timeout` rather than
+    /// hang (the kubelet's `--runtime-request-timeout`); image pulls, which
+    /// may rightly take longer, are not held to it.
+    pub async fn connect(endpoint: &str, request_timeout: Duration) -> Result<Self> {
         let path = socket_path(endpoint)?;
         if !path.exists() {
             return Err(KubeletError::Runtime(format!(
@@ -51,15 +57,18 @@ impl Cri {
             KubeletError::Runtime(format!("connecting to the container runtime at {endpoint}: {e}"))
         };
         // The URI is required by tonic but unused: every connection goes to the socket.
-        let channel = Endpoint::from_static("http://[::]:50051")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
+        let base = Endpoint::from_static("http://[::]:50051").connect_timeout(Duration::from_secs(5));
+        let connector = || {
+            let path = path.clone();
+            tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .map_err(unreachable)?;
-        Ok(Self { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) })
+            })
+        };
+        let runtime =
+            base.clone().timeout(request_timeout).connect_with_connector(connector()).await.map_err(unreachable)?;
+        let images = base.connect_with_connector(connector()).await.map_err(unreachable)?;
+        Ok(Self { runtime: RuntimeServiceClient::new(runtime), images: ImageServiceClient::new(images) })
     }
 
     /// `Version`, then `Status`: fails with the runtime's own words unless

@@ -135,8 +135,13 @@ fn instance(s: cri::ContainerStatus) -> Instance {
 
 impl Kubelet {
     /// Connects to the runtime and checks that it is ready.
-    pub async fn connect(endpoint: &str, settings: Settings, backoff_base: Duration) -> Result<Self> {
-        let mut cri = Cri::connect(endpoint).await?;
+    pub async fn connect(
+        endpoint: &str,
+        settings: Settings,
+        backoff_base: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self> {
+        let mut cri = Cri::connect(endpoint, request_timeout).await?;
         let info = cri.check().await?;
         tracing::info!(runtime = %info.name, version = %info.version, api = %info.api_version, "container runtime ready");
         Ok(Self {
@@ -608,7 +613,7 @@ impl Kubelet {
 /// Stops and removes every pod this kubelet created (`kpr kubelet reset`,
 /// as `kubeadm reset` does). Returns how many sandboxes went.
 pub async fn reset(endpoint: &str) -> Result<usize> {
-    let mut cri = Cri::connect(endpoint).await?;
+    let mut cri = Cri::connect(endpoint, crate::cri::DEFAULT_REQUEST_TIMEOUT).await?;
     let filter = cri::PodSandboxFilter { label_selector: selector(), ..Default::default() };
     let sandboxes = cri
         .runtime

@@ -48,12 +48,15 @@ pub struct Config {
     /// First restart back-off; doubles up to 30 times this.
     pub backoff: Duration,
     pub sync_period: Duration,
+    /// The deadline of every RuntimeService call (`--runtime-request-timeout`).
+    pub runtime_request_timeout: Duration,
 }
 
 /// Runs pods until Ctrl-C or SIGTERM; pods keep running after it exits (a
 /// restarted kubelet adopts them).
 pub async fn run(cfg: Config) -> Result<()> {
-    let mut kubelet = Kubelet::connect(&cfg.endpoint, cfg.settings.clone(), cfg.backoff).await?;
+    let mut kubelet =
+        Kubelet::connect(&cfg.endpoint, cfg.settings.clone(), cfg.backoff, cfg.runtime_request_timeout).await?;
     enum Source {
         Dir(DirSource),
         Kube(KubeSource),
@@ -72,7 +75,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 .ok_or_else(|| KubeletError::Invalid("pods from the API server need a client".into()))?;
             if let Some(reg) = cfg.registration.clone() {
                 // A connection of its own: a hung pod call never delays the heartbeat.
-                match Cri::connect(&cfg.endpoint).await {
+                match Cri::connect(&cfg.endpoint, cfg.runtime_request_timeout).await {
                     Ok(cri) => drop(node::spawn(client.clone(), reg, cri)),
                     Err(e) => tracing::warn!(error = %e, "the node is not registered: no runtime connection for it"),
                 }

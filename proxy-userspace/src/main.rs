@@ -301,6 +301,10 @@ struct KubeletArgs {
     /// How long the node's lease lasts unrenewed; it is renewed every quarter of it.
     #[arg(long, default_value_t = 40)]
     node_lease_duration_seconds: u64,
+    /// The deadline of every call to the runtime but image pulls: a runtime
+    /// that hangs fails the call instead of stalling the kubelet.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    runtime_request_timeout: Duration,
 }
 
 const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kpr-kubelet";
@@ -632,6 +636,7 @@ async fn run() -> anyhow::Result<()> {
                 },
                 backoff: args.restart_backoff,
                 sync_period: args.sync_frequency,
+                runtime_request_timeout: args.runtime_request_timeout,
             })
             .await?;
             Ok(())

@@ -872,6 +872,31 @@ fn the_node_registers_renews_its_lease_and_is_not_ready_without_its_runtime() {
     assert_ne!(node_condition(&back, "Ready").unwrap().3, ready_since, "a new transition time");
 }
 
+/// A runtime that takes connections and never answers: the first call
+/// fails at `--runtime-request-timeout` with the call named, rather than
+/// hanging the kubelet.
+#[test]
+fn a_runtime_that_never_answers_is_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        // Held open, never read or written.
+        let held: Vec<_> = listener.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let started = Instant::now();
+    let out = std::process::Command::new(kpr::binary().unwrap())
+        .args(["kubelet", "--source", &format!("dir:{}", dir.path().display()), "--runtime-request-timeout=2s"])
+        .arg(format!("--container-runtime-endpoint=unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "it gave up at the deadline: {:?}", started.elapsed());
+    assert!(stderr.contains("Version") && stderr.contains("Timeout expired"), "{stderr}");
+}
+
 #[test]
 fn a_missing_runtime_is_named_clearly() {
     let dir = tempfile::tempdir().unwrap();
