@@ -81,6 +81,15 @@ pub async fn ensure(
     Ok(pulled.into_inner().image_ref)
 }
 
+/// The user `image` runs as: its numeric uid, or its user name when it
+/// names one; `None` when the runtime does not say.
+pub async fn user(cri: &mut Cri, image: &str) -> Option<(Option<i64>, String)> {
+    let spec = cri::ImageSpec { image: image.into(), user_specified_image: image.into(), ..Default::default() };
+    let status = cri.images.image_status(cri::ImageStatusRequest { image: Some(spec), verbose: false }).await.ok()?;
+    let image = status.into_inner().image?;
+    Some((image.uid.map(|u| u.value), image.username))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -517,6 +517,29 @@ impl Kubelet {
             return false;
         }
         self.pull_backoff.clear(&key);
+        if spec::run_as_non_root(&d.pod, c) && spec::run_as_user(&d.pod, c).is_none() {
+            // The image decides the user: it must say a non-root one.
+            let refused = match images::user(&mut self.cri, &image).await {
+                Some((Some(uid), _)) if uid != 0 => None,
+                Some((Some(_), _)) => Some("container has runAsNonRoot and image will run as root".to_string()),
+                Some((None, name)) if name.is_empty() || name == "root" => {
+                    Some("container has runAsNonRoot and image will run as root".to_string())
+                }
+                Some((None, name)) => Some(format!(
+                    "container has runAsNonRoot and image has non-numeric user ({name}), cannot verify user is non-root"
+                )),
+                None => Some("container has runAsNonRoot and the image's user is unknown".to_string()),
+            };
+            if let Some(message) = refused {
+                self.hold(
+                    d,
+                    c,
+                    "CreateContainerConfigError",
+                    format!("{message} (pod: {}, container: {})", d.id, c.name),
+                );
+                return false;
+            }
+        }
         let env = match (pod.volumes, config::env(&d.pod, &d.id, c, &self.objects, pod.facts)) {
             (Err(e), _) => {
                 self.hold(d, c, "CreateContainerConfigError", e.clone());

@@ -97,6 +97,72 @@ fn host_network(pod: &Pod) -> bool {
     pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
 }
 
+/// The namespaces a pod's containers share, as the kubelet asks for them:
+/// the pod's network (or the node's), its own PID namespace per container
+/// unless `shareProcessNamespace` (or `hostPID`), the pod's IPC (or the node's).
+fn namespaces(pod: &Pod) -> cri::NamespaceOption {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mode = |node: bool, otherwise: cri::NamespaceMode| {
+        if node { cri::NamespaceMode::Node as i32 } else { otherwise as i32 }
+    };
+    let pid_shared = spec.share_process_namespace == Some(true);
+    cri::NamespaceOption {
+        network: mode(host_network(pod), cri::NamespaceMode::Pod),
+        pid: mode(
+            spec.host_pid == Some(true),
+            if pid_shared { cri::NamespaceMode::Pod } else { cri::NamespaceMode::Container },
+        ),
+        ipc: mode(spec.host_ipc == Some(true), cri::NamespaceMode::Pod),
+        ..Default::default()
+    }
+}
+
+/// The user a container runs as, when its or its pod's securityContext says.
+pub fn run_as_user(pod: &Pod, c: &Container) -> Option<i64> {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    c.security_context.as_ref().and_then(|sc| sc.run_as_user).or_else(|| pod_sc.and_then(|sc| sc.run_as_user))
+}
+
+/// Whether the container must not run as root (`runAsNonRoot`, its own or the pod's).
+pub fn run_as_non_root(pod: &Pod, c: &Container) -> bool {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    c.security_context.as_ref().and_then(|sc| sc.run_as_non_root).or_else(|| pod_sc.and_then(|sc| sc.run_as_non_root))
+        == Some(true)
+}
+
+/// The container's Linux security context: its securityContext over its
+/// pod's (user, group, supplemental groups), privileges, capabilities and
+/// a read-only root filesystem, in the pod's namespaces. `runAsNonRoot`
+/// with `runAsUser: 0` is refused here; with no user set, the kubelet
+/// checks the image's user before it starts the container.
+fn security_context(pod: &Pod, c: &Container) -> Result<cri::LinuxContainerSecurityContext> {
+    let sc = c.security_context.clone().unwrap_or_default();
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.clone()).unwrap_or_default();
+    let user = run_as_user(pod, c);
+    if run_as_non_root(pod, c) && user == Some(0) {
+        return Err(KubeletError::Invalid(format!(
+            "container's runAsUser breaks non-root policy (container: {})",
+            c.name
+        )));
+    }
+    let capabilities = sc.capabilities.as_ref().map(|caps| cri::Capability {
+        add_capabilities: caps.add.clone().unwrap_or_default(),
+        drop_capabilities: caps.drop.clone().unwrap_or_default(),
+        ..Default::default()
+    });
+    Ok(cri::LinuxContainerSecurityContext {
+        capabilities,
+        privileged: sc.privileged == Some(true),
+        namespace_options: Some(namespaces(pod)),
+        run_as_user: user.map(|value| cri::Int64Value { value }),
+        run_as_group: sc.run_as_group.or(pod_sc.run_as_group).map(|value| cri::Int64Value { value }),
+        readonly_rootfs: sc.read_only_root_filesystem == Some(true),
+        supplemental_groups: pod_sc.supplemental_groups.unwrap_or_default(),
+        no_new_privs: sc.allow_privilege_escalation == Some(false),
+        ..Default::default()
+    })
+}
+
 /// The sandbox for `pod`.
 pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri::PodSandboxConfig {
     let spec = pod.spec.clone().unwrap_or_default();
@@ -119,6 +185,13 @@ pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri:
             host_ip: p.host_ip.clone().unwrap_or_default(),
         })
         .collect();
+    let pod_sc = spec.security_context.clone().unwrap_or_default();
+    // A privileged container needs a privileged sandbox (the runtime refuses it otherwise).
+    let privileged = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.security_context.as_ref().and_then(|sc| sc.privileged) == Some(true));
     cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: id.name.clone(),
@@ -136,12 +209,11 @@ pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri:
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: s.cgroup_parent.clone(),
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: if host_net { cri::NamespaceMode::Node as i32 } else { cri::NamespaceMode::Pod as i32 },
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespaces(pod)),
+                run_as_user: pod_sc.run_as_user.map(|value| cri::Int64Value { value }),
+                run_as_group: pod_sc.run_as_group.map(|value| cri::Int64Value { value }),
+                supplemental_groups: pod_sc.supplemental_groups.clone().unwrap_or_default(),
+                privileged,
                 ..Default::default()
             }),
             ..Default::default()
@@ -326,7 +398,10 @@ pub fn container_config(
         labels,
         annotations: HashMap::from([(RESTART_COUNT.into(), attempt.to_string())]),
         log_path: log_path(&c.name, attempt),
-        linux: Some(cri::LinuxContainerConfig { resources: resources(c)?, ..Default::default() }),
+        linux: Some(cri::LinuxContainerConfig {
+            resources: resources(c)?,
+            security_context: Some(security_context(pod, c)?),
+        }),
         ..Default::default()
     })
 }
@@ -446,6 +521,32 @@ spec:
         c.volume_mounts.as_mut().unwrap()[0].name = "n".into();
         let e = container_config(&p, &id(), &c, Kind::App, 0, &settings(), &env).unwrap_err();
         assert!(e.to_string().contains("only hostPath, emptyDir"), "{e}");
+    }
+
+    #[test]
+    fn security_contexts_layer_the_containers_over_the_pods() {
+        let p = pod(
+            "metadata: {name: p}\nspec:\n  shareProcessNamespace: true\n  securityContext: {runAsUser: 1000, runAsGroup: 3000, supplementalGroups: [4000]}\n  \
+             containers:\n  - {name: a, image: i, securityContext: {runAsUser: 2000, readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {add: [NET_ADMIN], drop: [ALL]}}}\n  \
+             - {name: b, image: i, securityContext: {privileged: true}}\n  - {name: c, image: i, securityContext: {runAsNonRoot: true, runAsUser: 0}}\n",
+        );
+        let spec = p.spec.clone().unwrap();
+        let sc = |i: usize| container_config(&p, &id(), &spec.containers[i], Kind::App, 0, &settings(), &[]);
+        let a = sc(0).unwrap().linux.unwrap().security_context.unwrap();
+        assert_eq!((a.run_as_user.map(|u| u.value), a.run_as_group.map(|g| g.value)), (Some(2000), Some(3000)));
+        assert_eq!(a.supplemental_groups, [4000]);
+        assert!(a.readonly_rootfs && a.no_new_privs && !a.privileged);
+        let caps = a.capabilities.unwrap();
+        assert_eq!(
+            (caps.add_capabilities, caps.drop_capabilities),
+            (vec!["NET_ADMIN".to_string()], vec!["ALL".to_string()])
+        );
+        assert_eq!(a.namespace_options.unwrap().pid, cri::NamespaceMode::Pod as i32, "shareProcessNamespace");
+        let b = sc(1).unwrap().linux.unwrap().security_context.unwrap();
+        assert_eq!((b.privileged, b.run_as_user.map(|u| u.value)), (true, Some(1000)), "the pod's user");
+        let sandbox = sandbox_config(&p, &id(), 0, &settings()).linux.unwrap().security_context.unwrap();
+        assert!(sandbox.privileged, "a privileged container needs a privileged sandbox");
+        assert!(sc(2).unwrap_err().to_string().contains("breaks non-root policy"));
     }
 
     #[test]

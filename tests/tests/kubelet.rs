@@ -681,6 +681,52 @@ fn probes_gate_readiness_and_restart_a_hung_container() {
     );
 }
 
+const SECURED: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: secured, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {runAsUser: 1000, runAsGroup: 2000}
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'echo "uid=$(id -u) gid=$(id -g)"; touch /written 2>/dev/null && echo writable || echo read-only; while true; do sleep 1; done']
+    securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: rooted, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'while true; do sleep 1; done']
+    securityContext: {runAsNonRoot: true}
+"#;
+
+/// securityContext as the kubelet applies it: the pod's user and group, a
+/// read-only root filesystem; `runAsNonRoot` with an image that runs as
+/// root is refused with CreateContainerConfigError.
+#[test]
+fn security_contexts_set_the_user_and_refuse_root_where_asked() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "secured.yaml", &manifest(SECURED)).unwrap();
+    node.wait_status("secured.yaml", "secured", Duration::from_secs(60), |s| phase(s) == "Running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.logs("secured", "app").lines().count() < 2 {
+        assert!(Instant::now() < deadline, "{}", node.logs("secured", "app"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(node.logs("secured", "app").trim(), "uid=1000 gid=2000\nread-only");
+    let refused = node.wait_status("secured.yaml", "rooted", Duration::from_secs(10), |s| {
+        container(s, "containerStatuses", "app")["state"]["waiting"]["reason"] == "CreateContainerConfigError"
+    });
+    let message = container(&refused, "containerStatuses", "app")["state"]["waiting"]["message"].to_string();
+    assert!(message.contains("runAsNonRoot and image will run as root"), "{message}");
+}
+
 /// A test API server on the node's loopback.
 fn api_server_on(node: &Node) -> kpr_tests::apiserver::ApiServer {
     let ns = node.ns.name().to_string();
