@@ -16,7 +16,7 @@ use crate::{
     config::{self, ConfigObjects, PodFacts},
     cri::Cri,
     error::{Result, call, io, io_at},
-    images,
+    images, logs,
     probe::{Prober, Verdict},
     spec::{self, Kind, PodId, Settings},
     status::{self, ContainerView, Instance, PodView, RestartPolicy, State},
@@ -312,12 +312,18 @@ impl Kubelet {
         }
         // As the kubelet, only the newest dead instance of a container is
         // kept (for its status and logs); older ones are removed.
-        for list in instances.values() {
+        let log_dir = std::path::Path::new(&sandbox.log_directory);
+        for (name, list) in instances {
             for old in list.iter().filter(|i| i.state == State::Exited).skip(1) {
                 let req = cri::RemoveContainerRequest { container_id: old.id.clone() };
-                if let Err(e) = self.cri.runtime.remove_container(req).await {
-                    tracing::debug!(id = %old.id, error = %e.message(), "removing an old container instance");
+                match self.cri.runtime.remove_container(req).await {
+                    // Its log goes with it, as the kubelet's container GC does.
+                    Ok(_) => logs::remove_instance(&log_dir.join(spec::log_path(name, old.attempt))),
+                    Err(e) => tracing::debug!(id = %old.id, error = %e.message(), "removing an old container instance"),
                 }
+            }
+            if let Some(live) = list.first().filter(|i| i.state == State::Running) {
+                self.rotate_log(&log_dir.join(spec::log_path(name, live.attempt)), &live.id).await;
             }
         }
         if initialized {
@@ -446,6 +452,27 @@ impl Kubelet {
             });
         }
         self.probed.insert(i.id.clone(), verdict);
+    }
+
+    /// Rotates a running container's log once it is over the size limit:
+    /// the file is renamed and the runtime asked to reopen the path (put
+    /// back if it cannot, so nothing is lost).
+    async fn rotate_log(&mut self, path: &std::path::Path, container_id: &str) {
+        let rotated = match logs::rotate(path, self.settings.log_max_size, self.settings.log_max_files) {
+            Ok(Some(rotated)) => rotated,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(log = %path.display(), error = %e, "cannot rotate a container log");
+                return;
+            }
+        };
+        let req = cri::ReopenContainerLogRequest { container_id: container_id.into() };
+        if let Err(e) = self.cri.runtime.reopen_container_log(req).await {
+            tracing::warn!(log = %path.display(), error = %e.message(), "the runtime did not reopen a rotated log: put back");
+            if let Err(e) = std::fs::rename(&rotated, path) {
+                tracing::warn!(log = %path.display(), error = %e, "cannot put a rotated log back");
+            }
+        }
     }
 
     /// What the pod's fields do not say: its IP (from its sandbox) and the node's.

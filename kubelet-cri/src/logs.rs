@@ -46,6 +46,61 @@ impl Parser {
     }
 }
 
+/// Rotates a running container's log at `path` once it is over
+/// `max_size` bytes, as the kubelet's container log manager does: renamed
+/// to `PATH.NANOS` (the runtime is then asked to reopen `path`), keeping
+/// the newest `max_files - 1` rotated files beside the live one. Returns
+/// the rotated file's path when it rotated.
+pub fn rotate(path: &Path, max_size: u64, max_files: usize) -> std::io::Result<Option<PathBuf>> {
+    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) <= max_size {
+        return Ok(None);
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(format!(".{nanos}"));
+    let rotated = PathBuf::from(rotated);
+    std::fs::rename(path, &rotated)?;
+    let mut old = rotated_files(path);
+    // Oldest first: the names end in the rotation time.
+    old.sort();
+    let excess = old.len().saturating_sub(max_files.saturating_sub(1).max(1));
+    for file in &old[..excess] {
+        std::fs::remove_file(file)?;
+    }
+    Ok(Some(rotated))
+}
+
+/// The rotated files of the log at `path` (`PATH.NANOS`).
+fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return Vec::new() };
+    let prefix = format!("{name}.");
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix(&prefix))
+                        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the log of a removed container instance, rotated files included.
+pub fn remove_instance(path: &Path) {
+    for file in rotated_files(path).into_iter().chain([path.to_path_buf()]) {
+        if let Err(e) = std::fs::remove_file(&file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::debug!(file = %file.display(), error = %e, "removing a dead container's log");
+        }
+    }
+}
+
 /// The log file of the latest instance of `container` in the pod log
 /// folder `dir` (`CONTAINER/ATTEMPT.log`).
 pub fn latest(dir: &Path, container: &str) -> Result<PathBuf> {
@@ -145,5 +200,26 @@ mod tests {
         print(dir.path(), "app", false, &mut out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "eleventh\n");
         assert!(print(dir.path(), "other", false, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn logs_rotate_over_their_size_and_keep_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("0.log");
+        std::fs::write(&log, "x".repeat(10)).unwrap();
+        assert_eq!(rotate(&log, 10, 3).unwrap(), None, "not over the size");
+        for round in 0..4 {
+            std::fs::write(&log, "y".repeat(11 + round)).unwrap();
+            assert!(rotate(&log, 10, 3).unwrap().is_some());
+            assert!(!log.exists(), "the runtime reopens it");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let mut kept = rotated_files(&log);
+        kept.sort();
+        assert_eq!(kept.len(), 2, "max 3 files: the live one and two rotated");
+        assert_eq!(std::fs::read_to_string(&kept[1]).unwrap().len(), 14, "the newest kept");
+        std::fs::write(&log, "z").unwrap();
+        remove_instance(&log);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -52,6 +52,10 @@ pub struct Settings {
     /// This node, as pods' `spec.nodeName` and `status.hostIP` fields show it.
     pub node_name: String,
     pub node_ip: Option<String>,
+    /// A running container's log is rotated over this size, keeping this
+    /// many files (`--container-log-max-size`, `--container-log-max-files`).
+    pub log_max_size: u64,
+    pub log_max_files: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -414,6 +418,8 @@ mod tests {
         Settings {
             node_name: "node-1".into(),
             node_ip: None,
+            log_max_size: 10 << 20,
+            log_max_files: 5,
             root_dir: "/var/lib/kpr-kubelet".into(),
             cgroup_parent: "/kubepods".into(),
             cluster_dns: vec!["10.96.0.53".into()],

@@ -305,6 +305,18 @@ struct KubeletArgs {
     /// that hangs fails the call instead of stalling the kubelet.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     runtime_request_timeout: Duration,
+    /// A running container's log is rotated once over this size (a quantity: `10Mi`).
+    #[arg(long, default_value = "10Mi", value_parser = log_size)]
+    container_log_max_size: u64,
+    /// Log files kept per container instance, the live one included (at least 2).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..))]
+    container_log_max_files: u16,
+}
+
+fn log_size(s: &str) -> Result<u64, String> {
+    kubelet_cri::spec::parse_memory(s)
+        .map_err(|e| e.to_string())
+        .and_then(|n| u64::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| format!("{s:?}: a size above zero")))
 }
 
 const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kpr-kubelet";
@@ -633,6 +645,8 @@ async fn run() -> anyhow::Result<()> {
                     cluster_domain: args.cluster_domain,
                     node_name: args.node_name.clone(),
                     node_ip: args.node_ip.or_else(kubelet_cri::node::default_address).map(|ip| ip.to_string()),
+                    log_max_size: args.container_log_max_size,
+                    log_max_files: args.container_log_max_files.into(),
                 },
                 backoff: args.restart_backoff,
                 sync_period: args.sync_frequency,

@@ -727,6 +727,94 @@ fn security_contexts_set_the_user_and_refuse_root_where_asked() {
     assert!(message.contains("runAsNonRoot and image will run as root"), "{message}");
 }
 
+const CHATTY: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: chatty, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'i=0; while true; do i=$((i+1)); echo "line $i, padded so that the log fills up quickly"; sleep 0.01; done']
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'echo once; exit 1']}
+"#;
+
+/// The log files of `container` of the pod named `pod`, by file name.
+fn log_files(node: &Node, pod: &str, container: &str) -> Vec<String> {
+    let logs = node.root.path().join("logs");
+    let Some(pod_dir) = std::fs::read_dir(&logs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().contains(&format!("_{pod}_")))
+    else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = std::fs::read_dir(pod_dir.path().join(container))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Container logs as the kubelet keeps them: a running container's log is
+/// rotated over `--container-log-max-size` (the runtime reopens it, no line
+/// lost from the live file) keeping `--container-log-max-files`, and a
+/// removed instance's log goes with it.
+#[test]
+fn container_logs_rotate_and_removed_instances_take_theirs_along() {
+    root_or_skip!();
+    let mut node = Node::without_kubelet();
+    node.source = vec![
+        format!("--source=dir:{}", node.manifests.path().display()),
+        "--container-log-max-size=4Ki".into(),
+        "--container-log-max-files=3".into(),
+    ];
+    node.start_kubelet();
+    write(node.manifests.path(), "chatty.yaml", &manifest(CHATTY)).unwrap();
+    node.wait_status("chatty.yaml", "chatty", Duration::from_secs(60), |s| phase(s) == "Running");
+    let rotated = |names: &[String]| names.iter().filter(|n| n.starts_with("0.log.")).count();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rotated(&log_files(&node, "chatty", "app")) < 2 {
+        assert!(Instant::now() < deadline, "rotated twice: {:?}\n{}", log_files(&node, "chatty", "app"), node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The number of the last line the live log holds.
+    let last_line = || -> u64 {
+        let log = node.logs("chatty", "app");
+        let last = log.lines().last().unwrap_or_default().to_string();
+        last.strip_prefix("line ").and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let before = last_line();
+    std::thread::sleep(Duration::from_secs(2));
+    let names = log_files(&node, "chatty", "app");
+    assert!(
+        names.len() <= 3 && names.contains(&"0.log".to_string()),
+        "the live log and at most two rotated: {names:?}"
+    );
+    let after = last_line();
+    assert!(after > before, "the runtime writes to the reopened log: line {before}, then {after}");
+
+    let s = node.wait_status("chatty.yaml", "crasher", Duration::from_secs(40), |s| {
+        container(s, "containerStatuses", "app")["restartCount"].as_i64() >= Some(3)
+    });
+    let names = log_files(&node, "crasher", "app");
+    assert!(
+        names.len() <= 2 && !names.contains(&"0.log".to_string()),
+        "removed instances' logs are gone: {names:?}\n{s:#}"
+    );
+}
+
 /// A test API server on the node's loopback.
 fn api_server_on(node: &Node) -> kpr_tests::apiserver::ApiServer {
     let ns = node.ns.name().to_string();
