@@ -447,24 +447,8 @@ fn cni_veths(ns: &Netns) -> Vec<String> {
     out.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap().to_string()).collect()
 }
 
-#[test]
-fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
-    root_or_skip!();
-    let node = Node::start();
-    for name in ["web-1", "web-2"] {
-        write(node.manifests.path(), &format!("{name}.yaml"), &manifest(&SERVERS.replace("NAME", name))).unwrap();
-    }
-    let ips: Vec<std::net::Ipv4Addr> = ["web-1", "web-2"]
-        .iter()
-        .map(|name| {
-            let s = node.wait_status(&format!("{name}.yaml"), name, Duration::from_secs(60), |s| {
-                phase(s) == "Running" && s["podIP"].is_string()
-            });
-            s["podIP"].as_str().unwrap().parse().unwrap()
-        })
-        .collect();
-
-    // A client pod on the same bridge, as the CNI plugin would attach one.
+/// A client pod on the node's CNI bridge, as the CNI plugin would attach one.
+fn client_on_bridge(node: &Node) -> Netns {
     let client = Netns::new(&format!("{}-client", unique_prefix())).unwrap();
     let n = node.ns.name();
     kpr_tests::netns::ip(&[
@@ -488,6 +472,27 @@ fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
     kpr_tests::netns::ip(&["-n", c, "link", "set", "eth0", "up"]).unwrap();
     kpr_tests::netns::ip(&["-n", c, "route", "add", "default", "via", "10.88.0.1"]).unwrap();
     node.ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    client
+}
+
+#[test]
+fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
+    root_or_skip!();
+    let node = Node::start();
+    for name in ["web-1", "web-2"] {
+        write(node.manifests.path(), &format!("{name}.yaml"), &manifest(&SERVERS.replace("NAME", name))).unwrap();
+    }
+    let ips: Vec<std::net::Ipv4Addr> = ["web-1", "web-2"]
+        .iter()
+        .map(|name| {
+            let s = node.wait_status(&format!("{name}.yaml"), name, Duration::from_secs(60), |s| {
+                phase(s) == "Running" && s["podIP"].is_string()
+            });
+            s["podIP"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+
+    let client = client_on_bridge(&node);
 
     // The Service and its EndpointSlice name the CRI-assigned addresses.
     let services = tempfile::tempdir().unwrap();
@@ -813,6 +818,115 @@ fn container_logs_rotate_and_removed_instances_take_theirs_along() {
         names.len() <= 2 && !names.contains(&"0.log".to_string()),
         "removed instances' logs are gone: {names:?}\n{s:#}"
     );
+}
+
+const SLOW_SERVER: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: NAME, labels: {app: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: httpd
+    image: IMAGE
+    command: [sh, -c, 'mkdir -p /www; hostname > /www/index.html; sleep 4; exec httpd -f -p 8080 -h /www']
+    readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+"#;
+
+/// The Service `web` and its EndpointSlice for `pods` (name, IP, ready), as
+/// the EndpointSlice controller writes it from the pods' Ready conditions.
+fn web_slice(vip: std::net::Ipv4Addr, pods: &[(String, String, bool)]) -> String {
+    let eps: String = pods
+        .iter()
+        .map(|(name, ip, ready)| {
+            format!(
+                "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {ready}}}\n  \
+                 targetRef: {{kind: Pod, name: {name}, namespace: default}}\n"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {vip}\n  \
+         ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{eps}"
+    )
+}
+
+/// The whole node, kubelet and kpr: a pod whose readiness probe has not
+/// passed yet is kept out of its Service's endpoints (the test plays the
+/// EndpointSlice controller, publishing each pod's Ready condition), so no
+/// client is sent to it while its server is not listening; once the probe
+/// passes it is published ready and answers too.
+#[test]
+fn a_readiness_probe_keeps_a_pod_out_of_its_service_until_it_serves() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "web-1.yaml", &manifest(&SERVERS.replace("NAME", "web-1"))).unwrap();
+    write(node.manifests.path(), "web-slow.yaml", &manifest(&SLOW_SERVER.replace("NAME", "web-slow"))).unwrap();
+    // Each pod's IP and Ready condition, from the status the kubelet writes.
+    let pods = || -> Vec<(String, String, bool)> {
+        ["web-1", "web-slow"]
+            .iter()
+            .map(|name| {
+                let s = node
+                    .wait_status(&format!("{name}.yaml"), name, Duration::from_secs(60), |s| s["podIP"].is_string());
+                let ready =
+                    s["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+                (name.to_string(), s["podIP"].as_str().unwrap().to_string(), ready)
+            })
+            .collect()
+    };
+    let services = tempfile::tempdir().unwrap();
+    let vip = std::net::Ipv4Addr::new(10, 96, 0, 11);
+    // Once the pods have addresses, the CNI bridge is there.
+    let mut published = pods();
+    let client = client_on_bridge(&node);
+    write(services.path(), "web.yaml", &web_slice(vip, &published)).unwrap();
+    let args = vec![
+        "--mode=ebpf".to_string(),
+        format!("--source=dir:{}", services.path().display()),
+        format!("--interfaces={}", cni_veths(&node.ns).join(",")),
+        "--healthz-bind-address=127.0.0.1:10257".into(),
+    ];
+    let mut proxy = Kpr::run_in(&node.ns, &args, &services.path().join("kpr.log")).unwrap();
+    proxy.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+
+    let ask = move || {
+        client
+            .run(move || {
+                (0..10)
+                    .map(|_| {
+                        http_get(SocketAddr::from((vip, 80)), "/", Duration::from_secs(2))
+                            .map(|r| r.1.trim().to_string())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut saw_unready = false;
+    loop {
+        let slow_ready = published.iter().any(|(n, _, ready)| n == "web-slow" && *ready);
+        saw_unready |= !slow_ready;
+        let answers = ask();
+        for a in &answers {
+            let a = a.as_ref().unwrap_or_else(|e| panic!("a client was sent nowhere: {e}\n{}", proxy.log()));
+            assert!(slow_ready || a == "web-1", "answered by {a} before it was published ready");
+        }
+        if slow_ready && answers.iter().flatten().any(|a| a == "web-slow") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web-slow never answered: {published:?}\n{}", node.log());
+        // The controller's turn: publish what the kubelet reports now.
+        let now = pods();
+        if now != published {
+            write(services.path(), "web.yaml", &web_slice(vip, &now)).unwrap();
+            published = now;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert!(saw_unready, "the slow pod was first published not ready");
 }
 
 /// A test API server on the node's loopback.
