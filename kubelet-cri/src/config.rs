@@ -27,6 +27,59 @@ use crate::{
 pub struct ConfigObjects {
     config_maps: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
     secrets: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
+    /// Service account tokens issued for pods.
+    tokens: HashMap<TokenWanted, String>,
+}
+
+/// A service account token a pod's projected volume asks for: bound to
+/// the pod, for an audience, with a lifetime.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenWanted {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    /// Empty: the API server's own audience.
+    pub audience: String,
+    pub expiration_seconds: i64,
+}
+
+/// The kubelet's floor on a projected token's lifetime (and the API's default).
+pub const MIN_TOKEN_SECONDS: i64 = 600;
+const DEFAULT_TOKEN_SECONDS: i64 = 3600;
+
+/// The tokens `pods` project, by pod.
+pub fn tokens_wanted(pods: &[(PodId, Pod)]) -> Vec<TokenWanted> {
+    let mut wanted = Vec::new();
+    for (id, pod) in pods {
+        let Some(spec) = &pod.spec else { continue };
+        let account = spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+        for source in
+            spec.volumes.iter().flatten().flat_map(|v| v.projected.iter().flat_map(|p| p.sources.iter().flatten()))
+        {
+            if let Some(t) = &source.service_account_token {
+                wanted.push(token_wanted(id, &account, t));
+            }
+        }
+    }
+    wanted.sort();
+    wanted.dedup();
+    wanted
+}
+
+fn token_wanted(
+    id: &PodId,
+    account: &str,
+    t: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+) -> TokenWanted {
+    TokenWanted {
+        namespace: id.namespace.clone(),
+        service_account: account.to_string(),
+        pod_name: id.name.clone(),
+        pod_uid: id.uid.clone(),
+        audience: t.audience.clone().unwrap_or_default(),
+        expiration_seconds: t.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS).max(MIN_TOKEN_SECONDS),
+    }
 }
 
 impl ConfigObjects {
@@ -51,6 +104,10 @@ impl ConfigObjects {
             s.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
         data.extend(s.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
         self.secrets.insert(key, data);
+    }
+
+    pub fn add_token(&mut self, wanted: TokenWanted, token: String) {
+        self.tokens.insert(wanted, token);
     }
 
     fn config_map(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, Vec<u8>>> {
@@ -443,11 +500,17 @@ pub fn volume_files(
                 secret(&mut files, &s.name, s.items.as_ref(), s.optional, mode)?;
             } else if let Some(d) = &source.downward_api {
                 downward(&mut files, d.items.as_deref().unwrap_or_default(), mode)?;
-            } else if source.service_account_token.is_some() {
-                return Err(KubeletError::Invalid(format!(
-                    "volume {:?}: serviceAccountToken projections are not supported yet",
-                    v.name
-                )));
+            } else if let Some(t) = &source.service_account_token {
+                let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone());
+                let account = account.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+                let wanted = token_wanted(id, &account, t);
+                let token = objects.tokens.get(&wanted).ok_or_else(|| {
+                    KubeletError::Invalid(format!(
+                        "volume {:?}: no token issued yet for service account {account} (pods from the API server only)",
+                        v.name
+                    ))
+                })?;
+                files.insert(t.path.clone(), (token.clone().into_bytes(), p.default_mode.unwrap_or(0o644)));
             }
         }
     } else {

@@ -98,7 +98,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         };
         let objects = match &source {
             Source::Dir(d) => d.objects(),
-            Source::Kube(k) => k.objects(&pods),
+            Source::Kube(k) => k.objects(&pods).await,
         };
         match kubelet.sync(&pods, complete, &objects).await {
             Ok(statuses) => {

@@ -9,17 +9,24 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{ConfigMap, Pod, PodStatus, Secret, ServiceAccount},
+};
 use kube::{
     Api,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use sha2::Digest as _;
 
 use crate::error::{Result, io_at};
 
-use crate::{config::ConfigObjects, kubelet::DesiredPod, spec::PodId};
+use crate::{
+    config::{ConfigObjects, TokenWanted},
+    kubelet::DesiredPod,
+    spec::PodId,
+};
 
 /// The status file beside a manifest: `web.yaml` -> `web.yaml.status.json`.
 pub const STATUS_SUFFIX: &str = ".status.json";
@@ -210,6 +217,8 @@ pub struct KubeSource {
     store: reflector::Store<Pod>,
     config_maps: reflector::Store<ConfigMap>,
     secrets: reflector::Store<Secret>,
+    /// Service account tokens issued for pods: the token, when, and its lifetime.
+    tokens: Mutex<HashMap<TokenWanted, (String, std::time::Instant)>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     written: Mutex<HashMap<String, serde_json::Value>>,
     /// Uids of deleted pods already handed back to the API server.
@@ -237,13 +246,22 @@ impl KubeSource {
         });
         let config_maps = follow::<ConfigMap>(&client);
         let secrets = follow::<Secret>(&client);
-        Self { client, store, config_maps, secrets, ready, written: Mutex::default(), finalized: Mutex::default() }
+        Self {
+            client,
+            store,
+            config_maps,
+            secrets,
+            tokens: Mutex::default(),
+            ready,
+            written: Mutex::default(),
+            finalized: Mutex::default(),
+        }
     }
 
     /// The ConfigMaps and Secrets `pods` refer to, as the watches have them
     /// (a missing one is missing: the container waits with a
     /// CreateContainerConfigError until it appears).
-    pub fn objects(&self, pods: &[DesiredPod]) -> ConfigObjects {
+    pub async fn objects(&self, pods: &[DesiredPod]) -> ConfigObjects {
         let specs: Vec<Pod> = pods.iter().map(|d| d.pod.clone()).collect();
         let (cms, secrets) = crate::config::referenced(&specs);
         let mut objects = ConfigObjects::default();
@@ -257,7 +275,58 @@ impl KubeSource {
                 objects.add_secret(&s);
             }
         }
+        let with_ids: Vec<(PodId, Pod)> = pods.iter().map(|d| (d.id.clone(), d.pod.clone())).collect();
+        let wanted = crate::config::tokens_wanted(&with_ids);
+        self.tokens.lock().unwrap().retain(|w, _| wanted.contains(w));
+        for w in wanted {
+            if let Some(token) = self.token(&w).await {
+                objects.add_token(w, token);
+            }
+        }
         objects
+    }
+
+    /// The token `w` asks for: the one issued, until 80% of its lifetime
+    /// has passed (the kubelet's refresh point), then a new one from the
+    /// TokenRequest API. A failed request keeps the old token while it lasts.
+    async fn token(&self, w: &TokenWanted) -> Option<String> {
+        let lifetime = std::time::Duration::from_secs(w.expiration_seconds as u64);
+        let cached = self.tokens.lock().unwrap().get(w).cloned();
+        if let Some((token, issued)) = &cached
+            && issued.elapsed() < lifetime * 4 / 5
+        {
+            return Some(token.clone());
+        }
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &w.namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(if w.audience.is_empty() { Vec::new() } else { vec![w.audience.clone()] }),
+                expiration_seconds: Some(w.expiration_seconds),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(w.pod_name.clone()),
+                    uid: Some(w.pod_uid.clone()),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match api.create_token_request(&w.service_account, &PostParams::default(), &request).await {
+            Ok(r) => {
+                let Some(token) = r.status.and_then(|s| s.token).filter(|t| !t.is_empty()) else {
+                    tracing::warn!(pod = %format!("{}/{}", w.namespace, w.pod_name), "the API server issued an empty token");
+                    return cached.map(|(token, _)| token);
+                };
+                tracing::info!(pod = %format!("{}/{}", w.namespace, w.pod_name), account = %w.service_account, "service account token issued");
+                self.tokens.lock().unwrap().insert(w.clone(), (token.clone(), std::time::Instant::now()));
+                Some(token)
+            }
+            Err(e) => {
+                tracing::warn!(pod = %format!("{}/{}", w.namespace, w.pod_name), account = %w.service_account, error = %e, "cannot get a service account token");
+                cached.filter(|(_, issued)| issued.elapsed() < lifetime).map(|(token, _)| token)
+            }
+        }
     }
 
     /// The pods, once the first list is in (until then, nothing is deleted).

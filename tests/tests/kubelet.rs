@@ -720,7 +720,7 @@ fn security_contexts_set_the_user_and_refuse_root_where_asked() {
     write(node.manifests.path(), "secured.yaml", &manifest(SECURED)).unwrap();
     node.wait_status("secured.yaml", "secured", Duration::from_secs(60), |s| phase(s) == "Running");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while node.logs("secured", "app").lines().count() < 2 {
+    while !node.logs("secured", "app").starts_with("uid=") || node.logs("secured", "app").lines().count() < 2 {
         assert!(Instant::now() < deadline, "{}", node.logs("secured", "app"));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1123,6 +1123,81 @@ fn the_node_registers_renews_its_lease_and_is_not_ready_without_its_runtime() {
 /// A runtime that takes connections and never answers: the first call
 /// fails at `--runtime-request-timeout` with the call named, rather than
 /// hanging the kubelet.
+/// Unpadded base64url, decoded (a JWT's parts).
+fn base64url_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        _ => 63,
+    };
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, c)| n | u32::from(value(*c)) << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+/// The service-account volume the API server gives every pod
+/// (`kube-api-access-*`): a token from the TokenRequest API bound to the
+/// pod, the cluster's CA from `kube-root-ca.crt`, and the namespace.
+#[test]
+fn a_projected_service_account_token_comes_from_the_token_request_api() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+    root_or_skip!();
+    let mut node = Node::without_kubelet();
+    let api = api_server_on(&node);
+    api.create(&serde_yaml::from_str::<ServiceAccount>("metadata: {name: default, namespace: default}\n").unwrap())
+        .unwrap();
+    let ca: ConfigMap = serde_yaml::from_str(
+        "metadata: {name: kube-root-ca.crt, namespace: default}\ndata: {ca.crt: the-cluster-ca}\n",
+    )
+    .unwrap();
+    api.create(&ca).unwrap();
+    let pod: Pod = serde_yaml::from_str(&format!(
+        "metadata: {{name: sa, namespace: default}}\nspec:\n  nodeName: node-1\n  terminationGracePeriodSeconds: 1\n  \
+         volumes:\n  - name: kube-api-access-x1\n    projected:\n      defaultMode: 420\n      sources:\n      \
+         - serviceAccountToken: {{expirationSeconds: 3607, path: token}}\n      \
+         - configMap: {{name: kube-root-ca.crt, items: [{{key: ca.crt, path: ca.crt}}]}}\n      \
+         - downwardAPI: {{items: [{{path: namespace, fieldRef: {{apiVersion: v1, fieldPath: metadata.namespace}}}}]}}\n  \
+         containers:\n  - name: app\n    image: {BUSYBOX_IMAGE}\n    \
+         command: [sh, -c, 'd=/var/run/secrets/kubernetes.io/serviceaccount; cat $d/token; echo; cat $d/namespace; echo; cat $d/ca.crt; echo; while true; do sleep 1; done']\n    \
+         volumeMounts: [{{name: kube-api-access-x1, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}}]\n"
+    ))
+    .unwrap();
+    let created = api.create(&pod).unwrap();
+    let kubeconfig = node.root.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    node.source = vec!["--source=kube".into(), format!("--kubeconfig={}", kubeconfig.display())];
+    node.start_kubelet();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = loop {
+        let log = node.logs("sa", "app");
+        // The token's header is JSON: base64url of `{"`.
+        if log.starts_with("ey") && log.lines().count() >= 3 {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "{log}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(&lines[1..3], ["default", "the-cluster-ca"], "{log}");
+    let parts: Vec<&str> = lines[0].split('.').collect();
+    assert_eq!(parts.len(), 3, "a JWT: {}", lines[0]);
+    let claims: Value = serde_json::from_slice(&base64url_decode(parts[1])).unwrap();
+    assert_eq!(claims["sub"], "system:serviceaccount:default:default");
+    assert_eq!(claims["kubernetes.io"]["pod"]["uid"].as_str(), created.metadata.uid.as_deref(), "bound to the pod");
+    assert!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() >= 3600);
+    assert!(
+        api.requests().iter().any(|r| r.starts_with("POST /api/v1/namespaces/default/serviceaccounts/default/token")),
+        "{:?}",
+        api.requests()
+    );
+}
+
 #[test]
 fn a_runtime_that_never_answers_is_timed_out() {
     let dir = tempfile::tempdir().unwrap();

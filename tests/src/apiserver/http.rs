@@ -143,6 +143,18 @@ pub(super) async fn handle(
                 Err(e) => error(e),
             }
         }
+        (Method::POST, Some(name))
+            if kind == Kind::ServiceAccount && target.subresource.as_deref() == Some("token") =>
+        {
+            let result = body_json().and_then(|request| {
+                shared.store.lock().unwrap().get(kind, &ns, name)?;
+                Ok(issue_token(&ns, name, request))
+            });
+            match result {
+                Ok(o) => json_response(StatusCode::CREATED, &o),
+                Err(e) => error(e),
+            }
+        }
         (Method::PUT, Some(_)) => match body_json().and_then(|o| shared.store.lock().unwrap().update(kind, o)) {
             Ok(o) => json_response(StatusCode::OK, &o),
             Err(e) => error(e),
@@ -179,6 +191,54 @@ pub(super) async fn handle(
         }
         (m, _) => error(ApiError::new(405, "MethodNotAllowed", format!("{m} is not supported here"))),
     }
+}
+
+/// A TokenRequest answered as the API server's token issuer does: a JWT
+/// (`header.claims.signature`, base64url) for the service account, bound
+/// to the object the request names, with the audiences and lifetime asked.
+/// The signature is a stand-in: nothing here verifies it.
+fn issue_token(namespace: &str, account: &str, request: Value) -> Value {
+    let spec = request.get("spec").cloned().unwrap_or(Value::Null);
+    let lifetime = spec.get("expirationSeconds").and_then(Value::as_i64).unwrap_or(3600);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let bound = spec.get("boundObjectRef").cloned().unwrap_or(Value::Null);
+    let audiences = spec.get("audiences").cloned().filter(|a| a.as_array().is_some_and(|a| !a.is_empty()));
+    let claims = json!({
+        "aud": audiences.unwrap_or_else(|| json!(["https://kubernetes.default.svc"])),
+        "exp": now + lifetime, "iat": now, "nbf": now,
+        "iss": "https://kubernetes.default.svc",
+        "sub": format!("system:serviceaccount:{namespace}:{account}"),
+        "kubernetes.io": {
+            "namespace": namespace,
+            "serviceaccount": {"name": account},
+            "pod": {"name": bound.get("name"), "uid": bound.get("uid")},
+        },
+    });
+    let token =
+        [json!({"alg": "RS256", "kid": "kpr-test"}).to_string(), claims.to_string(), "kpr-test-signature".into()]
+            .map(|part| base64url(part.as_bytes()))
+            .join(".");
+    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs((now + lifetime) as u64);
+    let expires = k8s_openapi::jiff::Timestamp::try_from(expires).map(|t| t.to_string()).unwrap_or_default();
+    json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "metadata": {"name": account, "namespace": namespace},
+        "spec": spec,
+        "status": {"token": token, "expirationTimestamp": expires},
+    })
+}
+
+/// Unpadded base64url (RFC 4648 §5), as JWTs use.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 /// RFC 7386 JSON merge patch.
@@ -304,6 +364,14 @@ mod tests {
         assert!(parse_path("/api/v1/configmaps").is_none());
         let t = parse_path("/api/v1/nodes/n1").unwrap();
         assert_eq!((t.kind, t.name.as_deref()), (Kind::Node, Some("n1")));
+    }
+
+    #[test]
+    fn base64url_is_unpadded_and_url_safe() {
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"foob"), "Zm9vYg");
+        assert_eq!(base64url(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
     }
 
     #[test]

@@ -22,10 +22,11 @@ pub enum Kind {
     Lease,
     ConfigMap,
     Secret,
+    ServiceAccount,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
@@ -34,6 +35,7 @@ impl Kind {
         Kind::Lease,
         Kind::ConfigMap,
         Kind::Secret,
+        Kind::ServiceAccount,
     ];
 
     pub fn from_path(group_version: &str, plural: &str) -> Option<Kind> {
@@ -58,6 +60,7 @@ impl Kind {
             Kind::Lease => "leases",
             Kind::ConfigMap => "configmaps",
             Kind::Secret => "secrets",
+            Kind::ServiceAccount => "serviceaccounts",
         }
     }
 
@@ -71,6 +74,7 @@ impl Kind {
             Kind::Lease => "Lease",
             Kind::ConfigMap => "ConfigMap",
             Kind::Secret => "Secret",
+            Kind::ServiceAccount => "ServiceAccount",
         }
     }
 
