@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use k8s_cri::v1 as cri;
@@ -531,22 +531,69 @@ pub fn volume_files(
 pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<bool> {
     use std::os::unix::fs::PermissionsExt as _;
     let data_link = dir.join("..data");
-    if let Ok(current) = std::fs::read_link(&data_link) {
+    let current = std::fs::read_link(&data_link).ok();
+    let same = current.as_ref().is_some_and(|current| {
         let current = dir.join(current);
-        let same = files.iter().all(|(path, (bytes, mode))| {
+        files.iter().all(|(path, (bytes, mode))| {
             let p = current.join(path);
             std::fs::read(&p).is_ok_and(|b| &b == bytes)
                 && std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode as u32)
-        }) && count_files(&current) == files.len();
-        if same {
-            return Ok(false);
+        }) && count_files(&current) == files.len()
+    });
+    let live = if same {
+        current.unwrap_or_default()
+    } else {
+        std::fs::create_dir_all(dir)?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let name = PathBuf::from(format!("..{stamp}"));
+        let fresh = dir.join(&name);
+        if let Err(e) = write_generation(&fresh, files) {
+            // A generation that cannot be written whole is not left behind.
+            std::fs::remove_dir_all(&fresh).ok();
+            return Err(e);
+        }
+        let tmp = dir.join("..data_tmp");
+        // Left by a writer that stopped half-way, if at all.
+        std::fs::remove_file(&tmp).ok();
+        std::os::unix::fs::symlink(&name, &tmp)?;
+        std::fs::rename(&tmp, &data_link)?;
+        name
+    };
+    // Every time, not only after a switch: a writer stopped half-way (or an
+    // earlier failure) must leave no name missing or stale.
+    let tops: std::collections::BTreeSet<&str> = files.keys().filter_map(|p| p.split('/').next()).collect();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if n == "..data" || Path::new(&n) == live {
+            continue;
+        }
+        if n.starts_with("..") {
+            // Earlier generations, and any a failed writer left.
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        } else if !tops.contains(n.as_str()) {
+            std::fs::remove_file(&path)?;
         }
     }
-    std::fs::create_dir_all(dir)?;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    let name = format!("..{stamp}");
-    let fresh = dir.join(&name);
-    std::fs::create_dir(&fresh)?;
+    for top in &tops {
+        let link = dir.join(top);
+        let target = Path::new("..data").join(top);
+        if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+            std::fs::remove_file(&link).ok();
+            std::os::unix::fs::symlink(&target, &link)?;
+        }
+    }
+    Ok(!same)
+}
+
+/// Writes `files` into the new generation folder `fresh`.
+fn write_generation(fresh: &Path, files: &Files) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir(fresh)?;
     for (path, (bytes, mode)) in files {
         let p = fresh.join(path);
         if let Some(parent) = p.parent() {
@@ -555,30 +602,7 @@ pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<bool> {
         std::fs::write(&p, bytes)?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode as u32))?;
     }
-    let old = std::fs::read_link(&data_link).ok();
-    let tmp = dir.join("..data_tmp");
-    // Left by a writer that stopped half-way, if at all.
-    std::fs::remove_file(&tmp).ok();
-    std::os::unix::fs::symlink(&name, &tmp)?;
-    std::fs::rename(&tmp, &data_link)?;
-    // Top-level names point through `..data`; names no longer there go.
-    let tops: std::collections::BTreeSet<&str> = files.keys().filter_map(|p| p.split('/').next()).collect();
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if !n.starts_with("..") && !tops.contains(n.as_str()) {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    for top in &tops {
-        let link = dir.join(top);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(Path::new("..data").join(top), &link)?;
-        }
-    }
-    if let Some(old) = old {
-        std::fs::remove_dir_all(dir.join(old))?;
-    }
-    Ok(true)
+    Ok(())
 }
 
 fn count_files(dir: &Path) -> usize {
@@ -711,11 +735,20 @@ mod tests {
         assert!(write_atomically(&d, &two).unwrap());
         assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3");
         assert!(!d.join("sub").exists(), "a name no longer there goes");
-        let generations = std::fs::read_dir(&d)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("..1"))
-            .count();
-        assert_eq!(generations, 1, "the old generation is removed");
+        let generations = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("..1"))
+                .count()
+        };
+        assert_eq!(generations(&d), 1, "the old generation is removed");
+        std::fs::remove_file(d.join("a")).unwrap();
+        assert!(!write_atomically(&d, &two).unwrap());
+        assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3", "a missing name is put back");
+        let clash = Files::from([("x".into(), (b"1".to_vec(), 0o644)), ("x/y".into(), (b"2".to_vec(), 0o644))]);
+        assert!(write_atomically(&d, &clash).is_err());
+        assert_eq!(generations(&d), 1, "a failed write leaves no generation behind");
+        assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3", "and the live one serves on");
     }
 }

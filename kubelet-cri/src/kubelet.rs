@@ -285,7 +285,7 @@ impl Kubelet {
             }
         };
         let sandbox = self.sandbox_config(d, attempt);
-        let facts = self.facts(&sandbox_id).await;
+        let facts = self.facts(d, &sandbox_id).await;
         // Configuration volumes follow their objects while the pod runs;
         // one that cannot be written holds back the containers that start
         // from now on (a CreateContainerConfigError, at their start).
@@ -361,6 +361,9 @@ impl Kubelet {
             .and_then(|s| s.network)
             .map(|n| n.ip)
             .filter(|ip| !ip.is_empty());
+        // A pod on the host network shows the node's address, as the kubelet reports it.
+        let host_network = d.pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        let ip = if host_network { self.settings.node_ip.clone() } else { ip };
         let empty = HashMap::new();
         self.status(d, Some(ip), observed.containers.get(&sandbox_id).unwrap_or(&empty), policy)
     }
@@ -414,6 +417,10 @@ impl Kubelet {
         for v in d.pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).filter(|v| v.empty_dir.is_some()) {
             let dir = spec::empty_dir(&self.settings, &d.id, &v.name);
             std::fs::create_dir_all(&dir).map_err(io_at("creating emptyDir", &dir))?;
+            // Writable by whatever user the containers run as, as the kubelet makes it.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                .map_err(io_at("opening emptyDir", &dir))?;
         }
         let id = self
             .cri
@@ -440,8 +447,13 @@ impl Kubelet {
             && self.killing.lock().unwrap().insert(i.id.clone())
         {
             tracing::info!(pod = %d.id, container = %c.name, reason = %why, "container failed its probe: restarting it");
-            let grace =
-                d.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(DEFAULT_GRACE_SECONDS);
+            // A probe's own terminationGracePeriodSeconds overrides the pod's.
+            let probe_grace = [&c.liveness_probe, &c.startup_probe]
+                .into_iter()
+                .flatten()
+                .find_map(|p| p.termination_grace_period_seconds);
+            let pod_grace = d.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds);
+            let grace = probe_grace.or(pod_grace).unwrap_or(DEFAULT_GRACE_SECONDS);
             let (mut cri, killing, id) = (self.cri.clone(), self.killing.clone(), i.id.clone());
             tokio::spawn(async move {
                 let req = cri::StopContainerRequest { container_id: id.clone(), timeout: grace };
@@ -458,7 +470,7 @@ impl Kubelet {
     /// the file is renamed and the runtime asked to reopen the path (put
     /// back if it cannot, so nothing is lost).
     async fn rotate_log(&mut self, path: &std::path::Path, container_id: &str) {
-        let rotated = match logs::rotate(path, self.settings.log_max_size, self.settings.log_max_files) {
+        let rotated = match logs::rotate(path, self.settings.log_max_size) {
             Ok(Some(rotated)) => rotated,
             Ok(None) => return,
             Err(e) => {
@@ -472,16 +484,24 @@ impl Kubelet {
             if let Err(e) = std::fs::rename(&rotated, path) {
                 tracing::warn!(log = %path.display(), error = %e, "cannot put a rotated log back");
             }
+            return;
+        }
+        // Only once the runtime writes to a fresh file do old ones go.
+        if let Err(e) = logs::prune(path, self.settings.log_max_files) {
+            tracing::warn!(log = %path.display(), error = %e, "cannot remove old rotated logs");
         }
     }
 
     /// What the pod's fields do not say: its IP (from its sandbox) and the node's.
-    async fn facts(&mut self, sandbox_id: &str) -> PodFacts {
+    async fn facts(&mut self, d: &DesiredPod, sandbox_id: &str) -> PodFacts {
         let req = cri::PodSandboxStatusRequest { pod_sandbox_id: sandbox_id.into(), verbose: false };
         let pod_ip = match self.cri.runtime.pod_sandbox_status(req).await {
             Ok(r) => r.into_inner().status.and_then(|s| s.network).map(|n| n.ip).filter(|ip| !ip.is_empty()),
             Err(_) => None,
         };
+        // A pod on the host network has the node's address.
+        let host_network = d.pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        let pod_ip = if host_network { self.settings.node_ip.clone() } else { pod_ip };
         PodFacts {
             pod_ip,
             host_ip: self.settings.node_ip.clone(),
@@ -578,6 +598,10 @@ impl Kubelet {
             }
             (Ok(()), Ok(env)) => env,
         };
+        if let Err(e) = spec::check_sub_paths(&d.pod, &d.id, c, &self.settings) {
+            self.hold(d, c, "CreateContainerConfigError", format!("{e:#}"));
+            return false;
+        }
         let config = match spec::container_config(&d.pod, &d.id, c, kind, attempt, &self.settings, &env) {
             Ok(config) => config,
             Err(e) => {

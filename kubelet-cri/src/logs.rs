@@ -48,10 +48,10 @@ impl Parser {
 
 /// Rotates a running container's log at `path` once it is over
 /// `max_size` bytes, as the kubelet's container log manager does: renamed
-/// to `PATH.NANOS` (the runtime is then asked to reopen `path`), keeping
-/// the newest `max_files - 1` rotated files beside the live one. Returns
-/// the rotated file's path when it rotated.
-pub fn rotate(path: &Path, max_size: u64, max_files: usize) -> std::io::Result<Option<PathBuf>> {
+/// to `PATH.NANOS`; the runtime is then asked to reopen `path`, and once it
+/// has, [`prune`] keeps the newest rotated files. Returns the rotated
+/// file's path when it rotated.
+pub fn rotate(path: &Path, max_size: u64) -> std::io::Result<Option<PathBuf>> {
     if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) <= max_size {
         return Ok(None);
     }
@@ -60,6 +60,12 @@ pub fn rotate(path: &Path, max_size: u64, max_files: usize) -> std::io::Result<O
     rotated.push(format!(".{nanos}"));
     let rotated = PathBuf::from(rotated);
     std::fs::rename(path, &rotated)?;
+    Ok(Some(rotated))
+}
+
+/// Keeps the newest `max_files - 1` rotated files of the log at `path`
+/// beside the live one.
+pub fn prune(path: &Path, max_files: usize) -> std::io::Result<()> {
     let mut old = rotated_files(path);
     // Oldest first: the names end in the rotation time.
     old.sort();
@@ -67,7 +73,7 @@ pub fn rotate(path: &Path, max_size: u64, max_files: usize) -> std::io::Result<O
     for file in &old[..excess] {
         std::fs::remove_file(file)?;
     }
-    Ok(Some(rotated))
+    Ok(())
 }
 
 /// The rotated files of the log at `path` (`PATH.NANOS`).
@@ -207,11 +213,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("0.log");
         std::fs::write(&log, "x".repeat(10)).unwrap();
-        assert_eq!(rotate(&log, 10, 3).unwrap(), None, "not over the size");
+        assert_eq!(rotate(&log, 10).unwrap(), None, "not over the size");
         for round in 0..4 {
             std::fs::write(&log, "y".repeat(11 + round)).unwrap();
-            assert!(rotate(&log, 10, 3).unwrap().is_some());
+            assert!(rotate(&log, 10).unwrap().is_some());
             assert!(!log.exists(), "the runtime reopens it");
+            prune(&log, 3).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         let mut kept = rotated_files(&log);

@@ -386,18 +386,29 @@ pub fn spawn(client: kube::Client, reg: Registration, mut cri: Cri) -> tokio::ta
         let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
         let mut heart = Heart { reg, machine, nodes, leases, uid: None, written: None, failing: false };
         let renew = heart.reg.lease_duration / 4;
+        // Beats at a steady rate however long one takes; a missed one is not made up.
+        let mut beats = tokio::time::interval(renew);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            beats.tick().await;
             let health = runtime_health(&mut cri).await;
-            if let Err(e) = heart.beat(&health).await {
-                if !heart.failing {
-                    tracing::warn!(error = %e, "cannot register or renew the node; retrying");
+            // No call may outlast the beat: the next one tries again.
+            match tokio::time::timeout(renew, heart.beat(&health)).await {
+                Ok(Ok(())) if heart.failing => {
+                    tracing::info!("node status and lease written again");
+                    heart.failing = false;
+                }
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if !heart.failing => {
+                    tracing::warn!(error = %e, "cannot register the node, write its status or renew its lease; retrying");
                     heart.failing = true;
                 }
-            } else if heart.failing {
-                tracing::info!("node registration and lease renewed again");
-                heart.failing = false;
+                Err(_) if !heart.failing => {
+                    tracing::warn!("the API server did not answer within {renew:?}; retrying");
+                    heart.failing = true;
+                }
+                _ => {}
             }
-            tokio::time::sleep(renew).await;
         }
     })
 }
@@ -416,13 +427,17 @@ struct Heart {
 }
 
 impl Heart {
+    /// Registers if needed, then renews the lease and writes the status:
+    /// each on its own, so a status the API server refuses never stops the
+    /// heartbeat that keeps the node alive.
     async fn beat(&mut self, health: &RuntimeHealth) -> Result<(), kube::Error> {
         let uid = match &self.uid {
             Some(uid) => uid.clone(),
             None => self.register().await?,
         };
-        self.report(health).await?;
-        self.renew(&uid).await
+        let renewed = self.renew(&uid).await;
+        let reported = self.report(health).await;
+        renewed.and(reported)
     }
 
     /// Creates the Node, or takes over the one of this name (labels merged,
@@ -472,8 +487,10 @@ impl Heart {
         if unchanged {
             return Ok(());
         }
+        // A strategic merge patch merges conditions by type: those others
+        // write (NetworkUnavailable, a problem detector's) stay.
         let patch = serde_json::json!({ "status": status });
-        self.nodes.patch_status(&self.reg.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        self.nodes.patch_status(&self.reg.name, &PatchParams::default(), &Patch::Strategic(&patch)).await?;
         if let Some(ready) = status.conditions.iter().flatten().find(|c| c.type_ == "Ready") {
             let was = previous.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str());
             if was != Some(ready.status.as_str()) {

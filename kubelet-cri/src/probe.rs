@@ -112,6 +112,8 @@ impl Prober {
         let result = |kind: Kind| self.tracks.lock().unwrap().get(&(id.to_string(), kind)).and_then(|t| t.result);
         let started = match Kind::Startup.of(c) {
             None => true,
+            // Once it has succeeded, the startup probe runs no more.
+            Some(_) if result(Kind::Startup) == Some(true) => true,
             Some(p) => {
                 if let Some(why) = self.run_if_due(cri, c, id, Kind::Startup, p, age, pod_ip) {
                     return Verdict { started: false, ready: false, kill: Some(why) };
@@ -257,11 +259,18 @@ async fn run(
         }
         let (h, port) = (host(http.host.as_ref())?, port(c, &http.port)?);
         let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
-        let headers: String =
-            http.http_headers.iter().flatten().map(|hd| format!("{}: {}\r\n", hd.name, hd.value)).collect();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {h}:{port}\r\nUser-Agent: kube-probe/1.34\r\nAccept: */*\r\nConnection: close\r\n{headers}\r\n"
-        );
+        // The probe's own headers replace the defaults of the same name.
+        let mut headers = vec![
+            ("Host".to_string(), format!("{h}:{port}")),
+            ("User-Agent".to_string(), "kube-probe/1.34".to_string()),
+            ("Accept".to_string(), "*/*".to_string()),
+        ];
+        for hd in http.http_headers.iter().flatten() {
+            headers.retain(|(name, _)| !name.eq_ignore_ascii_case(&hd.name));
+        }
+        headers.extend(http.http_headers.iter().flatten().map(|hd| (hd.name.clone(), hd.value.clone())));
+        let headers: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        let request = format!("GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n");
         let url = format!("http://{h}:{port}{path}");
         let get = async {
             let mut stream = tokio::net::TcpStream::connect((h.as_str(), port)).await?;

@@ -189,36 +189,83 @@ impl DirSource {
     }
 }
 
-/// Watches every object of kind `K` into a store (list, then watch,
-/// re-listing as needed).
-fn follow<K>(client: &kube::Client) -> reflector::Store<K>
+/// How long a fetched ConfigMap or Secret is used before it is fetched
+/// again (the kubelet's cache-based change detection; a missing one is
+/// asked for again sooner, so a pod waiting for it starts soon after it
+/// appears).
+const OBJECT_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+const MISSING_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest a fetch or a token request may take.
+const API_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Objects of one kind fetched by name: the object (`None`: not there) and when.
+type Fetched<K> = Mutex<HashMap<(String, String), (Option<K>, std::time::Instant)>>;
+
+/// Gets the objects named in `names`, from `cache` while fresh, else from
+/// the API server one by one (a node may read only its own pods' objects,
+/// as the Node authorizer allows, never list them all). An object the API
+/// server cannot be asked about keeps its last known state.
+async fn fetch<K>(client: &kube::Client, cache: &Fetched<K>, names: &[(String, String)]) -> Vec<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
 {
-    let (store, writer) = reflector::store();
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(kind = %K::kind(&()), error = %e, "watching");
+    let stale: Vec<(String, String)> = {
+        let cache = cache.lock().unwrap();
+        names
+            .iter()
+            .filter(|n| {
+                cache
+                    .get(*n)
+                    .is_none_or(|(object, at)| at.elapsed() >= if object.is_some() { OBJECT_TTL } else { MISSING_TTL })
+            })
+            .cloned()
+            .collect()
+    };
+    let asked = stale.iter().map(|(ns, name)| {
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
+        async move { tokio::time::timeout(API_DEADLINE, api.get_opt(name)).await }
+    });
+    let answers = futures::future::join_all(asked).await;
+    let mut cache = cache.lock().unwrap();
+    for ((ns, name), answer) in stale.into_iter().zip(answers) {
+        match answer {
+            Ok(Ok(object)) => drop(cache.insert((ns, name), (object, std::time::Instant::now()))),
+            Ok(Err(e)) => {
+                tracing::warn!(kind = %K::kind(&()), object = %format!("{ns}/{name}"), error = %e, "cannot read")
+            }
+            Err(_) => {
+                tracing::warn!(kind = %K::kind(&()), object = %format!("{ns}/{name}"), "the API server did not answer in time")
             }
         }
-    });
-    store
+    }
+    cache.retain(|n, _| names.contains(n));
+    names.iter().filter_map(|n| cache.get(n).and_then(|(object, _)| object.clone())).collect()
 }
+
+/// A service-account token as issued, or the last failed request for one.
+#[derive(Clone, Debug, Default)]
+struct IssuedToken {
+    token: Option<String>,
+    /// When it was issued, and how long it lasts (from its expiration
+    /// timestamp: the API server may shorten what was asked for).
+    issued: Option<(std::time::Instant, std::time::Duration)>,
+    failed_at: Option<std::time::Instant>,
+}
+
+/// Between failed token requests for one pod.
+const TOKEN_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Pods bound to this node, from the API server.
 pub struct KubeSource {
     client: kube::Client,
     store: reflector::Store<Pod>,
-    config_maps: reflector::Store<ConfigMap>,
-    secrets: reflector::Store<Secret>,
+    config_maps: Fetched<ConfigMap>,
+    secrets: Fetched<Secret>,
     /// Service account tokens issued for pods: the token, when, and its lifetime.
-    tokens: Mutex<HashMap<TokenWanted, (String, std::time::Instant)>>,
+    tokens: Mutex<HashMap<TokenWanted, IssuedToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     written: Mutex<HashMap<String, serde_json::Value>>,
     /// Uids of deleted pods already handed back to the API server.
@@ -244,13 +291,11 @@ impl KubeSource {
                 }
             }
         });
-        let config_maps = follow::<ConfigMap>(&client);
-        let secrets = follow::<Secret>(&client);
         Self {
             client,
             store,
-            config_maps,
-            secrets,
+            config_maps: Mutex::default(),
+            secrets: Mutex::default(),
             tokens: Mutex::default(),
             ready,
             written: Mutex::default(),
@@ -258,28 +303,26 @@ impl KubeSource {
         }
     }
 
-    /// The ConfigMaps and Secrets `pods` refer to, as the watches have them
-    /// (a missing one is missing: the container waits with a
-    /// CreateContainerConfigError until it appears).
+    /// The ConfigMaps and Secrets `pods` refer to (a missing one is
+    /// missing: the container waits with a CreateContainerConfigError until
+    /// it appears), and the service-account tokens they project.
     pub async fn objects(&self, pods: &[DesiredPod]) -> ConfigObjects {
         let specs: Vec<Pod> = pods.iter().map(|d| d.pod.clone()).collect();
         let (cms, secrets) = crate::config::referenced(&specs);
         let mut objects = ConfigObjects::default();
-        for (ns, name) in cms {
-            if let Some(cm) = self.config_maps.get(&reflector::ObjectRef::new(&name).within(&ns)) {
-                objects.add_config_map(&cm);
-            }
+        for cm in fetch(&self.client, &self.config_maps, &cms).await {
+            objects.add_config_map(&cm);
         }
-        for (ns, name) in secrets {
-            if let Some(s) = self.secrets.get(&reflector::ObjectRef::new(&name).within(&ns)) {
-                objects.add_secret(&s);
-            }
+        for secret in fetch(&self.client, &self.secrets, &secrets).await {
+            objects.add_secret(&secret);
         }
         let with_ids: Vec<(PodId, Pod)> = pods.iter().map(|d| (d.id.clone(), d.pod.clone())).collect();
         let wanted = crate::config::tokens_wanted(&with_ids);
         self.tokens.lock().unwrap().retain(|w, _| wanted.contains(w));
-        for w in wanted {
-            if let Some(token) = self.token(&w).await {
+        // Asked for together, each with a deadline: one slow request holds no other pod up.
+        let tokens = futures::future::join_all(wanted.iter().map(|w| self.token(w))).await;
+        for (w, token) in wanted.into_iter().zip(tokens) {
+            if let Some(token) = token {
                 objects.add_token(w, token);
             }
         }
@@ -288,14 +331,17 @@ impl KubeSource {
 
     /// The token `w` asks for: the one issued, until 80% of its lifetime
     /// has passed (the kubelet's refresh point), then a new one from the
-    /// TokenRequest API. A failed request keeps the old token while it lasts.
+    /// TokenRequest API. A failed request keeps the old token while it
+    /// lasts, and is not repeated for [`TOKEN_RETRY`].
     async fn token(&self, w: &TokenWanted) -> Option<String> {
-        let lifetime = std::time::Duration::from_secs(w.expiration_seconds as u64);
-        let cached = self.tokens.lock().unwrap().get(w).cloned();
-        if let Some((token, issued)) = &cached
-            && issued.elapsed() < lifetime * 4 / 5
-        {
-            return Some(token.clone());
+        let known = self.tokens.lock().unwrap().get(w).cloned().unwrap_or_default();
+        let valid = |k: &IssuedToken| {
+            k.token.clone().filter(|_| k.issued.is_some_and(|(at, lifetime)| at.elapsed() < lifetime))
+        };
+        let fresh = known.issued.is_some_and(|(at, lifetime)| at.elapsed() < lifetime * 4 / 5);
+        let backing_off = known.failed_at.is_some_and(|at| at.elapsed() < TOKEN_RETRY);
+        if fresh || backing_off {
+            return valid(&known);
         }
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &w.namespace);
         let request = TokenRequest {
@@ -312,21 +358,41 @@ impl KubeSource {
             }),
             ..Default::default()
         };
-        match api.create_token_request(&w.service_account, &PostParams::default(), &request).await {
-            Ok(r) => {
-                let Some(token) = r.status.and_then(|s| s.token).filter(|t| !t.is_empty()) else {
-                    tracing::warn!(pod = %format!("{}/{}", w.namespace, w.pod_name), "the API server issued an empty token");
-                    return cached.map(|(token, _)| token);
+        let pod = format!("{}/{}", w.namespace, w.pod_name);
+        let params = PostParams::default();
+        let asked = api.create_token_request(&w.service_account, &params, &request);
+        let issued = match tokio::time::timeout(API_DEADLINE, asked).await {
+            Ok(Ok(r)) => r.status.and_then(|s| {
+                let token = s.token.filter(|t| !t.is_empty())?;
+                // What is left of its life by its own expiration time.
+                let expires = s.expiration_timestamp.map(|t| t.0.as_second());
+                let now = k8s_openapi::jiff::Timestamp::now().as_second();
+                let lifetime = expires.map_or(w.expiration_seconds, |e| e - now).max(1) as u64;
+                Some((token, std::time::Duration::from_secs(lifetime)))
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(%pod, account = %w.service_account, error = %e, "cannot get a service account token");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%pod, account = %w.service_account, "the API server did not issue a token in time");
+                None
+            }
+        };
+        let mut tokens = self.tokens.lock().unwrap();
+        let entry = tokens.entry(w.clone()).or_default();
+        match issued {
+            Some((token, lifetime)) => {
+                tracing::info!(%pod, account = %w.service_account, ?lifetime, "service account token issued");
+                *entry = IssuedToken {
+                    token: Some(token),
+                    issued: Some((std::time::Instant::now(), lifetime)),
+                    failed_at: None,
                 };
-                tracing::info!(pod = %format!("{}/{}", w.namespace, w.pod_name), account = %w.service_account, "service account token issued");
-                self.tokens.lock().unwrap().insert(w.clone(), (token.clone(), std::time::Instant::now()));
-                Some(token)
             }
-            Err(e) => {
-                tracing::warn!(pod = %format!("{}/{}", w.namespace, w.pod_name), account = %w.service_account, error = %e, "cannot get a service account token");
-                cached.filter(|(_, issued)| issued.elapsed() < lifetime).map(|(token, _)| token)
-            }
+            None => entry.failed_at = Some(std::time::Instant::now()),
         }
+        valid(entry)
     }
 
     /// The pods, once the first list is in (until then, nothing is deleted).
@@ -391,12 +457,15 @@ impl KubeSource {
     /// Patches each pod's status subresource where it changed.
     pub async fn report(&self, statuses: &[(DesiredPod, PodStatus)]) {
         for (d, status) in statuses {
-            let value = serde_json::json!({ "status": status });
+            // As the kubelet: a strategic merge patch (conditions merged by
+            // type) with the pod's uid as precondition, so a pod recreated
+            // under the same name never gets its predecessor's status.
+            let value = serde_json::json!({ "metadata": {"uid": d.id.uid}, "status": status });
             if self.written.lock().unwrap().get(&d.id.uid) == Some(&value) {
                 continue;
             }
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &d.id.namespace);
-            match api.patch_status(&d.id.name, &PatchParams::default(), &Patch::Merge(&value)).await {
+            match api.patch_status(&d.id.name, &PatchParams::default(), &Patch::Strategic(&value)).await {
                 Ok(_) => drop(self.written.lock().unwrap().insert(d.id.uid.clone(), value)),
                 Err(e) => tracing::warn!(pod = %d.id, error = %e, "cannot write pod status"),
             }

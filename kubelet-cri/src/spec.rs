@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_cri::v1 as cri;
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, VolumeMount};
 
 use crate::error::{KubeletError, Result};
 
@@ -161,7 +161,13 @@ fn security_context(pod: &Pod, c: &Container) -> Result<cri::LinuxContainerSecur
         run_as_user: user.map(|value| cri::Int64Value { value }),
         run_as_group: sc.run_as_group.or(pod_sc.run_as_group).map(|value| cri::Int64Value { value }),
         readonly_rootfs: sc.read_only_root_filesystem == Some(true),
-        supplemental_groups: pod_sc.supplemental_groups.unwrap_or_default(),
+        // fsGroup joins the supplemental groups, as the kubelet adds it.
+        supplemental_groups: pod_sc
+            .supplemental_groups
+            .unwrap_or_default()
+            .into_iter()
+            .chain(pod_sc.fs_group)
+            .collect(),
         no_new_privs: sc.allow_privilege_escalation == Some(false),
         ..Default::default()
     })
@@ -313,38 +319,48 @@ fn resources(c: &Container) -> Result<Option<cri::LinuxContainerResources>> {
 }
 
 /// Where each of `c`'s volume mounts comes from on the node.
+/// Where the volume a mount names lives on the node, and whether it is
+/// mounted read-only.
+fn volume_root(pod: &Pod, id: &PodId, c: &Container, m: &VolumeMount, s: &Settings) -> Result<(PathBuf, bool)> {
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    let v = volumes.into_iter().flatten().find(|v| v.name == m.name).ok_or_else(|| {
+        KubeletError::Invalid(format!("container {} mounts volume {:?}, which the pod does not define", c.name, m.name))
+    })?;
+    Ok(if let Some(h) = &v.host_path {
+        (PathBuf::from(&h.path), m.read_only.unwrap_or(false))
+    } else if v.empty_dir.is_some() {
+        (empty_dir(s, id, &v.name), m.read_only.unwrap_or(false))
+    } else if is_config_volume(v) {
+        // Always read-only, as the kubelet mounts them.
+        (config_dir(s, id, &v.name), true)
+    } else {
+        return Err(KubeletError::Invalid(format!(
+            "volume {:?}: only hostPath, emptyDir, configMap, secret, downwardAPI and projected volumes are supported",
+            v.name
+        )));
+    })
+}
+
+/// The mount's `subPath`, if any, refused when it climbs out by its text.
+fn sub_path(m: &VolumeMount) -> Result<Option<&str>> {
+    match m.sub_path.as_deref().filter(|p| !p.is_empty()) {
+        Some(sub) if sub.starts_with('/') || sub.split('/').any(|p| p == "..") => {
+            Err(KubeletError::Invalid(format!("volume mount {:?}: subPath {sub:?} leaves the volume", m.name)))
+        }
+        other => Ok(other),
+    }
+}
+
 fn mounts(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> Result<Vec<cri::Mount>> {
-    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
     c.volume_mounts
         .iter()
         .flatten()
         .map(|m| {
-            let v = volumes.iter().find(|v| v.name == m.name).ok_or_else(|| {
-                KubeletError::Invalid(format!(
-                    "container {} mounts volume {:?}, which the pod does not define",
-                    c.name, m.name
-                ))
-            })?;
-            let (host_path, readonly) = if let Some(h) = &v.host_path {
-                (PathBuf::from(&h.path), m.read_only.unwrap_or(false))
-            } else if v.empty_dir.is_some() {
-                (empty_dir(s, id, &v.name), m.read_only.unwrap_or(false))
-            } else if is_config_volume(v) {
-                // Always read-only, as the kubelet mounts them.
-                (config_dir(s, id, &v.name), true)
-            } else {
-                return Err(KubeletError::Invalid(format!(
-                    "volume {:?}: only hostPath, emptyDir, configMap, secret, downwardAPI and projected volumes are supported",
-                    v.name
-                )));
-            };
+            let (root, readonly) = volume_root(pod, id, c, m, s)?;
             // A subPath mounts one entry of the volume.
-            let host_path = match m.sub_path.as_deref().filter(|p| !p.is_empty()) {
-                Some(sub) if sub.starts_with('/') || sub.split('/').any(|p| p == "..") => {
-                    return Err(KubeletError::Invalid(format!("volume mount {:?}: subPath {sub:?} leaves the volume", m.name)));
-                }
-                Some(sub) => host_path.join(sub),
-                None => host_path,
+            let host_path = match sub_path(m)? {
+                Some(sub) => root.join(sub),
+                None => root,
             };
             Ok(cri::Mount {
                 container_path: m.mount_path.clone(),
@@ -354,6 +370,34 @@ fn mounts(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> Result<Vec<cri:
             })
         })
         .collect()
+}
+
+/// Checks on the node, just before `c` starts, that each of its subPaths
+/// stays inside its volume once symlinks are followed (a container may
+/// have planted one in a volume it writes), creating a missing one as the
+/// kubelet does.
+pub fn check_sub_paths(pod: &Pod, id: &PodId, c: &Container, s: &Settings) -> Result<()> {
+    for m in c.volume_mounts.iter().flatten() {
+        let Some(sub) = sub_path(m)? else { continue };
+        let (root, _) = volume_root(pod, id, c, m, s)?;
+        let full = root.join(sub);
+        if std::fs::symlink_metadata(&full).is_err() {
+            std::fs::create_dir_all(&full).map_err(|e| {
+                KubeletError::Invalid(format!("volume mount {:?}: creating subPath {sub:?}: {e}", m.name))
+            })?;
+        }
+        let resolve = |p: &Path| {
+            std::fs::canonicalize(p)
+                .map_err(|e| KubeletError::Invalid(format!("volume mount {:?}: {}: {e}", m.name, p.display())))
+        };
+        if !resolve(&full)?.starts_with(resolve(&root)?) {
+            return Err(KubeletError::Invalid(format!(
+                "volume mount {:?}: subPath {sub:?} resolves outside the volume",
+                m.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `v`'s files come from the API (ConfigMap, Secret, the pod's own fields).
@@ -553,6 +597,25 @@ spec:
         let sandbox = sandbox_config(&p, &id(), 0, &settings()).linux.unwrap().security_context.unwrap();
         assert!(sandbox.privileged, "a privileged container needs a privileged sandbox");
         assert!(sc(2).unwrap_err().to_string().contains("breaks non-root policy"));
+    }
+
+    #[test]
+    fn a_sub_path_that_a_symlink_leads_out_of_its_volume_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = dir.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        std::os::unix::fs::symlink("/etc", vol.join("evil")).unwrap();
+        let p = pod(&format!(
+            "metadata: {{name: p}}\nspec:\n  volumes: [{{name: v, hostPath: {{path: {}}}}}]\n  containers:\n  \
+             - {{name: ok, image: i, volumeMounts: [{{name: v, mountPath: /m, subPath: made/here}}]}}\n  \
+             - {{name: bad, image: i, volumeMounts: [{{name: v, mountPath: /m, subPath: evil}}]}}\n",
+            vol.display()
+        ));
+        let spec = p.spec.clone().unwrap();
+        check_sub_paths(&p, &id(), &spec.containers[0], &settings()).unwrap();
+        assert!(vol.join("made/here").is_dir(), "a missing subPath is created");
+        let e = check_sub_paths(&p, &id(), &spec.containers[1], &settings()).unwrap_err();
+        assert!(e.to_string().contains("resolves outside the volume"), "{e}");
     }
 
     #[test]

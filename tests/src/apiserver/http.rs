@@ -165,6 +165,19 @@ pub(super) async fn handle(
             let result = body_json().and_then(|patch| {
                 let mut store = shared.store.lock().unwrap();
                 let mut object = store.get(kind, &ns, name)?;
+                // A uid in the patch is a precondition, as the API server takes it.
+                if let Some(uid) = patch.pointer("/metadata/uid").and_then(Value::as_str)
+                    && object.pointer("/metadata/uid").and_then(Value::as_str) != Some(uid)
+                {
+                    return Err(ApiError::new(
+                        409,
+                        "Conflict",
+                        format!(
+                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                            object["metadata"]["uid"]
+                        ),
+                    ));
+                }
                 let patch = match target.subresource.as_deref() {
                     Some("status") => json!({"status": patch.get("status").cloned().unwrap_or(Value::Null)}),
                     _ => patch,
@@ -218,8 +231,7 @@ fn issue_token(namespace: &str, account: &str, request: Value) -> Value {
         [json!({"alg": "RS256", "kid": "kpr-test"}).to_string(), claims.to_string(), "kpr-test-signature".into()]
             .map(|part| base64url(part.as_bytes()))
             .join(".");
-    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs((now + lifetime) as u64);
-    let expires = k8s_openapi::jiff::Timestamp::try_from(expires).map(|t| t.to_string()).unwrap_or_default();
+    let expires = k8s_openapi::jiff::Timestamp::from_second(now + lifetime).map(|t| t.to_string()).unwrap_or_default();
     json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "metadata": {"name": account, "namespace": namespace},

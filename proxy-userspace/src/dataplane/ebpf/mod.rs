@@ -278,8 +278,8 @@ enum Attachment {
     /// No frontend has needed it yet.
     NotNeeded,
     Added,
-    /// Adding it failed during this apply; the next one tries again (once
-    /// per apply: a failing attach must not be retried per frontend).
+    /// Adding it failed; every later apply tries again once (not once
+    /// per frontend: a failing attach must not be retried per frontend).
     Failed,
 }
 
@@ -434,7 +434,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// is written: a fence nothing checks would let every source through.
     /// Attaching failed, the frontend is written all the same (traffic
     /// from outside is checked on the devices): pods' sockets then go
-    /// unchecked, said in a warning, until an apply attaches it.
+    /// unchecked, said in a warning, until a later apply attaches it.
     fn ask_for_socket_fence(&mut self, entry_flags: u8) {
         if entry_flags & (flags::SOURCE_RANGES | flags::DROP_WITHOUT_BACKEND) == 0
             || self.socket_fence != Attachment::NotNeeded
@@ -814,11 +814,15 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
+        // A failed rule or fence is retried once per apply: the frontends
+        // that asked for it are written already and may not be again soon.
         if self.masquerade == Attachment::Failed {
             self.masquerade = Attachment::NotNeeded;
+            self.ask_for_masquerade();
         }
         if self.socket_fence == Attachment::Failed {
             self.socket_fence = Attachment::NotNeeded;
+            self.ask_for_socket_fence(flags::SOURCE_RANGES);
         }
         self.follow_interfaces();
         self.retry_leftovers();
