@@ -91,6 +91,23 @@ impl Node {
         }
     }
 
+    /// `container`'s log once `done` accepts it (or a failure after `within`).
+    fn wait_logs(&self, pod: &str, container: &str, within: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.logs(pod, container);
+            if done(&log) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pod}/{container} did not log what was awaited:\n{log}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn logs(&self, pod: &str, container: &str) -> String {
         let root = format!("--root-dir={}", self.root.path().display());
         kpr::command(&self.ns, &["kubelet", "logs", pod, "-c", container, &root]).unwrap_or_else(|e| format!("{e:#}"))
@@ -583,12 +600,7 @@ fn config_maps_and_secrets_reach_pods_as_files_and_variables() {
     write(node.manifests.path(), "configured.yaml", &configured("hello")).unwrap();
     let s = node.wait_status("configured.yaml", "configured", Duration::from_secs(60), |s| phase(s) == "Running");
     let ip = s["podIP"].as_str().expect("a pod IP").to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.logs("configured", "app").contains("file=hello") {
-        assert!(Instant::now() < deadline, "{}\n{}", node.logs("configured", "app"), node.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let log = node.logs("configured", "app");
+    let log = node.wait_logs("configured", "app", Duration::from_secs(10), |l| l.contains("file=hello"));
     let mut lines = log.lines();
     assert_eq!(lines.next(), Some(format!("password=hunter2 ip={ip} mode=fast says=mode-fast").as_str()), "{log}");
     assert_eq!(lines.next(), Some("app=\"configured\""), "{log}");
@@ -601,20 +613,13 @@ fn config_maps_and_secrets_reach_pods_as_files_and_variables() {
 
     // The ConfigMap changes: the file follows while the container runs.
     write(node.manifests.path(), "configured.yaml", &configured("goodbye")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.logs("configured", "app").contains("file=goodbye") {
-        assert!(Instant::now() < deadline, "the volume follows its ConfigMap:\n{}", node.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The volume follows its ConfigMap.
+    node.wait_logs("configured", "app", Duration::from_secs(10), |l| l.contains("file=goodbye"));
     let later =
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: later, namespace: default}\ndata: {value: arrived}\n";
     write(node.manifests.path(), "later.yaml", later).unwrap();
     node.wait_status("configured.yaml", "waits", Duration::from_secs(20), |s| phase(s) == "Running");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while node.logs("waits", "app").trim() != "late=arrived" {
-        assert!(Instant::now() < deadline, "{}", node.logs("waits", "app"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    node.wait_logs("waits", "app", Duration::from_secs(10), |l| l.trim() == "late=arrived");
     let s = node.wait_status("configured.yaml", "configured", Duration::from_secs(1), |_| true);
     assert_eq!(container(&s, "containerStatuses", "app")["restartCount"], 0, "updated in place: {s:#}");
 }
@@ -719,12 +724,9 @@ fn security_contexts_set_the_user_and_refuse_root_where_asked() {
     let node = Node::start();
     write(node.manifests.path(), "secured.yaml", &manifest(SECURED)).unwrap();
     node.wait_status("secured.yaml", "secured", Duration::from_secs(60), |s| phase(s) == "Running");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.logs("secured", "app").starts_with("uid=") || node.logs("secured", "app").lines().count() < 2 {
-        assert!(Instant::now() < deadline, "{}", node.logs("secured", "app"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(node.logs("secured", "app").trim(), "uid=1000 gid=2000\nread-only");
+    let log =
+        node.wait_logs("secured", "app", Duration::from_secs(10), |l| l.starts_with("uid=") && l.lines().count() >= 2);
+    assert_eq!(log.trim(), "uid=1000 gid=2000\nread-only");
     let refused = node.wait_status("secured.yaml", "rooted", Duration::from_secs(10), |s| {
         container(s, "containerStatuses", "app")["state"]["waiting"]["reason"] == "CreateContainerConfigError"
     });
@@ -982,11 +984,7 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     assert!(elsewhere.status.is_none(), "another node's pod is not run here");
     let sandboxes = || node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
     assert_eq!(sandboxes(), 2, "one sandbox and its container");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while node.logs("here", "app").trim() != "up s3cret v1" {
-        assert!(Instant::now() < deadline, "{}", node.logs("here", "app"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    node.wait_logs("here", "app", Duration::from_secs(5), |l| l.trim() == "up s3cret v1");
 
     // Deleted as the API server does it: marked, stopped by the kubelet
     // within its grace period, then removed by the kubelet's final delete.
@@ -1173,16 +1171,8 @@ fn a_projected_service_account_token_comes_from_the_token_request_api() {
     node.source = vec!["--source=kube".into(), format!("--kubeconfig={}", kubeconfig.display())];
     node.start_kubelet();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let log = loop {
-        let log = node.logs("sa", "app");
-        // The token's header is JSON: base64url of `{"`.
-        if log.starts_with("ey") && log.lines().count() >= 3 {
-            break log;
-        }
-        assert!(Instant::now() < deadline, "{log}\n{}", node.log());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    // The token's header is JSON: base64url of `{"`.
+    let log = node.wait_logs("sa", "app", Duration::from_secs(60), |l| l.starts_with("ey") && l.lines().count() >= 3);
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(&lines[1..3], ["default", "the-cluster-ca"], "{log}");
     let parts: Vec<&str> = lines[0].split('.').collect();
