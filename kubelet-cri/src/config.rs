@@ -29,6 +29,11 @@ pub struct ConfigObjects {
     secrets: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
     /// Service account tokens issued for pods.
     tokens: HashMap<TokenWanted, String>,
+    /// Services by namespace: their environment variables go into pods.
+    services: BTreeMap<String, Vec<k8s_openapi::api::core::v1::Service>>,
+    /// Whether the Services have been read at least once (until then no
+    /// container starts: its variables would be missing).
+    pub services_read: bool,
 }
 
 /// A service account token a pod's projected volume asks for: bound to
@@ -104,6 +109,11 @@ impl ConfigObjects {
             s.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
         data.extend(s.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
         self.secrets.insert(key, data);
+    }
+
+    pub fn add_service(&mut self, svc: &k8s_openapi::api::core::v1::Service) {
+        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        self.services.entry(ns).or_default().push(svc.clone());
     }
 
     pub fn add_token(&mut self, wanted: TokenWanted, token: String) {
@@ -340,8 +350,61 @@ fn resource(pod: &Pod, c: &Container, facts: &PodFacts, r: &ResourceFieldSelecto
     })
 }
 
-/// The container's environment, as the kubelet builds it: `envFrom`
-/// sources in order (keys that are no variable name skipped), then `env`
+/// The Service variables the kubelet gives every container (docker links
+/// style): for each Service with a cluster IP in the pod's namespace
+/// (unless `enableServiceLinks: false`) and the API server's own
+/// `default/kubernetes`, `NAME_SERVICE_HOST`, `NAME_SERVICE_PORT[_PORTNAME]`
+/// and `NAME_PORT[_PORT_PROTO[_PROTO|_PORT|_ADDR]]`.
+pub fn service_env(pod: &Pod, namespace: &str, objects: &ConfigObjects) -> Vec<(String, String)> {
+    let links = pod.spec.as_ref().and_then(|s| s.enable_service_links) != Some(false);
+    let mut chosen: BTreeMap<String, &k8s_openapi::api::core::v1::Service> = BTreeMap::new();
+    for svc in objects.services.get("default").into_iter().flatten() {
+        if svc.metadata.name.as_deref() == Some("kubernetes") {
+            chosen.insert("kubernetes".into(), svc);
+        }
+    }
+    if links {
+        for svc in objects.services.get(namespace).into_iter().flatten() {
+            if let Some(name) = &svc.metadata.name {
+                chosen.insert(name.clone(), svc);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, svc) in chosen {
+        let Some(spec) = &svc.spec else { continue };
+        let ip = spec.cluster_ip.clone().unwrap_or_default();
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let var = |s: &str| s.to_uppercase().replace('-', "_");
+        let prefix = var(&name);
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        out.push((format!("{prefix}_SERVICE_HOST"), ip.clone()));
+        out.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
+        for p in ports.iter().filter(|p| p.name.as_deref().is_some_and(|n| !n.is_empty())) {
+            out.push((
+                format!("{prefix}_SERVICE_PORT_{}", var(p.name.as_deref().unwrap_or_default())),
+                p.port.to_string(),
+            ));
+        }
+        let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        out.push((format!("{prefix}_PORT"), format!("{}://{ip}:{}", proto(first).to_lowercase(), first.port)));
+        for p in ports {
+            let (proto, port) = (proto(p), p.port);
+            let base = format!("{prefix}_PORT_{port}_{}", proto.to_uppercase());
+            out.push((base.clone(), format!("{}://{ip}:{port}", proto.to_lowercase())));
+            out.push((format!("{base}_PROTO"), proto.to_lowercase()));
+            out.push((format!("{base}_PORT"), port.to_string()));
+            out.push((format!("{base}_ADDR"), ip.clone()));
+        }
+    }
+    out
+}
+
+/// The container's environment, as the kubelet builds it: the Service
+/// variables ([`service_env`]), then `envFrom` sources in order (keys that are no variable name skipped), then `env`
 /// in order, each value expanded against the variables before it. The
 /// variables, to expand command and args with.
 pub fn env(
@@ -352,7 +415,13 @@ pub fn env(
     facts: &PodFacts,
 ) -> Result<Vec<(String, String)>> {
     let ns = id.namespace.as_str();
-    let mut out: Vec<(String, String)> = Vec::new();
+    if !objects.services_read {
+        return Err(KubeletError::Invalid(
+            "services have not yet been read at least once, cannot construct envvars".into(),
+        ));
+    }
+    // The Service variables first: the container's own override them.
+    let mut out: Vec<(String, String)> = service_env(pod, ns, objects);
     fn set(out: &mut Vec<(String, String)>, k: String, v: String) {
         match out.iter_mut().find(|(n, _)| *n == k) {
             Some(slot) => slot.1 = v,
@@ -624,7 +693,7 @@ mod tests {
     }
 
     fn objects() -> ConfigObjects {
-        let mut o = ConfigObjects::default();
+        let mut o = ConfigObjects { services_read: true, ..Default::default() };
         o.add_config_map(
             &serde_yaml::from_str(
                 "metadata: {name: settings, namespace: default}\ndata: {mode: fast, level: '3', 'bad key': x}\n",
@@ -684,6 +753,38 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         assert_eq!(env, want, "the bad key is skipped, the optional missing one left out");
+    }
+
+    #[test]
+    fn services_give_their_variables_as_docker_links_did() {
+        let mut o = objects();
+        for (ns, name, ip, ports) in [
+            ("default", "kubernetes", "10.96.0.1", "[{name: https, port: 443}]"),
+            ("default", "web-front", "10.96.0.10", "[{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]"),
+            ("default", "headless", "None", "[{port: 80}]"),
+            ("other", "elsewhere", "10.96.0.20", "[{port: 80}]"),
+        ] {
+            o.add_service(
+                &serde_yaml::from_str(&format!(
+                    "metadata: {{name: {name}, namespace: {ns}}}\nspec: {{clusterIP: '{ip}', ports: {ports}}}\n"
+                ))
+                .unwrap(),
+            );
+        }
+        let p = pod("metadata: {name: web, namespace: default}\nspec: {containers: [{name: c, image: i}]}\n");
+        let env: BTreeMap<String, String> = service_env(&p, "default", &o).into_iter().collect();
+        assert_eq!(env["WEB_FRONT_SERVICE_HOST"], "10.96.0.10");
+        assert_eq!(env["WEB_FRONT_SERVICE_PORT"], "80");
+        assert_eq!(env["WEB_FRONT_SERVICE_PORT_DNS"], "53");
+        assert_eq!(env["WEB_FRONT_PORT"], "tcp://10.96.0.10:80");
+        assert_eq!(env["WEB_FRONT_PORT_53_UDP"], "udp://10.96.0.10:53");
+        assert_eq!(env["WEB_FRONT_PORT_53_UDP_ADDR"], "10.96.0.10");
+        assert_eq!(env["KUBERNETES_SERVICE_HOST"], "10.96.0.1");
+        assert!(!env.keys().any(|k| k.starts_with("HEADLESS") || k.starts_with("ELSEWHERE")), "{env:?}");
+        let unlinked =
+            pod("metadata: {name: web}\nspec: {enableServiceLinks: false, containers: [{name: c, image: i}]}\n");
+        let env: BTreeMap<String, String> = service_env(&unlinked, "default", &o).into_iter().collect();
+        assert!(env.contains_key("KUBERNETES_SERVICE_HOST") && !env.contains_key("WEB_FRONT_SERVICE_HOST"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{ConfigMap, Pod, PodStatus, Secret, ServiceAccount},
+    core::v1::{ConfigMap, Pod, PodStatus, Secret, Service, ServiceAccount},
 };
 use kube::{
     Api,
@@ -96,7 +96,9 @@ impl DirSource {
         let mut pods = Vec::new();
         let mut origins = HashMap::new();
         let mut seen = HashSet::new();
+        // The folder is read whole: its Services are all there are.
         let mut objects = ConfigObjects::default();
+        objects.services_read = true;
         for file in files {
             let Ok(text) = std::fs::read_to_string(&file) else { continue };
             for (n, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
@@ -110,11 +112,13 @@ impl DirSource {
                 let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
                 match kind.as_str() {
                     "Pod" => {}
-                    "ConfigMap" | "Secret" => {
-                        let added = if kind == "ConfigMap" {
-                            serde_yaml::from_value::<ConfigMap>(value).map(|cm| objects.add_config_map(&cm))
-                        } else {
-                            serde_yaml::from_value::<Secret>(value).map(|s| objects.add_secret(&s))
+                    "ConfigMap" | "Secret" | "Service" => {
+                        let added = match kind.as_str() {
+                            "ConfigMap" => {
+                                serde_yaml::from_value::<ConfigMap>(value).map(|cm| objects.add_config_map(&cm))
+                            }
+                            "Secret" => serde_yaml::from_value::<Secret>(value).map(|s| objects.add_secret(&s)),
+                            _ => serde_yaml::from_value::<Service>(value).map(|s| objects.add_service(&s)),
                         };
                         if let Err(e) = added {
                             self.problem(format!("{}: document {}: not a valid {kind}: {e}", file.display(), n + 1));
@@ -245,6 +249,24 @@ where
     names.iter().filter_map(|n| cache.get(n).and_then(|(object, _)| object.clone())).collect()
 }
 
+/// Watches every Service into a store (list, then watch, re-listing as needed).
+fn watch_services(client: &kube::Client) -> reflector::Store<Service> {
+    let (store, writer) = reflector::store();
+    let stream = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching Services");
+            }
+        }
+    });
+    store
+}
+
 /// A service-account token as issued, or the last failed request for one.
 #[derive(Clone, Debug, Default)]
 struct IssuedToken {
@@ -264,6 +286,8 @@ pub struct KubeSource {
     store: reflector::Store<Pod>,
     config_maps: Fetched<ConfigMap>,
     secrets: Fetched<Secret>,
+    /// Every Service (as every kubelet watches them), for pods' Service variables.
+    services: reflector::Store<Service>,
     /// Service account tokens issued for pods: the token, when, and its lifetime.
     tokens: Mutex<HashMap<TokenWanted, IssuedToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -291,11 +315,13 @@ impl KubeSource {
                 }
             }
         });
+        let services = watch_services(&client);
         Self {
             client,
             store,
             config_maps: Mutex::default(),
             secrets: Mutex::default(),
+            services,
             tokens: Mutex::default(),
             ready,
             written: Mutex::default(),
@@ -315,6 +341,11 @@ impl KubeSource {
         }
         for secret in fetch(&self.client, &self.secrets, &secrets).await {
             objects.add_secret(&secret);
+        }
+        let listed = tokio::time::timeout(std::time::Duration::from_millis(100), self.services.wait_until_ready());
+        objects.services_read = listed.await.is_ok();
+        for svc in self.services.state() {
+            objects.add_service(&svc);
         }
         let with_ids: Vec<(PodId, Pod)> = pods.iter().map(|d| (d.id.clone(), d.pod.clone())).collect();
         let wanted = crate::config::tokens_wanted(&with_ids);

@@ -547,6 +547,11 @@ fn the_whole_node_serves_kubelet_pods_through_a_clusterip() {
 }
 
 const CONFIGURED: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web-front, namespace: default}
+spec: {clusterIP: 10.96.0.99, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
 kind: ConfigMap
 metadata: {name: settings, namespace: default}
 data: {greeting: GREETING, mode: fast}
@@ -567,7 +572,7 @@ spec:
   containers:
   - name: app
     image: IMAGE
-    command: [sh, -c, 'echo "password=$PASSWORD ip=$POD_IP mode=$mode says=$(WORD)"; cat /etc/info/labels; echo; while true; do echo "file=$(cat /etc/settings/greeting)"; sleep 0.3; done']
+    command: [sh, -c, 'echo "password=$PASSWORD ip=$POD_IP mode=$mode says=$(WORD) front=$WEB_FRONT_SERVICE_HOST:$WEB_FRONT_SERVICE_PORT_HTTP"; cat /etc/info/labels; echo; while true; do echo "file=$(cat /etc/settings/greeting)"; sleep 0.3; done']
     envFrom: [{configMapRef: {name: settings}}]
     env:
     - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
@@ -587,9 +592,10 @@ spec:
     env: [{name: LATE, valueFrom: {configMapKeyRef: {name: later, key: value}}}]
 "#;
 
-/// ConfigMaps and Secrets beside the pods: a ConfigMap volume (updated in
-/// place when its ConfigMap changes), a downwardAPI volume, a Secret and
-/// the pod's IP as variables, `envFrom` and `$(VAR)` expansion; a pod
+/// ConfigMaps, Secrets and Services beside the pods: a ConfigMap volume
+/// (updated in place when its ConfigMap changes), a downwardAPI volume, a
+/// Secret, the pod's IP and a Service's address as variables, `envFrom`
+/// and `$(VAR)` expansion; a pod
 /// whose ConfigMap is missing waits with CreateContainerConfigError and
 /// starts once it appears.
 #[test]
@@ -602,7 +608,11 @@ fn config_maps_and_secrets_reach_pods_as_files_and_variables() {
     let ip = s["podIP"].as_str().expect("a pod IP").to_string();
     let log = node.wait_logs("configured", "app", Duration::from_secs(10), |l| l.contains("file=hello"));
     let mut lines = log.lines();
-    assert_eq!(lines.next(), Some(format!("password=hunter2 ip={ip} mode=fast says=mode-fast").as_str()), "{log}");
+    assert_eq!(
+        lines.next(),
+        Some(format!("password=hunter2 ip={ip} mode=fast says=mode-fast front=10.96.0.99:80").as_str()),
+        "{log}"
+    );
     assert_eq!(lines.next(), Some("app=\"configured\""), "{log}");
 
     let waiting = node.wait_status("configured.yaml", "waits", Duration::from_secs(10), |s| {
@@ -953,11 +963,17 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
         serde_yaml::from_str("metadata: {name: token, namespace: default}\nstringData: {value: s3cret}\n").unwrap();
     api.create(&config_map).unwrap();
     api.create(&secret).unwrap();
+    // The API server's own Service, whose variables every container gets.
+    let kubernetes: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(
+        "metadata: {name: kubernetes, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{name: https, port: 443}]}\n",
+    )
+    .unwrap();
+    api.create(&kubernetes).unwrap();
     let pod = |name: &str, node_name: &str| -> Pod {
         serde_yaml::from_str(&format!(
             "metadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 1\n  \
              volumes: [{{name: cfg, configMap: {{name: cfg}}}}]\n  containers:\n  \
-             - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'echo up $TOKEN $(cat /cfg/k); while true; do sleep 1; done'], \
+             - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'echo up $TOKEN $(cat /cfg/k) $KUBERNETES_SERVICE_HOST; while true; do sleep 1; done'], \
              env: [{{name: TOKEN, valueFrom: {{secretKeyRef: {{name: token, key: value}}}}}}], volumeMounts: [{{name: cfg, mountPath: /cfg}}]}}\n"
         ))
         .unwrap()
@@ -984,7 +1000,7 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     assert!(elsewhere.status.is_none(), "another node's pod is not run here");
     let sandboxes = || node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
     assert_eq!(sandboxes(), 2, "one sandbox and its container");
-    node.wait_logs("here", "app", Duration::from_secs(5), |l| l.trim() == "up s3cret v1");
+    node.wait_logs("here", "app", Duration::from_secs(5), |l| l.trim() == "up s3cret v1 10.96.0.1");
 
     // Deleted as the API server does it: marked, stopped by the kubelet
     // within its grace period, then removed by the kubelet's final delete.
