@@ -373,7 +373,9 @@ mod tests {
         assert_eq!((t.kind, t.namespace, t.name), (Kind::EndpointSlice, None, None));
         let t = parse_path("/api/v1/namespaces/ns/pods/p/status").unwrap();
         assert_eq!(t.subresource.as_deref(), Some("status"));
-        assert!(parse_path("/api/v1/configmaps").is_none());
+        assert!(parse_path("/api/v1/persistentvolumes").is_none(), "a kind this server does not serve");
+        let t = parse_path("/api/v1/namespaces/default/serviceaccounts/default/token").unwrap();
+        assert_eq!((t.kind, t.subresource.as_deref()), (Kind::ServiceAccount, Some("token")));
         let t = parse_path("/api/v1/nodes/n1").unwrap();
         assert_eq!((t.kind, t.name.as_deref()), (Kind::Node, Some("n1")));
     }
