@@ -106,6 +106,9 @@ pub struct Kubelet {
     /// The node's CPUs and memory, for `resourceFieldRef`s without a limit.
     node_cpus: u32,
     node_memory: u64,
+    /// Pods being deleted through the API with their own grace period
+    /// (`deletionGracePeriodSeconds`), which overrides the spec's.
+    deletion_graces: HashMap<String, i64>,
     /// Uids of the pods that had a sandbox at the last pass.
     on_node: HashSet<String>,
 }
@@ -152,6 +155,7 @@ impl Kubelet {
             pull_backoff: Backoffs::new(backoff_base),
             waiting: HashMap::new(),
             terminating: Arc::default(),
+            deletion_graces: HashMap::new(),
             prober: Prober::default(),
             probed: HashMap::new(),
             killing: Arc::default(),
@@ -160,6 +164,13 @@ impl Kubelet {
             node_memory: crate::node::Machine::read(std::path::Path::new("/")).memory,
             on_node: HashSet::new(),
         })
+    }
+
+    /// The grace periods of pods being deleted through the API, by uid
+    /// (`metadata.deletionGracePeriodSeconds`): they stop within these
+    /// rather than their spec's `terminationGracePeriodSeconds`.
+    pub fn set_deletion_graces(&mut self, graces: HashMap<String, i64>) {
+        self.deletion_graces = graces;
     }
 
     /// Whether pod `uid` still has anything on this node (running, or
@@ -646,11 +657,12 @@ impl Kubelet {
         if !self.terminating.lock().unwrap().insert(uid.clone()) {
             return;
         }
+        let asked = self.deletion_graces.get(&uid).copied();
         let work: Vec<(String, Vec<String>, i64)> = sandboxes
             .iter()
             .map(|s| {
-                let grace =
-                    s.annotations.get(GRACE_ANNOTATION).and_then(|g| g.parse().ok()).unwrap_or(DEFAULT_GRACE_SECONDS);
+                let spec_grace = s.annotations.get(GRACE_ANNOTATION).and_then(|g| g.parse().ok());
+                let grace = asked.or(spec_grace).unwrap_or(DEFAULT_GRACE_SECONDS);
                 (s.id.clone(), container_ids(containers.get(&s.id)), grace)
             })
             .collect();

@@ -100,6 +100,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             Source::Dir(d) => d.objects(),
             Source::Kube(k) => k.objects(&pods).await,
         };
+        if let Source::Kube(k) = &source {
+            kubelet.set_deletion_graces(k.deletion_graces());
+        }
         match kubelet.sync(&pods, complete, &objects).await {
             Ok(statuses) => {
                 if runtime_down {

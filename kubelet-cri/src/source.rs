@@ -452,6 +452,16 @@ impl KubeSource {
         )
     }
 
+    /// The grace period each pod being deleted was given (by uid).
+    pub fn deletion_graces(&self) -> HashMap<String, i64> {
+        self.store
+            .state()
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| Some((p.metadata.uid.clone()?, p.metadata.deletion_grace_period_seconds?)))
+            .collect()
+    }
+
     /// Completes the graceful deletion of pods whose containers are gone
     /// (`has_pod` false): as the kubelet, deletes them with a grace period of
     /// 0, so the API server removes them.

@@ -161,20 +161,23 @@ pub fn phase(v: &PodView) -> &'static str {
     if !v.sandbox_ready || !initialized {
         return "Pending";
     }
-    let (mut running, mut succeeded, mut failed, mut waiting) = (0, 0, 0, 0);
+    let (mut running, mut failed, mut waiting) = (0, 0, 0);
     for c in &v.apps {
         match (c.latest.map(|i| i.state), exited_with(c)) {
             (Some(State::Running), _) => running += 1,
-            (_, Some(0)) if !p.restarts(0) => succeeded += 1,
+            // Done for good: succeeded unless another failed.
+            (_, Some(0)) if !p.restarts(0) => {}
             (_, Some(code)) if !p.restarts(code) => failed += 1,
             // Exited but to be restarted: still running as far as the pod goes.
             (_, Some(_)) => running += 1,
             _ => waiting += 1,
         }
     }
-    if waiting > 0 && running == 0 && succeeded + failed == 0 {
+    // As the kubelet: a container that has never started keeps the pod
+    // Pending, whatever the others do.
+    if waiting > 0 {
         "Pending"
-    } else if running > 0 || waiting > 0 {
+    } else if running > 0 {
         "Running"
     } else if failed > 0 {
         "Failed"
@@ -252,7 +255,12 @@ mod tests {
         let (a, b) = (spec("a"), spec("b"));
         let (run, ok, bad) = (inst(0, State::Running, 0), inst(0, State::Exited, 0), inst(2, State::Exited, 3));
         let c = |s, i| ContainerView { spec: s, latest: i, previous: None, waiting: None, probed: None };
-        assert_eq!(phase(&view(RestartPolicy::Always, vec![], vec![c(&a, Some(&run)), c(&b, None)])), "Running");
+        assert_eq!(
+            phase(&view(RestartPolicy::Always, vec![], vec![c(&a, Some(&run)), c(&b, None)])),
+            "Pending",
+            "b has never started"
+        );
+        assert_eq!(phase(&view(RestartPolicy::Always, vec![], vec![c(&a, Some(&run)), c(&b, Some(&bad))])), "Running");
         assert_eq!(phase(&view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok)), c(&b, Some(&ok))])), "Succeeded");
         assert_eq!(phase(&view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok)), c(&b, Some(&bad))])), "Failed");
         assert_eq!(phase(&view(RestartPolicy::OnFailure, vec![], vec![c(&a, Some(&bad))])), "Running", "will restart");

@@ -1137,6 +1137,35 @@ fn the_node_registers_renews_its_lease_and_is_not_ready_without_its_runtime() {
 /// A runtime that takes connections and never answers: the first call
 /// fails at `--runtime-request-timeout` with the call named, rather than
 /// hanging the kubelet.
+/// A pod deleted through the API with `gracePeriodSeconds: 1` stops
+/// within that, not its spec's 120 s, though its container ignores SIGTERM.
+#[test]
+fn a_deletion_grace_period_overrides_the_pods_own() {
+    use k8s_openapi::api::core::v1::Pod;
+    root_or_skip!();
+    let mut node = Node::without_kubelet();
+    let api = api_server_on(&node);
+    let pod: Pod = serde_yaml::from_str(&format!(
+        "metadata: {{name: stubborn, namespace: default}}\nspec:\n  nodeName: node-1\n  terminationGracePeriodSeconds: 120\n  \
+         containers:\n  - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'trap \"\" TERM; echo up; while true; do sleep 1; done']}}\n"
+    ))
+    .unwrap();
+    api.create(&pod).unwrap();
+    let kubeconfig = node.root.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    node.source = vec!["--source=kube".into(), format!("--kubeconfig={}", kubeconfig.display())];
+    node.start_kubelet();
+    node.wait_logs("stubborn", "app", Duration::from_secs(60), |l| l.trim() == "up");
+
+    let asked = Instant::now();
+    api.delete_with_grace::<Pod>("default", "stubborn", 1).unwrap();
+    let deadline = asked + Duration::from_secs(15);
+    while api.get::<Pod>("default", "stubborn").is_ok() {
+        assert!(Instant::now() < deadline, "still there after {:?}:\n{}", asked.elapsed(), node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Unpadded base64url, decoded (a JWT's parts).
 fn base64url_decode(text: &str) -> Vec<u8> {
     let value = |c: u8| match c {

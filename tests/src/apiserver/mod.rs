@@ -201,6 +201,17 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Deletes as `DELETE` with `gracePeriodSeconds` does.
+    pub fn delete_with_grace<K: Resource>(&self, namespace: &str, name: &str, grace: i64) -> anyhow::Result<()> {
+        self.shared
+            .store
+            .lock()
+            .unwrap()
+            .delete(kind_of::<K>(), namespace, name, Some(grace))
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        Ok(())
+    }
+
     pub fn delete<K: Resource>(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
         self.shared
             .store
