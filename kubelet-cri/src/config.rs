@@ -34,6 +34,8 @@ pub struct ConfigObjects {
     /// Whether the Services have been read at least once (until then no
     /// container starts: its variables would be missing).
     pub services_read: bool,
+    /// RuntimeClasses by name: the runtime handler each names.
+    runtime_handlers: HashMap<String, String>,
 }
 
 /// A service account token a pod's projected volume asks for: bound to
@@ -114,6 +116,25 @@ impl ConfigObjects {
     pub fn add_service(&mut self, svc: &k8s_openapi::api::core::v1::Service) {
         let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         self.services.entry(ns).or_default().push(svc.clone());
+    }
+
+    pub fn add_runtime_class(&mut self, rc: &k8s_openapi::api::node::v1::RuntimeClass) {
+        if let Some(name) = &rc.metadata.name {
+            self.runtime_handlers.insert(name.clone(), rc.handler.clone());
+        }
+    }
+
+    /// The runtime handler `pod`'s `runtimeClassName` names ("" for none:
+    /// the runtime's default), as the sandbox is asked for with it.
+    pub fn runtime_handler(&self, pod: &Pod) -> Result<String> {
+        match pod.spec.as_ref().and_then(|s| s.runtime_class_name.as_deref()).filter(|n| !n.is_empty()) {
+            None => Ok(String::new()),
+            Some(name) => self
+                .runtime_handlers
+                .get(name)
+                .cloned()
+                .ok_or_else(|| KubeletError::Invalid(format!("RuntimeClass \"{name}\" not found"))),
+        }
     }
 
     pub fn add_token(&mut self, wanted: TokenWanted, token: String) {

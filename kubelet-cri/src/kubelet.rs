@@ -433,10 +433,11 @@ impl Kubelet {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
                 .map_err(io_at("opening emptyDir", &dir))?;
         }
+        let runtime_handler = self.objects.runtime_handler(&d.pod)?;
         let id = self
             .cri
             .runtime
-            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler })
             .await
             .map_err(call("RunPodSandbox"))?
             .into_inner()

@@ -12,6 +12,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{ConfigMap, Pod, PodStatus, Secret, Service, ServiceAccount},
+    node::v1::RuntimeClass,
 };
 use kube::{
     Api,
@@ -112,13 +113,14 @@ impl DirSource {
                 let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
                 match kind.as_str() {
                     "Pod" => {}
-                    "ConfigMap" | "Secret" | "Service" => {
+                    "ConfigMap" | "Secret" | "Service" | "RuntimeClass" => {
                         let added = match kind.as_str() {
                             "ConfigMap" => {
                                 serde_yaml::from_value::<ConfigMap>(value).map(|cm| objects.add_config_map(&cm))
                             }
                             "Secret" => serde_yaml::from_value::<Secret>(value).map(|s| objects.add_secret(&s)),
-                            _ => serde_yaml::from_value::<Service>(value).map(|s| objects.add_service(&s)),
+                            "Service" => serde_yaml::from_value::<Service>(value).map(|s| objects.add_service(&s)),
+                            _ => serde_yaml::from_value::<RuntimeClass>(value).map(|rc| objects.add_runtime_class(&rc)),
                         };
                         if let Err(e) = added {
                             self.problem(format!("{}: document {}: not a valid {kind}: {e}", file.display(), n + 1));
@@ -288,6 +290,8 @@ pub struct KubeSource {
     secrets: Fetched<Secret>,
     /// Every Service (as every kubelet watches them), for pods' Service variables.
     services: reflector::Store<Service>,
+    /// RuntimeClasses pods name, fetched by name (`None`: not there) and when.
+    runtime_classes: Mutex<HashMap<String, (Option<RuntimeClass>, std::time::Instant)>>,
     /// Service account tokens issued for pods: the token, when, and its lifetime.
     tokens: Mutex<HashMap<TokenWanted, IssuedToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -322,6 +326,7 @@ impl KubeSource {
             config_maps: Mutex::default(),
             secrets: Mutex::default(),
             services,
+            runtime_classes: Mutex::default(),
             tokens: Mutex::default(),
             ready,
             written: Mutex::default(),
@@ -342,6 +347,9 @@ impl KubeSource {
         for secret in fetch(&self.client, &self.secrets, &secrets).await {
             objects.add_secret(&secret);
         }
+        for rc in self.runtime_classes(pods).await {
+            objects.add_runtime_class(&rc);
+        }
         let listed = tokio::time::timeout(std::time::Duration::from_millis(100), self.services.wait_until_ready());
         objects.services_read = listed.await.is_ok();
         for svc in self.services.state() {
@@ -358,6 +366,43 @@ impl KubeSource {
             }
         }
         objects
+    }
+
+    /// The RuntimeClasses `pods` name (cluster-wide objects), fetched by
+    /// name and kept as [`fetch`] keeps ConfigMaps.
+    async fn runtime_classes(&self, pods: &[DesiredPod]) -> Vec<RuntimeClass> {
+        let mut names: Vec<String> = pods
+            .iter()
+            .filter_map(|d| d.pod.spec.as_ref()?.runtime_class_name.clone())
+            .filter(|n| !n.is_empty())
+            .collect();
+        names.sort();
+        names.dedup();
+        let stale: Vec<String> = {
+            let cache = self.runtime_classes.lock().unwrap();
+            names
+                .iter()
+                .filter(|n| {
+                    cache
+                        .get(*n)
+                        .is_none_or(|(rc, at)| at.elapsed() >= if rc.is_some() { OBJECT_TTL } else { MISSING_TTL })
+                })
+                .cloned()
+                .collect()
+        };
+        let api: Api<RuntimeClass> = Api::all(self.client.clone());
+        let answers =
+            futures::future::join_all(stale.iter().map(|n| tokio::time::timeout(API_DEADLINE, api.get_opt(n)))).await;
+        let mut cache = self.runtime_classes.lock().unwrap();
+        for (name, answer) in stale.into_iter().zip(answers) {
+            match answer {
+                Ok(Ok(rc)) => drop(cache.insert(name, (rc, std::time::Instant::now()))),
+                Ok(Err(e)) => tracing::warn!(runtime_class = %name, error = %e, "cannot read"),
+                Err(_) => tracing::warn!(runtime_class = %name, "the API server did not answer in time"),
+            }
+        }
+        cache.retain(|n, _| names.contains(n));
+        names.iter().filter_map(|n| cache.get(n).and_then(|(rc, _)| rc.clone())).collect()
     }
 
     /// The token `w` asks for: the one issued, until 80% of its lifetime

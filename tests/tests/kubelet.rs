@@ -1166,6 +1166,62 @@ fn a_deletion_grace_period_overrides_the_pods_own() {
     }
 }
 
+const CLASSED: &str = r#"apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: standard}
+handler: runc
+---
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: fancy}
+handler: nope
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: classed, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  runtimeClassName: standard
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'while true; do sleep 1; done']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unhandled, namespace: default}
+spec:
+  runtimeClassName: fancy
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'while true; do sleep 1; done']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: classless, namespace: default}
+spec:
+  runtimeClassName: ghost
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'while true; do sleep 1; done']}
+"#;
+
+/// `runtimeClassName` as the kubelet takes it: the RuntimeClass's handler
+/// goes to the runtime with the sandbox (containerd runs `runc`, and says
+/// it has no `nope`); a class that does not exist starts nothing.
+#[test]
+fn a_runtime_class_chooses_the_runtime_handler() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "classed.yaml", &manifest(CLASSED)).unwrap();
+    node.wait_status("classed.yaml", "classed", Duration::from_secs(60), |s| phase(s) == "Running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(node.log().contains("RuntimeClass \"ghost\" not found") && node.log().contains("nope")) {
+        assert!(Instant::now() < deadline, "{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for pod in ["unhandled", "classless"] {
+        let s = node.wait_status("classed.yaml", pod, Duration::from_secs(1), |_| true);
+        assert_eq!(phase(&s), "Pending", "{pod}: no sandbox: {s:#}");
+    }
+}
+
 /// Unpadded base64url, decoded (a JWT's parts).
 fn base64url_decode(text: &str) -> Vec<u8> {
     let value = |c: u8| match c {
