@@ -11,14 +11,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, KeyToPath, ObjectFieldSelector, Pod, ResourceFieldSelector, Secret, Volume,
 };
 
 use crate::{
     error::{KubeletError, Result},
-    spec::{PodId, parse_cpu, parse_memory},
+    spec::{PodId, expand, parse_cpu, parse_memory},
 };
 
 /// The ConfigMaps and Secrets pods may refer to, by namespace and name,
@@ -244,39 +243,6 @@ fn key_of(
     }
 }
 
-/// Replaces `$(NAME)` with `vars[NAME]` where it is defined; `$$` is a
-/// literal `$`; anything else stays as written (the kubelet's expansion).
-pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(inner) = after.strip_prefix('(')
-            && let Some(end) = inner.find(')')
-        {
-            let name = &inner[..end];
-            match vars.get(name) {
-                Some(v) => out.push_str(v),
-                None => {
-                    out.push_str("$(");
-                    out.push_str(name);
-                    out.push(')');
-                }
-            }
-            rest = &inner[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// A C identifier-ish name the kubelet accepts from `envFrom` keys.
 fn valid_env_name(name: &str) -> bool {
     !name.is_empty()
@@ -500,11 +466,6 @@ pub fn env(
         set(&mut out, e.name.clone(), value);
     }
     Ok(out)
-}
-
-/// As CRI key-values.
-pub fn key_values(vars: &[(String, String)]) -> Vec<cri::KeyValue> {
-    vars.iter().map(|(k, v)| cri::KeyValue { key: k.clone(), value: v.clone() }).collect()
 }
 
 /// A file of a volume: its bytes and mode.
@@ -733,12 +694,6 @@ mod tests {
             node_cpus: 4,
             node_memory: 8 << 30,
         }
-    }
-
-    #[test]
-    fn variables_expand_against_earlier_ones_and_dollars_escape() {
-        let vars = HashMap::from([("A".to_string(), "x".to_string())]);
-        assert_eq!(expand("$(A)-$(B)-$$(A)-$-$(", &vars), "x-$(B)-$(A)-$-$(");
     }
 
     #[test]

@@ -416,6 +416,39 @@ pub fn empty_dir(s: &Settings, id: &PodId, volume: &str) -> PathBuf {
 }
 
 /// One container of the pod, as its `attempt`th instance.
+/// Replaces `$(NAME)` with `vars[NAME]` where it is defined; `$$` is a
+/// literal `$`; anything else stays as written (the kubelet's expansion).
+pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `env` is the container's environment (see `config::env`); command and
 /// args are expanded against it, as the kubelet does.
 pub fn container_config(
@@ -428,9 +461,8 @@ pub fn container_config(
     env: &[(String, String)],
 ) -> Result<cri::ContainerConfig> {
     let vars: HashMap<String, String> = env.iter().cloned().collect();
-    let expand = |list: &Option<Vec<String>>| -> Vec<String> {
-        list.iter().flatten().map(|a| crate::config::expand(a, &vars)).collect()
-    };
+    let expand =
+        |list: &Option<Vec<String>>| -> Vec<String> { list.iter().flatten().map(|a| expand(a, &vars)).collect() };
     let mut labels = pod_labels(id);
     labels.insert(CONTAINER_NAME.into(), c.name.clone());
     labels.insert(CONTAINER_KIND.into(), kind.label().into());
@@ -441,7 +473,7 @@ pub fn container_config(
         command: expand(&c.command),
         args: expand(&c.args),
         working_dir: c.working_dir.clone().unwrap_or_default(),
-        envs: crate::config::key_values(env),
+        envs: env.iter().map(|(k, v)| cri::KeyValue { key: k.clone(), value: v.clone() }).collect(),
         mounts: mounts(pod, id, c, s)?,
         labels,
         annotations: HashMap::from([(RESTART_COUNT.into(), attempt.to_string())]),
@@ -618,6 +650,11 @@ spec:
         assert!(e.to_string().contains("resolves outside the volume"), "{e}");
     }
 
+    #[test]
+    fn variables_expand_against_earlier_ones_and_dollars_escape() {
+        let vars = HashMap::from([("A".to_string(), "x".to_string())]);
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$-$(", &vars), "x-$(B)-$(A)-$-$(");
+    }
     #[test]
     fn quantities_parse_as_kubernetes_writes_them() {
         assert_eq!(parse_cpu("500m").unwrap(), 500);
