@@ -145,9 +145,15 @@ pub fn pod_dir(logs_root: &Path, namespace: &str, name: &str) -> Result<PathBuf>
 /// Writes the lines of `file` to `out`; with `follow`, keeps reading as the
 /// container writes, moving on to a newer instance's file when one appears.
 pub fn print(dir: &Path, container: &str, follow: bool, out: &mut impl std::io::Write) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut file = latest(dir, container)?;
     let mut parser = Parser::default();
-    let mut reader = std::io::BufReader::new(std::fs::File::open(&file).map_err(io_at("opening", &file))?);
+    let open = |file: &Path| -> Result<(std::io::BufReader<std::fs::File>, u64)> {
+        let f = std::fs::File::open(file).map_err(io_at("opening", file))?;
+        let inode = f.metadata().map_err(io_at("reading", file))?.ino();
+        Ok((std::io::BufReader::new(f), inode))
+    };
+    let (mut reader, mut inode) = open(&file)?;
     let mut line = String::new();
     loop {
         line.clear();
@@ -165,9 +171,12 @@ pub fn print(dir: &Path, container: &str, follow: bool, out: &mut impl std::io::
         }
         out.flush().map_err(io("writing the log out"))?;
         let newest = latest(dir, container)?;
-        if newest != file {
+        // A newer instance's file, or this one rotated (the path names a
+        // fresh file now): the old one is read to its end already.
+        let rotated = std::fs::metadata(&newest).is_ok_and(|m| m.ino() != inode);
+        if newest != file || rotated {
             file = newest;
-            reader = std::io::BufReader::new(std::fs::File::open(&file).map_err(io_at("opening", &file))?);
+            (reader, inode) = open(&file)?;
             continue;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -206,6 +215,52 @@ mod tests {
         print(dir.path(), "app", false, &mut out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "eleventh\n");
         assert!(print(dir.path(), "other", false, &mut Vec::new()).is_err());
+    }
+
+    /// Takes lines until it has `want` (or its time is up), then refuses
+    /// more, ending a follow.
+    struct Lines {
+        got: Vec<u8>,
+        want: usize,
+        until: std::time::Instant,
+    }
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.got.iter().filter(|b| **b == b'\n').count() >= self.want {
+                return Err(std::io::Error::other("enough"));
+            }
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            // A follow flushes while it waits: the place to stop it.
+            if self.got.iter().filter(|b| **b == b'\n').count() >= self.want || std::time::Instant::now() > self.until {
+                return Err(std::io::Error::other("enough"));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn following_goes_on_in_the_fresh_file_after_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        let log = dir.path().join("app/0.log");
+        std::fs::write(&log, "2026-01-01T00:00:00Z stdout F before\n").unwrap();
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                rotate(&log, 0).unwrap();
+                std::fs::write(&log, "2026-01-01T00:00:01Z stdout F after\n").unwrap();
+            })
+        };
+        let mut out = Lines { got: Vec::new(), want: 2, until: std::time::Instant::now() + Duration::from_secs(5) };
+        let ended = print(dir.path(), "app", true, &mut out);
+        writer.join().unwrap();
+        assert!(ended.is_err(), "ended by the writer refusing more");
+        assert_eq!(String::from_utf8(out.got).unwrap(), "before\nafter\n");
     }
 
     #[test]
