@@ -211,12 +211,9 @@ type Fetched<K> = Mutex<HashMap<(String, String), (Option<K>, std::time::Instant
 /// the API server one by one (a node may read only its own pods' objects,
 /// as the Node authorizer allows, never list them all). An object the API
 /// server cannot be asked about keeps its last known state.
-async fn fetch<K>(client: &kube::Client, cache: &Fetched<K>, names: &[(String, String)]) -> Vec<K>
+async fn fetch<K>(api: impl Fn(&str) -> Api<K>, cache: &Fetched<K>, names: &[(String, String)]) -> Vec<K>
 where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned,
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
     let stale: Vec<(String, String)> = {
         let cache = cache.lock().unwrap();
@@ -231,7 +228,7 @@ where
             .collect()
     };
     let asked = stale.iter().map(|(ns, name)| {
-        let api: Api<K> = Api::namespaced(client.clone(), ns);
+        let api = api(ns);
         async move { tokio::time::timeout(API_DEADLINE, api.get_opt(name)).await }
     });
     let answers = futures::future::join_all(asked).await;
@@ -291,7 +288,7 @@ pub struct KubeSource {
     /// Every Service (as every kubelet watches them), for pods' Service variables.
     services: reflector::Store<Service>,
     /// RuntimeClasses pods name, fetched by name (`None`: not there) and when.
-    runtime_classes: Mutex<HashMap<String, (Option<RuntimeClass>, std::time::Instant)>>,
+    runtime_classes: Fetched<RuntimeClass>,
     /// Service account tokens issued for pods: the token, when, and its lifetime.
     tokens: Mutex<HashMap<TokenWanted, IssuedToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -341,10 +338,10 @@ impl KubeSource {
         let specs: Vec<Pod> = pods.iter().map(|d| d.pod.clone()).collect();
         let (cms, secrets) = crate::config::referenced(&specs);
         let mut objects = ConfigObjects::default();
-        for cm in fetch(&self.client, &self.config_maps, &cms).await {
+        for cm in fetch(|ns| Api::namespaced(self.client.clone(), ns), &self.config_maps, &cms).await {
             objects.add_config_map(&cm);
         }
-        for secret in fetch(&self.client, &self.secrets, &secrets).await {
+        for secret in fetch(|ns| Api::namespaced(self.client.clone(), ns), &self.secrets, &secrets).await {
             objects.add_secret(&secret);
         }
         for rc in self.runtime_classes(pods).await {
@@ -369,40 +366,18 @@ impl KubeSource {
     }
 
     /// The RuntimeClasses `pods` name (cluster-wide objects), fetched by
-    /// name and kept as [`fetch`] keeps ConfigMaps.
+    /// name and kept as ConfigMaps are (see [`fetch`]).
     async fn runtime_classes(&self, pods: &[DesiredPod]) -> Vec<RuntimeClass> {
-        let mut names: Vec<String> = pods
+        // Cluster-wide objects: no namespace in their names.
+        let mut names: Vec<(String, String)> = pods
             .iter()
             .filter_map(|d| d.pod.spec.as_ref()?.runtime_class_name.clone())
             .filter(|n| !n.is_empty())
+            .map(|n| (String::new(), n))
             .collect();
         names.sort();
         names.dedup();
-        let stale: Vec<String> = {
-            let cache = self.runtime_classes.lock().unwrap();
-            names
-                .iter()
-                .filter(|n| {
-                    cache
-                        .get(*n)
-                        .is_none_or(|(rc, at)| at.elapsed() >= if rc.is_some() { OBJECT_TTL } else { MISSING_TTL })
-                })
-                .cloned()
-                .collect()
-        };
-        let api: Api<RuntimeClass> = Api::all(self.client.clone());
-        let answers =
-            futures::future::join_all(stale.iter().map(|n| tokio::time::timeout(API_DEADLINE, api.get_opt(n)))).await;
-        let mut cache = self.runtime_classes.lock().unwrap();
-        for (name, answer) in stale.into_iter().zip(answers) {
-            match answer {
-                Ok(Ok(rc)) => drop(cache.insert(name, (rc, std::time::Instant::now()))),
-                Ok(Err(e)) => tracing::warn!(runtime_class = %name, error = %e, "cannot read"),
-                Err(_) => tracing::warn!(runtime_class = %name, "the API server did not answer in time"),
-            }
-        }
-        cache.retain(|n, _| names.contains(n));
-        names.iter().filter_map(|n| cache.get(n).and_then(|(rc, _)| rc.clone())).collect()
+        fetch(|_| Api::all(self.client.clone()), &self.runtime_classes, &names).await
     }
 
     /// The token `w` asks for: the one issued, until 80% of its lifetime
