@@ -71,6 +71,13 @@ impl Cri {
         Ok(Self { runtime: RuntimeServiceClient::new(runtime), images: ImageServiceClient::new(images) })
     }
 
+    /// A client that reaches no runtime, for tests of code that holds one.
+    #[cfg(test)]
+    pub fn disconnected() -> Self {
+        let channel = Endpoint::from_static("http://[::]:1").connect_lazy();
+        Self { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) }
+    }
+
     /// `Version`, then `Status`: fails with the runtime's own words unless
     /// both RuntimeReady and NetworkReady hold.
     pub async fn check(&mut self) -> Result<RuntimeInfo> {

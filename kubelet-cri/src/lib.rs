@@ -3,17 +3,22 @@
 //! ImageService, with their status written back.
 //!
 //! One step per module: [`cri`] (the connection), [`spec`] (Pod -> CRI
-//! configs), [`config`] (environment and configuration volumes), [`images`] (pull policy), [`kubelet`] (the reconcile loop),
-//! [`status`] (what to report), [`source`] (where pods come from),
-//! [`logs`] (reading container logs), [`node`] (the Node and its lease),
-//! [`probe`] (startup, readiness and liveness probes);
+//! configs), [`config`] (environment and configuration volumes), [`images`]
+//! (pull policy), [`kubelet`] (the reconcile loop, handing each pod to its
+//! [`worker`]), [`lifecycle`] (what a pass does for a pod, and the crash
+//! back-off), [`status`] (what to report), [`source`] (where pods come
+//! from), [`logs`] (reading container logs), [`node`] (the Node and its
+//! lease), [`probe`] (startup, readiness and liveness probes), [`handler`]
+//! (what a probe or a lifecycle hook runs);
 //! [`error`] names what can go wrong.
 
 pub mod config;
 pub mod cri;
 pub mod error;
+pub mod handler;
 pub mod images;
 pub mod kubelet;
+pub mod lifecycle;
 pub mod logs;
 pub mod node;
 pub mod probe;
@@ -21,3 +26,4 @@ pub mod run;
 pub mod source;
 pub mod spec;
 pub mod status;
+pub mod worker;

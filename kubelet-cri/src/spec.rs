@@ -20,10 +20,12 @@ pub const POD_NAME: &str = "io.kubernetes.pod.name";
 pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const POD_UID: &str = "io.kubernetes.pod.uid";
 pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
-/// `init` or `app`.
+/// `init`, `sidecar` or `app`.
 pub const CONTAINER_KIND: &str = "kpr.io/container-kind";
 /// Annotation: how many times this container was restarted before this instance.
 pub const RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
+/// Annotation: the hash of the container's spec this instance runs.
+pub const CONTAINER_HASH: &str = "io.kubernetes.container.hash";
 
 /// Who a pod is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,6 +63,8 @@ pub struct Settings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Init,
+    /// An init container with `restartPolicy: Always`.
+    Sidecar,
     App,
 }
 
@@ -68,9 +72,25 @@ impl Kind {
     pub fn label(self) -> &'static str {
         match self {
             Kind::Init => "init",
+            Kind::Sidecar => "sidecar",
             Kind::App => "app",
         }
     }
+}
+
+/// An init container with `restartPolicy: Always` is a sidecar: it runs
+/// beside the app containers for the pod's life.
+pub fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
+}
+
+/// The hash of a container's spec, recorded on each instance: a running
+/// instance whose spec changed is replaced. FNV-1a over the spec's JSON,
+/// stable across kpr builds (as the kubelet's own hash is).
+pub fn spec_hash(c: &Container) -> String {
+    let json = serde_json::to_vec(c).unwrap_or_default();
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:016x}")
 }
 
 /// Where the pod's emptyDir volumes live.
@@ -476,7 +496,10 @@ pub fn container_config(
         envs: env.iter().map(|(k, v)| cri::KeyValue { key: k.clone(), value: v.clone() }).collect(),
         mounts: mounts(pod, id, c, s)?,
         labels,
-        annotations: HashMap::from([(RESTART_COUNT.into(), attempt.to_string())]),
+        annotations: HashMap::from([
+            (RESTART_COUNT.into(), attempt.to_string()),
+            (CONTAINER_HASH.into(), spec_hash(c)),
+        ]),
         log_path: log_path(&c.name, attempt),
         linux: Some(cri::LinuxContainerConfig {
             resources: resources(c)?,

@@ -48,6 +48,8 @@ pub enum State {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
     pub id: String,
+    /// The sandbox it runs in.
+    pub sandbox_id: String,
     pub attempt: u32,
     pub state: State,
     /// Unix nanoseconds; 0 when not yet.
@@ -57,6 +59,8 @@ pub struct Instance {
     pub reason: String,
     pub message: String,
     pub image_ref: String,
+    /// The hash of the spec it was made from, when recorded.
+    pub hash: Option<String>,
 }
 
 /// What the kubelet knows of one container of the pod.
@@ -151,14 +155,28 @@ fn exited_with(v: &ContainerView) -> Option<i32> {
     v.latest.filter(|i| i.state == State::Exited).map(|i| i.exit_code)
 }
 
-/// The phase as the kubelet computes it.
+/// Whether the init containers are through: each regular one succeeded and
+/// each sidecar started, or an app container already ran.
+fn initialized(v: &PodView) -> bool {
+    v.apps.iter().any(|c| c.latest.is_some())
+        || v.init.iter().all(|c| {
+            if crate::spec::is_sidecar(c.spec) {
+                c.latest.is_some_and(|i| i.state == State::Running) && c.probed.is_none_or(|(started, _)| started)
+            } else {
+                exited_with(c) == Some(0)
+            }
+        })
+}
+
+/// The phase as the kubelet computes it (sidecars do not count: a pod whose
+/// app containers finished is done, whatever its sidecars do).
 pub fn phase(v: &PodView) -> &'static str {
     let p = v.restart_policy;
-    if v.init.iter().any(|c| exited_with(c).is_some_and(|code| code != 0) && !p.restarts(code_of(c))) {
+    let regular_init = v.init.iter().filter(|c| !crate::spec::is_sidecar(c.spec));
+    if regular_init.clone().any(|c| exited_with(c).is_some_and(|code| code != 0) && !p.restarts(code_of(c))) {
         return "Failed";
     }
-    let initialized = v.init.iter().all(|c| exited_with(c) == Some(0));
-    if !v.sandbox_ready || !initialized {
+    if !initialized(v) {
         return "Pending";
     }
     let (mut running, mut failed, mut waiting) = (0, 0, 0);
@@ -195,11 +213,14 @@ fn condition(kind: &str, ok: bool) -> PodCondition {
 }
 
 pub fn pod_status(v: &PodView) -> PodStatus {
-    let initialized = v.init.iter().all(|c| exited_with(c) == Some(0));
+    let initialized = initialized(v);
     let init_statuses: Vec<_> = v.init.iter().map(|c| container_status(c, "PodInitializing", v.runtime)).collect();
     let app_reason = if initialized { "ContainerCreating" } else { "PodInitializing" };
     let statuses: Vec<_> = v.apps.iter().map(|c| container_status(c, app_reason, v.runtime)).collect();
-    let ready = v.sandbox_ready && initialized && statuses.iter().all(|s| s.ready);
+    // Sidecars' readiness counts with the app containers'.
+    let sidecars_ready =
+        v.init.iter().zip(&init_statuses).filter(|(c, _)| crate::spec::is_sidecar(c.spec)).all(|(_, s)| s.ready);
+    let ready = v.sandbox_ready && initialized && sidecars_ready && statuses.iter().all(|s| s.ready);
     PodStatus {
         phase: Some(phase(v).into()),
         pod_ip: v.pod_ip.clone(),
@@ -228,6 +249,7 @@ mod tests {
     fn inst(attempt: u32, state: State, exit_code: i32) -> Instance {
         Instance {
             id: format!("id{attempt}"),
+            sandbox_id: "s0".into(),
             attempt,
             state,
             started_at: 1_700_000_000_000_000_000,
@@ -236,6 +258,7 @@ mod tests {
             reason: String::new(),
             message: String::new(),
             image_ref: "sha256:abc".into(),
+            hash: None,
         }
     }
 
@@ -275,6 +298,9 @@ mod tests {
             "init failed"
         );
         assert_eq!(phase(&view(RestartPolicy::Always, vec![], vec![c(&a, None)])), "Pending");
+        let mut stopped = view(RestartPolicy::Never, vec![], vec![c(&a, Some(&ok))]);
+        stopped.sandbox_ready = false;
+        assert_eq!(phase(&stopped), "Succeeded", "a done pod's sandbox is stopped");
     }
 
     #[test]

@@ -345,8 +345,8 @@ fn a_missing_image_reports_errimagepull_while_other_pods_run_and_pull() {
 
     let app = |s: &Value| container(s, "containerStatuses", "app").clone();
     let reason = |s: &Value| app(s)["state"]["waiting"]["reason"].as_str().unwrap_or_default().to_string();
-    let first = node.wait_status("pods.yaml", "missing", Duration::from_secs(60), |s| !reason(s).is_empty());
-    assert_eq!(reason(&first), "ErrImagePull", "{first:#}");
+    // (Before its first pull it is ContainerCreating, as with the kubelet.)
+    let first = node.wait_status("pods.yaml", "missing", Duration::from_secs(60), |s| reason(s) == "ErrImagePull");
     assert!(app(&first)["state"]["waiting"]["message"].as_str().unwrap().contains("nothing-here"));
     let later = node.wait_status("pods.yaml", "missing", Duration::from_secs(30), |s| reason(s) == "ImagePullBackOff");
     assert_eq!(phase(&later), "Pending");
@@ -1323,4 +1323,299 @@ fn a_missing_runtime_is_named_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("no container runtime at") && stderr.contains("is containerd running?"), "{stderr}");
+}
+
+/// The id of pod `name`'s newest sandbox and every sandbox it has, from
+/// containerd's own labels.
+fn sandboxes(node: &Node, name: &str) -> Vec<String> {
+    let filter = format!(r#"labels."io.cri-containerd.kind"==sandbox,labels."io.kubernetes.pod.name"=={name}"#);
+    let out = node.containerd.ctr("k8s.io", &["containers", "ls", "-q", &filter]).unwrap();
+    out.lines().map(String::from).collect()
+}
+
+fn wait_until(within: Duration, what: &str, node: &Node, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const SANDBOX_DEATHS: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: forever}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'echo up; while true; do sleep 1; done']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: once}
+spec:
+  restartPolicy: Never
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'echo done']}
+"#;
+
+#[test]
+fn a_dead_sandbox_is_replaced_only_when_containers_must_run_again() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "pods.yaml", &manifest(SANDBOX_DEATHS)).unwrap();
+    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
+
+    // A finished Never pod: its sandbox is stopped (its address freed), and
+    // it stays finished.
+    node.wait_status("pods.yaml", "once", Duration::from_secs(60), |s| phase(s) == "Succeeded");
+    let once = sandboxes(&node, "once");
+    assert_eq!(once.len(), 1, "{once:?}");
+    wait_until(Duration::from_secs(10), "the finished pod's sandbox stopping", &node, || {
+        tasks(&node).get(&once[0]).is_none_or(|(_, status)| status != "RUNNING")
+    });
+
+    // The sandbox of a pod that must run dies: a new one, and the restart
+    // count and last state carry over.
+    let before = node.wait_status("pods.yaml", "forever", Duration::from_secs(60), |s| phase(s) == "Running");
+    let old = sandboxes(&node, "forever");
+    assert_eq!(old.len(), 1, "{old:?}");
+    let pause: i32 = tasks(&node)[&old[0]].0.parse().unwrap();
+    assert_eq!(unsafe { libc::kill(pause, libc::SIGKILL) }, 0, "killing the sandbox's pause process");
+    let after = node.wait_status("pods.yaml", "forever", Duration::from_secs(60), |s| {
+        phase(s) == "Running" && app(s)["restartCount"].as_i64() >= Some(1) && app(s)["state"]["running"].is_object()
+    });
+    assert_ne!(app(&after)["containerID"], app(&before)["containerID"], "{after:#}");
+    assert!(app(&after)["lastState"]["terminated"].is_object(), "the last state survives: {after:#}");
+    assert!(sandboxes(&node, "forever").iter().any(|s| *s != old[0]), "a new sandbox");
+
+    // Meanwhile the finished pod was not run again.
+    let once_now = node.wait_status("pods.yaml", "once", Duration::from_secs(1), |_| true);
+    assert_eq!((phase(&once_now), app(&once_now)["restartCount"].as_i64()), ("Succeeded", Some(0)), "{once_now:#}");
+    assert_eq!(sandboxes(&node, "once"), once, "no new sandbox for a finished Never pod");
+    assert_eq!(node.logs("once", "app").trim(), "done");
+}
+
+const BAD_COMMAND: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: bad}
+spec:
+  containers:
+  - {name: app, image: IMAGE, command: [/no/such/command]}
+"#;
+
+#[test]
+fn a_command_that_cannot_start_backs_off_into_crash_loop_back_off() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "bad.yaml", &manifest(BAD_COMMAND)).unwrap();
+    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
+    let s = node.wait_status("bad.yaml", "bad", Duration::from_secs(60), |s| {
+        app(s)["state"]["waiting"]["reason"] == "CrashLoopBackOff" && app(s)["restartCount"].as_i64() >= Some(1)
+    });
+    let last = &app(&s)["lastState"]["terminated"];
+    assert_eq!(last["reason"], "StartError", "{s:#}");
+    assert!(last["message"].as_str().unwrap_or_default().contains("/no/such/command"), "{s:#}");
+    // Backing off, not retried every pass: 1 s, 2 s, 4 s ... so within
+    // 5 s of that, at most 2 more attempts.
+    let count = app(&s)["restartCount"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let later = node.wait_status("bad.yaml", "bad", Duration::from_secs(1), |_| true);
+    assert!(app(&later)["restartCount"].as_i64().unwrap() <= count + 2, "{later:#}");
+}
+
+const PULL_THAT_HANGS: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: a-stuck}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: 127.0.0.1:5000/kpr/never-answers:1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b-quick}
+spec:
+  containers:
+  - {name: app, image: IMAGE, imagePullPolicy: Never, command: [sh, -c, 'while true; do sleep 1; done']}
+"#;
+
+/// A registry that accepts connections and never answers.
+struct SilentRegistry {
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentRegistry {
+    fn start(ns: &Netns) -> Self {
+        use std::sync::{Arc, atomic::*};
+        let listener = ns.run(|| std::net::TcpListener::bind("127.0.0.1:5000")).unwrap().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (accepted, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (a, s) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        held.push(conn);
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        Self { accepted, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for SilentRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().ok();
+        }
+    }
+}
+
+#[test]
+fn a_pull_that_never_ends_holds_up_only_its_own_pod() {
+    root_or_skip!();
+    let node = Node::start();
+    let registry = SilentRegistry::start(&node.ns);
+    write(node.manifests.path(), "pods.yaml", &manifest(PULL_THAT_HANGS)).unwrap();
+    wait_until(Duration::from_secs(30), "the pull reaching the registry", &node, || {
+        registry.accepted.load(std::sync::atomic::Ordering::Relaxed) > 0
+    });
+    node.wait_status("pods.yaml", "b-quick", Duration::from_secs(30), |s| phase(s) == "Running");
+    let stuck = node.wait_status("pods.yaml", "a-stuck", Duration::from_secs(1), |_| true);
+    assert_eq!(phase(&stuck), "Pending", "{stuck:#}");
+
+    // Deleting the stuck pod abandons its pull: it goes at once.
+    write(node.manifests.path(), "pods.yaml", &manifest(PULL_THAT_HANGS.split("---").nth(1).unwrap())).unwrap();
+    wait_until(Duration::from_secs(30), "the stuck pod going", &node, || sandboxes(&node, "a-stuck").is_empty());
+    node.wait_status("pods.yaml", "b-quick", Duration::from_secs(5), |s| phase(s) == "Running");
+}
+
+const HOOKS: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: hooked}
+spec:
+  terminationGracePeriodSeconds: 10
+  volumes: [{name: out, hostPath: {path: OUT}}]
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'trap "exit 0" TERM; while true; do sleep 1; done']
+    volumeMounts: [{name: out, mountPath: /out}]
+    lifecycle:
+      postStart: {exec: {command: [sh, -c, 'echo started > /out/post-start']}}
+      preStop: {exec: {command: [sh, -c, 'echo stopping > /out/pre-stop']}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-hook}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'while true; do sleep 1; done']
+    lifecycle:
+      postStart: {exec: {command: [sh, -c, 'echo no; exit 3']}}
+"#;
+
+#[test]
+fn lifecycle_hooks_run_after_start_and_before_stop() {
+    root_or_skip!();
+    let node = Node::start();
+    let out = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let text = manifest(HOOKS).replace("OUT", &out.path().display().to_string());
+    write(node.manifests.path(), "pods.yaml", &text).unwrap();
+    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
+
+    node.wait_status("pods.yaml", "hooked", Duration::from_secs(60), |s| phase(s) == "Running");
+    let read = |f: &str| std::fs::read_to_string(out.path().join(f)).unwrap_or_default();
+    wait_until(Duration::from_secs(10), "the postStart hook", &node, || read("post-start").trim() == "started");
+    assert_eq!(read("pre-stop"), "", "not stopped yet");
+
+    // A failing postStart hook kills its container, which restarts.
+    let bad = node
+        .wait_status("pods.yaml", "bad-hook", Duration::from_secs(60), |s| app(s)["restartCount"].as_i64() >= Some(1));
+    assert!(node.log().contains("PostStartHook failed"), "{bad:#}\n{}", node.log());
+
+    std::fs::remove_file(node.manifests.path().join("pods.yaml")).unwrap();
+    wait_until(Duration::from_secs(30), "the pods going", &node, || {
+        sandboxes(&node, "hooked").is_empty() && sandboxes(&node, "bad-hook").is_empty()
+    });
+    assert_eq!(read("pre-stop").trim(), "stopping", "the preStop hook ran before the stop");
+}
+
+const SIDECAR: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: job}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  initContainers:
+  - name: logger
+    image: IMAGE
+    restartPolicy: Always
+    command: [sh, -c, 'trap "exit 0" TERM; while true; do echo side; sleep 1; done']
+    startupProbe: {exec: {command: ['true']}, periodSeconds: 1}
+  - {name: setup, image: IMAGE, command: [sh, -c, 'echo setup done']}
+  containers:
+  - {name: main, image: IMAGE, command: [sh, -c, 'sleep 4; echo main done']}
+"#;
+
+#[test]
+fn a_sidecar_starts_first_runs_beside_the_app_and_stops_when_it_is_done() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "job.yaml", &manifest(SIDECAR)).unwrap();
+    let logger = |s: &Value| container(s, "initContainerStatuses", "logger").clone();
+    let main = |s: &Value| container(s, "containerStatuses", "main").clone();
+    let both = node.wait_status("job.yaml", "job", Duration::from_secs(60), |s| {
+        main(s)["state"]["running"].is_object() && logger(s)["state"]["running"].is_object()
+    });
+    assert_eq!(phase(&both), "Running", "{both:#}");
+    assert_eq!((logger(&both)["started"].as_bool(), logger(&both)["ready"].as_bool()), (Some(true), Some(true)));
+    let setup = container(&both, "initContainerStatuses", "setup");
+    assert_eq!(setup["state"]["terminated"]["exitCode"], 0, "the regular init container ran after the sidecar");
+    let done = node.wait_status("job.yaml", "job", Duration::from_secs(60), |s| phase(s) == "Succeeded");
+    wait_until(Duration::from_secs(20), "the sidecar stopping", &node, || {
+        let s = node.wait_status("job.yaml", "job", Duration::from_secs(1), |_| true);
+        logger(&s)["state"]["terminated"].is_object()
+    });
+    assert_eq!(main(&done)["state"]["terminated"]["exitCode"], 0, "{done:#}");
+    assert!(node.logs("job", "logger").contains("side"));
+}
+
+const CHANGING: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: changing, uid: 5f1d1a9e-0000-4000-8000-000000000001}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'echo VERSION; while true; do sleep 1; done']}
+  - {name: steady, image: IMAGE, command: [sh, -c, 'while true; do sleep 1; done']}
+"#;
+
+#[test]
+fn a_changed_container_spec_restarts_only_that_container() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "pod.yaml", &manifest(CHANGING).replace("VERSION", "v1")).unwrap();
+    let c = |s: &Value, name: &str| container(s, "containerStatuses", name).clone();
+    let before = node.wait_status("pod.yaml", "changing", Duration::from_secs(60), |s| phase(s) == "Running");
+    node.wait_logs("changing", "app", Duration::from_secs(10), |l| l.trim() == "v1");
+    write(node.manifests.path(), "pod.yaml", &manifest(CHANGING).replace("VERSION", "v2")).unwrap();
+    let after = node.wait_status("pod.yaml", "changing", Duration::from_secs(60), |s| {
+        c(s, "app")["restartCount"] == 1 && c(s, "app")["state"]["running"].is_object()
+    });
+    node.wait_logs("changing", "app", Duration::from_secs(10), |l| l.trim() == "v2");
+    assert_eq!(c(&after, "steady")["containerID"], c(&before, "steady")["containerID"], "{after:#}");
+    assert_eq!(c(&after, "steady")["restartCount"], 0);
 }

@@ -1,0 +1,178 @@
+//! What a probe or a lifecycle hook does to a container: exec (CRI
+//! ExecSync), httpGet or tcpSocket against the pod, or sleep.
+
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use k8s_openapi::{
+    api::core::v1::{Container, ExecAction, HTTPGetAction, LifecycleHandler, Probe, TCPSocketAction},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::cri::Cri;
+
+/// The action of a probe or a hook, whichever it is.
+#[derive(Default)]
+pub struct Action<'a> {
+    exec: Option<&'a ExecAction>,
+    http_get: Option<&'a HTTPGetAction>,
+    tcp_socket: Option<&'a TCPSocketAction>,
+    sleep: Option<i64>,
+    /// Why the action it names cannot run here.
+    unsupported: Option<&'static str>,
+}
+
+impl<'a> Action<'a> {
+    pub fn of_probe(p: &'a Probe) -> Self {
+        Self {
+            exec: p.exec.as_ref(),
+            http_get: p.http_get.as_ref(),
+            tcp_socket: p.tcp_socket.as_ref(),
+            unsupported: p.grpc.is_some().then_some("gRPC probes are not supported yet"),
+            ..Default::default()
+        }
+    }
+
+    /// A postStart or preStop hook. As the kubelet, a tcpSocket hook is
+    /// refused (the API keeps the field only for compatibility).
+    pub fn of_hook(h: &'a LifecycleHandler) -> Self {
+        Self {
+            exec: h.exec.as_ref(),
+            http_get: h.http_get.as_ref(),
+            sleep: h.sleep.as_ref().map(|s| s.seconds),
+            unsupported: h.tcp_socket.is_some().then_some("tcpSocket is not supported in lifecycle hooks"),
+            ..Default::default()
+        }
+    }
+}
+
+/// The port a probe names, by number or by the container's port name.
+fn port(c: &Container, p: &IntOrString) -> Result<u16, String> {
+    match p {
+        IntOrString::Int(n) => u16::try_from(*n).map_err(|e| format!("port {n}: {e}")),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+            .and_then(|cp| u16::try_from(cp.container_port).ok())
+            .ok_or_else(|| format!("no container port named {name:?}")),
+    }
+}
+
+/// Runs `action` for instance `id` of `c` within `timeout`.
+pub async fn run(
+    mut cri: Cri,
+    c: &Container,
+    id: &str,
+    action: &Action<'_>,
+    timeout: Duration,
+    pod_ip: Option<&str>,
+) -> Result<(), String> {
+    if let Some(seconds) = action.sleep {
+        tokio::time::sleep(Duration::from_secs(seconds.max(0) as u64).min(timeout)).await;
+        return Ok(());
+    }
+    if let Some(exec) = action.exec {
+        let req = cri::ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: exec.command.clone().unwrap_or_default(),
+            timeout: timeout.as_secs() as i64,
+        };
+        let r = tokio::time::timeout(timeout + Duration::from_secs(1), cri.runtime.exec_sync(req))
+            .await
+            .map_err(|_elapsed| format!("command timed out after {timeout:?}"))?
+            .map_err(|e| format!("exec: {}", e.message()))?
+            .into_inner();
+        if r.exit_code == 0 {
+            return Ok(());
+        }
+        let out = String::from_utf8_lossy(&[r.stdout, r.stderr].concat()).trim().to_string();
+        return Err(format!("command exited with {}: {out}", r.exit_code));
+    }
+    let host = |h: Option<&String>| h.cloned().or_else(|| pod_ip.map(str::to_string)).ok_or("the pod has no IP yet");
+    if let Some(tcp) = action.tcp_socket {
+        let addr = (host(tcp.host.as_ref())?, port(c, &tcp.port)?);
+        let what = format!("dial tcp {}:{}", addr.0, addr.1);
+        return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((addr.0.as_str(), addr.1))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: timed out after {timeout:?}")),
+        };
+    }
+    if let Some(http) = action.http_get {
+        if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
+            return Err("HTTPS probes are not supported yet".into());
+        }
+        let (h, port) = (host(http.host.as_ref())?, port(c, &http.port)?);
+        let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+        // The probe's own headers replace the defaults of the same name.
+        let mut headers = vec![
+            ("Host".to_string(), format!("{h}:{port}")),
+            ("User-Agent".to_string(), "kube-probe/1.34".to_string()),
+            ("Accept".to_string(), "*/*".to_string()),
+        ];
+        for hd in http.http_headers.iter().flatten() {
+            headers.retain(|(name, _)| !name.eq_ignore_ascii_case(&hd.name));
+        }
+        headers.extend(http.http_headers.iter().flatten().map(|hd| (hd.name.clone(), hd.value.clone())));
+        let headers: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        let request = format!("GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n");
+        let url = format!("http://{h}:{port}{path}");
+        let get = async {
+            let mut stream = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 512];
+            while !head.contains(&b'\n') && head.len() < 4096 {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            Ok::<_, std::io::Error>(head)
+        };
+        let head = match tokio::time::timeout(timeout, get).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => return Err(format!("Get {url:?}: {e}")),
+            Err(_) => return Err(format!("Get {url:?}: timed out after {timeout:?}")),
+        };
+        let line = String::from_utf8_lossy(&head);
+        let code: Option<u16> = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+        return match code {
+            Some(code) if (200..400).contains(&code) => Ok(()),
+            Some(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
+            None => Err(format!("Get {url:?}: not an HTTP answer")),
+        };
+    }
+    Err(action.unsupported.unwrap_or("it names no action").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_ports_resolve_through_the_container() {
+        let c: Container = serde_yaml::from_str("name: c\nports: [{name: http, containerPort: 8080}]\n").unwrap();
+        assert_eq!(port(&c, &IntOrString::String("http".into())), Ok(8080));
+        assert_eq!(port(&c, &IntOrString::Int(9000)), Ok(9000));
+        assert!(port(&c, &IntOrString::String("admin".into())).unwrap_err().contains("admin"));
+    }
+
+    #[tokio::test]
+    async fn a_sleep_hook_sleeps_within_its_bound_and_a_tcp_hook_is_refused() {
+        let h: LifecycleHandler = serde_yaml::from_str("sleep: {seconds: 30}").unwrap();
+        let c = Container::default();
+        let cri = Cri::disconnected();
+        let started = std::time::Instant::now();
+        let r = run(cri.clone(), &c, "id", &Action::of_hook(&h), Duration::from_millis(50), None).await;
+        assert_eq!(r, Ok(()));
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded by the grace period");
+        let h: LifecycleHandler = serde_yaml::from_str("tcpSocket: {port: 80}").unwrap();
+        let r = run(cri, &c, "id", &Action::of_hook(&h), Duration::from_secs(1), None).await;
+        assert!(r.unwrap_err().contains("not supported"));
+    }
+}
