@@ -17,7 +17,8 @@ use k8s_openapi::api::core::v1::{
 
 use crate::{
     error::{KubeletError, Result},
-    spec::{PodId, expand, parse_cpu, parse_memory},
+    quantity::{parse_cpu, parse_memory},
+    spec::{PodId, expand},
 };
 
 /// The ConfigMaps and Secrets pods may refer to, by namespace and name,

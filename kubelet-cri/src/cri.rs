@@ -9,7 +9,10 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::error::{KubeletError, Result, call};
+use crate::{
+    cgroups,
+    error::{KubeletError, Result, call},
+};
 
 /// The runtime's socket from `unix:///path` (or a bare path).
 pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
@@ -26,6 +29,10 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
 #[derive(Clone)]
 pub struct Cri {
     pub runtime: RuntimeServiceClient<Channel>,
+    /// The RuntimeService without the request deadline, for calls that
+    /// rightly take longer and bound themselves (StopContainer within a
+    /// grace period, a hook's ExecSync).
+    pub runtime_unbounded: RuntimeServiceClient<Channel>,
     pub images: ImageServiceClient<Channel>,
 }
 
@@ -68,14 +75,43 @@ impl Cri {
         let runtime =
             base.clone().timeout(request_timeout).connect_with_connector(connector()).await.map_err(unreachable)?;
         let images = base.connect_with_connector(connector()).await.map_err(unreachable)?;
-        Ok(Self { runtime: RuntimeServiceClient::new(runtime), images: ImageServiceClient::new(images) })
+        Ok(Self {
+            runtime: RuntimeServiceClient::new(runtime),
+            runtime_unbounded: RuntimeServiceClient::new(images.clone()),
+            images: ImageServiceClient::new(images),
+        })
+    }
+
+    /// The cgroup driver the runtime says it uses (CRI `RuntimeConfig`, as
+    /// the kubelet asks since 1.31), or `configured` when it does not say.
+    pub async fn cgroup_driver(&mut self, configured: cgroups::Driver) -> cgroups::Driver {
+        let said = match self.runtime.runtime_config(cri::RuntimeConfigRequest {}).await {
+            Ok(r) => r.into_inner().linux.map(|l| l.cgroup_driver),
+            Err(e) => {
+                tracing::info!(driver = ?configured, reason = %e.message(), "the runtime does not say its cgroup driver: --cgroup-driver it is");
+                return configured;
+            }
+        };
+        let driver = match said.and_then(|d| cri::CgroupDriver::try_from(d).ok()) {
+            Some(cri::CgroupDriver::Systemd) => cgroups::Driver::Systemd,
+            Some(cri::CgroupDriver::Cgroupfs) => cgroups::Driver::Cgroupfs,
+            None => configured,
+        };
+        if driver != configured {
+            tracing::info!(driver = ?driver, flag = ?configured, "the runtime's cgroup driver overrides --cgroup-driver");
+        }
+        driver
     }
 
     /// A client that reaches no runtime, for tests of code that holds one.
     #[cfg(test)]
     pub fn disconnected() -> Self {
         let channel = Endpoint::from_static("http://[::]:1").connect_lazy();
-        Self { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) }
+        Self {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            runtime_unbounded: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+        }
     }
 
     /// `Version`, then `Status`: fails with the runtime's own words unless

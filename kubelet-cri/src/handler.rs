@@ -80,7 +80,8 @@ pub async fn run(
             cmd: exec.command.clone().unwrap_or_default(),
             timeout: timeout.as_secs() as i64,
         };
-        let r = tokio::time::timeout(timeout + Duration::from_secs(1), cri.runtime.exec_sync(req))
+        // Bounded here, by the probe's or hook's own time, not the request deadline.
+        let r = tokio::time::timeout(timeout + Duration::from_secs(1), cri.runtime_unbounded.exec_sync(req))
             .await
             .map_err(|_elapsed| format!("command timed out after {timeout:?}"))?
             .map_err(|e| format!("exec: {}", e.message()))?

@@ -41,13 +41,14 @@ impl Kubelet {
     /// Connects to the runtime and checks that it is ready.
     pub async fn connect(
         endpoint: &str,
-        settings: Settings,
+        mut settings: Settings,
         backoff_base: Duration,
         request_timeout: Duration,
     ) -> Result<Self> {
         let mut cri = Cri::connect(endpoint, request_timeout).await?;
         let info = cri.check().await?;
         tracing::info!(runtime = %info.name, version = %info.version, api = %info.api_version, "container runtime ready");
+        settings.cgroup_driver = cri.cgroup_driver(settings.cgroup_driver).await;
         let shared = Shared {
             cri,
             runtime: info.name,
@@ -81,13 +82,16 @@ impl Kubelet {
     /// One pass: hands each pod in `desired` to its worker and, when
     /// `delete_others` (the source listed everything), has every other pod
     /// stopped. Returns each desired pod's status as its worker last saw
-    /// it: a pod whose worker is busy never holds the others up.
+    /// it (a pod whose worker is busy never holds the others up). Until its
+    /// worker has looked, a new pod is Pending; one already on the node has
+    /// no status yet (`None`), so a restarted kubelet never reports running
+    /// pods as not started.
     pub async fn sync(
         &mut self,
         desired: &[DesiredPod],
         delete_others: bool,
         objects: &ConfigObjects,
-    ) -> Result<Vec<PodStatus>> {
+    ) -> Result<Vec<Option<PodStatus>>> {
         let filter = cri::PodSandboxFilter { label_selector: selector(), ..Default::default() };
         let req = cri::ListPodSandboxRequest { filter: Some(filter) };
         let sandboxes = self.shared.cri.clone().runtime.list_pod_sandbox(req).await.map_err(call("ListPodSandbox"))?;
@@ -101,7 +105,9 @@ impl Kubelet {
             let w =
                 self.workers.entry(d.id.uid.clone()).or_insert_with(|| Handle::spawn(shared.clone(), d.id.uid.clone()));
             w.order(Order::Sync { pod: Box::new(d.clone()), objects: objects.clone() });
-            statuses.push(w.status().unwrap_or_else(|| worker::pending_status(d, &self.shared.runtime)));
+            let new = !self.on_node.contains(&d.id.uid);
+            let runtime = &self.shared.runtime;
+            statuses.push(w.status().or_else(|| new.then(|| worker::pending_status(d, runtime))));
         }
         if delete_others {
             let wanted: HashSet<&str> = desired.iter().map(|d| d.id.uid.as_str()).collect();

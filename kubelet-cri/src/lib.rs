@@ -12,6 +12,7 @@
 //! (what a probe or a lifecycle hook runs);
 //! [`error`] names what can go wrong.
 
+pub mod cgroups;
 pub mod config;
 pub mod cri;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod node;
 pub mod probe;
+pub mod quantity;
 pub mod run;
 pub mod source;
 pub mod spec;

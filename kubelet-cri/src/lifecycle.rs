@@ -87,13 +87,19 @@ pub struct Actions {
 }
 
 fn start(c: &Container, kind: Kind, seen: &Seen) -> Start {
-    let latest = seen.latest(&c.name);
     Start {
         name: c.name.clone(),
         kind,
-        attempt: latest.map_or(0, |i| i.attempt + 1),
-        after_finish: latest.filter(|i| i.state == State::Exited).map(|i| i.finished_at),
+        attempt: seen.latest(&c.name).map_or(0, |i| i.attempt + 1),
+        after_finish: newest_finish(c, seen),
     }
+}
+
+/// When the newest exited instance of `c` finished: the back-off counts
+/// from there (as the kubelet's `doBackOff`), whatever came after it.
+fn newest_finish(c: &Container, seen: &Seen) -> Option<i64> {
+    let list = seen.instances.get(&c.name)?;
+    list.iter().find(|i| i.state == State::Exited).map(|i| i.finished_at)
 }
 
 /// Whether a running instance's spec changed since it started (an instance
@@ -167,6 +173,14 @@ pub fn plan(spec: &PodSpec, seen: &Seen, verdicts: &HashMap<String, Verdict>) ->
         return a;
     };
 
+    // Only the newest instance of a container may run: an older one still
+    // running (a kill that failed) is killed again.
+    for (name, list) in &seen.instances {
+        for i in list.iter().skip(1).filter(running) {
+            let why = "a newer instance replaced it".to_string();
+            a.kill.push(Kill { id: i.id.clone(), name: name.clone(), why, by_probe: false });
+        }
+    }
     let in_current = |name: &str| seen.latest(name).filter(|i| i.sandbox_id == current.id);
     let started = |c: &Container, i: &Instance| verdicts.get(&i.id).map_or(c.startup_probe.is_none(), |v| v.started);
     // A running instance is replaced when its spec changed, killed when a
@@ -179,6 +193,12 @@ pub fn plan(spec: &PodSpec, seen: &Seen, verdicts: &HashMap<String, Verdict>) ->
             a.start.push(Start { name: c.name.clone(), kind, attempt: i.attempt + 1, after_finish: None });
         } else if let Some(why) = verdicts.get(&i.id).and_then(|v| v.kill.clone()) {
             a.kill.push(Kill { id: i.id.clone(), name: c.name.clone(), why, by_probe: true });
+            // Restarted whatever it exits with, unless the pod never
+            // restarts (sidecars always do).
+            if policy != RestartPolicy::Never || kind == Kind::Sidecar {
+                let after_finish = newest_finish(c, seen);
+                a.start.push(Start { name: c.name.clone(), kind, attempt: i.attempt + 1, after_finish });
+            }
         }
     };
     // A container left Created (a start that never happened) or Unknown is
@@ -257,7 +277,8 @@ pub fn plan(spec: &PodSpec, seen: &Seen, verdicts: &HashMap<String, Verdict>) ->
         .containers
         .iter()
         .all(|c| seen.latest(&c.name).is_some_and(|i| i.state == State::Exited && !policy.restarts(i.exit_code)));
-    if init_failed || (initialized && apps_done && a.start.is_empty()) {
+    if init_failed || (initialized && apps_done) {
+        // Sidecars are not restarted any more.
         a.start.clear();
         for c in inits.iter().rev() {
             if let Some(i) = in_current(&c.name).filter(running) {
@@ -466,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_kill_stops_the_instance_and_the_next_pass_restarts_it() {
+    fn a_probe_kill_restarts_the_container_unless_the_pod_never_restarts() {
         let s = spec(APP);
         let run = seen(vec![sandbox("s0", 0, true)], vec![("app", vec![inst("s0", 0, State::Running, 0)])]);
         let verdicts = HashMap::from([(
@@ -474,7 +495,22 @@ mod tests {
             Verdict { started: true, ready: false, kill: Some("Liveness probe failed".into()) },
         )]);
         let a = plan(&s, &run, &verdicts);
-        assert!(a.kill[0].by_probe && a.start.is_empty());
+        assert!(a.kill[0].by_probe, "{a:?}");
+        assert_eq!(starts(&a), [("app", 1)], "restarted in the same pass, whatever it exits with");
+        let never = spec(&format!("restartPolicy: Never\n{APP}"));
+        let a = plan(&never, &run, &verdicts);
+        assert!(a.kill[0].by_probe && a.start.is_empty(), "a Never pod's container stays dead");
+    }
+
+    #[test]
+    fn an_older_instance_still_running_is_killed_again() {
+        let s = spec(APP);
+        let both = seen(
+            vec![sandbox("s0", 0, true)],
+            vec![("app", vec![inst("s0", 1, State::Running, 0), inst("s0", 0, State::Running, 0)])],
+        );
+        let a = plan(&s, &both, &HashMap::new());
+        assert_eq!(a.kill.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["s0-0"]);
     }
 
     #[test]
@@ -501,8 +537,11 @@ containers: [{name: app, image: i}]",
         assert_eq!(starts(&a), [("side", 1)]);
         // The app is done: the sidecar is stopped and the sandbox with it.
         let app_done = ("app", vec![inst("s0", 0, State::Exited, 0)]);
-        let a = plan(&s, &seen(sb(), vec![side(State::Running), setup_done, app_done]), &started);
+        let a = plan(&s, &seen(sb(), vec![side(State::Running), setup_done.clone(), app_done.clone()]), &started);
         assert_eq!((a.kill.len(), a.start.len(), a.stop_sandboxes.as_slice()), (1, 0, &["s0".to_string()][..]));
+        // ... and a sidecar that crashed meanwhile is not restarted.
+        let a = plan(&s, &seen(sb(), vec![side(State::Exited), setup_done, app_done]), &started);
+        assert_eq!((a.kill.len(), a.start.len(), a.stop_sandboxes.len()), (0, 0, 1));
     }
 
     #[test]

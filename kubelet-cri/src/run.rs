@@ -109,7 +109,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     tracing::info!("container runtime reachable again");
                     runtime_down = false;
                 }
-                let reports: Vec<_> = pods.into_iter().zip(statuses).collect();
+                let reports: Vec<_> = pods.into_iter().zip(statuses).filter_map(|(p, s)| Some((p, s?))).collect();
                 match &source {
                     Source::Dir(d) => d.report(&reports),
                     Source::Kube(k) => {

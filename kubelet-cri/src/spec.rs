@@ -9,7 +9,11 @@ use std::{
 use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Container, Pod, VolumeMount};
 
-use crate::error::{KubeletError, Result};
+use crate::{
+    cgroups,
+    error::{KubeletError, Result},
+    quantity::{parse_cpu, parse_memory},
+};
 
 /// Labels kpr's kubelet puts on everything it creates: how it finds its own
 /// sandboxes and containers again after a restart (the `io.kubernetes.*`
@@ -46,8 +50,10 @@ impl std::fmt::Display for PodId {
 pub struct Settings {
     /// Pod volumes (emptyDir) and logs live under this folder.
     pub root_dir: PathBuf,
-    /// Cgroup parent of every sandbox.
+    /// Under which every pod's cgroup is made (the kubelet's `kubepods`).
     pub cgroup_parent: String,
+    /// How the runtime names cgroups.
+    pub cgroup_driver: crate::cgroups::Driver,
     /// Cluster DNS servers for `dnsPolicy: ClusterFirst`; empty: the node's resolv.conf.
     pub cluster_dns: Vec<String>,
     pub cluster_domain: String,
@@ -237,7 +243,8 @@ pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri:
         labels,
         annotations: pod.metadata.annotations.clone().unwrap_or_default().into_iter().collect(),
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: s.cgroup_parent.clone(),
+            cgroup_parent: cgroups::pod_cgroup(&s.cgroup_parent, cgroups::qos_class(&spec), &id.uid, s.cgroup_driver),
+            resources: Some(sandbox_resources(&cgroups::pod_limits(&spec))),
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(namespaces(pod)),
                 run_as_user: pod_sc.run_as_user.map(|value| cri::Int64Value { value }),
@@ -248,6 +255,17 @@ pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri:
             }),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// The pod's summed resources, for runtimes that size the sandbox by them.
+fn sandbox_resources(l: &cgroups::PodLimits) -> cri::LinuxContainerResources {
+    cri::LinuxContainerResources {
+        cpu_shares: l.cpu_shares as i64,
+        cpu_period: if l.cpu_quota.is_some() { 100_000 } else { 0 },
+        cpu_quota: l.cpu_quota.unwrap_or(0),
+        memory_limit_in_bytes: l.memory.unwrap_or(0),
         ..Default::default()
     }
 }
@@ -284,40 +302,6 @@ fn dns_config(pod: &Pod, namespace: &str, s: &Settings) -> Option<cri::DnsConfig
         }
     }
     Some(dns)
-}
-
-/// Millicores of a CPU quantity (`500m`, `2`, `0.5`).
-pub fn parse_cpu(q: &str) -> Result<i64> {
-    let q = q.trim();
-    let invalid = |e: &dyn std::fmt::Display| KubeletError::Invalid(format!("CPU quantity {q:?}: {e}"));
-    if let Some(m) = q.strip_suffix('m') {
-        return m.parse().map_err(|e| invalid(&e));
-    }
-    let cores: f64 = q.parse().map_err(|e| invalid(&e))?;
-    Ok((cores * 1000.0).round() as i64)
-}
-
-/// Bytes of a memory quantity (`128Mi`, `1G`, `1000`, `1.5Gi`).
-pub fn parse_memory(q: &str) -> Result<i64> {
-    let q = q.trim();
-    let units: [(&str, f64); 12] = [
-        ("Ki", 1024.0),
-        ("Mi", 1024.0 * 1024.0),
-        ("Gi", 1024.0 * 1024.0 * 1024.0),
-        ("Ti", 1024f64.powi(4)),
-        ("Pi", 1024f64.powi(5)),
-        ("Ei", 1024f64.powi(6)),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    let (number, factor) =
-        units.iter().find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f))).unwrap_or((q, 1.0));
-    let n: f64 = number.parse().map_err(|e| KubeletError::Invalid(format!("memory quantity {q:?}: {e}")))?;
-    Ok((n * factor).round() as i64)
 }
 
 fn resources(c: &Container) -> Result<Option<cri::LinuxContainerResources>> {
@@ -521,6 +505,7 @@ mod tests {
             log_max_files: 5,
             root_dir: "/var/lib/kpr-kubelet".into(),
             cgroup_parent: "/kubepods".into(),
+            cgroup_driver: cgroups::Driver::Cgroupfs,
             cluster_dns: vec!["10.96.0.53".into()],
             cluster_domain: "cluster.local".into(),
         }
@@ -573,7 +558,8 @@ spec:
         assert_eq!(c.port_mappings[0].host_port, 18080);
         assert_eq!(c.port_mappings[0].container_port, 8080);
         let linux = c.linux.unwrap();
-        assert_eq!(linux.cgroup_parent, "/kubepods");
+        assert_eq!(linux.cgroup_parent, "/kubepods/burstable/podu1", "limits without equal requests: Burstable");
+        assert_eq!(linux.resources.unwrap().memory_limit_in_bytes, 64 << 20);
         assert_eq!(linux.security_context.unwrap().namespace_options.unwrap().network, cri::NamespaceMode::Pod as i32);
     }
 

@@ -81,6 +81,8 @@ pub struct PodView<'a> {
     pub sandbox_ready: bool,
     pub pod_ip: Option<String>,
     pub restart_policy: RestartPolicy,
+    /// Guaranteed, Burstable or BestEffort.
+    pub qos_class: &'static str,
     pub init: Vec<ContainerView<'a>>,
     pub apps: Vec<ContainerView<'a>>,
     /// Prefix of container ids (`containerd://`).
@@ -191,6 +193,14 @@ pub fn phase(v: &PodView) -> &'static str {
             _ => waiting += 1,
         }
     }
+    // Running sidecars count, as the kubelet's (they are stopped once the
+    // app containers are done).
+    running += v
+        .init
+        .iter()
+        .filter(|c| crate::spec::is_sidecar(c.spec))
+        .filter(|c| c.latest.is_some_and(|i| i.state == State::Running))
+        .count();
     // As the kubelet: a container that has never started keeps the pod
     // Pending, whatever the others do.
     if waiting > 0 {
@@ -233,6 +243,7 @@ pub fn pod_status(v: &PodView) -> PodStatus {
             condition("Ready", ready),
         ]),
         init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
+        qos_class: Some(v.qos_class.into()),
         container_statuses: Some(statuses),
         ..Default::default()
     }
@@ -267,6 +278,7 @@ mod tests {
             sandbox_ready: true,
             pod_ip: Some("10.88.0.5".into()),
             restart_policy: policy,
+            qos_class: "BestEffort",
             init,
             apps,
             runtime: "containerd",

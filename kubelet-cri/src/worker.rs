@@ -5,6 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -14,6 +15,7 @@ use k8s_openapi::api::core::v1::{Container, PodStatus};
 use tokio::sync::watch;
 
 use crate::{
+    cgroups,
     config::{self, ConfigObjects, PodFacts},
     cri::Cri,
     error::{Result, call, io, io_at},
@@ -182,6 +184,7 @@ fn status_of(
         sandbox_ready: pod_ip.is_some(),
         pod_ip: pod_ip.flatten(),
         restart_policy: RestartPolicy::of(spec.restart_policy.as_deref()),
+        qos_class: cgroups::qos_class(&spec).name(),
         init: inits.iter().map(|c| view(c, seen, waiting, verdicts)).collect(),
         apps: spec.containers.iter().map(|c| view(c, seen, waiting, verdicts)).collect(),
         runtime,
@@ -198,7 +201,7 @@ impl Worker {
                 Some(Order::Sync { pod, objects }) => {
                     // A stop abandons the pass (a pull that never ends, say).
                     tokio::select! {
-                        r = self.sync(&pod, &objects) => match r {
+                        r = self.sync(&pod, &objects, &status) => match r {
                             Ok(s) => *status.lock().unwrap() = Some(s),
                             Err(e) => tracing::warn!(pod = %pod.id, error = %format!("{e:#}"), "pod not synced"),
                         },
@@ -247,10 +250,14 @@ impl Worker {
         for c in containers.containers {
             let name = c.labels.get(spec::CONTAINER_NAME).cloned().unwrap_or_default();
             let req = cri::ContainerStatusRequest { container_id: c.id.clone(), verbose: false };
-            // Gone meanwhile: not there.
-            let Some(status) = cri.runtime.container_status(req).await.ok().and_then(|r| r.into_inner().status) else {
-                continue;
+            let status = match cri.runtime.container_status(req).await {
+                Ok(r) => r.into_inner().status,
+                // Gone meanwhile: not there.
+                Err(e) if e.code() == tonic::Code::NotFound => None,
+                // Anything else: better no pass than one blind to a container.
+                Err(e) => return Err(call("ContainerStatus")(e)),
             };
+            let Some(status) = status else { continue };
             seen.instances.entry(name).or_default().push(instance(status, c.pod_sandbox_id));
         }
         for list in seen.instances.values_mut() {
@@ -280,7 +287,14 @@ impl Worker {
     }
 
     /// One pass: what runs is made to match the spec; returns the status.
-    async fn sync(&mut self, d: &DesiredPod, objects: &ConfigObjects) -> Result<PodStatus> {
+    /// `published` gets what was seen before anything is done, on the
+    /// first pass, so a pass that takes long (a pull) leaves a status.
+    async fn sync(
+        &mut self,
+        d: &DesiredPod,
+        objects: &ConfigObjects,
+        published: &Mutex<Option<PodStatus>>,
+    ) -> Result<PodStatus> {
         self.waiting.clear();
         let (seen, _) = self.observe().await?;
         let spec = d.pod.spec.clone().unwrap_or_default();
@@ -307,6 +321,13 @@ impl Worker {
                 verdicts.insert(i.id.clone(), v);
             }
         }
+        {
+            let mut published = published.lock().unwrap();
+            if published.is_none() {
+                let ip = current.as_ref().map(|_| pod_ip.clone());
+                *published = Some(status_of(d, &seen, ip, &self.waiting, &verdicts, &self.shared.runtime));
+            }
+        }
         let actions = lifecycle::plan(&spec, &seen, &verdicts);
         // A running pod is tended every pass (its volumes, its logs); what
         // was done just now is reported as the runtime sees it.
@@ -331,17 +352,23 @@ impl Worker {
         a: Actions,
         pod_ip: Option<String>,
     ) -> Result<()> {
+        let mut killed = true;
         for k in &a.kill {
             tracing::info!(pod = %d.id, container = %k.name, reason = %k.why, "stopping a container");
             let grace = self.grace(d, k);
             let c = self.container(d, &k.name);
-            stop_container(self.shared.cri.clone(), c, k.id.clone(), grace, pod_ip.clone()).await;
+            killed &= stop_container(self.shared.cri.clone(), c, k.id.clone(), grace, pod_ip.clone()).await;
+        }
+        if !killed {
+            // Nothing starts beside what would not stop: the next pass tries again.
+            return Ok(());
         }
         for id in &a.stop_sandboxes {
-            if self.stopped.insert(id.clone()) {
+            if !self.stopped.contains(id) {
                 let req = cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() };
                 self.shared.cri.clone().runtime.stop_pod_sandbox(req).await.map_err(call("StopPodSandbox"))?;
                 tracing::info!(pod = %d.id, sandbox = %id, "pod sandbox stopped");
+                self.stopped.insert(id.clone());
             }
         }
         // As the kubelet, only the newest dead instance of a container is
@@ -420,15 +447,17 @@ impl Worker {
 
     /// Starts `s` unless its back-off says wait; then its postStart hook.
     async fn start(&mut self, pod: &InPod<'_>, c: &Container, s: &Start) {
+        // Per container and spec, as the kubelet: a fixed spec starts afresh.
+        let key = format!("{}/{}", c.name, spec::spec_hash(c));
         if let Some(finished) = s.after_finish {
             let now = now_ns();
-            if let Some(delay) = self.crash.holding(&c.name, finished, now) {
+            if let Some(delay) = self.crash.holding(&key, finished, now) {
                 let message = format!("back-off {delay:?} restarting failed container={} pod={}", c.name, pod.d.id);
                 self.waiting.insert(c.name.clone(), ("CrashLoopBackOff".into(), message));
                 return;
             }
             // Counted before the start: a start that fails backs off too.
-            self.crash.next(&c.name, finished, now);
+            self.crash.next(&key, finished, now);
         }
         let Some(id) = self.create_and_start(pod, c, s.kind, s.attempt).await else { return };
         if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
@@ -614,6 +643,17 @@ impl Worker {
                 .map_err(io_at("opening emptyDir", &dir))?;
         }
         let runtime_handler = objects.runtime_handler(&d.pod)?;
+        // With cgroupfs the kubelet makes the pod's cgroup, with its summed
+        // limits, before the runtime puts the sandbox in it (with systemd
+        // the runtime makes the slices).
+        if self.shared.settings.cgroup_driver == cgroups::Driver::Cgroupfs
+            && let Some(path) = config.linux.as_ref().map(|l| l.cgroup_parent.clone())
+        {
+            let limits = cgroups::pod_limits(&d.pod.spec.clone().unwrap_or_default());
+            if let Err(e) = cgroups::apply(Path::new(cgroups::MOUNT), &path, &limits) {
+                tracing::warn!(pod = %d.id, cgroup = %path, error = %e, "cannot set the pod cgroup's limits");
+            }
+        }
         let req = cri::RunPodSandboxRequest { config: Some(config), runtime_handler };
         let id = self
             .shared
@@ -658,11 +698,19 @@ impl Worker {
         futures::future::join_all(stops).await;
         for c in sidecars.iter().rev() {
             if let Some(id) = running(&c.name) {
-                stop_container(self.shared.cri.clone(), Some((*c).clone()), id, left(), pod_ip.clone()).await;
+                let grace = left().max(MIN_GRACE_AFTER_HOOK);
+                stop_container(self.shared.cri.clone(), Some((*c).clone()), id, grace, pod_ip.clone()).await;
             }
         }
         for s in &sandboxes {
             let ids = seen.instances.values().flatten().filter(|i| i.sandbox_id == s.id).map(|i| i.id.clone());
+            remove_pod(self.shared.cri.clone(), s.id.clone(), ids.collect(), 0).await?;
+        }
+        // A sandbox or container whose creation an abandoned pass left
+        // running on the runtime's side goes too.
+        let (late, late_sandboxes) = self.observe().await?;
+        for s in &late_sandboxes {
+            let ids = late.instances.values().flatten().filter(|i| i.sandbox_id == s.id).map(|i| i.id.clone());
             remove_pod(self.shared.cri.clone(), s.id.clone(), ids.collect(), 0).await?;
         }
         let id = sandboxes.first().and_then(|s| s.metadata.as_ref()).map(|m| PodId {
@@ -679,6 +727,13 @@ impl Worker {
                 {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a pod folder");
                 }
+            }
+        }
+        if self.shared.settings.cgroup_driver == cgroups::Driver::Cgroupfs {
+            for qos in [cgroups::Qos::Guaranteed, cgroups::Qos::Burstable, cgroups::Qos::BestEffort] {
+                let path =
+                    cgroups::pod_cgroup(&self.shared.settings.cgroup_parent, qos, &self.uid, cgroups::Driver::Cgroupfs);
+                cgroups::remove(Path::new(cgroups::MOUNT), &path);
             }
         }
         tracing::info!(pod = %name, "pod removed");
@@ -699,20 +754,33 @@ struct InPod<'a> {
 
 /// Runs `c`'s preStop hook (within the grace period), then StopContainer
 /// with what is left of it (at least 2 s after a hook, as the kubelet).
-async fn stop_container(mut cri: Cri, c: Option<Container>, id: String, grace: i64, pod_ip: Option<String>) {
-    let mut timeout = grace;
-    if let Some((c, hook)) = c.as_ref().and_then(|c| Some((c, c.lifecycle.as_ref()?.pre_stop.as_ref()?))) {
+/// Says whether the container stopped.
+async fn stop_container(mut cri: Cri, c: Option<Container>, id: String, grace: i64, pod_ip: Option<String>) -> bool {
+    let mut timeout = grace.max(0);
+    if let Some((c, hook)) = c.as_ref().and_then(|c| Some((c, c.lifecycle.as_ref()?.pre_stop.as_ref()?)))
+        && grace > 0
+    {
         let started = Instant::now();
-        let bound = Duration::from_secs(grace.max(0) as u64);
+        let bound = Duration::from_secs(grace as u64);
         let ip = pod_ip.as_deref();
         if let Err(e) = handler::run(cri.clone(), c, &id, &Action::of_hook(hook), bound, ip).await {
             tracing::warn!(container = %c.name, error = %e, "PreStopHook failed");
         }
         timeout = (grace - started.elapsed().as_secs() as i64).max(MIN_GRACE_AFTER_HOOK);
     }
+    // The call may take the whole grace period, and then some.
+    let deadline = Duration::from_secs(timeout as u64) + crate::cri::DEFAULT_REQUEST_TIMEOUT;
     let req = cri::StopContainerRequest { container_id: id.clone(), timeout };
-    if let Err(e) = cri.runtime.stop_container(req).await {
-        tracing::warn!(%id, error = %e.message(), "stopping a container");
+    match tokio::time::timeout(deadline, cri.runtime_unbounded.stop_container(req)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(%id, error = %e.message(), "stopping a container");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%id, ?deadline, "stopping a container: no answer");
+            false
+        }
     }
 }
 

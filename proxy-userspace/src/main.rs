@@ -270,9 +270,14 @@ struct KubeletArgs {
     /// Pod volumes and container logs live here.
     #[arg(long, default_value = DEFAULT_KUBELET_ROOT)]
     root_dir: PathBuf,
-    /// Cgroup parent of every pod sandbox.
+    /// Under which every pod's cgroup is made, by QoS class
+    /// (`/kubepods/burstable/pod<uid>`), as the kubelet's `kubepods`.
     #[arg(long, default_value = "/kubepods")]
     cgroup_parent: String,
+    /// The runtime's cgroup driver (cgroupfs or systemd), used when the
+    /// runtime does not say (CRI `RuntimeConfig` wins when it answers).
+    #[arg(long, default_value = "cgroupfs")]
+    cgroup_driver: kubelet_cri::cgroups::Driver,
     /// DNS servers for pods with dnsPolicy ClusterFirst (comma separated).
     #[arg(long, value_delimiter = ',')]
     cluster_dns: Vec<String>,
@@ -314,7 +319,7 @@ struct KubeletArgs {
 }
 
 fn log_size(s: &str) -> Result<u64, String> {
-    kubelet_cri::spec::parse_memory(s)
+    kubelet_cri::quantity::parse_memory(s)
         .map_err(|e| e.to_string())
         .and_then(|n| u64::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| format!("{s:?}: a size above zero")))
 }
@@ -641,6 +646,7 @@ async fn run() -> anyhow::Result<()> {
                 settings: kubelet_cri::spec::Settings {
                     root_dir: args.root_dir,
                     cgroup_parent: args.cgroup_parent,
+                    cgroup_driver: args.cgroup_driver,
                     cluster_dns: args.cluster_dns,
                     cluster_domain: args.cluster_domain,
                     node_name: args.node_name.clone(),

@@ -424,6 +424,10 @@ fn restarting_the_kubelet_or_containerd_keeps_pods_running_and_tracked() {
     assert!(serves(&node), "pods run without the kubelet");
     std::fs::remove_file(node.manifests.path().join("web.yaml.status.json")).unwrap();
     node.start_kubelet();
+    // Its very first report says the pod runs: never a moment of Pending
+    // that would take it out of its Services.
+    let first = node.wait_status("web.yaml", "web", Duration::from_secs(30), |_| true);
+    assert!(running(&first), "the first status after a restart: {first:#}");
     let after = node.wait_status("web.yaml", "web", Duration::from_secs(30), running);
     assert_eq!(reported(&after), (ip.clone(), containers.clone()), "the same containers, adopted:\n{}", node.log());
     assert_eq!(tasks(&node), running_tasks, "the same processes: nothing restarted");
@@ -1618,4 +1622,81 @@ fn a_changed_container_spec_restarts_only_that_container() {
     node.wait_logs("changing", "app", Duration::from_secs(10), |l| l.trim() == "v2");
     assert_eq!(c(&after, "steady")["containerID"], c(&before, "steady")["containerID"], "{after:#}");
     assert_eq!(c(&after, "steady")["restartCount"], 0);
+}
+
+const QOS: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: guaranteed, uid: 00000000-0000-4000-8000-00000000000a}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'while true; do sleep 1; done']
+    resources: {limits: {cpu: 500m, memory: 64Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: burstable, uid: 00000000-0000-4000-8000-00000000000b}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'while true; do sleep 1; done']
+    resources: {requests: {cpu: 100m}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: besteffort, uid: 00000000-0000-4000-8000-00000000000c}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: IMAGE, command: [sh, -c, 'while true; do sleep 1; done']}
+"#;
+
+/// The memory cgroup a process is in (cgroup v1's memory hierarchy, or v2's).
+fn memory_cgroup(pid: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let line = text.lines().find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")));
+    let line = line.or_else(|| text.lines().find(|l| l.starts_with("0::"))).unwrap();
+    line.splitn(3, ':').nth(2).unwrap().to_string()
+}
+
+#[test]
+fn pods_live_in_cgroups_by_qos_class_with_their_summed_limits() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "pods.yaml", &manifest(QOS)).unwrap();
+    let parent = node.containerd.cgroup_parent.clone();
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let memory_root = if v2 { "/sys/fs/cgroup".to_string() } else { "/sys/fs/cgroup/memory".to_string() };
+    for (name, class, uid, dir) in [
+        ("guaranteed", "Guaranteed", "00000000-0000-4000-8000-00000000000a", ""),
+        ("burstable", "Burstable", "00000000-0000-4000-8000-00000000000b", "/burstable"),
+        ("besteffort", "BestEffort", "00000000-0000-4000-8000-00000000000c", "/besteffort"),
+    ] {
+        let s = node.wait_status("pods.yaml", name, Duration::from_secs(60), |s| phase(s) == "Running");
+        assert_eq!(s["qosClass"], class, "{s:#}");
+        let id =
+            container(&s, "containerStatuses", "app")["containerID"].as_str().unwrap().replace("containerd://", "");
+        let pid = tasks(&node)[&id].0.clone();
+        let pod_cgroup = format!("{parent}{dir}/pod{uid}");
+        assert_eq!(memory_cgroup(&pid), format!("{pod_cgroup}/{id}"), "{name}");
+        if class == "Guaranteed" {
+            let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+            let limit = std::fs::read_to_string(format!("{memory_root}{pod_cgroup}/{file}")).unwrap();
+            assert_eq!(
+                limit.trim(),
+                (64u64 << 20).to_string(),
+                "the pod cgroup holds the summed limit\n{}",
+                node.log()
+            );
+        }
+    }
+    std::fs::remove_file(node.manifests.path().join("pods.yaml")).unwrap();
+    let gone = format!("{memory_root}{parent}/burstable/pod00000000-0000-4000-8000-00000000000b");
+    wait_until(Duration::from_secs(30), "the pod cgroup going with its pod", &node, || {
+        !std::path::Path::new(&gone).exists()
+    });
 }

@@ -1,0 +1,251 @@
+//! Where a pod's containers live in the cgroup tree, as the kubelet lays it
+//! out: a QoS class per pod (Guaranteed, Burstable, BestEffort), one cgroup
+//! per pod under its class (`ROOT/pod<uid>`, `ROOT/burstable/pod<uid>`,
+//! `ROOT/besteffort/pod<uid>`), named for the runtime's cgroup driver
+//! (cgroupfs paths or systemd slices), with the pod's summed limits.
+//! Naming and sums are pure; [`apply`] writes a cgroupfs pod cgroup.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+use crate::quantity::{parse_cpu, parse_memory};
+
+/// Where the cgroup hierarchies are mounted.
+pub const MOUNT: &str = "/sys/fs/cgroup";
+
+/// How the runtime manages cgroups (CRI `RuntimeConfig`, else `--cgroup-driver`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    Cgroupfs,
+    Systemd,
+}
+
+impl std::str::FromStr for Driver {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cgroupfs" => Ok(Self::Cgroupfs),
+            "systemd" => Ok(Self::Systemd),
+            _ => Err(format!("{s:?}: expected cgroupfs or systemd")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl Qos {
+    pub fn name(self) -> &'static str {
+        match self {
+            Qos::Guaranteed => "Guaranteed",
+            Qos::Burstable => "Burstable",
+            Qos::BestEffort => "BestEffort",
+        }
+    }
+}
+
+fn quantities(c: &Container, limits: bool) -> impl Iterator<Item = (&str, &str)> {
+    let r = c.resources.as_ref();
+    let map = r.and_then(|r| if limits { r.limits.as_ref() } else { r.requests.as_ref() });
+    map.into_iter().flatten().map(|(k, v)| (k.as_str(), v.0.as_str()))
+}
+
+/// One of `c`'s limits or requests.
+fn quantity<'a>(c: &'a Container, limits: bool, name: &str) -> Option<&'a str> {
+    quantities(c, limits).find(|(n, _)| *n == name).map(|(_, q)| q)
+}
+
+fn is_zero(q: &str) -> bool {
+    parse_cpu(q).map(|v| v == 0).unwrap_or(false)
+}
+
+/// The kubelet's QoS class: Guaranteed when every container limits CPU and
+/// memory with requests equal to the limits, BestEffort when none asks for
+/// either, Burstable otherwise.
+pub fn qos_class(spec: &PodSpec) -> Qos {
+    let all: Vec<&Container> = spec.init_containers.iter().flatten().chain(&spec.containers).collect();
+    let compute = |name: &str| name == "cpu" || name == "memory";
+    let any = all
+        .iter()
+        .any(|c| quantities(c, false).chain(quantities(c, true)).any(|(name, q)| compute(name) && !is_zero(q)));
+    if !any {
+        return Qos::BestEffort;
+    }
+    let guaranteed = all.iter().all(|c| {
+        ["cpu", "memory"].iter().all(|name| {
+            let limit = quantity(c, true, name);
+            // A request left out defaults to the limit, as the API server does.
+            let request = quantity(c, false, name).or(limit);
+            match (limit, request) {
+                (Some(l), Some(r)) => same_quantity(name, l, r),
+                _ => false,
+            }
+        })
+    });
+    if guaranteed { Qos::Guaranteed } else { Qos::Burstable }
+}
+
+fn same_quantity(name: &str, a: &str, b: &str) -> bool {
+    let parse = |q: &str| if name == "cpu" { parse_cpu(q).ok() } else { parse_memory(q).ok() };
+    parse(a).is_some() && parse(a) == parse(b)
+}
+
+/// The pod's cgroup under `root` (`--cgroup-parent`), as the runtime is
+/// to be given it: a cgroupfs path, or with systemd the nested slices
+/// (`/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`,
+/// dashes in names escaped, as the kubelet's `ToSystemd`).
+pub fn pod_cgroup(root: &str, qos: Qos, uid: &str, driver: Driver) -> String {
+    let mut parts: Vec<String> = root.split('/').filter(|p| !p.is_empty()).map(String::from).collect();
+    match qos {
+        Qos::Guaranteed => {}
+        Qos::Burstable => parts.push("burstable".into()),
+        Qos::BestEffort => parts.push("besteffort".into()),
+    }
+    parts.push(format!("pod{uid}"));
+    match driver {
+        Driver::Cgroupfs => format!("/{}", parts.join("/")),
+        Driver::Systemd => {
+            let escaped: Vec<String> = parts.iter().map(|p| p.replace('-', "_")).collect();
+            let slices: Vec<String> =
+                (1..=escaped.len()).map(|n| format!("{}.slice", escaped[..n].join("-"))).collect();
+            format!("/{}", slices.join("/"))
+        }
+    }
+}
+
+/// The pod's own limits, as the kubelet's pod container manager sets them:
+/// CPU shares from the summed requests (2 for BestEffort), a CPU quota and a
+/// memory limit only when every container has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodLimits {
+    pub cpu_shares: u64,
+    /// Microseconds per 100 ms period.
+    pub cpu_quota: Option<i64>,
+    pub memory: Option<i64>,
+}
+
+pub fn pod_limits(spec: &PodSpec) -> PodLimits {
+    let apps = &spec.containers;
+    // A request left out defaults to the limit.
+    let requested_milli: i64 =
+        apps.iter().filter_map(|c| parse_cpu(quantity(c, false, "cpu").or(quantity(c, true, "cpu"))?).ok()).sum();
+    let cpu_shares = match qos_class(spec) {
+        Qos::BestEffort => 2,
+        _ => (requested_milli * 1024 / 1000).max(2) as u64,
+    };
+    // `None` as soon as one container has no limit.
+    let cpu_limit: Option<i64> = apps.iter().map(|c| parse_cpu(quantity(c, true, "cpu")?).ok()).sum();
+    let memory: Option<i64> = apps.iter().map(|c| parse_memory(quantity(c, true, "memory")?).ok()).sum();
+    PodLimits { cpu_shares, cpu_quota: cpu_limit.map(|milli| milli * 100), memory }
+}
+
+/// Where cgroupfs keeps controller `name`: its own hierarchy (cgroup v1) or
+/// the unified one (v2).
+fn controller_dir(mount: &Path, name: &str) -> PathBuf {
+    if mount.join("cgroup.controllers").exists() { mount.to_path_buf() } else { mount.join(name) }
+}
+
+/// Makes the pod's cgroupfs cgroup (`path`, under the cgroup mount) with its
+/// limits, before the runtime puts the sandbox in it. The runtime creates
+/// whatever controllers are left.
+pub fn apply(mount: &Path, path: &str, limits: &PodLimits) -> std::io::Result<()> {
+    let rel = path.trim_start_matches('/');
+    let v2 = mount.join("cgroup.controllers").exists();
+    let cpu = controller_dir(mount, "cpu").join(rel);
+    let memory = controller_dir(mount, "memory").join(rel);
+    std::fs::create_dir_all(&cpu)?;
+    std::fs::create_dir_all(&memory)?;
+    if v2 {
+        // cgroup v2 weight from v1 shares, as runc converts them.
+        let weight = 1 + (limits.cpu_shares.clamp(2, 262_144) - 2) * 9999 / 262_142;
+        std::fs::write(cpu.join("cpu.weight"), weight.to_string())?;
+        let quota = limits.cpu_quota.map_or("max".to_string(), |q| q.to_string());
+        std::fs::write(cpu.join("cpu.max"), format!("{quota} 100000"))?;
+        let memory_max = limits.memory.map_or("max".to_string(), |m| m.to_string());
+        std::fs::write(memory.join("memory.max"), memory_max)?;
+    } else {
+        std::fs::write(cpu.join("cpu.shares"), limits.cpu_shares.to_string())?;
+        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), limits.cpu_quota.unwrap_or(-1).to_string())?;
+        std::fs::write(memory.join("memory.limit_in_bytes"), limits.memory.unwrap_or(-1).to_string())?;
+    }
+    Ok(())
+}
+
+/// Removes the pod's cgroupfs cgroup from every hierarchy (only an empty
+/// cgroup can go; one still in use stays).
+pub fn remove(mount: &Path, path: &str) {
+    let rel = path.trim_start_matches('/');
+    let dirs: Vec<PathBuf> = if mount.join("cgroup.controllers").exists() {
+        vec![mount.join(rel)]
+    } else {
+        std::fs::read_dir(mount).into_iter().flatten().flatten().map(|e| e.path().join(rel)).collect()
+    };
+    for dir in dirs {
+        if let Err(e) = std::fs::remove_dir(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::debug!(cgroup = %dir.display(), error = %e, "pod cgroup not removed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> PodSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn qos_classes_follow_requests_and_limits() {
+        let g = spec("containers: [{name: a, resources: {limits: {cpu: 500m, memory: 64Mi}}}]");
+        assert_eq!(qos_class(&g), Qos::Guaranteed, "requests default to limits");
+        let g2 = spec(
+            "containers: [{name: a, resources: {limits: {cpu: '0.5', memory: 64Mi}, requests: {cpu: 500m, memory: 64Mi}}}]",
+        );
+        assert_eq!(qos_class(&g2), Qos::Guaranteed);
+        let b = spec("containers: [{name: a, resources: {requests: {cpu: 100m}}}, {name: b}]");
+        assert_eq!(qos_class(&b), Qos::Burstable);
+        let b2 = spec("containers: [{name: a, resources: {limits: {cpu: 1, memory: 1Gi}, requests: {cpu: 100m}}}]");
+        assert_eq!(qos_class(&b2), Qos::Burstable);
+        assert_eq!(qos_class(&spec("containers: [{name: a}, {name: b}]")), Qos::BestEffort);
+        let init =
+            spec("initContainers: [{name: i}]\ncontainers: [{name: a, resources: {limits: {cpu: 1, memory: 1Gi}}}]");
+        assert_eq!(qos_class(&init), Qos::Burstable, "an init container without limits");
+    }
+
+    #[test]
+    fn pod_cgroups_are_named_for_the_driver() {
+        let uid = "5f1d1a9e-0000-4000-8000-000000000001";
+        assert_eq!(pod_cgroup("/kubepods", Qos::Guaranteed, uid, Driver::Cgroupfs), format!("/kubepods/pod{uid}"));
+        assert_eq!(
+            pod_cgroup("/kubepods", Qos::Burstable, uid, Driver::Cgroupfs),
+            format!("/kubepods/burstable/pod{uid}")
+        );
+        assert_eq!(
+            pod_cgroup("/kubepods", Qos::BestEffort, uid, Driver::Systemd),
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5f1d1a9e_0000_4000_8000_000000000001.slice"
+        );
+    }
+
+    #[test]
+    fn pod_limits_sum_the_containers() {
+        let s = spec(
+            "containers: [{name: a, resources: {limits: {cpu: 500m, memory: 64Mi}}}, {name: b, resources: {limits: {cpu: 250m, memory: 32Mi}, requests: {cpu: 100m, memory: 16Mi}}}]",
+        );
+        let l = pod_limits(&s);
+        assert_eq!(l, PodLimits { cpu_shares: 614, cpu_quota: Some(75_000), memory: Some(96 << 20) });
+        let open = spec(
+            "containers: [{name: a, resources: {limits: {memory: 64Mi}}}, {name: b, resources: {requests: {cpu: 1}}}]",
+        );
+        assert_eq!(pod_limits(&open), PodLimits { cpu_shares: 1024, cpu_quota: None, memory: None });
+        assert_eq!(pod_limits(&spec("containers: [{name: a}]")).cpu_shares, 2);
+    }
+}
