@@ -1,11 +1,12 @@
 //! What a probe or a lifecycle hook does to a container: exec (CRI
-//! ExecSync), httpGet or tcpSocket against the pod, or sleep.
+//! ExecSync), httpGet, tcpSocket or gRPC health checks against the pod, or
+//! sleep.
 
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use k8s_openapi::{
-    api::core::v1::{Container, ExecAction, HTTPGetAction, LifecycleHandler, Probe, TCPSocketAction},
+    api::core::v1::{Container, ExecAction, GRPCAction, HTTPGetAction, LifecycleHandler, Probe, TCPSocketAction},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -18,6 +19,7 @@ pub struct Action<'a> {
     exec: Option<&'a ExecAction>,
     http_get: Option<&'a HTTPGetAction>,
     tcp_socket: Option<&'a TCPSocketAction>,
+    grpc: Option<&'a GRPCAction>,
     sleep: Option<i64>,
     /// Why the action it names cannot run here.
     unsupported: Option<&'static str>,
@@ -29,7 +31,7 @@ impl<'a> Action<'a> {
             exec: p.exec.as_ref(),
             http_get: p.http_get.as_ref(),
             tcp_socket: p.tcp_socket.as_ref(),
-            unsupported: p.grpc.is_some().then_some("gRPC probes are not supported yet"),
+            grpc: p.grpc.as_ref(),
             ..Default::default()
         }
     }
@@ -148,7 +150,38 @@ pub async fn run(
             None => Err(format!("Get {url:?}: not an HTTP answer")),
         };
     }
+    if let Some(grpc) = action.grpc {
+        return grpc_check(pod_ip.ok_or("the pod has no IP yet")?, grpc, timeout).await;
+    }
     Err(action.unsupported.unwrap_or("it names no action").into())
+}
+
+/// The standard gRPC health check (`grpc.health.v1.Health/Check`) on the
+/// pod's IP, as the kubelet's gRPC probe: SERVING succeeds.
+async fn grpc_check(ip: &str, grpc: &GRPCAction, timeout: Duration) -> Result<(), String> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let service = grpc.service.clone().unwrap_or_default();
+    let port = u16::try_from(grpc.port).map_err(|e| format!("port {}: {e}", grpc.port))?;
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
+        .map_err(|e| format!("gRPC endpoint {host}:{port}: {e}"))?;
+    let check = async {
+        let channel = endpoint.connect().await.map_err(|e| format!("failed to connect service {host}:{port}: {e}"))?;
+        let request = HealthCheckRequest { service: service.clone() };
+        let answer = HealthClient::new(channel)
+            .check(request)
+            .await
+            .map_err(|e| format!("health rpc probe failed: {:?}: {}", e.code(), e.message()))?;
+        Ok::<_, String>(answer.into_inner().status)
+    };
+    let status = tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_elapsed| format!("timeout: health rpc did not complete within {timeout:?}"))??;
+    match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => Ok(()),
+        Ok(other) => Err(format!("service unhealthy (responded with {:?})", other.as_str_name())),
+        Err(_) => Err(format!("service unhealthy (responded with {status})")),
+    }
 }
 
 #[cfg(test)]

@@ -1700,3 +1700,65 @@ fn pods_live_in_cgroups_by_qos_class_with_their_summed_limits() {
         !std::path::Path::new(&gone).exists()
     });
 }
+
+const GRPC_PROBED: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: grpc}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'while true; do sleep 1; done']
+    readinessProbe: {grpc: {port: 9090}, periodSeconds: 1}
+"#;
+
+/// A TCP listener on `addr` in the network namespace of process `pid`.
+fn listen_in_netns_of(pid: &str, addr: &str) -> std::net::TcpListener {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        // Only this short-lived thread moves; the socket keeps the namespace.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "entering the pod's namespace");
+        std::net::TcpListener::bind(addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_grpc_probe_asks_the_standard_health_service() {
+    use tonic_health::ServingStatus;
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "grpc.yaml", &manifest(GRPC_PROBED)).unwrap();
+    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
+    node.wait_status("grpc.yaml", "grpc", Duration::from_secs(60), |s| app(s)["state"]["running"].is_object());
+    // Nothing listens yet: not ready.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = node.wait_status("grpc.yaml", "grpc", Duration::from_secs(1), |_| true);
+    assert_eq!(app(&s)["ready"], false, "{s:#}");
+
+    // A gRPC health server in the pod's network namespace, not serving yet.
+    let pause = tasks(&node)[&sandboxes(&node, "grpc")[0]].0.clone();
+    let listener = listen_in_netns_of(&pause, "0.0.0.0:9090");
+    listener.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    rt.block_on(reporter.set_service_status("", ServingStatus::NotServing));
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await
+    });
+    wait_until(Duration::from_secs(10), "the probe reaching the server", &node, || {
+        node.log().contains("service unhealthy (responded with \"NOT_SERVING\")")
+    });
+    let s = node.wait_status("grpc.yaml", "grpc", Duration::from_secs(1), |_| true);
+    assert_eq!(app(&s)["ready"], false, "{s:#}");
+
+    rt.block_on(reporter.set_service_status("", ServingStatus::Serving));
+    let ready = node.wait_status("grpc.yaml", "grpc", Duration::from_secs(20), |s| app(s)["ready"] == true);
+    assert_eq!(phase(&ready), "Running");
+}
