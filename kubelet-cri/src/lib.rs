@@ -9,7 +9,9 @@
 //! back-off), [`status`] (what to report), [`source`] (where pods come
 //! from), [`logs`] (reading container logs), [`node`] (the Node and its
 //! lease), [`probe`] (startup, readiness and liveness probes), [`handler`]
-//! (what a probe or a lifecycle hook runs);
+//! (what a probe or a lifecycle hook runs), [`cgroups`] (QoS and pod
+//! cgroups), [`ownership`] (fsGroup on volumes), [`quantity`] (resource
+//! quantities);
 //! [`error`] names what can go wrong.
 
 pub mod cgroups;
@@ -22,6 +24,7 @@ pub mod kubelet;
 pub mod lifecycle;
 pub mod logs;
 pub mod node;
+pub mod ownership;
 pub mod probe;
 pub mod quantity;
 pub mod run;

@@ -248,7 +248,12 @@ pub fn sandbox_config(pod: &Pod, id: &PodId, attempt: u32, s: &Settings) -> cri:
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(namespaces(pod)),
                 run_as_user: pod_sc.run_as_user.map(|value| cri::Int64Value { value }),
-                run_as_group: pod_sc.run_as_group.map(|value| cri::Int64Value { value }),
+                // A group alone is refused for the sandbox (runtimes want a
+                // user with it); its containers get the image's user instead.
+                run_as_group: pod_sc
+                    .run_as_group
+                    .filter(|_| pod_sc.run_as_user.is_some())
+                    .map(|value| cri::Int64Value { value }),
                 supplemental_groups: pod_sc.supplemental_groups.clone().unwrap_or_default(),
                 privileged,
                 ..Default::default()

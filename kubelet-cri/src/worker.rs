@@ -22,7 +22,7 @@ use crate::{
     handler::{self, Action},
     images,
     lifecycle::{self, Actions, Backoff, Kill, Seen, Start, now_ns},
-    logs,
+    logs, ownership,
     probe::{Prober, Verdict},
     spec::{self, Kind, PodId, Settings},
     status::{self, ContainerView, Instance, PodView, RestartPolicy, State},
@@ -517,7 +517,10 @@ impl Worker {
         let config = spec::check_sub_paths(&d.pod, &d.id, c, settings)
             .and_then(|()| spec::container_config(&d.pod, &d.id, c, kind, attempt, settings, &env));
         let config = match config {
-            Ok(config) => config,
+            Ok(mut config) => {
+                self.image_user(&mut config, &image).await;
+                config
+            }
             Err(e) => {
                 self.hold(d, c, "CreateContainerConfigError", format!("{e:#}"));
                 return None;
@@ -546,6 +549,20 @@ impl Worker {
         }
         tracing::info!(pod = %d.id, container = %c.name, kind = kind.label(), attempt, id = %id, "container started");
         Some(id)
+    }
+
+    /// A container with no user of its own runs as its image's user, said
+    /// to the runtime as the kubelet does (so `runAsGroup` alone works).
+    async fn image_user(&mut self, config: &mut cri::ContainerConfig, image: &str) {
+        let Some(sc) = config.linux.as_mut().and_then(|l| l.security_context.as_mut()) else { return };
+        if sc.run_as_user.is_some() || !sc.run_as_username.is_empty() {
+            return;
+        }
+        match images::user(&mut self.shared.cri.clone(), image).await {
+            Some((Some(uid), _)) => sc.run_as_user = Some(cri::Int64Value { value: uid }),
+            Some((None, name)) if !name.is_empty() => sc.run_as_username = name,
+            _ => {}
+        }
     }
 
     /// Why `c` may not start when it must not run as root and its image
@@ -615,7 +632,13 @@ impl Worker {
             };
             let dir = spec::config_dir(&self.shared.settings, &d.id, &v.name);
             match config::write_atomically(&dir, &files) {
-                Ok(true) => tracing::info!(pod = %d.id, volume = %v.name, "volume files written"),
+                Ok(true) => {
+                    tracing::info!(pod = %d.id, volume = %v.name, "volume files written");
+                    if let Some(gid) = fs_group(d) {
+                        ownership::set(&dir, gid, true)
+                            .map_err(|e| format!("volume {:?}: fsGroup {gid}: {e}", v.name))?;
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => return Err(format!("writing volume {:?} at {}: {e}", v.name, dir.display())),
             }
@@ -641,6 +664,9 @@ impl Worker {
             use std::os::unix::fs::PermissionsExt as _;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
                 .map_err(io_at("opening emptyDir", &dir))?;
+            if let Some(gid) = fs_group(d) {
+                ownership::set(&dir, gid, false).map_err(io_at("giving emptyDir to the fsGroup", &dir))?;
+            }
         }
         let runtime_handler = objects.runtime_handler(&d.pod)?;
         // With cgroupfs the kubelet makes the pod's cgroup, with its summed
@@ -739,6 +765,12 @@ impl Worker {
         tracing::info!(pod = %name, "pod removed");
         Ok(())
     }
+}
+
+/// The pod's `securityContext.fsGroup`.
+fn fs_group(d: &DesiredPod) -> Option<u32> {
+    let group = d.pod.spec.as_ref()?.security_context.as_ref()?.fs_group?;
+    u32::try_from(group).ok()
 }
 
 /// The running sandbox a container is started in.

@@ -52,6 +52,11 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 /// Builds an OCI image layout tarball at `out` named `name`: one layer
 /// holding busybox-static and its applets, running `cmd` by default.
 pub fn build_image(out: &Path, name: &str, cmd: &[&str]) -> anyhow::Result<()> {
+    build_image_as(out, name, cmd, "")
+}
+
+/// As [`build_image`], with the image's `User` (`"1000"`, `"1000:1000"`, a name, or none).
+pub fn build_image_as(out: &Path, name: &str, cmd: &[&str], user: &str) -> anyhow::Result<()> {
     if !Path::new(BUSYBOX).exists() {
         bail!("{BUSYBOX} missing: `cargo xtask setup` installs busybox-static");
     }
@@ -78,7 +83,7 @@ pub fn build_image(out: &Path, name: &str, cmd: &[&str]) -> anyhow::Result<()> {
     let (layer_digest, layer_size) = blob(&layer)?;
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "User": user},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = blob(&serde_json::to_vec(&config)?)?;
@@ -257,6 +262,14 @@ state = "{d}/state"
             .arg(&socket)
             .args(["-n", ns])
             .args(args))
+    }
+
+    /// Builds `name` running as `user` and imports it into the CRI's images.
+    pub fn import(&self, name: &str, cmd: &[&str], user: &str) -> anyhow::Result<()> {
+        let tar = self.dir.path().join("import.tar");
+        build_image_as(&tar, name, cmd, user)?;
+        self.ctr("k8s.io", &["images", "import", tar.to_str().context("path")?])?;
+        Ok(())
     }
 
     /// Builds `name` and pushes it to the registry at `registry` (e.g.

@@ -1762,3 +1762,51 @@ fn a_grpc_probe_asks_the_standard_health_service() {
     let ready = node.wait_status("grpc.yaml", "grpc", Duration::from_secs(20), |s| app(s)["ready"] == true);
     assert_eq!(phase(&ready), "Running");
 }
+
+const GROUPS: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: default}
+data: {key: value}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grouped, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {runAsUser: 1000, fsGroup: 2345}
+  volumes: [{name: data, emptyDir: {}}, {name: config, configMap: {name: settings, defaultMode: 256}}]
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'touch /data/new; echo "data=$(stat -c %g /data) new=$(stat -c %g /data/new) config=$(stat -L -c %g /config/key) read=$(cat /config/key)"; while true; do sleep 1; done']
+    volumeMounts: [{name: data, mountPath: /data}, {name: config, mountPath: /config}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: image-user, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {runAsGroup: 3000}
+  containers:
+  - name: app
+    image: docker.io/kpr/user1000:test
+    imagePullPolicy: Never
+    command: [sh, -c, 'echo "uid=$(id -u) gid=$(id -g)"; while true; do sleep 1; done']
+"#;
+
+/// fsGroup owns the pod's emptyDir and configuration volumes (new files
+/// keep the group, a 0400 ConfigMap file is readable by the group), and a
+/// container with only `runAsGroup` runs as its image's user.
+#[test]
+fn fs_group_owns_volumes_and_a_group_alone_runs_as_the_images_user() {
+    root_or_skip!();
+    let node = Node::start();
+    node.containerd.import("docker.io/kpr/user1000:test", &["/bin/sh"], "1000").unwrap();
+    write(node.manifests.path(), "pods.yaml", &manifest(GROUPS)).unwrap();
+    node.wait_status("pods.yaml", "grouped", Duration::from_secs(60), |s| phase(s) == "Running");
+    let log = node.wait_logs("grouped", "app", Duration::from_secs(10), |l| l.contains("data="));
+    assert_eq!(log.trim(), "data=2345 new=2345 config=2345 read=value", "{}", node.log());
+    node.wait_status("pods.yaml", "image-user", Duration::from_secs(60), |s| phase(s) == "Running");
+    let log = node.wait_logs("image-user", "app", Duration::from_secs(10), |l| l.contains("uid="));
+    assert_eq!(log.trim(), "uid=1000 gid=3000");
+}
