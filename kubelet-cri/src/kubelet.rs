@@ -44,6 +44,7 @@ impl Kubelet {
         mut settings: Settings,
         backoff_base: Duration,
         request_timeout: Duration,
+        sync_period: Duration,
     ) -> Result<Self> {
         let mut cri = Cri::connect(endpoint, request_timeout).await?;
         let info = cri.check().await?;
@@ -55,6 +56,7 @@ impl Kubelet {
             settings,
             backoff_base,
             request_timeout,
+            resync: (sync_period * 2).max(Duration::from_secs(1)),
             node_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             node_memory: crate::node::Machine::read(std::path::Path::new("/")).memory,
         };

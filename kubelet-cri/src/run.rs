@@ -55,8 +55,14 @@ pub struct Config {
 /// Runs pods until Ctrl-C or SIGTERM; pods keep running after it exits (a
 /// restarted kubelet adopts them).
 pub async fn run(cfg: Config) -> Result<()> {
-    let mut kubelet =
-        Kubelet::connect(&cfg.endpoint, cfg.settings.clone(), cfg.backoff, cfg.runtime_request_timeout).await?;
+    let mut kubelet = Kubelet::connect(
+        &cfg.endpoint,
+        cfg.settings.clone(),
+        cfg.backoff,
+        cfg.runtime_request_timeout,
+        cfg.sync_period,
+    )
+    .await?;
     enum Source {
         Dir(DirSource),
         Kube(KubeSource),

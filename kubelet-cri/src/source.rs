@@ -505,7 +505,8 @@ impl KubeSource {
                 preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
                 ..Default::default()
             };
-            match api.delete(&name, &params).await {
+            let deleted = tokio::time::timeout(API_DEADLINE, api.delete(&name, &params)).await;
+            match deleted.unwrap_or_else(|_elapsed| Err(kube::Error::Service("no answer in time".into()))) {
                 Ok(_) => tracing::info!(pod = %format!("{namespace}/{name}"), "pod deleted"),
                 Err(e) => {
                     tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "cannot finish deleting a pod");
@@ -515,22 +516,31 @@ impl KubeSource {
         }
     }
 
-    /// Patches each pod's status subresource where it changed.
+    /// Patches each pod's status subresource where it changed, all at once
+    /// and each within a deadline: an API server that does not answer never
+    /// holds the kubelet's loop.
     pub async fn report(&self, statuses: &[(DesiredPod, PodStatus)]) {
-        for (d, status) in statuses {
+        let patches = statuses.iter().filter_map(|(d, status)| {
             // As the kubelet: a strategic merge patch (conditions merged by
             // type) with the pod's uid as precondition, so a pod recreated
             // under the same name never gets its predecessor's status.
             let value = serde_json::json!({ "metadata": {"uid": d.id.uid}, "status": status });
             if self.written.lock().unwrap().get(&d.id.uid) == Some(&value) {
-                continue;
+                return None;
             }
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &d.id.namespace);
-            match api.patch_status(&d.id.name, &PatchParams::default(), &Patch::Strategic(&value)).await {
-                Ok(_) => drop(self.written.lock().unwrap().insert(d.id.uid.clone(), value)),
-                Err(e) => tracing::warn!(pod = %d.id, error = %e, "cannot write pod status"),
-            }
-        }
+            Some(async move {
+                let (params, patch) = (PatchParams::default(), Patch::Strategic(&value));
+                match tokio::time::timeout(API_DEADLINE, api.patch_status(&d.id.name, &params, &patch)).await {
+                    Ok(Ok(_)) => drop(self.written.lock().unwrap().insert(d.id.uid.clone(), value)),
+                    Ok(Err(e)) => tracing::warn!(pod = %d.id, error = %e, "cannot write pod status"),
+                    Err(_) => {
+                        tracing::warn!(pod = %d.id, "cannot write pod status: the API server did not answer in time")
+                    }
+                }
+            })
+        });
+        futures::future::join_all(patches).await;
     }
 }
 

@@ -249,6 +249,23 @@ pub fn pod_status(v: &PodView) -> PodStatus {
     }
 }
 
+/// Gives each condition its last transition time: kept from `previous`
+/// (type -> status, time) while its status holds, `now` when it changed.
+pub fn stamp_transitions(
+    status: &mut PodStatus,
+    previous: &mut std::collections::HashMap<String, (String, Time)>,
+    now: Time,
+) {
+    for c in status.conditions.iter_mut().flatten() {
+        let at = match previous.get(&c.type_) {
+            Some((was, at)) if *was == c.status => at.clone(),
+            _ => now.clone(),
+        };
+        previous.insert(c.type_.clone(), (c.status.clone(), at.clone()));
+        c.last_transition_time = Some(at);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +300,26 @@ mod tests {
             apps,
             runtime: "containerd",
         }
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_it_changes() {
+        let at = |s: i64| Time(Timestamp::from_second(s).unwrap());
+        let with = |ready: &str| PodStatus {
+            conditions: Some(vec![PodCondition { type_: "Ready".into(), status: ready.into(), ..Default::default() }]),
+            ..Default::default()
+        };
+        let mut seen = std::collections::HashMap::new();
+        let time = |s: &PodStatus| s.conditions.as_ref().unwrap()[0].last_transition_time.clone();
+        let mut s = with("False");
+        stamp_transitions(&mut s, &mut seen, at(100));
+        assert_eq!(time(&s), Some(at(100)));
+        let mut s = with("False");
+        stamp_transitions(&mut s, &mut seen, at(200));
+        assert_eq!(time(&s), Some(at(100)), "unchanged");
+        let mut s = with("True");
+        stamp_transitions(&mut s, &mut seen, at(300));
+        assert_eq!(time(&s), Some(at(300)), "changed");
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Shared {
     pub backoff_base: Duration,
     /// Bounds a postStart hook (`--runtime-request-timeout`).
     pub request_timeout: Duration,
+    /// A worker left without orders this long syncs its pod on its own.
+    pub resync: Duration,
     /// The node's CPUs and memory, for `resourceFieldRef`s without a limit.
     pub node_cpus: u32,
     pub node_memory: u64,
@@ -87,6 +89,7 @@ impl Handle {
             prober: Prober::default(),
             pod_ip: None,
             stopped: HashSet::new(),
+            transitions: HashMap::new(),
         };
         let task = tokio::spawn(worker.run(rx, status.clone()));
         Self { orders, status, task }
@@ -123,6 +126,8 @@ struct Worker {
     pod_ip: Option<(String, Option<String>)>,
     /// Sandboxes already stopped.
     stopped: HashSet<String>,
+    /// Each pod condition's status and when it last changed.
+    transitions: HashMap<String, (String, k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)>,
 }
 
 fn instance(s: cri::ContainerStatus, sandbox_id: String) -> Instance {
@@ -144,6 +149,11 @@ fn instance(s: cri::ContainerStatus, sandbox_id: String) -> Instance {
         message: s.message,
         image_ref: s.image_ref,
     }
+}
+
+fn now_time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    let now = k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(now_ns()));
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now.unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH))
 }
 
 /// The status of a pod nothing has been done for yet.
@@ -195,14 +205,28 @@ fn status_of(
 impl Worker {
     async fn run(mut self, mut orders: watch::Receiver<Option<Order>>, status: Arc<Mutex<Option<PodStatus>>>) {
         let mut stopping = orders.clone();
-        while orders.changed().await.is_ok() {
-            let order = orders.borrow_and_update().clone();
+        let mut last: Option<Order> = None;
+        loop {
+            // The kubelet's orders, or on its own when they stop coming (the
+            // loop waits on an API server that does not answer): pods keep
+            // being tended either way.
+            let order = tokio::select! {
+                changed = orders.changed() => match changed {
+                    Ok(()) => orders.borrow_and_update().clone(),
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(self.shared.resync), if last.is_some() => last.clone(),
+            };
             match order {
                 Some(Order::Sync { pod, objects }) => {
+                    last = Some(Order::Sync { pod: pod.clone(), objects: objects.clone() });
                     // A stop abandons the pass (a pull that never ends, say).
                     tokio::select! {
                         r = self.sync(&pod, &objects, &status) => match r {
-                            Ok(s) => *status.lock().unwrap() = Some(s),
+                            Ok(mut s) => {
+                                status::stamp_transitions(&mut s, &mut self.transitions, now_time());
+                                *status.lock().unwrap() = Some(s);
+                            }
                             Err(e) => tracing::warn!(pod = %pod.id, error = %format!("{e:#}"), "pod not synced"),
                         },
                         _ = stopping.wait_for(|o| matches!(o, Some(Order::Stop { .. }))) => {}
@@ -325,7 +349,9 @@ impl Worker {
             let mut published = published.lock().unwrap();
             if published.is_none() {
                 let ip = current.as_ref().map(|_| pod_ip.clone());
-                *published = Some(status_of(d, &seen, ip, &self.waiting, &verdicts, &self.shared.runtime));
+                let mut s = status_of(d, &seen, ip, &self.waiting, &verdicts, &self.shared.runtime);
+                status::stamp_transitions(&mut s, &mut self.transitions, now_time());
+                *published = Some(s);
             }
         }
         let actions = lifecycle::plan(&spec, &seen, &verdicts);

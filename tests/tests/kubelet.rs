@@ -1005,6 +1005,37 @@ fn pods_bound_to_the_node_run_and_report_status_to_the_api_server() {
     let sandboxes = || node.containerd.ctr("k8s.io", &["containers", "ls", "-q"]).unwrap().lines().count();
     assert_eq!(sandboxes(), 2, "one sandbox and its container");
     node.wait_logs("here", "app", Duration::from_secs(5), |l| l.trim() == "up s3cret v1 10.96.0.1");
+    let conditions = status.conditions.clone().unwrap_or_default();
+    assert!(conditions.iter().all(|c| c.last_transition_time.is_some()), "{conditions:?}");
+
+    // The API server hangs: the pod is still tended. Its container dies
+    // and is restarted meanwhile.
+    api.hang_requests(true);
+    let running = || -> Vec<String> {
+        tasks(&node).into_iter().filter(|(_, (_, status))| status == "RUNNING").map(|(id, _)| id).collect()
+    };
+    // Twice: the status write after the first restart hangs too.
+    let mut app_id = c.container_id.as_deref().unwrap().trim_start_matches("containerd://").to_string();
+    for _ in 0..2 {
+        let before = running();
+        let pid: i32 = tasks(&node)[&app_id].0.parse().unwrap();
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_until(Duration::from_secs(20), "a restart while the API server hangs", &node, || {
+            running().iter().any(|id| !before.contains(id))
+        });
+        app_id = running().into_iter().find(|id| !before.contains(id)).unwrap();
+    }
+    api.hang_requests(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p: Pod = api.get("default", "here").unwrap();
+        let restarts = p.status.and_then(|s| s.container_statuses).map(|c| c[0].restart_count);
+        if restarts == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restart never reached the API server:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Deleted as the API server does it: marked, stopped by the kubelet
     // within its grace period, then removed by the kubelet's final delete.

@@ -85,6 +85,10 @@ pub(super) async fn handle(
     if shared.fail_requests.load(Ordering::Relaxed) {
         return error(ApiError::new(500, "InternalError", "injected failure"));
     }
+    // An API server that takes requests and never answers them.
+    while shared.hang_requests.load(Ordering::Relaxed) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     if uri.path() == "/version" {
         return json_response(
             StatusCode::OK,

@@ -36,6 +36,7 @@ pub struct Shared {
     /// Every request as "METHOD uri", in arrival order.
     pub requests: Mutex<Vec<String>>,
     fail_requests: AtomicBool,
+    hang_requests: AtomicBool,
     drop_watches: watch::Sender<u64>,
     bookmark_interval: Mutex<Duration>,
 }
@@ -69,6 +70,7 @@ impl ApiServer {
             store: Mutex::new(Store::new(10_000)),
             requests: Mutex::new(Vec::new()),
             fail_requests: AtomicBool::new(false),
+            hang_requests: AtomicBool::new(false),
             drop_watches: watch::channel(0).0,
             bookmark_interval: Mutex::new(Duration::from_secs(1)),
         });
@@ -151,6 +153,12 @@ impl ApiServer {
     /// While on, every request is answered with 500 Internal Server Error.
     pub fn fail_requests(&self, on: bool) {
         self.shared.fail_requests.store(on, Ordering::Relaxed);
+    }
+
+    /// While on, requests are taken and held unanswered (as an API server
+    /// that hangs); they are answered once it is off.
+    pub fn hang_requests(&self, on: bool) {
+        self.shared.hang_requests.store(on, Ordering::Relaxed);
     }
 
     pub fn set_bookmark_interval(&self, every: Duration) {
