@@ -105,9 +105,7 @@ pub async fn run(
         };
     }
     if let Some(http) = action.http_get {
-        if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
-            return Err("HTTPS probes are not supported yet".into());
-        }
+        let tls = http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
         let (h, port) = (host(http.host.as_ref())?, port(c, &http.port)?);
         let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
         // The probe's own headers replace the defaults of the same name.
@@ -122,20 +120,18 @@ pub async fn run(
         headers.extend(http.http_headers.iter().flatten().map(|hd| (hd.name.clone(), hd.value.clone())));
         let headers: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
         let request = format!("GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n");
-        let url = format!("http://{h}:{port}{path}");
+        let url = format!("{}://{h}:{port}{path}", if tls { "https" } else { "http" });
         let get = async {
-            let mut stream = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
-            stream.write_all(request.as_bytes()).await?;
-            let mut head = Vec::new();
-            let mut buf = [0u8; 512];
-            while !head.contains(&b'\n') && head.len() < 4096 {
-                let n = stream.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                head.extend_from_slice(&buf[..n]);
+            let stream = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+            if tls {
+                // As the kubelet: HTTPS without checking the certificate.
+                let name = rustls::pki_types::ServerName::try_from(h.clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let stream = tokio_rustls::TlsConnector::from(insecure_tls()).connect(name, stream).await?;
+                status_line(stream, &request).await
+            } else {
+                status_line(stream, &request).await
             }
-            Ok::<_, std::io::Error>(head)
         };
         let head = match tokio::time::timeout(timeout, get).await {
             Ok(Ok(head)) => head,
@@ -154,6 +150,83 @@ pub async fn run(
         return grpc_check(pod_ip.ok_or("the pod has no IP yet")?, grpc, timeout).await;
     }
     Err(action.unsupported.unwrap_or("it names no action").into())
+}
+
+/// Sends `request` and reads up to the end of the answer's status line.
+async fn status_line(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    request: &str,
+) -> std::io::Result<Vec<u8>> {
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
+}
+
+/// A TLS client that accepts any certificate, as the kubelet's HTTPS probes
+/// and hooks (`InsecureSkipVerify`): a pod's certificate names what its
+/// clients reach, not its IP.
+fn insecure_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::{
+        DigitallySignedStruct, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
+        pki_types::{CertificateDer, ServerName, UnixTime},
+    };
+    #[derive(Debug)]
+    struct AnyCertificate(std::sync::Arc<CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        // Signatures are still checked: the peer holds the certificate's key.
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    static CONFIG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            std::sync::Arc::new(config)
+        })
+        .clone()
 }
 
 /// The standard gRPC health check (`grpc.health.v1.Health/Check`) on the

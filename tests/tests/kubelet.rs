@@ -1841,3 +1841,69 @@ fn fs_group_owns_volumes_and_a_group_alone_runs_as_the_images_user() {
     let log = node.wait_logs("image-user", "app", Duration::from_secs(10), |l| l.contains("uid="));
     assert_eq!(log.trim(), "uid=1000 gid=3000");
 }
+
+const HTTPS_PROBED: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: tls}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    command: [sh, -c, 'while true; do sleep 1; done']
+    readinessProbe: {httpGet: {scheme: HTTPS, port: 8443, path: /}, periodSeconds: 1}
+"#;
+
+/// A child process ended (by its PID) when the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// An HTTPS probe, as the kubelet's, does not check the certificate: a
+/// self-signed one serves.
+#[test]
+fn an_https_probe_accepts_the_pods_own_certificate() {
+    root_or_skip!();
+    let node = Node::start();
+    write(node.manifests.path(), "tls.yaml", &manifest(HTTPS_PROBED)).unwrap();
+    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
+    node.wait_status("tls.yaml", "tls", Duration::from_secs(60), |s| app(s)["state"]["running"].is_object());
+    std::thread::sleep(Duration::from_secs(2));
+    let s = node.wait_status("tls.yaml", "tls", Duration::from_secs(1), |_| true);
+    assert_eq!(app(&s)["ready"], false, "nothing serves yet: {s:#}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=tls"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (`cargo xtask setup` installs it)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // A TLS server in the pod's network namespace.
+    let pause = tasks(&node)[&sandboxes(&node, "tls")[0]].0.clone();
+    let _server = Child(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/proc/{pause}/ns/net"))
+            .args(["openssl", "s_server", "-quiet", "-www", "-accept", "8443"])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = node.wait_status("tls.yaml", "tls", Duration::from_secs(20), |s| app(s)["ready"] == true);
+    assert_eq!(phase(&ready), "Running");
+}

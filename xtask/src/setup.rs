@@ -17,7 +17,8 @@ use anyhow::{Context as _, bail};
 /// the migration tests load kube-proxy's nftables rules and IPVS-mode ipsets
 /// with nft and ipset;
 /// the dashboard test drives Chromium; the kubelet tests run containerd with
-/// runc and the CNI plugins, busybox-static for images and a local registry;
+/// runc and the CNI plugins, busybox-static for images, a local registry and
+/// openssl (a TLS server);
 /// protoc compiles the CRI protos.
 const PACKAGES: &[&str] = &[
     "iproute2",
@@ -34,6 +35,8 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "docker-registry",
     "protobuf-compiler",
+    // A TLS server for the kubelet's HTTPS probe tests.
+    "openssl",
     // The DNS add-on's tests and benchmark: dig, an upstream server, dnsperf.
     "bind9-dnsutils",
     "dnsmasq-base",
