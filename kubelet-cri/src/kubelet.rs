@@ -26,9 +26,10 @@ pub struct Kubelet {
     shared: Arc<Shared>,
     /// Pod uid -> its worker.
     workers: HashMap<String, Handle>,
-    /// Pods being deleted through the API with their own grace period
-    /// (`deletionGracePeriodSeconds`), which overrides the spec's.
-    deletion_graces: HashMap<String, i64>,
+    /// Pods being deleted through the API, by uid: the grace period their
+    /// deletion gave (`deletionGracePeriodSeconds`, over the spec's) and
+    /// their spec.
+    deleting: HashMap<String, (Option<i64>, DesiredPod)>,
     /// Uids of the pods that had a sandbox at the last pass.
     on_node: HashSet<String>,
 }
@@ -63,16 +64,15 @@ impl Kubelet {
         Ok(Self {
             shared: Arc::new(shared),
             workers: HashMap::new(),
-            deletion_graces: HashMap::new(),
+            deleting: HashMap::new(),
             on_node: HashSet::new(),
         })
     }
 
-    /// The grace periods of pods being deleted through the API, by uid
-    /// (`metadata.deletionGracePeriodSeconds`): they stop within these
-    /// rather than their spec's `terminationGracePeriodSeconds`.
-    pub fn set_deletion_graces(&mut self, graces: HashMap<String, i64>) {
-        self.deletion_graces = graces;
+    /// The pods being deleted through the API (as the kube source lists
+    /// them): they stop within their deletion's grace period, with their hooks.
+    pub fn set_deleting(&mut self, deleting: HashMap<String, (Option<i64>, DesiredPod)>) {
+        self.deleting = deleting;
     }
 
     /// Whether pod `uid` still has anything on this node (running, or
@@ -121,10 +121,13 @@ impl Kubelet {
                 .cloned()
                 .collect();
             for uid in unwanted {
-                let grace = self.deletion_graces.get(&uid).copied();
+                let (grace, pod) = match self.deleting.get(&uid) {
+                    Some((grace, pod)) => (*grace, Some(Box::new(pod.clone()))),
+                    None => (None, None),
+                };
                 let shared = &self.shared;
                 let w = self.workers.entry(uid.clone()).or_insert_with(|| Handle::spawn(shared.clone(), uid));
-                w.order(Order::Stop { grace });
+                w.order(Order::Stop { grace, pod });
             }
         }
         Ok(statuses)

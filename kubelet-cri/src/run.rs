@@ -107,7 +107,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             Source::Kube(k) => k.objects(&pods).await,
         };
         if let Source::Kube(k) = &source {
-            kubelet.set_deletion_graces(k.deletion_graces());
+            kubelet.set_deleting(k.deleting());
         }
         match kubelet.sync(&pods, complete, &objects).await {
             Ok(statuses) => {

@@ -472,13 +472,23 @@ impl KubeSource {
         )
     }
 
-    /// The grace period each pod being deleted was given (by uid).
-    pub fn deletion_graces(&self) -> HashMap<String, i64> {
+    /// The pods being deleted, by uid: each with the grace period its
+    /// deletion gave (`deletionGracePeriodSeconds`) and its spec (for its
+    /// preStop hooks, even when this kubelet never ran it).
+    pub fn deleting(&self) -> HashMap<String, (Option<i64>, DesiredPod)> {
         self.store
             .state()
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_some())
-            .filter_map(|p| Some((p.metadata.uid.clone()?, p.metadata.deletion_grace_period_seconds?)))
+            .filter_map(|p| {
+                let id = PodId {
+                    namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                    name: p.metadata.name.clone()?,
+                    uid: p.metadata.uid.clone()?,
+                };
+                let grace = p.metadata.deletion_grace_period_seconds;
+                Some((id.uid.clone(), (grace, DesiredPod { id, pod: (**p).clone() })))
+            })
             .collect()
     }
 

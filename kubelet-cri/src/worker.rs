@@ -63,8 +63,9 @@ pub struct Shared {
 pub enum Order {
     /// Make the pod run as its spec says.
     Sync { pod: Box<DesiredPod>, objects: Arc<ConfigObjects> },
-    /// Stop and remove it, within this grace period if given (else its own).
-    Stop { grace: Option<i64> },
+    /// Stop and remove it, within this grace period if given (else its
+    /// own), with its spec if known (its hooks, its sidecars' order).
+    Stop { grace: Option<i64>, pod: Option<Box<DesiredPod>> },
 }
 
 /// The kubelet's side of a worker.
@@ -82,6 +83,7 @@ impl Handle {
         let worker = Worker {
             crash: Backoff::new(shared.backoff_base, max),
             pulls: Backoff::new(shared.backoff_base, max),
+            sandboxes: Backoff::new(shared.backoff_base, max),
             shared,
             uid,
             pod: None,
@@ -116,9 +118,11 @@ struct Worker {
     /// The spec of the last sync: hooks and grace periods when it stops.
     pod: Option<DesiredPod>,
     /// Between restarts of a container that exited, and between pulls of an
-    /// image that failed, by container name.
+    /// image that failed, by container name; between attempts at a sandbox
+    /// the runtime would not make.
     crash: Backoff,
     pulls: Backoff,
+    sandboxes: Backoff,
     /// Container -> why this pass holds it back (reason, message).
     waiting: HashMap<String, (String, String)>,
     prober: Prober,
@@ -233,7 +237,10 @@ impl Worker {
                     }
                     self.pod = Some(*pod);
                 }
-                Some(Order::Stop { grace }) => {
+                Some(Order::Stop { grace, pod }) => {
+                    if self.pod.is_none() {
+                        self.pod = pod.map(|p| *p);
+                    }
                     if let Err(e) = self.stop(grace).await {
                         // The next pass starts another worker to try again.
                         tracing::warn!(uid = %self.uid, error = %format!("{e:#}"), "removing a pod");
@@ -421,10 +428,16 @@ impl Worker {
         }
 
         let (sandbox_id, attempt) = match (a.new_sandbox, seen.current()) {
+            (Some(_), _) if self.sandboxes.holding_since_last("", now_ns()).is_some() => return Ok(()),
             (Some(attempt), _) => match self.run_sandbox(d, attempt, objects).await {
-                Ok(id) => (id, attempt),
+                Ok(id) => {
+                    self.sandboxes.clear("");
+                    (id, attempt)
+                }
                 Err(e) => {
                     tracing::warn!(pod = %d.id, error = %format!("{e:#}"), "could not start the pod sandbox");
+                    let now = now_ns();
+                    self.sandboxes.next("", now, now);
                     return Ok(());
                 }
             },

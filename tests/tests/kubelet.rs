@@ -1180,9 +1180,13 @@ fn a_deletion_grace_period_overrides_the_pods_own() {
     root_or_skip!();
     let mut node = Node::without_kubelet();
     let api = api_server_on(&node);
+    let out = tempfile::tempdir().unwrap();
     let pod: Pod = serde_yaml::from_str(&format!(
         "metadata: {{name: stubborn, namespace: default}}\nspec:\n  nodeName: node-1\n  terminationGracePeriodSeconds: 120\n  \
-         containers:\n  - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'trap \"\" TERM; echo up; while true; do sleep 1; done']}}\n"
+         volumes: [{{name: out, hostPath: {{path: {}}}}}]\n  \
+         containers:\n  - {{name: app, image: {BUSYBOX_IMAGE}, command: [sh, -c, 'trap \"\" TERM; echo up; while true; do sleep 1; done'], \
+         volumeMounts: [{{name: out, mountPath: /out}}], lifecycle: {{preStop: {{exec: {{command: [sh, -c, 'echo bye > /out/pre-stop']}}}}}}}}\n",
+        out.path().display()
     ))
     .unwrap();
     api.create(&pod).unwrap();
@@ -1192,13 +1196,19 @@ fn a_deletion_grace_period_overrides_the_pods_own() {
     node.start_kubelet();
     node.wait_logs("stubborn", "app", Duration::from_secs(60), |l| l.trim() == "up");
 
+    // Deleted while the kubelet is away: the one that comes back never ran
+    // the pod, yet runs its preStop hook, from the deleted pod's spec.
+    node.kubelet.take().unwrap().interrupt().unwrap();
     let asked = Instant::now();
     api.delete_with_grace::<Pod>("default", "stubborn", 1).unwrap();
+    node.start_kubelet();
     let deadline = asked + Duration::from_secs(15);
     while api.get::<Pod>("default", "stubborn").is_ok() {
         assert!(Instant::now() < deadline, "still there after {:?}:\n{}", asked.elapsed(), node.log());
         std::thread::sleep(Duration::from_millis(200));
     }
+    let said = std::fs::read_to_string(out.path().join("pre-stop")).unwrap_or_default();
+    assert_eq!(said.trim(), "bye", "the preStop hook ran:\n{}", node.log());
 }
 
 const CLASSED: &str = r#"apiVersion: node.k8s.io/v1
@@ -1255,6 +1265,12 @@ fn a_runtime_class_chooses_the_runtime_handler() {
         let s = node.wait_status("classed.yaml", pod, Duration::from_secs(1), |_| true);
         assert_eq!(phase(&s), "Pending", "{pod}: no sandbox: {s:#}");
     }
+    // A sandbox the runtime refuses is asked for again with back-off
+    // (1 s, 2 s, 4 s ...), not every pass.
+    let attempts = || node.log().matches("could not start the pod sandbox pod=default/unhandled").count();
+    let first = attempts();
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(attempts() - first <= 3, "{} attempts in 6 s:\n{}", attempts() - first, node.log());
 }
 
 /// Unpadded base64url, decoded (a JWT's parts).
