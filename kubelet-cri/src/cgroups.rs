@@ -60,8 +60,9 @@ fn quantity<'a>(c: &'a Container, limits: bool, name: &str) -> Option<&'a str> {
     quantities(c, limits).find(|(n, _)| *n == name).map(|(_, q)| q)
 }
 
-fn is_zero(q: &str) -> bool {
-    parse_cpu(q).map(|v| v == 0).unwrap_or(false)
+fn is_zero(name: &str, q: &str) -> bool {
+    let value = if name == "cpu" { parse_cpu(q) } else { parse_memory(q) };
+    value.map(|v| v == 0).unwrap_or(false)
 }
 
 /// The kubelet's QoS class: Guaranteed when every container limits CPU and
@@ -72,7 +73,7 @@ pub fn qos_class(spec: &PodSpec) -> Qos {
     let compute = |name: &str| name == "cpu" || name == "memory";
     let any = all
         .iter()
-        .any(|c| quantities(c, false).chain(quantities(c, true)).any(|(name, q)| compute(name) && !is_zero(q)));
+        .any(|c| quantities(c, false).chain(quantities(c, true)).any(|(name, q)| compute(name) && !is_zero(name, q)));
     if !any {
         return Qos::BestEffort;
     }
@@ -130,18 +131,34 @@ pub struct PodLimits {
 }
 
 pub fn pod_limits(spec: &PodSpec) -> PodLimits {
-    let apps = &spec.containers;
-    // A request left out defaults to the limit.
-    let requested_milli: i64 =
-        apps.iter().filter_map(|c| parse_cpu(quantity(c, false, "cpu").or(quantity(c, true, "cpu"))?).ok()).sum();
+    let inits: Vec<&Container> = spec.init_containers.iter().flatten().collect();
+    // What runs at once: the app containers with the sidecars, or one
+    // regular init container at a time (as the API's pod resource rules).
+    let steady: Vec<&Container> =
+        spec.containers.iter().chain(inits.iter().copied().filter(|c| crate::spec::is_sidecar(c))).collect();
+    let regular_init: Vec<&Container> = inits.iter().copied().filter(|c| !crate::spec::is_sidecar(c)).collect();
+    let all: Vec<&Container> = steady.iter().chain(&regular_init).copied().collect();
+    let pod_value = |each: &dyn Fn(&Container) -> Option<i64>| -> Option<i64> {
+        let sum: Option<i64> = steady.iter().map(|c| each(c)).sum();
+        let biggest_init = regular_init.iter().map(|c| each(c)).try_fold(0, |m, v| Some(m.max(v?)));
+        Some(sum?.max(biggest_init?))
+    };
+    // A request left out defaults to the limit; none at all counts as 0.
+    let cpu_request = |c: &Container| {
+        let q = quantity(c, false, "cpu").or(quantity(c, true, "cpu"));
+        Some(q.and_then(|q| parse_cpu(q).ok()).unwrap_or(0))
+    };
+    let requested_milli = pod_value(&cpu_request).unwrap_or(0);
     let cpu_shares = match qos_class(spec) {
         Qos::BestEffort => 2,
         _ => (requested_milli * 1024 / 1000).max(2) as u64,
     };
-    // `None` as soon as one container has no limit.
-    let cpu_limit: Option<i64> = apps.iter().map(|c| parse_cpu(quantity(c, true, "cpu")?).ok()).sum();
-    let memory: Option<i64> = apps.iter().map(|c| parse_memory(quantity(c, true, "memory")?).ok()).sum();
-    PodLimits { cpu_shares, cpu_quota: cpu_limit.map(|milli| milli * 100), memory }
+    // A limit only when every container has one.
+    let declared = |name: &str| all.iter().all(|c| quantity(c, true, name).is_some());
+    let cpu_limit = pod_value(&|c| parse_cpu(quantity(c, true, "cpu")?).ok()).filter(|_| declared("cpu"));
+    let memory = pod_value(&|c| parse_memory(quantity(c, true, "memory")?).ok()).filter(|_| declared("memory"));
+    // The kernel's least CFS quota is 1 ms.
+    PodLimits { cpu_shares, cpu_quota: cpu_limit.map(|milli| (milli * 100).max(1000)), memory }
 }
 
 /// Where cgroupfs keeps controller `name`: its own hierarchy (cgroup v1) or
@@ -160,21 +177,44 @@ pub fn apply(mount: &Path, path: &str, limits: &PodLimits) -> std::io::Result<()
     let memory = controller_dir(mount, "memory").join(rel);
     std::fs::create_dir_all(&cpu)?;
     std::fs::create_dir_all(&memory)?;
+    // Every value is tried; the first failure is reported.
+    let mut first_error = None;
+    let mut write = |file: PathBuf, value: String| {
+        if let Err(e) = std::fs::write(&file, &value) {
+            tracing::debug!(file = %file.display(), %value, error = %e, "cgroup value not set");
+            first_error.get_or_insert(std::io::Error::new(e.kind(), format!("{}: {e}", file.display())));
+        }
+    };
+    let besteffort_tier = Path::new(rel).parent().filter(|p| p.ends_with("besteffort"));
     if v2 {
+        // A v2 folder offers its children only the controllers its parent
+        // enabled: enable cpu and memory from the root down to the pod's parent.
+        let mut dir = mount.to_path_buf();
+        for part in Path::new(rel).parent().into_iter().flat_map(|p| p.components()) {
+            write(dir.join("cgroup.subtree_control"), "+cpu +memory".into());
+            dir = dir.join(part);
+        }
+        write(dir.join("cgroup.subtree_control"), "+cpu +memory".into());
         // cgroup v2 weight from v1 shares, as runc converts them.
         let weight = 1 + (limits.cpu_shares.clamp(2, 262_144) - 2) * 9999 / 262_142;
-        std::fs::write(cpu.join("cpu.weight"), weight.to_string())?;
+        write(cpu.join("cpu.weight"), weight.to_string());
         let quota = limits.cpu_quota.map_or("max".to_string(), |q| q.to_string());
-        std::fs::write(cpu.join("cpu.max"), format!("{quota} 100000"))?;
-        let memory_max = limits.memory.map_or("max".to_string(), |m| m.to_string());
-        std::fs::write(memory.join("memory.max"), memory_max)?;
+        write(cpu.join("cpu.max"), format!("{quota} 100000"));
+        write(memory.join("memory.max"), limits.memory.map_or("max".to_string(), |m| m.to_string()));
+        // BestEffort pods together weigh as little as one can, as the kubelet sets their tier.
+        if let Some(tier) = besteffort_tier {
+            write(mount.join(tier).join("cpu.weight"), "1".into());
+        }
     } else {
-        std::fs::write(cpu.join("cpu.shares"), limits.cpu_shares.to_string())?;
-        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000")?;
-        std::fs::write(cpu.join("cpu.cfs_quota_us"), limits.cpu_quota.unwrap_or(-1).to_string())?;
-        std::fs::write(memory.join("memory.limit_in_bytes"), limits.memory.unwrap_or(-1).to_string())?;
+        write(cpu.join("cpu.shares"), limits.cpu_shares.to_string());
+        write(cpu.join("cpu.cfs_period_us"), "100000".into());
+        write(cpu.join("cpu.cfs_quota_us"), limits.cpu_quota.unwrap_or(-1).to_string());
+        write(memory.join("memory.limit_in_bytes"), limits.memory.unwrap_or(-1).to_string());
+        if let Some(tier) = besteffort_tier {
+            write(controller_dir(mount, "cpu").join(tier).join("cpu.shares"), "2".into());
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Removes the pod's cgroupfs cgroup from every hierarchy (only an empty
@@ -219,6 +259,8 @@ mod tests {
         let init =
             spec("initContainers: [{name: i}]\ncontainers: [{name: a, resources: {limits: {cpu: 1, memory: 1Gi}}}]");
         assert_eq!(qos_class(&init), Qos::Burstable, "an init container without limits");
+        let zero = spec("containers: [{name: a, resources: {requests: {memory: 0Mi}}}]");
+        assert_eq!(qos_class(&zero), Qos::BestEffort, "a zero request asks for nothing");
     }
 
     #[test]
@@ -247,5 +289,29 @@ mod tests {
         );
         assert_eq!(pod_limits(&open), PodLimits { cpu_shares: 1024, cpu_quota: None, memory: None });
         assert_eq!(pod_limits(&spec("containers: [{name: a}]")).cpu_shares, 2);
+        let init = spec(
+            "initContainers: [{name: big, resources: {limits: {cpu: 2, memory: 256Mi}}}, {name: side, restartPolicy: Always, resources: {limits: {cpu: 100m, memory: 16Mi}}}]
+containers: [{name: a, resources: {limits: {cpu: 500m, memory: 64Mi}}}]",
+        );
+        let l = pod_limits(&init);
+        assert_eq!(
+            (l.cpu_quota, l.memory),
+            (Some(200_000), Some(256 << 20)),
+            "the biggest init container sets the bar"
+        );
+        let small_init = spec(
+            "initContainers: [{name: i, resources: {limits: {cpu: 100m, memory: 8Mi}}}, {name: side, restartPolicy: Always, resources: {limits: {cpu: 100m, memory: 16Mi}}}]
+containers: [{name: a, resources: {limits: {cpu: 500m, memory: 64Mi}}}]",
+        );
+        assert_eq!(pod_limits(&small_init).memory, Some(80 << 20), "apps and sidecars together");
+        let unlimited_init = spec(
+            "initContainers: [{name: i}]\ncontainers: [{name: a, resources: {limits: {cpu: 500m, memory: 64Mi}}}]",
+        );
+        assert_eq!(pod_limits(&unlimited_init).memory, None, "an init container without a limit");
+        assert_eq!(
+            pod_limits(&spec("containers: [{name: a, resources: {limits: {cpu: 1m}}}]")).cpu_quota,
+            Some(1000),
+            "the kernel's least quota"
+        );
     }
 }

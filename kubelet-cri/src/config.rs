@@ -578,18 +578,26 @@ pub fn volume_files(
 
 /// Writes `files` into `dir` as the kubelet's atomic writer does: a new
 /// timestamped folder, `..data` switched to it with one rename, and each
-/// top-level name a link through `..data`. Nothing is written when the
-/// content is the same. Returns whether it changed.
-pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<bool> {
-    use std::os::unix::fs::PermissionsExt as _;
+/// top-level name a link through `..data`. With `group` (the pod's
+/// fsGroup) a new folder is given to the group, read only, before it is
+/// switched in. Nothing is written when the content (and ownership) is the
+/// same. Returns whether it changed.
+pub fn write_atomically(dir: &Path, files: &Files, group: Option<u32>) -> io::Result<bool> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let data_link = dir.join("..data");
     let current = std::fs::read_link(&data_link).ok();
+    let wanted_mode = |mode: i32| match group {
+        Some(_) => crate::ownership::with_group(mode as u32, false, true),
+        None => mode as u32,
+    };
     let same = current.as_ref().is_some_and(|current| {
         let current = dir.join(current);
         files.iter().all(|(path, (bytes, mode))| {
             let p = current.join(path);
             std::fs::read(&p).is_ok_and(|b| &b == bytes)
-                && std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode as u32)
+                && std::fs::metadata(&p).is_ok_and(|m| {
+                    m.permissions().mode() & 0o7777 == wanted_mode(*mode) && group.is_none_or(|g| m.gid() == g)
+                })
         }) && count_files(&current) == files.len()
     });
     let live = if same {
@@ -599,7 +607,9 @@ pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<bool> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let name = PathBuf::from(format!("..{stamp}"));
         let fresh = dir.join(&name);
-        if let Err(e) = write_generation(&fresh, files) {
+        let written = write_generation(&fresh, files)
+            .and_then(|()| group.map_or(Ok(()), |gid| crate::ownership::set(&fresh, gid, true)));
+        if let Err(e) = written {
             // A generation that cannot be written whole is not left behind.
             std::fs::remove_dir_all(&fresh).ok();
             return Err(e);
@@ -802,15 +812,25 @@ mod tests {
 
     #[test]
     fn the_atomic_writer_switches_data_and_drops_what_went() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("vol");
         let one = Files::from([("a".into(), (b"1".to_vec(), 0o644)), ("sub/b".into(), (b"2".to_vec(), 0o644))]);
-        assert!(write_atomically(&d, &one).unwrap());
+        assert!(write_atomically(&d, &one, None).unwrap());
         assert_eq!(std::fs::read(d.join("a")).unwrap(), b"1");
         assert_eq!(std::fs::read(d.join("sub/b")).unwrap(), b"2");
-        assert!(!write_atomically(&d, &one).unwrap(), "the same content is not rewritten");
+        assert!(!write_atomically(&d, &one, None).unwrap(), "the same content is not rewritten");
+        // With a group, files get its read access before the switch, and
+        // are not rewritten for it on the next pass.
+        let g = tempfile::tempdir().unwrap();
+        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(g.path()).unwrap());
+        let private = Files::from([("k".into(), (b"x".to_vec(), 0o400))]);
+        assert!(write_atomically(g.path(), &private, Some(gid)).unwrap());
+        let mode = std::fs::metadata(g.path().join("k")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o440, "the group reads it");
+        assert!(!write_atomically(g.path(), &private, Some(gid)).unwrap(), "the group's access is no change");
         let two = Files::from([("a".into(), (b"3".to_vec(), 0o600))]);
-        assert!(write_atomically(&d, &two).unwrap());
+        assert!(write_atomically(&d, &two, None).unwrap());
         assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3");
         assert!(!d.join("sub").exists(), "a name no longer there goes");
         let generations = |d: &Path| {
@@ -822,10 +842,10 @@ mod tests {
         };
         assert_eq!(generations(&d), 1, "the old generation is removed");
         std::fs::remove_file(d.join("a")).unwrap();
-        assert!(!write_atomically(&d, &two).unwrap());
+        assert!(!write_atomically(&d, &two, None).unwrap());
         assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3", "a missing name is put back");
         let clash = Files::from([("x".into(), (b"1".to_vec(), 0o644)), ("x/y".into(), (b"2".to_vec(), 0o644))]);
-        assert!(write_atomically(&d, &clash).is_err());
+        assert!(write_atomically(&d, &clash, None).is_err());
         assert_eq!(generations(&d), 1, "a failed write leaves no generation behind");
         assert_eq!(std::fs::read(d.join("a")).unwrap(), b"3", "and the live one serves on");
     }

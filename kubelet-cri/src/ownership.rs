@@ -11,6 +11,19 @@ use std::{
 
 const S_ISGID: u32 = 0o2000;
 
+/// `mode` with the group's access added: read and write (or read only),
+/// and search where the owner may execute; folders get setgid.
+pub fn with_group(mode: u32, is_dir: bool, read_only: bool) -> u32 {
+    let owner_x = mode & 0o100 != 0;
+    let group = match (read_only, is_dir || owner_x) {
+        (false, true) => 0o070,
+        (false, false) => 0o060,
+        (true, true) => 0o050,
+        (true, false) => 0o040,
+    };
+    mode | group | if is_dir { S_ISGID } else { 0 }
+}
+
 /// Gives everything under `dir` (itself included) to group `gid`.
 pub fn set(dir: &Path, gid: u32, read_only: bool) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(dir)?;
@@ -19,16 +32,8 @@ pub fn set(dir: &Path, gid: u32, read_only: bool) -> std::io::Result<()> {
     if meta.file_type().is_symlink() {
         return Ok(());
     }
-    let mode = meta.mode() & 0o7777;
-    let owner_x = mode & 0o100 != 0;
-    let group = match (read_only, meta.is_dir() || owner_x) {
-        (false, true) => 0o070,
-        (false, false) => 0o060,
-        (true, true) => 0o050,
-        (true, false) => 0o040,
-    };
-    let setgid = if meta.is_dir() { S_ISGID } else { 0 };
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | group | setgid))?;
+    let mode = with_group(meta.mode() & 0o7777, meta.is_dir(), read_only);
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
     if meta.is_dir() {
         for entry in std::fs::read_dir(dir)? {
             set(&entry?.path(), gid, read_only)?;

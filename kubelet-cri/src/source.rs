@@ -203,6 +203,7 @@ const OBJECT_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 const MISSING_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest a fetch or a token request may take.
 const API_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+const REWRITE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Objects of one kind fetched by name: the object (`None`: not there) and when.
 type Fetched<K> = Mutex<HashMap<(String, String), (Option<K>, std::time::Instant)>>;
@@ -292,7 +293,10 @@ pub struct KubeSource {
     /// Service account tokens issued for pods: the token, when, and its lifetime.
     tokens: Mutex<HashMap<TokenWanted, IssuedToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
-    written: Mutex<HashMap<String, serde_json::Value>>,
+    /// The status patch last written for each pod, and when: the same one
+    /// is written again only after `REWRITE_AFTER` (one that timed out may
+    /// still have landed after a newer one).
+    written: Mutex<HashMap<String, (serde_json::Value, std::time::Instant)>>,
     /// Uids of deleted pods already handed back to the API server.
     finalized: Mutex<HashSet<String>>,
 }
@@ -535,14 +539,23 @@ impl KubeSource {
             // type) with the pod's uid as precondition, so a pod recreated
             // under the same name never gets its predecessor's status.
             let value = serde_json::json!({ "metadata": {"uid": d.id.uid}, "status": status });
-            if self.written.lock().unwrap().get(&d.id.uid) == Some(&value) {
+            if self
+                .written
+                .lock()
+                .unwrap()
+                .get(&d.id.uid)
+                .is_some_and(|(written, at)| *written == value && at.elapsed() < REWRITE_AFTER)
+            {
                 return None;
             }
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &d.id.namespace);
             Some(async move {
                 let (params, patch) = (PatchParams::default(), Patch::Strategic(&value));
                 match tokio::time::timeout(API_DEADLINE, api.patch_status(&d.id.name, &params, &patch)).await {
-                    Ok(Ok(_)) => drop(self.written.lock().unwrap().insert(d.id.uid.clone(), value)),
+                    Ok(Ok(_)) => {
+                        let now = std::time::Instant::now();
+                        self.written.lock().unwrap().insert(d.id.uid.clone(), (value, now));
+                    }
                     Ok(Err(e)) => tracing::warn!(pod = %d.id, error = %e, "cannot write pod status"),
                     Err(_) => {
                         tracing::warn!(pod = %d.id, "cannot write pod status: the API server did not answer in time")

@@ -327,6 +327,14 @@ impl Worker {
         published: &Mutex<Option<PodStatus>>,
     ) -> Result<PodStatus> {
         self.waiting.clear();
+        if self.transitions.is_empty() {
+            // A restarted kubelet keeps the transition times the API holds.
+            for c in d.pod.status.iter().flat_map(|s| s.conditions.iter().flatten()) {
+                if let Some(at) = &c.last_transition_time {
+                    self.transitions.insert(c.type_.clone(), (c.status.clone(), at.clone()));
+                }
+            }
+        }
         let (seen, _) = self.observe().await?;
         let spec = d.pod.spec.clone().unwrap_or_default();
         let current = seen.current().map(|s| s.id.clone());
@@ -670,14 +678,8 @@ impl Worker {
                 Err(e) => return Err(format!("volume {:?}: {e}", v.name)),
             };
             let dir = spec::config_dir(&self.shared.settings, &d.id, &v.name);
-            match config::write_atomically(&dir, &files) {
-                Ok(true) => {
-                    tracing::info!(pod = %d.id, volume = %v.name, "volume files written");
-                    if let Some(gid) = fs_group(d) {
-                        ownership::set(&dir, gid, true)
-                            .map_err(|e| format!("volume {:?}: fsGroup {gid}: {e}", v.name))?;
-                    }
-                }
+            match config::write_atomically(&dir, &files, fs_group(d)) {
+                Ok(true) => tracing::info!(pod = %d.id, volume = %v.name, "volume files written"),
                 Ok(false) => {}
                 Err(e) => return Err(format!("writing volume {:?} at {}: {e}", v.name, dir.display())),
             }
@@ -747,7 +749,12 @@ impl Worker {
         let pod = self.pod.clone();
         let spec = pod.as_ref().and_then(|d| d.pod.spec.clone()).unwrap_or_default();
         let sidecars: Vec<&Container> = spec.init_containers.iter().flatten().filter(|c| spec::is_sidecar(c)).collect();
-        let pod_ip = self.pod_ip.as_ref().and_then(|(_, ip)| ip.clone());
+        // Known from the last pass, else asked (a pod this worker never ran).
+        let pod_ip = match (&self.pod_ip, &pod, sandboxes.first()) {
+            (Some((_, ip)), _, _) => ip.clone(),
+            (None, Some(d), Some(s)) => self.pod_ip(d, &s.id).await,
+            _ => None,
+        };
         let deadline = Instant::now() + Duration::from_secs(grace.max(0) as u64);
         let left = || deadline.saturating_duration_since(Instant::now()).as_secs() as i64;
         let running = |name: &str| seen.latest(name).filter(|i| i.state == State::Running).map(|i| i.id.clone());
@@ -773,10 +780,17 @@ impl Worker {
         }
         // A sandbox or container whose creation an abandoned pass left
         // running on the runtime's side goes too.
-        let (late, late_sandboxes) = self.observe().await?;
-        for s in &late_sandboxes {
-            let ids = late.instances.values().flatten().filter(|i| i.sandbox_id == s.id).map(|i| i.id.clone());
-            remove_pod(self.shared.cri.clone(), s.id.clone(), ids.collect(), 0).await?;
+        match self.observe().await {
+            Ok((late, late_sandboxes)) => {
+                for s in &late_sandboxes {
+                    let ids = late.instances.values().flatten().filter(|i| i.sandbox_id == s.id);
+                    let ids = ids.map(|i| i.id.clone()).collect();
+                    if let Err(e) = remove_pod(self.shared.cri.clone(), s.id.clone(), ids, 0).await {
+                        tracing::warn!(pod = %name, error = %format!("{e:#}"), "removing a late sandbox");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(pod = %name, error = %format!("{e:#}"), "looking for late sandboxes"),
         }
         let id = sandboxes.first().and_then(|s| s.metadata.as_ref()).map(|m| PodId {
             namespace: m.namespace.clone(),

@@ -1200,7 +1200,8 @@ fn a_deletion_grace_period_overrides_the_pods_own() {
     // the pod, yet runs its preStop hook, from the deleted pod's spec.
     node.kubelet.take().unwrap().interrupt().unwrap();
     let asked = Instant::now();
-    api.delete_with_grace::<Pod>("default", "stubborn", 1).unwrap();
+    // (5 s, not 120: long enough for the hook on a busy machine.)
+    api.delete_with_grace::<Pod>("default", "stubborn", 5).unwrap();
     node.start_kubelet();
     let deadline = asked + Duration::from_secs(15);
     while api.get::<Pod>("default", "stubborn").is_ok() {
@@ -1741,6 +1742,11 @@ fn pods_live_in_cgroups_by_qos_class_with_their_summed_limits() {
             );
         }
     }
+    // BestEffort pods share the least CPU weight there is, as a tier.
+    let (cpu_root, file, least) =
+        if v2 { ("/sys/fs/cgroup", "cpu.weight", "1") } else { ("/sys/fs/cgroup/cpu", "cpu.shares", "2") };
+    let tier = std::fs::read_to_string(format!("{cpu_root}{parent}/besteffort/{file}")).unwrap();
+    assert_eq!(tier.trim(), least);
     std::fs::remove_file(node.manifests.path().join("pods.yaml")).unwrap();
     let gone = format!("{memory_root}{parent}/burstable/pod00000000-0000-4000-8000-00000000000b");
     wait_until(Duration::from_secs(30), "the pod cgroup going with its pod", &node, || {
@@ -1853,6 +1859,10 @@ fn fs_group_owns_volumes_and_a_group_alone_runs_as_the_images_user() {
     node.wait_status("pods.yaml", "grouped", Duration::from_secs(60), |s| phase(s) == "Running");
     let log = node.wait_logs("grouped", "app", Duration::from_secs(10), |l| l.contains("data="));
     assert_eq!(log.trim(), "data=2345 new=2345 config=2345 read=value", "{}", node.log());
+    // Written once: the group's access is no reason to write it again.
+    std::thread::sleep(Duration::from_secs(3));
+    let writes = node.log().matches("volume files written pod=default/grouped volume=config").count();
+    assert_eq!(writes, 1, "{}", node.log());
     node.wait_status("pods.yaml", "image-user", Duration::from_secs(60), |s| phase(s) == "Running");
     let log = node.wait_logs("image-user", "app", Duration::from_secs(10), |l| l.contains("uid="));
     assert_eq!(log.trim(), "uid=1000 gid=3000");
