@@ -217,6 +217,25 @@ pub fn apply(mount: &Path, path: &str, limits: &PodLimits) -> std::io::Result<()
     first_error.map_or(Ok(()), Err)
 }
 
+/// The pod cgroups under `root` (cgroupfs), as (pod uid, path), whatever
+/// their class: what a sweep compares with the pods the node has.
+pub fn pod_cgroups(mount: &Path, root: &str) -> Vec<(String, String)> {
+    let root = format!("/{}", root.trim_matches('/'));
+    let memory = controller_dir(mount, "memory");
+    let mut found = Vec::new();
+    for tier in ["", "/burstable", "/besteffort"] {
+        let dir = format!("{root}{tier}");
+        let Ok(entries) = std::fs::read_dir(memory.join(dir.trim_start_matches('/'))) else { continue };
+        for e in entries.flatten().filter(|e| e.path().is_dir()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(uid) = name.strip_prefix("pod") {
+                found.push((uid.to_string(), format!("{dir}/{name}")));
+            }
+        }
+    }
+    found
+}
+
 /// Removes the pod's cgroupfs cgroup from every hierarchy (only an empty
 /// cgroup can go; one still in use stays).
 pub fn remove(mount: &Path, path: &str) {
@@ -274,6 +293,25 @@ mod tests {
         assert_eq!(
             pod_cgroup("/kubepods", Qos::BestEffort, uid, Driver::Systemd),
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5f1d1a9e_0000_4000_8000_000000000001.slice"
+        );
+    }
+
+    #[test]
+    fn pod_cgroups_are_found_in_every_class() {
+        let mount = tempfile::tempdir().unwrap();
+        for dir in ["memory/kubepods/podA", "memory/kubepods/burstable/podB", "memory/kubepods/besteffort/podC"] {
+            std::fs::create_dir_all(mount.path().join(dir)).unwrap();
+        }
+        std::fs::create_dir_all(mount.path().join("memory/kubepods/burstable/other")).unwrap();
+        let mut found = pod_cgroups(mount.path(), "/kubepods");
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("A".to_string(), "/kubepods/podA".to_string()),
+                ("B".to_string(), "/kubepods/burstable/podB".to_string()),
+                ("C".to_string(), "/kubepods/besteffort/podC".to_string()),
+            ]
         );
     }
 

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::PodStatus;
 
 pub use crate::worker::DesiredPod;
 use crate::{
+    cgroups,
     config::ConfigObjects,
     cri::Cri,
     error::{Result, call},
@@ -32,7 +33,13 @@ pub struct Kubelet {
     deleting: HashMap<String, (Option<i64>, DesiredPod)>,
     /// Uids of the pods that had a sandbox at the last pass.
     on_node: HashSet<String>,
+    /// When pod cgroups nobody owns were last looked for.
+    swept: Option<std::time::Instant>,
 }
+
+/// How often pod cgroups left by pods removed behind the kubelet's back
+/// (while it was down, or by `kpr kubelet reset`) are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 fn selector() -> HashMap<String, String> {
     HashMap::from([(spec::MANAGED_BY.to_string(), spec::MANAGED_BY_VALUE.to_string())])
@@ -66,6 +73,7 @@ impl Kubelet {
             workers: HashMap::new(),
             deleting: HashMap::new(),
             on_node: HashSet::new(),
+            swept: None,
         })
     }
 
@@ -79,6 +87,25 @@ impl Kubelet {
     /// being stopped).
     pub fn has_pod(&self, uid: &str) -> bool {
         self.on_node.contains(uid) || self.workers.get(uid).is_some_and(|w| !w.finished())
+    }
+
+    /// Removes the cgroupfs pod cgroups of pods this node no longer has
+    /// (on the first pass, then every minute); one still in use stays.
+    fn sweep_cgroups(&mut self) {
+        let settings = &self.shared.settings;
+        if settings.cgroup_driver != cgroups::Driver::Cgroupfs
+            || self.swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(std::time::Instant::now());
+        let mount = std::path::Path::new(cgroups::MOUNT);
+        for (uid, path) in cgroups::pod_cgroups(mount, &settings.cgroup_parent) {
+            if !self.on_node.contains(&uid) && !self.workers.contains_key(&uid) {
+                tracing::info!(cgroup = %path, "removing the cgroup of a pod that is gone");
+                cgroups::remove(mount, &path);
+            }
+        }
     }
 
     /// One pass: hands each pod in `desired` to its worker and, when
@@ -100,6 +127,7 @@ impl Kubelet {
         self.on_node =
             sandboxes.into_inner().items.iter().filter_map(|s| s.labels.get(spec::POD_UID).cloned()).collect();
         self.workers.retain(|_, w| !w.finished());
+        self.sweep_cgroups();
         let objects = Arc::new(objects.clone());
         let mut statuses = Vec::new();
         for d in desired {

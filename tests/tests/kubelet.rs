@@ -1714,7 +1714,7 @@ fn memory_cgroup(pid: &str) -> String {
 #[test]
 fn pods_live_in_cgroups_by_qos_class_with_their_summed_limits() {
     root_or_skip!();
-    let node = Node::start();
+    let mut node = Node::start();
     write(node.manifests.path(), "pods.yaml", &manifest(QOS)).unwrap();
     let parent = node.containerd.cgroup_parent.clone();
     let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
@@ -1750,6 +1750,20 @@ fn pods_live_in_cgroups_by_qos_class_with_their_summed_limits() {
     std::fs::remove_file(node.manifests.path().join("pods.yaml")).unwrap();
     let gone = format!("{memory_root}{parent}/burstable/pod00000000-0000-4000-8000-00000000000b");
     wait_until(Duration::from_secs(30), "the pod cgroup going with its pod", &node, || {
+        !std::path::Path::new(&gone).exists()
+    });
+
+    // Pods removed behind the kubelet's back (`kpr kubelet reset` while it
+    // is down) leave their cgroups: the next kubelet sweeps them.
+    write(node.manifests.path(), "pods.yaml", &manifest(QOS)).unwrap();
+    node.wait_status("pods.yaml", "burstable", Duration::from_secs(60), |s| phase(s) == "Running");
+    node.kubelet.take().unwrap().interrupt().unwrap();
+    let endpoint = format!("--container-runtime-endpoint={}", node.containerd.endpoint());
+    kpr::command(&node.ns, &["kubelet", "reset", &endpoint]).unwrap();
+    std::fs::remove_file(node.manifests.path().join("pods.yaml")).unwrap();
+    assert!(std::path::Path::new(&gone).exists(), "left behind by the reset");
+    node.start_kubelet();
+    wait_until(Duration::from_secs(20), "the orphaned pod cgroup swept", &node, || {
         !std::path::Path::new(&gone).exists()
     });
 }
