@@ -132,11 +132,12 @@ pub struct PodLimits {
 
 pub fn pod_limits(spec: &PodSpec) -> PodLimits {
     let inits: Vec<&Container> = spec.init_containers.iter().flatten().collect();
+    // A sidecar: an init container that keeps running (`restartPolicy: Always`).
+    let sidecar = |c: &&Container| c.restart_policy.as_deref() == Some("Always");
     // What runs at once: the app containers with the sidecars, or one
     // regular init container at a time (as the API's pod resource rules).
-    let steady: Vec<&Container> =
-        spec.containers.iter().chain(inits.iter().copied().filter(|c| crate::spec::is_sidecar(c))).collect();
-    let regular_init: Vec<&Container> = inits.iter().copied().filter(|c| !crate::spec::is_sidecar(c)).collect();
+    let steady: Vec<&Container> = spec.containers.iter().chain(inits.iter().copied().filter(sidecar)).collect();
+    let regular_init: Vec<&Container> = inits.iter().copied().filter(|c| !sidecar(c)).collect();
     let all: Vec<&Container> = steady.iter().chain(&regular_init).copied().collect();
     let pod_value = |each: &dyn Fn(&Container) -> Option<i64>| -> Option<i64> {
         let sum: Option<i64> = steady.iter().map(|c| each(c)).sum();
