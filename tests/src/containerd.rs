@@ -7,7 +7,6 @@
 
 use std::{
     io::Write as _,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -188,21 +187,10 @@ state = "{d}/state"
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("containerd.log"))?;
-        let netns = std::fs::File::open(format!("/run/netns/{}", self.netns))?;
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(self.dir.path().join("config.toml"));
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        // SAFETY: setns is async-signal-safe; only the network namespace changes.
-        unsafe {
-            use std::os::fd::AsRawFd as _;
-            let fd = netns.as_raw_fd();
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let _netns = crate::netns::enter_before_exec(&self.netns, &mut cmd)?;
         self.child = Some(cmd.spawn().context("starting containerd")?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.ctr("k8s.io", &["version"]).is_err() {

@@ -159,7 +159,6 @@ impl Kpr {
         // machine's mount view (its cgroup hierarchies), which `ip netns
         // exec` would hide behind a fresh /sys.
         let log_file = std::fs::File::create(log)?;
-        let netns = std::fs::File::open(format!("/run/netns/{}", ns.name()))?;
         let mut cmd = Command::new(binary()?);
         cmd.args(&all)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -167,17 +166,7 @@ impl Kpr {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        // SAFETY: setns is async-signal-safe; only the network namespace changes.
-        unsafe {
-            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-            let fd = netns.as_raw_fd();
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let _netns = crate::netns::enter_before_exec(ns.name(), &mut cmd)?;
         let child = cmd.spawn().context("starting kpr kubelet")?;
         let mut kubelet = Self { child: Some(child), log: log.to_path_buf() };
         kubelet.wait_for_log("kubelet running pods", Duration::from_secs(20))?;

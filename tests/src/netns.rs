@@ -38,6 +38,26 @@ pub struct Netns {
     name: String,
 }
 
+/// Has `cmd` enter network namespace `name`, and only it, between fork and
+/// exec (a daemon started there keeps the machine's mounts and cgroups, as
+/// containerd and a kubelet need). The returned file must live until `cmd`
+/// is spawned.
+pub fn enter_before_exec(name: &str, cmd: &mut std::process::Command) -> std::io::Result<std::fs::File> {
+    let netns = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: setns is async-signal-safe; only the network namespace changes.
+    unsafe {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let fd = netns.as_raw_fd();
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(netns)
+}
+
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         // A namespace left by a killed earlier run with the same name goes first.

@@ -1794,18 +1794,25 @@ fn listen_in_netns_of(pid: &str, addr: &str) -> std::net::TcpListener {
     .unwrap()
 }
 
+/// Runs pod `name` from `text` (in `NAME.yaml`) until its container `app`
+/// runs, and checks its probe keeps it not ready while nothing serves.
+fn running_not_ready(node: &Node, name: &str, text: &str) -> impl Fn(&Value) -> Value {
+    let file = format!("{name}.yaml");
+    write(node.manifests.path(), &file, &manifest(text)).unwrap();
+    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
+    node.wait_status(&file, name, Duration::from_secs(60), |s| app(s)["state"]["running"].is_object());
+    std::thread::sleep(Duration::from_secs(3));
+    let s = node.wait_status(&file, name, Duration::from_secs(1), |_| true);
+    assert_eq!(app(&s)["ready"], false, "nothing serves yet: {s:#}");
+    app
+}
+
 #[test]
 fn a_grpc_probe_asks_the_standard_health_service() {
     use tonic_health::ServingStatus;
     root_or_skip!();
     let node = Node::start();
-    write(node.manifests.path(), "grpc.yaml", &manifest(GRPC_PROBED)).unwrap();
-    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
-    node.wait_status("grpc.yaml", "grpc", Duration::from_secs(60), |s| app(s)["state"]["running"].is_object());
-    // Nothing listens yet: not ready.
-    std::thread::sleep(Duration::from_secs(3));
-    let s = node.wait_status("grpc.yaml", "grpc", Duration::from_secs(1), |_| true);
-    assert_eq!(app(&s)["ready"], false, "{s:#}");
+    let app = running_not_ready(&node, "grpc", GRPC_PROBED);
 
     // A gRPC health server in the pod's network namespace, not serving yet.
     let pause = tasks(&node)[&sandboxes(&node, "grpc")[0]].0.clone();
@@ -1910,12 +1917,7 @@ impl Drop for Child {
 fn an_https_probe_accepts_the_pods_own_certificate() {
     root_or_skip!();
     let node = Node::start();
-    write(node.manifests.path(), "tls.yaml", &manifest(HTTPS_PROBED)).unwrap();
-    let app = |s: &Value| container(s, "containerStatuses", "app").clone();
-    node.wait_status("tls.yaml", "tls", Duration::from_secs(60), |s| app(s)["state"]["running"].is_object());
-    std::thread::sleep(Duration::from_secs(2));
-    let s = node.wait_status("tls.yaml", "tls", Duration::from_secs(1), |_| true);
-    assert_eq!(app(&s)["ready"], false, "nothing serves yet: {s:#}");
+    let app = running_not_ready(&node, "tls", HTTPS_PROBED);
 
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
