@@ -823,7 +823,13 @@ fn container_logs_rotate_and_removed_instances_take_theirs_along() {
         names.len() <= 3 && names.contains(&"0.log".to_string()),
         "the live log and at most two rotated: {names:?}"
     );
-    let after = last_line();
+    // (Read just after a rotation, the fresh log may be empty for a moment.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = last_line();
+    while after <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = last_line();
+    }
     assert!(after > before, "the runtime writes to the reopened log: line {before}, then {after}");
 
     let s = node.wait_status("chatty.yaml", "crasher", Duration::from_secs(40), |s| {
