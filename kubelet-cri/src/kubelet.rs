@@ -119,7 +119,7 @@ impl Kubelet {
         &mut self,
         desired: &[DesiredPod],
         delete_others: bool,
-        objects: &ConfigObjects,
+        objects: ConfigObjects,
     ) -> Result<Vec<Option<PodStatus>>> {
         let filter = cri::PodSandboxFilter { label_selector: selector(), ..Default::default() };
         let req = cri::ListPodSandboxRequest { filter: Some(filter) };
@@ -128,7 +128,7 @@ impl Kubelet {
             sandboxes.into_inner().items.iter().filter_map(|s| s.labels.get(spec::POD_UID).cloned()).collect();
         self.workers.retain(|_, w| !w.finished());
         self.sweep_cgroups();
-        let objects = Arc::new(objects.clone());
+        let objects = Arc::new(objects);
         let mut statuses = Vec::new();
         for d in desired {
             let shared = &self.shared;

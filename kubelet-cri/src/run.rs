@@ -109,7 +109,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         if let Source::Kube(k) = &source {
             kubelet.set_deleting(k.deleting());
         }
-        match kubelet.sync(&pods, complete, &objects).await {
+        match kubelet.sync(&pods, complete, objects).await {
             Ok(statuses) => {
                 if runtime_down {
                     tracing::info!("container runtime reachable again");

@@ -249,6 +249,17 @@ where
     names.iter().filter_map(|n| cache.get(n).and_then(|(object, _)| object.clone())).collect()
 }
 
+/// A pod from the API server, as the kubelet takes it (one without a name
+/// or uid is not one).
+fn desired(p: &Pod) -> Option<DesiredPod> {
+    let id = PodId {
+        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: p.metadata.name.clone()?,
+        uid: p.metadata.uid.clone()?,
+    };
+    Some(DesiredPod { id, pod: p.clone() })
+}
+
 /// Watches every Service into a store (list, then watch, re-listing as needed).
 fn watch_services(client: &kube::Client) -> reflector::Store<Service> {
     let (store, writer) = reflector::store();
@@ -464,14 +475,7 @@ impl KubeSource {
                 .state()
                 .iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter_map(|p| {
-                    let id = PodId {
-                        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-                        name: p.metadata.name.clone()?,
-                        uid: p.metadata.uid.clone()?,
-                    };
-                    Some(DesiredPod { id, pod: (**p).clone() })
-                })
+                .filter_map(|p| desired(p))
                 .collect(),
         )
     }
@@ -484,15 +488,7 @@ impl KubeSource {
             .state()
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_some())
-            .filter_map(|p| {
-                let id = PodId {
-                    namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-                    name: p.metadata.name.clone()?,
-                    uid: p.metadata.uid.clone()?,
-                };
-                let grace = p.metadata.deletion_grace_period_seconds;
-                Some((id.uid.clone(), (grace, DesiredPod { id, pod: (**p).clone() })))
-            })
+            .filter_map(|p| Some((p.metadata.uid.clone()?, (p.metadata.deletion_grace_period_seconds, desired(p)?))))
             .collect()
     }
 
