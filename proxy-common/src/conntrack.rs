@@ -106,7 +106,7 @@ pub struct CtEntry {
     /// tell whether a retransmitted SYN's backend still exists. 0 in a reply entry.
     pub slot: u32,
     /// When a packet last matched, in seconds of CLOCK_MONOTONIC (the
-    /// kernel's `bpf_ktime_get_ns`).
+    /// kernel's `bpf_ktime_get_coarse_ns`).
     pub last_seen: u32,
 }
 

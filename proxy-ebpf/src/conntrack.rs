@@ -8,7 +8,7 @@
 //! pins the replying backend: an entry left behind by an earlier flow never
 //! rewrites another one.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 use proxy_common::{
     conntrack::{CtEntry, FlowKey, STATE_CLOSING, expired, is_syn, next_state, syn_opens_new_connection},
     counters::{Counter, DropReason},
@@ -22,10 +22,12 @@ use crate::{
     parse::Packet,
 };
 
-/// Seconds of CLOCK_MONOTONIC, the clock of [`CtEntry::last_seen`].
+/// Seconds of CLOCK_MONOTONIC, the clock of [`CtEntry::last_seen`]. The
+/// coarse reading (the time of the last tick) is exact enough for seconds
+/// and costs no clock-source read, which is dear in a virtual machine.
 #[inline(always)]
 pub(crate) fn now() -> u32 {
-    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 #[inline(always)]

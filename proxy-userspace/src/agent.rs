@@ -195,14 +195,12 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
         }
     };
     // The per-packet path also sits on the node's devices, where traffic from
-    // outside enters: from the start with --interfaces (replies from other
-    // nodes arrive there), else once a Service is reached from outside.
-    let mut interfaces = cfg.interfaces.clone();
+    // outside enters, once a Service is reached from outside. Pods' flows to
+    // ClusterIPs need nothing there: their replies, from whichever node, are
+    // translated back on the client's own interface.
+    let interfaces = cfg.interfaces.clone();
     let node_devices = devices(cfg);
-    let mut devices: Vec<String> = node_devices.iter().filter(|d| !interfaces.contains(d)).cloned().collect();
-    if !interfaces.is_empty() {
-        interfaces.append(&mut devices);
-    }
+    let devices: Vec<String> = node_devices.iter().filter(|d| !interfaces.contains(d)).cloned().collect();
     Targets { interfaces, devices, cgroup, node_devices, xdp: cfg.xdp }
 }
 

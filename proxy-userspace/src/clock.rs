@@ -1,12 +1,13 @@
 //! The datapath's clock as userspace reads it: conntrack entries record
 //! when they were last seen in seconds of CLOCK_MONOTONIC (the kernel's
-//! `bpf_ktime_get_ns`), and the collector and inspection compare against it.
+//! `bpf_ktime_get_coarse_ns`: the same clock, read at tick granularity),
+//! and the collector and inspection compare against it.
 
-/// Seconds of CLOCK_MONOTONIC.
+/// Seconds of CLOCK_MONOTONIC, read as the datapath reads it (coarse).
 pub fn monotonic_seconds() -> u32 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to write into; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: a valid timespec to write into; the clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
 }
 

@@ -131,7 +131,10 @@ servers on CPU 1; VIP traffic, direct traffic and socket-level traffic (which di
 three client pods so none trips over another's TIME_WAIT state.
 
 - Connection rate: connect, one request and reply, server closes, client closes (TCP_CRR-like), from 4 \
-  concurrent connections; `× direct` is the ratio to the direct rate at the same N.
+  concurrent connections; `× direct` is the ratio to the direct rate at the same N and placement in the runs \
+  just before and just after the row's agent ran (none running then: the `direct` row's runs before the first \
+  mode, and after each mode as many direct runs again), so that the machine's slow drift over the minutes \
+  between the `direct` row and a mode's does not show as a difference between them.
 - Request latency: one established connection, request and reply in a loop (TCP_RR-like), p50 and p99.
 - Cold programming: from starting the agent to the measured Service answering a probe connection.
 - One change: from rewriting the measured Service's EndpointSlice to a probe connection reaching the new \

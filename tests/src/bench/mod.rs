@@ -143,8 +143,12 @@ pub struct Row {
     pub endpoints: usize,
     /// Connections per second (connect, request, reply, close).
     pub conn_rate: Stat,
-    /// `conn_rate` over the direct-pod rate at the same N.
+    /// `conn_rate` over `direct_paired`.
     pub conn_ratio: Option<f64>,
+    /// The direct rate in the runs just before and just after this row's
+    /// agent ran (none running), so that the machine's slow drift between
+    /// the direct row and this one does not show as a difference between them.
+    pub direct_paired: Option<Stat>,
     /// Failed and attempted connections over all connection-rate runs.
     pub conn_errors: u64,
     pub conn_attempts: u64,
@@ -356,6 +360,11 @@ impl Bench {
         self.nodes.client_node().pod_ns(if mode == "ebpf-socket" { "socket-client" } else { "client" })
     }
 
+    /// The pods behind the measured Service, dialled directly.
+    fn direct_targets(&self) -> Vec<SocketAddr> {
+        self.endpoints.iter().map(|ip| SocketAddr::from((*ip, PORT))).collect()
+    }
+
     fn direct_client(&self) -> &Netns {
         if let Some((outside, _)) = self.outside() {
             return outside;
@@ -363,6 +372,8 @@ impl Bench {
         self.nodes.client_node().pod_ns("direct")
     }
 
+    /// Measures `row`'s connection rate and latency from `client` to
+    /// `targets`; returns the rate of each connection-rate run.
     fn traffic(
         &self,
         cfg: &Config,
@@ -370,7 +381,7 @@ impl Bench {
         targets: &[SocketAddr],
         row: &mut Row,
         problems: &mut Problems,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<f64>> {
         let mut rates = Vec::new();
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
         let what = label(row);
@@ -389,10 +400,28 @@ impl Bench {
                 Err(e) => problems.note(format!("{what}, latency run {rep} failed: {e:#}"))?,
             }
         }
-        row.conn_rate = Stat::of(rates);
+        row.conn_rate = Stat::of(rates.clone());
         row.rr_p50_us = Stat::of(p50);
         row.rr_p99_us = Stat::of(p99);
-        Ok(())
+        Ok(rates)
+    }
+
+    /// The direct connection rate of each of `cfg.repetitions` runs, with no agent running.
+    fn direct_rates(&self, cfg: &Config, problems: &mut Problems, what: &str) -> anyhow::Result<Vec<f64>> {
+        let mut rates = Vec::new();
+        for rep in 1..=cfg.repetitions {
+            let load = load::connection_rate(
+                self.direct_client(),
+                &self.direct_targets(),
+                cfg.threads,
+                &[CLIENT_CPU],
+                cfg.warmup,
+                cfg.duration,
+            )?;
+            problems.check_load(&load, &format!("direct after {what}, run {rep}"))?;
+            rates.push(load.rate);
+        }
+        Ok(rates)
     }
 
     /// Direct traffic from one generator on the client CPU, then from that
@@ -666,8 +695,7 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
                 break;
             }
             let bench = Bench::new(placement)?;
-            let direct_targets: Vec<SocketAddr> =
-                bench.endpoints.iter().map(|ip| SocketAddr::from((*ip, PORT))).collect();
+            let direct_targets = bench.direct_targets();
             let mut direct = Row {
                 mode: "direct".into(),
                 placement,
@@ -675,13 +703,13 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
                 endpoints: workload::endpoints(n),
                 ..Default::default()
             };
-            bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, &mut problems)?;
+            let mut direct_before =
+                bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, &mut problems)?;
             if report.generator.is_none() {
                 report.generator = Some(bench.generator_check(cfg, &direct_targets, &mut problems)?);
             }
             let at = format!("N={n:>6} {:<10}", placement.as_str());
             eprintln!("bench: {at} direct      {:>9.0} conn/s", direct.conn_rate.median);
-            let direct_rate = direct.conn_rate.median;
             report.rows.push(direct);
             for &mode in &cfg.modes {
                 if stop.load(Ordering::Relaxed) {
@@ -694,7 +722,11 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
                     continue;
                 }
                 let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
-                row.conn_ratio = Some(row.conn_rate.median / direct_rate);
+                let direct_after = bench.direct_rates(cfg, &mut problems, &label(&row))?;
+                let paired = Stat::of([direct_before, direct_after.clone()].concat());
+                row.conn_ratio = Some(row.conn_rate.median / paired.median);
+                row.direct_paired = Some(paired);
+                direct_before = direct_after;
                 if let Some(backend) = &row.iptables_backend {
                     report.iptables_backend.clone_from(backend);
                 }
