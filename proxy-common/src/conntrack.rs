@@ -134,9 +134,13 @@ pub const fn lifetime(proto: u8, state: u8) -> u32 {
     }
 }
 
-/// Whether an entry last seen at `last_seen` has outlived its lifetime at `now`.
+/// Whether an entry last seen at `last_seen` has outlived its lifetime at
+/// `now`. An entry seen after `now` was read (a packet on another CPU, or
+/// during the collector's walk, just past a second boundary) is live: its
+/// age, modulo the clock's wrap, is then "negative".
 pub const fn expired(proto: u8, entry: &CtEntry, now: u32) -> bool {
-    now.wrapping_sub(entry.last_seen) > lifetime(proto, entry.state)
+    let age = now.wrapping_sub(entry.last_seen);
+    age <= i32::MAX as u32 && age > lifetime(proto, entry.state)
 }
 
 /// An entry's state after a packet with `tcp_flags` (0 for UDP), sent by
@@ -220,6 +224,16 @@ mod tests {
         assert!(expired(PROTO_TCP, &e, 1001 + TCP_SYN_LIFETIME));
         let wrapped = CtEntry::new([0; 4], [0; 2], 1, 0, u32::MAX - 5);
         assert!(!expired(PROTO_UDP, &wrapped, 10));
+        assert!(expired(PROTO_UDP, &wrapped, 1 + NON_TCP_LIFETIME));
+    }
+
+    #[test]
+    fn an_entry_seen_after_the_clock_was_read_is_live() {
+        let e = CtEntry::new([0; 4], [0; 2], 1, 0, 1001);
+        assert!(!expired(PROTO_UDP, &e, 1000), "seen a second after the collector read its clock");
+        assert!(!expired(PROTO_TCP, &e, 1000));
+        let wrapped = CtEntry::new([0; 4], [0; 2], 1, 0, 0);
+        assert!(!expired(PROTO_TCP, &wrapped, u32::MAX), "and across the clock's wrap");
     }
 
     #[test]

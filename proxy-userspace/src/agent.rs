@@ -64,8 +64,9 @@ pub(crate) struct RunConfig {
     pub(crate) source: SourceSpec,
     pub(crate) kubeconfig: Option<PathBuf>,
     pub(crate) interfaces: Vec<String>,
-    /// Where replies from other nodes arrive (the per-packet path attaches
-    /// there too); `None`: the interfaces of the default routes.
+    /// Where traffic from outside enters (node ports, external and load
+    /// balancer IPs) and their replies leave; `None`: the interfaces of the
+    /// default routes.
     pub(crate) devices: Option<Vec<String>>,
     /// `--xdp`: how traffic from outside is taken on the node's devices.
     pub(crate) xdp: XdpMode,

@@ -110,23 +110,49 @@ pub struct Frontend {
     /// `internalTrafficPolicy: Local`: pods and node processes reach only
     /// [`Frontend::local_backends`]; with none, their traffic is dropped.
     pub internal_local: bool,
-    /// When a traffic policy is Local: this node's ready endpoints, or when
-    /// it has none its serving-and-terminating ones (kube-proxy's fallback).
-    pub local_backends: Box<[Endpoint]>,
     /// `sessionAffinity: ClientIP`: a client's new connections go to the
     /// endpoint its last one went to, if within this many seconds
     /// (`sessionAffinityConfig.clientIP.timeoutSeconds`).
     pub affinity_timeout: Option<u32>,
+    /// What few frontends have; boxed, as the model holds every frontend
+    /// (at 50,000 Services each byte here is 50 KB of the agent's memory).
+    pub extras: Option<Box<Extras>>,
+}
+
+/// The parts of a [`Frontend`] most do not have.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Extras {
+    /// When a traffic policy is Local: this node's ready endpoints, or when
+    /// it has none its serving-and-terminating ones (kube-proxy's fallback).
+    pub local_backends: Box<[Endpoint]>,
     /// The Service port's `appProtocol` (e.g. `kubernetes.io/h2c`), shown
     /// by inspection; routing does not depend on it, as in kube-proxy.
     pub app_protocol: Option<std::sync::Arc<str>>,
+}
+
+impl Extras {
+    /// `None` when there is nothing to hold.
+    pub fn of(local_backends: Box<[Endpoint]>, app_protocol: Option<std::sync::Arc<str>>) -> Option<Box<Self>> {
+        (!local_backends.is_empty() || app_protocol.is_some()).then(|| Box::new(Self { local_backends, app_protocol }))
+    }
 }
 
 impl Frontend {
     /// Where pods and node processes go: this node's endpoints under a
     /// Local internal policy, every one under Cluster.
     pub fn internal_backends(&self) -> &[Endpoint] {
-        if self.internal_local { &self.local_backends } else { &self.backends }
+        if self.internal_local { self.local_backends() } else { &self.backends }
+    }
+
+    /// When a traffic policy is Local: this node's ready endpoints, or when
+    /// it has none its serving-and-terminating ones (kube-proxy's fallback).
+    pub fn local_backends(&self) -> &[Endpoint] {
+        self.extras.as_ref().map_or(&[], |e| &e.local_backends)
+    }
+
+    /// The Service port's `appProtocol`.
+    pub fn app_protocol(&self) -> Option<&str> {
+        self.extras.as_ref()?.app_protocol.as_deref()
     }
 }
 
@@ -160,7 +186,7 @@ impl External {
     /// Where external traffic goes: this node's endpoints under a Local
     /// policy, all ready ones under Cluster.
     pub fn backends<'a>(&'a self, frontend: &'a Frontend) -> &'a [Endpoint] {
-        if self.local_only { &frontend.local_backends } else { &frontend.backends }
+        if self.local_only { frontend.local_backends() } else { &frontend.backends }
     }
 }
 
@@ -217,4 +243,16 @@ pub struct Change {
     pub key: FrontendKey,
     pub before: Option<Box<Frontend>>,
     pub exists: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The model holds every frontend: at 50,000 Services each byte here is 50 KB.
+    #[test]
+    fn a_frontend_keeps_what_few_have_boxed() {
+        assert!(std::mem::size_of::<Frontend>() <= 104, "{} bytes", std::mem::size_of::<Frontend>());
+        assert!(Extras::of(Box::default(), None).is_none(), "nothing to hold: no allocation");
+    }
 }

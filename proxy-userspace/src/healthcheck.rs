@@ -37,7 +37,7 @@ pub fn desired(model: &Model) -> BTreeMap<u16, ServiceHealth> {
         let entry = addresses.entry(port).or_insert_with(|| (f.service.service.clone(), BTreeSet::new()));
         // Two Services claiming one port: the first (by frontend order) keeps it, as the listener can only answer for one.
         if entry.0 == f.service.service {
-            entry.1.extend(f.local_backends.iter().map(|e| e.ip));
+            entry.1.extend(f.local_backends().iter().map(|e| e.ip));
         }
     }
     addresses

@@ -190,7 +190,7 @@ impl Index {
         s.name = self.shared(s.name);
         let key = s.name.clone();
         let old = self.services.get_mut(&key).and_then(|e| e.service.take());
-        self.account(old.as_ref().map_or(&[], |o| &o.rejections), &s.rejections);
+        self.account(old.as_ref().map_or(&[], |o| &o.rejections[..]), &s.rejections);
         self.services.entry(key.clone()).or_default().service = Some(s);
         self.touch(key);
     }
@@ -207,7 +207,7 @@ impl Index {
 
     pub fn apply_slice(&mut self, mut s: SliceInfo) {
         let old = self.remove_slice(&s.name);
-        self.account(old.as_ref().map_or(&[], |o| &o.rejections), &s.rejections);
+        self.account(old.as_ref().map_or(&[], |o| &o.rejections[..]), &s.rejections);
         let Some(owner) = s.service.take() else {
             self.unowned.insert(s.name.clone(), s);
             return;

@@ -114,9 +114,10 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         interfaces: Vec<String>,
         /// The node's devices (names or patterns, comma separated), where
-        /// the per-packet path also translates traffic entering the node
-        /// from outside. Default: the interfaces holding the default
-        /// routes. Used with --interfaces.
+        /// the per-packet path and XDP translate traffic entering the node
+        /// from outside (node ports, external and load balancer IPs), once
+        /// a Service has such a frontend. Default: the interfaces holding
+        /// the default routes.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
         /// How traffic from outside is taken on --devices (eBPF mode): XDP in

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use smallvec::SmallVec;
 
 use crate::{
-    frontend::{Change, DNS_PORT, DnsCapture, Endpoint, External, Frontend, FrontendKey},
+    frontend::{Change, DNS_PORT, DnsCapture, Endpoint, External, Extras, Frontend, FrontendKey},
     index::{Dirty, Index, Snapshot},
     name::{ObjectName, ServicePortName},
     rejection::{RejectReason, Rejection},
@@ -320,11 +320,11 @@ enum Topology<'a> {
 
 impl<'a> Topology<'a> {
     fn of<'e>(ready: impl Iterator<Item = &'e SliceEndpoint> + Clone, zone: Option<&'a str>) -> Self {
-        let all_node_hints = ready.clone().all(|e| e.for_this_node.is_some());
-        if all_node_hints && ready.clone().any(|e| e.for_this_node == Some(true)) {
+        let all_node_hints = ready.clone().all(|e| e.for_this_node().is_some());
+        if all_node_hints && ready.clone().any(|e| e.for_this_node() == Some(true)) {
             return Topology::SameNode;
         }
-        let all_zone_hints = ready.clone().all(|e| e.zones.is_some());
+        let all_zone_hints = ready.clone().all(|e| e.zones().is_some());
         match zone {
             Some(zone) if all_zone_hints && ready.clone().any(|e| in_zone(e, zone)) => Topology::SameZone(zone),
             _ => Topology::All,
@@ -334,14 +334,14 @@ impl<'a> Topology<'a> {
     fn keeps(self, e: &SliceEndpoint) -> bool {
         match self {
             Topology::All => true,
-            Topology::SameNode => e.for_this_node == Some(true),
+            Topology::SameNode => e.for_this_node() == Some(true),
             Topology::SameZone(zone) => in_zone(e, zone),
         }
     }
 }
 
 fn in_zone(e: &SliceEndpoint, zone: &str) -> bool {
-    e.zones.as_deref().is_some_and(|zones| zones.iter().any(|z| &**z == zone))
+    e.zones().is_some_and(|zones| zones.iter().any(|z| &**z == zone))
 }
 
 /// The frontends of one Service: per port, the endpoints of every slice
@@ -412,9 +412,11 @@ fn frontends(
             backends: backends.into_iter().collect(),
             terminating: terminating.into_iter().collect(),
             internal_local: info.internal_local,
-            local_backends: if local_policy { local.into_iter().collect() } else { Box::default() },
             affinity_timeout: info.affinity_timeout,
-            app_protocol: port.app_protocol.clone(),
+            extras: Extras::of(
+                if local_policy { local.into_iter().collect() } else { Box::default() },
+                port.app_protocol.clone(),
+            ),
         });
     }
     frontends

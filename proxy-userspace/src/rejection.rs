@@ -55,3 +55,32 @@ impl fmt::Display for Rejection {
         write!(f, "{}: {}: {}", self.origin, self.object, self.reason)
     }
 }
+
+/// What was skipped of one object. Most objects have nothing skipped, and
+/// the index holds every object, so an empty list takes one word.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[expect(clippy::box_collection, reason = "a thin pointer: one word for the many objects without rejections")]
+pub struct Rejections(Option<Box<Vec<Rejection>>>);
+
+impl Rejections {
+    pub fn push(&mut self, rejection: Rejection) {
+        self.0.get_or_insert_default().push(rejection);
+    }
+}
+
+impl std::ops::Deref for Rejections {
+    type Target = [Rejection];
+
+    fn deref(&self) -> &[Rejection] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<'a> IntoIterator for &'a Rejections {
+    type Item = &'a Rejection;
+    type IntoIter = std::slice::Iter<'a, Rejection>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}

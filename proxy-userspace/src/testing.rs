@@ -32,8 +32,7 @@ pub fn frontend(vip: u8, port: u16, backends: &[u8]) -> Frontend {
         backends: backends.iter().map(|b| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *b), port: 8080 }).collect(),
         terminating: Box::default(),
         internal_local: false,
-        local_backends: Box::default(),
         affinity_timeout: None,
-        app_protocol: None,
+        extras: None,
     }
 }

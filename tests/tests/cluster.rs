@@ -149,8 +149,9 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
 }
 
 /// The per-packet path alone (socket hooks off, clients outside the
-/// cgroup): requests are translated on the client's pod interface, replies
-/// from the other node on the device they arrive on.
+/// cgroup): requests are translated on the client's pod interface, and
+/// replies from the other node on the same interface, on their way to the
+/// client. The devices carry nothing: no Service is reached from outside.
 fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     root_or_skip!();
     let mut cluster = Cluster::new(shape, 2).unwrap();
@@ -178,7 +179,8 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     write(&manifests, "echo.yaml", &web_service("echo", ECHO_VIP, &echo)).unwrap();
     let near = [("near", cluster.node(0).pod("near").ip), ("web-1", cluster.node(1).pod("web-1").ip)];
     write(&manifests, "near.yaml", &web_service("near", NEAR_VIP, &near)).unwrap();
-    // Replies from the other node arrive on the uplink, or on the overlay's device.
+    // The node's devices as a DaemonSet would name them (the overlay's too):
+    // they get no program, as no Service here is reached from outside.
     let devices = if shape == Shape::Vxlan { "--devices=eth0,flannel.1" } else { "--devices=eth0" };
     let _agents: Vec<Kpr> = cluster
         .nodes
@@ -202,7 +204,7 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     assert!(["web-1", "web-2"].contains(&reply.as_str()) && from == udp, "{reply} from {from}");
 
     // The backend's port is closed: its ICMP port unreachable, translated
-    // quote and all on the uplink, reaches the client's connected socket.
+    // quote and all on the client's interface, reaches its connected socket.
     let mute = SocketAddr::from((MUTE_VIP, 53));
     let refusal = client.run(move || connected_udp_error(mute)).unwrap();
     assert_eq!(refusal, Some(ECONNREFUSED), "the refusal reached the client");
@@ -260,6 +262,13 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
         let node0 = cluster.node(0);
         let stats = kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
         assert!(stats["icmp_error_translated"].as_u64().unwrap() >= 1, "{stats:#}");
+        // All of it without a program on the devices.
+        for node in &cluster.nodes {
+            let stats = kpr::stats(&node.ns, node.bpf_root()).unwrap();
+            let devices = stats["devices"].as_array().cloned().unwrap_or_default();
+            let on_device = devices.iter().find(|d| d["device"] == "eth0" || d["device"] == "flannel.1");
+            assert!(on_device.is_none(), "{}: a device carries the datapath: {stats:#}", node.name);
+        }
     }
 }
 

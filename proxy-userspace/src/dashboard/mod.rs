@@ -130,7 +130,7 @@ pub fn state(
                 name: f.service.to_string(),
                 frontend: f.key.to_string(),
                 service_type: format!("{:?}", f.service_type),
-                app_protocol: f.app_protocol.as_deref().map(String::from),
+                app_protocol: f.app_protocol().map(String::from),
                 packets: total.packets,
                 bytes: total.bytes,
                 backends: f

@@ -254,13 +254,13 @@ endpoints:
     assert_eq!(*ext.load_balancer_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
     assert_eq!(ext.source_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["203.0.113.0/25", "192.0.2.0/24"]);
     assert_eq!(ips(f), ["10.244.0.11:8080", "10.244.1.11:8080"]);
-    let local: Vec<String> = f.local_backends.iter().map(|e| e.to_string()).collect();
+    let local: Vec<String> = f.local_backends().iter().map(|e| e.to_string()).collect();
     assert_eq!(local, ["10.244.0.11:8080"], "only this node's ready endpoint");
 
     // The ready local endpoint leaves: the terminating one still serving stands in.
     let (m, _) = build(objects_with(&yaml.replace("- {addresses: [10.244.0.11], nodeName: node-a}\n", ""), &config));
     let f = frontend(&m, [10, 96, 0, 8], 80, Protocol::Tcp);
-    assert_eq!(f.local_backends.iter().map(|e| e.to_string()).collect::<Vec<_>>(), ["10.244.0.12:8080"]);
+    assert_eq!(f.local_backends().iter().map(|e| e.to_string()).collect::<Vec<_>>(), ["10.244.0.12:8080"]);
 }
 
 #[test]

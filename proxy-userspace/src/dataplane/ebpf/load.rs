@@ -362,10 +362,11 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     if targets.interfaces.is_empty() && targets.devices.is_empty() && targets.cgroup.is_none() {
         return Err(DataplaneError::NothingToAttach);
     }
-    // A plain name must be there; a pattern may match nothing yet.
+    // A plain name must be there (a device too, though it is attached only
+    // once a Service is reached from outside); a pattern may match nothing yet.
     let present =
         links::interfaces().ok_or_else(|| DataplaneError::Load("cannot list this namespace's interfaces".into()))?;
-    for name in targets.interfaces.iter().filter(|i| !links::is_pattern(i)) {
+    for name in targets.interfaces.iter().chain(&targets.node_devices).filter(|i| !links::is_pattern(i)) {
         if !present.contains_key(name) {
             return Err(DataplaneError::Attach {
                 program: FROM_POD,

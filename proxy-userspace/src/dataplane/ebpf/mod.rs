@@ -61,7 +61,7 @@ fn internal_slots(f: &Frontend) -> Vec<Backend> {
 
 /// This node's endpoints (for a Local policy), all for new flows.
 fn local_slots(f: &Frontend) -> Vec<Backend> {
-    f.local_backends.iter().map(|e| Backend::new(e.ip.octets(), e.port)).collect()
+    f.local_backends().iter().map(|e| Backend::new(e.ip.octets(), e.port)).collect()
 }
 
 fn service_kind(t: ServiceType) -> u8 {
@@ -98,9 +98,9 @@ fn internal_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
     if !f.internal_local {
         return cluster_value(f, id, set);
     }
-    let drop = f.local_backends.is_empty() && !f.backends.is_empty();
+    let drop = f.local_backends().is_empty() && !f.backends.is_empty();
     ServiceValue {
-        backend_count: f.local_backends.len() as u32,
+        backend_count: f.local_backends().len() as u32,
         terminating_count: 0,
         flags: affinity_flag(f) | if drop { flags::DROP_WITHOUT_BACKEND } else { 0 },
         ..cluster_value(f, id, set)
@@ -527,7 +527,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         for entry in &wanted {
             let (backend_set, backend_count, terminating_count) = if local_only {
                 let local_set = if f.internal_local { set } else { other_set.unwrap_or(set) };
-                (local_set, f.local_backends.len() as u32, 0)
+                (local_set, f.local_backends().len() as u32, 0)
             } else {
                 (cluster_set.unwrap_or(set), f.backends.len() as u32, f.terminating.len() as u32)
             };
@@ -658,7 +658,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         // Flows of the id may go to any endpoint its entries name: the
         // ClusterIP's set, and under a Local policy the other one.
         let keep: KeepEndpoints =
-            f.backends.iter().chain(&f.local_backends[..]).map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
+            f.backends.iter().chain(f.local_backends()).map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
         // Only an endpoint that stopped being ready leaves flows to forget
         // (walking the flow maps costs a syscall per entry). Under a Local
         // internal policy the old set shows this node's endpoints only, so
@@ -758,7 +758,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(iface = %name, error = %e, "interface matches --interfaces but refused the datapath");
+                    tracing::warn!(iface = %name, error = %e, "interface matches --interfaces or --devices but refused the datapath");
                     self.refused.insert(name.to_string(), index);
                 }
             }

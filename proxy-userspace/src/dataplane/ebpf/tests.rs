@@ -2,7 +2,10 @@ use super::{
     fake::{FakeMaps, Faulty},
     *,
 };
-use crate::{frontend::Endpoint, testing::frontend as fe};
+use crate::{
+    frontend::{Endpoint, Extras},
+    testing::frontend as fe,
+};
 
 fn sizes(services: u32, backends: u32) -> MapSizes {
     MapSizes { services, backends, flows: 16 }
@@ -170,7 +173,7 @@ fn external(f: Frontend, local_only: bool, local: &[u8]) -> Frontend {
         health_check_node_port: None,
     };
     let local_backends = local.iter().map(|h| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *h), port: 8080 }).collect();
-    Frontend { external: Some(Box::new(ext)), local_backends, ..f }
+    Frontend { external: Some(Box::new(ext)), extras: Extras::of(local_backends, None), ..f }
 }
 
 fn entry(dp: &EbpfDataplane<FakeMaps>, addr: [u8; 4], port: u16) -> ServiceValue {
@@ -337,7 +340,7 @@ fn drift_of_ranges_and_scopes_is_repaired() {
 /// `f` with `internalTrafficPolicy: Local` and `local` (last octets) on this node.
 fn internal_local(f: Frontend, local: &[u8]) -> Frontend {
     let local_backends = local.iter().map(|h| Endpoint { ip: Ipv4Addr::new(10, 244, 0, *h), port: 8080 }).collect();
-    Frontend { internal_local: true, local_backends, ..f }
+    Frontend { internal_local: true, extras: Extras::of(local_backends, None), ..f }
 }
 
 #[test]

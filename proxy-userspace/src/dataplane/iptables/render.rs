@@ -152,7 +152,7 @@ impl<'a> Plan<'a> {
     /// kube-proxy's `usesLocalPolicyChain`: KUBE-SVL- for a Local policy
     /// with endpoints here.
     fn uses_local_chain(&self) -> bool {
-        !self.f.local_backends.is_empty() && (self.f.internal_local || self.local_policy())
+        !self.f.local_backends().is_empty() && (self.f.internal_local || self.local_policy())
     }
 
     /// Where pods' and node processes' traffic to the cluster IP goes.
@@ -170,7 +170,7 @@ impl<'a> Plan<'a> {
         }
         if self.uses_local_chain() {
             let cluster = self.uses_cluster_chain();
-            endpoints.extend(f.local_backends.iter().filter(|e| !cluster || !f.backends.contains(e)));
+            endpoints.extend(f.local_backends().iter().filter(|e| !cluster || !f.backends.contains(e)));
         }
         endpoints
     }
@@ -449,7 +449,7 @@ fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
         spread(f, &svc, &f.backends, &mut t.nat);
     }
     if plan.uses_local_chain() {
-        spread(f, &local_chain(f), &f.local_backends, &mut t.nat);
+        spread(f, &local_chain(f), f.local_backends(), &mut t.nat);
     }
     let p = protocol(f);
     for e in plan.endpoints() {
@@ -542,7 +542,7 @@ fn spread(f: &Frontend, chain: &str, endpoints: &[Endpoint], out: &mut String) {
 mod tests {
     use super::*;
     use crate::{
-        frontend::{Protocol, ServiceType},
+        frontend::{Extras, Protocol, ServiceType},
         name::{ObjectName, ServicePortName},
     };
 
@@ -563,9 +563,8 @@ mod tests {
             backends: backends.iter().map(|(ip, port)| Endpoint { ip: Ipv4Addr::from(*ip), port: *port }).collect(),
             terminating: Box::default(),
             internal_local: false,
-            local_backends: Box::default(),
             affinity_timeout: None,
-            app_protocol: None,
+            extras: None,
         }
     }
 
@@ -809,7 +808,7 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
             health_check_node_port: Some(30000),
             ..Default::default()
         }));
-        f.local_backends = [Endpoint { ip: Ipv4Addr::new(10, 180, 2, 1), port: 80 }].into();
+        f.extras = Extras::of([Endpoint { ip: Ipv4Addr::new(10, 180, 2, 1), port: 80 }].into(), None);
         let cfg = RenderConfig {
             cluster_cidr: Some("10.0.0.0/8".into()),
             node_port_addresses: NodePortAddresses::Only(vec![Ipv4Addr::new(192, 168, 0, 2)]),
