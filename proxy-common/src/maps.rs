@@ -64,6 +64,11 @@ pub const NAT_REVERSE: &str = "NAT_REVERSE";
 /// there, a [`hook`] value (`TC_INGRESS` for the TC programs alone). The
 /// XDP program redirects only to devices it runs on natively.
 pub const DEVICES: &str = "DEVICES";
+/// Pod interfaces whose Service traffic to a pod on the same bridge is
+/// switched there rather than routed: ifindex -> the bridge's ifindex.
+/// Written only for bridges that hand what they switch to iptables
+/// (br_netfilter), so the node's FORWARD chain sees it either way.
+pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 /// What the datapath did on each interface, by hook: (ifindex, [`hook`]) ->
 /// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes).
 pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
@@ -90,7 +95,7 @@ pub const AFFINITY: &str = "AFFINITY";
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     SERVICES,
     BACKENDS,
     CLUSTER_SCOPE,
@@ -102,6 +107,7 @@ pub const ALL_MAPS: [&str; 18] = [
     NAT_FORWARD,
     NAT_REVERSE,
     DEVICES,
+    BRIDGE_PORTS,
     DEVICE_COUNTS,
     SOCK_AFFINITY,
     SOCK_REVERSE,
@@ -210,6 +216,10 @@ pub mod flags {
     /// `sessionAffinity: ClientIP`: a client's new flows go to the backend
     /// its last one went to, within the frontend's [`super::AFFINITY_TIMEOUTS`].
     pub const AFFINITY: u8 = 16;
+    /// iptables mode has taken over and is draining eBPF mode's datapath:
+    /// flows it tracks go on, translated both ways, while new flows and
+    /// sockets are left untranslated for the node's iptables rules.
+    pub const DRAINING: u8 = 32;
 }
 
 /// The packet mark asking the node's masquerade rule to source-NAT a

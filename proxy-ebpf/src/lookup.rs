@@ -246,6 +246,10 @@ pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, Dr
     if later_fragment {
         return Err(DropReason::Fragment);
     }
+    // iptables mode took over: new flows are its rules' to translate.
+    if svc.flags & flags::DRAINING != 0 {
+        return Ok(Lookup::NotService);
+    }
 
     if svc.backend_count == 0 {
         if svc.flags & flags::DROP_WITHOUT_BACKEND != 0 {

@@ -21,6 +21,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
+mod bridge;
 mod conntrack;
 mod counters;
 mod fence;
@@ -223,6 +224,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
                     // The node's masquerade rule source-NATs it, so the backend's
                     // replies come back here to be translated.
                     ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
+                } else {
+                    bridge::switch_to_backend(ctx, ifindex(ctx), &pkt, backend.addr)?;
                 }
                 Verdict::Pass
             };

@@ -83,6 +83,10 @@ pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatAddress> = LruHashMap::wit
 #[map]
 pub(crate) static NAT_REVERSE: LruHashMap<FlowKey, NatAddress> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
 
+/// Pod interface -> the bridge its Service traffic may be switched on (see `bridge`).
+#[map]
+pub(crate) static BRIDGE_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
+
 #[map]
 pub(crate) static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 

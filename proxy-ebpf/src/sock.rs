@@ -228,6 +228,10 @@ fn translate(ctx: &SockAddrContext, family: Family, unconnected: bool) -> Result
     let Some(svc) = lookup::service_in_cluster(&ServiceKey { addr: vip, port: vip_port, proto, _pad: 0 }) else {
         return Ok(());
     };
+    // iptables mode took over: the socket's packets are its rules' to translate.
+    if svc.flags & flags::DRAINING != 0 {
+        return Ok(());
+    }
     if svc.backend_count == 0 {
         if svc.flags & flags::DROP_WITHOUT_BACKEND != 0 {
             // Endpoints elsewhere, none for this node's clients (a Local

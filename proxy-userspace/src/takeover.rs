@@ -6,7 +6,11 @@
 
 use std::path::Path;
 
-use aya::programs::{TcAttachType, tc};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TcAttachType, tc},
+};
+use proxy_common::maps::{self as abi, ServiceKey, ServiceValue, flags};
 
 use crate::{
     dataplane::{
@@ -31,6 +35,11 @@ pub fn take_over(mode: Mode, bpf_root: &Path, beside_kube_proxy: bool) {
             }
         }
         Mode::Iptables => {
+            // Flows eBPF mode translated a moment ago finish through it, so
+            // they are not reset; new ones go to iptables' rules at once.
+            if drain_ebpf(bpf_root) > 0 {
+                std::thread::sleep(EBPF_DRAIN);
+            }
             // Every interface: the eBPF run may have followed patterns and devices.
             remove_ebpf(&all_interfaces(), bpf_root);
             if !beside_kube_proxy {
@@ -78,6 +87,37 @@ pub fn all_interfaces() -> Vec<String> {
     std::fs::read_dir("/sys/class/net")
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default()
+}
+
+/// How long eBPF mode's programs serve the flows they track once iptables
+/// mode has taken over: enough for the exchanges in flight (a connection
+/// opening, a request and its answer). A connection living on past it was
+/// theirs alone and is reset, as when kube-proxy gives way to another proxy.
+const EBPF_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Marks every frontend in the maps eBPF mode left pinned under `bpf_root`
+/// as draining ([`flags::DRAINING`]): its programs go on translating the
+/// flows they track and leave new ones to iptables. Returns how many
+/// entries were marked (none from another layout's maps, whose programs
+/// would not know the mark).
+pub fn drain_ebpf(bpf_root: &Path) -> usize {
+    let dir = inspect::maps_dir(bpf_root);
+    mark_draining::<ServiceKey>(&dir.join(abi::SERVICES)) + mark_draining::<u32>(&dir.join(abi::CLUSTER_SCOPE))
+}
+
+fn mark_draining<K: aya::Pod>(pin: &Path) -> usize {
+    let Ok(map) = MapData::from_pin(pin) else { return 0 };
+    let Ok(mut map) = HashMap::<_, K, ServiceValue>::try_from(Map::HashMap(map)) else { return 0 };
+    let entries: Vec<(K, ServiceValue)> = map.iter().filter_map(Result::ok).collect();
+    let marked = entries.into_iter().filter(|(key, value)| {
+        let draining = ServiceValue { flags: value.flags | flags::DRAINING, ..*value };
+        map.insert(key, draining, 0).is_ok()
+    });
+    let marked = marked.count();
+    if marked > 0 {
+        tracing::info!(map = %pin.display(), entries = marked, "eBPF mode's frontends draining: new flows go to iptables");
+    }
+    marked
 }
 
 /// Detaches kpr's programs: the links pinned under `bpf_root` and the

@@ -182,7 +182,7 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     // The node's devices as a DaemonSet would name them (the overlay's too):
     // they get no program, as no Service here is reached from outside.
     let devices = if shape == Shape::Vxlan { "--devices=eth0,flannel.1" } else { "--devices=eth0" };
-    let _agents: Vec<Kpr> = cluster
+    let mut agents: Vec<Kpr> = cluster
         .nodes
         .iter()
         .map(|node| {
@@ -191,6 +191,8 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
                 format!("--source=dir:{}", manifests.display()),
                 "--socket-lb=false".into(),
                 devices.into(),
+                // Settings the agent follows are looked at again this often.
+                "--sync-period=1s".into(),
             ];
             node.start_kpr(&["veth*".into()], &args, dir.path()).unwrap()
         })
@@ -243,21 +245,27 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
     assert_eq!(reached, ["near", "web-1"].into(), "UDP: itself and the other backend answer");
 
     // A NetworkPolicy-like rule in the node's FORWARD chain applies to
-    // Service traffic, to a backend on the client's own node too:
-    // connections that chose `near` fail (the reset reaches the client in
-    // eBPF mode; kube-proxy's rules leave it untranslated, so there the
-    // connection times out), the others are answered by web-1.
-    let near = cluster.node(0).pod("near").ip.to_string();
-    let rule = ["FORWARD", "-d", &near, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"];
-    let tcp = SocketAddr::from((NEAR_VIP, 80));
+    // Service traffic, to a backend on the client's own node too (the reset
+    // reaches the client in eBPF mode; kube-proxy's rules leave it
+    // untranslated, so there the connection times out). In eBPF mode on a
+    // bridge, such traffic is switched there, not routed: the node's
+    // br_netfilter hands it to the FORWARD chain all the same.
+    let bridge = shape != Shape::Routed;
     let node0 = &cluster.node(0).ns;
-    node0.exec(&[&["iptables", "-I"][..], &rule].concat()).unwrap();
-    let outcomes: Vec<Result<String, String>> = client
-        .run(move || (0..20).map(|_| tcp_request(tcp, Duration::from_millis(500)).map_err(|e| e.to_string())).collect())
-        .unwrap();
-    node0.exec(&[&["iptables", "-D"][..], &rule].concat()).unwrap();
-    assert!(outcomes.iter().all(|o| o.is_err() || o.as_deref() == Ok("web-1")), "{outcomes:?}");
-    assert!(outcomes.iter().any(Result::is_err), "the rule saw connections to near: {outcomes:?}");
+    let bridged = forward_rule_applies(node0, client, cluster.node(0).pod("near").ip);
+    if mode == Mode::Ebpf {
+        assert_eq!(bridged > 0, bridge, "switched on the bridge: {bridged} packets");
+    }
+    if mode == Mode::Ebpf && bridge {
+        // Without br_netfilter handing switched traffic to iptables, the
+        // agent has it routed again, so the rule still sees it.
+        node0.exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]).unwrap();
+        let agent = &mut agents[0];
+        agent.wait_for_log("Service traffic to pods on the same bridge is routed", Duration::from_secs(10)).unwrap();
+        let bridged = forward_rule_applies(node0, client, cluster.node(0).pod("near").ip);
+        assert_eq!(bridged, 0, "routed once bridged traffic skips iptables");
+        node0.exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]).unwrap();
+    }
     if mode == Mode::Ebpf {
         let node0 = cluster.node(0);
         let stats = kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
@@ -270,6 +278,31 @@ fn serves_across_nodes_per_packet(mode: Mode, shape: Shape) {
             assert!(on_device.is_none(), "{}: a device carries the datapath: {stats:#}", node.name);
         }
     }
+}
+
+/// Runs connections from `client` to NEAR_VIP (backends `near`, the
+/// client's node-mate, and web-1) with a rule in `node`'s FORWARD chain
+/// resetting those to `near`, and checks that it applies: every
+/// connection that chose `near` fails, the others are answered by web-1.
+/// Returns how many of the packets to `near` were switched on a bridge.
+fn forward_rule_applies(node: &Netns, client: &Netns, near: Ipv4Addr) -> u64 {
+    let near = near.to_string();
+    let reject = ["FORWARD", "-d", &near, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"];
+    // No target: it only counts, and the packet goes on to the rule above.
+    let bridged = ["FORWARD", "-m", "physdev", "--physdev-is-bridged", "-d", &near, "-p", "tcp"];
+    node.exec(&[&["iptables", "-I"][..], &reject].concat()).unwrap();
+    node.exec(&[&["iptables", "-I"][..], &bridged].concat()).unwrap();
+    let tcp = SocketAddr::from((NEAR_VIP, 80));
+    let outcomes: Vec<Result<String, String>> = client
+        .run(move || (0..20).map(|_| tcp_request(tcp, Duration::from_millis(500)).map_err(|e| e.to_string())).collect())
+        .unwrap();
+    let listing = node.output(&["iptables", "-L", "FORWARD", "-v", "-n", "-x"]).unwrap();
+    node.exec(&[&["iptables", "-D"][..], &bridged].concat()).unwrap();
+    node.exec(&[&["iptables", "-D"][..], &reject].concat()).unwrap();
+    assert!(outcomes.iter().all(|o| o.is_err() || o.as_deref() == Ok("web-1")), "{outcomes:?}");
+    assert!(outcomes.iter().any(Result::is_err), "the rule saw connections to near: {outcomes:?}");
+    let counted = listing.lines().find(|l| l.contains("physdev-is-bridged"));
+    counted.and_then(|l| l.split_whitespace().next()?.parse().ok()).expect("the counting rule's packets")
 }
 
 /// Sends, from `ns`, a UDP datagram claiming to come from `claimed`

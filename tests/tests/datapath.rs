@@ -240,6 +240,39 @@ fn a_pod_that_is_its_own_backend_is_answered_through_the_hairpin_address() {
     assert_eq!(dp.drops(), 0);
 }
 
+/// What iptables mode does to the maps eBPF mode left when it takes over.
+fn drain(dp: &mut Datapath) {
+    let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(dp.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
+    let entries: Vec<_> = svcs.iter().map(Result::unwrap).collect();
+    for (key, value) in entries {
+        svcs.insert(key, ServiceValue { flags: value.flags | abi::flags::DRAINING, ..value }, 0).unwrap();
+    }
+}
+
+#[test]
+fn a_draining_frontend_finishes_its_flows_and_leaves_new_ones_to_the_stack() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.run(&tcp_frame((CLIENT, 40100), (VIP, 80), TCP_SYN, b""));
+    drain(&mut dp);
+    // The flow taken on before goes on, both ways.
+    let (verdict, out) = dp.run(&tcp_frame((CLIENT, 40100), (VIP, 80), TCP_ACK, b"request"));
+    assert_eq!((verdict, View(&out).dst(), View(&out).dport()), (TC_ACT_OK, BACKENDS[0], 8080));
+    let (_, out) = dp.to_pod(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 40100), TCP_ACK, b"answer"));
+    assert_eq!((View(&out).src(), View(&out).sport()), (VIP, 80));
+    // New flows pass untouched, to a Service with endpoints or without
+    // (iptables' rules answer those), and nothing is dropped.
+    for new in [
+        tcp_frame((CLIENT, 40101), (VIP, 80), TCP_SYN, b""),
+        udp_frame((CLIENT, 40102), (VIP, 53), b"query"),
+        tcp_frame((CLIENT, 40103), (EMPTY_VIP, 80), TCP_SYN, b""),
+    ] {
+        assert_eq!(dp.run(&new), (TC_ACT_OK, new.clone()), "left to the stack");
+    }
+    assert_eq!((dp.counter(Counter::Translated), dp.counter(Counter::RefusedNoBackend), dp.drops()), (2, 0, 0));
+}
+
 #[test]
 fn udp_is_translated_with_and_without_checksum() {
     root_or_skip!();

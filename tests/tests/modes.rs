@@ -8,7 +8,11 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -17,7 +21,7 @@ use aya::programs::{
     tc::{self, NlOptions, TcAttachOptions},
 };
 use kpr_tests::{
-    client::tcp_request,
+    client::{Repeating, every_10ms, tcp_request},
     kpr::{self, Kpr},
     manifests::{web_service, write},
     node::VirtualNode,
@@ -247,6 +251,28 @@ fn auto_mode_falls_back_to_iptables_when_attaching_fails_and_says_why() {
     assert!(names_absent_iface(reason), "{status}");
 }
 
+/// A TCP connection from a pod, outside the node's cgroup (so the
+/// per-packet path translates it), asking again and again.
+struct HeldStream {
+    stream: std::net::TcpStream,
+    lines: std::io::Lines<std::io::BufReader<std::net::TcpStream>>,
+}
+
+impl HeldStream {
+    fn open(client: &kpr_tests::netns::Netns, addr: SocketAddr) -> Self {
+        let stream = client.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))).unwrap();
+        let stream = stream.unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(stream.try_clone().unwrap()));
+        Self { stream, lines }
+    }
+
+    fn ask(&mut self) -> std::io::Result<String> {
+        std::io::Write::write_all(&mut self.stream, b"again\n")?;
+        self.lines.next().unwrap_or_else(|| Err(std::io::ErrorKind::UnexpectedEof.into()))
+    }
+}
+
 /// Whether `text` names [`ABSENT_IFACE`] as a whole word (not inside `veth0`).
 fn names_absent_iface(text: &str) -> bool {
     let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -274,18 +300,42 @@ fn switching_modes_leaves_exactly_one_dataplane_and_cleanup_leaves_none() {
     assert_eq!(n.pins(), Node::all_map_pins(), "maps stay pinned after eBPF mode exits");
     assert_eq!(n.program_count(), 2 * PODS.len(), "and its programs serve on");
 
+    // Clients connecting all through the switch, on the per-packet path and
+    // through the socket hooks, are all answered: flows eBPF mode took on
+    // just before iptables mode serves finish through its programs.
+    let client = &n.node.pod("client").ns;
+    let vip = SocketAddr::from((VIP, 80));
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_packet = every_10ms(client, vip, Duration::from_secs(2), stop.clone());
+    let sockets = Repeating::start(Path::new(env!("CARGO_BIN_EXE_kpr-probe")), client, &n.node.cgroup, vip).unwrap();
+    // And a connection the per-packet path took on before the switch is
+    // still served after iptables mode serves.
+    let mut held = HeldStream::open(client, vip);
+    assert!(held.ask().is_ok());
+    std::thread::sleep(Duration::from_millis(300));
     let mut kpr = n.kpr(&["--mode=iptables"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let answer = held.ask();
+    assert!(answer.is_ok(), "the connection eBPF mode took on: {answer:?}\n{}", kpr.log());
     assert!(n.answers());
-    // Once iptables mode serves (right after its first sync).
+    // Once iptables mode serves (right after its first sync) and eBPF
+    // mode's flows have had time to finish.
     let detached = wait::until(
         "iptables mode detaches eBPF mode's programs",
-        Duration::from_secs(5),
+        Duration::from_secs(8),
         || n.program_count(),
         |count| *count == 0,
     );
     detached.unwrap();
     wait::until("iptables mode removes eBPF mode's pinned maps", Duration::from_secs(5), || n.pins(), Vec::is_empty)
         .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (per_packet, sockets) = (per_packet.join().unwrap(), sockets.finish().unwrap());
+    for (path, tally) in [("per-packet", per_packet), ("socket", sockets)] {
+        assert!(tally.failed == 0 && tally.ok > 20, "{path} clients through the switch: {tally:?}\n{}", kpr.log());
+    }
+    assert!(kpr.log().contains("new flows go to iptables"), "{}", kpr.log());
     assert!(n.kpr_chains() > 0);
     kpr.interrupt().unwrap();
     // As with kube-proxy, iptables rules outlive the agent and keep serving.

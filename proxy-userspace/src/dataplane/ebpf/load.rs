@@ -157,6 +157,8 @@ pub struct Attached {
     pub collector: Collector,
     /// The node's devices and XDP on them.
     pub devices: super::xdp::Devices,
+    /// Which pod interfaces switch Service traffic on their bridge.
+    pub bridge_ports: super::bridge::BridgePorts,
     /// Every link, pinned so it outlives the agent.
     pub pins: LinkPins,
     /// Whether the socket path's egress fence is attached (the previous
@@ -431,6 +433,11 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
             devices.attach(&mut ebpf, &mut pins, name, index)?;
         }
     }
+    let bridge_ports = super::bridge::BridgePorts::new(Default::default(), {
+        let map = by_id(abi::BRIDGE_PORTS).map_err(|e| DataplaneError::Load(e.to_string()))?;
+        HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?)
+            .map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?
+    });
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
     let conntrack = [abi::CT_TCP, abi::CT_ANY].into_iter().map(|name| {
         let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
@@ -465,6 +472,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         observed: Arc::new(observed),
         collector,
         devices,
+        bridge_ports,
         pins,
         socket_fence,
         reused,

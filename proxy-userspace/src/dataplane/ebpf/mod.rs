@@ -10,6 +10,7 @@
 //! hold, on the real maps and on the fakes the unit tests use.
 
 mod adopt;
+pub mod bridge;
 pub mod cgroup;
 pub mod conntrack_gc;
 pub mod fake;
@@ -228,6 +229,8 @@ pub struct EbpfDataplane<M = AyaMaps> {
     devices: Vec<String>,
     /// The node's devices and XDP on them.
     node_devices: Option<xdp::Devices>,
+    /// Which pod interfaces switch Service traffic on their bridge.
+    bridge_ports: Option<bridge::BridgePorts>,
     /// Interfaces the classifiers are on (name -> index and links), and ones
     /// that refused it (not tried again until they are recreated).
     attached: BTreeMap<String, (u32, PacketLinks)>,
@@ -310,6 +313,8 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.devices.clone_from(&targets.devices);
         dataplane.attached = attached.interfaces;
         dataplane.node_devices = Some(attached.devices);
+        dataplane.bridge_ports = Some(attached.bridge_ports);
+        dataplane.follow_bridges();
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
         Ok(dataplane)
@@ -325,6 +330,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             interface_patterns: Vec::new(),
             devices: Vec::new(),
             node_devices: None,
+            bridge_ports: None,
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             observed: None,
@@ -763,6 +769,20 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 }
             }
         }
+        self.follow_bridges();
+    }
+
+    /// Lists the attached pod interfaces whose bridge may switch their
+    /// Service traffic (see `bridge`); how many entries changed.
+    fn follow_bridges(&mut self) -> usize {
+        let Some(ports) = self.bridge_ports.as_mut() else { return 0 };
+        let devices = self.node_devices.as_ref();
+        let pods = self
+            .attached
+            .iter()
+            .filter(|(name, _)| !devices.is_some_and(|d| d.is_device(name)))
+            .map(|(name, (index, _))| (name.as_str(), *index));
+        ports.follow(pods)
     }
 
     /// UDP has no connection end the client would notice, so flows pinned to
@@ -788,7 +808,7 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
 
     fn repair(&mut self, desired: &Desired) -> usize {
         let devices = self.node_devices.as_mut().map_or(0, |d| d.repair());
-        self.repair_drift(desired) + devices
+        self.repair_drift(desired) + devices + self.follow_bridges()
     }
 
     /// The maps are programmed: links a previous run left switch to this
