@@ -10,9 +10,12 @@ use std::{
     net::Ipv4Addr,
 };
 
-use proxy_common::maps::{PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, kind};
+use proxy_common::maps::{PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, flags, kind};
 
-use super::{EbpfDataplane, Ids, Outside, Programmed, maps::ServiceMaps};
+use super::{
+    EbpfDataplane, Ids, Outside, Programmed,
+    maps::{MapContents, ServiceMaps},
+};
 use crate::frontend::{Cidr, FrontendKey, Protocol};
 
 impl Ids {
@@ -43,6 +46,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// Returns how many frontends were taken over.
     pub fn adopt_programmed(&mut self) -> usize {
         let contents = self.maps.contents();
+        self.end_unfinished_drain(&contents);
         let entry_flags = contents.services.iter().fold(0, |all, (_, v)| all | v.flags);
         let mut externals: BTreeMap<u32, Vec<(ServiceKey, ServiceValue)>> = BTreeMap::new();
         let mut markers = Vec::new();
@@ -118,6 +122,24 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         self.set_ids = Ids::with_used(&sets);
         self.adopted = !self.programmed.is_empty();
         self.programmed.len()
+    }
+
+    /// An iptables-mode run that stopped while it drained these maps (see
+    /// `takeover::drain_ebpf`) left its mark on the entries, which would
+    /// keep new flows from being translated: cleared, as they serve again.
+    fn end_unfinished_drain(&mut self, contents: &MapContents) {
+        let drained = |v: &ServiceValue| v.flags & flags::DRAINING != 0;
+        let serving = |v: &ServiceValue| ServiceValue { flags: v.flags & !flags::DRAINING, ..*v };
+        let mut cleared = Vec::new();
+        for (key, value) in contents.services.iter().filter(|(_, v)| drained(v)) {
+            cleared.push(self.maps.set_service(*key, serving(value)));
+        }
+        for (id, value) in contents.cluster_scopes.iter().filter(|(_, v)| drained(v)) {
+            cleared.push(self.maps.set_cluster_scope(*id, serving(value)));
+        }
+        for e in cleared.into_iter().filter_map(Result::err) {
+            tracing::warn!(error = %e, "could not clear a drain left unfinished: new flows to it go untranslated");
+        }
     }
 
     /// After the first apply that follows adoption: the frontends taken

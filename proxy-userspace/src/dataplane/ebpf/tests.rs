@@ -271,6 +271,21 @@ fn a_restart_takes_over_the_maps_and_its_first_sync_removes_only_what_is_gone() 
 }
 
 #[test]
+fn a_drain_left_unfinished_is_cleared_when_the_maps_are_taken_back() {
+    let mut before = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32))
+        .with_node_addresses(vec![Ipv4Addr::new(192, 168, 1, 2)]);
+    // Local policy: a cluster-wide scope beside the frontends.
+    assert!(upsert(&mut before, &external(fe(1, 80, &[1, 2]), true, &[2])).is_empty());
+    let mut drained = before.maps().clone();
+    for value in drained.services.values_mut().chain(drained.cluster_scope.values_mut()) {
+        value.flags |= flags::DRAINING;
+    }
+    let after = restarted(&drained);
+    assert_eq!(after.maps().services, before.maps().services, "as the eBPF run left them");
+    assert_eq!(after.maps().cluster_scope, before.maps().cluster_scope);
+}
+
+#[test]
 fn ids_start_past_the_ones_in_use_and_reuse_the_holes() {
     let ids = Ids::with_used(&[2, 5].into());
     let mut ids = ids;
