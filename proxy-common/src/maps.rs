@@ -65,9 +65,9 @@ pub const NAT_REVERSE: &str = "NAT_REVERSE";
 /// XDP program redirects only to devices it runs on natively.
 pub const DEVICES: &str = "DEVICES";
 /// Pod interfaces whose Service traffic to a pod on the same bridge is
-/// switched there rather than routed: ifindex -> the bridge's ifindex.
-/// Written only for bridges that hand what they switch to iptables
-/// (br_netfilter), so the node's FORWARD chain sees it either way.
+/// switched there rather than routed: ifindex -> [`BridgePort`]. Written
+/// only for bridges that hand what they switch to iptables (br_netfilter),
+/// so the node's FORWARD chain sees it either way.
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 /// What the datapath did on each interface, by hook: (ifindex, [`hook`]) ->
 /// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes).
@@ -285,6 +285,34 @@ pub struct DeviceCounts {
     /// node's stack never seeing them.
     pub forwarded: u64,
     pub dropped: u64,
+}
+
+/// Value of [`BRIDGE_PORTS`]: the bridge a pod interface is a port of,
+/// and the pod subnet on it (the bridge's own address and prefix), so only
+/// requests to a backend in that subnet are looked for on the bridge.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BridgePort {
+    pub bridge: u32,
+    pub subnet: [u8; 4],
+    pub mask: [u8; 4],
+}
+
+impl BridgePort {
+    pub const fn new(bridge: u32, addr: [u8; 4], prefix: u8) -> Self {
+        let mask = match prefix {
+            0 => 0,
+            1..=31 => u32::MAX << (32 - prefix),
+            _ => u32::MAX,
+        };
+        let subnet = u32::from_be_bytes(addr) & mask;
+        Self { bridge, subnet: subnet.to_be_bytes(), mask: mask.to_be_bytes() }
+    }
+
+    /// Whether `addr` is in the pod subnet on the bridge.
+    pub const fn holds(&self, addr: [u8; 4]) -> bool {
+        u32::from_be_bytes(addr) & u32::from_be_bytes(self.mask) == u32::from_be_bytes(self.subnet)
+    }
 }
 
 /// Value of [`NAT_FORWARD`] and [`NAT_REVERSE`]: an address and port.
@@ -540,6 +568,7 @@ mod pod {
     unsafe impl aya::Pod for DeviceKey {}
     unsafe impl aya::Pod for DeviceCounts {}
     unsafe impl aya::Pod for NatAddress {}
+    unsafe impl aya::Pod for BridgePort {}
 }
 
 #[cfg(test)]
@@ -561,6 +590,10 @@ mod tests {
         assert_eq!(size_of::<ReverseEntry>(), 12);
         assert_eq!(size_of::<SockFence>(), 12);
         assert_eq!(size_of::<Traffic>(), 16);
+        assert_eq!(size_of::<BridgePort>(), 12);
+        let port = BridgePort::new(7, [10, 244, 0, 1], 24);
+        assert!(port.holds([10, 244, 0, 15]) && !port.holds([10, 244, 1, 15]));
+        assert!(BridgePort::new(7, [10, 244, 0, 1], 0).holds([192, 0, 2, 1]));
         assert_eq!(align_of::<Traffic>(), 8, "atomic adds need aligned u64s");
         assert_eq!(size_of::<SockKey>(), 8 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<AffinityKey>(), 4 + 4 + 8);

@@ -5,6 +5,10 @@
 //! port. Routing it would cost the node a trip up its IP stack and back
 //! down through the bridge, which direct pod-to-pod traffic never pays.
 //!
+//! Only a backend in the pod subnet on the bridge (the bridge's own
+//! address and prefix) is looked for there: one on another node costs no
+//! route lookup.
+//!
 //! The agent lists a pod interface in `BRIDGE_PORTS` only when the bridge
 //! it is a port of hands the IPv4 it switches to iptables (br_netfilter's
 //! `bridge-nf-call-iptables`, as kube-proxy needs anyway): switched or
@@ -34,7 +38,12 @@ pub(crate) fn switch_to_backend(
     pkt: &Packet,
     backend: [u8; 4],
 ) -> Result<(), DropReason> {
-    let Some(&bridge) = (unsafe { BRIDGE_PORTS.get(&ifindex) }) else { return Ok(()) };
+    let Some(port) = (unsafe { BRIDGE_PORTS.get(&ifindex) }) else { return Ok(()) };
+    // A backend on another node: no route lookup spent on it.
+    if !port.holds(backend) {
+        return Ok(());
+    }
+    let bridge = port.bridge;
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;

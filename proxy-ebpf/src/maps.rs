@@ -12,7 +12,7 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        AffinityEntry, AffinityKey, Backend, BackendKey, BackendTrafficKey, DEFAULT_BACKENDS_MAX,
+        AffinityEntry, AffinityKey, Backend, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
         DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
         DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
         FragmentPorts, NatAddress, ReverseEntry, ServiceKey, ServiceValue, SockFence, SockKey, SourceRangeKey, Traffic,
@@ -85,7 +85,7 @@ pub(crate) static NAT_REVERSE: LruHashMap<FlowKey, NatAddress> = LruHashMap::wit
 
 /// Pod interface -> the bridge its Service traffic may be switched on (see `bridge`).
 #[map]
-pub(crate) static BRIDGE_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
+pub(crate) static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 
 #[map]
 pub(crate) static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);

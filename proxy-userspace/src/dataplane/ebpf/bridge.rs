@@ -7,7 +7,9 @@
 //! and conntrack see the switched flow as they would the routed one. Where
 //! the bridge does not, the traffic is routed, so FORWARD still sees it.
 //!
-//! Looked at again on every apply and every repair: a pod interface
+//! The entry carries the pod subnet on the bridge (its address and
+//! prefix), so requests to other nodes cost no route lookup. Looked at
+//! again on every apply and every repair: a pod interface
 //! enslaved or released, or the setting turned off, is followed within a
 //! sync period.
 
@@ -17,7 +19,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use proxy_common::maps::BRIDGE_PORTS;
+use proxy_common::maps::{BRIDGE_PORTS, BridgePort};
 
 /// Where the kernel shows interfaces and the namespace's br_netfilter settings.
 #[derive(Clone, Debug)]
@@ -57,14 +59,46 @@ impl Sysfs {
     }
 }
 
+/// The IPv4 address and prefix length of interface `name`, the pod
+/// subnet's gateway on a bridge CNI's bridge (its first, if several).
+fn ipv4_subnet(name: &str) -> Option<([u8; 4], u8)> {
+    let mut found = None;
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list freed below; each entry's addresses
+    // are read only when the family says they are IPv4.
+    unsafe {
+        if libc::getifaddrs(&raw mut list) != 0 {
+            return None;
+        }
+        let mut at = list;
+        while !at.is_null() && found.is_none() {
+            let entry = &*at;
+            at = entry.ifa_next;
+            let named =
+                !entry.ifa_name.is_null() && std::ffi::CStr::from_ptr(entry.ifa_name).to_bytes() == name.as_bytes();
+            if !named || entry.ifa_addr.is_null() || entry.ifa_netmask.is_null() {
+                continue;
+            }
+            if i32::from((*entry.ifa_addr).sa_family) != libc::AF_INET {
+                continue;
+            }
+            let addr = (*entry.ifa_addr.cast::<libc::sockaddr_in>()).sin_addr.s_addr.to_ne_bytes();
+            let mask = (*entry.ifa_netmask.cast::<libc::sockaddr_in>()).sin_addr.s_addr;
+            found = Some((addr, mask.count_ones() as u8));
+        }
+        libc::freeifaddrs(list);
+    }
+    found
+}
+
 /// The `BRIDGE_PORTS` map and what it should hold.
 pub struct BridgePorts {
     sysfs: Sysfs,
-    map: HashMap<MapData, u32, u32>,
+    map: HashMap<MapData, u32, BridgePort>,
 }
 
 impl BridgePorts {
-    pub fn new(sysfs: Sysfs, map: HashMap<MapData, u32, u32>) -> Self {
+    pub fn new(sysfs: Sysfs, map: HashMap<MapData, u32, BridgePort>) -> Self {
         Self { sysfs, map }
     }
 
@@ -77,11 +111,16 @@ impl BridgePorts {
         let mut names = BTreeMap::new();
         for (name, index) in interfaces {
             names.insert(index, name.to_string());
-            if let Some((bridge, bridge_index)) = self.sysfs.switching_bridge(name) {
-                wanted.insert(index, (bridge_index, bridge));
+            // A bridge without an address holds no pod subnet to switch in.
+            let switching = self.sysfs.switching_bridge(name);
+            if let Some((bridge, port)) = switching.and_then(|(bridge, index)| {
+                let (addr, prefix) = ipv4_subnet(&bridge)?;
+                Some((bridge, BridgePort::new(index, addr, prefix)))
+            }) {
+                wanted.insert(index, (port, bridge));
             }
         }
-        let held: BTreeMap<u32, u32> = self.map.iter().filter_map(Result::ok).collect();
+        let held: BTreeMap<u32, BridgePort> = self.map.iter().filter_map(Result::ok).collect();
         let mut changed = 0;
         for index in held.keys().filter(|i| !wanted.contains_key(i)) {
             match self.map.remove(index) {
@@ -93,9 +132,9 @@ impl BridgePorts {
                 tracing::info!(iface = %name, "Service traffic to pods on the same bridge is routed");
             }
         }
-        for (index, (bridge, bridge_name)) in wanted.iter().filter(|(i, (b, _))| held.get(i) != Some(b)) {
+        for (index, (port, bridge_name)) in wanted.iter().filter(|(i, (p, _))| held.get(i) != Some(p)) {
             let name = &names[index];
-            match self.map.insert(index, bridge, 0) {
+            match self.map.insert(index, port, 0) {
                 Ok(()) => {
                     changed += 1;
                     tracing::info!(iface = %name, bridge = %bridge_name, "Service traffic to pods on the same bridge is switched there");
