@@ -109,11 +109,11 @@ fn mark_draining<K: aya::Pod>(pin: &Path) -> usize {
     let Ok(map) = MapData::from_pin(pin) else { return 0 };
     let Ok(mut map) = HashMap::<_, K, ServiceValue>::try_from(Map::HashMap(map)) else { return 0 };
     let entries: Vec<(K, ServiceValue)> = map.iter().filter_map(Result::ok).collect();
-    let marked = entries.into_iter().filter(|(key, value)| {
-        let draining = ServiceValue { flags: value.flags | flags::DRAINING, ..*value };
-        map.insert(key, draining, 0).is_ok()
-    });
-    let marked = marked.count();
+    let mut marked = 0;
+    for (key, value) in entries {
+        let draining = ServiceValue { flags: value.flags | flags::DRAINING, ..value };
+        marked += usize::from(map.insert(key, draining, 0).is_ok());
+    }
     if marked > 0 {
         tracing::info!(map = %pin.display(), entries = marked, "eBPF mode's frontends draining: new flows go to iptables");
     }

@@ -109,15 +109,15 @@ impl BridgePorts {
     pub fn follow<'a>(&mut self, interfaces: impl Iterator<Item = (&'a str, u32)>) -> usize {
         let mut wanted = BTreeMap::new();
         let mut names = BTreeMap::new();
+        let mut subnets = BTreeMap::new();
         for (name, index) in interfaces {
             names.insert(index, name.to_string());
+            let Some((bridge, bridge_index)) = self.sysfs.switching_bridge(name) else { continue };
+            // Every port of a bridge shares its subnet: the addresses are listed once per bridge.
+            let subnet = *subnets.entry(bridge.clone()).or_insert_with(|| ipv4_subnet(&bridge));
             // A bridge without an address holds no pod subnet to switch in.
-            let switching = self.sysfs.switching_bridge(name);
-            if let Some((bridge, port)) = switching.and_then(|(bridge, index)| {
-                let (addr, prefix) = ipv4_subnet(&bridge)?;
-                Some((bridge, BridgePort::new(index, addr, prefix)))
-            }) {
-                wanted.insert(index, (port, bridge));
+            if let Some((addr, prefix)) = subnet {
+                wanted.insert(index, (BridgePort::new(bridge_index, addr, prefix), bridge));
             }
         }
         let held: BTreeMap<u32, BridgePort> = self.map.iter().filter_map(Result::ok).collect();
