@@ -3,7 +3,12 @@
 //! module only builds them from the command line and connects them, so it
 //! alone (with main) reports errors through anyhow.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -28,7 +33,7 @@ use proxy_userspace::{
         server::DnsServer,
         zone::{SharedZone, Zone},
     },
-    frontend::{Cidr, DnsCapture, Endpoint},
+    frontend::{AnyCidr, DnsCapture, Endpoint},
     healthcheck::HealthServers,
     index::Dirty,
     metrics::{Metrics, ReasonLabels},
@@ -56,6 +61,8 @@ pub(crate) struct RunConfig {
     pub(crate) node_zone: Option<String>,
     pub(crate) mode: RequestedMode,
     pub(crate) iptables: RenderConfig,
+    /// The IPv6 family's rules (in either mode: eBPF mode serves IPv4 only so far).
+    pub(crate) iptables6: RenderConfig<Ipv6Addr>,
     /// How often iptables mode rewrites every chain instead of only changed ones.
     pub(crate) iptables_full_sync_period: Duration,
     /// How often the dataplane is checked for drift.
@@ -71,7 +78,7 @@ pub(crate) struct RunConfig {
     /// `--xdp`: how traffic from outside is taken on the node's devices.
     pub(crate) xdp: XdpMode,
     /// `--nodeport-addresses`: prefixes selecting the node addresses NodePorts answer on.
-    pub(crate) nodeport_addresses: Vec<Cidr>,
+    pub(crate) nodeport_addresses: Vec<AnyCidr>,
     /// Socket-level load balancing in eBPF mode, on `cgroup_root`.
     pub(crate) socket_lb: bool,
     /// Where the socket hooks attach; found from the mounts when unset.
@@ -215,12 +222,15 @@ fn devices(cfg: &RunConfig) -> Vec<String> {
 /// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,
 /// verify, attach to every interface) fails. Returns why it fell back.
 fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<DataplaneError>), DataplaneError> {
-    let node_port_addresses = node_addresses::resolve(&cfg.nodeport_addresses, &devices(cfg));
+    let prefixes = AnyCidr::of::<Ipv4Addr>(&cfg.nodeport_addresses);
+    let node_port_addresses = node_addresses::resolve(&prefixes, !cfg.nodeport_addresses.is_empty(), &devices(cfg));
     tracing::info!(addresses = ?node_port_addresses, "node ports answer on");
     let iptables = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        // Beside kube-proxy, kube-proxy's chain names stay its own.
-        let chains = if cfg.model.service_proxy_name.is_some() { Chains::Own } else { Chains::KubeProxys };
-        let render = RenderConfig { node_port_addresses: node_port_addresses.clone(), chains, ..cfg.iptables.clone() };
+        let render = RenderConfig {
+            node_port_addresses: node_port_addresses.clone(),
+            chains: chains(cfg),
+            ..cfg.iptables.clone()
+        };
         Ok(Box::new(IptablesDataplane::new(render, cfg.iptables_full_sync_period)?))
     };
     let ebpf = || -> Result<Box<dyn Dataplane>, DataplaneError> {
@@ -240,6 +250,32 @@ fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<Datap
     }
 }
 
+/// Beside kube-proxy, kube-proxy's chain names stay its own.
+fn chains(cfg: &RunConfig) -> Chains {
+    if cfg.model.service_proxy_name.is_some() { Chains::Own } else { Chains::KubeProxys }
+}
+
+/// The IPv6 family's dataplane, on a node with IPv6: kube-proxy's rules
+/// through ip6tables, in either mode (eBPF mode's programs serve IPv4
+/// only so far). `None`, said in the log, where the node has no IPv6.
+fn ipv6_dataplane(cfg: &RunConfig) -> Option<IptablesDataplane<Ipv6Addr>> {
+    if !std::path::Path::new("/proc/net/if_inet6").exists() {
+        tracing::info!("IPv6 is off on this node: IPv4 Services only");
+        return None;
+    }
+    let prefixes = AnyCidr::of::<Ipv6Addr>(&cfg.nodeport_addresses);
+    let node_port_addresses = node_addresses::resolve(&prefixes, !cfg.nodeport_addresses.is_empty(), &devices(cfg));
+    tracing::info!(addresses = ?node_port_addresses, "IPv6 node ports answer on");
+    let render = RenderConfig { node_port_addresses, chains: chains(cfg), ..cfg.iptables6.clone() };
+    match IptablesDataplane::new(render, cfg.iptables_full_sync_period) {
+        Ok(dataplane) => Some(dataplane),
+        Err(e) => {
+            tracing::warn!(error = %e, "ip6tables cannot hold rules here: IPv4 Services only");
+            None
+        }
+    }
+}
+
 pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let stop = shutdown_signal().await?;
     let metrics = Arc::new(Metrics::default());
@@ -253,7 +289,15 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(mode = %mode, node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let health = api::Health::new(cfg.healthz_threshold);
     let datapath = dataplane.stats();
-    let syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
+    let ipv6 = tokio::task::block_in_place(|| ipv6_dataplane(&cfg));
+    let serves_ipv6 = ipv6.is_some();
+    if serves_ipv6 && mode == Mode::Ebpf {
+        tracing::info!("IPv6 Services are served by ip6tables rules (eBPF mode's programs serve IPv4)");
+    }
+    let mut syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
+    if let Some(ipv6) = ipv6 {
+        syncer = syncer.with_ipv6(Box::new(ipv6));
+    }
     let zone = cfg.dns.as_ref().map(|dns| Arc::new(std::sync::RwLock::new(Zone::new(&dns.domain))));
     // Told of every change, as the sync loop is, to keep the zone current on its own.
     let dns_changes = Arc::new(tokio::sync::Notify::new());
@@ -263,6 +307,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         health: health.clone(),
         datapath: datapath.clone(),
         model: syncer.shared_model(),
+        model6: syncer.shared_model6(),
         recent: syncer.recent(),
         zone: zone.clone(),
     };
@@ -363,15 +408,14 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             // Only now that this dataplane serves, remove the other's leftovers
             // and swap in this run's programs where the previous run's serve.
             syncer.dataplane.serving();
-            takeover::take_over(mode, &bpf_root, beside_kube_proxy);
+            takeover::take_over(mode, &bpf_root, beside_kube_proxy, serves_ipv6);
             taken_over = true;
         }
         health.synced();
         status.last_sync_at = Some(status::now());
         status.source_connected = connected;
+        status.frontends = syncer.programmed();
         let model = syncer.model();
-        let waiting = syncer.pending_retry().iter().filter(|k| model.frontends.contains_key(k)).count();
-        status.frontends = model.frontends.len() - waiting;
         status.backends = model.backend_count();
         health_servers.sync(&model);
         drop(model);

@@ -61,6 +61,8 @@ pub struct Observed {
     pub datapath: Option<Arc<dyn DatapathStats>>,
     /// What is programmed (names, types and backends of every frontend).
     pub model: Arc<RwLock<Model>>,
+    /// The same for IPv6, when the node serves it.
+    pub model6: Option<Arc<RwLock<Model<std::net::Ipv6Addr>>>>,
     pub recent: Arc<Mutex<Recent>>,
     /// The DNS add-on's names, when it runs.
     pub zone: Option<crate::dns::zone::SharedZone>,
@@ -268,6 +270,11 @@ fn exposition(o: &Observed) -> String {
     let mut extra = String::new();
     family(&mut extra, "kpr_mode", "gauge", "The active dataplane.");
     extra.push_str(&format!("kpr_mode{{mode=\"{}\"}} 1\n", o.mode));
+    family(&mut extra, "kpr_frontends", "gauge", "Service frontends in the desired state, by IP family.");
+    extra.push_str(&format!("kpr_frontends{{family=\"IPv4\"}} {}\n", o.model.read().unwrap().frontends.len()));
+    if let Some(model6) = &o.model6 {
+        extra.push_str(&format!("kpr_frontends{{family=\"IPv6\"}} {}\n", model6.read().unwrap().frontends.len()));
+    }
     if let Some(datapath) = &o.datapath {
         let traffic = datapath.traffic();
         let named = named(&o.model.read().unwrap(), &traffic);
@@ -397,11 +404,14 @@ mod tests {
             health: Health::new(Duration::from_secs(1)),
             datapath: None,
             model: Arc::default(),
+            model6: Some(Arc::default()),
             recent: Arc::default(),
             zone: None,
         };
         let text = exposition(&o);
         assert!(text.contains("kpr_mode{mode=\"iptables\"} 1"), "{text}");
+        assert!(text.contains("kpr_frontends{family=\"IPv4\"} 0"), "{text}");
+        assert!(text.contains("kpr_frontends{family=\"IPv6\"} 0"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

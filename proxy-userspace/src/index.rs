@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Which Services must be recomputed.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Dirty {
     #[default]
     None,

@@ -21,7 +21,7 @@ use proxy_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::frontend::{Endpoint, FrontendKey, Protocol};
+use crate::frontend::{FrontendKey, Protocol};
 
 /// Where bpffs is mounted on a node.
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf";
@@ -507,11 +507,6 @@ fn kind_name(k: u8) -> &'static str {
         kind::EXTERNAL_IP => "external-ip",
         _ => "ClusterIP",
     }
-}
-
-/// A backend's `IP:port` as the inspection output writes it.
-pub fn address(e: &Endpoint) -> String {
-    SocketAddrV4::new(e.ip, e.port).to_string()
 }
 
 #[cfg(test)]

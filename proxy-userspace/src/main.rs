@@ -1,6 +1,10 @@
 mod agent;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use agent::{RequestedMode, RunConfig};
 use anyhow::Context as _;
@@ -76,6 +80,11 @@ fn dns_config(
     }
 }
 
+/// The first prefix of family `A` in a flag's list, as iptables writes it.
+fn first_prefix<A: proxy_userspace::frontend::Family>(list: &[proxy_userspace::frontend::AnyCidr]) -> Option<String> {
+    proxy_userspace::frontend::AnyCidr::of::<A>(list).first().map(ToString::to_string)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
@@ -127,12 +136,13 @@ enum Command {
         /// the kpr_device_path metric.
         #[arg(long, value_enum, default_value_t = proxy_userspace::dataplane::ebpf::XdpMode::Native)]
         xdp: proxy_userspace::dataplane::ebpf::XdpMode,
-        /// Where NodePorts answer, as kube-proxy's flag: IPv4 prefixes,
-        /// comma separated, selecting among the node's addresses;
-        /// `0.0.0.0/0` is every address. Default: the addresses of --devices
+        /// Where NodePorts answer, as kube-proxy's flag: prefixes of either
+        /// family, comma separated, selecting among the node's addresses;
+        /// `0.0.0.0/0` (`::/0`) is every address; a family no prefix is of
+        /// answers on all its addresses. Default: the addresses of --devices
         /// (the node's primary addresses). Localhost never answers.
         #[arg(long, value_delimiter = ',')]
-        nodeport_addresses: Vec<proxy_userspace::frontend::Cidr>,
+        nodeport_addresses: Vec<proxy_userspace::frontend::AnyCidr>,
         /// Socket-level load balancing (eBPF mode): connects and sends to a
         /// VIP from any process under --cgroup-root get a backend before any
         /// packet exists. Off: only the per-packet path on --interfaces.
@@ -143,9 +153,11 @@ enum Command {
         /// /sys/fs/cgroup or /sys/fs/cgroup/unified).
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
-        /// Pod network (iptables mode): traffic to a VIP from outside it is masqueraded.
-        #[arg(long)]
-        cluster_cidr: Option<String>,
+        /// Pod network (iptables rules): traffic to a VIP from outside it is
+        /// masqueraded. One prefix per family, comma separated, on a
+        /// dual-stack cluster.
+        #[arg(long, value_delimiter = ',')]
+        cluster_cidr: Vec<proxy_userspace::frontend::AnyCidr>,
         /// iptables mode rewrites every chain this often (other syncs rewrite only changed Services).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         iptables_full_sync_period: Duration,
@@ -584,7 +596,8 @@ async fn run() -> anyhow::Result<()> {
             agent::run(RunConfig {
                 mode,
                 node_zone: zone,
-                iptables: RenderConfig { cluster_cidr, ..Default::default() },
+                iptables: RenderConfig { cluster_cidr: first_prefix::<Ipv4Addr>(&cluster_cidr), ..Default::default() },
+                iptables6: RenderConfig { cluster_cidr: first_prefix::<Ipv6Addr>(&cluster_cidr), ..Default::default() },
                 nodeport_addresses,
                 iptables_full_sync_period,
                 sync_period,

@@ -8,7 +8,10 @@
 //! creation timestamp, then by namespace/name) keeps it, whatever order they
 //! arrived in, so a cold start and a stream of changes agree.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use smallvec::SmallVec;
 
@@ -17,16 +20,17 @@ use crate::{
     index::{Dirty, Index, Snapshot},
     name::{ObjectName, ServicePortName},
     rejection::{RejectReason, Rejection},
-    validate::{ServiceInfo, SliceEndpoint, SliceInfo},
+    validate::{Served, ServiceInfo, SliceEndpoint, SliceInfo},
 };
 
-/// The desired state: every frontend (each names the Service owning it).
-#[derive(Default)]
-pub struct Model {
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+/// The desired state of one IP family: every frontend (each names the
+/// Service owning it). Each family has its own model, fed from the same
+/// index, as kube-proxy runs one proxier per family.
+pub struct Model<A = Ipv4Addr> {
+    pub frontends: BTreeMap<FrontendKey<A>, Frontend<A>>,
     /// The frontends each Service asked for when last computed, to find
     /// what it held once it changes or goes.
-    services: HashMap<ObjectName, SmallVec<[FrontendKey; 1]>>,
+    services: HashMap<ObjectName, SmallVec<[FrontendKey<A>; 1]>>,
     /// Services that lost frontends to older ones, with why: retried when
     /// frontends are released.
     conflicts: HashMap<ObjectName, Vec<Rejection>>,
@@ -35,38 +39,49 @@ pub struct Model {
     backend_count: usize,
     /// Frontends with a health check node port, kept as frontends come and
     /// go, so the health servers follow without walking every frontend.
-    health_checked: BTreeSet<FrontendKey>,
+    health_checked: BTreeSet<FrontendKey<A>>,
     /// External addresses (see [`external_claims`]) -> the frontend they
     /// reach, so two Services never claim one.
-    external_owners: HashMap<FrontendKey, FrontendKey>,
+    external_owners: HashMap<FrontendKey<A>, FrontendKey<A>>,
+}
+
+impl<A> Default for Model<A> {
+    fn default() -> Self {
+        Self {
+            frontends: BTreeMap::new(),
+            services: HashMap::new(),
+            conflicts: HashMap::new(),
+            rejection_count: 0,
+            backend_count: 0,
+            health_checked: BTreeSet::new(),
+            external_owners: HashMap::new(),
+        }
+    }
 }
 
 /// The addresses a frontend is reached at from outside, as frontend keys:
 /// its external and load balancer IPs at its port, and its node port (on
 /// every node address, so keyed by the unspecified address).
-fn external_claims(f: &Frontend) -> Vec<FrontendKey> {
+fn external_claims<A: Served>(f: &Frontend<A>) -> Vec<FrontendKey<A>> {
     let Some(ext) = f.external.as_deref() else { return Vec::new() };
-    let at = |vip: std::net::Ipv4Addr, port: u16| FrontendKey { vip, port, protocol: f.key.protocol };
+    let at = |vip: A, port: u16| FrontendKey { vip, port, protocol: f.key.protocol };
     let addresses = ext.external_ips.iter().chain(&ext.load_balancer_ips[..]).map(|ip| at(*ip, f.key.port));
-    addresses.chain(ext.node_port.map(|np| at(std::net::Ipv4Addr::UNSPECIFIED, np))).collect()
+    addresses.chain(ext.node_port.map(|np| at(A::UNSPECIFIED, np))).collect()
 }
 
 /// How a claim reads in a rejection.
-fn claim_text(claim: &FrontendKey) -> String {
-    if claim.vip.is_unspecified() { format!("node port {}/{}", claim.port, claim.protocol) } else { claim.to_string() }
+fn claim_text<A: Served>(claim: &FrontendKey<A>) -> String {
+    if claim.vip == A::UNSPECIFIED { format!("node port {}/{}", claim.port, claim.protocol) } else { claim.to_string() }
 }
 
 /// `f` without the external addresses in `lost`.
-fn without_claims(mut f: Frontend, lost: &[FrontendKey]) -> Frontend {
+fn without_claims<A: Served>(mut f: Frontend<A>, lost: &[FrontendKey<A>]) -> Frontend<A> {
     let (port, protocol) = (f.key.port, f.key.protocol);
     if let Some(ext) = f.external.as_deref_mut() {
-        let kept = |ip: &std::net::Ipv4Addr| !lost.contains(&FrontendKey { vip: *ip, port, protocol });
+        let kept = |ip: &A| !lost.contains(&FrontendKey { vip: *ip, port, protocol });
         ext.external_ips = ext.external_ips.iter().copied().filter(kept).collect();
         ext.load_balancer_ips = ext.load_balancer_ips.iter().copied().filter(kept).collect();
-        if ext
-            .node_port
-            .is_some_and(|np| lost.contains(&FrontendKey { vip: std::net::Ipv4Addr::UNSPECIFIED, port: np, protocol }))
-        {
+        if ext.node_port.is_some_and(|np| lost.contains(&FrontendKey { vip: A::UNSPECIFIED, port: np, protocol })) {
             ext.node_port = None;
             ext.health_check_node_port = None;
         }
@@ -78,10 +93,10 @@ fn without_claims(mut f: Frontend, lost: &[FrontendKey]) -> Frontend {
 }
 
 /// The result of recomputing some Services.
-#[derive(Debug, Default)]
-pub struct Update {
+#[derive(Debug)]
+pub struct Update<A = Ipv4Addr> {
     /// Every frontend that differs from before, sorted by key.
-    pub changes: Vec<Change>,
+    pub changes: Vec<Change<A>>,
     /// Conflicts raised now that were not raised before, for logs and counters.
     pub new_rejections: Vec<Rejection>,
 }
@@ -94,17 +109,17 @@ fn rank(index: &Index, name: &ObjectName) -> Rank {
 }
 
 /// Work for one [`Model::update`].
-struct Pass<'a> {
+struct Pass<'a, A> {
     index: &'a Index,
     queue: VecDeque<ObjectName>,
     queued: HashSet<ObjectName>,
     /// Each touched frontend as it was; boxed, as at a cold start all are `None`.
-    before: HashMap<FrontendKey, Option<Box<Frontend>>>,
+    before: HashMap<FrontendKey<A>, Option<Box<Frontend<A>>>>,
     new_rejections: Vec<Rejection>,
     released: bool,
 }
 
-impl Pass<'_> {
+impl<A> Pass<'_, A> {
     fn push(&mut self, name: ObjectName) {
         if self.queued.insert(name.clone()) {
             self.queue.push_back(name);
@@ -112,7 +127,7 @@ impl Pass<'_> {
     }
 }
 
-impl Model {
+impl<A: Served> Model<A> {
     /// Conflicts between Services (validation rejections live in the index).
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
         self.conflicts.values().flatten()
@@ -128,11 +143,11 @@ impl Model {
     }
 
     /// Frontends whose Service has a health check node port.
-    pub fn health_checked(&self) -> impl Iterator<Item = &Frontend> {
+    pub fn health_checked(&self) -> impl Iterator<Item = &Frontend<A>> {
         self.health_checked.iter().filter_map(|k| self.frontends.get(k))
     }
 
-    fn insert_frontend(&mut self, f: Frontend) {
+    fn insert_frontend(&mut self, f: Frontend<A>) {
         self.backend_count += f.backends.len();
         if f.external.as_deref().is_some_and(|e| e.health_check_node_port.is_some()) {
             self.health_checked.insert(f.key);
@@ -147,7 +162,7 @@ impl Model {
         }
     }
 
-    fn remove_frontend(&mut self, key: &FrontendKey) -> Option<Frontend> {
+    fn remove_frontend(&mut self, key: &FrontendKey<A>) -> Option<Frontend<A>> {
         let old = self.frontends.remove(key)?;
         self.backend_count -= old.backends.len();
         self.health_checked.remove(key);
@@ -164,14 +179,14 @@ impl Model {
     /// younger Service holds are taken, and it is recomputed without them.
     fn arbitrate_external(
         &mut self,
-        f: Frontend,
+        f: Frontend<A>,
         service: &ObjectName,
         mine: &Rank,
-        pass: &mut Pass<'_>,
+        pass: &mut Pass<'_, A>,
         rejections: &mut Vec<Rejection>,
-    ) -> Frontend {
+    ) -> Frontend<A> {
         // What is lost, by the older frontend holding it.
-        let mut lost: BTreeMap<ServicePortName, Vec<FrontendKey>> = BTreeMap::new();
+        let mut lost: BTreeMap<ServicePortName, Vec<FrontendKey<A>>> = BTreeMap::new();
         for claim in external_claims(&f) {
             let Some(owner) = self.external_owners.get(&claim).filter(|o| **o != f.key) else { continue };
             let Some(other) = self.frontends.get(owner).map(|o| o.service.clone()) else { continue };
@@ -194,13 +209,13 @@ impl Model {
                 reason: format!("{} of {}: already used by {other}, an older Service", claims.join(", "), f.service),
             });
         }
-        let lost: Vec<FrontendKey> = lost.into_values().flatten().collect();
+        let lost: Vec<FrontendKey<A>> = lost.into_values().flatten().collect();
         if lost.is_empty() { f } else { without_claims(f, &lost) }
     }
 
     /// Recomputes the `dirty` Services from `index`, keeping everything
     /// else as it is; returns every frontend that changed.
-    pub fn update(&mut self, index: &Index, dirty: Dirty) -> Update {
+    pub fn update(&mut self, index: &Index, dirty: Dirty) -> Update<A> {
         let mut keys: Vec<ObjectName> = match dirty {
             Dirty::None => vec![],
             Dirty::All => index.service_keys().chain(self.services.keys()).cloned().collect(),
@@ -229,7 +244,7 @@ impl Model {
             }
             self.drain(&mut pass);
         }
-        let mut changes: Vec<Change> = pass
+        let mut changes: Vec<Change<A>> = pass
             .before
             .into_iter()
             .filter_map(|(key, before)| {
@@ -241,7 +256,7 @@ impl Model {
         Update { changes, new_rejections: pass.new_rejections }
     }
 
-    fn drain(&mut self, pass: &mut Pass<'_>) {
+    fn drain(&mut self, pass: &mut Pass<'_, A>) {
         while let Some(key) = pass.queue.pop_front() {
             pass.queued.remove(&key);
             self.recompute(&key, pass);
@@ -250,11 +265,11 @@ impl Model {
 
     /// Recomputes one Service, taking frontends from younger Services that
     /// hold them (they are queued to be recomputed as losers).
-    fn owner(&self, key: &FrontendKey) -> Option<&ObjectName> {
+    fn owner(&self, key: &FrontendKey<A>) -> Option<&ObjectName> {
         self.frontends.get(key).map(|f| &f.service.service)
     }
 
-    fn recompute(&mut self, key: &ObjectName, pass: &mut Pass<'_>) {
+    fn recompute(&mut self, key: &ObjectName, pass: &mut Pass<'_, A>) {
         let old_keys = self.services.remove(key).unwrap_or_default();
         let old_rejections = self.conflicts.remove(key).unwrap_or_default();
         self.rejection_count -= old_rejections.len();
@@ -266,11 +281,13 @@ impl Model {
             }
         }
         let Some(info) = pass.index.service(key) else { return };
+        // No ClusterIP of this family: the other family's model serves it.
+        let Some(addresses) = A::addresses(info) else { return };
         let mine = rank(pass.index, key);
         let mut keys = SmallVec::with_capacity(info.ports.len());
         let mut rejections = Vec::new();
         let slices: Vec<&SliceInfo> = pass.index.slices_of(key).collect();
-        for f in frontends(info, &slices, pass.index.zone(), pass.index.dns_capture()) {
+        for f in frontends(info, addresses, &slices, pass.index.zone(), pass.index.dns_capture()) {
             if let Some(other) = self.frontends.get(&f.key) {
                 let other = other.service.clone();
                 if other.service == *key {
@@ -319,7 +336,7 @@ enum Topology<'a> {
 }
 
 impl<'a> Topology<'a> {
-    fn of<'e>(ready: impl Iterator<Item = &'e SliceEndpoint> + Clone, zone: Option<&'a str>) -> Self {
+    fn of<'e, A: 'e>(ready: impl Iterator<Item = &'e SliceEndpoint<A>> + Clone, zone: Option<&'a str>) -> Self {
         let all_node_hints = ready.clone().all(|e| e.for_this_node().is_some());
         if all_node_hints && ready.clone().any(|e| e.for_this_node() == Some(true)) {
             return Topology::SameNode;
@@ -331,7 +348,7 @@ impl<'a> Topology<'a> {
         }
     }
 
-    fn keeps(self, e: &SliceEndpoint) -> bool {
+    fn keeps<A>(self, e: &SliceEndpoint<A>) -> bool {
         match self {
             Topology::All => true,
             Topology::SameNode => e.for_this_node() == Some(true),
@@ -340,20 +357,24 @@ impl<'a> Topology<'a> {
     }
 }
 
-fn in_zone(e: &SliceEndpoint, zone: &str) -> bool {
+fn in_zone<A>(e: &SliceEndpoint<A>, zone: &str) -> bool {
     e.zones().is_some_and(|zones| zones.iter().any(|z| &**z == zone))
 }
 
 /// The frontends of one Service: per port, the endpoints of every slice
 /// port with the same name and protocol, merged and de-duplicated; this
 /// node in `zone`; its DNS port led to the DNS add-on if `capture` takes it.
-fn frontends(
+fn frontends<A: Served>(
     info: &ServiceInfo,
+    (vip, external_addresses): (A, Option<&External<A>>),
     slices: &[&SliceInfo],
     zone: Option<&str>,
     capture: Option<&DnsCapture>,
-) -> Vec<Frontend> {
-    let captured = capture.filter(|c| c.answering && c.service == info.name);
+) -> Vec<Frontend<A>> {
+    // The add-on answers on an IPv4 address: it stands in for the IPv4 ClusterIP.
+    let captured = capture
+        .filter(|c| c.answering && c.service == info.name)
+        .and_then(|c| Some(Endpoint { ip: A::of(IpAddr::V4(c.to.ip))?, port: c.to.port }));
     let mut frontends = Vec::with_capacity(info.ports.len());
     for port in &info.ports {
         let mut backends = BTreeSet::new();
@@ -362,14 +383,14 @@ fn frontends(
         let targets: Vec<(&SliceInfo, u16)> = slices
             .iter()
             .filter_map(|slice| {
-                let target = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.key.protocol)?;
+                let target = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)?;
                 Some((*slice, target.port))
             })
             .collect();
-        let ready = targets.iter().flat_map(|(slice, _)| slice.endpoints.iter()).filter(|e| e.ready);
+        let ready = targets.iter().flat_map(|(slice, _)| A::endpoints(slice).iter()).filter(|e| e.ready);
         let topology = Topology::of(ready, zone);
         for (slice, target) in &targets {
-            for ep in &slice.endpoints {
+            for ep in A::endpoints(slice) {
                 let endpoint = Endpoint { ip: ep.ip, port: *target };
                 if ep.ready {
                     if topology.keeps(ep) {
@@ -386,27 +407,27 @@ fn frontends(
             }
         }
         // An address both ready (in one slice) and terminating (in another) is ready.
-        let mut terminating: BTreeSet<Endpoint> = terminating.difference(&backends).copied().collect();
+        let mut terminating: BTreeSet<Endpoint<A>> = terminating.difference(&backends).copied().collect();
         // kube-proxy (KEP-1669): with no ready endpoint, new connections go
         // to the serving-and-terminating ones rather than being refused.
         if backends.is_empty() {
             backends = std::mem::take(&mut terminating);
         }
-        let external = external(info, port);
+        let external = external(external_addresses, port);
         let local_policy = info.internal_local || external.as_deref().is_some_and(|e| e.local_only);
         // The same fallback among this node's endpoints.
         let mut local = if local.is_empty() { local_terminating } else { local };
-        if let Some(capture) = captured.filter(|_| port.key.port == DNS_PORT) {
+        if let Some(to) = captured.filter(|_| port.port == DNS_PORT) {
             // The add-on answers on this node: it alone serves the port, whatever the policies.
-            backends = [capture.to].into();
+            backends = [to].into();
             terminating.clear();
             if local_policy {
-                local = [capture.to].into();
+                local = [to].into();
             }
         }
         frontends.push(Frontend {
             service: ServicePortName { service: info.name.clone(), port: port.name.clone() },
-            key: port.key,
+            key: FrontendKey { vip, port: port.port, protocol: port.protocol },
             service_type: info.service_type,
             external,
             backends: backends.into_iter().collect(),
@@ -423,14 +444,14 @@ fn frontends(
 }
 
 /// How one port of a Service is reached from outside, if it is.
-fn external(info: &ServiceInfo, port: &crate::validate::ServicePort) -> Option<Box<External>> {
-    let service = info.external.as_deref()?;
+fn external<A: Copy>(service: Option<&External<A>>, port: &crate::validate::ServicePort) -> Option<Box<External<A>>> {
+    let service = service?;
     let external = External { node_port: port.node_port, ..service.clone() };
     (!external.is_empty()).then(|| Box::new(external))
 }
 
-/// Builds a model from a snapshot in one go; returns it with every rejection.
-pub fn build(snapshot: Snapshot) -> (Model, Vec<Rejection>) {
+/// Builds one family's model from a snapshot in one go; returns it with every rejection.
+pub fn build<A: Served>(snapshot: Snapshot) -> (Model<A>, Vec<Rejection>) {
     let index = Index::from_snapshot(snapshot);
     let mut model = Model::default();
     model.update(&index, Dirty::All);

@@ -1,34 +1,37 @@
 //! Turns changes of frontends into small operations for the dataplane. It
 //! never touches the kernel, so every case is unit-tested.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use crate::frontend::{Change, Frontend, FrontendKey};
+use crate::frontend::{Change, Family, Frontend, FrontendKey};
 
 /// What to do with one frontend. An upsert names the frontend only: the
 /// dataplane reads it from the desired state it is handed, so no operation
 /// copies a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
+pub enum Op<A = Ipv4Addr> {
     /// Create the frontend, or replace its backend set.
-    Upsert(FrontendKey),
-    Delete(FrontendKey),
+    Upsert(FrontendKey<A>),
+    Delete(FrontendKey<A>),
 }
 
 /// Operations for the model's changes: deletions first (so a frontend
 /// moving between Services never exists twice).
-pub fn plan(changes: &[Change]) -> Vec<Op> {
+pub fn plan<A: Copy>(changes: &[Change<A>]) -> Vec<Op<A>> {
     let deletes = changes.iter().filter(|c| !c.exists && c.before.is_some()).map(|c| Op::Delete(c.key));
     let upserts = changes.iter().filter(|c| c.exists).map(|c| Op::Upsert(c.key));
     deletes.chain(upserts).collect()
 }
 
 /// Operations that turn `old` into `new`, comparing every frontend.
-pub fn diff(old: &BTreeMap<FrontendKey, Frontend>, new: &BTreeMap<FrontendKey, Frontend>) -> Vec<Op> {
-    let mut keys: Vec<FrontendKey> = old.keys().chain(new.keys()).copied().collect();
+pub fn diff<A: Family>(
+    old: &BTreeMap<FrontendKey<A>, Frontend<A>>,
+    new: &BTreeMap<FrontendKey<A>, Frontend<A>>,
+) -> Vec<Op<A>> {
+    let mut keys: Vec<FrontendKey<A>> = old.keys().chain(new.keys()).copied().collect();
     keys.sort();
     keys.dedup();
-    let changes: Vec<Change> = keys
+    let changes: Vec<Change<A>> = keys
         .into_iter()
         .filter(|k| old.get(k) != new.get(k))
         .map(|key| Change { key, before: old.get(&key).cloned().map(Box::new), exists: new.contains_key(&key) })
@@ -47,7 +50,7 @@ mod tests {
 
     #[test]
     fn empty_to_empty_is_nothing() {
-        assert!(diff(&BTreeMap::new(), &BTreeMap::new()).is_empty());
+        assert!(diff::<Ipv4Addr>(&BTreeMap::new(), &BTreeMap::new()).is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex, RwLock, RwLockReadGuard},
     time::{Duration, Instant, SystemTime},
 };
@@ -17,27 +18,94 @@ use tokio::sync::mpsc;
 
 use crate::{
     api::{Recent, SyncRecord},
-    dataplane::Dataplane,
+    dataplane::{ApplyError, Dataplane},
     frontend::FrontendKey,
-    index::Index,
+    index::{Dirty, Index},
     metrics::{Metrics, ReasonLabels},
     model::Model,
     planner::{self, Op},
     rejection::Rejection,
     source::{SharedIndex, Source},
+    validate::Served,
 };
 
 /// How long to wait before retrying frontends the dataplane refused.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
-/// Keeps the dataplane equal to the model.
-pub struct Syncer<D> {
-    pub dataplane: D,
+/// One IP family's desired state and the frontends its dataplane refused.
+struct FamilyState<A> {
     /// Shared with observers, which only read it.
-    model: Arc<RwLock<Model>>,
+    model: Arc<RwLock<Model<A>>>,
     /// Frontends the dataplane refused: programmed again from the desired
     /// state on every sync until it accepts them.
-    retry: BTreeSet<FrontendKey>,
+    retry: BTreeSet<FrontendKey<A>>,
+}
+
+impl<A> Default for FamilyState<A> {
+    fn default() -> Self {
+        Self { model: Arc::default(), retry: BTreeSet::new() }
+    }
+}
+
+impl<A: Served> FamilyState<A> {
+    /// Recomputes the `dirty` Services; returns the operations, with the
+    /// refused frontends again, and the conflicts raised.
+    fn plan(&mut self, index: &Index, dirty: Dirty) -> (Vec<Op<A>>, Vec<Rejection>) {
+        let mut model = self.model.write().unwrap();
+        let update = model.update(index, dirty);
+        let mut ops = planner::plan(&update.changes);
+        // The changes are sorted by key: a refused frontend that changed again is planned already.
+        let planned = |k: &FrontendKey<A>| update.changes.binary_search_by_key(k, |c| c.key).is_ok();
+        for key in std::mem::take(&mut self.retry).into_iter().filter(|k| !planned(k)) {
+            ops.push(if model.frontends.contains_key(&key) { Op::Upsert(key) } else { Op::Delete(key) });
+        }
+        (ops, update.new_rejections)
+    }
+
+    /// Applies `ops`; what the dataplane refused is logged, counted and kept for a retry.
+    fn apply(&mut self, dataplane: &mut dyn Dataplane<A>, ops: &[Op<A>], metrics: &Metrics) -> usize {
+        let errors: Vec<ApplyError<A>> = {
+            let model = self.model.read().unwrap();
+            dataplane.apply(ops, &model.frontends)
+        };
+        for e in &errors {
+            tracing::error!(frontend = %e.frontend, kind = e.error.label(), reason = %e.error, "could not program frontend; retrying");
+            metrics.apply_errors.get_or_create(&ReasonLabels { reason: e.error.label().to_string() }).inc();
+            self.retry.insert(e.frontend);
+        }
+        errors.len()
+    }
+
+    fn repair(&mut self, dataplane: &mut dyn Dataplane<A>) -> usize {
+        let model = self.model.read().unwrap();
+        dataplane.repair(&model.frontends)
+    }
+
+    /// Frontends held and not waiting for a retry.
+    fn programmed(&self) -> usize {
+        let model = self.model.read().unwrap();
+        model.frontends.len() - self.retry.iter().filter(|k| model.frontends.contains_key(k)).count()
+    }
+}
+
+/// The IPv6 family on a dual-stack or IPv6 node: its own model and dataplane.
+struct Ipv6 {
+    dataplane: Box<dyn Dataplane<Ipv6Addr>>,
+    state: FamilyState<Ipv6Addr>,
+    /// Whether it was handed a sync yet: after the first (which writes its
+    /// base rules), a sync with nothing of this family skips it, so an
+    /// IPv4 change costs no ip6tables-restore.
+    applied: bool,
+}
+
+/// Keeps the dataplanes equal to the models: one per IP family served, fed
+/// from the same index (kube-proxy's dual-stack proxier is one proxier per
+/// family alike).
+pub struct Syncer<D> {
+    /// The IPv4 family's dataplane.
+    pub dataplane: D,
+    v4: FamilyState<Ipv4Addr>,
+    v6: Option<Ipv6>,
     /// Rejections last published, by count, to skip recollecting them.
     published_rejections: Option<usize>,
     metrics: Arc<Metrics>,
@@ -50,6 +118,7 @@ pub struct Syncer<D> {
 #[derive(Debug, Default)]
 pub struct Planned {
     pub ops: Vec<Op>,
+    pub ops6: Vec<Op<Ipv6Addr>>,
     started: Option<Instant>,
 }
 
@@ -57,13 +126,19 @@ impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, metrics: Arc<Metrics>) -> Self {
         Self {
             dataplane,
-            model: Arc::default(),
-            retry: BTreeSet::new(),
+            v4: FamilyState::default(),
+            v6: None,
             published_rejections: None,
             metrics,
             recent: Arc::default(),
             repair_every: None,
         }
+    }
+
+    /// Serves IPv6 Services too, through `dataplane`.
+    pub fn with_ipv6(mut self, dataplane: Box<dyn Dataplane<Ipv6Addr>>) -> Self {
+        self.v6 = Some(Ipv6 { dataplane, state: FamilyState::default(), applied: false });
+        self
     }
 
     /// Checks the dataplane for drift every `period` in [`sync_loop`].
@@ -74,10 +149,10 @@ impl<D: Dataplane> Syncer<D> {
 
     /// Repairs whatever drifted from the desired state; returns how much.
     pub fn repair(&mut self) -> usize {
-        let repaired = {
-            let model = self.model.read().unwrap();
-            self.dataplane.repair(&model.frontends)
-        };
+        let mut repaired = self.v4.repair(&mut self.dataplane);
+        if let Some(v6) = &mut self.v6 {
+            repaired += v6.state.repair(v6.dataplane.as_mut());
+        }
         if repaired > 0 {
             tracing::warn!(repaired, "the dataplane had drifted from the desired state; written again");
             self.metrics.repairs.inc_by(repaired as u64);
@@ -85,14 +160,19 @@ impl<D: Dataplane> Syncer<D> {
         repaired
     }
 
-    /// The desired state; what the dataplane refused is in [`Syncer::pending_retry`].
+    /// The IPv4 desired state; what the dataplane refused is in [`Syncer::pending_retry`].
     pub fn model(&self) -> RwLockReadGuard<'_, Model> {
-        self.model.read().unwrap()
+        self.v4.model.read().unwrap()
     }
 
-    /// The model, for observers.
+    /// The IPv4 model, for observers.
     pub fn shared_model(&self) -> Arc<RwLock<Model>> {
-        self.model.clone()
+        self.v4.model.clone()
+    }
+
+    /// The IPv6 model, for observers, when IPv6 is served.
+    pub fn shared_model6(&self) -> Option<Arc<RwLock<Model<Ipv6Addr>>>> {
+        self.v6.as_ref().map(|v6| v6.state.model.clone())
     }
 
     /// Recent syncs and current rejections, for observers.
@@ -100,9 +180,32 @@ impl<D: Dataplane> Syncer<D> {
         self.recent.clone()
     }
 
-    /// Frontends waiting for the dataplane to accept them.
+    /// IPv4 frontends waiting for the dataplane to accept them.
     pub fn pending_retry(&self) -> &BTreeSet<FrontendKey> {
-        &self.retry
+        &self.v4.retry
+    }
+
+    /// Frontends of every family programmed (held and not waiting for a retry).
+    pub fn programmed(&self) -> usize {
+        self.v4.programmed() + self.v6.as_ref().map_or(0, |v6| v6.state.programmed())
+    }
+
+    /// Frontends of every family in the models.
+    fn frontends(&self) -> usize {
+        let v6 = self.v6.as_ref().map_or(0, |v6| v6.state.model.read().unwrap().frontends.len());
+        self.model().frontends.len() + v6
+    }
+
+    fn model_rejections(&self) -> (usize, Vec<Rejection>) {
+        let v4 = self.model();
+        let mut count = v4.rejection_count();
+        let mut all: Vec<Rejection> = v4.rejections().cloned().collect();
+        if let Some(v6) = &self.v6 {
+            let v6 = v6.state.model.read().unwrap();
+            count += v6.rejection_count();
+            all.extend(v6.rejections().cloned());
+        }
+        (count, all)
     }
 
     fn report(&self, r: &Rejection) {
@@ -114,26 +217,28 @@ impl<D: Dataplane> Syncer<D> {
     /// and plan the operations, with the refused frontends again.
     pub fn update_model(&mut self, index: &mut Index) -> Planned {
         let started = Instant::now();
-        let mut model = self.model.write().unwrap();
         let dirty = index.take_dirty();
-        let update = model.update(index, dirty);
-        let new_rejections: Vec<Rejection> =
-            index.take_new_rejections().into_iter().chain(update.new_rejections).collect();
+        let mut new_rejections: Vec<Rejection> = index.take_new_rejections();
+        let ops6 = match &mut self.v6 {
+            Some(v6) => {
+                let (ops, rejections) = v6.state.plan(index, dirty.clone());
+                new_rejections.extend(rejections);
+                ops
+            }
+            None => Vec::new(),
+        };
+        let (ops, rejections) = self.v4.plan(index, dirty);
+        new_rejections.extend(rejections);
         for r in &new_rejections {
             self.report(r);
         }
-        let mut ops = planner::plan(&update.changes);
-        // The changes are sorted by key: a refused frontend that changed again is planned already.
-        let planned = |k: &FrontendKey| update.changes.binary_search_by_key(k, |c| c.key).is_ok();
-        for key in std::mem::take(&mut self.retry).into_iter().filter(|k| !planned(k)) {
-            ops.push(if model.frontends.contains_key(&key) { Op::Upsert(key) } else { Op::Delete(key) });
-        }
-        let count = index.rejection_count() + model.rejection_count();
+        let (model_count, model_rejections) = self.model_rejections();
+        let count = index.rejection_count() + model_count;
         if self.published_rejections != Some(count) || !new_rejections.is_empty() {
-            self.recent.lock().unwrap().rejections = index.rejections().chain(model.rejections()).cloned().collect();
+            self.recent.lock().unwrap().rejections = index.rejections().cloned().chain(model_rejections).collect();
             self.published_rejections = Some(count);
         }
-        Planned { ops, started: Some(started) }
+        Planned { ops, ops6, started: Some(started) }
     }
 
     /// Step two, without the index lock: apply `planned`; `arrivals` are
@@ -141,14 +246,10 @@ impl<D: Dataplane> Syncer<D> {
     /// be programmed (they are retried on the next sync).
     pub fn apply(&mut self, planned: Planned, arrivals: &[Instant]) -> bool {
         let started = planned.started.unwrap_or_else(Instant::now);
-        let errors = {
-            let model = self.model.read().unwrap();
-            self.dataplane.apply(&planned.ops, &model.frontends)
-        };
-        for e in &errors {
-            tracing::error!(frontend = %e.frontend, kind = e.error.label(), reason = %e.error, "could not program frontend; retrying");
-            self.metrics.apply_errors.get_or_create(&ReasonLabels { reason: e.error.label().to_string() }).inc();
-            self.retry.insert(e.frontend);
+        let mut failed = self.v4.apply(&mut self.dataplane, &planned.ops, &self.metrics);
+        if let Some(v6) = self.v6.as_mut().filter(|v6| !v6.applied || !planned.ops6.is_empty()) {
+            failed += v6.state.apply(v6.dataplane.as_mut(), &planned.ops6, &self.metrics);
+            v6.applied = true;
         }
         let done = Instant::now();
         self.metrics.sync_duration.observe((done - started).as_secs_f64());
@@ -158,21 +259,18 @@ impl<D: Dataplane> Syncer<D> {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         self.metrics.last_sync_timestamp.set(now.as_secs_f64());
         let duration_ms = (done - started).as_secs_f64() * 1e3;
-        self.recent.lock().unwrap().record(SyncRecord {
-            at: now.as_secs_f64(),
-            duration_ms,
-            changes: planned.ops.len(),
-        });
+        let changes = planned.ops.len() + planned.ops6.len();
+        self.recent.lock().unwrap().record(SyncRecord { at: now.as_secs_f64(), duration_ms, changes });
         tracing::info!(
-            frontends = self.model().frontends.len(),
-            changes = planned.ops.len(),
-            failed = errors.len(),
+            frontends = self.frontends(),
+            changes,
+            failed,
             rejected = self.recent.lock().unwrap().rejections.len(),
             coalesced = arrivals.len(),
             duration_ms,
             "synced"
         );
-        errors.is_empty()
+        failed == 0
     }
 
     /// Both steps at once (for callers that hold the index themselves).

@@ -25,12 +25,14 @@ use crate::{
 /// Once `mode` serves, removes what the other mode (on every interface of
 /// this namespace, pins under `bpf_root`) and kube-proxy left behind, so
 /// two never fight. Beside kube-proxy (`--service-proxy-name`), its chains,
-/// tables and sets are its own and stay.
-pub fn take_over(mode: Mode, bpf_root: &Path, beside_kube_proxy: bool) {
+/// tables and sets are its own and stay. `ipv6_rules`: this run serves
+/// IPv6 with ip6tables rules in either mode, so those are its own.
+pub fn take_over(mode: Mode, bpf_root: &Path, beside_kube_proxy: bool, ipv6_rules: bool) {
     let chains = if beside_kube_proxy { Chains::Own } else { Chains::KubeProxys };
     match mode {
         Mode::Ebpf => {
-            if let Err(e) = remove_iptables(chains) {
+            let families = Backend::ALL.into_iter().filter(|b| !(ipv6_rules && b.ipv6));
+            if let Err(e) = remove_iptables_of(families, chains) {
                 tracing::error!(error = %e, "could not remove iptables rules left by iptables mode or kube-proxy");
             }
         }
@@ -71,8 +73,12 @@ fn remove_kube_proxy_ipvs_chains() {
 /// backends (under kube-proxy's, kube-proxy's own go too, with those of
 /// its IPVS mode). Returns how many backends held some.
 pub fn remove_iptables(chains: Chains) -> Result<usize, DataplaneError> {
+    remove_iptables_of(Backend::ALL.into_iter(), chains)
+}
+
+fn remove_iptables_of(backends: impl Iterator<Item = Backend>, chains: Chains) -> Result<usize, DataplaneError> {
     let mut removed = 0;
-    for backend in Backend::ALL {
+    for backend in backends {
         if backend.has_kpr_rules(chains) {
             backend.remove_all(chains)?;
             tracing::info!(backend = backend.name(), "removed kpr's iptables rules");

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 use smallvec::SmallVec;
 
 use crate::{
-    frontend::{Cidr, External, FrontendKey, Protocol, ServiceType},
+    frontend::{Cidr, External, Family, Protocol, ServiceType},
     name::{self, ObjectName},
     rejection::{RejectReason, Rejection, Rejections},
 };
@@ -68,12 +68,13 @@ impl ModelConfig {
     }
 }
 
-/// One port of a Service, validated.
+/// One port of a Service, validated: at each ClusterIP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// The port's name; empty when unnamed.
     pub name: Arc<str>,
-    pub key: FrontendKey,
+    pub port: u16,
+    pub protocol: Protocol,
     pub node_port: Option<u16>,
     /// `appProtocol`, carried to inspection (not used for routing, as in kube-proxy).
     pub app_protocol: Option<Arc<str>>,
@@ -93,10 +94,15 @@ pub struct ServiceInfo {
     /// Services claiming one frontend, the older keeps it.
     pub created: Option<i64>,
     pub service_type: ServiceType,
-    /// External addresses, source ranges and traffic policy, for all ports
-    /// (each port's node port is in its [`ServicePort`]); `None` for the
-    /// many Services without any.
+    /// The IPv4 ClusterIP (of `spec.clusterIPs`), if it has one.
+    pub vip: Option<Ipv4Addr>,
+    /// IPv4 external addresses, source ranges and traffic policy, for all
+    /// ports (each port's node port is in its [`ServicePort`]); `None` for
+    /// the many Services without any.
     pub external: Option<Box<External>>,
+    /// The same for IPv6, if the Service has an IPv6 ClusterIP; boxed, as
+    /// most Services are single-stack IPv4.
+    pub v6: Option<Box<ServiceAddresses<Ipv6Addr>>>,
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
@@ -106,6 +112,44 @@ pub struct ServiceInfo {
     /// What DNS answers for it; kept only when the DNS add-on runs.
     pub dns: Option<Box<DnsService>>,
     pub rejections: Rejections,
+}
+
+/// A Service's ClusterIP of one family and how it is reached from outside over it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAddresses<A> {
+    pub vip: A,
+    pub external: Option<Box<External<A>>>,
+}
+
+/// What each family's model takes from the validated objects: a Service's
+/// ClusterIP of the family (kube-proxy's per-family proxiers filter
+/// `spec.clusterIPs` alike), and the EndpointSlices of its `addressType`.
+pub trait Served: Family {
+    /// The Service's ClusterIP of this family and its external addresses.
+    fn addresses(info: &ServiceInfo) -> Option<(Self, Option<&External<Self>>)>;
+    /// The slice's endpoints if it is of this family, else none.
+    fn endpoints(slice: &SliceInfo) -> &[SliceEndpoint<Self>];
+}
+
+impl Served for Ipv4Addr {
+    fn addresses(info: &ServiceInfo) -> Option<(Self, Option<&External<Self>>)> {
+        Some((info.vip?, info.external.as_deref()))
+    }
+
+    fn endpoints(slice: &SliceInfo) -> &[SliceEndpoint<Self>] {
+        &slice.endpoints
+    }
+}
+
+impl Served for Ipv6Addr {
+    fn addresses(info: &ServiceInfo) -> Option<(Self, Option<&External<Self>>)> {
+        let v6 = info.v6.as_deref()?;
+        Some((v6.vip, v6.external.as_deref()))
+    }
+
+    fn endpoints(slice: &SliceInfo) -> &[SliceEndpoint<Self>] {
+        slice.rare.as_deref().map_or(&[], |r| &r.endpoints6)
+    }
 }
 
 /// What the DNS add-on answers for a Service, under its name.
@@ -164,8 +208,8 @@ pub struct SlicePort {
 /// An endpoint of an EndpointSlice, its conditions resolved (unset `ready`
 /// and `serving` mean true, unset `terminating` false).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceEndpoint {
-    pub ip: Ipv4Addr,
+pub struct SliceEndpoint<A = Ipv4Addr> {
+    pub ip: A,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -185,7 +229,14 @@ pub struct Hints {
     pub for_this_node: Option<bool>,
 }
 
-impl SliceEndpoint {
+impl SliceInfo {
+    /// What DNS answers with, when the add-on runs.
+    pub fn dns(&self) -> Option<&DnsSlice> {
+        self.rare.as_ref()?.dns.as_ref()
+    }
+}
+
+impl<A> SliceEndpoint<A> {
     /// `hints.forZones` (`None`: no zone hints).
     pub fn zones(&self) -> Option<&[Arc<str>]> {
         self.hints.as_ref()?.zones.as_deref()
@@ -197,8 +248,18 @@ impl SliceEndpoint {
     }
 }
 
-/// An EndpointSlice as the proxy sees it. Slices it does not use (IPv6,
-/// FQDN, headless, another proxy's) are held with no ports or endpoints.
+/// What few slices carry, boxed apart: every slice is held for the
+/// agent's lifetime, so each field in [`SliceInfo`] costs 400 KB at 50,000.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceRare {
+    /// The endpoints of an `addressType: IPv6` slice.
+    pub endpoints6: Box<[SliceEndpoint<Ipv6Addr>]>,
+    /// What DNS answers with; kept only when the DNS add-on runs.
+    pub dns: Option<DnsSlice>,
+}
+
+/// An EndpointSlice as the proxy sees it. Slices it does not use (FQDN,
+/// headless, another proxy's) are held with no ports or endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
     pub name: ObjectName,
@@ -207,9 +268,9 @@ pub struct SliceInfo {
     /// The Service it belongs to; `None` without a service-name label.
     pub service: Option<ObjectName>,
     pub ports: SmallVec<[SlicePort; 1]>,
+    /// The endpoints of an `addressType: IPv4` slice (an IPv6 slice's are in [`SliceRare`]).
     pub endpoints: Box<[SliceEndpoint]>,
-    /// What DNS answers with; kept only when the DNS add-on runs.
-    pub dns: Option<Box<DnsSlice>>,
+    pub rare: Option<Box<SliceRare>>,
     pub rejections: Rejections,
 }
 
@@ -233,7 +294,9 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         version: meta.resource_version.as_deref().map(Box::from),
         created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
         service_type: ServiceType::ClusterIP,
+        vip: None,
         external: None,
+        v6: None,
         internal_local: false,
         affinity_timeout: None,
         ports: SmallVec::new(),
@@ -264,24 +327,31 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
         Some("LoadBalancer") => ServiceType::LoadBalancer,
         _ => ServiceType::ClusterIP,
     };
-    let vip = match spec.cluster_ip.as_deref() {
+    let primary = match spec.cluster_ip.as_deref() {
         Some("None") => return ignored(info, "headless"),
         // As kube-proxy: nothing to program, and nothing wrong (the API
         // server allocates one to every Service but ExternalName ones).
         None | Some("") => return ignored(info, "no spec.clusterIP"),
-        Some(ip) => match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => v4,
-            // Dual-stack with IPv6 first: serve its IPv4 ClusterIP, if any.
-            Ok(IpAddr::V6(_)) => match spec.cluster_ips.iter().flatten().find_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
-                Some(v4) => v4,
-                None => return ignored(info, "IPv6 (only IPv4 is programmed)"),
-            },
-            Err(_) => {
+        Some(ip) => ip,
+    };
+    // `spec.clusterIPs` holds one ClusterIP per family of `ipFamilies`,
+    // `spec.clusterIP` first; each family's model serves its own.
+    let (mut vip4, mut vip6) = (None, None);
+    for (i, ip) in std::iter::once(primary).chain(spec.cluster_ips.iter().flatten().map(String::as_str)).enumerate() {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => {
+                vip4 = vip4.or(Ipv4Addr::of(ip));
+                vip6 = vip6.or(Ipv6Addr::of(ip));
+            }
+            Err(_) if i == 0 => {
                 reject(RejectReason::InvalidClusterIp, format!("spec.clusterIP {ip:?} is not an IP address"));
                 return info;
             }
-        },
-    };
+            Err(_) => {
+                reject(RejectReason::InvalidClusterIp, format!("spec.clusterIPs: {ip:?} is not an IP address; skipped"))
+            }
+        }
+    }
     let mut ports = SmallVec::new();
     for p in spec.ports.iter().flatten() {
         let name = name::port_name(p.name.as_deref().unwrap_or_default());
@@ -315,44 +385,49 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
             .and_then(|n| u16::try_from(n).ok())
             .filter(|n| *n != 0 && service_type != ServiceType::ClusterIP);
         let app_protocol = p.app_protocol.as_deref().map(Arc::from);
-        ports.push(ServicePort { name, key: FrontendKey { vip, port, protocol }, node_port, app_protocol });
+        ports.push(ServicePort { name, port, protocol, node_port, app_protocol });
     }
-    let mut external = External {
-        external_ips: addresses(
-            spec.external_ips.iter().flatten().map(String::as_str),
-            "spec.externalIPs",
-            &mut reject,
-        ),
-        local_only: spec.external_traffic_policy.as_deref() == Some("Local"),
-        ..External::default()
-    };
+    let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+    let (mut external4, mut external6) = (
+        External::<Ipv4Addr> { local_only, ..External::default() },
+        External::<Ipv6Addr> { local_only, ..External::default() },
+    );
+    (external4.external_ips, external6.external_ips) =
+        addresses(spec.external_ips.iter().flatten().map(String::as_str), "spec.externalIPs", &mut reject);
     if service_type == ServiceType::LoadBalancer {
         // `ipMode: Proxy`: the load balancer proxies to the node itself; kube-proxy programs nothing for it.
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
         let ips = ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy"));
-        external.load_balancer_ips =
+        (external4.load_balancer_ips, external6.load_balancer_ips) =
             addresses(ips.filter_map(|i| i.ip.as_deref()), "status.loadBalancer.ingress", &mut reject);
-        let mut ranges = Vec::new();
+        let (mut ranges4, mut ranges6) = (Vec::new(), Vec::new());
         for range in spec.load_balancer_source_ranges.iter().flatten() {
-            match range.parse::<Cidr>() {
-                Ok(cidr) => ranges.push(cidr),
-                // IPv6 ranges concern IPv6 clients only.
-                Err(_) if range.contains(':') => {}
-                Err(e) => reject(RejectReason::InvalidSourceRange, format!("loadBalancerSourceRanges: {e}; skipped")),
+            // Each range concerns the clients of its own family.
+            let parsed = if range.contains(':') {
+                range.parse::<Cidr<Ipv6Addr>>().map(|c| ranges6.push(c))
+            } else {
+                range.parse::<Cidr>().map(|c| ranges4.push(c))
+            };
+            if let Err(e) = parsed {
+                reject(RejectReason::InvalidSourceRange, format!("loadBalancerSourceRanges: {e}; skipped"));
             }
         }
-        external.source_ranges = ranges.into();
+        (external4.source_ranges, external6.source_ranges) = (ranges4.into(), ranges6.into());
     }
-    if external.local_only && service_type != ServiceType::ClusterIP {
-        external.health_check_node_port =
-            spec.health_check_node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+    if local_only && service_type != ServiceType::ClusterIP {
+        let health = spec.health_check_node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+        external4.health_check_node_port = health;
+        external6.health_check_node_port = health;
     }
-    if ports.iter().any(|p: &ServicePort| p.node_port.is_some())
-        || !external.external_ips.is_empty()
-        || !external.load_balancer_ips.is_empty()
-    {
-        info.external = Some(Box::new(external));
+    let node_ports = ports.iter().any(|p: &ServicePort| p.node_port.is_some());
+    info.vip = vip4;
+    if vip4.is_some() && (node_ports || !external4.is_empty()) {
+        info.external = Some(Box::new(external4));
     }
+    info.v6 = vip6.map(|vip| {
+        let external = (node_ports || !external6.is_empty()).then(|| Box::new(external6));
+        Box::new(ServiceAddresses { vip, external })
+    });
     info.service_type = service_type;
     info.internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     if spec.session_affinity.as_deref() == Some("ClientIP") {
@@ -365,24 +440,25 @@ pub fn service(svc: &Service, origin: &Arc<str>, config: &ModelConfig) -> Servic
     info
 }
 
-/// The IPv4 addresses of `field`; IPv6 ones belong to the other family
-/// and are left out, anything else is rejected and skipped.
+/// The addresses of `field`, by family; anything else is rejected and skipped.
 fn addresses<'a>(
     ips: impl Iterator<Item = &'a str>,
     field: &str,
     reject: &mut impl FnMut(RejectReason, String),
-) -> Box<[Ipv4Addr]> {
-    let mut out = Vec::new();
+) -> (Box<[Ipv4Addr]>, Box<[Ipv6Addr]>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
     for ip in ips {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => out.push(v4),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(ip) => {
+                v4.extend(Ipv4Addr::of(ip));
+                v6.extend(Ipv6Addr::of(ip));
+            }
             Err(_) => {
                 reject(RejectReason::InvalidExternalAddress, format!("{field}: {ip:?} is not an IP address; skipped"))
             }
         }
     }
-    out.into()
+    (v4.into(), v6.into())
 }
 
 /// The protocol of a port as the API spells it (unset: TCP); `None` for unknown ones.
@@ -486,7 +562,7 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
         service,
         ports: SmallVec::new(),
         endpoints: Box::default(),
-        dns: None,
+        rare: None,
         rejections: Rejections::default(),
     };
     let mut reject = |kind, reason: String| info.rejections.push(rejection(origin, &object, kind, reason));
@@ -495,22 +571,24 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
         return info;
     }
     if config.dns {
-        info.dns = dns_slice(slice).map(Box::new);
+        let dns = dns_slice(slice);
+        info.rare = dns.is_some().then(|| Box::new(SliceRare { dns, ..SliceRare::default() }));
     }
     if !config.serves(labels) || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
         return info;
     }
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" | "FQDN" => {
-            tracing::debug!(%object, address_type = %slice.address_type, "skipped: only IPv4 is programmed");
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => {
+            tracing::debug!(%object, "skipped: FQDN slices are not programmed (as in kube-proxy)");
             return info;
         }
         other => {
             reject(RejectReason::InvalidAddressType, format!("addressType {other:?} is not IPv4, IPv6 or FQDN"));
             return info;
         }
-    }
+    };
     let mut ports = SmallVec::new();
     for p in slice.ports.iter().flatten() {
         let name = name::port_name(p.name.as_deref().unwrap_or_default());
@@ -527,12 +605,34 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
         };
         ports.push(SlicePort { name, protocol, port });
     }
+    ports.shrink_to_fit();
+    info.ports = ports;
+    if v6 {
+        let endpoints6 = endpoints(slice, config, &mut reject);
+        info.rare.get_or_insert_default().endpoints6 = endpoints6;
+    } else {
+        info.endpoints = endpoints(slice, config, &mut reject);
+    }
+    info
+}
+
+/// A slice's endpoints of family `A` (its `addressType`); an address of
+/// another family or none is rejected and skipped.
+fn endpoints<A: Family>(
+    slice: &EndpointSlice,
+    config: &ModelConfig,
+    reject: &mut impl FnMut(RejectReason, String),
+) -> Box<[SliceEndpoint<A>]> {
     let mut endpoints = Vec::new();
     for ep in slice.endpoints.iter().flatten() {
         // Consumers use the first address (the others are deprecated copies).
         let Some(addr) = ep.addresses.first() else { continue };
-        let Ok(ip) = addr.parse::<Ipv4Addr>() else {
-            reject(RejectReason::InvalidEndpointAddress, format!("endpoint address {addr:?} is not an IPv4 address"));
+        let Some(ip) = addr.parse::<IpAddr>().ok().and_then(A::of) else {
+            let family = A::NAME;
+            reject(
+                RejectReason::InvalidEndpointAddress,
+                format!("endpoint address {addr:?} is not an {family} address"),
+            );
             continue;
         };
         let conditions = ep.conditions.as_ref();
@@ -547,10 +647,7 @@ pub fn slice(slice: &EndpointSlice, origin: &Arc<str>, config: &ModelConfig) -> 
             hints: hints(ep.hints.as_ref(), &config.node_name),
         });
     }
-    ports.shrink_to_fit();
-    info.ports = ports;
-    info.endpoints = endpoints.into_boxed_slice();
-    info
+    endpoints.into_boxed_slice()
 }
 
 /// An endpoint's hints, if it has any (an empty list is none).
@@ -576,5 +673,7 @@ mod tests {
     fn an_endpoint_stays_small_and_keeps_its_hints_boxed() {
         assert!(std::mem::size_of::<SliceEndpoint>() <= 16, "{} bytes", std::mem::size_of::<SliceEndpoint>());
         assert_eq!(std::mem::size_of::<Rejections>(), 8, "no rejection, no room taken");
+        // IPv6 endpoints and DNS share one box: an IPv4 slice pays 8 bytes for both.
+        assert!(std::mem::size_of::<SliceInfo>() <= 128, "{} bytes", std::mem::size_of::<SliceInfo>());
     }
 }

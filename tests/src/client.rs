@@ -27,7 +27,7 @@ pub fn request_on(stream: &mut TcpStream) -> std::io::Result<String> {
 
 /// Sends one datagram and returns the reply and the address it came from.
 pub fn udp_request(addr: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello", addr)?;
     let mut buf = [0u8; 512];

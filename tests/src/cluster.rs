@@ -1,10 +1,16 @@
 //! A virtual cluster: several node namespaces joined by an underlay (a
 //! bridge in a namespace of its own), each node with its own pod CIDR
 //! (10.244.N.0/24), pods, bpffs and cgroup, wired in one of the common CNI
-//! shapes so a Service's backends can sit on any node. Everything lives in
-//! namespaces this creates; all of it goes on drop.
+//! shapes so a Service's backends can sit on any node. A dual-stack cluster
+//! (host-gw shape) also has IPv6 everywhere: the underlay fd00:100::/64,
+//! pod CIDRs fd00:244:N::/64. Everything lives in namespaces this creates;
+//! all of it goes on drop.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 
@@ -105,6 +111,8 @@ impl ClusterNode {
 pub struct Cluster {
     pub shape: Shape,
     pub nodes: Vec<ClusterNode>,
+    /// Whether nodes and pods have IPv6 addresses too.
+    dual_stack: bool,
     prefix: String,
     // Dropped last: the nodes' uplinks end there.
     underlay: Netns,
@@ -117,6 +125,25 @@ fn underlay_ip(index: u8) -> Ipv4Addr {
 /// The address of pod `host` on node `index`.
 pub fn pod_ip(index: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, index, host)
+}
+
+/// The IPv6 address of pod `host` on node `index`, in a dual-stack cluster.
+pub fn pod_ip6(index: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, u16::from(index), 0, 0, 0, 0, u16::from(host))
+}
+
+/// Node `index`'s IPv6 address on the underlay, in a dual-stack cluster.
+pub fn underlay_ip6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 10 + u16::from(index))
+}
+
+/// The underlay router's IPv6 address.
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+
+/// Adds `addr/len` to `dev` in namespace `ns`, usable at once (no duplicate
+/// address detection: every address here is unique by construction).
+fn add_ip6(ns: &str, addr: Ipv6Addr, len: u8, dev: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "-6", "addr", "add", &format!("{addr}/{len}"), "dev", dev, "nodad"])
 }
 
 fn vtep_mac(index: u8) -> String {
@@ -134,7 +161,7 @@ impl Cluster {
         // traffic from outside the cluster comes from.
         ip(&["-n", &ul, "addr", "add", &format!("{ROUTER}/24"), "dev", "br0"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
-        let mut cluster = Self { shape, nodes: Vec::new(), prefix, underlay };
+        let mut cluster = Self { shape, nodes: Vec::new(), dual_stack: false, prefix, underlay };
         for index in 0..nodes {
             let node = cluster.add_node(index, &ul).with_context(|| format!("creating node {index}"))?;
             cluster.nodes.push(node);
@@ -219,6 +246,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// `nodes` nodes wired as flannel host-gw in both families: IPv4 as in
+    /// [`Cluster::new`], and IPv6 addresses and routes beside them.
+    pub fn new_dual_stack(nodes: u8) -> anyhow::Result<Self> {
+        let mut cluster = Self::new(Shape::HostGw, nodes)?;
+        cluster.dual_stack = true;
+        let ul = cluster.underlay.name().to_string();
+        add_ip6(&ul, ROUTER6, 64, "br0")?;
+        for node in &cluster.nodes {
+            let n = node.ns.name();
+            node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            add_ip6(n, underlay_ip6(node.index), 64, "eth0")?;
+            ip(&["-n", n, "-6", "route", "add", "default", "via", &ROUTER6.to_string()])?;
+            add_ip6(n, pod_ip6(node.index, 1), 64, BRIDGE)?;
+            for other in cluster.nodes.iter().filter(|o| o.index != node.index) {
+                let cidr = format!("{}/64", pod_ip6(other.index, 0));
+                ip(&["-n", n, "-6", "route", "add", &cidr, "via", &underlay_ip6(other.index).to_string()])?;
+            }
+        }
+        Ok(cluster)
+    }
+
     /// Outside the cluster: the underlay's router, whose address
     /// ([`Cluster::OUTSIDE`]) is where outside clients come from.
     pub fn outside(&self) -> &Netns {
@@ -268,6 +316,10 @@ impl Cluster {
         ip(&["-n", &p, "link", "set", "eth0", "up"])?;
         match shape {
             Shape::HostGw | Shape::Vxlan => {
+                if self.dual_stack {
+                    add_ip6(&p, pod_ip6(node.index, host), 64, "eth0")?;
+                    ip(&["-n", &p, "-6", "route", "add", "default", "via", &pod_ip6(node.index, 1).to_string()])?;
+                }
                 ip(&["-n", &n, "link", "set", &host_if, "master", BRIDGE, "up"])?;
                 // As flannel's and the bridge plugin's hairpinMode (see VirtualNode).
                 ip(&["-n", &n, "link", "set", "dev", &host_if, "type", "bridge_slave", "hairpin", "on"])?;

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
@@ -38,26 +38,36 @@ impl Drop for Server {
     }
 }
 
+const ANY4: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+/// A dual-stack socket (`[::]`, not IPv6-only): clients of both families.
+const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
 /// Serves TCP on 0.0.0.0:`port` in `ns`; each line read is answered with `reply`.
 pub fn tcp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
-    tcp_server(ns, port, reply, false)
+    tcp_server(ns, ANY4, port, reply, false)
 }
 
 /// As [`tcp`], the answer followed by a space and the client's address as
 /// the server sees it (is the client's address kept?).
 pub fn tcp_peer(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
-    tcp_server(ns, port, reply, true)
+    tcp_server(ns, ANY4, port, reply, true)
 }
 
-fn tcp_server(ns: &Netns, port: u16, reply: &str, show_peer: bool) -> anyhow::Result<Server> {
-    let listener = ns.run(move || TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
+/// As [`tcp_peer`], for clients of both IP families.
+pub fn tcp_dual_stack(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
+    tcp_server(ns, ANY, port, reply, true)
+}
+
+fn tcp_server(ns: &Netns, ip: IpAddr, port: u16, reply: &str, show_peer: bool) -> anyhow::Result<Server> {
+    let listener = ns.run(move || TcpListener::bind(SocketAddr::new(ip, port)))??;
     let listener = Arc::new(listener);
     let fd = listener.as_raw_fd();
     let reply = format!("{reply}\n");
     let l = listener.clone();
     let thread = std::thread::spawn(move || {
         while let Ok((stream, peer)) = l.accept() {
-            let reply = if show_peer { format!("{} {}\n", reply.trim_end(), peer.ip()) } else { reply.clone() };
+            let peer = peer.ip().to_canonical();
+            let reply = if show_peer { format!("{} {peer}\n", reply.trim_end()) } else { reply.clone() };
             std::thread::spawn(move || {
                 let mut writer = match stream.try_clone() {
                     Ok(w) => w,
@@ -76,18 +86,23 @@ fn tcp_server(ns: &Netns, port: u16, reply: &str, show_peer: bool) -> anyhow::Re
 
 /// Serves UDP on 0.0.0.0:`port` in `ns`; each datagram is answered with `reply`.
 pub fn udp(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
-    udp_server(ns, port, reply, false)
+    udp_server(ns, ANY4, port, reply, false)
+}
+
+/// As [`udp`], for clients of both IP families.
+pub fn udp_dual_stack(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
+    udp_server(ns, ANY, port, reply, false)
 }
 
 /// A UDP server on `port` in `ns` answering every datagram with `reply`
 /// followed by the datagram itself: large requests get large answers
 /// (fragmented on the way, both ways).
 pub fn udp_echo(ns: &Netns, port: u16, reply: &str) -> anyhow::Result<Server> {
-    udp_server(ns, port, reply, true)
+    udp_server(ns, ANY4, port, reply, true)
 }
 
-fn udp_server(ns: &Netns, port: u16, reply: &str, echo: bool) -> anyhow::Result<Server> {
-    let socket = ns.run(move || UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
+fn udp_server(ns: &Netns, ip: IpAddr, port: u16, reply: &str, echo: bool) -> anyhow::Result<Server> {
+    let socket = ns.run(move || UdpSocket::bind(SocketAddr::new(ip, port)))??;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
     let socket = Arc::new(socket);
     let reply = reply.as_bytes().to_vec();

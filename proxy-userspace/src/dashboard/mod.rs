@@ -3,7 +3,10 @@
 //! It shows the mode and health, every Service with its backends and their
 //! traffic, recent sync durations and the objects that were skipped.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv6Addr, SocketAddr},
+};
 
 use axum::{Json, Router, extract::State, response::IntoResponse, routing::get};
 use serde::Serialize;
@@ -11,8 +14,8 @@ use serde::Serialize;
 use crate::{
     api::{Observed, SyncRecord},
     dns::{DnsMetrics, zone::Zone},
-    frontend::Endpoint,
-    inspect::{self, Counts, FrontendTraffic},
+    frontend::{Endpoint, Family, Frontend},
+    inspect::FrontendTraffic,
     model::Model,
     rejection::Rejection,
     validate::DnsTarget,
@@ -105,41 +108,51 @@ pub struct RejectedView {
     pub reason: String,
 }
 
-/// Joins the model (names, types, backends) with the datapath's traffic.
+/// One frontend as the page shows it, with its traffic if counted.
+fn view<A: Family>(f: &Frontend<A>, t: Option<&FrontendTraffic>) -> ServiceView {
+    let backend = |e: &Endpoint<A>, state: &'static str| {
+        let address = e.to_string();
+        let c = t.and_then(|t| t.backends.get(&address)).copied().unwrap_or_default();
+        BackendView { address, state, packets: c.packets, bytes: c.bytes }
+    };
+    let total = t.map(|t| t.total).unwrap_or_default();
+    ServiceView {
+        name: f.service.to_string(),
+        frontend: f.key.to_string(),
+        service_type: format!("{:?}", f.service_type),
+        app_protocol: f.app_protocol().map(String::from),
+        packets: total.packets,
+        bytes: total.bytes,
+        backends: f
+            .backends
+            .iter()
+            .map(|e| backend(e, "active"))
+            .chain(f.terminating.iter().map(|e| backend(e, "terminating")))
+            .collect(),
+    }
+}
+
+/// Joins the models (names, types, backends; IPv4 and, where served,
+/// IPv6) with the datapath's traffic.
 pub fn state(
     o: &Observed,
     model: &Model,
+    model6: Option<&Model<Ipv6Addr>>,
     traffic: &[FrontendTraffic],
     datapath: Vec<(&'static str, u64)>,
 ) -> DashboardState {
     let traffic: BTreeMap<_, _> = traffic.iter().map(|t| (t.frontend, t)).collect();
-    let mut frontends: Vec<_> = model.frontends.values().collect();
-    frontends.sort_by(|a, b| (&a.service, a.key).cmp(&(&b.service, b.key)));
+    let mut frontends: Vec<_> = model.frontends.values().map(|f| (&f.service, f.key.to_string(), Ok(f))).collect();
+    let v6 = model6.into_iter().flat_map(|m| m.frontends.values());
+    frontends.extend(v6.map(|f| (&f.service, f.key.to_string(), Err(f))));
+    // A dual-stack Service's two frontends side by side.
+    frontends.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     let services = frontends
         .iter()
         .take(MAX_SERVICES)
-        .map(|f| {
-            let t = traffic.get(&f.key);
-            let backend = |e: &Endpoint, state: &'static str| {
-                let address = inspect::address(e);
-                let c = t.and_then(|t| t.backends.get(&address)).copied().unwrap_or_default();
-                BackendView { address, state, packets: c.packets, bytes: c.bytes }
-            };
-            let total = t.map(|t| t.total).unwrap_or(Counts::default());
-            ServiceView {
-                name: f.service.to_string(),
-                frontend: f.key.to_string(),
-                service_type: format!("{:?}", f.service_type),
-                app_protocol: f.app_protocol().map(String::from),
-                packets: total.packets,
-                bytes: total.bytes,
-                backends: f
-                    .backends
-                    .iter()
-                    .map(|e| backend(e, "active"))
-                    .chain(f.terminating.iter().map(|e| backend(e, "terminating")))
-                    .collect(),
-            }
+        .map(|(_, _, f)| match f {
+            Ok(f) => view(f, traffic.get(&f.key).copied()),
+            Err(f) => view(f, None),
         })
         .collect();
     let recent = o.recent.lock().unwrap();
@@ -147,7 +160,7 @@ pub fn state(
         mode: o.mode.as_str(),
         healthy: o.health.healthy(),
         counters: o.datapath.is_some(),
-        services_total: model.frontends.len(),
+        services_total: frontends.len(),
         services,
         syncs: recent.syncs.iter().cloned().collect(),
         rejected: recent.rejections.iter().map(rejected).collect(),
@@ -168,7 +181,8 @@ async fn api_state(State(o): State<Observed>) -> impl IntoResponse {
             None => (Vec::new(), Vec::new()),
         };
         let model = o.model.read().unwrap();
-        state(&o, &model, &traffic, datapath)
+        let model6 = o.model6.as_ref().map(|m| m.read().unwrap());
+        state(&o, &model, model6.as_deref(), &traffic, datapath)
     })
     .await;
     match view {
@@ -201,6 +215,7 @@ mod tests {
         api::{Health, Recent},
         dataplane::Mode,
         frontend::{FrontendKey, Protocol},
+        inspect::Counts,
         metrics::Metrics,
     };
 
@@ -223,10 +238,16 @@ mod tests {
             health: Health::new(std::time::Duration::from_secs(1)),
             datapath: None,
             model: Arc::new(RwLock::new(Model::default())),
+            model6: None,
             recent: Arc::new(std::sync::Mutex::new(Recent::default())),
             zone: None,
         };
-        let s = state(&o, &model, &traffic, vec![("translated", 5)]);
+        let (model6, _) = crate::model::build::<Ipv6Addr>(crate::testing::objects(
+            "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+             kind: EndpointSlice\nmetadata: {name: web-6, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: ['fd00::2']}]\n",
+        ));
+        let s = state(&o, &model, Some(&model6), &traffic, vec![("translated", 5)]);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["services"][0]["name"], "default/web:http");
         assert_eq!(v["services"][0]["frontend"], "10.96.0.10:80/TCP");
@@ -238,6 +259,10 @@ mod tests {
             serde_json::json!({"address": "10.244.0.2:8080", "state": "active", "packets": 5, "bytes": 500})
         );
         assert_eq!(v["services"][0]["backends"][1]["state"], "terminating");
+        // The Service's IPv6 frontend beside it.
+        assert_eq!(v["services"][1]["frontend"], "[fd00::10]:80/TCP");
+        assert_eq!(v["services"][1]["backends"][0]["address"], "[fd00::2]:8080");
+        assert_eq!(v["services_total"], 2);
         assert_eq!(v["datapath"]["translated"], 5);
     }
 

@@ -4,13 +4,16 @@
 //! (an endpoint since removed, or no endpoint at all: the VIP itself,
 //! when a client sent before the rules existed, the DNS blackhole) would
 //! keep steering the client's datagrams there for as long as it sends.
-//! One ctnetlink dump finds them and one batch of deletes removes them.
+//! One ctnetlink dump finds them and one batch of deletes removes them,
+//! in each IP family apart (conntrack keys its entries by family).
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::OwnedFd,
 };
+
+use crate::frontend::Family;
 
 use super::netlink::{
     self, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, messages, receive, send,
@@ -19,19 +22,55 @@ use super::netlink::{
 /// One UDP flow as conntrack keys it: the client's original tuple and the
 /// source its replies come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpFlow {
-    pub client: (Ipv4Addr, u16),
+pub struct UdpFlow<A = Ipv4Addr> {
+    pub client: (A, u16),
     /// Where the client sent (a VIP, node port or external address).
-    pub addressed: (Ipv4Addr, u16),
+    pub addressed: (A, u16),
     /// Where replies come from: an endpoint after DNAT, else `addressed`.
-    pub replier: (Ipv4Addr, u16),
+    pub replier: (A, u16),
 }
 
 /// Frontend address and port -> the endpoints that may answer there.
-pub type Serving = HashMap<(Ipv4Addr, u16), HashSet<(Ipv4Addr, u16)>>;
+pub type Serving<A = Ipv4Addr> = HashMap<(A, u16), HashSet<(A, u16)>>;
+
+/// How ctnetlink writes one family's addresses.
+pub trait CtFamily: Family {
+    /// The address family of the messages (`AF_INET`, `AF_INET6`).
+    const AF: u8;
+    /// `CTA_IP_V4_SRC` / `CTA_IP_V6_SRC`; the destination is the next one.
+    const SRC: u16;
+    fn bytes(&self) -> Vec<u8>;
+    fn from_bytes(b: &[u8]) -> Option<Self>;
+}
+
+impl CtFamily for Ipv4Addr {
+    const AF: u8 = libc::AF_INET as u8;
+    const SRC: u16 = 1;
+
+    fn bytes(&self) -> Vec<u8> {
+        self.octets().to_vec()
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        <[u8; 4]>::try_from(b).ok().map(Ipv4Addr::from)
+    }
+}
+
+impl CtFamily for Ipv6Addr {
+    const AF: u8 = libc::AF_INET6 as u8;
+    const SRC: u16 = 3;
+
+    fn bytes(&self) -> Vec<u8> {
+        self.octets().to_vec()
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        <[u8; 16]>::try_from(b).ok().map(Ipv6Addr::from)
+    }
+}
 
 /// The flows to a frontend of `serving` answered by something else.
-pub fn stale<'a>(flows: &'a [UdpFlow], serving: &'a Serving) -> impl Iterator<Item = &'a UdpFlow> {
+pub fn stale<'a, A: Family>(flows: &'a [UdpFlow<A>], serving: &'a Serving<A>) -> impl Iterator<Item = &'a UdpFlow<A>> {
     flows.iter().filter(|f| serving.get(&f.addressed).is_some_and(|endpoints| !endpoints.contains(&f.replier)))
 }
 
@@ -45,8 +84,6 @@ const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_IP_V4_SRC: u16 = 1;
-const CTA_IP_V4_DST: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
@@ -54,9 +91,9 @@ const IPPROTO_UDP: u8 = 17;
 /// Bytes of deletes sent in one write.
 const BATCH: usize = 32 * 1024;
 
-/// A ctnetlink message (IPv4).
-fn message(kind: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
-    let header = netlink::nfgenmsg(libc::AF_INET as u8, 0);
+/// A ctnetlink message about family `A`.
+fn message<A: CtFamily>(kind: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
+    let header = netlink::nfgenmsg(A::AF, 0);
     netlink::message((NFNL_SUBSYS_CTNETLINK << 8) | kind, flags, seq, &header, attrs)
 }
 
@@ -65,10 +102,10 @@ fn nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {
 }
 
 /// The original tuple of `flow`, as a delete names the entry.
-fn delete_message(flow: &UdpFlow, seq: u32) -> Vec<u8> {
+fn delete_message<A: CtFamily>(flow: &UdpFlow<A>, seq: u32) -> Vec<u8> {
     let mut ip = Vec::new();
-    attr(&mut ip, CTA_IP_V4_SRC, &flow.client.0.octets());
-    attr(&mut ip, CTA_IP_V4_DST, &flow.addressed.0.octets());
+    attr(&mut ip, A::SRC, &flow.client.0.bytes());
+    attr(&mut ip, A::SRC + 1, &flow.addressed.0.bytes());
     let mut proto = Vec::new();
     attr(&mut proto, CTA_PROTO_NUM, &[IPPROTO_UDP]);
     attr(&mut proto, CTA_PROTO_SRC_PORT, &flow.client.1.to_be_bytes());
@@ -78,7 +115,7 @@ fn delete_message(flow: &UdpFlow, seq: u32) -> Vec<u8> {
     nested(&mut tuple, CTA_TUPLE_PROTO, &proto);
     let mut attrs = Vec::new();
     nested(&mut attrs, CTA_TUPLE_ORIG, &tuple);
-    message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, &attrs)
+    message::<A>(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, &attrs)
 }
 
 /// The attributes in `data`: (type without flags, payload).
@@ -99,20 +136,20 @@ fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 }
 
 /// An address and port.
-type Endpoint = (Ipv4Addr, u16);
+type Endpoint<A> = (A, u16);
 
-/// A tuple's (source, destination, protocol), when IPv4.
-fn tuple(data: &[u8]) -> Option<(Endpoint, Endpoint, u8)> {
+/// A tuple's (source, destination, protocol), when of family `A`.
+fn tuple<A: CtFamily>(data: &[u8]) -> Option<(Endpoint<A>, Endpoint<A>, u8)> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
     for (kind, payload) in attrs(data) {
         match kind {
             CTA_TUPLE_IP => {
                 for (k, p) in attrs(payload) {
-                    let addr = <[u8; 4]>::try_from(p).ok().map(Ipv4Addr::from);
-                    match k {
-                        CTA_IP_V4_SRC => src = addr,
-                        CTA_IP_V4_DST => dst = addr,
-                        _ => {}
+                    let addr = A::from_bytes(p);
+                    if k == A::SRC {
+                        src = addr;
+                    } else if k == A::SRC + 1 {
+                        dst = addr;
                     }
                 }
             }
@@ -134,7 +171,7 @@ fn tuple(data: &[u8]) -> Option<(Endpoint, Endpoint, u8)> {
 }
 
 /// The UDP flow one conntrack message (after its headers) describes.
-fn flow(data: &[u8]) -> Option<UdpFlow> {
+fn flow<A: CtFamily>(data: &[u8]) -> Option<UdpFlow<A>> {
     let (mut orig, mut reply) = (None, None);
     for (kind, payload) in attrs(data) {
         match kind {
@@ -153,10 +190,10 @@ fn open() -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Every UDP flow the kernel tracks in this network namespace.
-pub fn udp_flows() -> std::io::Result<Vec<UdpFlow>> {
+/// Every UDP flow of family `A` the kernel tracks in this network namespace.
+pub fn udp_flows<A: CtFamily>() -> std::io::Result<Vec<UdpFlow<A>>> {
     let fd = open()?;
-    send(&fd, &message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, &[]))?;
+    send(&fd, &message::<A>(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, &[]))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut flows = Vec::new();
     loop {
@@ -175,7 +212,7 @@ pub fn udp_flows() -> std::io::Result<Vec<UdpFlow>> {
 
 /// Deletes the entries of `flows`, many per write; returns how many went
 /// (one already gone is not an error).
-pub fn delete(flows: &[UdpFlow]) -> std::io::Result<usize> {
+pub fn delete<A: CtFamily>(flows: &[UdpFlow<A>]) -> std::io::Result<usize> {
     if flows.is_empty() {
         return Ok(0);
     }
@@ -203,12 +240,12 @@ pub fn delete(flows: &[UdpFlow]) -> std::io::Result<usize> {
 }
 
 /// Removes the stale UDP entries to the frontends of `serving`; returns how many.
-pub fn clear_stale_udp(serving: &Serving) -> std::io::Result<usize> {
+pub fn clear_stale_udp<A: CtFamily>(serving: &Serving<A>) -> std::io::Result<usize> {
     if serving.is_empty() {
         return Ok(0);
     }
-    let flows = udp_flows()?;
-    let stale: Vec<UdpFlow> = stale(&flows, serving).copied().collect();
+    let flows = udp_flows::<A>()?;
+    let stale: Vec<UdpFlow<A>> = stale(&flows, serving).copied().collect();
     delete(&stale)
 }
 
@@ -229,7 +266,7 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(m[..4].try_into().unwrap()) as usize, m.len());
         let (orig_kind, orig) = attrs(&body[4..]).next().unwrap();
         assert_eq!(orig_kind, CTA_TUPLE_ORIG);
-        let (client, addressed, proto) = tuple(orig).unwrap();
+        let (client, addressed, proto) = tuple::<Ipv4Addr>(orig).unwrap();
         assert_eq!((client, addressed, proto), (f.client, f.addressed, IPPROTO_UDP));
     }
 
@@ -237,8 +274,8 @@ mod tests {
     fn a_dumped_entry_gives_its_client_frontend_and_replier() {
         let tuple_attrs = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
             let mut ip = Vec::new();
-            attr(&mut ip, CTA_IP_V4_SRC, &src);
-            attr(&mut ip, CTA_IP_V4_DST, &dst);
+            attr(&mut ip, <Ipv4Addr as CtFamily>::SRC, &src);
+            attr(&mut ip, <Ipv4Addr as CtFamily>::SRC + 1, &dst);
             let mut proto = Vec::new();
             attr(&mut proto, CTA_PROTO_NUM, &[IPPROTO_UDP]);
             attr(&mut proto, CTA_PROTO_SRC_PORT, &sport.to_be_bytes());
@@ -254,7 +291,24 @@ mod tests {
         attr(&mut body, 3, &[0, 0, 0, 8]); // CTA_STATUS, ignored
         let f = flow(&body).unwrap();
         assert_eq!(f, flow_of([10, 244, 0, 100], [10, 96, 0, 10], [10, 244, 0, 11]));
-        assert!(flow(&body[..10]).is_none(), "a truncated message is skipped");
+        assert!(flow::<Ipv4Addr>(&body[..10]).is_none(), "a truncated message is skipped");
+        assert!(flow::<Ipv6Addr>(&body).is_none(), "an IPv4 entry is not an IPv6 flow");
+    }
+
+    #[test]
+    fn an_ipv6_delete_names_the_original_tuple_in_the_ipv6_attributes() {
+        let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let f = UdpFlow {
+            client: (ip("fd00::64"), 40000),
+            addressed: (ip("fd00:96::a"), 53),
+            replier: (ip("fd00::b"), 53),
+        };
+        let m = delete_message(&f, 1);
+        let (_, body) = messages(&m).next().unwrap();
+        assert_eq!(body[0], libc::AF_INET6 as u8, "the nfgenmsg names the family");
+        let (_, orig) = attrs(&body[4..]).next().unwrap();
+        let (client, addressed, _) = tuple::<Ipv6Addr>(orig).unwrap();
+        assert_eq!((client, addressed), (f.client, f.addressed));
     }
 
     #[test]

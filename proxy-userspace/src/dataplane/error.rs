@@ -1,7 +1,9 @@
 //! What can go wrong in a dataplane, one kind per cause, each with a stable
 //! label (used as a metric label and as the auto-mode fallback reason).
 
-use crate::frontend::FrontendKey;
+use std::net::Ipv4Addr;
+
+use crate::frontend::{Family, FrontendKey};
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -45,8 +47,8 @@ impl DataplaneError {
 /// An operation that could not be applied; the rest of the sync went on.
 #[derive(Debug, thiserror::Error)]
 #[error("{frontend}: {error}")]
-pub struct ApplyError {
-    pub frontend: FrontendKey,
+pub struct ApplyError<A: Family = Ipv4Addr> {
+    pub frontend: FrontendKey<A>,
     #[source]
     pub error: DataplaneError,
 }

@@ -10,12 +10,12 @@ pub mod kube_proxy;
 mod netlink;
 pub mod node_addresses;
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 pub use error::{ApplyError, DataplaneError};
 
 use crate::{
-    frontend::{Frontend, FrontendKey},
+    frontend::{Family, Frontend, FrontendKey},
     inspect::{FrontendTraffic, MapFill},
     planner::Op,
 };
@@ -42,16 +42,17 @@ impl fmt::Display for Mode {
     }
 }
 
-/// The desired state the planner's operations lead to.
-pub type Desired = BTreeMap<FrontendKey, Frontend>;
+/// The desired state the planner's operations lead to (of one IP family).
+pub type Desired<A = Ipv4Addr> = BTreeMap<FrontendKey<A>, Frontend<A>>;
 
-pub trait Dataplane: Send {
+/// Serves the frontends of one IP family.
+pub trait Dataplane<A: Family = Ipv4Addr>: Send {
     fn mode(&self) -> Mode;
 
     /// Applies `ops` in order; `desired` is the whole desired state after
     /// them (a dataplane that rewrites whole tables renders from it rather
     /// than keeping a copy). Failures are returned, never stop the others.
-    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError>;
+    fn apply(&mut self, ops: &[Op<A>], desired: &Desired<A>) -> Vec<ApplyError<A>>;
 
     /// Counters and traffic the datapath keeps, where it keeps any.
     fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
@@ -61,7 +62,7 @@ pub trait Dataplane: Send {
     /// Finds where the kernel's state drifted from what this dataplane
     /// wrote (a table flushed, an entry deleted by someone else) and writes
     /// it again from `desired`; returns how many things it repaired.
-    fn repair(&mut self, _desired: &Desired) -> usize {
+    fn repair(&mut self, _desired: &Desired<A>) -> usize {
         0
     }
 
@@ -70,17 +71,17 @@ pub trait Dataplane: Send {
     fn serving(&mut self) {}
 }
 
-impl<T: Dataplane + ?Sized> Dataplane for Box<T> {
+impl<A: Family, T: Dataplane<A> + ?Sized> Dataplane<A> for Box<T> {
     fn mode(&self) -> Mode {
         (**self).mode()
     }
-    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
+    fn apply(&mut self, ops: &[Op<A>], desired: &Desired<A>) -> Vec<ApplyError<A>> {
         (**self).apply(ops, desired)
     }
     fn stats(&self) -> Option<Arc<dyn DatapathStats>> {
         (**self).stats()
     }
-    fn repair(&mut self, desired: &Desired) -> usize {
+    fn repair(&mut self, desired: &Desired<A>) -> usize {
         (**self).repair(desired)
     }
     fn serving(&mut self) {

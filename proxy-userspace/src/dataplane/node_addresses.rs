@@ -3,36 +3,50 @@
 //! its devices); given prefixes, every local address within them; `0.0.0.0/0`,
 //! every local address (then matched by the kernel's view of "local").
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::{dataplane::ebpf::links, frontend::Cidr};
+use crate::{
+    dataplane::ebpf::links,
+    frontend::{Cidr, Family},
+};
 
-/// What NodePorts answer on.
+/// What NodePorts answer on, in one family.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum NodePortAddresses {
-    /// Every local address but loopback (`0.0.0.0/0`).
+pub enum NodePortAddresses<A = Ipv4Addr> {
+    /// Every local address but loopback (`0.0.0.0/0`, `::/0`).
     #[default]
     All,
     /// These addresses.
-    Only(Vec<Ipv4Addr>),
+    Only(Vec<A>),
 }
 
-/// Resolves `--nodeport-addresses` (`prefixes`) against the node's
-/// interfaces: `devices` (names or patterns) holds the primary addresses.
-pub fn resolve(prefixes: &[Cidr], devices: &[String]) -> NodePortAddresses {
+/// Resolves `--nodeport-addresses` (`prefixes`, of this family) against
+/// the node's interfaces: `devices` (names or patterns) holds the primary
+/// addresses. `given` says whether prefixes were given at all: as in
+/// kube-proxy, a family none of them is of answers on all its addresses.
+pub fn resolve<A: Family>(prefixes: &[Cidr<A>], given: bool, devices: &[String]) -> NodePortAddresses<A> {
+    if given && prefixes.is_empty() {
+        return NodePortAddresses::All;
+    }
     let local = interface_addresses();
     select(prefixes, devices, &local)
 }
 
-impl NodePortAddresses {
+/// Whether a local address can take node port traffic: not loopback, and
+/// not an IPv6 link-local one (each link has one; no client dials it).
+fn answers<A: Family>(addr: &A) -> bool {
+    let ip: IpAddr = (*addr).into();
+    !addr.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+}
+
+impl<A: Family> NodePortAddresses<A> {
     /// The addresses themselves: for [`NodePortAddresses::All`], every
     /// non-loopback address the node has now.
-    pub fn addresses(&self) -> Vec<Ipv4Addr> {
+    pub fn addresses(&self) -> Vec<A> {
         match self {
             NodePortAddresses::Only(addrs) => addrs.clone(),
             NodePortAddresses::All => {
-                let mut all: Vec<Ipv4Addr> =
-                    interface_addresses().into_iter().map(|(_, a)| a).filter(|a| !a.is_loopback()).collect();
+                let mut all: Vec<A> = interface_addresses().into_iter().map(|(_, a)| a).filter(answers).collect();
                 all.sort();
                 all.dedup();
                 all
@@ -42,14 +56,14 @@ impl NodePortAddresses {
 }
 
 /// [`resolve`] on a given list of (interface, address).
-pub fn select(prefixes: &[Cidr], devices: &[String], local: &[(String, Ipv4Addr)]) -> NodePortAddresses {
+pub fn select<A: Family>(prefixes: &[Cidr<A>], devices: &[String], local: &[(String, A)]) -> NodePortAddresses<A> {
     if prefixes.iter().any(|p| p.len == 0) {
         return NodePortAddresses::All;
     }
-    let mut addrs: Vec<Ipv4Addr> = local
+    let mut addrs: Vec<A> = local
         .iter()
         .filter(|(name, addr)| {
-            !addr.is_loopback()
+            answers(addr)
                 && if prefixes.is_empty() {
                     devices.iter().any(|d| links::matches(d, name))
                 } else {
@@ -63,8 +77,8 @@ pub fn select(prefixes: &[Cidr], devices: &[String], local: &[(String, Ipv4Addr)
     NodePortAddresses::Only(addrs)
 }
 
-/// Every IPv4 address on this node's interfaces, with the interface's name.
-pub fn interface_addresses() -> Vec<(String, Ipv4Addr)> {
+/// Every address of family `A` on this node's interfaces, with the interface's name.
+pub fn interface_addresses<A: Family>() -> Vec<(String, A)> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we walk read-only and free once.
@@ -75,10 +89,21 @@ pub fn interface_addresses() -> Vec<(String, Ipv4Addr)> {
     let mut cur = head;
     while !cur.is_null() {
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        let family = if ifa.ifa_addr.is_null() { 0 } else { i32::from(unsafe { (*ifa.ifa_addr).sa_family }) };
+        let ip = match family {
+            libc::AF_INET => {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        };
+        if let Some(ip) = ip.and_then(A::of) {
             let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-            out.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            out.push((name, ip));
         }
         cur = ifa.ifa_next;
     }
@@ -106,5 +131,18 @@ mod tests {
         assert_eq!(select(&["0.0.0.0/0".parse().unwrap()], &[], &local()), NodePortAddresses::All);
         // Loopback never: localhost NodePorts are not served.
         assert_eq!(select(&["127.0.0.0/8".parse().unwrap()], &[], &local()), only(&[]));
+    }
+
+    #[test]
+    fn ipv6_node_ports_answer_on_the_devices_global_addresses_and_never_link_local_ones() {
+        let local: Vec<(String, Ipv6Addr)> =
+            [("lo", "::1"), ("eth0", "fe80::1"), ("eth0", "2001:db8::2"), ("cbr0", "fd00:244::1")]
+                .into_iter()
+                .map(|(n, a)| (n.to_string(), a.parse().unwrap()))
+                .collect();
+        let only = |a: &[&str]| NodePortAddresses::Only(a.iter().map(|a| a.parse().unwrap()).collect());
+        assert_eq!(select(&[], &["eth0".into()], &local), only(&["2001:db8::2"]));
+        assert_eq!(select(&["fd00::/8".parse().unwrap()], &[], &local), only(&["fd00:244::1"]));
+        assert_eq!(resolve::<Ipv6Addr>(&[], true, &[]), NodePortAddresses::All, "prefixes given, none IPv6: all");
     }
 }

@@ -187,7 +187,7 @@ fn records(index: &Index, name: &ObjectName) -> Option<ServiceRecords> {
     let dns = index.service(name)?.dns.as_deref()?;
     let mut endpoints: Vec<NamedEndpoint> = Vec::new();
     if dns.target == DnsTarget::Headless {
-        for slice in index.slices_of(name).filter_map(|s| s.dns.as_deref()) {
+        for slice in index.slices_of(name).filter_map(|s| s.dns()) {
             let ports: Arc<[DnsPort]> = slice.ports.clone().into();
             for ep in slice.endpoints.iter().filter(|e| e.ready) {
                 let label = ep.hostname.as_deref().map_or_else(|| dashed(ep.ip), str::to_string);

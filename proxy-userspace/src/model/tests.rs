@@ -1,4 +1,4 @@
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::*;
 use crate::{
@@ -13,8 +13,8 @@ fn frontend(m: &Model, vip: [u8; 4], port: u16, protocol: Protocol) -> &Frontend
         .unwrap_or_else(|| panic!("no frontend {vip:?}:{port}; have {:?}", m.frontends.keys()))
 }
 
-fn ips(f: &Frontend) -> Vec<String> {
-    f.backends.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
+fn ips<A: Served>(f: &Frontend<A>) -> Vec<String> {
+    f.backends.iter().map(|e| e.to_string()).collect()
 }
 
 const WEB: &str = "
@@ -85,7 +85,7 @@ endpoints:
 }
 
 #[test]
-fn headless_external_name_and_ipv6_are_ignored_quietly() {
+fn headless_and_external_name_services_are_ignored_quietly_and_ipv6_ones_go_to_their_family() {
     let snap = objects(
         "
 kind: Service
@@ -103,12 +103,16 @@ spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10'], ports: [{port: 80}]}
 kind: EndpointSlice
 metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
 addressType: IPv6
+ports: [{port: 8080}]
 endpoints: [{addresses: ['fd00::1']}]
 ",
     );
-    let (m, rejected) = build(snap);
+    let (m, rejected): (Model, _) = build(snap.clone());
     assert!(m.frontends.is_empty());
     assert!(rejected.is_empty(), "{rejected:?}");
+    let (v6, _): (Model<Ipv6Addr>, _) = build(snap);
+    let keys: Vec<String> = v6.frontends.values().map(|f| format!("{} -> {:?}", f.key, ips(f))).collect();
+    assert_eq!(keys, ["[fd00::10]:80/TCP -> [\"[fd00::1]:8080\"]"]);
 }
 
 #[test]
@@ -185,7 +189,12 @@ metadata: {name: unlabelled}
 spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
 ";
     let names = |cfg: &ModelConfig| -> Vec<String> {
-        build(objects_with(yaml, cfg)).0.frontends.values().map(|f| f.service.service.name().to_string()).collect()
+        build::<Ipv4Addr>(objects_with(yaml, cfg))
+            .0
+            .frontends
+            .values()
+            .map(|f| f.service.service.name().to_string())
+            .collect()
     };
     assert_eq!(names(&ModelConfig::default()), ["unlabelled"]);
     assert_eq!(names(&ModelConfig { service_proxy_name: Some("kpr".into()), ..Default::default() }), ["mine"]);
@@ -304,7 +313,7 @@ endpoints: [{{addresses: [10.244.0.11]}}]
 
 #[test]
 fn rejections_carry_a_metric_reason() {
-    let (_, rejected) = build(objects(
+    let (_, rejected) = build::<Ipv4Addr>(objects(
         "
 kind: Service
 metadata: {name: s}
@@ -314,16 +323,83 @@ spec: {clusterIP: 10.96.0.9, ports: [{port: 9, protocol: SCTP}]}
     assert_eq!(rejected[0].kind.label(), "unsupported_protocol");
 }
 
+/// kube-proxy's dual-stack proxier: each family's proxier takes the
+/// ClusterIP of its family and the EndpointSlices of its address type.
 #[test]
-fn dual_stack_services_are_served_on_their_ipv4_cluster_ip() {
-    let (m, _) = build(objects(
+fn a_dual_stack_service_is_served_in_each_family_from_that_familys_slices() {
+    let snap = objects(
         "
 kind: Service
-metadata: {name: ds}
-spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.44], ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}
+metadata: {name: ds, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 'fd00::10'
+  clusterIPs: ['fd00::10', 10.96.0.44]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: RequireDualStack
+  externalIPs: [192.0.2.7, '2001:db8::7']
+  loadBalancerSourceRanges: [198.51.100.0/24, '2001:db8:1::/48']
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8::9'}, {ip: 192.0.2.9}]}}
+---
+kind: EndpointSlice
+metadata: {name: ds-v4, namespace: shop, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.5]}]
+---
+kind: EndpointSlice
+metadata: {name: ds-v6, namespace: shop, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00:244::5']}, {addresses: ['fd00:244::6']}]
+",
+    );
+    let (v4, rejected): (Model, _) = build(snap.clone());
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let f = frontend(&v4, [10, 96, 0, 44], 80, Protocol::Tcp);
+    assert_eq!(ips(f), ["10.244.0.5:8080"]);
+    let ext = f.external.as_deref().unwrap();
+    assert_eq!(
+        (&*ext.external_ips, &*ext.load_balancer_ips),
+        (&[[192, 0, 2, 7].into()][..], &[[192, 0, 2, 9].into()][..])
+    );
+    assert_eq!(ext.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(), ["198.51.100.0/24"]);
+    assert_eq!(ext.node_port, Some(30080));
+
+    let (v6, _): (Model<Ipv6Addr>, _) = build(snap);
+    let vip: Ipv6Addr = "fd00::10".parse().unwrap();
+    let f = &v6.frontends[&FrontendKey { vip, port: 80, protocol: Protocol::Tcp }];
+    assert_eq!(ips(f), ["[fd00:244::5]:8080", "[fd00:244::6]:8080"]);
+    let ext = f.external.as_deref().unwrap();
+    let text = |ips: &[Ipv6Addr]| ips.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        (text(&ext.external_ips), text(&ext.load_balancer_ips)),
+        (vec!["2001:db8::7".to_string()], vec!["2001:db8::9".to_string()])
+    );
+    assert_eq!(ext.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(), ["2001:db8:1::/48"]);
+    assert_eq!(ext.node_port, Some(30080), "the node port is the same in both families");
+    assert_eq!(v6.frontends.len(), 1);
+}
+
+#[test]
+fn an_endpoint_of_the_other_family_in_a_slice_is_rejected_and_the_rest_kept() {
+    let (v6, rejected): (Model<Ipv6Addr>, _) = build(objects(
+        "
+kind: Service
+metadata: {name: v6}
+spec: {clusterIP: 'fd00::10', ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: [10.244.0.1]}, {addresses: ['fd00::1']}]
 ",
     ));
-    assert!(m.frontends.contains_key(&FrontendKey { vip: [10, 96, 0, 44].into(), port: 80, protocol: Protocol::Tcp }));
+    let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();
+    assert_eq!(reasons, ["endpoint address \"10.244.0.1\" is not an IPv6 address"]);
+    assert_eq!(ips(v6.frontends.values().next().unwrap()), ["[fd00::1]:80"]);
 }
 
 const CLASH: &str = "

@@ -86,6 +86,49 @@ fn a_sync_records_latency_and_counts_rejections_once() {
     assert!(log[1].is_empty(), "nothing changed, nothing applied");
 }
 
+/// Records the IPv6 family's syncs.
+#[derive(Clone, Default)]
+struct Recorder6(Arc<Mutex<Vec<Vec<Op<std::net::Ipv6Addr>>>>>);
+
+impl Dataplane<std::net::Ipv6Addr> for Recorder6 {
+    fn mode(&self) -> Mode {
+        Mode::Iptables
+    }
+
+    fn apply(
+        &mut self,
+        ops: &[Op<std::net::Ipv6Addr>],
+        _desired: &Desired<std::net::Ipv6Addr>,
+    ) -> Vec<ApplyError<std::net::Ipv6Addr>> {
+        self.0.lock().unwrap().push(ops.to_vec());
+        Vec::new()
+    }
+}
+
+#[test]
+fn each_family_syncs_its_own_frontends_and_an_ipv4_change_leaves_ipv6_alone() {
+    let (rec, log, refuse) = recorder();
+    refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+    let v6 = Recorder6::default();
+    let mut syncer = Syncer::new(rec, Arc::new(Metrics::default())).with_ipv6(Box::new(v6.clone()));
+    let mut idx = index(
+        "kind: Service\nmetadata: {name: ds}\nspec: {clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{port: 80}]}\n---\n\
+         kind: Service\nmetadata: {name: v4}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n",
+    );
+    assert!(syncer.sync(&mut idx, &[]));
+    let vip6: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+    assert_eq!(v6.0.lock().unwrap()[0], [Op::Upsert(FrontendKey { vip: vip6, port: 80, protocol: Protocol::Tcp })]);
+    assert_eq!(log.lock().unwrap()[0].len(), 2, "both Services in IPv4");
+    assert_eq!(syncer.programmed(), 3);
+    idx.delete_service(&crate::name::ObjectName::new("default", "v4"));
+    assert!(syncer.sync(&mut idx, &[]));
+    assert_eq!(log.lock().unwrap().len(), 2);
+    assert_eq!(v6.0.lock().unwrap().len(), 1, "nothing of IPv6 changed: its dataplane is not asked");
+    idx.delete_service(&crate::name::ObjectName::new("default", "ds"));
+    assert!(syncer.sync(&mut idx, &[]));
+    assert_eq!(v6.0.lock().unwrap()[1], [Op::Delete(FrontendKey { vip: vip6, port: 80, protocol: Protocol::Tcp })]);
+}
+
 #[test]
 fn a_refused_frontend_is_retried_from_the_desired_state_until_accepted() {
     let metrics = Arc::new(Metrics::default());
@@ -206,7 +249,7 @@ fn one_change_among_50k_services_touches_only_its_own() {
         index.apply_service(svc(i));
         index.apply_slice(slice(i, 3 * i));
     }
-    let mut model = Model::default();
+    let mut model: Model = Model::default();
     let t = Instant::now();
     let full = model.update(&index, Dirty::All);
     let cold = t.elapsed();

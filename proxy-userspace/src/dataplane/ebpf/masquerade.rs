@@ -25,7 +25,7 @@ fn postrouting(backend: Backend, op: &str, protocol: &str) -> Result<bool, Datap
 
 /// Adds the rule (TCP and UDP) to the backend the node uses, once.
 pub fn ensure() -> Result<(), DataplaneError> {
-    let backend = crate::dataplane::iptables::backend::detect();
+    let backend = crate::dataplane::iptables::backend::detect(false);
     for protocol in ["tcp", "udp"] {
         if !postrouting(backend, "-C", protocol)? && !postrouting(backend, "-A", protocol)? {
             return Err(DataplaneError::Command {

@@ -1,5 +1,6 @@
-//! Running iptables: which backend (nf_tables or legacy), restore, the jump
-//! rules from the built-in chains, and removing everything kpr wrote.
+//! Running iptables: which backend (nf_tables or legacy) of which family
+//! (`iptables` or `ip6tables`), restore, the jump rules from the built-in
+//! chains, and removing everything kpr wrote.
 
 use std::{
     io::Write as _,
@@ -10,33 +11,54 @@ use super::render::{Chains, FILTER_CHAINS, NAT_CHAINS, is_service_chain};
 use crate::dataplane::DataplaneError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum Kind {
     Nft,
     Legacy,
 }
 
+/// One set of tables: a kind of backend, for one IP family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub kind: Kind,
+    pub ipv6: bool,
+}
+
 impl Backend {
-    pub const ALL: [Backend; 2] = [Backend::Nft, Backend::Legacy];
+    /// Every backend of both families (to find and remove kpr's rules anywhere).
+    pub const ALL: [Backend; 4] = [
+        Backend { kind: Kind::Nft, ipv6: false },
+        Backend { kind: Kind::Legacy, ipv6: false },
+        Backend { kind: Kind::Nft, ipv6: true },
+        Backend { kind: Kind::Legacy, ipv6: true },
+    ];
 
     fn suffix(self) -> &'static str {
-        match self {
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
+        match self.kind {
+            Kind::Nft => "nft",
+            Kind::Legacy => "legacy",
         }
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Backend::Nft => "nf_tables",
-            Backend::Legacy => "legacy",
+        match (self.kind, self.ipv6) {
+            (Kind::Nft, false) => "nf_tables",
+            (Kind::Legacy, false) => "legacy",
+            (Kind::Nft, true) => "nf_tables (ip6tables)",
+            (Kind::Legacy, true) => "legacy (ip6tables)",
         }
     }
 
-    /// `iptables-nft`, `iptables-nft-save`, `iptables-legacy-restore`, ...
+    /// `iptables` or `ip6tables`.
+    fn tool(self) -> &'static str {
+        if self.ipv6 { "ip6tables" } else { "iptables" }
+    }
+
+    /// `iptables-nft`, `iptables-nft-save`, `ip6tables-legacy-restore`, ...
     fn command(self, tool: &str) -> Command {
+        let family = self.tool();
         Command::new(match tool {
-            "iptables" => format!("iptables-{}", self.suffix()),
-            other => format!("iptables-{}-{other}", self.suffix()),
+            "iptables" => format!("{family}-{}", self.suffix()),
+            other => format!("{family}-{}-{other}", self.suffix()),
         })
     }
 
@@ -58,7 +80,7 @@ impl Backend {
 
     /// Applies `input` with `iptables-restore --noflush` in one transaction.
     pub fn restore(self, input: &str) -> Result<(), DataplaneError> {
-        let command = format!("iptables-{}-restore", self.suffix());
+        let command = format!("{}-{}-restore", self.tool(), self.suffix());
         let failed = |e: std::io::Error| DataplaneError::Command {
             command: command.clone(),
             reason: format!("{e} (is the iptables package installed?)"),
@@ -90,7 +112,7 @@ impl Backend {
     /// Runs `iptables` of this backend; whether it succeeded.
     pub(crate) fn iptables(self, args: &[&str]) -> Result<bool, DataplaneError> {
         let out = self.command("iptables").arg("--wait").args(args).output().map_err(|e| DataplaneError::Command {
-            command: format!("iptables-{}", self.suffix()),
+            command: format!("{}-{}", self.tool(), self.suffix()),
             reason: e.to_string(),
         })?;
         Ok(out.status.success())
@@ -307,12 +329,25 @@ const JUMPS: [(&str, &str, &[&str]); 13] = [
     ("nat", "POSTROUTING", &["-m", "comment", "--comment", "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"]),
 ];
 
-/// Chooses the backend as kube-proxy's iptables wrapper does: the one that
-/// already holds rules (the one with more, if both do), else nf_tables.
-pub fn detect() -> Backend {
-    let legacy = Backend::Legacy.rule_count();
-    let nft = Backend::Nft.rule_count();
-    if legacy > nft { Backend::Legacy } else { Backend::Nft }
+/// Chooses the backend of a family as kube-proxy's iptables wrapper does:
+/// the one that already holds rules (the one with more, if both do), else
+/// nf_tables.
+pub fn detect(ipv6: bool) -> Backend {
+    let legacy = Backend { kind: Kind::Legacy, ipv6 }.rule_count();
+    let nft = Backend { kind: Kind::Nft, ipv6 }.rule_count();
+    Backend { kind: if legacy > nft { Kind::Legacy } else { Kind::Nft }, ipv6 }
+}
+
+/// Whether the kernel and tools can hold rules of the IPv6 family here
+/// (an `ip6tables` that lists its nat table).
+pub fn ipv6_available(backend: Backend) -> bool {
+    backend
+        .command("iptables")
+        .args(["-t", "nat", "-S", "POSTROUTING"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[cfg(test)]

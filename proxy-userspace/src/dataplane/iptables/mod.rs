@@ -1,6 +1,9 @@
 //! The iptables dataplane: kube-proxy's iptables mode, for nodes where eBPF
 //! cannot run, and the baseline kpr is measured against.
 //!
+//! One dataplane serves one IP family (`iptables` or `ip6tables`), as
+//! kube-proxy runs one proxier per family; a dual-stack node runs two.
+//!
 //! Each sync is one `iptables-restore --noflush` transaction. Like
 //! kube-proxy since 1.28, a sync rewrites only the chains of the Services
 //! that changed (plus the small top-level chains), and a full resync runs
@@ -20,28 +23,28 @@ use render::{RenderConfig, Scope, chains_of, render};
 
 use super::{
     ApplyError, Dataplane, DataplaneError, Desired, Mode,
-    conntrack::{self, Serving},
+    conntrack::{self, CtFamily, Serving},
 };
 use crate::{
     frontend::{FrontendKey, Protocol},
     planner::Op,
 };
 
-pub struct IptablesDataplane {
+pub struct IptablesDataplane<A = Ipv4Addr> {
     backend: Backend,
-    config: RenderConfig,
+    config: RenderConfig<A>,
     /// kpr's per-service chains present in the kernel (as far as we know).
     written: BTreeSet<String>,
     full_sync_period: Duration,
     last_full_sync: Option<Instant>,
 }
 
-impl IptablesDataplane {
+impl<A: CtFamily> IptablesDataplane<A> {
     /// Picks the backend as kube-proxy does and takes over any chains a
     /// previous run left (they are rewritten or deleted on the first sync).
-    pub fn new(config: RenderConfig, full_sync_period: Duration) -> Result<Self, DataplaneError> {
-        let backend = backend::detect();
-        tracing::info!(backend = backend.name(), "iptables mode");
+    pub fn new(config: RenderConfig<A>, full_sync_period: Duration) -> Result<Self, DataplaneError> {
+        let backend = backend::detect(A::BITS == 128);
+        tracing::info!(backend = backend.name(), family = A::NAME, "iptables rules");
         let chains = config.chains;
         let written = backend
             .save("nat")
@@ -61,7 +64,7 @@ impl IptablesDataplane {
         self.backend
     }
 
-    fn sync(&mut self, desired: &Desired, changed: &BTreeSet<FrontendKey>) -> Result<(), DataplaneError> {
+    fn sync(&mut self, desired: &Desired<A>, changed: &BTreeSet<FrontendKey<A>>) -> Result<(), DataplaneError> {
         let full = self.last_full_sync.is_none_or(|t| t.elapsed() >= self.full_sync_period);
         let wanted: BTreeSet<String> = desired.values().flat_map(chains_of).collect();
         let stale: BTreeSet<String> = self.written.difference(&wanted).cloned().collect();
@@ -84,7 +87,7 @@ impl IptablesDataplane {
 
     /// The addresses of the UDP frontends in `changed`, each with the
     /// endpoints that may answer there (none for a frontend deleted).
-    fn serving_udp(&self, desired: &Desired, changed: &BTreeSet<FrontendKey>) -> Serving {
+    fn serving_udp(&self, desired: &Desired<A>, changed: &BTreeSet<FrontendKey<A>>) -> Serving<A> {
         let mut serving = Serving::new();
         // Listing the node's addresses costs a system call: only when a node port needs them.
         let mut node_addresses = None;
@@ -93,7 +96,7 @@ impl IptablesDataplane {
                 serving.insert((key.vip, key.port), HashSet::new());
                 continue;
             };
-            let endpoints: HashSet<(Ipv4Addr, u16)> =
+            let endpoints: HashSet<(A, u16)> =
                 f.backends.iter().chain(&f.terminating[..]).map(|e| (e.ip, e.port)).collect();
             let mut addresses = vec![(key.vip, key.port)];
             if let Some(ext) = f.external.as_deref() {
@@ -111,14 +114,14 @@ impl IptablesDataplane {
     }
 }
 
-impl Dataplane for IptablesDataplane {
+impl<A: CtFamily> Dataplane<A> for IptablesDataplane<A> {
     fn mode(&self) -> Mode {
         Mode::Iptables
     }
 
     /// A canary gone means someone flushed a table (or a firewall reloaded):
     /// the chains, jumps and every Service's rules are written again.
-    fn repair(&mut self, desired: &Desired) -> usize {
+    fn repair(&mut self, desired: &Desired<A>) -> usize {
         let chains = self.config.chains;
         if self.backend.canaries_alive(chains) {
             return 0;
@@ -142,8 +145,8 @@ impl Dataplane for IptablesDataplane {
         }
     }
 
-    fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
-        let changed: BTreeSet<FrontendKey> = ops
+    fn apply(&mut self, ops: &[Op<A>], desired: &Desired<A>) -> Vec<ApplyError<A>> {
+        let changed: BTreeSet<FrontendKey<A>> = ops
             .iter()
             .map(|op| match op {
                 Op::Upsert(k) => *k,

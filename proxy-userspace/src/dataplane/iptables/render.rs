@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 
 use crate::{
     dataplane::node_addresses::NodePortAddresses,
-    frontend::{Endpoint, External, Frontend, FrontendKey},
+    frontend::{Endpoint, External, Family, Frontend, FrontendKey},
 };
 
 /// kube-proxy's masquerade mark bit (`--iptables-masquerade-bit` 14).
@@ -30,39 +30,40 @@ fn hash16(input: &str) -> String {
     BASE32.encode(&Sha256::digest(input.as_bytes()))[..16].to_string()
 }
 
-fn protocol(f: &Frontend) -> String {
+fn protocol<A>(f: &Frontend<A>) -> String {
     f.key.protocol.to_string().to_lowercase()
 }
 
 /// kube-proxy's portProtoHash: every per-service-port chain (SVC, EXT, FW,
 /// SVL) is named by the hash of "ns/name:port" + protocol.
-fn port_hash(f: &Frontend) -> String {
+fn port_hash<A>(f: &Frontend<A>) -> String {
     hash16(&format!("{}{}", f.service, protocol(f)))
 }
 
 /// `KUBE-SVC-`: the Service port's cluster-wide endpoints.
-pub fn service_chain(f: &Frontend) -> String {
+pub fn service_chain<A>(f: &Frontend<A>) -> String {
     format!("KUBE-SVC-{}", port_hash(f))
 }
 
 /// `KUBE-EXT-`: traffic to the node port, external IPs and load balancer IPs.
-pub fn external_chain(f: &Frontend) -> String {
+pub fn external_chain<A>(f: &Frontend<A>) -> String {
     format!("KUBE-EXT-{}", port_hash(f))
 }
 
 /// `KUBE-FW-`: load balancer traffic checked against the source ranges.
-pub fn firewall_chain(f: &Frontend) -> String {
+pub fn firewall_chain<A>(f: &Frontend<A>) -> String {
     format!("KUBE-FW-{}", port_hash(f))
 }
 
 /// `KUBE-SVL-`: the Service port's endpoints on this node.
-pub fn local_chain(f: &Frontend) -> String {
+pub fn local_chain<A>(f: &Frontend<A>) -> String {
     format!("KUBE-SVL-{}", port_hash(f))
 }
 
-/// `KUBE-SEP-` + hash of "ns/name:port" + protocol + "ip:port".
-pub fn endpoint_chain(f: &Frontend, e: &Endpoint) -> String {
-    format!("KUBE-SEP-{}", hash16(&format!("{}{}{}:{}", f.service, protocol(f), e.ip, e.port)))
+/// `KUBE-SEP-` + hash of "ns/name:port" + protocol + "ip:port" (an IPv6
+/// address in brackets, as Go's `JoinHostPort` writes it).
+pub fn endpoint_chain<A: Family>(f: &Frontend<A>, e: &Endpoint<A>) -> String {
+    format!("KUBE-SEP-{}", hash16(&format!("{}{}{e}", f.service, protocol(f))))
 }
 
 /// Whose names kpr's chains carry. Rendering always speaks kube-proxy's
@@ -107,17 +108,17 @@ pub fn is_service_chain(name: &str) -> bool {
 }
 
 /// How a frontend is reached from outside, as kube-proxy decides it.
-struct Plan<'a> {
-    f: &'a Frontend,
-    ext: Option<&'a External>,
+struct Plan<'a, A> {
+    f: &'a Frontend<A>,
+    ext: Option<&'a External<A>>,
     /// Endpoints for external traffic (local ones under a Local policy).
-    external_backends: &'a [Endpoint],
+    external_backends: &'a [Endpoint<A>],
     /// The chain load balancer IPs jump to: KUBE-FW- with source ranges.
     uses_firewall: bool,
 }
 
-impl<'a> Plan<'a> {
-    fn of(f: &'a Frontend) -> Self {
+impl<'a, A: Family> Plan<'a, A> {
+    fn of(f: &'a Frontend<A>) -> Self {
         let ext = f.external.as_deref();
         let external_backends = ext.map_or(&f.backends[..], |e| e.backends(f));
         let uses_firewall = !f.backends.is_empty()
@@ -162,9 +163,9 @@ impl<'a> Plan<'a> {
 
     /// The endpoints with a KUBE-SEP- chain: the cluster-wide ones, then
     /// this node's that are not among them (terminating stand-ins).
-    fn endpoints(&self) -> Vec<&'a Endpoint> {
+    fn endpoints(&self) -> Vec<&'a Endpoint<A>> {
         let f = self.f;
-        let mut endpoints: Vec<&Endpoint> = Vec::new();
+        let mut endpoints: Vec<&Endpoint<A>> = Vec::new();
         if self.uses_cluster_chain() {
             endpoints.extend(f.backends.iter());
         }
@@ -212,36 +213,47 @@ impl<'a> Plan<'a> {
 }
 
 /// Every chain a frontend owns.
-pub fn chains_of(f: &Frontend) -> Vec<String> {
+pub fn chains_of<A: Family>(f: &Frontend<A>) -> Vec<String> {
     Plan::of(f).chains()
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct RenderConfig {
-    /// Pod network; traffic to a VIP from outside it is masqueraded
-    /// (kube-proxy's `--cluster-cidr` local detector).
+#[derive(Clone, Debug)]
+pub struct RenderConfig<A = Ipv4Addr> {
+    /// Pod network of this family; traffic to a VIP from outside it is
+    /// masqueraded (kube-proxy's `--cluster-cidr` local detector).
     pub cluster_cidr: Option<String>,
     /// Node addresses NodePorts answer on (`--nodeport-addresses`, resolved).
-    pub node_port_addresses: NodePortAddresses,
+    pub node_port_addresses: NodePortAddresses<A>,
     /// Whose chain names the rules use.
     pub chains: Chains,
 }
 
+impl<A> Default for RenderConfig<A> {
+    fn default() -> Self {
+        Self { cluster_cidr: None, node_port_addresses: NodePortAddresses::All, chains: Chains::default() }
+    }
+}
+
 /// Which service chains to write.
-pub enum Scope<'a> {
+pub enum Scope<'a, A = Ipv4Addr> {
     /// Every chain.
     Full,
     /// Only the chains of these frontends (kube-proxy's partial sync).
-    Changed(&'a BTreeSet<FrontendKey>),
+    Changed(&'a BTreeSet<FrontendKey<A>>),
 }
 
-fn match_frontend(f: &Frontend) -> String {
+fn match_frontend<A: Family>(f: &Frontend<A>) -> String {
     match_address(f, f.key.vip, f.key.port)
 }
 
-fn match_address(f: &Frontend, addr: Ipv4Addr, port: u16) -> String {
+/// One address, as `iptables-save` shows it (with its full prefix length).
+fn host<A: Family>(addr: A) -> String {
+    format!("{addr}/{}", A::BITS)
+}
+
+fn match_address<A: Family>(f: &Frontend<A>, addr: A, port: u16) -> String {
     let p = protocol(f);
-    format!("-m {p} -p {p} -d {addr}/32 --dport {port}")
+    format!("-m {p} -p {p} -d {} --dport {port}", host(addr))
 }
 
 fn probability(remaining: usize) -> String {
@@ -267,13 +279,13 @@ macro_rules! rule {
 /// The iptables-restore input (for `--noflush`) that makes the kernel's
 /// rules equal `frontends` within `scope`; `stale` chains are flushed and
 /// deleted in the same transaction.
-pub fn render(
-    frontends: &BTreeMap<FrontendKey, Frontend>,
-    scope: Scope<'_>,
+pub fn render<A: Family>(
+    frontends: &BTreeMap<FrontendKey<A>, Frontend<A>>,
+    scope: Scope<'_, A>,
     stale: &BTreeSet<String>,
-    cfg: &RenderConfig,
+    cfg: &RenderConfig<A>,
 ) -> String {
-    let writes = |k: &FrontendKey| match &scope {
+    let writes = |k: &FrontendKey<A>| match &scope {
         Scope::Full => true,
         Scope::Changed(set) => set.contains(k),
     };
@@ -290,11 +302,13 @@ pub fn render(
         "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
     match &cfg.node_port_addresses {
         NodePortAddresses::All => {
-            rule!(t.nat, "-A KUBE-SERVICES {nodeports} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")
+            // Never the loopback addresses (kube-proxy's localhost node ports are off).
+            let loopback = A::LOOPBACK_NET;
+            rule!(t.nat, "-A KUBE-SERVICES {nodeports} -m addrtype --dst-type LOCAL ! -d {loopback} -j KUBE-NODEPORTS")
         }
         NodePortAddresses::Only(addrs) => {
             for a in addrs.iter().filter(|a| !a.is_loopback()) {
-                rule!(t.nat, "-A KUBE-SERVICES {nodeports} -d {a}/32 -j KUBE-NODEPORTS");
+                rule!(t.nat, "-A KUBE-SERVICES {nodeports} -d {} -j KUBE-NODEPORTS", host(*a));
             }
         }
     }
@@ -346,7 +360,7 @@ pub const NAT_CHAINS: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POST
 /// The top-level rules of one frontend, written on every sync: how
 /// KUBE-SERVICES and KUBE-NODEPORTS reach its chains, and the filter rules
 /// for what nothing serves.
-fn dispatch(plan: &Plan<'_>, t: &mut Tables) {
+fn dispatch<A: Family>(plan: &Plan<'_, A>, t: &mut Tables) {
     let f = plan.f;
     let svc = &f.service;
     if plan.has_internal_endpoints() {
@@ -425,7 +439,7 @@ fn dispatch(plan: &Plan<'_>, t: &mut Tables) {
 }
 
 /// The chains one frontend owns, declared and filled.
-fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
+fn chains<A: Family>(plan: &Plan<'_, A>, cfg: &RenderConfig<A>, t: &mut Tables) {
     let f = plan.f;
     let svc_name = &f.service;
     for chain in plan.chains() {
@@ -454,16 +468,11 @@ fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
     let p = protocol(f);
     for e in plan.endpoints() {
         let sep = endpoint_chain(f, e);
-        rule!(t.nat, "-A {sep} -m comment --comment {svc_name} -s {}/32 -j KUBE-MARK-MASQ", e.ip);
+        rule!(t.nat, "-A {sep} -m comment --comment {svc_name} -s {} -j KUBE-MARK-MASQ", host(e.ip));
         // Session affinity: each new connection's client joins the endpoint's recent list.
         let recent =
             if f.affinity_timeout.is_some() { format!(" -m recent --name {sep} --set") } else { String::new() };
-        rule!(
-            t.nat,
-            "-A {sep} -m comment --comment {svc_name}{recent} -m {p} -p {p} -j DNAT --to-destination {}:{}",
-            e.ip,
-            e.port
-        );
+        rule!(t.nat, "-A {sep} -m comment --comment {svc_name}{recent} -m {p} -p {p} -j DNAT --to-destination {e}");
     }
     if plan.uses_external_chain() {
         let ext = external_chain(f);
@@ -513,16 +522,14 @@ fn chains(plan: &Plan<'_>, cfg: &RenderConfig, t: &mut Tables) {
 
 /// Spreads `chain` evenly over `endpoints`' KUBE-SEP chains; under session
 /// affinity, a client seen within the timeout first goes where it went.
-fn spread(f: &Frontend, chain: &str, endpoints: &[Endpoint], out: &mut String) {
+fn spread<A: Family>(f: &Frontend<A>, chain: &str, endpoints: &[Endpoint<A>], out: &mut String) {
     if let Some(timeout) = f.affinity_timeout {
         for e in endpoints {
             let sep = endpoint_chain(f, e);
             rule!(
                 out,
-                "-A {chain} -m comment --comment \"{} -> {}:{}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
-                f.service,
-                e.ip,
-                e.port
+                "-A {chain} -m comment --comment \"{} -> {e}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
+                f.service
             );
         }
     }
@@ -534,7 +541,7 @@ fn spread(f: &Frontend, chain: &str, endpoints: &[Endpoint], out: &mut String) {
         } else {
             String::new()
         };
-        rule!(out, "-A {chain} -m comment --comment \"{} -> {}:{}\"{odds} -j {sep}", f.service, e.ip, e.port);
+        rule!(out, "-A {chain} -m comment --comment \"{} -> {e}\"{odds} -j {sep}", f.service);
     }
 }
 
@@ -757,7 +764,7 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
             all.push_str(&slice(ns, svc, eps));
         }
         let config = crate::validate::ModelConfig { node_name: "test-node".into(), ..Default::default() };
-        let (m, rejected) = crate::model::build(crate::testing::objects_with(&all, &config));
+        let (m, rejected) = crate::model::build::<Ipv4Addr>(crate::testing::objects_with(&all, &config));
         assert!(rejected.is_empty(), "{rejected:?}");
         let cfg_kube = || RenderConfig { cluster_cidr: Some("10.0.0.0/8".into()), ..Default::default() };
         let cfg = cfg_kube();
@@ -777,6 +784,41 @@ spec: {clusterIP: 172.30.0.46, ports: [{name: p80, port: 80}]}
         let own = render(&m.frontends, Scope::Full, &BTreeSet::new(), &RenderConfig { chains: Chains::Own, ..cfg });
         assert!(!own.contains("KUBE-"), "{own}");
         assert_eq!(own.replace("KPR-", "KUBE-"), render(&m.frontends, Scope::Full, &BTreeSet::new(), &cfg_kube()));
+    }
+
+    /// kube-proxy's IPv6 proxier writes the same rules as its IPv4 one,
+    /// with the family's addresses (`[ip]:port` in DNAT targets, comments
+    /// and chain hashes) and `! -d ::1/128` on the node port jump.
+    #[test]
+    fn ipv6_rules_match_kube_proxys_own_expected_rules() {
+        let yaml = "
+kind: Service
+metadata: {name: svc1, namespace: ns1}
+spec:
+  type: NodePort
+  clusterIP: 'fd00:ab34::20'
+  clusterIPs: ['fd00:ab34::20']
+  ipFamilies: [IPv6]
+  externalTrafficPolicy: Local
+  ports: [{name: p80, port: 80, nodePort: 30001}]
+---
+kind: EndpointSlice
+metadata: {name: svc1-1, namespace: ns1, labels: {kubernetes.io/service-name: svc1}}
+addressType: IPv6
+ports: [{name: p80, port: 80}]
+endpoints: [{addresses: ['ff06::c1']}, {addresses: ['ff06::c2'], nodeName: test-node}]
+";
+        let config = crate::validate::ModelConfig { node_name: "test-node".into(), ..Default::default() };
+        let (m, rejected) = crate::model::build::<std::net::Ipv6Addr>(crate::testing::objects_with(yaml, &config));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let ours = render(&m.frontends, Scope::Full, &BTreeSet::new(), &RenderConfig::default());
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/dataplane/iptables/golden/kube_proxy_ipv6.txt");
+        let theirs = std::fs::read_to_string(path).unwrap();
+        let (ours, theirs) = (by_chain(&ours), by_chain(&theirs));
+        assert_eq!(ours, theirs);
+        let (v4, _) = crate::model::build::<Ipv4Addr>(crate::testing::objects_with(yaml, &config));
+        assert!(v4.frontends.is_empty(), "an IPv6-only Service has no IPv4 rules");
     }
 
     #[test]

@@ -57,7 +57,7 @@ fn a_changed_version_in_a_relist_is_applied() {
     index.take_dirty();
     listed(&mut index, &mut r, vec![service("a", "2", "10.96.0.9")]);
     assert_eq!(index.take_dirty(), Dirty::Some([name("a")].into()));
-    assert_eq!(index.service(&name("a")).unwrap().ports[0].key.vip, std::net::Ipv4Addr::new(10, 96, 0, 9));
+    assert_eq!(index.service(&name("a")).unwrap().vip, Some(std::net::Ipv4Addr::new(10, 96, 0, 9)));
 }
 
 #[test]

@@ -1,0 +1,169 @@
+//! Dual-stack Services on a dual-stack cluster (two nodes, flannel host-gw
+//! in both families), in both modes: a Service with an IPv4 and an IPv6
+//! ClusterIP is reached over each family, from a pod and from a node
+//! process, by TCP and UDP, at backends on the client's node and on the
+//! other; an IPv6 Service without endpoints is refused at once; its node
+//! port answers over IPv6 from outside the cluster.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use kpr_tests::{
+    client::{probe, probe_answer},
+    cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
+    in_both_modes,
+    kpr::{Kpr, Mode},
+    manifests::write,
+    netns::Netns,
+    root_or_skip,
+    servers::{self, Server},
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_kpr-probe");
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+/// An IPv6-only Service without endpoints.
+const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
+const NODE_PORT: u16 = 30080;
+const ECONNREFUSED: i32 = 111;
+
+/// A dual-stack NodePort Service (IPv6 first in `ipFamilies`), HTTP on TCP
+/// 80 and DNS on UDP 53, with one EndpointSlice per family.
+fn dual_stack_service(backends: &[(&str, Ipv4Addr, Ipv6Addr)]) -> String {
+    let slice = |family: &str, ip: &dyn Fn(&(&str, Ipv4Addr, Ipv6Addr)) -> IpAddr| {
+        let endpoints: String = backends
+            .iter()
+            .map(|b| format!("  - addresses: [\"{}\"]\n    targetRef: {{name: {}}}\n", ip(b), b.0))
+            .collect();
+        format!(
+            "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-{family}
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: {family}
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{endpoints}"
+        )
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: \"{VIP6}\"
+  clusterIPs: [\"{VIP6}\", \"{VIP4}\"]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: {NODE_PORT}}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+{}{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  clusterIP: \"{EMPTY_VIP6}\"
+  clusterIPs: [\"{EMPTY_VIP6}\"]
+  ipFamilies: [IPv6]
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+",
+        slice("IPv4", &|b| IpAddr::V4(b.1)),
+        slice("IPv6", &|b| IpAddr::V6(b.2)),
+    )
+}
+
+/// The backends and the client addresses they saw, over `tries` TCP
+/// requests to `addr` from `ns` (a process in node 0's cgroup).
+fn answers(node: &ClusterNode, ns: &Netns, addr: SocketAddr, tries: usize) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut seen = (BTreeSet::new(), BTreeSet::new());
+    for _ in 0..tries {
+        let answer = probe_answer(Path::new(PROBE), ns, &node.cgroup, "tcp", addr).unwrap();
+        let (backend, peer) = answer.split_once(' ').unwrap_or_else(|| panic!("{answer:?}"));
+        seen.0.insert(backend.to_string());
+        seen.1.insert(peer.to_string());
+    }
+    seen
+}
+
+fn serves_both_families(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new_dual_stack(2).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    cluster.add_pod(0, "web-0", 11).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    let mut servers: Vec<Server> = Vec::new();
+    for (node, pod) in [(0, "web-0"), (1, "web-1")] {
+        let ns = &cluster.node(node).pod(pod).ns;
+        servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
+        servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
+    }
+    let backends: Vec<(&str, Ipv4Addr, Ipv6Addr)> =
+        [(0, "web-0"), (1, "web-1")].iter().map(|(n, p)| (*p, cluster.node(*n).pod(p).ip, pod_ip6(*n, 11))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "web.yaml", &dual_stack_service(&backends)).unwrap();
+    let source = format!("--source=dir:{}", manifests.display());
+    let _agents: Vec<Kpr> = cluster
+        .nodes
+        .iter()
+        .map(|node| node.start_kpr(&node.interfaces(), &[mode.arg().to_string(), source.clone()], dir.path()).unwrap())
+        .collect();
+
+    let node0 = cluster.node(0);
+    let client = &node0.pod("client").ns;
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    for ns in [client, &node0.ns] {
+        // The Service over each family, from a pod and from a node process:
+        // the backend on the client's node and the one on the other node.
+        for vip in [IpAddr::V6(VIP6), IpAddr::V4(VIP4)] {
+            let addr = SocketAddr::new(vip, 80);
+            let (reached, peers) = answers(node0, ns, addr, 30);
+            assert_eq!(reached, both, "TCP to {addr} from {}", ns.name());
+            if ns.name() == client.name() {
+                // A pod's address is kept (no source NAT inside the cluster).
+                let own = if vip.is_ipv6() { pod_ip6(0, 100).to_string() } else { node0.pod("client").ip.to_string() };
+                assert_eq!(peers, [own].into(), "TCP to {addr}");
+            }
+            // UDP: the reply comes from the VIP, as the client addressed it.
+            let udp = probe(Path::new(PROBE), ns, &node0.cgroup, "udp", SocketAddr::new(vip, 53)).unwrap();
+            assert!(udp.reply.as_deref().is_some_and(|r| both.contains(r)), "UDP to {vip}: {udp:?}");
+            assert_eq!(udp.peer, Some(SocketAddr::new(vip, 53).to_string()), "UDP to {vip}: {udp:?}");
+        }
+    }
+    // An IPv6 Service without endpoints is refused at once, as kube-proxy's REJECT.
+    let refused =
+        probe(Path::new(PROBE), client, &node0.cgroup, "tcp", SocketAddr::new(EMPTY_VIP6.into(), 80)).unwrap();
+    assert_eq!(refused.errno, Some(ECONNREFUSED), "{refused:?}");
+    // The node port over IPv6 from outside the cluster, on node 0's address.
+    let outside = cluster.outside();
+    let node_port = SocketAddr::new(underlay_ip6(0).into(), NODE_PORT);
+    let from_outside: BTreeSet<String> = (0..30)
+        .map(|_| {
+            let answer =
+                outside.run(move || kpr_tests::client::tcp_request(node_port, std::time::Duration::from_secs(2)));
+            answer.unwrap().unwrap_or_else(|e| panic!("node port {node_port} from outside: {e}"))
+        })
+        .collect();
+    // The Cluster policy: any node's backend, the client's address hidden
+    // behind node 0's (of the interface towards the backend).
+    let reached: BTreeSet<&str> = from_outside.iter().filter_map(|a| a.split_whitespace().next()).collect();
+    assert_eq!(reached, ["web-0", "web-1"].into(), "{from_outside:?}");
+    let node0_addresses = [underlay_ip6(0).to_string(), pod_ip6(0, 1).to_string()];
+    assert!(
+        from_outside.iter().all(|a| node0_addresses.iter().any(|n| a.ends_with(&format!(" {n}")))),
+        "source NAT to node 0: {from_outside:?}"
+    );
+}
+
+in_both_modes!(serves_both_families);
