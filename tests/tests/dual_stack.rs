@@ -3,7 +3,9 @@
 //! ClusterIP is reached over each family, from a pod and from a node
 //! process, by TCP and UDP, at backends on the client's node and on the
 //! other; an IPv6 Service without endpoints is refused at once; its node
-//! port answers over IPv6 from outside the cluster.
+//! port answers over IPv6 from outside the cluster; a UDP client held on an
+//! IPv6 backend that leaves is answered by the other (its stale conntrack
+//! entry is cleared, as kube-proxy does in each family).
 
 use std::{
     collections::BTreeSet,
@@ -12,7 +14,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{probe, probe_answer},
+    client::{Held, probe, probe_answer},
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
     in_both_modes,
     kpr::{Kpr, Mode},
@@ -31,12 +33,13 @@ const NODE_PORT: u16 = 30080;
 const ECONNREFUSED: i32 = 111;
 
 /// A dual-stack NodePort Service (IPv6 first in `ipFamilies`), HTTP on TCP
-/// 80 and DNS on UDP 53, with one EndpointSlice per family.
-fn dual_stack_service(backends: &[(&str, Ipv4Addr, Ipv6Addr)]) -> String {
-    let slice = |family: &str, ip: &dyn Fn(&(&str, Ipv4Addr, Ipv6Addr)) -> IpAddr| {
+/// 80 and DNS on UDP 53, with one EndpointSlice per family: `v4` and `v6`,
+/// (pod, address) each.
+fn dual_stack_service(v4: &[(&str, IpAddr)], v6: &[(&str, IpAddr)]) -> String {
+    let slice = |family: &str, backends: &[(&str, IpAddr)]| {
         let endpoints: String = backends
             .iter()
-            .map(|b| format!("  - addresses: [\"{}\"]\n    targetRef: {{name: {}}}\n", ip(b), b.0))
+            .map(|(pod, ip)| format!("  - addresses: [\"{ip}\"]\n    targetRef: {{name: {pod}}}\n"))
             .collect();
         format!(
             "---
@@ -51,7 +54,8 @@ ports:
 - {{name: http, port: 8080, protocol: TCP}}
 - {{name: dns, port: 5353, protocol: UDP}}
 endpoints:
-{endpoints}"
+{}",
+            if endpoints.is_empty() { "  []\n" } else { &endpoints }
         )
     };
     format!(
@@ -77,8 +81,8 @@ spec:
   ipFamilies: [IPv6]
   ports: [{{name: http, port: 80, targetPort: 8080}}]
 ",
-        slice("IPv4", &|b| IpAddr::V4(b.1)),
-        slice("IPv6", &|b| IpAddr::V6(b.2)),
+        slice("IPv4", v4),
+        slice("IPv6", v6),
     )
 }
 
@@ -107,14 +111,15 @@ fn serves_both_families(mode: Mode) {
         servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
         servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
     }
-    let backends: Vec<(&str, Ipv4Addr, Ipv6Addr)> =
-        [(0, "web-0"), (1, "web-1")].iter().map(|(n, p)| (*p, cluster.node(*n).pod(p).ip, pod_ip6(*n, 11))).collect();
+    let pods = [(0, "web-0"), (1, "web-1")];
+    let v4: Vec<(&str, IpAddr)> = pods.iter().map(|(n, p)| (*p, cluster.node(*n).pod(p).ip.into())).collect();
+    let v6: Vec<(&str, IpAddr)> = pods.iter().map(|(n, p)| (*p, pod_ip6(*n, 11).into())).collect();
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "web.yaml", &dual_stack_service(&backends)).unwrap();
+    write(&manifests, "web.yaml", &dual_stack_service(&v4, &v6)).unwrap();
     let source = format!("--source=dir:{}", manifests.display());
-    let _agents: Vec<Kpr> = cluster
+    let mut agents: Vec<Kpr> = cluster
         .nodes
         .iter()
         .map(|node| node.start_kpr(&node.interfaces(), &[mode.arg().to_string(), source.clone()], dir.path()).unwrap())
@@ -164,6 +169,19 @@ fn serves_both_families(mode: Mode) {
         from_outside.iter().all(|a| node0_addresses.iter().any(|n| a.ends_with(&format!(" {n}")))),
         "source NAT to node 0: {from_outside:?}"
     );
+
+    // A connected UDP client stays on its IPv6 backend until that backend
+    // leaves; then its next datagram reaches the other one.
+    let dns6 = SocketAddr::new(VIP6.into(), 53);
+    let (mut held, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "udp-held", dns6).unwrap();
+    let gone = first.reply.clone().unwrap_or_else(|| panic!("no first answer: {first:?}"));
+    assert_eq!(held.ask().unwrap().reply.as_deref(), Some(gone.as_str()), "the flow keeps its backend");
+    let kept: Vec<_> = v6.iter().copied().filter(|(pod, _)| *pod != gone).collect();
+    let syncs = agents[0].log().matches("synced").count();
+    write(&manifests, "web.yaml", &dual_stack_service(&v4, &kept)).unwrap();
+    agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
+    let next = held.ask().unwrap();
+    assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
 }
 
 in_both_modes!(serves_both_families);
