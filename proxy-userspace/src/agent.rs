@@ -416,9 +416,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         status.source_connected = connected;
         status.frontends = syncer.programmed();
         let model = syncer.model();
-        status.backends = model.backend_count();
-        health_servers.sync(&model);
-        drop(model);
+        let model6 = syncer.shared_model6();
+        let model6 = model6.as_ref().map(|m| m.read().unwrap());
+        status.backends = model.backend_count() + model6.as_ref().map_or(0, |m| m.backend_count());
+        health_servers.sync(&model, model6.as_deref());
+        drop((model, model6));
         if let Err(e) = status.write(&state_dir) {
             tracing::debug!(error = %format!("{e:#}"), "status file not updated");
         }

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -17,7 +17,7 @@ use axum::{
     response::IntoResponse,
 };
 
-use crate::{model::Model, name::ObjectName};
+use crate::{model::Model, name::ObjectName, validate::Served};
 
 /// What one health check port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,10 +27,24 @@ pub struct ServiceHealth {
     pub local_endpoints: usize,
 }
 
-/// Health check ports and what each reports, from the model: every port of
-/// a Local policy Service counts its local endpoint addresses once.
-pub fn desired(model: &Model) -> BTreeMap<u16, ServiceHealth> {
-    let mut addresses: BTreeMap<u16, (ObjectName, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
+/// Health check ports and what each reports, from the models of the
+/// families served: every port of a Local policy Service counts its local
+/// endpoint addresses once. A dual-stack pod has an address in each family,
+/// so a port counts the endpoints of the family that has more.
+pub fn desired(model: &Model, model6: Option<&Model<Ipv6Addr>>) -> BTreeMap<u16, ServiceHealth> {
+    let mut wanted = of_family(model);
+    for (port, health) in model6.map(of_family).unwrap_or_default() {
+        let entry = wanted.entry(port).or_insert_with(|| ServiceHealth { local_endpoints: 0, ..health.clone() });
+        if entry.service == health.service {
+            entry.local_endpoints = entry.local_endpoints.max(health.local_endpoints);
+        }
+    }
+    wanted
+}
+
+/// [`desired`] in one family.
+fn of_family<A: Served>(model: &Model<A>) -> BTreeMap<u16, ServiceHealth> {
+    let mut addresses: BTreeMap<u16, (ObjectName, BTreeSet<A>)> = BTreeMap::new();
     for f in model.health_checked() {
         let Some(ext) = f.external.as_deref() else { continue };
         let Some(port) = ext.health_check_node_port else { continue };
@@ -89,8 +103,8 @@ impl HealthServers {
     /// Starts servers for new ports, updates the answers of the others and
     /// stops the ones no Service asks for. A port that cannot be bound is
     /// logged and tried again at the next sync; the rest go on.
-    pub fn sync(&mut self, model: &Model) {
-        let wanted = desired(model);
+    pub fn sync(&mut self, model: &Model, model6: Option<&Model<Ipv6Addr>>) {
+        let wanted = desired(model, model6);
         self.running.retain(|port, (_, task)| {
             let keep = wanted.contains_key(port);
             if !keep {
@@ -127,8 +141,10 @@ impl Drop for HealthServers {
 }
 
 fn start(port: u16, health: ServiceHealth) -> std::io::Result<(Shared, tokio::task::JoinHandle<()>)> {
-    // Every address, as kube-proxy: load balancers probe the node's own.
-    let listener = std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    // Every address of both families, as kube-proxy: load balancers probe
+    // the node's own. A node without IPv6 has no `[::]`: IPv4 alone then.
+    let listener = std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        .or_else(|_| std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!(port, service = %health.service, "serving health checks");
@@ -157,5 +173,45 @@ mod tests {
         );
         health.local_endpoints = 0;
         assert_eq!(answer(&health).0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_dual_stack_service_counts_its_local_endpoints_once_and_an_ipv6_only_one_is_checked_too() {
+        let yaml = "
+kind: Service
+metadata: {name: ds}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1'], externalTrafficPolicy: Local, healthCheckNodePort: 32001, ports: [{port: 80, nodePort: 30001}]}
+---
+kind: Service
+metadata: {name: six}
+spec: {type: LoadBalancer, clusterIP: 'fd00::2', externalTrafficPolicy: Local, healthCheckNodePort: 32002, ports: [{port: 80, nodePort: 30002}]}
+---
+kind: EndpointSlice
+metadata: {name: ds-4, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.244.0.5], nodeName: here}]
+---
+kind: EndpointSlice
+metadata: {name: ds-6, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ['fd00:244::5'], nodeName: here}]
+---
+kind: EndpointSlice
+metadata: {name: six-6, labels: {kubernetes.io/service-name: six}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ['fd00:244::6'], nodeName: here}, {addresses: ['fd00:244::7'], nodeName: there}]
+";
+        let config = crate::validate::ModelConfig { node_name: "here".into(), ..Default::default() };
+        let snapshot = crate::testing::objects_with(yaml, &config);
+        let (v4, _) = crate::model::build::<Ipv4Addr>(snapshot.clone());
+        let (v6, _) = crate::model::build::<Ipv6Addr>(snapshot);
+        let counts: Vec<(u16, String, usize)> = desired(&v4, Some(&v6))
+            .into_iter()
+            .map(|(port, h)| (port, h.service.to_string(), h.local_endpoints))
+            .collect();
+        assert_eq!(counts, [(32001, "default/ds".into(), 1), (32002, "default/six".into(), 1)]);
     }
 }

@@ -293,6 +293,12 @@ impl Cluster {
         &self.nodes[index as usize]
     }
 
+    /// Starts kpr on every node, as a DaemonSet would: `args`, the
+    /// per-packet path on the node's pod interfaces; returns once each synced.
+    pub fn start_kpr_everywhere(&self, args: &[String], logs: &Path) -> anyhow::Result<Vec<Kpr>> {
+        self.nodes.iter().map(|node| node.start_kpr(&node.interfaces(), args, logs)).collect()
+    }
+
     /// A cluster of `nodes` nodes holding `pods`: (node, name, host) each.
     pub fn with_pods(shape: Shape, nodes: u8, pods: &[(u8, &str, u8)]) -> anyhow::Result<Self> {
         let mut cluster = Self::new(shape, nodes)?;

@@ -74,11 +74,7 @@ fn serves_services_across_nodes(mode: Mode, shape: Shape) {
     write(&manifests, "mute.yaml", &web_service("mute", MUTE_VIP, &endpoints(&[(1, "mute")]))).unwrap();
 
     let source = format!("--source=dir:{}", manifests.display());
-    let agents: Vec<Kpr> = cluster
-        .nodes
-        .iter()
-        .map(|node| node.start_kpr(&node.interfaces(), &[mode.arg().to_string(), source.clone()], dir.path()).unwrap())
-        .collect();
+    let agents: Vec<Kpr> = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
 
     let node0 = cluster.node(0);
     let client = &node0.pod("client").ns;

@@ -391,15 +391,45 @@ fn truncated_and_malformed_packets_are_never_translated() {
     assert_eq!(dp.counter(Counter::Translated), 0);
 }
 
+/// An IPv6 packet: `next` header after the fixed one, `payload` after it,
+/// the payload length field saying `claimed` bytes.
+fn ipv6_frame(next: u8, payload: &[u8], claimed: u16) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend(claimed.to_be_bytes());
+    ip.extend([next, 64]);
+    ip.extend("fd00:244::100".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    ip.extend("fd00:96::20".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    ip.extend(payload);
+    ethernet(0x86dd, &ip)
+}
+
+/// eBPF mode's programs translate IPv4; IPv6 Services are served by
+/// ip6tables rules, so every IPv6 frame (well formed or not, Neighbor
+/// Discovery included) passes both per-packet programs as it came, counted.
 #[test]
-fn non_ipv4_passes_untouched() {
+fn ipv6_and_other_non_ipv4_frames_pass_untouched_and_counted() {
     root_or_skip!();
     let dp = Datapath::new(1);
     let arp = ethernet(0x0806, &[0u8; 28]);
-    assert_eq!(dp.run(&arp), (TC_ACT_OK, arp.clone()));
-    let ipv6 = ethernet(0x86dd, &[0x60; 48]);
-    assert_eq!(dp.run(&ipv6), (TC_ACT_OK, ipv6.clone()));
-    assert_eq!(dp.counter(Counter::PassedNotIpv4), 2);
+    let mut syn = vec![0u8; 20];
+    syn[..4].copy_from_slice(&[0x9c, 0x40, 0, 80]);
+    syn[12] = 0x50;
+    syn[13] = TCP_SYN;
+    let frames = [
+        arp,
+        ipv6_frame(6, &syn, 20),
+        // A hop-by-hop header cut short, and a length beyond the frame.
+        ipv6_frame(0, &[6, 1, 0], 3),
+        ipv6_frame(17, &[0; 8], 1400),
+        // Neighbor Solicitation (ICMPv6 type 135).
+        ipv6_frame(58, &[135, 0, 0, 0, 0, 0, 0, 0], 8),
+    ];
+    for frame in &frames {
+        assert_eq!(dp.run(frame), (TC_ACT_OK, frame.clone()), "from a pod: {frame:02x?}");
+        assert_eq!(dp.to_pod(frame), (TC_ACT_OK, frame.clone()), "to a pod: {frame:02x?}");
+    }
+    assert_eq!(dp.counter(Counter::PassedNotIpv4), 2 * frames.len() as u64);
+    assert_eq!(dp.counter(Counter::Translated), 0);
 }
 
 #[test]

@@ -119,11 +119,7 @@ fn serves_both_families(mode: Mode) {
     std::fs::create_dir(&manifests).unwrap();
     write(&manifests, "web.yaml", &dual_stack_service(&v4, &v6)).unwrap();
     let source = format!("--source=dir:{}", manifests.display());
-    let mut agents: Vec<Kpr> = cluster
-        .nodes
-        .iter()
-        .map(|node| node.start_kpr(&node.interfaces(), &[mode.arg().to_string(), source.clone()], dir.path()).unwrap())
-        .collect();
+    let mut agents: Vec<Kpr> = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
 
     let node0 = cluster.node(0);
     let client = &node0.pod("client").ns;
