@@ -212,10 +212,14 @@ fn ebpf_targets(cfg: &RunConfig) -> Targets {
     Targets { interfaces, devices, cgroup, node_devices, xdp: cfg.xdp }
 }
 
-/// `--devices`, or the interfaces of the default routes.
+/// `--devices`, or the interfaces of the default routes of either family.
 fn devices(cfg: &RunConfig) -> Vec<String> {
     cfg.devices.clone().unwrap_or_else(|| {
-        links::default_route_interfaces(&std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+        let mut devices =
+            links::default_route_interfaces(&std::fs::read_to_string("/proc/net/route").unwrap_or_default());
+        let v6 = links::default_route_interfaces6(&std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default());
+        devices.extend(v6.into_iter().filter(|d| !devices.contains(d)).collect::<Vec<_>>());
+        devices
     })
 }
 

@@ -126,7 +126,7 @@ enum Command {
         /// the per-packet path and XDP translate traffic entering the node
         /// from outside (node ports, external and load balancer IPs), once
         /// a Service has such a frontend. Default: the interfaces holding
-        /// the default routes.
+        /// the default routes (IPv4 and IPv6).
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
         /// How traffic from outside is taken on --devices (eBPF mode): XDP in

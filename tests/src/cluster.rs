@@ -146,6 +146,19 @@ fn add_ip6(ns: &str, addr: Ipv6Addr, len: u8, dev: &str) -> anyhow::Result<()> {
     ip(&["-n", ns, "-6", "addr", "add", &format!("{addr}/{len}"), "dev", dev, "nodad"])
 }
 
+/// Waits until no address of `ns` is tentative: the link-local addresses
+/// the kernel gives every interface go through duplicate address detection
+/// first, and Neighbor Discovery over a link waits for them.
+fn settle_ipv6(ns: &Netns) -> anyhow::Result<()> {
+    crate::wait::until(
+        &format!("IPv6 addresses of {} past duplicate address detection", ns.name()),
+        Duration::from_secs(10),
+        || ns.output(&["ip", "-6", "addr", "show", "tentative"]).unwrap_or_else(|e| e.to_string()),
+        |tentative| tentative.trim().is_empty(),
+    )
+    .map(drop)
+}
+
 fn vtep_mac(index: u8) -> String {
     format!("02:00:00:00:01:{:02x}", index + 1)
 }
@@ -256,6 +269,8 @@ impl Cluster {
         for node in &cluster.nodes {
             let n = node.ns.name();
             node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            // Pods' interfaces created from now on skip duplicate address detection.
+            node.ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
             add_ip6(n, underlay_ip6(node.index), 64, "eth0")?;
             ip(&["-n", n, "-6", "route", "add", "default", "via", &ROUTER6.to_string()])?;
             add_ip6(n, pod_ip6(node.index, 1), 64, BRIDGE)?;
@@ -263,6 +278,9 @@ impl Cluster {
                 let cidr = format!("{}/64", pod_ip6(other.index, 0));
                 ip(&["-n", n, "-6", "route", "add", &cidr, "via", &underlay_ip6(other.index).to_string()])?;
             }
+        }
+        for ns in cluster.nodes.iter().map(|n| &n.ns).chain([&cluster.underlay]) {
+            settle_ipv6(ns)?;
         }
         Ok(cluster)
     }
@@ -318,6 +336,9 @@ impl Cluster {
         let host_if = format!("veth{}", node.pods.len());
         let addr = pod_ip(node.index, host);
         let p = ns.name().to_string();
+        if self.dual_stack {
+            ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        }
         ip(&["-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &p])?;
         ip(&["-n", &p, "link", "set", "eth0", "up"])?;
         match shape {
@@ -346,6 +367,10 @@ impl Cluster {
                 ip(&["-n", &p, "route", "add", ROUTED_GATEWAY, "dev", "eth0", "scope", "link"])?;
                 ip(&["-n", &p, "route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
             }
+        }
+        if self.dual_stack {
+            settle_ipv6(&ns)?;
+            settle_ipv6(&node.ns)?;
         }
         node.pods.push(Pod { name: name.to_string(), ip: addr, host_if, ns });
         Ok(node.pods.last().expect("just pushed"))

@@ -180,4 +180,33 @@ fn serves_both_families(mode: Mode) {
     assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
 }
 
-in_both_modes!(serves_both_families);
+/// A node whose uplink has only an IPv6 default route: its device is found
+/// from that route, so its node ports answer on the device's IPv6 address.
+fn node_ports_answer_where_the_only_default_route_is_ipv6(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new_dual_stack(2).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    let ns = &cluster.node(1).pod("web-1").ns;
+    let _server = servers::tcp_dual_stack(ns, 8080, "web-1").unwrap();
+    let node0 = cluster.node(0);
+    node0.ns.exec(&["ip", "route", "del", "default"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let v4 = [("web-1", IpAddr::V4(cluster.node(1).pod("web-1").ip))];
+    let v6 = [("web-1", IpAddr::V6(pod_ip6(1, 11)))];
+    write(&manifests, "web.yaml", &dual_stack_service(&v4, &v6)).unwrap();
+    let source = format!("--source=dir:{}", manifests.display());
+    let agents = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
+    let found = format!("IPv6 node ports answer on addresses=Only([{}])", underlay_ip6(0));
+    assert!(agents[0].log().contains(&found), "node 0's device is its IPv6 uplink:\n{}", agents[0].log());
+    let node_port = SocketAddr::new(underlay_ip6(0).into(), NODE_PORT);
+    let answer = cluster
+        .outside()
+        .run(move || kpr_tests::client::tcp_request(node_port, std::time::Duration::from_secs(2)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("node port {node_port} from outside: {e}"));
+    assert!(answer.starts_with("web-1 "), "{answer}");
+}
+
+in_both_modes!(serves_both_families, node_ports_answer_where_the_only_default_route_is_ipv6);

@@ -91,6 +91,25 @@ pub fn default_route_interfaces(route: &str) -> Vec<String> {
     out
 }
 
+/// The interfaces holding an IPv6 default route in `route` (the text of
+/// `/proc/net/ipv6_route`): a node's uplink may have only that one.
+pub fn default_route_interfaces6(route: &str) -> Vec<String> {
+    /// A route that refuses (the kernel's "unreachable" placeholder on `lo`).
+    const RTF_REJECT: u32 = 0x0200;
+    let mut out: Vec<String> = route
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Destination PrefixLen Source SourceLen NextHop Metric RefCnt Use Flags Iface
+            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+            let default = f[0].bytes().all(|b| b == b'0') && f[1] == "00";
+            (default && flags & RTF_REJECT == 0 && f[9] != "lo").then(|| f[9].to_string())
+        })
+        .collect();
+    out.dedup();
+    out
+}
+
 /// Opens a netlink socket that receives link events of this namespace.
 fn link_events() -> std::io::Result<OwnedFd> {
     let fd = netlink::socket(libc::NETLINK_ROUTE)?;
@@ -165,6 +184,13 @@ cbr0\t0000F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
 ";
         assert_eq!(default_route_interfaces(route), ["eth0"]);
         assert!(default_route_interfaces("Iface\tDestination\n").is_empty());
+        // IPv6: the unreachable placeholder on lo is no default route.
+        let route6 = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth1
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth1
+";
+        assert_eq!(default_route_interfaces6(route6), ["eth1"]);
     }
 
     #[test]
