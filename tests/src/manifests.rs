@@ -1,6 +1,9 @@
 //! Service and EndpointSlice manifests as the dir source reads them.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 /// A ClusterIP Service with named ports `http` (TCP 80 -> 8080) and `dns`
 /// (UDP 53 -> 5353), and one EndpointSlice holding `endpoints` (ready).
@@ -40,6 +43,61 @@ ports:
 - {{name: dns, port: 5353, protocol: UDP}}
 endpoints:
 {eps}"
+    )
+}
+
+/// A dual-stack Service (IPv6 first in `ipFamilies`) with HTTP on TCP 80
+/// (-> 8080, on `node_port` too if given) and DNS on UDP 53 (-> 5353), and
+/// one EndpointSlice per family holding `v4` and `v6` (pod, address) each.
+pub fn dual_stack_service(
+    name: &str,
+    (vip4, vip6): (Ipv4Addr, Ipv6Addr),
+    node_port: Option<u16>,
+    v4: &[(&str, IpAddr)],
+    v6: &[(&str, IpAddr)],
+) -> String {
+    let slice = |family: &str, backends: &[(&str, IpAddr)]| {
+        let endpoints: String = backends
+            .iter()
+            .map(|(pod, ip)| format!("  - addresses: [\"{ip}\"]\n    targetRef: {{kind: Pod, name: {pod}}}\n"))
+            .collect();
+        format!(
+            "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-{family}
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: {family}
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{}",
+            if endpoints.is_empty() { "  []\n" } else { &endpoints }
+        )
+    };
+    let (service_type, node_port) = match node_port {
+        Some(port) => ("NodePort", format!(", nodePort: {port}")),
+        None => ("ClusterIP", String::new()),
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: {service_type}
+  clusterIP: \"{vip6}\"
+  clusterIPs: [\"{vip6}\", \"{vip4}\"]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP{node_port}}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+{}{}",
+        slice("IPv4", v4),
+        slice("IPv6", v6),
     )
 }
 

@@ -18,7 +18,7 @@ use kpr_tests::{
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
     in_both_modes,
     kpr::{Kpr, Mode},
-    manifests::write,
+    manifests::{dual_stack_service, write},
     netns::Netns,
     root_or_skip,
     servers::{self, Server},
@@ -32,46 +32,12 @@ const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
 const NODE_PORT: u16 = 30080;
 const ECONNREFUSED: i32 = 111;
 
-/// A dual-stack NodePort Service (IPv6 first in `ipFamilies`), HTTP on TCP
-/// 80 and DNS on UDP 53, with one EndpointSlice per family: `v4` and `v6`,
-/// (pod, address) each.
-fn dual_stack_service(v4: &[(&str, IpAddr)], v6: &[(&str, IpAddr)]) -> String {
-    let slice = |family: &str, backends: &[(&str, IpAddr)]| {
-        let endpoints: String = backends
-            .iter()
-            .map(|(pod, ip)| format!("  - addresses: [\"{ip}\"]\n    targetRef: {{name: {pod}}}\n"))
-            .collect();
-        format!(
-            "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-{family}
-  namespace: default
-  labels: {{kubernetes.io/service-name: web}}
-addressType: {family}
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:
-{}",
-            if endpoints.is_empty() { "  []\n" } else { &endpoints }
-        )
-    };
+/// The dual-stack NodePort Service `web` with `v4` and `v6` endpoints,
+/// and an IPv6-only Service without endpoints.
+fn services(v4: &[(&str, IpAddr)], v6: &[(&str, IpAddr)]) -> String {
+    let web = dual_stack_service("web", (VIP4, VIP6), Some(NODE_PORT), v4, v6);
     format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: \"{VIP6}\"
-  clusterIPs: [\"{VIP6}\", \"{VIP4}\"]
-  ipFamilies: [IPv6, IPv4]
-  ipFamilyPolicy: RequireDualStack
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: {NODE_PORT}}}
-  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
-{}{}---
+        "{web}---
 apiVersion: v1
 kind: Service
 metadata: {{name: empty, namespace: default}}
@@ -80,9 +46,7 @@ spec:
   clusterIPs: [\"{EMPTY_VIP6}\"]
   ipFamilies: [IPv6]
   ports: [{{name: http, port: 80, targetPort: 8080}}]
-",
-        slice("IPv4", v4),
-        slice("IPv6", v6),
+"
     )
 }
 
@@ -117,7 +81,7 @@ fn serves_both_families(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "web.yaml", &dual_stack_service(&v4, &v6)).unwrap();
+    write(&manifests, "web.yaml", &services(&v4, &v6)).unwrap();
     let source = format!("--source=dir:{}", manifests.display());
     let mut agents: Vec<Kpr> = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
 
@@ -174,7 +138,7 @@ fn serves_both_families(mode: Mode) {
     assert_eq!(held.ask().unwrap().reply.as_deref(), Some(gone.as_str()), "the flow keeps its backend");
     let kept: Vec<_> = v6.iter().copied().filter(|(pod, _)| *pod != gone).collect();
     let syncs = agents[0].log().matches("synced").count();
-    write(&manifests, "web.yaml", &dual_stack_service(&v4, &kept)).unwrap();
+    write(&manifests, "web.yaml", &services(&v4, &kept)).unwrap();
     agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
     let next = held.ask().unwrap();
     assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
@@ -195,7 +159,7 @@ fn node_ports_answer_where_the_only_default_route_is_ipv6(mode: Mode) {
     std::fs::create_dir(&manifests).unwrap();
     let v4 = [("web-1", IpAddr::V4(cluster.node(1).pod("web-1").ip))];
     let v6 = [("web-1", IpAddr::V6(pod_ip6(1, 11)))];
-    write(&manifests, "web.yaml", &dual_stack_service(&v4, &v6)).unwrap();
+    write(&manifests, "web.yaml", &services(&v4, &v6)).unwrap();
     let source = format!("--source=dir:{}", manifests.display());
     let agents = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
     let found = format!("IPv6 node ports answer on addresses=Only([{}])", underlay_ip6(0));

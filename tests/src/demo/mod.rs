@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
     sync::{
         Arc,
@@ -211,7 +211,8 @@ impl Tally {
                     client::tcp_request(addr, TIMEOUT)
                 };
                 match r {
-                    Ok(w) => *tally.hits.entry(w).or_default() += 1,
+                    // The pod's name (a server may follow it with the client's address).
+                    Ok(w) => *tally.hits.entry(w.split(' ').next().unwrap_or_default().to_string()).or_default() += 1,
                     Err(_) => tally.errors += 1,
                 }
             }
@@ -221,12 +222,13 @@ impl Tally {
     }
 
     /// One line per endpoint with its share, then the totals.
-    fn print<'a>(&self, endpoints: impl Iterator<Item = (&'a str, Ipv4Addr)>, udp: bool) {
+    fn print<'a, A: Into<IpAddr>>(&self, endpoints: impl Iterator<Item = (&'a str, A)>, udp: bool) {
         let total: usize = self.hits.values().sum();
         let what = if udp { "requests" } else { "connections" };
         for (pod, ip) in endpoints {
             let n = self.hits.get(pod).copied().unwrap_or(0);
-            println!("  {pod:<8} {ip:<13} {n:>4} {what}  {}", bar(n, total));
+            let ip = ip.into().to_string();
+            println!("  {pod:<8} {ip:<15} {n:>4} {what}  {}", bar(n, total));
         }
         println!("  {total} answered, {} failed, in {:.0} ms\n", self.errors, self.took.as_secs_f64() * 1e3);
     }
