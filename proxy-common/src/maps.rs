@@ -35,6 +35,18 @@ pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 /// show instead of the backend (LRU, sized like conntrack).
 pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 
+/// IPv6 TCP ClusterIPs for the socket hooks: (VIP, port, protocol) ->
+/// [`ServiceValue`] (its backend set in [`BACKENDS6`]). The rest of IPv6
+/// (UDP, traffic from outside, pods outside the cgroup) is served by
+/// ip6tables rules. Allocated as used.
+pub const SERVICES6: &str = "SERVICES6";
+/// (backend set, slot) -> [`Backend6`]. Allocated as used.
+pub const BACKENDS6: &str = "BACKENDS6";
+/// (socket, backend, port, protocol) -> [`ReverseEntry6`]: what
+/// `getpeername` shows an IPv6 socket the hooks connected. An entry goes
+/// when its socket closes; allocated as used.
+pub const SOCK_REVERSE6: &str = "SOCK_REVERSE6";
+
 /// Socket-level load balancing of a frontend with source ranges: a socket
 /// given one of its backends -> [`SockFence`], so the socket's packets to
 /// that backend are checked against the ranges as they leave (the hooks
@@ -95,9 +107,12 @@ pub const AFFINITY: &str = "AFFINITY";
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 22] = [
     SERVICES,
     BACKENDS,
+    SERVICES6,
+    BACKENDS6,
+    SOCK_REVERSE6,
     CLUSTER_SCOPE,
     SOURCE_RANGES,
     AFFINITY_TIMEOUTS,
@@ -414,6 +429,72 @@ impl Backend {
     }
 }
 
+/// Key of [`SERVICES6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    /// VIP, network byte order.
+    pub addr: [u8; 16],
+    /// Port, network byte order.
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey6 {
+    pub const fn new(addr: [u8; 16], port: u16, proto: u8) -> Self {
+        Self { addr, port: port.to_be_bytes(), proto, _pad: 0 }
+    }
+}
+
+/// Value of [`BACKENDS6`]: an IPv6 endpoint address and target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+    pub _pad: u8,
+}
+
+impl Backend6 {
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port: port.to_be_bytes(), state: BACKEND_ACTIVE, _pad: 0 }
+    }
+
+    pub const fn terminating(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port: port.to_be_bytes(), state: BACKEND_TERMINATING, _pad: 0 }
+    }
+}
+
+/// Key of [`SOCK_REVERSE6`]: one socket, the backend it was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey6 {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+impl SockKey6 {
+    pub const fn new(cookie: u64, addr: [u8; 16], port: [u8; 2], proto: u8) -> Self {
+        Self { cookie, addr, port, proto, _pad: [0; 5] }
+    }
+}
+
+/// Value of [`SOCK_REVERSE6`]: the frontend the socket addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseEntry6 {
+    pub vip: [u8; 16],
+    pub vip_port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+}
+
 /// Value of [`SOCK_AFFINITY`]: the backend a socket was given.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -569,6 +650,10 @@ mod pod {
     unsafe impl aya::Pod for DeviceCounts {}
     unsafe impl aya::Pod for NatAddress {}
     unsafe impl aya::Pod for BridgePort {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for SockKey6 {}
+    unsafe impl aya::Pod for ReverseEntry6 {}
 }
 
 #[cfg(test)]
@@ -603,6 +688,10 @@ mod tests {
         assert_eq!(size_of::<DeviceKey>(), 8);
         assert_eq!(size_of::<DeviceCounts>(), 32);
         assert_eq!(size_of::<NatAddress>(), 8);
+        assert_eq!(size_of::<ServiceKey6>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<Backend6>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<SockKey6>(), 8 + 16 + 2 + 1 + 5);
+        assert_eq!(size_of::<ReverseEntry6>(), 16 + 2 + 2 + 4);
     }
 
     #[test]

@@ -12,10 +12,11 @@ use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters,
     maps::{
-        AffinityEntry, AffinityKey, Backend, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
+        AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
         DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
         DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
-        FragmentPorts, NatAddress, ReverseEntry, ServiceKey, ServiceValue, SockFence, SockKey, SourceRangeKey, Traffic,
+        FragmentPorts, NatAddress, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue, SockFence,
+        SockKey, SockKey6, SourceRangeKey, Traffic,
     },
 };
 
@@ -72,6 +73,20 @@ pub(crate) static SOCK_AFFINITY: LruHashMap<SockKey, ForwardEntry> =
 #[map]
 pub(crate) static SOCK_REVERSE: LruHashMap<SockKey, ReverseEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// The IPv6 socket path's maps: few entries on most nodes, so allocated as used.
+#[map]
+pub(crate) static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static BACKENDS6: HashMap<BackendKey, Backend6> =
+    HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+/// Not LRU (an LRU map is preallocated): each entry goes when its socket closes.
+#[map]
+pub(crate) static SOCK_REVERSE6: HashMap<SockKey6, ReverseEntry6> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, BPF_F_NO_PREALLOC);
 
 /// Socket storage, so a BTF map (the kernel wants its types).
 #[btf_map]

@@ -4,7 +4,9 @@
 //! in any network namespace and whatever the CNI. Where the application
 //! looks at its peer again (`recvmsg` on UDP, `getpeername`), it sees the
 //! VIP it addressed. IPv6 sockets reaching IPv4 Services through
-//! IPv4-mapped addresses (dual-stack sockets) are served the same way.
+//! IPv4-mapped addresses (dual-stack sockets) are served the same way, and
+//! IPv6 TCP sockets connecting to IPv6 ClusterIPs from [`SERVICES6`] (the
+//! rest of IPv6 is ip6tables rules' to serve).
 //!
 //! A connected socket chooses once. An unconnected UDP socket chooses on its
 //! first datagram to a frontend and keeps that backend ([`SOCK_AFFINITY`]),
@@ -12,21 +14,23 @@
 //! when the backend leaves.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
     counters::{Counter, DropReason},
     maps::{
-        AffinityKey, Backend, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey, SockFence, SockKey, flags,
+        AffinityKey, Backend, BackendKey, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ReverseEntry6, ServiceKey,
+        ServiceKey6, SockFence, SockKey, SockKey6, flags,
     },
+    select,
 };
 
 use crate::{
     counters::count,
     lookup,
-    maps::{SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE},
+    maps::{BACKENDS6, SERVICES6, SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE, SOCK_REVERSE6},
 };
 
 /// What the hook tells the kernel: go on (with the address as rewritten), or fail the call.
@@ -78,10 +82,15 @@ pub(crate) fn kpr_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The same four for IPv6 sockets addressing IPv4 Services through mapped addresses.
+/// The same four for IPv6 sockets: IPv4 Services through mapped
+/// addresses; IPv6 ClusterIPs on connect and getpeername (TCP).
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn kpr_sock_connect6(ctx: SockAddrContext) -> i32 {
-    finish(translate(&ctx, Family::V6Mapped, false))
+    if user_address(&ctx, Family::V6Mapped).is_some() {
+        finish(translate(&ctx, Family::V6Mapped, false))
+    } else {
+        finish(translate6(&ctx))
+    }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -97,7 +106,11 @@ pub(crate) fn kpr_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub(crate) fn kpr_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    show_frontend(&ctx, Family::V6Mapped);
+    if user_address(&ctx, Family::V6Mapped).is_some() {
+        show_frontend(&ctx, Family::V6Mapped);
+    } else {
+        show_frontend6(&ctx);
+    }
     ALLOW
 }
 
@@ -119,6 +132,8 @@ fn forget_released(ctx: &SockContext) {
         17 => PROTO_UDP,
         _ => return,
     };
+    // Network byte order, as the field is.
+    let port = unsafe { core::ptr::read_volatile(&raw const (*sk).dst_port) }.to_ne_bytes();
     // The peer the socket was connected to: the backend the hooks gave it.
     let addr = match unsafe { core::ptr::read_volatile(&raw const (*sk).family) } {
         AF_INET => unsafe { core::ptr::read_volatile(&raw const (*sk).dst_ip4) }.to_ne_bytes(),
@@ -134,6 +149,14 @@ fn forget_released(ctx: &SockContext) {
                 )
             };
             if w0 != 0 || w1 != 0 || w2.to_ne_bytes() != [0, 0, 0xff, 0xff] {
+                if proto == PROTO_TCP {
+                    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+                    let key = SockKey6::new(cookie, words6(w0, w1, w2, w3), port, proto);
+                    // Absent when the hooks never translated this socket: nothing to do.
+                    match SOCK_REVERSE6.remove(&key) {
+                        Ok(()) | Err(_) => {}
+                    }
+                }
                 return;
             }
             w3.to_ne_bytes()
@@ -143,8 +166,6 @@ fn forget_released(ctx: &SockContext) {
     if addr == [0; 4] {
         return;
     }
-    // Network byte order, as the field is.
-    let port = unsafe { core::ptr::read_volatile(&raw const (*sk).dst_port) }.to_ne_bytes();
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
     // Absent when the hooks never translated this socket: nothing to do.
     match SOCK_REVERSE.remove(&SockKey::new(cookie, addr, port, proto)) {
@@ -154,6 +175,91 @@ fn forget_released(ctx: &SockContext) {
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+
+/// An IPv6 address from the four words the kernel keeps it in (each in network order).
+#[inline(always)]
+fn words6(w0: u32, w1: u32, w2: u32, w3: u32) -> [u8; 16] {
+    let (a, b, c, d) = (w0.to_ne_bytes(), w1.to_ne_bytes(), w2.to_ne_bytes(), w3.to_ne_bytes());
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+}
+
+/// The IPv6 address and port an IPv6 socket's application passed, as on the wire.
+#[inline(always)]
+fn user_address6(ctx: &SockAddrContext) -> ([u8; 16], [u8; 2]) {
+    let sa = ctx.sock_addr;
+    let port = (unsafe { core::ptr::read_volatile(&raw const (*sa).user_port) } as u16).to_ne_bytes();
+    // Constant offsets, each its own load (see forget_released).
+    let (w0, w1, w2, w3) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        )
+    };
+    (words6(w0, w1, w2, w3), port)
+}
+
+#[inline(always)]
+fn set_user_address6(ctx: &SockAddrContext, addr: [u8; 16], port: [u8; 2]) {
+    let sa = ctx.sock_addr;
+    let word = |i: usize| u32::from_ne_bytes([addr[4 * i], addr[4 * i + 1], addr[4 * i + 2], addr[4 * i + 3]]);
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], word(0));
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], word(1));
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], word(2));
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], word(3));
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u16::from_ne_bytes(port) as u32);
+    }
+}
+
+/// An IPv6 TCP socket connecting to an IPv6 ClusterIP: one of its backends
+/// instead. UDP is left to ip6tables, whose conntrack cleanup ends the
+/// flows of backends that leave (these hooks could not end such sockets).
+#[inline(always)]
+fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
+    if protocol(ctx) != Some(PROTO_TCP) {
+        return Ok(());
+    }
+    let (vip, vip_port) = user_address6(ctx);
+    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port: vip_port, proto: PROTO_TCP, _pad: 0 }) else {
+        return Ok(());
+    };
+    let svc = unsafe { core::ptr::read(svc) };
+    if svc.backend_count == 0 {
+        return Err(Refusal::NoBackend);
+    }
+    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
+    let Some(backend) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
+        // The set was replaced after the frontend was read: refused, and the client retries.
+        return Err(Refusal::Drop(DropReason::BackendMissing));
+    };
+    let backend = unsafe { core::ptr::read(backend) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // Written before the address is: getpeername can only ask once it is used.
+    let reverse = ReverseEntry6 { vip, vip_port, _pad: [0; 2], service_id: svc.id };
+    if SOCK_REVERSE6.insert(SockKey6::new(cookie, backend.addr, backend.port, PROTO_TCP), reverse, 0).is_err() {
+        return Err(Refusal::Drop(DropReason::ConntrackFailed));
+    }
+    set_user_address6(ctx, backend.addr, backend.port);
+    count(Counter::SocketTranslated, ());
+    Ok(())
+}
+
+/// `getpeername` of an IPv6 TCP socket [`translate6`] connected: its VIP.
+#[inline(always)]
+fn show_frontend6(ctx: &SockAddrContext) {
+    if protocol(ctx) != Some(PROTO_TCP) {
+        return;
+    }
+    let (addr, port) = user_address6(ctx);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(rev) = SOCK_REVERSE6.get_ptr(SockKey6::new(cookie, addr, port, PROTO_TCP)) {
+        let rev = unsafe { core::ptr::read(rev) };
+        set_user_address6(ctx, rev.vip, rev.vip_port);
+        count(Counter::SocketReverseTranslated, ());
+    }
+}
 
 /// The hook's return value for a translation's outcome; a refusal sets the
 /// errno the call fails with, counted under why.

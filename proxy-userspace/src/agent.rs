@@ -21,7 +21,11 @@ use proxy_userspace::{
     dashboard,
     dataplane::{
         Dataplane, DataplaneError, Mode,
-        ebpf::{EbpfDataplane, MapSizes, Targets, XdpMode, cgroup, links},
+        ebpf::{
+            EbpfDataplane, MapSizes, Targets, XdpMode, cgroup,
+            ipv6::{EbpfIpv6, Ipv6Maps},
+            links,
+        },
         iptables::{
             IptablesDataplane,
             render::{Chains, RenderConfig},
@@ -223,9 +227,13 @@ fn devices(cfg: &RunConfig) -> Vec<String> {
     })
 }
 
+/// The IPv4 dataplane, why auto mode fell back from eBPF if it did, and
+/// the socket hooks' IPv6 maps in eBPF mode.
+type Chosen = (Box<dyn Dataplane>, Option<DataplaneError>, Option<Ipv6Maps>);
+
 /// The dataplane for `mode`; in auto mode, eBPF unless its probe (load,
-/// verify, attach to every interface) fails. Returns why it fell back.
-fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<DataplaneError>), DataplaneError> {
+/// verify, attach to every interface) fails.
+fn choose_dataplane(cfg: &RunConfig) -> Result<Chosen, DataplaneError> {
     let prefixes = AnyCidr::of::<Ipv4Addr>(&cfg.nodeport_addresses);
     let node_port_addresses = node_addresses::resolve(&prefixes, !cfg.nodeport_addresses.is_empty(), &devices(cfg));
     tracing::info!(addresses = ?node_port_addresses, "node ports answer on");
@@ -237,18 +245,19 @@ fn choose_dataplane(cfg: &RunConfig) -> Result<(Box<dyn Dataplane>, Option<Datap
         };
         Ok(Box::new(IptablesDataplane::new(render, cfg.iptables_full_sync_period)?))
     };
-    let ebpf = || -> Result<Box<dyn Dataplane>, DataplaneError> {
-        let dataplane = EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?;
-        Ok(Box::new(dataplane.with_node_addresses(node_port_addresses.addresses())))
+    let ebpf = || -> Result<(Box<dyn Dataplane>, Option<Ipv6Maps>), DataplaneError> {
+        let mut dataplane = EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?;
+        let ipv6 = dataplane.take_ipv6_maps();
+        Ok((Box::new(dataplane.with_node_addresses(node_port_addresses.addresses())), ipv6))
     };
     match cfg.mode {
-        RequestedMode::Ebpf => Ok((ebpf()?, None)),
-        RequestedMode::Iptables => Ok((iptables()?, None)),
+        RequestedMode::Ebpf => ebpf().map(|(dp, ipv6)| (dp, None, ipv6)),
+        RequestedMode::Iptables => Ok((iptables()?, None, None)),
         RequestedMode::Auto => match ebpf() {
-            Ok(dp) => Ok((dp, None)),
+            Ok((dp, ipv6)) => Ok((dp, None, ipv6)),
             Err(e) => {
                 tracing::warn!(reason = e.label(), "eBPF unavailable, falling back to iptables mode: {e}");
-                Ok((iptables()?, Some(e)))
+                Ok((iptables()?, Some(e), None))
             }
         },
     }
@@ -260,9 +269,10 @@ fn chains(cfg: &RunConfig) -> Chains {
 }
 
 /// The IPv6 family's dataplane, on a node with IPv6: kube-proxy's rules
-/// through ip6tables, in either mode (eBPF mode's programs serve IPv4
-/// only so far). `None`, said in the log, where the node has no IPv6.
-fn ipv6_dataplane(cfg: &RunConfig) -> Option<IptablesDataplane<Ipv6Addr>> {
+/// through ip6tables, in either mode, and in eBPF mode the socket hooks'
+/// IPv6 maps (`maps`) beside them. `None`, said in the log, where the node
+/// has no IPv6.
+fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dataplane<Ipv6Addr>>> {
     if !std::path::Path::new("/proc/net/if_inet6").exists() {
         tracing::info!("IPv6 is off on this node: IPv4 Services only");
         return None;
@@ -272,7 +282,13 @@ fn ipv6_dataplane(cfg: &RunConfig) -> Option<IptablesDataplane<Ipv6Addr>> {
     tracing::info!(addresses = ?node_port_addresses, "IPv6 node ports answer on");
     let render = RenderConfig { node_port_addresses, chains: chains(cfg), ..cfg.iptables6.clone() };
     match IptablesDataplane::new(render, cfg.iptables_full_sync_period) {
-        Ok(dataplane) => Some(dataplane),
+        Ok(rules) => Some(match maps {
+            Some(maps) => {
+                tracing::info!("IPv6 Services: TCP ClusterIPs through the socket hooks, the rest by ip6tables rules");
+                Box::new(EbpfIpv6::new(rules, maps))
+            }
+            None => Box::new(rules),
+        }),
         Err(e) => {
             tracing::warn!(error = %e, "ip6tables cannot hold rules here: IPv4 Services only");
             None
@@ -284,7 +300,7 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let stop = shutdown_signal().await?;
     let metrics = Arc::new(Metrics::default());
     // Loading programs and running iptables block: tell the runtime.
-    let (dataplane, fallback) =
+    let (dataplane, fallback, ipv6_maps) =
         tokio::task::block_in_place(|| choose_dataplane(&cfg)).context("starting the dataplane")?;
     if let Some(e) = &fallback {
         metrics.ebpf_fallback.get_or_create(&ReasonLabels { reason: e.label().to_string() }).set(1);
@@ -293,14 +309,11 @@ pub(crate) async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(mode = %mode, node = %cfg.model.node_name, selector = %cfg.model.label_selector(), "serving Services");
     let health = api::Health::new(cfg.healthz_threshold);
     let datapath = dataplane.stats();
-    let ipv6 = tokio::task::block_in_place(|| ipv6_dataplane(&cfg));
+    let ipv6 = tokio::task::block_in_place(|| ipv6_dataplane(&cfg, ipv6_maps));
     let serves_ipv6 = ipv6.is_some();
-    if serves_ipv6 && mode == Mode::Ebpf {
-        tracing::info!("IPv6 Services are served by ip6tables rules (eBPF mode's programs serve IPv4)");
-    }
     let mut syncer = Syncer::new(dataplane, metrics.clone()).with_repairs_every(cfg.sync_period);
     if let Some(ipv6) = ipv6 {
-        syncer = syncer.with_ipv6(Box::new(ipv6));
+        syncer = syncer.with_ipv6(ipv6);
     }
     let zone = cfg.dns.as_ref().map(|dns| Arc::new(std::sync::RwLock::new(Zone::new(&dns.domain))));
     // Told of every change, as the sync loop is, to keep the zone current on its own.

@@ -17,7 +17,7 @@ use kpr_tests::{
     client::{Held, probe, probe_answer},
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
     in_both_modes,
-    kpr::{Kpr, Mode},
+    kpr::{self, Kpr, Mode},
     manifests::{dual_stack_service, write},
     netns::Netns,
     root_or_skip,
@@ -63,6 +63,13 @@ fn answers(node: &ClusterNode, ns: &Netns, addr: SocketAddr, tries: usize) -> (B
     seen
 }
 
+/// How many connections and sends node `node`'s socket hooks translated
+/// (eBPF mode; iptables mode has none).
+fn socket_translated(mode: Mode, node: &ClusterNode) -> Option<u64> {
+    let stats = (mode == Mode::Ebpf).then(|| kpr::datapath_stats(&node.ns, node.bpf_root()).unwrap())?;
+    stats["socket_translated"].as_u64()
+}
+
 fn serves_both_families(mode: Mode) {
     root_or_skip!();
     let mut cluster = Cluster::new_dual_stack(2).unwrap();
@@ -93,8 +100,15 @@ fn serves_both_families(mode: Mode) {
         // the backend on the client's node and the one on the other node.
         for vip in [IpAddr::V6(VIP6), IpAddr::V4(VIP4)] {
             let addr = SocketAddr::new(vip, 80);
+            let translated = || socket_translated(mode, node0);
+            let before = translated();
             let (reached, peers) = answers(node0, ns, addr, 30);
             assert_eq!(reached, both, "TCP to {addr} from {}", ns.name());
+            // eBPF mode: the socket hooks gave each connection its backend
+            // (over IPv6 too), and getpeername showed the VIP (`answers` checks).
+            if let (Some(before), Some(after)) = (before, translated()) {
+                assert!(after >= before + 30, "TCP to {addr} through the socket hooks: {before} -> {after}");
+            }
             if ns.name() == client.name() {
                 // A pod's address is kept (no source NAT inside the cluster).
                 let own = if vip.is_ipv6() { pod_ip6(0, 100).to_string() } else { node0.pod("client").ip.to_string() };

@@ -87,9 +87,7 @@ pub(super) fn run(requests: usize, stop: &Arc<AtomicBool>) -> anyhow::Result<()>
     drop(member);
     println!("Service default/far  {addr}/TCP  2 endpoint(s) on node1, client on node0 (socket hooks)");
     tally.print(endpoints.iter().copied(), false);
-    println!(
-        "Service default/far  {addr6}/TCP  the same pods over IPv6 (ip6tables rules: eBPF mode's programs serve IPv4)"
-    );
+    println!("Service default/far  {addr6}/TCP  the same pods over IPv6 (socket hooks)");
     tally6.print(endpoints6.iter().copied(), false);
     drop(agents);
     drop(running);

@@ -168,6 +168,8 @@ pub struct Attached {
     pub reused: bool,
     /// The previous run's maps, set aside while they are migrated.
     pub previous: Option<PathBuf>,
+    /// The socket hooks' IPv6 maps, when the hooks are attached.
+    pub ipv6: Option<super::ipv6::Ipv6Maps>,
 }
 
 /// The magic number of a bpf filesystem in `statfs`.
@@ -465,6 +467,13 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
+    let ipv6 = match maps.cgroup {
+        Some(_) => Some(super::ipv6::Ipv6Maps {
+            services: take_hash(&mut ebpf, abi::SERVICES6)?,
+            backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
+        }),
+        None => None,
+    };
     Ok(Attached {
         ebpf,
         interfaces,
@@ -477,6 +486,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         socket_fence,
         reused,
         previous,
+        ipv6,
     })
 }
 

@@ -14,6 +14,7 @@ pub mod bridge;
 pub mod cgroup;
 pub mod conntrack_gc;
 pub mod fake;
+pub mod ipv6;
 pub mod links;
 pub mod load;
 pub mod maps;
@@ -272,6 +273,8 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// the cgroup's sockets send, so it is attached before the first such
     /// frontend is written.
     socket_fence: Attachment,
+    /// The socket hooks' IPv6 maps, until the IPv6 family's dataplane takes them.
+    ipv6_maps: Option<ipv6::Ipv6Maps>,
 }
 
 /// Where something the dataplane adds only once a frontend needs it stands
@@ -317,7 +320,14 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.follow_bridges();
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
+        dataplane.ipv6_maps = attached.ipv6;
         Ok(dataplane)
+    }
+
+    /// The socket hooks' IPv6 maps, for the IPv6 family's dataplane
+    /// ([`ipv6::EbpfIpv6`]); `None` without the hooks (or once taken).
+    pub fn take_ipv6_maps(&mut self) -> Option<ipv6::Ipv6Maps> {
+        self.ipv6_maps.take()
     }
 }
 
@@ -350,6 +360,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             masquerade: Attachment::NotNeeded,
             socket_cgroup: None,
             socket_fence: Attachment::NotNeeded,
+            ipv6_maps: None,
         }
     }
 
