@@ -65,7 +65,7 @@ pub(crate) struct RunConfig {
     pub(crate) node_zone: Option<String>,
     pub(crate) mode: RequestedMode,
     pub(crate) iptables: RenderConfig,
-    /// The IPv6 family's rules (in either mode: eBPF mode serves IPv4 only so far).
+    /// The IPv6 family's rules, in either mode (see `ipv6_dataplane`).
     pub(crate) iptables6: RenderConfig<Ipv6Addr>,
     /// How often iptables mode rewrites every chain instead of only changed ones.
     pub(crate) iptables_full_sync_period: Duration,

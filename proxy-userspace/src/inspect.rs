@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
 };
 
@@ -14,9 +14,9 @@ use proxy_common::{
     conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
     maps::{
-        self as abi, BACKEND_TERMINATING, Backend, BackendKey, BackendTrafficKey, DeviceCounts, DeviceKey, FragmentKey,
-        FragmentPorts, PROTO_TCP, ReverseEntry, ServiceKey, ServiceValue, SockKey, SourceRangeKey, Traffic, flags,
-        hook, kind,
+        self as abi, BACKEND_TERMINATING, Backend, Backend6, BackendKey, BackendTrafficKey, DeviceCounts, DeviceKey,
+        FragmentKey, FragmentPorts, PROTO_TCP, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue,
+        SockKey, SockKey6, SourceRangeKey, Traffic, flags, hook, kind,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -204,6 +204,15 @@ pub struct Maps {
     /// Per-CPU: summed when read.
     device_counts: PerCpuHashMap<MapData, DeviceKey, DeviceCounts>,
     nat_forward: HashMap<MapData, FlowKey, abi::NatAddress>,
+    /// The socket hooks' IPv6 maps (absent in an older agent's pins).
+    ipv6: Option<Ipv6Maps>,
+}
+
+/// The socket hooks' IPv6 frontends, backends and connected sockets.
+struct Ipv6Maps {
+    services: HashMap<MapData, ServiceKey6, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, Backend6>,
+    sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
 }
 
 /// Why the maps could not be read.
@@ -264,6 +273,14 @@ impl Maps {
             devices: hash(get(abi::DEVICES)?, abi::DEVICES)?,
             device_counts: PerCpuHashMap::try_from(get(abi::DEVICE_COUNTS)?).map_err(wrong_type(abi::DEVICE_COUNTS))?,
             nat_forward: hash(get(abi::NAT_FORWARD)?, abi::NAT_FORWARD)?,
+            ipv6: (|| {
+                Ok::<_, InspectError>(Ipv6Maps {
+                    services: hash(get(abi::SERVICES6)?, abi::SERVICES6)?,
+                    backends: hash(get(abi::BACKENDS6)?, abi::BACKENDS6)?,
+                    sock_reverse: hash(get(abi::SOCK_REVERSE6)?, abi::SOCK_REVERSE6)?,
+                })
+            })()
+            .ok(),
         })
     }
 
@@ -354,6 +371,36 @@ impl Maps {
             })
             .collect();
         out.sort_by_key(|(k, _)| *k);
+        let mut entries: Vec<ServiceEntry> = out.into_iter().map(|(_, e)| e).collect();
+        entries.extend(self.ipv6_services());
+        entries
+    }
+
+    /// The socket hooks' IPv6 frontends (TCP ClusterIPs), sorted, after the IPv4 ones.
+    fn ipv6_services(&self) -> Vec<ServiceEntry> {
+        let Some(v6) = &self.ipv6 else { return Vec::new() };
+        let mut out: Vec<(ServiceKey6, ServiceEntry)> = v6
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                let backends = (0..v.backend_count)
+                    .filter_map(|slot| v6.backends.get(&BackendKey { set: v.backend_set, slot }, 0).ok())
+                    .map(|b| BackendEntry { address: endpoint6(b.addr, b.port).to_string(), state: "active".into() })
+                    .collect();
+                let frontend = format!("{}/{}", endpoint6(k.addr, k.port), protocol_name(k.proto));
+                let entry = ServiceEntry {
+                    frontend,
+                    service_type: kind_name(v.kind).into(),
+                    id: v.id,
+                    policy: None,
+                    source_ranges: Vec::new(),
+                    backends,
+                };
+                (k, entry)
+            })
+            .collect();
+        out.sort_by_key(|(k, _)| *k);
         out.into_iter().map(|(_, e)| e).collect()
     }
 
@@ -388,6 +435,19 @@ impl Maps {
             client: format!("socket {}", k.cookie),
             frontend: endpoint(v.vip, v.vip_port).to_string(),
             backend: endpoint(k.addr, k.port).to_string(),
+            service_id: v.service_id,
+            reply_tracked: true,
+            state: "connected".into(),
+            idle_seconds: None,
+            expires_in: None,
+        }));
+        let sockets6 = self.ipv6.iter().flat_map(|v6| v6.sock_reverse.iter().filter_map(Result::ok));
+        out.extend(sockets6.map(|(k, v)| FlowEntry {
+            path: "socket".into(),
+            protocol: protocol_name(k.proto).into(),
+            client: format!("socket {}", k.cookie),
+            frontend: endpoint6(v.vip, v.vip_port).to_string(),
+            backend: endpoint6(k.addr, k.port).to_string(),
             service_id: v.service_id,
             reply_tracked: true,
             state: "connected".into(),
@@ -476,6 +536,10 @@ fn flow_state(proto: u8, state: u8) -> &'static str {
 
 fn endpoint(addr: [u8; 4], port: [u8; 2]) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port))
+}
+
+fn endpoint6(addr: [u8; 16], port: [u8; 2]) -> SocketAddrV6 {
+    SocketAddrV6::new(Ipv6Addr::from(addr), u16::from_be_bytes(port), 0, 0)
 }
 
 /// The frontend a service-map key names; `None` for a VIP marker.

@@ -120,6 +120,18 @@ fn serves_both_families(mode: Mode) {
             assert_eq!(udp.peer, Some(SocketAddr::new(vip, 53).to_string()), "UDP to {vip}: {udp:?}");
         }
     }
+    if mode == Mode::Ebpf {
+        // Inspection lists the socket hooks' IPv6 frontend with its backends.
+        let root = format!("--bpf-root={}", node0.bpf_root().display());
+        let list = kpr::command(&node0.ns, &["service", "list", "-o", "json", &root]).unwrap();
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let web6 = list.as_array().unwrap().iter().find(|s| s["frontend"] == format!("[{VIP6}]:80/TCP"));
+        let web6 = web6.unwrap_or_else(|| panic!("no IPv6 frontend in {list:#}"));
+        let backends: BTreeSet<&str> =
+            web6["backends"].as_array().unwrap().iter().filter_map(|b| b["address"].as_str()).collect();
+        let wanted = [pod_ip6(0, 11), pod_ip6(1, 11)].map(|ip| format!("[{ip}]:8080"));
+        assert_eq!(backends, wanted.iter().map(String::as_str).collect(), "{web6:#}");
+    }
     // An IPv6 Service without endpoints is refused at once, as kube-proxy's REJECT.
     let refused =
         probe(Path::new(PROBE), client, &node0.cgroup, "tcp", SocketAddr::new(EMPTY_VIP6.into(), 80)).unwrap();
