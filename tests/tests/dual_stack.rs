@@ -1,11 +1,16 @@
 //! Dual-stack Services on a dual-stack cluster (two nodes, flannel host-gw
-//! in both families), in both modes: a Service with an IPv4 and an IPv6
-//! ClusterIP is reached over each family, from a pod and from a node
-//! process, by TCP and UDP, at backends on the client's node and on the
-//! other; an IPv6 Service without endpoints is refused at once; its node
-//! port answers over IPv6 from outside the cluster; a UDP client held on an
-//! IPv6 backend that leaves is answered by the other (its stale conntrack
-//! entry is cleared, as kube-proxy does in each family).
+//! in both families), in both modes:
+//! - a Service with an IPv4 and an IPv6 ClusterIP is reached over each
+//!   family, from a pod and from a node process, by TCP (in eBPF mode
+//!   through the socket hooks, which `kpr service list` shows) and UDP, at
+//!   backends on the client's node and on the other;
+//! - an IPv6-only Service is reached too, and one without endpoints is
+//!   refused at once;
+//! - the dual-stack Service's node port answers over IPv6 from outside the
+//!   cluster, also on a node whose only default route is IPv6;
+//! - a UDP client held on an IPv6 backend that leaves is answered by the
+//!   other (its stale conntrack entry is cleared, as kube-proxy does in each
+//!   family).
 
 use std::{
     collections::BTreeSet,
@@ -29,15 +34,40 @@ const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
 /// An IPv6-only Service without endpoints.
 const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
+/// An IPv6-only Service whose one endpoint runs on node 1.
+const SIX_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x22);
 const NODE_PORT: u16 = 30080;
 const ECONNREFUSED: i32 = 111;
 
-/// The dual-stack NodePort Service `web` with `v4` and `v6` endpoints,
-/// and an IPv6-only Service without endpoints.
+/// The dual-stack NodePort Service `web` with `v4` and `v6` endpoints, an
+/// IPv6-only Service `six` on web-1, and an IPv6-only Service without endpoints.
 fn services(v4: &[(&str, IpAddr)], v6: &[(&str, IpAddr)]) -> String {
     let web = dual_stack_service("web", (VIP4, VIP6), Some(NODE_PORT), v4, v6);
+    let web1 = pod_ip6(1, 11);
     format!(
         "{web}---
+apiVersion: v1
+kind: Service
+metadata: {{name: six, namespace: default}}
+spec:
+  clusterIP: \"{SIX_VIP6}\"
+  clusterIPs: [\"{SIX_VIP6}\"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: six-1, namespace: default, labels: {{kubernetes.io/service-name: six}}}}
+addressType: IPv6
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+- addresses: [\"{web1}\"]
+---
 apiVersion: v1
 kind: Service
 metadata: {{name: empty, namespace: default}}
@@ -132,6 +162,10 @@ fn serves_both_families(mode: Mode) {
         let wanted = [pod_ip6(0, 11), pod_ip6(1, 11)].map(|ip| format!("[{ip}]:8080"));
         assert_eq!(backends, wanted.iter().map(String::as_str).collect(), "{web6:#}");
     }
+    // An IPv6-only Service, TCP and UDP, its one backend on the other node.
+    let six = |port| SocketAddr::new(SIX_VIP6.into(), port);
+    assert_eq!(answers(node0, client, six(80), 5).0, ["web-1".to_string()].into());
+    assert_eq!(probe_answer(Path::new(PROBE), client, &node0.cgroup, "udp", six(53)).unwrap(), "web-1");
     // An IPv6 Service without endpoints is refused at once, as kube-proxy's REJECT.
     let refused =
         probe(Path::new(PROBE), client, &node0.cgroup, "tcp", SocketAddr::new(EMPTY_VIP6.into(), 80)).unwrap();
