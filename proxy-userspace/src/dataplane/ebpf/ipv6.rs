@@ -15,7 +15,7 @@
 use std::{collections::BTreeMap, net::Ipv6Addr};
 
 use aya::maps::{HashMap, MapData};
-use proxy_common::maps::{self as abi, Backend6, BackendKey, ServiceKey6, ServiceValue, kind};
+use proxy_common::maps::{self as abi, Backend6, BackendKey, ServiceKey6, ServiceValue};
 
 use crate::{
     dataplane::{ApplyError, Dataplane, DataplaneError, Desired, Mode, iptables::IptablesDataplane},
@@ -108,7 +108,7 @@ impl EbpfIpv6 {
             backend_set: set,
             backend_count: slots,
             terminating_count: 0,
-            kind: kind::CLUSTER_IP,
+            kind: super::service_kind(f.service_type),
             flags: 0,
             _pad: [0; 2],
         };

@@ -66,6 +66,7 @@ fn local_slots(f: &Frontend) -> Vec<Backend> {
     f.local_backends().iter().map(|e| Backend::new(e.ip.octets(), e.port)).collect()
 }
 
+/// What a ClusterIP entry says it is: its Service's type.
 fn service_kind(t: ServiceType) -> u8 {
     match t {
         ServiceType::ClusterIP => kind::CLUSTER_IP,
