@@ -218,7 +218,15 @@ impl<A: Served> Model<A> {
     pub fn update(&mut self, index: &Index, dirty: Dirty) -> Update<A> {
         let mut keys: Vec<ObjectName> = match dirty {
             Dirty::None => vec![],
-            Dirty::All => index.service_keys().chain(self.services.keys()).cloned().collect(),
+            // Only the Services with a ClusterIP of this family, and those
+            // that held frontends: a family few Services use (IPv6 on most
+            // clusters) does not queue every Service at a cold start.
+            Dirty::All => index
+                .service_keys()
+                .filter(|k| index.service(k).is_some_and(|s| A::addresses(s).is_some()))
+                .chain(self.services.keys())
+                .cloned()
+                .collect(),
             Dirty::Some(set) => set.into_iter().collect(),
         };
         keys.sort();

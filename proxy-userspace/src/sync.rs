@@ -196,16 +196,19 @@ impl<D: Dataplane> Syncer<D> {
         self.model().frontends.len() + v6
     }
 
-    fn model_rejections(&self) -> (usize, Vec<Rejection>) {
-        let v4 = self.model();
-        let mut count = v4.rejection_count();
-        let mut all: Vec<Rejection> = v4.rejections().cloned().collect();
+    /// Conflicts between Services in every family's model, counted without walking them.
+    fn model_rejection_count(&self) -> usize {
+        let v6 = self.v6.as_ref().map_or(0, |v6| v6.state.model.read().unwrap().rejection_count());
+        self.model().rejection_count() + v6
+    }
+
+    /// Conflicts between Services in every family's model.
+    fn model_rejections(&self) -> Vec<Rejection> {
+        let mut all: Vec<Rejection> = self.model().rejections().cloned().collect();
         if let Some(v6) = &self.v6 {
-            let v6 = v6.state.model.read().unwrap();
-            count += v6.rejection_count();
-            all.extend(v6.rejections().cloned());
+            all.extend(v6.state.model.read().unwrap().rejections().cloned());
         }
-        (count, all)
+        all
     }
 
     fn report(&self, r: &Rejection) {
@@ -232,10 +235,10 @@ impl<D: Dataplane> Syncer<D> {
         for r in &new_rejections {
             self.report(r);
         }
-        let (model_count, model_rejections) = self.model_rejections();
-        let count = index.rejection_count() + model_count;
+        let count = index.rejection_count() + self.model_rejection_count();
         if self.published_rejections != Some(count) || !new_rejections.is_empty() {
-            self.recent.lock().unwrap().rejections = index.rejections().cloned().chain(model_rejections).collect();
+            self.recent.lock().unwrap().rejections =
+                index.rejections().cloned().chain(self.model_rejections()).collect();
             self.published_rejections = Some(count);
         }
         Planned { ops, ops6, started: Some(started) }
