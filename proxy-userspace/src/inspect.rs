@@ -429,30 +429,12 @@ impl Maps {
             .collect();
         // Sockets: the reverse entry is what the hooks keep (their replies
         // need no tracking: the socket addresses the backend itself).
-        out.extend(self.sock_reverse.iter().filter_map(Result::ok).map(|(k, v)| FlowEntry {
-            path: "socket".into(),
-            protocol: protocol_name(k.proto).into(),
-            client: format!("socket {}", k.cookie),
-            frontend: endpoint(v.vip, v.vip_port).to_string(),
-            backend: endpoint(k.addr, k.port).to_string(),
-            service_id: v.service_id,
-            reply_tracked: true,
-            state: "connected".into(),
-            idle_seconds: None,
-            expires_in: None,
+        out.extend(self.sock_reverse.iter().filter_map(Result::ok).map(|(k, v)| {
+            socket_flow(k.proto, k.cookie, endpoint(v.vip, v.vip_port), endpoint(k.addr, k.port), v.service_id)
         }));
         let sockets6 = self.ipv6.iter().flat_map(|v6| v6.sock_reverse.iter().filter_map(Result::ok));
-        out.extend(sockets6.map(|(k, v)| FlowEntry {
-            path: "socket".into(),
-            protocol: protocol_name(k.proto).into(),
-            client: format!("socket {}", k.cookie),
-            frontend: endpoint6(v.vip, v.vip_port).to_string(),
-            backend: endpoint6(k.addr, k.port).to_string(),
-            service_id: v.service_id,
-            reply_tracked: true,
-            state: "connected".into(),
-            idle_seconds: None,
-            expires_in: None,
+        out.extend(sockets6.map(|(k, v)| {
+            socket_flow(k.proto, k.cookie, endpoint6(v.vip, v.vip_port), endpoint6(k.addr, k.port), v.service_id)
         }));
         out.sort_by(|a, b| (&a.frontend, &a.client, &a.protocol).cmp(&(&b.frontend, &b.client, &b.protocol)));
         out
@@ -531,6 +513,28 @@ fn flow_state(proto: u8, state: u8) -> &'static str {
         (true, false, false) => "syn_sent",
         (false, _, true) => "replied",
         (false, _, false) => "unreplied",
+    }
+}
+
+/// A socket the hooks connected to `backend` for `frontend`.
+fn socket_flow(
+    proto: u8,
+    cookie: u64,
+    frontend: impl std::fmt::Display,
+    backend: impl std::fmt::Display,
+    service_id: u32,
+) -> FlowEntry {
+    FlowEntry {
+        path: "socket".into(),
+        protocol: protocol_name(proto).into(),
+        client: format!("socket {cookie}"),
+        frontend: frontend.to_string(),
+        backend: backend.to_string(),
+        service_id,
+        reply_tracked: true,
+        state: "connected".into(),
+        idle_seconds: None,
+        expires_in: None,
     }
 }
 
