@@ -338,18 +338,6 @@ pub fn detect(ipv6: bool) -> Backend {
     Backend { kind: if legacy > nft { Kind::Legacy } else { Kind::Nft }, ipv6 }
 }
 
-/// Whether the kernel and tools can hold rules of the IPv6 family here
-/// (an `ip6tables` that lists its nat table).
-pub fn ipv6_available(backend: Backend) -> bool {
-    backend
-        .command("iptables")
-        .args(["-t", "nat", "-S", "POSTROUTING"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
