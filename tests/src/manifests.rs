@@ -5,9 +5,9 @@ use std::{
     path::Path,
 };
 
-/// A ClusterIP Service with named ports `http` (TCP 80 -> 8080) and `dns`
-/// (UDP 53 -> 5353), and one EndpointSlice holding `endpoints` (ready).
-pub fn web_service(name: &str, vip: Ipv4Addr, endpoints: &[(&str, Ipv4Addr)]) -> String {
+/// The EndpointSlice `slice` of Service `name`: ports `http` (TCP 8080) and
+/// `dns` (UDP 5353), and `endpoints` (pod, address; ready) of `family`.
+fn web_slice(name: &str, slice: &str, family: &str, endpoints: &[(&str, IpAddr)]) -> String {
     let mut eps = String::new();
     for (pod, ip) in endpoints {
         eps.push_str(&format!(
@@ -18,6 +18,30 @@ pub fn web_service(name: &str, vip: Ipv4Addr, endpoints: &[(&str, Ipv4Addr)]) ->
         eps.push_str("  []\n");
     }
     format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {slice}
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: {family}
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{eps}"
+    )
+}
+
+/// A ClusterIP Service of one family with named ports `http` (TCP 80 ->
+/// 8080) and `dns` (UDP 53 -> 5353), and one EndpointSlice holding
+/// `endpoints` (ready).
+pub fn web_service<A: Into<IpAddr> + Copy>(name: &str, vip: A, endpoints: &[(&str, A)]) -> String {
+    let vip: IpAddr = vip.into();
+    let endpoints: Vec<(&str, IpAddr)> = endpoints.iter().map(|(pod, ip)| (*pod, (*ip).into())).collect();
+    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    format!(
         "apiVersion: v1
 kind: Service
 metadata:
@@ -25,24 +49,14 @@ metadata:
   namespace: default
 spec:
   type: ClusterIP
-  clusterIP: {vip}
+  clusterIP: \"{vip}\"
+  ipFamilies: [{family}]
   ports:
   - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
   - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: {name}
-addressType: IPv4
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:
-{eps}"
+{}",
+        web_slice(name, &format!("{name}-1"), family, &endpoints)
     )
 }
 
@@ -56,28 +70,6 @@ pub fn dual_stack_service(
     v4: &[(&str, IpAddr)],
     v6: &[(&str, IpAddr)],
 ) -> String {
-    let slice = |family: &str, backends: &[(&str, IpAddr)]| {
-        let endpoints: String = backends
-            .iter()
-            .map(|(pod, ip)| format!("  - addresses: [\"{ip}\"]\n    targetRef: {{kind: Pod, name: {pod}}}\n"))
-            .collect();
-        format!(
-            "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-{family}
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: {family}
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:
-{}",
-            if endpoints.is_empty() { "  []\n" } else { &endpoints }
-        )
-    };
     let (service_type, node_port) = match node_port {
         Some(port) => ("NodePort", format!(", nodePort: {port}")),
         None => ("ClusterIP", String::new()),
@@ -95,9 +87,11 @@ spec:
   ports:
   - {{name: http, port: 80, targetPort: 8080, protocol: TCP{node_port}}}
   - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
-{}{}",
-        slice("IPv4", v4),
-        slice("IPv6", v6),
+---
+{}---
+{}",
+        web_slice(name, &format!("{name}-ipv4"), "IPv4", v4),
+        web_slice(name, &format!("{name}-ipv6"), "IPv6", v6),
     )
 }
 

@@ -23,7 +23,7 @@ use kpr_tests::{
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
     in_both_modes,
     kpr::{self, Kpr, Mode},
-    manifests::{dual_stack_service, write},
+    manifests::{dual_stack_service, web_service, write},
     netns::Netns,
     root_or_skip,
     servers::{self, Server},
@@ -43,41 +43,9 @@ const ECONNREFUSED: i32 = 111;
 /// IPv6-only Service `six` on web-1, and an IPv6-only Service without endpoints.
 fn services(v4: &[(&str, IpAddr)], v6: &[(&str, IpAddr)]) -> String {
     let web = dual_stack_service("web", (VIP4, VIP6), Some(NODE_PORT), v4, v6);
-    let web1 = pod_ip6(1, 11);
-    format!(
-        "{web}---
-apiVersion: v1
-kind: Service
-metadata: {{name: six, namespace: default}}
-spec:
-  clusterIP: \"{SIX_VIP6}\"
-  clusterIPs: [\"{SIX_VIP6}\"]
-  ipFamilies: [IPv6]
-  ipFamilyPolicy: SingleStack
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: six-1, namespace: default, labels: {{kubernetes.io/service-name: six}}}}
-addressType: IPv6
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:
-- addresses: [\"{web1}\"]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: empty, namespace: default}}
-spec:
-  clusterIP: \"{EMPTY_VIP6}\"
-  clusterIPs: [\"{EMPTY_VIP6}\"]
-  ipFamilies: [IPv6]
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-"
-    )
+    let six = web_service("six", SIX_VIP6, &[("web-1", pod_ip6(1, 11))]);
+    let empty = web_service("empty", EMPTY_VIP6, &[]);
+    format!("{web}---\n{six}---\n{empty}")
 }
 
 /// The backends and the client addresses they saw, over `tries` TCP

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use axum::{Json, Router, extract::State, response::IntoResponse, routing::get};
@@ -132,6 +132,21 @@ fn view<A: Family>(f: &Frontend<A>, t: Option<&FrontendTraffic>) -> ServiceView 
     }
 }
 
+/// A frontend of either family, as the page lists them.
+enum AnyFrontend<'a> {
+    V4(&'a Frontend),
+    V6(&'a Frontend<Ipv6Addr>),
+}
+
+impl AnyFrontend<'_> {
+    fn order(&self) -> (&crate::name::ServicePortName, IpAddr, u16, crate::frontend::Protocol) {
+        match self {
+            AnyFrontend::V4(f) => (&f.service, f.key.vip.into(), f.key.port, f.key.protocol),
+            AnyFrontend::V6(f) => (&f.service, f.key.vip.into(), f.key.port, f.key.protocol),
+        }
+    }
+}
+
 /// Joins the models (names, types, backends; IPv4 and, where served,
 /// IPv6) with the datapath's traffic.
 pub fn state(
@@ -142,17 +157,16 @@ pub fn state(
     datapath: Vec<(&'static str, u64)>,
 ) -> DashboardState {
     let traffic: BTreeMap<_, _> = traffic.iter().map(|t| (t.frontend, t)).collect();
-    let mut frontends: Vec<_> = model.frontends.values().map(|f| (&f.service, f.key.to_string(), Ok(f))).collect();
-    let v6 = model6.into_iter().flat_map(|m| m.frontends.values());
-    frontends.extend(v6.map(|f| (&f.service, f.key.to_string(), Err(f))));
-    // A dual-stack Service's two frontends side by side.
-    frontends.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut frontends: Vec<AnyFrontend<'_>> = model.frontends.values().map(AnyFrontend::V4).collect();
+    frontends.extend(model6.into_iter().flat_map(|m| m.frontends.values()).map(AnyFrontend::V6));
+    // By Service, a dual-stack Service's two frontends side by side.
+    frontends.sort_by(|a, b| a.order().cmp(&b.order()));
     let services = frontends
         .iter()
         .take(MAX_SERVICES)
-        .map(|(_, _, f)| match f {
-            Ok(f) => view(f, traffic.get(&f.key).copied()),
-            Err(f) => view(f, None),
+        .map(|f| match f {
+            AnyFrontend::V4(f) => view(f, traffic.get(&f.key).copied()),
+            AnyFrontend::V6(f) => view(f, None),
         })
         .collect();
     let recent = o.recent.lock().unwrap();
