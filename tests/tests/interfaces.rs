@@ -1,6 +1,7 @@
 //! `--interfaces` patterns: pods created after kpr started are served on
 //! the per-packet path (socket hooks off), as clients and as backends, in
 //! both modes. In eBPF mode their interfaces are attached as they appear.
+//! Starting kpr on a node whose pods are busy loses none of their packets.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -63,4 +64,113 @@ fn pods_created_after_kpr_started_are_served(mode: Mode) {
     drop(running);
 }
 
-kpr_tests::in_both_modes!(pods_created_after_kpr_started_are_served);
+/// Datagrams a pod sends another across the node's bridge, and the ones the
+/// receiver's socket turned away (a full buffer is the receiver's doing).
+struct Stream {
+    sent: u64,
+    received: u64,
+    refused: u64,
+}
+
+/// UDP `RcvbufErrors` of the namespace the calling thread is in
+/// (`/proc/net` would show the main thread's).
+fn receive_buffer_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors").unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Streams datagrams from pod `from` to pod `to` (every 50 µs) while `during`
+/// runs, and for 300 ms before and after.
+fn stream_while(node: &VirtualNode, from: &str, to: &str, during: impl FnOnce()) -> Stream {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let stop_receiving = Arc::new(AtomicBool::new(false));
+    let stop = stop_receiving.clone();
+    let to_ip = node.pod(to).ip;
+    let receiver = node
+        .pod(to)
+        .ns
+        .spawn(move || {
+            let socket = std::net::UdpSocket::bind((to_ip, 9000)).unwrap();
+            socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let refused_before = receive_buffer_errors();
+            let (mut received, mut buf) = (0u64, [0u8; 64]);
+            while !stop.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    received += 1;
+                }
+            }
+            while socket.recv(&mut buf).is_ok() {
+                received += 1;
+            }
+            (received, receive_buffer_errors() - refused_before)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let stop = stop_sending.clone();
+    let sender = node
+        .pod(from)
+        .ns
+        .spawn(move || {
+            let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            let (mut sent, mut next) = (0u64, std::time::Instant::now());
+            while !stop.load(Ordering::Relaxed) {
+                sent += u64::from(socket.send_to(b"datagram", (to_ip, 9000)).is_ok());
+                next += Duration::from_micros(50);
+                std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+            }
+            sent
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    std::thread::sleep(Duration::from_millis(300));
+    stop_sending.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    stop_receiving.store(true, Ordering::Relaxed);
+    let (received, refused) = receiver.join().unwrap();
+    Stream { sent, received, refused }
+}
+
+/// Starting kpr on a node whose pods are busy loses none of their packets:
+/// attaching to an interface that carries traffic must not interrupt it
+/// (a clsact qdisc added to a device that is up deactivates its transmit
+/// queues for a moment; on TCX kernels none is needed).
+fn starting_on_a_busy_node_loses_no_packet(mode: Mode) {
+    root_or_skip!();
+    let node = VirtualNode::new(&PODS).unwrap();
+    let _web = servers::tcp(&node.pod("web-a").ns, 8080, "web-a").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..1])).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display()), "--socket-lb=false".into()];
+    let log = dir.path().join("kpr.log");
+    let mut kpr = None;
+    let stream = stream_while(&node, "client", "web-a", || {
+        let mut started =
+            Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &["veth*".into()], &args, &log).unwrap();
+        started.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+        kpr = Some(started);
+    });
+    let kpr = kpr.unwrap();
+    assert!(stream.sent > 5_000, "the stream ran: {} datagrams sent", stream.sent);
+    let lost = stream.sent - stream.received - stream.refused;
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} datagrams lost on the way ({} turned away by a full receive buffer)\nkpr log:\n{}",
+        stream.sent,
+        stream.refused,
+        kpr.log()
+    );
+}
+
+kpr_tests::in_both_modes!(pods_created_after_kpr_started_are_served, starting_on_a_busy_node_loses_no_packet);

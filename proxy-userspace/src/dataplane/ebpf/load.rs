@@ -499,8 +499,13 @@ pub fn attach_classifier(
     index: u32,
 ) -> Result<PacketLinks, DataplaneError> {
     // Kernels before 6.6 attach through a clsact qdisc; it may exist already.
-    if let Err(e) = tc::qdisc_add_clsact(iface) {
-        tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or TCX is used)");
+    // Later ones attach through TCX and need none: adding one to a device
+    // that is up deactivates its transmit queues for a moment, dropping the
+    // packets in flight on a device that carries traffic already.
+    if !attaches_through_tcx()
+        && let Err(e) = tc::qdisc_add_clsact(iface)
+    {
+        tracing::debug!(%iface, error = %e, "clsact qdisc not added (it exists)");
     }
     let names = PACKET_PROGRAMS.map(|(_, hook)| {
         let hook = if hook == TcAttachType::Ingress { "ingress" } else { "egress" };
@@ -539,6 +544,12 @@ pub fn attach_classifier(
     }
     tracing::info!(%iface, "datapath attached on ingress and egress");
     Ok(names)
+}
+
+/// Whether classifiers attach through TCX links (Linux 6.6+), as aya's
+/// `SchedClassifier::attach` decides, rather than a clsact qdisc.
+fn attaches_through_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
 /// Detaches the classifiers from an interface that is gone (the kernel
