@@ -108,11 +108,19 @@ impl ClusterNode {
     }
 }
 
+/// Which address families a cluster's nodes and pods have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Families {
+    Ipv4,
+    Dual,
+    Ipv6,
+}
+
 pub struct Cluster {
     pub shape: Shape,
     pub nodes: Vec<ClusterNode>,
-    /// Whether nodes and pods have IPv6 addresses too.
-    dual_stack: bool,
+    /// The address families of nodes and pods.
+    families: Families,
     prefix: String,
     // Dropped last: the nodes' uplinks end there.
     underlay: Netns,
@@ -174,7 +182,7 @@ impl Cluster {
         // traffic from outside the cluster comes from.
         ip(&["-n", &ul, "addr", "add", &format!("{ROUTER}/24"), "dev", "br0"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
-        let mut cluster = Self { shape, nodes: Vec::new(), dual_stack: false, prefix, underlay };
+        let mut cluster = Self { shape, nodes: Vec::new(), families: Families::Ipv4, prefix, underlay };
         for index in 0..nodes {
             let node = cluster.add_node(index, &ul).with_context(|| format!("creating node {index}"))?;
             cluster.nodes.push(node);
@@ -263,7 +271,7 @@ impl Cluster {
     /// [`Cluster::new`], and IPv6 addresses and routes beside them.
     pub fn new_dual_stack(nodes: u8) -> anyhow::Result<Self> {
         let mut cluster = Self::new(Shape::HostGw, nodes)?;
-        cluster.dual_stack = true;
+        cluster.families = Families::Dual;
         let ul = cluster.underlay.name().to_string();
         add_ip6(&ul, ROUTER6, 64, "br0")?;
         for node in &cluster.nodes {
@@ -281,6 +289,22 @@ impl Cluster {
         }
         for ns in cluster.nodes.iter().map(|n| &n.ns).chain([&cluster.underlay]) {
             settle_ipv6(ns)?;
+        }
+        Ok(cluster)
+    }
+
+    /// `nodes` nodes wired as flannel host-gw over IPv6 alone: the nodes
+    /// and their pods have no IPv4 address or route (a pod's [`Pod::ip`]
+    /// is not assigned). The underlay's router keeps both families.
+    pub fn new_ipv6_only(nodes: u8) -> anyhow::Result<Self> {
+        let mut cluster = Self::new_dual_stack(nodes)?;
+        cluster.families = Families::Ipv6;
+        for node in &cluster.nodes {
+            let n = node.ns.name();
+            for dev in ["eth0", BRIDGE] {
+                ip(&["-n", n, "-4", "addr", "flush", "dev", dev])?;
+            }
+            ip(&["-n", n, "-4", "route", "flush", "table", "main"])?;
         }
         Ok(cluster)
     }
@@ -336,25 +360,28 @@ impl Cluster {
         let host_if = format!("veth{}", node.pods.len());
         let addr = pod_ip(node.index, host);
         let p = ns.name().to_string();
-        if self.dual_stack {
+        let (ipv4, ipv6) = (self.families != Families::Ipv6, self.families != Families::Ipv4);
+        if ipv6 {
             ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         }
         ip(&["-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &p])?;
         ip(&["-n", &p, "link", "set", "eth0", "up"])?;
         match shape {
             Shape::HostGw | Shape::Vxlan => {
-                if self.dual_stack {
+                if ipv6 {
                     add_ip6(&p, pod_ip6(node.index, host), 64, "eth0")?;
                     ip(&["-n", &p, "-6", "route", "add", "default", "via", &pod_ip6(node.index, 1).to_string()])?;
                 }
                 ip(&["-n", &n, "link", "set", &host_if, "master", BRIDGE, "up"])?;
                 // As flannel's and the bridge plugin's hairpinMode (see VirtualNode).
                 ip(&["-n", &n, "link", "set", "dev", &host_if, "type", "bridge_slave", "hairpin", "on"])?;
-                ip(&["-n", &p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
                 if shape == Shape::Vxlan {
                     ip(&["-n", &p, "link", "set", "eth0", "mtu", "1450"])?;
                 }
-                ip(&["-n", &p, "route", "add", "default", "via", &pod_ip(node.index, 1).to_string()])?;
+                if ipv4 {
+                    ip(&["-n", &p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                    ip(&["-n", &p, "route", "add", "default", "via", &pod_ip(node.index, 1).to_string()])?;
+                }
             }
             Shape::Routed => {
                 ip(&["-n", &n, "link", "set", &host_if, "up"])?;
@@ -368,7 +395,7 @@ impl Cluster {
                 ip(&["-n", &p, "route", "add", "default", "via", ROUTED_GATEWAY, "dev", "eth0"])?;
             }
         }
-        if self.dual_stack {
+        if ipv6 {
             settle_ipv6(&ns)?;
             settle_ipv6(&node.ns)?;
         }

@@ -38,9 +38,20 @@ endpoints:
 /// 8080) and `dns` (UDP 53 -> 5353), and one EndpointSlice holding
 /// `endpoints` (ready).
 pub fn web_service<A: Into<IpAddr> + Copy>(name: &str, vip: A, endpoints: &[(&str, A)]) -> String {
+    web_node_port_service(name, vip, None, endpoints)
+}
+
+/// [`web_service`], of type NodePort with `http` on `node_port` when given.
+pub fn web_node_port_service<A: Into<IpAddr> + Copy>(
+    name: &str,
+    vip: A,
+    node_port: Option<u16>,
+    endpoints: &[(&str, A)],
+) -> String {
     let vip: IpAddr = vip.into();
     let endpoints: Vec<(&str, IpAddr)> = endpoints.iter().map(|(pod, ip)| (*pod, (*ip).into())).collect();
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let (service_type, node_port) = type_and_node_port(node_port);
     format!(
         "apiVersion: v1
 kind: Service
@@ -48,16 +59,24 @@ metadata:
   name: {name}
   namespace: default
 spec:
-  type: ClusterIP
+  type: {service_type}
   clusterIP: \"{vip}\"
   ipFamilies: [{family}]
   ports:
-  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP{node_port}}}
   - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
 ---
 {}",
         web_slice(name, &format!("{name}-1"), family, &endpoints)
     )
+}
+
+/// The Service type, and the `http` port's `nodePort` field, for `node_port`.
+fn type_and_node_port(node_port: Option<u16>) -> (&'static str, String) {
+    match node_port {
+        Some(port) => ("NodePort", format!(", nodePort: {port}")),
+        None => ("ClusterIP", String::new()),
+    }
 }
 
 /// A dual-stack Service (IPv6 first in `ipFamilies`) with HTTP on TCP 80
@@ -70,10 +89,7 @@ pub fn dual_stack_service(
     v4: &[(&str, IpAddr)],
     v6: &[(&str, IpAddr)],
 ) -> String {
-    let (service_type, node_port) = match node_port {
-        Some(port) => ("NodePort", format!(", nodePort: {port}")),
-        None => ("ClusterIP", String::new()),
-    };
+    let (service_type, node_port) = type_and_node_port(node_port);
     format!(
         "apiVersion: v1
 kind: Service

@@ -10,7 +10,11 @@
 //!   cluster, also on a node whose only default route is IPv6;
 //! - a UDP client held on an IPv6 backend that leaves is answered by the
 //!   other (its stale conntrack entry is cleared, as kube-proxy does in each
-//!   family).
+//!   family);
+//! - on an IPv6-only cluster (no IPv4 address or route on nodes and pods),
+//!   an IPv6 Service is reached by TCP and UDP from a pod and a node
+//!   process, its node port from outside on each node, and one without
+//!   endpoints is refused.
 
 use std::{
     collections::BTreeSet,
@@ -23,7 +27,7 @@ use kpr_tests::{
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
     in_both_modes,
     kpr::{self, Kpr, Mode},
-    manifests::{dual_stack_service, web_service, write},
+    manifests::{dual_stack_service, web_node_port_service, web_service, write},
     netns::Netns,
     root_or_skip,
     servers::{self, Server},
@@ -201,4 +205,74 @@ fn node_ports_answer_where_the_only_default_route_is_ipv6(mode: Mode) {
     assert!(answer.starts_with("web-1 "), "{answer}");
 }
 
-in_both_modes!(serves_both_families, node_ports_answer_where_the_only_default_route_is_ipv6);
+fn serves_an_ipv6_only_cluster(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new_ipv6_only(2).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    let pods = [(0, "web-0"), (1, "web-1")];
+    let mut servers: Vec<Server> = Vec::new();
+    for (node, pod) in pods {
+        cluster.add_pod(node, pod, 11).unwrap();
+        let ns = &cluster.node(node).pod(pod).ns;
+        servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
+        servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
+    }
+    let endpoints: Vec<(&str, Ipv6Addr)> = pods.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
+    let six = web_node_port_service("six", SIX_VIP6, Some(NODE_PORT), &endpoints);
+    let empty = web_service("empty", EMPTY_VIP6, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "six.yaml", &format!("{six}---\n{empty}")).unwrap();
+    let source = format!("--source=dir:{}", manifests.display());
+    let agents = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
+
+    let node0 = cluster.node(0);
+    let client = &node0.pod("client").ns;
+    for ns in [client, &node0.ns] {
+        let v4 = ns.output(&["ip", "-4", "addr", "show", "scope", "global"]).unwrap();
+        assert!(v4.trim().is_empty(), "{} has no IPv4 address: {v4}", ns.name());
+    }
+    // The device is found from the IPv6 default route, the only one.
+    let found = format!("IPv6 node ports answer on addresses=Only([{}])", underlay_ip6(0));
+    assert!(agents[0].log().contains(&found), "node 0's device is its IPv6 uplink:\n{}", agents[0].log());
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let vip = |port| SocketAddr::new(SIX_VIP6.into(), port);
+    for ns in [client, &node0.ns] {
+        let before = socket_translated(mode, node0);
+        assert_eq!(answers(node0, ns, vip(80), 20).0, both, "TCP to {} from {}", vip(80), ns.name());
+        if let (Some(before), Some(after)) = (before, socket_translated(mode, node0)) {
+            assert!(after >= before + 20, "TCP through the socket hooks: {before} -> {after}");
+        }
+        let udp = probe(Path::new(PROBE), ns, &node0.cgroup, "udp", vip(53)).unwrap();
+        assert!(udp.reply.as_deref().is_some_and(|r| both.contains(r)), "UDP from {}: {udp:?}", ns.name());
+        assert_eq!(udp.peer, Some(vip(53).to_string()), "UDP from {}: {udp:?}", ns.name());
+    }
+    let refused =
+        probe(Path::new(PROBE), client, &node0.cgroup, "tcp", SocketAddr::new(EMPTY_VIP6.into(), 80)).unwrap();
+    assert_eq!(refused.errno, Some(ECONNREFUSED), "{refused:?}");
+    // The node port from outside, on each node's IPv6 address.
+    for node in [0, 1] {
+        let node_port = SocketAddr::new(underlay_ip6(node).into(), NODE_PORT);
+        let reached: BTreeSet<String> = (0..20)
+            .map(|_| {
+                let answer = cluster
+                    .outside()
+                    .run(move || kpr_tests::client::tcp_request(node_port, std::time::Duration::from_secs(2)));
+                let answer = answer.unwrap().unwrap_or_else(|e| panic!("node port {node_port} from outside: {e}"));
+                answer.split_whitespace().next().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(reached, both, "node port {node_port} from outside");
+    }
+    for (i, agent) in agents.iter().enumerate() {
+        let log = agent.log();
+        assert!(!log.contains(" ERROR "), "node {i} logged an error on an IPv6-only node:\n{log}");
+    }
+}
+
+in_both_modes!(
+    serves_both_families,
+    node_ports_answer_where_the_only_default_route_is_ipv6,
+    serves_an_ipv6_only_cluster
+);
