@@ -103,7 +103,7 @@ impl Default for MapSizes {
 }
 
 /// The capacity of every map whose size is set at load time.
-fn capacities(sizes: MapSizes) -> [(&'static str, u32); 10] {
+fn capacities(sizes: MapSizes) -> [(&'static str, u32); 13] {
     [
         (abi::SERVICES, sizes.services),
         (abi::AFFINITY_TIMEOUTS, sizes.services),
@@ -116,6 +116,10 @@ fn capacities(sizes: MapSizes) -> [(&'static str, u32); 10] {
         (abi::SOCK_REVERSE, sizes.flows),
         (abi::SERVICE_TRAFFIC, sizes.services),
         (abi::BACKEND_TRAFFIC, sizes.backends),
+        // The IPv6 family's (allocated as used: the capacity is a limit).
+        (abi::SERVICES6, sizes.services),
+        (abi::BACKENDS6, sizes.backends),
+        (abi::SOCK_REVERSE6, sizes.flows),
     ]
 }
 
