@@ -5,8 +5,8 @@
 //! looks at its peer again (`recvmsg` on UDP, `getpeername`), it sees the
 //! VIP it addressed. IPv6 sockets reaching IPv4 Services through
 //! IPv4-mapped addresses (dual-stack sockets) are served the same way, and
-//! IPv6 TCP sockets connecting to IPv6 ClusterIPs from [`SERVICES6`] (the
-//! rest of IPv6 is ip6tables rules' to serve).
+//! IPv6 TCP and UDP sockets connecting to IPv6 ClusterIPs from [`SERVICES6`]
+//! (the rest of IPv6, unconnected UDP included, is ip6tables rules' to serve).
 //!
 //! A connected socket chooses once. An unconnected UDP socket chooses on its
 //! first datagram to a frontend and keeps that backend ([`SOCK_AFFINITY`]),
@@ -83,7 +83,8 @@ pub(crate) fn kpr_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 /// The same four for IPv6 sockets: IPv4 Services through mapped
-/// addresses; IPv6 ClusterIPs on connect and getpeername (TCP).
+/// addresses; IPv6 ClusterIPs on connect, and the sockets connected so on
+/// recvmsg and getpeername.
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn kpr_sock_connect6(ctx: SockAddrContext) -> i32 {
     if user_address(&ctx, Family::V6Mapped).is_some() {
@@ -100,7 +101,11 @@ pub(crate) fn kpr_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub(crate) fn kpr_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    show_frontend(&ctx, Family::V6Mapped);
+    if user_address(&ctx, Family::V6Mapped).is_some() {
+        show_frontend(&ctx, Family::V6Mapped);
+    } else {
+        show_frontend6(&ctx);
+    }
     ALLOW
 }
 
@@ -149,13 +154,11 @@ fn forget_released(ctx: &SockContext) {
                 )
             };
             if w0 != 0 || w1 != 0 || w2.to_ne_bytes() != [0, 0, 0xff, 0xff] {
-                if proto == PROTO_TCP {
-                    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-                    let key = SockKey6::new(cookie, words6(w0, w1, w2, w3), port, proto);
-                    // Absent when the hooks never translated this socket: nothing to do.
-                    match SOCK_REVERSE6.remove(&key) {
-                        Ok(()) | Err(_) => {}
-                    }
+                let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+                let key = SockKey6::new(cookie, words6(w0, w1, w2, w3), port, proto);
+                // Absent when the hooks never translated this socket: nothing to do.
+                match SOCK_REVERSE6.remove(&key) {
+                    Ok(()) | Err(_) => {}
                 }
                 return;
             }
@@ -213,16 +216,14 @@ fn set_user_address6(ctx: &SockAddrContext, addr: [u8; 16], port: [u8; 2]) {
     }
 }
 
-/// An IPv6 TCP socket connecting to an IPv6 ClusterIP: one of its backends
-/// instead. UDP is left to ip6tables, whose conntrack cleanup ends the
-/// flows of backends that leave (these hooks could not end such sockets).
+/// An IPv6 socket connecting to an IPv6 ClusterIP (TCP, or connected UDP):
+/// one of its backends instead. The agent ends a UDP socket connected so
+/// when its backend leaves, as it does IPv4 ones.
 #[inline(always)]
 fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
-    if protocol(ctx) != Some(PROTO_TCP) {
-        return Ok(());
-    }
+    let Some(proto) = protocol(ctx) else { return Ok(()) };
     let (vip, vip_port) = user_address6(ctx);
-    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port: vip_port, proto: PROTO_TCP, _pad: 0 }) else {
+    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port: vip_port, proto, _pad: 0 }) else {
         return Ok(());
     };
     let svc = unsafe { core::ptr::read(svc) };
@@ -238,7 +239,7 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Written before the address is: getpeername can only ask once it is used.
     let reverse = ReverseEntry6 { vip, vip_port, _pad: [0; 2], service_id: svc.id };
-    if SOCK_REVERSE6.insert(SockKey6::new(cookie, backend.addr, backend.port, PROTO_TCP), reverse, 0).is_err() {
+    if SOCK_REVERSE6.insert(SockKey6::new(cookie, backend.addr, backend.port, proto), reverse, 0).is_err() {
         return Err(Refusal::Drop(DropReason::ConntrackFailed));
     }
     set_user_address6(ctx, backend.addr, backend.port);
@@ -246,15 +247,14 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// `getpeername` of an IPv6 TCP socket [`translate6`] connected: its VIP.
+/// `getpeername` of an IPv6 socket [`translate6`] connected, and the source
+/// of a datagram it receives: its VIP.
 #[inline(always)]
 fn show_frontend6(ctx: &SockAddrContext) {
-    if protocol(ctx) != Some(PROTO_TCP) {
-        return;
-    }
+    let Some(proto) = protocol(ctx) else { return };
     let (addr, port) = user_address6(ctx);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    if let Some(rev) = SOCK_REVERSE6.get_ptr(SockKey6::new(cookie, addr, port, PROTO_TCP)) {
+    if let Some(rev) = SOCK_REVERSE6.get_ptr(SockKey6::new(cookie, addr, port, proto)) {
         let rev = unsafe { core::ptr::read(rev) };
         set_user_address6(ctx, rev.vip, rev.vip_port);
         count(Counter::SocketReverseTranslated, ());

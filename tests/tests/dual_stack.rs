@@ -8,9 +8,11 @@
 //!   refused at once;
 //! - the dual-stack Service's node port answers over IPv6 from outside the
 //!   cluster, also on a node whose only default route is IPv6;
-//! - a UDP client held on an IPv6 backend that leaves is answered by the
-//!   other (its stale conntrack entry is cleared, as kube-proxy does in each
-//!   family);
+//! - a connected IPv6 UDP socket is given its backend by the socket hooks
+//!   in eBPF mode and sees the VIP as its peer; held on a backend that
+//!   leaves, it is never left with it: ended at once in eBPF mode, moved to
+//!   the other backend in iptables mode (its stale conntrack entry cleared,
+//!   as kube-proxy does in each family);
 //! - on an IPv6-only cluster (no IPv4 address or route on nodes and pods),
 //!   an IPv6 Service is reached by TCP and UDP from a pod and a node
 //!   process, its node port from outside on each node, and one without
@@ -162,9 +164,21 @@ fn serves_both_families(mode: Mode) {
         "source NAT to node 0: {from_outside:?}"
     );
 
-    // A connected UDP client stays on its IPv6 backend until that backend
-    // leaves; then its next datagram reaches the other one.
+    // A connected IPv6 UDP socket: in eBPF mode the socket hooks give it
+    // its backend, and it sees the VIP as its peer.
     let dns6 = SocketAddr::new(VIP6.into(), 53);
+    let before = socket_translated(mode, node0);
+    let connected = probe(Path::new(PROBE), client, &node0.cgroup, "udp-connected", dns6).unwrap();
+    assert!(connected.reply.as_deref().is_some_and(|r| both.contains(r)), "{connected:?}");
+    assert_eq!(connected.peer, Some(dns6.to_string()), "{connected:?}");
+    if let (Some(before), Some(after)) = (before, socket_translated(mode, node0)) {
+        assert!(after > before, "connected IPv6 UDP through the socket hooks: {before} -> {after}");
+    }
+
+    // A connected UDP client stays on its IPv6 backend until that backend
+    // leaves; then it is never left with it, nor with silence: its next
+    // request fails at once (eBPF mode ends the socket) or reaches the
+    // other backend (iptables mode forgets the conntrack entry).
     let (mut held, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "udp-held", dns6).unwrap();
     let gone = first.reply.clone().unwrap_or_else(|| panic!("no first answer: {first:?}"));
     assert_eq!(held.ask().unwrap().reply.as_deref(), Some(gone.as_str()), "the flow keeps its backend");
@@ -173,7 +187,17 @@ fn serves_both_families(mode: Mode) {
     write(&manifests, "web.yaml", &services(&v4, &kept)).unwrap();
     agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
     let next = held.ask().unwrap();
-    assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
+    match (&next.reply, next.errno) {
+        (Some(reply), _) => assert!(reply != &gone && both.contains(reply), "after {gone} left: {next:?}"),
+        (None, Some(errno)) if mode == Mode::Ebpf => assert!(
+            [libc::ECONNABORTED, libc::EDESTADDRREQ].contains(&errno),
+            "an error at once, not a timeout: {next:?}"
+        ),
+        _ => panic!("after {gone} left: {next:?}"),
+    }
+    // A new client is served by the remaining backend.
+    let again = probe(Path::new(PROBE), client, &node0.cgroup, "udp-connected", dns6).unwrap();
+    assert!(again.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "{again:?}");
 }
 
 /// A node whose uplink has only an IPv6 default route: its device is found

@@ -1,9 +1,11 @@
 //! eBPF mode's IPv6 family: kube-proxy's ip6tables rules for every IPv6
-//! frontend, and, where the socket hooks are attached, the IPv6 TCP
+//! frontend, and, where the socket hooks are attached, the IPv6 TCP and UDP
 //! ClusterIPs in [`abi::SERVICES6`], so pods and node processes under the
 //! cgroup connect straight to a backend (`connect6`) and see the VIP as
-//! their peer (`getpeername6`). A frontend with a Local internal policy or
-//! session affinity, and UDP, stay with the rules alone.
+//! their peer (`getpeername6`, and `recvmsg6` for connected UDP). A UDP
+//! socket connected to a backend that leaves is ended (see `sock_destroy`),
+//! as IPv4 ones are. A frontend with a Local internal policy or session
+//! affinity, and unconnected UDP, stay with the rules alone.
 //!
 //! A backend set is switched as the IPv4 ones are: written whole under a
 //! fresh set id, published by rewriting the frontend's entry, and freed
@@ -12,10 +14,16 @@
 //! sync, connects to IPv6 VIPs are translated by the rules, which stay
 //! in place across restarts.
 
-use std::{collections::BTreeMap, net::Ipv6Addr};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv6Addr,
+    path::PathBuf,
+};
 
 use aya::maps::{HashMap, MapData};
-use proxy_common::maps::{self as abi, Backend6, BackendKey, ServiceKey6, ServiceValue};
+use proxy_common::maps::{
+    self as abi, Backend6, BackendKey, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue, SockKey6,
+};
 
 use crate::{
     dataplane::{ApplyError, Dataplane, DataplaneError, Desired, Mode, iptables::IptablesDataplane},
@@ -23,10 +31,13 @@ use crate::{
     planner::Op,
 };
 
-/// The socket hooks' IPv6 maps.
+/// The socket hooks' IPv6 maps, and the cgroup they serve.
 pub struct Ipv6Maps {
     pub services: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub backends: HashMap<MapData, BackendKey, Backend6>,
+    /// Which backend each connected socket was given.
+    pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
+    pub cgroup: PathBuf,
 }
 
 /// What one frontend holds in the maps.
@@ -47,10 +58,10 @@ pub struct EbpfIpv6 {
     next_set: u32,
 }
 
-/// Whether the socket hooks serve `f`: a TCP frontend that every pod and
-/// node process reaches alike, with no memory of its clients.
+/// Whether the socket hooks serve `f`: a TCP or UDP frontend that every
+/// pod and node process reaches alike, with no memory of its clients.
 fn on_sockets(f: &Frontend<Ipv6Addr>) -> bool {
-    f.key.protocol == Protocol::Tcp && !f.internal_local && f.affinity_timeout.is_none()
+    matches!(f.key.protocol, Protocol::Tcp | Protocol::Udp) && !f.internal_local && f.affinity_timeout.is_none()
 }
 
 fn service_key(k: &FrontendKey<Ipv6Addr>) -> ServiceKey6 {
@@ -118,9 +129,31 @@ impl EbpfIpv6 {
         }
         if let Some(old) = old {
             self.retiring.push((old.set, old.slots));
+            if f.key.protocol == Protocol::Udp {
+                let keep: HashSet<([u8; 16], [u8; 2])> =
+                    f.backends.iter().map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
+                self.end_udp_sockets(id, &keep);
+            }
         }
         self.written.insert(f.key, Written { id, set, slots });
         Ok(())
+    }
+
+    /// Ends the UDP sockets connected for frontend `id` to a backend not in
+    /// `keep`: they would send to it for as long as they live.
+    fn end_udp_sockets(&self, id: u32, keep: &HashSet<([u8; 16], [u8; 2])>) {
+        let pinned: HashSet<super::sock_destroy::Pinned> = self
+            .maps
+            .sock_reverse
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.proto == PROTO_UDP && v.service_id == id && !keep.contains(&(k.addr, k.port)))
+            .map(|(k, _)| (k.cookie, k.addr, k.port))
+            .collect();
+        let ended = super::sock_destroy::destroy(&self.maps.cgroup, &pinned);
+        if ended > 0 {
+            tracing::debug!(service_id = id, sockets = ended, "ended IPv6 UDP sockets connected to removed backends");
+        }
     }
 
     fn delete(&mut self, k: &FrontendKey<Ipv6Addr>) -> Result<(), DataplaneError> {
@@ -130,6 +163,9 @@ impl EbpfIpv6 {
             return Err(write_error(abi::SERVICES6)(e));
         }
         self.retiring.push((old.set, old.slots));
+        if k.protocol == Protocol::Udp {
+            self.end_udp_sockets(old.id, &HashSet::new());
+        }
         Ok(())
     }
 }

@@ -471,10 +471,12 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
-    let ipv6 = match maps.cgroup {
-        Some(_) => Some(super::ipv6::Ipv6Maps {
+    let ipv6 = match &maps.cgroup {
+        Some(cgroup) => Some(super::ipv6::Ipv6Maps {
             services: take_hash(&mut ebpf, abi::SERVICES6)?,
             backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
+            sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
+            cgroup: cgroup.clone(),
         }),
         None => None,
     };

@@ -228,7 +228,7 @@ impl ServiceMaps for AyaMaps {
                     .filter(|(k, v)| {
                         k.proto == PROTO_UDP && v.service_id == service_id && !keep.contains(&(k.addr, k.port))
                     })
-                    .map(|(k, _)| (k.cookie, k.addr, k.port))
+                    .map(|(k, _)| (k.cookie, super::sock_destroy::mapped(k.addr), k.port))
                     .collect();
                 super::sock_destroy::destroy(cgroup, &pinned)
             }

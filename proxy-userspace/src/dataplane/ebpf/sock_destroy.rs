@@ -9,7 +9,9 @@
 //! each is named by its cookie in the socket reverse map.
 //!
 //! inet_diag sees one network namespace at a time, so every namespace of a
-//! process under the cgroup is visited, from a thread that enters it.
+//! process under the cgroup is visited, from a thread that enters it. Both
+//! families are listed: IPv6 sockets connected to IPv6 backends, and
+//! dual-stack ones connected to IPv4 backends through mapped addresses.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -19,8 +21,14 @@ use std::{
 
 use crate::dataplane::netlink::{self, HEADER, NLMSG_DONE, NLMSG_ERROR};
 
-/// A socket to end: its cookie and the backend it is connected to.
-pub type Pinned = (u64, [u8; 4], [u8; 2]);
+/// A socket to end: its cookie and the backend it is connected to (an
+/// IPv4 backend as its mapped IPv6 address, `::ffff:a.b.c.d`).
+pub type Pinned = (u64, [u8; 16], [u8; 2]);
+
+/// `addr` as an IPv4-mapped IPv6 address, as [`Pinned`] holds IPv4 backends.
+pub fn mapped(addr: [u8; 4]) -> [u8; 16] {
+    std::net::Ipv4Addr::from(addr).to_ipv6_mapped().octets()
+}
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -31,15 +39,23 @@ const REQUEST: usize = 8 + SOCKID;
 /// `struct inet_diag_msg` up to the end of its socket id.
 const MESSAGE_ID_END: usize = 4 + SOCKID;
 
-/// A UDP socket as inet_diag lists it: its id, as a destroy request must repeat it.
+/// A UDP socket as inet_diag lists it: its family and id, as a destroy
+/// request must repeat them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listed {
+    pub family: u8,
     pub id: [u8; SOCKID],
 }
 
 impl Listed {
-    fn dst(&self) -> ([u8; 4], [u8; 2]) {
-        ([self.id[20], self.id[21], self.id[22], self.id[23]], [self.id[2], self.id[3]])
+    /// The peer (an IPv4 one mapped, as in [`Pinned`]).
+    fn dst(&self) -> ([u8; 16], [u8; 2]) {
+        let mut addr = [0; 16];
+        addr.copy_from_slice(&self.id[20..36]);
+        if self.family == libc::AF_INET as u8 {
+            addr = mapped([addr[0], addr[1], addr[2], addr[3]]);
+        }
+        (addr, [self.id[2], self.id[3]])
     }
 
     fn cookie(&self) -> u64 {
@@ -49,28 +65,28 @@ impl Listed {
     }
 }
 
-/// A netlink message of `kind` around an IPv4/UDP inet_diag request for `id`.
-fn request(kind: u16, flags: u16, id: &[u8; SOCKID]) -> Vec<u8> {
+/// A netlink message of `kind` around a UDP inet_diag request of `family` for `id`.
+fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID]) -> Vec<u8> {
     let len = HEADER + REQUEST;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
     m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
     m.extend_from_slice(&[0; 8]); // sequence, port id
-    m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+    m.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
     m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     m.extend_from_slice(id);
     m
 }
 
-/// The request listing every IPv4 UDP socket of the namespace.
-pub fn dump_request() -> Vec<u8> {
-    request(SOCK_DIAG_BY_FAMILY, libc::NLM_F_DUMP as u16, &[0; SOCKID])
+/// The request listing every UDP socket of `family` in the namespace.
+pub fn dump_request(family: u8) -> Vec<u8> {
+    request(SOCK_DIAG_BY_FAMILY, libc::NLM_F_DUMP as u16, family, &[0; SOCKID])
 }
 
 /// The request ending `socket`, acknowledged.
 pub fn destroy_request(socket: &Listed) -> Vec<u8> {
-    request(SOCK_DESTROY, libc::NLM_F_ACK as u16, &socket.id)
+    request(SOCK_DESTROY, libc::NLM_F_ACK as u16, socket.family, &socket.id)
 }
 
 /// What one read of the netlink socket held.
@@ -93,7 +109,7 @@ pub fn parse(buf: &[u8]) -> Batch {
             SOCK_DIAG_BY_FAMILY if body.len() >= MESSAGE_ID_END => {
                 let mut id = [0; SOCKID];
                 id.copy_from_slice(&body[4..MESSAGE_ID_END]);
-                batch.sockets.push(Listed { id });
+                batch.sockets.push(Listed { family: body[0], id });
             }
             _ => {}
         }
@@ -111,19 +127,21 @@ fn destroy_here(pinned: &HashSet<Pinned>) -> std::io::Result<usize> {
     let fd = netlink::socket(libc::NETLINK_SOCK_DIAG)?;
     // The kernel answers at once; a wait this long means it will not.
     netlink::set_receive_timeout(&fd, std::time::Duration::from_secs(2))?;
-    netlink::send(&fd, &dump_request())?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut doomed = Vec::new();
-    loop {
-        let batch = receive(&fd, &mut buf)?;
-        doomed.extend(batch.sockets.into_iter().filter(|s| {
-            let (addr, port) = s.dst();
-            pinned.contains(&(s.cookie(), addr, port))
-        }));
-        match batch.status {
-            Some(e) if e < 0 => return Err(std::io::Error::from_raw_os_error(-e)),
-            _ if batch.done || batch.status.is_some() => break,
-            _ => {}
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        netlink::send(&fd, &dump_request(family as u8))?;
+        loop {
+            let batch = receive(&fd, &mut buf)?;
+            doomed.extend(batch.sockets.into_iter().filter(|s| {
+                let (addr, port) = s.dst();
+                pinned.contains(&(s.cookie(), addr, port))
+            }));
+            match batch.status {
+                Some(e) if e < 0 => return Err(std::io::Error::from_raw_os_error(-e)),
+                _ if batch.done || batch.status.is_some() => break,
+                _ => {}
+            }
         }
     }
     let mut ended = 0;
@@ -218,11 +236,12 @@ mod tests {
         m
     }
 
-    fn listed(dst: [u8; 4], dport: u16, cookie: u64) -> Vec<u8> {
-        let mut body = vec![libc::AF_INET as u8, 1, 0, 0];
+    fn listed(dst: &[u8], dport: u16, cookie: u64) -> Vec<u8> {
+        let family = if dst.len() == 4 { libc::AF_INET } else { libc::AF_INET6 };
+        let mut body = vec![family as u8, 1, 0, 0];
         let mut id = [0u8; SOCKID];
         id[2..4].copy_from_slice(&dport.to_be_bytes());
-        id[20..24].copy_from_slice(&dst);
+        id[20..20 + dst.len()].copy_from_slice(dst);
         id[40..44].copy_from_slice(&(cookie as u32).to_ne_bytes());
         id[44..48].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
         body.extend_from_slice(&id);
@@ -232,25 +251,33 @@ mod tests {
 
     #[test]
     fn a_dump_reply_yields_each_socket_with_its_peer_and_cookie() {
-        let mut buf = message(SOCK_DIAG_BY_FAMILY, &listed([10, 244, 0, 11], 5353, 0x1_0000_0002));
-        buf.extend(message(SOCK_DIAG_BY_FAMILY, &listed([10, 244, 0, 12], 53, 7)));
+        let v6: std::net::Ipv6Addr = "fd00:10:244::11".parse().unwrap();
+        let mut buf = message(SOCK_DIAG_BY_FAMILY, &listed(&[10, 244, 0, 11], 5353, 0x1_0000_0002));
+        buf.extend(message(SOCK_DIAG_BY_FAMILY, &listed(&[10, 244, 0, 12], 53, 7)));
+        buf.extend(message(SOCK_DIAG_BY_FAMILY, &listed(&v6.octets(), 5353, 8)));
         buf.extend(message(NLMSG_DONE, &[0; 4]));
         let batch = parse(&buf);
         assert!(batch.done);
-        assert_eq!(batch.sockets.len(), 2);
-        assert_eq!(batch.sockets[0].dst(), ([10, 244, 0, 11], 5353u16.to_be_bytes()));
+        assert_eq!(batch.sockets.len(), 3);
+        // An IPv4 peer reads as its mapped address, as a dual-stack socket's would.
+        assert_eq!(batch.sockets[0].dst(), (mapped([10, 244, 0, 11]), 5353u16.to_be_bytes()));
         assert_eq!(batch.sockets[0].cookie(), 0x1_0000_0002);
         assert_eq!(batch.sockets[1].cookie(), 7);
+        assert_eq!(batch.sockets[2].dst(), (v6.octets(), 5353u16.to_be_bytes()));
+        assert_eq!(batch.sockets[2].family, libc::AF_INET6 as u8);
     }
 
     #[test]
     fn a_destroy_request_repeats_the_listed_socket_id() {
-        let batch = parse(&message(SOCK_DIAG_BY_FAMILY, &listed([10, 244, 0, 11], 5353, 9)));
-        let req = destroy_request(&batch.sockets[0]);
-        assert_eq!(req.len(), HEADER + REQUEST);
-        assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DESTROY);
-        assert_eq!(&req[HEADER + 8..], &batch.sockets[0].id[..]);
-        assert_eq!(req[HEADER + 1], libc::IPPROTO_UDP as u8);
+        for dst in [&[10, 244, 0, 11][..], &"fd00:10:244::11".parse::<std::net::Ipv6Addr>().unwrap().octets()] {
+            let batch = parse(&message(SOCK_DIAG_BY_FAMILY, &listed(dst, 5353, 9)));
+            let req = destroy_request(&batch.sockets[0]);
+            assert_eq!(req.len(), HEADER + REQUEST);
+            assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DESTROY);
+            assert_eq!(&req[HEADER + 8..], &batch.sockets[0].id[..]);
+            assert_eq!(req[HEADER], batch.sockets[0].family, "the listed socket's family");
+            assert_eq!(req[HEADER + 1], libc::IPPROTO_UDP as u8);
+        }
     }
 
     #[test]
