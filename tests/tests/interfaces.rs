@@ -5,6 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -22,18 +23,30 @@ const PODS: [(&str, Ipv4Addr); 2] =
 const LATE_WEB: (&str, Ipv4Addr) = ("late-web", Ipv4Addr::new(10, 244, 0, 13));
 const LATE_CLIENT: (&str, Ipv4Addr) = ("late-client", Ipv4Addr::new(10, 244, 0, 101));
 
+/// The manifests folder under `dir`, holding the web Service (backend
+/// web-a), and kpr's arguments for `mode` on the per-packet path reading it.
+fn web_manifests(dir: &Path, mode: Mode) -> (PathBuf, [String; 3]) {
+    let manifests = dir.join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..1])).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display()), "--socket-lb=false".into()];
+    (manifests, args)
+}
+
+/// kpr on `node`'s pod interfaces with `args`, once it has synced.
+fn start_kpr(node: &VirtualNode, args: &[String], log: &Path) -> Kpr {
+    let mut kpr = Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &["veth*".into()], args, log).unwrap();
+    kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+    kpr
+}
+
 fn pods_created_after_kpr_started_are_served(mode: Mode) {
     root_or_skip!();
     let mut node = VirtualNode::new(&PODS).unwrap();
     let mut running = vec![servers::tcp(&node.pod("web-a").ns, 8080, "web-a").unwrap()];
     let dir = tempfile::tempdir().unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..1])).unwrap();
-    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display()), "--socket-lb=false".into()];
-    let log = dir.path().join("kpr.log");
-    let mut kpr = Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &["veth*".into()], &args, &log).unwrap();
-    kpr.wait_for_log("synced", Duration::from_secs(20)).unwrap();
+    let (manifests, args) = web_manifests(dir.path(), mode);
+    let kpr = start_kpr(&node, &args, &dir.path().join("kpr.log"));
     let vip = SocketAddr::from((VIP, 80));
     let ask = |node: &VirtualNode, pod: &str| {
         node.pod(pod).ns.run(move || tcp_request(vip, Duration::from_secs(1)).ok()).unwrap()
@@ -148,17 +161,10 @@ fn starting_on_a_busy_node_loses_no_packet(mode: Mode) {
     let node = VirtualNode::new(&PODS).unwrap();
     let _web = servers::tcp(&node.pod("web-a").ns, 8080, "web-a").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "web.yaml", &web_service("web", VIP, &PODS[..1])).unwrap();
-    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display()), "--socket-lb=false".into()];
-    let log = dir.path().join("kpr.log");
+    let (_manifests, args) = web_manifests(dir.path(), mode);
     let mut kpr = None;
     let stream = stream_while(&node, "client", "web-a", || {
-        let mut started =
-            Kpr::spawn_on(&node.ns, node.bpf_root(), &node.cgroup, &["veth*".into()], &args, &log).unwrap();
-        started.wait_for_log("synced", Duration::from_secs(20)).unwrap();
-        kpr = Some(started);
+        kpr = Some(start_kpr(&node, &args, &dir.path().join("kpr.log")));
     });
     let kpr = kpr.unwrap();
     assert!(stream.sent > 5_000, "the stream ran: {} datagrams sent", stream.sent);
