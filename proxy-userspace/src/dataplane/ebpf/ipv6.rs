@@ -132,7 +132,16 @@ impl EbpfIpv6 {
             if f.key.protocol == Protocol::Udp {
                 let keep: HashSet<([u8; 16], [u8; 2])> =
                     f.backends.iter().map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
-                self.end_udp_sockets(id, &keep);
+                // Only a backend that left leaves sockets to end (walking the
+                // socket map costs a syscall per entry); the old set is still
+                // in place until the next apply.
+                let left = (0..old.slots).any(|slot| {
+                    let backend = self.maps.backends.get(&BackendKey { set: old.set, slot }, 0);
+                    backend.is_ok_and(|b| !keep.contains(&(b.addr, b.port)))
+                });
+                if left {
+                    self.end_udp_sockets(id, &keep);
+                }
             }
         }
         self.written.insert(f.key, Written { id, set, slots });
