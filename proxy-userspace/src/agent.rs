@@ -284,7 +284,10 @@ fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dat
     match IptablesDataplane::new(render, cfg.iptables_full_sync_period) {
         Ok(rules) => Some(match maps {
             Some(maps) => {
-                tracing::info!("IPv6 Services: TCP ClusterIPs through the socket hooks, the rest by ip6tables rules");
+                tracing::info!(
+                    "IPv6 Services: TCP and UDP ClusterIPs through the socket hooks, the rest (and unconnected UDP) \
+                     by ip6tables rules"
+                );
                 Box::new(EbpfIpv6::new(rules, maps))
             }
             None => Box::new(rules),

@@ -15,6 +15,15 @@ pub enum Op<A = Ipv4Addr> {
     Delete(FrontendKey<A>),
 }
 
+impl<A: Copy> Op<A> {
+    /// The frontend the operation is about.
+    pub fn key(&self) -> FrontendKey<A> {
+        match self {
+            Op::Upsert(k) | Op::Delete(k) => *k,
+        }
+    }
+}
+
 /// Operations for the model's changes: deletions first (so a frontend
 /// moving between Services never exists twice).
 pub fn plan<A: Copy>(changes: &[Change<A>]) -> Vec<Op<A>> {

@@ -142,8 +142,15 @@ const IDLE_CONNECTION: Duration = Duration::from_secs(10);
 /// tests: each request line is answered with `reply`; a request of "close"
 /// is answered and the server closes first (so TIME_WAIT lands on the
 /// server, as with HTTP/1.0), anything else keeps the connection open.
-pub fn tcp_pool(ns: &Netns, port: u16, reply: &str, workers: usize, cpu: Option<usize>) -> anyhow::Result<Server> {
-    let listener = ns.run(move || TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))??;
+/// It listens on `addr` (an unspecified address: one family).
+pub fn tcp_pool(
+    ns: &Netns,
+    addr: SocketAddr,
+    reply: &str,
+    workers: usize,
+    cpu: Option<usize>,
+) -> anyhow::Result<Server> {
+    let listener = ns.run(move || TcpListener::bind(addr))??;
     let listener = Arc::new(listener);
     let fd = listener.as_raw_fd();
     let reply = format!("{reply}\n");

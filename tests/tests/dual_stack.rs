@@ -16,7 +16,9 @@
 //! - on an IPv6-only cluster (no IPv4 address or route on nodes and pods),
 //!   an IPv6 Service is reached by TCP and UDP from a pod and a node
 //!   process, its node port from outside on each node, and one without
-//!   endpoints is refused.
+//!   endpoints is refused; in eBPF mode a ClusterIP-only TCP Service has no
+//!   ip6tables rule (the socket hooks alone serve it), and new connections
+//!   to it are answered while the agent restarts.
 
 use std::{
     collections::BTreeSet,
@@ -25,7 +27,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Held, probe, probe_answer},
+    client::{Held, Repeating, probe, probe_answer},
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
     in_both_modes,
     kpr::{self, Kpr, Mode},
@@ -42,6 +44,8 @@ const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
 const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
 /// An IPv6-only Service whose one endpoint runs on node 1.
 const SIX_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x22);
+/// An IPv6-only ClusterIP Service on an IPv6-only cluster.
+const LONE_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x23);
 const NODE_PORT: u16 = 30080;
 const ECONNREFUSED: i32 = 111;
 
@@ -243,13 +247,14 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
     }
     let endpoints: Vec<(&str, Ipv6Addr)> = pods.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
     let six = web_node_port_service("six", SIX_VIP6, Some(NODE_PORT), &endpoints);
+    let lone = web_service("lone", LONE_VIP6, &endpoints);
     let empty = web_service("empty", EMPTY_VIP6, &[]);
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "six.yaml", &format!("{six}---\n{empty}")).unwrap();
-    let source = format!("--source=dir:{}", manifests.display());
-    let agents = cluster.start_kpr_everywhere(&[mode.arg().to_string(), source], dir.path()).unwrap();
+    write(&manifests, "six.yaml", &format!("{six}---\n{lone}---\n{empty}")).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display())];
+    let mut agents = cluster.start_kpr_everywhere(&args, dir.path()).unwrap();
 
     let node0 = cluster.node(0);
     let client = &node0.pod("client").ns;
@@ -289,8 +294,39 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
             .collect();
         assert_eq!(reached, both, "node port {node_port} from outside");
     }
-    for (i, agent) in agents.iter().enumerate() {
-        let log = agent.log();
+
+    // A ClusterIP-only TCP Service is the socket hooks' alone in eBPF mode:
+    // no rule of its own in the nat table, which every new IPv6 connection
+    // on the node walks. UDP (an unconnected socket's sends) and a node
+    // port keep theirs; iptables mode has them all.
+    let lone = SocketAddr::new(LONE_VIP6.into(), 80);
+    assert_eq!(answers(node0, client, lone, 10).0, both, "TCP to {lone}");
+    let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
+        .map(|save| node0.ns.output(&[save, "-t", "nat"]).unwrap_or_default())
+        .concat();
+    let rule = |vip: Ipv6Addr, proto: &str| {
+        nat.lines().any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&format!("-d {vip}/128 -p {proto} ")))
+    };
+    assert_eq!(rule(LONE_VIP6, "tcp"), mode == Mode::Iptables, "TCP ClusterIP rule in {mode:?} mode:\n{nat}");
+    assert!(rule(LONE_VIP6, "udp") && rule(SIX_VIP6, "tcp"), "UDP and node port Services keep their rules:\n{nat}");
+
+    // New connections to it are answered while node 0's agent restarts:
+    // in eBPF mode the restarted agent takes the maps' IPv6 frontends over.
+    let repeating = Repeating::start(Path::new(PROBE), client, &node0.cgroup, lone).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let first_run = agents[0].log();
+    agents[0].stop(libc::SIGTERM).unwrap();
+    let restarted = dir.path().join("restarted");
+    std::fs::create_dir(&restarted).unwrap();
+    agents[0] = node0.start_kpr(&node0.interfaces(), &args, &restarted).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let tally = repeating.finish().unwrap();
+    assert!(tally.ok > 20 && tally.failed == 0, "new connections to {lone} across the restart: {tally:?}");
+    if mode == Mode::Ebpf {
+        let log = agents[0].log();
+        assert!(log.contains("took over the IPv6 frontends the maps hold"), "{log}");
+    }
+    for (i, log) in agents.iter().map(Kpr::log).chain([first_run]).enumerate() {
         assert!(!log.contains(" ERROR "), "node {i} logged an error on an IPv6-only node:\n{log}");
     }
 }

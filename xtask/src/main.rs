@@ -128,7 +128,9 @@ Service (a fourth takes over in the one-change test), and N-1 other Services wit
 measured Service's VIP sorts last, where iptables mode reaches it at the end of KUBE-SERVICES. Services come \
 from `--source dir:` (JSON manifests; the measured Service in its own file). Client threads run on CPU 0, \
 servers on CPU 1; VIP traffic, direct traffic and socket-level traffic (which dials the pod IPs) come from \
-three client pods so none trips over another's TIME_WAIT state.
+three client pods so none trips over another's TIME_WAIT state. IPv6 rows repeat the same-node and other-node \
+measurements (at 1 and 10,000 Services) on an IPv6-only cluster: the same pods and Services with IPv6 addresses \
+alone, the same node shape, for the direct line, socket-level load balancing and iptables mode (ip6tables).
 
 - Connection rate: connect, one request and reply, server closes, client closes (TCP_CRR-like), from 4 \
   concurrent connections; `× direct` is the ratio to the direct rate at the same N and placement in the runs \
@@ -162,8 +164,8 @@ sockets (`net.ipv4.tcp_max_tw_buckets=0`, every mode alike): they close first, a
 reaches them from ports whose sequence numbers do not rise from one connection on a tuple to the next, so its \
 SYNs would land on TIME_WAITs, be refused and retried a second later. iptables mode runs on the legacy \
 backend: iptables-nft-restore 1.8.9 took 177 s to load 10,000 Services here (legacy: 2.5 s) and does not \
-finish 50,000 within the run; one legacy rule on the node makes kpr choose legacy, as kube-proxy chooses the \
-backend that already has rules.
+finish 50,000 within the run; one legacy rule on the node (in iptables and in ip6tables) makes kpr choose \
+legacy, as kube-proxy chooses the backend that already has rules.
 
 ";
 

@@ -123,7 +123,7 @@ pub(super) fn measure(
         let dir = work.join(format!("dns-{n}"));
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests)?;
-        workload::write(&manifests, n, &[Ipv4Addr::new(10, 244, 0, 11)], None)?;
+        workload::write(&manifests, n, &[Ipv4Addr::new(10, 244, 0, 11).into()], None)?;
         query_files(&dir, n)?;
         let upstream_args = ["--no-resolv".into(), "--local-ttl=5".into(), "--address=/example.test/192.0.2.7".into()];
         let _upstream = Dnsmasq::start(&ns, UPSTREAM, Some(SERVER_CPU), &upstream_args)?;
@@ -164,7 +164,7 @@ pub(super) fn measure(
         })?;
         kpr.wait_for_log("synced", cfg.answer_within)?;
         let measured = service_name(n - 1, n);
-        if dig(&ns, KPR, &measured).trim() != workload::measured_vip(n).to_string() {
+        if dig(&ns, KPR, &measured).trim() != workload::measured_vip(super::topology::Family::Ipv4, n).to_string() {
             problems.note(format!("DNS N={n}: kpr does not answer {measured}"))?;
             continue;
         }

@@ -13,7 +13,7 @@ pub mod topology;
 pub mod workload;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{
         Arc,
@@ -25,7 +25,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use topology::{BenchNode, Nodes, Placement};
+use topology::{BenchNode, Family, Nodes, Placement};
 
 use crate::{
     kpr::{self, Kpr},
@@ -57,6 +57,12 @@ pub struct Config {
     pub modes: Vec<&'static str>,
     /// Backends beside the clients, on another node, or both.
     pub placements: Vec<Placement>,
+    /// Numbers of Services also measured over IPv6, on an IPv6-only
+    /// cluster: the direct line, socket-level load balancing and iptables
+    /// mode (ip6tables), with the backends on the clients' node and on
+    /// another (of `placements`). eBPF mode's per-packet path hands IPv6
+    /// to the rules, so it has no IPv6 row of its own.
+    pub ipv6_services: Vec<usize>,
     /// The packet-rate test (see `packets`).
     pub packet_rate: bool,
     /// Numbers of Services the DNS add-on is measured at (see `dns`).
@@ -80,6 +86,7 @@ impl Config {
             services: vec![1, 1_000, 10_000, 50_000],
             modes: vec!["ebpf-socket", "ebpf", "ebpf-tc", "iptables"],
             placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
+            ipv6_services: vec![1, 10_000],
             packet_rate: true,
             dns_services: vec![1_000, 50_000],
             warmup: Duration::from_millis(500),
@@ -99,6 +106,7 @@ impl Config {
             services: vec![1, 1_000],
             modes: vec!["ebpf-socket", "ebpf", "ebpf-tc", "iptables"],
             placements: vec![Placement::SameNode, Placement::OtherNode, Placement::Outside],
+            ipv6_services: vec![1],
             packet_rate: true,
             dns_services: vec![1_000],
             warmup: Duration::from_millis(200),
@@ -138,6 +146,8 @@ pub struct Row {
     pub mode: String,
     /// Where the backends ran, seen from the clients.
     pub placement: Placement,
+    /// The family of the Services and of the traffic.
+    pub family: Family,
     pub services: usize,
     /// Endpoints installed over all N Services.
     pub endpoints: usize,
@@ -264,10 +274,11 @@ impl Problems {
 
 /// How a problem names what was measured.
 pub(crate) fn label(row: &Row) -> String {
+    let family = if row.family == Family::Ipv6 { " over IPv6" } else { "" };
     match row.placement {
-        Placement::SameNode => format!("{} at N={}", row.mode, row.services),
-        Placement::Outside => format!("{} at N={} (from outside)", row.mode, row.services),
-        other => format!("{} at N={} (backends on the {})", row.mode, row.services, other.as_str()),
+        Placement::SameNode => format!("{}{family} at N={}", row.mode, row.services),
+        Placement::Outside => format!("{}{family} at N={} (from outside)", row.mode, row.services),
+        other => format!("{}{family} at N={} (backends on the {})", row.mode, row.services, other.as_str()),
     }
 }
 
@@ -282,18 +293,19 @@ const CLIENTS: [(&str, u8); 3] = [("client", 100), ("direct", 101), ("socket-cli
 
 struct Bench {
     placement: Placement,
+    family: Family,
     // Servers first: they stop before their namespaces go.
     _servers: Vec<Server>,
     nodes: Nodes,
-    endpoints: Vec<Ipv4Addr>,
-    spare: Ipv4Addr,
+    endpoints: Vec<IpAddr>,
+    spare: IpAddr,
 }
 
 impl Bench {
-    fn new(placement: Placement) -> anyhow::Result<Self> {
+    fn new(placement: Placement, family: Family) -> anyhow::Result<Self> {
         let servers: Vec<(&str, u8)> =
             SERVING.iter().chain([&SPARE]).enumerate().map(|(i, n)| (*n, 11 + i as u8)).collect();
-        let nodes = Nodes::new(placement, &CLIENTS, &servers)?;
+        let nodes = Nodes::new(placement, family, &CLIENTS, &servers)?;
         for node in nodes.all() {
             // A run opens hundreds of thousands of connections; conntrack keeps
             // each closed one for 120 s, and a full table drops new SYNs. Keep
@@ -305,6 +317,7 @@ impl Bench {
             // would not finish 50,000 within the run. One legacy rule makes kpr
             // choose legacy, as kube-proxy chooses the backend that has rules.
             node.ns().exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
+            node.ns().exec(&["ip6tables-legacy", "-A", "INPUT", "-s", "2001:db8::ff/128", "-j", "ACCEPT"])?;
         }
         let outside = nodes.outside().filter(|_| placement.outside()).map(|(ns, _)| ns);
         for ns in CLIENTS.iter().map(|(client, _)| nodes.client_node().pod_ns(client)).chain(outside) {
@@ -324,12 +337,17 @@ impl Bench {
             server_node.pod_ns(name).sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
         }
         let mut running = Vec::new();
+        let any: IpAddr = match family {
+            Family::Ipv4 => Ipv4Addr::UNSPECIFIED.into(),
+            Family::Ipv6 => Ipv6Addr::UNSPECIFIED.into(),
+        };
         for (name, _) in &servers {
-            running.push(servers::tcp_pool(server_node.pod_ns(name), PORT, name, 8, Some(SERVER_CPU))?);
+            let pool = servers::tcp_pool(server_node.pod_ns(name), (any, PORT).into(), name, 8, Some(SERVER_CPU))?;
+            running.push(pool);
         }
-        let endpoints = SERVING.iter().map(|n| server_node.pod_ip(n)).collect();
-        let spare = server_node.pod_ip(SPARE);
-        Ok(Self { placement, _servers: running, nodes, endpoints, spare })
+        let endpoints = SERVING.iter().map(|n| server_node.pod_ip(n, family)).collect();
+        let spare = server_node.pod_ip(SPARE, family);
+        Ok(Self { placement, family, _servers: running, nodes, endpoints, spare })
     }
 
     /// Outside the cluster and the node address the load goes to, when the load comes from there.
@@ -347,7 +365,7 @@ impl Bench {
     fn target(&self, n: usize) -> SocketAddr {
         match self.outside() {
             Some((_, node)) => SocketAddr::from((node, workload::NODE_PORT)),
-            None => SocketAddr::from((workload::measured_vip(n), 80)),
+            None => SocketAddr::from((workload::measured_vip(self.family, n), 80)),
         }
     }
 
@@ -514,12 +532,16 @@ fn bpf_maps(pid: u32) -> Option<(f64, usize)> {
     Some((bytes as f64 / (1024.0 * 1024.0), maps))
 }
 
-/// kpr's rules on the node (`-A` lines over both backends) and the backend
-/// holding its KUBE-SERVICES chain.
-fn iptables_rules(node: &dyn BenchNode) -> (usize, Option<String>) {
+/// kpr's rules of `family` on the node (`-A` lines over both backends) and
+/// the backend holding its KUBE-SERVICES chain.
+fn iptables_rules(node: &dyn BenchNode, family: Family) -> (usize, Option<String>) {
     let mut rules = 0;
     let mut backend = None;
-    for (name, cmd) in [("nft", "iptables-nft-save"), ("legacy", "iptables-legacy-save")] {
+    let saves = match family {
+        Family::Ipv4 => [("nft", "iptables-nft-save"), ("legacy", "iptables-legacy-save")],
+        Family::Ipv6 => [("nft", "ip6tables-nft-save"), ("legacy", "ip6tables-legacy-save")],
+    };
+    for (name, cmd) in saves {
         let saved = node.ns().output(&[cmd]).unwrap_or_default();
         rules += saved.lines().filter(|l| l.starts_with("-A ")).count();
         if saved.contains("-A KUBE-SERVICES") {
@@ -539,12 +561,18 @@ fn measure_mode(
     work: &std::path::Path,
     problems: &mut Problems,
 ) -> anyhow::Result<Row> {
-    let placement = bench.placement;
-    let manifests = work.join(format!("{mode}-{n}-{}", placement.as_str().replace(' ', "-")));
+    let (placement, family) = (bench.placement, bench.family);
+    let manifests = work.join(format!("{mode}-{n}-{}-{}", placement.as_str().replace(' ', "-"), family.as_str()));
     std::fs::create_dir_all(&manifests)?;
     workload::write(&manifests, n, &bench.endpoints, bench.node_port())?;
-    let mut row =
-        Row { mode: mode.into(), placement, services: n, endpoints: workload::endpoints(n), ..Default::default() };
+    let mut row = Row {
+        mode: mode.into(),
+        placement,
+        family,
+        services: n,
+        endpoints: workload::endpoints(n),
+        ..Default::default()
+    };
 
     // Room for every Service and VIP, and a conntrack map sized for the load.
     let mut args = vec![
@@ -616,7 +644,7 @@ fn measure_agent(
         row.bpf_maps_mib = maps.map(|m| m.0);
         row.bpf_map_count = maps.map(|m| m.1);
     } else {
-        let (rules, backend) = iptables_rules(bench.nodes.client_node());
+        let (rules, backend) = iptables_rules(bench.nodes.client_node(), bench.family);
         row.iptables_rules = Some(rules);
         row.iptables_backend = backend;
     }
@@ -673,6 +701,65 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem:.0} GiB, Linux {}", kernel.trim())
 }
 
+/// The direct line and every mode of `cfg` at `n` Services, backends placed
+/// as `placement` says, in `family`; rows go into `report`.
+fn measure_placement(
+    cfg: &Config,
+    (n, placement, family): (usize, Placement, Family),
+    work: &std::path::Path,
+    report: &mut Report,
+    problems: &mut Problems,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let bench = Bench::new(placement, family)?;
+    let direct_targets = bench.direct_targets();
+    let mut direct = Row {
+        mode: "direct".into(),
+        placement,
+        family,
+        services: n,
+        endpoints: workload::endpoints(n),
+        ..Default::default()
+    };
+    let mut direct_before = bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, problems)?;
+    if report.generator.is_none() {
+        report.generator = Some(bench.generator_check(cfg, &direct_targets, problems)?);
+    }
+    let at = format!("N={n:>6} {:<10} {}", placement.as_str(), family.as_str());
+    eprintln!("bench: {at} direct      {:>9.0} conn/s", direct.conn_rate.median);
+    report.rows.push(direct);
+    for &mode in &cfg.modes {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // From outside, socket-level load balancing has nothing to do;
+        // elsewhere XDP has nothing to do, and ebpf-tc is ebpf. Over IPv6
+        // the per-packet path hands traffic to the rules (see Config).
+        let socket_from_outside = placement.outside() && mode == "ebpf-socket";
+        let per_packet_over_ipv6 = family == Family::Ipv6 && mode.starts_with("ebpf") && mode != "ebpf-socket";
+        if socket_from_outside || per_packet_over_ipv6 || (!placement.outside() && mode == "ebpf-tc") {
+            continue;
+        }
+        let mut row = measure_mode(cfg, &bench, mode, n, work, problems)?;
+        let direct_after = bench.direct_rates(cfg, problems, &label(&row))?;
+        let paired = Stat::of([direct_before, direct_after.clone()].concat());
+        row.conn_ratio = Some(row.conn_rate.median / paired.median);
+        row.direct_paired = Some(paired);
+        direct_before = direct_after;
+        if let Some(backend) = &row.iptables_backend {
+            report.iptables_backend.clone_from(backend);
+        }
+        eprintln!(
+            "bench: {at} {mode:<11}{:>9.0} conn/s, cold {:.0} ms, change {:.1} ms",
+            row.conn_rate.median,
+            row.cold_ms.unwrap_or(f64::NAN),
+            row.change_ms.as_ref().map_or(f64::NAN, |s| s.median)
+        );
+        report.rows.push(row);
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and writes the report under `cfg.out`. A strict run
 /// returns the first problem as its error, before writing a report.
 pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result<Report> {
@@ -689,56 +776,17 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
     };
     let mut problems = Problems { strict: cfg.strict, seen: Vec::new() };
     eprintln!("bench: {}", report.machine);
-    for &n in &cfg.services {
-        for &placement in &cfg.placements {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let bench = Bench::new(placement)?;
-            let direct_targets = bench.direct_targets();
-            let mut direct = Row {
-                mode: "direct".into(),
-                placement,
-                services: n,
-                endpoints: workload::endpoints(n),
-                ..Default::default()
-            };
-            let mut direct_before =
-                bench.traffic(cfg, bench.direct_client(), &direct_targets, &mut direct, &mut problems)?;
-            if report.generator.is_none() {
-                report.generator = Some(bench.generator_check(cfg, &direct_targets, &mut problems)?);
-            }
-            let at = format!("N={n:>6} {:<10}", placement.as_str());
-            eprintln!("bench: {at} direct      {:>9.0} conn/s", direct.conn_rate.median);
-            report.rows.push(direct);
-            for &mode in &cfg.modes {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                // From outside, socket-level load balancing has nothing to
-                // do; elsewhere XDP has nothing to do, and ebpf-tc is ebpf.
-                let socket_from_outside = placement.outside() && mode == "ebpf-socket";
-                if socket_from_outside || (!placement.outside() && mode == "ebpf-tc") {
-                    continue;
-                }
-                let mut row = measure_mode(cfg, &bench, mode, n, work.path(), &mut problems)?;
-                let direct_after = bench.direct_rates(cfg, &mut problems, &label(&row))?;
-                let paired = Stat::of([direct_before, direct_after.clone()].concat());
-                row.conn_ratio = Some(row.conn_rate.median / paired.median);
-                row.direct_paired = Some(paired);
-                direct_before = direct_after;
-                if let Some(backend) = &row.iptables_backend {
-                    report.iptables_backend.clone_from(backend);
-                }
-                eprintln!(
-                    "bench: {at} {mode:<11}{:>9.0} conn/s, cold {:.0} ms, change {:.1} ms",
-                    row.conn_rate.median,
-                    row.cold_ms.unwrap_or(f64::NAN),
-                    row.change_ms.as_ref().map_or(f64::NAN, |s| s.median)
-                );
-                report.rows.push(row);
-            }
+    let ipv4 = cfg.services.iter().flat_map(|&n| cfg.placements.iter().map(move |&p| (n, p, Family::Ipv4)));
+    // IPv6 has no rows from outside: node ports over IPv6 are served by the rules in both modes.
+    let ipv6 = cfg
+        .ipv6_services
+        .iter()
+        .flat_map(|&n| cfg.placements.iter().filter(|p| !p.outside()).map(move |&p| (n, p, Family::Ipv6)));
+    for (n, placement, family) in ipv4.chain(ipv6) {
+        if stop.load(Ordering::Relaxed) {
+            break;
         }
+        measure_placement(cfg, (n, placement, family), work.path(), &mut report, &mut problems, &stop)?;
     }
     if cfg.packet_rate && !stop.load(Ordering::Relaxed) {
         report.packet_rates = packets::measure(cfg, work.path())?;

@@ -7,7 +7,7 @@ use std::{fmt::Write as _, path::Path};
 
 use plotters::prelude::*;
 
-use super::{GeneratorCheck, MAX_ERROR_RATE, Placement, Report, Row, Stat, label};
+use super::{GeneratorCheck, MAX_ERROR_RATE, Placement, Report, Row, Stat, label, topology::Family};
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
     match v {
@@ -16,12 +16,30 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     }
 }
 
-/// The results as a Markdown table (also printed on stdout).
+/// The results as Markdown tables (also printed on stdout): IPv4, then
+/// IPv6 if measured.
 pub fn table(r: &Report) -> String {
+    let has = |family| r.rows.iter().any(|x| x.family == family);
+    let mut t = String::new();
+    if has(Family::Ipv4) || !has(Family::Ipv6) {
+        t = rows_table(r.rows.iter().filter(|x| x.family == Family::Ipv4));
+    }
+    if has(Family::Ipv6) {
+        t.push_str(
+            "\nIPv6, on an IPv6-only cluster (the same pods, nodes and Services with IPv6 addresses alone; \
+             iptables mode writes ip6tables rules). eBPF mode serves IPv6 on its socket path; its per-packet \
+             path hands IPv6 to the same ip6tables rules as iptables mode, so it has no row of its own.\n\n",
+        );
+        t.push_str(&rows_table(r.rows.iter().filter(|x| x.family == Family::Ipv6)));
+    }
+    t
+}
+
+fn rows_table<'a>(rows: impl Iterator<Item = &'a Row>) -> String {
     let mut t = String::from(
         "| mode | backends | Services | conn/s (median, min–max) | × direct | conn errors % | RR p50 µs | RR p99 µs | cold program ms | one change ms (median, min–max) | agent RSS MiB | agent peak MiB | BPF maps MiB | iptables rules | agent CPU ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for row in &r.rows {
+    for row in rows {
         writeln!(
             t,
             "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
@@ -155,7 +173,7 @@ fn plot(report: &Report, p: &Plot, out: &Path) -> anyhow::Result<()> {
             let points = report
                 .rows
                 .iter()
-                .filter(|r| r.mode == mode && r.placement == placement)
+                .filter(|r| r.mode == mode && r.placement == placement && r.family == Family::Ipv4)
                 .filter_map(|r| Some(((r.services as f64).max(1.0), (p.value)(r)?)))
                 .filter(|(_, y)| y.is_finite() && (!p.log_y || *y > 0.0))
                 .collect();
@@ -320,12 +338,20 @@ pub fn packet_table(r: &Report) -> String {
 /// The targets the project set itself, and whether this run met them.
 pub fn targets(r: &Report) -> String {
     let row = |mode: &str, n: usize| {
-        r.rows.iter().find(|x| x.mode == mode && x.services == n && x.placement == Placement::SameNode)
+        r.rows.iter().find(|x| {
+            x.mode == mode && x.services == n && x.placement == Placement::SameNode && x.family == Family::Ipv4
+        })
     };
     let verdict = |ok: bool| if ok { "met" } else { "not met" };
     let mut out = String::from("Targets (reported whether met or not):\n\n");
-    for (mode, name, target) in [("ebpf", "per-packet", 0.95), ("ebpf-socket", "socket-level", 0.98)] {
-        let rows: Vec<&Row> = r.rows.iter().filter(|x| x.mode == mode && !x.placement.outside()).collect();
+    let targets = [
+        ("ebpf", "per-packet", Family::Ipv4, 0.95),
+        ("ebpf-socket", "socket-level", Family::Ipv4, 0.98),
+        ("ebpf-socket", "socket-level (IPv6)", Family::Ipv6, 0.98),
+    ];
+    for (mode, name, family, target) in targets {
+        let rows: Vec<&Row> =
+            r.rows.iter().filter(|x| x.mode == mode && x.family == family && !x.placement.outside()).collect();
         if rows.is_empty() {
             continue;
         }
@@ -662,5 +688,44 @@ mod tests {
             "the other node's miss counts: {verdicts}"
         );
         assert_eq!(label(&r.rows[1]), "ebpf-socket at N=1000 (backends on the other node)");
+    }
+
+    #[test]
+    fn ipv6_rows_have_a_table_and_a_target_of_their_own() {
+        let row = |mode: &str, family, n, ratio, rate| Row {
+            mode: mode.into(),
+            family,
+            services: n,
+            conn_ratio: Some(ratio),
+            conn_rate: stat(rate, rate, rate),
+            ..Default::default()
+        };
+        let r = Report {
+            rows: vec![
+                row("ebpf-socket", Family::Ipv4, 10_000, 0.99, 900.0),
+                row("ebpf", Family::Ipv4, 10_000, 0.9, 800.0),
+                row("iptables", Family::Ipv4, 10_000, 0.1, 90.0),
+                row("ebpf-socket", Family::Ipv6, 10_000, 0.97, 700.0),
+                row("iptables", Family::Ipv6, 10_000, 0.2, 5000.0),
+            ],
+            ..Default::default()
+        };
+        let t = table(&r);
+        let (v4, v6) = t.split_once("IPv6, on an IPv6-only cluster").expect("an IPv6 table");
+        assert!(v4.contains("| iptables | same node | 10000 | 90 ") && !v4.contains("| 5000 "), "{t}");
+        assert!(v6.contains("| iptables | same node | 10000 | 5000 ") && !v6.contains("| 90 "), "{t}");
+        let verdicts = targets(&r);
+        assert!(
+            verdicts.contains(
+                "socket-level connection rate ≥ 0.98 × direct at every N (backends on the same node: 10000: 0.990): met"
+            ),
+            "{verdicts}"
+        );
+        assert!(verdicts.contains("socket-level (IPv6) connection rate ≥ 0.98 × direct at every N (backends on the same node: 10000: 0.970): not met"), "{verdicts}");
+        assert!(
+            verdicts.contains("iptables visibly below eBPF at 10000 Services (90 vs 800 conn/s): met"),
+            "IPv4 rows alone: {verdicts}"
+        );
+        assert_eq!(label(&r.rows[3]), "ebpf-socket over IPv6 at N=10000");
     }
 }

@@ -3,9 +3,13 @@
 //! cluster (flannel host-gw shape: routed pod CIDRs over an underlay), so
 //! every connection crosses from one node to the other, or a client outside
 //! the cluster (on the underlay's router) reaching the backends through a
-//! node port of the other node.
+//! node port of the other node. IPv6 rows run on an IPv6-only cluster, its
+//! one or two nodes in the same host-gw shape.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +48,25 @@ impl Placement {
     }
 }
 
+/// The address family of a row's Service, pods and traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    #[default]
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl Family {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        }
+    }
+}
+
 /// What the benchmark needs of a node, from either harness.
 pub trait BenchNode {
     fn ns(&self) -> &Netns;
@@ -52,7 +75,8 @@ pub trait BenchNode {
     /// The node-side interfaces of its pods.
     fn interfaces(&self) -> Vec<String>;
     fn pod_ns(&self, name: &str) -> &Netns;
-    fn pod_ip(&self, name: &str) -> Ipv4Addr;
+    /// The pod's address in `family`.
+    fn pod_ip(&self, name: &str, family: Family) -> IpAddr;
 }
 
 impl BenchNode for VirtualNode {
@@ -71,8 +95,9 @@ impl BenchNode for VirtualNode {
     fn pod_ns(&self, name: &str) -> &Netns {
         &self.pod(name).ns
     }
-    fn pod_ip(&self, name: &str) -> Ipv4Addr {
-        self.pod(name).ip
+    fn pod_ip(&self, name: &str, family: Family) -> IpAddr {
+        assert_eq!(family, Family::Ipv4, "a virtual node's pods have IPv4 addresses only");
+        self.pod(name).ip.into()
     }
 }
 
@@ -92,31 +117,47 @@ impl BenchNode for ClusterNode {
     fn pod_ns(&self, name: &str) -> &Netns {
         &self.pod(name).ns
     }
-    fn pod_ip(&self, name: &str) -> Ipv4Addr {
-        self.pod(name).ip
+    fn pod_ip(&self, name: &str, family: Family) -> IpAddr {
+        let ip = self.pod(name).ip;
+        match family {
+            Family::Ipv4 => ip.into(),
+            Family::Ipv6 => crate::cluster::pod_ip6(self.index, ip.octets()[3]).into(),
+        }
     }
 }
 
 /// The benchmark's nodes.
 pub enum Nodes {
-    One(VirtualNode),
-    Two(Cluster),
+    /// One node for IPv4 (the same-node placement).
+    Virtual(VirtualNode),
+    /// Clients on the first node, servers on the last (one node for IPv6's same-node placement).
+    Cluster(Cluster),
 }
 
 impl Nodes {
     /// `clients` and `servers` as (name, host part of the pod address),
-    /// placed as `placement` says.
-    pub fn new(placement: Placement, clients: &[(&str, u8)], servers: &[(&str, u8)]) -> anyhow::Result<Self> {
-        Ok(match placement {
-            Placement::SameNode => {
+    /// placed as `placement` says, with addresses of `family`.
+    pub fn new(
+        placement: Placement,
+        family: Family,
+        clients: &[(&str, u8)],
+        servers: &[(&str, u8)],
+    ) -> anyhow::Result<Self> {
+        Ok(match (placement, family) {
+            (Placement::SameNode, Family::Ipv4) => {
                 let pods: Vec<(&str, Ipv4Addr)> =
                     servers.iter().chain(clients).map(|(n, host)| (*n, Ipv4Addr::new(10, 244, 0, *host))).collect();
-                Nodes::One(VirtualNode::new(&pods)?)
+                Nodes::Virtual(VirtualNode::new(&pods)?)
             }
-            Placement::OtherNode | Placement::Outside => {
-                let mut cluster = Cluster::new(Shape::HostGw, 2)?;
+            (Placement::Outside, Family::Ipv6) => anyhow::bail!("no IPv6 rows from outside"),
+            _ => {
+                let nodes = if placement == Placement::SameNode { 1 } else { 2 };
+                let mut cluster = match family {
+                    Family::Ipv4 => Cluster::new(Shape::HostGw, nodes)?,
+                    Family::Ipv6 => Cluster::new_ipv6_only(nodes)?,
+                };
                 for (name, host) in servers {
-                    cluster.add_pod(1, name, *host)?;
+                    cluster.add_pod(nodes - 1, name, *host)?;
                 }
                 for (name, host) in clients {
                     cluster.add_pod(0, name, *host)?;
@@ -125,7 +166,7 @@ impl Nodes {
                     // Direct traffic from outside goes straight to the pods' node.
                     cluster.route_from_outside_to_pods(1)?;
                 }
-                Nodes::Two(cluster)
+                Nodes::Cluster(cluster)
             }
         })
     }
@@ -133,15 +174,15 @@ impl Nodes {
     /// The node the load comes from, whose agent is measured.
     pub fn client_node(&self) -> &dyn BenchNode {
         match self {
-            Nodes::One(node) => node,
-            Nodes::Two(cluster) => cluster.node(0),
+            Nodes::Virtual(node) => node,
+            Nodes::Cluster(cluster) => cluster.node(0),
         }
     }
 
     pub fn server_node(&self) -> &dyn BenchNode {
         match self {
-            Nodes::One(node) => node,
-            Nodes::Two(cluster) => cluster.node(1),
+            Nodes::Virtual(node) => node,
+            Nodes::Cluster(cluster) => cluster.nodes.last().expect("a cluster has nodes"),
         }
     }
 
@@ -149,16 +190,16 @@ impl Nodes {
     /// from, and the address of the node whose node port it uses.
     pub fn outside(&self) -> Option<(&Netns, Ipv4Addr)> {
         match self {
-            Nodes::One(_) => None,
-            Nodes::Two(cluster) => Some((cluster.outside(), cluster.node(0).address())),
+            Nodes::Virtual(_) => None,
+            Nodes::Cluster(cluster) => Some((cluster.outside(), cluster.node(0).address())),
         }
     }
 
     /// Every node, the client's first: kpr runs on each, as a DaemonSet would.
     pub fn all(&self) -> Vec<&dyn BenchNode> {
         match self {
-            Nodes::One(node) => vec![node],
-            Nodes::Two(cluster) => cluster.nodes.iter().map(|n| n as &dyn BenchNode).collect(),
+            Nodes::Virtual(node) => vec![node],
+            Nodes::Cluster(cluster) => cluster.nodes.iter().map(|n| n as &dyn BenchNode).collect(),
         }
     }
 }

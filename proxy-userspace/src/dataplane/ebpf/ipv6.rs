@@ -1,18 +1,23 @@
-//! eBPF mode's IPv6 family: kube-proxy's ip6tables rules for every IPv6
-//! frontend, and, where the socket hooks are attached, the IPv6 TCP and UDP
-//! ClusterIPs in [`abi::SERVICES6`], so pods and node processes under the
-//! cgroup connect straight to a backend (`connect6`) and see the VIP as
-//! their peer (`getpeername6`, and `recvmsg6` for connected UDP). A UDP
-//! socket connected to a backend that leaves is ended (see `sock_destroy`),
-//! as IPv4 ones are. A frontend with a Local internal policy or session
-//! affinity, and unconnected UDP, stay with the rules alone.
+//! eBPF mode's IPv6 family, where the socket hooks are attached: the IPv6
+//! TCP and UDP ClusterIPs in [`abi::SERVICES6`], so pods and node processes
+//! under the cgroup connect straight to a backend (`connect6`) and see the
+//! VIP as their peer (`getpeername6`, and `recvmsg6` for connected UDP),
+//! and kube-proxy's ip6tables rules for what the hooks do not serve: node
+//! ports, external and load balancer IPs, unconnected UDP, a Local internal
+//! policy or session affinity (see [`in_rules`]). A TCP ClusterIP the hooks
+//! serve has no rule: every new IPv6 connection on the node would otherwise
+//! walk its rule in the nat table, thousands of them at scale. A UDP socket
+//! connected to a backend that leaves is ended (see `sock_destroy`), as
+//! IPv4 ones are.
 //!
 //! A backend set is switched as the IPv4 ones are: written whole under a
 //! fresh set id, published by rewriting the frontend's entry, and freed
 //! only at the next apply (a hook that read the entry just before still
-//! finds its slots). The maps start empty on every start: until the first
-//! sync, connects to IPv6 VIPs are translated by the rules, which stay
-//! in place across restarts.
+//! finds its slots). A frontend moving between the hooks and the rules is
+//! served all along: the maps are written before the rules change, and
+//! emptied only after. The maps are pinned and kept across restarts: a
+//! restarted agent takes their entries over, so the frontends that have no
+//! rules serve while it starts, and its first sync deletes what is gone.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -50,8 +55,13 @@ struct Written {
 
 pub struct EbpfIpv6 {
     rules: IptablesDataplane<Ipv6Addr>,
+    /// The frontends the rules serve (see [`in_rules`]), as they render them.
+    rules_desired: Desired<Ipv6Addr>,
     maps: Ipv6Maps,
     written: BTreeMap<FrontendKey<Ipv6Addr>, Written>,
+    /// The entries were a previous run's: the first apply deletes those
+    /// its desired state does not have.
+    adopted: bool,
     /// Sets replaced or deleted at the last apply, freed at the next.
     retiring: Vec<(u32, u32)>,
     next_id: u32,
@@ -64,6 +74,24 @@ fn on_sockets(f: &Frontend<Ipv6Addr>) -> bool {
     matches!(f.key.protocol, Protocol::Tcp | Protocol::Udp) && !f.internal_local && f.affinity_timeout.is_none()
 }
 
+/// Whether `f` needs kube-proxy's rules beside the hooks: what the hooks
+/// do not serve (see [`on_sockets`]), UDP (an unconnected socket's sends
+/// pass the hooks untranslated) and a frontend reached from outside (its
+/// node port, external or load balancer IPs).
+fn in_rules(f: &Frontend<Ipv6Addr>) -> bool {
+    !on_sockets(f) || f.key.protocol == Protocol::Udp || f.external.is_some()
+}
+
+/// The frontend a [`abi::SERVICES6`] entry stands for.
+fn frontend_key(key: &ServiceKey6) -> Option<FrontendKey<Ipv6Addr>> {
+    let protocol = match key.proto {
+        abi::PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    Some(FrontendKey { vip: Ipv6Addr::from(key.addr), port: u16::from_be_bytes(key.port), protocol })
+}
+
 fn service_key(k: &FrontendKey<Ipv6Addr>) -> ServiceKey6 {
     ServiceKey6::new(k.vip.octets(), k.port, k.protocol.number())
 }
@@ -73,17 +101,42 @@ fn write_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneEr
 }
 
 impl EbpfIpv6 {
-    /// Serves IPv6 with `rules`, and through `maps` (emptied of a previous run's entries).
+    /// Serves IPv6 with `rules` and through `maps`, taking over the
+    /// frontends a previous run left there: they serve until the first
+    /// apply, which deletes those gone from the desired state. Entries that
+    /// stand for no frontend, and backend sets no frontend uses, are removed.
     pub fn new(rules: IptablesDataplane<Ipv6Addr>, mut maps: Ipv6Maps) -> Self {
-        let services: Vec<ServiceKey6> = maps.services.keys().filter_map(Result::ok).collect();
-        for key in services {
-            maps.services.remove(&key).ok();
+        let mut written = BTreeMap::new();
+        let services: Vec<(ServiceKey6, ServiceValue)> = maps.services.iter().filter_map(Result::ok).collect();
+        for (key, value) in services {
+            match frontend_key(&key) {
+                Some(frontend) => {
+                    let w = Written { id: value.id, set: value.backend_set, slots: value.backend_count };
+                    written.insert(frontend, w);
+                }
+                None => drop(maps.services.remove(&key)),
+            }
         }
+        let sets: HashSet<u32> = written.values().map(|w| w.set).collect();
         let backends: Vec<BackendKey> = maps.backends.keys().filter_map(Result::ok).collect();
-        for key in backends {
-            maps.backends.remove(&key).ok();
+        for key in backends.iter().filter(|k| !sets.contains(&k.set)) {
+            maps.backends.remove(key).ok();
         }
-        Self { rules, maps, written: BTreeMap::new(), retiring: Vec::new(), next_id: 1, next_set: 1 }
+        let next_id = written.values().map(|w| w.id).max().map_or(1, |id| id + 1);
+        let next_set = written.values().map(|w| w.set).max().map_or(1, |set| set + 1);
+        if !written.is_empty() {
+            tracing::info!(frontends = written.len(), "took over the IPv6 frontends the maps hold");
+        }
+        Self {
+            rules,
+            rules_desired: Desired::new(),
+            maps,
+            adopted: !written.is_empty(),
+            written,
+            retiring: Vec::new(),
+            next_id,
+            next_set,
+        }
     }
 
     fn free(&mut self, (set, slots): (u32, u32)) {
@@ -184,28 +237,111 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
         Mode::Ebpf
     }
 
+    /// In three steps, so that each frontend is served all along: the
+    /// hooks' frontends are written, then the rules change (one
+    /// transaction), then the frontends the hooks no longer serve leave the
+    /// maps. A frontend the maps could not take is served by the rules
+    /// until a retry writes it.
     fn apply(&mut self, ops: &[Op<Ipv6Addr>], desired: &Desired<Ipv6Addr>) -> Vec<ApplyError<Ipv6Addr>> {
-        let mut errors = self.rules.apply(ops, desired);
+        let mut errors = Vec::new();
         for retired in std::mem::take(&mut self.retiring) {
             self.free(retired);
         }
+        let on_hooks = |k: &FrontendKey<Ipv6Addr>| desired.get(k).filter(|f| on_sockets(f));
         for op in ops {
-            let (key, done) = match op {
-                Op::Upsert(k) => match desired.get(k).filter(|f| on_sockets(f)) {
-                    Some(f) => (k, self.upsert(f)),
-                    // Now the rules' alone (its policy or affinity changed).
-                    None => (k, self.delete(k)),
-                },
-                Op::Delete(k) => (k, self.delete(k)),
-            };
-            if let Err(error) = done {
-                errors.push(ApplyError { frontend: *key, error });
+            if let Op::Upsert(k) = op
+                && let Some(f) = on_hooks(k)
+                && let Err(error) = self.upsert(f)
+            {
+                errors.push(ApplyError { frontend: *k, error });
+            }
+        }
+        let failed: HashSet<FrontendKey<Ipv6Addr>> = errors.iter().map(|e| e.frontend).collect();
+        let mut rule_ops = Vec::new();
+        for k in ops.iter().map(Op::key) {
+            match desired.get(&k).filter(|f| in_rules(f) || failed.contains(&k)) {
+                Some(f) => {
+                    self.rules_desired.insert(k, f.clone());
+                    rule_ops.push(Op::Upsert(k));
+                }
+                None => {
+                    if self.rules_desired.remove(&k).is_some() {
+                        rule_ops.push(Op::Delete(k));
+                    }
+                }
+            }
+        }
+        errors.extend(self.rules.apply(&rule_ops, &self.rules_desired));
+        let mut gone: Vec<FrontendKey<Ipv6Addr>> = ops.iter().map(Op::key).filter(|k| on_hooks(k).is_none()).collect();
+        if std::mem::take(&mut self.adopted) {
+            gone.extend(self.written.keys().filter(|k| !desired.contains_key(k)));
+        }
+        for k in gone {
+            if let Err(error) = self.delete(&k) {
+                errors.push(ApplyError { frontend: k, error });
             }
         }
         errors
     }
 
-    fn repair(&mut self, desired: &Desired<Ipv6Addr>) -> usize {
-        self.rules.repair(desired)
+    /// The rules are checked, and rewritten from what they serve; the maps
+    /// are rewritten at each frontend's next change.
+    fn repair(&mut self, _desired: &Desired<Ipv6Addr>) -> usize {
+        self.rules.repair(&self.rules_desired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        frontend::{Endpoint, External, ServiceType},
+        name::{ObjectName, ServicePortName},
+    };
+
+    fn frontend(protocol: Protocol) -> Frontend<Ipv6Addr> {
+        Frontend {
+            service: ServicePortName { service: ObjectName::new("default", "web"), port: "".into() },
+            key: FrontendKey { vip: "fd00:96::20".parse().unwrap(), port: 80, protocol },
+            service_type: ServiceType::ClusterIP,
+            external: None,
+            backends: [Endpoint { ip: "fd00:244::11".parse().unwrap(), port: 8080 }].into(),
+            terminating: Box::default(),
+            internal_local: false,
+            affinity_timeout: None,
+            extras: None,
+        }
+    }
+
+    #[test]
+    fn a_tcp_cluster_ip_on_the_hooks_alone_has_no_rules() {
+        let tcp = frontend(Protocol::Tcp);
+        assert!(on_sockets(&tcp) && !in_rules(&tcp));
+        // Unconnected UDP sends pass the hooks untranslated.
+        let udp = frontend(Protocol::Udp);
+        assert!(on_sockets(&udp) && in_rules(&udp));
+        // Reached from outside: the node port is the rules'.
+        let node_port = Frontend {
+            service_type: ServiceType::NodePort,
+            external: Some(Box::new(External { node_port: Some(30080), ..Default::default() })),
+            ..frontend(Protocol::Tcp)
+        };
+        assert!(on_sockets(&node_port) && in_rules(&node_port));
+        // What the hooks do not serve is the rules' alone.
+        for f in [
+            Frontend { internal_local: true, ..frontend(Protocol::Tcp) },
+            Frontend { affinity_timeout: Some(10_800), ..frontend(Protocol::Tcp) },
+            frontend(Protocol::Sctp),
+        ] {
+            assert!(!on_sockets(&f) && in_rules(&f), "{:?}", f.key);
+        }
+    }
+
+    #[test]
+    fn map_entries_stand_for_tcp_and_udp_frontends() {
+        let key = ServiceKey6::new("fd00:96::20".parse::<Ipv6Addr>().unwrap().octets(), 80, PROTO_UDP);
+        let f = frontend_key(&key).unwrap();
+        assert_eq!((f.vip.to_string(), f.port, f.protocol), ("fd00:96::20".into(), 80, Protocol::Udp));
+        assert_eq!(frontend_key(&ServiceKey6::new([0; 16], 80, abi::PROTO_SCTP)), None);
     }
 }

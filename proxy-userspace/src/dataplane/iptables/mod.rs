@@ -146,13 +146,7 @@ impl<A: CtFamily> Dataplane<A> for IptablesDataplane<A> {
     }
 
     fn apply(&mut self, ops: &[Op<A>], desired: &Desired<A>) -> Vec<ApplyError<A>> {
-        let changed: BTreeSet<FrontendKey<A>> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Upsert(k) => *k,
-                Op::Delete(k) => *k,
-            })
-            .collect();
+        let changed: BTreeSet<FrontendKey<A>> = ops.iter().map(Op::key).collect();
         if let Err(e) = self.sync(desired, &changed) {
             // One transaction: nothing of it applied. The next sync is a
             // full one, rendered from the desired state then.
