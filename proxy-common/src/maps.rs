@@ -35,10 +35,10 @@ pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 /// show instead of the backend (LRU, sized like conntrack).
 pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 
-/// IPv6 TCP ClusterIPs for the socket hooks: (VIP, port, protocol) ->
-/// [`ServiceValue`] (its backend set in [`BACKENDS6`]). The rest of IPv6
-/// (UDP, traffic from outside, pods outside the cgroup) is served by
-/// ip6tables rules. Allocated as used.
+/// IPv6 TCP and UDP ClusterIPs for the socket hooks: (VIP, port, protocol)
+/// -> [`ServiceValue`] (its backend set in [`BACKENDS6`]). The rest of IPv6
+/// (traffic from outside, pods outside the cgroup) is served by ip6tables
+/// rules. Allocated as used.
 pub const SERVICES6: &str = "SERVICES6";
 /// (backend set, slot) -> [`Backend6`]. Allocated as used.
 pub const BACKENDS6: &str = "BACKENDS6";
@@ -46,12 +46,18 @@ pub const BACKENDS6: &str = "BACKENDS6";
 /// `getpeername` shows an IPv6 socket the hooks connected. An entry goes
 /// when its socket closes; allocated as used.
 pub const SOCK_REVERSE6: &str = "SOCK_REVERSE6";
+/// An unconnected IPv6 UDP socket -> [`SockUdp6`]: the IPv6 ClusterIPs it
+/// sent to and the backend each gave it, so its later datagrams go to the
+/// same backend and replies show the VIP. Socket storage: it lives and dies
+/// with its socket (pinned, so a restarted agent's programs keep it).
+pub const SOCK_UDP6: &str = "SOCK_UDP6";
 
 /// Socket-level load balancing of a frontend with source ranges: a socket
 /// given one of its backends -> [`SockFence`], so the socket's packets to
 /// that backend are checked against the ranges as they leave (the hooks
 /// that choose run before the kernel picks the socket's source address).
-/// Socket storage: it lives and dies with its socket; not pinned.
+/// Socket storage: it lives and dies with its socket (pinned, so a
+/// restarted agent's programs keep it).
 pub const SOCK_FENCE: &str = "SOCK_FENCE";
 
 /// The ports of a fragmented datagram, learned from its first fragment
@@ -100,6 +106,10 @@ pub const AFFINITY_TIMEOUTS: &str = "AFFINITY_TIMEOUTS";
 /// backend the client's last new flow went to and when ([`AffinityEntry`];
 /// LRU, sized like conntrack), as kube-proxy's `-m recent` lists.
 pub const AFFINITY: &str = "AFFINITY";
+
+/// The sockets' own storage: not listed by inspection (socket storage
+/// cannot be walked), pinned with the others all the same.
+pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 
 /// The version of the maps' layout: their keys, values and what they mean.
 /// Maps pinned by an agent of the same layout are reused by the next start;
@@ -485,6 +495,35 @@ impl SockKey6 {
     }
 }
 
+/// One IPv6 ClusterIP an unconnected UDP socket sent to, and the backend
+/// it was given there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlow6 {
+    pub vip: [u8; 16],
+    pub backend: [u8; 16],
+    pub vip_port: [u8; 2],
+    pub backend_port: [u8; 2],
+    /// The frontend's id; 0 for an unused entry (ids start at 1).
+    pub service_id: u32,
+    /// The backend set the backend was last found in: while the frontend
+    /// publishes the same set, the backend is still one of it.
+    pub set: u32,
+}
+
+/// How many ClusterIPs one unconnected IPv6 UDP socket keeps a backend
+/// for; a fifth replaces the oldest (whose next datagram chooses again).
+pub const UDP_FLOWS6: usize = 4;
+
+/// Value of [`SOCK_UDP6`], created zeroed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockUdp6 {
+    pub flows: [UdpFlow6; UDP_FLOWS6],
+    /// Where the next new flow goes (modulo [`UDP_FLOWS6`]).
+    pub next: u32,
+}
+
 /// Value of [`SOCK_REVERSE6`]: the frontend the socket addressed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -692,6 +731,8 @@ mod tests {
         assert_eq!(size_of::<Backend6>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<SockKey6>(), 8 + 16 + 2 + 1 + 5);
         assert_eq!(size_of::<ReverseEntry6>(), 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<UdpFlow6>(), 16 + 16 + 2 + 2 + 4 + 4);
+        assert_eq!(size_of::<SockUdp6>(), 4 * 44 + 4);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use proxy_common::{
         DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
         DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
         FragmentPorts, NatAddress, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue, SockFence,
-        SockKey, SockKey6, SourceRangeKey, Traffic,
+        SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
     },
 };
 
@@ -91,6 +91,11 @@ pub(crate) static SOCK_REVERSE6: HashMap<SockKey6, ReverseEntry6> =
 /// Socket storage, so a BTF map (the kernel wants its types).
 #[btf_map]
 pub(crate) static SOCK_FENCE: SkStorage<SockFence> = SkStorage::new();
+
+/// An unconnected IPv6 UDP socket's ClusterIPs and backends: socket
+/// storage, so it needs no cleanup and takes no memory before it is used.
+#[btf_map]
+pub(crate) static SOCK_UDP6: SkStorage<SockUdp6> = SkStorage::new();
 
 #[map]
 pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatAddress> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);

@@ -5,13 +5,15 @@
 //! looks at its peer again (`recvmsg` on UDP, `getpeername`), it sees the
 //! VIP it addressed. IPv6 sockets reaching IPv4 Services through
 //! IPv4-mapped addresses (dual-stack sockets) are served the same way, and
-//! IPv6 TCP and UDP sockets connecting to IPv6 ClusterIPs from [`SERVICES6`]
-//! (the rest of IPv6, unconnected UDP included, is ip6tables rules' to serve).
+//! IPv6 TCP and UDP sockets connecting or sending to IPv6 ClusterIPs from
+//! [`SERVICES6`].
 //!
 //! A connected socket chooses once. An unconnected UDP socket chooses on its
 //! first datagram to a frontend and keeps that backend ([`SOCK_AFFINITY`]),
 //! as the per-packet conntrack keeps a flow's; the agent forgets the choice
-//! when the backend leaves.
+//! when the backend leaves. An IPv6 one keeps its choices in its own
+//! storage ([`SOCK_UDP6`]), and chooses again once its backend is no longer
+//! in the frontend's set.
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
@@ -21,8 +23,8 @@ use aya_ebpf::{
 use proxy_common::{
     counters::{Counter, DropReason},
     maps::{
-        AffinityKey, Backend, BackendKey, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ReverseEntry6, ServiceKey,
-        ServiceKey6, SockFence, SockKey, SockKey6, flags,
+        AffinityKey, Backend, Backend6, BackendKey, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ReverseEntry6,
+        ServiceKey, ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, UDP_FLOWS6, UdpFlow6, flags,
     },
     select,
 };
@@ -30,7 +32,7 @@ use proxy_common::{
 use crate::{
     counters::count,
     lookup,
-    maps::{BACKENDS6, SERVICES6, SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE, SOCK_REVERSE6},
+    maps::{BACKENDS6, SERVICES6, SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE, SOCK_REVERSE6, SOCK_UDP6},
 };
 
 /// What the hook tells the kernel: go on (with the address as rewritten), or fail the call.
@@ -96,14 +98,18 @@ pub(crate) fn kpr_sock_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn kpr_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    finish(translate(&ctx, Family::V6Mapped, true))
+    if user_address(&ctx, Family::V6Mapped).is_some() {
+        finish(translate(&ctx, Family::V6Mapped, true))
+    } else {
+        finish(send6(&ctx))
+    }
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub(crate) fn kpr_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
     if user_address(&ctx, Family::V6Mapped).is_some() {
         show_frontend(&ctx, Family::V6Mapped);
-    } else {
+    } else if !show_sent_frontend6(&ctx) {
         show_frontend6(&ctx);
     }
     ALLOW
@@ -245,6 +251,121 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     set_user_address6(ctx, backend.addr, backend.port);
     count(Counter::SocketTranslated, ());
     Ok(())
+}
+
+/// Both halves of an IPv6 address, for comparing without a library call.
+#[inline(always)]
+fn halves6(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
+}
+
+/// How many slots of a frontend's new backend set are searched for a
+/// socket's backend; beyond, the socket chooses again (a frontend that
+/// large loses a UDP flow's stickiness when its set changes).
+const KEPT_SEARCH: u32 = 64;
+
+/// Whether `backend:port` is in `svc`'s current set (within [`KEPT_SEARCH`] slots).
+#[inline(always)]
+fn in_set6(svc: &ServiceValue, backend: (u64, u64), port: [u8; 2]) -> bool {
+    for slot in 0..KEPT_SEARCH {
+        if slot >= svc.backend_count {
+            return false;
+        }
+        let Some(b) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else { return false };
+        let b: Backend6 = unsafe { core::ptr::read(b) };
+        if halves6(&b.addr) == backend && b.port == port {
+            return true;
+        }
+    }
+    false
+}
+
+/// An unconnected IPv6 UDP socket sending to an IPv6 ClusterIP: the backend
+/// it was given there before while that backend is in the frontend's set,
+/// else one chosen now and kept in the socket's storage.
+#[inline(always)]
+fn send6(ctx: &SockAddrContext) -> Result<(), Refusal> {
+    if protocol(ctx) != Some(PROTO_UDP) {
+        return Ok(());
+    }
+    let (vip, vip_port) = user_address6(ctx);
+    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port: vip_port, proto: PROTO_UDP, _pad: 0 }) else {
+        return Ok(());
+    };
+    let svc = unsafe { core::ptr::read(svc) };
+    if svc.backend_count == 0 {
+        return Err(Refusal::NoBackend);
+    }
+    let flows = unsafe { SOCK_UDP6.get_or_insert_ptr_mut(ctx, None) };
+    if flows.is_null() {
+        return Err(Refusal::Drop(DropReason::ConntrackFailed));
+    }
+    let flows: &mut SockUdp6 = unsafe { &mut *flows };
+    let wanted = halves6(&vip);
+    let mut known = UDP_FLOWS6;
+    for i in 0..UDP_FLOWS6 {
+        let flow = &flows.flows[i];
+        if flow.service_id == svc.id && halves6(&flow.vip) == wanted && flow.vip_port == vip_port {
+            known = i;
+            break;
+        }
+    }
+    // One search of the set at most, outside the loop (the verifier walks each copy).
+    if let Some(flow) = flows.flows.get_mut(known) {
+        if flow.set == svc.backend_set || in_set6(&svc, halves6(&flow.backend), flow.backend_port) {
+            flow.set = svc.backend_set;
+            set_user_address6(ctx, flow.backend, flow.backend_port);
+            count(Counter::SocketTranslated, ());
+            return Ok(());
+        }
+        // Its backend left: forgotten, and one chosen again below.
+        flow.service_id = 0;
+    }
+    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
+    let Some(backend) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
+        return Err(Refusal::Drop(DropReason::BackendMissing));
+    };
+    let backend: Backend6 = unsafe { core::ptr::read(backend) };
+    // Written before the address is: a reply can only come once it is used.
+    let at = (flows.next as usize) % UDP_FLOWS6;
+    flows.next = flows.next.wrapping_add(1);
+    flows.flows[at] = UdpFlow6 {
+        vip,
+        backend: backend.addr,
+        vip_port,
+        backend_port: backend.port,
+        service_id: svc.id,
+        set: svc.backend_set,
+    };
+    set_user_address6(ctx, backend.addr, backend.port);
+    count(Counter::SocketTranslated, ());
+    Ok(())
+}
+
+/// The source of a datagram an unconnected IPv6 UDP socket receives from a
+/// backend [`send6`] gave it: the VIP it sent to. False when the socket
+/// sent to no such backend.
+#[inline(always)]
+fn show_sent_frontend6(ctx: &SockAddrContext) -> bool {
+    let flows = unsafe { SOCK_UDP6.get_ptr_mut(ctx) };
+    if flows.is_null() {
+        return false;
+    }
+    let flows: &SockUdp6 = unsafe { &*flows };
+    let (addr, port) = user_address6(ctx);
+    let from = halves6(&addr);
+    for i in 0..UDP_FLOWS6 {
+        let flow = &flows.flows[i];
+        if flow.service_id != 0 && halves6(&flow.backend) == from && flow.backend_port == port {
+            set_user_address6(ctx, flow.vip, flow.vip_port);
+            count(Counter::SocketReverseTranslated, ());
+            return true;
+        }
+    }
+    false
 }
 
 /// `getpeername` of an IPv6 socket [`translate6`] connected, and the source

@@ -13,15 +13,19 @@
 //!   leaves, it is never left with it: ended at once in eBPF mode, moved to
 //!   the other backend in iptables mode (its stale conntrack entry cleared,
 //!   as kube-proxy does in each family);
+//! - unconnected IPv6 UDP sockets sending to the VIP (through the socket
+//!   hooks in eBPF mode) keep their backend and see the VIP as the source
+//!   of replies; when one's backend leaves its next request goes to the
+//!   other, while the other's keeps its own;
 //! - on an IPv6-only cluster (no IPv4 address or route on nodes and pods),
 //!   an IPv6 Service is reached by TCP and UDP from a pod and a node
 //!   process, its node port from outside on each node, and one without
-//!   endpoints is refused; in eBPF mode a ClusterIP-only TCP Service has no
+//!   endpoints is refused; in eBPF mode a ClusterIP-only Service has no
 //!   ip6tables rule (the socket hooks alone serve it), and new connections
 //!   to it are answered while the agent restarts.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
@@ -186,6 +190,29 @@ fn serves_both_families(mode: Mode) {
     let (mut held, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "udp-held", dns6).unwrap();
     let gone = first.reply.clone().unwrap_or_else(|| panic!("no first answer: {first:?}"));
     assert_eq!(held.ask().unwrap().reply.as_deref(), Some(gone.as_str()), "the flow keeps its backend");
+    // Unconnected UDP clients (each request sent to the VIP, as resolvers
+    // send), one held on each backend: each keeps its backend and sees the
+    // VIP as the source of replies; in eBPF mode the hooks translate.
+    let before = socket_translated(mode, node0);
+    let mut loose: BTreeMap<String, Held> = BTreeMap::new();
+    for _ in 0..40 {
+        if loose.len() == 2 {
+            break;
+        }
+        let (sender, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "udp-sendto-held", dns6).unwrap();
+        assert_eq!(first.peer, Some(dns6.to_string()), "an unconnected client's reply: {first:?}");
+        loose.entry(first.reply.clone().unwrap_or_else(|| panic!("{first:?}"))).or_insert(sender);
+    }
+    assert_eq!(loose.keys().cloned().collect::<BTreeSet<_>>(), both, "unconnected clients on both backends");
+    for (backend, sender) in &mut loose {
+        for _ in 0..3 {
+            let again = sender.ask().unwrap();
+            assert_eq!(again.reply.as_ref(), Some(backend), "an unconnected client keeps its backend: {again:?}");
+        }
+    }
+    if let (Some(before), Some(after)) = (before, socket_translated(mode, node0)) {
+        assert!(after >= before + 8, "unconnected IPv6 UDP through the socket hooks: {before} -> {after}");
+    }
     let kept: Vec<_> = v6.iter().copied().filter(|(pod, _)| *pod != gone).collect();
     let syncs = agents[0].log().matches("synced").count();
     write(&manifests, "web.yaml", &services(&v4, &kept)).unwrap();
@@ -202,6 +229,15 @@ fn serves_both_families(mode: Mode) {
     // A new client is served by the remaining backend.
     let again = probe(Path::new(PROBE), client, &node0.cgroup, "udp-connected", dns6).unwrap();
     assert!(again.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "{again:?}");
+    // The unconnected client of the backend that left goes to the other;
+    // the other's keeps its own (the set changed, its backend is in it).
+    let remaining = both.iter().find(|b| **b != gone).unwrap();
+    for (backend, sender) in &mut loose {
+        let next = sender.ask().unwrap();
+        let wanted = if *backend == gone { remaining } else { backend };
+        assert_eq!(next.reply.as_ref(), Some(wanted), "the unconnected client of {backend}, {gone} gone: {next:?}");
+        assert_eq!(next.peer, Some(dns6.to_string()), "{next:?}");
+    }
 }
 
 /// A node whose uplink has only an IPv6 default route: its device is found
@@ -295,10 +331,9 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
         assert_eq!(reached, both, "node port {node_port} from outside");
     }
 
-    // A ClusterIP-only TCP Service is the socket hooks' alone in eBPF mode:
-    // no rule of its own in the nat table, which every new IPv6 connection
-    // on the node walks. UDP (an unconnected socket's sends) and a node
-    // port keep theirs; iptables mode has them all.
+    // A ClusterIP-only Service is the socket hooks' alone in eBPF mode: no
+    // rule of its own in the nat table, which every new IPv6 connection on
+    // the node walks. A node port keeps its rules; iptables mode has them all.
     let lone = SocketAddr::new(LONE_VIP6.into(), 80);
     assert_eq!(answers(node0, client, lone, 10).0, both, "TCP to {lone}");
     let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
@@ -307,8 +342,10 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
     let rule = |vip: Ipv6Addr, proto: &str| {
         nat.lines().any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&format!("-d {vip}/128 -p {proto} ")))
     };
-    assert_eq!(rule(LONE_VIP6, "tcp"), mode == Mode::Iptables, "TCP ClusterIP rule in {mode:?} mode:\n{nat}");
-    assert!(rule(LONE_VIP6, "udp") && rule(SIX_VIP6, "tcp"), "UDP and node port Services keep their rules:\n{nat}");
+    for proto in ["tcp", "udp"] {
+        assert_eq!(rule(LONE_VIP6, proto), mode == Mode::Iptables, "{proto} ClusterIP rule in {mode:?} mode:\n{nat}");
+    }
+    assert!(rule(SIX_VIP6, "tcp"), "a node port Service keeps its rules:\n{nat}");
 
     // New connections to it are answered while node 0's agent restarts:
     // in eBPF mode the restarted agent takes the maps' IPv6 frontends over.

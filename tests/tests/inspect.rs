@@ -199,7 +199,7 @@ fn inspection_reads_the_pinned_maps_with_the_agent_up_and_down() {
     };
     let maps_dir = format!("maps-v{}", proxy_common::maps::LAYOUT);
     let mut all_maps = proxy_common::maps::ALL_MAPS.map(String::from).to_vec();
-    all_maps.push(proxy_common::maps::SOCK_FENCE.to_string());
+    all_maps.extend(proxy_common::maps::SOCKET_STORAGE.map(String::from));
     all_maps.sort();
     assert_eq!(pins(&maps_dir), all_maps, "every map pinned while the agent is down");
     let links = pins("links");

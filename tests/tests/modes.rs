@@ -147,7 +147,7 @@ impl Node {
     }
 
     fn all_map_pins() -> Vec<String> {
-        let all = proxy_common::maps::ALL_MAPS.iter().chain([&proxy_common::maps::SOCK_FENCE]);
+        let all = proxy_common::maps::ALL_MAPS.iter().chain(&proxy_common::maps::SOCKET_STORAGE);
         let mut all: Vec<String> = all.map(|m| m.to_string()).collect();
         all.sort();
         all

@@ -9,7 +9,8 @@
 //! source), or the error with its errno. `udp-held` is `udp-connected` that
 //! then asks again on the same socket each time a line arrives on stdin,
 //! printing a line per answer: a client that stays connected; `tcp-held`
-//! the same over one TCP connection. `tcp-every` makes a new connection
+//! the same over one TCP connection, `udp-sendto-held` over one unconnected
+//! UDP socket (each request sent to ADDR, as resolvers send). `tcp-every` makes a new connection
 //! and request every 10 ms until stdin closes, then prints how many were
 //! answered and how many failed (with the first errors). An IPv6 ADDR
 //! (such as `[::ffff:10.96.0.10]:80`) makes an IPv6 socket, as dual-stack
@@ -70,14 +71,25 @@ fn print(result: std::io::Result<(String, SocketAddr)>) {
     println!("{line}");
 }
 
-fn held(addr: SocketAddr) -> std::io::Result<()> {
+fn held(addr: SocketAddr, connected: bool) -> std::io::Result<()> {
     let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
-    socket.connect(addr)?;
-    print(exchange(&socket));
+    let ask = |socket: &UdpSocket| {
+        if connected {
+            return exchange(socket);
+        }
+        let mut buf = [0u8; 512];
+        socket.send_to(b"hello", addr)?;
+        let (n, from) = socket.recv_from(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    };
+    if connected {
+        socket.connect(addr)?;
+    }
+    print(ask(&socket));
     for line in std::io::stdin().lines() {
         line?;
-        print(exchange(&socket));
+        print(ask(&socket));
     }
     Ok(())
 }
@@ -141,8 +153,11 @@ fn main() {
         "udp" => udp(addr, false),
         "udp-connected" => udp(addr, true),
         "tcp-every" => return tcp_every(addr),
-        "udp-held" | "tcp-held" => {
-            let held = if kind == "tcp-held" { tcp_held(addr) } else { held(addr) };
+        "udp-held" | "udp-sendto-held" | "tcp-held" => {
+            let held = match kind.as_str() {
+                "tcp-held" => tcp_held(addr),
+                held_kind => held(addr, held_kind == "udp-held"),
+            };
             if let Err(e) = held {
                 eprintln!("{e}");
                 std::process::exit(1);

@@ -1,14 +1,14 @@
 //! eBPF mode's IPv6 family, where the socket hooks are attached: the IPv6
 //! TCP and UDP ClusterIPs in [`abi::SERVICES6`], so pods and node processes
-//! under the cgroup connect straight to a backend (`connect6`) and see the
-//! VIP as their peer (`getpeername6`, and `recvmsg6` for connected UDP),
+//! under the cgroup connect or send straight to a backend (`connect6`,
+//! `sendmsg6`) and see the VIP as their peer (`getpeername6`, `recvmsg6`),
 //! and kube-proxy's ip6tables rules for what the hooks do not serve: node
-//! ports, external and load balancer IPs, unconnected UDP, a Local internal
-//! policy or session affinity (see [`in_rules`]). A TCP ClusterIP the hooks
-//! serve has no rule: every new IPv6 connection on the node would otherwise
-//! walk its rule in the nat table, thousands of them at scale. A UDP socket
+//! ports, external and load balancer IPs, a Local internal policy or
+//! session affinity (see [`in_rules`]). A ClusterIP the hooks serve has no
+//! rule: every new IPv6 connection on the node would otherwise walk its
+//! rule in the nat table, thousands of them at scale. A UDP socket
 //! connected to a backend that leaves is ended (see `sock_destroy`), as
-//! IPv4 ones are.
+//! IPv4 ones are; an unconnected one chooses again on its next datagram.
 //!
 //! A backend set is switched as the IPv4 ones are: written whole under a
 //! fresh set id, published by rewriting the frontend's entry, and freed
@@ -75,11 +75,10 @@ fn on_sockets(f: &Frontend<Ipv6Addr>) -> bool {
 }
 
 /// Whether `f` needs kube-proxy's rules beside the hooks: what the hooks
-/// do not serve (see [`on_sockets`]), UDP (an unconnected socket's sends
-/// pass the hooks untranslated) and a frontend reached from outside (its
-/// node port, external or load balancer IPs).
+/// do not serve (see [`on_sockets`]), and a frontend reached from outside
+/// (its node port, external or load balancer IPs).
 fn in_rules(f: &Frontend<Ipv6Addr>) -> bool {
-    !on_sockets(f) || f.key.protocol == Protocol::Udp || f.external.is_some()
+    !on_sockets(f) || f.external.is_some()
 }
 
 /// The frontend a [`abi::SERVICES6`] entry stands for.
@@ -314,12 +313,11 @@ mod tests {
     }
 
     #[test]
-    fn a_tcp_cluster_ip_on_the_hooks_alone_has_no_rules() {
-        let tcp = frontend(Protocol::Tcp);
-        assert!(on_sockets(&tcp) && !in_rules(&tcp));
-        // Unconnected UDP sends pass the hooks untranslated.
-        let udp = frontend(Protocol::Udp);
-        assert!(on_sockets(&udp) && in_rules(&udp));
+    fn a_cluster_ip_on_the_hooks_alone_has_no_rules() {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let f = frontend(protocol);
+            assert!(on_sockets(&f) && !in_rules(&f), "{protocol}");
+        }
         // Reached from outside: the node port is the rules'.
         let node_port = Frontend {
             service_type: ServiceType::NodePort,

@@ -124,9 +124,10 @@ fn capacities(sizes: MapSizes) -> [(&'static str, u32); 13] {
 }
 
 /// The maps pinned (and reused by the next start): every one the
-/// inspection commands read, and the sockets' source-range marks.
+/// inspection commands read, and the sockets' own storage (source-range
+/// marks, unconnected IPv6 UDP flows).
 fn pinned_maps() -> impl Iterator<Item = &'static str> {
-    abi::ALL_MAPS.into_iter().chain([abi::SOCK_FENCE])
+    abi::ALL_MAPS.into_iter().chain(abi::SOCKET_STORAGE)
 }
 
 /// Loads the object with `sizes` applied, without attaching anything.
