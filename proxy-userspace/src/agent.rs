@@ -285,8 +285,7 @@ fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dat
         Ok(rules) => Some(match maps {
             Some(maps) => {
                 tracing::info!(
-                    "IPv6 Services: TCP and UDP ClusterIPs through the socket hooks, the rest (and unconnected UDP) \
-                     by ip6tables rules"
+                    "IPv6 Services: TCP and UDP ClusterIPs through the socket hooks, the rest by ip6tables rules"
                 );
                 Box::new(EbpfIpv6::new(rules, maps))
             }
