@@ -270,7 +270,12 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
                 }
             }
         }
-        errors.extend(self.rules.apply(&rule_ops, &self.rules_desired));
+        // A sync that changes no rule runs no `ip6tables-restore`, unless the
+        // rules are due a full one: the first (which also removes what a
+        // previous run or iptables mode left), or the one after a failure.
+        if !rule_ops.is_empty() || self.rules.full_sync_pending() {
+            errors.extend(self.rules.apply(&rule_ops, &self.rules_desired));
+        }
         let mut gone: Vec<FrontendKey<Ipv6Addr>> = ops.iter().map(Op::key).filter(|k| on_hooks(k).is_none()).collect();
         if std::mem::take(&mut self.adopted) {
             gone.extend(self.written.keys().filter(|k| !desired.contains_key(k)));

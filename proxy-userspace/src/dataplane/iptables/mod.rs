@@ -64,6 +64,11 @@ impl<A: CtFamily> IptablesDataplane<A> {
         self.backend
     }
 
+    /// Whether the next sync rewrites every chain: none has run yet, or the last failed.
+    pub fn full_sync_pending(&self) -> bool {
+        self.last_full_sync.is_none()
+    }
+
     fn sync(&mut self, desired: &Desired<A>, changed: &BTreeSet<FrontendKey<A>>) -> Result<(), DataplaneError> {
         let full = self.last_full_sync.is_none_or(|t| t.elapsed() >= self.full_sync_period);
         let wanted: BTreeSet<String> = desired.values().flat_map(chains_of).collect();
