@@ -85,8 +85,7 @@ pub(crate) fn kpr_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 /// The same four for IPv6 sockets: IPv4 Services through mapped
-/// addresses; IPv6 ClusterIPs on connect, and the sockets connected so on
-/// recvmsg and getpeername.
+/// addresses, and IPv6 ClusterIPs.
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn kpr_sock_connect6(ctx: SockAddrContext) -> i32 {
     if user_address(&ctx, Family::V6Mapped).is_some() {
@@ -229,19 +228,8 @@ fn set_user_address6(ctx: &SockAddrContext, addr: [u8; 16], port: [u8; 2]) {
 fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let Some(proto) = protocol(ctx) else { return Ok(()) };
     let (vip, vip_port) = user_address6(ctx);
-    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port: vip_port, proto, _pad: 0 }) else {
-        return Ok(());
-    };
-    let svc = unsafe { core::ptr::read(svc) };
-    if svc.backend_count == 0 {
-        return Err(Refusal::NoBackend);
-    }
-    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
-    let Some(backend) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
-        // The set was replaced after the frontend was read: refused, and the client retries.
-        return Err(Refusal::Drop(DropReason::BackendMissing));
-    };
-    let backend = unsafe { core::ptr::read(backend) };
+    let Some(svc) = frontend6(vip, vip_port, proto)? else { return Ok(()) };
+    let backend = pick6(&svc)?;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Written before the address is: getpeername can only ask once it is used.
     let reverse = ReverseEntry6 { vip, vip_port, _pad: [0; 2], service_id: svc.id };
@@ -251,6 +239,29 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     set_user_address6(ctx, backend.addr, backend.port);
     count(Counter::SocketTranslated, ());
     Ok(())
+}
+
+/// The IPv6 ClusterIP `vip:port` (`proto`), if the hooks serve it;
+/// refused when it has no backend.
+#[inline(always)]
+fn frontend6(vip: [u8; 16], port: [u8; 2], proto: u8) -> Result<Option<ServiceValue>, Refusal> {
+    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port, proto, _pad: 0 }) else { return Ok(None) };
+    let svc = unsafe { core::ptr::read(svc) };
+    if svc.backend_count == 0 {
+        return Err(Refusal::NoBackend);
+    }
+    Ok(Some(svc))
+}
+
+/// One of `svc`'s backends, at random.
+#[inline(always)]
+fn pick6(svc: &ServiceValue) -> Result<Backend6, Refusal> {
+    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
+    let Some(backend) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
+        // The set was replaced after the frontend was read: refused, and the client retries.
+        return Err(Refusal::Drop(DropReason::BackendMissing));
+    };
+    Ok(unsafe { core::ptr::read(backend) })
 }
 
 /// Both halves of an IPv6 address, for comparing without a library call.
@@ -292,13 +303,7 @@ fn send6(ctx: &SockAddrContext) -> Result<(), Refusal> {
         return Ok(());
     }
     let (vip, vip_port) = user_address6(ctx);
-    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port: vip_port, proto: PROTO_UDP, _pad: 0 }) else {
-        return Ok(());
-    };
-    let svc = unsafe { core::ptr::read(svc) };
-    if svc.backend_count == 0 {
-        return Err(Refusal::NoBackend);
-    }
+    let Some(svc) = frontend6(vip, vip_port, PROTO_UDP)? else { return Ok(()) };
     let flows = unsafe { SOCK_UDP6.get_or_insert_ptr_mut(ctx, None) };
     if flows.is_null() {
         return Err(Refusal::Drop(DropReason::ConntrackFailed));
@@ -324,11 +329,7 @@ fn send6(ctx: &SockAddrContext) -> Result<(), Refusal> {
         // Its backend left: forgotten, and one chosen again below.
         flow.service_id = 0;
     }
-    let slot = select::slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count);
-    let Some(backend) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else {
-        return Err(Refusal::Drop(DropReason::BackendMissing));
-    };
-    let backend: Backend6 = unsafe { core::ptr::read(backend) };
+    let backend = pick6(&svc)?;
     // Written before the address is: a reply can only come once it is used.
     let at = (flows.next as usize) % UDP_FLOWS6;
     flows.next = flows.next.wrapping_add(1);
