@@ -40,6 +40,14 @@ pub fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: u16) -> 
     sum + proto as u32 + l4_len as u32
 }
 
+/// Sum of the IPv6 pseudo header used by TCP, UDP and ICMPv6 checksums (RFC 8200 §8.1).
+#[inline(always)]
+pub fn pseudo_header_sum6(src: [u8; 16], dst: [u8; 16], next_header: u8, l4_len: u16) -> u32 {
+    let sum = add_bytes(0, &src);
+    let sum = add_bytes(sum, &dst);
+    sum + next_header as u32 + l4_len as u32
+}
+
 /// Checksum of `bytes` (e.g. an IPv4 header with its checksum field zeroed).
 #[inline(always)]
 pub fn checksum(bytes: &[u8]) -> u16 {

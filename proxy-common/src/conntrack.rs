@@ -13,6 +13,7 @@
 //! backend, so a stale reply entry never rewrites another connection.
 
 use crate::{
+    ipv6::In6,
     maps::PROTO_TCP,
     reject::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -21,6 +22,12 @@ use crate::{
 pub const CT_TCP: &str = "CT_TCP";
 /// Every other protocol's flows (UDP), both directions (LRU).
 pub const CT_ANY: &str = "CT_ANY";
+/// The IPv6 flows of the per-packet path, as [`CT_TCP`] and [`CT_ANY`]
+/// (keys [`FlowKey6`]). Not LRU, which is preallocated: few nodes carry
+/// IPv6 Service traffic per packet, so they are allocated as used, and the
+/// agent's collector keeps them from filling.
+pub const CT6_TCP: &str = "CT6_TCP";
+pub const CT6_ANY: &str = "CT6_ANY";
 
 /// [`FlowKey::dir`] of a client -> frontend entry.
 pub const DIR_SERVICE: u8 = 0;
@@ -41,12 +48,13 @@ pub const TCP_SYN_LIFETIME: u32 = 60;
 pub const TCP_CLOSING_LIFETIME: u32 = 10;
 pub const NON_TCP_LIFETIME: u32 = 60;
 
-/// A flow in one direction: the key of [`CT_TCP`] and [`CT_ANY`].
+/// A flow in one direction: the key of [`CT_TCP`] and [`CT_ANY`] (and,
+/// as [`FlowKey6`], of [`CT6_TCP`] and [`CT6_ANY`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+pub struct FlowKey<A = [u8; 4]> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub proto: u8,
@@ -55,47 +63,37 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-impl FlowKey {
+pub type FlowKey6 = FlowKey<In6>;
+
+impl<A: Copy> FlowKey<A> {
     /// The service entry's key: what the client sends to the frontend.
-    pub const fn service(
-        src_addr: [u8; 4],
-        src_port: [u8; 2],
-        dst_addr: [u8; 4],
-        dst_port: [u8; 2],
-        proto: u8,
-    ) -> Self {
+    pub const fn service(src_addr: A, src_port: [u8; 2], dst_addr: A, dst_port: [u8; 2], proto: u8) -> Self {
         Self { src_addr, dst_addr, src_port, dst_port, proto, dir: DIR_SERVICE, _pad: [0; 2] }
     }
 
     /// A reply entry's key: what a backend at `src` sends to a client at `dst`.
-    pub const fn reply_tuple(
-        src_addr: [u8; 4],
-        src_port: [u8; 2],
-        dst_addr: [u8; 4],
-        dst_port: [u8; 2],
-        proto: u8,
-    ) -> Self {
+    pub const fn reply_tuple(src_addr: A, src_port: [u8; 2], dst_addr: A, dst_port: [u8; 2], proto: u8) -> Self {
         Self { src_addr, dst_addr, src_port, dst_port, proto, dir: DIR_REPLY, _pad: [0; 2] }
     }
 
     /// The reply entry's key: what `backend` sends back to this service key's client.
-    pub const fn reply(&self, backend_addr: [u8; 4], backend_port: [u8; 2]) -> Self {
+    pub const fn reply(&self, backend_addr: A, backend_port: [u8; 2]) -> Self {
         Self::reply_tuple(backend_addr, backend_port, self.src_addr, self.src_port, self.proto)
     }
 
     /// The service entry's key of the flow this reply key answers, the
     /// client having addressed `frontend`.
-    pub const fn service_of_reply(&self, frontend_addr: [u8; 4], frontend_port: [u8; 2]) -> Self {
+    pub const fn service_of_reply(&self, frontend_addr: A, frontend_port: [u8; 2]) -> Self {
         Self::service(self.dst_addr, self.dst_port, frontend_addr, frontend_port, self.proto)
     }
 }
 
-/// Value of [`CT_TCP`] and [`CT_ANY`].
+/// Value of [`CT_TCP`] and [`CT_ANY`] (and, as [`CtEntry6`], of the IPv6 maps).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtEntry {
+pub struct CtEntry<A = [u8; 4]> {
     /// Service entry: the backend. Reply entry: the frontend (VIP).
-    pub addr: [u8; 4],
+    pub addr: A,
     pub port: [u8; 2],
     /// [`STATE_REPLIED`] and [`STATE_CLOSING`] bits.
     pub state: u8,
@@ -110,8 +108,10 @@ pub struct CtEntry {
     pub last_seen: u32,
 }
 
-impl CtEntry {
-    pub const fn new(addr: [u8; 4], port: [u8; 2], service_id: u32, slot: u32, now: u32) -> Self {
+pub type CtEntry6 = CtEntry<In6>;
+
+impl<A: Copy> CtEntry<A> {
+    pub const fn new(addr: A, port: [u8; 2], service_id: u32, slot: u32, now: u32) -> Self {
         Self { addr, port, state: 0, _pad: 0, service_id, slot, last_seen: now }
     }
 }
@@ -119,6 +119,11 @@ impl CtEntry {
 /// The map a protocol's flows live in.
 pub const fn map_for(proto: u8) -> &'static str {
     if proto == PROTO_TCP { CT_TCP } else { CT_ANY }
+}
+
+/// The map a protocol's IPv6 flows live in.
+pub const fn map_for6(proto: u8) -> &'static str {
+    if proto == PROTO_TCP { CT6_TCP } else { CT6_ANY }
 }
 
 /// How long an entry in `state` lives without traffic, in seconds.
@@ -138,7 +143,7 @@ pub const fn lifetime(proto: u8, state: u8) -> u32 {
 /// `now`. An entry seen after `now` was read (a packet on another CPU, or
 /// during the collector's walk, just past a second boundary) is live: its
 /// age, modulo the clock's wrap, is then "negative".
-pub const fn expired(proto: u8, entry: &CtEntry, now: u32) -> bool {
+pub const fn expired<A>(proto: u8, entry: &CtEntry<A>, now: u32) -> bool {
     let age = now.wrapping_sub(entry.last_seen);
     age <= i32::MAX as u32 && age > lifetime(proto, entry.state)
 }
@@ -173,6 +178,8 @@ mod pod {
     // SAFETY: #[repr(C)], Copy, no implicit padding (asserted below).
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::CtEntry6 {}
 }
 
 #[cfg(test)]
@@ -185,6 +192,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtEntry>(), 4 + 2 + 1 + 1 + 4 + 4 + 4);
+        assert_eq!(size_of::<FlowKey6>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtEntry6>(), 16 + 2 + 1 + 1 + 4 + 4 + 4);
     }
 
     #[test]
@@ -249,5 +258,7 @@ mod tests {
     fn each_protocol_has_its_map() {
         assert_eq!(map_for(PROTO_TCP), CT_TCP);
         assert_eq!(map_for(PROTO_UDP), CT_ANY);
+        assert_eq!(map_for6(PROTO_TCP), CT6_TCP);
+        assert_eq!(map_for6(PROTO_UDP), CT6_ANY);
     }
 }

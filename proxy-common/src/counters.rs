@@ -29,8 +29,8 @@ pub enum Counter {
     PassedMalformed,
     /// Later fragments of datagrams kpr did not translate: passed untouched.
     PassedFragment,
-    /// Non-IPv4 frames: passed untouched.
-    PassedNotIpv4,
+    /// Frames neither IPv4 nor IPv6 (ARP, say): passed untouched.
+    PassedNotIp,
     /// A flow's backend slot vanished between lookups: dropped, the client retries.
     DroppedBackendMissing,
     /// Reading the packet through the kernel's helper failed: dropped.
@@ -105,7 +105,7 @@ impl Counter {
         Counter::DroppedTruncated,
         Counter::PassedMalformed,
         Counter::PassedFragment,
-        Counter::PassedNotIpv4,
+        Counter::PassedNotIp,
         Counter::DroppedBackendMissing,
         Counter::DroppedLoadFailed,
         Counter::DroppedStoreFailed,
@@ -140,7 +140,7 @@ impl Counter {
             Counter::DroppedTruncated => "dropped_truncated",
             Counter::PassedMalformed => "passed_malformed",
             Counter::PassedFragment => "passed_fragment",
-            Counter::PassedNotIpv4 => "passed_not_ipv4",
+            Counter::PassedNotIp => "passed_not_ip",
             Counter::DroppedBackendMissing => "dropped_backend_missing",
             Counter::DroppedLoadFailed => "dropped_load_failed",
             Counter::DroppedStoreFailed => "dropped_store_failed",

@@ -8,6 +8,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod ipv4;
+pub mod ipv6;
 pub mod maps;
 pub mod reject;
 pub mod select;

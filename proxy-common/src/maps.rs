@@ -5,6 +5,8 @@
 //! Addresses and ports are kept in network byte order exactly as they appear
 //! on the wire, so the datapath compares and copies them without swapping.
 
+use crate::ipv6::In6;
+
 /// Frontends: (VIP, port, protocol) -> service. An entry with port 0 and
 /// protocol 0 marks the VIP itself, so packets that carry no ports
 /// (non-first fragments) can still be recognised as addressed to a Service.
@@ -414,23 +416,24 @@ pub const BACKEND_ACTIVE: u8 = 0;
 /// [`Backend::state`] of an endpoint shutting down but still serving.
 pub const BACKEND_TERMINATING: u8 = 1;
 
-/// Value of [`BACKENDS`]: an endpoint address and target port.
+/// Value of [`BACKENDS`] (and, as [`Backend6`], of [`BACKENDS6`]): an
+/// endpoint address and target port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub addr: [u8; 4],
+pub struct Backend<A = [u8; 4]> {
+    pub addr: A,
     pub port: [u8; 2],
     /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
     pub state: u8,
     pub _pad: u8,
 }
 
-impl Backend {
-    pub const fn new(addr: [u8; 4], port: u16) -> Self {
+impl<A: Copy> Backend<A> {
+    pub const fn new(addr: A, port: u16) -> Self {
         Self { addr, port: port.to_be_bytes(), state: BACKEND_ACTIVE, _pad: 0 }
     }
 
-    pub const fn terminating(addr: [u8; 4], port: u16) -> Self {
+    pub const fn terminating(addr: A, port: u16) -> Self {
         Self { addr, port: port.to_be_bytes(), state: BACKEND_TERMINATING, _pad: 0 }
     }
 
@@ -444,7 +447,7 @@ impl Backend {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey6 {
     /// VIP, network byte order.
-    pub addr: [u8; 16],
+    pub addr: In6,
     /// Port, network byte order.
     pub port: [u8; 2],
     pub proto: u8,
@@ -453,30 +456,12 @@ pub struct ServiceKey6 {
 
 impl ServiceKey6 {
     pub const fn new(addr: [u8; 16], port: u16, proto: u8) -> Self {
-        Self { addr, port: port.to_be_bytes(), proto, _pad: 0 }
+        Self { addr: In6(addr), port: port.to_be_bytes(), proto, _pad: 0 }
     }
 }
 
 /// Value of [`BACKENDS6`]: an IPv6 endpoint address and target port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend6 {
-    pub addr: [u8; 16],
-    pub port: [u8; 2],
-    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
-    pub state: u8,
-    pub _pad: u8,
-}
-
-impl Backend6 {
-    pub const fn new(addr: [u8; 16], port: u16) -> Self {
-        Self { addr, port: port.to_be_bytes(), state: BACKEND_ACTIVE, _pad: 0 }
-    }
-
-    pub const fn terminating(addr: [u8; 16], port: u16) -> Self {
-        Self { addr, port: port.to_be_bytes(), state: BACKEND_TERMINATING, _pad: 0 }
-    }
-}
+pub type Backend6 = Backend<In6>;
 
 /// Key of [`SOCK_REVERSE6`]: one socket, the backend it was given.
 #[repr(C)]

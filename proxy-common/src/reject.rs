@@ -1,9 +1,10 @@
 //! Refusals for Services without endpoints, as kube-proxy's REJECT answers:
-//! a TCP reset, or ICMP port unreachable for UDP. The datapath copies these
-//! bytes over the packet and sends it back out of the interface it came in on.
+//! a TCP reset, or ICMP (ICMPv6 over IPv6) port unreachable for UDP. The
+//! datapath copies these bytes over the packet and sends it back out of the
+//! interface it came in on.
 
 use crate::checksum::{add_bytes, checksum, finish, pseudo_header_sum};
-use crate::maps::PROTO_TCP;
+use crate::{ipv6::In6, maps::PROTO_TCP};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -21,6 +22,19 @@ pub const TCP_RESET_LEN: usize = 40;
 pub const ICMP_QUOTE_LEN: usize = 28;
 /// IPv4 + ICMP headers placed in front of the quote.
 pub const ICMP_HEADERS_LEN: usize = 28;
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// Length of the IPv6 + TCP headers of a reset.
+pub const TCP_RESET6_LEN: usize = 60;
+/// What an ICMPv6 error about a UDP datagram quotes: its 40-byte IPv6
+/// header and the UDP header (a datagram with extension headers is not
+/// answered).
+pub const ICMP6_QUOTE_LEN: usize = 48;
+/// IPv6 + ICMPv6 headers placed in front of the quote.
+pub const ICMP6_HEADERS_LEN: usize = 48;
 
 /// The fields of an incoming segment a reset must answer.
 #[derive(Clone, Copy, Debug)]
@@ -54,21 +68,7 @@ pub fn tcp_reset(
     to_port: [u8; 2],
     seg: &TcpSegment,
 ) -> Option<[u8; TCP_RESET_LEN]> {
-    if seg.flags & TCP_RST != 0 {
-        return None;
-    }
-    let (seq, ack, flags) = if seg.flags & TCP_ACK != 0 {
-        (seg.ack, 0, TCP_RST)
-    } else {
-        let mut len = seg.payload_len;
-        if seg.flags & TCP_SYN != 0 {
-            len += 1;
-        }
-        if seg.flags & TCP_FIN != 0 {
-            len += 1;
-        }
-        (0, seg.seq.wrapping_add(len), TCP_RST | TCP_ACK)
-    };
+    let (seq, ack, flags) = reset_numbers(seg)?;
     let ip = ipv4_header(from, to, PROTO_TCP, TCP_RESET_LEN as u16, 0);
     let s = seq.to_be_bytes();
     let a = ack.to_be_bytes();
@@ -101,6 +101,106 @@ pub fn tcp_reset(
     out[..20].copy_from_slice(&ip);
     out[20..].copy_from_slice(&tcp);
     Some(out)
+}
+
+/// The sequence and acknowledgment numbers and flags of the reset
+/// answering `seg`; `None` for an incoming reset, never answered.
+#[inline(always)]
+fn reset_numbers(seg: &TcpSegment) -> Option<(u32, u32, u8)> {
+    if seg.flags & TCP_RST != 0 {
+        return None;
+    }
+    if seg.flags & TCP_ACK != 0 {
+        return Some((seg.ack, 0, TCP_RST));
+    }
+    let mut len = seg.payload_len;
+    if seg.flags & TCP_SYN != 0 {
+        len += 1;
+    }
+    if seg.flags & TCP_FIN != 0 {
+        len += 1;
+    }
+    Some((0, seg.seq.wrapping_add(len), TCP_RST | TCP_ACK))
+}
+
+/// [`tcp_reset`] over IPv6: the IPv6 and TCP headers, as words each in
+/// network order (the datapath stores them as they are: IPv6 packets are
+/// built in words, which the BPF stack affords, not bytes).
+#[inline(always)]
+pub fn tcp_reset6(
+    from: &In6,
+    from_port: [u8; 2],
+    to: &In6,
+    to_port: [u8; 2],
+    seg: &TcpSegment,
+) -> Option<[u32; TCP_RESET6_LEN / 4]> {
+    let (seq, ack, flags) = reset_numbers(seg)?;
+    let mut out = [0u32; TCP_RESET6_LEN / 4];
+    ipv6_header(&mut out, from.words(), to.words(), PROTO_TCP, 20);
+    out[10] = u32::from_ne_bytes([from_port[0], from_port[1], to_port[0], to_port[1]]);
+    out[11] = u32::from_ne_bytes(seq.to_be_bytes());
+    out[12] = u32::from_ne_bytes(ack.to_be_bytes());
+    out[13] = u32::from_ne_bytes([0x50, flags, 0, 0]);
+    let c = finish_words(pseudo_sum6(&out, PROTO_TCP, 20) + sum_words(&out[10..14]));
+    out[14] = u32::from_ne_bytes([c[0], c[1], 0, 0]);
+    Some(out)
+}
+
+/// The IPv6 and ICMPv6 headers of a port-unreachable error about `quote`
+/// (the offending datagram's IPv6 and UDP headers, as words), from the
+/// address it was sent to back to its sender. ICMPv6's checksum, unlike
+/// ICMP's, covers a pseudo header.
+#[inline(always)]
+pub fn icmp6_port_unreachable(quote: &[u32; ICMP6_QUOTE_LEN / 4]) -> [u32; ICMP6_HEADERS_LEN / 4] {
+    let len = (8 + ICMP6_QUOTE_LEN) as u16;
+    let mut out = [0u32; ICMP6_HEADERS_LEN / 4];
+    // The quoted header's destination (words 6..10) and source (2..6), swapped.
+    let (from, to) = ([quote[6], quote[7], quote[8], quote[9]], [quote[2], quote[3], quote[4], quote[5]]);
+    ipv6_header(&mut out, from, to, IPPROTO_ICMPV6, len);
+    out[10] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0]);
+    let c = finish_words(pseudo_sum6(&out, IPPROTO_ICMPV6, len) + sum_words(&out[10..11]) + sum_words(quote));
+    out[10] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, c[0], c[1]]);
+    out
+}
+
+/// Writes an IPv6 header from `from` to `to` into words 0..10 of `out`.
+#[inline(always)]
+fn ipv6_header(out: &mut [u32], from: [u32; 4], to: [u32; 4], next_header: u8, payload_len: u16) {
+    let l = payload_len.to_be_bytes();
+    out[0] = u32::from_ne_bytes([0x60, 0, 0, 0]);
+    out[1] = u32::from_ne_bytes([l[0], l[1], next_header, 64]);
+    out[2..6].copy_from_slice(&from);
+    out[6..10].copy_from_slice(&to);
+}
+
+/// The pseudo header's sum for the IPv6 header in words 0..10 of `header`.
+#[inline(always)]
+fn pseudo_sum6(header: &[u32], next_header: u8, len: u16) -> u64 {
+    let l = len.to_be_bytes();
+    let tail = [u32::from_ne_bytes([0, 0, l[0], l[1]]), u32::from_ne_bytes([0, 0, 0, next_header])];
+    sum_words(&header[2..10]) + sum_words(&tail)
+}
+
+/// The one's-complement sum of words in network order, in the machine's
+/// order (RFC 1071's byte-order independence: folded and stored as the
+/// machine holds it, it lands in network order).
+#[inline(always)]
+fn sum_words(words: &[u32]) -> u64 {
+    let mut sum = 0u64;
+    for w in words {
+        sum += (*w & 0xffff) as u64 + (*w >> 16) as u64;
+    }
+    sum
+}
+
+/// The checksum field's two bytes for words summing to `sum`.
+#[inline(always)]
+fn finish_words(mut sum: u64) -> [u8; 2] {
+    // At most three folds for any sum of the few words here.
+    for _ in 0..3 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    (!(sum as u16)).to_ne_bytes()
 }
 
 /// IPv4 + ICMP headers of a port-unreachable error about `quote` (the first
@@ -168,6 +268,60 @@ mod tests {
     fn a_reset_is_never_answered() {
         let seg = TcpSegment { seq: 1, ack: 1, flags: TCP_RST | TCP_ACK, payload_len: 0 };
         assert!(tcp_reset(VIP, [0, 80], CLIENT, [1, 2], &seg).is_none());
+    }
+
+    const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20];
+    const CLIENT6: [u8; 16] = [0xfd, 0, 0x2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+
+    fn bytes(words: &[u32]) -> std::vec::Vec<u8> {
+        words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    /// Whether the upper-layer checksum of an IPv6 packet (fixed header only) verifies.
+    fn ipv6_checksum_ok(p: &[u8]) -> bool {
+        let (src, dst): ([u8; 16], [u8; 16]) = (p[8..24].try_into().unwrap(), p[24..40].try_into().unwrap());
+        let l4 = &p[40..];
+        let pseudo = crate::checksum::pseudo_header_sum6(src, dst, p[6], l4.len() as u16);
+        crate::checksum::fold(add_bytes(pseudo, l4)) == 0xffff
+    }
+
+    #[test]
+    fn an_ipv6_reset_answers_a_syn_with_its_checksum_over_the_pseudo_header() {
+        let syn = TcpSegment { seq: 1000, ack: 0, flags: TCP_SYN, payload_len: 0 };
+        let p = bytes(&tcp_reset6(&In6(VIP6), [0, 80], &In6(CLIENT6), [0x9c, 0x40], &syn).unwrap());
+        assert_eq!(p.len(), TCP_RESET6_LEN);
+        assert_eq!((p[0] >> 4, u16::from_be_bytes([p[4], p[5]]), p[6], p[7]), (6, 20, PROTO_TCP, 64));
+        assert_eq!((&p[8..24], &p[24..40]), (&VIP6[..], &CLIENT6[..]));
+        let tcp = &p[40..];
+        assert_eq!(&tcp[..4], &[0, 80, 0x9c, 0x40]);
+        assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1001);
+        assert_eq!((tcp[12], tcp[13]), (0x50, TCP_RST | TCP_ACK));
+        assert!(ipv6_checksum_ok(&p), "TCP checksum verifies");
+        let ack = TcpSegment { seq: 5, ack: 777, flags: TCP_ACK, payload_len: 10 };
+        let p = bytes(&tcp_reset6(&In6(VIP6), [0, 80], &In6(CLIENT6), [1, 2], &ack).unwrap());
+        assert_eq!(u32::from_be_bytes([p[44], p[45], p[46], p[47]]), 777);
+        assert!(ipv6_checksum_ok(&p));
+        let rst = TcpSegment { seq: 1, ack: 1, flags: TCP_RST, payload_len: 0 };
+        assert!(tcp_reset6(&In6(VIP6), [0, 80], &In6(CLIENT6), [1, 2], &rst).is_none());
+    }
+
+    #[test]
+    fn an_icmpv6_error_goes_back_to_the_sender_its_checksum_over_pseudo_header_and_quote() {
+        // Any 48 bytes after a client -> VIP header.
+        let mut quote = [0u8; ICMP6_QUOTE_LEN];
+        for (i, b) in quote.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37);
+        }
+        quote[8..24].copy_from_slice(&CLIENT6);
+        quote[24..40].copy_from_slice(&VIP6);
+        let words: [u32; 12] =
+            core::array::from_fn(|i| u32::from_ne_bytes(quote[4 * i..4 * i + 4].try_into().unwrap()));
+        let mut p = bytes(&icmp6_port_unreachable(&words));
+        assert_eq!((u16::from_be_bytes([p[4], p[5]]), p[6]), (56, IPPROTO_ICMPV6));
+        assert_eq!((&p[8..24], &p[24..40]), (&VIP6[..], &CLIENT6[..]), "from the VIP to the client");
+        assert_eq!(&p[40..42], &[ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH]);
+        p.extend(quote);
+        assert!(ipv6_checksum_ok(&p), "ICMPv6 checksum verifies");
     }
 
     #[test]

@@ -8,19 +8,14 @@
 //! pins the replying backend: an entry left behind by an earlier flow never
 //! rewrites another one.
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap};
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{
     conntrack::{CtEntry, FlowKey, STATE_CLOSING, expired, is_syn, next_state, syn_opens_new_connection},
     counters::{Counter, DropReason},
     maps::{BACKEND_ACTIVE, Backend, PROTO_TCP, ServiceValue},
 };
 
-use crate::{
-    counters::count,
-    lookup::backend_at,
-    maps::{CT_ANY, CT_TCP},
-    parse::Packet,
-};
+use crate::{counters::count, family::Family, lookup::backend_at, parse::Packet};
 
 /// Seconds of CLOCK_MONOTONIC, the clock of [`CtEntry::last_seen`]. The
 /// coarse reading (the time of the last tick) is exact enough for seconds
@@ -30,15 +25,10 @@ pub(crate) fn now() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
-#[inline(always)]
-fn table(proto: u8) -> &'static LruHashMap<FlowKey, CtEntry> {
-    if proto == PROTO_TCP { &CT_TCP } else { &CT_ANY }
-}
-
 /// Records a packet on an entry; written only when something changed, so
 /// a busy flow does not dirty the entry's cache line on every packet.
 #[inline(always)]
-fn touch(entry: *mut CtEntry, tcp_flags: u8, reply: bool, now: u32) {
+fn touch<A>(entry: *mut CtEntry<A>, tcp_flags: u8, reply: bool, now: u32) {
     let e = unsafe { &mut *entry };
     let state = next_state(e.state, tcp_flags, reply);
     if e.state != state {
@@ -53,12 +43,11 @@ fn touch(entry: *mut CtEntry, tcp_flags: u8, reply: bool, now: u32) {
 /// must appear to come from. A reply entry whose flow is gone or moved on
 /// is removed and counted, and the packet is left alone.
 #[inline(always)]
-pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
-    let ct = table(pkt.proto);
+pub(crate) fn reply<A: Family>(pkt: &Packet<A>, now: u32) -> Option<CtEntry<A>> {
     let key = FlowKey::reply_tuple(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    let rev = ct.get_ptr_mut(key)?;
+    let rev = A::ct_get(&key)?;
     let frontend = unsafe { core::ptr::read(rev) };
-    let live = match ct.get_ptr_mut(key.service_of_reply(frontend.addr, frontend.port)) {
+    let live = match A::ct_get(&key.service_of_reply(frontend.addr, frontend.port)) {
         Some(fwd) => {
             let live = pins(unsafe { &*fwd }, &key, &frontend, now);
             if live {
@@ -70,7 +59,7 @@ pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
     };
     if !live {
         // Gone already is as good as removed.
-        let _ = ct.remove(&key);
+        A::ct_remove(&key);
         return count(Counter::ConntrackStale, None);
     }
     touch(rev, pkt.tcp_flags, true, now);
@@ -80,7 +69,7 @@ pub(crate) fn reply(pkt: &Packet, now: u32) -> Option<CtEntry> {
 /// Whether service entry `fwd` is live and pins the backend that reply key
 /// `reply` comes from, for the frontend `rev` names.
 #[inline(always)]
-fn pins(fwd: &CtEntry, reply: &FlowKey, rev: &CtEntry, now: u32) -> bool {
+fn pins<A: Family>(fwd: &CtEntry<A>, reply: &FlowKey<A>, rev: &CtEntry<A>, now: u32) -> bool {
     fwd.addr == reply.src_addr
         && fwd.port == reply.src_port
         && fwd.service_id == rev.service_id
@@ -90,17 +79,16 @@ fn pins(fwd: &CtEntry, reply: &FlowKey, rev: &CtEntry, now: u32) -> bool {
 /// The frontend a live flow's reply tuple `reply` answers for, without
 /// refreshing anything (an ICMP error about the flow is not traffic of it).
 #[inline(always)]
-pub(crate) fn frontend_of(reply: &FlowKey, now: u32) -> Option<CtEntry> {
-    let ct = table(reply.proto);
-    let rev = unsafe { core::ptr::read(ct.get_ptr(*reply)?) };
-    let fwd = unsafe { core::ptr::read(ct.get_ptr(reply.service_of_reply(rev.addr, rev.port))?) };
+pub(crate) fn frontend_of<A: Family>(reply: &FlowKey<A>, now: u32) -> Option<CtEntry<A>> {
+    let rev = unsafe { core::ptr::read(A::ct_get(reply)?) };
+    let fwd = unsafe { core::ptr::read(A::ct_get(&reply.service_of_reply(rev.addr, rev.port))?) };
     pins(&fwd, reply, &rev, now).then_some(rev)
 }
 
 /// The backend a live flow's service entry `flow` pins, refreshing nothing.
 #[inline(always)]
-pub(crate) fn backend_of(flow: &FlowKey, now: u32) -> Option<CtEntry> {
-    let fwd = unsafe { core::ptr::read(table(flow.proto).get_ptr(*flow)?) };
+pub(crate) fn backend_of<A: Family>(flow: &FlowKey<A>, now: u32) -> Option<CtEntry<A>> {
+    let fwd = unsafe { core::ptr::read(A::ct_get(flow)?) };
     (!expired(flow.proto, &fwd, now)).then_some(fwd)
 }
 
@@ -110,14 +98,13 @@ pub(crate) fn backend_of(flow: &FlowKey, now: u32) -> Option<CtEntry> {
 /// goes. Checked on a TCP connection's first SYN and on every other packet
 /// of other protocols (which have no first packet).
 #[inline(always)]
-pub(crate) fn forget_direct(pkt: &Packet) {
+pub(crate) fn forget_direct<A: Family>(pkt: &Packet<A>) {
     if pkt.proto == PROTO_TCP && !is_syn(pkt.tcp_flags) {
         return;
     }
-    let ct = table(pkt.proto);
     let key = FlowKey::reply_tuple(pkt.dst, pkt.dst_port, pkt.src, pkt.src_port, pkt.proto);
     // One hash operation either way: removing an absent key just fails.
-    if ct.remove(&key).is_ok() {
+    if A::ct_remove(&key) {
         count(Counter::ConntrackStale, ());
     }
 }
@@ -127,14 +114,13 @@ pub(crate) fn forget_direct(pkt: &Packet) {
 /// set (a SYN after an answer or a close is a new connection on a reused
 /// port, which chooses afresh). A reply entry evicted meanwhile is restored.
 #[inline(always)]
-pub(crate) fn pinned(
-    flow: &FlowKey,
+pub(crate) fn pinned<A: Family>(
+    flow: &FlowKey<A>,
     svc: &ServiceValue,
     tcp_flags: u8,
     now: u32,
-) -> Result<Option<Backend>, DropReason> {
-    let ct = table(flow.proto);
-    let Some(fwd) = ct.get_ptr_mut(*flow) else { return Ok(None) };
+) -> Result<Option<Backend<A>>, DropReason> {
+    let Some(fwd) = A::ct_get(flow) else { return Ok(None) };
     let entry = unsafe { core::ptr::read(fwd) };
     if entry.service_id != svc.id || expired(flow.proto, &entry, now) {
         return Ok(None);
@@ -148,13 +134,13 @@ pub(crate) fn pinned(
     touch(fwd, tcp_flags, false, now);
     // Both entries age together (the collector judges each by its own).
     let reply = flow.reply(entry.addr, entry.port);
-    match ct.get_ptr_mut(reply) {
+    match A::ct_get(&reply) {
         Some(rev) => touch(rev, tcp_flags, false, now),
         None => {
             // Evicted: without it the replies would go out with the backend's address.
             let state = next_state(entry.state, tcp_flags, false);
             let rev = CtEntry { state, ..CtEntry::new(flow.dst_addr, flow.dst_port, svc.id, 0, now) };
-            ct.insert(reply, rev, 0).map_err(|_| DropReason::ConntrackFailed)?;
+            A::ct_insert(&reply, &rev)?;
             count(Counter::ConntrackRestored, ());
         }
     }
@@ -163,24 +149,23 @@ pub(crate) fn pinned(
 
 /// Whether the flow's backend still sits, ready, in the slot it was chosen from.
 #[inline(always)]
-fn still_chosen(svc: &ServiceValue, entry: &CtEntry) -> bool {
+fn still_chosen<A: Family>(svc: &ServiceValue, entry: &CtEntry<A>) -> bool {
     entry.slot < svc.backend_count
-        && backend_at(svc, entry.slot).is_some_and(|b| b.addr == entry.addr && b.port == entry.port)
+        && backend_at::<A>(svc, entry.slot).is_some_and(|b| b.addr == entry.addr && b.port == entry.port)
 }
 
 /// Whether a live flow to another frontend holds the reply tuple `flow`
 /// would have with `backend`.
 #[inline(always)]
-pub(crate) fn claimed(flow: &FlowKey, backend: &Backend, now: u32) -> bool {
-    let ct = table(flow.proto);
+pub(crate) fn claimed<A: Family>(flow: &FlowKey<A>, backend: &Backend<A>, now: u32) -> bool {
     let reply = flow.reply(backend.addr, backend.port);
-    let Some(held) = ct.get_ptr(reply) else { return false };
+    let Some(held) = A::ct_get(&reply) else { return false };
     let held = unsafe { core::ptr::read(held) };
     if held.addr == flow.dst_addr && held.port == flow.dst_port {
         // This frontend's own earlier flow on the same tuple: replaced.
         return false;
     }
-    let Some(other) = ct.get_ptr(reply.service_of_reply(held.addr, held.port)) else { return false };
+    let Some(other) = A::ct_get(&reply.service_of_reply(held.addr, held.port)) else { return false };
     let other = unsafe { core::ptr::read(other) };
     other.addr == backend.addr
         && other.port == backend.port
@@ -190,15 +175,14 @@ pub(crate) fn claimed(flow: &FlowKey, backend: &Backend, now: u32) -> bool {
 
 /// Tracks a new flow pinned to `backend` (in `slot`).
 #[inline(always)]
-pub(crate) fn create(
-    flow: &FlowKey,
+pub(crate) fn create<A: Family>(
+    flow: &FlowKey<A>,
     service_id: u32,
     slot: u32,
-    backend: &Backend,
+    backend: &Backend<A>,
     tcp_flags: u8,
     now: u32,
 ) -> Result<(), DropReason> {
-    let ct = table(flow.proto);
     let state = next_state(0, tcp_flags, false);
     let fwd = CtEntry { state, ..CtEntry::new(backend.addr, backend.port, service_id, slot, now) };
     let rev = CtEntry { state, ..CtEntry::new(flow.dst_addr, flow.dst_port, service_id, 0, now) };
@@ -207,6 +191,6 @@ pub(crate) fn create(
     // failed insert drops this packet and the client retransmits, as with
     // Cilium's DROP_CT_CREATE_FAILED. The reply entry goes first: alone it is
     // never trusted, while a service entry alone would be.
-    ct.insert(flow.reply(backend.addr, backend.port), rev, 0).map_err(|_| DropReason::ConntrackFailed)?;
-    ct.insert(*flow, fwd, 0).map_err(|_| DropReason::ConntrackFailed)
+    A::ct_insert(&flow.reply(backend.addr, backend.port), &rev)?;
+    A::ct_insert(flow, &fwd)
 }

@@ -3,25 +3,31 @@
 //! As in Cilium's lb/conntrack split: a tracked flow keeps its backend (see
 //! `conntrack`), and only a new flow to a frontend chooses one.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters::DropReason,
     ipv4::Fragment,
-    maps::{AffinityEntry, AffinityKey, Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey, flags},
+    maps::{AffinityKey, Backend, ServiceKey, ServiceValue, flags},
     select,
 };
 
+pub(crate) use crate::family::backend_at;
 use crate::{
+    affinity::{affine_slot, remember},
     conntrack,
-    maps::{AFFINITY, AFFINITY_TIMEOUTS, BACKENDS, CLUSTER_SCOPE, DEVICES, SERVICES, SOURCE_RANGES},
+    family::Family,
+    maps::{CLUSTER_SCOPE, DEVICES, SERVICES},
     parse::{IcmpError, Packet},
 };
 
-pub(crate) enum Lookup {
+/// `repr(u8)`: the tag first, as the kernel's BTF check wants of a type in
+/// a BPF function's signature (see `parse6::Parsed6`).
+#[repr(u8)]
+pub(crate) enum Lookup<A = [u8; 4]> {
     /// To a Service frontend, with the backend the flow is (now) pinned to
     /// and whether this packet started the flow.
-    ToBackend(Backend, Frontend, Start),
+    ToBackend(Backend<A>, Frontend, Start),
     /// A new flow to a Service with no ready endpoints.
     NoBackend,
     NotService,
@@ -57,15 +63,14 @@ impl Frontend {
 /// Whether `client` may reach the frontend `svc`: always, unless it has
 /// source ranges and none holds the client.
 #[inline(always)]
-fn source_allowed(svc: &ServiceValue, client: [u8; 4]) -> bool {
-    svc.flags & flags::SOURCE_RANGES == 0 || in_source_ranges(svc.id, client)
+fn source_allowed<A: Family>(svc: &ServiceValue, client: A) -> bool {
+    svc.flags & flags::SOURCE_RANGES == 0 || A::in_source_ranges(svc.id, client)
 }
 
 /// Whether one of the source ranges of the frontend `id` holds `client`.
 #[inline(always)]
 pub(crate) fn in_source_ranges(id: u32, client: [u8; 4]) -> bool {
-    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { id: id.to_be_bytes(), addr: client });
-    SOURCE_RANGES.get(&key).is_some()
+    <[u8; 4]>::in_source_ranges(id, client)
 }
 
 /// Backends tried for a new flow whose first choice would collide with a
@@ -110,12 +115,6 @@ fn in_cluster(svc: ServiceValue) -> ServiceValue {
     }
 }
 
-/// The backend in `slot` of `svc`'s set.
-#[inline(always)]
-pub(crate) fn backend_at(svc: &ServiceValue, slot: u32) -> Option<Backend> {
-    BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }).map(|b| unsafe { core::ptr::read(b) })
-}
-
 /// A ready slot of `svc` (which has some), uniformly at random.
 #[inline(always)]
 fn random_slot(svc: &ServiceValue) -> u32 {
@@ -127,7 +126,7 @@ fn random_slot(svc: &ServiceValue) -> u32 {
 /// set replaced it may find the old set's slots already freed: the flow is
 /// refused, counted, and the client retries.
 #[inline(always)]
-fn chosen(svc: &ServiceValue, slot: u32) -> Result<Backend, DropReason> {
+fn chosen<A: Family>(svc: &ServiceValue, slot: u32) -> Result<Backend<A>, DropReason> {
     backend_at(svc, slot).ok_or(DropReason::BackendMissing)
 }
 
@@ -135,36 +134,6 @@ fn chosen(svc: &ServiceValue, slot: u32) -> Result<Backend, DropReason> {
 #[inline(always)]
 pub(crate) fn choose(svc: &ServiceValue) -> Result<Backend, DropReason> {
     chosen(svc, random_slot(svc))
-}
-
-/// Slots searched for a sticky backend that moved when its frontend's set
-/// was rewritten (endpoints come and go around it).
-const AFFINITY_SCAN: u32 = 64;
-
-/// The ready slot holding the backend `client` of `svc` (a frontend with
-/// [`flags::AFFINITY`]) last started a flow with, if that was within the
-/// frontend's timeout and the backend is still ready; else none (choose).
-#[inline(always)]
-pub(crate) fn affine_slot(svc: &ServiceValue, client: &AffinityKey, now: u32) -> Option<u32> {
-    let timeout = unsafe { AFFINITY_TIMEOUTS.get(&svc.id) }.copied()?;
-    let last = unsafe { core::ptr::read(AFFINITY.get_ptr(client)?) };
-    if now.wrapping_sub(last.last) > timeout {
-        return None;
-    }
-    let holds = |slot: u32| backend_at(svc, slot).is_some_and(|b| b.addr == last.addr && b.port == last.port);
-    if last.slot < svc.backend_count && holds(last.slot) {
-        return Some(last.slot);
-    }
-    (0..AFFINITY_SCAN).take_while(|slot| *slot < svc.backend_count).find(|slot| holds(*slot))
-}
-
-/// Records that `client` started a flow with `backend` (in `slot`), as
-/// kube-proxy's `-m recent --set`. A full map evicts the least recent.
-#[inline(always)]
-pub(crate) fn remember(client: &AffinityKey, backend: &Backend, slot: u32, now: u32) {
-    let entry = AffinityEntry { addr: backend.addr, port: backend.port, _pad: [0; 2], slot, last: now };
-    // Best effort: without the entry the next flow chooses afresh.
-    let _ = AFFINITY.insert(client, &entry, 0);
 }
 
 /// A ready backend of `svc` (which has some) for a new flow of `client`:
@@ -228,7 +197,7 @@ pub(crate) fn is_pod_interface(ifindex: u32) -> bool {
 /// Where a packet to the frontend `svc` goes: its flow's backend, or one
 /// chosen for a new flow.
 #[inline(always)]
-pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, DropReason> {
+pub(crate) fn to_frontend<A: Family>(pkt: &Packet<A>, svc: &ServiceValue) -> Result<Lookup<A>, DropReason> {
     let later_fragment = pkt.fragment == Fragment::Later;
     let svc = *svc;
     if !source_allowed(&svc, pkt.src) {
@@ -258,9 +227,8 @@ pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, Dr
         return Ok(Lookup::NoBackend);
     }
     // Session affinity: the client's sticky backend first.
-    let client = AffinityKey::address(svc.id, pkt.src);
-    let affine = svc.flags & flags::AFFINITY != 0;
-    let first = if affine { affine_slot(&svc, &client, now) } else { None }.unwrap_or_else(|| random_slot(&svc));
+    let client = if svc.flags & flags::AFFINITY != 0 { A::affinity_key(svc.id, pkt.src) } else { None };
+    let first = client.and_then(|c| affine_slot(&svc, &c, now)).unwrap_or_else(|| random_slot(&svc));
     // Two frontends sharing a backend: the same client port to both would
     // give two flows one reply tuple. Another backend avoids it; with none
     // left the packet is dropped, counted, and the client retries.
@@ -272,8 +240,8 @@ pub(crate) fn to_frontend(pkt: &Packet, svc: &ServiceValue) -> Result<Lookup, Dr
         let backend = chosen(&svc, slot)?;
         if !conntrack::claimed(&flow, &backend, now) {
             conntrack::create(&flow, svc.id, slot, &backend, pkt.tcp_flags, now)?;
-            if affine {
-                remember(&client, &backend, slot, now);
+            if let Some(client) = client {
+                A::remember(&client, &backend, slot, now);
             }
             return Ok(Lookup::ToBackend(backend, frontend, Start::New));
         }

@@ -6,7 +6,8 @@
 //! devices that forwards traffic from outside to other nodes (`nodeport`).
 //!
 //! One step per module: `parse` (headers and what they say), `lookup`
-//! (services and backend choice), `conntrack` (tracked flows), `fragments`
+//! (services and backend choice, for either family through `family`),
+//! `conntrack` (tracked flows), `fragments`
 //! (the ports of fragmented datagrams), `translate` (NAT and checksums), `refuse`
 //! (answers for Services without endpoints), `skb` (packet access); for
 //! XDP, `frame` (packet access and rewriting), `fib` (routes), `nat`
@@ -21,19 +22,23 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
+mod affinity;
 mod bridge;
 mod conntrack;
 mod counters;
+mod family;
 mod fence;
 mod fib;
 mod fragments;
 mod frame;
 mod hairpin;
+mod ipv6;
 mod lookup;
 mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod parse6;
 mod refuse;
 mod skb;
 mod sock;
@@ -74,7 +79,10 @@ pub enum Verdict {
 /// Service frontends before the node routes them.
 #[classifier]
 pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
-    finish(&ctx, hook::TC_INGRESS, try_from_pod(&ctx))
+    // Each family's path is a BPF function of its own: one frame on the
+    // 512-byte stack at a time.
+    let outcome = if parse::is_ipv6(&ctx) { ipv6::from_pod(&ctx) } else { try_from_pod(&ctx) };
+    finish(&ctx, hook::TC_INGRESS, outcome)
 }
 
 /// Attached on egress of the same interfaces: it sees what the node
@@ -85,7 +93,8 @@ pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
 /// apply and conntrack never finds half a flow.
 #[classifier]
 pub(crate) fn kpr_to_pod(ctx: TcContext) -> i32 {
-    finish(&ctx, hook::TC_EGRESS, try_to_pod(&ctx))
+    let outcome = if parse::is_ipv6(&ctx) { ipv6::to_pod(&ctx) } else { try_to_pod(&ctx) };
+    finish(&ctx, hook::TC_EGRESS, outcome)
 }
 
 /// Attached to the node's devices (`--xdp`): forwards traffic from outside
@@ -163,7 +172,7 @@ fn see(ctx: &TcContext) -> Result<Seen, DropReason> {
     Ok(match parse::parse(ctx) {
         Parsed::Flow(pkt) => Seen::Flow(pkt),
         Parsed::IcmpError(err) => Seen::IcmpError(err),
-        Parsed::NotIpv4 => Seen::Done(count(Counter::PassedNotIpv4, Verdict::Pass)),
+        Parsed::NotIp => Seen::Done(count(Counter::PassedNotIp, Verdict::Pass)),
         Parsed::Malformed => Seen::Done(count(Counter::PassedMalformed, Verdict::Pass)),
         Parsed::OtherProtocol => Seen::Done(Verdict::Pass),
         Parsed::Fragment { dst } => {
@@ -181,6 +190,7 @@ fn see(ctx: &TcContext) -> Result<Seen, DropReason> {
     })
 }
 
+#[inline(never)]
 fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match see(ctx)? {
         Seen::Flow(pkt) => pkt,
@@ -239,6 +249,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     }
 }
 
+#[inline(never)]
 fn try_to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match see(ctx)? {
         Seen::Flow(pkt) => pkt,

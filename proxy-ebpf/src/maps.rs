@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    conntrack::{CtEntry, FlowKey},
+    conntrack::{CtEntry, CtEntry6, FlowKey, FlowKey6},
     counters,
     maps::{
         AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
@@ -51,6 +51,17 @@ pub(crate) static CT_TCP: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_en
 /// Both directions of every other flow, half as many flows as TCP (Cilium's ratio).
 #[map]
 pub(crate) static CT_ANY: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// The IPv6 flows of the per-packet path, as CT_TCP and CT_ANY but
+/// allocated as used (see proxy-common's `CT6_TCP`); the agent's collector
+/// removes what expires.
+#[map]
+pub(crate) static CT6_TCP: HashMap<FlowKey6, CtEntry6> =
+    HashMap::with_max_entries(2 * DEFAULT_CONNTRACK_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static CT6_ANY: HashMap<FlowKey6, CtEntry6> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);

@@ -7,6 +7,7 @@ use aya_ebpf::programs::TcContext;
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     ipv4::{self, ETH_HLEN, ETH_P_IP, Fragment, MIN_HLEN},
+    ipv6::ETH_P_IPV6,
     maps::PROTO_TCP,
     reject::{ICMP_DEST_UNREACH, IPPROTO_ICMP},
 };
@@ -18,10 +19,11 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// Type, code, checksum and the 4 bytes before the quote.
 const ICMP_HLEN: usize = 8;
 
-/// A TCP or UDP packet whose ports could be read.
-pub(crate) struct Packet {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+/// A TCP or UDP packet whose ports could be read; an IPv6 one's addresses are `[u8; 16]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Packet<A = [u8; 4]> {
+    pub src: A,
+    pub dst: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub proto: u8,
@@ -36,7 +38,7 @@ pub(crate) struct Packet {
     /// A later fragment carries no L4 header: its ports come from its
     /// first fragment, and only its addresses are rewritten.
     pub fragment: Fragment,
-    /// The IP id, shared by a datagram's fragments.
+    /// The IP id, shared by a datagram's fragments (IPv4; 0 in IPv6).
     pub id: [u8; 2],
 }
 
@@ -64,11 +66,16 @@ pub(crate) struct IcmpError {
 pub(crate) enum Parsed {
     Flow(Packet),
     IcmpError(IcmpError),
-    NotIpv4,
+    /// Not IPv4 (and not IPv6, which the programs hand to `parse6` first): ARP, say.
+    NotIp,
     Malformed,
     OtherProtocol,
-    Fragment { dst: [u8; 4] },
-    Truncated { dst: [u8; 4] },
+    Fragment {
+        dst: [u8; 4],
+    },
+    Truncated {
+        dst: [u8; 4],
+    },
 }
 
 /// The ICMP error at `icmp_off`, if it is one kpr translates: one quoting
@@ -105,7 +112,7 @@ fn icmp_error(ctx: &TcContext, ip: &ipv4::Ipv4Info, icmp_off: usize) -> Option<I
 
 /// The `T` at `offset` of the frame.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
         // SAFETY: the bytes lie between data and data_end, checked just above.
@@ -115,13 +122,19 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
     ctx.load::<T>(offset).map_err(|_| ())
 }
 
+/// Whether the frame is IPv6 (for `parse6`).
+#[inline(always)]
+pub(crate) fn is_ipv6(ctx: &TcContext) -> bool {
+    read::<[u8; 2]>(ctx, 12).is_ok_and(|t| u16::from_be_bytes(t) == ETH_P_IPV6)
+}
+
 #[inline(always)]
 pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     let Ok(ethertype) = read::<[u8; 2]>(ctx, 12) else {
         return Parsed::Malformed;
     };
     if u16::from_be_bytes(ethertype) != ETH_P_IP {
-        return Parsed::NotIpv4;
+        return Parsed::NotIp;
     }
     let Ok(hdr) = read::<[u8; MIN_HLEN]>(ctx, ETH_HLEN) else {
         return Parsed::Malformed;

@@ -1,6 +1,6 @@
 //! Answers for new flows to a Service without ready endpoints, so clients
-//! fail at once as with kube-proxy's REJECT: a TCP reset, or ICMP port
-//! unreachable for UDP. The packet itself is rewritten into the answer and
+//! fail at once as with kube-proxy's REJECT: a TCP reset, or ICMP (ICMPv6)
+//! port unreachable for UDP. The packet itself is rewritten into the answer and
 //! sent back out of the interface it arrived on; a packet that cannot be
 //! answered, or whose rewriting fails, is dropped with its reason.
 
@@ -8,11 +8,15 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{
     counters::DropReason,
     ipv4::{ETH_HLEN, MIN_HLEN},
+    ipv6,
     maps::PROTO_TCP,
-    reject::{ICMP_HEADERS_LEN, ICMP_QUOTE_LEN, TCP_RESET_LEN, TcpSegment, icmp_port_unreachable, tcp_reset},
+    reject::{
+        ICMP_HEADERS_LEN, ICMP_QUOTE_LEN, ICMP6_HEADERS_LEN, ICMP6_QUOTE_LEN, TCP_RESET_LEN, TCP_RESET6_LEN,
+        TcpSegment, icmp_port_unreachable, icmp6_port_unreachable, tcp_reset, tcp_reset6,
+    },
 };
 
-use crate::{Verdict, parse::Packet, skb};
+use crate::{Verdict, parse::Packet, parse6::Packet6, skb};
 
 pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReason> {
     // The answers are laid out for a 20-byte IP header; a packet with IP
@@ -21,16 +25,8 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReaso
         return Err(DropReason::NoBackend);
     }
     if pkt.proto == PROTO_TCP {
-        let tcp: [u8; 20] = skb::load(ctx, pkt.l4_off)?;
-        let header_len = ((tcp[12] >> 4) as usize) * 4;
-        let seg = TcpSegment {
-            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-            ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
-            flags: tcp[13],
-            payload_len: pkt.l4_len.saturating_sub(header_len) as u32,
-        };
         // A reset is never answered.
-        let Some(reset) = tcp_reset(pkt.dst, pkt.dst_port, pkt.src, pkt.src_port, &seg) else {
+        let Some(reset) = tcp_reset(pkt.dst, pkt.dst_port, pkt.src, pkt.src_port, &segment(ctx, pkt)?) else {
             return Err(DropReason::NoBackend);
         };
         skb::change_tail(ctx, ETH_HLEN + TCP_RESET_LEN)?;
@@ -43,6 +39,58 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReaso
         skb::grow_after_mac(ctx, ICMP_HEADERS_LEN as i32)?;
         skb::store(ctx, ETH_HLEN, &headers)?;
     }
+    send_back(ctx)
+}
+
+/// [`refuse`] over IPv6: a reset, or ICMPv6 port unreachable. A packet
+/// with extension headers is dropped instead (the answers are laid out for
+/// the fixed header alone).
+#[inline(always)]
+pub(crate) fn refuse6(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
+    if pkt.l4_off != ETH_HLEN + ipv6::HLEN {
+        return Err(DropReason::NoBackend);
+    }
+    if pkt.proto == PROTO_TCP { reset6(ctx, pkt) } else { port_unreachable6(ctx) }
+}
+
+/// Each IPv6 answer is a BPF function of its own (never inlined): built in
+/// one frame with the caller's, they would pass the 512-byte stack limit.
+#[inline(never)]
+fn reset6(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
+    let Some(reset) = tcp_reset6(&pkt.dst, pkt.dst_port, &pkt.src, pkt.src_port, &segment(ctx, pkt)?) else {
+        return Err(DropReason::NoBackend);
+    };
+    skb::change_tail(ctx, ETH_HLEN + TCP_RESET6_LEN)?;
+    skb::store(ctx, ETH_HLEN, &reset)?;
+    send_back(ctx)
+}
+
+#[inline(never)]
+fn port_unreachable6(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    let quote: [u32; ICMP6_QUOTE_LEN / 4] = skb::load(ctx, ETH_HLEN)?;
+    let headers = icmp6_port_unreachable(&quote);
+    skb::change_tail(ctx, ETH_HLEN + ICMP6_QUOTE_LEN)?;
+    skb::grow_after_mac(ctx, ICMP6_HEADERS_LEN as i32)?;
+    skb::store(ctx, ETH_HLEN, &headers)?;
+    send_back(ctx)
+}
+
+/// What a reset must answer of the TCP segment `pkt`.
+#[inline(always)]
+fn segment<A>(ctx: &TcContext, pkt: &Packet<A>) -> Result<TcpSegment, DropReason> {
+    let tcp: [u8; 20] = skb::load(ctx, pkt.l4_off)?;
+    let header_len = ((tcp[12] >> 4) as usize) * 4;
+    Ok(TcpSegment {
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+        flags: tcp[13],
+        payload_len: pkt.l4_len.saturating_sub(header_len) as u32,
+    })
+}
+
+/// The answer written over the packet goes back to the host it came from.
+#[inline(always)]
+fn send_back(ctx: &TcContext) -> Result<Verdict, DropReason> {
     skb::swap_macs(ctx)?;
     // The checksums written are complete: make the receiver verify them
     // rather than trust stale offload state of the original packet.

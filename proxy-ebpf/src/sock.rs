@@ -22,6 +22,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     counters::{Counter, DropReason},
+    ipv6::In6,
     maps::{
         AffinityKey, Backend, Backend6, BackendKey, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ReverseEntry6,
         ServiceKey, ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, UDP_FLOWS6, UdpFlow6, flags,
@@ -233,10 +234,10 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Written before the address is: getpeername can only ask once it is used.
     let reverse = ReverseEntry6 { vip, vip_port, _pad: [0; 2], service_id: svc.id };
-    if SOCK_REVERSE6.insert(SockKey6::new(cookie, backend.addr, backend.port, proto), reverse, 0).is_err() {
+    if SOCK_REVERSE6.insert(SockKey6::new(cookie, backend.addr.0, backend.port, proto), reverse, 0).is_err() {
         return Err(Refusal::Drop(DropReason::ConntrackFailed));
     }
-    set_user_address6(ctx, backend.addr, backend.port);
+    set_user_address6(ctx, backend.addr.0, backend.port);
     count(Counter::SocketTranslated, ());
     Ok(())
 }
@@ -245,7 +246,7 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
 /// refused when it has no backend.
 #[inline(always)]
 fn frontend6(vip: [u8; 16], port: [u8; 2], proto: u8) -> Result<Option<ServiceValue>, Refusal> {
-    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: vip, port, proto, _pad: 0 }) else { return Ok(None) };
+    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: In6(vip), port, proto, _pad: 0 }) else { return Ok(None) };
     let svc = unsafe { core::ptr::read(svc) };
     if svc.backend_count == 0 {
         return Err(Refusal::NoBackend);
@@ -287,7 +288,7 @@ fn in_set6(svc: &ServiceValue, backend: (u64, u64), port: [u8; 2]) -> bool {
         }
         let Some(b) = BACKENDS6.get_ptr(BackendKey { set: svc.backend_set, slot }) else { return false };
         let b: Backend6 = unsafe { core::ptr::read(b) };
-        if halves6(&b.addr) == backend && b.port == port {
+        if halves6(&b.addr.0) == backend && b.port == port {
             return true;
         }
     }
@@ -335,13 +336,13 @@ fn send6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     flows.next = flows.next.wrapping_add(1);
     flows.flows[at] = UdpFlow6 {
         vip,
-        backend: backend.addr,
+        backend: backend.addr.0,
         vip_port,
         backend_port: backend.port,
         service_id: svc.id,
         set: svc.backend_set,
     };
-    set_user_address6(ctx, backend.addr, backend.port);
+    set_user_address6(ctx, backend.addr.0, backend.port);
     count(Counter::SocketTranslated, ());
     Ok(())
 }

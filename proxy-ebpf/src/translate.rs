@@ -4,24 +4,29 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::bpf_csum_diff,
     programs::TcContext,
 };
 use proxy_common::{
     checksum::{update16, update32},
-    conntrack::CtEntry,
+    conntrack::{CtEntry, CtEntry6},
     counters::DropReason,
     ipv4::{ETH_HLEN, Fragment, MIN_HLEN},
-    maps::{Backend, PROTO_UDP},
+    ipv6::In6,
+    maps::{Backend, Backend6, PROTO_UDP},
 };
 
 use crate::{
     parse::{IcmpError, Packet},
+    parse6::Packet6,
     skb,
 };
 
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
+const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+const IP6_DST_OFF: usize = ETH_HLEN + 24;
 
 /// Client -> VIP:port becomes client -> backend:target port.
 #[inline(always)]
@@ -47,6 +52,63 @@ pub(crate) fn destination_address(ctx: &TcContext, pkt: &Packet, new: [u8; 4]) -
     rewrite(ctx, pkt, IP_DST_OFF, pkt.dst, new, 2, pkt.dst_port, pkt.dst_port)
 }
 
+/// IPv6 client -> VIP:port becomes client -> backend:target port.
+#[inline(always)]
+pub(crate) fn forward6(ctx: &TcContext, pkt: &Packet6, backend: &Backend6) -> Result<(), DropReason> {
+    rewrite6(ctx, pkt, IP6_DST_OFF, pkt.dst, backend.addr)?;
+    rewrite_port(ctx, pkt, 2, pkt.dst_port, backend.port)
+}
+
+/// IPv6 backend:target port -> client becomes VIP:port -> client.
+#[inline(always)]
+pub(crate) fn reverse6(ctx: &TcContext, pkt: &Packet6, frontend: &CtEntry6) -> Result<(), DropReason> {
+    rewrite6(ctx, pkt, IP6_SRC_OFF, pkt.src, frontend.addr)?;
+    rewrite_port(ctx, pkt, 0, pkt.src_port, frontend.port)
+}
+
+/// An IPv6 address change: IPv6 has no header checksum, so only the L4
+/// checksum's pseudo header changes, by the difference of the two
+/// addresses (as Cilium's `ipv6_store_daddr` + `csum_diff`).
+#[inline(always)]
+fn rewrite6(ctx: &TcContext, pkt: &Packet6, addr_off: usize, old: In6, new: In6) -> Result<(), DropReason> {
+    if old == new {
+        return Ok(());
+    }
+    let (mut from, mut to) = (old.words(), new.words());
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return Err(DropReason::ChecksumFailed);
+    }
+    let check_off = pkt.l4_off + pkt.l4_check_off;
+    // Size 0: `to` is the difference itself.
+    skb::l4_csum_replace(ctx, check_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled(pkt))?;
+    skb::store(ctx, addr_off, &new)
+}
+
+/// A UDP checksum of 0 means "none" in IPv4 and must stay 0; one that
+/// computes to 0 is sent as 0xffff (in IPv6, where UDP always has one, too).
+#[inline(always)]
+fn mangled<A>(pkt: &Packet<A>) -> u64 {
+    if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
+}
+
+/// A port change at `port_off_in_l4` of the L4 header, with its checksum.
+#[inline(always)]
+fn rewrite_port<A>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    port_off_in_l4: usize,
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> Result<(), DropReason> {
+    let (old_p, new_p) = (u16::from_ne_bytes(old_port) as u64, u16::from_ne_bytes(new_port) as u64);
+    if old_p != new_p {
+        skb::l4_csum_replace(ctx, pkt.l4_off + pkt.l4_check_off, old_p, new_p, mangled(pkt) | 2)?;
+        skb::store(ctx, pkt.l4_off + port_off_in_l4, &new_port)?;
+    }
+    Ok(())
+}
+
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "one field each of the address and port, old and new")]
 fn rewrite(
@@ -60,8 +122,6 @@ fn rewrite(
     new_port: [u8; 2],
 ) -> Result<(), DropReason> {
     let check_off = pkt.l4_off + pkt.l4_check_off;
-    // A UDP checksum of 0 means "none" and must stay 0.
-    let mangled = if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
 
     // A later fragment holds no L4 header: the datagram's checksum and
     // ports were rewritten in its first fragment.
@@ -69,7 +129,7 @@ fn rewrite(
     let (old_a, new_a) = (u32::from_ne_bytes(old_addr) as u64, u32::from_ne_bytes(new_addr) as u64);
     if old_a != new_a {
         if whole_l4 {
-            skb::l4_csum_replace(ctx, check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+            skb::l4_csum_replace(ctx, check_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled(pkt) | 4)?;
         }
         skb::l3_csum_replace(ctx, IP_CHECK_OFF, old_a, new_a, 4)?;
         skb::store(ctx, addr_off, &new_addr)?;
@@ -77,13 +137,7 @@ fn rewrite(
     if !whole_l4 {
         return Ok(());
     }
-
-    let (old_p, new_p) = (u16::from_ne_bytes(old_port) as u64, u16::from_ne_bytes(new_port) as u64);
-    if old_p != new_p {
-        skb::l4_csum_replace(ctx, check_off, old_p, new_p, mangled | 2)?;
-        skb::store(ctx, pkt.l4_off + port_off_in_l4, &new_port)?;
-    }
-    Ok(())
+    rewrite_port(ctx, pkt, port_off_in_l4, old_port, new_port)
 }
 
 /// The quoted IP header's source and destination offsets, from its start.

@@ -386,9 +386,9 @@ impl Maps {
             .map(|(k, v)| {
                 let backends = (0..v.backend_count)
                     .filter_map(|slot| v6.backends.get(&BackendKey { set: v.backend_set, slot }, 0).ok())
-                    .map(|b| BackendEntry { address: endpoint6(b.addr, b.port).to_string(), state: "active".into() })
+                    .map(|b| BackendEntry { address: endpoint6(b.addr.0, b.port).to_string(), state: "active".into() })
                     .collect();
-                let frontend = format!("{}/{}", endpoint6(k.addr, k.port), protocol_name(k.proto));
+                let frontend = format!("{}/{}", endpoint6(k.addr.0, k.port), protocol_name(k.proto));
                 let entry = ServiceEntry {
                     frontend,
                     service_type: kind_name(v.kind).into(),

@@ -4,7 +4,10 @@
 //! under its reason, exact traffic counts, and map memory that does not
 //! scale with capacity times CPUs.
 
-use std::{collections::HashMap as StdMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap as StdMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use aya::{
     Ebpf,
@@ -16,9 +19,11 @@ use kpr_tests::{
     root_or_skip,
 };
 use proxy_common::{
-    conntrack::{self as ct, CtEntry, FlowKey},
+    conntrack::{self as ct, CtEntry, CtEntry6, FlowKey, FlowKey6},
     counters::{Counter, DropReason},
-    maps::{self as abi, Backend, BackendKey, BackendTrafficKey, ServiceKey, ServiceValue, Traffic},
+    maps::{
+        self as abi, Backend, Backend6, BackendKey, BackendTrafficKey, ServiceKey, ServiceKey6, ServiceValue, Traffic,
+    },
 };
 use proxy_userspace::{
     clock::monotonic_seconds,
@@ -391,45 +396,15 @@ fn truncated_and_malformed_packets_are_never_translated() {
     assert_eq!(dp.counter(Counter::Translated), 0);
 }
 
-/// An IPv6 packet: `next` header after the fixed one, `payload` after it,
-/// the payload length field saying `claimed` bytes.
-fn ipv6_frame(next: u8, payload: &[u8], claimed: u16) -> Vec<u8> {
-    let mut ip = vec![0x60, 0, 0, 0];
-    ip.extend(claimed.to_be_bytes());
-    ip.extend([next, 64]);
-    ip.extend("fd00:244::100".parse::<std::net::Ipv6Addr>().unwrap().octets());
-    ip.extend("fd00:96::20".parse::<std::net::Ipv6Addr>().unwrap().octets());
-    ip.extend(payload);
-    ethernet(0x86dd, &ip)
-}
-
-/// eBPF mode's programs translate IPv4; IPv6 Services are served by
-/// ip6tables rules, so every IPv6 frame (well formed or not, Neighbor
-/// Discovery included) passes both per-packet programs as it came, counted.
+/// ARP, neither IPv4 nor IPv6, passes both programs as it came, counted.
 #[test]
-fn ipv6_and_other_non_ipv4_frames_pass_untouched_and_counted() {
+fn frames_neither_ipv4_nor_ipv6_pass_untouched_and_counted() {
     root_or_skip!();
     let dp = Datapath::new(1);
     let arp = ethernet(0x0806, &[0u8; 28]);
-    let mut syn = vec![0u8; 20];
-    syn[..4].copy_from_slice(&[0x9c, 0x40, 0, 80]);
-    syn[12] = 0x50;
-    syn[13] = TCP_SYN;
-    let frames = [
-        arp,
-        ipv6_frame(6, &syn, 20),
-        // A hop-by-hop header cut short, and a length beyond the frame.
-        ipv6_frame(0, &[6, 1, 0], 3),
-        ipv6_frame(17, &[0; 8], 1400),
-        // Neighbor Solicitation (ICMPv6 type 135).
-        ipv6_frame(58, &[135, 0, 0, 0, 0, 0, 0, 0], 8),
-    ];
-    for frame in &frames {
-        assert_eq!(dp.run(frame), (TC_ACT_OK, frame.clone()), "from a pod: {frame:02x?}");
-        assert_eq!(dp.to_pod(frame), (TC_ACT_OK, frame.clone()), "to a pod: {frame:02x?}");
-    }
-    assert_eq!(dp.counter(Counter::PassedNotIpv4), 2 * frames.len() as u64);
-    assert_eq!(dp.counter(Counter::Translated), 0);
+    assert_eq!(dp.run(&arp), (TC_ACT_OK, arp.clone()));
+    assert_eq!(dp.to_pod(&arp), (TC_ACT_OK, arp.clone()));
+    assert_eq!(dp.counter(Counter::PassedNotIp), 2);
 }
 
 #[test]
@@ -982,4 +957,333 @@ fn mutated_frames_are_never_mistranslated_and_every_drop_is_counted() {
     assert_eq!(dp.drops(), shot, "every drop counted under one reason");
     // The run exercised both outcomes, not only one.
     assert!(shot > 0 && rewritten > 0, "shot {shot}, rewritten {rewritten}");
+}
+
+// IPv6: the same programs on IPv6 frames to the IPv6 service map.
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
+const BACKENDS6: [Ipv6Addr; 2] =
+    [Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x11), Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x12)];
+/// Where the transport header of an IPv6 frame without extension headers starts.
+const L4_6: usize = 14 + 40;
+const HOP_BY_HOP: u8 = 0;
+const DEST_OPTS: u8 = 60;
+const FRAGMENT: u8 = 44;
+
+impl Datapath {
+    /// VIP6:80/TCP -> `n` backends:8080, VIP6:53/UDP -> backends:5353, and
+    /// EMPTY_VIP6:80/TCP and :53/UDP without endpoints.
+    fn services6(&mut self, n: usize) {
+        self.service6(VIP6, 80, abi::PROTO_TCP, 11, &BACKENDS6[..n], 8080);
+        self.service6(VIP6, 53, abi::PROTO_UDP, 12, &BACKENDS6[..n], 5353);
+        self.service6(EMPTY_VIP6, 80, abi::PROTO_TCP, 13, &[], 0);
+        self.service6(EMPTY_VIP6, 53, abi::PROTO_UDP, 14, &[], 0);
+    }
+
+    fn service6(&mut self, vip: Ipv6Addr, port: u16, proto: u8, id: u32, backends: &[Ipv6Addr], target: u16) {
+        let mut svcs: HashMap<_, ServiceKey6, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(abi::SERVICES6).unwrap()).unwrap();
+        let value = ServiceValue { id, backend_set: id, backend_count: backends.len() as u32, ..ServiceValue::MARKER };
+        svcs.insert(ServiceKey6::new(vip.octets(), port, proto), value, 0).unwrap();
+        let mut bes: HashMap<_, BackendKey, Backend6> =
+            HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS6).unwrap()).unwrap();
+        for (slot, b) in backends.iter().enumerate() {
+            bes.insert(BackendKey { set: id, slot: slot as u32 }, Backend6::new((*b).into(), target), 0).unwrap();
+        }
+    }
+
+    fn ct6_entries(&self, table: &str) -> usize {
+        let m: HashMap<_, FlowKey6, CtEntry6> = HashMap::try_from(self.ebpf.map(table).unwrap()).unwrap();
+        m.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn tcp6(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    h[12] = 0x50;
+    h[13] = flags;
+    h[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn udp6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 8];
+    h[..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..6].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// The upper-layer checksum of `l4` (protocol `proto`) between `src` and `dst`.
+fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
+    proxy_common::checksum::finish(proxy_common::checksum::add_bytes(
+        proxy_common::checksum::pseudo_header_sum6(src.octets(), dst.octets(), proto, l4.len() as u16),
+        l4,
+    ))
+}
+
+/// An IPv6 frame from `src` to `dst`: the extension headers `exts` (each
+/// its type and bytes, the next-header byte filled in), then `proto`'s
+/// `l4` with its checksum filled in.
+fn frame6(src: Ipv6Addr, dst: Ipv6Addr, exts: &[(u8, Vec<u8>)], proto: u8, mut l4: Vec<u8>) -> Vec<u8> {
+    let check = if proto == 6 { 16 } else { 6 };
+    if l4.len() >= check + 2 && proto != 58 {
+        l4[check..check + 2].copy_from_slice(&[0, 0]);
+        let c = checksum6(src, dst, proto, &l4);
+        l4[check..check + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut chain = Vec::new();
+    for (i, (_, bytes)) in exts.iter().enumerate() {
+        let mut bytes = bytes.clone();
+        bytes[0] = exts.get(i + 1).map_or(proto, |e| e.0);
+        chain.extend(bytes);
+    }
+    let first = exts.first().map_or(proto, |e| e.0);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend(((chain.len() + l4.len()) as u16).to_be_bytes());
+    ip.extend([first, 64]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    ip.extend(chain);
+    ip.extend(l4);
+    ethernet(0x86dd, &ip)
+}
+
+/// An extension header of `len` bytes (a multiple of 8), its length byte set.
+fn ext(len: usize) -> Vec<u8> {
+    let mut e = vec![0u8; len];
+    e[1] = (len / 8 - 1) as u8;
+    // A PadN option over the rest, so the options are well formed.
+    e[2] = 1;
+    e[3] = (len - 4) as u8;
+    e
+}
+
+fn src6(f: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&f[22..38]).unwrap())
+}
+
+fn dst6(f: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&f[38..54]).unwrap())
+}
+
+fn ports(f: &[u8], l4: usize) -> (u16, u16) {
+    (u16::from_be_bytes([f[l4], f[l4 + 1]]), u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]))
+}
+
+/// Whether the transport checksum of the IPv6 frame `f`, whose transport
+/// header (protocol `proto`) starts at `l4`, verifies.
+fn checksum6_ok(f: &[u8], l4: usize, proto: u8) -> bool {
+    checksum6(src6(f), dst6(f), proto, &f[l4..]) == 0
+}
+
+#[test]
+fn ipv6_requests_and_replies_are_translated_with_checksums_over_the_pseudo_header() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let syn = frame6(CLIENT6, VIP6, &[], 6, tcp6(40000, 80, TCP_SYN, b""));
+    let (verdict, out) = dp.run(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((src6(&out), dst6(&out), ports(&out, L4_6)), (CLIENT6, BACKENDS6[0], (40000, 8080)));
+    assert!(checksum6_ok(&out, L4_6, 6), "TCP checksum after DNAT");
+    let reply = frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 40000, TCP_SYN | TCP_ACK, b""));
+    let (verdict, out) = dp.to_pod(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((src6(&out), dst6(&out), ports(&out, L4_6)), (VIP6, CLIENT6, (80, 40000)));
+    assert!(checksum6_ok(&out, L4_6, 6), "TCP checksum after the reverse translation");
+
+    let query = frame6(CLIENT6, VIP6, &[], 17, udp6(40001, 53, b"a question"));
+    let (_, out) = dp.run(&query);
+    assert_eq!((dst6(&out), ports(&out, L4_6)), (BACKENDS6[0], (40001, 5353)));
+    assert!(checksum6_ok(&out, L4_6, 17), "UDP checksum after DNAT");
+    let answer = frame6(BACKENDS6[0], CLIENT6, &[], 17, udp6(5353, 40001, b"an answer"));
+    let (_, out) = dp.to_pod(&answer);
+    assert_eq!((src6(&out), ports(&out, L4_6)), (VIP6, (53, 40001)));
+    assert!(checksum6_ok(&out, L4_6, 17), "UDP checksum after the reverse translation");
+
+    // Each flow tracked both ways in its protocol's IPv6 table.
+    assert_eq!((dp.ct6_entries(ct::CT6_TCP), dp.ct6_entries(ct::CT6_ANY)), (2, 2));
+    assert_eq!((dp.counter(Counter::Translated), dp.counter(Counter::ReverseTranslated)), (2, 2));
+    // A backend's packet to a client that no flow chose it for is left alone.
+    let stray = frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 40009, TCP_ACK, b""));
+    assert_eq!(dp.to_pod(&stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!(dp.drops(), 0);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_transport_header() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    // Hop-by-hop options, then destination options, then TCP.
+    let exts = [(HOP_BY_HOP, ext(8)), (DEST_OPTS, ext(16))];
+    let syn = frame6(CLIENT6, VIP6, &exts, 6, tcp6(40002, 80, TCP_SYN, b""));
+    let (verdict, out) = dp.run(&syn);
+    let l4 = L4_6 + 24;
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((dst6(&out), ports(&out, l4)), (BACKENDS6[0], (40002, 8080)));
+    assert_eq!(&out[..l4], &[&syn[..38], &BACKENDS6[0].octets()[..], &syn[54..l4]].concat()[..], "headers kept");
+    assert!(checksum6_ok(&out, l4, 6));
+    // An atomic fragment (offset 0, no more) is a whole datagram.
+    let atomic = [(FRAGMENT, vec![0u8; 8])];
+    let query = frame6(CLIENT6, VIP6, &atomic, 17, udp6(40003, 53, b"whole"));
+    let (_, out) = dp.run(&query);
+    assert_eq!((dst6(&out), ports(&out, L4_6 + 8)), (BACKENDS6[0], (40003, 5353)));
+    assert!(checksum6_ok(&out, L4_6 + 8, 17));
+    assert_eq!(dp.counter(Counter::Translated), 2);
+}
+
+#[test]
+fn malformed_fragmented_and_other_ipv6_frames_pass_untouched_and_counted() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let syn = || tcp6(40004, 80, TCP_SYN, b"");
+    // A hop-by-hop header claiming more bytes than the payload holds.
+    let mut long_ext = frame6(CLIENT6, VIP6, &[(HOP_BY_HOP, ext(8))], 6, syn());
+    long_ext[L4_6 + 1] = 200;
+    // A payload length beyond the frame.
+    let mut long = frame6(CLIENT6, VIP6, &[], 6, syn());
+    long[18..20].copy_from_slice(&1400u16.to_be_bytes());
+    // More extension headers than are walked.
+    let many: Vec<(u8, Vec<u8>)> = (0..5).map(|_| (DEST_OPTS, ext(8))).collect();
+    let deep = frame6(CLIENT6, VIP6, &many, 6, syn());
+    // A TCP header cut short (10 bytes).
+    let mut short = frame6(CLIENT6, VIP6, &[], 6, syn()[..10].to_vec());
+    short.truncate(L4_6 + 10);
+    let malformed = [long_ext, long, deep, short];
+    // The first fragment of a datagram (more to come): not tracked.
+    let first = [(FRAGMENT, vec![0, 0, 0, 1, 0, 0, 0, 7])];
+    let fragment = frame6(CLIENT6, VIP6, &first, 17, udp6(40005, 53, b"part"));
+    // ICMPv6 Neighbor Solicitation and echo request, to the VIP.
+    let ns = frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]);
+    let echo = frame6(CLIENT6, VIP6, &[], 58, vec![128, 0, 0, 0, 0, 1, 0, 1]);
+    for frame in malformed.iter().chain([&fragment, &ns, &echo]) {
+        assert_eq!(dp.run(frame), (TC_ACT_OK, frame.clone()), "from a pod: {frame:02x?}");
+        assert_eq!(dp.to_pod(frame), (TC_ACT_OK, frame.clone()), "to a pod: {frame:02x?}");
+    }
+    assert_eq!(dp.counter(Counter::PassedMalformed), 2 * malformed.len() as u64);
+    assert_eq!(dp.counter(Counter::PassedFragment), 2);
+    assert_eq!((dp.counter(Counter::Translated), dp.drops()), (0, 0));
+}
+
+#[test]
+fn ipv6_to_an_empty_service_is_refused_with_a_reset_or_icmpv6_port_unreachable() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let syn = frame6(CLIENT6, EMPTY_VIP6, &[], 6, tcp6(40006, 80, TCP_SYN, b""));
+    let (verdict, out) = dp.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    assert_eq!(out.len(), 14 + 40 + 20);
+    assert_eq!((&out[0..6], &out[6..12]), (&packet::POD_MAC[..], &packet::GATEWAY_MAC[..]));
+    assert_eq!((src6(&out), dst6(&out), ports(&out, L4_6)), (EMPTY_VIP6, CLIENT6, (80, 40006)));
+    assert_eq!(out[L4_6 + 13], 0x14, "RST|ACK");
+    assert_eq!(u32::from_be_bytes(out[L4_6 + 8..L4_6 + 12].try_into().unwrap()), 1001, "acks the SYN");
+    assert!(checksum6_ok(&out, L4_6, 6));
+
+    let query = frame6(CLIENT6, EMPTY_VIP6, &[], 17, udp6(40007, 53, b"a question of some length"));
+    let (verdict, out) = dp.run(&query);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 40 + 8 + 48);
+    assert_eq!((out[20], src6(&out), dst6(&out)), (58, EMPTY_VIP6, CLIENT6));
+    assert_eq!(&out[L4_6..L4_6 + 2], &[1, 4], "destination unreachable, port unreachable");
+    assert_eq!(&out[L4_6 + 8..], &query[14..62], "quotes the IPv6 and UDP headers");
+    assert!(checksum6_ok(&out, L4_6, 58), "ICMPv6 checksum over the pseudo header");
+    assert_eq!(dp.counter(Counter::RefusedNoBackend), 2);
+
+    // With an extension header the answers' layout does not fit: dropped, counted.
+    let hop = frame6(CLIENT6, EMPTY_VIP6, &[(HOP_BY_HOP, ext(8))], 6, tcp6(40008, 80, TCP_SYN, b""));
+    assert_eq!(dp.run(&hop).0, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DroppedNoBackend), 1);
+}
+
+/// IPv6 frames the mutations start from, as `templates` for IPv4.
+fn templates6() -> Vec<Vec<u8>> {
+    vec![
+        frame6(CLIENT6, VIP6, &[], 6, tcp6(41000, 80, TCP_SYN, b"")),
+        frame6(CLIENT6, VIP6, &[], 6, tcp6(41001, 80, TCP_ACK, b"hello")),
+        frame6(CLIENT6, VIP6, &[], 17, udp6(41002, 53, b"query")),
+        frame6(CLIENT6, VIP6, &[(HOP_BY_HOP, ext(8)), (DEST_OPTS, ext(16))], 6, tcp6(41003, 80, TCP_SYN, b"")),
+        frame6(CLIENT6, EMPTY_VIP6, &[], 6, tcp6(41004, 80, TCP_SYN, b"")),
+        frame6(CLIENT6, EMPTY_VIP6, &[], 17, udp6(41005, 53, b"query")),
+        frame6(CLIENT6, VIP6, &[(FRAGMENT, vec![0, 0, 0, 1, 0, 0, 0, 9])], 17, udp6(41006, 53, b"part")),
+        frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 41000, TCP_SYN | TCP_ACK, b"")),
+        frame6(BACKENDS6[1], CLIENT6, &[], 17, udp6(5353, 41002, b"answer")),
+        frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]),
+    ]
+}
+
+/// Changes one thing about the IPv6 frame `f` the way a broken or hostile sender would.
+fn mutate6(f: &mut Vec<u8>, rng: &mut Random) {
+    let ip = 14;
+    match rng.below(7) {
+        0 => f.truncate(ip + rng.below(f.len() - ip + 1)),
+        1 if f.len() > ip + 6 => {
+            let len = rng.next() as u16 % 256;
+            f[ip + 4..ip + 6].copy_from_slice(&len.to_be_bytes());
+        }
+        2 if f.len() > ip + 7 => f[ip + 6] = [0, 6, 17, 43, 44, 51, 58, 60, rng.next() as u8][rng.below(9)],
+        // The next-header or length byte of whatever follows the fixed header.
+        3 if f.len() > ip + 42 => f[ip + 40 + rng.below(2)] = rng.next() as u8,
+        4 => f.extend((0..rng.below(64)).map(|_| rng.next() as u8)),
+        5 if f.len() > ip => f[ip] = (rng.below(16) as u8) << 4,
+        _ => {
+            let at = rng.below(f.len().min(100));
+            f[at] = rng.next() as u8;
+        }
+    }
+}
+
+/// What a rewritten IPv6 frame must have been: to a frontend (translated
+/// or refused), or from a backend (a tracked reply).
+fn may_be_rewritten6(f: &[u8]) -> bool {
+    f.len() >= 54 && f[14] >> 4 == 6 && ([VIP6, EMPTY_VIP6].contains(&dst6(f)) || BACKENDS6.contains(&src6(f)))
+}
+
+#[test]
+fn mutated_ipv6_frames_are_never_mistranslated_and_every_drop_is_counted() {
+    root_or_skip!();
+    let mut dp = Datapath::new(2);
+    dp.services6(2);
+    let templates = templates6();
+    let seed = 0x6b70_7236_u64;
+    let mut rng = Random(seed);
+    let (mut shot, mut rewritten) = (0u64, 0u64);
+    for i in 0..6000 {
+        let mut frame = templates[rng.below(templates.len())].clone();
+        for _ in 0..1 + rng.below(3) {
+            mutate6(&mut frame, &mut rng);
+        }
+        for program in [FROM_POD, TO_POD] {
+            let Ok((verdict, out)) = dp.try_run(program, &frame) else {
+                // The kernel's test run refuses an IPv6 frame shorter than an IPv6 header.
+                assert!(frame.len() < 14 + 40, "frame {i} (seed {seed:#x}) refused by the test run: {frame:02x?}");
+                continue;
+            };
+            assert!(
+                [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&verdict),
+                "frame {i} (seed {seed:#x}): {program} said {verdict} for {frame:02x?}"
+            );
+            if verdict == TC_ACT_SHOT {
+                shot += 1;
+            } else if out != frame {
+                rewritten += 1;
+                assert!(
+                    may_be_rewritten6(&frame),
+                    "frame {i} (seed {seed:#x}) rewritten by {program}:\n{frame:02x?}\n{out:02x?}"
+                );
+            }
+        }
+    }
+    assert_eq!(dp.drops(), shot, "every drop counted under one reason");
+    assert!(rewritten > 0, "shot {shot}, rewritten {rewritten}");
 }

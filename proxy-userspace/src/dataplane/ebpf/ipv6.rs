@@ -151,7 +151,7 @@ impl EbpfIpv6 {
         self.next_set = self.next_set.wrapping_add(1).max(1);
         for (slot, e) in f.backends.iter().enumerate() {
             let key = BackendKey { set, slot: slot as u32 };
-            if let Err(e) = self.maps.backends.insert(key, Backend6::new(e.ip.octets(), e.port), 0) {
+            if let Err(e) = self.maps.backends.insert(key, Backend6::new(e.ip.into(), e.port), 0) {
                 self.free((set, slot as u32));
                 return Err(write_error(abi::BACKENDS6)(e));
             }
@@ -189,7 +189,7 @@ impl EbpfIpv6 {
                 // in place until the next apply.
                 let left = (0..old.slots).any(|slot| {
                     let backend = self.maps.backends.get(&BackendKey { set: old.set, slot }, 0);
-                    backend.is_ok_and(|b| !keep.contains(&(b.addr, b.port)))
+                    backend.is_ok_and(|b| !keep.contains(&(b.addr.0, b.port)))
                 });
                 if left {
                     self.end_udp_sockets(id, &keep);

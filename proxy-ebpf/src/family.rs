@@ -1,0 +1,117 @@
+//! What the per-packet path needs of an address family, so that one
+//! conntrack and one backend choice serve IPv4 (`[u8; 4]`) and IPv6
+//! ([`In6`]): each family's tables, backends and client memories.
+//!
+//! IPv6 frontends with source ranges or session affinity are never in the
+//! IPv6 maps (the agent leaves them to ip6tables), so the IPv6 answers for
+//! those say "no range holds the client" (a frontend flagged with ranges
+//! would be closed, never open) and "no affinity key" (nothing to remember).
+
+use aya_ebpf::maps::lpm_trie::Key;
+use proxy_common::{
+    conntrack::{CtEntry, FlowKey},
+    counters::DropReason,
+    ipv6::In6,
+    maps::{AffinityKey, Backend, BackendKey, PROTO_TCP, ServiceValue, SourceRangeKey},
+};
+
+use crate::affinity;
+use crate::maps::{BACKENDS, BACKENDS6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, SOURCE_RANGES};
+
+pub(crate) trait Family: Copy + PartialEq + Sized {
+    /// The conntrack entry under `key`, in its protocol's table.
+    fn ct_get(key: &FlowKey<Self>) -> Option<*mut CtEntry<Self>>;
+    fn ct_insert(key: &FlowKey<Self>, entry: &CtEntry<Self>) -> Result<(), DropReason>;
+    /// Whether an entry was there to remove.
+    fn ct_remove(key: &FlowKey<Self>) -> bool;
+    fn backend(key: BackendKey) -> Option<Backend<Self>>;
+    /// Whether one of the source ranges of the frontend `id` holds `client`.
+    fn in_source_ranges(id: u32, client: Self) -> bool;
+    /// The key under which the frontend `id` remembers `client`'s backend.
+    fn affinity_key(id: u32, client: Self) -> Option<AffinityKey>;
+    /// Records that `client` started a flow with `backend` (in `slot`).
+    fn remember(client: &AffinityKey, backend: &Backend<Self>, slot: u32, now: u32);
+}
+
+/// The backend in `slot` of `svc`'s set.
+#[inline(always)]
+pub(crate) fn backend_at<A: Family>(svc: &ServiceValue, slot: u32) -> Option<Backend<A>> {
+    A::backend(BackendKey { set: svc.backend_set, slot })
+}
+
+impl Family for [u8; 4] {
+    #[inline(always)]
+    fn ct_get(key: &FlowKey<Self>) -> Option<*mut CtEntry<Self>> {
+        if key.proto == PROTO_TCP { CT_TCP.get_ptr_mut(*key) } else { CT_ANY.get_ptr_mut(*key) }
+    }
+
+    #[inline(always)]
+    fn ct_insert(key: &FlowKey<Self>, entry: &CtEntry<Self>) -> Result<(), DropReason> {
+        let table = if key.proto == PROTO_TCP { &CT_TCP } else { &CT_ANY };
+        table.insert(*key, *entry, 0).map_err(|_| DropReason::ConntrackFailed)
+    }
+
+    #[inline(always)]
+    fn ct_remove(key: &FlowKey<Self>) -> bool {
+        let table = if key.proto == PROTO_TCP { &CT_TCP } else { &CT_ANY };
+        table.remove(key).is_ok()
+    }
+
+    #[inline(always)]
+    fn backend(key: BackendKey) -> Option<Backend<Self>> {
+        BACKENDS.get_ptr(key).map(|b| unsafe { core::ptr::read(b) })
+    }
+
+    #[inline(always)]
+    fn in_source_ranges(id: u32, client: Self) -> bool {
+        let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { id: id.to_be_bytes(), addr: client });
+        SOURCE_RANGES.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn affinity_key(id: u32, client: Self) -> Option<AffinityKey> {
+        Some(AffinityKey::address(id, client))
+    }
+
+    #[inline(always)]
+    fn remember(client: &AffinityKey, backend: &Backend<Self>, slot: u32, now: u32) {
+        affinity::remember(client, backend, slot, now)
+    }
+}
+
+impl Family for In6 {
+    #[inline(always)]
+    fn ct_get(key: &FlowKey<Self>) -> Option<*mut CtEntry<Self>> {
+        if key.proto == PROTO_TCP { CT6_TCP.get_ptr_mut(*key) } else { CT6_ANY.get_ptr_mut(*key) }
+    }
+
+    #[inline(always)]
+    fn ct_insert(key: &FlowKey<Self>, entry: &CtEntry<Self>) -> Result<(), DropReason> {
+        let table = if key.proto == PROTO_TCP { &CT6_TCP } else { &CT6_ANY };
+        table.insert(*key, *entry, 0).map_err(|_| DropReason::ConntrackFailed)
+    }
+
+    #[inline(always)]
+    fn ct_remove(key: &FlowKey<Self>) -> bool {
+        let table = if key.proto == PROTO_TCP { &CT6_TCP } else { &CT6_ANY };
+        table.remove(key).is_ok()
+    }
+
+    #[inline(always)]
+    fn backend(key: BackendKey) -> Option<Backend<Self>> {
+        BACKENDS6.get_ptr(key).map(|b| unsafe { core::ptr::read(b) })
+    }
+
+    #[inline(always)]
+    fn in_source_ranges(_id: u32, _client: Self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn affinity_key(_id: u32, _client: Self) -> Option<AffinityKey> {
+        None
+    }
+
+    #[inline(always)]
+    fn remember(_client: &AffinityKey, _backend: &Backend<Self>, _slot: u32, _now: u32) {}
+}
