@@ -269,8 +269,8 @@ fn chains(cfg: &RunConfig) -> Chains {
 }
 
 /// The IPv6 family's dataplane, on a node with IPv6: kube-proxy's rules
-/// through ip6tables, in either mode, and in eBPF mode the socket hooks'
-/// IPv6 maps (`maps`) beside them. `None`, said in the log, where the node
+/// through ip6tables, in either mode, and in eBPF mode the IPv6 maps
+/// (`maps`, read by the socket hooks and the per-packet path) beside them. `None`, said in the log, where the node
 /// has no IPv6.
 fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dataplane<Ipv6Addr>>> {
     if !std::path::Path::new("/proc/net/if_inet6").exists() {
@@ -284,9 +284,8 @@ fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dat
     match IptablesDataplane::new(render, cfg.iptables_full_sync_period) {
         Ok(rules) => Some(match maps {
             Some(maps) => {
-                tracing::info!(
-                    "IPv6 Services: TCP and UDP ClusterIPs through the socket hooks, the rest by ip6tables rules"
-                );
+                let path = if maps.cgroup.is_some() { "the socket hooks" } else { "the per-packet path" };
+                tracing::info!("IPv6 Services: TCP and UDP ClusterIPs through {path}, the rest by ip6tables rules");
                 Box::new(EbpfIpv6::new(rules, maps))
             }
             None => Box::new(rules),

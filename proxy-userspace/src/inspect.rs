@@ -11,8 +11,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use proxy_common::{
-    conntrack::{CtEntry, DIR_SERVICE, FlowKey, STATE_CLOSING, STATE_REPLIED, lifetime},
+    conntrack::{CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, STATE_CLOSING, STATE_REPLIED, lifetime},
     counters::Counter,
+    ipv6::In6,
     maps::{
         self as abi, BACKEND_TERMINATING, Backend, Backend6, BackendKey, BackendTrafficKey, DeviceCounts, DeviceKey,
         FragmentKey, FragmentPorts, PROTO_TCP, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue,
@@ -208,11 +209,13 @@ pub struct Maps {
     ipv6: Option<Ipv6Maps>,
 }
 
-/// The socket hooks' IPv6 frontends, backends and connected sockets.
+/// The IPv6 frontends, backends, connected sockets and per-packet flows.
 struct Ipv6Maps {
     services: HashMap<MapData, ServiceKey6, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend6>,
     sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
+    ct_tcp: HashMap<MapData, FlowKey6, CtEntry6>,
+    ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
 }
 
 /// Why the maps could not be read.
@@ -278,6 +281,8 @@ impl Maps {
                     services: hash(get(abi::SERVICES6)?, abi::SERVICES6)?,
                     backends: hash(get(abi::BACKENDS6)?, abi::BACKENDS6)?,
                     sock_reverse: hash(get(abi::SOCK_REVERSE6)?, abi::SOCK_REVERSE6)?,
+                    ct_tcp: hash(get(abi::CT6_TCP)?, abi::CT6_TCP)?,
+                    ct_any: hash(get(abi::CT6_ANY)?, abi::CT6_ANY)?,
                 })
             })()
             .ok(),
@@ -407,26 +412,13 @@ impl Maps {
     /// Every tracked client flow, sorted.
     pub fn flows(&self) -> Vec<FlowEntry> {
         let now = crate::clock::monotonic_seconds();
-        let mut out: Vec<FlowEntry> = [&self.ct_tcp, &self.ct_any]
-            .into_iter()
-            .flat_map(|table| {
-                table.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == DIR_SERVICE).map(move |(k, v)| {
-                    let idle = now.saturating_sub(v.last_seen);
-                    FlowEntry {
-                        path: "packet".into(),
-                        protocol: protocol_name(k.proto).into(),
-                        client: endpoint(k.src_addr, k.src_port).to_string(),
-                        frontend: endpoint(k.dst_addr, k.dst_port).to_string(),
-                        backend: endpoint(v.addr, v.port).to_string(),
-                        service_id: v.service_id,
-                        reply_tracked: table.get(&k.reply(v.addr, v.port), 0).is_ok(),
-                        state: flow_state(k.proto, v.state).into(),
-                        idle_seconds: Some(idle),
-                        expires_in: Some(lifetime(k.proto, v.state).saturating_sub(idle)),
-                    }
-                })
-            })
-            .collect();
+        let show4 = |a, p| endpoint(a, p).to_string();
+        let mut out: Vec<FlowEntry> =
+            [&self.ct_tcp, &self.ct_any].into_iter().flat_map(|table| packet_flows(table, now, show4)).collect();
+        let show6 = |a: In6, p| endpoint6(a.0, p).to_string();
+        if let Some(v6) = &self.ipv6 {
+            out.extend([&v6.ct_tcp, &v6.ct_any].into_iter().flat_map(|table| packet_flows(table, now, show6)));
+        }
         // Sockets: the reverse entry is what the hooks keep (their replies
         // need no tracking: the socket addresses the backend itself).
         out.extend(self.sock_reverse.iter().filter_map(Result::ok).map(|(k, v)| {
@@ -479,6 +471,8 @@ impl Maps {
             fill(abi::BACKENDS, &self.backends),
             fill(abi::CT_TCP, &self.ct_tcp),
             fill(abi::CT_ANY, &self.ct_any),
+            self.ipv6.as_ref().and_then(|v6| fill(abi::CT6_TCP, &v6.ct_tcp)),
+            self.ipv6.as_ref().and_then(|v6| fill(abi::CT6_ANY, &v6.ct_any)),
             fill(abi::NAT_FORWARD, &self.nat_forward),
             fill(abi::FRAGMENTS, &self.fragments),
             fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
@@ -514,6 +508,33 @@ fn flow_state(proto: u8, state: u8) -> &'static str {
         (false, _, true) => "replied",
         (false, _, false) => "unreplied",
     }
+}
+
+/// The per-packet path's flows in `table`, each address and port shown by `show`.
+fn packet_flows<'a, A: Copy + 'a>(
+    table: &'a HashMap<MapData, FlowKey<A>, CtEntry<A>>,
+    now: u32,
+    show: impl Fn(A, [u8; 2]) -> String + 'a,
+) -> impl Iterator<Item = FlowEntry> + 'a
+where
+    FlowKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
+    table.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == DIR_SERVICE).map(move |(k, v)| {
+        let idle = now.saturating_sub(v.last_seen);
+        FlowEntry {
+            path: "packet".into(),
+            protocol: protocol_name(k.proto).into(),
+            client: show(k.src_addr, k.src_port),
+            frontend: show(k.dst_addr, k.dst_port),
+            backend: show(v.addr, v.port),
+            service_id: v.service_id,
+            reply_tracked: table.get(&k.reply(v.addr, v.port), 0).is_ok(),
+            state: flow_state(k.proto, v.state).into(),
+            idle_seconds: Some(idle),
+            expires_in: Some(lifetime(k.proto, v.state).saturating_sub(idle)),
+        }
+    })
 }
 
 /// A socket the hooks connected to `backend` for `frontend`.

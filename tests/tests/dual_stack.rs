@@ -336,16 +336,14 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
     // the node walks. A node port keeps its rules; iptables mode has them all.
     let lone = SocketAddr::new(LONE_VIP6.into(), 80);
     assert_eq!(answers(node0, client, lone, 10).0, both, "TCP to {lone}");
-    let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
-        .map(|save| node0.ns.output(&[save, "-t", "nat"]).unwrap_or_default())
-        .concat();
-    let rule = |vip: Ipv6Addr, proto: &str| {
-        nat.lines().any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&format!("-d {vip}/128 -p {proto} ")))
-    };
     for proto in ["tcp", "udp"] {
-        assert_eq!(rule(LONE_VIP6, proto), mode == Mode::Iptables, "{proto} ClusterIP rule in {mode:?} mode:\n{nat}");
+        assert_eq!(
+            nat_rule(node0, LONE_VIP6, proto),
+            mode == Mode::Iptables,
+            "{proto} ClusterIP rule in {mode:?} mode"
+        );
     }
-    assert!(rule(SIX_VIP6, "tcp"), "a node port Service keeps its rules:\n{nat}");
+    assert!(nat_rule(node0, SIX_VIP6, "tcp"), "a node port Service keeps its rules");
 
     // New connections to it are answered while node 0's agent restarts:
     // in eBPF mode the restarted agent takes the maps' IPv6 frontends over.
@@ -368,8 +366,109 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
     }
 }
 
+/// How many packets node `node`'s per-packet path translated (eBPF mode).
+fn packets_translated(mode: Mode, node: &ClusterNode) -> Option<u64> {
+    let stats = (mode == Mode::Ebpf).then(|| kpr::datapath_stats(&node.ns, node.bpf_root()).unwrap())?;
+    stats["translated"].as_u64()
+}
+
+/// Whether node `node`'s nat table has a KUBE-SERVICES rule for `vip` and `proto`.
+fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
+    let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
+        .map(|save| node.ns.output(&[save, "-t", "nat"]).unwrap_or_default())
+        .concat();
+    nat.lines().any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&format!("-d {vip}/128 -p {proto} ")))
+}
+
+/// With the socket hooks off (`--socket-lb=false`), on an IPv6-only
+/// cluster: in eBPF mode the per-packet path on the pods' interfaces
+/// translates a pod's TCP and UDP to an IPv6 ClusterIP (backends on its
+/// node and the other), with no ip6tables rule for it, refuses one without
+/// endpoints at once, tracks the flows (`kpr conntrack list`), and moves a
+/// UDP flow off a backend that leaves; iptables mode does all of it with
+/// its rules.
+fn serves_ipv6_per_packet(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new_ipv6_only(2).unwrap();
+    cluster.add_pod(0, "client", 100).unwrap();
+    let pods = [(0, "web-0"), (1, "web-1")];
+    let mut servers: Vec<Server> = Vec::new();
+    for (node, pod) in pods {
+        cluster.add_pod(node, pod, 11).unwrap();
+        let ns = &cluster.node(node).pod(pod).ns;
+        servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
+        servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
+    }
+    let endpoints: Vec<(&str, Ipv6Addr)> = pods.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
+    let manifest = |endpoints: &[(&str, Ipv6Addr)]| {
+        let lone = web_service("lone", LONE_VIP6, endpoints);
+        format!("{lone}---\n{}", web_service("empty", EMPTY_VIP6, &[]))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "lone.yaml", &manifest(&endpoints)).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display()), "--socket-lb=false".into()];
+    let mut agents = cluster.start_kpr_everywhere(&args, dir.path()).unwrap();
+
+    let node0 = cluster.node(0);
+    let client = &node0.pod("client").ns;
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    let lone = |port| SocketAddr::new(LONE_VIP6.into(), port);
+    let before = packets_translated(mode, node0);
+    let (reached, peers) = answers(node0, client, lone(80), 20);
+    assert_eq!(reached, both, "TCP to {}", lone(80));
+    assert_eq!(peers, [pod_ip6(0, 100).to_string()].into(), "the pod's address is kept");
+    let udp = probe(Path::new(PROBE), client, &node0.cgroup, "udp", lone(53)).unwrap();
+    assert!(udp.reply.as_deref().is_some_and(|r| both.contains(r)), "UDP: {udp:?}");
+    assert_eq!(udp.peer, Some(lone(53).to_string()), "the reply comes from the VIP: {udp:?}");
+    if let (Some(before), Some(after)) = (before, packets_translated(mode, node0)) {
+        // Each connection's packets, at least the SYN, the ACK and the request.
+        assert!(after >= before + 60, "TCP and UDP through the per-packet path: {before} -> {after}");
+        assert_eq!(socket_translated(mode, node0), Some(0), "the socket hooks are off");
+    }
+    for proto in ["tcp", "udp"] {
+        assert_eq!(nat_rule(node0, LONE_VIP6, proto), mode == Mode::Iptables, "{proto} rule in {mode:?} mode");
+    }
+    let empty = SocketAddr::new(EMPTY_VIP6.into(), 80);
+    let refused = probe(Path::new(PROBE), client, &node0.cgroup, "tcp", empty).unwrap();
+    assert_eq!(refused.errno, Some(ECONNREFUSED), "{refused:?}");
+    let refused =
+        probe(Path::new(PROBE), client, &node0.cgroup, "udp-connected", SocketAddr::new(EMPTY_VIP6.into(), 53));
+    assert_eq!(refused.unwrap().errno, Some(ECONNREFUSED), "ICMPv6 port unreachable for UDP");
+
+    // A connected UDP client keeps its backend until that backend leaves,
+    // then reaches the other.
+    let (mut held, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "udp-held", lone(53)).unwrap();
+    let gone = first.reply.clone().unwrap_or_else(|| panic!("no first answer: {first:?}"));
+    assert_eq!(held.ask().unwrap().reply.as_deref(), Some(gone.as_str()), "the flow keeps its backend");
+    if mode == Mode::Ebpf {
+        // Inspection lists the per-packet IPv6 flows.
+        let root = format!("--bpf-root={}", node0.bpf_root().display());
+        let list = kpr::command(&node0.ns, &["conntrack", "list", "-o", "json", &root]).unwrap();
+        let flows: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let udp_flow =
+            flows.as_array().unwrap().iter().find(|f| {
+                f["path"] == "packet" && f["protocol"] == "UDP" && f["frontend"] == format!("[{LONE_VIP6}]:53")
+            });
+        let udp_flow = udp_flow.unwrap_or_else(|| panic!("no IPv6 UDP flow in {flows:#}"));
+        assert!(udp_flow["backend"].as_str().is_some_and(|b| b.ends_with("]:5353")), "{udp_flow:#}");
+        assert_eq!(udp_flow["reply_tracked"], true, "{udp_flow:#}");
+    }
+    let kept: Vec<_> = endpoints.iter().copied().filter(|(pod, _)| *pod != gone).collect();
+    let syncs = agents[0].log().matches("synced").count();
+    write(&manifests, "lone.yaml", &manifest(&kept)).unwrap();
+    agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
+    let next = held.ask().unwrap();
+    assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
+    for (i, log) in agents.iter().map(Kpr::log).enumerate() {
+        assert!(!log.contains(" ERROR "), "node {i} logged an error:\n{log}");
+    }
+}
+
 in_both_modes!(
     serves_both_families,
+    serves_ipv6_per_packet,
     node_ports_answer_where_the_only_default_route_is_ipv6,
     serves_an_ipv6_only_cluster
 );

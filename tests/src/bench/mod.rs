@@ -58,10 +58,9 @@ pub struct Config {
     /// Backends beside the clients, on another node, or both.
     pub placements: Vec<Placement>,
     /// Numbers of Services also measured over IPv6, on an IPv6-only
-    /// cluster: the direct line, socket-level load balancing and iptables
-    /// mode (ip6tables), with the backends on the clients' node and on
-    /// another (of `placements`). eBPF mode's per-packet path hands IPv6
-    /// to the rules, so it has no IPv6 row of its own.
+    /// cluster: the direct line and every mode but those measured from
+    /// outside alone, with the backends on the clients' node and on
+    /// another (of `placements`).
     pub ipv6_services: Vec<usize>,
     /// The packet-rate test (see `packets`).
     pub packet_rate: bool,
@@ -733,11 +732,9 @@ fn measure_placement(
             break;
         }
         // From outside, socket-level load balancing has nothing to do;
-        // elsewhere XDP has nothing to do, and ebpf-tc is ebpf. Over IPv6
-        // the per-packet path hands traffic to the rules (see Config).
+        // elsewhere XDP has nothing to do, and ebpf-tc is ebpf.
         let socket_from_outside = placement.outside() && mode == "ebpf-socket";
-        let per_packet_over_ipv6 = family == Family::Ipv6 && mode.starts_with("ebpf") && mode != "ebpf-socket";
-        if socket_from_outside || per_packet_over_ipv6 || (!placement.outside() && mode == "ebpf-tc") {
+        if socket_from_outside || (!placement.outside() && mode == "ebpf-tc") {
             continue;
         }
         let mut row = measure_mode(cfg, &bench, mode, n, work, problems)?;

@@ -27,8 +27,7 @@ pub fn table(r: &Report) -> String {
     if has(Family::Ipv6) {
         t.push_str(
             "\nIPv6, on an IPv6-only cluster (the same pods, nodes and Services with IPv6 addresses alone; \
-             iptables mode writes ip6tables rules). eBPF mode serves IPv6 on its socket path; its per-packet \
-             path hands IPv6 to the same ip6tables rules as iptables mode, so it has no row of its own.\n\n",
+             iptables mode writes ip6tables rules).\n\n",
         );
         t.push_str(&rows_table(r.rows.iter().filter(|x| x.family == Family::Ipv6)));
     }
@@ -347,6 +346,7 @@ pub fn targets(r: &Report) -> String {
     let targets = [
         ("ebpf", "per-packet", Family::Ipv4, 0.95),
         ("ebpf-socket", "socket-level", Family::Ipv4, 0.98),
+        ("ebpf", "per-packet (IPv6)", Family::Ipv6, 0.95),
         ("ebpf-socket", "socket-level (IPv6)", Family::Ipv6, 0.98),
     ];
     for (mode, name, family, target) in targets {

@@ -1,7 +1,8 @@
 //! The conntrack garbage collector: removes the per-packet path's entries
 //! that outlived their lifetime (proxy-common's `conntrack::expired`, the
 //! same judgement the datapath makes), so `kpr conntrack list` shows live
-//! flows and the LRU maps evict only when they are truly full.
+//! flows, the IPv4 LRU maps evict only when they are truly full, and the
+//! IPv6 maps (allocated as used, never evicting) do not fill.
 //!
 //! It runs on its own thread with its own map handles, like Cilium's
 //! conntrack GC: the interval starts at 30 s, halves (to 10 s) while a run
@@ -16,12 +17,16 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, MapError};
-use proxy_common::conntrack::{CtEntry, FlowKey, expired};
+use proxy_common::{
+    conntrack::{CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, expired},
+    maps::PROTO_UDP,
+};
 
 use crate::clock::monotonic_seconds;
 
 /// A conntrack map as the collector's thread holds it.
 pub type CtMap = HashMap<MapData, FlowKey, CtEntry>;
+pub type CtMap6 = HashMap<MapData, FlowKey6, CtEntry6>;
 
 const FIRST_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -35,9 +40,13 @@ pub struct Collected {
 }
 
 /// Removes the entries of `map` expired at `now`.
-pub fn collect<T: BorrowMut<MapData>>(map: &mut HashMap<T, FlowKey, CtEntry>, now: u32) -> Collected {
+pub fn collect<T: BorrowMut<MapData>, A: Copy>(map: &mut HashMap<T, FlowKey<A>, CtEntry<A>>, now: u32) -> Collected
+where
+    FlowKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
     let mut seen = 0;
-    let expired_keys: Vec<FlowKey> = map
+    let expired_keys: Vec<FlowKey<A>> = map
         .iter()
         .filter_map(Result::ok)
         .inspect(|_| seen += 1)
@@ -54,6 +63,37 @@ pub fn collect<T: BorrowMut<MapData>>(map: &mut HashMap<T, FlowKey, CtEntry>, no
         }
     }
     Collected { seen, removed }
+}
+
+/// Removes both entries of the UDP flows of frontend `service_id` pinned
+/// to a backend `keep` does not hold: their next datagram chooses again,
+/// rather than going to a backend that left. Returns how many flows went.
+pub fn forget_udp_flows<A: Copy>(
+    map: &mut HashMap<MapData, FlowKey<A>, CtEntry<A>>,
+    service_id: u32,
+    keep: impl Fn(A, [u8; 2]) -> bool,
+) -> usize
+where
+    FlowKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
+    let stale: Vec<(FlowKey<A>, CtEntry<A>)> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| {
+            k.dir == DIR_SERVICE && k.proto == PROTO_UDP && v.service_id == service_id && !keep(v.addr, v.port)
+        })
+        .collect();
+    for (flow, backend) in &stale {
+        for key in [*flow, flow.reply(backend.addr, backend.port)] {
+            // Either entry may have been evicted or collected meanwhile; gone is gone.
+            match map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
+                Err(e) => tracing::debug!(error = %e, "could not forget a UDP flow"),
+            }
+        }
+    }
+    stale.len()
 }
 
 /// The next interval after a run that removed `removed` of `seen` entries.
@@ -74,8 +114,8 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Collects `maps` periodically until dropped.
-    pub fn spawn(mut maps: Vec<CtMap>) -> std::io::Result<Self> {
+    /// Collects `maps` and `maps6` periodically until dropped.
+    pub fn spawn(mut maps: Vec<CtMap>, mut maps6: Vec<CtMap6>) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("kpr-conntrack-gc".into()).spawn(move || {
             let mut interval = FIRST_INTERVAL;
@@ -85,7 +125,8 @@ impl Collector {
                     Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
                 let now = monotonic_seconds();
-                let total = maps.iter_mut().map(|m| collect(m, now)).fold(Collected::default(), |a, c| Collected {
+                let runs = maps.iter_mut().map(|m| collect(m, now)).chain(maps6.iter_mut().map(|m| collect(m, now)));
+                let total = runs.fold(Collected::default(), |a, c| Collected {
                     seen: a.seen + c.seen,
                     removed: a.removed + c.removed,
                 });

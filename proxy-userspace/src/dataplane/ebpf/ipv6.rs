@@ -1,19 +1,22 @@
-//! eBPF mode's IPv6 family, where the socket hooks are attached: the IPv6
-//! TCP and UDP ClusterIPs in [`abi::SERVICES6`], so pods and node processes
-//! under the cgroup connect or send straight to a backend (`connect6`,
-//! `sendmsg6`) and see the VIP as their peer (`getpeername6`, `recvmsg6`),
-//! and kube-proxy's ip6tables rules for what the hooks do not serve: node
-//! ports, external and load balancer IPs, a Local internal policy or
-//! session affinity (see [`in_rules`]). A ClusterIP the hooks serve has no
-//! rule: every new IPv6 connection on the node would otherwise walk its
-//! rule in the nat table, thousands of them at scale. A UDP socket
-//! connected to a backend that leaves is ended (see `sock_destroy`), as
-//! IPv4 ones are; an unconnected one chooses again on its next datagram.
+//! eBPF mode's IPv6 family: the IPv6 TCP and UDP ClusterIPs in
+//! [`abi::SERVICES6`], read by the socket hooks (pods and node processes
+//! under the cgroup connect or send straight to a backend with `connect6`
+//! and `sendmsg6`, and see the VIP as their peer with `getpeername6` and
+//! `recvmsg6`) and by the per-packet path on pod interfaces (with
+//! `--socket-lb=false`, or for pods outside the cgroup), and kube-proxy's
+//! ip6tables rules for what the maps do not serve: node ports, external and
+//! load balancer IPs, a Local internal policy or session affinity (see
+//! [`in_rules`]). A ClusterIP the maps serve has no rule: every new IPv6
+//! connection on the node would otherwise walk its rule in the nat table,
+//! thousands of them at scale. When a backend leaves, the per-packet path's
+//! UDP flows to it choose again, a UDP socket connected to it is ended (see
+//! `sock_destroy`), as IPv4 ones are, and an unconnected one chooses again
+//! on its next datagram.
 //!
 //! A backend set is switched as the IPv4 ones are: written whole under a
 //! fresh set id, published by rewriting the frontend's entry, and freed
 //! only at the next apply (a hook that read the entry just before still
-//! finds its slots). A frontend moving between the hooks and the rules is
+//! finds its slots). A frontend moving between the maps and the rules is
 //! served all along: the maps are written before the rules change, and
 //! emptied only after. The maps are pinned and kept across restarts: a
 //! restarted agent takes their entries over, so the frontends that have no
@@ -26,8 +29,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use proxy_common::maps::{
-    self as abi, Backend6, BackendKey, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue, SockKey6,
+use proxy_common::{
+    conntrack::{CtEntry6, FlowKey6},
+    maps::{self as abi, Backend6, BackendKey, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue, SockKey6},
 };
 
 use crate::{
@@ -36,13 +40,15 @@ use crate::{
     planner::Op,
 };
 
-/// The socket hooks' IPv6 maps, and the cgroup they serve.
+/// The IPv6 maps, and the cgroup the socket hooks serve (none without them).
 pub struct Ipv6Maps {
     pub services: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub backends: HashMap<MapData, BackendKey, Backend6>,
     /// Which backend each connected socket was given.
     pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
-    pub cgroup: PathBuf,
+    /// The per-packet path's UDP flows (and any other non-TCP ones).
+    pub ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
+    pub cgroup: Option<PathBuf>,
 }
 
 /// What one frontend holds in the maps.
@@ -68,17 +74,18 @@ pub struct EbpfIpv6 {
     next_set: u32,
 }
 
-/// Whether the socket hooks serve `f`: a TCP or UDP frontend that every
-/// pod and node process reaches alike, with no memory of its clients.
-fn on_sockets(f: &Frontend<Ipv6Addr>) -> bool {
+/// Whether the maps serve `f` (the socket hooks and the per-packet path
+/// alike): a TCP or UDP frontend that every pod and node process reaches
+/// alike, with no memory of its clients.
+fn in_maps(f: &Frontend<Ipv6Addr>) -> bool {
     matches!(f.key.protocol, Protocol::Tcp | Protocol::Udp) && !f.internal_local && f.affinity_timeout.is_none()
 }
 
-/// Whether `f` needs kube-proxy's rules beside the hooks: what the hooks
-/// do not serve (see [`on_sockets`]), and a frontend reached from outside
+/// Whether `f` needs kube-proxy's rules beside the maps: what the maps
+/// do not serve (see [`in_maps`]), and a frontend reached from outside
 /// (its node port, external or load balancer IPs).
 fn in_rules(f: &Frontend<Ipv6Addr>) -> bool {
-    !on_sockets(f) || f.external.is_some()
+    !in_maps(f) || f.external.is_some()
 }
 
 /// The frontend a [`abi::SERVICES6`] entry stands for.
@@ -192,7 +199,7 @@ impl EbpfIpv6 {
                     backend.is_ok_and(|b| !keep.contains(&(b.addr.0, b.port)))
                 });
                 if left {
-                    self.end_udp_sockets(id, &keep);
+                    self.forget_udp_flows(id, &keep);
                 }
             }
         }
@@ -200,9 +207,16 @@ impl EbpfIpv6 {
         Ok(())
     }
 
-    /// Ends the UDP sockets connected for frontend `id` to a backend not in
-    /// `keep`: they would send to it for as long as they live.
-    fn end_udp_sockets(&self, id: u32, keep: &HashSet<([u8; 16], [u8; 2])>) {
+    /// Moves the UDP clients of frontend `id` off the backends not in
+    /// `keep`: the per-packet path's flows choose again at their next
+    /// datagram, and the sockets connected to one are ended (they would send
+    /// to it for as long as they live).
+    fn forget_udp_flows(&mut self, id: u32, keep: &HashSet<([u8; 16], [u8; 2])>) {
+        let flows = super::conntrack_gc::forget_udp_flows(&mut self.maps.ct_any, id, |a, p| keep.contains(&(a.0, p)));
+        if flows > 0 {
+            tracing::debug!(service_id = id, flows, "forgot IPv6 UDP flows to removed backends");
+        }
+        let Some(cgroup) = &self.maps.cgroup else { return };
         let pinned: HashSet<super::sock_destroy::Pinned> = self
             .maps
             .sock_reverse
@@ -211,7 +225,7 @@ impl EbpfIpv6 {
             .filter(|(k, v)| k.proto == PROTO_UDP && v.service_id == id && !keep.contains(&(k.addr, k.port)))
             .map(|(k, _)| (k.cookie, k.addr, k.port))
             .collect();
-        let ended = super::sock_destroy::destroy(&self.maps.cgroup, &pinned);
+        let ended = super::sock_destroy::destroy(cgroup, &pinned);
         if ended > 0 {
             tracing::debug!(service_id = id, sockets = ended, "ended IPv6 UDP sockets connected to removed backends");
         }
@@ -225,7 +239,7 @@ impl EbpfIpv6 {
         }
         self.retiring.push((old.set, old.slots));
         if k.protocol == Protocol::Udp {
-            self.end_udp_sockets(old.id, &HashSet::new());
+            self.forget_udp_flows(old.id, &HashSet::new());
         }
         Ok(())
     }
@@ -238,7 +252,7 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
 
     /// In three steps, so that each frontend is served all along: the
     /// hooks' frontends are written, then the rules change (one
-    /// transaction), then the frontends the hooks no longer serve leave the
+    /// transaction), then the frontends the maps no longer serve leave the
     /// maps. A frontend the maps could not take is served by the rules
     /// until a retry writes it.
     fn apply(&mut self, ops: &[Op<Ipv6Addr>], desired: &Desired<Ipv6Addr>) -> Vec<ApplyError<Ipv6Addr>> {
@@ -246,10 +260,10 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
         for retired in std::mem::take(&mut self.retiring) {
             self.free(retired);
         }
-        let on_hooks = |k: &FrontendKey<Ipv6Addr>| desired.get(k).filter(|f| on_sockets(f));
+        let served_by_maps = |k: &FrontendKey<Ipv6Addr>| desired.get(k).filter(|f| in_maps(f));
         for op in ops {
             if let Op::Upsert(k) = op
-                && let Some(f) = on_hooks(k)
+                && let Some(f) = served_by_maps(k)
                 && let Err(error) = self.upsert(f)
             {
                 errors.push(ApplyError { frontend: *k, error });
@@ -276,7 +290,8 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
         if !rule_ops.is_empty() || self.rules.full_sync_pending() {
             errors.extend(self.rules.apply(&rule_ops, &self.rules_desired));
         }
-        let mut gone: Vec<FrontendKey<Ipv6Addr>> = ops.iter().map(Op::key).filter(|k| on_hooks(k).is_none()).collect();
+        let mut gone: Vec<FrontendKey<Ipv6Addr>> =
+            ops.iter().map(Op::key).filter(|k| served_by_maps(k).is_none()).collect();
         if std::mem::take(&mut self.adopted) {
             gone.extend(self.written.keys().filter(|k| !desired.contains_key(k)));
         }
@@ -321,7 +336,7 @@ mod tests {
     fn a_cluster_ip_on_the_hooks_alone_has_no_rules() {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             let f = frontend(protocol);
-            assert!(on_sockets(&f) && !in_rules(&f), "{protocol}");
+            assert!(in_maps(&f) && !in_rules(&f), "{protocol}");
         }
         // Reached from outside: the node port is the rules'.
         let node_port = Frontend {
@@ -329,14 +344,14 @@ mod tests {
             external: Some(Box::new(External { node_port: Some(30080), ..Default::default() })),
             ..frontend(Protocol::Tcp)
         };
-        assert!(on_sockets(&node_port) && in_rules(&node_port));
-        // What the hooks do not serve is the rules' alone.
+        assert!(in_maps(&node_port) && in_rules(&node_port));
+        // What the maps do not serve is the rules' alone.
         for f in [
             Frontend { internal_local: true, ..frontend(Protocol::Tcp) },
             Frontend { affinity_timeout: Some(10_800), ..frontend(Protocol::Tcp) },
             frontend(Protocol::Sctp),
         ] {
-            assert!(!on_sockets(&f) && in_rules(&f), "{:?}", f.key);
+            assert!(!in_maps(&f) && in_rules(&f), "{:?}", f.key);
         }
     }
 

@@ -103,7 +103,7 @@ impl Default for MapSizes {
 }
 
 /// The capacity of every map whose size is set at load time.
-fn capacities(sizes: MapSizes) -> [(&'static str, u32); 13] {
+fn capacities(sizes: MapSizes) -> [(&'static str, u32); 15] {
     [
         (abi::SERVICES, sizes.services),
         (abi::AFFINITY_TIMEOUTS, sizes.services),
@@ -120,6 +120,8 @@ fn capacities(sizes: MapSizes) -> [(&'static str, u32); 13] {
         (abi::SERVICES6, sizes.services),
         (abi::BACKENDS6, sizes.backends),
         (abi::SOCK_REVERSE6, sizes.flows),
+        (abi::CT6_TCP, sizes.flows.saturating_mul(2)),
+        (abi::CT6_ANY, sizes.flows),
     ]
 }
 
@@ -174,7 +176,7 @@ pub struct Attached {
     /// The previous run's maps, set aside while they are migrated.
     pub previous: Option<PathBuf>,
     /// The socket hooks' IPv6 maps, when the hooks are attached.
-    pub ipv6: Option<super::ipv6::Ipv6Maps>,
+    pub ipv6: super::ipv6::Ipv6Maps,
 }
 
 /// The magic number of a bpf filesystem in `statfs`.
@@ -446,12 +448,19 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
             .map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?
     });
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
-    let conntrack = [abi::CT_TCP, abi::CT_ANY].into_iter().map(|name| {
+    let open = |name| -> Result<Map, DataplaneError> {
         let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
-        HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(name, e))?).map_err(|e| wrong_type(name, e))
-    });
-    let collector = Collector::spawn(conntrack.collect::<Result<_, _>>()?)
-        .map_err(|e| DataplaneError::Load(format!("starting the conntrack collector: {e}")))?;
+        Map::from_map_data(map).map_err(|e| wrong_type(name, e))
+    };
+    let conntrack =
+        [abi::CT_TCP, abi::CT_ANY].map(|name| HashMap::try_from(open(name)?).map_err(|e| wrong_type(name, e)));
+    let conntrack6 =
+        [abi::CT6_TCP, abi::CT6_ANY].map(|name| HashMap::try_from(open(name)?).map_err(|e| wrong_type(name, e)));
+    let collector = Collector::spawn(
+        conntrack.into_iter().collect::<Result<_, _>>()?,
+        conntrack6.into_iter().collect::<Result<_, _>>()?,
+    )
+    .map_err(|e| DataplaneError::Load(format!("starting the conntrack collector: {e}")))?;
     let service_traffic = ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?;
     let traffic = TrafficMaps::new(
         Array::try_from(service_traffic).map_err(|e| wrong_type(abi::SERVICE_TRAFFIC, e))?,
@@ -472,14 +481,12 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         cgroup,
         traffic,
     };
-    let ipv6 = match &maps.cgroup {
-        Some(cgroup) => Some(super::ipv6::Ipv6Maps {
-            services: take_hash(&mut ebpf, abi::SERVICES6)?,
-            backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
-            sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
-            cgroup: cgroup.clone(),
-        }),
-        None => None,
+    let ipv6 = super::ipv6::Ipv6Maps {
+        services: take_hash(&mut ebpf, abi::SERVICES6)?,
+        backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
+        sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
+        ct_any: take_hash(&mut ebpf, abi::CT6_ANY)?,
+        cgroup: maps.cgroup.clone(),
     };
     Ok(Attached {
         ebpf,

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    conntrack::{CtEntry, DIR_SERVICE, FlowKey},
+    conntrack::{CtEntry, FlowKey},
     maps::{
         Backend, BackendKey, BackendTrafficKey, ForwardEntry, PROTO_UDP, ReverseEntry, ServiceKey, ServiceValue,
         SockKey, SourceRangeKey, Traffic,
@@ -186,25 +186,7 @@ impl ServiceMaps for AyaMaps {
     }
 
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
-        let stale: Vec<(FlowKey, CtEntry)> = self
-            .ct_any
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                k.dir == DIR_SERVICE
-                    && k.proto == PROTO_UDP
-                    && v.service_id == service_id
-                    && !keep.contains(&(v.addr, v.port))
-            })
-            .collect();
-        for (flow, backend) in &stale {
-            // Either entry may have been evicted (LRU) meanwhile; gone is gone.
-            if let Err(e) =
-                remove(&mut self.ct_any, flow).and(remove(&mut self.ct_any, &flow.reply(backend.addr, backend.port)))
-            {
-                tracing::debug!(error = %e, "could not forget a UDP flow");
-            }
-        }
+        let stale = super::conntrack_gc::forget_udp_flows(&mut self.ct_any, service_id, |a, p| keep.contains(&(a, p)));
         // Unconnected UDP sockets keep their backend per frontend: they choose again too.
         let stale_sockets: Vec<SockKey> = self
             .sock_affinity
@@ -234,7 +216,7 @@ impl ServiceMaps for AyaMaps {
             }
             None => 0,
         };
-        stale.len() + stale_sockets.len() + ended
+        stale + stale_sockets.len() + ended
     }
 }
 

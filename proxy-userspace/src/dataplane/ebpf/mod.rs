@@ -321,12 +321,12 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.follow_bridges();
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
-        dataplane.ipv6_maps = attached.ipv6;
+        dataplane.ipv6_maps = Some(attached.ipv6);
         Ok(dataplane)
     }
 
-    /// The socket hooks' IPv6 maps, for the IPv6 family's dataplane
-    /// ([`ipv6::EbpfIpv6`]); `None` without the hooks (or once taken).
+    /// The IPv6 maps, for the IPv6 family's dataplane ([`ipv6::EbpfIpv6`]);
+    /// `None` once taken.
     pub fn take_ipv6_maps(&mut self) -> Option<ipv6::Ipv6Maps> {
         self.ipv6_maps.take()
     }
