@@ -68,6 +68,21 @@ pub fn update32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     update16(c, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
 }
 
+/// [`update16`] for a 128-bit field such as an IPv6 address, given as
+/// words each in network order (see `ipv6::In6::words`).
+#[inline(always)]
+pub fn update128(check: u16, old: [u32; 4], new: [u32; 4]) -> u16 {
+    let mut c = check;
+    let mut i = 0;
+    while i < 4 {
+        let (o, n) = (old[i].to_ne_bytes(), new[i].to_ne_bytes());
+        c = update16(c, u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([n[0], n[1]]));
+        c = update16(c, u16::from_be_bytes([o[2], o[3]]), u16::from_be_bytes([n[2], n[3]]));
+        i += 1;
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +114,22 @@ mod tests {
         let old_dst = [h[16], h[17], h[18], h[19]];
         h[16..20].copy_from_slice(&new_dst);
         assert_eq!(update32(check, old_dst, new_dst), checksum(&h));
+    }
+
+    #[test]
+    fn an_ipv6_address_update_matches_recomputation() {
+        let mut data = [0u8; 40];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(29).wrapping_add(3);
+        }
+        let check = checksum(&data);
+        let words = |b: &[u8]| -> [u32; 4] {
+            core::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
+        };
+        let old = words(&data[8..24]);
+        let new_bytes = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20];
+        data[8..24].copy_from_slice(&new_bytes);
+        assert_eq!(update128(check, old, words(&new_bytes)), checksum(&data));
     }
 
     #[test]

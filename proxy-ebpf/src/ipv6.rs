@@ -2,9 +2,12 @@
 //! the IPv6 service map is given a backend (the shared conntrack and
 //! choice, see `lookup`) and rewritten on the pod's interface; the
 //! backend's replies are rewritten back on the client's interface; a
-//! Service without endpoints is refused at once. Fragments, malformed
-//! packets and every other protocol (ICMPv6 and Neighbor Discovery among
-//! them) pass as they came, counted where they are not plain traffic.
+//! Service without endpoints is refused at once; an ICMPv6 error about a
+//! tracked flow (a backend's port unreachable, a router's packet too big)
+//! is rewritten to match what its receiver sent or was sent. Fragments,
+//! malformed packets and every other protocol (the rest of ICMPv6 and
+//! Neighbor Discovery among them) pass as they came, counted where they are
+//! not plain traffic.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
@@ -19,18 +22,19 @@ use crate::{
     ifindex,
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
-    parse6::{self, Packet6, Parsed6},
+    parse6::{self, IcmpError6, Packet6, Parsed6},
     refuse, translate,
 };
 
-/// The TCP or UDP packet, or what to do with anything else.
+/// What becomes of a packet neither a flow nor an ICMPv6 error: it passes,
+/// counted where it is not plain traffic. (The programs match on what
+/// `parse6` returns in place: a copy would cost the stack its size.)
 #[inline(always)]
-fn see(ctx: &TcContext) -> Result<Packet6, Verdict> {
-    match parse6::parse(ctx) {
-        Parsed6::Flow(pkt) => Ok(pkt),
-        Parsed6::Fragment => Err(count(Counter::PassedFragment, Verdict::Pass)),
-        Parsed6::Malformed => Err(count(Counter::PassedMalformed, Verdict::Pass)),
-        Parsed6::OtherProtocol => Err(Verdict::Pass),
+fn pass(parsed: &Parsed6) -> Verdict {
+    match parsed {
+        Parsed6::Fragment => count(Counter::PassedFragment, Verdict::Pass),
+        Parsed6::Malformed => count(Counter::PassedMalformed, Verdict::Pass),
+        _ => Verdict::Pass,
     }
 }
 
@@ -40,13 +44,15 @@ fn see(ctx: &TcContext) -> Result<Packet6, Verdict> {
 /// for the whole chain).
 #[inline(never)]
 pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    let pkt = match see(ctx) {
-        Ok(pkt) => pkt,
-        Err(verdict) => return Ok(verdict),
+    let parsed = parse6::parse(ctx);
+    let pkt = match &parsed {
+        Parsed6::Flow(pkt) => pkt,
+        Parsed6::IcmpError(err) => return icmp_from_client(ctx, err),
+        other => return Ok(pass(other)),
     };
-    match request(&pkt)? {
-        Lookup::ToBackend(backend, frontend, _) => forward(ctx, &pkt, &backend, frontend),
-        Lookup::NoBackend => refuse::refuse6(ctx, &pkt),
+    match request(pkt)? {
+        Lookup::ToBackend(backend, frontend, _) => forward(ctx, pkt, &backend, frontend),
+        Lookup::NoBackend => refuse::refuse6(ctx, pkt),
         Lookup::NotService => Ok(Verdict::Pass),
     }
 }
@@ -76,17 +82,45 @@ fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: Fronten
     Ok(Verdict::Pass)
 }
 
+/// A client's error about a reply it got from a frontend goes to the
+/// backend that sent it.
+#[inline(never)]
+fn icmp_from_client(ctx: &TcContext, err: &IcmpError6) -> Result<Verdict, DropReason> {
+    if let Some(backend) = lookup::icmp_to_backend(err) {
+        translate::icmp6_to_backend(ctx, err, &backend)?;
+        count(Counter::IcmpErrorTranslated, ());
+    }
+    Ok(Verdict::Pass)
+}
+
+/// An error about a packet the client sent to a backend shows the frontend.
+#[inline(never)]
+fn icmp_to_client(ctx: &TcContext, err: &IcmpError6) -> Result<Verdict, DropReason> {
+    if let Some(frontend) = lookup::icmp_to_client(err) {
+        translate::icmp6_to_client(ctx, err, &frontend)?;
+        count(Counter::IcmpErrorTranslated, ());
+    }
+    Ok(Verdict::Pass)
+}
+
 /// Never inlined, as [`from_pod`].
 #[inline(never)]
 pub(crate) fn to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    let pkt = match see(ctx) {
-        Ok(pkt) => pkt,
-        Err(verdict) => return Ok(verdict),
-    };
-    let Some(frontend) = conntrack::reply(&pkt, conntrack::now()) else {
+    let parsed = parse6::parse(ctx);
+    match &parsed {
+        Parsed6::Flow(pkt) => reverse(ctx, pkt),
+        Parsed6::IcmpError(err) => icmp_to_client(ctx, err),
+        other => Ok(pass(other)),
+    }
+}
+
+/// A backend's reply in a tracked flow shows the frontend.
+#[inline(never)]
+fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
+    let Some(frontend) = conntrack::reply(pkt, conntrack::now()) else {
         return Ok(Verdict::Pass);
     };
-    translate::reverse6(ctx, &pkt, &frontend)?;
+    translate::reverse6(ctx, pkt, &frontend)?;
     count(Counter::ReverseTranslated, ());
     count_device(ifindex(ctx), hook::TC_EGRESS, DeviceEvent::ReverseTranslated, false);
     Ok(Verdict::Pass)

@@ -153,7 +153,7 @@ pub(crate) fn choose_for(svc: &ServiceValue, client: &AffinityKey) -> Result<Bac
 /// The frontend an ICMP error about a packet the client sent to a backend
 /// must show: the quote (client -> backend) is the flow's reply tuple, reversed.
 #[inline(always)]
-pub(crate) fn icmp_to_client(err: &IcmpError) -> Option<CtEntry> {
+pub(crate) fn icmp_to_client<A: Family>(err: &IcmpError<A>) -> Option<CtEntry<A>> {
     let q = &err.quoted;
     let reply = FlowKey::reply_tuple(q.dst, q.dst_port, q.src, q.src_port, q.proto);
     conntrack::frontend_of(&reply, conntrack::now())
@@ -163,7 +163,7 @@ pub(crate) fn icmp_to_client(err: &IcmpError) -> Option<CtEntry> {
 /// goes to: the quote (frontend -> client) is the flow's service tuple,
 /// reversed, and the error is addressed to the frontend.
 #[inline(always)]
-pub(crate) fn icmp_to_backend(err: &IcmpError) -> Option<CtEntry> {
+pub(crate) fn icmp_to_backend<A: Family>(err: &IcmpError<A>) -> Option<CtEntry<A>> {
     let q = &err.quoted;
     if err.dst != q.src {
         return None;

@@ -16,8 +16,8 @@ use crate::fragments;
 
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
-/// Type, code, checksum and the 4 bytes before the quote.
-const ICMP_HLEN: usize = 8;
+/// Type, code, checksum and the 4 bytes before the quote (ICMPv6's too).
+pub(crate) const ICMP_HLEN: usize = 8;
 
 /// A TCP or UDP packet whose ports could be read; an IPv6 one's addresses are `[u8; 16]`.
 #[derive(Clone, Copy)]
@@ -42,10 +42,11 @@ pub(crate) struct Packet<A = [u8; 4]> {
     pub id: [u8; 2],
 }
 
-/// The TCP or UDP packet an ICMP error quotes: its 20-byte IP header and ports.
-pub(crate) struct Quoted {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+/// The TCP or UDP packet an ICMP error quotes: its IP header (20 bytes;
+/// 40 in IPv6, with no extension headers) and ports.
+pub(crate) struct Quoted<A = [u8; 4]> {
+    pub src: A,
+    pub dst: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub proto: u8,
@@ -53,14 +54,14 @@ pub(crate) struct Quoted {
 
 /// An ICMP error (destination unreachable, time exceeded, parameter
 /// problem) about a TCP or UDP packet.
-pub(crate) struct IcmpError {
+pub(crate) struct IcmpError<A = [u8; 4]> {
     /// The error's own addresses.
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: A,
+    pub dst: A,
     /// Offsets of the ICMP header and of the quoted IP header in the frame.
     pub icmp_off: usize,
     pub quoted_off: usize,
-    pub quoted: Quoted,
+    pub quoted: Quoted<A>,
 }
 
 pub(crate) enum Parsed {

@@ -1,8 +1,10 @@
 //! IPv6 headers and what they say: the fixed header, the extension headers
 //! before the TCP or UDP header walked with bounds (at most
 //! [`MAX_EXTENSION_HEADERS`] of them, each checked against the payload
-//! length), and the ports. Everything else, ICMPv6 and Neighbor Discovery
-//! included, is not the per-packet path's and passes as it came.
+//! length), the ports, and the ICMPv6 errors about a TCP or UDP packet
+//! (RFC 4443: destination unreachable, packet too big, time exceeded,
+//! parameter problem). Everything else, the rest of ICMPv6 and Neighbor
+//! Discovery included, is not the per-packet path's and passes as it came.
 
 use aya_ebpf::programs::TcContext;
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
@@ -10,11 +12,16 @@ use proxy_common::{
     ipv4::{ETH_HLEN, Fragment, l4_check_offset},
     ipv6::{self, Extension, HLEN, In6, MAX_EXTENSION_HEADERS},
     maps::PROTO_TCP,
+    reject::IPPROTO_ICMPV6,
 };
 
-use crate::parse::{Packet, read};
+use crate::parse::{ICMP_HLEN, IcmpError, Packet, Quoted, read};
 
 pub(crate) type Packet6 = Packet<In6>;
+pub(crate) type IcmpError6 = IcmpError<In6>;
+
+/// ICMPv6 error types: destination unreachable (1) to parameter problem (4).
+const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
 
 /// `repr(u8)` puts the tag first: the kernel's BTF check wants a union's
 /// members (the tag among them, as Rust describes a data enum) at offset 0,
@@ -22,6 +29,7 @@ pub(crate) type Packet6 = Packet<In6>;
 #[repr(u8)]
 pub(crate) enum Parsed6 {
     Flow(Packet6),
+    IcmpError(IcmpError6),
     /// A fragment of a larger datagram (the per-packet path does not track
     /// IPv6 fragments: they pass, counted).
     Fragment,
@@ -65,6 +73,9 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
     if walked > MAX_EXTENSION_HEADERS {
         return Parsed6::Malformed;
     }
+    if next == IPPROTO_ICMPV6 {
+        return icmp_error(ctx, &ip, off).map_or(Parsed6::OtherProtocol, Parsed6::IcmpError);
+    }
     // Only TCP and UDP have a checksum offset: every other protocol ends here.
     let Some(l4_check_off) = l4_check_offset(next) else {
         return Parsed6::OtherProtocol;
@@ -97,5 +108,37 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
         tcp_flags,
         fragment: Fragment::Whole,
         id: [0; 2],
+    })
+}
+
+/// The ICMPv6 error at `icmp_off`, if it quotes a TCP or UDP packet whose
+/// IPv6 header has no extension headers (as every quote of a Service flow
+/// a Linux node or a router sends).
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &ipv6::Ipv6Info, icmp_off: usize) -> Option<IcmpError6> {
+    let [kind, _code] = read::<[u8; 2]>(ctx, icmp_off).ok()?;
+    if !ICMPV6_ERRORS.contains(&kind) {
+        return None;
+    }
+    let quoted_off = icmp_off + ICMP_HLEN;
+    let hdr = read::<[u32; HLEN / 4]>(ctx, quoted_off).ok()?;
+    let [version, ..] = hdr[0].to_ne_bytes();
+    let [_, _, proto, _] = hdr[1].to_ne_bytes();
+    if version >> 4 != 6 || l4_check_offset(proto).is_none() {
+        return None;
+    }
+    let ports = read::<[u8; 4]>(ctx, quoted_off + HLEN).ok()?;
+    Some(IcmpError {
+        src: ip.src,
+        dst: ip.dst,
+        icmp_off,
+        quoted_off,
+        quoted: Quoted {
+            src: In6::from_words([hdr[2], hdr[3], hdr[4], hdr[5]]),
+            dst: In6::from_words([hdr[6], hdr[7], hdr[8], hdr[9]]),
+            src_port: [ports[0], ports[1]],
+            dst_port: [ports[2], ports[3]],
+            proto,
+        },
     })
 }

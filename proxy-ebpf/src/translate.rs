@@ -8,17 +8,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    checksum::{update16, update32},
+    checksum::{update16, update32, update128},
     conntrack::{CtEntry, CtEntry6},
     counters::DropReason,
     ipv4::{ETH_HLEN, Fragment, MIN_HLEN},
-    ipv6::In6,
+    ipv6::{self, In6},
     maps::{Backend, Backend6, PROTO_UDP},
 };
 
 use crate::{
     parse::{IcmpError, Packet},
-    parse6::Packet6,
+    parse6::{IcmpError6, Packet6},
     skb,
 };
 
@@ -186,6 +186,71 @@ pub(crate) fn icmp_hairpin_reply(ctx: &TcContext, err: &IcmpError, hairpin: [u8;
     let q = &err.quoted;
     rewrite_quote(ctx, err, QUOTED_DST, q.dst, hairpin, 2, q.dst_port, q.dst_port)?;
     rewrite_outer(ctx, IP_SRC_OFF, err.src, hairpin)
+}
+
+/// The quoted IPv6 header's source and destination offsets, from its start.
+const QUOTED6_SRC: usize = 8;
+const QUOTED6_DST: usize = 24;
+
+/// [`icmp_to_client`] over IPv6.
+#[inline(always)]
+pub(crate) fn icmp6_to_client(ctx: &TcContext, err: &IcmpError6, frontend: &CtEntry6) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    let mut icmp = rewrite_quote6(ctx, err, QUOTED6_DST, q.dst, frontend.addr, 2, q.dst_port, frontend.port)?;
+    if err.src == q.dst {
+        // ICMPv6's checksum covers the pseudo header: the outer source's change too.
+        icmp = update128(icmp, err.src.words(), frontend.addr.words());
+        skb::store(ctx, IP6_SRC_OFF, &frontend.addr)?;
+    }
+    skb::store(ctx, err.icmp_off + 2, &icmp.to_be_bytes())
+}
+
+/// [`icmp_to_backend`] over IPv6.
+#[inline(always)]
+pub(crate) fn icmp6_to_backend(ctx: &TcContext, err: &IcmpError6, backend: &CtEntry6) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    let icmp = rewrite_quote6(ctx, err, QUOTED6_SRC, q.src, backend.addr, 0, q.src_port, backend.port)?;
+    let icmp = update128(icmp, err.dst.words(), backend.addr.words());
+    skb::store(ctx, IP6_DST_OFF, &backend.addr)?;
+    skb::store(ctx, err.icmp_off + 2, &icmp.to_be_bytes())
+}
+
+/// [`rewrite_quote`] over IPv6, which has no header checksum: the quoted
+/// address and port change with the quoted L4 checksum (when the quote
+/// holds it), and the ICMPv6 checksum over all of them, returned for the
+/// caller to store once the outer header is done too.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one field each of the quote's address and port, old and new")]
+fn rewrite_quote6(
+    ctx: &TcContext,
+    err: &IcmpError6,
+    addr_field: usize,
+    old_addr: In6,
+    new_addr: In6,
+    port_field: usize,
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> Result<u16, DropReason> {
+    let l4 = err.quoted_off + ipv6::HLEN;
+    let (old_w, new_w) = (old_addr.words(), new_addr.words());
+    let (old_p, new_p) = (u16::from_be_bytes(old_port), u16::from_be_bytes(new_port));
+    let mut icmp = u16::from_be_bytes(skb::load(ctx, err.icmp_off + 2)?);
+    icmp = update16(update128(icmp, old_w, new_w), old_p, new_p);
+    skb::store(ctx, err.quoted_off + addr_field, &new_addr)?;
+    skb::store(ctx, l4 + port_field, &new_port)?;
+    let udp = err.quoted.proto == PROTO_UDP;
+    let l4_check_off = l4 + if udp { 6 } else { 16 };
+    // A quote cut before the checksum has none to fix.
+    if let Ok(old) = ctx.load::<[u8; 2]>(l4_check_off) {
+        let old = u16::from_be_bytes(old);
+        let mut new = update16(update128(old, old_w, new_w), old_p, new_p);
+        if udp && new == 0 {
+            new = 0xffff;
+        }
+        skb::store(ctx, l4_check_off, &new.to_be_bytes())?;
+        icmp = update16(icmp, old, new);
+    }
+    Ok(icmp)
 }
 
 /// ICMP has no pseudo-header: an outer address change touches only the IP checksum.

@@ -1206,6 +1206,57 @@ fn ipv6_to_an_empty_service_is_refused_with_a_reset_or_icmpv6_port_unreachable()
     assert_eq!(dp.counter(Counter::DroppedNoBackend), 1);
 }
 
+/// An ICMPv6 error of `kind` and `code` from `src` to `dst` quoting
+/// `quote` (an IPv6 packet), its checksum over the pseudo header filled in.
+fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, quote: &[u8]) -> Vec<u8> {
+    // The last four header bytes: a packet too big's MTU (1280), else unused.
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0];
+    icmp.extend_from_slice(quote);
+    let c = checksum6(src, dst, 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    frame6(src, dst, &[], 58, icmp)
+}
+
+#[test]
+fn icmpv6_errors_about_a_translated_flow_are_translated_quote_included() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let quote = |f: &[u8]| f[14..].to_vec();
+    // The backend's port unreachable about a datagram it got: to the
+    // client, from the frontend, quoting the datagram as the client sent it.
+    let query = frame6(CLIENT6, VIP6, &[], 17, udp6(42001, 53, b"a question"));
+    let (_, sent) = dp.run(&query);
+    let (verdict, out) = dp.to_pod(&icmp6_error(BACKENDS6[0], CLIENT6, 1, 4, &quote(&sent)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((src6(&out), dst6(&out)), (VIP6, CLIENT6), "from the frontend");
+    assert_eq!(&out[L4_6 + 8..], &query[14..], "quotes what the client sent, checksum included");
+    assert!(checksum6_ok(&out, L4_6, 58), "ICMPv6 checksum over the pseudo header and the quote");
+
+    // A router's packet too big about a TCP segment keeps the router's address.
+    let router: Ipv6Addr = "fd00:244::1".parse().unwrap();
+    let segment = frame6(CLIENT6, VIP6, &[], 6, tcp6(42002, 80, TCP_ACK, b"a large request"));
+    let (_, sent) = dp.run(&segment);
+    let (_, out) = dp.to_pod(&icmp6_error(router, CLIENT6, 2, 0, &quote(&sent)));
+    assert_eq!((src6(&out), &out[L4_6 + 8..]), (router, &segment[14..]), "packet too big: {out:02x?}");
+    assert!(checksum6_ok(&out, L4_6, 58));
+
+    // The client's error about a reply it got from the frontend goes to the backend.
+    let answer = frame6(BACKENDS6[0], CLIENT6, &[], 17, udp6(5353, 42001, b"an answer"));
+    let (_, got) = dp.to_pod(&answer);
+    let (_, out) = dp.run(&icmp6_error(CLIENT6, VIP6, 1, 4, &quote(&got)));
+    assert_eq!((src6(&out), dst6(&out)), (CLIENT6, BACKENDS6[0]), "to the backend");
+    assert_eq!(&out[L4_6 + 8..], &answer[14..], "quotes what the backend sent");
+    assert!(checksum6_ok(&out, L4_6, 58));
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 3);
+
+    // An error about a flow no one tracks passes as it came.
+    let direct = frame6(CLIENT6, BACKENDS6[0], &[], 17, udp6(42009, 5353, b"direct"));
+    let stray = icmp6_error(BACKENDS6[0], CLIENT6, 1, 4, &quote(&direct));
+    assert_eq!(dp.to_pod(&stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!((dp.counter(Counter::IcmpErrorTranslated), dp.drops()), (3, 0));
+}
+
 /// IPv6 frames the mutations start from, as `templates` for IPv4.
 fn templates6() -> Vec<Vec<u8>> {
     vec![
@@ -1219,6 +1270,13 @@ fn templates6() -> Vec<Vec<u8>> {
         frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 41000, TCP_SYN | TCP_ACK, b"")),
         frame6(BACKENDS6[1], CLIENT6, &[], 17, udp6(5353, 41002, b"answer")),
         frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]),
+        icmp6_error(
+            BACKENDS6[0],
+            CLIENT6,
+            1,
+            4,
+            &frame6(CLIENT6, BACKENDS6[0], &[], 17, udp6(41002, 5353, b"query"))[14..],
+        ),
     ]
 }
 
@@ -1246,7 +1304,13 @@ fn mutate6(f: &mut Vec<u8>, rng: &mut Random) {
 /// What a rewritten IPv6 frame must have been: to a frontend (translated
 /// or refused), or from a backend (a tracked reply).
 fn may_be_rewritten6(f: &[u8]) -> bool {
-    f.len() >= 54 && f[14] >> 4 == 6 && ([VIP6, EMPTY_VIP6].contains(&dst6(f)) || BACKENDS6.contains(&src6(f)))
+    let ends = |f: &[u8]| [VIP6, EMPTY_VIP6].contains(&dst6(f)) || BACKENDS6.contains(&src6(f));
+    // An ICMPv6 error may be about a tracked flow, whoever sends it.
+    let quote = f.get(20) == Some(&58) && f.len() >= 54 + 8 + 40 && {
+        let q = &f[54 + 8 - 14..];
+        ends(q) || [VIP6, EMPTY_VIP6].contains(&src6(q)) || BACKENDS6.contains(&dst6(q))
+    };
+    f.len() >= 54 && f[14] >> 4 == 6 && (ends(f) || quote)
 }
 
 #[test]

@@ -384,9 +384,10 @@ fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
 /// cluster: in eBPF mode the per-packet path on the pods' interfaces
 /// translates a pod's TCP and UDP to an IPv6 ClusterIP (backends on its
 /// node and the other), with no ip6tables rule for it, refuses one without
-/// endpoints at once, tracks the flows (`kpr conntrack list`), and moves a
-/// UDP flow off a backend that leaves; iptables mode does all of it with
-/// its rules.
+/// endpoints at once, tracks the flows (`kpr conntrack list`), moves a
+/// UDP flow off a backend that leaves, and translates the backend's ICMPv6
+/// port unreachable back to the VIP; iptables mode does all of it with its
+/// rules.
 fn serves_ipv6_per_packet(mode: Mode) {
     root_or_skip!();
     let mut cluster = Cluster::new_ipv6_only(2).unwrap();
@@ -461,6 +462,12 @@ fn serves_ipv6_per_packet(mode: Mode) {
     agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
     let next = held.ask().unwrap();
     assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
+    // With no server left, the backend's ICMPv6 port unreachable reaches
+    // the client as an error on its socket: its quote shows the VIP the
+    // client sent to (translated back in eBPF mode), not the backend.
+    drop(servers);
+    let unreachable = probe(Path::new(PROBE), client, &node0.cgroup, "udp-connected", lone(53)).unwrap();
+    assert_eq!(unreachable.errno, Some(ECONNREFUSED), "the backend's port unreachable: {unreachable:?}");
     for (i, log) in agents.iter().map(Kpr::log).enumerate() {
         assert!(!log.contains(" ERROR "), "node {i} logged an error:\n{log}");
     }
