@@ -260,6 +260,10 @@ pub const MASQUERADE_MARK: u32 = 0x4000;
 /// answer leaves the pod instead of looping inside it. Link-local, never a
 /// pod's or a node's; Cilium's IPV4_LOOPBACK default.
 pub const HAIRPIN_SOURCE: [u8; 4] = [169, 254, 42, 1];
+/// [`HAIRPIN_SOURCE`] for IPv6: `fd6b:7072::1`, a unique-local address
+/// whose global ID spells "kpr", never a pod's or a node's. Not link-local:
+/// the pod's answer must leave by its default route, as IPv4's does.
+pub const HAIRPIN_SOURCE6: In6 = In6([0xfd, 0x6b, 0x70, 0x72, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 
 /// Where a program runs on an interface: the `hook` of [`DeviceKey`] and
 /// the value of [`DEVICES`].

@@ -9,7 +9,8 @@
 //! in on, their MAC addresses swapped: the node's stack never sees them,
 //! so no routing or reverse-path filter there has to know the address.
 //! The pod's ICMP errors about either direction are translated the same
-//! way, quote included.
+//! way, quote included. IPv6 flows do the same with `HAIRPIN_SOURCE6` (see
+//! `ipv6`), their ICMPv6 errors excepted.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
@@ -29,7 +30,7 @@ use crate::{
 /// its own sender: a pod's. (A client outside the node whose address a
 /// backend shares is the node masquerade's business.)
 #[inline(always)]
-pub(crate) fn is_hairpin(pkt: &Packet, backend: [u8; 4], ifindex: u32) -> bool {
+pub(crate) fn is_hairpin<A: PartialEq>(pkt: &Packet<A>, backend: A, ifindex: u32) -> bool {
     pkt.src == backend && lookup::is_pod_interface(ifindex)
 }
 
@@ -110,8 +111,9 @@ pub(crate) fn icmp_error_about_reply(
     reflect(ctx)
 }
 
+/// Sent back out of the interface it came in on, to the pod that sent it.
 #[inline(always)]
-fn reflect(ctx: &TcContext) -> Result<Verdict, DropReason> {
+pub(crate) fn reflect(ctx: &TcContext) -> Result<Verdict, DropReason> {
     skb::swap_macs(ctx)?;
     Ok(Verdict::Reflect)
 }

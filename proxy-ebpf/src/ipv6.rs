@@ -2,7 +2,8 @@
 //! the IPv6 service map is given a backend (the shared conntrack and
 //! choice, see `lookup`) and rewritten on the pod's interface; the
 //! backend's replies are rewritten back on the client's interface; a
-//! Service without endpoints is refused at once; an ICMPv6 error about a
+//! Service without endpoints is refused at once; a pod that is its own
+//! backend is answered through `HAIRPIN_SOURCE6` (see `hairpin`); an ICMPv6 error about a
 //! tracked flow (a backend's port unreachable, a router's packet too big)
 //! is rewritten to match what its receiver sent or was sent. Fragments,
 //! malformed packets and every other protocol (the rest of ICMPv6 and
@@ -13,13 +14,13 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{
     counters::{Counter, DropReason},
     ipv6::In6,
-    maps::{Backend6, MASQUERADE_MARK, ServiceKey6, hook},
+    maps::{Backend6, HAIRPIN_SOURCE6, MASQUERADE_MARK, ServiceKey6, hook},
 };
 
 use crate::{
     Verdict, conntrack,
     counters::{DeviceEvent, count, count_device},
-    ifindex,
+    hairpin, ifindex,
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
     parse6::{self, IcmpError6, Packet6, Parsed6},
@@ -50,6 +51,9 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Parsed6::IcmpError(err) => return icmp_from_client(ctx, err),
         other => return Ok(pass(other)),
     };
+    if pkt.dst == HAIRPIN_SOURCE6 {
+        return hairpin_reply(ctx, pkt);
+    }
     match request(pkt)? {
         Lookup::ToBackend(backend, frontend, _) => forward(ctx, pkt, &backend, frontend),
         Lookup::NoBackend => refuse::refuse6(ctx, pkt),
@@ -73,13 +77,37 @@ fn request(pkt: &Packet6) -> Result<Lookup<In6>, DropReason> {
 #[inline(never)]
 fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: Frontend) -> Result<Verdict, DropReason> {
     translate::forward6(ctx, pkt, backend)?;
-    if frontend.masquerade() {
-        // The node's masquerade rule source-NATs it, as IPv4's.
-        ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
-    }
+    let verdict = if hairpin::is_hairpin(pkt, backend.addr, ifindex(ctx)) {
+        // Its own backend: from the hairpin address, straight back to it.
+        translate::source_address6(ctx, pkt, HAIRPIN_SOURCE6)?;
+        hairpin::reflect(ctx)?
+    } else {
+        if frontend.masquerade() {
+            // The node's masquerade rule source-NATs it, as IPv4's.
+            ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
+        }
+        Verdict::Pass
+    };
     count(Counter::Translated, ());
     count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, false);
-    Ok(Verdict::Pass)
+    Ok(verdict)
+}
+
+/// A pod's answer to a hairpin request (to `HAIRPIN_SOURCE6`): translated
+/// back to frontend -> pod and sent back to it. Any other packet to that
+/// address is not a flow of ours: the node decides what becomes of it.
+#[inline(never)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
+    // The flow was tracked with the pod as its client.
+    let seen = Packet6 { dst: pkt.src, ..*pkt };
+    let Some(frontend) = conntrack::reply(&seen, conntrack::now()) else {
+        return Ok(Verdict::Pass);
+    };
+    translate::reverse6(ctx, pkt, &frontend)?;
+    translate::destination_address6(ctx, pkt, pkt.src)?;
+    count(Counter::ReverseTranslated, ());
+    count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
+    hairpin::reflect(ctx)
 }
 
 /// A client's error about a reply it got from a frontend goes to the

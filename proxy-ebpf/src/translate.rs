@@ -66,6 +66,18 @@ pub(crate) fn reverse6(ctx: &TcContext, pkt: &Packet6, frontend: &CtEntry6) -> R
     rewrite_port(ctx, pkt, 0, pkt.src_port, frontend.port)
 }
 
+/// Only the IPv6 source address changes, to `new` (a hairpin request's).
+#[inline(always)]
+pub(crate) fn source_address6(ctx: &TcContext, pkt: &Packet6, new: In6) -> Result<(), DropReason> {
+    rewrite6(ctx, pkt, IP6_SRC_OFF, pkt.src, new)
+}
+
+/// Only the IPv6 destination address changes, to `new` (a hairpin reply's).
+#[inline(always)]
+pub(crate) fn destination_address6(ctx: &TcContext, pkt: &Packet6, new: In6) -> Result<(), DropReason> {
+    rewrite6(ctx, pkt, IP6_DST_OFF, pkt.dst, new)
+}
+
 /// An IPv6 address change: IPv6 has no header checksum, so only the L4
 /// checksum's pseudo header changes, by the difference of the two
 /// addresses (as Cilium's `ipv6_store_daddr` + `csum_diff`).

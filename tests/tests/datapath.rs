@@ -1257,6 +1257,50 @@ fn icmpv6_errors_about_a_translated_flow_are_translated_quote_included() {
     assert_eq!((dp.counter(Counter::IcmpErrorTranslated), dp.drops()), (3, 0));
 }
 
+#[test]
+fn an_ipv6_pod_that_is_its_own_backend_is_answered_through_the_hairpin_address() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let pod = BACKENDS6[0];
+    let hairpin = Ipv6Addr::from(abi::HAIRPIN_SOURCE6);
+    let swapped = |out: &[u8], sent: &[u8]| out[..6] == sent[6..12] && out[6..12] == sent[..6];
+    let flows: [(Vec<u8>, u16, Vec<u8>, u8); 2] = [
+        (
+            frame6(pod, VIP6, &[], 6, tcp6(43000, 80, TCP_SYN, b"")),
+            8080,
+            frame6(pod, hairpin, &[], 6, tcp6(8080, 43000, TCP_SYN | TCP_ACK, b"")),
+            6,
+        ),
+        (
+            frame6(pod, VIP6, &[], 17, udp6(43001, 53, b"query")),
+            5353,
+            frame6(pod, hairpin, &[], 17, udp6(5353, 43001, b"answer")),
+            17,
+        ),
+    ];
+    for (request, target, reply, proto) in flows {
+        let (verdict, out) = dp.run(&request);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "straight back to the pod");
+        let sport = ports(&request, L4_6).0;
+        assert_eq!((src6(&out), dst6(&out), ports(&out, L4_6)), (hairpin, pod, (sport, target)));
+        assert!(checksum6_ok(&out, L4_6, proto) && swapped(&out, &request));
+        assert_eq!(dp.to_pod(&out), (TC_ACT_OK, out.clone()), "the egress program leaves it alone");
+
+        // The pod's answer leaves it for the hairpin address, and goes back as the frontend's.
+        let (verdict, out) = dp.run(&reply);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!((src6(&out), dst6(&out)), (VIP6, pod), "from the frontend");
+        assert_eq!(ports(&out, L4_6), (ports(&request, L4_6).1, sport));
+        assert!(checksum6_ok(&out, L4_6, proto) && swapped(&out, &reply));
+    }
+    assert_eq!((dp.counter(Counter::Translated), dp.counter(Counter::ReverseTranslated)), (2, 2));
+    // A packet to the hairpin address in no tracked flow is the node's business.
+    let stray = frame6(BACKENDS6[1], hairpin, &[], 6, tcp6(8080, 43999, TCP_ACK, b"x"));
+    assert_eq!(dp.run(&stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!(dp.drops(), 0);
+}
+
 /// IPv6 frames the mutations start from, as `templates` for IPv4.
 fn templates6() -> Vec<Vec<u8>> {
     vec![
@@ -1304,7 +1348,8 @@ fn mutate6(f: &mut Vec<u8>, rng: &mut Random) {
 /// What a rewritten IPv6 frame must have been: to a frontend (translated
 /// or refused), or from a backend (a tracked reply).
 fn may_be_rewritten6(f: &[u8]) -> bool {
-    let ends = |f: &[u8]| [VIP6, EMPTY_VIP6].contains(&dst6(f)) || BACKENDS6.contains(&src6(f));
+    let hairpin = Ipv6Addr::from(abi::HAIRPIN_SOURCE6);
+    let ends = |f: &[u8]| [VIP6, EMPTY_VIP6, hairpin].contains(&dst6(f)) || BACKENDS6.contains(&src6(f));
     // An ICMPv6 error may be about a tracked flow, whoever sends it.
     let quote = f.get(20) == Some(&58) && f.len() >= 54 + 8 + 40 && {
         let q = &f[54 + 8 - 14..];

@@ -383,7 +383,8 @@ fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
 /// With the socket hooks off (`--socket-lb=false`), on an IPv6-only
 /// cluster: in eBPF mode the per-packet path on the pods' interfaces
 /// translates a pod's TCP and UDP to an IPv6 ClusterIP (backends on its
-/// node and the other), with no ip6tables rule for it, refuses one without
+/// node and the other, the pod itself among them: hairpin), with no
+/// ip6tables rule for it, refuses one without
 /// endpoints at once, tracks the flows (`kpr conntrack list`), moves a
 /// UDP flow off a backend that leaves, and translates the backend's ICMPv6
 /// port unreachable back to the VIP; iptables mode does all of it with its
@@ -431,6 +432,9 @@ fn serves_ipv6_per_packet(mode: Mode) {
     for proto in ["tcp", "udp"] {
         assert_eq!(nat_rule(node0, LONE_VIP6, proto), mode == Mode::Iptables, "{proto} rule in {mode:?} mode");
     }
+    // Hairpin: a backend reaching its own Service is answered by itself too.
+    let web0 = &node0.pod("web-0").ns;
+    assert_eq!(answers(node0, web0, lone(80), 20).0, both, "web-0 to its own Service");
     let empty = SocketAddr::new(EMPTY_VIP6.into(), 80);
     let refused = probe(Path::new(PROBE), client, &node0.cgroup, "tcp", empty).unwrap();
     assert_eq!(refused.errno, Some(ECONNREFUSED), "{refused:?}");
