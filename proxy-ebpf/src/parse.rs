@@ -123,6 +123,18 @@ pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
     ctx.load::<T>(offset).map_err(|_| ())
 }
 
+/// The TCP flags of the transport header at `l4_off` (protocol `proto`);
+/// 0 for UDP; an error when the frame ends before them.
+#[inline(always)]
+pub(crate) fn tcp_flags(ctx: &TcContext, proto: u8, l4_off: usize) -> Result<u8, ()> {
+    if proto != PROTO_TCP {
+        return Ok(0);
+    }
+    // The data offset's byte and the flags' byte: a one-byte read's bounds
+    // check compiles to a form the verifier cannot use.
+    read::<[u8; 2]>(ctx, l4_off + 12).map(|[_, flags]| flags)
+}
+
 /// Whether the frame is IPv6 (for `parse6`).
 #[inline(always)]
 pub(crate) fn is_ipv6(ctx: &TcContext) -> bool {
@@ -179,15 +191,8 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     let Ok(ports) = read::<[u8; 4]>(ctx, l4_off) else {
         return Parsed::Truncated { dst: ip.dst };
     };
-    let tcp_flags = if ip.proto == PROTO_TCP {
-        // The data offset's byte and the flags' byte: a one-byte read's
-        // bounds check compiles to a form the verifier cannot use.
-        match read::<[u8; 2]>(ctx, l4_off + 12) {
-            Ok([_, flags]) => flags,
-            Err(_) => return Parsed::Truncated { dst: ip.dst },
-        }
-    } else {
-        0
+    let Ok(tcp_flags) = tcp_flags(ctx, ip.proto, l4_off) else {
+        return Parsed::Truncated { dst: ip.dst };
     };
     Parsed::Flow(Packet {
         src: ip.src,

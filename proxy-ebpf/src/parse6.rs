@@ -15,7 +15,7 @@ use proxy_common::{
     reject::IPPROTO_ICMPV6,
 };
 
-use crate::parse::{ICMP_HLEN, IcmpError, Packet, Quoted, read};
+use crate::parse::{ICMP_HLEN, IcmpError, Packet, Quoted, read, tcp_flags};
 
 pub(crate) type Packet6 = Packet<In6>;
 pub(crate) type IcmpError6 = IcmpError<In6>;
@@ -88,13 +88,8 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
     let Ok(ports) = read::<[u8; 4]>(ctx, off) else {
         return Parsed6::Malformed;
     };
-    let tcp_flags = if next == PROTO_TCP {
-        match read::<[u8; 2]>(ctx, off + 12) {
-            Ok([_, flags]) => flags,
-            Err(_) => return Parsed6::Malformed,
-        }
-    } else {
-        0
+    let Ok(tcp_flags) = tcp_flags(ctx, next, off) else {
+        return Parsed6::Malformed;
     };
     Parsed6::Flow(Packet {
         src: ip.src,

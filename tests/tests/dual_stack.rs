@@ -269,19 +269,28 @@ fn node_ports_answer_where_the_only_default_route_is_ipv6(mode: Mode) {
     assert!(answer.starts_with("web-1 "), "{answer}");
 }
 
-fn serves_an_ipv6_only_cluster(mode: Mode) {
-    root_or_skip!();
+/// The web pods: (node, name).
+const WEB_PODS: [(u8, &str); 2] = [(0, "web-0"), (1, "web-1")];
+
+/// An IPv6-only cluster of two nodes: a client pod on node 0, and the web
+/// pods answering TCP on 8080 and UDP on 5353 with their names.
+fn ipv6_only_cluster() -> (Cluster, Vec<Server>) {
     let mut cluster = Cluster::new_ipv6_only(2).unwrap();
     cluster.add_pod(0, "client", 100).unwrap();
-    let pods = [(0, "web-0"), (1, "web-1")];
     let mut servers: Vec<Server> = Vec::new();
-    for (node, pod) in pods {
+    for (node, pod) in WEB_PODS {
         cluster.add_pod(node, pod, 11).unwrap();
         let ns = &cluster.node(node).pod(pod).ns;
         servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
         servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
     }
-    let endpoints: Vec<(&str, Ipv6Addr)> = pods.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
+    (cluster, servers)
+}
+
+fn serves_an_ipv6_only_cluster(mode: Mode) {
+    root_or_skip!();
+    let (cluster, _servers) = ipv6_only_cluster();
+    let endpoints: Vec<(&str, Ipv6Addr)> = WEB_PODS.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
     let six = web_node_port_service("six", SIX_VIP6, Some(NODE_PORT), &endpoints);
     let lone = web_service("lone", LONE_VIP6, &endpoints);
     let empty = web_service("empty", EMPTY_VIP6, &[]);
@@ -391,17 +400,8 @@ fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
 /// rules.
 fn serves_ipv6_per_packet(mode: Mode) {
     root_or_skip!();
-    let mut cluster = Cluster::new_ipv6_only(2).unwrap();
-    cluster.add_pod(0, "client", 100).unwrap();
-    let pods = [(0, "web-0"), (1, "web-1")];
-    let mut servers: Vec<Server> = Vec::new();
-    for (node, pod) in pods {
-        cluster.add_pod(node, pod, 11).unwrap();
-        let ns = &cluster.node(node).pod(pod).ns;
-        servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
-        servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
-    }
-    let endpoints: Vec<(&str, Ipv6Addr)> = pods.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
+    let (cluster, servers) = ipv6_only_cluster();
+    let endpoints: Vec<(&str, Ipv6Addr)> = WEB_PODS.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
     let manifest = |endpoints: &[(&str, Ipv6Addr)]| {
         let lone = web_service("lone", LONE_VIP6, endpoints);
         format!("{lone}---\n{}", web_service("empty", EMPTY_VIP6, &[]))
