@@ -14,6 +14,9 @@ pub const NEXTHDR_FRAGMENT: u8 = 44;
 pub const NEXTHDR_AUTH: u8 = 51;
 pub const NEXTHDR_DEST: u8 = 60;
 
+/// The fragment header: next header, reserved, offset and flags, identification.
+pub const FRAGMENT_HLEN: usize = 8;
+
 /// Extension headers walked before giving up on a packet, as Cilium's
 /// `IPV6_MAX_HEADERS`: real traffic carries one or two.
 pub const MAX_EXTENSION_HEADERS: usize = 4;
@@ -115,8 +118,11 @@ pub fn parse(h: &[u32; HLEN / 4], available: usize) -> Result<Ipv6Info, HeaderEr
 pub enum Extension {
     /// An extension header this long: the next one follows it, its type in `first[0]`.
     Skip(usize),
-    /// A fragment of a larger datagram: its ports may be in another packet.
-    Fragment,
+    /// The first fragment of a larger datagram (offset 0, more to come):
+    /// the transport header follows the 8-byte fragment header.
+    FirstFragment,
+    /// A later fragment: no transport header (its ports are in the first).
+    LaterFragment,
     /// Not an extension header: the upper-layer header starts here.
     End,
 }
@@ -128,12 +134,13 @@ pub fn extension(next: u8, first: [u8; 4]) -> Extension {
         // AH counts in 4-byte words, less two.
         NEXTHDR_AUTH => Extension::Skip((first[1] as usize + 2) * 4),
         NEXTHDR_FRAGMENT => {
-            // Offset 0 and no more fragments: an atomic fragment (RFC 6946),
-            // a whole datagram.
-            if u16::from_be_bytes([first[2], first[3]]) & 0xfff9 == 0 {
-                Extension::Skip(8)
-            } else {
-                Extension::Fragment
+            let field = u16::from_be_bytes([first[2], first[3]]);
+            match (field & 0xfff8, field & 1) {
+                // Offset 0 and no more fragments: an atomic fragment (RFC
+                // 6946), a whole datagram.
+                (0, 0) => Extension::Skip(FRAGMENT_HLEN),
+                (0, _) => Extension::FirstFragment,
+                _ => Extension::LaterFragment,
             }
         }
         _ => Extension::End,
@@ -182,8 +189,9 @@ mod tests {
     #[test]
     fn only_an_atomic_fragment_is_a_whole_datagram() {
         assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0, 0]), Extension::Skip(8));
-        assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0, 1]), Extension::Fragment, "more to come");
-        assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0x05, 0x00]), Extension::Fragment, "a later one");
+        assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0, 1]), Extension::FirstFragment, "more to come");
+        assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0x05, 0x00]), Extension::LaterFragment, "the last one");
+        assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0x05, 0x01]), Extension::LaterFragment, "one between");
         assert_eq!(extension(NEXTHDR_FRAGMENT, [17, 0, 0, 0x06]), Extension::Skip(8), "reserved bits set");
     }
 }

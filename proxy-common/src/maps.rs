@@ -66,6 +66,8 @@ pub const SOCK_FENCE: &str = "SOCK_FENCE";
 /// (the only one holding the L4 header), so its later fragments are
 /// translated like it (LRU, as Cilium's IPV4_FRAGMENTS).
 pub const FRAGMENTS: &str = "FRAGMENTS";
+/// [`FRAGMENTS`] for IPv6 datagrams ([`FragmentKey6`]).
+pub const FRAGMENTS6: &str = "FRAGMENTS6";
 
 /// `loadBalancerSourceRanges`: (frontend id, client prefix) -> allowed,
 /// an LPM trie consulted for frontends with [`flags::SOURCE_RANGES`].
@@ -119,7 +121,7 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 24] = [
+pub const ALL_MAPS: [&str; 25] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
@@ -141,6 +143,7 @@ pub const ALL_MAPS: [&str; 24] = [
     SOCK_AFFINITY,
     SOCK_REVERSE,
     FRAGMENTS,
+    FRAGMENTS6,
     COUNTERS,
     SERVICE_TRAFFIC,
     BACKEND_TRAFFIC,
@@ -580,7 +583,19 @@ pub struct FragmentKey {
     pub _pad: u8,
 }
 
-/// Value of [`FRAGMENTS`]: the datagram's source and destination ports.
+/// Key of [`FRAGMENTS6`]: what the fragments of one IPv6 datagram share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey6 {
+    pub src: In6,
+    pub dst: In6,
+    /// The fragment header's identification, network byte order.
+    pub id: [u8; 4],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`FRAGMENTS`] and [`FRAGMENTS6`]: the datagram's source and destination ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FragmentPorts {
@@ -675,6 +690,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentKey6 {}
     unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for DeviceKey {}
     unsafe impl aya::Pod for DeviceCounts {}
@@ -696,6 +712,7 @@ mod tests {
         // Sizes equal the sum of the declared fields: nothing left for the
         // compiler to pad, so keys hash identically in kernel and userspace.
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<FragmentKey6>(), 16 + 16 + 4 + 1 + 3);
         assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<BackendTrafficKey>(), 12);
         assert_eq!(size_of::<BackendKey>(), 8);

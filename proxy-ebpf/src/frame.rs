@@ -81,7 +81,7 @@ pub(crate) fn parse(ctx: &XdpContext) -> Option<Packet> {
         l4_check_off,
         tcp_flags,
         fragment: Fragment::Whole,
-        id: ip.id,
+        id: u16::from_be_bytes(ip.id) as u32,
     })
 }
 

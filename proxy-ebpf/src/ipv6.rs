@@ -3,16 +3,19 @@
 //! choice, see `lookup`) and rewritten on the pod's interface; the
 //! backend's replies are rewritten back on the client's interface; a
 //! Service without endpoints is refused at once; a pod that is its own
-//! backend is answered through `HAIRPIN_SOURCE6` (see `hairpin`); an ICMPv6 error about a
-//! tracked flow (a backend's port unreachable, a router's packet too big)
-//! is rewritten to match what its receiver sent or was sent. Fragments,
-//! malformed packets and every other protocol (the rest of ICMPv6 and
-//! Neighbor Discovery among them) pass as they came, counted where they are
-//! not plain traffic.
+//! backend is answered through `HAIRPIN_SOURCE6` (see `hairpin`); an
+//! ICMPv6 error about a tracked flow (a backend's port unreachable, a
+//! router's packet too big) is rewritten to match what its receiver sent
+//! or was sent. A fragmented datagram is translated whole, its first
+//! fragment's ports remembered for the rest (see `fragments`); a later
+//! fragment whose first was not seen, malformed packets and every other
+//! protocol (the rest of ICMPv6 and Neighbor Discovery among them) pass as
+//! they came, counted where they are not plain traffic.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     counters::{Counter, DropReason},
+    ipv4::Fragment,
     ipv6::In6,
     maps::{Backend6, HAIRPIN_SOURCE6, MASQUERADE_MARK, ServiceKey6, hook},
 };
@@ -20,7 +23,7 @@ use proxy_common::{
 use crate::{
     Verdict, conntrack,
     counters::{DeviceEvent, count, count_device},
-    hairpin, ifindex,
+    fragments, hairpin, ifindex,
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
     parse6::{self, IcmpError6, Packet6, Parsed6},
@@ -67,7 +70,9 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
 fn request(pkt: &Packet6) -> Result<Lookup<In6>, DropReason> {
     let key = ServiceKey6 { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
     let Some(svc) = SERVICES6.get_ptr(key).map(|s| unsafe { core::ptr::read(s) }) else {
-        conntrack::forget_direct(pkt);
+        if pkt.fragment != Fragment::Later {
+            conntrack::forget_direct(pkt);
+        }
         return Ok(Lookup::NotService);
     };
     lookup::to_frontend(pkt, &svc)
@@ -77,6 +82,7 @@ fn request(pkt: &Packet6) -> Result<Lookup<In6>, DropReason> {
 #[inline(never)]
 fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: Frontend) -> Result<Verdict, DropReason> {
     translate::forward6(ctx, pkt, backend)?;
+    remember_ports(pkt);
     let verdict = if hairpin::is_hairpin(pkt, backend.addr, ifindex(ctx)) {
         // Its own backend: from the hairpin address, straight back to it.
         translate::source_address6(ctx, pkt, HAIRPIN_SOURCE6)?;
@@ -105,6 +111,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> 
     };
     translate::reverse6(ctx, pkt, &frontend)?;
     translate::destination_address6(ctx, pkt, pkt.src)?;
+    remember_ports(pkt);
     count(Counter::ReverseTranslated, ());
     count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
     hairpin::reflect(ctx)
@@ -149,7 +156,16 @@ fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
         return Ok(Verdict::Pass);
     };
     translate::reverse6(ctx, pkt, &frontend)?;
+    remember_ports(pkt);
     count(Counter::ReverseTranslated, ());
     count_device(ifindex(ctx), hook::TC_EGRESS, DeviceEvent::ReverseTranslated, false);
     Ok(Verdict::Pass)
+}
+
+/// A translated first fragment's ports, for the rest of its datagram.
+#[inline(always)]
+fn remember_ports(pkt: &Packet6) {
+    if pkt.fragment == Fragment::First {
+        fragments::remember6(pkt);
+    }
 }

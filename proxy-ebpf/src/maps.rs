@@ -15,8 +15,8 @@ use proxy_common::{
         AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
         DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
         DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
-        FragmentPorts, NatAddress, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue, SockFence,
-        SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
+        FragmentKey6, FragmentPorts, NatAddress, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue,
+        SockFence, SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
     },
 };
 
@@ -75,6 +75,10 @@ pub(crate) static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
 
 #[map]
 pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGMENTS_MAX, 0);
+
+#[map]
+pub(crate) static FRAGMENTS6: LruHashMap<FragmentKey6, FragmentPorts> =
     LruHashMap::with_max_entries(DEFAULT_FRAGMENTS_MAX, 0);
 
 #[map]

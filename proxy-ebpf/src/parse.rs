@@ -38,8 +38,9 @@ pub(crate) struct Packet<A = [u8; 4]> {
     /// A later fragment carries no L4 header: its ports come from its
     /// first fragment, and only its addresses are rewritten.
     pub fragment: Fragment,
-    /// The IP id, shared by a datagram's fragments (IPv4; 0 in IPv6).
-    pub id: [u8; 2],
+    /// The identification a datagram's fragments share: IPv4's 16 bits,
+    /// IPv6's 32 (0 when the packet is not a fragment).
+    pub id: u32,
 }
 
 /// The TCP or UDP packet an ICMP error quotes: its IP header (20 bytes;
@@ -180,7 +181,7 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
             l4_check_off,
             tcp_flags: 0,
             fragment: Fragment::Later,
-            id: ip.id,
+            id: u16::from_be_bytes(ip.id) as u32,
         });
     }
     let l4_len = ip.total_len - ip.header_len;
@@ -205,6 +206,6 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
         l4_check_off,
         tcp_flags,
         fragment: ip.fragment,
-        id: ip.id,
+        id: u16::from_be_bytes(ip.id) as u32,
     })
 }

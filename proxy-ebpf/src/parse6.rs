@@ -10,12 +10,15 @@ use aya_ebpf::programs::TcContext;
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     ipv4::{ETH_HLEN, Fragment, l4_check_offset},
-    ipv6::{self, Extension, HLEN, In6, MAX_EXTENSION_HEADERS},
+    ipv6::{self, Extension, FRAGMENT_HLEN, HLEN, In6, MAX_EXTENSION_HEADERS},
     maps::PROTO_TCP,
     reject::IPPROTO_ICMPV6,
 };
 
-use crate::parse::{ICMP_HLEN, IcmpError, Packet, Quoted, read, tcp_flags};
+use crate::{
+    fragments,
+    parse::{ICMP_HLEN, IcmpError, Packet, Quoted, read, tcp_flags},
+};
 
 pub(crate) type Packet6 = Packet<In6>;
 pub(crate) type IcmpError6 = IcmpError<In6>;
@@ -28,10 +31,10 @@ const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
 /// and this type is in the signature of a BPF function.
 #[repr(u8)]
 pub(crate) enum Parsed6 {
+    /// A TCP or UDP packet; a fragment's ports are its first fragment's.
     Flow(Packet6),
     IcmpError(IcmpError6),
-    /// A fragment of a larger datagram (the per-packet path does not track
-    /// IPv6 fragments: they pass, counted).
+    /// A later fragment whose first fragment was not seen.
     Fragment,
     /// Cut short, or more extension headers than are walked.
     Malformed,
@@ -52,6 +55,7 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
     let mut next = ip.next;
     let mut off = ETH_HLEN + HLEN;
     let mut walked = 0;
+    let (mut fragment, mut id) = (Fragment::Whole, 0);
     // Bounded for the verifier: one more pass than headers walked, to see the last one end.
     while walked <= MAX_EXTENSION_HEADERS {
         let Ok(first) = read::<[u8; 4]>(ctx, off) else {
@@ -59,7 +63,18 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
         };
         match ipv6::extension(next, first) {
             Extension::End => break,
-            Extension::Fragment => return Parsed6::Fragment,
+            Extension::LaterFragment => return later_fragment(ctx, &ip, first[0], off, end),
+            Extension::FirstFragment => {
+                let Ok(ident) = read::<[u8; 4]>(ctx, off + 4) else {
+                    return Parsed6::Malformed;
+                };
+                (fragment, id) = (Fragment::First, u32::from_be_bytes(ident));
+                next = first[0];
+                off += FRAGMENT_HLEN;
+                if off > end {
+                    return Parsed6::Malformed;
+                }
+            }
             Extension::Skip(len) => {
                 next = first[0];
                 off += len;
@@ -101,8 +116,38 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
         l4_len,
         l4_check_off,
         tcp_flags,
-        fragment: Fragment::Whole,
-        id: [0; 2],
+        fragment,
+        id,
+    })
+}
+
+/// A later fragment (its fragment header at `off`, `proto` after it): a
+/// flow packet with its first fragment's ports, if that one passed.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, ip: &ipv6::Ipv6Info, proto: u8, off: usize, end: usize) -> Parsed6 {
+    let Some(l4_check_off) = l4_check_offset(proto) else {
+        return Parsed6::OtherProtocol;
+    };
+    let Ok(ident) = read::<[u8; 4]>(ctx, off + 4) else {
+        return Parsed6::Malformed;
+    };
+    let id = u32::from_be_bytes(ident);
+    let Some(ports) = fragments::ports6(ip.src, ip.dst, id, proto) else {
+        return Parsed6::Fragment;
+    };
+    let l4_off = off + FRAGMENT_HLEN;
+    Parsed6::Flow(Packet {
+        src: ip.src,
+        dst: ip.dst,
+        src_port: ports.src_port,
+        dst_port: ports.dst_port,
+        proto,
+        l4_off,
+        l4_len: end.saturating_sub(l4_off),
+        l4_check_off,
+        tcp_flags: 0,
+        fragment: Fragment::Later,
+        id,
     })
 }
 

@@ -86,14 +86,18 @@ fn rewrite6(ctx: &TcContext, pkt: &Packet6, addr_off: usize, old: In6, new: In6)
     if old == new {
         return Ok(());
     }
-    let (mut from, mut to) = (old.words(), new.words());
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
-    if diff < 0 {
-        return Err(DropReason::ChecksumFailed);
+    // A later fragment holds no transport header: the datagram's checksum
+    // was updated in its first fragment.
+    if pkt.fragment != Fragment::Later {
+        let (mut from, mut to) = (old.words(), new.words());
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(DropReason::ChecksumFailed);
+        }
+        let check_off = pkt.l4_off + pkt.l4_check_off;
+        // Size 0: `to` is the difference itself.
+        skb::l4_csum_replace(ctx, check_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled(pkt))?;
     }
-    let check_off = pkt.l4_off + pkt.l4_check_off;
-    // Size 0: `to` is the difference itself.
-    skb::l4_csum_replace(ctx, check_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled(pkt))?;
     skb::store(ctx, addr_off, &new)
 }
 
@@ -114,7 +118,8 @@ fn rewrite_port<A>(
     new_port: [u8; 2],
 ) -> Result<(), DropReason> {
     let (old_p, new_p) = (u16::from_ne_bytes(old_port) as u64, u16::from_ne_bytes(new_port) as u64);
-    if old_p != new_p {
+    // A later fragment has no ports: they were rewritten in its first.
+    if old_p != new_p && pkt.fragment != Fragment::Later {
         skb::l4_csum_replace(ctx, pkt.l4_off + pkt.l4_check_off, old_p, new_p, mangled(pkt) | 2)?;
         skb::store(ctx, pkt.l4_off + port_off_in_l4, &new_port)?;
     }

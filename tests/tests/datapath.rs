@@ -1174,9 +1174,9 @@ fn malformed_fragmented_and_other_ipv6_frames_pass_untouched_and_counted() {
     let mut short = frame6(CLIENT6, VIP6, &[], 6, syn()[..10].to_vec());
     short.truncate(L4_6 + 10);
     let malformed = [long_ext, long, deep, short];
-    // The first fragment of a datagram (more to come): not tracked.
-    let first = [(FRAGMENT, vec![0, 0, 0, 1, 0, 0, 0, 7])];
-    let fragment = frame6(CLIENT6, VIP6, &first, 17, udp6(40005, 53, b"part"));
+    // A later fragment whose first fragment was never seen.
+    let later = [(FRAGMENT, vec![0, 0, 0x05, 0, 0, 0, 0, 7])];
+    let fragment = frame6(CLIENT6, VIP6, &later, 17, b"the rest of a datagram".to_vec());
     // ICMPv6 Neighbor Solicitation and echo request, to the VIP.
     let ns = frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]);
     let echo = frame6(CLIENT6, VIP6, &[], 58, vec![128, 0, 0, 0, 0, 1, 0, 1]);
@@ -1218,6 +1218,68 @@ fn ipv6_to_an_empty_service_is_refused_with_a_reset_or_icmpv6_port_unreachable()
     let hop = frame6(CLIENT6, EMPTY_VIP6, &[(HOP_BY_HOP, ext(8))], 6, tcp6(40008, 80, TCP_SYN, b""));
     assert_eq!(dp.run(&hop).0, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::DroppedNoBackend), 1);
+}
+
+/// `datagram` (a UDP header and payload between `src` and `dst`, its
+/// checksum filled in) in two IPv6 fragments, the first holding `first`
+/// bytes of it (a multiple of 8).
+fn fragments6(src: Ipv6Addr, dst: Ipv6Addr, datagram: &[u8], first: usize) -> [Vec<u8>; 2] {
+    let mut datagram = datagram.to_vec();
+    let c = checksum6(src, dst, 17, &datagram);
+    datagram[6..8].copy_from_slice(&c.to_be_bytes());
+    let header = |offset: usize, more: bool| {
+        let field = (offset as u16) | u16::from(more);
+        let mut h = vec![17, 0];
+        h.extend(field.to_be_bytes());
+        h.extend(0x6b70_7201u32.to_be_bytes());
+        h
+    };
+    let piece = |offset: usize, more: bool, bytes: &[u8]| {
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend(((8 + bytes.len()) as u16).to_be_bytes());
+        ip.extend([FRAGMENT, 64]);
+        ip.extend(src.octets());
+        ip.extend(dst.octets());
+        ip.extend(header(offset, more));
+        ip.extend(bytes);
+        ethernet(0x86dd, &ip)
+    };
+    [piece(0, true, &datagram[..first]), piece(first, false, &datagram[first..])]
+}
+
+/// Whether the UDP checksum of a datagram in two IPv6 fragments verifies
+/// once reassembled, between the addresses the fragments now carry.
+fn reassembled6_ok(pieces: &[Vec<u8>; 2]) -> bool {
+    let datagram = [&pieces[0][L4_6 + 8..], &pieces[1][L4_6 + 8..]].concat();
+    checksum6(src6(&pieces[0]), dst6(&pieces[0]), 17, &datagram) == 0
+}
+
+#[test]
+fn fragmented_ipv6_datagrams_are_translated_whole() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let query = udp6(44000, 53, &[7u8; 100]);
+    let [first, later] = fragments6(CLIENT6, VIP6, &query, 48);
+    let (verdict, first_out) = dp.run(&first);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((dst6(&first_out), ports(&first_out, L4_6 + 8)), (BACKENDS6[0], (44000, 5353)));
+    let (verdict, later_out) = dp.run(&later);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(dst6(&later_out), BACKENDS6[0], "the later fragment follows its first");
+    assert_eq!(&later_out[L4_6..], &later[L4_6..], "its payload untouched");
+    assert!(reassembled6_ok(&[first_out, later_out]), "the datagram's checksum after DNAT");
+
+    // The backend's fragmented answer goes back as the frontend's.
+    let answer = udp6(5353, 44000, &[9u8; 120]);
+    let [first, later] = fragments6(BACKENDS6[0], CLIENT6, &answer, 64);
+    let (_, first_out) = dp.to_pod(&first);
+    let (_, later_out) = dp.to_pod(&later);
+    assert_eq!((src6(&first_out), ports(&first_out, L4_6 + 8)), (VIP6, (53, 44000)));
+    assert_eq!(src6(&later_out), VIP6);
+    assert!(reassembled6_ok(&[first_out, later_out]), "the datagram's checksum after the reverse translation");
+    assert_eq!((dp.counter(Counter::Translated), dp.counter(Counter::ReverseTranslated)), (2, 2));
+    assert_eq!(dp.drops(), 0);
 }
 
 /// An ICMPv6 error of `kind` and `code` from `src` to `dst` quoting
@@ -1324,7 +1386,8 @@ fn templates6() -> Vec<Vec<u8>> {
         frame6(CLIENT6, VIP6, &[(HOP_BY_HOP, ext(8)), (DEST_OPTS, ext(16))], 6, tcp6(41003, 80, TCP_SYN, b"")),
         frame6(CLIENT6, EMPTY_VIP6, &[], 6, tcp6(41004, 80, TCP_SYN, b"")),
         frame6(CLIENT6, EMPTY_VIP6, &[], 17, udp6(41005, 53, b"query")),
-        frame6(CLIENT6, VIP6, &[(FRAGMENT, vec![0, 0, 0, 1, 0, 0, 0, 9])], 17, udp6(41006, 53, b"part")),
+        fragments6(CLIENT6, VIP6, &udp6(41006, 53, &[5u8; 40]), 24)[0].clone(),
+        fragments6(CLIENT6, VIP6, &udp6(41006, 53, &[5u8; 40]), 24)[1].clone(),
         frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 41000, TCP_SYN | TCP_ACK, b"")),
         frame6(BACKENDS6[1], CLIENT6, &[], 17, udp6(5353, 41002, b"answer")),
         frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]),
