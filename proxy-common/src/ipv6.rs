@@ -123,6 +123,9 @@ pub enum Extension {
     FirstFragment,
     /// A later fragment: no transport header (its ports are in the first).
     LaterFragment,
+    /// A routing header with segments left: the destination is not the
+    /// packet's final one, which the transport checksum covers.
+    Routed,
     /// Not an extension header: the upper-layer header starts here.
     End,
 }
@@ -130,6 +133,7 @@ pub enum Extension {
 #[inline(always)]
 pub fn extension(next: u8, first: [u8; 4]) -> Extension {
     match next {
+        NEXTHDR_ROUTING if first[3] != 0 => Extension::Routed,
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => Extension::Skip((first[1] as usize + 1) * 8),
         // AH counts in 4-byte words, less two.
         NEXTHDR_AUTH => Extension::Skip((first[1] as usize + 2) * 4),
@@ -180,7 +184,8 @@ mod tests {
     fn extension_headers_have_their_lengths() {
         assert_eq!(extension(NEXTHDR_HOP, [6, 0, 0, 0]), Extension::Skip(8));
         assert_eq!(extension(NEXTHDR_DEST, [6, 2, 0, 0]), Extension::Skip(24));
-        assert_eq!(extension(NEXTHDR_ROUTING, [6, 255, 0, 0]), Extension::Skip(2048));
+        assert_eq!(extension(NEXTHDR_ROUTING, [6, 255, 0, 0]), Extension::Skip(2048), "no segments left");
+        assert_eq!(extension(NEXTHDR_ROUTING, [6, 2, 4, 1]), Extension::Routed, "one segment left");
         assert_eq!(extension(NEXTHDR_AUTH, [6, 4, 0, 0]), Extension::Skip(24));
         assert_eq!(extension(6, [0; 4]), Extension::End, "TCP");
         assert_eq!(extension(58, [0; 4]), Extension::End, "ICMPv6");

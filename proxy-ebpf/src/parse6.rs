@@ -34,7 +34,8 @@ pub(crate) enum Parsed6 {
     /// A TCP or UDP packet; a fragment's ports are its first fragment's.
     Flow(Packet6),
     IcmpError(IcmpError6),
-    /// A later fragment whose first fragment was not seen.
+    /// A later fragment whose first fragment was not seen, or a fragment
+    /// whose transport header does not follow its fragment header.
     Fragment,
     /// Cut short, or more extension headers than are walked.
     Malformed,
@@ -64,6 +65,11 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
         match ipv6::extension(next, first) {
             Extension::End => break,
             Extension::LaterFragment => return later_fragment(ctx, &ip, first[0], off, end),
+            // The final destination is elsewhere: not a packet to translate here.
+            Extension::Routed => return Parsed6::OtherProtocol,
+            // Translated only when the transport header follows the fragment
+            // header, where a later fragment's lookup finds its protocol.
+            Extension::FirstFragment if l4_check_offset(first[0]).is_none() => return Parsed6::Fragment,
             Extension::FirstFragment => {
                 let Ok(ident) = read::<[u8; 4]>(ctx, off + 4) else {
                     return Parsed6::Malformed;

@@ -1180,7 +1180,9 @@ fn malformed_fragmented_and_other_ipv6_frames_pass_untouched_and_counted() {
     // ICMPv6 Neighbor Solicitation and echo request, to the VIP.
     let ns = frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]);
     let echo = frame6(CLIENT6, VIP6, &[], 58, vec![128, 0, 0, 0, 0, 1, 0, 1]);
-    for frame in malformed.iter().chain([&fragment, &ns, &echo]) {
+    // A routing header with a segment left: the VIP is not its final destination.
+    let routed = frame6(CLIENT6, VIP6, &[(43, vec![0, 0, 4, 1, 0, 0, 0, 0])], 6, syn());
+    for frame in malformed.iter().chain([&fragment, &ns, &echo, &routed]) {
         assert_eq!(dp.run(frame), (TC_ACT_OK, frame.clone()), "from a pod: {frame:02x?}");
         assert_eq!(dp.to_pod(frame), (TC_ACT_OK, frame.clone()), "to a pod: {frame:02x?}");
     }
