@@ -467,6 +467,16 @@ impl ServiceKey6 {
     pub const fn new(addr: [u8; 16], port: u16, proto: u8) -> Self {
         Self { addr: In6(addr), port: port.to_be_bytes(), proto, _pad: 0 }
     }
+
+    /// The entry that says `addr` is a VIP, as [`ServiceKey::vip_marker`]:
+    /// the per-packet path drops what it cannot translate to a VIP.
+    pub const fn vip_marker(addr: [u8; 16]) -> Self {
+        Self::new(addr, 0, 0)
+    }
+
+    pub const fn is_vip_marker(&self) -> bool {
+        self.proto == 0
+    }
 }
 
 /// Value of [`BACKENDS6`]: an IPv6 endpoint address and target port.

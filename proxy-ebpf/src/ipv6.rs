@@ -30,16 +30,25 @@ use crate::{
     refuse, translate,
 };
 
-/// What becomes of a packet neither a flow nor an ICMPv6 error: it passes,
-/// counted where it is not plain traffic. (The programs match on what
-/// `parse6` returns in place: a copy would cost the stack its size.)
+/// What becomes of a packet neither a flow nor an ICMPv6 error: one that
+/// cannot be translated is dropped if it is to a VIP (as IPv4's), else it
+/// passes, counted where it is not plain traffic. (The programs match on
+/// what `parse6` returns in place: a copy would cost the stack its size.)
 #[inline(always)]
-fn pass(parsed: &Parsed6) -> Verdict {
+fn pass(parsed: &Parsed6) -> Result<Verdict, DropReason> {
     match parsed {
-        Parsed6::Fragment => count(Counter::PassedFragment, Verdict::Pass),
-        Parsed6::Malformed => count(Counter::PassedMalformed, Verdict::Pass),
-        _ => Verdict::Pass,
+        Parsed6::Fragment { dst } if is_vip6(dst) => Err(DropReason::Fragment),
+        Parsed6::Fragment { .. } => Ok(count(Counter::PassedFragment, Verdict::Pass)),
+        Parsed6::Truncated { dst } if is_vip6(dst) => Err(DropReason::Truncated),
+        Parsed6::Truncated { .. } | Parsed6::Malformed => Ok(count(Counter::PassedMalformed, Verdict::Pass)),
+        _ => Ok(Verdict::Pass),
     }
+}
+
+/// Whether `addr` is an IPv6 VIP (the agent marks each in the service map).
+#[inline(always)]
+fn is_vip6(addr: &In6) -> bool {
+    SERVICES6.get_ptr(ServiceKey6 { addr: *addr, port: [0; 2], proto: 0, _pad: 0 }).is_some()
 }
 
 /// A BPF function of its own (never inlined), so its stack is not added
@@ -52,7 +61,7 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match &parsed {
         Parsed6::Flow(pkt) => pkt,
         Parsed6::IcmpError(err) => return icmp_from_client(ctx, err),
-        other => return Ok(pass(other)),
+        other => return pass(other),
     };
     if pkt.dst == HAIRPIN_SOURCE6 {
         return hairpin_reply(ctx, pkt);
@@ -145,7 +154,7 @@ pub(crate) fn to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     match &parsed {
         Parsed6::Flow(pkt) => reverse(ctx, pkt),
         Parsed6::IcmpError(err) => icmp_to_client(ctx, err),
-        other => Ok(pass(other)),
+        other => pass(other),
     }
 }
 

@@ -36,9 +36,15 @@ pub(crate) enum Parsed6 {
     IcmpError(IcmpError6),
     /// A later fragment whose first fragment was not seen, or a fragment
     /// whose transport header does not follow its fragment header.
-    Fragment,
-    /// Cut short, or more extension headers than are walked.
+    Fragment {
+        dst: In6,
+    },
+    /// A header that is not IPv6's, or a payload length the frame does not hold.
     Malformed,
+    /// Cut short after the fixed header, or more extension headers than are walked.
+    Truncated {
+        dst: In6,
+    },
     OtherProtocol,
 }
 
@@ -57,10 +63,11 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
     let mut off = ETH_HLEN + HLEN;
     let mut walked = 0;
     let (mut fragment, mut id) = (Fragment::Whole, 0);
+    let truncated = Parsed6::Truncated { dst: ip.dst };
     // Bounded for the verifier: one more pass than headers walked, to see the last one end.
     while walked <= MAX_EXTENSION_HEADERS {
         let Ok(first) = read::<[u8; 4]>(ctx, off) else {
-            return Parsed6::Malformed;
+            return truncated;
         };
         match ipv6::extension(next, first) {
             Extension::End => break,
@@ -69,30 +76,32 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
             Extension::Routed => return Parsed6::OtherProtocol,
             // Translated only when the transport header follows the fragment
             // header, where a later fragment's lookup finds its protocol.
-            Extension::FirstFragment if l4_check_offset(first[0]).is_none() => return Parsed6::Fragment,
+            Extension::FirstFragment if l4_check_offset(first[0]).is_none() => {
+                return Parsed6::Fragment { dst: ip.dst };
+            }
             Extension::FirstFragment => {
                 let Ok(ident) = read::<[u8; 4]>(ctx, off + 4) else {
-                    return Parsed6::Malformed;
+                    return truncated;
                 };
                 (fragment, id) = (Fragment::First, u32::from_be_bytes(ident));
                 next = first[0];
                 off += FRAGMENT_HLEN;
                 if off > end {
-                    return Parsed6::Malformed;
+                    return truncated;
                 }
             }
             Extension::Skip(len) => {
                 next = first[0];
                 off += len;
                 if off > end {
-                    return Parsed6::Malformed;
+                    return truncated;
                 }
             }
         }
         walked += 1;
     }
     if walked > MAX_EXTENSION_HEADERS {
-        return Parsed6::Malformed;
+        return truncated;
     }
     if next == IPPROTO_ICMPV6 {
         return icmp_error(ctx, &ip, off).map_or(Parsed6::OtherProtocol, Parsed6::IcmpError);
@@ -104,13 +113,13 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
     let l4_len = end - off;
     let min_l4 = if next == PROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
     if l4_len < min_l4 {
-        return Parsed6::Malformed;
+        return truncated;
     }
     let Ok(ports) = read::<[u8; 4]>(ctx, off) else {
-        return Parsed6::Malformed;
+        return truncated;
     };
     let Ok(tcp_flags) = tcp_flags(ctx, next, off) else {
-        return Parsed6::Malformed;
+        return truncated;
     };
     Parsed6::Flow(Packet {
         src: ip.src,
@@ -135,11 +144,11 @@ fn later_fragment(ctx: &TcContext, ip: &ipv6::Ipv6Info, proto: u8, off: usize, e
         return Parsed6::OtherProtocol;
     };
     let Ok(ident) = read::<[u8; 4]>(ctx, off + 4) else {
-        return Parsed6::Malformed;
+        return Parsed6::Truncated { dst: ip.dst };
     };
     let id = u32::from_be_bytes(ident);
     let Some(ports) = fragments::ports6(ip.src, ip.dst, id, proto) else {
-        return Parsed6::Fragment;
+        return Parsed6::Fragment { dst: ip.dst };
     };
     let l4_off = off + FRAGMENT_HLEN;
     Parsed6::Flow(Packet {

@@ -388,6 +388,7 @@ impl Maps {
             .services
             .iter()
             .filter_map(Result::ok)
+            .filter(|(k, _)| !k.is_vip_marker())
             .map(|(k, v)| {
                 let backends = (0..v.backend_count)
                     .filter_map(|slot| v6.backends.get(&BackendKey { set: v.backend_set, slot }, 0).ok())

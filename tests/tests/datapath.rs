@@ -1001,6 +1001,7 @@ impl Datapath {
             HashMap::try_from(self.ebpf.map_mut(abi::SERVICES6).unwrap()).unwrap();
         let value = ServiceValue { id, backend_set: id, backend_count: backends.len() as u32, ..ServiceValue::MARKER };
         svcs.insert(ServiceKey6::new(vip.octets(), port, proto), value, 0).unwrap();
+        svcs.insert(ServiceKey6::vip_marker(vip.octets()), ServiceValue::MARKER, 0).unwrap();
         let mut bes: HashMap<_, BackendKey, Backend6> =
             HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS6).unwrap()).unwrap();
         for (slot, b) in backends.iter().enumerate() {
@@ -1155,40 +1156,59 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     assert_eq!(dp.counter(Counter::Translated), 2);
 }
 
+/// IPv6 frames the per-packet path cannot translate, to `dst`: an
+/// extension header longer than the payload, more extension headers than
+/// are walked, a TCP header cut short, a later fragment whose first was
+/// never seen; and one whose payload length the frame does not hold.
+fn untranslatable6(dst: Ipv6Addr) -> ([Vec<u8>; 4], Vec<u8>) {
+    let syn = || tcp6(40004, 80, TCP_SYN, b"");
+    let mut long_ext = frame6(CLIENT6, dst, &[(HOP_BY_HOP, ext(8))], 6, syn());
+    long_ext[L4_6 + 1] = 200;
+    let many: Vec<(u8, Vec<u8>)> = (0..5).map(|_| (DEST_OPTS, ext(8))).collect();
+    let deep = frame6(CLIENT6, dst, &many, 6, syn());
+    let mut short = frame6(CLIENT6, dst, &[], 6, syn()[..10].to_vec());
+    short.truncate(L4_6 + 10);
+    let later = [(FRAGMENT, vec![0, 0, 0x05, 0, 0, 0, 0, 7])];
+    let fragment = frame6(CLIENT6, dst, &later, 17, b"the rest of a datagram".to_vec());
+    let mut long = frame6(CLIENT6, dst, &[], 6, syn());
+    long[18..20].copy_from_slice(&1400u16.to_be_bytes());
+    ([long_ext, deep, short, fragment], long)
+}
+
 #[test]
-fn malformed_fragmented_and_other_ipv6_frames_pass_untouched_and_counted() {
+fn untranslatable_ipv6_frames_to_a_vip_are_dropped_and_others_pass_counted() {
     root_or_skip!();
     let mut dp = Datapath::new(1);
     dp.services6(1);
-    let syn = || tcp6(40004, 80, TCP_SYN, b"");
-    // A hop-by-hop header claiming more bytes than the payload holds.
-    let mut long_ext = frame6(CLIENT6, VIP6, &[(HOP_BY_HOP, ext(8))], 6, syn());
-    long_ext[L4_6 + 1] = 200;
-    // A payload length beyond the frame.
-    let mut long = frame6(CLIENT6, VIP6, &[], 6, syn());
-    long[18..20].copy_from_slice(&1400u16.to_be_bytes());
-    // More extension headers than are walked.
-    let many: Vec<(u8, Vec<u8>)> = (0..5).map(|_| (DEST_OPTS, ext(8))).collect();
-    let deep = frame6(CLIENT6, VIP6, &many, 6, syn());
-    // A TCP header cut short (10 bytes).
-    let mut short = frame6(CLIENT6, VIP6, &[], 6, syn()[..10].to_vec());
-    short.truncate(L4_6 + 10);
-    let malformed = [long_ext, long, deep, short];
-    // A later fragment whose first fragment was never seen.
-    let later = [(FRAGMENT, vec![0, 0, 0x05, 0, 0, 0, 0, 7])];
-    let fragment = frame6(CLIENT6, VIP6, &later, 17, b"the rest of a datagram".to_vec());
-    // ICMPv6 Neighbor Solicitation and echo request, to the VIP.
-    let ns = frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]);
-    let echo = frame6(CLIENT6, VIP6, &[], 58, vec![128, 0, 0, 0, 0, 1, 0, 1]);
-    // A routing header with a segment left: the VIP is not its final destination.
-    let routed = frame6(CLIENT6, VIP6, &[(43, vec![0, 0, 4, 1, 0, 0, 0, 0])], 6, syn());
-    for frame in malformed.iter().chain([&fragment, &ns, &echo, &routed]) {
+    // To a VIP: dropped, each counted under its reason, as IPv4's.
+    let ([long_ext, deep, short, fragment], long) = untranslatable6(VIP6);
+    for frame in [&long_ext, &deep, &short, &fragment] {
+        assert_eq!(dp.run(frame).0, TC_ACT_SHOT, "from a pod: {frame:02x?}");
+    }
+    assert_eq!((dp.counter(Counter::DroppedTruncated), dp.counter(Counter::DroppedFragment)), (3, 1));
+    // A payload length the frame does not hold says nothing trustworthy: the node drops it.
+    assert_eq!(dp.run(&long), (TC_ACT_OK, long.clone()));
+    assert_eq!(dp.drops(), 4);
+
+    // To anything else: passed as they came, counted.
+    let (frames, long) = untranslatable6(BACKENDS6[1]);
+    for frame in frames.iter().chain([&long]) {
         assert_eq!(dp.run(frame), (TC_ACT_OK, frame.clone()), "from a pod: {frame:02x?}");
         assert_eq!(dp.to_pod(frame), (TC_ACT_OK, frame.clone()), "to a pod: {frame:02x?}");
     }
-    assert_eq!(dp.counter(Counter::PassedMalformed), 2 * malformed.len() as u64);
+    assert_eq!(dp.counter(Counter::PassedMalformed), 1 + 2 * 4);
     assert_eq!(dp.counter(Counter::PassedFragment), 2);
-    assert_eq!((dp.counter(Counter::Translated), dp.drops()), (0, 0));
+    // ICMPv6 Neighbor Solicitation and echo request, and a routing header
+    // with a segment left (the VIP is not its final destination), to the
+    // VIP: not the per-packet path's, passed as they came.
+    let ns = frame6(CLIENT6, VIP6, &[], 58, vec![135, 0, 0, 0, 0, 0, 0, 0]);
+    let echo = frame6(CLIENT6, VIP6, &[], 58, vec![128, 0, 0, 0, 0, 1, 0, 1]);
+    let routed = frame6(CLIENT6, VIP6, &[(43, vec![0, 0, 4, 1, 0, 0, 0, 0])], 6, tcp6(40005, 80, TCP_SYN, b""));
+    for frame in [&ns, &echo, &routed] {
+        assert_eq!(dp.run(frame), (TC_ACT_OK, frame.clone()), "from a pod: {frame:02x?}");
+        assert_eq!(dp.to_pod(frame), (TC_ACT_OK, frame.clone()), "to a pod: {frame:02x?}");
+    }
+    assert_eq!((dp.counter(Counter::Translated), dp.drops()), (0, 4));
 }
 
 #[test]

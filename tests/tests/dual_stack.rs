@@ -30,6 +30,8 @@ use std::{
     path::Path,
 };
 
+use proxy_common::maps::{ServiceKey6, ServiceValue};
+
 use kpr_tests::{
     client::{Held, Repeating, probe, probe_answer},
     cluster::{Cluster, ClusterNode, pod_ip6, underlay_ip6},
@@ -381,6 +383,16 @@ fn packets_translated(mode: Mode, node: &ClusterNode) -> Option<u64> {
     stats["translated"].as_u64()
 }
 
+/// The IPv6 VIPs node `node`'s agent marked in its IPv6 service map (eBPF mode).
+fn marked_vips(node: &ClusterNode) -> BTreeSet<Ipv6Addr> {
+    let pin =
+        node.bpf_root().join(format!("kpr/maps-v{}/{}", proxy_common::maps::LAYOUT, proxy_common::maps::SERVICES6));
+    let map = aya::maps::MapData::from_pin(&pin).unwrap();
+    let services: aya::maps::HashMap<_, ServiceKey6, ServiceValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+    services.keys().filter_map(Result::ok).filter(ServiceKey6::is_vip_marker).map(|k| k.addr.into()).collect()
+}
+
 /// Whether node `node`'s nat table has a KUBE-SERVICES rule for `vip` and `proto`.
 fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
     let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
@@ -432,6 +444,10 @@ fn serves_ipv6_per_packet(mode: Mode) {
     for proto in ["tcp", "udp"] {
         assert_eq!(nat_rule(node0, LONE_VIP6, proto), mode == Mode::Iptables, "{proto} rule in {mode:?} mode");
     }
+    if mode == Mode::Ebpf {
+        // Each VIP is marked, so what cannot be translated to it is dropped.
+        assert_eq!(marked_vips(node0), [LONE_VIP6, EMPTY_VIP6].into());
+    }
     // Hairpin: a backend reaching its own Service is answered by itself too.
     let web0 = &node0.pod("web-0").ns;
     assert_eq!(answers(node0, web0, lone(80), 20).0, both, "web-0 to its own Service");
@@ -469,6 +485,14 @@ fn serves_ipv6_per_packet(mode: Mode) {
     // With no server left, the backend's ICMPv6 port unreachable reaches
     // the client as an error on its socket: its quote shows the VIP the
     // client sent to (translated back in eBPF mode), not the backend.
+    if mode == Mode::Ebpf {
+        // A VIP whose Service is gone is no longer marked.
+        let syncs = agents[0].log().matches("synced").count();
+        let lone_alone = web_service("lone", LONE_VIP6, &kept);
+        write(&manifests, "lone.yaml", &lone_alone).unwrap();
+        agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(marked_vips(node0), [LONE_VIP6].into());
+    }
     drop(servers);
     let unreachable = probe(Path::new(PROBE), client, &node0.cgroup, "udp-connected", lone(53)).unwrap();
     assert_eq!(unreachable.errno, Some(ECONNREFUSED), "the backend's port unreachable: {unreachable:?}");

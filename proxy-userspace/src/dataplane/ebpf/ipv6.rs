@@ -65,6 +65,10 @@ pub struct EbpfIpv6 {
     rules_desired: Desired<Ipv6Addr>,
     maps: Ipv6Maps,
     written: BTreeMap<FrontendKey<Ipv6Addr>, Written>,
+    /// How many written frontends each VIP has: a VIP with any is marked
+    /// in the service map ([`ServiceKey6::vip_marker`]), so the per-packet
+    /// path drops what it cannot translate to it.
+    vip_users: BTreeMap<Ipv6Addr, u32>,
     /// The entries were a previous run's: the first apply deletes those
     /// its desired state does not have.
     adopted: bool,
@@ -114,14 +118,27 @@ impl EbpfIpv6 {
     pub fn new(rules: IptablesDataplane<Ipv6Addr>, mut maps: Ipv6Maps) -> Self {
         let mut written = BTreeMap::new();
         let services: Vec<(ServiceKey6, ServiceValue)> = maps.services.iter().filter_map(Result::ok).collect();
+        let mut markers = Vec::new();
         for (key, value) in services {
             match frontend_key(&key) {
                 Some(frontend) => {
                     let w = Written { id: value.id, set: value.backend_set, slots: value.backend_count };
                     written.insert(frontend, w);
                 }
+                None if key.is_vip_marker() => markers.push(key),
                 None => drop(maps.services.remove(&key)),
             }
+        }
+        let mut vip_users: BTreeMap<Ipv6Addr, u32> = BTreeMap::new();
+        for k in written.keys() {
+            *vip_users.entry(k.vip).or_default() += 1;
+        }
+        for marker in markers.iter().filter(|m| !vip_users.contains_key(&Ipv6Addr::from(m.addr))) {
+            maps.services.remove(marker).ok();
+        }
+        // An older agent's frontends may have no marker yet.
+        for vip in vip_users.keys() {
+            maps.services.insert(ServiceKey6::vip_marker(vip.octets()), ServiceValue::MARKER, 0).ok();
         }
         let sets: HashSet<u32> = written.values().map(|w| w.set).collect();
         let backends: Vec<BackendKey> = maps.backends.keys().filter_map(Result::ok).collect();
@@ -139,6 +156,7 @@ impl EbpfIpv6 {
             maps,
             adopted: !written.is_empty(),
             written,
+            vip_users,
             retiring: Vec::new(),
             next_id,
             next_set,
@@ -186,6 +204,9 @@ impl EbpfIpv6 {
             self.free((set, slots));
             return Err(write_error(abi::SERVICES6)(e));
         }
+        if old.is_none() {
+            self.add_vip_user(f.key.vip);
+        }
         if let Some(old) = old {
             self.retiring.push((old.set, old.slots));
             if f.key.protocol == Protocol::Udp {
@@ -231,12 +252,36 @@ impl EbpfIpv6 {
         }
     }
 
+    /// Counts a new frontend of `vip`, marking the VIP with its first.
+    fn add_vip_user(&mut self, vip: Ipv6Addr) {
+        let users = self.vip_users.entry(vip).or_default();
+        *users += 1;
+        if *users == 1 {
+            let marker = ServiceKey6::vip_marker(vip.octets());
+            if let Err(e) = self.maps.services.insert(marker, ServiceValue::MARKER, 0) {
+                // Only what cannot be translated to the VIP passes on unmarked.
+                tracing::warn!(%vip, error = %e, "could not mark an IPv6 VIP");
+            }
+        }
+    }
+
+    /// Counts a frontend of `vip` gone, unmarking the VIP with its last.
+    fn remove_vip_user(&mut self, vip: Ipv6Addr) {
+        let Some(users) = self.vip_users.get_mut(&vip) else { return };
+        *users -= 1;
+        if *users == 0 {
+            self.vip_users.remove(&vip);
+            self.maps.services.remove(&ServiceKey6::vip_marker(vip.octets())).ok();
+        }
+    }
+
     fn delete(&mut self, k: &FrontendKey<Ipv6Addr>) -> Result<(), DataplaneError> {
         let Some(old) = self.written.remove(k) else { return Ok(()) };
         if let Err(e) = self.maps.services.remove(&service_key(k)) {
             self.written.insert(*k, old);
             return Err(write_error(abi::SERVICES6)(e));
         }
+        self.remove_vip_user(k.vip);
         self.retiring.push((old.set, old.slots));
         if k.protocol == Protocol::Udp {
             self.forget_udp_flows(old.id, &HashSet::new());
