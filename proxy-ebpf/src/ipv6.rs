@@ -7,10 +7,11 @@
 //! ICMPv6 error about a tracked flow (a backend's port unreachable, a
 //! router's packet too big) is rewritten to match what its receiver sent
 //! or was sent. A fragmented datagram is translated whole, its first
-//! fragment's ports remembered for the rest (see `fragments`); a later
-//! fragment whose first was not seen, malformed packets and every other
-//! protocol (the rest of ICMPv6 and Neighbor Discovery among them) pass as
-//! they came, counted where they are not plain traffic.
+//! fragment's ports remembered for the rest (see `fragments`). What cannot
+//! be translated (a stray later fragment, a packet cut short) is dropped
+//! when it is to a VIP and passes otherwise, counted either way; every
+//! other protocol (the rest of ICMPv6 and Neighbor Discovery among them)
+//! passes as it came.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
