@@ -13,7 +13,6 @@ use proxy_common::{
 use crate::{
     maps::{FRAGMENTS, FRAGMENTS6},
     parse::Packet,
-    parse6::Packet6,
 };
 
 #[inline(always)]
@@ -50,7 +49,7 @@ pub(crate) fn ports6(src: In6, dst: In6, id: u32, proto: u8) -> Option<FragmentP
 
 /// [`remember`] for an IPv6 datagram.
 #[inline(always)]
-pub(crate) fn remember6(pkt: &Packet6) {
+pub(crate) fn remember6(pkt: &Packet<In6>) {
     let ports = FragmentPorts { src_port: pkt.src_port, dst_port: pkt.dst_port };
     let _ = FRAGMENTS6.insert(key6(pkt.src, pkt.dst, pkt.id, pkt.proto), ports, 0);
 }
