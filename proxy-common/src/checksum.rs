@@ -18,6 +18,19 @@ pub fn add_bytes(mut sum: u32, bytes: &[u8]) -> u32 {
     sum
 }
 
+/// Adds `words`, each four bytes in network order read in the machine's
+/// order, to `sum` as 16-bit words in the machine's order; [`fold`] and
+/// [`finish`] then give a value whose machine-order bytes are the checksum
+/// in network order (RFC 1071's byte-order independence). Words keep the
+/// datapath's packet building off byte arrays (see `ipv6::In6`).
+#[inline(always)]
+pub fn add_words(mut sum: u32, words: &[u32]) -> u32 {
+    for w in words {
+        sum += (*w & 0xffff) + (*w >> 16);
+    }
+    sum
+}
+
 /// Folds a 32-bit one's-complement sum into 16 bits.
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {

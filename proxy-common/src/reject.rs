@@ -3,7 +3,7 @@
 //! datapath copies these bytes over the packet and sends it back out of the
 //! interface it came in on.
 
-use crate::checksum::{add_bytes, checksum, finish, pseudo_header_sum};
+use crate::checksum::{add_bytes, add_words, checksum, finish, pseudo_header_sum};
 use crate::{ipv6::In6, maps::PROTO_TCP};
 
 pub const TCP_FIN: u8 = 0x01;
@@ -141,7 +141,7 @@ pub fn tcp_reset6(
     out[11] = u32::from_ne_bytes(seq.to_be_bytes());
     out[12] = u32::from_ne_bytes(ack.to_be_bytes());
     out[13] = u32::from_ne_bytes([0x50, flags, 0, 0]);
-    let c = finish_words(pseudo_sum6(&out, PROTO_TCP, 20) + sum_words(&out[10..14]));
+    let c = finish_words(add_words(pseudo_sum6(&out, PROTO_TCP, 20), &out[10..14]));
     out[14] = u32::from_ne_bytes([c[0], c[1], 0, 0]);
     Some(out)
 }
@@ -158,7 +158,7 @@ pub fn icmp6_port_unreachable(quote: &[u32; ICMP6_QUOTE_LEN / 4]) -> [u32; ICMP6
     let (from, to) = ([quote[6], quote[7], quote[8], quote[9]], [quote[2], quote[3], quote[4], quote[5]]);
     ipv6_header(&mut out, from, to, IPPROTO_ICMPV6, len);
     out[10] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0]);
-    let c = finish_words(pseudo_sum6(&out, IPPROTO_ICMPV6, len) + sum_words(&out[10..11]) + sum_words(quote));
+    let c = finish_words(add_words(add_words(pseudo_sum6(&out, IPPROTO_ICMPV6, len), &out[10..11]), quote));
     out[10] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, c[0], c[1]]);
     out
 }
@@ -175,32 +175,18 @@ fn ipv6_header(out: &mut [u32], from: [u32; 4], to: [u32; 4], next_header: u8, p
 
 /// The pseudo header's sum for the IPv6 header in words 0..10 of `header`.
 #[inline(always)]
-fn pseudo_sum6(header: &[u32], next_header: u8, len: u16) -> u64 {
+fn pseudo_sum6(header: &[u32], next_header: u8, len: u16) -> u32 {
     let l = len.to_be_bytes();
     let tail = [u32::from_ne_bytes([0, 0, l[0], l[1]]), u32::from_ne_bytes([0, 0, 0, next_header])];
-    sum_words(&header[2..10]) + sum_words(&tail)
+    add_words(add_words(0, &header[2..10]), &tail)
 }
 
-/// The one's-complement sum of words in network order, in the machine's
-/// order (RFC 1071's byte-order independence: folded and stored as the
-/// machine holds it, it lands in network order).
+/// The checksum field's two bytes for words (each in network order) that
+/// sum to `sum` in the machine's order: stored as the machine holds it, the
+/// checksum lands in network order (RFC 1071's byte-order independence).
 #[inline(always)]
-fn sum_words(words: &[u32]) -> u64 {
-    let mut sum = 0u64;
-    for w in words {
-        sum += (*w & 0xffff) as u64 + (*w >> 16) as u64;
-    }
-    sum
-}
-
-/// The checksum field's two bytes for words summing to `sum`.
-#[inline(always)]
-fn finish_words(mut sum: u64) -> [u8; 2] {
-    // At most three folds for any sum of the few words here.
-    for _ in 0..3 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    (!(sum as u16)).to_ne_bytes()
+fn finish_words(sum: u32) -> [u8; 2] {
+    finish(sum).to_ne_bytes()
 }
 
 /// IPv4 + ICMP headers of a port-unreachable error about `quote` (the first

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use proxy_common::{counters::DropReason, ipv4::ETH_P_IP, maps::SockFence};
 
-use crate::{counters::count, lookup, maps::SOCK_FENCE};
+use crate::{counters::count, family::Family, maps::SOCK_FENCE};
 
 /// Keep the packet.
 const PASS: i32 = 1;
@@ -72,5 +72,5 @@ fn outside_fence(ctx: &SkBuffContext) -> Option<DropReason> {
     if fence.frontend_id == DROP_ALL {
         return Some(DropReason::NoLocalBackend);
     }
-    (!lookup::in_source_ranges(fence.frontend_id, src)).then_some(DropReason::SourceRange)
+    (!<[u8; 4]>::in_source_ranges(fence.frontend_id, src)).then_some(DropReason::SourceRange)
 }

@@ -67,12 +67,6 @@ fn source_allowed<A: Family>(svc: &ServiceValue, client: A) -> bool {
     svc.flags & flags::SOURCE_RANGES == 0 || A::in_source_ranges(svc.id, client)
 }
 
-/// Whether one of the source ranges of the frontend `id` holds `client`.
-#[inline(always)]
-pub(crate) fn in_source_ranges(id: u32, client: [u8; 4]) -> bool {
-    <[u8; 4]>::in_source_ranges(id, client)
-}
-
 /// Backends tried for a new flow whose first choice would collide with a
 /// live flow to another frontend (see [`conntrack::claimed`]).
 const CHOICES: u32 = 4;

@@ -60,7 +60,7 @@ use crate::{
     counters::{DeviceEvent, count, count_device, count_traffic_via},
     lookup::{Lookup, is_vip},
     nodeport::Outcome,
-    parse::{IcmpError, Packet, Parsed},
+    parse::{IcmpError, Network, Packet, Parsed},
 };
 
 /// What to do with a packet the datapath keeps; drops are `Err(DropReason)`.
@@ -79,9 +79,7 @@ pub enum Verdict {
 /// Service frontends before the node routes them.
 #[classifier]
 pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
-    // Each family's path is a BPF function of its own: one frame on the
-    // 512-byte stack at a time.
-    let outcome = if parse::is_ipv6(&ctx) { ipv6::from_pod(&ctx) } else { try_from_pod(&ctx) };
+    let outcome = by_family(&ctx, || try_from_pod(&ctx), || ipv6::from_pod(&ctx));
     finish(&ctx, hook::TC_INGRESS, outcome)
 }
 
@@ -93,8 +91,25 @@ pub(crate) fn kpr_from_pod(ctx: TcContext) -> i32 {
 /// apply and conntrack never finds half a flow.
 #[classifier]
 pub(crate) fn kpr_to_pod(ctx: TcContext) -> i32 {
-    let outcome = if parse::is_ipv6(&ctx) { ipv6::to_pod(&ctx) } else { try_to_pod(&ctx) };
+    let outcome = by_family(&ctx, || try_to_pod(&ctx), || ipv6::to_pod(&ctx));
     finish(&ctx, hook::TC_EGRESS, outcome)
+}
+
+/// The packet through its family's path; what is neither passes, counted.
+/// Each path is a BPF function of its own: one frame on the 512-byte stack
+/// at a time.
+#[inline(always)]
+fn by_family(
+    ctx: &TcContext,
+    ipv4: impl FnOnce() -> Result<Verdict, DropReason>,
+    ipv6: impl FnOnce() -> Result<Verdict, DropReason>,
+) -> Result<Verdict, DropReason> {
+    match parse::network(ctx) {
+        Network::Ipv4 => ipv4(),
+        Network::Ipv6 => ipv6(),
+        Network::Other => Ok(count(Counter::PassedNotIp, Verdict::Pass)),
+        Network::Short => Ok(count(Counter::PassedMalformed, Verdict::Pass)),
+    }
 }
 
 /// Attached to the node's devices (`--xdp`): forwards traffic from outside
@@ -172,7 +187,6 @@ fn see(ctx: &TcContext) -> Result<Seen, DropReason> {
     Ok(match parse::parse(ctx) {
         Parsed::Flow(pkt) => Seen::Flow(pkt),
         Parsed::IcmpError(err) => Seen::IcmpError(err),
-        Parsed::NotIp => Seen::Done(count(Counter::PassedNotIp, Verdict::Pass)),
         Parsed::Malformed => Seen::Done(count(Counter::PassedMalformed, Verdict::Pass)),
         Parsed::OtherProtocol => Seen::Done(Verdict::Pass),
         Parsed::Fragment { dst } => {

@@ -68,16 +68,10 @@ pub(crate) struct IcmpError<A = [u8; 4]> {
 pub(crate) enum Parsed {
     Flow(Packet),
     IcmpError(IcmpError),
-    /// Not IPv4 (and not IPv6, which the programs hand to `parse6` first): ARP, say.
-    NotIp,
     Malformed,
     OtherProtocol,
-    Fragment {
-        dst: [u8; 4],
-    },
-    Truncated {
-        dst: [u8; 4],
-    },
+    Fragment { dst: [u8; 4] },
+    Truncated { dst: [u8; 4] },
 }
 
 /// The ICMP error at `icmp_off`, if it is one kpr translates: one quoting
@@ -136,20 +130,31 @@ pub(crate) fn tcp_flags(ctx: &TcContext, proto: u8, l4_off: usize) -> Result<u8,
     read::<[u8; 2]>(ctx, l4_off + 12).map(|[_, flags]| flags)
 }
 
-/// Whether the frame is IPv6 (for `parse6`).
-#[inline(always)]
-pub(crate) fn is_ipv6(ctx: &TcContext) -> bool {
-    read::<[u8; 2]>(ctx, 12).is_ok_and(|t| u16::from_be_bytes(t) == ETH_P_IPV6)
+/// What a frame carries, by its ethertype: read once per packet, and
+/// each family parsed by its own path.
+pub(crate) enum Network {
+    Ipv4,
+    /// For `parse6`.
+    Ipv6,
+    /// Neither (ARP, say).
+    Other,
+    /// Shorter than an Ethernet header.
+    Short,
 }
 
 #[inline(always)]
-pub(crate) fn parse(ctx: &TcContext) -> Parsed {
-    let Ok(ethertype) = read::<[u8; 2]>(ctx, 12) else {
-        return Parsed::Malformed;
-    };
-    if u16::from_be_bytes(ethertype) != ETH_P_IP {
-        return Parsed::NotIp;
+pub(crate) fn network(ctx: &TcContext) -> Network {
+    match read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) {
+        Ok(ETH_P_IP) => Network::Ipv4,
+        Ok(ETH_P_IPV6) => Network::Ipv6,
+        Ok(_) => Network::Other,
+        Err(()) => Network::Short,
     }
+}
+
+/// An IPv4 frame (see [`network`]).
+#[inline(always)]
+pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     let Ok(hdr) = read::<[u8; MIN_HLEN]>(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
