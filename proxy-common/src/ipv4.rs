@@ -23,9 +23,10 @@ pub struct Ipv4Info {
 }
 
 /// Which part of a datagram a packet is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Fragment {
     /// Not fragmented.
+    #[default]
     Whole,
     /// The first fragment (offset 0, more to come): it carries the L4 header.
     First,

@@ -37,10 +37,11 @@ pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 /// show instead of the backend (LRU, sized like conntrack).
 pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 
-/// IPv6 TCP and UDP ClusterIPs for the socket hooks: (VIP, port, protocol)
-/// -> [`ServiceValue`] (its backend set in [`BACKENDS6`]). The rest of IPv6
-/// (traffic from outside, pods outside the cgroup) is served by ip6tables
-/// rules. Allocated as used.
+/// IPv6 TCP and UDP frontends: (VIP, port, protocol) -> [`ServiceValue`]
+/// (its backend set in [`BACKENDS6`]), as [`SERVICES`]: ClusterIPs, and
+/// the ways in from outside (node ports on the node's IPv6 addresses,
+/// external and load balancer IPs) of frontends without source ranges. The
+/// rest of IPv6 is served by ip6tables rules. Allocated as used.
 pub const SERVICES6: &str = "SERVICES6";
 /// (backend set, slot) -> [`Backend6`]. Allocated as used.
 pub const BACKENDS6: &str = "BACKENDS6";
@@ -82,6 +83,12 @@ pub const NAT_FORWARD: &str = "NAT_FORWARD";
 /// as a conntrack reply key) -> the client they go back to (LRU).
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
 
+/// [`NAT_FORWARD`] and [`NAT_REVERSE`] for IPv6 flows ([`FlowKey6`](crate::conntrack::FlowKey6)
+/// -> [`NatAddress6`]; LRU, a quarter of conntrack's size: few flows
+/// from outside are IPv6 on most nodes, and an LRU map is preallocated).
+pub const NAT_FORWARD6: &str = "NAT_FORWARD6";
+pub const NAT_REVERSE6: &str = "NAT_REVERSE6";
+
 /// The node's devices: ifindex -> the path traffic from outside takes
 /// there, a [`hook`] value (`TC_INGRESS` for the TC programs alone). The
 /// XDP program redirects only to devices it runs on natively.
@@ -101,6 +108,8 @@ pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
 /// does: frontend id -> the cluster-wide [`ServiceValue`] of its Service
 /// port, read by the socket hooks and the TC program on pod interfaces.
 pub const CLUSTER_SCOPE: &str = "CLUSTER_SCOPE";
+/// [`CLUSTER_SCOPE`] for IPv6 frontends (their ids are their own).
+pub const CLUSTER_SCOPE6: &str = "CLUSTER_SCOPE6";
 
 /// `sessionAffinity: ClientIP`: frontend id -> its timeout in seconds
 /// (`sessionAffinityConfig.clientIP.timeoutSeconds`), for frontends with
@@ -121,13 +130,14 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 28] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
     BACKENDS6,
     SOCK_REVERSE6,
     CLUSTER_SCOPE,
+    CLUSTER_SCOPE6,
     SOURCE_RANGES,
     AFFINITY_TIMEOUTS,
     AFFINITY,
@@ -137,6 +147,8 @@ pub const ALL_MAPS: [&str; 25] = [
     CT6_ANY,
     NAT_FORWARD,
     NAT_REVERSE,
+    NAT_FORWARD6,
+    NAT_REVERSE6,
     DEVICES,
     BRIDGE_PORTS,
     DEVICE_COUNTS,
@@ -351,17 +363,20 @@ impl BridgePort {
     }
 }
 
-/// Value of [`NAT_FORWARD`] and [`NAT_REVERSE`]: an address and port.
+/// Value of [`NAT_FORWARD`] and [`NAT_REVERSE`] (and, with an [`In6`],
+/// of [`NAT_FORWARD6`] and [`NAT_REVERSE6`]): an address and port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NatAddress {
-    pub addr: [u8; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatAddress<A = [u8; 4]> {
+    pub addr: A,
     pub port: [u8; 2],
     pub _pad: [u8; 2],
 }
 
-impl NatAddress {
-    pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
+pub type NatAddress6 = NatAddress<In6>;
+
+impl<A> NatAddress<A> {
+    pub const fn new(addr: A, port: [u8; 2]) -> Self {
         Self { addr, port, _pad: [0; 2] }
     }
 }
@@ -428,7 +443,7 @@ pub const BACKEND_TERMINATING: u8 = 1;
 /// Value of [`BACKENDS`] (and, as [`Backend6`], of [`BACKENDS6`]): an
 /// endpoint address and target port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend<A = [u8; 4]> {
     pub addr: A,
     pub port: [u8; 2],
@@ -705,6 +720,7 @@ mod pod {
     unsafe impl aya::Pod for DeviceKey {}
     unsafe impl aya::Pod for DeviceCounts {}
     unsafe impl aya::Pod for NatAddress {}
+    unsafe impl aya::Pod for super::NatAddress6 {}
     unsafe impl aya::Pod for BridgePort {}
     unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for Backend6 {}
@@ -745,6 +761,7 @@ mod tests {
         assert_eq!(size_of::<DeviceKey>(), 8);
         assert_eq!(size_of::<DeviceCounts>(), 32);
         assert_eq!(size_of::<NatAddress>(), 8);
+        assert_eq!(size_of::<NatAddress6>(), 16 + 2 + 2);
         assert_eq!(size_of::<ServiceKey6>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<Backend6>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<SockKey6>(), 8 + 16 + 2 + 1 + 5);

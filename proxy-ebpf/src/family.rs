@@ -1,24 +1,44 @@
 //! What the per-packet path needs of an address family, so that one
-//! conntrack and one backend choice serve IPv4 (`[u8; 4]`) and IPv6
-//! ([`In6`]): each family's tables, backends and client memories.
+//! conntrack, one backend choice and one source NAT serve IPv4 (`[u8; 4]`)
+//! and IPv6 ([`In6`]): each family's tables, backends and client memories.
 //!
 //! IPv6 frontends with source ranges or session affinity are never in the
 //! IPv6 maps (the agent leaves them to ip6tables), so the IPv6 answers for
 //! those say "no range holds the client" (a frontend flagged with ranges
 //! would be closed, never open) and "no affinity key" (nothing to remember).
+//! Everything else (Local policy scopes, source NAT from XDP) each family
+//! has in tables of its own: ids are per family.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters::DropReason,
     ipv6::In6,
-    maps::{AffinityKey, Backend, BackendKey, PROTO_TCP, ServiceValue, SourceRangeKey},
+    maps::{
+        AffinityKey, Backend, BackendKey, NatAddress, PROTO_TCP, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey,
+    },
 };
 
 use crate::affinity;
-use crate::maps::{BACKENDS, BACKENDS6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, SOURCE_RANGES};
+use crate::maps::{
+    BACKENDS, BACKENDS6, CLUSTER_SCOPE, CLUSTER_SCOPE6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, NAT_FORWARD, NAT_FORWARD6,
+    NAT_REVERSE, NAT_REVERSE6, SERVICES, SERVICES6, SOURCE_RANGES,
+};
+
+/// One of a family's two source NAT tables (see `nat`).
+#[derive(Clone, Copy)]
+pub(crate) enum NatTable {
+    /// A client's flow -> the node address and port it goes out with.
+    Forward,
+    /// The backend's replies -> the client they go back to.
+    Reverse,
+}
 
 pub(crate) trait Family: Copy + PartialEq + Sized {
+    /// The frontend (`addr`, `port`, `proto`), if it is one.
+    fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue>;
+    /// The cluster-wide scope of the Local policy frontend `id`.
+    fn cluster_scope(id: u32) -> Option<ServiceValue>;
     /// The conntrack entry under `key`, in its protocol's table.
     fn ct_get(key: &FlowKey<Self>) -> Option<*mut CtEntry<Self>>;
     fn ct_insert(key: &FlowKey<Self>, entry: &CtEntry<Self>) -> Result<(), DropReason>;
@@ -31,6 +51,10 @@ pub(crate) trait Family: Copy + PartialEq + Sized {
     fn affinity_key(id: u32, client: Self) -> Option<AffinityKey>;
     /// Records that `client` started a flow with `backend` (in `slot`).
     fn remember(client: &AffinityKey, backend: &Backend<Self>, slot: u32, now: u32);
+    fn nat_get(table: NatTable, key: &FlowKey<Self>) -> Option<NatAddress<Self>>;
+    /// Whether the entry was written.
+    fn nat_insert(table: NatTable, key: &FlowKey<Self>, value: &NatAddress<Self>) -> bool;
+    fn nat_remove(table: NatTable, key: &FlowKey<Self>);
 }
 
 /// The backend in `slot` of `svc`'s set.
@@ -40,6 +64,43 @@ pub(crate) fn backend_at<A: Family>(svc: &ServiceValue, slot: u32) -> Option<Bac
 }
 
 impl Family for [u8; 4] {
+    #[inline(always)]
+    fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue> {
+        SERVICES.get_ptr(ServiceKey { addr, port, proto, _pad: 0 }).map(|s| unsafe { core::ptr::read(s) })
+    }
+
+    #[inline(always)]
+    fn cluster_scope(id: u32) -> Option<ServiceValue> {
+        CLUSTER_SCOPE.get_ptr(id).map(|s| unsafe { core::ptr::read(s) })
+    }
+
+    #[inline(always)]
+    fn nat_get(table: NatTable, key: &FlowKey<Self>) -> Option<NatAddress<Self>> {
+        let map = match table {
+            NatTable::Forward => &NAT_FORWARD,
+            NatTable::Reverse => &NAT_REVERSE,
+        };
+        map.get_ptr(*key).map(|n| unsafe { core::ptr::read(n) })
+    }
+
+    #[inline(always)]
+    fn nat_insert(table: NatTable, key: &FlowKey<Self>, value: &NatAddress<Self>) -> bool {
+        let map = match table {
+            NatTable::Forward => &NAT_FORWARD,
+            NatTable::Reverse => &NAT_REVERSE,
+        };
+        map.insert(*key, *value, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn nat_remove(table: NatTable, key: &FlowKey<Self>) {
+        let map = match table {
+            NatTable::Forward => &NAT_FORWARD,
+            NatTable::Reverse => &NAT_REVERSE,
+        };
+        let _ = map.remove(key);
+    }
+
     #[inline(always)]
     fn ct_get(key: &FlowKey<Self>) -> Option<*mut CtEntry<Self>> {
         if key.proto == PROTO_TCP { CT_TCP.get_ptr_mut(*key) } else { CT_ANY.get_ptr_mut(*key) }
@@ -80,6 +141,43 @@ impl Family for [u8; 4] {
 }
 
 impl Family for In6 {
+    #[inline(always)]
+    fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue> {
+        SERVICES6.get_ptr(ServiceKey6 { addr, port, proto, _pad: 0 }).map(|s| unsafe { core::ptr::read(s) })
+    }
+
+    #[inline(always)]
+    fn cluster_scope(id: u32) -> Option<ServiceValue> {
+        CLUSTER_SCOPE6.get_ptr(id).map(|s| unsafe { core::ptr::read(s) })
+    }
+
+    #[inline(always)]
+    fn nat_get(table: NatTable, key: &FlowKey<Self>) -> Option<NatAddress<Self>> {
+        let map = match table {
+            NatTable::Forward => &NAT_FORWARD6,
+            NatTable::Reverse => &NAT_REVERSE6,
+        };
+        map.get_ptr(*key).map(|n| unsafe { core::ptr::read(n) })
+    }
+
+    #[inline(always)]
+    fn nat_insert(table: NatTable, key: &FlowKey<Self>, value: &NatAddress<Self>) -> bool {
+        let map = match table {
+            NatTable::Forward => &NAT_FORWARD6,
+            NatTable::Reverse => &NAT_REVERSE6,
+        };
+        map.insert(*key, *value, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn nat_remove(table: NatTable, key: &FlowKey<Self>) {
+        let map = match table {
+            NatTable::Forward => &NAT_FORWARD6,
+            NatTable::Reverse => &NAT_REVERSE6,
+        };
+        let _ = map.remove(key);
+    }
+
     #[inline(always)]
     fn ct_get(key: &FlowKey<Self>) -> Option<*mut CtEntry<Self>> {
         if key.proto == PROTO_TCP { CT6_TCP.get_ptr_mut(*key) } else { CT6_ANY.get_ptr_mut(*key) }

@@ -10,35 +10,69 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
+use proxy_common::ipv6::In6;
+
 use crate::frame::Hop;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
-/// A route to `dst` for a packet of `proto` and `total_len` bytes that came
-/// in on `ingress`: the hop, and the source address the node would use
-/// (`src` as given when it is known).
-#[inline(always)]
-pub(crate) fn route(
-    ctx: &XdpContext,
+/// Route lookups for one packet: a packet of `proto` and `total_len` bytes
+/// that came in on `ingress`. One parameter block, reused by every lookup
+/// (64 bytes of the 512-byte stack).
+pub(crate) struct Fib<'a> {
+    ctx: &'a XdpContext,
     ingress: u32,
     proto: u8,
     total_len: usize,
-    src: Option<[u8; 4]>,
-    dst: [u8; 4],
-) -> Option<(Hop, [u8; 4])> {
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.__bindgen_anon_1.tot_len = total_len as u16;
-    p.ifindex = ingress;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.unwrap_or([0; 4]));
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    let flags = if src.is_none() { BPF_FIB_LOOKUP_SRC } else { 0 };
-    let size = core::mem::size_of::<FibParams>() as i32;
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &raw mut p, size, flags) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
+    p: FibParams,
+}
+
+impl<'a> Fib<'a> {
+    #[inline(always)]
+    pub(crate) fn new(ctx: &'a XdpContext, ingress: u32, proto: u8, total_len: usize) -> Self {
+        Self { ctx, ingress, proto, total_len, p: unsafe { core::mem::zeroed() } }
     }
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
-    Some((Hop { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac }, src))
+
+    /// A route to `dst`: the hop, and the source address the node would
+    /// use (`src` as given when it is known).
+    #[inline(always)]
+    pub(crate) fn route(&mut self, src: Option<[u8; 4]>, dst: [u8; 4]) -> Option<(Hop, [u8; 4])> {
+        self.reset(AF_INET);
+        self.p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.unwrap_or([0; 4]));
+        self.p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+        let hop = self.lookup(src.is_none())?;
+        Some((hop, unsafe { self.p.__bindgen_anon_3.ipv4_src }.to_ne_bytes()))
+    }
+
+    /// [`Fib::route`] for IPv6.
+    #[inline(always)]
+    pub(crate) fn route6(&mut self, src: Option<In6>, dst: In6) -> Option<(Hop, In6)> {
+        self.reset(AF_INET6);
+        self.p.__bindgen_anon_3.ipv6_src = src.unwrap_or_default().words();
+        self.p.__bindgen_anon_4.ipv6_dst = dst.words();
+        let hop = self.lookup(src.is_none())?;
+        Some((hop, In6::from_words(unsafe { self.p.__bindgen_anon_3.ipv6_src })))
+    }
+
+    /// The fields a lookup overwrites (the egress device, the MTU), set again.
+    #[inline(always)]
+    fn reset(&mut self, family: u8) {
+        self.p.family = family;
+        self.p.l4_protocol = self.proto;
+        self.p.__bindgen_anon_1.tot_len = self.total_len as u16;
+        self.p.ifindex = self.ingress;
+    }
+
+    /// Asks the kernel; with `find_source`, it also fills in the source address.
+    #[inline(always)]
+    fn lookup(&mut self, find_source: bool) -> Option<Hop> {
+        let flags = if find_source { BPF_FIB_LOOKUP_SRC } else { 0 };
+        let size = core::mem::size_of::<FibParams>() as i32;
+        let rc = unsafe { bpf_fib_lookup(self.ctx.ctx.cast(), &raw mut self.p, size, flags) };
+        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            return None;
+        }
+        Some(Hop { ifindex: self.p.ifindex, smac: self.p.smac, dmac: self.p.dmac })
+    }
 }

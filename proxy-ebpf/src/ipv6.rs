@@ -18,12 +18,13 @@ use proxy_common::{
     counters::{Counter, DropReason},
     ipv4::Fragment,
     ipv6::In6,
-    maps::{Backend6, HAIRPIN_SOURCE6, MASQUERADE_MARK, ServiceKey6, hook},
+    maps::{Backend6, HAIRPIN_SOURCE6, MASQUERADE_MARK, ServiceKey6, flags, hook},
 };
 
 use crate::{
     Verdict, conntrack,
     counters::{DeviceEvent, count, count_device},
+    family::Family,
     fragments, hairpin, ifindex,
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
@@ -67,24 +68,28 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     if pkt.dst == HAIRPIN_SOURCE6 {
         return hairpin_reply(ctx, pkt);
     }
-    match request(pkt)? {
+    match request(pkt, ifindex(ctx))? {
         Lookup::ToBackend(backend, frontend, _) => forward(ctx, pkt, &backend, frontend),
         Lookup::NoBackend => refuse::refuse6(ctx, pkt),
         Lookup::NotService => Ok(Verdict::Pass),
     }
 }
 
-/// Where a pod's packet goes: to a backend when it is (or starts) a flow
-/// to an IPv6 frontend.
+/// Where a packet that came in on interface `ifindex` goes: to a backend
+/// when it is (or starts) a flow to an IPv6 frontend. A pod reaches a
+/// Local policy's node port or external IP through every endpoint, as with
+/// IPv4; traffic from outside only through this node's.
 #[inline(never)]
-fn request(pkt: &Packet6) -> Result<Lookup<In6>, DropReason> {
-    let key = ServiceKey6 { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
-    let Some(svc) = SERVICES6.get_ptr(key).map(|s| unsafe { core::ptr::read(s) }) else {
+fn request(pkt: &Packet6, ifindex: u32) -> Result<Lookup<In6>, DropReason> {
+    let Some(mut svc) = In6::service(pkt.dst, pkt.dst_port, pkt.proto) else {
         if pkt.fragment != Fragment::Later {
             conntrack::forget_direct(pkt);
         }
         return Ok(Lookup::NotService);
     };
+    if svc.flags & flags::LOCAL != 0 && lookup::is_pod_interface(ifindex) {
+        svc = lookup::in_cluster::<In6>(svc);
+    }
     lookup::to_frontend(pkt, &svc)
 }
 

@@ -17,7 +17,7 @@ use crate::{
     affinity::{affine_slot, remember},
     conntrack,
     family::Family,
-    maps::{CLUSTER_SCOPE, DEVICES, SERVICES},
+    maps::{DEVICES, SERVICES},
     parse::{IcmpError, Packet},
 };
 
@@ -79,27 +79,27 @@ pub(crate) fn is_vip(addr: [u8; 4]) -> bool {
 /// The frontend `key` names, if it is a Service.
 #[inline(always)]
 pub(crate) fn service(key: &ServiceKey) -> Option<ServiceValue> {
-    SERVICES.get_ptr(*key).map(|svc| unsafe { core::ptr::read(svc) })
+    <[u8; 4]>::service(key.addr, key.port, key.proto)
 }
 
 /// The frontend `key` names as a pod or a process of this node sees it
 /// (see [`in_cluster`]).
 #[inline(always)]
 pub(crate) fn service_in_cluster(key: &ServiceKey) -> Option<ServiceValue> {
-    service(key).map(in_cluster)
+    service(key).map(in_cluster::<[u8; 4]>)
 }
 
-/// `svc` as a pod or a process of this node sees it: a Local policy's
-/// frontend serves them from every endpoint (kube-proxy's "pod traffic"
-/// and "LOCAL traffic" rules), outside clients from this node's alone.
+/// `svc` (a frontend of family `A`) as a pod or a process of this node
+/// sees it: a Local policy's frontend serves them from every endpoint
+/// (kube-proxy's "pod traffic" and "LOCAL traffic" rules), outside clients
+/// from this node's alone.
 #[inline(always)]
-fn in_cluster(svc: ServiceValue) -> ServiceValue {
+pub(crate) fn in_cluster<A: Family>(svc: ServiceValue) -> ServiceValue {
     if svc.flags & flags::LOCAL == 0 {
         return svc;
     }
-    let Some(cluster) = CLUSTER_SCOPE.get_ptr(svc.id) else { return svc };
+    let Some(cluster) = A::cluster_scope(svc.id) else { return svc };
     // The frontend keeps its own id and kind: only the backends change.
-    let cluster = unsafe { core::ptr::read(cluster) };
     ServiceValue {
         backend_set: cluster.backend_set,
         backend_count: cluster.backend_count,
@@ -177,7 +177,7 @@ pub(crate) fn request(pkt: &Packet, ifindex: u32) -> Result<Lookup, DropReason> 
         return Ok(Lookup::NotService);
     };
     if svc.flags & flags::LOCAL != 0 && is_pod_interface(ifindex) {
-        svc = in_cluster(svc);
+        svc = in_cluster::<[u8; 4]>(svc);
     }
     to_frontend(pkt, &svc)
 }

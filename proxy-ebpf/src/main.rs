@@ -52,12 +52,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     counters::{Counter, DropReason},
-    ipv4::Fragment,
+    ipv4::{ETH_P_IP, Fragment},
+    ipv6::{ETH_P_IPV6, In6},
     maps::{MASQUERADE_MARK, hook},
 };
 
 use crate::{
     counters::{DeviceEvent, count, count_device, count_traffic_via},
+    frame::Frame,
     lookup::{Lookup, is_vip},
     nodeport::Outcome,
     parse::{IcmpError, Network, Packet, Parsed},
@@ -117,8 +119,40 @@ fn by_family(
 /// and passes everything else on to the TC program.
 #[xdp]
 pub(crate) fn kpr_xdp(ctx: XdpContext) -> u32 {
+    match frame::ethertype(&ctx) {
+        Some(ETH_P_IP) => xdp4(&ctx),
+        Some(ETH_P_IPV6) => xdp6(&ctx),
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Each family in a BPF function of its own, as on the TC path: only one
+/// of their frames is on the 512-byte stack at a time.
+#[inline(never)]
+fn xdp4(ctx: &XdpContext) -> u32 {
+    xdp_family::<[u8; 4]>(ctx)
+}
+
+#[inline(never)]
+fn xdp6(ctx: &XdpContext) -> u32 {
+    xdp_family::<In6>(ctx)
+}
+
+/// The packet is read into per-CPU scratch space rather than onto the
+/// stack, which the steps after it fill (as Cilium's scratch maps).
+#[inline(always)]
+fn xdp_family<A: Frame>(ctx: &XdpContext) -> u32 {
+    let Some(pkt) = A::scratch() else { return xdp_action::XDP_PASS };
+    // SAFETY: this CPU's slot, and XDP programs do not nest on a CPU.
+    xdp_action(ctx, |ctx, ingress| nodeport::handle(ctx, ingress, unsafe { &mut *pkt }))
+}
+
+/// The XDP action for what `handle` made of the packet; every drop and
+/// forward counted.
+#[inline(always)]
+fn xdp_action(ctx: &XdpContext, handle: impl FnOnce(&XdpContext, u32) -> Result<Outcome, DropReason>) -> u32 {
     let ingress = ctx.ingress_ifindex() as u32;
-    let outcome = nodeport::handle(&ctx, ingress);
+    let outcome = handle(ctx, ingress);
     if matches!(outcome, Ok(Outcome::Pass)) {
         return xdp_action::XDP_PASS;
     }

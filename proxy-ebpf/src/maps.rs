@@ -2,6 +2,7 @@
 //! small counter array is per-CPU: a per-CPU map sized by capacity would
 //! grow by megabytes with every CPU (see proxy-common's maps docs).
 
+use crate::{parse::Packet, parse6::Packet6};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
@@ -15,8 +16,8 @@ use proxy_common::{
         AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
         DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
         DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
-        FragmentKey6, FragmentPorts, NatAddress, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue,
-        SockFence, SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
+        FragmentKey6, FragmentPorts, NatAddress, NatAddress6, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6,
+        ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
     },
 };
 
@@ -36,6 +37,10 @@ pub(crate) static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
 /// Few entries, so not preallocated (unlike the service map).
 #[map]
 pub(crate) static CLUSTER_SCOPE: HashMap<u32, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_CLUSTER_SCOPES_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static CLUSTER_SCOPE6: HashMap<u32, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_CLUSTER_SCOPES_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
@@ -117,6 +122,24 @@ pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatAddress> = LruHashMap::wit
 
 #[map]
 pub(crate) static NAT_REVERSE: LruHashMap<FlowKey, NatAddress> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, 0);
+
+/// A quarter of the IPv4 maps' size (see proxy-common's `NAT_FORWARD6`).
+#[map]
+pub(crate) static NAT_FORWARD6: LruHashMap<FlowKey6, NatAddress6> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX / 4, 0);
+
+#[map]
+pub(crate) static NAT_REVERSE6: LruHashMap<FlowKey6, NatAddress6> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX / 4, 0);
+
+/// Per-CPU scratch space for the packet the XDP program is looking at:
+/// too large for its stack beside the steps that follow (see `nodeport`).
+/// Not pinned: it holds nothing between packets.
+#[map]
+pub(crate) static XDP_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub(crate) static XDP_PACKET6: PerCpuArray<Packet6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Pod interface -> the bridge its Service traffic may be switched on (see `bridge`).
 #[map]

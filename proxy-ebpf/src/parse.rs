@@ -20,7 +20,7 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 pub(crate) const ICMP_HLEN: usize = 8;
 
 /// A TCP or UDP packet whose ports could be read; an IPv6 one's addresses are `[u8; 16]`.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub(crate) struct Packet<A = [u8; 4]> {
     pub src: A,
     pub dst: A,

@@ -5,8 +5,9 @@
 //! looks at its peer again (`recvmsg` on UDP, `getpeername`), it sees the
 //! VIP it addressed. IPv6 sockets reaching IPv4 Services through
 //! IPv4-mapped addresses (dual-stack sockets) are served the same way, and
-//! IPv6 TCP and UDP sockets connecting or sending to IPv6 ClusterIPs from
-//! [`SERVICES6`].
+//! IPv6 TCP and UDP sockets connecting or sending to IPv6 frontends from
+//! `SERVICES6` (ClusterIPs, and node ports and external IPs, a Local
+//! policy's through every endpoint).
 //!
 //! A connected socket chooses once. An unconnected UDP socket chooses on its
 //! first datagram to a frontend and keeps that backend ([`SOCK_AFFINITY`]),
@@ -25,15 +26,16 @@ use proxy_common::{
     ipv6::In6,
     maps::{
         AffinityKey, Backend, Backend6, BackendKey, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ReverseEntry6,
-        ServiceKey, ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, UDP_FLOWS6, UdpFlow6, flags,
+        ServiceKey, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, UDP_FLOWS6, UdpFlow6, flags,
     },
     select,
 };
 
 use crate::{
     counters::count,
+    family::Family as _,
     lookup,
-    maps::{BACKENDS6, SERVICES6, SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE, SOCK_REVERSE6, SOCK_UDP6},
+    maps::{BACKENDS6, SOCK_AFFINITY, SOCK_FENCE, SOCK_REVERSE, SOCK_REVERSE6, SOCK_UDP6},
 };
 
 /// What the hook tells the kernel: go on (with the address as rewritten), or fail the call.
@@ -242,12 +244,13 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The IPv6 ClusterIP `vip:port` (`proto`), if the hooks serve it;
+/// The IPv6 frontend `vip:port` (`proto`), if the hooks serve it, as pods
+/// and node processes see it (a Local policy's through every endpoint);
 /// refused when it has no backend.
 #[inline(always)]
 fn frontend6(vip: [u8; 16], port: [u8; 2], proto: u8) -> Result<Option<ServiceValue>, Refusal> {
-    let Some(svc) = SERVICES6.get_ptr(ServiceKey6 { addr: In6(vip), port, proto, _pad: 0 }) else { return Ok(None) };
-    let svc = unsafe { core::ptr::read(svc) };
+    let Some(svc) = In6::service(In6(vip), port, proto) else { return Ok(None) };
+    let svc = lookup::in_cluster::<In6>(svc);
     if svc.backend_count == 0 {
         return Err(Refusal::NoBackend);
     }

@@ -216,6 +216,7 @@ struct Ipv6Maps {
     sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
     ct_tcp: HashMap<MapData, FlowKey6, CtEntry6>,
     ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
+    nat_forward: HashMap<MapData, FlowKey6, abi::NatAddress6>,
 }
 
 /// Why the maps could not be read.
@@ -283,6 +284,7 @@ impl Maps {
                     sock_reverse: hash(get(abi::SOCK_REVERSE6)?, abi::SOCK_REVERSE6)?,
                     ct_tcp: hash(get(abi::CT6_TCP)?, abi::CT6_TCP)?,
                     ct_any: hash(get(abi::CT6_ANY)?, abi::CT6_ANY)?,
+                    nat_forward: hash(get(abi::NAT_FORWARD6)?, abi::NAT_FORWARD6)?,
                 })
             })()
             .ok(),
@@ -395,11 +397,12 @@ impl Maps {
                     .map(|b| BackendEntry { address: endpoint6(b.addr.0, b.port).to_string(), state: "active".into() })
                     .collect();
                 let frontend = format!("{}/{}", endpoint6(k.addr.0, k.port), protocol_name(k.proto));
+                let local = v.flags & flags::MASQUERADE == 0;
                 let entry = ServiceEntry {
                     frontend,
                     service_type: kind_name(v.kind).into(),
                     id: v.id,
-                    policy: None,
+                    policy: kind::is_external(v.kind).then(|| if local { "Local" } else { "Cluster" }.to_string()),
                     source_ranges: Vec::new(),
                     backends,
                 };
@@ -475,6 +478,7 @@ impl Maps {
             self.ipv6.as_ref().and_then(|v6| fill(abi::CT6_TCP, &v6.ct_tcp)),
             self.ipv6.as_ref().and_then(|v6| fill(abi::CT6_ANY, &v6.ct_any)),
             fill(abi::NAT_FORWARD, &self.nat_forward),
+            self.ipv6.as_ref().and_then(|v6| fill(abi::NAT_FORWARD6, &v6.nat_forward)),
             fill(abi::FRAGMENTS, &self.fragments),
             fill(abi::BACKEND_TRAFFIC, &self.backend_traffic),
         ]

@@ -103,7 +103,7 @@ impl Default for MapSizes {
 }
 
 /// The capacity of every map whose size is set at load time.
-fn capacities(sizes: MapSizes) -> [(&'static str, u32); 15] {
+fn capacities(sizes: MapSizes) -> [(&'static str, u32); 17] {
     [
         (abi::SERVICES, sizes.services),
         (abi::AFFINITY_TIMEOUTS, sizes.services),
@@ -122,6 +122,9 @@ fn capacities(sizes: MapSizes) -> [(&'static str, u32); 15] {
         (abi::SOCK_REVERSE6, sizes.flows),
         (abi::CT6_TCP, sizes.flows.saturating_mul(2)),
         (abi::CT6_ANY, sizes.flows),
+        // LRU (preallocated): a quarter, as few flows from outside are IPv6.
+        (abi::NAT_FORWARD6, (sizes.flows / 4).max(1)),
+        (abi::NAT_REVERSE6, (sizes.flows / 4).max(1)),
     ]
 }
 

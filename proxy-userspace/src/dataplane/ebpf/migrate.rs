@@ -20,12 +20,14 @@ use super::pins::bpf;
 
 /// The maps whose entries the programs add as traffic flows: copied again
 /// after the switch.
-pub(super) const FLOW_MAPS: [&str; 8] = [
+pub(super) const FLOW_MAPS: [&str; 10] = [
     abi::AFFINITY,
     abi::CT_TCP,
     abi::CT_ANY,
     abi::NAT_FORWARD,
     abi::NAT_REVERSE,
+    abi::NAT_FORWARD6,
+    abi::NAT_REVERSE6,
     abi::SOCK_AFFINITY,
     abi::SOCK_REVERSE,
     abi::FRAGMENTS,

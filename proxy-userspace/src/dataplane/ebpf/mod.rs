@@ -90,7 +90,7 @@ fn cluster_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
 }
 
 /// [`flags::AFFINITY`] for a frontend with session affinity.
-fn affinity_flag(f: &Frontend) -> u8 {
+fn affinity_flag<A>(f: &Frontend<A>) -> u8 {
     if f.affinity_timeout.is_some() { flags::AFFINITY } else { 0 }
 }
 
@@ -110,30 +110,27 @@ fn internal_value(f: &Frontend, id: u32, set: u32) -> ServiceValue {
     }
 }
 
-/// One way into a Service port from outside: a SERVICES key of its own.
+/// One way into a Service port from outside: a service map key (`K`, of
+/// [`proxy_common::maps::SERVICES`] or `SERVICES6`) of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ExternalEntry {
-    key: ServiceKey,
+struct ExternalEntry<K = ServiceKey> {
+    key: K,
     kind: u8,
     flags: u8,
 }
 
 /// The external frontends of `f`: its node port on each of
 /// `node_addresses`, its external IPs and load balancer IPs at its port,
-/// with how each treats traffic (see [`flags`]).
-fn external_entries(f: &Frontend, node_addresses: &[Ipv4Addr]) -> Vec<ExternalEntry> {
+/// with how each treats traffic (see [`flags`]); `key` makes an address
+/// and port the family's service map key.
+fn external_entries<A, K>(f: &Frontend<A>, node_addresses: &[A], key: impl Fn(&A, u16) -> K) -> Vec<ExternalEntry<K>> {
     let Some(ext) = f.external.as_deref() else { return Vec::new() };
-    let proto = f.key.protocol.number();
     let mut policy = affinity_flag(f) | if ext.local_only { flags::LOCAL } else { flags::MASQUERADE };
     if ext.local_only && !f.backends.is_empty() {
         // Endpoints elsewhere but none here: dropped, as kube-proxy does.
         policy |= flags::DROP_WITHOUT_BACKEND;
     }
-    let entry = |addr: &Ipv4Addr, port: u16, kind: u8, flags: u8| ExternalEntry {
-        key: ServiceKey::new(addr.octets(), port, proto),
-        kind,
-        flags,
-    };
+    let entry = |addr: &A, port: u16, kind: u8, flags: u8| ExternalEntry { key: key(addr, port), kind, flags };
     let mut entries = Vec::new();
     if let Some(node_port) = ext.node_port {
         entries.extend(node_addresses.iter().map(|a| entry(a, node_port, kind::NODE_PORT_ADDRESS, policy)));
@@ -481,7 +478,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             return Ok(());
         }
         let (id, set) = (p.id, p.set);
-        let wanted = external_entries(f, &self.node_addresses);
+        let proto = f.key.protocol.number();
+        let wanted = external_entries(f, &self.node_addresses, |a, port| ServiceKey::new(a.octets(), port, proto));
         let entry_flags = wanted.iter().fold(0, |all, e| all | e.flags);
         if entry_flags & flags::MASQUERADE != 0 {
             self.ask_for_masquerade();
