@@ -280,13 +280,17 @@ fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dat
     let prefixes = AnyCidr::of::<Ipv6Addr>(&cfg.nodeport_addresses);
     let node_port_addresses = node_addresses::resolve(&prefixes, !cfg.nodeport_addresses.is_empty(), &devices(cfg));
     tracing::info!(addresses = ?node_port_addresses, "IPv6 node ports answer on");
-    let render = RenderConfig { node_port_addresses, chains: chains(cfg), ..cfg.iptables6.clone() };
+    let render =
+        RenderConfig { node_port_addresses: node_port_addresses.clone(), chains: chains(cfg), ..cfg.iptables6.clone() };
     match IptablesDataplane::new(render, cfg.iptables_full_sync_period) {
         Ok(rules) => Some(match maps {
             Some(maps) => {
                 let path = if maps.cgroup.is_some() { "the socket hooks" } else { "the per-packet path" };
-                tracing::info!("IPv6 Services: TCP and UDP ClusterIPs through {path}, the rest by ip6tables rules");
-                Box::new(EbpfIpv6::new(rules, maps))
+                tracing::info!(
+                    "IPv6 Services: TCP and UDP frontends through {path} (and the devices' programs from outside), \
+                     the rest by ip6tables rules"
+                );
+                Box::new(EbpfIpv6::new(rules, maps).with_node_addresses(node_port_addresses.addresses()))
             }
             None => Box::new(rules),
         }),

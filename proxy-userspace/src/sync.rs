@@ -249,11 +249,14 @@ impl<D: Dataplane> Syncer<D> {
     /// be programmed (they are retried on the next sync).
     pub fn apply(&mut self, planned: Planned, arrivals: &[Instant]) -> bool {
         let started = planned.started.unwrap_or_else(Instant::now);
-        let mut failed = self.v4.apply(&mut self.dataplane, &planned.ops, &self.metrics);
+        // IPv6 first: in eBPF mode its dataplane may need the node's devices,
+        // which the IPv4 dataplane (owning the programs) attaches as it applies.
+        let mut failed = 0;
         if let Some(v6) = self.v6.as_mut().filter(|v6| !v6.applied || !planned.ops6.is_empty()) {
             failed += v6.state.apply(v6.dataplane.as_mut(), &planned.ops6, &self.metrics);
             v6.applied = true;
         }
+        failed += self.v4.apply(&mut self.dataplane, &planned.ops, &self.metrics);
         let done = Instant::now();
         self.metrics.sync_duration.observe((done - started).as_secs_f64());
         for at in arrivals {

@@ -316,12 +316,18 @@ impl Cluster {
     }
 
     pub const OUTSIDE: Ipv4Addr = ROUTER;
+    /// [`Cluster::OUTSIDE`]'s IPv6 address (dual-stack and IPv6-only clusters).
+    pub const OUTSIDE6: Ipv6Addr = ROUTER6;
 
-    /// Routes `addr` (an external or load balancer IP) from outside to node `index`,
-    /// as a load balancer or router announcing it would.
-    pub fn route_from_outside(&self, addr: Ipv4Addr, index: u8) -> anyhow::Result<()> {
-        let via = self.node(index).address().to_string();
-        ip(&["-n", self.underlay.name(), "route", "add", &format!("{addr}/32"), "via", &via])
+    /// Routes `addr` (an external or load balancer IP, of either family)
+    /// from outside to node `index`, as a load balancer or router announcing
+    /// it would.
+    pub fn route_from_outside(&self, addr: impl Into<std::net::IpAddr>, index: u8) -> anyhow::Result<()> {
+        let (prefix, via) = match addr.into() {
+            std::net::IpAddr::V4(a) => (format!("{a}/32"), self.node(index).address().to_string()),
+            std::net::IpAddr::V6(a) => (format!("{a}/128"), underlay_ip6(index).to_string()),
+        };
+        ip(&["-n", self.underlay.name(), "route", "add", &prefix, "via", &via])
     }
 
     /// Routes node `index`'s pod CIDR from outside to that node, so an

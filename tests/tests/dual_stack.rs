@@ -20,9 +20,9 @@
 //! - on an IPv6-only cluster (no IPv4 address or route on nodes and pods),
 //!   an IPv6 Service is reached by TCP and UDP from a pod and a node
 //!   process, its node port from outside on each node, and one without
-//!   endpoints is refused; in eBPF mode a ClusterIP-only Service has no
-//!   ip6tables rule (the socket hooks alone serve it), and new connections
-//!   to it are answered while the agent restarts.
+//!   endpoints is refused; in eBPF mode neither a ClusterIP-only Service
+//!   nor a NodePort one has an ip6tables rule (the maps serve them), and
+//!   new connections to it are answered while the agent restarts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -342,19 +342,14 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
         assert_eq!(reached, both, "node port {node_port} from outside");
     }
 
-    // A ClusterIP-only Service is the socket hooks' alone in eBPF mode: no
-    // rule of its own in the nat table, which every new IPv6 connection on
-    // the node walks. A node port keeps its rules; iptables mode has them all.
+    // In eBPF mode the maps serve both Services, the node port too: no rule
+    // of their own in the nat table, which every new IPv6 connection on
+    // the node walks. iptables mode has them all.
     let lone = SocketAddr::new(LONE_VIP6.into(), 80);
     assert_eq!(answers(node0, client, lone, 10).0, both, "TCP to {lone}");
-    for proto in ["tcp", "udp"] {
-        assert_eq!(
-            nat_rule(node0, LONE_VIP6, proto),
-            mode == Mode::Iptables,
-            "{proto} ClusterIP rule in {mode:?} mode"
-        );
+    for (vip, proto) in [(LONE_VIP6, "tcp"), (LONE_VIP6, "udp"), (SIX_VIP6, "tcp")] {
+        assert_eq!(nat_rule(node0, vip, proto), mode == Mode::Iptables, "{vip} {proto} rule in {mode:?} mode");
     }
-    assert!(nat_rule(node0, SIX_VIP6, "tcp"), "a node port Service keeps its rules");
 
     // New connections to it are answered while node 0's agent restarts:
     // in eBPF mode the restarted agent takes the maps' IPv6 frontends over.

@@ -1,6 +1,7 @@
 //! Traffic from outside the cluster: NodePort, externalIPs and load
 //! balancer IPs on a two-node cluster, with a client on the underlay's
-//! router (outside every node), kpr running on both nodes. Backends answer
+//! router (outside every node), kpr running on both nodes; over IPv4, and
+//! over IPv6 on an IPv6-only cluster. Backends answer
 //! with their name and the client address they saw, so the tests tell
 //! which node served and whether the client's address was kept.
 
@@ -11,7 +12,7 @@ use std::{
 
 use kpr_tests::{
     client::{http_get, probe, probe_answer, tcp_request, udp_request},
-    cluster::{Cluster, ClusterNode, Shape, pod_ip},
+    cluster::{Cluster, ClusterNode, Shape, pod_ip, pod_ip6, underlay_ip6},
     kpr::{self, Kpr, Mode},
     manifests::write,
     netns::Netns,
@@ -31,16 +32,26 @@ const LB_FENCED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
 const LB_NODE1_PODS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
 /// A Service of `kind` whose endpoints are `(ip, node)`, with the extra
-/// spec fields given, ports 80/TCP -> 8080 (node port `np`) and 53/UDP -> 5353 (`np` - 1000).
-fn service(name: &str, vip: &str, np: u16, spec: &str, status: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+/// spec fields given, ports 80/TCP -> 8080 (node port `np`) and 53/UDP ->
+/// 5353 (`np` - 1000); of the family of `vip`.
+fn service<A: std::fmt::Display>(
+    name: &str,
+    vip: &str,
+    np: u16,
+    spec: &str,
+    status: &str,
+    endpoints: &[(A, &str)],
+) -> String {
     let eps: String =
         endpoints.iter().map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n")).collect();
+    let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
     format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: {name}, namespace: default}}
 spec:
-  clusterIP: {vip}
+  clusterIP: \"{vip}\"
+  ipFamilies: [{family}]
 {spec}  ports:
   - {{name: http, port: 80, targetPort: 8080, nodePort: {np}, protocol: TCP}}
   - {{name: dns, port: 53, targetPort: 5353, nodePort: {}, protocol: UDP}}
@@ -48,7 +59,7 @@ spec:
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
+addressType: {family}
 ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
 endpoints:
 {eps}",
@@ -324,7 +335,7 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     }
 }
 
-kpr_tests::in_both_modes!(serves_traffic_from_outside);
+kpr_tests::in_both_modes!(serves_traffic_from_outside, serves_ipv6_traffic_from_outside);
 
 /// A device whose driver has no native XDP (a bridge) falls back to generic
 /// XDP, one that has it (a veth) takes it, and both say so in the log,
@@ -366,4 +377,174 @@ fn xdp_falls_back_to_generic_where_the_driver_has_no_native_xdp() {
     ] {
         assert!(text.contains(line), "{line} in:\n{text}");
     }
+}
+
+/// An external IP and a load balancer IP of the IPv6 Service `open6`.
+const EXTERNAL_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0xe, 0, 0, 0, 0, 0, 7);
+const LB_OPEN6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0xe, 0, 0, 0, 0, 0, 8);
+
+/// Whether node `node`'s ip6tables nat table has a rule for port `port`.
+fn ip6tables_rule_for(node: &ClusterNode, port: u16) -> bool {
+    let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
+        .map(|save| node.ns.output(&[save, "-t", "nat"]).unwrap_or_default())
+        .concat();
+    nat.lines().any(|l| l.starts_with("-A ") && l.contains(&format!("--dport {port} ")))
+}
+
+/// The same from outside over IPv6, on an IPv6-only cluster: a node port
+/// under each traffic policy (UDP too), an external IP and a load balancer
+/// IP, from outside, from a pod and from the node. In eBPF mode the maps
+/// serve them all (no ip6tables rule for them), XDP forwards to the other
+/// node unless it is off, and `kpr service list` shows each way in.
+fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
+    root_or_skip!();
+    let mut cluster = Cluster::new_ipv6_only(2).unwrap();
+    let mut servers: Vec<Server> = Vec::new();
+    for (node, pod) in [(0, "web-0"), (1, "web-1")] {
+        cluster.add_pod(node, pod, 11).unwrap();
+        let ns = &cluster.node(node).pod(pod).ns;
+        servers.push(servers::tcp_dual_stack(ns, 8080, pod).unwrap());
+        servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
+    }
+    cluster.add_pod(0, "client", 100).unwrap();
+    let web0 = (pod_ip6(0, 11), "node0");
+    let web1 = (pod_ip6(1, 11), "node1");
+    for addr in [EXTERNAL_IP6, LB_OPEN6] {
+        cluster.route_from_outside(addr, 0).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let files = [
+        ("cluster.yaml", service("cluster", "fd00:96::20", 30080, "  type: NodePort\n", "", &[web1])),
+        ("cluster0.yaml", service("cluster0", "fd00:96::25", 30085, "  type: NodePort\n", "", &[web0])),
+        (
+            "local.yaml",
+            service(
+                "local",
+                "fd00:96::21",
+                30081,
+                "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32081\n",
+                "",
+                &[web0, web1],
+            ),
+        ),
+        (
+            "lonely.yaml",
+            service("lonely", "fd00:96::22", 30082, "  type: NodePort\n  externalTrafficPolicy: Local\n", "", &[web1]),
+        ),
+        (
+            "open.yaml",
+            service(
+                "open",
+                "fd00:96::23",
+                30083,
+                &format!("  type: LoadBalancer\n  externalIPs: [\"{EXTERNAL_IP6}\"]\n"),
+                &format!("status: {{loadBalancer: {{ingress: [{{ip: \"{LB_OPEN6}\"}}]}}}}\n"),
+                &[web1],
+            ),
+        ),
+    ];
+    for (file, text) in &files {
+        write(&manifests, file, text).unwrap();
+    }
+    let source = format!("--source=dir:{}", manifests.display());
+    let agents: Vec<Kpr> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let mut args = vec![mode.arg().to_string(), source.clone(), "--cluster-cidr=fd00:244::/32".to_string()];
+            if mode == Mode::Ebpf {
+                args.push(format!("--xdp={}", xdp[node.index as usize]));
+            }
+            node.start_kpr(&[], &args, dir.path()).unwrap()
+        })
+        .collect();
+
+    let outside = cluster.outside();
+    let (node0, node1) = (underlay_ip6(0), underlay_ip6(1));
+    let at = |addr: std::net::Ipv6Addr, port: u16| SocketAddr::from((addr, port));
+    // Cluster policy: either node forwards to the backend on node 1, the
+    // client source-NATed to the node it came in by.
+    assert_eq!(ask(outside, at(node0, 30080)).unwrap(), format!("web-1 {node0}"));
+    assert!(ask(outside, at(node1, 30080)).unwrap().starts_with("web-1 "));
+    let (reply, from) = outside.run(move || udp_request(at(node0, 29080), ANSWER)).unwrap().unwrap();
+    assert_eq!((reply.as_str(), from), ("web-1", at(node0, 29080)));
+    // Node 1 to the backend on node 0 (twice: the first flow may find no
+    // neighbour entry yet, and take the stack).
+    for _ in 0..2 {
+        assert_eq!(ask(outside, at(node1, 30085)).unwrap(), format!("web-0 {node1}"));
+    }
+    // From a pod and from the node itself.
+    let on0 = cluster.node(0);
+    let client = &on0.pod("client").ns;
+    assert!(ask_on(on0, client, at(node1, 30080)).starts_with("web-1 "));
+    assert!(ask_on(on0, &on0.ns, at(node0, 30080)).starts_with("web-1 "));
+
+    // Local policy: each node serves with its own backend, the client's address kept.
+    let outside_ip = Cluster::OUTSIDE6;
+    assert_eq!(ask(outside, at(node0, 30081)).unwrap(), format!("web-0 {outside_ip}"));
+    assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
+    assert!(dropped(outside, at(node0, 30082)), "a Local policy Service with no endpoint here is dropped");
+    assert_eq!(ask(outside, at(node1, 30082)).unwrap(), format!("web-1 {outside_ip}"));
+    // Pods and the node's own processes are served by every endpoint.
+    assert!(ask_on(on0, client, at(node0, 30082)).starts_with("web-1 "), "a pod reaching a Local node port");
+    assert!(ask_on(on0, &on0.ns, at(node0, 30082)).starts_with("web-1 "), "the node reaching a Local node port");
+    let (status, body) = health(outside, at(node0, 32081));
+    assert_eq!((status, &body["localEndpoints"]), (200, &serde_json::json!(1)), "{body}");
+
+    // An external IP and a load balancer IP, from outside and from a pod.
+    for addr in [EXTERNAL_IP6, LB_OPEN6] {
+        assert!(ask(outside, at(addr, 80)).unwrap().starts_with("web-1 "), "{addr} from outside");
+        assert!(ask_on(on0, client, at(addr, 80)).starts_with("web-1 "), "{addr} from a pod");
+    }
+
+    for node in &cluster.nodes {
+        // eBPF mode serves them all from its maps; iptables mode by its rules.
+        for port in [30080, 30081] {
+            assert_eq!(ip6tables_rule_for(node, port), mode == Mode::Iptables, "{}: {port}", node.name);
+        }
+    }
+    if mode == Mode::Ebpf {
+        for (node, asked) in cluster.nodes.iter().zip(xdp) {
+            let (path, forwarded) = outside_path(node);
+            let expected = if asked == "off" { "tc".to_string() } else { format!("xdp_{asked}") };
+            assert_eq!(path, expected, "{}", node.name);
+            assert_eq!(forwarded > 0, asked != "off", "{}: {forwarded} requests forwarded in XDP", node.name);
+        }
+        // Each way in is listed with its policy.
+        let root = format!("--bpf-root={}", on0.bpf_root().display());
+        let list = kpr::command(&on0.ns, &["service", "list", "-o", "json", &root]).unwrap();
+        let entries: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let policy = |frontend: String| {
+            let entry = entries.as_array().unwrap().iter().find(|e| e["frontend"] == frontend).cloned();
+            entry.unwrap_or_else(|| panic!("no {frontend} in {entries:#}"))["policy"].clone()
+        };
+        assert_eq!(policy(format!("[{node0}]:30080/TCP")), "Cluster");
+        assert_eq!(policy(format!("[{node0}]:30081/TCP")), "Local");
+        assert_eq!(policy(format!("[{EXTERNAL_IP6}]:80/TCP")), "Cluster");
+    }
+    for (i, log) in agents.iter().map(Kpr::log).enumerate() {
+        assert!(!log.contains(" ERROR "), "node {i} logged an error:\n{log}");
+    }
+    drop(agents);
+    // `kpr cleanup` leaves no rule of either family behind.
+    for node in &cluster.nodes {
+        kpr::command(&node.ns, &["cleanup", &format!("--bpf-root={}", node.bpf_root().display())]).unwrap();
+        let after = ["ip6tables-nft-save", "ip6tables-legacy-save"]
+            .map(|save| node.ns.output(&[save]).unwrap_or_default())
+            .concat();
+        assert!(!after.contains("KUBE-") && !after.contains("kpr"), "{} after cleanup:\n{after}", node.name);
+    }
+    drop(servers);
+}
+
+fn serves_ipv6_traffic_from_outside(mode: Mode) {
+    serves_ipv6_from_outside(mode, ["native", "generic"]);
+}
+
+/// eBPF mode with XDP off: the TC programs on the devices serve IPv6 alone.
+#[test]
+fn tc_programs_alone_serve_ipv6_from_outside() {
+    serves_ipv6_from_outside(Mode::Ebpf, ["off", "off"]);
 }

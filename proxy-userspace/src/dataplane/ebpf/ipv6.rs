@@ -1,14 +1,16 @@
-//! eBPF mode's IPv6 family: the IPv6 TCP and UDP ClusterIPs in
+//! eBPF mode's IPv6 family: the IPv6 TCP and UDP frontends in
 //! [`abi::SERVICES6`], read by the socket hooks (pods and node processes
 //! under the cgroup connect or send straight to a backend with `connect6`
 //! and `sendmsg6`, and see the VIP as their peer with `getpeername6` and
-//! `recvmsg6`) and by the per-packet path on pod interfaces (with
-//! `--socket-lb=false`, or for pods outside the cgroup), and kube-proxy's
-//! ip6tables rules for what the maps do not serve: node ports, external and
-//! load balancer IPs, a Local internal policy or session affinity (see
-//! [`in_rules`]). A ClusterIP the maps serve has no rule: every new IPv6
-//! connection on the node would otherwise walk its rule in the nat table,
-//! thousands of them at scale. When a backend leaves, the per-packet path's
+//! `recvmsg6`), by the per-packet path on pod interfaces (with
+//! `--socket-lb=false`, or for pods outside the cgroup) and on the node's
+//! devices, and by XDP there: ClusterIPs, and the ways in from outside
+//! (node ports on the node's IPv6 addresses, external and load balancer
+//! IPs) under either traffic policy, as IPv4's. kube-proxy's ip6tables
+//! rules serve what the maps do not: a Local internal policy, session
+//! affinity, load balancer source ranges (see [`in_rules`]). A frontend the
+//! maps serve has no rule: every new IPv6 connection on the node would
+//! otherwise walk its rule in the nat table, thousands of them at scale. When a backend leaves, the per-packet path's
 //! UDP flows to it choose again, a UDP socket connected to it is ended (see
 //! `sock_destroy`), as IPv4 ones are, and an unconnected one chooses again
 //! on its next datagram.
@@ -26,17 +28,23 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::Ipv6Addr,
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::maps::{HashMap, MapData};
 use proxy_common::{
     conntrack::{CtEntry6, FlowKey6},
-    maps::{self as abi, Backend6, BackendKey, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue, SockKey6},
+    maps::{
+        self as abi, Backend6, BackendKey, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue, SockKey6, flags, kind,
+    },
 };
 
 use crate::{
     dataplane::{ApplyError, Dataplane, DataplaneError, Desired, Mode, iptables::IptablesDataplane},
-    frontend::{Frontend, FrontendKey, Protocol},
+    frontend::{Endpoint, Frontend, FrontendKey, Protocol},
     planner::Op,
 };
 
@@ -48,19 +56,40 @@ pub struct Ipv6Maps {
     pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
     /// The per-packet path's UDP flows (and any other non-TCP ones).
     pub ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
+    /// A Local policy's cluster-wide scope, by frontend id.
+    pub cluster_scope: HashMap<MapData, u32, ServiceValue>,
     pub cgroup: Option<PathBuf>,
+    /// Raised once a frontend reached from outside is written, for the
+    /// IPv4 dataplane (which owns the programs) to attach the devices.
+    pub reached_from_outside: Arc<AtomicBool>,
 }
 
 /// What one frontend holds in the maps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Written {
     id: u32,
     set: u32,
     slots: u32,
+    /// Its ways in from outside, if any are written (boxed: most have none).
+    outside: Option<Box<Outside>>,
+}
+
+/// What a frontend's ways in from outside hold in the maps.
+#[derive(Clone, Debug, Default)]
+struct Outside {
+    keys: Vec<ServiceKey6>,
+    /// Under a Local policy, the set (id, slots) of this node's endpoints.
+    local: Option<(u32, u32)>,
 }
 
 pub struct EbpfIpv6 {
     rules: IptablesDataplane<Ipv6Addr>,
+    /// Where node ports answer (`--nodeport-addresses`, resolved).
+    node_addresses: Vec<Ipv6Addr>,
+    /// External frontends to remove once the rules serve what they did.
+    stale: Vec<ServiceKey6>,
+    /// Whether the node's IPv6 masquerade rule is in place (see `masquerade`).
+    masquerade: bool,
     /// The frontends the rules serve (see [`in_rules`]), as they render them.
     rules_desired: Desired<Ipv6Addr>,
     maps: Ipv6Maps,
@@ -85,11 +114,18 @@ fn in_maps(f: &Frontend<Ipv6Addr>) -> bool {
     matches!(f.key.protocol, Protocol::Tcp | Protocol::Udp) && !f.internal_local && f.affinity_timeout.is_none()
 }
 
+/// Whether the maps serve `f`'s ways in from outside: those of a frontend
+/// they serve, unless its load balancer IPs are fenced by source ranges
+/// (the datapath holds IPv4 ranges only).
+fn outside_in_maps(f: &Frontend<Ipv6Addr>) -> bool {
+    let Some(ext) = f.external.as_deref() else { return false };
+    in_maps(f) && (ext.source_ranges.is_empty() || ext.load_balancer_ips.is_empty())
+}
+
 /// Whether `f` needs kube-proxy's rules beside the maps: what the maps
-/// do not serve (see [`in_maps`]), and a frontend reached from outside
-/// (its node port, external or load balancer IPs).
+/// do not serve (see [`in_maps`] and [`outside_in_maps`]).
 fn in_rules(f: &Frontend<Ipv6Addr>) -> bool {
-    !in_maps(f) || f.external.is_some()
+    !in_maps(f) || (f.external.is_some() && !outside_in_maps(f))
 }
 
 /// The frontend a [`abi::SERVICES6`] entry stands for.
@@ -110,6 +146,13 @@ fn write_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneEr
     move |e| DataplaneError::MapWrite { map, reason: e.to_string() }
 }
 
+impl Written {
+    /// The backend sets it names: its own, and a Local policy's.
+    fn sets(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        std::iter::once((self.set, self.slots)).chain(self.outside.as_ref().and_then(|o| o.local))
+    }
+}
+
 impl EbpfIpv6 {
     /// Serves IPv6 with `rules` and through `maps`, taking over the
     /// frontends a previous run left there: they serve until the first
@@ -119,14 +162,29 @@ impl EbpfIpv6 {
         let mut written = BTreeMap::new();
         let services: Vec<(ServiceKey6, ServiceValue)> = maps.services.iter().filter_map(Result::ok).collect();
         let mut markers = Vec::new();
-        for (key, value) in services {
-            match frontend_key(&key) {
+        let mut external = Vec::new();
+        for (key, value) in &services {
+            match frontend_key(key) {
+                Some(_) if kind::is_external(value.kind) => external.push((*key, *value)),
                 Some(frontend) => {
-                    let w = Written { id: value.id, set: value.backend_set, slots: value.backend_count };
+                    let w = Written { id: value.id, set: value.backend_set, slots: value.backend_count, outside: None };
                     written.insert(frontend, w);
                 }
-                None if key.is_vip_marker() => markers.push(key),
-                None => drop(maps.services.remove(&key)),
+                None if key.is_vip_marker() => markers.push(*key),
+                None => drop(maps.services.remove(key)),
+            }
+        }
+        // The ways in from outside go with the frontend of their id.
+        let by_id: BTreeMap<u32, FrontendKey<Ipv6Addr>> = written.iter().map(|(k, w)| (w.id, *k)).collect();
+        for (key, value) in external {
+            let Some(w) = by_id.get(&value.id).and_then(|k| written.get_mut(k)) else {
+                maps.services.remove(&key).ok();
+                continue;
+            };
+            let outside = w.outside.get_or_insert_with(Box::default);
+            outside.keys.push(key);
+            if value.flags & flags::LOCAL != 0 {
+                outside.local = Some((value.backend_set, value.backend_count));
             }
         }
         let mut vip_users: BTreeMap<Ipv6Addr, u32> = BTreeMap::new();
@@ -140,18 +198,21 @@ impl EbpfIpv6 {
         for vip in vip_users.keys() {
             maps.services.insert(ServiceKey6::vip_marker(vip.octets()), ServiceValue::MARKER, 0).ok();
         }
-        let sets: HashSet<u32> = written.values().map(|w| w.set).collect();
+        let sets: HashSet<u32> = written.values().flat_map(Written::sets).map(|(set, _)| set).collect();
         let backends: Vec<BackendKey> = maps.backends.keys().filter_map(Result::ok).collect();
         for key in backends.iter().filter(|k| !sets.contains(&k.set)) {
             maps.backends.remove(key).ok();
         }
         let next_id = written.values().map(|w| w.id).max().map_or(1, |id| id + 1);
-        let next_set = written.values().map(|w| w.set).max().map_or(1, |set| set + 1);
+        let next_set = written.values().flat_map(Written::sets).map(|(set, _)| set).max().map_or(1, |set| set + 1);
         if !written.is_empty() {
             tracing::info!(frontends = written.len(), "took over the IPv6 frontends the maps hold");
         }
         Self {
             rules,
+            node_addresses: Vec::new(),
+            stale: Vec::new(),
+            masquerade: false,
             rules_desired: Desired::new(),
             maps,
             adopted: !written.is_empty(),
@@ -163,6 +224,12 @@ impl EbpfIpv6 {
         }
     }
 
+    /// Serves node ports on `addresses` (frontends written later).
+    pub fn with_node_addresses(mut self, addresses: Vec<Ipv6Addr>) -> Self {
+        self.node_addresses = addresses;
+        self
+    }
+
     fn free(&mut self, (set, slots): (u32, u32)) {
         for slot in 0..slots {
             // Absent only if never written: nothing to free.
@@ -170,20 +237,26 @@ impl EbpfIpv6 {
         }
     }
 
-    /// Writes `f`'s ready backends as a new set and publishes it.
-    fn upsert(&mut self, f: &Frontend<Ipv6Addr>) -> Result<(), DataplaneError> {
+    /// Writes `endpoints` as a new set; nothing is left of it if a write fails.
+    fn write_set(&mut self, endpoints: &[Endpoint<Ipv6Addr>]) -> Result<(u32, u32), DataplaneError> {
         let set = self.next_set;
         self.next_set = self.next_set.wrapping_add(1).max(1);
-        for (slot, e) in f.backends.iter().enumerate() {
+        for (slot, e) in endpoints.iter().enumerate() {
             let key = BackendKey { set, slot: slot as u32 };
             if let Err(e) = self.maps.backends.insert(key, Backend6::new(e.ip.into(), e.port), 0) {
                 self.free((set, slot as u32));
                 return Err(write_error(abi::BACKENDS6)(e));
             }
         }
-        let slots = f.backends.len() as u32;
-        let old = self.written.get(&f.key).copied();
-        let id = old.map_or_else(
+        Ok((set, endpoints.len() as u32))
+    }
+
+    /// Writes `f`'s ready backends as a new set and publishes it, then its
+    /// ways in from outside.
+    fn upsert(&mut self, f: &Frontend<Ipv6Addr>) -> Result<(), DataplaneError> {
+        let (set, slots) = self.write_set(&f.backends)?;
+        let old = self.written.get(&f.key).cloned();
+        let id = old.as_ref().map_or_else(
             || {
                 let id = self.next_id;
                 self.next_id += 1;
@@ -207,7 +280,7 @@ impl EbpfIpv6 {
         if old.is_none() {
             self.add_vip_user(f.key.vip);
         }
-        if let Some(old) = old {
+        if let Some(old) = &old {
             self.retiring.push((old.set, old.slots));
             if f.key.protocol == Protocol::Udp {
                 let keep: HashSet<([u8; 16], [u8; 2])> =
@@ -224,8 +297,99 @@ impl EbpfIpv6 {
                 }
             }
         }
-        self.written.insert(f.key, Written { id, set, slots });
-        Ok(())
+        let outside = old.and_then(|o| o.outside);
+        self.written.insert(f.key, Written { id, set, slots, outside });
+        self.upsert_outside(f)
+    }
+
+    /// Writes `f`'s ways in from outside (see [`outside_in_maps`]; `f` is
+    /// written already) as IPv4's are: under the Cluster policy they share
+    /// the ClusterIP's set and are marked for the masquerade rule; under
+    /// a Local policy they get a set of this node's endpoints, and pods and
+    /// node processes reach them through the cluster-wide scope, written
+    /// before them. The ones `f` no longer has are removed after the rules
+    /// change (see `apply`).
+    fn upsert_outside(&mut self, f: &Frontend<Ipv6Addr>) -> Result<(), DataplaneError> {
+        let Some(w) = self.written.get(&f.key) else { return Ok(()) };
+        if w.outside.is_none() && !outside_in_maps(f) {
+            // Most frontends: nothing from outside, before or now.
+            return Ok(());
+        }
+        let (id, set, slots) = (w.id, w.set, w.slots);
+        let proto = f.key.protocol.number();
+        let wanted = if outside_in_maps(f) {
+            super::external_entries(f, &self.node_addresses, |a, port| ServiceKey6::new(a.octets(), port, proto))
+        } else {
+            Vec::new()
+        };
+        let local_only = f.external.as_deref().is_some_and(|e| e.local_only) && !wanted.is_empty();
+        if wanted.iter().any(|e| e.flags & flags::MASQUERADE != 0) {
+            self.ask_for_masquerade();
+        }
+        let local = if local_only { Some(self.write_set(f.local_backends())?) } else { None };
+        let cluster = ServiceValue {
+            id,
+            backend_set: set,
+            backend_count: slots,
+            terminating_count: 0,
+            kind: super::service_kind(f.service_type),
+            flags: 0,
+            _pad: [0; 2],
+        };
+        if local_only && let Err(e) = self.maps.cluster_scope.insert(id, cluster, 0) {
+            // Nothing names the new set yet: it goes at once.
+            if let Some(local) = local {
+                self.free(local);
+            }
+            return Err(write_error(abi::CLUSTER_SCOPE6)(e));
+        }
+        let mut written = Vec::new();
+        let mut failed = None;
+        for entry in &wanted {
+            let (backend_set, backend_count) = local.unwrap_or((set, slots));
+            let value = ServiceValue { backend_set, backend_count, kind: entry.kind, flags: entry.flags, ..cluster };
+            match self.maps.services.insert(entry.key, value, 0) {
+                Ok(()) => written.push(entry.key),
+                Err(e) => {
+                    failed = Some(write_error(abi::SERVICES6)(e));
+                    break;
+                }
+            }
+        }
+        if !written.is_empty() {
+            self.maps.reached_from_outside.store(true, Ordering::Relaxed);
+        }
+        let w = self.written.get_mut(&f.key).expect("looked up above");
+        let old = w.outside.take().map(|o| *o).unwrap_or_default();
+        // Entries written before a failure are kept (and tracked) with the old ones still wanted.
+        let mut keys: Vec<ServiceKey6> =
+            old.keys.iter().filter(|k| wanted.iter().any(|e| e.key == **k)).copied().collect();
+        keys.extend(written.iter().filter(|k| !old.keys.contains(k)));
+        w.outside = (!keys.is_empty() || local.is_some()).then(|| Box::new(Outside { keys, local }));
+        self.stale.extend(old.keys.iter().filter(|k| !wanted.iter().any(|e| e.key == **k)));
+        if let Some(old_local) = old.local {
+            self.retiring.push(old_local);
+        }
+        if old.local.is_some() && !local_only {
+            self.maps.cluster_scope.remove(&id).ok();
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Adds the node's IPv6 masquerade rule before the first request is
+    /// marked for it, as the IPv4 dataplane does its own; a failure is
+    /// said, and tried again at the next such frontend.
+    fn ask_for_masquerade(&mut self) {
+        if self.masquerade {
+            return;
+        }
+        match super::masquerade::ensure(true) {
+            Ok(()) => self.masquerade = true,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no IPv6 masquerade rule: IPv6 traffic from outside to backends on other nodes gets no answer"
+            ),
+        }
     }
 
     /// Moves the UDP clients of frontend `id` off the backends not in
@@ -276,12 +440,25 @@ impl EbpfIpv6 {
     }
 
     fn delete(&mut self, k: &FrontendKey<Ipv6Addr>) -> Result<(), DataplaneError> {
-        let Some(old) = self.written.remove(k) else { return Ok(()) };
+        let Some(mut old) = self.written.remove(k) else { return Ok(()) };
+        if let Some(outside) = old.outside.as_mut() {
+            for key in std::mem::take(&mut outside.keys) {
+                if let Err(e) = self.maps.services.remove(&key) {
+                    outside.keys.push(key);
+                    self.written.insert(*k, old);
+                    return Err(write_error(abi::SERVICES6)(e));
+                }
+            }
+        }
         if let Err(e) = self.maps.services.remove(&service_key(k)) {
             self.written.insert(*k, old);
             return Err(write_error(abi::SERVICES6)(e));
         }
         self.remove_vip_user(k.vip);
+        if let Some(local) = old.outside.as_ref().and_then(|o| o.local) {
+            self.retiring.push(local);
+            self.maps.cluster_scope.remove(&old.id).ok();
+        }
         self.retiring.push((old.set, old.slots));
         if k.protocol == Protocol::Udp {
             self.forget_udp_flows(old.id, &HashSet::new());
@@ -345,6 +522,11 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
                 errors.push(ApplyError { frontend: k, error });
             }
         }
+        for key in std::mem::take(&mut self.stale) {
+            if let Err(e) = self.maps.services.remove(&key) {
+                tracing::warn!(error = %e, "could not remove an IPv6 way in from outside; it serves until the next change");
+            }
+        }
         errors
     }
 
@@ -378,18 +560,35 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_ip_on_the_hooks_alone_has_no_rules() {
+    fn what_the_maps_serve_has_no_rules() {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             let f = frontend(protocol);
             assert!(in_maps(&f) && !in_rules(&f), "{protocol}");
         }
-        // Reached from outside: the node port is the rules'.
-        let node_port = Frontend {
-            service_type: ServiceType::NodePort,
-            external: Some(Box::new(External { node_port: Some(30080), ..Default::default() })),
+        // Reached from outside, under either policy: the maps' too.
+        let external = |external: External<Ipv6Addr>| Frontend {
+            service_type: ServiceType::LoadBalancer,
+            external: Some(Box::new(external)),
             ..frontend(Protocol::Tcp)
         };
-        assert!(in_maps(&node_port) && in_rules(&node_port));
+        let lb: Box<[Ipv6Addr]> = ["fd00:e::8".parse().unwrap()].into();
+        for local_only in [false, true] {
+            let f = external(External {
+                node_port: Some(30080),
+                load_balancer_ips: lb.clone(),
+                local_only,
+                ..Default::default()
+            });
+            assert!(outside_in_maps(&f) && !in_rules(&f), "local_only {local_only}");
+        }
+        // Load balancer IPs fenced by source ranges are the rules' (and
+        // with them the whole frontend, which the maps serve as well).
+        let fenced = external(External {
+            load_balancer_ips: lb,
+            source_ranges: ["fd00:100::/64".parse().unwrap()].into(),
+            ..Default::default()
+        });
+        assert!(in_maps(&fenced) && !outside_in_maps(&fenced) && in_rules(&fenced));
         // What the maps do not serve is the rules' alone.
         for f in [
             Frontend { internal_local: true, ..frontend(Protocol::Tcp) },

@@ -489,7 +489,9 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
         ct_any: take_hash(&mut ebpf, abi::CT6_ANY)?,
+        cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE6)?,
         cgroup: maps.cgroup.clone(),
+        reached_from_outside: Default::default(),
     };
     Ok(Attached {
         ebpf,

@@ -5,6 +5,8 @@
 //! reply is translated back. Netfilter picks the source ports, so two
 //! clients never share a tuple; the ports stay above the node port range
 //! (30000-32767), so a reply is never taken for a request to a node port.
+//! Each family has the rule in its own tables (iptables, ip6tables), added
+//! by that family's dataplane.
 
 use proxy_common::maps::MASQUERADE_MARK;
 
@@ -23,13 +25,14 @@ fn postrouting(backend: Backend, op: &str, protocol: &str) -> Result<bool, Datap
     backend.iptables(&args)
 }
 
-/// Adds the rule (TCP and UDP) to the backend the node uses, once.
-pub fn ensure() -> Result<(), DataplaneError> {
-    let backend = crate::dataplane::iptables::backend::detect(false);
+/// Adds the rule (TCP and UDP) to the backend the node uses for the
+/// family (`ipv6`), once.
+pub fn ensure(ipv6: bool) -> Result<(), DataplaneError> {
+    let backend = crate::dataplane::iptables::backend::detect(ipv6);
     for protocol in ["tcp", "udp"] {
         if !postrouting(backend, "-C", protocol)? && !postrouting(backend, "-A", protocol)? {
             return Err(DataplaneError::Command {
-                command: format!("iptables-{} -t nat -A POSTROUTING", backend.name()),
+                command: format!("{} -t nat -A POSTROUTING", backend.name()),
                 reason: "could not add the masquerade rule for traffic from outside".into(),
             });
         }
@@ -37,7 +40,7 @@ pub fn ensure() -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Removes the rule from both backends; returns how many rules went.
+/// Removes the rule from both backends of both families; returns how many rules went.
 pub fn remove() -> usize {
     let mut removed = 0;
     for backend in Backend::ALL {

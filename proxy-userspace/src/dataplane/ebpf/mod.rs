@@ -273,6 +273,10 @@ pub struct EbpfDataplane<M = AyaMaps> {
     socket_fence: Attachment,
     /// The socket hooks' IPv6 maps, until the IPv6 family's dataplane takes them.
     ipv6_maps: Option<ipv6::Ipv6Maps>,
+    /// Set by the IPv6 family's dataplane once it writes a frontend reached
+    /// from outside: the node's devices are attached as for IPv4's (this
+    /// dataplane owns the programs).
+    reached_from_outside6: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where something the dataplane adds only once a frontend needs it stands
@@ -318,6 +322,7 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.follow_bridges();
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
+        dataplane.reached_from_outside6 = attached.ipv6.reached_from_outside.clone();
         dataplane.ipv6_maps = Some(attached.ipv6);
         Ok(dataplane)
     }
@@ -359,6 +364,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             socket_cgroup: None,
             socket_fence: Attachment::NotNeeded,
             ipv6_maps: None,
+            reached_from_outside6: Arc::default(),
         }
     }
 
@@ -434,7 +440,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         if self.masquerade != Attachment::NotNeeded || self.ebpf.is_none() {
             return;
         }
-        self.masquerade = match masquerade::ensure() {
+        self.masquerade = match masquerade::ensure(false) {
             Ok(()) => Attachment::Added,
             Err(e) => {
                 // Node ports under a Cluster policy then reach only backends on this node.
@@ -884,7 +890,9 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
             }
         }
         // Only the frontends written now are looked at (not every one, on
-        // every apply): an earlier one reached from outside attached them then.
+        // every apply): an earlier one reached from outside attached them
+        // then. The IPv6 family's dataplane applies first, and says so.
+        reached_from_outside |= self.reached_from_outside6.load(std::sync::atomic::Ordering::Relaxed);
         if !self.devices.is_empty() && reached_from_outside {
             tracing::info!(devices = ?self.devices, "Services are reached from outside: attaching to the node's devices");
             let devices = std::mem::take(&mut self.devices);
