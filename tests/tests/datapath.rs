@@ -2,7 +2,9 @@
 //! BPF_PROG_TEST_RUN: exact rewrites, checksums verified by recomputation,
 //! refusals, malformed packets left alone or dropped, every drop counted
 //! under its reason, exact traffic counts, and map memory that does not
-//! scale with capacity times CPUs.
+//! scale with capacity times CPUs; and the XDP program forwarding IPv6
+//! from outside, in a namespace whose routes and neighbours its FIB
+//! lookups see.
 
 use std::{
     collections::HashMap as StdMap,
@@ -1464,4 +1466,234 @@ fn mutated_ipv6_frames_are_never_mistranslated_and_every_drop_is_counted() {
     dp.services6(2);
     let (shot, rewritten) = fuzz(&dp, 0x6b70_7236, &templates6(), mutate6, may_be_rewritten6, 14 + 40);
     assert!(rewritten > 0, "shot {shot}, rewritten {rewritten}");
+}
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// The node, a client outside and the backend on another node, in the XDP tests' namespace.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x10);
+const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+const NEXT_NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x11);
+const REMOTE_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x11);
+const OUTSIDE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const NEXT_NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+
+/// The XDP program, run by BPF_PROG_TEST_RUN inside a namespace of its own
+/// whose routes and neighbours its FIB lookups see: a device `x0` holding
+/// the node's address, the next node and the client outside on its link.
+struct Xdp {
+    ebpf: Ebpf,
+    ns: kpr_tests::netns::Netns,
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+impl Xdp {
+    fn new() -> Self {
+        let ns = kpr_tests::netns::Netns::new(&format!("{}xdp", kpr_tests::netns::unique_prefix())).unwrap();
+        let (next, outside) = (NEXT_NODE6.to_string(), OUTSIDE6.to_string());
+        #[rustfmt::skip]
+        let setup: [&[&str]; 8] = [
+            &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+            &["ip", "link", "add", "x0", "type", "veth", "peer", "name", "x1"],
+            &["ip", "link", "set", "x0", "up"],
+            &["ip", "link", "set", "x1", "up"],
+            &["ip", "-6", "addr", "add", "fd00:100::10/64", "dev", "x0", "nodad"],
+            &["ip", "-6", "route", "add", "fd00:244:1::/64", "via", &next, "dev", "x0"],
+            &["ip", "-6", "neigh", "replace", &next, "lladdr", "02:00:00:00:00:11", "dev", "x0", "nud", "permanent"],
+            &["ip", "-6", "neigh", "replace", &outside, "lladdr", "02:00:00:00:00:01", "dev", "x0", "nud", "permanent"],
+        ];
+        for cmd in setup {
+            ns.exec(cmd).unwrap();
+        }
+        let ifindex: u32 = ns.output(&["cat", "/sys/class/net/x0/ifindex"]).unwrap().trim().parse().unwrap();
+        let mac = ns.output(&["cat", "/sys/class/net/x0/address"]).unwrap();
+        let mac: Vec<u8> = mac.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        let mut ebpf = ebpf::load(MapSizes::default()).expect("load");
+        let prog: &mut aya::programs::Xdp = ebpf.program_mut(ebpf::XDP_PROGRAM).unwrap().try_into().unwrap();
+        prog.load().unwrap_or_else(|e| panic!("the verifier refuses the XDP program: {e}"));
+        Self { ebpf, ns, ifindex, mac: mac.try_into().unwrap() }
+    }
+
+    /// An IPv6 frontend from outside: `addr:port` (`proto`) -> `backend:target`, under `flags`.
+    fn frontend6(&mut self, addr: Ipv6Addr, port: u16, proto: u8, id: u32, backend: Ipv6Addr, target: u16, flags: u8) {
+        let mut svcs: HashMap<_, ServiceKey6, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(abi::SERVICES6).unwrap()).unwrap();
+        let value = ServiceValue {
+            id,
+            backend_set: id,
+            backend_count: 1,
+            kind: abi::kind::NODE_PORT_ADDRESS,
+            flags,
+            ..ServiceValue::MARKER
+        };
+        svcs.insert(ServiceKey6::new(addr.octets(), port, proto), value, 0).unwrap();
+        let mut bes: HashMap<_, BackendKey, Backend6> =
+            HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS6).unwrap()).unwrap();
+        bes.insert(BackendKey { set: id, slot: 0 }, Backend6::new(backend.into(), target), 0).unwrap();
+    }
+
+    /// Runs `frame`, come in on `x0`, through the XDP program in the namespace.
+    fn run(self, frame: Vec<u8>) -> (Self, u32, Vec<u8>) {
+        let (xdp, mut results) = self.run_all(vec![frame]);
+        let (verdict, out) = results.pop().unwrap();
+        (xdp, verdict, out)
+    }
+
+    /// [`Xdp::run`] for each of `frames`, in order (in one visit to the namespace).
+    fn run_all(self, frames: Vec<Vec<u8>>) -> (Self, Vec<(u32, Vec<u8>)>) {
+        let ns_name = self.ns.name().to_string();
+        kpr_tests::netns::run_in(&ns_name, move || {
+            let prog: &aya::programs::Xdp = self.ebpf.program(ebpf::XDP_PROGRAM).unwrap().try_into().unwrap();
+            let results = frames
+                .iter()
+                .map(|frame| {
+                    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+                    let md: Vec<u8> =
+                        [0, frame.len() as u32, 0, self.ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+                    let mut out = vec![0u8; 512];
+                    let r = prog
+                        .test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            data_out: Some(&mut out),
+                            ctx_in: Some(&md),
+                            ..Default::default()
+                        })
+                        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?}: {e}"));
+                    out.truncate(r.data_size_out as usize);
+                    (r.return_value, out)
+                })
+                .collect();
+            (self, results)
+        })
+        .unwrap()
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(abi::COUNTERS).unwrap()).unwrap();
+        m.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+}
+
+fn macs(f: &[u8]) -> ([u8; 6], [u8; 6]) {
+    (f[..6].try_into().unwrap(), f[6..12].try_into().unwrap())
+}
+
+/// XDP forwards IPv6 from outside to a node port whose backend is on
+/// another node, both ways, without the node's stack: the request to the
+/// backend from a NAT port of the node's address, the reply back to the
+/// client from the node port, each with its hop limit less one, the next
+/// hop's MAC addresses and a transport checksum that verifies, for TCP and
+/// UDP. What XDP leaves to the TC programs passes untouched: a Local
+/// policy's node port, extension headers, a frame cut short, a reply to
+/// no flow it translated.
+#[test]
+fn xdp_forwards_ipv6_from_outside_both_ways() {
+    root_or_skip!();
+    let mut xdp = Xdp::new();
+    xdp.frontend6(NODE6, 30080, abi::PROTO_TCP, 21, REMOTE_BACKEND6, 8080, abi::flags::MASQUERADE);
+    xdp.frontend6(NODE6, 29080, abi::PROTO_UDP, 22, REMOTE_BACKEND6, 5353, abi::flags::MASQUERADE);
+    xdp.frontend6(NODE6, 30081, abi::PROTO_TCP, 23, REMOTE_BACKEND6, 8080, abi::flags::LOCAL);
+    let (node_mac, ifindex) = (xdp.mac, xdp.ifindex);
+    assert!(ifindex > 0);
+    for (proto, port, target, l4) in
+        [(6, 30080, 8080, tcp6(40000, 30080, TCP_SYN, b"")), (17, 29080, 5353, udp6(40001, 29080, b"query"))]
+    {
+        let sport = u16::from_be_bytes([l4[0], l4[1]]);
+        let request = frame6(OUTSIDE6, NODE6, &[], proto, l4);
+        let (x, verdict, out) = xdp.run(request);
+        xdp = x;
+        assert_eq!(verdict, XDP_TX, "{proto}: {out:02x?}");
+        let (src, dst, (nat_port, dport)) = (src6(&out), dst6(&out), ports(&out, L4_6));
+        assert_eq!((src, dst, dport), (NODE6, REMOTE_BACKEND6, target), "{proto}");
+        assert!(nat_port >= abi::NAT_PORT_MIN, "{proto}: NAT port {nat_port}");
+        assert_eq!(out[21], 63, "{proto}: hop limit");
+        assert_eq!(macs(&out), (NEXT_NODE_MAC, node_mac), "{proto}");
+        assert!(checksum6_ok(&out, L4_6, proto), "{proto}: {out:02x?}");
+
+        // The backend's reply, to the NAT port: back to the client, from the node port.
+        let reply_l4 =
+            if proto == 6 { tcp6(target, nat_port, TCP_SYN | TCP_ACK, b"") } else { udp6(target, nat_port, b"answer") };
+        let (x, verdict, out) = xdp.run(frame6(REMOTE_BACKEND6, NODE6, &[], proto, reply_l4));
+        xdp = x;
+        assert_eq!(verdict, XDP_TX, "{proto} reply: {out:02x?}");
+        assert_eq!((src6(&out), dst6(&out), ports(&out, L4_6)), (NODE6, OUTSIDE6, (port, sport)), "{proto} reply");
+        assert_eq!(macs(&out), (OUTSIDE_MAC, node_mac), "{proto} reply");
+        assert!(checksum6_ok(&out, L4_6, proto), "{proto} reply: {out:02x?}");
+    }
+    assert_eq!((xdp.counter(Counter::XdpForwarded), xdp.counter(Counter::XdpReplyForwarded)), (2, 2));
+
+    // Left to the TC programs, untouched.
+    let stray_reply = frame6(REMOTE_BACKEND6, NODE6, &[], 6, tcp6(8080, 40999, TCP_ACK, b""));
+    let mut short = frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40002, 30080, TCP_SYN, b""));
+    short.truncate(L4_6 + 10);
+    for frame in [
+        frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40003, 30081, TCP_SYN, b"")),
+        frame6(OUTSIDE6, NODE6, &[(DEST_OPTS, ext(8))], 6, tcp6(40004, 30080, TCP_SYN, b"")),
+        short,
+        stray_reply,
+    ] {
+        let (x, verdict, out) = xdp.run(frame.clone());
+        xdp = x;
+        assert_eq!((verdict, out), (XDP_PASS, frame));
+    }
+    assert_eq!(xdp.counter(Counter::XdpForwarded), 2);
+}
+
+/// 6,000 mutated frames from outside (requests to the node ports, the
+/// backend's replies, a Local policy's request) through the XDP program:
+/// each passes, is sent on or is dropped counted; what is sent on was to
+/// a node port XDP translates or from the backend it forwards to, and
+/// leaves the node's address for the next node or the client.
+#[test]
+fn mutated_ipv6_frames_from_outside_are_never_misforwarded_by_xdp() {
+    root_or_skip!();
+    const XDP_DROP: u32 = 1;
+    let mut xdp = Xdp::new();
+    xdp.frontend6(NODE6, 30080, abi::PROTO_TCP, 21, REMOTE_BACKEND6, 8080, abi::flags::MASQUERADE);
+    xdp.frontend6(NODE6, 29080, abi::PROTO_UDP, 22, REMOTE_BACKEND6, 5353, abi::flags::MASQUERADE);
+    xdp.frontend6(NODE6, 30081, abi::PROTO_TCP, 23, REMOTE_BACKEND6, 8080, abi::flags::LOCAL);
+    // A flow to learn a NAT port from, so replies to it are among the templates.
+    let (x, verdict, out) = xdp.run(frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40000, 30080, TCP_SYN, b"")));
+    xdp = x;
+    assert_eq!(verdict, XDP_TX);
+    let nat_port = ports(&out, L4_6).0;
+    let templates = [
+        frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40000, 30080, TCP_ACK, b"hello")),
+        frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40010, 30080, TCP_SYN, b"")),
+        frame6(OUTSIDE6, NODE6, &[], 17, udp6(40011, 29080, b"query")),
+        frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40012, 30081, TCP_SYN, b"")),
+        frame6(REMOTE_BACKEND6, NODE6, &[], 6, tcp6(8080, nat_port, TCP_SYN | TCP_ACK, b"")),
+        frame6(OUTSIDE6, NODE6, &[(HOP_BY_HOP, ext(8))], 6, tcp6(40013, 30080, TCP_SYN, b"")),
+    ];
+    let mut rng = Random(0x6b70_7258);
+    let frames: Vec<Vec<u8>> = (0..6000)
+        .map(|_| {
+            let mut frame = templates[rng.below(templates.len())].clone();
+            for _ in 0..1 + rng.below(3) {
+                mutate6(&mut frame, &mut rng);
+            }
+            frame
+        })
+        .collect();
+    let (xdp, results) = xdp.run_all(frames.clone());
+    let (mut dropped, mut sent) = (0, 0);
+    for (i, (frame, (verdict, out))) in frames.iter().zip(results).enumerate() {
+        match verdict {
+            XDP_PASS => assert_eq!(&out, frame, "frame {i} passed changed"),
+            XDP_DROP => dropped += 1,
+            XDP_TX => {
+                sent += 1;
+                let request = dst6(frame) == NODE6 && [30080, 29080].contains(&ports(frame, L4_6).1);
+                let reply = src6(frame) == REMOTE_BACKEND6 && ports(frame, L4_6).1 == nat_port;
+                assert!(frame[14] >> 4 == 6 && (request || reply), "frame {i} sent on:\n{frame:02x?}\n{out:02x?}");
+                let ends = (src6(&out), dst6(&out));
+                assert!(ends == (NODE6, REMOTE_BACKEND6) || ends == (NODE6, OUTSIDE6), "frame {i}: {ends:?}");
+            }
+            other => panic!("frame {i}: XDP said {other} for {frame:02x?}"),
+        }
+    }
+    let counted: u64 = DropReason::ALL.iter().map(|r| xdp.counter(r.counter())).sum();
+    assert_eq!(counted, dropped, "every drop counted under one reason");
+    assert!(sent > 0, "some frames were still forwarded: {sent}");
 }
