@@ -1515,8 +1515,8 @@ impl Xdp {
         Self { ebpf, ns, ifindex, mac: mac.try_into().unwrap() }
     }
 
-    /// An IPv6 frontend from outside: `addr:port` (`proto`) -> `backend:target`, under `flags`.
-    fn frontend6(&mut self, addr: Ipv6Addr, port: u16, proto: u8, id: u32, backend: Ipv6Addr, target: u16, flags: u8) {
+    /// An IPv6 node port: `NODE6:port` (`proto`) -> `REMOTE_BACKEND6:target`, under `flags`.
+    fn node_port6(&mut self, port: u16, proto: u8, id: u32, target: u16, flags: u8) {
         let mut svcs: HashMap<_, ServiceKey6, ServiceValue> =
             HashMap::try_from(self.ebpf.map_mut(abi::SERVICES6).unwrap()).unwrap();
         let value = ServiceValue {
@@ -1527,10 +1527,10 @@ impl Xdp {
             flags,
             ..ServiceValue::MARKER
         };
-        svcs.insert(ServiceKey6::new(addr.octets(), port, proto), value, 0).unwrap();
+        svcs.insert(ServiceKey6::new(NODE6.octets(), port, proto), value, 0).unwrap();
         let mut bes: HashMap<_, BackendKey, Backend6> =
             HashMap::try_from(self.ebpf.map_mut(abi::BACKENDS6).unwrap()).unwrap();
-        bes.insert(BackendKey { set: id, slot: 0 }, Backend6::new(backend.into(), target), 0).unwrap();
+        bes.insert(BackendKey { set: id, slot: 0 }, Backend6::new(REMOTE_BACKEND6.into(), target), 0).unwrap();
     }
 
     /// Runs `frame`, come in on `x0`, through the XDP program in the namespace.
@@ -1591,9 +1591,9 @@ fn macs(f: &[u8]) -> ([u8; 6], [u8; 6]) {
 fn xdp_forwards_ipv6_from_outside_both_ways() {
     root_or_skip!();
     let mut xdp = Xdp::new();
-    xdp.frontend6(NODE6, 30080, abi::PROTO_TCP, 21, REMOTE_BACKEND6, 8080, abi::flags::MASQUERADE);
-    xdp.frontend6(NODE6, 29080, abi::PROTO_UDP, 22, REMOTE_BACKEND6, 5353, abi::flags::MASQUERADE);
-    xdp.frontend6(NODE6, 30081, abi::PROTO_TCP, 23, REMOTE_BACKEND6, 8080, abi::flags::LOCAL);
+    xdp.node_port6(30080, abi::PROTO_TCP, 21, 8080, abi::flags::MASQUERADE);
+    xdp.node_port6(29080, abi::PROTO_UDP, 22, 5353, abi::flags::MASQUERADE);
+    xdp.node_port6(30081, abi::PROTO_TCP, 23, 8080, abi::flags::LOCAL);
     let (node_mac, ifindex) = (xdp.mac, xdp.ifindex);
     assert!(ifindex > 0);
     for (proto, port, target, l4) in
@@ -1650,9 +1650,9 @@ fn mutated_ipv6_frames_from_outside_are_never_misforwarded_by_xdp() {
     root_or_skip!();
     const XDP_DROP: u32 = 1;
     let mut xdp = Xdp::new();
-    xdp.frontend6(NODE6, 30080, abi::PROTO_TCP, 21, REMOTE_BACKEND6, 8080, abi::flags::MASQUERADE);
-    xdp.frontend6(NODE6, 29080, abi::PROTO_UDP, 22, REMOTE_BACKEND6, 5353, abi::flags::MASQUERADE);
-    xdp.frontend6(NODE6, 30081, abi::PROTO_TCP, 23, REMOTE_BACKEND6, 8080, abi::flags::LOCAL);
+    xdp.node_port6(30080, abi::PROTO_TCP, 21, 8080, abi::flags::MASQUERADE);
+    xdp.node_port6(29080, abi::PROTO_UDP, 22, 5353, abi::flags::MASQUERADE);
+    xdp.node_port6(30081, abi::PROTO_TCP, 23, 8080, abi::flags::LOCAL);
     // A flow to learn a NAT port from, so replies to it are among the templates.
     let (x, verdict, out) = xdp.run(frame6(OUTSIDE6, NODE6, &[], 6, tcp6(40000, 30080, TCP_SYN, b"")));
     xdp = x;
