@@ -28,6 +28,14 @@ pub const SERVICE_TRAFFIC: &str = "SERVICE_TRAFFIC";
 /// for the same reason as [`SERVICE_TRAFFIC`].
 pub const BACKEND_TRAFFIC: &str = "BACKEND_TRAFFIC";
 
+/// [`SERVICE_TRAFFIC`] and [`BACKEND_TRAFFIC`] for IPv6 frontends (their ids
+/// are their own): frontend id -> [`Traffic`], and [`BackendTrafficKey6`] ->
+/// [`Traffic`]. Hash maps allocated as used (few nodes carry much IPv6);
+/// the agent removes a frontend's entries when it goes, and a backend's
+/// when it leaves.
+pub const SERVICE_TRAFFIC6: &str = "SERVICE_TRAFFIC6";
+pub const BACKEND_TRAFFIC6: &str = "BACKEND_TRAFFIC6";
+
 /// Socket-level load balancing: (socket, VIP, port, protocol) -> the
 /// backend an unconnected UDP socket was given, so its later datagrams to
 /// the same Service go to the same backend (LRU, sized like conntrack).
@@ -130,7 +138,7 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 28] = [
+pub const ALL_MAPS: [&str; 30] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
@@ -159,6 +167,8 @@ pub const ALL_MAPS: [&str; 28] = [
     COUNTERS,
     SERVICE_TRAFFIC,
     BACKEND_TRAFFIC,
+    SERVICE_TRAFFIC6,
+    BACKEND_TRAFFIC6,
 ];
 
 /// Map sizes used when the agent is not told otherwise. The service map
@@ -581,18 +591,21 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
-/// Key of [`BACKEND_TRAFFIC`]: a backend as one Service's endpoint.
+/// Key of [`BACKEND_TRAFFIC`] (and, with an [`In6`], of
+/// [`BACKEND_TRAFFIC6`]): a backend as one Service's endpoint.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BackendTrafficKey {
+pub struct BackendTrafficKey<A = [u8; 4]> {
     pub service_id: u32,
-    pub addr: [u8; 4],
+    pub addr: A,
     pub port: [u8; 2],
     pub _pad: [u8; 2],
 }
 
-impl BackendTrafficKey {
-    pub const fn new(service_id: u32, addr: [u8; 4], port: [u8; 2]) -> Self {
+pub type BackendTrafficKey6 = BackendTrafficKey<In6>;
+
+impl<A> BackendTrafficKey<A> {
+    pub const fn new(service_id: u32, addr: A, port: [u8; 2]) -> Self {
         Self { service_id, addr, port, _pad: [0; 2] }
     }
 }
@@ -710,6 +723,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseEntry {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for BackendTrafficKey {}
+    unsafe impl aya::Pod for super::BackendTrafficKey6 {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -741,6 +755,7 @@ mod tests {
         assert_eq!(size_of::<FragmentKey6>(), 16 + 16 + 4 + 1 + 3);
         assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<BackendTrafficKey>(), 12);
+        assert_eq!(size_of::<BackendTrafficKey6>(), 4 + 16 + 2 + 2);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<ForwardEntry>(), 12);

@@ -8,13 +8,14 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::HashMap};
 use proxy_common::{
     counters::Counter,
-    maps::{BackendTrafficKey, DeviceCounts, DeviceKey, Traffic},
+    ipv6::In6,
+    maps::{BackendTrafficKey, BackendTrafficKey6, DeviceCounts, DeviceKey, Traffic},
 };
 
-use crate::maps::{BACKEND_TRAFFIC, COUNTERS, DEVICE_COUNTS, SERVICE_TRAFFIC};
+use crate::maps::{BACKEND_TRAFFIC, BACKEND_TRAFFIC6, COUNTERS, DEVICE_COUNTS, SERVICE_TRAFFIC, SERVICE_TRAFFIC6};
 
 /// Bumps `counter` and hands `verdict` through, so call sites read as one line.
 #[inline(always)]
@@ -106,6 +107,31 @@ pub(crate) fn count_traffic_via(service_id: u32, addr: [u8; 4], port: [u8; 2], b
     // The insert lost that race, so the entry is there now. Should it not be
     // (the LRU map found no room at once), this packet's count is lost.
     if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(key) {
+        add(t, bytes);
+    }
+}
+
+/// Adds one packet of `bytes` to the IPv6 frontend `service_id`'s traffic
+/// and to that of the backend (`addr`, `port`) serving it. Their entries
+/// are created by the first packet (allocated as used, unlike IPv4's array).
+/// A BPF function of its own: its keys stay off its callers' frames.
+#[inline(never)]
+pub(crate) fn count_traffic6(service_id: u32, addr: &In6, port: [u8; 2], bytes: u32) {
+    add_or_create(&SERVICE_TRAFFIC6, &service_id, bytes);
+    add_or_create(&BACKEND_TRAFFIC6, &BackendTrafficKey6::new(service_id, *addr, port), bytes);
+}
+
+/// Adds one packet of `bytes` to `map`'s entry under `key`, created by the
+/// first packet (a race lost to another CPU adds to theirs).
+#[inline(always)]
+fn add_or_create<K>(map: &HashMap<K, Traffic>, key: &K, bytes: u32) {
+    if let Some(t) = map.get_ptr_mut(key) {
+        return add(t, bytes);
+    }
+    if map.insert(key, &Traffic { packets: 1, bytes: bytes as u64 }, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    if let Some(t) = map.get_ptr_mut(key) {
         add(t, bytes);
     }
 }

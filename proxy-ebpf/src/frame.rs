@@ -17,7 +17,7 @@ use proxy_common::{
 };
 
 use crate::{
-    counters::count_traffic_via,
+    counters::{count_traffic_via, count_traffic6},
     family::Family,
     fib::Fib,
     maps::{XDP_PACKET, XDP_PACKET6},
@@ -43,8 +43,8 @@ pub(crate) trait Frame: Family + Default {
         dst: End<Self>,
         hop: &Hop,
     ) -> Result<(), DropReason>;
-    /// Counts `bytes` of frontend `id`'s traffic with `backend` (IPv4's
-    /// only: IPv6 ids overlap IPv4's in the traffic maps).
+    /// Counts `bytes` of frontend `id`'s traffic with `backend`, in the
+    /// family's traffic maps.
     fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32);
     /// See [`Fib::route`].
     fn route(fib: &mut Fib, src: Option<Self>, dst: Self) -> Option<(Hop, Self)>;
@@ -336,5 +336,7 @@ impl Frame for In6 {
     }
 
     #[inline(always)]
-    fn count_traffic(_id: u32, _backend: Self, _port: [u8; 2], _bytes: u32) {}
+    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32) {
+        count_traffic6(id, &backend, port, bytes)
+    }
 }

@@ -23,7 +23,7 @@ use proxy_common::{
 
 use crate::{
     Verdict, conntrack,
-    counters::{DeviceEvent, count, count_device},
+    counters::{DeviceEvent, count, count_device, count_traffic6},
     family::Family,
     fragments, hairpin, ifindex,
     lookup::{self, Frontend, Lookup},
@@ -69,7 +69,7 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         return hairpin_reply(ctx, pkt);
     }
     match request(pkt, ifindex(ctx))? {
-        Lookup::ToBackend(backend, frontend, _) => forward(ctx, pkt, &backend, frontend),
+        Lookup::ToBackend(backend, frontend, _) => forward(ctx, pkt, &backend, &frontend),
         Lookup::NoBackend => refuse::refuse6(ctx, pkt),
         Lookup::NotService => Ok(Verdict::Pass),
     }
@@ -95,7 +95,7 @@ fn request(pkt: &Packet6, ifindex: u32) -> Result<Lookup<In6>, DropReason> {
 
 /// Rewrites a request for its backend, counted.
 #[inline(never)]
-fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: Frontend) -> Result<Verdict, DropReason> {
+fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: &Frontend) -> Result<Verdict, DropReason> {
     translate::forward6(ctx, pkt, backend)?;
     remember_ports(pkt);
     let verdict = if hairpin::is_hairpin(pkt, backend.addr, ifindex(ctx)) {
@@ -111,6 +111,7 @@ fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: Fronten
     };
     count(Counter::Translated, ());
     count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, false);
+    count_traffic6(frontend.id, &backend.addr, backend.port, ctx.len());
     Ok(verdict)
 }
 
@@ -129,6 +130,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> 
     remember_ports(pkt);
     count(Counter::ReverseTranslated, ());
     count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
+    count_traffic6(frontend.service_id, &pkt.src, pkt.src_port, ctx.len());
     hairpin::reflect(ctx)
 }
 
@@ -174,6 +176,7 @@ fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
     remember_ports(pkt);
     count(Counter::ReverseTranslated, ());
     count_device(ifindex(ctx), hook::TC_EGRESS, DeviceEvent::ReverseTranslated, false);
+    count_traffic6(frontend.service_id, &pkt.src, pkt.src_port, ctx.len());
     Ok(Verdict::Pass)
 }
 

@@ -13,11 +13,11 @@ use proxy_common::{
     conntrack::{CtEntry, CtEntry6, FlowKey, FlowKey6},
     counters,
     maps::{
-        AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BridgePort, DEFAULT_BACKENDS_MAX,
-        DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FRAGMENTS_MAX,
-        DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry, FragmentKey,
-        FragmentKey6, FragmentPorts, NatAddress, NatAddress6, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6,
-        ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
+        AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, BridgePort,
+        DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
+        DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry,
+        FragmentKey, FragmentKey6, FragmentPorts, NatAddress, NatAddress6, ReverseEntry, ReverseEntry6, ServiceKey,
+        ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
     },
 };
 
@@ -77,6 +77,15 @@ pub(crate) static SERVICE_TRAFFIC: Array<Traffic> = Array::with_max_entries(DEFA
 #[map]
 pub(crate) static BACKEND_TRAFFIC: LruHashMap<BackendTrafficKey, Traffic> =
     LruHashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+
+/// IPv6's traffic, allocated as used (see proxy-common's `SERVICE_TRAFFIC6`).
+#[map]
+pub(crate) static SERVICE_TRAFFIC6: HashMap<u32, Traffic> =
+    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static BACKEND_TRAFFIC6: HashMap<BackendTrafficKey6, Traffic> =
+    HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =

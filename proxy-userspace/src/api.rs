@@ -3,7 +3,7 @@
 //! metrics address. Observers only read.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
@@ -16,7 +16,8 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 
 use crate::{
     dataplane::{DatapathStats, Mode},
-    inspect::{FrontendTraffic, MapFill},
+    frontend::Family,
+    inspect::{Counts, FrontendTraffic, MapFill},
     metrics::Metrics,
     model::Model,
     rejection::Rejection,
@@ -150,10 +151,13 @@ async fn livez(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (code, [("content-type", "application/json")], health.body())
 }
 
-/// One Service frontend's traffic with the Service's name.
+/// One Service frontend's traffic (of either family) with the Service's name.
 pub struct NamedTraffic<'a> {
     pub service: String,
-    pub traffic: &'a FrontendTraffic,
+    /// `VIP:port/PROTOCOL`.
+    pub frontend: String,
+    pub total: Counts,
+    pub backends: &'a BTreeMap<String, Counts>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -171,21 +175,18 @@ pub fn datapath_families(counters: &[(&str, u64)], traffic: &[NamedTraffic], fil
     for (name, what, bytes) in [("kpr_service_packets", "Packets", false), ("kpr_service_bytes", "Bytes", true)] {
         family(&mut out, name, "counter", &format!("{what} to and from each Service frontend."));
         for t in traffic {
-            let v = if bytes { t.traffic.total.bytes } else { t.traffic.total.packets };
-            out.push_str(&format!(
-                "{name}_total{{service=\"{}\",frontend=\"{}\"}} {v}\n",
-                t.service, t.traffic.frontend
-            ));
+            let v = if bytes { t.total.bytes } else { t.total.packets };
+            out.push_str(&format!("{name}_total{{service=\"{}\",frontend=\"{}\"}} {v}\n", t.service, t.frontend));
         }
     }
     for (name, what, bytes) in [("kpr_backend_packets", "Packets", false), ("kpr_backend_bytes", "Bytes", true)] {
         family(&mut out, name, "counter", &format!("{what} to and from each backend of a Service frontend."));
         for t in traffic {
-            for (backend, c) in &t.traffic.backends {
+            for (backend, c) in t.backends {
                 let v = if bytes { c.bytes } else { c.packets };
                 out.push_str(&format!(
                     "{name}_total{{service=\"{}\",frontend=\"{}\",backend=\"{backend}\"}} {v}\n",
-                    t.service, t.traffic.frontend
+                    t.service, t.frontend
                 ));
             }
         }
@@ -252,13 +253,15 @@ pub fn device_families(devices: &[crate::inspect::DeviceStats]) -> String {
     out
 }
 
-/// Traffic per frontend, named after the Services the model says own them.
-pub fn named<'a>(model: &Model, traffic: &'a [FrontendTraffic]) -> Vec<NamedTraffic<'a>> {
+/// Traffic per frontend of one family, named after the Services the model says own them.
+pub fn named<'a, A: Family>(model: &Model<A>, traffic: &'a [FrontendTraffic<A>]) -> Vec<NamedTraffic<'a>> {
     traffic
         .iter()
         .map(|t| NamedTraffic {
             service: model.frontends.get(&t.frontend).map(|f| f.service.to_string()).unwrap_or_default(),
-            traffic: t,
+            frontend: t.frontend.to_string(),
+            total: t.total,
+            backends: &t.backends,
         })
         .collect()
 }
@@ -276,8 +279,11 @@ fn exposition(o: &Observed) -> String {
         extra.push_str(&format!("kpr_frontends{{family=\"IPv6\"}} {}\n", model6.read().unwrap().frontends.len()));
     }
     if let Some(datapath) = &o.datapath {
-        let traffic = datapath.traffic();
-        let named = named(&o.model.read().unwrap(), &traffic);
+        let (traffic, traffic6) = (datapath.traffic(), datapath.traffic6());
+        let mut named = named(&o.model.read().unwrap(), &traffic);
+        if let Some(model6) = &o.model6 {
+            named.extend(self::named(&model6.read().unwrap(), &traffic6));
+        }
         extra.push_str(&datapath_families(&datapath.counters(), &named, &datapath.fill()));
         extra.push_str(&device_families(&datapath.devices()));
     }
@@ -370,11 +376,8 @@ mod tests {
 
     #[test]
     fn datapath_families_carry_traffic_conntrack_and_fill() {
-        use crate::{
-            frontend::{FrontendKey, Protocol},
-            inspect::Counts,
-        };
-        let traffic = FrontendTraffic {
+        use crate::frontend::{FrontendKey, Protocol};
+        let traffic: FrontendTraffic = FrontendTraffic {
             frontend: FrontendKey { vip: [10, 96, 0, 10].into(), port: 80, protocol: Protocol::Tcp },
             total: Counts { packets: 3, bytes: 180 },
             backends: [("10.244.0.2:8080".to_string(), Counts { packets: 3, bytes: 180 })].into(),
@@ -382,7 +385,12 @@ mod tests {
         let fill = [MapFill { map: "CT_TCP".into(), entries: 2, max_entries: 8, ratio: 0.25 }];
         let text = datapath_families(
             &[("translated", 7)],
-            &[NamedTraffic { service: "default/web:http".into(), traffic: &traffic }],
+            &[NamedTraffic {
+                service: "default/web:http".into(),
+                frontend: traffic.frontend.to_string(),
+                total: traffic.total,
+                backends: &traffic.backends,
+            }],
             &fill,
         );
         for line in [

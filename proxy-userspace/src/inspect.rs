@@ -15,14 +15,14 @@ use proxy_common::{
     counters::Counter,
     ipv6::In6,
     maps::{
-        self as abi, BACKEND_TERMINATING, Backend, Backend6, BackendKey, BackendTrafficKey, DeviceCounts, DeviceKey,
-        FragmentKey, FragmentPorts, PROTO_TCP, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue,
-        SockKey, SockKey6, SourceRangeKey, Traffic, flags, hook, kind,
+        self as abi, BACKEND_TERMINATING, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6,
+        DeviceCounts, DeviceKey, FragmentKey, FragmentPorts, PROTO_TCP, ReverseEntry, ReverseEntry6, ServiceKey,
+        ServiceKey6, ServiceValue, SockKey, SockKey6, SourceRangeKey, Traffic, flags, hook, kind,
     },
 };
 use serde::{Deserialize, Serialize};
 
-use crate::frontend::{FrontendKey, Protocol};
+use crate::frontend::{Family, FrontendKey, Protocol};
 
 /// Where bpffs is mounted on a node.
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf";
@@ -110,15 +110,16 @@ impl From<Traffic> for Counts {
 
 /// Traffic to and from one frontend, and through each of its backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct FrontendTraffic {
+#[serde(bound(serialize = "A: Family"))]
+pub struct FrontendTraffic<A = Ipv4Addr> {
     #[serde(serialize_with = "as_text")]
-    pub frontend: FrontendKey,
+    pub frontend: FrontendKey<A>,
     #[serde(flatten)]
     pub total: Counts,
     pub backends: BTreeMap<String, Counts>,
 }
 
-fn as_text<S: serde::Serializer>(k: &FrontendKey, s: S) -> Result<S::Ok, S::Error> {
+fn as_text<A: Family, S: serde::Serializer>(k: &FrontendKey<A>, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(k)
 }
 
@@ -183,6 +184,9 @@ pub struct Stats {
     pub datapath: BTreeMap<String, u64>,
     pub devices: Vec<DeviceStats>,
     pub services: Vec<FrontendTraffic>,
+    /// IPv6 frontends' traffic, where the datapath serves IPv6.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services6: Vec<FrontendTraffic<Ipv6Addr>>,
     pub maps: Vec<MapFill>,
 }
 
@@ -217,6 +221,8 @@ struct Ipv6Maps {
     ct_tcp: HashMap<MapData, FlowKey6, CtEntry6>,
     ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
     nat_forward: HashMap<MapData, FlowKey6, abi::NatAddress6>,
+    service_traffic: HashMap<MapData, u32, Traffic>,
+    backend_traffic: HashMap<MapData, BackendTrafficKey6, Traffic>,
 }
 
 /// Why the maps could not be read.
@@ -285,6 +291,8 @@ impl Maps {
                     ct_tcp: hash(get(abi::CT6_TCP)?, abi::CT6_TCP)?,
                     ct_any: hash(get(abi::CT6_ANY)?, abi::CT6_ANY)?,
                     nat_forward: hash(get(abi::NAT_FORWARD6)?, abi::NAT_FORWARD6)?,
+                    service_traffic: hash(get(abi::SERVICE_TRAFFIC6)?, abi::SERVICE_TRAFFIC6)?,
+                    backend_traffic: hash(get(abi::BACKEND_TRAFFIC6)?, abi::BACKEND_TRAFFIC6)?,
                 })
             })()
             .ok(),
@@ -464,6 +472,30 @@ impl Maps {
         out
     }
 
+    /// [`Maps::traffic`] for IPv6 frontends (none where the maps have no IPv6).
+    pub fn traffic6(&self) -> Vec<FrontendTraffic<Ipv6Addr>> {
+        let Some(v6) = &self.ipv6 else { return Vec::new() };
+        let mut by_id: BTreeMap<u32, FrontendTraffic<Ipv6Addr>> = v6
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !kind::is_external(v.kind))
+            .filter_map(|(k, v)| Some((v.id, frontend_key6(&k)?)))
+            .map(|(id, frontend)| {
+                let total = v6.service_traffic.get(&id, 0).map(Counts::from).unwrap_or_default();
+                (id, FrontendTraffic { frontend, total, backends: BTreeMap::new() })
+            })
+            .collect();
+        for (k, v) in v6.backend_traffic.iter().filter_map(Result::ok) {
+            if let Some(t) = by_id.get_mut(&k.service_id) {
+                t.backends.insert(endpoint6(k.addr.0, k.port).to_string(), Counts::from(v));
+            }
+        }
+        let mut out: Vec<_> = by_id.into_values().collect();
+        out.sort_by_key(|t| t.frontend);
+        out
+    }
+
     /// Entries in each hash map against its capacity.
     pub fn fill(&self) -> Vec<MapFill> {
         fn fill<K: aya::Pod, V: aya::Pod>(name: &str, m: &HashMap<MapData, K, V>) -> Option<MapFill> {
@@ -492,6 +524,7 @@ impl Maps {
             datapath: self.counters().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             devices: self.devices(),
             services: self.traffic(),
+            services6: self.traffic6(),
             maps: self.fill(),
         }
     }
@@ -581,6 +614,16 @@ pub fn frontend_key(k: &ServiceKey) -> Option<FrontendKey> {
         _ => return None,
     };
     Some(FrontendKey { vip: Ipv4Addr::from(k.addr), port: k.port(), protocol })
+}
+
+/// [`frontend_key`] for the IPv6 service map: `None` for a VIP marker.
+fn frontend_key6(k: &ServiceKey6) -> Option<FrontendKey<Ipv6Addr>> {
+    let protocol = match k.proto {
+        abi::PROTO_TCP => Protocol::Tcp,
+        abi::PROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    Some(FrontendKey { vip: Ipv6Addr::from(k.addr), port: u16::from_be_bytes(k.port), protocol })
 }
 
 fn protocol_name(proto: u8) -> &'static str {

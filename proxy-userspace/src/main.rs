@@ -499,9 +499,11 @@ fn print_stats(maps: MapsArgs) -> anyhow::Result<()> {
         }
     }
     println!("traffic:");
-    for s in &stats.services {
-        println!("  {:<30} {:>10} packets {:>12} bytes", s.frontend.to_string(), s.total.packets, s.total.bytes);
-        for (backend, c) in &s.backends {
+    let v4 = stats.services.iter().map(|s| (s.frontend.to_string(), &s.total, &s.backends));
+    let v6 = stats.services6.iter().map(|s| (s.frontend.to_string(), &s.total, &s.backends));
+    for (frontend, total, backends) in v4.chain(v6) {
+        println!("  {frontend:<30} {:>10} packets {:>12} bytes", total.packets, total.bytes);
+        for (backend, c) in backends {
             println!("    -> {backend:<25} {:>10} packets {:>12} bytes", c.packets, c.bytes);
         }
     }

@@ -24,7 +24,8 @@ use proxy_common::{
     conntrack::{self as ct, CtEntry, CtEntry6, FlowKey, FlowKey6},
     counters::{Counter, DropReason},
     maps::{
-        self as abi, Backend, Backend6, BackendKey, BackendTrafficKey, ServiceKey, ServiceKey6, ServiceValue, Traffic,
+        self as abi, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, ServiceKey, ServiceKey6,
+        ServiceValue, Traffic,
     },
 };
 use proxy_userspace::{
@@ -1011,10 +1012,24 @@ impl Datapath {
         }
     }
 
+    /// IPv6 frontend `id`'s traffic, and its backend `backend`'s.
+    fn traffic6(&self, id: u32, backend: (Ipv6Addr, u16)) -> (Option<Traffic>, Option<Traffic>) {
+        traffic6(&self.ebpf, id, backend)
+    }
+
     fn ct6_entries(&self, table: &str) -> usize {
         let m: HashMap<_, FlowKey6, CtEntry6> = HashMap::try_from(self.ebpf.map(table).unwrap()).unwrap();
         m.keys().filter(Result::is_ok).count()
     }
+}
+
+/// IPv6 frontend `id`'s traffic in `ebpf`'s maps, and its backend `backend`'s.
+fn traffic6(ebpf: &Ebpf, id: u32, backend: (Ipv6Addr, u16)) -> (Option<Traffic>, Option<Traffic>) {
+    let services: HashMap<_, u32, Traffic> = HashMap::try_from(ebpf.map(abi::SERVICE_TRAFFIC6).unwrap()).unwrap();
+    let backends: HashMap<_, BackendTrafficKey6, Traffic> =
+        HashMap::try_from(ebpf.map(abi::BACKEND_TRAFFIC6).unwrap()).unwrap();
+    let key = BackendTrafficKey6::new(id, backend.0.into(), backend.1.to_be_bytes());
+    (services.get(&id, 0).ok(), backends.get(&key, 0).ok())
 }
 
 fn tcp6(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
@@ -1133,6 +1148,24 @@ fn ipv6_requests_and_replies_are_translated_with_checksums_over_the_pseudo_heade
     let stray = frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 40009, TCP_ACK, b""));
     assert_eq!(dp.to_pod(&stray), (TC_ACT_OK, stray.clone()));
     assert_eq!(dp.drops(), 0);
+}
+
+#[test]
+fn ipv6_traffic_is_counted_per_service_and_backend_in_both_directions() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    dp.services6(1);
+    let syn = frame6(CLIENT6, VIP6, &[], 6, tcp6(40010, 80, TCP_SYN, b""));
+    let reply = frame6(BACKENDS6[0], CLIENT6, &[], 6, tcp6(8080, 40010, TCP_SYN | TCP_ACK, b""));
+    let data = frame6(CLIENT6, VIP6, &[], 6, tcp6(40010, 80, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n"));
+    assert_eq!(dp.run(&syn).0, TC_ACT_OK);
+    assert_eq!(dp.to_pod(&reply).0, TC_ACT_OK);
+    assert_eq!(dp.run(&data).0, TC_ACT_OK);
+    let want = Traffic { packets: 3, bytes: (syn.len() + reply.len() + data.len()) as u64 };
+    assert_eq!(dp.traffic6(11, (BACKENDS6[0], 8080)), (Some(want), Some(want)), "the frontend and its backend");
+    // Its own ids: IPv4's frontend 11 (none here) and IPv6's 12 count nothing.
+    assert_eq!(dp.service_traffic(11), Traffic::default());
+    assert_eq!(dp.traffic6(12, (BACKENDS6[0], 5353)), (None, None));
 }
 
 #[test]
@@ -1622,6 +1655,12 @@ fn xdp_forwards_ipv6_from_outside_both_ways() {
         assert!(checksum6_ok(&out, L4_6, proto), "{proto} reply: {out:02x?}");
     }
     assert_eq!((xdp.counter(Counter::XdpForwarded), xdp.counter(Counter::XdpReplyForwarded)), (2, 2));
+    // Each node port's request and reply, counted under its frontend and backend.
+    for (id, target) in [(21, 8080), (22, 5353)] {
+        let (total, backend) = traffic6(&xdp.ebpf, id, (REMOTE_BACKEND6, target));
+        assert_eq!(total.map(|t| t.packets), Some(2), "frontend {id}");
+        assert_eq!(backend, total, "frontend {id}");
+    }
 
     // Left to the TC programs, untouched.
     let stray_reply = frame6(REMOTE_BACKEND6, NODE6, &[], 6, tcp6(8080, 40999, TCP_ACK, b""));

@@ -388,6 +388,13 @@ fn marked_vips(node: &ClusterNode) -> BTreeSet<Ipv6Addr> {
     services.keys().filter_map(Result::ok).filter(ServiceKey6::is_vip_marker).map(|k| k.addr.into()).collect()
 }
 
+/// The traffic `kpr stats` shows for IPv6 frontend `frontend` on node `node`.
+fn traffic6(node: &ClusterNode, frontend: &str) -> serde_json::Value {
+    let stats = kpr::stats(&node.ns, node.bpf_root()).unwrap();
+    let found = stats["services6"].as_array().and_then(|s| s.iter().find(|t| t["frontend"] == frontend)).cloned();
+    found.unwrap_or_else(|| panic!("no {frontend} in {stats:#}"))
+}
+
 /// Whether node `node`'s nat table has a KUBE-SERVICES rule for `vip` and `proto`.
 fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
     let nat = ["ip6tables-legacy-save", "ip6tables-nft-save"]
@@ -401,10 +408,11 @@ fn nat_rule(node: &ClusterNode, vip: Ipv6Addr, proto: &str) -> bool {
 /// translates a pod's TCP and UDP to an IPv6 ClusterIP (backends on its
 /// node and the other, the pod itself among them: hairpin), with no
 /// ip6tables rule for it, refuses one without
-/// endpoints at once, tracks the flows (`kpr conntrack list`), moves a
-/// UDP flow off a backend that leaves, and translates the backend's ICMPv6
-/// port unreachable back to the VIP; iptables mode does all of it with its
-/// rules.
+/// endpoints at once, tracks the flows (`kpr conntrack list`), counts
+/// each frontend's traffic through each backend (`kpr stats`), moves a UDP
+/// flow off a backend that leaves (and counts it no more), and translates
+/// the backend's ICMPv6 port unreachable back to the VIP; iptables mode
+/// does all of it with its rules.
 fn serves_ipv6_per_packet(mode: Mode) {
     root_or_skip!();
     let (cluster, servers) = ipv6_only_cluster();
@@ -442,6 +450,12 @@ fn serves_ipv6_per_packet(mode: Mode) {
     if mode == Mode::Ebpf {
         // Each VIP is marked, so what cannot be translated to it is dropped.
         assert_eq!(marked_vips(node0), [LONE_VIP6, EMPTY_VIP6].into());
+        // `kpr stats` counts the frontend's traffic, through each backend.
+        let traffic = traffic6(node0, &format!("[{LONE_VIP6}]:80/TCP"));
+        assert!(traffic["packets"].as_u64().is_some_and(|p| p >= 60), "{traffic:#}");
+        let through: BTreeSet<String> = traffic["backends"].as_object().unwrap().keys().cloned().collect();
+        let want: BTreeSet<String> = WEB_PODS.iter().map(|(n, _)| format!("[{}]:8080", pod_ip6(*n, 11))).collect();
+        assert_eq!(through, want, "{traffic:#}");
     }
     // Hairpin: a backend reaching its own Service is answered by itself too.
     let web0 = &node0.pod("web-0").ns;
@@ -472,11 +486,19 @@ fn serves_ipv6_per_packet(mode: Mode) {
         assert_eq!(udp_flow["reply_tracked"], true, "{udp_flow:#}");
     }
     let kept: Vec<_> = endpoints.iter().copied().filter(|(pod, _)| *pod != gone).collect();
+    let left = endpoints.iter().find(|(pod, _)| *pod == gone).map(|(_, ip)| format!("[{ip}]:5353")).unwrap();
+    let udp_counted = |node| traffic6(node, &format!("[{LONE_VIP6}]:53/UDP"))["backends"].get(&left).is_some();
+    if mode == Mode::Ebpf {
+        assert!(udp_counted(node0), "the UDP flow's backend {left} is counted");
+    }
     let syncs = agents[0].log().matches("synced").count();
     write(&manifests, "lone.yaml", &manifest(&kept)).unwrap();
     agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
     let next = held.ask().unwrap();
     assert!(next.reply.as_deref().is_some_and(|r| r != gone && both.contains(r)), "after {gone} left: {next:?}");
+    if mode == Mode::Ebpf {
+        assert!(!udp_counted(node0), "the backend that left, {left}, is counted no more");
+    }
     // With no server left, the backend's ICMPv6 port unreachable reaches
     // the client as an error on its socket: its quote shows the VIP the
     // client sent to (translated back in eBPF mode), not the backend.

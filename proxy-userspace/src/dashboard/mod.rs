@@ -109,7 +109,7 @@ pub struct RejectedView {
 }
 
 /// One frontend as the page shows it, with its traffic if counted.
-fn view<A: Family>(f: &Frontend<A>, t: Option<&FrontendTraffic>) -> ServiceView {
+fn view<A: Family>(f: &Frontend<A>, t: Option<&FrontendTraffic<A>>) -> ServiceView {
     let backend = |e: &Endpoint<A>, state: &'static str| {
         let address = e.to_string();
         let c = t.and_then(|t| t.backends.get(&address)).copied().unwrap_or_default();
@@ -154,9 +154,11 @@ pub fn state(
     model: &Model,
     model6: Option<&Model<Ipv6Addr>>,
     traffic: &[FrontendTraffic],
+    traffic6: &[FrontendTraffic<Ipv6Addr>],
     datapath: Vec<(&'static str, u64)>,
 ) -> DashboardState {
     let traffic: BTreeMap<_, _> = traffic.iter().map(|t| (t.frontend, t)).collect();
+    let traffic6: BTreeMap<_, _> = traffic6.iter().map(|t| (t.frontend, t)).collect();
     let mut frontends: Vec<AnyFrontend<'_>> = model.frontends.values().map(AnyFrontend::V4).collect();
     frontends.extend(model6.into_iter().flat_map(|m| m.frontends.values()).map(AnyFrontend::V6));
     // By Service, a dual-stack Service's two frontends side by side.
@@ -166,7 +168,7 @@ pub fn state(
         .take(MAX_SERVICES)
         .map(|f| match f {
             AnyFrontend::V4(f) => view(f, traffic.get(&f.key).copied()),
-            AnyFrontend::V6(f) => view(f, None),
+            AnyFrontend::V6(f) => view(f, traffic6.get(&f.key).copied()),
         })
         .collect();
     let recent = o.recent.lock().unwrap();
@@ -190,13 +192,13 @@ fn rejected(r: &Rejection) -> RejectedView {
 async fn api_state(State(o): State<Observed>) -> impl IntoResponse {
     // Reading the maps is a few syscalls per entry: off the async threads.
     let view = tokio::task::spawn_blocking(move || {
-        let (traffic, datapath) = match &o.datapath {
-            Some(d) => (d.traffic(), d.counters()),
-            None => (Vec::new(), Vec::new()),
+        let (traffic, traffic6, datapath) = match &o.datapath {
+            Some(d) => (d.traffic(), d.traffic6(), d.counters()),
+            None => (Vec::new(), Vec::new(), Vec::new()),
         };
         let model = o.model.read().unwrap();
         let model6 = o.model6.as_ref().map(|m| m.read().unwrap());
-        state(&o, &model, model6.as_deref(), &traffic, datapath)
+        state(&o, &model, model6.as_deref(), &traffic, &traffic6, datapath)
     })
     .await;
     match view {
@@ -261,7 +263,13 @@ mod tests {
              kind: EndpointSlice\nmetadata: {name: web-6, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\n\
              ports: [{name: http, port: 8080}]\nendpoints: [{addresses: ['fd00::2']}]\n",
         ));
-        let s = state(&o, &model, Some(&model6), &traffic, vec![("translated", 5)]);
+        let key6 = FrontendKey { vip: "fd00::10".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
+        let traffic6 = [FrontendTraffic {
+            frontend: key6,
+            total: Counts { packets: 7, bytes: 700 },
+            backends: [("[fd00::2]:8080".to_string(), Counts { packets: 7, bytes: 700 })].into(),
+        }];
+        let s = state(&o, &model, Some(&model6), &traffic, &traffic6, vec![("translated", 5)]);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["services"][0]["name"], "default/web:http");
         assert_eq!(v["services"][0]["frontend"], "10.96.0.10:80/TCP");
@@ -273,9 +281,13 @@ mod tests {
             serde_json::json!({"address": "10.244.0.2:8080", "state": "active", "packets": 5, "bytes": 500})
         );
         assert_eq!(v["services"][0]["backends"][1]["state"], "terminating");
-        // The Service's IPv6 frontend beside it.
+        // The Service's IPv6 frontend beside it, with its own traffic.
         assert_eq!(v["services"][1]["frontend"], "[fd00::10]:80/TCP");
-        assert_eq!(v["services"][1]["backends"][0]["address"], "[fd00::2]:8080");
+        assert_eq!(v["services"][1]["packets"], 7);
+        assert_eq!(
+            v["services"][1]["backends"][0],
+            serde_json::json!({"address": "[fd00::2]:8080", "state": "active", "packets": 7, "bytes": 700})
+        );
         assert_eq!(v["services_total"], 2);
         assert_eq!(v["datapath"]["translated"], 5);
     }

@@ -10,7 +10,12 @@ pub mod kube_proxy;
 mod netlink;
 pub mod node_addresses;
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 pub use error::{ApplyError, DataplaneError};
 
@@ -95,6 +100,10 @@ pub trait DatapathStats: Send + Sync {
     fn counters(&self) -> Vec<(&'static str, u64)>;
     /// Traffic per frontend and per backend.
     fn traffic(&self) -> Vec<FrontendTraffic>;
+    /// The same for IPv6 frontends (none where the datapath has no IPv6).
+    fn traffic6(&self) -> Vec<FrontendTraffic<Ipv6Addr>> {
+        Vec::new()
+    }
     /// How full each table is.
     fn fill(&self) -> Vec<MapFill>;
     /// What the datapath did on each interface, and which path each device takes.

@@ -38,7 +38,8 @@ use aya::maps::{HashMap, MapData};
 use proxy_common::{
     conntrack::{CtEntry6, FlowKey6},
     maps::{
-        self as abi, Backend6, BackendKey, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue, SockKey6, flags, kind,
+        self as abi, Backend6, BackendKey, BackendTrafficKey6, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue,
+        SockKey6, Traffic, flags, kind,
     },
 };
 
@@ -58,6 +59,9 @@ pub struct Ipv6Maps {
     pub ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
     /// A Local policy's cluster-wide scope, by frontend id.
     pub cluster_scope: HashMap<MapData, u32, ServiceValue>,
+    /// Traffic per frontend id, and per (frontend, backend).
+    pub service_traffic: HashMap<MapData, u32, Traffic>,
+    pub backend_traffic: HashMap<MapData, BackendTrafficKey6, Traffic>,
     pub cgroup: Option<PathBuf>,
     /// Raised once a frontend reached from outside is written, for the
     /// IPv4 dataplane (which owns the programs) to attach the devices.
@@ -282,19 +286,16 @@ impl EbpfIpv6 {
         }
         if let Some(old) = &old {
             self.retiring.push((old.set, old.slots));
-            if f.key.protocol == Protocol::Udp {
-                let keep: HashSet<([u8; 16], [u8; 2])> =
-                    f.backends.iter().map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
-                // Only a backend that left leaves sockets to end (walking the
-                // socket map costs a syscall per entry); the old set is still
-                // in place until the next apply.
-                let left = (0..old.slots).any(|slot| {
-                    let backend = self.maps.backends.get(&BackendKey { set: old.set, slot }, 0);
-                    backend.is_ok_and(|b| !keep.contains(&(b.addr.0, b.port)))
-                });
-                if left {
-                    self.forget_udp_flows(id, &keep);
-                }
+            let keep: HashSet<([u8; 16], [u8; 2])> =
+                f.backends.iter().map(|e| (e.ip.octets(), e.port.to_be_bytes())).collect();
+            // The old set is still in place until the next apply.
+            let left: Vec<Backend6> =
+                self.backends_of(old.set, old.slots).filter(|b| !keep.contains(&(b.addr.0, b.port))).collect();
+            self.forget_traffic(id, &left);
+            // Only a backend that left leaves flows and sockets to end (walking
+            // the flow and socket maps costs a syscall per entry).
+            if f.key.protocol == Protocol::Udp && !left.is_empty() {
+                self.forget_udp_flows(id, &keep);
             }
         }
         let outside = old.and_then(|o| o.outside);
@@ -463,7 +464,24 @@ impl EbpfIpv6 {
         if k.protocol == Protocol::Udp {
             self.forget_udp_flows(old.id, &HashSet::new());
         }
+        // Ids are not reused, but their counts would stay in the maps.
+        self.maps.service_traffic.remove(&old.id).ok();
+        let backends: Vec<Backend6> = self.backends_of(old.set, old.slots).collect();
+        self.forget_traffic(old.id, &backends);
         Ok(())
+    }
+
+    /// The backends in the slots of set `set`.
+    fn backends_of(&self, set: u32, slots: u32) -> impl Iterator<Item = Backend6> + '_ {
+        (0..slots).filter_map(move |slot| self.maps.backends.get(&BackendKey { set, slot }, 0).ok())
+    }
+
+    /// Forgets the traffic counts of frontend `id` with `backends`. Best
+    /// effort: the counts are statistics.
+    fn forget_traffic(&mut self, id: u32, backends: &[Backend6]) {
+        for b in backends {
+            self.maps.backend_traffic.remove(&BackendTrafficKey6::new(id, b.addr, b.port)).ok();
+        }
     }
 }
 

@@ -103,7 +103,7 @@ impl Default for MapSizes {
 }
 
 /// The capacity of every map whose size is set at load time.
-fn capacities(sizes: MapSizes) -> [(&'static str, u32); 17] {
+fn capacities(sizes: MapSizes) -> [(&'static str, u32); 19] {
     [
         (abi::SERVICES, sizes.services),
         (abi::AFFINITY_TIMEOUTS, sizes.services),
@@ -122,6 +122,8 @@ fn capacities(sizes: MapSizes) -> [(&'static str, u32); 17] {
         (abi::SOCK_REVERSE6, sizes.flows),
         (abi::CT6_TCP, sizes.flows.saturating_mul(2)),
         (abi::CT6_ANY, sizes.flows),
+        (abi::SERVICE_TRAFFIC6, sizes.services),
+        (abi::BACKEND_TRAFFIC6, sizes.backends),
         // LRU (preallocated): a quarter, as few flows from outside are IPv6.
         (abi::NAT_FORWARD6, (sizes.flows / 4).max(1)),
         (abi::NAT_REVERSE6, (sizes.flows / 4).max(1)),
@@ -490,6 +492,8 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
         ct_any: take_hash(&mut ebpf, abi::CT6_ANY)?,
         cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE6)?,
+        service_traffic: take_hash(&mut ebpf, abi::SERVICE_TRAFFIC6)?,
+        backend_traffic: take_hash(&mut ebpf, abi::BACKEND_TRAFFIC6)?,
         cgroup: maps.cgroup.clone(),
         reached_from_outside: Default::default(),
     };
@@ -586,6 +590,9 @@ impl DatapathStats for Maps {
     }
     fn traffic(&self) -> Vec<FrontendTraffic> {
         Maps::traffic(self)
+    }
+    fn traffic6(&self) -> Vec<FrontendTraffic<std::net::Ipv6Addr>> {
+        Maps::traffic6(self)
     }
     fn fill(&self) -> Vec<MapFill> {
         Maps::fill(self)
