@@ -30,8 +30,9 @@ pub const BACKEND_TRAFFIC: &str = "BACKEND_TRAFFIC";
 
 /// [`SERVICE_TRAFFIC`] and [`BACKEND_TRAFFIC`] for IPv6 frontends (their ids
 /// are their own): frontend id -> [`Traffic`], and [`BackendTrafficKey6`] ->
-/// [`Traffic`]. Hash maps allocated as used (few nodes carry much IPv6);
-/// the agent removes a frontend's entries when it goes, and a backend's
+/// [`Traffic`]. LRU maps a quarter of IPv4's sizes: flows that outlive
+/// their frontend or backend count on, so a plain map would fill; the
+/// agent also removes a frontend's entries when it goes, and a backend's
 /// when it leaves.
 pub const SERVICE_TRAFFIC6: &str = "SERVICE_TRAFFIC6";
 pub const BACKEND_TRAFFIC6: &str = "BACKEND_TRAFFIC6";

@@ -8,7 +8,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::HashMap};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use proxy_common::{
     counters::Counter,
     ipv6::In6,
@@ -113,7 +113,8 @@ pub(crate) fn count_traffic_via(service_id: u32, addr: [u8; 4], port: [u8; 2], b
 
 /// Adds one packet of `bytes` to the IPv6 frontend `service_id`'s traffic
 /// and to that of the backend (`addr`, `port`) serving it. Their entries
-/// are created by the first packet (allocated as used, unlike IPv4's array).
+/// are created by the first packet (IPv6 ids are not reused, so they have
+/// no array of their own as IPv4's).
 /// A BPF function of its own: its keys stay off its callers' frames.
 #[inline(never)]
 pub(crate) fn count_traffic6(service_id: u32, addr: &In6, port: [u8; 2], bytes: u32) {
@@ -124,7 +125,7 @@ pub(crate) fn count_traffic6(service_id: u32, addr: &In6, port: [u8; 2], bytes: 
 /// Adds one packet of `bytes` to `map`'s entry under `key`, created by the
 /// first packet (a race lost to another CPU adds to theirs).
 #[inline(always)]
-fn add_or_create<K>(map: &HashMap<K, Traffic>, key: &K, bytes: u32) {
+fn add_or_create<K>(map: &LruHashMap<K, Traffic>, key: &K, bytes: u32) {
     if let Some(t) = map.get_ptr_mut(key) {
         return add(t, bytes);
     }

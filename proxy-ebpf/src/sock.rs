@@ -250,6 +250,10 @@ fn translate6(ctx: &SockAddrContext) -> Result<(), Refusal> {
 #[inline(always)]
 fn frontend6(vip: [u8; 16], port: [u8; 2], proto: u8) -> Result<Option<ServiceValue>, Refusal> {
     let Some(svc) = In6::service(In6(vip), port, proto) else { return Ok(None) };
+    // iptables mode took over: new sockets are its rules' to translate.
+    if svc.flags & flags::DRAINING != 0 {
+        return Ok(None);
+    }
     let svc = lookup::in_cluster::<In6>(svc);
     if svc.backend_count == 0 {
         return Err(Refusal::NoBackend);

@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{TcAttachType, tc},
 };
-use proxy_common::maps::{self as abi, ServiceKey, ServiceValue, flags};
+use proxy_common::maps::{self as abi, ServiceKey, ServiceKey6, ServiceValue, flags};
 
 use crate::{
     dataplane::{
@@ -108,7 +108,10 @@ const EBPF_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// would not know the mark).
 pub fn drain_ebpf(bpf_root: &Path) -> usize {
     let dir = inspect::maps_dir(bpf_root);
-    mark_draining::<ServiceKey>(&dir.join(abi::SERVICES)) + mark_draining::<u32>(&dir.join(abi::CLUSTER_SCOPE))
+    mark_draining::<ServiceKey>(&dir.join(abi::SERVICES))
+        + mark_draining::<u32>(&dir.join(abi::CLUSTER_SCOPE))
+        + mark_draining::<ServiceKey6>(&dir.join(abi::SERVICES6))
+        + mark_draining::<u32>(&dir.join(abi::CLUSTER_SCOPE6))
 }
 
 fn mark_draining<K: aya::Pod>(pin: &Path) -> usize {

@@ -393,9 +393,10 @@ fn ip6tables_rule_for(node: &ClusterNode, port: u16) -> bool {
 
 /// The same from outside over IPv6, on an IPv6-only cluster: a node port
 /// under each traffic policy (UDP too), an external IP and a load balancer
-/// IP, from outside, from a pod and from the node. In eBPF mode the maps
-/// serve them all (no ip6tables rule for them), XDP forwards to the other
-/// node unless it is off, and `kpr service list` shows each way in.
+/// IP, from outside, from a pod and from the node; a node port kept while
+/// its Service port is renumbered. In eBPF mode the maps serve them all
+/// (no ip6tables rule for them), XDP forwards to the other node unless it
+/// is off, and `kpr service list` shows each way in.
 fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
     root_or_skip!();
     let mut cluster = Cluster::new_ipv6_only(2).unwrap();
@@ -449,7 +450,7 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
         write(&manifests, file, text).unwrap();
     }
     let source = format!("--source=dir:{}", manifests.display());
-    let agents: Vec<Kpr> = cluster
+    let mut agents: Vec<Kpr> = cluster
         .nodes
         .iter()
         .map(|node| {
@@ -498,6 +499,15 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
         assert!(ask(outside, at(addr, 80)).unwrap().starts_with("web-1 "), "{addr} from outside");
         assert!(ask_on(on0, client, at(addr, 80)).starts_with("web-1 "), "{addr} from a pod");
     }
+    // A Service port renumbered with its node port kept: one sync removes
+    // the old frontend and adds the new one, and the node port, passed from
+    // one to the other, answers all along.
+    let syncs: Vec<usize> = agents.iter().map(|a| a.log().matches("synced").count()).collect();
+    write(&manifests, files[0].0, &files[0].1.replace("port: 80,", "port: 81,")).unwrap();
+    for (agent, syncs) in agents.iter_mut().zip(syncs) {
+        agent.wait_for_log_count("synced", syncs + 1, Duration::from_secs(10)).unwrap();
+    }
+    assert_eq!(ask(outside, at(node0, 30080)).unwrap(), format!("web-1 {node0}"), "the node port after the change");
 
     for node in &cluster.nodes {
         // eBPF mode serves them all from its maps; iptables mode by its rules.

@@ -90,8 +90,9 @@ pub struct EbpfIpv6 {
     rules: IptablesDataplane<Ipv6Addr>,
     /// Where node ports answer (`--nodeport-addresses`, resolved).
     node_addresses: Vec<Ipv6Addr>,
-    /// External frontends to remove once the rules serve what they did.
-    stale: Vec<ServiceKey6>,
+    /// Ways in from outside a frontend no longer has (the key, the
+    /// frontend and its id), removed once the rules serve what they did.
+    stale: Vec<(ServiceKey6, FrontendKey<Ipv6Addr>, u32)>,
     /// Whether the node's IPv6 masquerade rule is in place (see `masquerade`).
     masquerade: bool,
     /// The frontends the rules serve (see [`in_rules`]), as they render them.
@@ -144,6 +145,16 @@ fn frontend_key(key: &ServiceKey6) -> Option<FrontendKey<Ipv6Addr>> {
 
 fn service_key(k: &FrontendKey<Ipv6Addr>) -> ServiceKey6 {
     ServiceKey6::new(k.vip.octets(), k.port, k.protocol.number())
+}
+
+/// A removal of what is already gone is no failure.
+fn absent_is_removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    use aya::maps::MapError;
+    match result {
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
 }
 
 fn write_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -206,6 +217,17 @@ impl EbpfIpv6 {
         let backends: Vec<BackendKey> = maps.backends.keys().filter_map(Result::ok).collect();
         for key in backends.iter().filter(|k| !sets.contains(&k.set)) {
             maps.backends.remove(key).ok();
+        }
+        // Counts of frontends a previous run deleted (flows still counting
+        // after) would greet a new frontend given their id.
+        let ids: HashSet<u32> = written.values().map(|w| w.id).collect();
+        let counted: Vec<u32> = maps.service_traffic.keys().filter_map(Result::ok).collect();
+        for id in counted.iter().filter(|id| !ids.contains(id)) {
+            maps.service_traffic.remove(id).ok();
+        }
+        let counted: Vec<BackendTrafficKey6> = maps.backend_traffic.keys().filter_map(Result::ok).collect();
+        for key in counted.iter().filter(|k| !ids.contains(&k.service_id)) {
+            maps.backend_traffic.remove(key).ok();
         }
         let next_id = written.values().map(|w| w.id).max().map_or(1, |id| id + 1);
         let next_set = written.values().flat_map(Written::sets).map(|(set, _)| set).max().map_or(1, |set| set + 1);
@@ -367,7 +389,8 @@ impl EbpfIpv6 {
             old.keys.iter().filter(|k| wanted.iter().any(|e| e.key == **k)).copied().collect();
         keys.extend(written.iter().filter(|k| !old.keys.contains(k)));
         w.outside = (!keys.is_empty() || local.is_some()).then(|| Box::new(Outside { keys, local }));
-        self.stale.extend(old.keys.iter().filter(|k| !wanted.iter().any(|e| e.key == **k)));
+        let dropped = old.keys.iter().filter(|k| !wanted.iter().any(|e| e.key == **k));
+        self.stale.extend(dropped.map(|key| (*key, f.key, id)));
         if let Some(old_local) = old.local {
             self.retiring.push(old_local);
         }
@@ -443,12 +466,12 @@ impl EbpfIpv6 {
     fn delete(&mut self, k: &FrontendKey<Ipv6Addr>) -> Result<(), DataplaneError> {
         let Some(mut old) = self.written.remove(k) else { return Ok(()) };
         if let Some(outside) = old.outside.as_mut() {
-            for key in std::mem::take(&mut outside.keys) {
-                if let Err(e) = self.maps.services.remove(&key) {
-                    outside.keys.push(key);
+            while let Some(key) = outside.keys.last().copied() {
+                if let Err(e) = self.remove_outside(&key, old.id) {
                     self.written.insert(*k, old);
                     return Err(write_error(abi::SERVICES6)(e));
                 }
+                outside.keys.pop();
             }
         }
         if let Err(e) = self.maps.services.remove(&service_key(k)) {
@@ -469,6 +492,16 @@ impl EbpfIpv6 {
         let backends: Vec<Backend6> = self.backends_of(old.set, old.slots).collect();
         self.forget_traffic(old.id, &backends);
         Ok(())
+    }
+
+    /// Removes the way in from outside `key` if frontend `id` still holds it:
+    /// another frontend may have taken it over in the same sync (a node
+    /// port, an external or load balancer IP moving between Services).
+    fn remove_outside(&mut self, key: &ServiceKey6, id: u32) -> Result<(), aya::maps::MapError> {
+        match self.maps.services.get(key, 0) {
+            Ok(value) if value.id == id => absent_is_removed(self.maps.services.remove(key)),
+            _ => Ok(()),
+        }
     }
 
     /// The backends in the slots of set `set`.
@@ -500,6 +533,19 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
         for retired in std::mem::take(&mut self.retiring) {
             self.free(retired);
         }
+        // Frontends gone from the desired state leave first, as the planner
+        // orders them: a way in from outside that moves to another frontend
+        // in this sync is then written for that one after this one let go.
+        let mut gone: Vec<FrontendKey<Ipv6Addr>> =
+            ops.iter().map(Op::key).filter(|k| !desired.contains_key(k)).collect();
+        if std::mem::take(&mut self.adopted) {
+            gone.extend(self.written.keys().filter(|k| !desired.contains_key(k)));
+        }
+        for k in gone {
+            if let Err(error) = self.delete(&k) {
+                errors.push(ApplyError { frontend: k, error });
+            }
+        }
         let served_by_maps = |k: &FrontendKey<Ipv6Addr>| desired.get(k).filter(|f| in_maps(f));
         for op in ops {
             if let Op::Upsert(k) = op
@@ -527,21 +573,29 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
         // A sync that changes no rule runs no `ip6tables-restore`, unless the
         // rules are due a full one: the first (which also removes what a
         // previous run or iptables mode left), or the one after a failure.
+        let mut unruled = HashSet::new();
         if !rule_ops.is_empty() || self.rules.full_sync_pending() {
-            errors.extend(self.rules.apply(&rule_ops, &self.rules_desired));
+            let rule_errors = self.rules.apply(&rule_ops, &self.rules_desired);
+            unruled.extend(rule_errors.iter().map(|e| e.frontend));
+            errors.extend(rule_errors);
         }
-        let mut gone: Vec<FrontendKey<Ipv6Addr>> =
-            ops.iter().map(Op::key).filter(|k| served_by_maps(k).is_none()).collect();
-        if std::mem::take(&mut self.adopted) {
-            gone.extend(self.written.keys().filter(|k| !desired.contains_key(k)));
-        }
-        for k in gone {
+        // What moved from the maps to the rules leaves the maps once the
+        // rules serve it (until then, and while they fail, the maps do).
+        let moved: Vec<FrontendKey<Ipv6Addr>> = ops
+            .iter()
+            .map(Op::key)
+            .filter(|k| desired.contains_key(k) && served_by_maps(k).is_none() && !unruled.contains(k))
+            .collect();
+        for k in moved {
             if let Err(error) = self.delete(&k) {
                 errors.push(ApplyError { frontend: k, error });
             }
         }
-        for key in std::mem::take(&mut self.stale) {
-            if let Err(e) = self.maps.services.remove(&key) {
+        let (kept, stale): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.stale).into_iter().partition(|(_, frontend, _)| unruled.contains(frontend));
+        self.stale = kept;
+        for (key, _, id) in stale {
+            if let Err(e) = self.remove_outside(&key, id) {
                 tracing::warn!(error = %e, "could not remove an IPv6 way in from outside; it serves until the next change");
             }
         }

@@ -122,9 +122,9 @@ fn capacities(sizes: MapSizes) -> [(&'static str, u32); 19] {
         (abi::SOCK_REVERSE6, sizes.flows),
         (abi::CT6_TCP, sizes.flows.saturating_mul(2)),
         (abi::CT6_ANY, sizes.flows),
-        (abi::SERVICE_TRAFFIC6, sizes.services),
-        (abi::BACKEND_TRAFFIC6, sizes.backends),
-        // LRU (preallocated): a quarter, as few flows from outside are IPv6.
+        (abi::SERVICE_TRAFFIC6, (sizes.services / 4).max(1)),
+        (abi::BACKEND_TRAFFIC6, (sizes.backends / 4).max(1)),
+        // LRU (preallocated): a quarter, as few flows (from outside) are IPv6.
         (abi::NAT_FORWARD6, (sizes.flows / 4).max(1)),
         (abi::NAT_REVERSE6, (sizes.flows / 4).max(1)),
     ]

@@ -20,10 +20,12 @@ use super::pins::bpf;
 
 /// The maps whose entries the programs add as traffic flows: copied again
 /// after the switch.
-pub(super) const FLOW_MAPS: [&str; 10] = [
+pub(super) const FLOW_MAPS: [&str; 13] = [
     abi::AFFINITY,
     abi::CT_TCP,
     abi::CT_ANY,
+    abi::CT6_TCP,
+    abi::CT6_ANY,
     abi::NAT_FORWARD,
     abi::NAT_REVERSE,
     abi::NAT_FORWARD6,
@@ -31,6 +33,7 @@ pub(super) const FLOW_MAPS: [&str; 10] = [
     abi::SOCK_AFFINITY,
     abi::SOCK_REVERSE,
     abi::FRAGMENTS,
+    abi::FRAGMENTS6,
 ];
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
