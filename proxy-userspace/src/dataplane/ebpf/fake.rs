@@ -86,6 +86,10 @@ impl ServiceMaps for FakeMaps {
         self.backends.get(key).copied()
     }
 
+    fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.services.get(key).copied()
+    }
+
     fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {
         self.source_ranges.insert((id, range));
         Ok(())
@@ -172,6 +176,10 @@ impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
 
     fn backend(&self, key: &BackendKey) -> Option<Backend> {
         self.inner.backend(key)
+    }
+
+    fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.inner.service(key)
     }
 
     fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {

@@ -56,6 +56,8 @@ pub trait ServiceMaps: Send {
     fn contents(&self) -> MapContents;
     fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapIoError>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapIoError>;
+    /// A frontend as written (`None` if absent or unreadable).
+    fn service(&self, key: &ServiceKey) -> Option<ServiceValue>;
     fn set_backend(&mut self, key: BackendKey, backend: Backend) -> Result<(), MapIoError>;
     fn remove_backend(&mut self, key: &BackendKey) -> Result<(), MapIoError>;
     /// A backend slot as written (`None` if absent or unreadable).
@@ -155,6 +157,10 @@ impl ServiceMaps for AyaMaps {
 
     fn backend(&self, key: &BackendKey) -> Option<Backend> {
         self.backends.get(key, 0).ok()
+    }
+
+    fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.services.get(key, 0).ok()
     }
 
     fn set_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapIoError> {

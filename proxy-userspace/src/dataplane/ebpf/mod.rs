@@ -579,7 +579,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         keys.extend(written.iter().filter(|k| !old_external.contains(k)));
         p.outside = Outside { keys, other, scope: local_only, ranges: ranges.clone() }.boxed();
         for key in old_external.iter().filter(|k| !wanted.iter().any(|e| e.key == **k)) {
-            if let Err(e) = self.maps.remove_service(key) {
+            if let Err(e) = self.remove_external(key, id) {
                 tracing::warn!(error = %e, "could not remove an external frontend; it serves until the next change");
             }
         }
@@ -695,12 +695,22 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         self.upsert_external(f)
     }
 
+    /// Removes the external frontend `key` if frontend `id` still holds it:
+    /// another frontend may have taken it over in the same sync (a load
+    /// balancer or external IP, or a node port, moving between Services).
+    fn remove_external(&mut self, key: &ServiceKey, id: u32) -> Result<(), MapIoError> {
+        match self.maps.service(key) {
+            Some(value) if value.id == id => self.maps.remove_service(key),
+            _ => Ok(()),
+        }
+    }
+
     fn delete(&mut self, k: &FrontendKey) -> Result<(), DataplaneError> {
         let Some(p) = self.programmed.get(k) else { return Ok(()) };
         let (id, set, count) = (p.id, p.set, p.slots as usize);
         let keys = p.outside.as_ref().map(|o| o.keys.clone()).unwrap_or_default();
         for key in keys {
-            self.maps.remove_service(&key).map_err(self.services_error())?;
+            self.remove_external(&key, id).map_err(self.services_error())?;
             if let Some(o) = self.programmed.get_mut(k).and_then(|p| p.outside.as_mut()) {
                 o.keys.retain(|e| *e != key);
             }

@@ -228,6 +228,33 @@ fn external_frontends_share_the_id_and_carry_their_policy() {
     assert!(dp.maps().cluster_scope.is_empty());
 }
 
+/// A load balancer IP handed from one Service to another in one sync stays
+/// with its new owner, whichever of the two is written first.
+#[test]
+fn a_way_in_from_outside_moving_between_frontends_in_one_sync_stays_with_its_new_one() {
+    let node = Ipv4Addr::new(192, 168, 0, 2);
+    let lb = Ipv4Addr::new(192, 0, 2, 10);
+    let with_lb = |f: Frontend, ips: &[Ipv4Addr]| {
+        let ext = crate::frontend::External { load_balancer_ips: ips.into(), ..Default::default() };
+        Frontend { service_type: ServiceType::LoadBalancer, external: Some(Box::new(ext)), ..f }
+    };
+    // Written first or last: the frontend gaining the address sorts before
+    // the one losing it, then after it.
+    for (gains, loses) in [(fe(1, 80, &[1]), fe(2, 80, &[2])), (fe(3, 80, &[3]), fe(1, 80, &[1]))] {
+        let mut dp = EbpfDataplane::new(FakeMaps::new(16, 16), sizes(16, 16)).with_node_addresses(vec![node]);
+        let (gains_before, loses_before) = (with_lb(gains.clone(), &[]), with_lb(loses.clone(), &[lb]));
+        let desired = Desired::from([(gains.key, gains_before), (loses.key, loses_before)]);
+        assert!(dp.apply(&[Op::Upsert(gains.key), Op::Upsert(loses.key)], &desired).is_empty());
+        let (gains, loses) = (with_lb(gains, &[lb]), with_lb(loses, &[]));
+        let desired = Desired::from([(gains.key, gains.clone()), (loses.key, loses.clone())]);
+        let mut ops = [Op::Upsert(gains.key), Op::Upsert(loses.key)];
+        ops.sort_by_key(Op::key);
+        assert!(dp.apply(&ops, &desired).is_empty());
+        let owner = dp.maps().services[&service_key(&gains.key)].id;
+        assert_eq!(entry(&dp, lb.octets(), 80).id, owner, "{:?} holds {lb}", gains.key);
+    }
+}
+
 /// A restart reusing the maps: what a previous run programmed, taken over.
 fn restarted(maps: &FakeMaps) -> EbpfDataplane<FakeMaps> {
     let mut dp =
