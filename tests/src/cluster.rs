@@ -330,11 +330,20 @@ impl Cluster {
         ip(&["-n", self.underlay.name(), "route", "add", &prefix, "via", &via])
     }
 
-    /// Routes node `index`'s pod CIDR from outside to that node, so an
-    /// outside client can reach its pods directly (a routed pod network).
+    /// Routes node `index`'s pod CIDRs (of each family the cluster has)
+    /// from outside to that node, so an outside client can reach its pods
+    /// directly (a routed pod network).
     pub fn route_from_outside_to_pods(&self, index: u8) -> anyhow::Result<()> {
-        let via = self.node(index).address().to_string();
-        ip(&["-n", self.underlay.name(), "route", "add", &format!("10.244.{index}.0/24"), "via", &via])
+        let ul = self.underlay.name();
+        if self.families != Families::Ipv6 {
+            let via = self.node(index).address().to_string();
+            ip(&["-n", ul, "route", "add", &format!("10.244.{index}.0/24"), "via", &via])?;
+        }
+        if self.families != Families::Ipv4 {
+            let (cidr, via) = (format!("{}/64", pod_ip6(index, 0)), underlay_ip6(index).to_string());
+            ip(&["-n", ul, "route", "add", &cidr, "via", &via])?;
+        }
+        Ok(())
     }
 
     pub fn node(&self, index: u8) -> &ClusterNode {

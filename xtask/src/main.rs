@@ -128,9 +128,9 @@ Service (a fourth takes over in the one-change test), and N-1 other Services wit
 measured Service's VIP sorts last, where iptables mode reaches it at the end of KUBE-SERVICES. Services come \
 from `--source dir:` (JSON manifests; the measured Service in its own file). Client threads run on CPU 0, \
 servers on CPU 1; VIP traffic, direct traffic and socket-level traffic (which dials the pod IPs) come from \
-three client pods so none trips over another's TIME_WAIT state. IPv6 rows repeat the same-node and other-node \
-measurements (at 1 and 10,000 Services) on an IPv6-only cluster: the same pods and Services with IPv6 addresses \
-alone, the same node shape, for the direct line, socket-level load balancing and iptables mode (ip6tables).
+three client pods so none trips over another's TIME_WAIT state. IPv6 rows repeat the three measurements (at 1 \
+and 10,000 Services) on an IPv6-only cluster: the same pods and Services with IPv6 addresses alone, the same \
+node shape, every mode (iptables mode with ip6tables rules).
 
 - Connection rate: connect, one request and reply, server closes, client closes (TCP_CRR-like), from 4 \
   concurrent connections; `× direct` is the ratio to the direct rate at the same N and placement in the runs \

@@ -318,7 +318,7 @@ impl Bench {
             node.ns().exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
             node.ns().exec(&["ip6tables-legacy", "-A", "INPUT", "-s", "2001:db8::ff/128", "-j", "ACCEPT"])?;
         }
-        let outside = nodes.outside().filter(|_| placement.outside()).map(|(ns, _)| ns);
+        let outside = nodes.outside(family).filter(|_| placement.outside()).map(|(ns, _)| ns);
         for ns in CLIENTS.iter().map(|(client, _)| nodes.client_node().pod_ns(client)).chain(outside) {
             // Room for tens of thousands of connections a second from one address.
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
@@ -350,8 +350,8 @@ impl Bench {
     }
 
     /// Outside the cluster and the node address the load goes to, when the load comes from there.
-    fn outside(&self) -> Option<(&Netns, Ipv4Addr)> {
-        self.nodes.outside().filter(|_| self.placement.outside())
+    fn outside(&self) -> Option<(&Netns, IpAddr)> {
+        self.nodes.outside(self.family).filter(|_| self.placement.outside())
     }
 
     /// The measured Service's node port, when the load comes from outside
@@ -774,11 +774,7 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
     let mut problems = Problems { strict: cfg.strict, seen: Vec::new() };
     eprintln!("bench: {}", report.machine);
     let ipv4 = cfg.services.iter().flat_map(|&n| cfg.placements.iter().map(move |&p| (n, p, Family::Ipv4)));
-    // IPv6 has no rows from outside: node ports over IPv6 are served by the rules in both modes.
-    let ipv6 = cfg
-        .ipv6_services
-        .iter()
-        .flat_map(|&n| cfg.placements.iter().filter(|p| !p.outside()).map(move |&p| (n, p, Family::Ipv6)));
+    let ipv6 = cfg.ipv6_services.iter().flat_map(|&n| cfg.placements.iter().map(move |&p| (n, p, Family::Ipv6)));
     for (n, placement, family) in ipv4.chain(ipv6) {
         if stop.load(Ordering::Relaxed) {
             break;

@@ -375,13 +375,17 @@ pub fn targets(r: &Report) -> String {
         )
         .expect("writing to a String cannot fail");
     }
-    let outside: Vec<&Row> = r.rows.iter().filter(|x| x.mode == "ebpf" && x.placement.outside()).collect();
-    if !outside.is_empty() {
+    for (family, over) in [(Family::Ipv4, ""), (Family::Ipv6, " (IPv6)")] {
+        let outside: Vec<&Row> =
+            r.rows.iter().filter(|x| x.mode == "ebpf" && x.placement.outside() && x.family == family).collect();
+        if outside.is_empty() {
+            continue;
+        }
         let at: Vec<String> = outside.iter().map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3))).collect();
         let all = outside.iter().all(|x| x.conn_ratio.is_some_and(|v| v >= 0.9));
         writeln!(
             out,
-            "- eBPF connection rate from outside through a node port ≥ 0.9 × direct to the pods ({}): {}",
+            "- eBPF connection rate from outside through a node port{over} ≥ 0.9 × direct to the pods ({}): {}",
             at.join(", "),
             verdict(all)
         )

@@ -4,7 +4,8 @@
 //! every connection crosses from one node to the other, or a client outside
 //! the cluster (on the underlay's router) reaching the backends through a
 //! node port of the other node. IPv6 rows run on an IPv6-only cluster, its
-//! one or two nodes in the same host-gw shape.
+//! one or two nodes in the same host-gw shape, the outside client (on the
+//! underlay's router) included.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -149,7 +150,6 @@ impl Nodes {
                     servers.iter().chain(clients).map(|(n, host)| (*n, Ipv4Addr::new(10, 244, 0, *host))).collect();
                 Nodes::Virtual(VirtualNode::new(&pods)?)
             }
-            (Placement::Outside, Family::Ipv6) => anyhow::bail!("no IPv6 rows from outside"),
             _ => {
                 let nodes = if placement == Placement::SameNode { 1 } else { 2 };
                 let mut cluster = match family {
@@ -187,11 +187,17 @@ impl Nodes {
     }
 
     /// Outside the cluster, where the load of [`Placement::Outside`] comes
-    /// from, and the address of the node whose node port it uses.
-    pub fn outside(&self) -> Option<(&Netns, Ipv4Addr)> {
+    /// from, and the address (of `family`) of the node whose node port it uses.
+    pub fn outside(&self, family: Family) -> Option<(&Netns, IpAddr)> {
         match self {
             Nodes::Virtual(_) => None,
-            Nodes::Cluster(cluster) => Some((cluster.outside(), cluster.node(0).address())),
+            Nodes::Cluster(cluster) => {
+                let node: IpAddr = match family {
+                    Family::Ipv4 => cluster.node(0).address().into(),
+                    Family::Ipv6 => crate::cluster::underlay_ip6(0).into(),
+                };
+                Some((cluster.outside(), node))
+            }
         }
     }
 
