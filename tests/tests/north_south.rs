@@ -120,6 +120,43 @@ fn outside_path(node: &ClusterNode) -> (String, u64) {
     (path, requests)
 }
 
+/// What both families' tests ask of node ports from outside (`outside_ip`,
+/// the outside client's address), `nodes` the two nodes' addresses of the
+/// family, web-0 on node 0 and web-1 on node 1:
+/// - Cluster policy (node port 30080 to web-1, 30085 to web-0): either
+///   node forwards to a backend on the other, the client source-NATed to
+///   the node it came in by (its address toward the backend), so replies go
+///   back that way; UDP (29080) with the reply from the node port; a pod
+///   and the node itself reach it too;
+/// - Local policy (30081 to both, 30082 to web-1): each node serves with
+///   its own backend, the client's address kept; with no backend on node 0,
+///   dropped there and served on node 1; pods and the node's own processes
+///   are served by every endpoint, as with kube-proxy.
+fn both_policies(cluster: &Cluster, nodes: [std::net::IpAddr; 2], outside_ip: std::net::IpAddr) {
+    let outside = cluster.outside();
+    let [node0, node1] = nodes;
+    let at = |addr: std::net::IpAddr, port: u16| SocketAddr::new(addr, port);
+    assert_eq!(ask(outside, at(node0, 30080)).unwrap(), format!("web-1 {node0}"));
+    assert!(ask(outside, at(node1, 30080)).unwrap().starts_with("web-1 "));
+    let (reply, from) = outside.run(move || udp_request(at(node0, 29080), ANSWER)).unwrap().unwrap();
+    assert_eq!((reply.as_str(), from), ("web-1", at(node0, 29080)));
+    // Twice: the first flow may find no neighbour entry yet, and take the stack.
+    for _ in 0..2 {
+        assert_eq!(ask(outside, at(node1, 30085)).unwrap(), format!("web-0 {node1}"));
+    }
+    let on0 = cluster.node(0);
+    let client = &on0.pod("client").ns;
+    assert!(ask_on(on0, client, at(node1, 30080)).starts_with("web-1 "));
+    assert!(ask_on(on0, &on0.ns, at(node0, 30080)).starts_with("web-1 "));
+
+    assert_eq!(ask(outside, at(node0, 30081)).unwrap(), format!("web-0 {outside_ip}"));
+    assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
+    assert!(dropped(outside, at(node0, 30082)), "a Local policy Service with no endpoint here is dropped");
+    assert_eq!(ask(outside, at(node1, 30082)).unwrap(), format!("web-1 {outside_ip}"));
+    assert!(ask_on(on0, client, at(node0, 30082)).starts_with("web-1 "), "a pod reaching a Local node port");
+    assert!(ask_on(on0, &on0.ns, at(node0, 30082)).starts_with("web-1 "), "the node reaching a Local node port");
+}
+
 fn from_outside(mode: Mode, xdp: [&str; 2]) {
     root_or_skip!();
     let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
@@ -230,37 +267,12 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     let outside = cluster.outside();
     let (node0, node1) = (cluster.node(0).address(), cluster.node(1).address());
     let at = |addr: Ipv4Addr, port: u16| SocketAddr::from((addr, port));
-
-    // Cluster policy: either node forwards to the backend on node 1; the
-    // client is source-NATed to the node it came in by (its address toward
-    // the backend), so replies go back that way.
-    assert_eq!(ask(outside, at(node0, 30080)).unwrap(), format!("web-1 {node0}"));
+    both_policies(&cluster, [node0.into(), node1.into()], Cluster::OUTSIDE.into());
+    // Node 1's own backend is reached from its address on the pod network.
     assert_eq!(ask(outside, at(node1, 30080)).unwrap(), format!("web-1 {}", pod_ip(1, 1)));
-    // UDP, with the reply from the node port.
-    let (reply, from) = outside.run(move || udp_request(at(node0, 29080), ANSWER)).unwrap().unwrap();
-    assert_eq!((reply.as_str(), from), ("web-1", at(node0, 29080)));
-    // Node 1 forwards to the backend on node 0 (twice: the first flow may
-    // find no neighbour entry yet, and take the stack).
-    for _ in 0..2 {
-        assert_eq!(ask(outside, at(node1, 30085)).unwrap(), format!("web-0 {node1}"));
-    }
-    // From a pod and from the node itself.
     let on0 = cluster.node(0);
     let client = &on0.pod("client").ns;
-    assert!(ask_on(on0, client, at(node1, 30080)).starts_with("web-1 "));
-    assert!(ask_on(on0, &on0.ns, at(node0, 30080)).starts_with("web-1 "));
-
-    // Local policy: each node serves with its own backend, the client's address kept.
     let outside_ip = Cluster::OUTSIDE;
-    assert_eq!(ask(outside, at(node0, 30081)).unwrap(), format!("web-0 {outside_ip}"));
-    assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
-    // No backend on node 0: dropped there, served on node 1.
-    assert!(dropped(outside, at(node0, 30082)), "a Local policy Service with no endpoint here is dropped");
-    assert_eq!(ask(outside, at(node1, 30082)).unwrap(), format!("web-1 {outside_ip}"));
-    // Pods and the node's own processes are served by every endpoint, as
-    // with kube-proxy: the Local policy is for traffic from outside.
-    assert!(ask_on(on0, client, at(node0, 30082)).starts_with("web-1 "), "a pod reaching a Local node port");
-    assert!(ask_on(on0, &on0.ns, at(node0, 30082)).starts_with("web-1 "), "the node reaching a Local node port");
     // Load balancers ask each node whether it has endpoints.
     let (status, body) = health(outside, at(node0, 32081));
     assert_eq!(status, 200);
@@ -465,32 +477,9 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
     let outside = cluster.outside();
     let (node0, node1) = (underlay_ip6(0), underlay_ip6(1));
     let at = |addr: std::net::Ipv6Addr, port: u16| SocketAddr::from((addr, port));
-    // Cluster policy: either node forwards to the backend on node 1, the
-    // client source-NATed to the node it came in by.
-    assert_eq!(ask(outside, at(node0, 30080)).unwrap(), format!("web-1 {node0}"));
-    assert!(ask(outside, at(node1, 30080)).unwrap().starts_with("web-1 "));
-    let (reply, from) = outside.run(move || udp_request(at(node0, 29080), ANSWER)).unwrap().unwrap();
-    assert_eq!((reply.as_str(), from), ("web-1", at(node0, 29080)));
-    // Node 1 to the backend on node 0 (twice: the first flow may find no
-    // neighbour entry yet, and take the stack).
-    for _ in 0..2 {
-        assert_eq!(ask(outside, at(node1, 30085)).unwrap(), format!("web-0 {node1}"));
-    }
-    // From a pod and from the node itself.
+    both_policies(&cluster, [node0.into(), node1.into()], Cluster::OUTSIDE6.into());
     let on0 = cluster.node(0);
     let client = &on0.pod("client").ns;
-    assert!(ask_on(on0, client, at(node1, 30080)).starts_with("web-1 "));
-    assert!(ask_on(on0, &on0.ns, at(node0, 30080)).starts_with("web-1 "));
-
-    // Local policy: each node serves with its own backend, the client's address kept.
-    let outside_ip = Cluster::OUTSIDE6;
-    assert_eq!(ask(outside, at(node0, 30081)).unwrap(), format!("web-0 {outside_ip}"));
-    assert_eq!(ask(outside, at(node1, 30081)).unwrap(), format!("web-1 {outside_ip}"));
-    assert!(dropped(outside, at(node0, 30082)), "a Local policy Service with no endpoint here is dropped");
-    assert_eq!(ask(outside, at(node1, 30082)).unwrap(), format!("web-1 {outside_ip}"));
-    // Pods and the node's own processes are served by every endpoint.
-    assert!(ask_on(on0, client, at(node0, 30082)).starts_with("web-1 "), "a pod reaching a Local node port");
-    assert!(ask_on(on0, &on0.ns, at(node0, 30082)).starts_with("web-1 "), "the node reaching a Local node port");
     let (status, body) = health(outside, at(node0, 32081));
     assert_eq!((status, &body["localEndpoints"]), (200, &serde_json::json!(1)), "{body}");
 

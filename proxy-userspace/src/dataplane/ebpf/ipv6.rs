@@ -143,6 +143,20 @@ fn frontend_key(key: &ServiceKey6) -> Option<FrontendKey<Ipv6Addr>> {
     Some(FrontendKey { vip: Ipv6Addr::from(key.addr), port: u16::from_be_bytes(key.port), protocol })
 }
 
+/// The ClusterIP entry of `f` (frontend `id`, its ready backends in `set`),
+/// which a Local policy's cluster-wide scope repeats.
+fn cluster_value(f: &Frontend<Ipv6Addr>, id: u32, (set, slots): (u32, u32)) -> ServiceValue {
+    ServiceValue {
+        id,
+        backend_set: set,
+        backend_count: slots,
+        terminating_count: 0,
+        kind: super::service_kind(f.service_type),
+        flags: 0,
+        _pad: [0; 2],
+    }
+}
+
 fn service_key(k: &FrontendKey<Ipv6Addr>) -> ServiceKey6 {
     ServiceKey6::new(k.vip.octets(), k.port, k.protocol.number())
 }
@@ -290,16 +304,7 @@ impl EbpfIpv6 {
             },
             |w| w.id,
         );
-        let value = ServiceValue {
-            id,
-            backend_set: set,
-            backend_count: slots,
-            terminating_count: 0,
-            kind: super::service_kind(f.service_type),
-            flags: 0,
-            _pad: [0; 2],
-        };
-        if let Err(e) = self.maps.services.insert(service_key(&f.key), value, 0) {
+        if let Err(e) = self.maps.services.insert(service_key(&f.key), cluster_value(f, id, (set, slots)), 0) {
             self.free((set, slots));
             return Err(write_error(abi::SERVICES6)(e));
         }
@@ -350,15 +355,7 @@ impl EbpfIpv6 {
             self.ask_for_masquerade();
         }
         let local = if local_only { Some(self.write_set(f.local_backends())?) } else { None };
-        let cluster = ServiceValue {
-            id,
-            backend_set: set,
-            backend_count: slots,
-            terminating_count: 0,
-            kind: super::service_kind(f.service_type),
-            flags: 0,
-            _pad: [0; 2],
-        };
+        let cluster = cluster_value(f, id, (set, slots));
         if local_only && let Err(e) = self.maps.cluster_scope.insert(id, cluster, 0) {
             // Nothing names the new set yet: it goes at once.
             if let Some(local) = local {
