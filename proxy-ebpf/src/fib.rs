@@ -12,7 +12,13 @@ use aya_ebpf::{
 
 use proxy_common::ipv6::In6;
 
-use crate::frame::Hop;
+/// The next hop a packet goes to: out of `ifindex`, from `smac` to `dmac`.
+#[derive(Default)]
+pub(crate) struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;

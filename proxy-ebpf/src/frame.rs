@@ -6,7 +6,7 @@
 //! to the TC program, which handles them all; forwarding from outside is
 //! plain TCP and UDP.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::XdpContext};
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     checksum::{update16, update32, update128},
@@ -19,10 +19,19 @@ use proxy_common::{
 use crate::{
     counters::{count_traffic_via, count_traffic6},
     family::Family,
-    fib::Fib,
-    maps::{XDP_PACKET, XDP_PACKET6},
+    fib::{Fib, Hop},
     parse::Packet,
+    parse6::Packet6,
 };
+
+/// Per-CPU scratch space for the packet the XDP program is looking at:
+/// too large for its stack beside the steps that follow (see `nodeport`).
+/// Not pinned: it holds nothing between packets.
+#[map]
+static XDP_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static XDP_PACKET6: PerCpuArray<Packet6> = PerCpuArray::with_max_entries(1, 0);
 
 /// What the XDP program needs of a family's frames.
 pub(crate) trait Frame: Family + Default {
@@ -118,14 +127,6 @@ fn write_words<T>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), DropReaso
 pub(crate) struct End<A = [u8; 4]> {
     pub addr: A,
     pub port: [u8; 2],
-}
-
-/// The next hop a packet goes to: out of `ifindex`, from `smac` to `dmac`.
-#[derive(Default)]
-pub(crate) struct Hop {
-    pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
 }
 
 /// The IPv4 packet in the frame (see [`Frame::parse`]).

@@ -1,7 +1,12 @@
-//! The per-packet path for IPv6: a pod's request to an IPv6 ClusterIP in
+//! The per-packet path for IPv6: a pod's request to an IPv6 frontend in
 //! the IPv6 service map is given a backend (the shared conntrack and
 //! choice, see `lookup`) and rewritten on the pod's interface; the
-//! backend's replies are rewritten back on the client's interface; a
+//! backend's replies are rewritten back on the client's interface. On the
+//! node's devices the same steps serve traffic from outside to node ports,
+//! external and load balancer IPs (what XDP passes on, see `nodeport`):
+//! under the Cluster policy the request is marked for the masquerade rule,
+//! under a Local one only this node's endpoints serve it, while pods reach
+//! it through every endpoint (`lookup::in_cluster`). A
 //! Service without endpoints is refused at once; a pod that is its own
 //! backend is answered through `HAIRPIN_SOURCE6` (see `hairpin`); an
 //! ICMPv6 error about a tracked flow (a backend's port unreachable, a

@@ -2,7 +2,6 @@
 //! small counter array is per-CPU: a per-CPU map sized by capacity would
 //! grow by megabytes with every CPU (see proxy-common's maps docs).
 
-use crate::{parse::Packet, parse6::Packet6};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
@@ -141,15 +140,6 @@ pub(crate) static NAT_FORWARD6: LruHashMap<FlowKey6, NatAddress6> =
 #[map]
 pub(crate) static NAT_REVERSE6: LruHashMap<FlowKey6, NatAddress6> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_MAX / 4, 0);
-
-/// Per-CPU scratch space for the packet the XDP program is looking at:
-/// too large for its stack beside the steps that follow (see `nodeport`).
-/// Not pinned: it holds nothing between packets.
-#[map]
-pub(crate) static XDP_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
-
-#[map]
-pub(crate) static XDP_PACKET6: PerCpuArray<Packet6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Pod interface -> the bridge its Service traffic may be switched on (see `bridge`).
 #[map]

@@ -29,8 +29,8 @@ use proxy_common::{
 use crate::{
     conntrack,
     counters::count,
-    fib::Fib,
-    frame::{End, Frame, Hop},
+    fib::{Fib, Hop},
+    frame::{End, Frame},
     lookup::{self, Lookup, Start},
     maps::DEVICES,
     nat,
