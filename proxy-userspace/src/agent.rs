@@ -282,18 +282,19 @@ fn ipv6_dataplane(cfg: &RunConfig, maps: Option<Ipv6Maps>) -> Option<Box<dyn Dat
     tracing::info!(addresses = ?node_port_addresses, "IPv6 node ports answer on");
     let render =
         RenderConfig { node_port_addresses: node_port_addresses.clone(), chains: chains(cfg), ..cfg.iptables6.clone() };
+    if let Some(maps) = maps {
+        let path = if maps.cgroup.is_some() { "the socket hooks" } else { "the per-packet path" };
+        tracing::info!(
+            "IPv6 Services: TCP and UDP frontends through {path} (and the devices' programs from outside), \
+             the rest by ip6tables rules, written only while a Service needs them"
+        );
+        let addresses = node_port_addresses.addresses();
+        return Some(Box::new(
+            EbpfIpv6::new(render, cfg.iptables_full_sync_period, maps).with_node_addresses(addresses),
+        ));
+    }
     match IptablesDataplane::new(render, cfg.iptables_full_sync_period) {
-        Ok(rules) => Some(match maps {
-            Some(maps) => {
-                let path = if maps.cgroup.is_some() { "the socket hooks" } else { "the per-packet path" };
-                tracing::info!(
-                    "IPv6 Services: TCP and UDP frontends through {path} (and the devices' programs from outside), \
-                     the rest by ip6tables rules"
-                );
-                Box::new(EbpfIpv6::new(rules, maps).with_node_addresses(node_port_addresses.addresses()))
-            }
-            None => Box::new(rules),
-        }),
+        Ok(rules) => Some(Box::new(rules)),
         Err(e) => {
             tracing::warn!(error = %e, "ip6tables cannot hold rules here: IPv4 Services only");
             None

@@ -21,8 +21,10 @@
 //!   an IPv6 Service is reached by TCP and UDP from a pod and a node
 //!   process, its node port from outside on each node, and one without
 //!   endpoints is refused; in eBPF mode neither a ClusterIP-only Service
-//!   nor a NodePort one has an ip6tables rule (the maps serve them), and
-//!   new connections to it are answered while the agent restarts.
+//!   nor a NodePort one has an ip6tables rule (the maps serve them), nor
+//!   are kube-proxy's chains there until a Service with session affinity
+//!   needs them (its clients kept on one backend in both modes), and new
+//!   connections to it are answered while the agent restarts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -52,6 +54,8 @@ const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
 const SIX_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x22);
 /// An IPv6-only ClusterIP Service on an IPv6-only cluster.
 const LONE_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x23);
+/// One with session affinity.
+const STICKY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x24);
 const NODE_PORT: u16 = 30080;
 const ECONNREFUSED: i32 = 111;
 
@@ -350,6 +354,26 @@ fn serves_an_ipv6_only_cluster(mode: Mode) {
     for (vip, proto) in [(LONE_VIP6, "tcp"), (LONE_VIP6, "udp"), (SIX_VIP6, "tcp")] {
         assert_eq!(nat_rule(node0, vip, proto), mode == Mode::Iptables, "{vip} {proto} rule in {mode:?} mode");
     }
+    // Nor are kube-proxy's chains there in eBPF mode while no Service
+    // needs them: their conntrack matches would track every IPv6 packet.
+    assert_eq!(kube_chains6(node0).is_empty(), mode == Mode::Ebpf, "{:?}", kube_chains6(node0));
+    // A Service with session affinity is served by rules in both modes
+    // (written for it in eBPF mode), its clients kept on one backend; once
+    // it goes, eBPF mode's chains go too.
+    let sticky =
+        web_service("sticky", STICKY_VIP6, &endpoints).replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1);
+    let syncs = agents[0].log().matches("synced").count();
+    write(&manifests, "sticky.yaml", &sticky).unwrap();
+    agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
+    let sticky = SocketAddr::new(STICKY_VIP6.into(), 80);
+    let (reached, _) = answers(node0, client, sticky, 10);
+    assert_eq!(reached.len(), 1, "one backend for every connection to {sticky}: {reached:?}");
+    assert!(nat_rule(node0, STICKY_VIP6, "tcp"), "{sticky} has a rule in {mode:?} mode");
+    let syncs = agents[0].log().matches("synced").count();
+    std::fs::remove_file(manifests.join("sticky.yaml")).unwrap();
+    agents[0].wait_for_log_count("synced", syncs + 1, std::time::Duration::from_secs(10)).unwrap();
+    assert!(!nat_rule(node0, STICKY_VIP6, "tcp"), "{sticky}'s rule went with it");
+    assert_eq!(kube_chains6(node0).is_empty(), mode == Mode::Ebpf, "{:?}", kube_chains6(node0));
 
     // New connections to it are answered while node 0's agent restarts:
     // in eBPF mode the restarted agent takes the maps' IPv6 frontends over.
@@ -393,6 +417,12 @@ fn traffic6(node: &ClusterNode, frontend: &str) -> serde_json::Value {
     let stats = kpr::stats(&node.ns, node.bpf_root()).unwrap();
     let found = stats["services6"].as_array().and_then(|s| s.iter().find(|t| t["frontend"] == frontend)).cloned();
     found.unwrap_or_else(|| panic!("no {frontend} in {stats:#}"))
+}
+
+/// The chains of kube-proxy's names in node `node`'s ip6tables (either backend).
+fn kube_chains6(node: &ClusterNode) -> Vec<String> {
+    let saved = ["ip6tables-legacy-save", "ip6tables-nft-save"].map(|save| node.ns.output(&[save]).unwrap_or_default());
+    saved.iter().flat_map(|s| s.lines()).filter(|l| l.starts_with(":KUBE-")).map(String::from).collect()
 }
 
 /// Whether node `node`'s nat table has a KUBE-SERVICES rule for `vip` and `proto`.

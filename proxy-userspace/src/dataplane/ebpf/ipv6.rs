@@ -10,7 +10,9 @@
 //! rules serve what the maps do not: a Local internal policy, session
 //! affinity, load balancer source ranges (see [`in_rules`]). A frontend the
 //! maps serve has no rule: every new IPv6 connection on the node would
-//! otherwise walk its rule in the nat table, thousands of them at scale. When a backend leaves, the per-packet path's
+//! otherwise walk its rule in the nat table, thousands of them at scale.
+//! And while no frontend needs rules, kube-proxy's ip6tables chains are not
+//! in the node at all (see [`Rules`]). When a backend leaves, the per-packet path's
 //! UDP flows to it choose again, a UDP socket connected to it is ended (see
 //! `sock_destroy`), as IPv4 ones are, and an unconnected one chooses again
 //! on its next datagram.
@@ -32,6 +34,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use aya::maps::{HashMap, MapData};
@@ -44,7 +47,14 @@ use proxy_common::{
 };
 
 use crate::{
-    dataplane::{ApplyError, Dataplane, DataplaneError, Desired, Mode, iptables::IptablesDataplane},
+    dataplane::{
+        ApplyError, Dataplane, DataplaneError, Desired, Mode,
+        iptables::{
+            IptablesDataplane,
+            backend::Backend,
+            render::{Chains, RenderConfig},
+        },
+    },
     frontend::{Endpoint, Frontend, FrontendKey, Protocol},
     planner::Op,
 };
@@ -86,8 +96,71 @@ struct Outside {
     local: Option<(u32, u32)>,
 }
 
+/// kube-proxy's ip6tables rules, in the node only while some frontend
+/// needs them (see [`in_rules`]). Their chains hold conntrack matches and a
+/// masquerade rule, which put every IPv6 packet on the node through
+/// netfilter's connection tracking: measured here, a sixth of the
+/// connection rate between two pods, whose packets the maps never touch.
+struct Rules {
+    written: Option<IptablesDataplane<Ipv6Addr>>,
+    config: RenderConfig<Ipv6Addr>,
+    full_sync_period: Duration,
+    /// Whether rules a previous run or iptables mode left were looked for
+    /// (and removed, as no frontend needed them).
+    leftovers_checked: bool,
+}
+
+impl Rules {
+    /// Brings the node's ip6tables rules to `desired`: written (the chains
+    /// first) when it has a frontend, else none of kube-proxy's at all.
+    fn apply(&mut self, ops: &[Op<Ipv6Addr>], desired: &Desired<Ipv6Addr>) -> Vec<ApplyError<Ipv6Addr>> {
+        if desired.is_empty() {
+            if self.written.is_some() || !self.leftovers_checked {
+                match remove_rules(self.config.chains) {
+                    Ok(()) => (self.written, self.leftovers_checked) = (None, true),
+                    // Kept, and tried again at the next apply: they serve nothing.
+                    Err(e) => tracing::warn!(error = %e, "could not remove the ip6tables rules no frontend needs"),
+                }
+            }
+            return Vec::new();
+        }
+        let rules = match &mut self.written {
+            Some(rules) => rules,
+            None => match IptablesDataplane::new(self.config.clone(), self.full_sync_period) {
+                Ok(rules) => self.written.insert(rules),
+                Err(error) => {
+                    let keys = desired.keys().filter(|k| ops.iter().any(|op| op.key() == **k));
+                    return keys.map(|k| ApplyError { frontend: *k, error: error.clone() }).collect();
+                }
+            },
+        };
+        // A sync that changes no rule runs no `ip6tables-restore`, unless the
+        // rules are due a full one: the first (which also removes what a
+        // previous run or iptables mode left), or the one after a failure.
+        if ops.is_empty() && !rules.full_sync_pending() {
+            return Vec::new();
+        }
+        rules.apply(ops, desired)
+    }
+
+    fn repair(&mut self, desired: &Desired<Ipv6Addr>) -> usize {
+        self.written.as_mut().map_or(0, |rules| rules.repair(desired))
+    }
+}
+
+/// Removes kpr's (or kube-proxy's) chains from both ip6tables backends.
+fn remove_rules(chains: Chains) -> Result<(), DataplaneError> {
+    for backend in Backend::ALL.into_iter().filter(|b| b.ipv6) {
+        if backend.has_kpr_rules(chains) {
+            backend.remove_all(chains)?;
+            tracing::info!(backend = backend.name(), "no IPv6 frontend needs ip6tables rules: removed them");
+        }
+    }
+    Ok(())
+}
+
 pub struct EbpfIpv6 {
-    rules: IptablesDataplane<Ipv6Addr>,
+    rules: Rules,
     /// Where node ports answer (`--nodeport-addresses`, resolved).
     node_addresses: Vec<Ipv6Addr>,
     /// Ways in from outside a frontend no longer has (the key, the
@@ -183,11 +256,12 @@ impl Written {
 }
 
 impl EbpfIpv6 {
-    /// Serves IPv6 with `rules` and through `maps`, taking over the
+    /// Serves IPv6 through `maps`, and with rules rendered with `rules`
+    /// (kept in full every `full_sync_period`) for what they do not serve, taking over the
     /// frontends a previous run left there: they serve until the first
     /// apply, which deletes those gone from the desired state. Entries that
     /// stand for no frontend, and backend sets no frontend uses, are removed.
-    pub fn new(rules: IptablesDataplane<Ipv6Addr>, mut maps: Ipv6Maps) -> Self {
+    pub fn new(rules: RenderConfig<Ipv6Addr>, full_sync_period: Duration, mut maps: Ipv6Maps) -> Self {
         let mut written = BTreeMap::new();
         let services: Vec<(ServiceKey6, ServiceValue)> = maps.services.iter().filter_map(Result::ok).collect();
         let mut markers = Vec::new();
@@ -249,7 +323,7 @@ impl EbpfIpv6 {
             tracing::info!(frontends = written.len(), "took over the IPv6 frontends the maps hold");
         }
         Self {
-            rules,
+            rules: Rules { written: None, config: rules, full_sync_period, leftovers_checked: false },
             node_addresses: Vec::new(),
             stale: Vec::new(),
             masquerade: false,
@@ -567,15 +641,9 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
                 }
             }
         }
-        // A sync that changes no rule runs no `ip6tables-restore`, unless the
-        // rules are due a full one: the first (which also removes what a
-        // previous run or iptables mode left), or the one after a failure.
-        let mut unruled = HashSet::new();
-        if !rule_ops.is_empty() || self.rules.full_sync_pending() {
-            let rule_errors = self.rules.apply(&rule_ops, &self.rules_desired);
-            unruled.extend(rule_errors.iter().map(|e| e.frontend));
-            errors.extend(rule_errors);
-        }
+        let rule_errors = self.rules.apply(&rule_ops, &self.rules_desired);
+        let unruled: HashSet<FrontendKey<Ipv6Addr>> = rule_errors.iter().map(|e| e.frontend).collect();
+        errors.extend(rule_errors);
         // What moved from the maps to the rules leaves the maps once the
         // rules serve it (until then, and while they fail, the maps do).
         let moved: Vec<FrontendKey<Ipv6Addr>> = ops
