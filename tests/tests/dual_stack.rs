@@ -474,6 +474,15 @@ fn serves_ipv6_per_packet(mode: Mode) {
         assert!(after >= before + 60, "TCP and UDP through the per-packet path: {before} -> {after}");
         assert_eq!(socket_translated(mode, node0), Some(0), "the socket hooks are off");
     }
+    if mode == Mode::Ebpf {
+        // No netfilter NAT on the node at all (asked before `nat_rule`,
+        // which makes the legacy table): looking for rules to remove made
+        // no legacy nat table, whose hooks every packet would pass.
+        for names in ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"] {
+            let tables = node0.ns.output(&["cat", names]).unwrap_or_default();
+            assert!(!tables.lines().any(|t| t == "nat"), "{names}: {tables}");
+        }
+    }
     for proto in ["tcp", "udp"] {
         assert_eq!(nat_rule(node0, LONE_VIP6, proto), mode == Mode::Iptables, "{proto} rule in {mode:?} mode");
     }

@@ -43,7 +43,8 @@ pub fn ensure(ipv6: bool) -> Result<(), DataplaneError> {
 /// Removes the rule from both backends of both families; returns how many rules went.
 pub fn remove() -> usize {
     let mut removed = 0;
-    for backend in Backend::ALL {
+    // Not where there is no nat table: asking would make one.
+    for backend in Backend::ALL.into_iter().filter(|b| b.has_table("nat")) {
         for protocol in ["tcp", "udp"] {
             while postrouting(backend, "-D", protocol).unwrap_or(false) {
                 removed += 1;

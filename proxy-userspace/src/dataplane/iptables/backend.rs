@@ -62,8 +62,12 @@ impl Backend {
         })
     }
 
-    /// `iptables-save` output (empty if this backend is unusable).
+    /// `iptables-save` output (empty if this backend is unusable, or if
+    /// the table does not exist).
     pub fn save(self, table: &str) -> String {
+        if !self.has_table(table) {
+            return String::new();
+        }
         self.command("save")
             .args(["-t", table])
             .stderr(Stdio::null())
@@ -72,6 +76,20 @@ impl Backend {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
+    }
+
+    /// Whether `table` exists. Always assumed with nf_tables; a legacy
+    /// table is made on the first command that names it, even one that only
+    /// reads it, and a legacy nat table sends every packet of the node
+    /// through netfilter's NAT hooks: eBPF mode, which only looks for rules
+    /// to remove, must not make one.
+    pub fn has_table(self, table: &str) -> bool {
+        let names = if self.ipv6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
+        match self.kind {
+            Kind::Nft => true,
+            // Without the file (no legacy module loaded), no legacy table exists.
+            Kind::Legacy => std::fs::read_to_string(names).is_ok_and(|n| n.lines().any(|l| l == table)),
+        }
     }
 
     fn rule_count(self) -> usize {
