@@ -19,4 +19,5 @@ pub mod packet;
 pub mod root;
 pub mod servers;
 pub mod wait;
+pub mod xdp_generator;
 pub mod xdp_pass;

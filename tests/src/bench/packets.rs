@@ -5,30 +5,30 @@
 //! (to the pod address: plain routing, no proxy).
 //!
 //! Only node 0's forwarding is measured. A generator pinned to one CPU
-//! writes prebuilt 60-byte frames of 64 flows straight onto node 0's wire
-//! (a packet socket on the underlay's side of its veth); node 0's receive
-//! path runs in a NAPI thread pinned to the other CPU; what it forwards
-//! comes back over the same wire, where the underlay's XDP program drops it
-//! and the veth counts it. Forwarded packets per second are that count over
-//! the run. The generator may be what limits it, so the receiving CPU's
-//! busy share is measured too: forwarded packets per second over that
-//! share is the rate one CPU forwards at full load.
+//! hands 60-byte frames of 64 flows straight to node 0's wire as live XDP
+//! frames (see `xdp_generator`), as a NIC's DMA puts them in a page: the
+//! veth neither copies them nor builds a socket buffer before node 0's XDP
+//! program sees them (a packet socket's frames were copied into a page of
+//! their own first, work a NIC never does, which diluted every mode's
+//! figure alike). It offers several times what any mode forwards; what
+//! node 0's receive queue cannot take is dropped there, as a NIC's ring
+//! overflows. Node 0's receive path runs in a NAPI thread pinned to the
+//! other CPU; what it forwards comes back over the same wire, where the
+//! underlay's XDP program drops it and the veth counts it. Forwarded
+//! packets per second are that count over the run, and packets per CPU
+//! that rate over the receiving CPU's busy share.
 //!
 //! Taking frames off the wire runs on the receiving CPU too (a NIC's work
 //! on real hardware; a thread of its own on the other CPU cost more in
-//! wake-ups than it saved), and a veth copies every frame a socket made
-//! into a page of its own before XDP sees it (a NIC's DMA lands there
-//! directly), so the harness's share of each packet on the receiving CPU
-//! is what a program doing nothing but XDP_TX costs: about 0.7 µs here,
-//! against 0.87 µs for kpr's XDP path and 2.2 µs for iptables.
+//! wake-ups than it saved: measured again with the XDP generator, every
+//! mode but XDP forwarded half as much per CPU that way).
 
 use std::{
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -46,6 +46,7 @@ use crate::{
     manifests::write,
     netns::{Netns, Offload},
     servers::pin_to_cpu,
+    xdp_generator::Generator,
     xdp_pass::Verdict,
 };
 
@@ -53,8 +54,9 @@ use crate::{
 pub const MODES: [&str; 4] = ["ebpf", "ebpf-tc", "iptables", "direct"];
 const NODE_PORT: u16 = 31_053;
 const TARGET_PORT: u16 = 5353;
-/// Distinct flows (source ports) the generator cycles through.
+/// Distinct flows (source ports, from `FIRST_PORT`) the generator sends.
 const FLOWS: u16 = 64;
+const FIRST_PORT: u16 = 40_000;
 const FRAME_LEN: usize = 60;
 
 /// One mode's packet rate.
@@ -113,78 +115,50 @@ fn counter(ns: &Netns, dev: &str, name: &str) -> anyhow::Result<u64> {
     Ok(ns.output(&["cat", &format!("/sys/class/net/{dev}/statistics/{name}")])?.trim().parse()?)
 }
 
-/// `FLOWS` frames from `src` (ports 40000 on) to `dst:port`, between the MACs given.
-fn frames(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Vec<[u8; FRAME_LEN]> {
-    (0..FLOWS)
-        .map(|i| {
-            let mut f = [0u8; FRAME_LEN];
-            f[0..6].copy_from_slice(&dst_mac);
-            f[6..12].copy_from_slice(&src_mac);
-            f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-            let ip = &mut f[14..34];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&((FRAME_LEN - 14) as u16).to_be_bytes());
-            ip[6] = 0x40; // don't fragment
-            ip[8] = 64;
-            ip[9] = 17;
-            ip[12..16].copy_from_slice(&src.octets());
-            ip[16..20].copy_from_slice(&dst.octets());
-            let check = proxy_common::checksum::checksum(ip);
-            ip[10..12].copy_from_slice(&check.to_be_bytes());
-            let udp = &mut f[34..42];
-            udp[0..2].copy_from_slice(&(40_000 + i).to_be_bytes());
-            udp[2..4].copy_from_slice(&port.to_be_bytes());
-            udp[4..6].copy_from_slice(&((FRAME_LEN - 34) as u16).to_be_bytes());
-            // UDP checksum 0: none, as IPv4 allows.
-            f
-        })
-        .collect()
+/// What `dev` offered its peer: what the peer took, and what it dropped
+/// with its receive queue full.
+fn offered_to(ns: &Netns, dev: &str) -> anyhow::Result<u64> {
+    Ok(counter(ns, dev, "tx_packets")? + counter(ns, dev, "tx_dropped")?)
 }
 
-/// Sends `frames` round and round out of `dev` (a packet socket, past the
-/// qdisc) until `stop`, counting what the kernel took in `sent`.
-fn generate(dev: &str, frames: Vec<[u8; FRAME_LEN]>, stop: &AtomicBool, sent: &AtomicU64) -> anyhow::Result<()> {
+/// The frame from `src` to `dst:port` between the MACs given, whose
+/// source port the generator sets (one of `FLOWS` from `FIRST_PORT`).
+fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> [u8; FRAME_LEN] {
+    let mut f = [0u8; FRAME_LEN];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&src_mac);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((FRAME_LEN - 14) as u16).to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let check = proxy_common::checksum::checksum(ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&FIRST_PORT.to_be_bytes());
+    udp[2..4].copy_from_slice(&port.to_be_bytes());
+    udp[4..6].copy_from_slice(&((FRAME_LEN - 34) as u16).to_be_bytes());
+    // UDP checksum 0: none, as IPv4 allows (so the port needs no fixing).
+    f
+}
+
+/// Frames handed to the wire per `BPF_PROG_RUN` call: each call sets up
+/// and tears down a page pool, which takes milliseconds.
+const BURST: u32 = 500_000;
+
+/// Sends `frame`, its source port varied over `FLOWS`, out of `dev` as live
+/// XDP frames (see `xdp_generator`) until `stop`.
+fn generate(dev: &str, frame: [u8; FRAME_LEN], stop: &AtomicBool) -> anyhow::Result<()> {
     pin_to_cpu(CLIENT_CPU);
     let ifindex = unsafe { libc::if_nametoindex(std::ffi::CString::new(dev)?.as_ptr()) };
     anyhow::ensure!(ifindex != 0, "no interface {dev}");
-    // SAFETY: plain socket calls on a descriptor owned here; the sockaddr,
-    // option and message headers point at live data for each call.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    anyhow::ensure!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-    }
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = ifindex as i32;
-    let bound = unsafe {
-        libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-    };
-    anyhow::ensure!(bound == 0, "binding to {dev}: {}", std::io::Error::last_os_error());
-    let mut iov: Vec<libc::iovec> =
-        frames.iter().map(|f| libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: FRAME_LEN }).collect();
-    let mut msgs: Vec<libc::mmsghdr> = iov
-        .iter_mut()
-        .map(|v| {
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let generator = Generator::new(&frame, FIRST_PORT, FLOWS)?;
     while !stop.load(Ordering::Relaxed) {
-        let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) };
-        if n > 0 {
-            sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
+        generator.send(ifindex, BURST)?;
     }
     Ok(())
 }
@@ -270,19 +244,18 @@ fn measure_mode(cfg: &Config, mode: &str, work: &Path) -> anyhow::Result<PacketR
     node0.set_wire(Verdict::Drop)?;
 
     let (dst, port) = if mode == "direct" { (backend, TARGET_PORT) } else { (node0.address(), NODE_PORT) };
-    let frames = frames(mac(outside, "br0")?, mac(&node0.ns, "eth0")?, Cluster::OUTSIDE, dst, port);
+    let frame = frame(mac(outside, "br0")?, mac(&node0.ns, "eth0")?, Cluster::OUTSIDE, dst, port);
     let (mut offered, mut forwarded, mut busy, mut per_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.repetitions {
         let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (s, n, f) = (stop.clone(), sent.clone(), frames.clone());
-        let generator = outside.spawn(move || generate(wire, f, &s, &n))?;
+        let s = stop.clone();
+        let generator = outside.spawn(move || generate(wire, frame, &s))?;
         std::thread::sleep(cfg.warmup);
-        let (sent0, fwd0, t0) = (sent.load(Ordering::Relaxed), counter(outside, wire, "rx_packets")?, Instant::now());
+        let (sent0, fwd0, t0) = (offered_to(outside, wire)?, counter(outside, wire, "rx_packets")?, Instant::now());
         let cpu0 = cpu_times();
         std::thread::sleep(cfg.duration);
         let cpu1 = cpu_times();
-        let (sent1, fwd1, t1) = (sent.load(Ordering::Relaxed), counter(outside, wire, "rx_packets")?, Instant::now());
+        let (sent1, fwd1, t1) = (offered_to(outside, wire)?, counter(outside, wire, "rx_packets")?, Instant::now());
         stop.store(true, Ordering::Relaxed);
         generator.join().map_err(|panic| anyhow::anyhow!("the generator panicked: {panic:?}"))??;
         let secs = (t1 - t0).as_secs_f64();
