@@ -44,7 +44,9 @@ pub(crate) fn switch_to_backend(
         return Ok(());
     }
     let bridge = port.bridge;
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: integers and arrays of them.
+    let p = unsafe { crate::zero::zero(&mut params) };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
     // The route as the bridge, the client's gateway, would find it; the
@@ -53,7 +55,7 @@ pub(crate) fn switch_to_backend(
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(pkt.src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend);
     let size = core::mem::size_of::<FibParams>() as i32;
-    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut p, size, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut *p, size, 0) };
     // Another interface, a gateway, or no neighbour entry yet (the routed
     // packet makes the node resolve it): routed.
     let on_link = unsafe { p.__bindgen_anon_4.ipv4_dst } == u32::from_ne_bytes(backend);

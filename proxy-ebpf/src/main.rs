@@ -43,6 +43,7 @@ mod refuse;
 mod skb;
 mod sock;
 mod translate;
+mod zero;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},

@@ -72,7 +72,6 @@ fn may_leave_by(ifindex: u32, ingress: u32) -> bool {
 
 /// Where a request goes on from XDP: to its backend (for frontend `id`),
 /// by the next hop, its client translated to a node address and port.
-#[derive(Default)]
 struct Way<A> {
     id: u32,
     backend: Backend<A>,
@@ -96,22 +95,24 @@ enum Choice {
 /// under the Cluster policy, to a backend XDP can reach.
 #[inline(never)]
 fn request<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>) -> Result<Outcome, DropReason> {
-    let mut way = Way::default();
-    match choose(pkt, &mut way)? {
+    let mut way = core::mem::MaybeUninit::<Way<A>>::uninit();
+    // SAFETY: integers and arrays of them.
+    let way = unsafe { crate::zero::zero(&mut way) };
+    match choose(pkt, way)? {
         Choice::NotOurs => return Ok(Outcome::Pass),
         Choice::New => {
-            let routed = routes(ctx, ingress, pkt, &mut way);
-            if !allocate(pkt, &mut way, routed) {
+            let routed = routes(ctx, ingress, pkt, way);
+            if !allocate(pkt, way, routed) {
                 return Ok(count(Counter::XdpPassedToStack, Outcome::Pass));
             }
         }
         Choice::Tracked => {
             // A flow the stack carries from its start stays there.
-            if !tracked_nat(pkt, &mut way) {
+            if !tracked_nat(pkt, way) {
                 return Ok(Outcome::Pass);
             }
             // Its route may have gone, or moved to a device XDP cannot send from.
-            if !route_on(ctx, ingress, pkt, &mut way) {
+            if !route_on(ctx, ingress, pkt, way) {
                 return Err(DropReason::NoRoute);
             }
         }
@@ -216,7 +217,6 @@ fn route_on<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>, way: &mut
 
 /// Where a backend's reply goes back from XDP: to the client, from the
 /// frontend (of Service `id`) it asked, by the next hop.
-#[derive(Default)]
 struct Back<A> {
     id: u32,
     client: End<A>,
@@ -228,11 +228,13 @@ struct Back<A> {
 /// anything else passes on.
 #[inline(never)]
 fn reply<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>) -> Result<Outcome, DropReason> {
-    let mut back = Back::default();
-    if !returning(pkt, &mut back) {
+    let mut back = core::mem::MaybeUninit::<Back<A>>::uninit();
+    // SAFETY: integers and arrays of them.
+    let back = unsafe { crate::zero::zero(&mut back) };
+    if !returning(pkt, back) {
         return Ok(Outcome::Pass);
     }
-    if !route_back(ctx, ingress, pkt, &mut back) {
+    if !route_back(ctx, ingress, pkt, back) {
         return Err(DropReason::NoRoute);
     }
     A::rewrite(ctx, pkt, back.frontend, back.client, &back.hop)?;
