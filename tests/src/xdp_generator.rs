@@ -14,7 +14,7 @@
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
 
-use crate::xdp_pass::{BPF_PROG_LOAD, BPF_PROG_TYPE_XDP, BPF_XDP, bpf, bpf_fd};
+use crate::xdp_pass::{bpf, load_xdp};
 
 const BPF_PROG_RUN: libc::c_long = 10;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u64 = 1 << 1;
@@ -72,15 +72,8 @@ impl Generator {
     /// Loads the program for `frame` (UDP over IPv4, no options), its
     /// source port varied over `first_port .. first_port + flows`.
     pub fn new(frame: &[u8], first_port: u16, flows: u16) -> anyhow::Result<Self> {
-        let insns = program(frame, first_port, flows);
-        let license = c"GPL";
-        let mut load = [0u64; 16];
-        load[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
-        load[1] = insns.as_ptr() as u64;
-        load[2] = license.as_ptr() as u64;
-        // expected_attach_type, as in xdp_pass.
-        load[8] = u64::from(BPF_XDP) << 32;
-        let prog = bpf_fd(BPF_PROG_LOAD, &mut load).map_err(|e| anyhow::anyhow!("loading the generator: {e}"))?;
+        let prog =
+            load_xdp(&program(frame, first_port, flows)).map_err(|e| anyhow::anyhow!("loading the generator: {e}"))?;
         Ok(Self { prog, frame: frame.to_vec() })
     }
 

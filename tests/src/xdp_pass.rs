@@ -7,11 +7,11 @@
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
-pub(crate) const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
-pub(crate) const BPF_PROG_TYPE_XDP: u32 = 6;
-pub(crate) const BPF_XDP: u32 = 37;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
 /// What the program answers for every frame.
 #[derive(Clone, Copy, Debug)]
 pub enum Verdict {
@@ -26,7 +26,7 @@ pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<li
 }
 
 /// A command that returns a new file descriptor.
-pub(crate) fn bpf_fd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
+fn bpf_fd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
     let fd = bpf(cmd, attr)?;
     // SAFETY: the kernel returned a new file descriptor, owned from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -35,7 +35,11 @@ pub(crate) fn bpf_fd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result
 /// Loads the program answering `verdict`.
 fn program(verdict: Verdict) -> std::io::Result<OwnedFd> {
     // `r0 = verdict; exit`.
-    let insns: [u64; 2] = [0xb7 | ((verdict as u64) << 32), 0x95];
+    load_xdp(&[0xb7 | ((verdict as u64) << 32), 0x95])
+}
+
+/// Loads the XDP program of instructions `insns`.
+pub(crate) fn load_xdp(insns: &[u64]) -> std::io::Result<OwnedFd> {
     let license = c"GPL";
     let mut load = [0u64; 16];
     load[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
