@@ -26,7 +26,7 @@ pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<li
 }
 
 /// A command that returns a new file descriptor.
-fn bpf_fd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
+pub(crate) fn bpf_fd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
     let fd = bpf(cmd, attr)?;
     // SAFETY: the kernel returned a new file descriptor, owned from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -309,7 +309,7 @@ pub fn packet_table(r: &Report) -> String {
     let mut t = String::from(
         "Packet rate from outside through a node port to a backend on another node (60-byte UDP frames, \
          64 flows, handed to the node's wire as live XDP frames by a generator on one CPU, as a NIC's DMA \
-         would, at several times what any mode forwards; the node's receive path on the other CPU; what the \
+         would, paced above what any mode forwards; the node's receive path on the other CPU; what the \
          node forwards is counted on its wire). Packets per CPU is the forwarded rate over the receiving \
          CPU's busy share.\n\n\
          | mode | forwarded pps (median, min–max) | offered pps | receiving CPU busy | pps per CPU | × iptables (per CPU) |\n\
