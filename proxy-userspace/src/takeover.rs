@@ -32,7 +32,7 @@ pub fn take_over(mode: Mode, bpf_root: &Path, beside_kube_proxy: bool, ipv6_rule
     match mode {
         Mode::Ebpf => {
             let families = Backend::ALL.into_iter().filter(|b| !(ipv6_rules && b.ipv6));
-            if let Err(e) = remove_iptables_of(families, chains) {
+            if let Err(e) = Backend::remove_from(families, chains) {
                 tracing::error!(error = %e, "could not remove iptables rules left by iptables mode or kube-proxy");
             }
         }
@@ -73,19 +73,7 @@ fn remove_kube_proxy_ipvs_chains() {
 /// backends (under kube-proxy's, kube-proxy's own go too, with those of
 /// its IPVS mode). Returns how many backends held some.
 pub fn remove_iptables(chains: Chains) -> Result<usize, DataplaneError> {
-    remove_iptables_of(Backend::ALL.into_iter(), chains)
-}
-
-fn remove_iptables_of(backends: impl Iterator<Item = Backend>, chains: Chains) -> Result<usize, DataplaneError> {
-    let mut removed = 0;
-    for backend in backends {
-        if backend.has_kpr_rules(chains) {
-            backend.remove_all(chains)?;
-            tracing::info!(backend = backend.name(), "removed kpr's iptables rules");
-            removed += 1;
-        }
-    }
-    Ok(removed)
+    Backend::remove_from(Backend::ALL, chains)
 }
 
 /// Every interface of this network namespace.

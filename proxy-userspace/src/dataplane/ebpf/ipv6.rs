@@ -49,11 +49,7 @@ use proxy_common::{
 use crate::{
     dataplane::{
         ApplyError, Dataplane, DataplaneError, Desired, Mode,
-        iptables::{
-            IptablesDataplane,
-            backend::Backend,
-            render::{Chains, RenderConfig},
-        },
+        iptables::{IptablesDataplane, backend::Backend, render::RenderConfig},
     },
     frontend::{Endpoint, Frontend, FrontendKey, Protocol},
     planner::Op,
@@ -116,8 +112,8 @@ impl Rules {
     fn apply(&mut self, ops: &[Op<Ipv6Addr>], desired: &Desired<Ipv6Addr>) -> Vec<ApplyError<Ipv6Addr>> {
         if desired.is_empty() {
             if self.written.is_some() || !self.leftovers_checked {
-                match remove_rules(self.config.chains) {
-                    Ok(()) => (self.written, self.leftovers_checked) = (None, true),
+                match Backend::remove_from(Backend::ALL.into_iter().filter(|b| b.ipv6), self.config.chains) {
+                    Ok(_) => (self.written, self.leftovers_checked) = (None, true),
                     // Kept, and tried again at the next apply: they serve nothing.
                     Err(e) => tracing::warn!(error = %e, "could not remove the ip6tables rules no frontend needs"),
                 }
@@ -146,17 +142,6 @@ impl Rules {
     fn repair(&mut self, desired: &Desired<Ipv6Addr>) -> usize {
         self.written.as_mut().map_or(0, |rules| rules.repair(desired))
     }
-}
-
-/// Removes kpr's (or kube-proxy's) chains from both ip6tables backends.
-fn remove_rules(chains: Chains) -> Result<(), DataplaneError> {
-    for backend in Backend::ALL.into_iter().filter(|b| b.ipv6) {
-        if backend.has_kpr_rules(chains) {
-            backend.remove_all(chains)?;
-            tracing::info!(backend = backend.name(), "no IPv6 frontend needs ip6tables rules: removed them");
-        }
-    }
-    Ok(())
 }
 
 pub struct EbpfIpv6 {

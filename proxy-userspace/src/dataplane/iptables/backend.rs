@@ -214,6 +214,20 @@ impl Backend {
         self.remove_chains(|c| removed_with(chains, c))
     }
 
+    /// [`Backend::remove_all`] on each of `backends` that holds some of
+    /// those chains; returns how many did.
+    pub fn remove_from(backends: impl IntoIterator<Item = Backend>, chains: Chains) -> Result<usize, DataplaneError> {
+        let mut removed = 0;
+        for backend in backends {
+            if backend.has_kpr_rules(chains) {
+                backend.remove_all(chains)?;
+                tracing::info!(backend = backend.name(), "removed kpr's iptables rules");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes the chains only kube-proxy's IPVS mode writes (for iptables
     /// mode, which writes the others itself); returns whether there were any.
     pub fn remove_kube_proxy_ipvs_chains(self) -> Result<bool, DataplaneError> {
