@@ -39,6 +39,12 @@ pub const DIR_REPLY: u8 = 1;
 pub const STATE_REPLIED: u8 = 1;
 /// [`CtEntry::state`]: a FIN or RST has been seen in either direction.
 pub const STATE_CLOSING: u8 = 2;
+/// [`CtEntry::state`] of a service entry: the node's conntrack translates
+/// this flow (rules did, before eBPF mode served), so its packets pass
+/// untranslated. Translating them again would give the node's conntrack a
+/// second entry with the same reply tuple, which it resolves by moving the
+/// client to another port mid-connection: the backend resets it.
+pub const STATE_HOST: u8 = 4;
 
 /// Lifetimes in seconds since an entry was last seen, after netfilter's and
 /// Cilium's defaults: an established TCP connection idles for hours, a
@@ -95,7 +101,7 @@ pub struct CtEntry<A = [u8; 4]> {
     /// Service entry: the backend. Reply entry: the frontend (VIP).
     pub addr: A,
     pub port: [u8; 2],
-    /// [`STATE_REPLIED`] and [`STATE_CLOSING`] bits.
+    /// [`STATE_REPLIED`], [`STATE_CLOSING`] and [`STATE_HOST`] bits.
     pub state: u8,
     pub _pad: u8,
     /// The frontend's service id.

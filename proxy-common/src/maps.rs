@@ -275,6 +275,13 @@ pub mod flags {
     /// flows it tracks go on, translated both ways, while new flows and
     /// sockets are left untranslated for the node's iptables rules.
     pub const DRAINING: u8 = 32;
+    /// eBPF mode is taking over from rules that translated flows to this
+    /// frontend (iptables mode's or kube-proxy's, still in place): a packet
+    /// no tracked flow claims is left to the node's conntrack and rules,
+    /// but for a TCP SYN, the only packet sure to start a flow. The agent
+    /// clears it once it has tracked the node's flows as
+    /// [`crate::conntrack::STATE_HOST`].
+    pub const ADOPTING: u8 = 64;
 }
 
 /// The packet mark asking the node's masquerade rule to source-NAT a

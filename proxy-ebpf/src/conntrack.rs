@@ -10,7 +10,7 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{
-    conntrack::{CtEntry, FlowKey, STATE_CLOSING, expired, is_syn, next_state, syn_opens_new_connection},
+    conntrack::{CtEntry, FlowKey, STATE_CLOSING, STATE_HOST, expired, is_syn, next_state, syn_opens_new_connection},
     counters::{Counter, DropReason},
     maps::{BACKEND_ACTIVE, Backend, PROTO_TCP, ServiceValue},
 };
@@ -109,6 +109,16 @@ pub(crate) fn forget_direct<A: Family>(pkt: &Packet<A>) {
     }
 }
 
+/// What the conntrack holds for a client's packet to a frontend.
+pub(crate) enum Pinned<A: Family> {
+    /// No live flow: a new one starts.
+    No,
+    /// A live flow, pinned to this backend.
+    To(Backend<A>),
+    /// A flow the node's conntrack translates ([`STATE_HOST`]).
+    Host,
+}
+
 /// The backend a live tracked flow of `svc` is pinned to. A SYN keeps it
 /// only while it retransmits the first one and the backend is still in the
 /// set (a SYN after an answer or a close is a new connection on a reused
@@ -119,17 +129,24 @@ pub(crate) fn pinned<A: Family>(
     svc: &ServiceValue,
     tcp_flags: u8,
     now: u32,
-) -> Result<Option<Backend<A>>, DropReason> {
-    let Some(fwd) = A::ct_get(flow) else { return Ok(None) };
+) -> Result<Pinned<A>, DropReason> {
+    let Some(fwd) = A::ct_get(flow) else { return Ok(Pinned::No) };
     let entry = unsafe { core::ptr::read(fwd) };
     if entry.service_id != svc.id || expired(flow.proto, &entry, now) {
-        return Ok(None);
+        return Ok(Pinned::No);
+    }
+    if entry.state & STATE_HOST != 0 {
+        if flow.proto == PROTO_TCP && is_syn(tcp_flags) && syn_opens_new_connection(entry.state) {
+            return Ok(Pinned::No);
+        }
+        touch(fwd, tcp_flags, false, now);
+        return Ok(Pinned::Host);
     }
     if flow.proto == PROTO_TCP
         && is_syn(tcp_flags)
         && (syn_opens_new_connection(entry.state) || !still_chosen(svc, &entry))
     {
-        return Ok(None);
+        return Ok(Pinned::No);
     }
     touch(fwd, tcp_flags, false, now);
     // Both entries age together (the collector judges each by its own).
@@ -144,7 +161,7 @@ pub(crate) fn pinned<A: Family>(
             count(Counter::ConntrackRestored, ());
         }
     }
-    Ok(Some(Backend { addr: entry.addr, port: entry.port, state: BACKEND_ACTIVE, _pad: 0 }))
+    Ok(Pinned::To(Backend { addr: entry.addr, port: entry.port, state: BACKEND_ACTIVE, _pad: 0 }))
 }
 
 /// Whether the flow's backend still sits, ready, in the slot it was chosen from.

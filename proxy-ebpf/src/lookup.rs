@@ -5,17 +5,17 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    conntrack::{CtEntry, FlowKey},
+    conntrack::{CtEntry, FlowKey, is_syn},
     counters::DropReason,
     ipv4::Fragment,
-    maps::{AffinityKey, Backend, ServiceKey, ServiceValue, flags},
+    maps::{AffinityKey, Backend, PROTO_TCP, ServiceKey, ServiceValue, flags},
     select,
 };
 
 pub(crate) use crate::family::backend_at;
 use crate::{
     affinity::{affine_slot, remember},
-    conntrack,
+    conntrack::{self, Pinned},
     family::Family,
     maps::{DEVICES, SERVICES},
     parse::{IcmpError, Packet},
@@ -202,8 +202,10 @@ pub(crate) fn to_frontend<A: Family>(pkt: &Packet<A>, svc: &ServiceValue) -> Res
     // Read only once the packet is to a Service: most packets a pod sends are not.
     let now = conntrack::now();
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    if let Some(backend) = conntrack::pinned(&flow, &svc, pkt.tcp_flags, now)? {
-        return Ok(Lookup::ToBackend(backend, frontend, Start::Tracked));
+    match conntrack::pinned(&flow, &svc, pkt.tcp_flags, now)? {
+        Pinned::To(backend) => return Ok(Lookup::ToBackend(backend, frontend, Start::Tracked)),
+        Pinned::Host => return Ok(Lookup::NotService),
+        Pinned::No => {}
     }
     // The rest of a datagram whose flow is gone: nothing to answer with, nothing to start.
     if later_fragment {
@@ -211,6 +213,11 @@ pub(crate) fn to_frontend<A: Family>(pkt: &Packet<A>, svc: &ServiceValue) -> Res
     }
     // iptables mode took over: new flows are its rules' to translate.
     if svc.flags & flags::DRAINING != 0 {
+        return Ok(Lookup::NotService);
+    }
+    // Taking over from the node's rules: anything but a SYN may belong to a
+    // flow they translated, which the node's conntrack goes on translating.
+    if svc.flags & flags::ADOPTING != 0 && !(pkt.proto == PROTO_TCP && is_syn(pkt.tcp_flags)) {
         return Ok(Lookup::NotService);
     }
 

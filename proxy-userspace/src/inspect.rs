@@ -11,7 +11,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use proxy_common::{
-    conntrack::{CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, STATE_CLOSING, STATE_REPLIED, lifetime},
+    conntrack::{
+        CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, STATE_CLOSING, STATE_HOST, STATE_REPLIED, lifetime,
+    },
     counters::Counter,
     ipv6::In6,
     maps::{
@@ -66,7 +68,9 @@ pub struct BackendEntry {
 /// per-packet path tracks, or a socket the socket hooks gave a backend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEntry {
-    /// `packet` (per-packet conntrack) or `socket` (socket-level).
+    /// `packet` (per-packet conntrack), `socket` (socket-level) or `host`
+    /// (a flow the node's conntrack translates: begun under the rules eBPF
+    /// mode took over from, its packets pass untranslated).
     pub path: String,
     pub protocol: String,
     /// The client's address (per-packet) or `socket COOKIE`.
@@ -561,7 +565,7 @@ where
     table.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == DIR_SERVICE).map(move |(k, v)| {
         let idle = now.saturating_sub(v.last_seen);
         FlowEntry {
-            path: "packet".into(),
+            path: if v.state & STATE_HOST != 0 { "host" } else { "packet" }.into(),
             protocol: protocol_name(k.proto).into(),
             client: show(k.src_addr, k.src_port),
             frontend: show(k.dst_addr, k.dst_port),

@@ -465,6 +465,8 @@ fn print_flows(maps: MapsArgs) -> anyhow::Result<()> {
     for f in &flows {
         let reply = match (f.path.as_str(), f.reply_tracked) {
             ("socket", _) => "-",
+            // The node's conntrack translates its replies.
+            ("host", _) => "node",
             (_, true) => "tracked",
             (_, false) => "evicted",
         };

@@ -15,7 +15,7 @@ use proxy_common::maps::{self as abi, ServiceKey, ServiceKey6, ServiceValue, fla
 use crate::{
     dataplane::{
         DataplaneError, Mode,
-        ebpf::{PACKET_PROGRAMS, masquerade},
+        ebpf::{PACKET_PROGRAMS, host_flows, masquerade},
         iptables::{backend::Backend, render::Chains},
         kube_proxy,
     },
@@ -123,6 +123,9 @@ fn mark_draining<K: aya::Pod>(pin: &Path) -> usize {
 /// were removed.
 pub fn remove_ebpf(interfaces: &[String], bpf_root: &Path) -> usize {
     let mut removed = masquerade::remove();
+    for ipv6 in [false, true] {
+        host_flows::release_conntrack(ipv6);
+    }
     for iface in interfaces {
         for (program, hook) in PACKET_PROGRAMS {
             match tc::qdisc_detach_program(iface, hook, program) {

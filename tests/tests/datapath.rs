@@ -30,7 +30,7 @@ use proxy_common::{
 };
 use proxy_userspace::{
     clock::monotonic_seconds,
-    dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc},
+    dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, dump},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -248,14 +248,63 @@ fn a_pod_that_is_its_own_backend_is_answered_through_the_hairpin_address() {
     assert_eq!(dp.drops(), 0);
 }
 
-/// What iptables mode does to the maps eBPF mode left when it takes over.
-fn drain(dp: &mut Datapath) {
+/// Sets `flag` on every frontend (`on`) or clears it.
+fn flag(dp: &mut Datapath, flag: u8, on: bool) {
     let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(dp.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
     let entries: Vec<_> = svcs.iter().map(Result::unwrap).collect();
     for (key, value) in entries {
-        svcs.insert(key, ServiceValue { flags: value.flags | abi::flags::DRAINING, ..value }, 0).unwrap();
+        let flags = if on { value.flags | flag } else { value.flags & !flag };
+        svcs.insert(key, ServiceValue { flags, ..value }, 0).unwrap();
     }
+}
+
+/// What iptables mode does to the maps eBPF mode left when it takes over.
+fn drain(dp: &mut Datapath) {
+    flag(dp, abi::flags::DRAINING, true);
+}
+
+#[test]
+fn flows_the_nodes_rules_translated_are_left_to_its_conntrack() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    // The first sync, while the rules eBPF mode takes over from still serve.
+    flag(&mut dp, abi::flags::ADOPTING, true);
+    let syn = tcp_frame((CLIENT, 40200), (VIP, 80), TCP_SYN, b"");
+    let (_, out) = dp.run(&syn);
+    assert_eq!((View(&out).dst(), View(&out).dport()), (BACKENDS[0], 8080), "a SYN starts a flow of this datapath's");
+    for maybe_the_nodes in
+        [tcp_frame((CLIENT, 40201), (VIP, 80), TCP_ACK, b"request"), udp_frame((CLIENT, 40202), (VIP, 53), b"query")]
+    {
+        assert_eq!(dp.run(&maybe_the_nodes), (TC_ACT_OK, maybe_the_nodes.clone()), "left to the node");
+    }
+    let (_, out) = dp.run(&tcp_frame((CLIENT, 40200), (VIP, 80), TCP_ACK, b"request"));
+    assert_eq!(View(&out).dst(), BACKENDS[0], "the datapath's own flow goes on");
+
+    // The agent tracks the node's flow and ends the adoption.
+    let key = service_key(40201, VIP, 80, abi::PROTO_TCP);
+    let long_ago = monotonic_seconds() - 100;
+    let host = CtEntry {
+        state: ct::STATE_HOST | ct::STATE_REPLIED,
+        ..CtEntry::new(BACKENDS[0].octets(), 8080u16.to_be_bytes(), 1, 0, long_ago)
+    };
+    dp.ct_table(abi::PROTO_TCP).insert(key, host, 0).unwrap();
+    flag(&mut dp, abi::flags::ADOPTING, false);
+    let ack = tcp_frame((CLIENT, 40201), (VIP, 80), TCP_ACK, b"more");
+    assert_eq!(dp.run(&ack), (TC_ACT_OK, ack.clone()), "the node's flow is left to it");
+    let seen = dp.ct(&key).unwrap();
+    assert_eq!(seen.state, ct::STATE_HOST | ct::STATE_REPLIED);
+    assert!(seen.last_seen > long_ago, "and kept alive");
+    assert!(dp.ct(&key.reply(BACKENDS[0].octets(), 8080u16.to_be_bytes())).is_none(), "its replies are the node's too");
+    // A new connection on the port, once the node's is over, is this datapath's.
+    dp.run(&tcp_frame((CLIENT, 40201), (VIP, 80), TCP_ACK | TCP_FIN, b""));
+    let (_, out) = dp.run(&tcp_frame((CLIENT, 40201), (VIP, 80), TCP_SYN, b""));
+    assert_eq!(View(&out).dst(), BACKENDS[0]);
+    assert_eq!(dp.ct(&key).unwrap().state & ct::STATE_HOST, 0);
+    // UDP with no flow is translated again.
+    let (_, out) = dp.run(&udp_frame((CLIENT, 40202), (VIP, 53), b"query"));
+    assert_eq!(View(&out).dst(), BACKENDS[0]);
+    assert_eq!(dp.drops(), 0);
 }
 
 #[test]
@@ -727,6 +776,44 @@ fn expired_flows_choose_again_and_the_collector_removes_them() {
     assert_eq!((collected.seen, collected.removed), (4, 2));
     assert_eq!((dp.ct(&old), dp.ct(&reply)), (None, None));
     assert!(dp.ct(&live).is_some());
+}
+
+#[test]
+fn a_map_is_read_and_emptied_in_batches() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    let mut table = dp.ct_table(abi::PROTO_UDP);
+    // More than one batch's worth, so the reads resume where the last stopped.
+    let written: Vec<(FlowKey, CtEntry)> = (0..10_000u32)
+        .map(|i| {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            let key = service_key(u16::from_be_bytes([hi, lo]), Ipv4Addr::new(10, 96, hi, lo), 53, abi::PROTO_UDP);
+            (key, CtEntry::new([10, 244, hi, lo], 53u16.to_be_bytes(), i, 0, i))
+        })
+        .collect();
+    for (k, v) in &written {
+        table.insert(k, v, 0).unwrap();
+    }
+    let by_key = |mut entries: Vec<(FlowKey, CtEntry)>| {
+        entries.sort_by_key(|(k, _)| format!("{k:?}"));
+        entries
+    };
+    let batched = dump::batched::<FlowKey, CtEntry>(aya::maps::IterableMap::map(&table)).expect("batched lookups");
+    assert_eq!(batched.len(), written.len());
+    assert_eq!(by_key(batched), by_key(written.clone()));
+    assert_eq!(by_key(dump::entries(&table)), by_key(table.iter().map(Result::unwrap).collect()));
+
+    // Removed in batches too, skipping keys already gone: every other
+    // entry, with some removed before.
+    let doomed: Vec<FlowKey> = written.iter().step_by(2).map(|(k, _)| *k).collect();
+    for key in doomed.iter().step_by(1000) {
+        table.remove(key).unwrap();
+    }
+    let removed = dump::remove_batched(aya::maps::IterableMap::map(&table), &doomed).expect("batched removals");
+    assert_eq!(removed, doomed.len() - doomed.len().div_ceil(1000), "the ones still there");
+    let left = dump::entries(&table);
+    assert_eq!(left.len(), written.len() / 2);
+    assert!(left.iter().all(|(k, _)| !doomed.contains(k)));
 }
 
 /// An ICMP error of `kind` and `code` from `src` to `dst` quoting `quote`

@@ -557,9 +557,55 @@ fn serves_ipv6_per_packet(mode: Mode) {
     }
 }
 
+/// A TCP connection to an IPv6 ClusterIP that ip6tables rules translated
+/// before kpr started (kube-proxy's way: `KUBE-SERVICES` from PREROUTING
+/// and OUTPUT) answers on the same socket once kpr serves, on the
+/// per-packet path in eBPF mode (the node's conntrack goes on translating it).
+fn an_ipv6_connection_the_rules_translated_before_kpr_lives_on(mode: Mode) {
+    root_or_skip!();
+    let (cluster, _servers) = ipv6_only_cluster();
+    let node0 = cluster.node(0);
+    let to_web0 = format!("[{}]:8080", pod_ip6(0, 11));
+    let nat = |rule: &str| {
+        let args: Vec<&str> = ["ip6tables", "-w", "-t", "nat"].into_iter().chain(rule.split(' ')).collect();
+        node0.ns.exec(&args).unwrap();
+    };
+    nat("-N KUBE-SERVICES");
+    nat("-A PREROUTING -j KUBE-SERVICES");
+    nat("-A OUTPUT -j KUBE-SERVICES");
+    nat(&format!("-A KUBE-SERVICES -d {LONE_VIP6}/128 -p tcp --dport 80 -j DNAT --to-destination {to_web0}"));
+    let client = &node0.pod("client").ns;
+    let lone = SocketAddr::new(LONE_VIP6.into(), 80);
+    let (mut held, first) = Held::start(Path::new(PROBE), client, &node0.cgroup, "tcp-held", lone).unwrap();
+    // Answers name the backend and the client address it saw.
+    let from_web0 = |reply: &Option<String>| reply.as_deref().is_some_and(|r| r.starts_with("web-0 "));
+    assert!(from_web0(&first.reply), "the rules serve before kpr starts: {first:?}");
+
+    let endpoints: Vec<(&str, Ipv6Addr)> = WEB_PODS.iter().map(|(n, p)| (*p, pod_ip6(*n, 11))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "lone.yaml", &web_service("lone", LONE_VIP6, &endpoints)).unwrap();
+    let args = [mode.arg().to_string(), format!("--source=dir:{}", manifests.display()), "--socket-lb=false".into()];
+    let agents = cluster.start_kpr_everywhere(&args, dir.path()).unwrap();
+    let both: BTreeSet<String> = ["web-0", "web-1"].map(String::from).into();
+    assert_eq!(answers(node0, client, lone, 20).0, both, "kpr serves new connections");
+    let log = agents[0].log();
+    let again = held.ask().unwrap();
+    assert!(from_web0(&again.reply), "the connection lives on: {again:?}\n{log}");
+    if mode == Mode::Ebpf {
+        let adopted = |l: &&str| l.contains("go on through the node's conntrack") && l.contains("family=\"IPv6\"");
+        assert!(log.lines().any(|l| adopted(&l)), "{log}");
+        // Its rules went; a rule of kpr's keeps conntrack on while the flow lives.
+        let nat = node0.ns.output(&["ip6tables-save", "-t", "nat"]).unwrap();
+        assert!(!nat.contains("KUBE-SERVICES") && nat.contains("keeps conntrack on"), "{nat}");
+    }
+}
+
 in_both_modes!(
     serves_both_families,
     serves_ipv6_per_packet,
+    an_ipv6_connection_the_rules_translated_before_kpr_lives_on,
     node_ports_answer_where_the_only_default_route_is_ipv6,
     serves_an_ipv6_only_cluster
 );

@@ -19,7 +19,7 @@
 //! shares with kube-proxy's iptables mode are kpr's own).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,7 +28,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{every_10ms, tcp_request},
+    client::{every_10ms, request_on, tcp_request},
     kpr::{Kpr, Mode},
     manifests::write,
     node::VirtualNode,
@@ -351,8 +351,16 @@ fn takes_over(mode: Mode, from: KubeProxy) {
     let ask = move || kpr_tests::netns::run_in(&client, || tcp_request(SVC1, TIMEOUT)).unwrap();
     // IPVS mode cannot serve on a kernel without IPVS: asked once kpr serves.
     let serves_before = from != KubeProxy::Ipvs;
+    // A connection kube-proxy's rules translated, still open when kpr takes over.
+    let mut held = None;
     if serves_before {
         assert_eq!(ask().unwrap(), "p1", "kube-proxy's rules serve before kpr starts");
+        let client = node.pod("client").ns.name().to_string();
+        let mut stream =
+            kpr_tests::netns::run_in(&client, || TcpStream::connect_timeout(&SVC1, TIMEOUT)).unwrap().unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        assert_eq!(request_on(&mut stream).unwrap(), "p1");
+        held = Some(stream);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -367,8 +375,11 @@ fn takes_over(mode: Mode, from: KubeProxy) {
     }
     match from {
         // Once eBPF serves, kube-proxy's rules go (in iptables mode they are kpr's now).
-        KubeProxy::Iptables(_) if mode == Mode::Ebpf => {
-            kpr.wait_for_log("removed kpr's iptables rules", Duration::from_secs(10)).unwrap()
+        // IPv4's backend (IPv6's rules, which no Service needs, may go during the first sync).
+        KubeProxy::Iptables(backend) if mode == Mode::Ebpf => {
+            let name = if backend == "nft" { "nf_tables" } else { backend };
+            let removed = format!("removed kpr's iptables rules backend=\"{name}\"");
+            kpr.wait_for_log(&removed, Duration::from_secs(10)).unwrap()
         }
         KubeProxy::Iptables(_) => {}
         KubeProxy::Nftables | KubeProxy::Ipvs => {
@@ -390,6 +401,20 @@ fn takes_over(mode: Mode, from: KubeProxy) {
     // Asked throughout the takeover (fewer answers on a loaded machine), none failed.
     assert!(tally.ok > 10 && tally.failed == 0, "{tally:?}\n{log}");
     assert!(!log.contains("could not program") && !log.contains("could not remove"), "{log}");
+    if let Some(mut stream) = held {
+        // Its packets go on through the node's conntrack, which translated it.
+        if mode == Mode::Ebpf {
+            assert!(log.contains("go on through the node's conntrack"), "{log}");
+            // Conntrack stays on for it, whatever else the node's rules need.
+            assert!(saved(&node).contains("keeps conntrack on"), "{}", saved(&node));
+        }
+        let answer = request_on(&mut stream);
+        assert_eq!(
+            answer.as_deref().ok(),
+            Some("p1"),
+            "the connection kube-proxy translated lives on: {answer:?}\n{log}"
+        );
+    }
 
     let left = saved(&node);
     if mode == Mode::Ebpf {

@@ -195,6 +195,12 @@ fn keeps_serving_while_the_agent_restarts(mode: Mode) {
         assert!(log.contains("took over the frontends the maps hold"), "the maps were reused:\n{log}");
         assert!(log.contains("switched to this run's programs"), "the links were taken over:\n{log}");
         assert!(log.contains("migration done"), "the maps were migrated:\n{log}");
+        // The flows were shared, not copied: a copy misses what the old
+        // programs began just before the switch (such a reply was reset).
+        let shared = log.lines().find(|l| l.contains("flow maps shared")).unwrap_or_default();
+        for map in ["CT_TCP", "CT_ANY", "NAT_FORWARD", "NAT_REVERSE", "SOCK_REVERSE"] {
+            assert!(shared.contains(&format!("\"{map}\"")), "{map} shared with the old programs:\n{log}");
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! when a client sent before the rules existed, the DNS blackhole) would
 //! keep steering the client's datagrams there for as long as it sends.
 //! One ctnetlink dump finds them and one batch of deletes removes them,
-//! in each IP family apart (conntrack keys its entries by family).
+//! in each IP family apart (conntrack keys its entries by family). The
+//! same dump finds the flows iptables rules translated when eBPF mode
+//! takes over from them (see `ebpf::host_flows`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -19,10 +21,14 @@ use super::netlink::{
     self, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, messages, receive, send,
 };
 
-/// One UDP flow as conntrack keys it: the client's original tuple and the
+/// One flow as conntrack keys it: the client's original tuple and the
 /// source its replies come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpFlow<A = Ipv4Addr> {
+pub struct Flow<A = Ipv4Addr> {
+    /// IP protocol number.
+    pub proto: u8,
+    /// TCP: conntrack's state of the connection (`TCP_CONNTRACK_*`); 0 otherwise.
+    pub tcp_state: u8,
     pub client: (A, u16),
     /// Where the client sent (a VIP, node port or external address).
     pub addressed: (A, u16),
@@ -70,7 +76,7 @@ impl CtFamily for Ipv6Addr {
 }
 
 /// The flows to a frontend of `serving` answered by something else.
-pub fn stale<'a, A: Family>(flows: &'a [UdpFlow<A>], serving: &'a Serving<A>) -> impl Iterator<Item = &'a UdpFlow<A>> {
+pub fn stale<'a, A: Family>(flows: &'a [Flow<A>], serving: &'a Serving<A>) -> impl Iterator<Item = &'a Flow<A>> {
     flows.iter().filter(|f| serving.get(&f.addressed).is_some_and(|endpoints| !endpoints.contains(&f.replier)))
 }
 
@@ -87,6 +93,9 @@ const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 const IPPROTO_UDP: u8 = 17;
 /// Bytes of deletes sent in one write.
 const BATCH: usize = 32 * 1024;
@@ -102,12 +111,12 @@ fn nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {
 }
 
 /// The original tuple of `flow`, as a delete names the entry.
-fn delete_message<A: CtFamily>(flow: &UdpFlow<A>, seq: u32) -> Vec<u8> {
+fn delete_message<A: CtFamily>(flow: &Flow<A>, seq: u32) -> Vec<u8> {
     let mut ip = Vec::new();
     attr(&mut ip, A::SRC, &flow.client.0.bytes());
     attr(&mut ip, A::SRC + 1, &flow.addressed.0.bytes());
     let mut proto = Vec::new();
-    attr(&mut proto, CTA_PROTO_NUM, &[IPPROTO_UDP]);
+    attr(&mut proto, CTA_PROTO_NUM, &[flow.proto]);
     attr(&mut proto, CTA_PROTO_SRC_PORT, &flow.client.1.to_be_bytes());
     attr(&mut proto, CTA_PROTO_DST_PORT, &flow.addressed.1.to_be_bytes());
     let mut tuple = Vec::new();
@@ -170,18 +179,23 @@ fn tuple<A: CtFamily>(data: &[u8]) -> Option<(Endpoint<A>, Endpoint<A>, u8)> {
     Some(((src?, sport?), (dst?, dport?), proto?))
 }
 
-/// The UDP flow one conntrack message (after its headers) describes.
-fn flow<A: CtFamily>(data: &[u8]) -> Option<UdpFlow<A>> {
-    let (mut orig, mut reply) = (None, None);
+/// The flow one conntrack message (after its headers) describes.
+fn flow<A: CtFamily>(data: &[u8]) -> Option<Flow<A>> {
+    let (mut orig, mut reply, mut tcp_state) = (None, None, 0);
     for (kind, payload) in attrs(data) {
         match kind {
             CTA_TUPLE_ORIG => orig = tuple(payload),
             CTA_TUPLE_REPLY => reply = tuple(payload),
+            CTA_PROTOINFO => {
+                let tcp = attrs(payload).find(|(k, _)| *k == CTA_PROTOINFO_TCP);
+                let state = tcp.and_then(|(_, info)| attrs(info).find(|(k, _)| *k == CTA_PROTOINFO_TCP_STATE));
+                tcp_state = state.and_then(|(_, v)| v.first().copied()).unwrap_or(0);
+            }
             _ => {}
         }
     }
     let ((client, addressed, proto), (replier, _, _)) = (orig?, reply?);
-    (proto == IPPROTO_UDP).then_some(UdpFlow { client, addressed, replier })
+    Some(Flow { proto, tcp_state, client, addressed, replier })
 }
 
 fn open() -> std::io::Result<OwnedFd> {
@@ -190,8 +204,8 @@ fn open() -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Every UDP flow of family `A` the kernel tracks in this network namespace.
-pub fn udp_flows<A: CtFamily>() -> std::io::Result<Vec<UdpFlow<A>>> {
+/// Every flow of family `A` the kernel tracks in this network namespace.
+pub fn flows<A: CtFamily>() -> std::io::Result<Vec<Flow<A>>> {
     let fd = open()?;
     send(&fd, &message::<A>(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, &[]))?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -212,7 +226,7 @@ pub fn udp_flows<A: CtFamily>() -> std::io::Result<Vec<UdpFlow<A>>> {
 
 /// Deletes the entries of `flows`, many per write; returns how many went
 /// (one already gone is not an error).
-pub fn delete<A: CtFamily>(flows: &[UdpFlow<A>]) -> std::io::Result<usize> {
+pub fn delete<A: CtFamily>(flows: &[Flow<A>]) -> std::io::Result<usize> {
     if flows.is_empty() {
         return Ok(0);
     }
@@ -244,8 +258,9 @@ pub fn clear_stale_udp<A: CtFamily>(serving: &Serving<A>) -> std::io::Result<usi
     if serving.is_empty() {
         return Ok(0);
     }
-    let flows = udp_flows::<A>()?;
-    let stale: Vec<UdpFlow<A>> = stale(&flows, serving).copied().collect();
+    let mut flows = flows::<A>()?;
+    flows.retain(|f| f.proto == IPPROTO_UDP);
+    let stale: Vec<Flow<A>> = stale(&flows, serving).copied().collect();
     delete(&stale)
 }
 
@@ -253,8 +268,14 @@ pub fn clear_stale_udp<A: CtFamily>(serving: &Serving<A>) -> std::io::Result<usi
 mod tests {
     use super::*;
 
-    fn flow_of(client: [u8; 4], addressed: [u8; 4], replier: [u8; 4]) -> UdpFlow {
-        UdpFlow { client: (client.into(), 40000), addressed: (addressed.into(), 53), replier: (replier.into(), 5353) }
+    fn flow_of(client: [u8; 4], addressed: [u8; 4], replier: [u8; 4]) -> Flow {
+        Flow {
+            proto: IPPROTO_UDP,
+            tcp_state: 0,
+            client: (client.into(), 40000),
+            addressed: (addressed.into(), 53),
+            replier: (replier.into(), 5353),
+        }
     }
 
     #[test]
@@ -293,12 +314,19 @@ mod tests {
         assert_eq!(f, flow_of([10, 244, 0, 100], [10, 96, 0, 10], [10, 244, 0, 11]));
         assert!(flow::<Ipv4Addr>(&body[..10]).is_none(), "a truncated message is skipped");
         assert!(flow::<Ipv6Addr>(&body).is_none(), "an IPv4 entry is not an IPv6 flow");
+        let (mut info, mut tcp) = (Vec::new(), Vec::new());
+        attr(&mut tcp, CTA_PROTOINFO_TCP_STATE, &[3]);
+        nested(&mut info, CTA_PROTOINFO_TCP, &tcp);
+        nested(&mut body, CTA_PROTOINFO, &info);
+        assert_eq!(flow::<Ipv4Addr>(&body).unwrap().tcp_state, 3, "a TCP entry's state is read");
     }
 
     #[test]
     fn an_ipv6_delete_names_the_original_tuple_in_the_ipv6_attributes() {
         let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
-        let f = UdpFlow {
+        let f = Flow {
+            proto: IPPROTO_UDP,
+            tcp_state: 0,
             client: (ip("fd00::64"), 40000),
             addressed: (ip("fd00:96::a"), 53),
             replier: (ip("fd00::b"), 53),

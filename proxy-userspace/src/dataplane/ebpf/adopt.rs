@@ -46,7 +46,16 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     /// Returns how many frontends were taken over.
     pub fn adopt_programmed(&mut self) -> usize {
         let contents = self.maps.contents();
-        self.end_unfinished_drain(&contents);
+        // An iptables-mode run that stopped while it drained these maps
+        // (see `takeover::drain_ebpf`), or a run that stopped before its
+        // adoption ended (see `host_flows`), left its mark on the entries,
+        // which would keep new flows from being translated: cleared, as they serve again.
+        let unfinished = flags::DRAINING | flags::ADOPTING;
+        self.clear_flag(
+            &contents,
+            unfinished,
+            "could not clear a drain or adoption left unfinished: new flows to it go untranslated",
+        );
         let entry_flags = contents.services.iter().fold(0, |all, (_, v)| all | v.flags);
         let mut externals: BTreeMap<u32, Vec<(ServiceKey, ServiceValue)>> = BTreeMap::new();
         let mut markers = Vec::new();
@@ -124,21 +133,19 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         self.programmed.len()
     }
 
-    /// An iptables-mode run that stopped while it drained these maps (see
-    /// `takeover::drain_ebpf`) left its mark on the entries, which would
-    /// keep new flows from being translated: cleared, as they serve again.
-    fn end_unfinished_drain(&mut self, contents: &MapContents) {
-        let drained = |v: &ServiceValue| v.flags & flags::DRAINING != 0;
-        let serving = |v: &ServiceValue| ServiceValue { flags: v.flags & !flags::DRAINING, ..*v };
-        let mut cleared = Vec::new();
-        for (key, value) in contents.services.iter().filter(|(_, v)| drained(v)) {
-            cleared.push(self.maps.set_service(*key, serving(value)));
+    /// Clears `flag` from every entry of `contents` that has it; a failure is logged as `failed`.
+    pub(super) fn clear_flag(&mut self, contents: &MapContents, flag: u8, failed: &str) {
+        let flagged = |v: &ServiceValue| v.flags & flag != 0;
+        let cleared = |v: &ServiceValue| ServiceValue { flags: v.flags & !flag, ..*v };
+        let mut results = Vec::new();
+        for (key, value) in contents.services.iter().filter(|(_, v)| flagged(v)) {
+            results.push(self.maps.set_service(*key, cleared(value)));
         }
-        for (id, value) in contents.cluster_scopes.iter().filter(|(_, v)| drained(v)) {
-            cleared.push(self.maps.set_cluster_scope(*id, serving(value)));
+        for (id, value) in contents.cluster_scopes.iter().filter(|(_, v)| flagged(v)) {
+            results.push(self.maps.set_cluster_scope(*id, cleared(value)));
         }
-        for e in cleared.into_iter().filter_map(Result::err) {
-            tracing::warn!(error = %e, "could not clear a drain left unfinished: new flows to it go untranslated");
+        for e in results.into_iter().filter_map(Result::err) {
+            tracing::warn!(error = %e, "{failed}");
         }
     }
 

@@ -22,6 +22,7 @@ use proxy_common::{
     maps::PROTO_UDP,
 };
 
+use super::dump::entries;
 use crate::clock::monotonic_seconds;
 
 /// A conntrack map as the collector's thread holds it.
@@ -46,13 +47,15 @@ where
     CtEntry<A>: aya::Pod,
 {
     let mut seen = 0;
-    let expired_keys: Vec<FlowKey<A>> = map
-        .iter()
-        .filter_map(Result::ok)
+    let expired_keys: Vec<FlowKey<A>> = entries(map)
+        .into_iter()
         .inspect(|_| seen += 1)
         .filter(|(k, v)| expired(k.proto, v, now))
         .map(|(k, _)| k)
         .collect();
+    if let Some(removed) = super::dump::remove_batched(aya::maps::IterableMap::map(map), &expired_keys) {
+        return Collected { seen, removed };
+    }
     let mut removed = 0;
     for key in &expired_keys {
         match map.remove(key) {
@@ -77,9 +80,8 @@ where
     FlowKey<A>: aya::Pod,
     CtEntry<A>: aya::Pod,
 {
-    let stale: Vec<(FlowKey<A>, CtEntry<A>)> = map
-        .iter()
-        .filter_map(Result::ok)
+    let stale: Vec<(FlowKey<A>, CtEntry<A>)> = entries(map)
+        .into_iter()
         .filter(|(k, v)| {
             k.dir == DIR_SERVICE && k.proto == PROTO_UDP && v.service_id == service_id && !keep(v.addr, v.port)
         })

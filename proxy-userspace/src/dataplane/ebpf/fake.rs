@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 
 use std::collections::BTreeSet;
 
-use proxy_common::maps::{Backend, BackendKey, ServiceKey, ServiceValue};
+use proxy_common::{
+    conntrack::{CtEntry, FlowKey},
+    maps::{Backend, BackendKey, ServiceKey, ServiceValue},
+};
 
 use crate::frontend::Cidr;
 
@@ -29,6 +32,8 @@ pub struct FakeMaps {
     pub forgotten_traffic: Vec<u32>,
     /// Backends whose traffic counts were forgotten, with their frontend id.
     pub forgotten_backends: Vec<(u32, Backend)>,
+    /// Conntrack service entries written.
+    pub flows: Vec<(FlowKey, CtEntry)>,
 }
 
 impl FakeMaps {
@@ -130,6 +135,15 @@ impl ServiceMaps for FakeMaps {
     fn forget_udp_flows(&mut self, _service_id: u32, _keep: &KeepEndpoints) -> usize {
         0
     }
+
+    fn track_flows(&mut self, flows: &[(FlowKey, CtEntry)]) -> Result<(), MapIoError> {
+        self.flows.extend(flows.iter().copied());
+        Ok(())
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.flows.iter().rev().find(|(k, _)| k == key).map(|(_, e)| *e)
+    }
 }
 
 /// Wraps maps so that every write after the first `ok_writes` fails.
@@ -218,5 +232,14 @@ impl<M: ServiceMaps> ServiceMaps for Faulty<M> {
 
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
         self.inner.forget_udp_flows(service_id, keep)
+    }
+
+    fn track_flows(&mut self, flows: &[(FlowKey, CtEntry)]) -> Result<(), MapIoError> {
+        self.write()?;
+        self.inner.track_flows(flows)
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.inner.flow(key)
     }
 }

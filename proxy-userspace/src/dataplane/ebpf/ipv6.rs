@@ -40,6 +40,7 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use proxy_common::{
     conntrack::{CtEntry6, FlowKey6},
+    ipv6::In6,
     maps::{
         self as abi, Backend6, BackendKey, BackendTrafficKey6, PROTO_UDP, ReverseEntry6, ServiceKey6, ServiceValue,
         SockKey6, Traffic, flags, kind,
@@ -61,7 +62,9 @@ pub struct Ipv6Maps {
     pub backends: HashMap<MapData, BackendKey, Backend6>,
     /// Which backend each connected socket was given.
     pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
-    /// The per-packet path's UDP flows (and any other non-TCP ones).
+    /// The per-packet path's TCP flows (only written: see `host_flows`),
+    /// and its UDP flows (and any other non-TCP ones).
+    pub ct_tcp: HashMap<MapData, FlowKey6, CtEntry6>,
     pub ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
     /// A Local policy's cluster-wide scope, by frontend id.
     pub cluster_scope: HashMap<MapData, u32, ServiceValue>,
@@ -164,6 +167,13 @@ pub struct EbpfIpv6 {
     /// The entries were a previous run's: the first apply deletes those
     /// its desired state does not have.
     adopted: bool,
+    /// Until the first apply has written the frontends, they are written
+    /// with [`flags::ADOPTING`], as IPv4's (see `host_flows`); that apply
+    /// then adopts the node's flows before the rules go. Not when the maps
+    /// held a previous eBPF run's frontends, whose flows it tracks.
+    adopting: bool,
+    /// The flows adopted as the node's, while any is.
+    adopted_flows: Vec<FlowKey6>,
     /// Sets replaced or deleted at the last apply, freed at the next.
     retiring: Vec<(u32, u32)>,
     next_id: u32,
@@ -233,6 +243,26 @@ fn write_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneEr
     move |e| DataplaneError::MapWrite { map, reason: e.to_string() }
 }
 
+/// This family's side of an adoption (see `host_flows`).
+const ADOPTER: super::host_flows::Adopter =
+    super::host_flows::Adopter { name: "IPv6", ipv6: true, holds_conntrack: true };
+
+/// Clears [`flags::ADOPTING`] from every frontend and cluster-wide scope that has it.
+fn clear_adopting(maps: &mut Ipv6Maps) {
+    let adopting = |v: &ServiceValue| v.flags & flags::ADOPTING != 0;
+    let cleared = |v: ServiceValue| ServiceValue { flags: v.flags & !flags::ADOPTING, ..v };
+    let mut failed = Vec::new();
+    for (key, value) in super::dump::entries(&maps.services).into_iter().filter(|(_, v)| adopting(v)) {
+        failed.extend(maps.services.insert(key, cleared(value), 0).err());
+    }
+    for (id, value) in super::dump::entries(&maps.cluster_scope).into_iter().filter(|(_, v)| adopting(v)) {
+        failed.extend(maps.cluster_scope.insert(id, cleared(value), 0).err());
+    }
+    for e in failed {
+        tracing::warn!(error = %e, "could not end the adoption of an IPv6 frontend: new flows to it go untranslated");
+    }
+}
+
 impl Written {
     /// The backend sets it names: its own, and a Local policy's.
     fn sets(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
@@ -248,7 +278,9 @@ impl EbpfIpv6 {
     /// stand for no frontend, and backend sets no frontend uses, are removed.
     pub fn new(rules: RenderConfig<Ipv6Addr>, full_sync_period: Duration, mut maps: Ipv6Maps) -> Self {
         let mut written = BTreeMap::new();
-        let services: Vec<(ServiceKey6, ServiceValue)> = maps.services.iter().filter_map(Result::ok).collect();
+        let services: Vec<(ServiceKey6, ServiceValue)> = super::dump::entries(&maps.services);
+        // A run that stopped before its adoption ended left the mark.
+        clear_adopting(&mut maps);
         let mut markers = Vec::new();
         let mut external = Vec::new();
         for (key, value) in &services {
@@ -315,12 +347,49 @@ impl EbpfIpv6 {
             rules_desired: Desired::new(),
             maps,
             adopted: !written.is_empty(),
+            adopting: written.is_empty(),
+            adopted_flows: Vec::new(),
             written,
             vip_users,
             retiring: Vec::new(),
             next_id,
             next_set,
         }
+    }
+
+    /// `value` as written while this run adopts the node's flows.
+    fn adopting(&self, value: ServiceValue) -> ServiceValue {
+        if self.adopting { ServiceValue { flags: value.flags | flags::ADOPTING, ..value } } else { value }
+    }
+
+    /// Once the first sync is written: tracks the node's translated IPv6
+    /// flows to the frontends (`flows`, its conntrack) and ends the
+    /// adoption, as IPv4's (see `host_flows`).
+    fn adopt_host_flows(&mut self, flows: std::io::Result<Vec<crate::dataplane::conntrack::Flow<Ipv6Addr>>>) {
+        self.adopting = false;
+        let frontends: std::collections::HashMap<ServiceKey6, ServiceValue> =
+            super::dump::entries(&self.maps.services).into_iter().collect();
+        let id =
+            |a: Ipv6Addr, port: u16, proto| frontends.get(&ServiceKey6::new(a.octets(), port, proto)).map(|v| v.id);
+        let maps = &mut self.maps;
+        let write = |entries: &[(FlowKey6, CtEntry6)]| {
+            for (key, entry) in entries {
+                let map = if key.proto == abi::PROTO_TCP { &mut maps.ct_tcp } else { &mut maps.ct_any };
+                map.insert(key, entry, 0).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        self.adopted_flows = super::host_flows::adopt(ADOPTER, flows, id, |a| In6(a.octets()), write);
+        clear_adopting(&mut self.maps);
+    }
+
+    /// Once the adopted flows have all ended, conntrack goes off again.
+    fn release_conntrack_when_done(&mut self) {
+        let maps = &self.maps;
+        super::host_flows::release_when_ended(ADOPTER, &mut self.adopted_flows, |k| {
+            let map = if k.proto == abi::PROTO_TCP { &maps.ct_tcp } else { &maps.ct_any };
+            map.get(k, 0).ok().map(|e| e.state)
+        });
     }
 
     /// Serves node ports on `addresses` (frontends written later).
@@ -363,7 +432,8 @@ impl EbpfIpv6 {
             },
             |w| w.id,
         );
-        if let Err(e) = self.maps.services.insert(service_key(&f.key), cluster_value(f, id, (set, slots)), 0) {
+        let value = self.adopting(cluster_value(f, id, (set, slots)));
+        if let Err(e) = self.maps.services.insert(service_key(&f.key), value, 0) {
             self.free((set, slots));
             return Err(write_error(abi::SERVICES6)(e));
         }
@@ -414,7 +484,7 @@ impl EbpfIpv6 {
             self.ask_for_masquerade();
         }
         let local = if local_only { Some(self.write_set(f.local_backends())?) } else { None };
-        let cluster = cluster_value(f, id, (set, slots));
+        let cluster = self.adopting(cluster_value(f, id, (set, slots)));
         if local_only && let Err(e) = self.maps.cluster_scope.insert(id, cluster, 0) {
             // Nothing names the new set yet: it goes at once.
             if let Some(local) = local {
@@ -426,7 +496,8 @@ impl EbpfIpv6 {
         let mut failed = None;
         for entry in &wanted {
             let (backend_set, backend_count) = local.unwrap_or((set, slots));
-            let value = ServiceValue { backend_set, backend_count, kind: entry.kind, flags: entry.flags, ..cluster };
+            let flags = entry.flags | cluster.flags;
+            let value = ServiceValue { backend_set, backend_count, kind: entry.kind, flags, ..cluster };
             match self.maps.services.insert(entry.key, value, 0) {
                 Ok(()) => written.push(entry.key),
                 Err(e) => {
@@ -482,11 +553,8 @@ impl EbpfIpv6 {
             tracing::debug!(service_id = id, flows, "forgot IPv6 UDP flows to removed backends");
         }
         let Some(cgroup) = &self.maps.cgroup else { return };
-        let pinned: HashSet<super::sock_destroy::Pinned> = self
-            .maps
-            .sock_reverse
-            .iter()
-            .filter_map(Result::ok)
+        let pinned: HashSet<super::sock_destroy::Pinned> = super::dump::entries(&self.maps.sock_reverse)
+            .into_iter()
             .filter(|(k, v)| k.proto == PROTO_UDP && v.service_id == id && !keep.contains(&(k.addr, k.port)))
             .map(|(k, _)| (k.cookie, k.addr, k.port))
             .collect();
@@ -589,6 +657,11 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
         for retired in std::mem::take(&mut self.retiring) {
             self.free(retired);
         }
+        // Decided once, before anything is written as adopting (see `host_flows`).
+        if self.adopting {
+            let flows = crate::dataplane::conntrack::flows::<Ipv6Addr>().unwrap_or_default();
+            self.adopting = super::host_flows::any_translated_to(&flows, desired);
+        }
         // Frontends gone from the desired state leave first, as the planner
         // orders them: a way in from outside that moves to another frontend
         // in this sync is then written for that one after this one let go.
@@ -611,6 +684,13 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
                 errors.push(ApplyError { frontend: *k, error });
             }
         }
+        // The first apply: before the rules change (which removes those a
+        // previous run or kube-proxy left), the flows they translated are
+        // adopted.
+        if self.adopting {
+            self.adopt_host_flows(crate::dataplane::conntrack::flows());
+        }
+        self.adopting = false;
         let failed: HashSet<FrontendKey<Ipv6Addr>> = errors.iter().map(|e| e.frontend).collect();
         let mut rule_ops = Vec::new();
         for k in ops.iter().map(Op::key) {
@@ -655,6 +735,7 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
     /// The rules are checked, and rewritten from what they serve; the maps
     /// are rewritten at each frontend's next change.
     fn repair(&mut self, _desired: &Desired<Ipv6Addr>) -> usize {
+        self.release_conntrack_when_done();
         self.rules.repair(&self.rules_desired)
     }
 }

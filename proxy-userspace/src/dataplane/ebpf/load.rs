@@ -137,6 +137,27 @@ fn pinned_maps() -> impl Iterator<Item = &'static str> {
     abi::ALL_MAPS.into_iter().chain(abi::SOCKET_STORAGE)
 }
 
+/// The shape of every map the object creates with `sizes` applied, read
+/// from the object as the loader reads it.
+fn shapes(sizes: MapSizes) -> Result<std::collections::HashMap<String, migrate::Shape>, DataplaneError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| DataplaneError::Load(e.to_string()))?;
+    let capacities: std::collections::HashMap<&str, u32> = capacities(sizes).into_iter().collect();
+    Ok(object
+        .maps
+        .iter()
+        .map(|(name, map)| {
+            let shape = migrate::Shape {
+                kind: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries: capacities.get(name.as_str()).copied().unwrap_or(map.max_entries()),
+                flags: map.map_flags(),
+            };
+            (name.clone(), shape)
+        })
+        .collect())
+}
+
 /// Loads the object with `sizes` applied, without attaching anything.
 pub fn load(sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
     load_pinned(sizes, None)
@@ -392,6 +413,11 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         }
     }
     let pinned = maps_dir(bpf_root, sizes);
+    if let Some((dir, PinnedMaps::Previous(old))) = &pinned {
+        let shapes = shapes(sizes)?;
+        let shared = migrate::share_maps(old, dir, &migrate::FLOW_MAPS, |name| shapes.get(name).copied());
+        tracing::info!(maps = ?shared, "flow maps shared with the previous run's programs");
+    }
     let mut ebpf = load_pinned(sizes, pinned.as_ref().map(|(dir, _)| dir.as_path()))?;
     let (mut reused, mut previous) = (false, None);
     if let Some((dir, found)) = &pinned {
@@ -480,6 +506,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         },
         cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE)?,
         affinity_timeouts: take_hash(&mut ebpf, abi::AFFINITY_TIMEOUTS)?,
+        ct_tcp: take_hash(&mut ebpf, abi::CT_TCP)?,
         ct_any: take_hash(&mut ebpf, abi::CT_ANY)?,
         sock_affinity: take_hash(&mut ebpf, abi::SOCK_AFFINITY)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE)?,
@@ -490,6 +517,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         services: take_hash(&mut ebpf, abi::SERVICES6)?,
         backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
+        ct_tcp: take_hash(&mut ebpf, abi::CT6_TCP)?,
         ct_any: take_hash(&mut ebpf, abi::CT6_ANY)?,
         cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE6)?,
         service_traffic: take_hash(&mut ebpf, abi::SERVICE_TRAFFIC6)?,

@@ -8,11 +8,12 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as Lpm
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     maps::{
-        Backend, BackendKey, BackendTrafficKey, ForwardEntry, PROTO_UDP, ReverseEntry, ServiceKey, ServiceValue,
-        SockKey, SourceRangeKey, Traffic,
+        Backend, BackendKey, BackendTrafficKey, ForwardEntry, PROTO_TCP, PROTO_UDP, ReverseEntry, ServiceKey,
+        ServiceValue, SockKey, SourceRangeKey, Traffic,
     },
 };
 
+use super::dump::entries;
 use crate::frontend::Cidr;
 
 /// The LPM key of `range` for frontend `id`.
@@ -79,6 +80,10 @@ pub trait ServiceMaps: Send {
     /// `keep`, so their next datagram chooses again, and ends the UDP
     /// sockets connected to those endpoints; returns how many.
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize;
+    /// Writes conntrack service entries (see `host_flows`).
+    fn track_flows(&mut self, flows: &[(FlowKey, CtEntry)]) -> Result<(), MapIoError>;
+    /// A conntrack entry (`None` if absent or unreadable).
+    fn flow(&self, key: &FlowKey) -> Option<CtEntry>;
 }
 
 /// Whether a failed insert means the map is full (the kernel answers E2BIG).
@@ -105,7 +110,9 @@ pub struct AyaMaps {
     pub(super) source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub(super) cluster_scope: HashMap<MapData, u32, ServiceValue>,
     pub(super) affinity_timeouts: HashMap<MapData, u32, u32>,
-    /// The per-packet path's non-TCP flows (TCP flows are never forgotten).
+    /// The per-packet path's flows: TCP ones are only written (see
+    /// `host_flows`), non-TCP ones also forgotten.
+    pub(super) ct_tcp: HashMap<MapData, FlowKey, CtEntry>,
     pub(super) ct_any: HashMap<MapData, FlowKey, CtEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
     pub(super) sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
@@ -131,11 +138,11 @@ impl ServiceMaps for AyaMaps {
             Some((u32::from_be_bytes(data.id), Cidr { addr: data.addr.into(), len }))
         };
         MapContents {
-            services: self.services.iter().filter_map(Result::ok).collect(),
-            backends: self.backends.keys().filter_map(Result::ok).collect(),
+            services: entries(&self.services),
+            backends: entries(&self.backends).into_iter().map(|(k, _)| k).collect(),
             source_ranges: self.source_ranges.keys().filter_map(Result::ok).filter_map(range).collect(),
-            cluster_scopes: self.cluster_scope.iter().filter_map(Result::ok).collect(),
-            affinity_timeouts: self.affinity_timeouts.iter().filter_map(Result::ok).collect(),
+            cluster_scopes: entries(&self.cluster_scope),
+            affinity_timeouts: entries(&self.affinity_timeouts),
         }
     }
 
@@ -194,10 +201,8 @@ impl ServiceMaps for AyaMaps {
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
         let stale = super::conntrack_gc::forget_udp_flows(&mut self.ct_any, service_id, |a, p| keep.contains(&(a, p)));
         // Unconnected UDP sockets keep their backend per frontend: they choose again too.
-        let stale_sockets: Vec<SockKey> = self
-            .sock_affinity
-            .iter()
-            .filter_map(Result::ok)
+        let stale_sockets: Vec<SockKey> = entries(&self.sock_affinity)
+            .into_iter()
             .filter(|(_, v)| v.service_id == service_id && !keep.contains(&(v.backend.addr, v.backend.port)))
             .map(|(k, _)| k)
             .collect();
@@ -209,10 +214,8 @@ impl ServiceMaps for AyaMaps {
         // Connected UDP sockets cannot choose again: they are ended.
         let ended = match &self.cgroup {
             Some(cgroup) => {
-                let pinned: HashSet<super::sock_destroy::Pinned> = self
-                    .sock_reverse
-                    .iter()
-                    .filter_map(Result::ok)
+                let pinned: HashSet<super::sock_destroy::Pinned> = entries(&self.sock_reverse)
+                    .into_iter()
                     .filter(|(k, v)| {
                         k.proto == PROTO_UDP && v.service_id == service_id && !keep.contains(&(k.addr, k.port))
                     })
@@ -223,6 +226,19 @@ impl ServiceMaps for AyaMaps {
             None => 0,
         };
         stale + stale_sockets.len() + ended
+    }
+
+    fn track_flows(&mut self, flows: &[(FlowKey, CtEntry)]) -> Result<(), MapIoError> {
+        for (key, entry) in flows {
+            let map = if key.proto == PROTO_TCP { &mut self.ct_tcp } else { &mut self.ct_any };
+            map.insert(key, entry, 0).map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
+        let map = if key.proto == PROTO_TCP { &self.ct_tcp } else { &self.ct_any };
+        map.get(key, 0).ok()
     }
 }
 

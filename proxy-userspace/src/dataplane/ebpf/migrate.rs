@@ -7,13 +7,21 @@
 //! not have yet, right after the links are switched: what the old programs
 //! tracked in between is not lost. Maps whose format changed are rebuilt
 //! (the Services from the desired state; their flows start over).
+//!
+//! A flow map whose shape (kind, key and value sizes, capacity, flags) is
+//! exactly what this run creates is not copied but shared: this run's
+//! programs are loaded with the very map the old ones write, as Cilium
+//! keeps its conntrack maps across upgrades. A copy always leaves a gap:
+//! a connection the old programs begin just before the switch, whose reply
+//! reaches this run's programs before the second copy holds it, would pass
+//! to the host untranslated and be reset.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
 };
 
-use aya::maps::{MapInfo, MapType};
+use aya::maps::{MapData, MapInfo, MapType};
 use proxy_common::maps as abi;
 
 use super::pins::bpf;
@@ -56,6 +64,52 @@ fn same_format(old: &MapInfo, new: &MapInfo) -> bool {
         _ => false,
     };
     kind_ok && old.key_size() == new.key_size() && old.value_size() == new.value_size()
+}
+
+/// What a map is made of, beyond its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Shape {
+    pub kind: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl Shape {
+    fn of(info: &MapInfo) -> Option<Self> {
+        Some(Self {
+            kind: info.map_type().ok()? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        })
+    }
+}
+
+/// Pins in `current` each map of `names` pinned in `previous` whose shape
+/// is `wanted`'s for its name (what this run creates), so that the loader
+/// takes it instead of creating one; returns the names shared.
+pub(super) fn share_maps<'a>(
+    previous: &Path,
+    current: &Path,
+    names: &[&'a str],
+    wanted: impl Fn(&str) -> Option<Shape>,
+) -> Vec<&'a str> {
+    let mut shared = Vec::new();
+    for name in names {
+        let (old, new) = (previous.join(name), current.join(name));
+        let found = MapInfo::from_pin(&old).ok().and_then(|info| Shape::of(&info));
+        if found.is_none() || found != wanted(name) || new.exists() {
+            continue;
+        }
+        match MapData::from_pin(&old).map_err(|e| e.to_string()).and_then(|m| m.pin(&new).map_err(|e| e.to_string())) {
+            Ok(()) => shared.push(*name),
+            Err(error) => tracing::warn!(map = name, %error, "could not share a map: copied instead"),
+        }
+    }
+    shared
 }
 
 /// Copies the entries of `old` into `new` (`only_missing`: those `new`
@@ -139,6 +193,10 @@ pub(super) fn copy_maps<'a>(
             tracing::info!(map = name, "format changed: rebuilt, not copied");
             continue;
         };
+        if old.id() == new.id() {
+            // Shared (see share_maps): nothing to copy.
+            continue;
+        }
         let (Ok(old_fd), Ok(new_fd)) = (old.fd(), new.fd()) else { continue };
         let n = copy_entries(
             old_fd.as_fd(),

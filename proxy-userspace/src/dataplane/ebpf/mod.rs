@@ -13,7 +13,9 @@ mod adopt;
 pub mod bridge;
 pub mod cgroup;
 pub mod conntrack_gc;
+pub mod dump;
 pub mod fake;
+pub mod host_flows;
 pub mod ipv6;
 pub mod links;
 pub mod load;
@@ -253,6 +255,13 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// The frontends are a previous run's, taken over (see `adopt`): the
     /// next apply removes those the desired state does not have.
     adopted: bool,
+    /// Until the first apply has written the frontends, they are written
+    /// with [`flags::ADOPTING`] when the node's rules translated flows to
+    /// them; that apply then adopts those flows (see `host_flows`). Not when
+    /// the maps were a previous eBPF run's: its flows are tracked already.
+    adopting: bool,
+    /// The flows adopted as the node's, while any is (see `host_flows`).
+    adopted_flows: Vec<proxy_common::conntrack::FlowKey>,
     /// The links of every attach point (see `pins`).
     pins: pins::LinkPins,
     /// The previous run's maps and where this run's are, while a migration
@@ -309,6 +318,7 @@ impl EbpfDataplane<AyaMaps> {
         if attached.socket_fence {
             dataplane.socket_fence = Attachment::Added;
         }
+        dataplane.adopting = !attached.reused && attached.previous.is_none();
         if attached.reused {
             let frontends = dataplane.adopt_programmed();
             tracing::info!(frontends, "took over the frontends the maps hold; they serve until the first sync");
@@ -358,6 +368,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             leftovers: Vec::new(),
             retiring: Vec::new(),
             adopted: false,
+            adopting: false,
+            adopted_flows: Vec::new(),
             pins: pins::LinkPins::new(None),
             migrating: None,
             masquerade: Attachment::NotNeeded,
@@ -376,6 +388,16 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
     pub fn with_node_addresses(mut self, addresses: Vec<Ipv4Addr>) -> Self {
         self.node_addresses = addresses;
         self
+    }
+
+    /// [`flags::ADOPTING`] while this run adopts the node's flows, else 0.
+    fn adopting_flag(&self) -> u8 {
+        if self.adopting { flags::ADOPTING } else { 0 }
+    }
+
+    /// `value` as written while this run adopts the node's flows.
+    fn adopting(&self, value: ServiceValue) -> ServiceValue {
+        ServiceValue { flags: value.flags | self.adopting_flag(), ..value }
     }
 
     fn services_error(&self) -> impl Fn(MapIoError) -> DataplaneError {
@@ -532,7 +554,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         // that point there.
         if local_only
             && let Some(cluster_set) = cluster_set
-            && let Err(e) = self.maps.set_cluster_scope(id, cluster_value(f, id, cluster_set))
+            && let Err(e) = self.maps.set_cluster_scope(id, self.adopting(cluster_value(f, id, cluster_set)))
         {
             // Nothing names the new set yet: it goes at once.
             if let Some((set, slots)) = other {
@@ -559,7 +581,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 backend_count,
                 terminating_count,
                 kind: entry.kind,
-                flags: entry.flags,
+                flags: entry.flags | self.adopting_flag(),
                 _pad: [0; 2],
             };
             match self.maps.set_service(entry.key, value) {
@@ -636,7 +658,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 "(fewer Services with sessionAffinity)",
             )(e));
         }
-        let value = internal_value(f, id, set);
+        let value = self.adopting(internal_value(f, id, set));
         self.ask_for_socket_fence(value.flags);
         if let Err(e) = self.maps.set_service(key, value) {
             self.free_set(set, new.len());
@@ -834,6 +856,7 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
 
     fn repair(&mut self, desired: &Desired) -> usize {
         let devices = self.node_devices.as_mut().map_or(0, |d| d.repair());
+        self.release_conntrack_when_done();
         self.repair_drift(desired) + devices + self.follow_bridges()
     }
 
@@ -876,6 +899,14 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
         for (set, count) in std::mem::take(&mut self.retiring) {
             self.free_set(set, count as usize);
         }
+        if self.adopting && self.ebpf.is_some() {
+            // Decided once, before anything is written as adopting.
+            let flows = crate::dataplane::conntrack::flows::<Ipv4Addr>().unwrap_or_default();
+            self.adopting = host_flows::any_translated_to(&flows, desired);
+            if !self.adopting {
+                tracing::debug!("no flow the node's rules translated to these frontends: nothing to adopt");
+            }
+        }
         let mut errors = Vec::new();
         let mut reached_from_outside = false;
         for op in ops {
@@ -908,6 +939,11 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
             let devices = std::mem::take(&mut self.devices);
             self.interface_patterns.extend(devices);
             self.follow_interfaces();
+        }
+        // The first apply: its frontends written as adopting, the flows
+        // the node's rules translated to them are adopted before the rules go.
+        if self.adopting && self.ebpf.is_some() {
+            self.adopt_host_flows(crate::dataplane::conntrack::flows());
         }
         errors
     }

@@ -459,3 +459,45 @@ fn session_affinity_is_written_with_its_frontend_and_removed_with_it() {
     dp.apply(&[Op::Delete(f.key)], &Desired::new());
     assert!(dp.maps().affinity.is_empty());
 }
+
+#[test]
+fn a_first_sync_adopts_the_nodes_flows_then_serves_them_all() {
+    use crate::dataplane::conntrack::Flow;
+    let mut dp = EbpfDataplane::new(FakeMaps::new(32, 32), sizes(32, 32))
+        .with_node_addresses(vec![Ipv4Addr::new(192, 168, 1, 2)]);
+    dp.adopting = true;
+    // Local policy: a cluster-wide scope beside the frontends.
+    let f = external(fe(1, 80, &[1, 2]), true, &[2]);
+    assert!(upsert(&mut dp, &f).is_empty());
+    let maps = dp.maps();
+    let adopting = |v: &ServiceValue| v.flags & flags::ADOPTING != 0;
+    // Every frontend (a VIP's marker is none).
+    let frontends = maps.services.values().filter(|v| **v != ServiceValue::MARKER);
+    assert!(frontends.chain(maps.cluster_scope.values()).all(adopting), "{maps:?}");
+    let id = maps.services[&service_key(&f.key)].id;
+    let vip = f.key.vip;
+    let flow = |client: u8, replier: Ipv4Addr| Flow {
+        proto: proxy_common::maps::PROTO_TCP,
+        tcp_state: 3,
+        client: (Ipv4Addr::new(10, 244, 0, client), 40000),
+        addressed: (vip, 80),
+        replier: (replier, 80),
+    };
+    let flows = vec![flow(100, Ipv4Addr::new(10, 244, 0, 1)), flow(101, vip)];
+    dp.adopt_host_flows(Ok(flows));
+    let maps = dp.maps();
+    assert!(!maps.services.values().chain(maps.cluster_scope.values()).any(adopting), "the adoption ends: {maps:?}");
+    let tracked: Vec<(u8, u8, u32)> =
+        maps.flows.iter().map(|(k, e)| (k.src_addr[3], e.addr[3], e.service_id)).collect();
+    assert_eq!(tracked, [(100, 1, id)], "only the translated flow is the node's");
+    // Conntrack stays on for it until it ends (a new connection on its port: eBPF mode's).
+    dp.release_conntrack_when_done();
+    assert_eq!(dp.adopted_flows.len(), 1);
+    let (key, entry) = dp.maps().flows[0];
+    dp.maps.flows.push((key, proxy_common::conntrack::CtEntry { state: 0, ..entry }));
+    dp.release_conntrack_when_done();
+    assert!(dp.adopted_flows.is_empty());
+    // Later writes carry no flag.
+    assert!(upsert(&mut dp, &external(fe(1, 80, &[1, 3]), true, &[3])).is_empty());
+    assert!(!dp.maps().services.values().any(adopting));
+}
