@@ -4,13 +4,12 @@
 //! namespace on the socket path. IPv6 frontends with affinity are left to
 //! ip6tables by the agent.
 
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::bpf_loop;
 use proxy_common::maps::{AffinityEntry, AffinityKey, Backend, BackendKey, ServiceValue};
 
 use crate::maps::{AFFINITY, AFFINITY_TIMEOUTS, BACKENDS};
-
-/// Slots searched for a sticky backend that moved when its frontend's set
-/// was rewritten (endpoints come and go around it).
-const AFFINITY_SCAN: u32 = 64;
 
 /// The ready slot holding the backend `client` of `svc` (a frontend with
 /// [`proxy_common::maps::flags::AFFINITY`]) last started a flow with, if that was within the
@@ -26,7 +25,43 @@ pub(crate) fn affine_slot(svc: &ServiceValue, client: &AffinityKey, now: u32) ->
     if last.slot < svc.backend_count && holds(last.slot) {
         return Some(last.slot);
     }
-    (0..AFFINITY_SCAN).take_while(|slot| *slot < svc.backend_count).find(|slot| holds(*slot))
+    // The backend moved when its frontend's set was rewritten (endpoints
+    // came and went around it): searched for in every slot, as a client
+    // keeps its backend in kube-proxy whatever the set's size. A client
+    // scans once per change: its next flow finds the slot remembered.
+    let mut scan = Scan { set: svc.backend_set, addr: last.addr, port: last.port, found: NOT_FOUND };
+    // SAFETY: `scan` outlives the call, and `scan_slot` is what bpf_loop calls back.
+    unsafe { bpf_loop(svc.backend_count, scan_slot as *mut c_void, (&raw mut scan).cast(), 0) };
+    (scan.found != NOT_FOUND).then_some(scan.found)
+}
+
+/// What [`scan_slot`] looks for, and finds.
+#[repr(C)]
+struct Scan {
+    set: u32,
+    addr: [u8; 4],
+    port: [u8; 2],
+    found: u32,
+}
+
+const NOT_FOUND: u32 = u32::MAX;
+
+/// One slot of the scan: stops it (1) where the sticky backend is. Run by
+/// `bpf_loop`, which the verifier checks once for every slot, where a loop
+/// of the program's own would be walked slot by slot, each found slot a
+/// path of its own through the rest of the program.
+extern "C" fn scan_slot(slot: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: the `Scan` affine_slot passed to bpf_loop.
+    let scan = unsafe { &mut *ctx.cast::<Scan>() };
+    let slot = slot as u32;
+    let key = BackendKey { set: scan.set, slot };
+    match BACKENDS.get_ptr(key) {
+        Some(b) if unsafe { (*b).addr == scan.addr && (*b).port == scan.port } => {
+            scan.found = slot;
+            1
+        }
+        _ => 0,
+    }
 }
 
 /// Records that `client` started a flow with `backend` (in `slot`), as

@@ -746,6 +746,47 @@ fn two_frontends_sharing_a_backend_never_share_a_reply_tuple() {
     assert_eq!(dp.drops(), 1);
 }
 
+/// `sessionAffinity: ClientIP` on a frontend of 100 backends: a client's
+/// sticky backend is found however far a rewritten set moved it (the scan
+/// runs in `bpf_loop`, whatever the set's size).
+#[test]
+fn a_sticky_backend_is_found_wherever_a_new_set_put_it() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    let backends: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(10, 244, 1, i)).collect();
+    dp.service(OTHER_VIP, 80, abi::PROTO_TCP, 9, &backends, 8080);
+    let key = ServiceKey::new(OTHER_VIP.octets(), 80, abi::PROTO_TCP);
+    let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(dp.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
+    let value = svcs.get(&key, 0).unwrap();
+    svcs.insert(key, ServiceValue { flags: value.flags | abi::flags::AFFINITY, ..value }, 0).unwrap();
+    let mut timeouts: HashMap<_, u32, u32> =
+        HashMap::try_from(dp.ebpf.map_mut(abi::AFFINITY_TIMEOUTS).unwrap()).unwrap();
+    timeouts.insert(9, 60, 0).unwrap();
+    let connect =
+        |dp: &Datapath, sport: u16| View(&dp.run(&tcp_frame((CLIENT, sport), (OTHER_VIP, 80), TCP_SYN, b"")).1).dst();
+    let sticky = connect(&dp, 42000);
+    for sport in 42001..42010 {
+        assert_eq!(connect(&dp, sport), sticky, "one client, one backend");
+    }
+
+    // A new set (as the agent publishes one): the sticky backend last of all, in slot 99.
+    let mut moved: Vec<Ipv4Addr> = backends.iter().copied().filter(|b| *b != sticky).collect();
+    moved.push(sticky);
+    let mut bes: HashMap<_, BackendKey, Backend> = HashMap::try_from(dp.ebpf.map_mut(abi::BACKENDS).unwrap()).unwrap();
+    for (slot, b) in moved.iter().enumerate() {
+        bes.insert(BackendKey { set: 10, slot: slot as u32 }, Backend::new(b.octets(), 8080), 0).unwrap();
+    }
+    let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(dp.ebpf.map_mut(abi::SERVICES).unwrap()).unwrap();
+    let value = svcs.get(&key, 0).unwrap();
+    svcs.insert(key, ServiceValue { backend_set: 10, ..value }, 0).unwrap();
+    for sport in 42100..42110 {
+        assert_eq!(connect(&dp, sport), sticky, "found in slot 99 of the new set");
+    }
+    assert_eq!(dp.drops(), 0);
+}
+
 #[test]
 fn expired_flows_choose_again_and_the_collector_removes_them() {
     root_or_skip!();

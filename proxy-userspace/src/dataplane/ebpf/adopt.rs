@@ -135,14 +135,12 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
 
     /// Clears `flag` from every entry of `contents` that has it; a failure is logged as `failed`.
     pub(super) fn clear_flag(&mut self, contents: &MapContents, flag: u8, failed: &str) {
-        let flagged = |v: &ServiceValue| v.flags & flag != 0;
-        let cleared = |v: &ServiceValue| ServiceValue { flags: v.flags & !flag, ..*v };
         let mut results = Vec::new();
-        for (key, value) in contents.services.iter().filter(|(_, v)| flagged(v)) {
-            results.push(self.maps.set_service(*key, cleared(value)));
+        for (key, value) in flag_cleared(contents.services.iter().copied(), flag) {
+            results.push(self.maps.set_service(key, value));
         }
-        for (id, value) in contents.cluster_scopes.iter().filter(|(_, v)| flagged(v)) {
-            results.push(self.maps.set_cluster_scope(*id, cleared(value)));
+        for (id, value) in flag_cleared(contents.cluster_scopes.iter().copied(), flag) {
+            results.push(self.maps.set_cluster_scope(id, value));
         }
         for e in results.into_iter().filter_map(Result::err) {
             tracing::warn!(error = %e, "{failed}");
@@ -157,4 +155,16 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         self.programmed.keys().filter(|k| !desired.contains_key(k)).copied().collect()
     }
+}
+
+/// The entries of `values` that have `flag`, with it cleared: what clearing
+/// the flag writes (IPv6's frontends too).
+pub(super) fn flag_cleared<K>(
+    values: impl IntoIterator<Item = (K, ServiceValue)>,
+    flag: u8,
+) -> impl Iterator<Item = (K, ServiceValue)> {
+    values
+        .into_iter()
+        .filter(move |(_, v)| v.flags & flag != 0)
+        .map(move |(k, v)| (k, ServiceValue { flags: v.flags & !flag, ..v }))
 }

@@ -64,8 +64,7 @@ pub struct Ipv6Maps {
     pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
     /// The per-packet path's TCP flows (only written: see `host_flows`),
     /// and its UDP flows (and any other non-TCP ones).
-    pub ct_tcp: HashMap<MapData, FlowKey6, CtEntry6>,
-    pub ct_any: HashMap<MapData, FlowKey6, CtEntry6>,
+    pub flows: super::maps::FlowMaps<FlowKey6, CtEntry6>,
     /// A Local policy's cluster-wide scope, by frontend id.
     pub cluster_scope: HashMap<MapData, u32, ServiceValue>,
     /// Traffic per frontend id, and per (frontend, backend).
@@ -249,14 +248,13 @@ const ADOPTER: super::host_flows::Adopter =
 
 /// Clears [`flags::ADOPTING`] from every frontend and cluster-wide scope that has it.
 fn clear_adopting(maps: &mut Ipv6Maps) {
-    let adopting = |v: &ServiceValue| v.flags & flags::ADOPTING != 0;
-    let cleared = |v: ServiceValue| ServiceValue { flags: v.flags & !flags::ADOPTING, ..v };
+    use super::adopt::flag_cleared;
     let mut failed = Vec::new();
-    for (key, value) in super::dump::entries(&maps.services).into_iter().filter(|(_, v)| adopting(v)) {
-        failed.extend(maps.services.insert(key, cleared(value), 0).err());
+    for (key, value) in flag_cleared(super::dump::entries(&maps.services), flags::ADOPTING) {
+        failed.extend(maps.services.insert(key, value, 0).err());
     }
-    for (id, value) in super::dump::entries(&maps.cluster_scope).into_iter().filter(|(_, v)| adopting(v)) {
-        failed.extend(maps.cluster_scope.insert(id, cleared(value), 0).err());
+    for (id, value) in flag_cleared(super::dump::entries(&maps.cluster_scope), flags::ADOPTING) {
+        failed.extend(maps.cluster_scope.insert(id, value, 0).err());
     }
     for e in failed {
         tracing::warn!(error = %e, "could not end the adoption of an IPv6 frontend: new flows to it go untranslated");
@@ -371,25 +369,16 @@ impl EbpfIpv6 {
             super::dump::entries(&self.maps.services).into_iter().collect();
         let id =
             |a: Ipv6Addr, port: u16, proto| frontends.get(&ServiceKey6::new(a.octets(), port, proto)).map(|v| v.id);
-        let maps = &mut self.maps;
-        let write = |entries: &[(FlowKey6, CtEntry6)]| {
-            for (key, entry) in entries {
-                let map = if key.proto == abi::PROTO_TCP { &mut maps.ct_tcp } else { &mut maps.ct_any };
-                map.insert(key, entry, 0).map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        };
+        let tracked = &mut self.maps.flows;
+        let write = |entries: &[(FlowKey6, CtEntry6)]| tracked.insert_all(entries).map_err(|e| e.to_string());
         self.adopted_flows = super::host_flows::adopt(ADOPTER, flows, id, |a| In6(a.octets()), write);
         clear_adopting(&mut self.maps);
     }
 
     /// Once the adopted flows have all ended, conntrack goes off again.
     fn release_conntrack_when_done(&mut self) {
-        let maps = &self.maps;
-        super::host_flows::release_when_ended(ADOPTER, &mut self.adopted_flows, |k| {
-            let map = if k.proto == abi::PROTO_TCP { &maps.ct_tcp } else { &maps.ct_any };
-            map.get(k, 0).ok().map(|e| e.state)
-        });
+        let flows = &self.maps.flows;
+        super::host_flows::release_when_ended(ADOPTER, &mut self.adopted_flows, |k| flows.get(k).map(|e| e.state));
     }
 
     /// Serves node ports on `addresses` (frontends written later).
@@ -548,7 +537,8 @@ impl EbpfIpv6 {
     /// datagram, and the sockets connected to one are ended (they would send
     /// to it for as long as they live).
     fn forget_udp_flows(&mut self, id: u32, keep: &HashSet<([u8; 16], [u8; 2])>) {
-        let flows = super::conntrack_gc::forget_udp_flows(&mut self.maps.ct_any, id, |a, p| keep.contains(&(a.0, p)));
+        let flows =
+            super::conntrack_gc::forget_udp_flows(&mut self.maps.flows.any, id, |a, p| keep.contains(&(a.0, p)));
         if flows > 0 {
             tracing::debug!(service_id = id, flows, "forgot IPv6 UDP flows to removed backends");
         }

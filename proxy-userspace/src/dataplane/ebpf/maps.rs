@@ -4,7 +4,10 @@
 
 use std::collections::HashSet;
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as LpmKey};
+use aya::{
+    Pod,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as LpmKey},
+};
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     maps::{
@@ -103,6 +106,36 @@ fn remove<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -
     }
 }
 
+/// One family's per-packet flows, kept as the datapath keeps them: TCP
+/// flows in a map of their own, UDP and every other protocol in the other.
+pub struct FlowMaps<K, V> {
+    pub tcp: HashMap<MapData, K, V>,
+    pub any: HashMap<MapData, K, V>,
+}
+
+impl<A, V: Pod> FlowMaps<FlowKey<A>, V>
+where
+    FlowKey<A>: Pod,
+{
+    fn of(&self, proto: u8) -> &HashMap<MapData, FlowKey<A>, V> {
+        if proto == PROTO_TCP { &self.tcp } else { &self.any }
+    }
+
+    /// Writes each flow to its protocol's map.
+    pub(super) fn insert_all(&mut self, flows: &[(FlowKey<A>, V)]) -> Result<(), MapError> {
+        for (key, entry) in flows {
+            let map = if key.proto == PROTO_TCP { &mut self.tcp } else { &mut self.any };
+            map.insert(key, entry, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The entry of `key`, if the datapath holds one.
+    pub(super) fn get(&self, key: &FlowKey<A>) -> Option<V> {
+        self.of(key.proto).get(key, 0).ok()
+    }
+}
+
 /// The kernel's maps.
 pub struct AyaMaps {
     pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -112,8 +145,7 @@ pub struct AyaMaps {
     pub(super) affinity_timeouts: HashMap<MapData, u32, u32>,
     /// The per-packet path's flows: TCP ones are only written (see
     /// `host_flows`), non-TCP ones also forgotten.
-    pub(super) ct_tcp: HashMap<MapData, FlowKey, CtEntry>,
-    pub(super) ct_any: HashMap<MapData, FlowKey, CtEntry>,
+    pub(super) flows: FlowMaps<FlowKey, CtEntry>,
     pub(super) sock_affinity: HashMap<MapData, SockKey, ForwardEntry>,
     pub(super) sock_reverse: HashMap<MapData, SockKey, ReverseEntry>,
     /// Where the socket hooks serve processes, if they are on.
@@ -199,7 +231,8 @@ impl ServiceMaps for AyaMaps {
     }
 
     fn forget_udp_flows(&mut self, service_id: u32, keep: &KeepEndpoints) -> usize {
-        let stale = super::conntrack_gc::forget_udp_flows(&mut self.ct_any, service_id, |a, p| keep.contains(&(a, p)));
+        let stale =
+            super::conntrack_gc::forget_udp_flows(&mut self.flows.any, service_id, |a, p| keep.contains(&(a, p)));
         // Unconnected UDP sockets keep their backend per frontend: they choose again too.
         let stale_sockets: Vec<SockKey> = entries(&self.sock_affinity)
             .into_iter()
@@ -229,16 +262,11 @@ impl ServiceMaps for AyaMaps {
     }
 
     fn track_flows(&mut self, flows: &[(FlowKey, CtEntry)]) -> Result<(), MapIoError> {
-        for (key, entry) in flows {
-            let map = if key.proto == PROTO_TCP { &mut self.ct_tcp } else { &mut self.ct_any };
-            map.insert(key, entry, 0).map_err(io_error)?;
-        }
-        Ok(())
+        self.flows.insert_all(flows).map_err(io_error)
     }
 
     fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
-        let map = if key.proto == PROTO_TCP { &self.ct_tcp } else { &self.ct_any };
-        map.get(key, 0).ok()
+        self.flows.get(key)
     }
 }
 
