@@ -20,6 +20,8 @@
 // For `atomic_xadd` (see counters.rs): BPF has no compare-and-swap, so core's
 // atomic types offer no `fetch_add` on this target.
 #![feature(core_intrinsics)]
+// For `asm!` (see parse6.rs): BPF's inline assembly is still unstable.
+#![feature(asm_experimental_arch)]
 #![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
 mod affinity;
