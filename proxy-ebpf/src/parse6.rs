@@ -48,7 +48,6 @@ pub(crate) enum Parsed6 {
     OtherProtocol,
 }
 
-/// Never inlined: the header walk's stack stays out of its callers' frames.
 /// Where a transport header may start: packet offsets stay within 64 KiB.
 const MAX_L4_OFF: usize = 0xffff;
 
@@ -63,10 +62,11 @@ const MAX_L4_OFF: usize = 0xffff;
 fn forget_range(off: usize) -> usize {
     let mut off = off;
     // SAFETY: a register's AND with a constant; no memory is touched.
-    unsafe { core::arch::asm!("{0} &= 0xffff", inout(reg) off, options(pure, nomem, nostack)) };
+    unsafe { core::arch::asm!("{0} &= {1}", inout(reg) off, const MAX_L4_OFF, options(pure, nomem, nostack)) };
     off
 }
 
+/// Never inlined: the header walk's stack stays out of its callers' frames.
 #[inline(never)]
 pub(crate) fn parse(ctx: &TcContext) -> Parsed6 {
     let Ok(hdr) = read::<[u32; HLEN / 4]>(ctx, ETH_HLEN) else {
