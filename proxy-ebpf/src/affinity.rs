@@ -21,8 +21,7 @@ pub(crate) fn affine_slot(svc: &ServiceValue, client: &AffinityKey, now: u32) ->
     if now.wrapping_sub(last.last) > timeout {
         return None;
     }
-    let holds = |slot: u32| backend(svc, slot).is_some_and(|b| b.addr == last.addr && b.port == last.port);
-    if last.slot < svc.backend_count && holds(last.slot) {
+    if last.slot < svc.backend_count && holds(svc.backend_set, last.slot, last.addr, last.port) {
         return Some(last.slot);
     }
     // The backend moved when its frontend's set was rewritten (endpoints
@@ -54,14 +53,17 @@ extern "C" fn scan_slot(slot: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: the `Scan` affine_slot passed to bpf_loop.
     let scan = unsafe { &mut *ctx.cast::<Scan>() };
     let slot = slot as u32;
-    let key = BackendKey { set: scan.set, slot };
-    match BACKENDS.get_ptr(key) {
-        Some(b) if unsafe { (*b).addr == scan.addr && (*b).port == scan.port } => {
-            scan.found = slot;
-            1
-        }
-        _ => 0,
+    if holds(scan.set, slot, scan.addr, scan.port) {
+        scan.found = slot;
+        return 1;
     }
+    0
+}
+
+/// Whether `slot` of backend set `set` holds the backend `addr`:`port`.
+#[inline(always)]
+fn holds(set: u32, slot: u32, addr: [u8; 4], port: [u8; 2]) -> bool {
+    BACKENDS.get_ptr(BackendKey { set, slot }).is_some_and(|b| unsafe { (*b).addr == addr && (*b).port == port })
 }
 
 /// Records that `client` started a flow with `backend` (in `slot`), as
@@ -71,9 +73,4 @@ pub(crate) fn remember(client: &AffinityKey, backend: &Backend, slot: u32, now: 
     let entry = AffinityEntry { addr: backend.addr, port: backend.port, _pad: [0; 2], slot, last: now };
     // Best effort: without the entry the next flow chooses afresh.
     let _ = AFFINITY.insert(client, &entry, 0);
-}
-
-#[inline(always)]
-fn backend(svc: &ServiceValue, slot: u32) -> Option<Backend> {
-    BACKENDS.get_ptr(BackendKey { set: svc.backend_set, slot }).map(|b| unsafe { core::ptr::read(b) })
 }

@@ -98,7 +98,7 @@ fn io_error(e: MapError) -> MapIoError {
 }
 
 /// Removes `key`; an entry that is already gone is not an error.
-fn remove<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<(), MapIoError> {
+fn remove<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<(), MapIoError> {
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
