@@ -39,6 +39,8 @@ impl Shape {
 
 const UNDERLAY_PREFIX: [u8; 3] = [192, 168, 100];
 const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+/// The client of [`Cluster::outside_client_routed_by`].
+const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 250);
 const BRIDGE: &str = "cbr0";
 /// The gateway pods of the routed shape use; answered by proxy ARP.
 const ROUTED_GATEWAY: &str = "169.254.1.1";
@@ -344,6 +346,29 @@ impl Cluster {
             ip(&["-n", ul, "route", "add", &cidr, "via", &via])?;
         }
         Ok(())
+    }
+
+    /// Another client outside the cluster, on the underlay beside the
+    /// router, whose traffic to node `to`'s pods is routed by node `via`
+    /// both ways, with no proxy on the way: the path traffic through a node
+    /// port of `via` takes, without the proxy (IPv4 clusters).
+    pub fn outside_client_routed_by(&self, via: u8, to: u8) -> anyhow::Result<Netns> {
+        let client = Netns::new(&format!("{}-routed", self.prefix))?;
+        let (c, ul) = (client.name(), self.underlay.name());
+        ip(&["-n", ul, "link", "add", "routed", "type", "veth", "peer", "name", "eth0", "netns", c])?;
+        ip(&["-n", ul, "link", "set", "routed", "master", "br0", "up"])?;
+        ip(&["-n", c, "addr", "add", &format!("{ROUTED_CLIENT}/24"), "dev", "eth0"])?;
+        ip(&["-n", c, "link", "set", "eth0", "up"])?;
+        ip(&["-n", c, "link", "set", "lo", "up"])?;
+        let via_addr = self.node(via).address().to_string();
+        ip(&["-n", c, "route", "add", "default", "via", &via_addr])?;
+        ip(&["-n", self.node(to).ns.name(), "route", "add", &format!("{ROUTED_CLIENT}/32"), "via", &via_addr])?;
+        // Both next hops are on the wire the packet came in from: a redirect
+        // would teach the client to skip the node.
+        for dev in ["all", "eth0"] {
+            self.node(via).ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+        }
+        Ok(client)
     }
 
     pub fn node(&self, index: u8) -> &ClusterNode {

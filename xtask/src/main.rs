@@ -126,7 +126,10 @@ two virtual nodes with routed pod CIDRs over an underlay bridge, flannel host-gw
 a DaemonSet would, the client node's agent measured), and a third time (`from outside`) with a client outside \
 the cluster, on the underlay's router, reaching the backends on one node through a node port of the other (the \
 measured Service is then a NodePort Service under the Cluster policy, so the client is source-NATed), against \
-the same client dialling the pods directly; socket-level load balancing has nothing to do there. Client pods, three server pods behind the measured \
+the same client dialling the pods directly; socket-level load balancing has nothing to do there. From \
+outside, `direct via node` dials the pods from a second client outside the cluster whose traffic the node \
+port's node routes both ways, with no agent running: what the node port path's extra hop through that node \
+costs without any proxy (IPv4). Client pods, three server pods behind the measured \
 Service (a fourth takes over in the one-change test), and N-1 other Services with 2-4 endpoints each. The \
 measured Service's VIP sorts last, where iptables mode reaches it at the end of KUBE-SERVICES. Services come \
 from `--source dir:` (JSON manifests; the measured Service in its own file). Client threads run on CPU 0, \

@@ -281,6 +281,11 @@ pub(crate) fn label(row: &Row) -> String {
     }
 }
 
+/// From outside, the pods dialled directly by a client whose traffic the
+/// node-port node routes both ways (no agent running): what the node port
+/// path's extra hop through that node costs with no proxy at all.
+pub const ROUTED: &str = "direct via node";
+
 /// The load generators, by name and host part of their address. Separate
 /// clients for Service and direct traffic: the servers keep TIME_WAIT state
 /// per client address and port, and a client's ISNs depend on the address
@@ -295,6 +300,8 @@ struct Bench {
     family: Family,
     // Servers first: they stop before their namespaces go.
     _servers: Vec<Server>,
+    /// From outside: a client whose direct traffic the node-port node routes (see [`ROUTED`]).
+    routed: Option<Netns>,
     nodes: Nodes,
     endpoints: Vec<IpAddr>,
     spare: IpAddr,
@@ -318,8 +325,10 @@ impl Bench {
             node.ns().exec(&["iptables-legacy", "-A", "INPUT", "-s", "192.0.2.255/32", "-j", "ACCEPT"])?;
             node.ns().exec(&["ip6tables-legacy", "-A", "INPUT", "-s", "2001:db8::ff/128", "-j", "ACCEPT"])?;
         }
+        let routed = if placement.outside() { nodes.outside_routed_by_client_node(family)? } else { None };
         let outside = nodes.outside(family).filter(|_| placement.outside()).map(|(ns, _)| ns);
-        for ns in CLIENTS.iter().map(|(client, _)| nodes.client_node().pod_ns(client)).chain(outside) {
+        let clients = CLIENTS.iter().map(|(client, _)| nodes.client_node().pod_ns(client));
+        for ns in clients.chain(outside).chain(routed.as_ref()) {
             // Room for tens of thousands of connections a second from one address.
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -346,7 +355,7 @@ impl Bench {
         }
         let endpoints = SERVING.iter().map(|n| server_node.pod_ip(n, family)).collect();
         let spare = server_node.pod_ip(SPARE, family);
-        Ok(Self { placement, family, _servers: running, nodes, endpoints, spare })
+        Ok(Self { placement, family, _servers: running, routed, nodes, endpoints, spare })
     }
 
     /// Outside the cluster and the node address the load goes to, when the load comes from there.
@@ -726,7 +735,16 @@ fn measure_placement(
     }
     let at = format!("N={n:>6} {:<10} {}", placement.as_str(), family.as_str());
     eprintln!("bench: {at} direct      {:>9.0} conn/s", direct.conn_rate.median);
+    let direct_rate = direct.conn_rate.median;
     report.rows.push(direct);
+    if let Some(routed) = &bench.routed {
+        let endpoints = workload::endpoints(n);
+        let mut row = Row { mode: ROUTED.into(), placement, family, services: n, endpoints, ..Default::default() };
+        bench.traffic(cfg, routed, &direct_targets, &mut row, problems)?;
+        row.conn_ratio = Some(row.conn_rate.median / direct_rate);
+        eprintln!("bench: {at} {ROUTED} {:>9.0} conn/s", row.conn_rate.median);
+        report.rows.push(row);
+    }
     for &mode in &cfg.modes {
         if stop.load(Ordering::Relaxed) {
             break;

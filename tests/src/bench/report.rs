@@ -391,6 +391,32 @@ pub fn targets(r: &Report) -> String {
             verdict(all)
         )
         .expect("writing to a String cannot fail");
+        // Not a target: how much of the gap is the path's extra hop, which
+        // traffic routed by the node with no proxy pays too.
+        let routed: Vec<String> = outside
+            .iter()
+            .filter_map(|x| {
+                let by_node = r.rows.iter().find(|d| {
+                    d.mode == super::ROUTED && d.services == x.services && d.family == family && d.placement.outside()
+                })?;
+                let hop = by_node.conn_ratio?;
+                Some(format!(
+                    "{}: {} × direct via node, which is {} × direct",
+                    x.services,
+                    fmt(Some(x.conn_rate.median / by_node.conn_rate.median), 3),
+                    fmt(Some(hop), 3)
+                ))
+            })
+            .collect();
+        if !routed.is_empty() {
+            writeln!(
+                out,
+                "  - the same from outside{over} against the pods dialled through the node port's node, routed there \
+                 with no proxy (the node port path's extra hop, without the proxy): {}",
+                routed.join(", ")
+            )
+            .expect("writing to a String cannot fail");
+        }
     }
     let pps = |mode: &str| r.packet_rates.iter().find(|p| p.mode == mode).map(|p| p.pps_per_cpu.median);
     if let (Some(xdp), Some(ip)) = (pps("ebpf"), pps("iptables")) {
@@ -668,6 +694,27 @@ mod tests {
         assert!(!s.contains("RR p50"), "latency had no figures: {s}");
         let single = Report { repetitions: 1, ..r };
         assert!(spread(&single).contains("single run"));
+    }
+
+    #[test]
+    fn the_node_port_rate_is_also_told_against_the_same_path_routed_with_no_proxy() {
+        let outside = |mode: &str, conn: f64, ratio: f64| Row {
+            mode: mode.into(),
+            placement: Placement::Outside,
+            services: 1,
+            conn_rate: stat(conn, conn, conn),
+            conn_ratio: Some(ratio),
+            ..Default::default()
+        };
+        let r = Report {
+            rows: vec![outside(super::super::ROUTED, 7000.0, 0.7), outside("ebpf", 6300.0, 0.63)],
+            ..Default::default()
+        };
+        let t = targets(&r);
+        assert!(t.contains("≥ 0.9 × direct to the pods (1: 0.630): not met"), "the target stays as set: {t}");
+        assert!(t.contains("1: 0.900 × direct via node, which is 0.700 × direct"), "{t}");
+        let alone = Report { rows: vec![outside("ebpf", 6300.0, 0.63)], ..Default::default() };
+        assert!(!targets(&alone).contains("direct via node"), "no routed row, no such line");
     }
 
     #[test]

@@ -201,6 +201,18 @@ impl Nodes {
         }
     }
 
+    /// A client outside the cluster whose traffic to the server node's pods
+    /// node 0 routes both ways, with no proxy: the path of the node port
+    /// load without the proxy (IPv4 clusters of two nodes; else none).
+    pub fn outside_routed_by_client_node(&self, family: Family) -> anyhow::Result<Option<Netns>> {
+        match self {
+            Nodes::Cluster(cluster) if family == Family::Ipv4 && cluster.nodes.len() == 2 => {
+                Ok(Some(cluster.outside_client_routed_by(0, 1)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Every node, the client's first: kpr runs on each, as a DaemonSet would.
     pub fn all(&self) -> Vec<&dyn BenchNode> {
         match self {
