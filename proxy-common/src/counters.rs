@@ -66,7 +66,8 @@ pub enum Counter {
     ConntrackRestored,
     /// New flows dropped because every backend tried would give them the
     /// reply tuple of a live flow to another frontend sharing the backend
-    /// (the same client port to both); the client retries.
+    /// (the same client port to both), or because every source port the TC
+    /// path's source NAT tried is a live flow's; the client retries.
     DroppedConntrackCollision,
     /// ICMP errors about a translated flow (port unreachable, fragmentation
     /// needed, time exceeded) translated like the flow, quote included.
@@ -86,9 +87,10 @@ pub enum Counter {
     /// New flows from outside the XDP program left to the TC path: no route
     /// or neighbour to the backend yet, or every source port it tried busy.
     XdpPassedToStack,
-    /// Packets of a flow the XDP program forwards whose route or neighbour
-    /// to the next hop went away: dropped (the stack cannot take over a
-    /// flow the program source-NATed), the sender retransmits.
+    /// Packets of a flow the XDP or TC program source-NATs and forwards
+    /// itself with no route (or, in XDP, no neighbour) to the next hop, or
+    /// whose TTL would run out there: dropped (the stack cannot take over
+    /// such a flow), the sender retransmits.
     DroppedNoRoute,
 }
 

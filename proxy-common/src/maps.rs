@@ -190,9 +190,9 @@ pub const DEFAULT_CLUSTER_SCOPES_MAX: u32 = 16_384;
 /// Interfaces counted per hook in [`DEVICE_COUNTS`] (pod interfaces included).
 pub const DEFAULT_DEVICES_MAX: u32 = 4_096;
 
-/// The source ports the XDP program's source NAT hands out, as the
-/// masquerade rule's `--to-ports 32768-65535`: one flow per (backend, node
-/// address, port) at a time.
+/// The source ports the datapath's source NAT hands out (the upper half,
+/// above the node port range): one flow per (backend, node address, port)
+/// at a time.
 pub const NAT_PORT_MIN: u16 = 32_768;
 pub const NAT_PORT_COUNT: u32 = 32_768;
 
@@ -255,10 +255,9 @@ pub mod kind {
 /// external frontends (node ports, external IPs, load balancer IPs) differ
 /// from a ClusterIP by these alone.
 pub mod flags {
-    /// Requests are marked ([`MASQUERADE_MARK`]) for the node's masquerade
-    /// rule: external traffic under `externalTrafficPolicy: Cluster`, whose
-    /// backend may be on another node, so its replies must come back through
-    /// this one.
+    /// External traffic under `externalTrafficPolicy: Cluster`: a request
+    /// whose backend is on another node is source-NATed to this one (by
+    /// the XDP or TC program), so its replies come back through it.
     pub const MASQUERADE: u8 = 1;
     /// Only clients in the frontend's [`super::SOURCE_RANGES`] are served; others are dropped.
     pub const SOURCE_RANGES: u8 = 2;
@@ -283,10 +282,6 @@ pub mod flags {
     /// [`crate::conntrack::STATE_HOST`].
     pub const ADOPTING: u8 = 64;
 }
-
-/// The packet mark asking the node's masquerade rule to source-NAT a
-/// request (kube-proxy's masquerade bit).
-pub const MASQUERADE_MARK: u32 = 0x4000;
 
 /// The source address a pod's request to its own Service gets on the
 /// per-packet path when it is chosen as its own backend (hairpin), so its

@@ -44,7 +44,14 @@ fn touch<A>(entry: *mut CtEntry<A>, tcp_flags: u8, reply: bool, now: u32) {
 /// is removed and counted, and the packet is left alone.
 #[inline(always)]
 pub(crate) fn reply<A: Family>(pkt: &Packet<A>, now: u32) -> Option<CtEntry<A>> {
-    let key = FlowKey::reply_tuple(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
+    reply_to(pkt, pkt.dst, pkt.dst_port, now)
+}
+
+/// [`reply`] for a reply `pkt` the flow knows as sent to `client`:`port`
+/// (one the node source-NATed arrives addressed to the node).
+#[inline(always)]
+pub(crate) fn reply_to<A: Family>(pkt: &Packet<A>, client: A, port: [u8; 2], now: u32) -> Option<CtEntry<A>> {
+    let key = FlowKey::reply_tuple(pkt.src, pkt.src_port, client, port, pkt.proto);
     let rev = A::ct_get(&key)?;
     let frontend = unsafe { core::ptr::read(rev) };
     let live = match A::ct_get(&key.service_of_reply(frontend.addr, frontend.port)) {

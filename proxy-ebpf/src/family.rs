@@ -19,11 +19,11 @@ use proxy_common::{
     },
 };
 
-use crate::affinity;
 use crate::maps::{
     BACKENDS, BACKENDS6, CLUSTER_SCOPE, CLUSTER_SCOPE6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, NAT_FORWARD, NAT_FORWARD6,
     NAT_REVERSE, NAT_REVERSE6, SERVICES, SERVICES6, SOURCE_RANGES,
 };
+use crate::{affinity, counters};
 
 /// One of a family's two source NAT tables (see `nat`).
 #[derive(Clone, Copy)]
@@ -55,6 +55,9 @@ pub(crate) trait Family: Copy + PartialEq + Sized {
     /// Whether the entry was written.
     fn nat_insert(table: NatTable, key: &FlowKey<Self>, value: &NatAddress<Self>) -> bool;
     fn nat_remove(table: NatTable, key: &FlowKey<Self>);
+    /// Counts `bytes` of frontend `id`'s traffic with `backend`, in the
+    /// family's traffic maps.
+    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32);
 }
 
 /// The backend in `slot` of `svc`'s set.
@@ -138,6 +141,11 @@ impl Family for [u8; 4] {
     fn remember(client: &AffinityKey, backend: &Backend<Self>, slot: u32, now: u32) {
         affinity::remember(client, backend, slot, now)
     }
+
+    #[inline(always)]
+    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32) {
+        counters::count_traffic_via(id, backend, port, bytes)
+    }
 }
 
 impl Family for In6 {
@@ -212,4 +220,9 @@ impl Family for In6 {
 
     #[inline(always)]
     fn remember(_client: &AffinityKey, _backend: &Backend<Self>, _slot: u32, _now: u32) {}
+
+    #[inline(always)]
+    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32) {
+        counters::count_traffic6(id, &backend, port, bytes)
+    }
 }

@@ -17,9 +17,8 @@ use proxy_common::{
 };
 
 use crate::{
-    counters::{count_traffic_via, count_traffic6},
     family::Family,
-    fib::{Fib, Hop},
+    fib::{Hop, Route},
     parse::Packet,
     parse6::Packet6,
 };
@@ -34,7 +33,7 @@ static XDP_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 static XDP_PACKET6: PerCpuArray<Packet6> = PerCpuArray::with_max_entries(1, 0);
 
 /// What the XDP program needs of a family's frames.
-pub(crate) trait Frame: Family + Default {
+pub(crate) trait Frame: Family + Route + Default {
     /// The network header's length (without options or extension headers).
     const HLEN: usize;
     /// This CPU's slot for the packet being looked at.
@@ -52,11 +51,6 @@ pub(crate) trait Frame: Family + Default {
         dst: End<Self>,
         hop: &Hop,
     ) -> Result<(), DropReason>;
-    /// Counts `bytes` of frontend `id`'s traffic with `backend`, in the
-    /// family's traffic maps.
-    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32);
-    /// See [`Fib::route`].
-    fn route(fib: &mut Fib, src: Option<Self>, dst: Self) -> Option<(Hop, Self)>;
 }
 
 /// The frame's ethertype.
@@ -224,16 +218,6 @@ impl Frame for [u8; 4] {
         write(ctx, 0, hop.dmac)?;
         write(ctx, 6, hop.smac)
     }
-
-    #[inline(always)]
-    fn route(fib: &mut Fib, src: Option<Self>, dst: Self) -> Option<(Hop, Self)> {
-        fib.route(src, dst)
-    }
-
-    #[inline(always)]
-    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32) {
-        count_traffic_via(id, backend, port, bytes)
-    }
 }
 
 const IP6_HOP_LIMIT: usize = ETH_HLEN + 7;
@@ -329,15 +313,5 @@ impl Frame for In6 {
         write(ctx, L4_6 + 2, dst.port)?;
         write(ctx, 0, hop.dmac)?;
         write(ctx, 6, hop.smac)
-    }
-
-    #[inline(always)]
-    fn route(fib: &mut Fib, src: Option<Self>, dst: Self) -> Option<(Hop, Self)> {
-        fib.route6(src, dst)
-    }
-
-    #[inline(always)]
-    fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32) {
-        count_traffic6(id, &backend, port, bytes)
     }
 }

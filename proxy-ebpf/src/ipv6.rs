@@ -4,8 +4,9 @@
 //! backend's replies are rewritten back on the client's interface. On the
 //! node's devices the same steps serve traffic from outside to node ports,
 //! external and load balancer IPs (what XDP passes on, see `nodeport`):
-//! under the Cluster policy the request is marked for the masquerade rule,
-//! under a Local one only this node's endpoints serve it, while pods reach
+//! under the Cluster policy a request to a backend on another node is
+//! source-NATed to the node and sent on, as its replies are back (see
+//! `masquerade`); under a Local one only this node's endpoints serve it, while pods reach
 //! it through every endpoint (`lookup::in_cluster`). A
 //! Service without endpoints is refused at once; a pod that is its own
 //! backend is answered through `HAIRPIN_SOURCE6` (see `hairpin`); an
@@ -23,7 +24,7 @@ use proxy_common::{
     counters::{Counter, DropReason},
     ipv4::Fragment,
     ipv6::In6,
-    maps::{Backend6, HAIRPIN_SOURCE6, MASQUERADE_MARK, ServiceKey6, flags, hook},
+    maps::{Backend6, HAIRPIN_SOURCE6, ServiceKey6, flags, hook},
 };
 
 use crate::{
@@ -33,6 +34,7 @@ use crate::{
     fragments, hairpin, ifindex,
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
+    masquerade,
     parse6::{self, IcmpError6, Packet6, Parsed6},
     refuse, translate,
 };
@@ -70,14 +72,26 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Parsed6::IcmpError(err) => return icmp_from_client(ctx, err),
         other => return pass(other),
     };
+    if masquerade::reply(ctx, pkt, ifindex(ctx))? {
+        remember_ports(pkt);
+        return Ok(Verdict::Redirected);
+    }
     if pkt.dst == HAIRPIN_SOURCE6 {
         return hairpin_reply(ctx, pkt);
     }
-    match request(pkt, ifindex(ctx))? {
-        Lookup::ToBackend(backend, frontend, _) => forward(ctx, pkt, &backend, &frontend),
-        Lookup::NoBackend => refuse::refuse6(ctx, pkt),
-        Lookup::NotService => Ok(Verdict::Pass),
-    }
+    let (backend, frontend) = match request(pkt, ifindex(ctx))? {
+        Lookup::ToBackend(backend, frontend, _) => (backend, frontend),
+        Lookup::NoBackend => return refuse::refuse6(ctx, pkt),
+        Lookup::NotService => return Ok(Verdict::Pass),
+    };
+    // Source NAT's steps from here, not from a step: one frame fewer under them.
+    let verdict = match forward(ctx, pkt, &backend)? {
+        Some(reflected) => reflected,
+        None if masquerade::request(ctx, pkt, &backend, &frontend, ifindex(ctx))? => Verdict::Redirected,
+        None => Verdict::Pass,
+    };
+    count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
+    Ok(verdict)
 }
 
 /// Where a packet that came in on interface `ifindex` goes: to a backend
@@ -98,26 +112,26 @@ fn request(pkt: &Packet6, ifindex: u32) -> Result<Lookup<In6>, DropReason> {
     lookup::to_frontend(pkt, &svc)
 }
 
-/// Rewrites a request for its backend, counted.
+/// Rewrites a request for its backend; a pod that is its own backend gets
+/// it back at once (the verdict), every other request goes on.
 #[inline(never)]
-fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6, frontend: &Frontend) -> Result<Verdict, DropReason> {
+fn forward(ctx: &TcContext, pkt: &Packet6, backend: &Backend6) -> Result<Option<Verdict>, DropReason> {
     translate::forward6(ctx, pkt, backend)?;
     remember_ports(pkt);
-    let verdict = if hairpin::is_hairpin(pkt, backend.addr, ifindex(ctx)) {
-        // Its own backend: from the hairpin address, straight back to it.
-        translate::source_address6(ctx, pkt, HAIRPIN_SOURCE6)?;
-        hairpin::reflect(ctx)?
-    } else {
-        if frontend.masquerade() {
-            // The node's masquerade rule source-NATs it, as IPv4's.
-            ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
-        }
-        Verdict::Pass
-    };
+    if !hairpin::is_hairpin(pkt, backend.addr, ifindex(ctx)) {
+        return Ok(None);
+    }
+    // Its own backend: from the hairpin address, straight back to it.
+    translate::source_address6(ctx, pkt, HAIRPIN_SOURCE6)?;
+    Ok(Some(hairpin::reflect(ctx)?))
+}
+
+/// Counts a request translated for `backend` of `frontend`, `sent` on by the program.
+#[inline(never)]
+fn count_request(ctx: &TcContext, backend: &Backend6, frontend: &Frontend, sent: bool) {
     count(Counter::Translated, ());
-    count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, false);
+    count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, sent);
     count_traffic6(frontend.id, &backend.addr, backend.port, ctx.len());
-    Ok(verdict)
 }
 
 /// A pod's answer to a hairpin request (to `HAIRPIN_SOURCE6`): translated

@@ -167,7 +167,7 @@ pub(crate) fn icmp_to_backend<A: Family>(err: &IcmpError<A>) -> Option<CtEntry<A
 
 /// Where a packet that came in on interface `ifindex` goes: to a backend
 /// when it is (or starts) a flow to a Service frontend.
-#[inline(always)]
+#[inline(never)]
 pub(crate) fn request(pkt: &Packet, ifindex: u32) -> Result<Lookup, DropReason> {
     let key = ServiceKey { addr: pkt.dst, port: pkt.dst_port, proto: pkt.proto, _pad: 0 };
     let Some(mut svc) = service(&key) else {

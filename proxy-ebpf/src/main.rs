@@ -37,6 +37,7 @@ mod hairpin;
 mod ipv6;
 mod lookup;
 mod maps;
+mod masquerade;
 mod nat;
 mod nodeport;
 mod parse;
@@ -48,7 +49,7 @@ mod translate;
 mod zero;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
     helpers::bpf_redirect,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -57,7 +58,7 @@ use proxy_common::{
     counters::{Counter, DropReason},
     ipv4::{ETH_P_IP, Fragment},
     ipv6::{ETH_P_IPV6, In6},
-    maps::{MASQUERADE_MARK, hook},
+    maps::{Backend, hook},
 };
 
 use crate::{
@@ -77,6 +78,9 @@ pub enum Verdict {
     /// Translated and sent back out of the interface it came in on, to the
     /// pod that sent it (see `hairpin`).
     Reflect,
+    /// Translated and sent on toward its next hop, past the node's routing,
+    /// by the redirect a step set up (see `masquerade`).
+    Redirected,
 }
 
 /// Attached on ingress of the node side of every pod interface (and of
@@ -209,6 +213,7 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
         Verdict::Pass => TC_ACT_OK,
         Verdict::SendBack => count(Counter::RefusedNoBackend, skb::redirect(ifindex(ctx))?),
         Verdict::Reflect => skb::redirect(ifindex(ctx))?,
+        Verdict::Redirected => TC_ACT_REDIRECT as i32,
     })
 }
 
@@ -241,63 +246,103 @@ fn see(ctx: &TcContext) -> Result<Seen, DropReason> {
     })
 }
 
+/// Each step below is a BPF function of its own, as on the IPv6 path:
+/// only one step's stack sits on this one's at a time (source NAT's steps
+/// too, called from here rather than from a step).
 #[inline(never)]
 fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let pkt = match see(ctx)? {
         Seen::Flow(pkt) => pkt,
         Seen::IcmpError(err) => {
-            if let Some(reflected) = hairpin::icmp_error_about_request(ctx, &err, ifindex(ctx)) {
-                return Ok(count(Counter::IcmpErrorTranslated, reflected?));
+            if masquerade::icmp_error(ctx, &err, ifindex(ctx))? {
+                return Ok(Verdict::Redirected);
             }
-            // A client's error about a reply it got from a frontend goes to
-            // the backend that sent it (the client itself, in a hairpin flow).
-            if let Some(backend) = lookup::icmp_to_backend(&err) {
-                if hairpin::is_own_reply(&err, &backend, ifindex(ctx)) {
-                    return Ok(count(
-                        Counter::IcmpErrorTranslated,
-                        hairpin::icmp_error_about_reply(ctx, &err, &backend)?,
-                    ));
-                }
-                translate::icmp_to_backend(ctx, &err, &backend)?;
-                count(Counter::IcmpErrorTranslated, ());
-            }
-            return Ok(Verdict::Pass);
+            return icmp_from_pod(ctx, &err);
         }
         Seen::Done(verdict) => return Ok(verdict),
     };
-    if let Some(reflected) = hairpin::reply(ctx, &pkt) {
-        let (verdict, frontend) = reflected?;
-        count(Counter::ReverseTranslated, ());
-        count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
-        count_traffic_via(frontend.service_id, pkt.src, pkt.src_port, ctx.len());
+    if masquerade::reply(ctx, &pkt, ifindex(ctx))? {
+        if pkt.fragment == Fragment::First {
+            fragments::remember(&pkt);
+        }
+        return Ok(Verdict::Redirected);
+    }
+    if let Some(verdict) = hairpin_reply(ctx, &pkt)? {
         return Ok(verdict);
     }
-    match lookup::request(&pkt, ifindex(ctx))? {
-        Lookup::ToBackend(backend, frontend, _) => {
-            translate::forward(ctx, &pkt, &backend)?;
-            if pkt.fragment == Fragment::First {
-                fragments::remember(&pkt);
-            }
-            let verdict = if hairpin::is_hairpin(&pkt, backend.addr, ifindex(ctx)) {
-                hairpin::request(ctx, &pkt)?
-            } else {
-                if frontend.masquerade() {
-                    // The node's masquerade rule source-NATs it, so the backend's
-                    // replies come back here to be translated.
-                    ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MASQUERADE_MARK);
-                } else {
-                    bridge::switch_to_backend(ctx, ifindex(ctx), &pkt, backend.addr)?;
-                }
-                Verdict::Pass
-            };
-            count(Counter::Translated, ());
-            count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, false);
-            count_traffic_via(frontend.id, backend.addr, backend.port, ctx.len());
-            Ok(verdict)
-        }
-        Lookup::NoBackend => refuse::refuse(ctx, &pkt),
-        Lookup::NotService => Ok(Verdict::Pass),
+    let (backend, frontend) = match lookup::request(&pkt, ifindex(ctx))? {
+        Lookup::ToBackend(backend, frontend, _) => (backend, frontend),
+        Lookup::NoBackend => return refuse::refuse(ctx, &pkt),
+        Lookup::NotService => return Ok(Verdict::Pass),
+    };
+    let verdict = match forward(ctx, &pkt, &backend)? {
+        Some(reflected) => reflected,
+        None if masquerade::request(ctx, &pkt, &backend, &frontend, ifindex(ctx))? => Verdict::Redirected,
+        None => to_backend(ctx, &pkt, &backend)?,
+    };
+    count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
+    Ok(verdict)
+}
+
+/// An ICMP error on its way from a pod or in from outside, about a flow
+/// the datapath translates: rewritten to match what its receiver sent or
+/// was sent.
+#[inline(never)]
+fn icmp_from_pod(ctx: &TcContext, err: &IcmpError) -> Result<Verdict, DropReason> {
+    if let Some(reflected) = hairpin::icmp_error_about_request(ctx, err, ifindex(ctx)) {
+        return Ok(count(Counter::IcmpErrorTranslated, reflected?));
     }
+    // A client's error about a reply it got from a frontend goes to
+    // the backend that sent it (the client itself, in a hairpin flow).
+    if let Some(backend) = lookup::icmp_to_backend(err) {
+        if hairpin::is_own_reply(err, &backend, ifindex(ctx)) {
+            return Ok(count(Counter::IcmpErrorTranslated, hairpin::icmp_error_about_reply(ctx, err, &backend)?));
+        }
+        translate::icmp_to_backend(ctx, err, &backend)?;
+        count(Counter::IcmpErrorTranslated, ());
+    }
+    Ok(Verdict::Pass)
+}
+
+/// A pod's answer to a hairpin request, translated back and sent back to
+/// it; `None` for any other packet.
+#[inline(never)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<Option<Verdict>, DropReason> {
+    let Some(reflected) = hairpin::reply(ctx, pkt) else { return Ok(None) };
+    let (verdict, frontend) = reflected?;
+    count(Counter::ReverseTranslated, ());
+    count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::ReverseTranslated, false);
+    count_traffic_via(frontend.service_id, pkt.src, pkt.src_port, ctx.len());
+    Ok(Some(verdict))
+}
+
+/// Rewrites a request for its backend; a pod that is its own backend gets
+/// it back at once (the verdict), every other request goes on.
+#[inline(never)]
+fn forward(ctx: &TcContext, pkt: &Packet, backend: &Backend) -> Result<Option<Verdict>, DropReason> {
+    translate::forward(ctx, pkt, backend)?;
+    if pkt.fragment == Fragment::First {
+        fragments::remember(pkt);
+    }
+    if hairpin::is_hairpin(pkt, backend.addr, ifindex(ctx)) {
+        return Ok(Some(hairpin::request(ctx, pkt)?));
+    }
+    Ok(None)
+}
+
+/// A translated request the node routes on to its backend.
+#[inline(never)]
+fn to_backend(ctx: &TcContext, pkt: &Packet, backend: &Backend) -> Result<Verdict, DropReason> {
+    bridge::switch_to_backend(ctx, ifindex(ctx), pkt, backend.addr)?;
+    Ok(Verdict::Pass)
+}
+
+/// Counts a request translated for `backend` of `frontend`, `sent` on by the program.
+#[inline(never)]
+fn count_request(ctx: &TcContext, backend: &Backend, frontend: &lookup::Frontend, sent: bool) {
+    count(Counter::Translated, ());
+    count_device(ifindex(ctx), hook::TC_INGRESS, DeviceEvent::Translated, sent);
+    count_traffic_via(frontend.id, backend.addr, backend.port, ctx.len());
 }
 
 #[inline(never)]

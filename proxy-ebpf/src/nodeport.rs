@@ -12,12 +12,14 @@
 //! holds the frames of one chain of calls at a time, and IPv6's addresses
 //! would not fit in one.
 //!
-//! Everything else goes on to the TC program, which shares the conntrack:
-//! a Local policy (the client's address is kept, the backend is here), a
-//! backend on this node, refusals, new flows whose route or neighbour is
-//! not known yet (the stack resolves it, and the next flow stays in XDP)
-//! or whose client is not behind a device it can send from. A flow stays on
-//! the path it started on for its whole life.
+//! Everything else goes on to the TC program, which shares the conntrack
+//! and the source NAT's tables: a Local policy (the client's address is
+//! kept, the backend is here), a backend on this node, refusals, new flows
+//! whose route or neighbour is not known yet (the TC program's redirect
+//! resolves it, and the next flow stays in XDP) or whose client is not
+//! behind a device it can send from. A flow the TC program source-NATed
+//! may go on here once XDP can send it; one it did not (from before this
+//! release, through the node's masquerade rule) stays there.
 
 use aya_ebpf::programs::XdpContext;
 use proxy_common::{
@@ -107,7 +109,7 @@ fn request<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>) -> Result<
             }
         }
         Choice::Tracked => {
-            // A flow the stack carries from its start stays there.
+            // A flow with no port is not one either program source-NATed.
             if !tracked_nat(pkt, way) {
                 return Ok(Outcome::Pass);
             }
@@ -171,7 +173,7 @@ fn routes<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>, way: &mut W
 
 /// A NAT port for a new flow that was `routed` (see [`routes`]); false
 /// leaves the flow to the TC path (a backend on this node, no neighbour
-/// yet: the stack resolves it, and the next flow stays in XDP), and an
+/// yet: TC's redirect resolves it, and the next flow stays in XDP), and an
 /// earlier flow's mapping goes.
 #[inline(never)]
 fn allocate<A: Frame>(pkt: &Packet<A>, way: &mut Way<A>, routed: bool) -> bool {

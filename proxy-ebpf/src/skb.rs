@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_CSUM_LEVEL_RESET, TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{bpf_csum_level, bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_csum_level, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
     programs::TcContext,
 };
 use proxy_common::counters::DropReason;
@@ -62,6 +62,17 @@ pub(crate) fn grow_after_mac(ctx: &TcContext, len: i32) -> Result<(), DropReason
 #[inline(always)]
 pub(crate) fn redirect(ifindex: u32) -> Result<i32, DropReason> {
     let action = unsafe { bpf_redirect(ifindex, 0) };
+    if action == TC_ACT_REDIRECT as i64 { Ok(action as i32) } else { Err(DropReason::RedirectFailed) }
+}
+
+/// Sends the packet out of `ifindex` toward its destination's next hop once
+/// the program returns the action this gives, past the node's routing and
+/// netfilter: the kernel looks the route up again and fills in the MAC
+/// addresses from its neighbour table, resolving the neighbour first if
+/// it must (as Cilium's `redirect_neigh`).
+#[inline(always)]
+pub(crate) fn redirect_neigh(ifindex: u32) -> Result<i32, DropReason> {
+    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
     if action == TC_ACT_REDIRECT as i64 { Ok(action as i32) } else { Err(DropReason::RedirectFailed) }
 }
 

@@ -13,7 +13,7 @@ use proxy_common::{
     counters::DropReason,
     ipv4::{ETH_HLEN, Fragment, MIN_HLEN},
     ipv6::{self, In6},
-    maps::{Backend, Backend6, PROTO_UDP},
+    maps::{Backend, Backend6, NatAddress, PROTO_UDP},
 };
 
 use crate::{
@@ -22,9 +22,11 @@ use crate::{
     skb,
 };
 
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
+const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
 const IP6_SRC_OFF: usize = ETH_HLEN + 8;
 const IP6_DST_OFF: usize = ETH_HLEN + 24;
 
@@ -50,6 +52,57 @@ pub(crate) fn source_address(ctx: &TcContext, pkt: &Packet, new: [u8; 4]) -> Res
 #[inline(always)]
 pub(crate) fn destination_address(ctx: &TcContext, pkt: &Packet, new: [u8; 4]) -> Result<(), DropReason> {
     rewrite(ctx, pkt, IP_DST_OFF, pkt.dst, new, 2, pkt.dst_port, pkt.dst_port)
+}
+
+/// The source becomes `to` (a request's, source-NATed to the node).
+#[inline(always)]
+pub(crate) fn source(ctx: &TcContext, pkt: &Packet, to: &NatAddress) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_SRC_OFF, pkt.src, to.addr, 0, pkt.src_port, to.port)
+}
+
+/// The destination becomes `to` (a reply's, back to the client it was source-NATed from).
+#[inline(always)]
+pub(crate) fn destination(ctx: &TcContext, pkt: &Packet, to: &NatAddress) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_DST_OFF, pkt.dst, to.addr, 2, pkt.dst_port, to.port)
+}
+
+/// One hop on, for a packet the program sends on itself past the node's
+/// routing: the TTL goes down by one. One that would expire here is
+/// dropped, counted as unroutable (the stack, which would answer it, never
+/// sees it).
+#[inline(always)]
+pub(crate) fn hop(ctx: &TcContext) -> Result<(), DropReason> {
+    let [ttl, proto]: [u8; 2] = skb::load(ctx, IP_TTL_OFF)?;
+    if ttl <= 1 {
+        return Err(DropReason::NoRoute);
+    }
+    let (old, new) = (u16::from_ne_bytes([ttl, proto]) as u64, u16::from_ne_bytes([ttl - 1, proto]) as u64);
+    skb::l3_csum_replace(ctx, IP_CHECK_OFF, old, new, 2)?;
+    skb::store(ctx, IP_TTL_OFF, &(ttl - 1))
+}
+
+/// [`source`] over IPv6.
+#[inline(always)]
+pub(crate) fn source6(ctx: &TcContext, pkt: &Packet6, to: &NatAddress<In6>) -> Result<(), DropReason> {
+    rewrite6(ctx, pkt, IP6_SRC_OFF, pkt.src, to.addr)?;
+    rewrite_port(ctx, pkt, 0, pkt.src_port, to.port)
+}
+
+/// [`destination`] over IPv6.
+#[inline(always)]
+pub(crate) fn destination6(ctx: &TcContext, pkt: &Packet6, to: &NatAddress<In6>) -> Result<(), DropReason> {
+    rewrite6(ctx, pkt, IP6_DST_OFF, pkt.dst, to.addr)?;
+    rewrite_port(ctx, pkt, 2, pkt.dst_port, to.port)
+}
+
+/// [`hop`] over IPv6: the hop limit, which no checksum covers.
+#[inline(always)]
+pub(crate) fn hop6(ctx: &TcContext) -> Result<(), DropReason> {
+    let hop_limit: u8 = skb::load(ctx, IP6_HOP_LIMIT_OFF)?;
+    if hop_limit <= 1 {
+        return Err(DropReason::NoRoute);
+    }
+    skb::store(ctx, IP6_HOP_LIMIT_OFF, &(hop_limit - 1))
 }
 
 /// IPv6 client -> VIP:port becomes client -> backend:target port.
@@ -170,6 +223,27 @@ const QUOTED_DST: usize = 16;
 pub(crate) fn icmp_to_client(ctx: &TcContext, err: &IcmpError, frontend: &CtEntry) -> Result<(), DropReason> {
     let q = &err.quoted;
     rewrite_quote(ctx, err, QUOTED_DST, q.dst, frontend.addr, 2, q.dst_port, frontend.port)?;
+    if err.src == q.dst {
+        rewrite_outer(ctx, IP_SRC_OFF, err.src, frontend.addr)?;
+    }
+    Ok(())
+}
+
+/// An ICMP error about a request the node source-NATed, on its way to the
+/// client: the quote (node address and port -> backend) becomes what the
+/// client sent (client -> frontend), and an error the backend itself sent
+/// comes from the frontend.
+#[inline(always)]
+pub(crate) fn icmp_to_masqueraded(
+    ctx: &TcContext,
+    err: &IcmpError,
+    client: &NatAddress,
+    frontend: &CtEntry,
+) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    rewrite_quote(ctx, err, QUOTED_SRC, q.src, client.addr, 0, q.src_port, client.port)?;
+    rewrite_quote(ctx, err, QUOTED_DST, q.dst, frontend.addr, 2, q.dst_port, frontend.port)?;
+    rewrite_outer(ctx, IP_DST_OFF, err.dst, client.addr)?;
     if err.src == q.dst {
         rewrite_outer(ctx, IP_SRC_OFF, err.src, frontend.addr)?;
     }

@@ -35,6 +35,16 @@ pub fn udp_request(addr: SocketAddr, timeout: Duration) -> std::io::Result<(Stri
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
+/// The errno a connected UDP socket's `recv` fails with after one datagram
+/// to `addr` (ECONNREFUSED once an ICMP port unreachable reaches it).
+pub fn connected_udp_error(addr: SocketAddr) -> Option<i32> {
+    let socket = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    socket.connect(addr).unwrap();
+    socket.send(b"anyone?").unwrap();
+    socket.recv(&mut [0u8; 64]).err().and_then(|e| e.raw_os_error())
+}
+
 /// A plain HTTP/1.0 GET; returns the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
     use std::io::Read as _;

@@ -13,7 +13,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{Held, Probe, probe, probe_answer, tcp_request, udp_request},
+    client::{Held, Probe, connected_udp_error, probe, probe_answer, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape},
     kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
@@ -351,15 +351,6 @@ fn connected_udp_exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(
     let n = socket.recv(&mut buf)?;
     buf.truncate(n);
     Ok((buf, socket.peer_addr()?))
-}
-
-/// The errno a connected UDP socket's `recv` fails with after one datagram to `addr`.
-fn connected_udp_error(addr: SocketAddr) -> Option<i32> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    socket.connect(addr).unwrap();
-    socket.send(b"anyone?").unwrap();
-    socket.recv(&mut [0u8; 64]).err().and_then(|e| e.raw_os_error())
 }
 
 fn host_gw(mode: Mode) {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{http_get, probe, probe_answer, tcp_request, udp_request},
+    client::{connected_udp_error, http_get, probe, probe_answer, tcp_request, udp_request},
     cluster::{Cluster, ClusterNode, Shape, pod_ip, pod_ip6, underlay_ip6},
     kpr::{self, Kpr, Mode},
     manifests::write,
@@ -30,6 +30,7 @@ const LB_OPEN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const LB_FENCED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
 /// A load balancer IP open to node 1's pods only.
 const LB_NODE1_PODS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const ECONNREFUSED: i32 = 111;
 
 /// A Service of `kind` whose endpoints are `(ip, node)`, with the extra
 /// spec fields given, ports 80/TCP -> 8080 (node port `np`) and 53/UDP ->
@@ -164,6 +165,8 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     cluster.add_pod(1, "web-1", 11).unwrap();
     cluster.add_pod(0, "client", 100).unwrap();
     cluster.add_pod(1, "client", 100).unwrap();
+    // A backend with no server: its ports are closed.
+    cluster.add_pod(1, "mute", 12).unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for (node, pod) in [(0, "web-0"), (1, "web-1")] {
         let ns = &cluster.node(node).pod(pod).ns;
@@ -172,6 +175,7 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     }
     let web0 = (cluster.node(0).pod("web-0").ip, "node0");
     let web1 = (cluster.node(1).pod("web-1").ip, "node1");
+    let mute = (cluster.node(1).pod("mute").ip, "node1");
     for addr in [EXTERNAL_IP, LB_OPEN, LB_FENCED] {
         cluster.route_from_outside(addr, 0).unwrap();
     }
@@ -209,6 +213,8 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
         ),
         // Cluster policy, the only backend on node 0.
         ("cluster0.yaml", service("cluster0", "10.96.0.25", 30085, "  type: NodePort\n", "", &[web0])),
+        // Cluster policy, the only backend on node 1, which answers nothing.
+        ("mute.yaml", service("mute", "10.96.0.27", 30087, "  type: NodePort\n", "", &[mute])),
         // An external IP and a load balancer IP open to the outside's range.
         (
             "open.yaml",
@@ -268,8 +274,16 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     let (node0, node1) = (cluster.node(0).address(), cluster.node(1).address());
     let at = |addr: Ipv4Addr, port: u16| SocketAddr::from((addr, port));
     both_policies(&cluster, [node0.into(), node1.into()], Cluster::OUTSIDE.into());
-    // Node 1's own backend is reached from its address on the pod network.
-    assert_eq!(ask(outside, at(node1, 30080)).unwrap(), format!("web-1 {}", pod_ip(1, 1)));
+    // Node 1's own backend: kube-proxy's rules masquerade that request too
+    // (to node 1's address on the pod network); eBPF mode keeps the
+    // client's address, as Cilium does, for the replies leave through this
+    // node anyway.
+    let seen = if mode == Mode::Ebpf { Cluster::OUTSIDE.to_string() } else { pod_ip(1, 1).to_string() };
+    assert_eq!(ask(outside, at(node1, 30080)).unwrap(), format!("web-1 {seen}"));
+    // A backend on the other node with its port closed: its ICMP port
+    // unreachable, about the source-NATed request, reaches the client.
+    let refusal = outside.run(move || connected_udp_error(at(node0, 29087))).unwrap();
+    assert_eq!(refusal, Some(ECONNREFUSED), "the backend's refusal reached the client");
     let on0 = cluster.node(0);
     let client = &on0.pod("client").ns;
     let outside_ip = Cluster::OUTSIDE;
@@ -332,19 +346,32 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     }
     drop(agents);
 
-    // `kpr cleanup` leaves no rule of either mode behind (eBPF mode's
-    // masquerade rule included), in either iptables backend.
+    // `kpr cleanup` leaves no rule of either mode behind, in either
+    // iptables backend. eBPF mode wrote none: it source-NATs in its
+    // programs, so no netfilter conntrack ran on the nodes (any nat rule
+    // would have run it for every packet through them).
     let saved = |node: &ClusterNode| -> String {
         ["iptables-nft-save", "iptables-legacy-save"].map(|save| node.ns.output(&[save]).unwrap_or_default()).concat()
     };
     for node in &cluster.nodes {
         let before = saved(node);
-        let own = if mode == Mode::Ebpf { "kpr ebpf: masquerade" } else { "KUBE-NODEPORTS" };
-        assert!(before.contains(own), "{}: the agent left its rules in place, as it should:\n{before}", node.name);
+        if mode == Mode::Ebpf {
+            assert!(!before.contains("-A "), "{}: eBPF mode wrote rules:\n{before}", node.name);
+            assert_eq!(host_conntrack_entries(node), 0, "{}: netfilter tracked connections", node.name);
+        } else {
+            assert!(before.contains("KUBE-NODEPORTS"), "{}: the agent left its rules in place:\n{before}", node.name);
+        }
         kpr::command(&node.ns, &["cleanup", &format!("--bpf-root={}", node.bpf_root().display())]).unwrap();
         let after = saved(node);
         assert!(!after.contains("KUBE-") && !after.contains("kpr"), "{} after cleanup:\n{after}", node.name);
     }
+}
+
+/// How many connections netfilter tracks in `node`'s namespace (none
+/// where conntrack never ran there, or is not loaded at all).
+fn host_conntrack_entries(node: &ClusterNode) -> u64 {
+    let count = node.ns.output(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).unwrap_or_default();
+    count.trim().parse().unwrap_or(0)
 }
 
 kpr_tests::in_both_modes!(serves_traffic_from_outside, serves_ipv6_traffic_from_outside);
@@ -502,6 +529,10 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
         // eBPF mode serves them all from its maps; iptables mode by its rules.
         for port in [30080, 30081] {
             assert_eq!(ip6tables_rule_for(node, port), mode == Mode::Iptables, "{}: {port}", node.name);
+        }
+        if mode == Mode::Ebpf {
+            // It source-NATs in its programs: netfilter tracked nothing.
+            assert_eq!(host_conntrack_entries(node), 0, "{}: netfilter tracked connections", node.name);
         }
     }
     if mode == Mode::Ebpf {

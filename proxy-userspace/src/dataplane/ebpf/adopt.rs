@@ -71,11 +71,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                 self.programmed.insert(frontend, Programmed { id, set, slots, affinity, outside: None });
             }
         }
-        // The taken-over frontends serve before the first sync: the
-        // masquerade rule and the socket fence they ask for must be there.
-        if entry_flags & proxy_common::maps::flags::MASQUERADE != 0 {
-            self.ask_for_masquerade();
-        }
+        // The taken-over frontends serve before the first sync: the socket
+        // fence they ask for must be there.
         self.ask_for_socket_fence(entry_flags);
         let scopes: BTreeMap<u32, ServiceValue> = contents.cluster_scopes.into_iter().collect();
         let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();

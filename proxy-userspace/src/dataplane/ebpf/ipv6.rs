@@ -153,8 +153,6 @@ pub struct EbpfIpv6 {
     /// Ways in from outside a frontend no longer has (the key, the
     /// frontend and its id), removed once the rules serve what they did.
     stale: Vec<(ServiceKey6, FrontendKey<Ipv6Addr>, u32)>,
-    /// Whether the node's IPv6 masquerade rule is in place (see `masquerade`).
-    masquerade: bool,
     /// The frontends the rules serve (see [`in_rules`]), as they render them.
     rules_desired: Desired<Ipv6Addr>,
     maps: Ipv6Maps,
@@ -341,7 +339,6 @@ impl EbpfIpv6 {
             rules: Rules { written: None, config: rules, full_sync_period, leftovers_checked: false },
             node_addresses: Vec::new(),
             stale: Vec::new(),
-            masquerade: false,
             rules_desired: Desired::new(),
             maps,
             adopted: !written.is_empty(),
@@ -450,7 +447,7 @@ impl EbpfIpv6 {
 
     /// Writes `f`'s ways in from outside (see [`outside_in_maps`]; `f` is
     /// written already) as IPv4's are: under the Cluster policy they share
-    /// the ClusterIP's set and are marked for the masquerade rule; under
+    /// the ClusterIP's set, and the datapath source-NATs them; under
     /// a Local policy they get a set of this node's endpoints, and pods and
     /// node processes reach them through the cluster-wide scope, written
     /// before them. The ones `f` no longer has are removed after the rules
@@ -469,9 +466,6 @@ impl EbpfIpv6 {
             Vec::new()
         };
         let local_only = f.external.as_deref().is_some_and(|e| e.local_only) && !wanted.is_empty();
-        if wanted.iter().any(|e| e.flags & flags::MASQUERADE != 0) {
-            self.ask_for_masquerade();
-        }
         let local = if local_only { Some(self.write_set(f.local_backends())?) } else { None };
         let cluster = self.adopting(cluster_value(f, id, (set, slots)));
         if local_only && let Err(e) = self.maps.cluster_scope.insert(id, cluster, 0) {
@@ -514,22 +508,6 @@ impl EbpfIpv6 {
             self.maps.cluster_scope.remove(&id).ok();
         }
         failed.map_or(Ok(()), Err)
-    }
-
-    /// Adds the node's IPv6 masquerade rule before the first request is
-    /// marked for it, as the IPv4 dataplane does its own; a failure is
-    /// said, and tried again at the next such frontend.
-    fn ask_for_masquerade(&mut self) {
-        if self.masquerade {
-            return;
-        }
-        match super::masquerade::ensure(true) {
-            Ok(()) => self.masquerade = true,
-            Err(e) => tracing::warn!(
-                error = %e,
-                "no IPv6 masquerade rule: IPv6 traffic from outside to backends on other nodes gets no answer"
-            ),
-        }
     }
 
     /// Moves the UDP clients of frontend `id` off the backends not in

@@ -1,43 +1,25 @@
-//! The node's masquerade rule for eBPF mode: requests from outside that the
-//! datapath sends to a backend under `externalTrafficPolicy: Cluster` carry
-//! [`MASQUERADE_MARK`], and this rule source-NATs them to the node, so the
-//! backend (perhaps on another node) answers through this one, where the
-//! reply is translated back. Netfilter picks the source ports, so two
-//! clients never share a tuple; the ports stay above the node port range
-//! (30000-32767), so a reply is never taken for a request to a node port.
-//! Each family has the rule in its own tables (iptables, ip6tables), added
-//! by that family's dataplane.
+//! The masquerade rule earlier releases of eBPF mode added to the node
+//! (`nat POSTROUTING`, for requests from outside their TC path marked).
+//! The datapath now source-NATs those itself (see proxy-ebpf's
+//! `masquerade`), but a node upgraded in place may still hold the rule,
+//! and any nat rule keeps netfilter's connection tracking running for
+//! every packet through the node: `kpr cleanup` and iptables mode taking
+//! over remove it.
 
-use proxy_common::maps::MASQUERADE_MARK;
-
-use crate::dataplane::{DataplaneError, iptables::backend::Backend};
+use crate::dataplane::iptables::backend::Backend;
 
 const COMMENT: &str = "kpr ebpf: masquerade traffic from outside to Services";
+/// The packet mark the rule matched.
+const MARK: &str = "0x4000/0x4000";
 
 /// Runs `iptables -t nat OP POSTROUTING` on `backend` with the rule for `protocol`.
-fn postrouting(backend: Backend, op: &str, protocol: &str) -> Result<bool, DataplaneError> {
-    let mark = format!("{MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x}");
+fn postrouting(backend: Backend, op: &str, protocol: &str) -> bool {
     #[rustfmt::skip]
     let args = [
-        "-t", "nat", op, "POSTROUTING", "-p", protocol, "-m", "mark", "--mark", &mark,
+        "-t", "nat", op, "POSTROUTING", "-p", protocol, "-m", "mark", "--mark", MARK,
         "-m", "comment", "--comment", COMMENT, "-j", "MASQUERADE", "--to-ports", "32768-65535", "--random-fully",
     ];
-    backend.iptables(&args)
-}
-
-/// Adds the rule (TCP and UDP) to the backend the node uses for the
-/// family (`ipv6`), once.
-pub fn ensure(ipv6: bool) -> Result<(), DataplaneError> {
-    let backend = crate::dataplane::iptables::backend::detect(ipv6);
-    for protocol in ["tcp", "udp"] {
-        if !postrouting(backend, "-C", protocol)? && !postrouting(backend, "-A", protocol)? {
-            return Err(DataplaneError::Command {
-                command: format!("{} -t nat -A POSTROUTING", backend.name()),
-                reason: "could not add the masquerade rule for traffic from outside".into(),
-            });
-        }
-    }
-    Ok(())
+    backend.iptables(&args).unwrap_or(false)
 }
 
 /// Removes the rule from both backends of both families; returns how many rules went.
@@ -46,7 +28,7 @@ pub fn remove() -> usize {
     // Not where there is no nat table: asking would make one.
     for backend in Backend::ALL.into_iter().filter(|b| b.has_table("nat")) {
         for protocol in ["tcp", "udp"] {
-            while postrouting(backend, "-D", protocol).unwrap_or(false) {
+            while postrouting(backend, "-D", protocol) {
                 removed += 1;
             }
         }

@@ -267,11 +267,6 @@ pub struct EbpfDataplane<M = AyaMaps> {
     /// The previous run's maps and where this run's are, while a migration
     /// waits for the switch (see `migrate`).
     migrating: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// The node's masquerade rule. Only a frontend from outside under the
-    /// Cluster policy needs it, and a nat rule turns on netfilter's
-    /// connection tracking for every packet through the node: nodes
-    /// without such a Service are spared that cost.
-    masquerade: Attachment,
     /// The cgroup the socket hooks are on, when socket-level load balancing runs.
     socket_cgroup: Option<std::path::PathBuf>,
     /// The socket path's egress fence (see `load::attach_socket_fence`):
@@ -289,7 +284,7 @@ pub struct EbpfDataplane<M = AyaMaps> {
 }
 
 /// Where something the dataplane adds only once a frontend needs it stands
-/// (the masquerade rule, the socket path's egress fence).
+/// (the socket path's egress fence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attachment {
     /// No frontend has needed it yet.
@@ -372,7 +367,6 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             adopted_flows: Vec::new(),
             pins: pins::LinkPins::new(None),
             migrating: None,
-            masquerade: Attachment::NotNeeded,
             socket_cgroup: None,
             socket_fence: Attachment::NotNeeded,
             ipv6_maps: None,
@@ -454,24 +448,6 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         Ok(set)
     }
 
-    /// Adds the node's masquerade rule before the first request is marked
-    /// for it (a real dataplane only). This runs iptables (up to four calls,
-    /// waiting for the xtables lock) inside the apply that writes the first
-    /// such frontend, once per node's life unless it fails.
-    fn ask_for_masquerade(&mut self) {
-        if self.masquerade != Attachment::NotNeeded || self.ebpf.is_none() {
-            return;
-        }
-        self.masquerade = match masquerade::ensure(false) {
-            Ok(()) => Attachment::Added,
-            Err(e) => {
-                // Node ports under a Cluster policy then reach only backends on this node.
-                tracing::warn!(error = %e, "no masquerade rule: traffic from outside to backends on other nodes gets no answer");
-                Attachment::Failed
-            }
-        };
-    }
-
     /// Attaches the socket path's egress fence before the first frontend
     /// whose entries ask the socket hooks to fence a socket (`entry_flags`)
     /// is written: a fence nothing checks would let every source through.
@@ -509,9 +485,6 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         let proto = f.key.protocol.number();
         let wanted = external_entries(f, &self.node_addresses, |a, port| ServiceKey::new(a.octets(), port, proto));
         let entry_flags = wanted.iter().fold(0, |all, e| all | e.flags);
-        if entry_flags & flags::MASQUERADE != 0 {
-            self.ask_for_masquerade();
-        }
         self.ask_for_socket_fence(entry_flags);
         let ext = f.external.as_deref();
         let local_only = ext.is_some_and(|e| e.local_only) && !wanted.is_empty();
@@ -883,12 +856,8 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn apply(&mut self, ops: &[Op], desired: &Desired) -> Vec<ApplyError> {
-        // A failed rule or fence is retried once per apply: the frontends
-        // that asked for it are written already and may not be again soon.
-        if self.masquerade == Attachment::Failed {
-            self.masquerade = Attachment::NotNeeded;
-            self.ask_for_masquerade();
-        }
+        // A failed fence is retried once per apply: the frontends that
+        // asked for it are written already and may not be again soon.
         if self.socket_fence == Attachment::Failed {
             self.socket_fence = Attachment::NotNeeded;
             self.ask_for_socket_fence(flags::SOURCE_RANGES);
