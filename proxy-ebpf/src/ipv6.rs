@@ -79,15 +79,15 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     if pkt.dst == HAIRPIN_SOURCE6 {
         return hairpin_reply(ctx, pkt);
     }
-    let (backend, frontend) = match request(pkt, ifindex(ctx))? {
-        Lookup::ToBackend(backend, frontend, _) => (backend, frontend),
+    let (backend, frontend, start) = match request(pkt, ifindex(ctx))? {
+        Lookup::ToBackend(backend, frontend, start) => (backend, frontend, start),
         Lookup::NoBackend => return refuse::refuse6(ctx, pkt),
         Lookup::NotService => return Ok(Verdict::Pass),
     };
     // Source NAT's steps from here, not from a step: one frame fewer under them.
     let verdict = match forward(ctx, pkt, &backend)? {
         Some(reflected) => reflected,
-        None if masquerade::request(ctx, pkt, &backend, &frontend, ifindex(ctx))? => Verdict::Redirected,
+        None if masquerade::request(ctx, pkt, &backend, &frontend, start)? => Verdict::Redirected,
         None => Verdict::Pass,
     };
     count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));

@@ -270,14 +270,14 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     if let Some(verdict) = hairpin_reply(ctx, &pkt)? {
         return Ok(verdict);
     }
-    let (backend, frontend) = match lookup::request(&pkt, ifindex(ctx))? {
-        Lookup::ToBackend(backend, frontend, _) => (backend, frontend),
+    let (backend, frontend, start) = match lookup::request(&pkt, ifindex(ctx))? {
+        Lookup::ToBackend(backend, frontend, start) => (backend, frontend, start),
         Lookup::NoBackend => return refuse::refuse(ctx, &pkt),
         Lookup::NotService => return Ok(Verdict::Pass),
     };
     let verdict = match forward(ctx, &pkt, &backend)? {
         Some(reflected) => reflected,
-        None if masquerade::request(ctx, &pkt, &backend, &frontend, ifindex(ctx))? => Verdict::Redirected,
+        None if masquerade::request(ctx, &pkt, &backend, &frontend, start)? => Verdict::Redirected,
         None => to_backend(ctx, &pkt, &backend)?,
     };
     count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));

@@ -29,7 +29,7 @@ use crate::{
     counters::{DeviceEvent, count, count_device},
     family::Family,
     fib::{Fib, Route},
-    lookup::{self, Frontend},
+    lookup::{self, Frontend, Start},
     nat,
     parse::{IcmpError, Packet},
     skb, translate,
@@ -115,33 +115,39 @@ pub(crate) fn request<A: Masquerade>(
     pkt: &Packet<A>,
     backend: &Backend<A>,
     frontend: &Frontend,
-    ingress: u32,
+    start: Start,
 ) -> Result<bool, DropReason> {
-    if !frontend.masquerade() || lookup::is_pod_interface(ingress) {
+    if !frontend.masquerade() || lookup::is_pod_interface(crate::ifindex(ctx)) {
         return Ok(false);
     }
-    from_outside(ctx, pkt, backend)
+    from_outside(ctx, pkt, backend, start == Start::New)
 }
 
 /// [`request`] from outside under the Cluster policy: source-NATed if the
 /// backend is reached through a device. In steps, as [`reply`].
 #[inline(never)]
-fn from_outside<A: Masquerade>(ctx: &TcContext, pkt: &Packet<A>, backend: &Backend<A>) -> Result<bool, DropReason> {
+fn from_outside<A: Masquerade>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    backend: &Backend<A>,
+    new: bool,
+) -> Result<bool, DropReason> {
     let Some(scratch) = A::scratch() else { return Ok(false) };
     // SAFETY: this CPU's slot, and programs do not nest on a CPU.
     let out = unsafe { &mut (*scratch).out };
     if !leaves_by_device(ctx, pkt, backend, out)? {
         return Ok(false);
     }
-    out.flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    if !has_port(out) {
+    // A new flow gets a port of its own: the one an earlier flow from the
+    // same client port had was for that flow's backend.
+    if new || !has_port(pkt, out) {
         // A TCP flow past its SYN with no port began before this release,
         // whose masquerade rule source-NATed it: the node's conntrack goes
         // on translating it.
-        if pkt.proto == PROTO_TCP && !is_syn(pkt.tcp_flags) {
+        if !new && pkt.proto == PROTO_TCP && !is_syn(pkt.tcp_flags) {
             return Ok(false);
         }
-        new_port(backend, out)?;
+        new_port(pkt, backend, out)?;
     }
     translate_out(ctx, pkt, &out.nat)?;
     skb::redirect_neigh(out.ifindex)?;
@@ -172,20 +178,24 @@ fn leaves_by_device<A: Masquerade>(
     Ok(!lookup::is_pod_interface(hop.ifindex))
 }
 
-/// Whether `out.flow` has a port already (into `out.nat`), whichever
-/// program gave it: XDP's, or one for a flow XDP left here.
+/// Whether the tracked flow of request `pkt` has a port already (into
+/// `out.nat`), whichever program gave it: XDP's, or one for a flow XDP
+/// left here.
 #[inline(never)]
-fn has_port<A: Masquerade>(out: &mut Out<A>) -> bool {
-    let Some(nat) = nat::of_flow(&out.flow) else { return false };
+fn has_port<A: Masquerade>(pkt: &Packet<A>, out: &mut Out<A>) -> bool {
+    let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
+    let Some(nat) = nat::of_flow(&flow) else { return false };
     out.nat = nat;
     true
 }
 
-/// A new port of the node address in `out.nat` for `out.flow` to `backend`
-/// (into it). With every port tried some live flow's, that is a collision
-/// of reply tuples, dropped and counted as one; the client retries.
+/// A new port of the node address in `out.nat` for the flow of request
+/// `pkt` to `backend` (into it). With every port tried some live flow's,
+/// that is a collision of reply tuples, dropped and counted as one; the
+/// client retries.
 #[inline(never)]
-fn new_port<A: Masquerade>(backend: &Backend<A>, out: &mut Out<A>) -> Result<(), DropReason> {
+fn new_port<A: Masquerade>(pkt: &Packet<A>, backend: &Backend<A>, out: &mut Out<A>) -> Result<(), DropReason> {
+    out.flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
     out.nat =
         nat::allocate(&out.flow, backend, out.nat.addr, conntrack::now()).ok_or(DropReason::ConntrackCollision)?;
     Ok(())

@@ -17,7 +17,8 @@ use crate::{
     parse::Packet,
 };
 
-/// Ports tried before a new flow is left to the TC path.
+/// Random ports tried, after the client's own, before a new flow is
+/// left to the TC path (from XDP) or dropped (from TC).
 const TRIES: u32 = 8;
 
 /// The address and port flow `flow` goes out with, if this program NATs it.
@@ -54,23 +55,40 @@ pub(crate) fn forget<A: Family>(flow: &FlowKey<A>) {
     A::nat_remove(NatTable::Forward, flow);
 }
 
-/// Whether the reply mapping `key` belongs to a live flow.
+/// Whether the reply mapping `key` is another client's live flow: a
+/// mapping to `client` itself (its flow's earlier life on the same port,
+/// closing or closed) is free for it.
 #[inline(always)]
-fn busy<A: Family>(key: &FlowKey<A>, now: u32) -> bool {
-    let Some(client) = A::nat_get(NatTable::Reverse, key) else { return false };
-    let reply = FlowKey::reply_tuple(key.src_addr, key.src_port, client.addr, client.port, key.proto);
+fn busy<A: Family>(key: &FlowKey<A>, client: &FlowKey<A>, now: u32) -> bool {
+    let Some(held) = A::nat_get(NatTable::Reverse, key) else { return false };
+    if held.addr == client.src_addr && held.port == client.src_port {
+        return false;
+    }
+    let reply = FlowKey::reply_tuple(key.src_addr, key.src_port, held.addr, held.port, key.proto);
     conntrack::frontend_of(&reply, now).is_some()
 }
 
 /// A port of `node` for new flow `flow` to `backend`, recorded both ways;
-/// `None` if every port tried is busy or the maps refused.
+/// `None` if every port tried is busy or the maps refused. The client's own
+/// port first, as netfilter's NAT does: one client's live flows never share
+/// it, so it is free but when another client's flow to the same backend
+/// holds it; then random ones. (Random ones alone run out: a closing flow
+/// holds its port for seconds, so at thousands of connections a second to
+/// a backend most of them are held.)
 #[inline(always)]
 pub(crate) fn allocate<A: Family>(flow: &FlowKey<A>, backend: &Backend<A>, node: A, now: u32) -> Option<NatAddress<A>> {
-    for _ in 0..TRIES {
-        let port = (NAT_PORT_MIN as u32 + (unsafe { bpf_get_prandom_u32() } % NAT_PORT_COUNT)) as u16;
-        let port = port.to_be_bytes();
+    for i in 0..=TRIES {
+        let port = if i == 0 {
+            // Ports below the range are node ports' or the node's own.
+            if u16::from_be_bytes(flow.src_port) < NAT_PORT_MIN {
+                continue;
+            }
+            flow.src_port
+        } else {
+            ((NAT_PORT_MIN as u32 + (unsafe { bpf_get_prandom_u32() } % NAT_PORT_COUNT)) as u16).to_be_bytes()
+        };
         let reply = FlowKey::reply_tuple(backend.addr, backend.port, node, port, flow.proto);
-        if busy(&reply, now) {
+        if busy(&reply, flow, now) {
             continue;
         }
         if !A::nat_insert(NatTable::Reverse, &reply, &NatAddress::new(flow.src_addr, flow.src_port)) {

@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -11,6 +11,43 @@ use std::{
 pub fn tcp_request(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
+    request_on(&mut stream)
+}
+
+/// [`tcp_request`] from local port `port` (IPv4), the connection closed
+/// with a reset rather than left in TIME_WAIT, so that the next call can
+/// take the same port at once, as a busy client reusing its ports does.
+pub fn tcp_request_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    fn check(rc: libc::c_int) -> std::io::Result<()> {
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+    fn option<T>(fd: libc::c_int, name: libc::c_int, value: &T) -> std::io::Result<()> {
+        let len = std::mem::size_of::<T>() as libc::socklen_t;
+        // SAFETY: `value` is a live `T` of `len` bytes.
+        check(unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, name, (value as *const T).cast(), len) })
+    }
+    let in4 = |addr: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the stream from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd)?;
+    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+    option(fd, libc::SO_REUSEADDR, &(1 as libc::c_int))?;
+    option(fd, libc::SO_LINGER, &libc::linger { l_onoff: 1, l_linger: 0 })?;
+    // Also bounds connect().
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let local = in4(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
+    // SAFETY: `local` and `remote` are sockaddr_in of `len` bytes.
+    check(unsafe { libc::bind(stream.as_raw_fd(), (&raw const local).cast(), len) })?;
+    let remote = in4(addr);
+    check(unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), len) })?;
     request_on(&mut stream)
 }
 

@@ -11,7 +11,7 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{connected_udp_error, http_get, probe, probe_answer, tcp_request, udp_request},
+    client::{connected_udp_error, http_get, probe, probe_answer, tcp_request, tcp_request_from_port, udp_request},
     cluster::{Cluster, ClusterNode, Shape, pod_ip, pod_ip6, underlay_ip6},
     kpr::{self, Kpr, Mode},
     manifests::write,
@@ -167,8 +167,9 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     cluster.add_pod(1, "client", 100).unwrap();
     // A backend with no server: its ports are closed.
     cluster.add_pod(1, "mute", 12).unwrap();
+    cluster.add_pod(1, "web-1b", 13).unwrap();
     let mut servers: Vec<Server> = Vec::new();
-    for (node, pod) in [(0, "web-0"), (1, "web-1")] {
+    for (node, pod) in [(0, "web-0"), (1, "web-1"), (1, "web-1b")] {
         let ns = &cluster.node(node).pod(pod).ns;
         servers.push(servers::tcp_peer(ns, 8080, pod).unwrap());
         servers.push(servers::udp(ns, 5353, pod).unwrap());
@@ -176,6 +177,7 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     let web0 = (cluster.node(0).pod("web-0").ip, "node0");
     let web1 = (cluster.node(1).pod("web-1").ip, "node1");
     let mute = (cluster.node(1).pod("mute").ip, "node1");
+    let web1b = (cluster.node(1).pod("web-1b").ip, "node1");
     for addr in [EXTERNAL_IP, LB_OPEN, LB_FENCED] {
         cluster.route_from_outside(addr, 0).unwrap();
     }
@@ -215,6 +217,8 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
         ("cluster0.yaml", service("cluster0", "10.96.0.25", 30085, "  type: NodePort\n", "", &[web0])),
         // Cluster policy, the only backend on node 1, which answers nothing.
         ("mute.yaml", service("mute", "10.96.0.27", 30087, "  type: NodePort\n", "", &[mute])),
+        // Cluster policy, two backends on node 1.
+        ("pair.yaml", service("pair", "10.96.0.28", 30088, "  type: NodePort\n", "", &[web1, web1b])),
         // An external IP and a load balancer IP open to the outside's range.
         (
             "open.yaml",
@@ -284,6 +288,16 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     // unreachable, about the source-NATed request, reaches the client.
     let refusal = outside.run(move || connected_udp_error(at(node0, 29087))).unwrap();
     assert_eq!(refusal, Some(ECONNREFUSED), "the backend's refusal reached the client");
+    // One client port taken again and again (each connection reset, so the
+    // next has it at once): each new flow is source-NATed for the backend
+    // it gets, whichever of the two on the other node that is.
+    let pair = std::net::SocketAddrV4::new(node0, 30088);
+    let answers: Vec<String> = outside
+        .run(move || (0..16).map(|_| tcp_request_from_port(45000, pair, ANSWER)).collect::<std::io::Result<_>>())
+        .unwrap()
+        .unwrap();
+    let reached: std::collections::BTreeSet<&str> = answers.iter().filter_map(|a| a.split(' ').next()).collect();
+    assert_eq!(reached, ["web-1", "web-1b"].into(), "{answers:?}");
     let on0 = cluster.node(0);
     let client = &on0.pod("client").ns;
     let outside_ip = Cluster::OUTSIDE;
