@@ -69,7 +69,12 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let parsed = parse6::parse(ctx);
     let pkt = match &parsed {
         Parsed6::Flow(pkt) => pkt,
-        Parsed6::IcmpError(err) => return icmp_from_client(ctx, err),
+        Parsed6::IcmpError(err) => {
+            if masquerade::icmp_error(ctx, err, ifindex(ctx))? {
+                return Ok(Verdict::Redirected);
+            }
+            return icmp_from_client(ctx, err);
+        }
         other => return pass(other),
     };
     if masquerade::reply(ctx, pkt, ifindex(ctx))? {

@@ -12,8 +12,10 @@
 //! client's own address, as with Cilium: its replies leave through a
 //! device, where `kpr_to_pod` translates them back.
 //!
-//! An ICMP error about a source-NATed request comes back to the node's
-//! address and port, and goes on to the client showing what it sent.
+//! An ICMP error about a source-NATed request (a backend's port
+//! unreachable, a router's fragmentation needed or packet too big) comes
+//! back to the node's address and port, and goes on to the client showing
+//! what it sent.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
 use proxy_common::{
@@ -21,7 +23,7 @@ use proxy_common::{
     counters::{Counter, DropReason},
     ipv6::In6,
     maps::{Backend, NatAddress, PROTO_TCP, hook},
-    reject::IPPROTO_ICMP,
+    reject::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
 use crate::{
@@ -37,6 +39,8 @@ use crate::{
 
 /// What the TC path's source NAT needs of a family's packets.
 pub(crate) trait Masquerade: Family + Route {
+    /// The family's ICMP protocol number.
+    const ICMP: u8;
     /// The packet's source becomes `to`.
     fn set_source(ctx: &TcContext, pkt: &Packet<Self>, to: &NatAddress<Self>) -> Result<(), DropReason>;
     /// The packet's destination becomes `to`.
@@ -47,9 +51,14 @@ pub(crate) trait Masquerade: Family + Route {
     fn hop(ctx: &TcContext) -> Result<(), DropReason>;
     /// This CPU's [`Scratch`] of the family.
     fn scratch() -> Option<*mut Scratch<Self>>;
+    /// ICMP error `err`, about a request of `flow` the node source-NATed,
+    /// becomes one about what its client sent.
+    fn icmp_to_client(ctx: &TcContext, err: &IcmpError<Self>, flow: &Returning<Self>) -> Result<(), DropReason>;
 }
 
 impl Masquerade for [u8; 4] {
+    const ICMP: u8 = IPPROTO_ICMP;
+
     #[inline(always)]
     fn set_source(ctx: &TcContext, pkt: &Packet, to: &NatAddress) -> Result<(), DropReason> {
         translate::source(ctx, pkt, to)
@@ -74,9 +83,16 @@ impl Masquerade for [u8; 4] {
     fn scratch() -> Option<*mut Scratch<Self>> {
         SCRATCH.get_ptr_mut(0)
     }
+
+    #[inline(always)]
+    fn icmp_to_client(ctx: &TcContext, err: &IcmpError, flow: &Returning<Self>) -> Result<(), DropReason> {
+        translate::icmp_to_masqueraded(ctx, err, &flow.client, &flow.frontend)
+    }
 }
 
 impl Masquerade for In6 {
+    const ICMP: u8 = IPPROTO_ICMPV6;
+
     #[inline(always)]
     fn set_source(ctx: &TcContext, pkt: &Packet<In6>, to: &NatAddress<In6>) -> Result<(), DropReason> {
         translate::source6(ctx, pkt, to)
@@ -100,6 +116,11 @@ impl Masquerade for In6 {
     #[inline(always)]
     fn scratch() -> Option<*mut Scratch<Self>> {
         SCRATCH6.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn icmp_to_client(ctx: &TcContext, err: &IcmpError<In6>, flow: &Returning<Self>) -> Result<(), DropReason> {
+        translate::icmp6_to_masqueraded(ctx, err, &flow.client, &flow.frontend)
     }
 }
 
@@ -303,28 +324,53 @@ fn toward<A: Masquerade>(ctx: &TcContext, ingress: u32, proto: u8, src: A, dst: 
 /// Whether an ICMP error that came in on `ingress` was about a request the
 /// node source-NATed (its quote: node address and port -> backend), and
 /// was rewritten for the client, counted and sent on to it (as [`request`]).
+/// In steps, as [`reply`].
 #[inline(never)]
-pub(crate) fn icmp_error(ctx: &TcContext, err: &IcmpError, ingress: u32) -> Result<bool, DropReason> {
-    let q = &err.quoted;
-    if err.dst != q.src {
+pub(crate) fn icmp_error<A: Masquerade>(ctx: &TcContext, err: &IcmpError<A>, ingress: u32) -> Result<bool, DropReason> {
+    if err.dst != err.quoted.src {
         return Ok(false);
     }
-    // The quoted request's reply, as the backend would send it.
-    let reply = Packet {
-        src: q.dst,
-        src_port: q.dst_port,
-        dst: q.src,
-        dst_port: q.src_port,
-        proto: q.proto,
-        ..Default::default()
-    };
-    let Some(client) = nat::client_of_reply(&reply) else { return Ok(false) };
-    let key = FlowKey::reply_tuple(q.dst, q.dst_port, client.addr, client.port, q.proto);
-    let Some(frontend) = conntrack::frontend_of(&key, conntrack::now()) else { return Ok(false) };
-    let ifindex = toward(ctx, ingress, IPPROTO_ICMP, frontend.addr, client.addr)?;
-    translate::icmp_to_masqueraded(ctx, err, &client, &frontend)?;
-    translate::hop(ctx)?;
+    let Some(scratch) = A::scratch() else { return Ok(false) };
+    // SAFETY: this CPU's slot, and programs do not nest on a CPU.
+    let flow = unsafe { &mut (*scratch).back };
+    if !quoted_client(err, flow) || !quoted_frontend(err, flow) {
+        return Ok(false);
+    }
+    let ifindex = toward(ctx, ingress, A::ICMP, flow.frontend.addr, flow.client.addr)?;
+    translate_icmp(ctx, err, flow)?;
     skb::redirect_neigh(ifindex)?;
     count(Counter::IcmpErrorTranslated, ());
     Ok(true)
+}
+
+/// Whether the request `err` quotes was source-NATed by the node (its
+/// client into `flow`).
+#[inline(never)]
+fn quoted_client<A: Masquerade>(err: &IcmpError<A>, flow: &mut Returning<A>) -> bool {
+    let q = &err.quoted;
+    // The quoted request's reply, as the backend would send it.
+    let Some(client) = nat::client_of(&FlowKey::reply_tuple(q.dst, q.dst_port, q.src, q.src_port, q.proto)) else {
+        return false;
+    };
+    flow.client = client;
+    true
+}
+
+/// Whether the flow of `flow.client` the request `err` quotes still lives
+/// (its frontend into `flow`).
+#[inline(never)]
+fn quoted_frontend<A: Masquerade>(err: &IcmpError<A>, flow: &mut Returning<A>) -> bool {
+    let q = &err.quoted;
+    let key = FlowKey::reply_tuple(q.dst, q.dst_port, flow.client.addr, flow.client.port, q.proto);
+    let Some(frontend) = conntrack::frontend_of(&key, conntrack::now()) else { return false };
+    flow.frontend = frontend;
+    true
+}
+
+/// The error becomes one about what the client of `flow` sent, one hop on.
+/// Inlined: IPv6's quote rewrites are steps of their own already.
+#[inline(always)]
+fn translate_icmp<A: Masquerade>(ctx: &TcContext, err: &IcmpError<A>, flow: &Returning<A>) -> Result<(), DropReason> {
+    A::icmp_to_client(ctx, err, flow)?;
+    A::hop(ctx)
 }

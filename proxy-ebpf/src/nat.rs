@@ -34,7 +34,14 @@ pub(crate) fn client_of_reply<A: Family>(pkt: &Packet<A>) -> Option<NatAddress<A
     if u16::from_be_bytes(pkt.dst_port) < NAT_PORT_MIN {
         return None;
     }
-    A::nat_get(NatTable::Reverse, &reply_key(pkt))
+    client_of(&reply_key(pkt))
+}
+
+/// The client reply tuple `key` (backend -> node address and NAT port)
+/// goes back to.
+#[inline(always)]
+pub(crate) fn client_of<A: Family>(key: &FlowKey<A>) -> Option<NatAddress<A>> {
+    A::nat_get(NatTable::Reverse, key)
 }
 
 /// The reply mapping of a backend's reply `pkt`.

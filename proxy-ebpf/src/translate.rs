@@ -296,6 +296,57 @@ pub(crate) fn icmp6_to_client(ctx: &TcContext, err: &IcmpError6, frontend: &CtEn
     skb::store(ctx, err.icmp_off + 2, &icmp.to_be_bytes())
 }
 
+/// [`icmp_to_masqueraded`] over IPv6, in steps that are BPF functions of
+/// their own (the stack holds one at a time), each storing the ICMPv6
+/// checksum it updated for the next to update further.
+#[inline(always)]
+pub(crate) fn icmp6_to_masqueraded(
+    ctx: &TcContext,
+    err: &IcmpError6,
+    client: &NatAddress<In6>,
+    frontend: &CtEntry6,
+) -> Result<(), DropReason> {
+    quote6_source(ctx, err, client)?;
+    quote6_destination(ctx, err, frontend)?;
+    outer6_to_client(ctx, err, client, frontend)
+}
+
+/// The error's own destination becomes `client`, and its source, if the
+/// backend sent it, `frontend`.
+#[inline(never)]
+fn outer6_to_client(
+    ctx: &TcContext,
+    err: &IcmpError6,
+    client: &NatAddress<In6>,
+    frontend: &CtEntry6,
+) -> Result<(), DropReason> {
+    // ICMPv6's checksum covers the pseudo header: the outer addresses too.
+    let mut icmp = u16::from_be_bytes(skb::load(ctx, err.icmp_off + 2)?);
+    icmp = update128(icmp, err.dst.words(), client.addr.words());
+    skb::store(ctx, IP6_DST_OFF, &client.addr)?;
+    if err.src == err.quoted.dst {
+        icmp = update128(icmp, err.src.words(), frontend.addr.words());
+        skb::store(ctx, IP6_SRC_OFF, &frontend.addr)?;
+    }
+    skb::store(ctx, err.icmp_off + 2, &icmp.to_be_bytes())
+}
+
+/// The quoted request's source (a node address and port) becomes `client`.
+#[inline(never)]
+fn quote6_source(ctx: &TcContext, err: &IcmpError6, client: &NatAddress<In6>) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    let icmp = rewrite_quote6(ctx, err, QUOTED6_SRC, q.src, client.addr, 0, q.src_port, client.port)?;
+    skb::store(ctx, err.icmp_off + 2, &icmp.to_be_bytes())
+}
+
+/// The quoted request's destination (its backend) becomes `frontend`.
+#[inline(never)]
+fn quote6_destination(ctx: &TcContext, err: &IcmpError6, frontend: &CtEntry6) -> Result<(), DropReason> {
+    let q = &err.quoted;
+    let icmp = rewrite_quote6(ctx, err, QUOTED6_DST, q.dst, frontend.addr, 2, q.dst_port, frontend.port)?;
+    skb::store(ctx, err.icmp_off + 2, &icmp.to_be_bytes())
+}
+
 /// [`icmp_to_backend`] over IPv6.
 #[inline(always)]
 pub(crate) fn icmp6_to_backend(ctx: &TcContext, err: &IcmpError6, backend: &CtEntry6) -> Result<(), DropReason> {

@@ -461,8 +461,11 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
         servers.push(servers::udp_dual_stack(ns, 5353, pod).unwrap());
     }
     cluster.add_pod(0, "client", 100).unwrap();
+    // A backend with no server: its ports are closed.
+    cluster.add_pod(1, "mute", 12).unwrap();
     let web0 = (pod_ip6(0, 11), "node0");
     let web1 = (pod_ip6(1, 11), "node1");
+    let mute = (pod_ip6(1, 12), "node1");
     for addr in [EXTERNAL_IP6, LB_OPEN6] {
         cluster.route_from_outside(addr, 0).unwrap();
     }
@@ -472,6 +475,7 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
     let files = [
         ("cluster.yaml", service("cluster", "fd00:96::20", 30080, "  type: NodePort\n", "", &[web1])),
         ("cluster0.yaml", service("cluster0", "fd00:96::25", 30085, "  type: NodePort\n", "", &[web0])),
+        ("mute.yaml", service("mute", "fd00:96::27", 30087, "  type: NodePort\n", "", &[mute])),
         (
             "local.yaml",
             service(
@@ -523,6 +527,10 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
     let client = &on0.pod("client").ns;
     let (status, body) = health(outside, at(node0, 32081));
     assert_eq!((status, &body["localEndpoints"]), (200, &serde_json::json!(1)), "{body}");
+    // A backend on the other node with its port closed: its ICMPv6 port
+    // unreachable, about the source-NATed request, reaches the client.
+    let refusal = outside.run(move || connected_udp_error(at(node0, 29087))).unwrap();
+    assert_eq!(refusal, Some(ECONNREFUSED), "the backend's refusal reached the client");
 
     // An external IP and a load balancer IP, from outside and from a pod.
     for addr in [EXTERNAL_IP6, LB_OPEN6] {
