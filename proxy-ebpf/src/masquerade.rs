@@ -124,12 +124,12 @@ impl Masquerade for In6 {
     }
 }
 
-/// Whether a request that came in on `ingress`, already translated to
-/// `backend` of `frontend`, was source-NATed and sent on (its redirect set
-/// up: the program returns `TC_ACT_REDIRECT`); false for every request the
-/// node routes as it is: one from a pod (its replies pass its own
-/// interface), one not from outside under the Cluster policy, or one to a
-/// backend on this node.
+/// Whether a request, already translated to `backend` of `frontend` (a
+/// flow `start`ed by this packet or tracked), was source-NATed and sent on
+/// (its redirect set up: the program returns `TC_ACT_REDIRECT`); false for
+/// every request the node routes as it is: one from a pod (its replies
+/// pass its own interface), one not from outside under the Cluster policy,
+/// or one to a backend on this node.
 #[inline(always)]
 pub(crate) fn request<A: Masquerade>(
     ctx: &TcContext,
@@ -175,7 +175,8 @@ fn from_outside<A: Masquerade>(
     Ok(true)
 }
 
-/// How a source-NATed request of `flow` leaves: by `ifindex`, from `nat`.
+/// How a source-NATed request leaves: by `ifindex`, from `nat`; `flow` is
+/// [`new_port`]'s key (here rather than on its stack).
 #[derive(Clone, Copy)]
 pub(crate) struct Out<A> {
     flow: FlowKey<A>,

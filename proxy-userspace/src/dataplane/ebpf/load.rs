@@ -601,6 +601,13 @@ fn attaches_through_tcx() -> bool {
     aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
+/// Whether the datapath's route lookups give the node's source address
+/// toward a destination (`BPF_FIB_LOOKUP_SRC`, Linux 6.7), which its
+/// source NAT of traffic from outside needs.
+pub fn finds_source_addresses() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 7, 0))
+}
+
 /// Detaches the classifiers from an interface that is gone (the kernel
 /// dropped the attachments with it; this unpins what is left).
 pub fn release_classifier(pins: &mut LinkPins, links: &PacketLinks) {

@@ -306,6 +306,13 @@ impl EbpfDataplane<AyaMaps> {
     /// Loads the programs, attaches them to `targets` and pins the maps under `bpf_root`.
     pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
         let attached = load::attach(targets, sizes, bpf_root)?;
+        if !load::finds_source_addresses() {
+            tracing::warn!(
+                "this kernel's route lookup from BPF gives no source address (Linux 6.7+): traffic from outside \
+                 under externalTrafficPolicy: Cluster to backends on other nodes is dropped (dropped_no_route); \
+                 iptables mode serves it"
+            );
+        }
         let mut dataplane = Self::new(attached.maps, sizes);
         dataplane.ebpf = Some(attached.ebpf);
         dataplane.pins = attached.pins;
