@@ -9,9 +9,10 @@
 //! (services and backend choice, for either family through `family`),
 //! `conntrack` (tracked flows), `fragments`
 //! (the ports of fragmented datagrams), `translate` (NAT and checksums), `refuse`
-//! (answers for Services without endpoints), `skb` (packet access); for
-//! XDP, `frame` (packet access and rewriting), `fib` (routes), `nat`
-//! (source ports). Steps
+//! (answers for Services without endpoints), `skb` (packet access),
+//! `masquerade` (source NAT of traffic from outside on the TC path); for
+//! XDP, `frame` (packet access and rewriting); for both, `fib` (routes) and
+//! `nat` (source ports). Steps
 //! return a [`DropReason`] as their error; this file holds only the thin
 //! program wrapper, which counts every drop under its reason before
 //! shooting the packet.
