@@ -238,6 +238,10 @@ fn translate_out<A: Masquerade>(ctx: &TcContext, pkt: &Packet<A>, nat: &NatAddre
 /// not fit one frame.
 #[inline(never)]
 pub(crate) fn reply<A: Masquerade>(ctx: &TcContext, pkt: &Packet<A>, ingress: u32) -> Result<bool, DropReason> {
+    // Every packet on every interface comes here: most are done with at once.
+    if !nat::may_be_reply(pkt) {
+        return Ok(false);
+    }
     let Some(scratch) = A::scratch() else { return Ok(false) };
     // SAFETY: this CPU's slot, and programs do not nest on a CPU.
     let flow = unsafe { &mut (*scratch).back };

@@ -30,11 +30,17 @@ pub(crate) fn of_flow<A: Family>(flow: &FlowKey<A>) -> Option<NatAddress<A>> {
 /// The client a backend's reply `pkt` (to a node address and NAT port) goes back to.
 #[inline(always)]
 pub(crate) fn client_of_reply<A: Family>(pkt: &Packet<A>) -> Option<NatAddress<A>> {
-    // Every port handed out is in the upper half: the rest never looks.
-    if u16::from_be_bytes(pkt.dst_port) < NAT_PORT_MIN {
+    if !may_be_reply(pkt) {
         return None;
     }
     client_of(&reply_key(pkt))
+}
+
+/// Whether `pkt` may be a reply to a flow this node source-NATs: every port
+/// handed out is in the upper half, so the rest never looks further.
+#[inline(always)]
+pub(crate) fn may_be_reply<A>(pkt: &Packet<A>) -> bool {
+    u16::from_be_bytes(pkt.dst_port) >= NAT_PORT_MIN
 }
 
 /// The client reply tuple `key` (backend -> node address and NAT port)

@@ -253,8 +253,7 @@ fn reply<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>) -> Result<Ou
 fn returning<A: Frame>(pkt: &Packet<A>, back: &mut Back<A>) -> bool {
     let Some(client) = nat::client_of_reply(pkt) else { return false };
     // The flow's conntrack knows the reply as backend -> client.
-    let seen = Packet { dst: client.addr, dst_port: client.port, ..*pkt };
-    let Some(frontend) = conntrack::reply(&seen, conntrack::now()) else {
+    let Some(frontend) = conntrack::reply_to(pkt, client.addr, client.port, conntrack::now()) else {
         nat::forget_reply(pkt);
         return false;
     };
