@@ -9,7 +9,7 @@
 //! Everything else (Local policy scopes, source NAT from XDP) each family
 //! has in tables of its own: ids are per family.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{bindings::bpf_sock_tuple, maps::lpm_trie::Key};
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters::DropReason,
@@ -55,6 +55,9 @@ pub(crate) trait Family: Copy + PartialEq + Sized {
     /// Whether the entry was written.
     fn nat_insert(table: NatTable, key: &FlowKey<Self>, value: &NatAddress<Self>) -> bool;
     fn nat_remove(table: NatTable, key: &FlowKey<Self>);
+    /// Writes the socket lookup tuple of what `backend` sends to `node`:`port`
+    /// into `tuple`; returns the size the lookup helpers take for the family.
+    fn sock_tuple(backend: &Backend<Self>, node: &Self, port: [u8; 2], tuple: &mut bpf_sock_tuple) -> u32;
     /// Counts `bytes` of frontend `id`'s traffic with `backend`, in the
     /// family's traffic maps.
     fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32);
@@ -102,6 +105,16 @@ impl Family for [u8; 4] {
             NatTable::Reverse => &NAT_REVERSE,
         };
         let _ = map.remove(key);
+    }
+
+    #[inline(always)]
+    fn sock_tuple(backend: &Backend<Self>, node: &Self, port: [u8; 2], tuple: &mut bpf_sock_tuple) -> u32 {
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = u32::from_ne_bytes(backend.addr);
+        t.daddr = u32::from_ne_bytes(*node);
+        t.sport = u16::from_ne_bytes(backend.port);
+        t.dport = u16::from_ne_bytes(port);
+        core::mem::size_of_val(t) as u32
     }
 
     #[inline(always)]
@@ -184,6 +197,16 @@ impl Family for In6 {
             NatTable::Reverse => &NAT_REVERSE6,
         };
         let _ = map.remove(key);
+    }
+
+    #[inline(always)]
+    fn sock_tuple(backend: &Backend<Self>, node: &Self, port: [u8; 2], tuple: &mut bpf_sock_tuple) -> u32 {
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = backend.addr.words();
+        t.daddr = node.words();
+        t.sport = u16::from_ne_bytes(backend.port);
+        t.dport = u16::from_ne_bytes(port);
+        core::mem::size_of_val(t) as u32
     }
 
     #[inline(always)]

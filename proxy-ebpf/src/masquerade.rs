@@ -168,7 +168,7 @@ fn from_outside<A: Masquerade>(
         if !new && pkt.proto == PROTO_TCP && !is_syn(pkt.tcp_flags) {
             return Ok(false);
         }
-        new_port(pkt, backend, out)?;
+        new_port(ctx, pkt, backend, out)?;
     }
     translate_out(ctx, pkt, &out.nat)?;
     skb::redirect_neigh(out.ifindex)?;
@@ -216,10 +216,16 @@ fn has_port<A: Masquerade>(pkt: &Packet<A>, out: &mut Out<A>) -> bool {
 /// that is a collision of reply tuples, dropped and counted as one; the
 /// client retries.
 #[inline(never)]
-fn new_port<A: Masquerade>(pkt: &Packet<A>, backend: &Backend<A>, out: &mut Out<A>) -> Result<(), DropReason> {
+fn new_port<A: Masquerade>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    backend: &Backend<A>,
+    out: &mut Out<A>,
+) -> Result<(), DropReason> {
+    let own_port = nat::own_port_free(ctx.skb.skb.cast(), backend, &out.nat.addr, pkt.src_port, pkt.proto);
     out.flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    out.nat =
-        nat::allocate(&out.flow, backend, out.nat.addr, conntrack::now()).ok_or(DropReason::ConntrackCollision)?;
+    out.nat = nat::allocate(&out.flow, backend, out.nat.addr, conntrack::now(), own_port)
+        .ok_or(DropReason::ConntrackCollision)?;
     Ok(())
 }
 

@@ -5,10 +5,16 @@
 //! conntrack entries expired or gone) is handed out again. Each family has
 //! its own two tables (see `family`).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::map,
+    maps::PerCpuArray,
+};
 use proxy_common::{
     conntrack::FlowKey,
-    maps::{Backend, NAT_PORT_COUNT, NAT_PORT_MIN, NatAddress},
+    maps::{Backend, NAT_PORT_COUNT, NAT_PORT_MIN, NatAddress, PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{
@@ -81,6 +87,51 @@ fn busy<A: Family>(key: &FlowKey<A>, client: &FlowKey<A>, now: u32) -> bool {
     conntrack::frontend_of(&reply, now).is_some()
 }
 
+/// This CPU's tuple for [`node_socket_holds`]; it holds nothing between packets.
+#[map]
+static SOCK_TUPLE: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the client port `port` of a new flow to `backend` is free to
+/// go out with from `node`: not when a socket of the node's own would
+/// receive what the backend sends to `node`:`port` (a node process's
+/// connection to the backend from that port; a flow source-NATed to it
+/// would be one flow with it at the backend, and break both). Netfilter's
+/// NAT steps around the node's own connections the same way. Asked of the
+/// network namespace the program's context `ctx` is in; any socket there,
+/// listening ones too, keeps the port.
+#[inline(never)]
+pub(crate) fn own_port_free<A: Family>(
+    ctx: *mut c_void,
+    backend: &Backend<A>,
+    node: &A,
+    port: [u8; 2],
+    proto: u8,
+) -> bool {
+    if u16::from_be_bytes(port) < NAT_PORT_MIN {
+        return false;
+    }
+    // In a map: the callers sit on the deepest call chains, whose stack
+    // has no room for it.
+    let Some(tuple) = SOCK_TUPLE.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot, and programs do not nest on a CPU.
+    let size = A::sock_tuple(backend, node, port, unsafe { &mut *tuple });
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: `ctx` is the program's context, `tuple` a map value of the tuple's size.
+    let sk = unsafe {
+        match proto {
+            PROTO_TCP => bpf_skc_lookup_tcp(ctx, tuple, size, netns, 0),
+            PROTO_UDP => bpf_sk_lookup_udp(ctx, tuple, size, netns, 0),
+            _ => return true,
+        }
+    };
+    if sk.is_null() {
+        return true;
+    }
+    // SAFETY: the reference the lookup took, given back.
+    unsafe { bpf_sk_release(sk.cast()) };
+    false
+}
+
 /// A port of `node` for new flow `flow` to `backend`, recorded both ways;
 /// `None` if every port tried is busy or the maps refused. The client's own
 /// port first, as netfilter's NAT does: one client's live flows never share
@@ -89,11 +140,16 @@ fn busy<A: Family>(key: &FlowKey<A>, client: &FlowKey<A>, now: u32) -> bool {
 /// holds its port for seconds, so at thousands of connections a second to
 /// a backend most of them are held.)
 #[inline(always)]
-pub(crate) fn allocate<A: Family>(flow: &FlowKey<A>, backend: &Backend<A>, node: A, now: u32) -> Option<NatAddress<A>> {
+pub(crate) fn allocate<A: Family>(
+    flow: &FlowKey<A>,
+    backend: &Backend<A>,
+    node: A,
+    now: u32,
+    own_port: bool,
+) -> Option<NatAddress<A>> {
     for i in 0..=TRIES {
         let port = if i == 0 {
-            // Ports below the range are node ports' or the node's own.
-            if u16::from_be_bytes(flow.src_port) < NAT_PORT_MIN {
+            if !own_port {
                 continue;
             }
             flow.src_port

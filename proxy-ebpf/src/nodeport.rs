@@ -104,7 +104,7 @@ fn request<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>) -> Result<
         Choice::NotOurs => return Ok(Outcome::Pass),
         Choice::New => {
             let routed = routes(ctx, ingress, pkt, way);
-            if !allocate(pkt, way, routed) {
+            if !allocate(ctx, pkt, way, routed) {
                 return Ok(count(Counter::XdpPassedToStack, Outcome::Pass));
             }
         }
@@ -176,9 +176,14 @@ fn routes<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>, way: &mut W
 /// yet: TC's redirect resolves it, and the next flow stays in XDP), and an
 /// earlier flow's mapping goes.
 #[inline(never)]
-fn allocate<A: Frame>(pkt: &Packet<A>, way: &mut Way<A>, routed: bool) -> bool {
+fn allocate<A: Frame>(ctx: &XdpContext, pkt: &Packet<A>, way: &mut Way<A>, routed: bool) -> bool {
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    let nat = if routed { nat::allocate(&flow, &way.backend, way.nat.addr, conntrack::now()) } else { None };
+    let nat = if routed {
+        let own_port = nat::own_port_free(ctx.ctx.cast(), &way.backend, &way.nat.addr, pkt.src_port, pkt.proto);
+        nat::allocate(&flow, &way.backend, way.nat.addr, conntrack::now(), own_port)
+    } else {
+        None
+    };
     match nat {
         Some(nat) => {
             way.nat = nat;

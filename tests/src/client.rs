@@ -14,10 +14,10 @@ pub fn tcp_request(addr: SocketAddr, timeout: Duration) -> std::io::Result<Strin
     request_on(&mut stream)
 }
 
-/// [`tcp_request`] from local port `port` (IPv4), the connection closed
-/// with a reset rather than left in TIME_WAIT, so that the next call can
-/// take the same port at once, as a busy client reusing its ports does.
-pub fn tcp_request_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
+/// A connection from local port `port` (IPv4), closed with a reset rather
+/// than left in TIME_WAIT, so that the next one can take the same port at
+/// once, as a busy client reusing its ports does.
+pub fn tcp_connect_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -> std::io::Result<TcpStream> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
     fn check(rc: libc::c_int) -> std::io::Result<()> {
         if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
@@ -37,7 +37,7 @@ pub fn tcp_request_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -
     // SAFETY: a new socket, owned by the stream from here on.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     check(fd)?;
-    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
     option(fd, libc::SO_REUSEADDR, &(1 as libc::c_int))?;
     option(fd, libc::SO_LINGER, &libc::linger { l_onoff: 1, l_linger: 0 })?;
     // Also bounds connect().
@@ -48,7 +48,12 @@ pub fn tcp_request_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -
     check(unsafe { libc::bind(stream.as_raw_fd(), (&raw const local).cast(), len) })?;
     let remote = in4(addr);
     check(unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), len) })?;
-    request_on(&mut stream)
+    Ok(stream)
+}
+
+/// [`tcp_request`] over a connection from local port `port` (see [`tcp_connect_from_port`]).
+pub fn tcp_request_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
+    request_on(&mut tcp_connect_from_port(port, addr, timeout)?)
 }
 
 /// One request/reply on an established connection.

@@ -11,7 +11,10 @@ use std::{
 };
 
 use kpr_tests::{
-    client::{connected_udp_error, http_get, probe, probe_answer, tcp_request, tcp_request_from_port, udp_request},
+    client::{
+        connected_udp_error, http_get, probe, probe_answer, request_on, tcp_connect_from_port, tcp_request,
+        tcp_request_from_port, udp_request,
+    },
     cluster::{Cluster, ClusterNode, Shape, pod_ip, pod_ip6, underlay_ip6},
     kpr::{self, Kpr, Mode},
     manifests::write,
@@ -301,6 +304,16 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     let on0 = cluster.node(0);
     let client = &on0.pod("client").ns;
     let outside_ip = Cluster::OUTSIDE;
+    // A connection of the node's own to that backend holds its port: a
+    // client from outside on the same port is source-NATed to another one
+    // (reusing it would make the two one flow to the backend), and both live.
+    let web1_direct = std::net::SocketAddrV4::new(cluster.node(1).pod("web-1").ip, 8080);
+    let mut held = on0.ns.run(move || tcp_connect_from_port(45001, web1_direct, ANSWER)).unwrap().unwrap();
+    let cluster_port = std::net::SocketAddrV4::new(node0, 30080);
+    let answer = outside.run(move || tcp_request_from_port(45001, cluster_port, ANSWER)).unwrap();
+    assert_eq!(answer.unwrap(), format!("web-1 {node0}"), "the client from outside on the node's port");
+    assert_eq!(request_on(&mut held).unwrap(), format!("web-1 {node0}"), "the node's own connection");
+    drop(held);
     // Load balancers ask each node whether it has endpoints.
     let (status, body) = health(outside, at(node0, 32081));
     assert_eq!(status, 200);
