@@ -87,7 +87,7 @@ fn busy<A: Family>(key: &FlowKey<A>, client: &FlowKey<A>, now: u32) -> bool {
     conntrack::frontend_of(&reply, now).is_some()
 }
 
-/// This CPU's tuple for [`node_socket_holds`]; it holds nothing between packets.
+/// This CPU's tuple for [`own_port_free`]; it holds nothing between packets.
 #[map]
 static SOCK_TUPLE: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
 
@@ -107,6 +107,7 @@ pub(crate) fn own_port_free<A: Family>(
     port: [u8; 2],
     proto: u8,
 ) -> bool {
+    // Ports below the range are node ports' or the node's own.
     if u16::from_be_bytes(port) < NAT_PORT_MIN {
         return false;
     }
@@ -134,11 +135,17 @@ pub(crate) fn own_port_free<A: Family>(
 
 /// A port of `node` for new flow `flow` to `backend`, recorded both ways;
 /// `None` if every port tried is busy or the maps refused. The client's own
-/// port first, as netfilter's NAT does: one client's live flows never share
-/// it, so it is free but when another client's flow to the same backend
-/// holds it; then random ones. (Random ones alone run out: a closing flow
-/// holds its port for seconds, so at thousands of connections a second to
-/// a backend most of them are held.)
+/// port first, as netfilter's NAT does, where `own_port` says the node's
+/// sockets leave it free (see [`own_port_free`]): one client's live flows
+/// never share it, so it is free but when another client's flow to the
+/// same backend holds it; then random ones. (Random ones alone run out: a
+/// closing flow holds its port for seconds, so at thousands of connections
+/// a second to a backend most of them are held.) The random ones are not
+/// asked of the node's sockets: a helper call per try would not fit the
+/// deepest call chains' stack, and one of the node's own connections to
+/// the backend on a random port of 32,768 is a rare meeting, where the
+/// client's own port (the node's ports and clients' come from the same
+/// range) is a likely one.
 #[inline(always)]
 pub(crate) fn allocate<A: Family>(
     flow: &FlowKey<A>,
