@@ -304,9 +304,11 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     let on0 = cluster.node(0);
     let client = &on0.pod("client").ns;
     let outside_ip = Cluster::OUTSIDE;
-    // A connection of the node's own to that backend holds its port: a
-    // client from outside on the same port is source-NATed to another one
-    // (reusing it would make the two one flow to the backend), and both live.
+    // A connection of node 0's own to web-1 (the `cluster` Service's one
+    // backend, on node 1) holds its port: a client from outside on the same
+    // port, reaching web-1 through node 0's node port, is source-NATed to
+    // another one (reusing it would make the two one flow at web-1), and
+    // both live.
     let web1_direct = std::net::SocketAddrV4::new(cluster.node(1).pod("web-1").ip, 8080);
     let mut held = on0.ns.run(move || tcp_connect_from_port(45001, web1_direct, ANSWER)).unwrap().unwrap();
     let cluster_port = std::net::SocketAddrV4::new(node0, 30080);
