@@ -222,9 +222,8 @@ fn new_port<A: Masquerade>(
     backend: &Backend<A>,
     out: &mut Out<A>,
 ) -> Result<(), DropReason> {
-    let own_port = nat::own_port_free(ctx.skb.skb.cast(), backend, &out.nat.addr, pkt.src_port, pkt.proto);
     out.flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    out.nat = nat::allocate(&out.flow, backend, out.nat.addr, conntrack::now(), own_port)
+    out.nat = nat::allocate(ctx.skb.skb.cast(), &out.flow, backend, out.nat.addr, conntrack::now())
         .ok_or(DropReason::ConntrackCollision)?;
     Ok(())
 }

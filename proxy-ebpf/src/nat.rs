@@ -100,13 +100,7 @@ static SOCK_TUPLE: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1
 /// network namespace the program's context `ctx` is in; any socket there,
 /// listening ones too, keeps the port.
 #[inline(never)]
-pub(crate) fn own_port_free<A: Family>(
-    ctx: *mut c_void,
-    backend: &Backend<A>,
-    node: &A,
-    port: [u8; 2],
-    proto: u8,
-) -> bool {
+fn own_port_free<A: Family>(ctx: *mut c_void, backend: &Backend<A>, node: &A, port: [u8; 2], proto: u8) -> bool {
     // Ports below the range are node ports' or the node's own.
     if u16::from_be_bytes(port) < NAT_PORT_MIN {
         return false;
@@ -135,10 +129,10 @@ pub(crate) fn own_port_free<A: Family>(
 
 /// A port of `node` for new flow `flow` to `backend`, recorded both ways;
 /// `None` if every port tried is busy or the maps refused. The client's own
-/// port first, as netfilter's NAT does, where `own_port` says the node's
-/// sockets leave it free (see [`own_port_free`]): one client's live flows
-/// never share it, so it is free but when another client's flow to the
-/// same backend holds it; then random ones. (Random ones alone run out: a
+/// port first, as netfilter's NAT does, where the node's sockets leave it
+/// free (see [`own_port_free`]; `ctx` is the program's context): one
+/// client's live flows never share it, so it is free but when another
+/// client's flow to the same backend holds it; then random ones. (Random ones alone run out: a
 /// closing flow holds its port for seconds, so at thousands of connections
 /// a second to a backend most of them are held.) The random ones are not
 /// asked of the node's sockets: a helper call per try would not fit the
@@ -148,12 +142,14 @@ pub(crate) fn own_port_free<A: Family>(
 /// range) is a likely one.
 #[inline(always)]
 pub(crate) fn allocate<A: Family>(
+    ctx: *mut c_void,
     flow: &FlowKey<A>,
     backend: &Backend<A>,
     node: A,
     now: u32,
-    own_port: bool,
 ) -> Option<NatAddress<A>> {
+    // Asked once, before the tries: see above.
+    let own_port = own_port_free(ctx, backend, &node, flow.src_port, flow.proto);
     for i in 0..=TRIES {
         let port = if i == 0 {
             if !own_port {

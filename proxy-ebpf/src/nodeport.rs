@@ -178,12 +178,8 @@ fn routes<A: Frame>(ctx: &XdpContext, ingress: u32, pkt: &Packet<A>, way: &mut W
 #[inline(never)]
 fn allocate<A: Frame>(ctx: &XdpContext, pkt: &Packet<A>, way: &mut Way<A>, routed: bool) -> bool {
     let flow = FlowKey::service(pkt.src, pkt.src_port, pkt.dst, pkt.dst_port, pkt.proto);
-    let nat = if routed {
-        let own_port = nat::own_port_free(ctx.ctx.cast(), &way.backend, &way.nat.addr, pkt.src_port, pkt.proto);
-        nat::allocate(&flow, &way.backend, way.nat.addr, conntrack::now(), own_port)
-    } else {
-        None
-    };
+    let nat =
+        if routed { nat::allocate(ctx.ctx.cast(), &flow, &way.backend, way.nat.addr, conntrack::now()) } else { None };
     match nat {
         Some(nat) => {
             way.nat = nat;

@@ -50,14 +50,16 @@ pub fn tcp_connect_from_port(port: u16, addr: SocketAddrV4, timeout: Duration) -
     // The last connection on the same tuple can still hold it for a moment
     // after its reset (seen once in CI as EADDRNOTAVAIL, in iptables mode,
     // on the client's own stack): asked again, within a second.
-    for _ in 0..50 {
+    let mut retries = 0;
+    loop {
         match check(unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), len) }) {
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && retries < 50 => {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
             done => return done.map(|()| stream),
         }
     }
-    check(unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), len) })?;
-    Ok(stream)
 }
 
 /// [`tcp_request`] over a connection from local port `port` (see [`tcp_connect_from_port`]).
