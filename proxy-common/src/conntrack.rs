@@ -28,6 +28,10 @@ pub const CT_ANY: &str = "CT_ANY";
 /// agent's collector keeps them from filling.
 pub const CT6_TCP: &str = "CT6_TCP";
 pub const CT6_ANY: &str = "CT6_ANY";
+/// The lifetimes the agent was told (`kpr run --conntrack-tcp-timeout-fin`):
+/// one entry, [`Lifetimes`], which the datapath and `kpr conntrack list`
+/// read; an array of one, so the datapath's lookup is inlined.
+pub const CT_LIFETIMES: &str = "CT_LIFETIMES";
 
 /// [`FlowKey::dir`] of a client -> frontend entry.
 pub const DIR_SERVICE: u8 = 0;
@@ -51,8 +55,37 @@ pub const STATE_HOST: u8 = 4;
 /// half-open or closing one for seconds, a UDP flow for a minute.
 pub const TCP_ESTABLISHED_LIFETIME: u32 = 6 * 3600;
 pub const TCP_SYN_LIFETIME: u32 = 60;
+/// The default of [`Lifetimes::tcp_closing`] (Cilium's
+/// `--bpf-ct-timeout-regular-tcp-fin`).
 pub const TCP_CLOSING_LIFETIME: u32 = 10;
 pub const NON_TCP_LIFETIME: u32 = 60;
+
+/// The lifetimes a node may set, the value of [`CT_LIFETIMES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Seconds a TCP flow lives on after a FIN or RST, and so how long a
+    /// port the node source-NATed a closed flow to stays taken: at
+    /// thousands of new connections a second from one client to a
+    /// backend, a port of 32,768 comes round again within seconds. 0 (a
+    /// map not written yet) stands for the default.
+    pub tcp_closing: u32,
+}
+
+impl Lifetimes {
+    pub const DEFAULT: Self = Self { tcp_closing: TCP_CLOSING_LIFETIME };
+
+    /// The lifetimes stored in [`CT_LIFETIMES`], defaults where it holds 0.
+    pub const fn or_default(self) -> Self {
+        if self.tcp_closing == 0 { Self::DEFAULT } else { self }
+    }
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
 
 /// A flow in one direction: the key of [`CT_TCP`] and [`CT_ANY`] (and,
 /// as [`FlowKey6`], of [`CT6_TCP`] and [`CT6_ANY`]).
@@ -133,11 +166,11 @@ pub const fn map_for6(proto: u8) -> &'static str {
 }
 
 /// How long an entry in `state` lives without traffic, in seconds.
-pub const fn lifetime(proto: u8, state: u8) -> u32 {
+pub const fn lifetime(proto: u8, state: u8, lifetimes: &Lifetimes) -> u32 {
     if proto != PROTO_TCP {
         NON_TCP_LIFETIME
     } else if state & STATE_CLOSING != 0 {
-        TCP_CLOSING_LIFETIME
+        lifetimes.tcp_closing
     } else if state & STATE_REPLIED != 0 {
         TCP_ESTABLISHED_LIFETIME
     } else {
@@ -149,9 +182,9 @@ pub const fn lifetime(proto: u8, state: u8) -> u32 {
 /// `now`. An entry seen after `now` was read (a packet on another CPU, or
 /// during the collector's walk, just past a second boundary) is live: its
 /// age, modulo the clock's wrap, is then "negative".
-pub const fn expired<A>(proto: u8, entry: &CtEntry<A>, now: u32) -> bool {
+pub const fn expired<A>(proto: u8, entry: &CtEntry<A>, now: u32, lifetimes: &Lifetimes) -> bool {
     let age = now.wrapping_sub(entry.last_seen);
-    age <= i32::MAX as u32 && age > lifetime(proto, entry.state)
+    age <= i32::MAX as u32 && age > lifetime(proto, entry.state, lifetimes)
 }
 
 /// An entry's state after a packet with `tcp_flags` (0 for UDP), sent by
@@ -186,6 +219,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::CtEntry6 {}
+    unsafe impl aya::Pod for super::Lifetimes {}
 }
 
 #[cfg(test)]
@@ -193,6 +227,8 @@ mod tests {
     use super::*;
     use crate::maps::PROTO_UDP;
     use core::mem::size_of;
+
+    const D: Lifetimes = Lifetimes::DEFAULT;
 
     #[test]
     fn layouts_have_no_implicit_padding() {
@@ -217,38 +253,51 @@ mod tests {
     #[test]
     fn tcp_lifetimes_follow_the_connection_state() {
         let mut e = CtEntry::new([0; 4], [0; 2], 1, 0, 1000);
-        assert_eq!(lifetime(PROTO_TCP, e.state), TCP_SYN_LIFETIME);
+        assert_eq!(lifetime(PROTO_TCP, e.state, &D), TCP_SYN_LIFETIME);
         e.state = next_state(e.state, TCP_SYN | TCP_ACK, true);
-        assert_eq!(lifetime(PROTO_TCP, e.state), TCP_ESTABLISHED_LIFETIME);
+        assert_eq!(lifetime(PROTO_TCP, e.state, &D), TCP_ESTABLISHED_LIFETIME);
         e.state = next_state(e.state, TCP_ACK, false);
-        assert_eq!(lifetime(PROTO_TCP, e.state), TCP_ESTABLISHED_LIFETIME, "data keeps it established");
+        assert_eq!(lifetime(PROTO_TCP, e.state, &D), TCP_ESTABLISHED_LIFETIME, "data keeps it established");
         e.state = next_state(e.state, TCP_FIN | TCP_ACK, false);
-        assert_eq!(lifetime(PROTO_TCP, e.state), TCP_CLOSING_LIFETIME);
+        assert_eq!(lifetime(PROTO_TCP, e.state, &D), TCP_CLOSING_LIFETIME);
         let mut r = CtEntry::new([0; 4], [0; 2], 1, 0, 1000);
         r.state = next_state(r.state, TCP_RST, true);
-        assert_eq!(lifetime(PROTO_TCP, r.state), TCP_CLOSING_LIFETIME, "a reset closes too");
-        assert_eq!(lifetime(PROTO_UDP, STATE_REPLIED), NON_TCP_LIFETIME);
+        assert_eq!(lifetime(PROTO_TCP, r.state, &D), TCP_CLOSING_LIFETIME, "a reset closes too");
+        assert_eq!(lifetime(PROTO_UDP, STATE_REPLIED, &D), NON_TCP_LIFETIME);
+    }
+
+    #[test]
+    fn the_node_sets_how_long_a_closed_flow_lives_and_an_unwritten_setting_is_the_default() {
+        let short = Lifetimes { tcp_closing: 1 };
+        let closed = CtEntry { state: STATE_REPLIED | STATE_CLOSING, ..CtEntry::new([0; 4], [0; 2], 1, 0, 1000) };
+        assert!(!expired(PROTO_TCP, &closed, 1001, &short));
+        assert!(expired(PROTO_TCP, &closed, 1002, &short));
+        assert!(!expired(PROTO_TCP, &closed, 1002, &D));
+        let open = CtEntry { state: STATE_REPLIED, ..closed };
+        assert!(!expired(PROTO_TCP, &open, 1002, &short), "only closing flows go sooner");
+        assert_eq!(Lifetimes { tcp_closing: 0 }.or_default(), D);
+        assert_eq!(short.or_default(), short);
     }
 
     #[test]
     fn entries_expire_once_idle_longer_than_their_lifetime_even_across_clock_wrap() {
         let e = CtEntry::new([0; 4], [0; 2], 1, 0, 1000);
-        assert!(!expired(PROTO_UDP, &e, 1000 + NON_TCP_LIFETIME));
-        assert!(expired(PROTO_UDP, &e, 1001 + NON_TCP_LIFETIME));
-        assert!(!expired(PROTO_TCP, &e, 1000 + TCP_SYN_LIFETIME));
-        assert!(expired(PROTO_TCP, &e, 1001 + TCP_SYN_LIFETIME));
+        assert!(!expired(PROTO_UDP, &e, 1000 + NON_TCP_LIFETIME, &D));
+        assert!(expired(PROTO_UDP, &e, 1001 + NON_TCP_LIFETIME, &D));
+        assert!(!expired(PROTO_TCP, &e, 1000 + TCP_SYN_LIFETIME, &D));
+        assert!(expired(PROTO_TCP, &e, 1001 + TCP_SYN_LIFETIME, &D));
         let wrapped = CtEntry::new([0; 4], [0; 2], 1, 0, u32::MAX - 5);
-        assert!(!expired(PROTO_UDP, &wrapped, 10));
-        assert!(expired(PROTO_UDP, &wrapped, 1 + NON_TCP_LIFETIME));
+        assert!(!expired(PROTO_UDP, &wrapped, 10, &D));
+        assert!(expired(PROTO_UDP, &wrapped, 1 + NON_TCP_LIFETIME, &D));
     }
 
     #[test]
     fn an_entry_seen_after_the_clock_was_read_is_live() {
         let e = CtEntry::new([0; 4], [0; 2], 1, 0, 1001);
-        assert!(!expired(PROTO_UDP, &e, 1000), "seen a second after the collector read its clock");
-        assert!(!expired(PROTO_TCP, &e, 1000));
+        assert!(!expired(PROTO_UDP, &e, 1000, &D), "seen a second after the collector read its clock");
+        assert!(!expired(PROTO_TCP, &e, 1000, &D));
         let wrapped = CtEntry::new([0; 4], [0; 2], 1, 0, 0);
-        assert!(!expired(PROTO_TCP, &wrapped, u32::MAX), "and across the clock's wrap");
+        assert!(!expired(PROTO_TCP, &wrapped, u32::MAX, &D), "and across the clock's wrap");
     }
 
     #[test]

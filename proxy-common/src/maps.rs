@@ -13,7 +13,7 @@ use crate::ipv6::In6;
 pub const SERVICES: &str = "SERVICES";
 /// (service id, slot) -> backend.
 pub const BACKENDS: &str = "BACKENDS";
-pub use crate::conntrack::{CT_ANY, CT_TCP, CT6_ANY, CT6_TCP};
+pub use crate::conntrack::{CT_ANY, CT_LIFETIMES, CT_TCP, CT6_ANY, CT6_TCP};
 /// Per-CPU packet counters indexed by [`crate::counters::Counter`]: a few
 /// bytes per CPU, so every CPU counts in its own slot without atomics. The
 /// only per-CPU map: sized by capacity, per-CPU maps would grow by megabytes
@@ -139,7 +139,7 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 30] = [
+pub const ALL_MAPS: [&str; 31] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
@@ -154,6 +154,7 @@ pub const ALL_MAPS: [&str; 30] = [
     CT_ANY,
     CT6_TCP,
     CT6_ANY,
+    CT_LIFETIMES,
     NAT_FORWARD,
     NAT_REVERSE,
     NAT_FORWARD6,

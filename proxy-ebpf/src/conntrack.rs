@@ -10,12 +10,12 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{
-    conntrack::{CtEntry, FlowKey, STATE_CLOSING, STATE_HOST, expired, is_syn, next_state, syn_opens_new_connection},
+    conntrack::{CtEntry, FlowKey, Lifetimes, STATE_CLOSING, STATE_HOST, is_syn, next_state, syn_opens_new_connection},
     counters::{Counter, DropReason},
     maps::{BACKEND_ACTIVE, Backend, PROTO_TCP, ServiceValue},
 };
 
-use crate::{counters::count, family::Family, lookup::backend_at, parse::Packet};
+use crate::{counters::count, family::Family, lookup::backend_at, maps::CT_LIFETIMES, parse::Packet};
 
 /// Seconds of CLOCK_MONOTONIC, the clock of [`CtEntry::last_seen`]. The
 /// coarse reading (the time of the last tick) is exact enough for seconds
@@ -23,6 +23,19 @@ use crate::{counters::count, family::Family, lookup::backend_at, parse::Packet};
 #[inline(always)]
 pub(crate) fn now() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// The lifetimes the agent set (`--conntrack-tcp-timeout-fin`), the
+/// defaults before it has. An array of one: the verifier inlines its lookup.
+#[inline(always)]
+fn lifetimes() -> Lifetimes {
+    CT_LIFETIMES.get(0).map_or(Lifetimes::DEFAULT, |l| l.or_default())
+}
+
+/// Whether `entry`, of a flow of `proto`, has outlived its lifetime at `now`.
+#[inline(always)]
+fn expired<A>(proto: u8, entry: &CtEntry<A>, now: u32) -> bool {
+    proxy_common::conntrack::expired(proto, entry, now, &lifetimes())
 }
 
 /// Records a packet on an entry; written only when something changed, so

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    conntrack::{CtEntry, CtEntry6, FlowKey, FlowKey6},
+    conntrack::{CtEntry, CtEntry6, FlowKey, FlowKey6, Lifetimes},
     counters,
     maps::{
         AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, BridgePort,
@@ -66,6 +66,10 @@ pub(crate) static CT6_TCP: HashMap<FlowKey6, CtEntry6> =
 #[map]
 pub(crate) static CT6_ANY: HashMap<FlowKey6, CtEntry6> =
     HashMap::with_max_entries(DEFAULT_CONNTRACK_MAX, BPF_F_NO_PREALLOC);
+
+/// One entry, written by the agent before its programs serve (see `conntrack::lifetimes`).
+#[map]
+pub(crate) static CT_LIFETIMES: Array<Lifetimes> = Array::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);

@@ -88,6 +88,8 @@ pub(crate) struct RunConfig {
     /// Where the socket hooks attach; found from the mounts when unset.
     pub(crate) cgroup_root: Option<PathBuf>,
     pub(crate) map_sizes: MapSizes,
+    /// `--conntrack-tcp-timeout-fin`: eBPF mode's conntrack lifetimes.
+    pub(crate) conntrack_lifetimes: proxy_common::conntrack::Lifetimes,
     pub(crate) model: ModelConfig,
     /// Syncs are at least this far apart; changes in between are coalesced.
     pub(crate) min_sync_interval: Duration,
@@ -246,7 +248,8 @@ fn choose_dataplane(cfg: &RunConfig) -> Result<Chosen, DataplaneError> {
         Ok(Box::new(IptablesDataplane::new(render, cfg.iptables_full_sync_period)?))
     };
     let ebpf = || -> Result<(Box<dyn Dataplane>, Option<Ipv6Maps>), DataplaneError> {
-        let mut dataplane = EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, &cfg.bpf_root)?;
+        let mut dataplane =
+            EbpfDataplane::attach(&ebpf_targets(cfg), cfg.map_sizes, cfg.conntrack_lifetimes, &cfg.bpf_root)?;
         let ipv6 = dataplane.take_ipv6_maps();
         Ok((Box::new(dataplane.with_node_addresses(node_port_addresses.addresses())), ipv6))
     };

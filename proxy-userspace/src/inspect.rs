@@ -12,7 +12,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap};
 use proxy_common::{
     conntrack::{
-        CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, STATE_CLOSING, STATE_HOST, STATE_REPLIED, lifetime,
+        CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, Lifetimes, STATE_CLOSING, STATE_HOST, STATE_REPLIED,
+        lifetime,
     },
     counters::Counter,
     ipv6::In6,
@@ -213,6 +214,9 @@ pub struct Maps {
     /// Per-CPU: summed when read.
     device_counts: PerCpuHashMap<MapData, DeviceKey, DeviceCounts>,
     nat_forward: HashMap<MapData, FlowKey, abi::NatAddress>,
+    /// The lifetimes the datapath judges flows by, as the agent set them
+    /// (the defaults in an older agent's pins, which have none).
+    lifetimes: Lifetimes,
     /// The socket hooks' IPv6 maps (absent in an older agent's pins).
     ipv6: Option<Ipv6Maps>,
 }
@@ -287,6 +291,10 @@ impl Maps {
             devices: hash(get(abi::DEVICES)?, abi::DEVICES)?,
             device_counts: PerCpuHashMap::try_from(get(abi::DEVICE_COUNTS)?).map_err(wrong_type(abi::DEVICE_COUNTS))?,
             nat_forward: hash(get(abi::NAT_FORWARD)?, abi::NAT_FORWARD)?,
+            lifetimes: get(abi::CT_LIFETIMES)
+                .ok()
+                .and_then(|map| Array::<_, Lifetimes>::try_from(map).ok()?.get(&0, 0).ok())
+                .map_or(Lifetimes::DEFAULT, Lifetimes::or_default),
             ipv6: (|| {
                 Ok::<_, InspectError>(Ipv6Maps {
                     services: hash(get(abi::SERVICES6)?, abi::SERVICES6)?,
@@ -429,11 +437,15 @@ impl Maps {
     pub fn flows(&self) -> Vec<FlowEntry> {
         let now = crate::clock::monotonic_seconds();
         let show4 = |a, p| endpoint(a, p).to_string();
-        let mut out: Vec<FlowEntry> =
-            [&self.ct_tcp, &self.ct_any].into_iter().flat_map(|table| packet_flows(table, now, show4)).collect();
+        let mut out: Vec<FlowEntry> = [&self.ct_tcp, &self.ct_any]
+            .into_iter()
+            .flat_map(|table| packet_flows(table, now, &self.lifetimes, show4))
+            .collect();
         let show6 = |a: In6, p| endpoint6(a.0, p).to_string();
         if let Some(v6) = &self.ipv6 {
-            out.extend([&v6.ct_tcp, &v6.ct_any].into_iter().flat_map(|table| packet_flows(table, now, show6)));
+            out.extend(
+                [&v6.ct_tcp, &v6.ct_any].into_iter().flat_map(|table| packet_flows(table, now, &self.lifetimes, show6)),
+            );
         }
         // Sockets: the reverse entry is what the hooks keep (their replies
         // need no tracking: the socket addresses the backend itself).
@@ -552,10 +564,12 @@ fn flow_state(proto: u8, state: u8) -> &'static str {
     }
 }
 
-/// The per-packet path's flows in `table`, each address and port shown by `show`.
+/// The per-packet path's flows in `table`, each address and port shown by
+/// `show`, expiring under `lifetimes`.
 fn packet_flows<'a, A: Copy + 'a>(
     table: &'a HashMap<MapData, FlowKey<A>, CtEntry<A>>,
     now: u32,
+    lifetimes: &'a Lifetimes,
     show: impl Fn(A, [u8; 2]) -> String + 'a,
 ) -> impl Iterator<Item = FlowEntry> + 'a
 where
@@ -574,7 +588,7 @@ where
             reply_tracked: table.get(&k.reply(v.addr, v.port), 0).is_ok(),
             state: flow_state(k.proto, v.state).into(),
             idle_seconds: Some(idle),
-            expires_in: Some(lifetime(k.proto, v.state).saturating_sub(idle)),
+            expires_in: Some(lifetime(k.proto, v.state, lifetimes).saturating_sub(idle)),
         }
     })
 }

@@ -9,7 +9,7 @@ use std::{
 use agent::{RequestedMode, RunConfig};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use proxy_common::maps as abi;
+use proxy_common::{conntrack::Lifetimes, maps as abi};
 use proxy_userspace::{
     dataplane::{
         ebpf::MapSizes,
@@ -174,6 +174,12 @@ enum Command {
         /// Capacity of each connection-tracking map (LRU: oldest flows are evicted).
         #[arg(long, default_value_t = abi::DEFAULT_CONNTRACK_MAX)]
         max_flows: u32,
+        /// eBPF mode: how long a TCP flow stays tracked after a FIN or RST,
+        /// and so how long the node port it was source-NATed to stays taken
+        /// (Cilium's --bpf-ct-timeout-regular-tcp-fin). Whole seconds, at
+        /// least 1. In iptables mode the node's netfilter timeouts decide.
+        #[arg(long, default_value = "10s", value_parser = parse_tcp_fin_timeout)]
+        conntrack_tcp_timeout_fin: u32,
         /// Where the agent writes its status for `kpr status`.
         #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
@@ -385,6 +391,16 @@ enum Output {
     Json,
 }
 
+/// `--conntrack-tcp-timeout-fin`: a duration of whole seconds, at least one
+/// (the conntrack's clock counts seconds).
+fn parse_tcp_fin_timeout(s: &str) -> Result<u32, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+        return Err(format!("{s:?}: whole seconds, at least 1s"));
+    }
+    u32::try_from(d.as_secs()).map_err(|e| format!("{s:?}: too long ({e})"))
+}
+
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -569,6 +585,7 @@ async fn run() -> anyhow::Result<()> {
             max_services,
             max_backends,
             max_flows,
+            conntrack_tcp_timeout_fin,
             state_dir,
             healthz_bind_address,
             metrics_bind_address,
@@ -615,6 +632,7 @@ async fn run() -> anyhow::Result<()> {
                 socket_lb,
                 cgroup_root,
                 map_sizes: MapSizes { services: max_services, backends: max_backends, flows: max_flows },
+                conntrack_lifetimes: Lifetimes { tcp_closing: conntrack_tcp_timeout_fin },
                 // `sctp` is set once the mode is known.
                 model: ModelConfig { service_proxy_name, node_name, sctp: false, dns: dns.is_some() },
                 dns,
@@ -696,5 +714,20 @@ async fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tcp_fin_timeout;
+
+    #[test]
+    fn the_fin_timeout_is_whole_seconds_and_at_least_one() {
+        assert_eq!(parse_tcp_fin_timeout("10s"), Ok(10));
+        assert_eq!(parse_tcp_fin_timeout("2m"), Ok(120));
+        for bad in ["0s", "500ms", "1500ms", "soon"] {
+            assert!(parse_tcp_fin_timeout(bad).is_err(), "{bad} accepted");
+        }
+        assert!(parse_tcp_fin_timeout("0s").unwrap_err().contains("at least 1s"));
     }
 }

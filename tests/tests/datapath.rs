@@ -606,6 +606,32 @@ fn traffic_counts_stay_exact_when_every_cpu_counts_at_once() {
     assert_eq!(dp.counter(Counter::Translated), n, "the per-CPU counters agree");
 }
 
+const LIFETIMES: ct::Lifetimes = ct::Lifetimes::DEFAULT;
+
+#[test]
+fn a_closing_flow_lives_as_long_as_the_node_says() {
+    root_or_skip!();
+    let mut dp = Datapath::new(1);
+    let key = service_key(41001, VIP, 80, abi::PROTO_TCP);
+    dp.run(&tcp_frame((CLIENT, 41001), (VIP, 80), TCP_SYN, b""));
+    // The flow closed two seconds ago, pinned to a backend the Service has
+    // since lost: its packets still go there while the flow lives.
+    let closed_two_seconds_ago = |dp: &mut Datapath| {
+        let mut e = dp.ct(&key).unwrap();
+        e.addr = BACKENDS[2].octets();
+        e.state = ct::STATE_REPLIED | ct::STATE_CLOSING;
+        e.last_seen = monotonic_seconds() - 2;
+        dp.ct_table(abi::PROTO_TCP).insert(key, e, 0).unwrap();
+    };
+    let last_ack = tcp_frame((CLIENT, 41001), (VIP, 80), TCP_ACK, b"");
+    closed_two_seconds_ago(&mut dp);
+    assert_eq!(View(&dp.run(&last_ack).1).dst(), BACKENDS[2], "the default: closing flows live 10 s");
+    let mut lifetimes: Array<_, ct::Lifetimes> = Array::try_from(dp.ebpf.map_mut(abi::CT_LIFETIMES).unwrap()).unwrap();
+    lifetimes.set(0, ct::Lifetimes { tcp_closing: 1 }, 0).unwrap();
+    closed_two_seconds_ago(&mut dp);
+    assert_eq!(View(&dp.run(&last_ack).1).dst(), BACKENDS[0], "gone after 1 s: the packet starts a flow");
+}
+
 fn service_key(sport: u16, vip: Ipv4Addr, port: u16, proto: u8) -> FlowKey {
     FlowKey::service(CLIENT.octets(), sport.to_be_bytes(), vip.octets(), port.to_be_bytes(), proto)
 }
@@ -629,10 +655,10 @@ fn tcp_and_udp_flows_are_tracked_in_their_own_tables_with_their_state() {
 
     dp.to_pod(&tcp_frame((BACKENDS[0], 8080), (CLIENT, 41000), TCP_SYN | TCP_ACK, b""));
     assert_eq!(dp.ct(&key).unwrap().state, ct::STATE_REPLIED, "established");
-    assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&key).unwrap().state), ct::TCP_ESTABLISHED_LIFETIME);
+    assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&key).unwrap().state, &LIFETIMES), ct::TCP_ESTABLISHED_LIFETIME);
     dp.run(&tcp_frame((CLIENT, 41000), (VIP, 80), TCP_ACK | TCP_FIN, b""));
     assert_eq!(dp.ct(&key).unwrap().state, ct::STATE_REPLIED | ct::STATE_CLOSING, "closing");
-    assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&reply).unwrap().state), ct::TCP_CLOSING_LIFETIME);
+    assert_eq!(ct::lifetime(abi::PROTO_TCP, dp.ct(&reply).unwrap().state, &LIFETIMES), ct::TCP_CLOSING_LIFETIME);
 
     dp.run(&udp_frame((CLIENT, 41000), (VIP, 53), b"q"));
     let udp = service_key(41000, VIP, 53, abi::PROTO_UDP);
@@ -813,7 +839,7 @@ fn expired_flows_choose_again_and_the_collector_removes_them() {
     let mut table = dp.ct_table(abi::PROTO_UDP);
     table.insert(old, expired, 0).unwrap();
     table.insert(reply, expired_reply, 0).unwrap();
-    let collected = conntrack_gc::collect(&mut table, monotonic_seconds());
+    let collected = conntrack_gc::collect(&mut table, monotonic_seconds(), &LIFETIMES);
     assert_eq!((collected.seen, collected.removed), (4, 2));
     assert_eq!((dp.ct(&old), dp.ct(&reply)), (None, None));
     assert!(dp.ct(&live).is_some());

@@ -165,7 +165,9 @@ followed, or when over 1% of a connection-rate run's attempts fail; the full run
 report and goes on.
 
 Each node shortens conntrack's TIME_WAIT to 1 s: a run opens hundreds of thousands of connections, and a full \
-conntrack table would drop SYNs and measure the benchmark's own history. The server pods keep no TIME_WAIT \
+conntrack table would drop SYNs and measure the benchmark's own history. eBPF mode's own conntrack likewise \
+keeps closed flows for 1 s (`--conntrack-tcp-timeout-fin=1s`; 10 s by default): a node port a closed flow \
+from outside was source-NATed to comes round again within seconds at this rate. The server pods keep no TIME_WAIT \
 sockets (`net.ipv4.tcp_max_tw_buckets=0`, every mode alike): they close first, and a source-NATed client \
 reaches them from ports whose sequence numbers do not rise from one connection on a tuple to the next, so its \
 SYNs would land on TIME_WAITs, be refused and retried a second later. iptables mode runs on the legacy \

@@ -18,7 +18,7 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{
-    conntrack::{CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, expired},
+    conntrack::{CtEntry, CtEntry6, DIR_SERVICE, FlowKey, FlowKey6, Lifetimes, expired},
     maps::PROTO_UDP,
 };
 
@@ -40,8 +40,12 @@ pub struct Collected {
     pub removed: usize,
 }
 
-/// Removes the entries of `map` expired at `now`.
-pub fn collect<T: BorrowMut<MapData>, A: Copy>(map: &mut HashMap<T, FlowKey<A>, CtEntry<A>>, now: u32) -> Collected
+/// Removes the entries of `map` expired at `now` under `lifetimes`.
+pub fn collect<T: BorrowMut<MapData>, A: Copy>(
+    map: &mut HashMap<T, FlowKey<A>, CtEntry<A>>,
+    now: u32,
+    lifetimes: &Lifetimes,
+) -> Collected
 where
     FlowKey<A>: aya::Pod,
     CtEntry<A>: aya::Pod,
@@ -50,7 +54,7 @@ where
     let expired_keys: Vec<FlowKey<A>> = entries(map)
         .into_iter()
         .inspect(|_| seen += 1)
-        .filter(|(k, v)| expired(k.proto, v, now))
+        .filter(|(k, v)| expired(k.proto, v, now, lifetimes))
         .map(|(k, _)| k)
         .collect();
     if let Some(removed) = super::dump::remove_batched(aya::maps::IterableMap::map(map), &expired_keys) {
@@ -116,8 +120,9 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Collects `maps` and `maps6` periodically until dropped.
-    pub fn spawn(mut maps: Vec<CtMap>, mut maps6: Vec<CtMap6>) -> std::io::Result<Self> {
+    /// Collects `maps` and `maps6` periodically, under `lifetimes` (the
+    /// datapath's, so both judge alike), until dropped.
+    pub fn spawn(mut maps: Vec<CtMap>, mut maps6: Vec<CtMap6>, lifetimes: Lifetimes) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("kpr-conntrack-gc".into()).spawn(move || {
             let mut interval = FIRST_INTERVAL;
@@ -127,7 +132,10 @@ impl Collector {
                     Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
                 let now = monotonic_seconds();
-                let runs = maps.iter_mut().map(|m| collect(m, now)).chain(maps6.iter_mut().map(|m| collect(m, now)));
+                let runs = maps
+                    .iter_mut()
+                    .map(|m| collect(m, now, &lifetimes))
+                    .chain(maps6.iter_mut().map(|m| collect(m, now, &lifetimes)));
                 let total = runs.fold(Collected::default(), |a, c| Collected {
                     seen: a.seen + c.seen,
                     removed: a.removed + c.removed,

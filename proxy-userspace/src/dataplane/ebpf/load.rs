@@ -16,7 +16,7 @@ use aya::{
         TcAttachType, tc,
     },
 };
-use proxy_common::maps as abi;
+use proxy_common::{conntrack::Lifetimes, maps as abi};
 
 use super::{
     conntrack_gc::Collector,
@@ -395,7 +395,12 @@ fn attach_socket_hook(
 
 /// Loads the programs, attaches them to `targets`, pins the maps under
 /// `bpf_root` and hands over the map handles.
-pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Attached, DataplaneError> {
+pub fn attach(
+    targets: &Targets,
+    sizes: MapSizes,
+    lifetimes: Lifetimes,
+    bpf_root: &Path,
+) -> Result<Attached, DataplaneError> {
     if targets.interfaces.is_empty() && targets.devices.is_empty() && targets.cgroup.is_none() {
         return Err(DataplaneError::NothingToAttach);
     }
@@ -419,6 +424,8 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         tracing::info!(maps = ?shared, "flow maps shared with the previous run's programs");
     }
     let mut ebpf = load_pinned(sizes, pinned.as_ref().map(|(dir, _)| dir.as_path()))?;
+    // Before any program of this run serves, so none judges a flow by the defaults.
+    set_lifetimes(&mut ebpf, lifetimes)?;
     let (mut reused, mut previous) = (false, None);
     if let Some((dir, found)) = &pinned {
         match found {
@@ -490,6 +497,7 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
     let collector = Collector::spawn(
         conntrack.into_iter().collect::<Result<_, _>>()?,
         conntrack6.into_iter().collect::<Result<_, _>>()?,
+        lifetimes,
     )
     .map_err(|e| DataplaneError::Load(format!("starting the conntrack collector: {e}")))?;
     let service_traffic = ebpf.take_map(abi::SERVICE_TRAFFIC).ok_or_else(|| missing(abi::SERVICE_TRAFFIC))?;
@@ -537,6 +545,13 @@ pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Att
         previous,
         ipv6,
     })
+}
+
+/// Writes the conntrack lifetimes the datapath judges flows by.
+fn set_lifetimes(ebpf: &mut Ebpf, lifetimes: Lifetimes) -> Result<(), DataplaneError> {
+    let map = ebpf.map_mut(abi::CT_LIFETIMES).ok_or_else(|| missing(abi::CT_LIFETIMES))?;
+    let mut array: Array<_, Lifetimes> = Array::try_from(map).map_err(|e| wrong_type(abi::CT_LIFETIMES, e))?;
+    array.set(0, lifetimes, 0).map_err(|e| DataplaneError::MapWrite { map: abi::CT_LIFETIMES, reason: e.to_string() })
 }
 
 /// Attaches the (loaded) classifiers on ingress and egress of `iface`

@@ -303,9 +303,15 @@ fn map_error(map: &'static str, capacity: u32, flag: &'static str) -> impl Fn(Ma
 }
 
 impl EbpfDataplane<AyaMaps> {
-    /// Loads the programs, attaches them to `targets` and pins the maps under `bpf_root`.
-    pub fn attach(targets: &Targets, sizes: MapSizes, bpf_root: &Path) -> Result<Self, DataplaneError> {
-        let attached = load::attach(targets, sizes, bpf_root)?;
+    /// Loads the programs, attaches them to `targets` and pins the maps
+    /// under `bpf_root`; the conntrack judges flows by `lifetimes`.
+    pub fn attach(
+        targets: &Targets,
+        sizes: MapSizes,
+        lifetimes: proxy_common::conntrack::Lifetimes,
+        bpf_root: &Path,
+    ) -> Result<Self, DataplaneError> {
+        let attached = load::attach(targets, sizes, lifetimes, bpf_root)?;
         if !load::finds_source_addresses() {
             tracing::warn!(
                 "this kernel's route lookup from BPF gives no source address (Linux 6.7+): traffic from outside \
