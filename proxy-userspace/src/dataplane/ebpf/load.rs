@@ -424,8 +424,6 @@ pub fn attach(
         tracing::info!(maps = ?shared, "flow maps shared with the previous run's programs");
     }
     let mut ebpf = load_pinned(sizes, pinned.as_ref().map(|(dir, _)| dir.as_path()))?;
-    // Before any program of this run serves, so none judges a flow by the defaults.
-    set_lifetimes(&mut ebpf, lifetimes)?;
     let (mut reused, mut previous) = (false, None);
     if let Some((dir, found)) = &pinned {
         match found {
@@ -443,6 +441,9 @@ pub fn attach(
         let how = if reused { "reused: flows and programming carry over" } else { "created" };
         tracing::info!(dir = %dir.display(), "maps pinned, {how}");
     }
+    // After what was migrated (a previous run's setting), before any
+    // program of this run serves, so none judges a flow by another's.
+    set_lifetimes(&mut ebpf, lifetimes)?;
     let mut pins = LinkPins::new(pinned.is_some().then_some(bpf_root));
     let (mut cgroup, mut socket_fence) = (None, false);
     if let Some(root) = &targets.cgroup {
