@@ -81,12 +81,6 @@ impl Lifetimes {
     }
 }
 
-impl Default for Lifetimes {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
 /// A flow in one direction: the key of [`CT_TCP`] and [`CT_ANY`] (and,
 /// as [`FlowKey6`], of [`CT6_TCP`] and [`CT6_ANY`]).
 #[repr(C)]
