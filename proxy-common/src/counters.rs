@@ -92,10 +92,14 @@ pub enum Counter {
     /// whose TTL would run out there: dropped (the stack cannot take over
     /// such a flow), the sender retransmits.
     DroppedNoRoute,
+    /// Requests from outside too big for the device toward their backend
+    /// ("don't fragment" set, or IPv6): answered with "fragmentation
+    /// needed" ("packet too big") and the device's MTU, as a router does.
+    AnsweredTooBig,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 29;
+pub const COUNT: u32 = 30;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -128,6 +132,7 @@ impl Counter {
         Counter::XdpReplyForwarded,
         Counter::XdpPassedToStack,
         Counter::DroppedNoRoute,
+        Counter::AnsweredTooBig,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -163,6 +168,7 @@ impl Counter {
             Counter::XdpReplyForwarded => "xdp_reply_forwarded",
             Counter::XdpPassedToStack => "xdp_passed_to_stack",
             Counter::DroppedNoRoute => "dropped_no_route",
+            Counter::AnsweredTooBig => "answered_too_big",
         }
     }
 }

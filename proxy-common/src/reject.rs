@@ -1,10 +1,14 @@
 //! Refusals for Services without endpoints, as kube-proxy's REJECT answers:
-//! a TCP reset, or ICMP (ICMPv6 over IPv6) port unreachable for UDP. The
-//! datapath copies these bytes over the packet and sends it back out of the
-//! interface it came in on.
+//! a TCP reset, or ICMP (ICMPv6 over IPv6) port unreachable for UDP; and the
+//! "fragmentation needed" (ICMPv6 "packet too big") a router answers a
+//! packet too big for the next hop with. The datapath copies these bytes
+//! over the packet and sends it back out of the interface it came in on.
 
-use crate::checksum::{add_bytes, add_words, checksum, finish, pseudo_header_sum};
-use crate::{ipv6::In6, maps::PROTO_TCP};
+use crate::checksum::{add_bytes, add_words, checksum, finish, pseudo_header_sum, update16, update32, update128};
+use crate::{
+    ipv6::In6,
+    maps::{PROTO_TCP, PROTO_UDP},
+};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -14,6 +18,7 @@ pub const TCP_ACK: u8 = 0x10;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// Length of the IPv4 + TCP headers of a reset (no options, no payload).
 pub const TCP_RESET_LEN: usize = 40;
@@ -26,6 +31,7 @@ pub const ICMP_HEADERS_LEN: usize = 28;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
 pub const ICMPV6_PORT_UNREACH: u8 = 4;
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
 
 /// Length of the IPv6 + TCP headers of a reset.
 pub const TCP_RESET6_LEN: usize = 60;
@@ -152,14 +158,28 @@ pub fn tcp_reset6(
 /// ICMP's, covers a pseudo header.
 #[inline(always)]
 pub fn icmp6_port_unreachable(quote: &[u32; ICMP6_QUOTE_LEN / 4]) -> [u32; ICMP6_HEADERS_LEN / 4] {
+    icmp6_error(ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, quote)
+}
+
+/// IPv6 + ICMPv6 headers of a "packet too big" error (RFC 4443 §3.2)
+/// about `quote`, as [`icmp6_port_unreachable`]: `mtu` is the next hop's.
+#[inline(always)]
+pub fn icmp6_packet_too_big(mtu: u32, quote: &[u32; ICMP6_QUOTE_LEN / 4]) -> [u32; ICMP6_HEADERS_LEN / 4] {
+    icmp6_error(ICMPV6_PKT_TOOBIG, 0, mtu, quote)
+}
+
+/// An ICMPv6 error of `kind` and `code` whose second header word is `word`.
+#[inline(always)]
+fn icmp6_error(kind: u8, code: u8, word: u32, quote: &[u32; ICMP6_QUOTE_LEN / 4]) -> [u32; ICMP6_HEADERS_LEN / 4] {
     let len = (8 + ICMP6_QUOTE_LEN) as u16;
     let mut out = [0u32; ICMP6_HEADERS_LEN / 4];
     // The quoted header's destination (words 6..10) and source (2..6), swapped.
     let (from, to) = ([quote[6], quote[7], quote[8], quote[9]], [quote[2], quote[3], quote[4], quote[5]]);
     ipv6_header(&mut out, from, to, IPPROTO_ICMPV6, len);
-    out[10] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0]);
-    let c = finish_words(add_words(add_words(pseudo_sum6(&out, IPPROTO_ICMPV6, len), &out[10..11]), quote));
-    out[10] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, c[0], c[1]]);
+    out[10] = u32::from_ne_bytes([kind, code, 0, 0]);
+    out[11] = u32::from_ne_bytes(word.to_be_bytes());
+    let c = finish_words(add_words(add_words(pseudo_sum6(&out, IPPROTO_ICMPV6, len), &out[10..12]), quote));
+    out[10] = u32::from_ne_bytes([kind, code, c[0], c[1]]);
     out
 }
 
@@ -193,10 +213,31 @@ fn finish_words(sum: u32) -> [u8; 2] {
 /// 28 bytes of the offending datagram), sent from `from` to `to`.
 #[inline(always)]
 pub fn icmp_port_unreachable(from: [u8; 4], to: [u8; 4], quote: &[u8; ICMP_QUOTE_LEN]) -> [u8; ICMP_HEADERS_LEN] {
+    icmp_unreachable(ICMP_PORT_UNREACH, 0, from, to, quote)
+}
+
+/// IPv4 + ICMP headers of a "fragmentation needed and DF set" error (RFC
+/// 1191) about `quote`, as [`icmp_port_unreachable`]: `mtu` is the next hop's.
+#[inline(always)]
+pub fn icmp_frag_needed(from: [u8; 4], to: [u8; 4], mtu: u16, quote: &[u8; ICMP_QUOTE_LEN]) -> [u8; ICMP_HEADERS_LEN] {
+    icmp_unreachable(ICMP_FRAG_NEEDED, mtu, from, to, quote)
+}
+
+/// A "destination unreachable" of `code`; `mtu` fills the header's last
+/// two bytes (unused but by "fragmentation needed").
+#[inline(always)]
+fn icmp_unreachable(
+    code: u8,
+    mtu: u16,
+    from: [u8; 4],
+    to: [u8; 4],
+    quote: &[u8; ICMP_QUOTE_LEN],
+) -> [u8; ICMP_HEADERS_LEN] {
     let total = (ICMP_HEADERS_LEN + ICMP_QUOTE_LEN) as u16;
     // TOS 0xc0 (internetwork control) as the kernel's own ICMP errors carry.
     let ip = ipv4_header(from, to, IPPROTO_ICMP, total, 0xc0);
-    let mut icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    let m = mtu.to_be_bytes();
+    let mut icmp = [ICMP_DEST_UNREACH, code, 0, 0, 0, 0, m[0], m[1]];
     let c = finish(add_bytes(add_bytes(0, &icmp), quote)).to_be_bytes();
     icmp[2] = c[0];
     icmp[3] = c[1];
@@ -204,6 +245,52 @@ pub fn icmp_port_unreachable(from: [u8; 4], to: [u8; 4], quote: &[u8; ICMP_QUOTE
     out[..20].copy_from_slice(&ip);
     out[20..].copy_from_slice(&icmp);
     out
+}
+
+/// A UDP checksum computed as zero is sent as all ones (zero means none).
+#[inline(always)]
+fn udp_checksum(c: u16) -> u16 {
+    if c == 0 { 0xffff } else { c }
+}
+
+/// `quote`, the first bytes of a datagram the datapath translated to a
+/// backend, put back as its sender sent it: to `dst`:`dst_port`, the IPv4
+/// header's checksum and a UDP datagram's updated to match. An error about
+/// it then reads as one about what the sender sent.
+#[inline(always)]
+pub fn untranslated_quote(quote: &mut [u8; ICMP_QUOTE_LEN], dst: [u8; 4], dst_port: [u8; 2]) {
+    let old = [quote[16], quote[17], quote[18], quote[19]];
+    let old_port = [quote[22], quote[23]];
+    let ip_check = update32(u16::from_be_bytes([quote[10], quote[11]]), old, dst);
+    quote[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    quote[16..20].copy_from_slice(&dst);
+    quote[22..24].copy_from_slice(&dst_port);
+    let udp_check = u16::from_be_bytes([quote[26], quote[27]]);
+    if quote[9] == PROTO_UDP && udp_check != 0 {
+        let c = update16(update32(udp_check, old, dst), u16::from_be_bytes(old_port), u16::from_be_bytes(dst_port));
+        quote[26..28].copy_from_slice(&udp_checksum(c).to_be_bytes());
+    }
+}
+
+/// [`untranslated_quote`] for an IPv6 datagram's first bytes (as words
+/// each in network order): to `dst` (words) and `dst_port`.
+#[inline(always)]
+pub fn untranslated_quote6(quote: &mut [u32; ICMP6_QUOTE_LEN / 4], dst: [u32; 4], dst_port: [u8; 2]) {
+    let old = [quote[6], quote[7], quote[8], quote[9]];
+    quote[6..10].copy_from_slice(&dst);
+    // Word 10: the ports; word 11: UDP's length and checksum.
+    let mut ports = quote[10].to_ne_bytes();
+    let old_port = [ports[2], ports[3]];
+    ports[2..4].copy_from_slice(&dst_port);
+    quote[10] = u32::from_ne_bytes(ports);
+    let next_header = quote[1].to_ne_bytes()[2];
+    let mut tail = quote[11].to_ne_bytes();
+    if next_header == PROTO_UDP {
+        let check = u16::from_be_bytes([tail[2], tail[3]]);
+        let c = update16(update128(check, old, dst), u16::from_be_bytes(old_port), u16::from_be_bytes(dst_port));
+        tail[2..4].copy_from_slice(&udp_checksum(c).to_be_bytes());
+        quote[11] = u32::from_ne_bytes(tail);
+    }
 }
 
 #[cfg(test)]
@@ -325,5 +412,78 @@ mod tests {
         icmp[..8].copy_from_slice(&h[20..]);
         icmp[8..].copy_from_slice(&quote);
         assert_eq!(checksum(&icmp), 0, "ICMP checksum verifies over header + quote");
+    }
+
+    /// The first 28 bytes of a UDP datagram from `CLIENT`:40000 to `to`:`port`
+    /// with its payload, both checksums right.
+    fn udp_quote(to: [u8; 4], port: [u8; 2]) -> [u8; ICMP_QUOTE_LEN] {
+        let payload = [7u8; 1464];
+        let mut q = [0u8; ICMP_QUOTE_LEN];
+        let ip = ipv4_header(CLIENT, to, PROTO_UDP, 1492, 0);
+        q[..20].copy_from_slice(&ip);
+        q[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        q[22..24].copy_from_slice(&port);
+        q[24..26].copy_from_slice(&1472u16.to_be_bytes());
+        let sum = add_bytes(add_bytes(pseudo_header_sum(CLIENT, to, PROTO_UDP, 1472), &q[20..28]), &payload);
+        q[26..28].copy_from_slice(&udp_checksum(finish(sum)).to_be_bytes());
+        q
+    }
+
+    #[test]
+    fn a_quote_translated_to_a_backend_is_put_back_as_the_client_sent_it() {
+        let sent = udp_quote(VIP, [0, 53]);
+        let translated = udp_quote([10, 244, 1, 11], [0x14, 0xe9]);
+        let mut quote = translated;
+        untranslated_quote(&mut quote, VIP, [0, 53]);
+        assert_eq!(quote, sent, "addresses, ports and both checksums as sent");
+    }
+
+    #[test]
+    fn fragmentation_needed_carries_the_next_hop_mtu_and_its_checksum_covers_the_quote() {
+        let quote = udp_quote(VIP, [0, 53]);
+        let h = icmp_frag_needed(VIP, CLIENT, 1450, &quote);
+        assert_eq!(checksum(&h[..20]), 0);
+        assert_eq!((&h[12..16], &h[16..20]), (&VIP[..], &CLIENT[..]));
+        assert_eq!(&h[20..22], &[ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED]);
+        assert_eq!(u16::from_be_bytes([h[26], h[27]]), 1450);
+        let mut icmp = [0u8; 36];
+        icmp[..8].copy_from_slice(&h[20..]);
+        icmp[8..].copy_from_slice(&quote);
+        assert_eq!(checksum(&icmp), 0, "ICMP checksum verifies over header + quote");
+    }
+
+    /// An IPv6 UDP datagram's header and UDP header from `CLIENT6`:40000 to
+    /// `to`:`port`, as words, its checksum right.
+    fn udp_quote6(to: [u8; 16], port: [u8; 2]) -> [u32; 12] {
+        let payload = [7u8; 1400];
+        let mut q = [0u8; ICMP6_QUOTE_LEN];
+        q[0] = 0x60;
+        q[4..6].copy_from_slice(&1408u16.to_be_bytes());
+        q[6] = PROTO_UDP;
+        q[7] = 64;
+        q[8..24].copy_from_slice(&CLIENT6);
+        q[24..40].copy_from_slice(&to);
+        q[40..42].copy_from_slice(&40000u16.to_be_bytes());
+        q[42..44].copy_from_slice(&port);
+        q[44..46].copy_from_slice(&1408u16.to_be_bytes());
+        let pseudo = crate::checksum::pseudo_header_sum6(CLIENT6, to, PROTO_UDP, 1408);
+        let sum = add_bytes(add_bytes(pseudo, &q[40..48]), &payload);
+        q[46..48].copy_from_slice(&udp_checksum(finish(sum)).to_be_bytes());
+        core::array::from_fn(|i| u32::from_ne_bytes(q[4 * i..4 * i + 4].try_into().unwrap()))
+    }
+
+    #[test]
+    fn an_ipv6_quote_is_put_back_and_packet_too_big_carries_the_mtu() {
+        let backend6 = [0xfd, 0, 0x2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0x0b];
+        let sent = udp_quote6(VIP6, [0, 53]);
+        let mut quote = udp_quote6(backend6, [0x14, 0xe9]);
+        untranslated_quote6(&mut quote, In6(VIP6).words(), [0, 53]);
+        assert_eq!(bytes(&quote), bytes(&sent), "address, port and checksum as sent");
+        let mut p = bytes(&icmp6_packet_too_big(1430, &quote));
+        assert_eq!((&p[8..24], &p[24..40]), (&VIP6[..], &CLIENT6[..]), "from the frontend to the client");
+        assert_eq!(&p[40..42], &[ICMPV6_PKT_TOOBIG, 0]);
+        assert_eq!(u32::from_be_bytes([p[44], p[45], p[46], p[47]]), 1430);
+        p.extend(bytes(&quote));
+        assert!(ipv6_checksum_ok(&p), "ICMPv6 checksum verifies");
     }
 }

@@ -8,7 +8,10 @@ use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
+        bpf_fib_lookup as FibParams,
+    },
     helpers::bpf_fib_lookup,
     macros::map,
     maps::PerCpuArray,
@@ -48,6 +51,8 @@ pub(crate) struct Fib {
     /// [`FIB_PARAMS`]' slot, zeroed in [`Fib::new`]; null if the map
     /// gave none (it always does), and then no route is found.
     p: *mut FibParams,
+    /// The MTU of the route last found too small for the packet, 0 if none was.
+    too_big_for: u16,
 }
 
 impl Fib {
@@ -65,6 +70,13 @@ impl Fib {
         Self::of(ctx.as_ptr(), ingress, proto, 0, true)
     }
 
+    /// The MTU of the route the last lookup found, if the packet was too
+    /// big for it (and so no route was given).
+    #[inline(always)]
+    pub(crate) fn too_big_for(&self) -> Option<u16> {
+        (self.too_big_for != 0).then_some(self.too_big_for)
+    }
+
     #[inline(always)]
     fn of(ctx: *mut c_void, ingress: u32, proto: u8, total_len: usize, skip_neighbour: bool) -> Self {
         let p = FIB_PARAMS.get_ptr_mut(0).unwrap_or(core::ptr::null_mut());
@@ -72,7 +84,7 @@ impl Fib {
             // SAFETY: integers and arrays of them, in this CPU's slot.
             unsafe { crate::zero::zero(&mut *p.cast::<MaybeUninit<FibParams>>()) };
         }
-        Self { ctx, ingress, proto, total_len, skip_neighbour, p }
+        Self { ctx, ingress, proto, total_len, skip_neighbour, p, too_big_for: 0 }
     }
 
     #[inline(always)]
@@ -125,6 +137,9 @@ impl Fib {
         let p = self.params()?;
         let rc = unsafe { bpf_fib_lookup(ctx, p, size, flags) };
         if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+                self.too_big_for = unsafe { p.__bindgen_anon_1.mtu_result };
+            }
             return None;
         }
         Some(Hop { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac })

@@ -34,7 +34,7 @@ use crate::{
     fragments, hairpin, ifindex,
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
-    masquerade,
+    masquerade::{self, Masqueraded},
     parse6::{self, IcmpError6, Packet6, Parsed6},
     refuse, translate,
 };
@@ -92,10 +92,15 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     // Source NAT's steps from here, not from a step: one frame fewer under them.
     let verdict = match forward(ctx, pkt, &backend)? {
         Some(reflected) => reflected,
-        None if masquerade::request(ctx, pkt, &backend, &frontend, start)? => Verdict::Redirected,
-        None => Verdict::Pass,
+        None => match masquerade::request(ctx, pkt, &backend, &frontend, start)? {
+            Masqueraded::Sent => Verdict::Redirected,
+            Masqueraded::No => Verdict::Pass,
+            Masqueraded::TooBig { mtu } => refuse::too_big6(ctx, pkt, mtu)?,
+        },
     };
-    count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
+    if !matches!(verdict, Verdict::Answered) {
+        count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
+    }
     Ok(verdict)
 }
 

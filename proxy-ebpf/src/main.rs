@@ -66,6 +66,7 @@ use crate::{
     counters::{DeviceEvent, count, count_device, count_traffic_via},
     frame::Frame,
     lookup::{Lookup, is_vip},
+    masquerade::Masqueraded,
     nodeport::Outcome,
     parse::{IcmpError, Network, Packet, Parsed},
 };
@@ -82,6 +83,9 @@ pub enum Verdict {
     /// Translated and sent on toward its next hop, past the node's routing,
     /// by the redirect a step set up (see `masquerade`).
     Redirected,
+    /// Rewritten into an answer to its sender (counted by the step that
+    /// wrote it) and sent back out of the interface it came in on.
+    Answered,
 }
 
 /// Attached on ingress of the node side of every pod interface (and of
@@ -213,7 +217,7 @@ fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
     Ok(match verdict {
         Verdict::Pass => TC_ACT_OK,
         Verdict::SendBack => count(Counter::RefusedNoBackend, skb::redirect(ifindex(ctx))?),
-        Verdict::Reflect => skb::redirect(ifindex(ctx))?,
+        Verdict::Reflect | Verdict::Answered => skb::redirect(ifindex(ctx))?,
         Verdict::Redirected => TC_ACT_REDIRECT as i32,
     })
 }
@@ -278,10 +282,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     };
     let verdict = match forward(ctx, &pkt, &backend)? {
         Some(reflected) => reflected,
-        None if masquerade::request(ctx, &pkt, &backend, &frontend, start)? => Verdict::Redirected,
-        None => to_backend(ctx, &pkt, &backend)?,
+        None => match masquerade::request(ctx, &pkt, &backend, &frontend, start)? {
+            Masqueraded::Sent => Verdict::Redirected,
+            Masqueraded::No => to_backend(ctx, &pkt, &backend)?,
+            Masqueraded::TooBig { mtu } => refuse::too_big(ctx, &pkt, mtu)?,
+        },
     };
-    count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
+    if !matches!(verdict, Verdict::Answered) {
+        count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
+    }
     Ok(verdict)
 }
 

@@ -124,12 +124,22 @@ impl Masquerade for In6 {
     }
 }
 
-/// Whether a request, already translated to `backend` of `frontend` (a
-/// flow `start`ed by this packet or tracked), was source-NATed and sent on
-/// (its redirect set up: the program returns `TC_ACT_REDIRECT`); false for
-/// every request the node routes as it is: one from a pod (its replies
-/// pass its own interface), one not from outside under the Cluster policy,
-/// or one to a backend on this node.
+/// What [`request`] made of a request.
+#[repr(u8)]
+pub(crate) enum Masqueraded {
+    /// Source-NATed and sent on: its redirect is set up.
+    Sent,
+    /// Left for the node to route as it is: one from a pod (its replies
+    /// pass its own interface), one not from outside under the Cluster
+    /// policy, or one to a backend on this node.
+    No,
+    /// Too big for the route to its backend, of `mtu`: its sender is to be
+    /// told (see `refuse::too_big`; from the caller, whose stack is shallower).
+    TooBig { mtu: u16 },
+}
+
+/// What becomes of a request from outside, already translated to `backend`
+/// of `frontend` (a flow `start`ed by this packet or tracked).
 #[inline(always)]
 pub(crate) fn request<A: Masquerade>(
     ctx: &TcContext,
@@ -137,9 +147,9 @@ pub(crate) fn request<A: Masquerade>(
     backend: &Backend<A>,
     frontend: &Frontend,
     start: Start,
-) -> Result<bool, DropReason> {
+) -> Result<Masqueraded, DropReason> {
     if !frontend.masquerade() || lookup::is_pod_interface(crate::ifindex(ctx)) {
-        return Ok(false);
+        return Ok(Masqueraded::No);
     }
     from_outside(ctx, pkt, backend, start == Start::New)
 }
@@ -152,12 +162,14 @@ fn from_outside<A: Masquerade>(
     pkt: &Packet<A>,
     backend: &Backend<A>,
     new: bool,
-) -> Result<bool, DropReason> {
-    let Some(scratch) = A::scratch() else { return Ok(false) };
+) -> Result<Masqueraded, DropReason> {
+    let Some(scratch) = A::scratch() else { return Ok(Masqueraded::No) };
     // SAFETY: this CPU's slot, and programs do not nest on a CPU.
     let out = unsafe { &mut (*scratch).out };
-    if !leaves_by_device(ctx, pkt, backend, out)? {
-        return Ok(false);
+    match leaves_by_device(ctx, pkt, backend, out)? {
+        Leaves::ByPod => return Ok(Masqueraded::No),
+        Leaves::TooBig { mtu } => return Ok(Masqueraded::TooBig { mtu }),
+        Leaves::ByDevice => {}
     }
     // A new flow gets a port of its own: the one an earlier flow from the
     // same client port had was for that flow's backend.
@@ -166,13 +178,13 @@ fn from_outside<A: Masquerade>(
         // whose masquerade rule source-NATed it: the node's conntrack goes
         // on translating it.
         if !new && pkt.proto == PROTO_TCP && !is_syn(pkt.tcp_flags) {
-            return Ok(false);
+            return Ok(Masqueraded::No);
         }
         new_port(ctx, pkt, backend, out)?;
     }
     translate_out(ctx, pkt, &out.nat)?;
     skb::redirect_neigh(out.ifindex)?;
-    Ok(true)
+    Ok(Masqueraded::Sent)
 }
 
 /// How a source-NATed request leaves: by `ifindex`, from `nat`; `flow` is
@@ -184,20 +196,33 @@ pub(crate) struct Out<A> {
     nat: NatAddress<A>,
 }
 
-/// Whether the route to `backend` leaves by one of the node's devices (into
-/// `out`, with the node's address toward it); one by a pod interface is to
-/// a backend on this node.
+/// Where the route to a request's backend leaves.
+#[repr(u8)]
+enum Leaves {
+    /// By one of the node's devices (into `out`, with the node's address toward it).
+    ByDevice,
+    /// By a pod interface: to a backend on this node.
+    ByPod,
+    /// Nowhere for this packet: it is too big for the route's `mtu`.
+    TooBig { mtu: u16 },
+}
+
+/// Where the route to `backend` leaves (see [`Leaves`]). The kernel checks
+/// the packet against the MTU of the device it would leave by, as it checks
+/// what it forwards itself.
 #[inline(never)]
 fn leaves_by_device<A: Masquerade>(
     ctx: &TcContext,
     pkt: &Packet<A>,
     backend: &Backend<A>,
     out: &mut Out<A>,
-) -> Result<bool, DropReason> {
+) -> Result<Leaves, DropReason> {
     let mut fib = Fib::for_skb(ctx, crate::ifindex(ctx), pkt.proto);
-    let (hop, node) = A::route(&mut fib, None, backend.addr).ok_or(DropReason::NoRoute)?;
+    let Some((hop, node)) = A::route(&mut fib, None, backend.addr) else {
+        return fib.too_big_for().map(|mtu| Leaves::TooBig { mtu }).ok_or(DropReason::NoRoute);
+    };
     (out.ifindex, out.nat.addr) = (hop.ifindex, node);
-    Ok(!lookup::is_pod_interface(hop.ifindex))
+    Ok(if lookup::is_pod_interface(hop.ifindex) { Leaves::ByPod } else { Leaves::ByDevice })
 }
 
 /// Whether the tracked flow of request `pkt` has a port already (into

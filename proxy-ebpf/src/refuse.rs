@@ -1,22 +1,29 @@
 //! Answers for new flows to a Service without ready endpoints, so clients
 //! fail at once as with kube-proxy's REJECT: a TCP reset, or ICMP (ICMPv6)
-//! port unreachable for UDP. The packet itself is rewritten into the answer and
-//! sent back out of the interface it arrived on; a packet that cannot be
-//! answered, or whose rewriting fails, is dropped with its reason.
+//! port unreachable for UDP; and for a request from outside too big for the
+//! route to its backend, the "fragmentation needed" ("packet too big") a
+//! router sends, which the node's own forwarding sends in iptables mode.
+//! The packet itself is rewritten into the answer and sent back out of the
+//! interface it arrived on; a packet that cannot be answered, or whose
+//! rewriting fails, is dropped with its reason.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_skb_load_bytes, macros::map, maps::PerCpuArray, programs::TcContext};
 use proxy_common::{
-    counters::DropReason,
+    counters::{Counter, DropReason},
     ipv4::{ETH_HLEN, MIN_HLEN},
     ipv6,
     maps::PROTO_TCP,
     reject::{
         ICMP_HEADERS_LEN, ICMP_QUOTE_LEN, ICMP6_HEADERS_LEN, ICMP6_QUOTE_LEN, TCP_RESET_LEN, TCP_RESET6_LEN,
-        TcpSegment, icmp_port_unreachable, icmp6_port_unreachable, tcp_reset, tcp_reset6,
+        TcpSegment, icmp_frag_needed, icmp_port_unreachable, icmp6_packet_too_big, icmp6_port_unreachable, tcp_reset,
+        tcp_reset6, untranslated_quote, untranslated_quote6,
     },
 };
 
-use crate::{Verdict, parse::Packet, parse6::Packet6, skb};
+use crate::{Verdict, counters::count, parse::Packet, parse6::Packet6, skb};
+
+/// IPv4's "don't fragment" flag, in the header's sixth byte.
+const DONT_FRAGMENT: u8 = 0x40;
 
 pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReason> {
     // The answers are laid out for a 20-byte IP header; a packet with IP
@@ -73,6 +80,67 @@ fn port_unreachable6(ctx: &TcContext) -> Result<Verdict, DropReason> {
     skb::grow_after_mac(ctx, ICMP6_HEADERS_LEN as i32)?;
     skb::store(ctx, ETH_HLEN, &headers)?;
     send_back(ctx)
+}
+
+/// Request `pkt`, already translated to its backend, is too big for the
+/// route there (`mtu`): its sender is told "fragmentation needed" with that
+/// MTU, about the datagram as it sent it, from the address it sent it to.
+/// Without "don't fragment" a router would fragment it; not done here, it
+/// is dropped as before (as one with IP options, whose quote differs).
+#[inline(never)]
+pub(crate) fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Result<Verdict, DropReason> {
+    if pkt.l4_off != ETH_HLEN + MIN_HLEN {
+        return Err(DropReason::NoRoute);
+    }
+    let mut quote: [u8; ICMP_QUOTE_LEN] = skb::load(ctx, ETH_HLEN)?;
+    if quote[6] & DONT_FRAGMENT == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    untranslated_quote(&mut quote, pkt.dst, pkt.dst_port);
+    let headers = icmp_frag_needed(pkt.dst, pkt.src, mtu, &quote);
+    skb::change_tail(ctx, ETH_HLEN + ICMP_QUOTE_LEN)?;
+    skb::grow_after_mac(ctx, ICMP_HEADERS_LEN as i32)?;
+    skb::store(ctx, ETH_HLEN, &headers)?;
+    skb::store(ctx, ETH_HLEN + ICMP_HEADERS_LEN, &quote)?;
+    send_back(ctx)?;
+    Ok(count(Counter::AnsweredTooBig, Verdict::Answered))
+}
+
+/// What an ICMPv6 answer is built in: beside the IPv6 path that leads to
+/// [`too_big6`], it would not fit the 512-byte stack.
+#[repr(C)]
+pub(crate) struct Answer6 {
+    quote: [u32; ICMP6_QUOTE_LEN / 4],
+    headers: [u32; ICMP6_HEADERS_LEN / 4],
+}
+
+#[map]
+static ANSWER6: PerCpuArray<Answer6> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`too_big`] over IPv6, which routers never fragment: "packet too big".
+/// A request with extension headers is dropped instead.
+#[inline(never)]
+pub(crate) fn too_big6(ctx: &TcContext, pkt: &Packet6, mtu: u16) -> Result<Verdict, DropReason> {
+    if pkt.l4_off != ETH_HLEN + ipv6::HLEN {
+        return Err(DropReason::NoRoute);
+    }
+    let Some(answer) = ANSWER6.get_ptr_mut(0) else { return Err(DropReason::NoRoute) };
+    // SAFETY: this CPU's slot, and programs do not nest on a CPU.
+    let answer = unsafe { &mut *answer };
+    // Straight into the map (a constant length, as the verifier wants).
+    // SAFETY: the words' bytes, all of them, in this CPU's slot.
+    let to = answer.quote.as_mut_ptr().cast();
+    if unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), ETH_HLEN as u32, to, ICMP6_QUOTE_LEN as u32) } < 0 {
+        return Err(DropReason::LoadFailed);
+    }
+    untranslated_quote6(&mut answer.quote, pkt.dst.words(), pkt.dst_port);
+    answer.headers = icmp6_packet_too_big(mtu as u32, &answer.quote);
+    skb::change_tail(ctx, ETH_HLEN + ICMP6_QUOTE_LEN)?;
+    skb::grow_after_mac(ctx, ICMP6_HEADERS_LEN as i32)?;
+    skb::store(ctx, ETH_HLEN, &answer.headers)?;
+    skb::store(ctx, ETH_HLEN + ICMP6_HEADERS_LEN, &answer.quote)?;
+    send_back(ctx)?;
+    Ok(count(Counter::AnsweredTooBig, Verdict::Answered))
 }
 
 /// What a reset must answer of the TCP segment `pkt`.

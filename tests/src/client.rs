@@ -319,3 +319,43 @@ impl Drop for Repeating {
         }
     }
 }
+
+/// The path MTU a connected UDP socket knows for `addr` once one datagram
+/// of `len` bytes went there with "don't fragment" set: lowered by the
+/// "fragmentation needed" (ICMPv6 "packet too big") a hop on the way sent
+/// back. Waits up to 2 s for that answer; the MTU of the route if none came.
+pub fn path_mtu_after_datagram(addr: SocketAddr, len: usize) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    let socket = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
+    socket.connect(addr)?;
+    let fd = socket.as_raw_fd();
+    let (level, discover, do_discover, mtu) = if addr.is_ipv6() {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO, libc::IPV6_MTU)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO, libc::IP_MTU)
+    };
+    let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int option of an open socket.
+    if unsafe { libc::setsockopt(fd, level, discover, (&raw const do_discover).cast(), size) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let known = || {
+        let (mut value, mut len): (libc::c_int, libc::socklen_t) = (0, size);
+        // SAFETY: an int option of an open socket, into an int.
+        if unsafe { libc::getsockopt(fd, level, mtu, (&raw mut value).cast(), &mut len) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(value as u32)
+    };
+    let route = known()?;
+    socket.send(&vec![0u8; len])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let now = known()?;
+        if now < route {
+            return Ok(now);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    known()
+}

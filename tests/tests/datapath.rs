@@ -1738,7 +1738,7 @@ impl Xdp {
                     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
                     let md: Vec<u8> =
                         [0, frame.len() as u32, 0, self.ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
-                    let mut out = vec![0u8; 512];
+                    let mut out = vec![0u8; frame.len().max(512)];
                     let r = prog
                         .test_run(TestRunOptions {
                             data_in: Some(frame),
@@ -1831,6 +1831,86 @@ fn xdp_forwards_ipv6_from_outside_both_ways() {
         assert_eq!((verdict, out), (XDP_PASS, frame));
     }
     assert_eq!(xdp.counter(Counter::XdpForwarded), 2);
+}
+
+/// Where the XDP tests' node reaches the backends' node by a narrower way:
+/// a device `y0` of MTU 1400, the next node on its link.
+const NARROW_NEXT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0x11);
+
+impl Xdp {
+    /// The backends' node reached through `y0` (MTU 1400), and `x0` one of
+    /// the node's devices, as the agent lists it.
+    fn narrow_way_on(&mut self) {
+        let next = NARROW_NEXT6.to_string();
+        #[rustfmt::skip]
+        let setup: [&[&str]; 6] = [
+            &["ip", "link", "add", "y0", "mtu", "1400", "type", "veth", "peer", "name", "y1"],
+            &["ip", "link", "set", "y0", "up"],
+            &["ip", "link", "set", "y1", "up"],
+            &["ip", "-6", "addr", "add", "fd00:101::10/64", "dev", "y0", "nodad"],
+            &["ip", "-6", "route", "replace", "fd00:244:1::/64", "via", &next, "dev", "y0"],
+            &["ip", "-6", "neigh", "replace", &next, "lladdr", "02:00:00:00:01:11", "dev", "y0", "nud", "permanent"],
+        ];
+        for cmd in setup {
+            self.ns.exec(cmd).unwrap();
+        }
+        let mut devices: HashMap<_, u32, u8> = HashMap::try_from(self.ebpf.map_mut(abi::DEVICES).unwrap()).unwrap();
+        devices.insert(self.ifindex, abi::hook::XDP_NATIVE, 0).unwrap();
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(FROM_POD).unwrap().try_into().unwrap();
+        prog.load().unwrap_or_else(|e| panic!("the verifier refuses {FROM_POD}: {e}"));
+    }
+
+    /// Runs `frame`, come in on `x0`, through the TC program on its ingress.
+    fn run_tc(self, frame: Vec<u8>) -> (Self, u32, Vec<u8>) {
+        let ns_name = self.ns.name().to_string();
+        kpr_tests::netns::run_in(&ns_name, move || {
+            let prog: &SchedClassifier = self.ebpf.program(FROM_POD).unwrap().try_into().unwrap();
+            // struct __sk_buff, all zero but ifindex (offset 40): the device it came in on.
+            let mut skb = [0u8; 192];
+            skb[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+            let mut out = vec![0u8; 2048];
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&skb),
+                    ..Default::default()
+                })
+                .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?}: {e}"));
+            out.truncate(r.data_size_out as usize);
+            (self, r.return_value, out)
+        })
+        .unwrap()
+    }
+}
+
+/// A UDP request from outside to an IPv6 node port whose backend is on
+/// another node, too big for the device toward it (1448 bytes for an MTU
+/// of 1400): XDP leaves it to TC, which answers it as a router does, with
+/// "packet too big" and the device's MTU, from the node port to the
+/// client, quoting the request as the client sent it, every checksum right.
+#[test]
+fn an_ipv6_request_too_big_for_the_way_to_its_backend_is_answered_packet_too_big() {
+    root_or_skip!();
+    let mut xdp = Xdp::new();
+    xdp.narrow_way_on();
+    xdp.node_port6(29080, abi::PROTO_UDP, 22, 5353, abi::flags::MASQUERADE);
+    let request = frame6(OUTSIDE6, NODE6, &[], abi::PROTO_UDP, udp6(40001, 29080, &[7u8; 1400]));
+    let (x, verdict, _) = xdp.run(request.clone());
+    assert_eq!(verdict, XDP_PASS, "too big for the way on: left to TC");
+    let (x, verdict, out) = x.run_tc(request.clone());
+    const TC_ACT_REDIRECT: u32 = 7;
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back: {out:02x?}");
+    assert_eq!(out.len(), 14 + 40 + 8 + 48, "headers and the quote: {out:02x?}");
+    assert_eq!((src6(&out), dst6(&out), out[20]), (NODE6, OUTSIDE6, proxy_common::reject::IPPROTO_ICMPV6));
+    let (to, from) = macs(&request);
+    assert_eq!(macs(&out), (from, to), "back to the MAC it came from");
+    let icmp = &out[L4_6..];
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+    assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), 1400, "the device's MTU");
+    assert_eq!(&icmp[8..], &request[14..14 + 48], "the request's headers as the client sent them");
+    assert!(checksum6_ok(&out, L4_6, proxy_common::reject::IPPROTO_ICMPV6), "{out:02x?}");
+    assert_eq!(x.counter(Counter::AnsweredTooBig), 1);
 }
 
 /// 6,000 mutated frames from outside (requests to the node ports, the

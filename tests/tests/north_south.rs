@@ -12,8 +12,8 @@ use std::{
 
 use kpr_tests::{
     client::{
-        connected_udp_error, http_get, probe, probe_answer, request_on, tcp_connect_from_port, tcp_request,
-        tcp_request_from_port, udp_request,
+        connected_udp_error, http_get, path_mtu_after_datagram, probe, probe_answer, request_on, tcp_connect_from_port,
+        tcp_request, tcp_request_from_port, udp_request,
     },
     cluster::{Cluster, ClusterNode, Shape, pod_ip, pod_ip6, underlay_ip6},
     kpr::{self, Kpr, Mode},
@@ -398,12 +398,52 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
 
 /// How many connections netfilter tracks in `node`'s namespace (none
 /// where conntrack never ran there, or is not loaded at all).
+/// Node 0 reaches node 1's pods through a VXLAN overlay of MTU 1450 (flannel
+/// vxlan), while the outside reaches node 0 at 1500. A datagram from
+/// outside that fits the one but not the other, "don't fragment" set, to a
+/// node port whose backend is on node 1: the client is told
+/// "fragmentation needed" with the overlay's MTU, about the datagram it
+/// sent, as the node's own forwarding tells it (no answer would leave its
+/// path MTU discovery waiting forever); what fits is answered.
+fn tells_outside_clients_what_fits_the_path(mode: Mode) {
+    root_or_skip!();
+    let mut cluster = Cluster::new(Shape::Vxlan, 2).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    let web1 = (cluster.node(1).pod("web-1").ip, "node1");
+    let server = servers::udp(&cluster.node(1).pod("web-1").ns, 5353, "web-1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "cluster.yaml", &service("cluster", "10.96.0.20", 30080, "  type: NodePort\n", "", &[web1]))
+        .unwrap();
+    let args = [
+        mode.arg().to_string(),
+        format!("--source=dir:{}", manifests.display()),
+        "--cluster-cidr=10.244.0.0/16".into(),
+    ];
+    let _agents: Vec<Kpr> = cluster.nodes.iter().map(|node| node.start_kpr(&[], &args, dir.path()).unwrap()).collect();
+
+    let target = SocketAddr::from((cluster.node(0).address(), 29080));
+    let outside = cluster.outside();
+    // Answered first: the flow is set up before the datagram that does not fit.
+    assert_eq!(outside.run(move || udp_request(target, ANSWER)).unwrap().unwrap().0, "web-1");
+    // 1472 bytes of payload: an IPv4 packet of 1500.
+    let mtu = outside.run(move || path_mtu_after_datagram(target, 1472)).unwrap().unwrap();
+    assert_eq!(mtu, 1450, "the client learned the overlay's MTU");
+    assert_eq!(outside.run(move || udp_request(target, ANSWER)).unwrap().unwrap().0, "web-1");
+    drop(server);
+}
+
 fn host_conntrack_entries(node: &ClusterNode) -> u64 {
     let count = node.ns.output(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).unwrap_or_default();
     count.trim().parse().unwrap_or(0)
 }
 
-kpr_tests::in_both_modes!(serves_traffic_from_outside, serves_ipv6_traffic_from_outside);
+kpr_tests::in_both_modes!(
+    serves_traffic_from_outside,
+    serves_ipv6_traffic_from_outside,
+    tells_outside_clients_what_fits_the_path,
+);
 
 /// A device whose driver has no native XDP (a bridge) falls back to generic
 /// XDP, one that has it (a veth) takes it, and both say so in the log,
