@@ -87,12 +87,12 @@ fn busy<A: Family>(key: &FlowKey<A>, client: &FlowKey<A>, now: u32) -> bool {
     conntrack::frontend_of(&reply, now).is_some()
 }
 
-/// This CPU's tuple for [`own_port_free`]; it holds nothing between packets.
+/// This CPU's tuple for [`port_free_of_node_sockets`]; it holds nothing between packets.
 #[map]
 static SOCK_TUPLE: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
 
-/// Whether the client port `port` of a new flow to `backend` is free to
-/// go out with from `node`: not when a socket of the node's own would
+/// Whether a new flow to `backend` may go out from `node`:`port` (the
+/// client's own port, or a random one): not when a socket of the node's own would
 /// receive what the backend sends to `node`:`port` (a node process's
 /// connection to the backend from that port; a flow source-NATed to it
 /// would be one flow with it at the backend, and break both). Netfilter's
@@ -100,7 +100,13 @@ static SOCK_TUPLE: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1
 /// network namespace the program's context `ctx` is in; any socket there,
 /// listening ones too, keeps the port.
 #[inline(never)]
-fn own_port_free<A: Family>(ctx: *mut c_void, backend: &Backend<A>, node: &A, port: [u8; 2], proto: u8) -> bool {
+fn port_free_of_node_sockets<A: Family>(
+    ctx: *mut c_void,
+    backend: &Backend<A>,
+    node: &A,
+    port: [u8; 2],
+    proto: u8,
+) -> bool {
     // Ports below the range are node ports' or the node's own.
     if u16::from_be_bytes(port) < NAT_PORT_MIN {
         return false;
@@ -129,17 +135,13 @@ fn own_port_free<A: Family>(ctx: *mut c_void, backend: &Backend<A>, node: &A, po
 
 /// A port of `node` for new flow `flow` to `backend`, recorded both ways;
 /// `None` if every port tried is busy or the maps refused. The client's own
-/// port first, as netfilter's NAT does, where the node's sockets leave it
-/// free (see [`own_port_free`]; `ctx` is the program's context): one
-/// client's live flows never share it, so it is free but when another
-/// client's flow to the same backend holds it; then random ones. (Random ones alone run out: a
-/// closing flow holds its port for seconds, so at thousands of connections
-/// a second to a backend most of them are held.) The random ones are not
-/// asked of the node's sockets: a helper call per try would not fit the
-/// deepest call chains' stack, and one of the node's own connections to
-/// the backend on a random port of 32,768 is a rare meeting, where the
-/// client's own port (the node's ports and clients' come from the same
-/// range) is a likely one.
+/// port first, as netfilter's NAT does: one client's live flows never share
+/// it, so it is free but when another client's flow to the same backend
+/// holds it; then random ones. (Random ones alone run out: a closing flow
+/// holds its port for seconds, so at thousands of connections a second to
+/// a backend most of them are held.) Every port tried is asked of the
+/// node's sockets too (see [`port_free_of_node_sockets`]; `ctx` is the program's
+/// context): a node process's connection to the backend keeps its port.
 #[inline(always)]
 pub(crate) fn allocate<A: Family>(
     ctx: *mut c_void,
@@ -148,17 +150,15 @@ pub(crate) fn allocate<A: Family>(
     node: A,
     now: u32,
 ) -> Option<NatAddress<A>> {
-    // Asked once, before the tries: see above.
-    let own_port = own_port_free(ctx, backend, &node, flow.src_port, flow.proto);
     for i in 0..=TRIES {
         let port = if i == 0 {
-            if !own_port {
-                continue;
-            }
             flow.src_port
         } else {
             ((NAT_PORT_MIN as u32 + (unsafe { bpf_get_prandom_u32() } % NAT_PORT_COUNT)) as u16).to_be_bytes()
         };
+        if !port_free_of_node_sockets(ctx, backend, &node, port, flow.proto) {
+            continue;
+        }
         let reply = FlowKey::reply_tuple(backend.addr, backend.port, node, port, flow.proto);
         if busy(&reply, flow, now) {
             continue;

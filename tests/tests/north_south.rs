@@ -434,6 +434,113 @@ fn tells_outside_clients_what_fits_the_path(mode: Mode) {
     drop(server);
 }
 
+/// Node 0's own UDP sockets, each connected to the backend from one of
+/// `count` ports spread over the source NAT's range (an eighth of it).
+fn node_sockets_to(node: &ClusterNode, backend: SocketAddr, count: u16) -> Vec<std::net::UdpSocket> {
+    let from = node.address();
+    let ports = (0..count).map(move |i| 32768 + i * (32768 / count));
+    node.ns
+        .run(move || {
+            ports
+                .map(|port| {
+                    let socket = std::net::UdpSocket::bind((from, port))?;
+                    socket.connect(backend)?;
+                    socket.set_nonblocking(true)?;
+                    Ok(socket)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .unwrap()
+        .unwrap()
+}
+
+/// Raises this process's open-file limit to `files`, within its hard limit.
+fn allow_open_files(files: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a plain struct for the call to fill and read back.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_cur.max(files.min(limit.rlim_max));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Requests from outside under the Cluster policy, from client ports below
+/// the source NAT's range (so each flow gets a random port of it), while
+/// the node holds connected sockets of its own to the same backend on an
+/// eighth of that range: no flow is given one of their ports, so every one
+/// of those sockets still gets the backend's answers. (With the ports
+/// unchecked, 40 flows would take one of them with odds of 99.5%, and its
+/// answers would go to that flow's client.)
+fn leaves_the_nodes_own_connections_their_ports(mode: Mode) {
+    root_or_skip!();
+    const HELD: u16 = 4096;
+    allow_open_files(HELD as u64 + 1024);
+    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
+    cluster.add_pod(1, "web-1", 11).unwrap();
+    let web1 = (cluster.node(1).pod("web-1").ip, "node1");
+    let server = servers::udp(&cluster.node(1).pod("web-1").ns, 5353, "web-1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "cluster.yaml", &service("cluster", "10.96.0.20", 30080, "  type: NodePort\n", "", &[web1]))
+        .unwrap();
+    let args = [
+        mode.arg().to_string(),
+        format!("--source=dir:{}", manifests.display()),
+        "--cluster-cidr=10.244.0.0/16".into(),
+    ];
+    let _agents: Vec<Kpr> = cluster.nodes.iter().map(|node| node.start_kpr(&[], &args, dir.path()).unwrap()).collect();
+    let held = node_sockets_to(cluster.node(0), SocketAddr::from((web1.0, 5353)), HELD);
+
+    let target = SocketAddr::from((cluster.node(0).address(), 29080));
+    let answers = cluster
+        .outside()
+        .run(move || {
+            (20_000..20_040u16)
+                .map(|port| {
+                    let socket = std::net::UdpSocket::bind((Cluster::OUTSIDE, port))?;
+                    socket.set_read_timeout(Some(ANSWER))?;
+                    socket.send_to(b"hello", target)?;
+                    let mut buf = [0u8; 64];
+                    let n = socket.recv(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+                })
+                .collect::<std::io::Result<Vec<String>>>()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(answers.iter().all(|a| a == "web-1"), "{answers:?}");
+    // In rounds the backend's receive buffer holds.
+    let mut unanswered: Vec<u16> = Vec::new();
+    for round in held.chunks(64) {
+        for socket in round {
+            socket.send(b"mine?").unwrap();
+        }
+        let deadline = std::time::Instant::now() + ANSWER;
+        for socket in round {
+            let mut buf = [0u8; 64];
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => {
+                        unanswered.push(socket.local_addr().unwrap().port());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        unanswered.is_empty(),
+        "the node's sockets on ports {unanswered:?} lost their answers to a flow from outside"
+    );
+    drop(server);
+}
+
 fn host_conntrack_entries(node: &ClusterNode) -> u64 {
     let count = node.ns.output(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).unwrap_or_default();
     count.trim().parse().unwrap_or(0)
@@ -443,6 +550,7 @@ kpr_tests::in_both_modes!(
     serves_traffic_from_outside,
     serves_ipv6_traffic_from_outside,
     tells_outside_clients_what_fits_the_path,
+    leaves_the_nodes_own_connections_their_ports,
 );
 
 /// A device whose driver has no native XDP (a bridge) falls back to generic
