@@ -398,6 +398,38 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
 
 /// How many connections netfilter tracks in `node`'s namespace (none
 /// where conntrack never ran there, or is not loaded at all).
+/// A two-node cluster of `shape` running kpr in a mode, with one UDP
+/// backend on node 1 (`web-1`, port 5353) behind node port 29080/UDP
+/// (`externalTrafficPolicy: Cluster`).
+struct UdpNodePort {
+    _agents: Vec<Kpr>,
+    _server: Server,
+    _dir: tempfile::TempDir,
+    backend: Ipv4Addr,
+    cluster: Cluster,
+}
+
+impl UdpNodePort {
+    fn on(shape: Shape, mode: Mode) -> Self {
+        let mut cluster = Cluster::new(shape, 2).unwrap();
+        cluster.add_pod(1, "web-1", 11).unwrap();
+        let backend = cluster.node(1).pod("web-1").ip;
+        let server = servers::udp(&cluster.node(1).pod("web-1").ns, 5353, "web-1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        let text = service("cluster", "10.96.0.20", 30080, "  type: NodePort\n", "", &[(backend, "node1")]);
+        write(&manifests, "cluster.yaml", &text).unwrap();
+        let args = [
+            mode.arg().to_string(),
+            format!("--source=dir:{}", manifests.display()),
+            "--cluster-cidr=10.244.0.0/16".into(),
+        ];
+        let agents = cluster.nodes.iter().map(|node| node.start_kpr(&[], &args, dir.path()).unwrap()).collect();
+        Self { _agents: agents, _server: server, _dir: dir, backend, cluster }
+    }
+}
+
 /// Node 0 reaches node 1's pods through a VXLAN overlay of MTU 1450 (flannel
 /// vxlan), while the outside reaches node 0 at 1500. A datagram from
 /// outside that fits the one but not the other, "don't fragment" set, to a
@@ -407,21 +439,8 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
 /// path MTU discovery waiting forever); what fits is answered.
 fn tells_outside_clients_what_fits_the_path(mode: Mode) {
     root_or_skip!();
-    let mut cluster = Cluster::new(Shape::Vxlan, 2).unwrap();
-    cluster.add_pod(1, "web-1", 11).unwrap();
-    let web1 = (cluster.node(1).pod("web-1").ip, "node1");
-    let server = servers::udp(&cluster.node(1).pod("web-1").ns, 5353, "web-1").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "cluster.yaml", &service("cluster", "10.96.0.20", 30080, "  type: NodePort\n", "", &[web1]))
-        .unwrap();
-    let args = [
-        mode.arg().to_string(),
-        format!("--source=dir:{}", manifests.display()),
-        "--cluster-cidr=10.244.0.0/16".into(),
-    ];
-    let _agents: Vec<Kpr> = cluster.nodes.iter().map(|node| node.start_kpr(&[], &args, dir.path()).unwrap()).collect();
+    let setup = UdpNodePort::on(Shape::Vxlan, mode);
+    let cluster = &setup.cluster;
 
     let target = SocketAddr::from((cluster.node(0).address(), 29080));
     let outside = cluster.outside();
@@ -431,7 +450,6 @@ fn tells_outside_clients_what_fits_the_path(mode: Mode) {
     let mtu = outside.run(move || path_mtu_after_datagram(target, 1472)).unwrap().unwrap();
     assert_eq!(mtu, 1450, "the client learned the overlay's MTU");
     assert_eq!(outside.run(move || udp_request(target, ANSWER)).unwrap().unwrap().0, "web-1");
-    drop(server);
 }
 
 /// Node 0's own UDP sockets, each connected to the backend from one of
@@ -476,22 +494,9 @@ fn leaves_the_nodes_own_connections_their_ports(mode: Mode) {
     root_or_skip!();
     const HELD: u16 = 4096;
     allow_open_files(HELD as u64 + 1024);
-    let mut cluster = Cluster::new(Shape::HostGw, 2).unwrap();
-    cluster.add_pod(1, "web-1", 11).unwrap();
-    let web1 = (cluster.node(1).pod("web-1").ip, "node1");
-    let server = servers::udp(&cluster.node(1).pod("web-1").ns, 5353, "web-1").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    write(&manifests, "cluster.yaml", &service("cluster", "10.96.0.20", 30080, "  type: NodePort\n", "", &[web1]))
-        .unwrap();
-    let args = [
-        mode.arg().to_string(),
-        format!("--source=dir:{}", manifests.display()),
-        "--cluster-cidr=10.244.0.0/16".into(),
-    ];
-    let _agents: Vec<Kpr> = cluster.nodes.iter().map(|node| node.start_kpr(&[], &args, dir.path()).unwrap()).collect();
-    let held = node_sockets_to(cluster.node(0), SocketAddr::from((web1.0, 5353)), HELD);
+    let setup = UdpNodePort::on(Shape::HostGw, mode);
+    let (cluster, web1) = (&setup.cluster, setup.backend);
+    let held = node_sockets_to(cluster.node(0), SocketAddr::from((web1, 5353)), HELD);
 
     let target = SocketAddr::from((cluster.node(0).address(), 29080));
     let answers = cluster
@@ -538,7 +543,6 @@ fn leaves_the_nodes_own_connections_their_ports(mode: Mode) {
         unanswered.is_empty(),
         "the node's sockets on ports {unanswered:?} lost their answers to a flow from outside"
     );
-    drop(server);
 }
 
 fn host_conntrack_entries(node: &ClusterNode) -> u64 {
