@@ -98,7 +98,7 @@ pub(crate) fn from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
             Masqueraded::TooBig { mtu } => refuse::too_big6(ctx, pkt, mtu)?,
         },
     };
-    if !matches!(verdict, Verdict::Answered) {
+    if !matches!(verdict, Verdict::SendBack) {
         count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
     }
     Ok(verdict)

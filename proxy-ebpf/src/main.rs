@@ -75,7 +75,9 @@ use crate::{
 pub enum Verdict {
     /// On its way, rewritten or not, through the node's own routing and netfilter.
     Pass,
-    /// Sent back out of the interface it came in on (a refusal).
+    /// Rewritten into an answer to its sender (a refusal, or "too big";
+    /// counted by the step that wrote it) and sent back out of the
+    /// interface it came in on.
     SendBack,
     /// Translated and sent back out of the interface it came in on, to the
     /// pod that sent it (see `hairpin`).
@@ -83,9 +85,6 @@ pub enum Verdict {
     /// Translated and sent on toward its next hop, past the node's routing,
     /// by the redirect a step set up (see `masquerade`).
     Redirected,
-    /// Rewritten into an answer to its sender (counted by the step that
-    /// wrote it) and sent back out of the interface it came in on.
-    Answered,
 }
 
 /// Attached on ingress of the node side of every pod interface (and of
@@ -210,14 +209,12 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// The TC action carrying out `verdict`; a refusal is counted once the
-/// kernel has accepted its redirect.
+/// The TC action carrying out `verdict`.
 #[inline(always)]
 fn act(ctx: &TcContext, verdict: Verdict) -> Result<i32, DropReason> {
     Ok(match verdict {
         Verdict::Pass => TC_ACT_OK,
-        Verdict::SendBack => count(Counter::RefusedNoBackend, skb::redirect(ifindex(ctx))?),
-        Verdict::Reflect | Verdict::Answered => skb::redirect(ifindex(ctx))?,
+        Verdict::SendBack | Verdict::Reflect => skb::redirect(ifindex(ctx))?,
         Verdict::Redirected => TC_ACT_REDIRECT as i32,
     })
 }
@@ -288,7 +285,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
             Masqueraded::TooBig { mtu } => refuse::too_big(ctx, &pkt, mtu)?,
         },
     };
-    if !matches!(verdict, Verdict::Answered) {
+    if !matches!(verdict, Verdict::SendBack) {
         count_request(ctx, &backend, &frontend, matches!(verdict, Verdict::Redirected));
     }
     Ok(verdict)

@@ -40,13 +40,9 @@ pub(crate) fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<Verdict, DropReaso
         skb::store(ctx, ETH_HLEN, &reset)?;
     } else {
         let quote: [u8; ICMP_QUOTE_LEN] = skb::load(ctx, ETH_HLEN)?;
-        let headers = icmp_port_unreachable(pkt.dst, pkt.src, &quote);
-        // Keep exactly the quote, then open room for the new headers in front of it.
-        skb::change_tail(ctx, ETH_HLEN + ICMP_QUOTE_LEN)?;
-        skb::grow_after_mac(ctx, ICMP_HEADERS_LEN as i32)?;
-        skb::store(ctx, ETH_HLEN, &headers)?;
+        in_front_of_quote(ctx, ICMP_QUOTE_LEN, &icmp_port_unreachable(pkt.dst, pkt.src, &quote))?;
     }
-    send_back(ctx)
+    send_back(ctx, Counter::RefusedNoBackend)
 }
 
 /// [`refuse`] over IPv6: a reset, or ICMPv6 port unreachable. A packet
@@ -69,17 +65,14 @@ fn reset6(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
     };
     skb::change_tail(ctx, ETH_HLEN + TCP_RESET6_LEN)?;
     skb::store(ctx, ETH_HLEN, &reset)?;
-    send_back(ctx)
+    send_back(ctx, Counter::RefusedNoBackend)
 }
 
 #[inline(never)]
 fn port_unreachable6(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let quote: [u32; ICMP6_QUOTE_LEN / 4] = skb::load(ctx, ETH_HLEN)?;
-    let headers = icmp6_port_unreachable(&quote);
-    skb::change_tail(ctx, ETH_HLEN + ICMP6_QUOTE_LEN)?;
-    skb::grow_after_mac(ctx, ICMP6_HEADERS_LEN as i32)?;
-    skb::store(ctx, ETH_HLEN, &headers)?;
-    send_back(ctx)
+    in_front_of_quote(ctx, ICMP6_QUOTE_LEN, &icmp6_port_unreachable(&quote))?;
+    send_back(ctx, Counter::RefusedNoBackend)
 }
 
 /// Request `pkt`, already translated to its backend, is too big for the
@@ -97,13 +90,9 @@ pub(crate) fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Result<Verdict
         return Err(DropReason::NoRoute);
     }
     untranslated_quote(&mut quote, pkt.dst, pkt.dst_port);
-    let headers = icmp_frag_needed(pkt.dst, pkt.src, mtu, &quote);
-    skb::change_tail(ctx, ETH_HLEN + ICMP_QUOTE_LEN)?;
-    skb::grow_after_mac(ctx, ICMP_HEADERS_LEN as i32)?;
-    skb::store(ctx, ETH_HLEN, &headers)?;
+    in_front_of_quote(ctx, ICMP_QUOTE_LEN, &icmp_frag_needed(pkt.dst, pkt.src, mtu, &quote))?;
     skb::store(ctx, ETH_HLEN + ICMP_HEADERS_LEN, &quote)?;
-    send_back(ctx)?;
-    Ok(count(Counter::AnsweredTooBig, Verdict::Answered))
+    send_back(ctx, Counter::AnsweredTooBig)
 }
 
 /// What an ICMPv6 answer is built in: beside the IPv6 path that leads to
@@ -135,12 +124,9 @@ pub(crate) fn too_big6(ctx: &TcContext, pkt: &Packet6, mtu: u16) -> Result<Verdi
     }
     untranslated_quote6(&mut answer.quote, pkt.dst.words(), pkt.dst_port);
     answer.headers = icmp6_packet_too_big(mtu as u32, &answer.quote);
-    skb::change_tail(ctx, ETH_HLEN + ICMP6_QUOTE_LEN)?;
-    skb::grow_after_mac(ctx, ICMP6_HEADERS_LEN as i32)?;
-    skb::store(ctx, ETH_HLEN, &answer.headers)?;
+    in_front_of_quote(ctx, ICMP6_QUOTE_LEN, &answer.headers)?;
     skb::store(ctx, ETH_HLEN + ICMP6_HEADERS_LEN, &answer.quote)?;
-    send_back(ctx)?;
-    Ok(count(Counter::AnsweredTooBig, Verdict::Answered))
+    send_back(ctx, Counter::AnsweredTooBig)
 }
 
 /// What a reset must answer of the TCP segment `pkt`.
@@ -156,12 +142,22 @@ fn segment<A>(ctx: &TcContext, pkt: &Packet<A>) -> Result<TcpSegment, DropReason
     })
 }
 
-/// The answer written over the packet goes back to the host it came from.
+/// The packet is cut to the `quote_len` bytes an ICMP error quotes of it,
+/// and the error's `headers` are put in front of them.
 #[inline(always)]
-fn send_back(ctx: &TcContext) -> Result<Verdict, DropReason> {
+fn in_front_of_quote<H>(ctx: &TcContext, quote_len: usize, headers: &H) -> Result<(), DropReason> {
+    skb::change_tail(ctx, ETH_HLEN + quote_len)?;
+    skb::grow_after_mac(ctx, core::mem::size_of::<H>() as i32)?;
+    skb::store(ctx, ETH_HLEN, headers)
+}
+
+/// The answer written over the packet goes back to the host it came from,
+/// counted under `counter`.
+#[inline(always)]
+fn send_back(ctx: &TcContext, counter: Counter) -> Result<Verdict, DropReason> {
     skb::swap_macs(ctx)?;
     // The checksums written are complete: make the receiver verify them
     // rather than trust stale offload state of the original packet.
     skb::reset_csum_level(ctx)?;
-    Ok(Verdict::SendBack)
+    Ok(count(counter, Verdict::SendBack))
 }
