@@ -123,8 +123,9 @@ pub(crate) fn forget_direct<A: Family>(pkt: &Packet<A>) {
         return;
     }
     let key = FlowKey::reply_tuple(pkt.dst, pkt.dst_port, pkt.src, pkt.src_port, pkt.proto);
-    // One hash operation either way: removing an absent key just fails.
-    if A::ct_remove(&key) {
+    // Looked up first: a lookup takes no lock, a removal locks the key's
+    // bucket even to find nothing there, and almost always nothing is.
+    if A::ct_get(&key).is_some() && A::ct_remove(&key) {
         count(Counter::ConntrackStale, ());
     }
 }
