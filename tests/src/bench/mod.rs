@@ -8,6 +8,7 @@
 pub mod dns;
 pub mod load;
 pub mod packets;
+pub mod programs;
 pub mod report;
 pub mod topology;
 pub mod workload;
@@ -226,6 +227,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Small UDP packets from outside through a node port, per mode.
     pub packet_rates: Vec<packets::PacketRow>,
+    /// A run of the per-packet path's programs, by the kind of packet.
+    pub program_costs: Vec<programs::ProgramCost>,
     /// The DNS add-on and the reference server under dnsperf.
     pub dns: Vec<dns::DnsRow>,
     /// How soon the DNS add-on answered for a new Service.
@@ -805,6 +808,9 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
             break;
         }
         measure_placement(cfg, (n, placement, family), work.path(), &mut report, &mut problems, &stop)?;
+    }
+    if !stop.load(Ordering::Relaxed) {
+        report.program_costs = programs::measure(cfg)?;
     }
     if cfg.packet_rate && !stop.load(Ordering::Relaxed) {
         report.packet_rates = packets::measure(cfg, work.path())?;

@@ -238,6 +238,7 @@ pub fn markdown(r: &Report, plot_dir: &str) -> String {
     md.push_str(&table(r));
     writeln!(md, "\n{}\n", spread(r)).expect("writing to a String cannot fail");
     md.push_str(&packet_table(r));
+    md.push_str(&program_table(r));
     md.push_str(&dns_table(r));
     writeln!(md, "Generator check: {}\n", r.generator.as_ref().map_or("not run.".into(), generator_verdict))
         .expect("writing to a String cannot fail");
@@ -296,6 +297,40 @@ pub fn dns_table(r: &Report) -> String {
             c.services, c.answered_ms
         )
         .expect("writing to a String cannot fail");
+    }
+    t.push('\n');
+    t
+}
+
+/// What a run of the per-packet programs costs, by the kind of packet
+/// (rows) and the number of Services (columns), if measured.
+pub fn program_table(r: &Report) -> String {
+    let costs = &r.program_costs;
+    if costs.is_empty() {
+        return String::new();
+    }
+    let mut ns: Vec<usize> = costs.iter().map(|c| c.services).collect();
+    ns.dedup();
+    let mut t = String::from(
+        "Cost of one run of the per-packet path's programs, by the kind of packet (the kernel running each \
+         on one frame 200,000 times over, BPF_PROG_TEST_RUN, with the agent's maps and N Services: a steady \
+         floor to compare builds by, with the caches warm and the test harness's own share in every figure; \
+         in traffic a run costs two to three times this), ns a run (median of the batches):\n\n| packet | program |",
+    );
+    for n in &ns {
+        write!(t, " {n} Services |").expect("writing to a String cannot fail");
+    }
+    t.push_str("\n|---|---|");
+    t.push_str(&"---:|".repeat(ns.len()));
+    t.push('\n');
+    // Every N measures the same kinds, in the same order.
+    for (packet, program) in costs.iter().filter(|c| c.services == ns[0]).map(|c| (&c.packet, &c.program)) {
+        write!(t, "| {packet} | `{program}` |").expect("writing to a String cannot fail");
+        for n in &ns {
+            let c = costs.iter().find(|c| c.services == *n && &c.packet == packet && &c.program == program);
+            write!(t, " {} |", fmt(c.map(|c| c.ns_per_run.median), 0)).expect("writing to a String cannot fail");
+        }
+        t.push('\n');
     }
     t.push('\n');
     t
@@ -779,5 +814,31 @@ mod tests {
             "IPv4 rows alone: {verdicts}"
         );
         assert_eq!(label(&r.rows[3]), "ebpf-socket over IPv6 at N=10000");
+    }
+
+    #[test]
+    fn the_program_costs_are_a_row_per_kind_of_packet_and_a_column_per_number_of_services() {
+        let cost = |services, packet: &str, ns| super::super::programs::ProgramCost {
+            services,
+            packet: packet.into(),
+            program: "kpr_from_pod".into(),
+            ns_per_run: stat(ns, ns, ns),
+        };
+        let r = Report {
+            program_costs: vec![
+                cost(1, "request", 300.0),
+                cost(1, "direct", 100.0),
+                cost(50, "request", 320.0),
+                cost(50, "direct", 101.4),
+            ],
+            ..Default::default()
+        };
+        let t = program_table(&r);
+        let lines: Vec<&str> = t.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(lines[0], "| packet | program | 1 Services | 50 Services |", "{t}");
+        assert_eq!(lines[2], "| request | `kpr_from_pod` | 300 | 320 |", "{t}");
+        assert_eq!(lines[3], "| direct | `kpr_from_pod` | 100 | 101 |", "{t}");
+        assert_eq!(lines.len(), 4, "{t}");
+        assert_eq!(program_table(&Report::default()), "", "nothing measured, nothing shown");
     }
 }
