@@ -8,8 +8,9 @@
 //! creates them and SERVICES Services programmed. A run must see the same
 //! frame as the one before it, but the programs rewrite what they
 //! translate. So the measured Service's one backend is its own VIP and
-//! port: translating changes no byte, while every step (conntrack,
-//! checksum updates, counters) runs as for any backend.
+//! port: every step (Service lookup, conntrack, counters) runs as for any
+//! backend but the rewrite itself, which leaves fields that keep their
+//! value alone, so its checksum updates are not in the figure.
 
 use std::net::Ipv4Addr;
 
