@@ -810,7 +810,10 @@ pub fn run(cfg: &Config, command: &str, stop: Arc<AtomicBool>) -> anyhow::Result
         measure_placement(cfg, (n, placement, family), work.path(), &mut report, &mut problems, &stop)?;
     }
     if !stop.load(Ordering::Relaxed) {
-        report.program_costs = programs::measure(cfg)?;
+        match programs::measure(cfg) {
+            Ok(costs) => report.program_costs = costs,
+            Err(e) => problems.note(format!("program cost: {e:#}"))?,
+        }
     }
     if cfg.packet_rate && !stop.load(Ordering::Relaxed) {
         report.packet_rates = packets::measure(cfg, work.path())?;
