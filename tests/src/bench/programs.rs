@@ -3,9 +3,10 @@
 //! program run by the kernel on one crafted frame over and over
 //! (BPF_PROG_TEST_RUN with a repeat count), with its maps as the agent
 //! creates them and N Services programmed; the time of a run is the
-//! kernel's figure for the batch. The connection-rate rows move with the
-//! machine from minute to minute; this is the steady figure that tells one
-//! build of the programs from another.
+//! kernel's figure for the batch. The batches of a run agree to within a
+//! few percent, where the connection-rate rows move by up to a third from
+//! minute to minute; the whole table still moves with the machine, so two
+//! builds are compared back to back.
 //!
 //! It is a floor, not the cost in traffic: the frame, the maps' entries and
 //! the program stay in the CPU's caches from one run to the next, and the

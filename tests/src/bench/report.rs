@@ -313,8 +313,8 @@ pub fn program_table(r: &Report) -> String {
     ns.dedup();
     let mut t = String::from(
         "Cost of one run of the per-packet path's programs, by the kind of packet (the kernel running each \
-         on one frame 200,000 times over, BPF_PROG_TEST_RUN, with the agent's maps and N Services: a steady \
-         floor to compare builds by, with the caches warm, the test harness's own share in every figure and \
+         on one frame 200,000 times over, BPF_PROG_TEST_RUN, with the agent's maps and N Services: a floor \
+         to compare builds by when run back to back, with the caches warm, the test harness's own share in every figure and \
          the rewrite's checksum updates left out, as the measured Service's backend is its own VIP so that \
          the frame stays the same; in traffic a run costs two to three times this), ns a run (median of the \
          batches):\n\n| packet | program |",
