@@ -70,7 +70,8 @@ fn measure_at(services: usize, batches: usize) -> anyhow::Result<Vec<ProgramCost
             let ns = (0..batches)
                 .map(|_| run(&ebpf, program, &frame, RUNS).map(|d| d.as_nanos() as f64))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(ProgramCost { services, packet: packet.into(), program: program.into(), ns_per_run: Stat::of(ns) })
+            let (packet, program) = (packet.into(), program.into());
+            Ok(ProgramCost { services, packet, program, runs: RUNS, ns_per_run: Stat::of(ns) })
         })
         .collect()
 }

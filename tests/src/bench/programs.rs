@@ -35,6 +35,8 @@ pub struct ProgramCost {
     /// The program it runs through: `kpr_from_pod` (ingress of the
     /// sender's interface) or `kpr_to_pod` (egress of the receiver's).
     pub program: String,
+    /// Runs in each batch, the kernel timing the batch as a whole.
+    pub runs: u32,
     /// Nanoseconds a run, over the batches.
     pub ns_per_run: Stat,
 }

@@ -311,13 +311,14 @@ pub fn program_table(r: &Report) -> String {
     }
     let mut ns: Vec<usize> = costs.iter().map(|c| c.services).collect();
     ns.dedup();
-    let mut t = String::from(
+    let mut t = format!(
         "Cost of one run of the per-packet path's programs, by the kind of packet (the kernel running each \
-         on one frame 200,000 times over, BPF_PROG_TEST_RUN, with the agent's maps and N Services: a floor \
+         on one frame {} times over, BPF_PROG_TEST_RUN, with the agent's maps and N Services: a floor \
          to compare builds by when run back to back, with the caches warm, the test harness's own share in every figure and \
          the rewrite's checksum updates left out, as the measured Service's backend is its own VIP so that \
          the frame stays the same; in traffic a run costs two to three times this), ns a run (median of the \
          batches):\n\n| packet | program |",
+        costs[0].runs
     );
     for n in &ns {
         write!(t, " {n} Services |").expect("writing to a String cannot fail");
@@ -824,6 +825,7 @@ mod tests {
             services,
             packet: packet.into(),
             program: "kpr_from_pod".into(),
+            runs: 1000,
             ns_per_run: stat(ns, ns, ns),
         };
         let r = Report {
@@ -841,6 +843,7 @@ mod tests {
         assert_eq!(lines[2], "| request | `kpr_from_pod` | 300 | 320 |", "{t}");
         assert_eq!(lines[3], "| direct | `kpr_from_pod` | 100 | 101 |", "{t}");
         assert_eq!(lines.len(), 4, "{t}");
+        assert!(t.contains("on one frame 1000 times over"), "the runs a batch as measured: {t}");
         assert_eq!(program_table(&Report::default()), "", "nothing measured, nothing shown");
     }
 }
