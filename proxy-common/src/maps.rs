@@ -191,11 +191,36 @@ pub const DEFAULT_CLUSTER_SCOPES_MAX: u32 = 16_384;
 /// Interfaces counted per hook in [`DEVICE_COUNTS`] (pod interfaces included).
 pub const DEFAULT_DEVICES_MAX: u32 = 4_096;
 
-/// The source ports the datapath's source NAT hands out (the upper half,
-/// above the node port range): one flow per (backend, node address, port)
-/// at a time.
+/// The source ports the datapath's source NAT hands out are the odd ones
+/// of the upper half (above the node port range): one flow per (backend,
+/// node address, port) at a time.
+///
+/// Odd, because the kernel gives a socket that connects without binding an
+/// even port (since Linux 4.6, odd ones only when the even ones run out,
+/// leaving the odd ones to `bind` to port 0). A node process's new TCP
+/// connection therefore never takes a port a flow from outside was given
+/// after the node's sockets were checked (see the datapath's `nat`), as it
+/// could when every port was handed out: it would be one flow with that
+/// flow at the backend, and the backend's answers would go to the flow's
+/// client.
 pub const NAT_PORT_MIN: u16 = 32_768;
 pub const NAT_PORT_COUNT: u32 = 32_768;
+
+/// The NAT port the random number `random` picks: one of the odd ports
+/// of the range (see [`NAT_PORT_MIN`]), each as likely; in network byte
+/// order, as in the packet.
+#[inline(always)]
+pub const fn nat_port(random: u32) -> [u8; 2] {
+    ((NAT_PORT_MIN as u32 + random % NAT_PORT_COUNT) as u16 | 1).to_be_bytes()
+}
+
+/// Whether the source NAT may hand out `port` (network byte order): an
+/// odd port of the range (see [`NAT_PORT_MIN`]). A client's own port is
+/// kept where it is one.
+#[inline(always)]
+pub const fn is_nat_port(port: [u8; 2]) -> bool {
+    u16::from_be_bytes(port) >= NAT_PORT_MIN && port[1] & 1 == 1
+}
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -750,6 +775,25 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::{align_of, size_of};
+
+    #[test]
+    fn nat_ports_are_the_odd_ports_of_the_upper_half() {
+        let port = |random: u32| u16::from_be_bytes(nat_port(random));
+        // Every random number gives an odd port of the range, both ends reached.
+        assert_eq!(port(0), NAT_PORT_MIN + 1);
+        assert_eq!(port(1), NAT_PORT_MIN + 1);
+        assert_eq!(port(NAT_PORT_COUNT - 1), u16::MAX);
+        assert_eq!(port(NAT_PORT_COUNT), NAT_PORT_MIN + 1);
+        for random in [7, 1 << 15, 123_456_789, u32::MAX - 1, u32::MAX] {
+            assert!(is_nat_port(nat_port(random)), "{random} -> {}", port(random));
+        }
+        // A client's port is kept where it is odd and in the range; Linux
+        // connects from even ones, which are left to the node's own.
+        let client = |port: u16| is_nat_port(port.to_be_bytes());
+        assert!(client(45_003) && client(32_769) && client(65_535));
+        assert!(!client(45_002) && !client(32_768) && !client(65_534));
+        assert!(!client(20_001) && !client(32_767));
+    }
 
     #[test]
     fn layouts_have_no_implicit_padding() {

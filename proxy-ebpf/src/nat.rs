@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     conntrack::FlowKey,
-    maps::{Backend, NAT_PORT_COUNT, NAT_PORT_MIN, NatAddress, PROTO_TCP, PROTO_UDP},
+    maps::{Backend, NAT_PORT_MIN, NatAddress, PROTO_TCP, PROTO_UDP, is_nat_port, nat_port},
 };
 
 use crate::{
@@ -107,8 +107,10 @@ fn port_free_of_node_sockets<A: Family>(
     port: [u8; 2],
     proto: u8,
 ) -> bool {
-    // Ports below the range are node ports' or the node's own.
-    if u16::from_be_bytes(port) < NAT_PORT_MIN {
+    // Ports below the range are node ports' or the node's own, and even
+    // ones are for the node's new connections (see proxy-common's
+    // `NAT_PORT_MIN`): a client's own port may be either.
+    if !is_nat_port(port) {
         return false;
     }
     // In a map: the callers sit on the deepest call chains, whose stack
@@ -134,13 +136,14 @@ fn port_free_of_node_sockets<A: Family>(
 }
 
 /// A port of `node` for new flow `flow` to `backend`, recorded both ways;
-/// `None` if every port tried is busy or the maps refused. The client's own
-/// port first, as netfilter's NAT does: one client's live flows never share
-/// it, so it is free but when another client's flow to the same backend
-/// holds it; then random ones. (Random ones alone run out: a closing flow
-/// holds its port for seconds, so at thousands of connections a second to
-/// a backend most of them are held.) Every port tried is asked of the
-/// node's sockets too (see [`port_free_of_node_sockets`]; `ctx` is the program's
+/// `None` if every port tried is busy or the maps refused. Only odd ports
+/// of the range (see proxy-common's `NAT_PORT_MIN`). The client's own port
+/// first where it is one, as netfilter's NAT keeps it: one client's live
+/// flows never share it, so it is free but when another client's flow to
+/// the same backend holds it (a client reusing its port gets the same one
+/// again, where a random one would be held for seconds by the closing
+/// flow); then random ones. Every port tried is asked of the node's
+/// sockets too (see [`port_free_of_node_sockets`]; `ctx` is the program's
 /// context): a node process's connection to the backend keeps its port.
 #[inline(always)]
 pub(crate) fn allocate<A: Family>(
@@ -151,11 +154,7 @@ pub(crate) fn allocate<A: Family>(
     now: u32,
 ) -> Option<NatAddress<A>> {
     for i in 0..=TRIES {
-        let port = if i == 0 {
-            flow.src_port
-        } else {
-            ((NAT_PORT_MIN as u32 + (unsafe { bpf_get_prandom_u32() } % NAT_PORT_COUNT)) as u16).to_be_bytes()
-        };
+        let port = if i == 0 { flow.src_port } else { nat_port(unsafe { bpf_get_prandom_u32() }) };
         if !port_free_of_node_sockets(ctx, backend, &node, port, flow.proto) {
             continue;
         }

@@ -396,25 +396,25 @@ fn from_outside(mode: Mode, xdp: [&str; 2]) {
     }
 }
 
-/// How many connections netfilter tracks in `node`'s namespace (none
-/// where conntrack never ran there, or is not loaded at all).
-/// A two-node cluster of `shape` running kpr in a mode, with one UDP
-/// backend on node 1 (`web-1`, port 5353) behind node port 29080/UDP
-/// (`externalTrafficPolicy: Cluster`).
-struct UdpNodePort {
+/// A two-node cluster of `shape` running kpr in a mode, with one backend
+/// on node 1 (`web-1`, ports 8080/TCP and 5353/UDP) behind node ports
+/// 30080/TCP and 29080/UDP (`externalTrafficPolicy: Cluster`).
+struct RemoteBackend {
     _agents: Vec<Kpr>,
-    _server: Server,
+    _servers: [Server; 2],
     _dir: tempfile::TempDir,
     backend: Ipv4Addr,
     cluster: Cluster,
 }
 
-impl UdpNodePort {
+impl RemoteBackend {
     fn on(shape: Shape, mode: Mode) -> Self {
         let mut cluster = Cluster::new(shape, 2).unwrap();
         cluster.add_pod(1, "web-1", 11).unwrap();
-        let backend = cluster.node(1).pod("web-1").ip;
-        let server = servers::udp(&cluster.node(1).pod("web-1").ns, 5353, "web-1").unwrap();
+        let web1 = cluster.node(1).pod("web-1");
+        let backend = web1.ip;
+        let servers =
+            [servers::tcp_peer(&web1.ns, 8080, "web-1").unwrap(), servers::udp(&web1.ns, 5353, "web-1").unwrap()];
         let dir = tempfile::tempdir().unwrap();
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
@@ -426,7 +426,7 @@ impl UdpNodePort {
             "--cluster-cidr=10.244.0.0/16".into(),
         ];
         let agents = cluster.nodes.iter().map(|node| node.start_kpr(&[], &args, dir.path()).unwrap()).collect();
-        Self { _agents: agents, _server: server, _dir: dir, backend, cluster }
+        Self { _agents: agents, _servers: servers, _dir: dir, backend, cluster }
     }
 }
 
@@ -439,7 +439,7 @@ impl UdpNodePort {
 /// path MTU discovery waiting forever); what fits is answered.
 fn tells_outside_clients_what_fits_the_path(mode: Mode) {
     root_or_skip!();
-    let setup = UdpNodePort::on(Shape::Vxlan, mode);
+    let setup = RemoteBackend::on(Shape::Vxlan, mode);
     let cluster = &setup.cluster;
 
     let target = SocketAddr::from((cluster.node(0).address(), 29080));
@@ -453,10 +453,11 @@ fn tells_outside_clients_what_fits_the_path(mode: Mode) {
 }
 
 /// Node 0's own UDP sockets, each connected to the backend from one of
-/// `count` ports spread over the source NAT's range (an eighth of it).
+/// `count` ports spread over the source NAT's range (a quarter of its
+/// ports: the NAT hands out odd ones alone).
 fn node_sockets_to(node: &ClusterNode, backend: SocketAddr, count: u16) -> Vec<std::net::UdpSocket> {
     let from = node.address();
-    let ports = (0..count).map(move |i| 32768 + i * (32768 / count));
+    let ports = (0..count).map(move |i| 32769 + i * (32768 / count));
     node.ns
         .run(move || {
             ports
@@ -485,16 +486,16 @@ fn allow_open_files(files: u64) {
 
 /// Requests from outside under the Cluster policy, from client ports below
 /// the source NAT's range (so each flow gets a random port of it), while
-/// the node holds connected sockets of its own to the same backend on an
-/// eighth of that range: no flow is given one of their ports, so every one
-/// of those sockets still gets the backend's answers. (With the ports
-/// unchecked, 40 flows would take one of them with odds of 99.5%, and its
-/// answers would go to that flow's client.)
+/// the node holds connected sockets of its own to the same backend on a
+/// quarter of the ports it hands out: no flow is given one of their ports,
+/// so every one of those sockets still gets the backend's answers. (With
+/// the ports unchecked, 40 flows would take one of them with odds of
+/// 99.999%, and its answers would go to that flow's client.)
 fn leaves_the_nodes_own_connections_their_ports(mode: Mode) {
     root_or_skip!();
     const HELD: u16 = 4096;
     allow_open_files(HELD as u64 + 1024);
-    let setup = UdpNodePort::on(Shape::HostGw, mode);
+    let setup = RemoteBackend::on(Shape::HostGw, mode);
     let (cluster, web1) = (&setup.cluster, setup.backend);
     let held = node_sockets_to(cluster.node(0), SocketAddr::from((web1, 5353)), HELD);
 
@@ -545,6 +546,43 @@ fn leaves_the_nodes_own_connections_their_ports(mode: Mode) {
     );
 }
 
+/// A node process's new connection to the backend, made after a flow from
+/// outside to the same backend was source-NATed: node 0's ports for
+/// connections narrowed to 45002 and 45003, the client outside connecting
+/// from 45002. Linux connects from the even one (odd ones are for `bind`
+/// to port 0), so the flow from outside must not have been given it, as
+/// it would be by keeping the client's port: the two would be one flow at
+/// the backend, the node's connection would get no answer and the
+/// client's would get the node's. Both connections live.
+fn gives_the_nodes_new_connections_ports_no_flow_from_outside_holds(mode: Mode) {
+    root_or_skip!();
+    let setup = RemoteBackend::on(Shape::HostGw, mode);
+    let (cluster, web1) = (&setup.cluster, setup.backend);
+    let node0 = cluster.node(0);
+    node0.ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=45002 45003"]).unwrap();
+    let node_address = node0.address();
+    let node_port = std::net::SocketAddrV4::new(node_address, 30080);
+    let mut from_outside =
+        cluster.outside().run(move || tcp_connect_from_port(45002, node_port, ANSWER)).unwrap().unwrap();
+    assert_eq!(request_on(&mut from_outside).unwrap(), format!("web-1 {node_address}"), "the client outside");
+
+    let backend = SocketAddr::from((web1, 8080));
+    let (port, answer) = node0
+        .ns
+        .run(move || {
+            let mut own = std::net::TcpStream::connect_timeout(&backend, ANSWER)?;
+            own.set_read_timeout(Some(ANSWER))?;
+            Ok::<_, std::io::Error>((own.local_addr()?.port(), request_on(&mut own)))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(port, 45002, "the node connects from its even port");
+    assert_eq!(answer.unwrap(), format!("web-1 {node_address}"), "the node's own connection");
+    assert_eq!(request_on(&mut from_outside).unwrap(), format!("web-1 {node_address}"), "the client outside, after");
+}
+
+/// How many connections netfilter tracks in `node`'s namespace (none
+/// where conntrack never ran there, or is not loaded at all).
 fn host_conntrack_entries(node: &ClusterNode) -> u64 {
     let count = node.ns.output(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).unwrap_or_default();
     count.trim().parse().unwrap_or(0)
@@ -555,6 +593,7 @@ kpr_tests::in_both_modes!(
     serves_ipv6_traffic_from_outside,
     tells_outside_clients_what_fits_the_path,
     leaves_the_nodes_own_connections_their_ports,
+    gives_the_nodes_new_connections_ports_no_flow_from_outside_holds,
 );
 
 /// A device whose driver has no native XDP (a bridge) falls back to generic
