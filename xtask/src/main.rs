@@ -143,6 +143,10 @@ node shape, every mode (iptables mode with ip6tables rules).
   just before and just after the row's agent ran (none running then: the `direct` row's runs before the first \
   mode, and after each mode as many direct runs again), so that the machine's slow drift over the minutes \
   between the `direct` row and a mode's does not show as a difference between them.
+- Socket-level rows, taken in turn: while the row's agent runs, pairs of short runs (1 s), one with the load \
+  generator in the node's cgroup (the hooks serve it) and one out of it dialling the pods directly, in \
+  alternating order; each pair gives a ratio. No program is on the interfaces in that mode, so this is the \
+  hooks' cost alone, and a drift over minutes falls within no pair.
 - Request latency: one established connection, request and reply in a loop (TCP_RR-like), p50 and p99.
 - Cold programming: from starting the agent to the measured Service answering a probe connection.
 - One change: from rewriting the measured Service's EndpointSlice to a probe connection reaching the new \

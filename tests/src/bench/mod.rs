@@ -70,6 +70,11 @@ pub struct Config {
     pub warmup: Duration,
     pub duration: Duration,
     pub repetitions: usize,
+    /// Pairs of runs of the socket-level row taken in turn with the direct
+    /// line while the agent runs (see [`Row::socket_in_turn`]), and how long
+    /// each run is.
+    pub pairs: usize,
+    pub pair_run: Duration,
     /// Concurrent client connections of the connection-rate load.
     pub threads: usize,
     /// How long a mode may take to answer after the agent starts, and to
@@ -92,6 +97,8 @@ impl Config {
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(3),
             repetitions: 3,
+            pairs: 8,
+            pair_run: Duration::from_secs(1),
             threads: 4,
             answer_within: Duration::from_secs(900),
             out,
@@ -112,6 +119,8 @@ impl Config {
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(700),
             repetitions: 1,
+            pairs: 2,
+            pair_run: Duration::from_millis(500),
             threads: 4,
             answer_within: Duration::from_secs(120),
             out,
@@ -159,6 +168,13 @@ pub struct Row {
     /// agent ran (none running), so that the machine's slow drift between
     /// the direct row and this one does not show as a difference between them.
     pub direct_paired: Option<Stat>,
+    /// Socket-level rows: the rate with the hooks over the direct rate, in
+    /// pairs of runs taken in turn while the agent runs (this process moved
+    /// into the node's cgroup for one run of a pair and out of it for the
+    /// other), one ratio a pair. Nothing else of the agent's is on either
+    /// path (no program on the interfaces), so this is the hooks' cost
+    /// alone, and the machine's drift over minutes falls within no pair.
+    pub socket_in_turn: Option<Stat>,
     /// Failed and attempted connections over all connection-rate runs.
     pub conn_errors: u64,
     pub conn_attempts: u64,
@@ -607,7 +623,7 @@ fn measure_mode(
     // The socket hooks serve only processes in the node's cgroup: the load
     // generator (this process) joins it for the measurement.
     let client_node = bench.nodes.client_node();
-    let member = if mode == "ebpf-socket" { Some(client_node.cgroup().enter()?) } else { None };
+    let mut member = if mode == "ebpf-socket" { Some(client_node.cgroup().enter()?) } else { None };
     let started = Instant::now();
     // kpr runs on every node, the client's first (the one measured). The
     // socket row is socket-level load balancing alone, as the DaemonSet
@@ -618,7 +634,10 @@ fn measure_mode(
         let interfaces = if mode == "ebpf-socket" { Vec::new() } else { node.interfaces() };
         agents.push(Kpr::spawn_on(node.ns(), node.bpf_root(), node.cgroup(), &interfaces, &args, &log)?);
     }
-    let measured = measure_agent(cfg, bench, &agents[0], &manifests, started, &mut row, problems);
+    let mut measured = measure_agent(cfg, bench, &agents[0], &manifests, started, &mut row, problems);
+    if measured.is_ok() && mode == "ebpf-socket" && !placement.outside() {
+        measured = socket_in_turn(cfg, bench, n, &mut member, &mut row, problems);
+    }
     drop(member);
     let what = label(&row);
     let stopped: anyhow::Result<Vec<_>> = agents.iter_mut().map(Kpr::interrupt).collect();
@@ -694,6 +713,50 @@ fn measure_agent(
     row.change_ms = Some(Stat::of(changes));
     // The high-water mark covers programming, traffic and the changes.
     row.agent_peak_mib = status_mib(pid, "VmHWM:");
+    Ok(())
+}
+
+/// The socket-level row's rate against the direct line's in pairs of runs
+/// taken in turn, the agent running throughout (see
+/// [`Row::socket_in_turn`]); `member` is this process's membership of the
+/// node's cgroup, left and taken again between runs. Within a pair the
+/// order alternates, so that a drift during the pairs falls on both sides.
+fn socket_in_turn(
+    cfg: &Config,
+    bench: &Bench,
+    n: usize,
+    member: &mut Option<crate::cgroup::Member>,
+    row: &mut Row,
+    problems: &mut Problems,
+) -> anyhow::Result<()> {
+    let what = label(row);
+    let cgroup = bench.nodes.client_node().cgroup();
+    let (socket, direct) =
+        ((bench.client("ebpf-socket"), vec![bench.target(n)]), (bench.direct_client(), bench.direct_targets()));
+    let mut ratios = Vec::new();
+    for pair in 0..cfg.pairs {
+        let mut rates = [0.0; 2];
+        let order = if pair % 2 == 0 { [true, false] } else { [false, true] };
+        for hooked in order {
+            // In the cgroup for the hooked run only.
+            if hooked && member.is_none() {
+                *member = Some(cgroup.enter()?);
+            } else if !hooked {
+                member.take();
+            }
+            let (client, targets) = if hooked { (socket.0, &socket.1) } else { (direct.0, &direct.1) };
+            let load = load::connection_rate(client, targets, cfg.threads, &[CLIENT_CPU], cfg.warmup, cfg.pair_run)?;
+            let side = if hooked { "socket-level" } else { "direct" };
+            problems.check_load(&load, &format!("{what}, {side} run of pair {}", pair + 1))?;
+            rates[usize::from(!hooked)] = load.rate;
+        }
+        eprintln!("bench: {what}, pair {}: {:.0} conn/s hooked, {:.0} direct", pair + 1, rates[0], rates[1]);
+        ratios.push(rates[0] / rates[1]);
+    }
+    if member.is_none() {
+        *member = Some(cgroup.enter()?);
+    }
+    row.socket_in_turn = Some(Stat::of(ratios));
     Ok(())
 }
 

@@ -374,6 +374,42 @@ pub fn packet_table(r: &Report) -> String {
 }
 
 /// The targets the project set itself, and whether this run met them.
+/// The socket-level rows' ratios from runs taken in turn with the direct
+/// line (see `Row::socket_in_turn`), judged against `target` by their
+/// medians; none where no row has them.
+fn in_turn(rows: &[&Row], target: f64) -> Option<String> {
+    let measured: Vec<(&Row, &Stat)> = rows.iter().filter_map(|x| Some((*x, x.socket_in_turn.as_ref()?))).collect();
+    if measured.is_empty() {
+        return None;
+    }
+    let ratios: Vec<String> = [Placement::SameNode, Placement::OtherNode]
+        .into_iter()
+        .filter_map(|placement| {
+            let at: Vec<String> = measured
+                .iter()
+                .filter(|(x, _)| x.placement == placement)
+                .map(|(x, s)| {
+                    format!(
+                        "{}: {} [{}-{}]",
+                        x.services,
+                        fmt(Some(s.median), 3),
+                        fmt(Some(s.min), 3),
+                        fmt(Some(s.max), 3)
+                    )
+                })
+                .collect();
+            (!at.is_empty()).then(|| format!("backends on the {}: {}", placement.as_str(), at.join(", ")))
+        })
+        .collect();
+    let all = measured.iter().all(|(_, s)| s.median >= target);
+    Some(format!(
+        "  - the same in pairs of runs taken in turn with the direct line while the agent runs, the hooks' cost alone \
+         (median [lowest-highest] of the pairs' ratios): {}: {}\n",
+        ratios.join("; "),
+        if all { "met" } else { "not met" }
+    ))
+}
+
 pub fn targets(r: &Report) -> String {
     let row = |mode: &str, n: usize| {
         r.rows.iter().find(|x| {
@@ -413,6 +449,9 @@ pub fn targets(r: &Report) -> String {
             verdict(all)
         )
         .expect("writing to a String cannot fail");
+        if let Some(line) = in_turn(&rows, target) {
+            out.push_str(&line);
+        }
     }
     for (family, over) in [(Family::Ipv4, ""), (Family::Ipv6, " (IPv6)")] {
         let outside: Vec<&Row> =
@@ -778,6 +817,40 @@ mod tests {
             "the other node's miss counts: {verdicts}"
         );
         assert_eq!(label(&r.rows[1]), "ebpf-socket at N=1000 (backends on the other node)");
+    }
+
+    #[test]
+    fn the_socket_rows_taken_in_turn_are_judged_by_their_medians_beside_the_paired_ratio() {
+        let row = |placement, ratio, in_turn: Option<Stat>| Row {
+            mode: "ebpf-socket".into(),
+            placement,
+            services: 1,
+            conn_ratio: Some(ratio),
+            socket_in_turn: in_turn,
+            ..Default::default()
+        };
+        let r = Report {
+            rows: vec![
+                row(Placement::SameNode, 0.95, Some(stat(0.99, 0.975, 1.0))),
+                row(Placement::OtherNode, 1.02, Some(stat(0.985, 0.96, 0.99))),
+            ],
+            ..Default::default()
+        };
+        let verdicts = targets(&r);
+        assert!(verdicts.contains("1: 0.950; backends on the other node: 1: 1.020): not met"), "{verdicts}");
+        assert!(
+            verdicts.contains(
+                "(median [lowest-highest] of the pairs' ratios): backends on the same node: 1: 0.990 [0.975-1.000]; \
+                 backends on the other node: 1: 0.985 [0.960-0.990]: met\n"
+            ),
+            "{verdicts}"
+        );
+        // A row below the target by its median is not met; rows without pairs say nothing.
+        let r =
+            Report { rows: vec![row(Placement::SameNode, 0.99, Some(stat(0.97, 0.9, 0.99)))], ..Default::default() };
+        assert!(targets(&r).contains("0.970 [0.900-0.990]: not met"));
+        let r = Report { rows: vec![row(Placement::SameNode, 0.99, None)], ..Default::default() };
+        assert!(!targets(&r).contains("taken in turn"));
     }
 
     #[test]
