@@ -202,7 +202,8 @@ pub const DEFAULT_DEVICES_MAX: u32 = 4_096;
 /// after the node's sockets were checked (see the datapath's `nat`), as it
 /// could when every port was handed out: it would be one flow with that
 /// flow at the backend, and the backend's answers would go to the flow's
-/// client.
+/// client. (A UDP socket draws any port; the datapath's `nat` gives a
+/// node socket's datagram the port back.)
 pub const NAT_PORT_MIN: u16 = 32_768;
 pub const NAT_PORT_COUNT: u32 = 32_768;
 

@@ -35,6 +35,7 @@ use crate::{
     lookup::{self, Frontend, Lookup},
     maps::SERVICES6,
     masquerade::{self, Masqueraded},
+    nat,
     parse6::{self, IcmpError6, Packet6, Parsed6},
     refuse, translate,
 };
@@ -189,24 +190,30 @@ fn icmp_to_client(ctx: &TcContext, err: &IcmpError6) -> Result<Verdict, DropReas
 pub(crate) fn to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
     let parsed = parse6::parse(ctx);
     match &parsed {
-        Parsed6::Flow(pkt) => reverse(ctx, pkt),
+        Parsed6::Flow(pkt) => {
+            // Each its own frame: both at once would not fit the stack.
+            if !reverse(ctx, pkt)? {
+                nat::yield_to_node(ctx.skb.skb.cast(), pkt);
+            }
+            Ok(Verdict::Pass)
+        }
         Parsed6::IcmpError(err) => icmp_to_client(ctx, err),
         other => pass(other),
     }
 }
 
-/// A backend's reply in a tracked flow shows the frontend.
+/// A backend's reply in a tracked flow shows the frontend; whether `pkt` was one.
 #[inline(never)]
-fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
+fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<bool, DropReason> {
     let Some(frontend) = conntrack::reply(pkt, conntrack::now()) else {
-        return Ok(Verdict::Pass);
+        return Ok(false);
     };
     translate::reverse6(ctx, pkt, &frontend)?;
     remember_ports(pkt);
     count(Counter::ReverseTranslated, ());
     count_device(ifindex(ctx), hook::TC_EGRESS, DeviceEvent::ReverseTranslated, false);
     count_traffic6(frontend.service_id, &pkt.src, pkt.src_port, ctx.len());
-    Ok(Verdict::Pass)
+    Ok(true)
 }
 
 /// A translated first fragment's ports, for the rest of its datagram.

@@ -367,6 +367,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Seen::Done(verdict) => return Ok(verdict),
     };
     let Some(frontend) = conntrack::reply(&pkt, conntrack::now()) else {
+        nat::yield_to_node(ctx.skb.skb.cast(), &pkt);
         return Ok(Verdict::Pass);
     };
     translate::reverse(ctx, &pkt, &frontend)?;

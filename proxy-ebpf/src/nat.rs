@@ -27,6 +27,37 @@ use crate::{
 /// left to the TC path (from XDP) or dropped (from TC).
 const TRIES: u32 = 8;
 
+/// A UDP datagram the node sends from one of its ports toward a backend
+/// (`pkt`, on its way out): where a flow from outside was given that port
+/// toward the same backend before the node's socket took it (a socket's
+/// port is checked only when a flow gets one), the backend's answers would
+/// go to that flow's client. The node's socket keeps its port: the flow's
+/// mapping goes both ways, and its next datagram is given another port (a
+/// datagram flow's backend does not tell ports apart). The kernel gives a
+/// TCP connection an even port, which the source NAT never hands out.
+///
+/// A request the TC program source-NATed leaves the same way, from the
+/// port it was given: a datagram is the node's own only where a socket of
+/// the node's would get its answers (asked with `ctx`, the program's context).
+#[inline(never)]
+pub(crate) fn yield_to_node<A: Family>(ctx: *mut c_void, pkt: &Packet<A>) {
+    if pkt.proto != PROTO_UDP || !is_nat_port(pkt.src_port) {
+        return;
+    }
+    let reply = FlowKey::reply_tuple(pkt.dst, pkt.dst_port, pkt.src, pkt.src_port, pkt.proto);
+    let Some(client) = A::nat_get(NatTable::Reverse, &reply) else { return };
+    let backend = Backend::new(pkt.dst, u16::from_be_bytes(pkt.dst_port));
+    if port_free_of_node_sockets(ctx, &backend, &pkt.src, pkt.src_port, pkt.proto) {
+        return;
+    }
+    A::nat_remove(NatTable::Reverse, &reply);
+    // The flow's frontend, from its conntrack, names its forward mapping.
+    let reply = FlowKey::reply_tuple(pkt.dst, pkt.dst_port, client.addr, client.port, pkt.proto);
+    if let Some(frontend) = conntrack::frontend_of(&reply, conntrack::now()) {
+        forget(&FlowKey::service(client.addr, client.port, frontend.addr, frontend.port, pkt.proto));
+    }
+}
+
 /// The address and port flow `flow` goes out with, if this program NATs it.
 #[inline(always)]
 pub(crate) fn of_flow<A: Family>(flow: &FlowKey<A>) -> Option<NatAddress<A>> {

@@ -581,6 +581,49 @@ fn gives_the_nodes_new_connections_ports_no_flow_from_outside_holds(mode: Mode) 
     assert_eq!(request_on(&mut from_outside).unwrap(), format!("web-1 {node_address}"), "the client outside, after");
 }
 
+/// A node process's UDP socket bound to a port a flow from outside to the
+/// same backend was source-NATed to (the client outside on 45003, an odd
+/// port, which the NAT keeps): the socket gets the backend's answers, and
+/// the client outside still gets its own, from another port.
+fn gives_the_nodes_new_udp_sockets_their_ports(mode: Mode) {
+    root_or_skip!();
+    let setup = RemoteBackend::on(Shape::HostGw, mode);
+    let (cluster, web1) = (&setup.cluster, setup.backend);
+    let node0 = cluster.node(0);
+    let node_port = SocketAddr::from((node0.address(), 29080));
+    let ask_from_45003 = move || {
+        let socket = std::net::UdpSocket::bind((Cluster::OUTSIDE, 45003))?;
+        socket.set_read_timeout(Some(ANSWER))?;
+        socket.send_to(b"hello", node_port)?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let outside = cluster.outside();
+    assert_eq!(outside.run(ask_from_45003).unwrap().unwrap(), "web-1", "the client outside");
+
+    let from = node0.address();
+    let backend = SocketAddr::from((web1, 5353));
+    let answers = node0
+        .ns
+        .run(move || {
+            let socket = std::net::UdpSocket::bind((from, 45003))?;
+            socket.connect(backend)?;
+            socket.set_read_timeout(Some(ANSWER))?;
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                socket.send(b"mine?")?;
+                let mut buf = [0u8; 64];
+                let n = socket.recv(&mut buf)?;
+                answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            Ok::<_, std::io::Error>(answers)
+        })
+        .unwrap();
+    assert_eq!(answers.unwrap(), ["web-1", "web-1"], "the node's own socket");
+    assert_eq!(outside.run(ask_from_45003).unwrap().unwrap(), "web-1", "the client outside, after");
+}
+
 /// How many connections netfilter tracks in `node`'s namespace (none
 /// where conntrack never ran there, or is not loaded at all).
 fn host_conntrack_entries(node: &ClusterNode) -> u64 {
@@ -594,6 +637,7 @@ kpr_tests::in_both_modes!(
     tells_outside_clients_what_fits_the_path,
     leaves_the_nodes_own_connections_their_ports,
     gives_the_nodes_new_connections_ports_no_flow_from_outside_holds,
+    gives_the_nodes_new_udp_sockets_their_ports,
 );
 
 /// A device whose driver has no native XDP (a bridge) falls back to generic
