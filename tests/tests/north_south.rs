@@ -6,7 +6,7 @@
 //! which node served and whether the client's address was kept.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -588,40 +588,48 @@ fn gives_the_nodes_new_connections_ports_no_flow_from_outside_holds(mode: Mode) 
 fn gives_the_nodes_new_udp_sockets_their_ports(mode: Mode) {
     root_or_skip!();
     let setup = RemoteBackend::on(Shape::HostGw, mode);
-    let (cluster, web1) = (&setup.cluster, setup.backend);
-    let node0 = cluster.node(0);
+    let (cluster, node0) = (&setup.cluster, setup.cluster.node(0));
+    let backend = SocketAddr::from((setup.backend, 5353));
     let node_port = SocketAddr::from((node0.address(), 29080));
-    let ask_from_45003 = move || {
-        let socket = std::net::UdpSocket::bind((Cluster::OUTSIDE, 45003))?;
+    node_socket_keeps_its_port(cluster.outside(), Cluster::OUTSIDE.into(), node_port, node0, backend);
+}
+
+/// The body of [`gives_the_nodes_new_udp_sockets_their_ports`], for either
+/// family: a client `outside` at `outside_ip` asks `node_port` (on `node`,
+/// the Cluster policy, `backend` on another node) from port 45003; then
+/// a socket of `node`'s own on that port asks `backend` twice; then the
+/// client asks again. Each is answered by `web-1`.
+fn node_socket_keeps_its_port(
+    outside: &Netns,
+    outside_ip: IpAddr,
+    node_port: SocketAddr,
+    node: &ClusterNode,
+    backend: SocketAddr,
+) {
+    const PORT: u16 = 45003;
+    let ask = |socket: &std::net::UdpSocket| {
         socket.set_read_timeout(Some(ANSWER))?;
-        socket.send_to(b"hello", node_port)?;
         let mut buf = [0u8; 64];
         let n = socket.recv(&mut buf)?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    let outside = cluster.outside();
-    assert_eq!(outside.run(ask_from_45003).unwrap().unwrap(), "web-1", "the client outside");
-
-    let from = node0.address();
-    let backend = SocketAddr::from((web1, 5353));
-    let answers = node0
+    let from_outside = move || {
+        let socket = std::net::UdpSocket::bind((outside_ip, PORT))?;
+        socket.send_to(b"hello", node_port)?;
+        ask(&socket)
+    };
+    assert_eq!(outside.run(from_outside).unwrap().unwrap(), "web-1", "the client outside");
+    let node_ip = node_port.ip();
+    let answers = node
         .ns
         .run(move || {
-            let socket = std::net::UdpSocket::bind((from, 45003))?;
+            let socket = std::net::UdpSocket::bind((node_ip, PORT))?;
             socket.connect(backend)?;
-            socket.set_read_timeout(Some(ANSWER))?;
-            let mut answers = Vec::new();
-            for _ in 0..2 {
-                socket.send(b"mine?")?;
-                let mut buf = [0u8; 64];
-                let n = socket.recv(&mut buf)?;
-                answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            Ok::<_, std::io::Error>(answers)
+            (0..2).map(|_| socket.send(b"mine?").and_then(|_| ask(&socket))).collect::<std::io::Result<Vec<_>>>()
         })
         .unwrap();
     assert_eq!(answers.unwrap(), ["web-1", "web-1"], "the node's own socket");
-    assert_eq!(outside.run(ask_from_45003).unwrap().unwrap(), "web-1", "the client outside, after");
+    assert_eq!(outside.run(from_outside).unwrap().unwrap(), "web-1", "the client outside, after");
 }
 
 /// How many connections netfilter tracks in `node`'s namespace (none
@@ -781,6 +789,8 @@ fn serves_ipv6_from_outside(mode: Mode, xdp: [&str; 2]) {
     // unreachable, about the source-NATed request, reaches the client.
     let refusal = outside.run(move || connected_udp_error(at(node0, 29087))).unwrap();
     assert_eq!(refusal, Some(ECONNREFUSED), "the backend's refusal reached the client");
+    // A node socket on the port of a flow from outside to the same backend.
+    node_socket_keeps_its_port(outside, Cluster::OUTSIDE6.into(), at(node0, 29080), on0, at(web1.0, 5353));
 
     // An external IP and a load balancer IP, from outside and from a pod.
     for addr in [EXTERNAL_IP6, LB_OPEN6] {
