@@ -719,8 +719,9 @@ fn measure_agent(
 /// The socket-level row's rate against the direct line's in pairs of runs
 /// taken in turn, the agent running throughout (see
 /// [`Row::socket_in_turn`]); `member` is this process's membership of the
-/// node's cgroup, left and taken again between runs. Within a pair the
-/// order alternates, so that a drift during the pairs falls on both sides.
+/// node's cgroup, left and taken again between runs. Which run of a pair
+/// comes first alternates from pair to pair, so that a drift during the
+/// pairs falls on both sides.
 fn socket_in_turn(
     cfg: &Config,
     bench: &Bench,
@@ -752,9 +753,6 @@ fn socket_in_turn(
         }
         eprintln!("bench: {what}, pair {}: {:.0} conn/s hooked, {:.0} direct", pair + 1, rates[0], rates[1]);
         ratios.push(rates[0] / rates[1]);
-    }
-    if member.is_none() {
-        *member = Some(cgroup.enter()?);
     }
     row.socket_in_turn = Some(Stat::of(ratios));
     Ok(())
