@@ -96,10 +96,15 @@ pub enum Counter {
     /// ("don't fragment" set, or IPv6): answered with "fragmentation
     /// needed" ("packet too big") and the device's MTU, as a router does.
     AnsweredTooBig,
+    /// Flows from outside whose source-NAT port a node's UDP socket took
+    /// after the flow was given it: their mapping dropped when the node's
+    /// datagram left, so the socket gets the backend's answers and the
+    /// flow's next datagram another port.
+    NatYieldedToNode,
 }
 
 /// Number of counters; the size of the counter map.
-pub const COUNT: u32 = 30;
+pub const COUNT: u32 = 31;
 
 impl Counter {
     pub const ALL: [Counter; COUNT as usize] = [
@@ -133,6 +138,7 @@ impl Counter {
         Counter::XdpPassedToStack,
         Counter::DroppedNoRoute,
         Counter::AnsweredTooBig,
+        Counter::NatYieldedToNode,
     ];
 
     /// The counter's name, also its metric label: snake_case, and `dropped_`
@@ -169,6 +175,7 @@ impl Counter {
             Counter::XdpPassedToStack => "xdp_passed_to_stack",
             Counter::DroppedNoRoute => "dropped_no_route",
             Counter::AnsweredTooBig => "answered_too_big",
+            Counter::NatYieldedToNode => "nat_yielded_to_node",
         }
     }
 }

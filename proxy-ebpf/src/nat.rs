@@ -14,11 +14,13 @@ use aya_ebpf::{
 };
 use proxy_common::{
     conntrack::FlowKey,
+    counters::Counter,
     maps::{Backend, NAT_PORT_MIN, NatAddress, PROTO_TCP, PROTO_UDP, is_nat_port, nat_port},
 };
 
 use crate::{
     conntrack,
+    counters::count,
     family::{Family, NatTable},
     parse::Packet,
 };
@@ -51,6 +53,7 @@ pub(crate) fn yield_to_node<A: Family>(ctx: *mut c_void, pkt: &Packet<A>) {
         return;
     }
     A::nat_remove(NatTable::Reverse, &reply);
+    count(Counter::NatYieldedToNode, ());
     // The flow's frontend, from its conntrack, names its forward mapping.
     let reply = FlowKey::reply_tuple(pkt.dst, pkt.dst_port, client.addr, client.port, pkt.proto);
     if let Some(frontend) = conntrack::frontend_of(&reply, conntrack::now()) {

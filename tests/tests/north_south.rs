@@ -592,6 +592,10 @@ fn gives_the_nodes_new_udp_sockets_their_ports(mode: Mode) {
     let backend = SocketAddr::from((setup.backend, 5353));
     let node_port = SocketAddr::from((node0.address(), 29080));
     node_socket_keeps_its_port(cluster.outside(), Cluster::OUTSIDE.into(), node_port, node0, backend);
+    if mode == Mode::Ebpf {
+        let stats = kpr::datapath_stats(&node0.ns, node0.bpf_root()).unwrap();
+        assert_eq!(stats["nat_yielded_to_node"], 1, "{stats:#}");
+    }
 }
 
 /// The body of [`gives_the_nodes_new_udp_sockets_their_ports`], for either
