@@ -373,43 +373,45 @@ pub fn packet_table(r: &Report) -> String {
     t
 }
 
-/// The targets the project set itself, and whether this run met them.
-/// The socket-level rows' ratios from runs taken in turn with the direct
-/// line (see `Row::socket_in_turn`), judged against `target` by their
-/// medians; none where no row has them.
-fn in_turn(rows: &[&Row], target: f64) -> Option<String> {
-    let measured: Vec<(&Row, &Stat)> = rows.iter().filter_map(|x| Some((*x, x.socket_in_turn.as_ref()?))).collect();
-    if measured.is_empty() {
-        return None;
-    }
-    let ratios: Vec<String> = [Placement::SameNode, Placement::OtherNode]
+/// `rows`' figures grouped by where their backends ran ("backends on the
+/// same node: 1: …, 1000: …; backends on the other node: …"), each row
+/// shown by `show` after its N; rows `show` has nothing for are left out.
+fn by_placement(rows: &[&Row], show: impl Fn(&Row) -> Option<String>) -> String {
+    let groups: Vec<String> = [Placement::SameNode, Placement::OtherNode]
         .into_iter()
         .filter_map(|placement| {
-            let at: Vec<String> = measured
+            let at: Vec<String> = rows
                 .iter()
-                .filter(|(x, _)| x.placement == placement)
-                .map(|(x, s)| {
-                    format!(
-                        "{}: {} [{}-{}]",
-                        x.services,
-                        fmt(Some(s.median), 3),
-                        fmt(Some(s.min), 3),
-                        fmt(Some(s.max), 3)
-                    )
-                })
+                .filter(|x| x.placement == placement)
+                .filter_map(|x| Some(format!("{}: {}", x.services, show(x)?)))
                 .collect();
             (!at.is_empty()).then(|| format!("backends on the {}: {}", placement.as_str(), at.join(", ")))
         })
         .collect();
-    let all = measured.iter().all(|(_, s)| s.median >= target);
+    groups.join("; ")
+}
+
+/// The socket-level rows' ratios from runs taken in turn with the direct
+/// line (see `Row::socket_in_turn`), judged against `target` by their
+/// medians; none where no row has them.
+fn in_turn(rows: &[&Row], target: f64) -> Option<String> {
+    let measured: Vec<&Stat> = rows.iter().filter_map(|x| x.socket_in_turn.as_ref()).collect();
+    if measured.is_empty() {
+        return None;
+    }
+    let ratios = by_placement(rows, |x| {
+        let s = x.socket_in_turn.as_ref()?;
+        Some(format!("{} [{}-{}]", fmt(Some(s.median), 3), fmt(Some(s.min), 3), fmt(Some(s.max), 3)))
+    });
+    let all = measured.iter().all(|s| s.median >= target);
     Some(format!(
         "  - the same in pairs of runs taken in turn with the direct line while the agent runs, the hooks' cost alone \
-         (median [lowest-highest] of the pairs' ratios): {}: {}\n",
-        ratios.join("; "),
+         (median [lowest-highest] of the pairs' ratios): {ratios}: {}\n",
         if all { "met" } else { "not met" }
     ))
 }
 
+/// The targets the project set itself, and whether this run met them.
 pub fn targets(r: &Report) -> String {
     let row = |mode: &str, n: usize| {
         r.rows.iter().find(|x| {
@@ -430,25 +432,10 @@ pub fn targets(r: &Report) -> String {
         if rows.is_empty() {
             continue;
         }
-        let ratios: Vec<String> = [Placement::SameNode, Placement::OtherNode]
-            .into_iter()
-            .filter_map(|placement| {
-                let at: Vec<String> = rows
-                    .iter()
-                    .filter(|x| x.placement == placement)
-                    .map(|x| format!("{}: {}", x.services, fmt(x.conn_ratio, 3)))
-                    .collect();
-                (!at.is_empty()).then(|| format!("backends on the {}: {}", placement.as_str(), at.join(", ")))
-            })
-            .collect();
+        let ratios = by_placement(&rows, |x| Some(fmt(x.conn_ratio, 3)));
         let all = rows.iter().all(|x| x.conn_ratio.is_some_and(|v| v >= target));
-        writeln!(
-            out,
-            "- eBPF {name} connection rate ≥ {target} × direct at every N ({}): {}",
-            ratios.join("; "),
-            verdict(all)
-        )
-        .expect("writing to a String cannot fail");
+        writeln!(out, "- eBPF {name} connection rate ≥ {target} × direct at every N ({ratios}): {}", verdict(all))
+            .expect("writing to a String cannot fail");
         if let Some(line) = in_turn(&rows, target) {
             out.push_str(&line);
         }
