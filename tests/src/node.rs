@@ -47,6 +47,8 @@ pub struct VirtualNode {
     /// The node's own bpffs, where kpr pins its maps (as /sys/fs/bpf on a
     /// real node); unmounted last.
     bpffs: Bpffs,
+    /// Pods added so far, removed ones too: the next one's `vethN`.
+    added: usize,
 }
 
 /// A bpf filesystem mounted on a temporary folder; unmounted on drop.
@@ -120,7 +122,7 @@ impl VirtualNode {
             ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
         }
         let cgroup = Cgroup::new(&format!("{prefix}-node"))?;
-        let mut node = Self { pods: Vec::new(), ns, cgroup, prefix, bpffs: Bpffs::mount()? };
+        let mut node = Self { pods: Vec::new(), ns, cgroup, prefix, bpffs: Bpffs::mount()?, added: 0 };
         for (name, addr) in pods {
             node.add_pod(name, *addr).with_context(|| format!("creating pod {name}"))?;
         }
@@ -131,7 +133,7 @@ impl VirtualNode {
     pub fn add_pod(&mut self, name: &str, addr: Ipv4Addr) -> anyhow::Result<&Pod> {
         let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let node = self.ns.name().to_string();
-        let host_if = format!("veth{}", self.pods.len());
+        let host_if = format!("veth{}", self.added);
         ip(&["-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
         ip(&["-n", &node, "link", "set", &host_if, "master", BRIDGE, "up"])?;
         // As the CNI bridge plugin's hairpinMode: a pod reaching its own
@@ -142,7 +144,13 @@ impl VirtualNode {
         ip(&["-n", &p, "link", "set", "eth0", "up"])?;
         ip(&["-n", &p, "route", "add", "default", "via", &GATEWAY.to_string()])?;
         self.pods.push(Pod { name: name.to_string(), ip: addr, host_if, ns });
+        self.added += 1;
         Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Deletes pod `name`: its namespace, and with it its veth pair.
+    pub fn remove_pod(&mut self, name: &str) {
+        self.pods.retain(|p| p.name != name);
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

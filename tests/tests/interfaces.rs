@@ -11,7 +11,7 @@ use std::{
 
 use kpr_tests::{
     client::tcp_request,
-    kpr::{Kpr, Mode},
+    kpr::{self, Kpr, Mode},
     manifests::{web_service, write},
     node::VirtualNode,
     root_or_skip, servers, wait,
@@ -73,6 +73,26 @@ fn pods_created_after_kpr_started_are_served(mode: Mode) {
                 "{iface} attached:\n{log}"
             );
         }
+        // The late client's interface is counted, and its counts go with its pod.
+        let late = node.pod(LATE_CLIENT.0).host_if.clone();
+        let devices = |node: &VirtualNode| {
+            let stats = kpr::stats(&node.ns, node.bpf_root()).unwrap();
+            stats["devices"].as_array().cloned().unwrap_or_default()
+        };
+        let counted = devices(&node).into_iter().find(|d| d["device"] == late.as_str());
+        let counted = counted.unwrap_or_else(|| panic!("{late} counted: {:#?}", devices(&node)));
+        assert!(counted["hooks"]["tc_ingress"]["translated"].as_u64() >= Some(1), "{counted:#}");
+        let ifindex = counted["ifindex"].clone();
+        node.remove_pod(LATE_CLIENT.0);
+        let left = wait::until(
+            "the deleted pod's interface no longer counted",
+            Duration::from_secs(10),
+            || devices(&node),
+            |d| !d.iter().any(|d| d["ifindex"] == ifindex),
+        );
+        left.unwrap_or_else(|e| panic!("{e:#}\nkpr log:\n{}", kpr.log()));
+        let first_client = node.pod("client").host_if.clone();
+        assert!(devices(&node).iter().any(|d| d["device"] == first_client.as_str()), "the first client's still is");
     }
     drop(running);
 }

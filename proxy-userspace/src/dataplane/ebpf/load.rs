@@ -10,7 +10,7 @@ use std::{
 use aya::programs::links::FdLink;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier,
         TcAttachType, tc,
@@ -192,6 +192,8 @@ pub struct Attached {
     pub devices: super::xdp::Devices,
     /// Which pod interfaces switch Service traffic on their bridge.
     pub bridge_ports: super::bridge::BridgePorts,
+    /// What the hooks did on each interface.
+    pub device_counts: super::device_counts::DeviceCounts,
     /// Every link, pinned so it outlives the agent.
     pub pins: LinkPins,
     /// Whether the socket path's egress fence is attached (the previous
@@ -486,6 +488,11 @@ pub fn attach(
         HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?)
             .map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?
     });
+    let device_counts = super::device_counts::DeviceCounts::new({
+        let map = by_id(abi::DEVICE_COUNTS).map_err(|e| DataplaneError::Load(e.to_string()))?;
+        PerCpuHashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?)
+            .map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?
+    });
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
     let open = |name| -> Result<Map, DataplaneError> {
         let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
@@ -540,6 +547,7 @@ pub fn attach(
         collector,
         devices,
         bridge_ports,
+        device_counts,
         pins,
         socket_fence,
         reused,

@@ -13,6 +13,7 @@ mod adopt;
 pub mod bridge;
 pub mod cgroup;
 pub mod conntrack_gc;
+pub mod device_counts;
 pub mod dump;
 pub mod fake;
 pub mod host_flows;
@@ -232,6 +233,9 @@ pub struct EbpfDataplane<M = AyaMaps> {
     node_devices: Option<xdp::Devices>,
     /// Which pod interfaces switch Service traffic on their bridge.
     bridge_ports: Option<bridge::BridgePorts>,
+    /// What the hooks did on each interface.
+    device_counts: Option<device_counts::DeviceCounts>,
+    device_counts_swept: bool,
     /// Interfaces the classifiers are on (name -> index and links), and ones
     /// that refused it (not tried again until they are recreated).
     attached: BTreeMap<String, (u32, PacketLinks)>,
@@ -337,6 +341,7 @@ impl EbpfDataplane<AyaMaps> {
         dataplane.attached = attached.interfaces;
         dataplane.node_devices = Some(attached.devices);
         dataplane.bridge_ports = Some(attached.bridge_ports);
+        dataplane.device_counts = Some(attached.device_counts);
         dataplane.follow_bridges();
         dataplane.observed = Some(attached.observed);
         dataplane._collector = Some(attached.collector);
@@ -362,6 +367,8 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             devices: Vec::new(),
             node_devices: None,
             bridge_ports: None,
+            device_counts: None,
+            device_counts_swept: false,
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             observed: None,
@@ -776,9 +783,19 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         // Not listed this time: nothing is judged gone.
         let Some(present) = links::interfaces() else { return };
+        let mut any_gone = false;
         for (name, _, link) in links::take_gone(&mut self.attached, &present) {
             load::release_classifier(&mut self.pins, &link);
             tracing::info!(iface = %name, "interface gone; forgotten");
+            any_gone = true;
+        }
+        // The first time, also what went while no agent ran.
+        if any_gone || !self.device_counts_swept {
+            self.device_counts_swept = true;
+            let forgotten = self.device_counts.as_mut().map_or(0, |c| c.forget_gone(&present));
+            if forgotten > 0 {
+                tracing::debug!(entries = forgotten, "forgot the counts of interfaces gone");
+            }
         }
         if let Some(devices) = self.node_devices.as_mut() {
             devices.forget_gone(&mut self.pins, &present);
