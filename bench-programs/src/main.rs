@@ -12,12 +12,12 @@
 //! backend but the rewrite itself, which leaves fields that keep their
 //! value alone, so its checksum updates are not in the figure.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::HashMap,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use kpr_tests::{
@@ -25,7 +25,9 @@ use kpr_tests::{
     packet::{TCP_ACK, TCP_SYN, tcp_frame, udp_frame},
 };
 use proxy_common::maps::{self as abi, Backend, BackendKey, ServiceKey, ServiceValue};
-use proxy_userspace::dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD};
+use proxy_userspace::dataplane::ebpf::{
+    self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, device_counts::DeviceCounts,
+};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +52,7 @@ fn measure_at(services: usize, batches: usize) -> anyhow::Result<Vec<ProgramCost
         prog.load().with_context(|| format!("the verifier refuses {name}"))?;
     }
     program_services(&mut ebpf, services)?;
+    give_slot(&mut ebpf)?;
 
     let request = |flags, payload: &[u8]| tcp_frame((CLIENT, CLIENT_PORT), (VIP, PORT), flags, payload);
     let reply = tcp_frame((VIP, PORT), (CLIENT, CLIENT_PORT), TCP_ACK, b"HTTP/1.0 200 OK\r\n\r\n");
@@ -93,6 +96,20 @@ fn program_services(ebpf: &mut Ebpf, n: usize) -> anyhow::Result<()> {
         let backend = if id == 1 { Backend::new(VIP.octets(), PORT) } else { Backend::new(POD.octets(), 8080) };
         backends.insert(BackendKey { set: id, slot: 0 }, backend, 0)?;
     }
+    Ok(())
+}
+
+/// The interface the runs see (BPF_PROG_TEST_RUN hands the programs the
+/// loopback device) is given its counting slot, as the agent gives every
+/// interface it attaches to, by the agent's own code.
+fn give_slot(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    const LOOPBACK: u32 = 1;
+    let mut take = |name: &str| ebpf.take_map(name).with_context(|| name.to_string());
+    let map = PerCpuHashMap::try_from(take(abi::DEVICE_COUNTS)?)?;
+    let owners = Array::try_from(take(abi::DEVICE_OWNERS)?)?;
+    let rows = PerCpuArray::try_from(take(abi::DEVICE_SLOTS)?)?;
+    let mut counts = DeviceCounts::new(map, owners, rows);
+    counts.follow(&BTreeMap::from([("lo".to_string(), LOOPBACK)]), [LOOPBACK]);
     Ok(())
 }
 

@@ -108,8 +108,20 @@ pub const DEVICES: &str = "DEVICES";
 /// so the node's FORWARD chain sees it either way.
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 /// What the datapath did on each interface, by hook: (ifindex, [`hook`]) ->
-/// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes).
+/// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes), for an
+/// interface without a slot of its own ([`DEVICE_OWNERS`]).
 pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
+/// The quick way to an interface's counts: slot ([`device_slot`]) -> the
+/// ifindex the agent gave it to (0: none). The owner's counts go to its
+/// rows of [`DEVICE_SLOTS`], found by indexing two arrays instead of hashing
+/// a key; an interface without its slot (another holds it) is counted in
+/// [`DEVICE_COUNTS`]. The two add up: an interface counted in the map before
+/// it got its slot keeps those counts there.
+pub const DEVICE_OWNERS: &str = "DEVICE_OWNERS";
+/// Per CPU, [`DEVICE_SLOT_HOOKS`] rows of [`DeviceCounts`] a slot
+/// ([`device_row`]), for the interface [`DEVICE_OWNERS`] names; zeroed by
+/// the agent before it hands the slot to another.
+pub const DEVICE_SLOTS: &str = "DEVICE_SLOTS";
 
 /// A frontend reached from outside under `externalTrafficPolicy: Local`
 /// serves outside clients from this node's endpoints (its SERVICES entry),
@@ -139,7 +151,7 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 31] = [
+pub const ALL_MAPS: [&str; 33] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
@@ -162,6 +174,8 @@ pub const ALL_MAPS: [&str; 31] = [
     DEVICES,
     BRIDGE_PORTS,
     DEVICE_COUNTS,
+    DEVICE_OWNERS,
+    DEVICE_SLOTS,
     SOCK_AFFINITY,
     SOCK_REVERSE,
     FRAGMENTS,
@@ -190,6 +204,28 @@ pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
 pub const DEFAULT_CLUSTER_SCOPES_MAX: u32 = 16_384;
 /// Interfaces counted per hook in [`DEVICE_COUNTS`] (pod interfaces included).
 pub const DEFAULT_DEVICES_MAX: u32 = 4_096;
+/// Slots of [`DEVICE_OWNERS`]: a node's interfaces seldom share one
+/// (`ifindex % 1024`), and the rows cost 96 KiB per CPU.
+pub const DEVICE_SLOTS_MAX: u32 = 1_024;
+/// The hooks a slot has a row for, in row order.
+pub const DEVICE_SLOT_HOOKS: [u8; 3] = [hook::TC_INGRESS, hook::TC_EGRESS, hook::XDP];
+
+/// The slot interface `ifindex` may own ([`DEVICE_OWNERS`]).
+pub const fn device_slot(ifindex: u32) -> u32 {
+    ifindex % DEVICE_SLOTS_MAX
+}
+
+/// The row of [`DEVICE_SLOTS`] holding `hook`'s counts in `slot`; `None`
+/// for a hook no program counts under.
+pub const fn device_row(slot: u32, hook: u8) -> Option<u32> {
+    let at = match hook {
+        hook::TC_INGRESS => 0,
+        hook::TC_EGRESS => 1,
+        hook::XDP => 2,
+        _ => return None,
+    };
+    Some(slot * DEVICE_SLOT_HOOKS.len() as u32 + at)
+}
 
 /// The source ports the datapath's source NAT hands out are the odd ones
 /// of the upper half (above the node port range): one flow per (backend,
@@ -794,6 +830,22 @@ mod tests {
         assert!(client(45_003) && client(32_769) && client(65_535));
         assert!(!client(45_002) && !client(32_768) && !client(65_534));
         assert!(!client(20_001) && !client(32_767));
+    }
+
+    #[test]
+    fn each_slot_has_a_row_per_counted_hook_and_no_two_share_one() {
+        let mut rows = [false; (DEVICE_SLOTS_MAX as usize) * DEVICE_SLOT_HOOKS.len()];
+        for slot in 0..DEVICE_SLOTS_MAX {
+            for (at, hook) in DEVICE_SLOT_HOOKS.into_iter().enumerate() {
+                let row = device_row(slot, hook).unwrap();
+                // The reader finds a row's hook by its place in the slot.
+                assert_eq!(row as usize % DEVICE_SLOT_HOOKS.len(), at);
+                assert!(!core::mem::replace(&mut rows[row as usize], true), "row {row} given twice");
+            }
+        }
+        assert!(rows.iter().all(|r| *r), "every row belongs to a slot");
+        assert_eq!(device_row(5, hook::XDP_NATIVE), None, "the agent's names for XDP's modes are not counted under");
+        assert_eq!(device_slot(3), device_slot(3 + DEVICE_SLOTS_MAX));
     }
 
     #[test]

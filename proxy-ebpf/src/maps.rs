@@ -1,6 +1,7 @@
 //! The maps, sized by defaults the agent overrides at load time. Only the
-//! small counter array is per-CPU: a per-CPU map sized by capacity would
-//! grow by megabytes with every CPU (see proxy-common's maps docs).
+//! counters, by kind and by interface, are per-CPU, at fixed sizes: a
+//! per-CPU map sized by capacity would grow by megabytes with every CPU
+//! (see proxy-common's maps docs).
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -14,9 +15,10 @@ use proxy_common::{
     maps::{
         AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, BridgePort,
         DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
-        DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DeviceCounts, DeviceKey, ForwardEntry,
-        FragmentKey, FragmentKey6, FragmentPorts, NatAddress, NatAddress6, ReverseEntry, ReverseEntry6, ServiceKey,
-        ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
+        DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DEVICE_SLOT_HOOKS, DEVICE_SLOTS_MAX,
+        DeviceCounts, DeviceKey, ForwardEntry, FragmentKey, FragmentKey6, FragmentPorts, NatAddress, NatAddress6,
+        ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6, SockUdp6,
+        SourceRangeKey, Traffic,
     },
 };
 
@@ -151,6 +153,13 @@ pub(crate) static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::with_max_ent
 
 #[map]
 pub(crate) static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
+
+#[map]
+pub(crate) static DEVICE_OWNERS: Array<u32> = Array::with_max_entries(DEVICE_SLOTS_MAX, 0);
+
+#[map]
+pub(crate) static DEVICE_SLOTS: PerCpuArray<DeviceCounts> =
+    PerCpuArray::with_max_entries(DEVICE_SLOTS_MAX * DEVICE_SLOT_HOOKS.len() as u32, 0);
 
 #[map]
 pub(crate) static DEVICE_COUNTS: PerCpuHashMap<DeviceKey, DeviceCounts> =

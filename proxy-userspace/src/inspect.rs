@@ -213,6 +213,9 @@ pub struct Maps {
     devices: HashMap<MapData, u32, u8>,
     /// Per-CPU: summed when read.
     device_counts: PerCpuHashMap<MapData, DeviceKey, DeviceCounts>,
+    /// The interfaces' own slots and their per-CPU rows (absent in an
+    /// older agent's pins): added to what `device_counts` holds.
+    device_slots: Option<(Array<MapData, u32>, PerCpuArray<MapData, DeviceCounts>)>,
     nat_forward: HashMap<MapData, FlowKey, abi::NatAddress>,
     /// The lifetimes the datapath judges flows by, as the agent set them
     /// (the defaults in an older agent's pins, which have none).
@@ -290,6 +293,12 @@ impl Maps {
             source_ranges: LpmTrie::try_from(get(abi::SOURCE_RANGES)?).map_err(wrong_type(abi::SOURCE_RANGES))?,
             devices: hash(get(abi::DEVICES)?, abi::DEVICES)?,
             device_counts: PerCpuHashMap::try_from(get(abi::DEVICE_COUNTS)?).map_err(wrong_type(abi::DEVICE_COUNTS))?,
+            device_slots: (|| {
+                Some((
+                    Array::try_from(get(abi::DEVICE_OWNERS).ok()?).ok()?,
+                    PerCpuArray::try_from(get(abi::DEVICE_SLOTS).ok()?).ok()?,
+                ))
+            })(),
             nat_forward: hash(get(abi::NAT_FORWARD)?, abi::NAT_FORWARD)?,
             lifetimes: get(abi::CT_LIFETIMES)
                 .ok()
@@ -325,16 +334,32 @@ impl Maps {
         for (ifindex, path) in self.devices.iter().filter_map(Result::ok) {
             at(&mut by_index, ifindex).path = Some(path_name(path).to_string());
         }
-        for (key, per_cpu) in self.device_counts.iter().filter_map(Result::ok) {
-            let mut sum = HookCounts::default();
-            per_cpu.iter().for_each(|c| sum.add(c));
+        // XDP is named by the mode the agent attached it in.
+        let mut record = |key: DeviceKey, per_cpu: &[DeviceCounts]| {
             let device = at(&mut by_index, key.ifindex);
-            // XDP is named by the mode the agent attached it in.
             let name = match (key.hook, device.path.as_deref()) {
                 (hook::XDP, Some(path)) if path.starts_with("xdp") => path.to_string(),
                 (other, _) => hook::name(other).to_string(),
             };
-            device.hooks.insert(name, sum);
+            let sum = device.hooks.entry(name).or_default();
+            per_cpu.iter().for_each(|c| sum.add(c));
+        };
+        for (key, per_cpu) in self.device_counts.iter().filter_map(Result::ok) {
+            record(key, &per_cpu);
+        }
+        if let Some((owners, rows)) = &self.device_slots {
+            for slot in 0..abi::DEVICE_SLOTS_MAX {
+                let Some(ifindex) = owners.get(&slot, 0).ok().filter(|i| *i != 0) else { continue };
+                for hook in abi::DEVICE_SLOT_HOOKS {
+                    let Some(per_cpu) = abi::device_row(slot, hook).and_then(|row| rows.get(&row, 0).ok()) else {
+                        continue;
+                    };
+                    // A hook that has done nothing shows no more than one never run.
+                    if per_cpu.iter().any(|c| *c != DeviceCounts::default()) {
+                        record(DeviceKey::new(ifindex, hook), &per_cpu);
+                    }
+                }
+            }
         }
         by_index.into_values().collect()
     }

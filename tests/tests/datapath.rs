@@ -7,15 +7,16 @@
 //! lookups see.
 
 use std::{
-    collections::HashMap as StdMap,
+    collections::{BTreeMap, HashMap as StdMap},
     net::{Ipv4Addr, Ipv6Addr},
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use device_counts::DeviceCounts as Slots;
 use kpr_tests::{
     packet::{self, Ip, TCP_ACK, TCP_SYN, View, ethernet, tcp_frame, udp_frame},
     root_or_skip,
@@ -24,13 +25,14 @@ use proxy_common::{
     conntrack::{self as ct, CtEntry, CtEntry6, FlowKey, FlowKey6},
     counters::{Counter, DropReason},
     maps::{
-        self as abi, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, ServiceKey, ServiceKey6,
-        ServiceValue, Traffic,
+        self as abi, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, DeviceCounts, DeviceKey,
+        ServiceKey, ServiceKey6, ServiceValue, Traffic, hook,
     },
 };
 use proxy_userspace::{
     clock::monotonic_seconds,
-    dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, dump},
+    dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, device_counts, dump},
+    inspect::Maps,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -941,6 +943,73 @@ fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
         icmp_error(BACKENDS[0], CLIENT, 3, 3, ip_packet(&udp_frame((CLIENT, 41799), (BACKENDS[0], 5353), b"q")));
     assert_eq!(dp.to_pod(&unrelated), (TC_ACT_OK, unrelated.clone()));
     assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 3);
+    assert_eq!(dp.drops(), 0);
+}
+
+/// A new handle on the datapath's map `name`.
+fn map_data(ebpf: &Ebpf, name: &str) -> MapData {
+    let id = match ebpf.map(name).unwrap_or_else(|| panic!("no map {name}")) {
+        Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::HashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::LruHashMap(d)
+        | Map::LpmTrie(d) => d.info().unwrap().id(),
+        other => panic!("{name}: {other:?}"),
+    };
+    MapData::from_id(id).unwrap()
+}
+
+#[test]
+fn an_interface_is_counted_in_its_own_slot_once_it_has_one_and_forgotten_once_gone() {
+    root_or_skip!();
+    // BPF_PROG_TEST_RUN hands the programs the loopback device.
+    const LOOPBACK: u32 = 1;
+    let dp = Datapath::new(1);
+    let inspected = || Maps::open(|name| Ok(map_data(&dp.ebpf, name))).unwrap();
+    let translated = || {
+        let devices = inspected().devices();
+        let lo = devices.iter().find(|d| d.ifindex == LOOPBACK);
+        lo.map(|d| (d.hooks["tc_ingress"].translated, d.hooks["tc_egress"].reverse_translated))
+    };
+    let exchange = |port: u16| {
+        let (_, out) = dp.run(&tcp_frame((CLIENT, port), (VIP, 80), TCP_SYN, b""));
+        assert_eq!(View(&out).dst(), BACKENDS[0]);
+        dp.to_pod(&tcp_frame((BACKENDS[0], 8080), (CLIENT, port), TCP_SYN | TCP_ACK, b""));
+    };
+    let map_entry = |hook: u8| -> u64 {
+        let m: PerCpuHashMap<_, DeviceKey, DeviceCounts> =
+            PerCpuHashMap::try_from(dp.ebpf.map(abi::DEVICE_COUNTS).unwrap()).unwrap();
+        m.get(&DeviceKey::new(LOOPBACK, hook), 0)
+            .map_or(0, |v| v.iter().map(|c| c.translated + c.reverse_translated).sum())
+    };
+    let mut counts = Slots::new(
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(map_data(&dp.ebpf, abi::DEVICE_COUNTS))).unwrap(),
+        Array::try_from(Map::Array(map_data(&dp.ebpf, abi::DEVICE_OWNERS))).unwrap(),
+        PerCpuArray::try_from(Map::PerCpuArray(map_data(&dp.ebpf, abi::DEVICE_SLOTS))).unwrap(),
+    );
+
+    // Before the agent gives it its slot: counted in the map.
+    exchange(40_001);
+    assert_eq!((map_entry(hook::TC_INGRESS), map_entry(hook::TC_EGRESS)), (1, 1));
+    assert_eq!(translated(), Some((1, 1)));
+
+    // With its slot: counted there, the map's counts kept and added.
+    let present = BTreeMap::from([("lo".to_string(), LOOPBACK)]);
+    counts.follow(&present, [LOOPBACK]);
+    exchange(40_002);
+    exchange(40_003);
+    assert_eq!((map_entry(hook::TC_INGRESS), map_entry(hook::TC_EGRESS)), (1, 1), "the map untouched");
+    assert_eq!(translated(), Some((3, 3)));
+
+    // Gone: its slot and its entries both go.
+    counts.follow(&BTreeMap::new(), []);
+    assert_eq!(translated(), None);
+    assert_eq!((map_entry(hook::TC_INGRESS), map_entry(hook::TC_EGRESS)), (0, 0));
+    // Back (as an interface given the same slot would be): from zero.
+    counts.follow(&present, [LOOPBACK]);
+    exchange(40_004);
+    assert_eq!(translated(), Some((1, 1)));
     assert_eq!(dp.drops(), 0);
 }
 

@@ -10,7 +10,7 @@ use std::{
 use aya::programs::links::FdLink;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier,
         TcAttachType, tc,
@@ -488,11 +488,15 @@ pub fn attach(
         HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?)
             .map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?
     });
-    let device_counts = super::device_counts::DeviceCounts::new({
-        let map = by_id(abi::DEVICE_COUNTS).map_err(|e| DataplaneError::Load(e.to_string()))?;
-        PerCpuHashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?)
-            .map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?
-    });
+    let device_map = |name: &str| -> Result<Map, DataplaneError> {
+        let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
+        Map::from_map_data(map).map_err(|e| wrong_type(name, e))
+    };
+    let device_counts = super::device_counts::DeviceCounts::new(
+        PerCpuHashMap::try_from(device_map(abi::DEVICE_COUNTS)?).map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?,
+        Array::try_from(device_map(abi::DEVICE_OWNERS)?).map_err(|e| wrong_type(abi::DEVICE_OWNERS, e))?,
+        PerCpuArray::try_from(device_map(abi::DEVICE_SLOTS)?).map_err(|e| wrong_type(abi::DEVICE_SLOTS, e))?,
+    );
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
     let open = |name| -> Result<Map, DataplaneError> {
         let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;

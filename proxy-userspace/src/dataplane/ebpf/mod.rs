@@ -235,7 +235,7 @@ pub struct EbpfDataplane<M = AyaMaps> {
     bridge_ports: Option<bridge::BridgePorts>,
     /// What the hooks did on each interface.
     device_counts: Option<device_counts::DeviceCounts>,
-    device_counts_swept: bool,
+    device_counts_followed: bool,
     /// Interfaces the classifiers are on (name -> index and links), and ones
     /// that refused it (not tried again until they are recreated).
     attached: BTreeMap<String, (u32, PacketLinks)>,
@@ -368,7 +368,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             node_devices: None,
             bridge_ports: None,
             device_counts: None,
-            device_counts_swept: false,
+            device_counts_followed: false,
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
             observed: None,
@@ -783,19 +783,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
         }
         // Not listed this time: nothing is judged gone.
         let Some(present) = links::interfaces() else { return };
-        let mut any_gone = false;
+        let mut changed = !self.device_counts_followed;
         for (name, _, link) in links::take_gone(&mut self.attached, &present) {
             load::release_classifier(&mut self.pins, &link);
             tracing::info!(iface = %name, "interface gone; forgotten");
-            any_gone = true;
-        }
-        // The first time, also what went while no agent ran.
-        if any_gone || !self.device_counts_swept {
-            self.device_counts_swept = true;
-            let forgotten = self.device_counts.as_mut().map_or(0, |c| c.forget_gone(&present));
-            if forgotten > 0 {
-                tracing::debug!(entries = forgotten, "forgot the counts of interfaces gone");
-            }
+            changed = true;
         }
         if let Some(devices) = self.node_devices.as_mut() {
             devices.forget_gone(&mut self.pins, &present);
@@ -808,6 +800,7 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
             match load::attach_classifier(ebpf, &mut self.pins, name, index) {
                 Ok(link) => {
                     self.attached.insert(name.to_string(), (index, link));
+                    changed = true;
                     if let Some(devices) = self.node_devices.as_mut().filter(|d| d.is_device(name))
                         && let Err(e) = devices.attach(ebpf, &mut self.pins, name, index)
                     {
@@ -819,6 +812,11 @@ impl<M: ServiceMaps> EbpfDataplane<M> {
                     self.refused.insert(name.to_string(), index);
                 }
             }
+        }
+        // The first time, also the interfaces that went while no agent ran.
+        if changed && let Some(counts) = self.device_counts.as_mut() {
+            counts.follow(&present, self.attached.values().map(|(index, _)| *index));
+            self.device_counts_followed = true;
         }
         self.follow_bridges();
     }
