@@ -26,7 +26,7 @@ use kpr_tests::{
 };
 use proxy_common::maps::{self as abi, Backend, BackendKey, ServiceKey, ServiceValue};
 use proxy_userspace::dataplane::ebpf::{
-    self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, device_counts::DeviceCounts,
+    self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, device_counts::DeviceCounts, frontend_table::FrontendTable,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -82,8 +82,10 @@ fn measure_at(services: usize, batches: usize) -> anyhow::Result<Vec<ProgramCost
 /// `n` TCP Services on port 80, the measured one on `VIP` with itself as
 /// its one backend, every other with one backend of its own.
 fn program_services(ebpf: &mut Ebpf, n: usize) -> anyhow::Result<()> {
-    let mut services: HashMap<_, ServiceKey, ServiceValue> =
-        HashMap::try_from(ebpf.map_mut(abi::SERVICES).context(abi::SERVICES)?)?;
+    // Through the agent's table, which marks the frontends' ports as it writes them.
+    let table = HashMap::try_from(ebpf.take_map(abi::SERVICES).context(abi::SERVICES)?)?;
+    let ports = Array::try_from(ebpf.take_map(abi::FRONTEND_PORTS).context(abi::FRONTEND_PORTS)?)?;
+    let mut services = FrontendTable::<ServiceKey>::new(table, ports)?;
     for id in 1..=n as u32 {
         let vip = if id == 1 { VIP } else { Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + id) };
         let value = ServiceValue { id, backend_set: id, backend_count: 1, ..ServiceValue::MARKER };

@@ -111,6 +111,23 @@ pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 /// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes), for an
 /// interface without a slot of its own ([`DEVICE_OWNERS`]).
 pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
+/// Ports some IPv4 frontend uses, a bit each ([`frontend_port_bit`]): the
+/// programs look a packet's destination port up here before the frontend
+/// table, so what pods and devices carry to no Service, most of their
+/// packets, skips hashing a key there. The agent marks a port before it
+/// writes an entry with it, and clears none (a port marked for nothing
+/// costs a lookup; one left unmarked would hide a frontend).
+pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
+/// [`FRONTEND_PORTS`] of the IPv6 frontends.
+pub const FRONTEND_PORTS6: &str = "FRONTEND_PORTS6";
+/// The words of [`FRONTEND_PORTS`]: a bit for each of the 65,536 ports.
+pub const FRONTEND_PORT_WORDS: u32 = 1_024;
+
+/// The word of [`FRONTEND_PORTS`] holding `port`'s bit, and the bit.
+pub const fn frontend_port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
+
 /// The quick way to an interface's counts: slot ([`device_slot`]) -> the
 /// ifindex the agent gave it to (0: none). The owner's counts go to its
 /// rows of [`DEVICE_SLOTS`], found by indexing two arrays instead of hashing
@@ -151,11 +168,13 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 33] = [
+pub const ALL_MAPS: [&str; 35] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
     BACKENDS6,
+    FRONTEND_PORTS,
+    FRONTEND_PORTS6,
     SOCK_REVERSE6,
     CLUSTER_SCOPE,
     CLUSTER_SCOPE6,
@@ -830,6 +849,18 @@ mod tests {
         assert!(client(45_003) && client(32_769) && client(65_535));
         assert!(!client(45_002) && !client(32_768) && !client(65_534));
         assert!(!client(20_001) && !client(32_767));
+    }
+
+    #[test]
+    fn every_port_has_a_bit_of_its_own() {
+        let mut seen = [0u64; FRONTEND_PORT_WORDS as usize];
+        for port in 0..=u16::MAX {
+            let (word, bit) = frontend_port_bit(port);
+            assert_eq!(bit.count_ones(), 1);
+            assert_eq!(seen[word as usize] & bit, 0, "port {port} shares a bit");
+            seen[word as usize] |= bit;
+        }
+        assert!(seen.iter().all(|w| *w == u64::MAX), "every bit is a port's");
     }
 
     #[test]

@@ -9,19 +9,23 @@
 //! Everything else (Local policy scopes, source NAT from XDP) each family
 //! has in tables of its own: ids are per family.
 
-use aya_ebpf::{bindings::bpf_sock_tuple, maps::lpm_trie::Key};
+use aya_ebpf::{
+    bindings::bpf_sock_tuple,
+    maps::{Array, lpm_trie::Key},
+};
 use proxy_common::{
     conntrack::{CtEntry, FlowKey},
     counters::DropReason,
     ipv6::In6,
     maps::{
         AffinityKey, Backend, BackendKey, NatAddress, PROTO_TCP, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey,
+        frontend_port_bit,
     },
 };
 
 use crate::maps::{
-    BACKENDS, BACKENDS6, CLUSTER_SCOPE, CLUSTER_SCOPE6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, NAT_FORWARD, NAT_FORWARD6,
-    NAT_REVERSE, NAT_REVERSE6, SERVICES, SERVICES6, SOURCE_RANGES,
+    BACKENDS, BACKENDS6, CLUSTER_SCOPE, CLUSTER_SCOPE6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, FRONTEND_PORTS,
+    FRONTEND_PORTS6, NAT_FORWARD, NAT_FORWARD6, NAT_REVERSE, NAT_REVERSE6, SERVICES, SERVICES6, SOURCE_RANGES,
 };
 use crate::{affinity, counters};
 
@@ -63,6 +67,15 @@ pub(crate) trait Family: Copy + PartialEq + Sized {
     fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32);
 }
 
+/// Whether some frontend may use `port` (see proxy-common's
+/// `FRONTEND_PORTS`): an array read the verifier inlines, where the
+/// frontend table would hash a key.
+#[inline(always)]
+fn frontend_port(ports: &Array<u64>, port: [u8; 2]) -> bool {
+    let (word, bit) = frontend_port_bit(u16::from_be_bytes(port));
+    ports.get(word).is_some_and(|w| w & bit != 0)
+}
+
 /// The backend in `slot` of `svc`'s set.
 #[inline(always)]
 pub(crate) fn backend_at<A: Family>(svc: &ServiceValue, slot: u32) -> Option<Backend<A>> {
@@ -72,6 +85,9 @@ pub(crate) fn backend_at<A: Family>(svc: &ServiceValue, slot: u32) -> Option<Bac
 impl Family for [u8; 4] {
     #[inline(always)]
     fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue> {
+        if !frontend_port(&FRONTEND_PORTS, port) {
+            return None;
+        }
         SERVICES.get_ptr(ServiceKey { addr, port, proto, _pad: 0 }).map(|s| unsafe { core::ptr::read(s) })
     }
 
@@ -164,6 +180,9 @@ impl Family for [u8; 4] {
 impl Family for In6 {
     #[inline(always)]
     fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue> {
+        if !frontend_port(&FRONTEND_PORTS6, port) {
+            return None;
+        }
         SERVICES6.get_ptr(ServiceKey6 { addr, port, proto, _pad: 0 }).map(|s| unsafe { core::ptr::read(s) })
     }
 

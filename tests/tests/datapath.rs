@@ -31,7 +31,10 @@ use proxy_common::{
 };
 use proxy_userspace::{
     clock::monotonic_seconds,
-    dataplane::ebpf::{self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, device_counts, dump},
+    dataplane::ebpf::{
+        self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, device_counts, dump,
+        frontend_table::FrontendTable,
+    },
     inspect::Maps,
 };
 
@@ -53,12 +56,26 @@ struct Datapath {
     ebpf: Ebpf,
 }
 
+/// These tests write the frontend tables directly, not through the agent's
+/// `FrontendTable`, which marks each frontend's port: every port is marked
+/// for them (`a_frontend_is_looked_up_only_on_a_port_marked_for_it` tests
+/// the marks).
+fn mark_every_port(ebpf: &mut Ebpf) {
+    for name in [abi::FRONTEND_PORTS, abi::FRONTEND_PORTS6] {
+        let mut ports: Array<_, u64> = Array::try_from(ebpf.map_mut(name).unwrap()).unwrap();
+        for word in 0..abi::FRONTEND_PORT_WORDS {
+            ports.set(word, u64::MAX, 0).unwrap();
+        }
+    }
+}
+
 impl Datapath {
     /// The program loaded with: VIP:80/TCP -> backends:8080, VIP:53/UDP ->
     /// backends:5353 (one backend each unless `n` says more), and an empty
     /// Service on EMPTY_VIP:80/TCP and :53/UDP.
     fn new(n: usize) -> Self {
         let mut ebpf = ebpf::load(MapSizes::default()).expect("load");
+        mark_every_port(&mut ebpf);
         for (name, _) in PACKET_PROGRAMS {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             prog.load().unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
@@ -946,6 +963,40 @@ fn icmp_errors_about_a_translated_flow_are_translated_quote_included() {
     assert_eq!(dp.drops(), 0);
 }
 
+#[test]
+fn a_frontend_is_looked_up_only_on_a_port_marked_for_it() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let syn = |vip: Ipv4Addr, port: u16| tcp_frame((CLIENT, 40_000 + port), (vip, port), TCP_SYN, b"");
+    let translated_to = |frame: &[u8]| {
+        let (verdict, out) = dp.run(frame);
+        assert_eq!(verdict, TC_ACT_OK);
+        View(&out).dst()
+    };
+    let mut ports: Array<_, u64> = Array::try_from(Map::Array(map_data(&dp.ebpf, abi::FRONTEND_PORTS))).unwrap();
+    for word in 0..abi::FRONTEND_PORT_WORDS {
+        ports.set(word, 0, 0).unwrap();
+    }
+    // No port marked: the programmed frontend is not looked for.
+    assert_eq!(translated_to(&syn(VIP, 80)), VIP);
+    assert_eq!(dp.counter(Counter::Translated), 0);
+
+    // The agent's table finds entries written with no port marked (by a
+    // release before the marks) and marks their ports.
+    let services = HashMap::try_from(Map::HashMap(map_data(&dp.ebpf, abi::SERVICES))).unwrap();
+    let mut table = FrontendTable::<ServiceKey>::new(services, ports).unwrap();
+    assert_eq!(translated_to(&syn(VIP, 80)), BACKENDS[0]);
+
+    // A frontend it writes has its port marked first.
+    let value = ServiceValue { id: 9, backend_set: 1, backend_count: 1, ..ServiceValue::MARKER };
+    table.insert(ServiceKey::new(OTHER_VIP.octets(), 8443, abi::PROTO_TCP), value, 0).unwrap();
+    table.insert(ServiceKey::vip_marker(OTHER_VIP.octets()), ServiceValue::MARKER, 0).unwrap();
+    assert_eq!(translated_to(&syn(OTHER_VIP, 8443)), BACKENDS[0]);
+    // An unmarked port of the same address is still not looked up.
+    assert_eq!(translated_to(&syn(OTHER_VIP, 8444)), OTHER_VIP);
+    assert_eq!(dp.drops(), 0);
+}
+
 /// A new handle on the datapath's map `name`.
 fn map_data(ebpf: &Ebpf, name: &str) -> MapData {
     let id = match ebpf.map(name).unwrap_or_else(|| panic!("no map {name}")) {
@@ -1766,6 +1817,7 @@ impl Xdp {
         let mac = ns.output(&["cat", "/sys/class/net/x0/address"]).unwrap();
         let mac: Vec<u8> = mac.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
         let mut ebpf = ebpf::load(MapSizes::default()).expect("load");
+        mark_every_port(&mut ebpf);
         let prog: &mut aya::programs::Xdp = ebpf.program_mut(ebpf::XDP_PROGRAM).unwrap().try_into().unwrap();
         prog.load().unwrap_or_else(|e| panic!("the verifier refuses the XDP program: {e}"));
         Self { ebpf, ns, ifindex, mac: mac.try_into().unwrap() }

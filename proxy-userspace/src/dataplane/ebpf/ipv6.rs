@@ -58,7 +58,7 @@ use crate::{
 
 /// The IPv6 maps, and the cgroup the socket hooks serve (none without them).
 pub struct Ipv6Maps {
-    pub services: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub services: super::frontend_table::FrontendTable<ServiceKey6>,
     pub backends: HashMap<MapData, BackendKey, Backend6>,
     /// Which backend each connected socket was given.
     pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,

@@ -20,6 +20,7 @@ use proxy_common::{conntrack::Lifetimes, maps as abi};
 
 use super::{
     conntrack_gc::Collector,
+    frontend_table::{FrontendTable, PortKey},
     links,
     maps::{AyaMaps, FlowMaps, TrafficMaps},
     migrate,
@@ -249,6 +250,18 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DataplaneError> {
     HashMap::try_from(ebpf.take_map(name).ok_or_else(|| missing(name))?).map_err(|e| wrong_type(name, e))
+}
+
+/// The frontend table `table` with the ports of its frontends, `ports`.
+fn frontend_table<K: PortKey>(
+    ebpf: &mut Ebpf,
+    table: &'static str,
+    ports: &'static str,
+) -> Result<FrontendTable<K>, DataplaneError> {
+    let port_map = ebpf.take_map(ports).ok_or_else(|| missing(ports))?;
+    let port_map = Array::try_from(port_map).map_err(|e| wrong_type(ports, e))?;
+    FrontendTable::new(take_hash(ebpf, table)?, port_map)
+        .map_err(|e| DataplaneError::Load(format!("marking the ports of the frontends {table} holds: {e}")))
 }
 
 fn map_id(map: &Map) -> Option<u32> {
@@ -518,7 +531,7 @@ pub fn attach(
         take_hash(&mut ebpf, abi::BACKEND_TRAFFIC)?,
     );
     let maps = AyaMaps {
-        services: take_hash(&mut ebpf, abi::SERVICES)?,
+        services: frontend_table(&mut ebpf, abi::SERVICES, abi::FRONTEND_PORTS)?,
         backends: take_hash(&mut ebpf, abi::BACKENDS)?,
         source_ranges: {
             let map = ebpf.take_map(abi::SOURCE_RANGES).ok_or_else(|| missing(abi::SOURCE_RANGES))?;
@@ -533,7 +546,7 @@ pub fn attach(
         traffic,
     };
     let ipv6 = super::ipv6::Ipv6Maps {
-        services: take_hash(&mut ebpf, abi::SERVICES6)?,
+        services: frontend_table(&mut ebpf, abi::SERVICES6, abi::FRONTEND_PORTS6)?,
         backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
         flows: FlowMaps { tcp: take_hash(&mut ebpf, abi::CT6_TCP)?, any: take_hash(&mut ebpf, abi::CT6_ANY)? },

@@ -138,7 +138,7 @@ where
 
 /// The kernel's maps.
 pub struct AyaMaps {
-    pub(super) services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub(super) services: super::frontend_table::FrontendTable<ServiceKey>,
     pub(super) backends: HashMap<MapData, BackendKey, Backend>,
     pub(super) source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub(super) cluster_scope: HashMap<MapData, u32, ServiceValue>,

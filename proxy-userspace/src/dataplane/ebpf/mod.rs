@@ -16,6 +16,7 @@ pub mod conntrack_gc;
 pub mod device_counts;
 pub mod dump;
 pub mod fake;
+pub mod frontend_table;
 pub mod host_flows;
 pub mod ipv6;
 pub mod links;
