@@ -234,7 +234,9 @@ pub struct EbpfDataplane<M = AyaMaps> {
     node_devices: Option<xdp::Devices>,
     /// Which pod interfaces switch Service traffic on their bridge.
     bridge_ports: Option<bridge::BridgePorts>,
-    /// What the hooks did on each interface.
+    /// What the hooks did on each interface, and whether it has followed
+    /// the interfaces yet (its first time also clears what went while no
+    /// agent ran).
     device_counts: Option<device_counts::DeviceCounts>,
     device_counts_followed: bool,
     /// Interfaces the classifiers are on (name -> index and links), and ones
