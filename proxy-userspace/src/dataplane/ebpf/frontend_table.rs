@@ -3,7 +3,8 @@
 //! read first: every entry written goes through [`FrontendTable::insert`],
 //! which marks its port before the entry is there. Marks are never cleared
 //! (a port marked for nothing costs the programs a lookup, one unmarked
-//! would hide a frontend), and a previous run's stay.
+//! would hide a frontend), and a previous run's stay; what a run that did
+//! not mark them wrote is marked at start.
 
 use std::ops::{Deref, DerefMut};
 
@@ -39,17 +40,15 @@ pub struct FrontendTable<K> {
 }
 
 impl<K: PortKey> FrontendTable<K> {
-    /// Takes the two maps as they are. A table that holds entries while no
-    /// port is marked (a run of an earlier release wrote them) has every
-    /// entry's port marked now, before any program of this run reads it.
+    /// Takes the two maps as they are, and marks the port of every entry
+    /// the table holds before any program of this run reads it: a run of
+    /// an earlier release (before the marks, or rolled back to) may have
+    /// written them.
     pub fn new(table: HashMap<MapData, K, ServiceValue>, ports: Array<MapData, u64>) -> Result<Self, MapError> {
         let marked = (0..FRONTEND_PORT_WORDS).map(|word| ports.get(&word, 0).unwrap_or(0)).collect();
         let mut frontends = Self { table, ports, marked };
-        if frontends.marked.iter().all(|w| *w == 0) {
-            let keys: Vec<K> = frontends.table.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                frontends.mark(key.port())?;
-            }
+        for (key, _) in super::dump::entries(&frontends.table) {
+            frontends.mark(key.port())?;
         }
         Ok(frontends)
     }

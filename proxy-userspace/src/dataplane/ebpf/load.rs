@@ -501,20 +501,16 @@ pub fn attach(
         HashMap::try_from(Map::from_map_data(map).map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?)
             .map_err(|e| wrong_type(abi::BRIDGE_PORTS, e))?
     });
-    let device_map = |name: &str| -> Result<Map, DataplaneError> {
-        let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
-        Map::from_map_data(map).map_err(|e| wrong_type(name, e))
-    };
-    let device_counts = super::device_counts::DeviceCounts::new(
-        PerCpuHashMap::try_from(device_map(abi::DEVICE_COUNTS)?).map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?,
-        Array::try_from(device_map(abi::DEVICE_OWNERS)?).map_err(|e| wrong_type(abi::DEVICE_OWNERS, e))?,
-        PerCpuArray::try_from(device_map(abi::DEVICE_SLOTS)?).map_err(|e| wrong_type(abi::DEVICE_SLOTS, e))?,
-    );
     let observed = Maps::open(by_id).map_err(|e| DataplaneError::Load(e.to_string()))?;
     let open = |name| -> Result<Map, DataplaneError> {
         let map = by_id(name).map_err(|e| DataplaneError::Load(e.to_string()))?;
         Map::from_map_data(map).map_err(|e| wrong_type(name, e))
     };
+    let device_counts = super::device_counts::DeviceCounts::new(
+        PerCpuHashMap::try_from(open(abi::DEVICE_COUNTS)?).map_err(|e| wrong_type(abi::DEVICE_COUNTS, e))?,
+        Array::try_from(open(abi::DEVICE_OWNERS)?).map_err(|e| wrong_type(abi::DEVICE_OWNERS, e))?,
+        PerCpuArray::try_from(open(abi::DEVICE_SLOTS)?).map_err(|e| wrong_type(abi::DEVICE_SLOTS, e))?,
+    );
     let conntrack =
         [abi::CT_TCP, abi::CT_ANY].map(|name| HashMap::try_from(open(name)?).map_err(|e| wrong_type(name, e)));
     let conntrack6 =
