@@ -26,7 +26,7 @@ use kpr_tests::{
 };
 use proxy_common::maps::{self as abi, Backend, BackendKey, ServiceKey, ServiceValue};
 use proxy_userspace::dataplane::ebpf::{
-    self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, device_counts::DeviceCounts, frontend_table::FrontendTable,
+    self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, device_counts::DeviceCounts, marked_table::MarkedTable,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -82,18 +82,19 @@ fn measure_at(services: usize, batches: usize) -> anyhow::Result<Vec<ProgramCost
 /// `n` TCP Services on port 80, the measured one on `VIP` with itself as
 /// its one backend, every other with one backend of its own.
 fn program_services(ebpf: &mut Ebpf, n: usize) -> anyhow::Result<()> {
-    // Through the agent's table, which marks the frontends' ports as it writes them.
+    // Through the agent's tables, which mark the ports of what they write.
     let table = HashMap::try_from(ebpf.take_map(abi::SERVICES).context(abi::SERVICES)?)?;
     let ports = Array::try_from(ebpf.take_map(abi::FRONTEND_PORTS).context(abi::FRONTEND_PORTS)?)?;
-    let mut services = FrontendTable::<ServiceKey>::new(table, ports)?;
+    let mut services = MarkedTable::<ServiceKey>::new(table, ports)?;
     for id in 1..=n as u32 {
         let vip = if id == 1 { VIP } else { Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + id) };
         let value = ServiceValue { id, backend_set: id, backend_count: 1, ..ServiceValue::MARKER };
         services.insert(ServiceKey::new(vip.octets(), PORT, abi::PROTO_TCP), value, 0)?;
         services.insert(ServiceKey::vip_marker(vip.octets()), ServiceValue::MARKER, 0)?;
     }
-    let mut backends: HashMap<_, BackendKey, Backend> =
-        HashMap::try_from(ebpf.map_mut(abi::BACKENDS).context(abi::BACKENDS)?)?;
+    let table = HashMap::try_from(ebpf.take_map(abi::BACKENDS).context(abi::BACKENDS)?)?;
+    let ports = Array::try_from(ebpf.take_map(abi::BACKEND_PORTS).context(abi::BACKEND_PORTS)?)?;
+    let mut backends = MarkedTable::<BackendKey, Backend>::new(table, ports)?;
     for id in 1..=n as u32 {
         let backend = if id == 1 { Backend::new(VIP.octets(), PORT) } else { Backend::new(POD.octets(), 8080) };
         backends.insert(BackendKey { set: id, slot: 0 }, backend, 0)?;

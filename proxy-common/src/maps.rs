@@ -111,7 +111,16 @@ pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 /// [`DeviceCounts`], per CPU (a few hundred interfaces of 32 bytes), for an
 /// interface without a slot of its own ([`DEVICE_OWNERS`]).
 pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
-/// Ports some IPv4 frontend uses, a bit each ([`frontend_port_bit`]): the
+/// Ports some IPv4 backend answers from, a bit each ([`port_bit`]): the
+/// source port of every reply the programs translate back on a pod's
+/// interface or a device. They read it before the conntrack, so what is
+/// delivered there that is no reply skips hashing a key. Marked before a
+/// backend is written and never cleared, as [`FRONTEND_PORTS`]: a flow to
+/// a backend removed since still has its replies translated.
+pub const BACKEND_PORTS: &str = "BACKEND_PORTS";
+/// [`BACKEND_PORTS`] of the IPv6 backends.
+pub const BACKEND_PORTS6: &str = "BACKEND_PORTS6";
+/// Ports some IPv4 frontend uses, a bit each ([`port_bit`]): the
 /// programs look a packet's destination port up here before the frontend
 /// table, so what pods and devices carry to no Service, most of their
 /// packets, skips hashing a key there. The agent marks a port before it
@@ -120,11 +129,12 @@ pub const DEVICE_COUNTS: &str = "DEVICE_COUNTS";
 pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
 /// [`FRONTEND_PORTS`] of the IPv6 frontends.
 pub const FRONTEND_PORTS6: &str = "FRONTEND_PORTS6";
-/// The words of [`FRONTEND_PORTS`]: a bit for each of the 65,536 ports.
-pub const FRONTEND_PORT_WORDS: u32 = 1_024;
+/// The words of [`FRONTEND_PORTS`] and [`BACKEND_PORTS`]: a bit for each of
+/// the 65,536 ports.
+pub const PORT_WORDS: u32 = 1_024;
 
-/// The word of [`FRONTEND_PORTS`] holding `port`'s bit, and the bit.
-pub const fn frontend_port_bit(port: u16) -> (u32, u64) {
+/// The word of a port bitmap holding `port`'s bit, and the bit.
+pub const fn port_bit(port: u16) -> (u32, u64) {
     ((port / 64) as u32, 1 << (port % 64))
 }
 
@@ -168,13 +178,15 @@ pub const SOCKET_STORAGE: [&str; 2] = [SOCK_FENCE, SOCK_UDP6];
 pub const LAYOUT: u32 = 1;
 
 /// Every map, in the order the inspection commands list them.
-pub const ALL_MAPS: [&str; 35] = [
+pub const ALL_MAPS: [&str; 37] = [
     SERVICES,
     BACKENDS,
     SERVICES6,
     BACKENDS6,
     FRONTEND_PORTS,
     FRONTEND_PORTS6,
+    BACKEND_PORTS,
+    BACKEND_PORTS6,
     SOCK_REVERSE6,
     CLUSTER_SCOPE,
     CLUSTER_SCOPE6,
@@ -853,9 +865,9 @@ mod tests {
 
     #[test]
     fn every_port_has_a_bit_of_its_own() {
-        let mut seen = [0u64; FRONTEND_PORT_WORDS as usize];
+        let mut seen = [0u64; PORT_WORDS as usize];
         for port in 0..=u16::MAX {
-            let (word, bit) = frontend_port_bit(port);
+            let (word, bit) = port_bit(port);
             assert_eq!(bit.count_ones(), 1);
             assert_eq!(seen[word as usize] & bit, 0, "port {port} shares a bit");
             seen[word as usize] |= bit;

@@ -19,13 +19,14 @@ use proxy_common::{
     ipv6::In6,
     maps::{
         AffinityKey, Backend, BackendKey, NatAddress, PROTO_TCP, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey,
-        frontend_port_bit,
+        port_bit,
     },
 };
 
 use crate::maps::{
-    BACKENDS, BACKENDS6, CLUSTER_SCOPE, CLUSTER_SCOPE6, CT_ANY, CT_TCP, CT6_ANY, CT6_TCP, FRONTEND_PORTS,
-    FRONTEND_PORTS6, NAT_FORWARD, NAT_FORWARD6, NAT_REVERSE, NAT_REVERSE6, SERVICES, SERVICES6, SOURCE_RANGES,
+    BACKEND_PORTS, BACKEND_PORTS6, BACKENDS, BACKENDS6, CLUSTER_SCOPE, CLUSTER_SCOPE6, CT_ANY, CT_TCP, CT6_ANY,
+    CT6_TCP, FRONTEND_PORTS, FRONTEND_PORTS6, NAT_FORWARD, NAT_FORWARD6, NAT_REVERSE, NAT_REVERSE6, SERVICES,
+    SERVICES6, SOURCE_RANGES,
 };
 use crate::{affinity, counters};
 
@@ -41,6 +42,9 @@ pub(crate) enum NatTable {
 pub(crate) trait Family: Copy + PartialEq + Sized {
     /// The frontend (`addr`, `port`, `proto`), if it is one.
     fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue>;
+    /// Whether some backend of the family may answer from `port` (every
+    /// reply the conntrack translates back does).
+    fn backend_port(port: [u8; 2]) -> bool;
     /// The cluster-wide scope of the Local policy frontend `id`.
     fn cluster_scope(id: u32) -> Option<ServiceValue>;
     /// The conntrack entry under `key`, in its protocol's table.
@@ -67,12 +71,12 @@ pub(crate) trait Family: Copy + PartialEq + Sized {
     fn count_traffic(id: u32, backend: Self, port: [u8; 2], bytes: u32);
 }
 
-/// Whether some frontend may use `port` (see proxy-common's
-/// `FRONTEND_PORTS`): an array read the verifier inlines, where the
-/// frontend table would hash a key.
+/// Whether `port` is marked in `ports` (proxy-common's `FRONTEND_PORTS`,
+/// `BACKEND_PORTS`): an array read the verifier inlines, where the table
+/// it guards would hash a key.
 #[inline(always)]
-fn frontend_port(ports: &Array<u64>, port: [u8; 2]) -> bool {
-    let (word, bit) = frontend_port_bit(u16::from_be_bytes(port));
+fn marked(ports: &Array<u64>, port: [u8; 2]) -> bool {
+    let (word, bit) = port_bit(u16::from_be_bytes(port));
     ports.get(word).is_some_and(|w| w & bit != 0)
 }
 
@@ -85,10 +89,15 @@ pub(crate) fn backend_at<A: Family>(svc: &ServiceValue, slot: u32) -> Option<Bac
 impl Family for [u8; 4] {
     #[inline(always)]
     fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue> {
-        if !frontend_port(&FRONTEND_PORTS, port) {
+        if !marked(&FRONTEND_PORTS, port) {
             return None;
         }
         SERVICES.get_ptr(ServiceKey { addr, port, proto, _pad: 0 }).map(|s| unsafe { core::ptr::read(s) })
+    }
+
+    #[inline(always)]
+    fn backend_port(port: [u8; 2]) -> bool {
+        marked(&BACKEND_PORTS, port)
     }
 
     #[inline(always)]
@@ -180,10 +189,15 @@ impl Family for [u8; 4] {
 impl Family for In6 {
     #[inline(always)]
     fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<ServiceValue> {
-        if !frontend_port(&FRONTEND_PORTS6, port) {
+        if !marked(&FRONTEND_PORTS6, port) {
             return None;
         }
         SERVICES6.get_ptr(ServiceKey6 { addr, port, proto, _pad: 0 }).map(|s| unsafe { core::ptr::read(s) })
+    }
+
+    #[inline(always)]
+    fn backend_port(port: [u8; 2]) -> bool {
+        marked(&BACKEND_PORTS6, port)
     }
 
     #[inline(always)]

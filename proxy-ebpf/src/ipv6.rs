@@ -205,6 +205,10 @@ pub(crate) fn to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
 /// A backend's reply in a tracked flow shows the frontend; whether `pkt` was one.
 #[inline(never)]
 fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<bool, DropReason> {
+    // As IPv4's: a port no backend answers from needs no lookup.
+    if !In6::backend_port(pkt.src_port) {
+        return Ok(false);
+    }
     let Some(frontend) = conntrack::reply(pkt, conntrack::now()) else {
         return Ok(false);
     };

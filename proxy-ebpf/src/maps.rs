@@ -16,9 +16,9 @@ use proxy_common::{
         AffinityEntry, AffinityKey, Backend, Backend6, BackendKey, BackendTrafficKey, BackendTrafficKey6, BridgePort,
         DEFAULT_BACKENDS_MAX, DEFAULT_CLUSTER_SCOPES_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_DEVICES_MAX,
         DEFAULT_FRAGMENTS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOURCE_RANGES_MAX, DEVICE_SLOT_HOOKS, DEVICE_SLOTS_MAX,
-        DeviceCounts, DeviceKey, FRONTEND_PORT_WORDS, ForwardEntry, FragmentKey, FragmentKey6, FragmentPorts,
-        NatAddress, NatAddress6, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue, SockFence,
-        SockKey, SockKey6, SockUdp6, SourceRangeKey, Traffic,
+        DeviceCounts, DeviceKey, ForwardEntry, FragmentKey, FragmentKey6, FragmentPorts, NatAddress, NatAddress6,
+        PORT_WORDS, ReverseEntry, ReverseEntry6, ServiceKey, ServiceKey6, ServiceValue, SockFence, SockKey, SockKey6,
+        SockUdp6, SourceRangeKey, Traffic,
     },
 };
 
@@ -155,10 +155,16 @@ pub(crate) static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::with_max_ent
 pub(crate) static DEVICES: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 
 #[map]
-pub(crate) static FRONTEND_PORTS: Array<u64> = Array::with_max_entries(FRONTEND_PORT_WORDS, 0);
+pub(crate) static FRONTEND_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
 #[map]
-pub(crate) static FRONTEND_PORTS6: Array<u64> = Array::with_max_entries(FRONTEND_PORT_WORDS, 0);
+pub(crate) static FRONTEND_PORTS6: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+#[map]
+pub(crate) static BACKEND_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+#[map]
+pub(crate) static BACKEND_PORTS6: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
 #[map]
 pub(crate) static DEVICE_OWNERS: Array<u32> = Array::with_max_entries(DEVICE_SLOTS_MAX, 0);

@@ -32,8 +32,7 @@ use proxy_common::{
 use proxy_userspace::{
     clock::monotonic_seconds,
     dataplane::ebpf::{
-        self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, device_counts, dump,
-        frontend_table::FrontendTable,
+        self, FROM_POD, MapSizes, PACKET_PROGRAMS, TO_POD, conntrack_gc, device_counts, dump, marked_table::MarkedTable,
     },
     inspect::Maps,
 };
@@ -56,14 +55,15 @@ struct Datapath {
     ebpf: Ebpf,
 }
 
-/// These tests write the frontend tables directly, not through the agent's
-/// `FrontendTable`, which marks each frontend's port: every port is marked
-/// for them (`a_frontend_is_looked_up_only_on_a_port_marked_for_it` tests
+/// These tests write the frontend and backend tables directly, not through
+/// the agent's `MarkedTable`, which marks each entry's port: every port is
+/// marked for them (`a_frontend_is_looked_up_only_on_a_port_marked_for_it`
+/// and `a_reply_is_looked_for_only_from_a_port_marked_for_a_backend` test
 /// the marks).
 fn mark_every_port(ebpf: &mut Ebpf) {
-    for name in [abi::FRONTEND_PORTS, abi::FRONTEND_PORTS6] {
+    for name in [abi::FRONTEND_PORTS, abi::FRONTEND_PORTS6, abi::BACKEND_PORTS, abi::BACKEND_PORTS6] {
         let mut ports: Array<_, u64> = Array::try_from(ebpf.map_mut(name).unwrap()).unwrap();
-        for word in 0..abi::FRONTEND_PORT_WORDS {
+        for word in 0..abi::PORT_WORDS {
             ports.set(word, u64::MAX, 0).unwrap();
         }
     }
@@ -974,7 +974,7 @@ fn a_frontend_is_looked_up_only_on_a_port_marked_for_it() {
         View(&out).dst()
     };
     let mut ports: Array<_, u64> = Array::try_from(Map::Array(map_data(&dp.ebpf, abi::FRONTEND_PORTS))).unwrap();
-    for word in 0..abi::FRONTEND_PORT_WORDS {
+    for word in 0..abi::PORT_WORDS {
         ports.set(word, 0, 0).unwrap();
     }
     // No port marked: the programmed frontend is not looked for.
@@ -984,7 +984,7 @@ fn a_frontend_is_looked_up_only_on_a_port_marked_for_it() {
     // The agent's table finds entries written with no port marked (by a
     // release before the marks) and marks their ports.
     let services = HashMap::try_from(Map::HashMap(map_data(&dp.ebpf, abi::SERVICES))).unwrap();
-    let mut table = FrontendTable::<ServiceKey>::new(services, ports).unwrap();
+    let mut table = MarkedTable::<ServiceKey>::new(services, ports).unwrap();
     assert_eq!(translated_to(&syn(VIP, 80)), BACKENDS[0]);
 
     // A frontend it writes has its port marked first.
@@ -994,6 +994,34 @@ fn a_frontend_is_looked_up_only_on_a_port_marked_for_it() {
     assert_eq!(translated_to(&syn(OTHER_VIP, 8443)), BACKENDS[0]);
     // An unmarked port of the same address is still not looked up.
     assert_eq!(translated_to(&syn(OTHER_VIP, 8444)), OTHER_VIP);
+    assert_eq!(dp.drops(), 0);
+}
+
+#[test]
+fn a_reply_is_looked_for_only_from_a_port_marked_for_a_backend() {
+    root_or_skip!();
+    let dp = Datapath::new(1);
+    let reply = tcp_frame((BACKENDS[0], 8080), (CLIENT, 40_000), TCP_SYN | TCP_ACK, b"");
+    let (_, out) = dp.run(&tcp_frame((CLIENT, 40_000), (VIP, 80), TCP_SYN, b""));
+    assert_eq!(View(&out).dst(), BACKENDS[0]);
+    let mut ports: Array<_, u64> = Array::try_from(Map::Array(map_data(&dp.ebpf, abi::BACKEND_PORTS))).unwrap();
+    for word in 0..abi::PORT_WORDS {
+        ports.set(word, 0, 0).unwrap();
+    }
+    // No port marked: the reply is not looked for, and reaches the client as it is.
+    assert_eq!(dp.to_pod(&reply), (TC_ACT_OK, reply.clone()));
+    assert_eq!(dp.counter(Counter::ReverseTranslated), 0);
+
+    // The agent's table marks the port of every backend it finds (a run of
+    // a release before the marks wrote them), and of every one it writes.
+    let backends = HashMap::try_from(Map::HashMap(map_data(&dp.ebpf, abi::BACKENDS))).unwrap();
+    let mut table = MarkedTable::<BackendKey, Backend>::new(backends, ports).unwrap();
+    let (_, out) = dp.to_pod(&reply);
+    assert_eq!((View(&out).src(), View(&out).sport()), (VIP, 80));
+    table.insert(BackendKey { set: 1, slot: 1 }, Backend::new(BACKENDS[1].octets(), 9090), 0).unwrap();
+    let ports: Array<_, u64> = Array::try_from(Map::Array(map_data(&dp.ebpf, abi::BACKEND_PORTS))).unwrap();
+    let (word, bit) = abi::port_bit(9090);
+    assert_ne!(ports.get(&word, 0).unwrap() & bit, 0, "the new backend's port is marked");
     assert_eq!(dp.drops(), 0);
 }
 

@@ -58,8 +58,8 @@ use crate::{
 
 /// The IPv6 maps, and the cgroup the socket hooks serve (none without them).
 pub struct Ipv6Maps {
-    pub services: super::frontend_table::FrontendTable<ServiceKey6>,
-    pub backends: HashMap<MapData, BackendKey, Backend6>,
+    pub services: super::marked_table::MarkedTable<ServiceKey6>,
+    pub backends: super::marked_table::MarkedTable<BackendKey, Backend6>,
     /// Which backend each connected socket was given.
     pub sock_reverse: HashMap<MapData, SockKey6, ReverseEntry6>,
     /// The per-packet path's TCP flows (only written: see `host_flows`),

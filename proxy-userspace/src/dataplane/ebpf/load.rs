@@ -20,9 +20,9 @@ use proxy_common::{conntrack::Lifetimes, maps as abi};
 
 use super::{
     conntrack_gc::Collector,
-    frontend_table::{FrontendTable, PortKey},
     links,
     maps::{AyaMaps, FlowMaps, TrafficMaps},
+    marked_table::{MarkedPort, MarkedTable},
     migrate,
     pins::{self, LinkPins, PinnedMaps},
     xdp::{self, XdpMode},
@@ -252,16 +252,16 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(ebpf.take_map(name).ok_or_else(|| missing(name))?).map_err(|e| wrong_type(name, e))
 }
 
-/// The frontend table `table` with the ports of its frontends, `ports`.
-fn frontend_table<K: PortKey>(
+/// The table `table` with the bitmap `ports` of the ports its entries name.
+fn marked_table<K: MarkedPort<V>, V: aya::Pod>(
     ebpf: &mut Ebpf,
     table: &'static str,
     ports: &'static str,
-) -> Result<FrontendTable<K>, DataplaneError> {
+) -> Result<MarkedTable<K, V>, DataplaneError> {
     let port_map = ebpf.take_map(ports).ok_or_else(|| missing(ports))?;
     let port_map = Array::try_from(port_map).map_err(|e| wrong_type(ports, e))?;
-    FrontendTable::new(take_hash(ebpf, table)?, port_map)
-        .map_err(|e| DataplaneError::Load(format!("marking the ports of the frontends {table} holds: {e}")))
+    MarkedTable::new(take_hash(ebpf, table)?, port_map)
+        .map_err(|e| DataplaneError::Load(format!("marking the ports of the entries {table} holds: {e}")))
 }
 
 fn map_id(map: &Map) -> Option<u32> {
@@ -527,8 +527,8 @@ pub fn attach(
         take_hash(&mut ebpf, abi::BACKEND_TRAFFIC)?,
     );
     let maps = AyaMaps {
-        services: frontend_table(&mut ebpf, abi::SERVICES, abi::FRONTEND_PORTS)?,
-        backends: take_hash(&mut ebpf, abi::BACKENDS)?,
+        services: marked_table(&mut ebpf, abi::SERVICES, abi::FRONTEND_PORTS)?,
+        backends: marked_table(&mut ebpf, abi::BACKENDS, abi::BACKEND_PORTS)?,
         source_ranges: {
             let map = ebpf.take_map(abi::SOURCE_RANGES).ok_or_else(|| missing(abi::SOURCE_RANGES))?;
             aya::maps::LpmTrie::try_from(map).map_err(|e| wrong_type(abi::SOURCE_RANGES, e))?
@@ -542,8 +542,8 @@ pub fn attach(
         traffic,
     };
     let ipv6 = super::ipv6::Ipv6Maps {
-        services: frontend_table(&mut ebpf, abi::SERVICES6, abi::FRONTEND_PORTS6)?,
-        backends: take_hash(&mut ebpf, abi::BACKENDS6)?,
+        services: marked_table(&mut ebpf, abi::SERVICES6, abi::FRONTEND_PORTS6)?,
+        backends: marked_table(&mut ebpf, abi::BACKENDS6, abi::BACKEND_PORTS6)?,
         sock_reverse: take_hash(&mut ebpf, abi::SOCK_REVERSE6)?,
         flows: FlowMaps { tcp: take_hash(&mut ebpf, abi::CT6_TCP)?, any: take_hash(&mut ebpf, abi::CT6_ANY)? },
         cluster_scope: take_hash(&mut ebpf, abi::CLUSTER_SCOPE6)?,

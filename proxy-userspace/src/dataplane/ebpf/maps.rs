@@ -138,8 +138,8 @@ where
 
 /// The kernel's maps.
 pub struct AyaMaps {
-    pub(super) services: super::frontend_table::FrontendTable<ServiceKey>,
-    pub(super) backends: HashMap<MapData, BackendKey, Backend>,
+    pub(super) services: super::marked_table::MarkedTable<ServiceKey>,
+    pub(super) backends: super::marked_table::MarkedTable<BackendKey, Backend>,
     pub(super) source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub(super) cluster_scope: HashMap<MapData, u32, ServiceValue>,
     pub(super) affinity_timeouts: HashMap<MapData, u32, u32>,
