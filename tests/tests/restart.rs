@@ -286,8 +286,8 @@ fn keeps_serving_through_an_api_server_outage(mode: Mode) {
 }
 
 /// Breaks the dataplane as someone else might: flushes the nat table, or
-/// deletes the Service's entry from the pinned service map and adds a
-/// stray device.
+/// deletes the Service's entry from the pinned service map, clears the
+/// port marks and adds a stray device.
 fn disturb(node: &VirtualNode, mode: Mode) {
     match mode {
         Mode::Iptables => {
@@ -305,6 +305,17 @@ fn disturb(node: &VirtualNode, mode: Mode) {
             let mut services: aya::maps::HashMap<_, proxy_common::maps::ServiceKey, proxy_common::maps::ServiceValue> =
                 aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
             services.remove(&proxy_common::maps::ServiceKey::new(node::WEB_VIP.octets(), 80, 6)).unwrap();
+            // And clears the marks of the ports frontends and backends use:
+            // the entry written again alone would still not be served.
+            for name in [proxy_common::maps::FRONTEND_PORTS, proxy_common::maps::BACKEND_PORTS] {
+                let pin = node.bpf_root().join(format!("kpr/maps-v{}/{name}", proxy_common::maps::LAYOUT));
+                let map = aya::maps::MapData::from_pin(&pin).unwrap();
+                let mut marks: aya::maps::Array<_, u64> =
+                    aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+                for word in 0..proxy_common::maps::PORT_WORDS {
+                    marks.set(word, 0, 0).unwrap();
+                }
+            }
         }
     }
 }

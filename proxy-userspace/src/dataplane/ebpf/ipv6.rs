@@ -704,7 +704,11 @@ impl Dataplane<Ipv6Addr> for EbpfIpv6 {
     /// are rewritten at each frontend's next change.
     fn repair(&mut self, _desired: &Desired<Ipv6Addr>) -> usize {
         self.release_conntrack_when_done();
-        self.rules.repair(&self.rules_desired)
+        let marks = self.maps.services.repair_marks() + self.maps.backends.repair_marks();
+        if marks > 0 {
+            tracing::warn!(words = marks, "IPv6 port marks someone else cleared were written again");
+        }
+        marks + self.rules.repair(&self.rules_desired)
     }
 }
 

@@ -87,6 +87,12 @@ pub trait ServiceMaps: Send {
     fn track_flows(&mut self, flows: &[(FlowKey, CtEntry)]) -> Result<(), MapIoError>;
     /// A conntrack entry (`None` if absent or unreadable).
     fn flow(&self, key: &FlowKey) -> Option<CtEntry>;
+    /// Writes again the port marks of the frontends and backends written
+    /// (see `marked_table`) that someone else cleared; returns how many
+    /// words. Maps without marks have none to repair.
+    fn repair_marks(&mut self) -> usize {
+        0
+    }
 }
 
 /// Whether a failed insert means the map is full (the kernel answers E2BIG).
@@ -267,6 +273,10 @@ impl ServiceMaps for AyaMaps {
 
     fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
         self.flows.get(key)
+    }
+
+    fn repair_marks(&mut self) -> usize {
+        self.services.repair_marks() + self.backends.repair_marks()
     }
 }
 

@@ -8,7 +8,8 @@
 //! Marks are never cleared (a port marked for nothing costs the programs a
 //! lookup; one unmarked would hide a frontend, or leave a backend's replies
 //! untranslated, a flow to a removed backend's too), and a previous run's
-//! stay; what a run that did not mark them wrote is marked at start.
+//! stay; what a run that did not mark them wrote is marked at start, and
+//! marks someone else cleared are written again by the drift repair.
 
 use std::ops::{Deref, DerefMut};
 
@@ -73,6 +74,20 @@ impl<K: MarkedPort<V>, V: Pod> MarkedTable<K, V> {
     pub fn insert(&mut self, key: K, value: V, flags: u64) -> Result<(), MapError> {
         self.mark(key.marked_port(&value))?;
         self.table.insert(key, value, flags)
+    }
+
+    /// Marks again what this table marked and someone else cleared since
+    /// (only the words holding a mark are read). Returns how many words it
+    /// wrote.
+    pub fn repair_marks(&mut self) -> usize {
+        let mut written = 0;
+        for (word, want) in (0..PORT_WORDS).zip(self.marked.iter().copied()).filter(|(_, want)| *want != 0) {
+            let held = self.ports.get(&word, 0).unwrap_or(0);
+            if held & want != want && self.ports.set(word, held | want, 0).is_ok() {
+                written += 1;
+            }
+        }
+        written
     }
 
     fn mark(&mut self, port: [u8; 2]) -> Result<(), MapError> {

@@ -859,9 +859,14 @@ impl<M: ServiceMaps> Dataplane for EbpfDataplane<M> {
     }
 
     fn repair(&mut self, desired: &Desired) -> usize {
+        // First: a frontend written again below is served only with its port marked.
+        let marks = self.maps.repair_marks();
+        if marks > 0 {
+            tracing::warn!(words = marks, "port marks someone else cleared were written again");
+        }
         let devices = self.node_devices.as_mut().map_or(0, |d| d.repair());
         self.release_conntrack_when_done();
-        self.repair_drift(desired) + devices + self.follow_bridges()
+        marks + self.repair_drift(desired) + devices + self.follow_bridges()
     }
 
     /// The maps are programmed: links a previous run left switch to this
