@@ -56,8 +56,13 @@ fn touch<A>(entry: *mut CtEntry<A>, tcp_flags: u8, reply: bool, now: u32) {
 /// must appear to come from. A reply entry whose flow is gone or moved on
 /// is removed and counted, and the packet is left alone.
 #[inline(always)]
-pub(crate) fn reply<A: Family>(pkt: &Packet<A>, now: u32) -> Option<CtEntry<A>> {
-    reply_to(pkt, pkt.dst, pkt.dst_port, now)
+pub(crate) fn reply<A: Family>(pkt: &Packet<A>) -> Option<CtEntry<A>> {
+    // Most packets to pods are no reply: one from a port no backend
+    // answers from is told apart without a lookup (or a clock read).
+    if !A::backend_port(pkt.src_port) {
+        return None;
+    }
+    reply_to(pkt, pkt.dst, pkt.dst_port, now())
 }
 
 /// [`reply`] for a reply `pkt` the flow knows as sent to `client`:`port`

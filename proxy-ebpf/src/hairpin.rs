@@ -52,7 +52,7 @@ pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Option<Result<(Verdict, Ct
     // The flow was tracked with the pod as its client.
     let seen = Packet { dst: pkt.src, ..*pkt };
     // Not a flow of ours: the node decides what becomes of it.
-    let frontend = conntrack::reply(&seen, conntrack::now())?;
+    let frontend = conntrack::reply(&seen)?;
     Some(translate_reply(ctx, pkt, &frontend).map(|verdict| (verdict, frontend)))
 }
 

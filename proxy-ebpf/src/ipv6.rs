@@ -152,7 +152,7 @@ fn count_request(ctx: &TcContext, backend: &Backend6, frontend: &Frontend, sent:
 fn hairpin_reply(ctx: &TcContext, pkt: &Packet6) -> Result<Verdict, DropReason> {
     // The flow was tracked with the pod as its client.
     let seen = Packet6 { dst: pkt.src, ..*pkt };
-    let Some(frontend) = conntrack::reply(&seen, conntrack::now()) else {
+    let Some(frontend) = conntrack::reply(&seen) else {
         return Ok(Verdict::Pass);
     };
     translate::reverse6(ctx, pkt, &frontend)?;
@@ -205,11 +205,7 @@ pub(crate) fn to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
 /// A backend's reply in a tracked flow shows the frontend; whether `pkt` was one.
 #[inline(never)]
 fn reverse(ctx: &TcContext, pkt: &Packet6) -> Result<bool, DropReason> {
-    // As IPv4's: a port no backend answers from needs no lookup.
-    if !In6::backend_port(pkt.src_port) {
-        return Ok(false);
-    }
-    let Some(frontend) = conntrack::reply(pkt, conntrack::now()) else {
+    let Some(frontend) = conntrack::reply(pkt) else {
         return Ok(false);
     };
     translate::reverse6(ctx, pkt, &frontend)?;

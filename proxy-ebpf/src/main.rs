@@ -64,7 +64,6 @@ use proxy_common::{
 
 use crate::{
     counters::{DeviceEvent, count, count_device, count_traffic_via},
-    family::Family,
     frame::Frame,
     lookup::{Lookup, is_vip},
     masquerade::Masqueraded,
@@ -367,10 +366,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<Verdict, DropReason> {
         }
         Seen::Done(verdict) => return Ok(verdict),
     };
-    // Most packets to pods are no reply: one from a port no backend
-    // answers from is told apart without a lookup.
-    let reply = if <[u8; 4]>::backend_port(pkt.src_port) { conntrack::reply(&pkt, conntrack::now()) } else { None };
-    let Some(frontend) = reply else {
+    let Some(frontend) = conntrack::reply(&pkt) else {
         nat::yield_to_node(ctx.skb.skb.cast(), &pkt);
         return Ok(Verdict::Pass);
     };
